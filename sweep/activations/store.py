@@ -1,0 +1,364 @@
+"""Chunk store: a folder of fixed-size ``.npy`` chunk files plus ``manifest.json``.
+
+Layout::
+
+    store/
+      manifest.json          # width, dtype, rows_per_chunk, total_rows, chunks, stats, provenance
+      chunk_00000.npy        # (rows, width) in the store dtype (bfloat16 is stored as uint16)
+      chunk_00000.json       # that chunk's rows and running sums (for stats, merging, resume)
+      ground_truth.safetensors   # synthetic stores only: the true feature directions
+
+The manifest is written last, atomically: a folder without it is not a store. Chunks are
+plain ``.npy`` so they can be memory-mapped by anything (numpy, torch, other tools).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sweep.errors import StoreError
+from sweep.rundir import atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "sweep-chunk-store"
+FORMAT_VERSION = 1
+GROUND_TRUTH = "ground_truth.safetensors"
+VERIFIED = "verified.json"
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+def chunk_name(index: int) -> str:
+    return f"chunk_{index:05d}.npy"
+
+
+def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
+    x = x.to(_TORCH_DTYPES[dtype]).contiguous().cpu()
+    return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
+
+
+def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+class StoreWriter:
+    """Writes chunks one at a time (each atomically, with its stats), then the manifest.
+
+    A chunk already on disk with its stats file is complete: writers that resume (harvest)
+    skip it via :meth:`has_chunk`.
+    """
+
+    def __init__(self, path: str | Path, width: int, dtype: str, rows_per_chunk: int) -> None:
+        if dtype not in _TORCH_DTYPES:
+            raise StoreError(f"unknown store dtype {dtype!r}: use float32, float16 or bfloat16")
+        self.path = Path(path)
+        self.width, self.dtype, self.rows_per_chunk = width, dtype, rows_per_chunk
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreError(f"cannot create store folder {self.path}: {err.strerror}") from err
+
+    def has_chunk(self, index: int) -> bool:
+        return (self.path / chunk_name(index)).exists() and (
+            self.path / chunk_name(index)
+        ).with_suffix(".json").exists()
+
+    def write_chunk(self, index: int, rows: torch.Tensor) -> None:
+        """Write chunk ``index`` (rows: (n, width)); stats are taken from the stored values."""
+        if rows.ndim != 2 or rows.shape[1] != self.width:
+            raise StoreError(f"chunk {index} has shape {tuple(rows.shape)}, expected (n, {self.width})")
+        arr = _to_numpy(rows, self.dtype)
+        stored = _from_numpy(arr, self.dtype).float()  # (n, d): stats of what is on disk
+        if not torch.isfinite(stored).all():
+            raise StoreError(f"chunk {index} contains NaN or inf values; refusing to write it")
+        stats = {
+            "rows": int(arr.shape[0]),
+            "sum": stored.sum(0, dtype=torch.float64).tolist(),
+            "sum_sq": (stored * stored).sum(0, dtype=torch.float64).tolist(),
+            "sum_norm": float(stored.norm(dim=1).sum(dtype=torch.float64)),
+        }
+        target = self.path / chunk_name(index)
+        atomic_write(target, lambda f: np.save(f, arr, allow_pickle=False))
+        atomic_write_json(target.with_suffix(".json"), stats)
+
+    def finalize(self, n_chunks: int, provenance: dict) -> dict:
+        """Merge the chunks' stats into the manifest and write it (the store is then complete)."""
+        stats = [json.loads((self.path / chunk_name(i)).with_suffix(".json").read_text()) for i in range(n_chunks)]
+        total = sum(s["rows"] for s in stats)
+        mean = np.sum([s["sum"] for s in stats], axis=0) / total
+        mean_sq = np.sum([s["sum_sq"] for s in stats], axis=0) / total
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "width": self.width,
+            "dtype": self.dtype,
+            "rows_per_chunk": self.rows_per_chunk,
+            "total_rows": int(total),
+            "chunks": [{"file": chunk_name(i), "rows": s["rows"]} for i, s in enumerate(stats)],
+            "stats": {
+                "mean": mean.tolist(),
+                "std": np.sqrt(np.maximum(mean_sq - mean**2, 0.0)).tolist(),
+                "mean_row_norm": sum(s["sum_norm"] for s in stats) / total,
+                "mean_sq_row_norm": float(mean_sq.sum()),
+            },
+            "provenance": provenance,
+        }
+        atomic_write_json(self.path / MANIFEST, manifest)
+        return manifest
+
+
+class ChunkStore:
+    """A complete chunk store on disk, validated on open."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise StoreError(
+                f"no chunk store at {self.path}: folder does not exist; "
+                "check data.path or generate one with data=synthetic / sweep harvest"
+            )
+        if not manifest_path.is_file():
+            raise StoreError(
+                f"no chunk store at {self.path}: {MANIFEST} is missing (incomplete or not a store); "
+                "regenerate it or point data.path at a complete store"
+            )
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StoreError(f"chunk store manifest {manifest_path} is corrupt ({err}); regenerate the store") from err
+        if self.manifest.get("format") != FORMAT:
+            raise StoreError(f"{manifest_path} is not a sweep chunk store manifest")
+        self.width: int = int(self.manifest["width"])
+        self.dtype: str = self.manifest["dtype"]
+        self.chunks: list[dict] = self.manifest["chunks"]
+        self.total_rows: int = int(self.manifest["total_rows"])
+        if self.total_rows == 0 or not self.chunks:
+            raise StoreError(f"chunk store {self.path} is empty (0 rows); regenerate it with rows > 0")
+        stats = self.manifest["stats"]
+        if not all(math.isfinite(v) for v in [stats["mean_row_norm"], *stats["mean"]]):
+            raise StoreError(f"chunk store {self.path} has non-finite statistics (NaN in its data); regenerate it")
+        for i, _ in enumerate(self.chunks):
+            self._check_file(i)
+
+    @property
+    def provenance(self) -> dict:
+        return self.manifest.get("provenance", {})
+
+    def _check_file(self, index: int) -> None:
+        info = self.chunks[index]
+        f = self.path / info["file"]
+        if not f.is_file():
+            raise StoreError(f"chunk store {self.path}: {info['file']} is missing; regenerate the store")
+        try:
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise StoreError(f"chunk {f} is truncated or corrupt ({err}); regenerate the store") from err
+        if arr.shape != (info["rows"], self.width) or arr.dtype != _NUMPY_DTYPES[self.dtype]:
+            raise StoreError(
+                f"chunk {f} has shape {arr.shape} {arr.dtype}, manifest says "
+                f"({info['rows']}, {self.width}) {self.dtype}; the store is damaged, regenerate it"
+            )
+
+    def scale(self, normalize: bool) -> float:
+        """The constant that makes the mean row norm sqrt(width) (1.0 when not normalising)."""
+        if not normalize:
+            return 1.0
+        norm = float(self.manifest["stats"]["mean_row_norm"])
+        if norm <= 0:
+            raise StoreError(f"chunk store {self.path} has mean row norm 0; cannot normalise (data.normalize=false)")
+        return math.sqrt(self.width) / norm
+
+    def read_rows(self, index: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of chunk ``index`` as a new tensor in the store dtype."""
+        f = self.path / self.chunks[index]["file"]
+        try:
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)[start:stop]
+            x = _from_numpy(np.array(arr), self.dtype)
+        except (ValueError, OSError) as err:
+            raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
+        if not torch.isfinite(x).all():
+            raise StoreError(f"chunk {f} contains NaN or inf values; regenerate or repair the store")
+        return x
+
+    def verify(self) -> None:
+        """Read every chunk once and reject non-finite values (before any training).
+
+        A successful check is remembered in ``verified.json`` (keyed by each chunk file's size
+        and mtime), so a store is scanned once, not on every run.
+        """
+        signature = [[c["file"], *self._stat(c["file"])] for c in self.chunks]
+        marker = self.path / VERIFIED
+        try:
+            if json.loads(marker.read_text()) == signature:
+                return
+        except (OSError, ValueError):
+            pass
+        for i in range(len(self.chunks)):
+            self.read_rows(i)  # raises StoreError on NaN/inf
+        try:
+            atomic_write_json(marker, signature)
+        except OSError:
+            log.debug("store %s is read-only; verification not cached", self.path)
+
+    def _stat(self, name: str) -> list[int]:
+        st = (self.path / name).stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def chunk_offsets(self) -> list[int]:
+        offsets, at = [], 0
+        for c in self.chunks:
+            offsets.append(at)
+            at += int(c["rows"])
+        return offsets
+
+    def tail_rows(self, n: int) -> torch.Tensor:
+        """The last ``n`` rows of the store (the held-out evaluation window)."""
+        n = min(n, self.total_rows)
+        parts, need = [], n
+        for index in reversed(range(len(self.chunks))):
+            rows = int(self.chunks[index]["rows"])
+            take = min(need, rows)
+            parts.append(self.read_rows(index, rows - take, rows))
+            need -= take
+            if need == 0:
+                break
+        return torch.cat(parts[::-1])
+
+    def ground_truth(self) -> torch.Tensor | None:
+        """(n_features, width) true feature directions of a synthetic store, else None."""
+        f = self.path / GROUND_TRUTH
+        if not f.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(f))["features"]
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the data stream is: the next batch to train is ``batch`` of the ``chunk``-th
+    chunk (in this epoch's order) of ``epoch``."""
+
+    epoch: int = 0
+    chunk: int = 0
+    batch: int = 0
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "chunk": self.chunk, "batch": self.batch}
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class BatchStream:
+    """Shuffled batches from a store, identical for every run and resume with the same seed.
+
+    Chunk order per epoch and row order within each chunk come from generators seeded by
+    ``(seed, epoch)`` and ``(seed, epoch, chunk)``. Batches never cross a chunk boundary;
+    the remainder of a chunk smaller than one batch is skipped. The last ``eval_rows`` rows of
+    the store are never trained on. The next chunk is read and shuffled in a background
+    thread while the current one trains.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        batch_size: int,
+        seed: int,
+        epochs: int,
+        eval_rows: int,
+        scale: float = 1.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.store, self.batch_size, self.seed, self.epochs = store, batch_size, seed, epochs
+        self.scale, self.device = scale, torch.device(device)
+        self._orders: dict[int, list[int]] = {}
+        limit = store.total_rows - eval_rows
+        if limit < batch_size:
+            raise StoreError(
+                f"chunk store {store.path} has {store.total_rows} rows; after holding out "
+                f"data.eval_rows={eval_rows} fewer than one batch (train.batch_size={batch_size}) is left"
+            )
+        self.train_rows = [
+            max(0, min(int(c["rows"]), limit - off)) for c, off in zip(store.chunks, store.chunk_offsets(), strict=True)
+        ]
+        self.batches_per_chunk = [r // batch_size for r in self.train_rows]
+        if sum(self.batches_per_chunk) == 0:
+            raise StoreError(
+                f"no chunk of {store.path} holds a full batch of {batch_size} rows; "
+                "lower train.batch_size or regenerate the store with more rows per chunk"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return sum(self.batches_per_chunk)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def order(self, epoch: int) -> list[int]:
+        """Chunk indices in this epoch's order (chunks without a full batch dropped)."""
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(_seed(self.seed, 0, epoch))
+            perm = torch.randperm(len(self.store.chunks), generator=g).tolist()
+            self._orders[epoch] = [i for i in perm if self.batches_per_chunk[i] > 0]
+        return self._orders[epoch]
+
+    def step_of(self, cursor: Cursor) -> int:
+        """Global step index of the batch at ``cursor``."""
+        done = cursor.epoch * self.steps_per_epoch
+        order = self.order(cursor.epoch) if cursor.epoch < self.epochs else []
+        done += sum(self.batches_per_chunk[i] for i in order[: cursor.chunk])
+        return done + cursor.batch
+
+    def _load(self, epoch: int, index: int) -> torch.Tensor:
+        rows = self.train_rows[index]
+        x = self.store.read_rows(index, 0, rows)  # (rows, d) in store dtype
+        g = torch.Generator().manual_seed(_seed(self.seed, 1, epoch, index))
+        x = x[torch.randperm(rows, generator=g)]  # (rows, d) shuffled
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x
+
+    def batches(self, start: Cursor) -> Iterator[tuple[Cursor, torch.Tensor]]:
+        """Yield ``(cursor_after, x)`` from ``start`` to the end; ``x``: (B, d) float32 on device."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        plan = [(e, pos, i) for e in range(start.epoch, self.epochs) for pos, i in enumerate(self.order(e))]
+        plan = [p for p in plan if (p[0], p[1]) >= (start.epoch, start.chunk)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch") as pool:
+            pending = pool.submit(self._load, plan[0][0], plan[0][2]) if plan else None
+            for k, (epoch, pos, index) in enumerate(plan):
+                chunk = pending.result()  # type: ignore[union-attr]
+                if k + 1 < len(plan):
+                    pending = pool.submit(self._load, plan[k + 1][0], plan[k + 1][2])
+                first = start.batch if (epoch, pos) == (start.epoch, start.chunk) else 0
+                n = self.batches_per_chunk[index]
+                for b in range(first, n):
+                    x = chunk[b * self.batch_size : (b + 1) * self.batch_size]  # (B, d)
+                    x = x.to(self.device, non_blocking=True).float() * self.scale
+                    yield self._next(Cursor(epoch, pos, b)), x
+
+    def _next(self, at: Cursor) -> Cursor:
+        """The cursor after the batch at ``at``."""
+        index = self.order(at.epoch)[at.chunk]
+        if at.batch + 1 < self.batches_per_chunk[index]:
+            return Cursor(at.epoch, at.chunk, at.batch + 1)
+        if at.chunk + 1 < sum(1 for n in self.batches_per_chunk if n > 0):
+            return Cursor(at.epoch, at.chunk + 1, 0)
+        return Cursor(at.epoch + 1, 0, 0)

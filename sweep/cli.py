@@ -1,0 +1,183 @@
+"""The ``sweep`` command.
+
+    sweep run [key=value ...] [--cfg job] [--config-dir DIR]   compose a Hydra config and run it
+    sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
+    sweep status SWEEP_DIR                                     state and progress of every run
+    sweep report SWEEP_DIR                                     summary table (+ summary.csv)
+
+``run`` composes ``sweep/configs`` (groups data, sae, grid, train, launch) with Hydra's compose
+API, so every field is overridable and ``--cfg job`` prints the composed config. Errors a
+user can fix print one line (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from sweep.config import ConfigError, SweepConfig, register_configs, to_sweep_config
+from sweep.errors import SweepError
+
+log = logging.getLogger("sweep")
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """Compose the sweep config with Hydra; errors become one-line ConfigErrors."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    if config_dir:
+        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).absolute()}]"]
+    try:
+        with initialize_config_module("sweep.configs", version_base="1.3"):
+            return hydra_compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError(_hydra_message(err)) from err
+
+
+def _hydra_message(err: BaseException) -> str:
+    """Hydra's multi-line errors, reduced to one line that names the problem and the fix."""
+    from hydra.errors import MissingConfigException
+
+    text = str(err).strip()
+    if isinstance(err, MissingConfigException) and "Could not find" in text:
+        group = text.split("Could not find '", 1)[1].split("'", 1)[0]
+        name = group.rsplit("/", 1)
+        options = [o.strip() for o in getattr(err, "options", None) or [] if not o.endswith("_schema")]
+        hint = f" (choose one of: {', '.join(sorted(options))})" if options else ""
+        return f"unknown option '{name[-1]}' for config group '{name[0]}'{hint}"
+    if text.startswith("Could not override"):
+        key = text.split("'", 2)[1]
+        return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"
+    cause = err.__cause__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    head = lines[0] if lines else type(err).__name__
+    if cause is not None:
+        detail = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+        if detail:
+            head = f"{head}: {detail[0]}"
+    return head
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False, console=_stderr_console())],
+        force=True,
+    )
+    for noisy in ("ray", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stderr_console():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = compose(args.overrides, args.config_dir)
+    if args.cfg:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+    return _run(to_sweep_config(cfg))
+
+
+def _run(cfg: SweepConfig) -> int:
+    from sweep import driver, report
+
+    rows = driver.run_sweep(cfg)
+    report.print_table(rows, title=f"sweep summary: {cfg.sweep_dir}")
+    print(f"summary: {Path(cfg.sweep_dir) / report.SUMMARY_FILE}")
+    return 0
+
+
+def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
+    """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides."""
+    saved = Path(sweep_dir) / "config.yaml"
+    if not saved.is_file():
+        raise SweepError(f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')")
+    data = OmegaConf.load(saved)
+    choice = [f"data={data.data.name}", f"sae={data.sae.name}"]
+    base = compose(choice + [f"sweep_dir={sweep_dir}"])
+    try:
+        merged = OmegaConf.merge(base, data, OmegaConf.from_dotlist(overrides))
+    except Exception as err:
+        raise ConfigError(_hydra_message(err)) from err
+    merged.sweep_dir = sweep_dir
+    return to_sweep_config(merged)  # type: ignore[arg-type]
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    return _run(load_saved(args.sweep_dir, args.overrides))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweep import status
+
+    status.print_status(Path(args.sweep_dir))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sweep import report
+
+    sweep_dir = Path(args.sweep_dir)
+    rows = report.summary_rows(sweep_dir, report.run_ids(sweep_dir))
+    path = report.write_summary(sweep_dir, rows)
+    report.print_table(rows, title=f"sweep summary: {sweep_dir}")
+    print(f"summary: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sweep", description="Train grids of sparse autoencoders.", usage=USAGE)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a sweep (Hydra overrides: key=value ...)")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.l1='[1e-3,1e-2]'")
+    run.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
+    run.add_argument("--config-dir", help="extra folder of config groups searched before sweep's own")
+    run.set_defaults(func=cmd_run)
+    res = sub.add_parser("resume", help="continue a sweep from its saved config")
+    res.add_argument("sweep_dir")
+    res.add_argument("overrides", nargs="*", help="dotlist overrides (e.g. launch.num_cpus=4)")
+    res.set_defaults(func=cmd_resume)
+    st = sub.add_parser("status", help="state and progress of every run")
+    st.add_argument("sweep_dir")
+    st.set_defaults(func=cmd_status)
+    rep = sub.add_parser("report", help="summary table and summary.csv")
+    rep.add_argument("sweep_dir")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (SweepError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""Typed configuration: the only place schemas and validation live.
+
+Hydra composes YAML from ``sweep/configs`` over these dataclass schemas (registered in
+:func:`register_configs`). The CLI converts the composed ``DictConfig`` to :class:`SweepConfig`
+once, at the boundary, and calls :meth:`SweepConfig.check`; everything downstream receives
+plain frozen specs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+DTYPES = ("float32", "tf32", "bfloat16")
+STORE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value. The message names the field and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where activations come from. Subclassed per ``data`` group option."""
+
+    name: str = MISSING
+    """Which source: ``synthetic`` or ``chunks``."""
+    path: str | None = None
+    """Chunk store folder. For ``synthetic`` it defaults to ``<sweep_dir>/store``."""
+    normalize: bool = True
+    """Scale activations by one constant per store so the mean row norm is sqrt(width)."""
+    eval_rows: int = 16384
+    """Rows held out at the end of the store for final metrics (never trained on)."""
+
+    def check(self) -> None:
+        _require(self.eval_rows > 0, f"data.eval_rows must be > 0, got {self.eval_rows}")
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    """Synthetic activations with known ground-truth features (Sharkey et al. 2022 style)."""
+
+    name: str = "synthetic"
+    width: int = 64
+    """Activation width d."""
+    n_features: int = 256
+    """Number of ground-truth feature directions (unit norm, random)."""
+    mean_active: float = 4.0
+    """Expected number of active ground-truth features per row."""
+    decay: float = 0.997
+    """Feature i fires with probability proportional to decay**i (geometric decay)."""
+    noise: float = 0.0
+    """Standard deviation of Gaussian noise added to every element."""
+    correlation: float = 0.0
+    """In [0, 1): strength of correlation between features' firing (Gaussian copula)."""
+    rows: int = 1_000_000
+    """Total rows generated (training rows + eval rows)."""
+    seed: int = 0
+    """Generator seed: same parameters and seed give the same store, bit for bit."""
+    rows_per_chunk: int = 131072
+    """Rows in each chunk file."""
+    dtype: str = "float32"
+    """Stored dtype: float32 | float16 | bfloat16."""
+
+    def check(self) -> None:
+        super().check()
+        _require(self.width > 0, f"data.width must be > 0, got {self.width}")
+        _require(self.n_features > 0, f"data.n_features must be > 0, got {self.n_features}")
+        _require(
+            0 < self.mean_active <= self.n_features,
+            f"data.mean_active must be in (0, data.n_features={self.n_features}], got {self.mean_active}",
+        )
+        _require(0 < self.decay <= 1, f"data.decay must be in (0, 1], got {self.decay}")
+        _require(self.noise >= 0, f"data.noise must be >= 0, got {self.noise}")
+        _require(
+            0 <= self.correlation < 1,
+            f"data.correlation must be in [0, 1), got {self.correlation}",
+        )
+        _require(self.rows_per_chunk > 0, f"data.rows_per_chunk must be > 0, got {self.rows_per_chunk}")
+        _require(
+            self.rows > self.eval_rows,
+            f"data.rows ({self.rows}) must exceed data.eval_rows ({self.eval_rows}); raise data.rows",
+        )
+        _require(
+            self.dtype in STORE_DTYPES,
+            f"data.dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}",
+        )
+
+
+@dataclass
+class ChunksDataConfig(DataConfig):
+    """An existing chunk store on disk (harvested or generated earlier)."""
+
+    name: str = "chunks"
+
+    def check(self) -> None:
+        super().check()
+        _require(
+            bool(self.path),
+            "data.path is required for data=chunks: pass data.path=/path/to/store",
+        )
+
+
+@dataclass
+class SAEConfig:
+    """Architecture of every dictionary in the sweep."""
+
+    name: str = MISSING
+    """``untied`` (separate encoder and unit-norm decoder) or ``tied`` (decoder = normalised encoder)."""
+
+    def check(self) -> None:
+        _require(
+            self.name in ("untied", "tied"),
+            f"sae.name must be 'untied' or 'tied', got {self.name!r}",
+        )
+
+
+@dataclass
+class GridConfig:
+    """The grid: every combination of l1 x dict_ratio x seed is one run."""
+
+    l1: list[float] = field(default_factory=lambda: [1e-2, 2e-2, 4e-2, 8e-2])
+    """L1 coefficients (>= 0)."""
+    dict_ratio: list[float] = field(default_factory=lambda: [4.0, 8.0])
+    """Dictionary size / activation width (> 0); dict size = round(ratio * width)."""
+    seeds: int = 1
+    """Number of initialisation seeds per (l1, dict_ratio) point."""
+    max_members: int = 0
+    """Largest ensemble (members trained as one program); 0 = choose from the memory model."""
+
+    def check(self) -> None:
+        _require(len(self.l1) > 0, "grid.l1 is empty: give at least one value, e.g. grid.l1='[1e-3]'")
+        _require(
+            len(self.dict_ratio) > 0,
+            "grid.dict_ratio is empty: give at least one value, e.g. grid.dict_ratio='[4]'",
+        )
+        for v in self.l1:
+            _require(
+                math.isfinite(v) and v >= 0, f"grid.l1 values must be finite and >= 0, got {v}"
+            )
+        for v in self.dict_ratio:
+            _require(math.isfinite(v) and v > 0, f"grid.dict_ratio values must be > 0, got {v}")
+        _require(len(set(self.l1)) == len(self.l1), f"grid.l1 has duplicate values: {self.l1}")
+        _require(
+            len(set(self.dict_ratio)) == len(self.dict_ratio),
+            f"grid.dict_ratio has duplicate values: {self.dict_ratio}",
+        )
+        _require(self.seeds >= 1, f"grid.seeds must be >= 1, got {self.seeds}")
+        _require(self.max_members >= 0, f"grid.max_members must be >= 0, got {self.max_members}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every run of the sweep."""
+
+    batch_size: int = 1024
+    lr: float = 1e-2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    epochs: int = 1
+    """Passes over the training rows of the store."""
+    lr_warmup: float = 0.0
+    """Fraction of training over which the learning rate ramps linearly from 0."""
+    lr_decay: float = 0.0
+    """Fraction of training at the end over which the learning rate decays linearly to 0."""
+    l1_warmup: float = 0.0
+    """Fraction of training over which every member's l1 ramps linearly from 0."""
+    seed: int = 0
+    """Seeds the data order and (with the run's seed index) each member's initialisation."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
+    dtype: str = "float32"
+    """Compute precision: float32 | tf32 (tf32 matmuls on CUDA) | bfloat16 (autocast)."""
+    log_every: int = 50
+    """Steps between training-curve records (one device sync for all members)."""
+    checkpoint_every: int = 500
+    """Steps between checkpoints (also at every chunk boundary)."""
+    threads: int = 0
+    """Torch CPU threads per ensemble; 0 = the CPUs Ray assigned to the task."""
+
+    def lr_scale(self, step: int, total: int) -> float:
+        """Multiplier of ``lr`` for 0-based ``step`` of ``total`` (warmup, flat, linear decay)."""
+        warm, decay = self.lr_warmup * total, self.lr_decay * total
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if decay > 0 and step >= total - decay:
+            return max(0.0, (total - step) / decay)
+        return 1.0
+
+    def l1_scale(self, step: int, total: int) -> float:
+        warm = self.l1_warmup * total
+        return min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+
+    def check(self) -> None:
+        _require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"train.betas must be two values in [0, 1), got {list(self.betas)}",
+        )
+        _require(self.eps > 0, f"train.eps must be > 0, got {self.eps}")
+        _require(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
+        for name in ("lr_warmup", "lr_decay", "l1_warmup"):
+            v = getattr(self, name)
+            _require(0 <= v <= 1, f"train.{name} must be a fraction in [0, 1], got {v}")
+        _require(
+            self.lr_warmup + self.lr_decay <= 1,
+            f"train.lr_warmup + train.lr_decay must be <= 1, got {self.lr_warmup + self.lr_decay}",
+        )
+        _require(
+            self.device in ("auto", "cpu", "cuda"),
+            f"train.device must be auto, cpu or cuda, got {self.device!r}",
+        )
+        _require(
+            self.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+        )
+        _require(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
+        _require(
+            self.checkpoint_every > 0,
+            f"train.checkpoint_every must be > 0, got {self.checkpoint_every}",
+        )
+        _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
+
+
+@dataclass
+class LaunchConfig:
+    """How ensembles are scheduled with Ray."""
+
+    name: str = "local"
+    address: str | None = None
+    """Ray cluster address; None starts a local Ray instance in-process."""
+    num_cpus: int | None = None
+    """CPUs the local Ray instance may use (None = all)."""
+    num_gpus: int | None = None
+    """GPUs the local Ray instance may use (None = detect)."""
+    cpus_per_ensemble: float = 0
+    """CPUs each ensemble task asks Ray for; 0 = all local CPUs when training on CPU, 1 on GPU."""
+    gpus_per_ensemble: float = 1
+    """GPUs each ensemble task asks for when training on GPU (fractions share a GPU)."""
+    device_memory_gb: float = 0
+    """Memory budget per ensemble for the memory model; 0 = detect."""
+    max_retries: int = 2
+    """Ray retries of a crashed ensemble task (each resumes from its last checkpoint)."""
+    temp_dir: str | None = None
+    """Ray's temp/session folder for a local instance (None = Ray's default)."""
+
+    def check(self) -> None:
+        _require(
+            self.cpus_per_ensemble >= 0,
+            f"launch.cpus_per_ensemble must be >= 0, got {self.cpus_per_ensemble}",
+        )
+        _require(
+            self.gpus_per_ensemble > 0,
+            f"launch.gpus_per_ensemble must be > 0, got {self.gpus_per_ensemble}",
+        )
+        _require(self.max_retries >= 0, f"launch.max_retries must be >= 0, got {self.max_retries}")
+        _require(
+            self.device_memory_gb >= 0,
+            f"launch.device_memory_gb must be >= 0, got {self.device_memory_gb}",
+        )
+
+
+@dataclass
+class SweepConfig:
+    """The whole sweep, as composed by Hydra."""
+
+    data: DataConfig = MISSING
+    sae: SAEConfig = MISSING
+    grid: GridConfig = field(default_factory=GridConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    sweep_dir: str = MISSING
+    """Folder holding the run folders, manifest, summary and resolved config."""
+    progress: bool = True
+    """Show a progress bar (disable for batch logs)."""
+
+    def check(self) -> None:
+        _require(
+            bool(self.sweep_dir) and self.sweep_dir != MISSING,
+            "sweep_dir is required: pass sweep_dir=outputs/my-sweep",
+        )
+        for part in (self.data, self.sae, self.grid, self.train, self.launch):
+            part.check()
+
+
+def register_configs() -> None:
+    """Register schemas with Hydra's ConfigStore (call before composing)."""
+    cs = ConfigStore.instance()
+    cs.store(name="sweep_schema", node=SweepConfig)
+    cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
+    cs.store(group="data", name="chunks_schema", node=ChunksDataConfig)
+    cs.store(group="sae", name="sae_schema", node=SAEConfig)
+    cs.store(group="grid", name="grid_schema", node=GridConfig)
+    cs.store(group="train", name="train_schema", node=TrainConfig)
+    cs.store(group="launch", name="launch_schema", node=LaunchConfig)
+
+
+def to_sweep_config(cfg: DictConfig) -> SweepConfig:
+    """Convert a composed DictConfig to dataclasses once, and validate it."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except Exception as err:  # omegaconf raises several types; all mean a bad value
+        raise ConfigError(_one_line(str(err))) from err
+    if not isinstance(obj, SweepConfig):
+        raise ConfigError("config is not a sweep config: compose it from sweep's 'config'")
+    obj.check()
+    return obj
+
+
+def _one_line(message: str) -> str:
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type"))]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    head = keep[0] if keep else message
+    return f"{key}: {head}" if key and key not in head else head
+
+
+def as_dict(obj: Any) -> dict:
+    """A dataclass config as a plain JSON-able dict."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]

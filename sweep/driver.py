@@ -1,0 +1,289 @@
+"""Plan a sweep (idempotently), run its ensembles as Ray tasks, and record the outcome.
+
+Planning reads the run folders: DONE runs are skipped, runs with a checkpoint continue from
+it (grouped with runs at the same step), the rest start fresh. Every ensemble is one Ray
+task; results are handled in completion order (``ray.wait``) while one progress bar tracks
+the whole sweep. A task that fails (after Ray's retries for crashed workers) marks its runs
+FAILED with the reason; the rest of the sweep carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from sweep import grid, rundir
+from sweep.activations.store import ChunkStore
+from sweep.activations.synthetic import default_store_path, ensure_synthetic_store
+from sweep.config import SweepConfig, SyntheticDataConfig
+from sweep.errors import RunDirError, SweepError
+from sweep.grid import EnsembleSpec, RunSpec
+from sweep.worker import EnsembleJob, EnsembleResult, run_state, train_ensemble
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+# Config fields that define what every run trains on; changing them under an existing
+# sweep_dir would mix incomparable runs, so it is refused.
+_DEFINING = {
+    "data": None,  # every field of the data group (except the ones in _FREE)
+    "sae": None,
+    "train": ("batch_size", "lr", "betas", "eps", "epochs", "seed", "dtype"),
+}
+_FREE = {"data": ("path",)}
+
+
+@dataclass
+class Plan:
+    runs: list[RunSpec]
+    skipped: list[str]
+    """Runs already final (DONE)."""
+    ensembles: list[EnsembleSpec]
+
+
+def prepare_store(cfg: SweepConfig) -> ChunkStore:
+    """Open (and for ``data=synthetic`` generate or reuse) the chunk store; validate it."""
+    if isinstance(cfg.data, SyntheticDataConfig):
+        path = default_store_path(cfg.data, cfg.sweep_dir)
+        return ensure_synthetic_store(cfg.data, path)
+    return ChunkStore(cfg.data.path)  # type: ignore[arg-type]
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_compatible(sweep_dir: Path, cfg: SweepConfig) -> None:
+    """Refuse a config whose run-defining fields differ from the sweep already in ``sweep_dir``."""
+    saved = sweep_dir / CONFIG_FILE
+    if not saved.exists():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    diffs = []
+    for group, fields in _DEFINING.items():
+        a, b = _flat(old.get(group, {}), f"{group}."), _flat(new.get(group, {}), f"{group}.")  # type: ignore[union-attr]
+        keys = sorted(set(a) | set(b))
+        for key in keys:
+            name = key.split(".", 1)[1]
+            if (fields is None or name in fields) and name not in _FREE.get(group, ()) and a.get(key) != b.get(key):
+                diffs.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")
+    if diffs:
+        raise RunDirError(
+            f"sweep_dir {sweep_dir} holds a sweep with different settings ({'; '.join(diffs)}); "
+            "use a new sweep_dir or restore those values"
+        )
+
+
+def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Plan:
+    """Which runs still need training, grouped into ensembles by shape and progress."""
+    runs = grid.expand(cfg.grid.l1, cfg.grid.dict_ratio, cfg.grid.seeds, width, cfg.sae.name)
+    skipped, todo = [], []
+    for r in runs:
+        state = run_state(rundir.run_dir(cfg.sweep_dir, r.run_id))
+        (skipped if state in ("done", "diverged") else todo).append(r)
+    # Runs continuing from a checkpoint can only share an ensemble with runs at the same step.
+    by_step: dict[int, list[RunSpec]] = {}
+    for r in todo:
+        ckpt, _ = rundir.latest_checkpoint(rundir.run_dir(cfg.sweep_dir, r.run_id))
+        by_step.setdefault(ckpt.step if ckpt else 0, []).append(r)
+    ensembles: list[EnsembleSpec] = []
+    for step, group_runs in sorted(by_step.items(), reverse=True):
+        budgets = {
+            ratio: grid.member_budget(
+                width, grid.dict_size(ratio, width), cfg.train.batch_size, cfg.train.dtype,
+                device_bytes, on_gpu, cfg.grid.max_members,
+            )
+            for ratio in {r.dict_ratio for r in group_runs}
+        }
+        ensembles += grid.group(group_runs, budgets, tag=f"-at{step}" if step else "")
+    ensembles.sort(key=lambda e: -e.dict_ratio)
+    return Plan(runs, [r.run_id for r in skipped], ensembles)
+
+
+def write_sweep_files(sweep_dir: Path, cfg: SweepConfig, p: Plan, store: ChunkStore) -> None:
+    rundir.atomic_write_bytes(sweep_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+    manifest_path = sweep_dir / MANIFEST_FILE
+    known = rundir.read_json(manifest_path)["runs"] if manifest_path.exists() else {}
+    ens_of = {m.run_id: e.ensemble_id for e in p.ensembles for m in e.members}
+    for r in p.runs:
+        entry = known.get(r.run_id, {})
+        entry.update(r.as_dict())
+        if r.run_id in ens_of:
+            entry["ensemble"] = ens_of[r.run_id]
+        known[r.run_id] = entry
+    rundir.atomic_write_json(
+        manifest_path,
+        {"runs": known, "store": str(store.path), "width": store.width, "updated": time.time()},
+    )
+
+
+class _Resources:
+    """What each ensemble task asks Ray for, and the device memory model's budget."""
+
+    def __init__(self, cfg: SweepConfig, cluster: dict[str, float]) -> None:
+        import psutil
+
+        want_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and cluster.get("GPU", 0) > 0)
+        if cfg.train.device == "cuda" and cluster.get("GPU", 0) == 0:
+            raise SweepError("train.device=cuda but the Ray cluster has no GPUs; use train.device=auto or cpu")
+        self.on_gpu = want_gpu
+        lc = cfg.launch
+        cpus = cluster.get("CPU", 1)
+        if want_gpu:
+            self.num_gpus, self.num_cpus = lc.gpus_per_ensemble, lc.cpus_per_ensemble or 1
+            per_gpu = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
+            self.device_bytes = per_gpu * min(1.0, lc.gpus_per_ensemble)
+        else:
+            self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or cpus
+            concurrent = max(1, math.floor(cpus / self.num_cpus))
+            self.device_bytes = lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
+        self.threads = cfg.train.threads or max(1, int(self.num_cpus))
+
+
+def _gpu_bytes() -> float:
+    import torch
+
+    return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 0.0
+
+
+def _init_ray(cfg: SweepConfig) -> bool:
+    """Start or join Ray unless already initialised; returns whether we own the instance."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    lc = cfg.launch
+    common = {"include_dashboard": False, "configure_logging": False, "log_to_driver": True}
+    if lc.address:
+        ray.init(address=lc.address, **common)
+    else:
+        kwargs = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
+        if lc.temp_dir:
+            kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
+        ray.init(**kwargs, **common)
+    return True
+
+
+def _remote_train(job: EnsembleJob, progress_actor: object) -> EnsembleResult:
+    def report(rows: int) -> None:
+        progress_actor.add.remote(rows * len(job.ensemble.members))  # type: ignore[attr-defined]
+
+    return train_ensemble(job, progress=report)
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    """Plan, train every pending ensemble through Ray, and return the summary rows."""
+    import ray
+
+    from sweep import report
+
+    sweep_dir = rundir.ensure_writable(cfg.sweep_dir, "sweep_dir")
+    check_compatible(sweep_dir, cfg)
+    store = prepare_store(cfg)
+    store.verify()
+    owns_ray = _init_ray(cfg)
+    try:
+        res = _Resources(cfg, ray.cluster_resources())
+        p = plan(cfg, store.width, res.device_bytes, res.on_gpu)
+        write_sweep_files(sweep_dir, cfg, p, store)
+        if p.skipped:
+            log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
+        failures = _execute(cfg, p, store, res)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    rows = report.summary_rows(sweep_dir, [r.run_id for r in p.runs])
+    report.write_summary(sweep_dir, rows)
+    if failures:
+        raise SweepError(
+            f"{len(failures)} ensemble(s) failed ({'; '.join(failures)}); finished runs are kept, "
+            "fix the cause and re-run the same command to continue"
+        )
+    return rows
+
+
+def _execute(cfg: SweepConfig, p: Plan, store: ChunkStore, res: _Resources) -> list[str]:
+    import ray
+    from tqdm.auto import tqdm
+
+    from sweep.activations.store import BatchStream
+
+    if not p.ensembles:
+        return []
+    stream = BatchStream(store, cfg.train.batch_size, cfg.train.seed, cfg.train.epochs, cfg.data.eval_rows)
+    total_rows = stream.total_steps * cfg.train.batch_size * sum(len(e.members) for e in p.ensembles)
+    progress_actor = ray.remote(num_cpus=0)(_ProgressCounter).remote()
+    task = ray.remote(_remote_train).options(
+        num_cpus=res.num_cpus,
+        num_gpus=res.num_gpus,
+        max_retries=cfg.launch.max_retries,
+        retry_exceptions=False,
+    )
+    extra = {"data": asdict(cfg.data), "sae": cfg.sae.name, "sweep_dir": str(Path(cfg.sweep_dir).absolute())}
+    refs = {}
+    for ens in p.ensembles:
+        job = EnsembleJob(
+            ens, str(Path(cfg.sweep_dir).absolute()), str(store.path.absolute()), cfg.data.normalize,
+            cfg.data.eval_rows, cfg.train, threads=res.threads, extra_spec=extra,
+        )
+        refs[task.remote(job, progress_actor)] = ens
+    failures: list[str] = []
+    n_runs, done_runs = sum(len(e.members) for e in p.ensembles), 0
+    with tqdm(total=total_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="sweep") as bar:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            bar.n = min(total_rows, ray.get(progress_actor.total.remote()))
+            for ref in ready:
+                ens = refs[ref]
+                try:
+                    result: EnsembleResult = ray.get(ref)
+                    done_runs += len(result.states)
+                    log.info("ensemble %s finished: %d steps in %.1fs", ens.ensemble_id, result.steps, result.seconds)
+                except ray.exceptions.RayError as err:
+                    reason = _reason(err)
+                    failures.append(f"{ens.ensemble_id}: {reason}")
+                    _mark_failed(cfg, ens, reason)
+                    log.error("ensemble %s failed: %s", ens.ensemble_id, reason)
+            bar.set_postfix_str(f"runs {done_runs}/{n_runs}")
+            bar.refresh()
+        bar.n = total_rows if not failures else bar.n
+    return failures
+
+
+class _ProgressCounter:
+    """Rows trained across all ensembles (a tiny Ray actor workers report to)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def total(self) -> int:
+        return self.rows
+
+
+def _reason(err: Exception) -> str:
+    cause = getattr(err, "cause", None)
+    text = str(cause) if cause is not None else str(err)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _mark_failed(cfg: SweepConfig, ens: EnsembleSpec, reason: str) -> None:
+    for m in ens.members:
+        folder = rundir.run_dir(cfg.sweep_dir, m.run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        rundir.atomic_write_json(folder / rundir.FAILED, {"reason": reason, "time": time.time()})

@@ -1,0 +1,15 @@
+"""Errors a user can act on. The CLI prints their message on one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class SweepError(Exception):
+    """A problem with the user's input or environment; the message names it and the fix."""
+
+
+class StoreError(SweepError):
+    """A chunk store is missing, incomplete, damaged or does not fit the config."""
+
+
+class RunDirError(SweepError):
+    """A sweep or run folder cannot be written, or holds something that conflicts."""

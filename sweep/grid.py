@@ -1,0 +1,122 @@
+"""Expand the grid into runs with stable ids, and group them into ensembles.
+
+A :class:`RunSpec` is one grid point (l1 x dict_ratio x seed). Runs that share a dict ratio
+share tensor shapes and are trained together as one :class:`EnsembleSpec`; a group larger
+than the member budget is split into near-equal ensembles. Larger dict ratios come first,
+so the longest work starts first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+BYTES = {"float32": 4, "tf32": 4, "bfloat16": 2}
+CPU_MAX_MEMBERS = 16  # beyond this the CPU fast path gains nothing (scripts/bench.py)
+
+
+def fmt_number(v: float) -> str:
+    """Shortest text that reads back as ``v``: 4.0 -> '4', 0.5 -> '0.5'."""
+    return f"{v:g}" if float(f"{v:g}") == v else repr(v)
+
+
+def fmt_l1(v: float) -> str:
+    """L1 in scientific notation with as few digits as round-trip: 1e-3 -> '1e-03'."""
+    if v == 0:
+        return "0"
+    for digits in range(0, 16):
+        text = f"{v:.{digits}e}"
+        if float(text) == v:
+            return text
+    return repr(v)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One grid point."""
+
+    run_id: str
+    l1: float
+    dict_ratio: float
+    seed: int
+    """Seed index within the grid (0 .. grid.seeds-1)."""
+    width: int
+    dict_size: int
+    arch: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """Runs of one shape trained as one vmapped program."""
+
+    ensemble_id: str
+    dict_ratio: float
+    dict_size: int
+    members: tuple[RunSpec, ...]
+
+
+def run_id(dict_ratio: float, l1: float, seed: int) -> str:
+    return f"r{fmt_number(dict_ratio)}-l1_{fmt_l1(l1)}-s{seed}"
+
+
+def dict_size(dict_ratio: float, width: int) -> int:
+    return max(1, round(dict_ratio * width))
+
+
+def expand(l1s: list[float], ratios: list[float], seeds: int, width: int, arch: str) -> list[RunSpec]:
+    """Every grid point, ordered by dict ratio (descending), then l1, then seed."""
+    runs = [
+        RunSpec(run_id(r, l1, s), float(l1), float(r), s, width, dict_size(r, width), arch)
+        for r in sorted(ratios, reverse=True)
+        for l1 in sorted(l1s)
+        for s in range(seeds)
+    ]
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):  # e.g. two ratios that round to the same text
+        raise ValueError("grid values collide in run ids; use distinct grid.l1 / grid.dict_ratio values")
+    return runs
+
+
+def bytes_per_member(width: int, dict_size: int, batch_size: int, dtype: str) -> int:
+    """Memory of one member: params, grads and two Adam moments (fp32), plus one batch of
+    activations (codes and their gradient at (B, F), error at (B, D)) in the compute dtype."""
+    n_params = 2 * width * dict_size + width + dict_size
+    state = 4 * n_params * 4
+    acts = (2 * batch_size * dict_size + batch_size * width) * BYTES[dtype]
+    return state + acts
+
+
+def member_budget(
+    width: int, dict_size: int, batch_size: int, dtype: str, device_bytes: float, on_gpu: bool, max_members: int
+) -> int:
+    """How many members one ensemble may hold on one device."""
+    if max_members > 0:
+        return max_members
+    fit = int(0.8 * device_bytes // bytes_per_member(width, dict_size, batch_size, dtype))
+    if fit < 1:
+        need = bytes_per_member(width, dict_size, batch_size, dtype) / 2**30
+        raise ValueError(
+            f"one member of dict size {dict_size} needs {need:.1f} GiB, more than the device budget "
+            f"({device_bytes / 2**30:.1f} GiB); lower train.batch_size or the dict ratio"
+        )
+    return fit if on_gpu else min(fit, CPU_MAX_MEMBERS)
+
+
+def group(runs: list[RunSpec], budget_for: dict[float, int], tag: str = "") -> list[EnsembleSpec]:
+    """Group runs by dict ratio (largest first) and split each group into near-equal
+    ensembles of at most ``budget_for[ratio]`` members."""
+    out: list[EnsembleSpec] = []
+    ratios = sorted({r.dict_ratio for r in runs}, reverse=True)
+    for ratio in ratios:
+        members = [r for r in runs if r.dict_ratio == ratio]
+        n_ens = math.ceil(len(members) / budget_for[ratio])
+        size = math.ceil(len(members) / n_ens)
+        for k in range(n_ens):
+            part = tuple(members[k * size : (k + 1) * size])
+            if part:
+                ens_id = f"r{fmt_number(ratio)}-e{k}{tag}"
+                out.append(EnsembleSpec(ens_id, ratio, part[0].dict_size, part))
+    return out

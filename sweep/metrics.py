@@ -1,0 +1,62 @@
+"""How dictionaries are judged: reconstruction, sparsity, feature health, ground truth.
+
+All reconstruction metrics are computed on held-out rows (the store's evaluation window) in
+the training space (activations times the store's scale); FVU does not depend on that scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sweep import sae
+from sweep.sae import Params
+
+DENSE_THRESHOLD = 0.1
+RECOVERED_THRESHOLD = 0.9
+
+
+def mmcs(a_FD: torch.Tensor, b_GD: torch.Tensor) -> torch.Tensor:
+    """Per row of ``a``, the max cosine similarity to any row of ``b``: (F,)."""
+    a = a_FD / a_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    b = b_GD / b_GD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (a @ b.T).max(dim=1).values  # (F, D) @ (D, G) -> (F, G) -> (F,)
+
+
+@torch.no_grad()
+def evaluate(params: Params, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, float]:
+    """Final metrics of one SAE on evaluation rows ``x_ND`` (already scaled)."""
+    n, _ = x_ND.shape
+    sq_err = 0.0
+    l1 = 0.0
+    active = 0.0
+    fires = None
+    mean = x_ND.mean(dim=0)
+    total_var = float((x_ND - mean).pow(2).sum())
+    for at in range(0, n, batch):
+        x = x_ND[at : at + batch]  # (b, D)
+        codes = sae.encode(params, x)  # (b, F)
+        sq_err += float((sae.decode(params, codes) - x).pow(2).sum())
+        l1 += float(codes.sum())
+        on = codes > 0
+        active += float(on.sum())
+        fires = on.sum(dim=0) if fires is None else fires + on.sum(dim=0)
+    freq = fires.double() / n  # (F,)
+    return {
+        "mse": sq_err / x_ND.numel(),
+        "fvu": sq_err / max(total_var, 1e-12),
+        "l1_norm": l1 / n,
+        "l0": active / n,
+        "dead_fraction": float((freq == 0).double().mean()),
+        "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()),
+        "eval_rows": n,
+    }
+
+
+def ground_truth_metrics(params: Params, gt_GD: torch.Tensor) -> dict[str, float]:
+    """``gt_mmcs``: mean over true features of the max cosine to any decoder row;
+    ``gt_recovered``: the fraction of true features with max cosine > 0.9."""
+    best = mmcs(gt_GD.float(), sae.decoder(params).float())  # (G,)
+    return {
+        "gt_mmcs": float(best.mean()),
+        "gt_recovered": float((best > RECOVERED_THRESHOLD).double().mean()),
+    }
