@@ -169,8 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from sweep.driver import Interrupted
+
     try:
         return args.func(args)
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return 128 + err.signum
     except (SweepError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

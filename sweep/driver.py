@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -23,6 +25,7 @@ from sweep.activations.synthetic import default_store_path, ensure_synthetic_sto
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
+from sweep.lock import SweepLock
 from sweep.worker import EnsembleJob, EnsembleResult, run_state, train_ensemble
 
 log = logging.getLogger(__name__)
@@ -175,11 +178,126 @@ def _init_ray(cfg: SweepConfig) -> bool:
     return True
 
 
-def _remote_train(job: EnsembleJob, progress_actor: object) -> EnsembleResult:
+def _remote_train(job: EnsembleJob, progress_actor: object, flag: object) -> EnsembleResult:
+    """The Ray task: train one ensemble; stop cleanly (checkpoint) on SIGTERM/SIGINT or when
+    the driver raises the stop flag."""
+    import os
+    import socket
+
+    import ray
+
     def report(rows: int) -> None:
         progress_actor.add.remote(rows * len(job.ensemble.members))  # type: ignore[attr-defined]
 
-    return train_ensemble(job, progress=report)
+    ctx = ray.get_runtime_context()
+    placement = {
+        "host": socket.gethostname(),
+        "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "pid": os.getpid(),
+    }
+    with StopWatch(flag) as stop:
+        return train_ensemble(replace(job, placement=placement), progress=report, should_stop=stop.is_set)
+
+
+class StopWatch:
+    """Inside a worker: a threading.Event set by SIGTERM/SIGINT or by the driver's stop flag."""
+
+    def __init__(self, flag: object, poll: float = 0.5) -> None:
+        self.flag, self.poll = flag, poll
+        self.event = threading.Event()
+        self._old: dict[int, object] = {}
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self.event.is_set():
+            try:
+                if ray.get(self.flag.is_set.remote(), timeout=10):  # type: ignore[attr-defined]
+                    self.event.set()
+            except Exception:  # the driver may be gone: keep training, Ray decides our fate
+                pass
+            self.event.wait(self.poll)
+
+    def __enter__(self) -> StopWatch:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, lambda *_: self.event.set())
+            except ValueError:  # not the main thread: rely on the flag
+                pass
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="sweep-stop-watch")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        done = self.event.is_set()
+        self.event.set()
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+        if not done:
+            self.event.clear()
+
+
+class _Flag:
+    """A stop flag the driver raises and workers poll (a tiny Ray actor)."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+class Interrupted(SweepError):
+    """The sweep was stopped by a signal; every running ensemble checkpointed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Signals:
+    """In the driver: remember the first SIGTERM/SIGINT instead of dying (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signum:  # a second signal: stop waiting for the workers
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: asking every ensemble to checkpoint and stop", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+def check_width(sweep_dir: Path, store: ChunkStore) -> None:
+    manifest = sweep_dir / MANIFEST_FILE
+    if manifest.exists():
+        width = rundir.read_json(manifest).get("width")
+        if width is not None and width != store.width:
+            raise SweepError(
+                f"store {store.path} has width {store.width} but the runs in {sweep_dir} were trained on "
+                f"width {width}; use a new sweep_dir for this store"
+            )
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
@@ -189,22 +307,31 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     from sweep import report
 
     sweep_dir = rundir.ensure_writable(cfg.sweep_dir, "sweep_dir")
-    check_compatible(sweep_dir, cfg)
-    store = prepare_store(cfg)
-    store.verify()
-    owns_ray = _init_ray(cfg)
-    try:
-        res = _Resources(cfg, ray.cluster_resources())
-        p = plan(cfg, store.width, res.device_bytes, res.on_gpu)
-        write_sweep_files(sweep_dir, cfg, p, store)
-        if p.skipped:
-            log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
-        failures = _execute(cfg, p, store, res)
-    finally:
-        if owns_ray:
-            ray.shutdown()
-    rows = report.summary_rows(sweep_dir, [r.run_id for r in p.runs])
-    report.write_summary(sweep_dir, rows)
+    with SweepLock(sweep_dir) as lock, _Signals() as signals:
+        check_compatible(sweep_dir, cfg)
+        store = prepare_store(cfg)
+        check_width(sweep_dir, store)
+        store.verify()
+        owns_ray = _init_ray(cfg)
+        try:
+            res = _Resources(cfg, ray.cluster_resources())
+            p = plan(cfg, store.width, res.device_bytes, res.on_gpu)
+            write_sweep_files(sweep_dir, cfg, p, store)
+            if p.skipped:
+                log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
+            failures = _execute(cfg, p, store, res, lock, signals)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+        rows = report.summary_rows(sweep_dir, [r.run_id for r in p.runs])
+        report.write_summary(sweep_dir, rows)
+        _record_state(sweep_dir, "interrupted" if signals.signum else ("failed" if failures else "done"))
+    if signals.signum:
+        raise Interrupted(
+            f"interrupted by {signal.Signals(signals.signum).name}: running ensembles checkpointed; "
+            "re-run the same command to continue exactly where it stopped",
+            signals.signum,
+        )
     if failures:
         raise SweepError(
             f"{len(failures)} ensemble(s) failed ({'; '.join(failures)}); finished runs are kept, "
@@ -213,7 +340,16 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     return rows
 
 
-def _execute(cfg: SweepConfig, p: Plan, store: ChunkStore, res: _Resources) -> list[str]:
+def _record_state(sweep_dir: Path, state: str) -> None:
+    path = sweep_dir / MANIFEST_FILE
+    manifest = rundir.read_json(path)
+    manifest.update(state=state, updated=time.time())
+    rundir.atomic_write_json(path, manifest)
+
+
+def _execute(
+    cfg: SweepConfig, p: Plan, store: ChunkStore, res: _Resources, lock: SweepLock, signals: _Signals
+) -> list[str]:
     import ray
     from tqdm.auto import tqdm
 
@@ -224,6 +360,7 @@ def _execute(cfg: SweepConfig, p: Plan, store: ChunkStore, res: _Resources) -> l
     stream = BatchStream(store, cfg.train.batch_size, cfg.train.seed, cfg.train.epochs, cfg.data.eval_rows)
     total_rows = stream.total_steps * cfg.train.batch_size * sum(len(e.members) for e in p.ensembles)
     progress_actor = ray.remote(num_cpus=0)(_ProgressCounter).remote()
+    flag = ray.remote(num_cpus=0)(_Flag).remote()
     task = ray.remote(_remote_train).options(
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus,
@@ -237,13 +374,19 @@ def _execute(cfg: SweepConfig, p: Plan, store: ChunkStore, res: _Resources) -> l
             ens, str(Path(cfg.sweep_dir).absolute()), str(store.path.absolute()), cfg.data.normalize,
             cfg.data.eval_rows, cfg.train, threads=res.threads, extra_spec=extra,
         )
-        refs[task.remote(job, progress_actor)] = ens
+        refs[task.remote(job, progress_actor, flag)] = ens
     failures: list[str] = []
-    n_runs, done_runs = sum(len(e.members) for e in p.ensembles), 0
+    n_runs, done_runs, stopping = sum(len(e.members) for e in p.ensembles), 0, False
     with tqdm(total=total_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="sweep") as bar:
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            lock.heartbeat()
+            if signals.signum and not stopping:
+                stopping = True
+                flag.set.remote()
+                for ref in pending:  # not started yet: nothing to checkpoint
+                    ray.cancel(ref)
             bar.n = min(total_rows, ray.get(progress_actor.total.remote()))
             for ref in ready:
                 ens = refs[ref]
@@ -251,6 +394,8 @@ def _execute(cfg: SweepConfig, p: Plan, store: ChunkStore, res: _Resources) -> l
                     result: EnsembleResult = ray.get(ref)
                     done_runs += len(result.states)
                     log.info("ensemble %s finished: %d steps in %.1fs", ens.ensemble_id, result.steps, result.seconds)
+                except ray.exceptions.TaskCancelledError:
+                    continue
                 except ray.exceptions.RayError as err:
                     reason = _reason(err)
                     failures.append(f"{ens.ensemble_id}: {reason}")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from sweep.errors import SweepError
+
 BYTES = {"float32": 4, "tf32": 4, "bfloat16": 2}
 CPU_MAX_MEMBERS = 16  # beyond this the CPU fast path gains nothing (scripts/bench.py)
 
@@ -76,7 +78,7 @@ def expand(l1s: list[float], ratios: list[float], seeds: int, width: int, arch: 
     ]
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # e.g. two ratios that round to the same text
-        raise ValueError("grid values collide in run ids; use distinct grid.l1 / grid.dict_ratio values")
+        raise SweepError("grid values collide in run ids; use distinct grid.l1 / grid.dict_ratio values")
     return runs
 
 
@@ -98,7 +100,7 @@ def member_budget(
     fit = int(0.8 * device_bytes // bytes_per_member(width, dict_size, batch_size, dtype))
     if fit < 1:
         need = bytes_per_member(width, dict_size, batch_size, dtype) / 2**30
-        raise ValueError(
+        raise SweepError(
             f"one member of dict size {dict_size} needs {need:.1f} GiB, more than the device budget "
             f"({device_bytes / 2**30:.1f} GiB); lower train.batch_size or the dict ratio"
         )

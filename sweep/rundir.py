@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,6 +35,7 @@ METRICS = "metrics.json"
 CURVE = "metrics.jsonl"
 DIVERGED = "diverged.json"
 FAILED = "FAILED"
+PLACEMENT = "placement.json"
 CKPT_PREFIX = "checkpoint-"
 
 

@@ -44,6 +44,8 @@ class EnsembleJob:
     """Torch CPU threads (0 = leave as is)."""
     extra_spec: dict = field(default_factory=dict)
     """Sweep-level settings recorded in every member's spec.json."""
+    placement: dict = field(default_factory=dict)
+    """Where this attempt runs (host, Ray node, GPU ids); written to placement.json."""
 
 
 @dataclass
@@ -154,6 +156,8 @@ class _Trainer:
             spec = {**run.as_dict(), "train": asdict(self.job.train), **self.job.extra_spec}
             spec["store"] = str(self.store.path)
             rundir.atomic_write_json(d / rundir.SPEC, spec)
+            placement = {**self.job.placement, "device": str(self.device), "threads": torch.get_num_threads()}
+            rundir.atomic_write_json(d / rundir.PLACEMENT, {**placement, "time": time.time()})
 
     def checkpoint(self, ens: Ensemble, cursor: Cursor, step: int) -> None:
         active, diverged = ens.active.tolist(), self.diverged_at.tolist()
@@ -233,10 +237,10 @@ def train_ensemble(
     device = resolve_device(job.train.device)
     tr = _Trainer(job, device)
     tr.start()
-    ens, cursor, step = tr.restore()
+    ens, start, step = tr.restore()
     t, bs = job.train, job.train.batch_size
     reported, total = step, tr.stream.total_steps
-    for cursor, x in tr.stream.batches(cursor):  # noqa: B007 - cursor is read after the loop
+    for cursor, x in tr.stream.batches(start):
         logging_step = (step + 1) % t.log_every == 0
         was_active = ens.active.clone()
         parts = ens.step(x, full=logging_step, lr_scale=t.lr_scale(step, total), l1_scale=t.l1_scale(step, total))

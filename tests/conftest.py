@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny stores, one local Ray instance per session, temp dirs for Ray/wandb."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sweep.activations.synthetic import ensure_synthetic_store
+from sweep.config import SyntheticDataConfig, TrainConfig
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(1)
+
+
+def tiny_data(**kw) -> SyntheticDataConfig:
+    base = dict(width=16, n_features=32, mean_active=3.0, rows=12_000, rows_per_chunk=4096, eval_rows=2048, seed=0)
+    base.update(kw)
+    return SyntheticDataConfig(**base)
+
+
+def tiny_train(**kw) -> TrainConfig:
+    base = dict(batch_size=256, lr=1e-2, log_every=5, checkpoint_every=7, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stores") / "tiny"
+    return ensure_synthetic_store(tiny_data(), path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One local Ray instance (2 CPUs, 2 fake GPUs) shared by every test that needs Ray."""
+    import ray
+
+    temp = tmp_path_factory.getbasetemp() / "ray"  # inside pytest's tmp (kept short: socket paths)
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=str(temp), configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,93 @@
+"""Config composition (real Hydra) and validation: bad values fail with a one-line message."""
+
+from __future__ import annotations
+
+import pytest
+
+from sweep.cli import compose, main
+from sweep.config import ChunksDataConfig, ConfigError, SyntheticDataConfig, to_sweep_config
+
+
+def cfg_of(*overrides: str):
+    return to_sweep_config(compose(["sweep_dir=/tmp/x", *overrides]))
+
+
+def test_defaults_compose_to_dataclasses():
+    cfg = cfg_of()
+    assert isinstance(cfg.data, SyntheticDataConfig)
+    assert cfg.sae.name == "untied"
+    assert cfg.grid.l1 and cfg.grid.dict_ratio and cfg.grid.seeds == 1
+    assert cfg.train.device == "auto"
+
+
+def test_overrides_reach_every_group():
+    cfg = cfg_of(
+        "data=chunks", "data.path=/some/store", "sae=tied", "grid.l1=[0,1e-3]", "grid.dict_ratio=[0.5,2]",
+        "grid.seeds=3", "train.batch_size=64", "train.betas=[0.8,0.99]", "train.dtype=bfloat16",
+        "launch.max_retries=5",
+    )
+    assert isinstance(cfg.data, ChunksDataConfig) and cfg.data.path == "/some/store"
+    assert cfg.sae.name == "tied"
+    assert cfg.grid.l1 == [0.0, 1e-3] and cfg.grid.dict_ratio == [0.5, 2.0] and cfg.grid.seeds == 3
+    assert cfg.train.batch_size == 64 and cfg.train.betas == [0.8, 0.99] and cfg.train.dtype == "bfloat16"
+    assert cfg.launch.max_retries == 5
+
+
+def test_synthetic_fields_have_the_documented_names():
+    cfg = cfg_of("data.width=32", "data.n_features=100", "data.mean_active=2.5", "data.decay=0.9",
+                 "data.noise=0.1", "data.correlation=0.2", "data.rows=50000", "data.seed=7")
+    d = cfg.data
+    assert (d.width, d.n_features, d.mean_active, d.decay, d.noise, d.correlation, d.rows, d.seed) == (
+        32, 100, 2.5, 0.9, 0.1, 0.2, 50000, 7)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("grid.l1=[-1e-3]", "grid.l1"),
+        ("grid.l1=[]", "grid.l1"),
+        ("grid.dict_ratio=[0]", "grid.dict_ratio"),
+        ("grid.dict_ratio=[]", "grid.dict_ratio"),
+        ("grid.seeds=0", "grid.seeds"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=-1", "train.lr"),
+        ("train.betas=[0.9]", "train.betas"),
+        ("train.device=tpu", "train.device"),
+        ("train.dtype=float8", "train.dtype"),
+        ("train.epochs=0", "train.epochs"),
+        ("data.width=0", "data.width"),
+        ("data.correlation=1.5", "data.correlation"),
+        ("data.decay=0", "data.decay"),
+        ("data.noise=-1", "data.noise"),
+        ("data.rows=100", "data.rows"),
+        ("data=chunks", "data.path"),
+        ("train.lr_decay=2", "train.lr_decay"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        cfg_of(override)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "data=nosuch", "sweep_dir=/tmp/x"], "unknown option 'nosuch' for config group 'data'"),
+        (["run", "nosuch.field=1", "sweep_dir=/tmp/x"], "unknown config field 'nosuch.field'"),
+        (["run", "train.batch_size=abc", "sweep_dir=/tmp/x"], "train.batch_size"),
+        (["run", "grid.l1=[-1]", "sweep_dir=/tmp/x"], "grid.l1"),
+        (["run", "grid.dict_ratio=[4]"], "sweep_dir"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cfg_job_prints_composed_config(capsys):
+    assert main(["run", "--cfg", "job", "sweep_dir=/tmp/x", "grid.l1=[0.5]"]) == 0
+    out = capsys.readouterr().out
+    assert "l1:" in out and "0.5" in out and "dict_ratio" in out and "sweep_dir: /tmp/x" in out

@@ -1,0 +1,121 @@
+"""The backbone: an ensemble equals independently trained single SAEs (params AND Adam state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweep import sae
+from sweep.ensemble import Ensemble, _grad_fn, stack, untied_grads
+from sweep.optim import Adam
+
+D, F, B = 12, 40, 64
+L1 = [0.0, 1e-3, 3e-2, 1e-1]
+LR, BETAS, EPS = 3e-3, (0.9, 0.999), 1e-8
+
+
+def members(arch: str) -> list[sae.Params]:
+    return [sae.init_params(arch, D, F, torch.Generator().manual_seed(s)) for s in range(len(L1))]
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return [torch.randn(B, D, generator=g) * 2 + 0.5 for _ in range(n)]
+
+
+def train_single(p0: sae.Params, l1: float, xs: list[torch.Tensor]):
+    """A plain single SAE: autograd + torch.optim.Adam + decoder renormalisation."""
+    p = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
+    opt = torch.optim.Adam(list(p.values()), lr=LR, betas=BETAS, eps=EPS)
+    for x in xs:
+        opt.zero_grad()
+        loss, _ = sae.loss_fn(p, x, torch.tensor(l1))
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            if "W_dec" in p:
+                p["W_dec"].div_(p["W_dec"].norm(dim=-1, keepdim=True))
+    return p, opt
+
+
+@pytest.mark.parametrize("arch, fast", [("untied", True), ("untied", False), ("tied", False)])
+def test_ensemble_equals_independent_training(arch, fast):
+    init, xs = members(arch), batches(25)
+    ens = Ensemble(stack(init), torch.tensor(L1), Adam(LR, BETAS, EPS), fast=fast)
+    assert ens.fast == fast
+    for x in xs:
+        ens.step(x)
+    for e, (p0, l1) in enumerate(zip(init, L1, strict=True)):
+        p, opt = train_single(p0, l1, xs)
+        for k in p:
+            torch.testing.assert_close(ens.params[k][e], p[k].detach(), rtol=2e-5, atol=2e-6)
+            st = opt.state[p[k]]
+            torch.testing.assert_close(ens.state.exp_avg[k][e], st["exp_avg"], rtol=2e-4, atol=1e-7)
+            torch.testing.assert_close(ens.state.exp_avg_sq[k][e], st["exp_avg_sq"], rtol=2e-4, atol=1e-9)
+            # the original research code's bug: an ensemble Adam whose step never advanced
+            assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
+
+
+def test_fast_path_gradients_equal_vmap_reference():
+    params = stack(members("untied"))
+    params["b_dec"] = torch.randn(len(L1), D) * 0.3  # non-zero: exercises the centring terms
+    params["b_enc"] = torch.randn(len(L1), F) * 0.1
+    x = batches(1)[0]
+    l1 = torch.tensor(L1)
+    g_fast, p_fast = untied_grads(params, x, l1)
+    g_ref, p_ref = _grad_fn(params, x, l1)
+    for k in g_ref:
+        torch.testing.assert_close(g_fast[k], g_ref[k], rtol=1e-4, atol=1e-6)
+    for a, b in zip(p_fast, p_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_parts_are_what_they_claim():
+    p = members("untied")[0]
+    x = batches(1)[0]
+    loss, parts = sae.loss_fn(p, x, torch.tensor(0.01))
+    codes = sae.encode(p, x)
+    recon = sae.decode(p, codes)
+    assert float(parts.mse) == pytest.approx(float(((recon - x) ** 2).mean()), rel=1e-5)
+    assert float(parts.sparsity) == pytest.approx(float(codes.abs().sum(1).mean()), rel=1e-5)
+    assert float(parts.l0) == pytest.approx(float((codes > 0).float().sum(1).mean()), rel=1e-6)
+    fvu = ((recon - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert float(parts.fvu) == pytest.approx(float(fvu), rel=1e-5)
+    assert float(loss) == pytest.approx(float(parts.mse + 0.01 * parts.sparsity), rel=1e-6)
+
+
+def test_diverged_member_is_frozen_and_others_train_on():
+    init, xs = members("untied"), batches(12)
+    ens = Ensemble(stack(init), torch.tensor(L1), Adam(LR, BETAS, EPS))
+    for i, x in enumerate(xs):
+        if i == 5:
+            ens.l1[2] = float("nan")  # member 2's loss turns NaN from step 6 on
+            frozen = {k: v[2].clone() for k, v in ens.params.items()}
+        ens.step(x)
+    assert ens.active.tolist() == [True, True, False, True]
+    for k, v in frozen.items():
+        assert torch.equal(ens.params[k][2], v)  # untouched since divergence
+        assert float(ens.state.step[k][2]) == 5  # its step count stopped
+        assert float(ens.state.step[k][0]) == 12
+    assert all(torch.isfinite(v).all() for v in ens.params.values())
+    p, _ = train_single(init[0], L1[0], xs)  # the healthy members are unaffected
+    torch.testing.assert_close(ens.params["W_enc"][0], p["W_enc"].detach(), rtol=2e-5, atol=2e-6)
+
+
+def test_decoder_rows_stay_unit_norm():
+    ens = Ensemble(stack(members("untied")), torch.tensor(L1), Adam(1e-1, BETAS, EPS))
+    for x in batches(5):
+        ens.step(x)
+    torch.testing.assert_close(ens.params["W_dec"].norm(dim=-1), torch.ones(len(L1), F))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bfloat16_compute_trains(fast):
+    ens = Ensemble(stack(members("untied")), torch.tensor(L1), Adam(1e-2, BETAS, EPS),
+                   autocast_dtype=torch.bfloat16, fast=fast)
+    xs = batches(30)
+    first = ens.step(xs[0]).mse.clone()
+    for x in xs[1:]:
+        last = ens.step(x).mse
+    assert ens.params["W_enc"].dtype == torch.float32
+    assert bool((last < first).all())

@@ -1,0 +1,175 @@
+"""Chunk store format, streaming order, and rejection of damaged stores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sweep.activations.store import MANIFEST, BatchStream, ChunkStore, Cursor, StoreWriter
+from sweep.activations.synthetic import SyntheticSource, ensure_synthetic_store
+from sweep.errors import StoreError
+from tests.conftest import tiny_data
+
+
+def test_store_layout_and_manifest(tiny_store):
+    m = tiny_store.manifest
+    assert m["width"] == 16 and m["dtype"] == "float32" and m["rows_per_chunk"] == 4096
+    assert m["total_rows"] == 12_000 and [c["rows"] for c in m["chunks"]] == [4096, 4096, 3808]
+    assert m["provenance"]["source"] == "synthetic" and m["provenance"]["params"]["n_features"] == 32
+    assert len(m["stats"]["mean"]) == 16 and m["stats"]["mean_row_norm"] > 0
+    arr = np.load(tiny_store.path / "chunk_00000.npy", mmap_mode="r")  # plain memory-mappable .npy
+    assert arr.shape == (4096, 16)
+    gt = tiny_store.ground_truth()
+    assert gt.shape == (32, 16)
+    torch.testing.assert_close(gt.norm(dim=1), torch.ones(32))
+
+
+def test_stats_match_data(tiny_store):
+    x = torch.cat([tiny_store.read_rows(i) for i in range(len(tiny_store.chunks))]).double()
+    stats = tiny_store.manifest["stats"]
+    np.testing.assert_allclose(stats["mean"], x.mean(0).numpy(), rtol=1e-6, atol=1e-9)
+    assert stats["mean_row_norm"] == pytest.approx(float(x.norm(dim=1).mean()), rel=1e-6)
+    assert tiny_store.scale(True) == pytest.approx(4.0 / stats["mean_row_norm"])
+    assert tiny_store.scale(False) == 1.0
+
+
+def test_synthetic_is_deterministic_and_reused(tmp_path):
+    cfg = tiny_data(rows=5000)
+    a = ensure_synthetic_store(cfg, tmp_path / "a")
+    b = ensure_synthetic_store(cfg, tmp_path / "b")
+    for i in range(len(a.chunks)):
+        assert torch.equal(a.read_rows(i), b.read_rows(i))
+    mtime = (tmp_path / "a" / "chunk_00000.npy").stat().st_mtime_ns
+    again = ensure_synthetic_store(cfg, tmp_path / "a")  # same params: reused, not regenerated
+    assert (tmp_path / "a" / "chunk_00000.npy").stat().st_mtime_ns == mtime
+    assert again.total_rows == 5000
+    with pytest.raises(StoreError, match="different data parameters.*rows"):
+        ensure_synthetic_store(tiny_data(rows=6000), tmp_path / "a")
+
+
+def test_synthetic_statistics():
+    cfg = tiny_data(n_features=64, mean_active=4.0, decay=0.97, noise=0.0)
+    src = SyntheticSource(cfg)
+    assert float(src.p.sum()) == pytest.approx(4.0, rel=1e-6)
+    assert bool((src.p[1:] <= src.p[:-1]).all())  # geometric decay
+    x = src.sample(20000, 0)
+    assert x.shape == (20000, 16)
+    nonzero = (x.norm(dim=1) > 0).float().mean()  # P(no feature fires) = prod(1 - p) ~ e^-4
+    assert float(nonzero) == pytest.approx(1 - float(torch.prod(1 - src.p)), abs=0.01)
+    noisy = SyntheticSource(tiny_data(n_features=64, mean_active=4.0, decay=0.97, noise=0.5)).sample(20000, 0)
+    assert float((noisy[:8192] - x[:8192]).std()) == pytest.approx(0.5, rel=0.05)  # first block: same draws + noise
+
+
+def test_correlated_features_keep_marginals():
+    cfg = tiny_data(n_features=8, width=8, mean_active=2.0, decay=0.9, correlation=0.6)
+    src = SyntheticSource(cfg)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(200000, 8, generator=g)
+    shared = torch.randn(200000, 16, generator=g) @ src.loadings.T
+    z = 0.6**0.5 * shared + 0.4**0.5 * eps
+    freq = (z > src.threshold).float().mean(0)
+    torch.testing.assert_close(freq, src.p.float(), atol=0.01, rtol=0.05)
+    assert src.sample(1000, 0).shape == (1000, 8)
+
+
+def test_stream_is_seeded_and_resumable(tiny_store):
+    s = BatchStream(tiny_store, batch_size=256, seed=3, epochs=2, eval_rows=2048)
+    full = list(s.batches(Cursor()))
+    assert len(full) == s.total_steps == 2 * (16 + 16 + 6)  # 9952 train rows -> 4096, 4096, 1760
+    again = list(BatchStream(tiny_store, batch_size=256, seed=3, epochs=2, eval_rows=2048).batches(Cursor()))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(full, again, strict=True))
+    for k in (1, 15, 16, 37, 50):  # resume from the cursor after batch k
+        rest = list(s.batches(full[k - 1][0]))
+        assert len(rest) == len(full) - k
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(rest, full[k:], strict=True))
+    other = list(BatchStream(tiny_store, batch_size=256, seed=4, epochs=1, eval_rows=2048).batches(Cursor()))
+    assert not torch.equal(other[0][1], full[0][1])
+    assert full[-1][0] == Cursor(2, 0, 0)
+
+
+def test_stream_never_yields_eval_rows(tiny_store):
+    s = BatchStream(tiny_store, batch_size=256, seed=0, epochs=1, eval_rows=2048)
+    seen = torch.cat([x for _, x in s.batches(Cursor())])
+    held = tiny_store.tail_rows(2048)
+    rows = {tuple(r.tolist()) for r in held if r.abs().sum() > 0}  # all-zero rows (no feature active) repeat
+    assert rows and not any(tuple(r.tolist()) in rows for r in seen)
+
+
+def test_stream_applies_scale(tiny_store):
+    a = next(BatchStream(tiny_store, 256, 0, 1, 2048, scale=1.0).batches(Cursor()))[1]
+    b = next(BatchStream(tiny_store, 256, 0, 1, 2048, scale=2.5).batches(Cursor()))[1]
+    torch.testing.assert_close(b, a * 2.5)
+
+
+@pytest.fixture
+def store_copy(tiny_store, tmp_path):
+    dst = tmp_path / "store"
+    shutil.copytree(tiny_store.path, dst)
+    return dst
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        ChunkStore(tmp_path / "nope")
+
+
+def test_missing_manifest(store_copy):
+    (store_copy / MANIFEST).unlink()
+    with pytest.raises(StoreError, match="manifest.json is missing"):
+        ChunkStore(store_copy)
+
+
+def test_truncated_chunk(store_copy):
+    f = store_copy / "chunk_00001.npy"
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(StoreError, match="chunk_00001.npy.*(truncated|damaged)"):
+        ChunkStore(store_copy)
+
+
+def test_missing_chunk(store_copy):
+    (store_copy / "chunk_00002.npy").unlink()
+    with pytest.raises(StoreError, match="chunk_00002.npy is missing"):
+        ChunkStore(store_copy)
+
+
+def test_nan_chunk_is_found_by_verify(store_copy):
+    arr = np.load(store_copy / "chunk_00001.npy")
+    arr[10, 3] = np.nan
+    np.save(store_copy / "chunk_00001.npy", arr)
+    store = ChunkStore(store_copy)
+    with pytest.raises(StoreError, match="chunk_00001.npy contains NaN"):
+        store.verify()
+
+
+def test_empty_store(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps({
+        "format": "sweep-chunk-store", "version": 1, "width": 4, "dtype": "float32", "rows_per_chunk": 10,
+        "total_rows": 0, "chunks": [], "stats": {"mean": [0] * 4, "mean_row_norm": 0}, "provenance": {}}))
+    with pytest.raises(StoreError, match="empty"):
+        ChunkStore(tmp_path / "s")
+
+
+def test_writer_refuses_nan_and_wrong_width(tmp_path):
+    w = StoreWriter(tmp_path / "s", 4, "float16", 10)
+    with pytest.raises(StoreError, match="shape"):
+        w.write_chunk(0, torch.zeros(10, 5))
+    with pytest.raises(StoreError, match="NaN"):
+        w.write_chunk(0, torch.full((10, 4), float("nan")))
+    assert not w.has_chunk(0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_stores_round_trip(tmp_path, dtype):
+    w = StoreWriter(tmp_path / "s", 4, dtype, 8)
+    x = torch.randn(8, 4)
+    w.write_chunk(0, x)
+    w.finalize(1, {"source": "test"})
+    store = ChunkStore(tmp_path / "s")
+    got = store.read_rows(0)
+    assert got.dtype == getattr(torch, dtype)
+    torch.testing.assert_close(got.float(), x.to(getattr(torch, dtype)).float())

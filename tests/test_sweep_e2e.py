@@ -1,0 +1,146 @@
+"""`sweep run` end to end through real Hydra composition and a real (shared) Ray instance."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from sweep import rundir
+from sweep.cli import main
+
+TINY = [
+    "data.width=16", "data.n_features=32", "data.mean_active=3", "data.rows=12000",
+    "data.rows_per_chunk=4096", "data.eval_rows=2048", "train.batch_size=256", "train.log_every=5",
+    "train.checkpoint_every=10", "progress=false",
+]
+
+
+def sweep(tmp_path, *extra: str, name: str = "sw") -> int:
+    return main(["run", f"sweep_dir={tmp_path / name}", *TINY, *extra])
+
+
+def read_summary(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
+    assert sweep(tmp_path, "grid.l1=[1e-3,1e-2,1e-1]", "grid.dict_ratio=[1,2]") == 0
+    out = capsys.readouterr().out
+    sw = tmp_path / "sw"
+    assert "sweep summary" in out and "r2-l1_1e-02-s0" in out
+    rows = read_summary(sw / "summary.csv")
+    assert len(rows) == 6 and {r["state"] for r in rows} == {"done"}
+    assert {"l1", "dict_ratio", "seed", "l0", "fvu", "dead_fraction", "gt_mmcs", "gt_recovered"} <= set(rows[0])
+    manifest = json.loads((sw / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 6 and manifest["state"] == "done" and manifest["width"] == 16
+    assert (sw / "config.yaml").exists() and (sw / "store" / "manifest.json").exists()
+    assert not (sw / ".lock").exists()
+    for r in rows:
+        d = sw / "runs" / r["run_id"]
+        assert rundir.is_done(d) and (d / "sae.safetensors").exists()
+        placement = json.loads((d / "placement.json").read_text())
+        # the shared test cluster has 2 fake GPUs: tasks get one each (CUDA_VISIBLE_DEVICES set) and,
+        # with no real CUDA, train on the CPU
+        assert placement["gpu_ids"] and placement["cuda_visible_devices"] and placement["device"] == "cpu"
+    # FVU falls and L0 rises as L1 decreases
+    for ratio in ("1.0", "2.0"):
+        sel = sorted((r for r in rows if r["dict_ratio"] == ratio), key=lambda r: float(r["l1"]))
+        fvu, l0 = [float(r["fvu"]) for r in sel], [float(r["l0"]) for r in sel]
+        assert fvu == sorted(fvu) and l0 == sorted(l0, reverse=True)
+
+
+def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path):
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[2]") == 0
+    first = tmp_path / "sw" / "runs" / "r2-l1_1e-02-s0" / "sae.safetensors"
+    stamp = first.stat().st_mtime_ns
+    assert sweep(tmp_path, "grid.l1=[1e-2,3e-2]", "grid.dict_ratio=[2]") == 0
+    assert first.stat().st_mtime_ns == stamp  # finished runs are never retrained
+    rows = read_summary(tmp_path / "sw" / "summary.csv")
+    assert [r["run_id"] for r in rows] == ["r2-l1_1e-02-s0", "r2-l1_3e-02-s0"]
+    assert {r["state"] for r in rows} == {"done"}
+
+
+def test_changed_settings_are_refused(ray_cluster, tmp_path, capsys):
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0
+    capsys.readouterr()
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.lr=0.5", "data.seed=3") == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "data.seed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_command_uses_saved_config(ray_cluster, tmp_path, capsys):
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "grid.seeds=2") == 0
+    shutil.rmtree(tmp_path / "sw" / "runs" / "r1-l1_1e-02-s1")
+    assert main(["resume", str(tmp_path / "sw")]) == 0
+    rows = read_summary(tmp_path / "sw" / "summary.csv")
+    assert len(rows) == 2 and {r["state"] for r in rows} == {"done"}
+
+
+@pytest.fixture
+def nan_store(tmp_path):
+    src = tmp_path / "made"
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.epochs=1", name="made") == 0
+    store = tmp_path / "nanstore"
+    shutil.copytree(src / "store", store)
+    arr = np.load(store / "chunk_00001.npy")
+    arr[5, 2] = np.inf
+    np.save(store / "chunk_00001.npy", arr)
+    return store
+
+
+def test_bad_stores_fail_before_training(ray_cluster, tmp_path, nan_store, capsys):
+    capsys.readouterr()
+    cases = [
+        ([f"data.path={tmp_path / 'nothing'}"], "does not exist"),
+        ([f"data.path={nan_store}"], "contains NaN or inf"),
+    ]
+    for extra, needle in cases:
+        code = main(["run", "data=chunks", f"sweep_dir={tmp_path / 'bad'}", "progress=false", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad" / "runs").exists()
+
+
+def test_width_mismatch_with_existing_sweep(ray_cluster, tmp_path, capsys):
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0
+    other = tmp_path / "other"
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "data.width=8", name="other") == 0
+    capsys.readouterr()
+    code = main(["run", "data=chunks", f"data.path={other / 'store'}", f"sweep_dir={tmp_path / 'sw'}",
+                 "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and ("width" in err), err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_sweep_dir(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    assert sweep(ro, "grid.l1=[1e-2]") == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_unwritable_sweep_dir_under_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["run", f"sweep_dir={tmp_path / 'afile' / 'sw'}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "sweep_dir" in err and "not writable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_second_driver_is_refused_while_lock_is_live(ray_cluster, tmp_path, capsys):
+    import socket
+
+    sw = tmp_path / "sw"
+    sw.mkdir()
+    (sw / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "started": 0}))
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 2
+    assert "is being run by pid" in capsys.readouterr().err
+    (sw / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": 0}))
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0  # stale lock taken over
+    assert not (sw / ".lock").exists()
