@@ -3,7 +3,9 @@
     sweep run [key=value ...] [--cfg job] [--config-dir DIR]   compose a Hydra config and run it
     sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
     sweep status SWEEP_DIR                                     state and progress of every run
-    sweep report SWEEP_DIR                                     summary table (+ summary.csv)
+    sweep report SWEEP_DIR                                     table, MMCS, plots and index.html in SWEEP_DIR/report
+    sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...]  finished runs in SAELens format
+    sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
 
 ``run`` composes ``sweep/configs`` (groups data, sae, grid, train, launch) with Hydra's compose
 API, so every field is overridable and ``--cfg job`` prints the composed config. Errors a
@@ -27,8 +29,8 @@ log = logging.getLogger("sweep")
 USAGE = __doc__.split("\n\n")[1]
 
 
-def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
-    """Compose the sweep config with Hydra; errors become one-line ConfigErrors."""
+def compose(overrides: list[str], config_dir: str | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the sweep (or ``harvest``) config with Hydra; errors become one-line ConfigErrors."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -41,7 +43,7 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).absolute()}]"]
     try:
         with initialize_config_module("sweep.configs", version_base="1.3"):
-            return hydra_compose("config", overrides=overrides)
+            return hydra_compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_hydra_message(err)) from err
 
@@ -137,10 +139,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     from sweep import report
 
     sweep_dir = Path(args.sweep_dir)
-    rows = report.summary_rows(sweep_dir, report.run_ids(sweep_dir))
-    path = report.write_summary(sweep_dir, rows)
+    out, rows = report.build_report(sweep_dir, device=args.device, log_media=not args.no_wandb)
     report.print_table(rows, title=f"sweep summary: {sweep_dir}")
-    print(f"summary: {path}")
+    print(f"report: {out / 'index.html'}")
+    print(f"summary: {out / report.SUMMARY_FILE}")
+    return 0
+
+
+def cmd_harvest(args: argparse.Namespace) -> int:
+    from sweep.activations.harvest import run_harvest
+    from sweep.config import to_harvest_config
+
+    cfg = compose(args.overrides, args.config_dir, config_name="harvest")
+    if args.cfg:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+    for hook, store in run_harvest(to_harvest_config(cfg)).items():
+        print(f"{hook}: {store.path} ({store.total_rows} rows x {store.width}, {store.dtype})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sweep import export
+
+    paths = export.export_sweep(args.sweep_dir, args.out_dir, runs=args.runs, to=args.to)
+    for path in paths:
+        print(f"exported: {path}")
     return 0
 
 
@@ -160,9 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="state and progress of every run")
     st.add_argument("sweep_dir")
     st.set_defaults(func=cmd_status)
-    rep = sub.add_parser("report", help="summary table and summary.csv")
+    rep = sub.add_parser("report", help="summary table, MMCS, plots and index.html in SWEEP_DIR/report")
     rep.add_argument("sweep_dir")
+    rep.add_argument("--device", default="auto", help="device for MMCS between dictionaries (auto, cpu, cuda)")
+    rep.add_argument("--no-wandb", action="store_true", help="do not send the plots to wandb")
     rep.set_defaults(func=cmd_report)
+    hv = sub.add_parser("harvest", help="harvest transformer_lens activations into chunk stores")
+    hv.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=EleutherAI/pythia-70m hooks='[blocks.2.hook_resid_post]'")
+    hv.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
+    hv.add_argument("--config-dir", help="extra folder of config groups searched before sweep's own")
+    hv.set_defaults(func=cmd_harvest)
+    exp = sub.add_parser("export", help="write finished runs in another library's format")
+    exp.add_argument("sweep_dir")
+    exp.add_argument("--to", required=True, choices=["saelens"], help="target format")
+    exp.add_argument("out_dir", help="folder to write (one sub-folder per run)")
+    exp.add_argument("--runs", nargs="+", metavar="ID", help="run ids to export (default: every finished run)")
+    exp.set_defaults(func=cmd_export)
     return p
 
 

@@ -17,6 +17,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 DTYPES = ("float32", "tf32", "bfloat16")
 STORE_DTYPES = ("float32", "float16", "bfloat16")
+LOGGERS = ("none", "wandb")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,86 @@ class ChunksDataConfig(DataConfig):
         _require(
             bool(self.path),
             "data.path is required for data=chunks: pass data.path=/path/to/store",
+        )
+
+
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class HarvestSource:
+    """What a harvest reads and how it writes (shared by ``sweep harvest`` and ``data=harvest``)."""
+
+    model: str = MISSING
+    """Model name (loaded with transformer_lens' TransformerBridge.boot_transformers) or a local HF model folder."""
+    dataset: str = MISSING
+    """Hub dataset name, a save_to_disk folder, or a local .txt (blank-line separated) / .jsonl / .parquet file."""
+    split: str = "train"
+    """Dataset split (hub datasets and save_to_disk folders)."""
+    text_field: str = "text"
+    """Field / column holding the text (.jsonl, .parquet, datasets)."""
+    rows: int = MISSING
+    """Rows (token activations) written to each store."""
+    context: int = 128
+    """Tokens per context (BOS included when prepended)."""
+    prepend_bos: bool = True
+    """Start every context with the tokenizer's BOS token."""
+    drop_bos: bool = True
+    """Do not store the BOS position's activations (they are outliers)."""
+    rows_per_chunk: int = 262144
+    """Rows in each chunk file."""
+    dtype: str = "float16"
+    """Stored dtype: float32 | float16 | bfloat16."""
+    shuffle_rows: int = 1048576
+    """Rows shuffled together before writing, rounded up to whole chunks (host memory: about
+    2 x shuffle_rows x width x dtype bytes per hook, as one group is written while the next is harvested)."""
+    batch_contexts: int = 32
+    """Contexts per forward pass."""
+    seed: int = 0
+    """Seeds the shuffle."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
+    model_dtype: str = "float32"
+    """Model weights' dtype: float32 | float16 | bfloat16."""
+    shards: int = 1
+    """Disjoint token ranges harvested in parallel, one Ray task each (a GPU each on CUDA); 0 = one per Ray GPU."""
+    lm_eval_tokens: int = 16384
+    """Tokens after the harvested range kept with the store for LM metrics (ce_loss_*, loss_recovered); 0 = none."""
+
+    def check_source(self, prefix: str) -> None:
+        for name in ("model", "dataset"):
+            _require(bool(getattr(self, name)), f"{prefix}{name} is required: pass {prefix}{name}=...")
+        _require(self.rows > 0, f"{prefix}rows must be > 0, got {self.rows}")
+        _require(self.context >= 2, f"{prefix}context must be >= 2, got {self.context}")
+        _require(self.rows_per_chunk > 0, f"{prefix}rows_per_chunk must be > 0, got {self.rows_per_chunk}")
+        _require(self.dtype in STORE_DTYPES, f"{prefix}dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
+        _require(self.shuffle_rows >= 0, f"{prefix}shuffle_rows must be >= 0, got {self.shuffle_rows}")
+        _require(self.batch_contexts > 0, f"{prefix}batch_contexts must be > 0, got {self.batch_contexts}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"{prefix}device must be auto, cpu or cuda, got {self.device!r}")
+        _require(
+            self.model_dtype in MODEL_DTYPES,
+            f"{prefix}model_dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model_dtype!r}",
+        )
+        _require(self.shards >= 0, f"{prefix}shards must be >= 0, got {self.shards}")
+        _require(self.lm_eval_tokens >= 0, f"{prefix}lm_eval_tokens must be >= 0, got {self.lm_eval_tokens}")
+
+
+@dataclass
+class HarvestDataConfig(DataConfig, HarvestSource):
+    """Harvest one hook of a model into ``data.path`` (default ``<sweep_dir>/store``), then train
+    on it; the harvest is skipped when that store is already complete with these values."""
+
+    name: str = "harvest"
+    hook: str = MISSING
+    """transformer_lens hook name, e.g. ``blocks.2.hook_resid_post``."""
+
+    def check(self) -> None:
+        super().check()
+        self.check_source("data.")
+        _require(bool(self.hook), "data.hook is required: pass data.hook=blocks.N.hook_resid_post")
+        _require(
+            self.rows > self.eval_rows,
+            f"data.rows ({self.rows}) must exceed data.eval_rows ({self.eval_rows}); raise data.rows",
         )
 
 
@@ -270,6 +352,34 @@ class LaunchConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracking. ``none`` logs nothing; ``wandb`` logs every grid point as its own
+    wandb run (grouped by sweep), best-effort: it never blocks or fails training."""
+
+    name: str = "none"
+    """``none`` or ``wandb``."""
+    project: str = "sweep"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (user or team); None = the account's default."""
+    mode: str = "auto"
+    """``auto`` (online when an API key is configured, else offline), ``online``, ``offline`` or ``disabled``."""
+    timeout: float = 30.0
+    """Seconds any one backend call (init, finish) may take before it is abandoned."""
+    queue_size: int = 1000
+    """Events buffered for the background sender; when full, new events are dropped (never block)."""
+
+    def check(self) -> None:
+        _require(self.name in LOGGERS, f"logger.name must be one of {', '.join(LOGGERS)}, got {self.name!r}")
+        _require(
+            self.mode in LOGGER_MODES,
+            f"logger.mode must be one of {', '.join(LOGGER_MODES)}, got {self.mode!r}",
+        )
+        _require(self.timeout > 0, f"logger.timeout must be > 0 seconds, got {self.timeout}")
+        _require(self.queue_size > 0, f"logger.queue_size must be > 0, got {self.queue_size}")
+
+
+@dataclass
 class SweepConfig:
     """The whole sweep, as composed by Hydra."""
 
@@ -278,6 +388,7 @@ class SweepConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     sweep_dir: str = MISSING
     """Folder holding the run folders, manifest, summary and resolved config."""
     progress: bool = True
@@ -288,7 +399,7 @@ class SweepConfig:
             bool(self.sweep_dir) and self.sweep_dir != MISSING,
             "sweep_dir is required: pass sweep_dir=outputs/my-sweep",
         )
-        for part in (self.data, self.sae, self.grid, self.train, self.launch):
+        for part in (self.data, self.sae, self.grid, self.train, self.launch, self.logger):
             part.check()
 
 
@@ -298,10 +409,13 @@ def register_configs() -> None:
     cs.store(name="sweep_schema", node=SweepConfig)
     cs.store(group="data", name="synthetic_schema", node=SyntheticDataConfig)
     cs.store(group="data", name="chunks_schema", node=ChunksDataConfig)
+    cs.store(group="data", name="harvest_schema", node=HarvestDataConfig)
+    cs.store(name="harvest_schema", node=HarvestConfig)
     cs.store(group="sae", name="sae_schema", node=SAEConfig)
     cs.store(group="grid", name="grid_schema", node=GridConfig)
     cs.store(group="train", name="train_schema", node=TrainConfig)
     cs.store(group="launch", name="launch_schema", node=LaunchConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:
@@ -327,3 +441,35 @@ def _one_line(message: str) -> str:
 def as_dict(obj: Any) -> dict:
     """A dataclass config as a plain JSON-able dict."""
     return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+
+
+@dataclass
+class HarvestConfig(HarvestSource):
+    """``sweep harvest``: activations of ``hooks`` into chunk stores (one forward pass for all)."""
+
+    hooks: list[str] = MISSING
+    """transformer_lens hook names; with one hook ``store_dir`` is the store, else ``store_dir/<hook>/``."""
+    store_dir: str = MISSING
+    """Output folder (resumed when it holds an unfinished harvest with the same values)."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """Ray resources for ``shards`` > 1."""
+    progress: bool = True
+
+    def check(self) -> None:
+        self.check_source("")
+        _require(len(self.hooks) > 0, "hooks is empty: pass hooks='[blocks.2.hook_resid_post]'")
+        _require(len(set(self.hooks)) == len(self.hooks), f"hooks has duplicate names: {list(self.hooks)}")
+        _require(bool(self.store_dir), "store_dir is required: pass store_dir=/path/to/store")
+        self.launch.check()
+
+
+def to_harvest_config(cfg: DictConfig) -> HarvestConfig:
+    """Convert a composed ``harvest`` DictConfig to a validated :class:`HarvestConfig`."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except Exception as err:  # omegaconf raises several types; all mean a bad value
+        raise ConfigError(_one_line(str(err))) from err
+    if not isinstance(obj, HarvestConfig):
+        raise ConfigError("config is not a harvest config: compose it from sweep's 'harvest'")
+    obj.check()
+    return obj

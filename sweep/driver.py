@@ -55,6 +55,10 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
     if isinstance(cfg.data, SyntheticDataConfig):
         path = default_store_path(cfg.data, cfg.sweep_dir)
         return ensure_synthetic_store(cfg.data, path)
+    if cfg.data.name == "harvest":  # harvest-then-train; skipped when the store is complete
+        from sweep.activations.harvest import ensure_harvest_store
+
+        return ensure_harvest_store(cfg.data, cfg.sweep_dir, cfg.launch, cfg.progress)
     return ChunkStore(cfg.data.path)  # type: ignore[arg-type]
 
 
@@ -307,12 +311,13 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     from sweep import report
 
     sweep_dir = rundir.ensure_writable(cfg.sweep_dir, "sweep_dir")
-    with SweepLock(sweep_dir) as lock, _Signals() as signals:
+    with SweepLock(sweep_dir) as lock:
         check_compatible(sweep_dir, cfg)
         store = prepare_store(cfg)
         check_width(sweep_dir, store)
         store.verify()
         owns_ray = _init_ray(cfg)
+        signals = _Signals().__enter__()  # after ray.init, whose core worker installs its own handlers
         try:
             res = _Resources(cfg, ray.cluster_resources())
             p = plan(cfg, store.width, res.device_bytes, res.on_gpu)
@@ -321,6 +326,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                 log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
             failures = _execute(cfg, p, store, res, lock, signals)
         finally:
+            signals.__exit__()
             if owns_ray:
                 ray.shutdown()
         rows = report.summary_rows(sweep_dir, [r.run_id for r in p.runs])
@@ -372,7 +378,7 @@ def _execute(
     for ens in p.ensembles:
         job = EnsembleJob(
             ens, str(Path(cfg.sweep_dir).absolute()), str(store.path.absolute()), cfg.data.normalize,
-            cfg.data.eval_rows, cfg.train, threads=res.threads, extra_spec=extra,
+            cfg.data.eval_rows, cfg.train, threads=res.threads, extra_spec=extra, logger=cfg.logger,
         )
         refs[task.remote(job, progress_actor, flag)] = ens
     failures: list[str] = []

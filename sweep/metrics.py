@@ -22,9 +22,16 @@ def mmcs(a_FD: torch.Tensor, b_GD: torch.Tensor) -> torch.Tensor:
     return (a @ b.T).max(dim=1).values  # (F, D) @ (D, G) -> (F, G) -> (F,)
 
 
-@torch.no_grad()
 def evaluate(params: Params, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, float]:
     """Final metrics of one SAE on evaluation rows ``x_ND`` (already scaled)."""
+    return evaluate_with_frequency(params, x_ND, batch)[0]
+
+
+@torch.no_grad()
+def evaluate_with_frequency(
+    params: Params, x_ND: torch.Tensor, batch: int = 4096
+) -> tuple[dict[str, float], torch.Tensor]:
+    """:func:`evaluate`'s metrics and each feature's firing frequency on ``x_ND``: (F,) float64."""
     n, _ = x_ND.shape
     sq_err = 0.0
     l1 = 0.0
@@ -41,7 +48,7 @@ def evaluate(params: Params, x_ND: torch.Tensor, batch: int = 4096) -> dict[str,
         active += float(on.sum())
         fires = on.sum(dim=0) if fires is None else fires + on.sum(dim=0)
     freq = fires.double() / n  # (F,)
-    return {
+    summary = {
         "mse": sq_err / x_ND.numel(),
         "fvu": sq_err / max(total_var, 1e-12),
         "l1_norm": l1 / n,
@@ -50,6 +57,7 @@ def evaluate(params: Params, x_ND: torch.Tensor, batch: int = 4096) -> dict[str,
         "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()),
         "eval_rows": n,
     }
+    return summary, freq.cpu()
 
 
 def ground_truth_metrics(params: Params, gt_GD: torch.Tensor) -> dict[str, float]:

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from sweep import metrics, rundir, sae
+from sweep import crossdict, metrics, rundir, sae
 from sweep.activations.store import BatchStream, ChunkStore, Cursor
-from sweep.config import TrainConfig
+from sweep.config import LoggerConfig, TrainConfig
 from sweep.ensemble import Ensemble, stack
 from sweep.errors import SweepError
 from sweep.grid import EnsembleSpec, RunSpec
+from sweep.logger import RunLogger, make_logger, sweep_logger_config
 from sweep.optim import Adam, AdamState
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class EnsembleJob:
     """Sweep-level settings recorded in every member's spec.json."""
     placement: dict = field(default_factory=dict)
     """Where this attempt runs (host, Ray node, GPU ids); written to placement.json."""
+    logger: LoggerConfig | None = None
+    """Experiment tracking; None = the ``logger`` section of SWEEP_DIR/config.yaml, if any."""
 
 
 @dataclass
@@ -172,22 +175,30 @@ class _Trainer:
 
     def log_curve(self, parts: sae.LossParts, step: int, active: list[bool]) -> None:
         rows = torch.stack([parts.loss, parts.mse, parts.sparsity, parts.l0, parts.fvu]).cpu().tolist()  # (5, E)
+        recs: dict[str, dict] = {}
         for e, d in enumerate(self.dirs):
             if active[e]:
                 rec = {"step": step, "rows": step * self.job.train.batch_size}
                 rec.update(zip(("loss", "mse", "l1", "l0", "fvu"), (r[e] for r in rows), strict=True))
                 rundir.append_curve(d, [rec])
+                recs[self.runs[e].run_id] = rec
+        self.tracker().log(recs)
 
     def finalize(self, ens: Ensemble, step: int) -> dict[str, str]:
         diverged_at = self.diverged_at.tolist()
         x_eval = self.store.tail_rows(self.job.eval_rows).to(self.device).float() * self.scale
         gt = self.store.ground_truth()
+        from sweep import lm_metrics  # LM metrics: harvested stores whose model loads here
+
+        lm_eval = lm_metrics.LMEval.for_store(self.store, self.device, self.job.extra_spec.get("data", {}).get("lm_eval_tokens"))
         states = {}
         for e, (run, d) in enumerate(zip(self.runs, self.dirs, strict=True)):
             params = {k: v[e].detach().float().cpu() for k, v in ens.params.items()}
-            m = metrics.evaluate({k: v.to(self.device) for k, v in params.items()}, x_eval)
+            m, freq = metrics.evaluate_with_frequency({k: v.to(self.device) for k, v in params.items()}, x_eval)
+            crossdict.save_density(d, freq, x_eval.shape[0])
             if gt is not None:
                 m.update(metrics.ground_truth_metrics(params, gt))
+            m.update(lm_metrics.member_metrics(lm_eval, params, self.cfg_json(run)))
             state = "diverged" if diverged_at[e] >= 0 else "done"
             m.update({"state": state, "steps": step, "rows_trained": step * self.job.train.batch_size})
             if state == "diverged":
@@ -199,7 +210,19 @@ class _Trainer:
             rundir.atomic_write_json(d / rundir.DONE, {"state": state, "finished": time.time()})
             rundir.clear_checkpoints(d)
             states[run.run_id] = state
+            self.tracker().summary(run.run_id, m)
+        self.tracker().close()
         return states
+
+    def tracker(self) -> RunLogger:
+        """The experiment logger (made on first use; best-effort, never blocks training)."""
+        if getattr(self, "_tracker", None) is None:
+            cfg = self.job.logger or sweep_logger_config(self.job.sweep_dir)
+            self._tracker = make_logger(cfg, self.job.sweep_dir)
+            for run, d in zip(self.runs, self.dirs, strict=True):
+                config = {**run.as_dict(), "ensemble_id": self.job.ensemble.ensemble_id, "train": asdict(self.job.train)}
+                self._tracker.start(run.run_id, d, config)
+        return self._tracker
 
     def cfg_json(self, run: RunSpec) -> dict:
         return {
@@ -255,6 +278,7 @@ def train_ensemble(
             tr.checkpoint(ens, cursor, step)
         if should_stop is not None and should_stop():
             tr.checkpoint(ens, cursor, step)
+            tr.tracker().close()
             return EnsembleResult(job.ensemble.ensemble_id, dict.fromkeys(_ids(tr), "interrupted"), step, time.perf_counter() - t0)
     if progress and step > reported:
         progress((step - reported) * bs)

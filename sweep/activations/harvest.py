@@ -1,0 +1,440 @@
+"""Harvest activations of transformer_lens hooks into chunk stores (resumable, shardable).
+
+Layout of ``store_dir`` (with one hook it is the store itself; with several, each hook's
+store is ``store_dir/<hook>/``)::
+
+    harvest-params.json    values that define the harvest (a resume must use the same)
+    harvest-tokens.npy     (contexts + eval contexts, context) int32: the token stream
+    manifest.json, chunk_*.npy, chunk_*.json, lm_eval_tokens.npy   (in each store)
+
+Rows are token positions in stream order (context ``c`` gives rows ``[c*rpc, (c+1)*rpc)``,
+``rpc`` = positions per context after dropping BOS). Consecutive chunks form shuffle groups
+of ``ceil(shuffle_rows / rows_per_chunk)`` chunks: a group's rows are harvested, permuted by
+a generator seeded with ``(seed, group)`` and split into its chunks, so a chunk mixes rows of
+many contexts and every chunk is defined by the settings alone. That makes a harvest
+resumable (groups whose chunks all exist are skipped; a chunk counts only once its stats
+sidecar is written, after the chunk itself) and shardable (shards take disjoint runs of
+groups, write their own chunks into the same stores, and the manifest merges them). Every
+hook of a group uses the same permutation, so row ``i`` of chunk ``k`` is the same token in
+every store of one harvest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sweep.activations import lm, text
+from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter
+from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
+from sweep.errors import StoreError, SweepError
+from sweep.rundir import atomic_write, atomic_write_json, ensure_writable
+
+log = logging.getLogger(__name__)
+
+PARAMS_FILE = "harvest-params.json"
+TOKENS_FILE = "harvest-tokens.npy"
+EVAL_TOKENS_FILE = "lm_eval_tokens.npy"
+# Settings that change what is written (batch size, device and shard count do not).
+_DEFINING = (
+    "model", "dataset", "split", "text_field", "rows", "context", "prepend_bos", "drop_bos",
+    "rows_per_chunk", "dtype", "shuffle_rows", "seed", "model_dtype", "lm_eval_tokens",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every row, chunk and shuffle group of a harvest comes from."""
+
+    rows: int
+    context: int
+    prepend_bos: bool
+    drop_bos: bool
+    rows_per_chunk: int
+    chunks_per_group: int
+    eval_contexts: int
+
+    @classmethod
+    def of(cls, cfg: HarvestSource) -> Plan:
+        per_group = max(1, math.ceil(cfg.shuffle_rows / cfg.rows_per_chunk))
+        n_eval = math.ceil(cfg.lm_eval_tokens / cfg.context)
+        return cls(cfg.rows, cfg.context, cfg.prepend_bos, cfg.drop_bos, cfg.rows_per_chunk, per_group, n_eval)
+
+    @property
+    def first(self) -> int:
+        """First stored position of a context (1 when the BOS position is dropped)."""
+        return int(self.prepend_bos and self.drop_bos)
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context - self.first
+
+    @property
+    def body(self) -> int:
+        """Stream tokens per context (the context minus a prepended BOS)."""
+        return self.context - int(self.prepend_bos)
+
+    @property
+    def n_contexts(self) -> int:
+        return math.ceil(self.rows / self.rows_per_context)
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.rows / self.rows_per_chunk)
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.n_chunks / self.chunks_per_group)
+
+    def group_chunks(self, g: int) -> range:
+        return range(g * self.chunks_per_group, min((g + 1) * self.chunks_per_group, self.n_chunks))
+
+    def group_rows(self, g: int) -> tuple[int, int]:
+        c = self.group_chunks(g)
+        return c.start * self.rows_per_chunk, min(c.stop * self.rows_per_chunk, self.rows)
+
+    def contexts_of(self, r0: int, r1: int) -> tuple[int, int]:
+        """Contexts holding rows ``[r0, r1)``."""
+        return r0 // self.rows_per_context, -(-r1 // self.rows_per_context)
+
+    def shard_groups(self, shard: int, n_shards: int) -> range:
+        return range(shard * self.n_groups // n_shards, (shard + 1) * self.n_groups // n_shards)
+
+
+@dataclass
+class ShardResult:
+    """What one shard did (returned by Ray tasks to the driver)."""
+
+    groups: tuple[int, int]
+    widths: dict[str, int]
+    rows_written: int = 0
+    forward_s: float = 0.0
+    write_s: float = 0.0
+    tokens: int = 0
+
+
+def harvest_params(cfg: HarvestConfig) -> dict:
+    """The values that define a harvest (recorded in harvest-params.json and the manifest)."""
+    params = {k: getattr(cfg, k) for k in _DEFINING}
+    params["model"] = lm.model_ref(cfg.model)
+    params["dataset"] = lm.model_ref(cfg.dataset) if text.is_local(cfg.dataset) else cfg.dataset
+    params["hooks"] = list(cfg.hooks)
+    return params
+
+
+def store_path(cfg: HarvestConfig, hook: str) -> Path:
+    root = Path(cfg.store_dir).expanduser()
+    return root if len(cfg.hooks) == 1 else root / hook.replace("/", "_")
+
+
+def run_harvest(cfg: HarvestConfig, model: Any = None) -> dict[str, ChunkStore]:
+    """Harvest (or finish harvesting) ``cfg.hooks`` into their stores; returns them by hook.
+
+    ``model``: an already built bridge (its tokenizer is used); default loads ``cfg.model``.
+    A harvest already complete with the same settings is returned without loading anything.
+    """
+    return harvest_with_stats(cfg, model)[0]
+
+
+def harvest_with_stats(cfg: HarvestConfig, model: Any = None) -> tuple[dict[str, ChunkStore], list[ShardResult]]:
+    """:func:`run_harvest`, also returning what each shard did (timings; [] if already complete)."""
+    params = harvest_params(cfg)
+    root = _prepare_dir(cfg, params)
+    if _complete(cfg, params):
+        log.info("harvest in %s is complete; reusing it", root)
+        return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
+    plan = Plan.of(cfg)
+    docs = None if _has_tokens(cfg, plan, root) else text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
+    if model is not None or cfg.shards == 1:
+        model = model if model is not None else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
+        lm.check_hooks(model, cfg.hooks, cfg.model)
+        _token_stream(cfg, plan, root, params, docs, model.tokenizer)
+        results = [harvest_shard(cfg, plan, range(plan.n_groups), model)]
+    else:
+        _token_stream(cfg, plan, root, params, docs, lm.load_tokenizer(cfg.model) if docs is not None else None)
+        results = _run_shards(cfg, plan)
+    _log_timing(results)
+    return _finalize(cfg, plan, params, results), results
+
+
+def _prepare_dir(cfg: HarvestConfig, params: dict) -> Path:
+    """Refuse a store_dir holding something else; make sure it can be written."""
+    root = Path(cfg.store_dir).expanduser()
+    marker = root / PARAMS_FILE
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again") from err
+        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        if diff:
+            raise StoreError(
+                f"store_dir {root} holds a harvest made with different settings ({', '.join(diff)}); "
+                "use the same values to resume it, or another store_dir"
+            )
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise StoreError(f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder")
+    ensure_writable(root, "store_dir")
+    return root
+
+
+def _complete(cfg: HarvestConfig, params: dict) -> bool:
+    for h in cfg.hooks:
+        manifest = store_path(cfg, h) / MANIFEST
+        if not manifest.is_file():
+            return False
+        try:
+            if json.loads(manifest.read_text()).get("provenance", {}).get("params") != params:
+                return False
+        except (OSError, ValueError):
+            return False  # an unreadable manifest is rewritten by finishing the harvest
+    return True
+
+
+def _has_tokens(cfg: HarvestConfig, plan: Plan, root: Path) -> bool:
+    """Whether a resumed harvest's token stream is already on disk (and intact)."""
+    path = root / TOKENS_FILE
+    if not (path.is_file() and (root / PARAMS_FILE).is_file()):
+        return False
+    try:
+        return np.load(path, mmap_mode="r").shape == (plan.n_contexts + plan.eval_contexts, cfg.context)
+    except (ValueError, OSError):
+        log.warning("token stream %s is damaged; rebuilding it", path)
+        return False
+
+
+def _token_stream(
+    cfg: HarvestConfig, plan: Plan, root: Path, params: dict, docs: Iterator[str] | None, tokenizer: Any
+) -> None:
+    """Write the token stream (harvest + eval contexts); ``docs`` None: it is already there."""
+    if docs is None:
+        return
+    try:
+        tokens = text.token_contexts(docs, tokenizer, plan.n_contexts + plan.eval_contexts, cfg.context, cfg.prepend_bos)
+    except text.NotEnoughText as err:
+        raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
+    atomic_write_json(root / PARAMS_FILE, params)
+    atomic_write(root / TOKENS_FILE, lambda f: np.save(f, tokens, allow_pickle=False))
+
+
+def _too_short(cfg: HarvestConfig, plan: Plan, available: int) -> str:
+    if available == 0:
+        return f"dataset {cfg.dataset} is empty (no text to tokenise); pass a dataset with text (text_field={cfg.text_field})"
+    max_rows = max(0, available // plan.body - plan.eval_contexts) * plan.rows_per_context
+    held = f" after lm_eval_tokens={cfg.lm_eval_tokens} held out" if plan.eval_contexts else ""
+    return (
+        f"rows={cfg.rows} is more than dataset {cfg.dataset} can provide: its {available} tokens give at most "
+        f"{max_rows} rows at context={cfg.context}{held}; lower rows to {max_rows} or use more text"
+    )
+
+
+def harvest_shard(cfg: HarvestConfig, plan: Plan, groups: range, model: Any = None) -> ShardResult:
+    """Harvest the groups in ``groups`` (skipping complete ones); writes overlap the next forward."""
+    if model is None:
+        model = lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
+        lm.check_hooks(model, cfg.hooks, cfg.model)
+    device = next(model.parameters()).device
+    tokens = np.load(Path(cfg.store_dir).expanduser() / TOKENS_FILE, mmap_mode="r")
+    probe = lm.capture(model, torch.from_numpy(np.array(tokens[:1], dtype=np.int64)).to(device), cfg.hooks)
+    res = ShardResult((groups.start, groups.stop), {h: int(a.shape[-1]) for h, a in probe.items()})
+    writers = {h: StoreWriter(store_path(cfg, h), res.widths[h], cfg.dtype, cfg.rows_per_chunk) for h in cfg.hooks}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(groups), desc="harvest", unit="group", disable=not cfg.progress, leave=False)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harvest-write") as pool:
+        pending: Future | None = None
+        for g in groups:
+            missing = {h: [c for c in plan.group_chunks(g) if not w.has_chunk(c)] for h, w in writers.items()}
+            if any(missing.values()):
+                bufs = _fill_group(cfg, plan, g, model, tokens, res, device)
+                if pending is not None:
+                    res.write_s += pending.result()
+                pending = pool.submit(_write_group, plan, g, writers, bufs, missing)
+            bar.update(1)
+        if pending is not None:
+            res.write_s += pending.result()
+    bar.close()
+    return res
+
+
+def _group_seed(seed: int, group: int) -> int:
+    return int(np.random.SeedSequence([seed, group]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _fill_group(
+    cfg: HarvestConfig, plan: Plan, g: int, model: Any, tokens: np.ndarray, res: ShardResult, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Group ``g``'s rows of every hook, already in shuffled order: each (n, d) in the store dtype."""
+    r0, r1 = plan.group_rows(g)
+    n, rpc = r1 - r0, plan.rows_per_context
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_group_seed(cfg.seed, g)))  # (n,)
+    dest = torch.empty_like(perm)
+    dest[perm] = torch.arange(n)  # source row i lands at shuffled position dest[i]
+    dtype = lm.MODEL_DTYPES[cfg.dtype]
+    bufs = {h: torch.empty(n, res.widths[h], dtype=dtype) for h in cfg.hooks}
+    c0, c1 = plan.contexts_of(r0, r1)
+    for cb in range(c0, c1, cfg.batch_contexts):
+        ce = min(cb + cfg.batch_contexts, c1)
+        lo, hi = max(r0, cb * rpc), min(r1, ce * rpc)  # rows of this batch inside the group
+        t = time.perf_counter()
+        toks = torch.from_numpy(np.array(tokens[cb:ce], dtype=np.int64)).to(device)  # (b, P)
+        acts = lm.capture(model, toks, cfg.hooks)
+        rows = {}
+        for h, a in acts.items():
+            a = a[:, plan.first :].reshape(-1, a.shape[-1])  # (b, P, d) -> (b*rpc, d)
+            rows[h] = a[lo - cb * rpc : hi - cb * rpc].to(dtype).cpu()  # (hi-lo, d)
+        res.forward_s += time.perf_counter() - t
+        res.tokens += toks.numel()
+        idx = dest[lo - r0 : hi - r0]
+        for h, x in rows.items():
+            bufs[h][idx] = x
+    return bufs
+
+
+def _write_group(
+    plan: Plan, g: int, writers: dict[str, StoreWriter], bufs: dict[str, torch.Tensor], missing: dict[str, list[int]]
+) -> float:
+    """Write group ``g``'s missing chunks (each atomically); returns the seconds it took."""
+    t = time.perf_counter()
+    R = plan.rows_per_chunk
+    for h, w in writers.items():
+        for k, c in enumerate(plan.group_chunks(g)):
+            if c in missing[h]:
+                w.write_chunk(c, bufs[h][k * R : (k + 1) * R])  # (<=R, d)
+    return time.perf_counter() - t
+
+
+def _finalize(cfg: HarvestConfig, plan: Plan, params: dict, results: list[ShardResult]) -> dict[str, ChunkStore]:
+    """Check every chunk is there, save the LM-eval tokens, write each store's manifest."""
+    root = Path(cfg.store_dir).expanduser()
+    eval_tokens = np.ascontiguousarray(np.load(root / TOKENS_FILE, mmap_mode="r")[plan.n_contexts :])
+    stores = {}
+    for h in cfg.hooks:
+        path = store_path(cfg, h)
+        writer = StoreWriter(path, results[0].widths[h], cfg.dtype, cfg.rows_per_chunk)
+        missing = [c for c in range(plan.n_chunks) if not writer.has_chunk(c)]
+        if missing:
+            raise StoreError(f"harvest into {path} is missing {len(missing)} chunk(s); re-run the same command to finish it")
+        atomic_write(path / EVAL_TOKENS_FILE, lambda f: np.save(f, eval_tokens, allow_pickle=False))
+        writer.finalize(plan.n_chunks, provenance(cfg, plan, params, h, results))
+        stores[h] = ChunkStore(path)
+        log.info("harvested %s: %d rows of width %d into %s", h, cfg.rows, stores[h].width, path)
+    return stores
+
+
+def provenance(cfg: HarvestConfig, plan: Plan, params: dict, hook: str, results: list[ShardResult]) -> dict:
+    """What the manifest records: source, token ranges, shards, and ``source_info`` for run folders."""
+    info = {
+        "source": "harvest", "model": params["model"], "hook": hook, "dataset": params["dataset"],
+        "split": cfg.split, "context": cfg.context, "prepend_bos": cfg.prepend_bos, "drop_bos": cfg.drop_bos,
+        "model_dtype": cfg.model_dtype, "dtype": cfg.dtype,
+    }
+    end = plan.n_contexts * plan.body
+    shards = []
+    for r in sorted(results, key=lambda r: r.groups):
+        if r.groups[1] > r.groups[0]:
+            rows = (plan.group_rows(r.groups[0])[0], plan.group_rows(r.groups[1] - 1)[1])
+            c0, c1 = plan.contexts_of(*rows)
+            shards.append({"groups": list(r.groups), "rows": list(rows), "token_range": [c0 * plan.body, c1 * plan.body]})
+    return {
+        **info,
+        "params": params,
+        "rows_per_context": plan.rows_per_context,
+        "contexts": plan.n_contexts,
+        "token_range": [0, end],
+        "shuffle": {"chunks_per_group": plan.chunks_per_group, "seed": cfg.seed},
+        "shards": shards,
+        "lm_eval": {"file": EVAL_TOKENS_FILE, "contexts": plan.eval_contexts,
+                    "token_range": [end, end + plan.eval_contexts * plan.body]},
+        "source_info": info,
+    }
+
+
+def _log_timing(results: list[ShardResult]) -> None:
+    fwd, wr = sum(r.forward_s for r in results), sum(r.write_s for r in results)
+    toks = sum(r.tokens for r in results)
+    if toks:
+        log.info("harvest: %d tokens, model forward %.1fs (%.0f tok/s per shard), writing %.1fs (overlapped)",
+                 toks, fwd, toks / max(fwd, 1e-9), wr)
+
+
+# ---- shards on Ray -------------------------------------------------------------------
+
+
+def _init_ray(launch: LaunchConfig) -> bool:
+    """Start or join Ray unless already initialised; returns whether we own the instance."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
+    if launch.address:
+        ray.init(address=launch.address, **common)
+    else:
+        extra = {"_temp_dir": str(Path(launch.temp_dir).absolute())} if launch.temp_dir else {}
+        ray.init(num_cpus=launch.num_cpus, num_gpus=launch.num_gpus, **extra, **common)
+    return True
+
+
+def _shard_task(cfg: HarvestConfig, plan: Plan, groups: range) -> ShardResult:
+    return harvest_shard(cfg, plan, groups)
+
+
+def _run_shards(cfg: HarvestConfig, plan: Plan) -> list[ShardResult]:
+    """One Ray task per shard (a GPU each when harvesting on CUDA); results in completion order."""
+    import ray
+
+    owns = _init_ray(cfg.launch)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+        n = min(cfg.shards or max(1, int(gpus)), plan.n_groups)
+        task = ray.remote(_shard_task).options(
+            num_cpus=cfg.launch.cpus_per_ensemble or 1, num_gpus=1 if on_gpu else 0,
+            max_retries=cfg.launch.max_retries, retry_exceptions=False,
+        )
+        quiet = replace(cfg, progress=False)
+        pending = [task.remote(quiet, plan, plan.shard_groups(s, n)) for s in range(n)]
+        results, failures = [], []
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                results.append(ray.get(ready[0]))
+            except ray.exceptions.RayError as err:
+                failures.append(_reason(err))
+    finally:
+        if owns:
+            ray.shutdown()
+    if failures:
+        raise SweepError(f"{len(failures)} harvest shard(s) failed ({failures[0]}); re-run the same command to continue")
+    return results
+
+
+def _reason(err: Exception) -> str:
+    cause = getattr(err, "cause", None)
+    msg = str(cause) if cause is not None else str(err)
+    lines = [ln for ln in msg.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+# ---- data=harvest ---------------------------------------------------------------------
+
+
+def ensure_harvest_store(data: Any, sweep_dir: str | Path, launch: LaunchConfig, progress: bool = True) -> ChunkStore:
+    """The store of a ``data=harvest`` sweep: harvested into ``data.path`` (default
+    ``<sweep_dir>/store``) unless already complete with the same settings."""
+    values = {f.name: getattr(data, f.name) for f in fields(HarvestSource)}
+    path = data.path or str(Path(sweep_dir) / "store")
+    cfg = HarvestConfig(**values, hooks=[data.hook], store_dir=path, launch=launch, progress=progress)
+    return run_harvest(cfg)[data.hook]
+

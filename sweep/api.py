@@ -1,0 +1,74 @@
+"""A stable Python API for notebooks.
+
+    import sweep
+    sae = sweep.load_run("outputs/x/runs/r4-l1_1e-02-s0")     # one dictionary (raw activations in)
+    sw = sweep.load_sweep("outputs/x")
+    sw.table                                                   # pandas DataFrame, one row per run
+    best = sw.table.query("state == 'done'").sort_values("fvu").index[0]
+    sw.sae(best)                                               # loaded on first use, then cached
+
+Loading a sweep reads only JSON (specs, metrics, DONE markers); weights are read when a
+dictionary is first asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sweep import rundir
+from sweep.errors import SweepError
+from sweep.report import COLUMNS, run_ids, summary_rows
+from sweep.sae import SAE, load_run
+
+
+@dataclass
+class Sweep:
+    """One sweep folder: its table and its dictionaries (loaded lazily)."""
+
+    path: Path
+    table: pd.DataFrame
+    """One row per run (index: run_id): l1, dict_ratio, seed, state and final metrics."""
+    device: str | torch.device = "cpu"
+    _cache: dict[str, SAE] = field(default_factory=dict, repr=False)
+
+    @property
+    def run_ids(self) -> list[str]:
+        return list(self.table.index)
+
+    def run_dir(self, run_id: str) -> Path:
+        return rundir.run_dir(self.path, run_id)
+
+    def sae(self, run_id: str) -> SAE:
+        """The dictionary of one finished run (loaded on first call, then cached)."""
+        if run_id not in self._cache:
+            if run_id not in self.table.index:
+                raise SweepError(f"no run {run_id!r} in {self.path}; see sweep.table.index for run ids")
+            if not rundir.is_done(self.run_dir(run_id)):
+                raise SweepError(f"run {run_id} is not finished yet (no DONE); pick a run whose state is done")
+            self._cache[run_id] = load_run(str(self.run_dir(run_id)), device=self.device)
+        return self._cache[run_id]
+
+    def saes(self, state: str = "done") -> Iterator[tuple[str, SAE]]:
+        """(run_id, SAE) for every run in ``state`` (one at a time; each cached once loaded)."""
+        for rid in self.table.index[self.table["state"] == state]:
+            yield rid, self.sae(rid)
+
+    def __getitem__(self, run_id: str) -> SAE:
+        return self.sae(run_id)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:
+    """Open a sweep folder (finished or running) as a table plus lazily loaded SAEs."""
+    path = Path(path)
+    rows = summary_rows(path, run_ids(path))
+    cols = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    table = pd.DataFrame(rows, columns=cols).set_index("run_id")
+    return Sweep(path, table, device)

@@ -1,0 +1,132 @@
+"""Export finished runs in SAELens's on-disk format.
+
+Each run becomes ``OUT_DIR/<run_id>/`` with ``sae_weights.safetensors`` (``W_enc (d_in,
+d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``) and ``cfg.json``
+for a SAELens 6 ``standard`` SAE, so ``sae_lens.SAE.load_from_disk(path)`` opens it.
+
+SAELens's standard SAE computes ``relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec`` on raw
+activations, which is our SAE with the training scale folded in (:class:`sweep.sae.SAE`), so
+``normalize_activations`` is ``none`` and the codes equal the training codes exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from safetensors.torch import save
+
+from sweep import rundir
+from sweep.errors import SweepError
+from sweep.sae import load_run
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("saelens",)
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SAELENS_CFG = "cfg.json"
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The SAELens config format written (6.x: model facts live under ``metadata``)."""
+
+
+def _provenance(cfg: dict) -> dict:
+    """Model / hook facts from the store's provenance (a harvested store's ``source_info``:
+    model, hook, dataset, context, prepend_bos), else ``synthetic``."""
+    prov = cfg.get("provenance") or {}
+    model = prov.get("model_name") or prov.get("model")
+    hook = prov.get("hook_name") or prov.get("hook")
+    return {
+        "model_name": model or "synthetic",
+        "hook_name": hook or "synthetic",
+        "hook_head_index": prov.get("hook_head_index"),
+        "context_size": prov.get("context_size") or prov.get("context"),
+        "prepend_bos": prov.get("prepend_bos", True),
+        "dataset_path": prov.get("dataset_path") or prov.get("dataset"),
+        "model_from_pretrained_kwargs": prov.get("model_from_pretrained_kwargs") or {},
+    }
+
+
+def saelens_cfg(cfg: dict) -> dict:
+    """SAELens 6 ``cfg.json`` for one of our runs (its sweep ``cfg.json`` in)."""
+    return {
+        "architecture": "standard",
+        "d_in": int(cfg["d_in"]),
+        "d_sae": int(cfg["d_sae"]),
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": None,
+            **_provenance(cfg),
+            "neuronpedia_id": None,
+            "exported_from": "sweep",
+            "sweep_run_id": cfg.get("run_id"),
+            "l1_coefficient": cfg.get("l1"),
+            "dict_ratio": cfg.get("dict_ratio"),
+            "seed": cfg.get("seed"),
+            "training_architecture": cfg.get("architecture"),
+            "act_scale_folded": cfg.get("act_scale", 1.0),
+        },
+    }
+
+
+def export_run(run_folder: str | Path, out: str | Path) -> Path:
+    """Write one finished run folder in SAELens format into ``out`` (created)."""
+    folder = Path(run_folder)
+    if not rundir.is_done(folder):
+        raise SweepError(f"run {folder.name} is not finished (no DONE in {folder}); let the sweep finish or pick a finished run")
+    try:
+        model = load_run(str(folder))
+    except FileNotFoundError as err:
+        raise SweepError(f"{err}; re-run the sweep to rewrite it") from err
+    out = rundir.ensure_writable(out, "export folder")
+    weights = {
+        "W_enc": model.W_enc.detach().float().contiguous(),  # (d_in, d_sae)
+        "b_enc": model.b_enc.detach().float().contiguous(),  # (d_sae,)
+        "W_dec": model.W_dec.detach().float().contiguous(),  # (d_sae, d_in)
+        "b_dec": model.b_dec.detach().float().contiguous(),  # (d_in,)
+    }
+    rundir.atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
+    rundir.atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg))
+    return out
+
+
+def _manifest_ids(sweep_dir: Path) -> list[str]:
+    from sweep.report import run_ids
+
+    return run_ids(sweep_dir)
+
+
+def export_sweep(sweep_dir: str | Path, out_dir: str | Path, runs: list[str] | None = None, to: str = "saelens") -> list[Path]:
+    """Export chosen runs (default: every run whose state is ``done``) into ``out_dir/<run_id>/``.
+
+    A named run that is unknown or not finished is an error (nothing is written then).
+    """
+    if to not in FORMATS:
+        raise SweepError(f"unknown export format {to!r}; use one of: {', '.join(FORMATS)}")
+    sweep_dir = Path(sweep_dir)
+    known = _manifest_ids(sweep_dir)
+    if runs:
+        unknown = [r for r in runs if r not in known]
+        if unknown:
+            raise SweepError(f"no run {', '.join(unknown)} in {sweep_dir}; see 'sweep status {sweep_dir}' for run ids")
+        chosen = list(runs)
+        for rid in chosen:
+            if not rundir.is_done(rundir.run_dir(sweep_dir, rid)):
+                raise SweepError(f"run {rid} is not finished (no DONE); let the sweep finish or export finished runs only")
+    else:
+        chosen = [r for r in known if _state(sweep_dir, r) == "done"]
+        if not chosen:
+            raise SweepError(f"{sweep_dir} has no finished runs to export yet; wait for the sweep or check 'sweep status'")
+    paths = [export_run(rundir.run_dir(sweep_dir, rid), Path(out_dir) / rid) for rid in chosen]
+    log.info("exported %d run(s) to %s", len(paths), out_dir)
+    return paths
+
+
+def _state(sweep_dir: Path, rid: str) -> str:
+    from sweep.worker import run_state
+
+    return run_state(rundir.run_dir(sweep_dir, rid))

@@ -1,0 +1,337 @@
+"""Experiment tracking (wandb), best-effort: it never blocks or fails training.
+
+Each grid point is its own wandb run (config: l1, dict_ratio, seed, ensemble id, ...; group:
+the sweep's name; job type ``train``), so wandb's grouping and parallel-coordinates plots
+work across the grid. The worker hands over one batch of curve records per logging step
+(already on the host: one device sync for all members) and the final metrics per member.
+
+All wandb calls happen on one background thread fed by a bounded queue. The training thread
+only does ``put_nowait``: when the queue is full (wandb slow or hung) events are dropped and
+counted; errors in wandb are logged once per kind and ignored; :meth:`WandbLogger.close`
+waits at most ``logger.timeout`` seconds. wandb writes under ``SWEEP_DIR/wandb``; without an
+API key it runs offline (``wandb sync SWEEP_DIR/wandb/offline-run-*`` uploads later). Each
+run's wandb id is kept in its run folder (``logger.json``), so a resumed sweep continues the
+same wandb runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import queue
+import re
+import secrets
+import threading
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from sweep import rundir
+from sweep.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+ID_FILE = "logger.json"
+_STOP = ("stop",)
+
+
+class RunLogger:
+    """Interface (and the ``logger=none`` implementation): every method is a cheap no-op."""
+
+    def start(self, run_id: str, folder: Path, config: dict, job_type: str = "train") -> None:
+        """Declare a run (its wandb run is created lazily, on the sender thread)."""
+
+    def log(self, records: dict[str, dict]) -> None:
+        """One logging step: run_id -> curve record (with ``step``)."""
+
+    def summary(self, run_id: str, metrics: dict) -> None:
+        """Final metrics of a run; the run is finished after them."""
+
+    def media(self, run_id: str, images: dict[str, str]) -> None:
+        """Images (name -> PNG path) for a run."""
+
+    def finish(self, run_id: str) -> None:
+        """Finish a run now (:meth:`summary` does this too; :meth:`close` finishes the rest)."""
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush and finish; returns False if the backend did not finish in time."""
+        return True
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` -> ``WANDB_MODE`` if set, else online with an API key, else offline."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    return "online" if _has_api_key() else "offline"
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def run_wandb_id(folder: Path, run_id: str) -> str:
+    """The run's wandb id: read from ``logger.json`` if present, else made and saved."""
+    path = Path(folder) / ID_FILE
+    try:
+        return str(rundir.read_json(path)["wandb_id"])
+    except (OSError, ValueError, KeyError):
+        pass
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:48]
+    wid = f"{slug}-{secrets.token_hex(4)}"
+    rundir.atomic_write_json(path, {"wandb_id": wid})
+    return wid
+
+
+def _scalars(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Numbers and short strings only (wandb summaries), nested keys joined with '/'."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class _Sender:
+    """The background side: owns the wandb run objects; only this thread calls wandb."""
+
+    def __init__(self, cfg: LoggerConfig, sweep_dir: Path, group: str) -> None:
+        self.cfg, self.sweep_dir, self.group = cfg, sweep_dir, group
+        self.declared: dict[str, tuple[str, dict, str]] = {}
+        self.runs: dict[str, Any] = {}
+        self.broken: set[str] = set()
+        self.warned: set[str] = set()
+        self.progress = time.monotonic()
+        """When the last event was handled (close() waits while events keep completing)."""
+
+    def handle(self, event: tuple) -> None:
+        kind = event[0]
+        try:
+            getattr(self, f"on_{kind}")(*event[1:])
+        except Exception as err:  # wandb failures are never the training's problem
+            run_id = event[1] if len(event) > 1 and isinstance(event[1], str) else ""
+            self._warn(kind, f"wandb {kind} failed ({type(err).__name__}: {err}); ignoring")
+            if kind == "init":
+                self.broken.add(run_id)
+        self.progress = time.monotonic()
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning(message)
+
+    def on_declare(self, run_id: str, wid: str, config: dict, job_type: str) -> None:
+        self.declared[run_id] = (wid, config, job_type)
+
+    def _run(self, run_id: str) -> Any:
+        if run_id in self.runs or run_id in self.broken:
+            return self.runs.get(run_id)
+        self.handle(("init", run_id))
+        return self.runs.get(run_id)
+
+    def on_init(self, run_id: str) -> None:
+        import wandb
+
+        wid, config, job_type = self.declared[run_id]
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(
+            init_timeout=self.cfg.timeout, finish_timeout=self.cfg.timeout, console="off", silent=True,
+            x_disable_stats=True, x_save_requirements=False, disable_git=True, save_code=False,
+        )
+        run = wandb.init(
+            project=self.cfg.project, entity=self.cfg.entity, dir=str(self.sweep_dir), id=wid, name=run_id,
+            group=self.group, job_type=job_type, config=config, resume="allow", reinit="create_new",
+            mode=resolve_mode(self.cfg.mode), settings=settings,  # type: ignore[arg-type]
+        )
+        run.define_metric("train/step")
+        run.define_metric("train/*", step_metric="train/step")
+        self.runs[run_id] = run
+
+    def on_log(self, records: dict[str, dict]) -> None:
+        for run_id, rec in records.items():  # one member's failure does not skip the others
+            self.handle(("log_one", run_id, rec))
+
+    def on_log_one(self, run_id: str, rec: dict) -> None:
+        run = self._run(run_id)
+        if run is not None:
+            run.log({f"train/{k}": v for k, v in rec.items()})
+
+    def on_summary(self, run_id: str, metrics: dict) -> None:
+        run = self._run(run_id)
+        if run is not None:
+            run.summary.update(_scalars(metrics))
+            self.handle(("finish", run_id))
+
+    def on_media(self, run_id: str, images: dict[str, str]) -> None:
+        import wandb
+
+        run = self._run(run_id)
+        if run is not None:
+            run.log({f"report/{name}": wandb.Image(path) for name, path in images.items()})
+
+    def on_table(self, run_id: str, name: str, columns: list[str], data: list[list]) -> None:
+        import wandb
+
+        run = self._run(run_id)
+        if run is not None:
+            run.log({name: wandb.Table(columns=columns, data=data)})
+
+    def on_finish(self, run_id: str) -> None:
+        run = self.runs.pop(run_id, None)
+        if run is not None:
+            run.finish()
+
+    def finish_all(self) -> None:
+        for run_id in list(self.runs):
+            self.handle(("finish", run_id))
+
+
+def _serve(q: queue.Queue, sender: _Sender) -> None:
+    while True:
+        event = q.get()
+        if event == _STOP:
+            sender.finish_all()
+            return
+        sender.handle(event)
+
+
+def _request_stop(q: queue.Queue) -> None:
+    """Enqueue the stop marker without blocking (dropping the oldest event if full)."""
+    for _ in range(2):
+        try:
+            q.put_nowait(_STOP)
+            return
+        except queue.Full:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+
+
+class WandbLogger(RunLogger):
+    """wandb behind a bounded queue and one daemon thread (see the module docstring)."""
+
+    def __init__(self, cfg: LoggerConfig, sweep_dir: str | Path, group: str | None = None) -> None:
+        self.cfg = cfg
+        self.sweep_dir = Path(sweep_dir)
+        self.dropped = 0
+        self._q: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
+        self._sender = sender = _Sender(cfg, self.sweep_dir, group or self.sweep_dir.absolute().name)
+        self._thread = threading.Thread(target=_serve, args=(self._q, sender), name="sweep-wandb", daemon=True)
+        self._thread.start()
+        self._closed = False
+        # a logger dropped without close() (e.g. an interrupted worker) still finishes its runs
+        self._finalizer = weakref.finalize(self, _request_stop, self._q)
+
+    def _put(self, event: tuple) -> None:
+        if self._closed:
+            return
+        try:
+            self._q.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("wandb is falling behind; dropping log events (training continues)")
+
+    def start(self, run_id: str, folder: Path, config: dict, job_type: str = "train") -> None:
+        try:
+            wid = run_wandb_id(folder, run_id)
+        except OSError as err:
+            log.warning("cannot record the wandb id of %s (%s); not logging it", run_id, err)
+            return
+        self._put(("declare", run_id, wid, config, job_type))
+
+    def log(self, records: dict[str, dict]) -> None:
+        if records:
+            self._put(("log", records))
+
+    def summary(self, run_id: str, metrics: dict) -> None:
+        self._put(("summary", run_id, dict(metrics)))
+
+    def media(self, run_id: str, images: dict[str, str]) -> None:
+        self._put(("media", run_id, dict(images)))
+
+    def table(self, run_id: str, name: str, columns: list[str], data: list[list]) -> None:
+        self._put(("table", run_id, name, columns, data))
+
+    def finish(self, run_id: str) -> None:
+        self._put(("finish", run_id))
+
+    def close(self, timeout: float | None = None) -> bool:
+        if self._closed:
+            return not self._thread.is_alive()
+        self._closed = True
+        self._finalizer.detach()
+        self._sender.progress = time.monotonic()
+        _request_stop(self._q)
+        limit = self.cfg.timeout if timeout is None else timeout
+        while self._thread.is_alive():  # wait while events complete; give up after `limit` without progress
+            self._thread.join(min(1.0, limit))
+            if time.monotonic() - self._sender.progress > limit:
+                break
+        if self._thread.is_alive():
+            log.warning("wandb made no progress for %.0fs; continuing without it", limit)
+            return False
+        if self.dropped:
+            log.warning("wandb: %d log events were dropped because it fell behind", self.dropped)
+        return True
+
+
+def make_logger(cfg: LoggerConfig | None, sweep_dir: str | Path) -> RunLogger:
+    """The configured logger; any problem building it means no logging, never an error."""
+    if cfg is None or cfg.name == "none" or resolve_mode(cfg.mode) == "disabled":
+        return RunLogger()
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        log.warning("logger=wandb but wandb is not installed; not logging (pip install wandb)")
+        return RunLogger()
+    return WandbLogger(cfg, sweep_dir)
+
+
+def sweep_logger_config(sweep_dir: str | Path) -> LoggerConfig | None:
+    """The ``logger`` section of ``SWEEP_DIR/config.yaml`` (None if absent or unreadable)."""
+    path = Path(sweep_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        section = OmegaConf.to_container(OmegaConf.load(path)).get("logger")  # type: ignore[union-attr]
+        if not section:
+            return None
+        cfg = LoggerConfig(**section)
+        cfg.check()
+        return cfg
+    except Exception as err:
+        log.warning("cannot read the logger settings in %s (%s); not logging", path, err)
+        return None
+
+
+def log_report(sweep_dir: str | Path, images: dict[str, str], columns: list[str], data: list[list]) -> None:
+    """Send the report's plots and table to a ``report`` wandb run in the sweep's group
+    (only when the sweep was run with ``logger=wandb``)."""
+    cfg = sweep_logger_config(sweep_dir)
+    if cfg is None or cfg.name != "wandb":
+        return
+    lg = make_logger(cfg, sweep_dir)
+    if not isinstance(lg, WandbLogger):
+        return
+    folder = Path(sweep_dir) / "report"
+    lg.start("report", folder, {"sweep_dir": str(Path(sweep_dir).absolute())}, job_type="report")
+    lg.media("report", images)
+    lg.table("report", "summary", columns, data)
+    lg.finish("report")
+    lg.close()

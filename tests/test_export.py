@@ -1,0 +1,116 @@
+"""`sweep export --to saelens`: SAELens on-disk format, same reconstructions as ours."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sweep
+from sweep import rundir
+from sweep.activations.store import ChunkStore
+from sweep.cli import main
+from sweep.errors import SweepError
+from sweep.export import export_run, export_sweep
+from tests.sweep_builder import build_sweep
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tiny_store, tmp_path_factory):
+    """2 L1 x 1 ratio (tied is covered by one extra run below)."""
+    return build_sweep(tiny_store, tmp_path_factory.mktemp("export") / "sw", l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1)
+
+
+def raw_rows(store_path: str, n: int = 64) -> torch.Tensor:
+    return ChunkStore(store_path).tail_rows(n).float()
+
+
+def saelens_forward(folder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAELens's standard SAE written out: relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec."""
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    codes = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    return codes, codes @ w["W_dec"] + w["b_dec"]
+
+
+def test_export_writes_saelens_layout(small_sweep, tiny_store, tmp_path):
+    paths = export_sweep(small_sweep, tmp_path / "out")
+    assert sorted(p.name for p in paths) == ["r2-l1_1e-03-s0", "r2-l1_3e-02-s0"]
+    for p in paths:
+        cfg = json.loads((p / "cfg.json").read_text())
+        assert cfg["architecture"] == "standard" and (cfg["d_in"], cfg["d_sae"]) == (16, 32)
+        assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+        assert cfg["dtype"] == "float32" and cfg["metadata"]["sweep_run_id"] == p.name
+        assert cfg["metadata"]["hook_name"] and cfg["metadata"]["model_name"]
+        w = load_file(str(p / "sae_weights.safetensors"))
+        assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (16, 32), "b_enc": (32,), "W_dec": (32, 16), "b_dec": (16,)}
+        ours = sweep.load_run(str(rundir.run_dir(small_sweep, p.name)))
+        x = raw_rows(str(tiny_store.path))
+        codes, recon = saelens_forward(p, x)
+        torch.testing.assert_close(codes, ours.encode(x))
+        torch.testing.assert_close(recon, ours(x))
+
+
+def test_export_tied_run(tiny_store, tmp_path):
+    from sweep import grid
+    from sweep.worker import EnsembleJob, train_ensemble
+    from tests.conftest import tiny_train
+
+    runs = grid.expand([1e-2], [1.0], 1, tiny_store.width, "tied")
+    (ens,) = grid.group(runs, {1.0: 4})
+    train_ensemble(EnsembleJob(ens, str(tmp_path), str(tiny_store.path), True, 2048, tiny_train(), threads=1))
+    out = export_run(rundir.run_dir(tmp_path, runs[0].run_id), tmp_path / "exp")
+    x = raw_rows(str(tiny_store.path))
+    torch.testing.assert_close(saelens_forward(out, x)[1], sweep.load_run(str(rundir.run_dir(tmp_path, runs[0].run_id)))(x))
+
+
+def test_cli_export_chosen_runs(small_sweep, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", str(small_sweep), "--to", "saelens", str(out), "--runs", "r2-l1_3e-02-s0"]) == 0
+    assert [p.name for p in out.iterdir()] == ["r2-l1_3e-02-s0"]
+    assert f"exported: {out / 'r2-l1_3e-02-s0'}" in capsys.readouterr().out
+
+
+def test_export_of_unfinished_run_is_one_line_error(small_sweep, tmp_path, capsys):
+    import shutil
+
+    sw = tmp_path / "sw"
+    shutil.copytree(small_sweep, sw)
+    (rundir.run_dir(sw, "r2-l1_1e-03-s0") / rundir.DONE).unlink()
+    rc = main(["export", str(sw), "--to", "saelens", str(tmp_path / "out"), "--runs", "r2-l1_1e-03-s0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: run r2-l1_1e-03-s0 is not finished") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+    assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "out"), "--runs", "nope"]) == 2
+    assert "no run nope" in capsys.readouterr().err
+    with pytest.raises(SweepError, match="not finished"):
+        export_run(rundir.run_dir(sw, "r2-l1_1e-03-s0"), tmp_path / "x")
+
+
+def test_export_of_foreign_folder_is_an_error(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--to", "saelens", str(tmp_path / "out")]) == 2
+    assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_loads_in_sae_lens(small_sweep, tiny_store, tmp_path):
+    """Optional: the real SAELens opens the export and reconstructs like we do."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens not installed (pip install sae-lens 'transformer-lens<4')")
+    (path,) = export_sweep(small_sweep, tmp_path / "out", runs=["r2-l1_3e-02-s0"])
+    theirs = sae_lens.SAE.load_from_disk(str(path), device="cpu")
+    ours = sweep.load_run(str(rundir.run_dir(small_sweep, "r2-l1_3e-02-s0")))
+    x = raw_rows(str(tiny_store.path))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x))
+        torch.testing.assert_close(theirs.decode(theirs.encode(x)), ours(x))
+        torch.testing.assert_close(theirs(x), ours(x))
+    assert theirs.cfg.d_in == 16 and theirs.cfg.d_sae == 32
+
+
+def test_harvest_provenance_becomes_saelens_metadata():
+    from sweep.export import saelens_cfg
+
+    prov = {"source": "harvest", "model": "pythia-70m", "hook": "blocks.3.hook_resid_post", "dataset": "pile", "context": 128}
+    meta = saelens_cfg({"d_in": 512, "d_sae": 4096, "provenance": prov, "run_id": "r8-l1_1e-03-s0"})["metadata"]
+    assert meta["model_name"] == "pythia-70m" and meta["hook_name"] == "blocks.3.hook_resid_post"
+    assert meta["dataset_path"] == "pile" and meta["context_size"] == 128 and meta["sweep_run_id"] == "r8-l1_1e-03-s0"

@@ -1,0 +1,295 @@
+"""Harvest: rows equal the model's activations, shuffled across contexts; resume; bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sweep.activations import harvest, lm, text
+from sweep.activations.harvest import Plan, run_harvest
+from sweep.activations.store import ChunkStore, chunk_name
+from sweep.cli import main
+from sweep.config import HarvestConfig
+from sweep.errors import StoreError, SweepError
+from tests.tiny_lm import char_tokenizer, save_tiny_gpt2, write_text
+
+HOOKS = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2-tiny")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("text") / "docs.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    return lm.load_model(str(tiny_model_dir), "cpu")
+
+
+def tiny_cfg(model_dir: Path, data: Path, store_dir: Path, **kw) -> HarvestConfig:
+    base = dict(
+        model=str(model_dir), dataset=str(data), hooks=list(HOOKS), rows=3000, context=32,
+        rows_per_chunk=512, shuffle_rows=1024, batch_contexts=8, lm_eval_tokens=256,
+        store_dir=str(store_dir), device="cpu", progress=False,
+    )
+    base.update(kw)
+    return HarvestConfig(**base)
+
+
+def cli_args(cfg: HarvestConfig) -> list[str]:
+    keys = ("model", "dataset", "rows", "context", "rows_per_chunk", "shuffle_rows", "batch_contexts",
+            "lm_eval_tokens", "store_dir", "device", "progress")
+    return ["harvest", f"hooks=[{','.join(cfg.hooks)}]", *(f"{k}={getattr(cfg, k)}" for k in keys)]
+
+
+def store_rows(store: ChunkStore) -> list[torch.Tensor]:
+    return [store.read_rows(i).float() for i in range(len(store.chunks))]
+
+
+def reference_rows(model, cfg: HarvestConfig, hook: str) -> torch.Tensor:
+    """Every harvested row in stream order, straight from the model: (rows, d)."""
+    plan = Plan.of(cfg)
+    tokens = np.load(Path(cfg.store_dir) / harvest.TOKENS_FILE)[: plan.n_contexts]
+    acts = lm.capture(model, torch.from_numpy(tokens.astype(np.int64)), [hook])[hook]  # (N, P, d)
+    return acts[:, plan.first :].reshape(-1, acts.shape[-1])[: cfg.rows].half().float()  # (rows, d)
+
+
+def test_plan_layout():
+    cfg = HarvestConfig(model="m", dataset="d", hooks=["h"], store_dir="s", rows=1000, context=11,
+                        rows_per_chunk=100, shuffle_rows=250, lm_eval_tokens=30)
+    p = Plan.of(cfg)
+    assert (p.rows_per_context, p.body, p.n_contexts, p.n_chunks) == (10, 10, 100, 10)
+    assert (p.chunks_per_group, p.n_groups, p.eval_contexts) == (3, 4, 3)
+    assert list(p.group_chunks(3)) == [9] and p.group_rows(3) == (900, 1000)
+    assert [list(p.shard_groups(s, 2)) for s in range(2)] == [[0, 1], [2, 3]]
+    keep = Plan.of(replace(cfg, drop_bos=False))
+    assert (keep.first, keep.rows_per_context, keep.body) == (0, 11, 10)
+
+
+def test_token_contexts_prepend_bos_and_separate_documents():
+    tok = char_tokenizer()
+    out = text.token_contexts(["ab", "cde"], tok, n_contexts=2, context=4, prepend_bos=True)
+    ids = tok("ab", add_special_tokens=False)["input_ids"] + [0] + tok("cde", add_special_tokens=False)["input_ids"]
+    assert out.tolist() == [[0, *ids[:3]], [0, *ids[3:6]]]
+    with pytest.raises(text.NotEnoughText) as err:
+        text.token_contexts(["ab"], tok, n_contexts=5, context=4, prepend_bos=True)
+    assert err.value.available_tokens == 3
+
+
+def test_harvest_rows_are_the_models_activations_shuffled(tiny_model, tiny_model_dir, text_file, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h")
+    stores = run_harvest(cfg)
+    plan = Plan.of(cfg)
+    matched = {}
+    tokens = np.load(tmp_path / "h" / harvest.TOKENS_FILE)
+    rpc = plan.rows_per_context
+    keys = [tuple(tokens[r // rpc, : r % rpc + 2]) for r in range(cfg.rows)]  # row r: context, prefix
+    for hook, store in stores.items():
+        assert store.path == tmp_path / "h" / hook and store.total_rows == cfg.rows and store.dtype == "float16"
+        ref = reference_rows(tiny_model, cfg, hook)  # (rows, d) in stream order
+        got = torch.cat(store_rows(store))
+        dist, src = torch.cdist(got, ref).min(dim=1)  # nearest reference row of every stored row
+        assert dist.max() < 1e-2 * ref.norm(dim=1).mean()
+        # Each token position exactly once (positions with the same token prefix have the same
+        # activations, so positions are compared by their prefix).
+        matched[hook] = [keys[i] for i in src.tolist()]
+        assert Counter(matched[hook]) == Counter(keys)
+        for i in range(len(store.chunks)):  # a chunk mixes rows of many contexts, not a few
+            rows = src[i * cfg.rows_per_chunk : (i + 1) * cfg.rows_per_chunk]
+            assert len(set((rows // plan.rows_per_context).tolist())) > 0.6 * plan.n_contexts / plan.n_groups
+        prov = store.provenance
+        assert prov["model"] == str(tiny_model_dir.resolve()) and prov["hook"] == hook
+        assert prov["token_range"] == [0, plan.n_contexts * plan.body] and prov["context"] == 32
+        assert prov["source_info"]["hook"] == hook and prov["dtype"] == "float16"
+        assert np.load(store.path / harvest.EVAL_TOKENS_FILE).shape == (plan.eval_contexts, 32)
+    assert matched[HOOKS[0]] == matched[HOOKS[1]]  # the same token at each row of every store
+
+
+def test_eval_tokens_follow_the_harvested_range(tiny_model_dir, text_file, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    store = run_harvest(cfg)[HOOKS[0]]
+    assert store.path == tmp_path / "h"  # one hook: store_dir is the store
+    plan = Plan.of(cfg)
+    stream = text.token_contexts(text.iter_documents(str(text_file)), char_tokenizer(), plan.n_contexts + 8, 32, True)
+    assert np.array_equal(np.load(store.path / harvest.EVAL_TOKENS_FILE), stream[plan.n_contexts :])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("chunk_*.npy"))}
+
+
+def test_interrupted_harvest_resumes_to_the_same_store(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
+    run_harvest(clean)
+    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
+    real_write, calls = harvest._write_group, []
+
+    def crash_on_second_group(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies while writing group 1
+        return real_write(*args)
+
+    monkeypatch.setattr(harvest, "_write_group", crash_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        run_harvest(cfg)
+    monkeypatch.setattr(harvest, "_write_group", real_write)
+    store = tmp_path / "cut" / HOOKS[0]
+    assert not (store / "manifest.json").exists()  # an unfinished harvest is not a store
+    with pytest.raises(StoreError, match="manifest.json is missing"):
+        ChunkStore(store)
+    # A half-written chunk: data on disk but no stats sidecar. It must not count as written.
+    (store / chunk_name(1)).with_suffix(".json").unlink()
+    (store / chunk_name(1)).write_bytes(b"\x93NUMPY truncated")
+    kept = (store / chunk_name(0)).stat().st_mtime_ns
+    run_harvest(cfg)
+    assert (store / chunk_name(0)).stat().st_mtime_ns == kept  # finished chunks are not redone
+    assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
+    assert ChunkStore(store).manifest["stats"] == ChunkStore(tmp_path / "clean" / HOOKS[0]).manifest["stats"]
+
+
+def test_complete_harvest_is_reused_without_the_model(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    run_harvest(cfg)
+
+    def no_model(*a, **k):
+        raise AssertionError("model loaded for a complete harvest")
+
+    monkeypatch.setattr(lm, "load_model", no_model)
+    assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
+
+
+def test_changed_settings_refused_and_nothing_touched(tiny_model_dir, text_file, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    run_harvest(cfg)
+    before = _snapshot(tmp_path / "h")
+    with pytest.raises(StoreError, match=r"different settings \(context, rows\)"):
+        run_harvest(replace(cfg, rows=700, context=16))
+    assert _snapshot(tmp_path / "h") == before
+
+
+def test_cli_harvest_then_train_on_chunks(tiny_model_dir, text_file, tmp_path, capsys):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1])
+    assert main(cli_args(cfg)) == 0
+    out = capsys.readouterr().out
+    assert f"{HOOKS[0]}: {tmp_path / 'h'} (3000 rows x 32, float16)" in out
+    from sweep import worker
+    from tests.sweep_builder import jobs
+
+    job = jobs(ChunkStore(tmp_path / "h"), tmp_path / "sw", l1s=(1e-2,), ratios=(2.0,), seeds=1, batch_size=128)[0]
+    job = replace(job, eval_rows=256, extra_spec={"data": {"lm_eval_tokens": 128}})
+    assert worker.train_ensemble(job).states
+    run = tmp_path / "sw" / "runs" / job.ensemble.members[0].run_id
+    m = json.loads((run / "metrics.json").read_text())
+    assert {"ce_loss_clean", "ce_loss_spliced", "ce_loss_ablated", "loss_recovered"} <= set(m)
+    assert m["loss_recovered"] == pytest.approx(
+        (m["ce_loss_ablated"] - m["ce_loss_spliced"]) / (m["ce_loss_ablated"] - m["ce_loss_clean"])
+    )
+    assert json.loads((run / "cfg.json").read_text())["provenance"]["hook"] == HOOKS[0]
+
+
+def _one_line_error(capsys) -> str:
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines  # (transformers' load bar aside)
+    return lines[0]
+
+
+def test_unknown_hook_lists_near_valid_names(tiny_model_dir, text_file, tmp_path, capsys):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=["blocks.1.hook_resid_pst"])
+    assert main(cli_args(cfg)) == 2
+    err = _one_line_error(capsys)
+    assert "unknown hook 'blocks.1.hook_resid_pst'" in err and "blocks.1.hook_resid_post" in err
+    assert not any((tmp_path / "h").iterdir())
+
+
+def test_model_folder_without_weights(tiny_model_dir, text_file, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    assert main(cli_args(tiny_cfg(bare, text_file, tmp_path / "h"))) == 2
+    assert "has no weights" in _one_line_error(capsys)
+
+
+def test_empty_dataset(tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n\n")
+    assert main(cli_args(tiny_cfg(tiny_model_dir, empty, tmp_path / "h"))) == 2
+    assert "is empty" in _one_line_error(capsys)
+    assert not (tmp_path / "h" / harvest.PARAMS_FILE).exists()
+
+
+def test_rows_beyond_the_dataset_says_how_many_fit(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", rows=10**6))) == 2
+    err = _one_line_error(capsys)
+    n_tokens = len(np.concatenate([np.asarray(x) for x in char_tokenizer()(
+        list(text.iter_documents(str(text_file))), add_special_tokens=False)["input_ids"]]))
+    n_docs = len(list(text.iter_documents(str(text_file))))
+    fit = (( n_tokens + n_docs) // 31 - 8) * 31
+    assert f"at most {fit} rows" in err and f"lower rows to {fit}" in err
+
+
+def test_unwritable_store_dir_and_non_store_folder(tiny_model_dir, text_file, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "afile" / "h"))) == 2
+    assert "not writable" in _one_line_error(capsys)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, other))) == 2
+    assert "not a harvest" in _one_line_error(capsys)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_missing_dataset_file(tiny_model_dir, tmp_path):
+    with pytest.raises(SweepError, match="does not exist"):
+        run_harvest(tiny_cfg(tiny_model_dir, tmp_path / "nope.txt", tmp_path / "h"))
+
+
+def test_jsonl_dataset_field(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"body": "some words " * 20}) for _ in range(10)))
+    store = run_harvest(tiny_cfg(tiny_model_dir, data, tmp_path / "h", hooks=HOOKS[:1], rows=400,
+                                 text_field="body", lm_eval_tokens=0))[HOOKS[0]]
+    assert store.total_rows == 400
+    with pytest.raises(SweepError, match="no field 'text'"):
+        run_harvest(tiny_cfg(tiny_model_dir, data, tmp_path / "h2", hooks=HOOKS[:1], rows=400))
+
+
+def test_shards_on_ray_match_one_process(ray_cluster, tiny_model_dir, text_file, tmp_path):
+    one = run_harvest(tiny_cfg(tiny_model_dir, text_file, tmp_path / "one"))
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "two", shards=2)
+    two = run_harvest(cfg)
+    for hook in HOOKS:
+        assert len(two[hook].provenance["shards"]) == 2
+        ranges = [s["rows"] for s in two[hook].provenance["shards"]]
+        assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == cfg.rows  # disjoint, complete
+        for a, b in zip(store_rows(one[hook]), store_rows(two[hook]), strict=True):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_run_data_harvest_trains_with_lm_metrics(ray_cluster, tiny_model_dir, text_file, tmp_path, capsys):
+    sw = tmp_path / "sw"
+    args = [
+        "run", "data=harvest", f"data.model={tiny_model_dir}", f"data.hook={HOOKS[0]}", f"data.dataset={text_file}",
+        "data.rows=3000", "data.context=32", "data.rows_per_chunk=1024", "data.eval_rows=512",
+        "data.lm_eval_tokens=128", "data.device=cpu", "grid.l1=[1e-2]", "grid.dict_ratio=[2]",
+        "train.batch_size=128", "train.device=cpu", f"sweep_dir={sw}", "progress=false",
+    ]
+    assert main(args) == 0
+    assert (sw / "store" / "manifest.json").is_file()
+    run = next((sw / "runs").iterdir())
+    assert "loss_recovered" in json.loads((run / "metrics.json").read_text())
+    mtime = (sw / "store" / "manifest.json").stat().st_mtime_ns
+    assert main(args) == 0  # second time: store complete, harvest skipped
+    assert (sw / "store" / "manifest.json").stat().st_mtime_ns == mtime
