@@ -202,7 +202,19 @@ def _remote_train(job: EnsembleJob, progress_actor: object, flag: object) -> Ens
         "pid": os.getpid(),
     }
     with StopWatch(flag) as stop:
+        if _flag_set(flag):  # the sweep was stopped before this task started
+            ids = [m.run_id for m in job.ensemble.members]
+            return EnsembleResult(job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0)
         return train_ensemble(replace(job, placement=placement), progress=report, should_stop=stop.is_set)
+
+
+def _flag_set(flag: object) -> bool:
+    import ray
+
+    try:
+        return bool(ray.get(flag.is_set.remote(), timeout=10))  # type: ignore[attr-defined]
+    except Exception:
+        return False
 
 
 class StopWatch:
@@ -390,19 +402,19 @@ def _execute(
             lock.heartbeat()
             if signals.signum and not stopping:
                 stopping = True
-                flag.set.remote()
-                for ref in pending:  # not started yet: nothing to checkpoint
-                    ray.cancel(ref)
-            bar.n = min(total_rows, ray.get(progress_actor.total.remote()))
+                flag.set.remote()  # running tasks checkpoint and return; queued ones return at once
+            bar.n = min(total_rows, _progress(progress_actor, bar.n))
             for ref in ready:
                 ens = refs[ref]
                 try:
                     result: EnsembleResult = ray.get(ref)
-                    done_runs += len(result.states)
-                    log.info("ensemble %s finished: %d steps in %.1fs", ens.ensemble_id, result.steps, result.seconds)
-                except ray.exceptions.TaskCancelledError:
-                    continue
+                    done_runs += sum(1 for s in result.states.values() if s != "interrupted")
+                    log.info("ensemble %s: %s after %d steps (%.1fs)", ens.ensemble_id,
+                             "/".join(sorted(set(result.states.values()))), result.steps, result.seconds)
                 except ray.exceptions.RayError as err:
+                    if stopping:  # lost while the job was being stopped: its checkpoints stay
+                        log.warning("ensemble %s stopped: %s", ens.ensemble_id, _reason(err))
+                        continue
                     reason = _reason(err)
                     failures.append(f"{ens.ensemble_id}: {reason}")
                     _mark_failed(cfg, ens, reason)
@@ -411,6 +423,16 @@ def _execute(
             bar.refresh()
         bar.n = total_rows if not failures else bar.n
     return failures
+
+
+def _progress(actor: object, last: float) -> float:
+    """Rows trained so far (``last`` if the counter cannot be reached, e.g. during shutdown)."""
+    import ray
+
+    try:
+        return ray.get(actor.total.remote(), timeout=5)  # type: ignore[attr-defined]
+    except (ray.exceptions.RayError, TimeoutError):
+        return last
 
 
 class _ProgressCounter:

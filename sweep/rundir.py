@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +37,24 @@ CURVE = "metrics.jsonl"
 DIVERGED = "diverged.json"
 FAILED = "FAILED"
 PLACEMENT = "placement.json"
+EVENTS = "events.jsonl"
 CKPT_PREFIX = "checkpoint-"
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp alone gives 0600
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(file)`` on a temp file in the same folder, fsync, then rename onto ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -92,6 +104,12 @@ def append_curve(folder: Path, records: list[dict]) -> None:
     with open(folder / CURVE, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+
+
+def append_event(folder: Path, event: dict) -> None:
+    """Record something a user should know about this run (``events.jsonl``)."""
+    with open(folder / EVENTS, "a") as f:
+        f.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
 def truncate_curve(folder: Path, after_step: int) -> None:

@@ -115,7 +115,9 @@ class _Trainer:
         for d in self.dirs:
             ckpt, notes = rundir.latest_checkpoint(d)
             for note in notes:
-                log.warning("%s: %s; using an older checkpoint", d.name, note)
+                fallback = f"resumed from step {ckpt.step}" if ckpt else "restarted from scratch"
+                log.warning("%s: %s; %s", d.name, note, fallback)
+                rundir.append_event(d, {"event": "bad_checkpoint", "detail": note, "action": fallback})
             found.append(ckpt)
         steps = {c.step if c else 0 for c in found}
         if len(steps) > 1:
@@ -144,6 +146,8 @@ class _Trainer:
             autocast_dtype=_compute_dtype(t, self.device),
         )
         if found[0] is None:
+            for d in self.dirs:
+                rundir.truncate_curve(d, 0)  # a restart from scratch rewrites the curve
             return ens, Cursor(), 0
         meta = found[0].meta
         if meta.get("threads") and meta["threads"] != torch.get_num_threads():
@@ -158,6 +162,7 @@ class _Trainer:
             (d / rundir.FAILED).unlink(missing_ok=True)  # a retried run is no longer failed
             spec = {**run.as_dict(), "train": asdict(self.job.train), **self.job.extra_spec}
             spec["store"] = str(self.store.path)
+            spec["total_steps"] = self.stream.total_steps
             rundir.atomic_write_json(d / rundir.SPEC, spec)
             placement = {**self.job.placement, "device": str(self.device), "threads": torch.get_num_threads()}
             rundir.atomic_write_json(d / rundir.PLACEMENT, {**placement, "time": time.time()})

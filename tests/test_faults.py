@@ -117,4 +117,30 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(reference, tmp_path, tmp_pat
     assert manifest["state"] == "interrupted"
     runs = list((sw / "runs").iterdir())
     assert any(not (r / "DONE").exists() for r in runs)
+    from sweep.status import status_rows
+
+    states = {r["state"] for r in status_rows(sw)}
+    assert "interrupted" in states and states <= {"interrupted", "done", "pending"}
     _resume_and_compare(sw, rt, reference)
+
+
+def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
+    p = start(sw, rt, "launch.max_retries=0")
+    wait_for(lambda: curve_len(sw) >= 10)
+    victim = sw / "runs" / "r8-l1_1e-02-s0"
+    os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGKILL)
+    code, out = finish(p)
+    assert code == 2, out
+    assert "1 ensemble(s) failed" in out and "finished runs are kept" in out
+    for rid in ("r8-l1_1e-02-s0", "r8-l1_4e-02-s0"):  # the killed ensemble's members
+        reason = json.loads((sw / "runs" / rid / "FAILED").read_text())["reason"]
+        assert reason and not (sw / "runs" / rid / "DONE").exists()
+    for rid in ("r4-l1_1e-02-s0", "r4-l1_4e-02-s0"):  # the other ensemble finished
+        assert (sw / "runs" / rid / "DONE").exists()
+    from sweep.status import status_rows
+
+    states = {r["run_id"]: r["state"] for r in status_rows(sw)}
+    assert states == {"r8-l1_1e-02-s0": "failed", "r8-l1_4e-02-s0": "failed",
+                      "r4-l1_1e-02-s0": "done", "r4-l1_4e-02-s0": "done"}
+    _resume_and_compare(sw, rt, reference)  # a failed run continues from its checkpoint

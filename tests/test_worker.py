@@ -136,3 +136,34 @@ def test_grid_ids_and_splitting():
     assert grid.member_budget(512, 4096, 4096, "float32", 10 * per / 0.8, on_gpu=True, max_members=0) == 10
     with pytest.raises(SweepError, match="device budget"):
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
+
+
+def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
+    job = job_for(tiny_store, tmp_path, l1s=(1e-3, 1e38))  # l1 * sparsity overflows: loss = inf
+    res = train_ensemble(job)
+    assert res.states == {"r2-l1_1e-03-s0": "done", "r2-l1_1e+38-s0": "diverged"}
+    bad = rundir.run_dir(tmp_path, "r2-l1_1e+38-s0")
+    assert json.loads((bad / "diverged.json").read_text())["step"] == 1
+    final = json.loads((bad / "metrics.json").read_text())
+    assert final["state"] == "diverged" and final["diverged_step"] == 1
+    assert run_state(bad) == "diverged" and rundir.is_done(bad)
+    good = json.loads((rundir.run_dir(tmp_path, "r2-l1_1e-03-s0") / "metrics.json").read_text())
+    assert good["state"] == "done" and good["fvu"] < 0.5
+
+
+def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
+    ref = job_for(tiny_store, tmp_path / "ref")
+    train_ensemble(ref)
+    cut = job_for(tiny_store, tmp_path / "cut")
+    n = {"i": 0}
+    train_ensemble(cut, should_stop=lambda: (n.__setitem__("i", n["i"] + 1) or n["i"] == 20))
+    for m in cut.ensemble.members:
+        for c in rundir.list_checkpoints(rundir.run_dir(tmp_path / "cut", m.run_id)):
+            c.write_bytes(c.read_bytes()[:100])  # truncated
+    train_ensemble(cut)
+    for m in ref.ensemble.members:
+        d = rundir.run_dir(tmp_path / "cut", m.run_id)
+        events = [json.loads(ln) for ln in (d / "events.jsonl").read_text().splitlines()]
+        assert events and all(e["action"] == "restarted from scratch" for e in events)
+        assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
+        assert (rundir.run_dir(tmp_path / "ref", m.run_id) / "metrics.jsonl").read_text() == (d / "metrics.jsonl").read_text()

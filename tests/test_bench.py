@@ -1,0 +1,39 @@
+"""The benchmark script runs end to end in its smoke mode (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--skip-ray", "--threads", "1"]
+    cmd += ["--device", "cpu", "--json", str(out), "--tmp", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for title in (
+        "== 1. Ensemble vs loop ==",
+        "== 2. Achieved FLOP/s ==",
+        "== 3. Streamed vs in-memory ==",
+        "== 4. Checkpoint cost ==",
+    ):
+        assert title in proc.stdout
+    assert "5. Scheduling makespan" not in proc.stdout  # --skip-ray
+    assert "torch threads 1" in proc.stdout
+    figures = json.loads(out.read_text())
+    assert figures["info"]["threads"] == 1
+    assert {"section1", "section2", "section3", "section4"} <= set(figures)
+    for r in figures["section1"]["results"]:
+        assert r["fast_over_loop"] > 0 and r["vmap_over_loop"] > 0
+    assert figures["section3"]["ratio"] > 0
+    assert figures["section4"]["runs"]["with"][0][1]["calls"] > 0  # checkpoints really were taken
