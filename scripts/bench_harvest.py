@@ -37,8 +37,14 @@ def make_model(folder: Path, layers: int, width: int, vocab: int) -> Path:
     from tests.tiny_lm import char_tokenizer
 
     cfg = GPTNeoXConfig(
-        vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, num_attention_heads=8,
-        intermediate_size=4 * width, max_position_embeddings=2048, bos_token_id=0, eos_token_id=0,
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        intermediate_size=4 * width,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=0,
         tie_word_embeddings=False,
     )
     GPTNeoXForCausalLM(cfg).save_pretrained(folder)
@@ -58,7 +64,9 @@ def make_text(path: Path, n_chars: int) -> Path:
     return path
 
 
-def forward_rate(model, tokens: torch.Tensor, hooks: list[str], batch: int, names_filter: bool, stop: bool) -> float:
+def forward_rate(
+    model, tokens: torch.Tensor, hooks: list[str], batch: int, names_filter: bool, stop: bool
+) -> float:
     """Tokens per second of the capture forward pass (one warm-up batch excluded)."""
     lm.capture(model, tokens[:batch], hooks, names_filter, stop)
     sync = torch.cuda.synchronize if tokens.is_cuda else (lambda: None)
@@ -113,30 +121,55 @@ def main() -> None:
         model = lm.load_model(str(model_dir), args.device)
         device = next(model.parameters()).device
         cfg = HarvestConfig(
-            model=str(model_dir), dataset=str(text), hooks=[args.hook], rows=args.contexts * (args.context - 1),
-            context=args.context, batch_contexts=args.batch, rows_per_chunk=max(1024, args.contexts * args.context // 4),
-            dtype=args.dtype, lm_eval_tokens=0, store_dir=str(root / "store"), device=str(device), progress=False,
+            model=str(model_dir),
+            dataset=str(text),
+            hooks=[args.hook],
+            rows=args.contexts * (args.context - 1),
+            context=args.context,
+            batch_contexts=args.batch,
+            rows_per_chunk=max(1024, args.contexts * args.context // 4),
+            dtype=args.dtype,
+            lm_eval_tokens=0,
+            store_dir=str(root / "store"),
+            device=str(device),
+            progress=False,
         )
         stores, results = harvest.harvest_with_stats(cfg, model)
-        tokens = torch.from_numpy(np.load(root / "store" / harvest.TOKENS_FILE).astype(np.int64)).to(device)
+        tokens = torch.from_numpy(
+            np.load(root / "store" / harvest.TOKENS_FILE).astype(np.int64)
+        ).to(device)
         n_tok = sum(r.tokens for r in results)
         fwd, wr = sum(r.forward_s for r in results), sum(r.write_s for r in results)
         rates = {
             "plain forward, no hooks (reference)": plain_rate(model, tokens, args.batch),
-            "cache every hook, full forward": forward_rate(model, tokens, [args.hook], args.batch, False, False),
-            "names filter, full forward": forward_rate(model, tokens, [args.hook], args.batch, True, False),
-            "names filter + stop at layer (harvest)": forward_rate(model, tokens, [args.hook], args.batch, True, True),
+            "cache every hook, full forward": forward_rate(
+                model, tokens, [args.hook], args.batch, False, False
+            ),
+            "names filter, full forward": forward_rate(
+                model, tokens, [args.hook], args.batch, True, False
+            ),
+            "names filter + stop at layer (harvest)": forward_rate(
+                model, tokens, [args.hook], args.batch, True, True
+            ),
         }
-        w_rows = write_rate(root / "wbench", cfg.rows_per_chunk, stores[args.hook].width, args.dtype)
-    print(f"device {device}, torch threads {torch.get_num_threads()}, model {args.layers} layers x {args.width} "
-          f"(vocab {args.vocab}), hook {args.hook}, {tokens.shape[0]} contexts x {args.context}, batch {args.batch}")
+        w_rows = write_rate(
+            root / "wbench", cfg.rows_per_chunk, stores[args.hook].width, args.dtype
+        )
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, model {args.layers} layers x {args.width} "
+        f"(vocab {args.vocab}), hook {args.hook}, {tokens.shape[0]} contexts x {args.context}, batch {args.batch}"
+    )
     base = rates["cache every hook, full forward"]
     for name, r in rates.items():
         print(f"  {name:42s} {r:10.0f} tok/s   x{r / base:5.2f} vs caching every hook")
-    print(f"  harvest end to end: {n_tok} tokens, model forward {fwd:.2f}s ({n_tok / fwd:.0f} tok/s), "
-          f"chunk writes {wr:.2f}s (in a background thread, overlapped with the forward)")
+    print(
+        f"  harvest end to end: {n_tok} tokens, model forward {fwd:.2f}s ({n_tok / fwd:.0f} tok/s), "
+        f"chunk writes {wr:.2f}s (in a background thread, overlapped with the forward)"
+    )
     print(f"  write / forward time: {wr / fwd:.3f}  (< 1: writing is not the bottleneck)")
-    print(f"  StoreWriter alone: {w_rows:.0f} rows/s = {w_rows / (n_tok / fwd):.1f}x the harvest's row rate")
+    print(
+        f"  StoreWriter alone: {w_rows:.0f} rows/s = {w_rows / (n_tok / fwd):.1f}x the harvest's row rate"
+    )
 
 
 if __name__ == "__main__":

@@ -47,9 +47,13 @@ class Sweep:
         """The dictionary of one finished run (loaded on first call, then cached)."""
         if run_id not in self._cache:
             if run_id not in self.table.index:
-                raise SweepError(f"no run {run_id!r} in {self.path}; see sweep.table.index for run ids")
+                raise SweepError(
+                    f"no run {run_id!r} in {self.path}; see sweep.table.index for run ids"
+                )
             if not rundir.is_done(self.run_dir(run_id)):
-                raise SweepError(f"run {run_id} is not finished yet (no DONE); pick a run whose state is done")
+                raise SweepError(
+                    f"run {run_id} is not finished yet (no DONE); pick a run whose state is done"
+                )
             self._cache[run_id] = load_run(str(self.run_dir(run_id)), device=self.device)
         return self._cache[run_id]
 

@@ -29,7 +29,9 @@ log = logging.getLogger("sweep")
 USAGE = __doc__.split("\n\n")[1]
 
 
-def compose(overrides: list[str], config_dir: str | None = None, config_name: str = "config") -> DictConfig:
+def compose(
+    overrides: list[str], config_dir: str | None = None, config_name: str = "config"
+) -> DictConfig:
     """Compose the sweep (or ``harvest``) config with Hydra; errors become one-line ConfigErrors."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -56,7 +58,9 @@ def _hydra_message(err: BaseException) -> str:
     if isinstance(err, MissingConfigException) and "Could not find" in text:
         group = text.split("Could not find '", 1)[1].split("'", 1)[0]
         name = group.rsplit("/", 1)
-        options = [o.strip() for o in getattr(err, "options", None) or [] if not o.endswith("_schema")]
+        options = [
+            o.strip() for o in getattr(err, "options", None) or [] if not o.endswith("_schema")
+        ]
         hint = f" (choose one of: {', '.join(sorted(options))})" if options else ""
         return f"unknown option '{name[-1]}' for config group '{name[0]}'{hint}"
     if text.startswith("Could not override"):
@@ -112,7 +116,9 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides."""
     saved = Path(sweep_dir) / "config.yaml"
     if not saved.is_file():
-        raise SweepError(f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')")
+        raise SweepError(
+            f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')"
+        )
     data = OmegaConf.load(saved)
     choice = [f"data={data.data.name}", f"sae={data.sae.name}"]
     base = compose(choice + [f"sweep_dir={sweep_dir}"])
@@ -169,13 +175,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweep", description="Train grids of sparse autoencoders.", usage=USAGE)
+    p = argparse.ArgumentParser(
+        prog="sweep", description="Train grids of sparse autoencoders.", usage=USAGE
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a sweep (Hydra overrides: key=value ...)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.l1='[1e-3,1e-2]'")
     run.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
-    run.add_argument("--config-dir", help="extra folder of config groups searched before sweep's own")
+    run.add_argument(
+        "--config-dir", help="extra folder of config groups searched before sweep's own"
+    )
     run.set_defaults(func=cmd_run)
     res = sub.add_parser("resume", help="continue a sweep from its saved config")
     res.add_argument("sweep_dir")
@@ -184,21 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="state and progress of every run")
     st.add_argument("sweep_dir")
     st.set_defaults(func=cmd_status)
-    rep = sub.add_parser("report", help="summary table, MMCS, plots and index.html in SWEEP_DIR/report")
+    rep = sub.add_parser(
+        "report", help="summary table, MMCS, plots and index.html in SWEEP_DIR/report"
+    )
     rep.add_argument("sweep_dir")
-    rep.add_argument("--device", default="auto", help="device for MMCS between dictionaries (auto, cpu, cuda)")
+    rep.add_argument(
+        "--device", default="auto", help="device for MMCS between dictionaries (auto, cpu, cuda)"
+    )
     rep.add_argument("--no-wandb", action="store_true", help="do not send the plots to wandb")
     rep.set_defaults(func=cmd_report)
     hv = sub.add_parser("harvest", help="harvest transformer_lens activations into chunk stores")
-    hv.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=EleutherAI/pythia-70m hooks='[blocks.2.hook_resid_post]'")
+    hv.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides, e.g. model=EleutherAI/pythia-70m hooks='[blocks.2.hook_resid_post]'",
+    )
     hv.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
-    hv.add_argument("--config-dir", help="extra folder of config groups searched before sweep's own")
+    hv.add_argument(
+        "--config-dir", help="extra folder of config groups searched before sweep's own"
+    )
     hv.set_defaults(func=cmd_harvest)
     exp = sub.add_parser("export", help="write finished runs in another library's format")
     exp.add_argument("sweep_dir")
     exp.add_argument("--to", required=True, choices=["saelens"], help="target format")
     exp.add_argument("out_dir", help="folder to write (one sub-folder per run)")
-    exp.add_argument("--runs", nargs="+", metavar="ID", help="run ids to export (default: every finished run)")
+    exp.add_argument(
+        "--runs", nargs="+", metavar="ID", help="run ids to export (default: every finished run)"
+    )
     exp.set_defaults(func=cmd_export)
     return p
 

@@ -87,7 +87,9 @@ class SyntheticDataConfig(DataConfig):
             0 <= self.correlation < 1,
             f"data.correlation must be in [0, 1), got {self.correlation}",
         )
-        _require(self.rows_per_chunk > 0, f"data.rows_per_chunk must be > 0, got {self.rows_per_chunk}")
+        _require(
+            self.rows_per_chunk > 0, f"data.rows_per_chunk must be > 0, got {self.rows_per_chunk}"
+        )
         _require(
             self.rows > self.eval_rows,
             f"data.rows ({self.rows}) must exceed data.eval_rows ({self.eval_rows}); raise data.rows",
@@ -157,20 +159,39 @@ class HarvestSource:
 
     def check_source(self, prefix: str) -> None:
         for name in ("model", "dataset"):
-            _require(bool(getattr(self, name)), f"{prefix}{name} is required: pass {prefix}{name}=...")
+            _require(
+                bool(getattr(self, name)), f"{prefix}{name} is required: pass {prefix}{name}=..."
+            )
         _require(self.rows > 0, f"{prefix}rows must be > 0, got {self.rows}")
         _require(self.context >= 2, f"{prefix}context must be >= 2, got {self.context}")
-        _require(self.rows_per_chunk > 0, f"{prefix}rows_per_chunk must be > 0, got {self.rows_per_chunk}")
-        _require(self.dtype in STORE_DTYPES, f"{prefix}dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}")
-        _require(self.shuffle_rows >= 0, f"{prefix}shuffle_rows must be >= 0, got {self.shuffle_rows}")
-        _require(self.batch_contexts > 0, f"{prefix}batch_contexts must be > 0, got {self.batch_contexts}")
-        _require(self.device in ("auto", "cpu", "cuda"), f"{prefix}device must be auto, cpu or cuda, got {self.device!r}")
+        _require(
+            self.rows_per_chunk > 0,
+            f"{prefix}rows_per_chunk must be > 0, got {self.rows_per_chunk}",
+        )
+        _require(
+            self.dtype in STORE_DTYPES,
+            f"{prefix}dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}",
+        )
+        _require(
+            self.shuffle_rows >= 0, f"{prefix}shuffle_rows must be >= 0, got {self.shuffle_rows}"
+        )
+        _require(
+            self.batch_contexts > 0,
+            f"{prefix}batch_contexts must be > 0, got {self.batch_contexts}",
+        )
+        _require(
+            self.device in ("auto", "cpu", "cuda"),
+            f"{prefix}device must be auto, cpu or cuda, got {self.device!r}",
+        )
         _require(
             self.model_dtype in MODEL_DTYPES,
             f"{prefix}model_dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model_dtype!r}",
         )
         _require(self.shards >= 0, f"{prefix}shards must be >= 0, got {self.shards}")
-        _require(self.lm_eval_tokens >= 0, f"{prefix}lm_eval_tokens must be >= 0, got {self.lm_eval_tokens}")
+        _require(
+            self.lm_eval_tokens >= 0,
+            f"{prefix}lm_eval_tokens must be >= 0, got {self.lm_eval_tokens}",
+        )
 
 
 @dataclass
@@ -220,7 +241,9 @@ class GridConfig:
     """Largest ensemble (members trained as one program); 0 = choose from the memory model."""
 
     def check(self) -> None:
-        _require(len(self.l1) > 0, "grid.l1 is empty: give at least one value, e.g. grid.l1='[1e-3]'")
+        _require(
+            len(self.l1) > 0, "grid.l1 is empty: give at least one value, e.g. grid.l1='[1e-3]'"
+        )
         _require(
             len(self.dict_ratio) > 0,
             "grid.dict_ratio is empty: give at least one value, e.g. grid.dict_ratio='[4]'",
@@ -303,7 +326,8 @@ class TrainConfig:
             f"train.device must be auto, cpu or cuda, got {self.device!r}",
         )
         _require(
-            self.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            self.dtype in DTYPES,
+            f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
         )
         _require(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
         _require(
@@ -370,7 +394,10 @@ class LoggerConfig:
     """Events buffered for the background sender; when full, new events are dropped (never block)."""
 
     def check(self) -> None:
-        _require(self.name in LOGGERS, f"logger.name must be one of {', '.join(LOGGERS)}, got {self.name!r}")
+        _require(
+            self.name in LOGGERS,
+            f"logger.name must be one of {', '.join(LOGGERS)}, got {self.name!r}",
+        )
         _require(
             self.mode in LOGGER_MODES,
             f"logger.mode must be one of {', '.join(LOGGER_MODES)}, got {self.mode!r}",
@@ -458,7 +485,10 @@ class HarvestConfig(HarvestSource):
     def check(self) -> None:
         self.check_source("")
         _require(len(self.hooks) > 0, "hooks is empty: pass hooks='[blocks.2.hook_resid_post]'")
-        _require(len(set(self.hooks)) == len(self.hooks), f"hooks has duplicate names: {list(self.hooks)}")
+        _require(
+            len(set(self.hooks)) == len(self.hooks),
+            f"hooks has duplicate names: {list(self.hooks)}",
+        )
         _require(bool(self.store_dir), "store_dir is required: pass store_dir=/path/to/store")
         self.launch.check()
 

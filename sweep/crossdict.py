@@ -46,7 +46,11 @@ def density_tensors(freq_F: torch.Tensor) -> dict[str, torch.Tensor]:
     freq = freq_F.detach().double().cpu()
     alive = freq[freq > 0]
     logf = alive.log10().clamp(float(HIST_EDGES[0]), float(HIST_EDGES[-1]))
-    counts = torch.histogram(logf, bins=HIST_EDGES).hist.long() if alive.numel() else torch.zeros(len(HIST_EDGES) - 1, dtype=torch.long)
+    counts = (
+        torch.histogram(logf, bins=HIST_EDGES).hist.long()
+        if alive.numel()
+        else torch.zeros(len(HIST_EDGES) - 1, dtype=torch.long)
+    )
     return {
         "frequency": freq,
         "log10_hist_counts": counts,
@@ -84,7 +88,9 @@ def unit_atoms(folder: Path, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def max_cos_both(a_FD: torch.Tensor, b_GD: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def max_cos_both(
+    a_FD: torch.Tensor, b_GD: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit rows in; per row of ``a`` the max cosine to ``b`` (F,), and per row of ``b`` to ``a`` (G,).
 
     Works in row blocks of ``a`` so the (F, G) similarity matrix is never held whole.
@@ -119,7 +125,11 @@ def finished_runs(sweep_dir: Path, rows: Iterable[dict]) -> list[RunRef]:
         if r.get("state") != "done" or not (folder / rundir.WEIGHTS).is_file():
             continue
         stamp = str(rundir.read_json(folder / rundir.DONE).get("finished", ""))
-        out.append(RunRef(r["run_id"], float(r["l1"]), float(r["dict_ratio"]), int(r["seed"]), folder, stamp))
+        out.append(
+            RunRef(
+                r["run_id"], float(r["l1"]), float(r["dict_ratio"]), int(r["seed"]), folder, stamp
+            )
+        )
     return sorted(out, key=lambda x: (x.dict_ratio, x.l1, x.seed))
 
 
@@ -188,7 +198,9 @@ class CrossDict:
     """run_id -> {mmcs_next_ratio, mmcs_next_ratio_run, mmcs_seeds} (keys present when defined)."""
 
 
-def compute(sweep_dir: Path, rows: list[dict], device: torch.device, cache_path: Path | None = None) -> CrossDict:
+def compute(
+    sweep_dir: Path, rows: list[dict], device: torch.device, cache_path: Path | None = None
+) -> CrossDict:
     """All cross-dictionary MMCS values over the sweep's finished runs."""
     runs = finished_runs(sweep_dir, rows)
     pair = PairMMCS(device, PairCache.load(cache_path))
@@ -201,8 +213,12 @@ def compute(sweep_dir: Path, rows: list[dict], device: torch.device, cache_path:
         matrices[ratio] = (group, mat)
         _seed_values(group, mat, per_run)
         if k + 1 < len(ratios):
-            _next_ratio_values(group, [r for r in runs if r.dict_ratio == ratios[k + 1]], pair, per_run)
-        pair.release({r.run_id for r in runs if k + 1 < len(ratios) and r.dict_ratio == ratios[k + 1]})
+            _next_ratio_values(
+                group, [r for r in runs if r.dict_ratio == ratios[k + 1]], pair, per_run
+            )
+        pair.release(
+            {r.run_id for r in runs if k + 1 < len(ratios) and r.dict_ratio == ratios[k + 1]}
+        )
     pair.cache.save()
     return CrossDict(matrices, per_run)
 
@@ -214,7 +230,9 @@ def _seed_values(group: list[RunRef], mat: list[list[float]], per_run: dict) -> 
             per_run[a.run_id]["mmcs_seeds"] = sum(others) / len(others)
 
 
-def _next_ratio_values(group: list[RunRef], larger: list[RunRef], pair: PairMMCS, per_run: dict) -> None:
+def _next_ratio_values(
+    group: list[RunRef], larger: list[RunRef], pair: PairMMCS, per_run: dict
+) -> None:
     by_point = {(r.l1, r.seed): r for r in larger}
     for a in group:
         b = by_point.get((a.l1, a.seed))

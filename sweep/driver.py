@@ -83,7 +83,11 @@ def check_compatible(sweep_dir: Path, cfg: SweepConfig) -> None:
         keys = sorted(set(a) | set(b))
         for key in keys:
             name = key.split(".", 1)[1]
-            if (fields is None or name in fields) and name not in _FREE.get(group, ()) and a.get(key) != b.get(key):
+            if (
+                (fields is None or name in fields)
+                and name not in _FREE.get(group, ())
+                and a.get(key) != b.get(key)
+            ):
                 diffs.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")
     if diffs:
         raise RunDirError(
@@ -108,8 +112,13 @@ def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Pla
     for step, group_runs in sorted(by_step.items(), reverse=True):
         budgets = {
             ratio: grid.member_budget(
-                width, grid.dict_size(ratio, width), cfg.train.batch_size, cfg.train.dtype,
-                device_bytes, on_gpu, cfg.grid.max_members,
+                width,
+                grid.dict_size(ratio, width),
+                cfg.train.batch_size,
+                cfg.train.dtype,
+                device_bytes,
+                on_gpu,
+                cfg.grid.max_members,
             )
             for ratio in {r.dict_ratio for r in group_runs}
         }
@@ -119,7 +128,9 @@ def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Pla
 
 
 def write_sweep_files(sweep_dir: Path, cfg: SweepConfig, p: Plan, store: ChunkStore) -> None:
-    rundir.atomic_write_bytes(sweep_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+    rundir.atomic_write_bytes(
+        sweep_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode()
+    )
     manifest_path = sweep_dir / MANIFEST_FILE
     known = rundir.read_json(manifest_path)["runs"] if manifest_path.exists() else {}
     ens_of = {m.run_id: e.ensemble_id for e in p.ensembles for m in e.members}
@@ -141,9 +152,13 @@ class _Resources:
     def __init__(self, cfg: SweepConfig, cluster: dict[str, float]) -> None:
         import psutil
 
-        want_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and cluster.get("GPU", 0) > 0)
+        want_gpu = cfg.train.device == "cuda" or (
+            cfg.train.device == "auto" and cluster.get("GPU", 0) > 0
+        )
         if cfg.train.device == "cuda" and cluster.get("GPU", 0) == 0:
-            raise SweepError("train.device=cuda but the Ray cluster has no GPUs; use train.device=auto or cpu")
+            raise SweepError(
+                "train.device=cuda but the Ray cluster has no GPUs; use train.device=auto or cpu"
+            )
         self.on_gpu = want_gpu
         lc = cfg.launch
         cpus = cluster.get("CPU", 1)
@@ -154,14 +169,20 @@ class _Resources:
         else:
             self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or cpus
             concurrent = max(1, math.floor(cpus / self.num_cpus))
-            self.device_bytes = lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
+            self.device_bytes = (
+                lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
+            )
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
 
 
 def _gpu_bytes() -> float:
     import torch
 
-    return float(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else 0.0
+    return (
+        float(torch.cuda.get_device_properties(0).total_memory)
+        if torch.cuda.is_available()
+        else 0.0
+    )
 
 
 def _init_ray(cfg: SweepConfig) -> bool:
@@ -172,13 +193,26 @@ def _init_ray(cfg: SweepConfig) -> bool:
         return False
     lc = cfg.launch
     common = {"include_dashboard": False, "configure_logging": False, "log_to_driver": True}
-    if lc.address:
-        ray.init(address=lc.address, **common)
-    else:
-        kwargs = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
-        if lc.temp_dir:
-            kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
-        ray.init(**kwargs, **common)
+    try:
+        if lc.address:
+            ray.init(address=lc.address, **common)
+        else:
+            kwargs = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
+            if lc.temp_dir:
+                kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
+            ray.init(**kwargs, **common)
+    except (ConnectionError, OSError, ValueError, RuntimeError) as err:
+        where = f"the Ray cluster at {lc.address}" if lc.address else "a local Ray instance"
+        hint = (
+            "is it running (ray start / launch/slurm.sbatch)?"
+            if lc.address
+            else "check launch.* settings"
+        )
+        if "path length" in str(err):
+            hint = "launch.temp_dir is too long for Ray's socket paths (107 bytes); use a shorter folder"
+        raise SweepError(
+            f"could not start or join {where} ({str(err).splitlines()[0]}); {hint}"
+        ) from err
     return True
 
 
@@ -204,8 +238,12 @@ def _remote_train(job: EnsembleJob, progress_actor: object, flag: object) -> Ens
     with StopWatch(flag) as stop:
         if _flag_set(flag):  # the sweep was stopped before this task started
             ids = [m.run_id for m in job.ensemble.members]
-            return EnsembleResult(job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0)
-        return train_ensemble(replace(job, placement=placement), progress=report, should_stop=stop.is_set)
+            return EnsembleResult(
+                job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0
+            )
+        return train_ensemble(
+            replace(job, placement=placement), progress=report, should_stop=stop.is_set
+        )
 
 
 def _flag_set(flag: object) -> bool:
@@ -298,7 +336,9 @@ class _Signals:
         if self.signum:  # a second signal: stop waiting for the workers
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("received %s: asking every ensemble to checkpoint and stop", signal.Signals(signum).name)
+        log.warning(
+            "received %s: asking every ensemble to checkpoint and stop", signal.Signals(signum).name
+        )
 
     def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
@@ -329,7 +369,9 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         check_width(sweep_dir, store)
         store.verify()
         owns_ray = _init_ray(cfg)
-        signals = _Signals().__enter__()  # after ray.init, whose core worker installs its own handlers
+        signals = (
+            _Signals().__enter__()
+        )  # after ray.init, whose core worker installs its own handlers
         try:
             res = _Resources(cfg, ray.cluster_resources())
             p = plan(cfg, store.width, res.device_bytes, res.on_gpu)
@@ -343,7 +385,9 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                 ray.shutdown()
         rows = report.summary_rows(sweep_dir, [r.run_id for r in p.runs])
         report.write_summary(sweep_dir, rows)
-        _record_state(sweep_dir, "interrupted" if signals.signum else ("failed" if failures else "done"))
+        _record_state(
+            sweep_dir, "interrupted" if signals.signum else ("failed" if failures else "done")
+        )
     if signals.signum:
         raise Interrupted(
             f"interrupted by {signal.Signals(signals.signum).name}: running ensembles checkpointed; "
@@ -366,7 +410,12 @@ def _record_state(sweep_dir: Path, state: str) -> None:
 
 
 def _execute(
-    cfg: SweepConfig, p: Plan, store: ChunkStore, res: _Resources, lock: SweepLock, signals: _Signals
+    cfg: SweepConfig,
+    p: Plan,
+    store: ChunkStore,
+    res: _Resources,
+    lock: SweepLock,
+    signals: _Signals,
 ) -> list[str]:
     import ray
     from tqdm.auto import tqdm
@@ -375,8 +424,12 @@ def _execute(
 
     if not p.ensembles:
         return []
-    stream = BatchStream(store, cfg.train.batch_size, cfg.train.seed, cfg.train.epochs, cfg.data.eval_rows)
-    total_rows = stream.total_steps * cfg.train.batch_size * sum(len(e.members) for e in p.ensembles)
+    stream = BatchStream(
+        store, cfg.train.batch_size, cfg.train.seed, cfg.train.epochs, cfg.data.eval_rows
+    )
+    total_rows = (
+        stream.total_steps * cfg.train.batch_size * sum(len(e.members) for e in p.ensembles)
+    )
     progress_actor = ray.remote(num_cpus=0)(_ProgressCounter).remote()
     flag = ray.remote(num_cpus=0)(_Flag).remote()
     task = ray.remote(_remote_train).options(
@@ -385,17 +438,30 @@ def _execute(
         max_retries=cfg.launch.max_retries,
         retry_exceptions=False,
     )
-    extra = {"data": asdict(cfg.data), "sae": cfg.sae.name, "sweep_dir": str(Path(cfg.sweep_dir).absolute())}
+    extra = {
+        "data": asdict(cfg.data),
+        "sae": cfg.sae.name,
+        "sweep_dir": str(Path(cfg.sweep_dir).absolute()),
+    }
     refs = {}
     for ens in p.ensembles:
         job = EnsembleJob(
-            ens, str(Path(cfg.sweep_dir).absolute()), str(store.path.absolute()), cfg.data.normalize,
-            cfg.data.eval_rows, cfg.train, threads=res.threads, extra_spec=extra, logger=cfg.logger,
+            ens,
+            str(Path(cfg.sweep_dir).absolute()),
+            str(store.path.absolute()),
+            cfg.data.normalize,
+            cfg.data.eval_rows,
+            cfg.train,
+            threads=res.threads,
+            extra_spec=extra,
+            logger=cfg.logger,
         )
         refs[task.remote(job, progress_actor, flag)] = ens
     failures: list[str] = []
     n_runs, done_runs, stopping = sum(len(e.members) for e in p.ensembles), 0, False
-    with tqdm(total=total_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="sweep") as bar:
+    with tqdm(
+        total=total_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="sweep"
+    ) as bar:
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
@@ -409,8 +475,13 @@ def _execute(
                 try:
                     result: EnsembleResult = ray.get(ref)
                     done_runs += sum(1 for s in result.states.values() if s != "interrupted")
-                    log.info("ensemble %s: %s after %d steps (%.1fs)", ens.ensemble_id,
-                             "/".join(sorted(set(result.states.values()))), result.steps, result.seconds)
+                    log.info(
+                        "ensemble %s: %s after %d steps (%.1fs)",
+                        ens.ensemble_id,
+                        "/".join(sorted(set(result.states.values()))),
+                        result.steps,
+                        result.seconds,
+                    )
                 except ray.exceptions.RayError as err:
                     if stopping:  # lost while the job was being stopped: its checkpoints stay
                         log.warning("ensemble %s stopped: %s", ens.ensemble_id, _reason(err))

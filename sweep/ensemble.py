@@ -51,10 +51,16 @@ def untied_grads(
     ws = {} if ws is None else ws
     buf = _Buffers(ws, x_BD.device, dt)
     # (x - b_dec) @ W_enc + b_enc  ==  x @ W_enc + (b_enc - b_dec @ W_enc)
-    shift_EF = b_enc - torch.bmm(b_dec[:, None, :], W_enc).squeeze(1)  # (E, D) @ (E, D, F) -> (E, F)
-    codes_EBF = torch.bmm(x_BD.expand(E, B, D), W_enc, out=buf("codes", E, B, F))  # (E, B, D) @ (E, D, F)
+    shift_EF = b_enc - torch.bmm(b_dec[:, None, :], W_enc).squeeze(
+        1
+    )  # (E, D) @ (E, D, F) -> (E, F)
+    codes_EBF = torch.bmm(
+        x_BD.expand(E, B, D), W_enc, out=buf("codes", E, B, F)
+    )  # (E, B, D) @ (E, D, F)
     codes_EBF.add_(shift_EF[:, None, :]).relu_()  # pre-activations -> codes, in place
-    err_EBD = torch.bmm(codes_EBF, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D) -> (E, B, D)
+    err_EBD = torch.bmm(
+        codes_EBF, W_dec, out=buf("err", E, B, D)
+    )  # (E, B, F) @ (E, F, D) -> (E, B, D)
     err_EBD.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
     sq_E = torch.linalg.vector_norm(err_EBD, dim=(1, 2)).pow(2)  # (E,)
     sparsity_E = codes_EBF.sum(dim=(1, 2)) / B  # (E,)
@@ -68,12 +74,20 @@ def untied_grads(
         fvu=sq_E / var,
     )
     g_err_EBD = err_EBD.mul_(2.0 / (B * D))  # d loss / d x_hat, in place
-    dW_dec = torch.bmm(codes_EBF.transpose(1, 2), g_err_EBD, out=buf("dW_dec", E, F, D))  # (E, F, B) @ (E, B, D)
-    g_EBF = torch.bmm(g_err_EBD, W_dec.transpose(1, 2), out=buf("g", E, B, F))  # (E, B, D) @ (E, D, F)
+    dW_dec = torch.bmm(
+        codes_EBF.transpose(1, 2), g_err_EBD, out=buf("dW_dec", E, F, D)
+    )  # (E, F, B) @ (E, B, D)
+    g_EBF = torch.bmm(
+        g_err_EBD, W_dec.transpose(1, 2), out=buf("g", E, B, F)
+    )  # (E, B, D) @ (E, D, F)
     g_EBF += (l1_E / B)[:, None, None]  # + d (l1 * sparsity) / d codes
-    torch.ops.aten.threshold_backward.grad_input(g_EBF, codes_EBF, 0.0, grad_input=g_EBF)  # relu backward
+    torch.ops.aten.threshold_backward.grad_input(
+        g_EBF, codes_EBF, 0.0, grad_input=g_EBF
+    )  # relu backward
     db_enc = g_EBF.sum(dim=1)  # (E, F)
-    dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g_EBF, out=buf("dW_enc", E, D, F))  # (E, D, B) @ (E, B, F)
+    dW_enc = torch.bmm(
+        x_BD.T.expand(E, D, B), g_EBF, out=buf("dW_enc", E, D, F)
+    )  # (E, D, B) @ (E, B, F)
     dW_enc -= b_dec[:, :, None] * db_enc[:, None, :]  # centring term: -b_dec (x) sum_B g_pre
     db_dec = g_err_EBD.sum(dim=1) - torch.bmm(W_enc, db_enc[:, :, None]).squeeze(2)  # (E, D)
     grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
@@ -86,7 +100,9 @@ def untied_grads(
 class _Buffers:
     """Named scratch tensors reused across steps (in-place CPU ops avoid page faults)."""
 
-    def __init__(self, ws: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, ws: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.ws, self.device, self.dtype = ws, device, dtype
 
     def __call__(self, name: str, *shape: int) -> torch.Tensor:
@@ -126,7 +142,9 @@ class Ensemble:
         self.state = state if state is not None else AdamState.zeros_like(params)
         self.n = l1.shape[0]
         dev = l1.device
-        self.active = active if active is not None else torch.ones(self.n, dtype=torch.bool, device=dev)  # (E,)
+        self.active = (
+            active if active is not None else torch.ones(self.n, dtype=torch.bool, device=dev)
+        )  # (E,)
         self.autocast_dtype = autocast_dtype
         self.fast = fast and "W_dec" in params
         self._ws: dict[str, torch.Tensor] = {}
@@ -136,7 +154,9 @@ class Ensemble:
             return contextlib.nullcontext()
         return torch.autocast(self.l1.device.type, dtype=self.autocast_dtype)
 
-    def step(self, x_BD: torch.Tensor, full: bool = True, lr_scale: float = 1.0, l1_scale: float = 1.0) -> LossParts:
+    def step(
+        self, x_BD: torch.Tensor, full: bool = True, lr_scale: float = 1.0, l1_scale: float = 1.0
+    ) -> LossParts:
         """One Adam step of every active member on batch ``x_BD``; returns (E,) loss parts.
 
         ``full=False`` lets the fast path skip L0 (one pass over the codes) on steps that

@@ -77,7 +77,9 @@ def export_run(run_folder: str | Path, out: str | Path) -> Path:
     """Write one finished run folder in SAELens format into ``out`` (created)."""
     folder = Path(run_folder)
     if not rundir.is_done(folder):
-        raise SweepError(f"run {folder.name} is not finished (no DONE in {folder}); let the sweep finish or pick a finished run")
+        raise SweepError(
+            f"run {folder.name} is not finished (no DONE in {folder}); let the sweep finish or pick a finished run"
+        )
     try:
         model = load_run(str(folder))
     except FileNotFoundError as err:
@@ -100,7 +102,9 @@ def _manifest_ids(sweep_dir: Path) -> list[str]:
     return run_ids(sweep_dir)
 
 
-def export_sweep(sweep_dir: str | Path, out_dir: str | Path, runs: list[str] | None = None, to: str = "saelens") -> list[Path]:
+def export_sweep(
+    sweep_dir: str | Path, out_dir: str | Path, runs: list[str] | None = None, to: str = "saelens"
+) -> list[Path]:
     """Export chosen runs (default: every run whose state is ``done``) into ``out_dir/<run_id>/``.
 
     A named run that is unknown or not finished is an error (nothing is written then).
@@ -112,15 +116,21 @@ def export_sweep(sweep_dir: str | Path, out_dir: str | Path, runs: list[str] | N
     if runs:
         unknown = [r for r in runs if r not in known]
         if unknown:
-            raise SweepError(f"no run {', '.join(unknown)} in {sweep_dir}; see 'sweep status {sweep_dir}' for run ids")
+            raise SweepError(
+                f"no run {', '.join(unknown)} in {sweep_dir}; see 'sweep status {sweep_dir}' for run ids"
+            )
         chosen = list(runs)
         for rid in chosen:
             if not rundir.is_done(rundir.run_dir(sweep_dir, rid)):
-                raise SweepError(f"run {rid} is not finished (no DONE); let the sweep finish or export finished runs only")
+                raise SweepError(
+                    f"run {rid} is not finished (no DONE); let the sweep finish or export finished runs only"
+                )
     else:
         chosen = [r for r in known if _state(sweep_dir, r) == "done"]
         if not chosen:
-            raise SweepError(f"{sweep_dir} has no finished runs to export yet; wait for the sweep or check 'sweep status'")
+            raise SweepError(
+                f"{sweep_dir} has no finished runs to export yet; wait for the sweep or check 'sweep status'"
+            )
     paths = [export_run(rundir.run_dir(sweep_dir, rid), Path(out_dir) / rid) for rid in chosen]
     log.info("exported %d run(s) to %s", len(paths), out_dir)
     return paths

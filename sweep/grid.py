@@ -68,7 +68,9 @@ def dict_size(dict_ratio: float, width: int) -> int:
     return max(1, round(dict_ratio * width))
 
 
-def expand(l1s: list[float], ratios: list[float], seeds: int, width: int, arch: str) -> list[RunSpec]:
+def expand(
+    l1s: list[float], ratios: list[float], seeds: int, width: int, arch: str
+) -> list[RunSpec]:
     """Every grid point, ordered by dict ratio (descending), then l1, then seed."""
     runs = [
         RunSpec(run_id(r, l1, s), float(l1), float(r), s, width, dict_size(r, width), arch)
@@ -78,7 +80,9 @@ def expand(l1s: list[float], ratios: list[float], seeds: int, width: int, arch: 
     ]
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # e.g. two ratios that round to the same text
-        raise SweepError("grid values collide in run ids; use distinct grid.l1 / grid.dict_ratio values")
+        raise SweepError(
+            "grid values collide in run ids; use distinct grid.l1 / grid.dict_ratio values"
+        )
     return runs
 
 
@@ -92,7 +96,13 @@ def bytes_per_member(width: int, dict_size: int, batch_size: int, dtype: str) ->
 
 
 def member_budget(
-    width: int, dict_size: int, batch_size: int, dtype: str, device_bytes: float, on_gpu: bool, max_members: int
+    width: int,
+    dict_size: int,
+    batch_size: int,
+    dtype: str,
+    device_bytes: float,
+    on_gpu: bool,
+    max_members: int,
 ) -> int:
     """How many members one ensemble may hold on one device."""
     if max_members > 0:

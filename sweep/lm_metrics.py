@@ -65,8 +65,12 @@ def _hook_fn(replace: Replace, first: int) -> Callable[..., torch.Tensor]:
 
 @torch.inference_mode()
 def ce_loss(
-    model: Any, tokens_NP: torch.Tensor, hook: str | None = None, replace: Replace | None = None,
-    first: int = 0, batch: int = 16,
+    model: Any,
+    tokens_NP: torch.Tensor,
+    hook: str | None = None,
+    replace: Replace | None = None,
+    first: int = 0,
+    batch: int = 16,
 ) -> float:
     """Mean next-token cross-entropy over ``tokens_NP`` (N contexts of P tokens), optionally
     with ``replace`` applied to the activations at ``hook``."""
@@ -77,7 +81,9 @@ def ce_loss(
         if hook is None or replace is None:
             loss = model(toks, return_type="loss")
         else:
-            loss = model.run_with_hooks(toks, fwd_hooks=[(hook, _hook_fn(replace, first))], return_type="loss")
+            loss = model.run_with_hooks(
+                toks, fwd_hooks=[(hook, _hook_fn(replace, first))], return_type="loss"
+            )
         n = toks.shape[0] * (toks.shape[1] - 1)  # predicted positions
         total += float(loss) * n
         count += n
@@ -98,8 +104,16 @@ def _splice(sae: SAE) -> Replace:
 class LMEval:
     """LM metrics of many SAEs at one hook: clean and ablated losses are computed once."""
 
-    def __init__(self, model: Any, hook: str, tokens_NP: torch.Tensor, first: int = 0, batch: int = 16) -> None:
-        self.model, self.hook, self.tokens, self.first, self.batch = model, hook, tokens_NP, first, batch
+    def __init__(
+        self, model: Any, hook: str, tokens_NP: torch.Tensor, first: int = 0, batch: int = 16
+    ) -> None:
+        self.model, self.hook, self.tokens, self.first, self.batch = (
+            model,
+            hook,
+            tokens_NP,
+            first,
+            batch,
+        )
         self._clean: float | None = None
         self._ablated: float | None = None
 
@@ -108,7 +122,9 @@ class LMEval:
         return next(self.model.parameters()).device
 
     def _loss(self, replace: Replace | None) -> float:
-        return ce_loss(self.model, self.tokens, self.hook if replace else None, replace, self.first, self.batch)
+        return ce_loss(
+            self.model, self.tokens, self.hook if replace else None, replace, self.first, self.batch
+        )
 
     def losses(self, sae: SAE) -> LMLosses:
         if self._clean is None:
@@ -116,10 +132,14 @@ class LMEval:
             self._ablated = self._loss(_zero)
         spliced = self._loss(_splice(sae.to(self.device)))
         assert self._ablated is not None
-        return LMLosses(self._clean, spliced, self._ablated, loss_recovered(self._clean, spliced, self._ablated))
+        return LMLosses(
+            self._clean, spliced, self._ablated, loss_recovered(self._clean, spliced, self._ablated)
+        )
 
     @classmethod
-    def for_store(cls, store: ChunkStore, device: torch.device | str, max_tokens: int | None = None) -> LMEval | None:
+    def for_store(
+        cls, store: ChunkStore, device: torch.device | str, max_tokens: int | None = None
+    ) -> LMEval | None:
         """An evaluator for runs trained on ``store``, or None (logged) when it has no model,
         no held-out tokens, or its model cannot be loaded here."""
         info = store.provenance.get("source_info", {})
@@ -127,7 +147,9 @@ class LMEval:
             return None
         f = store.path / store.provenance.get("lm_eval", {}).get("file", EVAL_TOKENS_FILE)
         if not f.is_file():
-            log.warning("LM metrics skipped: store %s has no held-out tokens (%s)", store.path, f.name)
+            log.warning(
+                "LM metrics skipped: store %s has no held-out tokens (%s)", store.path, f.name
+            )
             return None
         tokens = torch.from_numpy(np.load(f, allow_pickle=False).astype(np.int64))  # (N, P)
         if max_tokens is not None:

@@ -69,7 +69,11 @@ class SweepLock:
                         f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
                         "wait for it to finish (or stop it) before running this sweep again"
                     ) from None
-                log.warning("taking over a stale lock left by pid %s on %s", (held or {}).get("pid"), (held or {}).get("host"))
+                log.warning(
+                    "taking over a stale lock left by pid %s on %s",
+                    (held or {}).get("pid"),
+                    (held or {}).get("host"),
+                )
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:

@@ -147,13 +147,28 @@ class _Sender:
         wid, config, job_type = self.declared[run_id]
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
-            init_timeout=self.cfg.timeout, finish_timeout=self.cfg.timeout, console="off", silent=True,
-            x_disable_stats=True, x_save_requirements=False, disable_git=True, save_code=False,
+            init_timeout=self.cfg.timeout,
+            finish_timeout=self.cfg.timeout,
+            console="off",
+            silent=True,
+            x_disable_stats=True,
+            x_save_requirements=False,
+            disable_git=True,
+            save_code=False,
         )
         run = wandb.init(
-            project=self.cfg.project, entity=self.cfg.entity, dir=str(self.sweep_dir), id=wid, name=run_id,
-            group=self.group, job_type=job_type, config=config, resume="allow", reinit="create_new",
-            mode=resolve_mode(self.cfg.mode), settings=settings,  # type: ignore[arg-type]
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            dir=str(self.sweep_dir),
+            id=wid,
+            name=run_id,
+            group=self.group,
+            job_type=job_type,
+            config=config,
+            resume="allow",
+            reinit="create_new",
+            mode=resolve_mode(self.cfg.mode),
+            settings=settings,  # type: ignore[arg-type]
         )
         run.define_metric("train/step")
         run.define_metric("train/*", step_metric="train/step")
@@ -228,8 +243,12 @@ class WandbLogger(RunLogger):
         self.sweep_dir = Path(sweep_dir)
         self.dropped = 0
         self._q: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
-        self._sender = sender = _Sender(cfg, self.sweep_dir, group or self.sweep_dir.absolute().name)
-        self._thread = threading.Thread(target=_serve, args=(self._q, sender), name="sweep-wandb", daemon=True)
+        self._sender = sender = _Sender(
+            cfg, self.sweep_dir, group or self.sweep_dir.absolute().name
+        )
+        self._thread = threading.Thread(
+            target=_serve, args=(self._q, sender), name="sweep-wandb", daemon=True
+        )
         self._thread.start()
         self._closed = False
         # a logger dropped without close() (e.g. an interrupted worker) still finishes its runs
@@ -277,7 +296,9 @@ class WandbLogger(RunLogger):
         self._sender.progress = time.monotonic()
         _request_stop(self._q)
         limit = self.cfg.timeout if timeout is None else timeout
-        while self._thread.is_alive():  # wait while events complete; give up after `limit` without progress
+        while (
+            self._thread.is_alive()
+        ):  # wait while events complete; give up after `limit` without progress
             self._thread.join(min(1.0, limit))
             if time.monotonic() - self._sender.progress > limit:
                 break
@@ -320,7 +341,9 @@ def sweep_logger_config(sweep_dir: str | Path) -> LoggerConfig | None:
         return None
 
 
-def log_report(sweep_dir: str | Path, images: dict[str, str], columns: list[str], data: list[list]) -> None:
+def log_report(
+    sweep_dir: str | Path, images: dict[str, str], columns: list[str], data: list[list]
+) -> None:
     """Send the report's plots and table to a ``report`` wandb run in the sweep's group
     (only when the sweep was run with ``logger=wandb``)."""
     cfg = sweep_logger_config(sweep_dir)

@@ -46,7 +46,9 @@ class AdamState:
         return out
 
     @staticmethod
-    def stack(members: list[dict[str, torch.Tensor]], names: list[str], device: torch.device) -> AdamState:
+    def stack(
+        members: list[dict[str, torch.Tensor]], names: list[str], device: torch.device
+    ) -> AdamState:
         """Inverse of :meth:`member` for a list of members."""
 
         def gather(kind: str, k: str) -> torch.Tensor:
@@ -66,7 +68,12 @@ class Adam:
     eps: float
 
     def update(
-        self, params: Params, grads: Params, state: AdamState, skip: torch.Tensor, lr_scale: float = 1.0
+        self,
+        params: Params,
+        grads: Params,
+        state: AdamState,
+        skip: torch.Tensor,
+        lr_scale: float = 1.0,
     ) -> None:
         """In-place Adam step (learning rate ``lr * lr_scale``) of every member whose ``skip``
         (E,) entry is 0.

@@ -39,7 +39,9 @@ def placeholder(path: Path, title: str, text: str) -> Path:
     fig, (ax,) = _figure(6, 3)
     ax.set_axis_off()
     ax.set_title(title)
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12, color="0.3", transform=ax.transAxes)
+    ax.text(
+        0.5, 0.5, text, ha="center", va="center", fontsize=12, color="0.3", transform=ax.transAxes
+    )
     return _save(fig, path)
 
 
@@ -74,15 +76,31 @@ def frontier(rows: list[dict], path: Path) -> Path:
     rank = {v: i / max(1, len(l1s) - 1) for i, v in enumerate(l1s)}
     for ratio, color in colors.items():
         mine = sorted((r for r in pts if r["dict_ratio"] == ratio), key=lambda r: r["l1"])
-        ax.plot([r["l0"] for r in mine], [r["fvu"] for r in mine], "-", color=color, alpha=0.35, lw=1)
+        ax.plot(
+            [r["l0"] for r in mine], [r["fvu"] for r in mine], "-", color=color, alpha=0.35, lw=1
+        )
         for r in mine:
-            ax.scatter(r["l0"], r["fvu"], s=25 + 80 * rank[r["l1"]], color=color, alpha=0.45 + 0.55 * rank[r["l1"]], edgecolor="k", lw=0.4)
+            ax.scatter(
+                r["l0"],
+                r["fvu"],
+                s=25 + 80 * rank[r["l1"]],
+                color=color,
+                alpha=0.45 + 0.55 * rank[r["l1"]],
+                edgecolor="k",
+                lw=0.4,
+            )
         ax.scatter([], [], color=color, label=f"ratio {ratio:g}")
     front = pareto([(r["l0"], r["fvu"]) for r in pts])
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1.2, label="Pareto frontier")
     if len(pts) <= 40:
         for r in pts:
-            ax.annotate(f"{r['l1']:.2g}", (r["l0"], r["fvu"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                f"{r['l1']:.2g}",
+                (r["l0"], r["fvu"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("L0 (active features per row)")
@@ -101,7 +119,9 @@ def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
     """MMCS between all finished runs of each dict ratio, ordered by L1 (one panel per ratio)."""
     ratios = [r for r in sorted(cross.matrices) if len(cross.matrices[r][0]) > 1]
     if not ratios:
-        return placeholder(path, "MMCS between dictionaries", "needs two finished runs of one dict ratio")
+        return placeholder(
+            path, "MMCS between dictionaries", "needs two finished runs of one dict ratio"
+        )
     ratios = _spread(ratios, max_ratios)
     fig, axes = _figure(5.2 * len(ratios), 4.8, ncols=len(ratios))
     for ax, ratio in zip(axes, ratios, strict=True):
@@ -114,7 +134,15 @@ def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
         if len(refs) <= 12:
             for i, row in enumerate(mat):
                 for j, v in enumerate(row):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 else "k")
+                    ax.text(
+                        j,
+                        i,
+                        f"{v:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="w" if v < 0.6 else "k",
+                    )
         ax.set_xlabel("to run (L1)")
         ax.set_ylabel("from run (L1)")
         ax.set_title(f"MMCS, dict ratio {ratio:g}")
@@ -142,8 +170,23 @@ def dead_vs_l1(rows: list[dict], path: Path) -> Path:
         l1s = sorted({r["l1"] for r in mine})
         mean = [_mean([r["dead_fraction"] for r in mine if r["l1"] == v]) for v in l1s]
         ax.plot(l1s, mean, "o-", color=color, label=f"ratio {ratio:g} dead")
-        ax.scatter([r["l1"] for r in mine], [r["dead_fraction"] for r in mine], color=color, s=10, alpha=0.5)
-        dense = [_mean([r.get("dense_fraction") for r in mine if r["l1"] == v and finite(r.get("dense_fraction"))]) for v in l1s]
+        ax.scatter(
+            [r["l1"] for r in mine],
+            [r["dead_fraction"] for r in mine],
+            color=color,
+            s=10,
+            alpha=0.5,
+        )
+        dense = [
+            _mean(
+                [
+                    r.get("dense_fraction")
+                    for r in mine
+                    if r["l1"] == v and finite(r.get("dense_fraction"))
+                ]
+            )
+            for v in l1s
+        ]
         if any(finite(d) for d in dense):
             ax.plot(l1s, dense, "s--", color=color, alpha=0.6, ms=3, label=f"ratio {ratio:g} dense")
     positive = [r["l1"] for r in pts if r["l1"] > 0]
@@ -162,17 +205,23 @@ def _mean(values: list) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def density(sweep_dir: Path, rows: list[dict], path: Path, max_ratios: int = 3, max_l1: int = 4) -> Path:
+def density(
+    sweep_dir: Path, rows: list[dict], path: Path, max_ratios: int = 3, max_l1: int = 4
+) -> Path:
     """Histograms of log10 feature firing frequency for a few runs (one panel per dict ratio)."""
     have = [r for r in _finished(rows, "l1") if r.get("seed", 0) == 0]
-    data = {r["run_id"]: crossdict.load_density(rundir.run_dir(sweep_dir, r["run_id"])) for r in have}
+    data = {
+        r["run_id"]: crossdict.load_density(rundir.run_dir(sweep_dir, r["run_id"])) for r in have
+    }
     have = [r for r in have if data.get(r["run_id"]) is not None]
     if not have:
         return placeholder(path, "Feature density", "no finished runs with density data yet")
     ratios = _spread(sorted({r["dict_ratio"] for r in have}), max_ratios)
     fig, axes = _figure(5.0 * len(ratios), 4.0, ncols=len(ratios))
     for ax, ratio in zip(axes, ratios, strict=True):
-        mine = _spread(sorted((r for r in have if r["dict_ratio"] == ratio), key=lambda r: r["l1"]), max_l1)
+        mine = _spread(
+            sorted((r for r in have if r["dict_ratio"] == ratio), key=lambda r: r["l1"]), max_l1
+        )
         for r in mine:
             d = data[r["run_id"]]
             edges, counts = d["log10_hist_edges"].tolist(), d["log10_hist_counts"].tolist()  # type: ignore[index]

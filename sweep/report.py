@@ -30,8 +30,21 @@ from sweep.worker import run_state
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "run_id", "l1", "dict_ratio", "seed", "state", "l0", "fvu", "mse", "dead_fraction",
-    "dense_fraction", "gt_mmcs", "gt_recovered", "loss_recovered", "mmcs_next_ratio", "mmcs_seeds",
+    "run_id",
+    "l1",
+    "dict_ratio",
+    "seed",
+    "state",
+    "l0",
+    "fvu",
+    "mse",
+    "dead_fraction",
+    "dense_fraction",
+    "gt_mmcs",
+    "gt_recovered",
+    "loss_recovered",
+    "mmcs_next_ratio",
+    "mmcs_seeds",
 ]
 SUMMARY_FILE = "summary.csv"
 REPORT_DIR = "report"
@@ -43,14 +56,20 @@ def run_ids(sweep_dir: Path) -> list[str]:
     """Runs listed in the sweep manifest (in grid order)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise SweepError(f"{sweep_dir} does not exist or is not a folder; pass the sweep_dir of a sweep run")
+        raise SweepError(
+            f"{sweep_dir} does not exist or is not a folder; pass the sweep_dir of a sweep run"
+        )
     manifest = sweep_dir / "manifest.json"
     if not manifest.is_file():
-        raise SweepError(f"{sweep_dir} is not a sweep folder (no manifest.json); pass the sweep_dir of a sweep run")
+        raise SweepError(
+            f"{sweep_dir} is not a sweep folder (no manifest.json); pass the sweep_dir of a sweep run"
+        )
     try:
         runs = json.loads(manifest.read_text())["runs"]
     except (ValueError, KeyError, TypeError) as err:
-        raise SweepError(f"{manifest} is damaged ({type(err).__name__}); re-run 'sweep run' with the same sweep_dir to rewrite it") from err
+        raise SweepError(
+            f"{manifest} is damaged ({type(err).__name__}); re-run 'sweep run' with the same sweep_dir to rewrite it"
+        ) from err
     return list(runs)
 
 
@@ -60,7 +79,12 @@ def summary_rows(sweep_dir: str | Path, ids: list[str]) -> list[dict]:
     for rid in ids:
         folder = rundir.run_dir(sweep_dir, rid)
         spec = rundir.read_json(folder / rundir.SPEC) if (folder / rundir.SPEC).exists() else {}
-        row: dict = {"run_id": rid, "l1": spec.get("l1"), "dict_ratio": spec.get("dict_ratio"), "seed": spec.get("seed")}
+        row: dict = {
+            "run_id": rid,
+            "l1": spec.get("l1"),
+            "dict_ratio": spec.get("dict_ratio"),
+            "seed": spec.get("seed"),
+        }
         row["state"] = run_state(folder)
         if (folder / rundir.METRICS).exists() and rundir.is_done(folder):
             row.update(rundir.read_json(folder / rundir.METRICS))
@@ -128,7 +152,9 @@ def _device(name: str) -> torch.device:
         raise SweepError(f"unknown device {name!r} for the report; use auto, cpu or cuda") from err
 
 
-def build_report(sweep_dir: str | Path, device: str = "auto", log_media: bool = True) -> tuple[Path, list[dict]]:
+def build_report(
+    sweep_dir: str | Path, device: str = "auto", log_media: bool = True
+) -> tuple[Path, list[dict]]:
     """Write ``SWEEP_DIR/report/`` (see the module docstring); returns it and the summary rows.
 
     Also writes each finished run's cross-dictionary MMCS into its ``metrics.json``, refreshes
@@ -138,7 +164,9 @@ def build_report(sweep_dir: str | Path, device: str = "auto", log_media: bool = 
     sweep_dir = Path(sweep_dir)
     ids = run_ids(sweep_dir)
     if not ids:
-        raise SweepError(f"{sweep_dir}/manifest.json lists no runs; start the sweep with 'sweep run'")
+        raise SweepError(
+            f"{sweep_dir}/manifest.json lists no runs; start the sweep with 'sweep run'"
+        )
     out = rundir.ensure_writable(sweep_dir / REPORT_DIR, "report folder")
     rows = summary_rows(sweep_dir, ids)
     cross = crossdict.compute(sweep_dir, rows, _device(device), out / crossdict.CACHE)
@@ -187,7 +215,9 @@ def write_html(out: Path, sweep_dir: Path, rows: list[dict], images: dict[str, P
         states[r["state"]] = states.get(r["state"], 0) + 1
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "\n".join(
-        f'<tr class="{html.escape(str(r.get("state")))}">' + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+        f'<tr class="{html.escape(str(r.get("state")))}">'
+        + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols)
+        + "</tr>"
         for r in rows
     )
     figs = "\n".join(

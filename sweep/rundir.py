@@ -87,7 +87,9 @@ def ensure_writable(folder: str | Path, what: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise RunDirError(f"{what} {folder} is not writable ({err.strerror}); choose another folder") from err
+        raise RunDirError(
+            f"{what} {folder} is not writable ({err.strerror}); choose another folder"
+        ) from err
     return folder
 
 
@@ -117,7 +119,11 @@ def truncate_curve(folder: Path, after_step: int) -> None:
     path = folder / CURVE
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
+    keep = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln)["step"] <= after_step
+    ]
     atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
@@ -141,8 +147,14 @@ class Checkpoint:
 def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 2) -> None:
     """Write ``checkpoint-<step>.safetensors`` atomically, then prune all but the newest ``keep``."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()}
-    meta = {"meta": json.dumps(ckpt.meta, sort_keys=True), "step": str(ckpt.step), "sha256": _digest(tensors)}
-    atomic_write_bytes(folder / f"{CKPT_PREFIX}{ckpt.step:09d}.safetensors", save(tensors, metadata=meta))
+    meta = {
+        "meta": json.dumps(ckpt.meta, sort_keys=True),
+        "step": str(ckpt.step),
+        "sha256": _digest(tensors),
+    }
+    atomic_write_bytes(
+        folder / f"{CKPT_PREFIX}{ckpt.step:09d}.safetensors", save(tensors, metadata=meta)
+    )
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
 

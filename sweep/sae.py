@@ -47,7 +47,9 @@ class LossParts(NamedTuple):
     """Residual variance / variance of x around its batch mean."""
 
 
-def init_params(arch: str, d: int, f: int, generator: torch.Generator, b_dec: torch.Tensor | None = None) -> Params:
+def init_params(
+    arch: str, d: int, f: int, generator: torch.Generator, b_dec: torch.Tensor | None = None
+) -> Params:
     """Random unit-norm decoder rows, encoder = decoder transpose, zero encoder bias.
 
     ``b_dec`` defaults to zeros; the worker passes the (scaled) data mean.

@@ -44,13 +44,23 @@ def status_rows(sweep_dir: Path) -> list[dict]:
             state = activity
         spec = rundir.read_json(folder / rundir.SPEC) if (folder / rundir.SPEC).exists() else {}
         batch = spec.get("train", {}).get("batch_size", 0)
-        row = {"run_id": rid, "state": state, "rows_total": spec.get("total_steps", 0) * batch or None}
+        row = {
+            "run_id": rid,
+            "state": state,
+            "rows_total": spec.get("total_steps", 0) * batch or None,
+        }
         last = _last_curve(folder)
         if rundir.is_done(folder) and (folder / rundir.METRICS).exists():
             final = rundir.read_json(folder / rundir.METRICS)
-            row.update(rows_trained=final.get("rows_trained"), l0=final.get("l0"), fvu=final.get("fvu"))
+            row.update(
+                rows_trained=final.get("rows_trained"), l0=final.get("l0"), fvu=final.get("fvu")
+            )
         else:
-            row.update(rows_trained=last.get("rows", 0 if spec else None), l0=last.get("l0"), fvu=last.get("fvu"))
+            row.update(
+                rows_trained=last.get("rows", 0 if spec else None),
+                l0=last.get("l0"),
+                fvu=last.get("fvu"),
+            )
         if (folder / rundir.FAILED).exists():
             row["note"] = rundir.read_json(folder / rundir.FAILED).get("reason", "")
         rows.append(row)

@@ -64,7 +64,9 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> the (Ray-assigned, via CUDA_VISIBLE_DEVICES) GPU when present, else CPU."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise SweepError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+            raise SweepError(
+                "train.device=cuda but no CUDA device is visible; use train.device=auto or cpu"
+            )
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -102,7 +104,13 @@ class _Trainer:
             )
         self.scale = self.store.scale(job.normalize)
         self.stream = BatchStream(
-            self.store, job.train.batch_size, job.train.seed, job.train.epochs, job.eval_rows, self.scale, device
+            self.store,
+            job.train.batch_size,
+            job.train.seed,
+            job.train.epochs,
+            job.eval_rows,
+            self.scale,
+            device,
         )
 
     def restore(self) -> tuple[Ensemble, Cursor, int]:
@@ -117,11 +125,15 @@ class _Trainer:
             for note in notes:
                 fallback = f"resumed from step {ckpt.step}" if ckpt else "restarted from scratch"
                 log.warning("%s: %s; %s", d.name, note, fallback)
-                rundir.append_event(d, {"event": "bad_checkpoint", "detail": note, "action": fallback})
+                rundir.append_event(
+                    d, {"event": "bad_checkpoint", "detail": note, "action": fallback}
+                )
             found.append(ckpt)
         steps = {c.step if c else 0 for c in found}
         if len(steps) > 1:
-            raise SweepError(f"ensemble {self.job.ensemble.ensemble_id}: members are at different steps {sorted(steps)}")
+            raise SweepError(
+                f"ensemble {self.job.ensemble.ensemble_id}: members are at different steps {sorted(steps)}"
+            )
         mean = torch.tensor(self.store.manifest["stats"]["mean"], dtype=torch.float32) * self.scale
         members, states, active = [], [], []
         for run, ckpt in zip(self.runs, found, strict=True):
@@ -130,7 +142,9 @@ class _Trainer:
                 states.append(None)
                 active.append(True)
             else:
-                members.append({k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("param.")})
+                members.append(
+                    {k[6:]: v for k, v in ckpt.tensors.items() if k.startswith("param.")}
+                )
                 states.append({k: v for k, v in ckpt.tensors.items() if k.startswith("adam.")})
                 active.append(bool(ckpt.meta["active"]))
         diverged = [int(c.meta.get("diverged_step", -1)) if c else -1 for c in found]
@@ -164,7 +178,11 @@ class _Trainer:
             spec["store"] = str(self.store.path)
             spec["total_steps"] = self.stream.total_steps
             rundir.atomic_write_json(d / rundir.SPEC, spec)
-            placement = {**self.job.placement, "device": str(self.device), "threads": torch.get_num_threads()}
+            placement = {
+                **self.job.placement,
+                "device": str(self.device),
+                "threads": torch.get_num_threads(),
+            }
             rundir.atomic_write_json(d / rundir.PLACEMENT, {**placement, "time": time.time()})
 
     def checkpoint(self, ens: Ensemble, cursor: Cursor, step: int) -> None:
@@ -179,12 +197,16 @@ class _Trainer:
             rundir.save_checkpoint(d, rundir.Checkpoint(step, _member_tensors(ens, e), meta))
 
     def log_curve(self, parts: sae.LossParts, step: int, active: list[bool]) -> None:
-        rows = torch.stack([parts.loss, parts.mse, parts.sparsity, parts.l0, parts.fvu]).cpu().tolist()  # (5, E)
+        rows = (
+            torch.stack([parts.loss, parts.mse, parts.sparsity, parts.l0, parts.fvu]).cpu().tolist()
+        )  # (5, E)
         recs: dict[str, dict] = {}
         for e, d in enumerate(self.dirs):
             if active[e]:
                 rec = {"step": step, "rows": step * self.job.train.batch_size}
-                rec.update(zip(("loss", "mse", "l1", "l0", "fvu"), (r[e] for r in rows), strict=True))
+                rec.update(
+                    zip(("loss", "mse", "l1", "l0", "fvu"), (r[e] for r in rows), strict=True)
+                )
                 rundir.append_curve(d, [rec])
                 recs[self.runs[e].run_id] = rec
         self.tracker().log(recs)
@@ -195,17 +217,23 @@ class _Trainer:
         gt = self.store.ground_truth()
         from sweep import lm_metrics  # LM metrics: harvested stores whose model loads here
 
-        lm_eval = lm_metrics.LMEval.for_store(self.store, self.device, self.job.extra_spec.get("data", {}).get("lm_eval_tokens"))
+        lm_eval = lm_metrics.LMEval.for_store(
+            self.store, self.device, self.job.extra_spec.get("data", {}).get("lm_eval_tokens")
+        )
         states = {}
         for e, (run, d) in enumerate(zip(self.runs, self.dirs, strict=True)):
             params = {k: v[e].detach().float().cpu() for k, v in ens.params.items()}
-            m, freq = metrics.evaluate_with_frequency({k: v.to(self.device) for k, v in params.items()}, x_eval)
+            m, freq = metrics.evaluate_with_frequency(
+                {k: v.to(self.device) for k, v in params.items()}, x_eval
+            )
             crossdict.save_density(d, freq, x_eval.shape[0])
             if gt is not None:
                 m.update(metrics.ground_truth_metrics(params, gt))
             m.update(lm_metrics.member_metrics(lm_eval, params, self.cfg_json(run)))
             state = "diverged" if diverged_at[e] >= 0 else "done"
-            m.update({"state": state, "steps": step, "rows_trained": step * self.job.train.batch_size})
+            m.update(
+                {"state": state, "steps": step, "rows_trained": step * self.job.train.batch_size}
+            )
             if state == "diverged":
                 m["diverged_step"] = diverged_at[e]
                 rundir.atomic_write_json(d / rundir.DIVERGED, {"step": diverged_at[e]})
@@ -225,7 +253,11 @@ class _Trainer:
             cfg = self.job.logger or sweep_logger_config(self.job.sweep_dir)
             self._tracker = make_logger(cfg, self.job.sweep_dir)
             for run, d in zip(self.runs, self.dirs, strict=True):
-                config = {**run.as_dict(), "ensemble_id": self.job.ensemble.ensemble_id, "train": asdict(self.job.train)}
+                config = {
+                    **run.as_dict(),
+                    "ensemble_id": self.job.ensemble.ensemble_id,
+                    "train": asdict(self.job.train),
+                }
                 self._tracker.start(run.run_id, d, config)
         return self._tracker
 
@@ -271,7 +303,9 @@ def train_ensemble(
     for cursor, x in tr.stream.batches(start):
         logging_step = (step + 1) % t.log_every == 0
         was_active = ens.active.clone()
-        parts = ens.step(x, full=logging_step, lr_scale=t.lr_scale(step, total), l1_scale=t.l1_scale(step, total))
+        parts = ens.step(
+            x, full=logging_step, lr_scale=t.lr_scale(step, total), l1_scale=t.l1_scale(step, total)
+        )
         step += 1
         tr.diverged_at = torch.where(was_active & ~ens.active, step, tr.diverged_at)
         if logging_step:
@@ -284,7 +318,12 @@ def train_ensemble(
         if should_stop is not None and should_stop():
             tr.checkpoint(ens, cursor, step)
             tr.tracker().close()
-            return EnsembleResult(job.ensemble.ensemble_id, dict.fromkeys(_ids(tr), "interrupted"), step, time.perf_counter() - t0)
+            return EnsembleResult(
+                job.ensemble.ensemble_id,
+                dict.fromkeys(_ids(tr), "interrupted"),
+                step,
+                time.perf_counter() - t0,
+            )
     if progress and step > reported:
         progress((step - reported) * bs)
     states = tr.finalize(ens, step)

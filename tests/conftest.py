@@ -17,7 +17,15 @@ torch.set_num_threads(1)
 
 
 def tiny_data(**kw) -> SyntheticDataConfig:
-    base = dict(width=16, n_features=32, mean_active=3.0, rows=12_000, rows_per_chunk=4096, eval_rows=2048, seed=0)
+    base = dict(
+        width=16,
+        n_features=32,
+        mean_active=3.0,
+        rows=12_000,
+        rows_per_chunk=4096,
+        eval_rows=2048,
+        seed=0,
+    )
     base.update(kw)
     return SyntheticDataConfig(**base)
 
@@ -40,6 +48,12 @@ def ray_cluster(tmp_path_factory):
     import ray
 
     temp = tmp_path_factory.getbasetemp() / "ray"  # inside pytest's tmp (kept short: socket paths)
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=str(temp), configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        _temp_dir=str(temp),
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()

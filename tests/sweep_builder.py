@@ -16,17 +16,38 @@ RATIOS = (1.0, 2.0)
 def write_manifest(sweep_dir: Path, runs: list[grid.RunSpec], store_path: str) -> None:
     rundir.atomic_write_json(
         sweep_dir / "manifest.json",
-        {"runs": {r.run_id: r.as_dict() for r in runs}, "store": store_path, "width": runs[0].width},
+        {
+            "runs": {r.run_id: r.as_dict() for r in runs},
+            "store": store_path,
+            "width": runs[0].width,
+        },
     )
 
 
-def jobs(store, sweep_dir: Path, l1s=L1S, ratios=RATIOS, seeds: int = 2, logger: LoggerConfig | None = None, **train) -> list[EnsembleJob]:
+def jobs(
+    store,
+    sweep_dir: Path,
+    l1s=L1S,
+    ratios=RATIOS,
+    seeds: int = 2,
+    logger: LoggerConfig | None = None,
+    **train,
+) -> list[EnsembleJob]:
     runs = grid.expand(list(l1s), list(ratios), seeds, store.width, "untied")
     ensembles = grid.group(runs, dict.fromkeys(ratios, 16))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(sweep_dir, runs, str(store.path))
     return [
-        EnsembleJob(e, str(sweep_dir), str(store.path), True, 2048, tiny_train(**train), threads=1, logger=logger)
+        EnsembleJob(
+            e,
+            str(sweep_dir),
+            str(store.path),
+            True,
+            2048,
+            tiny_train(**train),
+            threads=1,
+            logger=logger,
+        )
         for e in ensembles
     ]
 

@@ -34,18 +34,36 @@ def two_node_cluster(tmp_path_factory):
     port = free_port()
     common = ["--num-cpus", "1", "--num-gpus", "1", "--disable-usage-stats", "--block"]
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false",
-         "--temp-dir", str(tmp_path_factory.getbasetemp() / "rc"), *common],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port",
+            str(port),
+            "--include-dashboard",
+            "false",
+            "--temp-dir",
+            str(tmp_path_factory.getbasetemp() / "rc"),
+            *common,
+        ],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
     procs = [head]
     try:
         _wait_nodes(address, 1)  # (a head that fails to start makes this time out, not hang)
-        procs.append(subprocess.Popen(
-            [RAY, "start", "--address", address, *common],
-            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [RAY, "start", "--address", address, *common],
+                env=env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
         _wait_nodes(address, 2)
         yield address
     finally:
@@ -67,7 +85,11 @@ def _wait_nodes(address: str, n: int, timeout: float = 90) -> None:
     while time.time() < end:
         try:
             out = subprocess.run(
-                [sys.executable, "-c", probe, address], env=env(), capture_output=True, text=True, timeout=30
+                [sys.executable, "-c", probe, address],
+                env=env(),
+                capture_output=True,
+                text=True,
+                timeout=30,
             )
         except subprocess.TimeoutExpired:
             continue
@@ -80,16 +102,33 @@ def _wait_nodes(address: str, n: int, timeout: float = 90) -> None:
 def test_sweep_runs_on_both_nodes(two_node_cluster, tmp_path):
     sw = tmp_path / "sw"
     cmd = [
-        sys.executable, "-m", "sweep", "run", "launch=cluster", f"launch.address={two_node_cluster}",
-        f"sweep_dir={sw}", "data.width=16", "data.n_features=32", "data.rows=20000", "data.rows_per_chunk=4096",
-        "data.eval_rows=2048", "grid.l1=[1e-2,3e-2]", "grid.dict_ratio=[1,2,4,8]", "train.batch_size=256",
-        "train.epochs=4", "progress=false",
+        sys.executable,
+        "-m",
+        "sweep",
+        "run",
+        "launch=cluster",
+        f"launch.address={two_node_cluster}",
+        f"sweep_dir={sw}",
+        "data.width=16",
+        "data.n_features=32",
+        "data.rows=20000",
+        "data.rows_per_chunk=4096",
+        "data.eval_rows=2048",
+        "grid.l1=[1e-2,3e-2]",
+        "grid.dict_ratio=[1,2,4,8]",
+        "train.batch_size=256",
+        "train.epochs=4",
+        "progress=false",
     ]
     out = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     with open(sw / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {r["state"] for r in rows} == {"done"}
-    placements = [json.loads((sw / "runs" / r["run_id"] / "placement.json").read_text()) for r in rows]
+    placements = [
+        json.loads((sw / "runs" / r["run_id"] / "placement.json").read_text()) for r in rows
+    ]
     assert len({p["node_id"] for p in placements}) == 2, placements  # both nodes trained ensembles
-    assert all(p["gpu_ids"] and p["cuda_visible_devices"] for p in placements)  # one fake GPU per task
+    assert all(
+        p["gpu_ids"] and p["cuda_visible_devices"] for p in placements
+    )  # one fake GPU per task

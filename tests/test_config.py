@@ -22,23 +22,50 @@ def test_defaults_compose_to_dataclasses():
 
 def test_overrides_reach_every_group():
     cfg = cfg_of(
-        "data=chunks", "data.path=/some/store", "sae=tied", "grid.l1=[0,1e-3]", "grid.dict_ratio=[0.5,2]",
-        "grid.seeds=3", "train.batch_size=64", "train.betas=[0.8,0.99]", "train.dtype=bfloat16",
+        "data=chunks",
+        "data.path=/some/store",
+        "sae=tied",
+        "grid.l1=[0,1e-3]",
+        "grid.dict_ratio=[0.5,2]",
+        "grid.seeds=3",
+        "train.batch_size=64",
+        "train.betas=[0.8,0.99]",
+        "train.dtype=bfloat16",
         "launch.max_retries=5",
     )
     assert isinstance(cfg.data, ChunksDataConfig) and cfg.data.path == "/some/store"
     assert cfg.sae.name == "tied"
     assert cfg.grid.l1 == [0.0, 1e-3] and cfg.grid.dict_ratio == [0.5, 2.0] and cfg.grid.seeds == 3
-    assert cfg.train.batch_size == 64 and cfg.train.betas == [0.8, 0.99] and cfg.train.dtype == "bfloat16"
+    assert (
+        cfg.train.batch_size == 64
+        and cfg.train.betas == [0.8, 0.99]
+        and cfg.train.dtype == "bfloat16"
+    )
     assert cfg.launch.max_retries == 5
 
 
 def test_synthetic_fields_have_the_documented_names():
-    cfg = cfg_of("data.width=32", "data.n_features=100", "data.mean_active=2.5", "data.decay=0.9",
-                 "data.noise=0.1", "data.correlation=0.2", "data.rows=50000", "data.seed=7")
+    cfg = cfg_of(
+        "data.width=32",
+        "data.n_features=100",
+        "data.mean_active=2.5",
+        "data.decay=0.9",
+        "data.noise=0.1",
+        "data.correlation=0.2",
+        "data.rows=50000",
+        "data.seed=7",
+    )
     d = cfg.data
-    assert (d.width, d.n_features, d.mean_active, d.decay, d.noise, d.correlation, d.rows, d.seed) == (
-        32, 100, 2.5, 0.9, 0.1, 0.2, 50000, 7)
+    assert (
+        d.width,
+        d.n_features,
+        d.mean_active,
+        d.decay,
+        d.noise,
+        d.correlation,
+        d.rows,
+        d.seed,
+    ) == (32, 100, 2.5, 0.9, 0.1, 0.2, 50000, 7)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +99,10 @@ def test_invalid_values_name_the_field(override, field):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["run", "data=nosuch", "sweep_dir=/tmp/x"], "unknown option 'nosuch' for config group 'data'"),
+        (
+            ["run", "data=nosuch", "sweep_dir=/tmp/x"],
+            "unknown option 'nosuch' for config group 'data'",
+        ),
         (["run", "nosuch.field=1", "sweep_dir=/tmp/x"], "unknown config field 'nosuch.field'"),
         (["run", "train.batch_size=abc", "sweep_dir=/tmp/x"], "train.batch_size"),
         (["run", "grid.l1=[-1]", "sweep_dir=/tmp/x"], "grid.l1"),

@@ -51,7 +51,9 @@ def test_ensemble_equals_independent_training(arch, fast):
             torch.testing.assert_close(ens.params[k][e], p[k].detach(), rtol=2e-5, atol=2e-6)
             st = opt.state[p[k]]
             torch.testing.assert_close(ens.state.exp_avg[k][e], st["exp_avg"], rtol=2e-4, atol=1e-7)
-            torch.testing.assert_close(ens.state.exp_avg_sq[k][e], st["exp_avg_sq"], rtol=2e-4, atol=1e-9)
+            torch.testing.assert_close(
+                ens.state.exp_avg_sq[k][e], st["exp_avg_sq"], rtol=2e-4, atol=1e-9
+            )
             # the original research code's bug: an ensemble Adam whose step never advanced
             assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
 
@@ -111,8 +113,13 @@ def test_decoder_rows_stay_unit_norm():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_bfloat16_compute_trains(fast):
-    ens = Ensemble(stack(members("untied")), torch.tensor(L1), Adam(1e-2, BETAS, EPS),
-                   autocast_dtype=torch.bfloat16, fast=fast)
+    ens = Ensemble(
+        stack(members("untied")),
+        torch.tensor(L1),
+        Adam(1e-2, BETAS, EPS),
+        autocast_dtype=torch.bfloat16,
+        fast=fast,
+    )
     xs = batches(30)
     first = ens.step(xs[0]).mse.clone()
     for x in xs[1:]:

@@ -20,7 +20,13 @@ from tests.sweep_builder import build_sweep
 @pytest.fixture(scope="module")
 def small_sweep(tiny_store, tmp_path_factory):
     """2 L1 x 1 ratio (tied is covered by one extra run below)."""
-    return build_sweep(tiny_store, tmp_path_factory.mktemp("export") / "sw", l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1)
+    return build_sweep(
+        tiny_store,
+        tmp_path_factory.mktemp("export") / "sw",
+        l1s=(1e-3, 3e-2),
+        ratios=(2.0,),
+        seeds=1,
+    )
 
 
 def raw_rows(store_path: str, n: int = 64) -> torch.Tensor:
@@ -44,7 +50,12 @@ def test_export_writes_saelens_layout(small_sweep, tiny_store, tmp_path):
         assert cfg["dtype"] == "float32" and cfg["metadata"]["sweep_run_id"] == p.name
         assert cfg["metadata"]["hook_name"] and cfg["metadata"]["model_name"]
         w = load_file(str(p / "sae_weights.safetensors"))
-        assert {k: tuple(v.shape) for k, v in w.items()} == {"W_enc": (16, 32), "b_enc": (32,), "W_dec": (32, 16), "b_dec": (16,)}
+        assert {k: tuple(v.shape) for k, v in w.items()} == {
+            "W_enc": (16, 32),
+            "b_enc": (32,),
+            "W_dec": (32, 16),
+            "b_dec": (16,),
+        }
         ours = sweep.load_run(str(rundir.run_dir(small_sweep, p.name)))
         x = raw_rows(str(tiny_store.path))
         codes, recon = saelens_forward(p, x)
@@ -59,15 +70,22 @@ def test_export_tied_run(tiny_store, tmp_path):
 
     runs = grid.expand([1e-2], [1.0], 1, tiny_store.width, "tied")
     (ens,) = grid.group(runs, {1.0: 4})
-    train_ensemble(EnsembleJob(ens, str(tmp_path), str(tiny_store.path), True, 2048, tiny_train(), threads=1))
+    train_ensemble(
+        EnsembleJob(ens, str(tmp_path), str(tiny_store.path), True, 2048, tiny_train(), threads=1)
+    )
     out = export_run(rundir.run_dir(tmp_path, runs[0].run_id), tmp_path / "exp")
     x = raw_rows(str(tiny_store.path))
-    torch.testing.assert_close(saelens_forward(out, x)[1], sweep.load_run(str(rundir.run_dir(tmp_path, runs[0].run_id)))(x))
+    torch.testing.assert_close(
+        saelens_forward(out, x)[1], sweep.load_run(str(rundir.run_dir(tmp_path, runs[0].run_id)))(x)
+    )
 
 
 def test_cli_export_chosen_runs(small_sweep, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["export", str(small_sweep), "--to", "saelens", str(out), "--runs", "r2-l1_3e-02-s0"]) == 0
+    assert (
+        main(["export", str(small_sweep), "--to", "saelens", str(out), "--runs", "r2-l1_3e-02-s0"])
+        == 0
+    )
     assert [p.name for p in out.iterdir()] == ["r2-l1_3e-02-s0"]
     assert f"exported: {out / 'r2-l1_3e-02-s0'}" in capsys.readouterr().out
 
@@ -78,11 +96,17 @@ def test_export_of_unfinished_run_is_one_line_error(small_sweep, tmp_path, capsy
     sw = tmp_path / "sw"
     shutil.copytree(small_sweep, sw)
     (rundir.run_dir(sw, "r2-l1_1e-03-s0") / rundir.DONE).unlink()
-    rc = main(["export", str(sw), "--to", "saelens", str(tmp_path / "out"), "--runs", "r2-l1_1e-03-s0"])
+    rc = main(
+        ["export", str(sw), "--to", "saelens", str(tmp_path / "out"), "--runs", "r2-l1_1e-03-s0"]
+    )
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.startswith("error: run r2-l1_1e-03-s0 is not finished") and "\n" not in err
+    assert (
+        rc == 2 and err.startswith("error: run r2-l1_1e-03-s0 is not finished") and "\n" not in err
+    )
     assert not (tmp_path / "out").exists()
-    assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "out"), "--runs", "nope"]) == 2
+    assert (
+        main(["export", str(sw), "--to", "saelens", str(tmp_path / "out"), "--runs", "nope"]) == 2
+    )
     assert "no run nope" in capsys.readouterr().err
     with pytest.raises(SweepError, match="not finished"):
         export_run(rundir.run_dir(sw, "r2-l1_1e-03-s0"), tmp_path / "x")
@@ -95,7 +119,9 @@ def test_export_of_foreign_folder_is_an_error(tmp_path, capsys):
 
 def test_loads_in_sae_lens(small_sweep, tiny_store, tmp_path):
     """Optional: the real SAELens opens the export and reconstructs like we do."""
-    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens not installed (pip install sae-lens 'transformer-lens<4')")
+    sae_lens = pytest.importorskip(
+        "sae_lens", reason="sae-lens not installed (pip install sae-lens 'transformer-lens<4')"
+    )
     (path,) = export_sweep(small_sweep, tmp_path / "out", runs=["r2-l1_3e-02-s0"])
     theirs = sae_lens.SAE.load_from_disk(str(path), device="cpu")
     ours = sweep.load_run(str(rundir.run_dir(small_sweep, "r2-l1_3e-02-s0")))
@@ -110,7 +136,19 @@ def test_loads_in_sae_lens(small_sweep, tiny_store, tmp_path):
 def test_harvest_provenance_becomes_saelens_metadata():
     from sweep.export import saelens_cfg
 
-    prov = {"source": "harvest", "model": "pythia-70m", "hook": "blocks.3.hook_resid_post", "dataset": "pile", "context": 128}
-    meta = saelens_cfg({"d_in": 512, "d_sae": 4096, "provenance": prov, "run_id": "r8-l1_1e-03-s0"})["metadata"]
+    prov = {
+        "source": "harvest",
+        "model": "pythia-70m",
+        "hook": "blocks.3.hook_resid_post",
+        "dataset": "pile",
+        "context": 128,
+    }
+    meta = saelens_cfg(
+        {"d_in": 512, "d_sae": 4096, "provenance": prov, "run_id": "r8-l1_1e-03-s0"}
+    )["metadata"]
     assert meta["model_name"] == "pythia-70m" and meta["hook_name"] == "blocks.3.hook_resid_post"
-    assert meta["dataset_path"] == "pile" and meta["context_size"] == 128 and meta["sweep_run_id"] == "r8-l1_1e-03-s0"
+    assert (
+        meta["dataset_path"] == "pile"
+        and meta["context_size"] == 128
+        and meta["sweep_run_id"] == "r8-l1_1e-03-s0"
+    )

@@ -19,10 +19,21 @@ from pathlib import Path
 import pytest
 
 ARGS = [
-    "data.width=32", "data.n_features=64", "data.rows=40000", "data.rows_per_chunk=8192", "data.eval_rows=2048",
-    "grid.l1=[1e-2,4e-2]", "grid.dict_ratio=[4,8]", "train.batch_size=512", "train.epochs=3",
-    "train.log_every=5", "train.checkpoint_every=10", "train.device=cpu", "launch.num_cpus=2",
-    "launch.cpus_per_ensemble=1", "progress=false",
+    "data.width=32",
+    "data.n_features=64",
+    "data.rows=40000",
+    "data.rows_per_chunk=8192",
+    "data.eval_rows=2048",
+    "grid.l1=[1e-2,4e-2]",
+    "grid.dict_ratio=[4,8]",
+    "train.batch_size=512",
+    "train.epochs=3",
+    "train.log_every=5",
+    "train.checkpoint_every=10",
+    "train.device=cpu",
+    "launch.num_cpus=2",
+    "launch.cpus_per_ensemble=1",
+    "progress=false",
 ]
 
 
@@ -33,8 +44,19 @@ def env() -> dict:
 
 
 def start(sweep_dir: Path, ray_tmp: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "sweep", "run", f"sweep_dir={sweep_dir}", f"launch.temp_dir={ray_tmp}", *ARGS, *extra]
-    return subprocess.Popen(cmd, env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "sweep",
+        "run",
+        f"sweep_dir={sweep_dir}",
+        f"launch.temp_dir={ray_tmp}",
+        *ARGS,
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
@@ -52,7 +74,10 @@ def curve_len(sweep_dir: Path) -> int:
     runs = sweep_dir / "runs"
     if not runs.exists():
         return 0
-    lens = [len((r / "metrics.jsonl").read_text().splitlines()) if (r / "metrics.jsonl").exists() else 0 for r in runs.iterdir()]
+    lens = [
+        len((r / "metrics.jsonl").read_text().splitlines()) if (r / "metrics.jsonl").exists() else 0
+        for r in runs.iterdir()
+    ]
     return min(lens) if len(lens) == 4 else 0
 
 
@@ -105,7 +130,9 @@ def test_sigkill_worker_is_retried_from_checkpoint(reference, tmp_path, tmp_path
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_sigint_checkpoint_and_exit_cleanly(reference, tmp_path, tmp_path_factory, sig, code):
+def test_sigterm_sigint_checkpoint_and_exit_cleanly(
+    reference, tmp_path, tmp_path_factory, sig, code
+):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"rs{int(sig)}"
     p = start(sw, rt)
     wait_for(lambda: curve_len(sw) >= 8)
@@ -141,6 +168,10 @@ def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp
     from sweep.status import status_rows
 
     states = {r["run_id"]: r["state"] for r in status_rows(sw)}
-    assert states == {"r8-l1_1e-02-s0": "failed", "r8-l1_4e-02-s0": "failed",
-                      "r4-l1_1e-02-s0": "done", "r4-l1_4e-02-s0": "done"}
+    assert states == {
+        "r8-l1_1e-02-s0": "failed",
+        "r8-l1_4e-02-s0": "failed",
+        "r4-l1_1e-02-s0": "done",
+        "r4-l1_4e-02-s0": "done",
+    }
     _resume_and_compare(sw, rt, reference)  # a failed run continues from its checkpoint

@@ -39,17 +39,37 @@ def tiny_model(tiny_model_dir):
 
 def tiny_cfg(model_dir: Path, data: Path, store_dir: Path, **kw) -> HarvestConfig:
     base = dict(
-        model=str(model_dir), dataset=str(data), hooks=list(HOOKS), rows=3000, context=32,
-        rows_per_chunk=512, shuffle_rows=1024, batch_contexts=8, lm_eval_tokens=256,
-        store_dir=str(store_dir), device="cpu", progress=False,
+        model=str(model_dir),
+        dataset=str(data),
+        hooks=list(HOOKS),
+        rows=3000,
+        context=32,
+        rows_per_chunk=512,
+        shuffle_rows=1024,
+        batch_contexts=8,
+        lm_eval_tokens=256,
+        store_dir=str(store_dir),
+        device="cpu",
+        progress=False,
     )
     base.update(kw)
     return HarvestConfig(**base)
 
 
 def cli_args(cfg: HarvestConfig) -> list[str]:
-    keys = ("model", "dataset", "rows", "context", "rows_per_chunk", "shuffle_rows", "batch_contexts",
-            "lm_eval_tokens", "store_dir", "device", "progress")
+    keys = (
+        "model",
+        "dataset",
+        "rows",
+        "context",
+        "rows_per_chunk",
+        "shuffle_rows",
+        "batch_contexts",
+        "lm_eval_tokens",
+        "store_dir",
+        "device",
+        "progress",
+    )
     return ["harvest", f"hooks=[{','.join(cfg.hooks)}]", *(f"{k}={getattr(cfg, k)}" for k in keys)]
 
 
@@ -66,8 +86,17 @@ def reference_rows(model, cfg: HarvestConfig, hook: str) -> torch.Tensor:
 
 
 def test_plan_layout():
-    cfg = HarvestConfig(model="m", dataset="d", hooks=["h"], store_dir="s", rows=1000, context=11,
-                        rows_per_chunk=100, shuffle_rows=250, lm_eval_tokens=30)
+    cfg = HarvestConfig(
+        model="m",
+        dataset="d",
+        hooks=["h"],
+        store_dir="s",
+        rows=1000,
+        context=11,
+        rows_per_chunk=100,
+        shuffle_rows=250,
+        lm_eval_tokens=30,
+    )
     p = Plan.of(cfg)
     assert (p.rows_per_context, p.body, p.n_contexts, p.n_chunks) == (10, 10, 100, 10)
     assert (p.chunks_per_group, p.n_groups, p.eval_contexts) == (3, 4, 3)
@@ -80,23 +109,35 @@ def test_plan_layout():
 def test_token_contexts_prepend_bos_and_separate_documents():
     tok = char_tokenizer()
     out = text.token_contexts(["ab", "cde"], tok, n_contexts=2, context=4, prepend_bos=True)
-    ids = tok("ab", add_special_tokens=False)["input_ids"] + [0] + tok("cde", add_special_tokens=False)["input_ids"]
+    ids = (
+        tok("ab", add_special_tokens=False)["input_ids"]
+        + [0]
+        + tok("cde", add_special_tokens=False)["input_ids"]
+    )
     assert out.tolist() == [[0, *ids[:3]], [0, *ids[3:6]]]
     with pytest.raises(text.NotEnoughText) as err:
         text.token_contexts(["ab"], tok, n_contexts=5, context=4, prepend_bos=True)
     assert err.value.available_tokens == 3
 
 
-def test_harvest_rows_are_the_models_activations_shuffled(tiny_model, tiny_model_dir, text_file, tmp_path):
+def test_harvest_rows_are_the_models_activations_shuffled(
+    tiny_model, tiny_model_dir, text_file, tmp_path
+):
     cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h")
     stores = run_harvest(cfg)
     plan = Plan.of(cfg)
     matched = {}
     tokens = np.load(tmp_path / "h" / harvest.TOKENS_FILE)
     rpc = plan.rows_per_context
-    keys = [tuple(tokens[r // rpc, : r % rpc + 2]) for r in range(cfg.rows)]  # row r: context, prefix
+    keys = [
+        tuple(tokens[r // rpc, : r % rpc + 2]) for r in range(cfg.rows)
+    ]  # row r: context, prefix
     for hook, store in stores.items():
-        assert store.path == tmp_path / "h" / hook and store.total_rows == cfg.rows and store.dtype == "float16"
+        assert (
+            store.path == tmp_path / "h" / hook
+            and store.total_rows == cfg.rows
+            and store.dtype == "float16"
+        )
         ref = reference_rows(tiny_model, cfg, hook)  # (rows, d) in stream order
         got = torch.cat(store_rows(store))
         dist, src = torch.cdist(got, ref).min(dim=1)  # nearest reference row of every stored row
@@ -107,7 +148,10 @@ def test_harvest_rows_are_the_models_activations_shuffled(tiny_model, tiny_model
         assert Counter(matched[hook]) == Counter(keys)
         for i in range(len(store.chunks)):  # a chunk mixes rows of many contexts, not a few
             rows = src[i * cfg.rows_per_chunk : (i + 1) * cfg.rows_per_chunk]
-            assert len(set((rows // plan.rows_per_context).tolist())) > 0.6 * plan.n_contexts / plan.n_groups
+            assert (
+                len(set((rows // plan.rows_per_context).tolist()))
+                > 0.6 * plan.n_contexts / plan.n_groups
+            )
         prov = store.provenance
         assert prov["model"] == str(tiny_model_dir.resolve()) and prov["hook"] == hook
         assert prov["token_range"] == [0, plan.n_contexts * plan.body] and prov["context"] == 32
@@ -121,7 +165,9 @@ def test_eval_tokens_follow_the_harvested_range(tiny_model_dir, text_file, tmp_p
     store = run_harvest(cfg)[HOOKS[0]]
     assert store.path == tmp_path / "h"  # one hook: store_dir is the store
     plan = Plan.of(cfg)
-    stream = text.token_contexts(text.iter_documents(str(text_file)), char_tokenizer(), plan.n_contexts + 8, 32, True)
+    stream = text.token_contexts(
+        text.iter_documents(str(text_file)), char_tokenizer(), plan.n_contexts + 8, 32, True
+    )
     assert np.array_equal(np.load(store.path / harvest.EVAL_TOKENS_FILE), stream[plan.n_contexts :])
 
 
@@ -129,7 +175,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("chunk_*.npy"))}
 
 
-def test_interrupted_harvest_resumes_to_the_same_store(tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_interrupted_harvest_resumes_to_the_same_store(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
     clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
     run_harvest(clean)
     cfg = replace(clean, store_dir=str(tmp_path / "cut"))
@@ -156,10 +204,15 @@ def test_interrupted_harvest_resumes_to_the_same_store(tiny_model_dir, text_file
     run_harvest(cfg)
     assert (store / chunk_name(0)).stat().st_mtime_ns == kept  # finished chunks are not redone
     assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
-    assert ChunkStore(store).manifest["stats"] == ChunkStore(tmp_path / "clean" / HOOKS[0]).manifest["stats"]
+    assert (
+        ChunkStore(store).manifest["stats"]
+        == ChunkStore(tmp_path / "clean" / HOOKS[0]).manifest["stats"]
+    )
 
 
-def test_complete_harvest_is_reused_without_the_model(tiny_model_dir, text_file, tmp_path, monkeypatch):
+def test_complete_harvest_is_reused_without_the_model(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
     cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
     run_harvest(cfg)
 
@@ -187,7 +240,14 @@ def test_cli_harvest_then_train_on_chunks(tiny_model_dir, text_file, tmp_path, c
     from sweep import worker
     from tests.sweep_builder import jobs
 
-    job = jobs(ChunkStore(tmp_path / "h"), tmp_path / "sw", l1s=(1e-2,), ratios=(2.0,), seeds=1, batch_size=128)[0]
+    job = jobs(
+        ChunkStore(tmp_path / "h"),
+        tmp_path / "sw",
+        l1s=(1e-2,),
+        ratios=(2.0,),
+        seeds=1,
+        batch_size=128,
+    )[0]
     job = replace(job, eval_rows=256, extra_spec={"data": {"lm_eval_tokens": 128}})
     assert worker.train_ensemble(job).states
     run = tmp_path / "sw" / "runs" / job.ensemble.members[0].run_id
@@ -200,8 +260,12 @@ def test_cli_harvest_then_train_on_chunks(tiny_model_dir, text_file, tmp_path, c
 
 
 def _one_line_error(capsys) -> str:
-    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in ln]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines  # (transformers' load bar aside)
+    lines = [
+        ln for ln in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in ln
+    ]
+    assert len(lines) == 1 and lines[0].startswith("error: "), (
+        lines
+    )  # (transformers' load bar aside)
     return lines[0]
 
 
@@ -232,10 +296,18 @@ def test_empty_dataset(tiny_model_dir, tmp_path, capsys):
 def test_rows_beyond_the_dataset_says_how_many_fit(tiny_model_dir, text_file, tmp_path, capsys):
     assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", rows=10**6))) == 2
     err = _one_line_error(capsys)
-    n_tokens = len(np.concatenate([np.asarray(x) for x in char_tokenizer()(
-        list(text.iter_documents(str(text_file))), add_special_tokens=False)["input_ids"]]))
+    n_tokens = len(
+        np.concatenate(
+            [
+                np.asarray(x)
+                for x in char_tokenizer()(
+                    list(text.iter_documents(str(text_file))), add_special_tokens=False
+                )["input_ids"]
+            ]
+        )
+    )
     n_docs = len(list(text.iter_documents(str(text_file))))
-    fit = (( n_tokens + n_docs) // 31 - 8) * 31
+    fit = ((n_tokens + n_docs) // 31 - 8) * 31
     assert f"at most {fit} rows" in err and f"lower rows to {fit}" in err
 
 
@@ -259,8 +331,17 @@ def test_missing_dataset_file(tiny_model_dir, tmp_path):
 def test_jsonl_dataset_field(tiny_model_dir, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"body": "some words " * 20}) for _ in range(10)))
-    store = run_harvest(tiny_cfg(tiny_model_dir, data, tmp_path / "h", hooks=HOOKS[:1], rows=400,
-                                 text_field="body", lm_eval_tokens=0))[HOOKS[0]]
+    store = run_harvest(
+        tiny_cfg(
+            tiny_model_dir,
+            data,
+            tmp_path / "h",
+            hooks=HOOKS[:1],
+            rows=400,
+            text_field="body",
+            lm_eval_tokens=0,
+        )
+    )[HOOKS[0]]
     assert store.total_rows == 400
     with pytest.raises(SweepError, match="no field 'text'"):
         run_harvest(tiny_cfg(tiny_model_dir, data, tmp_path / "h2", hooks=HOOKS[:1], rows=400))
@@ -273,18 +354,35 @@ def test_shards_on_ray_match_one_process(ray_cluster, tiny_model_dir, text_file,
     for hook in HOOKS:
         assert len(two[hook].provenance["shards"]) == 2
         ranges = [s["rows"] for s in two[hook].provenance["shards"]]
-        assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == cfg.rows  # disjoint, complete
+        assert (
+            ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == cfg.rows
+        )  # disjoint, complete
         for a, b in zip(store_rows(one[hook]), store_rows(two[hook]), strict=True):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
-def test_run_data_harvest_trains_with_lm_metrics(ray_cluster, tiny_model_dir, text_file, tmp_path, capsys):
+def test_run_data_harvest_trains_with_lm_metrics(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, capsys
+):
     sw = tmp_path / "sw"
     args = [
-        "run", "data=harvest", f"data.model={tiny_model_dir}", f"data.hook={HOOKS[0]}", f"data.dataset={text_file}",
-        "data.rows=3000", "data.context=32", "data.rows_per_chunk=1024", "data.eval_rows=512",
-        "data.lm_eval_tokens=128", "data.device=cpu", "grid.l1=[1e-2]", "grid.dict_ratio=[2]",
-        "train.batch_size=128", "train.device=cpu", f"sweep_dir={sw}", "progress=false",
+        "run",
+        "data=harvest",
+        f"data.model={tiny_model_dir}",
+        f"data.hook={HOOKS[0]}",
+        f"data.dataset={text_file}",
+        "data.rows=3000",
+        "data.context=32",
+        "data.rows_per_chunk=1024",
+        "data.eval_rows=512",
+        "data.lm_eval_tokens=128",
+        "data.device=cpu",
+        "grid.l1=[1e-2]",
+        "grid.dict_ratio=[2]",
+        "train.batch_size=128",
+        "train.device=cpu",
+        f"sweep_dir={sw}",
+        "progress=false",
     ]
     assert main(args) == 0
     assert (sw / "store" / "manifest.json").is_file()

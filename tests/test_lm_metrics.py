@@ -28,20 +28,31 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokens(model, tmp_path_factory) -> torch.Tensor:
     path = write_text(tmp_path_factory.mktemp("lm") / "eval.txt", n_docs=40, seed=1)
-    arr = text.token_contexts(text.iter_documents(str(path)), model.tokenizer, 6, 24, prepend_bos=True)
+    arr = text.token_contexts(
+        text.iter_documents(str(path)), model.tokenizer, 6, 24, prepend_bos=True
+    )
     return torch.from_numpy(arr.astype(np.int64))  # (6, 24)
 
 
 def identity_sae(d: int = D) -> SAE:
     """relu(x) - relu(-x) = x: a dictionary that reconstructs every activation exactly."""
     eye = torch.eye(d)
-    params = {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * d),
-              "W_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d)}
+    params = {
+        "W_enc": torch.cat([eye, -eye], 1),
+        "b_enc": torch.zeros(2 * d),
+        "W_dec": torch.cat([eye, -eye], 0),
+        "b_dec": torch.zeros(d),
+    }
     return SAE(params, {"act_scale": 2.0})  # scale folded in: still exact on raw activations
 
 
 def zero_sae(d: int = D) -> SAE:
-    params = {"W_enc": torch.zeros(d, 4), "b_enc": torch.zeros(4), "W_dec": torch.eye(4, d), "b_dec": torch.zeros(d)}
+    params = {
+        "W_enc": torch.zeros(d, 4),
+        "b_enc": torch.zeros(4),
+        "W_dec": torch.eye(4, d),
+        "b_dec": torch.zeros(d),
+    }
     return SAE(params, {})
 
 
@@ -55,7 +66,9 @@ def test_loss_recovered_formula():
 def test_clean_loss_is_the_models_loss(model, tokens):
     with torch.inference_mode():
         ref = float(model(tokens, return_type="loss"))
-    assert ce_loss(model, tokens, batch=4) == pytest.approx(ref, rel=1e-5)  # batches weighted by size
+    assert ce_loss(model, tokens, batch=4) == pytest.approx(
+        ref, rel=1e-5
+    )  # batches weighted by size
 
 
 def test_perfect_sae_recovers_everything_and_zero_sae_nothing(model, tokens):
@@ -75,7 +88,9 @@ def test_ablation_matches_a_manual_zero_hook(model, tokens):
 
     with torch.inference_mode():
         ref = float(model.run_with_hooks(tokens, fwd_hooks=[(HOOK, zero)], return_type="loss"))
-    assert LMEval(model, HOOK, tokens, batch=6).losses(identity_sae()).ce_loss_ablated == pytest.approx(ref, rel=1e-5)
+    assert LMEval(model, HOOK, tokens, batch=6).losses(
+        identity_sae()
+    ).ce_loss_ablated == pytest.approx(ref, rel=1e-5)
 
 
 def test_dropped_bos_position_is_left_alone(model, tokens):
@@ -91,14 +106,21 @@ def test_dropped_bos_position_is_left_alone(model, tokens):
 
 def test_member_metrics_skips_diverged_and_missing(model, tokens):
     sae = identity_sae()
-    params = {"W_enc": sae.W_enc.detach() / 2, "b_enc": sae.b_enc.detach(), "W_dec": sae.W_dec.detach() * 2,
-              "b_dec": sae.b_dec.detach() * 2}
+    params = {
+        "W_enc": sae.W_enc.detach() / 2,
+        "b_enc": sae.b_enc.detach(),
+        "W_dec": sae.W_dec.detach() * 2,
+        "b_dec": sae.b_dec.detach() * 2,
+    }
     ev = LMEval(model, HOOK, tokens)
     m = member_metrics(ev, params, {"act_scale": 2.0})
     assert set(m) == {"ce_loss_clean", "ce_loss_spliced", "ce_loss_ablated", "loss_recovered"}
     assert m["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
     assert member_metrics(None, params, {}) == {}
-    assert member_metrics(ev, {**params, "b_enc": torch.full_like(params["b_enc"], float("nan"))}, {}) == {}
+    assert (
+        member_metrics(ev, {**params, "b_enc": torch.full_like(params["b_enc"], float("nan"))}, {})
+        == {}
+    )
 
 
 def test_for_store_without_a_model_is_none(tiny_store):
@@ -114,7 +136,10 @@ def test_for_store_with_unloadable_model_warns(tiny_store, tmp_path, caplog):
     store_dir = tmp_path / "store"
     shutil.copytree(tiny_store.path, store_dir)
     manifest = read_json(store_dir / MANIFEST)
-    manifest["provenance"] = {"source_info": {"model": str(tmp_path / "gone"), "hook": HOOK}, "lm_eval": {}}
+    manifest["provenance"] = {
+        "source_info": {"model": str(tmp_path / "gone"), "hook": HOOK},
+        "lm_eval": {},
+    }
     atomic_write_json(store_dir / MANIFEST, manifest)
     np.save(store_dir / lm_metrics.EVAL_TOKENS_FILE, np.zeros((2, 8), dtype=np.int32))
     with caplog.at_level(logging.WARNING, logger="sweep.lm_metrics"):
@@ -127,11 +152,24 @@ def test_harvest_from_a_native_model_then_evaluate(model, tmp_path):
     from sweep.config import HarvestConfig
 
     data = write_text(tmp_path / "t.txt", n_docs=60, seed=2)
-    cfg = HarvestConfig(model="native-test", dataset=str(data), hooks=[HOOK], rows=600, context=24,
-                        rows_per_chunk=256, lm_eval_tokens=96, store_dir=str(tmp_path / "s"), device="cpu",
-                        progress=False)
+    cfg = HarvestConfig(
+        model="native-test",
+        dataset=str(data),
+        hooks=[HOOK],
+        rows=600,
+        context=24,
+        rows_per_chunk=256,
+        lm_eval_tokens=96,
+        store_dir=str(tmp_path / "s"),
+        device="cpu",
+        progress=False,
+    )
     store = run_harvest(cfg, model=model)[HOOK]
-    assert store.total_rows == 600 and store.width == D and store.provenance["model"] == "native-test"
+    assert (
+        store.total_rows == 600 and store.width == D and store.provenance["model"] == "native-test"
+    )
     held_out = torch.from_numpy(np.load(store.path / EVAL_TOKENS_FILE).astype(np.int64))  # (4, 24)
     assert held_out.shape == (4, 24) and (held_out[:, 0] == model.tokenizer.bos_token_id).all()
-    assert LMEval(model, HOOK, held_out, first=1).losses(identity_sae()).loss_recovered == pytest.approx(1.0, abs=1e-3)
+    assert LMEval(model, HOOK, held_out, first=1).losses(
+        identity_sae()
+    ).loss_recovered == pytest.approx(1.0, abs=1e-3)

@@ -76,7 +76,16 @@ def test_each_grid_point_is_its_own_wandb_run(tiny_store, tmp_path):
     for m in job.ensemble.members:
         wid = rundir.read_json(rundir.run_dir(tmp_path, m.run_id) / tracking.ID_FILE)["wandb_id"]
         (data,) = [v for k, v in runs.items() if k.endswith(wid)]
-        for key in (b"train/fvu", b"train/l0", b"train/step", b"dict_ratio", b"ensemble_id", b"r1-e0", b"gt_mmcs", b"dead_fraction"):
+        for key in (
+            b"train/fvu",
+            b"train/l0",
+            b"train/step",
+            b"dict_ratio",
+            b"ensemble_id",
+            b"r1-e0",
+            b"gt_mmcs",
+            b"dead_fraction",
+        ):
             assert key in data, key
         assert m.run_id.encode() in data
     # a resumed sweep continues the same wandb runs
@@ -85,8 +94,12 @@ def test_each_grid_point_is_its_own_wandb_run(tiny_store, tmp_path):
 
 
 def test_logger_comes_from_sweep_config_when_job_has_none(tiny_store, tmp_path):
-    (tmp_path / "config.yaml").write_text("logger:\n  name: wandb\n  mode: offline\n  project: p\n  entity: null\n  timeout: 10\n  queue_size: 50\n")
-    assert tracking.sweep_logger_config(tmp_path) == LoggerConfig("wandb", "p", None, "offline", 10.0, 50)
+    (tmp_path / "config.yaml").write_text(
+        "logger:\n  name: wandb\n  mode: offline\n  project: p\n  entity: null\n  timeout: 10\n  queue_size: 50\n"
+    )
+    assert tracking.sweep_logger_config(tmp_path) == LoggerConfig(
+        "wandb", "p", None, "offline", 10.0, 50
+    )
     train_ensemble(one_job(tiny_store, tmp_path, None))
     assert len(offline_runs(tmp_path)) == 2
 
@@ -130,7 +143,10 @@ def test_raising_backend_never_fails_training(tiny_store, tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING, logger="sweep.logger"):
         res = train_ensemble(one_job(tiny_store, tmp_path, wandb_cfg(timeout=5)))
     assert set(res.states.values()) == {"done"}
-    assert sorted(calls) == ["r1-l1_1e-02-s0", "r1-l1_1e-03-s0"]  # one try per run, then it is left alone
+    assert sorted(calls) == [
+        "r1-l1_1e-02-s0",
+        "r1-l1_1e-03-s0",
+    ]  # one try per run, then it is left alone
     assert "wandb init failed (ConnectionError: wandb is down); ignoring" in caplog.text
 
 

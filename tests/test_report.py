@@ -51,7 +51,9 @@ def test_density_file_matches_metrics(finished):
     f = 32  # width 16 x ratio 2
     assert d["frequency"].shape == (f,) and d["log10_hist_counts"].shape == (40,)
     assert int(d["log10_hist_counts"].sum()) + int(d["dead_count"][0]) == f
-    assert float(d["frequency"].mean() * f) == pytest.approx(final["l0"], rel=1e-6)  # sum of frequencies = L0
+    assert float(d["frequency"].mean() * f) == pytest.approx(
+        final["l0"], rel=1e-6
+    )  # sum of frequencies = L0
     assert float((d["frequency"] == 0).double().mean()) == final["dead_fraction"]
 
 
@@ -85,7 +87,19 @@ def test_report_on_finished_sweep(sweep_copy, capsys):
     rows = read_csv(report / "summary.csv")
     assert len(rows) == 12 and {r["state"] for r in rows} == {"done"}
     cols = set(rows[0])
-    assert {"run_id", "l1", "dict_ratio", "seed", "l0", "fvu", "mse", "dead_fraction", "gt_mmcs", "mmcs_next_ratio", "mmcs_seeds"} <= cols
+    assert {
+        "run_id",
+        "l1",
+        "dict_ratio",
+        "seed",
+        "l0",
+        "fvu",
+        "mse",
+        "dead_fraction",
+        "gt_mmcs",
+        "mmcs_next_ratio",
+        "mmcs_seeds",
+    } <= cols
     by_id = {r["run_id"]: r for r in rows}
     assert by_id["r1-l1_1e-03-s1"]["mmcs_next_ratio_run"] == "r2-l1_1e-03-s1"
     assert by_id["r2-l1_1e-03-s1"]["mmcs_next_ratio"] == ""  # no larger ratio in the sweep
@@ -102,7 +116,9 @@ def test_mmcs_values_are_consistent(sweep_copy):
     b = crossdict.unit_atoms(rundir.run_dir(sweep_copy, b_id), torch.device("cpu"))
     expect = float(metrics.mmcs(a, b).mean())
     m = rundir.read_json(rundir.run_dir(sweep_copy, a_id) / rundir.METRICS)
-    assert m["mmcs_next_ratio"] == pytest.approx(expect, abs=1e-6) and m["mmcs_next_ratio_run"] == b_id
+    assert (
+        m["mmcs_next_ratio"] == pytest.approx(expect, abs=1e-6) and m["mmcs_next_ratio_run"] == b_id
+    )
     with open(sweep_copy / "report" / "mmcs.csv", newline="") as f:
         table = list(csv.reader(f))
     ids = table[0][1:]
@@ -118,9 +134,9 @@ def test_mmcs_values_are_consistent(sweep_copy):
     assert seeds == pytest.approx(float(metrics.mmcs(ua, uo).mean()), abs=1e-5)
     # the heatmap orders each ratio's runs by L1
     r1 = [i for i in ids if i.startswith("r1-")]
-    assert [float(rundir.read_json(rundir.run_dir(sweep_copy, i) / rundir.SPEC)["l1"]) for i in r1] == sorted(
-        [l1 for l1 in L1S for _ in range(2)]
-    )
+    assert [
+        float(rundir.read_json(rundir.run_dir(sweep_copy, i) / rundir.SPEC)["l1"]) for i in r1
+    ] == sorted([l1 for l1 in L1S for _ in range(2)])
 
 
 def test_second_report_reuses_cached_mmcs(sweep_copy, monkeypatch):

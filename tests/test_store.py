@@ -19,7 +19,9 @@ def test_store_layout_and_manifest(tiny_store):
     m = tiny_store.manifest
     assert m["width"] == 16 and m["dtype"] == "float32" and m["rows_per_chunk"] == 4096
     assert m["total_rows"] == 12_000 and [c["rows"] for c in m["chunks"]] == [4096, 4096, 3808]
-    assert m["provenance"]["source"] == "synthetic" and m["provenance"]["params"]["n_features"] == 32
+    assert (
+        m["provenance"]["source"] == "synthetic" and m["provenance"]["params"]["n_features"] == 32
+    )
     assert len(m["stats"]["mean"]) == 16 and m["stats"]["mean_row_norm"] > 0
     arr = np.load(tiny_store.path / "chunk_00000.npy", mmap_mode="r")  # plain memory-mappable .npy
     assert arr.shape == (4096, 16)
@@ -60,8 +62,12 @@ def test_synthetic_statistics():
     assert x.shape == (20000, 16)
     nonzero = (x.norm(dim=1) > 0).float().mean()  # P(no feature fires) = prod(1 - p) ~ e^-4
     assert float(nonzero) == pytest.approx(1 - float(torch.prod(1 - src.p)), abs=0.01)
-    noisy = SyntheticSource(tiny_data(n_features=64, mean_active=4.0, decay=0.97, noise=0.5)).sample(20000, 0)
-    assert float((noisy[:8192] - x[:8192]).std()) == pytest.approx(0.5, rel=0.05)  # first block: same draws + noise
+    noisy = SyntheticSource(
+        tiny_data(n_features=64, mean_active=4.0, decay=0.97, noise=0.5)
+    ).sample(20000, 0)
+    assert float((noisy[:8192] - x[:8192]).std()) == pytest.approx(
+        0.5, rel=0.05
+    )  # first block: same draws + noise
 
 
 def test_correlated_features_keep_marginals():
@@ -80,13 +86,17 @@ def test_stream_is_seeded_and_resumable(tiny_store):
     s = BatchStream(tiny_store, batch_size=256, seed=3, epochs=2, eval_rows=2048)
     full = list(s.batches(Cursor()))
     assert len(full) == s.total_steps == 2 * (16 + 16 + 6)  # 9952 train rows -> 4096, 4096, 1760
-    again = list(BatchStream(tiny_store, batch_size=256, seed=3, epochs=2, eval_rows=2048).batches(Cursor()))
+    again = list(
+        BatchStream(tiny_store, batch_size=256, seed=3, epochs=2, eval_rows=2048).batches(Cursor())
+    )
     assert all(torch.equal(a[1], b[1]) for a, b in zip(full, again, strict=True))
     for k in (1, 15, 16, 37, 50):  # resume from the cursor after batch k
         rest = list(s.batches(full[k - 1][0]))
         assert len(rest) == len(full) - k
         assert all(torch.equal(a[1], b[1]) for a, b in zip(rest, full[k:], strict=True))
-    other = list(BatchStream(tiny_store, batch_size=256, seed=4, epochs=1, eval_rows=2048).batches(Cursor()))
+    other = list(
+        BatchStream(tiny_store, batch_size=256, seed=4, epochs=1, eval_rows=2048).batches(Cursor())
+    )
     assert not torch.equal(other[0][1], full[0][1])
     assert full[-1][0] == Cursor(2, 0, 0)
 
@@ -95,7 +105,9 @@ def test_stream_never_yields_eval_rows(tiny_store):
     s = BatchStream(tiny_store, batch_size=256, seed=0, epochs=1, eval_rows=2048)
     seen = torch.cat([x for _, x in s.batches(Cursor())])
     held = tiny_store.tail_rows(2048)
-    rows = {tuple(r.tolist()) for r in held if r.abs().sum() > 0}  # all-zero rows (no feature active) repeat
+    rows = {
+        tuple(r.tolist()) for r in held if r.abs().sum() > 0
+    }  # all-zero rows (no feature active) repeat
     assert rows and not any(tuple(r.tolist()) in rows for r in seen)
 
 
@@ -147,9 +159,21 @@ def test_nan_chunk_is_found_by_verify(store_copy):
 
 def test_empty_store(tmp_path):
     (tmp_path / "s").mkdir()
-    (tmp_path / "s" / MANIFEST).write_text(json.dumps({
-        "format": "sweep-chunk-store", "version": 1, "width": 4, "dtype": "float32", "rows_per_chunk": 10,
-        "total_rows": 0, "chunks": [], "stats": {"mean": [0] * 4, "mean_row_norm": 0}, "provenance": {}}))
+    (tmp_path / "s" / MANIFEST).write_text(
+        json.dumps(
+            {
+                "format": "sweep-chunk-store",
+                "version": 1,
+                "width": 4,
+                "dtype": "float32",
+                "rows_per_chunk": 10,
+                "total_rows": 0,
+                "chunks": [],
+                "stats": {"mean": [0] * 4, "mean_row_norm": 0},
+                "provenance": {},
+            }
+        )
+    )
     with pytest.raises(StoreError, match="empty"):
         ChunkStore(tmp_path / "s")
 

@@ -14,9 +14,16 @@ from sweep import rundir
 from sweep.cli import main
 
 TINY = [
-    "data.width=16", "data.n_features=32", "data.mean_active=3", "data.rows=12000",
-    "data.rows_per_chunk=4096", "data.eval_rows=2048", "train.batch_size=256", "train.log_every=5",
-    "train.checkpoint_every=10", "progress=false",
+    "data.width=16",
+    "data.n_features=32",
+    "data.mean_active=3",
+    "data.rows=12000",
+    "data.rows_per_chunk=4096",
+    "data.eval_rows=2048",
+    "train.batch_size=256",
+    "train.log_every=5",
+    "train.checkpoint_every=10",
+    "progress=false",
 ]
 
 
@@ -36,7 +43,16 @@ def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
     assert "sweep summary" in out and "r2-l1_1e-02-s0" in out
     rows = read_summary(sw / "summary.csv")
     assert len(rows) == 6 and {r["state"] for r in rows} == {"done"}
-    assert {"l1", "dict_ratio", "seed", "l0", "fvu", "dead_fraction", "gt_mmcs", "gt_recovered"} <= set(rows[0])
+    assert {
+        "l1",
+        "dict_ratio",
+        "seed",
+        "l0",
+        "fvu",
+        "dead_fraction",
+        "gt_mmcs",
+        "gt_recovered",
+    } <= set(rows[0])
     manifest = json.loads((sw / "manifest.json").read_text())
     assert len(manifest["runs"]) == 6 and manifest["state"] == "done" and manifest["width"] == 16
     assert (sw / "config.yaml").exists() and (sw / "store" / "manifest.json").exists()
@@ -47,7 +63,11 @@ def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
         placement = json.loads((d / "placement.json").read_text())
         # the shared test cluster has 2 fake GPUs: tasks get one each (CUDA_VISIBLE_DEVICES set) and,
         # with no real CUDA, train on the CPU
-        assert placement["gpu_ids"] and placement["cuda_visible_devices"] and placement["device"] == "cpu"
+        assert (
+            placement["gpu_ids"]
+            and placement["cuda_visible_devices"]
+            and placement["device"] == "cpu"
+        )
     # FVU falls and L0 rises as L1 decreases
     for ratio in ("1.0", "2.0"):
         sel = sorted((r for r in rows if r["dict_ratio"] == ratio), key=lambda r: float(r["l1"]))
@@ -69,7 +89,9 @@ def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path):
 def test_changed_settings_are_refused(ray_cluster, tmp_path, capsys):
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0
     capsys.readouterr()
-    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.lr=0.5", "data.seed=3") == 2
+    assert (
+        sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.lr=0.5", "data.seed=3") == 2
+    )
     err = capsys.readouterr().err
     assert "train.lr" in err and "data.seed" in err and len(err.strip().splitlines()) == 1
 
@@ -85,7 +107,9 @@ def test_resume_command_uses_saved_config(ray_cluster, tmp_path, capsys):
 @pytest.fixture
 def nan_store(tmp_path):
     src = tmp_path / "made"
-    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.epochs=1", name="made") == 0
+    assert (
+        sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.epochs=1", name="made") == 0
+    )
     store = tmp_path / "nanstore"
     shutil.copytree(src / "store", store)
     arr = np.load(store / "chunk_00001.npy")
@@ -101,7 +125,9 @@ def test_bad_stores_fail_before_training(ray_cluster, tmp_path, nan_store, capsy
         ([f"data.path={nan_store}"], "contains NaN or inf"),
     ]
     for extra, needle in cases:
-        code = main(["run", "data=chunks", f"sweep_dir={tmp_path / 'bad'}", "progress=false", *extra])
+        code = main(
+            ["run", "data=chunks", f"sweep_dir={tmp_path / 'bad'}", "progress=false", *extra]
+        )
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad" / "runs").exists()
@@ -110,10 +136,21 @@ def test_bad_stores_fail_before_training(ray_cluster, tmp_path, nan_store, capsy
 def test_width_mismatch_with_existing_sweep(ray_cluster, tmp_path, capsys):
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0
     other = tmp_path / "other"
-    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "data.width=8", name="other") == 0
+    assert (
+        sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "data.width=8", name="other") == 0
+    )
     capsys.readouterr()
-    code = main(["run", "data=chunks", f"data.path={other / 'store'}", f"sweep_dir={tmp_path / 'sw'}",
-                 "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "progress=false"])
+    code = main(
+        [
+            "run",
+            "data=chunks",
+            f"data.path={other / 'store'}",
+            f"sweep_dir={tmp_path / 'sw'}",
+            "grid.l1=[1e-2]",
+            "grid.dict_ratio=[1]",
+            "progress=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and ("width" in err), err
 
@@ -138,9 +175,13 @@ def test_second_driver_is_refused_while_lock_is_live(ray_cluster, tmp_path, caps
 
     sw = tmp_path / "sw"
     sw.mkdir()
-    (sw / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "started": 0}))
+    (sw / ".lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "started": 0})
+    )
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 2
     assert "is being run by pid" in capsys.readouterr().err
-    (sw / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": 0}))
+    (sw / ".lock").write_text(
+        json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": 0})
+    )
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0  # stale lock taken over
     assert not (sw / ".lock").exists()

@@ -18,7 +18,9 @@ from tests.conftest import tiny_train
 def job_for(store, sweep_dir, l1s=(1e-3, 3e-2), ratio=2.0, seeds=1, **train):
     runs = grid.expand(list(l1s), [ratio], seeds, store.width, "untied")
     (ens,) = grid.group(runs, {ratio: 16})
-    return EnsembleJob(ens, str(sweep_dir), str(store.path), True, 2048, tiny_train(**train), threads=1)
+    return EnsembleJob(
+        ens, str(sweep_dir), str(store.path), True, 2048, tiny_train(**train), threads=1
+    )
 
 
 def digest(folder) -> str:
@@ -32,12 +34,29 @@ def test_run_folders_are_complete(tiny_store, tmp_path):
     for m in job.ensemble.members:
         d = rundir.run_dir(tmp_path, m.run_id)
         names = {p.name for p in d.iterdir()}
-        assert {"spec.json", "cfg.json", "sae.safetensors", "metrics.json", "metrics.jsonl", "DONE"} <= names
+        assert {
+            "spec.json",
+            "cfg.json",
+            "sae.safetensors",
+            "metrics.json",
+            "metrics.jsonl",
+            "DONE",
+        } <= names
         assert not rundir.list_checkpoints(d)  # checkpoints are removed once final
         spec = json.loads((d / "spec.json").read_text())
-        assert spec["l1"] == m.l1 and spec["dict_ratio"] == 2.0 and spec["train"]["batch_size"] == 256
+        assert (
+            spec["l1"] == m.l1 and spec["dict_ratio"] == 2.0 and spec["train"]["batch_size"] == 256
+        )
         final = json.loads((d / "metrics.json").read_text())
-        for key in ("mse", "fvu", "l0", "dead_fraction", "dense_fraction", "gt_mmcs", "gt_recovered"):
+        for key in (
+            "mse",
+            "fvu",
+            "l0",
+            "dead_fraction",
+            "dense_fraction",
+            "gt_mmcs",
+            "gt_recovered",
+        ):
             assert key in final
         curve = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
         assert [c["step"] for c in curve] == list(range(5, 39, 5))
@@ -51,30 +70,38 @@ def test_resume_is_bit_exact(tiny_store, tmp_path, stop_at):
     ref = job_for(tiny_store, tmp_path / "ref", epochs=2)
     train_ensemble(ref)
     cut = job_for(tiny_store, tmp_path / "cut", epochs=2)
-    calls = {"n": 0}
-
-    def stop() -> bool:
-        calls["n"] += 1
-        return calls["n"] == stop_at
-
-    first = train_ensemble(cut, should_stop=stop)
+    first = train_ensemble(cut, should_stop=stop_after(stop_at))
     assert set(first.states.values()) == {"interrupted"} and first.steps == stop_at
     d0 = rundir.run_dir(tmp_path / "cut", cut.ensemble.members[0].run_id)
     assert run_state(d0) == "partial" and not rundir.is_done(d0)
     second = train_ensemble(cut)
     assert second.steps == 76
     for m in ref.ensemble.members:
-        a, b = rundir.run_dir(tmp_path / "ref", m.run_id), rundir.run_dir(tmp_path / "cut", m.run_id)
+        a, b = (
+            rundir.run_dir(tmp_path / "ref", m.run_id),
+            rundir.run_dir(tmp_path / "cut", m.run_id),
+        )
         assert digest(a) == digest(b)
         assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
 
 
-def test_corrupt_checkpoint_falls_back_to_previous(tiny_store, tmp_path):
-    ref = job_for(tiny_store, tmp_path / "ref")
+def stop_after(n: int):
+    """A should_stop() that says yes on its n-th call."""
+    calls = iter(range(1, n + 1))
+    return lambda: next(calls, n) == n
+
+
+def reference_and_interrupted(store, tmp_path, stop_at: int = 20):
+    """A finished reference run and the same job stopped (checkpointed) after ``stop_at`` steps."""
+    ref = job_for(store, tmp_path / "ref")
     train_ensemble(ref)
-    cut = job_for(tiny_store, tmp_path / "cut")
-    n = {"i": 0}
-    train_ensemble(cut, should_stop=lambda: (n.__setitem__("i", n["i"] + 1) or n["i"] == 20))
+    cut = job_for(store, tmp_path / "cut")
+    train_ensemble(cut, should_stop=stop_after(stop_at))
+    return ref, cut
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tiny_store, tmp_path):
+    ref, cut = reference_and_interrupted(tiny_store, tmp_path)
     for m in cut.ensemble.members:
         d = rundir.run_dir(tmp_path / "cut", m.run_id)
         ckpts = rundir.list_checkpoints(d)
@@ -84,7 +111,9 @@ def test_corrupt_checkpoint_falls_back_to_previous(tiny_store, tmp_path):
         ckpts[-1].write_bytes(bytes(raw))
     train_ensemble(cut)
     for m in ref.ensemble.members:
-        assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(rundir.run_dir(tmp_path / "cut", m.run_id))
+        assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(
+            rundir.run_dir(tmp_path / "cut", m.run_id)
+        )
 
 
 def test_loader_takes_raw_activations(tiny_store, tmp_path):
@@ -101,7 +130,9 @@ def test_loader_takes_raw_activations(tiny_store, tmp_path):
     codes_train = sae.encode(params, raw * scale)
     with torch.no_grad():
         torch.testing.assert_close(model.encode(raw), codes_train, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(model(raw), sae.decode(params, codes_train) / scale, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            model(raw), sae.decode(params, codes_train) / scale, rtol=1e-4, atol=1e-5
+        )
         fvu = ((model(raw) - raw) ** 2).sum() / ((raw - raw.mean(0)) ** 2).sum()
     final = json.loads((folder / "metrics.json").read_text())
     assert float(fvu) == pytest.approx(final["fvu"], rel=1e-3)
@@ -109,7 +140,12 @@ def test_loader_takes_raw_activations(tiny_store, tmp_path):
 
 def test_metrics_on_known_dictionary(tiny_store):
     gt = tiny_store.ground_truth()
-    perfect = {"W_dec": gt, "W_enc": gt.T.clone(), "b_enc": torch.zeros(32), "b_dec": torch.zeros(16)}
+    perfect = {
+        "W_dec": gt,
+        "W_enc": gt.T.clone(),
+        "b_enc": torch.zeros(32),
+        "b_dec": torch.zeros(16),
+    }
     m = metrics.ground_truth_metrics(perfect, gt)
     assert m["gt_mmcs"] == pytest.approx(1.0) and m["gt_recovered"] == 1.0
     rand = {**perfect, "W_dec": torch.randn(32, 16)}
@@ -117,7 +153,9 @@ def test_metrics_on_known_dictionary(tiny_store):
     x = torch.randn(500, 16)
     dead = {"W_enc": torch.zeros(16, 32), "b_enc": torch.zeros(32), "W_dec": gt, "b_dec": x.mean(0)}
     ev = metrics.evaluate(dead, x)
-    assert ev["l0"] == 0 and ev["dead_fraction"] == 1.0 and ev["fvu"] == pytest.approx(1.0, rel=1e-5)
+    assert (
+        ev["l0"] == 0 and ev["dead_fraction"] == 1.0 and ev["fvu"] == pytest.approx(1.0, rel=1e-5)
+    )
 
 
 def test_grid_ids_and_splitting():
@@ -127,13 +165,23 @@ def test_grid_ids_and_splitting():
     runs = grid.expand([1e-3, 1e-2, 0.0], [2, 8], 2, 16, "untied")
     assert len(runs) == 12 and runs[0].dict_ratio == 8 and runs[0].dict_size == 128
     ens = grid.group(runs, {8.0: 4, 2.0: 16})
-    assert [len(e.members) for e in ens] == [3, 3, 6]  # 6 at ratio 8 split evenly under a budget of 4
+    assert [len(e.members) for e in ens] == [
+        3,
+        3,
+        6,
+    ]  # 6 at ratio 8 split evenly under a budget of 4
     assert [e.dict_ratio for e in ens] == [8, 8, 2]  # larger ratios first
     assert len({m.run_id for e in ens for m in e.members}) == 12
-    assert grid.member_budget(64, 512, 1024, "float32", 1e12, on_gpu=False, max_members=0) == grid.CPU_MAX_MEMBERS
+    assert (
+        grid.member_budget(64, 512, 1024, "float32", 1e12, on_gpu=False, max_members=0)
+        == grid.CPU_MAX_MEMBERS
+    )
     assert grid.member_budget(64, 512, 1024, "float32", 1e12, on_gpu=False, max_members=3) == 3
     per = grid.bytes_per_member(512, 4096, 4096, "float32")
-    assert grid.member_budget(512, 4096, 4096, "float32", 10 * per / 0.8, on_gpu=True, max_members=0) == 10
+    assert (
+        grid.member_budget(512, 4096, 4096, "float32", 10 * per / 0.8, on_gpu=True, max_members=0)
+        == 10
+    )
     with pytest.raises(SweepError, match="device budget"):
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
 
@@ -152,11 +200,7 @@ def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
 
 
 def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
-    ref = job_for(tiny_store, tmp_path / "ref")
-    train_ensemble(ref)
-    cut = job_for(tiny_store, tmp_path / "cut")
-    n = {"i": 0}
-    train_ensemble(cut, should_stop=lambda: (n.__setitem__("i", n["i"] + 1) or n["i"] == 20))
+    ref, cut = reference_and_interrupted(tiny_store, tmp_path)
     for m in cut.ensemble.members:
         for c in rundir.list_checkpoints(rundir.run_dir(tmp_path / "cut", m.run_id)):
             c.write_bytes(c.read_bytes()[:100])  # truncated
@@ -166,4 +210,6 @@ def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
         events = [json.loads(ln) for ln in (d / "events.jsonl").read_text().splitlines()]
         assert events and all(e["action"] == "restarted from scratch" for e in events)
         assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
-        assert (rundir.run_dir(tmp_path / "ref", m.run_id) / "metrics.jsonl").read_text() == (d / "metrics.jsonl").read_text()
+        assert (rundir.run_dir(tmp_path / "ref", m.run_id) / "metrics.jsonl").read_text() == (
+            d / "metrics.jsonl"
+        ).read_text()

@@ -29,17 +29,26 @@ def char_tokenizer():  # type: ignore[no-untyped-def]
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOT))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT
+    )
 
 
-def save_tiny_gpt2(folder: Path, n_layer: int = 2, width: int = 32, n_ctx: int = 64, seed: int = 0) -> Path:
+def save_tiny_gpt2(
+    folder: Path, n_layer: int = 2, width: int = 32, n_ctx: int = 64, seed: int = 0
+) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = char_tokenizer()
     cfg = GPT2Config(
-        vocab_size=len(tok), n_positions=n_ctx, n_embd=width, n_layer=n_layer, n_head=2,
-        bos_token_id=0, eos_token_id=0,
+        vocab_size=len(tok),
+        n_positions=n_ctx,
+        n_embd=width,
+        n_layer=n_layer,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)
@@ -48,7 +57,9 @@ def save_tiny_gpt2(folder: Path, n_layer: int = 2, width: int = 32, n_ctx: int =
     return folder
 
 
-def native_model(tok_dir: Path, n_layers: int = 2, d_model: int = 32, n_ctx: int = 64, seed: int = 0):  # type: ignore[no-untyped-def]
+def native_model(
+    tok_dir: Path, n_layers: int = 2, d_model: int = 32, n_ctx: int = 64, seed: int = 0
+):  # type: ignore[no-untyped-def]
     """A random TL-native model; its tokenizer is saved in ``tok_dir`` (transformer_lens reloads it from there)."""
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
@@ -57,14 +68,24 @@ def native_model(tok_dir: Path, n_layers: int = 2, d_model: int = 32, n_ctx: int
     char_tokenizer().save_pretrained(tok_dir)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     cfg = TransformerBridgeConfig(
-        d_model=d_model, n_layers=n_layers, n_heads=2, d_head=d_model // 2, d_mlp=4 * d_model,
-        d_vocab=len(tok), n_ctx=n_ctx, act_fn="gelu", normalization_type="LN", seed=seed,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=2,
+        d_head=d_model // 2,
+        d_mlp=4 * d_model,
+        d_vocab=len(tok),
+        n_ctx=n_ctx,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
     )
     return TransformerBridge.boot_native(cfg, tokenizer=tok).eval()
 
 
 def write_text(path: Path, n_docs: int = 120, seed: int = 0) -> Path:
     rng = random.Random(seed)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(n_docs)]
+    docs = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(n_docs)
+    ]
     path.write_text("\n\n".join(docs) + "\n")
     return path

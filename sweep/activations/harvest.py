@@ -47,8 +47,20 @@ TOKENS_FILE = "harvest-tokens.npy"
 EVAL_TOKENS_FILE = "lm_eval_tokens.npy"
 # Settings that change what is written (batch size, device and shard count do not).
 _DEFINING = (
-    "model", "dataset", "split", "text_field", "rows", "context", "prepend_bos", "drop_bos",
-    "rows_per_chunk", "dtype", "shuffle_rows", "seed", "model_dtype", "lm_eval_tokens",
+    "model",
+    "dataset",
+    "split",
+    "text_field",
+    "rows",
+    "context",
+    "prepend_bos",
+    "drop_bos",
+    "rows_per_chunk",
+    "dtype",
+    "shuffle_rows",
+    "seed",
+    "model_dtype",
+    "lm_eval_tokens",
 )
 
 
@@ -68,7 +80,15 @@ class Plan:
     def of(cls, cfg: HarvestSource) -> Plan:
         per_group = max(1, math.ceil(cfg.shuffle_rows / cfg.rows_per_chunk))
         n_eval = math.ceil(cfg.lm_eval_tokens / cfg.context)
-        return cls(cfg.rows, cfg.context, cfg.prepend_bos, cfg.drop_bos, cfg.rows_per_chunk, per_group, n_eval)
+        return cls(
+            cfg.rows,
+            cfg.context,
+            cfg.prepend_bos,
+            cfg.drop_bos,
+            cfg.rows_per_chunk,
+            per_group,
+            n_eval,
+        )
 
     @property
     def first(self) -> int:
@@ -146,7 +166,9 @@ def run_harvest(cfg: HarvestConfig, model: Any = None) -> dict[str, ChunkStore]:
     return harvest_with_stats(cfg, model)[0]
 
 
-def harvest_with_stats(cfg: HarvestConfig, model: Any = None) -> tuple[dict[str, ChunkStore], list[ShardResult]]:
+def harvest_with_stats(
+    cfg: HarvestConfig, model: Any = None
+) -> tuple[dict[str, ChunkStore], list[ShardResult]]:
     """:func:`run_harvest`, also returning what each shard did (timings; [] if already complete)."""
     params = harvest_params(cfg)
     root = _prepare_dir(cfg, params)
@@ -154,14 +176,27 @@ def harvest_with_stats(cfg: HarvestConfig, model: Any = None) -> tuple[dict[str,
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
     plan = Plan.of(cfg)
-    docs = None if _has_tokens(cfg, plan, root) else text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
+    docs = (
+        None
+        if _has_tokens(cfg, plan, root)
+        else text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
+    )
     if model is not None or cfg.shards == 1:
-        model = model if model is not None else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
+        model = (
+            model if model is not None else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
+        )
         lm.check_hooks(model, cfg.hooks, cfg.model)
         _token_stream(cfg, plan, root, params, docs, model.tokenizer)
         results = [harvest_shard(cfg, plan, range(plan.n_groups), model)]
     else:
-        _token_stream(cfg, plan, root, params, docs, lm.load_tokenizer(cfg.model) if docs is not None else None)
+        _token_stream(
+            cfg,
+            plan,
+            root,
+            params,
+            docs,
+            lm.load_tokenizer(cfg.model) if docs is not None else None,
+        )
         results = _run_shards(cfg, plan)
     _log_timing(results)
     return _finalize(cfg, plan, params, results), results
@@ -175,7 +210,9 @@ def _prepare_dir(cfg: HarvestConfig, params: dict) -> Path:
         try:
             old = json.loads(marker.read_text())
         except (OSError, ValueError) as err:
-            raise StoreError(f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again") from err
+            raise StoreError(
+                f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"
+            ) from err
         diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
         if diff:
             raise StoreError(
@@ -183,7 +220,9 @@ def _prepare_dir(cfg: HarvestConfig, params: dict) -> Path:
                 "use the same values to resume it, or another store_dir"
             )
     elif root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise StoreError(f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder")
+        raise StoreError(
+            f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
+        )
     ensure_writable(root, "store_dir")
     return root
 
@@ -207,20 +246,30 @@ def _has_tokens(cfg: HarvestConfig, plan: Plan, root: Path) -> bool:
     if not (path.is_file() and (root / PARAMS_FILE).is_file()):
         return False
     try:
-        return np.load(path, mmap_mode="r").shape == (plan.n_contexts + plan.eval_contexts, cfg.context)
+        return np.load(path, mmap_mode="r").shape == (
+            plan.n_contexts + plan.eval_contexts,
+            cfg.context,
+        )
     except (ValueError, OSError):
         log.warning("token stream %s is damaged; rebuilding it", path)
         return False
 
 
 def _token_stream(
-    cfg: HarvestConfig, plan: Plan, root: Path, params: dict, docs: Iterator[str] | None, tokenizer: Any
+    cfg: HarvestConfig,
+    plan: Plan,
+    root: Path,
+    params: dict,
+    docs: Iterator[str] | None,
+    tokenizer: Any,
 ) -> None:
     """Write the token stream (harvest + eval contexts); ``docs`` None: it is already there."""
     if docs is None:
         return
     try:
-        tokens = text.token_contexts(docs, tokenizer, plan.n_contexts + plan.eval_contexts, cfg.context, cfg.prepend_bos)
+        tokens = text.token_contexts(
+            docs, tokenizer, plan.n_contexts + plan.eval_contexts, cfg.context, cfg.prepend_bos
+        )
     except text.NotEnoughText as err:
         raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
     atomic_write_json(root / PARAMS_FILE, params)
@@ -245,16 +294,26 @@ def harvest_shard(cfg: HarvestConfig, plan: Plan, groups: range, model: Any = No
         lm.check_hooks(model, cfg.hooks, cfg.model)
     device = next(model.parameters()).device
     tokens = np.load(Path(cfg.store_dir).expanduser() / TOKENS_FILE, mmap_mode="r")
-    probe = lm.capture(model, torch.from_numpy(np.array(tokens[:1], dtype=np.int64)).to(device), cfg.hooks)
+    probe = lm.capture(
+        model, torch.from_numpy(np.array(tokens[:1], dtype=np.int64)).to(device), cfg.hooks
+    )
     res = ShardResult((groups.start, groups.stop), {h: int(a.shape[-1]) for h, a in probe.items()})
-    writers = {h: StoreWriter(store_path(cfg, h), res.widths[h], cfg.dtype, cfg.rows_per_chunk) for h in cfg.hooks}
+    writers = {
+        h: StoreWriter(store_path(cfg, h), res.widths[h], cfg.dtype, cfg.rows_per_chunk)
+        for h in cfg.hooks
+    }
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(groups), desc="harvest", unit="group", disable=not cfg.progress, leave=False)
+    bar = tqdm(
+        total=len(groups), desc="harvest", unit="group", disable=not cfg.progress, leave=False
+    )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harvest-write") as pool:
         pending: Future | None = None
         for g in groups:
-            missing = {h: [c for c in plan.group_chunks(g) if not w.has_chunk(c)] for h, w in writers.items()}
+            missing = {
+                h: [c for c in plan.group_chunks(g) if not w.has_chunk(c)]
+                for h, w in writers.items()
+            }
             if any(missing.values()):
                 bufs = _fill_group(cfg, plan, g, model, tokens, res, device)
                 if pending is not None:
@@ -272,12 +331,20 @@ def _group_seed(seed: int, group: int) -> int:
 
 
 def _fill_group(
-    cfg: HarvestConfig, plan: Plan, g: int, model: Any, tokens: np.ndarray, res: ShardResult, device: torch.device
+    cfg: HarvestConfig,
+    plan: Plan,
+    g: int,
+    model: Any,
+    tokens: np.ndarray,
+    res: ShardResult,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """Group ``g``'s rows of every hook, already in shuffled order: each (n, d) in the store dtype."""
     r0, r1 = plan.group_rows(g)
     n, rpc = r1 - r0, plan.rows_per_context
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_group_seed(cfg.seed, g)))  # (n,)
+    perm = torch.randperm(
+        n, generator=torch.Generator().manual_seed(_group_seed(cfg.seed, g))
+    )  # (n,)
     dest = torch.empty_like(perm)
     dest[perm] = torch.arange(n)  # source row i lands at shuffled position dest[i]
     dtype = lm.MODEL_DTYPES[cfg.dtype]
@@ -302,7 +369,11 @@ def _fill_group(
 
 
 def _write_group(
-    plan: Plan, g: int, writers: dict[str, StoreWriter], bufs: dict[str, torch.Tensor], missing: dict[str, list[int]]
+    plan: Plan,
+    g: int,
+    writers: dict[str, StoreWriter],
+    bufs: dict[str, torch.Tensor],
+    missing: dict[str, list[int]],
 ) -> float:
     """Write group ``g``'s missing chunks (each atomically); returns the seconds it took."""
     t = time.perf_counter()
@@ -314,17 +385,23 @@ def _write_group(
     return time.perf_counter() - t
 
 
-def _finalize(cfg: HarvestConfig, plan: Plan, params: dict, results: list[ShardResult]) -> dict[str, ChunkStore]:
+def _finalize(
+    cfg: HarvestConfig, plan: Plan, params: dict, results: list[ShardResult]
+) -> dict[str, ChunkStore]:
     """Check every chunk is there, save the LM-eval tokens, write each store's manifest."""
     root = Path(cfg.store_dir).expanduser()
-    eval_tokens = np.ascontiguousarray(np.load(root / TOKENS_FILE, mmap_mode="r")[plan.n_contexts :])
+    eval_tokens = np.ascontiguousarray(
+        np.load(root / TOKENS_FILE, mmap_mode="r")[plan.n_contexts :]
+    )
     stores = {}
     for h in cfg.hooks:
         path = store_path(cfg, h)
         writer = StoreWriter(path, results[0].widths[h], cfg.dtype, cfg.rows_per_chunk)
         missing = [c for c in range(plan.n_chunks) if not writer.has_chunk(c)]
         if missing:
-            raise StoreError(f"harvest into {path} is missing {len(missing)} chunk(s); re-run the same command to finish it")
+            raise StoreError(
+                f"harvest into {path} is missing {len(missing)} chunk(s); re-run the same command to finish it"
+            )
         atomic_write(path / EVAL_TOKENS_FILE, lambda f: np.save(f, eval_tokens, allow_pickle=False))
         writer.finalize(plan.n_chunks, provenance(cfg, plan, params, h, results))
         stores[h] = ChunkStore(path)
@@ -332,12 +409,21 @@ def _finalize(cfg: HarvestConfig, plan: Plan, params: dict, results: list[ShardR
     return stores
 
 
-def provenance(cfg: HarvestConfig, plan: Plan, params: dict, hook: str, results: list[ShardResult]) -> dict:
+def provenance(
+    cfg: HarvestConfig, plan: Plan, params: dict, hook: str, results: list[ShardResult]
+) -> dict:
     """What the manifest records: source, token ranges, shards, and ``source_info`` for run folders."""
     info = {
-        "source": "harvest", "model": params["model"], "hook": hook, "dataset": params["dataset"],
-        "split": cfg.split, "context": cfg.context, "prepend_bos": cfg.prepend_bos, "drop_bos": cfg.drop_bos,
-        "model_dtype": cfg.model_dtype, "dtype": cfg.dtype,
+        "source": "harvest",
+        "model": params["model"],
+        "hook": hook,
+        "dataset": params["dataset"],
+        "split": cfg.split,
+        "context": cfg.context,
+        "prepend_bos": cfg.prepend_bos,
+        "drop_bos": cfg.drop_bos,
+        "model_dtype": cfg.model_dtype,
+        "dtype": cfg.dtype,
     }
     end = plan.n_contexts * plan.body
     shards = []
@@ -345,7 +431,13 @@ def provenance(cfg: HarvestConfig, plan: Plan, params: dict, hook: str, results:
         if r.groups[1] > r.groups[0]:
             rows = (plan.group_rows(r.groups[0])[0], plan.group_rows(r.groups[1] - 1)[1])
             c0, c1 = plan.contexts_of(*rows)
-            shards.append({"groups": list(r.groups), "rows": list(rows), "token_range": [c0 * plan.body, c1 * plan.body]})
+            shards.append(
+                {
+                    "groups": list(r.groups),
+                    "rows": list(rows),
+                    "token_range": [c0 * plan.body, c1 * plan.body],
+                }
+            )
     return {
         **info,
         "params": params,
@@ -354,8 +446,11 @@ def provenance(cfg: HarvestConfig, plan: Plan, params: dict, hook: str, results:
         "token_range": [0, end],
         "shuffle": {"chunks_per_group": plan.chunks_per_group, "seed": cfg.seed},
         "shards": shards,
-        "lm_eval": {"file": EVAL_TOKENS_FILE, "contexts": plan.eval_contexts,
-                    "token_range": [end, end + plan.eval_contexts * plan.body]},
+        "lm_eval": {
+            "file": EVAL_TOKENS_FILE,
+            "contexts": plan.eval_contexts,
+            "token_range": [end, end + plan.eval_contexts * plan.body],
+        },
         "source_info": info,
     }
 
@@ -364,8 +459,13 @@ def _log_timing(results: list[ShardResult]) -> None:
     fwd, wr = sum(r.forward_s for r in results), sum(r.write_s for r in results)
     toks = sum(r.tokens for r in results)
     if toks:
-        log.info("harvest: %d tokens, model forward %.1fs (%.0f tok/s per shard), writing %.1fs (overlapped)",
-                 toks, fwd, toks / max(fwd, 1e-9), wr)
+        log.info(
+            "harvest: %d tokens, model forward %.1fs (%.0f tok/s per shard), writing %.1fs (overlapped)",
+            toks,
+            fwd,
+            toks / max(fwd, 1e-9),
+            wr,
+        )
 
 
 # ---- shards on Ray -------------------------------------------------------------------
@@ -400,8 +500,10 @@ def _run_shards(cfg: HarvestConfig, plan: Plan) -> list[ShardResult]:
         on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
         n = min(cfg.shards or max(1, int(gpus)), plan.n_groups)
         task = ray.remote(_shard_task).options(
-            num_cpus=cfg.launch.cpus_per_ensemble or 1, num_gpus=1 if on_gpu else 0,
-            max_retries=cfg.launch.max_retries, retry_exceptions=False,
+            num_cpus=cfg.launch.cpus_per_ensemble or 1,
+            num_gpus=1 if on_gpu else 0,
+            max_retries=cfg.launch.max_retries,
+            retry_exceptions=False,
         )
         quiet = replace(cfg, progress=False)
         pending = [task.remote(quiet, plan, plan.shard_groups(s, n)) for s in range(n)]
@@ -416,7 +518,9 @@ def _run_shards(cfg: HarvestConfig, plan: Plan) -> list[ShardResult]:
         if owns:
             ray.shutdown()
     if failures:
-        raise SweepError(f"{len(failures)} harvest shard(s) failed ({failures[0]}); re-run the same command to continue")
+        raise SweepError(
+            f"{len(failures)} harvest shard(s) failed ({failures[0]}); re-run the same command to continue"
+        )
     return results
 
 
@@ -430,11 +534,14 @@ def _reason(err: Exception) -> str:
 # ---- data=harvest ---------------------------------------------------------------------
 
 
-def ensure_harvest_store(data: Any, sweep_dir: str | Path, launch: LaunchConfig, progress: bool = True) -> ChunkStore:
+def ensure_harvest_store(
+    data: Any, sweep_dir: str | Path, launch: LaunchConfig, progress: bool = True
+) -> ChunkStore:
     """The store of a ``data=harvest`` sweep: harvested into ``data.path`` (default
     ``<sweep_dir>/store``) unless already complete with the same settings."""
     values = {f.name: getattr(data, f.name) for f in fields(HarvestSource)}
     path = data.path or str(Path(sweep_dir) / "store")
-    cfg = HarvestConfig(**values, hooks=[data.hook], store_dir=path, launch=launch, progress=progress)
+    cfg = HarvestConfig(
+        **values, hooks=[data.hook], store_dir=path, launch=launch, progress=progress
+    )
     return run_harvest(cfg)[data.hook]
-

@@ -47,12 +47,18 @@ def check_model_folder(name: str) -> None:
     p = Path(name).expanduser()
     if not p.exists():
         if name.startswith((".", "/", "~")):
-            raise SweepError(f"model folder {name} does not exist; pass a local model folder or a model name")
+            raise SweepError(
+                f"model folder {name} does not exist; pass a local model folder or a model name"
+            )
         return
     if not p.is_dir():
-        raise SweepError(f"model {name} is a file, not a model folder; pass the folder save_pretrained wrote")
+        raise SweepError(
+            f"model {name} is a file, not a model folder; pass the folder save_pretrained wrote"
+        )
     if not (p / "config.json").is_file():
-        raise SweepError(f"model folder {p} has no config.json; save the model with save_pretrained")
+        raise SweepError(
+            f"model folder {p} has no config.json; save the model with save_pretrained"
+        )
     if not any(any(p.glob(g)) for g in _WEIGHT_GLOBS):
         raise SweepError(
             f"model folder {p} has no weights (model.safetensors / pytorch_model.bin); "
@@ -82,10 +88,14 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str = "flo
         with quiet_hub():
             model = TransformerBridge.boot_transformers(name, device=dev, dtype=MODEL_DTYPES[dtype])
     except Exception as err:  # hub, network, format and architecture errors all mean "cannot load"
-        raise SweepError(f"cannot load model '{name}' ({_first_line(err)}); pass a local model folder or check the name") from err
+        raise SweepError(
+            f"cannot load model '{name}' ({_first_line(err)}); pass a local model folder or check the name"
+        ) from err
     model.eval()
     if getattr(model, "tokenizer", None) is None:
-        raise SweepError(f"model '{name}' has no tokenizer; save one next to the weights (tokenizer.json)")
+        raise SweepError(
+            f"model '{name}' has no tokenizer; save one next to the weights (tokenizer.json)"
+        )
     return model
 
 
@@ -98,7 +108,9 @@ def load_tokenizer(name: str) -> Any:
         with quiet_hub():
             return AutoTokenizer.from_pretrained(name)
     except Exception as err:
-        raise SweepError(f"cannot load the tokenizer of '{name}' ({_first_line(err)}); check the model name or folder") from err
+        raise SweepError(
+            f"cannot load the tokenizer of '{name}' ({_first_line(err)}); check the model name or folder"
+        ) from err
 
 
 def _first_line(err: BaseException) -> str:
@@ -122,8 +134,14 @@ def check_hooks(model: Any, hooks: list[str], model_name: str) -> None:
         if not near:
             prefix = h.rsplit(".", 1)[0]
             near = [v for v in valid if v.startswith(prefix)][:6]
-        hint = f"; nearest valid names: {', '.join(near)}" if near else f"; valid names start with e.g. {', '.join(valid[:6])}"
-        raise SweepError(f"unknown hook '{h}' for model {model_name}{hint} ({len(valid)} hooks in all)")
+        hint = (
+            f"; nearest valid names: {', '.join(near)}"
+            if near
+            else f"; valid names start with e.g. {', '.join(valid[:6])}"
+        )
+        raise SweepError(
+            f"unknown hook '{h}' for model {model_name}{hint} ({len(valid)} hooks in all)"
+        )
 
 
 def layer_of(hook: str) -> int | None:
@@ -150,7 +168,11 @@ def canonical(model: Any, hook: str) -> str:
 
 @torch.inference_mode()
 def capture(
-    model: Any, tokens_BP: torch.Tensor, hooks: list[str], names_filter: bool = True, stop: bool = True
+    model: Any,
+    tokens_BP: torch.Tensor,
+    hooks: list[str],
+    names_filter: bool = True,
+    stop: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Activations of ``hooks`` on ``tokens_BP`` in one forward pass: each (B, P, d).
 
@@ -171,7 +193,9 @@ def capture(
         if act is None:
             act = cache.get(canonical(model, h))
         if act is None:
-            raise SweepError(f"hook '{h}' did not fire in a forward pass; choose a hook of the residual stream or MLP")
+            raise SweepError(
+                f"hook '{h}' did not fire in a forward pass; choose a hook of the residual stream or MLP"
+            )
         if act.ndim < 3 or tuple(act.shape[:2]) != (B, P):
             raise SweepError(
                 f"hook '{h}' gives activations of shape {tuple(act.shape)}, not (batch, position, ...); "

@@ -78,7 +78,9 @@ class StoreWriter:
     def write_chunk(self, index: int, rows: torch.Tensor) -> None:
         """Write chunk ``index`` (rows: (n, width)); stats are taken from the stored values."""
         if rows.ndim != 2 or rows.shape[1] != self.width:
-            raise StoreError(f"chunk {index} has shape {tuple(rows.shape)}, expected (n, {self.width})")
+            raise StoreError(
+                f"chunk {index} has shape {tuple(rows.shape)}, expected (n, {self.width})"
+            )
         arr = _to_numpy(rows, self.dtype)
         stored = _from_numpy(arr, self.dtype).float()  # (n, d): stats of what is on disk
         if not torch.isfinite(stored).all():
@@ -95,7 +97,10 @@ class StoreWriter:
 
     def finalize(self, n_chunks: int, provenance: dict) -> dict:
         """Merge the chunks' stats into the manifest and write it (the store is then complete)."""
-        stats = [json.loads((self.path / chunk_name(i)).with_suffix(".json").read_text()) for i in range(n_chunks)]
+        stats = [
+            json.loads((self.path / chunk_name(i)).with_suffix(".json").read_text())
+            for i in range(n_chunks)
+        ]
         total = sum(s["rows"] for s in stats)
         mean = np.sum([s["sum"] for s in stats], axis=0) / total
         mean_sq = np.sum([s["sum_sq"] for s in stats], axis=0) / total
@@ -138,7 +143,9 @@ class ChunkStore:
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StoreError(f"chunk store manifest {manifest_path} is corrupt ({err}); regenerate the store") from err
+            raise StoreError(
+                f"chunk store manifest {manifest_path} is corrupt ({err}); regenerate the store"
+            ) from err
         if self.manifest.get("format") != FORMAT:
             raise StoreError(f"{manifest_path} is not a sweep chunk store manifest")
         self.width: int = int(self.manifest["width"])
@@ -146,10 +153,14 @@ class ChunkStore:
         self.chunks: list[dict] = self.manifest["chunks"]
         self.total_rows: int = int(self.manifest["total_rows"])
         if self.total_rows == 0 or not self.chunks:
-            raise StoreError(f"chunk store {self.path} is empty (0 rows); regenerate it with rows > 0")
+            raise StoreError(
+                f"chunk store {self.path} is empty (0 rows); regenerate it with rows > 0"
+            )
         stats = self.manifest["stats"]
         if not all(math.isfinite(v) for v in [stats["mean_row_norm"], *stats["mean"]]):
-            raise StoreError(f"chunk store {self.path} has non-finite statistics (NaN in its data); regenerate it")
+            raise StoreError(
+                f"chunk store {self.path} has non-finite statistics (NaN in its data); regenerate it"
+            )
         for i, _ in enumerate(self.chunks):
             self._check_file(i)
 
@@ -161,11 +172,15 @@ class ChunkStore:
         info = self.chunks[index]
         f = self.path / info["file"]
         if not f.is_file():
-            raise StoreError(f"chunk store {self.path}: {info['file']} is missing; regenerate the store")
+            raise StoreError(
+                f"chunk store {self.path}: {info['file']} is missing; regenerate the store"
+            )
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
-            raise StoreError(f"chunk {f} is truncated or corrupt ({err}); regenerate the store") from err
+            raise StoreError(
+                f"chunk {f} is truncated or corrupt ({err}); regenerate the store"
+            ) from err
         if arr.shape != (info["rows"], self.width) or arr.dtype != _NUMPY_DTYPES[self.dtype]:
             raise StoreError(
                 f"chunk {f} has shape {arr.shape} {arr.dtype}, manifest says "
@@ -178,7 +193,9 @@ class ChunkStore:
             return 1.0
         norm = float(self.manifest["stats"]["mean_row_norm"])
         if norm <= 0:
-            raise StoreError(f"chunk store {self.path} has mean row norm 0; cannot normalise (data.normalize=false)")
+            raise StoreError(
+                f"chunk store {self.path} has mean row norm 0; cannot normalise (data.normalize=false)"
+            )
         return math.sqrt(self.width) / norm
 
     def read_rows(self, index: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -190,7 +207,9 @@ class ChunkStore:
         except (ValueError, OSError) as err:
             raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
         if not torch.isfinite(x).all():
-            raise StoreError(f"chunk {f} contains NaN or inf values; regenerate or repair the store")
+            raise StoreError(
+                f"chunk {f} contains NaN or inf values; regenerate or repair the store"
+            )
         return x
 
     def verify(self) -> None:
@@ -294,7 +313,8 @@ class BatchStream:
                 f"data.eval_rows={eval_rows} fewer than one batch (train.batch_size={batch_size}) is left"
             )
         self.train_rows = [
-            max(0, min(int(c["rows"]), limit - off)) for c, off in zip(store.chunks, store.chunk_offsets(), strict=True)
+            max(0, min(int(c["rows"]), limit - off))
+            for c, off in zip(store.chunks, store.chunk_offsets(), strict=True)
         ]
         self.batches_per_chunk = [r // batch_size for r in self.train_rows]
         if sum(self.batches_per_chunk) == 0:
@@ -339,7 +359,11 @@ class BatchStream:
         """Yield ``(cursor_after, x)`` from ``start`` to the end; ``x``: (B, d) float32 on device."""
         from concurrent.futures import ThreadPoolExecutor
 
-        plan = [(e, pos, i) for e in range(start.epoch, self.epochs) for pos, i in enumerate(self.order(e))]
+        plan = [
+            (e, pos, i)
+            for e in range(start.epoch, self.epochs)
+            for pos, i in enumerate(self.order(e))
+        ]
         plan = [p for p in plan if (p[0], p[1]) >= (start.epoch, start.chunk)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch") as pool:
             pending = pool.submit(self._load, plan[0][0], plan[0][2]) if plan else None

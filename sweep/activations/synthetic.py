@@ -35,7 +35,18 @@ PARAMS_FILE = "synthetic-params.json"
 _N_FACTORS = 16
 _BLOCK = 8192  # rows generated at a time (keeps temporaries in cache)
 # Fields that define the generated data (path / normalize / eval_rows don't).
-_DEFINING = ("width", "n_features", "mean_active", "decay", "noise", "correlation", "rows", "seed", "rows_per_chunk", "dtype")
+_DEFINING = (
+    "width",
+    "n_features",
+    "mean_active",
+    "decay",
+    "noise",
+    "correlation",
+    "rows",
+    "seed",
+    "rows_per_chunk",
+    "dtype",
+)
 
 
 def generator_params(cfg: SyntheticDataConfig) -> dict:
@@ -141,9 +152,10 @@ def _generate(cfg: SyntheticDataConfig, path: Path, params: dict) -> ChunkStore:
             continue
         rows = min(cfg.rows_per_chunk, cfg.rows - i * cfg.rows_per_chunk)
         writer.write_chunk(i, source.sample(rows, i))
-    atomic_write_bytes(path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()}))
+    atomic_write_bytes(
+        path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()})
+    )
     stats = {"feature_probability_sum": float(source.p.sum())}
     writer.finalize(n_chunks, {"source": "synthetic", "params": params, **stats})
     log.info("generated synthetic store %s (%d rows)", path, cfg.rows)
     return ChunkStore(path)
-

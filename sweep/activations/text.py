@@ -38,7 +38,9 @@ def iter_documents(dataset: str, split: str = "train", text_field: str = "text")
     """Documents (strings) of ``dataset`` in order; raises SweepError naming the problem."""
     path = Path(dataset).expanduser()
     if is_local(dataset) and not path.exists():
-        raise SweepError(f"dataset {dataset} does not exist; pass an existing .txt/.jsonl/.parquet file or a hub name")
+        raise SweepError(
+            f"dataset {dataset} does not exist; pass an existing .txt/.jsonl/.parquet file or a hub name"
+        )
     if path.is_dir():
         return _iter_saved(path, split, text_field)
     if path.is_file():
@@ -74,9 +76,13 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise SweepError(f"line {n} of {path} is not valid JSON ({err.msg}); fix the file") from err
+                raise SweepError(
+                    f"line {n} of {path} is not valid JSON ({err.msg}); fix the file"
+                ) from err
             if not isinstance(obj, dict) or field not in obj:
-                raise SweepError(f"line {n} of {path} has no field '{field}'; set text_field to the text's key")
+                raise SweepError(
+                    f"line {n} of {path} has no field '{field}'; set text_field to the text's key"
+                )
             yield str(obj[field])
 
 
@@ -88,7 +94,9 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
     except Exception as err:  # pyarrow raises several types for a bad file
         raise SweepError(f"dataset {path} is not a readable parquet file ({err})") from err
     if field not in pf.schema_arrow.names:
-        raise SweepError(f"{path} has no column '{field}' (columns: {', '.join(pf.schema_arrow.names)}); set text_field")
+        raise SweepError(
+            f"{path} has no column '{field}' (columns: {', '.join(pf.schema_arrow.names)}); set text_field"
+        )
     for batch in pf.iter_batches(columns=[field]):
         yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
 
@@ -96,7 +104,9 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
 def _iter_rows(rows: Iterable[dict], field: str, name: str) -> Iterator[str]:
     for row in rows:
         if field not in row:
-            raise SweepError(f"dataset {name} has no field '{field}' (fields: {', '.join(row)}); set text_field")
+            raise SweepError(
+                f"dataset {name} has no field '{field}' (fields: {', '.join(row)}); set text_field"
+            )
         yield str(row[field])
 
 
@@ -106,10 +116,14 @@ def _iter_saved(path: Path, split: str, field: str) -> Iterator[str]:
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as err:
-        raise SweepError(f"dataset folder {path} was not written by datasets' save_to_disk ({err})") from err
+        raise SweepError(
+            f"dataset folder {path} was not written by datasets' save_to_disk ({err})"
+        ) from err
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise SweepError(f"dataset {path} has no split '{split}' (splits: {', '.join(ds)}); set split")
+            raise SweepError(
+                f"dataset {path} has no split '{split}' (splits: {', '.join(ds)}); set split"
+            )
         ds = ds[split]
     return _iter_rows(ds, field, str(path))
 
@@ -186,7 +200,9 @@ def token_contexts(
     return np.ascontiguousarray(stream, dtype=np.int32)
 
 
-def _append_tokens(parts: list[np.ndarray], docs: list[str], tokenizer: object, special: Special) -> int:
+def _append_tokens(
+    parts: list[np.ndarray], docs: list[str], tokenizer: object, special: Special
+) -> int:
     ids = tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]
     added = 0
     for seq in ids:
