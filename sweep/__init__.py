@@ -2,16 +2,22 @@
 
 from typing import Any
 
-from sweep.sae import SAE, load_run
-
 __all__ = ["SAE", "Sweep", "load_run", "load_sweep"]
 __version__ = "0.1.0"
 
+_LAZY = {
+    "SAE": "sweep.sae",
+    "load_run": "sweep.sae",
+    "load_sweep": "sweep.api",
+    "Sweep": "sweep.api",
+}
+
 
 def __getattr__(name: str) -> Any:
-    """``load_sweep`` / ``Sweep`` are imported on first use (they pull in pandas)."""
-    if name in ("load_sweep", "Sweep"):
-        from sweep import api
+    """Public names are imported on first use, so ``import sweep.actors`` (in Ray's helper
+    processes) stays free of torch and pandas."""
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'sweep' has no attribute {name!r}")

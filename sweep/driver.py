@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 from sweep import grid, rundir
 from sweep.activations.store import ChunkStore
 from sweep.activations.synthetic import default_store_path, ensure_synthetic_store
+from sweep.actors import ProgressCounter, StopFlag
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
@@ -103,11 +105,11 @@ def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Pla
     for r in runs:
         state = run_state(rundir.run_dir(cfg.sweep_dir, r.run_id))
         (skipped if state in ("done", "diverged") else todo).append(r)
-    # Runs continuing from a checkpoint can only share an ensemble with runs at the same step.
+    # Runs continuing from a checkpoint can only share an ensemble with runs at the same step:
+    # the newest step every member of their previous ensemble has (see rundir.common_checkpoint).
     by_step: dict[int, list[RunSpec]] = {}
-    for r in todo:
-        ckpt, _ = rundir.latest_checkpoint(rundir.run_dir(cfg.sweep_dir, r.run_id))
-        by_step.setdefault(ckpt.step if ckpt else 0, []).append(r)
+    for step, runs_at in _resume_steps(Path(cfg.sweep_dir), todo).items():
+        by_step.setdefault(step, []).extend(runs_at)
     ensembles: list[EnsembleSpec] = []
     for step, group_runs in sorted(by_step.items(), reverse=True):
         budgets = {
@@ -125,6 +127,23 @@ def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Pla
         ensembles += grid.group(group_runs, budgets, tag=f"-at{step}" if step else "")
     ensembles.sort(key=lambda e: -e.dict_ratio)
     return Plan(runs, [r.run_id for r in skipped], ensembles)
+
+
+def _resume_steps(sweep_dir: Path, todo: list[RunSpec]) -> dict[int, list[RunSpec]]:
+    """Pending runs by the step they resume from (0 = from scratch), by checkpoint file names."""
+    manifest = sweep_dir / MANIFEST_FILE
+    previous = rundir.read_json(manifest)["runs"] if manifest.exists() else {}
+    groups: dict[str, list[RunSpec]] = {}
+    for r in todo:
+        groups.setdefault(previous.get(r.run_id, {}).get("ensemble", f"new:{r.run_id}"), []).append(
+            r
+        )
+    out: dict[int, list[RunSpec]] = {}
+    for members in groups.values():
+        steps = [rundir.checkpoint_steps(rundir.run_dir(sweep_dir, r.run_id)) for r in members]
+        common = set.intersection(*steps)
+        out.setdefault(max(common) if common else 0, []).extend(members)
+    return out
 
 
 def write_sweep_files(sweep_dir: Path, cfg: SweepConfig, p: Plan, store: ChunkStore) -> None:
@@ -235,8 +254,8 @@ def _remote_train(job: EnsembleJob, progress_actor: object, flag: object) -> Ens
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "pid": os.getpid(),
     }
-    with StopWatch(flag) as stop:
-        if _flag_set(flag):  # the sweep was stopped before this task started
+    with StopWatch(flag, Path(job.sweep_dir) / STOP_FILE) as stop:
+        if stop.requested():  # the sweep was stopped before this task started
             ids = [m.run_id for m in job.ensemble.members]
             return EnsembleResult(
                 job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0
@@ -246,35 +265,35 @@ def _remote_train(job: EnsembleJob, progress_actor: object, flag: object) -> Ens
         )
 
 
-def _flag_set(flag: object) -> bool:
+def _flag_set(flag: object, timeout: float = 10) -> bool:
     import ray
 
     try:
-        return bool(ray.get(flag.is_set.remote(), timeout=10))  # type: ignore[attr-defined]
-    except Exception:
+        return bool(ray.get(flag.is_set.remote(), timeout=timeout))  # type: ignore[attr-defined]
+    except Exception:  # the actor may be gone: the stop file is the other channel
         return False
 
 
 class StopWatch:
-    """Inside a worker: a threading.Event set by SIGTERM/SIGINT or by the driver's stop flag."""
+    """Inside a worker: a threading.Event set by SIGTERM/SIGINT, by the driver's stop flag
+    actor, or by the driver's stop file in the sweep folder (which still works when the job's
+    signal has taken Ray's own processes down with it)."""
 
-    def __init__(self, flag: object, poll: float = 0.5) -> None:
-        self.flag, self.poll = flag, poll
+    def __init__(self, flag: object, stop_file: Path, poll: float = 0.5) -> None:
+        self.flag, self.stop_file, self.poll = flag, stop_file, poll
         self.event = threading.Event()
         self._old: dict[int, object] = {}
 
     def is_set(self) -> bool:
         return self.event.is_set()
 
-    def _watch(self) -> None:
-        import ray
+    def requested(self) -> bool:
+        return self.stop_file.exists() or _flag_set(self.flag, timeout=2)
 
+    def _watch(self) -> None:
         while not self.event.is_set():
-            try:
-                if ray.get(self.flag.is_set.remote(), timeout=10):  # type: ignore[attr-defined]
-                    self.event.set()
-            except Exception:  # the driver may be gone: keep training, Ray decides our fate
-                pass
+            if self.requested():
+                self.event.set()
             self.event.wait(self.poll)
 
     def __enter__(self) -> StopWatch:
@@ -296,19 +315,6 @@ class StopWatch:
             self.event.clear()
 
 
-class _Flag:
-    """A stop flag the driver raises and workers poll (a tiny Ray actor)."""
-
-    def __init__(self) -> None:
-        self.value = False
-
-    def set(self) -> None:
-        self.value = True
-
-    def is_set(self) -> bool:
-        return self.value
-
-
 class Interrupted(SweepError):
     """The sweep was stopped by a signal; every running ensemble checkpointed."""
 
@@ -318,10 +324,11 @@ class Interrupted(SweepError):
 
 
 class _Signals:
-    """In the driver: remember the first SIGTERM/SIGINT instead of dying (main thread only)."""
+    """In the driver: on the first SIGTERM/SIGINT, write the stop file at once (workers poll
+    it) and remember the signal instead of dying (main thread only)."""
 
-    def __init__(self) -> None:
-        self.signum = 0
+    def __init__(self, stop_file: Path) -> None:
+        self.signum, self.stop_file, self.when = 0, stop_file, 0.0
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> _Signals:
@@ -335,7 +342,10 @@ class _Signals:
     def _handle(self, signum: int, _frame: object) -> None:
         if self.signum:  # a second signal: stop waiting for the workers
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.when = signum, time.time()
+        _quietly(
+            lambda: rundir.atomic_write_json(self.stop_file, {"time": self.when, "signal": signum})
+        )
         log.warning(
             "received %s: asking every ensemble to checkpoint and stop", signal.Signals(signum).name
         )
@@ -368,10 +378,11 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         store = prepare_store(cfg)
         check_width(sweep_dir, store)
         store.verify()
+        (sweep_dir / STOP_FILE).unlink(missing_ok=True)  # left by an earlier, stopped driver
         owns_ray = _init_ray(cfg)
-        signals = (
-            _Signals().__enter__()
-        )  # after ray.init, whose core worker installs its own handlers
+        signals = _Signals(
+            sweep_dir / STOP_FILE
+        ).__enter__()  # after ray.init, whose core worker installs its own handlers
         try:
             res = _Resources(cfg, ray.cluster_resources())
             p = plan(cfg, store.width, res.device_bytes, res.on_gpu)
@@ -382,7 +393,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         finally:
             signals.__exit__()
             if owns_ray:
-                ray.shutdown()
+                _shutdown_ray(wait=10.0 if signals.signum else None)
         rows = report.summary_rows(sweep_dir, [r.run_id for r in p.runs])
         report.write_summary(sweep_dir, rows)
         _record_state(
@@ -400,6 +411,18 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             "fix the cause and re-run the same command to continue"
         )
     return rows
+
+
+def _shutdown_ray(wait: float | None) -> None:
+    """ray.shutdown(); after a signal (Ray's processes may be dead) give up after ``wait`` s."""
+    import ray
+
+    if wait is None:
+        ray.shutdown()
+        return
+    t = threading.Thread(target=lambda: _quietly(ray.shutdown), daemon=True, name="ray-shutdown")
+    t.start()
+    t.join(wait)
 
 
 def _record_state(sweep_dir: Path, state: str) -> None:
@@ -430,8 +453,8 @@ def _execute(
     total_rows = (
         stream.total_steps * cfg.train.batch_size * sum(len(e.members) for e in p.ensembles)
     )
-    progress_actor = ray.remote(num_cpus=0)(_ProgressCounter).remote()
-    flag = ray.remote(num_cpus=0)(_Flag).remote()
+    progress_actor = ray.remote(num_cpus=0)(ProgressCounter).remote()
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
     task = ray.remote(_remote_train).options(
         num_cpus=res.num_cpus,
         num_gpus=res.num_gpus,
@@ -462,13 +485,26 @@ def _execute(
     with tqdm(
         total=total_rows, unit="row", unit_scale=True, disable=not cfg.progress, desc="sweep"
     ) as bar:
-        pending = list(refs)
+        pending, started, deadline = list(refs), time.time(), 0.0
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-            lock.heartbeat()
             if signals.signum and not stopping:
-                stopping = True
-                flag.set.remote()  # running tasks checkpoint and return; queued ones return at once
+                stopping, deadline, stopped_at = True, time.time() + STOP_GRACE, signals.when
+                _quietly(lambda: flag.set.remote())  # running tasks checkpoint and return
+            if stopping and (
+                time.time() > deadline
+                or _all_checkpointed(cfg, [refs[r] for r in pending], started, stopped_at)
+            ):
+                # SLURM signals Ray's own processes too: results may never arrive, but every
+                # started ensemble has checkpointed (or is past saving); its run folders hold all.
+                log.warning(
+                    "stopped waiting for %d ensemble(s); their checkpoints are kept", len(pending)
+                )
+                break
+            try:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            except ray.exceptions.RayError:
+                ready = []
+            lock.heartbeat()
             bar.n = min(total_rows, _progress(progress_actor, bar.n))
             for ref in ready:
                 ens = refs[ref]
@@ -496,6 +532,33 @@ def _execute(
     return failures
 
 
+STOP_GRACE = 30.0  # seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT
+STOP_FILE = ".stop"  # written by a stopping driver into SWEEP_DIR; workers poll it
+
+
+def _quietly(call: Callable[[], object]) -> None:
+    try:
+        call()
+    except Exception as err:  # Ray may already be going down with the job
+        log.debug("ignored during stop: %s", err)
+
+
+def _all_checkpointed(
+    cfg: SweepConfig, ensembles: list[EnsembleSpec], since: float, stopped: float
+) -> bool:
+    """Whether every ensemble that started in this sweep wrote its stop marker after ``stopped``."""
+    for ens in ensembles:
+        for m in ens.members:
+            folder = rundir.run_dir(cfg.sweep_dir, m.run_id)
+            placed = folder / rundir.PLACEMENT
+            if not placed.exists() or rundir.read_json(placed).get("time", 0) < since:
+                continue  # never started in this sweep: nothing to wait for
+            mark = folder / rundir.INTERRUPTED
+            if not mark.exists() or rundir.read_json(mark).get("time", 0) < stopped:
+                return False
+    return True
+
+
 def _progress(actor: object, last: float) -> float:
     """Rows trained so far (``last`` if the counter cannot be reached, e.g. during shutdown)."""
     import ray
@@ -504,19 +567,6 @@ def _progress(actor: object, last: float) -> float:
         return ray.get(actor.total.remote(), timeout=5)  # type: ignore[attr-defined]
     except (ray.exceptions.RayError, TimeoutError):
         return last
-
-
-class _ProgressCounter:
-    """Rows trained across all ensembles (a tiny Ray actor workers report to)."""
-
-    def __init__(self) -> None:
-        self.rows = 0
-
-    def add(self, rows: int) -> None:
-        self.rows += rows
-
-    def total(self) -> int:
-        return self.rows
 
 
 def _reason(err: Exception) -> str:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from sweep.errors import SweepError
 
 BYTES = {"float32": 4, "tf32": 4, "bfloat16": 2}
-CPU_MAX_MEMBERS = 16  # beyond this the CPU fast path gains nothing (scripts/bench.py)
+CPU_MAX_MEMBERS = 8  # on CPU, K=16 ran slower per member than K=8 (scripts/bench.py, BENCHMARKS.md)
 
 
 def fmt_number(v: float) -> str:

@@ -36,6 +36,7 @@ METRICS = "metrics.json"
 CURVE = "metrics.jsonl"
 DIVERGED = "diverged.json"
 FAILED = "FAILED"
+INTERRUPTED = "interrupted.json"
 PLACEMENT = "placement.json"
 EVENTS = "events.jsonl"
 CKPT_PREFIX = "checkpoint-"
@@ -186,6 +187,29 @@ def latest_checkpoint(folder: Path) -> tuple[Checkpoint | None, list[str]]:
             return load_checkpoint(path), notes
         except ValueError as err:
             notes.append(str(err))
+    return None, notes
+
+
+def checkpoint_steps(folder: Path) -> set[int]:
+    """Steps of the checkpoint files in ``folder`` (by name; not verified)."""
+    return {int(p.stem[len(CKPT_PREFIX) :]) for p in list_checkpoints(folder)}
+
+
+def common_checkpoint(folders: list[Path]) -> tuple[list[Checkpoint] | None, list[str]]:
+    """The newest step at which EVERY folder has a checkpoint that verifies, loaded.
+
+    An ensemble saves its members one after another, so a kill between two saves leaves them
+    one checkpoint apart; keeping two per member guarantees a common one. Returns ``None`` when
+    there is none, with notes on the checkpoints that failed verification.
+    """
+    notes: list[str] = []
+    for step in sorted(set.intersection(*(checkpoint_steps(f) for f in folders)), reverse=True):
+        try:
+            return [
+                load_checkpoint(f / f"{CKPT_PREFIX}{step:09d}.safetensors") for f in folders
+            ], notes
+        except ValueError as err:
+            notes.append(f"{err}")
     return None, notes
 
 

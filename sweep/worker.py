@@ -119,21 +119,15 @@ class _Trainer:
         Also sets ``self.diverged_at`` ((E,) step of divergence, -1 for healthy members).
         """
         t = self.job.train
-        found = []
-        for d in self.dirs:
-            ckpt, notes = rundir.latest_checkpoint(d)
-            for note in notes:
-                fallback = f"resumed from step {ckpt.step}" if ckpt else "restarted from scratch"
-                log.warning("%s: %s; %s", d.name, note, fallback)
+        loaded, notes = rundir.common_checkpoint(self.dirs)
+        found: list[rundir.Checkpoint | None] = loaded or [None] * len(self.dirs)
+        for note in notes:
+            action = f"resumed from step {found[0].step}" if found[0] else "restarted from scratch"
+            log.warning("%s: %s; %s", self.job.ensemble.ensemble_id, note, action)
+            for d in self.dirs:
                 rundir.append_event(
-                    d, {"event": "bad_checkpoint", "detail": note, "action": fallback}
+                    d, {"event": "bad_checkpoint", "detail": note, "action": action}
                 )
-            found.append(ckpt)
-        steps = {c.step if c else 0 for c in found}
-        if len(steps) > 1:
-            raise SweepError(
-                f"ensemble {self.job.ensemble.ensemble_id}: members are at different steps {sorted(steps)}"
-            )
         mean = torch.tensor(self.store.manifest["stats"]["mean"], dtype=torch.float32) * self.scale
         members, states, active = [], [], []
         for run, ckpt in zip(self.runs, found, strict=True):
@@ -174,6 +168,7 @@ class _Trainer:
         for run, d in zip(self.runs, self.dirs, strict=True):
             d.mkdir(parents=True, exist_ok=True)
             (d / rundir.FAILED).unlink(missing_ok=True)  # a retried run is no longer failed
+            (d / rundir.INTERRUPTED).unlink(missing_ok=True)
             spec = {**run.as_dict(), "train": asdict(self.job.train), **self.job.extra_spec}
             spec["store"] = str(self.store.path)
             spec["total_steps"] = self.stream.total_steps
@@ -317,6 +312,10 @@ def train_ensemble(
             tr.checkpoint(ens, cursor, step)
         if should_stop is not None and should_stop():
             tr.checkpoint(ens, cursor, step)
+            for d in tr.dirs:  # tells a stopping driver this ensemble's state is safe on disk
+                rundir.atomic_write_json(
+                    d / rundir.INTERRUPTED, {"step": step, "time": time.time()}
+                )
             tr.tracker().close()
             return EnsembleResult(
                 job.ensemble.ensemble_id,

@@ -7,6 +7,7 @@ uninterrupted sweep.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ARGS = [
@@ -27,7 +29,7 @@ ARGS = [
     "grid.l1=[1e-2,4e-2]",
     "grid.dict_ratio=[4,8]",
     "train.batch_size=512",
-    "train.epochs=3",
+    "train.epochs=8",
     "train.log_every=5",
     "train.checkpoint_every=10",
     "train.device=cpu",
@@ -136,7 +138,10 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"rs{int(sig)}"
     p = start(sw, rt)
     wait_for(lambda: curve_len(sw) >= 8)
-    os.killpg(p.pid, sig)  # the whole job, as SLURM does before pre-emption
+    job = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+    for pid in job:  # every process of the job (Ray's too), as SLURM does before pre-emption
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
     got, out = finish(p)
     assert got == code, out
     assert "re-run the same command" in out

@@ -213,3 +213,23 @@ def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
         assert (rundir.run_dir(tmp_path / "ref", m.run_id) / "metrics.jsonl").read_text() == (
             d / "metrics.jsonl"
         ).read_text()
+
+
+def test_kill_between_member_saves_resumes_from_common_step(tiny_store, tmp_path):
+    ref, cut = reference_and_interrupted(tiny_store, tmp_path)
+    dirs = [rundir.run_dir(tmp_path / "cut", m.run_id) for m in cut.ensemble.members]
+    rundir.list_checkpoints(dirs[1])[-1].unlink()  # killed after member 0's save, before member 1's
+    assert rundir.checkpoint_steps(dirs[0]) != rundir.checkpoint_steps(dirs[1])
+    from sweep.driver import _resume_steps
+
+    rundir.atomic_write_json(
+        tmp_path / "cut" / "manifest.json",
+        {"runs": {m.run_id: {"ensemble": cut.ensemble.ensemble_id} for m in cut.ensemble.members}},
+    )
+    steps = _resume_steps(tmp_path / "cut", list(cut.ensemble.members))
+    assert list(steps) == [14] and len(steps[14]) == 2  # planned together, at their common step
+    train_ensemble(cut)
+    for m, d in zip(ref.ensemble.members, dirs, strict=True):
+        a = rundir.run_dir(tmp_path / "ref", m.run_id)
+        assert digest(a) == digest(d)
+        assert (a / "metrics.jsonl").read_text() == (d / "metrics.jsonl").read_text()

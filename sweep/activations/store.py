@@ -198,19 +198,37 @@ class ChunkStore:
             )
         return math.sqrt(self.width) / norm
 
-    def read_rows(self, index: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``[start, stop)`` of chunk ``index`` as a new tensor in the store dtype."""
+    def read_rows(
+        self,
+        index: int,
+        start: int = 0,
+        stop: int | None = None,
+        order: np.ndarray | None = None,
+        check: bool = True,
+    ) -> torch.Tensor:
+        """Rows ``[start, stop)`` of chunk ``index`` as a new tensor in the store dtype, taken in
+        ``order`` (indices into that range) when given; ``check`` rejects NaN/inf."""
         f = self.path / self.chunks[index]["file"]
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)[start:stop]
-            x = _from_numpy(np.array(arr), self.dtype)
+            x = _from_numpy(arr[order] if order is not None else np.array(arr), self.dtype)
         except (ValueError, OSError) as err:
             raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
-        if not torch.isfinite(x).all():
+        if check and not torch.isfinite(x).all():
             raise StoreError(
                 f"chunk {f} contains NaN or inf values; regenerate or repair the store"
             )
         return x
+
+    def _signature(self) -> list:
+        return [[c["file"], *self._stat(c["file"])] for c in self.chunks]
+
+    def is_verified(self) -> bool:
+        """Whether :meth:`verify` passed on these exact chunk files (size and mtime unchanged)."""
+        try:
+            return json.loads((self.path / VERIFIED).read_text()) == self._signature()
+        except (OSError, ValueError):
+            return False
 
     def verify(self) -> None:
         """Read every chunk once and reject non-finite values (before any training).
@@ -218,13 +236,10 @@ class ChunkStore:
         A successful check is remembered in ``verified.json`` (keyed by each chunk file's size
         and mtime), so a store is scanned once, not on every run.
         """
-        signature = [[c["file"], *self._stat(c["file"])] for c in self.chunks]
+        if self.is_verified():
+            return
+        signature = self._signature()
         marker = self.path / VERIFIED
-        try:
-            if json.loads(marker.read_text()) == signature:
-                return
-        except (OSError, ValueError):
-            pass
         for i in range(len(self.chunks)):
             self.read_rows(i)  # raises StoreError on NaN/inf
         try:
@@ -286,8 +301,8 @@ def _seed(*parts: int) -> int:
 class BatchStream:
     """Shuffled batches from a store, identical for every run and resume with the same seed.
 
-    Chunk order per epoch and row order within each chunk come from generators seeded by
-    ``(seed, epoch)`` and ``(seed, epoch, chunk)``. Batches never cross a chunk boundary;
+    Chunk order per epoch and row order within each chunk come from numpy generators seeded
+    by ``(seed, epoch)`` and ``(seed, epoch, chunk)``. Batches never cross a chunk boundary;
     the remainder of a chunk smaller than one batch is skipped. The last ``eval_rows`` rows of
     the store are never trained on. The next chunk is read and shuffled in a background
     thread while the current one trains.
@@ -306,6 +321,7 @@ class BatchStream:
         self.store, self.batch_size, self.seed, self.epochs = store, batch_size, seed, epochs
         self.scale, self.device = scale, torch.device(device)
         self._orders: dict[int, list[int]] = {}
+        self._check = not store.is_verified()  # a verified store was already scanned for NaN/inf
         limit = store.total_rows - eval_rows
         if limit < batch_size:
             raise StoreError(
@@ -334,8 +350,11 @@ class BatchStream:
     def order(self, epoch: int) -> list[int]:
         """Chunk indices in this epoch's order (chunks without a full batch dropped)."""
         if epoch not in self._orders:
-            g = torch.Generator().manual_seed(_seed(self.seed, 0, epoch))
-            perm = torch.randperm(len(self.store.chunks), generator=g).tolist()
+            perm = (
+                np.random.default_rng(_seed(self.seed, 0, epoch))
+                .permutation(len(self.store.chunks))
+                .tolist()
+            )
             self._orders[epoch] = [i for i in perm if self.batches_per_chunk[i] > 0]
         return self._orders[epoch]
 
@@ -347,10 +366,14 @@ class BatchStream:
         return done + cursor.batch
 
     def _load(self, epoch: int, index: int) -> torch.Tensor:
+        """Chunk ``index`` shuffled for ``epoch`` (runs in the prefetch thread)."""
         rows = self.train_rows[index]
-        x = self.store.read_rows(index, 0, rows)  # (rows, d) in store dtype
-        g = torch.Generator().manual_seed(_seed(self.seed, 1, epoch, index))
-        x = x[torch.randperm(rows, generator=g)]  # (rows, d) shuffled
+        # numpy, not torch.randperm: a torch op here would start a second OpenMP team in this
+        # thread whose spinning workers steal the training threads' cores (scripts/bench.py)
+        order = np.random.default_rng(_seed(self.seed, 1, epoch, index)).permutation(rows)
+        x = self.store.read_rows(
+            index, 0, rows, order=order, check=self._check
+        )  # (rows, d) shuffled
         if self.device.type == "cuda":
             x = x.pin_memory()
         return x
