@@ -55,6 +55,7 @@ def status_rows(sweep_dir: Path) -> list[dict]:
             row.update(
                 rows_trained=final.get("rows_trained"), l0=final.get("l0"), fvu=final.get("fvu")
             )
+            row["rows_total"] = row["rows_total"] or row["rows_trained"]
         else:
             row.update(
                 rows_trained=last.get("rows", 0 if spec else None),

@@ -68,6 +68,10 @@ def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
             and placement["cuda_visible_devices"]
             and placement["device"] == "cpu"
         )
+    capsys.readouterr()
+    assert main(["status", str(sw)]) == 0
+    status = capsys.readouterr().out
+    assert "r2-l1_1e-02-s0" in status and "100%" in status and "done: 6" in status
     # FVU falls and L0 rises as L1 decreases
     for ratio in ("1.0", "2.0"):
         sel = sorted((r for r in rows if r["dict_ratio"] == ratio), key=lambda r: float(r["l1"]))
