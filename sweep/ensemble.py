@@ -22,7 +22,6 @@ from sweep.optim import Adam, AdamState
 from sweep.sae import LossParts, Params
 
 _grad_fn = vmap(grad(sae.loss_fn, has_aux=True), in_dims=(0, None, 0))  # (E,..), (B,D), (E,)
-_loss_fn = vmap(sae.loss_fn, in_dims=(0, None, 0))
 
 
 def untied_grads(
@@ -178,9 +177,3 @@ class Ensemble:
             unit = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             w.copy_(torch.where(self.active[:, None, None], unit, w))
         return parts
-
-    @torch.no_grad()
-    def evaluate(self, x_BD: torch.Tensor) -> LossParts:
-        """Loss parts of every member on ``x_BD`` without updating anything."""
-        with self._autocast():
-            return _loss_fn(self.params, x_BD, self.l1)[1]

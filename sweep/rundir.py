@@ -179,17 +179,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(step=int(meta["step"]), tensors=tensors, meta=json.loads(meta["meta"]))
 
 
-def latest_checkpoint(folder: Path) -> tuple[Checkpoint | None, list[str]]:
-    """The newest checkpoint that verifies, and notes on any newer ones that did not."""
-    notes: list[str] = []
-    for path in reversed(list_checkpoints(folder)):
-        try:
-            return load_checkpoint(path), notes
-        except ValueError as err:
-            notes.append(str(err))
-    return None, notes
-
-
 def checkpoint_steps(folder: Path) -> set[int]:
     """Steps of the checkpoint files in ``folder`` (by name; not verified)."""
     return {int(p.stem[len(CKPT_PREFIX) :]) for p in list_checkpoints(folder)}
