@@ -25,7 +25,7 @@ from sweep.activations.store import ChunkStore
 from sweep.activations.synthetic import default_store_path, ensure_synthetic_store
 from sweep.actors import ProgressCounter, StopFlag
 from sweep.config import SweepConfig, SyntheticDataConfig
-from sweep.errors import RunDirError, SweepError
+from sweep.errors import RunDirError, SweepError, task_error_reason
 from sweep.grid import EnsembleSpec, RunSpec
 from sweep.lock import SweepLock
 from sweep.worker import EnsembleJob, EnsembleResult, run_state, train_ensemble
@@ -520,9 +520,11 @@ def _execute(
                     )
                 except ray.exceptions.RayError as err:
                     if stopping:  # lost while the job was being stopped: its checkpoints stay
-                        log.warning("ensemble %s stopped: %s", ens.ensemble_id, _reason(err))
+                        log.warning(
+                            "ensemble %s stopped: %s", ens.ensemble_id, task_error_reason(err)
+                        )
                         continue
-                    reason = _reason(err)
+                    reason = task_error_reason(err)
                     failures.append(f"{ens.ensemble_id}: {reason}")
                     _mark_failed(cfg, ens, reason)
                     log.error("ensemble %s failed: %s", ens.ensemble_id, reason)
@@ -567,13 +569,6 @@ def _progress(actor: object, last: float) -> float:
         return ray.get(actor.total.remote(), timeout=5)  # type: ignore[attr-defined]
     except (ray.exceptions.RayError, TimeoutError):
         return last
-
-
-def _reason(err: Exception) -> str:
-    cause = getattr(err, "cause", None)
-    text = str(cause) if cause is not None else str(err)
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
 
 
 def _mark_failed(cfg: SweepConfig, ens: EnsembleSpec, reason: str) -> None:

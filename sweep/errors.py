@@ -13,3 +13,11 @@ class StoreError(SweepError):
 
 class RunDirError(SweepError):
     """A sweep or run folder cannot be written, or holds something that conflicts."""
+
+
+def task_error_reason(err: Exception) -> str:
+    """The last line of what a failed Ray task raised (its cause), for a one-line message."""
+    cause = getattr(err, "cause", None)
+    text = str(cause) if cause is not None else str(err)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__

@@ -37,7 +37,7 @@ import torch
 from sweep.activations import lm, text
 from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
-from sweep.errors import StoreError, SweepError
+from sweep.errors import StoreError, SweepError, task_error_reason
 from sweep.rundir import atomic_write, atomic_write_json, ensure_writable
 
 log = logging.getLogger(__name__)
@@ -513,7 +513,7 @@ def _run_shards(cfg: HarvestConfig, plan: Plan) -> list[ShardResult]:
             try:
                 results.append(ray.get(ready[0]))
             except ray.exceptions.RayError as err:
-                failures.append(_reason(err))
+                failures.append(task_error_reason(err))
     finally:
         if owns:
             ray.shutdown()
@@ -522,13 +522,6 @@ def _run_shards(cfg: HarvestConfig, plan: Plan) -> list[ShardResult]:
             f"{len(failures)} harvest shard(s) failed ({failures[0]}); re-run the same command to continue"
         )
     return results
-
-
-def _reason(err: Exception) -> str:
-    cause = getattr(err, "cause", None)
-    msg = str(cause) if cause is not None else str(err)
-    lines = [ln for ln in msg.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
 
 
 # ---- data=harvest ---------------------------------------------------------------------
