@@ -71,7 +71,13 @@ def test_each_grid_point_is_its_own_wandb_run(tiny_store, tmp_path):
     job = one_job(tiny_store, tmp_path, wandb_cfg())
     res = train_ensemble(job)
     assert set(res.states.values()) == {"done"}
-    runs = offline_runs(tmp_path)  # the wandb dir lives inside the sweep folder
+    # wandb's own service process writes the offline files; give it time to flush the summaries
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        runs = offline_runs(tmp_path)  # the wandb dir lives inside the sweep folder
+        if len(runs) == 2 and all(b"gt_mmcs" in v for v in runs.values()):
+            break
+        time.sleep(0.5)
     assert len(runs) == 2
     for m in job.ensemble.members:
         wid = rundir.read_json(rundir.run_dir(tmp_path, m.run_id) / tracking.ID_FILE)["wandb_id"]
