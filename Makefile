@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup  ## synthetic store with known features -> L1 x dict-ratio sweep -> results table
-	RAY_AUTH_MODE=disabled $(BIN)/sweep run sweep_dir=$(DEMO_DIR) data.rows=1500000 \
+	$(BIN)/sweep run sweep_dir=$(DEMO_DIR) data.rows=1500000 \
 		grid.l1='[1e-2,2e-2,4e-2,8e-2]' grid.dict_ratio='[4,8]'
-	RAY_AUTH_MODE=disabled $(BIN)/sweep report $(DEMO_DIR)
+	$(BIN)/sweep report $(DEMO_DIR)
 
 test: setup  ## the test suite (CPU, real Ray / Hydra / transformer_lens, tiny sizes)
 	$(BIN)/python -m pytest -q

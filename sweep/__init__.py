@@ -13,6 +13,10 @@ _LAZY = {
 }
 
 
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
+
+
 def __getattr__(name: str) -> Any:
     """Public names are imported on first use, so ``import sweep.actors`` (in Ray's helper
     processes) stays free of torch and pandas."""

@@ -22,8 +22,8 @@ import torch
 
 from sweep import rundir
 from sweep.errors import SweepError
-from sweep.report import COLUMNS, run_ids, summary_rows
 from sweep.sae import SAE, load_run
+from sweep.sweepdir import SweepFolder, summary_columns
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Sweep:
 def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:
     """Open a sweep folder (finished or running) as a table plus lazily loaded SAEs."""
     path = Path(path)
-    rows = summary_rows(path, run_ids(path))
-    cols = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+    rows = [r.row() for r in SweepFolder(path).read_runs()]
+    cols = summary_columns(rows)
     table = pd.DataFrame(rows, columns=cols).set_index("run_id")
     return Sweep(path, table, device)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from sweep.config import ConfigError, SweepConfig, register_configs, to_sweep_config
-from sweep.errors import SweepError
+from sweep.errors import SweepError, os_error_message
 
 log = logging.getLogger("sweep")
 
@@ -64,6 +65,10 @@ def _hydra_message(err: BaseException) -> str:
         ]
         hint = f" (choose one of: {', '.join(sorted(options))})" if options else ""
         return f"unknown option '{name[-1]}' for config group '{name[0]}'{hint}"
+    listed = re.match(r"Error merging override ([\w.]+)=(.*)", text)
+    if listed and "is not a ListConfig" in f"{text} {err.__cause__}":
+        key, value = listed.groups()
+        return f"{key} takes a list: write {key}='[{value}]' (brackets, quoted for the shell)"
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
         return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"
@@ -105,18 +110,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: SweepConfig) -> int:
-    from sweep import driver, report
+    from sweep import driver, report, sweepdir
 
-    rows = driver.run_sweep(cfg)
-    report.print_table(rows, title=f"sweep summary: {cfg.sweep_dir}")
-    print(f"summary: {Path(cfg.sweep_dir) / report.SUMMARY_FILE}")
+    records = driver.run_sweep(cfg)
+    report.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
+    print(f"summary: {Path(cfg.sweep_dir) / sweepdir.SUMMARY}")
     return 0
 
 
 def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides."""
-    saved = Path(sweep_dir) / "config.yaml"
-    if not saved.is_file():
+    from sweep.sweepdir import SweepFolder
+
+    saved = SweepFolder(sweep_dir).saved_config()
+    if saved is None:
         raise SweepError(
             f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')"
         )
@@ -149,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     out, rows = report.build_report(sweep_dir, device=args.device, log_media=not args.no_wandb)
     report.print_table(rows, title=f"sweep summary: {sweep_dir}")
     print(f"report: {out / 'index.html'}")
-    print(f"summary: {out / report.SUMMARY_FILE}")
+    print(f"summary: {out / report.SUMMARY}")
     return 0
 
 
@@ -169,24 +176,31 @@ def cmd_harvest(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sweep import export
 
-    paths = export.export_sweep(args.sweep_dir, args.out_dir, runs=args.runs, to=args.to)
+    paths = export.export_sweep(
+        args.sweep_dir, args.out_dir, runs=args.runs, to=args.to, finished_only=args.finished
+    )
     for path in paths:
         print(f"exported: {path}")
     return 0
 
 
+def _compose_options(p: argparse.ArgumentParser) -> None:
+    """The options of commands that compose a Hydra config."""
+    p.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
+    p.add_argument("--config-dir", help="extra folder of config groups searched before sweep's own")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sweep", description="Train grids of sparse autoencoders.", usage=USAGE
+        prog="sweep",
+        description=f"Train grids of sparse autoencoders.\n\n{USAGE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a sweep (Hydra overrides: key=value ...)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.l1='[1e-3,1e-2]'")
-    run.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
-    run.add_argument(
-        "--config-dir", help="extra folder of config groups searched before sweep's own"
-    )
+    _compose_options(run)
     run.set_defaults(func=cmd_run)
     res = sub.add_parser("resume", help="continue a sweep from its saved config")
     res.add_argument("sweep_dir")
@@ -210,34 +224,40 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         help="Hydra overrides, e.g. model=EleutherAI/pythia-70m hooks='[blocks.2.hook_resid_post]'",
     )
-    hv.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
-    hv.add_argument(
-        "--config-dir", help="extra folder of config groups searched before sweep's own"
-    )
+    _compose_options(hv)
     hv.set_defaults(func=cmd_harvest)
     exp = sub.add_parser("export", help="write finished runs in another library's format")
     exp.add_argument("sweep_dir")
     exp.add_argument("--to", required=True, choices=["saelens"], help="target format")
     exp.add_argument("out_dir", help="folder to write (one sub-folder per run)")
     exp.add_argument(
-        "--runs", nargs="+", metavar="ID", help="run ids to export (default: every finished run)"
+        "--runs", nargs="+", metavar="ID", help="run ids to export (default: every run)"
+    )
+    exp.add_argument(
+        "--finished",
+        action="store_true",
+        help="export the finished runs of a sweep that is still running (others are listed)",
     )
     exp.set_defaults(func=cmd_export)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
-    from sweep.driver import Interrupted
+    from sweep.stop import Interrupted, interruptible
 
     try:
-        return args.func(args)
+        with interruptible():
+            args = build_parser().parse_args(argv)
+            _setup_logging(args.verbose)
+            return args.func(args)
     except Interrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         return 128 + err.signum
     except (SweepError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a folder that vanished: details in SWEEP_DIR/sweep.log
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)

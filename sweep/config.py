@@ -9,14 +9,17 @@ plain frozen specs.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-DTYPES = ("float32", "tf32", "bfloat16")
-STORE_DTYPES = ("float32", "float16", "bfloat16")
+from sweep.devices import COMPUTE_DTYPES, TENSOR_DTYPES
+
+T = TypeVar("T")
+
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
@@ -95,8 +98,8 @@ class SyntheticDataConfig(DataConfig):
             f"data.rows ({self.rows}) must exceed data.eval_rows ({self.eval_rows}); raise data.rows",
         )
         _require(
-            self.dtype in STORE_DTYPES,
-            f"data.dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}",
+            self.dtype in TENSOR_DTYPES,
+            f"data.dtype must be one of {', '.join(TENSOR_DTYPES)}, got {self.dtype!r}",
         )
 
 
@@ -112,9 +115,6 @@ class ChunksDataConfig(DataConfig):
             bool(self.path),
             "data.path is required for data=chunks: pass data.path=/path/to/store",
         )
-
-
-MODEL_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -169,8 +169,8 @@ class HarvestSource:
             f"{prefix}rows_per_chunk must be > 0, got {self.rows_per_chunk}",
         )
         _require(
-            self.dtype in STORE_DTYPES,
-            f"{prefix}dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}",
+            self.dtype in TENSOR_DTYPES,
+            f"{prefix}dtype must be one of {', '.join(TENSOR_DTYPES)}, got {self.dtype!r}",
         )
         _require(
             self.shuffle_rows >= 0, f"{prefix}shuffle_rows must be >= 0, got {self.shuffle_rows}"
@@ -184,8 +184,8 @@ class HarvestSource:
             f"{prefix}device must be auto, cpu or cuda, got {self.device!r}",
         )
         _require(
-            self.model_dtype in MODEL_DTYPES,
-            f"{prefix}model_dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.model_dtype!r}",
+            self.model_dtype in TENSOR_DTYPES,
+            f"{prefix}model_dtype must be one of {', '.join(TENSOR_DTYPES)}, got {self.model_dtype!r}",
         )
         _require(self.shards >= 0, f"{prefix}shards must be >= 0, got {self.shards}")
         _require(
@@ -287,8 +287,11 @@ class TrainConfig:
     """Compute precision: float32 | tf32 (tf32 matmuls on CUDA) | bfloat16 (autocast)."""
     log_every: int = 50
     """Steps between training-curve records (one device sync for all members)."""
-    checkpoint_every: int = 500
-    """Steps between checkpoints (also at every chunk boundary)."""
+    checkpoint_minutes: float = 10.0
+    """Minutes of training between checkpoints; one is also written on every stop
+    (SIGTERM/SIGINT) and before a run's final files."""
+    checkpoint_every: int | None = None
+    """Also checkpoint every this many steps (None = by time only)."""
     threads: int = 0
     """Torch CPU threads per ensemble; 0 = the CPUs Ray assigned to the task."""
 
@@ -326,13 +329,17 @@ class TrainConfig:
             f"train.device must be auto, cpu or cuda, got {self.device!r}",
         )
         _require(
-            self.dtype in DTYPES,
-            f"train.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}",
+            self.dtype in COMPUTE_DTYPES,
+            f"train.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}",
         )
         _require(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
         _require(
-            self.checkpoint_every > 0,
-            f"train.checkpoint_every must be > 0, got {self.checkpoint_every}",
+            math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes > 0,
+            f"train.checkpoint_minutes must be > 0, got {self.checkpoint_minutes}",
+        )
+        _require(
+            self.checkpoint_every is None or self.checkpoint_every > 0,
+            f"train.checkpoint_every must be > 0 (or null for time-based only), got {self.checkpoint_every}",
         )
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
 
@@ -447,27 +454,31 @@ def register_configs() -> None:
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:
     """Convert a composed DictConfig to dataclasses once, and validate it."""
+    return _to_checked(cfg, SweepConfig, "sweep", "config")
+
+
+def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     try:
         obj = OmegaConf.to_object(cfg)
     except Exception as err:  # omegaconf raises several types; all mean a bad value
         raise ConfigError(_one_line(str(err))) from err
-    if not isinstance(obj, SweepConfig):
-        raise ConfigError("config is not a sweep config: compose it from sweep's 'config'")
+    if not isinstance(obj, schema):
+        raise ConfigError(f"config is not a {what} config: compose it from sweep's '{name}'")
     obj.check()
     return obj
 
 
 def _one_line(message: str) -> str:
+    missing = re.search(r"missing mandatory value: ([\w.]+)", message)
+    if missing:
+        key = missing.group(1)
+        example = "outputs/my-sweep" if key == "sweep_dir" else "..."
+        return f"{key} is required: pass {key}={example}"
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
     keep = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type"))]
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
     head = keep[0] if keep else message
     return f"{key}: {head}" if key and key not in head else head
-
-
-def as_dict(obj: Any) -> dict:
-    """A dataclass config as a plain JSON-able dict."""
-    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
 
 
 @dataclass
@@ -495,11 +506,4 @@ class HarvestConfig(HarvestSource):
 
 def to_harvest_config(cfg: DictConfig) -> HarvestConfig:
     """Convert a composed ``harvest`` DictConfig to a validated :class:`HarvestConfig`."""
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except Exception as err:  # omegaconf raises several types; all mean a bad value
-        raise ConfigError(_one_line(str(err))) from err
-    if not isinstance(obj, HarvestConfig):
-        raise ConfigError("config is not a harvest config: compose it from sweep's 'harvest'")
-    obj.check()
-    return obj
+    return _to_checked(cfg, HarvestConfig, "harvest", "harvest")

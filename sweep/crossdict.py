@@ -1,107 +1,51 @@
-"""Metrics across dictionaries (MMCS between runs) and per-run feature-density data.
+"""Cross-run bookkeeping: MMCS between the runs of a sweep, cached, and written back.
 
 MMCS from dictionary A to dictionary B is the mean over A's decoder atoms of the largest
 cosine similarity to any atom of B (the signal Cunningham et al. read: atoms that reappear
-in a larger dictionary, or under another seed, are more likely real features). It is not
-symmetric; :func:`max_cos_both` gets both directions from one similarity matrix.
+in a larger dictionary, or under another seed, are more likely real features); the math is
+:func:`sweep.metrics.max_cos_both`. Which pairs are compared, the cache, and what each run
+gets live here.
 
 Per run (written into ``metrics.json`` of finished runs by :func:`annotate_runs`):
 
 - ``mmcs_next_ratio``: A = this run, B = the run with the same L1 and seed at the next
   larger dict ratio of the sweep (``mmcs_next_ratio_run`` names it);
 - ``mmcs_seeds``: mean MMCS from this run to the other seeds at the same (L1, ratio).
-
-Density: ``feature_density.safetensors`` in a run folder holds each feature's firing
-frequency on the evaluation rows and a histogram of log10 frequency on fixed bins, so the
-histograms of all runs are comparable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
 
-from sweep import rundir, sae
+from sweep import metrics, sae
+from sweep.io import atomic_write_json
+from sweep.rundir import RunFolder
+from sweep.sweepdir import RunRecord
 
 log = logging.getLogger(__name__)
 
-DENSITY = "feature_density.safetensors"
-HIST_EDGES = torch.linspace(-8.0, 0.0, 41, dtype=torch.float64)
-"""Fixed log10-frequency bin edges (0.2 decades); dead features are counted separately."""
 CACHE = "mmcs_cache.json"
 
 
-# ----------------------------------------------------------------------------- density
-
-
-def density_tensors(freq_F: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Frequency (F,), log10 histogram counts (B,) over :data:`HIST_EDGES` (B+1,), dead count."""
-    freq = freq_F.detach().double().cpu()
-    alive = freq[freq > 0]
-    logf = alive.log10().clamp(float(HIST_EDGES[0]), float(HIST_EDGES[-1]))
-    counts = (
-        torch.histogram(logf, bins=HIST_EDGES).hist.long()
-        if alive.numel()
-        else torch.zeros(len(HIST_EDGES) - 1, dtype=torch.long)
-    )
-    return {
-        "frequency": freq,
-        "log10_hist_counts": counts,
-        "log10_hist_edges": HIST_EDGES.clone(),
-        "dead_count": torch.tensor([int((freq == 0).sum())]),
-    }
-
-
-def save_density(folder: Path, freq_F: torch.Tensor, eval_rows: int) -> None:
-    """Write ``feature_density.safetensors`` into a run folder (atomically)."""
-    data = save(density_tensors(freq_F), metadata={"eval_rows": str(eval_rows)})
-    rundir.atomic_write_bytes(Path(folder) / DENSITY, data)
-
-
-def load_density(folder: Path) -> dict[str, torch.Tensor] | None:
+def load_density(folder: RunFolder) -> dict[str, torch.Tensor] | None:
     """A run's density tensors, or None when it has none (older or unfinished runs)."""
-    path = Path(folder) / DENSITY
-    if not path.is_file():
-        return None
     try:
-        return load_file(str(path))
+        return folder.density()
     except Exception as err:  # a damaged file must not sink the report
-        log.warning("%s: unreadable (%s); skipping its density", path, err)
+        log.warning("%s: unreadable density (%s); skipping it", folder.path, err)
         return None
 
 
-# ----------------------------------------------------------------------------- MMCS
-
-
-def unit_atoms(folder: Path, device: torch.device) -> torch.Tensor:
+def unit_atoms(folder: RunFolder | Path, device: torch.device) -> torch.Tensor:
     """The run's decoder atoms as unit rows: (F, D) float32 on ``device``."""
-    params = load_file(str(Path(folder) / rundir.WEIGHTS))
-    dec = sae.decoder(params).float().to(device)  # (F, D)
-    return dec / dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-@torch.no_grad()
-def max_cos_both(
-    a_FD: torch.Tensor, b_GD: torch.Tensor, chunk: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit rows in; per row of ``a`` the max cosine to ``b`` (F,), and per row of ``b`` to ``a`` (G,).
-
-    Works in row blocks of ``a`` so the (F, G) similarity matrix is never held whole.
-    """
-    best_a = torch.empty(a_FD.shape[0], device=a_FD.device)
-    best_b = torch.full((b_GD.shape[0],), -1.0, device=a_FD.device)
-    for at in range(0, a_FD.shape[0], chunk):
-        sim = a_FD[at : at + chunk] @ b_GD.T  # (f, D) @ (D, G) -> (f, G)
-        best_a[at : at + chunk] = sim.max(dim=1).values
-        best_b = torch.maximum(best_b, sim.max(dim=0).values)
-    return best_a, best_b
+    folder = folder if isinstance(folder, RunFolder) else RunFolder(Path(folder))
+    return metrics.unit_rows(sae.decoder(folder.weights()).to(device))
 
 
 @dataclass
@@ -112,24 +56,25 @@ class RunRef:
     l1: float
     dict_ratio: float
     seed: int
-    folder: Path
+    folder: RunFolder
     stamp: str
     """Changes whenever the run is re-finished (its DONE time): invalidates cached values."""
 
 
-def finished_runs(sweep_dir: Path, rows: Iterable[dict]) -> list[RunRef]:
+def finished_runs(records: Iterable[RunRecord]) -> list[RunRef]:
     """Runs whose state is ``done`` and whose weights exist, ordered by ratio, L1, seed."""
-    out = []
-    for r in rows:
-        folder = rundir.run_dir(sweep_dir, r["run_id"])
-        if r.get("state") != "done" or not (folder / rundir.WEIGHTS).is_file():
-            continue
-        stamp = str(rundir.read_json(folder / rundir.DONE).get("finished", ""))
-        out.append(
-            RunRef(
-                r["run_id"], float(r["l1"]), float(r["dict_ratio"]), int(r["seed"]), folder, stamp
-            )
+    out = [
+        RunRef(
+            r.run_id,
+            float(r.spec["l1"]),
+            float(r.spec["dict_ratio"]),
+            int(r.spec["seed"]),
+            r.folder,
+            r.folder.finished_stamp(),
         )
+        for r in records
+        if r.state == "done" and r.folder.has_weights()
+    ]
     return sorted(out, key=lambda x: (x.dict_ratio, x.l1, x.seed))
 
 
@@ -158,7 +103,7 @@ class PairCache:
 
     def save(self) -> None:
         if self.path is not None:
-            rundir.atomic_write_json(self.path, self.values)
+            atomic_write_json(self.path, self.values)
 
 
 class PairMMCS:
@@ -178,7 +123,7 @@ class PairMMCS:
         hit = self.cache.get(a, b)
         if hit is not None:
             return hit
-        ab, ba = max_cos_both(self._unit(a), self._unit(b))
+        ab, ba = metrics.max_cos_both(self._unit(a), self._unit(b))
         self.cache.put(a, b, float(ab.mean()))
         self.cache.put(b, a, float(ba.mean()))
         return self.cache.get(a, b)  # type: ignore[return-value]
@@ -199,10 +144,10 @@ class CrossDict:
 
 
 def compute(
-    sweep_dir: Path, rows: list[dict], device: torch.device, cache_path: Path | None = None
+    records: list[RunRecord], device: torch.device, cache_path: Path | None = None
 ) -> CrossDict:
     """All cross-dictionary MMCS values over the sweep's finished runs."""
-    runs = finished_runs(sweep_dir, rows)
+    runs = finished_runs(records)
     pair = PairMMCS(device, PairCache.load(cache_path))
     ratios = sorted({r.dict_ratio for r in runs})
     matrices: dict[float, tuple[list[RunRef], list[list[float]]]] = {}
@@ -244,17 +189,11 @@ def _next_ratio_values(
 MMCS_KEYS = ("mmcs_next_ratio", "mmcs_next_ratio_run", "mmcs_seeds")
 
 
-def annotate_runs(sweep_dir: Path, cross: CrossDict) -> None:
+def annotate_runs(records: list[RunRecord], cross: CrossDict) -> None:
     """Write each finished run's cross-dictionary values into its ``metrics.json``."""
-    for run_id, values in cross.per_run.items():
-        path = rundir.run_dir(sweep_dir, run_id) / rundir.METRICS
-        if not path.is_file():
-            continue
-        m = rundir.read_json(path)
-        new = {k: v for k, v in m.items() if k not in MMCS_KEYS}
-        new.update(values)
-        if new != m:
-            rundir.atomic_write_json(path, new)
+    for r in records:
+        if r.run_id in cross.per_run:
+            r.folder.update_metrics(cross.per_run[r.run_id], replace_keys=MMCS_KEYS)
 
 
 def matrix_rows(cross: CrossDict) -> tuple[list[str], list[list[float | None]]]:
@@ -275,7 +214,3 @@ def matrix_rows(cross: CrossDict) -> tuple[list[str], list[list[float | None]]]:
             row.append(cross.matrices[ra][1][ia][ib] if ra == rb else None)
         out.append(row)
     return ids, out
-
-
-def finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -116,12 +116,6 @@ def stack(members: list[Params]) -> Params:
     return {k: torch.stack([m[k] for m in members]) for k in members[0]}
 
 
-def unstack(params: Params) -> list[Params]:
-    """{name: (E, ...)} -> [{name: (...)}] * E (views)."""
-    n = next(iter(params.values())).shape[0]
-    return [{k: v[e] for k, v in params.items()} for e in range(n)]
-
-
 class Ensemble:
     """E SAEs of one shape, trained together on the same batches."""
 

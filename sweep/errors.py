@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SweepError(Exception):
     """A problem with the user's input or environment; the message names it and the fix."""
@@ -13,6 +15,28 @@ class StoreError(SweepError):
 
 class RunDirError(SweepError):
     """A sweep or run folder cannot be written, or holds something that conflicts."""
+
+
+DISK_FULL_FIX = (
+    "free space (or copy the sweep folder to a bigger disk) and re-run the same command; "
+    "finished runs and checkpoints are intact"
+)
+
+
+def is_disk_full(err: BaseException | str) -> bool:
+    """Whether an error (or a failed task's reason) means the disk or quota is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an OSError a user can act on."""
+    where = f" ({err.filename})" if err.filename else ""
+    if is_disk_full(err):
+        return f"no space left on the device{where}; {DISK_FULL_FIX}"
+    return f"{err.strerror or err}{where}; check the path and its permissions, then re-run"
 
 
 def task_error_reason(err: Exception) -> str:

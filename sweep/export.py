@@ -16,9 +16,11 @@ from pathlib import Path
 
 from safetensors.torch import save
 
-from sweep import rundir
 from sweep.errors import SweepError
+from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable
+from sweep.rundir import RunFolder
 from sweep.sae import load_run
+from sweep.sweepdir import SweepFolder
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def saelens_cfg(cfg: dict) -> dict:
 def export_run(run_folder: str | Path, out: str | Path) -> Path:
     """Write one finished run folder in SAELens format into ``out`` (created)."""
     folder = Path(run_folder)
-    if not rundir.is_done(folder):
+    if not RunFolder(folder).is_done():
         raise SweepError(
             f"run {folder.name} is not finished (no DONE in {folder}); let the sweep finish or pick a finished run"
         )
@@ -84,35 +86,56 @@ def export_run(run_folder: str | Path, out: str | Path) -> Path:
         model = load_run(str(folder))
     except FileNotFoundError as err:
         raise SweepError(f"{err}; re-run the sweep to rewrite it") from err
-    out = rundir.ensure_writable(out, "export folder")
+    out = ensure_writable(out, "export folder")
     weights = {
         "W_enc": model.W_enc.detach().float().contiguous(),  # (d_in, d_sae)
         "b_enc": model.b_enc.detach().float().contiguous(),  # (d_sae,)
         "W_dec": model.W_dec.detach().float().contiguous(),  # (d_sae, d_in)
         "b_dec": model.b_dec.detach().float().contiguous(),  # (d_in,)
     }
-    rundir.atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
-    rundir.atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg))
+    atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
+    atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg))
     return out
 
 
-def _manifest_ids(sweep_dir: Path) -> list[str]:
-    from sweep.report import run_ids
-
-    return run_ids(sweep_dir)
+def _finished(sweep_dir: str | Path, states: dict, finished_only: bool) -> list[str]:
+    """Every done run; unfinished ones are an error unless ``finished_only`` (then a warning)."""
+    chosen = [r for r, s in states.items() if s == "done"]
+    diverged = [r for r, s in states.items() if s == "diverged"]
+    waiting = [r for r, s in states.items() if not s.final]
+    if waiting and not finished_only:
+        shown = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+        raise SweepError(
+            f"{len(waiting)} of {len(states)} runs in {sweep_dir} are not finished ({shown}); "
+            f"wait for the sweep, or pass --finished to export the {len(chosen)} finished runs"
+        )
+    if not chosen:
+        raise SweepError(
+            f"{sweep_dir} has no finished runs to export yet; wait for the sweep or check 'sweep status'"
+        )
+    for what, ids in (("unfinished", waiting), ("diverged (not exported)", diverged)):
+        if ids:
+            log.warning("skipped %d %s run(s): %s", len(ids), what, ", ".join(ids))
+    return chosen
 
 
 def export_sweep(
-    sweep_dir: str | Path, out_dir: str | Path, runs: list[str] | None = None, to: str = "saelens"
+    sweep_dir: str | Path,
+    out_dir: str | Path,
+    runs: list[str] | None = None,
+    to: str = "saelens",
+    finished_only: bool = False,
 ) -> list[Path]:
-    """Export chosen runs (default: every run whose state is ``done``) into ``out_dir/<run_id>/``.
+    """Export chosen runs (default: every run, which must all be finished unless
+    ``finished_only``) into ``out_dir/<run_id>/``; diverged runs are skipped, with a warning.
 
     A named run that is unknown or not finished is an error (nothing is written then).
     """
     if to not in FORMATS:
         raise SweepError(f"unknown export format {to!r}; use one of: {', '.join(FORMATS)}")
-    sweep_dir = Path(sweep_dir)
-    known = _manifest_ids(sweep_dir)
+    folder = SweepFolder(sweep_dir)
+    states = {r.run_id: r.state for r in folder.read_runs()}
+    known = list(states)
     if runs:
         unknown = [r for r in runs if r not in known]
         if unknown:
@@ -121,22 +144,12 @@ def export_sweep(
             )
         chosen = list(runs)
         for rid in chosen:
-            if not rundir.is_done(rundir.run_dir(sweep_dir, rid)):
+            if not folder.run(rid).is_done():
                 raise SweepError(
                     f"run {rid} is not finished (no DONE); let the sweep finish or export finished runs only"
                 )
     else:
-        chosen = [r for r in known if _state(sweep_dir, r) == "done"]
-        if not chosen:
-            raise SweepError(
-                f"{sweep_dir} has no finished runs to export yet; wait for the sweep or check 'sweep status'"
-            )
-    paths = [export_run(rundir.run_dir(sweep_dir, rid), Path(out_dir) / rid) for rid in chosen]
+        chosen = _finished(sweep_dir, states, finished_only)
+    paths = [export_run(folder.run(rid).path, Path(out_dir) / rid) for rid in chosen]
     log.info("exported %d run(s) to %s", len(paths), out_dir)
     return paths
-
-
-def _state(sweep_dir: Path, rid: str) -> str:
-    from sweep.worker import run_state
-
-    return run_state(rundir.run_dir(sweep_dir, rid))

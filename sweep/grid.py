@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from sweep.devices import BYTES
 from sweep.errors import SweepError
 
-BYTES = {"float32": 4, "tf32": 4, "bfloat16": 2}
 CPU_MAX_MEMBERS = 8  # on CPU, K=16 ran slower per member than K=8 (scripts/bench.py, BENCHMARKS.md)
 
 

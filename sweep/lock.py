@@ -4,22 +4,31 @@
 seconds while the driver runs (a heartbeat). A lock is stale, and taken over, when its pid
 is dead on this host, or when its heartbeat is older than ``STALE_AFTER`` seconds on
 another host (whose processes we cannot see).
+
+Taking the lock is atomic: drivers that start together serialise on an ``fcntl.flock`` of
+``SWEEP_DIR/.lock-guard`` (released by the kernel when a process dies), look at ``.lock``,
+and create it complete (a temp file hard-linked into place, which fails if one appeared).
+Where the filesystem has no flock (some Lustre mounts without ``-o flock``) the hard link
+alone still keeps two drivers from both creating a lock; only two drivers taking over the
+same stale lock at the same moment could then race.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sweep.errors import RunDirError
+from sweep.sweepdir import LOCK, LOCK_GUARD
 
 log = logging.getLogger(__name__)
 
-LOCK = ".lock"
 STALE_AFTER = 120.0
 
 
@@ -50,6 +59,22 @@ def holder_alive(info: dict, path: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _guard(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (best-effort where the filesystem has none)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            log.debug("no flock on %s (%s); relying on the lock file's atomic create", path, err)
+        yield
+    finally:
+        os.close(fd)
+
+
 class SweepLock:
     """Context manager: acquire on enter (or raise RunDirError), release on exit."""
 
@@ -59,27 +84,35 @@ class SweepLock:
         self._last_beat = 0.0
 
     def __enter__(self) -> SweepLock:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                held = read_lock(self.path.parent)
-                if held is not None and holder_alive(held, self.path):
-                    raise RunDirError(
-                        f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
-                        "wait for it to finish (or stop it) before running this sweep again"
-                    ) from None
+        with _guard(self.path.parent / LOCK_GUARD):
+            held = read_lock(self.path.parent)
+            if held is not None and holder_alive(held, self.path):
+                raise RunDirError(
+                    f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
+                    "wait for it to finish (or stop it) before running this sweep again"
+                )
+            if self.path.exists():
                 log.warning(
                     "taking over a stale lock left by pid %s on %s",
                     (held or {}).get("pid"),
                     (held or {}).get("host"),
                 )
                 self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.info, f)
-            return self
-        raise RunDirError(f"could not acquire {self.path}; another driver is starting this sweep")
+            self._create()
+        return self
+
+    def _create(self) -> None:
+        """Write the lock complete, then link it into place (fails if another appeared)."""
+        tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.info))
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise RunDirError(
+                f"could not acquire {self.path}; another driver is starting this sweep"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def heartbeat(self, every: float = 10.0) -> None:
         now = time.time()

@@ -28,12 +28,12 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from sweep import rundir
+from sweep import rundir, sweepdir
 from sweep.config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
-ID_FILE = "logger.json"
+ID_FILE = rundir.TRACKER
 _STOP = ("stop",)
 
 
@@ -82,14 +82,13 @@ def _has_api_key() -> bool:
 
 def run_wandb_id(folder: Path, run_id: str) -> str:
     """The run's wandb id: read from ``logger.json`` if present, else made and saved."""
-    path = Path(folder) / ID_FILE
-    try:
-        return str(rundir.read_json(path)["wandb_id"])
-    except (OSError, ValueError, KeyError):
-        pass
+    run = rundir.RunFolder(Path(folder))
+    known = run.tracker_id()
+    if known:
+        return str(known)
     slug = re.sub(r"[^A-Za-z0-9_.-]", "_", run_id)[:48]
     wid = f"{slug}-{secrets.token_hex(4)}"
-    rundir.atomic_write_json(path, {"wandb_id": wid})
+    run.save_tracker_id(wid)
     return wid
 
 
@@ -324,8 +323,8 @@ def make_logger(cfg: LoggerConfig | None, sweep_dir: str | Path) -> RunLogger:
 
 def sweep_logger_config(sweep_dir: str | Path) -> LoggerConfig | None:
     """The ``logger`` section of ``SWEEP_DIR/config.yaml`` (None if absent or unreadable)."""
-    path = Path(sweep_dir) / "config.yaml"
-    if not path.is_file():
+    path = sweepdir.SweepFolder(sweep_dir).saved_config()
+    if path is None:
         return None
     try:
         from omegaconf import OmegaConf
@@ -352,7 +351,7 @@ def log_report(
     lg = make_logger(cfg, sweep_dir)
     if not isinstance(lg, WandbLogger):
         return
-    folder = Path(sweep_dir) / "report"
+    folder = Path(sweep_dir) / sweepdir.REPORT
     lg.start("report", folder, {"sweep_dir": str(Path(sweep_dir).absolute())}, job_type="report")
     lg.media("report", images)
     lg.table("report", "summary", columns, data)

@@ -15,11 +15,55 @@ DENSE_THRESHOLD = 0.1
 RECOVERED_THRESHOLD = 0.9
 
 
+HIST_EDGES = torch.linspace(-8.0, 0.0, 41, dtype=torch.float64)
+"""Fixed log10-frequency bin edges (0.2 decades), so all runs' histograms are comparable;
+dead features are counted separately."""
+
+
+def unit_rows(w_FD: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm: (F, D) float32."""
+    w = w_FD.float()
+    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def max_cos_both(
+    a_FD: torch.Tensor, b_GD: torch.Tensor, chunk: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows in; per row of ``a`` the max cosine to ``b`` (F,), and per row of ``b`` to ``a`` (G,).
+
+    Works in row blocks of ``a`` so the (F, G) similarity matrix is never held whole.
+    """
+    best_a = torch.empty(a_FD.shape[0], device=a_FD.device)
+    best_b = torch.full((b_GD.shape[0],), -1.0, device=a_FD.device)
+    for at in range(0, a_FD.shape[0], chunk):
+        sim = a_FD[at : at + chunk] @ b_GD.T  # (f, D) @ (D, G) -> (f, G)
+        best_a[at : at + chunk] = sim.max(dim=1).values
+        best_b = torch.maximum(best_b, sim.max(dim=0).values)
+    return best_a, best_b
+
+
 def mmcs(a_FD: torch.Tensor, b_GD: torch.Tensor) -> torch.Tensor:
     """Per row of ``a``, the max cosine similarity to any row of ``b``: (F,)."""
-    a = a_FD / a_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = b_GD / b_GD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (a @ b.T).max(dim=1).values  # (F, D) @ (D, G) -> (F, G) -> (F,)
+    return max_cos_both(unit_rows(a_FD), unit_rows(b_GD))[0]
+
+
+def density_tensors(freq_F: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Frequency (F,), log10 histogram counts (B,) over :data:`HIST_EDGES` (B+1,), dead count."""
+    freq = freq_F.detach().double().cpu()
+    alive = freq[freq > 0]
+    logf = alive.log10().clamp(float(HIST_EDGES[0]), float(HIST_EDGES[-1]))
+    counts = (
+        torch.histogram(logf, bins=HIST_EDGES).hist.long()
+        if alive.numel()
+        else torch.zeros(len(HIST_EDGES) - 1, dtype=torch.long)
+    )
+    return {
+        "frequency": freq,
+        "log10_hist_counts": counts,
+        "log10_hist_edges": HIST_EDGES.clone(),
+        "dead_count": torch.tensor([int((freq == 0).sum())]),
+    }
 
 
 def evaluate(params: Params, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, float]:

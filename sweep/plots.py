@@ -3,6 +3,10 @@
 Every function takes summary rows (dicts from :mod:`sweep.report`) and a PNG path, draws
 only finished runs with finite values, and draws a labelled placeholder when there is
 nothing to show yet (a running sweep), so the report always has every image.
+
+Also here, because plots and page must agree on them: which runs are on the FVU–L0 Pareto
+frontier (:func:`frontier_ids`) and which ``loss_recovered`` values mean nothing because
+zero-ablating the hook hardly changes the model's loss (:func:`weak_loss_recovered`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,20 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
-from sweep import crossdict, rundir
-from sweep.crossdict import CrossDict, finite
+from sweep import crossdict
+from sweep.crossdict import CrossDict
+from sweep.io import atomic_write
+from sweep.rundir import RunFolder
 
 log = logging.getLogger(__name__)
 
 DPI = 110
+
+MIN_ABLATION_GAP = 0.1
+"""nats. Below this ``ce_loss_ablated - ce_loss_clean``, ``loss_recovered`` (a ratio over
+that gap) is noise: a tiny model can score 1.37 when zero-ablation costs 0.018 nats."""
 
 
 def _figure(w: float = 7.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, list]:
@@ -31,7 +42,7 @@ def _figure(w: float = 7.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, lis
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 
@@ -45,6 +56,10 @@ def placeholder(path: Path, title: str, text: str) -> Path:
     return _save(fig, path)
 
 
+def finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _finished(rows: list[dict], *keys: str) -> list[dict]:
     return [r for r in rows if r.get("state") == "done" and all(finite(r.get(k)) for k in keys)]
 
@@ -56,6 +71,14 @@ def _ratio_colors(ratios: list[float]) -> dict[float, object]:
     return {r: cmap(i % 10) for i, r in enumerate(sorted(ratios))}
 
 
+def _mean(values: list) -> float:
+    vals = [v for v in values if finite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+# ----------------------------------------------------------------------------- shared facts
+
+
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points (l0, fvu) not dominated by any other (lower or equal l0 and lower fvu), by l0."""
     front: list[tuple[float, float]] = []
@@ -65,9 +88,73 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+def _frontier_candidates(rows: list[dict]) -> list[dict]:
+    return [r for r in _finished(rows, "l0", "fvu", "l1") if r["l0"] > 0 and r["fvu"] > 0]
+
+
+def frontier_ids(rows: list[dict]) -> set[str]:
+    """Run ids of the finished runs on the FVU–L0 Pareto frontier (the frontier plot's line)."""
+    pts = _frontier_candidates(rows)
+    front = set(pareto([(r["l0"], r["fvu"]) for r in pts]))
+    return {r["run_id"] for r in pts if (r["l0"], r["fvu"]) in front}
+
+
+def ablation_gap(row: dict) -> float | None:
+    """``ce_loss_ablated - ce_loss_clean`` in nats, when the run has both."""
+    clean, ablated = row.get("ce_loss_clean"), row.get("ce_loss_ablated")
+    return ablated - clean if finite(clean) and finite(ablated) else None  # type: ignore[operator]
+
+
+def weak_loss_recovered(row: dict) -> bool:
+    """True when the run's ``loss_recovered`` rests on an ablation gap < MIN_ABLATION_GAP."""
+    gap = ablation_gap(row)
+    return gap is not None and gap < MIN_ABLATION_GAP and row.get("loss_recovered") is not None
+
+
+def has_lm_metrics(rows: list[dict]) -> bool:
+    """Whether any finished run has language-model metrics (runs on a harvested store)."""
+    return any(_lm_panels(_finished(rows)))
+
+
+# ----------------------------------------------------------------------------- axes
+
+
+def _l1_axis(ax, l1s: list[float]) -> None:
+    """A log L1 axis (symlog when 0 is in the grid) with a labelled tick at every grid L1."""
+    ticks = sorted({float(v) for v in l1s})
+    positive = [v for v in ticks if v > 0]
+    if len(positive) < len(ticks):  # L1 = 0 cannot sit on a log axis
+        ax.set_xscale("symlog", linthresh=min(positive) if positive else 1e-4, linscale=0.5)
+    else:
+        ax.set_xscale("log")
+    step = max(1, math.ceil(len(ticks) / 14))
+    labels = [f"{v:g}" if i % step == 0 else "" for i, v in enumerate(ticks)]
+    ax.set_xticks(ticks, labels, rotation=45 if len(ticks) > 5 else 0, fontsize=8)
+    ax.set_xticks([], minor=True)
+    if positive:
+        lo = 0.0 if len(positive) < len(ticks) else min(positive) / 1.6
+        ax.set_xlim(lo - (positive[0] * 0.3 if lo == 0 else 0), max(positive) * 1.6)
+    ax.set_xlabel("L1 coefficient")
+
+
+def _fit_ylim(ax, values: list[float], min_span: float = 0.05) -> None:
+    """A y range around the finite ``values`` with a 10% margin (at least ``min_span`` wide)."""
+    vals = [v for v in values if finite(v)]
+    if not vals:
+        return
+    lo, hi = min(vals), max(vals)
+    span = max(hi - lo, min_span)
+    mid = (lo + hi) / 2
+    lo, hi = min(lo, mid - span / 2), max(hi, mid + span / 2)
+    ax.set_ylim(lo - 0.1 * span, hi + 0.1 * span)
+
+
+# ----------------------------------------------------------------------------- frontier
+
+
 def frontier(rows: list[dict], path: Path) -> Path:
     """FVU (log) against L0 (log): one colour per dict ratio, marker size/shade by L1, Pareto line."""
-    pts = [r for r in _finished(rows, "l0", "fvu", "l1") if r["l0"] > 0 and r["fvu"] > 0]
+    pts = _frontier_candidates(rows)
     if not pts:
         return placeholder(path, "FVU vs L0", "no finished runs with L0 > 0 yet")
     fig, (ax,) = _figure()
@@ -111,42 +198,109 @@ def frontier(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- MMCS
+
+
 def _run_label(ref: crossdict.RunRef, seeds: bool) -> str:
     return f"{ref.l1:.2g}" + (f" s{ref.seed}" if seeds else "")
 
 
+def _cell_fontsize(n: int) -> float | None:
+    """Font size for the numbers in an n x n heatmap; None = too many cells to number."""
+    return 11 if n <= 6 else 9 if n <= 10 else 7.5 if n <= 16 else None
+
+
+def _mmcs_range(cross: CrossDict, ratios: list[float]) -> tuple[float, float]:
+    vals = [v for r in ratios for row in cross.matrices[r][1] for v in row if finite(v)]
+    lo, hi = min(vals), max(vals)
+    return (lo, hi) if hi - lo > 1e-3 else (hi - 0.05, hi)
+
+
 def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
     """MMCS between all finished runs of each dict ratio, ordered by L1 (one panel per ratio)."""
-    ratios = [r for r in sorted(cross.matrices) if len(cross.matrices[r][0]) > 1]
-    if not ratios:
+    fig = mmcs_heatmap_figure(cross, max_ratios)
+    if fig is None:
         return placeholder(
             path, "MMCS between dictionaries", "needs two finished runs of one dict ratio"
         )
+    return _save(fig, path)
+
+
+def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
+    """:func:`mmcs_heatmap`'s figure (None: nothing to draw). The colour range is the data's,
+    shared by the panels; cells are numbered while the numbers are legible."""
+    ratios = [r for r in sorted(cross.matrices) if len(cross.matrices[r][0]) > 1]
+    if not ratios:
+        return None
     ratios = _spread(ratios, max_ratios)
-    fig, axes = _figure(5.2 * len(ratios), 4.8, ncols=len(ratios))
-    for ax, ratio in zip(axes, ratios, strict=True):
+    vmin, vmax = _mmcs_range(cross, ratios)
+    biggest = max(len(cross.matrices[r][0]) for r in ratios)
+    side = min(9.0, max(5.2, 0.42 * biggest + 2.0))
+    ncols = len(ratios) if side * len(ratios) <= 22 else 2
+    nrows = math.ceil(len(ratios) / ncols)
+    fig = Figure(figsize=(side * ncols, side * 0.92 * nrows), dpi=DPI)
+    FigureCanvasAgg(fig)
+    for k, ratio in enumerate(ratios):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
         refs, mat = cross.matrices[ratio]
-        seeds = len({r.seed for r in refs}) > 1
-        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
-        labels = [_run_label(r, seeds) for r in refs]
-        ax.set_xticks(range(len(refs)), labels, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(refs)), labels, fontsize=7)
-        if len(refs) <= 12:
-            for i, row in enumerate(mat):
-                for j, v in enumerate(row):
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="w" if v < 0.6 else "k",
-                    )
+        im = ax.imshow(mat, vmin=vmin, vmax=vmax, cmap="viridis")
+        labels = [_run_label(r, len({r.seed for r in refs}) > 1) for r in refs]
+        size = 8 if len(refs) <= 24 else 6
+        ax.set_xticks(range(len(refs)), labels, rotation=90, fontsize=size)
+        ax.set_yticks(range(len(refs)), labels, fontsize=size)
+        _number_cells(ax, mat, vmin, vmax)
         ax.set_xlabel("to run (L1)")
         ax.set_ylabel("from run (L1)")
         ax.set_title(f"MMCS, dict ratio {ratio:g}")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="MMCS (range of the data)")
+    return fig
+
+
+def _number_cells(ax, mat: list[list[float]], vmin: float, vmax: float) -> None:
+    size = _cell_fontsize(len(mat))
+    if size is None:
+        return
+    for i, row in enumerate(mat):
+        for j, v in enumerate(row):
+            dark = (v - vmin) / max(vmax - vmin, 1e-9) < 0.55  # viridis: dark below ~mid
+            ax.text(
+                j,
+                i,
+                f"{v:.2f}",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="w" if dark else "k",
+            )
+
+
+def mmcs_next_vs_l1(rows: list[dict], path: Path) -> Path:
+    """MMCS from each run to its partner at the next larger dict ratio, against L1."""
+    pts = _finished(rows, "l1", "mmcs_next_ratio", "dict_ratio")
+    if not pts:
+        return placeholder(
+            path, "MMCS to the next dict ratio", "needs finished runs at two dict ratios"
+        )
+    fig, (ax,) = _figure()
+    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
+    for ratio, color in colors.items():
+        mine = [r for r in pts if r["dict_ratio"] == ratio]
+        l1s = sorted({r["l1"] for r in mine})
+        mean = [_mean([r["mmcs_next_ratio"] for r in mine if r["l1"] == v]) for v in l1s]
+        ax.plot(l1s, mean, "o-", color=color, label=f"ratio {ratio:g} → next")
+        ax.scatter(
+            [r["l1"] for r in mine],
+            [r["mmcs_next_ratio"] for r in mine],
+            color=color,
+            s=10,
+            alpha=0.5,
+        )
+    _l1_axis(ax, [r["l1"] for r in rows if finite(r.get("l1"))])
+    _fit_ylim(ax, [r["mmcs_next_ratio"] for r in pts])
+    ax.set_ylabel("MMCS to the same L1/seed at the next larger ratio")
+    ax.set_title("Features that reappear in a larger dictionary (dots: seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
     return _save(fig, path)
 
 
@@ -158,51 +312,55 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in idx]
 
 
+# ----------------------------------------------------------------------------- features
+
+
 def dead_vs_l1(rows: list[dict], path: Path) -> Path:
     """Dead (solid) and dense (dashed) feature fractions against L1, one colour per ratio."""
+    fig = dead_vs_l1_figure(rows)
+    if fig is None:
+        return placeholder(path, "Dead features vs L1", "no finished runs yet")
+    return _save(fig, path)
+
+
+def dead_vs_l1_figure(rows: list[dict]) -> Figure | None:
+    """:func:`dead_vs_l1`'s figure (None: nothing to draw): a tick at every grid L1 on a log
+    axis, the y range fitted to the values drawn."""
     pts = _finished(rows, "l1", "dead_fraction")
     if not pts:
-        return placeholder(path, "Dead features vs L1", "no finished runs yet")
+        return None
     fig, (ax,) = _figure()
     colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
+    shown: list[float] = []
     for ratio, color in colors.items():
         mine = [r for r in pts if r["dict_ratio"] == ratio]
         l1s = sorted({r["l1"] for r in mine})
-        mean = [_mean([r["dead_fraction"] for r in mine if r["l1"] == v]) for v in l1s]
-        ax.plot(l1s, mean, "o-", color=color, label=f"ratio {ratio:g} dead")
-        ax.scatter(
-            [r["l1"] for r in mine],
-            [r["dead_fraction"] for r in mine],
-            color=color,
-            s=10,
-            alpha=0.5,
-        )
-        dense = [
-            _mean(
-                [
-                    r.get("dense_fraction")
-                    for r in mine
-                    if r["l1"] == v and finite(r.get("dense_fraction"))
-                ]
+        for key, style in (("dead_fraction", "o-"), ("dense_fraction", "s--")):
+            mean = [_mean([r.get(key) for r in mine if r["l1"] == v]) for v in l1s]
+            if not any(finite(m) for m in mean):
+                continue
+            kind = key.split("_")[0]
+            ax.plot(
+                l1s,
+                mean,
+                style,
+                color=color,
+                ms=4 if kind == "dead" else 3,
+                alpha=1.0 if kind == "dead" else 0.6,
+                label=f"ratio {ratio:g} {kind}",
             )
-            for v in l1s
-        ]
-        if any(finite(d) for d in dense):
-            ax.plot(l1s, dense, "s--", color=color, alpha=0.6, ms=3, label=f"ratio {ratio:g} dense")
-    positive = [r["l1"] for r in pts if r["l1"] > 0]
-    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1e-4)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("L1 coefficient")
+            each = [r for r in mine if finite(r.get(key))]
+            ax.scatter(
+                [r["l1"] for r in each], [r[key] for r in each], color=color, s=10, alpha=0.4
+            )
+            shown += [r[key] for r in each]
+    _l1_axis(ax, [r["l1"] for r in rows if finite(r.get("l1"))])
+    _fit_ylim(ax, shown)
     ax.set_ylabel("fraction of features")
     ax.set_title("Dead (never fire on eval rows) and dense (fire > 10%) features")
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
-    return _save(fig, path)
-
-
-def _mean(values: list) -> float:
-    vals = [v for v in values if finite(v)]
-    return sum(vals) / len(vals) if vals else math.nan
+    return fig
 
 
 def density(
@@ -210,9 +368,7 @@ def density(
 ) -> Path:
     """Histograms of log10 feature firing frequency for a few runs (one panel per dict ratio)."""
     have = [r for r in _finished(rows, "l1") if r.get("seed", 0) == 0]
-    data = {
-        r["run_id"]: crossdict.load_density(rundir.run_dir(sweep_dir, r["run_id"])) for r in have
-    }
+    data = {r["run_id"]: crossdict.load_density(RunFolder.of(sweep_dir, r["run_id"])) for r in have}
     have = [r for r in have if data.get(r["run_id"]) is not None]
     if not have:
         return placeholder(path, "Feature density", "no finished runs with density data yet")
@@ -235,3 +391,135 @@ def density(
         ax.set_title(f"dict ratio {ratio:g}")
         ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- training curves
+
+CURVE_PANELS = (
+    ("loss", "training loss (MSE + L1 penalty)"),
+    ("fvu", "FVU on training batches"),
+    ("l0", "L0 on training batches"),
+)
+
+
+def _lighten(color: object, amount: float) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return tuple(c + (1.0 - c) * amount for c in to_rgb(color))  # type: ignore[return-value, arg-type]
+
+
+def _l1_lightness(l1s: list) -> dict[float, float]:
+    """How much to lighten each L1's colour: 0.6 for the smallest, 0 for the largest."""
+    vals = sorted({v for v in l1s if finite(v)})
+    return {v: 0.6 * (1 - i / max(1, len(vals) - 1)) for i, v in enumerate(vals)}
+
+
+def _curve_xy(curve: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(c["rows"], c[key]) for c in curve if finite(c.get("rows")) and finite(c.get(key))]
+    pts = [(x, y) for x, y in pts if y > 0]  # log axes
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
+    """Loss, FVU and L0 against training rows: one line per run (``runs``: summary row and its
+    ``metrics.jsonl`` records), coloured by dict ratio, lighter for smaller L1, dotted while
+    the run is not finished. Thinner, fainter lines when there are many runs."""
+    runs = [(r, c) for r, c in runs if c and finite(r.get("dict_ratio"))]
+    if not runs:
+        return placeholder(path, "Training curves", "no training-curve records yet")
+    fig, axes = _figure(15.0, 4.4, ncols=3)
+    colors = _ratio_colors(list({r["dict_ratio"] for r, _ in runs}))
+    light = _l1_lightness([r.get("l1") for r, _ in runs])
+    many = len(runs) > 12
+    width, alpha = (0.8, max(0.3, 3 / math.sqrt(len(runs)))) if many else (1.4, 0.95)
+    for row, curve in runs:
+        color = _lighten(colors[row["dict_ratio"]], light.get(row.get("l1"), 0.0))  # type: ignore[arg-type]
+        style = "-" if row.get("state") == "done" else ":"
+        for ax, (key, _) in zip(axes, CURVE_PANELS, strict=True):
+            xs, ys = _curve_xy(curve, key)
+            if xs:
+                ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha)
+    for ax, (_, title) in zip(axes, CURVE_PANELS, strict=True):
+        ax.set_yscale("log")
+        ax.set_xlabel("training rows")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    for ratio, color in colors.items():
+        axes[0].plot([], [], color=color, label=f"ratio {ratio:g}")
+    axes[0].legend(fontsize=8, title="lighter = smaller L1", title_fontsize=7)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- language model
+
+LM_TITLES = {
+    "loss_recovered": "loss recovered (1 = splicing the SAE in costs nothing)",
+    "ce_loss_spliced": "next-token CE with the SAE spliced in (nats)",
+}
+
+
+def _lm_panels(rows: list[dict]) -> list[str]:
+    """The language-model metrics some of ``rows`` have: loss recovered, CE, KL (any kl*)."""
+    keys = [k for k in LM_TITLES if any(finite(r.get(k)) for r in rows)]
+    return keys + sorted({k for r in rows for k in r if k.startswith("kl") and finite(r.get(k))})
+
+
+def lm_vs_l0(rows: list[dict], path: Path) -> Path:
+    """Loss recovered, spliced CE (and any KL) against L0, one colour per dict ratio; runs whose
+    ablation gap is below :data:`MIN_ABLATION_GAP` are grey crosses, left off the lines."""
+    pts = [r for r in _finished(rows, "l0", "dict_ratio") if r["l0"] > 0]
+    keys = _lm_panels(pts)
+    if not keys:
+        return placeholder(
+            path, "Language-model metrics vs L0", "no runs with language-model metrics"
+        )
+    fig, axes = _figure(5.6 * len(keys), 4.4, ncols=len(keys))
+    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
+    for ax, key in zip(axes, keys, strict=True):
+        for ratio, color in colors.items():
+            mine = [r for r in pts if r["dict_ratio"] == ratio and finite(r.get(key))]
+            if key == "loss_recovered":
+                mine = [r for r in mine if not weak_loss_recovered(r)]
+            mine.sort(key=lambda r: r["l0"])
+            if mine:
+                ax.plot(
+                    [r["l0"] for r in mine],
+                    [r[key] for r in mine],
+                    "o-",
+                    color=color,
+                    ms=4,
+                    label=f"ratio {ratio:g}",
+                )
+        if key == "loss_recovered":
+            _mark_weak(ax, pts)
+        if key == "ce_loss_spliced":
+            _ce_references(ax, pts)
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active features per row)")
+        ax.set_title(LM_TITLES.get(key, key), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _mark_weak(ax, pts: list[dict]) -> None:
+    ax.axhline(1.0, color="0.4", ls=":", lw=1)
+    weak = [r for r in pts if weak_loss_recovered(r) and finite(r.get("loss_recovered"))]
+    if weak:
+        ax.scatter(
+            [r["l0"] for r in weak],
+            [r["loss_recovered"] for r in weak],
+            marker="x",
+            color="0.55",
+            label=f"ablation gap < {MIN_ABLATION_GAP:g} nats: not meaningful",
+        )
+
+
+def _ce_references(ax, pts: list[dict]) -> None:
+    clean = _mean([r.get("ce_loss_clean") for r in pts])
+    ablated = _mean([r.get("ce_loss_ablated") for r in pts])
+    if finite(clean):
+        ax.axhline(clean, color="k", ls="--", lw=1, label=f"clean model {clean:.3g}")
+    if finite(ablated):
+        ax.plot([], [], " ", label=f"hook zero-ablated {ablated:.3g}")

@@ -1,32 +1,46 @@
-"""Run-folder layout, atomic writes, checkpoints and the DONE marker.
+"""One run folder: its file names, its state, and every write to it.
 
 ``SWEEP_DIR/runs/<run_id>/`` holds one grid point:
 
-- ``spec.json``      every hyperparameter of the point
-- ``cfg.json``       what :func:`sweep.sae.load_run` needs to rebuild the SAE
-- ``sae.safetensors`` final weights (plain tensors)
-- ``metrics.jsonl``  training curve; ``metrics.json`` final metrics
-- ``checkpoint-<step>.safetensors`` while training (params, Adam state, cursor, thread count)
-- ``DONE``           written last: the folder is final only when it exists
+- ``spec.json``        every hyperparameter of the point (written at start)
+- ``placement.json``   where the latest attempt trains (host, Ray node, GPU ids, device, time)
+- ``metrics.jsonl``    training curve; ``events.jsonl`` things a user should know
+- ``checkpoint-<step>.safetensors``  while training (see :mod:`sweep.checkpoints`)
+- ``interrupted.json`` the run checkpointed because the sweep was stopped
+- ``FAILED``           the run's ensemble failed after its retries (the reason)
+- ``sae.safetensors``, ``cfg.json``, ``metrics.json``, ``feature_density.safetensors``,
+  ``diverged.json``    final results
+- ``DONE``             written last: the folder is final only when it exists
+
+A run moves through :class:`RunState`::
+
+    pending -> running -> partial (checkpointed) -> interrupted (stopped by a signal)
+            -> done | diverged (final) ;  failed (after retries; a re-run trains it again)
+
+``running`` needs a live driver and is decided by :mod:`sweep.sweepdir`; the rest is read
+from the folder alone by :meth:`RunFolder.state`.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
-import os
-import tempfile
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from sweep import checkpoints
+from sweep.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sha256,
+    read_json,
+    remove_stale_temps,
+)
 
-from sweep.errors import RunDirError
+log = logging.getLogger(__name__)
 
 DONE = "DONE"
 SPEC = "spec.json"
@@ -34,174 +48,259 @@ CFG = "cfg.json"
 WEIGHTS = "sae.safetensors"
 METRICS = "metrics.json"
 CURVE = "metrics.jsonl"
+DENSITY = "feature_density.safetensors"
 DIVERGED = "diverged.json"
 FAILED = "FAILED"
 INTERRUPTED = "interrupted.json"
 PLACEMENT = "placement.json"
 EVENTS = "events.jsonl"
-CKPT_PREFIX = "checkpoint-"
+TRACKER = "logger.json"
+RUNS = "runs"
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+class RunState(str, enum.Enum):
+    """Where a run is in its lifecycle (compares equal to its name as a string)."""
 
+    PENDING = "pending"
+    RUNNING = "running"
+    PARTIAL = "partial"
+    INTERRUPTED = "interrupted"
+    DONE = "done"
+    DIVERGED = "diverged"
+    FAILED = "failed"
 
-_FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp alone gives 0600
+    __str__ = str.__str__
+    __format__ = str.__format__
 
+    @property
+    def final(self) -> bool:
+        """Trained to the end (a re-run skips it)."""
+        return self in (RunState.DONE, RunState.DIVERGED)
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(file)`` on a temp file in the same folder, fsync, then rename onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_json(path: str | Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def ensure_writable(folder: str | Path, what: str) -> Path:
-    """Create ``folder`` if needed and prove we can write into it."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise RunDirError(
-            f"{what} {folder} is not writable ({err.strerror}); choose another folder"
-        ) from err
-    return folder
+    @property
+    def resumable(self) -> bool:
+        """Has a checkpoint to continue from."""
+        return self in (RunState.PARTIAL, RunState.INTERRUPTED, RunState.RUNNING)
 
 
 def run_dir(sweep_dir: str | Path, run_id: str) -> Path:
-    return Path(sweep_dir) / "runs" / run_id
+    return Path(sweep_dir) / RUNS / run_id
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder: reads tolerate missing files; writes are atomic and intent-level."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, sweep_dir: str | Path, run_id: str) -> RunFolder:
+        return cls(run_dir(sweep_dir, run_id))
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    # ------------------------------------------------------------------------- reads
+
+    def _json(self, name: str) -> dict:
+        """``name`` as a dict; {} when missing, and (with a warning) when unreadable."""
+        path = self.path / name
+        if not path.is_file():
+            return {}
+        try:
+            value = read_json(path)
+        except (OSError, ValueError) as err:
+            log.warning("%s is unreadable (%s); ignoring it", path, err)
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    def is_done(self) -> bool:
+        """``DONE`` is there and what it vouches for is intact (see :meth:`final_problem`)."""
+        return (self.path / DONE).is_file() and self.final_problem() is None
+
+    def final_problem(self, deep: bool = False) -> str | None:
+        """Why this final run can't be trusted, or None. Cheap checks: ``DONE`` and
+        ``metrics.json`` parse, the weights have the recorded size; ``deep`` also hashes them."""
+        done = self._json(DONE)
+        if done.get("state") not in ("done", "diverged"):
+            return f"{DONE} is damaged"
+        weights = self.path / WEIGHTS
+        if not weights.is_file():
+            return f"{WEIGHTS} is missing"
+        if "weights_bytes" in done and weights.stat().st_size != done["weights_bytes"]:
+            return f"{WEIGHTS} has {weights.stat().st_size} bytes, {DONE} recorded {done['weights_bytes']}"
+        if not self._json(METRICS):
+            return f"{METRICS} is missing or damaged"
+        if deep and done.get("weights_sha256", file_sha256(weights)) != file_sha256(weights):
+            return f"{WEIGHTS} fails its checksum"
+        return None
+
+    def state(self) -> RunState:
+        """The state recorded on disk (never ``running``: that needs the sweep's lock). A run
+        whose final files are damaged counts as not finished."""
+        if self.is_done():
+            return RunState(self._json(DONE)["state"])
+        if (self.path / FAILED).is_file():
+            return RunState.FAILED
+        if checkpoints.list_checkpoints(self.path):
+            interrupted = (self.path / INTERRUPTED).is_file()
+            return RunState.INTERRUPTED if interrupted else RunState.PARTIAL
+        return RunState.PENDING
+
+    def spec(self) -> dict:
+        return self._json(SPEC)
+
+    def cfg(self) -> dict:
+        return self._json(CFG)
+
+    def metrics(self) -> dict:
+        """Final metrics (``metrics.json``); {} before the run is final."""
+        return self._json(METRICS) if self.is_done() else {}
+
+    def finished_stamp(self) -> str:
+        """Changes whenever the run is re-finished (invalidates values cached from it)."""
+        return str(self._json(DONE).get("finished", ""))
+
+    def failure(self) -> str:
+        return str(self._json(FAILED).get("reason", "")) if (self.path / FAILED).is_file() else ""
+
+    def started_at(self) -> float:
+        """When the latest attempt started (0 if never)."""
+        return float(self._json(PLACEMENT).get("time", 0))
+
+    def interrupted_at(self) -> float:
+        """When the run last checkpointed for a stop (0 if never)."""
+        return float(self._json(INTERRUPTED).get("time", 0))
+
+    def last_curve(self) -> dict:
+        records = self.curve()
+        return records[-1] if records else {}
+
+    def curve(self) -> list[dict]:
+        """Training-curve records; a torn last line (power loss, full disk) is skipped."""
+        path = self.path / CURVE
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    log.warning("%s: skipping a damaged line", path)
+        return out
+
+    def has_weights(self) -> bool:
+        return (self.path / WEIGHTS).is_file()
+
+    def weights(self) -> dict:
+        """The final weights (training space): {name: tensor}."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path / WEIGHTS))
+
+    def density(self) -> dict | None:
+        """Feature-density tensors (see :func:`sweep.metrics.density_tensors`), if written."""
+        from safetensors.torch import load_file
+
+        path = self.path / DENSITY
+        return load_file(str(path)) if path.is_file() else None
+
+    def tracker_id(self) -> str | None:
+        return self._json(TRACKER).get("wandb_id")
+
+    # ------------------------------------------------------------------------- writes
+
+    def start(self, spec: dict, placement: dict) -> None:
+        """A new attempt: record the spec and where it runs; clear FAILED / interrupted marks
+        (and a damaged ``DONE``: the run is trained again)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.path)
+        (self.path / DONE).unlink(missing_ok=True)
+        (self.path / FAILED).unlink(missing_ok=True)  # a retried run is no longer failed
+        (self.path / INTERRUPTED).unlink(missing_ok=True)
+        atomic_write_json(self.path / SPEC, spec)
+        atomic_write_json(self.path / PLACEMENT, {**placement, "time": time.time()})
+
+    def save_checkpoint(self, ckpt: checkpoints.Checkpoint) -> None:
+        checkpoints.save_checkpoint(self.path, ckpt)
+
+    def mark_interrupted(self, step: int | None) -> None:
+        """The run's state is safe on disk after a stop (a stopping driver waits for this)."""
+        atomic_write_json(self.path / INTERRUPTED, {"step": step, "time": time.time()})
+
+    def mark_failed(self, reason: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path / FAILED, {"reason": reason, "time": time.time()})
+
+    def finish(self, result: FinalResult) -> None:
+        """Write the final files, then ``DONE``, then drop the checkpoints."""
+        if result.diverged_step is not None:
+            atomic_write_json(self.path / DIVERGED, {"step": result.diverged_step})
+        atomic_write_bytes(self.path / WEIGHTS, result.weights)
+        atomic_write_bytes(self.path / DENSITY, result.density)
+        atomic_write_json(self.path / CFG, result.cfg)
+        atomic_write_json(self.path / METRICS, result.metrics)
+        state = RunState.DIVERGED if result.diverged_step is not None else RunState.DONE
+        done = {"state": state.value, "finished": time.time()}
+        done.update(
+            weights_bytes=len(result.weights),
+            weights_sha256=hashlib.sha256(result.weights).hexdigest(),
+        )
+        atomic_write_json(self.path / DONE, done)
+        checkpoints.clear_checkpoints(self.path)
+
+    def update_metrics(self, values: dict, replace_keys: tuple[str, ...] = ()) -> None:
+        """Merge ``values`` into a final run's ``metrics.json`` (dropping ``replace_keys`` first)."""
+        path = self.path / METRICS
+        if not path.is_file():
+            return
+        old = self._json(METRICS)
+        new = {k: v for k, v in old.items() if k not in replace_keys}
+        new.update(values)
+        if new != old:
+            atomic_write_json(path, new)
+
+    def append_curve(self, records: list[dict]) -> None:
+        """Append training-curve records to ``metrics.jsonl`` (one line each)."""
+        with open(self.path / CURVE, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    def truncate_curve(self, after_step: int) -> None:
+        """Drop curve records past ``after_step`` (written after the checkpoint we resume from)."""
+        if not (self.path / CURVE).exists():
+            return
+        keep = [json.dumps(r) + "\n" for r in self.curve() if r["step"] <= after_step]
+        atomic_write_bytes(self.path / CURVE, "".join(keep).encode())
+
+    def append_event(self, event: dict) -> None:
+        """Record something a user should know about this run (``events.jsonl``)."""
+        with open(self.path / EVENTS, "a") as f:
+            f.write(json.dumps({"time": time.time(), **event}) + "\n")
+
+    def save_tracker_id(self, wandb_id: str) -> None:
+        atomic_write_json(self.path / TRACKER, {"wandb_id": wandb_id})
+
+
+@dataclass(frozen=True)
+class FinalResult:
+    """What :meth:`RunFolder.finish` writes."""
+
+    weights: bytes
+    """``sae.safetensors`` (plain tensors, training space)."""
+    density: bytes
+    """``feature_density.safetensors``."""
+    cfg: dict
+    """``cfg.json``: what :func:`sweep.sae.load_run` needs."""
+    metrics: dict
+    diverged_step: int | None = None
 
 
 def is_done(folder: str | Path) -> bool:
-    return (Path(folder) / DONE).is_file()
+    return RunFolder(Path(folder)).is_done()
 
 
-def append_curve(folder: Path, records: list[dict]) -> None:
-    """Append training-curve records to ``metrics.jsonl`` (one line each)."""
-    with open(folder / CURVE, "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def append_event(folder: Path, event: dict) -> None:
-    """Record something a user should know about this run (``events.jsonl``)."""
-    with open(folder / EVENTS, "a") as f:
-        f.write(json.dumps({"time": time.time(), **event}) + "\n")
-
-
-def truncate_curve(folder: Path, after_step: int) -> None:
-    """Drop curve records past ``after_step`` (written after the checkpoint we resume from)."""
-    path = folder / CURVE
-    if not path.exists():
-        return
-    keep = [
-        ln
-        for ln in path.read_text().splitlines()
-        if ln.strip() and json.loads(ln)["step"] <= after_step
-    ]
-    atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-@dataclass
-class Checkpoint:
-    """One member's state at ``step``: tensors (params + optimizer) and metadata."""
-
-    step: int
-    tensors: dict[str, torch.Tensor]
-    meta: dict
-
-
-def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 2) -> None:
-    """Write ``checkpoint-<step>.safetensors`` atomically, then prune all but the newest ``keep``."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()}
-    meta = {
-        "meta": json.dumps(ckpt.meta, sort_keys=True),
-        "step": str(ckpt.step),
-        "sha256": _digest(tensors),
-    }
-    atomic_write_bytes(
-        folder / f"{CKPT_PREFIX}{ckpt.step:09d}.safetensors", save(tensors, metadata=meta)
-    )
-    for old in list_checkpoints(folder)[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob(f"{CKPT_PREFIX}*.safetensors"))
-
-
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Load and verify one checkpoint; raises ``ValueError`` if it is truncated or corrupt."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
-    if meta.get("sha256") != _digest(tensors):
-        raise ValueError(f"checkpoint {path.name} fails its checksum")
-    return Checkpoint(step=int(meta["step"]), tensors=tensors, meta=json.loads(meta["meta"]))
-
-
-def checkpoint_steps(folder: Path) -> set[int]:
-    """Steps of the checkpoint files in ``folder`` (by name; not verified)."""
-    return {int(p.stem[len(CKPT_PREFIX) :]) for p in list_checkpoints(folder)}
-
-
-def common_checkpoint(folders: list[Path]) -> tuple[list[Checkpoint] | None, list[str]]:
-    """The newest step at which EVERY folder has a checkpoint that verifies, loaded.
-
-    An ensemble saves its members one after another, so a kill between two saves leaves them
-    one checkpoint apart; keeping two per member guarantees a common one. Returns ``None`` when
-    there is none, with notes on the checkpoints that failed verification.
-    """
-    notes: list[str] = []
-    for step in sorted(set.intersection(*(checkpoint_steps(f) for f in folders)), reverse=True):
-        try:
-            return [
-                load_checkpoint(f / f"{CKPT_PREFIX}{step:09d}.safetensors") for f in folders
-            ], notes
-        except ValueError as err:
-            notes.append(f"{err}")
-    return None, notes
-
-
-def clear_checkpoints(folder: Path) -> None:
-    for p in list_checkpoints(folder):
-        p.unlink(missing_ok=True)
+def run_state(folder: str | Path) -> RunState:
+    return RunFolder(Path(folder)).state()

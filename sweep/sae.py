@@ -25,13 +25,19 @@ so per-element variance is about 1 and one L1 grid means similar sparsity on any
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from sweep import rundir
+
+if TYPE_CHECKING:
+    from sweep.grid import RunSpec
+
 Params = dict[str, torch.Tensor]
-ARCHS = ("untied", "tied")
 
 
 class LossParts(NamedTuple):
@@ -102,20 +108,15 @@ def loss_fn(params: Params, x_BD: torch.Tensor, l1: torch.Tensor) -> tuple[torch
     return loss, parts
 
 
-def renormalize(params: Params) -> Params:
-    """Project decoder rows back to unit norm (a no-op for tied SAEs)."""
-    if "W_dec" not in params:
-        return params
-    w = params["W_dec"]
-    return {**params, "W_dec": w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)}
-
-
 class SAE(torch.nn.Module):
     """A trained dictionary that takes RAW activations (the training scale is folded in).
 
     With ``s`` the store's scale, training saw ``s * x``; folding gives
     ``W_enc' = s W_enc``, ``b_dec' = b_dec / s``, ``W_dec' = W_dec / s``, so the codes are
     exactly the training codes and ``decode`` returns raw-space reconstructions.
+
+    The weights are parameters without gradients (``sae.requires_grad_(True)`` to fine-tune);
+    ``encode``/``decode`` also take numpy arrays and nested lists.
     """
 
     def __init__(self, params: Params, cfg: dict) -> None:
@@ -127,6 +128,20 @@ class SAE(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(params["b_enc"].clone())  # (F,)
         self.W_dec = torch.nn.Parameter(dec / s)  # (F, D)
         self.b_dec = torch.nn.Parameter(params["b_dec"] / s)  # (D,)
+        self.requires_grad_(False)
+
+    def _tensor(self, x: object, width: int, what: str) -> torch.Tensor:
+        """``x`` as a float tensor on this SAE's device, or a one-line TypeError/ValueError."""
+        if not isinstance(x, torch.Tensor):
+            try:
+                x = torch.as_tensor(x)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise TypeError(
+                    f"{what} must be a tensor or array of shape (..., {width}), got {type(x).__name__}"
+                ) from err
+        if x.shape[-1:] != (width,):
+            raise ValueError(f"{what} must have shape (..., {width}), got {tuple(x.shape)}")
+        return x.to(self.W_enc.device, self.W_enc.dtype)
 
     @property
     def d_in(self) -> int:
@@ -138,27 +153,49 @@ class SAE(torch.nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) raw activations -> (..., F) codes."""
+        x = self._tensor(x, self.d_in, "activations")
         return F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., F) codes -> (..., D) raw-space reconstruction."""
+        codes = self._tensor(codes, self.d_sae, "codes")
         return codes @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
 
-def load_run(path: str, device: str | torch.device = "cpu") -> SAE:
-    """Rebuild the SAE of one run folder (needs only its ``cfg.json`` and ``sae.safetensors``)."""
-    import json
-    from pathlib import Path
+LOSS_TEXT = "mean((x_hat - x)**2) + l1 * mean_batch(sum_features(codes))"
 
+
+def run_cfg(run: RunSpec, act_scale: float, store: str, provenance: dict) -> dict:
+    """A run folder's ``cfg.json``: everything :func:`load_run` needs, plus provenance."""
+    return {
+        "format": "sweep-sae",
+        "version": 1,
+        "architecture": run.arch,
+        "d_in": run.width,
+        "d_sae": run.dict_size,
+        "act_scale": act_scale,
+        "l1": run.l1,
+        "dict_ratio": run.dict_ratio,
+        "seed": run.seed,
+        "run_id": run.run_id,
+        "loss": LOSS_TEXT,
+        "store": store,
+        "provenance": provenance,
+        "dtype": "float32",
+    }
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """Rebuild the SAE of one run folder (needs only its ``cfg.json`` and ``sae.safetensors``)."""
     from safetensors.torch import load_file
 
     folder = Path(path)
-    for name in ("cfg.json", "sae.safetensors"):
+    for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: not a finished sweep run folder")
-    cfg = json.loads((folder / "cfg.json").read_text())
-    params = load_file(str(folder / "sae.safetensors"), device=str(device))
+    cfg = json.loads((folder / rundir.CFG).read_text())
+    params = load_file(str(folder / rundir.WEIGHTS), device=str(device))
     return SAE(params, cfg).to(device)

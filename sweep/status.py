@@ -8,63 +8,27 @@ Works while a sweep runs (read-only: it never takes the lock) and after it ended
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from sweep import rundir
-from sweep.lock import LOCK, holder_alive, read_lock
-from sweep.report import run_ids
-from sweep.worker import run_state
-
-
-def _last_curve(folder: Path) -> dict:
-    path = folder / rundir.CURVE
-    if not path.is_file():
-        return {}
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1]) if lines else {}
-
-
-def sweep_activity(sweep_dir: Path) -> str:
-    """``running`` when a live driver holds the lock, else the state the manifest recorded."""
-    held = read_lock(sweep_dir)
-    if held is not None and holder_alive(held, sweep_dir / LOCK):
-        return "running"
-    manifest = sweep_dir / "manifest.json"
-    return rundir.read_json(manifest).get("state", "unknown") if manifest.exists() else "unknown"
+from sweep.sweepdir import SweepFolder
 
 
 def status_rows(sweep_dir: Path) -> list[dict]:
-    activity = sweep_activity(sweep_dir)
+    """One row per run (grid order): state, rows trained of the total, latest L0 / FVU."""
     rows = []
-    for rid in run_ids(sweep_dir):
-        folder = rundir.run_dir(sweep_dir, rid)
-        state = run_state(folder)
-        if state == "partial" and activity in ("running", "interrupted"):
-            state = activity
-        spec = rundir.read_json(folder / rundir.SPEC) if (folder / rundir.SPEC).exists() else {}
-        batch = spec.get("train", {}).get("batch_size", 0)
-        row = {
-            "run_id": rid,
-            "state": state,
-            "rows_total": spec.get("total_steps", 0) * batch or None,
-        }
-        last = _last_curve(folder)
-        if rundir.is_done(folder) and (folder / rundir.METRICS).exists():
-            final = rundir.read_json(folder / rundir.METRICS)
-            row.update(
-                rows_trained=final.get("rows_trained"), l0=final.get("l0"), fvu=final.get("fvu")
-            )
-            row["rows_total"] = row["rows_total"] or row["rows_trained"]
-        else:
-            row.update(
-                rows_trained=last.get("rows", 0 if spec else None),
-                l0=last.get("l0"),
-                fvu=last.get("fvu"),
-            )
-        if (folder / rundir.FAILED).exists():
-            row["note"] = rundir.read_json(folder / rundir.FAILED).get("reason", "")
-        rows.append(row)
+    for r in SweepFolder(sweep_dir).read_runs():
+        source = r.metrics if r.state.final else r.last
+        rows.append(
+            {
+                "run_id": r.run_id,
+                "state": r.state.value,
+                "rows_total": r.total_rows,
+                "rows_trained": r.rows_trained,
+                "l0": source.get("l0"),
+                "fvu": source.get("fvu"),
+                **({"note": r.note} if r.note else {}),
+            }
+        )
     return rows
 
 
@@ -79,7 +43,7 @@ def print_status(sweep_dir: Path) -> None:
     from rich.table import Table
 
     rows = status_rows(sweep_dir)
-    table = Table(title=f"sweep status: {sweep_dir} ({sweep_activity(sweep_dir)})")
+    table = Table(title=f"sweep status: {sweep_dir} ({SweepFolder(sweep_dir).activity()})")
     cols = ["run_id", "state", "progress", "rows_trained", "l0", "fvu", "note"]
     for c in cols:
         table.add_column(c)

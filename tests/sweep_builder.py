@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sweep import grid, rundir
+from sweep import grid
+from sweep.activations.store import ChunkStore
 from sweep.config import LoggerConfig
+from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
 
@@ -13,15 +15,8 @@ L1S = (1e-3, 1e-2, 1e-1)
 RATIOS = (1.0, 2.0)
 
 
-def write_manifest(sweep_dir: Path, runs: list[grid.RunSpec], store_path: str) -> None:
-    rundir.atomic_write_json(
-        sweep_dir / "manifest.json",
-        {
-            "runs": {r.run_id: r.as_dict() for r in runs},
-            "store": store_path,
-            "width": runs[0].width,
-        },
-    )
+def write_manifest(sweep_dir: Path, runs: list[grid.RunSpec], store: ChunkStore) -> None:
+    SweepFolder(sweep_dir).write_manifest([r.as_dict() for r in runs], {}, store)
 
 
 def jobs(
@@ -36,7 +31,7 @@ def jobs(
     runs = grid.expand(list(l1s), list(ratios), seeds, store.width, "untied")
     ensembles = grid.group(runs, dict.fromkeys(ratios, 16))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_manifest(sweep_dir, runs, str(store.path))
+    write_manifest(sweep_dir, runs, store)
     return [
         EnsembleJob(
             e,

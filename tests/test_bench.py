@@ -43,4 +43,8 @@ def test_bench_quick_runs_every_section(tmp_path: Path) -> None:
     for r in figures["section1"]["results"]:
         assert r["fast_over_loop"] > 0 and r["vmap_over_loop"] > 0
     assert figures["section3"]["ratio"] > 0
-    assert figures["section4"]["runs"]["with"][0][1]["calls"] > 0  # checkpoints really were taken
+    # section 4, per variant and repeat: [wall seconds, the worker's checkpoint figures]
+    runs = figures["section4"]["runs"]
+    assert runs["with"][0][1]["calls"] > 0  # checkpoints really were taken
+    assert runs["with"][0][1]["periodic"] > 0  # ... by the periodic policy, not only the final one
+    assert runs["without"][0][1]["periodic"] == 0  # and "off" really was off

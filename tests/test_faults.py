@@ -180,3 +180,25 @@ def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp
         "r4-l1_4e-02-s0": "done",
     }
     _resume_and_compare(sw, rt, reference)  # a failed run continues from its checkpoint
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_while_starting_up_exit_cleanly(reference, tmp_path, tmp_path_factory, sig):
+    """A stop during imports, store generation, Ray start-up or planning: one line, exit
+    128+signal, within seconds, and the re-run ends identical."""
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"ru{int(sig)}"
+    for delay in (0.1, 0.6, 1.2, 2.0, 3.0):
+        p = start(sw, rt)
+        time.sleep(delay)
+        t0 = time.time()
+        os.kill(p.pid, sig)
+        code, out = finish(p, timeout=90)
+        if code == 0:  # finished before the signal could matter (a fast machine)
+            break
+        assert code == 128 + sig, out
+        assert time.time() - t0 < 45, out
+        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+        assert lines[-1].startswith("interrupted:"), out
+        assert "Traceback" not in out and "SIGABRT" not in out, out
+        time.sleep(0.5)
+    _resume_and_compare(sw, rt, reference)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from sweep.activations import harvest, lm, text
-from sweep.activations.harvest import Plan, run_harvest
+from sweep.activations.harvest import HarvestPlan, run_harvest
 from sweep.activations.store import ChunkStore, chunk_name
 from sweep.cli import main
-from sweep.config import HarvestConfig
+from sweep.config import HarvestConfig, HarvestDataConfig
 from sweep.errors import StoreError, SweepError
 from tests.tiny_lm import char_tokenizer, save_tiny_gpt2, write_text
 
@@ -79,7 +79,7 @@ def store_rows(store: ChunkStore) -> list[torch.Tensor]:
 
 def reference_rows(model, cfg: HarvestConfig, hook: str) -> torch.Tensor:
     """Every harvested row in stream order, straight from the model: (rows, d)."""
-    plan = Plan.of(cfg)
+    plan = HarvestPlan.of(cfg)
     tokens = np.load(Path(cfg.store_dir) / harvest.TOKENS_FILE)[: plan.n_contexts]
     acts = lm.capture(model, torch.from_numpy(tokens.astype(np.int64)), [hook])[hook]  # (N, P, d)
     return acts[:, plan.first :].reshape(-1, acts.shape[-1])[: cfg.rows].half().float()  # (rows, d)
@@ -97,12 +97,12 @@ def test_plan_layout():
         shuffle_rows=250,
         lm_eval_tokens=30,
     )
-    p = Plan.of(cfg)
+    p = HarvestPlan.of(cfg)
     assert (p.rows_per_context, p.body, p.n_contexts, p.n_chunks) == (10, 10, 100, 10)
     assert (p.chunks_per_group, p.n_groups, p.eval_contexts) == (3, 4, 3)
     assert list(p.group_chunks(3)) == [9] and p.group_rows(3) == (900, 1000)
     assert [list(p.shard_groups(s, 2)) for s in range(2)] == [[0, 1], [2, 3]]
-    keep = Plan.of(replace(cfg, drop_bos=False))
+    keep = HarvestPlan.of(replace(cfg, drop_bos=False))
     assert (keep.first, keep.rows_per_context, keep.body) == (0, 11, 10)
 
 
@@ -125,7 +125,7 @@ def test_harvest_rows_are_the_models_activations_shuffled(
 ):
     cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h")
     stores = run_harvest(cfg)
-    plan = Plan.of(cfg)
+    plan = HarvestPlan.of(cfg)
     matched = {}
     tokens = np.load(tmp_path / "h" / harvest.TOKENS_FILE)
     rpc = plan.rows_per_context
@@ -164,7 +164,7 @@ def test_eval_tokens_follow_the_harvested_range(tiny_model_dir, text_file, tmp_p
     cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
     store = run_harvest(cfg)[HOOKS[0]]
     assert store.path == tmp_path / "h"  # one hook: store_dir is the store
-    plan = Plan.of(cfg)
+    plan = HarvestPlan.of(cfg)
     stream = text.token_contexts(
         text.iter_documents(str(text_file)), char_tokenizer(), plan.n_contexts + 8, 32, True
     )
@@ -248,7 +248,8 @@ def test_cli_harvest_then_train_on_chunks(tiny_model_dir, text_file, tmp_path, c
         seeds=1,
         batch_size=128,
     )[0]
-    job = replace(job, eval_rows=256, extra_spec={"data": {"lm_eval_tokens": 128}})
+    data = HarvestDataConfig(model="m", dataset="d", rows=3000, hook=HOOKS[0], lm_eval_tokens=128)
+    job = replace(job, eval_rows=256, data=data)
     assert worker.train_ensemble(job).states
     run = tmp_path / "sw" / "runs" / job.ensemble.members[0].run_id
     m = json.loads((run / "metrics.json").read_text())

@@ -13,6 +13,7 @@ from sweep import logger as tracking
 from sweep import rundir
 from sweep.cli import compose
 from sweep.config import ConfigError, LoggerConfig, to_sweep_config
+from sweep.io import read_json
 from sweep.worker import train_ensemble
 from tests.sweep_builder import jobs
 
@@ -35,6 +36,17 @@ def wandb_cfg(**kw) -> LoggerConfig:
 def one_job(store, sweep_dir, logger):
     (job,) = jobs(store, sweep_dir, l1s=(1e-3, 1e-2), ratios=(1.0,), seeds=1, logger=logger)
     return job
+
+
+def flushed_runs(sweep_dir, done, timeout: float = 60) -> dict[str, bytes]:
+    """Offline runs once ``done(runs)`` holds: wandb's own service process writes the files
+    asynchronously (slow on a loaded machine)."""
+    deadline = time.time() + timeout
+    while True:
+        runs = offline_runs(sweep_dir)
+        if done(runs) or time.time() > deadline:
+            return runs
+        time.sleep(0.5)
 
 
 def offline_runs(sweep_dir) -> dict[str, bytes]:
@@ -71,16 +83,13 @@ def test_each_grid_point_is_its_own_wandb_run(tiny_store, tmp_path):
     job = one_job(tiny_store, tmp_path, wandb_cfg())
     res = train_ensemble(job)
     assert set(res.states.values()) == {"done"}
-    # wandb's own service process writes the offline files; give it time to flush the summaries
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        runs = offline_runs(tmp_path)  # the wandb dir lives inside the sweep folder
-        if len(runs) == 2 and all(b"gt_mmcs" in v for v in runs.values()):
-            break
-        time.sleep(0.5)
+    # the wandb dir lives inside the sweep folder
+    runs = flushed_runs(
+        tmp_path, lambda r: len(r) == 2 and all(b"gt_mmcs" in v for v in r.values())
+    )
     assert len(runs) == 2
     for m in job.ensemble.members:
-        wid = rundir.read_json(rundir.run_dir(tmp_path, m.run_id) / tracking.ID_FILE)["wandb_id"]
+        wid = read_json(rundir.run_dir(tmp_path, m.run_id) / tracking.ID_FILE)["wandb_id"]
         (data,) = [v for k, v in runs.items() if k.endswith(wid)]
         for key in (
             b"train/fvu",
@@ -96,7 +105,7 @@ def test_each_grid_point_is_its_own_wandb_run(tiny_store, tmp_path):
         assert m.run_id.encode() in data
     # a resumed sweep continues the same wandb runs
     d = rundir.run_dir(tmp_path, job.ensemble.members[0].run_id)
-    assert tracking.run_wandb_id(d, "ignored") == rundir.read_json(d / tracking.ID_FILE)["wandb_id"]
+    assert tracking.run_wandb_id(d, "ignored") == read_json(d / tracking.ID_FILE)["wandb_id"]
 
 
 def test_logger_comes_from_sweep_config_when_job_has_none(tiny_store, tmp_path):
@@ -201,7 +210,13 @@ def test_report_plots_go_to_a_wandb_report_run(tiny_store, tmp_path):
     train_ensemble(one_job(tiny_store, tmp_path, wandb_cfg()))
     (tmp_path / "config.yaml").write_text("logger:\n  name: wandb\n  mode: offline\n")
     build_report(tmp_path)
-    report_runs = {k: v for k, v in offline_runs(tmp_path).items() if "-report-" in k}
+
+    def report_flushed(runs: dict[str, bytes]) -> bool:
+        return any(b"report/mmcs_heatmap" in v for k, v in runs.items() if "-report-" in k)
+
+    report_runs = {
+        k: v for k, v in flushed_runs(tmp_path, report_flushed).items() if "-report-" in k
+    }
     assert len(report_runs) == 1
     (data,) = report_runs.values()
     assert b"report/frontier" in data and b"report/mmcs_heatmap" in data

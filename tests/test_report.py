@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -14,10 +16,19 @@ import sweep
 from sweep import crossdict, metrics, plots, rundir
 from sweep.cli import main
 from sweep.errors import SweepError
+from sweep.io import atomic_write_json, read_json
 from sweep.report import build_report
+from sweep.sweepdir import SweepFolder
 from tests.sweep_builder import L1S, build_sweep
 
-PNGS = ("frontier.png", "mmcs_heatmap.png", "dead_vs_l1.png", "density.png")
+PNGS = (
+    "frontier.png",
+    "curves.png",
+    "mmcs_vs_l1.png",
+    "mmcs_heatmap.png",
+    "dead_vs_l1.png",
+    "density.png",
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +57,8 @@ def assert_png(path) -> None:
 
 def test_density_file_matches_metrics(finished):
     folder = rundir.run_dir(finished, "r2-l1_1e-02-s0")
-    d = crossdict.load_density(folder)
-    final = rundir.read_json(folder / rundir.METRICS)
+    d = crossdict.load_density(rundir.RunFolder(folder))
+    final = read_json(folder / rundir.METRICS)
     f = 32  # width 16 x ratio 2
     assert d["frequency"].shape == (f,) and d["log10_hist_counts"].shape == (40,)
     assert int(d["log10_hist_counts"].sum()) + int(d["dead_count"][0]) == f
@@ -59,7 +70,7 @@ def test_density_file_matches_metrics(finished):
 
 def test_density_counts_dead_features_separately():
     freq = torch.tensor([0.0, 0.0, 1e-3, 0.5, 1.0], dtype=torch.float64)
-    t = crossdict.density_tensors(freq)
+    t = metrics.density_tensors(freq)
     assert int(t["dead_count"][0]) == 2 and int(t["log10_hist_counts"].sum()) == 3
 
 
@@ -67,7 +78,7 @@ def test_max_cos_both_matches_reference():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, 8, generator=g), torch.randn(70, 8, generator=g)
     ua, ub = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
-    ab, ba = crossdict.max_cos_both(ua, ub, chunk=16)  # several row blocks
+    ab, ba = metrics.max_cos_both(ua, ub, chunk=16)  # several row blocks
     torch.testing.assert_close(ab, metrics.mmcs(a, b))
     torch.testing.assert_close(ba, metrics.mmcs(b, a))
 
@@ -115,7 +126,7 @@ def test_mmcs_values_are_consistent(sweep_copy):
     a = crossdict.unit_atoms(rundir.run_dir(sweep_copy, a_id), torch.device("cpu"))
     b = crossdict.unit_atoms(rundir.run_dir(sweep_copy, b_id), torch.device("cpu"))
     expect = float(metrics.mmcs(a, b).mean())
-    m = rundir.read_json(rundir.run_dir(sweep_copy, a_id) / rundir.METRICS)
+    m = read_json(rundir.run_dir(sweep_copy, a_id) / rundir.METRICS)
     assert (
         m["mmcs_next_ratio"] == pytest.approx(expect, abs=1e-6) and m["mmcs_next_ratio_run"] == b_id
     )
@@ -135,7 +146,7 @@ def test_mmcs_values_are_consistent(sweep_copy):
     # the heatmap orders each ratio's runs by L1
     r1 = [i for i in ids if i.startswith("r1-")]
     assert [
-        float(rundir.read_json(rundir.run_dir(sweep_copy, i) / rundir.SPEC)["l1"]) for i in r1
+        float(read_json(rundir.run_dir(sweep_copy, i) / rundir.SPEC)["l1"]) for i in r1
     ] == sorted([l1 for l1 in L1S for _ in range(2)])
 
 
@@ -146,7 +157,7 @@ def test_second_report_reuses_cached_mmcs(sweep_copy, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("MMCS recomputed although cached")
 
-    monkeypatch.setattr(crossdict, "max_cos_both", boom)
+    monkeypatch.setattr(metrics, "max_cos_both", boom)
     build_report(sweep_copy, log_media=False)
     assert (sweep_copy / "report" / "mmcs.csv").read_text() == first
 
@@ -191,7 +202,7 @@ def test_report_bad_folder_is_one_line_error(tmp_path, capsys, kind):
 
 
 def test_report_without_runs_is_an_error(tmp_path, capsys):
-    rundir.atomic_write_json(tmp_path / "manifest.json", {"runs": {}})
+    atomic_write_json(tmp_path / "manifest.json", {"runs": {}})
     assert main(["report", str(tmp_path)]) == 2
     assert "lists no runs" in capsys.readouterr().err
 
@@ -217,7 +228,215 @@ def test_load_sweep_table_and_lazy_saes(sweep_copy):
 
 def test_metrics_json_keeps_its_other_values(sweep_copy):
     folder = rundir.run_dir(sweep_copy, "r1-l1_1e-02-s0")
-    before = rundir.read_json(folder / rundir.METRICS)
+    before = read_json(folder / rundir.METRICS)
     build_report(sweep_copy, log_media=False)
     after = json.loads((folder / rundir.METRICS).read_text())
     assert {k: after[k] for k in before} == before and "mmcs_next_ratio" in after
+
+
+# ----------------------------------------------------------------------------- the page
+
+CONFIG_YAML = """\
+data:
+  name: synthetic
+  width: 16
+  n_features: 32
+  rows: 12000
+  path: null
+sae:
+  name: untied
+grid:
+  l1: [0.001, 0.01, 0.1]
+  dict_ratio: [1.0, 2.0]
+  seeds: 2
+train:
+  batch_size: 256
+  lr: 0.01
+  betas: [0.9, 0.999]
+sweep_dir: somewhere
+"""
+
+
+class Links(HTMLParser):
+    """Every href and src of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [v for k, v in attrs if k in ("href", "src") and v is not None]
+
+
+def page_of(out) -> str:
+    return (out / "index.html").read_text()
+
+
+def section(page: str, name: str) -> str:
+    start = page.index(f'<section id="{name}"')
+    return page[start : page.index("</section>", start)]
+
+
+def test_page_starts_with_settings_best_runs_and_table(sweep_copy):
+    (sweep_copy / "config.yaml").write_text(CONFIG_YAML)
+    out, _ = build_report(sweep_copy, device="cpu", log_media=False)
+    page = page_of(out)
+    where = [page.index(s) for s in ('id="settings"', 'id="best"', 'id="runs"', "<img")]
+    assert where == sorted(where), "settings, best runs, run table, then plots"
+    settings = section(page, "settings")
+    assert "from config.yaml" in settings
+    for text in ("n_features</b> 32", "l1</b> 0.001, 0.01, 0.1", "seeds</b> 2", "lr</b> 0.01"):
+        assert text in settings
+    assert "sweep_dir" not in settings and "store</b>" in settings  # only data/grid/train
+
+
+def test_settings_without_config_come_from_the_run_specs(sweep_copy):
+    out, _ = build_report(sweep_copy, device="cpu", log_media=False)
+    settings = section(page_of(out), "settings")
+    assert "the run specs" in settings
+    assert "l1</b> 0.001, 0.01, 0.1" in settings and "dict_ratio</b> 1, 2" in settings
+    assert "batch_size</b> 256" in settings and "width</b> 16" in settings
+
+
+def test_best_runs_are_the_pareto_frontier(sweep_copy):
+    out, rows = build_report(sweep_copy, device="cpu", log_media=False)
+    done = [r for r in rows if r["l0"] > 0 and r["fvu"] > 0]
+    front = set(plots.pareto([(r["l0"], r["fvu"]) for r in done]))
+    expect = {r["run_id"] for r in done if (r["l0"], r["fvu"]) in front}
+    assert expect and plots.frontier_ids(rows) == expect
+    page = page_of(out)
+    best = section(page, "best")
+    assert {rid for rid in (r["run_id"] for r in rows) if f"★ {rid}" in best} == expect
+    table = section(page, "runs")
+    marked = set(re.findall(r'<tr class="done best"><td class="id" data-s="([^"]+)"', table))
+    assert marked == expect
+
+
+def test_table_is_sortable_offline_and_links_run_files(sweep_copy):
+    (rundir.run_dir(sweep_copy, "r1-l1_1e-02-s0") / rundir.CURVE).unlink()
+    out, rows = build_report(sweep_copy, device="cpu", log_media=False)
+    page = page_of(out)
+    assert "<script>" in page and "sortTable" in page and 'class="sortable"' in page
+    assert page.count('<th data-col="') >= len(rows[0]) // 2
+    links = Links()
+    links.feed(page)
+    for url in links.urls:  # no external resources: everything opens from disk
+        assert "://" not in url and not url.startswith("//"), url
+        if not url.startswith("#"):
+            assert (out / url).is_file(), url
+    files = {u for u in links.urls if u.startswith("../runs/")}
+    for r in rows:
+        for name in (rundir.METRICS, rundir.CFG, rundir.SPEC):
+            assert f"../runs/{r['run_id']}/{name}" in files
+    assert "../runs/r1-l1_1e-02-s0/metrics.jsonl" not in files  # missing files: no link
+    assert "../runs/r1-l1_1e-02-s1/metrics.jsonl" in files
+    fvu = {r["run_id"]: r["fvu"] for r in rows}
+    cell = re.search(r'data-s="r2-l1_1e-02-s1">.*?</tr>', page).group(0)
+    assert f'data-v="{fvu["r2-l1_1e-02-s1"]!r}"' in cell  # full precision for sorting
+
+
+def test_page_defines_the_metrics(sweep_copy):
+    out, _ = build_report(sweep_copy, device="cpu", log_media=False)
+    defs = section(page_of(out), "definitions")
+    for term in ("MMCS", "FVU", "L0", "gt_recovered", "loss recovered"):
+        assert f"<dt>{term}</dt>" in defs
+    assert "cosine &gt; 0.9" in defs and "0.1 nats" in defs
+    assert 'title="fraction of variance unexplained' in page_of(out)  # header tooltips
+
+
+def test_no_language_model_plot_for_synthetic_sweeps(sweep_copy):
+    out, _ = build_report(sweep_copy, device="cpu", log_media=False)
+    assert not (out / "lm_vs_l0.png").exists() and "lm_vs_l0" not in page_of(out)
+
+
+def fake_lm_metrics(sweep_dir, gap: float, ids) -> dict[str, dict]:
+    """Give runs language-model metrics, as a harvested store would (test data only)."""
+    written = {}
+    for rid in ids:
+        folder = rundir.RunFolder.of(sweep_dir, rid)
+        m = read_json(folder.path / rundir.METRICS)
+        spliced = 3.0 + gap * min(1.0, m["fvu"]) - (0.0066 if gap < 0.1 else 0.0)
+        lm = {"ce_loss_clean": 3.0, "ce_loss_ablated": 3.0 + gap, "ce_loss_spliced": spliced}
+        lm["loss_recovered"] = (3.0 + gap - spliced) / gap
+        folder.update_metrics(lm)
+        written[rid] = lm
+    return written
+
+
+def test_weak_loss_recovered_is_flagged_not_hidden(sweep_copy):
+    ids = [p.name for p in sorted((sweep_copy / "runs").iterdir())]
+    weak = fake_lm_metrics(sweep_copy, 0.018, [i for i in ids if i.startswith("r1-")])
+    fake_lm_metrics(sweep_copy, 2.0, [i for i in ids if i.startswith("r2-")])
+    assert any(m["loss_recovered"] > 1 for m in weak.values())
+    out, rows = build_report(sweep_copy, device="cpu", log_media=False)
+    assert_png(out / "lm_vs_l0.png")
+    page = page_of(out)
+    assert "lm_vs_l0.png" in page and '<p class="note">† 6 run(s)' in page
+    table = section(page, "runs")
+    flagged = re.findall(r'data-s="([^"]+)">(?:(?!</tr>).)*<td class="weak"', table)
+    assert sorted(flagged) == sorted(weak)
+    assert "only 0.018 nats" in table
+    for rid, lm in weak.items():  # the metrics files keep their values
+        m = read_json(rundir.run_dir(sweep_copy, rid) / rundir.METRICS)
+        assert m["loss_recovered"] == lm["loss_recovered"]
+    by_id = {r["run_id"]: r for r in rows}
+    assert plots.weak_loss_recovered(by_id["r1-l1_1e-02-s0"])
+    assert not plots.weak_loss_recovered(by_id["r2-l1_1e-02-s0"])
+
+
+def test_ablation_gap_threshold():
+    row = {"ce_loss_clean": 3.0, "ce_loss_ablated": 3.05, "loss_recovered": 1.2}
+    assert plots.ablation_gap(row) == pytest.approx(0.05) and plots.weak_loss_recovered(row)
+    row["ce_loss_ablated"] = 3.0 + plots.MIN_ABLATION_GAP + 0.01
+    assert not plots.weak_loss_recovered(row)
+    assert not plots.weak_loss_recovered({"loss_recovered": 1.2})  # no CE values: no claim
+
+
+# ----------------------------------------------------------------------------- the plots
+
+
+def test_dead_vs_l1_ticks_every_l1_and_fits_the_data():
+    l1s = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    rows = [
+        {"run_id": f"r{k}", "state": "done", "l1": v, "dict_ratio": 4.0, "dead_fraction": f}
+        for k, (v, f) in enumerate(zip(l1s, [0.0, 0.01, 0.05, 0.2, 0.32], strict=True))
+    ]
+    ax = plots.dead_vs_l1_figure(rows).axes[0]
+    assert ax.get_xscale() == "log"
+    assert list(ax.get_xticks()) == pytest.approx(l1s)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.003", "0.01", "0.03", "0.1"]
+    lo, hi = ax.get_ylim()
+    assert -0.1 < lo < 0 and 0.32 < hi < 0.4
+    rows[0]["l1"] = 0.0  # an L1 of 0 still gets its tick (symlog)
+    ax = plots.dead_vs_l1_figure(rows).axes[0]
+    assert ax.get_xscale() == "symlog" and ax.get_xticks()[0] == 0.0
+
+
+def test_mmcs_heatmap_scales_to_the_data(finished):
+    cross = crossdict.compute(SweepFolder(finished).read_runs(), torch.device("cpu"))
+    fig = plots.mmcs_heatmap_figure(cross)
+    values = [v for _, mat in cross.matrices.values() for row in mat for v in row]
+    for ax in fig.axes[::2]:  # each panel is followed by its colour bar
+        lo, hi = ax.images[0].get_clim()
+        assert lo == pytest.approx(min(values)) and hi == pytest.approx(max(values))
+        assert min(t.get_fontsize() for t in ax.texts) >= 9  # 6 x 6 cells: legible numbers
+    assert plots._cell_fontsize(40) is None  # large matrices: no numbers
+
+
+def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
+    runs = [
+        (
+            {"run_id": f"r{i}", "state": "done" if i % 3 else "running", "l1": 10 ** -(i % 5),
+             "dict_ratio": float(2 ** (i % 4))},
+            [{"step": s, "rows": 256 * s, "loss": 1 / s, "fvu": 0.5 / s, "l0": 10 + i / s}
+             for s in range(1, 30)],
+        )
+        for i in range(60)
+    ]  # fmt: skip
+    assert_png(plots.training_curves(runs, tmp_path / "curves.png"))
+    assert_png(plots.training_curves([], tmp_path / "empty.png"))  # labelled placeholder
+    rows = [dict(r, mmcs_next_ratio=0.6 + 0.01 * i, state="done") for i, (r, _) in enumerate(runs)]
+    assert_png(plots.mmcs_next_vs_l1(rows, tmp_path / "mmcs_vs_l1.png"))
+    lm = [dict(r, l0=5.0 + i, ce_loss_clean=3.0, ce_loss_ablated=3.02, ce_loss_spliced=3.01,
+               loss_recovered=1.3) for i, r in enumerate(rows)]  # fmt: skip
+    assert_png(plots.lm_vs_l0(lm, tmp_path / "lm.png"))  # every value marked as weak

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sweep import grid, load_run, metrics, rundir
+from sweep import checkpoints, grid, load_run, metrics, rundir
 from sweep.errors import SweepError
-from sweep.worker import EnsembleJob, run_state, train_ensemble
+from sweep.rundir import run_state
+from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
 
 
@@ -42,7 +43,7 @@ def test_run_folders_are_complete(tiny_store, tmp_path):
             "metrics.jsonl",
             "DONE",
         } <= names
-        assert not rundir.list_checkpoints(d)  # checkpoints are removed once final
+        assert not checkpoints.list_checkpoints(d)  # checkpoints are removed once final
         spec = json.loads((d / "spec.json").read_text())
         assert (
             spec["l1"] == m.l1 and spec["dict_ratio"] == 2.0 and spec["train"]["batch_size"] == 256
@@ -73,9 +74,9 @@ def test_resume_is_bit_exact(tiny_store, tmp_path, stop_at):
     first = train_ensemble(cut, should_stop=stop_after(stop_at))
     assert set(first.states.values()) == {"interrupted"} and first.steps == stop_at
     d0 = rundir.run_dir(tmp_path / "cut", cut.ensemble.members[0].run_id)
-    assert run_state(d0) == "partial" and not rundir.is_done(d0)
+    assert run_state(d0) == "interrupted" and not rundir.is_done(d0)
     second = train_ensemble(cut)
-    assert second.steps == 76
+    assert second.steps == 76 and second.resumed_from == stop_at  # not a restart from scratch
     for m in ref.ensemble.members:
         a, b = (
             rundir.run_dir(tmp_path / "ref", m.run_id),
@@ -104,7 +105,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tiny_store, tmp_path):
     ref, cut = reference_and_interrupted(tiny_store, tmp_path)
     for m in cut.ensemble.members:
         d = rundir.run_dir(tmp_path / "cut", m.run_id)
-        ckpts = rundir.list_checkpoints(d)
+        ckpts = checkpoints.list_checkpoints(d)
         assert len(ckpts) == 2  # the previous one is kept
         raw = bytearray(ckpts[-1].read_bytes())
         raw[-10] ^= 0xFF  # flip a byte in the tensor data
@@ -202,7 +203,7 @@ def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
 def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
     ref, cut = reference_and_interrupted(tiny_store, tmp_path)
     for m in cut.ensemble.members:
-        for c in rundir.list_checkpoints(rundir.run_dir(tmp_path / "cut", m.run_id)):
+        for c in checkpoints.list_checkpoints(rundir.run_dir(tmp_path / "cut", m.run_id)):
             c.write_bytes(c.read_bytes()[:100])  # truncated
     train_ensemble(cut)
     for m in ref.ensemble.members:
@@ -218,15 +219,19 @@ def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
 def test_kill_between_member_saves_resumes_from_common_step(tiny_store, tmp_path):
     ref, cut = reference_and_interrupted(tiny_store, tmp_path)
     dirs = [rundir.run_dir(tmp_path / "cut", m.run_id) for m in cut.ensemble.members]
-    rundir.list_checkpoints(dirs[1])[-1].unlink()  # killed after member 0's save, before member 1's
-    assert rundir.checkpoint_steps(dirs[0]) != rundir.checkpoint_steps(dirs[1])
-    from sweep.driver import _resume_steps
+    checkpoints.list_checkpoints(dirs[1])[
+        -1
+    ].unlink()  # killed after member 0's save, before member 1's
+    assert checkpoints.checkpoint_steps(dirs[0]) != checkpoints.checkpoint_steps(dirs[1])
+    from sweep.io import atomic_write_json
+    from sweep.planning import resume_steps
+    from sweep.sweepdir import SweepFolder
 
-    rundir.atomic_write_json(
+    atomic_write_json(
         tmp_path / "cut" / "manifest.json",
         {"runs": {m.run_id: {"ensemble": cut.ensemble.ensemble_id} for m in cut.ensemble.members}},
     )
-    steps = _resume_steps(tmp_path / "cut", list(cut.ensemble.members))
+    steps = resume_steps(SweepFolder(tmp_path / "cut"), list(cut.ensemble.members))
     assert list(steps) == [14] and len(steps[14]) == 2  # planned together, at their common step
     train_ensemble(cut)
     for m, d in zip(ref.ensemble.members, dirs, strict=True):

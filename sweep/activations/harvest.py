@@ -34,11 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from sweep import launcher
 from sweep.activations import lm, text
 from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
-from sweep.errors import StoreError, SweepError, task_error_reason
-from sweep.rundir import atomic_write, atomic_write_json, ensure_writable
+from sweep.devices import torch_dtype
+from sweep.errors import StoreError, SweepError
+from sweep.io import atomic_write, atomic_write_json, ensure_writable, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ _DEFINING = (
 
 
 @dataclass(frozen=True)
-class Plan:
+class HarvestPlan:
     """Where every row, chunk and shuffle group of a harvest comes from."""
 
     rows: int
@@ -77,7 +79,7 @@ class Plan:
     eval_contexts: int
 
     @classmethod
-    def of(cls, cfg: HarvestSource) -> Plan:
+    def of(cls, cfg: HarvestSource) -> HarvestPlan:
         per_group = max(1, math.ceil(cfg.shuffle_rows / cfg.rows_per_chunk))
         n_eval = math.ceil(cfg.lm_eval_tokens / cfg.context)
         return cls(
@@ -175,7 +177,7 @@ def harvest_with_stats(
     if _complete(cfg, params):
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
-    plan = Plan.of(cfg)
+    plan = HarvestPlan.of(cfg)
     docs = (
         None
         if _has_tokens(cfg, plan, root)
@@ -224,6 +226,9 @@ def _prepare_dir(cfg: HarvestConfig, params: dict) -> Path:
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )
     ensure_writable(root, "store_dir")
+    for folder in [root, *(store_path(cfg, h) for h in cfg.hooks)]:
+        if folder.is_dir():
+            remove_stale_temps(folder)  # of writes killed midway (no shard runs yet)
     return root
 
 
@@ -240,7 +245,7 @@ def _complete(cfg: HarvestConfig, params: dict) -> bool:
     return True
 
 
-def _has_tokens(cfg: HarvestConfig, plan: Plan, root: Path) -> bool:
+def _has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     """Whether a resumed harvest's token stream is already on disk (and intact)."""
     path = root / TOKENS_FILE
     if not (path.is_file() and (root / PARAMS_FILE).is_file()):
@@ -257,7 +262,7 @@ def _has_tokens(cfg: HarvestConfig, plan: Plan, root: Path) -> bool:
 
 def _token_stream(
     cfg: HarvestConfig,
-    plan: Plan,
+    plan: HarvestPlan,
     root: Path,
     params: dict,
     docs: Iterator[str] | None,
@@ -276,7 +281,7 @@ def _token_stream(
     atomic_write(root / TOKENS_FILE, lambda f: np.save(f, tokens, allow_pickle=False))
 
 
-def _too_short(cfg: HarvestConfig, plan: Plan, available: int) -> str:
+def _too_short(cfg: HarvestConfig, plan: HarvestPlan, available: int) -> str:
     if available == 0:
         return f"dataset {cfg.dataset} is empty (no text to tokenise); pass a dataset with text (text_field={cfg.text_field})"
     max_rows = max(0, available // plan.body - plan.eval_contexts) * plan.rows_per_context
@@ -287,7 +292,9 @@ def _too_short(cfg: HarvestConfig, plan: Plan, available: int) -> str:
     )
 
 
-def harvest_shard(cfg: HarvestConfig, plan: Plan, groups: range, model: Any = None) -> ShardResult:
+def harvest_shard(
+    cfg: HarvestConfig, plan: HarvestPlan, groups: range, model: Any = None
+) -> ShardResult:
     """Harvest the groups in ``groups`` (skipping complete ones); writes overlap the next forward."""
     if model is None:
         model = lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
@@ -332,7 +339,7 @@ def _group_seed(seed: int, group: int) -> int:
 
 def _fill_group(
     cfg: HarvestConfig,
-    plan: Plan,
+    plan: HarvestPlan,
     g: int,
     model: Any,
     tokens: np.ndarray,
@@ -347,7 +354,7 @@ def _fill_group(
     )  # (n,)
     dest = torch.empty_like(perm)
     dest[perm] = torch.arange(n)  # source row i lands at shuffled position dest[i]
-    dtype = lm.MODEL_DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     bufs = {h: torch.empty(n, res.widths[h], dtype=dtype) for h in cfg.hooks}
     c0, c1 = plan.contexts_of(r0, r1)
     for cb in range(c0, c1, cfg.batch_contexts):
@@ -369,7 +376,7 @@ def _fill_group(
 
 
 def _write_group(
-    plan: Plan,
+    plan: HarvestPlan,
     g: int,
     writers: dict[str, StoreWriter],
     bufs: dict[str, torch.Tensor],
@@ -386,7 +393,7 @@ def _write_group(
 
 
 def _finalize(
-    cfg: HarvestConfig, plan: Plan, params: dict, results: list[ShardResult]
+    cfg: HarvestConfig, plan: HarvestPlan, params: dict, results: list[ShardResult]
 ) -> dict[str, ChunkStore]:
     """Check every chunk is there, save the LM-eval tokens, write each store's manifest."""
     root = Path(cfg.store_dir).expanduser()
@@ -410,7 +417,7 @@ def _finalize(
 
 
 def provenance(
-    cfg: HarvestConfig, plan: Plan, params: dict, hook: str, results: list[ShardResult]
+    cfg: HarvestConfig, plan: HarvestPlan, params: dict, hook: str, results: list[ShardResult]
 ) -> dict:
     """What the manifest records: source, token ranges, shards, and ``source_info`` for run folders."""
     info = {
@@ -471,70 +478,41 @@ def _log_timing(results: list[ShardResult]) -> None:
 # ---- shards on Ray -------------------------------------------------------------------
 
 
-def _init_ray(launch: LaunchConfig) -> bool:
-    """Start or join Ray unless already initialised; returns whether we own the instance."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    common: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
-    if launch.address:
-        ray.init(address=launch.address, **common)
-    else:
-        extra = {"_temp_dir": str(Path(launch.temp_dir).absolute())} if launch.temp_dir else {}
-        ray.init(num_cpus=launch.num_cpus, num_gpus=launch.num_gpus, **extra, **common)
-    return True
-
-
-def _shard_task(cfg: HarvestConfig, plan: Plan, groups: range) -> ShardResult:
+def _shard_task(cfg: HarvestConfig, plan: HarvestPlan, groups: range) -> ShardResult:
     return harvest_shard(cfg, plan, groups)
 
 
-def _run_shards(cfg: HarvestConfig, plan: Plan) -> list[ShardResult]:
+def _run_shards(cfg: HarvestConfig, plan: HarvestPlan) -> list[ShardResult]:
     """One Ray task per shard (a GPU each when harvesting on CUDA); results in completion order."""
     import ray
 
-    owns = _init_ray(cfg.launch)
-    try:
+    with launcher.ray_session(cfg.launch):
         gpus = ray.cluster_resources().get("GPU", 0)
         on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
         n = min(cfg.shards or max(1, int(gpus)), plan.n_groups)
-        task = ray.remote(_shard_task).options(
-            num_cpus=cfg.launch.cpus_per_ensemble or 1,
-            num_gpus=1 if on_gpu else 0,
-            max_retries=cfg.launch.max_retries,
-            retry_exceptions=False,
-        )
         quiet = replace(cfg, progress=False)
-        pending = [task.remote(quiet, plan, plan.shard_groups(s, n)) for s in range(n)]
-        results, failures = [], []
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                results.append(ray.get(ready[0]))
-            except ray.exceptions.RayError as err:
-                failures.append(task_error_reason(err))
-    finally:
-        if owns:
-            ray.shutdown()
+        jobs = {s: (quiet, plan, plan.shard_groups(s, n)) for s in range(n)}
+        cpus = cfg.launch.cpus_per_ensemble or 1
+        refs = launcher.submit(_shard_task, jobs, cpus, 1 if on_gpu else 0, cfg.launch.max_retries)
+        done = list(launcher.drain(refs))
+    failures = [f.error for f in done if f.error is not None]
     if failures:
         raise SweepError(
             f"{len(failures)} harvest shard(s) failed ({failures[0]}); re-run the same command to continue"
         )
-    return results
+    return [f.value for f in done]
 
 
 # ---- data=harvest ---------------------------------------------------------------------
 
 
 def ensure_harvest_store(
-    data: Any, sweep_dir: str | Path, launch: LaunchConfig, progress: bool = True
+    data: Any, path: str | Path, launch: LaunchConfig, progress: bool = True
 ) -> ChunkStore:
-    """The store of a ``data=harvest`` sweep: harvested into ``data.path`` (default
-    ``<sweep_dir>/store``) unless already complete with the same settings."""
+    """The store of a ``data=harvest`` sweep: harvested into ``path`` unless already complete
+    with the same settings."""
     values = {f.name: getattr(data, f.name) for f in fields(HarvestSource)}
-    path = data.path or str(Path(sweep_dir) / "store")
     cfg = HarvestConfig(
-        **values, hooks=[data.hook], store_dir=path, launch=launch, progress=progress
+        **values, hooks=[data.hook], store_dir=str(path), launch=launch, progress=progress
     )
     return run_harvest(cfg)[data.hook]

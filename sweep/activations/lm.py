@@ -18,22 +18,13 @@ from typing import Any
 
 import torch
 
+from sweep.devices import resolve_device, torch_dtype
 from sweep.errors import SweepError
 
 log = logging.getLogger(__name__)
 
-MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "*.pt", "*.pth")
 _EMBED_PREFIXES = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos_embed.")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first visible CUDA device when present, else CPU."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SweepError("device=cuda but no CUDA device is visible; use device=auto or cpu")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def model_ref(name: str) -> str:
@@ -68,14 +59,23 @@ def check_model_folder(name: str) -> None:
 
 @contextmanager
 def quiet_hub() -> Iterator[None]:
-    """Hide huggingface_hub's per-retry warnings (the final failure becomes one SweepError line)."""
+    """Hide huggingface_hub's per-retry warnings (the final failure becomes one SweepError
+    line) and transformers' "Loading weights" bars and notices (they end up in logs)."""
+    from transformers.utils import logging as tf_logging
+
     hub = logging.getLogger("huggingface_hub")
-    level = hub.level
+    level, verbosity = hub.level, tf_logging.get_verbosity()
+    bars = tf_logging.is_progress_bar_enabled()
     hub.setLevel(logging.ERROR)
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hub.setLevel(level)
+        tf_logging.set_verbosity(verbosity)
+        if bars:
+            tf_logging.enable_progress_bar()
 
 
 def load_model(name: str, device: str | torch.device = "auto", dtype: str = "float32") -> Any:
@@ -83,10 +83,10 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str = "flo
     check_model_folder(name)
     from transformer_lens.model_bridge import TransformerBridge
 
-    dev = resolve_device(device) if isinstance(device, str) else device
+    dev = resolve_device(device, "device") if isinstance(device, str) else device
     try:
         with quiet_hub():
-            model = TransformerBridge.boot_transformers(name, device=dev, dtype=MODEL_DTYPES[dtype])
+            model = TransformerBridge.boot_transformers(name, device=dev, dtype=torch_dtype(dtype))
     except Exception as err:  # hub, network, format and architecture errors all mean "cannot load"
         raise SweepError(
             f"cannot load model '{name}' ({_first_line(err)}); pass a local model folder or check the name"

@@ -14,6 +14,8 @@ plain ``.npy`` so they can be memory-mapped by anything (numpy, torch, other too
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
@@ -24,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sweep.devices import TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError
-from sweep.rundir import atomic_write, atomic_write_json
+from sweep.io import atomic_write, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +38,13 @@ FORMAT_VERSION = 1
 GROUND_TRUTH = "ground_truth.safetensors"
 VERIFIED = "verified.json"
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
-
 
 def chunk_name(index: int) -> str:
     return f"chunk_{index:05d}.npy"
 
 
 def _to_numpy(x: torch.Tensor, dtype: str) -> np.ndarray:
-    x = x.to(_TORCH_DTYPES[dtype]).contiguous().cpu()
+    x = x.to(torch_dtype(dtype)).contiguous().cpu()
     return x.view(torch.uint16).numpy() if dtype == "bfloat16" else x.numpy()
 
 
@@ -61,7 +61,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | Path, width: int, dtype: str, rows_per_chunk: int) -> None:
-        if dtype not in _TORCH_DTYPES:
+        if dtype not in TENSOR_DTYPES:
             raise StoreError(f"unknown store dtype {dtype!r}: use float32, float16 or bfloat16")
         self.path = Path(path)
         self.width, self.dtype, self.rows_per_chunk = width, dtype, rows_per_chunk
@@ -91,8 +91,11 @@ class StoreWriter:
             "sum_sq": (stored * stored).sum(0, dtype=torch.float64).tolist(),
             "sum_norm": float(stored.norm(dim=1).sum(dtype=torch.float64)),
         }
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        stats["sha256"] = hashlib.sha256(buf.getbuffer()).hexdigest()
         target = self.path / chunk_name(index)
-        atomic_write(target, lambda f: np.save(f, arr, allow_pickle=False))
+        atomic_write(target, lambda f: f.write(buf.getbuffer()))
         atomic_write_json(target.with_suffix(".json"), stats)
 
     def finalize(self, n_chunks: int, provenance: dict) -> dict:
@@ -111,7 +114,7 @@ class StoreWriter:
             "dtype": self.dtype,
             "rows_per_chunk": self.rows_per_chunk,
             "total_rows": int(total),
-            "chunks": [{"file": chunk_name(i), "rows": s["rows"]} for i, s in enumerate(stats)],
+            "chunks": [_chunk_entry(i, s) for i, s in enumerate(stats)],
             "stats": {
                 "mean": mean.tolist(),
                 "std": np.sqrt(np.maximum(mean_sq - mean**2, 0.0)).tolist(),
@@ -122,6 +125,13 @@ class StoreWriter:
         }
         atomic_write_json(self.path / MANIFEST, manifest)
         return manifest
+
+
+def _chunk_entry(index: int, stats: dict) -> dict:
+    entry = {"file": chunk_name(index), "rows": stats["rows"]}
+    if "sha256" in stats:  # stores written before chunk checksums have none
+        entry["sha256"] = stats["sha256"]
+    return entry
 
 
 class ChunkStore:
@@ -168,6 +178,24 @@ class ChunkStore:
     def provenance(self) -> dict:
         return self.manifest.get("provenance", {})
 
+    @property
+    def identity(self) -> str:
+        """A content hash of the manifest (which lists every chunk's sha256): the same store,
+        wherever it lies, has the same identity; another store (another layer, seed, size) not."""
+        text = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def facts(self) -> dict:
+        """What a sweep records about the store it trains on (and names when it differs)."""
+        return {
+            "path": str(self.path),
+            "id": self.identity,
+            "width": self.width,
+            "dtype": self.dtype,
+            "total_rows": self.total_rows,
+            "source": self.provenance.get("source_info") or self.provenance.get("params", {}),
+        }
+
     def _check_file(self, index: int) -> None:
         info = self.chunks[index]
         f = self.path / info["file"]
@@ -181,7 +209,7 @@ class ChunkStore:
             raise StoreError(
                 f"chunk {f} is truncated or corrupt ({err}); regenerate the store"
             ) from err
-        if arr.shape != (info["rows"], self.width) or arr.dtype != _NUMPY_DTYPES[self.dtype]:
+        if arr.shape != (info["rows"], self.width) or arr.dtype != numpy_dtype(self.dtype):
             raise StoreError(
                 f"chunk {f} has shape {arr.shape} {arr.dtype}, manifest says "
                 f"({info['rows']}, {self.width}) {self.dtype}; the store is damaged, regenerate it"
@@ -231,7 +259,8 @@ class ChunkStore:
             return False
 
     def verify(self) -> None:
-        """Read every chunk once and reject non-finite values (before any training).
+        """Read every chunk once, check its sha256 and reject non-finite values (before any
+        training).
 
         A successful check is remembered in ``verified.json`` (keyed by each chunk file's size
         and mtime), so a store is scanned once, not on every run.
@@ -240,8 +269,14 @@ class ChunkStore:
             return
         signature = self._signature()
         marker = self.path / VERIFIED
-        for i in range(len(self.chunks)):
+        for i, info in enumerate(self.chunks):
             self.read_rows(i)  # raises StoreError on NaN/inf
+            f = self.path / info["file"]
+            if "sha256" in info and file_sha256(f) != info["sha256"]:
+                raise StoreError(
+                    f"chunk {f} fails its checksum (it changed after the store was written); "
+                    "regenerate the store"
+                )
         try:
             atomic_write_json(marker, signature)
         except OSError:
@@ -294,6 +329,36 @@ class Cursor:
         return {"epoch": self.epoch, "chunk": self.chunk, "batch": self.batch}
 
 
+def train_rows(store: ChunkStore, eval_rows: int) -> list[int]:
+    """Rows of each chunk that may be trained on (the last ``eval_rows`` of the store are not)."""
+    limit = store.total_rows - eval_rows
+    return [
+        max(0, min(int(c["rows"]), limit - off))
+        for c, off in zip(store.chunks, store.chunk_offsets(), strict=True)
+    ]
+
+
+def batches_per_chunk(store: ChunkStore, batch_size: int, eval_rows: int) -> list[int]:
+    """Full training batches in each chunk (raises StoreError when nothing is left to train on)."""
+    if store.total_rows - eval_rows < batch_size:
+        raise StoreError(
+            f"chunk store {store.path} has {store.total_rows} rows; after holding out "
+            f"data.eval_rows={eval_rows} fewer than one batch (train.batch_size={batch_size}) is left"
+        )
+    per_chunk = [r // batch_size for r in train_rows(store, eval_rows)]
+    if sum(per_chunk) == 0:
+        raise StoreError(
+            f"no chunk of {store.path} holds a full batch of {batch_size} rows; "
+            "lower train.batch_size or regenerate the store with more rows per chunk"
+        )
+    return per_chunk
+
+
+def total_steps(store: ChunkStore, batch_size: int, epochs: int, eval_rows: int) -> int:
+    """Steps of a whole training run on ``store`` (what :class:`BatchStream` will yield)."""
+    return sum(batches_per_chunk(store, batch_size, eval_rows)) * epochs
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -322,22 +387,8 @@ class BatchStream:
         self.scale, self.device = scale, torch.device(device)
         self._orders: dict[int, list[int]] = {}
         self._check = not store.is_verified()  # a verified store was already scanned for NaN/inf
-        limit = store.total_rows - eval_rows
-        if limit < batch_size:
-            raise StoreError(
-                f"chunk store {store.path} has {store.total_rows} rows; after holding out "
-                f"data.eval_rows={eval_rows} fewer than one batch (train.batch_size={batch_size}) is left"
-            )
-        self.train_rows = [
-            max(0, min(int(c["rows"]), limit - off))
-            for c, off in zip(store.chunks, store.chunk_offsets(), strict=True)
-        ]
-        self.batches_per_chunk = [r // batch_size for r in self.train_rows]
-        if sum(self.batches_per_chunk) == 0:
-            raise StoreError(
-                f"no chunk of {store.path} holds a full batch of {batch_size} rows; "
-                "lower train.batch_size or regenerate the store with more rows per chunk"
-            )
+        self.batches_per_chunk = batches_per_chunk(store, batch_size, eval_rows)
+        self.train_rows = train_rows(store, eval_rows)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -357,13 +408,6 @@ class BatchStream:
             )
             self._orders[epoch] = [i for i in perm if self.batches_per_chunk[i] > 0]
         return self._orders[epoch]
-
-    def step_of(self, cursor: Cursor) -> int:
-        """Global step index of the batch at ``cursor``."""
-        done = cursor.epoch * self.steps_per_epoch
-        order = self.order(cursor.epoch) if cursor.epoch < self.epochs else []
-        done += sum(self.batches_per_chunk[i] for i in order[: cursor.chunk])
-        return done + cursor.batch
 
     def _load(self, epoch: int, index: int) -> torch.Tensor:
         """Chunk ``index`` shuffled for ``epoch`` (runs in the prefetch thread)."""

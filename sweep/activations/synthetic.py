@@ -27,7 +27,7 @@ from safetensors.torch import save
 from sweep.activations.store import GROUND_TRUTH, MANIFEST, ChunkStore, StoreWriter
 from sweep.config import SyntheticDataConfig
 from sweep.errors import StoreError
-from sweep.rundir import atomic_write_bytes, atomic_write_json
+from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,6 @@ class SyntheticSource:
         return x
 
 
-def default_store_path(cfg: SyntheticDataConfig, sweep_dir: str | Path) -> Path:
-    return Path(cfg.path) if cfg.path else Path(sweep_dir) / "store"
-
-
 def ensure_synthetic_store(cfg: SyntheticDataConfig, path: str | Path) -> ChunkStore:
     """Open the store at ``path`` if it was generated with these parameters, else generate it.
 
@@ -142,6 +138,7 @@ def ensure_synthetic_store(cfg: SyntheticDataConfig, path: str | Path) -> ChunkS
 
 def _generate(cfg: SyntheticDataConfig, path: Path, params: dict) -> ChunkStore:
     writer = StoreWriter(path, cfg.width, cfg.dtype, cfg.rows_per_chunk)
+    remove_stale_temps(path)  # of a generation killed midway (the sweep's lock is held)
     atomic_write_json(path / PARAMS_FILE, params)
     source = SyntheticSource(cfg)
     n_chunks = math.ceil(cfg.rows / cfg.rows_per_chunk)

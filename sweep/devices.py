@@ -1,0 +1,48 @@
+"""Devices and dtypes: one table of dtype names, one way to pick a device.
+
+Torch is imported inside the functions so that :mod:`sweep.config` can use the names
+without importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sweep.errors import SweepError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+TENSOR_DTYPES = ("float32", "float16", "bfloat16")
+"""Names of stored / model dtypes (chunk stores, harvested models)."""
+COMPUTE_DTYPES = ("float32", "tf32", "bfloat16")
+"""Names of ``train.dtype`` values."""
+BYTES = {"float32": 4, "tf32": 4, "float16": 2, "bfloat16": 2}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def numpy_dtype(name: str) -> type[np.generic]:
+    """How a stored dtype lies in a ``.npy`` file (bfloat16 as its raw uint16 bits)."""
+    import numpy as np
+
+    return {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[name]
+
+
+def resolve_device(name: str, field: str = "train.device") -> torch.device:
+    """``auto`` -> the (Ray-assigned, via CUDA_VISIBLE_DEVICES) GPU when present, else CPU."""
+    import torch
+
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SweepError(f"{field}=cuda but no CUDA device is visible; use {field}=auto or cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    try:
+        return torch.device("cpu" if name == "auto" else name)
+    except RuntimeError as err:
+        raise SweepError(f"unknown device {name!r} for {field}; use auto, cpu or cuda") from err

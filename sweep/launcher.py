@@ -1,0 +1,209 @@
+"""Ray: start-up, what each task asks for, and ONE submit / wait / failure loop.
+
+Training (:mod:`sweep.driver`) and sharded harvests (:mod:`sweep.activations.harvest`) both
+start or join Ray with :func:`ray_session`, submit their tasks with :func:`submit` and take
+results in completion order from :func:`drain` (``ray.wait``, never a blocking ``ray.get``
+loop). A task that still fails after Ray's retries of crashed workers comes back as a
+:class:`Finished` with its one-line ``error``; the caller decides what that means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from sweep.config import LaunchConfig, SweepConfig
+from sweep.errors import SweepError, task_error_reason
+from sweep.stop import StopWatch, quietly
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+
+
+def _quiet_ray() -> None:
+    """Ray's start-up chatter stays out of the terminal: its notice that token
+    authentication is on (Ray's default for a local instance, which we keep) is not shown,
+    and worker-log prefixes carry no colour codes when stderr is not a terminal."""
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def _start_ray(lc: LaunchConfig) -> None:
+    import ray
+
+    _quiet_ray()
+    common = {"include_dashboard": False, "configure_logging": False, "log_to_driver": True}
+    try:
+        if lc.address:
+            ray.init(address=lc.address, **common)
+            return
+        kwargs: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
+        if lc.temp_dir:
+            kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
+        ray.init(**kwargs, **common)
+    except (ConnectionError, OSError, ValueError, RuntimeError) as err:
+        where = f"the Ray cluster at {lc.address}" if lc.address else "a local Ray instance"
+        hint = (
+            "is it running (ray start / launch/slurm.sbatch)?"
+            if lc.address
+            else "check launch.* settings"
+        )
+        if "path length" in str(err):
+            hint = "launch.temp_dir is too long for Ray's socket paths (107 bytes); use a shorter folder"
+        raise SweepError(
+            f"could not start or join {where} ({str(err).splitlines()[0]}); {hint}"
+        ) from err
+
+
+def shutdown_ray(wait: float | None = None) -> None:
+    """ray.shutdown(); after a signal (Ray's processes may be dead) give up after ``wait`` s."""
+    import ray
+
+    if wait is None:
+        ray.shutdown()
+        return
+    t = threading.Thread(target=lambda: quietly(ray.shutdown), daemon=True, name="ray-shutdown")
+    t.start()
+    t.join(wait)
+
+
+@contextlib.contextmanager
+def ray_session(
+    lc: LaunchConfig, stop_wait: Callable[[], float | None] = lambda: None
+) -> Iterator[bool]:
+    """Start or join Ray unless already initialised (yields whether we own it); a Ray we
+    started is shut down on exit, giving up after ``stop_wait()`` seconds when that is set."""
+    import ray
+
+    owns = not ray.is_initialized()
+    if owns:
+        _start_ray(lc)
+    try:
+        yield owns
+    finally:
+        if owns:
+            shutdown_ray(stop_wait())
+
+
+class Resources:
+    """What each ensemble task asks Ray for, and the device memory model's budget."""
+
+    def __init__(self, cfg: SweepConfig, cluster: dict[str, float]) -> None:
+        import psutil
+
+        gpus = cluster.get("GPU", 0)
+        if cfg.train.device == "cuda" and gpus == 0:
+            raise SweepError(
+                "train.device=cuda but the Ray cluster has no GPUs; use train.device=auto or cpu"
+            )
+        self.on_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and gpus > 0)
+        lc, cpus = cfg.launch, cluster.get("CPU", 1)
+        if self.on_gpu:
+            self.num_gpus, self.num_cpus = lc.gpus_per_ensemble, lc.cpus_per_ensemble or 1
+            per_gpu = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
+            self.device_bytes = per_gpu * min(1.0, lc.gpus_per_ensemble)
+        else:
+            self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or cpus
+            concurrent = max(1, math.floor(cpus / self.num_cpus))
+            self.device_bytes = (
+                lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
+            )
+        self.threads = cfg.train.threads or max(1, int(self.num_cpus))
+
+
+def _gpu_bytes() -> float:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    return float(torch.cuda.get_device_properties(0).total_memory)
+
+
+def submit(
+    fn: Callable[..., Any],
+    jobs: dict[K, tuple],
+    num_cpus: float,
+    num_gpus: float,
+    max_retries: int,
+) -> dict[Any, K]:
+    """One Ray task per job (``key -> args``); returns object ref -> key."""
+    import ray
+
+    task = ray.remote(fn).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False
+    )
+    return {task.remote(*args): key for key, args in jobs.items()}
+
+
+@dataclass
+class Finished(Generic[K]):
+    """One task's outcome: its value, or the one-line reason it failed."""
+
+    key: K
+    value: Any = None
+    error: str | None = None
+
+
+def drain(
+    refs: dict[Any, K], tick: Callable[[list], bool] | None = None, poll: float = 0.5
+) -> Iterator[Finished[K]]:
+    """Tasks' outcomes in completion order. Between waits ``tick(pending_keys)`` runs (the
+    driver's heartbeat, progress and stop handling); when it returns False, stop waiting."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        if tick is not None and not tick([refs[r] for r in pending]):
+            return
+        try:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=poll if tick else None)
+        except ray.exceptions.RayError:
+            ready = []
+        for ref in ready:
+            try:
+                yield Finished(refs[ref], value=ray.get(ref))
+            except ray.exceptions.RayError as err:
+                yield Finished(refs[ref], error=task_error_reason(err))
+
+
+def placement() -> dict:
+    """Where this Ray task runs (host, node, GPU ids) for the run folders' placement.json."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {
+        "host": socket.gethostname(),
+        "node_id": ctx.get_node_id(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "pid": os.getpid(),
+    }
+
+
+def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
+    """The Ray task body: train one ensemble; stop cleanly (checkpoint) on SIGTERM/SIGINT or
+    when the driver's stop file appears."""
+    from sweep.worker import EnsembleResult, train_ensemble
+
+    def report(rows: int) -> None:
+        progress_actor.add.remote(rows * len(job.ensemble.members))  # type: ignore[attr-defined]
+
+    with StopWatch(Path(stop_file)) as stop:
+        if stop.requested():  # the sweep was stopped before this task started
+            ids = [m.run_id for m in job.ensemble.members]
+            return EnsembleResult(
+                job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0
+            )
+        job = replace(job, placement=placement())
+        return train_ensemble(job, progress=report, should_stop=stop.is_set)

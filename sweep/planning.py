@@ -1,0 +1,172 @@
+"""Pure planning: what a sweep still has to train, grouped into ensembles. No Ray.
+
+Planning reads the run folders: final runs (done, diverged) are skipped, runs with a
+checkpoint continue from it (grouped with the runs of their previous ensemble at the newest
+step they all have), the rest start fresh. It also refuses a config that would mix
+incomparable runs in one sweep folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from omegaconf import OmegaConf
+
+from sweep import checkpoints, grid, rundir
+from sweep.activations.store import ChunkStore
+from sweep.config import SweepConfig
+from sweep.errors import RunDirError, SweepError
+from sweep.grid import EnsembleSpec, RunSpec
+from sweep.rundir import RunFolder
+from sweep.sweepdir import SweepFolder
+
+log = logging.getLogger(__name__)
+
+# Config fields that define what every run trains on: changing one under an existing
+# sweep_dir would mix incomparable runs (or make a resumed run a hybrid), so it is refused.
+# Every field of these groups is one or the other (a test keeps the lists complete).
+DEFINING = {
+    "data": None,  # every field of the data group except data.path (a store moved elsewhere)
+    "sae": None,
+    "train": (
+        "batch_size", "lr", "betas", "eps", "epochs", "lr_warmup", "lr_decay", "l1_warmup",
+        "seed", "dtype",
+    ),
+}  # fmt: skip
+FREE = {
+    "data": ("path",),
+    # where and how often: the math of a step and the batches are the same
+    "train": ("device", "log_every", "checkpoint_minutes", "checkpoint_every", "threads"),
+}
+
+
+@dataclass
+class SweepPlan:
+    runs: list[RunSpec]
+    """Every grid point."""
+    skipped: list[str]
+    """Runs already final (done or diverged)."""
+    ensembles: list[EnsembleSpec]
+    """What to train, larger dict ratios first."""
+
+    def ensemble_of(self) -> dict[str, str]:
+        return {m.run_id: e.ensemble_id for e in self.ensembles for m in e.members}
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for group, fields in DEFINING.items():
+        a, b = _flat(old.get(group, {}), f"{group}."), _flat(new.get(group, {}), f"{group}.")
+        for key in sorted(set(a) | set(b)):
+            name = key.split(".", 1)[1]
+            defining = (fields is None or name in fields) and name not in FREE.get(group, ())
+            if defining and a.get(key) != b.get(key):
+                diffs.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
+    """Refuse a config whose run-defining fields differ from the sweep already in ``folder``."""
+    saved = folder.saved_config()
+    if saved is None:
+        return
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    diffs = _differences(old, new)  # type: ignore[arg-type]
+    if diffs:
+        raise RunDirError(
+            f"sweep_dir {folder.path} holds a sweep with different settings ({'; '.join(diffs)}); "
+            "use a new sweep_dir or restore those values"
+        )
+
+
+def check_store(folder: SweepFolder, store: ChunkStore) -> None:
+    """Refuse a store other than the one the sweep's runs were trained on (by identity, a
+    content hash; sweeps recorded before store identities are compared by width only)."""
+    recorded = folder.manifest().get("store")
+    if isinstance(recorded, dict) and recorded.get("id") not in (None, store.identity):
+        new = store.facts()
+        diffs = [
+            f"{k} {recorded.get(k)!r} -> {new[k]!r}"
+            for k in ("width", "dtype", "total_rows")
+            if recorded.get(k) != new[k]
+        ]
+        old_src, new_src = recorded.get("source", {}), new["source"]
+        diffs += [
+            f"{k} {old_src.get(k)!r} -> {new_src.get(k)!r}"
+            for k in sorted(set(old_src) | set(new_src))
+            if old_src.get(k) != new_src.get(k)
+        ]
+        raise SweepError(
+            f"store {store.path} is not the store the runs in {folder.path} were trained on "
+            f"({'; '.join(diffs) or 'same settings, different contents'}); use a new sweep_dir "
+            f"for this store, or point data.path at {recorded.get('path')}"
+        )
+    width = folder.recorded_width()
+    if width is not None and width != store.width:
+        raise SweepError(
+            f"store {store.path} has width {store.width} but the runs in {folder.path} were trained on "
+            f"width {width}; use a new sweep_dir for this store"
+        )
+
+
+def resume_steps(folder: SweepFolder, todo: list[RunSpec]) -> dict[int, list[RunSpec]]:
+    """Pending runs by the step they resume from (0 = from scratch): the newest checkpoint
+    step every member of their previous ensemble has (by file name; the worker verifies)."""
+    previous = folder.previous_ensembles()
+    groups: dict[str, list[RunSpec]] = {}
+    for r in todo:
+        groups.setdefault(previous.get(r.run_id, f"new:{r.run_id}"), []).append(r)
+    out: dict[int, list[RunSpec]] = {}
+    for members in groups.values():
+        steps = [checkpoints.checkpoint_steps(folder.run(r.run_id).path) for r in members]
+        common = set.intersection(*steps)
+        out.setdefault(max(common) if common else 0, []).extend(members)
+    return out
+
+
+def is_final(run: RunFolder) -> bool:
+    """Whether a run is finished and its results verify; a damaged one (warned about, and
+    recorded in its events) is trained again."""
+    if not (run.path / rundir.DONE).is_file():
+        return False
+    problem = run.final_problem(deep=True)
+    if problem is None:
+        return True
+    log.warning("run %s: %s; training it again", run.run_id, problem)
+    run.append_event({"event": "damaged_result", "detail": problem, "action": "retrain"})
+    return False
+
+
+def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> SweepPlan:
+    """Which runs still need training, grouped into ensembles by shape and progress."""
+    folder = SweepFolder(cfg.sweep_dir)
+    runs = grid.expand(cfg.grid.l1, cfg.grid.dict_ratio, cfg.grid.seeds, width, cfg.sae.name)
+    final = [r for r in runs if is_final(folder.run(r.run_id))]
+    todo = [r for r in runs if r not in final]
+    ensembles: list[EnsembleSpec] = []
+    for step, group_runs in sorted(resume_steps(folder, todo).items(), reverse=True):
+        budgets = {
+            ratio: grid.member_budget(
+                width,
+                grid.dict_size(ratio, width),
+                cfg.train.batch_size,
+                cfg.train.dtype,
+                device_bytes,
+                on_gpu,
+                cfg.grid.max_members,
+            )
+            for ratio in {r.dict_ratio for r in group_runs}
+        }
+        ensembles += grid.group(group_runs, budgets, tag=f"-at{step}" if step else "")
+    ensembles.sort(key=lambda e: -e.dict_ratio)
+    return SweepPlan(runs, [r.run_id for r in final], ensembles)

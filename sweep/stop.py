@@ -1,0 +1,149 @@
+"""Stopping a sweep cleanly: the driver's signal handling and the workers' stop watch.
+
+SIGTERM/SIGINT (what SLURM sends before pre-emption) reaches the driver, which writes the
+sweep's stop file at once; each worker's :class:`StopWatch` polls that file (it still works
+when the job's signal took Ray's own processes down, and polling a file, unlike a blocking
+``ray.get`` on an actor, never hands the task's CPUs back to Ray's scheduler) and the worker
+checkpoints and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from sweep.errors import SweepError
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(SweepError):
+    """The sweep was stopped by a signal; every running ensemble checkpointed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, _frame: object = None) -> None:
+    """A signal handler for when nothing is training: stop here (all writes are atomic)."""
+    raise Interrupted(
+        f"stopped by {signal.Signals(signum).name} before training started; nothing was "
+        "lost: re-run the same command to continue",
+        signum,
+    )
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM/SIGINT raise :class:`Interrupted` inside (a clean one-line exit, also for
+    SIGTERM, whose default would kill the process without a word)."""
+    old = _install(raise_interrupted)
+    try:
+        yield
+    finally:
+        _restore(old)
+
+
+def quietly(call: Callable[[], object]) -> None:
+    """Run ``call``, ignoring errors (Ray may be going down with the job; the disk may be full)."""
+    try:
+        call()
+    except Exception as err:
+        log.debug("ignored: %s", err)
+
+
+def _install(handler: Callable[[int, object], None]) -> dict[int, object]:
+    """Install ``handler`` for SIGTERM and SIGINT (main thread only); returns the old ones."""
+    old: dict[int, object] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: rely on the flag and the stop file
+            pass
+    return old
+
+
+def _restore(old: dict[int, object]) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+class DriverSignals:
+    """In the driver, installed before anything slow starts. Until :meth:`training` is called
+    a SIGTERM/SIGINT raises :class:`Interrupted` at once (nothing is training, nothing to
+    save). Afterwards the first one calls ``on_stop(signum)`` (which writes the stop file) and
+    is remembered instead of killing the driver; a second one stops waiting for the workers."""
+
+    def __init__(self, on_stop: Callable[[int], None]) -> None:
+        self.on_stop = on_stop
+        self.signum, self.when = 0, 0.0
+        self.immediate = True
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> DriverSignals:
+        self._old = _install(self._handle)
+        return self
+
+    def reinstall(self) -> None:
+        """Take SIGTERM/SIGINT back (``ray.init``'s core worker installs handlers of its own)."""
+        _install(self._handle)
+
+    def training(self) -> None:
+        """From now on a signal asks the running ensembles to checkpoint and stop."""
+        self.immediate = False
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.immediate:
+            self.signum = signum
+            raise_interrupted(signum)
+        if self.signum:  # a second signal: stop waiting for the workers
+            raise KeyboardInterrupt
+        self.signum, self.when = signum, time.time()
+        quietly(lambda: self.on_stop(signum))
+        log.warning(
+            "received %s: asking every ensemble to checkpoint and stop", signal.Signals(signum).name
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        _restore(self._old)
+
+
+class StopWatch:
+    """Inside a worker: a threading.Event set by SIGTERM/SIGINT or by the driver's stop file
+    in the sweep folder."""
+
+    def __init__(self, stop_file: Path, poll: float = 0.5) -> None:
+        self.stop_file, self.poll = stop_file, poll
+        self.event = threading.Event()
+        self._old: dict[int, object] = {}
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def requested(self) -> bool:
+        return self.stop_file.exists()
+
+    def _watch(self) -> None:
+        while not self.event.is_set():
+            if self.requested():
+                self.event.set()
+            self.event.wait(self.poll)
+
+    def __enter__(self) -> StopWatch:
+        self._old = _install(lambda *_: self.event.set())
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="sweep-stop-watch")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        done = self.event.is_set()
+        self.event.set()
+        _restore(self._old)
+        if not done:
+            self.event.clear()

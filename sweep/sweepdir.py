@@ -1,0 +1,243 @@
+"""The sweep folder: every sweep-level file name, the manifest, and one reader of all runs.
+
+``SWEEP_DIR/`` holds::
+
+    config.yaml     the resolved config of the sweep (what ``sweep resume`` reads)
+    manifest.json   every run (its spec and ensemble), the store, the width, the sweep's state
+    summary.csv     one row per run        .lock   while a driver runs (.lock-guard: taking it)
+    .stop           a stopping driver's request to every worker
+    sweep.log       what every driver logged, with the full details of any error
+    store/          the default chunk store (data=synthetic / data=harvest without data.path)
+    report/         ``sweep report``       wandb/  offline wandb runs
+    runs/<run_id>/  one run folder each (:mod:`sweep.rundir`)
+
+Report, status, the Python API, export and cross-dictionary metrics all read runs through
+:meth:`SweepFolder.read_runs`; nothing else parses run folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sweep.activations.store import ChunkStore
+from sweep.errors import SweepError
+from sweep.io import atomic_write_bytes, atomic_write_json, read_json
+from sweep.rundir import RunFolder, RunState
+
+CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
+SUMMARY = "summary.csv"
+LOCK = ".lock"
+LOCK_GUARD = ".lock-guard"
+STOP = ".stop"
+LOG = "sweep.log"
+STORE = "store"
+REPORT = "report"
+WANDB = "wandb"
+
+
+SUMMARY_COLUMNS = [
+    "run_id",
+    "l1",
+    "dict_ratio",
+    "seed",
+    "state",
+    "l0",
+    "fvu",
+    "mse",
+    "dead_fraction",
+    "dense_fraction",
+    "gt_mmcs",
+    "gt_recovered",
+    "loss_recovered",
+    "mmcs_next_ratio",
+    "mmcs_seeds",
+]
+"""The first columns of ``summary.csv`` (every other metric follows, sorted)."""
+
+
+def summary_columns(rows: list[dict]) -> list[str]:
+    return SUMMARY_COLUMNS + sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS))
+
+
+def write_summary(folder: str | Path, rows: list[dict]) -> Path:
+    """``summary.csv`` (one row per run) in ``folder``: the sweep folder or its report."""
+    cols = summary_columns(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in cols})
+    path = Path(folder) / SUMMARY
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+def default_store_path(sweep_dir: str | Path) -> Path:
+    """Where ``data=synthetic`` / ``data=harvest`` put their store without ``data.path``."""
+    return Path(sweep_dir) / STORE
+
+
+@dataclass
+class RunRecord:
+    """One run as every reader sees it."""
+
+    run_id: str
+    folder: RunFolder
+    state: RunState
+    spec: dict
+    metrics: dict
+    """Final metrics ({} until the run is final)."""
+    last: dict = field(default_factory=dict)
+    """The latest training-curve record."""
+    note: str = ""
+    """Why it failed (``failed``), or what its final metrics warn about (a diverged run's
+    frozen weights, a dead dictionary)."""
+
+    @property
+    def total_rows(self) -> int | None:
+        batch = self.spec.get("train", {}).get("batch_size", 0)
+        return self.spec.get("total_steps", 0) * batch or self.metrics.get("rows_trained")
+
+    @property
+    def rows_trained(self) -> int | None:
+        if self.state.final:
+            return self.metrics.get("rows_trained")
+        return self.last.get("rows", 0 if self.spec else None)
+
+    def row(self) -> dict:
+        """The summary row: grid point, state and final metrics."""
+        out: dict = {
+            "run_id": self.run_id,
+            "l1": self.spec.get("l1"),
+            "dict_ratio": self.spec.get("dict_ratio"),
+            "seed": self.spec.get("seed"),
+        }
+        out.update(self.metrics)
+        out["state"] = self.state.value
+        return out
+
+
+class SweepFolder:
+    """A sweep folder on disk (see the module docstring)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def run(self, run_id: str) -> RunFolder:
+        return RunFolder.of(self.path, run_id)
+
+    @property
+    def stop_file(self) -> Path:
+        return self.path / STOP
+
+    # ------------------------------------------------------------------------- manifest
+
+    def manifest(self) -> dict:
+        """The manifest ({} before the first ``sweep run``)."""
+        path = self.path / MANIFEST
+        return read_json(path) if path.is_file() else {}
+
+    def run_ids(self) -> list[str]:
+        """Runs listed in the manifest (grid order); a one-line error if this is no sweep."""
+        if not self.path.is_dir():
+            raise SweepError(
+                f"{self.path} does not exist or is not a folder; pass the sweep_dir of a sweep run"
+            )
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise SweepError(
+                f"{self.path} is not a sweep folder (no {MANIFEST}); pass the sweep_dir of a sweep run"
+            )
+        try:
+            return list(read_json(manifest)["runs"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise SweepError(
+                f"{manifest} is damaged ({type(err).__name__}); re-run 'sweep run' with the same sweep_dir to rewrite it"
+            ) from err
+
+    def previous_ensembles(self) -> dict[str, str]:
+        """run_id -> the ensemble it last trained in (runs never planned are absent)."""
+        runs = self.manifest().get("runs", {})
+        return {rid: e["ensemble"] for rid, e in runs.items() if "ensemble" in e}
+
+    def recorded_width(self) -> int | None:
+        return self.manifest().get("width")
+
+    def write_manifest(
+        self, runs: list[dict], ensemble_of: dict[str, str], store: ChunkStore
+    ) -> None:
+        """Record every run (``runs``: their specs), the ensemble each is planned in, and the
+        store they train on (:meth:`ChunkStore.facts`)."""
+        known = self.manifest().get("runs", {})
+        for spec in runs:
+            entry = known.get(spec["run_id"], {})
+            entry.update(spec)
+            if spec["run_id"] in ensemble_of:
+                entry["ensemble"] = ensemble_of[spec["run_id"]]
+            known[spec["run_id"]] = entry
+        manifest = {"runs": known, "store": store.facts(), "width": store.width}
+        manifest["updated"] = time.time()
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+    def record_state(self, state: str) -> None:
+        """The sweep's own outcome: ``done``, ``failed`` or ``interrupted``."""
+        manifest = self.manifest()
+        manifest.update(state=state, updated=time.time())
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+    # ------------------------------------------------------------------------- config
+
+    def saved_config(self) -> Path | None:
+        path = self.path / CONFIG
+        return path if path.is_file() else None
+
+    def write_config(self, yaml_text: str) -> None:
+        atomic_write_bytes(self.path / CONFIG, yaml_text.encode())
+
+    # ------------------------------------------------------------------------- activity
+
+    def request_stop(self, signum: int) -> None:
+        atomic_write_json(self.stop_file, {"time": time.time(), "signal": signum})
+
+    def clear_stop(self) -> None:
+        self.stop_file.unlink(missing_ok=True)
+
+    def driver_alive(self) -> bool:
+        from sweep.lock import holder_alive, read_lock
+
+        held = read_lock(self.path)
+        return held is not None and holder_alive(held, self.path / LOCK)
+
+    def activity(self) -> str:
+        """``running`` when a live driver holds the lock, else the state the manifest recorded."""
+        if self.driver_alive():
+            return "running"
+        return (
+            self.manifest().get("state", "unknown")
+            if (self.path / MANIFEST).is_file()
+            else "unknown"
+        )
+
+    # ------------------------------------------------------------------------- runs
+
+    def read_runs(self, ids: list[str] | None = None, live: bool | None = None) -> list[RunRecord]:
+        """Every run of the manifest (or ``ids``), in grid order. Resumable runs count as
+        ``running`` while a live driver holds the sweep (``live``: None = look at the lock;
+        the driver itself passes False)."""
+        live = self.driver_alive() if live is None else live
+        records = []
+        for rid in self.run_ids() if ids is None else ids:
+            folder = self.run(rid)
+            state = folder.state()
+            if live and state.resumable:
+                state = RunState.RUNNING
+            metrics = folder.metrics()
+            note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
+            last = {} if state.final else folder.last_curve()
+            records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note))
+        return records

@@ -1,0 +1,181 @@
+"""A researcher's first hour: refused runs leave nothing behind, errors are one line with the
+fix, help is the subcommand's own, interrupts say what happened, and the terminal shows
+sweep's output, not third-party chatter. CLI checks run the real ``sweep`` command."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sweep
+from sweep import rundir
+from sweep.cli import main
+from sweep.sweepdir import SweepFolder
+from tests.test_sweep_e2e import TINY
+
+GRID = ["grid.l1=[1e-3,1e-1]", "grid.dict_ratio=[1,2]"]
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real ``sweep`` command in a fresh process."""
+    e = dict(os.environ if env is None else env, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "sweep", *args]
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, tmp_path_factory) -> Path:
+    sw = tmp_path_factory.mktemp("first-hour") / "sw"
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 0
+    return sw
+
+
+# ------------------------------------------------------------------ refused runs write nothing
+
+
+def test_refused_run_leaves_no_new_folder(finished, tmp_path, capsys):
+    store = finished / "store"
+    sw = tmp_path / "new"
+    args = [f"sweep_dir={sw}", "data=chunks", f"data.path={store}", "data.eval_rows=10000000"]
+    assert main(["run", *args, *GRID]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval_rows=10000000" in err and len(err.strip().splitlines()) == 1
+    assert not sw.exists()
+
+
+def test_refused_run_leaves_an_existing_sweep_untouched(finished, tmp_path, capsys):
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    before = snapshot(sw)
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID, "train.lr=0.5"]) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert snapshot(sw) == before
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 0  # the corrected command runs
+
+
+def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, capsys):
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    (rundir.run_dir(sw, "r1-l1_1e-03-s0") / rundir.DONE).unlink()
+    out = tmp_path / "out"
+    assert main(["export", str(sw), "--to", "saelens", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1 of 4 runs" in err and "--finished" in err and "\n" not in err
+    assert not out.exists()
+    assert main(["export", str(sw), "--to", "saelens", str(out), "--finished"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "r1-l1_1e-01-s0",
+        "r2-l1_1e-01-s0",
+        "r2-l1_1e-03-s0",
+    ]
+    assert "skipped 1 unfinished run(s): r1-l1_1e-03-s0" in " ".join(
+        capsys.readouterr().err.split()
+    )
+
+
+# ------------------------------------------------------------------ one-line errors and help
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ([], "sweep_dir is required: pass sweep_dir=outputs/my-sweep"),
+        (["sweep_dir=x", "grid.l1=0.01"], "grid.l1 takes a list: write grid.l1='[0.01]'"),
+    ],
+)
+def test_config_mistakes_are_one_line_with_the_fix(args, needle, capsys):
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {needle}") and "\n" not in err
+
+
+def test_subcommand_help_and_usage_are_their_own():
+    helped = cli("run", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: sweep run")
+    assert "sweep harvest model=" not in helped.stdout
+    bad = cli("export", "x", "--to", "hf", "out")
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert lines[0].startswith("usage: sweep export") and len(lines) <= 3
+    assert "invalid choice: 'hf'" in lines[-1]
+
+
+# ------------------------------------------------------------------ the Python API
+
+
+def test_python_api_is_discoverable_and_takes_arrays(finished):
+    assert {"load_run", "load_sweep", "SAE", "Sweep"} <= set(dir(sweep))
+    sae = sweep.load_run(rundir.run_dir(finished, "r2-l1_1e-03-s0"))
+    assert not any(p.requires_grad for p in sae.parameters())
+    x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    torch.testing.assert_close(sae.encode(x), sae.encode(torch.from_numpy(x)))
+    assert sae.decode(sae.encode(x.tolist())).shape == (5, 16)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 16\)"):
+        sae.encode(np.zeros((5, 7), dtype=np.float32))
+    with pytest.raises(TypeError, match="tensor or array"):
+        sae.encode("activations")
+
+
+# ------------------------------------------------------------------ interrupts say what happened
+
+
+def test_status_and_report_agree_on_state_and_order(finished, tmp_path):
+    from sweep.report import build_report
+    from sweep.status import status_rows
+
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    run = SweepFolder(sw).run("r1-l1_1e-01-s0")
+    (run.path / rundir.DONE).unlink()
+    (run.path / "checkpoint-000000010.safetensors").write_bytes(b"")  # a checkpoint exists
+    run.mark_interrupted(10)
+    _, rows = build_report(sw, log_media=False)
+    report = [(r["run_id"], r["state"]) for r in rows]
+    status = [(r["run_id"], r["state"]) for r in status_rows(sw)]
+    assert report == status and ("r1-l1_1e-01-s0", "interrupted") in status
+
+
+def test_a_stop_after_every_run_ended_is_not_an_interrupt():
+    from sweep.driver import _Outcome
+    from sweep.stop import DriverSignals
+
+    signals = DriverSignals(lambda s: None)
+    signals.signum = 2
+    outcome = _Outcome(signals=signals, all_final=True)
+    assert outcome.state == "done"
+    outcome.raise_if_unfinished()  # no Interrupted: nothing was left to stop
+    outcome.all_final = False
+    assert outcome.state == "interrupted"
+
+
+# ------------------------------------------------------------------ no third-party chatter
+
+
+def test_terminal_shows_sweeps_output_only(tmp_path, tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token
+    args = [f"sweep_dir={tmp_path / 'sw'}", *TINY, "grid.l1=[1e-2]", "grid.dict_ratio=[1]"]
+    done = cli(
+        "run",
+        *args,
+        f"launch.temp_dir={tmp_path_factory.getbasetemp() / 'rq'}",
+        "launch.num_cpus=1",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Token authentication" not in done.stderr
+    assert "\x1b[" not in done.stderr and "Loading weights" not in done.stderr
+    noise = [
+        ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(("INFO", " "))
+    ]
+    assert not noise, done.stderr

@@ -1,0 +1,317 @@
+"""Nothing silently wrong: damaged inputs are detected, every fault is a one-line message.
+
+Each test damages real files of a real sweep (or races real processes) the way a power loss,
+a full disk, a careless copy or a second driver would, and checks that the result is either
+correct (bit-identical to an undamaged sweep) or refused with one line, never wrong with exit 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sweep import checkpoints, planning, rundir
+from sweep.cli import main
+from sweep.config import TrainConfig
+from sweep.errors import RunDirError
+from sweep.lock import SweepLock
+from sweep.worker import train_ensemble
+from tests.sweep_builder import jobs
+from tests.test_sweep_e2e import TINY
+
+GRID = ["grid.l1=[1e-3,1e-1]", "grid.dict_ratio=[1,2]"]
+
+
+def run(sweep_dir: Path, *extra: str) -> int:
+    return main(["run", f"sweep_dir={sweep_dir}", *TINY, *GRID, *extra])
+
+
+def weights(sweep_dir: Path) -> dict[str, str]:
+    return {
+        r.name: hashlib.sha256((r / rundir.WEIGHTS).read_bytes()).hexdigest()
+        for r in sorted((sweep_dir / "runs").iterdir())
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, tmp_path_factory) -> Path:
+    sw = tmp_path_factory.mktemp("integrity") / "sw"
+    assert run(sw) == 0
+    return sw
+
+
+@pytest.fixture
+def copy(finished, tmp_path) -> Path:
+    shutil.copytree(finished, tmp_path / "sw")
+    return tmp_path / "sw"
+
+
+def one_line_error(err: str, *words: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith(("error:", "interrupted:")), err
+    assert "Traceback" not in err, err
+    for w in words:
+        assert w in lines[-1], lines[-1]
+
+
+# ------------------------------------------------------------------ 1. checkpoint metadata
+
+
+def interrupted_job(store, tmp_path: Path, stop_at: int = 20):
+    job = jobs(store, tmp_path, l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1, epochs=2)[0]
+    n = iter(range(10**6))
+    train_ensemble(job, should_stop=lambda: next(n) + 1 >= stop_at)
+    return job
+
+
+def test_checkpoint_metadata_is_inside_the_checksum(tiny_store, tmp_path):
+    ref = jobs(tiny_store, tmp_path / "ref", l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1, epochs=2)
+    train_ensemble(ref[0])
+    job = interrupted_job(tiny_store, tmp_path / "cut")
+    folder = rundir.run_dir(tmp_path / "cut", job.ensemble.members[0].run_id)
+    newest = checkpoints.list_checkpoints(folder)[-1]
+    data = newest.read_bytes()
+    at = data.index(b'\\"chunk\\": ') + len(b'\\"chunk\\": ')  # the cursor, in the header
+    digit = int(data[at : at + 1])
+    newest.write_bytes(data[:at] + str((digit + 1) % 10).encode() + data[at + 1 :])
+    with pytest.raises(ValueError, match="checksum"):
+        checkpoints.load_checkpoint(newest)
+    train_ensemble(job)  # falls back to the previous common checkpoint, loudly
+    events = (folder / rundir.EVENTS).read_text()
+    assert "bad_checkpoint" in events and newest.name in events
+    other = rundir.run_dir(tmp_path / "cut", job.ensemble.members[1].run_id)
+    assert not (other / rundir.EVENTS).exists()  # only the damaged member's events
+    assert weights(tmp_path / "cut") == weights(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------ 2. DONE is not trusted alone
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "flip"])
+def test_damaged_final_weights_are_retrained(copy, damage, capsys):
+    before = weights(copy)
+    victim = copy / "runs" / "r2-l1_1e-01-s0" / rundir.WEIGHTS
+    data = victim.read_bytes()
+    original = copy.parent / "original.safetensors"
+    original.write_bytes(data)
+    if damage == "delete":
+        victim.unlink()
+    elif damage == "truncate":
+        victim.write_bytes(data[:100])
+    else:  # same size, one bit changed: only the checksum in DONE catches it
+        victim.write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    assert run(copy) == 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "r2-l1_1e-01-s0" in err and "training it again" in err
+    after = weights(copy)
+    assert {k: v for k, v in after.items() if k != victim.parent.name} == {
+        k: v for k, v in before.items() if k != victim.parent.name
+    }
+    again = load_file(victim)  # retrained alone (an ensemble of one: equal up to float order)
+    for k, v in load_file(original).items():
+        torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [rundir.METRICS, rundir.DONE])
+def test_garbage_in_final_files_is_no_traceback(copy, name, capsys):
+    (copy / "runs" / "r1-l1_1e-03-s0" / name).write_text("{not json")
+    assert main(["status", str(copy)]) == 0
+    assert main(["report", str(copy), "--no-wandb"]) == 0
+    assert run(copy) == 0  # the damaged run is trained again
+    assert "Traceback" not in capsys.readouterr().err
+    m = json.loads((copy / "runs" / "r1-l1_1e-03-s0" / rundir.METRICS).read_text())
+    assert m["state"] == "done"
+
+
+# ------------------------------------------------------------------ 3. store identity
+
+
+def test_another_store_of_the_same_width_is_refused(ray_cluster, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", f"sweep_dir={tmp_path / 'mk'}", *TINY, "data.path=" + str(a), *GRID]) == 0
+    assert (
+        main(
+            ["run", f"sweep_dir={tmp_path / 'mk2'}", *TINY, "data.seed=1", f"data.path={b}", *GRID]
+        )
+        == 0
+    )
+    sw = tmp_path / "sw"
+    train = [x for x in TINY if not x.startswith("data.")] + ["data.eval_rows=2048"]
+    assert main(["run", f"sweep_dir={sw}", *train, "data=chunks", f"data.path={a}", *GRID]) == 0
+    before = {p: p.read_bytes() for p in sw.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["run", f"sweep_dir={sw}", *train, "data=chunks", f"data.path={b}", *GRID]) == 2
+    one_line_error(capsys.readouterr().err, "not the store", "seed 0 -> 1")
+    after = {p: p.read_bytes() for p in sw.rglob("*") if p.is_file() and p.name != "sweep.log"}
+    assert after == {p: v for p, v in before.items() if p.name != "sweep.log"}
+    moved = tmp_path / "moved"
+    shutil.copytree(a, moved)  # the same store elsewhere is the same store
+    assert main(["run", f"sweep_dir={sw}", *train, "data=chunks", f"data.path={moved}", *GRID]) == 0
+
+
+def test_a_flipped_bit_in_a_chunk_is_caught(ray_cluster, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["run", f"sweep_dir={tmp_path / 'sw'}", *TINY, f"data.path={store}", *GRID]) == 0
+    chunk = store / "chunk_00001.npy"
+    arr = np.load(chunk)
+    arr.view(np.uint32)[5, 3] ^= 1 << 3  # a small change to one float: no NaN, no inf
+    np.save(chunk, arr)
+    capsys.readouterr()
+    assert main(["run", f"sweep_dir={tmp_path / 'sw2'}", *TINY, f"data.path={store}", *GRID]) == 2
+    one_line_error(capsys.readouterr().err, "chunk_00001.npy", "checksum")
+
+
+# ------------------------------------------------------------------ 4. result-defining fields
+
+
+@pytest.mark.parametrize("field", ["lr_warmup=0.1", "lr_decay=0.2", "l1_warmup=0.05"])
+def test_schedule_changes_are_refused_on_resume(copy, field, capsys):
+    config = (copy / "config.yaml").read_bytes()
+    assert run(copy, f"train.{field}") == 2
+    one_line_error(capsys.readouterr().err, "different settings", field.split("=")[0])
+    assert (copy / "config.yaml").read_bytes() == config
+
+
+def test_every_train_field_is_classified():
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    defining, free = set(planning.DEFINING["train"]), set(planning.FREE["train"])
+    assert defining | free == names and not defining & free
+
+
+# ------------------------------------------------------------------ 5. the lock, raced
+
+
+def _take_lock(folder: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        with SweepLock(folder):
+            results.put("held")
+            time.sleep(1.0)
+    except RunDirError:
+        results.put("refused")
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_drivers_started_together_never_both_hold_the_lock(tmp_path, stale):
+    ctx = mp.get_context("spawn")
+    for trial in range(3):
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        if stale:
+            info = {"host": socket.gethostname(), "pid": 2**22 + 7, "started": 0}
+            (folder / ".lock").write_text(json.dumps(info))
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [
+            ctx.Process(target=_take_lock, args=(str(folder), barrier, results)) for _ in range(6)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        got = sorted(results.get(timeout=5) for _ in procs)
+        assert got.count("held") == 1, got
+
+
+# ------------------------------------------------------------------ 7. torn curve tail
+
+
+def test_a_torn_curve_line_is_dropped_and_training_continues(tiny_store, tmp_path):
+    ref = jobs(tiny_store, tmp_path / "ref", l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1, epochs=2)
+    train_ensemble(ref[0])
+    job = interrupted_job(tiny_store, tmp_path / "cut")
+    for m in job.ensemble.members:
+        with open(rundir.run_dir(tmp_path / "cut", m.run_id) / rundir.CURVE, "a") as f:
+            f.write('{"step": 99, "lo')  # what a power loss leaves
+    train_ensemble(job)
+    assert weights(tmp_path / "cut") == weights(tmp_path / "ref")
+    for m in job.ensemble.members:
+        a, b = (rundir.run_dir(tmp_path / d, m.run_id) / rundir.CURVE for d in ("ref", "cut"))
+        assert a.read_text() == b.read_text()
+
+
+# ------------------------------------------------------------------ 8. disk full
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_disk_full_is_one_line_and_a_copy_resumes(ray_cluster, small_disk, tmp_path, capsys):
+    store = tmp_path / "store"
+    ref = tmp_path / "ref"
+    args = [*TINY, f"data.path={store}", "grid.l1=[1e-3,1e-2,1e-1]", "grid.dict_ratio=[4,8]"]
+    assert main(["run", f"sweep_dir={ref}", *args]) == 0
+    capsys.readouterr()
+    sw = small_disk / "sw"
+    assert main(["run", f"sweep_dir={sw}", *args]) == 2
+    one_line_error(capsys.readouterr().err, "no space left", "free space")
+    moved = tmp_path / "moved"
+    shutil.copytree(sw, moved)
+    assert main(["run", f"sweep_dir={moved}", *args]) == 0
+    assert weights(moved) == weights(ref)
+    assert not list(moved.rglob(".*.tmp"))
+
+
+# ------------------------------------------------------------------ 10. minor
+
+
+def test_stale_temp_files_are_removed(copy):
+    junk = [
+        copy / "runs" / "r1-l1_1e-03-s0" / ".sae.safetensors.x1.tmp",
+        copy / ".manifest.json.x2.tmp",
+    ]
+    (copy / "runs" / "r1-l1_1e-03-s0" / rundir.DONE).unlink()  # so the run starts again
+    for j in junk:
+        j.write_bytes(b"\0" * 1000)
+    assert run(copy) == 0
+    assert not any(j.exists() for j in junk)
+
+
+def test_diverged_and_dead_dictionaries_say_so(ray_cluster, tmp_path):
+    sw = tmp_path / "sw"
+    assert (
+        main(["run", f"sweep_dir={sw}", *TINY, "grid.l1=[1e-3,1e6,1e38]", "grid.dict_ratio=[1]"])
+        == 0
+    )
+    from sweep.status import status_rows
+
+    notes = {r["run_id"]: r.get("note", "") for r in status_rows(sw)}
+    assert notes["r1-l1_1e-03-s0"] == ""
+    assert notes["r1-l1_1e+06-s0"].startswith("dead dictionary")
+    assert notes["r1-l1_1e+38-s0"].startswith("diverged at step")
+    m = json.loads((sw / "runs" / "r1-l1_1e+38-s0" / rundir.METRICS).read_text())
+    assert m["rows_trained"] == m["diverged_step"] * 256
+
+
+def test_ensembles_that_need_every_cpu_run_one_at_a_time(ray_cluster, tmp_path):
+    sw = tmp_path / "sw"
+    extra = ["train.device=cpu", "launch.cpus_per_ensemble=2", "train.threads=1", "data.rows=30000"]
+    assert (
+        main(["run", f"sweep_dir={sw}", *TINY, "grid.l1=[1e-2]", "grid.dict_ratio=[1,2]", *extra])
+        == 0
+    )
+    spans = []
+    for r in (sw / "runs").iterdir():
+        start = json.loads((r / rundir.PLACEMENT).read_text())["time"]
+        end = json.loads((r / rundir.DONE).read_text())["finished"]
+        spans.append((start, end))
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0, spans  # the second started after the first finished
