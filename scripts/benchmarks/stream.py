@@ -1,0 +1,88 @@
+"""Section 3, streamed vs in-memory: one ensemble trained from ``BatchStream`` over an on-disk
+chunk store vs from a pre-shuffled tensor already in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sweep.activations.store import BatchStream, ChunkStore, Cursor
+from sweep.ensemble import Ensemble
+
+from .common import SMALL, Context
+from .ensembles import init_members, l1_grid, make_ensemble
+from .timing import Seconds, fmt_rate, med, speedup, table, verdict
+
+K, TARGET = 8, 0.95
+
+
+def in_memory_rows(stream: BatchStream, device: torch.device) -> torch.Tensor:
+    """Every training row of the store, scaled and shuffled, as one (steps*B, d) tensor."""
+    parts = [stream.store.read_rows(i, 0, r) for i, r in enumerate(stream.train_rows) if r > 0]
+    x = torch.cat(parts).float() * stream.scale  # (rows, d)
+    x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))]
+    return x[: stream.total_steps * stream.batch_size].to(device).contiguous()
+
+
+def sources(stream: BatchStream, x_mem: torch.Tensor) -> dict[str, Callable[[Ensemble], None]]:
+    """Train an ensemble over every batch: from the stream, or from the in-memory tensor."""
+    steps, bs = stream.total_steps, stream.batch_size
+
+    def streamed(ens: Ensemble) -> None:
+        for _, x in stream.batches(Cursor()):
+            ens.step(x, full=False)
+
+    def in_memory(ens: Ensemble) -> None:
+        for i in range(steps):
+            ens.step(x_mem[i * bs : (i + 1) * bs], full=False)
+
+    return {"streamed": streamed, "in_memory": in_memory}
+
+
+def run(ctx: Context) -> dict:
+    store, size, device = ctx.stores.get("stream"), SMALL, ctx.device
+    stream = BatchStream(store, size.batch, 0, 1, ctx.st.eval_rows, store.scale(True), device)
+    steps, bs = stream.total_steps, size.batch
+    x_mem = in_memory_rows(stream, device)  # (steps*B, d)
+    members, l1s = init_members(size, K, device), l1_grid(K)
+    warm = make_ensemble(members, l1s)
+    for i in range(3):
+        warm.step(x_mem[i * bs : (i + 1) * bs], full=False)
+    secs: Seconds = {"streamed": [], "in_memory": []}
+    for _ in range(ctx.st.repeats):
+        for name, train in sources(stream, x_mem).items():
+            ens = make_ensemble(members, l1s)  # fresh, identical start for every run
+            secs[name].append(ctx.timer.wall(lambda train=train, ens=ens: train(ens)))
+    alone = ctx.timer.wall(lambda: [None for _ in stream.batches(Cursor())])  # reading only
+    return report(store, steps, bs, secs, alone)
+
+
+def report(store: ChunkStore, steps: int, bs: int, secs: Seconds, alone: float) -> dict:
+    rate = {n: steps * bs / med(s) for n, s in secs.items()}
+    ratio, best = speedup(secs, "streamed", "in_memory")
+    chunks = f"{len(store.chunks)} chunks of {store.chunks[0]['rows']}"
+    print(
+        f"  store: {store.total_rows} rows x {store.width} {store.dtype}, {chunks} (in page cache)"
+    )
+    print(
+        f"  ensemble {SMALL.d}x{SMALL.m} K={K} B={bs}: {steps} steps per run, fresh ensemble each run"
+    )
+    rows = [
+        [n, fmt_rate(r), fmt_rate(r * K), f"{med(secs[n]):.2f}", f"{min(secs[n]):.2f}"]
+        for n, r in rate.items()
+    ]
+    table(["source", "rows/s", "rows x members/s", "s (median)", "s (best)"], rows)
+    print(f"  the stream alone (every batch read, no training) takes {alone:.2f} s")
+    print(f"  streamed / in-memory: {ratio:.3f}, best-of {best:.3f}", end="")
+    print(f"  (target >= {TARGET}: {verdict(ratio, TARGET)})")
+    return {
+        "steps": steps,
+        "k": K,
+        "seconds": secs,
+        "rows_per_s": rate,
+        "stream_only_seconds": alone,
+        "ratio": ratio,
+        "ratio_best": best,
+        "target": TARGET,
+    }

@@ -1,0 +1,89 @@
+"""The timing helpers every section shares: a CUDA-aware timer, interleaved repeats, median and
+best-of ratios, and the printed table."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+Seconds = dict[str, list[float]]
+"""Per variant, seconds per call (or per run) of each repeat."""
+
+
+class Timer:
+    """Wall-clock timing that waits for queued CUDA work at both ends."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def per_call(self, fn: Callable[[], object], min_time: float) -> float:
+        """Seconds per call of ``fn``, calling it until ``min_time`` has passed (at least once)."""
+        self.sync()
+        t0, n = time.perf_counter(), 0
+        while True:
+            fn()
+            n += 1
+            if time.perf_counter() - t0 >= min_time:
+                self.sync()
+                return (time.perf_counter() - t0) / n
+
+    def wall(self, fn: Callable[[], object]) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def interleaved(
+    variants: dict[str, Callable[[], object]],
+    timer: Timer,
+    repeats: int,
+    min_time: float,
+    warmup: int = 2,
+) -> Seconds:
+    """Seconds per call of every variant: warm each up, then time them in turn, ``repeats`` times."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    timer.sync()
+    out: Seconds = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            out[name].append(timer.per_call(fn, min_time))
+    return out
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def speedup(secs: Seconds, a: str, b: str) -> tuple[float, float]:
+    """(median, best-of-N) of rate(a) / rate(b), from seconds per equal unit of work."""
+    return med(secs[b]) / med(secs[a]), min(secs[b]) / min(secs[a])
+
+
+def verdict(value: float, target: float, higher: bool = True) -> str:
+    ok = value >= target if higher else value <= target
+    return "met" if ok else "NOT met"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  " + "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+    for r in rows:
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+
+
+def fmt_rate(x: float) -> str:
+    for unit, div in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:.3g}"
