@@ -132,8 +132,13 @@ class RunFolder:
             return f"{WEIGHTS} has {weights.stat().st_size} bytes, {DONE} recorded {done['weights_bytes']}"
         if not self._json(METRICS):
             return f"{METRICS} is missing or damaged"
-        if deep and done.get("weights_sha256", file_sha256(weights)) != file_sha256(weights):
+        if deep and "weights_sha256" in done and done["weights_sha256"] != file_sha256(weights):
             return f"{WEIGHTS} fails its checksum"
+        if deep and "weights_sha256" not in done:  # finished by a version without checksums
+            try:
+                self.weights()
+            except Exception as err:
+                return f"{WEIGHTS} is unreadable ({type(err).__name__})"
         return None
 
     def state(self) -> RunState:
