@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -23,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 from sweep.config import LaunchConfig, SweepConfig
 from sweep.errors import SweepError, task_error_reason
-from sweep.stop import StopWatch, quietly
+from sweep.stop import StopWatch, exit_now, quietly
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ def _start_ray(lc: LaunchConfig) -> None:
         if lc.temp_dir:
             kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
         ray.init(**kwargs, **common)
+    except SystemExit as err:  # ray.init's own SIGTERM handler: sys.exit(SIGTERM), no message
+        if err.code == signal.SIGTERM:
+            exit_now(signal.SIGTERM)
+        raise
     except (ConnectionError, OSError, ValueError, RuntimeError) as err:
         where = f"the Ray cluster at {lc.address}" if lc.address else "a local Ray instance"
         hint = (

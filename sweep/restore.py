@@ -109,16 +109,15 @@ def member_tensors(ens: Ensemble, e: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoints(
-    folders: list[RunFolder], ens: Ensemble, cursor: Cursor, step: int, diverged_at: torch.Tensor
-) -> None:
-    """One checkpoint per member, all at ``step`` and ``cursor``."""
+def checkpoint_meta(ens: Ensemble, cursor: Cursor, diverged_at: torch.Tensor) -> list[dict]:
+    """Each member's checkpoint metadata: the data cursor, the thread count, its flags."""
     active, diverged = ens.active.tolist(), diverged_at.tolist()
-    for e, folder in enumerate(folders):
-        meta = {
+    return [
+        {
             "cursor": cursor.as_dict(),
             "threads": torch.get_num_threads(),
             "active": active[e],
             "diverged_step": diverged[e],
         }
-        folder.save_checkpoint(Checkpoint(step, member_tensors(ens, e), meta))
+        for e in range(len(active))
+    ]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,20 +32,31 @@ class Interrupted(SweepError):
         self.signum = signum
 
 
-def raise_interrupted(signum: int, _frame: object = None) -> None:
-    """A signal handler for when nothing is training: stop here (all writes are atomic)."""
-    raise Interrupted(
-        f"stopped by {signal.Signals(signum).name} before training started; nothing was "
-        "lost: re-run the same command to continue",
-        signum,
-    )
+def exit_now(signum: int, _frame: object = None) -> None:
+    """A signal handler for when nothing is training: one line, then exit 128+signal at once.
+
+    It exits rather than raising: the signal may land inside C++ code (torch's imports,
+    ``ray.init``), through which a Python exception ends in ``std::terminate`` (SIGABRT).
+    Nothing is lost: every write is atomic (a temp file of a killed write is removed by the
+    next run), Ray's processes fate-share with this one, and the lock of a dead process is
+    taken over.
+    """
+    name = signal.Signals(signum).name
+    try:
+        sys.stderr.write(
+            f"interrupted: stopped by {name} before training started; nothing was lost: "
+            "re-run the same command to continue\n"
+        )
+        sys.stderr.flush()
+    finally:
+        os._exit(128 + signum)
 
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGTERM/SIGINT raise :class:`Interrupted` inside (a clean one-line exit, also for
-    SIGTERM, whose default would kill the process without a word)."""
-    old = _install(raise_interrupted)
+    """SIGTERM/SIGINT end the process with one line (:func:`exit_now`) inside, also SIGTERM,
+    whose default would kill the process without a word."""
+    old = _install(exit_now)
     try:
         yield
     finally:
@@ -76,8 +89,8 @@ def _restore(old: dict[int, object]) -> None:
 
 class DriverSignals:
     """In the driver, installed before anything slow starts. Until :meth:`training` is called
-    a SIGTERM/SIGINT raises :class:`Interrupted` at once (nothing is training, nothing to
-    save). Afterwards the first one calls ``on_stop(signum)`` (which writes the stop file) and
+    a SIGTERM/SIGINT ends the process at once (:func:`exit_now`: nothing is training, nothing
+    to save). Afterwards the first one calls ``on_stop(signum)`` (which writes the stop file) and
     is remembered instead of killing the driver; a second one stops waiting for the workers."""
 
     def __init__(self, on_stop: Callable[[int], None]) -> None:
@@ -101,7 +114,7 @@ class DriverSignals:
     def _handle(self, signum: int, _frame: object) -> None:
         if self.immediate:
             self.signum = signum
-            raise_interrupted(signum)
+            exit_now(signum)
         if self.signum:  # a second signal: stop waiting for the workers
             raise KeyboardInterrupt
         self.signum, self.when = signum, time.time()

@@ -5,8 +5,9 @@ The worker restores itself at the top (:mod:`sweep.restore`: the members' checkp
 fresh init), so a first run, a retry and a resume are the same code path. It streams batches
 from the chunk store, steps the ensemble, appends the training curve every ``log_every``
 steps (one host transfer for all members), checkpoints by time (``train.checkpoint_minutes``;
-also every ``train.checkpoint_every`` steps when set), on every stop and before finishing,
-and finally writes every member's results (:mod:`sweep.finalize`).
+also every ``train.checkpoint_every`` steps when set), on every stop and before finishing —
+written in the background (:mod:`sweep.ckpt_writer`) — and finally writes every member's
+results (:mod:`sweep.finalize`).
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ import torch
 
 from sweep import sae
 from sweep.activations.store import BatchStream, ChunkStore
+from sweep.ckpt_writer import CheckpointWriter
 from sweep.config import DataConfig, LoggerConfig, TrainConfig
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
-from sweep.restore import Restored, restore_ensemble, save_checkpoints
+from sweep.restore import Restored, restore_ensemble
 from sweep.rundir import RunFolder
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,9 @@ class EnsembleResult:
     resumed_from: int = 0
     """The step this attempt continued from (0: from scratch)."""
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds spent in ``restore``, ``checkpoint`` (``checkpoints``: how many were written)
-    and ``finalize`` (evaluation and final writes) by this attempt."""
+    """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
+    how many), ``checkpoint_write`` (the background writes) and ``finalize`` (evaluation and
+    final writes) by this attempt."""
 
 
 class CheckpointClock:
@@ -103,6 +106,7 @@ class _Attempt:
             self.store, t.batch_size, t.seed, t.epochs, job.eval_rows, self.scale, device
         )
         self._tracker: RunLogger | None = None
+        self.writer = CheckpointWriter(self.folders)
         self.timings: dict[str, float] = {"checkpoint": 0.0, "checkpoints": 0}
 
     def start(self) -> None:
@@ -132,10 +136,13 @@ class _Attempt:
             self.job.ensemble.ensemble_id,
         )
 
-    def checkpoint(self, r: Restored) -> None:
+    def checkpoint(self, r: Restored, wait: bool = False) -> None:
+        """Snapshot every member and write in the background (``wait``: until on disk)."""
         t0 = time.perf_counter()
-        save_checkpoints(self.folders, r.ens, r.cursor, r.step, r.diverged_at)
-        self.timings["checkpoint"] += time.perf_counter() - t0
+        self.writer.save(r.ens, r.cursor, r.step, r.diverged_at)
+        if wait:
+            self.writer.wait()
+        self.timings["checkpoint"] += time.perf_counter() - t0  # time training was held
         self.timings["checkpoints"] += 1
 
     def log_curve(self, parts: sae.LossParts, step: int, active: list[bool]) -> None:
@@ -200,13 +207,34 @@ def _train(
                 reported = r.step
         stop = should_stop is not None and should_stop()
         if stop or clock.due(r.step):
-            at.checkpoint(r)
+            at.checkpoint(r, wait=stop)  # a stop returns only once the state is on disk
             clock.reset()
         if stop:
             return True
     if progress and r.step > reported:
         progress((r.step - reported) * bs)
     return False
+
+
+def _train_and_finish(
+    at: _Attempt,
+    r: Restored,
+    progress: Callable[[int], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> dict[str, str]:
+    if _train(at, r, progress, should_stop):
+        for folder in at.folders:  # tells a stopping driver this ensemble is safe on disk
+            folder.mark_interrupted(r.step)
+        at.tracker().close()
+        return {m.run_id: "interrupted" for m in at.runs}
+    at.checkpoint(r, wait=True)  # a failure while evaluating resumes here, not earlier
+    t1 = time.perf_counter()
+    diverged = r.diverged_at.tolist()
+    states = finish_members(
+        r.ens, at.runs, at.folders, r.step, diverged, at.eval_setting(), at.tracker()
+    )
+    at.timings["finalize"] = time.perf_counter() - t1
+    return states
 
 
 def train_ensemble(
@@ -228,20 +256,11 @@ def train_ensemble(
     r = at.restore()
     resumed_from = r.step
     at.timings["restore"] = time.perf_counter() - t0
-    ids = [m.run_id for m in at.runs]
-    if _train(at, r, progress, should_stop):
-        for folder in at.folders:  # tells a stopping driver this ensemble is safe on disk
-            folder.mark_interrupted(r.step)
-        at.tracker().close()
-        states = dict.fromkeys(ids, "interrupted")
-    else:
-        at.checkpoint(r)  # a failure while evaluating resumes here, not at the last timed one
-        t1 = time.perf_counter()
-        diverged = r.diverged_at.tolist()
-        states = finish_members(
-            r.ens, at.runs, at.folders, r.step, diverged, at.eval_setting(), at.tracker()
-        )
-        at.timings["finalize"] = time.perf_counter() - t1
+    try:
+        states = _train_and_finish(at, r, progress, should_stop)
+    finally:
+        at.writer.close()
+        at.timings["checkpoint_write"] = at.writer.write_seconds
     seconds = time.perf_counter() - t0
     result = EnsembleResult(job.ensemble.ensemble_id, states, r.step, seconds, resumed_from)
     result.timings = at.timings

@@ -187,7 +187,7 @@ def test_signals_while_starting_up_exit_cleanly(reference, tmp_path, tmp_path_fa
     """A stop during imports, store generation, Ray start-up or planning: one line, exit
     128+signal, within seconds, and the re-run ends identical."""
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"ru{int(sig)}"
-    for delay in (0.1, 0.6, 1.2, 2.0, 3.0):
+    for delay in (0.7, 1.2, 1.8, 2.5, 3.5):  # after the interpreter itself has started
         p = start(sw, rt)
         time.sleep(delay)
         t0 = time.time()

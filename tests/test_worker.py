@@ -238,3 +238,22 @@ def test_kill_between_member_saves_resumes_from_common_step(tiny_store, tmp_path
         a = rundir.run_dir(tmp_path / "ref", m.run_id)
         assert digest(a) == digest(d)
         assert (a / "metrics.jsonl").read_text() == (d / "metrics.jsonl").read_text()
+
+
+def test_background_checkpoints_hold_the_state_of_their_step(tiny_store, tmp_path):
+    """A checkpoint written while training went on equals one written with training held."""
+    late = job_for(tiny_store, tmp_path / "late", checkpoint_every=10)
+    res = train_ensemble(late, should_stop=stop_after(13))  # background write at 10, stop at 13
+    assert res.timings["checkpoints"] == 2 and res.timings["checkpoint_write"] > 0
+    held = job_for(tiny_store, tmp_path / "held", checkpoint_every=1000)
+    train_ensemble(held, should_stop=stop_after(10))  # a stop waits for its write
+    for m in late.ensemble.members:
+        a = checkpoints.load_checkpoint(
+            checkpoints.path_of(rundir.run_dir(tmp_path / "late", m.run_id), 10)
+        )
+        b = checkpoints.load_checkpoint(
+            checkpoints.path_of(rundir.run_dir(tmp_path / "held", m.run_id), 10)
+        )
+        assert a.meta == b.meta
+        for k in a.tensors:
+            assert torch.equal(a.tensors[k], b.tensors[k]), k

@@ -1,0 +1,81 @@
+"""Checkpoints written in the background while training goes on.
+
+:meth:`CheckpointWriter.save` copies every member's state into host buffers that are reused
+from one checkpoint to the next (pinned memory on CUDA, so the copy is one asynchronous DMA)
+and hands the write to one background thread; training continues at once. At most one write
+is in flight: a new checkpoint first waits for the previous one. Each member's file is still
+written atomically with its checksum (:func:`sweep.checkpoints.save_checkpoint`), so a kill
+during a write leaves the previous checkpoint in place, and resume stays exact: the snapshot
+is the state after exactly ``step`` steps.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from sweep.activations.store import Cursor
+from sweep.checkpoints import Checkpoint
+from sweep.ensemble import Ensemble
+from sweep.restore import checkpoint_meta, member_tensors
+from sweep.rundir import RunFolder
+
+
+class CheckpointWriter:
+    """One ensemble's checkpoints: snapshot on the training thread, write in the background."""
+
+    def __init__(self, folders: list[RunFolder]) -> None:
+        self.folders = folders
+        self._buffers: list[dict[str, torch.Tensor]] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-write")
+        self._pending: Future | None = None
+        self.write_seconds = 0.0
+
+    def _host_buffers(self, ens: Ensemble) -> list[dict[str, torch.Tensor]]:
+        if self._buffers is None:
+            pin = _on_cuda(ens)
+            self._buffers = [
+                {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in m.items()}
+                for m in (member_tensors(ens, e) for e in range(len(self.folders)))
+            ]
+        return self._buffers
+
+    def save(self, ens: Ensemble, cursor: Cursor, step: int, diverged_at: torch.Tensor) -> None:
+        """Snapshot every member at ``step`` and write them in the background."""
+        self.wait()  # at most one write in flight; its buffers are about to be reused
+        buffers = self._host_buffers(ens)
+        for e, buf in enumerate(buffers):
+            for k, v in member_tensors(ens, e).items():
+                buf[k].copy_(v, non_blocking=True)  # (...) device -> (...) host
+        done = torch.cuda.Event() if _on_cuda(ens) else None
+        if done is not None:
+            done.record()
+        metas = checkpoint_meta(ens, cursor, diverged_at)
+        self._pending = self._pool.submit(self._write, step, metas, done)
+
+    def _write(self, step: int, metas: list[dict], done: torch.cuda.Event | None) -> None:
+        t0 = time.perf_counter()
+        if done is not None:
+            done.synchronize()  # the device-to-host copies have landed
+        assert self._buffers is not None
+        for folder, buf, meta in zip(self.folders, self._buffers, metas, strict=True):
+            folder.save_checkpoint(Checkpoint(step, buf, meta))
+        self.write_seconds += time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; re-raise its error."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _on_cuda(ens: Ensemble) -> bool:
+    return next(iter(ens.params.values())).device.type == "cuda"
