@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
 
-.PHONY: setup demo test test-slow test-all bench lint format clean
+.PHONY: setup demo test test-slow test-gpu test-all bench lint format clean
 
 setup: $(STAMP)  ## create .venv and install sweep with its dev tools (torch==2.13.0 CPU wheel)
 
@@ -25,6 +25,9 @@ test: setup  ## the test suite (CPU, real Ray / Hydra / transformer_lens, tiny s
 
 test-slow: setup  ## quality-bar and long end-to-end checks
 	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: setup  ## the CUDA tests (skipped without a GPU)
+	$(BIN)/python -m pytest -q -m gpu
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m 'slow or not slow'

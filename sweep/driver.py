@@ -77,6 +77,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
 
 def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     """Everything that can refuse the run before any training, with the store it trains on."""
+    planning.check_device(cfg)
     planning.check_compatible(folder, cfg)
     store = prepare_store(cfg)
     planning.check_store(folder, store)

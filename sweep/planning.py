@@ -89,6 +89,19 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
         )
 
 
+def check_device(cfg: SweepConfig) -> None:
+    """``train.device=cuda`` on a local Ray instance needs a GPU here (checked before any
+    work; a cluster's GPUs are checked once Ray is up)."""
+    if cfg.train.device == "cuda" and not cfg.launch.address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SweepError(
+                "train.device=cuda but no CUDA device is visible on this machine; use "
+                "train.device=auto or cpu (or launch=cluster to train on GPU nodes)"
+            )
+
+
 def check_store(folder: SweepFolder, store: ChunkStore) -> None:
     """Refuse a store other than the one the sweep's runs were trained on (by identity, a
     content hash; sweeps recorded before store identities are compared by width only)."""

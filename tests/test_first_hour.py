@@ -179,3 +179,13 @@ def test_terminal_shows_sweeps_output_only(tmp_path, tmp_path_factory):
         ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(("INFO", " "))
     ]
     assert not noise, done.stderr
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    sw = tmp_path / "sw"
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID, "train.device=cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.device=cuda but no CUDA device") and "\n" not in err
+    assert not sw.exists()  # not even the store was generated

@@ -1,0 +1,150 @@
+"""The same contracts on a CUDA device: equivalence, exact resume, a packed sweep, harvest.
+
+Marked ``gpu``: skipped without CUDA (CI has none). Run them on a GPU machine with
+``pytest -m gpu tests/test_gpu.py``. Tolerances: fp32 on CUDA as tight as on CPU (TF32 is off
+unless ``train.dtype=tf32``); bf16 compute within 5% (relative, parameters) of the fp32
+reference after 100 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from sweep.ensemble import Ensemble, stack
+from sweep.optim import Adam
+from tests.test_ensemble import BETAS, EPS, L1, LR, batches, members, train_single
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+CUDA = torch.device("cuda")
+
+
+def on(params: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in params.items()}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fp32_ensemble_equals_independent_training_on_cuda(fast):
+    init, xs = members("untied"), [x.to(CUDA) for x in batches(25)]
+    ens = Ensemble(
+        on(stack(init), CUDA), torch.tensor(L1, device=CUDA), Adam(LR, BETAS, EPS), fast=fast
+    )
+    for x in xs:
+        ens.step(x)
+    for e, (p0, l1) in enumerate(zip(init, L1, strict=True)):
+        p, opt = train_single(on(p0, CUDA), l1, xs)
+        for k in p:
+            torch.testing.assert_close(ens.params[k][e], p[k].detach(), rtol=5e-5, atol=5e-6)
+            st = opt.state[p[k]]
+            torch.testing.assert_close(ens.state.exp_avg[k][e], st["exp_avg"], rtol=5e-4, atol=1e-6)
+            assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
+
+
+def test_bf16_compute_stays_near_the_fp32_reference():
+    init, xs = members("untied"), [x.to(CUDA) for x in batches(100)]
+
+    def trained(dtype: torch.dtype | None) -> Ensemble:
+        ens = Ensemble(
+            on(stack(init), CUDA),
+            torch.tensor(L1, device=CUDA),
+            Adam(LR, BETAS, EPS),
+            autocast_dtype=dtype,
+        )
+        for x in xs:
+            ens.step(x)
+        return ens
+
+    ref, bf16 = trained(None), trained(torch.bfloat16)
+    for k, v in ref.params.items():
+        rel = float((bf16.params[k] - v).norm() / v.norm().clamp_min(1e-12))
+        assert rel < 5e-2, (k, rel)
+        assert bf16.params[k].dtype == torch.float32  # fp32 master weights
+
+
+def test_resume_is_bit_identical_on_cuda(tiny_store, tmp_path):
+    from sweep import rundir
+    from sweep.worker import train_ensemble
+    from tests.test_worker import digest, job_for, stop_after
+
+    ref = job_for(tiny_store, tmp_path / "ref", epochs=2, device="cuda")
+    train_ensemble(ref)
+    cut = job_for(tiny_store, tmp_path / "cut", epochs=2, device="cuda")
+    train_ensemble(cut, should_stop=stop_after(17))
+    second = train_ensemble(cut)
+    assert second.resumed_from == 17
+    for m in ref.ensemble.members:
+        a, b = (rundir.run_dir(tmp_path / d, m.run_id) for d in ("ref", "cut"))
+        assert digest(a) == digest(b)
+
+
+def _cuda_args() -> list[str]:
+    return ["train.device=cuda", "launch.num_gpus=1", "launch.cpus_per_ensemble=1"]
+
+
+def start(sweep_dir, ray_tmp, *extra: str):
+    """tests.test_faults.start with its CPU settings replaced by ``extra``."""
+    from tests import test_faults
+
+    keys = {e.split("=", 1)[0] for e in extra}
+    args = [a for a in test_faults.ARGS if a.split("=", 1)[0] not in keys]
+    old, test_faults.ARGS = test_faults.ARGS, args
+    try:
+        return test_faults.start(sweep_dir, ray_tmp, *extra)
+    finally:
+        test_faults.ARGS = old
+
+
+def test_killed_worker_on_cuda_resumes_bit_identical(tmp_path, tmp_path_factory):
+    from tests.test_faults import curve_len, finish, hashes, wait_for
+
+    base = tmp_path_factory.getbasetemp()
+    code, out = finish(start(tmp_path / "ref", base / "gk-ref", *_cuda_args()))
+    assert code == 0, out
+    sw = tmp_path / "sw"
+    p = start(sw, base / "gk", *_cuda_args())
+    wait_for(lambda: curve_len(sw) >= 10)
+    victim = next(iter((sw / "runs").iterdir()))
+    os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGKILL)
+    code, out = finish(p)
+    assert code == 0, out  # Ray retried the ensemble from its checkpoint
+    assert hashes(sw) == hashes(tmp_path / "ref")
+
+
+def test_two_ensembles_share_one_gpu(tmp_path, tmp_path_factory):
+    from tests.test_faults import finish
+
+    sw = tmp_path / "sw"
+    args = [*_cuda_args(), "launch.gpus_per_ensemble=0.5", "train.dtype=bfloat16"]
+    code, out = finish(start(sw, tmp_path_factory.getbasetemp() / "gp", *args))
+    assert code == 0, out
+    spans = {}
+    for r in (sw / "runs").iterdir():
+        placed = json.loads((r / "placement.json").read_text())
+        assert placed["device"].startswith("cuda")
+        done = json.loads((r / "DONE").read_text())["finished"]
+        spans[r.name.split("-")[0]] = (placed["time"], done)
+    (a0, a1), (b0, b1) = spans.values()
+    assert a0 < b1 and b0 < a1  # the two ratios' ensembles trained at the same time
+
+
+def test_harvest_on_cuda_matches_cpu(tmp_path):
+    from sweep.activations.harvest import run_harvest
+    from tests.test_harvest import store_rows, tiny_cfg
+    from tests.tiny_lm import save_tiny_gpt2, write_text
+
+    model, text = save_tiny_gpt2(tmp_path / "m"), write_text(tmp_path / "t.txt")
+    cpu = run_harvest(tiny_cfg(model, text, tmp_path / "cpu"))
+    t0 = time.perf_counter()
+    gpu = run_harvest(tiny_cfg(model, text, tmp_path / "gpu", device="cuda"))
+    assert time.perf_counter() - t0 < 300
+    for hook in cpu:
+        for a, b in zip(store_rows(cpu[hook]), store_rows(gpu[hook]), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # fp16 stores; TF32-free fp32
