@@ -21,6 +21,10 @@ nothing here asserts on time):
    counts and seconds from the worker's ``EnsembleResult.timings``.
 5. scheduling makespan: N equal ensembles through ``driver.run_sweep`` on a local Ray with W
    (fake) GPUs, vs the ideal sum(ensemble seconds) / W.
+6. end to end: the training-phase rows/s of a real ``sweep run`` (from the workers' timings in
+   each run's placement.json) over the pure ``Ensemble.step`` rate of the same ensembles, the
+   checkpoint share, GPU utilisation (nvidia-smi) and the wall time split into start-up,
+   store generation, training and evaluation (issue 9's sizes on CUDA; small on CPU).
 
 The machine may be shared, so absolute figures drift; every comparison interleaves its
 variants and reports the median of the repeats (and the best-of-N, which contention cannot

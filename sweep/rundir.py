@@ -231,6 +231,13 @@ class RunFolder:
     def save_checkpoint(self, ckpt: checkpoints.Checkpoint) -> None:
         checkpoints.save_checkpoint(self.path, ckpt)
 
+    def record_timings(self, timings: dict[str, float]) -> None:
+        """Where the latest attempt's time went (restore, training, checkpoints, finalize),
+        added to ``placement.json``."""
+        placement = self._json(PLACEMENT)
+        placement["timings"] = timings
+        atomic_write_json(self.path / PLACEMENT, placement)
+
     def mark_interrupted(self, step: int | None) -> None:
         """The run's state is safe on disk after a stop (a stopping driver waits for this)."""
         atomic_write_json(self.path / INTERRUPTED, {"step": step, "time": time.time()})

@@ -262,6 +262,9 @@ def train_ensemble(
         at.writer.close()
         at.timings["checkpoint_write"] = at.writer.write_seconds
     seconds = time.perf_counter() - t0
+    at.timings.update(total=seconds, steps=r.step - resumed_from)
+    for folder in at.folders:
+        folder.record_timings(at.timings)
     result = EnsembleResult(job.ensemble.ensemble_id, states, r.step, seconds, resumed_from)
     result.timings = at.timings
     return result

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import checkpoints, flops, loop, scheduling, stream
+from . import checkpoints, e2e, flops, loop, scheduling, stream
 from .common import Context
 
 
@@ -28,4 +28,5 @@ SECTIONS: dict[int, Section] = {
     3: Section("3. Streamed vs in-memory", stream.run),
     4: Section("4. Checkpoint cost", checkpoints.run),
     5: Section("5. Scheduling makespan (Ray)", scheduling.run, ray=True),
+    6: Section("6. End-to-end sweep vs pure step", e2e.run, ray=True),
 }

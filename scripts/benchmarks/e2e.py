@@ -1,0 +1,160 @@
+"""Section 6, a real sweep end to end: the training-phase rows/s of ``sweep run`` divided by the
+pure ``Ensemble.step`` rate of the same ensembles, the checkpoint overhead, GPU utilisation
+sampled meanwhile (``nvidia-smi``), and the whole wall time split into start-up, data
+generation, training and evaluation.
+
+On CUDA the sizes are the issue's (20M rows of width 512 in fp16, dict ratios 8 and 32, 8 L1
+values, batch 4096, bf16; target ratio >= 0.85, checkpoints < 2%); on CPU (and ``--quick``) a
+small sweep exercises the same code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sweep import rundir
+from sweep.activations.synthetic import ensure_synthetic_store
+from sweep.config import SyntheticDataConfig
+from sweep.io import read_json
+from sweep.sweepdir import SweepFolder
+
+from .common import Context, Size
+from .ensembles import init_members, l1_grid, make_batches, make_ensemble
+from .timing import table, verdict
+
+TARGET, CKPT_TARGET = 0.85, 0.02
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: int
+    width: int
+    ratios: tuple[float, ...]
+    l1s: int
+    batch: int
+    dtype: str
+
+
+def plan_for(ctx: Context) -> Plan:
+    """The issue's sizes on CUDA (``SWEEP_E2E_ROWS`` overrides the rows: until synthetic data
+    is generated on the GPU, 20M rows take minutes to generate on the CPU); small on CPU."""
+    if ctx.device.type == "cuda" and ctx.st.repeats > 1:
+        rows = int(os.environ.get("SWEEP_E2E_ROWS", 20_000_000))
+        return Plan(rows, 512, (8.0, 32.0), 8, 4096, "bfloat16")
+    return Plan(400_000, 64, (2.0, 4.0), 4, 1024, "float32")
+
+
+def make_store(p: Plan, path: Path, device: torch.device) -> tuple[Path, float]:
+    cfg = SyntheticDataConfig(
+        width=p.width, n_features=4 * p.width, rows=p.rows, dtype="float16", eval_rows=16_384
+    )
+    t0 = time.perf_counter()
+    ensure_synthetic_store(cfg, path).verify()
+    return path, time.perf_counter() - t0
+
+
+class GpuSampler:
+    """``nvidia-smi`` utilisation samples (every 0.5 s) while a block runs; none on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on = device.type == "cuda" and shutil.which("nvidia-smi") is not None
+        self.samples: list[float] = []
+
+    def __enter__(self) -> GpuSampler:
+        if self.on:
+            cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+            self.proc = subprocess.Popen([*cmd, "-lms", "500"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            self.samples = [float(v) for v in out.split() if v.strip().isdigit()]
+
+
+def run_sweep(p: Plan, store: Path, sweep_dir: Path, ctx: Context) -> float:
+    from sweep.cli import compose
+    from sweep.config import to_sweep_config
+    from sweep.driver import run_sweep as run
+
+    overrides = [
+        f"sweep_dir={sweep_dir}", "data=chunks", f"data.path={store}",
+        f"grid.l1=[{','.join(f'{v:g}' for v in l1_grid(p.l1s))}]",
+        f"grid.dict_ratio=[{','.join(f'{r:g}' for r in p.ratios)}]",
+        f"train.batch_size={p.batch}", f"train.dtype={p.dtype}",
+        f"train.device={ctx.device.type}", f"train.threads={ctx.threads}", "progress=false",
+    ]  # fmt: skip
+    cfg = to_sweep_config(compose(overrides))
+    t0 = time.perf_counter()
+    run(cfg)
+    return time.perf_counter() - t0
+
+
+def ensemble_timings(sweep_dir: Path) -> dict[str, dict]:
+    """Per ensemble: its members, the worker's timings (placement.json) and its time span."""
+    folder = SweepFolder(sweep_dir)
+    out: dict[str, dict] = {}
+    for run_id, entry in folder.manifest()["runs"].items():
+        run = folder.run(run_id)
+        e = out.setdefault(entry["ensemble"], {"members": 0, "ratio": entry["dict_ratio"]})
+        e["members"] += 1
+        e["timings"] = read_json(run.path / rundir.PLACEMENT)["timings"]
+        e["start"] = run.started_at()
+    return out
+
+
+def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
+    """rows x members / s of the pure fast ``Ensemble.step`` at this shape (no data, no I/O)."""
+    size = Size("e2e", p.width, round(ratio * p.width), p.batch)
+    ens = make_ensemble(init_members(size, members, ctx.device), l1_grid(members))
+    ens.autocast_dtype = torch.bfloat16 if p.dtype == "bfloat16" else None
+    xs = make_batches(size, 4, ctx.device)
+    for x in xs:
+        ens.step(x, full=False)
+    n = iter(range(10**9))
+    sec = ctx.timer.per_call(lambda: ens.step(xs[next(n) % 4], full=False), ctx.st.min_time)
+    return p.batch * members / sec
+
+
+def run(ctx: Context) -> dict:
+    p = plan_for(ctx)
+    store, gen_s = make_store(p, ctx.tmp / "store-e2e", ctx.device)
+    sweep_dir = ctx.tmp / "sweep-e2e"
+    shutil.rmtree(sweep_dir, ignore_errors=True)
+    with GpuSampler(ctx.device) as gpu:
+        t_start = time.time()
+        wall = run_sweep(p, store, sweep_dir, ctx)
+    rows, figures = [], {"plan": p.__dict__, "generation_s": gen_s, "wall_s": wall}
+    train_total = eval_total = 0.0
+    for ens_id, e in sorted(ensemble_timings(sweep_dir).items()):
+        t = e["timings"]
+        train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0)
+        achieved = t["steps"] * p.batch * e["members"] / train_s
+        pure = step_rate(p, e["ratio"], e["members"], ctx)
+        ckpt = t.get("checkpoint", 0.0) / train_s
+        train_total, eval_total = train_total + train_s, eval_total + t.get("finalize", 0)
+        figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure}
+        rows.append([ens_id, f"{achieved:,.0f}", f"{pure:,.0f}", f"{achieved / pure:.2f}",
+                     f"{ckpt:.4f}", f"{t.get('finalize', 0):.1f}"])  # fmt: skip
+    first = min(e["start"] for e in ensemble_timings(sweep_dir).values())
+    figures.update(startup_s=first - t_start, train_s=train_total, eval_s=eval_total)
+    figures["gpu_util"] = sum(gpu.samples) / len(gpu.samples) if gpu.samples else None
+    table(
+        ["ensemble", "rows*K/s sweep run", "rows*K/s pure step", "ratio", "ckpt share", "eval s"],
+        rows,
+    )
+    worst = min(v["ratio"] for k, v in figures.items() if isinstance(v, dict) and "ratio" in v)
+    print(f"  store generation {gen_s:.1f} s; sweep wall {wall:.1f} s: start-up "
+          f"{figures['startup_s']:.1f} s, training {train_total:.1f} s, evaluation {eval_total:.1f} s"
+          f" (ensembles may overlap); GPU utilisation {figures['gpu_util']}")  # fmt: skip
+    print(f"  worst training-phase / pure-step ratio {worst:.2f} {verdict(worst, TARGET)}")
+    figures["worst_ratio"] = worst
+    return figures
