@@ -283,8 +283,9 @@ class TrainConfig:
     """Seeds the data order and (with the run's seed index) each member's initialisation."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
-    dtype: str = "float32"
-    """Compute precision: float32 | tf32 (tf32 matmuls on CUDA) | bfloat16 (autocast)."""
+    dtype: str = "auto"
+    """Compute precision: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | tf32 (tf32
+    matmuls on CUDA) | bfloat16. Parameters and Adam state are always float32."""
     log_every: int = 50
     """Steps between training-curve records (one device sync for all members)."""
     checkpoint_minutes: float = 10.0

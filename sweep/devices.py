@@ -16,9 +16,17 @@ if TYPE_CHECKING:
 
 TENSOR_DTYPES = ("float32", "float16", "bfloat16")
 """Names of stored / model dtypes (chunk stores, harvested models)."""
-COMPUTE_DTYPES = ("float32", "tf32", "bfloat16")
-"""Names of ``train.dtype`` values."""
+COMPUTE_DTYPES = ("auto", "float32", "tf32", "bfloat16")
+"""Names of ``train.dtype`` values (``auto``: see :func:`resolve_compute_dtype`)."""
 BYTES = {"float32": 4, "tf32": 4, "float16": 2, "bfloat16": 2}
+
+
+def resolve_compute_dtype(name: str, on_gpu: bool) -> str:
+    """``auto`` -> ``bfloat16`` compute on a GPU (fp32 master weights and Adam state stay),
+    ``float32`` on the CPU; any other name is itself."""
+    if name != "auto":
+        return name
+    return "bfloat16" if on_gpu else "float32"
 
 
 def torch_dtype(name: str) -> torch.dtype:

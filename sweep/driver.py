@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -23,6 +23,7 @@ from sweep import launcher, planning
 from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.config import SweepConfig, SyntheticDataConfig
+from sweep.devices import resolve_compute_dtype
 from sweep.errors import DISK_FULL_FIX, SweepError, is_disk_full
 from sweep.grid import EnsembleSpec
 from sweep.io import ensure_writable, remove_stale_temps
@@ -75,6 +76,16 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     return records
 
 
+def _compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
+    """What ``train.dtype=auto`` means for this sweep (recorded in config.yaml, so a resume on
+    other hardware cannot silently change it): bfloat16 when the ensembles train on GPUs this
+    machine can see (or ``train.device=cuda``), else float32."""
+    import torch
+
+    gpus = cfg.train.device == "cuda" or (res.on_gpu and torch.cuda.is_available())
+    return resolve_compute_dtype(cfg.train.dtype, gpus)
+
+
 def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     """Everything that can refuse the run before any training, with the store it trains on."""
     planning.check_device(cfg)
@@ -99,6 +110,8 @@ def _train(
 
         signals.reinstall()  # ray.init's core worker installs handlers of its own
         res = launcher.Resources(cfg, ray.cluster_resources())
+        cfg = replace(cfg, train=replace(cfg.train, dtype=_compute_dtype(cfg, res)))
+        planning.check_compatible(folder, cfg)
         p = planning.plan(cfg, store.width, res.device_bytes, res.on_gpu)
         _write_sweep_files(folder, cfg, p, store)
         if p.skipped:

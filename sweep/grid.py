@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from sweep.devices import BYTES
+from sweep.devices import BYTES, resolve_compute_dtype
 from sweep.errors import SweepError
 
 CPU_MAX_MEMBERS = 8  # on CPU, K=16 ran slower per member than K=8 (scripts/bench.py, BENCHMARKS.md)
@@ -107,6 +107,7 @@ def member_budget(
     """How many members one ensemble may hold on one device."""
     if max_members > 0:
         return max_members
+    dtype = resolve_compute_dtype(dtype, on_gpu)
     fit = int(0.8 * device_bytes // bytes_per_member(width, dict_size, batch_size, dtype))
     if fit < 1:
         need = bytes_per_member(width, dict_size, batch_size, dtype) / 2**30

@@ -69,7 +69,8 @@ def _differences(old: dict, new: dict) -> list[str]:
         for key in sorted(set(a) | set(b)):
             name = key.split(".", 1)[1]
             defining = (fields is None or name in fields) and name not in FREE.get(group, ())
-            if defining and a.get(key) != b.get(key):
+            unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
+            if defining and not unresolved and a.get(key) != b.get(key):
                 diffs.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
 

@@ -18,6 +18,7 @@ from sweep import sae
 from sweep.activations.store import Cursor
 from sweep.checkpoints import Checkpoint, common_checkpoint
 from sweep.config import TrainConfig
+from sweep.devices import resolve_compute_dtype
 from sweep.ensemble import Ensemble, stack
 from sweep.grid import RunSpec
 from sweep.optim import Adam, AdamState
@@ -44,9 +45,10 @@ def init_member(run: RunSpec, train: TrainConfig, b_dec: torch.Tensor) -> sae.Pa
 
 def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``train.dtype`` (None = plain fp32); tf32 switches on TF32 matmuls."""
-    if train.dtype == "tf32" and device.type == "cuda":
+    name = resolve_compute_dtype(train.dtype, device.type == "cuda")
+    if name == "tf32" and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    return torch.bfloat16 if train.dtype == "bfloat16" else None
+    return torch.bfloat16 if name == "bfloat16" else None
 
 
 def _found(folders: list[RunFolder], ensemble_id: str) -> list[Checkpoint | None]:

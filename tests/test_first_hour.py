@@ -189,3 +189,25 @@ def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: train.device=cuda but no CUDA device") and "\n" not in err
     assert not sw.exists()  # not even the store was generated
+
+
+def test_dtype_auto_is_resolved_and_recorded(finished, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from sweep.devices import resolve_compute_dtype
+
+    assert resolve_compute_dtype("auto", on_gpu=True) == "bfloat16"
+    assert resolve_compute_dtype("auto", on_gpu=False) == "float32"
+    assert resolve_compute_dtype("tf32", on_gpu=True) == "tf32"
+    saved = OmegaConf.load(finished / "config.yaml")
+    assert saved.train.dtype == "float32"  # what "auto" meant for the CPU runs of this sweep
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID, "train.dtype=float32"]) == 0  # same
+    saved.train.dtype = "bfloat16"  # as if it had been run on a GPU
+    OmegaConf.save(saved, sw / "config.yaml")
+    before = snapshot(sw)
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 2  # auto = float32 here
+    err = capsys.readouterr().err
+    assert "train.dtype 'bfloat16' -> 'float32'" in err
+    assert snapshot(sw) == before
