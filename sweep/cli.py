@@ -122,12 +122,12 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides."""
     from sweep.sweepdir import SweepFolder
 
-    saved = SweepFolder(sweep_dir).saved_config()
-    if saved is None:
+    plain = SweepFolder(sweep_dir).load_config()  # a damaged one is a one-line error
+    if plain is None:
         raise SweepError(
             f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')"
         )
-    data = OmegaConf.load(saved)
+    data = OmegaConf.create(plain)
     choice = [f"data={data.data.name}", f"sae={data.sae.name}"]
     base = compose(choice + [f"sweep_dir={sweep_dir}"])
     try:

@@ -59,18 +59,18 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
 
     A run refused before training (bad store, changed settings, a stop) writes nothing into
     an existing sweep folder, and leaves no new one behind."""
-    new_folder = not Path(cfg.sweep_dir).exists()
+    new_folder = _create(Path(cfg.sweep_dir))
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome = _Outcome()
     try:
         with DriverSignals(folder.request_stop) as signals, SweepLock(folder.path) as lock:
-            outcome.signals = signals
+            outcome.signals, outcome.locked = signals, True
             store = _checked_store(cfg, folder)
             with _sweep_log(folder):
                 records = _train(cfg, folder, store, lock, outcome)
     except SweepError:
-        if new_folder and (outcome.signals is None or outcome.signals.immediate):
-            shutil.rmtree(folder.path, ignore_errors=True)
+        if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
+            _remove_refused(folder)
         raise
     outcome.raise_if_unfinished()
     return records
@@ -82,8 +82,34 @@ def _compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
     machine can see (or ``train.device=cuda``), else float32."""
     import torch
 
+    saved = (SweepFolder(cfg.sweep_dir).load_config() or {}).get("train", {}).get("dtype")
+    if cfg.train.dtype == "auto" and saved not in (None, "auto"):
+        return saved  # an existing sweep keeps its precision
     gpus = cfg.train.device == "cuda" or (res.on_gpu and torch.cuda.is_available())
     return resolve_compute_dtype(cfg.train.dtype, gpus)
+
+
+def _create(path: Path) -> bool:
+    """Whether this process created ``path`` (it may then remove it if the run is refused)."""
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    except OSError:
+        return False  # ensure_writable reports it
+    return True
+
+
+def _remove_refused(folder: SweepFolder) -> None:
+    """Undo a refused run's new sweep folder, but keep a store it made (a harvest can take
+    hours; the corrected command reuses it)."""
+    store = default_store_path(folder.path)
+    for child in folder.path.iterdir():
+        if child == store and (store / "manifest.json").is_file():
+            continue
+        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(True)
+    if not any(folder.path.iterdir()):
+        folder.path.rmdir()
 
 
 def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
@@ -162,6 +188,8 @@ class _Outcome:
     """How the sweep ended: signalled, failed ensembles, or done."""
 
     signals: DriverSignals | None = None
+    locked: bool = False
+    """This driver holds the sweep's lock."""
     failures: list[str] = field(default_factory=list)
     all_final: bool = False
     """Every run ended (a stop that came after that changed nothing)."""
@@ -269,6 +297,9 @@ class _Execution:
         if fin.error is None:
             result: EnsembleResult = fin.value
             self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
+            if "interrupted" in result.states.values() and not self.outcome.signum:
+                reason = "its worker was stopped by a signal this driver did not send"
+                self.outcome.failures.append(f"{ens.ensemble_id}: {reason}")
             states = "/".join(sorted(set(result.states.values())))
             log.info(
                 "ensemble %s: %s after %d steps (%.1fs)",

@@ -78,6 +78,9 @@ def saelens_cfg(cfg: dict) -> dict:
 def export_run(run_folder: str | Path, out: str | Path) -> Path:
     """Write one finished run folder in SAELens format into ``out`` (created)."""
     folder = Path(run_folder)
+    problem = RunFolder(folder).final_problem(deep=True) if (folder / "DONE").is_file() else None
+    if problem is not None:
+        raise SweepError(f"run {folder.name}: {problem}; re-run the sweep to train it again")
     if not RunFolder(folder).is_done():
         raise SweepError(
             f"run {folder.name} is not finished (no DONE in {folder}); let the sweep finish or pick a finished run"

@@ -106,5 +106,7 @@ def finish_members(
         )
         states[run.run_id] = state
         tracker.summary(run.run_id, m)
+    for folder in folders:  # only now: a crash above leaves every member its end checkpoint
+        folder.clear_checkpoints()
     tracker.close()
     return states

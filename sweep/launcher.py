@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,7 +103,10 @@ def ray_session(
 
     owns = not ray.is_initialized()
     if owns:
+        handler = signal.getsignal(signal.SIGTERM)
         _start_ray(lc)
+        with contextlib.suppress(ValueError, TypeError):  # ray.init installs its own
+            signal.signal(signal.SIGTERM, handler)
     try:
         yield owns
     finally:
@@ -176,13 +180,21 @@ def drain(
     driver's heartbeat, progress and stop handling); when it returns False, stop waiting."""
     import ray
 
-    pending = list(refs)
+    pending, errors = list(refs), 0
     while pending:
         if tick is not None and not tick([refs[r] for r in pending]):
             return
         try:
             ready, pending = ray.wait(pending, num_returns=1, timeout=poll if tick else None)
-        except ray.exceptions.RayError:
+            errors = 0
+        except ray.exceptions.RayError as err:
+            errors += 1
+            if errors >= 60:  # Ray itself is gone (e.g. its raylet was killed)
+                raise SweepError(
+                    f"lost contact with Ray ({task_error_reason(err)}); finished runs and "
+                    "checkpoints are kept: re-run the same command to continue"
+                ) from err
+            time.sleep(poll)
             ready = []
         for ref in ready:
             try:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,7 +100,19 @@ class SweepLock:
                 )
                 self.path.unlink(missing_ok=True)
             self._create()
+        self._stop = threading.Event()
+        beat = threading.Thread(target=self._beat, daemon=True, name="sweep-lock-heartbeat")
+        beat.start()
         return self
+
+    def _beat(self) -> None:
+        """Keep the lock fresh for as long as it is held (a harvest or a store scan can take
+        longer than STALE_AFTER, and a driver on another host must not take it over)."""
+        while not self._stop.wait(STALE_AFTER / 12):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
 
     def _create(self) -> None:
         """Write the lock complete, then link it into place (fails if another appeared)."""
@@ -121,6 +134,7 @@ class SweepLock:
             self._last_beat = now
 
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
         held = read_lock(self.path.parent)
         if held and held.get("pid") == self.info["pid"] and held.get("host") == self.info["host"]:
             self.path.unlink(missing_ok=True)

@@ -77,10 +77,9 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     """Refuse a config whose run-defining fields differ from the sweep already in ``folder``."""
-    saved = folder.saved_config()
-    if saved is None:
+    old = folder.load_config()
+    if old is None:
         return
-    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     diffs = _differences(old, new)  # type: ignore[arg-type]
     if diffs:
@@ -155,6 +154,7 @@ def is_final(run: RunFolder) -> bool:
         return False
     problem = run.final_problem(deep=True)
     if problem is None:
+        run.clear_checkpoints()  # left when its ensemble stopped while finishing
         return True
     log.warning("run %s: %s; training it again", run.run_id, problem)
     run.append_event({"event": "damaged_result", "detail": problem, "action": "retrain"})

@@ -247,7 +247,8 @@ class RunFolder:
         atomic_write_json(self.path / FAILED, {"reason": reason, "time": time.time()})
 
     def finish(self, result: FinalResult) -> None:
-        """Write the final files, then ``DONE``, then drop the checkpoints."""
+        """Write the final files, then ``DONE`` (the ensemble drops the checkpoints once every
+        member is final, so a retry after a crash mid-way re-finishes all from the last one)."""
         if result.diverged_step is not None:
             atomic_write_json(self.path / DIVERGED, {"step": result.diverged_step})
         atomic_write_bytes(self.path / WEIGHTS, result.weights)
@@ -261,6 +262,8 @@ class RunFolder:
             weights_sha256=hashlib.sha256(result.weights).hexdigest(),
         )
         atomic_write_json(self.path / DONE, done)
+
+    def clear_checkpoints(self) -> None:
         checkpoints.clear_checkpoints(self.path)
 
     def update_metrics(self, values: dict, replace_keys: tuple[str, ...] = ()) -> None:

@@ -134,6 +134,7 @@ class StopWatch:
     def __init__(self, stop_file: Path, poll: float = 0.5) -> None:
         self.stop_file, self.poll = stop_file, poll
         self.event = threading.Event()
+        self._closed = threading.Event()
         self._old: dict[int, object] = {}
 
     def is_set(self) -> bool:
@@ -143,10 +144,10 @@ class StopWatch:
         return self.stop_file.exists()
 
     def _watch(self) -> None:
-        while not self.event.is_set():
+        while not self.event.is_set() and not self._closed.is_set():
             if self.requested():
                 self.event.set()
-            self.event.wait(self.poll)
+            self._closed.wait(self.poll)
 
     def __enter__(self) -> StopWatch:
         self._old = _install(lambda *_: self.event.set())
@@ -155,8 +156,5 @@ class StopWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        done = self.event.is_set()
-        self.event.set()
+        self._closed.set()  # the watcher thread ends
         _restore(self._old)
-        if not done:
-            self.event.clear()

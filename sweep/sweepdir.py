@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweep.activations.store import ChunkStore
-from sweep.errors import SweepError
+from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
 from sweep.rundir import RunFolder, RunState
 
@@ -138,9 +138,17 @@ class SweepFolder:
     # ------------------------------------------------------------------------- manifest
 
     def manifest(self) -> dict:
-        """The manifest ({} before the first ``sweep run``)."""
+        """The manifest ({} before the first ``sweep run``); a damaged one is a one-line error."""
         path = self.path / MANIFEST
-        return read_json(path) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            return read_json(path)
+        except (OSError, ValueError) as err:
+            raise RunDirError(
+                f"{path} is damaged ({type(err).__name__}); restore it from a backup, or delete it "
+                "and re-run the same 'sweep run' command (finished runs are verified and kept)"
+            ) from err
 
     def run_ids(self) -> list[str]:
         """Runs listed in the manifest (grid order); a one-line error if this is no sweep."""
@@ -195,6 +203,21 @@ class SweepFolder:
     def saved_config(self) -> Path | None:
         path = self.path / CONFIG
         return path if path.is_file() else None
+
+    def load_config(self) -> dict | None:
+        """The saved config as a plain dict (None before the first run); damaged: one line."""
+        from omegaconf import OmegaConf
+
+        path = self.saved_config()
+        if path is None:
+            return None
+        try:
+            return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+        except Exception as err:  # yaml and omegaconf errors alike
+            raise RunDirError(
+                f"{path} is damaged ({type(err).__name__}); restore it, or pass the sweep's "
+                "settings again with 'sweep run' after deleting it"
+            ) from err
 
     def write_config(self, yaml_text: str) -> None:
         atomic_write_bytes(self.path / CONFIG, yaml_text.encode())

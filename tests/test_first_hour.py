@@ -207,7 +207,9 @@ def test_dtype_auto_is_resolved_and_recorded(finished, tmp_path, capsys):
     saved.train.dtype = "bfloat16"  # as if it had been run on a GPU
     OmegaConf.save(saved, sw / "config.yaml")
     before = snapshot(sw)
-    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 2  # auto = float32 here
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID, "train.dtype=float32"]) == 2
     err = capsys.readouterr().err
     assert "train.dtype 'bfloat16' -> 'float32'" in err
     assert snapshot(sw) == before
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 0  # auto keeps the sweep's own
+    assert OmegaConf.load(sw / "config.yaml").train.dtype == "bfloat16"

@@ -315,3 +315,45 @@ def test_ensembles_that_need_every_cpu_run_one_at_a_time(ray_cluster, tmp_path):
         spans.append((start, end))
     (a0, a1), (b0, b1) = sorted(spans)
     assert a1 <= b0, spans  # the second started after the first finished
+
+
+# ------------------------------------------------------------------ review findings
+
+
+def test_a_retry_after_a_crash_while_finishing_refinishes_every_member(
+    tiny_store, tmp_path, monkeypatch
+):
+    """Member 0 finished, the worker died before member 1 did: the retry (the same job, as
+    Ray runs it) restores every member from the end checkpoint, not from scratch."""
+    ref = jobs(tiny_store, tmp_path / "ref", l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1)[0]
+    train_ensemble(ref)
+    job = jobs(tiny_store, tmp_path / "cut", l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1)[0]
+    finish, calls = rundir.RunFolder.finish, []
+
+    def dies_on_the_second(self, result):
+        calls.append(self.run_id)
+        if len(calls) == 2:
+            raise RuntimeError("worker killed while finishing")
+        finish(self, result)
+
+    monkeypatch.setattr(rundir.RunFolder, "finish", dies_on_the_second)
+    with pytest.raises(RuntimeError):
+        train_ensemble(job)
+    monkeypatch.setattr(rundir.RunFolder, "finish", finish)
+    res = train_ensemble(job)  # Ray's retry
+    assert res.resumed_from == res.steps > 0  # from the end checkpoint: nothing retrained
+    assert weights(tmp_path / "cut") == weights(tmp_path / "ref")
+    for m in job.ensemble.members:  # cleared once every member is final
+        assert not list(rundir.run_dir(tmp_path / "cut", m.run_id).glob("checkpoint-*"))
+
+
+def test_damaged_manifest_and_config_are_one_line(copy, capsys):
+    (copy / "manifest.json").write_text("{oops")
+    assert run(copy) == 2
+    one_line_error(capsys.readouterr().err, "manifest.json is damaged")
+    (copy / "manifest.json").unlink()
+    (copy / "config.yaml").write_text("train: [unclosed")
+    assert run(copy) == 2
+    one_line_error(capsys.readouterr().err, "config.yaml is damaged")
+    assert main(["resume", str(copy)]) == 2
+    one_line_error(capsys.readouterr().err, "config.yaml is damaged")
