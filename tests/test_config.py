@@ -89,6 +89,9 @@ def test_synthetic_fields_have_the_documented_names():
         ("data.rows=100", "data.rows"),
         ("data=chunks", "data.path"),
         ("train.lr_decay=2", "train.lr_decay"),
+        ("train.checkpoint_minutes=0", "train.checkpoint_minutes"),
+        ("train.checkpoint_minutes=-5", "train.checkpoint_minutes"),
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
