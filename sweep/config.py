@@ -215,46 +215,112 @@ class HarvestDataConfig(DataConfig, HarvestSource):
 
 @dataclass
 class SAEConfig:
-    """Architecture of every dictionary in the sweep."""
+    """Architecture of every dictionary in the sweep (one per sweep)."""
 
     name: str = MISSING
-    """``untied`` (separate encoder and unit-norm decoder) or ``tied`` (decoder = normalised encoder)."""
+    """A registered architecture (:mod:`sweep.archs`): ``untied``, ``tied``, ``topk``,
+    ``batchtopk`` or ``jumprelu``."""
+    recipe: str | None = None
+    """The training recipe, for architectures that offer several (untied: ``unit`` or
+    ``weighted``); None = the architecture's default."""
+    init_decoder_norm: float | None = None
+    """Norm of the initial decoder rows; None = the recipe's (0.1 for ``weighted``, else 1)."""
 
     def check(self) -> None:
+        from sweep.archs import REGISTRY
+
         _require(
-            self.name in ("untied", "tied"),
-            f"sae.name must be 'untied' or 'tied', got {self.name!r}",
+            self.name in REGISTRY,
+            f"unknown architecture sae={self.name!r}; choose one of: {', '.join(sorted(REGISTRY))}",
         )
+        recipes = REGISTRY[self.name].recipes
+        if self.recipe is not None:
+            _require(
+                self.recipe in recipes,
+                f"unknown recipe sae.recipe={self.recipe!r} for sae={self.name}; "
+                + (
+                    f"choose one of: {', '.join(recipes)}"
+                    if recipes
+                    else "it has none: drop sae.recipe"
+                ),
+            )
+        _require(
+            self.init_decoder_norm is None
+            or (math.isfinite(self.init_decoder_norm) and self.init_decoder_norm > 0),
+            f"sae.init_decoder_norm must be > 0 (or null for the recipe's), got {self.init_decoder_norm}",
+        )
+
+    def architecture(self):  # -> sweep.archs.Architecture
+        """The registered architecture configured with this recipe."""
+        from sweep.archs import get
+
+        return get(self.name).configure(self.recipe, self.init_decoder_norm)
+
+    @property
+    def knob(self) -> str:
+        """The grid field that sets sparsity for this architecture: ``l1`` or ``k``."""
+        from sweep.archs import get
+
+        return get(self.name).knob
+
+
+DEFAULT_L1 = [1e-2, 2e-2, 4e-2, 8e-2]
+DEFAULT_K = [16, 32, 64, 128]
 
 
 @dataclass
 class GridConfig:
-    """The grid: every combination of l1 x dict_ratio x seed is one run."""
+    """The grid: every combination of (l1 or k) x dict_ratio x seed is one run."""
 
-    l1: list[float] = field(default_factory=lambda: [1e-2, 2e-2, 4e-2, 8e-2])
-    """L1 coefficients (>= 0)."""
+    l1: list[float] | None = None
+    """Sparsity coefficients (>= 0) of L1-style architectures (untied, tied; JumpReLU's L0
+    coefficient); None = ``DEFAULT_L1``."""
+    k: list[int] | None = None
+    """Active latents per row of TopK-style architectures (topk, batchtopk); None = ``DEFAULT_K``."""
     dict_ratio: list[float] = field(default_factory=lambda: [4.0, 8.0])
     """Dictionary size / activation width (> 0); dict size = round(ratio * width)."""
     seeds: int = 1
-    """Number of initialisation seeds per (l1, dict_ratio) point."""
+    """Number of initialisation seeds per (l1 or k, dict_ratio) point."""
     max_members: int = 0
     """Largest ensemble (members trained as one program); 0 = choose from the memory model."""
 
-    def check(self) -> None:
+    def values(self, knob: str) -> list[float]:
+        """The grid's sparsity values for an architecture whose knob is ``knob``."""
+        given = self.l1 if knob == "l1" else self.k
+        return list(given) if given is not None else list(DEFAULT_L1 if knob == "l1" else DEFAULT_K)
+
+    def check_for(self, sae: SAEConfig) -> None:
+        """The grid field matches the architecture: grid.k for TopK-style, grid.l1 otherwise."""
+        knob = sae.knob
+        other = "k" if knob == "l1" else "l1"
         _require(
-            len(self.l1) > 0, "grid.l1 is empty: give at least one value, e.g. grid.l1='[1e-3]'"
+            getattr(self, other) is None,
+            f"grid.{other} does not apply to sae={sae.name}, which takes grid.{knob}; "
+            f"drop grid.{other}",
         )
+        values = self.values(knob)
+        _require(
+            len(values) > 0,
+            f"grid.{knob} is empty: give at least one value, e.g. grid.{knob}='[{'1e-3' if knob == 'l1' else '32'}]'",
+        )
+        _require(len(set(values)) == len(values), f"grid.{knob} has duplicate values: {values}")
+        for v in values:
+            if knob == "l1":
+                _require(
+                    math.isfinite(v) and v >= 0, f"grid.l1 values must be finite and >= 0, got {v}"
+                )
+            else:
+                _require(
+                    v == int(v) and v >= 1, f"grid.k values must be whole numbers >= 1, got {v}"
+                )
+
+    def check(self) -> None:
         _require(
             len(self.dict_ratio) > 0,
             "grid.dict_ratio is empty: give at least one value, e.g. grid.dict_ratio='[4]'",
         )
-        for v in self.l1:
-            _require(
-                math.isfinite(v) and v >= 0, f"grid.l1 values must be finite and >= 0, got {v}"
-            )
         for v in self.dict_ratio:
             _require(math.isfinite(v) and v > 0, f"grid.dict_ratio values must be > 0, got {v}")
-        _require(len(set(self.l1)) == len(self.l1), f"grid.l1 has duplicate values: {self.l1}")
         _require(
             len(set(self.dict_ratio)) == len(self.dict_ratio),
             f"grid.dict_ratio has duplicate values: {self.dict_ratio}",
@@ -295,6 +361,20 @@ class TrainConfig:
     """Also checkpoint every this many steps (None = by time only)."""
     threads: int = 0
     """Torch CPU threads per ensemble; 0 = the CPUs Ray assigned to the task."""
+    dead_tokens: int = 10_000_000
+    """Training rows without firing after which a latent counts as dead (for AuxK and
+    resampling; 10M as in Gao et al. 2024)."""
+    auxk_alpha: float = 0.03125
+    """Weight of the AuxK loss for topk / batchtopk (Gao et al.'s 1/32; 0 = off). It uses the
+    top width/2 dead latents and only starts once ``dead_tokens`` rows have been trained."""
+    resample_dead: int = 0
+    """untied / tied (ReLU-L1): every this many steps, re-initialise dead latents from badly
+    reconstructed rows of the current batch and reset their Adam state (0 = off)."""
+    resample_stop: float = 0.5
+    """Fraction of training after which no more resampling happens."""
+    grad_clip: float | None = None
+    """Clip each member's gradient to this global norm (None = off), as
+    ``torch.nn.utils.clip_grad_norm_`` would for that member alone."""
 
     def lr_scale(self, step: int, total: int) -> float:
         """Multiplier of ``lr`` for 0-based ``step`` of ``total`` (warmup, flat, linear decay)."""
@@ -343,6 +423,23 @@ class TrainConfig:
             f"train.checkpoint_every must be > 0 (or null for time-based only), got {self.checkpoint_every}",
         )
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
+        _require(
+            self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
+            f"train.grad_clip must be > 0 (or null = off), got {self.grad_clip}",
+        )
+        _require(self.dead_tokens > 0, f"train.dead_tokens must be > 0, got {self.dead_tokens}")
+        _require(
+            math.isfinite(self.auxk_alpha) and 0 <= self.auxk_alpha <= 1,
+            f"train.auxk_alpha must be in [0, 1] (0 = off), got {self.auxk_alpha}",
+        )
+        _require(
+            self.resample_dead >= 0,
+            f"train.resample_dead must be >= 0 steps (0 = off), got {self.resample_dead}",
+        )
+        _require(
+            0 < self.resample_stop <= 1,
+            f"train.resample_stop must be a fraction in (0, 1], got {self.resample_stop}",
+        )
 
 
 @dataclass
@@ -436,6 +533,12 @@ class SweepConfig:
         )
         for part in (self.data, self.sae, self.grid, self.train, self.launch, self.logger):
             part.check()
+        self.grid.check_for(self.sae)
+        _require(
+            self.train.resample_dead == 0 or self.sae.name in ("untied", "tied"),
+            f"train.resample_dead applies to ReLU-L1 SAEs (untied, tied), not sae={self.sae.name}; "
+            "TopK-style SAEs use train.auxk_alpha",
+        )
 
 
 def register_configs() -> None:
@@ -454,8 +557,13 @@ def register_configs() -> None:
 
 
 def to_sweep_config(cfg: DictConfig) -> SweepConfig:
-    """Convert a composed DictConfig to dataclasses once, and validate it."""
-    return _to_checked(cfg, SweepConfig, "sweep", "config")
+    """Convert a composed DictConfig to dataclasses once, validate it, and fill the grid's
+    default sparsity values for its architecture (so config.yaml records them)."""
+    out = _to_checked(cfg, SweepConfig, "sweep", "config")
+    knob = out.sae.knob
+    setattr(out.grid, knob, out.grid.values(knob))
+    out.sae.recipe = out.sae.architecture().recipe or None  # the default, named
+    return out
 
 
 def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:

@@ -116,7 +116,10 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     """Everything that can refuse the run before any training, with the store it trains on."""
     planning.check_device(cfg)
     planning.check_compatible(folder, cfg)
+    if isinstance(cfg.data, SyntheticDataConfig):
+        planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
     store = prepare_store(cfg)
+    planning.expand_grid(cfg, store.width)
     planning.check_store(folder, store)
     store.verify()
     total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)  # room left?
@@ -245,7 +248,7 @@ class _Execution:
         sweep_dir, store = str(self.folder.path.absolute()), str(self.store.path.absolute())
         return EnsembleJob(
             ens, sweep_dir, store, c.data.normalize, c.data.eval_rows, c.train,
-            threads=self.res.threads, data=c.data, logger=c.logger,
+            threads=self.res.threads, data=c.data, sae=c.sae, logger=c.logger,
         )  # fmt: skip
 
     def run(self) -> None:

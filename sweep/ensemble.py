@@ -1,114 +1,49 @@
-"""Stacked SAEs trained as one vmapped program. The only place that adds the member axis.
+"""Stacked SAEs trained as one program. The only place that adds the member axis.
 
 Every parameter has a leading member axis E; ``torch.func.vmap`` maps the single-member loss
-of :mod:`sweep.sae` over it (the batch ``x`` is shared, each member's ``l1`` is a vmapped
-input), ``torch.func.grad`` differentiates it, and :class:`sweep.optim.Adam` updates the
-stacked tensors. For untied SAEs a hand-batched formulation of the same gradients
-(:func:`untied_grads`) is the default fast path (the benchmark shows vmap's generic batching
-is slower than a Python loop on CPU); the vmapped single-member math stays the reference
-and the equivalence tests cover both. A member whose loss turns NaN/inf is frozen (no further updates, its step
-count stops) and the others train on, without a host sync in the step loop.
+of :mod:`sweep.sae` over it (the batch ``x`` is shared, each member's ``hyper`` — its l1 and
+k — is a vmapped input), ``torch.func.grad`` differentiates it, and :class:`sweep.optim.Adam`
+updates the stacked tensors. For untied ReLU, TopK and BatchTopK members a hand-batched
+formulation of the same gradients (:mod:`sweep.fastpath`) is the default (the benchmark shows
+vmap's generic batching is slower than a Python loop on CPU); the vmapped single-member math
+stays the reference and the equivalence tests cover both. A member whose loss turns NaN/inf
+is frozen (no further updates, its step count stops) and the others train on, without a
+host sync in the step loop.
+
+Dead latents: when :class:`DeadLatents` is given, each member counts, per latent, the rows
+since it last fired (``since_fired``, checkpointed with the member); a latent is dead once
+that reaches ``dead_tokens``. TopK-style members then add the AuxK term; ReLU members can
+be resampled (:mod:`sweep.resample`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.func import grad, vmap
 
-from sweep import sae
+from sweep import archs, fastpath, sae
+from sweep.archs import Architecture, Hyper, Params
 from sweep.optim import Adam, AdamState
-from sweep.sae import LossParts, Params
+from sweep.sae import LossParts
 
-_grad_fn = vmap(grad(sae.loss_fn, has_aux=True), in_dims=(0, None, 0))  # (E,..), (B,D), (E,)
-
-
-def untied_grads(
-    params: Params,
-    x_BD: torch.Tensor,
-    l1_E: torch.Tensor,
-    with_l0: bool = True,
-    ws: dict[str, torch.Tensor] | None = None,
-    compute_dtype: torch.dtype | None = None,
-) -> tuple[Params, LossParts]:
-    """Hand-batched gradients of :func:`sweep.sae.loss_fn` for untied members (the fast path).
-
-    The same math as ``vmap(grad(sae.loss_fn))``, written as five batched GEMMs and a few
-    in-place elementwise passes into reusable buffers ``ws`` (the returned gradients live
-    there too, valid until the next call). It never forms the gradient w.r.t. the centred
-    input: ``b_dec``'s effect on the encoder enters through rank-one corrections, saving one
-    of the six GEMMs autograd runs. Equality with the vmapped reference is tested.
-    ``compute_dtype`` (e.g. bfloat16) runs the GEMMs and buffers in that dtype; parameters,
-    gradients and loss parts stay float32.
-    """
-    dt = compute_dtype or params["W_enc"].dtype
-    W_enc, b_enc, W_dec, b_dec = (params[k].to(dt) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    x_BD = x_BD.to(dt)
-    E, D, F = W_enc.shape
-    B = x_BD.shape[0]
-    ws = {} if ws is None else ws
-    buf = _Buffers(ws, x_BD.device, dt)
-    # (x - b_dec) @ W_enc + b_enc  ==  x @ W_enc + (b_enc - b_dec @ W_enc)
-    shift_EF = b_enc - torch.bmm(b_dec[:, None, :], W_enc).squeeze(
-        1
-    )  # (E, D) @ (E, D, F) -> (E, F)
-    codes_EBF = torch.bmm(
-        x_BD.expand(E, B, D), W_enc, out=buf("codes", E, B, F)
-    )  # (E, B, D) @ (E, D, F)
-    codes_EBF.add_(shift_EF[:, None, :]).relu_()  # pre-activations -> codes, in place
-    err_EBD = torch.bmm(
-        codes_EBF, W_dec, out=buf("err", E, B, D)
-    )  # (E, B, F) @ (E, F, D) -> (E, B, D)
-    err_EBD.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
-    sq_E = torch.linalg.vector_norm(err_EBD, dim=(1, 2)).pow(2)  # (E,)
-    sparsity_E = codes_EBF.sum(dim=(1, 2)) / B  # (E,)
-    mse_E = sq_E / (B * D)
-    var = (x_BD - x_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
-    parts = LossParts(
-        loss=mse_E + l1_E * sparsity_E,
-        mse=mse_E,
-        sparsity=sparsity_E,
-        l0=torch.sign(codes_EBF).sum(dim=(1, 2)) / B if with_l0 else None,
-        fvu=sq_E / var,
-    )
-    g_err_EBD = err_EBD.mul_(2.0 / (B * D))  # d loss / d x_hat, in place
-    dW_dec = torch.bmm(
-        codes_EBF.transpose(1, 2), g_err_EBD, out=buf("dW_dec", E, F, D)
-    )  # (E, F, B) @ (E, B, D)
-    g_EBF = torch.bmm(
-        g_err_EBD, W_dec.transpose(1, 2), out=buf("g", E, B, F)
-    )  # (E, B, D) @ (E, D, F)
-    g_EBF += (l1_E / B)[:, None, None]  # + d (l1 * sparsity) / d codes
-    torch.ops.aten.threshold_backward.grad_input(
-        g_EBF, codes_EBF, 0.0, grad_input=g_EBF
-    )  # relu backward
-    db_enc = g_EBF.sum(dim=1)  # (E, F)
-    dW_enc = torch.bmm(
-        x_BD.T.expand(E, D, B), g_EBF, out=buf("dW_enc", E, D, F)
-    )  # (E, D, B) @ (E, B, F)
-    dW_enc -= b_dec[:, :, None] * db_enc[:, None, :]  # centring term: -b_dec (x) sum_B g_pre
-    db_dec = g_err_EBD.sum(dim=1) - torch.bmm(W_enc, db_enc[:, :, None]).squeeze(2)  # (E, D)
-    grads = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
-    if dt != torch.float32:
-        grads = {k: v.float() for k, v in grads.items()}
-        parts = LossParts(*(None if v is None else v.float() for v in parts))
-    return grads, parts
+SINCE_FIRED = "since_fired"
 
 
-class _Buffers:
-    """Named scratch tensors reused across steps (in-place CPU ops avoid page faults)."""
+@dataclass(frozen=True)
+class DeadLatents:
+    """When a latent counts as dead, and the AuxK term (TopK family) that revives it."""
 
-    def __init__(
-        self, ws: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
-    ) -> None:
-        self.ws, self.device, self.dtype = ws, device, dtype
-
-    def __call__(self, name: str, *shape: int) -> torch.Tensor:
-        t = self.ws.get(name)
-        if t is None or tuple(t.shape) != shape or t.dtype != self.dtype:
-            t = self.ws[name] = torch.empty(shape, device=self.device, dtype=self.dtype)
-        return t
+    dead_tokens: int
+    """Rows without firing after which a latent is dead."""
+    auxk_alpha: float = 0.0
+    """Weight of the AuxK loss (TopK-style architectures; 0 = off)."""
+    k_aux: int = 0
+    """Dead latents used by the AuxK reconstruction."""
 
 
 def stack(members: list[Params]) -> Params:
@@ -116,36 +51,84 @@ def stack(members: list[Params]) -> Params:
     return {k: torch.stack([m[k] for m in members]) for k in members[0]}
 
 
+def hyper_of(l1: list[float], k: list[int], device: torch.device | str = "cpu") -> Hyper:
+    """Members' sparsity settings as (E,) tensors."""
+    return {
+        "l1": torch.tensor(l1, dtype=torch.float32, device=device),
+        "k": torch.tensor(k, dtype=torch.long, device=device),
+    }
+
+
+def clip_members(grads: Params, max_norm: float) -> None:
+    """Scale each member's gradients in place so their global norm is at most ``max_norm``
+    (``torch.nn.utils.clip_grad_norm_``'s rule, per member: factor max_norm / (norm + 1e-6))."""
+    sq = sum(g.pow(2).flatten(1).sum(dim=1) for g in grads.values())  # (E,)
+    factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
+    for g in grads.values():
+        g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
+
+
+def vmapped_grads(arch: Architecture, kmax: int, dead: DeadLatents | None, aux: bool) -> Callable:
+    """``vmap(grad(sae.loss_fn))`` for members of ``arch``: (params, x, hyper, dead_EF)."""
+    fn = partial(sae.loss_fn, arch=arch, kmax=kmax)
+    if aux and dead is not None:
+        fn = partial(fn, auxk_alpha=dead.auxk_alpha, k_aux=dead.k_aux)
+    return vmap(grad(fn, has_aux=True), in_dims=(0, None, 0, 0 if aux else None))
+
+
 class Ensemble:
-    """E SAEs of one shape, trained together on the same batches."""
+    """E SAEs of one shape and architecture, trained together on the same batches."""
 
     def __init__(
         self,
         params: Params,
-        l1: torch.Tensor,
+        hyper: Hyper,
         adam: Adam,
+        *,
+        arch: str | Architecture = "untied",
         state: AdamState | None = None,
         active: torch.Tensor | None = None,
+        buffers: Params | None = None,
         autocast_dtype: torch.dtype | None = None,
         fast: bool = True,
+        dead: DeadLatents | None = None,
+        rows: int = 0,
+        grad_clip: float | None = None,
     ) -> None:
+        self.arch = archs.get(arch) if isinstance(arch, str) else arch
         self.params = params  # {name: (E, ...)}
-        self.l1 = l1  # (E,)
+        self.hyper = hyper  # {"l1": (E,), "k": (E,)}
         self.adam = adam
         self.state = state if state is not None else AdamState.zeros_like(params)
-        self.n = l1.shape[0]
-        dev = l1.device
+        self.n = hyper["l1"].shape[0]
+        dev = hyper["l1"].device
         self.active = (
             active if active is not None else torch.ones(self.n, dtype=torch.bool, device=dev)
         )  # (E,)
+        self.buffers = buffers if buffers is not None else self._fresh_buffers(dead, dev)
         self.autocast_dtype = autocast_dtype
-        self.fast = fast and "W_dec" in params
+        self.fast = fast and self.arch.fast
+        self.dead = dead
+        self.rows = rows
+        """Training rows every member has seen (before this, no latent can be dead)."""
+        self.grad_clip = grad_clip
+        """Clip each member's gradient to this global norm (None = off)."""
+        self.kmax = int(hyper["k"].max()) if self.arch.knob == "k" else 0
         self._ws: dict[str, torch.Tensor] = {}
+        self._vmapped: dict[bool, Callable] = {}
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.l1.device.type, dtype=self.autocast_dtype)
+    def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
+        f = self.params["W_enc"].shape[-1]
+        out = stack([self.arch.init_buffers(f) for _ in range(self.n)]) if self.arch.buffers else {}
+        if dead is not None:
+            out[SINCE_FIRED] = torch.zeros(self.n, f)
+        return {k: v.to(dev) for k, v in out.items()}
+
+    def dead_mask(self) -> torch.Tensor | None:
+        """(E, F) bool: latents silent for ``dead_tokens`` rows (None while none can be)."""
+        if self.dead is None or self.rows < self.dead.dead_tokens:
+            return None
+        return self.buffers[SINCE_FIRED] >= self.dead.dead_tokens
 
     def step(
         self, x_BD: torch.Tensor, full: bool = True, lr_scale: float = 1.0, l1_scale: float = 1.0
@@ -155,19 +138,44 @@ class Ensemble:
         ``full=False`` lets the fast path skip L0 (one pass over the codes) on steps that
         are not logged. ``lr_scale`` and ``l1_scale`` come from the schedule (warmup/decay).
         """
-        l1 = self.l1 if l1_scale == 1.0 else self.l1 * l1_scale
-        if self.fast:
-            grads, parts = untied_grads(
-                self.params, x_BD, l1, with_l0=full, ws=self._ws, compute_dtype=self.autocast_dtype
-            )
-        else:
-            with self._autocast():
-                grads, parts = _grad_fn(self.params, x_BD, l1)  # {name: (E, ...)}, (E,) each
+        hyper = self.hyper if l1_scale == 1.0 else {**self.hyper, "l1": self.hyper["l1"] * l1_scale}
+        grads, parts, codes = self._grads(x_BD, hyper, full)
+        if self.grad_clip is not None:
+            clip_members(grads, self.grad_clip)
         self.active &= torch.isfinite(parts.loss)
         skip = (~self.active).float()  # (E,) 1.0 = leave this member untouched
         self.adam.update(self.params, grads, self.state, skip, lr_scale)
-        if "W_dec" in self.params:
-            w = self.params["W_dec"]  # (E, F, D)
-            unit = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            w.copy_(torch.where(self.active[:, None, None], unit, w))
+        self.arch.constrain(self.params, self.active)
+        self._track(codes)
+        self.rows += x_BD.shape[0]
         return parts
+
+    def _grads(self, x_BD: torch.Tensor, hyper: Hyper, full: bool) -> tuple:
+        dead = self.dead_mask() if self.arch.knob == "k" else None
+        aux = dead is not None and self.dead is not None and self.dead.auxk_alpha > 0
+        if self.fast:
+            spec = fastpath.AuxSpec(self.dead.auxk_alpha, self.dead.k_aux, dead) if aux else None  # type: ignore[union-attr,arg-type]
+            return fastpath.grads(
+                self.arch, self.params, x_BD, hyper, self.kmax, spec, full, self._ws,
+                self.autocast_dtype,
+            )  # fmt: skip
+        if aux not in self._vmapped:
+            self._vmapped[aux] = vmapped_grads(self.arch, self.kmax, self.dead, aux)
+        with self._autocast():
+            grads, (parts, codes) = self._vmapped[aux](self.params, x_BD, hyper, dead)
+        return grads, parts, codes
+
+    def _track(self, codes_EBF: torch.Tensor) -> None:
+        """Fold this batch's codes into the members' buffers (thresholds, rows since fired)."""
+        self.arch.update_buffers(self.buffers, codes_EBF, self.active)
+        if SINCE_FIRED in self.buffers:
+            since = self.buffers[SINCE_FIRED]  # (E, F)
+            fired = (codes_EBF != 0).any(dim=1)  # (E, F)
+            cap = float(self.dead.dead_tokens) if self.dead else 0.0  # bounded: exact in fp32
+            new = torch.where(fired, 0.0, (since + codes_EBF.shape[1]).clamp(max=cap))
+            since.copy_(torch.where(self.active[:, None], new, since))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.hyper["l1"].device.type, dtype=self.autocast_dtype)

@@ -1,12 +1,17 @@
 """Export finished runs in SAELens's on-disk format.
 
 Each run becomes ``OUT_DIR/<run_id>/`` with ``sae_weights.safetensors`` (``W_enc (d_in,
-d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``) and ``cfg.json``
-for a SAELens 6 ``standard`` SAE, so ``sae_lens.SAE.load_from_disk(path)`` opens it.
+d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, plus ``threshold
+(d_sae,)`` for JumpReLU forms) and ``cfg.json`` for a SAELens 6 SAE, so
+``sae_lens.SAE.load_from_disk(path)`` opens it. Architectures map to SAELens's as
+``Architecture.saelens`` says: untied/tied -> ``standard``, topk -> ``topk`` (with ``k``),
+jumprelu -> ``jumprelu``, batchtopk -> ``jumprelu`` with its learned threshold on every
+feature (as SAELens itself saves a trained BatchTopK SAE for inference).
 
-SAELens's standard SAE computes ``relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec`` on raw
-activations, which is our SAE with the training scale folded in (:class:`sweep.sae.SAE`), so
-``normalize_activations`` is ``none`` and the codes equal the training codes exactly.
+SAELens computes ``act((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec`` on raw activations,
+which is our SAE with the training scale folded in (:class:`sweep.sae.SAE`; thresholds act
+on pre-activations, which folding leaves unchanged), so ``normalize_activations`` is
+``none`` and the codes equal the training codes exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import save
 
+from sweep import archs
 from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable
 from sweep.rundir import RunFolder
@@ -48,10 +54,13 @@ def _provenance(cfg: dict) -> dict:
     }
 
 
-def saelens_cfg(cfg: dict) -> dict:
-    """SAELens 6 ``cfg.json`` for one of our runs (its sweep ``cfg.json`` in)."""
+def saelens_cfg(cfg: dict, extra: dict | None = None) -> dict:
+    """SAELens 6 ``cfg.json`` for one of our runs (its sweep ``cfg.json`` in; ``extra``: the
+    architecture's own fields, e.g. TopK's ``k``)."""
+    arch = archs.get(cfg.get("architecture", "untied"))
     return {
-        "architecture": "standard",
+        "architecture": arch.saelens,
+        **(extra or {}),
         "d_in": int(cfg["d_in"]),
         "d_sae": int(cfg["d_sae"]),
         "dtype": "float32",
@@ -96,8 +105,11 @@ def export_run(run_folder: str | Path, out: str | Path) -> Path:
         "W_dec": model.W_dec.detach().float().contiguous(),  # (d_sae, d_in)
         "b_dec": model.b_dec.detach().float().contiguous(),  # (d_in,)
     }
+    saved = {**dict(model.named_buffers()), "b_enc": model.b_enc.detach()}
+    tensors, fields = model.arch.saelens_form(saved, model.k)
+    weights.update({k: v.contiguous() for k, v in tensors.items()})
     atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
-    atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg))
+    atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg, fields))
     return out
 
 

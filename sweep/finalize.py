@@ -66,11 +66,19 @@ def _member_metrics(
     cfg: dict,
     device: torch.device,
 ) -> tuple[dict, torch.Tensor]:
-    m, freq = metrics.evaluate_with_frequency({k: v.to(device) for k, v in params.items()}, x_eval)
+    arch, k = cfg["architecture"], int(cfg.get("k") or 0)
+    on_device = {name: v.to(device) for name, v in params.items()}
+    m, freq = metrics.evaluate_with_frequency(on_device, x_eval, arch=arch, k=k)
     if gt is not None:
-        m.update(metrics.ground_truth_metrics(params, gt))
+        m.update(metrics.ground_truth_metrics(params, gt, arch))
     m.update(lm_metrics.member_metrics(lm_eval, params, cfg))
     return m, freq
+
+
+def _saved_tensors(ens: Ensemble, e: int) -> sae.Params:
+    """Member ``e``'s weights as saved: its parameters and its architecture's buffers."""
+    kept = {**ens.params, **{k: ens.buffers[k] for k in ens.arch.buffers}}
+    return {k: v[e].detach().float().cpu() for k, v in kept.items()}
 
 
 def finish_members(
@@ -89,8 +97,8 @@ def finish_members(
     provenance = ev.store.provenance.get("source_info", {})
     states = {}
     for e, (run, folder) in enumerate(zip(runs, folders, strict=True)):
-        params = {k: v[e].detach().float().cpu() for k, v in ens.params.items()}
-        cfg = sae.run_cfg(run, ev.scale, str(ev.store.path), provenance)
+        params = _saved_tensors(ens, e)
+        cfg = sae.run_cfg(run, ev.scale, str(ev.store.path), provenance, ens.arch)
         m, freq = _member_metrics(params, x_eval, gt, lm_eval, cfg, ev.device)
         diverged = diverged_at[e] if diverged_at[e] >= 0 else None
         state = "done" if diverged is None else "diverged"

@@ -1,6 +1,6 @@
 """Expand the grid into runs with stable ids, and group them into ensembles.
 
-A :class:`RunSpec` is one grid point (l1 x dict_ratio x seed). Runs that share a dict ratio
+A :class:`RunSpec` is one grid point (l1 or k x dict_ratio x seed). Runs that share a dict ratio
 share tensor shapes and are trained together as one :class:`EnsembleSpec`; a group larger
 than the member budget is split into near-equal ensembles. Larger dict ratios come first,
 so the longest work starts first.
@@ -45,6 +45,13 @@ class RunSpec:
     width: int
     dict_size: int
     arch: str
+    k: int = 0
+    """Active latents of TopK-style architectures (0 for L1-style ones)."""
+
+    @property
+    def knob(self) -> str:
+        """This run's sparsity setting as text: ``k64`` or ``l1_1e-03``."""
+        return f"k{self.k}" if self.k else f"l1_{fmt_l1(self.l1)}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,8 +67,10 @@ class EnsembleSpec:
     members: tuple[RunSpec, ...]
 
 
-def run_id(dict_ratio: float, l1: float, seed: int) -> str:
-    return f"r{fmt_number(dict_ratio)}-l1_{fmt_l1(l1)}-s{seed}"
+def run_id(dict_ratio: float, l1: float, seed: int, k: int = 0) -> str:
+    """``r8-l1_1e-03-s0`` for L1-style runs, ``r8-k64-s0`` for TopK-style ones."""
+    knob = f"k{k}" if k else f"l1_{fmt_l1(l1)}"
+    return f"r{fmt_number(dict_ratio)}-{knob}-s{seed}"
 
 
 def dict_size(dict_ratio: float, width: int) -> int:
@@ -69,19 +78,24 @@ def dict_size(dict_ratio: float, width: int) -> int:
 
 
 def expand(
-    l1s: list[float], ratios: list[float], seeds: int, width: int, arch: str
+    values: list[float], ratios: list[float], seeds: int, width: int, arch: str, knob: str = "l1"
 ) -> list[RunSpec]:
-    """Every grid point, ordered by dict ratio (descending), then l1, then seed."""
-    runs = [
-        RunSpec(run_id(r, l1, s), float(l1), float(r), s, width, dict_size(r, width), arch)
-        for r in sorted(ratios, reverse=True)
-        for l1 in sorted(l1s)
-        for s in range(seeds)
-    ]
+    """Every grid point, ordered by dict ratio (descending), then l1 or k, then seed.
+    ``values`` are l1 coefficients (``knob='l1'``) or k values (``knob='k'``)."""
+    runs = []
+    for r in sorted(ratios, reverse=True):
+        for v in sorted(values):
+            l1, k = (float(v), 0) if knob == "l1" else (0.0, int(v))
+            for s in range(seeds):
+                runs.append(
+                    RunSpec(
+                        run_id(r, l1, s, k), l1, float(r), s, width, dict_size(r, width), arch, k
+                    )
+                )
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # e.g. two ratios that round to the same text
         raise SweepError(
-            "grid values collide in run ids; use distinct grid.l1 / grid.dict_ratio values"
+            f"grid values collide in run ids; use distinct grid.{knob} / grid.dict_ratio values"
         )
     return runs
 

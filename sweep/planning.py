@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from sweep import checkpoints, grid, rundir
+from sweep import archs, checkpoints, grid, rundir
 from sweep.activations.store import ChunkStore
 from sweep.config import SweepConfig
 from sweep.errors import RunDirError, SweepError
@@ -31,7 +31,8 @@ DEFINING = {
     "sae": None,
     "train": (
         "batch_size", "lr", "betas", "eps", "epochs", "lr_warmup", "lr_decay", "l1_warmup",
-        "seed", "dtype",
+        "seed", "dtype", "dead_tokens", "auxk_alpha", "resample_dead", "resample_stop",
+        "grad_clip",
     ),
 }  # fmt: skip
 FREE = {
@@ -62,6 +63,28 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+LEGACY = {
+    "sae.recipe": "unit",  # before recipes existed, untied SAEs trained with unit-norm decoders
+    "sae.init_decoder_norm": None,
+    "train.grad_clip": None,
+    "train.dead_tokens": 10_000_000,
+    "train.auxk_alpha": 0.03125,  # (no TopK-style sweeps existed: AuxK never applied)
+    "train.resample_dead": 0,
+    "train.resample_stop": 0.5,
+}
+"""What a defining field meant before it existed, for sweeps recorded by earlier versions."""
+
+
+def with_legacy(saved: dict) -> dict:
+    """A sweep's saved config with every defining field it lacks set to :data:`LEGACY`."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for key, value in LEGACY.items():
+        group, name = key.split(".", 1)
+        if isinstance(out.get(group), dict):
+            out[group].setdefault(name, value)
+    return out
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     diffs = []
     for group, fields in DEFINING.items():
@@ -70,7 +93,8 @@ def _differences(old: dict, new: dict) -> list[str]:
             name = key.split(".", 1)[1]
             defining = (fields is None or name in fields) and name not in FREE.get(group, ())
             unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
-            if defining and not unresolved and a.get(key) != b.get(key):
+            before = a.get(key, LEGACY.get(key))
+            if defining and not unresolved and before != b.get(key):
                 diffs.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
 
@@ -161,10 +185,31 @@ def is_final(run: RunFolder) -> bool:
     return False
 
 
+def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
+    """Every grid point of ``cfg`` at this width; a sparsity value that does not fit a
+    dictionary size (k larger than the dictionary) is refused."""
+    knob = cfg.sae.knob
+    runs = grid.expand(
+        cfg.grid.values(knob), cfg.grid.dict_ratio, cfg.grid.seeds, width, cfg.sae.name, knob
+    )
+    arch = archs.get(cfg.sae.name)
+    for r in runs:
+        problem = arch.check_hyper(r.k if knob == "k" else r.l1, r.dict_size)
+        if problem:
+            raise SweepError(
+                f"{problem} (dict ratio {r.dict_ratio:g} x width {width}); {_fix(knob)}"
+            )
+    return runs
+
+
+def _fix(knob: str) -> str:
+    return "lower grid.k or raise grid.dict_ratio" if knob == "k" else f"change grid.{knob}"
+
+
 def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> SweepPlan:
     """Which runs still need training, grouped into ensembles by shape and progress."""
     folder = SweepFolder(cfg.sweep_dir)
-    runs = grid.expand(cfg.grid.l1, cfg.grid.dict_ratio, cfg.grid.seeds, width, cfg.sae.name)
+    runs = expand_grid(cfg, width)
     final = [r for r in runs if is_final(folder.run(r.run_id))]
     todo = [r for r in runs if r not in final]
     ensembles: list[EnsembleSpec] = []

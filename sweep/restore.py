@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sweep import sae
+from sweep import archs, sae
 from sweep.activations.store import Cursor
+from sweep.archs import Architecture
 from sweep.checkpoints import Checkpoint, common_checkpoint
 from sweep.config import TrainConfig
 from sweep.devices import resolve_compute_dtype
-from sweep.ensemble import Ensemble, stack
+from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.grid import RunSpec
 from sweep.optim import Adam, AdamState
 from sweep.rundir import RunFolder
@@ -38,9 +39,12 @@ class Restored:
     """(E,) long: the step at which each member diverged, -1 for healthy members."""
 
 
-def init_member(run: RunSpec, train: TrainConfig, b_dec: torch.Tensor) -> sae.Params:
+def init_member(
+    run: RunSpec, train: TrainConfig, b_dec: torch.Tensor, arch: Architecture | None = None
+) -> sae.Params:
     g = torch.Generator().manual_seed(train.seed * 1_000_003 + run.seed)
-    return sae.init_params(run.arch, run.width, run.dict_size, g, b_dec=b_dec)
+    arch = arch or archs.get(run.arch)
+    return arch.init_params(run.width, run.dict_size, g, b_dec)
 
 
 def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -62,6 +66,62 @@ def _found(folders: list[RunFolder], ensemble_id: str) -> list[Checkpoint | None
     return found
 
 
+def dead_latents(train: TrainConfig, run: RunSpec) -> DeadLatents | None:
+    """Dead-latent tracking for these runs: AuxK (TopK family, ``train.auxk_alpha`` > 0) or
+    resampling (ReLU-L1, ``train.resample_dead`` > 0); None when neither applies."""
+    topk_family = archs.get(run.arch).knob == "k"
+    if topk_family and train.auxk_alpha > 0:
+        k_aux = max(1, min(run.width // 2, run.dict_size))
+        return DeadLatents(train.dead_tokens, train.auxk_alpha, k_aux)
+    if not topk_family and train.resample_dead > 0:
+        return DeadLatents(train.dead_tokens)
+    return None
+
+
+def _prefixed(c: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in c.tensors.items() if k.startswith(prefix)}
+
+
+def _ensemble(
+    runs: tuple[RunSpec, ...],
+    found: list[Checkpoint | None],
+    train: TrainConfig,
+    device: torch.device,
+    b_dec: torch.Tensor,
+    step: int,
+    arch: Architecture,
+) -> Ensemble:
+    """The members at their checkpoints (all found), or fresh (none found)."""
+    fresh = found[0] is None
+    members = [
+        init_member(run, train, b_dec, arch) if c is None else _prefixed(c, "param.")
+        for run, c in zip(runs, found, strict=True)
+    ]
+    params = {k: v.to(device) for k, v in stack(members).items()}
+    states = [
+        {k: v for k, v in c.tensors.items() if k.startswith("adam.")}
+        for c in found
+        if c is not None
+    ]
+    saved = [_prefixed(c, "buffer.") for c in found if c is not None]
+    active = [True if c is None else bool(c.meta["active"]) for c in found]
+    ens = Ensemble(
+        params,
+        hyper_of([r.l1 for r in runs], [r.k for r in runs], device),
+        Adam(train.lr, (train.betas[0], train.betas[1]), train.eps),
+        arch=arch,
+        state=None if fresh else AdamState.stack(states, list(params), device),
+        active=torch.tensor(active, device=device),
+        autocast_dtype=compute_dtype(train, device),
+        dead=dead_latents(train, runs[0]),
+        rows=step * train.batch_size,
+        grad_clip=train.grad_clip,
+    )
+    if saved and saved[0]:  # checkpoints written before buffers existed keep fresh ones
+        ens.buffers = {k: v.to(device) for k, v in stack(saved).items()}
+    return ens
+
+
 def restore_ensemble(
     runs: tuple[RunSpec, ...],
     folders: list[RunFolder],
@@ -69,36 +129,21 @@ def restore_ensemble(
     device: torch.device,
     b_dec: torch.Tensor,
     ensemble_id: str,
+    arch: Architecture | None = None,
 ) -> Restored:
     """The members' newest common checkpoint (all at one cursor), or a fresh init with
     ``b_dec`` (the scaled data mean). Training curves are cut back to the restored step."""
     found = _found(folders, ensemble_id)
-    fresh = found[0] is None
-    members = [
-        init_member(run, train, b_dec)
-        if c is None
-        else {k[6:]: v for k, v in c.tensors.items() if k.startswith("param.")}
-        for run, c in zip(runs, found, strict=True)
-    ]
-    params = {k: v.to(device) for k, v in stack(members).items()}
-    states = [{k: v for k, v in c.tensors.items() if k.startswith("adam.")} for c in found if c]
-    active = [True if c is None else bool(c.meta["active"]) for c in found]
+    step = 0 if found[0] is None else found[0].step
+    arch = arch or archs.get(runs[0].arch)
+    ens = _ensemble(runs, found, train, device, b_dec, step, arch)
     diverged = [-1 if c is None else int(c.meta.get("diverged_step", -1)) for c in found]
-    ens = Ensemble(
-        params,
-        torch.tensor([r.l1 for r in runs], device=device),
-        Adam(train.lr, (train.betas[0], train.betas[1]), train.eps),
-        state=None if fresh else AdamState.stack(states, list(params), device),
-        active=torch.tensor(active, device=device),
-        autocast_dtype=compute_dtype(train, device),
-    )
     diverged_at = torch.tensor(diverged, dtype=torch.long, device=device)
-    step = 0 if fresh else found[0].step  # type: ignore[union-attr]
     for f in folders:
         f.truncate_curve(step)  # records written after the restored step are redone
-    if fresh:
+    if found[0] is None:
         return Restored(ens, Cursor(), 0, diverged_at)
-    meta = found[0].meta  # type: ignore[union-attr]
+    meta = found[0].meta
     if meta.get("threads") and meta["threads"] != torch.get_num_threads():
         torch.set_num_threads(int(meta["threads"]))  # bit-exact resume needs the same count
     return Restored(ens, Cursor(**meta["cursor"]), step, diverged_at)
@@ -108,6 +153,7 @@ def member_tensors(ens: Ensemble, e: int) -> dict[str, torch.Tensor]:
     """Member ``e``'s parameters and Adam state as flat named tensors."""
     out = {f"param.{k}": v[e] for k, v in ens.params.items()}
     out.update(ens.state.member(e))
+    out.update({f"buffer.{k}": v[e] for k, v in ens.buffers.items()})
     return out
 
 

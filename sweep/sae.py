@@ -1,26 +1,25 @@
-"""The math of ONE sparse autoencoder, written for a single member.
+"""The math of ONE sparse autoencoder, written for a single member, for any architecture.
 
-``ensemble.py`` is the only place that adds the member axis (with ``torch.func.vmap``).
+``ensemble.py`` is the only place that adds the member axis (with ``torch.func.vmap``); the
+architecture-specific pieces (encoder activation, decoder, penalty) live in
+:mod:`sweep.archs`, one module each.
 
 Shapes: ``x_BD`` a batch of B activations of width D; ``codes_BF`` F dictionary features.
 
-Untied SAE (``arch="untied"``), parameters ``W_enc (D, F)``, ``b_enc (F,)``,
-``W_dec (F, D)`` with unit-norm rows, ``b_dec (D,)``::
+Loss (the one convention used everywhere)::
 
-    codes = relu((x - b_dec) @ W_enc + b_enc)
-    x_hat = codes @ W_dec + b_dec
+    mse  = mean over batch and dimensions of (x_hat - x)**2
+    loss = mse + penalty (the architecture's: l1 * mean L1 norm for ReLU SAEs, l1 * mean L0
+           for JumpReLU, none for TopK / BatchTopK) [+ auxk_alpha * AuxK, TopK family]
 
-Tied SAE (``arch="tied"``): no ``W_dec`` parameter; the decoder is ``W_enc.T`` with each
-row normalised to unit norm.
+AuxK (Gao et al. 2024), when ``auxk_alpha > 0`` and some latents are dead (have not fired for
+``train.dead_tokens`` rows): the dead latents' top-``k_aux`` pre-activations (ReLU'd) must
+reconstruct the main residual ``e = x - x_hat`` (held fixed) through the decoder::
 
-Loss (the one convention used everywhere; L1 is NOT scaled by dictionary size)::
-
-    mse      = mean over batch and dimensions of (x_hat - x)**2
-    sparsity = mean over batch of sum over features of |codes|
-    loss     = mse + l1 * sparsity
+    auxk = min(n_dead / k_aux, 1) * mean((codes_aux @ W_dec - e)**2)
 
 Training sees activations scaled so the store's mean row norm is sqrt(D) (``data.normalize``),
-so per-element variance is about 1 and one L1 grid means similar sparsity on any model/layer.
+so per-element variance is about 1 and one grid means similar sparsity on any model/layer.
 """
 
 from __future__ import annotations
@@ -32,12 +31,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sweep import rundir
+from sweep import archs, rundir
+from sweep.archs import Architecture, Hyper, Params
 
 if TYPE_CHECKING:
     from sweep.grid import RunSpec
-
-Params = dict[str, torch.Tensor]
 
 
 class LossParts(NamedTuple):
@@ -56,56 +54,71 @@ class LossParts(NamedTuple):
 def init_params(
     arch: str, d: int, f: int, generator: torch.Generator, b_dec: torch.Tensor | None = None
 ) -> Params:
-    """Random unit-norm decoder rows, encoder = decoder transpose, zero encoder bias.
+    """A fresh member of architecture ``arch`` (see :meth:`Architecture.init_params`)."""
+    return archs.get(arch).init_params(d, f, generator, b_dec)
 
-    ``b_dec`` defaults to zeros; the worker passes the (scaled) data mean.
+
+def decoder(params: Params, arch: str = "untied") -> torch.Tensor:
+    """(F, D) decoder rows of architecture ``arch``."""
+    return archs.get(arch).decoder(params)
+
+
+def encode(params: Params, x_BD: torch.Tensor, arch: str = "untied", k: int = 0) -> torch.Tensor:
+    """Inference-time codes (training space; ``params`` include saved buffers)."""
+    a = archs.get(arch)
+    return a.infer(a.pre(params, x_BD), k, params)
+
+
+def decode(params: Params, codes_BF: torch.Tensor, arch: str = "untied") -> torch.Tensor:
+    return codes_BF @ decoder(params, arch) + params["b_dec"]  # (B, F) -> (B, D)
+
+
+def auxk_loss(
+    pre_BF: torch.Tensor, dead_F: torch.Tensor, W_dec: torch.Tensor, e_BD: torch.Tensor, k_aux: int
+) -> torch.Tensor:
+    """The AuxK term for one member (see the module docstring); ``e_BD`` is detached."""
+    masked = torch.where(dead_F, pre_BF, -torch.inf)
+    vals, idx = masked.topk(k_aux, dim=-1)  # (B, k_aux)
+    codes_aux = torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
+    scale = (dead_F.sum() / k_aux).clamp(max=1.0)
+    return scale * (codes_aux @ W_dec - e_BD).pow(2).mean()
+
+
+def loss_fn(
+    params: Params,
+    x_BD: torch.Tensor,
+    hyper: Hyper,
+    dead_F: torch.Tensor | None = None,
+    *,
+    arch: Architecture,
+    kmax: int = 0,
+    auxk_alpha: float = 0.0,
+    k_aux: int = 0,
+) -> tuple[torch.Tensor, tuple[LossParts, torch.Tensor]]:
+    """The training loss of one SAE on one batch, with its parts (all detached but ``loss``)
+    and the codes (for dead-latent and threshold bookkeeping).
+
+    ``kmax``: the top-k width taken by TopK-style members (the largest k of the ensemble);
+    ``dead_F`` (bool) with ``auxk_alpha`` and ``k_aux`` > 0 adds the AuxK term.
     """
-    w = torch.randn(f, d, generator=generator)  # (F, D)
-    w = w / w.norm(dim=1, keepdim=True)
-    params: Params = {
-        "W_enc": w.T.contiguous(),  # (D, F)
-        "b_enc": torch.zeros(f),
-        "b_dec": torch.zeros(d) if b_dec is None else b_dec.detach().clone().float(),
-    }
-    if arch == "untied":
-        params["W_dec"] = w.clone()  # (F, D)
-    return params
-
-
-def decoder(params: Params) -> torch.Tensor:
-    """(F, D) decoder with unit-norm rows (for tied SAEs, the normalised encoder)."""
-    if "W_dec" in params:
-        return params["W_dec"]
-    w = params["W_enc"].T  # (D, F) -> (F, D)
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def encode(params: Params, x_BD: torch.Tensor) -> torch.Tensor:
-    pre_BF = (x_BD - params["b_dec"]) @ params["W_enc"] + params["b_enc"]  # (B, D) -> (B, F)
-    return F.relu(pre_BF)
-
-
-def decode(params: Params, codes_BF: torch.Tensor) -> torch.Tensor:
-    return codes_BF @ decoder(params) + params["b_dec"]  # (B, F) -> (B, D)
-
-
-def loss_fn(params: Params, x_BD: torch.Tensor, l1: torch.Tensor) -> tuple[torch.Tensor, LossParts]:
-    """The training loss of one SAE on one batch, with its parts (all detached but ``loss``)."""
-    codes_BF = encode(params, x_BD)
-    err_BD = decode(params, codes_BF) - x_BD
+    pre_BF = arch.pre(params, x_BD)
+    codes_BF = arch.activate(pre_BF, hyper, params, kmax)
+    err_BD = codes_BF @ arch.decoder(params) + params["b_dec"] - x_BD
     mse = err_BD.pow(2).mean()
-    sparsity = codes_BF.sum(dim=1).mean()  # codes >= 0, so this is the mean L1 norm
-    loss = mse + l1 * sparsity
+    loss = mse + arch.penalty(params, codes_BF, pre_BF, hyper)
+    if dead_F is not None and auxk_alpha > 0 and k_aux > 0:
+        aux = auxk_loss(pre_BF, dead_F, arch.decoder(params), -err_BD.detach(), k_aux)
+        loss = loss + auxk_alpha * aux
     with torch.no_grad():
         var = (x_BD - x_BD.mean(dim=0)).pow(2).sum()
         parts = LossParts(
             loss=loss.detach(),
             mse=mse.detach(),
-            sparsity=sparsity.detach(),
-            l0=torch.sign(codes_BF).sum(dim=1).mean(),  # codes >= 0: sign counts active ones
+            sparsity=codes_BF.abs().sum(dim=1).mean(),
+            l0=(codes_BF != 0).sum(dim=1).mean(dtype=torch.float32),
             fvu=err_BD.pow(2).sum() / var.clamp_min(1e-12),
         )
-    return loss, parts
+    return loss, (parts, codes_BF.detach())
 
 
 class SAE(torch.nn.Module):
@@ -122,12 +135,18 @@ class SAE(torch.nn.Module):
     def __init__(self, params: Params, cfg: dict) -> None:
         super().__init__()
         self.cfg = cfg
+        self.arch = archs.get(cfg.get("architecture", "untied"))
+        self.k = int(cfg.get("k") or 0)
         s = float(cfg.get("act_scale", 1.0))
-        dec = decoder(params)  # (F, D) unit rows, training space
+        dec = self.arch.decoder(params)  # (F, D) training space
         self.W_enc = torch.nn.Parameter(params["W_enc"] * s)  # (D, F)
         self.b_enc = torch.nn.Parameter(params["b_enc"].clone())  # (F,)
         self.W_dec = torch.nn.Parameter(dec / s)  # (F, D)
         self.b_dec = torch.nn.Parameter(params["b_dec"] / s)  # (D,)
+        # thresholds act on pre-activations, which folding leaves unchanged
+        self._extra = [n for n in ("threshold", "log_threshold") if n in params]
+        for name in self._extra:
+            self.register_buffer(name, params[name].clone())
         self.requires_grad_(False)
 
     def _tensor(self, x: object, width: int, what: str) -> torch.Tensor:
@@ -154,7 +173,8 @@ class SAE(torch.nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) raw activations -> (..., F) codes."""
         x = self._tensor(x, self.d_in, "activations")
-        return F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
+        return self.arch.infer(pre, self.k, {n: getattr(self, n) for n in self._extra})
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., F) codes -> (..., D) raw-space reconstruction."""
@@ -165,11 +185,11 @@ class SAE(torch.nn.Module):
         return self.decode(self.encode(x))
 
 
-LOSS_TEXT = "mean((x_hat - x)**2) + l1 * mean_batch(sum_features(codes))"
-
-
-def run_cfg(run: RunSpec, act_scale: float, store: str, provenance: dict) -> dict:
+def run_cfg(
+    run: RunSpec, act_scale: float, store: str, provenance: dict, arch: Architecture | None = None
+) -> dict:
     """A run folder's ``cfg.json``: everything :func:`load_run` needs, plus provenance."""
+    arch = arch or archs.get(run.arch)
     return {
         "format": "sweep-sae",
         "version": 1,
@@ -178,10 +198,12 @@ def run_cfg(run: RunSpec, act_scale: float, store: str, provenance: dict) -> dic
         "d_sae": run.dict_size,
         "act_scale": act_scale,
         "l1": run.l1,
+        "k": run.k,
         "dict_ratio": run.dict_ratio,
         "seed": run.seed,
         "run_id": run.run_id,
-        "loss": LOSS_TEXT,
+        "recipe": arch.recipe or None,
+        "loss": arch.loss_text,
         "store": store,
         "provenance": provenance,
         "dtype": "float32",

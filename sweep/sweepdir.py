@@ -43,6 +43,7 @@ WANDB = "wandb"
 SUMMARY_COLUMNS = [
     "run_id",
     "l1",
+    "k",
     "dict_ratio",
     "seed",
     "state",
@@ -61,7 +62,9 @@ SUMMARY_COLUMNS = [
 
 
 def summary_columns(rows: list[dict]) -> list[str]:
-    return SUMMARY_COLUMNS + sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS))
+    """The fixed columns (``k`` only when a run has one), then every other metric, sorted."""
+    first = [c for c in SUMMARY_COLUMNS if c != "k" or any(r.get("k") for r in rows)]
+    return first + sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS))
 
 
 def write_summary(folder: str | Path, rows: list[dict]) -> Path:
@@ -117,6 +120,8 @@ class RunRecord:
             "dict_ratio": self.spec.get("dict_ratio"),
             "seed": self.spec.get("seed"),
         }
+        if self.spec.get("k"):  # TopK-style runs: k is the grid value (their l1 is unused)
+            out.update(k=self.spec["k"], l1=None)
         out.update(self.metrics)
         out["state"] = self.state.value
         return out

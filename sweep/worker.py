@@ -22,12 +22,13 @@ import torch
 from sweep import sae
 from sweep.activations.store import BatchStream, ChunkStore
 from sweep.ckpt_writer import CheckpointWriter
-from sweep.config import DataConfig, LoggerConfig, TrainConfig
+from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
+from sweep.resample import resample
 from sweep.restore import Restored, restore_ensemble
 from sweep.rundir import RunFolder
 
@@ -50,6 +51,8 @@ class EnsembleJob:
     """Torch CPU threads (0 = leave as is)."""
     data: DataConfig | None = None
     """The sweep's data settings: recorded in spec.json; ``lm_eval_tokens`` of harvested data."""
+    sae: SAEConfig | None = None
+    """The architecture's recipe options (None = the architecture's defaults)."""
     placement: dict = field(default_factory=dict)
     """Where this attempt runs (host, Ray node, GPU ids); written to placement.json."""
     logger: LoggerConfig | None = None
@@ -105,6 +108,8 @@ class _Attempt:
         self.stream = BatchStream(
             self.store, t.batch_size, t.seed, t.epochs, job.eval_rows, self.scale, device
         )
+        sae_cfg = job.sae or SAEConfig(name=self.runs[0].arch)
+        self.arch = sae_cfg.architecture()
         self._tracker: RunLogger | None = None
         self.writer = CheckpointWriter(self.folders)
         self.timings: dict[str, float] = {"checkpoint": 0.0, "checkpoints": 0}
@@ -115,6 +120,7 @@ class _Attempt:
         placement["threads"] = torch.get_num_threads()
         for run, folder in zip(self.runs, self.folders, strict=True):
             spec = {**run.as_dict(), "train": asdict(self.job.train), "sae": run.arch}
+            spec["recipe"] = self.arch.recipe or None
             if self.job.data is not None:
                 spec["data"] = asdict(self.job.data)
             spec.update(
@@ -134,6 +140,7 @@ class _Attempt:
             self.device,
             mean * self.scale,
             self.job.ensemble.ensemble_id,
+            self.arch,
         )
 
     def checkpoint(self, r: Restored, wait: bool = False) -> None:
@@ -144,6 +151,14 @@ class _Attempt:
             self.writer.wait()
         self.timings["checkpoint"] += time.perf_counter() - t0  # time training was held
         self.timings["checkpoints"] += 1
+
+    def resample(self, r: Restored, x: torch.Tensor) -> None:
+        """Resample dead latents (ReLU-L1) and record how many in each run's events."""
+        seeds = [run.seed for run in self.runs]
+        counts = resample(r.ens, x, r.step, self.job.train.seed, seeds)
+        for folder, n in zip(self.folders, counts, strict=True):
+            if n:
+                folder.append_event({"event": "resampled", "step": r.step, "latents": n})
 
     def log_curve(self, parts: sae.LossParts, step: int, active: list[bool]) -> None:
         values = torch.stack([parts.loss, parts.mse, parts.sparsity, parts.l0, parts.fvu])
@@ -199,6 +214,8 @@ def _train(
         lr_scale, l1_scale = t.lr_scale(r.step, total), t.l1_scale(r.step, total)
         parts = r.ens.step(x, full=logging_step, lr_scale=lr_scale, l1_scale=l1_scale)
         r.step, r.cursor = r.step + 1, cursor
+        if _resample_due(t, r.step, total):
+            at.resample(r, x)
         r.diverged_at = torch.where(was_active & ~r.ens.active, r.step, r.diverged_at)
         if logging_step:
             at.log_curve(parts, r.step, r.ens.active.tolist())
@@ -214,6 +231,11 @@ def _train(
     if progress and r.step > reported:
         progress((r.step - reported) * bs)
     return False
+
+
+def _resample_due(t: TrainConfig, step: int, total: int) -> bool:
+    every = t.resample_dead
+    return every > 0 and step % every == 0 and step <= t.resample_stop * total
 
 
 def _train_and_finish(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sweep.cli import compose, main
@@ -92,11 +94,25 @@ def test_synthetic_fields_have_the_documented_names():
         ("train.checkpoint_minutes=0", "train.checkpoint_minutes"),
         ("train.checkpoint_minutes=-5", "train.checkpoint_minutes"),
         ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("sae.name=nope", "unknown architecture sae='nope'"),
+        ("sae=topk grid.k=[0]", "grid.k"),
+        ("sae=topk grid.k=[-4]", "grid.k"),
+        ("sae=topk grid.k=[]", "grid.k"),
+        ("sae=topk grid.l1=[1e-3]", "grid.l1 does not apply to sae=topk"),
+        ("sae=batchtopk grid.l1=[1e-3]", "grid.l1 does not apply to sae=batchtopk"),
+        ("grid.k=[32]", "grid.k does not apply to sae=untied"),
+        ("sae=jumprelu grid.k=[32]", "grid.k does not apply to sae=jumprelu"),
+        ("train.auxk_alpha=-0.1", "train.auxk_alpha"),
+        ("train.auxk_alpha=2", "train.auxk_alpha"),
+        ("train.dead_tokens=0", "train.dead_tokens"),
+        ("train.resample_dead=-1", "train.resample_dead"),
+        ("train.resample_stop=0", "train.resample_stop"),
+        ("sae=topk train.resample_dead=100", "train.resample_dead applies to ReLU-L1"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        cfg_of(override)
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        cfg_of(*override.split())
 
 
 @pytest.mark.parametrize(
@@ -110,9 +126,20 @@ def test_invalid_values_name_the_field(override, field):
         (["run", "train.batch_size=abc", "sweep_dir=/tmp/x"], "train.batch_size"),
         (["run", "grid.l1=[-1]", "sweep_dir=/tmp/x"], "grid.l1"),
         (["run", "grid.dict_ratio=[4]"], "sweep_dir"),
+        (
+            ["run", "sae=nosuch", "sweep_dir=/tmp/x"],
+            "unknown option 'nosuch' for config group 'sae'",
+        ),
+        (
+            ["run", "sae=topk", "grid.k=[100]", "data.width=16", "grid.dict_ratio=[2]"],
+            "grid.k values must be whole numbers in [1, dict size 32], got 100",
+        ),
+        (["run", "sae=topk", "grid.l1=[1e-3]"], "grid.l1 does not apply to sae=topk"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path):
+    if not any(a.startswith("sweep_dir=") for a in argv) and "sweep_dir" not in needle:
+        argv = [*argv, f"sweep_dir={tmp_path / 'x'}"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err

@@ -1,13 +1,15 @@
-"""The backbone: an ensemble equals independently trained single SAEs (params AND Adam state)."""
+"""The ensemble's generic behaviour: loss parts, frozen diverged members, unit decoder rows,
+bf16 compute (equality with independent training, per architecture: tests/test_archs.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sweep import sae
-from sweep.ensemble import Ensemble, _grad_fn, stack, untied_grads
+from sweep import archs, fastpath, sae
+from sweep.ensemble import Ensemble, hyper_of, stack, vmapped_grads
 from sweep.optim import Adam
+from tests import reference
 
 D, F, B = 12, 40, 64
 L1 = [0.0, 1e-3, 3e-2, 1e-1]
@@ -23,39 +25,13 @@ def batches(n: int) -> list[torch.Tensor]:
     return [torch.randn(B, D, generator=g) * 2 + 0.5 for _ in range(n)]
 
 
+def l1_hyper(values: list[float] = L1) -> dict[str, torch.Tensor]:
+    return hyper_of(values, [0] * len(values))
+
+
 def train_single(p0: sae.Params, l1: float, xs: list[torch.Tensor]):
     """A plain single SAE: autograd + torch.optim.Adam + decoder renormalisation."""
-    p = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
-    opt = torch.optim.Adam(list(p.values()), lr=LR, betas=BETAS, eps=EPS)
-    for x in xs:
-        opt.zero_grad()
-        loss, _ = sae.loss_fn(p, x, torch.tensor(l1))
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            if "W_dec" in p:
-                p["W_dec"].div_(p["W_dec"].norm(dim=-1, keepdim=True))
-    return p, opt
-
-
-@pytest.mark.parametrize("arch, fast", [("untied", True), ("untied", False), ("tied", False)])
-def test_ensemble_equals_independent_training(arch, fast):
-    init, xs = members(arch), batches(25)
-    ens = Ensemble(stack(init), torch.tensor(L1), Adam(LR, BETAS, EPS), fast=fast)
-    assert ens.fast == fast
-    for x in xs:
-        ens.step(x)
-    for e, (p0, l1) in enumerate(zip(init, L1, strict=True)):
-        p, opt = train_single(p0, l1, xs)
-        for k in p:
-            torch.testing.assert_close(ens.params[k][e], p[k].detach(), rtol=2e-5, atol=2e-6)
-            st = opt.state[p[k]]
-            torch.testing.assert_close(ens.state.exp_avg[k][e], st["exp_avg"], rtol=2e-4, atol=1e-7)
-            torch.testing.assert_close(
-                ens.state.exp_avg_sq[k][e], st["exp_avg_sq"], rtol=2e-4, atol=1e-9
-            )
-            # the original research code's bug: an ensemble Adam whose step never advanced
-            assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
+    return reference.train_single("untied", p0, l1, xs)
 
 
 def test_fast_path_gradients_equal_vmap_reference():
@@ -63,9 +39,9 @@ def test_fast_path_gradients_equal_vmap_reference():
     params["b_dec"] = torch.randn(len(L1), D) * 0.3  # non-zero: exercises the centring terms
     params["b_enc"] = torch.randn(len(L1), F) * 0.1
     x = batches(1)[0]
-    l1 = torch.tensor(L1)
-    g_fast, p_fast = untied_grads(params, x, l1)
-    g_ref, p_ref = _grad_fn(params, x, l1)
+    arch = archs.get("untied")
+    g_fast, p_fast, _ = fastpath.grads(arch, params, x, l1_hyper())
+    g_ref, (p_ref, _) = vmapped_grads(arch, 0, None, False)(params, x, l1_hyper(), None)
     for k in g_ref:
         torch.testing.assert_close(g_fast[k], g_ref[k], rtol=1e-4, atol=1e-6)
     for a, b in zip(p_fast, p_ref, strict=True):
@@ -75,7 +51,8 @@ def test_fast_path_gradients_equal_vmap_reference():
 def test_loss_parts_are_what_they_claim():
     p = members("untied")[0]
     x = batches(1)[0]
-    loss, parts = sae.loss_fn(p, x, torch.tensor(0.01))
+    hyper = {"l1": torch.tensor(0.01), "k": torch.tensor(0)}
+    loss, (parts, _) = sae.loss_fn(p, x, hyper, arch=archs.get("untied"))
     codes = sae.encode(p, x)
     recon = sae.decode(p, codes)
     assert float(parts.mse) == pytest.approx(float(((recon - x) ** 2).mean()), rel=1e-5)
@@ -88,10 +65,10 @@ def test_loss_parts_are_what_they_claim():
 
 def test_diverged_member_is_frozen_and_others_train_on():
     init, xs = members("untied"), batches(12)
-    ens = Ensemble(stack(init), torch.tensor(L1), Adam(LR, BETAS, EPS))
+    ens = Ensemble(stack(init), l1_hyper(), Adam(LR, BETAS, EPS))
     for i, x in enumerate(xs):
         if i == 5:
-            ens.l1[2] = float("nan")  # member 2's loss turns NaN from step 6 on
+            ens.hyper["l1"][2] = float("nan")  # member 2's loss turns NaN from step 6 on
             frozen = {k: v[2].clone() for k, v in ens.params.items()}
         ens.step(x)
     assert ens.active.tolist() == [True, True, False, True]
@@ -105,7 +82,7 @@ def test_diverged_member_is_frozen_and_others_train_on():
 
 
 def test_decoder_rows_stay_unit_norm():
-    ens = Ensemble(stack(members("untied")), torch.tensor(L1), Adam(1e-1, BETAS, EPS))
+    ens = Ensemble(stack(members("untied")), l1_hyper(), Adam(1e-1, BETAS, EPS))
     for x in batches(5):
         ens.step(x)
     torch.testing.assert_close(ens.params["W_dec"].norm(dim=-1), torch.ones(len(L1), F))
@@ -115,7 +92,7 @@ def test_decoder_rows_stay_unit_norm():
 def test_bfloat16_compute_trains(fast):
     ens = Ensemble(
         stack(members("untied")),
-        torch.tensor(L1),
+        l1_hyper(),
         Adam(1e-2, BETAS, EPS),
         autocast_dtype=torch.bfloat16,
         fast=fast,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +154,92 @@ def test_harvest_provenance_becomes_saelens_metadata():
         and meta["context_size"] == 128
         and meta["sweep_run_id"] == "r8-l1_1e-03-s0"
     )
+
+
+ARCH_VALUES = {"topk": [3], "batchtopk": [3], "jumprelu": [1e-3], "untied": [1e-2]}
+
+
+@pytest.fixture(scope="module")
+def arch_runs(tiny_store, tmp_path_factory):
+    """One finished run per architecture: {arch: run folder}."""
+    from sweep import grid
+    from sweep.worker import EnsembleJob, train_ensemble
+    from tests.conftest import tiny_train
+
+    out = {}
+    for arch, values in ARCH_VALUES.items():
+        knob = "k" if arch in ("topk", "batchtopk") else "l1"
+        sweep_dir = tmp_path_factory.mktemp(f"exp-{arch}")
+        runs = grid.expand(values, [2.0], 1, tiny_store.width, arch, knob)
+        (ens,) = grid.group(runs, {2.0: 4})
+        job = EnsembleJob(
+            ens, str(sweep_dir), str(tiny_store.path), True, 2048, tiny_train(), threads=1
+        )
+        train_ensemble(job)
+        out[arch] = rundir.run_dir(sweep_dir, runs[0].run_id)
+    return out
+
+
+def saelens_encode(folder, x: torch.Tensor) -> torch.Tensor:
+    """SAELens's encoders written out, by the exported cfg's architecture."""
+    w, cfg = (
+        load_file(str(folder / "sae_weights.safetensors")),
+        json.loads((folder / "cfg.json").read_text()),
+    )
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "topk":
+        vals, idx = pre.topk(cfg["k"], dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    if cfg["architecture"] == "jumprelu":
+        return torch.relu(pre) * (pre > w["threshold"])
+    return torch.relu(pre)
+
+
+@pytest.mark.parametrize(
+    "arch, saelens", [("topk", "topk"), ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu")]
+)
+def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_path, arch, saelens):
+    out = export_run(arch_runs[arch], tmp_path / arch)
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == saelens and cfg["metadata"]["training_architecture"] == arch
+    if arch == "topk":
+        assert cfg["k"] == 3
+    ours, x = sweep.load_run(str(arch_runs[arch])), raw_rows(str(tiny_store.path))
+    codes = saelens_encode(out, x)
+    assert bool((codes != 0).any())
+    torch.testing.assert_close(codes, ours.encode(x))
+    w = load_file(str(out / "sae_weights.safetensors"))
+    torch.testing.assert_close(codes @ w["W_dec"] + w["b_dec"], ours(x))
+
+
+SAELENS_PY = Path(__file__).resolve().parents[1] / ".venv-saelens" / "bin" / "python"
+CHECK = """
+import sys, torch
+from safetensors.torch import load_file
+from sae_lens import SAE
+for folder in sys.argv[1:]:
+    sae = SAE.load_from_disk(folder, device="cpu")
+    io = load_file(folder + "/io.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(io["x"]), io["codes"])
+        torch.testing.assert_close(sae(io["x"]), io["recon"])
+    print(folder, type(sae).__name__)
+"""
+
+
+@pytest.mark.skipif(
+    not SAELENS_PY.exists(), reason="no .venv-saelens (scripts/frontier/setup_saelens.sh)"
+)
+def test_every_architecture_loads_in_real_sae_lens(arch_runs, tiny_store, tmp_path):
+    """Optional: SAELens, in its own environment, opens each export and computes our codes."""
+    from safetensors.torch import save_file
+
+    folders = []
+    for arch, run in arch_runs.items():
+        out = export_run(run, tmp_path / arch)
+        ours, x = sweep.load_run(str(run)), raw_rows(str(tiny_store.path))
+        save_file({"x": x, "codes": ours.encode(x), "recon": ours(x)}, str(out / "io.safetensors"))
+        folders.append(str(out))
+    res = subprocess.run([str(SAELENS_PY), "-c", CHECK, *folders], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "TopKSAE" in res.stdout and "JumpReLUSAE" in res.stdout and "StandardSAE" in res.stdout

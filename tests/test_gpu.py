@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from sweep.ensemble import Ensemble, stack
+from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.optim import Adam
 from tests.test_ensemble import BETAS, EPS, L1, LR, batches, members, train_single
 
@@ -35,7 +35,7 @@ def on(params: dict, device: torch.device) -> dict:
 def test_fp32_ensemble_equals_independent_training_on_cuda(fast):
     init, xs = members("untied"), [x.to(CUDA) for x in batches(25)]
     ens = Ensemble(
-        on(stack(init), CUDA), torch.tensor(L1, device=CUDA), Adam(LR, BETAS, EPS), fast=fast
+        on(stack(init), CUDA), hyper_of(L1, [0] * len(L1), CUDA), Adam(LR, BETAS, EPS), fast=fast
     )
     for x in xs:
         ens.step(x)
@@ -48,13 +48,37 @@ def test_fp32_ensemble_equals_independent_training_on_cuda(fast):
             assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
 
 
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
+def test_every_architecture_equals_independent_training_on_cuda(name):
+    from sweep import archs
+    from tests import reference
+    from tests.test_archs import VALUES
+    from tests.test_archs import batches as arch_batches
+    from tests.test_archs import members as arch_members
+
+    knob_k = archs.get(name).knob == "k"
+    vals, xs = VALUES["k" if knob_k else "l1"], [x.to(CUDA) for x in arch_batches(25)]
+    init = arch_members(name, len(vals))
+    for p in init:
+        p["b_enc"][:10] = -50.0  # dead latents: AuxK is exercised
+    dead = DeadLatents(dead_tokens=128, auxk_alpha=0.5, k_aux=6) if knob_k else None
+    hyper = hyper_of([0.0] * 3 if knob_k else vals, vals if knob_k else [0] * 3, CUDA)
+    ens = Ensemble(on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), arch=name, dead=dead)
+    for x in xs:
+        ens.step(x)
+    for e, v in enumerate(vals):
+        p, _ = reference.train_single(name, on(init[e], CUDA), v, xs, dead)
+        for k in ens.params:
+            torch.testing.assert_close(ens.params[k][e], p[k], rtol=5e-5, atol=5e-6)
+
+
 def test_bf16_compute_stays_near_the_fp32_reference():
     init, xs = members("untied"), [x.to(CUDA) for x in batches(100)]
 
     def trained(dtype: torch.dtype | None) -> Ensemble:
         ens = Ensemble(
             on(stack(init), CUDA),
-            torch.tensor(L1, device=CUDA),
+            hyper_of(L1, [0] * len(L1), CUDA),
             Adam(LR, BETAS, EPS),
             autocast_dtype=dtype,
         )

@@ -16,8 +16,9 @@ from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
 
 
-def job_for(store, sweep_dir, l1s=(1e-3, 3e-2), ratio=2.0, seeds=1, **train):
-    runs = grid.expand(list(l1s), [ratio], seeds, store.width, "untied")
+def job_for(store, sweep_dir, l1s=(1e-3, 3e-2), ratio=2.0, seeds=1, arch="untied", **train):
+    knob = "k" if arch in ("topk", "batchtopk") else "l1"
+    runs = grid.expand(list(l1s), [ratio], seeds, store.width, arch, knob)
     (ens,) = grid.group(runs, {ratio: 16})
     return EnsembleJob(
         ens, str(sweep_dir), str(store.path), True, 2048, tiny_train(**train), threads=1
@@ -84,6 +85,40 @@ def test_resume_is_bit_exact(tiny_store, tmp_path, stop_at):
         )
         assert digest(a) == digest(b)
         assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+
+
+ARCH_JOBS = {
+    "topk": dict(l1s=(2, 5)),
+    "batchtopk": dict(l1s=(2, 5)),
+    "jumprelu": dict(l1s=(1e-3, 3e-2)),
+    "untied": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # latents die, are resampled
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_JOBS))
+def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
+    """Dead-latent bookkeeping (AuxK from step 2, resampling every 6 steps) and BatchTopK's
+    threshold are part of the checkpoint: resumed == uninterrupted."""
+    kw = dict(ARCH_JOBS[arch], arch=arch, dead_tokens=256, epochs=2)
+    ref = job_for(tiny_store, tmp_path / "ref", **kw)
+    train_ensemble(ref)
+    cut = job_for(tiny_store, tmp_path / "cut", **kw)
+    train_ensemble(cut, should_stop=stop_after(17))
+    assert train_ensemble(cut).resumed_from == 17
+    for m in ref.ensemble.members:
+        a, b = (
+            rundir.run_dir(tmp_path / "ref", m.run_id),
+            rundir.run_dir(tmp_path / "cut", m.run_id),
+        )
+        assert digest(a) == digest(b), m.run_id
+        cfg = json.loads((a / "cfg.json").read_text())
+        assert cfg["architecture"] == arch and cfg["loss"]
+        model = load_run(str(a))
+        raw = tiny_store.tail_rows(64).float()
+        assert model(raw).shape == raw.shape
+    if arch == "untied":
+        events = rundir.run_dir(tmp_path / "ref", ref.ensemble.members[1].run_id) / "events.jsonl"
+        assert '"resampled"' in events.read_text()
 
 
 def stop_after(n: int):

@@ -12,7 +12,7 @@ import torch
 from sweep import grid, sae
 from sweep.activations.synthetic import SyntheticSource
 from sweep.config import SyntheticDataConfig, TrainConfig
-from sweep.ensemble import Ensemble, stack
+from sweep.ensemble import Ensemble, hyper_of, stack
 from sweep.grid import EnsembleSpec
 from sweep.optim import Adam
 
@@ -29,9 +29,11 @@ def make_batches(size: Size, n: int, device: torch.device) -> list[torch.Tensor]
     return list(x.to(device).view(n, size.batch, size.d).unbind(0))  # n x (B, d)
 
 
-def init_members(size: Size, k: int, device: torch.device) -> list[sae.Params]:
+def init_members(
+    size: Size, k: int, device: torch.device, arch: str = "untied"
+) -> list[sae.Params]:
     g = torch.Generator().manual_seed(0)
-    members = [sae.init_params("untied", size.d, size.m, g) for _ in range(k)]
+    members = [sae.init_params(arch, size.d, size.m, g) for _ in range(k)]
     return [{n: v.to(device) for n, v in p.items()} for p in members]
 
 
@@ -39,11 +41,25 @@ def l1_grid(k: int) -> list[float]:
     return [float(v) for v in torch.linspace(1e-2, 8e-2, k)]
 
 
-def make_ensemble(members: list[sae.Params], l1s: list[float], fast: bool = True) -> Ensemble:
+def k_grid(k: int) -> list[int]:
+    """k values of a TopK grid of ``k`` members: 16, 32, 64, 128, 16, ..."""
+    return [16 * 2 ** (i % 4) for i in range(k)]
+
+
+def make_ensemble(
+    members: list[sae.Params],
+    l1s: list[float],
+    fast: bool = True,
+    arch: str = "untied",
+    ks: list[int] | None = None,
+) -> Ensemble:
+    """An ensemble as the worker builds it (``ks``: TopK-style members' k values)."""
     t = TrainConfig()
     params = {n: v.clone() for n, v in stack(members).items()}  # {name: (K, ...)}
-    l1 = torch.tensor(l1s, device=params["W_enc"].device)  # (K,)
-    return Ensemble(params, l1, Adam(t.lr, (t.betas[0], t.betas[1]), t.eps), fast=fast)
+    device = params["W_enc"].device
+    hyper = hyper_of(l1s if ks is None else [0.0] * len(ks), ks or [0] * len(l1s), device)
+    adam = Adam(t.lr, (t.betas[0], t.betas[1]), t.eps)
+    return Ensemble(params, hyper, adam, arch=arch, fast=fast)
 
 
 def feeder(

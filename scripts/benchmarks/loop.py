@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from sweep import grid, sae
+from sweep import archs, grid, sae
 from sweep.config import TrainConfig
 
 from .common import LARGE, SMALL, Context, Size
@@ -19,15 +19,26 @@ class LoopTrainer:
     """K independent SAEs written as a user would: autograd through ``sae.loss_fn``,
     one ``torch.optim.Adam`` each (torch's default implementation), decoder renormalisation."""
 
-    def __init__(self, members: list[sae.Params], l1s: list[float]) -> None:
+    def __init__(
+        self, members: list[sae.Params], values: list[float], arch: str = "untied"
+    ) -> None:
         self.params = [{n: v.clone().requires_grad_() for n, v in p.items()} for p in members]
         self.opts = [torch.optim.Adam(list(p.values()), lr=TrainConfig().lr) for p in self.params]
-        self.l1s = l1s
+        self.arch = archs.get(arch)
+        k_family = self.arch.knob == "k"
+        self.hypers = [
+            {
+                "l1": torch.tensor(0.0 if k_family else v),
+                "k": torch.tensor(int(v) if k_family else 0),
+            }
+            for v in values
+        ]
 
     def step(self, x_BD: torch.Tensor) -> None:
-        for p, opt, l1 in zip(self.params, self.opts, self.l1s, strict=True):
+        for p, opt, hy in zip(self.params, self.opts, self.hypers, strict=True):
             opt.zero_grad()
-            loss, _ = sae.loss_fn(p, x_BD, l1)
+            kmax = int(hy["k"])
+            loss, _ = sae.loss_fn(p, x_BD, hy, arch=self.arch, kmax=kmax)
             loss.backward()
             opt.step()
             with torch.no_grad():

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import checkpoints, e2e, flops, loop, scheduling, stream
+from . import checkpoints, e2e, flops, loop, scheduling, stream, topk
 from .common import Context
 
 
@@ -29,4 +29,5 @@ SECTIONS: dict[int, Section] = {
     4: Section("4. Checkpoint cost", checkpoints.run),
     5: Section("5. Scheduling makespan (Ray)", scheduling.run, ray=True),
     6: Section("6. End-to-end sweep vs pure step", e2e.run, ray=True),
+    7: Section("7. TopK family vs loop", topk.run),
 }

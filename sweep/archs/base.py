@@ -1,0 +1,153 @@
+"""What every SAE architecture provides, and the registry that finds it by config name.
+
+An :class:`Architecture` holds the math of ONE member (no member axis): initialisation,
+the encoder's pre-activations, the activation that turns them into codes (training and
+inference form), the decoder, the sparsity penalty, and the constraint applied after each
+optimizer step. ``sweep.sae`` builds the single-member loss from these pieces,
+``sweep.ensemble`` maps it over members, and the loader, exporter and metrics ask the
+architecture (via :func:`get`) instead of testing parameter names.
+
+Shapes: ``x_BD`` a batch of B activations of width D; ``pre_BF`` / ``codes_BF`` F features.
+``hyper`` holds a member's sparsity settings as 0-d tensors: ``l1`` (the penalty
+coefficient of L1-style architectures) and ``k`` (active latents of TopK-style ones).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from sweep.errors import SweepError
+
+Params = dict[str, torch.Tensor]
+Hyper = dict[str, torch.Tensor]
+
+
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    """Rows (last axis) scaled to unit norm."""
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class Architecture:
+    """The default is an untied ReLU SAE with unit-norm decoder rows; subclasses override."""
+
+    name: ClassVar[str] = ""
+    knob: ClassVar[str] = "l1"
+    """The grid field that sets each member's sparsity: ``l1`` (grid.l1) or ``k`` (grid.k)."""
+    loss_text: str = ""
+    """The exact training loss, as written in cfg.json and the README."""
+    saelens: ClassVar[str] = "standard"
+    """SAELens's ``architecture`` name for the exported form."""
+    buffers: ClassVar[tuple[str, ...]] = ()
+    """Per-member state that is not trained by Adam but is saved with the weights."""
+    fast: ClassVar[bool] = False
+    """Whether :mod:`sweep.fastpath` has hand-batched gradients for this architecture."""
+    recipes: ClassVar[tuple[str, ...]] = ()
+    """Training recipes this architecture offers (``sae.recipe``; the first is the default)."""
+
+    # What a recipe may change (set by :meth:`configure` on a copy):
+    recipe: str = ""
+    unit_decoder: bool = True
+    """Decoder rows are renormalised to unit norm after every step."""
+    weighted_l1: bool = False
+    """The L1 penalty weights each code by its decoder row's norm."""
+    init_decoder_norm: float = 1.0
+    """Norm of the initial decoder rows (the encoder starts as their transpose)."""
+
+    def configure(
+        self, recipe: str | None = None, init_decoder_norm: float | None = None
+    ) -> Architecture:
+        """This architecture with a sweep's ``sae.recipe`` / ``sae.init_decoder_norm``
+        (None = defaults); a copy, the registered instance stays as it is."""
+        out = copy.copy(self)
+        if self.recipes:
+            out.apply_recipe(recipe or self.recipes[0])
+        if init_decoder_norm is not None:
+            out.init_decoder_norm = init_decoder_norm
+        return out
+
+    def apply_recipe(self, recipe: str) -> None:
+        self.recipe = recipe
+
+    def init_params(
+        self, d: int, f: int, g: torch.Generator, b_dec: torch.Tensor | None = None
+    ) -> Params:
+        """Random unit-norm decoder rows, encoder = decoder transpose, zero encoder bias;
+        ``b_dec`` defaults to zeros (the worker passes the scaled data mean)."""
+        w = unit_rows(torch.randn(f, d, generator=g))  # (F, D)
+        if self.init_decoder_norm != 1.0:
+            w = w * self.init_decoder_norm
+        return {
+            "W_enc": w.T.contiguous(),  # (D, F)
+            "b_enc": torch.zeros(f),
+            "b_dec": torch.zeros(d) if b_dec is None else b_dec.detach().clone().float(),
+            "W_dec": w.clone(),  # (F, D)
+        }
+
+    def init_buffers(self, f: int) -> Params:
+        return {}
+
+    def decoder(self, params: Params) -> torch.Tensor:
+        """The (F, D) decoder rows used in reconstruction."""
+        return params["W_dec"]
+
+    def pre(self, params: Params, x_BD: torch.Tensor) -> torch.Tensor:
+        return (x_BD - params["b_dec"]) @ params["W_enc"] + params["b_enc"]  # (B, D) -> (B, F)
+
+    def activate(
+        self, pre_BF: torch.Tensor, hyper: Hyper, params: Params, kmax: int
+    ) -> torch.Tensor:
+        """Training-time codes from pre-activations (``kmax``: the largest k in the ensemble)."""
+        return F.relu(pre_BF)
+
+    def infer(self, pre_BF: torch.Tensor, k: int, params: Params) -> torch.Tensor:
+        """Inference-time codes (what a trained dictionary computes; ``params`` includes buffers)."""
+        return F.relu(pre_BF)
+
+    def penalty(
+        self, params: Params, codes_BF: torch.Tensor, pre_BF: torch.Tensor, hyper: Hyper
+    ) -> torch.Tensor:
+        """The sparsity term added to the MSE (its coefficient included)."""
+        return torch.zeros((), device=codes_BF.device)
+
+    def constrain(self, params: Params, active: torch.Tensor) -> None:
+        """After an optimizer step, on stacked (E, ...) params: unit decoder rows for active members."""
+        if self.unit_decoder and "W_dec" in params:
+            w = params["W_dec"]  # (E, F, D)
+            w.copy_(torch.where(active[:, None, None], unit_rows(w), w))
+
+    def update_buffers(
+        self, buffers: Params, codes_EBF: torch.Tensor, active: torch.Tensor
+    ) -> None:
+        """After a step, on stacked buffers: fold in what this batch's codes (E, B, F) say."""
+
+    def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
+        """Extra tensors and ``cfg.json`` fields of the SAELens form (``saved``: the buffers
+        and extra parameters of a trained dictionary)."""
+        return {}, {}
+
+    def check_hyper(self, value: float, dict_size: int) -> str | None:
+        """A problem with one member's sparsity value at this dictionary size, or None."""
+        return None
+
+
+REGISTRY: dict[str, Architecture] = {}
+
+
+def register(cls: type[Architecture]) -> type[Architecture]:
+    """Class decorator: make an architecture available as ``sae=<cls.name>``."""
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get(name: str) -> Architecture:
+    """The architecture registered as ``name`` (a one-line error naming the choices)."""
+    arch = REGISTRY.get(name)
+    if arch is None:
+        raise SweepError(
+            f"unknown architecture sae={name!r}; choose one of: {', '.join(sorted(REGISTRY))}"
+        )
+    return arch

@@ -1,0 +1,104 @@
+"""Direct sparsity control: ``topk`` (Gao et al. 2024) and ``batchtopk`` (Bussmann et al. 2024).
+
+Both are untied SAEs with unit-norm decoder rows and a data-mean ``b_dec``; no sparsity
+penalty (``loss = mean((x_hat - x)**2)`` plus, when on, the AuxK term of
+:func:`sweep.sae.auxk_loss`).
+
+- ``topk``: each row keeps its ``k`` largest pre-activations (then ReLU); all others are 0.
+- ``batchtopk``: each member keeps the ``k * B`` largest ReLU'd pre-activations of the whole
+  batch, so a row may use more or fewer than ``k``. At inference there is no batch: a code
+  is kept when its pre-activation exceeds ``threshold``, a running average (factor
+  :data:`THRESHOLD_BETA` per step) of the smallest code kept in each training batch, saved
+  with the weights.
+
+Members of one ensemble may have different ``k``: every member takes one top-``kmax`` (the
+largest k in the ensemble) and keeps the first ``k`` of its sorted values, which selects
+exactly what a top-``k`` would.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from sweep.archs.base import Architecture, Hyper, Params, register
+
+TOPK_LOSS = "mean((x_hat - x)**2) [+ auxk_alpha * AuxK]"
+THRESHOLD_BETA = 0.99
+"""BatchTopK's threshold: threshold <- beta * threshold + (1 - beta) * (smallest kept code)."""
+
+
+def keep_first(vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Zero all but the first ``k`` entries of the last axis (``k`` a 0-d tensor)."""
+    rank = torch.arange(vals.shape[-1], device=vals.device)
+    return vals * (rank < k).to(vals.dtype)
+
+
+@register
+class TopK(Architecture):
+    name: ClassVar[str] = "topk"
+    knob: ClassVar[str] = "k"
+    loss_text = TOPK_LOSS
+    saelens: ClassVar[str] = "topk"
+    fast: ClassVar[bool] = True
+
+    def activate(
+        self, pre_BF: torch.Tensor, hyper: Hyper, params: Params, kmax: int
+    ) -> torch.Tensor:
+        vals, idx = pre_BF.topk(kmax, dim=-1)  # (B, kmax), sorted
+        vals = keep_first(F.relu(vals), hyper["k"])
+        return torch.zeros_like(pre_BF).scatter(-1, idx, vals)
+
+    def infer(self, pre_BF: torch.Tensor, k: int, params: Params) -> torch.Tensor:
+        vals, idx = pre_BF.topk(k, dim=-1)
+        return torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
+
+    def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
+        return {}, {"k": k, "rescale_acts_by_decoder_norm": False}
+
+    def check_hyper(self, value: float, dict_size: int) -> str | None:
+        if value != int(value) or not 0 < value <= dict_size:
+            return (
+                f"grid.k values must be whole numbers in [1, dict size {dict_size}], got {value:g}"
+            )
+        return None
+
+
+@register
+class BatchTopK(TopK):
+    name: ClassVar[str] = "batchtopk"
+    saelens: ClassVar[str] = "jumprelu"
+    """SAELens saves a trained BatchTopK SAE for inference as a JumpReLU SAE whose every
+    feature has the learned threshold (relu(pre) * (pre > threshold): our inference form)."""
+    buffers: ClassVar[tuple[str, ...]] = ("threshold",)
+
+    def init_buffers(self, f: int) -> Params:
+        return {"threshold": torch.full((), -1.0)}  # < 0: not measured yet
+
+    def activate(
+        self, pre_BF: torch.Tensor, hyper: Hyper, params: Params, kmax: int
+    ) -> torch.Tensor:
+        B = pre_BF.shape[0]
+        flat = F.relu(pre_BF).reshape(-1)  # (B*F,)
+        vals, idx = flat.topk(min(kmax * B, flat.shape[0]))
+        vals = keep_first(vals, hyper["k"] * B)
+        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre_BF.shape)
+
+    def infer(self, pre_BF: torch.Tensor, k: int, params: Params) -> torch.Tensor:
+        return F.relu(pre_BF) * (pre_BF > params["threshold"]).to(pre_BF.dtype)
+
+    def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
+        f = saved["b_enc"].shape[0]
+        return {"threshold": saved["threshold"].float() * torch.ones(f)}, {}
+
+    def update_buffers(
+        self, buffers: Params, codes_EBF: torch.Tensor, active: torch.Tensor
+    ) -> None:
+        """Fold each member's smallest kept code of this batch into its threshold."""
+        kept = torch.where(codes_EBF > 0, codes_EBF, torch.inf).amin(dim=(1, 2))  # (E,)
+        old = buffers["threshold"]  # (E,)
+        new = torch.where(old < 0, kept, THRESHOLD_BETA * old + (1 - THRESHOLD_BETA) * kept)
+        ok = active & torch.isfinite(kept)
+        old.copy_(torch.where(ok, new, old))

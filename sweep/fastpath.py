@@ -1,0 +1,187 @@
+"""Hand-batched gradients of :func:`sweep.sae.loss_fn` for untied ReLU, TopK and BatchTopK
+members (the ensemble's fast path; the vmapped single-member math stays the reference and
+equality with it is tested).
+
+One formulation serves the three: pre-activations, an activation that keeps some of them
+(ReLU, per-row top-k, per-member batch top-k), a dense decode. Because every kept code is
+its pre-activation, the backward through any of the three activations is the upstream
+gradient masked to the kept codes (``codes > 0``). The L1 penalty of ReLU members adds
+``l1 / B`` on kept codes; AuxK adds a second decode of the dead latents' top-``k_aux``.
+
+Five batched GEMMs (seven with AuxK), in-place elementwise passes into reusable buffers
+``ws`` (the returned gradients live there too, valid until the next call). The gradient
+w.r.t. the centred input is never formed: ``b_dec``'s effect on the encoder enters
+through rank-one corrections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sweep.archs import Architecture, Hyper, Params
+from sweep.sae import LossParts
+
+
+@dataclass(frozen=True)
+class AuxSpec:
+    """AuxK for one step: on when ``alpha > 0`` and ``dead_EF`` is given."""
+
+    alpha: float
+    k_aux: int
+    dead_EF: torch.Tensor
+
+
+class _Buffers:
+    """Named scratch tensors reused across steps (in-place CPU ops avoid page faults)."""
+
+    def __init__(
+        self, ws: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.ws, self.device, self.dtype = ws, device, dtype
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        t = self.ws.get(name)
+        if t is None or tuple(t.shape) != shape or t.dtype != self.dtype:
+            t = self.ws[name] = torch.empty(shape, device=self.device, dtype=self.dtype)
+        return t
+
+
+def _keep(codes_EBF: torch.Tensor, arch: Architecture, hyper: Hyper, kmax: int) -> None:
+    """Pre-activations -> codes, in place: ReLU, or the members' top-k / batch top-k."""
+    if arch.knob == "l1":
+        codes_EBF.relu_()
+        return
+    E, B, F_ = codes_EBF.shape
+    k_E = hyper["k"]
+    if arch.name == "batchtopk":
+        flat = codes_EBF.view(E, B * F_).relu_()
+        vals, idx = flat.topk(min(kmax * B, B * F_), dim=-1)  # (E, kmax*B)
+        rank = torch.arange(vals.shape[-1], device=vals.device)
+        vals.mul_((rank[None, :] < (k_E * B)[:, None]).to(vals.dtype))
+        flat.zero_().scatter_(-1, idx, vals)
+        return
+    vals, idx = codes_EBF.topk(kmax, dim=-1)  # (E, B, kmax)
+    rank = torch.arange(kmax, device=vals.device)
+    vals.relu_().mul_((rank[None, None, :] < k_E[:, None, None]).to(vals.dtype))
+    codes_EBF.zero_().scatter_(-1, idx, vals)
+
+
+def _aux_codes(pre_EBF: torch.Tensor, aux: AuxSpec, out: torch.Tensor) -> torch.Tensor:
+    """The dead latents' top-``k_aux`` ReLU'd pre-activations, dense (E, B, F)."""
+    masked = torch.where(aux.dead_EF[:, None, :], pre_EBF, -torch.inf)
+    vals, idx = masked.topk(aux.k_aux, dim=-1)  # (E, B, k_aux)
+    return out.zero_().scatter_(-1, idx, F.relu(vals))
+
+
+def grads(
+    arch: Architecture,
+    params: Params,
+    x_BD: torch.Tensor,
+    hyper: Hyper,
+    kmax: int = 0,
+    aux: AuxSpec | None = None,
+    with_l0: bool = True,
+    ws: dict[str, torch.Tensor] | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[Params, LossParts, torch.Tensor]:
+    """Gradients, (E,) loss parts and the codes (E, B, F) of every member on ``x_BD``.
+
+    ``compute_dtype`` (e.g. bfloat16) runs the GEMMs and buffers in that dtype; parameters,
+    gradients and loss parts stay float32.
+    """
+    dt = compute_dtype or params["W_enc"].dtype
+    W_enc, b_enc, W_dec, b_dec = (params[k].to(dt) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    x_BD = x_BD.to(dt)
+    E, D, F_ = W_enc.shape
+    B = x_BD.shape[0]
+    buf = _Buffers({} if ws is None else ws, x_BD.device, dt)
+    # (x - b_dec) @ W_enc + b_enc  ==  x @ W_enc + (b_enc - b_dec @ W_enc)
+    shift_EF = b_enc - torch.bmm(b_dec[:, None, :], W_enc).squeeze(1)  # (E, D) @ (E, D, F)
+    codes = torch.bmm(x_BD.expand(E, B, D), W_enc, out=buf("codes", E, B, F_))  # (E, B, F)
+    codes.add_(shift_EF[:, None, :])
+    use_aux = aux is not None and aux.alpha > 0 and aux.k_aux > 0
+    pre = buf("pre", E, B, F_).copy_(codes) if use_aux else None
+    _keep(codes, arch, hyper, kmax)
+    err = torch.bmm(codes, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D)
+    err.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
+    norms_EF = params["W_dec"].norm(dim=-1) if arch.weighted_l1 else None  # (E, F) fp32
+    parts = _parts(arch, codes, err, x_BD, hyper, with_l0, norms_EF)
+    g_err = buf("g_err", E, B, D).copy_(err) if use_aux else err  # AuxK reads err later
+    g_err.mul_(2.0 / (B * D))  # d loss / d x_hat
+    dW_dec = torch.bmm(codes.transpose(1, 2), g_err, out=buf("dW_dec", E, F_, D))
+    g = torch.bmm(g_err, W_dec.transpose(1, 2), out=buf("g", E, B, F_))  # (E, B, F)
+    if norms_EF is not None:  # + d (l1 * sum(codes * ||W_dec_f||)) / d codes and / d W_dec
+        g += (hyper["l1"][:, None] / B * norms_EF)[:, None, :].to(dt)
+        per_row = (hyper["l1"][:, None] / B) * codes.sum(dim=1).float()  # (E, F)
+        dW_dec += (per_row / norms_EF.clamp_min(1e-12))[:, :, None].to(dt) * W_dec
+    elif arch.knob == "l1":
+        g += (hyper["l1"] / B)[:, None, None].to(dt)  # + d (l1 * sparsity) / d codes
+    torch.ops.aten.threshold_backward.grad_input(g, codes, 0.0, grad_input=g)  # kept codes only
+    if use_aux:
+        loss_aux = _add_aux(pre, err, W_dec, aux, g, dW_dec, buf)  # type: ignore[arg-type]
+        parts = parts._replace(loss=parts.loss + aux.alpha * loss_aux)  # type: ignore[union-attr]
+    db_enc = g.sum(dim=1)  # (E, F)
+    dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g, out=buf("dW_enc", E, D, F_))  # (E, D, F)
+    dW_enc -= b_dec[:, :, None] * db_enc[:, None, :]  # centring term: -b_dec (x) sum_B g_pre
+    db_dec = g_err.sum(dim=1) - torch.bmm(W_enc, db_enc[:, :, None]).squeeze(2)  # (E, D)
+    out = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
+    if dt != torch.float32:
+        out = {k: v.float() for k, v in out.items()}
+        parts = LossParts(*(None if v is None else v.float() for v in parts))
+    return out, parts, codes
+
+
+def _parts(
+    arch: Architecture,
+    codes: torch.Tensor,
+    err: torch.Tensor,
+    x_BD: torch.Tensor,
+    hyper: Hyper,
+    with_l0: bool,
+    norms_EF: torch.Tensor | None,
+) -> LossParts:
+    B, D = x_BD.shape
+    sq_E = torch.linalg.vector_norm(err, dim=(1, 2)).pow(2)  # (E,)
+    sparsity_E = codes.sum(dim=(1, 2)) / B
+    mse_E = sq_E / (B * D)
+    var = (x_BD - x_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    loss = mse_E
+    if norms_EF is not None:
+        weighted = (codes.sum(dim=1).float() * norms_EF).sum(dim=1) / B  # (E,)
+        loss = mse_E + hyper["l1"] * weighted
+    elif arch.knob == "l1":
+        loss = mse_E + hyper["l1"] * sparsity_E
+    return LossParts(
+        loss=loss,
+        mse=mse_E,
+        sparsity=sparsity_E,
+        l0=(codes != 0).sum(dim=(1, 2)) / B if with_l0 else None,
+        fvu=sq_E / var,
+    )
+
+
+def _add_aux(
+    pre: torch.Tensor,
+    err: torch.Tensor,
+    W_dec: torch.Tensor,
+    aux: AuxSpec,
+    g: torch.Tensor,
+    dW_dec: torch.Tensor,
+    buf: _Buffers,
+) -> torch.Tensor:
+    """Add AuxK's gradients into ``g`` (pre-activations) and ``dW_dec``; returns its (E,) value."""
+    E, B, F_ = pre.shape
+    D = err.shape[-1]
+    c_aux = _aux_codes(pre, aux, buf("c_aux", E, B, F_))
+    r = torch.bmm(c_aux, W_dec, out=buf("r_aux", E, B, D)).add_(err)  # e_hat - e, e = -err
+    scale_E = (aux.dead_EF.sum(dim=1).to(r.dtype) / aux.k_aux).clamp(max=1.0)
+    value = scale_E * r.pow(2).sum(dim=(1, 2)) / (B * D)
+    r.mul_((2.0 * aux.alpha / (B * D)) * scale_E[:, None, None])  # d (alpha * aux) / d e_hat
+    dW_dec.baddbmm_(c_aux.transpose(1, 2), r)
+    g_aux = torch.bmm(r, W_dec.transpose(1, 2), out=buf("g_aux", E, B, F_))
+    torch.ops.aten.threshold_backward.grad_input(g_aux, c_aux, 0.0, grad_input=g_aux)
+    g += g_aux
+    return value

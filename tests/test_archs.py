@@ -1,0 +1,177 @@
+"""Every registered architecture: an ensemble equals K independently trained single SAEs
+(params, buffers, Adam state, step counts), on the fast path and the vmapped one, with a
+different k per member, AuxK switched on, and resampling events."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweep import archs, sae
+from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
+from sweep.optim import Adam
+from sweep.resample import resample
+from tests import reference
+from tests.reference import BETAS, EPS, LR
+
+D, F, B = 12, 40, 64
+VALUES = {"l1": [0.0, 1e-3, 3e-2], "k": [2, 5, 9]}
+
+
+def arch_of(name: str) -> archs.Architecture:
+    """``untied:weighted`` -> the untied architecture with its weighted recipe."""
+    base, _, recipe = name.partition(":")
+    return archs.get(base).configure(recipe or None)
+
+
+def members(name: str, n: int) -> list[sae.Params]:
+    a = arch_of(name)
+    return [a.init_params(D, F, torch.Generator().manual_seed(s)) for s in range(n)]
+
+
+def batches(n: int, seed: int = 123) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, D, generator=g) * 2 + 0.5 for _ in range(n)]
+
+
+def ensemble_of(
+    name: str, init: list[sae.Params], fast: bool, dead: DeadLatents | None, **kw
+) -> Ensemble:
+    a = arch_of(name)
+    vals, knob_k = VALUES[a.knob], a.knob == "k"
+    hy = hyper_of([0.0] * len(vals) if knob_k else vals, vals if knob_k else [0] * len(vals))
+    return Ensemble(stack(init), hy, Adam(LR, BETAS, EPS), arch=a, fast=fast, dead=dead, **kw)
+
+
+def assert_member_equal(ens: Ensemble, e: int, p: dict, opt: torch.optim.Adam, n: int) -> None:
+    for k, v in ens.params.items():
+        torch.testing.assert_close(v[e], p[k], rtol=2e-5, atol=2e-6)
+        st = opt.state[opt.param_groups[0]["params"][list(ens.params).index(k)]]
+        torch.testing.assert_close(ens.state.exp_avg[k][e], st["exp_avg"], rtol=2e-4, atol=1e-7)
+        torch.testing.assert_close(
+            ens.state.exp_avg_sq[k][e], st["exp_avg_sq"], rtol=2e-4, atol=1e-9
+        )
+        assert float(ens.state.step[k][e]) == float(st["step"]) == n
+    for k in ens.arch.buffers:
+        torch.testing.assert_close(ens.buffers[k][e], p[k], rtol=2e-5, atol=2e-6)
+
+
+CASES = [
+    ("untied", True),
+    ("untied", False),
+    ("untied:weighted", True),
+    ("untied:weighted", False),
+    ("tied", False),
+    ("topk", True),
+    ("topk", False),
+    ("batchtopk", True),
+    ("batchtopk", False),
+    ("jumprelu", False),
+]
+
+
+@pytest.mark.parametrize("name, fast", CASES)
+@pytest.mark.parametrize("auxk", [False, True])
+def test_ensemble_equals_independent_training(name, fast, auxk):
+    a = arch_of(name)
+    if auxk and a.knob != "k":
+        pytest.skip("AuxK belongs to the TopK family")
+    dead = DeadLatents(dead_tokens=2 * B, auxk_alpha=0.5, k_aux=6) if auxk else None
+    n, xs = len(VALUES[a.knob]), batches(25)
+    init = members(name, n)
+    if auxk:
+        for p in init:
+            p["b_enc"][:10] = -50.0  # latents that never win a top-k: dead, for AuxK to revive
+    ens = ensemble_of(name, init, fast, dead)
+    assert ens.fast == (fast and a.fast)
+    for x in xs:
+        ens.step(x)
+    if auxk:
+        assert bool((ens.buffers["since_fired"] >= 2 * B).any()), "AuxK never switched on"
+    for e, value in enumerate(VALUES[a.knob]):
+        p, opt = reference.train_single(a, init[e], value, xs, dead)
+        assert_member_equal(ens, e, p, opt, len(xs))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_gradient_clipping_is_per_member(fast):
+    """``train.grad_clip``: each member clipped as clip_grad_norm_ clips it alone."""
+    init, xs = members("untied:weighted", 3), batches(15)
+    ens = ensemble_of("untied:weighted", init, fast, None, grad_clip=0.05)
+    for x in xs:
+        ens.step(x)
+    a = arch_of("untied:weighted")
+    for e, value in enumerate(VALUES["l1"]):
+        p, opt = reference.train_single(a, init[e], value, xs, grad_clip=0.05)
+        assert_member_equal(ens, e, p, opt, len(xs))
+    free, _ = reference.train_single(a, init[0], VALUES["l1"][0], xs)
+    assert not torch.allclose(free["W_enc"], ens.params["W_enc"][0])  # clipping did act
+
+
+def test_weighted_recipe_keeps_a_free_decoder_started_small():
+    ens = ensemble_of("untied:weighted", members("untied:weighted", 3), True, None)
+    norms = ens.params["W_dec"].norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 0.1))
+    for x in batches(10):
+        ens.step(x)
+    assert float((ens.params["W_dec"].norm(dim=-1) - 0.1).abs().max()) > 1e-3
+
+
+def test_auxk_changes_training_only_once_latents_are_dead():
+    init, xs = members("topk", 3), batches(12)
+    for p in init:
+        p["b_enc"][:10] = -50.0
+    plain = ensemble_of("topk", init, True, None)
+    late = ensemble_of("topk", init, True, DeadLatents(10**9, 0.5, 6))  # nothing dies in time
+    early = ensemble_of("topk", init, True, DeadLatents(B, 0.5, 6))
+    for x in xs:
+        for ens in (plain, late, early):
+            ens.step(x)
+    assert torch.equal(plain.params["W_enc"], late.params["W_enc"])
+    assert not torch.equal(plain.params["W_enc"], early.params["W_enc"])
+
+
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_resampling_equals_independent_resampling(name):
+    dead, xs = DeadLatents(dead_tokens=2 * B), batches(24)
+    l1s = [0.0, 1e-3, 3e-2]
+    init = members(name, 3)
+    for p in init:
+        p["b_enc"][:10] = -50.0  # latents that never fire: dead, to be resampled
+    ens = Ensemble(stack(init), hyper_of(l1s, [0] * 3), Adam(LR, BETAS, EPS), arch=name, dead=dead)
+    events = 0
+    for step, x in enumerate(xs, 1):
+        ens.step(x)
+        if step % 6 == 0:
+            events += sum(resample(ens, x, step, 0, [0, 1, 2]))
+    assert events > 0, "no latent died: the test does not exercise resampling"
+    for e, l1 in enumerate(l1s):
+        p, opt = reference.train_single(name, init[e], l1, xs, dead, resample_every=6, run_seed=e)
+        assert_member_equal(ens, e, p, opt, len(xs))
+
+
+def test_batchtopk_threshold_is_the_running_smallest_kept_code():
+    ens = ensemble_of("batchtopk", members("batchtopk", 3), True, None)
+    assert (ens.buffers["threshold"] < 0).all()  # not measured yet
+    ens.step(batches(1)[0])
+    assert (ens.buffers["threshold"] > 0).all()
+
+
+def test_inference_codes_follow_the_architecture():
+    x = batches(1)[0]
+    for name in archs.REGISTRY:
+        p = members(name, 1)[0]
+        if name == "batchtopk":
+            p["threshold"] = torch.tensor(0.5)
+        codes = sae.encode(p, x, name, k=3)
+        assert codes.shape == (B, F) and bool((codes >= 0).all()), name
+        if name == "topk":
+            assert int((codes != 0).sum(dim=1).max()) <= 3
+        if name == "batchtopk":
+            pre = archs.get(name).pre(p, x)
+            assert torch.equal(codes != 0, pre > 0.5)
+
+
+def test_unknown_architecture_is_one_line():
+    with pytest.raises(Exception, match="unknown architecture sae='nope'; choose one of"):
+        archs.get("nope")
