@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sweep import rundir
+from sweep import crossdict, rundir
 from sweep.errors import SweepError
 from sweep.sae import SAE, load_run
 from sweep.sweepdir import SweepFolder, summary_columns
@@ -32,7 +32,8 @@ class Sweep:
 
     path: Path
     table: pd.DataFrame
-    """One row per run (index: run_id): l1, dict_ratio, seed, state and final metrics."""
+    """One row per run (index: run_id): l1 (or k, for TopK-style sweeps), dict_ratio, seed,
+    state and final metrics."""
     device: str | torch.device = "cpu"
     _cache: dict[str, SAE] = field(default_factory=dict, repr=False)
 
@@ -70,9 +71,18 @@ class Sweep:
 
 
 def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:
-    """Open a sweep folder (finished or running) as a table plus lazily loaded SAEs."""
+    """Open a sweep folder (finished or running) as a table plus lazily loaded SAEs. The table
+    has the sweep's sparsity column: ``l1``, or ``k`` for TopK-style sweeps (whose ``l1`` is
+    unused and left out)."""
     path = Path(path)
     rows = [r.row() for r in SweepFolder(path).read_runs()]
-    cols = summary_columns(rows)
+    cols = [c for c in summary_columns(rows) if c not in _unused_knobs(rows)]
     table = pd.DataFrame(rows, columns=cols).set_index("run_id")
     return Sweep(path, table, device)
+
+
+def _unused_knobs(rows: list[dict]) -> set[str]:
+    """``k`` in a sweep without k values; ``l1`` in a TopK-style sweep (no run has an l1)."""
+    if crossdict.sweep_knob(rows) == "l1":
+        return {"k"}
+    return {"l1"} if all(r.get("l1") is None for r in rows) else set()

@@ -3,7 +3,7 @@
     sweep run [key=value ...] [--cfg job] [--config-dir DIR]   compose a Hydra config and run it
     sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
     sweep status SWEEP_DIR                                     state and progress of every run
-    sweep report SWEEP_DIR                                     table, MMCS, plots and index.html in SWEEP_DIR/report
+    sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
     sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...]  finished runs in SAELens format
     sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
 
@@ -127,7 +127,9 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
         raise SweepError(
             f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')"
         )
-    data = OmegaConf.create(plain)
+    from sweep.planning import with_legacy
+
+    data = OmegaConf.create(with_legacy(plain))  # a field added since: as the sweep ran
     choice = [f"data={data.data.name}", f"sae={data.sae.name}"]
     base = compose(choice + [f"sweep_dir={sweep_dir}"])
     try:
@@ -152,11 +154,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from sweep import report
 
-    sweep_dir = Path(args.sweep_dir)
-    out, rows = report.build_report(sweep_dir, device=args.device, log_media=not args.no_wandb)
+    sweep_dir, *others = (Path(d) for d in args.sweep_dir)
+    out, rows = report.build_report(
+        sweep_dir,
+        device=args.device,
+        log_media=not args.no_wandb,
+        out=args.out,
+        compare=others,
+    )
     report.print_table(rows, title=f"sweep summary: {sweep_dir}")
     print(f"report: {out / 'index.html'}")
     print(f"summary: {out / report.SUMMARY}")
+    if others:
+        print(f"frontier of {1 + len(others)} sweeps: {out / 'frontier.png'}")
     return 0
 
 
@@ -210,9 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("sweep_dir")
     st.set_defaults(func=cmd_status)
     rep = sub.add_parser(
-        "report", help="summary table, MMCS, plots and index.html in SWEEP_DIR/report"
+        "report",
+        help="summary table, MMCS, plots and index.html in SWEEP_DIR/report "
+        "(several sweeps: the first one's report, with every sweep on the frontier plot)",
     )
-    rep.add_argument("sweep_dir")
+    rep.add_argument(
+        "sweep_dir",
+        nargs="+",
+        help="sweep folder(s); with several, the frontier plot compares them all",
+    )
+    rep.add_argument(
+        "--out", metavar="DIR", help="write the report here instead of <first SWEEP_DIR>/report"
+    )
     rep.add_argument(
         "--device", default="auto", help="device for MMCS between dictionaries (auto, cpu, cuda)"
     )

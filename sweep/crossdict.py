@@ -6,18 +6,23 @@ in a larger dictionary, or under another seed, are more likely real features); t
 :func:`sweep.metrics.max_cos_both`. Which pairs are compared, the cache, and what each run
 gets live here.
 
+A grid point's sparsity setting (its *knob*) is ``k`` for TopK-style runs (``sae=topk``,
+``batchtopk``: their spec and summary row carry ``k``) and the L1 coefficient otherwise;
+:func:`knob` reads it, and every reader (report, plots, page, API) goes through it.
+
 Per run (written into ``metrics.json`` of finished runs by :func:`annotate_runs`):
 
-- ``mmcs_next_ratio``: A = this run, B = the run with the same L1 and seed at the next
-  larger dict ratio of the sweep (``mmcs_next_ratio_run`` names it);
-- ``mmcs_seeds``: mean MMCS from this run to the other seeds at the same (L1, ratio).
+- ``mmcs_next_ratio``: A = this run, B = the run with the same knob value (L1 or k) and seed
+  at the next larger dict ratio of the sweep (``mmcs_next_ratio_run`` names it);
+- ``mmcs_seeds``: mean MMCS from this run to the other seeds at the same (knob value, ratio).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +37,35 @@ log = logging.getLogger(__name__)
 
 CACHE = "mmcs_cache.json"
 
+KNOB_NAMES = {"l1": "L1", "k": "k"}
+"""How each knob is written in labels and text."""
+
+
+def knob(row: Mapping) -> tuple[str, float | None]:
+    """A run's sparsity setting as (name, value): ``("k", k)`` for TopK-style runs (a summary
+    row or spec with ``k`` >= 1), else ``("l1", l1)`` (value None when unknown)."""
+    k = row.get("k")
+    if isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and k >= 1:
+        return "k", k
+    l1 = row.get("l1")
+    return "l1", l1 if isinstance(l1, (int, float)) and not isinstance(l1, bool) else None
+
+
+def knob_value(row: Mapping) -> float | None:
+    return knob(row)[1]
+
+
+def sweep_knob(rows: Iterable[Mapping]) -> str:
+    """The knob a sweep's grid varies: ``k`` when any run has one, else ``l1``."""
+    return "k" if any(knob(r)[0] == "k" for r in rows) else "l1"
+
+
+def knob_text(name: str, value: float) -> str:
+    """A knob value for labels: ``0.01`` (L1), ``16`` (k)."""
+    if name == "k":
+        return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    return f"{value:.2g}"
+
 
 def load_density(folder: RunFolder) -> dict[str, torch.Tensor] | None:
     """A run's density tensors, or None when it has none (older or unfinished runs)."""
@@ -45,7 +79,8 @@ def load_density(folder: RunFolder) -> dict[str, torch.Tensor] | None:
 def unit_atoms(folder: RunFolder | Path, device: torch.device) -> torch.Tensor:
     """The run's decoder atoms as unit rows: (F, D) float32 on ``device``."""
     folder = folder if isinstance(folder, RunFolder) else RunFolder(Path(folder))
-    return metrics.unit_rows(sae.decoder(folder.weights()).to(device))
+    arch = folder.cfg().get("architecture", "untied")
+    return metrics.unit_rows(sae.decoder(folder.weights(), arch).to(device))
 
 
 @dataclass
@@ -53,7 +88,10 @@ class RunRef:
     """A finished run, as the cross-dictionary code needs it."""
 
     run_id: str
-    l1: float
+    knob: str
+    """``l1`` or ``k`` (:func:`knob`)."""
+    value: float
+    """The L1 coefficient or k."""
     dict_ratio: float
     seed: int
     folder: RunFolder
@@ -62,20 +100,25 @@ class RunRef:
 
 
 def finished_runs(records: Iterable[RunRecord]) -> list[RunRef]:
-    """Runs whose state is ``done`` and whose weights exist, ordered by ratio, L1, seed."""
-    out = [
-        RunRef(
-            r.run_id,
-            float(r.spec["l1"]),
-            float(r.spec["dict_ratio"]),
-            int(r.spec["seed"]),
-            r.folder,
-            r.folder.finished_stamp(),
+    """Runs whose state is ``done`` and whose weights exist, ordered by ratio, knob value
+    (L1 or k), seed."""
+    out = []
+    for r in records:
+        if r.state != "done" or not r.folder.has_weights():
+            continue
+        name, value = knob(r.spec)
+        out.append(
+            RunRef(
+                r.run_id,
+                name,
+                float(value if value is not None else math.nan),
+                float(r.spec["dict_ratio"]),
+                int(r.spec["seed"]),
+                r.folder,
+                r.folder.finished_stamp(),
+            )
         )
-        for r in records
-        if r.state == "done" and r.folder.has_weights()
-    ]
-    return sorted(out, key=lambda x: (x.dict_ratio, x.l1, x.seed))
+    return sorted(out, key=lambda x: (x.dict_ratio, x.knob, x.value, x.seed))
 
 
 @dataclass
@@ -138,7 +181,8 @@ class CrossDict:
     """Cross-dictionary results of one sweep."""
 
     matrices: dict[float, tuple[list[RunRef], list[list[float]]]]
-    """dict ratio -> (runs ordered by L1 then seed, MMCS matrix [i][j] = mmcs(run i -> run j))."""
+    """dict ratio -> (runs ordered by knob value (L1 or k) then seed, MMCS matrix
+    [i][j] = mmcs(run i -> run j))."""
     per_run: dict[str, dict[str, float | str]]
     """run_id -> {mmcs_next_ratio, mmcs_next_ratio_run, mmcs_seeds} (keys present when defined)."""
 
@@ -168,9 +212,16 @@ def compute(
     return CrossDict(matrices, per_run)
 
 
+def _point(r: RunRef) -> tuple[str, float]:
+    """The run's grid point within its dict ratio, seeds aside: (knob, value)."""
+    return r.knob, r.value
+
+
 def _seed_values(group: list[RunRef], mat: list[list[float]], per_run: dict) -> None:
     for i, a in enumerate(group):
-        others = [mat[i][j] for j, b in enumerate(group) if b.l1 == a.l1 and b.seed != a.seed]
+        others = [
+            mat[i][j] for j, b in enumerate(group) if _point(b) == _point(a) and b.seed != a.seed
+        ]
         if others:
             per_run[a.run_id]["mmcs_seeds"] = sum(others) / len(others)
 
@@ -178,9 +229,9 @@ def _seed_values(group: list[RunRef], mat: list[list[float]], per_run: dict) -> 
 def _next_ratio_values(
     group: list[RunRef], larger: list[RunRef], pair: PairMMCS, per_run: dict
 ) -> None:
-    by_point = {(r.l1, r.seed): r for r in larger}
+    by_point = {(*_point(r), r.seed): r for r in larger}
     for a in group:
-        b = by_point.get((a.l1, a.seed))
+        b = by_point.get((*_point(a), a.seed))
         if b is not None:
             per_run[a.run_id]["mmcs_next_ratio"] = pair(a, b)
             per_run[a.run_id]["mmcs_next_ratio_run"] = b.run_id
@@ -197,8 +248,8 @@ def annotate_runs(records: list[RunRecord], cross: CrossDict) -> None:
 
 
 def matrix_rows(cross: CrossDict) -> tuple[list[str], list[list[float | None]]]:
-    """All finished runs (by ratio, L1, seed) and one square matrix over them; cells between
-    runs of different ratios are None (``mmcs.csv``)."""
+    """All finished runs (by ratio, knob value, seed) and one square matrix over them; cells
+    between runs of different ratios are None (``mmcs.csv``)."""
     ids: list[str] = []
     where: dict[str, tuple[float, int]] = {}
     for ratio, (group, _) in sorted(cross.matrices.items()):

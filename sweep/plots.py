@@ -4,6 +4,12 @@ Every function takes summary rows (dicts from :mod:`sweep.report`) and a PNG pat
 only finished runs with finite values, and draws a labelled placeholder when there is
 nothing to show yet (a running sweep), so the report always has every image.
 
+The sweep's sparsity setting (its *knob*, :func:`sweep.crossdict.knob`) is the L1
+coefficient (a log axis) or, for TopK-style sweeps, ``k`` (a log2 axis when the grid spans
+a factor of 4 or more, else linear). The ``*_vs_l1`` functions and files keep their names
+for both. :func:`frontier_compare` draws the FVU–L0 points of several sweeps on one axes
+(``sweep report A B ...``).
+
 Also here, because plots and page must agree on them: which runs are on the FVU–L0 Pareto
 frontier (:func:`frontier_ids`) and which ``loss_recovered`` values mean nothing because
 zero-ablating the hook hardly changes the model's loss (:func:`weak_loss_recovered`).
@@ -20,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from sweep import crossdict
-from sweep.crossdict import CrossDict
+from sweep.crossdict import KNOB_NAMES, CrossDict, knob_text, knob_value, sweep_knob
 from sweep.io import atomic_write
 from sweep.rundir import RunFolder
 
@@ -64,6 +70,11 @@ def _finished(rows: list[dict], *keys: str) -> list[dict]:
     return [r for r in rows if r.get("state") == "done" and all(finite(r.get(k)) for k in keys)]
 
 
+def _with_knob(rows: list[dict], *keys: str) -> list[dict]:
+    """Finished runs with a finite knob value (L1 or k) and finite ``keys``."""
+    return [r for r in _finished(rows, *keys) if finite(knob_value(r))]
+
+
 def _ratio_colors(ratios: list[float]) -> dict[float, object]:
     from matplotlib import colormaps
 
@@ -89,7 +100,7 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _frontier_candidates(rows: list[dict]) -> list[dict]:
-    return [r for r in _finished(rows, "l0", "fvu", "l1") if r["l0"] > 0 and r["fvu"] > 0]
+    return [r for r in _with_knob(rows, "l0", "fvu") if r["l0"] > 0 and r["fvu"] > 0]
 
 
 def frontier_ids(rows: list[dict]) -> set[str]:
@@ -137,6 +148,35 @@ def _l1_axis(ax, l1s: list[float]) -> None:
     ax.set_xlabel("L1 coefficient")
 
 
+def _k_axis(ax, ks: list[float]) -> None:
+    """A k axis with a labelled tick at every grid k: log2 when the grid spans a factor of 4
+    or more, else linear."""
+    ticks = sorted({float(v) for v in ks if v > 0})
+    if not ticks:
+        ax.set_xlabel("k (active latents per row)")
+        return
+    lo, hi = ticks[0], ticks[-1]
+    if hi / lo >= 4:
+        ax.set_xscale("log", base=2)
+        ax.set_xlim(lo / 1.3, hi * 1.3)
+    else:
+        pad = max(0.5, 0.08 * (hi - lo))
+        ax.set_xlim(lo - pad, hi + pad)
+    step = max(1, math.ceil(len(ticks) / 14))
+    labels = [knob_text("k", v) if i % step == 0 else "" for i, v in enumerate(ticks)]
+    ax.set_xticks(ticks, labels, rotation=45 if len(ticks) > 8 else 0, fontsize=8)
+    ax.set_xticks([], minor=True)
+    ax.set_xlabel("k (active latents per row)")
+
+
+def _knob_axis(ax, name: str, values: list[float]) -> None:
+    """The x axis of a plot against the sweep's knob: L1 (log) or k (log2 or linear)."""
+    if name == "k":
+        _k_axis(ax, values)
+    else:
+        _l1_axis(ax, values)
+
+
 def _fit_ylim(ax, values: list[float], min_span: float = 0.05) -> None:
     """A y range around the finite ``values`` with a 10% margin (at least ``min_span`` wide)."""
     vals = [v for v in values if finite(v)]
@@ -153,16 +193,18 @@ def _fit_ylim(ax, values: list[float], min_span: float = 0.05) -> None:
 
 
 def frontier(rows: list[dict], path: Path) -> Path:
-    """FVU (log) against L0 (log): one colour per dict ratio, marker size/shade by L1, Pareto line."""
+    """FVU (log) against L0 (log): one colour per dict ratio, marker size/shade by the knob
+    (L1 or k), Pareto line."""
     pts = _frontier_candidates(rows)
     if not pts:
         return placeholder(path, "FVU vs L0", "no finished runs with L0 > 0 yet")
+    name = sweep_knob(pts)
     fig, (ax,) = _figure()
     colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
-    l1s = sorted({r["l1"] for r in pts})
-    rank = {v: i / max(1, len(l1s) - 1) for i, v in enumerate(l1s)}
+    values = sorted({knob_value(r) for r in pts})
+    rank = {v: i / max(1, len(values) - 1) for i, v in enumerate(values)}
     for ratio, color in colors.items():
-        mine = sorted((r for r in pts if r["dict_ratio"] == ratio), key=lambda r: r["l1"])
+        mine = sorted((r for r in pts if r["dict_ratio"] == ratio), key=knob_value)
         ax.plot(
             [r["l0"] for r in mine], [r["fvu"] for r in mine], "-", color=color, alpha=0.35, lw=1
         )
@@ -170,9 +212,9 @@ def frontier(rows: list[dict], path: Path) -> Path:
             ax.scatter(
                 r["l0"],
                 r["fvu"],
-                s=25 + 80 * rank[r["l1"]],
+                s=25 + 80 * rank[knob_value(r)],
                 color=color,
-                alpha=0.45 + 0.55 * rank[r["l1"]],
+                alpha=0.45 + 0.55 * rank[knob_value(r)],
                 edgecolor="k",
                 lw=0.4,
             )
@@ -182,27 +224,101 @@ def frontier(rows: list[dict], path: Path) -> Path:
     if len(pts) <= 40:
         for r in pts:
             ax.annotate(
-                f"{r['l1']:.2g}",
+                knob_text(name, knob_value(r)),  # type: ignore[arg-type]
                 (r["l0"], r["fvu"]),
                 fontsize=6,
                 xytext=(3, 3),
                 textcoords="offset points",
             )
+    _frontier_axes(ax)
+    label = KNOB_NAMES[name]
+    ax.set_title(f"Sparsity vs reconstruction (labels: {label}; larger, darker = larger {label})")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _frontier_axes(ax) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("L0 (active features per row)")
     ax.set_ylabel("FVU (fraction of variance unexplained)")
-    ax.set_title("Sparsity vs reconstruction (labels: L1; larger, darker = larger L1)")
-    ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+
+
+FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "PuRd")
+"""One colour family per sweep in :func:`frontier_compare` (shade: dict ratio)."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def frontier_compare(sweeps: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """FVU against L0 of several sweeps on one axes (``sweeps``: legend label and summary rows
+    of each, first sweep first): one colour family and marker per sweep, darker = larger dict
+    ratio, each sweep's own Pareto frontier as a line."""
+    fig = frontier_compare_figure(sweeps)
+    if fig is None:
+        return placeholder(path, "FVU vs L0", "no finished runs with L0 > 0 yet")
     return _save(fig, path)
+
+
+def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | None:
+    """:func:`frontier_compare`'s figure (None: no sweep has a point to draw). Every sweep gets
+    a legend entry, ``(no finished runs)`` appended when it has nothing to draw yet."""
+    from matplotlib import colormaps
+
+    drawn = [(label, _frontier_candidates(rows)) for label, rows in sweeps]
+    if not any(pts for _, pts in drawn):
+        return None
+    fig, (ax,) = _figure(8.0, 5.6)
+    annotate = sum(len(pts) for _, pts in drawn) <= 40
+    for i, (label, pts) in enumerate(drawn):
+        cmap, marker = colormaps[FAMILIES[i % len(FAMILIES)]], MARKERS[i % len(MARKERS)]
+        dark = cmap(0.85)
+        if not pts:
+            ax.scatter([], [], color=dark, marker=marker, label=f"{label} (no finished runs)")
+            continue
+        ratios = sorted({r["dict_ratio"] for r in pts})
+        shade = {v: 0.45 + 0.45 * j / max(1, len(ratios) - 1) for j, v in enumerate(ratios)}
+        name = sweep_knob(pts)
+        for ratio in ratios:
+            mine = [r for r in pts if r["dict_ratio"] == ratio]
+            ax.scatter(
+                [r["l0"] for r in mine],
+                [r["fvu"] for r in mine],
+                s=30,
+                marker=marker,
+                color=cmap(shade[ratio]),
+                edgecolor="k",
+                lw=0.4,
+                alpha=0.9,
+            )
+        front = pareto([(r["l0"], r["fvu"]) for r in pts])
+        ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=dark, lw=1.4, zorder=1)
+        ax.plot([], [], "-", marker=marker, color=dark, lw=1.4, label=label)
+        if annotate:
+            for r in pts:
+                ax.annotate(
+                    f"{'k' if name == 'k' else ''}{knob_text(name, knob_value(r))}",  # type: ignore[arg-type]
+                    (r["l0"], r["fvu"]),
+                    fontsize=6,
+                    color=dark,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    _frontier_axes(ax)
+    ax.set_title(
+        "Sparsity vs reconstruction, by sweep (lines: each sweep's Pareto frontier; "
+        "darker = larger dict ratio)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8, title="sweep (architecture)", title_fontsize=8)
+    return fig
 
 
 # ----------------------------------------------------------------------------- MMCS
 
 
 def _run_label(ref: crossdict.RunRef, seeds: bool) -> str:
-    return f"{ref.l1:.2g}" + (f" s{ref.seed}" if seeds else "")
+    return knob_text(ref.knob, ref.value) + (f" s{ref.seed}" if seeds else "")
 
 
 def _cell_fontsize(n: int) -> float | None:
@@ -217,7 +333,8 @@ def _mmcs_range(cross: CrossDict, ratios: list[float]) -> tuple[float, float]:
 
 
 def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
-    """MMCS between all finished runs of each dict ratio, ordered by L1 (one panel per ratio)."""
+    """MMCS between all finished runs of each dict ratio, ordered by L1 or k (one panel per
+    ratio)."""
     fig = mmcs_heatmap_figure(cross, max_ratios)
     if fig is None:
         return placeholder(
@@ -240,17 +357,18 @@ def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
     nrows = math.ceil(len(ratios) / ncols)
     fig = Figure(figsize=(side * ncols, side * 0.92 * nrows), dpi=DPI)
     FigureCanvasAgg(fig)
-    for k, ratio in enumerate(ratios):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
+    for i, ratio in enumerate(ratios):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
         refs, mat = cross.matrices[ratio]
+        label = KNOB_NAMES["k" if any(r.knob == "k" for r in refs) else "l1"]
         im = ax.imshow(mat, vmin=vmin, vmax=vmax, cmap="viridis")
         labels = [_run_label(r, len({r.seed for r in refs}) > 1) for r in refs]
         size = 8 if len(refs) <= 24 else 6
         ax.set_xticks(range(len(refs)), labels, rotation=90, fontsize=size)
         ax.set_yticks(range(len(refs)), labels, fontsize=size)
         _number_cells(ax, mat, vmin, vmax)
-        ax.set_xlabel("to run (L1)")
-        ax.set_ylabel("from run (L1)")
+        ax.set_xlabel(f"to run ({label})")
+        ax.set_ylabel(f"from run ({label})")
         ax.set_title(f"MMCS, dict ratio {ratio:g}")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="MMCS (range of the data)")
     return fig
@@ -275,33 +393,40 @@ def _number_cells(ax, mat: list[list[float]], vmin: float, vmax: float) -> None:
 
 
 def mmcs_next_vs_l1(rows: list[dict], path: Path) -> Path:
-    """MMCS from each run to its partner at the next larger dict ratio, against L1."""
-    pts = _finished(rows, "l1", "mmcs_next_ratio", "dict_ratio")
+    """MMCS from each run to its partner at the next larger dict ratio, against the knob
+    (L1 or k)."""
+    pts = _with_knob(rows, "mmcs_next_ratio", "dict_ratio")
     if not pts:
         return placeholder(
             path, "MMCS to the next dict ratio", "needs finished runs at two dict ratios"
         )
+    name = sweep_knob(rows)
     fig, (ax,) = _figure()
     colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
     for ratio, color in colors.items():
         mine = [r for r in pts if r["dict_ratio"] == ratio]
-        l1s = sorted({r["l1"] for r in mine})
-        mean = [_mean([r["mmcs_next_ratio"] for r in mine if r["l1"] == v]) for v in l1s]
-        ax.plot(l1s, mean, "o-", color=color, label=f"ratio {ratio:g} → next")
+        values = sorted({knob_value(r) for r in mine})
+        mean = [_mean([r["mmcs_next_ratio"] for r in mine if knob_value(r) == v]) for v in values]
+        ax.plot(values, mean, "o-", color=color, label=f"ratio {ratio:g} → next")
         ax.scatter(
-            [r["l1"] for r in mine],
+            [knob_value(r) for r in mine],
             [r["mmcs_next_ratio"] for r in mine],
             color=color,
             s=10,
             alpha=0.5,
         )
-    _l1_axis(ax, [r["l1"] for r in rows if finite(r.get("l1"))])
+    _knob_axis(ax, name, _grid_values(rows))
     _fit_ylim(ax, [r["mmcs_next_ratio"] for r in pts])
-    ax.set_ylabel("MMCS to the same L1/seed at the next larger ratio")
+    ax.set_ylabel(f"MMCS to the same {KNOB_NAMES[name]}/seed at the next larger ratio")
     ax.set_title("Features that reappear in a larger dictionary (dots: seeds)")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     return _save(fig, path)
+
+
+def _grid_values(rows: list[dict]) -> list[float]:
+    """Every finite knob value of the sweep's runs (finished or not): the axis ticks."""
+    return [v for v in (knob_value(r) for r in rows) if finite(v)]  # type: ignore[misc]
 
 
 def _spread(items: list, n: int) -> list:
@@ -316,32 +441,35 @@ def _spread(items: list, n: int) -> list:
 
 
 def dead_vs_l1(rows: list[dict], path: Path) -> Path:
-    """Dead (solid) and dense (dashed) feature fractions against L1, one colour per ratio."""
+    """Dead (solid) and dense (dashed) feature fractions against the knob (L1 or k), one
+    colour per ratio."""
     fig = dead_vs_l1_figure(rows)
     if fig is None:
-        return placeholder(path, "Dead features vs L1", "no finished runs yet")
+        label = KNOB_NAMES[sweep_knob(rows)]
+        return placeholder(path, f"Dead features vs {label}", "no finished runs yet")
     return _save(fig, path)
 
 
 def dead_vs_l1_figure(rows: list[dict]) -> Figure | None:
     """:func:`dead_vs_l1`'s figure (None: nothing to draw): a tick at every grid L1 on a log
-    axis, the y range fitted to the values drawn."""
-    pts = _finished(rows, "l1", "dead_fraction")
+    axis (every k: log2 or linear), the y range fitted to the values drawn."""
+    pts = _with_knob(rows, "dead_fraction")
     if not pts:
         return None
+    name = sweep_knob(rows)
     fig, (ax,) = _figure()
     colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
     shown: list[float] = []
     for ratio, color in colors.items():
         mine = [r for r in pts if r["dict_ratio"] == ratio]
-        l1s = sorted({r["l1"] for r in mine})
+        values = sorted({knob_value(r) for r in mine})
         for key, style in (("dead_fraction", "o-"), ("dense_fraction", "s--")):
-            mean = [_mean([r.get(key) for r in mine if r["l1"] == v]) for v in l1s]
+            mean = [_mean([r.get(key) for r in mine if knob_value(r) == v]) for v in values]
             if not any(finite(m) for m in mean):
                 continue
             kind = key.split("_")[0]
             ax.plot(
-                l1s,
+                values,
                 mean,
                 style,
                 color=color,
@@ -351,10 +479,10 @@ def dead_vs_l1_figure(rows: list[dict]) -> Figure | None:
             )
             each = [r for r in mine if finite(r.get(key))]
             ax.scatter(
-                [r["l1"] for r in each], [r[key] for r in each], color=color, s=10, alpha=0.4
+                [knob_value(r) for r in each], [r[key] for r in each], color=color, s=10, alpha=0.4
             )
             shown += [r[key] for r in each]
-    _l1_axis(ax, [r["l1"] for r in rows if finite(r.get("l1"))])
+    _knob_axis(ax, name, _grid_values(rows))
     _fit_ylim(ax, shown)
     ax.set_ylabel("fraction of features")
     ax.set_title("Dead (never fire on eval rows) and dense (fire > 10%) features")
@@ -367,7 +495,7 @@ def density(
     sweep_dir: Path, rows: list[dict], path: Path, max_ratios: int = 3, max_l1: int = 4
 ) -> Path:
     """Histograms of log10 feature firing frequency for a few runs (one panel per dict ratio)."""
-    have = [r for r in _finished(rows, "l1") if r.get("seed", 0) == 0]
+    have = [r for r in _with_knob(rows) if r.get("seed", 0) == 0]
     data = {r["run_id"]: crossdict.load_density(RunFolder.of(sweep_dir, r["run_id"])) for r in have}
     have = [r for r in have if data.get(r["run_id"]) is not None]
     if not have:
@@ -376,13 +504,16 @@ def density(
     fig, axes = _figure(5.0 * len(ratios), 4.0, ncols=len(ratios))
     for ax, ratio in zip(axes, ratios, strict=True):
         mine = _spread(
-            sorted((r for r in have if r["dict_ratio"] == ratio), key=lambda r: r["l1"]), max_l1
+            sorted((r for r in have if r["dict_ratio"] == ratio), key=knob_value), max_l1
         )
         for r in mine:
             d = data[r["run_id"]]
             edges, counts = d["log10_hist_edges"].tolist(), d["log10_hist_counts"].tolist()  # type: ignore[index]
             dead = int(d["dead_count"][0])  # type: ignore[index]
-            ax.stairs(counts, edges, label=f"L1 {r['l1']:.2g} ({dead} dead)")
+            name, value = crossdict.knob(r)
+            ax.stairs(
+                counts, edges, label=f"{KNOB_NAMES[name]} {knob_text(name, value)} ({dead} dead)"
+            )  # type: ignore[arg-type]
         rows_eval = [r["eval_rows"] for r in mine if finite(r.get("eval_rows"))]
         if rows_eval:  # nothing can fire less often than once in the eval rows
             ax.set_xlim(max(-8.0, -math.log10(max(rows_eval)) - 0.3), 0.1)
@@ -409,7 +540,8 @@ def _lighten(color: object, amount: float) -> tuple[float, float, float]:
 
 
 def _l1_lightness(l1s: list) -> dict[float, float]:
-    """How much to lighten each L1's colour: 0.6 for the smallest, 0 for the largest."""
+    """How much to lighten each knob value's (L1 or k) colour: 0.6 for the smallest, 0 for
+    the largest."""
     vals = sorted({v for v in l1s if finite(v)})
     return {v: 0.6 * (1 - i / max(1, len(vals) - 1)) for i, v in enumerate(vals)}
 
@@ -422,24 +554,27 @@ def _curve_xy(curve: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
     """Loss, FVU and L0 against training rows: one line per run (``runs``: summary row and its
-    ``metrics.jsonl`` records), coloured by dict ratio, lighter for smaller L1, dotted while
-    the run is not finished. Thinner, fainter lines when there are many runs."""
+    ``metrics.jsonl`` records), coloured by dict ratio, lighter for smaller L1 (or k), dotted
+    while the run is not finished. Thinner, fainter lines when there are many runs."""
     runs = [(r, c) for r, c in runs if c and finite(r.get("dict_ratio"))]
     if not runs:
         return placeholder(path, "Training curves", "no training-curve records yet")
+    name = sweep_knob(r for r, _ in runs)
     fig, axes = _figure(15.0, 4.4, ncols=3)
     colors = _ratio_colors(list({r["dict_ratio"] for r, _ in runs}))
-    light = _l1_lightness([r.get("l1") for r, _ in runs])
+    light = _l1_lightness([knob_value(r) for r, _ in runs])
     many = len(runs) > 12
     width, alpha = (0.8, max(0.3, 3 / math.sqrt(len(runs)))) if many else (1.4, 0.95)
     for row, curve in runs:
-        color = _lighten(colors[row["dict_ratio"]], light.get(row.get("l1"), 0.0))  # type: ignore[arg-type]
+        color = _lighten(colors[row["dict_ratio"]], light.get(knob_value(row), 0.0))  # type: ignore[arg-type]
         style = "-" if row.get("state") == "done" else ":"
         for ax, (key, _) in zip(axes, CURVE_PANELS, strict=True):
             xs, ys = _curve_xy(curve, key)
             if xs:
                 ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha)
-    for ax, (_, title) in zip(axes, CURVE_PANELS, strict=True):
+    for ax, (key, title) in zip(axes, CURVE_PANELS, strict=True):
+        if key == "loss" and name == "k":
+            title = "training loss (MSE, + AuxK when on)"
         ax.set_yscale("log")
         ax.set_xlabel("training rows")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
@@ -447,7 +582,7 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     for ratio, color in colors.items():
         axes[0].plot([], [], color=color, label=f"ratio {ratio:g}")
-    axes[0].legend(fontsize=8, title="lighter = smaller L1", title_fontsize=7)
+    axes[0].legend(fontsize=8, title=f"lighter = smaller {KNOB_NAMES[name]}", title_fontsize=7)
     return _save(fig, path)
 
 

@@ -11,7 +11,13 @@
 - ``index.html``    settings, best runs, the sortable run table, definitions, then the plots;
                     openable from disk (:mod:`sweep.report_html`)
 
-It only reads runs that are DONE, so it works while a sweep is still running.
+It only reads runs that are DONE, so it works while a sweep is still running. The sweep's
+sparsity setting is ``l1`` or, for TopK-style sweeps (``sae=topk``, ``batchtopk``), ``k``
+(:func:`sweep.crossdict.knob`): plots, grid summary and MMCS pairing follow it.
+
+Several sweeps (``sweep report A B ...``, ``compare=[B, ...]``): the report of A, whose
+``frontier.png`` shows the FVU–L0 points of every sweep on one axes, one colour family per
+sweep labelled ``<folder name> (<architecture>)``. The other sweeps are only read.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -27,7 +34,7 @@ from sweep import crossdict, plots
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, ensure_writable
-from sweep.report_html import Page, write_html
+from sweep.report_html import Compared, Page, write_html
 from sweep.sweepdir import (
     REPORT,
     SUMMARY,
@@ -123,17 +130,72 @@ def _grid_of(records: list[RunRecord], spec: dict) -> dict:
     def values(key: str) -> list:
         return sorted({r.spec[key] for r in records if r.spec.get(key) is not None})
 
-    grid = {"l1": values("l1"), "dict_ratio": values("dict_ratio"), "seeds": len(values("seed"))}
+    knob = crossdict.sweep_knob(r.spec for r in records)
+    points = sorted({v for v in (crossdict.knob_value(r.spec) for r in records) if v is not None})
+    grid = {knob: points, "dict_ratio": values("dict_ratio"), "seeds": len(values("seed"))}
     if spec.get("sae"):
         grid["sae"] = spec["sae"]
     return grid
 
 
 def _grid_order(row: dict) -> tuple:
-    """Dict ratio, L1, seed (runs without a spec last), then run id."""
-    point = [row.get(k) for k in ("dict_ratio", "l1", "seed")]
+    """Dict ratio, L1 (or k), seed (runs without a spec last), then run id."""
+    point = [row.get("dict_ratio"), crossdict.knob_value(row), row.get("seed")]
     known = all(isinstance(v, (int, float)) for v in point)
     return (0, *point, row["run_id"]) if known else (1, 0, 0, 0, row["run_id"])
+
+
+def architecture(folder: SweepFolder, records: list[RunRecord]) -> str:
+    """The sweep's architecture (``untied``, ``topk``, ...): from a run's spec or ``cfg.json``,
+    else ``config.yaml``; ``?`` when none says."""
+    for r in records:
+        name = r.spec.get("sae") or r.spec.get("arch")
+        if isinstance(name, str) and name:
+            return name
+    for r in records:
+        try:
+            name = r.folder.cfg().get("architecture")
+        except Exception:  # a missing or damaged cfg.json: try the next run
+            continue
+        if isinstance(name, str) and name:
+            return name
+    try:
+        cfg = folder.load_config() or {}
+    except SweepError:
+        cfg = {}
+    name = (cfg.get("sae") or {}).get("name") if isinstance(cfg.get("sae"), dict) else None
+    return name if isinstance(name, str) and name else "?"
+
+
+def sweep_labels(folders: list[SweepFolder], archs: list[str]) -> list[str]:
+    """``<folder name> (<architecture>)`` for each sweep; folders of the same name are told
+    apart by their parent folders."""
+    resolved = [f.path.resolve() for f in folders]
+    names = [p.name for p in resolved]
+    for depth in range(2, 6):
+        if len(set(names)) == len(names):
+            break
+        names = [
+            "/".join(p.parts[-depth:]) if names.count(n) > 1 else n
+            for p, n in zip(resolved, names, strict=True)
+        ]
+    return [f"{n} ({a})" for n, a in zip(names, archs, strict=True)]
+
+
+def _check_sweeps(folders: list[SweepFolder]) -> None:
+    """Every folder is a sweep with runs, and none is given twice (one-line errors)."""
+    seen: dict[Path, Path] = {}
+    for f in folders:
+        if not f.run_ids():  # raises for a folder that is not a sweep
+            raise SweepError(
+                f"{f.path}/manifest.json lists no runs; start the sweep with 'sweep run'"
+            )
+        key = f.path.resolve()
+        if key in seen:
+            raise SweepError(
+                f"{f.path} is given twice (also as {seen[key]}); pass each sweep folder once"
+            )
+        seen[key] = f.path
 
 
 def draw_plots(
@@ -142,11 +204,18 @@ def draw_plots(
     records: list[RunRecord],
     rows: list[dict],
     cross: crossdict.CrossDict,
+    compared: list[tuple[str, list[dict]]] | None = None,
 ) -> dict[str, Path]:
-    """Every plot of the report, in page order (see :data:`PLOTS`)."""
+    """Every plot of the report, in page order (see :data:`PLOTS`); with ``compared`` (legend
+    label and summary rows of each sweep, this one first) the frontier shows every sweep."""
     curves = [(row, rec.folder.curve()) for row, rec in zip(rows, records, strict=True)]
+    front = (
+        plots.frontier_compare(compared, out / "frontier.png")
+        if compared
+        else plots.frontier(rows, out / "frontier.png")
+    )
     images = {
-        "frontier": plots.frontier(rows, out / "frontier.png"),
+        "frontier": front,
         "curves": plots.training_curves(curves, out / "curves.png"),
     }
     if plots.has_lm_metrics(rows):
@@ -161,22 +230,25 @@ def draw_plots(
 
 
 def build_report(
-    sweep_dir: str | Path, device: str = "auto", log_media: bool = True
+    sweep_dir: str | Path,
+    device: str = "auto",
+    log_media: bool = True,
+    out: str | Path | None = None,
+    compare: Sequence[str | Path] = (),
 ) -> tuple[Path, list[dict]]:
-    """Write ``SWEEP_DIR/report/`` (see the module docstring); returns it and the summary rows.
+    """Write ``SWEEP_DIR/report/`` (or ``out``; see the module docstring); returns it and the
+    summary rows. ``compare``: more sweep folders, whose runs join the frontier plot.
 
     Also writes each finished run's cross-dictionary MMCS into its ``metrics.json``, refreshes
     ``SWEEP_DIR/summary.csv``, and, for sweeps run with ``logger=wandb``, sends the plots to a
-    ``report`` wandb run (best-effort).
+    ``report`` wandb run (best-effort). Every folder is checked before anything is written.
     """
     sweep_dir = Path(sweep_dir)
     folder = SweepFolder(sweep_dir)
-    if not folder.run_ids():
-        raise SweepError(
-            f"{sweep_dir}/manifest.json lists no runs; start the sweep with 'sweep run'"
-        )
+    others = [SweepFolder(Path(p)) for p in compare]
+    _check_sweeps([folder, *others])
     dev = resolve_device(device, "--device")
-    out = ensure_writable(sweep_dir / REPORT, "report folder")
+    out = ensure_writable(Path(out) if out is not None else sweep_dir / REPORT, "report folder")
     records = folder.read_runs()
     rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)
@@ -186,7 +258,10 @@ def build_report(
     write_summary(out, rows)
     write_summary(sweep_dir, rows)
     write_mmcs(out / MMCS_FILE, cross)
-    images = draw_plots(sweep_dir, out, records, rows, cross)
+    compared = _compared(folder, records, rows, others) if others else []
+    images = draw_plots(
+        sweep_dir, out, records, rows, cross, [(c.label, r) for c, r in compared] or None
+    )
     source, settings = sweep_settings(folder, records)
     page = Page(
         sweep_dir=sweep_dir,
@@ -198,11 +273,28 @@ def build_report(
         best=plots.frontier_ids(rows),
         run_dirs={rec.run_id: rec.folder.path for rec in records},
         files={"summary": SUMMARY, "mmcs": MMCS_FILE},
+        knob=crossdict.sweep_knob(rows),
+        compared=[c for c, _ in compared],
     )
     write_html(out, page)
     if log_media:
         _log_media(sweep_dir, rows, images)
     return out, rows
+
+
+def _compared(
+    folder: SweepFolder, records: list[RunRecord], rows: list[dict], others: list[SweepFolder]
+) -> list[tuple[Compared, list[dict]]]:
+    """This sweep and ``others``, each with its summary rows (the others' are only read)."""
+    sweeps = [(folder, records, rows)]
+    for f in others:
+        recs = f.read_runs()
+        sweeps.append((f, recs, summary_rows(recs)))
+    labels = sweep_labels([f for f, _, _ in sweeps], [architecture(f, r) for f, r, _ in sweeps])
+    return [
+        (Compared(label, f.path, len(rs), sum(r.get("state") == "done" for r in rs)), rs)
+        for label, (f, _, rs) in zip(labels, sweeps, strict=True)
+    ]
 
 
 def _log_media(sweep_dir: Path, rows: list[dict], images: dict[str, Path]) -> None:

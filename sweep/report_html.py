@@ -2,7 +2,9 @@
 
 Top to bottom: the sweep's settings (data, grid, train), the best runs (the FVU–L0 Pareto
 frontier), the run table (click a header to sort; each run links to its files), short
-definitions of the metrics, then the plots. One self-contained file: inline CSS and a few
+definitions of the metrics, then the plots. Texts name the sweep's sparsity setting: the L1
+coefficient, or ``k`` for TopK-style sweeps. A report of several sweeps (``sweep report A B``)
+is the first sweep's page whose frontier plot shows every sweep; the header lists them. One self-contained file: inline CSS and a few
 lines of inline JavaScript, relative links only, so it opens from disk with no network.
 """
 
@@ -23,10 +25,26 @@ from sweep.rundir import CFG, CURVE, METRICS, SPEC
 RUN_FILES = ((METRICS, "metrics"), (CFG, "cfg"), (SPEC, "spec"), (CURVE, "curve"))
 """Run-folder files the table links to (when they exist), with their link text."""
 
-BEST_COLUMNS = ("run_id", "l1", "dict_ratio", "seed", "l0", "fvu", "dead_fraction")
+BEST_COLUMNS = ("run_id", "l1", "k", "dict_ratio", "seed", "l0", "fvu", "dead_fraction")
 BEST_EXTRA = ("gt_mmcs", "gt_recovered", "loss_recovered", "mmcs_next_ratio", "mmcs_seeds")
 
 GAP = plots.MIN_ABLATION_GAP
+
+
+def definitions(knob: str = "l1") -> dict[str, str]:
+    """The page's definitions for a sweep whose sparsity knob is ``knob`` (``l1`` or ``k``)."""
+    out = dict(DEFINITIONS)
+    if knob == "k":
+        out["MMCS"] = out["MMCS"].replace("the same L1 and seed", "the same k and seed")
+        out = {
+            "k": "latents a TopK-style SAE keeps active per row (topk: exactly k per row; "
+            "batchtopk: k per row on average over a training batch, a learned threshold at "
+            "inference): the grid's sparsity setting, in place of an L1 coefficient.",
+            **out,
+        }
+    return out
+
+
 DEFINITIONS = {
     "FVU": "fraction of variance unexplained on held-out rows: sum of squared reconstruction "
     "errors over the activations' total variance about their mean. 0 = perfect, 1 = no better "
@@ -61,6 +79,22 @@ COLUMN_HELP = {
     "mse": "mean squared reconstruction error per activation dimension (training space).",
 }
 
+
+def captions(knob: str = "l1", sweeps: list[str] | None = None) -> dict[str, str]:
+    """Figure captions for a sweep whose knob is ``knob``; ``sweeps``: the labels of the sweeps
+    on a comparison frontier (``sweep report A B``)."""
+    if knob == "l1" and not sweeps:
+        return dict(CAPTIONS)
+    out = {k: v.replace("L1", knob) for k, v in CAPTIONS.items()} if knob == "k" else dict(CAPTIONS)
+    if sweeps:
+        out["frontier"] = (
+            f"FVU against L0 (log-log) of {len(sweeps)} sweeps: {', '.join(sweeps)}. One colour "
+            "family and marker per sweep, darker = larger dict ratio; lines: each sweep's Pareto "
+            "frontier; labels: each run's L1 (e.g. 0.01) or k (e.g. k32)."
+        )
+    return out
+
+
 CAPTIONS = {
     "frontier": "FVU against L0 (log-log). One colour per dict ratio; labels are L1; dashed: Pareto frontier.",
     "curves": "Training curves against rows seen: loss, FVU and L0 on training batches. One line per run, colour = dict ratio, lighter = smaller L1, dotted = not finished.",
@@ -70,6 +104,17 @@ CAPTIONS = {
     "dead_vs_l1": "Dead and dense feature fractions against L1.",
     "density": "Histograms of log10 feature firing frequency on the evaluation rows.",
 }
+
+
+@dataclass
+class Compared:
+    """A sweep on the comparison frontier of ``sweep report A B ...``."""
+
+    label: str
+    """``<folder name> (<architecture>)``, as in the plot's legend."""
+    path: Path
+    runs: int
+    done: int
 
 
 @dataclass
@@ -87,6 +132,10 @@ class Page:
     run_dirs: dict[str, Path]
     files: dict[str, str] = field(default_factory=dict)
     """Report data files to link: label -> file name in the report folder."""
+    knob: str = "l1"
+    """The sweep's sparsity setting: ``l1`` or ``k`` (TopK-style sweeps)."""
+    compared: list[Compared] = field(default_factory=list)
+    """Every sweep on the comparison frontier, this one first (empty: a one-sweep report)."""
 
 
 def write_html(out: Path, page: Page) -> Path:
@@ -98,8 +147,8 @@ def write_html(out: Path, page: Page) -> Path:
         '<section id="runs"><h2>Runs <small>click a column header to sort</small></h2>',
         _table(out, page, page.rows, page.columns, "runs"),
         _footnote(page.rows) + "</section>",
-        _definitions(),
-        _figures(page.images),
+        _definitions(page.knob),
+        _figures(page),
         f"<script>{SORT_JS}</script></body></html>\n",
     ]
     path = out / "index.html"
@@ -126,7 +175,18 @@ def _head(page: Page) -> str:
 <p class="meta">{_e(page.sweep_dir)} &middot; {len(page.rows)} runs ({_e(counts)}) &middot;
 generated {time.strftime("%Y-%m-%d %H:%M:%S")} &middot; data: {data} &middot;
 <a href="#runs">runs</a> &middot; <a href="#definitions">definitions</a> &middot;
-<a href="#plots">plots</a></p>"""
+<a href="#plots">plots</a></p>{_compared(page)}"""
+
+
+def _compared(page: Page) -> str:
+    if not page.compared:
+        return ""
+    items = ", ".join(
+        f"<b>{_e(c.label)}</b> ({'this sweep' if i == 0 else _e(c.path)}: "
+        f"{c.runs} runs, done: {c.done})"
+        for i, c in enumerate(page.compared)
+    )
+    return f'\n<p class="meta compared">frontier plot compares: {items}</p>'
 
 
 def _value(v: object) -> str:
@@ -165,9 +225,20 @@ def _best(out: Path, page: Page) -> str:
     )
 
 
+def _column_help(knob: str) -> dict[str, str]:
+    if knob != "k":
+        return COLUMN_HELP
+    defs = definitions(knob)
+    return {
+        **{c: defs["MMCS"] if "mmcs" in c else v for c, v in COLUMN_HELP.items()},
+        "k": defs["k"],
+    }
+
+
 def _table(out: Path, page: Page, rows: list[dict], cols: list[str], name: str) -> str:
+    helps = _column_help(page.knob)
     head = "".join(
-        f'<th data-col="{_e(c)}" title="{_e(COLUMN_HELP.get(c, c))} (click to sort)">{_e(c).replace("_", "_<wbr>")}</th>'
+        f'<th data-col="{_e(c)}" title="{_e(helps.get(c, c))} (click to sort)">{_e(c).replace("_", "_<wbr>")}</th>'
         for c in cols
     )
     body = "\n".join(
@@ -230,16 +301,17 @@ def _footnote(rows: list[dict]) -> str:
     )
 
 
-def _definitions() -> str:
-    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in DEFINITIONS.items())
+def _definitions(knob: str = "l1") -> str:
+    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in definitions(knob).items())
     return f'<section id="definitions"><h2>Definitions</h2><dl>{items}</dl></section>'
 
 
-def _figures(images: dict[str, Path]) -> str:
+def _figures(page: Page) -> str:
+    texts = captions(page.knob, [c.label for c in page.compared])
     figs = "\n".join(
         f'<figure class="{_e(name)}"><img src="{_e(p.name)}" alt="{_e(name)}">'
-        f"<figcaption>{_e(CAPTIONS.get(name, name))}</figcaption></figure>"
-        for name, p in images.items()
+        f"<figcaption>{_e(texts.get(name, name))}</figcaption></figure>"
+        for name, p in page.images.items()
     )
     return f'<section id="plots"><h2>Plots</h2>\n{figs}\n</section>'
 

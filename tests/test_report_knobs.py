@@ -1,0 +1,231 @@
+"""`sweep report` on TopK-style sweeps (the grid varies k, not L1) and on several sweeps at once
+(``sweep report A B``: one frontier plot with every sweep)."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from matplotlib import image as mpimg
+
+import sweep
+from sweep import crossdict, grid, metrics, plots, rundir
+from sweep.cli import main
+from sweep.io import read_json
+from sweep.report import build_report, sweep_labels
+from sweep.status import status_rows
+from sweep.sweepdir import SweepFolder
+from sweep.worker import EnsembleJob, train_ensemble
+from tests.conftest import tiny_train
+from tests.sweep_builder import build_sweep, write_manifest
+
+KS = (2, 4)
+RATIOS = (1.0, 2.0)
+PNGS = (
+    "frontier.png",
+    "curves.png",
+    "mmcs_vs_l1.png",
+    "mmcs_heatmap.png",
+    "dead_vs_l1.png",
+    "density.png",
+)
+
+
+def build_topk(store, sweep_dir: Path, arch: str = "topk") -> Path:
+    """A finished 2 k x 2 ratios x 2 seeds TopK sweep (8 runs), trained without Ray."""
+    runs = grid.expand(list(KS), list(RATIOS), 2, store.width, arch, knob="k")
+    sweep_dir.mkdir(parents=True)
+    write_manifest(sweep_dir, runs, store)
+    for e in grid.group(runs, dict.fromkeys(RATIOS, 16)):
+        job = EnsembleJob(e, str(sweep_dir), str(store.path), True, 2048, tiny_train(), threads=1)
+        train_ensemble(job)
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def built(tiny_store, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("knobs")
+    return {
+        "topk": build_topk(tiny_store, root / "rep_topk"),
+        "l1": build_sweep(tiny_store, root / "rep_l1", l1s=(1e-2, 1e-1), seeds=1),
+    }
+
+
+@pytest.fixture
+def sweeps(built, tmp_path) -> dict[str, Path]:
+    """Fresh copies (a report writes into its sweep)."""
+    out = {}
+    for name, src in built.items():
+        out[name] = tmp_path / src.name
+        shutil.copytree(src, out[name])
+    return out
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_png(path) -> None:
+    img = mpimg.imread(str(path))
+    assert img.shape[0] >= 200 and img.shape[1] >= 300, img.shape
+    assert float(img[..., :3].std()) > 0.02, f"{path.name} looks blank"
+
+
+def section(page: str, name: str) -> str:
+    start = page.index(f'<section id="{name}"')
+    return page[start : page.index("</section>", start)]
+
+
+# ----------------------------------------------------------------------------- the knob
+
+
+def test_knob_of_rows_and_specs():
+    assert crossdict.knob({"l1": 0.01, "k": None}) == ("l1", 0.01)  # an L1 summary row
+    assert crossdict.knob({"l1": 0.01, "k": 0}) == ("l1", 0.01)  # an L1 spec (k unused)
+    assert crossdict.knob({"l1": 0.01}) == ("l1", 0.01)  # a spec from before TopK existed
+    assert crossdict.knob({"l1": 0.0, "k": 8}) == ("k", 8)  # a TopK spec
+    assert crossdict.knob({"l1": None, "k": 8}) == ("k", 8)  # a TopK summary row
+    assert crossdict.knob({"run_id": "x"}) == ("l1", None)  # no spec yet
+    assert crossdict.sweep_knob([{"l1": None, "k": 4}, {"run_id": "pending"}]) == "k"
+    assert crossdict.sweep_knob([{"l1": 0.1}]) == "l1"
+    assert crossdict.knob_text("k", 16.0) == "16" and crossdict.knob_text("l1", 0.0123) == "0.012"
+
+
+def test_k_axis_is_log2_when_the_grid_spans_a_factor_of_four():
+    def rows(ks):
+        return [
+            {"run_id": f"r{k}", "state": "done", "k": k, "l1": None, "dict_ratio": 4.0,
+             "dead_fraction": 0.01 * i}
+            for i, k in enumerate(ks)
+        ]  # fmt: skip
+
+    ax = plots.dead_vs_l1_figure(rows([8, 16, 32, 64, 128])).axes[0]
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    assert list(ax.get_xticks()) == [8, 16, 32, 64, 128]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16", "32", "64", "128"]
+    assert ax.get_xlabel().startswith("k ")
+    ax = plots.dead_vs_l1_figure(rows([4, 8])).axes[0]
+    assert ax.get_xscale() == "linear" and list(ax.get_xticks()) == [4, 8]
+
+
+# ----------------------------------------------------------------------------- a TopK sweep
+
+
+def test_topk_sweep_report(sweeps, capsys):
+    topk = sweeps["topk"]
+    assert main(["report", str(topk), "--no-wandb"]) == 0
+    out = capsys.readouterr().out
+    report = topk / "report"
+    ids = [f"r{r:g}-k{k}-s{s}" for r in RATIOS for k in KS for s in (0, 1)]
+    assert all(rid in out for rid in ids)
+    for name in PNGS:
+        assert_png(report / name)
+    rows = {r["run_id"]: r for r in read_csv(report / "summary.csv")}
+    assert sorted(rows) == sorted(ids) and {r["state"] for r in rows.values()} == {"done"}
+    assert {r["k"] for r in rows.values()} == {"2", "4"} and {r["l1"] for r in rows.values()} == {
+        ""
+    }
+    for k in KS:  # MMCS pairs by (k, seed): across ratios and across seeds
+        for s in (0, 1):
+            assert rows[f"r1-k{k}-s{s}"]["mmcs_next_ratio_run"] == f"r2-k{k}-s{s}"
+    with open(report / "mmcs.csv", newline="") as f:
+        table = list(csv.reader(f))
+    cell = {(row[0], table[0][j + 1]): v for row in table[1:] for j, v in enumerate(row[1:])}
+    for rid, r in rows.items():
+        partner = rid[:-1] + ("1" if rid.endswith("0") else "0")  # the other seed, same k
+        assert float(r["mmcs_seeds"]) == pytest.approx(float(cell[(rid, partner)]), abs=1e-6)
+    a = crossdict.unit_atoms(rundir.run_dir(topk, "r1-k4-s0"), torch.device("cpu"))
+    b = crossdict.unit_atoms(rundir.run_dir(topk, "r2-k4-s0"), torch.device("cpu"))
+    m = read_json(rundir.run_dir(topk, "r1-k4-s0") / rundir.METRICS)
+    assert m["mmcs_next_ratio"] == pytest.approx(float(metrics.mmcs(a, b).mean()), abs=1e-5)
+    page = (report / "index.html").read_text()
+    assert all(rid in page for rid in ids) and all(name in page for name in PNGS)
+    assert "k</b> 2, 4" in section(page, "settings")  # grid from the run specs
+    assert 'data-col="k"' in section(page, "best") and 'data-col="l1"' not in page
+    assert "<dt>k</dt>" in page and "the same k and seed" in page
+    assert "against k." in page and "labels are k" in page
+
+
+def test_topk_heatmap_and_crossdict_order_by_k(built):
+    cross = crossdict.compute(SweepFolder(built["topk"]).read_runs(), torch.device("cpu"))
+    refs, _ = cross.matrices[1.0]
+    assert [r.run_id for r in refs] == ["r1-k2-s0", "r1-k2-s1", "r1-k4-s0", "r1-k4-s1"]
+    assert {r.knob for r in refs} == {"k"}
+    ax = plots.mmcs_heatmap_figure(cross).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["2 s0", "2 s1", "4 s0", "4 s1"]
+    assert ax.get_xlabel() == "to run (k)"
+
+
+def test_status_and_api_on_a_topk_sweep(built):
+    states = {r["run_id"]: r["state"] for r in status_rows(built["topk"])}
+    assert len(states) == 8 and set(states.values()) == {"done"}
+    table = sweep.load_sweep(built["topk"]).table
+    assert "k" in table.columns and "l1" not in table.columns
+    assert table.loc["r2-k4-s1", "k"] == 4 and table.loc["r2-k4-s1", "dict_ratio"] == 2.0
+    table = sweep.load_sweep(built["l1"]).table  # an L1 sweep's table is as it was
+    assert "l1" in table.columns and "k" not in table.columns
+
+
+# ----------------------------------------------------------------------------- several sweeps
+
+
+def test_report_of_two_sweeps(sweeps, tmp_path, capsys):
+    topk, l1 = sweeps["topk"], sweeps["l1"]
+    before = {p.name: (p / rundir.METRICS).read_bytes() for p in (l1 / "runs").iterdir()}
+    out = tmp_path / "compare"
+    assert main(["report", str(topk), str(l1), "--out", str(out), "--no-wandb"]) == 0
+    assert f"frontier of 2 sweeps: {out / 'frontier.png'}" in capsys.readouterr().out
+    for name in PNGS:  # the first sweep's report, with the comparison frontier
+        assert_png(out / name)
+    assert not (topk / "report").exists() and not (l1 / "report").exists()
+    after = {p.name: (p / rundir.METRICS).read_bytes() for p in (l1 / "runs").iterdir()}
+    assert after == before  # the other sweeps are only read
+    page = (out / "index.html").read_text()
+    assert "rep_topk (topk)" in page and "rep_l1 (untied)" in page
+    assert "frontier plot compares" in page and "r2-k4-s0" in page
+    links = re.findall(r'(?:href|src)="([^"#][^"]*)"', page)
+    assert links and all((out / u).is_file() for u in links)  # run files of the first sweep
+    labels = sweep_labels([SweepFolder(topk), SweepFolder(l1)], ["topk", "untied"])
+    rows = [[r.row() for r in SweepFolder(p).read_runs()] for p in (topk, l1)]
+    fig = plots.frontier_compare_figure(list(zip(labels, rows, strict=True)))
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["rep_topk (topk)", "rep_l1 (untied)"]
+
+
+def test_two_sweeps_default_to_the_first_report_folder(sweeps):
+    out, rows = build_report(sweeps["l1"], log_media=False, compare=[sweeps["topk"]])
+    assert out == sweeps["l1"] / "report" and {r["run_id"] for r in rows} == {
+        f"r{r:g}-l1_{v}-s0" for r in RATIOS for v in ("1e-02", "1e-01")
+    }
+    assert_png(out / "frontier.png")
+    page = (out / "index.html").read_text()
+    assert "rep_l1 (untied)</b> (this sweep" in page and "rep_topk (topk)" in page
+    assert "<dt>k</dt>" not in page  # the page is the (L1) first sweep's
+
+
+@pytest.mark.parametrize("kind", ["missing", "foreign", "twice"])
+def test_report_with_a_bad_second_folder_is_one_line_error(sweeps, tmp_path, capsys, kind):
+    other = {"missing": tmp_path / "nope", "foreign": tmp_path, "twice": sweeps["topk"]}[kind]
+    assert main(["report", str(sweeps["topk"]), str(other), "--no-wandb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(other) in err
+    assert not (sweeps["topk"] / "report").exists()  # checked before anything is written
+
+
+def test_compare_figure_labels():
+    a, b = Path("/x/run1/sweep"), Path("/y/run2/sweep")
+    assert sweep_labels([SweepFolder(a), SweepFolder(b)], ["topk", "untied"]) == [
+        "run1/sweep (topk)",
+        "run2/sweep (untied)",
+    ]
+    done = [{"run_id": "a", "state": "done", "k": 4, "l1": None, "dict_ratio": 2.0, "l0": 4.0,
+             "fvu": 0.2}]  # fmt: skip
+    fig = plots.frontier_compare_figure([("a (topk)", done), ("b (untied)", [])])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["a (topk)", "b (untied) (no finished runs)"]
+    assert plots.frontier_compare_figure([("b (untied)", [])]) is None
