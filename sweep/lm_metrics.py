@@ -8,6 +8,20 @@ On held-out contexts (the tokens right after a harvest's range, saved with the s
 - ``ce_loss_ablated``  with the hook's activations set to zero
 - ``loss_recovered``   ``(ablated - spliced) / (ablated - clean)``: 1 = splicing the SAE in
   costs nothing, 0 = as bad as deleting the activations
+- ``kl_div_with_sae``, ``kl_div_with_ablation``  mean over all positions of
+  KL(clean next-token distribution || distribution with the SAE spliced in / with the
+  activations zeroed), in nats
+- ``kl_div_score``     ``(kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation``
+
+and, under SAEBench's core-eval names, the same cross-entropy numbers again:
+``ce_loss_score`` (= loss_recovered), ``ce_loss_with_sae`` (= spliced),
+``ce_loss_with_ablation`` (= ablated), ``ce_loss_without_sae`` (= clean).
+
+Cross-entropies average over the predicted positions (all but the last of each context), the
+KL divergences over every position, as SAEBench does. Both come from float32 log-softmaxes of
+the logits. The clean distribution is never kept for all tokens (contexts x vocabulary can
+be gigabytes): each batch runs the clean model next to the modified one. Clean and ablated
+numbers are computed once per :class:`LMEval`, with its first dictionary.
 
 Interventions touch only the positions the SAE was trained on (a dropped BOS position keeps
 its own activation).
@@ -17,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,15 +52,30 @@ class LMLosses(NamedTuple):
     ce_loss_spliced: float
     ce_loss_ablated: float
     loss_recovered: float
+    kl_div_with_sae: float
+    kl_div_with_ablation: float
+    kl_div_score: float
 
     def as_dict(self) -> dict[str, float]:
-        return self._asdict()
+        """The metrics by name, with SAEBench's names for the cross-entropy ones added."""
+        return {
+            **self._asdict(),
+            "ce_loss_score": self.loss_recovered,
+            "ce_loss_with_sae": self.ce_loss_spliced,
+            "ce_loss_with_ablation": self.ce_loss_ablated,
+            "ce_loss_without_sae": self.ce_loss_clean,
+        }
 
 
 def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
     """(ablated - spliced) / (ablated - clean); NaN when ablation does not change the loss."""
     gap = ablated - clean
     return (ablated - spliced) / gap if abs(gap) > 1e-12 else math.nan
+
+
+def kl_div_score(kl_sae: float, kl_ablation: float) -> float:
+    """(kl_ablation - kl_sae) / kl_ablation; NaN when ablation does not change the outputs."""
+    return (kl_ablation - kl_sae) / kl_ablation if abs(kl_ablation) > 1e-12 else math.nan
 
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
@@ -61,6 +90,38 @@ def _hook_fn(replace: Replace, first: int) -> Callable[..., torch.Tensor]:
         return flat.reshape(act.shape)  # (B, P, d) -> (B, P, ...)
 
     return hook_fn
+
+
+def _log_probs(
+    model: Any, toks_BP: torch.Tensor, hook: str | None, replace: Replace | None, first: int
+) -> torch.Tensor:
+    """Next-token log-probabilities (B, P, V) float32, with ``replace`` at ``hook`` if given."""
+    if hook is None or replace is None:
+        logits = model(toks_BP, return_type="logits")
+    else:
+        logits = model.run_with_hooks(
+            toks_BP, fwd_hooks=[(hook, _hook_fn(replace, first))], return_type="logits"
+        )
+    lp = logits.float()  # the logits themselves when already float32: normalised in place
+    del logits
+    lp -= lp.logsumexp(dim=-1, keepdim=True)  # (B, P, V)
+    return lp
+
+
+def _ce_sum(lp_BPV: torch.Tensor, toks_BP: torch.Tensor) -> float:
+    """Summed next-token cross-entropy over the B * (P - 1) predicted positions."""
+    return -float(lp_BPV[:, :-1].gather(-1, toks_BP[:, 1:, None]).double().sum())
+
+
+def _kl_sum(ref_BPV: torch.Tensor, lp_BPV: torch.Tensor) -> float:
+    """Σ over the B * P positions of KL(ref || lp), both log-probabilities; one context at a
+    time so the temporaries stay (P, V)."""
+    total = 0.0
+    for ref, lp in zip(ref_BPV, lp_BPV, strict=True):  # (P, V) each
+        total += float(
+            torch.nn.functional.kl_div(lp, ref, reduction="sum", log_target=True).double()
+        )
+    return total
 
 
 @torch.inference_mode()
@@ -78,16 +139,39 @@ def ce_loss(
     total, count = 0.0, 0
     for at in range(0, tokens_NP.shape[0], batch):
         toks = tokens_NP[at : at + batch].to(device)  # (b, P)
-        if hook is None or replace is None:
-            loss = model(toks, return_type="loss")
-        else:
-            loss = model.run_with_hooks(
-                toks, fwd_hooks=[(hook, _hook_fn(replace, first))], return_type="loss"
-            )
-        n = toks.shape[0] * (toks.shape[1] - 1)  # predicted positions
-        total += float(loss) * n
-        count += n
+        total += _ce_sum(_log_probs(model, toks, hook, replace, first), toks)
+        count += toks.shape[0] * (toks.shape[1] - 1)  # predicted positions
     return total / count
+
+
+@torch.inference_mode()
+def ce_and_kl(
+    model: Any,
+    tokens_NP: torch.Tensor,
+    hook: str,
+    replaces: Sequence[Replace],
+    first: int = 0,
+    batch: int = 16,
+) -> tuple[float, list[tuple[float, float]]]:
+    """The clean mean cross-entropy and, per replacement at ``hook``, (mean cross-entropy,
+    mean over positions of KL(clean || replaced)). One clean forward per batch serves all
+    replacements; no more than one batch's clean log-probabilities is held."""
+    device = next(model.parameters()).device
+    clean, sums = 0.0, [[0.0, 0.0] for _ in replaces]
+    predicted, positions = 0, 0
+    for at in range(0, tokens_NP.shape[0], batch):
+        toks = tokens_NP[at : at + batch].to(device)  # (b, P)
+        ref = _log_probs(model, toks, None, None, first)  # (b, P, V)
+        clean += _ce_sum(ref, toks)
+        for acc, replace in zip(sums, replaces, strict=True):
+            lp = _log_probs(model, toks, hook, replace, first)  # (b, P, V)
+            acc[0] += _ce_sum(lp, toks)
+            acc[1] += _kl_sum(ref, lp)
+            del lp
+        del ref
+        predicted += toks.shape[0] * (toks.shape[1] - 1)
+        positions += toks.numel()
+    return clean / predicted, [(ce / predicted, kl / positions) for ce, kl in sums]
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
@@ -116,24 +200,32 @@ class LMEval:
         )
         self._clean: float | None = None
         self._ablated: float | None = None
+        self._kl_ablated: float | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _loss(self, replace: Replace | None) -> float:
-        return ce_loss(
-            self.model, self.tokens, self.hook if replace else None, replace, self.first, self.batch
-        )
+    def _measure(self, replaces: Sequence[Replace]) -> tuple[float, list[tuple[float, float]]]:
+        return ce_and_kl(self.model, self.tokens, self.hook, replaces, self.first, self.batch)
 
     def losses(self, sae: SAE) -> LMLosses:
-        if self._clean is None:
-            self._clean = self._loss(None)
-            self._ablated = self._loss(_zero)
-        spliced = self._loss(_splice(sae.to(self.device)))
-        assert self._ablated is not None
+        splice = _splice(sae.to(self.device))
+        if self._clean is None:  # the first dictionary: clean and ablated in the same pass
+            clean, [ablated, spliced] = self._measure([_zero, splice])
+            self._clean, (self._ablated, self._kl_ablated) = clean, ablated
+        else:
+            _, [spliced] = self._measure([splice])
+        assert self._ablated is not None and self._kl_ablated is not None
+        ce, kl = spliced
         return LMLosses(
-            self._clean, spliced, self._ablated, loss_recovered(self._clean, spliced, self._ablated)
+            self._clean,
+            ce,
+            self._ablated,
+            loss_recovered(self._clean, ce, self._ablated),
+            kl,
+            self._kl_ablated,
+            kl_div_score(kl, self._kl_ablated),
         )
 
     @classmethod

@@ -1,10 +1,14 @@
 """How dictionaries are judged: reconstruction, sparsity, feature health, ground truth.
 
 All reconstruction metrics are computed on held-out rows (the store's evaluation window) in
-the training space (activations times the store's scale); FVU does not depend on that scale.
+the training space (activations times the store's scale). ``mse`` and ``l1_norm`` are in
+that space's units; the ratios (``fvu``, ``explained_variance``, ``cossim``, ``l2_ratio``,
+``relative_reconstruction_bias``) and the sparsity/density metrics do not depend on the scale.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -13,6 +17,10 @@ from sweep.sae import Params
 
 DENSE_THRESHOLD = 0.1
 RECOVERED_THRESHOLD = 0.9
+COS_EPS = 1e-8
+"""Norms below this count as this in ``cossim`` (a zero reconstruction has cosine 0)."""
+L2_RATIO_MIN_NORM = 1e-4
+"""Input rows with a smaller norm are divided by 1 in ``l2_ratio`` (SAEBench's guard)."""
 
 
 HIST_EDGES = torch.linspace(-8.0, 0.0, 41, dtype=torch.float64)
@@ -66,48 +74,107 @@ def density_tensors(freq_F: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def evaluate(params: Params, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, float]:
+def evaluate(
+    params: Params, x_ND: torch.Tensor, batch: int = 4096, arch: str = "untied", k: int = 0
+) -> dict[str, float]:
     """Final metrics of one SAE on evaluation rows ``x_ND`` (already scaled)."""
-    return evaluate_with_frequency(params, x_ND, batch)[0]
+    return evaluate_with_frequency(params, x_ND, batch, arch, k)[0]
 
 
 @torch.no_grad()
 def evaluate_with_frequency(
-    params: Params, x_ND: torch.Tensor, batch: int = 4096
+    params: Params, x_ND: torch.Tensor, batch: int = 4096, arch: str = "untied", k: int = 0
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """:func:`evaluate`'s metrics and each feature's firing frequency on ``x_ND``: (F,) float64."""
+    """:func:`evaluate`'s metrics and each feature's firing frequency on ``x_ND``: (F,) float64.
+
+    Codes are the inference-time codes of architecture ``arch`` (``k`` for TopK; BatchTopK
+    and JumpReLU use the thresholds in ``params``). One pass over the rows in blocks of
+    ``batch``; the sums are kept on the rows' device (float64) and read back once.
+
+    Metrics (``x`` a row, ``x̂`` its reconstruction, ``f`` its codes, ``p_i`` latent ``i``'s
+    firing frequency; names after SAEBench's core eval where it has one):
+
+    - ``mse``: mean over rows and dims of (x̂ - x)²; ``fvu``: Σ‖x̂ - x‖² / Σ‖x - mean(x)‖²;
+      ``explained_variance``: 1 - fvu
+    - ``cossim``: mean over rows of cos(x, x̂) (0 for a zero row)
+    - ``l2_ratio``: mean over rows of ‖x̂‖ / ‖x‖ (‖x‖ < 1e-4 counted as 1, as SAEBench)
+    - ``relative_reconstruction_bias``: Σ‖x̂‖² / Σ⟨x, x̂⟩ (Gated SAE paper eq. 10: 1 = no
+      shrinkage, < 1 = reconstructions shrunk); NaN when Σ⟨x, x̂⟩ = 0
+    - ``l0``: mean number of non-zero codes per row; ``l1_norm``: mean ‖f‖₁ per row
+      (SAEBench's ``l1``; our ``l1`` is the run's L1 coefficient)
+    - ``dead_fraction``: share of latents with p = 0; ``frac_alive``: 1 - dead_fraction
+    - ``dense_fraction`` = ``freq_over_10_percent``: share with p > 0.1;
+      ``freq_over_1_percent``: share with p > 0.01
+    - ``normalized_freq_over_1_percent`` / ``normalized_freq_over_10_percent``: Σ p over the
+      latents with p above 1% / 10%, divided by Σ p (0 when nothing fires)
+    """
     n, _ = x_ND.shape
-    sq_err = 0.0
-    l1 = 0.0
-    active = 0.0
+    # sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat>
+    sums = torch.zeros(7, dtype=torch.float64, device=x_ND.device)
     fires = None
     mean = x_ND.mean(dim=0)
     total_var = float((x_ND - mean).pow(2).sum())
     for at in range(0, n, batch):
         x = x_ND[at : at + batch]  # (b, D)
-        codes = sae.encode(params, x)  # (b, F)
-        sq_err += float((sae.decode(params, codes) - x).pow(2).sum())
-        l1 += float(codes.sum())
-        on = codes > 0
-        active += float(on.sum())
+        codes = sae.encode(params, x, arch, k)  # (b, F)
+        x_hat = sae.decode(params, codes, arch)  # (b, D)
+        on = codes != 0  # (b, F)
+        norm_in = x.norm(dim=1)  # (b,)
+        norm_out = x_hat.norm(dim=1)  # (b,)
+        dot = (x * x_hat).sum(dim=1)  # (b,)
+        cos = dot / (norm_in.clamp_min(COS_EPS) * norm_out.clamp_min(COS_EPS))  # (b,)
+        ratio = norm_out / torch.where(norm_in < L2_RATIO_MIN_NORM, 1.0, norm_in)  # (b,)
+        parts = [
+            (x_hat - x).pow(2).sum(),
+            codes.abs().sum(),
+            on.sum(),
+            cos.sum(),
+            ratio.sum(),
+            norm_out.pow(2).sum(),
+            dot.sum(),
+        ]
+        sums += torch.stack([p.double() for p in parts])
         fires = on.sum(dim=0) if fires is None else fires + on.sum(dim=0)
-    freq = fires.double() / n  # (F,)
+    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum = sums.tolist()
+    freq = fires.double().cpu() / n  # (F,)
+    fvu = sq_err / max(total_var, 1e-12)
     summary = {
         "mse": sq_err / x_ND.numel(),
-        "fvu": sq_err / max(total_var, 1e-12),
+        "fvu": fvu,
         "l1_norm": l1 / n,
         "l0": active / n,
         "dead_fraction": float((freq == 0).double().mean()),
         "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()),
         "eval_rows": n,
+        "explained_variance": 1.0 - fvu,
+        "cossim": cos_sum / n,
+        "l2_ratio": ratio_sum / n,
+        "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,
+        **density_summary(freq),
     }
-    return summary, freq.cpu()
+    return summary, freq
 
 
-def ground_truth_metrics(params: Params, gt_GD: torch.Tensor) -> dict[str, float]:
+def density_summary(freq_F: torch.Tensor) -> dict[str, float]:
+    """SAEBench's latent-density scalars of firing frequencies ``freq_F`` (F,)."""
+    freq = freq_F.double()
+    total = float(freq.sum())
+    out = {"frac_alive": float((freq > 0).double().mean())}
+    for pct in (1, 10):
+        over = freq > pct / 100
+        out[f"freq_over_{pct}_percent"] = float(over.double().mean())
+        out[f"normalized_freq_over_{pct}_percent"] = (
+            float(freq[over].sum()) / total if total > 0 else 0.0
+        )
+    return out
+
+
+def ground_truth_metrics(
+    params: Params, gt_GD: torch.Tensor, arch: str = "untied"
+) -> dict[str, float]:
     """``gt_mmcs``: mean over true features of the max cosine to any decoder row;
     ``gt_recovered``: the fraction of true features with max cosine > 0.9."""
-    best = mmcs(gt_GD.float(), sae.decoder(params).float())  # (G,)
+    best = mmcs(gt_GD.float(), sae.decoder(params, arch).float())  # (G,)
     return {
         "gt_mmcs": float(best.mean()),
         "gt_recovered": float((best > RECOVERED_THRESHOLD).double().mean()),

@@ -12,7 +12,7 @@ import torch
 from sweep import lm_metrics
 from sweep.activations import text
 from sweep.activations.store import ChunkStore
-from sweep.lm_metrics import LMEval, ce_loss, loss_recovered, member_metrics
+from sweep.lm_metrics import LMEval, ce_loss, kl_div_score, loss_recovered, member_metrics
 from sweep.sae import SAE
 from tests.tiny_lm import native_model, write_text
 
@@ -56,11 +56,42 @@ def zero_sae(d: int = D) -> SAE:
     return SAE(params, {})
 
 
+LM_NAMES = {
+    "ce_loss_clean",
+    "ce_loss_spliced",
+    "ce_loss_ablated",
+    "loss_recovered",
+    "kl_div_with_sae",
+    "kl_div_with_ablation",
+    "kl_div_score",
+    "ce_loss_score",
+    "ce_loss_with_sae",
+    "ce_loss_with_ablation",
+    "ce_loss_without_sae",
+}
+
+
+def manual_kl(model, tokens, hook_fn) -> float:
+    """Mean over all positions of KL(clean || hooked), from whole-array logits (float64)."""
+    with torch.inference_mode():
+        clean = model(tokens, return_type="logits").double().log_softmax(-1)
+        new = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook_fn)], return_type="logits")
+        new = new.double().log_softmax(-1)
+    return float((clean.exp() * (clean - new)).sum(-1).mean())
+
+
 def test_loss_recovered_formula():
     assert loss_recovered(2.0, 2.0, 5.0) == 1.0
     assert loss_recovered(2.0, 5.0, 5.0) == 0.0
     assert loss_recovered(2.0, 3.5, 5.0) == pytest.approx(0.5)
     assert math.isnan(loss_recovered(2.0, 3.0, 2.0))
+
+
+def test_kl_div_score_formula():
+    assert kl_div_score(0.0, 2.0) == 1.0
+    assert kl_div_score(2.0, 2.0) == 0.0
+    assert kl_div_score(0.5, 2.0) == pytest.approx(0.75)
+    assert math.isnan(kl_div_score(0.1, 0.0))
 
 
 def test_clean_loss_is_the_models_loss(model, tokens):
@@ -77,9 +108,70 @@ def test_perfect_sae_recovers_everything_and_zero_sae_nothing(model, tokens):
     assert perfect.ce_loss_spliced == pytest.approx(perfect.ce_loss_clean, abs=1e-4)
     assert perfect.loss_recovered == pytest.approx(1.0, abs=1e-3)
     assert perfect.ce_loss_ablated != pytest.approx(perfect.ce_loss_clean, abs=1e-3)
+    assert perfect.kl_div_with_sae == pytest.approx(0.0, abs=1e-6)
+    assert perfect.kl_div_with_ablation > 1e-3
+    assert perfect.kl_div_score == pytest.approx(1.0, abs=1e-4)
     nothing = ev.losses(zero_sae())
     assert nothing.ce_loss_spliced == pytest.approx(nothing.ce_loss_ablated, abs=1e-5)
     assert nothing.loss_recovered == pytest.approx(0.0, abs=1e-4)
+    assert nothing.kl_div_with_sae == pytest.approx(nothing.kl_div_with_ablation, rel=1e-5)
+    assert nothing.kl_div_score == pytest.approx(0.0, abs=1e-4)
+    assert nothing.kl_div_with_ablation == perfect.kl_div_with_ablation  # cached
+
+
+def test_saebench_names_repeat_ours(model, tokens):
+    m = LMEval(model, HOOK, tokens, batch=4).losses(zero_sae()).as_dict()
+    assert set(m) == LM_NAMES
+    assert m["ce_loss_score"] == m["loss_recovered"]
+    assert m["ce_loss_with_sae"] == m["ce_loss_spliced"]
+    assert m["ce_loss_with_ablation"] == m["ce_loss_ablated"]
+    assert m["ce_loss_without_sae"] == m["ce_loss_clean"]
+
+
+def test_kl_matches_whole_array_computation(model, tokens):
+    """Batched (4 + 2 contexts, clean log-probs one batch at a time) = all logits at once."""
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    def halve(act, hook):
+        return act / 2
+
+    m = LMEval(model, HOOK, tokens, batch=4).losses(zero_sae())
+    want = manual_kl(model, tokens, zero)
+    assert m.kl_div_with_ablation == pytest.approx(want, rel=1e-4)
+    assert m.kl_div_with_sae == pytest.approx(want, rel=1e-4)  # reconstructs 0
+    clean, [(ce, kl)] = lm_metrics.ce_and_kl(model, tokens, HOOK, [lambda x: x / 2], batch=4)
+    assert kl == pytest.approx(manual_kl(model, tokens, halve), rel=1e-4)
+    assert 0 < kl < want
+    assert ce == pytest.approx(ce_loss(model, tokens, HOOK, lambda x: x / 2, batch=6), rel=1e-5)
+    assert clean == pytest.approx(ce_loss(model, tokens, batch=6), rel=1e-5)
+
+
+def test_clean_and_ablated_run_once_and_one_batch_at_a_time(model, tokens, monkeypatch):
+    calls, shapes = [], []
+    measure, log_probs = lm_metrics.ce_and_kl, lm_metrics._log_probs
+
+    def counting_measure(model, tokens_NP, hook, replaces, *args):
+        calls.append(len(replaces))
+        return measure(model, tokens_NP, hook, replaces, *args)
+
+    def recording_log_probs(model, toks, *args):
+        shapes.append(tuple(toks.shape))
+        return log_probs(model, toks, *args)
+
+    monkeypatch.setattr(lm_metrics, "ce_and_kl", counting_measure)
+    monkeypatch.setattr(lm_metrics, "_log_probs", recording_log_probs)
+    ev = LMEval(model, HOOK, tokens, batch=4)
+    first, second = ev.losses(identity_sae()), ev.losses(zero_sae())
+    assert calls == [2, 1]  # clean + ablation + SAE, then clean + SAE
+    assert max(s[0] for s in shapes) == 4  # never more than one batch of contexts
+    assert len(shapes) == 2 * 3 + 2 * 2  # 2 batches: 3 forwards each, then 2 each
+    assert (first.ce_loss_clean, first.ce_loss_ablated, first.kl_div_with_ablation) == (
+        second.ce_loss_clean,
+        second.ce_loss_ablated,
+        second.kl_div_with_ablation,
+    )
 
 
 def test_ablation_matches_a_manual_zero_hook(model, tokens):
@@ -102,6 +194,10 @@ def test_dropped_bos_position_is_left_alone(model, tokens):
     all_pos = LMEval(model, HOOK, tokens, first=0).losses(zero_sae())
     assert keep_bos.ce_loss_ablated != pytest.approx(all_pos.ce_loss_ablated, abs=1e-4)
     assert keep_bos.loss_recovered == pytest.approx(0.0, abs=1e-4)
+    assert keep_bos.kl_div_score == pytest.approx(0.0, abs=1e-4)
+    assert LMEval(model, HOOK, tokens, first=1).losses(
+        identity_sae()
+    ).kl_div_score == pytest.approx(1.0, abs=1e-4)
 
 
 def test_member_metrics_skips_diverged_and_missing(model, tokens):
@@ -114,8 +210,9 @@ def test_member_metrics_skips_diverged_and_missing(model, tokens):
     }
     ev = LMEval(model, HOOK, tokens)
     m = member_metrics(ev, params, {"act_scale": 2.0})
-    assert set(m) == {"ce_loss_clean", "ce_loss_spliced", "ce_loss_ablated", "loss_recovered"}
+    assert set(m) == LM_NAMES
     assert m["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert m["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
     assert member_metrics(None, params, {}) == {}
     assert (
         member_metrics(ev, {**params, "b_enc": torch.full_like(params["b_enc"], float("nan"))}, {})
@@ -170,6 +267,6 @@ def test_harvest_from_a_native_model_then_evaluate(model, tmp_path):
     )
     held_out = torch.from_numpy(np.load(store.path / EVAL_TOKENS_FILE).astype(np.int64))  # (4, 24)
     assert held_out.shape == (4, 24) and (held_out[:, 0] == model.tokenizer.bos_token_id).all()
-    assert LMEval(model, HOOK, held_out, first=1).losses(
-        identity_sae()
-    ).loss_recovered == pytest.approx(1.0, abs=1e-3)
+    perfect = LMEval(model, HOOK, held_out, first=1).losses(identity_sae())
+    assert perfect.loss_recovered == pytest.approx(1.0, abs=1e-3)
+    assert perfect.kl_div_score == pytest.approx(1.0, abs=1e-4)

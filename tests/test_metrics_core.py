@@ -1,0 +1,177 @@
+"""SAEBench-style core metrics of :func:`sweep.metrics.evaluate_with_frequency` on hand-made
+dictionaries whose answers are known, and against a direct whole-array computation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sweep import metrics, sae
+
+D = 8
+OLD = {"mse", "fvu", "l1_norm", "l0", "dead_fraction", "dense_fraction", "eval_rows"}
+CORE = {
+    "explained_variance",
+    "cossim",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+    "frac_alive",
+    "freq_over_1_percent",
+    "freq_over_10_percent",
+    "normalized_freq_over_1_percent",
+    "normalized_freq_over_10_percent",
+}
+
+
+def split_identity(d: int = D, gain: float = 1.0) -> sae.Params:
+    """relu(x) - relu(-x) = x: latents 2d; ``x_hat = gain * x``."""
+    eye = torch.eye(d)
+    return {
+        "W_enc": torch.cat([eye, -eye], 1),  # (D, 2D)
+        "b_enc": torch.zeros(2 * d),
+        "W_dec": gain * torch.cat([eye, -eye], 0),  # (2D, D)
+        "b_dec": torch.zeros(d),
+    }
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, D, generator=g) * 2 + 1
+    return x - x.mean(0)  # centred: sum ||x||^2 is the total variance
+
+
+def test_names_are_added_not_changed(x):
+    m, freq = metrics.evaluate_with_frequency(split_identity(), x)
+    assert set(m) == OLD | CORE
+    assert freq.dtype == torch.float64 and freq.shape == (2 * D,)
+
+
+def test_perfect_reconstruction(x):
+    m = metrics.evaluate(split_identity(), x, batch=64)
+    assert m["mse"] == pytest.approx(0, abs=1e-12) and m["fvu"] == pytest.approx(0, abs=1e-12)
+    for name in ("explained_variance", "cossim", "l2_ratio", "relative_reconstruction_bias"):
+        assert m[name] == pytest.approx(1.0, abs=1e-6), name
+    assert m["l0"] == D  # one of each +/- pair fires for every (non-zero) coordinate
+    assert m["l1_norm"] == pytest.approx(float(x.abs().sum(1).mean()), rel=1e-6)
+    # every latent fires on about half of the rows
+    assert m["frac_alive"] == 1.0 and m["dead_fraction"] == 0.0
+    assert m["freq_over_1_percent"] == m["freq_over_10_percent"] == m["dense_fraction"] == 1.0
+    assert m["normalized_freq_over_1_percent"] == m["normalized_freq_over_10_percent"] == 1.0
+
+
+def test_half_reconstruction_shrinks(x):
+    m = metrics.evaluate(split_identity(gain=0.5), x, batch=64)
+    assert m["l2_ratio"] == pytest.approx(0.5, rel=1e-6)
+    # SAEBench (Gated SAE paper eq. 10): E||x_hat||^2 / E<x, x_hat> = 0.25 / 0.5
+    assert m["relative_reconstruction_bias"] == pytest.approx(0.5, rel=1e-6)
+    assert m["cossim"] == pytest.approx(1.0, abs=1e-6)  # direction is right
+    assert m["fvu"] == pytest.approx(0.25, rel=1e-5)  # ||x/2||^2 over ||x||^2 (x centred)
+    assert m["explained_variance"] == pytest.approx(0.75, rel=1e-5)
+    assert m["mse"] == pytest.approx(0.25 * float(x.pow(2).mean()), rel=1e-5)
+
+
+def test_overshoot_and_flipped_reconstruction(x):
+    m = metrics.evaluate(split_identity(gain=2.0), x)
+    assert m["l2_ratio"] == pytest.approx(2.0, rel=1e-6)
+    assert m["relative_reconstruction_bias"] == pytest.approx(2.0, rel=1e-6)
+    flipped = metrics.evaluate(split_identity(gain=-1.0), x)
+    assert flipped["cossim"] == pytest.approx(-1.0, abs=1e-6)
+    assert flipped["relative_reconstruction_bias"] == pytest.approx(-1.0, rel=1e-6)
+    assert flipped["explained_variance"] == pytest.approx(-3.0, rel=1e-5)  # ||2x||^2 / ||x||^2
+
+
+def test_zero_reconstruction(x):
+    dead = {**split_identity(), "W_enc": torch.zeros(D, 2 * D)}
+    m = metrics.evaluate(dead, x)
+    assert m["cossim"] == 0.0 and m["l2_ratio"] == 0.0
+    assert math.isnan(m["relative_reconstruction_bias"])  # 0 / 0
+    assert m["explained_variance"] == pytest.approx(0.0, abs=1e-6)  # x centred
+    assert m["frac_alive"] == 0.0 and m["freq_over_1_percent"] == 0.0
+    assert m["normalized_freq_over_1_percent"] == m["normalized_freq_over_10_percent"] == 0.0
+
+
+def test_l2_ratio_divides_tiny_inputs_by_one():
+    c = torch.tensor([3.0, 4.0])  # every row reconstructs to c (||c|| = 5)
+    const = {
+        "W_enc": torch.zeros(2, 3),
+        "b_enc": torch.zeros(3),
+        "W_dec": torch.ones(3, 2),
+        "b_dec": c,
+    }
+    x = torch.tensor([[0.0, 0.0], [0.0, 10.0]])  # norms 0 (guarded) and 10
+    m = metrics.evaluate(const, x)
+    assert m["l2_ratio"] == pytest.approx((5 / 1 + 5 / 10) / 2)
+    assert m["cossim"] == pytest.approx((0.0 + 0.8) / 2)  # a zero row has cosine 0
+
+
+def test_density_fractions_of_known_frequencies():
+    """Latent 0 fires on 50% of rows, 1 on 5%, 2 on 0.5%, 3 never."""
+    n = 1000
+    x = torch.zeros(n, 4)
+    x[:500, 0] = 1.0
+    x[500:550, 1] = 1.0
+    x[550:555, 2] = 1.0
+    x[555:, 0] = -1.0  # relu: nothing fires
+    eye = {"W_enc": torch.eye(4), "b_enc": torch.zeros(4), "W_dec": torch.eye(4), "b_dec": torch.zeros(4)}  # fmt: skip
+    m, freq = metrics.evaluate_with_frequency(eye, x, batch=128)
+    assert freq.tolist() == pytest.approx([0.5, 0.05, 0.005, 0.0])
+    assert m["frac_alive"] == 0.75 and m["dead_fraction"] == 0.25
+    assert m["freq_over_1_percent"] == 0.5
+    assert m["freq_over_10_percent"] == m["dense_fraction"] == 0.25
+    assert m["normalized_freq_over_1_percent"] == pytest.approx(0.55 / 0.555)
+    assert m["normalized_freq_over_10_percent"] == pytest.approx(0.5 / 0.555)
+    assert m["l0"] == pytest.approx(0.555)
+    assert metrics.density_summary(torch.zeros(5)) == {
+        "frac_alive": 0.0,
+        "freq_over_1_percent": 0.0,
+        "normalized_freq_over_1_percent": 0.0,
+        "freq_over_10_percent": 0.0,
+        "normalized_freq_over_10_percent": 0.0,
+    }
+
+
+def reference(params: sae.Params, x: torch.Tensor, arch: str, k: int) -> dict[str, float]:
+    """The metrics from whole-array formulas, in float64 (independent of the batched pass)."""
+    p64 = {n: v.double() for n, v in params.items()}
+    x = x.double()
+    codes = sae.encode(p64, x, arch, k)
+    x_hat = sae.decode(p64, codes, arch)
+    norm_in = x.norm(dim=1)
+    freq = (codes != 0).double().mean(0)
+    fvu = float((x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    return {
+        "mse": float((x_hat - x).pow(2).mean()),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "cossim": float(F.cosine_similarity(x, x_hat, dim=1).mean()),
+        "l2_ratio": float((x_hat.norm(dim=1) / torch.where(norm_in < 1e-4, 1.0, norm_in)).mean()),
+        "relative_reconstruction_bias": float(
+            x_hat.pow(2).sum(1).mean() / (x * x_hat).sum(1).mean()
+        ),
+        "l0": float((codes != 0).double().sum(1).mean()),
+        "l1_norm": float(codes.abs().sum(1).mean()),
+        "frac_alive": float((freq > 0).double().mean()),
+        "freq_over_1_percent": float((freq > 0.01).double().mean()),
+        "freq_over_10_percent": float((freq > 0.1).double().mean()),
+    }
+
+
+@pytest.mark.parametrize(("arch", "k"), [("untied", 0), ("topk", 3)])
+def test_batched_pass_matches_whole_array_formulas(arch, k):
+    g = torch.Generator().manual_seed(1)
+    f = 4 * D
+    params = sae.init_params(arch, D, f, g)
+    params["b_enc"] = torch.randn(f, generator=g) * 0.3
+    params["b_dec"] = torch.randn(D, generator=g) * 0.1
+    x = torch.randn(1000, D, generator=g) + 0.5
+    ref = reference(params, x, arch, k)
+    for batch in (4096, 97):  # one block, and uneven blocks
+        m = metrics.evaluate(params, x, batch=batch, arch=arch, k=k)
+        for name, want in ref.items():
+            assert m[name] == pytest.approx(want, rel=1e-4, abs=1e-6), (batch, name)
+    if arch == "topk":
+        assert 0 < m["l0"] <= k
