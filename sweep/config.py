@@ -334,7 +334,7 @@ class TrainConfig:
     """Optimisation settings shared by every run of the sweep."""
 
     batch_size: int = 1024
-    lr: float = 1e-2
+    lr: float = 3e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     epochs: int = 1
@@ -372,9 +372,10 @@ class TrainConfig:
     reconstructed rows of the current batch and reset their Adam state (0 = off)."""
     resample_stop: float = 0.5
     """Fraction of training after which no more resampling happens."""
-    grad_clip: float | None = None
-    """Clip each member's gradient to this global norm (None = off), as
-    ``torch.nn.utils.clip_grad_norm_`` would for that member alone."""
+    grad_clip: float | None = 1.0
+    """Clip each member's gradient norm (None = off), as ``torch.nn.utils.clip_grad_norm_``
+    would for that member alone, in SAELens's units: the gradient of width x loss (the
+    squared error summed over dimensions), so 1.0 is what SAELens's trainer does."""
 
     def lr_scale(self, step: int, total: int) -> float:
         """Multiplier of ``lr`` for 0-based ``step`` of ``total`` (warmup, flat, linear decay)."""

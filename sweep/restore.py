@@ -115,7 +115,7 @@ def _ensemble(
         autocast_dtype=compute_dtype(train, device),
         dead=dead_latents(train, runs[0]),
         rows=step * train.batch_size,
-        grad_clip=train.grad_clip,
+        grad_clip=None if train.grad_clip is None else train.grad_clip / runs[0].width,
     )
     if saved and saved[0]:  # checkpoints written before buffers existed keep fresh ones
         ens.buffers = {k: v.to(device) for k, v in stack(saved).items()}

@@ -288,7 +288,17 @@ def test_stale_temp_files_are_removed(copy):
 def test_diverged_and_dead_dictionaries_say_so(ray_cluster, tmp_path):
     sw = tmp_path / "sw"
     assert (
-        main(["run", f"sweep_dir={sw}", *TINY, "grid.l1=[1e-3,1e6,1e38]", "grid.dict_ratio=[1]"])
+        main(
+            [
+                "run",
+                f"sweep_dir={sw}",
+                *TINY,
+                "grid.l1=[1e-3,1e6,1e38]",
+                "grid.dict_ratio=[1]",
+                "train.grad_clip=null",
+                "train.lr=1e-2",  # the huge L1 kills it within the run
+            ]
+        )  # fmt: skip
         == 0
     )
     from sweep.status import status_rows
