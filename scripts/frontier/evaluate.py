@@ -1,0 +1,69 @@
+"""One evaluation for every dictionary, sweep's and SAELens's alike.
+
+A dictionary is four tensors in the *scaled* space (activations times the store's scale, the
+space both methods trained in)::
+
+    codes = relu((x - b_dec) @ W_enc + b_enc)        x_hat = codes @ W_dec + b_dec
+
+Metrics on the held-out rows ``x_ND`` (the store's last ``eval_rows``, scaled):
+FVU = residual sum of squares / total sum of squares around the rows' mean; L0 = mean number
+of active features per row; dead fraction = features that never fire on those rows.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+
+class Dictionary(NamedTuple):
+    W_enc: torch.Tensor  # (D, F)
+    b_enc: torch.Tensor  # (F,)
+    W_dec: torch.Tensor  # (F, D)
+    b_dec: torch.Tensor  # (D,)
+
+
+def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
+    """A sweep run folder's SAE, read with ``sweep.load_run`` (which takes RAW activations),
+    moved into the space scaled by ``scale`` (checked against the run's recorded scale)."""
+    import sweep
+
+    sae = sweep.load_run(folder)
+    recorded = float(sae.cfg.get("act_scale", 1.0))
+    if not math.isclose(recorded, scale, rel_tol=1e-5):
+        raise ValueError(f"{folder} was trained at scale {recorded}, the store's is {scale}")
+    # raw: relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec, with x = x_s / s and the
+    # reconstruction times s: W_enc_s = W_enc / s, W_dec_s = W_dec * s, b_dec_s = b_dec * s.
+    return Dictionary(sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale)
+
+
+def from_saelens_file(path: str | Path) -> Dictionary:
+    """Weights saved by ``saelens_train.py`` (already in the scaled space)."""
+    from safetensors.torch import load_file
+
+    w = load_file(str(path))
+    return Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"])
+
+
+@torch.no_grad()
+def evaluate(d: Dictionary, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, float]:
+    """``fvu``, ``l0`` and ``dead_fraction`` of ``d`` on the scaled held-out rows ``x_ND``."""
+    n = x_ND.shape[0]
+    total = float((x_ND - x_ND.mean(dim=0)).pow(2).sum())
+    rss, active = 0.0, 0.0
+    fired = torch.zeros(d.W_enc.shape[1], dtype=torch.bool)  # (F,)
+    for at in range(0, n, batch):
+        x = x_ND[at : at + batch]  # (b, D)
+        codes = torch.relu((x - d.b_dec) @ d.W_enc + d.b_enc)  # (b, D) -> (b, F)
+        rss += float((codes @ d.W_dec + d.b_dec - x).pow(2).sum())  # (b, F) -> (b, D)
+        on = codes > 0
+        active += float(on.sum())
+        fired |= on.any(dim=0)
+    return {
+        "fvu": rss / max(total, 1e-12),
+        "l0": active / n,
+        "dead_fraction": float((~fired).double().mean()),
+    }
