@@ -108,6 +108,12 @@ def test_synthetic_fields_have_the_documented_names():
         ("train.resample_dead=-1", "train.resample_dead"),
         ("train.resample_stop=0", "train.resample_stop"),
         ("sae=topk train.resample_dead=100", "train.resample_dead applies to ReLU-L1"),
+        ("sae.recipe=nope", "unknown recipe sae.recipe='nope' for sae=untied; choose one of"),
+        ("sae=topk sae.recipe=weighted", "it has none: drop sae.recipe"),
+        ("sae.init_decoder_norm=0", "sae.init_decoder_norm"),
+        ("sae.init_decoder_norm=-1", "sae.init_decoder_norm"),
+        ("train.grad_clip=0", "train.grad_clip"),
+        ("train.grad_clip=-1", "train.grad_clip"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
@@ -145,6 +151,13 @@ def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path
     assert err.startswith("error:") and needle in err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_recipe_and_defaults_are_recorded_resolved():
+    cfg = cfg_of()
+    assert cfg.sae.recipe == "unit" and cfg.train.grad_clip == 1.0 and cfg.train.lr == 3e-3
+    assert cfg_of("sae=untied", "sae.recipe=weighted").sae.architecture().weighted_l1
+    assert cfg_of("sae=topk").grid.k == [16, 32, 64, 128] and cfg_of("sae=topk").grid.l1 is None
 
 
 def test_cfg_job_prints_composed_config(capsys):

@@ -156,27 +156,32 @@ def test_harvest_provenance_becomes_saelens_metadata():
     )
 
 
-ARCH_VALUES = {"topk": [3], "batchtopk": [3], "jumprelu": [1e-3], "untied": [1e-2]}
+ARCH_VALUES = {
+    "topk": [3], "batchtopk": [3], "jumprelu": [1e-3], "untied": [1e-2], "untied-weighted": [1e-2],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def arch_runs(tiny_store, tmp_path_factory):
     """One finished run per architecture: {arch: run folder}."""
     from sweep import grid
+    from sweep.config import SAEConfig
     from sweep.worker import EnsembleJob, train_ensemble
     from tests.conftest import tiny_train
 
     out = {}
-    for arch, values in ARCH_VALUES.items():
+    for key, values in ARCH_VALUES.items():
+        arch, _, recipe = key.partition("-")
         knob = "k" if arch in ("topk", "batchtopk") else "l1"
-        sweep_dir = tmp_path_factory.mktemp(f"exp-{arch}")
+        sweep_dir = tmp_path_factory.mktemp(f"exp-{key}")
         runs = grid.expand(values, [2.0], 1, tiny_store.width, arch, knob)
         (ens,) = grid.group(runs, {2.0: 4})
+        sae = SAEConfig(name=arch, recipe=recipe or None)
         job = EnsembleJob(
-            ens, str(sweep_dir), str(tiny_store.path), True, 2048, tiny_train(), threads=1
+            ens, str(sweep_dir), str(tiny_store.path), True, 2048, tiny_train(), threads=1, sae=sae
         )
         train_ensemble(job)
-        out[arch] = rundir.run_dir(sweep_dir, runs[0].run_id)
+        out[key] = rundir.run_dir(sweep_dir, runs[0].run_id)
     return out
 
 
@@ -196,12 +201,19 @@ def saelens_encode(folder, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "arch, saelens", [("topk", "topk"), ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu")]
+    "arch, saelens",
+    [
+        ("topk", "topk"),
+        ("batchtopk", "jumprelu"),
+        ("jumprelu", "jumprelu"),
+        ("untied-weighted", "standard"),  # free decoder norms export as they are
+    ],
 )
 def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_path, arch, saelens):
     out = export_run(arch_runs[arch], tmp_path / arch)
     cfg = json.loads((out / "cfg.json").read_text())
-    assert cfg["architecture"] == saelens and cfg["metadata"]["training_architecture"] == arch
+    assert cfg["architecture"] == saelens
+    assert cfg["metadata"]["training_architecture"] == arch.split("-")[0]
     if arch == "topk":
         assert cfg["k"] == 3
     ours, x = sweep.load_run(str(arch_runs[arch])), raw_rows(str(tiny_store.path))

@@ -10,18 +10,22 @@ import torch
 from safetensors.torch import load_file
 
 from sweep import checkpoints, grid, load_run, metrics, rundir
+from sweep.config import SAEConfig
 from sweep.errors import SweepError
 from sweep.rundir import run_state
 from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
 
 
-def job_for(store, sweep_dir, l1s=(1e-3, 3e-2), ratio=2.0, seeds=1, arch="untied", **train):
+def job_for(
+    store, sweep_dir, l1s=(1e-3, 3e-2), ratio=2.0, seeds=1, arch="untied", recipe=None, **train
+):
     knob = "k" if arch in ("topk", "batchtopk") else "l1"
     runs = grid.expand(list(l1s), [ratio], seeds, store.width, arch, knob)
     (ens,) = grid.group(runs, {ratio: 16})
+    sae = SAEConfig(name=arch, recipe=recipe)
     return EnsembleJob(
-        ens, str(sweep_dir), str(store.path), True, 2048, tiny_train(**train), threads=1
+        ens, str(sweep_dir), str(store.path), True, 2048, tiny_train(**train), threads=1, sae=sae
     )
 
 
@@ -92,6 +96,7 @@ ARCH_JOBS = {
     "batchtopk": dict(l1s=(2, 5)),
     "jumprelu": dict(l1s=(1e-3, 3e-2)),
     "untied": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # latents die, are resampled
+    "untied-weighted": dict(l1s=(1e-3, 3e-2), recipe="weighted"),
 }
 
 
@@ -99,7 +104,7 @@ ARCH_JOBS = {
 def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
     """Dead-latent bookkeeping (AuxK from step 2, resampling every 6 steps) and BatchTopK's
     threshold are part of the checkpoint: resumed == uninterrupted."""
-    kw = dict(ARCH_JOBS[arch], arch=arch, dead_tokens=256, epochs=2)
+    kw = dict(ARCH_JOBS[arch], arch=arch.split("-")[0], dead_tokens=256, epochs=2)
     ref = job_for(tiny_store, tmp_path / "ref", **kw)
     train_ensemble(ref)
     cut = job_for(tiny_store, tmp_path / "cut", **kw)
@@ -112,7 +117,9 @@ def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
         )
         assert digest(a) == digest(b), m.run_id
         cfg = json.loads((a / "cfg.json").read_text())
-        assert cfg["architecture"] == arch and cfg["loss"]
+        assert cfg["architecture"] == kw["arch"] and cfg["loss"]
+        if kw.get("recipe"):
+            assert cfg["recipe"] == "weighted" and "||W_dec_f||" in cfg["loss"]
         model = load_run(str(a))
         raw = tiny_store.tail_rows(64).float()
         assert model(raw).shape == raw.shape
