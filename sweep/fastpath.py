@@ -49,26 +49,6 @@ class _Buffers:
         return t
 
 
-def _keep(codes_EBF: torch.Tensor, arch: Architecture, hyper: Hyper, kmax: int) -> None:
-    """Pre-activations -> codes, in place: ReLU, or the members' top-k / batch top-k."""
-    if arch.knob == "l1":
-        codes_EBF.relu_()
-        return
-    E, B, F_ = codes_EBF.shape
-    k_E = hyper["k"]
-    if arch.name == "batchtopk":
-        flat = codes_EBF.view(E, B * F_).relu_()
-        vals, idx = flat.topk(min(kmax * B, B * F_), dim=-1)  # (E, kmax*B)
-        rank = torch.arange(vals.shape[-1], device=vals.device)
-        vals.mul_((rank[None, :] < (k_E * B)[:, None]).to(vals.dtype))
-        flat.zero_().scatter_(-1, idx, vals)
-        return
-    vals, idx = codes_EBF.topk(kmax, dim=-1)  # (E, B, kmax)
-    rank = torch.arange(kmax, device=vals.device)
-    vals.relu_().mul_((rank[None, None, :] < k_E[:, None, None]).to(vals.dtype))
-    codes_EBF.zero_().scatter_(-1, idx, vals)
-
-
 def _aux_codes(pre_EBF: torch.Tensor, aux: AuxSpec, out: torch.Tensor) -> torch.Tensor:
     """The dead latents' top-``k_aux`` ReLU'd pre-activations, dense (E, B, F)."""
     masked = torch.where(aux.dead_EF[:, None, :], pre_EBF, -torch.inf)
@@ -104,7 +84,7 @@ def grads(
     codes.add_(shift_EF[:, None, :])
     use_aux = aux is not None and aux.alpha > 0 and aux.k_aux > 0
     pre = buf("pre", E, B, F_).copy_(codes) if use_aux else None
-    _keep(codes, arch, hyper, kmax)
+    arch.keep_batched(codes, hyper, kmax)  # pre-activations -> codes, in place
     err = torch.bmm(codes, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D)
     err.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
     norms_EF = params["W_dec"].norm(dim=-1) if arch.weighted_l1 else None  # (E, F) fp32

@@ -22,17 +22,10 @@ from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
 from tests.sweep_builder import build_sweep, write_manifest
+from tests.test_report import PNGS
 
 KS = (2, 4)
 RATIOS = (1.0, 2.0)
-PNGS = (
-    "frontier.png",
-    "curves.png",
-    "mmcs_vs_l1.png",
-    "mmcs_heatmap.png",
-    "dead_vs_l1.png",
-    "density.png",
-)
 
 
 def build_topk(store, sweep_dir: Path, arch: str = "topk") -> Path:

@@ -88,3 +88,13 @@ def seconds_per_step(size: Size, k: int, threads: int, device: torch.device, tim
         return timer.per_call(lambda: ens.step(x, full=False), 0.5)
     finally:
         torch.set_num_threads(before)
+
+
+def size_fields(size: Size, k: int) -> dict:
+    """The leading fields of a section-1 / section-7 result: the size and member count."""
+    return {"size": size.name, "d": size.d, "m": size.m, "batch": size.batch, "k": k}
+
+
+def size_cells(r: dict) -> list[str]:
+    """:func:`size_fields` as the first table cells."""
+    return [r["size"], f"{r['d']}x{r['m']}", str(r["batch"]), str(r["k"])]

@@ -11,7 +11,15 @@ from sweep import archs, grid, sae
 from sweep.config import TrainConfig
 
 from .common import LARGE, SMALL, Context, Size
-from .ensembles import feeder, init_members, l1_grid, make_batches, make_ensemble
+from .ensembles import (
+    feeder,
+    init_members,
+    l1_grid,
+    make_batches,
+    make_ensemble,
+    size_cells,
+    size_fields,
+)  # fmt: skip
 from .timing import fmt_rate, interleaved, med, speedup, table, verdict
 
 
@@ -76,7 +84,7 @@ def ensemble_vs_loop(size: Size, k: int, ctx: Context) -> dict:
     )
     target = 1.5 if size is SMALL else 1.0
     return {
-        "size": size.name, "d": size.d, "m": size.m, "batch": size.batch, "k": k, "seconds": secs,
+        **size_fields(size, k), "seconds": secs,
         "rows_x_members_per_s": rate, "fast_over_loop": fast_loop, "fast_over_loop_best": fast_best,
         "vmap_over_loop": vmap_loop, "target_fast_over_loop": target,
     }  # fmt: skip
@@ -85,7 +93,7 @@ def ensemble_vs_loop(size: Size, k: int, ctx: Context) -> dict:
 def loop_row(r: dict) -> list[str]:
     rate, target = r["rows_x_members_per_s"], r["target_fast_over_loop"]
     return [
-        r["size"], f"{r['d']}x{r['m']}", str(r["batch"]), str(r["k"]),
+        *size_cells(r),
         fmt_rate(rate["fast"]), fmt_rate(rate["vmap"]), fmt_rate(rate["loop"]),
         f"{r['fast_over_loop']:.2f}x", f"{r['fast_over_loop_best']:.2f}x",
         f">= {target:g}x: {verdict(r['fast_over_loop'], target)}", f"{r['vmap_over_loop']:.2f}x",

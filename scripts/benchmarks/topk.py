@@ -6,7 +6,15 @@ with its own k, its own ``torch.optim.Adam`` and decoder renormalisation."""
 from __future__ import annotations
 
 from .common import LARGE, SMALL, Context, Size
-from .ensembles import feeder, init_members, k_grid, make_batches, make_ensemble
+from .ensembles import (
+    feeder,
+    init_members,
+    k_grid,
+    make_batches,
+    make_ensemble,
+    size_cells,
+    size_fields,
+)  # fmt: skip
 from .loop import LoopTrainer
 from .timing import fmt_rate, interleaved, med, speedup, table, verdict
 
@@ -26,7 +34,7 @@ def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
     rate = {name: size.batch * k / med(s) for name, s in secs.items()}
     target = 1.5 if size is SMALL and ctx.device.type == "cpu" else 1.0
     return {
-        "size": size.name, "d": size.d, "m": size.m, "batch": size.batch, "k": k, "ks": ks,
+        **size_fields(size, k), "ks": ks,
         "seconds": secs, "rows_x_members_per_s": rate,
         "topk_over_loop": speedup(secs, "topk", "loop")[0],
         "batchtopk_over_loop": speedup(secs, "batchtopk", "loop")[0],
@@ -37,7 +45,7 @@ def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
 def row(r: dict) -> list[str]:
     rate, target = r["rows_x_members_per_s"], r["target"]
     return [
-        r["size"], f"{r['d']}x{r['m']}", str(r["batch"]), str(r["k"]),
+        *size_cells(r),
         fmt_rate(rate["topk"]), fmt_rate(rate["batchtopk"]), fmt_rate(rate["loop"]),
         f"{r['topk_over_loop']:.2f}x", f"{r['batchtopk_over_loop']:.2f}x",
         f">= {target:g}x: {verdict(min(r['topk_over_loop'], r['batchtopk_over_loop']), target)}",

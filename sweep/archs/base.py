@@ -107,6 +107,11 @@ class Architecture:
         """Inference-time codes (what a trained dictionary computes; ``params`` includes buffers)."""
         return F.relu(pre_BF)
 
+    def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
+        """:meth:`activate` for every member at once, in place on (E, B, F) pre-activations
+        (``hyper`` values (E,)): the fast path's form of the same selection."""
+        pre_EBF.relu_()
+
     def penalty(
         self, params: Params, codes_BF: torch.Tensor, pre_BF: torch.Tensor, hyper: Hyper
     ) -> torch.Tensor:

@@ -55,6 +55,12 @@ class TopK(Architecture):
         vals, idx = pre_BF.topk(k, dim=-1)
         return torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
 
+    def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
+        vals, idx = pre_EBF.topk(kmax, dim=-1)  # (E, B, kmax)
+        rank = torch.arange(kmax, device=vals.device)
+        vals.relu_().mul_((rank[None, None, :] < hyper["k"][:, None, None]).to(vals.dtype))
+        pre_EBF.zero_().scatter_(-1, idx, vals)
+
     def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
         return {}, {"k": k, "rescale_acts_by_decoder_norm": False}
 
@@ -88,6 +94,14 @@ class BatchTopK(TopK):
 
     def infer(self, pre_BF: torch.Tensor, k: int, params: Params) -> torch.Tensor:
         return F.relu(pre_BF) * (pre_BF > params["threshold"]).to(pre_BF.dtype)
+
+    def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
+        E, B, F_ = pre_EBF.shape
+        flat = pre_EBF.view(E, B * F_).relu_()
+        vals, idx = flat.topk(min(kmax * B, B * F_), dim=-1)  # (E, kmax*B)
+        rank = torch.arange(vals.shape[-1], device=vals.device)
+        vals.mul_((rank[None, :] < (hyper["k"] * B)[:, None]).to(vals.dtype))
+        flat.zero_().scatter_(-1, idx, vals)
 
     def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
         f = saved["b_enc"].shape[0]
