@@ -49,10 +49,20 @@ class _Buffers:
         return t
 
 
-def _aux_codes(pre_EBF: torch.Tensor, aux: AuxSpec, out: torch.Tensor) -> torch.Tensor:
-    """The dead latents' top-``k_aux`` ReLU'd pre-activations, dense (E, B, F)."""
+def _aux_k(aux: AuxSpec | None, device: torch.device) -> int:
+    """AuxK's top-k size this step (0 = off). On CPU it is cut to the most dead latents of any
+    member (one count, no device sync): the codes past it would all be zero."""
+    if aux is None or aux.alpha <= 0 or aux.k_aux <= 0:
+        return 0
+    if device.type != "cpu":
+        return aux.k_aux
+    return min(aux.k_aux, int(aux.dead_EF.sum(dim=1).max()))
+
+
+def _aux_codes(pre_EBF: torch.Tensor, aux: AuxSpec, k: int, out: torch.Tensor) -> torch.Tensor:
+    """The dead latents' top-``k`` ReLU'd pre-activations, dense (E, B, F)."""
     masked = torch.where(aux.dead_EF[:, None, :], pre_EBF, -torch.inf)
-    vals, idx = masked.topk(aux.k_aux, dim=-1)  # (E, B, k_aux)
+    vals, idx = masked.topk(k, dim=-1)  # (E, B, k)
     return out.zero_().scatter_(-1, idx, F.relu(vals))
 
 
@@ -82,7 +92,8 @@ def grads(
     shift_EF = b_enc - torch.bmm(b_dec[:, None, :], W_enc).squeeze(1)  # (E, D) @ (E, D, F)
     codes = torch.bmm(x_BD.expand(E, B, D), W_enc, out=buf("codes", E, B, F_))  # (E, B, F)
     codes.add_(shift_EF[:, None, :])
-    use_aux = aux is not None and aux.alpha > 0 and aux.k_aux > 0
+    k_aux = _aux_k(aux, x_BD.device)
+    use_aux = k_aux > 0
     pre = buf("pre", E, B, F_).copy_(codes) if use_aux else None
     arch.keep_batched(codes, hyper, kmax)  # pre-activations -> codes, in place
     err = torch.bmm(codes, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D)
@@ -101,7 +112,7 @@ def grads(
         g += (hyper["l1"] / B)[:, None, None].to(dt)  # + d (l1 * sparsity) / d codes
     torch.ops.aten.threshold_backward.grad_input(g, codes, 0.0, grad_input=g)  # kept codes only
     if use_aux:
-        loss_aux = _add_aux(pre, err, W_dec, aux, g, dW_dec, buf)  # type: ignore[arg-type]
+        loss_aux = _add_aux(pre, err, W_dec, aux, k_aux, g, dW_dec, buf)  # type: ignore[arg-type]
         parts = parts._replace(loss=parts.loss + aux.alpha * loss_aux)  # type: ignore[union-attr]
     db_enc = g.sum(dim=1)  # (E, F)
     dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g, out=buf("dW_enc", E, D, F_))  # (E, D, F)
@@ -148,6 +159,7 @@ def _add_aux(
     err: torch.Tensor,
     W_dec: torch.Tensor,
     aux: AuxSpec,
+    k: int,
     g: torch.Tensor,
     dW_dec: torch.Tensor,
     buf: _Buffers,
@@ -155,7 +167,7 @@ def _add_aux(
     """Add AuxK's gradients into ``g`` (pre-activations) and ``dW_dec``; returns its (E,) value."""
     E, B, F_ = pre.shape
     D = err.shape[-1]
-    c_aux = _aux_codes(pre, aux, buf("c_aux", E, B, F_))
+    c_aux = _aux_codes(pre, aux, k, buf("c_aux", E, B, F_))
     r = torch.bmm(c_aux, W_dec, out=buf("r_aux", E, B, D)).add_(err)  # e_hat - e, e = -err
     scale_E = (aux.dead_EF.sum(dim=1).to(r.dtype) / aux.k_aux).clamp(max=1.0)
     value = scale_E * r.pow(2).sum(dim=(1, 2)) / (B * D)

@@ -6,18 +6,23 @@ penalty (``loss = mean((x_hat - x)**2)`` plus, when on, the AuxK term of
 
 - ``topk``: each row keeps its ``k`` largest pre-activations (then ReLU); all others are 0.
 - ``batchtopk``: each member keeps the ``k * B`` largest ReLU'd pre-activations of the whole
-  batch, so a row may use more or fewer than ``k``. At inference there is no batch: a code
+  batch (every code at least the ``k * B``-th largest: a tie at that value keeps all its
+  codes), so a row may use more or fewer than ``k``. At inference there is no batch: a code
   is kept when its pre-activation exceeds ``threshold``, a running average (factor
   :data:`THRESHOLD_BETA` per step) of the smallest code kept in each training batch, saved
   with the weights.
 
-Members of one ensemble may have different ``k``: every member takes one top-``kmax`` (the
-largest k in the ensemble) and keeps the first ``k`` of its sorted values, which selects
-exactly what a top-``k`` would.
+Members of one ensemble may have different ``k``. On a GPU every member takes one
+top-``kmax`` (the largest k in the ensemble) and keeps the first ``k`` of its sorted values
+(TopK) or the codes at least its ``k * B``-th value (BatchTopK): one launch, no host sync.
+On CPU, where a top-k's cost grows with k, each member selects at its own k (TopK: an
+unsorted top-k per row; BatchTopK: its exact threshold from :func:`nth_largest`, no sort).
+All select the same codes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -34,6 +39,22 @@ def keep_first(vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Zero all but the first ``k`` entries of the last axis (``k`` a 0-d tensor)."""
     rank = torch.arange(vals.shape[-1], device=vals.device)
     return vals * (rank < k).to(vals.dtype)
+
+
+def nth_largest(flat_N: torch.Tensor, n: int, f: int) -> torch.Tensor:
+    """The ``n``-th largest entry of ``flat_N`` (a batch of codes, ``f`` latents per row),
+    exactly, without sorting it: a strided sample (the stride shares no factor with ``f``,
+    so every latent is sampled) bounds it from below; the exact value is selected among the
+    entries above that bound (all of them if the bound was too high)."""
+    stride = next(p for p in (17, 19, 23, 29, 31, 37) if f % p)
+    sample = flat_N[::stride]
+    expect = n / stride  # entries of the sample above the n-th largest, on average
+    j = min(sample.numel(), int(expect + 4 * math.sqrt(expect)) + 16)  # + 4 sigma + 16
+    low = sample.kthvalue(sample.numel() - j + 1).values  # the sample's j-th largest
+    cand = flat_N[flat_N >= low]
+    if cand.numel() < n:
+        cand = flat_N
+    return cand.kthvalue(cand.numel() - n + 1).values
 
 
 @register
@@ -56,10 +77,23 @@ class TopK(Architecture):
         return torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
 
     def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
+        if pre_EBF.device.type == "cpu":  # a top-k's cost grows with k: each at its own
+            self.keep_each(pre_EBF, hyper["k"].tolist())
+        else:  # one launch, no host sync
+            self.keep_all(pre_EBF, hyper["k"], kmax)
+
+    def keep_all(self, pre_EBF: torch.Tensor, k_E: torch.Tensor, kmax: int) -> None:
+        """:meth:`keep_batched` as one top-``kmax`` and a per-member rank mask."""
         vals, idx = pre_EBF.topk(kmax, dim=-1)  # (E, B, kmax)
         rank = torch.arange(kmax, device=vals.device)
-        vals.relu_().mul_((rank[None, None, :] < hyper["k"][:, None, None]).to(vals.dtype))
+        vals.relu_().mul_((rank[None, None, :] < k_E[:, None, None]).to(vals.dtype))
         pre_EBF.zero_().scatter_(-1, idx, vals)
+
+    def keep_each(self, pre_EBF: torch.Tensor, ks: list[int]) -> None:
+        """:meth:`keep_batched` member by member, each at its own k."""
+        for pre_BF, k in zip(pre_EBF, ks, strict=True):
+            vals, idx = pre_BF.topk(k, dim=-1, sorted=False)
+            pre_BF.zero_().scatter_(-1, idx, vals.relu_())
 
     def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
         return {}, {"k": k, "rescale_acts_by_decoder_norm": False}
@@ -88,20 +122,28 @@ class BatchTopK(TopK):
     ) -> torch.Tensor:
         B = pre_BF.shape[0]
         flat = F.relu(pre_BF).reshape(-1)  # (B*F,)
-        vals, idx = flat.topk(min(kmax * B, flat.shape[0]))
-        vals = keep_first(vals, hyper["k"] * B)
-        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre_BF.shape)
+        vals = flat.topk(min(kmax * B, flat.shape[0])).values  # sorted, descending
+        n = (hyper["k"] * B).clamp(max=vals.shape[0]).reshape(1)
+        tau = vals.gather(0, n - 1)  # the (k*B)-th largest code
+        return (flat * (flat >= tau).to(flat.dtype)).reshape(pre_BF.shape)
 
     def infer(self, pre_BF: torch.Tensor, k: int, params: Params) -> torch.Tensor:
         return F.relu(pre_BF) * (pre_BF > params["threshold"]).to(pre_BF.dtype)
 
-    def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
+    def keep_all(self, pre_EBF: torch.Tensor, k_E: torch.Tensor, kmax: int) -> None:
         E, B, F_ = pre_EBF.shape
         flat = pre_EBF.view(E, B * F_).relu_()
-        vals, idx = flat.topk(min(kmax * B, B * F_), dim=-1)  # (E, kmax*B)
-        rank = torch.arange(vals.shape[-1], device=vals.device)
-        vals.mul_((rank[None, :] < (hyper["k"] * B)[:, None]).to(vals.dtype))
-        flat.zero_().scatter_(-1, idx, vals)
+        vals = flat.topk(min(kmax * B, B * F_), dim=-1).values  # (E, kmax*B), descending
+        n = (k_E * B).clamp(max=vals.shape[1])[:, None]
+        flat.mul_((flat >= vals.gather(1, n - 1)).to(flat.dtype))
+
+    def keep_each(self, pre_EBF: torch.Tensor, ks: list[int]) -> None:
+        E, B, F_ = pre_EBF.shape
+        for flat_N, k in zip(pre_EBF.view(E, B * F_).relu_(), ks, strict=True):
+            if k * B < flat_N.numel():
+                tau = nth_largest(flat_N, k * B, F_)
+                below = torch.nextafter(tau, tau.new_tensor(-math.inf))  # in codes' dtype
+                F.threshold_(flat_N, float(below), 0.0)  # keep codes >= tau
 
     def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
         f = saved["b_enc"].shape[0]
@@ -111,7 +153,7 @@ class BatchTopK(TopK):
         self, buffers: Params, codes_EBF: torch.Tensor, active: torch.Tensor
     ) -> None:
         """Fold each member's smallest kept code of this batch into its threshold."""
-        kept = torch.where(codes_EBF > 0, codes_EBF, torch.inf).amin(dim=(1, 2))  # (E,)
+        kept = F.threshold(codes_EBF, 0.0, torch.inf).amin(dim=(1, 2))  # (E,) codes are >= 0
         old = buffers["threshold"]  # (E,)
         new = torch.where(old < 0, kept, THRESHOLD_BETA * old + (1 - THRESHOLD_BETA) * kept)
         ok = active & torch.isfinite(kept)
