@@ -172,3 +172,19 @@ def test_harvest_on_cuda_matches_cpu(tmp_path):
     for hook in cpu:
         for a, b in zip(store_rows(cpu[hook]), store_rows(gpu[hook]), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # fp16 stores; TF32-free fp32
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_stream_to_cuda_gives_the_host_batches(dtype, tmp_path):
+    """Chunks staged on the GPU (one H2D copy each, gathered there) == the host path's batches."""
+    from sweep.activations.store import BatchStream, Cursor
+    from sweep.activations.synthetic import ensure_synthetic_store
+    from tests.conftest import tiny_data
+
+    store = ensure_synthetic_store(tiny_data(dtype=dtype), tmp_path / "store")
+    host = BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA, on_device=False)
+    staged = BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA)
+    assert staged.on_device
+    pairs = zip(staged.batches(Cursor()), host.batches(Cursor()), strict=True)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in pairs)
+    assert next(staged.batches(Cursor()))[1].device.type == "cuda"

@@ -54,6 +54,9 @@ class Settings:
     ray_seconds: float
     """Target length of one section-5 ensemble (alone, one thread)."""
     ray_ensembles: int
+    feed_chunk: int = 65_536
+    """Rows per chunk of the feed stores (section 3's stream-alone rates, fp16)."""
+    feed_chunks: int = 3
 
 
 FULL = Settings(
@@ -66,18 +69,23 @@ QUICK = Settings(
     min_time=0.1, repeats=1, small_k=(8,), large_k=(2,),
     store_rows=40_000, store_chunk=8_192, eval_rows=4_096,
     ckpt_chunk=16_384, ckpt_seconds=1.0, ckpt_repeats=1,
-    ckpt_periodic=2, ray_seconds=1.5, ray_ensembles=4,
+    ckpt_periodic=2, ray_seconds=1.5, ray_ensembles=4, feed_chunk=8_192, feed_chunks=2,
 )  # fmt: skip
+FEED_WIDTHS = (512, 2304)
+"""Issue 9's widths for the stream-alone rate (targets 5M and 1M rows/s on a GPU)."""
 
 
-def make_store(path: Path, rows: int, chunk: int, eval_rows: int) -> ChunkStore:
+def make_store(
+    path: Path, rows: int, chunk: int, eval_rows: int, width: int = SMALL.d, dtype: str = "float32"
+) -> ChunkStore:
     cfg = SyntheticDataConfig(
-        width=SMALL.d,
-        n_features=SMALL.m,
+        width=width,
+        n_features=SMALL.m if width == SMALL.d else 4 * width,
         rows=rows,
         rows_per_chunk=chunk,
         eval_rows=eval_rows,
         seed=0,
+        dtype=dtype,
     )
     store = ensure_synthetic_store(cfg, path)
     store.verify()  # as `sweep run` does before training (the stream then skips per-chunk scans)
@@ -93,8 +101,12 @@ class Stores:
 
     def get(self, kind: str) -> ChunkStore:
         """``stream``: many small chunks; ``ckpt``: two full training chunks of the synthetic
-        default size, then the eval rows."""
+        default size, then the eval rows; ``feed-<width>``: fp16 chunks of that width."""
         st = self.st
+        if kind not in self.made and kind.startswith("feed-"):
+            rows = st.feed_chunks * st.feed_chunk + st.eval_rows
+            path, width = self.root / f"store-{kind}", int(kind.split("-")[1])
+            self.made[kind] = make_store(path, rows, st.feed_chunk, st.eval_rows, width, "float16")
         if kind not in self.made:
             if kind == "stream":
                 rows, chunk = st.store_rows, st.store_chunk

@@ -1,5 +1,6 @@
 """Section 3, streamed vs in-memory: one ensemble trained from ``BatchStream`` over an on-disk
-chunk store vs from a pre-shuffled tensor already in memory."""
+chunk store vs from a pre-shuffled tensor already in memory; and the stream alone (every
+batch delivered to the device, no training) at issue 9's widths, fp16 stores."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from sweep.activations.store import BatchStream, ChunkStore, Cursor
 from sweep.ensemble import Ensemble
 
-from .common import SMALL, Context
+from .common import FEED_WIDTHS, SMALL, Context
 from .ensembles import init_members, l1_grid, make_ensemble
 from .timing import Seconds, fmt_rate, med, speedup, table, verdict
 
@@ -55,7 +56,33 @@ def run(ctx: Context) -> dict:
             ens = make_ensemble(members, l1s)  # fresh, identical start for every run
             secs[name].append(ctx.timer.wall(lambda train=train, ens=ens: train(ens)))
     alone = ctx.timer.wall(lambda: [None for _ in stream.batches(Cursor())])  # reading only
-    return report(store, steps, bs, secs, alone)
+    return {**report(store, steps, bs, secs, alone), "feed": feed_alone(ctx)}
+
+
+FEED_TARGETS = {512: 5e6, 2304: 1e6}
+"""Rows/s the stream must deliver to a GPU alone (issue 9)."""
+
+
+def feed_alone(ctx: Context) -> list[dict]:
+    """Rows/s of the stream alone into the device at each width (page cache warm: one pass
+    first), batch 4096, the median of the repeats."""
+    out = []
+    for width in FEED_WIDTHS:
+        store = ctx.stores.get(f"feed-{width}")
+        stream = BatchStream(store, 4096, 0, 1, ctx.st.eval_rows, 1.0, ctx.device)
+        drain = lambda s=stream: [None for _ in s.batches(Cursor())]  # noqa: E731
+        drain()
+        secs = [ctx.timer.wall(drain) for _ in range(ctx.st.repeats)]
+        rows = stream.total_steps * 4096
+        out.append({"width": width, "rows": rows, "seconds": secs, "rows_per_s": rows / med(secs)})
+    rows = []
+    for r in out:
+        target = FEED_TARGETS[r["width"]]
+        ok = verdict(r["rows_per_s"] / target, 1.0) if ctx.device.type == "cuda" else "GPU target"
+        rows.append([str(r["width"]), fmt_rate(r["rows_per_s"]), f">= {fmt_rate(target)}: {ok}"])
+    print(f"  the stream alone into {ctx.device.type} (fp16 stores, batch 4096):")
+    table(["width", "rows/s", "target (GPU)"], rows)
+    return out
 
 
 def report(store: ChunkStore, steps: int, bs: int, secs: Seconds, alone: float) -> dict:

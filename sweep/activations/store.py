@@ -248,6 +248,30 @@ class ChunkStore:
             )
         return x
 
+    def staged_bytes(self) -> int:
+        """Device memory of the batch stream on a GPU: two chunks (the one training and the
+        next, copied ahead) and their row orders (int64)."""
+        rows = max(int(c["rows"]) for c in self.chunks)
+        return 2 * rows * (self.width * np.dtype(numpy_dtype(self.dtype)).itemsize + 8)
+
+    def read_into(self, index: int, out: torch.Tensor) -> torch.Tensor:
+        """The first ``len(out)`` rows of chunk ``index``, read from the file straight into
+        ``out`` (a contiguous CPU tensor of the store dtype, e.g. a pinned staging buffer):
+        one copy, no intermediate array. Returns ``out``."""
+        f = self.path / self.chunks[index]["file"]
+        try:
+            offset = np.load(f, mmap_mode="r", allow_pickle=False).offset
+            view = out.view(torch.uint16) if self.dtype == "bfloat16" else out
+            buf = memoryview(view.numpy()).cast("B")
+            with open(f, "rb") as fh:
+                fh.seek(offset)
+                got = fh.readinto(buf)
+        except (ValueError, OSError) as err:
+            raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
+        if got != len(buf):
+            raise StoreError(f"chunk {f} is truncated; regenerate the store")
+        return out
+
     def _signature(self) -> list:
         return [[c["file"], *self._stat(c["file"])] for c in self.chunks]
 
@@ -369,8 +393,14 @@ class BatchStream:
     Chunk order per epoch and row order within each chunk come from numpy generators seeded
     by ``(seed, epoch)`` and ``(seed, epoch, chunk)``. Batches never cross a chunk boundary;
     the remainder of a chunk smaller than one batch is skipped. The last ``eval_rows`` rows of
-    the store are never trained on. The next chunk is read and shuffled in a background
-    thread while the current one trains.
+    the store are never trained on. The next chunk is read in a background thread while the
+    current one trains.
+
+    On CPU that thread also applies the row order (a gather from the memory-mapped file). On
+    a GPU (``on_device``) it reads the chunk in file order into a reused pinned buffer, makes
+    ONE host-to-device copy of it (and of its row order) on a side stream, and every batch is
+    gathered and scaled on the device: no per-batch host work. Both give the same batches,
+    bit for bit.
     """
 
     def __init__(
@@ -382,9 +412,13 @@ class BatchStream:
         eval_rows: int,
         scale: float = 1.0,
         device: torch.device | str = "cpu",
+        on_device: bool | None = None,
     ) -> None:
         self.store, self.batch_size, self.seed, self.epochs = store, batch_size, seed, epochs
         self.scale, self.device = scale, torch.device(device)
+        self.on_device = self.device.type != "cpu" if on_device is None else on_device
+        """Stage whole chunks on the device and gather batches there (default: off the CPU)."""
+        self._staging = _Staging(store, self.device) if self.on_device else None
         self._orders: dict[int, list[int]] = {}
         self._check = not store.is_verified()  # a verified store was already scanned for NaN/inf
         self.batches_per_chunk = batches_per_chunk(store, batch_size, eval_rows)
@@ -409,18 +443,22 @@ class BatchStream:
             self._orders[epoch] = [i for i in perm if self.batches_per_chunk[i] > 0]
         return self._orders[epoch]
 
-    def _load(self, epoch: int, index: int) -> torch.Tensor:
-        """Chunk ``index`` shuffled for ``epoch`` (runs in the prefetch thread)."""
-        rows = self.train_rows[index]
+    def _row_order(self, epoch: int, index: int) -> np.ndarray:
         # numpy, not torch.randperm: a torch op here would start a second OpenMP team in this
         # thread whose spinning workers steal the training threads' cores (scripts/bench.py)
-        order = np.random.default_rng(_seed(self.seed, 1, epoch, index)).permutation(rows)
-        x = self.store.read_rows(
-            index, 0, rows, order=order, check=self._check
-        )  # (rows, d) shuffled
+        rows = self.train_rows[index]
+        return np.random.default_rng(_seed(self.seed, 1, epoch, index)).permutation(rows)
+
+    def _load(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunk ``index`` for ``epoch`` (runs in the prefetch thread): its rows shuffled, or,
+        on the device, its rows in file order and the order to take them in."""
+        order = self._row_order(epoch, index)
+        if self._staging is not None:
+            return self._staging.load(index, order, check=self._check)
+        x = self.store.read_rows(index, 0, len(order), order=order, check=self._check)
         if self.device.type == "cuda":
             x = x.pin_memory()
-        return x
+        return x, None  # (rows, d) shuffled
 
     def batches(self, start: Cursor) -> Iterator[tuple[Cursor, torch.Tensor]]:
         """Yield ``(cursor_after, x)`` from ``start`` to the end; ``x``: (B, d) float32 on device."""
@@ -435,15 +473,21 @@ class BatchStream:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch") as pool:
             pending = pool.submit(self._load, plan[0][0], plan[0][2]) if plan else None
             for k, (epoch, pos, index) in enumerate(plan):
-                chunk = pending.result()  # type: ignore[union-attr]
+                chunk, order = pending.result()  # type: ignore[union-attr]
                 if k + 1 < len(plan):
                     pending = pool.submit(self._load, plan[k + 1][0], plan[k + 1][2])
                 first = start.batch if (epoch, pos) == (start.epoch, start.chunk) else 0
-                n = self.batches_per_chunk[index]
-                for b in range(first, n):
-                    x = chunk[b * self.batch_size : (b + 1) * self.batch_size]  # (B, d)
-                    x = x.to(self.device, non_blocking=True).float() * self.scale
-                    yield self._next(Cursor(epoch, pos, b)), x
+                for b in range(first, self.batches_per_chunk[index]):
+                    yield self._next(Cursor(epoch, pos, b)), self._batch(chunk, order, b)
+
+    def _batch(self, chunk: torch.Tensor, order: torch.Tensor | None, b: int) -> torch.Tensor:
+        """Batch ``b`` of a loaded chunk: (B, d) float32 on the device, scaled."""
+        at = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        if order is None:
+            x = chunk[at].to(self.device, non_blocking=True)  # (B, d), already shuffled
+        else:
+            x = chunk.index_select(0, order[at])  # (B, d) gathered on the device
+        return x.float() * self.scale
 
     def _next(self, at: Cursor) -> Cursor:
         """The cursor after the batch at ``at``."""
@@ -453,3 +497,49 @@ class BatchStream:
         if at.chunk + 1 < sum(1 for n in self.batches_per_chunk if n > 0):
             return Cursor(at.epoch, at.chunk + 1, 0)
         return Cursor(at.epoch + 1, 0, 0)
+
+
+class _Staging:
+    """Whole chunks to the device: a reused pinned host buffer (sized for the largest chunk),
+    one read from the file into it, one host-to-device copy on a side stream, waited for in
+    the prefetch thread (so the buffer is free again and the chunk complete on return)."""
+
+    def __init__(self, store: ChunkStore, device: torch.device) -> None:
+        self.store, self.device = store, device
+        self.cuda = device.type == "cuda"
+        self._host: torch.Tensor | None = None
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        need = max(int(c["rows"]) for c in self.store.chunks)
+        if self._host is None:
+            self._host = torch.empty(
+                need, self.store.width, dtype=torch_dtype(self.store.dtype), pin_memory=self.cuda
+            )
+        return self._host[:rows]
+
+    def load(self, index: int, order: np.ndarray, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk ``index``'s first ``len(order)`` rows (file order) and ``order``, on the device."""
+        host = self.store.read_into(index, self._buffer(len(order)))  # (rows, d)
+        idx = torch.from_numpy(order)  # (rows,) int64
+        if not self.cuda:
+            rows = host.to(self.device, copy=True)
+            return self._checked(rows, index, check), idx.to(self.device)
+        with torch.cuda.stream(self._stream):
+            rows = host.to(self.device, non_blocking=True)
+            idx = idx.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        done.synchronize()
+        main = torch.cuda.current_stream(self.device)
+        rows.record_stream(main)  # used (and freed) on the training stream
+        idx.record_stream(main)
+        return self._checked(rows, index, check), idx
+
+    def _checked(self, rows: torch.Tensor, index: int, check: bool) -> torch.Tensor:
+        if check and not bool(torch.isfinite(rows).all()):
+            f = self.store.path / self.store.chunks[index]["file"]
+            raise StoreError(
+                f"chunk {f} contains NaN or inf values; regenerate or repair the store"
+            )
+        return rows
