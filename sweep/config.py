@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -456,8 +456,10 @@ class LaunchConfig:
     """GPUs the local Ray instance may use (None = detect)."""
     cpus_per_ensemble: float = 0
     """CPUs each ensemble task asks Ray for; 0 = all local CPUs when training on CPU, 1 on GPU."""
-    gpus_per_ensemble: float = 1
-    """GPUs each ensemble task asks for when training on GPU (fractions share a GPU)."""
+    gpus_per_ensemble: Union[int, float, str] = "auto"  # noqa: UP007 (OmegaConf needs Union)
+    """GPUs each ensemble task asks for when training on GPU: a number (fractions share a
+    GPU) or ``auto``: each ensemble's share from its memory and modelled load
+    (:mod:`sweep.packing`), so small ensembles share a GPU."""
     device_memory_gb: float = 0
     """Memory budget per ensemble for the memory model; 0 = detect."""
     max_retries: int = 2
@@ -470,9 +472,10 @@ class LaunchConfig:
             self.cpus_per_ensemble >= 0,
             f"launch.cpus_per_ensemble must be >= 0, got {self.cpus_per_ensemble}",
         )
+        share = self.gpus_per_ensemble
         _require(
-            self.gpus_per_ensemble > 0,
-            f"launch.gpus_per_ensemble must be > 0, got {self.gpus_per_ensemble}",
+            share == "auto" or (not isinstance(share, str) and share > 0),
+            f"launch.gpus_per_ensemble must be a number > 0 or auto, got {share}",
         )
         _require(self.max_retries >= 0, f"launch.max_retries must be >= 0, got {self.max_retries}")
         _require(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import launcher, planning
+from sweep import launcher, packing, planning
 from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -38,6 +38,17 @@ details = logging.getLogger("sweep.details")  # to sweep.log only, never the ter
 details.propagate = False
 
 STOP_GRACE = 30.0  # seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT
+STALE_TEMP_SECONDS = 600.0
+"""A temp file in the sweep folder younger than this may be a live ``sweep report`` write."""
+STOP_WRITE_RATE = 100e6
+"""Bytes/s a stop checkpoint is assumed to reach on a slow shared filesystem: the wait grows
+with what the ensembles must write (parameters and both Adam moments, fp32)."""
+
+
+def stop_grace(ensembles: list[EnsembleSpec]) -> float:
+    """Seconds to wait for these ensembles' stop checkpoints."""
+    n_params = sum(len(e.members) * 2 * e.dict_size * (e.members[0].width + 1) for e in ensembles)
+    return STOP_GRACE + 3 * 4 * n_params / STOP_WRITE_RATE
 
 
 def prepare_store(cfg: SweepConfig) -> ChunkStore:
@@ -133,7 +144,7 @@ def _train(
     signals = outcome.signals
     assert signals is not None
     folder.clear_stop()  # left by an earlier, stopped driver
-    remove_stale_temps(folder.path)
+    remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
     with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
         import ray
 
@@ -141,7 +152,8 @@ def _train(
         res = launcher.Resources(cfg, ray.cluster_resources())
         cfg = replace(cfg, train=replace(cfg.train, dtype=_compute_dtype(cfg, res)))
         planning.check_compatible(folder, cfg)
-        p = planning.plan(cfg, store.width, res.device_bytes, res.on_gpu)
+        budget = res.device_bytes - (store.staged_bytes() if res.on_gpu else 0)
+        p = planning.plan(cfg, store.width, budget, res.on_gpu)
         _write_sweep_files(folder, cfg, p, store)
         if p.skipped:
             log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
@@ -263,9 +275,8 @@ class _Execution:
         self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
         stop_file = str(self.folder.stop_file.absolute())
         jobs = {e: (self._job(e), self.counter, stop_file) for e in self.plan.ensembles}
-        lc = self.cfg.launch
         refs = launcher.submit(
-            launcher.train_task, jobs, self.res.num_cpus, self.res.num_gpus, lc.max_retries
+            launcher.train_task, jobs, self.res.num_cpus, self._gpus(), self.cfg.launch.max_retries
         )
         self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
         with tqdm(
@@ -277,6 +288,19 @@ class _Execution:
             if not self.outcome.failures and not self.outcome.signum:
                 bar.n = n_rows
 
+    def _gpus(self) -> float | dict[EnsembleSpec, float]:
+        """What each ensemble asks for: the configured GPUs, or with ``auto`` its own share."""
+        if not self.res.auto_share:
+            return self.res.num_gpus
+        t, stream = self.cfg.train, self.store.staged_bytes()
+        shares = {
+            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream)
+            for e in self.plan.ensembles
+        }
+        named = {e.ensemble_id: s for e, s in shares.items()}
+        log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
+        return shares
+
     def _tick(self, pending: list[EnsembleSpec]) -> bool:
         """Between waits: heartbeat, progress, and on a signal the stop (False: stop waiting)."""
         self.lock.heartbeat()
@@ -287,7 +311,7 @@ class _Execution:
         if not signals or not signals.signum:
             return True
         if not self.deadline:  # the stop file is written: running tasks checkpoint and return
-            self.deadline = time.time() + STOP_GRACE
+            self.deadline = time.time() + stop_grace(pending)
         if time.time() > self.deadline or self._all_checkpointed(pending, signals.when):
             # SLURM signals Ray's own processes too: results may never arrive, but every
             # started ensemble has checkpointed (or is past saving); its run folders hold all.

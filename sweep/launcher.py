@@ -127,10 +127,13 @@ class Resources:
             )
         self.on_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and gpus > 0)
         lc, cpus = cfg.launch, cluster.get("CPU", 1)
+        self.auto_share = self.on_gpu and lc.gpus_per_ensemble == "auto"
+        """Each ensemble's GPU share is chosen by :func:`sweep.packing.gpu_share`."""
         if self.on_gpu:
-            self.num_gpus, self.num_cpus = lc.gpus_per_ensemble, lc.cpus_per_ensemble or 1
-            per_gpu = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
-            self.device_bytes = per_gpu * min(1.0, lc.gpus_per_ensemble)
+            share = 1.0 if self.auto_share else float(lc.gpus_per_ensemble)
+            self.num_gpus, self.num_cpus = share, lc.cpus_per_ensemble or 1
+            self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
+            self.device_bytes = self.gpu_bytes * min(1.0, share)
         else:
             self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or cpus
             concurrent = max(1, math.floor(cpus / self.num_cpus))
@@ -152,16 +155,22 @@ def submit(
     fn: Callable[..., Any],
     jobs: dict[K, tuple],
     num_cpus: float,
-    num_gpus: float,
+    num_gpus: float | dict[K, float],
     max_retries: int,
 ) -> dict[Any, K]:
-    """One Ray task per job (``key -> args``); returns object ref -> key."""
+    """One Ray task per job (``key -> args``), each asking for ``num_gpus`` (one value, or
+    one per key); returns object ref -> key."""
     import ray
 
-    task = ray.remote(fn).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries, retry_exceptions=False
-    )
-    return {task.remote(*args): key for key, args in jobs.items()}
+    remote = ray.remote(fn)
+    refs = {}
+    for key, args in jobs.items():
+        gpus = num_gpus[key] if isinstance(num_gpus, dict) else num_gpus
+        task = remote.options(
+            num_cpus=num_cpus, num_gpus=gpus, max_retries=max_retries, retry_exceptions=False
+        )
+        refs[task.remote(*args)] = key
+    return refs
 
 
 @dataclass
@@ -212,6 +221,7 @@ def placement() -> dict:
         "host": socket.gethostname(),
         "node_id": ctx.get_node_id(),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "gpu_share": float(ctx.get_assigned_resources().get("GPU", 0.0)),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "pid": os.getpid(),
     }

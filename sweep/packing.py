@@ -1,0 +1,55 @@
+"""``launch.gpus_per_ensemble=auto``: how much of a GPU each ensemble asks Ray for.
+
+Ray runs tasks whose GPU shares add up to at most 1 on the same GPU. Two processes on one GPU
+time-slice it: sharing pays when an ensemble alone leaves the GPU idle part of the time (its
+step is too small to hide the host's kernel launches; start-up, evaluation and writes) and
+costs nothing but memory otherwise. So each ensemble asks for the smallest share in
+:data:`SHARES` that holds its memory (the memory model of :func:`sweep.grid.bytes_per_member`
+plus the batch stream's staged chunks) and covers its modelled GPU load: the time its step's
+GEMMs keep the GPU busy over the time the host needs to issue the step,
+
+    load = min(1, (12 * B * d * m * E / SUSTAINED_FLOPS[dtype]) / HOST_SECONDS_PER_STEP).
+
+The constants are modelled from the H200 figures in issue 10 (the step reaches 0.3-0.55 of
+the bf16 peak; ~100 launches per step); scripts/benchmarks/e2e.py reports what auto chose
+against fixed shares on a GPU, which is what tunes them.
+"""
+
+from __future__ import annotations
+
+from sweep.grid import EnsembleSpec, bytes_per_member
+
+SHARES = (0.25, 0.5, 1.0)
+"""GPU shares auto chooses from (four ensembles per GPU at most)."""
+SUSTAINED_FLOPS = {"bfloat16": 3e14, "float16": 3e14, "tf32": 1.5e14, "float32": 4e13}
+"""FLOP/s an ensemble step sustains on a current datacenter GPU, by compute dtype."""
+HOST_SECONDS_PER_STEP = 1e-3
+"""Host time to issue one ensemble step (kernel launches and Python), which a step whose
+GPU time is shorter cannot hide."""
+MEMORY_USE = 0.8
+"""Share of a GPU's memory the memory model may plan for (as :func:`sweep.grid.member_budget`)."""
+
+
+def gpu_load(width: int, dict_size: int, batch: int, members: int, dtype: str) -> float:
+    """Modelled fraction of the time one ensemble alone keeps a GPU busy while training."""
+    flops = 12.0 * batch * width * dict_size * members  # nominal: 6 GEMMs forward + backward
+    gpu_seconds = flops / SUSTAINED_FLOPS.get(dtype, SUSTAINED_FLOPS["float32"])
+    return min(1.0, gpu_seconds / HOST_SECONDS_PER_STEP)
+
+
+def gpu_share(
+    ens: EnsembleSpec, batch: int, dtype: str, gpu_bytes: float, stream_bytes: float = 0.0
+) -> float:
+    """The GPU share ``ens`` asks for: the smallest of :data:`SHARES` covering its memory
+    (``stream_bytes``: the batch stream's chunks staged on the device) and its load."""
+    width, members = ens.members[0].width, len(ens.members)
+    memory = members * bytes_per_member(width, ens.dict_size, batch, dtype) + stream_bytes
+    need = max(
+        memory / (MEMORY_USE * gpu_bytes), gpu_load(width, ens.dict_size, batch, members, dtype)
+    )
+    return next((s for s in SHARES if s >= need), 1.0)
+
+
+def describe(shares: dict[str, float]) -> str:
+    """``r32-e0 1, r4-e0 0.25`` for the log."""
+    return ", ".join(f"{name} {share:g}" for name, share in shares.items())

@@ -1,0 +1,57 @@
+"""``launch.gpus_per_ensemble=auto``: small ensembles share a GPU, large or memory-heavy ones
+get it whole; what each ensemble asked Ray for is in its runs' placement.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sweep import grid, packing
+from sweep.config import ConfigError, LaunchConfig
+from tests.test_sweep_e2e import sweep
+
+GiB = 2**30
+
+
+def ensemble(width: int, ratio: int, members: int) -> grid.EnsembleSpec:
+    runs = grid.expand([1e-3 * (i + 1) for i in range(members)], [ratio], 1, width, "untied")
+    return grid.group(runs, {ratio: members})[0]
+
+
+def test_small_ensembles_share_a_gpu_and_large_ones_do_not():
+    tiny = ensemble(128, 4, 8)  # 128 x 512: launch-bound
+    big = ensemble(768, 32, 8)  # 768 x 24576: GEMM-bound
+    assert packing.gpu_share(tiny, 1024, "bfloat16", 140 * GiB) == 0.25
+    assert packing.gpu_share(big, 4096, "bfloat16", 140 * GiB) == 1.0
+    assert (
+        packing.gpu_load(128, 512, 1024, 8, "bfloat16")
+        < 0.25
+        <= packing.gpu_load(768, 24576, 4096, 8, "bfloat16")
+    )
+
+
+def test_memory_sets_the_share_when_the_load_is_small():
+    e = ensemble(128, 4, 8)
+    need = 8 * grid.bytes_per_member(128, 512, 1024, "bfloat16")
+    gpu = need / packing.MEMORY_USE / 0.4  # the members fill 40% of what may be planned
+    assert packing.gpu_share(e, 1024, "bfloat16", gpu) == 0.5
+    assert packing.gpu_share(e, 1024, "bfloat16", gpu, stream_bytes=0.7 * need) == 1.0
+
+
+def test_gpus_per_ensemble_is_auto_by_default_and_checked():
+    assert LaunchConfig().gpus_per_ensemble == "auto"
+    LaunchConfig(gpus_per_ensemble=0.5).check()
+    for bad in (0, -1, "half"):
+        with pytest.raises(ConfigError, match="gpus_per_ensemble must be a number > 0 or auto"):
+            LaunchConfig(gpus_per_ensemble=bad).check()
+
+
+def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path):
+    """The shared test cluster's fake GPUs: tiny ensembles ask for a quarter of one; a fixed
+    fraction is asked for as given."""
+    assert sweep(tmp_path, "grid.l1=[1e-2,1e-1]", "grid.dict_ratio=[1,2]", name="auto") == 0
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "launch.gpus_per_ensemble=0.5", name="half") == 0
+    for name, want in (("auto", 0.25), ("half", 0.5)):
+        for run in (tmp_path / name / "runs").iterdir():
+            assert json.loads((run / "placement.json").read_text())["gpu_share"] == want
