@@ -3,6 +3,7 @@ run folder's final files (weights, ``cfg.json``, metrics, feature density, ``DON
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,27 +59,34 @@ def health_note(m: dict) -> str:
     return ""
 
 
-def _member_metrics(
-    params: sae.Params,
-    x_eval: torch.Tensor,
-    gt: torch.Tensor | None,
-    lm_eval: lm_metrics.LMEval | None,
-    cfg: dict,
-    device: torch.device,
-) -> tuple[dict, torch.Tensor]:
-    arch, k = cfg["architecture"], int(cfg.get("k") or 0)
-    on_device = {name: v.to(device) for name, v in params.items()}
-    m, freq = metrics.evaluate_with_frequency(on_device, x_eval, arch=arch, k=k)
+def _metrics_of_members(
+    ens: Ensemble, cfgs: list[dict], x_eval: torch.Tensor, gt: torch.Tensor | None
+) -> list[tuple[dict, torch.Tensor]]:
+    """Every member judged on the held-out rows in one pass on the ensemble's device
+    (:func:`sweep.metrics.evaluate_members`), plus ground-truth recovery there."""
+    judged = [
+        metrics.Judged(
+            _member_tensors(ens, e, x_eval.device), c["architecture"], int(c.get("k") or 0)
+        )
+        for e, c in enumerate(cfgs)
+    ]
+    out = metrics.evaluate_members(judged, x_eval)
     if gt is not None:
-        m.update(metrics.ground_truth_metrics(params, gt, arch))
-    m.update(lm_metrics.member_metrics(lm_eval, params, cfg))
-    return m, freq
+        gt_dev = gt.to(x_eval.device)
+        for (m, _), j in zip(out, judged, strict=True):
+            m.update(metrics.ground_truth_metrics(j.params, gt_dev, j.arch))
+    return out
+
+
+def _member_tensors(ens: Ensemble, e: int, device: torch.device) -> sae.Params:
+    """Member ``e``'s parameters and architecture buffers, float32 on ``device``."""
+    kept = {**ens.params, **{k: ens.buffers[k] for k in ens.arch.buffers}}
+    return {k: v[e].detach().float().to(device) for k, v in kept.items()}
 
 
 def _saved_tensors(ens: Ensemble, e: int) -> sae.Params:
     """Member ``e``'s weights as saved: its parameters and its architecture's buffers."""
-    kept = {**ens.params, **{k: ens.buffers[k] for k in ens.arch.buffers}}
-    return {k: v[e].detach().float().cpu() for k, v in kept.items()}
+    return _member_tensors(ens, e, torch.device("cpu"))
 
 
 def finish_members(
@@ -89,17 +97,21 @@ def finish_members(
     diverged_at: list[int],
     ev: EvalSetting,
     tracker: RunLogger,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, str]:
-    """Evaluate and finalise every member; returns run_id -> done | diverged."""
+    """Evaluate and finalise every member; returns run_id -> done | diverged. ``timings``
+    gets ``write``: the seconds spent writing the final files."""
     x_eval = ev.store.tail_rows(ev.eval_rows).to(ev.device).float() * ev.scale
     gt = ev.store.ground_truth()
     lm_eval = lm_metrics.LMEval.for_store(ev.store, ev.device, ev.lm_eval_tokens)
     provenance = ev.store.provenance.get("source_info", {})
     states = {}
-    for e, (run, folder) in enumerate(zip(runs, folders, strict=True)):
+    cfgs = [sae.run_cfg(r, ev.scale, str(ev.store.path), provenance, ens.arch) for r in runs]
+    judged = _metrics_of_members(ens, cfgs, x_eval, gt)
+    for e, (run, folder, cfg) in enumerate(zip(runs, folders, cfgs, strict=True)):
         params = _saved_tensors(ens, e)
-        cfg = sae.run_cfg(run, ev.scale, str(ev.store.path), provenance, ens.arch)
-        m, freq = _member_metrics(params, x_eval, gt, lm_eval, cfg, ev.device)
+        m, freq = judged[e]
+        m.update(lm_metrics.member_metrics(lm_eval, params, cfg))
         diverged = diverged_at[e] if diverged_at[e] >= 0 else None
         state = "done" if diverged is None else "diverged"
         trained = step if diverged is None else diverged
@@ -109,9 +121,12 @@ def finish_members(
         note = health_note(m)
         if note:
             m["note"] = note
+        t0 = time.perf_counter()
         folder.finish(
             FinalResult(save(params), density_bytes(freq, x_eval.shape[0]), cfg, m, diverged)
         )
+        if timings is not None:
+            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
         states[run.run_id] = state
         tracker.summary(run.run_id, m)
     for folder in folders:  # only now: a crash above leaves every member its end checkpoint

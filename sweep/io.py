@@ -6,10 +6,12 @@ reader sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -51,13 +53,18 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temps(folder: str | Path) -> int:
+def remove_stale_temps(folder: str | Path, older_than: float = 0.0) -> int:
     """Delete the temp files of writes that were killed midway (only where no other process
-    writes: a run folder, the sweep folder or a store under the caller's lock); returns how many."""
-    n = 0
+    writes under the caller's lock: a run folder, a store); returns how many. ``older_than``
+    (seconds) spares younger ones: in the sweep folder ``sweep report`` may be writing
+    ``summary.csv`` without the lock."""
+    n, now = 0, time.time()
     for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        n += 1
+        with contextlib.suppress(FileNotFoundError):
+            if older_than and now - tmp.stat().st_mtime < older_than:
+                continue
+            tmp.unlink()
+            n += 1
     return n
 
 

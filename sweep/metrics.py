@@ -9,6 +9,7 @@ that space's units; the ratios (``fvu``, ``explained_variance``, ``cossim``, ``l
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -88,8 +89,7 @@ def evaluate_with_frequency(
     """:func:`evaluate`'s metrics and each feature's firing frequency on ``x_ND``: (F,) float64.
 
     Codes are the inference-time codes of architecture ``arch`` (``k`` for TopK; BatchTopK
-    and JumpReLU use the thresholds in ``params``). One pass over the rows in blocks of
-    ``batch``; the sums are kept on the rows' device (float64) and read back once.
+    and JumpReLU use the thresholds in ``params``). See :func:`evaluate_members`.
 
     Metrics (``x`` a row, ``x̂`` its reconstruction, ``f`` its codes, ``p_i`` latent ``i``'s
     firing frequency; names after SAEBench's core eval where it has one):
@@ -108,37 +108,73 @@ def evaluate_with_frequency(
     - ``normalized_freq_over_1_percent`` / ``normalized_freq_over_10_percent``: Σ p over the
       latents with p above 1% / 10%, divided by Σ p (0 when nothing fires)
     """
+    return evaluate_members([Judged(params, arch, k)], x_ND, batch)[0]
+
+
+class Judged(NamedTuple):
+    """One dictionary to evaluate: its parameters (on the rows' device), architecture, k."""
+
+    params: Params
+    arch: str = "untied"
+    k: int = 0
+
+
+@torch.no_grad()
+def evaluate_members(
+    members: list[Judged], x_ND: torch.Tensor, batch: int = 4096
+) -> list[tuple[dict[str, float], torch.Tensor]]:
+    """:func:`evaluate_with_frequency` of every member of an ensemble (one dictionary size) in
+    ONE pass over the rows (blocks of ``batch``, each block judged by every member in turn),
+    the sums kept on the rows' device (float64) and read back once for all members."""
     n, _ = x_ND.shape
-    # sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat>
-    sums = torch.zeros(7, dtype=torch.float64, device=x_ND.device)
-    fires = None
     mean = x_ND.mean(dim=0)
     total_var = float((x_ND - mean).pow(2).sum())
+    sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 7)
+    fires: list[torch.Tensor | int] = [0] * len(members)
     for at in range(0, n, batch):
         x = x_ND[at : at + batch]  # (b, D)
-        codes = sae.encode(params, x, arch, k)  # (b, F)
-        x_hat = sae.decode(params, codes, arch)  # (b, D)
-        on = codes != 0  # (b, F)
-        norm_in = x.norm(dim=1)  # (b,)
-        norm_out = x_hat.norm(dim=1)  # (b,)
-        dot = (x * x_hat).sum(dim=1)  # (b,)
-        cos = dot / (norm_in.clamp_min(COS_EPS) * norm_out.clamp_min(COS_EPS))  # (b,)
-        ratio = norm_out / torch.where(norm_in < L2_RATIO_MIN_NORM, 1.0, norm_in)  # (b,)
-        parts = [
-            (x_hat - x).pow(2).sum(),
-            codes.abs().sum(),
-            on.sum(),
-            cos.sum(),
-            ratio.sum(),
-            norm_out.pow(2).sum(),
-            dot.sum(),
-        ]
-        sums += torch.stack([p.double() for p in parts])
-        fires = on.sum(dim=0) if fires is None else fires + on.sum(dim=0)
-    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum = sums.tolist()
-    freq = fires.double().cpu() / n  # (F,)
+        for e, m in enumerate(members):
+            block, on_F = _block_sums(m, x)
+            sums[e] += block
+            fires[e] = fires[e] + on_F
+    host, freq_EF = sums.cpu(), torch.stack(fires).double().cpu() / n  # type: ignore[arg-type]
+    return [
+        (_summary(h.tolist(), f, x_ND, total_var), f) for h, f in zip(host, freq_EF, strict=True)
+    ]
+
+
+N_SUMS = 7
+"""sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat> (summed over rows)."""
+
+
+def _block_sums(m: Judged, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(7,) float64 sums of one block of rows, and each latent's firing count (F,)."""
+    codes = sae.encode(m.params, x, m.arch, m.k)  # (b, F)
+    x_hat = sae.decode(m.params, codes, m.arch)  # (b, D)
+    on = codes != 0  # (b, F)
+    norm_in = x.norm(dim=1)  # (b,)
+    norm_out = x_hat.norm(dim=1)  # (b,)
+    dot = (x * x_hat).sum(dim=1)  # (b,)
+    cos = dot / (norm_in.clamp_min(COS_EPS) * norm_out.clamp_min(COS_EPS))  # (b,)
+    ratio = norm_out / torch.where(norm_in < L2_RATIO_MIN_NORM, 1.0, norm_in)  # (b,)
+    parts = [
+        (x_hat - x).pow(2).sum(),
+        codes.abs().sum(),
+        on.sum(),
+        cos.sum(),
+        ratio.sum(),
+        norm_out.pow(2).sum(),
+        dot.sum(),
+    ]
+    return torch.stack([p.double() for p in parts]), on.sum(dim=0)
+
+
+def _summary(sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_var: float) -> dict:
+    """The metrics of one member from its row sums and firing frequencies."""
+    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum = sums
+    n = x_ND.shape[0]
     fvu = sq_err / max(total_var, 1e-12)
-    summary = {
+    return {
         "mse": sq_err / x_ND.numel(),
         "fvu": fvu,
         "l1_norm": l1 / n,
@@ -152,7 +188,6 @@ def evaluate_with_frequency(
         "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,
         **density_summary(freq),
     }
-    return summary, freq
 
 
 def density_summary(freq_F: torch.Tensor) -> dict[str, float]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep import checkpoints
+from sweep.errors import SweepError
 from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -200,10 +201,16 @@ class RunFolder:
         return (self.path / WEIGHTS).is_file()
 
     def weights(self) -> dict:
-        """The final weights (training space): {name: tensor}."""
+        """The final weights (training space): {name: tensor}; a damaged file is one line."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(self.path / WEIGHTS))
+        try:
+            return load_file(str(self.path / WEIGHTS))
+        except (SafetensorError, OSError) as err:
+            raise SweepError(
+                f"run {self.run_id}: {WEIGHTS} is unreadable ({err}); re-run its sweep to retrain it"
+            ) from err
 
     def density(self) -> dict | None:
         """Feature-density tensors (see :func:`sweep.metrics.density_tensors`), if written."""

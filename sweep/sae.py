@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from sweep import archs, rundir
 from sweep.archs import Architecture, Hyper, Params
+from sweep.errors import SweepError
 
 if TYPE_CHECKING:
     from sweep.grid import RunSpec
@@ -218,6 +219,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: not a finished sweep run folder")
+    if (folder / rundir.DONE).is_file():  # a sweep's run: its weights must verify
+        problem = rundir.RunFolder(folder).final_problem(deep=True)
+        if problem:
+            raise SweepError(f"run {folder}: {problem}; re-run its sweep to train it again")
     cfg = json.loads((folder / rundir.CFG).read_text())
     params = load_file(str(folder / rundir.WEIGHTS), device=str(device))
     return SAE(params, cfg).to(device)

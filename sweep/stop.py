@@ -116,7 +116,11 @@ class DriverSignals:
             self.signum = signum
             exit_now(signum)
         if self.signum:  # a second signal: stop waiting for the workers
-            raise KeyboardInterrupt
+            raise Interrupted(
+                f"stopped by a second {signal.Signals(signum).name} without waiting for the "
+                "ensembles; what they checkpointed is kept: re-run the same command to continue",
+                signum,
+            )
         self.signum, self.when = signum, time.time()
         quietly(lambda: self.on_stop(signum))
         log.warning(

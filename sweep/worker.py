@@ -253,7 +253,7 @@ def _train_and_finish(
     t1 = time.perf_counter()
     diverged = r.diverged_at.tolist()
     states = finish_members(
-        r.ens, at.runs, at.folders, r.step, diverged, at.eval_setting(), at.tracker()
+        r.ens, at.runs, at.folders, r.step, diverged, at.eval_setting(), at.tracker(), at.timings
     )
     at.timings["finalize"] = time.perf_counter() - t1
     return states

@@ -156,6 +156,21 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     _resume_and_compare(sw, rt, reference)
 
 
+def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_factory):
+    """The second signal stops the wait for the ensembles: 128 + that signal, one line, and
+    the sweep still resumes to the uninterrupted result."""
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "r2nd"
+    p = start(sw, rt)
+    wait_for(lambda: curve_len(sw) >= 8)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    got, out = finish(p)
+    assert got == 143, out
+    assert "second SIGTERM" in out and "re-run the same command" in out
+    _resume_and_compare(sw, rt, reference)
+
+
 def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
     p = start(sw, rt, "launch.max_retries=0")
@@ -202,3 +217,31 @@ def test_signals_while_starting_up_exit_cleanly(reference, tmp_path, tmp_path_fa
         assert "Traceback" not in out and "SIGABRT" not in out, out
         time.sleep(0.5)
     _resume_and_compare(sw, rt, reference)
+
+
+def test_stop_grace_grows_with_what_the_ensembles_must_write():
+    from sweep import grid
+    from sweep.driver import STOP_GRACE, stop_grace
+
+    def ens(width: int, ratio: int) -> grid.EnsembleSpec:
+        runs = grid.expand([1e-3, 2e-3], [ratio], 1, width, "untied")
+        return grid.group(runs, {ratio: 2})[0]
+
+    small, big = stop_grace([ens(16, 2)]), stop_grace([ens(2304, 8), ens(2304, 8)])
+    assert STOP_GRACE <= small < STOP_GRACE + 1
+    assert big > STOP_GRACE + 30  # 2 x 2 members of 2304 x 18432: 4 GB at 100 MB/s
+
+
+def test_sweep_start_spares_a_live_temp_file_in_the_sweep_folder(tmp_path):
+    """``sweep report`` writes summary.csv without the lock: a starting driver removes only
+    temp files old enough to be the leftovers of a killed write."""
+    from sweep.driver import STALE_TEMP_SECONDS
+    from sweep.io import remove_stale_temps
+
+    live, dead = tmp_path / ".summary.csv.live.tmp", tmp_path / ".summary.csv.dead.tmp"
+    live.write_text("being written")
+    dead.write_text("left by a killed write")
+    old = time.time() - 2 * STALE_TEMP_SECONDS
+    os.utime(dead, (old, old))
+    assert remove_stale_temps(tmp_path, older_than=STALE_TEMP_SECONDS) == 1
+    assert live.exists() and not dead.exists()

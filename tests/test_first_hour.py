@@ -127,6 +127,25 @@ def test_python_api_is_discoverable_and_takes_arrays(finished):
         sae.encode("activations")
 
 
+def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(finished, tmp_path):
+    import shutil
+
+    from sweep import crossdict
+    from sweep.errors import SweepError
+
+    run = tmp_path / "run"
+    shutil.copytree(rundir.run_dir(finished, "r2-l1_1e-03-s0"), run)
+    weights = run / rundir.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped bit in a tensor: same size, wrong content
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SweepError, match="fails its checksum; re-run its sweep"):
+        sweep.load_run(run)
+    weights.write_bytes(b"\0" * len(data))  # the header itself destroyed
+    with pytest.raises(SweepError, match="unreadable .*re-run its sweep"):
+        crossdict.unit_atoms(run, torch.device("cpu"))
+
+
 # ------------------------------------------------------------------ interrupts say what happened
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sweep import rundir
+from sweep.activations.store import VERIFIED
 from sweep.activations.synthetic import ensure_synthetic_store
 from sweep.config import SyntheticDataConfig
 from sweep.io import read_json
@@ -51,13 +52,18 @@ def plan_for(ctx: Context) -> Plan:
     return Plan(400_000, 64, (2.0, 4.0), 4, 1024, "float32")
 
 
-def make_store(p: Plan, path: Path, device: torch.device) -> tuple[Path, float]:
+def make_store(p: Plan, path: Path, device: torch.device) -> tuple[Path, float, float]:
+    """The store (generated on ``device`` where the generator supports it), the seconds its
+    generation took and the seconds a first verification (sha256 + NaN scan) takes."""
     cfg = SyntheticDataConfig(
         width=p.width, n_features=4 * p.width, rows=p.rows, dtype="float16", eval_rows=16_384
     )
     t0 = time.perf_counter()
-    ensure_synthetic_store(cfg, path).verify()
-    return path, time.perf_counter() - t0
+    store = ensure_synthetic_store(cfg, path)
+    t1 = time.perf_counter()
+    (path / VERIFIED).unlink(missing_ok=True)
+    store.verify()
+    return path, t1 - t0, time.perf_counter() - t1
 
 
 class GpuSampler:
@@ -80,7 +86,7 @@ class GpuSampler:
             self.samples = [float(v) for v in out.split() if v.strip().isdigit()]
 
 
-def run_sweep(p: Plan, store: Path, sweep_dir: Path, ctx: Context) -> float:
+def run_sweep(p: Plan, store: Path, sweep_dir: Path, ctx: Context, share: str = "auto") -> float:
     from sweep.cli import compose
     from sweep.config import to_sweep_config
     from sweep.driver import run_sweep as run
@@ -91,6 +97,7 @@ def run_sweep(p: Plan, store: Path, sweep_dir: Path, ctx: Context) -> float:
         f"grid.dict_ratio=[{','.join(f'{r:g}' for r in p.ratios)}]",
         f"train.batch_size={p.batch}", f"train.dtype={p.dtype}",
         f"train.device={ctx.device.type}", f"train.threads={ctx.threads}", "progress=false",
+        f"launch.gpus_per_ensemble={share}",
     ]  # fmt: skip
     cfg = to_sweep_config(compose(overrides))
     t0 = time.perf_counter()
@@ -106,7 +113,8 @@ def ensemble_timings(sweep_dir: Path) -> dict[str, dict]:
         run = folder.run(run_id)
         e = out.setdefault(entry["ensemble"], {"members": 0, "ratio": entry["dict_ratio"]})
         e["members"] += 1
-        e["timings"] = read_json(run.path / rundir.PLACEMENT)["timings"]
+        placement = read_json(run.path / rundir.PLACEMENT)
+        e["timings"], e["gpu_share"] = placement["timings"], placement.get("gpu_share")
         e["start"] = run.started_at()
     return out
 
@@ -124,37 +132,64 @@ def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
     return p.batch * members / sec
 
 
+SHARES = os.environ.get("SWEEP_E2E_SHARES", "auto")
+"""``launch.gpus_per_ensemble`` values to run the sweep with (comma-separated; the first is
+the one analysed in detail), e.g. ``auto,0.25,0.5,1`` to see how close auto comes to the best
+fixed share."""
+
+
 def run(ctx: Context) -> dict:
     p = plan_for(ctx)
-    store, gen_s = make_store(p, ctx.tmp / "store-e2e", ctx.device)
-    sweep_dir = ctx.tmp / "sweep-e2e"
-    shutil.rmtree(sweep_dir, ignore_errors=True)
-    with GpuSampler(ctx.device) as gpu:
-        t_start = time.time()
-        wall = run_sweep(p, store, sweep_dir, ctx)
-    rows, figures = [], {"plan": p.__dict__, "generation_s": gen_s, "wall_s": wall}
-    train_total = eval_total = 0.0
-    for ens_id, e in sorted(ensemble_timings(sweep_dir).items()):
+    store, gen_s, verify_s = make_store(p, ctx.tmp / "store-e2e", ctx.device)
+    shares = SHARES.split(",")
+    walls, figures = {}, {"plan": p.__dict__, "generation_s": gen_s, "verify_s": verify_s}
+    for share in shares:
+        sweep_dir = ctx.tmp / f"sweep-e2e-{share}"
+        shutil.rmtree(sweep_dir, ignore_errors=True)
+        with GpuSampler(ctx.device) as gpu:
+            t_start = time.time()
+            walls[share] = run_sweep(p, store, sweep_dir, ctx, share)
+        if share == shares[0]:
+            figures.update(analyse(p, sweep_dir, t_start, walls[share], gpu, ctx))
+            figures["chosen"] = {k: e["gpu_share"] for k, e in ensemble_timings(sweep_dir).items()}
+    figures["wall_by_share"] = walls
+    print(f"  store: generated in {gen_s:.1f} s, first verification {verify_s:.1f} s")
+    if len(walls) > 1 or ctx.device.type == "cuda":
+        print(f"  gpus_per_ensemble={shares[0]} chose {figures['chosen']}; wall by share: "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in walls.items()))  # fmt: skip
+    return figures
+
+
+def analyse(
+    p: Plan, sweep_dir: Path, t_start: float, wall: float, gpu: GpuSampler, ctx: Context
+) -> dict:
+    """Per ensemble: training-phase rate vs the pure step, checkpoint share, evaluation and
+    write seconds; and the sweep's wall split."""
+    rows, figures = [], {"wall_s": wall}
+    train_total = eval_total = write_total = 0.0
+    timings = ensemble_timings(sweep_dir)
+    for ens_id, e in sorted(timings.items()):
         t = e["timings"]
         train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0)
         achieved = t["steps"] * p.batch * e["members"] / train_s
         pure = step_rate(p, e["ratio"], e["members"], ctx)
         ckpt = t.get("checkpoint", 0.0) / train_s
-        train_total, eval_total = train_total + train_s, eval_total + t.get("finalize", 0)
+        write = t.get("write", 0.0)
+        train_total += train_s
+        eval_total, write_total = eval_total + t.get("finalize", 0) - write, write_total + write
         figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure}
         rows.append([ens_id, f"{achieved:,.0f}", f"{pure:,.0f}", f"{achieved / pure:.2f}",
-                     f"{ckpt:.4f}", f"{t.get('finalize', 0):.1f}"])  # fmt: skip
-    first = min(e["start"] for e in ensemble_timings(sweep_dir).values())
+                     f"{ckpt:.4f}", f"{t.get('finalize', 0) - write:.1f}", f"{write:.1f}"])  # fmt: skip
+    first = min(e["start"] for e in timings.values())
     figures.update(startup_s=first - t_start, train_s=train_total, eval_s=eval_total)
+    figures["write_s"] = write_total
     figures["gpu_util"] = sum(gpu.samples) / len(gpu.samples) if gpu.samples else None
-    table(
-        ["ensemble", "rows*K/s sweep run", "rows*K/s pure step", "ratio", "ckpt share", "eval s"],
-        rows,
-    )
+    headers = ["ensemble", "rows*K/s sweep run", "rows*K/s pure step", "ratio", "ckpt share"]
+    table([*headers, "eval s", "write s"], rows)
     worst = min(v["ratio"] for k, v in figures.items() if isinstance(v, dict) and "ratio" in v)
-    print(f"  store generation {gen_s:.1f} s; sweep wall {wall:.1f} s: start-up "
-          f"{figures['startup_s']:.1f} s, training {train_total:.1f} s, evaluation {eval_total:.1f} s"
-          f" (ensembles may overlap); GPU utilisation {figures['gpu_util']}")  # fmt: skip
+    print(f"  sweep wall {wall:.1f} s: start-up (Ray, plan) {figures['startup_s']:.1f} s, "
+          f"training {train_total:.1f} s, evaluation {eval_total:.1f} s, final writes "
+          f"{write_total:.1f} s (ensembles may overlap); GPU utilisation {figures['gpu_util']}")  # fmt: skip
     print(f"  worst training-phase / pure-step ratio {worst:.2f} {verdict(worst, TARGET)}")
     figures["worst_ratio"] = worst
     return figures
