@@ -33,6 +33,8 @@ def test_bench_quick_runs_every_section(tmp_path: Path) -> None:
         "== 2. Achieved FLOP/s ==",
         "== 3. Streamed vs in-memory ==",
         "== 4. Checkpoint cost ==",
+        "== 7. TopK family vs loop ==",
+        "== 8. The step against the chip (issue 10) ==",
     ):
         assert title in proc.stdout
     assert "5. Scheduling makespan" not in proc.stdout  # --skip-ray
@@ -43,6 +45,9 @@ def test_bench_quick_runs_every_section(tmp_path: Path) -> None:
     for r in figures["section1"]["results"]:
         assert r["fast_over_loop"] > 0 and r["vmap_over_loop"] > 0
     assert figures["section3"]["ratio"] > 0
+    assert [f["width"] for f in figures["section3"]["feed"]] == [512, 2304]
+    assert all(r["batchtopk_over_loop"] > 0 for r in figures["section7"]["results"])
+    assert figures["section8"]["results"][0]["rows_x_members_per_s"]["loop_compiled"] > 0
     # section 4, per variant and repeat: [wall seconds, the worker's checkpoint figures]
     runs = figures["section4"]["runs"]
     assert runs["with"][0][1]["calls"] > 0  # checkpoints really were taken

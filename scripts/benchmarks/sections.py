@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import checkpoints, e2e, flops, loop, scheduling, stream, topk
+from . import checkpoints, e2e, flops, loop, peak, scheduling, stream, topk
 from .common import Context
 
 
@@ -30,4 +30,5 @@ SECTIONS: dict[int, Section] = {
     5: Section("5. Scheduling makespan (Ray)", scheduling.run, ray=True),
     6: Section("6. End-to-end sweep vs pure step", e2e.run, ray=True),
     7: Section("7. TopK family vs loop", topk.run),
+    8: Section("8. The step against the chip (issue 10)", peak.run),
 }
