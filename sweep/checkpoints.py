@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from sweep.io import atomic_write_bytes
 
@@ -65,14 +65,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load and verify one checkpoint; raises ``ValueError`` if it is truncated or corrupt."""
-    from safetensors import safe_open
+    """Load and verify one checkpoint; raises ``ValueError`` if it is truncated or corrupt.
 
+    The file is read once: the tensors and the metadata come from the same bytes, so what is
+    verified is what is loaded (and a resume reads each checkpoint from disk only once)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError) as err:
+        data = Path(path).read_bytes()
+        tensors = load(data)  # checks the header and every tensor's extent
+        meta = _metadata(data)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
     try:
         ok = meta.get("sha256") == _digest(tensors, _header(meta))
@@ -84,32 +85,70 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return ckpt
 
 
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (header: 8-byte little-endian length, JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+
+
 def checkpoint_steps(folder: Path) -> set[int]:
     """Steps of the checkpoint files in ``folder`` (by name; not verified)."""
     return {int(p.stem[len(PREFIX) :]) for p in list_checkpoints(folder)}
 
 
-def common_checkpoint(
-    folders: list[Path],
-) -> tuple[list[Checkpoint] | None, list[tuple[Path, str]]]:
+@dataclass
+class Found:
+    """What :func:`common_checkpoint` found for an ensemble's members (one entry per folder)."""
+
+    loaded: list[Checkpoint] | None
+    """Every member's checkpoint at the newest common step that verifies; None: there is none."""
+    newest: list[int]
+    """Each member's newest checkpoint step on disk (by file name; 0 = none)."""
+    bad: list[tuple[Path, str]] = field(default_factory=list)
+    """(folder, note) for each checkpoint that failed verification."""
+    skipped: dict[int, list[str]] = field(default_factory=dict)
+    """Each step newer than the one loaded -> why it could not be used."""
+
+    @property
+    def step(self) -> int:
+        """The step the members continue from (0 = from scratch)."""
+        return self.loaded[0].step if self.loaded else 0
+
+
+def common_checkpoint(folders: list[Path]) -> Found:
     """The newest step at which EVERY folder has a checkpoint that verifies, loaded.
 
     An ensemble saves its members one after another, so a kill between two saves leaves them
-    one checkpoint apart; keeping two per member guarantees a common one. Returns ``None`` when
-    there is none, with (folder, note) for each checkpoint that failed verification.
+    one checkpoint apart; keeping two per member guarantees a common one. Every newer step
+    that could not be used is recorded with the reason (missing in some member, or failing
+    verification), so the caller can say loudly what the members fell back from.
     """
-    notes: list[tuple[Path, str]] = []
-    for step in sorted(set.intersection(*(checkpoint_steps(f) for f in folders)), reverse=True):
-        loaded, bad = [], False
-        for f in folders:  # every member, so each damaged checkpoint is reported in its run
-            try:
-                loaded.append(load_checkpoint(path_of(f, step)))
-            except ValueError as err:
-                notes.append((f, str(err)))
-                bad = True
-        if not bad:
-            return loaded, notes
-    return None, notes
+    steps = [checkpoint_steps(f) for f in folders]
+    found = Found(None, [max(s, default=0) for s in steps])
+    for step in sorted(set.union(*steps), reverse=True):
+        missing = [f.name for f, s in zip(folders, steps, strict=True) if step not in s]
+        if missing:
+            found.skipped[step] = [f"no checkpoint in {', '.join(missing)}"]
+            continue
+        loaded, notes = _load_step(folders, step)
+        if not notes:
+            found.loaded = loaded
+            return found
+        found.bad += notes
+        found.skipped[step] = [f"{f.name}: {note}" for f, note in notes]
+    return found
+
+
+def _load_step(folders: list[Path], step: int) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
+    """Every member's checkpoint at ``step`` and a note for each that fails verification (all
+    are tried, so each damaged checkpoint is reported in its own run)."""
+    loaded, notes = [], []
+    for f in folders:
+        try:
+            loaded.append(load_checkpoint(path_of(f, step)))
+        except ValueError as err:
+            notes.append((f, str(err)))
+    return loaded, notes
 
 
 def clear_checkpoints(folder: Path) -> None:

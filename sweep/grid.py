@@ -9,7 +9,7 @@ so the longest work starts first.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from sweep.devices import BYTES, resolve_compute_dtype
 from sweep.errors import SweepError
@@ -132,6 +132,11 @@ def member_budget(
     return fit if on_gpu else min(fit, CPU_MAX_MEMBERS)
 
 
+def ensemble_id(ratio: float, k: int, tag: str = "") -> str:
+    """``r<ratio>-e<k><tag>``: the k-th ensemble of this dict ratio in a plan."""
+    return f"r{fmt_number(ratio)}-e{k}{tag}"
+
+
 def group(runs: list[RunSpec], budget_for: dict[float, int], tag: str = "") -> list[EnsembleSpec]:
     """Group runs by dict ratio (largest first) and split each group into near-equal
     ensembles of at most ``budget_for[ratio]`` members."""
@@ -144,6 +149,16 @@ def group(runs: list[RunSpec], budget_for: dict[float, int], tag: str = "") -> l
         for k in range(n_ens):
             part = tuple(members[k * size : (k + 1) * size])
             if part:
-                ens_id = f"r{fmt_number(ratio)}-e{k}{tag}"
-                out.append(EnsembleSpec(ens_id, ratio, part[0].dict_size, part))
+                out.append(EnsembleSpec(ensemble_id(ratio, k, tag), ratio, part[0].dict_size, part))
+    return out
+
+
+def renumber(ensembles: list[EnsembleSpec], tag: str) -> list[EnsembleSpec]:
+    """The same ensembles, numbered afresh per dict ratio in list order, with ``tag``: ids
+    unique across ensembles built by separate :func:`group` calls."""
+    count: dict[float, int] = {}
+    out = []
+    for e in ensembles:
+        k = count[e.dict_ratio] = count.get(e.dict_ratio, -1) + 1
+        out.append(replace(e, ensemble_id=ensemble_id(e.dict_ratio, k, tag)))
     return out

@@ -1,9 +1,28 @@
 """Pure planning: what a sweep still has to train, grouped into ensembles. No Ray.
 
-Planning reads the run folders: final runs (done, diverged) are skipped, runs with a
-checkpoint continue from it (grouped with the runs of their previous ensemble at the newest
-step they all have), the rest start fresh. It also refuses a config that would mix
-incomparable runs in one sweep folder.
+Planning reads the run folders: final runs (done, diverged) are skipped, the runs of an
+ensemble that checkpointed continue, the rest start fresh. It also refuses a config that
+would mix incomparable runs in one sweep folder.
+
+Where a run continues from is not decided here: the worker picks the newest step at which
+every member of its ensemble has a checkpoint that verifies, and says so loudly when that
+is older than a member's newest (:mod:`sweep.restore`). Planning only keeps together what
+must stay together: the pending runs of a previous ensemble in which any run has a
+checkpoint file form one resumed group (they share one data cursor). Groups are never
+merged with each other nor with fresh runs: the worker picks ONE common step, so joining
+ensembles whose newest verified steps differ (which file names cannot tell: a newest
+checkpoint may be damaged) would drag the newer one back, and a fresh member would force a
+restart. No packing is lost: a previous ensemble already fit the member budget. Nor is a
+group split when a member lacks a checkpoint (killed before its first save): the worker
+restarts them all, loudly, so every run trains in the composition it started in and a
+resumed sweep stays bit-identical to an uninterrupted one (members are equal only up to
+float order across compositions). Only a member budget that shrank since splits a group; a
+part never resumes from an older step than the whole would. A run with checkpoints but no
+recorded ensemble (a lost manifest) resumes alone; previous ensembles without any
+checkpoint group as fresh runs, by shape.
+
+Ensemble ids are stable for a given sweep state and claim no step: fresh ones are
+``r<ratio>-e<k>``, resumed ones ``r<ratio>-e<k>-resume`` (numbered in grid order).
 """
 
 from __future__ import annotations
@@ -156,19 +175,26 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
         )
 
 
-def resume_steps(folder: SweepFolder, todo: list[RunSpec]) -> dict[int, list[RunSpec]]:
-    """Pending runs by the step they resume from (0 = from scratch): the newest checkpoint
-    step every member of their previous ensemble has (by file name; the worker verifies)."""
+def resume_groups(
+    folder: SweepFolder, todo: list[RunSpec]
+) -> tuple[list[list[RunSpec]], list[RunSpec]]:
+    """Pending runs that continue, one group per previous ensemble in which any run has a
+    checkpoint file (all its pending runs: one lacking a checkpoint makes the worker restart
+    them together, loudly, in the composition they had), in grid order; and the runs that
+    start fresh. No step is chosen here."""
     previous = folder.previous_ensembles()
     groups: dict[str, list[RunSpec]] = {}
-    for r in todo:
-        groups.setdefault(previous.get(r.run_id, f"new:{r.run_id}"), []).append(r)
-    out: dict[int, list[RunSpec]] = {}
+    for r in todo:  # unrecorded runs alone: merging could move one back
+        groups.setdefault(previous.get(r.run_id, f"unrecorded:{r.run_id}"), []).append(r)
+    resumed: list[list[RunSpec]] = []
+    fresh: list[RunSpec] = []
     for members in groups.values():
-        steps = [checkpoints.checkpoint_steps(folder.run(r.run_id).path) for r in members]
-        common = set.intersection(*steps)
-        out.setdefault(max(common) if common else 0, []).extend(members)
-    return out
+        if any(checkpoints.list_checkpoints(folder.run(r.run_id).path) for r in members):
+            resumed.append(members)
+        else:
+            fresh += members
+    order = {r.run_id: i for i, r in enumerate(todo)}
+    return resumed, sorted(fresh, key=lambda r: order[r.run_id])  # grid order, as at first
 
 
 def is_final(run: RunFolder) -> bool:
@@ -207,13 +233,15 @@ def _fix(knob: str) -> str:
 
 
 def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> SweepPlan:
-    """Which runs still need training, grouped into ensembles by shape and progress."""
+    """Which runs still need training, grouped into ensembles: each previous ensemble's
+    pending runs together (resumed first), the fresh runs by shape."""
     folder = SweepFolder(cfg.sweep_dir)
     runs = expand_grid(cfg, width)
     final = [r for r in runs if is_final(folder.run(r.run_id))]
     todo = [r for r in runs if r not in final]
-    ensembles: list[EnsembleSpec] = []
-    for step, group_runs in sorted(resume_steps(folder, todo).items(), reverse=True):
+    groups, fresh = resume_groups(folder, todo)
+
+    def ensembles_of(group: list[RunSpec]) -> list[EnsembleSpec]:
         budgets = {
             ratio: grid.member_budget(
                 width,
@@ -224,8 +252,11 @@ def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Swe
                 on_gpu,
                 cfg.grid.max_members,
             )
-            for ratio in {r.dict_ratio for r in group_runs}
+            for ratio in {r.dict_ratio for r in group}
         }
-        ensembles += grid.group(group_runs, budgets, tag=f"-at{step}" if step else "")
-    ensembles.sort(key=lambda e: -e.dict_ratio)
+        return grid.group(group, budgets)
+
+    resumed = grid.renumber([e for g in groups for e in ensembles_of(g)], tag="-resume")
+    ensembles = resumed + ensembles_of(fresh)
+    ensembles.sort(key=lambda e: -e.dict_ratio)  # stable: resumed before fresh of a ratio
     return SweepPlan(runs, [r.run_id for r in final], ensembles)

@@ -2,9 +2,13 @@
 fresh), and checkpoint it again.
 
 A first run, a retry and a resume are the same code path: the worker calls
-:func:`restore_ensemble` at its top. Restore picks the newest step at which every member
-has a checkpoint that verifies (:func:`sweep.checkpoints.common_checkpoint`); a checkpoint
-that fails verification is reported in every member's ``events.jsonl``.
+:func:`restore_ensemble` at its top. Restore alone decides where the members continue (the
+planner only keeps the members of an ensemble together): the newest step at which every
+member has a checkpoint that verifies (:func:`sweep.checkpoints.common_checkpoint`). A
+checkpoint that fails verification is reported in its run's ``events.jsonl``
+(``bad_checkpoint``); every member that continues from an older step than its newest
+checkpoint, or from scratch although it had checkpoints, gets a warning and a
+``resume_fallback`` event (``newest``, ``resumed_from``, ``reason``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from sweep import archs, sae
 from sweep.activations.store import Cursor
 from sweep.archs import Architecture
-from sweep.checkpoints import Checkpoint, common_checkpoint
+from sweep.checkpoints import Checkpoint, Found, common_checkpoint
 from sweep.config import TrainConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
@@ -56,14 +60,42 @@ def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | Non
 
 
 def _found(folders: list[RunFolder], ensemble_id: str) -> list[Checkpoint | None]:
-    """Every member's checkpoint at the newest common verified step, or all None."""
-    loaded, notes = common_checkpoint([f.path for f in folders])
-    found: list[Checkpoint | None] = list(loaded) if loaded else [None] * len(folders)
-    action = f"resumed from step {found[0].step}" if found[0] else "restarted from scratch"
-    for path, note in notes:
+    """Every member's checkpoint at the newest common verified step, or all None.
+
+    This is the one place that decides where a run resumes; every way it can fall short of
+    a member's newest checkpoint is loud (log + the run's ``events.jsonl``)."""
+    found = common_checkpoint([f.path for f in folders])
+    out: list[Checkpoint | None] = list(found.loaded) if found.loaded else [None] * len(folders)
+    action = f"resumed from step {found.step}" if found.step else "restarted from scratch"
+    for path, note in found.bad:
         log.warning("run %s (ensemble %s): %s; %s", path.name, ensemble_id, note, action)
         RunFolder(path).append_event({"event": "bad_checkpoint", "detail": note, "action": action})
-    return found
+    _report_fallback(folders, found, ensemble_id)
+    return out
+
+
+def _report_fallback(folders: list[RunFolder], found: Found, ensemble_id: str) -> None:
+    """Warn and record ``resume_fallback`` in each member whose newest checkpoint is newer
+    than the step the ensemble continues from (a damaged or missing newer checkpoint, here or
+    in another member: the members share one data cursor, so all go back together)."""
+    for folder, newest in zip(folders, found.newest, strict=True):
+        if newest <= found.step:
+            continue
+        why = [f"step {s}: {'; '.join(notes)}" for s, notes in found.skipped.items() if s <= newest]
+        reason = " | ".join(why)
+        used = f"step {found.step}" if found.step else "scratch (no common checkpoint verifies)"
+        log.warning(
+            "run %s (ensemble %s): newest checkpoint is step %d but resuming from %s: %s",
+            folder.run_id, ensemble_id, newest, used, reason,
+        )  # fmt: skip
+        folder.append_event(
+            {
+                "event": "resume_fallback",
+                "newest": newest,
+                "resumed_from": found.step,
+                "reason": reason,
+            }
+        )
 
 
 def dead_latents(train: TrainConfig, run: RunSpec) -> DeadLatents | None:

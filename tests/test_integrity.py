@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing as mp
+import os
 import shutil
 import socket
 import subprocess
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 from sweep import checkpoints, planning, rundir
 from sweep.cli import main
 from sweep.config import TrainConfig
+from sweep.driver import STALE_TEMP_SECONDS
 from sweep.errors import RunDirError
 from sweep.lock import SweepLock
 from sweep.worker import train_ensemble
@@ -76,7 +79,9 @@ def interrupted_job(store, tmp_path: Path, stop_at: int = 20):
     return job
 
 
-def test_checkpoint_metadata_is_inside_the_checksum(tiny_store, tmp_path):
+def test_checkpoint_metadata_is_inside_the_checksum(tiny_store, tmp_path, caplog):
+    """A changed cursor digit in ONE member's newest checkpoint: the whole ensemble continues
+    from the older common step, every member says so, and the result is still exact."""
     ref = jobs(tiny_store, tmp_path / "ref", l1s=(1e-3, 3e-2), ratios=(2.0,), seeds=1, epochs=2)
     train_ensemble(ref[0])
     job = interrupted_job(tiny_store, tmp_path / "cut")
@@ -88,11 +93,21 @@ def test_checkpoint_metadata_is_inside_the_checksum(tiny_store, tmp_path):
     newest.write_bytes(data[:at] + str((digit + 1) % 10).encode() + data[at + 1 :])
     with pytest.raises(ValueError, match="checksum"):
         checkpoints.load_checkpoint(newest)
-    train_ensemble(job)  # falls back to the previous common checkpoint, loudly
-    events = (folder / rundir.EVENTS).read_text()
-    assert "bad_checkpoint" in events and newest.name in events
+    with caplog.at_level(logging.WARNING, logger="sweep.restore"):
+        assert train_ensemble(job).resumed_from == 14  # the previous common checkpoint
+    events = [json.loads(ln) for ln in (folder / rundir.EVENTS).read_text().splitlines()]
+    assert [e["event"] for e in events] == ["bad_checkpoint", "resume_fallback"]
+    assert newest.name in events[0]["detail"] and "checksum" in events[1]["reason"]
     other = rundir.run_dir(tmp_path / "cut", job.ensemble.members[1].run_id)
-    assert not (other / rundir.EVENTS).exists()  # only the damaged member's events
+    (fallback,) = [json.loads(ln) for ln in (other / rundir.EVENTS).read_text().splitlines()]
+    assert fallback["event"] == "resume_fallback"  # sound, but dragged back with its ensemble
+    assert (fallback["newest"], fallback["resumed_from"]) == (20, 14)
+    assert f"{folder.name}: checkpoint {newest.name} fails its checksum" in fallback["reason"]
+    for d in (folder, other):
+        assert (
+            f"run {d.name} (ensemble r2-e0): newest checkpoint is step 20 but resuming from step 14"
+            in caplog.text
+        )
     assert weights(tmp_path / "cut") == weights(tmp_path / "ref")
 
 
@@ -279,8 +294,10 @@ def test_stale_temp_files_are_removed(copy):
         copy / ".manifest.json.x2.tmp",
     ]
     (copy / "runs" / "r1-l1_1e-03-s0" / rundir.DONE).unlink()  # so the run starts again
+    old = time.time() - 2 * STALE_TEMP_SECONDS  # the sweep folder's: only old ones are stale
     for j in junk:
         j.write_bytes(b"\0" * 1000)
+        os.utime(j, (old, old))
     assert run(copy) == 0
     assert not any(j.exists() for j in junk)
 

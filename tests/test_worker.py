@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from sweep import checkpoints, grid, load_run, metrics, rundir
-from sweep.config import SAEConfig
+from sweep import checkpoints, grid, load_run, metrics, planning, rundir
+from sweep.cli import compose
+from sweep.config import SAEConfig, to_sweep_config
 from sweep.errors import SweepError
+from sweep.planning import resume_groups
 from sweep.rundir import run_state
+from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
 
@@ -242,16 +247,25 @@ def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
     assert good["state"] == "done" and good["fvu"] < 0.5
 
 
-def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
+def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path, caplog):
     ref, cut = reference_and_interrupted(tiny_store, tmp_path)
     for m in cut.ensemble.members:
         for c in checkpoints.list_checkpoints(rundir.run_dir(tmp_path / "cut", m.run_id)):
             c.write_bytes(c.read_bytes()[:100])  # truncated
-    train_ensemble(cut)
+    with caplog.at_level(logging.WARNING, logger="sweep.restore"):
+        assert train_ensemble(cut).resumed_from == 0
     for m in ref.ensemble.members:
         d = rundir.run_dir(tmp_path / "cut", m.run_id)
         events = [json.loads(ln) for ln in (d / "events.jsonl").read_text().splitlines()]
-        assert events and all(e["action"] == "restarted from scratch" for e in events)
+        bad = [e for e in events if e["event"] == "bad_checkpoint"]
+        assert len(bad) == 2 and all(e["action"] == "restarted from scratch" for e in bad)
+        (fallback,) = [e for e in events if e["event"] == "resume_fallback"]
+        assert fallback["newest"] == 20 and fallback["resumed_from"] == 0
+        assert "step 20:" in fallback["reason"] and "step 14:" in fallback["reason"]
+        assert (
+            f"run {m.run_id} (ensemble r2-e0): newest checkpoint is step 20 but resuming from scratch"
+            in caplog.text
+        )
         assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
         assert (rundir.run_dir(tmp_path / "ref", m.run_id) / "metrics.jsonl").read_text() == (
             d / "metrics.jsonl"
@@ -261,25 +275,98 @@ def test_all_checkpoints_corrupt_restarts_and_says_so(tiny_store, tmp_path):
 def test_kill_between_member_saves_resumes_from_common_step(tiny_store, tmp_path):
     ref, cut = reference_and_interrupted(tiny_store, tmp_path)
     dirs = [rundir.run_dir(tmp_path / "cut", m.run_id) for m in cut.ensemble.members]
-    checkpoints.list_checkpoints(dirs[1])[
-        -1
-    ].unlink()  # killed after member 0's save, before member 1's
+    checkpoints.list_checkpoints(dirs[1])[-1].unlink()  # killed after member 0's save, before 1's
     assert checkpoints.checkpoint_steps(dirs[0]) != checkpoints.checkpoint_steps(dirs[1])
-    from sweep.io import atomic_write_json
-    from sweep.planning import resume_steps
-    from sweep.sweepdir import SweepFolder
-
-    atomic_write_json(
-        tmp_path / "cut" / "manifest.json",
-        {"runs": {m.run_id: {"ensemble": cut.ensemble.ensemble_id} for m in cut.ensemble.members}},
-    )
-    steps = resume_steps(SweepFolder(tmp_path / "cut"), list(cut.ensemble.members))
-    assert list(steps) == [14] and len(steps[14]) == 2  # planned together, at their common step
-    train_ensemble(cut)
+    ensemble_of = {m.run_id: cut.ensemble.ensemble_id for m in cut.ensemble.members}
+    specs = [m.as_dict() for m in cut.ensemble.members]
+    SweepFolder(tmp_path / "cut").write_manifest(specs, ensemble_of, tiny_store)
+    groups, fresh = resume_groups(SweepFolder(tmp_path / "cut"), list(cut.ensemble.members))
+    assert groups == [list(cut.ensemble.members)] and not fresh  # planned together, no step
+    assert train_ensemble(cut).resumed_from == 14  # the worker's choice: the common step
+    events = [json.loads(ln) for ln in (dirs[0] / rundir.EVENTS).read_text().splitlines()]
+    assert [(e["event"], e["newest"], e["resumed_from"]) for e in events] == [
+        ("resume_fallback", 20, 14)
+    ]
+    assert events[0]["reason"] == f"step 20: no checkpoint in {dirs[1].name}"
+    assert not (dirs[1] / rundir.EVENTS).exists()  # its newest is the step resumed from
     for m, d in zip(ref.ensemble.members, dirs, strict=True):
         a = rundir.run_dir(tmp_path / "ref", m.run_id)
         assert digest(a) == digest(d)
         assert (a / "metrics.jsonl").read_text() == (d / "metrics.jsonl").read_text()
+
+
+def test_plan_keeps_previous_ensembles_apart_and_each_resumes_its_own_step(tiny_store, tmp_path):
+    """Previous ensembles a (2 members) and b stopped at step 20, c at 10, e (2 members) at 10
+    with one member's checkpoints lost, d never started; b's newest checkpoint is damaged.
+    Planned apart (b beside a would drag a back to 14), e kept whole (it restarts, loudly),
+    each resumes from its own verified step and ends bit-identical to an uninterrupted run."""
+    l1s = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]
+    runs = grid.expand(l1s, [2.0], 1, tiny_store.width, "untied")
+    parts = [runs[0:2], runs[2:3], runs[3:4], runs[4:6], runs[6:]]  # a b c e d
+    before = [
+        grid.EnsembleSpec(f"r2-e{i}", 2.0, runs[0].dict_size, tuple(m)) for i, m in enumerate(parts)
+    ]
+    ensemble_of = {r.run_id: e.ensemble_id for e in before for r in e.members}
+    for name in ("ref", "cut"):
+        (tmp_path / name).mkdir()
+        SweepFolder(tmp_path / name).write_manifest(
+            [r.as_dict() for r in runs], ensemble_of, tiny_store
+        )
+    for ens in before:
+        train_ensemble(spec_job(tiny_store, tmp_path / "ref", ens))
+    for ens, stop in zip(before[:4], (20, 20, 10, 10), strict=True):
+        train_ensemble(spec_job(tiny_store, tmp_path / "cut", ens), should_stop=stop_after(stop))
+    cut = {r.run_id: rundir.run_dir(tmp_path / "cut", r.run_id) for r in runs}
+    damaged = checkpoints.path_of(cut[runs[2].run_id], 20)
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    checkpoints.clear_checkpoints(cut[runs[5].run_id])
+    cfg = to_sweep_config(
+        compose([f"sweep_dir={tmp_path / 'cut'}", f"grid.l1=[{','.join(map(str, l1s))}]",
+                 "grid.dict_ratio=[2]", "grid.seeds=1", "train.batch_size=256"])
+    )  # fmt: skip
+    p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
+    assert [(e.ensemble_id, e.members) for e in p.ensembles] == [
+        ("r2-e0-resume", tuple(runs[0:2])),
+        ("r2-e1-resume", (runs[2],)),
+        ("r2-e2-resume", (runs[3],)),
+        ("r2-e3-resume", tuple(runs[4:6])),
+        ("r2-e0", (runs[6],)),
+    ]
+    assert planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False) == p  # stable ids
+    resumed = [train_ensemble(spec_job(tiny_store, tmp_path / "cut", e)) for e in p.ensembles]
+    assert [r.resumed_from for r in resumed] == [20, 14, 10, 0, 0]
+    for i, want in {
+        0: [],
+        2: ["bad_checkpoint", "resume_fallback"],
+        4: ["resume_fallback"],
+    }.items():
+        events = cut[runs[i].run_id] / rundir.EVENTS
+        lines = events.read_text().splitlines() if events.exists() else []
+        assert [json.loads(ln)["event"] for ln in lines] == want, runs[i].run_id
+    for r in runs:
+        assert digest(rundir.run_dir(tmp_path / "ref", r.run_id)) == digest(cut[r.run_id]), r.run_id
+
+
+def spec_job(store, sweep_dir, ens: grid.EnsembleSpec) -> EnsembleJob:
+    return EnsembleJob(ens, str(sweep_dir), str(store.path), True, 2048, tiny_train(), threads=1)
+
+
+def test_load_checkpoint_reads_the_file_once(tmp_path, monkeypatch):
+    """Verified and loaded from one read: the file is gone after its first read."""
+    saved = checkpoints.Checkpoint(7, {"param.W": torch.randn(3, 4)}, {"cursor": {"epoch": 1}})
+    checkpoints.save_checkpoint(tmp_path, saved)
+    path, read_bytes, reads = checkpoints.path_of(tmp_path, 7), Path.read_bytes, []
+
+    def read_once(self: Path) -> bytes:
+        reads.append(self)
+        data = read_bytes(self)
+        self.unlink()  # a second read of any kind would fail
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_once)
+    got = checkpoints.load_checkpoint(path)
+    assert reads == [path] and (got.step, got.meta) == (7, saved.meta)
+    assert torch.equal(got.tensors["param.W"], saved.tensors["param.W"])
 
 
 def test_background_checkpoints_hold_the_state_of_their_step(tiny_store, tmp_path):
