@@ -3,13 +3,38 @@
 Each row is a sparse non-negative combination of ``n_features`` random unit-norm directions
 in ``width`` dimensions: feature ``i`` fires with probability ``p_i`` proportional to
 ``decay**i`` (scaled so ``sum(p) = mean_active``), with a magnitude uniform in (0, 1].
-Firing can be correlated through a Gaussian copula (``correlation`` in [0, 1)): feature
-``i`` fires when ``z_i > ndtri(1 - p_i)`` with ``z = sqrt(1-c) * eps + sqrt(c) * F g`` for
-a few shared latent factors ``g``, which keeps every feature's marginal frequency ``p_i``.
+Firing can be correlated through a Gaussian copula (``correlation`` c in [0, 1)): feature
+``i`` fires when ``z_i > t_i = ndtri(1 - p_i)`` with ``z = sqrt(1-c) * eps + sqrt(c) * s``,
+``s = L g`` for 16 shared latent factors ``g`` per row, which keeps every marginal ``p_i``.
 Optional Gaussian noise of std ``noise`` is added to every element.
 
-Every chunk is generated from a generator seeded by ``(seed, chunk)``, so the store is the
-same bit for bit whatever was generated before, and an interrupted generation resumes.
+How it is sampled (generator version 2), a block of rows at a time, with work proportional
+to the rows times the *active* features (about ``mean_active``), not times ``n_features``:
+
+- Independent features: the rows where feature ``i`` fires are a Bernoulli(p_i) process,
+  drawn as geometric gaps ``floor(log(1-u) / log(1-p_i)) + 1`` between successes (float64).
+  Each feature draws its expected count plus two standard deviations of gaps at once; the
+  few features whose gaps fall short of the block's end draw more (a deterministic loop).
+- Correlated features: given ``g``, features fire independently with probability
+  ``1 - Phi(a_i)``, ``a_i = (t_i - sqrt(c) s_i) / sqrt(1-c)`` (that is ``eps_i > a_i``, i.e.
+  ``z_i > t_i``). A split point ``h_i`` per feature (chosen once, to make the work below
+  smallest) divides the (row, feature) pairs. Where ``s_i > h_i`` ("likely") a pair fires
+  with probability ``1 - Phi(a_i)``. Elsewhere that probability is below
+  ``r_i = 1 - Phi(A_i)``, ``A_i`` the ``a_i`` at ``s_i = h_i``: candidates are drawn as a
+  Bernoulli(r_i) process (above), each kept with probability ``(1 - Phi(a_i)) / r_i``
+  (exact thinning). One uniform per pair decides. The only dense work is one pass
+  ``x = [g, 1] @ [L, -h]^T = s - h`` over cache-sized slices of rows: it finds the likely
+  pairs (``x > 0``) and gives every pair, likely or candidate, its ``s`` (one value per
+  pair, so the two regions never overlap).
+- Decoding: the (row, feature) pairs are sorted row-major, magnitudes ``1 - u`` drawn, and
+  rows summed sparsely with ``embedding_bag`` (no dense ``(rows, n_features)`` codes).
+- Noise: one ``randn`` per block from a second generator, so noise never shifts the codes.
+
+The same code runs on the CPU and on a CUDA device (``device``). Every chunk is generated
+from generators seeded by ``(seed, chunk)``: the same (seed, chunk, device type) gives the same
+bits whatever was generated before, and an interrupted generation resumes at its first
+missing chunk. CPU and CUDA stores hold the same distribution but different bits; the
+manifest's provenance records the generator (version, device, algorithm).
 """
 
 from __future__ import annotations
@@ -18,22 +43,35 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save
+from torch.special import ndtr, ndtri
 
 from sweep.activations.store import GROUND_TRUTH, MANIFEST, ChunkStore, StoreWriter
 from sweep.config import SyntheticDataConfig
+from sweep.devices import torch_dtype
 from sweep.errors import StoreError
 from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
 PARAMS_FILE = "synthetic-params.json"
+GENERATOR_VERSION = 2
+ALGORITHM = (
+    "geometric-gap Bernoulli processes per feature; copula by a dense likely-set pass plus "
+    "thinned candidates; sparse embedding_bag decode; noise from its own generator"
+)
 _N_FACTORS = 16
-_BLOCK = 8192  # rows generated at a time (keeps temporaries in cache)
+_BLOCK = {"cpu": 8192, "cuda": 131072}  # rows sampled at a time
+_DENSE = {"cpu": 1 << 20, "cuda": 1 << 26}  # (rows, F) elements per slice of the dense pass
+_GAP_SIGMAS = 2.0  # gaps drawn per feature and round: mean + this many standard deviations
+_MARGIN = 1e-4  # r is taken at h + _MARGIN: a bound on firing even for s rounded up to h
 # Fields that define the generated data (path / normalize / eval_rows don't).
 _DEFINING = (
     "width",
@@ -54,6 +92,15 @@ def generator_params(cfg: SyntheticDataConfig) -> dict:
     return {k: d[k] for k in _DEFINING}
 
 
+def generator_info(device: str | torch.device) -> dict:
+    """How a store is generated: recorded in its manifest and in its incomplete-store marker."""
+    return {
+        "version": GENERATOR_VERSION,
+        "device": torch.device(device).type,
+        "algorithm": ALGORITHM,
+    }
+
+
 def firing_probabilities(n_features: int, mean_active: float, decay: float) -> torch.Tensor:
     """p_i = min(1, c * decay**i) with c chosen (bisection) so that sum(p) = mean_active."""
     base = torch.tensor([decay**i for i in range(n_features)], dtype=torch.float64)
@@ -67,6 +114,131 @@ def firing_probabilities(n_features: int, mean_active: float, decay: float) -> t
     return torch.clamp(base * hi, max=1.0)
 
 
+class Codes(NamedTuple):
+    """Ground-truth codes of some rows, sorted by row then feature: row ``row[j]`` holds
+    ``value[j]`` times feature ``feature[j]``."""
+
+    row: torch.Tensor  # (M,) int64
+    feature: torch.Tensor  # (M,) int64
+    value: torch.Tensor  # (M,) float32 in (0, 1]
+
+
+def bernoulli_successes(
+    p: torch.Tensor, n: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, feature) of every success of independent Bernoulli(p_f) trials on rows 0..n-1
+    for every feature f (p: (F,) float64 in [0, 1]), unsorted; draws ~ n * sum(p) numbers."""
+    log_q = torch.log1p(-p)  # (F,) -inf where p = 1
+    last = torch.full(p.shape, -1, dtype=torch.int64, device=p.device)  # (F,) last success row
+    todo = (p > 0).nonzero().squeeze(1)  # features whose process has not passed row n-1 yet
+    rows, feats = [], []
+    while todo.numel():
+        pos, feat, end = _gap_round(p[todo], log_q, todo, last[todo], n, g)
+        keep = pos < n
+        rows.append(pos[keep])
+        feats.append(feat[keep])
+        short = end < n  # drew too few gaps to pass the block's end: draw more next round
+        last[todo[short]] = end[short]
+        todo = todo[short]
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.int64, device=p.device)
+        return empty, empty
+    return torch.cat(rows), torch.cat(feats)
+
+
+def _gap_round(
+    p: torch.Tensor,
+    log_q: torch.Tensor,
+    todo: torch.Tensor,
+    last: torch.Tensor,
+    n: int,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Success positions after ``last`` for the features ``todo`` (T,), a batch of gaps each:
+    (pos (M,), feature (M,), last position drawn per feature (T,))."""
+    mu = (n - 1 - last).double() * p  # (T,) expected successes left
+    m = (mu + _GAP_SIGMAS * mu.sqrt()).floor().long() + 1  # (T,) gaps drawn, >= 1
+    feat = torch.repeat_interleave(todo, m)  # (M,)
+    u = torch.rand(feat.shape, generator=g, dtype=torch.float64, device=p.device)  # [0, 1)
+    gap = (torch.log1p(-u) / log_q[feat]).clamp_(max=n).floor_().long() + 1  # (M,) >= 1
+    total = gap.cumsum(0)  # (M,) int64: exact
+    ends = m.cumsum(0)  # (T,) one past each feature's segment
+    before = torch.cat([total.new_zeros(1), total[ends[:-1] - 1]])  # (T,) sum of earlier segments
+    pos = total - torch.repeat_interleave(before - last, m)  # (M,) rows of the successes
+    return pos, feat, pos[ends - 1]
+
+
+def thinning_rates(t: torch.Tensor, h: torch.Tensor, c: float) -> torch.Tensor:
+    """``1 - Phi((t - sqrt(c) h) / sqrt(1-c))``: the firing probability at s = h, a bound on
+    it wherever s < h (t, h broadcast; float64)."""
+    return ndtr(-(t - math.sqrt(c) * h) / math.sqrt(1 - c))
+
+
+def split_points(t: torch.Tensor, c: float) -> torch.Tensor:
+    """(F,) per feature, the split ``h`` between the likely region (s >= h, drawn exactly) and
+    the thinned one that makes the expected pairs per row ``P(s >= h) + r`` smallest."""
+    grid = torch.linspace(-6.0, 10.0, 1601, dtype=torch.float64)  # (G,)
+    best = []
+    for part in t.split(4096):  # bounded memory for many features
+        work = ndtr(-grid) + thinning_rates(part[:, None], grid, c)  # (f, G) pairs per row
+        best.append(grid[work.argmin(1)])
+    return torch.cat(best)
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """(M,) flat indices of the True elements of a contiguous bool tensor (on the CPU through
+    numpy, whose bool ``nonzero`` is several times faster than torch's on sparse masks)."""
+    if mask.device.type != "cpu":
+        return mask.reshape(-1).nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(mask.numpy())).long()
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """The fixed tensors a device samples from."""
+
+    features: torch.Tensor  # (F, d) float32
+    p: torch.Tensor  # (F,) float64
+    t: torch.Tensor  # (F,) float64 copula thresholds
+    h: torch.Tensor  # (F,) float64 split points, float32 values (correlated only)
+    r: torch.Tensor  # (F,) float64 candidate rates: p when features are independent
+    dense: torch.Tensor  # (k+1, F) float32: [g, 1] @ dense = s - h
+
+
+def _generators(seed: int, chunk: int, device: torch.device) -> tuple[torch.Generator, ...]:
+    """The (codes, noise) generators of chunk ``chunk``: seeded by (seed, chunk) alone."""
+    words = np.random.SeedSequence([seed % 2**64, chunk]).generate_state(2, np.uint64)
+    return tuple(torch.Generator(device=device).manual_seed(int(w) & (2**63 - 1)) for w in words)
+
+
+def decode(codes: Codes, features: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, d) rows: sum of value * feature over each row's codes (empty rows are zero)."""
+    ends = torch.bincount(codes.row, minlength=n).cumsum(0)  # (n,) codes sorted by row
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # (n,) each row's first code
+    return F.embedding_bag(
+        codes.feature, features, starts, mode="sum", per_sample_weights=codes.value
+    )  # (n, d)
+
+
+def _sorted_keys(row: torch.Tensor, feature: torch.Tensor, n_features: int) -> torch.Tensor:
+    """(M,) the distinct keys ``row * n_features + feature`` of (row, feature) pairs, sorted
+    (on the CPU by numpy, several times faster than torch's sort here)."""
+    key = row * n_features + feature  # (M,)
+    if key.device.type != "cpu":
+        return key.sort().values
+    return torch.from_numpy(np.sort(key.numpy()))
+
+
+def _sorted_codes(
+    row: torch.Tensor, feature: torch.Tensor, n_features: int, g: torch.Generator
+) -> Codes:
+    """Sort (row, feature) pairs row-major and draw their magnitudes, uniform in (0, 1]."""
+    key = _sorted_keys(row, feature, n_features)  # (M,)
+    row = key // n_features
+    value = 1.0 - torch.rand(key.shape, generator=g, device=key.device)  # (M,) (0, 1]
+    return Codes(row, key - row * n_features, value)
+
+
 class SyntheticSource:
     """The fixed parts of a synthetic distribution: features, probabilities, factor loadings."""
 
@@ -77,39 +249,119 @@ class SyntheticSource:
         self.features = (feats / feats.norm(dim=1, keepdim=True)).float()  # (F, d) unit rows
         self.p = firing_probabilities(cfg.n_features, cfg.mean_active, cfg.decay)  # (F,)
         self.p_float = self.p.float()
-        self.threshold = torch.special.ndtri(1 - self.p).float()  # (F,) z > t  <=>  fires
+        self.threshold = ndtri(1 - self.p).float()  # (F,) z > t  <=>  fires
         load = torch.randn(cfg.n_features, _N_FACTORS, generator=g)
         self.loadings = load / load.norm(dim=1, keepdim=True)  # (F, k) unit rows
+        self._tables: dict[torch.device, _Tables] = {}
 
-    def sample(self, rows: int, chunk: int) -> torch.Tensor:
-        """(rows, d) activations for chunk ``chunk``; depends only on (seed, chunk)."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + chunk + 1)
-        blocks = [self._block(min(_BLOCK, rows - at), g) for at in range(0, rows, _BLOCK)]
-        return torch.cat(blocks)
+    def sample(self, rows: int, chunk: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """(rows, d) float32 activations of chunk ``chunk`` on ``device``; depends only on
+        (seed, chunk, rows, device type)."""
+        dev = torch.device(device)
+        tab = self._on(dev)
+        out = torch.empty(rows, self.cfg.width, device=dev)  # (rows, d)
+        codes_g, noise_g = _generators(self.cfg.seed, chunk, dev)
+        for at, n in _blocks(rows, dev):
+            x = decode(self._block_codes(n, tab, codes_g), tab.features, n)  # (n, d)
+            if self.cfg.noise > 0:
+                eps = torch.randn(n, self.cfg.width, generator=noise_g, device=dev)  # (n, d)
+                x.add_(eps, alpha=self.cfg.noise)
+            out[at : at + n] = x
+        return out
 
-    def _block(self, n: int, g: torch.Generator) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.correlation > 0:
-            eps = torch.randn(n, cfg.n_features, generator=g)  # (n, F)
-            shared = torch.randn(n, _N_FACTORS, generator=g) @ self.loadings.T  # (n, k) -> (n, F)
-            z = math.sqrt(1 - cfg.correlation) * eps + math.sqrt(cfg.correlation) * shared
-            active = z > self.threshold  # (n, F)
+    def codes(self, rows: int, chunk: int, device: str | torch.device = "cpu") -> Codes:
+        """The ground-truth codes of :meth:`sample`'s rows (the same draws, without noise)."""
+        dev = torch.device(device)
+        tab = self._on(dev)
+        codes_g, _ = _generators(self.cfg.seed, chunk, dev)
+        blocks = _blocks(rows, dev)
+        parts = [self._block_codes(n, tab, codes_g) for _, n in blocks]
+        return Codes(
+            torch.cat([c.row + at for c, (at, _) in zip(parts, blocks, strict=True)]),
+            torch.cat([c.feature for c in parts]),
+            torch.cat([c.value for c in parts]),
+        )
+
+    def _block_codes(self, n: int, tab: _Tables, g: torch.Generator) -> Codes:
+        if self.cfg.correlation > 0:
+            row, feat = self._correlated(n, tab, g)
         else:
-            active = torch.rand(n, cfg.n_features, generator=g) < self.p_float  # (n, F)
-        codes = torch.zeros(n, cfg.n_features)  # (n, F)
-        codes[active] = 1.0 - torch.rand(int(active.sum()), generator=g)  # magnitudes in (0, 1]
-        x = codes @ self.features  # (n, F) @ (F, d) -> (n, d)
-        if cfg.noise > 0:
-            x += cfg.noise * torch.randn(n, cfg.width, generator=g)
-        return x
+            row, feat = bernoulli_successes(tab.p, n, g)
+        return _sorted_codes(row, feat, self.cfg.n_features, g)
+
+    def _correlated(
+        self, n: int, tab: _Tables, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, feature) of the firings of n copula rows: likely pairs drawn exactly, the
+        rest as thinned Bernoulli(r) candidates (see the module docstring)."""
+        c, nf = self.cfg.correlation, self.cfg.n_features
+        factors = torch.randn(n, _N_FACTORS, generator=g, device=tab.p.device)  # (n, k)
+        g1 = torch.cat([factors, factors.new_ones(n, 1)], 1)  # (n, k+1)
+        key = _sorted_keys(*bernoulli_successes(tab.r, n, g), nf)  # (C,) candidates
+        cand_row = key // nf
+        like_row, like_feat, like_x, cand_x = self._dense_pass(g1, tab, cand_row, key % nf)
+        row, feat = torch.cat([like_row, cand_row]), torch.cat([like_feat, key % nf])  # (P,)
+        x = torch.cat([like_x, cand_x])  # (P,) s - h
+        likely = torch.arange(x.numel(), device=x.device) < like_x.numel()  # (P,)
+        s = x.double() + tab.h[feat]  # (P,)
+        a = (tab.t[feat] - math.sqrt(c) * s) / math.sqrt(1 - c)  # (P,) fires iff eps > a
+        u = torch.rand(s.shape, generator=g, dtype=torch.float64, device=s.device)  # (P,)
+        rate = torch.where(likely, 1.0, tab.r[feat])  # (P,) likely: u < 1 - Phi(a) is eps > a
+        fire = (likely | (x <= 0)) & (u * rate < ndtr(-a))  # x > 0: among the likely
+        return row[fire], feat[fire]
+
+    def _dense_pass(
+        self, g1: torch.Tensor, tab: _Tables, cand_row: torch.Tensor, cand_feat: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """x = s - h over slices of rows small enough to stay in cache: (row, feature, x) of
+        the likely pairs (x > 0), and x of each candidate (cand_row sorted)."""
+        n, nf = g1.shape[0], self.cfg.n_features
+        step = min(n, max(1, _DENSE.get(g1.device.type, _DENSE["cuda"]) // nf))  # rows
+        x_buf = torch.empty(step, nf, device=g1.device)  # reused: no page faults per slice
+        mask_buf = torch.empty(step, nf, dtype=torch.bool, device=g1.device)
+        starts = torch.arange(0, n + step, step, device=g1.device).clamp_(max=n)
+        bounds = torch.searchsorted(cand_row, starts).tolist()  # candidates of each slice
+        rows, feats, xs, cand_xs = [], [], [], []
+        for j, at in enumerate(range(0, n, step)):
+            m = min(step, n - at)
+            x = torch.mm(g1[at : at + m], tab.dense, out=x_buf[:m]).view(-1)  # (m*F,)
+            lo, hi = bounds[j], bounds[j + 1]
+            cand_xs.append(x[(cand_row[lo:hi] - at) * nf + cand_feat[lo:hi]])
+            x.clamp_min_(0)  # then bool(x) = x > 0: cheaper than a comparison on the CPU
+            idx = _flat_nonzero(mask_buf[:m].copy_(x_buf[:m]))  # (M,) likely pairs
+            rows.append(at + idx // nf)
+            feats.append(idx % nf)
+            xs.append(x[idx])
+        return torch.cat(rows), torch.cat(feats), torch.cat(xs), torch.cat(cand_xs)
+
+    def _on(self, device: torch.device) -> _Tables:
+        """The tables on ``device`` (made once per device)."""
+        if device not in self._tables:
+            p, t, c = self.p, ndtri(1 - self.p), self.cfg.correlation  # (F,) float64
+            h = split_points(t, c).float() if c > 0 else torch.zeros(p.shape)  # (F,) float32
+            r = thinning_rates(t, h.double() + _MARGIN, c) if c > 0 else p  # (F,)
+            dense = torch.cat([self.loadings, -h[:, None]], 1).T.contiguous()  # (k+1, F)
+            tab = _Tables(self.features, p, t, h.double(), r, dense)
+            self._tables[device] = _Tables(**{k: v.to(device) for k, v in vars(tab).items()})
+        return self._tables[device]
 
 
-def ensure_synthetic_store(cfg: SyntheticDataConfig, path: str | Path) -> ChunkStore:
-    """Open the store at ``path`` if it was generated with these parameters, else generate it.
+def _blocks(rows: int, device: torch.device) -> list[tuple[int, int]]:
+    """(first row, rows) of each block a chunk is sampled in."""
+    size = _BLOCK.get(device.type, _BLOCK["cuda"])
+    return [(at, min(size, rows - at)) for at in range(0, rows, size)]
 
-    A complete store made with other parameters is never overwritten (error); an incomplete
-    one made with other parameters is cleared; an incomplete one with the same parameters is
-    resumed at its first missing chunk.
+
+def ensure_synthetic_store(
+    cfg: SyntheticDataConfig, path: str | Path, device: str | torch.device = "cpu"
+) -> ChunkStore:
+    """Open the store at ``path`` if it was generated with these parameters, else generate it
+    (on ``device``: "cpu" or "cuda").
+
+    A complete store made with other parameters is never overwritten (error); a complete one
+    with these parameters is reused whichever generator made it. An incomplete one made with
+    other parameters, or by another generator version or device type, is cleared; else it
+    is resumed at its first missing chunk.
     """
     path = Path(path)
     params = generator_params(cfg)
@@ -124,22 +376,25 @@ def ensure_synthetic_store(cfg: SyntheticDataConfig, path: str | Path) -> ChunkS
             )
         log.info("reusing synthetic store %s", path)
         return store
+    marker = {**params, "generator": generator_info(device)}
     if path.exists() and any(path.iterdir()):
-        marker = path / PARAMS_FILE
-        if not marker.exists() or json.loads(marker.read_text()) != params:
-            if not marker.exists():
-                raise StoreError(
-                    f"data.path {path} is a non-empty folder that is not a sweep store; "
-                    "choose an empty or new folder"
-                )
+        if not (path / PARAMS_FILE).exists():
+            raise StoreError(
+                f"data.path {path} is a non-empty folder that is not a sweep store; "
+                "choose an empty or new folder"
+            )
+        if json.loads((path / PARAMS_FILE).read_text()) != marker:
+            log.info("clearing incomplete synthetic store %s (other parameters or generator)", path)
             shutil.rmtree(path)
-    return _generate(cfg, path, params)
+    return _generate(cfg, path, marker, torch.device(device))
 
 
-def _generate(cfg: SyntheticDataConfig, path: Path, params: dict) -> ChunkStore:
+def _generate(
+    cfg: SyntheticDataConfig, path: Path, marker: dict, device: torch.device
+) -> ChunkStore:
     writer = StoreWriter(path, cfg.width, cfg.dtype, cfg.rows_per_chunk)
     remove_stale_temps(path)  # of a generation killed midway (the sweep's lock is held)
-    atomic_write_json(path / PARAMS_FILE, params)
+    atomic_write_json(path / PARAMS_FILE, marker)
     source = SyntheticSource(cfg)
     n_chunks = math.ceil(cfg.rows / cfg.rows_per_chunk)
     from tqdm.auto import tqdm
@@ -148,11 +403,16 @@ def _generate(cfg: SyntheticDataConfig, path: Path, params: dict) -> ChunkStore:
         if writer.has_chunk(i):
             continue
         rows = min(cfg.rows_per_chunk, cfg.rows - i * cfg.rows_per_chunk)
-        writer.write_chunk(i, source.sample(rows, i))
+        x = source.sample(rows, i, device)  # (rows, d) on device
+        writer.write_chunk(i, x.to(torch_dtype(cfg.dtype)).cpu())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the driver keeps running: leave the memory to training
     atomic_write_bytes(
         path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()})
     )
+    params = {k: v for k, v in marker.items() if k != "generator"}
     stats = {"feature_probability_sum": float(source.p.sum())}
-    writer.finalize(n_chunks, {"source": "synthetic", "params": params, **stats})
-    log.info("generated synthetic store %s (%d rows)", path, cfg.rows)
+    provenance = {"source": "synthetic", "params": params, "generator": marker["generator"]}
+    writer.finalize(n_chunks, {**provenance, **stats})
+    log.info("generated synthetic store %s (%d rows) on %s", path, cfg.rows, device.type)
     return ChunkStore(path)
