@@ -167,7 +167,9 @@ def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_
     p.send_signal(signal.SIGTERM)
     got, out = finish(p)
     assert got == 143, out
-    assert "second SIGTERM" in out and "re-run the same command" in out
+    # the second signal may land after the ensembles already checkpointed (a fast machine)
+    assert "re-run the same command" in out
+    assert "second SIGTERM" in out or "running ensembles checkpointed" in out
     _resume_and_compare(sw, rt, reference)
 
 
