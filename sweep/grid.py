@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass, replace
 from sweep.devices import BYTES, resolve_compute_dtype
 from sweep.errors import SweepError
 
+MEMORY_USE = 0.8
+"""Share of a device's memory the memory model may plan for."""
+
 CPU_MAX_MEMBERS = 8  # on CPU, K=16 ran slower per member than K=8 (scripts/bench.py, BENCHMARKS.md)
 
 
@@ -122,7 +125,7 @@ def member_budget(
     if max_members > 0:
         return max_members
     dtype = resolve_compute_dtype(dtype, on_gpu)
-    fit = int(0.8 * device_bytes // bytes_per_member(width, dict_size, batch_size, dtype))
+    fit = int(MEMORY_USE * device_bytes // bytes_per_member(width, dict_size, batch_size, dtype))
     if fit < 1:
         need = bytes_per_member(width, dict_size, batch_size, dtype) / 2**30
         raise SweepError(

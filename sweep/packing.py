@@ -17,7 +17,7 @@ against fixed shares on a GPU, which is what tunes them.
 
 from __future__ import annotations
 
-from sweep.grid import EnsembleSpec, bytes_per_member
+from sweep.grid import MEMORY_USE, EnsembleSpec, bytes_per_member
 
 SHARES = (0.25, 0.5, 1.0)
 """GPU shares auto chooses from (four ensembles per GPU at most)."""
@@ -26,8 +26,6 @@ SUSTAINED_FLOPS = {"bfloat16": 3e14, "float16": 3e14, "tf32": 1.5e14, "float32":
 HOST_SECONDS_PER_STEP = 1e-3
 """Host time to issue one ensemble step (kernel launches and Python), which a step whose
 GPU time is shorter cannot hide."""
-MEMORY_USE = 0.8
-"""Share of a GPU's memory the memory model may plan for (as :func:`sweep.grid.member_budget`)."""
 
 
 def gpu_load(width: int, dict_size: int, batch: int, members: int, dtype: str) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sweep.devices import TENSOR_DTYPES, numpy_dtype, torch_dtype
+from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError
 from sweep.io import atomic_write, atomic_write_json, file_sha256
 
@@ -132,6 +132,12 @@ def _chunk_entry(index: int, stats: dict) -> dict:
     if "sha256" in stats:  # stores written before chunk checksums have none
         entry["sha256"] = stats["sha256"]
     return entry
+
+
+def reject_nonfinite(x: torch.Tensor, path: Path) -> None:
+    """Raise a one-line :class:`StoreError` if ``x`` (rows read from ``path``) holds NaN/inf."""
+    if not bool(torch.isfinite(x).all()):
+        raise StoreError(f"chunk {path} contains NaN or inf values; regenerate or repair the store")
 
 
 class ChunkStore:
@@ -242,17 +248,15 @@ class ChunkStore:
             x = _from_numpy(arr[order] if order is not None else np.array(arr), self.dtype)
         except (ValueError, OSError) as err:
             raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
-        if check and not torch.isfinite(x).all():
-            raise StoreError(
-                f"chunk {f} contains NaN or inf values; regenerate or repair the store"
-            )
+        if check:
+            reject_nonfinite(x, f)
         return x
 
     def staged_bytes(self) -> int:
         """Device memory of the batch stream on a GPU: two chunks (the one training and the
         next, copied ahead) and their row orders (int64)."""
         rows = max(int(c["rows"]) for c in self.chunks)
-        return 2 * rows * (self.width * np.dtype(numpy_dtype(self.dtype)).itemsize + 8)
+        return 2 * rows * (self.width * BYTES[self.dtype] + 8)
 
     def read_into(self, index: int, out: torch.Tensor) -> torch.Tensor:
         """The first ``len(out)`` rows of chunk ``index``, read from the file straight into
@@ -537,9 +541,6 @@ class _Staging:
         return self._checked(rows, index, check), idx
 
     def _checked(self, rows: torch.Tensor, index: int, check: bool) -> torch.Tensor:
-        if check and not bool(torch.isfinite(rows).all()):
-            f = self.store.path / self.store.chunks[index]["file"]
-            raise StoreError(
-                f"chunk {f} contains NaN or inf values; regenerate or repair the store"
-            )
+        if check:
+            reject_nonfinite(rows, self.store.path / self.store.chunks[index]["file"])
         return rows
