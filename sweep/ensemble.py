@@ -19,6 +19,7 @@ be resampled (:mod:`sweep.resample`).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,12 +27,11 @@ from functools import partial
 import torch
 from torch.func import grad, vmap
 
-from sweep import archs, fastpath, sae
+from sweep import archs, compiled, fastpath, sae
 from sweep.archs import Architecture, Hyper, Params
 from sweep.optim import Adam, AdamState
 from sweep.sae import LossParts
-
-SINCE_FIRED = "since_fired"
+from sweep.update import SINCE_FIRED, clip_members, track
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,6 @@ def hyper_of(l1: list[float], k: list[int], device: torch.device | str = "cpu") 
         "l1": torch.tensor(l1, dtype=torch.float32, device=device),
         "k": torch.tensor(k, dtype=torch.long, device=device),
     }
-
-
-def clip_members(grads: Params, max_norm: float) -> None:
-    """Scale each member's gradients in place so their global norm is at most ``max_norm``
-    (``torch.nn.utils.clip_grad_norm_``'s rule, per member: factor max_norm / (norm + 1e-6))."""
-    # by name: a restored ensemble's dict order differs, and the sum must not
-    sq = sum(grads[k].pow(2).flatten(1).sum(dim=1) for k in sorted(grads))  # (E,)
-    factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
-    for g in grads.values():
-        g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
 
 
 def vmapped_grads(arch: Architecture, kmax: int, dead: DeadLatents | None, aux: bool) -> Callable:
@@ -95,6 +85,7 @@ class Ensemble:
         dead: DeadLatents | None = None,
         rows: int = 0,
         grad_clip: float | None = None,
+        compiled: bool = False,
     ) -> None:
         self.arch = archs.get(arch) if isinstance(arch, str) else arch
         self.params = params  # {name: (E, ...)}
@@ -117,6 +108,12 @@ class Ensemble:
         self.kmax = int(hyper["k"].max()) if self.arch.knob == "k" else 0
         self._ws: dict[str, torch.Tensor] = {}
         self._vmapped: dict[bool, Callable] = {}
+        self.compiled = compiled and self.fast
+        """Run the step as one ``torch.compile``d function (:mod:`sweep.compiled`)."""
+        self._compiled_fn: Callable | None = None
+        self.compile_seconds: dict[bool, float] = {}
+        """Host seconds of the first compiled step per ``full`` value (compile + one step)."""
+        self._scales = torch.ones(2, device=dev)  # the compiled step's lr and L1 factors
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
         f = self.params["W_enc"].shape[-1]
@@ -139,6 +136,8 @@ class Ensemble:
         ``full=False`` lets the fast path skip L0 (one pass over the codes) on steps that
         are not logged. ``lr_scale`` and ``l1_scale`` come from the schedule (warmup/decay).
         """
+        if self.compiled:
+            return self._step_compiled(x_BD, full, lr_scale, l1_scale)
         hyper = self.hyper if l1_scale == 1.0 else {**self.hyper, "l1": self.hyper["l1"] * l1_scale}
         grads, parts, codes = self._grads(x_BD, hyper, full)
         if self.grad_clip is not None:
@@ -150,6 +149,36 @@ class Ensemble:
         self._track(codes)
         self.rows += x_BD.shape[0]
         return parts
+
+    def _step_compiled(
+        self, x_BD: torch.Tensor, full: bool, lr_scale: float, l1_scale: float
+    ) -> LossParts:
+        t0 = time.perf_counter()
+        if self._compiled_fn is None:
+            self._compiled_fn = compiled.compile_step(self._spec())
+        self._scales[0], self._scales[1] = lr_scale, l1_scale
+        dead = self.dead_mask() if self.arch.knob == "k" else None
+        parts = self._compiled_fn(
+            self.params, self.state, self.buffers, self.active, x_BD, self.hyper, self._scales,
+            dead, full,
+        )  # fmt: skip
+        if full not in self.compile_seconds:  # the first call of each variant compiles it
+            self.compile_seconds[full] = time.perf_counter() - t0
+        self.rows += x_BD.shape[0]
+        return parts
+
+    def _spec(self) -> compiled.StepSpec:
+        dead = self.dead
+        aux = dead is not None and dead.auxk_alpha > 0 and self.arch.knob == "k"
+        return compiled.StepSpec(
+            arch=self.arch,
+            adam=self.adam,
+            kmax=self.kmax,
+            grad_clip=self.grad_clip,
+            auxk=(dead.auxk_alpha, dead.k_aux) if aux else None,  # type: ignore[union-attr]
+            compute_dtype=self.autocast_dtype,
+            dead_tokens=dead.dead_tokens if dead else None,
+        )
 
     def _grads(self, x_BD: torch.Tensor, hyper: Hyper, full: bool) -> tuple:
         dead = self.dead_mask() if self.arch.knob == "k" else None
@@ -167,14 +196,7 @@ class Ensemble:
         return grads, parts, codes
 
     def _track(self, codes_EBF: torch.Tensor) -> None:
-        """Fold this batch's codes into the members' buffers (thresholds, rows since fired)."""
-        self.arch.update_buffers(self.buffers, codes_EBF, self.active)
-        if SINCE_FIRED in self.buffers:
-            since = self.buffers[SINCE_FIRED]  # (E, F)
-            fired = (codes_EBF != 0).any(dim=1)  # (E, F)
-            cap = float(self.dead.dead_tokens) if self.dead else 0.0  # bounded: exact in fp32
-            new = torch.where(fired, 0.0, (since + codes_EBF.shape[1]).clamp(max=cap))
-            since.copy_(torch.where(self.active[:, None], new, since))
+        track(self.arch, self.buffers, codes_EBF, self.active, self.dead and self.dead.dead_tokens)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

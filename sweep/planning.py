@@ -56,8 +56,15 @@ DEFINING = {
 }  # fmt: skip
 FREE = {
     "data": ("path",),
-    # where and how often: the math of a step and the batches are the same
-    "train": ("device", "log_every", "checkpoint_minutes", "checkpoint_every", "threads"),
+    # where, how often and how: the math of a step (up to rounding) and the batches are the same
+    "train": (
+        "device",
+        "log_every",
+        "checkpoint_minutes",
+        "checkpoint_every",
+        "threads",
+        "compile",
+    ),
 }
 
 

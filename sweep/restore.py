@@ -59,6 +59,12 @@ def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if name == "bfloat16" else None
 
 
+def use_compile(train: TrainConfig, device: torch.device) -> bool:
+    """Whether ``train.compile`` compiles the step on ``device`` (auto: on a GPU only)."""
+    setting = str(train.compile).lower()
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
 def _found(folders: list[RunFolder], ensemble_id: str) -> list[Checkpoint | None]:
     """Every member's checkpoint at the newest common verified step, or all None.
 
@@ -148,6 +154,7 @@ def _ensemble(
         dead=dead_latents(train, runs[0]),
         rows=step * train.batch_size,
         grad_clip=None if train.grad_clip is None else train.grad_clip / runs[0].width,
+        compiled=use_compile(train, device),
     )
     if saved and saved[0]:  # checkpoints written before buffers existed keep fresh ones
         ens.buffers = {k: v.to(device) for k, v in stack(saved).items()}

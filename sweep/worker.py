@@ -283,6 +283,7 @@ def train_ensemble(
     finally:
         at.writer.close()
         at.timings["checkpoint_write"] = at.writer.write_seconds
+        at.timings["compile"] = sum(r.ens.compile_seconds.values())
     seconds = time.perf_counter() - t0
     at.timings.update(total=seconds, steps=r.step - resumed_from)
     for folder in at.folders:

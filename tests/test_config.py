@@ -83,6 +83,7 @@ def test_synthetic_fields_have_the_documented_names():
         ("train.betas=[0.9]", "train.betas"),
         ("train.device=tpu", "train.device"),
         ("train.dtype=float8", "train.dtype"),
+        ("train.compile=sometimes", "train.compile"),
         ("train.epochs=0", "train.epochs"),
         ("data.width=0", "data.width"),
         ("data.correlation=1.5", "data.correlation"),

@@ -3,7 +3,10 @@
 Marked ``gpu``: skipped without CUDA (CI has none). Run them on a GPU machine with
 ``pytest -m gpu tests/test_gpu.py``. Tolerances: fp32 on CUDA as tight as on CPU (TF32 is off
 unless ``train.dtype=tf32``); bf16 compute within 5% (relative, parameters) of the fp32
-reference after 100 steps.
+reference after 100 steps. The compiled step (``train.compile``, on by default on CUDA) is
+held to the same bars, except BatchTopK's, whose selection is discontinuous (a rounding
+difference can move a code across the batch threshold): it is held to the eager step, step
+by step.
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ def on(params: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in params.items()}
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_fp32_ensemble_equals_independent_training_on_cuda(fast):
+@pytest.mark.parametrize("fast, compiled", [(True, False), (False, False), (True, True)])
+def test_fp32_ensemble_equals_independent_training_on_cuda(fast, compiled):
     init, xs = members("untied"), [x.to(CUDA) for x in batches(25)]
-    ens = Ensemble(
-        on(stack(init), CUDA), hyper_of(L1, [0] * len(L1), CUDA), Adam(LR, BETAS, EPS), fast=fast
-    )
+    hyper = hyper_of(L1, [0] * len(L1), CUDA)
+    ens = Ensemble(on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), fast=fast, compiled=compiled)
     for x in xs:
         ens.step(x)
     for e, (p0, l1) in enumerate(zip(init, L1, strict=True)):
@@ -48,14 +50,17 @@ def test_fp32_ensemble_equals_independent_training_on_cuda(fast):
             assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
-def test_every_architecture_equals_independent_training_on_cuda(name):
+def test_every_architecture_equals_independent_training_on_cuda(name, compiled):
     from sweep import archs
     from tests import reference
     from tests.test_archs import VALUES
     from tests.test_archs import batches as arch_batches
     from tests.test_archs import members as arch_members
 
+    if compiled and name == "batchtopk":
+        pytest.skip("held to the eager step, step by step (below)")
     knob_k = archs.get(name).knob == "k"
     vals, xs = VALUES["k" if knob_k else "l1"], [x.to(CUDA) for x in arch_batches(25)]
     init = arch_members(name, len(vals))
@@ -63,7 +68,10 @@ def test_every_architecture_equals_independent_training_on_cuda(name):
         p["b_enc"][:10] = -50.0  # dead latents: AuxK is exercised
     dead = DeadLatents(dead_tokens=128, auxk_alpha=0.5, k_aux=6) if knob_k else None
     hyper = hyper_of([0.0] * 3 if knob_k else vals, vals if knob_k else [0] * 3, CUDA)
-    ens = Ensemble(on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), arch=name, dead=dead)
+    ens = Ensemble(
+        on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), arch=name, dead=dead,
+        compiled=compiled,
+    )  # fmt: skip
     for x in xs:
         ens.step(x)
     for e, v in enumerate(vals):
@@ -72,7 +80,26 @@ def test_every_architecture_equals_independent_training_on_cuda(name):
             torch.testing.assert_close(ens.params[k][e], p[k], rtol=5e-5, atol=5e-6)
 
 
-def test_bf16_compute_stays_near_the_fp32_reference():
+def test_compiled_batchtopk_step_equals_the_eager_step_on_cuda():
+    from tests.test_archs import batches as arch_batches
+    from tests.test_archs import members as arch_members
+
+    init = [on(p, CUDA) for p in arch_members("batchtopk", 3)]
+    hyper = hyper_of([0.0] * 3, [2, 5, 9], CUDA)
+    eager, fused = (
+        Ensemble(on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), arch="batchtopk", compiled=c)
+        for c in (False, True)
+    )
+    for x in arch_batches(4):
+        eager.step(x.to(CUDA))
+        fused.step(x.to(CUDA))
+        for k, v in eager.params.items():
+            torch.testing.assert_close(fused.params[k], v, rtol=1e-4, atol=1e-5)
+            fused.params[k].copy_(v)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_compute_stays_near_the_fp32_reference(compiled):
     init, xs = members("untied"), [x.to(CUDA) for x in batches(100)]
 
     def trained(dtype: torch.dtype | None) -> Ensemble:
@@ -81,6 +108,7 @@ def test_bf16_compute_stays_near_the_fp32_reference():
             hyper_of(L1, [0] * len(L1), CUDA),
             Adam(LR, BETAS, EPS),
             autocast_dtype=dtype,
+            compiled=compiled and dtype is not None,  # against the eager fp32 reference
         )
         for x in xs:
             ens.step(x)

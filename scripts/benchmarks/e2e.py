@@ -22,8 +22,9 @@ import torch
 from sweep import rundir
 from sweep.activations.store import VERIFIED
 from sweep.activations.synthetic import ensure_synthetic_store
-from sweep.config import SyntheticDataConfig
+from sweep.config import SyntheticDataConfig, TrainConfig
 from sweep.io import read_json
+from sweep.restore import use_compile
 from sweep.sweepdir import SweepFolder
 
 from .common import Context, Size
@@ -124,6 +125,7 @@ def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
     size = Size("e2e", p.width, round(ratio * p.width), p.batch)
     ens = make_ensemble(init_members(size, members, ctx.device), l1_grid(members))
     ens.autocast_dtype = torch.bfloat16 if p.dtype == "bfloat16" else None
+    ens.compiled = use_compile(TrainConfig(), ctx.device)  # as the sweep's default runs it
     xs = make_batches(size, 4, ctx.device)
     for x in xs:
         ens.step(x, full=False)
@@ -166,29 +168,30 @@ def analyse(
     """Per ensemble: training-phase rate vs the pure step, checkpoint share, evaluation and
     write seconds; and the sweep's wall split."""
     rows, figures = [], {"wall_s": wall}
-    train_total = eval_total = write_total = 0.0
+    train_total = eval_total = write_total = compile_total = 0.0
     timings = ensemble_timings(sweep_dir)
     for ens_id, e in sorted(timings.items()):
         t = e["timings"]
-        train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0)
+        compile_s = t.get("compile", 0.0)  # once per worker: start-up, not training
+        train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0) - compile_s
         achieved = t["steps"] * p.batch * e["members"] / train_s
         pure = step_rate(p, e["ratio"], e["members"], ctx)
         ckpt = t.get("checkpoint", 0.0) / train_s
         write = t.get("write", 0.0)
-        train_total += train_s
+        train_total, compile_total = train_total + train_s, compile_total + compile_s
         eval_total, write_total = eval_total + t.get("finalize", 0) - write, write_total + write
         figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure}
         rows.append([ens_id, f"{achieved:,.0f}", f"{pure:,.0f}", f"{achieved / pure:.2f}",
                      f"{ckpt:.4f}", f"{t.get('finalize', 0) - write:.1f}", f"{write:.1f}"])  # fmt: skip
     first = min(e["start"] for e in timings.values())
     figures.update(startup_s=first - t_start, train_s=train_total, eval_s=eval_total)
-    figures["write_s"] = write_total
+    figures.update(write_s=write_total, compile_s=compile_total)
     figures["gpu_util"] = sum(gpu.samples) / len(gpu.samples) if gpu.samples else None
     headers = ["ensemble", "rows*K/s sweep run", "rows*K/s pure step", "ratio", "ckpt share"]
     table([*headers, "eval s", "write s"], rows)
     worst = min(v["ratio"] for k, v in figures.items() if isinstance(v, dict) and "ratio" in v)
     print(f"  sweep wall {wall:.1f} s: start-up (Ray, plan) {figures['startup_s']:.1f} s, "
-          f"training {train_total:.1f} s, evaluation {eval_total:.1f} s, final writes "
+          f"compile {compile_total:.1f} s, training {train_total:.1f} s, evaluation {eval_total:.1f} s, final writes "
           f"{write_total:.1f} s (ensembles may overlap); GPU utilisation {figures['gpu_util']}")  # fmt: skip
     print(f"  worst training-phase / pure-step ratio {worst:.2f} {verdict(worst, TARGET)}")
     figures["worst_ratio"] = worst

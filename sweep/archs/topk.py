@@ -77,7 +77,8 @@ class TopK(Architecture):
         return torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
 
     def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
-        if pre_EBF.device.type == "cpu":  # a top-k's cost grows with k: each at its own
+        if pre_EBF.device.type == "cpu" and not torch.compiler.is_compiling():
+            # a top-k's cost grows with k: each member at its own
             self.keep_each(pre_EBF, hyper["k"].tolist())
         else:  # one launch, no host sync
             self.keep_all(pre_EBF, hyper["k"], kmax)

@@ -1,0 +1,121 @@
+"""``train.compile``: the ensemble step as one ``torch.compile``d function equals independent
+single SAEs (params, Adam state, step counts), freezes a diverged member inside the compiled
+program, and resumes bit-exactly. On CPU inductor emits C++; the CUDA variant is in
+tests/test_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sweep import restore
+from sweep.config import TrainConfig
+from sweep.ensemble import DeadLatents, Ensemble
+from sweep.optim import Adam, AdamState
+from sweep.update import adam_stacked
+from tests import reference
+from tests.reference import BETAS, EPS, LR
+from tests.test_archs import VALUES, B, arch_of, assert_member_equal, batches, ensemble_of, members
+
+
+def test_stacked_adam_equals_torch_adam_member_by_member():
+    """One pass over all members == the fused kernel applied to each member's slices."""
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(3, 5, 7, generator=g), "b": torch.randn(3, 7, generator=g)}
+    mine = {k: v.clone() for k, v in p.items()}
+    ref_state, state = AdamState.zeros_like(p), AdamState.zeros_like(mine)
+    adam = Adam(LR, BETAS, EPS)
+    for i in range(6):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in p.items()}
+        active = torch.tensor([True, i < 3, True])  # member 1 frozen after three steps
+        adam.update(p, grads, ref_state, (~active).float(), lr_scale=0.5 + i / 10)
+        lr = torch.tensor(LR * (0.5 + i / 10))
+        for k in mine:
+            m, v = state.exp_avg[k], state.exp_avg_sq[k]
+            adam_stacked(mine[k], grads[k], m, v, state.step[k], active, lr, adam)
+    for k in p:
+        torch.testing.assert_close(mine[k], p[k], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(state.exp_avg_sq[k], ref_state.exp_avg_sq[k])
+        assert state.step[k].tolist() == ref_state.step[k].tolist() == [6.0, 3.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    "name, auxk", [("untied", False), ("untied:weighted", False), ("topk", True)]
+)
+def test_compiled_ensemble_equals_independent_training(name, auxk):
+    a = arch_of(name)
+    dead = DeadLatents(dead_tokens=2 * B, auxk_alpha=0.5, k_aux=16) if auxk else None
+    xs, init = batches(25), members(name, len(VALUES[a.knob]))
+    if auxk:
+        for p in init:
+            p["b_enc"][:10] = -50.0  # never win a top-k: dead, for AuxK to revive
+    ens = ensemble_of(name, init, True, dead, compiled=True, grad_clip=0.05)
+    assert ens.compiled
+    for x in xs:
+        ens.step(x)
+    for e, value in enumerate(VALUES[a.knob]):
+        p, opt = reference.train_single(a, init[e], value, xs, dead, grad_clip=0.05)
+        assert_member_equal(ens, e, p, opt, len(xs))
+
+
+def test_compiled_batchtopk_step_equals_the_eager_step():
+    """BatchTopK's selection is discontinuous (a rounding difference can move one code across
+    the batch threshold), so its compiled step is held to the eager one step by step."""
+    init, xs = members("batchtopk", 3), batches(4)
+    eager = ensemble_of("batchtopk", init, True, None)
+    fused = ensemble_of("batchtopk", init, True, None, compiled=True)
+    for x in xs:
+        eager.step(x)
+        fused.step(x)
+        for k, v in eager.params.items():
+            torch.testing.assert_close(fused.params[k], v, rtol=1e-4, atol=1e-5)
+            fused.params[k].copy_(v)  # the next step starts from the same point
+        torch.testing.assert_close(fused.buffers["threshold"], eager.buffers["threshold"])
+
+
+def test_diverged_member_is_frozen_inside_the_compiled_step():
+    init, xs = members("untied", 3), batches(10)
+    ens = ensemble_of("untied", init, True, None, compiled=True)
+    for i, x in enumerate(xs):
+        if i == 4:
+            ens.hyper["l1"][1] = float("nan")  # member 1's loss turns NaN from step 5 on
+            frozen = {k: v[1].clone() for k, v in ens.params.items()}
+        ens.step(x)
+    assert ens.active.tolist() == [True, False, True]
+    for k, v in frozen.items():
+        assert torch.equal(ens.params[k][1], v)
+        assert ens.state.step[k].tolist() == [10.0, 4.0, 10.0]
+    assert all(torch.isfinite(v).all() for v in ens.params.values())
+    p, opt = reference.train_single(arch_of("untied"), init[0], VALUES["l1"][0], xs)
+    assert_member_equal(ens, 0, p, opt, len(xs))  # the healthy members are unaffected
+
+
+def test_compiled_training_resumes_bit_exactly():
+    """Stopped after 6 steps and rebuilt from its state, a compiled ensemble ends exactly
+    where the uninterrupted one does."""
+    init, xs = members("topk", 3), batches(12)
+    whole = ensemble_of("topk", init, True, None, compiled=True)
+    first = ensemble_of("topk", init, True, None, compiled=True)
+    for i, x in enumerate(xs):
+        whole.step(x, full=i % 4 == 0)
+        if i < 6:
+            first.step(x, full=i % 4 == 0)
+    saved = AdamState(*({k: v.clone() for k, v in d.items()} for d in vars(first.state).values()))
+    params = {k: v.clone() for k, v in first.params.items()}
+    again = Ensemble(
+        params, first.hyper, first.adam, arch="topk", state=saved, active=first.active.clone(),
+        compiled=True,
+    )  # fmt: skip
+    for i, x in enumerate(xs[6:], start=6):
+        again.step(x, full=i % 4 == 0)
+    for k, v in whole.params.items():
+        assert torch.equal(again.params[k], v)
+        assert torch.equal(again.state.exp_avg_sq[k], whole.state.exp_avg_sq[k])
+
+
+def test_train_compile_auto_means_on_a_gpu_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not restore.use_compile(TrainConfig(), cpu)
+    assert restore.use_compile(TrainConfig(), gpu)
+    assert restore.use_compile(TrainConfig(compile="True"), cpu)
+    assert not restore.use_compile(TrainConfig(compile="false"), gpu)
