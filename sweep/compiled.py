@@ -84,8 +84,10 @@ a Ray worker may train several ensembles). Past it dynamo fails instead of silen
 the step uncompiled, which would change a run's numerics mid-way."""
 
 
-def compile_step(spec: StepSpec) -> Callable:
-    """:func:`step` for ``spec``, compiled (static shapes: one graph per ``full`` value)."""
+def compile_step(spec: StepSpec, mode: str | None = None) -> Callable:
+    """:func:`step` for ``spec``, compiled (static shapes: one graph per ``full`` value;
+    ``mode``: torch.compile's, e.g. ``reduce-overhead`` for CUDA graphs, which the benchmark
+    tries)."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # newer and older torch
         if hasattr(cfg, name):
@@ -93,4 +95,4 @@ def compile_step(spec: StepSpec) -> Callable:
     for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
         if hasattr(cfg, name):
             setattr(cfg, name, True)
-    return torch.compile(partial(step, spec), dynamic=False)
+    return torch.compile(partial(step, spec), dynamic=False, mode=mode)

@@ -16,6 +16,8 @@ from functools import partial
 import torch
 
 from sweep import sae
+from sweep.compiled import compile_step
+from sweep.ensemble import Ensemble
 
 from .common import Context, Size
 from .ensembles import feeder, init_members, l1_grid, make_batches, make_ensemble
@@ -68,6 +70,27 @@ class AutocastLoop(LoopTrainer):
                 w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
+def with_cuda_graphs(ens: Ensemble, batches: list[torch.Tensor]) -> Callable[[], object] | None:
+    """An experiment, not a product path: the compiled step under CUDA graphs (torch.compile's
+    ``reduce-overhead``; parameters and optimizer state marked static so their in-place
+    updates are allowed). None, with the reason printed, when it does not work."""
+    ens.autocast_dtype, ens.compiled = torch.bfloat16, True
+    tensors = [*ens.params.values(), *ens.buffers.values(), ens.active, ens._scales]
+    for d in (ens.state.exp_avg, ens.state.exp_avg_sq, ens.state.step):
+        tensors += d.values()
+    for t in tensors:
+        torch._dynamo.mark_static_address(t, guard=False)
+    ens._compiled_fn = compile_step(ens._spec(), mode="reduce-overhead")
+    try:
+        for x in batches * 2:  # warm-up, record, replay
+            ens.step(x, full=False)
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 (report any failure and go on)
+        print(f"  sweep_graphs failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        return None
+    return feeder(batches, partial(ens.step, full=False))
+
+
 def variants(size: Size, k: int, ctx: Context) -> dict[str, Callable[[], object]]:
     cuda = ctx.device.type == "cuda"
     batches = make_batches(size, 2, ctx.device)
@@ -77,6 +100,10 @@ def variants(size: Size, k: int, ctx: Context) -> dict[str, Callable[[], object]
         ens = make_ensemble(members, l1s)
         ens.autocast_dtype, ens.compiled = torch.bfloat16 if cuda else None, compiled
         out[name] = feeder(batches, partial(ens.step, full=False))
+    if cuda:
+        graphs = with_cuda_graphs(make_ensemble(members, l1s), batches)
+        if graphs is not None:
+            out["sweep_graphs"] = graphs
     for name, compiled in (("loop", False), ("loop_compiled", True)):
         loop = AutocastLoop(members, l1s, cuda, compiled)
         out[name] = feeder(batches, loop.step)
@@ -103,13 +130,13 @@ def run(ctx: Context) -> dict:
                      f"{rate['sweep'] / rate['loop_compiled']:.2f}x", f"{frac:.3f}",
                      "-" if target is None else f">= {target}"])  # fmt: skip
     table(["size", "B", "K", *NAMES, "sweep/loop_compiled", "of peak", "target"], rows)
-    print("  rows x members per second (median); 'of peak' and sweep/compiled use the step")
+    print("  rows x members per second (median); 'of peak' and sweep/loop_compiled use the step")
     print("  train.compile=auto runs (compiled on CUDA, eager on the CPU).")
     print("  Issue 10 targets on the H200: the fractions of")
     print("  peak above, >= 6x the 5.0M of 128x512 before the work, >= 1.4x the compiled loop.")
     return {"peak_flops": peak, "results": results}
 
 
-NAMES = ["sweep_eager", "sweep_compiled", "loop", "loop_compiled", "vmap_fp32"]
+NAMES = ["sweep_eager", "sweep_compiled", "sweep_graphs", "loop", "loop_compiled", "vmap_fp32"]
 DEFAULT = {True: "sweep_compiled", False: "sweep_eager"}
 """The step ``train.compile=auto`` runs, on CUDA and on the CPU (the one held to the targets)."""
