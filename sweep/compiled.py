@@ -96,3 +96,10 @@ def compile_step(spec: StepSpec, mode: str | None = None) -> Callable:
         if hasattr(cfg, name):
             setattr(cfg, name, True)
     return torch.compile(partial(step, spec), dynamic=False, mode=mode)
+
+
+def forget_compiled() -> None:
+    """Drop every compiled variant this process holds. A worker calls it before each
+    ensemble: Ray may reuse a process for many ensembles, and the old variants would count
+    towards :data:`RECOMPILE_LIMIT` (inductor's on-disk cache keeps recompiling cheap)."""
+    torch._dynamo.reset()

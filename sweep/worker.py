@@ -22,6 +22,7 @@ import torch
 from sweep import sae
 from sweep.activations.store import BatchStream, ChunkStore
 from sweep.ckpt_writer import CheckpointWriter
+from sweep.compiled import forget_compiled
 from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
@@ -29,7 +30,7 @@ from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
 from sweep.resample import resample
-from sweep.restore import Restored, restore_ensemble
+from sweep.restore import Restored, restore_ensemble, use_compile
 from sweep.rundir import RunFolder
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,8 @@ def train_ensemble(
     if job.threads > 0:
         torch.set_num_threads(job.threads)
     at = _Attempt(job, resolve_device(job.train.device))
+    if use_compile(job.train, at.device):
+        forget_compiled()
     at.start()
     r = at.restore()
     resumed_from = r.step

@@ -119,3 +119,20 @@ def test_train_compile_auto_means_on_a_gpu_only():
     assert restore.use_compile(TrainConfig(), gpu)
     assert restore.use_compile(TrainConfig(compile="True"), cpu)
     assert not restore.use_compile(TrainConfig(compile="false"), gpu)
+
+
+def test_a_compiled_worker_resumes_bit_exactly(tiny_store, tmp_path):
+    """Through the worker (train.compile=true on CPU): stopped, checkpointed and continued, the
+    dictionaries equal an uninterrupted compiled run's; compile time is recorded apart."""
+    from sweep import rundir
+    from sweep.worker import train_ensemble
+    from tests.test_worker import digest, job_for, stop_after
+
+    ref = train_ensemble(job_for(tiny_store, tmp_path / "ref", compile="true"))
+    assert ref.timings["compile"] > 0
+    cut = job_for(tiny_store, tmp_path / "cut", compile="true")
+    train_ensemble(cut, should_stop=stop_after(17))
+    assert train_ensemble(cut).resumed_from == 17
+    for m in cut.ensemble.members:
+        a, b = (rundir.run_dir(tmp_path / d, m.run_id) for d in ("ref", "cut"))
+        assert digest(a) == digest(b)
