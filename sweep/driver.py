@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import launcher, packing, planning
+from sweep import grid, launcher, packing, planning
 from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -155,7 +155,7 @@ def _train(
         res = launcher.Resources(cfg, ray.cluster_resources())
         cfg = replace(cfg, train=replace(cfg.train, dtype=_compute_dtype(cfg, res)))
         planning.check_compatible(folder, cfg)
-        budget = res.device_bytes - (store.staged_bytes() if res.on_gpu else 0)
+        budget = _device_budget(store, res)
         p = planning.plan(cfg, store.width, budget, res.on_gpu)
         _write_sweep_files(folder, cfg, p, store)
         if p.skipped:
@@ -167,6 +167,22 @@ def _train(
     write_summary(folder.path, [r.row() for r in records])
     folder.record_state(outcome.state)
     return records
+
+
+def _device_budget(store: ChunkStore, res: launcher.Resources) -> float:
+    """Device bytes left to each ensemble's members once its batch stream has staged two of
+    the store's chunks on the GPU; refused when those alone take half of what may be planned."""
+    if not res.on_gpu:
+        return res.device_bytes
+    staged = store.staged_bytes()
+    if staged > grid.MEMORY_USE * res.device_bytes / 2:
+        raise SweepError(
+            f"store {store.path}: two of its chunks staged on the GPU need "
+            f"{staged / 2**20:,.1f} MiB, over half of the {res.device_bytes / 2**20:,.1f} MiB an "
+            "ensemble may plan for; regenerate the store with a smaller data.rows_per_chunk "
+            "or give each ensemble more of a GPU (launch.gpus_per_ensemble)"
+        )
+    return res.device_bytes - staged
 
 
 class _QuietFileHandler(logging.FileHandler):

@@ -55,3 +55,13 @@ def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path):
     for name, want in (("auto", 0.25), ("half", 0.5)):
         for run in (tmp_path / name / "runs").iterdir():
             assert json.loads((run / "placement.json").read_text())["gpu_share"] == want
+
+
+def test_a_store_whose_chunks_fill_the_gpu_is_refused(ray_cluster, tmp_path, capsys):
+    """Two staged chunks (2 x 4096 rows x 16 floats + row orders: 0.6 MB) against a GPU of
+    1 MB: one line naming the fix, exit 2, before any run folder exists."""
+    capsys.readouterr()
+    assert sweep(tmp_path, "launch.device_memory_gb=0.001", name="big") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the store's generation log
+    assert err.startswith("error: store") and "smaller data.rows_per_chunk" in err, err
+    assert not (tmp_path / "big" / "runs").exists()
