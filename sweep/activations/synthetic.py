@@ -53,9 +53,14 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch.special import ndtr, ndtri
 
-from sweep.activations.store import GROUND_TRUTH, MANIFEST, ChunkStore, StoreWriter
+from sweep.activations.store import (
+    GROUND_TRUTH,
+    MANIFEST,
+    ChunkStore,
+    StoreWriter,
+    writer_threads,
+)
 from sweep.config import SyntheticDataConfig
-from sweep.devices import torch_dtype
 from sweep.errors import StoreError
 from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
@@ -392,27 +397,40 @@ def ensure_synthetic_store(
 def _generate(
     cfg: SyntheticDataConfig, path: Path, marker: dict, device: torch.device
 ) -> ChunkStore:
-    writer = StoreWriter(path, cfg.width, cfg.dtype, cfg.rows_per_chunk)
-    remove_stale_temps(path)  # of a generation killed midway (the sweep's lock is held)
-    atomic_write_json(path / PARAMS_FILE, marker)
     source = SyntheticSource(cfg)
     n_chunks = math.ceil(cfg.rows / cfg.rows_per_chunk)
+    with StoreWriter(
+        path, cfg.width, cfg.dtype, cfg.rows_per_chunk, threads=writer_threads()
+    ) as writer:  # creates the folder
+        remove_stale_temps(path)  # of a generation killed midway (the sweep's lock is held)
+        atomic_write_json(path / PARAMS_FILE, marker)
+        _write_chunks(cfg, source, writer, n_chunks, device)
+        atomic_write_bytes(
+            path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()})
+        )
+        params = {k: v for k, v in marker.items() if k != "generator"}
+        stats = {"feature_probability_sum": float(source.p.sum())}
+        provenance = {"source": "synthetic", "params": params, "generator": marker["generator"]}
+        writer.finalize(n_chunks, {**provenance, **stats})
+    log.info("generated synthetic store %s (%d rows) on %s", path, cfg.rows, device.type)
+    return ChunkStore(path)
+
+
+def _write_chunks(
+    cfg: SyntheticDataConfig,
+    source: SyntheticSource,
+    writer: StoreWriter,
+    n_chunks: int,
+    device: torch.device,
+) -> None:
+    """Sample and hand over the chunks not yet on disk; the writer's threads hash and write
+    one while the next is sampled (stats are taken on ``device``, before the copy to the CPU)."""
     from tqdm.auto import tqdm
 
     for i in tqdm(range(n_chunks), desc="generating synthetic store", unit="chunk", leave=False):
         if writer.has_chunk(i):
             continue
         rows = min(cfg.rows_per_chunk, cfg.rows - i * cfg.rows_per_chunk)
-        x = source.sample(rows, i, device)  # (rows, d) on device
-        writer.write_chunk(i, x.to(torch_dtype(cfg.dtype)).cpu())
+        writer.write_chunk(i, source.sample(rows, i, device))  # (rows, d) on device
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the driver keeps running: leave the memory to training
-    atomic_write_bytes(
-        path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()})
-    )
-    params = {k: v for k, v in marker.items() if k != "generator"}
-    stats = {"feature_probability_sum": float(source.p.sum())}
-    provenance = {"source": "synthetic", "params": params, "generator": marker["generator"]}
-    writer.finalize(n_chunks, {**provenance, **stats})
-    log.info("generated synthetic store %s (%d rows) on %s", path, cfg.rows, device.type)
-    return ChunkStore(path)
