@@ -56,11 +56,11 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
     path = cfg.data.path or default_store_path(cfg.sweep_dir)
     if isinstance(cfg.data, SyntheticDataConfig):
         from sweep.activations.synthetic import ensure_synthetic_store
-        from sweep.devices import resolve_device
 
         # generated on this machine's GPU when there is one, unless the sweep trains on CPU
-        device = resolve_device("cpu" if cfg.train.device == "cpu" else "auto")
-        return ensure_synthetic_store(cfg.data, path, device)
+        return ensure_synthetic_store(
+            cfg.data, path, "cpu" if cfg.train.device == "cpu" else "auto"
+        )
     if cfg.data.name == "harvest":  # harvest-then-train; skipped when the store is complete
         from sweep.activations.harvest import ensure_harvest_store
 

@@ -207,6 +207,19 @@ def test_complete_store_of_the_old_generator_is_reused_untouched(tmp_path):
     assert "generator" not in store.provenance and store.total_rows == 5000
 
 
+def test_reusing_a_store_never_resolves_a_device(tmp_path, monkeypatch):
+    """``auto`` is resolved only to generate: a sweep on a reused store starts no CUDA context
+    in the driver (it would hold GPU memory for the whole sweep)."""
+    cfg = tiny_data(rows=5000)
+    ensure_synthetic_store(cfg, tmp_path / "s", device="auto")
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("resolve_device called for a complete store")
+
+    monkeypatch.setattr(synthetic, "resolve_device", refuse)
+    assert ensure_synthetic_store(cfg, tmp_path / "s", device="auto").total_rows == 5000
+
+
 @pytest.mark.gpu
 @CUDA
 def test_cuda_generation_is_deterministic_and_keeps_the_distribution(tmp_path):

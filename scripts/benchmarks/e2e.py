@@ -60,7 +60,7 @@ def make_store(p: Plan, path: Path, device: torch.device) -> tuple[Path, float, 
         width=p.width, n_features=4 * p.width, rows=p.rows, dtype="float16", eval_rows=16_384
     )
     t0 = time.perf_counter()
-    store = ensure_synthetic_store(cfg, path)
+    store = ensure_synthetic_store(cfg, path, device)
     t1 = time.perf_counter()
     (path / VERIFIED).unlink(missing_ok=True)
     store.verify()

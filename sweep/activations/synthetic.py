@@ -61,6 +61,7 @@ from sweep.activations.store import (
     writer_threads,
 )
 from sweep.config import SyntheticDataConfig
+from sweep.devices import resolve_device
 from sweep.errors import StoreError
 from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
@@ -361,7 +362,8 @@ def ensure_synthetic_store(
     cfg: SyntheticDataConfig, path: str | Path, device: str | torch.device = "cpu"
 ) -> ChunkStore:
     """Open the store at ``path`` if it was generated with these parameters, else generate it
-    (on ``device``: "cpu" or "cuda").
+    (on ``device``: "cpu", "cuda", or "auto" for this machine's GPU when it has one — resolved
+    only when generating, so reusing a store never starts a CUDA context).
 
     A complete store made with other parameters is never overwritten (error); a complete one
     with these parameters is reused whichever generator made it. An incomplete one made with
@@ -381,6 +383,7 @@ def ensure_synthetic_store(
             )
         log.info("reusing synthetic store %s", path)
         return store
+    device = resolve_device(device) if isinstance(device, str) else device
     marker = {**params, "generator": generator_info(device)}
     if path.exists() and any(path.iterdir()):
         if not (path / PARAMS_FILE).exists():
@@ -391,7 +394,7 @@ def ensure_synthetic_store(
         if json.loads((path / PARAMS_FILE).read_text()) != marker:
             log.info("clearing incomplete synthetic store %s (other parameters or generator)", path)
             shutil.rmtree(path)
-    return _generate(cfg, path, marker, torch.device(device))
+    return _generate(cfg, path, marker, device)
 
 
 def _generate(
