@@ -126,7 +126,7 @@ def run(ctx: Context) -> dict:
         target = TARGETS[size.name] if cuda else None
         results.append({"size": size.name, "k": k, "seconds": secs, "rows_x_members_per_s": rate,
                         "fraction_of_peak": frac, "target_fraction": target})  # fmt: skip
-        rows.append([size.name, str(size.batch), str(k), *(fmt_rate(rate.get(n, 0)) for n in NAMES),
+        rows.append([size.name, str(size.batch), str(k), *(fmt_rate(rate[n]) if n in rate else "-" for n in NAMES),
                      f"{rate['sweep'] / rate['loop_compiled']:.2f}x", f"{frac:.3f}",
                      "-" if target is None else f">= {target}"])  # fmt: skip
     table(["size", "B", "K", *NAMES, "sweep/loop_compiled", "of peak", "target"], rows)
