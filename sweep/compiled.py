@@ -79,23 +79,32 @@ def step(
 
 
 RECOMPILE_LIMIT = 64
-"""Compiled variants of :func:`step` one process may hold (two per ensemble: ``full`` or not;
-a Ray worker may train several ensembles). Past it dynamo fails instead of silently running
-the step uncompiled, which would change a run's numerics mid-way."""
+"""Compiled variants of :func:`step` one process may hold (up to four per ensemble: ``full``
+or not, times dead latents known or not yet). Past it dynamo fails instead of silently
+running the step uncompiled, which would change a run's numerics mid-way."""
 
 
 def compile_step(spec: StepSpec, mode: str | None = None) -> Callable:
-    """:func:`step` for ``spec``, compiled (static shapes: one graph per ``full`` value;
-    ``mode``: torch.compile's, e.g. ``reduce-overhead`` for CUDA graphs, which the benchmark
-    tries)."""
-    cfg = torch._dynamo.config
+    """:func:`step` for ``spec``, compiled as one graph (a graph break fails instead of
+    silently splitting it) with static shapes: a variant per ``full`` value and per dead-latent
+    mask present or not. ``mode``: torch.compile's, e.g. ``reduce-overhead`` for CUDA graphs,
+    which the benchmark tries.
+
+    Inductor's deterministic mode is on: by default it picks among kernel configurations by
+    timing them on the first call, and configurations sum reductions in different orders, so
+    a run resumed on a fresh machine (an empty kernel cache) could differ in the last bits
+    from the uninterrupted one."""
+    dynamo = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # newer and older torch
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), RECOMPILE_LIMIT))
     for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, True)
-    return torch.compile(partial(step, spec), dynamic=False, mode=mode)
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, True)
+    inductor = torch._inductor.config
+    if hasattr(inductor, "deterministic"):
+        inductor.deterministic = True
+    return torch.compile(partial(step, spec), dynamic=False, fullgraph=True, mode=mode)
 
 
 def forget_compiled() -> None:

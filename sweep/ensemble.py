@@ -111,8 +111,9 @@ class Ensemble:
         self.compiled = compiled and self.fast
         """Run the step as one ``torch.compile``d function (:mod:`sweep.compiled`)."""
         self._compiled_fn: Callable | None = None
-        self.compile_seconds: dict[bool, float] = {}
-        """Host seconds of the first compiled step per ``full`` value (compile + one step)."""
+        self.compile_seconds: dict[tuple[bool, bool], float] = {}
+        """Host seconds of the first compiled step of each variant (``full``, no dead-latent
+        mask yet): compile + one step."""
         self._scales = torch.ones(2, device=dev)  # the compiled step's lr and L1 factors
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
@@ -162,8 +163,9 @@ class Ensemble:
             self.params, self.state, self.buffers, self.active, x_BD, self.hyper, self._scales,
             dead, full,
         )  # fmt: skip
-        if full not in self.compile_seconds:  # the first call of each variant compiles it
-            self.compile_seconds[full] = time.perf_counter() - t0
+        variant = (full, dead is None)
+        if variant not in self.compile_seconds:  # the first call of each variant compiles it
+            self.compile_seconds[variant] = time.perf_counter() - t0
         self.rows += x_BD.shape[0]
         return parts
 

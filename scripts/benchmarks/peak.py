@@ -10,6 +10,8 @@ seconds per step there), which checks the code and that the CPU path is no slowe
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from collections.abc import Callable
 from functools import partial
 
@@ -17,7 +19,6 @@ import torch
 
 from sweep import sae
 from sweep.compiled import compile_step
-from sweep.ensemble import Ensemble
 
 from .common import Context, Size
 from .ensembles import feeder, init_members, l1_grid, make_batches, make_ensemble
@@ -70,65 +71,95 @@ class AutocastLoop(LoopTrainer):
                 w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
-def with_cuda_graphs(ens: Ensemble, batches: list[torch.Tensor]) -> Callable[[], object] | None:
+def warmed(name: str, make: Callable[[], Callable[[], object]]) -> Callable[[], object] | None:
+    """Variant ``name`` built and called twice (compiling it); None, with the reason printed,
+    when that fails, so one failing variant does not cost the others' figures."""
+    try:
+        fn = make()
+        fn(), fn()
+        return fn
+    except Exception as err:  # noqa: BLE001 (report any failure and go on)
+        print(f"  {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        return None
+
+
+def sweep_step(members: list, l1s: list, batches: list, cuda: bool, compiled: bool) -> Callable:
+    ens = make_ensemble(members, l1s)
+    ens.autocast_dtype, ens.compiled = torch.bfloat16 if cuda else None, compiled
+    return feeder(batches, partial(ens.step, full=False))
+
+
+def cuda_graphs_step(members: list, l1s: list, batches: list) -> Callable[[], object]:
     """An experiment, not a product path: the compiled step under CUDA graphs (torch.compile's
     ``reduce-overhead``; parameters and optimizer state marked static so their in-place
-    updates are allowed). None, with the reason printed, when it does not work."""
+    updates are allowed). Inductor is told to fail rather than silently skip the graphs."""
+    ens = make_ensemble(members, l1s)
     ens.autocast_dtype, ens.compiled = torch.bfloat16, True
     tensors = [*ens.params.values(), *ens.buffers.values(), ens.active, ens._scales]
     for d in (ens.state.exp_avg, ens.state.exp_avg_sq, ens.state.step):
         tensors += d.values()
     for t in tensors:
         torch._dynamo.mark_static_address(t, guard=False)
+    triton_cfg = torch._inductor.config.triton
+    if hasattr(triton_cfg, "cudagraph_or_error"):
+        triton_cfg.cudagraph_or_error = True
     ens._compiled_fn = compile_step(ens._spec(), mode="reduce-overhead")
-    try:
-        for x in batches * 2:  # warm-up, record, replay
-            ens.step(x, full=False)
-        torch.cuda.synchronize()
-    except Exception as err:  # noqa: BLE001 (report any failure and go on)
-        print(f"  sweep_graphs failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        return None
-    return feeder(batches, partial(ens.step, full=False))
+    fn = feeder(batches, partial(ens.step, full=False))
+    fn(), fn(), fn()  # warm-up, record, replay (compiled under the setting above)
+    torch.cuda.synchronize()
+    return fn
 
 
 def variants(size: Size, k: int, ctx: Context) -> dict[str, Callable[[], object]]:
+    """Every variant that builds and runs (CUDA graphs last: a failed capture can spoil the
+    context for whatever follows)."""
     cuda = ctx.device.type == "cuda"
     batches = make_batches(size, 2, ctx.device)
     members, l1s = init_members(size, k, ctx.device), l1_grid(k)
-    out = {}
-    for name, compiled in (("sweep_eager", False), ("sweep_compiled", True)):
-        ens = make_ensemble(members, l1s)
-        ens.autocast_dtype, ens.compiled = torch.bfloat16 if cuda else None, compiled
-        out[name] = feeder(batches, partial(ens.step, full=False))
-    if cuda:
-        graphs = with_cuda_graphs(make_ensemble(members, l1s), batches)
-        if graphs is not None:
-            out["sweep_graphs"] = graphs
-    for name, compiled in (("loop", False), ("loop_compiled", True)):
-        loop = AutocastLoop(members, l1s, cuda, compiled)
-        out[name] = feeder(batches, loop.step)
+    makers: dict[str, Callable[[], Callable[[], object]]] = {
+        "sweep_eager": lambda: sweep_step(members, l1s, batches, cuda, False),
+        "sweep_compiled": lambda: sweep_step(members, l1s, batches, cuda, True),
+        "loop": lambda: feeder(batches, AutocastLoop(members, l1s, cuda, False).step),
+        "loop_compiled": lambda: feeder(batches, AutocastLoop(members, l1s, cuda, True).step),
+    }
     if cuda or size.m <= 512:  # vmap materialises per-member activations: small sizes on CPU
         ref = make_ensemble(members, l1s, fast=False)
-        out["vmap_fp32"] = feeder(batches, lambda x: ref.step(x, full=False))
-    return out
+        makers["vmap_fp32"] = lambda: feeder(batches, lambda x: ref.step(x, full=False))
+    if cuda:
+        makers["sweep_graphs"] = lambda: cuda_graphs_step(members, l1s, batches)
+    built = {name: warmed(name, make) for name, make in makers.items()}
+    return {name: fn for name, fn in built.items() if fn is not None}
+
+
+def sizes(cuda: bool) -> list[tuple[Size, int]]:
+    """Issue 10's sizes on CUDA (``SWEEP_PEAK_SIZES``, e.g. ``128x512,768x24576``, picks some);
+    the smallest on the CPU."""
+    if not cuda:
+        return SIZES[:1]
+    picked = os.environ.get("SWEEP_PEAK_SIZES", "")
+    return [(s, k) for s, k in SIZES if not picked or s.name in picked.split(",")]
 
 
 def run(ctx: Context) -> dict:
     cuda = ctx.device.type == "cuda"
     peak = matmul_peak(ctx.device, torch.bfloat16 if cuda else torch.float32, ctx)
-    print(f"  matmul peak ({'bf16' if cuda else 'fp32'}): {fmt_rate(peak)}FLOP/s")
+    print(f"  matmul peak ({'bf16' if cuda else 'fp32'}): {fmt_rate(peak)}FLOP/s", flush=True)
     results, rows = [], []
-    for size, k in SIZES if cuda else SIZES[:1]:
+    for size, k in sizes(cuda):
         secs = interleaved(variants(size, k, ctx), ctx.timer, ctx.st.repeats, ctx.st.min_time)
         rate = {n: size.batch * k / med(s) for n, s in secs.items()}
-        rate["sweep"] = rate[DEFAULT[cuda]]  # as train.compile=auto runs it
+        rate["sweep"] = rate.get(
+            DEFAULT[cuda], rate["sweep_eager"]
+        )  # as train.compile=auto runs it
         frac = rate["sweep"] * 12.0 * size.d * size.m / peak
         target = TARGETS[size.name] if cuda else None
         results.append({"size": size.name, "k": k, "seconds": secs, "rows_x_members_per_s": rate,
                         "fraction_of_peak": frac, "target_fraction": target})  # fmt: skip
+        vs_loop = rate["sweep"] / rate["loop_compiled"] if "loop_compiled" in rate else math.nan
         rows.append([size.name, str(size.batch), str(k), *(fmt_rate(rate[n]) if n in rate else "-" for n in NAMES),
-                     f"{rate['sweep'] / rate['loop_compiled']:.2f}x", f"{frac:.3f}",
-                     "-" if target is None else f">= {target}"])  # fmt: skip
+                     f"{vs_loop:.2f}x", f"{frac:.3f}", "-" if target is None else f">= {target}"])  # fmt: skip
+        print(f"  {size.name} K={k}: " + ", ".join(f"{n} {fmt_rate(r)}" for n, r in rate.items())
+              + f"; {frac:.3f} of peak", flush=True)  # fmt: skip
     table(["size", "B", "K", *NAMES, "sweep/loop_compiled", "of peak", "target"], rows)
     print("  rows x members per second (median); 'of peak' and sweep/loop_compiled use the step")
     print("  train.compile=auto runs (compiled on CUDA, eager on the CPU).")
