@@ -52,14 +52,16 @@ def make_ensemble(
     fast: bool = True,
     arch: str = "untied",
     ks: list[int] | None = None,
+    compiled: bool = False,
 ) -> Ensemble:
-    """An ensemble as the worker builds it (``ks``: TopK-style members' k values)."""
+    """An ensemble as the worker builds it (``ks``: TopK-style members' k values; ``compiled``:
+    its step ``torch.compile``d, as ``train.compile`` does)."""
     t = TrainConfig()
     params = {n: v.clone() for n, v in stack(members).items()}  # {name: (K, ...)}
     device = params["W_enc"].device
     hyper = hyper_of(l1s if ks is None else [0.0] * len(ks), ks or [0] * len(l1s), device)
     adam = Adam(t.lr, (t.betas[0], t.betas[1]), t.eps)
-    return Ensemble(params, hyper, adam, arch=arch, fast=fast)
+    return Ensemble(params, hyper, adam, arch=arch, fast=fast, compiled=compiled)
 
 
 def feeder(

@@ -1,9 +1,13 @@
 """Section 7, TopK family vs loop: rows*members/s of sweep's ``Ensemble.step`` for ``topk``
 and ``batchtopk`` members with different k (hand-batched fast path) against a Python loop of
 K plain SAEs of the same architecture, each an autograd SAE with its own k, its own
-``torch.optim.Adam`` and decoder renormalisation."""
+``torch.optim.Adam`` and decoder renormalisation. Both in fp32; the ensemble's step compiled
+where ``train.compile=auto`` compiles it (on CUDA)."""
 
 from __future__ import annotations
+
+from sweep.config import TrainConfig
+from sweep.restore import use_compile
 
 from .common import LARGE, SMALL, Context, Size
 from .ensembles import (
@@ -22,8 +26,9 @@ from .timing import fmt_rate, interleaved, med, speedup, table, verdict
 def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
     batches = make_batches(size, 4, ctx.device)
     members, ks = init_members(size, k, ctx.device, "topk"), k_grid(k)
-    topk = make_ensemble(members, [], arch="topk", ks=ks)
-    batch = make_ensemble(members, [], arch="batchtopk", ks=ks)
+    compiled = use_compile(TrainConfig(), ctx.device)  # as train.compile=auto runs it
+    topk = make_ensemble(members, [], arch="topk", ks=ks, compiled=compiled)
+    batch = make_ensemble(members, [], arch="batchtopk", ks=ks, compiled=compiled)
     loop = LoopTrainer(members, [float(v) for v in ks], arch="topk")
     bloop = LoopTrainer(members, [float(v) for v in ks], arch="batchtopk")
     variants = {
