@@ -159,10 +159,18 @@ def submit(
     max_retries: int,
 ) -> dict[Any, K]:
     """One Ray task per job (``key -> args``), each asking for ``num_gpus`` (one value, or
-    one per key); returns object ref -> key."""
+    one per key); returns object ref -> key.
+
+    A task that uses a GPU runs in a fresh worker process (``max_calls=1``, Ray's own default
+    for functions declared with GPUs, which ``.options`` cannot set): a reused process would
+    keep the previous ensemble's cached GPU memory, and stay on the GPU of its first task
+    whatever ``CUDA_VISIBLE_DEVICES`` Ray gives the next."""
     import ray
 
-    remote = ray.remote(fn)
+    gpu_tasks = any(
+        v > 0 for v in (num_gpus.values() if isinstance(num_gpus, dict) else [num_gpus])
+    )
+    remote = ray.remote(max_calls=1)(fn) if gpu_tasks else ray.remote(fn)
     refs = {}
     for key, args in jobs.items():
         gpus = num_gpus[key] if isinstance(num_gpus, dict) else num_gpus

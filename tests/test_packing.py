@@ -65,3 +65,12 @@ def test_a_store_whose_chunks_fill_the_gpu_is_refused(ray_cluster, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the store's generation log
     assert err.startswith("error: store") and "smaller data.rows_per_chunk" in err, err
     assert not (tmp_path / "big" / "runs").exists()
+
+
+def test_every_gpu_ensemble_gets_a_fresh_worker_process(ray_cluster, tmp_path):
+    """Ray reuses worker processes; one that trained on a GPU keeps that device and its cached
+    memory, so GPU tasks run with max_calls=1: four ensembles, four processes."""
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1,2,3,4]", name="fresh") == 0
+    runs = (tmp_path / "fresh" / "runs").iterdir()
+    pids = {json.loads((run / "placement.json").read_text())["pid"] for run in runs}
+    assert len(pids) == 4
