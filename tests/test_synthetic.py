@@ -234,6 +234,7 @@ def test_cuda_generation_is_deterministic_and_keeps_the_distribution(tmp_path):
         assert_frequencies_match(fired, src.p)
     store = ensure_synthetic_store(tiny_data(rows=5000, noise=0.1), tmp_path / "s", device="cuda")
     assert store.provenance["generator"]["device"] == "cuda"
+    assert store.provenance["generator"]["gpu"] == torch.cuda.get_device_name()
     assert store.read_rows(0).device.type == "cpu"
 
 

@@ -567,12 +567,15 @@ class BatchStream:
         rows = self.train_rows[index]
         return np.random.default_rng(_seed(self.seed, 1, epoch, index)).permutation(rows)
 
-    def _load(self, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _load(
+        self, epoch: int, index: int, consumer: object = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunk ``index`` for ``epoch`` (runs in the prefetch thread): its rows shuffled, or,
-        on the device, its rows in file order and the order to take them in."""
+        on the device, its rows in file order and the order to take them in (``consumer``:
+        the CUDA stream that trains on them)."""
         order = self._row_order(epoch, index)
         if self._staging is not None:
-            return self._staging.load(index, order, check=self._check)
+            return self._staging.load(index, order, self._check, consumer)
         x = self.store.read_rows(index, 0, len(order), order=order, check=self._check)
         if self.device.type == "cuda":
             x = x.pin_memory()
@@ -588,12 +591,14 @@ class BatchStream:
             for pos, i in enumerate(self.order(e))
         ]
         plan = [p for p in plan if (p[0], p[1]) >= (start.epoch, start.chunk)]
+        # the training stream, taken here: the prefetch thread's current stream is its own
+        consumer = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch") as pool:
-            pending = pool.submit(self._load, plan[0][0], plan[0][2]) if plan else None
+            pending = pool.submit(self._load, *plan[0][::2], consumer) if plan else None
             for k, (epoch, pos, index) in enumerate(plan):
                 chunk, order = pending.result()  # type: ignore[union-attr]
                 if k + 1 < len(plan):
-                    pending = pool.submit(self._load, plan[k + 1][0], plan[k + 1][2])
+                    pending = pool.submit(self._load, *plan[k + 1][::2], consumer)
                 first = start.batch if (epoch, pos) == (start.epoch, start.chunk) else 0
                 for b in range(first, self.batches_per_chunk[index]):
                     yield self._next(Cursor(epoch, pos, b)), self._batch(chunk, order, b)
@@ -636,8 +641,11 @@ class _Staging:
             )
         return self._host[:rows]
 
-    def load(self, index: int, order: np.ndarray, check: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunk ``index``'s first ``len(order)`` rows (file order) and ``order``, on the device."""
+    def load(
+        self, index: int, order: np.ndarray, check: bool, consumer: object = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk ``index``'s first ``len(order)`` rows (file order) and ``order``, on the device
+        (on CUDA marked as used by the ``consumer`` stream, the training one)."""
         host = self.store.read_into(index, self._buffer(len(order)))  # (rows, d)
         idx = torch.from_numpy(order)  # (rows,) int64
         if not self.cuda:
@@ -649,7 +657,7 @@ class _Staging:
             done = torch.cuda.Event()
             done.record(self._stream)
         done.synchronize()
-        main = torch.cuda.current_stream(self.device)
+        main = consumer or torch.cuda.current_stream(self.device)
         rows.record_stream(main)  # used (and freed) on the training stream
         idx.record_stream(main)
         return self._checked(rows, index, check), idx

@@ -31,10 +31,11 @@ to the rows times the *active* features (about ``mean_active``), not times ``n_f
 - Noise: one ``randn`` per block from a second generator, so noise never shifts the codes.
 
 The same code runs on the CPU and on a CUDA device (``device``). Every chunk is generated
-from generators seeded by ``(seed, chunk)``: the same (seed, chunk, device type) gives the same
-bits whatever was generated before, and an interrupted generation resumes at its first
-missing chunk. CPU and CUDA stores hold the same distribution but different bits; the
-manifest's provenance records the generator (version, device, algorithm).
+from generators seeded by ``(seed, chunk)``: the same (seed, chunk, device type — and on CUDA
+GPU model) gives the same bits whatever was generated before, and an interrupted generation
+resumes at its first missing chunk (on another GPU model it starts over). CPU and CUDA stores
+hold the same distribution but different bits; the manifest's provenance records the
+generator (version, device, GPU model, algorithm).
 """
 
 from __future__ import annotations
@@ -99,12 +100,14 @@ def generator_params(cfg: SyntheticDataConfig) -> dict:
 
 
 def generator_info(device: str | torch.device) -> dict:
-    """How a store is generated: recorded in its manifest and in its incomplete-store marker."""
-    return {
-        "version": GENERATOR_VERSION,
-        "device": torch.device(device).type,
-        "algorithm": ALGORITHM,
-    }
+    """How a store is generated: recorded in its manifest and in its incomplete-store marker.
+    On CUDA the GPU model too: CUDA random streams depend on the launch grid, which depends on
+    the number of multiprocessors, so another model would resume with other bits."""
+    dev = torch.device(device)
+    info = {"version": GENERATOR_VERSION, "device": dev.type, "algorithm": ALGORITHM}
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
 
 
 def firing_probabilities(n_features: int, mean_active: float, decay: float) -> torch.Tensor:
