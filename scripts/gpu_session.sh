@@ -29,13 +29,16 @@ tests() {  # tests NAME SECONDS -k EXPR
     tests/test_synthetic.py --timeout=90 -rfE --tb=short --durations=10 "$@"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
-if [ "$part" = main ]; then
-  tests step_tests 120 -k "compiled or bf16 or fp32 or every_architecture or stream"
-  SWEEP_PEAK_SIZES=128x512,768x24576 step peak 180 \
+data="stream or cuda_generation"
+steps="compiled or bf16 or fp32 or every_architecture"
+if [ "$part" = main ]; then  # about 540 s at most, plus setup.sh
+  tests data_tests 45 -k "$data"
+  tests step_tests 110 -k "$steps"
+  SWEEP_PEAK_SIZES=128x512,768x24576 step peak 140 \
     python3 scripts/bench.py --device cuda --quick --sections 8 --json "$out/peak.json"
-  SWEEP_E2E_SHARES=auto step e2e 200 \
+  SWEEP_E2E_SHARES=auto step e2e 180 \
     python3 scripts/bench.py --device cuda --sections 6 --json "$out/e2e.json"
-  tests sweep_tests 80 -k "not (compiled or bf16 or fp32 or every_architecture or stream)"
+  tests sweep_tests 60 -k "not ($data or $steps)"
 else
   SWEEP_PEAK_SIZES=512x4096,2304x18432 step peak_more 150 \
     python3 scripts/bench.py --device cuda --quick --sections 8 --json "$out/peak_more.json"
