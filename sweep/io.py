@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,58 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+READ_THREADS = max(2, min(4, (os.cpu_count() or 1) // 4))
+"""Threads one large read is split across: a single reader copies from the page cache at
+~5 GB/s; two doubled it on a 2-core machine (``read_exact``)."""
+READ_SLICE = 1 << 23  # bytes: a read is not split below 8 MiB per thread
+_readers = None
+_readers_lock = threading.Lock()
+
+
+def read_exact(path: str | Path, offset: int, buf: memoryview) -> int:
+    """Read ``path`` from ``offset`` into ``buf`` (bytes), large reads split across
+    :data:`READ_THREADS` threads (positional reads release the GIL); returns the bytes read,
+    fewer than ``len(buf)`` when the file ends before it fills."""
+    global _readers
+    n = len(buf)
+    parts = max(1, min(READ_THREADS, n // READ_SLICE)) if hasattr(os, "preadv") else 1
+    step = -(-n // parts)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if parts == 1:
+            return _pread_full(fd, buf, offset)
+        with _readers_lock:
+            if _readers is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
+        jobs = [
+            _readers.submit(_pread_full, fd, buf[a : a + step], offset + a)
+            for a in range(0, n, step)
+        ]
+        return sum(j.result() for j in jobs)  # == len(buf) only if every part was full
+    finally:
+        os.close(fd)
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
+    """``buf`` filled from ``fd`` at ``offset``, short reads continued; returns bytes read."""
+    done = 0
+    while done < len(buf):
+        got = (
+            os.preadv(fd, [buf[done:]], offset + done)
+            if hasattr(os, "preadv")
+            else os.pread(fd, len(buf) - done, offset + done)
+        )
+        if isinstance(got, bytes):  # os.pread (no preadv on this platform)
+            buf[done : done + len(got)] = got
+            got = len(got)
+        if got == 0:
+            break
+        done += got
+    return done
 
 
 def remove_stale_temps(folder: str | Path, older_than: float = 0.0) -> int:

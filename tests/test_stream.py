@@ -45,6 +45,26 @@ def test_read_into_reads_the_chunk_in_file_order(store):
     assert torch.equal(out, store.read_rows(0, 0, 1000))
 
 
+def test_a_read_split_across_threads_equals_one_read(store, tmp_path, monkeypatch):
+    """``read_exact`` in parts of odd sizes gives the same bytes; a file that ends early is
+    reported short whichever part runs out."""
+    from sweep import io
+
+    f = tmp_path / "blob"
+    data = np.random.default_rng(0).integers(0, 256, 100_003, dtype=np.uint8)
+    f.write_bytes(b"hdr" + data.tobytes())
+    monkeypatch.setattr(io, "READ_SLICE", 7_000)
+    for threads in (1, 3, 4):
+        monkeypatch.setattr(io, "READ_THREADS", threads)
+        out = bytearray(len(data))
+        assert io.read_exact(f, 3, memoryview(out)) == len(data)
+        assert bytes(out) == data.tobytes()
+        assert io.read_exact(f, 10, memoryview(bytearray(len(data)))) == len(data) - 7
+    monkeypatch.setattr(io, "READ_THREADS", 4)
+    out = torch.empty(1000, store.width, dtype=store.read_rows(0, 0, 1).dtype)
+    assert torch.equal(store.read_into(0, out), store.read_rows(0, 0, 1000))
+
+
 def test_short_chunk_file_is_one_line(store, tmp_path):
     import shutil
 
