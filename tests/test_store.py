@@ -11,6 +11,7 @@ import torch
 
 from sweep.activations.store import MANIFEST, BatchStream, ChunkStore, Cursor, StoreWriter
 from sweep.activations.synthetic import SyntheticSource, ensure_synthetic_store
+from sweep.devices import torch_dtype
 from sweep.errors import StoreError
 from tests.conftest import tiny_data
 
@@ -155,6 +156,34 @@ def test_nan_chunk_is_found_by_verify(store_copy):
     store = ChunkStore(store_copy)
     with pytest.raises(StoreError, match="chunk_00001.npy contains NaN"):
         store.verify()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_verify_finds_every_nonfinite_value_in_every_dtype(tmp_path, dtype, bad):
+    """The one-pass scan tests exponent bits: NaN, +inf and -inf in each store dtype, in the
+    last chunk (verified in parallel with the others); large finite values pass (fp16's
+    largest; the writer's float32 statistics cap the others near 1.8e19)."""
+    data = tiny_data(dtype=dtype)  # 3 chunks
+    clean = ensure_synthetic_store(data, tmp_path / "ok")
+    big = torch.finfo(torch.float16).max if dtype == "float16" else 1e19
+    writer = StoreWriter(tmp_path / "s", data.width, dtype, data.rows_per_chunk)
+    for i in range(3):
+        rows = clean.read_rows(i).float()
+        rows[0, 0] = big if i < 2 else rows[0, 0]
+        writer.write_chunk(i, rows)
+    writer.finalize(3, {})
+    ChunkStore(tmp_path / "s").verify()  # finite extremes are not flagged
+    f = tmp_path / "s" / "chunk_00002.npy"
+    arr = np.load(f)
+    if dtype == "float32":
+        arr[7, 1] = bad
+    else:  # 16-bit stores: set the bits (bfloat16 is stored as uint16)
+        bits = torch.tensor([bad], dtype=torch_dtype(dtype)).view(torch.uint16).item()
+        arr.view(np.uint16)[7, 1] = bits
+    np.save(f, arr)
+    with pytest.raises(StoreError, match="chunk_00002.npy contains NaN or inf"):
+        ChunkStore(tmp_path / "s").verify()
 
 
 def test_empty_store(tmp_path):
