@@ -34,7 +34,7 @@ steps="compiled or bf16 or fp32 or every_architecture"
 if [ "$part" = main ]; then  # about 540 s at most, plus setup.sh
   tests data_tests 45 -k "$data"
   tests step_tests 110 -k "$steps"
-  SWEEP_PEAK_SIZES=128x512,768x24576 step peak 140 \
+  SWEEP_PEAK_SIZES=128x512,768x24576 SWEEP_PEAK_PROFILE=1 step peak 140 \
     python3 scripts/bench.py --device cuda --quick --sections 8 --json "$out/peak.json"
   SWEEP_E2E_SHARES=auto step e2e 180 \
     python3 scripts/bench.py --device cuda --sections 6 --json "$out/e2e.json"

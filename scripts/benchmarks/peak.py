@@ -131,6 +131,26 @@ def variants(size: Size, k: int, ctx: Context) -> dict[str, Callable[[], object]
     return {name: fn for name, fn in built.items() if fn is not None}
 
 
+def profile(step: Callable[[], object], cuda: bool, steps: int = 5) -> None:
+    """Where the default step's time goes (``SWEEP_PEAK_PROFILE=1``): torch.profiler over a
+    few steps, the top operators by device (CPU: host) time, and kernels launched per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(events.table(sort_by=key, row_limit=15), flush=True)
+    if cuda:
+        launches = sum(e.count for e in events if "LaunchKernel" in e.key)  # runtime or driver
+        print(f"  kernel launches per step: {launches / steps:.0f}", flush=True)
+
+
 def sizes(cuda: bool) -> list[tuple[Size, int]]:
     """Issue 10's sizes on CUDA (``SWEEP_PEAK_SIZES``, e.g. ``128x512,768x24576``, picks some);
     the smallest on the CPU."""
@@ -146,7 +166,10 @@ def run(ctx: Context) -> dict:
     print(f"  matmul peak ({'bf16' if cuda else 'fp32'}): {fmt_rate(peak)}FLOP/s", flush=True)
     results, rows = [], []
     for size, k in sizes(cuda):
-        secs = interleaved(variants(size, k, ctx), ctx.timer, ctx.st.repeats, ctx.st.min_time)
+        fns = variants(size, k, ctx)
+        secs = interleaved(fns, ctx.timer, ctx.st.repeats, ctx.st.min_time)
+        if os.environ.get("SWEEP_PEAK_PROFILE"):
+            profile(fns.get(DEFAULT[cuda], fns["sweep_eager"]), cuda)
         rate = {n: size.batch * k / med(s) for n, s in secs.items()}
         rate["sweep"] = rate.get(
             DEFAULT[cuda], rate["sweep_eager"]
