@@ -25,6 +25,7 @@ import torch
 
 from sweep import fastpath
 from sweep.archs import Architecture, Hyper, Params
+from sweep.errors import SweepError
 from sweep.optim import Adam, AdamState
 from sweep.sae import LossParts
 from sweep.update import adam_stacked, clip_members, track
@@ -105,6 +106,27 @@ def compile_step(spec: StepSpec, mode: str | None = None) -> Callable:
     if hasattr(inductor, "deterministic"):
         inductor.deterministic = True
     return torch.compile(partial(step, spec), dynamic=False, fullgraph=True, mode=mode)
+
+
+def call(fn: Callable, *args: object) -> LossParts:
+    """``fn(*args)`` for a compiled step; a compile failure (or the recompile limit) becomes
+    one line naming the fix. Nothing was updated then: with one graph, compiling precedes
+    running it."""
+    try:
+        return fn(*args)
+    except _compile_errors() as err:
+        why = (str(err).strip().splitlines() or [""])[0][:300]
+        raise SweepError(
+            f"torch.compile of the ensemble step failed ({type(err).__name__}: {why}); "
+            "set train.compile=false to train with the eager step"
+        ) from err
+
+
+def _compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when it cannot compile (the recompile limit's error is newer)."""
+    exc = torch._dynamo.exc
+    limit = getattr(exc, "FailOnRecompileLimitHit", None)
+    return (exc.TorchDynamoException, *([limit] if limit else []))
 
 
 def forget_compiled() -> None:

@@ -159,9 +159,9 @@ class Ensemble:
             self._compiled_fn = compiled.compile_step(self._spec())
         self._scales[0], self._scales[1] = lr_scale, l1_scale
         dead = self.dead_mask() if self.arch.knob == "k" else None
-        parts = self._compiled_fn(
-            self.params, self.state, self.buffers, self.active, x_BD, self.hyper, self._scales,
-            dead, full,
+        parts = compiled.call(
+            self._compiled_fn, self.params, self.state, self.buffers, self.active, x_BD,
+            self.hyper, self._scales, dead, full,
         )  # fmt: skip
         variant = (full, dead is None)
         if variant not in self.compile_seconds:  # the first call of each variant compiles it

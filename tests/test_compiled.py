@@ -136,3 +136,25 @@ def test_a_compiled_worker_resumes_bit_exactly(tiny_store, tmp_path):
     for m in cut.ensemble.members:
         a, b = (rundir.run_dir(tmp_path / d, m.run_id) for d in ("ref", "cut"))
         assert digest(a) == digest(b)
+
+
+def test_a_failed_compile_is_one_line_naming_the_fix_and_changes_nothing(monkeypatch):
+    from sweep import compiled
+    from sweep.errors import SweepError
+
+    def broken(spec, mode=None):
+        def fn(*_: object) -> None:
+            raise torch._dynamo.exc.InternalTorchDynamoError("no kernel for this\nlong trace")
+
+        return fn
+
+    monkeypatch.setattr(compiled, "compile_step", broken)
+    init = members("untied", 3)
+    ens = ensemble_of("untied", init, True, None, compiled=True)
+    before = {k: v.clone() for k, v in ens.params.items()}
+    with pytest.raises(
+        SweepError,
+        match=r"\(InternalTorchDynamoError: no kernel for this\); set train.compile=false",
+    ):
+        ens.step(batches(1)[0])
+    assert all(torch.equal(ens.params[k], v) for k, v in before.items())
