@@ -85,16 +85,16 @@ or not, times dead latents known or not yet). Past it dynamo fails instead of si
 running the step uncompiled, which would change a run's numerics mid-way."""
 
 
-def compile_step(spec: StepSpec, mode: str | None = None) -> Callable:
+def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
     """:func:`step` for ``spec``, compiled as one graph (a graph break fails instead of
     silently splitting it) with static shapes: a variant per ``full`` value and per dead-latent
-    mask present or not. ``mode``: torch.compile's, e.g. ``reduce-overhead`` for CUDA graphs,
-    which the benchmark tries.
+    mask present or not. ``cuda_graphs`` (an experiment the benchmark runs): replayed as CUDA
+    graphs, failing rather than silently running without them.
 
-    Inductor's deterministic mode is on: by default it picks among kernel configurations by
-    timing them on the first call, and configurations sum reductions in different orders, so
-    a run resumed on a fresh machine (an empty kernel cache) could differ in the last bits
-    from the uninterrupted one."""
+    Inductor's deterministic mode is on for this function only: by default inductor picks
+    among kernel configurations by timing them on the first call, and configurations sum
+    reductions in different orders, so a run resumed on a fresh machine (an empty kernel
+    cache) could differ in the last bits from the uninterrupted one."""
     dynamo = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # newer and older torch
         if hasattr(dynamo, name):
@@ -102,10 +102,24 @@ def compile_step(spec: StepSpec, mode: str | None = None) -> Callable:
     for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
         if hasattr(dynamo, name):
             setattr(dynamo, name, True)
-    inductor = torch._inductor.config
-    if hasattr(inductor, "deterministic"):
-        inductor.deterministic = True
-    return torch.compile(partial(step, spec), dynamic=False, fullgraph=True, mode=mode)
+    wanted = {"deterministic": True}
+    if cuda_graphs:
+        wanted.update({"triton.cudagraphs": True, "triton.cudagraph_or_error": True})
+    fn = partial(step, spec)
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=_known(wanted))
+
+
+def _known(options: dict[str, bool]) -> dict[str, bool]:
+    """The inductor options this torch has (names differ across versions)."""
+    out = {}
+    for name, value in options.items():
+        where, _, attr = name.rpartition(".")
+        cfg = torch._inductor.config
+        if where:
+            cfg = getattr(cfg, where, None)
+        if cfg is not None and hasattr(cfg, attr):
+            out[name] = value
+    return out
 
 
 def call(fn: Callable, *args: object) -> LossParts:

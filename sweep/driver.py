@@ -174,13 +174,15 @@ def _device_budget(store: ChunkStore, res: launcher.Resources) -> float:
     the store's chunks on the GPU; refused when those alone take half of what may be planned."""
     if not res.on_gpu:
         return res.device_bytes
-    staged = store.staged_bytes()
-    if staged > grid.MEMORY_USE * res.device_bytes / 2:
+    staged, plannable = store.staged_bytes(), grid.MEMORY_USE * res.device_bytes
+    if staged > plannable / 2:
+        more = (
+            "" if res.auto_share or res.num_gpus >= 1 else " or a larger launch.gpus_per_ensemble"
+        )
         raise SweepError(
             f"store {store.path}: two of its chunks staged on the GPU need "
-            f"{staged / 2**20:,.1f} MiB, over half of the {res.device_bytes / 2**20:,.1f} MiB an "
-            "ensemble may plan for; regenerate the store with a smaller data.rows_per_chunk "
-            "or give each ensemble more of a GPU (launch.gpus_per_ensemble)"
+            f"{staged / 2**20:,.1f} MiB, over half of the {plannable / 2**20:,.1f} MiB an "
+            f"ensemble may plan for; regenerate the store with a smaller data.rows_per_chunk{more}"
         )
     return res.device_bytes - staged
 

@@ -86,6 +86,7 @@ class Ensemble:
         rows: int = 0,
         grad_clip: float | None = None,
         compiled: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         self.arch = archs.get(arch) if isinstance(arch, str) else arch
         self.params = params  # {name: (E, ...)}
@@ -110,6 +111,8 @@ class Ensemble:
         self._vmapped: dict[bool, Callable] = {}
         self.compiled = compiled and self.fast
         """Run the step as one ``torch.compile``d function (:mod:`sweep.compiled`)."""
+        self.cuda_graphs = cuda_graphs and self.compiled
+        """Experimental (the benchmark's): replay the compiled step as CUDA graphs."""
         self._compiled_fn: Callable | None = None
         self.compile_seconds: dict[tuple[bool, bool], float] = {}
         """Host seconds of the first compiled step of each variant (``full``, no dead-latent
@@ -156,7 +159,10 @@ class Ensemble:
     ) -> LossParts:
         t0 = time.perf_counter()
         if self._compiled_fn is None:
-            self._compiled_fn = compiled.compile_step(self._spec())
+            if self.cuda_graphs:  # updated in place by the graphs, so at fixed addresses
+                for x in self._state_tensors():
+                    torch._dynamo.mark_static_address(x, guard=False)
+            self._compiled_fn = compiled.compile_step(self._spec(), self.cuda_graphs)
         self._scales[0], self._scales[1] = lr_scale, l1_scale
         dead = self.dead_mask() if self.arch.knob == "k" else None
         parts = compiled.call(
@@ -168,6 +174,13 @@ class Ensemble:
             self.compile_seconds[variant] = time.perf_counter() - t0
         self.rows += x_BD.shape[0]
         return parts
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step updates in place."""
+        out = [*self.params.values(), *self.buffers.values(), self.active, self._scales]
+        for d in (self.state.exp_avg, self.state.exp_avg_sq, self.state.step):
+            out += d.values()
+        return out
 
     def _spec(self) -> compiled.StepSpec:
         dead = self.dead

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO
 
@@ -54,37 +55,58 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-READ_THREADS = max(2, min(4, (os.cpu_count() or 1) // 4))
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity: a Ray or SLURM task may get fewer
+    than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+READ_THREADS = max(2, min(4, cpu_count() // 4))
 """Threads one large read is split across: a single reader copies from the page cache at
-~5 GB/s; two doubled it on a 2-core machine (``read_exact``)."""
+~6 GB/s; two doubled it on a 2-core machine (``scripts/bench.py --sections 3``)."""
 READ_SLICE = 1 << 23  # bytes: a read is not split below 8 MiB per thread
-_readers = None
+_readers: ThreadPoolExecutor | None = None
 _readers_lock = threading.Lock()
+
+
+def _forget_readers() -> None:
+    global _readers
+    _readers = None  # a forked child has the pool object but not its threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_readers)
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    global _readers
+    with _readers_lock:
+        if _readers is None:
+            _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
+        return _readers
 
 
 def read_exact(path: str | Path, offset: int, buf: memoryview) -> int:
     """Read ``path`` from ``offset`` into ``buf`` (bytes), large reads split across
     :data:`READ_THREADS` threads (positional reads release the GIL); returns the bytes read,
-    fewer than ``len(buf)`` when the file ends before it fills."""
-    global _readers
+    fewer than ``len(buf)`` when the file ends before it fills. Every part has finished
+    before the file is closed, whether or not one failed."""
     n = len(buf)
     parts = max(1, min(READ_THREADS, n // READ_SLICE)) if hasattr(os, "preadv") else 1
     step = -(-n // parts)
     fd = os.open(path, os.O_RDONLY)
+    jobs: list[Future] = []
     try:
         if parts == 1:
             return _pread_full(fd, buf, offset)
-        with _readers_lock:
-            if _readers is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                _readers = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read")
-        jobs = [
-            _readers.submit(_pread_full, fd, buf[a : a + step], offset + a)
-            for a in range(0, n, step)
-        ]
+        pool = _reader_pool()
+        for at in range(0, n, step):
+            jobs.append(pool.submit(_pread_full, fd, buf[at : at + step], offset + at))
         return sum(j.result() for j in jobs)  # == len(buf) only if every part was full
     finally:
+        wait(jobs)  # no part may still read from ``fd`` (or into ``buf``) once it is closed
         os.close(fd)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from sweep.archs import Architecture, Params, unit_rows
-from sweep.ensemble import SINCE_FIRED, Ensemble
+from sweep.ensemble import Ensemble
+from sweep.update import SINCE_FIRED
 
 ENCODER_SCALE = 0.2
 

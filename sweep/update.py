@@ -34,11 +34,11 @@ def adam_stacked(
 ) -> None:
     """``torch.optim.Adam``'s update of every active member's slice of the stacked (E, ...)
     parameter ``p``, in place; an inactive member's parameter, moments and step stay."""
-    shape = (-1,) + (1,) * (p.dim() - 1)
+    shape = (-1,) + (1,) * (p.dim() - 1)  # (E, 1, ...): per-member values against p
     b1, b2 = adam.betas
-    a = active_E.view(shape)
-    step_E.add_(active_E.to(step_E.dtype))
-    s = step_E.view(shape)
+    a = active_E.view(shape)  # (E, 1, ...) bool
+    step_E.add_(active_E.to(step_E.dtype))  # (E,): an inactive member's count stays
+    s = step_E.view(shape)  # (E, 1, ...)
     m_new = torch.lerp(m, g, 1 - b1)
     v_new = v * b2 + g * g * (1 - b2)
     denom = v_new.sqrt() / (1 - b2**s).sqrt() + adam.eps

@@ -158,3 +158,18 @@ def test_a_failed_compile_is_one_line_naming_the_fix_and_changes_nothing(monkeyp
     ):
         ens.step(batches(1)[0])
     assert all(torch.equal(ens.params[k], v) for k, v in before.items())
+
+
+def test_the_recompile_limit_is_one_line_and_changes_nothing(monkeypatch):
+    """A variant that would pass the recompile limit fails before it runs (dynamo would
+    otherwise run the step uncompiled, with other numerics)."""
+    from sweep.errors import SweepError
+
+    ens = ensemble_of("untied", members("untied", 3), True, None, compiled=True)
+    xs = batches(2)
+    ens.step(xs[0], full=False)  # compiles the first variant
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    before = {k: v.clone() for k, v in ens.params.items()}
+    with pytest.raises(SweepError, match="set train.compile=false"):
+        ens.step(xs[1], full=True)  # a second variant: over the limit
+    assert all(torch.equal(ens.params[k], v) for k, v in before.items())

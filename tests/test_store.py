@@ -186,6 +186,13 @@ def test_verify_finds_every_nonfinite_value_in_every_dtype(tmp_path, dtype, bad)
         ChunkStore(tmp_path / "s").verify()
 
 
+def test_a_chunk_damaged_after_opening_fails_verify_in_one_line(store_copy):
+    store = ChunkStore(store_copy)
+    (store_copy / "chunk_00001.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(StoreError, match="chunk_00001.npy could not be read .*; regenerate"):
+        store.verify()
+
+
 def test_empty_store(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / MANIFEST).write_text(

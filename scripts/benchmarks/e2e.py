@@ -123,9 +123,11 @@ def ensemble_timings(sweep_dir: Path) -> dict[str, dict]:
 def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
     """rows x members / s of the pure fast ``Ensemble.step`` at this shape (no data, no I/O)."""
     size = Size("e2e", p.width, round(ratio * p.width), p.batch)
-    ens = make_ensemble(init_members(size, members, ctx.device), l1_grid(members))
+    compiled = use_compile(TrainConfig(), ctx.device)  # as the sweep's default runs it
+    ens = make_ensemble(
+        init_members(size, members, ctx.device), l1_grid(members), compiled=compiled
+    )
     ens.autocast_dtype = torch.bfloat16 if p.dtype == "bfloat16" else None
-    ens.compiled = use_compile(TrainConfig(), ctx.device)  # as the sweep's default runs it
     xs = make_batches(size, 4, ctx.device)
     for x in xs:
         ens.step(x, full=False)

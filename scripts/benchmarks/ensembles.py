@@ -53,6 +53,7 @@ def make_ensemble(
     arch: str = "untied",
     ks: list[int] | None = None,
     compiled: bool = False,
+    cuda_graphs: bool = False,
 ) -> Ensemble:
     """An ensemble as the worker builds it (``ks``: TopK-style members' k values; ``compiled``:
     its step ``torch.compile``d, as ``train.compile`` does)."""
@@ -61,7 +62,9 @@ def make_ensemble(
     device = params["W_enc"].device
     hyper = hyper_of(l1s if ks is None else [0.0] * len(ks), ks or [0] * len(l1s), device)
     adam = Adam(t.lr, (t.betas[0], t.betas[1]), t.eps)
-    return Ensemble(params, hyper, adam, arch=arch, fast=fast, compiled=compiled)
+    return Ensemble(
+        params, hyper, adam, arch=arch, fast=fast, compiled=compiled, cuda_graphs=cuda_graphs
+    )
 
 
 def feeder(

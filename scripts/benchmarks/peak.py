@@ -18,7 +18,6 @@ from functools import partial
 import torch
 
 from sweep import sae
-from sweep.compiled import compile_step
 
 from .common import Context, Size
 from .ensembles import feeder, init_members, l1_grid, make_batches, make_ensemble
@@ -83,30 +82,17 @@ def warmed(name: str, make: Callable[[], Callable[[], object]]) -> Callable[[], 
         return None
 
 
-def sweep_step(members: list, l1s: list, batches: list, cuda: bool, compiled: bool) -> Callable:
-    ens = make_ensemble(members, l1s)
-    ens.autocast_dtype, ens.compiled = torch.bfloat16 if cuda else None, compiled
-    return feeder(batches, partial(ens.step, full=False))
-
-
-def cuda_graphs_step(members: list, l1s: list, batches: list) -> Callable[[], object]:
-    """An experiment, not a product path: the compiled step under CUDA graphs (torch.compile's
-    ``reduce-overhead``; parameters and optimizer state marked static so their in-place
-    updates are allowed). Inductor is told to fail rather than silently skip the graphs."""
-    ens = make_ensemble(members, l1s)
-    ens.autocast_dtype, ens.compiled = torch.bfloat16, True
-    tensors = [*ens.params.values(), *ens.buffers.values(), ens.active, ens._scales]
-    for d in (ens.state.exp_avg, ens.state.exp_avg_sq, ens.state.step):
-        tensors += d.values()
-    for t in tensors:
-        torch._dynamo.mark_static_address(t, guard=False)
-    triton_cfg = torch._inductor.config.triton
-    if hasattr(triton_cfg, "cudagraph_or_error"):
-        triton_cfg.cudagraph_or_error = True
-    ens._compiled_fn = compile_step(ens._spec(), mode="reduce-overhead")
+def sweep_step(
+    members: list, l1s: list, batches: list, cuda: bool, compiled: bool, graphs: bool = False
+) -> Callable[[], object]:
+    """sweep's step (bf16 compute on CUDA): eager, compiled, or compiled under CUDA graphs (an
+    experiment, not a product path; it fails rather than run without the graphs)."""
+    ens = make_ensemble(members, l1s, compiled=compiled, cuda_graphs=graphs)
+    ens.autocast_dtype = torch.bfloat16 if cuda else None
     fn = feeder(batches, partial(ens.step, full=False))
-    fn(), fn(), fn()  # warm-up, record, replay (compiled under the setting above)
-    torch.cuda.synchronize()
+    if graphs:
+        fn(), fn(), fn()  # warm-up, record, replay
+        torch.cuda.synchronize()
     return fn
 
 
@@ -126,7 +112,7 @@ def variants(size: Size, k: int, ctx: Context) -> dict[str, Callable[[], object]
         ref = make_ensemble(members, l1s, fast=False)
         makers["vmap_fp32"] = lambda: feeder(batches, lambda x: ref.step(x, full=False))
     if cuda:
-        makers["sweep_graphs"] = lambda: cuda_graphs_step(members, l1s, batches)
+        makers["sweep_graphs"] = lambda: sweep_step(members, l1s, batches, cuda, True, True)
     built = {name: warmed(name, make) for name, make in makers.items()}
     return {name: fn for name, fn in built.items() if fn is not None}
 
@@ -168,12 +154,13 @@ def run(ctx: Context) -> dict:
     for size, k in sizes(cuda):
         fns = variants(size, k, ctx)
         secs = interleaved(fns, ctx.timer, ctx.st.repeats, ctx.st.min_time)
-        if os.environ.get("SWEEP_PEAK_PROFILE"):
-            profile(fns.get(DEFAULT[cuda], fns["sweep_eager"]), cuda)
+        used = DEFAULT[cuda] if DEFAULT[cuda] in fns else "sweep_eager"
+        if used != DEFAULT[cuda]:
+            print(f"  {DEFAULT[cuda]} is missing: 'of peak' uses {used}", flush=True)
+        if os.environ.get("SWEEP_PEAK_PROFILE") and used in fns:
+            profile(fns[used], cuda)
         rate = {n: size.batch * k / med(s) for n, s in secs.items()}
-        rate["sweep"] = rate.get(
-            DEFAULT[cuda], rate["sweep_eager"]
-        )  # as train.compile=auto runs it
+        rate["sweep"] = rate.get(used, math.nan)  # as train.compile=auto runs it
         frac = rate["sweep"] * 12.0 * size.d * size.m / peak
         target = TARGETS[size.name] if cuda else None
         results.append({"size": size.name, "k": k, "seconds": secs, "rows_x_members_per_s": rate,

@@ -56,7 +56,8 @@ def run(ctx: Context) -> dict:
             ens = make_ensemble(members, l1s)  # fresh, identical start for every run
             secs[name].append(ctx.timer.wall(lambda train=train, ens=ens: train(ens)))
     alone = ctx.timer.wall(lambda: [None for _ in stream.batches(Cursor())])  # reading only
-    return {**report(store, steps, bs, secs, alone), "feed": feed_alone(ctx)}
+    feed = feed_alone(ctx)
+    return {**report(store, steps, bs, secs, alone), "feed": feed, "disk": disk_side(ctx)}
 
 
 FEED_TARGETS = {512: 5e6, 2304: 1e6}
@@ -113,3 +114,37 @@ def report(store: ChunkStore, steps: int, bs: int, secs: Seconds, alone: float) 
         "ratio_best": best,
         "target": TARGET,
     }
+
+
+def disk_side(ctx: Context) -> dict:
+    """The two reads a GPU sweep makes of a store, on the width-512 fp16 feed store (page
+    cache warm): chunks into a staging buffer (``ChunkStore.read_into``) with one reader
+    against the reads split across threads, and a store's first verification (sha256 and a
+    NaN/inf scan of every chunk). Rows/s, the median of the repeats."""
+    from sweep import io
+    from sweep.activations.store import VERIFIED
+
+    store = ctx.stores.get("feed-512")
+    buf = torch.empty(max(int(c["rows"]) for c in store.chunks), store.width, dtype=torch.float16)
+    sizes = [int(c["rows"]) for c in store.chunks]
+    read_all = lambda: [store.read_into(i, buf[:n]) for i, n in enumerate(sizes)]  # noqa: E731
+    read_all()
+    threads = io.READ_THREADS
+    rates = {}
+    for name, n in (("read, one reader", 1), (f"read, {threads} readers", threads)):
+        io.READ_THREADS, io._readers = n, None
+        rates[name] = store.total_rows / med(
+            [ctx.timer.wall(read_all) for _ in range(ctx.st.repeats)]
+        )
+    io.READ_THREADS, io._readers = threads, None
+
+    def verify() -> None:
+        (store.path / VERIFIED).unlink(missing_ok=True)
+        store.verify()
+
+    rates["verify"] = store.total_rows / med(
+        [ctx.timer.wall(verify) for _ in range(ctx.st.repeats)]
+    )
+    print(f"  the store side, width 512 fp16, {store.total_rows} rows (page cache warm):")
+    table(["what", "rows/s"], [[n, fmt_rate(r)] for n, r in rates.items()])
+    return {"rows_per_s": rates, "read_threads": threads}

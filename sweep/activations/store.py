@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -32,7 +31,7 @@ import torch
 
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError
-from sweep.io import atomic_write, atomic_write_json, read_exact
+from sweep.io import atomic_write, atomic_write_json, cpu_count, read_exact
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +63,26 @@ _IO_BYTES = 1 << 22  # bytes hashed then written at a time (still in cache for t
 def writer_threads() -> int:
     """Background write threads for a whole-store writer: one per four CPU cores, 1 to 4 (each
     hashes and writes roughly 1 GB/s of chunks; the other cores make the rows)."""
-    return max(1, min(4, _cpu_count() // 4))
+    return max(1, min(4, cpu_count() // 4))
 
 
-def _cpu_count() -> int:
-    """CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def verify_threads() -> int:
+    """Chunks verified at once: hashing (about 2 GB/s a core) bounds it, and numpy and hashlib
+    release the GIL."""
+    return max(2, min(8, cpu_count() // 2))
 
 
 def chunk_stats(x: torch.Tensor) -> dict | None:
     """Stats of the stored rows ``x`` (n, d) (on any device): rows, per-column sum and sum of
-    squares, sum of row norms; None if ``x`` holds NaN or inf (or, in a float32 store, values
-    over 1.8e19, whose squares overflow). One pass in float32 blocks (exact squares for
-    float16/bfloat16 values), accumulated in float64."""
+    squares, sum of row norms; None if ``x`` holds NaN or inf. One pass in blocks: float16
+    values squared in float32 (exact, and 65504 squared fits), float32 and bfloat16 ones in
+    float64 (their squares can overflow float32); accumulated in float64."""
     n, d = x.shape
     total = torch.zeros(2, d, dtype=torch.float64, device=x.device)  # (2, d): sum, sum_sq
     norms = torch.zeros((), dtype=torch.float64, device=x.device)
     step = max(1, _STATS_ELEMENTS.get(x.device.type, 1 << 26) // max(d, 1))  # rows per block
     for block in x.split(step):
-        b = block.float()  # (B, d)
+        b = block.float() if x.dtype == torch.float16 else block.double()  # (B, d)
         sq = b * b  # (B, d)
         total[0] += b.sum(0)
         total[1] += sq.sum(0)
@@ -424,9 +422,7 @@ class ChunkStore:
             return
         signature = self._signature()
         marker = self.path / VERIFIED
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(writer_threads() + 1, thread_name_prefix="verify") as pool:
+        with ThreadPoolExecutor(verify_threads(), thread_name_prefix="verify") as pool:
             for _ in pool.map(self._verify_chunk, range(len(self.chunks))):
                 pass  # the first failing chunk (in store order) raises here
         try:
@@ -442,12 +438,15 @@ class ChunkStore:
         f = self.path / info["file"]
         bits, mask = EXPONENT_BITS[self.dtype]
         digest, nonfinite = hashlib.sha256(), False
-        with open(f, "rb") as fh:
-            digest.update(fh.read(np.load(f, mmap_mode="r", allow_pickle=False).offset))
-            while block := fh.read(VERIFY_BLOCK):
-                digest.update(block)
-                if not nonfinite and len(block) % np.dtype(bits).itemsize == 0:
-                    nonfinite = int((np.frombuffer(block, bits) & mask).max()) == mask
+        try:
+            with open(f, "rb") as fh:
+                digest.update(fh.read(np.load(f, mmap_mode="r", allow_pickle=False).offset))
+                while block := fh.read(VERIFY_BLOCK):
+                    digest.update(block)
+                    if not nonfinite and len(block) % np.dtype(bits).itemsize == 0:
+                        nonfinite = int((np.frombuffer(block, bits) & mask).max()) == mask
+        except (OSError, ValueError, EOFError) as err:
+            raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
         if nonfinite:
             raise nonfinite_error(f)
         if "sha256" in info and digest.hexdigest() != info["sha256"]:
@@ -615,22 +614,22 @@ class BatchStream:
 
     def batches(self, start: Cursor) -> Iterator[tuple[Cursor, torch.Tensor]]:
         """Yield ``(cursor_after, x)`` from ``start`` to the end; ``x``: (B, d) float32 on device."""
-        from concurrent.futures import ThreadPoolExecutor
-
         plan = [
             (e, pos, i)
             for e in range(start.epoch, self.epochs)
             for pos, i in enumerate(self.order(e))
         ]
         plan = [p for p in plan if (p[0], p[1]) >= (start.epoch, start.chunk)]
-        # the training stream, taken here: the prefetch thread's current stream is its own
+        # the training stream, taken on this (the consuming) thread: the prefetch thread does
+        # not see a stream the caller made current
         consumer = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch") as pool:
-            pending = pool.submit(self._load, *plan[0][::2], consumer) if plan else None
+            loads = [(epoch, index) for epoch, _, index in plan]  # what each chunk load needs
+            pending = pool.submit(self._load, *loads[0], consumer) if plan else None
             for k, (epoch, pos, index) in enumerate(plan):
                 chunk, order = pending.result()  # type: ignore[union-attr]
                 if k + 1 < len(plan):
-                    pending = pool.submit(self._load, *plan[k + 1][::2], consumer)
+                    pending = pool.submit(self._load, *loads[k + 1], consumer)
                 first = start.batch if (epoch, pos) == (start.epoch, start.chunk) else 0
                 for b in range(first, self.batches_per_chunk[index]):
                     yield self._next(Cursor(epoch, pos, b)), self._batch(chunk, order, b)
