@@ -56,7 +56,6 @@ def step(
     hyper: Hyper,
     scales: torch.Tensor,
     dead_EF: torch.Tensor | None,
-    full: bool,
 ) -> LossParts:
     """One step of every active member, in place (``scales``: (2,) learning-rate and L1
     factors); returns the (E,) loss parts."""
@@ -65,7 +64,7 @@ def step(
     if spec.auxk is not None and dead_EF is not None:
         aux = fastpath.AuxSpec(spec.auxk[0], spec.auxk[1], dead_EF)
     grads, parts, codes = fastpath.grads(
-        spec.arch, params, x_BD, hyper, spec.kmax, aux, full, None, spec.compute_dtype
+        spec.arch, params, x_BD, hyper, spec.kmax, aux, True, None, spec.compute_dtype
     )
     if spec.grad_clip is not None:
         clip_members(grads, spec.grad_clip)
@@ -80,15 +79,16 @@ def step(
 
 
 RECOMPILE_LIMIT = 64
-"""Compiled variants of :func:`step` one process may hold (up to four per ensemble: ``full``
-or not, times dead latents known or not yet). Past it dynamo fails instead of silently
+"""Compiled variants of :func:`step` one process may hold (up to two per ensemble: dead
+latents known or not yet). Past it dynamo fails instead of silently
 running the step uncompiled, which would change a run's numerics mid-way."""
 
 
 def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
     """:func:`step` for ``spec``, compiled as one graph (a graph break fails instead of
-    silently splitting it) with static shapes: a variant per ``full`` value and per dead-latent
-    mask present or not. ``cuda_graphs`` (an experiment the benchmark runs): replayed as CUDA
+    silently splitting it) with static shapes: a variant per dead-latent mask present or not.
+    L0 is always computed (fused into a pass over the codes it is nearly free; a variant
+    without it would be one more compile, mid-run). ``cuda_graphs`` (an experiment the benchmark runs): replayed as CUDA
     graphs, failing rather than silently running without them.
 
     Inductor's deterministic mode is on for this function only: by default inductor picks

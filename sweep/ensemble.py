@@ -114,9 +114,9 @@ class Ensemble:
         self.cuda_graphs = cuda_graphs and self.compiled
         """Experimental (the benchmark's): replay the compiled step as CUDA graphs."""
         self._compiled_fn: Callable | None = None
-        self.compile_seconds: dict[tuple[bool, bool], float] = {}
-        """Host seconds of the first compiled step of each variant (``full``, no dead-latent
-        mask yet): compile + one step."""
+        self.compile_seconds: dict[bool, float] = {}
+        """Host seconds of the first compiled step of each variant (no dead-latent mask yet,
+        or one): compile + one step."""
         self._scales = torch.ones(2, device=dev)  # the compiled step's lr and L1 factors
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
@@ -137,11 +137,12 @@ class Ensemble:
     ) -> LossParts:
         """One Adam step of every active member on batch ``x_BD``; returns (E,) loss parts.
 
-        ``full=False`` lets the fast path skip L0 (one pass over the codes) on steps that
-        are not logged. ``lr_scale`` and ``l1_scale`` come from the schedule (warmup/decay).
+        ``full=False`` lets the eager fast path skip L0 (one pass over the codes) on steps that
+        are not logged; the compiled step always computes it, fused into another pass.
+        ``lr_scale`` and ``l1_scale`` come from the schedule (warmup/decay).
         """
         if self.compiled:
-            return self._step_compiled(x_BD, full, lr_scale, l1_scale)
+            return self._step_compiled(x_BD, lr_scale, l1_scale)
         hyper = self.hyper if l1_scale == 1.0 else {**self.hyper, "l1": self.hyper["l1"] * l1_scale}
         grads, parts, codes = self._grads(x_BD, hyper, full)
         if self.grad_clip is not None:
@@ -154,9 +155,7 @@ class Ensemble:
         self.rows += x_BD.shape[0]
         return parts
 
-    def _step_compiled(
-        self, x_BD: torch.Tensor, full: bool, lr_scale: float, l1_scale: float
-    ) -> LossParts:
+    def _step_compiled(self, x_BD: torch.Tensor, lr_scale: float, l1_scale: float) -> LossParts:
         t0 = time.perf_counter()
         if self._compiled_fn is None:
             if self.cuda_graphs:  # updated in place by the graphs, so at fixed addresses
@@ -167,9 +166,9 @@ class Ensemble:
         dead = self.dead_mask() if self.arch.knob == "k" else None
         parts = compiled.call(
             self._compiled_fn, self.params, self.state, self.buffers, self.active, x_BD,
-            self.hyper, self._scales, dead, full,
+            self.hyper, self._scales, dead,
         )  # fmt: skip
-        variant = (full, dead is None)
+        variant = dead is None
         if variant not in self.compile_seconds:  # the first call of each variant compiles it
             self.compile_seconds[variant] = time.perf_counter() - t0
         self.rows += x_BD.shape[0]

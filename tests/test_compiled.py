@@ -165,11 +165,12 @@ def test_the_recompile_limit_is_one_line_and_changes_nothing(monkeypatch):
     otherwise run the step uncompiled, with other numerics)."""
     from sweep.errors import SweepError
 
-    ens = ensemble_of("untied", members("untied", 3), True, None, compiled=True)
+    dead = DeadLatents(dead_tokens=B, auxk_alpha=0.5, k_aux=16)
+    ens = ensemble_of("topk", members("topk", 3), True, dead, compiled=True)
     xs = batches(2)
-    ens.step(xs[0], full=False)  # compiles the first variant
+    ens.step(xs[0])  # compiles the first variant (no latent can be dead yet)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     before = {k: v.clone() for k, v in ens.params.items()}
     with pytest.raises(SweepError, match="set train.compile=false"):
-        ens.step(xs[1], full=True)  # a second variant: over the limit
+        ens.step(xs[1])  # B rows seen: the dead-latent variant, over the limit
     assert all(torch.equal(ens.params[k], v) for k, v in before.items())
