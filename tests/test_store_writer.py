@@ -102,8 +102,11 @@ def test_nan_rows_are_refused_before_anything_is_written(tmp_path, threads):
 
 
 def test_same_seed_gives_a_byte_identical_store(tmp_path, monkeypatch):
+    """Written by the main thread alone and by three writer threads (chunks may then finish
+    in any order): the same bytes, manifest included."""
     cfg = tiny_data(rows=9000, rows_per_chunk=2048, noise=0.1, dtype="float16")
+    monkeypatch.setattr(synthetic, "writer_threads", lambda: 0)
     ensure_synthetic_store(cfg, tmp_path / "a")
-    monkeypatch.setattr(synthetic, "writer_threads", lambda: 3)  # chunks finish out of order
+    monkeypatch.setattr(synthetic, "writer_threads", lambda: 3)
     ensure_synthetic_store(cfg, tmp_path / "b")
     assert files(tmp_path / "a") == files(tmp_path / "b")
