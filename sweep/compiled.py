@@ -80,16 +80,16 @@ def step(
 
 RECOMPILE_LIMIT = 64
 """Compiled variants of :func:`step` one process may hold (up to two per ensemble: dead
-latents known or not yet). Past it dynamo fails instead of silently
-running the step uncompiled, which would change a run's numerics mid-way."""
+latents known or not yet). Past it dynamo fails instead of silently running the step
+uncompiled, which would change a run's numerics mid-way."""
 
 
 def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
     """:func:`step` for ``spec``, compiled as one graph (a graph break fails instead of
     silently splitting it) with static shapes: a variant per dead-latent mask present or not.
     L0 is always computed (fused into a pass over the codes it is nearly free; a variant
-    without it would be one more compile, mid-run). ``cuda_graphs`` (an experiment the benchmark runs): replayed as CUDA
-    graphs, failing rather than silently running without them.
+    without it would be one more compile, mid-run). ``cuda_graphs`` (an experiment the
+    benchmark runs): replayed as CUDA graphs, failing rather than running without them.
 
     Inductor's deterministic mode is on for this function only: by default inductor picks
     among kernel configurations by timing them on the first call, and configurations sum
@@ -145,6 +145,7 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
 
 def forget_compiled() -> None:
     """Drop every compiled variant this process holds. A worker calls it before each
-    ensemble: Ray may reuse a process for many ensembles, and the old variants would count
-    towards :data:`RECOMPILE_LIMIT` (inductor's on-disk cache keeps recompiling cheap)."""
+    ensemble: Ray reuses a process for many CPU ensembles (a GPU one gets a fresh process),
+    and the old variants would count towards :data:`RECOMPILE_LIMIT` (inductor's on-disk
+    cache keeps recompiling cheap)."""
     torch._dynamo.reset()

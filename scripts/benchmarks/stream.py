@@ -125,18 +125,18 @@ def disk_side(ctx: Context) -> dict:
     from sweep.activations.store import VERIFIED
 
     store = ctx.stores.get("feed-512")
-    buf = torch.empty(max(int(c["rows"]) for c in store.chunks), store.width, dtype=torch.float16)
     sizes = [int(c["rows"]) for c in store.chunks]
+    buf = torch.empty(max(sizes), store.width, dtype=torch.float16)
     read_all = lambda: [store.read_into(i, buf[:n]) for i, n in enumerate(sizes)]  # noqa: E731
     read_all()
     threads = io.READ_THREADS
     rates = {}
     for name, n in (("read, one reader", 1), (f"read, {threads} readers", threads)):
-        io.READ_THREADS, io._readers = n, None
+        fresh_readers(n)
         rates[name] = store.total_rows / med(
             [ctx.timer.wall(read_all) for _ in range(ctx.st.repeats)]
         )
-    io.READ_THREADS, io._readers = threads, None
+    fresh_readers(threads)
 
     def verify() -> None:
         (store.path / VERIFIED).unlink(missing_ok=True)
@@ -148,3 +148,12 @@ def disk_side(ctx: Context) -> dict:
     print(f"  the store side, width 512 fp16, {store.total_rows} rows (page cache warm):")
     table(["what", "rows/s"], [[n, fmt_rate(r)] for n, r in rates.items()])
     return {"rows_per_s": rates, "read_threads": threads}
+
+
+def fresh_readers(threads: int) -> None:
+    """``sweep.io`` reading with ``threads`` threads from the next read on (its old pool shut)."""
+    from sweep import io
+
+    if io._readers is not None:
+        io._readers.shutdown()
+    io.READ_THREADS, io._readers = threads, None
