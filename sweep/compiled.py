@@ -128,7 +128,9 @@ def call(fn: Callable, *args: object) -> LossParts:
     running it."""
     try:
         return fn(*args)
-    except _compile_errors() as err:
+    except Exception as err:
+        if not isinstance(err, _compile_errors()) and not _raised_compiling(err):
+            raise
         why = (str(err).strip().splitlines() or [""])[0][:300]
         raise SweepError(
             f"torch.compile of the ensemble step failed ({type(err).__name__}: {why}); "
@@ -141,6 +143,21 @@ def _compile_errors() -> tuple[type[BaseException], ...]:
     exc = torch._dynamo.exc
     limit = getattr(exc, "FailOnRecompileLimitHit", None)
     return (exc.TorchDynamoException, *([limit] if limit else []))
+
+
+COMPILING = "torch/_dynamo/convert_frame.py"
+"""A frame on the compile path only (a compiled step's run never passes it): an error
+raised under one is a compile failure whatever its type. Dynamo does not wrap all of its
+own failures (torch 2.11 raises a bare AssertionError for a NamedTuple built in the graph)."""
+
+
+def _raised_compiling(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith(COMPILING):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def forget_compiled() -> None:

@@ -113,7 +113,7 @@ def grads(
     torch.ops.aten.threshold_backward.grad_input(g, codes, 0.0, grad_input=g)  # kept codes only
     if use_aux:
         loss_aux = _add_aux(pre, err, W_dec, aux, k_aux, g, dW_dec, buf)  # type: ignore[arg-type]
-        parts = parts._replace(loss=parts.loss + aux.alpha * loss_aux)  # type: ignore[union-attr]
+        parts = LossParts(parts.loss + aux.alpha * loss_aux, *parts[1:])  # type: ignore[union-attr]
     db_enc = g.sum(dim=1)  # (E, F)
     dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g, out=buf("dW_enc", E, D, F_))  # (E, D, F)
     dW_enc -= b_dec[:, :, None] * db_enc[:, None, :]  # centring term: -b_dec (x) sum_B g_pre

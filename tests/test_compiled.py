@@ -160,6 +160,27 @@ def test_a_failed_compile_is_one_line_naming_the_fix_and_changes_nothing(monkeyp
     assert all(torch.equal(ens.params[k], v) for k, v in before.items())
 
 
+def test_a_bare_error_raised_while_compiling_is_one_line_too():
+    """Dynamo does not wrap all of its failures (torch 2.11 raised a bare AssertionError for a
+    NamedTuple built inside the step); one raised on the compile path is still a compile
+    failure, and an error from running the compiled step is not."""
+    from sweep import compiled
+    from sweep.errors import SweepError
+
+    where = "/site-packages/" + compiled.COMPILING
+    code = compile("def convert(): raise AssertionError('no source for cls')", where, "exec")
+    scope: dict = {}
+    exec(code, scope)
+    with pytest.raises(SweepError, match=r"\(AssertionError: no source for cls\); set train"):
+        compiled.call(lambda: scope["convert"]())
+
+    def running() -> None:
+        raise RuntimeError("index out of bounds")
+
+    with pytest.raises(RuntimeError, match="index out of bounds"):
+        compiled.call(running)
+
+
 def test_the_recompile_limit_is_one_line_and_changes_nothing(monkeypatch):
     """A variant that would pass the recompile limit fails before it runs (dynamo would
     otherwise run the step uncompiled, with other numerics)."""
