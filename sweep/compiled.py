@@ -7,7 +7,9 @@ member, Adam over the stacked tensors (:func:`adam_stacked`), the decoder constr
 buffers' update — is one traced function: the GEMMs stay library calls, inductor fuses the
 elementwise work around them, and Adam becomes one pass per parameter for all members with
 per-member step counts and skip. The learning-rate and L1 scales enter as tensors, so a
-schedule does not recompile it.
+schedule does not recompile it. Under a compute dtype (bf16) the weights' copies in that
+dtype are inputs the step refreshes as it updates the weights (written in the same pass),
+instead of a cast of every weight at the start of each step.
 
 Numerically this is the eager step up to rounding (fused passes round differently), so it
 is tested against the eager path and the single-member reference within a tolerance;
@@ -51,6 +53,7 @@ def step(
     params: Params,
     state: AdamState,
     buffers: Params,
+    cast: Params,
     active_E: torch.Tensor,
     x_BD: torch.Tensor,
     hyper: Hyper,
@@ -58,13 +61,14 @@ def step(
     dead_EF: torch.Tensor | None,
 ) -> LossParts:
     """One step of every active member, in place (``scales``: (2,) learning-rate and L1
-    factors); returns the (E,) loss parts."""
+    factors; ``cast``: weights in the compute dtype, read and refreshed); returns the (E,)
+    loss parts."""
     hyper = {**hyper, "l1": hyper["l1"] * scales[1]}
     aux = None
     if spec.auxk is not None and dead_EF is not None:
         aux = fastpath.AuxSpec(spec.auxk[0], spec.auxk[1], dead_EF)
     grads, parts, codes = fastpath.grads(
-        spec.arch, params, x_BD, hyper, spec.kmax, aux, True, None, spec.compute_dtype
+        spec.arch, params, x_BD, hyper, spec.kmax, aux, True, None, spec.compute_dtype, cast
     )
     if spec.grad_clip is not None:
         clip_members(grads, spec.grad_clip)
@@ -74,6 +78,8 @@ def step(
         p, m, v = params[k], state.exp_avg[k], state.exp_avg_sq[k]
         adam_stacked(p, grads[k], m, v, state.step[k], active_E, lr, spec.adam)
     spec.arch.constrain(params, active_E)
+    for k, w in cast.items():
+        w.copy_(params[k])
     track(spec.arch, buffers, codes, active_E, spec.dead_tokens)
     return parts
 

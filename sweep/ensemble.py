@@ -34,6 +34,11 @@ from sweep.sae import LossParts
 from sweep.update import SINCE_FIRED, clip_members, track
 
 
+CAST = ("W_enc", "W_dec")
+"""The weights the compiled step keeps a compute-dtype copy of (the biases are cast per step:
+they are small)."""
+
+
 @dataclass(frozen=True)
 class DeadLatents:
     """When a latent counts as dead, and the AuxK term (TopK family) that revives it."""
@@ -118,6 +123,8 @@ class Ensemble:
         """Host seconds of the first compiled step of each variant (no dead-latent mask yet,
         or one): compile + one step."""
         self._scales = torch.ones(2, device=dev)  # the compiled step's lr and L1 factors
+        self._cast: Params = {}
+        self._cast_of: tuple = ()
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
         f = self.params["W_enc"].shape[-1]
@@ -157,6 +164,7 @@ class Ensemble:
 
     def _step_compiled(self, x_BD: torch.Tensor, lr_scale: float, l1_scale: float) -> LossParts:
         t0 = time.perf_counter()
+        cast = self._weights_cast()
         if self._compiled_fn is None:
             if self.cuda_graphs:  # updated in place by the graphs, so at fixed addresses
                 for x in self._state_tensors():
@@ -165,18 +173,37 @@ class Ensemble:
         self._scales[0], self._scales[1] = lr_scale, l1_scale
         dead = self.dead_mask() if self.arch.knob == "k" else None
         parts = compiled.call(
-            self._compiled_fn, self.params, self.state, self.buffers, self.active, x_BD,
+            self._compiled_fn, self.params, self.state, self.buffers, cast, self.active, x_BD,
             self.hyper, self._scales, dead,
         )  # fmt: skip
+        self._cast_of = self._weights_now()
         variant = dead is None
         if variant not in self.compile_seconds:  # the first call of each variant compiles it
             self.compile_seconds[variant] = time.perf_counter() - t0
         self.rows += x_BD.shape[0]
         return parts
 
+    def _weights_cast(self) -> Params:
+        """The weights in the compute dtype, for the compiled step to read and refresh (none
+        without one). Rebuilt in place when something besides the step changed a weight (a
+        resample, a test): each tensor's version counter says so."""
+        dt = self.autocast_dtype
+        if dt is None or dt == self.params["W_enc"].dtype:
+            return {}
+        if not self._cast:
+            self._cast = {k: self.params[k].to(dt) for k in CAST}
+        elif self._weights_now() != self._cast_of:
+            for k, w in self._cast.items():
+                w.copy_(self.params[k])
+        return self._cast
+
+    def _weights_now(self) -> tuple:
+        return tuple((id(self.params[k]), self.params[k]._version) for k in CAST)
+
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step updates in place."""
-        out = [*self.params.values(), *self.buffers.values(), self.active, self._scales]
+        out = [*self.params.values(), *self.buffers.values(), *self._cast.values()]
+        out += [self.active, self._scales]
         for d in (self.state.exp_avg, self.state.exp_avg_sq, self.state.step):
             out += d.values()
         return out

@@ -76,14 +76,17 @@ def grads(
     with_l0: bool = True,
     ws: dict[str, torch.Tensor] | None = None,
     compute_dtype: torch.dtype | None = None,
+    cast: Params | None = None,
 ) -> tuple[Params, LossParts, torch.Tensor]:
     """Gradients, (E,) loss parts and the codes (E, B, F) of every member on ``x_BD``.
 
     ``compute_dtype`` (e.g. bfloat16) runs the GEMMs and buffers in that dtype; parameters,
-    gradients and loss parts stay float32.
+    gradients and loss parts stay float32. ``cast`` holds parameters already in that dtype
+    (the compiled step keeps the weights' copies, see :mod:`sweep.compiled`).
     """
     dt = compute_dtype or params["W_enc"].dtype
-    W_enc, b_enc, W_dec, b_dec = (params[k].to(dt) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    W_enc, b_enc, W_dec, b_dec = ((cast or {}).get(k, params[k]).to(dt) for k in names)
     x_BD = x_BD.to(dt)
     E, D, F_ = W_enc.shape
     B = x_BD.shape[0]

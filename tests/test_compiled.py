@@ -90,12 +90,14 @@ def test_diverged_member_is_frozen_inside_the_compiled_step():
     assert_member_equal(ens, 0, p, opt, len(xs))  # the healthy members are unaffected
 
 
-def test_compiled_training_resumes_bit_exactly():
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_compiled_training_resumes_bit_exactly(dtype):
     """Stopped after 6 steps and rebuilt from its state, a compiled ensemble ends exactly
-    where the uninterrupted one does."""
+    where the uninterrupted one does (under bf16 compute too: the rebuilt one casts its
+    weights afresh, the uninterrupted one keeps the copies its steps refreshed)."""
     init, xs = members("topk", 3), batches(12)
-    whole = ensemble_of("topk", init, True, None, compiled=True)
-    first = ensemble_of("topk", init, True, None, compiled=True)
+    whole = ensemble_of("topk", init, True, None, compiled=True, autocast_dtype=dtype)
+    first = ensemble_of("topk", init, True, None, compiled=True, autocast_dtype=dtype)
     for i, x in enumerate(xs):
         whole.step(x, full=i % 4 == 0)
         if i < 6:
@@ -104,13 +106,39 @@ def test_compiled_training_resumes_bit_exactly():
     params = {k: v.clone() for k, v in first.params.items()}
     again = Ensemble(
         params, first.hyper, first.adam, arch="topk", state=saved, active=first.active.clone(),
-        compiled=True,
+        compiled=True, autocast_dtype=dtype,
     )  # fmt: skip
     for i, x in enumerate(xs[6:], start=6):
         again.step(x, full=i % 4 == 0)
     for k, v in whole.params.items():
         assert torch.equal(again.params[k], v)
         assert torch.equal(again.state.exp_avg_sq[k], whole.state.exp_avg_sq[k])
+
+
+def test_weights_changed_outside_the_compiled_step_are_cast_again():
+    """Under bf16 compute the compiled step reads bf16 copies of the weights that it refreshes
+    itself; a change from outside (a resample) is seen at the next step: it matches an
+    ensemble built afresh from the changed weights, bit for bit. Both stay near the eager
+    bf16 step."""
+    init, xs = members("untied", 3), batches(6)
+    ens = ensemble_of("untied", init, True, None, compiled=True, autocast_dtype=torch.bfloat16)
+    eager = ensemble_of("untied", init, True, None, autocast_dtype=torch.bfloat16)
+    for x in xs[:5]:
+        ens.step(x)
+        eager.step(x)
+    for k, v in eager.params.items():
+        assert (ens.params[k] - v).abs().mean() < 1e-3 * v.abs().mean()  # bf16 rounding apart
+    ens.params["W_dec"][1].mul_(-1.0)  # in place, as sweep.resample writes
+    saved = AdamState(*({k: v.clone() for k, v in d.items()} for d in vars(ens.state).values()))
+    params = {k: v.clone() for k, v in ens.params.items()}
+    fresh = Ensemble(
+        params, ens.hyper, ens.adam, arch="untied", state=saved, compiled=True,
+        autocast_dtype=torch.bfloat16,
+    )  # fmt: skip
+    ens.step(xs[5])
+    fresh.step(xs[5])
+    for k, v in fresh.params.items():
+        assert torch.equal(ens.params[k], v)
 
 
 def test_train_compile_auto_means_on_a_gpu_only():
