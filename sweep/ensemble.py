@@ -33,7 +33,6 @@ from sweep.optim import Adam, AdamState
 from sweep.sae import LossParts
 from sweep.update import SINCE_FIRED, clip_members, track
 
-
 CAST = ("W_enc", "W_dec")
 """The weights the compiled step keeps a compute-dtype copy of (the biases are cast per step:
 they are small)."""
