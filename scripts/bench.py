@@ -40,6 +40,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -106,8 +107,11 @@ def wanted(args: argparse.Namespace) -> list[int]:
     return [n for n in SECTIONS if n in asked and not (args.skip_ray and SECTIONS[n].ray)]
 
 
-def run_sections(args: argparse.Namespace, ctx: Context) -> dict:
-    out = {}
+def run_sections(args: argparse.Namespace, ctx: Context, out: dict) -> bool:
+    """Each wanted section into ``out`` (and the JSON file, rewritten after each: a run cut
+    short keeps what it measured). A section that raises is reported and the others still
+    run; returns whether all succeeded."""
+    ok = True
     for num in wanted(args):
         section = SECTIONS[num]
         print(f"\n== {section.title} ==")
@@ -115,9 +119,20 @@ def run_sections(args: argparse.Namespace, ctx: Context) -> dict:
             print("  skipped: needs a CUDA device (--device cuda)")
             continue
         t0 = time.perf_counter()
-        out[f"section{num}"] = section.run(ctx)
-        print(f"  [section took {time.perf_counter() - t0:.0f} s]")
-    return out
+        try:
+            out[f"section{num}"] = section.run(ctx)
+        except Exception as err:  # noqa: BLE001 (one broken section must not cost the rest)
+            traceback.print_exc()
+            out[f"section{num}"] = {"error": f"{type(err).__name__}: {err}"}
+            ok = False
+        print(f"  [section took {time.perf_counter() - t0:.0f} s]", flush=True)
+        save(args.json, out)
+    return ok
+
+
+def save(path: Path | None, out: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(out, indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.tmp or Path(
             cleanup.enter_context(tempfile.TemporaryDirectory(prefix="sweep-bench-"))
         )
-        out.update(run_sections(args, Context(device, st, args.threads, tmp)))
+        ok = run_sections(args, Context(device, st, args.threads, tmp), out)
     out["info"]["total_seconds"] = time.perf_counter() - t0
     print(f"\ntotal {out['info']['total_seconds']:.0f} s")
+    save(args.json, out)
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2, default=str))
         print(f"wrote {args.json}")
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

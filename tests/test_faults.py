@@ -62,8 +62,19 @@ def start(sweep_dir: Path, ray_tmp: Path, *extra: str) -> subprocess.Popen:
 
 
 def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    out, _ = p.communicate(timeout=timeout)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except BaseException:  # a timeout (ours or pytest-timeout's): leave nothing running
+        kill_group(p)
+        raise
     return p.returncode, out.decode(errors="replace")
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL a sweep started by :func:`start` and its process group (its own session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
 
 
 def hashes(sweep_dir: Path) -> dict[str, str]:

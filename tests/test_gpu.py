@@ -157,14 +157,18 @@ def start(sweep_dir, ray_tmp, *extra: str):
 
 
 def test_killed_worker_on_cuda_resumes_bit_identical(tmp_path, tmp_path_factory):
-    from tests.test_faults import curve_len, finish, hashes, wait_for
+    from tests.test_faults import curve_len, finish, hashes, kill_group, wait_for
 
     base = tmp_path_factory.getbasetemp()
     code, out = finish(start(tmp_path / "ref", base / "gk-ref", *_cuda_args()))
     assert code == 0, out
     sw = tmp_path / "sw"
     p = start(sw, base / "gk", *_cuda_args())
-    wait_for(lambda: curve_len(sw) >= 10)
+    try:
+        wait_for(lambda: curve_len(sw) >= 10)
+    except BaseException:
+        kill_group(p)
+        raise
     victim = next(iter((sw / "runs").iterdir()))
     os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGKILL)
     code, out = finish(p)

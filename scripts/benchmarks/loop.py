@@ -34,19 +34,20 @@ class LoopTrainer:
         self.opts = [torch.optim.Adam(list(p.values()), lr=TrainConfig().lr) for p in self.params]
         self.arch = archs.get(arch)
         k_family = self.arch.knob == "k"
+        dev = members[0]["W_enc"].device
+        self.ks = [int(v) if k_family else 0 for v in values]  # a plain int: no device sync
         self.hypers = [
             {
-                "l1": torch.tensor(0.0 if k_family else v),
-                "k": torch.tensor(int(v) if k_family else 0),
+                "l1": torch.tensor(0.0 if k_family else v, device=dev),
+                "k": torch.tensor(k, device=dev),
             }
-            for v in values
+            for v, k in zip(values, self.ks, strict=True)
         ]
 
     def step(self, x_BD: torch.Tensor) -> None:
-        for p, opt, hy in zip(self.params, self.opts, self.hypers, strict=True):
+        for p, opt, hy, k in zip(self.params, self.opts, self.hypers, self.ks, strict=True):
             opt.zero_grad()
-            kmax = int(hy["k"])
-            loss, _ = sae.loss_fn(p, x_BD, hy, arch=self.arch, kmax=kmax)
+            loss, _ = sae.loss_fn(p, x_BD, hy, arch=self.arch, kmax=k)
             loss.backward()
             opt.step()
             with torch.no_grad():
