@@ -313,9 +313,9 @@ class _Execution:
         """What each ensemble asks for: the configured GPUs, or with ``auto`` its own share."""
         if not self.res.auto_share:
             return self.res.num_gpus
-        t, stream = self.cfg.train, self.store.staged_bytes()
+        t, stream, aux = self.cfg.train, self.store.staged_bytes(), planning.uses_auxk(self.cfg)
         shares = {
-            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream)
+            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, aux)
             for e in self.plan.ensembles
         }
         named = {e.ensemble_id: s for e, s in shares.items()}

@@ -103,12 +103,19 @@ def expand(
     return runs
 
 
-def bytes_per_member(width: int, dict_size: int, batch_size: int, dtype: str) -> int:
-    """Memory of one member: params, grads and two Adam moments (fp32), plus one batch of
-    activations (codes and their gradient at (B, F), error at (B, D)) in the compute dtype."""
+def bytes_per_member(
+    width: int, dict_size: int, batch_size: int, dtype: str, aux: bool = False
+) -> int:
+    """Memory of one member while it trains. Per parameter: the weights, their gradients and
+    two Adam moments in fp32, plus the gradient clip's squares (fp32) and, under a 16-bit
+    compute dtype, the weights' copies and their gradients in it. Per batch, in the compute
+    dtype: the error (B, D) and (B, F) buffers — codes, their gradient and the top-k's
+    scatter (three), with AuxK (``aux``) also the pre-activations, the masked copy, the
+    auxiliary codes and their gradient (four more)."""
     n_params = 2 * width * dict_size + width + dict_size
-    state = 4 * n_params * 4
-    acts = (2 * batch_size * dict_size + batch_size * width) * BYTES[dtype]
+    low = BYTES[dtype] if BYTES[dtype] < 4 else 0
+    state = (5 * 4 + 2 * low) * n_params
+    acts = ((7 if aux else 3) * batch_size * dict_size + batch_size * width) * BYTES[dtype]
     return state + acts
 
 
@@ -120,14 +127,16 @@ def member_budget(
     device_bytes: float,
     on_gpu: bool,
     max_members: int,
+    aux: bool = False,
 ) -> int:
-    """How many members one ensemble may hold on one device."""
+    """How many members one ensemble may hold on one device (``aux``: AuxK on)."""
     if max_members > 0:
         return max_members
     dtype = resolve_compute_dtype(dtype, on_gpu)
-    fit = int(MEMORY_USE * device_bytes // bytes_per_member(width, dict_size, batch_size, dtype))
+    per = bytes_per_member(width, dict_size, batch_size, dtype, aux)
+    fit = int(MEMORY_USE * device_bytes // per)
     if fit < 1:
-        need = bytes_per_member(width, dict_size, batch_size, dtype) / 2**30
+        need = per / 2**30
         raise SweepError(
             f"one member of dict size {dict_size} needs {need:.1f} GiB, more than the device budget "
             f"({device_bytes / 2**30:.1f} GiB); lower train.batch_size or the dict ratio"

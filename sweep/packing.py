@@ -36,12 +36,18 @@ def gpu_load(width: int, dict_size: int, batch: int, members: int, dtype: str) -
 
 
 def gpu_share(
-    ens: EnsembleSpec, batch: int, dtype: str, gpu_bytes: float, stream_bytes: float = 0.0
+    ens: EnsembleSpec,
+    batch: int,
+    dtype: str,
+    gpu_bytes: float,
+    stream_bytes: float = 0.0,
+    aux: bool = False,
 ) -> float:
     """The GPU share ``ens`` asks for: the smallest of :data:`SHARES` covering its memory
-    (``stream_bytes``: the batch stream's chunks staged on the device) and its load."""
+    (``stream_bytes``: the batch stream's chunks staged on the device; ``aux``: AuxK on) and
+    its load."""
     width, members = ens.members[0].width, len(ens.members)
-    memory = members * bytes_per_member(width, ens.dict_size, batch, dtype) + stream_bytes
+    memory = members * bytes_per_member(width, ens.dict_size, batch, dtype, aux) + stream_bytes
     need = max(
         memory / (MEMORY_USE * gpu_bytes), gpu_load(width, ens.dict_size, batch, members, dtype)
     )

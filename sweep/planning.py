@@ -235,6 +235,11 @@ def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
     return runs
 
 
+def uses_auxk(cfg: SweepConfig) -> bool:
+    """Whether the runs train with AuxK (TopK family, ``train.auxk_alpha`` > 0): more memory."""
+    return cfg.sae.knob == "k" and cfg.train.auxk_alpha > 0
+
+
 def _fix(knob: str) -> str:
     return "lower grid.k or raise grid.dict_ratio" if knob == "k" else f"change grid.{knob}"
 
@@ -258,6 +263,7 @@ def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Swe
                 device_bytes,
                 on_gpu,
                 cfg.grid.max_members,
+                uses_auxk(cfg),
             )
             for ratio in {r.dict_ratio for r in group}
         }

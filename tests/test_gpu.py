@@ -123,6 +123,40 @@ def test_bf16_compute_stays_near_the_fp32_reference(compiled):
         assert bf16.params[k].dtype == torch.float32  # fp32 master weights
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("name", ["untied", "topk"])
+def test_the_memory_model_covers_a_training_step(name, compiled):
+    """The planner's memory per member (sweep.grid.bytes_per_member) bounds what training
+    really allocates on the GPU, bf16 with the gradient clip, AuxK's extra buffers included."""
+    from sweep import archs, grid
+
+    arch, (D, F_, B, E) = archs.get(name), (256, 4096, 1024, 4)
+    aux = arch.knob == "k"
+    init = [arch.init_params(D, F_, torch.Generator().manual_seed(s)) for s in range(E)]
+    for p in init:
+        p["b_enc"][: F_ // 2] = -50.0  # half the latents never fire: dead after one step
+    x = torch.randn(B, D, device=CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ens = Ensemble(
+        on(stack(init), CUDA),
+        hyper_of([1e-3] * E, [32, 64, 16, 8] if aux else [0] * E, CUDA),
+        Adam(LR, BETAS, EPS),
+        arch=arch,
+        autocast_dtype=torch.bfloat16,
+        compiled=compiled,
+        grad_clip=1.0,
+        dead=DeadLatents(dead_tokens=B, auxk_alpha=0.03, k_aux=256) if aux else None,
+    )
+    for _ in range(3):
+        ens.step(x)
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - before
+    modelled = E * grid.bytes_per_member(D, F_, B, "bfloat16", aux)
+    assert used <= modelled, (used / 2**20, modelled / 2**20)
+
+
 def test_resume_is_bit_identical_on_cuda(tiny_store, tmp_path):
     from sweep import rundir
     from sweep.worker import train_ensemble

@@ -232,6 +232,9 @@ def test_grid_ids_and_splitting():
     )
     with pytest.raises(SweepError, match="device budget"):
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
+    bf16, aux = (grid.bytes_per_member(512, 4096, 4096, "bfloat16", a) for a in (False, True))
+    assert aux > bf16  # AuxK's buffers
+    assert grid.member_budget(512, 4096, 4096, "bfloat16", 10 * bf16 / 0.8, True, 0, aux=True) < 10
 
 
 def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
