@@ -1,7 +1,7 @@
 """Checkpoints written in the background while training goes on.
 
 :meth:`CheckpointWriter.save` copies every member's state into host buffers that are reused
-from one checkpoint to the next (pinned memory on CUDA, so the copy is one asynchronous DMA)
+from one checkpoint to the next (page-locked on CUDA, so the copy is one asynchronous DMA)
 and hands the write to one background thread; training continues at once. At most one write
 is in flight: a new checkpoint first waits for the previous one. Each member's file is still
 written atomically with its checksum (:func:`sweep.checkpoints.save_checkpoint`), so a kill
@@ -19,6 +19,7 @@ import torch
 from sweep.activations.store import Cursor
 from sweep.checkpoints import Checkpoint
 from sweep.ensemble import Ensemble
+from sweep.errors import SweepError
 from sweep.restore import checkpoint_meta, member_tensors
 from sweep.rundir import RunFolder
 
@@ -31,16 +32,32 @@ class CheckpointWriter:
         self._buffers: list[dict[str, torch.Tensor]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-write")
         self._pending: Future | None = None
+        self._pinned: list[torch.Tensor] = []
         self.write_seconds = 0.0
 
     def _host_buffers(self, ens: Ensemble) -> list[dict[str, torch.Tensor]]:
         if self._buffers is None:
-            pin = _on_cuda(ens)
-            self._buffers = [
-                {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in m.items()}
-                for m in (member_tensors(ens, e) for e in range(len(self.folders)))
-            ]
+            members = [member_tensors(ens, e) for e in range(len(self.folders))]
+            self._buffers = [self._carve(m, _on_cuda(ens)) for m in members]
         return self._buffers
+
+    def _carve(self, like: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
+        """Host tensors shaped as ``like``, views into one block of exactly their size, page-
+        locked on CUDA with ``cudaHostRegister`` (torch's pinned allocator would round each
+        tensor up to a power of two: up to twice the host memory)."""
+        offsets, total = {}, 0
+        for k, v in like.items():
+            offsets[k], total = total, total + -(-v.numel() * v.element_size() // ALIGN) * ALIGN
+        block = torch.empty(max(total, 1), dtype=torch.uint8)
+        if pin:
+            _register(block)
+            self._pinned.append(block)
+        return {
+            k: block[offsets[k] : offsets[k] + v.numel() * v.element_size()]
+            .view(v.dtype)
+            .view(v.shape)
+            for k, v in like.items()
+        }
 
     def save(self, ens: Ensemble, cursor: Cursor, step: int, diverged_at: torch.Tensor) -> None:
         """Snapshot every member at ``step`` and write them in the background."""
@@ -75,6 +92,23 @@ class CheckpointWriter:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
+            for block in self._pinned:
+                torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
+            self._pinned.clear()
+
+
+ALIGN = 64
+"""Byte alignment of each tensor in a member's host block."""
+
+
+def _register(block: torch.Tensor) -> None:
+    """Page-lock ``block`` for asynchronous device-to-host copies."""
+    err = int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0))
+    if err != 0:
+        raise SweepError(
+            f"could not page-lock {block.numel() / 2**30:.1f} GiB of host memory for "
+            f"checkpoint snapshots (cudaError {err}); lower grid.max_members"
+        )
 
 
 def _on_cuda(ens: Ensemble) -> bool:
