@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -144,10 +145,16 @@ class Resources:
 
 
 def _gpu_bytes() -> float:
+    """Memory of the first GPU, from ``nvidia-smi`` where it runs (so the driver, which
+    trains nothing, does not open a CUDA context holding GPU memory for the whole sweep)."""
     import torch
 
     if not torch.cuda.is_available():
         return 0.0
+    query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"]
+    with contextlib.suppress(OSError, ValueError, IndexError, subprocess.SubprocessError):
+        out = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
+        return float(out.stdout.split()[0]) * 2**20  # MiB
     return float(torch.cuda.get_device_properties(0).total_memory)
 
 
