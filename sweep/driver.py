@@ -156,7 +156,7 @@ def _train(
         cfg = replace(cfg, train=replace(cfg.train, dtype=_compute_dtype(cfg, res)))
         planning.check_compatible(folder, cfg)
         budget = _device_budget(store, res)
-        p = planning.plan(cfg, store.width, budget, res.on_gpu)
+        p = planning.plan(cfg, store.width, budget, res.on_gpu, res.slots)
         _write_sweep_files(folder, cfg, p, store)
         if p.skipped:
             log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
@@ -318,6 +318,7 @@ class _Execution:
             e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, aux)
             for e in self.plan.ensembles
         }
+        shares = packing.fill(shares, self.res.gpus)
         named = {e.ensemble_id: s for e, s in shares.items()}
         log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
         return shares

@@ -165,6 +165,29 @@ def group(runs: list[RunSpec], budget_for: dict[float, int], tag: str = "") -> l
     return out
 
 
+def spread(ensembles: list[EnsembleSpec], slots: int) -> list[EnsembleSpec]:
+    """``ensembles`` split until there are ``slots`` of them (devices that would otherwise
+    idle) or none has two members: each time the costliest (members x dict size, the step's
+    work; of equals, the one with more members) is halved. Ordered and numbered as
+    :func:`group` does."""
+    out = list(ensembles)
+    while len(out) < slots:
+        splittable = [e for e in out if len(e.members) > 1]
+        if not splittable:
+            break
+        big = max(splittable, key=lambda e: (len(e.members) * e.dict_size, len(e.members)))
+        half = math.ceil(len(big.members) / 2)
+        i = out.index(big)
+        out[i : i + 1] = [
+            replace(big, members=big.members[:half]),
+            replace(big, members=big.members[half:]),
+        ]
+    if len(out) == len(ensembles):
+        return out
+    out.sort(key=lambda e: -e.dict_ratio)  # stable: grid order within a ratio
+    return renumber(out, tag="")
+
+
 def renumber(ensembles: list[EnsembleSpec], tag: str) -> list[EnsembleSpec]:
     """The same ensembles, numbered afresh per dict ratio in list order, with ``tag``: ids
     unique across ensembles built by separate :func:`group` calls."""

@@ -142,6 +142,10 @@ class Resources:
                 lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
             )
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
+        self.gpus = gpus
+        per, have = (self.num_gpus, gpus) if self.on_gpu else (self.num_cpus, cpus)
+        self.slots = max(1, math.floor(have / per + 1e-9))
+        """Ensembles the cluster runs at once (fewer would leave devices idle)."""
 
 
 def _gpu_bytes() -> float:

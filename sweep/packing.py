@@ -10,6 +10,9 @@ GEMMs keep the GPU busy over the time the host needs to issue the step,
 
     load = min(1, (12 * B * d * m * E / SUSTAINED_FLOPS[dtype]) / HOST_SECONDS_PER_STEP).
 
+Ray packs fractional tasks onto one GPU before it uses the next, so :func:`fill` then raises
+the costliest ensembles' shares while the cluster's GPUs could hold them all at once.
+
 The constants are modelled from the H200 figures in issue 10 (the step reaches 0.3-0.55 of
 the bf16 peak; ~100 launches per step); scripts/benchmarks/e2e.py reports what auto chose
 against fixed shares on a GPU, which is what tunes them.
@@ -52,6 +55,24 @@ def gpu_share(
         memory / (MEMORY_USE * gpu_bytes), gpu_load(width, ens.dict_size, batch, members, dtype)
     )
     return next((s for s in SHARES if s >= need), 1.0)
+
+
+def fill(shares: dict[EnsembleSpec, float], gpus: float) -> dict[EnsembleSpec, float]:
+    """``shares`` raised while the GPUs could hold them all at once: Ray packs fractional
+    tasks onto one GPU before it uses the next, so four quarter-GPU ensembles on a four-GPU
+    node would share GPU 0 while three idle. The costliest ensemble (members x dict size) is
+    raised first, a share at a time, as long as the total stays within ``gpus``."""
+    out = dict(shares)
+    order = sorted(out, key=lambda e: -len(e.members) * e.dict_size)  # stable: plan order
+    raised = True
+    while raised:
+        raised = False
+        for e in order:
+            up = next((s for s in SHARES if s > out[e]), None)
+            if up is not None and sum(out.values()) - out[e] + up <= gpus + 1e-9:
+                out[e], raised = up, True
+                break
+    return out
 
 
 def describe(shares: dict[str, float]) -> str:

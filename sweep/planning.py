@@ -244,9 +244,13 @@ def _fix(knob: str) -> str:
     return "lower grid.k or raise grid.dict_ratio" if knob == "k" else f"change grid.{knob}"
 
 
-def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> SweepPlan:
+def plan(
+    cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool, slots: int = 1
+) -> SweepPlan:
     """Which runs still need training, grouped into ensembles: each previous ensemble's
-    pending runs together (resumed first), the fresh runs by shape."""
+    pending runs together (resumed first), the fresh runs by shape — split further while
+    fewer ensembles than ``slots`` (ensembles the cluster runs at once) would leave devices
+    idle."""
     folder = SweepFolder(cfg.sweep_dir)
     runs = expand_grid(cfg, width)
     final = [r for r in runs if is_final(folder.run(r.run_id))]
@@ -270,6 +274,6 @@ def plan(cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool) -> Swe
         return grid.group(group, budgets)
 
     resumed = grid.renumber([e for g in groups for e in ensembles_of(g)], tag="-resume")
-    ensembles = resumed + ensembles_of(fresh)
+    ensembles = resumed + grid.spread(ensembles_of(fresh), slots - len(resumed))
     ensembles.sort(key=lambda e: -e.dict_ratio)  # stable: resumed before fresh of a ratio
     return SweepPlan(runs, [r.run_id for r in final], ensembles)

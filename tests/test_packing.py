@@ -47,14 +47,41 @@ def test_gpus_per_ensemble_is_auto_by_default_and_checked():
             LaunchConfig(gpus_per_ensemble=bad).check()
 
 
+def test_shares_are_raised_while_the_gpus_could_hold_them():
+    """Ray puts fractional tasks on one GPU before the next: quarter shares on a 4-GPU node
+    would leave three GPUs idle, so the costliest ensembles' shares are raised first."""
+    tiny = [ensemble(128, r, 2) for r in (6, 5, 4, 3, 2, 1)]  # costliest first
+    quarter = dict.fromkeys(tiny, 0.25)
+    assert packing.fill(quarter, 1) == quarter  # one GPU: they share it
+    assert list(packing.fill(dict.fromkeys(tiny[:4], 0.25), 4).values()) == [1.0] * 4
+    assert list(packing.fill(quarter, 4).values()) == [1.0, 1.0, 1.0, 0.5, 0.25, 0.25]
+    big = ensemble(768, 32, 8)
+    assert packing.fill({big: 1.0, tiny[0]: 0.25}, 1) == {big: 1.0, tiny[0]: 0.25}
+
+
 def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path):
-    """The shared test cluster's fake GPUs: tiny ensembles ask for a quarter of one; a fixed
-    fraction is asked for as given."""
-    assert sweep(tmp_path, "grid.l1=[1e-2,1e-1]", "grid.dict_ratio=[1,2]", name="auto") == 0
+    """The shared test cluster's two fake GPUs: four tiny ensembles (a quarter GPU each by the
+    model) fill both GPUs, costliest first; a fixed fraction is asked for as given."""
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1,2,3,4]", name="auto") == 0
     assert sweep(tmp_path, "grid.l1=[1e-2]", "launch.gpus_per_ensemble=0.5", name="half") == 0
-    for name, want in (("auto", 0.25), ("half", 0.5)):
+    want = {"r4": 1.0, "r3": 0.5, "r2": 0.25, "r1": 0.25}
+    for name in ("auto", "half"):
         for run in (tmp_path / name / "runs").iterdir():
-            assert json.loads((run / "placement.json").read_text())["gpu_share"] == want
+            share = json.loads((run / "placement.json").read_text())["gpu_share"]
+            assert share == (want[run.name.split("-")[0]] if name == "auto" else 0.5), run.name
+
+
+def test_an_ensemble_is_split_so_no_gpu_idles(ray_cluster, tmp_path):
+    """Two L1 values of one shape fit one ensemble, but the cluster has two GPUs: two
+    ensembles, each on a whole GPU of its own."""
+    assert sweep(tmp_path, "grid.l1=[1e-2,1e-1]", "grid.dict_ratio=[2]", name="split") == 0
+    placed = [
+        json.loads((run / "placement.json").read_text())
+        for run in (tmp_path / "split" / "runs").iterdir()
+    ]
+    assert [p["gpu_share"] for p in placed] == [1.0, 1.0]
+    assert len({p["cuda_visible_devices"] for p in placed}) == 2
+    assert len({p["pid"] for p in placed}) == 2
 
 
 def test_a_store_whose_chunks_fill_the_gpu_is_refused(ray_cluster, tmp_path, capsys):

@@ -232,9 +232,21 @@ def test_grid_ids_and_splitting():
     )
     with pytest.raises(SweepError, match="device budget"):
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
+    wide = grid.spread(grid.group(grid.expand(L1S8, [8, 32], 1, 64, "untied"), {8: 8, 32: 8}), 8)
+    assert [(e.ensemble_id, len(e.members)) for e in wide] == [
+        ("r32-e0", 1), ("r32-e1", 1), ("r32-e2", 1), ("r32-e3", 1), ("r32-e4", 2),
+        ("r32-e5", 2), ("r8-e0", 4), ("r8-e1", 4),
+    ]  # fmt: skip
+    assert sorted(m.run_id for e in wide for m in e.members) == sorted(
+        m.run_id for m in grid.expand(L1S8, [8, 32], 1, 64, "untied")
+    )
+    assert grid.spread(wide[:2], 8) == wide[:2]  # single members: nothing left to split
     bf16, aux = (grid.bytes_per_member(512, 4096, 4096, "bfloat16", a) for a in (False, True))
     assert aux > bf16  # AuxK's buffers
     assert grid.member_budget(512, 4096, 4096, "bfloat16", 10 * bf16 / 0.8, True, 0, aux=True) < 10
+
+
+L1S8 = [1e-3 * (i + 1) for i in range(8)]
 
 
 def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
