@@ -188,6 +188,21 @@ def test_batchtopk_threshold_is_the_running_smallest_kept_code():
     assert (ens.buffers["threshold"] > 0).all()
 
 
+def test_batchtopk_threshold_keeps_k_codes_per_row_at_inference():
+    """The threshold follows the smallest kept code as it falls during training (it lagged
+    at SAELens's 0.99: inference kept a third to two thirds of k after 80 steps)."""
+    ens = ensemble_of("batchtopk", members("batchtopk", 3), True, None)
+    for x in batches(80):
+        ens.step(x)
+    p = {k: v.clone() for k, v in ens.params.items()}
+    p["threshold"] = ens.buffers["threshold"]
+    x = torch.cat(batches(8, seed=7))
+    for e, k in enumerate(VALUES["k"]):
+        member = {name: v[e] for name, v in p.items()}
+        l0 = float((sae.encode(member, x, "batchtopk", k=k) != 0).sum(dim=1).float().mean())
+        assert 0.85 * k <= l0 <= 1.15 * k, (k, l0)
+
+
 def test_inference_codes_follow_the_architecture():
     x = batches(1)[0]
     for name in archs.REGISTRY:
