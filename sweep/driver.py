@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import grid, launcher, packing, planning
+from sweep import archs, grid, launcher, packing, planning
 from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -136,7 +136,10 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     planning.expand_grid(cfg, store.width)
     planning.check_store(folder, store)
     store.verify()
-    total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)  # room left?
+    steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
+    short = archs.get(cfg.sae.name).check_schedule(steps, cfg.train.lr)
+    if short:
+        log.warning(short)
     return store
 
 

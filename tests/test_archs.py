@@ -221,3 +221,11 @@ def test_inference_codes_follow_the_architecture():
 def test_unknown_architecture_is_one_line():
     with pytest.raises(Exception, match="unknown architecture sae='nope'; choose one of"):
         archs.get("nope")
+
+
+def test_jumprelu_warns_when_its_thresholds_cannot_reach_the_codes():
+    a = archs.get("jumprelu")
+    short = a.check_schedule(126, 3e-3)
+    assert short is not None and "train for >= 1536 steps" in short
+    assert a.check_schedule(5000, 3e-3) is None
+    assert archs.get("topk").check_schedule(10, 3e-3) is None

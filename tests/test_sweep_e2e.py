@@ -189,3 +189,12 @@ def test_second_driver_is_refused_while_lock_is_live(ray_cluster, tmp_path, caps
     )
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0  # stale lock taken over
     assert not (sw / ".lock").exists()
+
+
+def test_a_jumprelu_sweep_too_short_to_sparsify_is_warned_about(ray_cluster, tmp_path, capsys):
+    """Adam moves a log-threshold ~lr a step: a few hundred steps cannot lift JumpReLU's
+    thresholds from 1e-3 to where the L0 penalty acts; the sweep says so and trains."""
+    capsys.readouterr()
+    assert sweep(tmp_path, "sae=jumprelu", "grid.l1=[1e-3]", "grid.dict_ratio=[1]") == 0
+    err = capsys.readouterr().err
+    assert "jumprelu thresholds start at 0.001" in err and "sae=topk" in err, err

@@ -138,6 +138,11 @@ class Architecture:
         """A problem with one member's sparsity value at this dictionary size, or None."""
         return None
 
+    def check_schedule(self, steps: int, lr: float) -> str | None:
+        """Why ``steps`` Adam steps at ``lr`` are too few for this architecture to respond to
+        its sparsity knob (warned about, not refused), or None."""
+        return None
+
 
 REGISTRY: dict[str, Architecture] = {}
 

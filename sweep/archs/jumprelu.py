@@ -28,6 +28,9 @@ from sweep.archs.base import Architecture, Hyper, Params, register
 
 BANDWIDTH = 1e-3
 INIT_THRESHOLD = 1e-3
+RESPONSIVE_THRESHOLD = 0.1
+"""A threshold below this cannot sparsify codes of activations scaled to mean row norm
+sqrt(width) (see :meth:`JumpReLU.check_schedule`)."""
 JUMPRELU_LOSS = "mean((x_hat - x)**2) + l1 * mean_batch(sum_features(pre > threshold))"
 
 
@@ -95,6 +98,23 @@ class JumpReLU(Architecture):
 
     def saelens_form(self, saved: Params, k: int) -> tuple[Params, dict]:
         return {"threshold": saved["log_threshold"].exp().float()}, {}
+
+    def check_schedule(self, steps: int, lr: float) -> str | None:
+        """Adam moves ``log_threshold`` by at most about ``lr`` a step: from
+        :data:`INIT_THRESHOLD` a threshold reaches ``INIT_THRESHOLD * exp(lr * steps)`` at most.
+        Below :data:`RESPONSIVE_THRESHOLD` (pre-activations of scaled activations are O(0.1-1))
+        the L0 penalty cannot change which codes fire: every ``l1`` gives the same dense L0
+        (measured on SmolLM2 activations, BENCHMARKS.md)."""
+        reach = INIT_THRESHOLD * math.exp(min(lr * steps, 50.0))
+        if reach >= RESPONSIVE_THRESHOLD:
+            return None
+        need = math.ceil(math.log(RESPONSIVE_THRESHOLD / INIT_THRESHOLD) / lr)
+        return (
+            f"jumprelu thresholds start at {INIT_THRESHOLD:g} and move at most ~lr per step in "
+            f"log space: in {steps} steps at lr {lr:g} they stay below {reach:.2g}, so grid.l1 "
+            f"will barely change L0; train for >= {need} steps (more rows or train.epochs) or "
+            "use sae=topk / sae=batchtopk for a short sweep"
+        )
 
     def penalty(
         self, params: Params, codes_BF: torch.Tensor, pre_BF: torch.Tensor, hyper: Hyper
