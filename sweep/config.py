@@ -225,7 +225,8 @@ class SAEConfig:
     ``batchtopk`` or ``jumprelu``."""
     recipe: str | None = None
     """The training recipe, for architectures that offer several (untied: ``unit`` or
-    ``weighted``); None = the architecture's default."""
+    ``weighted``; jumprelu: ``linear`` or ``log``); None = the architecture's default, named
+    in the composed config (so config.yaml records it)."""
     init_decoder_norm: float | None = None
     """Norm of the initial decoder rows; None = the recipe's (0.1 for ``weighted``, else 1)."""
 

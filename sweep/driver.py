@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import archs, grid, launcher, packing, planning
+from sweep import grid, launcher, packing, planning
 from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -137,7 +137,7 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     planning.check_store(folder, store)
     store.verify()
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
-    short = archs.get(cfg.sae.name).check_schedule(steps, cfg.train.lr)
+    short = cfg.sae.architecture().check_schedule(steps, cfg.train.lr)
     if short:
         log.warning(short)
     return store

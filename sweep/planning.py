@@ -90,7 +90,6 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
 
 
 LEGACY = {
-    "sae.recipe": "unit",  # before recipes existed, untied SAEs trained with unit-norm decoders
     "sae.init_decoder_norm": None,
     "train.grad_clip": None,
     "train.dead_tokens": 10_000_000,
@@ -101,13 +100,29 @@ LEGACY = {
 """What a defining field meant before it existed, for sweeps recorded by earlier versions."""
 
 
+LEGACY_RECIPE = {"jumprelu": "log"}
+"""The recipe a sweep trained with when its config.yaml names none (recorded before recipes
+existed, or for JumpReLU before ``linear``): the architecture's only behaviour then. A config
+names its recipe since (:func:`sweep.config.to_sweep_config`), so resuming such a sweep with a
+new default is refused with the recipe to pass."""
+
+
+def legacy_recipe(arch: str) -> str | None:
+    recipes = archs.REGISTRY[arch].recipes if arch in archs.REGISTRY else ()
+    return LEGACY_RECIPE.get(arch, recipes[0] if recipes else None)
+
+
 def with_legacy(saved: dict) -> dict:
-    """A sweep's saved config with every defining field it lacks set to :data:`LEGACY`."""
+    """A sweep's saved config with every defining field it lacks set to :data:`LEGACY`, and
+    its recipe named."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     for key, value in LEGACY.items():
         group, name = key.split(".", 1)
         if isinstance(out.get(group), dict):
             out[group].setdefault(name, value)
+    sae = out.get("sae")
+    if isinstance(sae, dict) and sae.get("recipe") is None:
+        sae["recipe"] = legacy_recipe(str(sae.get("name")))
     return out
 
 
@@ -131,7 +146,7 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     if old is None:
         return
     new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    diffs = _differences(old, new)  # type: ignore[arg-type]
+    diffs = _differences(with_legacy(old), new)  # type: ignore[arg-type]
     if diffs:
         raise RunDirError(
             f"sweep_dir {folder.path} holds a sweep with different settings ({'; '.join(diffs)}); "

@@ -67,6 +67,7 @@ CASES = [
     ("batchtopk", True),
     ("batchtopk", False),
     ("jumprelu", False),
+    ("jumprelu:log", False),
 ]
 
 
@@ -224,8 +225,24 @@ def test_unknown_architecture_is_one_line():
 
 
 def test_jumprelu_warns_when_its_thresholds_cannot_reach_the_codes():
-    a = archs.get("jumprelu")
-    short = a.check_schedule(126, 3e-3)
-    assert short is not None and "train for >= 1536 steps" in short
-    assert a.check_schedule(5000, 3e-3) is None
+    """Adam moves a parameter ~lr a step: a log threshold from 1e-3 needs ~1500 steps at lr
+    3e-3 to reach the codes' scale, a linear one from 0.01 thirty."""
+    log, linear = (arch_of(f"jumprelu:{r}") for r in ("log", "linear"))
+    short = log.check_schedule(126, 3e-3)
+    assert short is not None and "train for >= 1536 steps" in short, short
+    assert "sae.recipe=linear" in short
+    assert log.check_schedule(5000, 3e-3) is None
+    assert linear.check_schedule(126, 3e-3) is None
+    assert "train for >= 30 steps" in str(linear.check_schedule(10, 3e-3))
     assert archs.get("topk").check_schedule(10, 3e-3) is None
+
+
+def test_a_linear_jumprelu_threshold_is_kept_non_negative():
+    """Projected after the step (below zero the gate would pass negative pre-activations);
+    a frozen member is left as it is."""
+    a = arch_of("jumprelu:linear")
+    p = stack(members("jumprelu:linear", 2))
+    p["threshold"][:, :5] = -0.25
+    a.constrain(p, torch.tensor([True, False]))
+    assert float(p["threshold"][0].min()) == 0.0 and float(p["threshold"][1].min()) == -0.25
+    assert "log_threshold" in members("jumprelu:log", 1)[0]

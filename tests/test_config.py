@@ -165,3 +165,27 @@ def test_cfg_job_prints_composed_config(capsys):
     assert main(["run", "--cfg", "job", "sweep_dir=/tmp/x", "grid.l1=[0.5]"]) == 0
     out = capsys.readouterr().out
     assert "l1:" in out and "0.5" in out and "dict_ratio" in out and "sweep_dir: /tmp/x" in out
+
+
+def test_an_old_jumprelu_sweep_is_resumed_only_with_its_log_recipe(tmp_path):
+    """JumpReLU's default recipe became ``linear``; a sweep recorded before (recipe null: the
+    log-threshold math) is refused under the new default, naming the recipe it trained with,
+    and resumes with it. A config names its recipe."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from sweep import planning
+    from sweep.errors import RunDirError
+    from sweep.sweepdir import SweepFolder
+
+    new = cfg_of("sae=jumprelu")
+    assert new.sae.recipe == "linear" and cfg_of("sae=topk").sae.recipe is None
+    assert planning.with_legacy({"sae": {"name": "jumprelu"}})["sae"]["recipe"] == "log"
+    assert planning.with_legacy({"sae": {"name": "untied"}})["sae"]["recipe"] == "unit"
+    plain = OmegaConf.to_container(OmegaConf.structured(new), resolve=True)
+    plain["sae"]["recipe"] = None  # config.yaml as the previous version wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain))
+    folder = SweepFolder(tmp_path)
+    with pytest.raises(RunDirError, match=r"sae.recipe 'log' -> 'linear'"):
+        planning.check_compatible(folder, new)
+    planning.check_compatible(folder, cfg_of("sae=jumprelu", "sae.recipe=log"))

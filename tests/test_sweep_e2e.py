@@ -195,6 +195,7 @@ def test_a_jumprelu_sweep_too_short_to_sparsify_is_warned_about(ray_cluster, tmp
     """Adam moves a log-threshold ~lr a step: a few hundred steps cannot lift JumpReLU's
     thresholds from 1e-3 to where the L0 penalty acts; the sweep says so and trains."""
     capsys.readouterr()
-    assert sweep(tmp_path, "sae=jumprelu", "grid.l1=[1e-3]", "grid.dict_ratio=[1]") == 0
+    args = ("sae=jumprelu", "sae.recipe=log", "grid.l1=[1e-3]", "grid.dict_ratio=[1]")
+    assert sweep(tmp_path, *args) == 0
     err = capsys.readouterr().err
-    assert "jumprelu thresholds start at 0.001" in err and "sae=topk" in err, err
+    assert "jumprelu thresholds (sae.recipe=log) start at 0.001" in err, err
