@@ -143,9 +143,10 @@ class Resources:
             )
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
         self.gpus = gpus
-        per, have = (self.num_gpus, gpus) if self.on_gpu else (self.num_cpus, cpus)
+        per, have = (max(1.0, self.num_gpus), gpus) if self.on_gpu else (self.num_cpus, cpus)
         self.slots = max(1, math.floor(have / per + 1e-9))
-        """Ensembles the cluster runs at once (fewer would leave devices idle)."""
+        """Ensembles that would each have hardware of their own (fewer leave some idle;
+        fractions of one GPU add none)."""
 
 
 def _gpu_bytes() -> float:
