@@ -101,3 +101,17 @@ def test_every_gpu_ensemble_gets_a_fresh_worker_process(ray_cluster, tmp_path):
     runs = (tmp_path / "fresh" / "runs").iterdir()
     pids = {json.loads((run / "placement.json").read_text())["pid"] for run in runs}
     assert len(pids) == 4
+
+
+def test_ensembles_are_split_to_fill_whole_devices_only():
+    from sweep.launcher import Resources
+    from tests.test_config import cfg_of
+
+    gpus = {"GPU": 4.0, "CPU": 16.0}
+    assert Resources(cfg_of("launch.device_memory_gb=80"), gpus).slots == 4  # auto
+    for share, slots in (("0.25", 4), ("1", 4), ("2", 2)):
+        cfg = cfg_of(f"launch.gpus_per_ensemble={share}", "launch.device_memory_gb=80")
+        assert Resources(cfg, gpus).slots == slots, share
+    cpu = cfg_of("launch.cpus_per_ensemble=4", "train.device=cpu")
+    assert Resources(cpu, {"CPU": 16.0}).slots == 4
+    assert Resources(cfg_of("train.device=cpu"), {"CPU": 16.0}).slots == 1  # one takes all
