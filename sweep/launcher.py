@@ -143,23 +143,27 @@ class Resources:
             )
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
         self.gpus = gpus
-        per, have = (max(1.0, self.num_gpus), gpus) if self.on_gpu else (self.num_cpus, cpus)
-        self.slots = max(1, math.floor(have / per + 1e-9))
-        """Ensembles that would each have hardware of their own (fewer leave some idle;
-        fractions of one GPU add none)."""
+        per, have = (self.num_gpus, gpus) if self.on_gpu else (self.num_cpus, cpus)
+        packed = self.on_gpu and not self.auto_share and per < 1  # asked for: Ray packs them
+        self.slots = 1 if packed else max(1, math.floor(have / per + 1e-9))
+        """Ensembles that would each have hardware of their own (fewer leave some idle); 1
+        under a fixed fraction of a GPU, which packs ensembles onto one as asked."""
 
 
 def _gpu_bytes() -> float:
-    """Memory of the first GPU, from ``nvidia-smi`` where it runs (so the driver, which
-    trains nothing, does not open a CUDA context holding GPU memory for the whole sweep)."""
+    """Memory of the first visible GPU (a MIG slice: its own), read in a short-lived process
+    so that the driver, which trains nothing, holds no CUDA context (and its memory) for
+    the whole sweep."""
     import torch
 
     if not torch.cuda.is_available():
         return 0.0
-    query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"]
+    query = "import torch; print(torch.cuda.get_device_properties(0).total_memory)"
     with contextlib.suppress(OSError, ValueError, IndexError, subprocess.SubprocessError):
-        out = subprocess.run(query, capture_output=True, text=True, timeout=20, check=True)
-        return float(out.stdout.split()[0]) * 2**20  # MiB
+        out = subprocess.run(
+            [sys.executable, "-c", query], capture_output=True, text=True, timeout=120, check=True
+        )
+        return float(out.stdout.split()[-1])
     return float(torch.cuda.get_device_properties(0).total_memory)
 
 

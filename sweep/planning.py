@@ -19,7 +19,8 @@ resumed sweep stays bit-identical to an uninterrupted one (members are equal onl
 float order across compositions). Only a member budget that shrank since splits a group; a
 part never resumes from an older step than the whole would. A run with checkpoints but no
 recorded ensemble (a lost manifest) resumes alone; previous ensembles without any
-checkpoint group as fresh runs, by shape.
+checkpoint keep their composition too (they start from scratch as they were planned), and
+only runs never planned are grouped afresh, by shape.
 
 Ensemble ids are stable for a given sweep state and claim no step: fresh ones are
 ``r<ratio>-e<k>``, resumed ones ``r<ratio>-e<k>-resume`` (numbered in grid order).
@@ -121,8 +122,10 @@ def with_legacy(saved: dict) -> dict:
         if isinstance(out.get(group), dict):
             out[group].setdefault(name, value)
     sae = out.get("sae")
-    if isinstance(sae, dict) and sae.get("recipe") is None:
-        sae["recipe"] = legacy_recipe(str(sae.get("name")))
+    if isinstance(sae, dict):
+        name = str(sae.get("name"))
+        if sae.get("recipe") is None or not legacy_recipe(name):  # (tied recorded "unit")
+            sae["recipe"] = legacy_recipe(name)
     return out
 
 
@@ -199,24 +202,28 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
 
 def resume_groups(
     folder: SweepFolder, todo: list[RunSpec]
-) -> tuple[list[list[RunSpec]], list[RunSpec]]:
-    """Pending runs that continue, one group per previous ensemble in which any run has a
-    checkpoint file (all its pending runs: one lacking a checkpoint makes the worker restart
-    them together, loudly, in the composition they had), in grid order; and the runs that
-    start fresh. No step is chosen here."""
+) -> tuple[list[list[RunSpec]], list[list[RunSpec]], list[RunSpec]]:
+    """Pending runs grouped as they were planned: one group per previous ensemble in which any
+    run has a checkpoint file (all its pending runs: one lacking a checkpoint makes the worker
+    restart them together, loudly, in the composition they had); the previous ensembles that
+    never checkpointed (they start from scratch, in the composition an uninterrupted sweep
+    trains them in); and the runs never planned. No step is chosen here."""
     previous = folder.previous_ensembles()
     groups: dict[str, list[RunSpec]] = {}
     for r in todo:  # unrecorded runs alone: merging could move one back
         groups.setdefault(previous.get(r.run_id, f"unrecorded:{r.run_id}"), []).append(r)
     resumed: list[list[RunSpec]] = []
+    kept: list[list[RunSpec]] = []
     fresh: list[RunSpec] = []
-    for members in groups.values():
+    for key, members in groups.items():
         if any(checkpoints.list_checkpoints(folder.run(r.run_id).path) for r in members):
             resumed.append(members)
+        elif not key.startswith("unrecorded:"):
+            kept.append(members)
         else:
             fresh += members
     order = {r.run_id: i for i, r in enumerate(todo)}
-    return resumed, sorted(fresh, key=lambda r: order[r.run_id])  # grid order, as at first
+    return resumed, kept, sorted(fresh, key=lambda r: order[r.run_id])  # grid order
 
 
 def is_final(run: RunFolder) -> bool:
@@ -270,7 +277,7 @@ def plan(
     runs = expand_grid(cfg, width)
     final = [r for r in runs if is_final(folder.run(r.run_id))]
     todo = [r for r in runs if r not in final]
-    groups, fresh = resume_groups(folder, todo)
+    groups, kept, fresh = resume_groups(folder, todo)
 
     def ensembles_of(group: list[RunSpec]) -> list[EnsembleSpec]:
         budgets = {
@@ -289,6 +296,8 @@ def plan(
         return grid.group(group, budgets)
 
     resumed = grid.renumber([e for g in groups for e in ensembles_of(g)], tag="-resume")
-    ensembles = resumed + grid.spread(ensembles_of(fresh), slots - len(resumed))
+    planned = [e for g in kept for e in ensembles_of(g)]
+    new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))
+    ensembles = resumed + grid.renumber(planned + new, tag="")
     ensembles.sort(key=lambda e: -e.dict_ratio)  # stable: resumed before fresh of a ratio
     return SweepPlan(runs, [r.run_id for r in final], ensembles)

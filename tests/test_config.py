@@ -182,6 +182,11 @@ def test_an_old_jumprelu_sweep_is_resumed_only_with_its_log_recipe(tmp_path):
     assert new.sae.recipe == "linear" and cfg_of("sae=topk").sae.recipe is None
     assert planning.with_legacy({"sae": {"name": "jumprelu"}})["sae"]["recipe"] == "log"
     assert planning.with_legacy({"sae": {"name": "untied"}})["sae"]["recipe"] == "unit"
+    tied = {"sae": {"name": "tied", "recipe": "unit"}}  # as configs recorded it before
+    assert (
+        cfg_of("sae=tied").sae.recipe is None
+        and planning.with_legacy(tied)["sae"]["recipe"] is None
+    )
     plain = OmegaConf.to_container(OmegaConf.structured(new), resolve=True)
     plain["sae"]["recipe"] = None  # config.yaml as the previous version wrote it
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain))

@@ -109,7 +109,7 @@ def test_ensembles_are_split_to_fill_whole_devices_only():
 
     gpus = {"GPU": 4.0, "CPU": 16.0}
     assert Resources(cfg_of("launch.device_memory_gb=80"), gpus).slots == 4  # auto
-    for share, slots in (("0.25", 4), ("1", 4), ("2", 2)):
+    for share, slots in (("0.25", 1), ("1", 4), ("2", 2)):  # a fixed fraction packs, as asked
         cfg = cfg_of(f"launch.gpus_per_ensemble={share}", "launch.device_memory_gb=80")
         assert Resources(cfg, gpus).slots == slots, share
     cpu = cfg_of("launch.cpus_per_ensemble=4", "train.device=cpu")

@@ -295,8 +295,8 @@ def test_kill_between_member_saves_resumes_from_common_step(tiny_store, tmp_path
     ensemble_of = {m.run_id: cut.ensemble.ensemble_id for m in cut.ensemble.members}
     specs = [m.as_dict() for m in cut.ensemble.members]
     SweepFolder(tmp_path / "cut").write_manifest(specs, ensemble_of, tiny_store)
-    groups, fresh = resume_groups(SweepFolder(tmp_path / "cut"), list(cut.ensemble.members))
-    assert groups == [list(cut.ensemble.members)] and not fresh  # planned together, no step
+    groups, kept, fresh = resume_groups(SweepFolder(tmp_path / "cut"), list(cut.ensemble.members))
+    assert groups == [list(cut.ensemble.members)] and not kept and not fresh  # no step chosen
     assert train_ensemble(cut).resumed_from == 14  # the worker's choice: the common step
     events = [json.loads(ln) for ln in (dirs[0] / rundir.EVENTS).read_text().splitlines()]
     assert [(e["event"], e["newest"], e["resumed_from"]) for e in events] == [
@@ -401,3 +401,27 @@ def test_background_checkpoints_hold_the_state_of_their_step(tiny_store, tmp_pat
         assert a.meta == b.meta
         for k in a.tensors:
             assert torch.equal(a.tensors[k], b.tensors[k]), k
+
+
+def test_planned_ensembles_that_never_checkpointed_keep_their_composition(tiny_store, tmp_path):
+    """A sweep killed before any checkpoint restarts its ensembles as they were planned (an
+    uninterrupted sweep trains them so), not split again to fill devices; runs added since
+    are grouped, and spread, on their own."""
+    l1s = [1e-3, 3e-3, 1e-2, 3e-2]
+    runs = grid.expand(l1s, [2.0], 1, tiny_store.width, "untied")
+    (tmp_path / "sw").mkdir()
+    ensemble_of = {r.run_id: "r2-e0" for r in runs}
+    SweepFolder(tmp_path / "sw").write_manifest(
+        [r.as_dict() for r in runs], ensemble_of, tiny_store
+    )
+    cfg = to_sweep_config(
+        compose([f"sweep_dir={tmp_path / 'sw'}", "grid.l1=[1e-3,3e-3,1e-2,3e-2,0.1,0.3]",
+                 "grid.dict_ratio=[2]", "grid.seeds=1"])
+    )  # fmt: skip
+    p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=True, slots=4)
+    added = grid.expand([0.1, 0.3], [2.0], 1, tiny_store.width, "untied")
+    assert [(e.ensemble_id, e.members) for e in p.ensembles] == [
+        ("r2-e0", tuple(runs)),
+        ("r2-e1", (added[0],)),
+        ("r2-e2", (added[1],)),
+    ]

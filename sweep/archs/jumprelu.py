@@ -158,12 +158,12 @@ class JumpReLU(Architecture):
         if reach >= RESPONSIVE_THRESHOLD:
             return None
         gap = RESPONSIVE_THRESHOLD - init if linear else math.log(RESPONSIVE_THRESHOLD / init)
-        how = "" if linear else " in log space"
+        how, other = ("", "") if linear else (" in log space", "use sae.recipe=linear, ")
         return (
             f"jumprelu thresholds (sae.recipe={self.recipe}) start at {init:g} and move at most "
             f"~lr per step{how}: in {steps} steps at lr {lr:g} they stay below {reach:.2g}, so "
-            f"grid.l1 will barely change L0; train for >= {math.ceil(gap / lr - 1e-6)} steps (more rows "
-            "or train.epochs), use sae.recipe=linear, or sae=topk / sae=batchtopk"
+            f"grid.l1 will barely change L0; train for >= {math.ceil(gap / lr - 1e-6)} steps "
+            f"(more rows or train.epochs), {other}or use sae=topk / sae=batchtopk"
         )
 
     def penalty(

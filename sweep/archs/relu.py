@@ -62,6 +62,7 @@ class Tied(Untied):
     name: ClassVar[str] = "tied"
     fast: ClassVar[bool] = False
     recipes: ClassVar[tuple[str, ...]] = ()
+    recipe = ""
 
     def init_params(
         self, d: int, f: int, g: torch.Generator, b_dec: torch.Tensor | None = None
