@@ -6,6 +6,7 @@
     .venv/bin/python scripts/bench_frontier.py                   # full run (25-45 min, 2 cores)
     .venv/bin/python scripts/bench_frontier.py --quick           # smoke run (a few minutes)
     .venv/bin/python scripts/bench_frontier.py --layers 3 6 9 --sweep-args 'train.l1_warmup=0.05'
+    .venv/bin/python scripts/bench_frontier.py --arch batchtopk --lrs 1e-3 3e-3  # k 16..128
 
 Steps (each resumable; everything lives under ``--work``, default /tmp/frontier):
 
@@ -61,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--l1", type=float, nargs="+", help="sweep's L1 grid (11 values, 1e-4..1e-2)")
     ap.add_argument("--saelens-l1", type=float, nargs="+", help="SAELens's (sweep's times D)")
     ap.add_argument("--sweep-args", default="", help="extra sweep run overrides: 'sae=tied'")
+    ap.add_argument(
+        "--arch", choices=("relu", "batchtopk"), default="relu",
+        help="relu: L1 grids (sweep's sae per --sweep-args, SAELens's standard SAE); "
+        "batchtopk: both methods' BatchTopK over --k",
+    )  # fmt: skip
+    ap.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="batchtopk")
     ap.add_argument("--saelens-python", type=Path, default=runs.ROOT / ".venv-saelens/bin/python")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
@@ -70,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.epochs = args.epochs or preset["epochs"]
     args.lrs = args.lrs or list(preset["lrs"])
     args.l1 = args.l1 or [float(f"{v:.3g}") for v in np.geomspace(*preset["l1"])]
+    if args.arch == "batchtopk":  # the grid's values are k, for both methods
+        args.l1 = args.saelens_l1 = [float(k) for k in args.k]
     return args
 
 
@@ -111,10 +120,11 @@ def sweep_points(dirs: dict[float, Path], l1s: list[float], scale: float, x_ND) 
     points, steps = [], set()
     for lr, d in dirs.items():
         sw = sweep.load_sweep(d)
+        knob = "k" if "k" in sw.table.columns and float(sw.table["k"].max()) > 0 else "l1"
         for run_id, row in sw.table.iterrows():
-            if row["state"] == "done" and _near(float(row["l1"]), l1s):
+            if row["state"] == "done" and _near(float(row[knob]), l1s):
                 m = evaluate.evaluate(evaluate.from_sweep_run(sw.run_dir(run_id), scale), x_ND)
-                points.append(envelope.Point("sweep", lr, float(row["l1"]), **m))
+                points.append(envelope.Point("sweep", lr, float(row[knob]), **m))
                 steps.add(int(row["steps"]))
     return points, steps
 
@@ -137,7 +147,8 @@ def saelens_points(out: Path, lrs: list[float], l1s: list[float], x_ND) -> tuple
 def run_root(args: argparse.Namespace) -> Path:
     """Runs of one data and training setting (both methods, every hook) live under here."""
     name = f"rows{args.rows}-eval{args.eval_rows}-ep{args.epochs}-b{args.batch_size}"
-    return args.work / "runs" / f"{name}-x{args.dict_ratio:g}"
+    arch = "" if args.arch == "relu" else f"-{args.arch}"
+    return args.work / "runs" / f"{name}-x{args.dict_ratio:g}{arch}"
 
 
 def train_sweep(store: Path, base: Path, args, extra: list[str], timings: dict) -> dict:

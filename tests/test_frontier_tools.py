@@ -71,3 +71,22 @@ def test_gguf_tensor_names_map_to_llama_keys() -> None:
     assert smollm2.hf_name("blk.0.ffn_down.weight") == "model.layers.0.mlp.down_proj.weight"
     norm = "model.layers.3.post_attention_layernorm.weight"
     assert smollm2.hf_name("blk.3.ffn_norm.weight") == norm
+
+
+def test_a_batchtopk_dictionary_is_evaluated_in_its_inference_form() -> None:
+    """Codes need pre > threshold (how SAELens saves a BatchTopK SAE, and sweep's inference)."""
+    import torch
+
+    from scripts.frontier import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    d, f = 8, 32
+    w = torch.randn(d, f, generator=g)
+    parts = (w, torch.zeros(f), w.T.contiguous(), torch.zeros(d))
+    x = torch.randn(256, d, generator=g)
+    dense = evaluate.evaluate(evaluate.Dictionary(*parts), x)
+    pre = x @ w
+    cut = float(pre.relu().flatten().quantile(0.9))
+    sparse = evaluate.evaluate(evaluate.Dictionary(*parts, torch.tensor(cut)), x)
+    assert sparse["l0"] == pytest.approx(float((pre > cut).sum()) / 256)
+    assert sparse["l0"] < dense["l0"]

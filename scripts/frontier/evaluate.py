@@ -1,9 +1,11 @@
 """One evaluation for every dictionary, sweep's and SAELens's alike.
 
-A dictionary is four tensors in the *scaled* space (activations times the store's scale, the
+A dictionary is four tensors (and for BatchTopK a threshold) in the *scaled* space (activations times the store's scale, the
 space both methods trained in)::
 
     codes = relu((x - b_dec) @ W_enc + b_enc)        x_hat = codes @ W_dec + b_dec
+
+(BatchTopK: ``codes = relu(pre) * (pre > threshold)``, its inference form.)
 
 Metrics on the held-out rows ``x_ND`` (the store's last ``eval_rows``, scaled):
 FVU = residual sum of squares / total sum of squares around the rows' mean; L0 = mean number
@@ -24,6 +26,7 @@ class Dictionary(NamedTuple):
     b_enc: torch.Tensor  # (F,)
     W_dec: torch.Tensor  # (F, D)
     b_dec: torch.Tensor  # (D,)
+    threshold: torch.Tensor | None = None  # (F,) or (): codes need pre > threshold (BatchTopK)
 
 
 def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
@@ -37,7 +40,10 @@ def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
         raise ValueError(f"{folder} was trained at scale {recorded}, the store's is {scale}")
     # raw: relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec, with x = x_s / s and the
     # reconstruction times s: W_enc_s = W_enc / s, W_dec_s = W_dec * s, b_dec_s = b_dec * s.
-    return Dictionary(sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale)
+    threshold = getattr(sae, "threshold", None)  # on pre-activations: the same in both spaces
+    return Dictionary(
+        sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale, threshold
+    )
 
 
 def from_saelens_file(path: str | Path) -> Dictionary:
@@ -45,7 +51,7 @@ def from_saelens_file(path: str | Path) -> Dictionary:
     from safetensors.torch import load_file
 
     w = load_file(str(path))
-    return Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"])
+    return Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w.get("threshold"))
 
 
 @torch.no_grad()
@@ -57,7 +63,8 @@ def evaluate(d: Dictionary, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, 
     fired = torch.zeros(d.W_enc.shape[1], dtype=torch.bool)  # (F,)
     for at in range(0, n, batch):
         x = x_ND[at : at + batch]  # (b, D)
-        codes = torch.relu((x - d.b_dec) @ d.W_enc + d.b_enc)  # (b, D) -> (b, F)
+        pre = (x - d.b_dec) @ d.W_enc + d.b_enc  # (b, D) -> (b, F)
+        codes = torch.relu(pre) if d.threshold is None else torch.relu(pre) * (pre > d.threshold)
         rss += float((codes @ d.W_dec + d.b_dec - x).pow(2).sum())  # (b, F) -> (b, D)
         on = codes > 0
         active += float(on.sum())

@@ -66,7 +66,9 @@ def harvest(model: Path, text: Path, hooks: Sequence[str], rows: int, store_dir:
 def sweep_run(
     store: Path, sweep_dir: Path, lr: float, l1s: Sequence[float], args, extra: Sequence[str]
 ) -> float:
-    """One ``sweep run`` of every L1 at one learning rate (one ensemble at one dict ratio)."""
+    """One ``sweep run`` of every L1 (``--arch batchtopk``: every k) at one learning rate (one
+    ensemble at one dict ratio)."""
+    knob = ["sae=batchtopk", f"grid.k={_floats(l1s)}"] if args.arch == "batchtopk" else []
     cmd = [
         str(SWEEP),
         "run",
@@ -74,7 +76,7 @@ def sweep_run(
         f"data.path={store}",
         f"data.eval_rows={args.eval_rows}",
         f"sweep_dir={sweep_dir}",
-        f"grid.l1={_floats(l1s)}",
+        *(knob or [f"grid.l1={_floats(l1s)}"]),
         f"grid.dict_ratio=[{args.dict_ratio:g}]",
         f"train.batch_size={args.batch_size}",
         f"train.epochs={args.epochs}",
@@ -109,5 +111,6 @@ def saelens_run(
         f"--batch-size={args.batch_size}",
         f"--epochs={args.epochs}",
         f"--dict-ratio={args.dict_ratio:g}",
+        f"--arch={'batchtopk' if args.arch == 'batchtopk' else 'standard'}",
     ]
     return run_logged(cmd, out.with_suffix(".log"))

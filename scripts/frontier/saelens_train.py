@@ -1,4 +1,5 @@
-"""Train SAELens's standard ReLU-L1 SAEs with its own trainer on a sweep chunk store.
+"""Train SAELens's standard ReLU-L1 SAEs (or, ``--arch batchtopk``, its BatchTopK SAEs,
+``--l1`` then giving k) with its own trainer on a sweep chunk store.
 
 Runs in ``.venv-saelens`` (``scripts/frontier/setup_saelens.sh``), not in sweep's venv: it
 reads the store with numpy alone. Every (lr, l1) pair trains one ``StandardTrainingSAE`` with
@@ -66,24 +67,46 @@ def batches(
                 yield torch.from_numpy(rows[order[at : at + batch]]) * scale  # (B, D)
 
 
+def make_sae(arch: str, width: int, d_sae: int, value: float, steps: int):
+    """SAELens's training SAE: ``standard`` (ReLU-L1, ``value`` = its L1 coefficient) or
+    ``batchtopk`` (``value`` = k; its defaults otherwise: AuxK coefficient 1, threshold
+    learning rate 0.01, activations rescaled by decoder norm)."""
+    import sae_lens
+
+    if arch == "batchtopk":
+        cfg = sae_lens.BatchTopKTrainingSAEConfig(
+            d_in=width, d_sae=d_sae, k=int(value), normalize_activations="none", device="cpu"
+        )
+        return sae_lens.BatchTopKTrainingSAE(cfg)
+    cfg = sae_lens.StandardTrainingSAEConfig(
+        d_in=width,
+        d_sae=d_sae,
+        l1_coefficient=value,
+        l1_warm_up_steps=int(steps * SCHEDULE["l1_warm_up"]),
+        normalize_activations="none",
+        device="cpu",
+    )
+    return sae_lens.StandardTrainingSAE(cfg)
+
+
+def inference_weights(sae, arch: str) -> dict[str, torch.Tensor]:
+    """W_enc, b_enc, W_dec, b_dec (+ a BatchTopK SAE's threshold on every feature, its decoder
+    norms folded in), as SAELens saves the inference form."""
+    state = dict(sae.state_dict())
+    if arch == "batchtopk":
+        sae.process_state_dict_for_saving_inference(state)
+    return {k: v.detach().float().contiguous() for k, v in state.items()}
+
+
 def train_one(chunks, width: int, d_sae: int, lr: float, l1: float, args) -> tuple[dict, dict]:
     """One SAE with SAETrainer; returns (weights, facts)."""
-    from sae_lens import LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens import LoggingConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     steps = steps_per_epoch(chunks, args.batch_size) * args.epochs
     torch.manual_seed(args.seed)
-    sae = StandardTrainingSAE(
-        StandardTrainingSAEConfig(
-            d_in=width,
-            d_sae=d_sae,
-            l1_coefficient=l1,
-            l1_warm_up_steps=int(steps * SCHEDULE["l1_warm_up"]),
-            normalize_activations="none",
-            device="cpu",
-        )
-    )
+    sae = make_sae(args.arch, width, d_sae, l1, steps)
     cfg = SAETrainerConfig(
         total_training_samples=steps * args.batch_size,
         train_batch_size_samples=args.batch_size,
@@ -100,7 +123,7 @@ def train_one(chunks, width: int, d_sae: int, lr: float, l1: float, args) -> tup
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=data)
     trained = trainer.fit()
     seconds = time.perf_counter() - t
-    weights = {k: v.detach().float().contiguous() for k, v in trained.state_dict().items()}
+    weights = inference_weights(trained, args.arch)
     facts = {"lr": lr, "l1": l1, "steps": trainer.n_training_steps, "seconds": seconds}
     return weights, facts
 
@@ -115,7 +138,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, required=True, help="sweep's activation scale")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--lr", type=float, nargs="+", required=True)
-    ap.add_argument("--l1", type=float, nargs="+", required=True)
+    ap.add_argument("--l1", type=float, nargs="+", required=True, help="(batchtopk: k)")
+    ap.add_argument("--arch", choices=("standard", "batchtopk"), default="standard")
     ap.add_argument("--eval-rows", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--epochs", type=int, default=3)
