@@ -6,7 +6,7 @@
     .venv/bin/python scripts/bench_frontier.py                   # full run (25-45 min, 2 cores)
     .venv/bin/python scripts/bench_frontier.py --quick           # smoke run (a few minutes)
     .venv/bin/python scripts/bench_frontier.py --layers 3 6 9 --sweep-args 'train.l1_warmup=0.05'
-    .venv/bin/python scripts/bench_frontier.py --arch batchtopk --lrs 1e-3 3e-3  # k 16..128
+    .venv/bin/python scripts/bench_frontier.py --arch batchtopk --lrs 1e-3 3e-3  # (or topk)
 
 Steps (each resumable; everything lives under ``--work``, default /tmp/frontier):
 
@@ -63,11 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--saelens-l1", type=float, nargs="+", help="SAELens's (sweep's times D)")
     ap.add_argument("--sweep-args", default="", help="extra sweep run overrides: 'sae=tied'")
     ap.add_argument(
-        "--arch", choices=("relu", "batchtopk"), default="relu",
+        "--arch", choices=("relu", "topk", "batchtopk"), default="relu",
         help="relu: L1 grids (sweep's sae per --sweep-args, SAELens's standard SAE); "
-        "batchtopk: both methods' BatchTopK over --k",
+        "topk / batchtopk: both methods' over --k",
     )  # fmt: skip
-    ap.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="batchtopk")
+    ap.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="topk family")
     ap.add_argument("--saelens-python", type=Path, default=runs.ROOT / ".venv-saelens/bin/python")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.epochs = args.epochs or preset["epochs"]
     args.lrs = args.lrs or list(preset["lrs"])
     args.l1 = args.l1 or [float(f"{v:.3g}") for v in np.geomspace(*preset["l1"])]
-    if args.arch == "batchtopk":  # the grid's values are k, for both methods
+    if args.arch != "relu":  # the grid's values are k, for both methods
         args.l1 = args.saelens_l1 = [float(k) for k in args.k]
     return args
 

@@ -90,3 +90,5 @@ def test_a_batchtopk_dictionary_is_evaluated_in_its_inference_form() -> None:
     sparse = evaluate.evaluate(evaluate.Dictionary(*parts, torch.tensor(cut)), x)
     assert sparse["l0"] == pytest.approx(float((pre > cut).sum()) / 256)
     assert sparse["l0"] < dense["l0"]
+    topk = evaluate.evaluate(evaluate.Dictionary(*parts, None, 3), x)
+    assert topk["l0"] == pytest.approx(3.0)  # every row has more than 3 positive codes here

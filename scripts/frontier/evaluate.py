@@ -5,7 +5,8 @@ space both methods trained in)::
 
     codes = relu((x - b_dec) @ W_enc + b_enc)        x_hat = codes @ W_dec + b_dec
 
-(BatchTopK: ``codes = relu(pre) * (pre > threshold)``, its inference form.)
+(BatchTopK: ``codes = relu(pre) * (pre > threshold)``, its inference form; TopK: each row's k
+largest ``relu(pre)``.)
 
 Metrics on the held-out rows ``x_ND`` (the store's last ``eval_rows``, scaled):
 FVU = residual sum of squares / total sum of squares around the rows' mean; L0 = mean number
@@ -27,6 +28,7 @@ class Dictionary(NamedTuple):
     W_dec: torch.Tensor  # (F, D)
     b_dec: torch.Tensor  # (D,)
     threshold: torch.Tensor | None = None  # (F,) or (): codes need pre > threshold (BatchTopK)
+    k: int = 0  # > 0: each row keeps its k largest codes (TopK)
 
 
 def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
@@ -41,8 +43,9 @@ def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
     # raw: relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec, with x = x_s / s and the
     # reconstruction times s: W_enc_s = W_enc / s, W_dec_s = W_dec * s, b_dec_s = b_dec * s.
     threshold = getattr(sae, "threshold", None)  # on pre-activations: the same in both spaces
+    k = sae.k if sae.arch.name == "topk" else 0
     return Dictionary(
-        sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale, threshold
+        sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale, threshold, k
     )
 
 
@@ -51,7 +54,8 @@ def from_saelens_file(path: str | Path) -> Dictionary:
     from safetensors.torch import load_file
 
     w = load_file(str(path))
-    return Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w.get("threshold"))
+    k = int(w["k"]) if "k" in w else 0
+    return Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w.get("threshold"), k)
 
 
 @torch.no_grad()
@@ -65,6 +69,9 @@ def evaluate(d: Dictionary, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, 
         x = x_ND[at : at + batch]  # (b, D)
         pre = (x - d.b_dec) @ d.W_enc + d.b_enc  # (b, D) -> (b, F)
         codes = torch.relu(pre) if d.threshold is None else torch.relu(pre) * (pre > d.threshold)
+        if d.k > 0:
+            vals, idx = codes.topk(d.k, dim=-1)
+            codes = torch.zeros_like(codes).scatter_(-1, idx, vals)
         rss += float((codes @ d.W_dec + d.b_dec - x).pow(2).sum())  # (b, F) -> (b, D)
         on = codes > 0
         active += float(on.sum())

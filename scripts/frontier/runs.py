@@ -66,9 +66,9 @@ def harvest(model: Path, text: Path, hooks: Sequence[str], rows: int, store_dir:
 def sweep_run(
     store: Path, sweep_dir: Path, lr: float, l1s: Sequence[float], args, extra: Sequence[str]
 ) -> float:
-    """One ``sweep run`` of every L1 (``--arch batchtopk``: every k) at one learning rate (one
-    ensemble at one dict ratio)."""
-    knob = ["sae=batchtopk", f"grid.k={_floats(l1s)}"] if args.arch == "batchtopk" else []
+    """One ``sweep run`` of every L1 (``--arch topk`` / ``batchtopk``: every k) at one learning
+    rate (one ensemble at one dict ratio)."""
+    knob = [f"sae={args.arch}", f"grid.k={_floats(l1s)}"] if args.arch != "relu" else []
     cmd = [
         str(SWEEP),
         "run",
@@ -111,6 +111,6 @@ def saelens_run(
         f"--batch-size={args.batch_size}",
         f"--epochs={args.epochs}",
         f"--dict-ratio={args.dict_ratio:g}",
-        f"--arch={'batchtopk' if args.arch == 'batchtopk' else 'standard'}",
+        f"--arch={'standard' if args.arch == 'relu' else args.arch}",
     ]
     return run_logged(cmd, out.with_suffix(".log"))

@@ -1,5 +1,5 @@
-"""Train SAELens's standard ReLU-L1 SAEs (or, ``--arch batchtopk``, its BatchTopK SAEs,
-``--l1`` then giving k) with its own trainer on a sweep chunk store.
+"""Train SAELens's standard ReLU-L1 SAEs (or, ``--arch topk`` / ``batchtopk``, its TopK /
+BatchTopK SAEs, ``--l1`` then giving k) with its own trainer on a sweep chunk store.
 
 Runs in ``.venv-saelens`` (``scripts/frontier/setup_saelens.sh``), not in sweep's venv: it
 reads the store with numpy alone. Every (lr, l1) pair trains one ``StandardTrainingSAE`` with
@@ -73,11 +73,12 @@ def make_sae(arch: str, width: int, d_sae: int, value: float, steps: int):
     learning rate 0.01, activations rescaled by decoder norm)."""
     import sae_lens
 
-    if arch == "batchtopk":
-        cfg = sae_lens.BatchTopKTrainingSAEConfig(
+    if arch in ("topk", "batchtopk"):
+        kind = "BatchTopK" if arch == "batchtopk" else "TopK"
+        cfg = getattr(sae_lens, f"{kind}TrainingSAEConfig")(
             d_in=width, d_sae=d_sae, k=int(value), normalize_activations="none", device="cpu"
         )
-        return sae_lens.BatchTopKTrainingSAE(cfg)
+        return getattr(sae_lens, f"{kind}TrainingSAE")(cfg)
     cfg = sae_lens.StandardTrainingSAEConfig(
         d_in=width,
         d_sae=d_sae,
@@ -90,11 +91,13 @@ def make_sae(arch: str, width: int, d_sae: int, value: float, steps: int):
 
 
 def inference_weights(sae, arch: str) -> dict[str, torch.Tensor]:
-    """W_enc, b_enc, W_dec, b_dec (+ a BatchTopK SAE's threshold on every feature, its decoder
-    norms folded in), as SAELens saves the inference form."""
+    """W_enc, b_enc, W_dec, b_dec (+ a BatchTopK SAE's threshold on every feature, a TopK
+    SAE's k; decoder norms folded in), as SAELens saves the inference form."""
     state = dict(sae.state_dict())
-    if arch == "batchtopk":
+    if arch != "standard":
         sae.process_state_dict_for_saving_inference(state)
+    if arch == "topk":
+        state["k"] = torch.tensor(float(sae.cfg.k))
     return {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
@@ -139,7 +142,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--lr", type=float, nargs="+", required=True)
     ap.add_argument("--l1", type=float, nargs="+", required=True, help="(batchtopk: k)")
-    ap.add_argument("--arch", choices=("standard", "batchtopk"), default="standard")
+    ap.add_argument("--arch", choices=("standard", "topk", "batchtopk"), default="standard")
     ap.add_argument("--eval-rows", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--epochs", type=int, default=3)
