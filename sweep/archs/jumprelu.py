@@ -124,14 +124,10 @@ class JumpReLU(Architecture):
         params[self.form.param] = torch.full((f,), init)
         return params
 
-    def _threshold(self, params: Params) -> torch.Tensor:
-        p = params[self.form.param]
-        return p if self.form.param == "threshold" else p.exp()
-
     def activate(
         self, pre_BF: torch.Tensor, hyper: Hyper, params: Params, kmax: int
     ) -> torch.Tensor:
-        return _JumpReLU.apply(pre_BF, self._threshold(params), self.form.bandwidth)
+        return _JumpReLU.apply(pre_BF, threshold_of(params), self.form.bandwidth)
 
     def infer(self, pre_BF: torch.Tensor, k: int, params: Params) -> torch.Tensor:
         return pre_BF * (pre_BF > threshold_of(params)).to(pre_BF.dtype)
@@ -169,5 +165,5 @@ class JumpReLU(Architecture):
     def penalty(
         self, params: Params, codes_BF: torch.Tensor, pre_BF: torch.Tensor, hyper: Hyper
     ) -> torch.Tensor:
-        l0_BF = _Step.apply(pre_BF, self._threshold(params), self.form.bandwidth)
+        l0_BF = _Step.apply(pre_BF, threshold_of(params), self.form.bandwidth)
         return hyper["l1"] * l0_BF.sum(dim=1).mean()

@@ -32,11 +32,11 @@ from sweep.archs.base import Architecture, Hyper, Params, register
 
 TOPK_LOSS = "mean((x_hat - x)**2) [+ auxk_alpha * AuxK]"
 THRESHOLD_BETA = 0.9
-"""Measured on SmolLM2-135M activations (BENCHMARKS.md): the smallest kept code falls about
-3x over the first hundred steps, and with SAELens's 0.99 the threshold lagged so far behind
-that inference kept k/2 codes per row after 126 steps; at 0.9 it keeps k. The statistic is
-the (k*B)-th largest of B*F codes, so a short average is not noisy."""
-"""BatchTopK's threshold: threshold <- beta * threshold + (1 - beta) * (smallest kept code)."""
+"""BatchTopK's threshold: threshold <- beta * threshold + (1 - beta) * (smallest kept code).
+Measured on SmolLM2-135M activations (BENCHMARKS.md): the smallest kept code falls about 3x
+over the first hundred steps, and with SAELens's 0.99 the threshold lagged so far behind that
+inference kept k/2 codes per row after 126 steps; at 0.9 it keeps k. The statistic is the
+(k*B)-th largest of B*F codes, so a short average is not noisy."""
 
 
 def keep_first(vals: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
