@@ -153,7 +153,8 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     if diffs:
         raise RunDirError(
             f"sweep_dir {folder.path} holds a sweep with different settings ({'; '.join(diffs)}); "
-            "use a new sweep_dir or restore those values"
+            f"use a new sweep_dir, restore those values, or `sweep resume {folder.path}` to "
+            "continue with the recorded ones"
         )
 
 

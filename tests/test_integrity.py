@@ -191,12 +191,15 @@ def test_a_flipped_bit_in_a_chunk_is_caught(ray_cluster, tmp_path, capsys):
 # ------------------------------------------------------------------ 4. result-defining fields
 
 
-@pytest.mark.parametrize("field", ["lr_warmup=0.1", "lr_decay=0.2", "l1_warmup=0.05"])
+@pytest.mark.parametrize("field", ["lr_warmup=0.1", "lr_decay=0.1", "l1_warmup=0.05"])
 def test_schedule_changes_are_refused_on_resume(copy, field, capsys):
     config = (copy / "config.yaml").read_bytes()
     assert run(copy, f"train.{field}") == 2
-    one_line_error(capsys.readouterr().err, "different settings", field.split("=")[0])
+    one_line_error(
+        capsys.readouterr().err, "different settings", field.split("=")[0], "sweep resume"
+    )
     assert (copy / "config.yaml").read_bytes() == config
+    assert main(["resume", str(copy)]) == 0  # the hint works: the recorded settings
 
 
 def test_every_train_field_is_classified():
