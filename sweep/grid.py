@@ -9,6 +9,7 @@ so the longest work starts first.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 
 from sweep.devices import BYTES, resolve_compute_dtype
@@ -188,12 +189,17 @@ def spread(ensembles: list[EnsembleSpec], slots: int) -> list[EnsembleSpec]:
     return renumber(out, tag="")
 
 
-def renumber(ensembles: list[EnsembleSpec], tag: str) -> list[EnsembleSpec]:
+def renumber(
+    ensembles: list[EnsembleSpec], tag: str, taken: Collection[str] = ()
+) -> list[EnsembleSpec]:
     """The same ensembles, numbered afresh per dict ratio in list order, with ``tag``: ids
-    unique across ensembles built by separate :func:`group` calls."""
+    unique across ensembles built by separate :func:`group` calls, and none in ``taken``."""
     count: dict[float, int] = {}
     out = []
     for e in ensembles:
-        k = count[e.dict_ratio] = count.get(e.dict_ratio, -1) + 1
+        k = count.get(e.dict_ratio, -1) + 1
+        while ensemble_id(e.dict_ratio, k, tag) in taken:
+            k += 1
+        count[e.dict_ratio] = k
         out.append(replace(e, ensemble_id=ensemble_id(e.dict_ratio, k, tag)))
     return out

@@ -296,9 +296,14 @@ def plan(
         }
         return grid.group(group, budgets)
 
-    resumed = grid.renumber([e for g in groups for e in ensembles_of(g)], tag="-resume")
+    # ids other recorded runs keep (finished, or out of the grid): never given to another
+    # ensemble, or such a run, trained again later, would be grouped with strangers
+    pending = {r.run_id for r in todo}
+    taken = {e for rid, e in folder.previous_ensembles().items() if rid not in pending}
+    resumed = [e for g in groups for e in ensembles_of(g)]
+    resumed = grid.renumber(resumed, tag="-resume", taken=taken)
     planned = [e for g in kept for e in ensembles_of(g)]
     new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))
-    ensembles = resumed + grid.renumber(planned + new, tag="")
+    ensembles = resumed + grid.renumber(planned + new, tag="", taken=taken)
     ensembles.sort(key=lambda e: -e.dict_ratio)  # stable: resumed before fresh of a ratio
     return SweepPlan(runs, [r.run_id for r in final], ensembles)

@@ -425,3 +425,34 @@ def test_planned_ensembles_that_never_checkpointed_keep_their_composition(tiny_s
         ("r2-e1", (added[0],)),
         ("r2-e2", (added[1],)),
     ]
+
+
+def test_an_ensemble_id_another_recorded_run_keeps_is_never_reused(tiny_store, tmp_path):
+    """Runs a, b trained in r2-e0, then left the grid; c, d (planned as r2-e1, never
+    checkpointed) go on alone, checkpoint, stop. When a and b return to the grid, each pair
+    is planned as it trained: c, d must not have taken the id a and b still carry."""
+    a, b, c, d = runs = grid.expand([1e-3, 3e-3, 1e-2, 3e-2], [2.0], 1, tiny_store.width, "untied")
+    folder = SweepFolder(tmp_path / "sw")
+    folder.path.mkdir()
+    before = {a.run_id: "r2-e0", b.run_id: "r2-e0", c.run_id: "r2-e1", d.run_id: "r2-e1"}
+    folder.write_manifest([r.as_dict() for r in runs], before, tiny_store)
+
+    def plan(*l1s: float) -> planning.SweepPlan:
+        cfg = to_sweep_config(
+            compose([f"sweep_dir={folder.path}", f"grid.l1=[{','.join(map(str, l1s))}]",
+                     "grid.dict_ratio=[2]", "grid.seeds=1"])
+        )  # fmt: skip
+        p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
+        folder.write_manifest([r.as_dict() for r in p.runs], p.ensemble_of(), tiny_store)
+        return p
+
+    p = plan(1e-2, 3e-2)
+    assert [(e.ensemble_id, e.members) for e in p.ensembles] == [("r2-e1", (c, d))]
+    for r in (c, d):
+        path = checkpoints.path_of(folder.run(r.run_id).path, 10)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"stopped at step 10")
+    p = plan(1e-3, 3e-3, 1e-2, 3e-2)
+    assert sorted([m.run_id for m in e.members] for e in p.ensembles) == sorted(
+        [[a.run_id, b.run_id], [c.run_id, d.run_id]]
+    )
