@@ -11,6 +11,8 @@ is the state after exactly ``step`` steps.
 
 from __future__ import annotations
 
+import logging
+import mmap
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -22,6 +24,8 @@ from sweep.ensemble import Ensemble
 from sweep.errors import SweepError
 from sweep.restore import checkpoint_meta, member_tensors
 from sweep.rundir import RunFolder
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointWriter:
@@ -38,26 +42,38 @@ class CheckpointWriter:
     def _host_buffers(self, ens: Ensemble) -> list[dict[str, torch.Tensor]]:
         if self._buffers is None:
             members = [member_tensors(ens, e) for e in range(len(self.folders))]
-            self._buffers = [self._carve(m, _on_cuda(ens)) for m in members]
+            self._buffers = self._carve(members, _on_cuda(ens))
         return self._buffers
 
-    def _carve(self, like: dict[str, torch.Tensor], pin: bool) -> dict[str, torch.Tensor]:
-        """Host tensors shaped as ``like``, views into one block of exactly their size, page-
-        locked on CUDA with ``cudaHostRegister`` (torch's pinned allocator would round each
-        tensor up to a power of two: up to twice the host memory)."""
-        offsets, total = {}, 0
-        for k, v in like.items():
-            offsets[k], total = total, total + -(-v.numel() * v.element_size() // ALIGN) * ALIGN
-        block = torch.empty(max(total, 1), dtype=torch.uint8)
+    def _carve(
+        self, like: list[dict[str, torch.Tensor]], pin: bool
+    ) -> list[dict[str, torch.Tensor]]:
+        """Host tensors shaped as each member's ``like``, views into one block of exactly
+        their size, page-locked on CUDA with ``cudaHostRegister`` once (torch's pinned
+        allocator would round each tensor up to a power of two: up to twice the host memory).
+        The locked range starts and ends on page boundaries inside the block's own allocation:
+        CUDA refuses a range that touches a page already registered, and small blocks from
+        the heap can share pages."""
+        offsets, total = [], 0
+        for member in like:
+            offsets.append({})
+            for k, v in member.items():
+                offsets[-1][k] = total
+                total += -(-v.numel() * v.element_size() // ALIGN) * ALIGN
+        total = -(-max(total, 1) // PAGE) * PAGE
+        raw = torch.empty(total + PAGE, dtype=torch.uint8)
+        start = -raw.data_ptr() % PAGE
+        block = raw[start : start + total]
         if pin:
             _register(block)
             self._pinned.append(block)
-        return {
-            k: block[offsets[k] : offsets[k] + v.numel() * v.element_size()]
-            .view(v.dtype)
-            .view(v.shape)
-            for k, v in like.items()
-        }
+        return [
+            {
+                k: block[at[k] : at[k] + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+                for k, v in member.items()
+            }
+            for member, at in zip(like, offsets, strict=True)
+        ]
 
     def save(self, ens: Ensemble, cursor: Cursor, step: int, diverged_at: torch.Tensor) -> None:
         """Snapshot every member at ``step`` and write them in the background."""
@@ -87,9 +103,16 @@ class CheckpointWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the write in flight and free the buffers. ``quiet`` (closing after another
+        error): a failed write is logged, not raised, so the first error stays the one
+        reported."""
         try:
             self.wait()
+        except Exception as err:
+            if not quiet:
+                raise
+            log.warning("a checkpoint write failed while stopping on an error: %s", err)
         finally:
             self._pool.shutdown(wait=True)
             for block in self._pinned:
@@ -98,7 +121,9 @@ class CheckpointWriter:
 
 
 ALIGN = 64
-"""Byte alignment of each tensor in a member's host block."""
+"""Byte alignment of each tensor in the host block."""
+PAGE = mmap.PAGESIZE
+"""What ``cudaHostRegister`` locks: whole pages."""
 
 
 def _register(block: torch.Tensor) -> None:

@@ -397,6 +397,10 @@ class TrainConfig:
             return max(0.0, (total - step) / decay)
         return 1.0
 
+    def mean_lr_scale(self) -> float:
+        """The mean of :meth:`lr_scale` over training (each linear ramp averages 1/2)."""
+        return 1.0 - (self.lr_warmup + self.lr_decay) / 2
+
     def l1_scale(self, step: int, total: int) -> float:
         warm = self.l1_warmup * total
         return min(1.0, (step + 1) / warm) if warm > 0 else 1.0

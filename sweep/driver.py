@@ -137,7 +137,8 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     planning.check_store(folder, store)
     store.verify()
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
-    short = cfg.sae.architecture().check_schedule(steps, cfg.train.lr)
+    mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
+    short = cfg.sae.architecture().check_schedule(steps, mean_lr)
     if short:
         log.warning(short)
     return store

@@ -267,6 +267,22 @@ def _fix(knob: str) -> str:
     return "lower grid.k or raise grid.dict_ratio" if knob == "k" else f"change grid.{knob}"
 
 
+def _split_loudly(parts: list[EnsembleSpec]) -> list[EnsembleSpec]:
+    """A resumed ensemble's parts: more than one only when the memory budget shrank (a smaller
+    device share, or a newer memory model), which costs bit-identity: say so."""
+    if len(parts) > 1:
+        log.warning(
+            "runs %s trained as one ensemble, but the memory budget now holds at most %d "
+            "members: they resume in %d ensembles and will not be bit-identical to an "
+            "uninterrupted sweep (a larger launch.gpus_per_ensemble or grid.max_members keeps "
+            "them together)",
+            ", ".join(m.run_id for e in parts for m in e.members),
+            max(len(e.members) for e in parts),
+            len(parts),
+        )
+    return parts
+
+
 def plan(
     cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool, slots: int = 1
 ) -> SweepPlan:
@@ -300,7 +316,7 @@ def plan(
     # ensemble, or such a run, trained again later, would be grouped with strangers
     pending = {r.run_id for r in todo}
     taken = {e for rid, e in folder.previous_ensembles().items() if rid not in pending}
-    resumed = [e for g in groups for e in ensembles_of(g)]
+    resumed = [e for g in groups for e in _split_loudly(ensembles_of(g))]
     resumed = grid.renumber(resumed, tag="-resume", taken=taken)
     planned = [e for g in kept for e in ensembles_of(g)]
     new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))

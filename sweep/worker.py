@@ -281,10 +281,12 @@ def train_ensemble(
     r = at.restore()
     resumed_from = r.step
     at.timings["restore"] = time.perf_counter() - t0
+    failed = True
     try:
         states = _train_and_finish(at, r, progress, should_stop)
+        failed = False
     finally:
-        at.writer.close()
+        at.writer.close(quiet=failed)
         at.timings["checkpoint_write"] = at.writer.write_seconds
         at.timings["compile"] = sum(r.ens.compile_seconds.values())
     seconds = time.perf_counter() - t0

@@ -7,7 +7,13 @@ import re
 import pytest
 
 from sweep.cli import compose, main
-from sweep.config import ChunksDataConfig, ConfigError, SyntheticDataConfig, to_sweep_config
+from sweep.config import (
+    ChunksDataConfig,
+    ConfigError,
+    SyntheticDataConfig,
+    TrainConfig,
+    to_sweep_config,
+)
 
 
 def cfg_of(*overrides: str):
@@ -194,3 +200,11 @@ def test_an_old_jumprelu_sweep_is_resumed_only_with_its_log_recipe(tmp_path):
     with pytest.raises(RunDirError, match=r"sae.recipe 'log' -> 'linear'"):
         planning.check_compatible(folder, new)
     planning.check_compatible(folder, cfg_of("sae=jumprelu", "sae.recipe=log"))
+
+
+@pytest.mark.parametrize("warmup,decay", [(0.0, 0.0), (0.0, 0.2), (0.1, 0.2), (0.5, 0.5)])
+def test_mean_lr_scale_is_the_schedules_mean(warmup, decay):
+    train = TrainConfig(lr_warmup=warmup, lr_decay=decay)
+    total = 2000
+    mean = sum(train.lr_scale(s, total) for s in range(total)) / total
+    assert train.mean_lr_scale() == pytest.approx(mean, abs=1e-3)

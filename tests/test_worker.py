@@ -456,3 +456,51 @@ def test_an_ensemble_id_another_recorded_run_keeps_is_never_reused(tiny_store, t
     assert sorted([m.run_id for m in e.members] for e in p.ensembles) == sorted(
         [[a.run_id, b.run_id], [c.run_id, d.run_id]]
     )
+
+
+def test_a_resumed_ensemble_split_by_a_smaller_budget_is_reported(tiny_store, tmp_path, caplog):
+    runs = grid.expand([1e-3, 3e-3, 1e-2, 3e-2], [2.0], 1, tiny_store.width, "untied")
+    folder = SweepFolder(tmp_path / "sw")
+    folder.path.mkdir()
+    folder.write_manifest([r.as_dict() for r in runs], dict.fromkeys(
+        [r.run_id for r in runs], "r2-e0"), tiny_store)  # fmt: skip
+    path = checkpoints.path_of(folder.run(runs[0].run_id).path, 10)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"stopped at step 10")
+    cfg = to_sweep_config(
+        compose([f"sweep_dir={folder.path}", "grid.l1=[1e-3,3e-3,1e-2,3e-2]",
+                 "grid.dict_ratio=[2]", "grid.seeds=1", "grid.max_members=2"])
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
+    assert [len(e.members) for e in p.ensembles] == [2, 2]
+    assert "resume in 2 ensembles and will not be bit-identical" in caplog.text
+
+
+def test_checkpoint_host_block_is_locked_once_on_whole_pages(monkeypatch):
+    """On CUDA the snapshot block is page-locked once, over whole pages inside its own
+    allocation (CUDA refuses a range touching a page already locked); every member's tensors
+    are disjoint views of it."""
+    from sweep import ckpt_writer
+
+    locked: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        ckpt_writer, "_register", lambda b: locked.append((b.data_ptr(), b.numel()))
+    )
+    writer = ckpt_writer.CheckpointWriter([])
+    like = [{"W": torch.zeros(3, 5), "n": torch.zeros((), dtype=torch.int64)} for _ in range(3)]
+    views = writer._carve(like, pin=True)
+    [(ptr, size)] = locked
+    assert ptr % ckpt_writer.PAGE == 0 and size % ckpt_writer.PAGE == 0
+    spans = sorted(
+        (v.data_ptr(), v.data_ptr() + v.numel() * v.element_size())
+        for m in views
+        for v in m.values()
+    )
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert ptr <= spans[0][0] and spans[-1][1] <= ptr + size
+    assert [{k: (v.shape, v.dtype) for k, v in m.items()} for m in views] == [
+        {k: (v.shape, v.dtype) for k, v in m.items()} for m in like
+    ]
+    writer._pinned.clear()  # nothing was really locked
+    writer.close()

@@ -139,8 +139,8 @@ class Architecture:
         return None
 
     def check_schedule(self, steps: int, lr: float) -> str | None:
-        """Why ``steps`` Adam steps at ``lr`` are too few for this architecture to respond to
-        its sparsity knob (warned about, not refused), or None."""
+        """Why ``steps`` Adam steps at a mean learning rate ``lr`` are too few for this
+        architecture to respond to its sparsity knob (warned about, not refused), or None."""
         return None
 
 

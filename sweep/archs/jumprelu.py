@@ -157,7 +157,8 @@ class JumpReLU(Architecture):
         how, other = ("", "") if linear else (" in log space", "use sae.recipe=linear, ")
         return (
             f"jumprelu thresholds (sae.recipe={self.recipe}) start at {init:g} and move at most "
-            f"~lr per step{how}: in {steps} steps at lr {lr:g} they stay below {reach:.2g}, so "
+            f"~lr per step{how}: in {steps} steps at a mean lr of {lr:g} they stay below "
+            f"{reach:.2g}, so "
             f"grid.l1 will barely change L0; train for >= {math.ceil(gap / lr - 1e-6)} steps "
             f"(more rows or train.epochs), {other}or use sae=topk / sae=batchtopk"
         )
