@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench_frontier.py --quick           # smoke run (a few minutes)
     .venv/bin/python scripts/bench_frontier.py --layers 3 6 9 --sweep-args 'train.l1_warmup=0.05'
     .venv/bin/python scripts/bench_frontier.py --arch batchtopk --lrs 1e-3 3e-3  # (or topk)
+    .venv/bin/python scripts/bench_frontier.py --arch jumprelu --lrs 1e-3 3e-3 --epochs 10
 
 Steps (each resumable; everything lives under ``--work``, default /tmp/frontier):
 
@@ -59,12 +60,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--dict-ratio", type=float, default=4)
     ap.add_argument("--lrs", type=float, nargs="+", help=f"learning rates (default {LRS})")
-    ap.add_argument("--l1", type=float, nargs="+", help="sweep's L1 grid (11 values, 1e-4..1e-2)")
+    ap.add_argument(
+        "--l1", type=float, nargs="+", help="sweep's L1 (jumprelu: L0) grid (11, 1e-4..1e-2)"
+    )
     ap.add_argument("--saelens-l1", type=float, nargs="+", help="SAELens's (sweep's times D)")
     ap.add_argument("--sweep-args", default="", help="extra sweep run overrides: 'sae=tied'")
     ap.add_argument(
-        "--arch", choices=("relu", "topk", "batchtopk"), default="relu",
+        "--arch", choices=runs.ARCHS, default="relu",
         help="relu: L1 grids (sweep's sae per --sweep-args, SAELens's standard SAE); "
+        "jumprelu: both methods' JumpReLU over the L0 coefficients --l1; "
         "topk / batchtopk: both methods' over --k",
     )  # fmt: skip
     ap.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="topk family")
@@ -77,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.epochs = args.epochs or preset["epochs"]
     args.lrs = args.lrs or list(preset["lrs"])
     args.l1 = args.l1 or [float(f"{v:.3g}") for v in np.geomspace(*preset["l1"])]
-    if args.arch != "relu":  # the grid's values are k, for both methods
+    if args.arch in runs.TOPK_FAMILY:  # the grid's values are k, for both methods
         args.l1 = args.saelens_l1 = [float(k) for k in args.k]
     return args
 

@@ -17,6 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = Path(sys.executable).with_name("sweep")
 SAELENS_TRAIN = Path(__file__).with_name("saelens_train.py")
+TOPK_FAMILY = ("topk", "batchtopk")
+ARCHS = ("relu", "jumprelu", *TOPK_FAMILY)
+"""``--arch``: the same architecture in both methods (relu: SAELens's standard SAE)."""
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
 
 
@@ -66,9 +69,10 @@ def harvest(model: Path, text: Path, hooks: Sequence[str], rows: int, store_dir:
 def sweep_run(
     store: Path, sweep_dir: Path, lr: float, l1s: Sequence[float], args, extra: Sequence[str]
 ) -> float:
-    """One ``sweep run`` of every L1 (``--arch topk`` / ``batchtopk``: every k) at one learning
-    rate (one ensemble at one dict ratio)."""
-    knob = [f"sae={args.arch}", f"grid.k={_floats(l1s)}"] if args.arch != "relu" else []
+    """One ``sweep run`` of every L1 (``--arch jumprelu``: L0 coefficient; ``topk`` /
+    ``batchtopk``: k) at one learning rate (one ensemble at one dict ratio)."""
+    name = "k" if args.arch in TOPK_FAMILY else "l1"
+    knob = [f"grid.{name}={_floats(l1s)}"] + ([f"sae={args.arch}"] if args.arch != "relu" else [])
     cmd = [
         str(SWEEP),
         "run",
@@ -76,7 +80,7 @@ def sweep_run(
         f"data.path={store}",
         f"data.eval_rows={args.eval_rows}",
         f"sweep_dir={sweep_dir}",
-        *(knob or [f"grid.l1={_floats(l1s)}"]),
+        *knob,
         f"grid.dict_ratio=[{args.dict_ratio:g}]",
         f"train.batch_size={args.batch_size}",
         f"train.epochs={args.epochs}",

@@ -1,5 +1,6 @@
 """Train SAELens's standard ReLU-L1 SAEs (or, ``--arch topk`` / ``batchtopk``, its TopK /
-BatchTopK SAEs, ``--l1`` then giving k) with its own trainer on a sweep chunk store.
+BatchTopK SAEs, ``--l1`` then giving k; ``--arch jumprelu``, its JumpReLU SAEs, ``--l1``
+giving the L0 coefficient) with its own trainer on a sweep chunk store.
 
 Runs in ``.venv-saelens`` (``scripts/frontier/setup_saelens.sh``), not in sweep's venv: it
 reads the store with numpy alone. Every (lr, l1) pair trains one ``StandardTrainingSAE`` with
@@ -68,9 +69,10 @@ def batches(
 
 
 def make_sae(arch: str, width: int, d_sae: int, value: float, steps: int):
-    """SAELens's training SAE: ``standard`` (ReLU-L1, ``value`` = its L1 coefficient) or
-    ``batchtopk`` (``value`` = k; its defaults otherwise: AuxK coefficient 1, threshold
-    learning rate 0.01, activations rescaled by decoder norm)."""
+    """SAELens's training SAE: ``standard`` (ReLU-L1, ``value`` = its L1 coefficient),
+    ``jumprelu`` (``value`` = its L0 coefficient) or ``topk`` / ``batchtopk`` (``value`` = k;
+    its defaults otherwise: AuxK coefficient 1, threshold learning rate 0.01, activations
+    rescaled by decoder norm)."""
     import sae_lens
 
     if arch in ("topk", "batchtopk"):
@@ -79,6 +81,12 @@ def make_sae(arch: str, width: int, d_sae: int, value: float, steps: int):
             d_in=width, d_sae=d_sae, k=int(value), normalize_activations="none", device="cpu"
         )
         return getattr(sae_lens, f"{kind}TrainingSAE")(cfg)
+    if arch == "jumprelu":  # step L0 penalty, threshold from 0.01, bandwidth 0.05 (defaults)
+        cfg = sae_lens.JumpReLUTrainingSAEConfig(
+            d_in=width, d_sae=d_sae, l0_coefficient=value, normalize_activations="none",
+            device="cpu",
+        )  # fmt: skip
+        return sae_lens.JumpReLUTrainingSAE(cfg)
     cfg = sae_lens.StandardTrainingSAEConfig(
         d_in=width,
         d_sae=d_sae,
@@ -141,8 +149,12 @@ def main() -> None:
     ap.add_argument("--scale", type=float, required=True, help="sweep's activation scale")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--lr", type=float, nargs="+", required=True)
-    ap.add_argument("--l1", type=float, nargs="+", required=True, help="(batchtopk: k)")
-    ap.add_argument("--arch", choices=("standard", "topk", "batchtopk"), default="standard")
+    ap.add_argument(
+        "--l1", type=float, nargs="+", required=True, help="(jumprelu: L0 coefficient; topk: k)"
+    )
+    ap.add_argument(
+        "--arch", choices=("standard", "jumprelu", "topk", "batchtopk"), default="standard"
+    )
     ap.add_argument("--eval-rows", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--epochs", type=int, default=3)
