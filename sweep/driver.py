@@ -317,9 +317,9 @@ class _Execution:
         """What each ensemble asks for: the configured GPUs, or with ``auto`` its own share."""
         if not self.res.auto_share:
             return self.res.num_gpus
-        t, stream, aux = self.cfg.train, self.store.staged_bytes(), planning.uses_auxk(self.cfg)
+        t, stream, wide = self.cfg.train, self.store.staged_bytes(), planning.wide_step(self.cfg)
         shares = {
-            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, aux)
+            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, wide)
             for e in self.plan.ensembles
         }
         shares = packing.fill(shares, self.res.gpus)

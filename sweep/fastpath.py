@@ -1,12 +1,14 @@
-"""Hand-batched gradients of :func:`sweep.sae.loss_fn` for untied ReLU, TopK and BatchTopK
-members (the ensemble's fast path; the vmapped single-member math stays the reference and
-equality with it is tested).
+"""Hand-batched gradients of :func:`sweep.sae.loss_fn` for untied ReLU, TopK, BatchTopK and
+JumpReLU members (the ensemble's fast path; the vmapped single-member math stays the
+reference and equality with it is tested).
 
-One formulation serves the three: pre-activations, an activation that keeps some of them
-(ReLU, per-row top-k, per-member batch top-k), a dense decode. Because every kept code is
-its pre-activation, the backward through any of the three activations is the upstream
-gradient masked to the kept codes (``codes > 0``). The L1 penalty of ReLU members adds
-``l1 / B`` on kept codes; AuxK adds a second decode of the dead latents' top-``k_aux``.
+One formulation serves the four: pre-activations, an activation that keeps some of them
+(ReLU, per-row top-k, per-member batch top-k, per-feature threshold), a dense decode.
+Because every kept code is its (positive) pre-activation, the backward through any of these
+activations is the upstream gradient masked to the kept codes (``codes > 0``). The L1
+penalty of ReLU members adds ``l1 / B`` on kept codes; AuxK adds a second decode of the dead
+latents' top-``k_aux``; JumpReLU's thresholds get their straight-through gradients from the
+architecture (:meth:`~sweep.archs.Architecture.fast_grads`).
 
 Five batched GEMMs (seven with AuxK), in-place elementwise passes into reusable buffers
 ``ws`` (the returned gradients live there too, valid until the next call). The gradient
@@ -97,12 +99,14 @@ def grads(
     codes.add_(shift_EF[:, None, :])
     k_aux = _aux_k(aux, x_BD.device)
     use_aux = k_aux > 0
-    pre = buf("pre", E, B, F_).copy_(codes) if use_aux else None
-    arch.keep_batched(codes, hyper, kmax)  # pre-activations -> codes, in place
+    assert not (use_aux and arch.keeps_pre), "fast_grads may overwrite pre; AuxK reads it"
+    pre = buf("pre", E, B, F_).copy_(codes) if use_aux or arch.keeps_pre else None
+    scratch = buf("g", E, B, F_)  # free until the codes' gradient is written there
+    arch.keep_batched(codes, hyper, kmax, params, scratch)  # pre-activations -> codes
     err = torch.bmm(codes, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D)
     err.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
     norms_EF = params["W_dec"].norm(dim=-1) if arch.weighted_l1 else None  # (E, F) fp32
-    parts = _parts(arch, codes, err, x_BD, hyper, with_l0, norms_EF)
+    parts = _parts(arch, codes, err, x_BD, hyper, with_l0, norms_EF, scratch)
     g_err = buf("g_err", E, B, D).copy_(err) if use_aux else err  # AuxK reads err later
     g_err.mul_(2.0 / (B * D))  # d loss / d x_hat
     dW_dec = torch.bmm(codes.transpose(1, 2), g_err, out=buf("dW_dec", E, F_, D))
@@ -111,8 +115,9 @@ def grads(
         g += (hyper["l1"][:, None] / B * norms_EF)[:, None, :].to(dt)
         per_row = (hyper["l1"][:, None] / B) * codes.sum(dim=1).float()  # (E, F)
         dW_dec += (per_row / norms_EF.clamp_min(1e-12))[:, :, None].to(dt) * W_dec
-    elif arch.knob == "l1":
+    elif arch.l1_codes:
         g += (hyper["l1"] / B)[:, None, None].to(dt)  # + d (l1 * sparsity) / d codes
+    extra = arch.fast_grads(g, pre, params, hyper)  # e.g. thresholds (g: d loss / d codes)
     torch.ops.aten.threshold_backward.grad_input(g, codes, 0.0, grad_input=g)  # kept codes only
     if use_aux:
         loss_aux = _add_aux(pre, err, W_dec, aux, k_aux, g, dW_dec, buf)  # type: ignore[arg-type]
@@ -121,7 +126,7 @@ def grads(
     dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g, out=buf("dW_enc", E, D, F_))  # (E, D, F)
     dW_enc -= b_dec[:, :, None] * db_enc[:, None, :]  # centring term: -b_dec (x) sum_B g_pre
     db_dec = g_err.sum(dim=1) - torch.bmm(W_enc, db_enc[:, :, None]).squeeze(2)  # (E, D)
-    out = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec}
+    out = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec, **extra}
     if dt != torch.float32:
         out = {k: v.float() for k, v in out.items()}
         parts = LossParts(*(None if v is None else v.float() for v in parts))
@@ -136,8 +141,12 @@ def _parts(
     hyper: Hyper,
     with_l0: bool,
     norms_EF: torch.Tensor | None,
+    scratch: torch.Tensor,
 ) -> LossParts:
     B, D = x_BD.shape
+    l0_E = None
+    if with_l0 or arch.l0_penalty:  # counted in floats: a bool tensor's sum converts it
+        l0_E = torch.ne(codes, 0, out=scratch).sum(dim=(1, 2), dtype=torch.float32) / B
     sq_E = torch.linalg.vector_norm(err, dim=(1, 2)).pow(2)  # (E,)
     sparsity_E = codes.sum(dim=(1, 2)) / B
     mse_E = sq_E / (B * D)
@@ -146,13 +155,15 @@ def _parts(
     if norms_EF is not None:
         weighted = (codes.sum(dim=1).float() * norms_EF).sum(dim=1) / B  # (E,)
         loss = mse_E + hyper["l1"] * weighted
-    elif arch.knob == "l1":
+    elif arch.l1_codes:
         loss = mse_E + hyper["l1"] * sparsity_E
+    elif arch.l0_penalty:
+        loss = mse_E + hyper["l1"] * l0_E
     return LossParts(
         loss=loss,
         mse=mse_E,
         sparsity=sparsity_E,
-        l0=(codes != 0).sum(dim=(1, 2)) / B if with_l0 else None,
+        l0=l0_E if with_l0 else None,
         fvu=sq_E / var,
     )
 

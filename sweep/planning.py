@@ -258,9 +258,11 @@ def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
     return runs
 
 
-def uses_auxk(cfg: SweepConfig) -> bool:
-    """Whether the runs train with AuxK (TopK family, ``train.auxk_alpha`` > 0): more memory."""
-    return cfg.sae.knob == "k" and cfg.train.auxk_alpha > 0
+def wide_step(cfg: SweepConfig) -> bool:
+    """Whether the runs' step holds more (B, F) buffers (more memory): AuxK (TopK family,
+    ``train.auxk_alpha`` > 0) or an architecture that keeps its pre-activations (JumpReLU)."""
+    auxk = cfg.sae.knob == "k" and cfg.train.auxk_alpha > 0
+    return auxk or cfg.sae.architecture().keeps_pre
 
 
 def _fix(knob: str) -> str:
@@ -306,7 +308,7 @@ def plan(
                 device_bytes,
                 on_gpu,
                 cfg.grid.max_members,
-                uses_auxk(cfg),
+                wide_step(cfg),
             )
             for ratio in {r.dict_ratio for r in group}
         }

@@ -66,7 +66,9 @@ CASES = [
     ("topk", False),
     ("batchtopk", True),
     ("batchtopk", False),
+    ("jumprelu", True),
     ("jumprelu", False),
+    ("jumprelu:log", True),
     ("jumprelu:log", False),
 ]
 

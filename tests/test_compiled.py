@@ -40,7 +40,14 @@ def test_stacked_adam_equals_torch_adam_member_by_member():
 
 
 @pytest.mark.parametrize(
-    "name, auxk", [("untied", False), ("untied:weighted", False), ("topk", True)]
+    "name, auxk",
+    [
+        ("untied", False),
+        ("untied:weighted", False),
+        ("topk", True),
+        ("jumprelu", False),
+        ("jumprelu:log", False),
+    ],
 )
 def test_compiled_ensemble_equals_independent_training(name, auxk):
     a = arch_of(name)

@@ -124,14 +124,15 @@ def test_bf16_compute_stays_near_the_fp32_reference(compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("name", ["untied", "topk"])
+@pytest.mark.parametrize("name", ["untied", "topk", "jumprelu"])
 def test_the_memory_model_covers_a_training_step(name, compiled):
     """The planner's memory per member (sweep.grid.bytes_per_member) bounds what training
-    really allocates on the GPU, bf16 with the gradient clip, AuxK's extra buffers included."""
+    really allocates on the GPU, bf16 with the gradient clip, a wide step's extra buffers
+    (AuxK's, JumpReLU's) included."""
     from sweep import archs, grid
 
     arch, (D, F_, B, E) = archs.get(name), (256, 4096, 1024, 4)
-    aux = arch.knob == "k"
+    aux, wide = arch.knob == "k", arch.knob == "k" or arch.keeps_pre
     init = [arch.init_params(D, F_, torch.Generator().manual_seed(s)) for s in range(E)]
     for p in init:
         p["b_enc"][: F_ // 2] = -50.0  # half the latents never fire: dead after one step
@@ -153,7 +154,7 @@ def test_the_memory_model_covers_a_training_step(name, compiled):
         ens.step(x)
     torch.cuda.synchronize()
     used = torch.cuda.max_memory_allocated() - before
-    modelled = E * grid.bytes_per_member(D, F_, B, "bfloat16", aux)
+    modelled = E * grid.bytes_per_member(D, F_, B, "bfloat16", wide)
     assert used <= modelled, (used / 2**20, modelled / 2**20)
 
 

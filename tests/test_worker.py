@@ -243,7 +243,7 @@ def test_grid_ids_and_splitting():
     assert grid.spread(wide[:2], 8) == wide[:2]  # single members: nothing left to split
     bf16, aux = (grid.bytes_per_member(512, 4096, 4096, "bfloat16", a) for a in (False, True))
     assert aux > bf16  # AuxK's buffers
-    assert grid.member_budget(512, 4096, 4096, "bfloat16", 10 * bf16 / 0.8, True, 0, aux=True) < 10
+    assert grid.member_budget(512, 4096, 4096, "bfloat16", 10 * bf16 / 0.8, True, 0, wide=True) < 10
 
 
 L1S8 = [1e-3 * (i + 1) for i in range(8)]

@@ -1,8 +1,9 @@
-"""Section 7, TopK family vs loop: rows*members/s of sweep's ``Ensemble.step`` for ``topk``
-and ``batchtopk`` members with different k (hand-batched fast path) against a Python loop of
-K plain SAEs of the same architecture, each an autograd SAE with its own k, its own
-``torch.optim.Adam`` and decoder renormalisation. Both in fp32; the ensemble's step compiled
-where ``train.compile=auto`` compiles it (on CUDA)."""
+"""Section 7, architectures vs loop: rows*members/s of sweep's ``Ensemble.step`` for ``topk``
+and ``batchtopk`` members with different k, and ``jumprelu`` members with different L0
+coefficients (hand-batched fast path; JumpReLU also on the vmapped path it used before),
+against a Python loop of K plain SAEs of the same architecture, each an autograd SAE with its
+own k or coefficient, its own ``torch.optim.Adam`` and decoder renormalisation. All in fp32;
+the ensemble's step compiled where ``train.compile=auto`` compiles it (on CUDA)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .ensembles import (
     feeder,
     init_members,
     k_grid,
+    l1_grid,
     make_batches,
     make_ensemble,
     size_cells,
@@ -31,11 +33,18 @@ def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
     batch = make_ensemble(members, [], arch="batchtopk", ks=ks, compiled=compiled)
     loop = LoopTrainer(members, [float(v) for v in ks], arch="topk")
     bloop = LoopTrainer(members, [float(v) for v in ks], arch="batchtopk")
+    jmembers, l1s = init_members(size, k, ctx.device, "jumprelu"), l1_grid(k)
+    jump = make_ensemble(jmembers, l1s, arch="jumprelu", compiled=compiled)
+    jvmap = make_ensemble(jmembers, l1s, fast=False, arch="jumprelu")
+    jloop = LoopTrainer(jmembers, l1s, arch="jumprelu")
     variants = {
         "topk": feeder(batches, lambda x: topk.step(x, full=False)),
         "loop": feeder(batches, loop.step),
         "batchtopk": feeder(batches, lambda x: batch.step(x, full=False)),
         "batchtopk_loop": feeder(batches, bloop.step),
+        "jumprelu": feeder(batches, lambda x: jump.step(x, full=False)),
+        "jumprelu_vmap": feeder(batches, lambda x: jvmap.step(x, full=False)),
+        "jumprelu_loop": feeder(batches, jloop.step),
     }
     secs = interleaved(variants, ctx.timer, ctx.st.repeats, ctx.st.min_time)
     rate = {name: size.batch * k / med(s) for name, s in secs.items()}
@@ -45,6 +54,8 @@ def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
         "seconds": secs, "rows_x_members_per_s": rate,
         "topk_over_loop": speedup(secs, "topk", "loop")[0],
         "batchtopk_over_loop": speedup(secs, "batchtopk", "batchtopk_loop")[0],
+        "jumprelu_over_loop": speedup(secs, "jumprelu", "jumprelu_loop")[0],
+        "jumprelu_over_vmap": speedup(secs, "jumprelu", "jumprelu_vmap")[0],
         "target": target,
     }  # fmt: skip
 
@@ -56,18 +67,21 @@ def row(r: dict) -> list[str]:
         fmt_rate(rate["topk"]), fmt_rate(rate["loop"]),
         fmt_rate(rate["batchtopk"]), fmt_rate(rate["batchtopk_loop"]),
         f"{r['topk_over_loop']:.2f}x", f"{r['batchtopk_over_loop']:.2f}x",
+        fmt_rate(rate["jumprelu"]), fmt_rate(rate["jumprelu_loop"]),
+        f"{r['jumprelu_over_loop']:.2f}x", f"{r['jumprelu_over_vmap']:.2f}x",
         f">= {target:g}x: {verdict(min(r['topk_over_loop'], r['batchtopk_over_loop']), target)}",
     ]  # fmt: skip
 
 
 def run(ctx: Context) -> dict:
-    print("  members' k cycle through 16, 32, 64, 128; loops: K autograd SAEs of the same")
+    print("  members' k cycle through 16, 32, 64, 128 (jumprelu: L0 coefficients 0.01-0.08);")
+    print("  loops: K autograd SAEs of the same")
     print("  architecture (sae.loss_fn), torch.optim.Adam each, decoder renorm; the ensembles")
     print("  step with full=False\n")
     results = [topk_vs_loop(SMALL, k, ctx) for k in sorted({*ctx.st.small_k})]
     results += [topk_vs_loop(LARGE, k, ctx) for k in ctx.st.large_k]
     headers = ["size", "d x m", "B", "K", "topk", "loop", "btopk", "loop", "topk/loop"]
-    headers += ["btopk/loop"]
+    headers += ["btopk/loop", "jrelu", "loop", "jrelu/loop", "jrelu/vmap"]
     table([*headers, "target"], [row(r) for r in results])
     print("  rows x members per second (median of the repeats). Issue target: >= 1.5x the loop")
     print("  at the small size on CPU; on a GPU at least as fast as the loop at every size.")

@@ -45,6 +45,15 @@ class Architecture:
     """Per-member state that is not trained by Adam but is saved with the weights."""
     fast: ClassVar[bool] = False
     """Whether :mod:`sweep.fastpath` has hand-batched gradients for this architecture."""
+    l1_codes: ClassVar[bool] = True
+    """The penalty is ``l1`` times the codes' sum (ReLU-L1): the fast path adds it, and its
+    gradient ``l1 / B`` on kept codes, itself."""
+    l0_penalty: ClassVar[bool] = False
+    """The penalty is ``l1`` times the mean L0 (JumpReLU): the fast path adds it from its
+    count of kept codes (its gradient is :meth:`fast_grads`'s business)."""
+    keeps_pre: ClassVar[bool] = False
+    """The fast path keeps the pre-activations for :meth:`fast_grads` (an extra (B, F)
+    buffer per member)."""
     recipes: ClassVar[tuple[str, ...]] = ()
     """Training recipes this architecture offers (``sae.recipe``; the first is the default)."""
 
@@ -107,10 +116,28 @@ class Architecture:
         """Inference-time codes (what a trained dictionary computes; ``params`` includes buffers)."""
         return F.relu(pre_BF)
 
-    def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
+    def keep_batched(
+        self,
+        pre_EBF: torch.Tensor,
+        hyper: Hyper,
+        kmax: int,
+        params: Params,
+        scratch: torch.Tensor | None = None,
+    ) -> None:
         """:meth:`activate` for every member at once, in place on (E, B, F) pre-activations
-        (``hyper`` values (E,)): the fast path's form of the same selection."""
+        (``hyper`` values (E,), ``params`` stacked; ``scratch`` a free buffer of their shape
+        and dtype): the fast path's form of the same selection. Every kept code must be its
+        (positive) pre-activation, every other 0."""
         pre_EBF.relu_()
+
+    def fast_grads(
+        self, g_EBF: torch.Tensor, pre_EBF: torch.Tensor | None, params: Params, hyper: Hyper
+    ) -> Params:
+        """Gradients of parameters other than the four weights (stacked), from ``g_EBF``,
+        the loss's gradient w.r.t. the codes (before the activation's mask), and the
+        pre-activations (when :attr:`keeps_pre`; their buffer may be used as scratch: the
+        fast path reads it no more, AuxK being the TopK family's)."""
+        return {}
 
     def penalty(
         self, params: Params, codes_BF: torch.Tensor, pre_BF: torch.Tensor, hyper: Hyper

@@ -109,6 +109,10 @@ class JumpReLU(Architecture):
     name: ClassVar[str] = "jumprelu"
     loss_text = JUMPRELU_LOSS
     saelens: ClassVar[str] = "jumprelu"
+    fast: ClassVar[bool] = True
+    l1_codes: ClassVar[bool] = False
+    l0_penalty: ClassVar[bool] = True
+    keeps_pre: ClassVar[bool] = True
     recipes: ClassVar[tuple[str, ...]] = tuple(RECIPES)
     recipe = "linear"
     form: Recipe = RECIPES["linear"]
@@ -131,6 +135,37 @@ class JumpReLU(Architecture):
 
     def infer(self, pre_BF: torch.Tensor, k: int, params: Params) -> torch.Tensor:
         return pre_BF * (pre_BF > threshold_of(params)).to(pre_BF.dtype)
+
+    def keep_batched(
+        self,
+        pre_EBF: torch.Tensor,
+        hyper: Hyper,
+        kmax: int,
+        params: Params,
+        scratch: torch.Tensor | None = None,
+    ) -> None:
+        """Codes above each member's thresholds (>= 0, so every kept code is positive). The
+        mask is built in floats (in ``scratch`` when given): on CPU an op mixing a bool
+        tensor into float arithmetic runs ~7x slower."""
+        above = torch.gt(pre_EBF, threshold_of(params)[:, None, :], out=scratch)
+        pre_EBF.mul_(above if scratch is not None else above.to(pre_EBF.dtype))
+
+    def fast_grads(
+        self, g_EBF: torch.Tensor, pre_EBF: torch.Tensor | None, params: Params, hyper: Hyper
+    ) -> Params:
+        """The thresholds' straight-through gradients (module docstring), both terms from
+        one window over the pre-activations (whose buffer then serves as scratch); a log
+        threshold's by the chain rule."""
+        assert pre_EBF is not None
+        thr = threshold_of(params)  # (E, F) float32
+        B, bw = g_EBF.shape[1], self.form.bandwidth
+        near = pre_EBF.sub_(thr[:, None, :]).abs_().lt_(bw / 2)  # (E, B, F) 1.0 / 0.0
+        through_l0 = near.sum(dim=1, dtype=torch.float32) * (hyper["l1"][:, None] / B)
+        through_codes = near.mul_(g_EBF).sum(dim=1, dtype=torch.float32)  # (E, F)
+        d_thr = -(thr * through_codes + through_l0) / bw
+        if self.form.param == "log_threshold":
+            return {"log_threshold": d_thr * thr}
+        return {"threshold": d_thr}
 
     def constrain(self, params: Params, active: torch.Tensor) -> None:
         """Unit decoder rows; a linear threshold is kept >= 0 (below, the gate would pass

@@ -68,6 +68,7 @@ class TopK(Architecture):
     loss_text = TOPK_LOSS
     saelens: ClassVar[str] = "topk"
     fast: ClassVar[bool] = True
+    l1_codes: ClassVar[bool] = False
 
     def activate(
         self, pre_BF: torch.Tensor, hyper: Hyper, params: Params, kmax: int
@@ -80,7 +81,14 @@ class TopK(Architecture):
         vals, idx = pre_BF.topk(k, dim=-1)
         return torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
 
-    def keep_batched(self, pre_EBF: torch.Tensor, hyper: Hyper, kmax: int) -> None:
+    def keep_batched(
+        self,
+        pre_EBF: torch.Tensor,
+        hyper: Hyper,
+        kmax: int,
+        params: Params,
+        scratch: torch.Tensor | None = None,
+    ) -> None:
         if pre_EBF.device.type == "cpu" and not torch.compiler.is_compiling():
             # a top-k's cost grows with k: each member at its own
             self.keep_each(pre_EBF, hyper["k"].tolist())
