@@ -121,13 +121,18 @@ def ensemble_timings(sweep_dir: Path) -> dict[str, dict]:
 
 
 def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
-    """rows x members / s of the pure fast ``Ensemble.step`` at this shape (no data, no I/O)."""
+    """rows x members / s of the pure fast ``Ensemble.step`` at this shape (no data, no I/O),
+    configured as the worker configures the sweep's (compiled per ``train.compile=auto``,
+    the gradient clip, the compute dtype): the same step, and on CUDA the same compiled
+    kernels, reused from inductor's cache."""
     size = Size("e2e", p.width, round(ratio * p.width), p.batch)
-    compiled = use_compile(TrainConfig(), ctx.device)  # as the sweep's default runs it
+    train = TrainConfig()
+    compiled = use_compile(train, ctx.device)  # as the sweep's default runs it
     ens = make_ensemble(
         init_members(size, members, ctx.device), l1_grid(members), compiled=compiled
     )
     ens.autocast_dtype = torch.bfloat16 if p.dtype == "bfloat16" else None
+    ens.grad_clip = None if train.grad_clip is None else train.grad_clip / p.width  # (worker's)
     xs = make_batches(size, 4, ctx.device)
     for x in xs:
         ens.step(x, full=False)
@@ -177,6 +182,8 @@ def analyse(
         compile_s = t.get("compile", 0.0)  # once per worker: start-up, not training
         train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0) - compile_s
         achieved = t["steps"] * p.batch * e["members"] / train_s
+        print(f"  {ens_id}: {e['members']} members, {t['steps']} steps in {train_s:.1f} s of "
+              f"training: {achieved:,.0f} rows*K/s; timings {t}", flush=True)  # fmt: skip
         pure = step_rate(p, e["ratio"], e["members"], ctx)
         ckpt = t.get("checkpoint", 0.0) / train_s
         write = t.get("write", 0.0)

@@ -53,7 +53,8 @@ class AutocastLoop(LoopTrainer):
     ) -> None:
         super().__init__(members, values)
         self.cuda = cuda
-        self.loss = torch.compile(sae.loss_fn) if compiled else sae.loss_fn
+        # static: a second size would otherwise recompile the same code with dynamic shapes
+        self.loss = torch.compile(sae.loss_fn, dynamic=False) if compiled else sae.loss_fn
 
     def step(self, x_BD: torch.Tensor) -> None:
         cast = (
