@@ -318,9 +318,10 @@ class _Execution:
         """What each ensemble asks for: the configured GPUs, or with ``auto`` its own share."""
         if not self.res.auto_share:
             return self.res.num_gpus
-        t, stream, wide = self.cfg.train, self.store.staged_bytes(), planning.wide_step(self.cfg)
+        t, stream = self.cfg.train, self.store.staged_bytes()
+        buffers = planning.batch_buffers(self.cfg)
         shares = {
-            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, wide)
+            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, buffers)
             for e in self.plan.ensembles
         }
         shares = packing.fill(shares, self.res.gpus)

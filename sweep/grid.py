@@ -105,19 +105,18 @@ def expand(
 
 
 def bytes_per_member(
-    width: int, dict_size: int, batch_size: int, dtype: str, wide: bool = False
+    width: int, dict_size: int, batch_size: int, dtype: str, buffers: int = 3
 ) -> int:
     """Memory of one member while it trains. Per parameter: the weights, their gradients and
     two Adam moments in fp32, plus the gradient clip's squares (fp32) and, under a 16-bit
     compute dtype, the weights' copies and their gradients in it. Per batch, in the compute
-    dtype: the error (B, D) and (B, F) buffers — codes, their gradient and the top-k's
-    scatter (three); a ``wide`` step (:func:`sweep.planning.wide_step`) four more: AuxK's
-    pre-activations, masked copy, auxiliary codes and their gradient, or JumpReLU's
-    pre-activations and threshold window."""
+    dtype: the error (B, D) and ``buffers`` (B, F) buffers (:func:`sweep.planning.batch_buffers`):
+    codes, their gradient and the top-k's scatter (three), JumpReLU's pre-activations (one
+    more), AuxK's pre-activations, masked copy, auxiliary codes and their gradient (four)."""
     n_params = 2 * width * dict_size + width + dict_size
     low = BYTES[dtype] if BYTES[dtype] < 4 else 0
     state = (5 * 4 + 2 * low) * n_params
-    acts = ((7 if wide else 3) * batch_size * dict_size + batch_size * width) * BYTES[dtype]
+    acts = (buffers * batch_size * dict_size + batch_size * width) * BYTES[dtype]
     return state + acts
 
 
@@ -129,14 +128,14 @@ def member_budget(
     device_bytes: float,
     on_gpu: bool,
     max_members: int,
-    wide: bool = False,
+    buffers: int = 3,
 ) -> int:
-    """How many members one ensemble may hold on one device (``wide``: see
+    """How many members one ensemble may hold on one device (``buffers``: see
     :func:`bytes_per_member`)."""
     if max_members > 0:
         return max_members
     dtype = resolve_compute_dtype(dtype, on_gpu)
-    per = bytes_per_member(width, dict_size, batch_size, dtype, wide)
+    per = bytes_per_member(width, dict_size, batch_size, dtype, buffers)
     fit = int(MEMORY_USE * device_bytes // per)
     if fit < 1:
         need = per / 2**30

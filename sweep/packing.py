@@ -44,14 +44,14 @@ def gpu_share(
     dtype: str,
     gpu_bytes: float,
     stream_bytes: float = 0.0,
-    wide: bool = False,
+    buffers: int = 3,
 ) -> float:
     """The GPU share ``ens`` asks for: the smallest of :data:`SHARES` covering its memory
-    (``stream_bytes``: the batch stream's chunks staged on the device; ``wide``: see
+    (``stream_bytes``: the batch stream's chunks staged on the device; ``buffers``: see
     :func:`sweep.grid.bytes_per_member`) and
     its load."""
     width, members = ens.members[0].width, len(ens.members)
-    memory = members * bytes_per_member(width, ens.dict_size, batch, dtype, wide) + stream_bytes
+    memory = members * bytes_per_member(width, ens.dict_size, batch, dtype, buffers) + stream_bytes
     need = max(
         memory / (MEMORY_USE * gpu_bytes), gpu_load(width, ens.dict_size, batch, members, dtype)
     )

@@ -279,11 +279,15 @@ def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
     return runs
 
 
-def wide_step(cfg: SweepConfig) -> bool:
-    """Whether the runs' step holds more (B, F) buffers (more memory): AuxK (TopK family,
-    ``train.auxk_alpha`` > 0) or an architecture that keeps its pre-activations (JumpReLU)."""
+AUXK_BUFFERS = 4
+"""(B, F) buffers AuxK adds: pre-activations, masked copy, auxiliary codes, their gradient."""
+
+
+def batch_buffers(cfg: SweepConfig) -> int:
+    """(B, F) buffers per member the runs' step holds: the architecture's, plus AuxK's (TopK
+    family, ``train.auxk_alpha`` > 0)."""
     auxk = cfg.sae.knob == "k" and cfg.train.auxk_alpha > 0
-    return auxk or cfg.sae.architecture().keeps_pre
+    return cfg.sae.architecture().batch_buffers + (AUXK_BUFFERS if auxk else 0)
 
 
 def _fix(knob: str) -> str:
@@ -329,7 +333,7 @@ def plan(
                 device_bytes,
                 on_gpu,
                 cfg.grid.max_members,
-                wide_step(cfg),
+                batch_buffers(cfg),
             )
             for ratio in {r.dict_ratio for r in group}
         }

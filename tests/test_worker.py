@@ -241,9 +241,9 @@ def test_grid_ids_and_splitting():
         m.run_id for m in grid.expand(L1S8, [8, 32], 1, 64, "untied")
     )
     assert grid.spread(wide[:2], 8) == wide[:2]  # single members: nothing left to split
-    bf16, aux = (grid.bytes_per_member(512, 4096, 4096, "bfloat16", a) for a in (False, True))
+    bf16, aux = (grid.bytes_per_member(512, 4096, 4096, "bfloat16", n) for n in (3, 7))
     assert aux > bf16  # AuxK's buffers
-    assert grid.member_budget(512, 4096, 4096, "bfloat16", 10 * bf16 / 0.8, True, 0, wide=True) < 10
+    assert grid.member_budget(512, 4096, 4096, "bfloat16", 10 * bf16 / 0.8, True, 0, buffers=7) < 10
 
 
 L1S8 = [1e-3 * (i + 1) for i in range(8)]
@@ -504,3 +504,18 @@ def test_checkpoint_host_block_is_locked_once_on_whole_pages(monkeypatch):
     ]
     writer._pinned.clear()  # nothing was really locked
     writer.close()
+
+
+@pytest.mark.parametrize(
+    "overrides, buffers",
+    [
+        ([], 3),
+        (["sae=topk", "grid.k=[4]"], 7),
+        (["sae=topk", "grid.k=[4]", "train.auxk_alpha=0"], 3),
+        (["sae=batchtopk", "grid.k=[4]"], 7),
+        (["sae=jumprelu"], 4),
+    ],
+)
+def test_the_memory_model_counts_each_steps_batch_buffers(overrides, buffers, tmp_path):
+    cfg = to_sweep_config(compose([f"sweep_dir={tmp_path}", *overrides]))
+    assert planning.batch_buffers(cfg) == buffers

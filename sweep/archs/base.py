@@ -51,6 +51,9 @@ class Architecture:
     l0_penalty: ClassVar[bool] = False
     """The penalty is ``l1`` times the mean L0 (JumpReLU): the fast path adds it from its
     count of kept codes (its gradient is :meth:`fast_grads`'s business)."""
+    batch_buffers: ClassVar[int] = 3
+    """(B, F) buffers per member the fast step holds (codes, their gradient, a top-k's
+    scatter): the memory model's (:func:`sweep.grid.bytes_per_member`)."""
     keeps_pre: ClassVar[bool] = False
     """The fast path keeps the pre-activations for :meth:`fast_grads` (an extra (B, F)
     buffer per member)."""
