@@ -130,7 +130,6 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     """Everything that can refuse the run before any training, with the store it trains on."""
     planning.check_device(cfg)
     planning.check_compatible(folder, cfg)
-    planning.warn_step_change(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
     store = prepare_store(cfg)

@@ -132,6 +132,14 @@ class Ensemble:
             out[SINCE_FIRED] = torch.zeros(self.n, f)
         return {k: v.to(dev) for k, v in out.items()}
 
+    @property
+    def program(self) -> str:
+        """How the step is computed (path, device, compute dtype), e.g. ``fast-compiled cuda
+        bfloat16``: two programs agree up to rounding, not bit for bit."""
+        path = ("fast" if self.fast else "vmap") + ("-compiled" if self.compiled else "")
+        dtype = str(self.autocast_dtype or self.params["W_enc"].dtype).removeprefix("torch.")
+        return f"{path} {self.hyper['l1'].device.type} {dtype}"
+
     def dead_mask(self) -> torch.Tensor | None:
         """(E, F) bool: latents silent for ``dead_tokens`` rows (None while none can be)."""
         if self.dead is None or self.rows < self.dead.dead_tokens:

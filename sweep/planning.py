@@ -158,27 +158,6 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
         )
 
 
-STEP_FIELDS = ("device", "compile")
-"""Free fields that choose how the step is computed: changing one is allowed (a machine
-without a GPU, a compiler that fails) but ends bit-identity with an uninterrupted sweep."""
-
-
-def warn_step_change(folder: SweepFolder, cfg: SweepConfig) -> None:
-    """Say when a field of :data:`STEP_FIELDS` differs from the sweep already in ``folder``."""
-    old = (folder.load_config() or {}).get("train", {})
-    changed = [
-        f"train.{k} {old[k]!r} -> {getattr(cfg.train, k)!r}"
-        for k in STEP_FIELDS
-        if k in old and str(old[k]).lower() != str(getattr(cfg.train, k)).lower()
-    ]
-    if changed:
-        log.warning(
-            "%s since this sweep was recorded: runs resumed now continue with another step "
-            "program, equal up to rounding but not bit-identical to an uninterrupted sweep",
-            "; ".join(changed),
-        )
-
-
 def check_device(cfg: SweepConfig) -> None:
     """``train.device=cuda`` on a local Ray instance needs a GPU here (checked before any
     work; a cluster's GPUs are checked once Ray is up)."""

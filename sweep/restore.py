@@ -104,6 +104,23 @@ def _report_fallback(folders: list[RunFolder], found: Found, ensemble_id: str) -
         )
 
 
+def _report_program_change(
+    folders: list[RunFolder], before: str | None, now: str, ensemble_id: str
+) -> None:
+    """Warn and record ``step_program_change`` when the step continues in another program
+    than the checkpoint's (another device, ``train.compile``, or a newer sweep's path): equal
+    up to rounding, so not bit-identical to an uninterrupted run. (Unknown before: silent.)"""
+    if before is None or before == now:
+        return
+    log.warning(
+        "ensemble %s resumes with step program '%s', its checkpoints were written by '%s': "
+        "its runs will not be bit-identical to an uninterrupted sweep",
+        ensemble_id, now, before,
+    )  # fmt: skip
+    for folder in folders:
+        folder.append_event({"event": "step_program_change", "before": before, "now": now})
+
+
 def dead_latents(train: TrainConfig, run: RunSpec) -> DeadLatents | None:
     """Dead-latent tracking for these runs: AuxK (TopK family, ``train.auxk_alpha`` > 0) or
     resampling (ReLU-L1, ``train.resample_dead`` > 0); None when neither applies."""
@@ -183,6 +200,7 @@ def restore_ensemble(
     if found[0] is None:
         return Restored(ens, Cursor(), 0, diverged_at)
     meta = found[0].meta
+    _report_program_change(folders, meta.get("program"), ens.program, ensemble_id)
     if meta.get("threads") and meta["threads"] != torch.get_num_threads():
         torch.set_num_threads(int(meta["threads"]))  # bit-exact resume needs the same count
     return Restored(ens, Cursor(**meta["cursor"]), step, diverged_at)
@@ -203,6 +221,7 @@ def checkpoint_meta(ens: Ensemble, cursor: Cursor, diverged_at: torch.Tensor) ->
         {
             "cursor": cursor.as_dict(),
             "threads": torch.get_num_threads(),
+            "program": ens.program,
             "active": active[e],
             "diverged_step": diverged[e],
         }

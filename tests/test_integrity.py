@@ -202,13 +202,6 @@ def test_schedule_changes_are_refused_on_resume(copy, field, capsys):
     assert main(["resume", str(copy)]) == 0  # the hint works: the recorded settings
 
 
-def test_a_changed_step_program_is_allowed_and_warned_about(copy, capsys):
-    assert run(copy, "train.compile=true") == 0
-    err = capsys.readouterr().err
-    assert "train.compile 'auto' -> 'True'" in err and "not bit-identical" in err
-    assert err.count("not bit-identical") == 1
-
-
 def test_every_train_field_is_classified():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     defining, free = set(planning.DEFINING["train"]), set(planning.FREE["train"])

@@ -519,3 +519,21 @@ def test_checkpoint_host_block_is_locked_once_on_whole_pages(monkeypatch):
 def test_the_memory_model_counts_each_steps_batch_buffers(overrides, buffers, tmp_path):
     cfg = to_sweep_config(compose([f"sweep_dir={tmp_path}", *overrides]))
     assert planning.batch_buffers(cfg) == buffers
+
+
+def test_a_run_resumed_by_another_step_program_says_so(tiny_store, tmp_path, caplog):
+    """Checkpointed by the eager step, continued compiled: allowed (a machine or compiler
+    change), but warned about and recorded, since it is not bit-identical."""
+    train_ensemble(job_for(tiny_store, tmp_path, compile="false"), should_stop=stop_after(5))
+    with caplog.at_level(logging.WARNING):
+        job = job_for(tiny_store, tmp_path, compile="true")
+        train_ensemble(job)
+    assert "resumes with step program 'fast-compiled cpu float32'" in caplog.text
+    for m in job.ensemble.members:
+        events = rundir.run_dir(tmp_path, m.run_id) / rundir.EVENTS
+        (event,) = [json.loads(ln) for ln in events.read_text().splitlines()]
+        assert event.pop("time") > 0 and event == {
+            "event": "step_program_change",
+            "before": "fast cpu float32",
+            "now": "fast-compiled cpu float32",
+        }
