@@ -145,8 +145,9 @@ def _parts(
 ) -> LossParts:
     B, D = x_BD.shape
     l0_E = None
-    if with_l0 or arch.l0_penalty:  # counted in floats: a bool tensor's sum converts it
-        l0_E = torch.ne(codes, 0, out=scratch).sum(dim=(1, 2), dtype=torch.float32) / B
+    if with_l0 or arch.l0_penalty:  # counted in floats (a bool tensor's sum converts it),
+        kept_EF = torch.ne(codes, 0, out=scratch).sum(dim=1, dtype=torch.float32)  # exact: <= B
+        l0_E = (kept_EF.sum(dim=1, dtype=torch.float64) / B).float()  # exact past 2**24 too
     sq_E = torch.linalg.vector_norm(err, dim=(1, 2)).pow(2)  # (E,)
     sparsity_E = codes.sum(dim=(1, 2)) / B
     mse_E = sq_E / (B * D)
