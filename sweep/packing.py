@@ -48,8 +48,7 @@ def gpu_share(
 ) -> float:
     """The GPU share ``ens`` asks for: the smallest of :data:`SHARES` covering its memory
     (``stream_bytes``: the batch stream's chunks staged on the device; ``buffers``: see
-    :func:`sweep.grid.bytes_per_member`) and
-    its load."""
+    :func:`sweep.grid.bytes_per_member`) and its load."""
     width, members = ens.members[0].width, len(ens.members)
     memory = members * bytes_per_member(width, ens.dict_size, batch, dtype, buffers) + stream_bytes
     need = max(

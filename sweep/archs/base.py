@@ -51,9 +51,6 @@ class Architecture:
     l0_penalty: ClassVar[bool] = False
     """The penalty is ``l1`` times the mean L0 (JumpReLU): the fast path adds it from its
     count of kept codes (its gradient is :meth:`fast_grads`'s business)."""
-    batch_buffers: ClassVar[int] = 3
-    """(B, F) buffers per member the fast step holds (codes, their gradient, a top-k's
-    scatter): the memory model's (:func:`sweep.grid.bytes_per_member`)."""
     keeps_pre: ClassVar[bool] = False
     """The fast path keeps the pre-activations for :meth:`fast_grads` (an extra (B, F)
     buffer per member)."""
@@ -68,6 +65,13 @@ class Architecture:
     """The L1 penalty weights each code by its decoder row's norm."""
     init_decoder_norm: float = 1.0
     """Norm of the initial decoder rows (the encoder starts as their transpose)."""
+
+    @property
+    def batch_buffers(self) -> int:
+        """(B, F) buffers per member the fast step holds (codes, their gradient, a top-k's
+        scatter, the kept pre-activations): the memory model's
+        (:func:`sweep.grid.bytes_per_member`)."""
+        return 3 + int(self.keeps_pre)
 
     def configure(
         self, recipe: str | None = None, init_decoder_norm: float | None = None

@@ -113,7 +113,6 @@ class JumpReLU(Architecture):
     l1_codes: ClassVar[bool] = False
     l0_penalty: ClassVar[bool] = True
     keeps_pre: ClassVar[bool] = True
-    batch_buffers: ClassVar[int] = 4  # + the pre-activations (the window is built in them)
     recipes: ClassVar[tuple[str, ...]] = tuple(RECIPES)
     recipe = "linear"
     form: Recipe = RECIPES["linear"]
