@@ -129,7 +129,7 @@ class Architecture:
         hyper: Hyper,
         kmax: int,
         params: Params,
-        scratch: torch.Tensor | None = None,
+        scratch: torch.Tensor,
     ) -> None:
         """:meth:`activate` for every member at once, in place on (E, B, F) pre-activations
         (``hyper`` values (E,), ``params`` stacked; ``scratch`` a free buffer of their shape

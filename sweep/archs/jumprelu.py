@@ -142,13 +142,12 @@ class JumpReLU(Architecture):
         hyper: Hyper,
         kmax: int,
         params: Params,
-        scratch: torch.Tensor | None = None,
+        scratch: torch.Tensor,
     ) -> None:
         """Codes above each member's thresholds (>= 0, so every kept code is positive). The
-        mask is built in floats (in ``scratch`` when given): on CPU an op mixing a bool
-        tensor into float arithmetic runs ~7x slower."""
-        above = torch.gt(pre_EBF, threshold_of(params)[:, None, :], out=scratch)
-        pre_EBF.mul_(above if scratch is not None else above.to(pre_EBF.dtype))
+        mask is built in floats, in ``scratch``: on CPU an op mixing a bool tensor into float
+        arithmetic runs ~7x slower."""
+        pre_EBF.mul_(torch.gt(pre_EBF, threshold_of(params)[:, None, :], out=scratch))
 
     def fast_grads(
         self, g_EBF: torch.Tensor, pre_EBF: torch.Tensor | None, params: Params, hyper: Hyper

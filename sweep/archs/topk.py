@@ -87,7 +87,7 @@ class TopK(Architecture):
         hyper: Hyper,
         kmax: int,
         params: Params,
-        scratch: torch.Tensor | None = None,
+        scratch: torch.Tensor,
     ) -> None:
         if pre_EBF.device.type == "cpu" and not torch.compiler.is_compiling():
             # a top-k's cost grows with k: each member at its own
