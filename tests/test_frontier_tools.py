@@ -92,3 +92,22 @@ def test_a_batchtopk_dictionary_is_evaluated_in_its_inference_form() -> None:
     assert sparse["l0"] < dense["l0"]
     topk = evaluate.evaluate(evaluate.Dictionary(*parts, None, 3), x)
     assert topk["l0"] == pytest.approx(3.0)  # every row has more than 3 positive codes here
+
+
+@pytest.mark.parametrize("recipe", ["linear", "log"])
+def test_a_sweep_jumprelu_run_is_evaluated_with_its_threshold(recipe, monkeypatch) -> None:
+    """Either recipe's threshold (``threshold`` or ``log_threshold``) reaches the evaluation."""
+    import torch
+
+    import sweep
+    from scripts.frontier import evaluate
+    from sweep import archs
+    from sweep.sae import SAE
+
+    arch = archs.get("jumprelu").configure(recipe)
+    params = arch.init_params(8, 32, torch.Generator().manual_seed(0))
+    trained = SAE(params, {"architecture": "jumprelu", "recipe": recipe, "act_scale": 1.0})
+    monkeypatch.setattr(sweep, "load_run", lambda folder: trained)
+    d = evaluate.from_sweep_run("run", 1.0)
+    assert d.threshold is not None
+    torch.testing.assert_close(d.threshold, torch.full((32,), arch.form.init))

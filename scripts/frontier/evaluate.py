@@ -1,12 +1,12 @@
 """One evaluation for every dictionary, sweep's and SAELens's alike.
 
-A dictionary is four tensors (and for BatchTopK a threshold) in the *scaled* space (activations times the store's scale, the
-space both methods trained in)::
+A dictionary is four tensors (and for BatchTopK and JumpReLU a threshold) in the *scaled*
+space (activations times the store's scale, the space both methods trained in)::
 
     codes = relu((x - b_dec) @ W_enc + b_enc)        x_hat = codes @ W_dec + b_dec
 
-(BatchTopK: ``codes = relu(pre) * (pre > threshold)``, its inference form; TopK: each row's k
-largest ``relu(pre)``.)
+(BatchTopK, JumpReLU: ``codes = relu(pre) * (pre > threshold)``, BatchTopK's inference form;
+TopK: each row's k largest ``relu(pre)``.)
 
 Metrics on the held-out rows ``x_ND`` (the store's last ``eval_rows``, scaled):
 FVU = residual sum of squares / total sum of squares around the rows' mean; L0 = mean number
@@ -27,7 +27,7 @@ class Dictionary(NamedTuple):
     b_enc: torch.Tensor  # (F,)
     W_dec: torch.Tensor  # (F, D)
     b_dec: torch.Tensor  # (D,)
-    threshold: torch.Tensor | None = None  # (F,) or (): codes need pre > threshold (BatchTopK)
+    threshold: torch.Tensor | None = None  # (F,) or (): codes need pre > threshold
     k: int = 0  # > 0: each row keeps its k largest codes (TopK)
 
 
@@ -35,6 +35,7 @@ def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
     """A sweep run folder's SAE, read with ``sweep.load_run`` (which takes RAW activations),
     moved into the space scaled by ``scale`` (checked against the run's recorded scale)."""
     import sweep
+    from sweep.archs.jumprelu import threshold_of
 
     sae = sweep.load_run(folder)
     recorded = float(sae.cfg.get("act_scale", 1.0))
@@ -42,7 +43,8 @@ def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
         raise ValueError(f"{folder} was trained at scale {recorded}, the store's is {scale}")
     # raw: relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec, with x = x_s / s and the
     # reconstruction times s: W_enc_s = W_enc / s, W_dec_s = W_dec * s, b_dec_s = b_dec * s.
-    threshold = getattr(sae, "threshold", None)  # on pre-activations: the same in both spaces
+    buffers = dict(sae.named_buffers())  # a threshold, in either recipe's form, or none
+    threshold = threshold_of(buffers) if buffers else None  # on pre-activations: both spaces
     k = sae.k if sae.arch.name == "topk" else 0
     return Dictionary(
         sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale, threshold, k
