@@ -27,7 +27,7 @@ import torch
 
 from sweep import fastpath
 from sweep.archs import Architecture, Hyper, Params
-from sweep.errors import SweepError
+from sweep.errors import SweepError, is_out_of_memory
 from sweep.optim import Adam, AdamState
 from sweep.sae import LossParts
 from sweep.update import adam_stacked, clip_members, track
@@ -131,11 +131,13 @@ def _known(options: dict[str, bool]) -> dict[str, bool]:
 def call(fn: Callable, *args: object) -> LossParts:
     """``fn(*args)`` for a compiled step; a compile failure (or the recompile limit) becomes
     one line naming the fix. Nothing was updated then: with one graph, compiling precedes
-    running it."""
+    running it. Memory that ran out (also while inductor tuned kernels) is not a compile
+    failure: it propagates for the worker to name its own fix."""
     try:
         return fn(*args)
     except Exception as err:
-        if not isinstance(err, _compile_errors()) and not _raised_compiling(err):
+        compiling = isinstance(err, _compile_errors()) or _raised_compiling(err)
+        if not compiling or is_out_of_memory(err):
             raise
         why = (str(err).strip().splitlines() or [""])[0][:300]
         raise SweepError(

@@ -45,3 +45,25 @@ def task_error_reason(err: Exception) -> str:
     text = str(cause) if cause is not None else str(err)
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(err).__name__
+
+
+CPU_OUT_OF_MEMORY = "can't allocate memory"
+"""What torch's CPU allocator says when an allocation fails (a RuntimeError, not an OOM type)."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` — or what it wraps (torch.compile wraps an allocation that failed while
+    it tuned kernels) — is an allocation that did not fit in device or host memory."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+            return True
+        if isinstance(e, RuntimeError) and CPU_OUT_OF_MEMORY in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "inner_exception", None)]
+    return False

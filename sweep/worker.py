@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -24,8 +25,8 @@ from sweep.activations.store import BatchStream, ChunkStore
 from sweep.ckpt_writer import CheckpointWriter
 from sweep.compiled import forget_compiled
 from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
-from sweep.devices import resolve_device
-from sweep.errors import SweepError
+from sweep.devices import resolve_compute_dtype, resolve_device
+from sweep.errors import SweepError, is_out_of_memory
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
@@ -260,6 +261,35 @@ def _train_and_finish(
     return states
 
 
+@contextmanager
+def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[None]:
+    """An allocation that does not fit becomes one line naming the ensemble and the fix (the
+    checkpoints already written stay: the same command continues from them)."""
+    try:
+        yield
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        ens, t = job.ensemble, job.train
+        n, run = len(ens.members), ens.members[0]
+        fixes = []
+        if 0 < float(job.placement.get("gpu_share", 1.0)) < 1:
+            fixes.append("launch.gpus_per_ensemble=1 (it shared its GPU)")
+        if n > 1:
+            fixes.append(f"grid.max_members={n // 2}")
+        fix = (
+            f"re-run the command adding {' or '.join(fixes)}"
+            if fixes
+            else "one member alone does not fit: use a device with more memory, or a smaller "
+            "train.batch_size or dictionary in a new sweep_dir"
+        )
+        raise SweepError(
+            f"ensemble {ens.ensemble_id} ({n} member(s) of {run.width}x{ens.dict_size}, batch "
+            f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu')}) ran out of memory on {device}: {fix}; its "
+            "checkpoints are kept"
+        ) from err
+
+
 def train_ensemble(
     job: EnsembleJob,
     progress: Callable[[int], None] | None = None,
@@ -278,17 +308,18 @@ def train_ensemble(
     if use_compile(job.train, at.device):
         forget_compiled()
     at.start()
-    r = at.restore()
-    resumed_from = r.step
-    at.timings["restore"] = time.perf_counter() - t0
-    failed = True
-    try:
-        states = _train_and_finish(at, r, progress, should_stop)
-        failed = False
-    finally:
-        at.writer.close(quiet=failed)
-        at.timings["checkpoint_write"] = at.writer.write_seconds
-        at.timings["compile"] = sum(r.ens.compile_seconds.values())
+    with _out_of_memory_named(job, at.device):
+        r = at.restore()
+        resumed_from = r.step
+        at.timings["restore"] = time.perf_counter() - t0
+        failed = True
+        try:
+            states = _train_and_finish(at, r, progress, should_stop)
+            failed = False
+        finally:
+            at.writer.close(quiet=failed)
+            at.timings["checkpoint_write"] = at.writer.write_seconds
+            at.timings["compile"] = sum(r.ens.compile_seconds.values())
     seconds = time.perf_counter() - t0
     at.timings.update(total=seconds, steps=r.step - resumed_from)
     for folder in at.folders:

@@ -232,3 +232,16 @@ def test_the_recompile_limit_is_one_line_and_changes_nothing():
         with pytest.raises(SweepError, match="set train.compile=false"):
             ens.step(xs[1])  # B rows seen: the dead-latent variant, over the limit
     assert all(torch.equal(ens.params[k], v) for k, v in before.items())
+
+
+def test_memory_that_runs_out_while_compiling_is_not_called_a_compile_failure():
+    """Inductor wraps an allocation that failed while it tuned kernels; the worker names the
+    fix for memory (a smaller ensemble), so it must not read as "set train.compile=false"."""
+    from sweep import compiled
+
+    def tuning() -> None:
+        oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda: None, oom, None) from oom
+
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        compiled.call(tuning)

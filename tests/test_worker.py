@@ -537,3 +537,41 @@ def test_a_run_resumed_by_another_step_program_says_so(tiny_store, tmp_path, cap
             "before": "fast cpu float32",
             "now": "fast-compiled cpu float32",
         }
+
+
+def test_memory_that_runs_out_is_one_line_naming_the_fix_and_keeps_checkpoints(
+    tiny_store, tmp_path, monkeypatch
+):
+    """An allocation that fails mid-run (here the 10th step's; on a GPU a CUDA OOM) fails the
+    ensemble with one line naming a smaller ensemble as the fix; its checkpoints stay and the
+    same job continues from them."""
+    from sweep.ensemble import Ensemble
+
+    real, calls = Ensemble.step, iter(range(1, 1000))
+
+    def step(self, *args, **kw):
+        if next(calls) == 10:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Ensemble, "step", step)
+    job = job_for(tiny_store, tmp_path)
+    with pytest.raises(SweepError) as err:
+        train_ensemble(job)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "ensemble r2-e0 (2 member(s) of 16x32, batch 256, float32) ran out of memory" in msg
+    assert "on cpu: re-run the command adding grid.max_members=1; its checkpoints are" in msg
+    monkeypatch.setattr(Ensemble, "step", real)
+    assert train_ensemble(job).resumed_from == 7  # the checkpoint before the failure
+
+
+def test_a_lone_member_that_does_not_fit_says_so(tiny_store, tmp_path, monkeypatch):
+    from sweep.ensemble import Ensemble
+
+    def step(self, *args, **kw):
+        raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB")
+
+    monkeypatch.setattr(Ensemble, "step", step)
+    with pytest.raises(SweepError, match="one member alone does not fit: use a device with"):
+        train_ensemble(job_for(tiny_store, tmp_path, l1s=(1e-3,)))
