@@ -28,7 +28,7 @@ def _digest(tensors: dict[str, torch.Tensor], header: str = "") -> str:
     h = hashlib.sha256(header.encode())
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
     return h.hexdigest()
 
 
