@@ -45,7 +45,7 @@ def test_fp32_ensemble_equals_independent_training_on_cuda(fast, compiled):
         p, opt = train_single(on(p0, CUDA), l1, xs)
         for k in p:
             torch.testing.assert_close(ens.params[k][e], p[k].detach(), rtol=5e-5, atol=5e-6)
-            st = opt.state[p[k]]
+            st = opt.state[opt.param_groups[0]["params"][list(p).index(k)]]
             torch.testing.assert_close(ens.state.exp_avg[k][e], st["exp_avg"], rtol=5e-4, atol=1e-6)
             assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
 
