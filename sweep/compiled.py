@@ -109,8 +109,11 @@ def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
         if hasattr(dynamo, name):
             setattr(dynamo, name, True)
     wanted = {"deterministic": True}
-    if cuda_graphs:
-        wanted.update({"triton.cudagraphs": True, "triton.cudagraph_or_error": True})
+    if cuda_graphs:  # partitioned, a graph's unsafe ops would run outside it, silently
+        # (and its post-compile path skips cudagraph_or_error: pytorch issue 176611)
+        wanted.update(
+            {"triton.cudagraphs": True, "triton.cudagraph_or_error": True, "graph_partition": False}
+        )
     fn = partial(step, spec)
     return torch.compile(fn, dynamic=False, fullgraph=True, options=_known(wanted))
 

@@ -64,7 +64,7 @@ def _aux_k(aux: AuxSpec | None, device: torch.device) -> int:
 def _aux_codes(pre_EBF: torch.Tensor, aux: AuxSpec, k: int, out: torch.Tensor) -> torch.Tensor:
     """The dead latents' top-``k`` ReLU'd pre-activations, dense (E, B, F)."""
     masked = torch.where(aux.dead_EF[:, None, :], pre_EBF, -torch.inf)
-    vals, idx = masked.topk(k, dim=-1)  # (E, B, k)
+    vals, idx = masked.topk(k, dim=-1, sorted=False)  # (E, B, k): the scatter needs no order
     return out.zero_().scatter_(-1, idx, F.relu(vals))
 
 
@@ -89,7 +89,7 @@ def grads(
     dt = compute_dtype or params["W_enc"].dtype
     names = ("W_enc", "b_enc", "W_dec", "b_dec")
     W_enc, b_enc, W_dec, b_dec = ((cast or {}).get(k, params[k]).to(dt) for k in names)
-    x_BD = x_BD.to(dt)
+    x_in, x_BD = x_BD, x_BD.to(dt)
     E, D, F_ = W_enc.shape
     B = x_BD.shape[0]
     buf = _Buffers({} if ws is None else ws, x_BD.device, dt)
@@ -106,14 +106,14 @@ def grads(
     err = torch.bmm(codes, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D)
     err.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
     norms_EF = params["W_dec"].norm(dim=-1) if arch.weighted_l1 else None  # (E, F) fp32
-    parts = _parts(arch, codes, err, x_BD, hyper, with_l0, norms_EF, scratch)
+    parts = _parts(arch, codes, err, x_in, hyper, with_l0, norms_EF, scratch)
     g_err = buf("g_err", E, B, D).copy_(err) if use_aux else err  # AuxK reads err later
     g_err.mul_(2.0 / (B * D))  # d loss / d x_hat
     dW_dec = torch.bmm(codes.transpose(1, 2), g_err, out=buf("dW_dec", E, F_, D))
     g = torch.bmm(g_err, W_dec.transpose(1, 2), out=buf("g", E, B, F_))  # (E, B, F)
     if norms_EF is not None:  # + d (l1 * sum(codes * ||W_dec_f||)) / d codes and / d W_dec
         g += (hyper["l1"][:, None] / B * norms_EF)[:, None, :].to(dt)
-        per_row = (hyper["l1"][:, None] / B) * codes.sum(dim=1).float()  # (E, F)
+        per_row = (hyper["l1"][:, None] / B) * codes.sum(dim=1, dtype=torch.float32)  # (E, F)
         dW_dec += (per_row / norms_EF.clamp_min(1e-12))[:, :, None].to(dt) * W_dec
     elif arch.l1_codes:
         g += (hyper["l1"] / B)[:, None, None].to(dt)  # + d (l1 * sparsity) / d codes
@@ -143,18 +143,19 @@ def _parts(
     norms_EF: torch.Tensor | None,
     scratch: torch.Tensor,
 ) -> LossParts:
-    B, D = x_BD.shape
+    B, D = x_BD.shape  # x_BD: the input as given (float32), not its compute-dtype copy
     l0_E = None
     if with_l0 or arch.l0_penalty:  # counted in floats (a bool tensor's sum converts it),
         kept_EF = torch.ne(codes, 0, out=scratch).sum(dim=1, dtype=torch.float32)  # exact: <= B
         l0_E = (kept_EF.sum(dim=1, dtype=torch.float64) / B).float()  # exact past 2**24 too
-    sq_E = torch.linalg.vector_norm(err, dim=(1, 2)).pow(2)  # (E,)
-    sparsity_E = codes.sum(dim=(1, 2)) / B
+    # sums in float32 whatever the compute dtype: a bf16 result would round them to 2**-9
+    sq_E = torch.linalg.vector_norm(err, dim=(1, 2), dtype=torch.float32).pow(2)  # (E,)
+    sparsity_E = codes.sum(dim=(1, 2), dtype=torch.float32) / B
     mse_E = sq_E / (B * D)
     var = (x_BD - x_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     loss = mse_E
     if norms_EF is not None:
-        weighted = (codes.sum(dim=1).float() * norms_EF).sum(dim=1) / B  # (E,)
+        weighted = (codes.sum(dim=1, dtype=torch.float32) * norms_EF).sum(dim=1) / B  # (E,)
         loss = mse_E + hyper["l1"] * weighted
     elif arch.l1_codes:
         loss = mse_E + hyper["l1"] * sparsity_E
@@ -184,8 +185,9 @@ def _add_aux(
     D = err.shape[-1]
     c_aux = _aux_codes(pre, aux, k, buf("c_aux", E, B, F_))
     r = torch.bmm(c_aux, W_dec, out=buf("r_aux", E, B, D)).add_(err)  # e_hat - e, e = -err
-    scale_E = (aux.dead_EF.sum(dim=1).to(r.dtype) / aux.k_aux).clamp(max=1.0)
-    value = scale_E * r.pow(2).sum(dim=(1, 2)) / (B * D)
+    dead_E = aux.dead_EF.sum(dim=1, dtype=torch.float32)  # exact (bf16 would round past 256)
+    scale_E = (dead_E / aux.k_aux).clamp(max=1.0)
+    value = scale_E * r.pow(2).sum(dim=(1, 2), dtype=torch.float32) / (B * D)
     r.mul_((2.0 * aux.alpha / (B * D)) * scale_E[:, None, None])  # d (alpha * aux) / d e_hat
     dW_dec.baddbmm_(c_aux.transpose(1, 2), r)
     g_aux = torch.bmm(r, W_dec.transpose(1, 2), out=buf("g_aux", E, B, F_))

@@ -52,10 +52,12 @@ def init_member(
 
 
 def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.dtype`` (None = plain fp32); tf32 switches on TF32 matmuls."""
+    """The autocast dtype of ``train.dtype`` (None = plain fp32). On CUDA, TF32 matmuls are
+    switched on for tf32 and off otherwise (the flag is process-wide: a later fp32 ensemble in
+    the same process must not inherit it)."""
     name = resolve_compute_dtype(train.dtype, device.type == "cuda")
-    if name == "tf32" and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
     return torch.bfloat16 if name == "bfloat16" else None
 
 

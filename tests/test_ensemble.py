@@ -88,6 +88,23 @@ def test_decoder_rows_stay_unit_norm():
     torch.testing.assert_close(ens.params["W_dec"].norm(dim=-1), torch.ones(len(L1), F))
 
 
+def test_bfloat16_loss_parts_are_summed_in_float32():
+    """Under a bf16 compute dtype the loss parts are fp32 sums of the bf16 step's values (a
+    bf16 result would round mse, fvu and sparsity to 2**-9), and the variance is the input's."""
+    params, x = stack(members("untied")), batches(1)[0]
+    _, parts, codes = fastpath.grads(
+        archs.get("untied"), params, x, l1_hyper(), compute_dtype=torch.bfloat16
+    )
+    xb = x.to(torch.bfloat16)
+    W_dec, b_dec = params["W_dec"].to(torch.bfloat16), params["b_dec"].to(torch.bfloat16)
+    err = (torch.bmm(codes, W_dec) + b_dec[:, None, :] - xb).float()  # as the step rounds it
+    sq = err.pow(2).sum(dim=(1, 2))
+    var = (x - x.mean(dim=0)).pow(2).sum()
+    torch.testing.assert_close(parts.mse, sq / (B * D), rtol=1e-3, atol=0)
+    torch.testing.assert_close(parts.fvu, sq / var, rtol=1e-3, atol=0)
+    torch.testing.assert_close(parts.sparsity, codes.float().sum(dim=(1, 2)) / B, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_bfloat16_compute_trains(fast):
     ens = Ensemble(
