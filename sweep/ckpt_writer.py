@@ -12,7 +12,6 @@ is the state after exactly ``step`` steps.
 from __future__ import annotations
 
 import logging
-import mmap
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -21,7 +20,7 @@ import torch
 from sweep.activations.store import Cursor
 from sweep.checkpoints import Checkpoint
 from sweep.ensemble import Ensemble
-from sweep.errors import SweepError
+from sweep.hostmem import HostBlock
 from sweep.restore import checkpoint_meta, member_tensors
 from sweep.rundir import RunFolder
 
@@ -36,7 +35,7 @@ class CheckpointWriter:
         self._buffers: list[dict[str, torch.Tensor]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-write")
         self._pending: Future | None = None
-        self._pinned: list[torch.Tensor] = []
+        self._blocks: list[HostBlock] = []
         self.write_seconds = 0.0
 
     def _host_buffers(self, ens: Ensemble) -> list[dict[str, torch.Tensor]]:
@@ -48,28 +47,21 @@ class CheckpointWriter:
     def _carve(
         self, like: list[dict[str, torch.Tensor]], pin: bool
     ) -> list[dict[str, torch.Tensor]]:
-        """Host tensors shaped as each member's ``like``, views into one block of exactly
-        their size, page-locked on CUDA with ``cudaHostRegister`` once (torch's pinned
-        allocator would round each tensor up to a power of two: up to twice the host memory).
-        The locked range starts and ends on page boundaries inside the block's own allocation:
-        CUDA refuses a range that touches a page already registered, and small blocks from
-        the heap can share pages."""
+        """Host tensors shaped as each member's ``like``: disjoint views into one block of
+        exactly their size, page-locked on CUDA (:class:`sweep.hostmem.HostBlock`)."""
         offsets, total = [], 0
         for member in like:
             offsets.append({})
             for k, v in member.items():
                 offsets[-1][k] = total
                 total += -(-v.numel() * v.element_size() // ALIGN) * ALIGN
-        total = -(-max(total, 1) // PAGE) * PAGE
-        raw = torch.empty(total + PAGE, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE
-        block = raw[start : start + total]
-        if pin:
-            _register(block)
-            self._pinned.append(block)
+        block = HostBlock(total, pin, "checkpoint snapshots")
+        self._blocks.append(block)
         return [
             {
-                k: block[at[k] : at[k] + v.numel() * v.element_size()].view(v.dtype).view(v.shape)
+                k: block.data[at[k] : at[k] + v.numel() * v.element_size()]
+                .view(v.dtype)
+                .view(v.shape)
                 for k, v in member.items()
             }
             for member, at in zip(like, offsets, strict=True)
@@ -78,6 +70,7 @@ class CheckpointWriter:
     def save(self, ens: Ensemble, cursor: Cursor, step: int, diverged_at: torch.Tensor) -> None:
         """Snapshot every member at ``step`` and write them in the background."""
         self.wait()  # at most one write in flight; its buffers are about to be reused
+        metas = checkpoint_meta(ens, cursor, diverged_at)  # its host reads before the copies
         buffers = self._host_buffers(ens)
         for e, buf in enumerate(buffers):
             for k, v in member_tensors(ens, e).items():
@@ -85,7 +78,6 @@ class CheckpointWriter:
         done = torch.cuda.Event() if _on_cuda(ens) else None
         if done is not None:
             done.record()
-        metas = checkpoint_meta(ens, cursor, diverged_at)
         self._pending = self._pool.submit(self._write, step, metas, done)
 
     def _write(self, step: int, metas: list[dict], done: torch.cuda.Event | None) -> None:
@@ -115,25 +107,13 @@ class CheckpointWriter:
             log.warning("a checkpoint write failed while stopping on an error: %s", err)
         finally:
             self._pool.shutdown(wait=True)
-            for block in self._pinned:
-                torch.cuda.cudart().cudaHostUnregister(block.data_ptr())
-            self._pinned.clear()
+            for block in self._blocks:
+                block.release()
+            self._blocks.clear()
 
 
 ALIGN = 64
 """Byte alignment of each tensor in the host block."""
-PAGE = mmap.PAGESIZE
-"""What ``cudaHostRegister`` locks: whole pages."""
-
-
-def _register(block: torch.Tensor) -> None:
-    """Page-lock ``block`` for asynchronous device-to-host copies."""
-    err = int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0))
-    if err != 0:
-        raise SweepError(
-            f"could not page-lock {block.numel() / 2**30:.1f} GiB of host memory for "
-            f"checkpoint snapshots (cudaError {err}); lower grid.max_members"
-        )
 
 
 def _on_cuda(ens: Ensemble) -> bool:

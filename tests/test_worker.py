@@ -481,17 +481,17 @@ def test_checkpoint_host_block_is_locked_once_on_whole_pages(monkeypatch):
     """On CUDA the snapshot block is page-locked once, over whole pages inside its own
     allocation (CUDA refuses a range touching a page already locked); every member's tensors
     are disjoint views of it."""
-    from sweep import ckpt_writer
+    from sweep import ckpt_writer, hostmem
 
     locked: list[tuple[int, int]] = []
     monkeypatch.setattr(
-        ckpt_writer, "_register", lambda b: locked.append((b.data_ptr(), b.numel()))
+        hostmem, "_register", lambda b, what: locked.append((b.data_ptr(), b.numel()))
     )
     writer = ckpt_writer.CheckpointWriter([])
     like = [{"W": torch.zeros(3, 5), "n": torch.zeros((), dtype=torch.int64)} for _ in range(3)]
     views = writer._carve(like, pin=True)
     [(ptr, size)] = locked
-    assert ptr % ckpt_writer.PAGE == 0 and size % ckpt_writer.PAGE == 0
+    assert ptr % hostmem.PAGE == 0 and size % hostmem.PAGE == 0
     spans = sorted(
         (v.data_ptr(), v.data_ptr() + v.numel() * v.element_size())
         for m in views
@@ -502,8 +502,19 @@ def test_checkpoint_host_block_is_locked_once_on_whole_pages(monkeypatch):
     assert [{k: (v.shape, v.dtype) for k, v in m.items()} for m in views] == [
         {k: (v.shape, v.dtype) for k, v in m.items()} for m in like
     ]
-    writer._pinned.clear()  # nothing was really locked
+    for block in writer._blocks:
+        block.locked = False  # nothing was really locked
     writer.close()
+
+
+def test_a_host_block_too_large_to_lock_stays_pageable(monkeypatch):
+    from sweep import hostmem
+
+    monkeypatch.setattr(hostmem, "_register", lambda *_: pytest.fail("locked"))
+    monkeypatch.setattr(hostmem, "MAX_LOCKED_SHARE", 1e-9)
+    block = hostmem.HostBlock(1 << 20, lock=True, what="a test")
+    assert not block.locked and block.data.numel() >= 1 << 20
+    block.release()
 
 
 @pytest.mark.parametrize(
