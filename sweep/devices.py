@@ -54,3 +54,15 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
         return torch.device("cpu" if name == "auto" else name)
     except RuntimeError as err:
         raise SweepError(f"unknown device {name!r} for {field}; use auto, cpu or cuda") from err
+
+
+def release_device_memory() -> None:
+    """Hand the memory this process cached on its GPU back to the driver (a sweep's driver
+    after generating or harvesting data there: its ensembles need that memory)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

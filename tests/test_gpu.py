@@ -262,3 +262,22 @@ def test_stream_to_cuda_gives_the_host_batches(dtype, tmp_path):
     pairs = zip(staged.batches(Cursor()), host.batches(Cursor()), strict=True)
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in pairs)
     assert next(staged.batches(Cursor()))[1].device.type == "cuda"
+
+
+def test_stream_to_a_lagging_gpu_never_overwrites_a_chunk_in_use(tmp_path):
+    """The host runs far ahead of a busy GPU (a sleep kernel queued before every batch's
+    gather): the prefetch copies into the two device buffers wait for the gathers of the chunk
+    each buffer held, so every batch still equals the host path's."""
+    from sweep.activations.store import BatchStream, Cursor
+    from sweep.activations.synthetic import ensure_synthetic_store
+    from tests.conftest import tiny_data
+
+    store = ensure_synthetic_store(tiny_data(), tmp_path / "store")
+    want = [x for _, x in BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA, on_device=False)
+            .batches(Cursor())]  # fmt: skip
+    staged, got = BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA), []
+    for _, x in staged.batches(Cursor()):
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time queued ahead of the next gather
+        got.append(x)
+    torch.cuda.synchronize()
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -143,6 +143,15 @@ def test_truncated_chunk(store_copy):
         ChunkStore(store_copy)
 
 
+def test_a_column_major_chunk_is_refused_in_one_line(store_copy):
+    """A chunk saved in Fortran order (e.g. by a user's own pipeline) would be read as raw
+    row-major bytes by the GPU staging path: refused with the fix."""
+    f = store_copy / "chunk_00001.npy"
+    np.save(f, np.asfortranarray(np.load(f)))
+    with pytest.raises(StoreError, match=r"chunk_00001.npy is stored column-major.*row-major"):
+        ChunkStore(store_copy)
+
+
 def test_missing_chunk(store_copy):
     (store_copy / "chunk_00002.npy").unlink()
     with pytest.raises(StoreError, match="chunk_00002.npy is missing"):

@@ -38,7 +38,7 @@ from sweep import launcher
 from sweep.activations import lm, text
 from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
-from sweep.devices import torch_dtype
+from sweep.devices import release_device_memory, torch_dtype
 from sweep.errors import StoreError, SweepError
 from sweep.io import atomic_write, atomic_write_json, ensure_writable, remove_stale_temps
 
@@ -184,12 +184,14 @@ def harvest_with_stats(
         else text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
     )
     if model is not None or cfg.shards == 1:
-        model = (
-            model if model is not None else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
-        )
+        loaded = model is None
+        model = model if not loaded else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
         lm.check_hooks(model, cfg.hooks, cfg.model)
         _token_stream(cfg, plan, root, params, docs, model.tokenizer)
         results = [harvest_shard(cfg, plan, range(plan.n_groups), model)]
+        if loaded:  # a sweep's driver harvests, then trains: its model must leave the GPU
+            del model
+            release_device_memory()
     else:
         _token_stream(
             cfg,

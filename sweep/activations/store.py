@@ -19,9 +19,11 @@ import io
 import json
 import logging
 import math
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -31,6 +33,7 @@ import torch
 
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError
+from sweep.hostmem import HostBlock
 from sweep.io import atomic_write, atomic_write_json, cpu_count, read_exact
 
 log = logging.getLogger(__name__)
@@ -345,6 +348,11 @@ class ChunkStore:
                 f"chunk {f} has shape {arr.shape} {arr.dtype}, manifest says "
                 f"({info['rows']}, {self.width}) {self.dtype}; the store is damaged, regenerate it"
             )
+        if not arr.flags.c_contiguous:  # read_into copies raw bytes as rows
+            raise StoreError(
+                f"chunk {f} is stored column-major (Fortran order); save it row-major "
+                "(np.save(path, np.ascontiguousarray(a))) or regenerate the store"
+            )
 
     def scale(self, normalize: bool) -> float:
         """The constant that makes the mean row norm sqrt(width) (1.0 when not normalising)."""
@@ -599,14 +607,14 @@ class BatchStream:
         return np.random.default_rng(_seed(self.seed, 1, epoch, index)).permutation(rows)
 
     def _load(
-        self, epoch: int, index: int, consumer: object = None
+        self, epoch: int, index: int, released: object = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunk ``index`` for ``epoch`` (runs in the prefetch thread): its rows shuffled, or,
-        on the device, its rows in file order and the order to take them in (``consumer``:
-        the CUDA stream that trains on them)."""
+        on the device, its rows in file order and the order to take them in (``released``:
+        a CUDA event after which the buffer it is copied into is free)."""
         order = self._row_order(epoch, index)
         if self._staging is not None:
-            return self._staging.load(index, order, self._check, consumer)
+            return self._staging.load(index, order, self._check, released)
         x = self.store.read_rows(index, 0, len(order), order=order, check=self._check)
         if self.device.type == "cuda":
             x = x.pin_memory()
@@ -623,13 +631,16 @@ class BatchStream:
         # the training stream, taken on this (the consuming) thread: the prefetch thread does
         # not see a stream the caller made current
         consumer = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        if self._staging is not None:
+            self._staging.restart(consumer)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prefetch") as pool:
             loads = [(epoch, index) for epoch, _, index in plan]  # what each chunk load needs
-            pending = pool.submit(self._load, *loads[0], consumer) if plan else None
+            pending = pool.submit(self._load, *loads[0], _mark(consumer)) if plan else None
             for k, (epoch, pos, index) in enumerate(plan):
                 chunk, order = pending.result()  # type: ignore[union-attr]
-                if k + 1 < len(plan):
-                    pending = pool.submit(self._load, *loads[k + 1], consumer)
+                if k + 1 < len(plan):  # into the buffer of chunk k-1, all of whose batches
+                    # are queued: the copy waits for them on the device (the mark)
+                    pending = pool.submit(self._load, *loads[k + 1], _mark(consumer))
                 first = start.batch if (epoch, pos) == (start.epoch, start.chunk) else 0
                 for b in range(first, self.batches_per_chunk[index]):
                     yield self._next(Cursor(epoch, pos, b)), self._batch(chunk, order, b)
@@ -653,45 +664,83 @@ class BatchStream:
         return Cursor(at.epoch + 1, 0, 0)
 
 
+def _mark(stream: object) -> object:
+    """A CUDA event recorded now on ``stream`` (None off CUDA)."""
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)  # type: ignore[arg-type]
+    return event
+
+
 class _Staging:
-    """Whole chunks to the device: a reused pinned host buffer (sized for the largest chunk),
-    one read from the file into it, one host-to-device copy on a side stream, waited for in
-    the prefetch thread (so the buffer is free again and the chunk complete on return)."""
+    """Whole chunks to the device, into two device buffers used in turn (sized for the
+    largest chunk; exactly the two chunks :meth:`ChunkStore.staged_bytes` counts): one read
+    from the file into a reused page-locked host buffer, one host-to-device copy on a side
+    stream that first waits until the training stream is done with the buffer's previous
+    chunk, waited for in the prefetch thread (so the host buffer is free again and the chunk
+    complete on return)."""
 
     def __init__(self, store: ChunkStore, device: torch.device) -> None:
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
-        self._host: torch.Tensor | None = None
+        self.rows = max(int(c["rows"]) for c in store.chunks)
+        self._host: HostBlock | None = None
+        self._slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._next, self._consumer = 0, None
         self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self.dtype = torch_dtype(store.dtype)
 
-    def _buffer(self, rows: int) -> torch.Tensor:
-        need = max(int(c["rows"]) for c in self.store.chunks)
+    def restart(self, consumer: object = None) -> None:
+        """A new pass over the store (trained on the ``consumer`` stream) loads into the
+        first buffer first."""
+        self._next, self._consumer = 0, consumer
+
+    def _host_rows(self, rows: int) -> torch.Tensor:
+        n = self.rows * self.store.width * self.dtype.itemsize
         if self._host is None:
-            self._host = torch.empty(
-                need, self.store.width, dtype=torch_dtype(self.store.dtype), pin_memory=self.cuda
-            )
-        return self._host[:rows]
+            self._host = HostBlock(n, self.cuda, "staging chunks")
+            weakref.finalize(self, self._host.release)  # unlocked before it is freed
+        return self._host.data[:n].view(self.dtype).view(self.rows, self.store.width)[:rows]
+
+    def _slot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next device buffer in turn: (rows, d) in the store dtype and (rows,) int64."""
+        if len(self._slots) < 2:  # allocated on (so freed after) the stream that reads them
+            with torch.cuda.stream(self._consumer) if self._consumer else nullcontext():  # type: ignore[arg-type]
+                shape = (self.rows, self.store.width)
+                self._slots.append(
+                    (
+                        torch.empty(shape, dtype=self.dtype, device=self.device),
+                        torch.empty(self.rows, dtype=torch.int64, device=self.device),
+                    )
+                )
+        slot = self._slots[self._next]
+        self._next = 1 - self._next
+        return slot
 
     def load(
-        self, index: int, order: np.ndarray, check: bool, consumer: object = None
+        self, index: int, order: np.ndarray, check: bool, released: object = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunk ``index``'s first ``len(order)`` rows (file order) and ``order``, on the device
-        (on CUDA marked as used by the ``consumer`` stream, the training one)."""
-        host = self.store.read_into(index, self._buffer(len(order)))  # (rows, d)
-        idx = torch.from_numpy(order)  # (rows,) int64
+        (``released``: a CUDA event after which the buffer is no longer read)."""
+        n = len(order)
+        host = self.store.read_into(index, self._host_rows(n))  # (rows, d)
+        dev_rows, dev_idx = self._slot()
+        rows, idx = dev_rows[:n], dev_idx[:n]
         if not self.cuda:
-            rows = host.to(self.device, copy=True)
-            return self._checked(rows, index, check), idx.to(self.device)
+            rows.copy_(host)
+            idx.copy_(torch.from_numpy(order))
+            return self._checked(rows, index, check), idx
         with torch.cuda.stream(self._stream):
-            rows = host.to(self.device, non_blocking=True)
-            idx = idx.to(self.device, non_blocking=True)
+            if released is not None:
+                self._stream.wait_event(released)  # type: ignore[union-attr, arg-type]
+            rows.copy_(host, non_blocking=True)
+            idx.copy_(torch.from_numpy(order), non_blocking=True)
+            self._checked(rows, index, check)  # on the side stream (a sync: this thread)
             done = torch.cuda.Event()
             done.record(self._stream)
         done.synchronize()
-        main = consumer or torch.cuda.current_stream(self.device)
-        rows.record_stream(main)  # used (and freed) on the training stream
-        idx.record_stream(main)
-        return self._checked(rows, index, check), idx
+        return rows, idx
 
     def _checked(self, rows: torch.Tensor, index: int, check: bool) -> torch.Tensor:
         if check:

@@ -62,7 +62,7 @@ from sweep.activations.store import (
     writer_threads,
 )
 from sweep.config import SyntheticDataConfig
-from sweep.devices import resolve_device
+from sweep.devices import release_device_memory, resolve_device
 from sweep.errors import StoreError
 from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
@@ -268,13 +268,16 @@ class SyntheticSource:
         (seed, chunk, rows, device type)."""
         dev = torch.device(device)
         tab = self._on(dev)
-        out = torch.empty(rows, self.cfg.width, device=dev)  # (rows, d)
         codes_g, noise_g = _generators(self.cfg.seed, chunk, dev)
-        for at, n in _blocks(rows, dev):
+        blocks = _blocks(rows, dev)
+        out = None if len(blocks) == 1 else torch.empty(rows, self.cfg.width, device=dev)
+        for at, n in blocks:
             x = decode(self._block_codes(n, tab, codes_g), tab.features, n)  # (n, d)
             if self.cfg.noise > 0:
                 eps = torch.randn(n, self.cfg.width, generator=noise_g, device=dev)  # (n, d)
                 x.add_(eps, alpha=self.cfg.noise)
+            if out is None:  # one block (a chunk on a GPU): no second copy of the chunk
+                return x
             out[at : at + n] = x
         return out
 
@@ -397,7 +400,9 @@ def ensure_synthetic_store(
         if json.loads((path / PARAMS_FILE).read_text()) != marker:
             log.info("clearing incomplete synthetic store %s (other parameters or generator)", path)
             shutil.rmtree(path)
-    return _generate(cfg, path, marker, device)
+    store = _generate(cfg, path, marker, device)
+    release_device_memory()  # the tables and blocks are gone: leave the memory to training
+    return store
 
 
 def _generate(
@@ -438,5 +443,3 @@ def _write_chunks(
             continue
         rows = min(cfg.rows_per_chunk, cfg.rows - i * cfg.rows_per_chunk)
         writer.write_chunk(i, source.sample(rows, i, device))  # (rows, d) on device
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the driver keeps running: leave the memory to training
