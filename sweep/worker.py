@@ -72,8 +72,8 @@ class EnsembleResult:
     """The step this attempt continued from (0: from scratch)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
-    how many), ``checkpoint_write`` (the background writes) and ``finalize`` (evaluation and
-    final writes) by this attempt."""
+    how many; ``checkpoint_last``: the last one's, which waits for its write), ``checkpoint_write``
+    (the background writes) and ``finalize`` (evaluation and final writes) by this attempt."""
 
 
 class CheckpointClock:
@@ -146,13 +146,17 @@ class _Attempt:
         )
 
     def checkpoint(self, r: Restored, wait: bool = False) -> None:
-        """Snapshot every member and write in the background (``wait``: until on disk)."""
+        """Snapshot every member and write in the background (``wait``: until on disk, the
+        last checkpoint of this attempt: its seconds are also ``checkpoint_last``)."""
         t0 = time.perf_counter()
         self.writer.save(r.ens, r.cursor, r.step, r.diverged_at)
         if wait:
             self.writer.wait()
-        self.timings["checkpoint"] += time.perf_counter() - t0  # time training was held
+        held = time.perf_counter() - t0  # time training was held
+        self.timings["checkpoint"] += held
         self.timings["checkpoints"] += 1
+        if wait:
+            self.timings["checkpoint_last"] = held
 
     def resample(self, r: Restored, x: torch.Tensor) -> None:
         """Resample dead latents (ReLU-L1) and record how many in each run's events."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ from .ensembles import init_members, l1_grid, make_batches, make_ensemble
 from .timing import table, verdict
 
 TARGET, CKPT_TARGET = 0.85, 0.02
+CKPT_EVERY = 500
+"""Steps between checkpoints: far more often than the default's every 10 minutes, so the
+periodic (asynchronous) snapshots are exercised and their cost measured, conservatively."""
 
 
 @dataclass(frozen=True)
@@ -68,23 +72,37 @@ def make_store(p: Plan, path: Path, device: torch.device) -> tuple[Path, float, 
 
 
 class GpuSampler:
-    """``nvidia-smi`` utilisation samples (every 0.5 s) while a block runs; none on CPU."""
+    """``nvidia-smi`` utilisation samples (every 0.5 s, each stamped with the host's clock as it
+    arrives) while a block runs; none on CPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.on = device.type == "cuda" and shutil.which("nvidia-smi") is not None
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []
+        """(time.time(), utilisation %) pairs."""
 
     def __enter__(self) -> GpuSampler:
         if self.on:
             cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
             self.proc = subprocess.Popen([*cmd, "-lms", "500"], stdout=subprocess.PIPE, text=True)
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
         return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            if line.strip().isdigit():
+                self.samples.append((time.time(), float(line)))
 
     def __exit__(self, *exc: object) -> None:
         if self.on:
             self.proc.terminate()
-            out, _ = self.proc.communicate(timeout=10)
-            self.samples = [float(v) for v in out.split() if v.strip().isdigit()]
+            self.proc.wait(timeout=10)
+            self.reader.join(timeout=10)
+
+    def mean(self, start: float = 0.0, end: float = float("inf")) -> float | None:
+        """Mean utilisation of the samples in ``[start, end]`` (None: none there)."""
+        xs = [u for t, u in self.samples if start <= t <= end]
+        return sum(xs) / len(xs) if xs else None
 
 
 def run_sweep(p: Plan, store: Path, sweep_dir: Path, ctx: Context, share: str = "auto") -> float:
@@ -98,7 +116,7 @@ def run_sweep(p: Plan, store: Path, sweep_dir: Path, ctx: Context, share: str = 
         f"grid.dict_ratio=[{','.join(f'{r:g}' for r in p.ratios)}]",
         f"train.batch_size={p.batch}", f"train.dtype={p.dtype}",
         f"train.device={ctx.device.type}", f"train.threads={ctx.threads}", "progress=false",
-        f"launch.gpus_per_ensemble={share}",
+        f"launch.gpus_per_ensemble={share}", f"train.checkpoint_every={CKPT_EVERY}",
     ]  # fmt: skip
     cfg = to_sweep_config(compose(overrides))
     t0 = time.perf_counter()
@@ -180,28 +198,39 @@ def analyse(
     for ens_id, e in sorted(timings.items()):
         t = e["timings"]
         compile_s = t.get("compile", 0.0)  # once per worker: start-up, not training
-        train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0) - compile_s
+        last = t.get("checkpoint_last", 0.0)  # the final one waits for its write: not training
+        train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0) - compile_s - last
         achieved = t["steps"] * p.batch * e["members"] / train_s
         print(f"  {ens_id}: {e['members']} members, {t['steps']} steps in {train_s:.1f} s of "
               f"training: {achieved:,.0f} rows*K/s; timings {t}", flush=True)  # fmt: skip
         pure = step_rate(p, e["ratio"], e["members"], ctx)
-        ckpt = t.get("checkpoint", 0.0) / train_s
+        ckpt = (t.get("checkpoint", 0.0) - last) / train_s  # periodic snapshots' hold
         write = t.get("write", 0.0)
         train_total, compile_total = train_total + train_s, compile_total + compile_s
         eval_total, write_total = eval_total + t.get("finalize", 0) - write, write_total + write
-        figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure}
+        begin = e["start"] + t.get("restore", 0) + compile_s  # its training, roughly
+        util = gpu.mean(begin, begin + train_s)
+        figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure,
+                           "checkpoint_share": ckpt, "gpu_util_training": util}  # fmt: skip
         rows.append([ens_id, f"{achieved:,.0f}", f"{pure:,.0f}", f"{achieved / pure:.2f}",
-                     f"{ckpt:.4f}", f"{t.get('finalize', 0) - write:.1f}", f"{write:.1f}"])  # fmt: skip
+                     f"{ckpt:.4f}", f"{t.get('finalize', 0) - write:.1f}", f"{write:.1f}",
+                     "-" if util is None else f"{util:.0f}%"])  # fmt: skip
     first = min(e["start"] for e in timings.values())
     figures.update(startup_s=first - t_start, train_s=train_total, eval_s=eval_total)
     figures.update(write_s=write_total, compile_s=compile_total)
-    figures["gpu_util"] = sum(gpu.samples) / len(gpu.samples) if gpu.samples else None
+    figures["gpu_util"] = gpu.mean()
+    figures["gpu_samples"] = gpu.samples
     headers = ["ensemble", "rows*K/s sweep run", "rows*K/s pure step", "ratio", "ckpt share"]
-    table([*headers, "eval s", "write s"], rows)
-    worst = min(v["ratio"] for k, v in figures.items() if isinstance(v, dict) and "ratio" in v)
+    table([*headers, "eval s", "write s", "GPU util (training)"], rows)
+    per_ensemble = [v for v in figures.values() if isinstance(v, dict) and "ratio" in v]
+    worst = min(v["ratio"] for v in per_ensemble)
+    worst_ckpt = max(v["checkpoint_share"] for v in per_ensemble)
+    print(f"  periodic checkpoints (every {CKPT_EVERY} steps) held training for at most "
+          f"{worst_ckpt:.4f} of it: {verdict(worst_ckpt, CKPT_TARGET, higher=False)} (< {CKPT_TARGET})")  # fmt: skip
+    figures["worst_checkpoint_share"] = worst_ckpt
     print(f"  sweep wall {wall:.1f} s: start-up (Ray, plan) {figures['startup_s']:.1f} s, "
           f"compile {compile_total:.1f} s, training {train_total:.1f} s, evaluation {eval_total:.1f} s, final writes "
-          f"{write_total:.1f} s (ensembles may overlap); GPU utilisation {figures['gpu_util']}")  # fmt: skip
+          f"{write_total:.1f} s (ensembles may overlap); GPU utilisation over the whole sweep {figures['gpu_util']}")  # fmt: skip
     print(f"  worst training-phase / pure-step ratio {worst:.2f} {verdict(worst, TARGET)}")
     figures["worst_ratio"] = worst
     return figures

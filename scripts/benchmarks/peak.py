@@ -39,10 +39,17 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, ctx: Context) -> float
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     out = torch.empty(n, n, device=device, dtype=dtype)
-    secs = interleaved(
-        {"mm": lambda: torch.mm(a, b, out=out)}, ctx.timer, ctx.st.repeats, ctx.st.min_time
-    )
+    repeats, min_time = budget(ctx)
+    secs = interleaved({"mm": lambda: torch.mm(a, b, out=out)}, ctx.timer, repeats, min_time)
     return 2.0 * n**3 / med(secs["mm"])
+
+
+def budget(ctx: Context) -> tuple[int, float]:
+    """(repeats, seconds each) of this section's timings: on CUDA at least 3 of 0.5 s each,
+    whatever ``--quick`` says (the headline figures)."""
+    if ctx.device.type != "cuda":
+        return ctx.st.repeats, ctx.st.min_time
+    return max(ctx.st.repeats, 3), max(ctx.st.min_time, 0.5)
 
 
 class AutocastLoop(LoopTrainer):
@@ -97,9 +104,9 @@ def sweep_step(
     return fn
 
 
-def variants(size: Size, k: int, ctx: Context) -> dict[str, Callable[[], object]]:
-    """Every variant that builds and runs (CUDA graphs last: a failed capture can spoil the
-    context for whatever follows)."""
+def variants(size: Size, k: int, ctx: Context) -> tuple[dict, Callable[[], object] | None]:
+    """Every variant that builds and runs, and (on CUDA) a maker of the CUDA-graph one, built
+    only once the others are timed: a failed capture can spoil the context for what follows."""
     cuda = ctx.device.type == "cuda"
     batches = make_batches(size, 2, ctx.device)
     members, l1s = init_members(size, k, ctx.device), l1_grid(k)
@@ -112,27 +119,31 @@ def variants(size: Size, k: int, ctx: Context) -> dict[str, Callable[[], object]
     if cuda or size.m <= 512:  # vmap materialises per-member activations: small sizes on CPU
         ref = make_ensemble(members, l1s, fast=False)
         makers["vmap_fp32"] = lambda: feeder(batches, lambda x: ref.step(x, full=False))
-    if cuda:
-        makers["sweep_graphs"] = lambda: sweep_step(members, l1s, batches, cuda, True, True)
     built = {name: warmed(name, make) for name, make in makers.items()}
-    return {name: fn for name, fn in built.items() if fn is not None}
+    graphs = (lambda: sweep_step(members, l1s, batches, cuda, True, True)) if cuda else None
+    return {name: fn for name, fn in built.items() if fn is not None}, graphs
 
 
 def profile(step: Callable[[], object], cuda: bool, steps: int = 5) -> None:
     """Where the default step's time goes (``SWEEP_PEAK_PROFILE=1``): torch.profiler over a
-    few steps, the top operators by device (CPU: host) time, and kernels launched per step."""
+    few steps, the top operators by device (CPU: host) time, and kernels launched per step.
+    A profiler failure is printed, never the end of the section."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with torch_profile(activities=acts) as prof:
-        for _ in range(steps):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-    events = prof.key_averages()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(events.table(sort_by=key, row_limit=15), flush=True)
+    try:
+        with torch_profile(activities=acts) as prof:
+            for _ in range(steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(events.table(sort_by=key, row_limit=15), flush=True)
+    except Exception as err:  # noqa: BLE001 (the rates are already printed and saved)
+        print(f"  profile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        return
     if cuda:
         launches = sum(e.count for e in events if "LaunchKernel" in e.key)  # runtime or driver
         print(f"  kernel launches per step: {launches / steps:.0f}", flush=True)
@@ -143,8 +154,21 @@ def sizes(cuda: bool) -> list[tuple[Size, int]]:
     the smallest on the CPU."""
     if not cuda:
         return SIZES[:1]
-    picked = os.environ.get("SWEEP_PEAK_SIZES", "")
-    return [(s, k) for s, k in SIZES if not picked or s.name in picked.split(",")]
+    picked = [n.strip() for n in os.environ.get("SWEEP_PEAK_SIZES", "").split(",") if n.strip()]
+    unknown = sorted(set(picked) - {s.name for s, _ in SIZES})
+    if unknown:
+        raise SystemExit(f"SWEEP_PEAK_SIZES: unknown {unknown}; use {[s.name for s, _ in SIZES]}")
+    return [(s, k) for s, k in SIZES if not picked or s.name in picked]
+
+
+def timed(fns: dict, graphs: Callable | None, ctx: Context) -> dict:
+    """Seconds per step of each variant, interleaved (the graph variant after, alone)."""
+    repeats, min_time = budget(ctx)
+    secs = interleaved(fns, ctx.timer, repeats, min_time)
+    fn = warmed("sweep_graphs", graphs) if graphs is not None else None
+    if fn is not None:
+        secs.update(interleaved({"sweep_graphs": fn}, ctx.timer, repeats, min_time))
+    return secs
 
 
 def run(ctx: Context) -> dict:
@@ -153,13 +177,11 @@ def run(ctx: Context) -> dict:
     print(f"  matmul peak ({'bf16' if cuda else 'fp32'}): {fmt_rate(peak)}FLOP/s", flush=True)
     results, rows = [], []
     for size, k in sizes(cuda):
-        fns = variants(size, k, ctx)
-        secs = interleaved(fns, ctx.timer, ctx.st.repeats, ctx.st.min_time)
+        fns, graphs = variants(size, k, ctx)
         used = DEFAULT[cuda] if DEFAULT[cuda] in fns else "sweep_eager"
         if used != DEFAULT[cuda]:
             print(f"  {DEFAULT[cuda]} is missing: 'of peak' uses {used}", flush=True)
-        if os.environ.get("SWEEP_PEAK_PROFILE") and used in fns:
-            profile(fns[used], cuda)
+        secs = timed(fns, graphs, ctx)
         rate = {n: size.batch * k / med(s) for n, s in secs.items()}
         rate["sweep"] = rate.get(used, math.nan)  # as train.compile=auto runs it
         frac = rate["sweep"] * 12.0 * size.d * size.m / peak
@@ -171,6 +193,8 @@ def run(ctx: Context) -> dict:
                      f"{vs_loop:.2f}x", f"{frac:.3f}", "-" if target is None else f">= {target}"])  # fmt: skip
         print(f"  {size.name} K={k}: " + ", ".join(f"{n} {fmt_rate(r)}" for n, r in rate.items())
               + f"; {frac:.3f} of peak", flush=True)  # fmt: skip
+        if os.environ.get("SWEEP_PEAK_PROFILE", "0") not in ("", "0") and used in fns:
+            profile(fns[used], cuda)
     table(["size", "B", "K", *NAMES, "sweep/loop_compiled", "of peak", "target"], rows)
     print("  rows x members per second (median); 'of peak' and sweep/loop_compiled use the step")
     print("  train.compile=auto runs (compiled on CUDA, eager on the CPU).")

@@ -14,7 +14,8 @@ Seconds = dict[str, list[float]]
 
 
 class Timer:
-    """Wall-clock timing that waits for queued CUDA work at both ends."""
+    """Per-call timing: on CUDA between two CUDA events around the calls (the device's own
+    clock, from an idle queue to the last call's last kernel); on the CPU the wall clock."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -24,15 +25,24 @@ class Timer:
             torch.cuda.synchronize()
 
     def per_call(self, fn: Callable[[], object], min_time: float) -> float:
-        """Seconds per call of ``fn``, calling it until ``min_time`` has passed (at least once)."""
+        """Seconds per call of ``fn``, calling it until ``min_time`` has passed on the host
+        (at least once; on CUDA the count is what the host queued in that time)."""
         self.sync()
+        start = end = None
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0, n = time.perf_counter(), 0
         while True:
             fn()
             n += 1
             if time.perf_counter() - t0 >= min_time:
-                self.sync()
-                return (time.perf_counter() - t0) / n
+                break
+        if start is None or end is None:
+            return (time.perf_counter() - t0) / n
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
 
     def wall(self, fn: Callable[[], object]) -> float:
         self.sync()
@@ -76,7 +86,7 @@ def verdict(value: float, target: float, higher: bool = True) -> str:
 
 
 def table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     print("  " + "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
     for r in rows:
         print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))

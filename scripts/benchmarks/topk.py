@@ -78,10 +78,14 @@ def run(ctx: Context) -> dict:
     print("  loops: K autograd SAEs of the same")
     print("  architecture (sae.loss_fn), torch.optim.Adam each, decoder renorm; the ensembles")
     print("  step with full=False\n")
-    results = [topk_vs_loop(SMALL, k, ctx) for k in sorted({*ctx.st.small_k})]
-    results += [topk_vs_loop(LARGE, k, ctx) for k in ctx.st.large_k]
     headers = ["size", "d x m", "B", "K", "topk", "loop", "btopk", "loop", "topk/loop"]
     headers += ["btopk/loop", "jrelu", "loop", "jrelu/loop", "jrelu/vmap"]
+    cases = [(SMALL, k) for k in sorted({*ctx.st.small_k})] + [(LARGE, k) for k in ctx.st.large_k]
+    results = []
+    for size, k in cases:  # each printed as it is measured: a cut-off run keeps its figures
+        results.append(topk_vs_loop(size, k, ctx))
+        print("  " + ", ".join(f"{h} {v}" for h, v in zip(headers, row(results[-1]), strict=False)),
+              flush=True)  # fmt: skip
     table([*headers, "target"], [row(r) for r in results])
     print("  rows x members per second (median of the repeats). Issue target: >= 1.5x the loop")
     print("  at the small size on CPU; on a GPU at least as fast as the loop at every size.")
