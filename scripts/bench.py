@@ -25,6 +25,14 @@ nothing here asserts on time):
    each run's placement.json) over the pure ``Ensemble.step`` rate of the same ensembles, the
    checkpoint share, GPU utilisation (nvidia-smi) and the wall time split into start-up,
    store generation, training and evaluation (issue 9's sizes on CUDA; small on CPU).
+7. TopK family: the TopK, BatchTopK and JumpReLU ensemble steps against a loop of K plain
+   SAEs of the same architecture (and JumpReLU against its vmapped step).
+8. the step against the chip: rows*members/s of the default step at issue 10's sizes against
+   a researcher's bf16-autocast loop, its ``torch.compile``d variant and the naive
+   ``vmap(grad)``, and as a fraction of the bf16 matmul peak measured in the same run
+   (``SWEEP_PEAK_SIZES`` picks sizes, ``SWEEP_PEAK_PROFILE=1`` adds a profile).
+
+On CUDA, timings run between CUDA events.
 
 The machine may be shared, so absolute figures drift; every comparison interleaves its
 variants and reports the median of the repeats (and the best-of-N, which contention cannot

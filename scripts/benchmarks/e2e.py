@@ -168,7 +168,7 @@ fixed share."""
 def run(ctx: Context) -> dict:
     p = plan_for(ctx)
     store, gen_s, verify_s = make_store(p, ctx.tmp / "store-e2e", ctx.device)
-    shares = SHARES.split(",")
+    shares = [v.strip() for v in SHARES.split(",") if v.strip()] or ["auto"]
     walls, figures = {}, {"plan": p.__dict__, "generation_s": gen_s, "verify_s": verify_s}
     for share in shares:
         sweep_dir = ctx.tmp / f"sweep-e2e-{share}"
