@@ -47,23 +47,29 @@ def task_error_reason(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-CPU_OUT_OF_MEMORY = "can't allocate memory"
+HOST_OUT_OF_MEMORY = ("can't allocate memory",)
 """What torch's CPU allocator says when an allocation fails (a RuntimeError, not an OOM type)."""
+DEVICE_OUT_OF_MEMORY = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+"""What CUDA, cuBLAS and Triton say when device memory runs out outside torch's allocator
+(a handle, a graph, a kernel's load): RuntimeErrors of other types."""
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` — or what it wraps (torch.compile wraps an allocation that failed while
-    it tuned kernels) — is an allocation that did not fit in device or host memory."""
+def out_of_memory(err: BaseException) -> str | None:
+    """``"host"`` or ``"device"`` when ``err`` — or what it wraps (torch.compile wraps an
+    allocation that failed while it tuned kernels) — is memory that ran out; else None."""
     seen: set[int] = set()
-    todo: list[BaseException | None] = [err]
+    todo: list[object] = [err]
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
+        if not isinstance(e, BaseException) or isinstance(e, SweepError) or id(e) in seen:
+            continue  # (a SweepError already names its problem and fix)
         seen.add(id(e))
-        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-            return True
-        if isinstance(e, RuntimeError) and CPU_OUT_OF_MEMORY in str(e):
-            return True
-        todo += [e.__cause__, e.__context__, getattr(e, "inner_exception", None)]
-    return False
+        text = str(e)
+        if isinstance(e, MemoryError) or any(m in text for m in HOST_OUT_OF_MEMORY):
+            return "host"
+        if type(e).__name__ == "OutOfMemoryError" or any(m in text for m in DEVICE_OUT_OF_MEMORY):
+            return "device"
+        todo += [e.__cause__, getattr(e, "inner_exception", None)]
+        if not e.__suppress_context__:
+            todo.append(e.__context__)
+    return None

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
 """What ``cudaHostRegister`` locks: whole pages."""
+PORTABLE = 1
+"""``cudaHostRegisterPortable``."""
 MAX_LOCKED_SHARE = 0.125
 """The largest block locked, as a share of the host's physical memory."""
 
@@ -36,14 +38,17 @@ class HostBlock:
         raw = torch.empty(total + PAGE, dtype=torch.uint8)
         start = -raw.data_ptr() % PAGE
         self.data = raw[start : start + total]
+        self.what = what
         self.locked = lock and _lockable(total, what)
         if self.locked:
             _register(self.data, what)
 
     def release(self) -> None:
         if self.locked:
-            torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self.locked = False
+            err = int(torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr()))
+            if err != 0:
+                log.warning("could not unlock %s's host memory (cudaError %d)", self.what, err)
 
 
 def _lockable(nbytes: int, what: str) -> bool:
@@ -62,7 +67,8 @@ def _lockable(nbytes: int, what: str) -> bool:
 
 def _register(block: torch.Tensor, what: str) -> None:
     """Page-lock ``block`` for asynchronous copies."""
-    err = int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), 0))
+    # portable: locked for every device's context, not only the current one's
+    err = int(torch.cuda.cudart().cudaHostRegister(block.data_ptr(), block.numel(), PORTABLE))
     if err != 0:
         raise SweepError(
             f"could not page-lock {block.numel() / 2**30:.1f} GiB of host memory for {what} "

@@ -26,7 +26,7 @@ from sweep.ckpt_writer import CheckpointWriter
 from sweep.compiled import forget_compiled
 from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
 from sweep.devices import resolve_compute_dtype, resolve_device
-from sweep.errors import SweepError, is_out_of_memory
+from sweep.errors import SweepError, out_of_memory
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
@@ -272,7 +272,8 @@ def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[Non
     try:
         yield
     except Exception as err:
-        if not is_out_of_memory(err):
+        kind = out_of_memory(err)
+        if kind is None:
             raise
         ens, t = job.ensemble, job.train
         n, run = len(ens.members), ens.members[0]
@@ -289,7 +290,8 @@ def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[Non
         )
         raise SweepError(
             f"ensemble {ens.ensemble_id} ({n} member(s) of {run.width}x{ens.dict_size}, batch "
-            f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu')}) ran out of memory on {device}: {fix}; its "
+            f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu')}) ran out of "
+            f"{'host memory' if kind == 'host' else f'memory on {device}'}: {fix}; its "
             "checkpoints are kept"
         ) from err
 

@@ -245,3 +245,20 @@ def test_memory_that_runs_out_while_compiling_is_not_called_a_compile_failure():
 
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
         compiled.call(tuning)
+
+
+def test_device_memory_named_only_in_a_message_is_still_out_of_memory():
+    """cuBLAS, CUDA graphs and Triton report running out of device memory as RuntimeErrors;
+    an OOM already handled (its context suppressed) does not count."""
+    from sweep.errors import out_of_memory
+
+    assert out_of_memory(RuntimeError("CUDA error: out of memory")) == "device"
+    assert out_of_memory(RuntimeError("CUBLAS_STATUS_ALLOC_FAILED when calling")) == "device"
+    assert out_of_memory(MemoryError()) == "host"
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:
+            raise ValueError("bad input") from None
+    except ValueError as err:
+        assert out_of_memory(err) is None

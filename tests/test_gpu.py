@@ -264,6 +264,41 @@ def test_stream_to_cuda_gives_the_host_batches(dtype, tmp_path):
     assert next(staged.batches(Cursor()))[1].device.type == "cuda"
 
 
+def test_stream_buffers_never_take_memory_the_training_stream_still_uses(tmp_path, monkeypatch):
+    """Memory the training stream frees with kernels still queued (here a NaN fill behind a
+    sleep) goes back to its pool at once; the staging buffers must not be carved from it
+    while the side stream copies a chunk in (they are made before the pass's first mark)."""
+    import threading
+
+    from sweep.activations.store import BatchStream, ChunkStore, Cursor
+    from sweep.activations.synthetic import ensure_synthetic_store
+    from tests.conftest import tiny_data
+
+    store = ensure_synthetic_store(tiny_data(), tmp_path / "store")
+    want = [x for _, x in BatchStream(store, 256, 3, 1, 1024, 1.3, CUDA, on_device=False)
+            .batches(Cursor())]  # fmt: skip
+    real, go, loads = ChunkStore.read_into, threading.Event(), []
+
+    def held(self, index, out):
+        loads.append(index)
+        if len(loads) == 2:  # the second chunk's load waits for the trap below
+            go.wait(timeout=30)
+        return real(self, index, out)
+
+    monkeypatch.setattr(ChunkStore, "read_into", held)
+    got = []
+    for k, (_, x) in enumerate(BatchStream(store, 256, 3, 1, 1024, 1.3, CUDA).batches(Cursor())):
+        got.append(x.clone())
+        if k == 0:
+            torch.cuda._sleep(50_000_000)  # the fill below runs long after it is queued
+            trap = torch.empty(store.chunks[0]["rows"] * store.width * 2, device=CUDA)
+            trap.fill_(float("nan"))
+            del trap  # back to the training stream's pool, its fill still queued
+            go.set()
+    torch.cuda.synchronize()
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_stream_to_a_lagging_gpu_never_overwrites_a_chunk_in_use(tmp_path):
     """The host runs far ahead of a busy GPU (a sleep kernel queued before every batch's
     gather): the prefetch copies into the two device buffers wait for the gathers of the chunk

@@ -572,7 +572,7 @@ def test_memory_that_runs_out_is_one_line_naming_the_fix_and_keeps_checkpoints(
     msg = str(err.value)
     assert "\n" not in msg
     assert "ensemble r2-e0 (2 member(s) of 16x32, batch 256, float32) ran out of memory" in msg
-    assert "on cpu: re-run the command adding grid.max_members=1; its checkpoints are" in msg
+    assert "memory on cpu: re-run the command adding grid.max_members=1; its checkpoints" in msg
     monkeypatch.setattr(Ensemble, "step", real)
     assert train_ensemble(job).resumed_from == 7  # the checkpoint before the failure
 
@@ -584,5 +584,5 @@ def test_a_lone_member_that_does_not_fit_says_so(tiny_store, tmp_path, monkeypat
         raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB")
 
     monkeypatch.setattr(Ensemble, "step", step)
-    with pytest.raises(SweepError, match="one member alone does not fit: use a device with"):
+    with pytest.raises(SweepError, match="ran out of host memory: one member alone does not fit"):
         train_ensemble(job_for(tiny_store, tmp_path, l1s=(1e-3,)))

@@ -161,10 +161,15 @@ def sizes(cuda: bool) -> list[tuple[Size, int]]:
     return [(s, k) for s, k in SIZES if not picked or s.name in picked]
 
 
-def timed(fns: dict, graphs: Callable | None, ctx: Context) -> dict:
-    """Seconds per step of each variant, interleaved (the graph variant after, alone)."""
+def timed(fns: dict, graphs: Callable | None, ctx: Context, used: str) -> dict:
+    """Seconds per step of each variant, interleaved, printed as measured; then the profile
+    (when asked) and the graph variant, timed alone (a failed capture can spoil the context,
+    so it comes last)."""
     repeats, min_time = budget(ctx)
     secs = interleaved(fns, ctx.timer, repeats, min_time)
+    print("  " + ", ".join(f"{n} {med(v) * 1e3:.3g} ms" for n, v in secs.items()), flush=True)
+    if os.environ.get("SWEEP_PEAK_PROFILE", "0") not in ("", "0") and used in fns:
+        profile(fns[used], ctx.device.type == "cuda")
     fn = warmed("sweep_graphs", graphs) if graphs is not None else None
     if fn is not None:
         secs.update(interleaved({"sweep_graphs": fn}, ctx.timer, repeats, min_time))
@@ -181,7 +186,7 @@ def run(ctx: Context) -> dict:
         used = DEFAULT[cuda] if DEFAULT[cuda] in fns else "sweep_eager"
         if used != DEFAULT[cuda]:
             print(f"  {DEFAULT[cuda]} is missing: 'of peak' uses {used}", flush=True)
-        secs = timed(fns, graphs, ctx)
+        secs = timed(fns, graphs, ctx, used)
         rate = {n: size.batch * k / med(s) for n, s in secs.items()}
         rate["sweep"] = rate.get(used, math.nan)  # as train.compile=auto runs it
         frac = rate["sweep"] * 12.0 * size.d * size.m / peak
@@ -193,8 +198,6 @@ def run(ctx: Context) -> dict:
                      f"{vs_loop:.2f}x", f"{frac:.3f}", "-" if target is None else f">= {target}"])  # fmt: skip
         print(f"  {size.name} K={k}: " + ", ".join(f"{n} {fmt_rate(r)}" for n, r in rate.items())
               + f"; {frac:.3f} of peak", flush=True)  # fmt: skip
-        if os.environ.get("SWEEP_PEAK_PROFILE", "0") not in ("", "0") and used in fns:
-            profile(fns[used], cuda)
     table(["size", "B", "K", *NAMES, "sweep/loop_compiled", "of peak", "target"], rows)
     print("  rows x members per second (median); 'of peak' and sweep/loop_compiled use the step")
     print("  train.compile=auto runs (compiled on CUDA, eager on the CPU).")
