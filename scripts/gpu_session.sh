@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open issues ask for, ordered by what matters most, sized for one
-# session's device time (15 min: a cold start of 1-2 min, then one call of at most 10 min).
+# Every GPU measurement the open issues ask for, ordered by what matters most, in three parts
+# sized for the device time a session gets (15 min: a cold start of 1-2 min, then one call of
+# at most 10 min; later sessions run the parts an earlier one did not reach).
 # Here, once:  bash ../shared/device/prepare.sh
 # Then the device tool, carry [".devenv"], timeout_s 590:
 #   source .devenv/setup.sh; bash scripts/gpu_session.sh main $OUT
 # and, if device time is left, at once (the machine stays warm ~30 s), timeout_s <= the rest:
 #   source .devenv/setup.sh; bash scripts/gpu_session.sh extra $OUT
+# then, in a later call or session, `rest`.
 # Each step has its own time limit, so one that hangs or fails leaves the others' results;
 # logs and JSON land in $OUT (8 files at most come back).
 set -u
-part=${1:?main or extra}
+part=${1:?main, extra or rest}
 out=${2:?output folder}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -40,11 +42,14 @@ if [ "$part" = main ]; then  # 530 s of limits (+20 s grace each), plus setup.sh
   # 8M rows: ~1950 steps per ensemble, checkpoints every 500 (the ratio is per step)
   SWEEP_E2E_ROWS=8000000 SWEEP_E2E_SHARES=auto step e2e 170 \
     $bench --sections 6 --json "$out/e2e.json"
-else  # in order of what the issues still lack; the call's own limit cuts the tail
+elif [ "$part" = extra ]; then  # in order of what the issues still lack; the call's limit cuts the tail
   tests memory_tests 60 -k "memory_model"  # 4 compiles of a small step
   step feed 60 $bench --sections 3 --json "$out/feed.json"  # no compiles: quick
   SWEEP_PEAK_SIZES=128x512,512x4096,2304x18432 step peak_more 200 \
     $bench --quick --sections 8 --json "$out/peak_more.json"
   step topk 150 $bench --quick --sections 7 --json "$out/topk.json"
+else  # rest: the Ray/harvest GPU tests, and auto packing against fixed shares (issue 9)
   tests sweep_tests 240 -k "not ($data or $steps or memory_model)"
+  SWEEP_E2E_ROWS=2000000 SWEEP_E2E_RATIOS=4,8,16,32 SWEEP_E2E_SHARES=auto,0.25,0.5,1 \
+    step packing 330 $bench --sections 6 --json "$out/packing.json"
 fi

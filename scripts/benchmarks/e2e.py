@@ -49,11 +49,12 @@ class Plan:
 
 
 def plan_for(ctx: Context) -> Plan:
-    """The issue's sizes on CUDA (``SWEEP_E2E_ROWS`` overrides the rows: until synthetic data
-    is generated on the GPU, 20M rows take minutes to generate on the CPU); small on CPU."""
+    """The issue's sizes on CUDA (``SWEEP_E2E_ROWS`` overrides the rows, ``SWEEP_E2E_RATIOS``
+    the dict ratios, e.g. ``4,8,16,32`` for issue 9's packing comparison); small on CPU."""
     if ctx.device.type == "cuda" and ctx.st.repeats > 1:
         rows = int(os.environ.get("SWEEP_E2E_ROWS", 20_000_000))
-        return Plan(rows, 512, (8.0, 32.0), 8, 4096, "bfloat16")
+        ratios = os.environ.get("SWEEP_E2E_RATIOS", "8,32").split(",")
+        return Plan(rows, 512, tuple(float(r) for r in ratios if r.strip()), 8, 4096, "bfloat16")
     return Plan(400_000, 64, (2.0, 4.0), 4, 1024, "float32")
 
 
