@@ -116,9 +116,9 @@ class RunFolder:
             return {}
         return value if isinstance(value, dict) else {}
 
-    def is_done(self) -> bool:
+    def is_done(self, deep: bool = False) -> bool:
         """``DONE`` is there and what it vouches for is intact (see :meth:`final_problem`)."""
-        return (self.path / DONE).is_file() and self.final_problem() is None
+        return (self.path / DONE).is_file() and self.final_problem(deep) is None
 
     def final_problem(self, deep: bool = False) -> str | None:
         """Why this final run can't be trusted, or None. Cheap checks: ``DONE`` and
@@ -226,10 +226,12 @@ class RunFolder:
 
     def start(self, spec: dict, placement: dict) -> None:
         """A new attempt: record the spec and where it runs; clear FAILED / interrupted marks
-        (and a damaged ``DONE``: the run is trained again)."""
+        and a damaged ``DONE`` (the run is trained again). An intact ``DONE`` stays: a retried
+        ensemble whose results were all written finishes without training."""
         self.path.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(self.path)
-        (self.path / DONE).unlink(missing_ok=True)
+        if not self.is_done(deep=True):
+            (self.path / DONE).unlink(missing_ok=True)
         (self.path / FAILED).unlink(missing_ok=True)  # a retried run is no longer failed
         (self.path / INTERRUPTED).unlink(missing_ok=True)
         atomic_write_json(self.path / SPEC, spec)

@@ -586,3 +586,16 @@ def test_a_lone_member_that_does_not_fit_says_so(tiny_store, tmp_path, monkeypat
     monkeypatch.setattr(Ensemble, "step", step)
     with pytest.raises(SweepError, match="ran out of host memory: one member alone does not fit"):
         train_ensemble(job_for(tiny_store, tmp_path, l1s=(1e-3,)))
+
+
+def test_a_retried_ensemble_whose_results_are_written_keeps_them(tiny_store, tmp_path):
+    """A worker killed after writing every result (checkpoints already cleared, e.g. while its
+    tracker closed) is retried by Ray with the same job: it finishes at once, its results
+    untouched, instead of training again from scratch over them."""
+    job = job_for(tiny_store, tmp_path)
+    train_ensemble(job)
+    folders = [rundir.run_dir(tmp_path, m.run_id) for m in job.ensemble.members]
+    before = [(digest(f), (f / "DONE").stat().st_mtime_ns) for f in folders]
+    again = train_ensemble(job)
+    assert again.steps == 0 and set(again.states.values()) == {"done"}
+    assert [(digest(f), (f / "DONE").stat().st_mtime_ns) for f in folders] == before
