@@ -480,7 +480,8 @@ class LaunchConfig:
     GPU) or ``auto``: each ensemble's share from its memory and modelled load
     (:mod:`sweep.packing`), so small ensembles share a GPU."""
     device_memory_gb: float = 0
-    """Memory budget per ensemble for the memory model; 0 = detect."""
+    """Memory for the memory model, in GiB: of one GPU when training on GPUs (an ensemble
+    plans for its share of it), per ensemble on the CPU; 0 = detect."""
     max_retries: int = 2
     """Ray retries of a crashed ensemble task (each resumes from its last checkpoint)."""
     temp_dir: str | None = None
@@ -495,6 +496,10 @@ class LaunchConfig:
         _require(
             share == "auto" or (not isinstance(share, str) and share > 0),
             f"launch.gpus_per_ensemble must be a number > 0 or auto, got {share}",
+        )
+        _require(
+            isinstance(share, str) or share <= 1 or float(share).is_integer(),
+            f"launch.gpus_per_ensemble above 1 must be a whole number of GPUs, got {share}",
         )
         _require(self.max_retries >= 0, f"launch.max_retries must be >= 0, got {self.max_retries}")
         _require(

@@ -156,7 +156,7 @@ def _train(
         import ray
 
         signals.reinstall()  # ray.init's core worker installs handlers of its own
-        res = launcher.Resources(cfg, ray.cluster_resources())
+        res = launcher.Resources(cfg, ray.cluster_resources(), launcher.largest_node())
         cfg = replace(cfg, train=replace(cfg.train, dtype=_compute_dtype(cfg, res)))
         planning.check_compatible(folder, cfg)
         budget = _device_budget(store, res)
@@ -281,10 +281,13 @@ class _Execution:
         self.started = time.time()
 
     def _job(self, ens: EnsembleSpec) -> EnsembleJob:
+        """The task's job. A CPU-planned one trains on the CPU: Ray no longer hides the GPUs
+        from a task that asks for none, so left on ``auto`` it would take GPU 0."""
         c = self.cfg
         sweep_dir, store = str(self.folder.path.absolute()), str(self.store.path.absolute())
+        train = c.train if self.res.on_gpu else replace(c.train, device="cpu")
         return EnsembleJob(
-            ens, sweep_dir, store, c.data.normalize, c.data.eval_rows, c.train,
+            ens, sweep_dir, store, c.data.normalize, c.data.eval_rows, train,
             threads=self.res.threads, data=c.data, sae=c.sae, logger=c.logger,
         )  # fmt: skip
 

@@ -118,9 +118,14 @@ def ray_session(
 class Resources:
     """What each ensemble task asks Ray for, and the device memory model's budget."""
 
-    def __init__(self, cfg: SweepConfig, cluster: dict[str, float]) -> None:
+    def __init__(
+        self, cfg: SweepConfig, cluster: dict[str, float], node: dict[str, float] | None = None
+    ) -> None:
+        """``cluster``: Ray's total resources; ``node``: the largest node's (default: the
+        cluster is one node). A task asking for more than one node has would wait forever."""
         import psutil
 
+        node = cluster if node is None else node
         gpus = cluster.get("GPU", 0)
         if cfg.train.device == "cuda" and gpus == 0:
             raise SweepError(
@@ -136,11 +141,12 @@ class Resources:
             self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
             self.device_bytes = self.gpu_bytes * min(1.0, share)
         else:
-            self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or cpus
+            self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or node.get("CPU", cpus)
             concurrent = max(1, math.floor(cpus / self.num_cpus))
             self.device_bytes = (
                 lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
             )
+        _fits_a_node(self.num_gpus, self.num_cpus, node)
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
         self.gpus = gpus
         per, have = (self.num_gpus, gpus) if self.on_gpu else (self.num_cpus, cpus)
@@ -148,6 +154,25 @@ class Resources:
         self.slots = 1 if packed else max(1, math.floor(have / per + 1e-9))
         """Ensembles that would each have hardware of their own (fewer leave some idle); 1
         under a fixed fraction of a GPU, which packs ensembles onto one as asked."""
+
+
+def _fits_a_node(gpus: float, cpus: float, node: dict[str, float]) -> None:
+    """Refuse a per-ensemble request no node can grant (Ray would wait for it forever)."""
+    for name, want, field in (("GPU", gpus, "gpus"), ("CPU", cpus, "cpus")):
+        have = node.get(name, 0)
+        if want > have + 1e-9:
+            raise SweepError(
+                f"launch.{field}_per_ensemble={want:g} but no Ray node has more than {have:g} "
+                f"{name}s: ask for at most {have:g} (Ray would wait for such a node forever)"
+            )
+
+
+def largest_node() -> dict[str, float]:
+    """The CPUs and GPUs of the Ray node that has the most of each (alive nodes only)."""
+    import ray
+
+    alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return {k: max((r.get(k, 0.0) for r in alive), default=0.0) for k in ("CPU", "GPU")}
 
 
 def _gpu_bytes() -> float:

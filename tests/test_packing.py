@@ -115,3 +115,40 @@ def test_ensembles_are_split_to_fill_whole_devices_only():
     cpu = cfg_of("launch.cpus_per_ensemble=4", "train.device=cpu")
     assert Resources(cpu, {"CPU": 16.0}).slots == 4
     assert Resources(cfg_of("train.device=cpu"), {"CPU": 16.0}).slots == 1  # one takes all
+
+
+def test_a_request_no_node_can_grant_is_refused_not_waited_for():
+    """Ray waits forever for a node with more GPUs (or CPUs) than any has; a multi-node CPU
+    cluster's ensembles ask for one node's CPUs, not the whole cluster's."""
+    from sweep.errors import SweepError
+    from sweep.launcher import Resources
+    from tests.test_config import cfg_of
+
+    two_nodes, node = {"GPU": 2.0, "CPU": 32.0}, {"GPU": 1.0, "CPU": 16.0}
+    with pytest.raises(
+        SweepError, match=r"gpus_per_ensemble=2 but no Ray node has more than 1 GPU"
+    ):
+        Resources(cfg_of("launch.gpus_per_ensemble=2"), two_nodes, node)
+    with pytest.raises(SweepError, match=r"cpus_per_ensemble=20 but no Ray node has more than 16"):
+        Resources(cfg_of("launch.cpus_per_ensemble=20", "train.device=cpu"), two_nodes, node)
+    assert Resources(cfg_of("train.device=cpu"), two_nodes, node).num_cpus == 16
+    with pytest.raises(ConfigError, match="above 1 must be a whole number of GPUs, got 1.5"):
+        cfg_of("launch.gpus_per_ensemble=1.5")
+
+
+def test_a_cpu_planned_ensemble_trains_on_the_cpu_even_where_gpus_are_visible(tmp_path):
+    """Ray (2.5x on) leaves CUDA_VISIBLE_DEVICES as is for a task asking for no GPU: a job
+    planned for the CPU must say so, or its worker's ``auto`` would take GPU 0."""
+    from types import SimpleNamespace
+
+    from sweep import driver
+    from sweep.launcher import Resources
+    from tests.test_config import cfg_of
+
+    cfg = cfg_of("train.device=auto")
+    for cluster, device in (({"CPU": 16.0}, "cpu"), ({"CPU": 16.0, "GPU": 1.0}, "auto")):
+        res = Resources(cfg, cluster)
+        run = SimpleNamespace(path=tmp_path), SimpleNamespace(path=tmp_path)
+        me = SimpleNamespace(cfg=cfg, folder=run[0], store=run[1], res=res)
+        job = driver._Execution._job(me, ensemble(16, 2, 1))  # type: ignore[arg-type]
+        assert job.train.device == device
