@@ -65,4 +65,5 @@ def release_device_memory() -> None:
 
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # what is still queued frees its blocks first
         torch.cuda.empty_cache()

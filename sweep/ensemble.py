@@ -125,6 +125,14 @@ class Ensemble:
         self._cast: Params = {}
         self._cast_of: tuple = ()
 
+    def release_training_state(self) -> None:
+        """Drop what only training needs (Adam's moments, the step's workspaces and weight
+        copies, the compiled step), leaving the weights and buffers to evaluate: the device
+        memory goes to the evaluation (a language model, for LM metrics). No more steps."""
+        self.state = AdamState({}, {}, {})
+        self._ws, self._cast, self._cast_of = {}, {}, ()
+        self._compiled_fn, self._vmapped = None, {}
+
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
         f = self.params["W_enc"].shape[-1]
         out = stack([self.arch.init_buffers(f) for _ in range(self.n)]) if self.arch.buffers else {}

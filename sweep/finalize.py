@@ -3,6 +3,7 @@ run folder's final files (weights, ``cfg.json``, metrics, feature density, ``DON
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,10 +12,13 @@ from safetensors.torch import save
 
 from sweep import lm_metrics, metrics, sae
 from sweep.activations.store import ChunkStore
+from sweep.devices import release_device_memory
 from sweep.ensemble import Ensemble
 from sweep.grid import RunSpec
 from sweep.logger import RunLogger
 from sweep.rundir import FinalResult, RunFolder
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +82,11 @@ def _metrics_of_members(
     return out
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def _member_tensors(ens: Ensemble, e: int, device: torch.device) -> sae.Params:
     """Member ``e``'s parameters and architecture buffers, float32 on ``device``."""
     kept = {**ens.params, **{k: ens.buffers[k] for k in ens.arch.buffers}}
@@ -103,7 +112,9 @@ def finish_members(
     gets ``write``: the seconds spent writing the final files."""
     x_eval = ev.store.tail_rows(ev.eval_rows).to(ev.device).float() * ev.scale
     gt = ev.store.ground_truth()
-    lm_eval = lm_metrics.LMEval.for_store(ev.store, ev.device, ev.lm_eval_tokens)
+    lm_eval, lm_skipped = lm_metrics.LMEval.prepare(ev.store, ev.device, ev.lm_eval_tokens)
+    if lm_skipped:
+        log.warning("LM metrics skipped: %s", lm_skipped)
     provenance = ev.store.provenance.get("source_info", {})
     states = {}
     cfgs = [sae.run_cfg(r, ev.scale, str(ev.store.path), provenance, ens.arch) for r in runs]
@@ -111,7 +122,15 @@ def finish_members(
     for e, (run, folder, cfg) in enumerate(zip(runs, folders, cfgs, strict=True)):
         params = _saved_tensors(ens, e)
         m, freq = judged[e]
-        m.update(lm_metrics.member_metrics(lm_eval, params, cfg))
+        if lm_eval is not None:
+            try:
+                m.update(lm_metrics.member_metrics(lm_eval, params, cfg))
+            except Exception as err:  # noqa: BLE001 (LM metrics never cost a finished result)
+                lm_eval, lm_skipped = None, f"LM metrics failed ({_first_line(err)})"
+                release_device_memory()
+        if lm_skipped:
+            m["lm_metrics_skipped"] = lm_skipped
+            folder.append_event({"event": "lm_metrics_skipped", "reason": lm_skipped})
         diverged = diverged_at[e] if diverged_at[e] >= 0 else None
         state = "done" if diverged is None else "diverged"
         trained = step if diverged is None else diverged

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from sweep.config import LaunchConfig, SweepConfig
+from sweep.devices import release_device_memory
 from sweep.errors import SweepError, task_error_reason
 from sweep.stop import StopWatch, exit_now, quietly
 
@@ -291,4 +292,7 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
                 job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0
             )
         job = replace(job, placement=placement())
-        return train_ensemble(job, progress=report, should_stop=stop.is_set)
+        try:
+            return train_ensemble(job, progress=report, should_stop=stop.is_set)
+        finally:  # Ray hands the GPU share on before this process exits: free what it cached
+            release_device_memory()

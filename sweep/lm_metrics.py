@@ -234,27 +234,34 @@ class LMEval:
     ) -> LMEval | None:
         """An evaluator for runs trained on ``store``, or None (logged) when it has no model,
         no held-out tokens, or its model cannot be loaded here."""
+        ev, why = cls.prepare(store, device, max_tokens)
+        if why:
+            log.warning("LM metrics skipped: %s", why)
+        return ev
+
+    @classmethod
+    def prepare(
+        cls, store: ChunkStore, device: torch.device | str, max_tokens: int | None = None
+    ) -> tuple[LMEval | None, str | None]:
+        """(evaluator, None), or (None, why not) — why is None where there is nothing to
+        evaluate (a store without a model, or ``max_tokens`` 0)."""
         info = store.provenance.get("source_info", {})
         if not info.get("model") or not info.get("hook") or max_tokens == 0:
-            return None
+            return None, None
         f = store.path / store.provenance.get("lm_eval", {}).get("file", EVAL_TOKENS_FILE)
         if not f.is_file():
-            log.warning(
-                "LM metrics skipped: store %s has no held-out tokens (%s)", store.path, f.name
-            )
-            return None
+            return None, f"store {store.path} has no held-out tokens ({f.name})"
         tokens = torch.from_numpy(np.load(f, allow_pickle=False).astype(np.int64))  # (N, P)
         if max_tokens is not None:
             tokens = tokens[: max(1, math.ceil(max_tokens / tokens.shape[1]))]
         if tokens.shape[0] == 0:
-            return None
+            return None, None
         try:
             model = lm.load_model(info["model"], device, info.get("model_dtype", "float32"))
         except SweepError as err:
-            log.warning("LM metrics skipped: %s", err)
-            return None
+            return None, str(err)
         first = int(bool(info.get("prepend_bos")) and bool(info.get("drop_bos")))
-        return cls(model, info["hook"], tokens, first)
+        return cls(model, info["hook"], tokens, first), None
 
 
 def member_metrics(ev: LMEval | None, params: Params, cfg: dict) -> dict[str, float]:

@@ -25,7 +25,7 @@ from sweep.activations.store import BatchStream, ChunkStore
 from sweep.ckpt_writer import CheckpointWriter
 from sweep.compiled import forget_compiled
 from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
-from sweep.devices import resolve_compute_dtype, resolve_device
+from sweep.devices import release_device_memory, resolve_compute_dtype, resolve_device
 from sweep.errors import SweepError, out_of_memory
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
@@ -257,6 +257,9 @@ def _train_and_finish(
         return {m.run_id: "interrupted" for m in at.runs}
     at.checkpoint(r, wait=True)  # a failure while evaluating resumes here, not earlier
     t1 = time.perf_counter()
+    r.ens.release_training_state()  # the device memory goes to the evaluation
+    at.stream.release()
+    release_device_memory()
     diverged = r.diverged_at.tolist()
     states = finish_members(
         r.ens, at.runs, at.folders, r.step, diverged, at.eval_setting(), at.tracker(), at.timings

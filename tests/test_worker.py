@@ -599,3 +599,56 @@ def test_a_retried_ensemble_whose_results_are_written_keeps_them(tiny_store, tmp
     again = train_ensemble(job)
     assert again.steps == 0 and set(again.states.values()) == {"done"}
     assert [(digest(f), (f / "DONE").stat().st_mtime_ns) for f in folders] == before
+
+
+def _store_with_a_model(tiny_store, tmp_path, model: str):
+    """A copy of the tiny store whose provenance names a language model and held-out tokens."""
+    import shutil
+
+    import numpy as np
+
+    from sweep import lm_metrics
+    from sweep.activations.store import MANIFEST, ChunkStore
+    from sweep.rundir import atomic_write_json, read_json
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(tiny_store.path, store_dir)
+    manifest = read_json(store_dir / MANIFEST)
+    manifest["provenance"] = {"source_info": {"model": model, "hook": "h"}, "lm_eval": {}}
+    atomic_write_json(store_dir / MANIFEST, manifest)
+    np.save(store_dir / lm_metrics.EVAL_TOKENS_FILE, np.zeros((2, 8), dtype=np.int32))
+    return ChunkStore(store_dir)
+
+
+def test_lm_metrics_that_cannot_run_are_recorded_and_never_cost_the_results(
+    tiny_store, tmp_path, monkeypatch
+):
+    """A model that cannot be loaded, or LM metrics that fail midway (on a GPU: out of memory
+    with the model beside the ensemble), leave every run finished with the reason in its
+    metrics.json and events.jsonl; a failure does not block the ensemble on every re-run."""
+    from sweep import lm_metrics
+
+    gone = _store_with_a_model(tiny_store, tmp_path / "a", str(tmp_path / "gone"))
+    job = job_for(gone, tmp_path / "a" / "sw")
+    assert set(train_ensemble(job).states.values()) == {"done"}
+    for m in job.ensemble.members:
+        run = rundir.run_dir(tmp_path / "a" / "sw", m.run_id)
+        why = json.loads((run / "metrics.json").read_text())["lm_metrics_skipped"]
+        assert "gone does not exist" in why
+        assert "lm_metrics_skipped" in (run / "events.jsonl").read_text()
+
+    def failing(ev, params, cfg):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(lm_metrics.LMEval, "prepare", classmethod(lambda *a: (object(), None)))
+    monkeypatch.setattr(lm_metrics, "member_metrics", failing)
+    job = job_for(gone, tmp_path / "b")
+    assert set(train_ensemble(job).states.values()) == {"done"}
+    for m in job.ensemble.members:
+        metrics_json = json.loads(
+            (rundir.run_dir(tmp_path / "b", m.run_id) / "metrics.json").read_text()
+        )
+        assert metrics_json["lm_metrics_skipped"] == (
+            "LM metrics failed (RuntimeError: CUDA error: out of memory)"
+        )
+        assert metrics_json["fvu"] < 1

@@ -589,6 +589,11 @@ class BatchStream:
     def steps_per_epoch(self) -> int:
         return sum(self.batches_per_chunk)
 
+    def release(self) -> None:
+        """Free the staged chunks' device buffers (after training; a new pass makes them again)."""
+        if self._staging is not None:
+            self._staging.release()
+
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.epochs
@@ -719,6 +724,9 @@ class _Staging:
                     torch.empty(self.rows, dtype=torch.int64, device=self.device),
                 )
             )
+
+    def release(self) -> None:
+        self._slots.clear()
 
     def _host_rows(self, rows: int) -> torch.Tensor:
         n = self.rows * self.store.width * self.dtype.itemsize
