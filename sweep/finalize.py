@@ -82,6 +82,28 @@ def _metrics_of_members(
     return out
 
 
+def _lm_metrics(
+    lm_eval: lm_metrics.LMEval | None,
+    skipped: str | None,
+    ens: Ensemble,
+    cfgs: list[dict],
+    device: torch.device,
+) -> tuple[list[dict], str | None]:
+    """Every member's LM metrics (from views of its weights on ``device``) and why there are
+    none: best-effort, a failure (e.g. out of memory beside the ensemble) never costs the
+    finished results."""
+    none: list[dict] = [{} for _ in cfgs]
+    if lm_eval is None:
+        return none, skipped
+    params = [_member_tensors(ens, e, device) for e in range(len(cfgs))]
+    try:
+        return lm_metrics.members_metrics(lm_eval, params, cfgs), None
+    except Exception as err:  # noqa: BLE001
+        del params
+        release_device_memory()
+        return none, f"LM metrics failed ({_first_line(err)})"
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
@@ -119,15 +141,11 @@ def finish_members(
     states = {}
     cfgs = [sae.run_cfg(r, ev.scale, str(ev.store.path), provenance, ens.arch) for r in runs]
     judged = _metrics_of_members(ens, cfgs, x_eval, gt)
+    lm, lm_skipped = _lm_metrics(lm_eval, lm_skipped, ens, cfgs, x_eval.device)
     for e, (run, folder, cfg) in enumerate(zip(runs, folders, cfgs, strict=True)):
         params = _saved_tensors(ens, e)
         m, freq = judged[e]
-        if lm_eval is not None:
-            try:
-                m.update(lm_metrics.member_metrics(lm_eval, params, cfg))
-            except Exception as err:  # noqa: BLE001 (LM metrics never cost a finished result)
-                lm_eval, lm_skipped = None, f"LM metrics failed ({_first_line(err)})"
-                release_device_memory()
+        m.update(lm[e])
         if lm_skipped:
             m["lm_metrics_skipped"] = lm_skipped
             folder.append_event({"event": "lm_metrics_skipped", "reason": lm_skipped})

@@ -210,23 +210,30 @@ class LMEval:
         return ce_and_kl(self.model, self.tokens, self.hook, replaces, self.first, self.batch)
 
     def losses(self, sae: SAE) -> LMLosses:
-        splice = _splice(sae.to(self.device))
-        if self._clean is None:  # the first dictionary: clean and ablated in the same pass
-            clean, [ablated, spliced] = self._measure([_zero, splice])
+        return self.losses_of([sae])[0]
+
+    def losses_of(self, saes: Sequence[SAE]) -> list[LMLosses]:
+        """Each dictionary's losses, all from the same passes over the tokens: one clean
+        forward per batch serves every dictionary (and, the first time, the ablation)."""
+        splices = [_splice(sae.to(self.device)) for sae in saes]
+        if self._clean is None:  # the first dictionaries: clean and ablated in the same pass
+            clean, [ablated, *spliced] = self._measure([_zero, *splices])
             self._clean, (self._ablated, self._kl_ablated) = clean, ablated
         else:
-            _, [spliced] = self._measure([splice])
+            _, spliced = self._measure(splices)
         assert self._ablated is not None and self._kl_ablated is not None
-        ce, kl = spliced
-        return LMLosses(
-            self._clean,
-            ce,
-            self._ablated,
-            loss_recovered(self._clean, ce, self._ablated),
-            kl,
-            self._kl_ablated,
-            kl_div_score(kl, self._kl_ablated),
-        )
+        return [
+            LMLosses(
+                self._clean,
+                ce,
+                self._ablated,
+                loss_recovered(self._clean, ce, self._ablated),
+                kl,
+                self._kl_ablated,
+                kl_div_score(kl, self._kl_ablated),
+            )
+            for ce, kl in spliced
+        ]
 
     @classmethod
     def for_store(
@@ -267,6 +274,41 @@ class LMEval:
 def member_metrics(ev: LMEval | None, params: Params, cfg: dict) -> dict[str, float]:
     """LM metrics of one run's dictionary (``params`` as trained, ``cfg`` its cfg.json); {} when
     there is no evaluator or the dictionary is not finite (diverged)."""
-    if ev is None or not all(bool(torch.isfinite(v).all()) for v in params.values()):
-        return {}
-    return ev.losses(SAE(params, cfg)).as_dict()
+    return members_metrics(ev, [params], [cfg])[0]
+
+
+GROUP_BYTES = 2**31
+"""Dictionaries spliced in the same passes at most hold this many bytes together (each is a
+copy of a member's weights, scaled, on the model's device)."""
+
+
+def members_metrics(
+    ev: LMEval | None, params: Sequence[Params], cfgs: Sequence[dict]
+) -> list[dict[str, float]]:
+    """:func:`member_metrics` of many runs, in groups that share their passes (a clean forward
+    per batch for a group, not per run)."""
+    out: list[dict[str, float]] = [{} for _ in params]
+    if ev is None:
+        return out
+    finite = [
+        i for i, p in enumerate(params) if all(bool(torch.isfinite(v).all()) for v in p.values())
+    ]
+    for group in _groups(finite, [sum(v.numel() * 4 for v in p.values()) for p in params]):
+        saes = [SAE(params[i], cfgs[i]) for i in group]
+        for i, losses in zip(group, ev.losses_of(saes), strict=True):
+            out[i] = losses.as_dict()
+        del saes
+    return out
+
+
+def _groups(members: list[int], nbytes: list[int]) -> list[list[int]]:
+    """``members`` in order, cut into groups of at most :data:`GROUP_BYTES` (one at least)."""
+    groups: list[list[int]] = []
+    size = 0
+    for i in members:
+        if not groups or size + nbytes[i] > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += nbytes[i]
+    return groups

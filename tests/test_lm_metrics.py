@@ -270,3 +270,36 @@ def test_harvest_from_a_native_model_then_evaluate(model, tmp_path):
     perfect = LMEval(model, HOOK, held_out, first=1).losses(identity_sae())
     assert perfect.loss_recovered == pytest.approx(1.0, abs=1e-3)
     assert perfect.kl_div_score == pytest.approx(1.0, abs=1e-4)
+
+
+def test_many_dictionaries_share_their_passes_in_groups(model, tokens, monkeypatch):
+    """members_metrics: one clean forward per batch serves a whole group of dictionaries, the
+    figures equal evaluating each alone, groups are cut by bytes, diverged members skipped."""
+    sae = identity_sae()
+    good = {
+        "W_enc": sae.W_enc.detach(),
+        "b_enc": sae.b_enc.detach(),
+        "W_dec": sae.W_dec.detach(),
+        "b_dec": sae.b_dec.detach(),
+    }
+    half = {**good, "W_dec": good["W_dec"] / 2}
+    nan = {**good, "b_enc": torch.full_like(good["b_enc"], float("nan"))}
+    alone = [member_metrics(LMEval(model, HOOK, tokens), p, {}) for p in (good, half)]
+    calls = []
+    measure = lm_metrics.ce_and_kl
+    monkeypatch.setattr(
+        lm_metrics,
+        "ce_and_kl",
+        lambda m, t, h, replaces, *a: calls.append(len(replaces)) or measure(m, t, h, replaces, *a),
+    )
+    ev = LMEval(model, HOOK, tokens)
+    got = lm_metrics.members_metrics(ev, [good, nan, half], [{}, {}, {}])
+    assert calls == [3]  # ablation + the two finite dictionaries, in one pass
+    assert got[1] == {}
+    for a, b in zip([got[0], got[2]], alone, strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    one = sum(v.numel() * 4 for v in good.values())
+    monkeypatch.setattr(lm_metrics, "GROUP_BYTES", one)
+    calls.clear()
+    lm_metrics.members_metrics(LMEval(model, HOOK, tokens), [good, half], [{}, {}])
+    assert calls == [2, 1]  # a group each

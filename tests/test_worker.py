@@ -641,7 +641,7 @@ def test_lm_metrics_that_cannot_run_are_recorded_and_never_cost_the_results(
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(lm_metrics.LMEval, "prepare", classmethod(lambda *a: (object(), None)))
-    monkeypatch.setattr(lm_metrics, "member_metrics", failing)
+    monkeypatch.setattr(lm_metrics, "members_metrics", failing)
     job = job_for(gone, tmp_path / "b")
     assert set(train_ensemble(job).states.values()) == {"done"}
     for m in job.ensemble.members:
