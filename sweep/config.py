@@ -286,7 +286,8 @@ class GridConfig:
     seeds: int = 1
     """Number of initialisation seeds per (l1 or k, dict_ratio) point."""
     max_members: int = 0
-    """Largest ensemble (members trained as one program); 0 = choose from the memory model."""
+    """Largest ensemble (members trained as one program): a cap on what the memory model
+    fits (it also lifts the CPU's default cap of 8); 0 = the memory model alone."""
 
     def values(self, knob: str) -> list[float]:
         """The grid's sparsity values for an architecture whose knob is ``knob``."""

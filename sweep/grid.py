@@ -131,9 +131,8 @@ def member_budget(
     buffers: int = 3,
 ) -> int:
     """How many members one ensemble may hold on one device (``buffers``: see
-    :func:`bytes_per_member`)."""
-    if max_members > 0:
-        return max_members
+    :func:`bytes_per_member`): what fits, at most ``max_members`` when that is set (which
+    also lifts the CPU's default cap)."""
     dtype = resolve_compute_dtype(dtype, on_gpu)
     per = bytes_per_member(width, dict_size, batch_size, dtype, buffers)
     fit = int(MEMORY_USE * device_bytes // per)
@@ -143,6 +142,8 @@ def member_budget(
             f"one member of dict size {dict_size} needs {need:.1f} GiB, more than the device budget "
             f"({device_bytes / 2**30:.1f} GiB); lower train.batch_size or the dict ratio"
         )
+    if max_members > 0:
+        return min(fit, max_members)
     return fit if on_gpu else min(fit, CPU_MAX_MEMBERS)
 
 

@@ -128,7 +128,7 @@ def evaluate_members(
     the sums kept on the rows' device (float64) and read back once for all members."""
     n, _ = x_ND.shape
     mean = x_ND.mean(dim=0)
-    total_var = float((x_ND - mean).pow(2).sum())
+    total_var = float((x_ND - mean).pow(2).sum(dtype=torch.float64))
     sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 7)
     fires: list[torch.Tensor | int] = [0] * len(members)
     for at in range(0, n, batch):

@@ -232,6 +232,9 @@ def test_grid_ids_and_splitting():
     )
     with pytest.raises(SweepError, match="device budget"):
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
+    budget = 10 * per / 0.8  # grid.max_members caps what fits; it never exceeds it
+    assert grid.member_budget(512, 4096, 4096, "float32", budget, True, max_members=64) == 10
+    assert grid.member_budget(512, 4096, 4096, "float32", budget, True, max_members=4) == 4
     wide = grid.spread(grid.group(grid.expand(L1S8, [8, 32], 1, 64, "untied"), {8: 8, 32: 8}), 8)
     assert [(e.ensemble_id, len(e.members)) for e in wide] == [
         ("r32-e0", 1), ("r32-e1", 1), ("r32-e2", 1), ("r32-e3", 1), ("r32-e4", 2),
