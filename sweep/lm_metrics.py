@@ -185,19 +185,29 @@ def _splice(sae: SAE) -> Replace:
     return replace
 
 
+LOGITS_BYTES = 2**31
+"""What one batch's log-probabilities may hold: three (b, P, V) float32 tensors are alive at
+once (the clean ones, a replaced pass's and its normalisation's temporary)."""
+
+
+def contexts_per_batch(model: Any, positions: int, most: int = 16) -> int:
+    """Contexts per forward: at most ``most``, fewer for a large vocabulary or long contexts
+    (a 256k vocabulary at 1024 positions: one)."""
+    vocab = int(getattr(getattr(model, "cfg", None), "d_vocab", 0) or 0)
+    if vocab <= 0:
+        return most
+    return max(1, min(most, LOGITS_BYTES // (3 * 4 * positions * vocab)))
+
+
 class LMEval:
     """LM metrics of many SAEs at one hook: clean and ablated losses are computed once."""
 
     def __init__(
-        self, model: Any, hook: str, tokens_NP: torch.Tensor, first: int = 0, batch: int = 16
+        self, model: Any, hook: str, tokens_NP: torch.Tensor, first: int = 0, batch: int = 0
     ) -> None:
-        self.model, self.hook, self.tokens, self.first, self.batch = (
-            model,
-            hook,
-            tokens_NP,
-            first,
-            batch,
-        )
+        """``batch``: contexts per forward (0: as many as :data:`LOGITS_BYTES` allows)."""
+        self.model, self.hook, self.tokens, self.first = model, hook, tokens_NP, first
+        self.batch = batch or contexts_per_batch(model, tokens_NP.shape[1])
         self._clean: float | None = None
         self._ablated: float | None = None
         self._kl_ablated: float | None = None

@@ -303,3 +303,15 @@ def test_many_dictionaries_share_their_passes_in_groups(model, tokens, monkeypat
     calls.clear()
     lm_metrics.members_metrics(LMEval(model, HOOK, tokens), [good, half], [{}, {}])
     assert calls == [2, 1]  # a group each
+
+
+def test_contexts_per_batch_fit_the_logits_budget(model):
+    """Three (b, P, V) float32 tensors per batch stay within LOGITS_BYTES: a large vocabulary
+    or long contexts take fewer contexts at a time (one at least), a small model 16."""
+    from types import SimpleNamespace
+
+    assert lm_metrics.contexts_per_batch(model, 24) == 16  # vocab 97
+    gemma = SimpleNamespace(cfg=SimpleNamespace(d_vocab=256_000))
+    assert lm_metrics.contexts_per_batch(gemma, 128) == 5
+    assert lm_metrics.contexts_per_batch(gemma, 1024) == 1
+    assert LMEval(model, HOOK, torch.zeros(2, 24, dtype=torch.int64)).batch == 16
