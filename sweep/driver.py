@@ -156,7 +156,7 @@ def _train(
         import ray
 
         signals.reinstall()  # ray.init's core worker installs handlers of its own
-        res = launcher.Resources(cfg, ray.cluster_resources(), launcher.largest_node())
+        res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
         cfg = replace(cfg, train=replace(cfg.train, dtype=_compute_dtype(cfg, res)))
         planning.check_compatible(folder, cfg)
         budget = _device_budget(store, res)

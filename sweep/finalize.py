@@ -89,19 +89,25 @@ def _lm_metrics(
     cfgs: list[dict],
     device: torch.device,
 ) -> tuple[list[dict], str | None]:
-    """Every member's LM metrics (from views of its weights on ``device``) and why there are
-    none: best-effort, a failure (e.g. out of memory beside the ensemble) never costs the
-    finished results."""
-    none: list[dict] = [{} for _ in cfgs]
+    """Every member's LM metrics (from views of its weights on ``device``) and why some are
+    missing: best-effort, a failure (e.g. out of memory beside the ensemble) is logged with
+    its traceback and never costs the finished results; groups done before it are kept."""
+    out: list[dict] = [{} for _ in cfgs]
     if lm_eval is None:
-        return none, skipped
+        return out, skipped
     params = [_member_tensors(ens, e, device) for e in range(len(cfgs))]
     try:
-        return lm_metrics.members_metrics(lm_eval, params, cfgs), None
+        for group in lm_metrics.groups_of(params):
+            got = lm_metrics.members_metrics(lm_eval, [params[i] for i in group],
+                                             [cfgs[i] for i in group])  # fmt: skip
+            for i, m in zip(group, got, strict=True):
+                out[i] = m
     except Exception as err:  # noqa: BLE001
-        del params
+        log.warning("LM metrics failed; the runs finish without them", exc_info=True)
+        skipped = f"LM metrics failed ({_first_line(err)})"
+    if skipped:  # outside the handler: its traceback no longer holds the group's tensors
         release_device_memory()
-        return none, f"LM metrics failed ({_first_line(err)})"
+    return out, skipped
 
 
 def _first_line(err: BaseException) -> str:

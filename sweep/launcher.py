@@ -120,13 +120,16 @@ class Resources:
     """What each ensemble task asks Ray for, and the device memory model's budget."""
 
     def __init__(
-        self, cfg: SweepConfig, cluster: dict[str, float], node: dict[str, float] | None = None
+        self,
+        cfg: SweepConfig,
+        cluster: dict[str, float],
+        nodes: list[dict[str, float]] | None = None,
     ) -> None:
-        """``cluster``: Ray's total resources; ``node``: the largest node's (default: the
+        """``cluster``: Ray's total resources; ``nodes``: each alive node's (default: the
         cluster is one node). A task asking for more than one node has would wait forever."""
         import psutil
 
-        node = cluster if node is None else node
+        nodes = [cluster] if nodes is None else nodes
         gpus = cluster.get("GPU", 0)
         if cfg.train.device == "cuda" and gpus == 0:
             raise SweepError(
@@ -142,12 +145,18 @@ class Resources:
             self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
             self.device_bytes = self.gpu_bytes * min(1.0, share)
         else:
-            self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or node.get("CPU", cpus)
+            most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cpus
+            self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or most
+            if self.num_cpus <= 0:
+                raise SweepError(
+                    "the Ray cluster has no CPUs for ensembles (are its worker nodes up?); "
+                    "start them, or give the head CPUs"
+                )
             concurrent = max(1, math.floor(cpus / self.num_cpus))
             self.device_bytes = (
                 lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
             )
-        _fits_a_node(self.num_gpus, self.num_cpus, node)
+        _fits_a_node(self.num_gpus, self.num_cpus, nodes)
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
         self.gpus = gpus
         per, have = (self.num_gpus, gpus) if self.on_gpu else (self.num_cpus, cpus)
@@ -157,23 +166,29 @@ class Resources:
         under a fixed fraction of a GPU, which packs ensembles onto one as asked."""
 
 
-def _fits_a_node(gpus: float, cpus: float, node: dict[str, float]) -> None:
-    """Refuse a per-ensemble request no node can grant (Ray would wait for it forever)."""
-    for name, want, field in (("GPU", gpus, "gpus"), ("CPU", cpus, "cpus")):
-        have = node.get(name, 0)
-        if want > have + 1e-9:
-            raise SweepError(
-                f"launch.{field}_per_ensemble={want:g} but no Ray node has more than {have:g} "
-                f"{name}s: ask for at most {have:g} (Ray would wait for such a node forever)"
-            )
+def _fits_a_node(gpus: float, cpus: float, nodes: list[dict[str, float]]) -> None:
+    """Refuse a per-ensemble request no single node can grant (Ray would wait forever)."""
+    if any(n.get("GPU", 0) + 1e-9 >= gpus and n.get("CPU", 0) + 1e-9 >= cpus for n in nodes):
+        return
+    fit = [n for n in nodes if n.get("GPU", 0) + 1e-9 >= gpus] if gpus else nodes
+    name, want, have = ("CPU", cpus, fit) if fit else ("GPU", gpus, nodes)
+    most = max((n.get(name, 0.0) for n in have), default=0.0)
+    raise SweepError(
+        f"launch.{name.lower()}s_per_ensemble={want:g} but no Ray node has {want:g} {name}s"
+        f"{' beside the GPUs asked for' if fit and gpus else ''} (at most {most:g}): ask for "
+        "less (Ray would wait for such a node forever)"
+    )
 
 
-def largest_node() -> dict[str, float]:
-    """The CPUs and GPUs of the Ray node that has the most of each (alive nodes only)."""
+def alive_nodes() -> list[dict[str, float]]:
+    """The CPUs and GPUs of each alive Ray node."""
     import ray
 
-    alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    return {k: max((r.get(k, 0.0) for r in alive), default=0.0) for k in ("CPU", "GPU")}
+    return [
+        {k: float(n.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
 
 
 def _gpu_bytes() -> float:
@@ -295,4 +310,5 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
         try:
             return train_ensemble(job, progress=report, should_stop=stop.is_set)
         finally:  # Ray hands the GPU share on before this process exits: free what it cached
-            release_device_memory()
+            with contextlib.suppress(Exception):  # (never in place of the task's own error)
+                release_device_memory()

@@ -268,7 +268,12 @@ class LMEval:
         f = store.path / store.provenance.get("lm_eval", {}).get("file", EVAL_TOKENS_FILE)
         if not f.is_file():
             return None, f"store {store.path} has no held-out tokens ({f.name})"
-        tokens = torch.from_numpy(np.load(f, allow_pickle=False).astype(np.int64))  # (N, P)
+        try:
+            tokens = torch.from_numpy(np.load(f, allow_pickle=False).astype(np.int64))  # (N, P)
+            if tokens.ndim != 2:
+                raise ValueError(f"shape {tuple(tokens.shape)}, not (contexts, positions)")
+        except (OSError, ValueError, EOFError) as err:
+            return None, f"held-out tokens {f} are unreadable ({err})"
         if max_tokens is not None:
             tokens = tokens[: max(1, math.ceil(max_tokens / tokens.shape[1]))]
         if tokens.shape[0] == 0:
@@ -303,7 +308,7 @@ def members_metrics(
     finite = [
         i for i, p in enumerate(params) if all(bool(torch.isfinite(v).all()) for v in p.values())
     ]
-    for group in _groups(finite, [sum(v.numel() * 4 for v in p.values()) for p in params]):
+    for group in groups_of(params, finite):
         saes = [SAE(params[i], cfgs[i]) for i in group]
         for i, losses in zip(group, ev.losses_of(saes), strict=True):
             out[i] = losses.as_dict()
@@ -311,8 +316,11 @@ def members_metrics(
     return out
 
 
-def _groups(members: list[int], nbytes: list[int]) -> list[list[int]]:
-    """``members`` in order, cut into groups of at most :data:`GROUP_BYTES` (one at least)."""
+def groups_of(params: Sequence[Params], members: list[int] | None = None) -> list[list[int]]:
+    """``members`` (default: all) in order, cut into groups whose weights hold at most
+    :data:`GROUP_BYTES` (one member at least)."""
+    members = list(range(len(params))) if members is None else members
+    nbytes = [sum(v.numel() * 4 for v in p.values()) for p in params]
     groups: list[list[int]] = []
     size = 0
     for i in members:

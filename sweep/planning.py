@@ -280,8 +280,7 @@ def _split_loudly(parts: list[EnsembleSpec]) -> list[EnsembleSpec]:
         log.warning(
             "runs %s trained as one ensemble, but the memory budget now holds at most %d "
             "members: they resume in %d ensembles and will not be bit-identical to an "
-            "uninterrupted sweep (a larger launch.gpus_per_ensemble or grid.max_members keeps "
-            "them together)",
+            "uninterrupted sweep (a larger launch.gpus_per_ensemble keeps them together)",
             ", ".join(m.run_id for e in parts for m in e.members),
             max(len(e.members) for e in parts),
             len(parts),

@@ -315,6 +315,8 @@ def train_ensemble(
         torch.set_num_threads(job.threads)
     at = _Attempt(job, resolve_device(job.train.device))
     if all(f.is_done(deep=True) for f in at.folders):  # a retry after every result was written
+        for f in at.folders:  # (killed while clearing them, perhaps)
+            f.clear_checkpoints()
         states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
         log.info("ensemble %s: every member is already finished", job.ensemble.ensemble_id)
         return EnsembleResult(job.ensemble.ensemble_id, states, 0, time.perf_counter() - t0)

@@ -124,14 +124,23 @@ def test_a_request_no_node_can_grant_is_refused_not_waited_for():
     from sweep.launcher import Resources
     from tests.test_config import cfg_of
 
-    two_nodes, node = {"GPU": 2.0, "CPU": 32.0}, {"GPU": 1.0, "CPU": 16.0}
-    with pytest.raises(
-        SweepError, match=r"gpus_per_ensemble=2 but no Ray node has more than 1 GPU"
-    ):
-        Resources(cfg_of("launch.gpus_per_ensemble=2"), two_nodes, node)
-    with pytest.raises(SweepError, match=r"cpus_per_ensemble=20 but no Ray node has more than 16"):
-        Resources(cfg_of("launch.cpus_per_ensemble=20", "train.device=cpu"), two_nodes, node)
-    assert Resources(cfg_of("train.device=cpu"), two_nodes, node).num_cpus == 16
+    two_nodes, nodes = {"GPU": 2.0, "CPU": 32.0}, [{"GPU": 1.0, "CPU": 16.0}] * 2
+    with pytest.raises(SweepError, match=r"gpus_per_ensemble=2 but no Ray node has 2 GPUs"):
+        Resources(cfg_of("launch.gpus_per_ensemble=2"), two_nodes, nodes)
+    with pytest.raises(SweepError, match=r"cpus_per_ensemble=20 but no Ray node has 20 CPUs"):
+        Resources(cfg_of("launch.cpus_per_ensemble=20", "train.device=cpu"), two_nodes, nodes)
+    assert Resources(cfg_of("train.device=cpu"), two_nodes, nodes).num_cpus == 16
+    # the most CPUs on a node without GPUs, the GPUs on nodes with few CPUs: none has both
+    mixed = [{"CPU": 64.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 4.0}]
+    with pytest.raises(SweepError, match=r"cpus_per_ensemble=16 .* beside the GPUs asked for"):
+        Resources(cfg_of("launch.cpus_per_ensemble=16"), {"CPU": 72.0, "GPU": 4.0}, mixed)
+    head_only = [{"CPU": 0.0, "GPU": 0.0}]  # a cluster launcher's head before its workers
+    with pytest.raises(SweepError, match="no CPUs for ensembles"):
+        Resources(cfg_of("train.device=cpu"), {"CPU": 0.0}, head_only)
+    assert (
+        Resources(cfg_of("train.device=cpu"), {"CPU": 1.0}, head_only + [{"CPU": 4.0}]).num_cpus
+        == 4
+    )
     with pytest.raises(ConfigError, match="above 1 must be a whole number of GPUs, got 1.5"):
         cfg_of("launch.gpus_per_ensemble=1.5")
 

@@ -655,3 +655,16 @@ def test_lm_metrics_that_cannot_run_are_recorded_and_never_cost_the_results(
             "LM metrics failed (RuntimeError: CUDA error: out of memory)"
         )
         assert metrics_json["fvu"] < 1
+
+
+def test_damaged_held_out_tokens_skip_lm_metrics_with_the_reason(tiny_store, tmp_path):
+    import numpy as np
+
+    from sweep import lm_metrics
+
+    store = _store_with_a_model(tiny_store, tmp_path, str(tmp_path / "model"))
+    np.save(store.path / lm_metrics.EVAL_TOKENS_FILE, np.zeros(8, dtype=np.int32))  # 1-D
+    ev, why = lm_metrics.LMEval.prepare(store, "cpu")
+    assert ev is None and "unreadable (shape (8,), not (contexts, positions))" in why
+    (store.path / lm_metrics.EVAL_TOKENS_FILE).write_bytes(b"garbage")
+    assert "unreadable" in lm_metrics.LMEval.prepare(store, "cpu")[1]
