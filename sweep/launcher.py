@@ -129,7 +129,7 @@ class Resources:
         cluster is one node). A task asking for more than one node has would wait forever."""
         import psutil
 
-        nodes = [cluster] if nodes is None else nodes
+        nodes = nodes or [cluster]
         gpus = cluster.get("GPU", 0)
         if cfg.train.device == "cuda" and gpus == 0:
             raise SweepError(
@@ -145,7 +145,8 @@ class Resources:
             self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
             self.device_bytes = self.gpu_bytes * min(1.0, share)
         else:
-            most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cpus
+            # (Ray leaves a resource whose total is 0 out of cluster_resources)
+            most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cluster.get("CPU", 0)
             self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or most
             if self.num_cpus <= 0:
                 raise SweepError(
@@ -310,5 +311,7 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
         try:
             return train_ensemble(job, progress=report, should_stop=stop.is_set)
         finally:  # Ray hands the GPU share on before this process exits: free what it cached
-            with contextlib.suppress(Exception):  # (never in place of the task's own error)
+            try:
                 release_device_memory()
+            except Exception as err:  # noqa: BLE001 (never in place of the task's own error)
+                log.warning("could not free this task's GPU memory: %s", err)

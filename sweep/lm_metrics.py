@@ -270,9 +270,9 @@ class LMEval:
             return None, f"store {store.path} has no held-out tokens ({f.name})"
         try:
             tokens = torch.from_numpy(np.load(f, allow_pickle=False).astype(np.int64))  # (N, P)
-            if tokens.ndim != 2:
+            if tokens.ndim != 2 or tokens.shape[1] == 0:
                 raise ValueError(f"shape {tuple(tokens.shape)}, not (contexts, positions)")
-        except (OSError, ValueError, EOFError) as err:
+        except Exception as err:  # noqa: BLE001 (an npz, a zip, a damaged header: all unusable)
             return None, f"held-out tokens {f} are unreadable ({err})"
         if max_tokens is not None:
             tokens = tokens[: max(1, math.ceil(max_tokens / tokens.shape[1]))]

@@ -666,5 +666,8 @@ def test_damaged_held_out_tokens_skip_lm_metrics_with_the_reason(tiny_store, tmp
     np.save(store.path / lm_metrics.EVAL_TOKENS_FILE, np.zeros(8, dtype=np.int32))  # 1-D
     ev, why = lm_metrics.LMEval.prepare(store, "cpu")
     assert ev is None and "unreadable (shape (8,), not (contexts, positions))" in why
-    (store.path / lm_metrics.EVAL_TOKENS_FILE).write_bytes(b"garbage")
+    for bad in (b"garbage", b"PK\x03\x04 a truncated zip"):
+        (store.path / lm_metrics.EVAL_TOKENS_FILE).write_bytes(bad)
+        assert "unreadable" in lm_metrics.LMEval.prepare(store, "cpu")[1]
+    np.save(store.path / lm_metrics.EVAL_TOKENS_FILE, np.zeros((4, 0), dtype=np.int32))
     assert "unreadable" in lm_metrics.LMEval.prepare(store, "cpu")[1]
