@@ -1,7 +1,8 @@
 """The same contracts on a CUDA device: equivalence, exact resume, a packed sweep, harvest.
 
 Marked ``gpu``: skipped without CUDA (CI has none). Run them on a GPU machine with
-``pytest -m gpu tests/test_gpu.py``. Tolerances: fp32 on CUDA as tight as on CPU (TF32 is off
+``pytest -m gpu tests/test_gpu.py``. The step tests also run on the CPU in every suite (their
+``cpu`` variants): a dry run of the GPU tests' own code. Tolerances: fp32 on CUDA as tight as on CPU (TF32 is off
 unless ``train.dtype=tf32``); bf16 compute within 5% (relative, parameters) of the fp32
 reference after 100 steps. The compiled step (``train.compile``, on by default on CUDA) is
 held to the same bars, except BatchTopK's, whose selection is discontinuous (a rounding
@@ -23,11 +24,24 @@ from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.optim import Adam
 from tests.test_ensemble import BETAS, EPS, L1, LR, batches, members, train_single
 
-pytestmark = [
+NEEDS_CUDA = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 CUDA = torch.device("cuda")
+ON = pytest.mark.parametrize(
+    "dev",
+    [pytest.param(CUDA, id="cuda", marks=NEEDS_CUDA), pytest.param(torch.device("cpu"), id="cpu")],
+)
+"""The step tests run on CUDA (marked ``gpu``) and, as a dry run of the test code itself in
+every suite, on the CPU: a GPU test whose own code is broken is found here, not in a GPU lease."""
+
+
+def cuda_only(test):  # noqa: ANN001, ANN201
+    """Marked ``gpu``, skipped without CUDA."""
+    for mark in reversed(NEEDS_CUDA):
+        test = mark(test)
+    return test
 
 
 def on(params: dict, device: torch.device) -> dict:
@@ -35,14 +49,15 @@ def on(params: dict, device: torch.device) -> dict:
 
 
 @pytest.mark.parametrize("fast, compiled", [(True, False), (False, False), (True, True)])
-def test_fp32_ensemble_equals_independent_training_on_cuda(fast, compiled):
-    init, xs = members("untied"), [x.to(CUDA) for x in batches(25)]
-    hyper = hyper_of(L1, [0] * len(L1), CUDA)
-    ens = Ensemble(on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), fast=fast, compiled=compiled)
+@ON
+def test_fp32_ensemble_equals_independent_training_on_cuda(fast, compiled, dev):
+    init, xs = members("untied"), [x.to(dev) for x in batches(25)]
+    hyper = hyper_of(L1, [0] * len(L1), dev)
+    ens = Ensemble(on(stack(init), dev), hyper, Adam(LR, BETAS, EPS), fast=fast, compiled=compiled)
     for x in xs:
         ens.step(x)
     for e, (p0, l1) in enumerate(zip(init, L1, strict=True)):
-        p, opt = train_single(on(p0, CUDA), l1, xs)
+        p, opt = train_single(on(p0, dev), l1, xs)
         for k in p:
             torch.testing.assert_close(ens.params[k][e], p[k].detach(), rtol=5e-5, atol=5e-6)
             st = opt.state[opt.param_groups[0]["params"][list(p).index(k)]]
@@ -52,7 +67,8 @@ def test_fp32_ensemble_equals_independent_training_on_cuda(fast, compiled):
 
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "jumprelu"])
-def test_every_architecture_equals_independent_training_on_cuda(name, compiled):
+@ON
+def test_every_architecture_equals_independent_training_on_cuda(name, compiled, dev):
     from sweep import archs
     from tests import reference
     from tests.test_archs import VALUES
@@ -64,50 +80,52 @@ def test_every_architecture_equals_independent_training_on_cuda(name, compiled):
     if compiled and not archs.get(name).fast:
         pytest.skip("no fast path: train.compile does not apply")
     knob_k = archs.get(name).knob == "k"
-    vals, xs = VALUES["k" if knob_k else "l1"], [x.to(CUDA) for x in arch_batches(25)]
+    vals, xs = VALUES["k" if knob_k else "l1"], [x.to(dev) for x in arch_batches(25)]
     init = arch_members(name, len(vals))
     for p in init:
         p["b_enc"][:10] = -50.0  # dead latents: AuxK is exercised
     dead = DeadLatents(dead_tokens=128, auxk_alpha=0.5, k_aux=6) if knob_k else None
-    hyper = hyper_of([0.0] * 3 if knob_k else vals, vals if knob_k else [0] * 3, CUDA)
+    hyper = hyper_of([0.0] * 3 if knob_k else vals, vals if knob_k else [0] * 3, dev)
     ens = Ensemble(
-        on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), arch=name, dead=dead,
+        on(stack(init), dev), hyper, Adam(LR, BETAS, EPS), arch=name, dead=dead,
         compiled=compiled,
     )  # fmt: skip
     for x in xs:
         ens.step(x)
     for e, v in enumerate(vals):
-        p, _ = reference.train_single(name, on(init[e], CUDA), v, xs, dead)
+        p, _ = reference.train_single(name, on(init[e], dev), v, xs, dead)
         for k in ens.params:
             torch.testing.assert_close(ens.params[k][e], p[k], rtol=5e-5, atol=5e-6)
 
 
-def test_compiled_batchtopk_step_equals_the_eager_step_on_cuda():
+@ON
+def test_compiled_batchtopk_step_equals_the_eager_step_on_cuda(dev):
     from tests.test_archs import batches as arch_batches
     from tests.test_archs import members as arch_members
 
-    init = [on(p, CUDA) for p in arch_members("batchtopk", 3)]
-    hyper = hyper_of([0.0] * 3, [2, 5, 9], CUDA)
+    init = [on(p, dev) for p in arch_members("batchtopk", 3)]
+    hyper = hyper_of([0.0] * 3, [2, 5, 9], dev)
     eager, fused = (
-        Ensemble(on(stack(init), CUDA), hyper, Adam(LR, BETAS, EPS), arch="batchtopk", compiled=c)
+        Ensemble(on(stack(init), dev), hyper, Adam(LR, BETAS, EPS), arch="batchtopk", compiled=c)
         for c in (False, True)
     )
     for x in arch_batches(4):
-        eager.step(x.to(CUDA))
-        fused.step(x.to(CUDA))
+        eager.step(x.to(dev))
+        fused.step(x.to(dev))
         for k, v in eager.params.items():
             torch.testing.assert_close(fused.params[k], v, rtol=1e-4, atol=1e-5)
             fused.params[k].copy_(v)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_bf16_compute_stays_near_the_fp32_reference(compiled):
-    init, xs = members("untied"), [x.to(CUDA) for x in batches(100)]
+@ON
+def test_bf16_compute_stays_near_the_fp32_reference(compiled, dev):
+    init, xs = members("untied"), [x.to(dev) for x in batches(100)]
 
     def trained(dtype: torch.dtype | None) -> Ensemble:
         ens = Ensemble(
-            on(stack(init), CUDA),
-            hyper_of(L1, [0] * len(L1), CUDA),
+            on(stack(init), dev),
+            hyper_of(L1, [0] * len(L1), dev),
             Adam(LR, BETAS, EPS),
             autocast_dtype=dtype,
             compiled=compiled and dtype is not None,  # against the eager fp32 reference
@@ -125,6 +143,7 @@ def test_bf16_compute_stays_near_the_fp32_reference(compiled):
 
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("name", ["untied", "topk", "jumprelu"])
+@cuda_only
 def test_the_memory_model_covers_a_training_step(name, compiled):
     """The planner's memory per member (sweep.grid.bytes_per_member) bounds what training
     really allocates on the GPU, bf16 with the gradient clip, a wide step's extra buffers
@@ -163,6 +182,7 @@ def test_the_memory_model_covers_a_training_step(name, compiled):
     assert used <= modelled, (used / 2**20, modelled / 2**20)
 
 
+@cuda_only
 def test_resume_is_bit_identical_on_cuda(tiny_store, tmp_path):
     from sweep import rundir
     from sweep.worker import train_ensemble
@@ -196,6 +216,7 @@ def start(sweep_dir, ray_tmp, *extra: str):
         test_faults.ARGS = old
 
 
+@cuda_only
 def test_killed_worker_on_cuda_resumes_bit_identical(tmp_path, tmp_path_factory):
     from tests.test_faults import curve_len, finish, hashes, kill_group, wait_for
 
@@ -216,6 +237,7 @@ def test_killed_worker_on_cuda_resumes_bit_identical(tmp_path, tmp_path_factory)
     assert hashes(sw) == hashes(tmp_path / "ref")
 
 
+@cuda_only
 def test_two_ensembles_share_one_gpu(tmp_path, tmp_path_factory):
     from tests.test_faults import finish
 
@@ -233,6 +255,7 @@ def test_two_ensembles_share_one_gpu(tmp_path, tmp_path_factory):
     assert a0 < b1 and b0 < a1  # the two ratios' ensembles trained at the same time
 
 
+@cuda_only
 def test_harvest_on_cuda_matches_cpu(tmp_path):
     from sweep.activations.harvest import run_harvest
     from tests.test_harvest import store_rows, tiny_cfg
@@ -249,6 +272,7 @@ def test_harvest_on_cuda_matches_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@cuda_only
 def test_stream_to_cuda_gives_the_host_batches(dtype, tmp_path):
     """Chunks staged on the GPU (one H2D copy each, gathered there) == the host path's batches."""
     from sweep.activations.store import BatchStream, Cursor
@@ -264,6 +288,7 @@ def test_stream_to_cuda_gives_the_host_batches(dtype, tmp_path):
     assert next(staged.batches(Cursor()))[1].device.type == "cuda"
 
 
+@cuda_only
 def test_stream_buffers_never_take_memory_the_training_stream_still_uses(tmp_path, monkeypatch):
     """Memory the training stream frees with kernels still queued (here a NaN fill behind a
     sleep) goes back to its pool at once; the staging buffers must not be carved from it
@@ -299,6 +324,7 @@ def test_stream_buffers_never_take_memory_the_training_stream_still_uses(tmp_pat
     assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
+@cuda_only
 def test_stream_to_a_lagging_gpu_never_overwrites_a_chunk_in_use(tmp_path):
     """The host runs far ahead of a busy GPU (a sleep kernel queued before every batch's
     gather): the prefetch copies into the two device buffers wait for the gathers of the chunk
