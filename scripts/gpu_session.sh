@@ -45,7 +45,7 @@ if [ "$part" = main ]; then  # 530 s of limits (+20 s grace each), plus setup.sh
 elif [ "$part" = extra ]; then  # in order of what the issues still lack; the call's limit cuts the tail
   tests memory_tests 60 -k "memory_model"  # 4 compiles of a small step
   step feed 60 $bench --sections 3 --json "$out/feed.json"  # no compiles: quick
-  SWEEP_PEAK_SIZES=128x512,512x4096,2304x18432 step peak_more 200 \
+  SWEEP_PEAK_SIZES=128x512,512x4096,2304x18432 SWEEP_PEAK_FP32=1 step peak_more 200 \
     $bench --quick --sections 8 --json "$out/peak_more.json"
   step topk 150 $bench --quick --sections 7 --json "$out/topk.json"
 else  # rest: the Ray/harvest GPU tests, and auto packing against fixed shares (issue 9)

@@ -91,12 +91,19 @@ def warmed(name: str, make: Callable[[], Callable[[], object]]) -> Callable[[], 
 
 
 def sweep_step(
-    members: list, l1s: list, batches: list, cuda: bool, compiled: bool, graphs: bool = False
+    members: list,
+    l1s: list,
+    batches: list,
+    cuda: bool,
+    compiled: bool,
+    graphs: bool = False,
+    bf16: bool = True,
 ) -> Callable[[], object]:
-    """sweep's step (bf16 compute on CUDA): eager, compiled, or compiled under CUDA graphs (an
-    experiment, not a product path; it fails rather than run without the graphs)."""
+    """sweep's step (bf16 compute on CUDA unless not ``bf16``): eager, compiled, or compiled
+    under CUDA graphs (an experiment, not a product path; it fails rather than run without
+    the graphs)."""
     ens = make_ensemble(members, l1s, compiled=compiled, cuda_graphs=graphs)
-    ens.autocast_dtype = torch.bfloat16 if cuda else None
+    ens.autocast_dtype = torch.bfloat16 if cuda and bf16 else None
     fn = feeder(batches, partial(ens.step, full=False))
     if graphs:
         fn(), fn(), fn()  # warm-up, record, replay
@@ -116,6 +123,8 @@ def variants(size: Size, k: int, ctx: Context) -> tuple[dict, Callable[[], objec
         "loop": lambda: feeder(batches, AutocastLoop(members, l1s, cuda, False).step),
         "loop_compiled": lambda: feeder(batches, AutocastLoop(members, l1s, cuda, True).step),
     }
+    if cuda and os.environ.get("SWEEP_PEAK_FP32", "0") not in ("", "0"):  # train.dtype=float32
+        makers["sweep_fp32"] = lambda: sweep_step(members, l1s, batches, cuda, True, bf16=False)
     if cuda or size.m <= 512:  # vmap materialises per-member activations: small sizes on CPU
         ref = make_ensemble(members, l1s, fast=False)
         makers["vmap_fp32"] = lambda: feeder(batches, lambda x: ref.step(x, full=False))
@@ -198,6 +207,10 @@ def run(ctx: Context) -> dict:
                      f"{vs_loop:.2f}x", f"{frac:.3f}", "-" if target is None else f">= {target}"])  # fmt: skip
         print(f"  {size.name} K={k}: " + ", ".join(f"{n} {fmt_rate(r)}" for n, r in rate.items())
               + f"; {frac:.3f} of peak", flush=True)  # fmt: skip
+        if "sweep_fp32" in rate and DEFAULT[cuda] in rate:
+            auto = rate[DEFAULT[cuda]] / rate["sweep_fp32"]
+            results[-1]["dtype_auto_over_fp32"] = auto
+            print(f"  train.dtype=auto (bf16) / float32, compiled step: {auto:.2f}x", flush=True)
     table(["size", "B", "K", *NAMES, "sweep/loop_compiled", "of peak", "target"], rows)
     print("  rows x members per second (median); 'of peak' and sweep/loop_compiled use the step")
     print("  train.compile=auto runs (compiled on CUDA, eager on the CPU).")
@@ -206,6 +219,14 @@ def run(ctx: Context) -> dict:
     return {"peak_flops": peak, "results": results}
 
 
-NAMES = ["sweep_eager", "sweep_compiled", "sweep_graphs", "loop", "loop_compiled", "vmap_fp32"]
+NAMES = [
+    "sweep_eager",
+    "sweep_compiled",
+    "sweep_graphs",
+    "sweep_fp32",
+    "loop",
+    "loop_compiled",
+    "vmap_fp32",
+]
 DEFAULT = {True: "sweep_compiled", False: "sweep_eager"}
 """The step ``train.compile=auto`` runs, on CUDA and on the CPU (the one held to the targets)."""
