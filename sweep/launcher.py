@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,9 +125,11 @@ class Resources:
         cfg: SweepConfig,
         cluster: dict[str, float],
         nodes: list[dict[str, float]] | None = None,
+        exclusive: bool | None = None,
     ) -> None:
         """``cluster``: Ray's total resources; ``nodes``: each alive node's (default: the
-        cluster is one node). A task asking for more than one node has would wait forever."""
+        cluster is one node). A task asking for more than one node has would wait forever.
+        ``exclusive``: the GPUs take one process each (default: ask ``nvidia-smi``)."""
         import psutil
 
         nodes = nodes or [cluster]
@@ -141,6 +144,9 @@ class Resources:
         """Each ensemble's GPU share is chosen by :func:`sweep.packing.gpu_share`."""
         if self.on_gpu:
             share = 1.0 if self.auto_share else float(lc.gpus_per_ensemble)
+            if exclusive if exclusive is not None else gpus_exclusive():
+                self.auto_share = False  # a second process on a GPU would fail to start
+                _whole_gpus(share)
             self.num_gpus, self.num_cpus = share, lc.cpus_per_ensemble or 1
             self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
             self.device_bytes = self.gpu_bytes * min(1.0, share)
@@ -190,6 +196,29 @@ def alive_nodes() -> list[dict[str, float]]:
         for n in ray.nodes()
         if n.get("Alive")
     ]
+
+
+def gpus_exclusive() -> bool:
+    """Whether this node's GPUs are in an exclusive compute mode (one process per GPU; HPC
+    clusters often set it), from ``nvidia-smi``; False when it cannot say."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    query = ["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"]
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(query, capture_output=True, text=True, timeout=60, check=True)
+        return any(m.strip().startswith("Exclusive") for m in out.stdout.splitlines())
+    return False
+
+
+def _whole_gpus(share: float) -> None:
+    """Under exclusive GPUs, ensembles cannot share one: refuse a fixed fraction, say so for
+    ``auto``."""
+    if share < 1:
+        raise SweepError(
+            f"launch.gpus_per_ensemble={share:g} shares a GPU, but the GPUs are in exclusive "
+            "compute mode (one process each): use launch.gpus_per_ensemble=1 or auto"
+        )
+    log.info("the GPUs are in exclusive compute mode: one ensemble per GPU")
 
 
 def _gpu_bytes() -> float:

@@ -161,3 +161,18 @@ def test_a_cpu_planned_ensemble_trains_on_the_cpu_even_where_gpus_are_visible(tm
         me = SimpleNamespace(cfg=cfg, folder=run[0], store=run[1], res=res)
         job = driver._Execution._job(me, ensemble(16, 2, 1))  # type: ignore[arg-type]
         assert job.train.device == device
+
+
+def test_exclusive_gpus_take_one_ensemble_each():
+    """GPUs in exclusive compute mode start one process each: auto gives every ensemble a
+    whole GPU, a fixed fraction is refused in one line (it would fail at the second task)."""
+    from sweep.errors import SweepError
+    from sweep.launcher import Resources
+    from tests.test_config import cfg_of
+
+    gpus = {"GPU": 2.0, "CPU": 16.0}
+    res = Resources(cfg_of("launch.device_memory_gb=80"), gpus, exclusive=True)
+    assert not res.auto_share and res.num_gpus == 1.0 and res.slots == 2
+    with pytest.raises(SweepError, match=r"gpus_per_ensemble=0.25 shares a GPU, but .* exclusive"):
+        Resources(cfg_of("launch.gpus_per_ensemble=0.25"), gpus, exclusive=True)
+    assert Resources(cfg_of("launch.device_memory_gb=80"), gpus, exclusive=False).auto_share
