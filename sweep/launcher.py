@@ -222,20 +222,37 @@ def _whole_gpus(share: float) -> None:
 
 
 def _gpu_bytes() -> float:
-    """Memory of the first visible GPU (a MIG slice: its own), read in a short-lived process
-    so that the driver, which trains nothing, holds no CUDA context (and its memory) for
-    the whole sweep."""
+    """Free memory of the first visible GPU (a MIG slice: its own), read in a short-lived
+    process so that the driver, which trains nothing, holds no CUDA context (and its memory)
+    for the whole sweep. Free, not total: another process on the GPU (a second sweep, a
+    notebook) keeps what it holds."""
     import torch
 
     if not torch.cuda.is_available():
         return 0.0
-    query = "import torch; print(torch.cuda.get_device_properties(0).total_memory)"
-    with contextlib.suppress(OSError, ValueError, IndexError, subprocess.SubprocessError):
+    query = "import torch; print(*torch.cuda.mem_get_info(0))"
+    try:
         out = subprocess.run(
             [sys.executable, "-c", query], capture_output=True, text=True, timeout=120, check=True
         )
-        return float(out.stdout.split()[-1])
-    return float(torch.cuda.get_device_properties(0).total_memory)
+        free, total = (float(v) for v in out.stdout.split()[-2:])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        free, total = (float(v) for v in torch.cuda.mem_get_info(0))
+    return usable_gpu_bytes(free, total)
+
+
+def usable_gpu_bytes(free: float, total: float) -> float:
+    """What the memory model plans with: the free memory, said aloud when other processes
+    hold much of the GPU."""
+    if free < 0.9 * total:
+        log.warning(
+            "GPU 0 has %.1f of %.1f GiB free (other processes hold the rest): planning for "
+            "%.1f GiB (launch.device_memory_gb sets it)",
+            free / 2**30,
+            total / 2**30,
+            free / 2**30,
+        )
+    return free
 
 
 def submit(

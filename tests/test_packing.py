@@ -176,3 +176,13 @@ def test_exclusive_gpus_take_one_ensemble_each():
     with pytest.raises(SweepError, match=r"gpus_per_ensemble=0.25 shares a GPU, but .* exclusive"):
         Resources(cfg_of("launch.gpus_per_ensemble=0.25"), gpus, exclusive=True)
     assert Resources(cfg_of("launch.device_memory_gb=80"), gpus, exclusive=False).auto_share
+
+
+def test_the_gpu_budget_is_its_free_memory_said_aloud_when_others_hold_some(caplog):
+    from sweep.launcher import usable_gpu_bytes
+
+    GiB = 2**30
+    assert usable_gpu_bytes(139 * GiB, 140 * GiB) == 139 * GiB
+    assert "free" not in caplog.text
+    assert usable_gpu_bytes(60 * GiB, 140 * GiB) == 60 * GiB
+    assert "GPU 0 has 60.0 of 140.0 GiB free" in caplog.text

@@ -24,6 +24,7 @@ from sweep import rundir
 from sweep.activations.store import VERIFIED
 from sweep.activations.synthetic import ensure_synthetic_store
 from sweep.config import SyntheticDataConfig, TrainConfig
+from sweep.devices import release_device_memory
 from sweep.io import read_json
 from sweep.restore import use_compile
 from sweep.sweepdir import SweepFolder
@@ -180,6 +181,7 @@ def run(ctx: Context) -> dict:
         if share == shares[0]:
             figures.update(analyse(p, sweep_dir, t_start, walls[share], gpu, ctx))
             figures["chosen"] = {k: e["gpu_share"] for k, e in ensemble_timings(sweep_dir).items()}
+            release_device_memory()  # the pure steps' cache: the next sweep plans free memory
     figures["wall_by_share"] = walls
     print(f"  store: generated in {gen_s:.1f} s, first verification {verify_s:.1f} s")
     if len(walls) > 1 or ctx.device.type == "cuda":
