@@ -27,7 +27,7 @@ import torch
 
 from sweep import fastpath
 from sweep.archs import Architecture, Hyper, Params
-from sweep.errors import SweepError, out_of_memory
+from sweep.errors import SweepError, first_line, out_of_memory
 from sweep.optim import Adam, AdamState
 from sweep.sae import LossParts
 from sweep.update import adam_stacked, clip_members, track
@@ -142,7 +142,7 @@ def call(fn: Callable, *args: object) -> LossParts:
         compiling = isinstance(err, _compile_errors()) or _raised_compiling(err)
         if not compiling or out_of_memory(err) is not None:
             raise
-        why = (str(err).strip().splitlines() or [""])[0][:300]
+        why = first_line(err)[:300]
         raise SweepError(
             f"torch.compile of the ensemble step failed ({type(err).__name__}: {why}); "
             "set train.compile=false to train with the eager step"

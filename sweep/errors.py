@@ -39,6 +39,11 @@ def os_error_message(err: OSError) -> str:
     return f"{err.strerror or err}{where}; check the path and its permissions, then re-run"
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message ("" when it has none), for one-line messages."""
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 def task_error_reason(err: Exception) -> str:
     """The last line of what a failed Ray task raised (its cause), for a one-line message."""
     cause = getattr(err, "cause", None)

@@ -14,6 +14,7 @@ from sweep import lm_metrics, metrics, sae
 from sweep.activations.store import ChunkStore
 from sweep.devices import release_device_memory
 from sweep.ensemble import Ensemble
+from sweep.errors import first_line
 from sweep.grid import RunSpec
 from sweep.logger import RunLogger
 from sweep.rundir import FinalResult, RunFolder
@@ -104,15 +105,10 @@ def _lm_metrics(
                 out[i] = m
     except Exception as err:  # noqa: BLE001
         log.warning("LM metrics failed; the runs finish without them", exc_info=True)
-        skipped = f"LM metrics failed ({_first_line(err)})"
+        skipped = f"LM metrics failed ({type(err).__name__}: {first_line(err)[:300]})"
     if skipped:  # outside the handler: its traceback no longer holds the group's tensors
         release_device_memory()
     return out, skipped
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _member_tensors(ens: Ensemble, e: int, device: torch.device) -> sae.Params:

@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 
 from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import release_device_memory
-from sweep.errors import SweepError, task_error_reason
+from sweep.errors import SweepError, first_line, task_error_reason
 from sweep.stop import StopWatch, exit_now, quietly
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,7 @@ def _start_ray(lc: LaunchConfig) -> None:
         )
         if "path length" in str(err):
             hint = "launch.temp_dir is too long for Ray's socket paths (107 bytes); use a shorter folder"
-        raise SweepError(
-            f"could not start or join {where} ({str(err).splitlines()[0]}); {hint}"
-        ) from err
+        raise SweepError(f"could not start or join {where} ({first_line(err)}); {hint}") from err
 
 
 def shutdown_ray(wait: float | None = None) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sweep.devices import resolve_device, torch_dtype
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ def load_tokenizer(name: str) -> Any:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err) or type(err).__name__
 
 
 def hook_names(model: Any) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def _iter_hub(name: str, split: str, field: str) -> Iterator[str]:
         with quiet_hub():
             ds = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as err:  # hub, network and format errors all mean "cannot read it"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err) or type(err).__name__
         raise SweepError(
             f"cannot load dataset '{name}' ({first}); pass a local .txt/.jsonl/.parquet file or check the name"
         ) from err
