@@ -128,8 +128,6 @@ class Resources:
         """``cluster``: Ray's total resources; ``nodes``: each alive node's (default: the
         cluster is one node). A task asking for more than one node has would wait forever.
         ``exclusive``: the GPUs take one process each (default: ask ``nvidia-smi``)."""
-        import psutil
-
         nodes = nodes or [cluster]
         gpus = cluster.get("GPU", 0)
         if cfg.train.device == "cuda" and gpus == 0:
@@ -137,30 +135,15 @@ class Resources:
                 "train.device=cuda but the Ray cluster has no GPUs; use train.device=auto or cpu"
             )
         self.on_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and gpus > 0)
-        lc, cpus = cfg.launch, cluster.get("CPU", 1)
+        lc = cfg.launch
+        cpus = cluster.get("CPU", 0.0)  # (Ray leaves a resource whose total is 0 out)
         self.auto_share = self.on_gpu and lc.gpus_per_ensemble == "auto"
         """Each ensemble's GPU share is chosen by :func:`sweep.packing.gpu_share`."""
         if self.on_gpu:
-            share = 1.0 if self.auto_share else float(lc.gpus_per_ensemble)
-            if exclusive if exclusive is not None else gpus_exclusive():
-                self.auto_share = False  # a second process on a GPU would fail to start
-                _whole_gpus(share)
-            self.num_gpus, self.num_cpus = share, lc.cpus_per_ensemble or 1
-            self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
-            self.device_bytes = self.gpu_bytes * min(1.0, share)
+            self._gpu_request(lc, exclusive)
         else:
-            # (Ray leaves a resource whose total is 0 out of cluster_resources)
-            most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cluster.get("CPU", 0)
-            self.num_gpus, self.num_cpus = 0, lc.cpus_per_ensemble or most
-            if self.num_cpus <= 0:
-                raise SweepError(
-                    "the Ray cluster has no CPUs for ensembles (are its worker nodes up?); "
-                    "start them, or give the head CPUs"
-                )
-            concurrent = max(1, math.floor(cpus / self.num_cpus))
-            self.device_bytes = (
-                lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
-            )
+            most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cpus
+            self._cpu_request(lc, lc.cpus_per_ensemble or most, cpus)
         _fits_a_node(self.num_gpus, self.num_cpus, nodes)
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
         self.gpus = gpus
@@ -169,6 +152,33 @@ class Resources:
         self.slots = 1 if packed else max(1, math.floor(have / per + 1e-9))
         """Ensembles that would each have hardware of their own (fewer leave some idle); 1
         under a fixed fraction of a GPU, which packs ensembles onto one as asked."""
+
+    def _gpu_request(self, lc: LaunchConfig, exclusive: bool | None) -> None:
+        """A GPU share per ensemble (whole GPUs when they take one process each) and the
+        memory it plans with."""
+        share = 1.0 if self.auto_share else float(lc.gpus_per_ensemble)
+        if exclusive if exclusive is not None else gpus_exclusive():
+            self.auto_share = False  # a second process on a GPU would fail to start
+            _whole_gpus(share)
+        self.num_gpus, self.num_cpus = share, lc.cpus_per_ensemble or 1
+        self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
+        self.device_bytes = self.gpu_bytes * min(1.0, share)
+
+    def _cpu_request(self, lc: LaunchConfig, per: float, cpus: float) -> None:
+        """``per`` CPUs per ensemble (of the cluster's ``cpus``) and the host memory each of
+        the ensembles running at once plans with."""
+        import psutil
+
+        if per <= 0:
+            raise SweepError(
+                "the Ray cluster has no CPUs for ensembles (are its worker nodes up?); "
+                "start them, or give the head CPUs"
+            )
+        self.num_gpus, self.num_cpus = 0, per
+        concurrent = max(1, math.floor(cpus / per))
+        self.device_bytes = (
+            lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
+        )
 
 
 def _fits_a_node(gpus: float, cpus: float, nodes: list[dict[str, float]]) -> None:
