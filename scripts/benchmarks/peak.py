@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 from sweep import sae
+from sweep.errors import first_line
 
 from .common import Context, Size
 from .ensembles import feeder, init_members, l1_grid, make_batches, make_ensemble
@@ -86,7 +87,7 @@ def warmed(name: str, make: Callable[[], Callable[[], object]]) -> Callable[[], 
         fn(), fn()
         return fn
     except Exception as err:  # noqa: BLE001 (report any failure and go on)
-        print(f"  {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        print(f"  {name} failed: {type(err).__name__}: {first_line(err)[:200]}")
         return None
 
 
@@ -151,7 +152,7 @@ def profile(step: Callable[[], object], cuda: bool, steps: int = 5) -> None:
         key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         print(events.table(sort_by=key, row_limit=15), flush=True)
     except Exception as err:  # noqa: BLE001 (the rates are already printed and saved)
-        print(f"  profile failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        print(f"  profile failed: {type(err).__name__}: {first_line(err)[:200]}")
         return
     if cuda:
         launches = sum(e.count for e in events if "LaunchKernel" in e.key)  # runtime or driver
