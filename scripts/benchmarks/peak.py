@@ -45,6 +45,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, ctx: Context) -> float
     return 2.0 * n**3 / med(secs["mm"])
 
 
+def on(flag: str) -> bool:
+    """Whether the environment switches ``flag`` on (set, and not to 0)."""
+    return os.environ.get(flag, "0") not in ("", "0")
+
+
 def budget(ctx: Context) -> tuple[int, float]:
     """(repeats, seconds each) of this section's timings: on CUDA at least 3 of 0.5 s each,
     whatever ``--quick`` says (the headline figures)."""
@@ -124,7 +129,7 @@ def variants(size: Size, k: int, ctx: Context) -> tuple[dict, Callable[[], objec
         "loop": lambda: feeder(batches, AutocastLoop(members, l1s, cuda, False).step),
         "loop_compiled": lambda: feeder(batches, AutocastLoop(members, l1s, cuda, True).step),
     }
-    if cuda and os.environ.get("SWEEP_PEAK_FP32", "0") not in ("", "0"):  # train.dtype=float32
+    if cuda and on("SWEEP_PEAK_FP32"):  # train.dtype=float32
         makers["sweep_fp32"] = lambda: sweep_step(members, l1s, batches, cuda, True, bf16=False)
     if cuda or size.m <= 512:  # vmap materialises per-member activations: small sizes on CPU
         ref = make_ensemble(members, l1s, fast=False)
@@ -178,7 +183,7 @@ def timed(fns: dict, graphs: Callable | None, ctx: Context, used: str) -> dict:
     repeats, min_time = budget(ctx)
     secs = interleaved(fns, ctx.timer, repeats, min_time)
     print("  " + ", ".join(f"{n} {med(v) * 1e3:.3g} ms" for n, v in secs.items()), flush=True)
-    if os.environ.get("SWEEP_PEAK_PROFILE", "0") not in ("", "0") and used in fns:
+    if on("SWEEP_PEAK_PROFILE") and used in fns:
         profile(fns[used], ctx.device.type == "cuda")
     fn = warmed("sweep_graphs", graphs) if graphs is not None else None
     if fn is not None:

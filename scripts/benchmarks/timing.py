@@ -28,21 +28,20 @@ class Timer:
         """Seconds per call of ``fn``, calling it until ``min_time`` has passed on the host
         (at least once; on CUDA the count is what the host queued in that time)."""
         self.sync()
-        start = end = None
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.cuda else []
+        if events:
+            events[0].record()
         t0, n = time.perf_counter(), 0
         while True:
             fn()
             n += 1
             if time.perf_counter() - t0 >= min_time:
                 break
-        if start is None or end is None:
+        if not events:
             return (time.perf_counter() - t0) / n
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / n
+        events[1].record()
+        events[1].synchronize()
+        return events[0].elapsed_time(events[1]) / 1e3 / n
 
     def wall(self, fn: Callable[[], object]) -> float:
         self.sync()
