@@ -271,20 +271,33 @@ def test_harvest_on_cuda_matches_cpu(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # fp16 stores; TF32-free fp32
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@cuda_only
-def test_stream_to_cuda_gives_the_host_batches(dtype, tmp_path):
-    """Chunks staged on the GPU (one H2D copy each, gathered there) == the host path's batches."""
+def streams(tmp_path, epochs: int = 2, **data):  # noqa: ANN001, ANN201
+    """A tiny store, its batches on the host path and its staged stream (same seed) to CUDA."""
     from sweep.activations.store import BatchStream, Cursor
     from sweep.activations.synthetic import ensure_synthetic_store
     from tests.conftest import tiny_data
 
-    store = ensure_synthetic_store(tiny_data(dtype=dtype), tmp_path / "store")
-    host = BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA, on_device=False)
-    staged = BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA)
+    store = ensure_synthetic_store(tiny_data(**data), tmp_path / "store")
+    args = (store, 256, 3, epochs, 1024, 1.3, CUDA)
+    host = BatchStream(*args, on_device=False).batches(Cursor())
+    return store, list(host), BatchStream(*args)
+
+
+def same_batches(got: list, want: list) -> bool:
+    return len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@cuda_only
+def test_stream_to_cuda_gives_the_host_batches(dtype, tmp_path):
+    """Chunks staged on the GPU (one H2D copy each, gathered there) == the host path's batches."""
+    from sweep.activations.store import Cursor
+
+    _, want, staged = streams(tmp_path, dtype=dtype)
     assert staged.on_device
-    pairs = zip(staged.batches(Cursor()), host.batches(Cursor()), strict=True)
-    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in pairs)
+    got = list(staged.batches(Cursor()))
+    assert [c for c, _ in got] == [c for c, _ in want]
+    assert same_batches([x for _, x in got], [x for _, x in want])
     assert next(staged.batches(Cursor()))[1].device.type == "cuda"
 
 
@@ -295,13 +308,9 @@ def test_stream_buffers_never_take_memory_the_training_stream_still_uses(tmp_pat
     while the side stream copies a chunk in (they are made before the pass's first mark)."""
     import threading
 
-    from sweep.activations.store import BatchStream, ChunkStore, Cursor
-    from sweep.activations.synthetic import ensure_synthetic_store
-    from tests.conftest import tiny_data
+    from sweep.activations.store import ChunkStore, Cursor
 
-    store = ensure_synthetic_store(tiny_data(), tmp_path / "store")
-    want = [x for _, x in BatchStream(store, 256, 3, 1, 1024, 1.3, CUDA, on_device=False)
-            .batches(Cursor())]  # fmt: skip
+    store, want, staged = streams(tmp_path, epochs=1)
     real, go, loads = ChunkStore.read_into, threading.Event(), []
 
     def held(self, index, out):
@@ -312,7 +321,7 @@ def test_stream_buffers_never_take_memory_the_training_stream_still_uses(tmp_pat
 
     monkeypatch.setattr(ChunkStore, "read_into", held)
     got = []
-    for k, (_, x) in enumerate(BatchStream(store, 256, 3, 1, 1024, 1.3, CUDA).batches(Cursor())):
+    for k, (_, x) in enumerate(staged.batches(Cursor())):
         got.append(x.clone())
         if k == 0:
             torch.cuda._sleep(50_000_000)  # the fill below runs long after it is queued
@@ -321,7 +330,7 @@ def test_stream_buffers_never_take_memory_the_training_stream_still_uses(tmp_pat
             del trap  # back to the training stream's pool, its fill still queued
             go.set()
     torch.cuda.synchronize()
-    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert same_batches(got, [x for _, x in want])
 
 
 @cuda_only
@@ -329,16 +338,12 @@ def test_stream_to_a_lagging_gpu_never_overwrites_a_chunk_in_use(tmp_path):
     """The host runs far ahead of a busy GPU (a sleep kernel queued before every batch's
     gather): the prefetch copies into the two device buffers wait for the gathers of the chunk
     each buffer held, so every batch still equals the host path's."""
-    from sweep.activations.store import BatchStream, Cursor
-    from sweep.activations.synthetic import ensure_synthetic_store
-    from tests.conftest import tiny_data
+    from sweep.activations.store import Cursor
 
-    store = ensure_synthetic_store(tiny_data(), tmp_path / "store")
-    want = [x for _, x in BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA, on_device=False)
-            .batches(Cursor())]  # fmt: skip
-    staged, got = BatchStream(store, 256, 3, 2, 1024, 1.3, CUDA), []
+    _, want, staged = streams(tmp_path)
+    got = []
     for _, x in staged.batches(Cursor()):
         torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time queued ahead of the next gather
         got.append(x)
     torch.cuda.synchronize()
-    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert same_batches(got, [x for _, x in want])
