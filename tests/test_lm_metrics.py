@@ -224,7 +224,8 @@ def test_for_store_without_a_model_is_none(tiny_store):
     assert LMEval.for_store(tiny_store, "cpu") is None  # synthetic store: no model in provenance
 
 
-def test_for_store_with_unloadable_model_warns(tiny_store, tmp_path, caplog):
+def store_with_a_model(tiny_store, tmp_path, model: str) -> ChunkStore:  # noqa: ANN001
+    """A copy of the tiny store whose provenance names a language model and held-out tokens."""
     import shutil
 
     from sweep.activations.store import MANIFEST
@@ -233,14 +234,16 @@ def test_for_store_with_unloadable_model_warns(tiny_store, tmp_path, caplog):
     store_dir = tmp_path / "store"
     shutil.copytree(tiny_store.path, store_dir)
     manifest = read_json(store_dir / MANIFEST)
-    manifest["provenance"] = {
-        "source_info": {"model": str(tmp_path / "gone"), "hook": HOOK},
-        "lm_eval": {},
-    }
+    manifest["provenance"] = {"source_info": {"model": model, "hook": HOOK}, "lm_eval": {}}
     atomic_write_json(store_dir / MANIFEST, manifest)
     np.save(store_dir / lm_metrics.EVAL_TOKENS_FILE, np.zeros((2, 8), dtype=np.int32))
+    return ChunkStore(store_dir)
+
+
+def test_for_store_with_unloadable_model_warns(tiny_store, tmp_path, caplog):
+    store = store_with_a_model(tiny_store, tmp_path, str(tmp_path / "gone"))
     with caplog.at_level(logging.WARNING, logger="sweep.lm_metrics"):
-        assert LMEval.for_store(ChunkStore(store_dir), "cpu") is None
+        assert LMEval.for_store(store, "cpu") is None
     assert "LM metrics skipped" in caplog.text and "does not exist" in caplog.text
 
 

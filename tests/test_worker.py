@@ -20,6 +20,7 @@ from sweep.rundir import run_state
 from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
+from tests.test_lm_metrics import store_with_a_model
 
 
 def job_for(
@@ -604,25 +605,6 @@ def test_a_retried_ensemble_whose_results_are_written_keeps_them(tiny_store, tmp
     assert [(digest(f), (f / "DONE").stat().st_mtime_ns) for f in folders] == before
 
 
-def _store_with_a_model(tiny_store, tmp_path, model: str):
-    """A copy of the tiny store whose provenance names a language model and held-out tokens."""
-    import shutil
-
-    import numpy as np
-
-    from sweep import lm_metrics
-    from sweep.activations.store import MANIFEST, ChunkStore
-    from sweep.rundir import atomic_write_json, read_json
-
-    store_dir = tmp_path / "store"
-    shutil.copytree(tiny_store.path, store_dir)
-    manifest = read_json(store_dir / MANIFEST)
-    manifest["provenance"] = {"source_info": {"model": model, "hook": "h"}, "lm_eval": {}}
-    atomic_write_json(store_dir / MANIFEST, manifest)
-    np.save(store_dir / lm_metrics.EVAL_TOKENS_FILE, np.zeros((2, 8), dtype=np.int32))
-    return ChunkStore(store_dir)
-
-
 def test_lm_metrics_that_cannot_run_are_recorded_and_never_cost_the_results(
     tiny_store, tmp_path, monkeypatch
 ):
@@ -631,7 +613,7 @@ def test_lm_metrics_that_cannot_run_are_recorded_and_never_cost_the_results(
     metrics.json and events.jsonl; a failure does not block the ensemble on every re-run."""
     from sweep import lm_metrics
 
-    gone = _store_with_a_model(tiny_store, tmp_path / "a", str(tmp_path / "gone"))
+    gone = store_with_a_model(tiny_store, tmp_path / "a", str(tmp_path / "gone"))
     job = job_for(gone, tmp_path / "a" / "sw")
     assert set(train_ensemble(job).states.values()) == {"done"}
     for m in job.ensemble.members:
@@ -662,7 +644,7 @@ def test_damaged_held_out_tokens_skip_lm_metrics_with_the_reason(tiny_store, tmp
 
     from sweep import lm_metrics
 
-    store = _store_with_a_model(tiny_store, tmp_path, str(tmp_path / "model"))
+    store = store_with_a_model(tiny_store, tmp_path, str(tmp_path / "model"))
     np.save(store.path / lm_metrics.EVAL_TOKENS_FILE, np.zeros(8, dtype=np.int32))  # 1-D
     ev, why = lm_metrics.LMEval.prepare(store, "cpu")
     assert ev is None and "unreadable (shape (8,), not (contexts, positions))" in why
