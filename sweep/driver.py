@@ -24,7 +24,7 @@ from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
-from sweep.errors import DISK_FULL_FIX, SweepError, is_disk_full
+from sweep.errors import DISK_FULL_FIX, OutOfMemory, SweepError, is_disk_full
 from sweep.grid import EnsembleSpec
 from sweep.io import ensure_writable, remove_stale_temps
 from sweep.lock import SweepLock
@@ -301,25 +301,33 @@ class _Execution:
         steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
         n_rows = steps * t.batch_size * sum(len(e.members) for e in self.plan.ensembles)
         self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-        stop_file = str(self.folder.stop_file.absolute())
-        jobs = {e: (self._job(e), self.counter, stop_file) for e in self.plan.ensembles}
-        refs = launcher.submit(
-            launcher.train_task, jobs, self.res.num_cpus, self._gpus(), self.cfg.launch.max_retries
-        )
+        self.refs: dict = {}
+        self.shares: dict[EnsembleSpec, float] = {}
+        self._submit(self._gpus())
         self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
         with tqdm(
             total=n_rows, unit="row", unit_scale=True, disable=not self.cfg.progress, desc="sweep"
         ) as bar:
             self.bar = bar
-            for fin in launcher.drain(refs, tick=self._tick):
+            for fin in launcher.drain(self.refs, tick=self._tick):
                 self._finished(fin)
             if not self.outcome.failures and not self.outcome.signum:
                 bar.n = n_rows
 
-    def _gpus(self) -> float | dict[EnsembleSpec, float]:
+    def _submit(self, shares: dict[EnsembleSpec, float]) -> None:
+        """Start a Ray task for each ensemble, asking for its GPU share."""
+        stop_file = str(self.folder.stop_file.absolute())
+        jobs = {e: (self._job(e), self.counter, stop_file) for e in shares}
+        c = self.cfg.launch
+        self.refs.update(
+            launcher.submit(launcher.train_task, jobs, self.res.num_cpus, shares, c.max_retries)
+        )
+        self.shares.update(shares)
+
+    def _gpus(self) -> dict[EnsembleSpec, float]:
         """What each ensemble asks for: the configured GPUs, or with ``auto`` its own share."""
         if not self.res.auto_share:
-            return self.res.num_gpus
+            return dict.fromkeys(self.plan.ensembles, self.res.num_gpus)
         t, stream = self.cfg.train, self.store.staged_bytes()
         buffers = planning.batch_buffers(self.cfg)
         shares = {
@@ -368,11 +376,48 @@ class _Execution:
         elif self.outcome.signum:  # lost while the job was being stopped: its checkpoints stay
             log.warning("ensemble %s stopped: %s", ens.ensemble_id, fin.error)
             self._mark_interrupted([ens])
-        else:
+        elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
             for m in ens.members:
                 quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
+
+    def _continue_smaller(self, ens: EnsembleSpec, cause: BaseException | None) -> bool:
+        """An ensemble that ran out of GPU memory continues from its checkpoints in this sweep:
+        on a GPU of its own if it shared one, else split in two, each half on the share the
+        whole had (so the halves never run side by side on it), the limit recorded for later
+        plans of this sweep. False when neither is left (one member on a whole GPU)."""
+        if not isinstance(cause, OutOfMemory) or cause.where != "device":
+            return False
+        share = self.shares[ens]
+        if 0 < share < 1:
+            log.warning(
+                "ensemble %s ran out of GPU memory beside others on its GPU (share %g): it "
+                "continues from its checkpoints on a GPU of its own",
+                ens.ensemble_id,
+                share,
+            )
+            self._submit({ens: 1.0})
+            return True
+        if len(ens.members) < 2:
+            return False
+        parts = planning.halves(ens)
+        self.folder.record_member_limit(ens.dict_ratio, len(parts[0].members))
+        ensemble_of = {m.run_id: p.ensemble_id for p in parts for m in p.members}
+        self.folder.write_manifest([m.as_dict() for m in ens.members], ensemble_of, self.store)
+        for m in ens.members:
+            event = {"event": "out_of_memory", "ensemble": ens.ensemble_id}
+            event.update(members=len(ens.members), continues_in=ensemble_of[m.run_id])
+            quietly(lambda m=m, e=event: self.folder.run(m.run_id).append_event(e))
+        log.warning(
+            "ensemble %s ran out of GPU memory with %d members: it continues from its "
+            "checkpoints as %s (at most %d member(s) per ensemble of dict ratio %g in this sweep "
+            "from now on; grid.max_members overrides)",
+            ens.ensemble_id, len(ens.members), " and ".join(p.ensemble_id for p in parts),
+            len(parts[0].members), ens.dict_ratio,
+        )  # fmt: skip
+        self._submit(dict.fromkeys(parts, share))
+        return True
 
     def _all_checkpointed(self, pending: list[EnsembleSpec], stopped: float) -> bool:
         """Whether every pending ensemble that started in this sweep checkpointed for the stop."""

@@ -17,6 +17,18 @@ class RunDirError(SweepError):
     """A sweep or run folder cannot be written, or holds something that conflicts."""
 
 
+class OutOfMemory(SweepError):
+    """An ensemble's allocation did not fit (``where``: ``"host"`` or ``"device"``); its
+    checkpoints are kept. The driver reads ``members`` to re-plan it smaller."""
+
+    def __init__(self, message: str, members: int, where: str) -> None:
+        super().__init__(message)
+        self.members, self.where = members, where
+
+    def __reduce__(self) -> tuple:  # (raised in a Ray task, read in the driver)
+        return type(self), (str(self), self.members, self.where)
+
+
 DISK_FULL_FIX = (
     "free space (or copy the sweep folder to a bigger disk) and re-run the same command; "
     "finished runs and checkpoints are intact"

@@ -295,21 +295,25 @@ def submit(
 
 @dataclass
 class Finished(Generic[K]):
-    """One task's outcome: its value, or the one-line reason it failed."""
+    """One task's outcome: its value, or the one-line reason it failed (and what it raised,
+    when Ray could bring that back)."""
 
     key: K
     value: Any = None
     error: str | None = None
+    cause: BaseException | None = None
 
 
 def drain(
     refs: dict[Any, K], tick: Callable[[list], bool] | None = None, poll: float = 0.5
 ) -> Iterator[Finished[K]]:
     """Tasks' outcomes in completion order. Between waits ``tick(pending_keys)`` runs (the
-    driver's heartbeat, progress and stop handling); when it returns False, stop waiting."""
+    driver's heartbeat, progress and stop handling); when it returns False, stop waiting.
+    Tasks added to ``refs`` meanwhile (by the caller, e.g. a re-planned ensemble) are waited
+    for too."""
     import ray
 
-    pending, errors = list(refs), 0
+    pending, seen, errors = list(refs), set(refs), 0
     while pending:
         if tick is not None and not tick([refs[r] for r in pending]):
             return
@@ -329,7 +333,11 @@ def drain(
             try:
                 yield Finished(refs[ref], value=ray.get(ref))
             except ray.exceptions.RayError as err:
-                yield Finished(refs[ref], error=task_error_reason(err))
+                cause = getattr(err, "cause", None)
+                yield Finished(refs[ref], error=task_error_reason(err), cause=cause)
+        added = [r for r in refs if r not in seen]
+        seen.update(added)
+        pending += added
 
 
 def placement() -> dict:

@@ -29,7 +29,7 @@ Ensemble ids are stable for a given sweep state and claim no step: fresh ones ar
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from omegaconf import OmegaConf
 
@@ -288,6 +288,23 @@ def _split_loudly(parts: list[EnsembleSpec]) -> list[EnsembleSpec]:
     return parts
 
 
+def member_caps(cfg: SweepConfig, folder: SweepFolder, ratios: set[float]) -> dict[float, int]:
+    """The most members per ensemble of each dict ratio (0: what the memory model fits):
+    ``grid.max_members`` when set, else the limit this sweep learned when an ensemble of that
+    ratio ran out of GPU memory (:meth:`SweepFolder.member_limits`)."""
+    if cfg.grid.max_members > 0:
+        return dict.fromkeys(ratios, cfg.grid.max_members)
+    learned = folder.member_limits()
+    for ratio in sorted(ratios & set(learned), reverse=True):
+        log.info(
+            "dict ratio %g: at most %d member(s) per ensemble (a larger one ran out of GPU "
+            "memory in this sweep; grid.max_members overrides)",
+            ratio,
+            learned[ratio],
+        )
+    return {ratio: learned.get(ratio, 0) for ratio in ratios}
+
+
 def plan(
     cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool, slots: int = 1
 ) -> SweepPlan:
@@ -300,6 +317,7 @@ def plan(
     final = [r for r in runs if is_final(folder.run(r.run_id))]
     todo = [r for r in runs if r not in final]
     groups, kept, fresh = resume_groups(folder, todo)
+    caps = member_caps(cfg, folder, {r.dict_ratio for r in todo})
 
     def ensembles_of(group: list[RunSpec]) -> list[EnsembleSpec]:
         budgets = {
@@ -310,7 +328,7 @@ def plan(
                 cfg.train.dtype,
                 device_bytes,
                 on_gpu,
-                cfg.grid.max_members,
+                caps[ratio],
                 batch_buffers(cfg),
             )
             for ratio in {r.dict_ratio for r in group}
@@ -328,3 +346,11 @@ def plan(
     ensembles = resumed + grid.renumber(planned + new, tag="", taken=taken)
     ensembles.sort(key=lambda e: -e.dict_ratio)  # stable: resumed before fresh of a ratio
     return SweepPlan(runs, [r.run_id for r in final], ensembles)
+
+
+def halves(ens: EnsembleSpec) -> list[EnsembleSpec]:
+    """``ens`` split in two near-equal ensembles (``<id>.0``, ``<id>.1``), as a plan capped at
+    half its members would group them: for an ensemble that ran out of GPU memory."""
+    size = -(-len(ens.members) // 2)
+    parts = grid.group(list(ens.members), {ens.dict_ratio: size})
+    return [replace(p, ensemble_id=f"{ens.ensemble_id}.{i}") for i, p in enumerate(parts)]

@@ -3,7 +3,8 @@
 ``SWEEP_DIR/`` holds::
 
     config.yaml     the resolved config of the sweep (what ``sweep resume`` reads)
-    manifest.json   every run (its spec and ensemble), the store, the width, the sweep's state
+    manifest.json   every run (its spec and ensemble), the store, the width, the sweep's state,
+                    and the member limits learned from ensembles that ran out of GPU memory
     summary.csv     one row per run        .lock   while a driver runs (.lock-guard: taking it)
     .stop           a stopping driver's request to every worker
     sweep.log       what every driver logged, with the full details of any error
@@ -36,6 +37,8 @@ LOCK_GUARD = ".lock-guard"
 STOP = ".stop"
 LOG = "sweep.log"
 STORE = "store"
+LIMITS = "member_limits"
+"""The manifest's key for :meth:`SweepFolder.member_limits`."""
 REPORT = "report"
 WANDB = "wandb"
 
@@ -186,7 +189,8 @@ class SweepFolder:
     ) -> None:
         """Record every run (``runs``: their specs), the ensemble each is planned in, and the
         store they train on (:meth:`ChunkStore.facts`)."""
-        known = self.manifest().get("runs", {})
+        old = self.manifest()
+        known = old.get("runs", {})
         for spec in runs:
             entry = known.get(spec["run_id"], {})
             entry.update(spec)
@@ -194,6 +198,23 @@ class SweepFolder:
                 entry["ensemble"] = ensemble_of[spec["run_id"]]
             known[spec["run_id"]] = entry
         manifest = {"runs": known, "store": store.facts(), "width": store.width}
+        if LIMITS in old:
+            manifest[LIMITS] = old[LIMITS]
+        manifest["updated"] = time.time()
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+    def member_limits(self) -> dict[float, int]:
+        """dict ratio -> the most members one ensemble of it may hold, learned when a larger
+        one ran out of GPU memory in this sweep (planning caps at it unless
+        ``grid.max_members`` is set)."""
+        limits = self.manifest().get(LIMITS, {})
+        return {float(ratio): int(n) for ratio, n in limits.items()}
+
+    def record_member_limit(self, dict_ratio: float, members: int) -> None:
+        manifest = self.manifest()
+        limits = manifest.setdefault(LIMITS, {})
+        key = repr(float(dict_ratio))
+        limits[key] = min(members, limits.get(key, members))
         manifest["updated"] = time.time()
         atomic_write_json(self.path / MANIFEST, manifest)
 

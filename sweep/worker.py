@@ -26,7 +26,7 @@ from sweep.ckpt_writer import CheckpointWriter
 from sweep.compiled import forget_compiled
 from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
 from sweep.devices import release_device_memory, resolve_compute_dtype, resolve_device
-from sweep.errors import SweepError, out_of_memory
+from sweep.errors import OutOfMemory, SweepError, out_of_memory
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
@@ -270,8 +270,9 @@ def _train_and_finish(
 
 @contextmanager
 def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[None]:
-    """An allocation that does not fit becomes one line naming the ensemble and the fix (the
-    checkpoints already written stay: the same command continues from them)."""
+    """An allocation that does not fit becomes :class:`OutOfMemory`: one line naming the
+    ensemble and the fix, for the driver to act on (a GPU of its own, or halves: see
+    ``_Execution._continue_smaller``) or to report. The checkpoints already written stay."""
     try:
         yield
     except Exception as err:
@@ -291,11 +292,13 @@ def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[Non
             else "one member alone does not fit: use a device with more memory, or a smaller "
             "train.batch_size or dictionary in a new sweep_dir"
         )
-        raise SweepError(
+        raise OutOfMemory(
             f"ensemble {ens.ensemble_id} ({n} member(s) of {run.width}x{ens.dict_size}, batch "
             f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu')}) ran out of "
             f"{'host memory' if kind == 'host' else f'memory on {device}'}: {fix}; its "
-            "checkpoints are kept"
+            "checkpoints are kept",
+            n,
+            kind,
         ) from err
 
 

@@ -39,13 +39,15 @@ ARGS = [
 ]
 
 
-def env() -> dict:
+def env(**extra: str) -> dict:
     e = dict(os.environ, RAY_AUTH_MODE="disabled", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
     e.pop("RAY_ADDRESS", None)
-    return e
+    return {**e, **extra}
 
 
-def start(sweep_dir: Path, ray_tmp: Path, *extra: str) -> subprocess.Popen:
+def start(
+    sweep_dir: Path, ray_tmp: Path, *extra: str, environ: dict | None = None
+) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -57,7 +59,11 @@ def start(sweep_dir: Path, ray_tmp: Path, *extra: str) -> subprocess.Popen:
         *extra,
     ]
     return subprocess.Popen(
-        cmd, env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd,
+        env=env(**(environ or {})),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
 
 

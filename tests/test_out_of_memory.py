@@ -1,0 +1,81 @@
+"""An ensemble that runs out of GPU memory continues in the same ``sweep run``: first on a
+GPU of its own if it shared one, then split in halves, down to one member; later plans of
+the sweep keep to the limit it learned. The out-of-memory is raised for real inside the Ray
+workers of a real ``sweep run`` subprocess (``tests/oom_hook``), on Ray's fake GPUs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sweep import grid, planning
+from sweep.cli import compose
+from sweep.config import to_sweep_config
+from sweep.sweepdir import SweepFolder
+from tests.test_faults import finish, start
+
+HOOK = Path(__file__).parent / "oom_hook"
+
+
+def events(run: Path) -> list[dict]:
+    path = run / "events.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_an_ensemble_out_of_gpu_memory_gets_a_gpu_then_halves_and_finishes(
+    tmp_path, tmp_path_factory
+):
+    """Two ensembles of two members, each on half of one (fake) GPU, fail their 15th step
+    (checkpointed at step 10): each continues on a whole GPU, fails its 15th step again
+    (step 25), and continues as two one-member ensembles from step 20. The sweep ends done,
+    and the limit is recorded."""
+    sw = tmp_path / "sw"
+    hook = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_OOM_ABOVE": "1", "SWEEP_TEST_OOM_AT": "15"}
+    shared = ["launch.num_gpus=1", "launch.gpus_per_ensemble=0.5", "train.device=auto"]
+    code, out = finish(
+        start(sw, tmp_path_factory.getbasetemp() / "oom", *shared, environ=hook), timeout=400
+    )
+    assert code == 0, out
+    said = (sw / "sweep.log").read_text()
+    assert said.count("ran out of GPU memory beside others on its GPU (share 0.5)") == 2, said
+    assert said.count("ran out of GPU memory with 2 members: it continues from its") == 2, said
+    manifest = json.loads((sw / "manifest.json").read_text())
+    assert manifest["member_limits"] == {"4.0": 1, "8.0": 1}
+    assert manifest["state"] == "done"
+    for run in (sw / "runs").iterdir():
+        assert (run / "DONE").is_file(), run.name
+        assert json.loads((run / "placement.json").read_text())["gpu_share"] == 1.0
+        ensemble = manifest["runs"][run.name]["ensemble"]
+        assert ensemble.endswith((".0", ".1")), ensemble
+        (oom,) = [e for e in events(run) if e["event"] == "out_of_memory"]
+        assert oom["members"] == 2 and oom["continues_in"] == ensemble
+        timings = json.loads((run / "placement.json").read_text())["timings"]
+        assert timings["steps"] == 592 - 20  # failed at 15 (after 10), at 25 (after 20)
+
+
+def test_a_learned_member_limit_caps_later_plans_unless_max_members_is_set(tiny_store, tmp_path):
+    folder = SweepFolder(tmp_path / "sw")
+    folder.path.mkdir()
+    folder.write_manifest([], {}, tiny_store)
+    folder.record_member_limit(2.0, 3)
+    folder.record_member_limit(2.0, 2)  # the smallest stays
+    folder.record_member_limit(2.0, 5)
+    folder.write_manifest([], {}, tiny_store)  # a later plan's manifest keeps it
+    assert folder.member_limits() == {2.0: 2}
+
+    def sizes(*extra: str) -> list[int]:
+        overrides = [f"sweep_dir={folder.path}", "grid.l1=[1e-3,3e-3,1e-2,3e-2]", *extra]
+        cfg = to_sweep_config(compose([*overrides, "grid.dict_ratio=[1,2]", "grid.seeds=1"]))
+        p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
+        return [len(e.members) for e in p.ensembles]
+
+    assert sizes() == [2, 2, 4]  # ratio 2 capped, ratio 1 as the memory model fits
+    assert sizes("grid.max_members=4") == [4, 4]
+
+
+def test_halves_are_what_a_plan_capped_at_half_would_group(tiny_store):
+    runs = grid.expand([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], [2.0], 1, tiny_store.width, "untied")
+    (whole,) = grid.group(runs, {2.0: 8})
+    parts = planning.halves(whole)
+    assert [p.ensemble_id for p in parts] == ["r2-e0.0", "r2-e0.1"]
+    assert [p.members for p in parts] == [tuple(runs[:3]), tuple(runs[3:])]
