@@ -401,10 +401,13 @@ class _Execution:
             return True
         if len(ens.members) < 2:
             return False
-        parts = planning.halves(ens)
-        self.folder.record_member_limit(ens.dict_ratio, len(parts[0].members))
+        parts = planning.halves(ens, taken=self._ensemble_ids())
         ensemble_of = {m.run_id: p.ensemble_id for p in parts for m in p.members}
-        self.folder.write_manifest([m.as_dict() for m in ens.members], ensemble_of, self.store)
+        try:
+            self.folder.record_member_limit(ens.dict_ratio, len(parts[0].members))
+            self.folder.write_manifest([m.as_dict() for m in ens.members], ensemble_of, self.store)
+        except (OSError, SweepError) as err:  # the halves still train; a re-run re-learns it
+            log.warning("could not record the split of ensemble %s: %s", ens.ensemble_id, err)
         for m in ens.members:
             event = {"event": "out_of_memory", "ensemble": ens.ensemble_id}
             event.update(members=len(ens.members), continues_in=ensemble_of[m.run_id])
@@ -418,6 +421,14 @@ class _Execution:
         )  # fmt: skip
         self._submit(dict.fromkeys(parts, share))
         return True
+
+    def _ensemble_ids(self) -> set[str]:
+        """Every ensemble id recorded in the sweep or started by this driver."""
+        try:
+            recorded = set(self.folder.previous_ensembles().values())
+        except (OSError, SweepError):  # (a damaged manifest: reported where it is written)
+            recorded = set()
+        return recorded | {e.ensemble_id for e in self.shares}
 
     def _all_checkpointed(self, pending: list[EnsembleSpec], stopped: float) -> bool:
         """Whether every pending ensemble that started in this sweep checkpointed for the stop."""

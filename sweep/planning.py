@@ -28,7 +28,9 @@ Ensemble ids are stable for a given sweep state and claim no step: fresh ones ar
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 
 from omegaconf import OmegaConf
@@ -273,36 +275,44 @@ def _fix(knob: str) -> str:
     return "lower grid.k or raise grid.dict_ratio" if knob == "k" else f"change grid.{knob}"
 
 
-def _split_loudly(parts: list[EnsembleSpec]) -> list[EnsembleSpec]:
+def _split_loudly(parts: list[EnsembleSpec], learned: dict[float, int]) -> list[EnsembleSpec]:
     """A resumed ensemble's parts: more than one only when the memory budget shrank (a smaller
-    device share, or a newer memory model), which costs bit-identity: say so."""
+    device share, a newer memory model, or a limit learned from an out-of-memory ensemble),
+    which costs bit-identity: say so, and what keeps them together."""
     if len(parts) > 1:
+        keep = (
+            "the limit was learned when an ensemble of this ratio ran out of GPU memory; "
+            "grid.max_members overrides it"
+            if parts[0].dict_ratio in learned
+            else "a larger launch.gpus_per_ensemble keeps them together"
+        )
         log.warning(
             "runs %s trained as one ensemble, but the memory budget now holds at most %d "
             "members: they resume in %d ensembles and will not be bit-identical to an "
-            "uninterrupted sweep (a larger launch.gpus_per_ensemble keeps them together)",
+            "uninterrupted sweep (%s)",
             ", ".join(m.run_id for e in parts for m in e.members),
             max(len(e.members) for e in parts),
             len(parts),
+            keep,
         )
     return parts
 
 
-def member_caps(cfg: SweepConfig, folder: SweepFolder, ratios: set[float]) -> dict[float, int]:
-    """The most members per ensemble of each dict ratio (0: what the memory model fits):
-    ``grid.max_members`` when set, else the limit this sweep learned when an ensemble of that
-    ratio ran out of GPU memory (:meth:`SweepFolder.member_limits`)."""
+def learned_limits(cfg: SweepConfig, folder: SweepFolder, ratios: set[float]) -> dict[float, int]:
+    """The most members per ensemble this sweep learned for each dict ratio when an ensemble
+    of it ran out of GPU memory (:meth:`SweepFolder.member_limits`); none when
+    ``grid.max_members`` is set (it overrides them)."""
     if cfg.grid.max_members > 0:
-        return dict.fromkeys(ratios, cfg.grid.max_members)
-    learned = folder.member_limits()
-    for ratio in sorted(ratios & set(learned), reverse=True):
+        return {}
+    learned = {r: n for r, n in folder.member_limits().items() if r in ratios}
+    for ratio in sorted(learned, reverse=True):
         log.info(
             "dict ratio %g: at most %d member(s) per ensemble (a larger one ran out of GPU "
             "memory in this sweep; grid.max_members overrides)",
             ratio,
             learned[ratio],
         )
-    return {ratio: learned.get(ratio, 0) for ratio in ratios}
+    return learned
 
 
 def plan(
@@ -317,29 +327,29 @@ def plan(
     final = [r for r in runs if is_final(folder.run(r.run_id))]
     todo = [r for r in runs if r not in final]
     groups, kept, fresh = resume_groups(folder, todo)
-    caps = member_caps(cfg, folder, {r.dict_ratio for r in todo})
+    learned = learned_limits(cfg, folder, {r.dict_ratio for r in todo})
+
+    def budget(ratio: float) -> int:
+        fit = grid.member_budget(
+            width,
+            grid.dict_size(ratio, width),
+            cfg.train.batch_size,
+            cfg.train.dtype,
+            device_bytes,
+            on_gpu,
+            cfg.grid.max_members,
+            batch_buffers(cfg),
+        )
+        return min(fit, learned.get(ratio, fit))
 
     def ensembles_of(group: list[RunSpec]) -> list[EnsembleSpec]:
-        budgets = {
-            ratio: grid.member_budget(
-                width,
-                grid.dict_size(ratio, width),
-                cfg.train.batch_size,
-                cfg.train.dtype,
-                device_bytes,
-                on_gpu,
-                caps[ratio],
-                batch_buffers(cfg),
-            )
-            for ratio in {r.dict_ratio for r in group}
-        }
-        return grid.group(group, budgets)
+        return grid.group(group, {ratio: budget(ratio) for ratio in {r.dict_ratio for r in group}})
 
     # ids other recorded runs keep (finished, or out of the grid): never given to another
     # ensemble, or such a run, trained again later, would be grouped with strangers
     pending = {r.run_id for r in todo}
     taken = {e for rid, e in folder.previous_ensembles().items() if rid not in pending}
-    resumed = [e for g in groups for e in _split_loudly(ensembles_of(g))]
+    resumed = [e for g in groups for e in _split_loudly(ensembles_of(g), learned)]
     resumed = grid.renumber(resumed, tag="-resume", taken=taken)
     planned = [e for g in kept for e in ensembles_of(g)]
     new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))
@@ -348,9 +358,12 @@ def plan(
     return SweepPlan(runs, [r.run_id for r in final], ensembles)
 
 
-def halves(ens: EnsembleSpec) -> list[EnsembleSpec]:
-    """``ens`` split in two near-equal ensembles (``<id>.0``, ``<id>.1``), as a plan capped at
-    half its members would group them: for an ensemble that ran out of GPU memory."""
+def halves(ens: EnsembleSpec, taken: Collection[str] = ()) -> list[EnsembleSpec]:
+    """``ens`` split in two near-equal ensembles, as a plan capped at half its members would
+    group them: for an ensemble that ran out of GPU memory. Their ids are ``<id>.<i>``, the
+    first two numbers not in ``taken`` (ids other runs keep or train under)."""
     size = -(-len(ens.members) // 2)
     parts = grid.group(list(ens.members), {ens.dict_ratio: size})
-    return [replace(p, ensemble_id=f"{ens.ensemble_id}.{i}") for i, p in enumerate(parts)]
+    ids = (f"{ens.ensemble_id}.{i}" for i in itertools.count())
+    free = (i for i in ids if i not in taken)
+    return [replace(p, ensemble_id=next(free)) for p in parts]

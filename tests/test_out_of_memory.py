@@ -73,9 +73,25 @@ def test_a_learned_member_limit_caps_later_plans_unless_max_members_is_set(tiny_
     assert sizes("grid.max_members=4") == [4, 4]
 
 
+def test_a_learned_limit_only_ever_lowers_the_memory_models_budget(tiny_store, tmp_path):
+    """A limit learned on a GPU never lifts the CPU's default cap (8 members)."""
+    folder = SweepFolder(tmp_path / "sw")
+    folder.path.mkdir()
+    folder.write_manifest([], {}, tiny_store)
+    folder.record_member_limit(2.0, 12)
+    l1s = ",".join(f"{(i + 1) * 1e-3:.3f}" for i in range(24))
+    overrides = [f"sweep_dir={folder.path}", f"grid.l1=[{l1s}]", "grid.dict_ratio=[2]"]
+    cfg = to_sweep_config(compose([*overrides, "grid.seeds=1"]))
+    p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
+    assert [len(e.members) for e in p.ensembles] == [8, 8, 8]
+
+
 def test_halves_are_what_a_plan_capped_at_half_would_group(tiny_store):
     runs = grid.expand([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], [2.0], 1, tiny_store.width, "untied")
     (whole,) = grid.group(runs, {2.0: 8})
     parts = planning.halves(whole)
     assert [p.ensemble_id for p in parts] == ["r2-e0.0", "r2-e0.1"]
     assert [p.members for p in parts] == [tuple(runs[:3]), tuple(runs[3:])]
+    # ids other runs keep (an earlier split of an ensemble numbered the same) are skipped
+    taken = {"r2-e0.0", "r2-e0.2"}
+    assert [p.ensemble_id for p in planning.halves(whole, taken)] == ["r2-e0.1", "r2-e0.3"]
