@@ -60,3 +60,7 @@ def print_status(sweep_dir: Path) -> None:
     total = sum(r.get("rows_total") or 0 for r in rows)
     summary = "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
     console.print(f"{summary}  total: {len(rows)}  rows: {trained:,}/{total:,}")
+    limits = SweepFolder(sweep_dir).member_limits()
+    if limits:
+        said = ", ".join(f"dict ratio {r:g}: {n}" for r, n in sorted(limits.items()))
+        console.print(f"members per ensemble, learned when one ran out of GPU memory: {said}")

@@ -6,6 +6,8 @@ workers of a real ``sweep run`` subprocess (``tests/oom_hook``), on Ray's fake G
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from sweep import grid, planning
@@ -51,6 +53,12 @@ def test_an_ensemble_out_of_gpu_memory_gets_a_gpu_then_halves_and_finishes(
         assert oom["members"] == 2 and oom["continues_in"] == ensemble
         timings = json.loads((run / "placement.json").read_text())["timings"]
         assert timings["steps"] == 592 - 20  # failed at 15 (after 10), at 25 (after 20)
+    status = subprocess.run(
+        [sys.executable, "-m", "sweep", "status", str(sw)], capture_output=True, text=True
+    )
+    assert "learned when one ran out of GPU memory: dict ratio 4: 1, dict ratio 8: 1" in (
+        status.stdout
+    ), status.stdout
 
 
 def test_a_learned_member_limit_caps_later_plans_unless_max_members_is_set(tiny_store, tmp_path):
