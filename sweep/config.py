@@ -482,8 +482,9 @@ class LaunchConfig:
     (:mod:`sweep.packing`), so small ensembles share a GPU."""
     device_memory_gb: float = 0
     """Memory for the memory model, in GiB: of one GPU when training on GPUs (an ensemble
-    plans for its share of it), per ensemble on the CPU; 0 = detect (the first GPU's free
-    memory; half the host's on the CPU, shared by the ensembles running at once)."""
+    plans for its share of it), per ensemble on the CPU; 0 = detect (the driver's GPU's free
+    memory, or on a cluster the least free of any GPU node's, :mod:`sweep.gpuinfo`; half the
+    host's on the CPU, shared by the ensembles running at once)."""
     max_retries: int = 2
     """Ray retries of a crashed ensemble task (each resumes from its last checkpoint)."""
     temp_dir: str | None = None

@@ -92,14 +92,13 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
 
 def _compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
     """What ``train.dtype=auto`` means for this sweep (recorded in config.yaml, so a resume on
-    other hardware cannot silently change it): bfloat16 when the ensembles train on GPUs this
-    machine can see (or ``train.device=cuda``), else float32."""
-    import torch
-
+    other hardware cannot silently change it): bfloat16 when the ensembles train on CUDA GPUs
+    (this machine's or the cluster's nodes', :mod:`sweep.gpuinfo`; or ``train.device=cuda``),
+    else float32."""
     saved = (SweepFolder(cfg.sweep_dir).load_config() or {}).get("train", {}).get("dtype")
     if cfg.train.dtype == "auto" and saved not in (None, "auto"):
         return saved  # an existing sweep keeps its precision
-    gpus = cfg.train.device == "cuda" or (res.on_gpu and torch.cuda.is_available())
+    gpus = cfg.train.device == "cuda" or (res.on_gpu and res.real_gpus)
     return resolve_compute_dtype(cfg.train.dtype, gpus)
 
 

@@ -13,10 +13,8 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,14 +23,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from sweep import gpuinfo
 from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import release_device_memory
 from sweep.errors import SweepError, first_line, task_error_reason
+from sweep.gpuinfo import GpuInfo
 from sweep.stop import StopWatch, exit_now, quietly
 
 log = logging.getLogger(__name__)
 
 K = TypeVar("K")
+DEFAULT_GPU_BYTES = 16 * 2**30
+"""What one GPU is planned with when nothing can say (``launch.device_memory_gb`` unset)."""
 
 
 def _worker_env() -> None:
@@ -123,11 +125,11 @@ class Resources:
         cfg: SweepConfig,
         cluster: dict[str, float],
         nodes: list[dict[str, float]] | None = None,
-        exclusive: bool | None = None,
+        gpu: GpuInfo | None = None,
     ) -> None:
         """``cluster``: Ray's total resources; ``nodes``: each alive node's (default: the
         cluster is one node). A task asking for more than one node has would wait forever.
-        ``exclusive``: the GPUs take one process each (default: ask ``nvidia-smi``)."""
+        ``gpu``: what the GPUs are (default: asked, :func:`sweep.gpuinfo.ask`)."""
         nodes = nodes or [cluster]
         gpus = cluster.get("GPU", 0)
         if cfg.train.device == "cuda" and gpus == 0:
@@ -139,8 +141,11 @@ class Resources:
         cpus = cluster.get("CPU", 0.0)  # (Ray leaves a resource whose total is 0 out)
         self.auto_share = self.on_gpu and lc.gpus_per_ensemble == "auto"
         """Each ensemble's GPU share is chosen by :func:`sweep.packing.gpu_share`."""
+        self.real_gpus = False
+        """The ensembles' GPUs are CUDA GPUs (not only Ray's count of them)."""
         if self.on_gpu:
-            self._gpu_request(lc, exclusive)
+            gpu_nodes = sum(1 for n in nodes if n.get("GPU", 0) > 0)
+            self._gpu_request(lc, gpu if gpu is not None else gpuinfo.ask(gpu_nodes))
         else:
             most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cpus
             self._cpu_request(lc, lc.cpus_per_ensemble or most, cpus)
@@ -153,15 +158,16 @@ class Resources:
         """Ensembles that would each have hardware of their own (fewer leave some idle); 1
         under a fixed fraction of a GPU, which packs ensembles onto one as asked."""
 
-    def _gpu_request(self, lc: LaunchConfig, exclusive: bool | None) -> None:
+    def _gpu_request(self, lc: LaunchConfig, gpu: GpuInfo) -> None:
         """A GPU share per ensemble (whole GPUs when they take one process each) and the
         memory it plans with."""
         share = 1.0 if self.auto_share else float(lc.gpus_per_ensemble)
-        if exclusive if exclusive is not None else gpus_exclusive():
+        if gpu.exclusive:
             self.auto_share = False  # a second process on a GPU would fail to start
             _whole_gpus(share)
+        self.real_gpus = gpu.real
         self.num_gpus, self.num_cpus = share, lc.cpus_per_ensemble or 1
-        self.gpu_bytes = lc.device_memory_gb * 2**30 or _gpu_bytes() or 16 * 2**30
+        self.gpu_bytes = lc.device_memory_gb * 2**30 or gpu.free or DEFAULT_GPU_BYTES
         self.device_bytes = self.gpu_bytes * min(1.0, share)
 
     def _cpu_request(self, lc: LaunchConfig, per: float, cpus: float) -> None:
@@ -206,18 +212,6 @@ def alive_nodes() -> list[dict[str, float]]:
     ]
 
 
-def gpus_exclusive() -> bool:
-    """Whether this node's GPUs are in an exclusive compute mode (one process per GPU; HPC
-    clusters often set it), from ``nvidia-smi``; False when it cannot say."""
-    if shutil.which("nvidia-smi") is None:
-        return False
-    query = ["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader"]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(query, capture_output=True, text=True, timeout=60, check=True)
-        return any(m.strip().startswith("Exclusive") for m in out.stdout.splitlines())
-    return False
-
-
 def _whole_gpus(share: float) -> None:
     """Under exclusive GPUs, ensembles cannot share one: refuse a fixed fraction, say so for
     ``auto``."""
@@ -227,40 +221,6 @@ def _whole_gpus(share: float) -> None:
             "compute mode (one process each): use launch.gpus_per_ensemble=1 or auto"
         )
     log.info("the GPUs are in exclusive compute mode: one ensemble per GPU")
-
-
-def _gpu_bytes() -> float:
-    """Free memory of the first visible GPU (a MIG slice: its own), read in a short-lived
-    process so that the driver, which trains nothing, holds no CUDA context (and its memory)
-    for the whole sweep. Free, not total: another process on the GPU (a second sweep, a
-    notebook) keeps what it holds."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return 0.0
-    query = "import torch; print(*torch.cuda.mem_get_info(0))"
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", query], capture_output=True, text=True, timeout=120, check=True
-        )
-        free, total = (float(v) for v in out.stdout.split()[-2:])
-    except (OSError, ValueError, subprocess.SubprocessError):
-        free, total = (float(v) for v in torch.cuda.mem_get_info(0))
-    return usable_gpu_bytes(free, total)
-
-
-def usable_gpu_bytes(free: float, total: float) -> float:
-    """What the memory model plans with: the free memory, said aloud when other processes
-    hold much of the GPU."""
-    if free < 0.9 * total:
-        log.warning(
-            "GPU 0 has %.1f of %.1f GiB free (other processes hold the rest): planning for "
-            "%.1f GiB (launch.device_memory_gb sets it)",
-            free / 2**30,
-            total / 2**30,
-            free / 2**30,
-        )
-    return free
 
 
 def submit(

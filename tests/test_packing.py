@@ -167,22 +167,23 @@ def test_exclusive_gpus_take_one_ensemble_each():
     """GPUs in exclusive compute mode start one process each: auto gives every ensemble a
     whole GPU, a fixed fraction is refused in one line (it would fail at the second task)."""
     from sweep.errors import SweepError
+    from sweep.gpuinfo import GpuInfo
     from sweep.launcher import Resources
     from tests.test_config import cfg_of
 
-    gpus = {"GPU": 2.0, "CPU": 16.0}
-    res = Resources(cfg_of("launch.device_memory_gb=80"), gpus, exclusive=True)
+    gpus, exclusive = {"GPU": 2.0, "CPU": 16.0}, GpuInfo(exclusive=True, real=True)
+    res = Resources(cfg_of("launch.device_memory_gb=80"), gpus, gpu=exclusive)
     assert not res.auto_share and res.num_gpus == 1.0 and res.slots == 2
     with pytest.raises(SweepError, match=r"gpus_per_ensemble=0.25 shares a GPU, but .* exclusive"):
-        Resources(cfg_of("launch.gpus_per_ensemble=0.25"), gpus, exclusive=True)
-    assert Resources(cfg_of("launch.device_memory_gb=80"), gpus, exclusive=False).auto_share
+        Resources(cfg_of("launch.gpus_per_ensemble=0.25"), gpus, gpu=exclusive)
+    assert Resources(cfg_of("launch.device_memory_gb=80"), gpus, gpu=GpuInfo()).auto_share
 
 
 def test_the_gpu_budget_is_its_free_memory_said_aloud_when_others_hold_some(caplog):
-    from sweep.launcher import usable_gpu_bytes
+    from sweep.gpuinfo import usable_gpu_bytes
 
     GiB = 2**30
     assert usable_gpu_bytes(139 * GiB, 140 * GiB) == 139 * GiB
     assert "free" not in caplog.text
     assert usable_gpu_bytes(60 * GiB, 140 * GiB) == 60 * GiB
-    assert "GPU 0 has 60.0 of 140.0 GiB free" in caplog.text
+    assert "a GPU has 60.0 of 140.0 GiB free" in caplog.text
