@@ -484,7 +484,8 @@ class LaunchConfig:
     """Memory for the memory model, in GiB: of one GPU when training on GPUs (an ensemble
     plans for its share of it), per ensemble on the CPU; 0 = detect (the driver's GPU's free
     memory, or on a cluster the least free of any GPU node's, :mod:`sweep.gpuinfo`; half the
-    host's on the CPU, shared by the ensembles running at once)."""
+    memory this process may use on the CPU, a cgroup limit counted, shared by the ensembles
+    running at once)."""
     max_retries: int = 2
     """Ray retries of a crashed ensemble task (each resumes from its last checkpoint)."""
     temp_dir: str | None = None

@@ -6,6 +6,8 @@ without importing torch.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sweep.errors import SweepError
@@ -67,3 +69,39 @@ def release_device_memory() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # what is still queued frees its blocks first
         torch.cuda.empty_cache()
+
+
+def host_memory_bytes(
+    cgroups: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int:
+    """The host memory this process may use: the machine's physical memory, or less under a
+    cgroup memory limit on its cgroup or any above it (a SLURM job's ``--mem``, a
+    container's limit; cgroup v2 or v1). ``cgroups``, ``root``: where to read them."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min([physical, *_cgroup_limits(cgroups, root)])
+
+
+def _cgroup_limits(cgroups: Path, root: Path) -> list[int]:
+    """Every memory limit set on this process's cgroup and its ancestors."""
+    try:
+        lines = cgroups.read_text().splitlines()
+    except OSError:
+        return []
+    limits = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one hierarchy
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        folder = base / path.strip().lstrip("/")
+        for where in (folder, *folder.parents):
+            try:
+                limits.append(int((where / name).read_text().strip()))
+            except (OSError, ValueError):  # absent, or "max" (no limit)
+                pass
+            if where == base:
+                break
+    return limits

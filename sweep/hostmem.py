@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
 
 import torch
 
+from sweep.devices import host_memory_bytes
 from sweep.errors import SweepError
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ PAGE = mmap.PAGESIZE
 PORTABLE = 1
 """``cudaHostRegisterPortable``."""
 MAX_LOCKED_SHARE = 0.125
-"""The largest block locked, as a share of the host's physical memory."""
+"""The largest block locked, as a share of the host memory this process may use (a cgroup
+limit, e.g. a SLURM job's, counts: :func:`sweep.devices.host_memory_bytes`)."""
 
 
 class HostBlock:
@@ -52,8 +53,7 @@ class HostBlock:
 
 
 def _lockable(nbytes: int, what: str) -> bool:
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if nbytes <= MAX_LOCKED_SHARE * host:
+    if nbytes <= MAX_LOCKED_SHARE * host_memory_bytes():
         return True
     log.info(
         "%s: %.1f GiB stays pageable (over %.0f%% of the host's memory); its copies are "

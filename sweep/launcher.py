@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from sweep import gpuinfo
 from sweep.config import LaunchConfig, SweepConfig
-from sweep.devices import release_device_memory
+from sweep.devices import host_memory_bytes, release_device_memory
 from sweep.errors import SweepError, first_line, task_error_reason
 from sweep.gpuinfo import GpuInfo
 from sweep.stop import StopWatch, exit_now, quietly
@@ -173,8 +173,6 @@ class Resources:
     def _cpu_request(self, lc: LaunchConfig, per: float, cpus: float) -> None:
         """``per`` CPUs per ensemble (of the cluster's ``cpus``) and the host memory each of
         the ensembles running at once plans with."""
-        import psutil
-
         if per <= 0:
             raise SweepError(
                 "the Ray cluster has no CPUs for ensembles (are its worker nodes up?); "
@@ -182,9 +180,7 @@ class Resources:
             )
         self.num_gpus, self.num_cpus = 0, per
         concurrent = max(1, math.floor(cpus / per))
-        self.device_bytes = (
-            lc.device_memory_gb * 2**30 or psutil.virtual_memory().total * 0.5 / concurrent
-        )
+        self.device_bytes = lc.device_memory_gb * 2**30 or host_memory_bytes() * 0.5 / concurrent
 
 
 def _fits_a_node(gpus: float, cpus: float, nodes: list[dict[str, float]]) -> None:

@@ -187,3 +187,44 @@ def test_the_gpu_budget_is_its_free_memory_said_aloud_when_others_hold_some(capl
     assert "free" not in caplog.text
     assert usable_gpu_bytes(60 * GiB, 140 * GiB) == 60 * GiB
     assert "a GPU has 60.0 of 140.0 GiB free" in caplog.text
+
+
+def _cgroup_tree(tmp_path, lines: str, limits: dict[str, str]):
+    """A /proc/self/cgroup and a /sys/fs/cgroup with ``limits`` (path -> file content)."""
+    proc = tmp_path / "cgroup"
+    proc.write_text(lines)
+    for rel, value in limits.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(value)
+    return proc, tmp_path / "fs"
+
+
+@pytest.mark.parametrize(
+    "lines, limits",
+    [  # a SLURM job step under a job with --mem=2G (v2), the limit on the parent
+        ("0::/slurm/job_1/step_0\n", {"slurm/job_1/memory.max": "2147483648\n",
+                                      "slurm/job_1/step_0/memory.max": "max\n"}),
+        # cgroup v1: the memory controller's own hierarchy
+        ("4:memory:/slurm/uid_0/job_1\n1:cpu:/\n",
+         {"memory/slurm/uid_0/job_1/memory.limit_in_bytes": "2147483648\n",
+          "memory/memory.limit_in_bytes": "9223372036854771712\n"}),
+        # a container (v1, no cgroup namespace): its limit at the mount's root
+        ("4:memory:/docker/abc\n", {"memory/memory.limit_in_bytes": "2147483648\n"}),
+    ],
+)  # fmt: skip
+def test_host_memory_counts_a_cgroup_limit(tmp_path, lines, limits):
+    from sweep.devices import host_memory_bytes
+
+    proc, root = _cgroup_tree(tmp_path, lines, limits)
+    assert host_memory_bytes(proc, root) == 2**31
+
+
+def test_host_memory_without_a_limit_is_the_machines(tmp_path):
+    import os
+
+    from sweep.devices import host_memory_bytes
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    proc, root = _cgroup_tree(tmp_path, "0::/user.slice\n", {"user.slice/memory.max": "max\n"})
+    assert host_memory_bytes(proc, root) == physical
+    assert host_memory_bytes(tmp_path / "absent", root) == physical

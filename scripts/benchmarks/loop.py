@@ -9,6 +9,7 @@ import torch
 
 from sweep import archs, grid, sae
 from sweep.config import TrainConfig
+from sweep.devices import host_memory_bytes
 
 from .common import LARGE, SMALL, Context, Size
 from .ensembles import (
@@ -61,9 +62,7 @@ def member_budget(size: Size, device: torch.device) -> int:
     if device.type == "cuda":
         total = float(torch.cuda.get_device_properties(device).total_memory)
         return grid.member_budget(size.d, size.m, size.batch, "float32", total, True, 0)
-    import psutil
-
-    total = psutil.virtual_memory().total * 0.5
+    total = host_memory_bytes() * 0.5
     return grid.member_budget(size.d, size.m, size.batch, "float32", total, False, 0)
 
 
