@@ -1,19 +1,23 @@
 """What the GPUs the ensembles train on are: the memory to plan with, whether they take one
-process each, and whether they are real CUDA GPUs (``train.dtype=auto`` means bfloat16 then).
+process each, and whether they are CUDA GPUs torch can use (``train.dtype=auto`` means
+bfloat16 then).
 
 Asked where the GPUs are. On one machine whose GPU the driver sees, a short-lived process
 reads the first GPU's free memory (torch, so a MIG slice reports its own) and ``nvidia-smi``
 its compute mode. Otherwise — a Ray cluster whose head has no GPU (the cluster launcher's),
-or several GPU nodes, which may differ — a task on every GPU node runs ``nvidia-smi`` (no
-CUDA context, no GPU asked of Ray), and the sweep plans for the GPU with the least free
-memory. When neither can say (no ``nvidia-smi``; Ray's fake GPUs on a CPU machine), the
-caller falls back to ``launch.device_memory_gb`` or a default.
+or several GPU nodes, which may differ — a task on every GPU node (asking Ray for no GPU,
+making no CUDA context) says whether torch sees CUDA there and what ``nvidia-smi`` says of
+the GPUs Ray gives that node's tasks, and the sweep plans for the GPU with the least free
+memory. MIG-enabled GPUs (``nvidia-smi`` may report the whole GPU's memory) and GPUs in the
+Prohibited compute mode are left out. When nothing can say, the caller falls back to
+``launch.device_memory_gb`` or a default, and says so.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +25,15 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-QUERY = ["--query-gpu=memory.free,memory.total,compute_mode", "--format=csv,noheader,nounits"]
+FIELDS = "index,uuid,memory.free,memory.total,compute_mode,mig.mode.current"
+QUERY = [f"--query-gpu={FIELDS}", "--format=csv,noheader,nounits"]
+SMI_SECONDS = 15.0
+"""How long one ``nvidia-smi`` may take."""
 PROBE_SECONDS = 60.0
-"""How long the driver waits for the GPU nodes' answers before planning without them."""
+"""How long the driver waits for the GPU nodes' answers (a node's worker start included)."""
+
+Row = tuple[float, float, str]
+"""One GPU: free bytes, total bytes, compute mode."""
 
 
 @dataclass(frozen=True)
@@ -33,23 +43,42 @@ class GpuInfo:
     exclusive: bool = False
     """The GPUs take one process each (an exclusive compute mode)."""
     real: bool = False
-    """CUDA GPUs were found (not only Ray's count of them)."""
+    """CUDA GPUs torch can use were found (not only Ray's count of them)."""
 
 
-def read_nvidia_smi(command: str = "nvidia-smi") -> list[tuple[float, float, str]]:
-    """(free bytes, total bytes, compute mode) of each GPU of this machine; [] when
-    ``nvidia-smi`` is absent, fails, or reports no memory (a MIG-enabled GPU)."""
+def read_nvidia_smi(command: str = "nvidia-smi") -> list[Row]:
+    """The usable GPUs of this machine that this process may use (``CUDA_VISIBLE_DEVICES``,
+    by index or UUID, when it names any); [] when ``nvidia-smi`` is absent or fails."""
     if shutil.which(command) is None:
         return []
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run([command, *QUERY], capture_output=True, text=True, timeout=60)
-        rows = []
-        for line in out.stdout.splitlines() if out.returncode == 0 else []:
-            parts = [p.strip() for p in line.split(",")]
-            with contextlib.suppress(ValueError, IndexError):
-                rows.append((float(parts[0]) * 2**20, float(parts[1]) * 2**20, parts[2]))
-        return rows
-    return []
+    try:
+        out = subprocess.run([command, *QUERY], capture_output=True, text=True, timeout=SMI_SECONDS)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    allowed = {v.strip() for v in visible.split(",")} if visible else None  # ("": a Ray task
+    # that asked for no GPU, in Ray versions that hide them from it: the node's GPUs count)
+    rows = []
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 6 or (allowed is not None and not allowed & {parts[0], parts[1]}):
+            continue
+        if parts[5] == "Enabled" or parts[4] == "Prohibited":
+            continue  # whole-GPU memory of MIG slices; no CUDA context allowed
+        with contextlib.suppress(ValueError):
+            rows.append((float(parts[2]) * 2**20, float(parts[3]) * 2**20, parts[4]))
+    return rows
+
+
+def node_facts(command: str = "nvidia-smi") -> tuple[list[Row], bool]:
+    """What a GPU node says (run there as a Ray task): its GPUs, and whether torch sees CUDA."""
+    return read_nvidia_smi(command), _torch_sees_cuda()
+
+
+def _torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def usable_gpu_bytes(free: float, total: float) -> float:
@@ -66,78 +95,103 @@ def usable_gpu_bytes(free: float, total: float) -> float:
     return free
 
 
-def ask(gpu_nodes: int, command: str = "nvidia-smi") -> GpuInfo:
+def ask(gpu_nodes: int, need_memory: bool = True, command: str = "nvidia-smi") -> GpuInfo:
     """The GPUs' facts, from this machine when its GPU is the only GPU node's, else from
-    every GPU node of the Ray cluster (``gpu_nodes``: how many have GPUs)."""
-    import torch
+    every GPU node of the Ray cluster (``gpu_nodes``: how many Ray counts GPUs on).
+    ``need_memory``: False when ``launch.device_memory_gb`` says it."""
+    local = _torch_sees_cuda()
+    if local and gpu_nodes <= 1:
+        return _local(need_memory, command)
+    rows = [row for found, cuda in cluster_answers(command) if cuda for row in found]
+    if not rows:
+        if local:  # the driver's own GPU, at least
+            return _local(need_memory, command)
+        log.warning(
+            "Ray counts GPUs on %d node(s), but none said what they are (no nvidia-smi, MIG, "
+            "or a torch without CUDA there): train.dtype=auto means float32%s; if they are "
+            "CUDA GPUs, set train.dtype=bfloat16 and launch.device_memory_gb",
+            gpu_nodes,
+            " and the memory model plans 16 GiB GPUs" if need_memory else "",
+        )
+        return GpuInfo()
+    return _smallest(rows, gpu_nodes)
 
-    if torch.cuda.is_available() and gpu_nodes <= 1:
-        rows = read_nvidia_smi(command)
-        return GpuInfo(_local_free(), any(_exclusive(m) for _, _, m in rows), real=True)
-    found = cluster_rows(command)
-    if not found:
-        return GpuInfo(real=torch.cuda.is_available())
-    free, total, _ = min(found)
-    if free < 0.9 * max(f for f, _, _ in found):
+
+def _smallest(rows: list[Row], gpu_nodes: int) -> GpuInfo:
+    """Every ensemble may land on any GPU: plan for the one with the least free memory."""
+    free, total, _ = min(rows)
+    most = max(f for f, _, _ in rows)
+    if free < 0.9 * most:
         log.warning(
             "the cluster's GPUs differ (%.1f to %.1f GiB free): planning every ensemble for "
             "the smallest",
             free / 2**30,
-            max(f for f, _, _ in found) / 2**30,
+            most / 2**30,
         )
-    log.info(
-        "%d GPU(s) on %d node(s), the least free %.1f GiB", len(found), gpu_nodes, free / 2**30
-    )
-    exclusive = any(_exclusive(m) for _, _, m in found)
+    log.info("%d GPU(s) on %d node(s), the least free %.1f GiB", len(rows), gpu_nodes, free / 2**30)
+    exclusive = any(_exclusive(mode) for _, _, mode in rows)
     return GpuInfo(usable_gpu_bytes(free, total), exclusive, real=True)
 
 
-def cluster_rows(command: str = "nvidia-smi") -> list[tuple[float, float, str]]:
-    """:func:`read_nvidia_smi` on every alive Ray node that has GPUs, in tasks that ask for
-    none; [] when Ray is not running or the nodes do not answer in time."""
+def cluster_answers(command: str = "nvidia-smi") -> list[tuple[list[Row], bool]]:
+    """:func:`node_facts` of every alive Ray node with GPUs, from tasks that ask for no
+    resources; the nodes that do not answer in time are named and left out."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
         return []
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU")]
-    task = ray.remote(num_cpus=0)(read_nvidia_smi)
-    refs = [
+    task = ray.remote(num_cpus=0)(node_facts)
+    refs = {
         task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
             command
-        )
+        ): n
         for n in nodes
-    ]
-    try:
-        return [row for rows in ray.get(refs, timeout=PROBE_SECONDS) for row in rows]
-    except (ray.exceptions.RayError, TimeoutError) as err:
+    }
+    ready, silent = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_SECONDS)
+    answers, lost = [], [refs[r] for r in silent]
+    for ref in ready:
+        try:
+            answers.append(ray.get(ref))
+        except ray.exceptions.RayError:
+            lost.append(refs[ref])
+    if lost:
         log.warning(
-            "could not read the GPU nodes' memory (%s); launch.device_memory_gb sets it",
-            type(err).__name__,
+            "%d of %d GPU node(s) did not say what their GPUs are (%s); planning with the "
+            "others' answers",
+            len(lost),
+            len(nodes),
+            ", ".join(n[:8] for n in lost),
         )
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-        return []
+    for ref in silent:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    return answers
+
+
+def _local(need_memory: bool, command: str) -> GpuInfo:
+    rows = read_nvidia_smi(command)
+    free = _local_free() if need_memory else 0.0
+    return GpuInfo(free, any(_exclusive(mode) for _, _, mode in rows), real=True)
 
 
 def _exclusive(mode: str) -> bool:
-    return mode.strip().startswith("Exclusive")
+    return mode.startswith("Exclusive")
 
 
 def _local_free() -> float:
     """Free memory of this machine's first visible GPU (a MIG slice: its own), read in a
-    short-lived process so that the driver, which trains nothing, holds no CUDA context (and
-    its memory) for the whole sweep. Free, not total: another process on the GPU (a second
-    sweep, a notebook) keeps what it holds."""
-    import torch
-
+    short-lived process so that the driver, which trains nothing, never holds a CUDA context
+    (and its memory) for the whole sweep; 0 when that fails. Free, not total: another
+    process on the GPU (a second sweep, a notebook) keeps what it holds."""
     query = "import torch; print(*torch.cuda.mem_get_info(0))"
     try:
         out = subprocess.run(
             [sys.executable, "-c", query], capture_output=True, text=True, timeout=120, check=True
         )
         free, total = (float(v) for v in out.stdout.split()[-2:])
-    except (OSError, ValueError, subprocess.SubprocessError):
-        free, total = (float(v) for v in torch.cuda.mem_get_info(0))
+    except (OSError, ValueError, subprocess.SubprocessError) as err:
+        log.warning("could not read the GPU's free memory (%s)", type(err).__name__)
+        return 0.0
     return usable_gpu_bytes(free, total)

@@ -145,7 +145,9 @@ class Resources:
         """The ensembles' GPUs are CUDA GPUs (not only Ray's count of them)."""
         if self.on_gpu:
             gpu_nodes = sum(1 for n in nodes if n.get("GPU", 0) > 0)
-            self._gpu_request(lc, gpu if gpu is not None else gpuinfo.ask(gpu_nodes))
+            need_memory = not lc.device_memory_gb
+            asked = gpu if gpu is not None else gpuinfo.ask(gpu_nodes, need_memory)
+            self._gpu_request(lc, asked)
         else:
             most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cpus
             self._cpu_request(lc, lc.cpus_per_ensemble or most, cpus)

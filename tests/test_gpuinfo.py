@@ -1,25 +1,31 @@
-"""What the GPUs are, asked where they are (:mod:`sweep.gpuinfo`): ``nvidia-smi`` on every
-GPU node of a Ray cluster whose driver sees no GPU. Here a script stands in for
-``nvidia-smi``; the Ray tasks, the parsing and the planning that follows are real."""
+"""What the GPUs are, asked where they are (:mod:`sweep.gpuinfo`): ``nvidia-smi`` and torch
+on every GPU node of a Ray cluster whose driver sees no GPU. A script stands in for
+``nvidia-smi``, and ``tests/hooks`` makes torch see CUDA in the Ray workers; the Ray tasks,
+the parsing and the planning that follows are real."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from sweep import gpuinfo
 from tests.test_faults import finish, start
+from tests.test_out_of_memory import HOOK
 
-GiB = 2**30
+GiB, MiB = 2**30, 2**20
+no_cuda_here = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the driver's own GPU answers where CUDA is present"
+)
 
 
 def fake_nvidia_smi(folder: Path, lines: str, code: int = 0) -> Path:
-    """A ``nvidia-smi`` that prints ``lines`` (MiB, as ``--format=csv,noheader,nounits``)."""
+    """A ``nvidia-smi`` printing ``lines`` as ``--format=csv,noheader,nounits`` does."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "nvidia-smi"
     path.write_text(f"#!/bin/sh\ncat <<'END'\n{lines}\nEND\nexit {code}\n")
@@ -27,43 +33,91 @@ def fake_nvidia_smi(folder: Path, lines: str, code: int = 0) -> Path:
     return path
 
 
-def test_nvidia_smi_rows_are_read_and_what_it_cannot_say_is_skipped(tmp_path):
-    smi = fake_nvidia_smi(tmp_path / "a", "81000, 81559, Default\n[N/A], [N/A], Default\n")
-    assert gpuinfo.read_nvidia_smi(str(smi)) == [(81000 * 2**20, 81559 * 2**20, "Default")]
+EIGHT = "\n".join(  # a node of 8 GPUs in every state that matters
+    [
+        "0, GPU-a0, 81000, 81559, Default, [N/A]",
+        "1, GPU-a1, 40960, 81559, Exclusive_Process, Disabled",
+        "2, GPU-a2, 81559, 81559, Default, Enabled",  # MIG: whole-GPU memory
+        "3, GPU-a3, 81559, 81559, Prohibited, [N/A]",  # no CUDA context allowed
+        "4, GPU-a4, [N/A], [N/A], Default, [N/A]",
+        "5, GPU-a5, 20480, 81559, Default, [N/A]",
+        "warning: a line nvidia-smi may print",
+        "6, GPU-a6, 70000, 81559, Default",  # too few fields
+    ]
+)
+
+
+def test_nvidia_smi_rows_are_the_usable_gpus_this_process_may_use(tmp_path, monkeypatch):
+    smi = str(fake_nvidia_smi(tmp_path / "a", EIGHT))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpuinfo.read_nvidia_smi(smi) == [
+        (81000 * MiB, 81559 * MiB, "Default"),
+        (40960 * MiB, 81559 * MiB, "Exclusive_Process"),
+        (20480 * MiB, 81559 * MiB, "Default"),
+    ]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a1,0")  # by UUID or index
+    assert [r[0] for r in gpuinfo.read_nvidia_smi(smi)] == [81000 * MiB, 40960 * MiB]
     failing = fake_nvidia_smi(tmp_path / "b", "NVIDIA-SMI has failed", code=9)
     assert gpuinfo.read_nvidia_smi(str(failing)) == []
     assert gpuinfo.read_nvidia_smi(str(tmp_path / "absent")) == []
 
 
-def test_a_gpu_less_driver_asks_the_gpu_nodes_and_plans_for_the_smallest(
-    ray_cluster, tmp_path, caplog
-):
-    """Ray's test cluster has GPUs but this machine has no CUDA: a task on its GPU node reads
-    every GPU there; the plan takes the least free, any exclusive one makes all whole."""
-    rows = "40960, 81559, Default\n81000, 81559, Exclusive_Process"
-    smi = fake_nvidia_smi(tmp_path, rows)
+def test_the_gpu_nodes_answer_from_ray_tasks(ray_cluster, tmp_path):
+    """A task on the test cluster's (one) GPU node runs the node's nvidia-smi and says
+    whether torch sees CUDA there."""
+    smi = fake_nvidia_smi(tmp_path, "0, GPU-a0, 40960, 81559, Default, [N/A]")
+    assert gpuinfo.cluster_answers(str(smi)) == [
+        ([(40960 * MiB, 81559 * MiB, "Default")], torch.cuda.is_available())
+    ]
+
+
+@no_cuda_here
+def test_the_smallest_gpu_plans_and_one_exclusive_makes_all_whole(monkeypatch, caplog):
+    rows = [(40 * GiB, 80 * GiB, "Default"), (79 * GiB, 80 * GiB, "Exclusive_Process")]
+    answers = [(rows[:1], True), (rows[1:], True), ([(1.0 * GiB, 80 * GiB, "Default")], False)]
+    monkeypatch.setattr(gpuinfo, "cluster_answers", lambda command: answers)
     with caplog.at_level(logging.INFO):
-        info = gpuinfo.ask(gpu_nodes=1, command=str(smi))
-    assert info == gpuinfo.GpuInfo(free=40960 * 2**20, exclusive=True, real=True)
-    assert "the cluster's GPUs differ (40.0 to 79.1 GiB free)" in caplog.text
-    nothing = gpuinfo.ask(gpu_nodes=1, command=str(tmp_path / "absent"))
-    assert nothing == gpuinfo.GpuInfo()  # Ray's fake GPUs: nothing known, not real
+        info = gpuinfo.ask(gpu_nodes=3)
+    assert info == gpuinfo.GpuInfo(free=40 * GiB, exclusive=True, real=True)
+    assert "the cluster's GPUs differ (40.0 to 79.0 GiB free)" in caplog.text
+    monkeypatch.setattr(gpuinfo, "cluster_answers", lambda command: answers[2:])
+    assert gpuinfo.ask(gpu_nodes=3) == gpuinfo.GpuInfo()  # torch sees no CUDA there
+    assert "none said what they are" in caplog.text
 
 
-def test_a_sweep_on_a_gpu_cluster_without_a_gpu_on_its_driver_plans_bf16_for_its_gpus(
-    tmp_path, tmp_path_factory
-):
-    """`sweep run` whose (fake) GPU node answers for 20 GiB free GPUs: ``train.dtype=auto``
-    is recorded as bfloat16 (the ensembles train on CUDA GPUs, though the driver sees none)
-    and the memory model plans with the node's memory, not the 16 GiB default."""
-    smi = fake_nvidia_smi(tmp_path / "bin", "20480, 81559, Default")
+def sweep_on_fake_gpus(tmp_path, tmp_path_factory, node_cuda: bool) -> tuple[dict, str]:
+    smi = fake_nvidia_smi(tmp_path / "bin", "0, GPU-a0, 20480, 81559, Default, [N/A]")
+    environ = {"PATH": f"{smi.parent}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(HOOK)}
+    if node_cuda:
+        environ["SWEEP_TEST_NODE_CUDA"] = "1"
     sw = tmp_path / "sw"
-    environ = {"PATH": f"{smi.parent}{os.pathsep}{os.environ['PATH']}"}
     args = ["launch.num_gpus=1", "train.device=auto", "grid.dict_ratio=[4]", "train.epochs=1"]
-    code, out = finish(start(sw, tmp_path_factory.getbasetemp() / "gi", *args, environ=environ))
+    ray_tmp = tmp_path_factory.getbasetemp() / f"gi{int(node_cuda)}"
+    code, out = finish(start(sw, ray_tmp, *args, environ=environ))
     assert code == 0, out
-    assert yaml.safe_load((sw / "config.yaml").read_text())["train"]["dtype"] == "bfloat16"
-    said = (sw / "sweep.log").read_text()
+    return yaml.safe_load((sw / "config.yaml").read_text()), (sw / "sweep.log").read_text()
+
+
+@no_cuda_here
+def test_a_driver_without_a_gpu_plans_bf16_for_the_nodes_cuda_gpus(tmp_path, tmp_path_factory):
+    """`sweep run` on a (fake) GPU node where torch sees CUDA: ``train.dtype=auto`` is
+    recorded as bfloat16 though the driver sees no GPU, and the memory model plans with the
+    node's memory, not the 16 GiB default."""
+    cfg, said = sweep_on_fake_gpus(tmp_path, tmp_path_factory, node_cuda=True)
+    assert cfg["train"]["dtype"] == "bfloat16"
     assert "1 GPU(s) on 1 node(s), the least free 20.0 GiB" in said, said
-    for run in (sw / "runs").iterdir():
-        assert json.loads((run / "placement.json").read_text())["gpu_share"] > 0
+
+
+@no_cuda_here
+def test_gpus_torch_cannot_use_keep_float32_and_say_so(tmp_path, tmp_path_factory):
+    """nvidia-smi answers but torch there has no CUDA (a CPU wheel, or a driver too old for
+    it): the ensembles will train on the CPU, so auto stays float32, said aloud."""
+    cfg, said = sweep_on_fake_gpus(tmp_path, tmp_path_factory, node_cuda=False)
+    assert cfg["train"]["dtype"] == "float32"
+    assert "none said what they are" in said, said
+
+
+def test_an_empty_cuda_visible_devices_hides_no_gpu_from_the_probe(tmp_path, monkeypatch):
+    smi = str(fake_nvidia_smi(tmp_path, EIGHT))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert len(gpuinfo.read_nvidia_smi(smi)) == 3

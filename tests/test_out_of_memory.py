@@ -1,7 +1,7 @@
 """An ensemble that runs out of GPU memory continues in the same ``sweep run``: first on a
 GPU of its own if it shared one, then split in halves, down to one member; later plans of
 the sweep keep to the limit it learned. The out-of-memory is raised for real inside the Ray
-workers of a real ``sweep run`` subprocess (``tests/oom_hook``), on Ray's fake GPUs."""
+workers of a real ``sweep run`` subprocess (``tests/hooks``), on Ray's fake GPUs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sweep.config import to_sweep_config
 from sweep.sweepdir import SweepFolder
 from tests.test_faults import finish, start
 
-HOOK = Path(__file__).parent / "oom_hook"
+HOOK = Path(__file__).parent / "hooks"
 
 
 def events(run: Path) -> list[dict]:

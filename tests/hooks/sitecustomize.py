@@ -1,0 +1,66 @@
+"""On PYTHONPATH in a test sweep's processes (Ray's workers inherit it), to make on a CPU
+what only a GPU cluster shows, inside the real processes. Nothing is patched unless its
+variable is set, and a module is patched when it is first imported, not before:
+
+- ``SWEEP_TEST_OOM_ABOVE`` / ``SWEEP_TEST_OOM_AT``: an ensemble of more members fails its
+  ``AT``-th step as a CUDA allocation that does not fit does;
+- ``SWEEP_TEST_NODE_CUDA``: torch sees CUDA on the Ray nodes (in their workers only; the
+  driver and the training keep the truth), as on a cluster whose head has no GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+
+def _ensemble(module) -> None:
+    import torch
+
+    above, at = int(os.environ["SWEEP_TEST_OOM_ABOVE"]), int(os.environ["SWEEP_TEST_OOM_AT"])
+    real = module.Ensemble.step
+
+    def step(self, *args, **kw):
+        self._test_steps = getattr(self, "_test_steps", 0) + 1
+        if self.n > above and self._test_steps == at:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kw)
+
+    module.Ensemble.step = step
+
+
+def _gpuinfo(module) -> None:
+    if "default_worker" in " ".join(sys.argv):  # a Ray worker
+        module._torch_sees_cuda = lambda: True
+
+
+PATCHES = {
+    "sweep.ensemble": ("SWEEP_TEST_OOM_ABOVE", _ensemble),
+    "sweep.gpuinfo": ("SWEEP_TEST_NODE_CUDA", _gpuinfo),
+}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, patch) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, name, path, target=None):
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+for _name, (_variable, _patch) in PATCHES.items():
+    if os.environ.get(_variable):
+        sys.meta_path.insert(0, _PatchOnImport(_name, _patch))
