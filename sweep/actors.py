@@ -5,13 +5,16 @@ from __future__ import annotations
 
 
 class ProgressCounter:
-    """Rows trained across all ensembles (workers report, the driver's progress bar reads)."""
+    """Rows trained of every run (workers report, the driver's progress bar reads): for each
+    run the most it has reached, so an ensemble that continues from a checkpoint (a retry, a
+    split after running out of memory, a resumed sweep) never counts its rows twice."""
 
-    def __init__(self) -> None:
-        self.rows = 0
+    def __init__(self, reached: dict[str, int] | None = None) -> None:
+        self.reached = dict(reached or {})
 
-    def add(self, rows: int) -> None:
-        self.rows += rows
+    def reach(self, run_ids: list[str], rows: int) -> None:
+        for run_id in run_ids:
+            self.reached[run_id] = max(self.reached.get(run_id, 0), rows)
 
     def total(self) -> int:
-        return self.rows
+        return sum(self.reached.values())

@@ -299,19 +299,33 @@ class _Execution:
         t = self.cfg.train
         steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
         n_rows = steps * t.batch_size * sum(len(e.members) for e in self.plan.ensembles)
-        self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
+        trained = self._rows_trained()  # by earlier attempts: the bar starts there
+        self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained)
         self.refs: dict = {}
         self.shares: dict[EnsembleSpec, float] = {}
         self._submit(self._gpus())
         self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
         with tqdm(
-            total=n_rows, unit="row", unit_scale=True, disable=not self.cfg.progress, desc="sweep"
+            total=n_rows,
+            initial=min(n_rows, sum(trained.values())),
+            unit="row",
+            unit_scale=True,
+            disable=not self.cfg.progress,
+            desc="sweep",
         ) as bar:
             self.bar = bar
             for fin in launcher.drain(self.refs, tick=self._tick):
                 self._finished(fin)
             if not self.outcome.failures and not self.outcome.signum:
                 bar.n = n_rows
+
+    def _rows_trained(self) -> dict[str, int]:
+        """Rows each planned run reached in earlier attempts (its latest curve record)."""
+        ids = [m.run_id for e in self.plan.ensembles for m in e.members]
+        try:
+            return {r.run_id: r.rows_trained or 0 for r in self.folder.read_runs(ids, live=False)}
+        except (OSError, SweepError):  # (only the progress bar reads it)
+            return {}
 
     def _submit(self, shares: dict[EnsembleSpec, float]) -> None:
         """Start a Ray task for each ensemble, asking for its GPU share."""

@@ -318,12 +318,13 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
     when the driver's stop file appears."""
     from sweep.worker import EnsembleResult, train_ensemble
 
+    ids = [m.run_id for m in job.ensemble.members]
+
     def report(rows: int) -> None:
-        progress_actor.add.remote(rows * len(job.ensemble.members))  # type: ignore[attr-defined]
+        progress_actor.reach.remote(ids, rows)  # type: ignore[attr-defined]
 
     with StopWatch(Path(stop_file)) as stop:
         if stop.requested():  # the sweep was stopped before this task started
-            ids = [m.run_id for m in job.ensemble.members]
             return EnsembleResult(
                 job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0
             )

@@ -212,7 +212,7 @@ def _train(
 ) -> bool:
     """Step ``r`` to the end of the stream (or to a stop: returns True), checkpointing."""
     t, bs = at.job.train, at.job.train.batch_size
-    total, reported = at.stream.total_steps, r.step
+    total = at.stream.total_steps
     clock = CheckpointClock(t)
     for cursor, x in at.stream.batches(r.cursor):
         logging_step = (r.step + 1) % t.log_every == 0
@@ -226,16 +226,15 @@ def _train(
         if logging_step:
             at.log_curve(parts, r.step, r.ens.active.tolist())
             if progress:
-                progress((r.step - reported) * bs)
-                reported = r.step
+                progress(r.step * bs)
         stop = should_stop is not None and should_stop()
         if stop or clock.due(r.step):
             at.checkpoint(r, wait=stop)  # a stop returns only once the state is on disk
             clock.reset()
         if stop:
             return True
-    if progress and r.step > reported:
-        progress((r.step - reported) * bs)
+    if progress:
+        progress(r.step * bs)
     return False
 
 
@@ -309,7 +308,8 @@ def train_ensemble(
 ) -> EnsembleResult:
     """Train (or continue) one ensemble to the end; returns each member's final state.
 
-    ``progress(rows)`` is called with rows trained since its last call; ``should_stop()``
+    ``progress(rows)`` is called with the rows each member has trained on so far (from the
+    step it continues from: rows already counted may come again); ``should_stop()``
     is polled every step: when it returns True the worker checkpoints and returns with
     every member ``interrupted``.
     """

@@ -653,3 +653,25 @@ def test_damaged_held_out_tokens_skip_lm_metrics_with_the_reason(tiny_store, tmp
         assert "unreadable" in lm_metrics.LMEval.prepare(store, "cpu")[1]
     np.save(store.path / lm_metrics.EVAL_TOKENS_FILE, np.zeros((4, 0), dtype=np.int32))
     assert "unreadable" in lm_metrics.LMEval.prepare(store, "cpu")[1]
+
+
+def test_progress_is_each_members_rows_so_far_and_never_counts_rows_twice(tiny_store, tmp_path):
+    """The worker reports the rows its members reached (absolute, from the step it continues
+    from); the driver's counter keeps each run's most, so an ensemble continued from a
+    checkpoint (a retry, a split, a resumed sweep) adds no rows it already counted."""
+    from sweep.actors import ProgressCounter
+
+    job = job_for(tiny_store, tmp_path)
+    first: list[int] = []
+    train_ensemble(job, progress=first.append, should_stop=stop_after(10))
+    rest: list[int] = []
+    result = train_ensemble(job, progress=rest.append)
+    bs = job.train.batch_size
+    assert first == sorted(first) and first[-1] == 10 * bs
+    assert rest == sorted(rest) and rest[-1] == result.steps * bs
+    assert result.resumed_from * bs < rest[0] <= (result.resumed_from + job.train.log_every) * bs
+    ids = [m.run_id for m in job.ensemble.members]
+    counter = ProgressCounter({ids[0]: 4 * bs})  # seeded with an earlier attempt's rows
+    for rows in first + rest:
+        counter.reach(ids, rows)
+    assert counter.total() == len(ids) * result.steps * bs
