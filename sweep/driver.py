@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import grid, launcher, packing, planning
+from sweep import gpuinfo, grid, launcher, packing, planning
 from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -58,14 +58,24 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
         from sweep.activations.synthetic import ensure_synthetic_store
 
         # generated on this machine's GPU when there is one, unless the sweep trains on CPU
-        return ensure_synthetic_store(
-            cfg.data, path, "cpu" if cfg.train.device == "cpu" else "auto"
-        )
+        gpu = cfg.train.device != "cpu" and _driver_may_use_gpus(path)
+        return ensure_synthetic_store(cfg.data, path, "auto" if gpu else "cpu")
     if cfg.data.name == "harvest":  # harvest-then-train; skipped when the store is complete
         from sweep.activations.harvest import ensure_harvest_store
 
-        return ensure_harvest_store(cfg.data, path, cfg.launch, cfg.progress)
+        here = _driver_may_use_gpus(path)  # else in a Ray task, whose process then exits
+        return ensure_harvest_store(cfg.data, path, cfg.launch, cfg.progress, in_process=here)
     return ChunkStore(path)
+
+
+def _driver_may_use_gpus(store: str | Path) -> bool:
+    """Whether the driver may make a store on this machine's GPU: not when the GPUs take one
+    process each, as the CUDA context it would keep for the whole sweep would keep GPU 0 from
+    training (the store is complete and nothing runs: no question to ask)."""
+    if (Path(store) / "manifest.json").is_file() or not gpuinfo.exclusive_here():
+        return True
+    log.info("the GPUs are in exclusive compute mode: the driver makes the store without one")
+    return False
 
 
 def run_sweep(cfg: SweepConfig) -> list[RunRecord]:

@@ -129,7 +129,7 @@ def _smallest(rows: list[Row], gpu_nodes: int) -> GpuInfo:
             most / 2**30,
         )
     log.info("%d GPU(s) on %d node(s), the least free %.1f GiB", len(rows), gpu_nodes, free / 2**30)
-    exclusive = any(_exclusive(mode) for _, _, mode in rows)
+    exclusive = any(exclusive_mode(mode) for _, _, mode in rows)
     return GpuInfo(usable_gpu_bytes(free, total), exclusive, real=True)
 
 
@@ -173,11 +173,16 @@ def cluster_answers(command: str = "nvidia-smi") -> list[tuple[list[Row], bool]]
 def _local(need_memory: bool, command: str) -> GpuInfo:
     rows = read_nvidia_smi(command)
     free = _local_free() if need_memory else 0.0
-    return GpuInfo(free, any(_exclusive(mode) for _, _, mode in rows), real=True)
+    return GpuInfo(free, any(exclusive_mode(mode) for _, _, mode in rows), real=True)
 
 
-def _exclusive(mode: str) -> bool:
+def exclusive_mode(mode: str) -> bool:
     return mode.startswith("Exclusive")
+
+
+def exclusive_here(command: str = "nvidia-smi") -> bool:
+    """Whether a GPU of this machine takes one process at a time."""
+    return any(exclusive_mode(mode) for _, _, mode in read_nvidia_smi(command))
 
 
 def _local_free() -> float:

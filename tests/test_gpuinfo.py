@@ -121,3 +121,23 @@ def test_an_empty_cuda_visible_devices_hides_no_gpu_from_the_probe(tmp_path, mon
     smi = str(fake_nvidia_smi(tmp_path, EIGHT))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert len(gpuinfo.read_nvidia_smi(smi)) == 3
+
+
+def exclusive_gpus_here(tmp_path, monkeypatch) -> None:
+    smi = fake_nvidia_smi(tmp_path / "smi", "0, GPU-a0, 81000, 81559, Exclusive_Process, [N/A]")
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_on_exclusive_gpus_the_driver_generates_without_one(tmp_path, monkeypatch, caplog):
+    """A CUDA context the driver makes stays for the whole sweep, and on GPUs that take one
+    process each it would keep GPU 0 from training: synthetic data is made on the CPU."""
+    from sweep import driver
+    from sweep.cli import compose
+    from sweep.config import to_sweep_config
+
+    exclusive_gpus_here(tmp_path, monkeypatch)
+    over = [f"sweep_dir={tmp_path / 'sw'}", "data.rows=4096", "data.eval_rows=1024"]
+    with caplog.at_level(logging.INFO):
+        store = driver.prepare_store(to_sweep_config(compose(over)))
+    assert "exclusive compute mode: the driver makes the store without one" in caplog.text
+    assert store.provenance["generator"]["device"] == "cpu"

@@ -392,3 +392,28 @@ def test_run_data_harvest_trains_with_lm_metrics(
     mtime = (sw / "store" / "manifest.json").stat().st_mtime_ns
     assert main(args) == 0  # second time: store complete, harvest skipped
     assert (sw / "store" / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_on_exclusive_gpus_the_driver_harvests_in_a_ray_task(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """On GPUs that take one process each, a data=harvest sweep's one shard harvests in a Ray
+    task, whose process (and CUDA context) ends with it, not in the driver: harvesting in this
+    process fails here, and the store is made all the same."""
+    from sweep import driver
+    from sweep.activations import harvest
+    from sweep.cli import compose
+    from sweep.config import to_sweep_config
+    from tests.test_gpuinfo import exclusive_gpus_here
+
+    exclusive_gpus_here(tmp_path, monkeypatch)
+    monkeypatch.setattr(harvest, "harvest_shard", lambda *a: pytest.fail("harvested in the driver"))
+    over = [
+        "data=harvest", f"data.model={tiny_model_dir}", f"data.hook={HOOKS[0]}",
+        f"data.dataset={text_file}", "data.rows=3000", "data.context=32",
+        "data.rows_per_chunk=1024", "data.eval_rows=512", "data.lm_eval_tokens=128",
+        "data.device=cpu",
+        f"sweep_dir={tmp_path / 'sw'}", "progress=false",
+    ]  # fmt: skip
+    store = driver.prepare_store(to_sweep_config(compose(over)))
+    assert store.total_rows == 3000

@@ -159,17 +159,21 @@ def store_path(cfg: HarvestConfig, hook: str) -> Path:
     return root if len(cfg.hooks) == 1 else root / hook.replace("/", "_")
 
 
-def run_harvest(cfg: HarvestConfig, model: Any = None) -> dict[str, ChunkStore]:
+def run_harvest(
+    cfg: HarvestConfig, model: Any = None, in_process: bool = True
+) -> dict[str, ChunkStore]:
     """Harvest (or finish harvesting) ``cfg.hooks`` into their stores; returns them by hook.
 
     ``model``: an already built bridge (its tokenizer is used); default loads ``cfg.model``.
     A harvest already complete with the same settings is returned without loading anything.
+    ``in_process=False``: even one shard harvests in a Ray task (its process, and the CUDA
+    context it made, end with it).
     """
-    return harvest_with_stats(cfg, model)[0]
+    return harvest_with_stats(cfg, model, in_process)[0]
 
 
 def harvest_with_stats(
-    cfg: HarvestConfig, model: Any = None
+    cfg: HarvestConfig, model: Any = None, in_process: bool = True
 ) -> tuple[dict[str, ChunkStore], list[ShardResult]]:
     """:func:`run_harvest`, also returning what each shard did (timings; [] if already complete)."""
     params = harvest_params(cfg)
@@ -183,7 +187,7 @@ def harvest_with_stats(
         if _has_tokens(cfg, plan, root)
         else text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
     )
-    if model is not None or cfg.shards == 1:
+    if model is not None or (cfg.shards == 1 and in_process):
         loaded = model is None
         model = model if not loaded else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
         lm.check_hooks(model, cfg.hooks, cfg.model)
@@ -509,12 +513,17 @@ def _run_shards(cfg: HarvestConfig, plan: HarvestPlan) -> list[ShardResult]:
 
 
 def ensure_harvest_store(
-    data: Any, path: str | Path, launch: LaunchConfig, progress: bool = True
+    data: Any,
+    path: str | Path,
+    launch: LaunchConfig,
+    progress: bool = True,
+    in_process: bool = True,
 ) -> ChunkStore:
     """The store of a ``data=harvest`` sweep: harvested into ``path`` unless already complete
-    with the same settings."""
+    with the same settings (``in_process=False``: one shard harvests in a Ray task, as
+    :func:`run_harvest` says)."""
     values = {f.name: getattr(data, f.name) for f in fields(HarvestSource)}
     cfg = HarvestConfig(
         **values, hooks=[data.hook], store_dir=str(path), launch=launch, progress=progress
     )
-    return run_harvest(cfg)[data.hook]
+    return run_harvest(cfg, in_process=in_process)[data.hook]
