@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from sweep import gpuinfo, grid, launcher, packing, planning
 from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
+from sweep.checkpoints import checkpoint_steps
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import DISK_FULL_FIX, OutOfMemory, SweepError, is_disk_full
@@ -63,7 +64,8 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
     if cfg.data.name == "harvest":  # harvest-then-train; skipped when the store is complete
         from sweep.activations.harvest import ensure_harvest_store
 
-        here = _driver_may_use_gpus(path)  # else in a Ray task, whose process then exits
+        cpu = "cpu" in (cfg.data.device, cfg.train.device)  # (its context blocks no training)
+        here = cpu or _driver_may_use_gpus(path)  # else in a Ray task, whose process then exits
         return ensure_harvest_store(cfg.data, path, cfg.launch, cfg.progress, in_process=here)
     return ChunkStore(path)
 
@@ -309,7 +311,7 @@ class _Execution:
         t = self.cfg.train
         steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
         n_rows = steps * t.batch_size * sum(len(e.members) for e in self.plan.ensembles)
-        trained = self._rows_trained()  # by earlier attempts: the bar starts there
+        trained = self._rows_trained()  # by earlier sweeps: the bar starts there
         self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained)
         self.refs: dict = {}
         self.shares: dict[EnsembleSpec, float] = {}
@@ -330,12 +332,17 @@ class _Execution:
                 bar.n = n_rows
 
     def _rows_trained(self) -> dict[str, int]:
-        """Rows each planned run reached in earlier attempts (its latest curve record)."""
-        ids = [m.run_id for e in self.plan.ensembles for m in e.members]
-        try:
-            return {r.run_id: r.rows_trained or 0 for r in self.folder.read_runs(ids, live=False)}
-        except (OSError, SweepError):  # (only the progress bar reads it)
-            return {}
+        """Rows each planned run continues from: its ensemble's newest step at which every
+        member has a checkpoint file (what the worker verifies and picks; 0 without one)."""
+        out: dict[str, int] = {}
+        for e in self.plan.ensembles:
+            try:
+                steps = [checkpoint_steps(self.folder.run(m.run_id).path) for m in e.members]
+            except OSError:  # (only the progress bar reads it)
+                steps = [set()]
+            step = max(set.intersection(*steps), default=0)
+            out.update({m.run_id: step * self.cfg.train.batch_size for m in e.members})
+        return out
 
     def _submit(self, shares: dict[EnsembleSpec, float]) -> None:
         """Start a Ray task for each ensemble, asking for its GPU share."""

@@ -5,6 +5,7 @@ the parsing and the planning that follows are real."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -141,3 +142,22 @@ def test_on_exclusive_gpus_the_driver_generates_without_one(tmp_path, monkeypatc
         store = driver.prepare_store(to_sweep_config(compose(over)))
     assert "exclusive compute mode: the driver makes the store without one" in caplog.text
     assert store.provenance["generator"]["device"] == "cpu"
+
+
+def test_a_partial_store_made_on_another_device_is_restarted_aloud(tmp_path, caplog):
+    """CPU- and GPU-made stores differ bit-wise: a partial store's chunks cannot be continued
+    on the other device, and losing them is said aloud."""
+    from sweep.activations import synthetic
+    from sweep.config import SyntheticDataConfig
+
+    cfg = SyntheticDataConfig(rows=4096, eval_rows=1024, rows_per_chunk=1024)
+    path = tmp_path / "store"
+    path.mkdir()
+    marker = {**synthetic.generator_params(cfg), "generator": {"device": "cuda", "version": 2}}
+    (path / synthetic.PARAMS_FILE).write_text(json.dumps(marker))
+    with caplog.at_level(logging.INFO):
+        store = synthetic.ensure_synthetic_store(cfg, path, "cpu")
+    assert "it was being generated on cuda (generator version 2) and is now generated on cpu" in (
+        caplog.text
+    )
+    assert store.total_rows == 4096

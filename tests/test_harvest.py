@@ -398,8 +398,8 @@ def test_on_exclusive_gpus_the_driver_harvests_in_a_ray_task(
     ray_cluster, tiny_model_dir, text_file, tmp_path, monkeypatch
 ):
     """On GPUs that take one process each, a data=harvest sweep's one shard harvests in a Ray
-    task, whose process (and CUDA context) ends with it, not in the driver: harvesting in this
-    process fails here, and the store is made all the same."""
+    task, whose process (and CUDA context) ends with it, not in the driver; a harvest on the
+    CPU makes no CUDA context and stays in the driver (all its threads, its progress bar)."""
     from sweep import driver
     from sweep.activations import harvest
     from sweep.cli import compose
@@ -407,13 +407,15 @@ def test_on_exclusive_gpus_the_driver_harvests_in_a_ray_task(
     from tests.test_gpuinfo import exclusive_gpus_here
 
     exclusive_gpus_here(tmp_path, monkeypatch)
-    monkeypatch.setattr(harvest, "harvest_shard", lambda *a: pytest.fail("harvested in the driver"))
-    over = [
-        "data=harvest", f"data.model={tiny_model_dir}", f"data.hook={HOOKS[0]}",
-        f"data.dataset={text_file}", "data.rows=3000", "data.context=32",
-        "data.rows_per_chunk=1024", "data.eval_rows=512", "data.lm_eval_tokens=128",
-        "data.device=cpu",
-        f"sweep_dir={tmp_path / 'sw'}", "progress=false",
-    ]  # fmt: skip
-    store = driver.prepare_store(to_sweep_config(compose(over)))
-    assert store.total_rows == 3000
+    here, real = [], harvest.harvest_shard
+    monkeypatch.setattr(harvest, "harvest_shard", lambda *a: here.append(1) or real(*a))
+    for device, in_driver in (("auto", False), ("cpu", True)):
+        over = [
+            "data=harvest", f"data.model={tiny_model_dir}", f"data.hook={HOOKS[0]}",
+            f"data.dataset={text_file}", "data.rows=3000", "data.context=32",
+            "data.rows_per_chunk=1024", "data.eval_rows=512", "data.lm_eval_tokens=128",
+            f"data.device={device}", f"sweep_dir={tmp_path / device}", "progress=false",
+        ]  # fmt: skip
+        here.clear()
+        store = driver.prepare_store(to_sweep_config(compose(over)))
+        assert store.total_rows == 3000 and bool(here) == in_driver, device

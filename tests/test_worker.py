@@ -675,3 +675,24 @@ def test_progress_is_each_members_rows_so_far_and_never_counts_rows_twice(tiny_s
     for rows in first + rest:
         counter.reach(ids, rows)
     assert counter.total() == len(ids) * result.steps * bs
+
+
+def test_the_progress_bar_starts_where_each_ensemble_continues(tiny_store, tmp_path):
+    """Seeded from checkpoint files: the newest step every member of an ensemble has (what
+    the worker picks), not a curve that may run ahead of it; 0 without one."""
+    from types import SimpleNamespace
+
+    from sweep import driver
+
+    runs = grid.expand([1e-3, 3e-3, 1e-2], [2.0], 1, tiny_store.width, "untied")
+    two, one = grid.group(runs[:2], {2.0: 2}), grid.group(runs[2:], {2.0: 1})
+    folder = SweepFolder(tmp_path)
+    for run, steps in zip(runs, ((10, 20), (10,), ()), strict=True):
+        for step in steps:
+            path = checkpoints.path_of(folder.run(run.run_id).path, step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    cfg = SimpleNamespace(train=SimpleNamespace(batch_size=256))
+    me = SimpleNamespace(cfg=cfg, folder=folder, plan=SimpleNamespace(ensembles=two + one))
+    seeded = driver._Execution._rows_trained(me)  # type: ignore[arg-type]
+    assert seeded == {runs[0].run_id: 2560, runs[1].run_id: 2560, runs[2].run_id: 0}

@@ -364,6 +364,22 @@ def _blocks(rows: int, device: torch.device) -> list[tuple[int, int]]:
     return [(at, min(size, rows - at)) for at in range(0, rows, size)]
 
 
+def _say_cleared(path: Path, old: dict, new: dict) -> None:
+    """Why an incomplete store is cleared: its parameters, or (said aloud: its chunks so far
+    are lost) another generator, e.g. the GPU's where this one runs on the CPU."""
+    was, now = old.get("generator", {}), new["generator"]
+    if {k: v for k, v in old.items() if k != "generator"} != {
+        k: v for k, v in new.items() if k != "generator"
+    }:
+        log.info("clearing incomplete synthetic store %s (other parameters)", path)
+        return
+    log.warning(
+        "clearing incomplete synthetic store %s: it was being generated on %s (generator "
+        "version %s) and is now generated on %s (version %s), whose data differ bit-wise",
+        path, was.get("device"), was.get("version"), now.get("device"), now.get("version"),
+    )  # fmt: skip
+
+
 def ensure_synthetic_store(
     cfg: SyntheticDataConfig, path: str | Path, device: str | torch.device = "cpu"
 ) -> ChunkStore:
@@ -397,8 +413,9 @@ def ensure_synthetic_store(
                 f"data.path {path} is a non-empty folder that is not a sweep store; "
                 "choose an empty or new folder"
             )
-        if json.loads((path / PARAMS_FILE).read_text()) != marker:
-            log.info("clearing incomplete synthetic store %s (other parameters or generator)", path)
+        old = json.loads((path / PARAMS_FILE).read_text())
+        if old != marker:
+            _say_cleared(path, old, marker)
             shutil.rmtree(path)
     store = _generate(cfg, path, marker, device)
     release_device_memory()  # the tables and blocks are gone: leave the memory to training
