@@ -2,8 +2,8 @@
 
 The story of a sweep, in :func:`run_sweep`: lock the sweep folder, check the config against
 what is already there, prepare and verify the store, start Ray, plan (:mod:`sweep.planning`),
-write the sweep files, train the ensembles (:mod:`sweep.launcher`: results in completion
-order, one progress bar for the whole sweep), record failures and the sweep's state.
+write the sweep files, train the ensembles (:mod:`sweep.execution`: Ray tasks, results in
+completion order, one progress bar for the whole sweep), record failures and the sweep's state.
 """
 
 from __future__ import annotations
@@ -11,45 +11,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import signal
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import gpuinfo, grid, launcher, packing, planning
+from sweep import gpuinfo, grid, launcher, planning
 from sweep.activations.store import ChunkStore, total_steps
-from sweep.actors import ProgressCounter
-from sweep.checkpoints import checkpoint_steps
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
-from sweep.errors import DISK_FULL_FIX, OutOfMemory, SweepError, is_disk_full
-from sweep.grid import EnsembleSpec
+from sweep.errors import SweepError
+from sweep.execution import Execution, Outcome
 from sweep.io import ensure_writable, remove_stale_temps
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
-from sweep.stop import DriverSignals, Interrupted, quietly
+from sweep.stop import DriverSignals
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
-from sweep.worker import EnsembleJob, EnsembleResult
 
 log = logging.getLogger(__name__)
 details = logging.getLogger("sweep.details")  # to sweep.log only, never the terminal
 details.propagate = False
 
-STOP_GRACE = 30.0  # seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT
 STALE_TEMP_SECONDS = 600.0
 """A temp file in the sweep folder younger than this may be a live ``sweep report`` write."""
-STOP_WRITE_RATE = 100e6
-"""Bytes/s a stop checkpoint is assumed to reach on a slow shared filesystem: the wait grows
-with what the ensembles must write (parameters and both Adam moments, fp32)."""
-
-
-def stop_grace(ensembles: list[EnsembleSpec]) -> float:
-    """Seconds to wait for these ensembles' stop checkpoints."""
-    n_params = sum(len(e.members) * 2 * e.dict_size * (e.members[0].width + 1) for e in ensembles)
-    return STOP_GRACE + 3 * 4 * n_params / STOP_WRITE_RATE
 
 
 def prepare_store(cfg: SweepConfig) -> ChunkStore:
@@ -87,7 +72,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     an existing sweep folder, and leaves no new one behind."""
     new_folder = _create(Path(cfg.sweep_dir))
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
-    outcome = _Outcome()
+    outcome = Outcome()
     try:
         with DriverSignals(folder.request_stop) as signals, SweepLock(folder.path) as lock:
             outcome.signals, outcome.locked = signals, True
@@ -156,7 +141,7 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
 
 
 def _train(
-    cfg: SweepConfig, folder: SweepFolder, store: ChunkStore, lock: SweepLock, outcome: _Outcome
+    cfg: SweepConfig, folder: SweepFolder, store: ChunkStore, lock: SweepLock, outcome: Outcome
 ) -> list[RunRecord]:
     """Start Ray, plan, write the sweep files, train; record every run and the outcome."""
     signals = outcome.signals
@@ -176,7 +161,7 @@ def _train(
         if p.skipped:
             log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
         signals.training()
-        _Execution(cfg, folder, p, store, res, lock, outcome).run()
+        Execution(cfg, folder, p, store, res, lock, outcome).run()
     records = folder.read_runs([r.run_id for r in p.runs], live=False)
     outcome.all_final = all(r.state.final for r in records)
     write_summary(folder.path, [r.row() for r in records])
@@ -232,261 +217,3 @@ def _write_sweep_files(
 ) -> None:
     folder.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     folder.write_manifest([r.as_dict() for r in p.runs], p.ensemble_of(), store)
-
-
-@dataclass
-class _Outcome:
-    """How the sweep ended: signalled, failed ensembles, or done."""
-
-    signals: DriverSignals | None = None
-    locked: bool = False
-    """This driver holds the sweep's lock."""
-    failures: list[str] = field(default_factory=list)
-    all_final: bool = False
-    """Every run ended (a stop that came after that changed nothing)."""
-
-    @property
-    def signum(self) -> int:
-        return self.signals.signum if self.signals and not self.all_final else 0
-
-    @property
-    def state(self) -> str:
-        return "interrupted" if self.signum else ("failed" if self.failures else "done")
-
-    def shutdown_wait(self) -> float | None:
-        return 10.0 if self.signum else None  # after a signal Ray's processes may be dead
-
-    def raise_if_unfinished(self) -> None:
-        if self.signum:
-            raise Interrupted(
-                f"stopped by {signal.Signals(self.signum).name}: running ensembles checkpointed; "
-                "re-run the same command to continue exactly where it stopped",
-                self.signum,
-            )
-        full = [f for f in self.failures if is_disk_full(f)]
-        if full:
-            raise SweepError(f"no space left on the device ({full[0]}); {DISK_FULL_FIX}")
-        if self.failures:
-            raise SweepError(
-                f"{len(self.failures)} ensemble(s) failed ({'; '.join(self.failures)}); finished runs "
-                "are kept, fix the cause and re-run the same command to continue"
-            )
-
-
-class _Execution:
-    """Train a plan's ensembles as Ray tasks: progress, heartbeat, stop handling, failures."""
-
-    def __init__(
-        self,
-        cfg: SweepConfig,
-        folder: SweepFolder,
-        p: SweepPlan,
-        store: ChunkStore,
-        res: launcher.Resources,
-        lock: SweepLock,
-        outcome: _Outcome,
-    ) -> None:
-        self.cfg, self.folder, self.plan, self.store = cfg, folder, p, store
-        self.res, self.lock, self.outcome = res, lock, outcome
-        self.deadline = 0.0
-        self.started = time.time()
-
-    def _job(self, ens: EnsembleSpec) -> EnsembleJob:
-        """The task's job. A CPU-planned one trains on the CPU: Ray no longer hides the GPUs
-        from a task that asks for none, so left on ``auto`` it would take GPU 0."""
-        c = self.cfg
-        sweep_dir, store = str(self.folder.path.absolute()), str(self.store.path.absolute())
-        train = c.train if self.res.on_gpu else replace(c.train, device="cpu")
-        return EnsembleJob(
-            ens, sweep_dir, store, c.data.normalize, c.data.eval_rows, train,
-            threads=self.res.threads, data=c.data, sae=c.sae, logger=c.logger,
-        )  # fmt: skip
-
-    def run(self) -> None:
-        import ray
-        from tqdm.auto import tqdm
-
-        if not self.plan.ensembles:
-            return
-        t = self.cfg.train
-        steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
-        n_rows = steps * t.batch_size * sum(len(e.members) for e in self.plan.ensembles)
-        trained = self._rows_trained()  # by earlier sweeps: the bar starts there
-        self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained)
-        self.refs: dict = {}
-        self.shares: dict[EnsembleSpec, float] = {}
-        self._submit(self._gpus())
-        self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
-        with tqdm(
-            total=n_rows,
-            initial=min(n_rows, sum(trained.values())),
-            unit="row",
-            unit_scale=True,
-            disable=not self.cfg.progress,
-            desc="sweep",
-        ) as bar:
-            self.bar = bar
-            for fin in launcher.drain(self.refs, tick=self._tick):
-                self._finished(fin)
-            if not self.outcome.failures and not self.outcome.signum:
-                bar.n = n_rows
-
-    def _rows_trained(self) -> dict[str, int]:
-        """Rows each planned run continues from: its ensemble's newest step at which every
-        member has a checkpoint file (what the worker verifies and picks; 0 without one)."""
-        out: dict[str, int] = {}
-        for e in self.plan.ensembles:
-            try:
-                steps = [checkpoint_steps(self.folder.run(m.run_id).path) for m in e.members]
-            except OSError:  # (only the progress bar reads it)
-                steps = [set()]
-            step = max(set.intersection(*steps), default=0)
-            out.update({m.run_id: step * self.cfg.train.batch_size for m in e.members})
-        return out
-
-    def _submit(self, shares: dict[EnsembleSpec, float]) -> None:
-        """Start a Ray task for each ensemble, asking for its GPU share."""
-        stop_file = str(self.folder.stop_file.absolute())
-        jobs = {e: (self._job(e), self.counter, stop_file) for e in shares}
-        c = self.cfg.launch
-        self.refs.update(
-            launcher.submit(launcher.train_task, jobs, self.res.num_cpus, shares, c.max_retries)
-        )
-        self.shares.update(shares)
-
-    def _gpus(self) -> dict[EnsembleSpec, float]:
-        """What each ensemble asks for: the configured GPUs, or with ``auto`` its own share."""
-        if not self.res.auto_share:
-            return dict.fromkeys(self.plan.ensembles, self.res.num_gpus)
-        t, stream = self.cfg.train, self.store.staged_bytes()
-        buffers = planning.batch_buffers(self.cfg)
-        shares = {
-            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, buffers)
-            for e in self.plan.ensembles
-        }
-        shares = packing.fill(shares, self.res.gpus)
-        named = {e.ensemble_id: s for e, s in shares.items()}
-        log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
-        return shares
-
-    def _tick(self, pending: list[EnsembleSpec]) -> bool:
-        """Between waits: heartbeat, progress, and on a signal the stop (False: stop waiting)."""
-        self.lock.heartbeat()
-        self.bar.n = min(self.bar.total, _progress(self.counter, self.bar.n))
-        self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")
-        self.bar.refresh()
-        signals = self.outcome.signals
-        if not signals or not signals.signum:
-            return True
-        if not self.deadline:  # the stop file is written: running tasks checkpoint and return
-            self.deadline = time.time() + stop_grace(pending)
-        if time.time() > self.deadline or self._all_checkpointed(pending, signals.when):
-            # SLURM signals Ray's own processes too: results may never arrive, but every
-            # started ensemble has checkpointed (or is past saving); its run folders hold all.
-            self._mark_interrupted(pending)
-            return False
-        return True
-
-    def _finished(self, fin: launcher.Finished[EnsembleSpec]) -> None:
-        ens = fin.key
-        if fin.error is None:
-            result: EnsembleResult = fin.value
-            self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
-            if "interrupted" in result.states.values() and not self.outcome.signum:
-                reason = "its worker was stopped by a signal this driver did not send"
-                self.outcome.failures.append(f"{ens.ensemble_id}: {reason}")
-            states = "/".join(sorted(set(result.states.values())))
-            log.info(
-                "ensemble %s: %s after %d steps (%.1fs)",
-                ens.ensemble_id,
-                states,
-                result.steps,
-                result.seconds,
-            )
-        elif self.outcome.signum:  # lost while the job was being stopped: its checkpoints stay
-            log.warning("ensemble %s stopped: %s", ens.ensemble_id, fin.error)
-            self._mark_interrupted([ens])
-        elif not self._continue_smaller(ens, fin.cause):
-            self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
-            for m in ens.members:
-                quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
-            log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
-
-    def _continue_smaller(self, ens: EnsembleSpec, cause: BaseException | None) -> bool:
-        """An ensemble that ran out of GPU memory continues from its checkpoints in this sweep:
-        on a GPU of its own if it shared one, else split in two, each half on the share the
-        whole had (so the halves never run side by side on it), the limit recorded for later
-        plans of this sweep. False when neither is left (one member on a whole GPU)."""
-        if not isinstance(cause, OutOfMemory) or cause.where != "device":
-            return False
-        share = self.shares[ens]
-        if 0 < share < 1:
-            log.warning(
-                "ensemble %s ran out of GPU memory beside others on its GPU (share %g): it "
-                "continues from its checkpoints on a GPU of its own",
-                ens.ensemble_id,
-                share,
-            )
-            self._submit({ens: 1.0})
-            return True
-        if len(ens.members) < 2:
-            return False
-        parts = planning.halves(ens, taken=self._ensemble_ids())
-        ensemble_of = {m.run_id: p.ensemble_id for p in parts for m in p.members}
-        try:
-            self.folder.record_member_limit(ens.dict_ratio, len(parts[0].members))
-            self.folder.write_manifest([m.as_dict() for m in ens.members], ensemble_of, self.store)
-        except (OSError, SweepError) as err:  # the halves still train; a re-run re-learns it
-            log.warning("could not record the split of ensemble %s: %s", ens.ensemble_id, err)
-        for m in ens.members:
-            event = {"event": "out_of_memory", "ensemble": ens.ensemble_id}
-            event.update(members=len(ens.members), continues_in=ensemble_of[m.run_id])
-            quietly(lambda m=m, e=event: self.folder.run(m.run_id).append_event(e))
-        log.warning(
-            "ensemble %s ran out of GPU memory with %d members: it continues from its "
-            "checkpoints as %s (at most %d member(s) per ensemble of dict ratio %g in this sweep "
-            "from now on; grid.max_members overrides)",
-            ens.ensemble_id, len(ens.members), " and ".join(p.ensemble_id for p in parts),
-            len(parts[0].members), ens.dict_ratio,
-        )  # fmt: skip
-        self._submit(dict.fromkeys(parts, share))
-        return True
-
-    def _ensemble_ids(self) -> set[str]:
-        """Every ensemble id recorded in the sweep or started by this driver."""
-        try:
-            recorded = set(self.folder.previous_ensembles().values())
-        except (OSError, SweepError):  # (a damaged manifest: reported where it is written)
-            recorded = set()
-        return recorded | {e.ensemble_id for e in self.shares}
-
-    def _all_checkpointed(self, pending: list[EnsembleSpec], stopped: float) -> bool:
-        """Whether every pending ensemble that started in this sweep checkpointed for the stop."""
-        for ens in pending:
-            for m in ens.members:
-                run = self.folder.run(m.run_id)
-                if run.started_at() >= self.started and run.interrupted_at() < stopped:
-                    return False
-        return True
-
-    def _mark_interrupted(self, ensembles: list[EnsembleSpec]) -> None:
-        """Runs left with a checkpoint but no stop mark (their worker was killed) are interrupted."""
-        kept = 0
-        for ens in ensembles:
-            runs = [self.folder.run(m.run_id) for m in ens.members]
-            for run in runs:
-                if run.state() == "partial":
-                    run.mark_interrupted(None)
-            kept += any(run.state().resumable for run in runs)
-        if kept:
-            log.warning("stopped waiting for %d ensemble(s); their checkpoints are kept", kept)
-
-
-def _progress(actor: object, last: float) -> float:
-    """Rows trained so far (``last`` if the counter cannot be reached, e.g. during shutdown)."""
-    import ray
-
-    try:
-        return ray.get(actor.total.remote(), timeout=5)  # type: ignore[attr-defined]
-    except (ray.exceptions.RayError, TimeoutError):
-        return last

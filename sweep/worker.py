@@ -271,7 +271,7 @@ def _train_and_finish(
 def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[None]:
     """An allocation that does not fit becomes :class:`OutOfMemory`: one line naming the
     ensemble and the fix, for the driver to act on (a GPU of its own, or halves: see
-    ``_Execution._continue_smaller``) or to report. The checkpoints already written stay."""
+    ``sweep.execution.Execution._continue_smaller``) or to report. The checkpoints already written stay."""
     try:
         yield
     except Exception as err:

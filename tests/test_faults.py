@@ -240,7 +240,7 @@ def test_signals_while_starting_up_exit_cleanly(reference, tmp_path, tmp_path_fa
 
 def test_stop_grace_grows_with_what_the_ensembles_must_write():
     from sweep import grid
-    from sweep.driver import STOP_GRACE, stop_grace
+    from sweep.execution import STOP_GRACE, stop_grace
 
     def ens(width: int, ratio: int) -> grid.EnsembleSpec:
         runs = grid.expand([1e-3, 2e-3], [ratio], 1, width, "untied")

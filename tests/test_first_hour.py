@@ -166,12 +166,12 @@ def test_status_and_report_agree_on_state_and_order(finished, tmp_path):
 
 
 def test_a_stop_after_every_run_ended_is_not_an_interrupt():
-    from sweep.driver import _Outcome
+    from sweep.execution import Outcome
     from sweep.stop import DriverSignals
 
     signals = DriverSignals(lambda s: None)
     signals.signum = 2
-    outcome = _Outcome(signals=signals, all_final=True)
+    outcome = Outcome(signals=signals, all_final=True)
     assert outcome.state == "done"
     outcome.raise_if_unfinished()  # no Interrupted: nothing was left to stop
     outcome.all_final = False

@@ -150,7 +150,7 @@ def test_a_cpu_planned_ensemble_trains_on_the_cpu_even_where_gpus_are_visible(tm
     planned for the CPU must say so, or its worker's ``auto`` would take GPU 0."""
     from types import SimpleNamespace
 
-    from sweep import driver
+    from sweep import execution
     from sweep.launcher import Resources
     from tests.test_config import cfg_of
 
@@ -159,7 +159,7 @@ def test_a_cpu_planned_ensemble_trains_on_the_cpu_even_where_gpus_are_visible(tm
         res = Resources(cfg, cluster)
         run = SimpleNamespace(path=tmp_path), SimpleNamespace(path=tmp_path)
         me = SimpleNamespace(cfg=cfg, folder=run[0], store=run[1], res=res)
-        job = driver._Execution._job(me, ensemble(16, 2, 1))  # type: ignore[arg-type]
+        job = execution.Execution._job(me, ensemble(16, 2, 1))  # type: ignore[arg-type]
         assert job.train.device == device
 
 

@@ -682,7 +682,7 @@ def test_the_progress_bar_starts_where_each_ensemble_continues(tiny_store, tmp_p
     the worker picks), not a curve that may run ahead of it; 0 without one."""
     from types import SimpleNamespace
 
-    from sweep import driver
+    from sweep import execution
 
     runs = grid.expand([1e-3, 3e-3, 1e-2], [2.0], 1, tiny_store.width, "untied")
     two, one = grid.group(runs[:2], {2.0: 2}), grid.group(runs[2:], {2.0: 1})
@@ -694,5 +694,5 @@ def test_the_progress_bar_starts_where_each_ensemble_continues(tiny_store, tmp_p
             path.write_bytes(b"")
     cfg = SimpleNamespace(train=SimpleNamespace(batch_size=256))
     me = SimpleNamespace(cfg=cfg, folder=folder, plan=SimpleNamespace(ensembles=two + one))
-    seeded = driver._Execution._rows_trained(me)  # type: ignore[arg-type]
+    seeded = execution.Execution._rows_trained(me)  # type: ignore[arg-type]
     assert seeded == {runs[0].run_id: 2560, runs[1].run_id: 2560, runs[2].run_id: 0}
