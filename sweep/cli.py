@@ -1,6 +1,7 @@
 """The ``sweep`` command.
 
     sweep run [key=value ...] [--cfg job] [--config-dir DIR]   compose a Hydra config and run it
+    sweep run [key=value ...] --plan                           what it would train, where: nothing runs
     sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
     sweep status SWEEP_DIR                                     state and progress of every run
     sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
@@ -106,6 +107,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.cfg:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
+    if args.plan:
+        from sweep import preview
+
+        preview.print_preview(preview.preview(to_sweep_config(cfg)))
+        return 0
     return _run(to_sweep_config(cfg))
 
 
@@ -210,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a sweep (Hydra overrides: key=value ...)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.l1='[1e-3,1e-2]'")
+    run.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the ensembles it would train and what each asks for; train and write nothing",
+    )
     _compose_options(run)
     run.set_defaults(func=cmd_run)
     res = sub.add_parser("resume", help="continue a sweep from its saved config")

@@ -87,7 +87,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     return records
 
 
-def _compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
+def compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
     """What ``train.dtype=auto`` means for this sweep (recorded in config.yaml, so a resume on
     other hardware cannot silently change it): bfloat16 when the ensembles train on CUDA GPUs
     (this machine's or the cluster's nodes', :mod:`sweep.gpuinfo`; or ``train.device=cuda``),
@@ -153,9 +153,9 @@ def _train(
 
         signals.reinstall()  # ray.init's core worker installs handlers of its own
         res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
-        cfg = replace(cfg, train=replace(cfg.train, dtype=_compute_dtype(cfg, res)))
+        cfg = replace(cfg, train=replace(cfg.train, dtype=compute_dtype(cfg, res)))
         planning.check_compatible(folder, cfg)
-        budget = _device_budget(store, res)
+        budget = device_budget(store.staged_bytes(), store.path, res)
         p = planning.plan(cfg, store.width, budget, res.on_gpu, res.slots)
         _write_sweep_files(folder, cfg, p, store)
         if p.skipped:
@@ -169,18 +169,19 @@ def _train(
     return records
 
 
-def _device_budget(store: ChunkStore, res: launcher.Resources) -> float:
+def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> float:
     """Device bytes left to each ensemble's members once its batch stream has staged two of
-    the store's chunks on the GPU; refused when those alone take half of what may be planned."""
+    the store's chunks on the GPU (``staged`` bytes); refused when those alone take half of
+    what may be planned."""
     if not res.on_gpu:
         return res.device_bytes
-    staged, plannable = store.staged_bytes(), grid.MEMORY_USE * res.device_bytes
+    plannable = grid.MEMORY_USE * res.device_bytes
     if staged > plannable / 2:
         more = (
             "" if res.auto_share or res.num_gpus >= 1 else " or a larger launch.gpus_per_ensemble"
         )
         raise SweepError(
-            f"store {store.path}: two of its chunks staged on the GPU need "
+            f"store {store}: two of its chunks staged on the GPU need "
             f"{staged / 2**20:,.1f} MiB, over half of the {plannable / 2**20:,.1f} MiB an "
             f"ensemble may plan for; regenerate the store with a smaller data.rows_per_chunk{more}"
         )

@@ -76,6 +76,21 @@ class Outcome:
             )
 
 
+def gpu_shares(
+    cfg: SweepConfig, ensembles: list[EnsembleSpec], res: launcher.Resources, staged: int
+) -> dict[EnsembleSpec, float]:
+    """What each ensemble asks Ray for: the configured GPUs, or with ``auto`` its own share
+    (``staged``: the batch stream's bytes on the device)."""
+    if not res.auto_share:
+        return dict.fromkeys(ensembles, res.num_gpus)
+    t, buffers = cfg.train, planning.batch_buffers(cfg)
+    shares = {
+        e: packing.gpu_share(e, t.batch_size, t.dtype, res.gpu_bytes, staged, buffers)
+        for e in ensembles
+    }
+    return packing.fill(shares, res.gpus)
+
+
 class Execution:
     """Train a plan's ensembles as Ray tasks: progress, heartbeat, stop handling, failures."""
 
@@ -158,18 +173,10 @@ class Execution:
         self.shares.update(shares)
 
     def _gpus(self) -> dict[EnsembleSpec, float]:
-        """What each ensemble asks for: the configured GPUs, or with ``auto`` its own share."""
-        if not self.res.auto_share:
-            return dict.fromkeys(self.plan.ensembles, self.res.num_gpus)
-        t, stream = self.cfg.train, self.store.staged_bytes()
-        buffers = planning.batch_buffers(self.cfg)
-        shares = {
-            e: packing.gpu_share(e, t.batch_size, t.dtype, self.res.gpu_bytes, stream, buffers)
-            for e in self.plan.ensembles
-        }
-        shares = packing.fill(shares, self.res.gpus)
-        named = {e.ensemble_id: s for e, s in shares.items()}
-        log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
+        shares = gpu_shares(self.cfg, self.plan.ensembles, self.res, self.store.staged_bytes())
+        if self.res.auto_share:
+            named = {e.ensemble_id: s for e, s in shares.items()}
+            log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
         return shares
 
     def _tick(self, pending: list[EnsembleSpec]) -> bool:

@@ -229,17 +229,19 @@ def resume_groups(
     return resumed, kept, sorted(fresh, key=lambda r: order[r.run_id])  # grid order
 
 
-def is_final(run: RunFolder) -> bool:
+def is_final(run: RunFolder, tidy: bool = True) -> bool:
     """Whether a run is finished and its results verify; a damaged one (warned about, and
-    recorded in its events) is trained again."""
+    recorded in its events) is trained again. ``tidy=False`` writes nothing (a preview)."""
     if not (run.path / rundir.DONE).is_file():
         return False
     problem = run.final_problem(deep=True)
     if problem is None:
-        run.clear_checkpoints()  # left when its ensemble stopped while finishing
+        if tidy:
+            run.clear_checkpoints()  # left when its ensemble stopped while finishing
         return True
     log.warning("run %s: %s; training it again", run.run_id, problem)
-    run.append_event({"event": "damaged_result", "detail": problem, "action": "retrain"})
+    if tidy:
+        run.append_event({"event": "damaged_result", "detail": problem, "action": "retrain"})
     return False
 
 
@@ -316,15 +318,20 @@ def learned_limits(cfg: SweepConfig, folder: SweepFolder, ratios: set[float]) ->
 
 
 def plan(
-    cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool, slots: int = 1
+    cfg: SweepConfig,
+    width: int,
+    device_bytes: float,
+    on_gpu: bool,
+    slots: int = 1,
+    tidy: bool = True,
 ) -> SweepPlan:
     """Which runs still need training, grouped into ensembles: each previous ensemble's
     pending runs together (resumed first), the fresh runs by shape — split further while
     fewer ensembles than ``slots`` (ensembles the cluster runs at once) would leave devices
-    idle."""
+    idle. ``tidy=False``: nothing in the sweep folder is touched (:func:`is_final`)."""
     folder = SweepFolder(cfg.sweep_dir)
     runs = expand_grid(cfg, width)
-    final = [r for r in runs if is_final(folder.run(r.run_id))]
+    final = [r for r in runs if is_final(folder.run(r.run_id), tidy)]
     todo = [r for r in runs if r not in final]
     groups, kept, fresh = resume_groups(folder, todo)
     learned = learned_limits(cfg, folder, {r.dict_ratio for r in todo})

@@ -392,8 +392,7 @@ class ChunkStore:
     def staged_bytes(self) -> int:
         """Device memory of the batch stream on a GPU: two chunks (the one training and the
         next, copied ahead) and their row orders (int64)."""
-        rows = max(int(c["rows"]) for c in self.chunks)
-        return 2 * rows * (self.width * BYTES[self.dtype] + 8)
+        return staged_bytes(max(int(c["rows"]) for c in self.chunks), self.width, self.dtype)
 
     def read_into(self, index: int, out: torch.Tensor) -> torch.Tensor:
         """The first ``len(out)`` rows of chunk ``index``, read from the file straight into
@@ -537,6 +536,12 @@ def batches_per_chunk(store: ChunkStore, batch_size: int, eval_rows: int) -> lis
             "lower train.batch_size or regenerate the store with more rows per chunk"
         )
     return per_chunk
+
+
+def staged_bytes(chunk_rows: int, width: int, dtype: str) -> int:
+    """Device memory of a batch stream on a GPU: two chunks (the one training and the next,
+    copied ahead) and their row orders (int64)."""
+    return 2 * chunk_rows * (width * BYTES[dtype] + 8)
 
 
 def total_steps(store: ChunkStore, batch_size: int, epochs: int, eval_rows: int) -> int:

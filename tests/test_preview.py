@@ -1,0 +1,51 @@
+"""``sweep run --plan``: the ensembles a run would train and what each asks for, planned as
+``sweep run`` plans (real Ray resources, memory model, GPU shares), with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+from sweep.cli import main
+from tests.test_sweep_e2e import TINY, sweep
+
+GRID = ["grid.l1=[1e-2,1e-1]", "grid.dict_ratio=[1,2]"]
+
+
+def plan(tmp_path, capsys, *extra: str) -> tuple[int, str, str]:
+    code = main(["run", "--plan", f"sweep_dir={tmp_path / 'sw'}", *TINY, *GRID, *extra])
+    said = capsys.readouterr()
+    return code, said.out, said.err
+
+
+def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, capsys):
+    """The shared test cluster's two (fake) GPUs: two ensembles, one on each whole GPU (auto
+    fills the GPUs), for a sweep whose store does not exist yet; nothing is created."""
+    code, out, _ = plan(tmp_path, capsys)
+    assert code == 0 and not (tmp_path / "sw").exists()
+    assert "r2-e0" in out and "r1-e0" in out and "1 GPU" in out, out
+    assert "4 runs: 0 already done, 4 to train in 2 ensemble(s) on GPUs" in out, out
+    code, out, _ = plan(tmp_path, capsys, "train.device=cpu", "launch.cpus_per_ensemble=1")
+    assert code == 0 and "1 CPU" in out and "on CPUs" in out, out
+
+
+def test_a_plan_of_a_finished_sweep_trains_nothing_and_touches_nothing(
+    ray_cluster, tmp_path, capsys
+):
+    assert sweep(tmp_path, *GRID) == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.is_file()}
+    code, out, _ = plan(tmp_path, capsys)
+    assert code == 0 and "4 runs: 4 already done, 0 to train in 0 ensemble(s)" in out, out
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_plan_refuses_what_the_run_would_refuse(ray_cluster, tmp_path, capsys):
+    chunks = ["data=chunks", f"data.path={tmp_path / 'none'}", f"sweep_dir={tmp_path / 'c'}"]
+    code = main(["run", "--plan", *chunks])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds no chunk store yet" in err and "\n" not in err.strip(), err
+    assert sweep(tmp_path, *GRID) == 0
+    code, _, err = plan(tmp_path, capsys, "train.lr=1")
+    assert code == 2 and "holds a sweep with different settings" in err, err
+    manifest = json.loads((tmp_path / "sw" / "manifest.json").read_text())
+    assert manifest["state"] == "done"
