@@ -132,12 +132,17 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     planning.expand_grid(cfg, store.width)
     planning.check_store(folder, store)
     store.verify()
+    check_schedule(cfg, store)
+    return store
+
+
+def check_schedule(cfg: SweepConfig, store: ChunkStore) -> None:
+    """Refuse a store too small for one batch; warn of a schedule too short to train."""
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
     if short:
         log.warning(short)
-    return store
 
 
 def _train(

@@ -12,11 +12,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sweep import driver, execution, grid, launcher, planning
-from sweep.activations.store import MANIFEST, ChunkStore, staged_bytes
+from sweep.activations import harvest, synthetic
+from sweep.activations.store import ChunkStore, staged_bytes
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.errors import SweepError
+from sweep.lock import holder_alive, read_lock
 from sweep.planning import SweepPlan
-from sweep.sweepdir import SweepFolder, default_store_path
+from sweep.sweepdir import LOCK, SweepFolder, default_store_path
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class StoreShape:
     path: Path
     width: int
     staged: int
+    store: ChunkStore | None = None
+    """The store, when it exists."""
 
 
 @dataclass
@@ -36,13 +40,19 @@ class Preview:
     res: launcher.Resources
     rows: list[dict]
     """One per ensemble: id, dict ratio and size, members, share, memory, runs."""
+    notes: list[str]
+    """What the run would do first, or what holds the sweep now."""
 
 
 def preview(cfg: SweepConfig) -> Preview:
     """The plan ``sweep run`` would make now (refusing what it would refuse)."""
     planning.check_device(cfg)
     folder = SweepFolder(cfg.sweep_dir)
+    if folder.path.exists() and not folder.path.is_dir():
+        raise SweepError(f"sweep_dir {folder.path} is a file, not a folder; use another sweep_dir")
     planning.check_compatible(folder, cfg)
+    if isinstance(cfg.data, SyntheticDataConfig):
+        planning.expand_grid(cfg, cfg.data.width)
     shape = store_shape(cfg, folder)
     planning.expand_grid(cfg, shape.width)
     with launcher.ray_session(cfg.launch):
@@ -53,24 +63,47 @@ def preview(cfg: SweepConfig) -> Preview:
     planning.check_compatible(folder, cfg)
     budget = driver.device_budget(shape.staged, shape.path, res)
     p = planning.plan(cfg, shape.width, budget, res.on_gpu, res.slots, tidy=False)
-    return Preview(cfg, p, res, _rows(cfg, p, res, shape))
+    return Preview(cfg, p, res, _rows(cfg, p, res, shape), _notes(folder, shape))
 
 
 def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
-    path = Path(cfg.data.path or default_store_path(cfg.sweep_dir))
-    if (path / MANIFEST).is_file():
-        store = ChunkStore(path)
-        planning.check_store(folder, store)
-        return StoreShape(path, store.width, store.staged_bytes())
+    """The store the run would train on, refused as the run would refuse it (reads only); a
+    synthetic store not made yet, from its config."""
+    path = Path(cfg.data.path or default_store_path(cfg.sweep_dir)).expanduser()
     if isinstance(cfg.data, SyntheticDataConfig):
-        d = cfg.data
-        return StoreShape(
-            path, d.width, staged_bytes(min(d.rows_per_chunk, d.rows), d.width, d.dtype)
+        store = synthetic.existing_store(cfg.data, path)
+        if store is None:
+            d = cfg.data
+            staged = staged_bytes(min(d.rows_per_chunk, d.rows), d.width, d.dtype)
+            return StoreShape(path, d.width, staged)
+    elif cfg.data.name == "harvest":
+        store = harvest.harvested_store(cfg.data, path, cfg.launch)
+        if store is None:
+            raise SweepError(
+                f"{path} holds no complete harvest with these settings yet, so its width is "
+                "unknown: `sweep run --plan` plans on an existing store (harvest it first with "
+                "`sweep harvest`, or `sweep run`)"
+            )
+    else:
+        store = ChunkStore(path)  # (the run's own error when there is none)
+    planning.check_store(folder, store)
+    driver.check_schedule(cfg, store)
+    return StoreShape(path, store.width, store.staged_bytes(), store)
+
+
+def _notes(folder: SweepFolder, shape: StoreShape) -> list[str]:
+    notes = []
+    if shape.store is None:
+        notes.append(f"the run first generates the synthetic store in {shape.path}")
+    elif not shape.store.is_verified():
+        notes.append(f"the run first verifies the store {shape.path} (sha256 of every chunk)")
+    info = read_lock(folder.path)
+    if info and holder_alive(info, folder.path / LOCK):
+        notes.append(
+            f"a sweep run (pid {info.get('pid')} on {info.get('host')}) holds {folder.path} now: "
+            "another run would be refused until it ends; this is what a run after it would do"
         )
-    raise SweepError(
-        f"{path} holds no chunk store yet, so its width is unknown: `sweep run --plan` plans on "
-        "an existing store (harvest it first with `sweep harvest`, or point data.path at one)"
-    )
+    return notes
 
 
 def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreShape) -> list[dict]:
@@ -80,6 +113,7 @@ def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreS
     for e in p.ensembles:
         per = grid.bytes_per_member(shape.width, e.dict_size, t.batch_size, t.dtype, buffers)
         memory = len(e.members) * per + (shape.staged if res.on_gpu else 0)
+        size = f"{memory / 2**30:.2f} GiB" if memory >= 2**30 else f"{memory / 2**20:.1f} MiB"
         ask = f"{shares[e]:g} GPU" if res.on_gpu else f"{res.num_cpus:g} CPU"
         rows.append(
             {
@@ -88,7 +122,7 @@ def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreS
                 "dict_size": e.dict_size,
                 "members": len(e.members),
                 "asks": ask,
-                "memory": f"{memory / 2**30:.2f} GiB",
+                "memory": size,
                 "runs": ", ".join(m.run_id for m in e.members),
             }
         )
@@ -118,3 +152,5 @@ def print_preview(v: Preview) -> None:
         f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train in "
         f"{len(p.ensembles)} ensemble(s) on {where}, compute dtype {v.cfg.train.dtype}"
     )
+    for note in v.notes:
+        console.print(f"note: {note}")

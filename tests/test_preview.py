@@ -43,9 +43,16 @@ def test_a_plan_refuses_what_the_run_would_refuse(ray_cluster, tmp_path, capsys)
     chunks = ["data=chunks", f"data.path={tmp_path / 'none'}", f"sweep_dir={tmp_path / 'c'}"]
     code = main(["run", "--plan", *chunks])
     err = capsys.readouterr().err
-    assert code == 2 and "holds no chunk store yet" in err and "\n" not in err.strip(), err
+    assert code == 2 and "no chunk store at" in err and "\n" not in err.strip(), err
     assert sweep(tmp_path, *GRID) == 0
     code, _, err = plan(tmp_path, capsys, "train.lr=1")
     assert code == 2 and "holds a sweep with different settings" in err, err
+    # the store it would reuse, made with other parameters; too few rows for one batch
+    code, _, err = plan(tmp_path, capsys, "data.n_features=64", f"sweep_dir={tmp_path / 'o'}",
+                        f"data.path={tmp_path / 'sw' / 'store'}")  # fmt: skip
+    assert code == 2 and "was made with different data parameters (n_features)" in err, err
+    store = [f"sweep_dir={tmp_path / 'b'}", f"data.path={tmp_path / 'sw' / 'store'}"]
+    code, _, err = plan(tmp_path, capsys, "train.batch_size=20000", *store)
+    assert code == 2 and "fewer than one batch" in err, err
     manifest = json.loads((tmp_path / "sw" / "manifest.json").read_text())
     assert manifest["state"] == "done"

@@ -212,6 +212,16 @@ def harvest_with_stats(
 
 def _prepare_dir(cfg: HarvestConfig, params: dict) -> Path:
     """Refuse a store_dir holding something else; make sure it can be written."""
+    root = _check_dir(cfg, params)
+    ensure_writable(root, "store_dir")
+    for folder in [root, *(store_path(cfg, h) for h in cfg.hooks)]:
+        if folder.is_dir():
+            remove_stale_temps(folder)  # of writes killed midway (no shard runs yet)
+    return root
+
+
+def _check_dir(cfg: HarvestConfig, params: dict) -> Path:
+    """Refuse a store_dir holding something else (reads only)."""
     root = Path(cfg.store_dir).expanduser()
     marker = root / PARAMS_FILE
     if marker.is_file():
@@ -231,10 +241,6 @@ def _prepare_dir(cfg: HarvestConfig, params: dict) -> Path:
         raise StoreError(
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )
-    ensure_writable(root, "store_dir")
-    for folder in [root, *(store_path(cfg, h) for h in cfg.hooks)]:
-        if folder.is_dir():
-            remove_stale_temps(folder)  # of writes killed midway (no shard runs yet)
     return root
 
 
@@ -522,8 +528,23 @@ def ensure_harvest_store(
     """The store of a ``data=harvest`` sweep: harvested into ``path`` unless already complete
     with the same settings (``in_process=False``: one shard harvests in a Ray task, as
     :func:`run_harvest` says)."""
+    cfg = _sweep_harvest(data, path, launch, progress)
+    return run_harvest(cfg, in_process=in_process)[data.hook]
+
+
+def harvested_store(data: Any, path: str | Path, launch: LaunchConfig) -> ChunkStore | None:
+    """The complete store a ``data=harvest`` sweep would reuse, or None if it is not harvested
+    yet; refused as :func:`ensure_harvest_store` refuses (reads only)."""
+    cfg = _sweep_harvest(data, path, launch, progress=False)
+    params = harvest_params(cfg)
+    _check_dir(cfg, params)
+    return ChunkStore(store_path(cfg, data.hook)) if _complete(cfg, params) else None
+
+
+def _sweep_harvest(
+    data: Any, path: str | Path, launch: LaunchConfig, progress: bool
+) -> HarvestConfig:
     values = {f.name: getattr(data, f.name) for f in fields(HarvestSource)}
-    cfg = HarvestConfig(
+    return HarvestConfig(
         **values, hooks=[data.hook], store_dir=str(path), launch=launch, progress=progress
     )
-    return run_harvest(cfg, in_process=in_process)[data.hook]

@@ -380,6 +380,28 @@ def _say_cleared(path: Path, old: dict, new: dict) -> None:
     )  # fmt: skip
 
 
+def existing_store(cfg: SyntheticDataConfig, path: Path) -> ChunkStore | None:
+    """The complete store at ``path`` if these parameters made it; None when there is none
+    yet (or it is incomplete); refused: a store made otherwise, or a folder that is no store."""
+    params = generator_params(cfg)
+    if (path / MANIFEST).exists():
+        store = ChunkStore(path)
+        old = store.provenance.get("params", {})
+        if store.provenance.get("source") != "synthetic" or old != params:
+            diff = sorted(k for k in params if old.get(k) != params[k])
+            raise StoreError(
+                f"store {path} exists but was made with different data parameters "
+                f"({', '.join(diff) or 'not synthetic'}); use another data.path or delete it"
+            )
+        return store
+    if path.exists() and any(path.iterdir()) and not (path / PARAMS_FILE).exists():
+        raise StoreError(
+            f"data.path {path} is a non-empty folder that is not a sweep store; "
+            "choose an empty or new folder"
+        )
+    return None
+
+
 def ensure_synthetic_store(
     cfg: SyntheticDataConfig, path: str | Path, device: str | torch.device = "cpu"
 ) -> ChunkStore:
@@ -393,26 +415,13 @@ def ensure_synthetic_store(
     is resumed at its first missing chunk.
     """
     path = Path(path)
-    params = generator_params(cfg)
-    if (path / MANIFEST).exists():
-        store = ChunkStore(path)
-        old = store.provenance.get("params", {})
-        if store.provenance.get("source") != "synthetic" or old != params:
-            diff = sorted(k for k in params if old.get(k) != params[k])
-            raise StoreError(
-                f"store {path} exists but was made with different data parameters "
-                f"({', '.join(diff) or 'not synthetic'}); use another data.path or delete it"
-            )
+    store = existing_store(cfg, path)
+    if store is not None:
         log.info("reusing synthetic store %s", path)
         return store
     device = resolve_device(device) if isinstance(device, str) else device
-    marker = {**params, "generator": generator_info(device)}
+    marker = {**generator_params(cfg), "generator": generator_info(device)}
     if path.exists() and any(path.iterdir()):
-        if not (path / PARAMS_FILE).exists():
-            raise StoreError(
-                f"data.path {path} is a non-empty folder that is not a sweep store; "
-                "choose an empty or new folder"
-            )
         old = json.loads((path / PARAMS_FILE).read_text())
         if old != marker:
             _say_cleared(path, old, marker)
