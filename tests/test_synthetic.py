@@ -246,3 +246,21 @@ def test_dense_pass_slicing_does_not_change_the_draws(monkeypatch):
     sliced = SyntheticSource(cfg).codes(20_000, 4)
     keys = [set((c.row * 32 + c.feature).tolist()) for c in (whole, sliced)]
     assert len(keys[0] ^ keys[1]) <= 1e-4 * len(keys[0])  # a last-bit matmul difference at most
+
+
+def test_a_chunk_too_large_for_memory_is_one_line_naming_rows_per_chunk(tmp_path, monkeypatch):
+    """An allocation that fails while generating (here the chunk's; for real, e.g. 400M rows
+    per chunk) is one line naming data.rows_per_chunk, not a traceback."""
+    from sweep.activations import synthetic
+    from sweep.config import SyntheticDataConfig
+    from sweep.errors import StoreError
+
+    def fail(*args, **kw):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"
+        )
+
+    monkeypatch.setattr(synthetic, "_generate", fail)
+    cfg = SyntheticDataConfig(rows=4096, eval_rows=1024, rows_per_chunk=4096)
+    with pytest.raises(StoreError, match="ran out of host memory .* lower data.rows_per_chunk"):
+        synthetic.ensure_synthetic_store(cfg, tmp_path / "store", "cpu")

@@ -63,7 +63,7 @@ from sweep.activations.store import (
 )
 from sweep.config import SyntheticDataConfig
 from sweep.devices import release_device_memory, resolve_device
-from sweep.errors import StoreError
+from sweep.errors import StoreError, out_of_memory
 from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -426,7 +426,18 @@ def ensure_synthetic_store(
         if old != marker:
             _say_cleared(path, old, marker)
             shutil.rmtree(path)
-    store = _generate(cfg, path, marker, device)
+    try:
+        store = _generate(cfg, path, marker, device)
+    except Exception as err:
+        kind = out_of_memory(err)
+        if kind is None:
+            raise
+        where = "host memory" if kind == "host" else f"memory on {device}"
+        raise StoreError(
+            f"generating the synthetic store ran out of {where} (chunks of "
+            f"{min(cfg.rows_per_chunk, cfg.rows):,} rows x width {cfg.width}); lower "
+            "data.rows_per_chunk (the chunks written so far are kept)"
+        ) from err
     release_device_memory()  # the tables and blocks are gone: leave the memory to training
     return store
 
