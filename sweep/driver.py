@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, planning
-from sweep.activations.store import ChunkStore, total_steps
+from sweep.activations.store import MANIFEST, ChunkStore, total_steps
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
@@ -59,7 +59,7 @@ def _driver_may_use_gpus(store: str | Path) -> bool:
     """Whether the driver may make a store on this machine's GPU: not when the GPUs take one
     process each, as the CUDA context it would keep for the whole sweep would keep GPU 0 from
     training (the store is complete and nothing runs: no question to ask)."""
-    if (Path(store) / "manifest.json").is_file() or not gpuinfo.exclusive_here():
+    if (Path(store) / MANIFEST).is_file() or not gpuinfo.exclusive_here():
         return True
     log.info("the GPUs are in exclusive compute mode: the driver makes the store without one")
     return False
@@ -124,20 +124,30 @@ def _remove_refused(folder: SweepFolder) -> None:
 
 def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     """Everything that can refuse the run before any training, with the store it trains on."""
+    check_config(cfg, folder)
+    store = prepare_store(cfg)
+    check_store_fits(cfg, folder, store)
+    return store
+
+
+def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
+    """What refuses a run before its store is made (``sweep run --plan`` refuses it too)."""
     planning.check_device(cfg)
     planning.check_compatible(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
-    store = prepare_store(cfg)
+
+
+def check_store_fits(
+    cfg: SweepConfig, folder: SweepFolder, store: ChunkStore, verify: bool = True
+) -> None:
+    """Refuse a store other than the sweep's, one k does not fit, a damaged one (``verify``:
+    its checksums, hashed once and cached), or one too small for a batch; warn of a schedule
+    too short to train."""
     planning.expand_grid(cfg, store.width)
     planning.check_store(folder, store)
-    store.verify()
-    check_schedule(cfg, store)
-    return store
-
-
-def check_schedule(cfg: SweepConfig, store: ChunkStore) -> None:
-    """Refuse a store too small for one batch; warn of a schedule too short to train."""
+    if verify:
+        store.verify()
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
@@ -158,10 +168,7 @@ def _train(
 
         signals.reinstall()  # ray.init's core worker installs handlers of its own
         res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
-        cfg = replace(cfg, train=replace(cfg.train, dtype=compute_dtype(cfg, res)))
-        planning.check_compatible(folder, cfg)
-        budget = device_budget(store.staged_bytes(), store.path, res)
-        p = planning.plan(cfg, store.width, budget, res.on_gpu, res.slots)
+        cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
         _write_sweep_files(folder, cfg, p, store)
         if p.skipped:
             log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
@@ -172,6 +179,24 @@ def _train(
     write_summary(folder.path, [r.row() for r in records])
     folder.record_state(outcome.state)
     return records
+
+
+def plan_for(
+    cfg: SweepConfig,
+    folder: SweepFolder,
+    res: launcher.Resources,
+    width: int,
+    staged: int,
+    store: str | Path,
+    tidy: bool = True,
+) -> tuple[SweepConfig, SweepPlan]:
+    """The sweep's config with ``train.dtype`` resolved for ``res``, and its plan on a store
+    of this width (``staged``: its batch stream's bytes on a GPU; ``tidy``: see
+    :func:`sweep.planning.plan`)."""
+    cfg = replace(cfg, train=replace(cfg.train, dtype=compute_dtype(cfg, res)))
+    planning.check_compatible(folder, cfg)
+    budget = device_budget(staged, store, res)
+    return cfg, planning.plan(cfg, width, budget, res.on_gpu, res.slots, tidy)
 
 
 def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> float:

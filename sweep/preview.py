@@ -8,7 +8,7 @@ store that must be harvested or copied first is refused: its width is not known 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from sweep import driver, execution, grid, launcher, planning
@@ -46,23 +46,16 @@ class Preview:
 
 def preview(cfg: SweepConfig) -> Preview:
     """The plan ``sweep run`` would make now (refusing what it would refuse)."""
-    planning.check_device(cfg)
     folder = SweepFolder(cfg.sweep_dir)
     if folder.path.exists() and not folder.path.is_dir():
         raise SweepError(f"sweep_dir {folder.path} is a file, not a folder; use another sweep_dir")
-    planning.check_compatible(folder, cfg)
-    if isinstance(cfg.data, SyntheticDataConfig):
-        planning.expand_grid(cfg, cfg.data.width)
+    driver.check_config(cfg, folder)
     shape = store_shape(cfg, folder)
-    planning.expand_grid(cfg, shape.width)
     with launcher.ray_session(cfg.launch):
         import ray
 
         res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
-    cfg = replace(cfg, train=replace(cfg.train, dtype=driver.compute_dtype(cfg, res)))
-    planning.check_compatible(folder, cfg)
-    budget = driver.device_budget(shape.staged, shape.path, res)
-    p = planning.plan(cfg, shape.width, budget, res.on_gpu, res.slots, tidy=False)
+    cfg, p = driver.plan_for(cfg, folder, res, shape.width, shape.staged, shape.path, tidy=False)
     return Preview(cfg, p, res, _rows(cfg, p, res, shape), _notes(folder, shape))
 
 
@@ -75,7 +68,7 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
         if store is None:
             d = cfg.data
             staged = staged_bytes(min(d.rows_per_chunk, d.rows), d.width, d.dtype)
-            return StoreShape(path, d.width, staged)
+            return StoreShape(path, d.width, staged)  # (the grid was checked at this width)
     elif cfg.data.name == "harvest":
         store = harvest.harvested_store(cfg.data, path, cfg.launch)
         if store is None:
@@ -86,8 +79,7 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
             )
     else:
         store = ChunkStore(path)  # (the run's own error when there is none)
-    planning.check_store(folder, store)
-    driver.check_schedule(cfg, store)
+    driver.check_store_fits(cfg, folder, store, verify=False)  # (noted: the run verifies)
     return StoreShape(path, store.width, store.staged_bytes(), store)
 
 
