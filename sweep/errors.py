@@ -19,14 +19,14 @@ class RunDirError(SweepError):
 
 class OutOfMemory(SweepError):
     """An ensemble's allocation did not fit (``where``: ``"host"`` or ``"device"``); its
-    checkpoints are kept. The driver reads ``members`` to re-plan it smaller."""
+    checkpoints are kept. The driver reads ``where`` to continue it smaller."""
 
-    def __init__(self, message: str, members: int, where: str) -> None:
+    def __init__(self, message: str, where: str) -> None:
         super().__init__(message)
-        self.members, self.where = members, where
+        self.where = where
 
     def __reduce__(self) -> tuple:  # (raised in a Ray task, read in the driver)
-        return type(self), (str(self), self.members, self.where)
+        return type(self), (str(self), self.where)
 
 
 DISK_FULL_FIX = (

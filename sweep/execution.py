@@ -128,13 +128,13 @@ class Execution:
             return
         t = self.cfg.train
         steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
-        n_rows = steps * t.batch_size * sum(len(e.members) for e in self.plan.ensembles)
+        self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
+        n_rows = steps * t.batch_size * self.n_runs
         trained = self._rows_trained()  # by earlier sweeps: the bar starts there
         self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained)
         self.refs: dict = {}
         self.shares: dict[EnsembleSpec, float] = {}
         self._submit(self._gpus())
-        self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
         with tqdm(
             total=n_rows,
             initial=min(n_rows, sum(trained.values())),

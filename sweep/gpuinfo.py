@@ -171,9 +171,8 @@ def cluster_answers(command: str = "nvidia-smi") -> list[tuple[list[Row], bool]]
 
 
 def _local(need_memory: bool, command: str) -> GpuInfo:
-    rows = read_nvidia_smi(command)
     free = _local_free() if need_memory else 0.0
-    return GpuInfo(free, any(exclusive_mode(mode) for _, _, mode in rows), real=True)
+    return GpuInfo(free, exclusive_here(command), real=True)
 
 
 def exclusive_mode(mode: str) -> bool:

@@ -296,7 +296,6 @@ def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[Non
             f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu')}) ran out of "
             f"{'host memory' if kind == 'host' else f'memory on {device}'}: {fix}; its "
             "checkpoints are kept",
-            n,
             kind,
         ) from err
 
