@@ -208,7 +208,19 @@ class SweepFolder:
         one ran out of GPU memory in this sweep (planning caps at it unless
         ``grid.max_members`` is set)."""
         limits = self.manifest().get(LIMITS, {})
-        return {float(ratio): int(n) for ratio, n in limits.items()}
+        try:
+            out = {float(ratio): int(n) for ratio, n in limits.items()}
+        except (AttributeError, TypeError, ValueError) as err:
+            raise SweepError(
+                f"{self.path / MANIFEST}'s {LIMITS!r} is damaged ({type(err).__name__}); delete "
+                f"that key (the limits are learned again) or set each to a member count"
+            ) from err
+        if any(n < 1 for n in out.values()):
+            raise SweepError(
+                f"{self.path / MANIFEST}'s {LIMITS!r} holds a count below 1; delete that key "
+                "(the limits are learned again) or set each to a member count"
+            )
+        return out
 
     def record_member_limit(self, dict_ratio: float, members: int) -> None:
         manifest = self.manifest()

@@ -10,10 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sweep import grid, planning
 from sweep.cli import compose
 from sweep.config import to_sweep_config
-from sweep.sweepdir import SweepFolder
+from sweep.errors import SweepError
+from sweep.io import atomic_write_json, read_json
+from sweep.sweepdir import MANIFEST, SweepFolder
 from tests.test_faults import finish, start
 
 HOOK = Path(__file__).parent / "hooks"
@@ -79,6 +83,18 @@ def test_a_learned_member_limit_caps_later_plans_unless_max_members_is_set(tiny_
 
     assert sizes() == [2, 2, 4]  # ratio 2 capped, ratio 1 as the memory model fits
     assert sizes("grid.max_members=4") == [4, 4]
+
+
+@pytest.mark.parametrize("damaged", [{"2.0": "many"}, {"two": 3}, ["2.0"], {"2.0": 0}])
+def test_a_hand_damaged_member_limit_is_one_line_naming_the_key(tiny_store, tmp_path, damaged):
+    folder = SweepFolder(tmp_path / "sw")
+    folder.path.mkdir()
+    folder.write_manifest([], {}, tiny_store)
+    manifest = read_json(folder.path / MANIFEST)
+    atomic_write_json(folder.path / MANIFEST, {**manifest, "member_limits": damaged})
+    with pytest.raises(SweepError, match="'member_limits'.*delete that key") as err:
+        folder.member_limits()
+    assert "\n" not in str(err.value)
 
 
 def test_a_learned_limit_only_ever_lowers_the_memory_models_budget(tiny_store, tmp_path):
