@@ -37,6 +37,7 @@ from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
+    json_bytes,
     read_json,
     remove_stale_temps,
 )
@@ -57,6 +58,8 @@ PLACEMENT = "placement.json"
 EVENTS = "events.jsonl"
 TRACKER = "logger.json"
 RUNS = "runs"
+LOADER_KEYS = frozenset({"architecture", "d_in", "d_sae", "act_scale"})
+"""What a final ``cfg.json`` holds for :func:`sweep.sae.load_run` (a run missing one is not final)."""
 
 
 class RunState(str, enum.Enum):
@@ -133,6 +136,11 @@ class RunFolder:
             return f"{WEIGHTS} has {weights.stat().st_size} bytes, {DONE} recorded {done['weights_bytes']}"
         if not self._json(METRICS):
             return f"{METRICS} is missing or damaged"
+        cfg = self._json(CFG)
+        if not LOADER_KEYS <= cfg.keys():
+            return f"{CFG} is missing or damaged"
+        if "cfg_sha256" in done and done["cfg_sha256"] != file_sha256(self.path / CFG):
+            return f"{CFG} fails its checksum"
         if deep and "weights_sha256" in done and done["weights_sha256"] != file_sha256(weights):
             return f"{WEIGHTS} fails its checksum"
         if deep and "weights_sha256" not in done:  # finished by a version without checksums
@@ -262,13 +270,15 @@ class RunFolder:
             atomic_write_json(self.path / DIVERGED, {"step": result.diverged_step})
         atomic_write_bytes(self.path / WEIGHTS, result.weights)
         atomic_write_bytes(self.path / DENSITY, result.density)
-        atomic_write_json(self.path / CFG, result.cfg)
+        cfg = json_bytes(result.cfg)
+        atomic_write_bytes(self.path / CFG, cfg)
         atomic_write_json(self.path / METRICS, result.metrics)
         state = RunState.DIVERGED if result.diverged_step is not None else RunState.DONE
         done = {"state": state.value, "finished": time.time()}
         done.update(
             weights_bytes=len(result.weights),
             weights_sha256=hashlib.sha256(result.weights).hexdigest(),
+            cfg_sha256=hashlib.sha256(cfg).hexdigest(),
         )
         atomic_write_json(self.path / DONE, done)
 

@@ -223,6 +223,16 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         problem = rundir.RunFolder(folder).final_problem(deep=True)
         if problem:
             raise SweepError(f"run {folder}: {problem}; re-run its sweep to train it again")
-    cfg = json.loads((folder / rundir.CFG).read_text())
+    elif (folder / rundir.SPEC).is_file():  # a sweep's run without DONE: (re)training
+        raise SweepError(
+            f"run {folder} is not finished (no {rundir.DONE}); let its sweep finish, "
+            f"or see 'sweep status {folder.parent.parent}'"
+        )
+    try:
+        cfg = json.loads((folder / rundir.CFG).read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise SweepError(
+            f"{folder / rundir.CFG} is damaged ({type(err).__name__}); re-run its sweep to write it again"
+        ) from err
     params = load_file(str(folder / rundir.WEIGHTS), device=str(device))
     return SAE(params, cfg).to(device)

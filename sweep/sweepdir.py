@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sweep.activations.store import FORMAT as STORE_FORMAT
 from sweep.activations.store import ChunkStore
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
@@ -151,12 +152,22 @@ class SweepFolder:
         if not path.is_file():
             return {}
         try:
-            return read_json(path)
+            manifest = read_json(path)
         except (OSError, ValueError) as err:
             raise RunDirError(
                 f"{path} is damaged ({type(err).__name__}); restore it from a backup, or delete it "
                 "and re-run the same 'sweep run' command (finished runs are verified and kept)"
             ) from err
+        self._refuse_store(manifest)
+        return manifest if isinstance(manifest, dict) else {}
+
+    def _refuse_store(self, manifest: object) -> None:
+        """A chunk store's folder is no sweep folder (and must never get a sweep's manifest)."""
+        if isinstance(manifest, dict) and manifest.get("format") == STORE_FORMAT:
+            raise SweepError(
+                f"{self.path} is a chunk store, not a sweep folder; pass a sweep's sweep_dir "
+                "(a store goes in data.path)"
+            )
 
     def run_ids(self) -> list[str]:
         """Runs listed in the manifest (grid order); a one-line error if this is no sweep."""
@@ -170,7 +181,9 @@ class SweepFolder:
                 f"{self.path} is not a sweep folder (no {MANIFEST}); pass the sweep_dir of a sweep run"
             )
         try:
-            return list(read_json(manifest)["runs"])
+            content = read_json(manifest)
+            self._refuse_store(content)
+            return list(content["runs"])
         except (ValueError, KeyError, TypeError) as err:
             raise SweepError(
                 f"{manifest} is damaged ({type(err).__name__}); re-run 'sweep run' with the same sweep_dir to rewrite it"

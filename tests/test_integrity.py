@@ -24,11 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sweep
 from sweep import checkpoints, planning, rundir
 from sweep.cli import main
 from sweep.config import TrainConfig
 from sweep.driver import STALE_TEMP_SECONDS
-from sweep.errors import RunDirError
+from sweep.errors import RunDirError, SweepError
 from sweep.lock import SweepLock
 from sweep.worker import train_ensemble
 from tests.sweep_builder import jobs
@@ -139,7 +140,7 @@ def test_damaged_final_weights_are_retrained(copy, damage, capsys):
         torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", [rundir.METRICS, rundir.DONE])
+@pytest.mark.parametrize("name", [rundir.METRICS, rundir.DONE, rundir.CFG])
 def test_garbage_in_final_files_is_no_traceback(copy, name, capsys):
     (copy / "runs" / "r1-l1_1e-03-s0" / name).write_text("{not json")
     assert main(["status", str(copy)]) == 0
@@ -148,6 +149,25 @@ def test_garbage_in_final_files_is_no_traceback(copy, name, capsys):
     assert "Traceback" not in capsys.readouterr().err
     m = json.loads((copy / "runs" / "r1-l1_1e-03-s0" / rundir.METRICS).read_text())
     assert m["state"] == "done"
+
+
+def test_an_edited_cfg_is_not_final_and_never_loads(copy, capsys):
+    """cfg.json is what a loader trusts (act_scale, architecture): DONE vouches for its bytes."""
+    folder = copy / "runs" / "r1-l1_1e-03-s0"
+    cfg = json.loads((folder / rundir.CFG).read_text())
+    (folder / rundir.CFG).write_text(json.dumps({**cfg, "act_scale": 2 * cfg["act_scale"]}))
+    assert rundir.RunFolder(folder).final_problem() == f"{rundir.CFG} fails its checksum"
+    with pytest.raises(SweepError, match="fails its checksum; re-run its sweep"):
+        sweep.load_run(folder)
+    assert run(copy) == 0  # trained again
+    assert sweep.load_run(folder).cfg["act_scale"] == cfg["act_scale"]
+
+
+def test_a_run_being_trained_again_does_not_load_its_old_weights(copy):
+    folder = copy / "runs" / "r1-l1_1e-03-s0"
+    (folder / rundir.DONE).unlink()  # what a re-run does before training a damaged run again
+    with pytest.raises(SweepError, match="is not finished"):
+        sweep.load_run(folder)
 
 
 # ------------------------------------------------------------------ 3. store identity
@@ -375,6 +395,17 @@ def test_a_retry_after_a_crash_while_finishing_refinishes_every_member(
     assert weights(tmp_path / "cut") == weights(tmp_path / "ref")
     for m in job.ensemble.members:  # cleared once every member is final
         assert not list(rundir.run_dir(tmp_path / "cut", m.run_id).glob("checkpoint-*"))
+
+
+def test_a_chunk_store_is_no_sweep_folder(copy, capsys):
+    """Its manifest is no damaged sweep manifest: a run there would overwrite it."""
+    store = copy / "store"
+    manifest = (store / "manifest.json").read_bytes()
+    assert main(["status", str(store)]) == 2
+    assert run(store) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"error: {store} is a chunk store, not a sweep folder") == 2
+    assert (store / "manifest.json").read_bytes() == manifest
 
 
 def test_damaged_manifest_and_config_are_one_line(copy, capsys):
