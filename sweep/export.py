@@ -23,9 +23,9 @@ from safetensors.torch import save
 
 from sweep import archs
 from sweep.errors import SweepError
-from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable
-from sweep.rundir import RunFolder
-from sweep.sae import load_run
+from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
+from sweep.rundir import DONE, RunFolder, RunState
+from sweep.sae import SAE, load_run
 from sweep.sweepdir import SweepFolder
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 FORMATS = ("saelens",)
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SAELENS_CFG = "cfg.json"
+EXPORTED_FROM = "sweep"
+"""``metadata.exported_from`` of our exports (a folder holding one may be exported into again)."""
 SAELENS_FORMAT_VERSION = "6.0.0"
 """The SAELens config format written (6.x: model facts live under ``metadata``)."""
 
@@ -73,9 +75,9 @@ def saelens_cfg(cfg: dict, extra: dict | None = None) -> dict:
             "sae_lens_training_version": None,
             **_provenance(cfg),
             "neuronpedia_id": None,
-            "exported_from": "sweep",
+            "exported_from": EXPORTED_FROM,
             "sweep_run_id": cfg.get("run_id"),
-            "l1_coefficient": cfg.get("l1"),
+            **_sparsity(arch, cfg),
             "dict_ratio": cfg.get("dict_ratio"),
             "seed": cfg.get("seed"),
             "training_architecture": cfg.get("architecture"),
@@ -84,20 +86,65 @@ def saelens_cfg(cfg: dict, extra: dict | None = None) -> dict:
     }
 
 
+def _sparsity(arch: archs.Architecture, cfg: dict) -> dict:
+    """The run's sparsity setting under SAELens's training-config name: ``k``; JumpReLU's L0
+    coefficient in SAELens's units (ours is per dimension: times ``d_in``); else the L1."""
+    if arch.knob == "k":
+        return {"k": cfg.get("k")}
+    l1 = cfg.get("l1")
+    if arch.l0_penalty:
+        return {"l0_coefficient": None if l1 is None else l1 * int(cfg["d_in"])}
+    return {"l1_coefficient": l1}
+
+
 def export_run(run_folder: str | Path, out: str | Path) -> Path:
-    """Write one finished run folder in SAELens format into ``out`` (created)."""
-    folder = Path(run_folder)
-    problem = RunFolder(folder).final_problem(deep=True) if (folder / "DONE").is_file() else None
-    if problem is not None:
-        raise SweepError(f"run {folder.name}: {problem}; re-run the sweep to train it again")
-    if not RunFolder(folder).is_done():
+    """Write one finished run folder in SAELens format into ``out`` (created; a previous
+    export there is replaced, anything else there is refused)."""
+    _check_run(Path(run_folder))
+    _check_target(Path(out))
+    return _write(load_run(str(run_folder)), out)
+
+
+def _check_run(folder: Path) -> None:
+    """A run may be exported: finished, intact (weights hashed), not diverged."""
+    run = RunFolder(folder)
+    if not (folder / DONE).is_file():
         raise SweepError(
             f"run {folder.name} is not finished (no DONE in {folder}); let the sweep finish or pick a finished run"
         )
+    problem = run.final_problem(deep=True)
+    if problem is not None:
+        raise SweepError(f"run {folder.name}: {problem}; re-run the sweep to train it again")
+    if run.state() is RunState.DIVERGED:
+        raise SweepError(
+            f"run {folder.name} diverged (its weights are frozen at a non-finite loss); "
+            "it is not exported: pick another run"
+        )
+
+
+def _check_target(out: Path) -> None:
+    """``out`` may be written: absent, empty, or a previous export (nothing else is replaced)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SweepError(f"export target {out} is a file; choose another OUT_DIR")
+    names = {p.name for p in out.iterdir() if not p.name.endswith(".tmp")}
+    if names and not (names <= {SAELENS_WEIGHTS, SAELENS_CFG} and _our_export(out)):
+        raise SweepError(
+            f"export target {out} exists and holds files not written by 'sweep export' "
+            f"({', '.join(sorted(names)[:3])}); choose another OUT_DIR or empty it"
+        )
+
+
+def _our_export(out: Path) -> bool:
     try:
-        model = load_run(str(folder))
-    except FileNotFoundError as err:
-        raise SweepError(f"{err}; re-run the sweep to rewrite it") from err
+        meta = read_json(out / SAELENS_CFG).get("metadata") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and meta.get("exported_from") == EXPORTED_FROM
+
+
+def _write(model: SAE, out: str | Path) -> Path:
     out = ensure_writable(out, "export folder")
     weights = {
         "W_enc": model.W_enc.detach().float().contiguous(),  # (d_in, d_sae)
@@ -119,10 +166,17 @@ def _finished(sweep_dir: str | Path, states: dict, finished_only: bool) -> list[
     diverged = [r for r, s in states.items() if s == "diverged"]
     waiting = [r for r, s in states.items() if not s.final]
     if waiting and not finished_only:
-        shown = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+        failed = [r for r in waiting if states[r] == "failed"]
+        ids = failed or waiting
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        what, fix = (
+            ("failed", "re-run the sweep to train them again")
+            if failed
+            else ("are not finished", "wait for the sweep")
+        )
         raise SweepError(
-            f"{len(waiting)} of {len(states)} runs in {sweep_dir} are not finished ({shown}); "
-            f"wait for the sweep, or pass --finished to export the {len(chosen)} finished runs"
+            f"{len(ids)} of {len(states)} runs in {sweep_dir} {what} ({shown}); "
+            f"{fix}, or pass --finished to export the {len(chosen)} finished runs"
         )
     if not chosen:
         raise SweepError(
@@ -158,13 +212,11 @@ def export_sweep(
                 f"no run {', '.join(unknown)} in {sweep_dir}; see 'sweep status {sweep_dir}' for run ids"
             )
         chosen = list(runs)
-        for rid in chosen:
-            if not folder.run(rid).is_done():
-                raise SweepError(
-                    f"run {rid} is not finished (no DONE); let the sweep finish or export finished runs only"
-                )
     else:
         chosen = _finished(sweep_dir, states, finished_only)
-    paths = [export_run(folder.run(rid).path, Path(out_dir) / rid) for rid in chosen]
+    for rid in chosen:  # every run and target is checked before anything is written
+        _check_run(folder.run(rid).path)
+        _check_target(Path(out_dir) / rid)
+    paths = [_write(load_run(str(folder.run(rid).path)), Path(out_dir) / rid) for rid in chosen]
     log.info("exported %d run(s) to %s", len(paths), out_dir)
     return paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -114,6 +115,59 @@ def test_export_of_unfinished_run_is_one_line_error(small_sweep, tmp_path, capsy
         export_run(rundir.run_dir(sw, "r2-l1_1e-03-s0"), tmp_path / "x")
 
 
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_every_run_is_checked_before_any_is_written(small_sweep, tmp_path, capsys):
+    sw = shutil.copytree(small_sweep, tmp_path / "sw")
+    victim = rundir.run_dir(sw, "r2-l1_3e-02-s0") / rundir.WEIGHTS
+    data = victim.read_bytes()  # same size, one bit changed: only the checksum catches it
+    victim.write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "out")]) == 2
+    assert "r2-l1_3e-02-s0: sae.safetensors fails its checksum" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_it_did_not_write_is_never_exported_into(small_sweep, tmp_path, capsys):
+    """Exporting into the sweep's own runs folder would replace each run's cfg.json."""
+    sw = shutil.copytree(small_sweep, tmp_path / "sw")
+    before = files(sw)
+    assert main(["export", str(sw), "--to", "saelens", str(sw / "runs")]) == 2
+    assert "holds files not written by 'sweep export'" in one_line(capsys)
+    assert files(sw) == before
+    out = tmp_path / "out"  # its own export is replaced by a later one
+    assert main(["export", str(sw), "--to", "saelens", str(out)]) == 0
+    assert main(["export", str(sw), "--to", "saelens", str(out)]) == 0
+
+
+def test_a_diverged_run_is_never_exported(small_sweep, tmp_path, capsys):
+    sw = shutil.copytree(small_sweep, tmp_path / "sw")
+    done = rundir.run_dir(sw, "r2-l1_3e-02-s0") / rundir.DONE
+    done.write_text(json.dumps({**json.loads(done.read_text()), "state": "diverged"}))
+    out = tmp_path / "out"
+    assert main(["export", str(sw), "--to", "saelens", str(out), "--runs", "r2-l1_3e-02-s0"]) == 2
+    assert "run r2-l1_3e-02-s0 diverged" in one_line(capsys) and not out.exists()
+    assert main(["export", str(sw), "--to", "saelens", str(out)]) == 0  # skipped, with a warning
+    assert [p.name for p in out.iterdir()] == ["r2-l1_1e-03-s0"]
+
+
+def test_a_failed_run_is_named_with_its_fix(small_sweep, tmp_path, capsys):
+    sw = shutil.copytree(small_sweep, tmp_path / "sw")
+    folder = rundir.RunFolder.of(sw, "r2-l1_3e-02-s0")
+    (folder.path / rundir.DONE).unlink()
+    folder.mark_failed("worker died")
+    assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "out")]) == 2
+    err = one_line(capsys)
+    assert "1 of 2 runs in" in err and "failed (r2-l1_3e-02-s0); re-run the sweep" in err
+
+
 def test_export_of_foreign_folder_is_an_error(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--to", "saelens", str(tmp_path / "out")]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
@@ -216,6 +270,18 @@ def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_p
     assert cfg["metadata"]["training_architecture"] == arch.split("-")[0]
     if arch == "topk":
         assert cfg["k"] == 3
+    sparsity = {
+        k: v for k, v in cfg["metadata"].items() if k in ("k", "l1_coefficient", "l0_coefficient")
+    }
+    assert (
+        sparsity
+        == {  # SAELens's training-config names; its L0 coefficient is ours x d_in
+            "topk": {"k": 3},
+            "batchtopk": {"k": 3},
+            "jumprelu": {"l0_coefficient": pytest.approx(1e-3 * tiny_store.width)},
+            "untied-weighted": {"l1_coefficient": 1e-2},
+        }[arch]
+    )
     ours, x = sweep.load_run(str(arch_runs[arch])), raw_rows(str(tiny_store.path))
     codes = saelens_encode(out, x)
     assert bool((codes != 0).any())
