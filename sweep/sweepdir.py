@@ -288,14 +288,11 @@ class SweepFolder:
         return held is not None and holder_alive(held, self.path / LOCK)
 
     def activity(self) -> str:
-        """``running`` when a live driver holds the lock, else the state the manifest recorded."""
+        """``running`` when a live driver holds the lock, else the state the manifest recorded
+        (each plan drops it: none means the last driver died before recording its outcome)."""
         if self.driver_alive():
             return "running"
-        return (
-            self.manifest().get("state", "unknown")
-            if (self.path / MANIFEST).is_file()
-            else "unknown"
-        )
+        return self.manifest().get("state", "stopped: its driver died; re-run it to continue")
 
     # ------------------------------------------------------------------------- runs
 

@@ -408,6 +408,16 @@ def test_a_chunk_store_is_no_sweep_folder(copy, capsys):
     assert (store / "manifest.json").read_bytes() == manifest
 
 
+def test_status_says_when_the_last_driver_died_before_its_outcome(copy, capsys):
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest.pop("state") == "done"  # each plan drops it; a SIGKILLed driver never wrote it
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["status", str(copy)]) == 0
+    assert "stopped: its driver died; re-run it to continue" in " ".join(
+        capsys.readouterr().out.split()
+    )
+
+
 def test_damaged_manifest_and_config_are_one_line(copy, capsys):
     (copy / "manifest.json").write_text("{oops")
     assert run(copy) == 2
