@@ -111,11 +111,11 @@ def _create(path: Path) -> bool:
 
 
 def _remove_refused(folder: SweepFolder) -> None:
-    """Undo a refused run's new sweep folder, but keep a store it made (a harvest can take
-    hours; the corrected command reuses it)."""
+    """Undo a refused run's new sweep folder, but keep a store it made or began (a harvest
+    can take hours; the corrected command reuses it, or resumes it where it stopped)."""
     store = default_store_path(folder.path)
     for child in folder.path.iterdir():
-        if child == store and (store / "manifest.json").is_file():
+        if child == store and store.is_dir() and any(store.iterdir()):
             continue
         shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(True)
     if not any(folder.path.iterdir()):

@@ -419,3 +419,125 @@ def test_on_exclusive_gpus_the_driver_harvests_in_a_ray_task(
         here.clear()
         store = driver.prepare_store(to_sweep_config(compose(over)))
         assert store.total_rows == 3000 and bool(here) == in_driver, device
+
+
+# ---- what a refused or failed harvest leaves, and what a re-run makes of it
+
+
+def sweep_args(model_dir: Path, data: Path, sweep_dir: Path) -> list[str]:
+    return [
+        "run", "data=harvest", f"data.model={model_dir}", f"data.hook={HOOKS[0]}",
+        f"data.dataset={data}", "data.rows=3000", "data.context=32", "data.rows_per_chunk=1024",
+        "data.shuffle_rows=1024", "data.eval_rows=512", "data.lm_eval_tokens=128",
+        "data.device=cpu", "grid.l1=[1e-2]", "grid.dict_ratio=[2]", "train.batch_size=128",
+        "train.device=cpu", f"sweep_dir={sweep_dir}", "progress=false",
+    ]  # fmt: skip
+
+
+def test_a_new_sweep_that_fails_while_harvesting_keeps_what_it_harvested(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, monkeypatch, capsys
+):
+    """The refused run's new sweep folder goes, but not the chunks it harvested (hours on a
+    real model): the re-run resumes them."""
+    real_write, calls = harvest._write_group, []
+
+    def full_disk_on_second_group(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise StoreError("cannot write chunk 1: No space left on device; free space")
+        return real_write(*args)
+
+    monkeypatch.setattr(harvest, "_write_group", full_disk_on_second_group)
+    sw = tmp_path / "sw"
+    assert main(sweep_args(tiny_model_dir, text_file, sw)) == 2
+    assert "No space left" in _one_line_error(capsys)
+    first = sw / "store" / chunk_name(0)
+    kept = first.stat().st_mtime_ns
+    assert (sw / "store" / harvest.PARAMS_FILE).is_file() and not (sw / "runs").exists()
+    monkeypatch.setattr(harvest, "_write_group", real_write)
+    assert main(sweep_args(tiny_model_dir, text_file, sw)) == 0
+    assert first.stat().st_mtime_ns == kept  # resumed, not harvested again
+
+
+def test_a_complete_harvest_needs_no_write_access(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """A lab's shared, read-only store is reused as it is."""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    run_harvest(cfg)
+
+    def read_only(folder, what):
+        raise SweepError(f"{what} {folder} is not writable (Read-only file system)")
+
+    monkeypatch.setattr(harvest, "ensure_writable", read_only)
+    assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
+
+
+def test_a_hook_refused_after_tokenising_does_not_lock_the_store_dir(
+    tiny_model_dir, text_file, tmp_path
+):
+    """The attention pattern passes the name check but not the shape probe, which runs after
+    the token stream is written: the corrected command starts the harvest over."""
+    bad = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=["blocks.0.attn.hook_pattern"])
+    with pytest.raises(SweepError):
+        run_harvest(bad)
+    assert (tmp_path / "h" / harvest.PARAMS_FILE).is_file()
+    run_harvest(replace(bad, hooks=list(HOOKS)))
+    run_harvest(tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean"))
+    assert _snapshot(tmp_path / "h") == _snapshot(tmp_path / "clean")
+
+
+def test_a_shards_bad_input_is_its_own_line(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, capsys
+):
+    cfg = tiny_cfg(
+        tiny_model_dir, text_file, tmp_path / "h", shards=2, hooks=["blocks.1.hook_resid_pst"]
+    )
+    assert main(cli_args(cfg) + ["shards=2"]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("error: unknown hook 'blocks.1.hook_resid_pst'"), err
+
+
+def test_a_cuda_harvest_on_a_cluster_without_gpus_is_refused(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """(Ray would wait for a GPU forever.)"""
+    monkeypatch.setattr(ray_cluster, "cluster_resources", lambda: {"CPU": 2.0})
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", shards=2, device="cuda")
+    with pytest.raises(StoreError, match="device=cuda but the Ray cluster has no GPUs"):
+        run_harvest(cfg)
+
+
+def test_leftovers_of_a_killed_first_write_are_no_foreign_files(
+    tiny_model_dir, text_file, tmp_path
+):
+    root = tmp_path / "h"
+    root.mkdir()
+    (root / f".{harvest.PARAMS_FILE}.x8k2.tmp").write_text("{")
+    (root / ".write-probe.abc").write_text("")
+    cfg = tiny_cfg(tiny_model_dir, text_file, root, hooks=HOOKS[:1], rows=620)
+    assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
+
+
+def test_a_removed_relative_dataset_still_names_the_same_harvest(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """A resume needs the tokens on disk, not the text."""
+    monkeypatch.chdir(tmp_path)
+    Path("docs.txt").write_bytes(text_file.read_bytes())
+    cfg = tiny_cfg(tiny_model_dir, Path("docs.txt"), Path("h"), hooks=HOOKS[:1], rows=620)
+    run_harvest(cfg)
+    Path("docs.txt").unlink()
+    assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
+
+
+def test_a_full_disk_while_writing_tokens_says_so(tiny_model_dir, text_file, tmp_path, capsys):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, mnt / "h"))) == 2
+        assert "no space left" in _one_line_error(capsys).lower()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])

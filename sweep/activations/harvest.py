@@ -36,7 +36,7 @@ import torch
 
 from sweep import launcher
 from sweep.activations import lm, text
-from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter
+from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, write_npy
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
 from sweep.devices import release_device_memory, torch_dtype
 from sweep.errors import StoreError, SweepError
@@ -149,7 +149,8 @@ def harvest_params(cfg: HarvestConfig) -> dict:
     """The values that define a harvest (recorded in harvest-params.json and the manifest)."""
     params = {k: getattr(cfg, k) for k in _DEFINING}
     params["model"] = lm.model_ref(cfg.model)
-    params["dataset"] = lm.model_ref(cfg.dataset) if text.is_local(cfg.dataset) else cfg.dataset
+    local = text.is_local(cfg.dataset)  # absolute even once removed (tokens need it no more)
+    params["dataset"] = str(Path(cfg.dataset).expanduser().resolve()) if local else cfg.dataset
     params["hooks"] = list(cfg.hooks)
     return params
 
@@ -176,11 +177,13 @@ def harvest_with_stats(
     cfg: HarvestConfig, model: Any = None, in_process: bool = True
 ) -> tuple[dict[str, ChunkStore], list[ShardResult]]:
     """:func:`run_harvest`, also returning what each shard did (timings; [] if already complete)."""
+    cfg = _absolute(cfg)
     params = harvest_params(cfg)
-    root = _prepare_dir(cfg, params)
-    if _complete(cfg, params):
+    root = _check_dir(cfg, params)
+    if _complete(cfg, params):  # read only: a complete store on a read-only disk is fine
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
+    _prepare_dir(cfg, root)
     plan = HarvestPlan.of(cfg)
     docs = (
         None
@@ -210,14 +213,23 @@ def harvest_with_stats(
     return _finalize(cfg, plan, params, results), results
 
 
-def _prepare_dir(cfg: HarvestConfig, params: dict) -> Path:
-    """Refuse a store_dir holding something else; make sure it can be written."""
-    root = _check_dir(cfg, params)
+def _absolute(cfg: HarvestConfig) -> HarvestConfig:
+    """``cfg`` with its store_dir and a local model as absolute paths (shard tasks may run in
+    another working directory, on another node of a shared filesystem)."""
+    return replace(
+        cfg,
+        store_dir=str(Path(cfg.store_dir).expanduser().absolute()),
+        model=lm.model_ref(cfg.model),
+    )
+
+
+def _prepare_dir(cfg: HarvestConfig, root: Path) -> None:
+    """Make sure store_dir (checked by :func:`_check_dir`) can be written; drop the temp files
+    of writes killed midway (no shard runs yet)."""
     ensure_writable(root, "store_dir")
     for folder in [root, *(store_path(cfg, h) for h in cfg.hooks)]:
         if folder.is_dir():
-            remove_stale_temps(folder)  # of writes killed midway (no shard runs yet)
-    return root
+            remove_stale_temps(folder)
 
 
 def _check_dir(cfg: HarvestConfig, params: dict) -> Path:
@@ -232,16 +244,29 @@ def _check_dir(cfg: HarvestConfig, params: dict) -> Path:
                 f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"
             ) from err
         diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
-        if diff:
+        if diff and any(root.rglob("chunk_*.npy")):
             raise StoreError(
                 f"store_dir {root} holds a harvest made with different settings ({', '.join(diff)}); "
                 "use the same values to resume it, or another store_dir"
             )
-    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        if diff:  # e.g. a hook refused after tokenising: nothing harvested yet, start over
+            log.warning(
+                "store_dir %s holds a harvest begun with other settings (%s) that wrote no "
+                "chunks; starting it over",
+                root,
+                ", ".join(diff),
+            )
+    elif root.exists() and (not root.is_dir() or any(map(_not_temp, root.iterdir()))):
         raise StoreError(
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )
     return root
+
+
+def _not_temp(path: Path) -> bool:
+    """Not the leftover of a write (or a write probe) killed midway."""
+    leftover = path.name.endswith(".tmp") or path.name.startswith(".write-probe.")
+    return not (path.name.startswith(".") and leftover)
 
 
 def _complete(cfg: HarvestConfig, params: dict) -> bool:
@@ -261,6 +286,11 @@ def _has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     """Whether a resumed harvest's token stream is already on disk (and intact)."""
     path = root / TOKENS_FILE
     if not (path.is_file() and (root / PARAMS_FILE).is_file()):
+        return False
+    try:
+        if json.loads((root / PARAMS_FILE).read_text()) != harvest_params(cfg):
+            return False  # begun with other settings (see _check_dir): tokenise again
+    except (OSError, ValueError):
         return False
     try:
         return np.load(path, mmap_mode="r").shape == (
@@ -289,8 +319,9 @@ def _token_stream(
         )
     except text.NotEnoughText as err:
         raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
+    (root / TOKENS_FILE).unlink(missing_ok=True)  # never beside params it was not made with
     atomic_write_json(root / PARAMS_FILE, params)
-    atomic_write(root / TOKENS_FILE, lambda f: np.save(f, tokens, allow_pickle=False))
+    atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
 
 
 def _too_short(cfg: HarvestConfig, plan: HarvestPlan, available: int) -> str:
@@ -300,7 +331,9 @@ def _too_short(cfg: HarvestConfig, plan: HarvestPlan, available: int) -> str:
     held = f" after lm_eval_tokens={cfg.lm_eval_tokens} held out" if plan.eval_contexts else ""
     return (
         f"rows={cfg.rows} is more than dataset {cfg.dataset} can provide: its {available} tokens give at most "
-        f"{max_rows} rows at context={cfg.context}{held}; lower rows to {max_rows} or use more text"
+        f"{max_rows} rows at context={cfg.context}{held}; "
+        + (f"lower rows to {max_rows}" if max_rows else "lower lm_eval_tokens")
+        + " or use more text"
     )
 
 
@@ -421,7 +454,7 @@ def _finalize(
             raise StoreError(
                 f"harvest into {path} is missing {len(missing)} chunk(s); re-run the same command to finish it"
             )
-        atomic_write(path / EVAL_TOKENS_FILE, lambda f: np.save(f, eval_tokens, allow_pickle=False))
+        atomic_write(path / EVAL_TOKENS_FILE, lambda f: write_npy(f, eval_tokens))
         writer.finalize(plan.n_chunks, provenance(cfg, plan, params, h, results))
         stores[h] = ChunkStore(path)
         log.info("harvested %s: %d rows of width %d into %s", h, cfg.rows, stores[h].width, path)
@@ -501,12 +534,20 @@ def _run_shards(cfg: HarvestConfig, plan: HarvestPlan) -> list[ShardResult]:
     with launcher.ray_session(cfg.launch):
         gpus = ray.cluster_resources().get("GPU", 0)
         on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+        if on_gpu and not gpus:  # Ray would wait forever for a GPU
+            raise StoreError(
+                "device=cuda but the Ray cluster has no GPUs; harvest with device=cpu, or on "
+                "a cluster whose nodes have GPUs"
+            )
         n = min(cfg.shards or max(1, int(gpus)), plan.n_groups)
         quiet = replace(cfg, progress=False)
         jobs = {s: (quiet, plan, plan.shard_groups(s, n)) for s in range(n)}
         cpus = cfg.launch.cpus_per_ensemble or 1
         refs = launcher.submit(_shard_task, jobs, cpus, 1 if on_gpu else 0, cfg.launch.max_retries)
         done = list(launcher.drain(refs))
+    refused = [f.cause for f in done if isinstance(f.cause, SweepError)]
+    if refused:  # bad input (a hook the model has no such activation for): its own line
+        raise refused[0]
     failures = [f.error for f in done if f.error is not None]
     if failures:
         raise SweepError(

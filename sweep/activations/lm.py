@@ -28,9 +28,10 @@ _EMBED_PREFIXES = ("hook_embed", "hook_pos_embed", "hook_tokens", "embed.", "pos
 
 
 def model_ref(name: str) -> str:
-    """How a model is recorded in provenance: an absolute path for a local folder, else the name."""
+    """How a model is recorded in provenance: an absolute path for a local folder (also one
+    since removed, if its name says it is a path), else the name."""
     p = Path(name).expanduser()
-    return str(p.resolve()) if p.exists() else name
+    return str(p.resolve()) if p.exists() or name.startswith((".", "/", "~")) else name
 
 
 def check_model_folder(name: str) -> None:

@@ -95,7 +95,7 @@ def chunk_stats(x: torch.Tensor) -> dict | None:
     return {"rows": n, "sum": sums, "sum_sq": sum_sq, "sum_norm": float(norms)}
 
 
-def _write_npy(f: BinaryIO, arr: np.ndarray) -> str:
+def write_npy(f: BinaryIO, arr: np.ndarray) -> str:
     """Write ``arr`` to ``f`` byte for byte as ``np.save`` does (a version 1.0 header, then
     the data in C order), hashing each block before writing it; returns the sha256."""
     header = io.BytesIO()
@@ -203,7 +203,7 @@ class StoreWriter:
         target = self.path / chunk_name(index)
         digest: list[str] = []
         try:
-            atomic_write(target, lambda f: digest.append(_write_npy(f, arr)))
+            atomic_write(target, lambda f: digest.append(write_npy(f, arr)))
             atomic_write_json(target.with_suffix(".json"), {**stats, "sha256": digest[0]})
         except OSError as err:
             raise StoreError(
