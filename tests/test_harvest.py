@@ -541,3 +541,22 @@ def test_a_full_disk_while_writing_tokens_says_so(tiny_model_dir, text_file, tmp
         assert "no space left" in _one_line_error(capsys).lower()
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_chunks_lost_from_a_complete_harvest_are_harvested_again(
+    tiny_model_dir, text_file, tmp_path, caplog
+):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h")
+    run_harvest(cfg)
+    clean = _snapshot(tmp_path / "h")
+    a, b = (tmp_path / "h" / h for h in HOOKS)
+    identity = [ChunkStore(a).identity, ChunkStore(b).identity]  # what sweeps on it recorded
+    (a / chunk_name(3)).unlink()
+    (b / chunk_name(1)).write_bytes((b / chunk_name(1)).read_bytes()[:100])
+    kept = (a / chunk_name(0)).stat().st_mtime_ns
+    with caplog.at_level("WARNING", logger="sweep.activations.harvest"):
+        stores = run_harvest(cfg)
+    assert "1 damaged chunk(s)" in caplog.text and "harvesting them again" in caplog.text
+    assert _snapshot(tmp_path / "h") == clean
+    assert (a / chunk_name(0)).stat().st_mtime_ns == kept  # only the lost ones were written
+    assert [stores[h].identity for h in HOOKS] == identity

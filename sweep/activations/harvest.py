@@ -36,7 +36,7 @@ import torch
 
 from sweep import launcher
 from sweep.activations import lm, text
-from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, write_npy
+from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, chunk_name, write_npy
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
 from sweep.devices import release_device_memory, torch_dtype
 from sweep.errors import StoreError, SweepError
@@ -180,7 +180,7 @@ def harvest_with_stats(
     cfg = _absolute(cfg)
     params = harvest_params(cfg)
     root = _check_dir(cfg, params)
-    if _complete(cfg, params):  # read only: a complete store on a read-only disk is fine
+    if _complete(cfg, params) and not _reopen_damaged(cfg):  # a read-only disk is fine here
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
     _prepare_dir(cfg, root)
@@ -211,6 +211,36 @@ def harvest_with_stats(
         results = _run_shards(cfg, plan)
     _log_timing(results)
     return _finalize(cfg, plan, params, results), results
+
+
+def _reopen_damaged(cfg: HarvestConfig) -> bool:
+    """Whether a complete harvest lost chunks (missing, truncated: hours of work on a real
+    model that need not be redone): those chunks' files and their stores' manifests are
+    removed, so the harvest resumes and writes just them again, bit for bit."""
+    damaged = {h: _damaged(store_path(cfg, h)) for h in cfg.hooks}
+    for hook, bad in damaged.items():
+        if not bad:
+            continue
+        path = store_path(cfg, hook)
+        first = next(iter(bad.values()))
+        log.warning(
+            "harvest store %s has %d damaged chunk(s) (%s); harvesting them again",
+            path,
+            len(bad),
+            first,
+        )
+        (path / MANIFEST).unlink()
+        for i in bad:
+            for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
+                part.unlink(missing_ok=True)
+    return any(damaged.values())
+
+
+def _damaged(path: Path) -> dict[int, str]:
+    try:
+        return ChunkStore(path, check_files=False).damaged_chunks()
+    except StoreError:
+        return {}  # a damaged manifest: ChunkStore says so, in one line
 
 
 def _absolute(cfg: HarvestConfig) -> HarvestConfig:
@@ -579,7 +609,9 @@ def harvested_store(data: Any, path: str | Path, launch: LaunchConfig) -> ChunkS
     cfg = _sweep_harvest(data, path, launch, progress=False)
     params = harvest_params(cfg)
     _check_dir(cfg, params)
-    return ChunkStore(store_path(cfg, data.hook)) if _complete(cfg, params) else None
+    if not _complete(cfg, params) or _damaged(store_path(cfg, data.hook)):
+        return None  # (a run harvests it, or its damaged chunks, first)
+    return ChunkStore(store_path(cfg, data.hook))
 
 
 def _sweep_harvest(

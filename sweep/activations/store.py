@@ -273,9 +273,10 @@ def nonfinite_error(path: Path) -> StoreError:
 
 
 class ChunkStore:
-    """A complete chunk store on disk, validated on open."""
+    """A complete chunk store on disk, validated on open (``check_files=False``: its manifest
+    only, for :meth:`damaged_chunks`)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, check_files: bool = True) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
@@ -309,8 +310,18 @@ class ChunkStore:
             raise StoreError(
                 f"chunk store {self.path} has non-finite statistics (NaN in its data); regenerate it"
             )
-        for i, _ in enumerate(self.chunks):
+        for i in range(len(self.chunks)) if check_files else ():
             self._check_file(i)
+
+    def damaged_chunks(self) -> dict[int, str]:
+        """Chunks missing, truncated or of the wrong shape (not hashed): index -> the problem."""
+        out = {}
+        for i in range(len(self.chunks)):
+            try:
+                self._check_file(i)
+            except StoreError as err:
+                out[i] = str(err)
+        return out
 
     @property
     def provenance(self) -> dict:
