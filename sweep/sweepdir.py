@@ -305,10 +305,12 @@ class SweepFolder:
         for rid in self.run_ids() if ids is None else ids:
             folder = self.run(rid)
             state = folder.state()
+            # with no driver, a pending run's curve is of work it will redo (no checkpoint kept it)
+            stale = state is RunState.PENDING and not live
+            last = {} if state.final or stale else folder.last_curve()
             if live and state.resumable:
                 state = RunState.RUNNING
             metrics = folder.metrics()
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
-            last = {} if state.final else folder.last_curve()
             records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note))
         return records

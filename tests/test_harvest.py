@@ -554,6 +554,8 @@ def test_chunks_lost_from_a_complete_harvest_are_harvested_again(
     (a / chunk_name(3)).unlink()
     (b / chunk_name(1)).write_bytes((b / chunk_name(1)).read_bytes()[:100])
     kept = (a / chunk_name(0)).stat().st_mtime_ns
+    with pytest.raises(StoreError, match="missing; re-run the 'sweep harvest' command"):
+        ChunkStore(a)  # what a data=chunks sweep on it says
     with caplog.at_level("WARNING", logger="sweep.activations.harvest"):
         stores = run_harvest(cfg)
     assert "1 damaged chunk(s)" in caplog.text and "harvesting them again" in caplog.text

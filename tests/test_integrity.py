@@ -168,6 +168,10 @@ def test_a_run_being_trained_again_does_not_load_its_old_weights(copy):
     (folder / rundir.DONE).unlink()  # what a re-run does before training a damaged run again
     with pytest.raises(SweepError, match="is not finished"):
         sweep.load_run(folder)
+    from sweep.status import status_rows
+
+    (row,) = [r for r in status_rows(copy) if r["run_id"] == folder.name]
+    assert (row["state"], row["rows_trained"]) == ("pending", 0)  # its old curve is redone
 
 
 # ------------------------------------------------------------------ 3. store identity

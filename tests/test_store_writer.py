@@ -70,7 +70,7 @@ def test_a_failed_background_write_is_raised_on_the_caller_thread(tmp_path, monk
     def no_space(f, arr):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_mod, "_write_npy", no_space)
+    monkeypatch.setattr(store_mod, "write_npy", no_space)
     w = StoreWriter(tmp_path, 8, "float16", 100, threads=1)
     w.write_chunk(0, torch.randn(100, 8))  # handed over: the failure comes later
     with pytest.raises(StoreError, match="cannot write chunk .*No space left") as err:

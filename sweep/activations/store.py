@@ -349,25 +349,28 @@ class ChunkStore:
         info = self.chunks[index]
         f = self.path / info["file"]
         if not f.is_file():
-            raise StoreError(
-                f"chunk store {self.path}: {info['file']} is missing; regenerate the store"
-            )
+            raise StoreError(f"chunk store {self.path}: {info['file']} is missing; {self._repair}")
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
-            raise StoreError(
-                f"chunk {f} is truncated or corrupt ({err}); regenerate the store"
-            ) from err
+            raise StoreError(f"chunk {f} is truncated or corrupt ({err}); {self._repair}") from err
         if arr.shape != (info["rows"], self.width) or arr.dtype != numpy_dtype(self.dtype):
             raise StoreError(
                 f"chunk {f} has shape {arr.shape} {arr.dtype}, manifest says "
-                f"({info['rows']}, {self.width}) {self.dtype}; the store is damaged, regenerate it"
+                f"({info['rows']}, {self.width}) {self.dtype}; the store is damaged, {self._repair}"
             )
         if not arr.flags.c_contiguous:  # read_into copies raw bytes as rows
             raise StoreError(
                 f"chunk {f} is stored column-major (Fortran order); save it row-major "
                 "(np.save(path, np.ascontiguousarray(a))) or regenerate the store"
             )
+
+    @property
+    def _repair(self) -> str:
+        """How a lost chunk comes back: a harvest re-run writes just the lost ones again."""
+        if self.provenance.get("source") == "harvest":
+            return "re-run the 'sweep harvest' command that made it (it harvests lost chunks again)"
+        return "regenerate the store"
 
     def scale(self, normalize: bool) -> float:
         """The constant that makes the mean row norm sqrt(width) (1.0 when not normalising)."""
