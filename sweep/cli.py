@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError
 
 from sweep.config import ConfigError, SweepConfig, register_configs, to_sweep_config
 from sweep.errors import SweepError, os_error_message
@@ -124,6 +125,11 @@ def _run(cfg: SweepConfig) -> int:
     return 0
 
 
+CONFIG_GROUPS = ("data", "sae", "grid", "train", "launch", "logger")
+"""The config groups (``sweep/configs/<group>/``): a choice among their options composes a
+config, which a saved sweep no longer is."""
+
+
 def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides."""
     from sweep.sweepdir import SweepFolder
@@ -138,8 +144,18 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     data = OmegaConf.create(with_legacy(plain))  # a field added since: as the sweep ran
     choice = [f"data={data.data.name}", f"sae={data.sae.name}"]
     base = compose(choice + [f"sweep_dir={sweep_dir}"])
+    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in CONFIG_GROUPS]
+    if groups:
+        raise ConfigError(
+            f"sweep resume takes field overrides (like train.log_every=10), not '{groups[0]}'; "
+            "pass the sweep's settings with that choice to 'sweep run' instead"
+        )
     try:
         merged = OmegaConf.merge(base, data, OmegaConf.from_dotlist(overrides))
+    except ConfigKeyError as err:
+        raise ConfigError(
+            f"unknown config field '{err.full_key}'; run 'sweep run --cfg job' to list the fields"
+        ) from err
     except Exception as err:
         raise ConfigError(_hydra_message(err)) from err
     merged.sweep_dir = sweep_dir

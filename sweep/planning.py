@@ -146,18 +146,35 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
-    """Refuse a config whose run-defining fields differ from the sweep already in ``folder``."""
+    """Refuse a config whose run-defining fields differ from the sweep already in ``folder``
+    (its config.yaml; when that was deleted, what its started runs recorded)."""
+    new: dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
     old = folder.load_config()
-    if old is None:
-        return
-    new = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    diffs = _differences(with_legacy(old), new)  # type: ignore[arg-type]
+    if old is not None:
+        diffs = _differences(with_legacy(old), new)
+    else:
+        recorded = next(iter(folder.recorded_specs().values()), None)
+        diffs = [] if recorded is None else _differences(*_as_config(recorded, new))
     if diffs:
         raise RunDirError(
             f"sweep_dir {folder.path} holds a sweep with different settings ({'; '.join(diffs)}); "
-            f"use a new sweep_dir, restore those values, or `sweep resume {folder.path}` to "
-            "continue with the recorded ones"
+            f"use a new sweep_dir, restore those values, or `sweep resume {folder.path}` with no "
+            "overrides to continue with the recorded ones"
         )
+
+
+def _as_config(spec: dict, new: dict) -> tuple[dict, dict]:
+    """A run's ``spec.json`` and a config, as the groups :func:`_differences` compares: the
+    run's train group, its data group's fields, and of the sae group what a run records
+    (name, recipe)."""
+    old = {"data": spec.get("data", {}), "train": spec.get("train", {})}
+    old["sae"] = {"name": spec.get("sae"), "recipe": spec.get("recipe")}
+    data, sae = new.get("data", {}), new.get("sae", {})
+    return old, {
+        **new,
+        "data": {k: data.get(k) for k in old["data"]},
+        "sae": {k: sae.get(k) for k in old["sae"]},
+    }
 
 
 def check_device(cfg: SweepConfig) -> None:
@@ -195,6 +212,15 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
             f"({'; '.join(diffs) or 'same settings, different contents'}); use a new sweep_dir "
             f"for this store, or point data.path at {recorded.get('path')}"
         )
+    if recorded is None:  # the manifest was deleted: what the started runs recorded
+        ids = {s.get("store_id") for s in folder.recorded_specs().values()} - {None}
+        if ids - {store.identity}:
+            raise SweepError(
+                f"store {store.path} is not the store the runs in {folder.path} were trained on "
+                f"(their spec.json record store {', '.join(sorted(ids))}, this one is "
+                f"{store.identity}); use a new sweep_dir for this store, or point data.path at "
+                "the store they name"
+            )
     width = folder.recorded_width()
     if width is not None and width != store.width:
         raise SweepError(
@@ -277,6 +303,31 @@ def _fix(knob: str) -> str:
     return "lower grid.k or raise grid.dict_ratio" if knob == "k" else f"change grid.{knob}"
 
 
+def _warn_left_behind(
+    folder: SweepFolder, groups: list[list[RunSpec]], pending: set[str], knob: str
+) -> None:
+    """A resumed ensemble whose unfinished members are no longer in the grid resumes without
+    them, which costs bit-identity (every member shapes the shared step): say so, and how to
+    keep them together."""
+    previous = folder.previous_ensembles()
+    for group in groups:
+        ens = previous.get(group[0].run_id)
+        gone = sorted(
+            rid
+            for rid, e in previous.items()
+            if e == ens and rid not in pending and not folder.run(rid).is_done()
+        )
+        if ens is not None and gone:
+            log.warning(
+                "runs %s trained as one ensemble with %s, which the grid no longer holds: "
+                "they resume without it and will not be bit-identical to an uninterrupted "
+                "sweep (put its grid.%s value back to resume them together)",
+                ", ".join(r.run_id for r in group),
+                ", ".join(gone),
+                knob,
+            )
+
+
 def _split_loudly(parts: list[EnsembleSpec], learned: dict[float, int]) -> list[EnsembleSpec]:
     """A resumed ensemble's parts: more than one only when the memory budget shrank (a smaller
     device share, a newer memory model, or a limit learned from an out-of-memory ensemble),
@@ -334,6 +385,7 @@ def plan(
     final = [r for r in runs if is_final(folder.run(r.run_id), tidy)]
     todo = [r for r in runs if r not in final]
     groups, kept, fresh = resume_groups(folder, todo)
+    _warn_left_behind(folder, groups, {r.run_id for r in todo}, cfg.sae.knob)
     learned = learned_limits(cfg, folder, {r.dict_ratio for r in todo})
 
     def budget(ratio: float) -> int:

@@ -190,9 +190,22 @@ class SweepFolder:
             ) from err
 
     def previous_ensembles(self) -> dict[str, str]:
-        """run_id -> the ensemble it last trained in (runs never planned are absent)."""
+        """run_id -> the ensemble it last trained in (runs never planned are absent); from the
+        manifest, else (it was deleted) from what the run recorded when it started."""
         runs = self.manifest().get("runs", {})
-        return {rid: e["ensemble"] for rid, e in runs.items() if "ensemble" in e}
+        specs = self.recorded_specs()
+        out = {rid: s["ensemble"] for rid, s in specs.items() if "ensemble" in s}
+        out.update({rid: e["ensemble"] for rid, e in runs.items() if "ensemble" in e})
+        return out
+
+    def recorded_specs(self) -> dict[str, dict]:
+        """run_id -> ``spec.json`` of every run folder that has one: what each started run
+        trained with (what a re-run is checked against when config.yaml or the manifest
+        is gone)."""
+        root = self.path / "runs"
+        folders = sorted(root.iterdir()) if root.is_dir() else []
+        specs = {f.name: RunFolder(f).spec() for f in folders if f.is_dir()}
+        return {rid: s for rid, s in specs.items() if s}
 
     def recorded_width(self) -> int | None:
         return self.manifest().get("width")

@@ -126,6 +126,7 @@ class _Attempt:
             if self.job.data is not None:
                 spec["data"] = asdict(self.job.data)
             spec.update(
+                ensemble=self.job.ensemble.ensemble_id,
                 sweep_dir=self.job.sweep_dir,
                 store=str(self.store.path),
                 store_id=self.store.identity,

@@ -226,6 +226,21 @@ def test_schedule_changes_are_refused_on_resume(copy, field, capsys):
     assert main(["resume", str(copy)]) == 0  # the hint works: the recorded settings
 
 
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lr=0.5", ("different settings", "with no overrides")),
+        ("train.lrr=1", ("unknown config field 'train.lrr'", "--cfg job")),
+        ("sae=topk", ("takes field overrides", "not 'sae=topk'", "'sweep run'")),
+    ],
+)
+def test_resume_with_a_bad_override_is_one_line(copy, override, words, capsys):
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert main(["resume", str(copy), override]) == 2
+    one_line_error(capsys.readouterr().err, *words)
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 def test_every_train_field_is_classified():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     defining, free = set(planning.DEFINING["train"]), set(planning.FREE["train"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from sweep import checkpoints, grid, load_run, metrics, planning, rundir
+from sweep.activations.store import ChunkStore
 from sweep.cli import compose
 from sweep.config import SAEConfig, to_sweep_config
 from sweep.errors import SweepError
@@ -696,3 +698,66 @@ def test_the_progress_bar_starts_where_each_ensemble_continues(tiny_store, tmp_p
     me = SimpleNamespace(cfg=cfg, folder=folder, plan=SimpleNamespace(ensembles=two + one))
     seeded = execution.Execution._rows_trained(me)  # type: ignore[arg-type]
     assert seeded == {runs[0].run_id: 2560, runs[1].run_id: 2560, runs[2].run_id: 0}
+
+
+def cut_pair(store, tmp_path):
+    """Two runs trained as one ensemble: finished in ``ref``, stopped at step 20 in ``cut``."""
+    runs = grid.expand([1e-3, 3e-2], [2.0], 1, store.width, "untied")
+    ens = grid.EnsembleSpec("r2-e0", 2.0, runs[0].dict_size, tuple(runs))
+    for name in ("ref", "cut"):
+        (tmp_path / name).mkdir()
+        recorded = {r.run_id: ens.ensemble_id for r in runs}
+        SweepFolder(tmp_path / name).write_manifest([r.as_dict() for r in runs], recorded, store)
+    train_ensemble(spec_job(store, tmp_path / "ref", ens))
+    train_ensemble(spec_job(store, tmp_path / "cut", ens), should_stop=stop_after(20))
+    return runs, tmp_path / "cut"
+
+
+def pair_cfg(sweep_dir, l1s: str = "1e-3,3e-2", *extra: str):
+    overrides = [f"sweep_dir={sweep_dir}", f"grid.l1=[{l1s}]", "grid.dict_ratio=[2]"]
+    train = ["train.batch_size=256", "train.lr=1e-2"]
+    return to_sweep_config(compose([*overrides, "grid.seeds=1", *train, *extra]))
+
+
+def test_a_deleted_manifest_loses_neither_the_ensembles_nor_the_store_check(tiny_store, tmp_path):
+    """What a damaged manifest's message says to do (delete it, re-run): the runs' spec.json
+    still say which ensemble each trained in and on which store."""
+    runs, cut = cut_pair(tiny_store, tmp_path)
+    (cut / "manifest.json").unlink()
+    p = planning.plan(pair_cfg(cut), tiny_store.width, 1e12, on_gpu=False)
+    assert [(e.ensemble_id, e.members) for e in p.ensembles] == [("r2-e0-resume", tuple(runs))]
+    other = tmp_path / "other"
+    shutil.copytree(tiny_store.path, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["provenance"] = {**manifest["provenance"], "seed": 7}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SweepError, match="is not the store the runs in .* were trained on"):
+        planning.check_store(SweepFolder(cut), ChunkStore(other))
+    planning.check_store(SweepFolder(cut), tiny_store)
+    train_ensemble(spec_job(tiny_store, cut, p.ensembles[0]))
+    for r in runs:
+        assert digest(rundir.run_dir(cut, r.run_id)) == digest(
+            rundir.run_dir(tmp_path / "ref", r.run_id)
+        )
+
+
+def test_a_deleted_config_still_refuses_other_settings(tiny_store, tmp_path):
+    _, cut = cut_pair(tiny_store, tmp_path)
+    assert not (cut / "config.yaml").exists()  # as after deleting a damaged one
+    planning.check_compatible(SweepFolder(cut), pair_cfg(cut, "1e-3,3e-2", "train.log_every=3"))
+    with pytest.raises(SweepError, match=r"different settings \(train.lr 0.01 -> 0.001\)"):
+        planning.check_compatible(SweepFolder(cut), pair_cfg(cut, "1e-3,3e-2", "train.lr=1e-3"))
+
+
+def test_a_partial_ensembles_member_dropped_from_the_grid_is_warned_about(
+    tiny_store, tmp_path, caplog
+):
+    runs, cut = cut_pair(tiny_store, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="sweep.planning"):
+        p = planning.plan(pair_cfg(cut, "1e-3"), tiny_store.width, 1e12, on_gpu=False)
+    assert [e.members for e in p.ensembles] == [(runs[0],)]
+    assert (
+        f"runs {runs[0].run_id} trained as one ensemble with {runs[1].run_id}, which the grid "
+        "no longer holds" in caplog.text
+    )
+    assert "put its grid.l1 value back" in caplog.text
