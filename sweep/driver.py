@@ -70,6 +70,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
 
     A run refused before training (bad store, changed settings, a stop) writes nothing into
     an existing sweep folder, and leaves no new one behind."""
+    SweepFolder(cfg.sweep_dir).refuse_store()
     new_folder = _create(Path(cfg.sweep_dir))
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome = Outcome()
@@ -132,6 +133,7 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
 
 def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     """What refuses a run before its store is made (``sweep run --plan`` refuses it too)."""
+    folder.refuse_store()
     planning.check_device(cfg)
     planning.check_compatible(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):

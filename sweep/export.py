@@ -87,14 +87,14 @@ def saelens_cfg(cfg: dict, extra: dict | None = None) -> dict:
 
 
 def _sparsity(arch: archs.Architecture, cfg: dict) -> dict:
-    """The run's sparsity setting under SAELens's training-config name: ``k``; JumpReLU's L0
-    coefficient in SAELens's units (ours is per dimension: times ``d_in``); else the L1."""
+    """The run's sparsity setting under SAELens's training-config name: ``k``, or the L0
+    (JumpReLU) or L1 coefficient in SAELens's units — its MSE sums over dimensions where ours
+    averages, so its coefficient is ours times ``d_in`` — beside ours (``sweep_l1``)."""
     if arch.knob == "k":
         return {"k": cfg.get("k")}
     l1 = cfg.get("l1")
-    if arch.l0_penalty:
-        return {"l0_coefficient": None if l1 is None else l1 * int(cfg["d_in"])}
-    return {"l1_coefficient": l1}
+    name = "l0_coefficient" if arch.l0_penalty else "l1_coefficient"
+    return {name: None if l1 is None else l1 * int(cfg["d_in"]), "sweep_l1": l1}
 
 
 def export_run(run_folder: str | Path, out: str | Path) -> Path:
@@ -155,8 +155,10 @@ def _write(model: SAE, out: str | Path) -> Path:
     saved = {**dict(model.named_buffers()), "b_enc": model.b_enc.detach()}
     tensors, fields = model.arch.saelens_form(saved, model.k)
     weights.update({k: v.contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
+    # cfg.json first: it marks the folder as an export (one killed before its weights is
+    # replaced by the next export; weights alone would be a foreign file)
     atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg, fields))
+    atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
     return out
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweep.activations.store import FORMAT as STORE_FORMAT
+from sweep.activations.store import MAKING as STORE_MAKING
 from sweep.activations.store import ChunkStore
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
@@ -161,6 +162,15 @@ class SweepFolder:
         self._refuse_store(manifest)
         return manifest if isinstance(manifest, dict) else {}
 
+    def refuse_store(self) -> None:
+        """A chunk store's folder, complete or being made, is no sweep folder (a sweep there
+        would overwrite its manifest): one line, before anything is written."""
+        making = [n for n in STORE_MAKING if (self.path / n).is_file()]
+        if making or any(self.path.glob("chunk_*.npy")):
+            self._refuse_store({"format": STORE_FORMAT})
+        if (self.path / MANIFEST).is_file():
+            self.manifest()
+
     def _refuse_store(self, manifest: object) -> None:
         """A chunk store's folder is no sweep folder (and must never get a sweep's manifest)."""
         if isinstance(manifest, dict) and manifest.get("format") == STORE_FORMAT:
@@ -235,16 +245,18 @@ class SweepFolder:
         ``grid.max_members`` is set)."""
         limits = self.manifest().get(LIMITS, {})
         try:
-            out = {float(ratio): int(n) for ratio, n in limits.items()}
+            out = {float(ratio): n for ratio, n in limits.items()}
         except (AttributeError, TypeError, ValueError) as err:
             raise SweepError(
                 f"{self.path / MANIFEST}'s {LIMITS!r} is damaged ({type(err).__name__}); delete "
                 f"that key (the limits are learned again) or set each to a member count"
             ) from err
-        if any(n < 1 for n in out.values()):
+        counts = all(type(n) is int and n >= 1 for n in out.values())  # not bool, 2.7, inf
+        if not counts:
             raise SweepError(
-                f"{self.path / MANIFEST}'s {LIMITS!r} holds a count below 1; delete that key "
-                "(the limits are learned again) or set each to a member count"
+                f"{self.path / MANIFEST}'s {LIMITS!r} holds a value that is no member count "
+                "(a whole number >= 1); delete that key (the limits are learned again) or set "
+                "each to a member count"
             )
         return out
 
@@ -305,7 +317,9 @@ class SweepFolder:
         (each plan drops it: none means the last driver died before recording its outcome)."""
         if self.driver_alive():
             return "running"
-        return self.manifest().get("state", "stopped: its driver died; re-run it to continue")
+        return self.manifest().get(
+            "state", "stopped: its last driver ended without an outcome; re-run it to continue"
+        )
 
     # ------------------------------------------------------------------------- runs
 

@@ -147,6 +147,13 @@ def test_a_folder_it_did_not_write_is_never_exported_into(small_sweep, tmp_path,
     assert main(["export", str(sw), "--to", "saelens", str(out)]) == 0
 
 
+def test_an_export_killed_between_its_files_is_replaced_by_the_next(small_sweep, tmp_path):
+    out = tmp_path / "out"
+    export_sweep(small_sweep, out)
+    (out / "r2-l1_3e-02-s0" / "sae_weights.safetensors").unlink()  # killed before the weights
+    assert len(export_sweep(small_sweep, out)) == 2
+
+
 def test_a_diverged_run_is_never_exported(small_sweep, tmp_path, capsys):
     sw = shutil.copytree(small_sweep, tmp_path / "sw")
     done = rundir.run_dir(sw, "r2-l1_3e-02-s0") / rundir.DONE
@@ -270,16 +277,16 @@ def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_p
     assert cfg["metadata"]["training_architecture"] == arch.split("-")[0]
     if arch == "topk":
         assert cfg["k"] == 3
-    sparsity = {
-        k: v for k, v in cfg["metadata"].items() if k in ("k", "l1_coefficient", "l0_coefficient")
-    }
+    names = ("k", "l1_coefficient", "l0_coefficient", "sweep_l1")
+    sparsity = {k: v for k, v in cfg["metadata"].items() if k in names}
+    d = tiny_store.width  # SAELens's MSE sums over dimensions, ours averages
     assert (
         sparsity
-        == {  # SAELens's training-config names; its L0 coefficient is ours x d_in
+        == {
             "topk": {"k": 3},
             "batchtopk": {"k": 3},
-            "jumprelu": {"l0_coefficient": pytest.approx(1e-3 * tiny_store.width)},
-            "untied-weighted": {"l1_coefficient": 1e-2},
+            "jumprelu": {"l0_coefficient": pytest.approx(1e-3 * d), "sweep_l1": 1e-3},
+            "untied-weighted": {"l1_coefficient": pytest.approx(1e-2 * d), "sweep_l1": 1e-2},
         }[arch]
     )
     ours, x = sweep.load_run(str(arch_runs[arch])), raw_rows(str(tiny_store.path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -471,29 +472,25 @@ def test_a_complete_harvest_needs_no_write_access(tiny_model_dir, text_file, tmp
     assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
 
 
-def test_a_hook_refused_after_tokenising_does_not_lock_the_store_dir(
-    tiny_model_dir, text_file, tmp_path
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_hook_without_per_token_rows_is_refused_before_anything_is_written(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, capsys, shards
 ):
-    """The attention pattern passes the name check but not the shape probe, which runs after
-    the token stream is written: the corrected command starts the harvest over."""
+    """The attention pattern passes the name check but not the shape probe, which runs on a
+    dummy context before the token stream fixes the harvest's settings (in a Ray task when
+    sharded, as the model is not loaded here), so the corrected command just runs."""
     bad = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=["blocks.0.attn.hook_pattern"])
-    with pytest.raises(SweepError):
-        run_harvest(bad)
-    assert (tmp_path / "h" / harvest.PARAMS_FILE).is_file()
-    run_harvest(replace(bad, hooks=list(HOOKS)))
-    run_harvest(tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean"))
-    assert _snapshot(tmp_path / "h") == _snapshot(tmp_path / "clean")
-
-
-def test_a_shards_bad_input_is_its_own_line(
-    ray_cluster, tiny_model_dir, text_file, tmp_path, capsys
-):
-    cfg = tiny_cfg(
-        tiny_model_dir, text_file, tmp_path / "h", shards=2, hooks=["blocks.1.hook_resid_pst"]
+    assert main([*cli_args(bad), f"shards={shards}"]) == 2
+    assert "choose a per-token hook" in _one_line_error(capsys)
+    assert not (tmp_path / "h" / harvest.PARAMS_FILE).exists()
+    assert (
+        main([*cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h")), f"shards={shards}"])
+        == 0
     )
-    assert main(cli_args(cfg) + ["shards=2"]) == 2
-    err = _one_line_error(capsys)
-    assert err.startswith("error: unknown hook 'blocks.1.hook_resid_pst'"), err
+    capsys.readouterr()
+    typo = replace(bad, hooks=["blocks.1.hook_resid_pst"], store_dir=str(tmp_path / "t"))
+    assert main([*cli_args(typo), f"shards={shards}"]) == 2
+    assert _one_line_error(capsys).startswith("error: unknown hook 'blocks.1.hook_resid_pst'")
 
 
 def test_a_cuda_harvest_on_a_cluster_without_gpus_is_refused(
@@ -562,3 +559,63 @@ def test_chunks_lost_from_a_complete_harvest_are_harvested_again(
     assert _snapshot(tmp_path / "h") == clean
     assert (a / chunk_name(0)).stat().st_mtime_ns == kept  # only the lost ones were written
     assert [stores[h].identity for h in HOOKS] == identity
+    assert not list((tmp_path / "h").rglob(harvest.REPAIRING))
+    assert "differ from the ones lost" not in caplog.text
+
+
+def test_a_repair_that_cannot_run_touches_nothing(tiny_model_dir, text_file, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    cfg = tiny_cfg(model, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    store = run_harvest(cfg)[HOOKS[0]].path
+    (store / chunk_name(1)).unlink()
+    before = {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()}
+    model.rename(tmp_path / "moved")
+    with pytest.raises(SweepError, match="does not exist"):
+        run_harvest(cfg)
+    assert {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()} == before
+
+
+def test_a_chunk_that_cannot_be_read_is_not_taken_for_damaged(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """(EIO, ENOMEM under an address-space limit, permissions: the chunk may be fine.)"""
+    import errno
+
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    store = run_harvest(cfg)[HOOKS[0]].path
+    real_load = np.load
+
+    def unreadable(f, *a, **k):
+        if Path(f).name == chunk_name(1):
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real_load(f, *a, **k)
+
+    monkeypatch.setattr(np, "load", unreadable)
+    with pytest.raises(StoreError, match="Cannot allocate memory"):
+        run_harvest(cfg)
+    assert (store / chunk_name(1)).is_file() and (store / "manifest.json").is_file()
+
+
+def test_a_torn_chunk_of_an_unfinished_harvest_is_harvested_again(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
+    run_harvest(clean)
+    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
+    real_write, calls = harvest._write_group, []
+
+    def crash_on_second_group(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(*args)
+
+    monkeypatch.setattr(harvest, "_write_group", crash_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        run_harvest(cfg)
+    monkeypatch.setattr(harvest, "_write_group", real_write)
+    torn = tmp_path / "cut" / HOOKS[0] / chunk_name(0)
+    torn.write_bytes(torn.read_bytes()[:300])  # damaged since it was written (with its stats)
+    run_harvest(cfg)
+    assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")

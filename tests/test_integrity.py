@@ -417,22 +417,33 @@ def test_a_retry_after_a_crash_while_finishing_refinishes_every_member(
 
 
 def test_a_chunk_store_is_no_sweep_folder(copy, capsys):
-    """Its manifest is no damaged sweep manifest: a run there would overwrite it."""
+    """Its manifest is no damaged sweep manifest: a run there would overwrite it. Refused
+    before anything is written (no store generated inside it), also while it is being made."""
     store = copy / "store"
-    manifest = (store / "manifest.json").read_bytes()
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     assert main(["status", str(store)]) == 2
     assert run(store) == 2
+    (store / "manifest.json").unlink()  # as while it is being made
+    assert run(store) == 2
+    assert main(["run", "--plan", f"sweep_dir={store}", *TINY, *GRID]) == 2
     err = capsys.readouterr().err
-    assert err.count(f"error: {store} is a chunk store, not a sweep folder") == 2
-    assert (store / "manifest.json").read_bytes() == manifest
+    assert err.count(f"error: {store} is a chunk store, not a sweep folder") == 4
+    del before[store / "manifest.json"]
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
-def test_status_says_when_the_last_driver_died_before_its_outcome(copy, capsys):
+def test_every_store_maker_leaves_a_marker_sweep_folders_know():
+    from sweep.activations import harvest, store, synthetic
+
+    assert {harvest.PARAMS_FILE, synthetic.PARAMS_FILE} == set(store.MAKING)
+
+
+def test_status_says_when_the_last_driver_ended_without_an_outcome(copy, capsys):
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest.pop("state") == "done"  # each plan drops it; a SIGKILLed driver never wrote it
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["status", str(copy)]) == 0
-    assert "stopped: its driver died; re-run it to continue" in " ".join(
+    assert "stopped: its last driver ended without an outcome; re-run it to continue" in " ".join(
         capsys.readouterr().out.split()
     )
 

@@ -85,7 +85,10 @@ def test_a_learned_member_limit_caps_later_plans_unless_max_members_is_set(tiny_
     assert sizes("grid.max_members=4") == [4, 4]
 
 
-@pytest.mark.parametrize("damaged", [{"2.0": "many"}, {"two": 3}, ["2.0"], {"2.0": 0}])
+@pytest.mark.parametrize(
+    "damaged",
+    [{"2.0": "many"}, {"two": 3}, ["2.0"], {"2.0": 0}, {"2.0": 2.7}, {"2.0": True}, {"2.0": 1e400}],
+)
 def test_a_hand_damaged_member_limit_is_one_line_naming_the_key(tiny_store, tmp_path, damaged):
     folder = SweepFolder(tmp_path / "sw")
     folder.path.mkdir()

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -180,11 +180,11 @@ def harvest_with_stats(
     cfg = _absolute(cfg)
     params = harvest_params(cfg)
     root = _check_dir(cfg, params)
-    if _complete(cfg, params) and not _reopen_damaged(cfg):  # a read-only disk is fine here
+    plan = HarvestPlan.of(cfg)
+    if _complete(cfg, params) and not _reopen_damaged(cfg, plan, root):  # read-only is fine
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
     _prepare_dir(cfg, root)
-    plan = HarvestPlan.of(cfg)
     docs = (
         None
         if _has_tokens(cfg, plan, root)
@@ -193,13 +193,15 @@ def harvest_with_stats(
     if model is not None or (cfg.shards == 1 and in_process):
         loaded = model is None
         model = model if not loaded else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
-        lm.check_hooks(model, cfg.hooks, cfg.model)
+        check_model(model, cfg)  # before the token stream fixes the harvest's settings
         _token_stream(cfg, plan, root, params, docs, model.tokenizer)
         results = [harvest_shard(cfg, plan, range(plan.n_groups), model)]
         if loaded:  # a sweep's driver harvests, then trains: its model must leave the GPU
             del model
             release_device_memory()
     else:
+        if docs is not None:  # a new harvest: its hooks are checked before settings are fixed
+            _run_tasks(cfg, {0: (cfg,)}, _check_task)
         _token_stream(
             cfg,
             plan,
@@ -210,30 +212,69 @@ def harvest_with_stats(
         )
         results = _run_shards(cfg, plan)
     _log_timing(results)
-    return _finalize(cfg, plan, params, results), results
+    stores = _finalize(cfg, plan, params, results)
+    _check_repairs(cfg)
+    return stores, results
 
 
-def _reopen_damaged(cfg: HarvestConfig) -> bool:
+REPAIRING = ".manifest-before-repair.json"
+"""A repaired store's manifest as it was (its chunks' sha256), until the repair is compared."""
+
+
+def _reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     """Whether a complete harvest lost chunks (missing, truncated: hours of work on a real
-    model that need not be redone): those chunks' files and their stores' manifests are
-    removed, so the harvest resumes and writes just them again, bit for bit."""
+    model that need not be redone). Once the repair can run (store_dir writable, the model
+    folder and the token stream there; else nothing is touched), those chunks are removed and
+    each such store's manifest kept aside, so the harvest resumes, writes just them again, and
+    :func:`_check_repairs` compares them with what they were."""
     damaged = {h: _damaged(store_path(cfg, h)) for h in cfg.hooks}
-    for hook, bad in damaged.items():
-        if not bad:
-            continue
-        path = store_path(cfg, hook)
-        first = next(iter(bad.values()))
-        log.warning(
-            "harvest store %s has %d damaged chunk(s) (%s); harvesting them again",
-            path,
-            len(bad),
-            first,
+    if not any(damaged.values()):
+        return False
+    ensure_writable(root, "store_dir")
+    lm.check_model_folder(cfg.model)
+    if not _has_tokens(cfg, plan, root):
+        raise StoreError(
+            f"harvest in {root} lost chunks ({_first_damage(damaged)}) and its token stream "
+            f"{TOKENS_FILE}, so they cannot be harvested again as they were; harvest into a "
+            "new store_dir"
         )
-        (path / MANIFEST).unlink()
-        for i in bad:
-            for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
-                part.unlink(missing_ok=True)
-    return any(damaged.values())
+    for hook, bad in damaged.items():
+        path = store_path(cfg, hook)
+        if bad:
+            log.warning(
+                "harvest store %s has %d damaged chunk(s) (%s); harvesting them again",
+                path,
+                len(bad),
+                next(iter(bad.values())),
+            )
+            (path / MANIFEST).replace(path / REPAIRING)
+            for i in bad:
+                for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
+                    part.unlink(missing_ok=True)
+    return True
+
+
+def _first_damage(damaged: dict[str, dict[int, str]]) -> str:
+    return next(problem for bad in damaged.values() for problem in bad.values())
+
+
+def _check_repairs(cfg: HarvestConfig) -> None:
+    """Each repaired store against its manifest before the repair: chunks harvested again on
+    other hardware (another device, model dtype or batch) can differ in the last bits, and
+    then the store's identity changed: sweeps trained on it will refuse it."""
+    for hook in cfg.hooks:
+        path = store_path(cfg, hook)
+        if not (path / REPAIRING).is_file():
+            continue
+        before = json.loads((path / REPAIRING).read_text()).get("chunks")
+        if before != json.loads((path / MANIFEST).read_text()).get("chunks"):
+            log.warning(
+                "repaired chunks of %s differ from the ones lost (harvested on other hardware "
+                "or settings?): the store's identity changed, so sweeps trained on it refuse "
+                "it; harvest them again where the store was made to restore it",
+                path,
+            )
+        (path / REPAIRING).unlink()
 
 
 def _damaged(path: Path) -> dict[int, str]:
@@ -260,6 +301,19 @@ def _prepare_dir(cfg: HarvestConfig, root: Path) -> None:
     for folder in [root, *(store_path(cfg, h) for h in cfg.hooks)]:
         if folder.is_dir():
             remove_stale_temps(folder)
+            _drop_torn_chunks(folder)
+
+
+def _drop_torn_chunks(folder: Path) -> None:
+    """Chunks of an unfinished harvest whose file no longer reads as a whole array (damaged
+    since it was written): removed, so resuming writes them again."""
+    for f in sorted(folder.glob("chunk_*.npy")):
+        try:
+            np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as err:
+            log.warning("chunk %s is truncated or corrupt (%s); harvesting it again", f, err)
+            f.unlink()
+            f.with_suffix(".json").unlink(missing_ok=True)
 
 
 def _check_dir(cfg: HarvestConfig, params: dict) -> Path:
@@ -274,17 +328,10 @@ def _check_dir(cfg: HarvestConfig, params: dict) -> Path:
                 f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"
             ) from err
         diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
-        if diff and any(root.rglob("chunk_*.npy")):
+        if diff:
             raise StoreError(
                 f"store_dir {root} holds a harvest made with different settings ({', '.join(diff)}); "
                 "use the same values to resume it, or another store_dir"
-            )
-        if diff:  # e.g. a hook refused after tokenising: nothing harvested yet, start over
-            log.warning(
-                "store_dir %s holds a harvest begun with other settings (%s) that wrote no "
-                "chunks; starting it over",
-                root,
-                ", ".join(diff),
             )
     elif root.exists() and (not root.is_dir() or any(map(_not_temp, root.iterdir()))):
         raise StoreError(
@@ -318,11 +365,6 @@ def _has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     if not (path.is_file() and (root / PARAMS_FILE).is_file()):
         return False
     try:
-        if json.loads((root / PARAMS_FILE).read_text()) != harvest_params(cfg):
-            return False  # begun with other settings (see _check_dir): tokenise again
-    except (OSError, ValueError):
-        return False
-    try:
         return np.load(path, mmap_mode="r").shape == (
             plan.n_contexts + plan.eval_contexts,
             cfg.context,
@@ -349,7 +391,6 @@ def _token_stream(
         )
     except text.NotEnoughText as err:
         raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
-    (root / TOKENS_FILE).unlink(missing_ok=True)  # never beside params it was not made with
     atomic_write_json(root / PARAMS_FILE, params)
     atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
 
@@ -365,6 +406,17 @@ def _too_short(cfg: HarvestConfig, plan: HarvestPlan, available: int) -> str:
         + (f"lower rows to {max_rows}" if max_rows else "lower lm_eval_tokens")
         + " or use more text"
     )
+
+
+def check_model(model: Any, cfg: HarvestConfig) -> None:
+    """The hooks exist and give a row per token (a forward pass of one dummy context)."""
+    lm.check_hooks(model, cfg.hooks, cfg.model)
+    device = next(model.parameters()).device
+    lm.capture(model, torch.zeros((1, cfg.context), dtype=torch.long, device=device), cfg.hooks)
+
+
+def _check_task(cfg: HarvestConfig) -> None:
+    check_model(lm.load_model(cfg.model, cfg.device, cfg.model_dtype), cfg)
 
 
 def harvest_shard(
@@ -559,6 +611,19 @@ def _shard_task(cfg: HarvestConfig, plan: HarvestPlan, groups: range) -> ShardRe
 
 def _run_shards(cfg: HarvestConfig, plan: HarvestPlan) -> list[ShardResult]:
     """One Ray task per shard (a GPU each when harvesting on CUDA); results in completion order."""
+    quiet = replace(cfg, progress=False)
+
+    def jobs(gpus: float) -> dict:
+        n = min(cfg.shards or max(1, int(gpus)), plan.n_groups)
+        return {s: (quiet, plan, plan.shard_groups(s, n)) for s in range(n)}
+
+    return _run_tasks(cfg, jobs, _shard_task)
+
+
+def _run_tasks(cfg: HarvestConfig, jobs: Callable[[float], dict] | dict, task: Callable) -> list:
+    """``task`` on Ray for each job (``jobs``: by key, or made from the cluster's GPU count),
+    a GPU each when harvesting on CUDA; their values in completion order. A task's bad-input
+    error (e.g. a hook the model has no per-token activation for) is raised as it is."""
     import ray
 
     with launcher.ray_session(cfg.launch):
@@ -569,19 +634,17 @@ def _run_shards(cfg: HarvestConfig, plan: HarvestPlan) -> list[ShardResult]:
                 "device=cuda but the Ray cluster has no GPUs; harvest with device=cpu, or on "
                 "a cluster whose nodes have GPUs"
             )
-        n = min(cfg.shards or max(1, int(gpus)), plan.n_groups)
-        quiet = replace(cfg, progress=False)
-        jobs = {s: (quiet, plan, plan.shard_groups(s, n)) for s in range(n)}
+        todo = jobs(gpus) if callable(jobs) else jobs
         cpus = cfg.launch.cpus_per_ensemble or 1
-        refs = launcher.submit(_shard_task, jobs, cpus, 1 if on_gpu else 0, cfg.launch.max_retries)
+        refs = launcher.submit(task, todo, cpus, 1 if on_gpu else 0, cfg.launch.max_retries)
         done = list(launcher.drain(refs))
     refused = [f.cause for f in done if isinstance(f.cause, SweepError)]
-    if refused:  # bad input (a hook the model has no such activation for): its own line
+    if refused:
         raise refused[0]
     failures = [f.error for f in done if f.error is not None]
     if failures:
         raise SweepError(
-            f"{len(failures)} harvest shard(s) failed ({failures[0]}); re-run the same command to continue"
+            f"{len(failures)} harvest task(s) failed ({failures[0]}); re-run the same command to continue"
         )
     return [f.value for f in done]
 

@@ -38,6 +38,9 @@ from sweep.io import atomic_write, atomic_write_json, cpu_count, read_exact
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+MAKING = ("harvest-params.json", "synthetic-params.json")
+"""What a store being made holds before its manifest (the harvester's and generator's
+settings files): such a folder is a store, never a sweep folder."""
 FORMAT = "sweep-chunk-store"
 FORMAT_VERSION = 1
 GROUND_TRUTH = "ground_truth.safetensors"
@@ -314,12 +317,16 @@ class ChunkStore:
             self._check_file(i)
 
     def damaged_chunks(self) -> dict[int, str]:
-        """Chunks missing, truncated or of the wrong shape (not hashed): index -> the problem."""
+        """Chunks missing, truncated or of the wrong shape (not hashed): index -> the problem.
+        A chunk that cannot be read (EIO, ENOMEM, permissions) is not known to be damaged:
+        that error is raised."""
         out = {}
         for i in range(len(self.chunks)):
             try:
                 self._check_file(i)
             except StoreError as err:
+                if isinstance(err.__cause__, OSError):
+                    raise
                 out[i] = str(err)
         return out
 
