@@ -176,24 +176,29 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("chunk_*.npy"))}
 
 
-def test_interrupted_harvest_resumes_to_the_same_store(
-    tiny_model_dir, text_file, tmp_path, monkeypatch
-):
-    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
-    run_harvest(clean)
-    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
+def harvest_dying_at_second_group(cfg: HarvestConfig, monkeypatch) -> None:
+    """Run ``cfg``'s harvest until it dies while writing group 1 (as a killed process would)."""
     real_write, calls = harvest._write_group, []
 
     def crash_on_second_group(*args):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the process dies while writing group 1
+            raise KeyboardInterrupt
         return real_write(*args)
 
     monkeypatch.setattr(harvest, "_write_group", crash_on_second_group)
     with pytest.raises(KeyboardInterrupt):
         run_harvest(cfg)
     monkeypatch.setattr(harvest, "_write_group", real_write)
+
+
+def test_interrupted_harvest_resumes_to_the_same_store(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
+    run_harvest(clean)
+    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
+    harvest_dying_at_second_group(cfg, monkeypatch)
     store = tmp_path / "cut" / HOOKS[0]
     assert not (store / "manifest.json").exists()  # an unfinished harvest is not a store
     with pytest.raises(StoreError, match="manifest.json is missing"):
@@ -603,18 +608,7 @@ def test_a_torn_chunk_of_an_unfinished_harvest_is_harvested_again(
     clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
     run_harvest(clean)
     cfg = replace(clean, store_dir=str(tmp_path / "cut"))
-    real_write, calls = harvest._write_group, []
-
-    def crash_on_second_group(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_write(*args)
-
-    monkeypatch.setattr(harvest, "_write_group", crash_on_second_group)
-    with pytest.raises(KeyboardInterrupt):
-        run_harvest(cfg)
-    monkeypatch.setattr(harvest, "_write_group", real_write)
+    harvest_dying_at_second_group(cfg, monkeypatch)
     torn = tmp_path / "cut" / HOOKS[0] / chunk_name(0)
     torn.write_bytes(torn.read_bytes()[:300])  # damaged since it was written (with its stats)
     run_harvest(cfg)
