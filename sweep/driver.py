@@ -93,7 +93,7 @@ def compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
     other hardware cannot silently change it): bfloat16 when the ensembles train on CUDA GPUs
     (this machine's or the cluster's nodes', :mod:`sweep.gpuinfo`; or ``train.device=cuda``),
     else float32."""
-    saved = (SweepFolder(cfg.sweep_dir).load_config() or {}).get("train", {}).get("dtype")
+    saved = planning.recorded_dtype(SweepFolder(cfg.sweep_dir))
     if cfg.train.dtype == "auto" and saved not in (None, "auto"):
         return saved  # an existing sweep keeps its precision
     gpus = cfg.train.device == "cuda" or (res.on_gpu and res.real_gpus)

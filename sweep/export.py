@@ -155,8 +155,9 @@ def _write(model: SAE, out: str | Path) -> Path:
     saved = {**dict(model.named_buffers()), "b_enc": model.b_enc.detach()}
     tensors, fields = model.arch.saelens_form(saved, model.k)
     weights.update({k: v.contiguous() for k, v in tensors.items()})
-    # cfg.json first: it marks the folder as an export (one killed before its weights is
-    # replaced by the next export; weights alone would be a foreign file)
+    # an earlier export's weights go first, then cfg.json, which marks the folder as an
+    # export: one killed midway holds no other run's weights and is replaced by the next
+    (out / SAELENS_WEIGHTS).unlink(missing_ok=True)
     atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg, fields))
     atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
     return out

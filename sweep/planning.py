@@ -150,31 +150,42 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     (its config.yaml; when that was deleted, what its started runs recorded)."""
     new: dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
     old = folder.load_config()
+    fix = f"`sweep resume {folder.path}` with no overrides to continue with the recorded ones"
     if old is not None:
         diffs = _differences(with_legacy(old), new)
-    else:
+    else:  # config.yaml was deleted: what a started run recorded
         recorded = next(iter(folder.recorded_specs().values()), None)
         diffs = [] if recorded is None else _differences(*_as_config(recorded, new))
+        fix = "pass the recorded values (a run's spec.json holds them)"
     if diffs:
         raise RunDirError(
             f"sweep_dir {folder.path} holds a sweep with different settings ({'; '.join(diffs)}); "
-            f"use a new sweep_dir, restore those values, or `sweep resume {folder.path}` with no "
-            "overrides to continue with the recorded ones"
+            f"use a new sweep_dir, restore those values, or {fix}"
         )
 
 
 def _as_config(spec: dict, new: dict) -> tuple[dict, dict]:
     """A run's ``spec.json`` and a config, as the groups :func:`_differences` compares: the
-    run's train group, its data group's fields, and of the sae group what a run records
-    (name, recipe)."""
-    old = {"data": spec.get("data", {}), "train": spec.get("train", {})}
-    old["sae"] = {"name": spec.get("sae"), "recipe": spec.get("recipe")}
-    data, sae = new.get("data", {}), new.get("sae", {})
+    run's train group, its data group's fields, and its sae group (all of it where the run
+    recorded it, else its name and recipe)."""
+    sae = spec.get("sae_settings") or {"name": spec.get("sae"), "recipe": spec.get("recipe")}
+    old = with_legacy({"data": spec.get("data", {}), "train": spec.get("train", {}), "sae": sae})
+    data, new_sae = new.get("data", {}), new.get("sae", {})
     return old, {
         **new,
         "data": {k: data.get(k) for k in old["data"]},
-        "sae": {k: sae.get(k) for k in old["sae"]},
+        "sae": {k: new_sae.get(k) for k in old["sae"]},
     }
+
+
+def recorded_dtype(folder: SweepFolder) -> str | None:
+    """The compute dtype the sweep's runs train with: config.yaml's, else (it was deleted) a
+    started run's."""
+    saved = folder.load_config()
+    if saved is not None:
+        return saved.get("train", {}).get("dtype")
+    recorded = next(iter(folder.recorded_specs().values()), {})
+    return recorded.get("train", {}).get("dtype")
 
 
 def check_device(cfg: SweepConfig) -> None:

@@ -132,6 +132,31 @@ class RunRecord:
         return out
 
 
+def _agreed_ensembles(specs: dict[str, dict]) -> dict[str, str]:
+    """run_id -> ensemble, from the runs' spec.json, for ensembles every member of which
+    recorded the same id and members (a run whose attempt never started keeps an older,
+    stale record: trusting it could merge two ensembles and drop their checkpoints)."""
+    groups: dict[str, list[tuple[str, ...]]] = {}  # id -> the member sets recorded under it
+    for rid, spec in specs.items():
+        ens, members = spec.get("ensemble"), spec.get("ensemble_members")
+        if ens is None or not isinstance(members, list) or rid not in members:
+            continue
+        same = all(
+            specs.get(m, {}).get("ensemble") == ens
+            and specs.get(m, {}).get("ensemble_members") == members
+            for m in members
+        )
+        if same and tuple(members) not in groups.setdefault(ens, []):
+            groups[ens].append(tuple(members))
+    # an id a later plan gave to other runs (ids are handed out per plan): told apart
+    return {
+        rid: ens if len(sets) == 1 else f"{ens}#{i}"
+        for ens, sets in groups.items()
+        for i, members in enumerate(sets)
+        for rid in members
+    }
+
+
 class SweepFolder:
     """A sweep folder on disk (see the module docstring)."""
 
@@ -203,8 +228,7 @@ class SweepFolder:
         """run_id -> the ensemble it last trained in (runs never planned are absent); from the
         manifest, else (it was deleted) from what the run recorded when it started."""
         runs = self.manifest().get("runs", {})
-        specs = self.recorded_specs()
-        out = {rid: s["ensemble"] for rid, s in specs.items() if "ensemble" in s}
+        out = _agreed_ensembles(self.recorded_specs()) if not runs else {}
         out.update({rid: e["ensemble"] for rid, e in runs.items() if "ensemble" in e})
         return out
 

@@ -110,8 +110,8 @@ class _Attempt:
         self.stream = BatchStream(
             self.store, t.batch_size, t.seed, t.epochs, job.eval_rows, self.scale, device
         )
-        sae_cfg = job.sae or SAEConfig(name=self.runs[0].arch)
-        self.arch = sae_cfg.architecture()
+        self.sae_cfg = job.sae or SAEConfig(name=self.runs[0].arch)
+        self.arch = self.sae_cfg.architecture()
         self._tracker: RunLogger | None = None
         self.writer = CheckpointWriter(self.folders)
         self.timings: dict[str, float] = {"checkpoint": 0.0, "checkpoints": 0}
@@ -126,7 +126,9 @@ class _Attempt:
             if self.job.data is not None:
                 spec["data"] = asdict(self.job.data)
             spec.update(
+                sae_settings={**asdict(self.sae_cfg), "recipe": spec["recipe"]},
                 ensemble=self.job.ensemble.ensemble_id,
+                ensemble_members=[m.run_id for m in self.job.ensemble.members],
                 sweep_dir=self.job.sweep_dir,
                 store=str(self.store.path),
                 store_id=self.store.identity,

@@ -613,3 +613,43 @@ def test_a_torn_chunk_of_an_unfinished_harvest_is_harvested_again(
     torn.write_bytes(torn.read_bytes()[:300])  # damaged since it was written (with its stats)
     run_harvest(cfg)
     assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
+
+
+def test_a_repair_whose_chunks_differ_leaves_the_store_as_it_was(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """(As chunks harvested again on other hardware could.)"""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1])
+    store = run_harvest(cfg)[HOOKS[0]]
+    manifest = (store.path / "manifest.json").read_bytes()
+    (store.path / chunk_name(2)).unlink()
+    real_fill = harvest._fill_group
+
+    def other_bits(*args):
+        return {h: b + 1e-2 for h, b in real_fill(*args).items()}
+
+    monkeypatch.setattr(harvest, "_fill_group", other_bits)
+    with pytest.raises(StoreError, match=r"chunk\(s\) 2 of .* differ from the lost ones"):
+        run_harvest(cfg)
+    assert (store.path / "manifest.json").read_bytes() == manifest
+    assert not (store.path / chunk_name(2)).exists() and (store.path / chunk_name(3)).exists()
+    monkeypatch.setattr(harvest, "_fill_group", real_fill)
+    assert run_harvest(cfg)[HOOKS[0]].identity == store.identity
+
+
+def test_a_repair_with_another_shard_count_keeps_the_stores_identity(
+    ray_cluster, tiny_model_dir, text_file, tmp_path
+):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], shards=2)
+    store = run_harvest(cfg)[HOOKS[0]]
+    (store.path / chunk_name(2)).unlink()
+    repaired = run_harvest(replace(cfg, shards=1))[HOOKS[0]]
+    assert repaired.identity == store.identity  # its manifest, provenance and all
+
+
+def test_a_context_longer_than_the_model_takes_is_one_line(
+    tiny_model_dir, text_file, tmp_path, capsys
+):
+    assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", context=128))) == 2
+    assert "context=128 is longer than model" in _one_line_error(capsys)
+    assert not any((tmp_path / "h").iterdir())

@@ -742,11 +742,24 @@ def test_a_deleted_manifest_loses_neither_the_ensembles_nor_the_store_check(tiny
 
 
 def test_a_deleted_config_still_refuses_other_settings(tiny_store, tmp_path):
-    _, cut = cut_pair(tiny_store, tmp_path)
+    runs, cut = cut_pair(tiny_store, tmp_path)
+    folder = SweepFolder(cut)
     assert not (cut / "config.yaml").exists()  # as after deleting a damaged one
-    planning.check_compatible(SweepFolder(cut), pair_cfg(cut, "1e-3,3e-2", "train.log_every=3"))
-    with pytest.raises(SweepError, match=r"different settings \(train.lr 0.01 -> 0.001\)"):
-        planning.check_compatible(SweepFolder(cut), pair_cfg(cut, "1e-3,3e-2", "train.lr=1e-3"))
+    planning.check_compatible(folder, pair_cfg(cut, "1e-3,3e-2", "train.log_every=3"))
+    for change, diff in [
+        ("train.lr=1e-3", "train.lr 0.01 -> 0.001"),
+        ("sae.init_decoder_norm=0.5", "sae.init_decoder_norm None -> 0.5"),
+    ]:
+        with pytest.raises(SweepError, match=rf"different settings \({diff}\); .* spec.json"):
+            planning.check_compatible(folder, pair_cfg(cut, "1e-3,3e-2", change))
+    for r in runs:  # recorded by an older version: no sae settings, no recipe
+        path = rundir.run_dir(cut, r.run_id) / rundir.SPEC
+        spec = json.loads(path.read_text())
+        for key in ("sae_settings", "recipe"):
+            del spec[key]
+        path.write_text(json.dumps({**spec, "train": {**spec["train"], "dtype": "bfloat16"}}))
+    planning.check_compatible(folder, pair_cfg(cut))
+    assert planning.recorded_dtype(folder) == "bfloat16"  # what train.dtype=auto keeps
 
 
 def test_a_partial_ensembles_member_dropped_from_the_grid_is_warned_about(
@@ -761,3 +774,21 @@ def test_a_partial_ensembles_member_dropped_from_the_grid_is_warned_about(
         "no longer holds" in caplog.text
     )
     assert "put its grid.l1 value back" in caplog.text
+
+
+def test_only_ensembles_all_members_recorded_alike_are_trusted_from_spec_json():
+    """A run whose attempt never started keeps an older record; ids are handed out per plan."""
+    from sweep.sweepdir import _agreed_ensembles
+
+    def spec(ens, *members):
+        return {"ensemble": ens, "ensemble_members": list(members)}
+
+    specs = {
+        "a": spec("r2-e0", "a", "b"), "b": spec("r2-e0", "a", "b"),  # resumed later as -resume
+        "c": spec("r2-e0", "c", "d"), "d": spec("r2-e0", "c", "d"),  # a later plan's r2-e0
+        "e": spec("r2-e1", "e", "f"), "f": spec("r2-e2", "f"),  # f moved on: e's record is stale
+        "g": {"ensemble": "r2-e3"},  # recorded before members were
+    }  # fmt: skip
+    got = _agreed_ensembles(specs)
+    assert got["a"] == got["b"] != got["c"] == got["d"]
+    assert got["f"] == "r2-e2" and "e" not in got and "g" not in got

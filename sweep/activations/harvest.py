@@ -181,6 +181,7 @@ def harvest_with_stats(
     params = harvest_params(cfg)
     root = _check_dir(cfg, params)
     plan = HarvestPlan.of(cfg)
+    _settle_repairs(cfg)  # of a repair killed after its manifest was written
     if _complete(cfg, params) and not _reopen_damaged(cfg, plan, root):  # read-only is fine
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
@@ -212,9 +213,9 @@ def harvest_with_stats(
         )
         results = _run_shards(cfg, plan)
     _log_timing(results)
-    stores = _finalize(cfg, plan, params, results)
-    _check_repairs(cfg)
-    return stores, results
+    _finalize(cfg, plan, params, results)
+    _settle_repairs(cfg)
+    return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, results
 
 
 REPAIRING = ".manifest-before-repair.json"
@@ -226,7 +227,7 @@ def _reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     model that need not be redone). Once the repair can run (store_dir writable, the model
     folder and the token stream there; else nothing is touched), those chunks are removed and
     each such store's manifest kept aside, so the harvest resumes, writes just them again, and
-    :func:`_check_repairs` compares them with what they were."""
+    :func:`_settle_repairs` compares them with what they were."""
     damaged = {h: _damaged(store_path(cfg, h)) for h in cfg.hooks}
     if not any(damaged.values()):
         return False
@@ -258,23 +259,30 @@ def _first_damage(damaged: dict[str, dict[int, str]]) -> str:
     return next(problem for bad in damaged.values() for problem in bad.values())
 
 
-def _check_repairs(cfg: HarvestConfig) -> None:
-    """Each repaired store against its manifest before the repair: chunks harvested again on
-    other hardware (another device, model dtype or batch) can differ in the last bits, and
-    then the store's identity changed: sweeps trained on it will refuse it."""
+def _settle_repairs(cfg: HarvestConfig) -> None:
+    """Each store repaired (its manifest from before the repair kept aside, and a manifest
+    written since) gets its old manifest back, byte for byte: its identity, whatever this
+    run's shards were. Chunks harvested again on other hardware or settings (device, model
+    dtype, batch) can differ in the last bits: those are removed again (the store is as it
+    was before the repair) and the error names them."""
     for hook in cfg.hooks:
         path = store_path(cfg, hook)
-        if not (path / REPAIRING).is_file():
+        if not ((path / REPAIRING).is_file() and (path / MANIFEST).is_file()):
             continue
-        before = json.loads((path / REPAIRING).read_text()).get("chunks")
-        if before != json.loads((path / MANIFEST).read_text()).get("chunks"):
-            log.warning(
-                "repaired chunks of %s differ from the ones lost (harvested on other hardware "
-                "or settings?): the store's identity changed, so sweeps trained on it refuse "
-                "it; harvest them again where the store was made to restore it",
-                path,
+        before = json.loads((path / REPAIRING).read_text()).get("chunks", [])
+        now = json.loads((path / MANIFEST).read_text()).get("chunks", [])
+        differ = [i for i, (a, b) in enumerate(zip(before, now, strict=False)) if a != b]
+        (path / REPAIRING).replace(path / MANIFEST)
+        for i in differ:
+            for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
+                part.unlink(missing_ok=True)
+        if differ:
+            raise StoreError(
+                f"chunk(s) {', '.join(map(str, differ[:5]))} of {path} harvested again differ "
+                "from the lost ones (other hardware or settings: device, model_dtype, "
+                "batch_contexts); repair the store where it was made, or harvest into a new "
+                "store_dir"
             )
-        (path / REPAIRING).unlink()
 
 
 def _damaged(path: Path) -> dict[int, str]:
@@ -411,6 +419,12 @@ def _too_short(cfg: HarvestConfig, plan: HarvestPlan, available: int) -> str:
 def check_model(model: Any, cfg: HarvestConfig) -> None:
     """The hooks exist and give a row per token (a forward pass of one dummy context)."""
     lm.check_hooks(model, cfg.hooks, cfg.model)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and cfg.context > n_ctx:
+        raise SweepError(
+            f"context={cfg.context} is longer than model {cfg.model} takes ({n_ctx} tokens); "
+            f"set context to at most {n_ctx}"
+        )
     device = next(model.parameters()).device
     lm.capture(model, torch.zeros((1, cfg.context), dtype=torch.long, device=device), cfg.hooks)
 
