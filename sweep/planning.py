@@ -170,6 +170,8 @@ def _as_config(spec: dict, new: dict) -> tuple[dict, dict]:
     recorded it, else its name and recipe)."""
     sae = spec.get("sae_settings") or {"name": spec.get("sae"), "recipe": spec.get("recipe")}
     old = with_legacy({"data": spec.get("data", {}), "train": spec.get("train", {}), "sae": sae})
+    if "sae_settings" not in spec:  # recorded before it: only what the run names is known
+        old["sae"] = {k: old["sae"][k] for k in ("name", "recipe")}
     data, new_sae = new.get("data", {}), new.get("sae", {})
     return old, {
         **new,

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -181,7 +181,6 @@ def harvest_with_stats(
     params = harvest_params(cfg)
     root = _check_dir(cfg, params)
     plan = HarvestPlan.of(cfg)
-    _settle_repairs(cfg)  # of a repair killed after its manifest was written
     if _complete(cfg, params) and not _reopen_damaged(cfg, plan, root):  # read-only is fine
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
@@ -213,83 +212,70 @@ def harvest_with_stats(
         )
         results = _run_shards(cfg, plan)
     _log_timing(results)
-    _finalize(cfg, plan, params, results)
-    _settle_repairs(cfg)
-    return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, results
-
-
-REPAIRING = ".manifest-before-repair.json"
-"""A repaired store's manifest as it was (its chunks' sha256), until the repair is compared."""
+    return _finalize(cfg, plan, params, results), results
 
 
 def _reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
-    """Whether a complete harvest lost chunks (missing, truncated: hours of work on a real
-    model that need not be redone). Once the repair can run (store_dir writable, the model
-    folder and the token stream there; else nothing is touched), those chunks are removed and
-    each such store's manifest kept aside, so the harvest resumes, writes just them again, and
-    :func:`_settle_repairs` compares them with what they were."""
+    """Whether a complete harvest lost chunks (missing, truncated, or rewritten with other
+    bits: hours of work on a real model that need not be redone). Once the repair can run
+    (store_dir writable, the model folder and the token stream there; else nothing is
+    touched), those chunks are removed, so the harvest resumes and writes just them again;
+    the manifests stay, and :func:`_finalize` holds the new chunks to them."""
     damaged = {h: _damaged(store_path(cfg, h)) for h in cfg.hooks}
     if not any(damaged.values()):
         return False
     ensure_writable(root, "store_dir")
     lm.check_model_folder(cfg.model)
     if not _has_tokens(cfg, plan, root):
+        first = next(p for bad in damaged.values() for p in bad.values())
         raise StoreError(
-            f"harvest in {root} lost chunks ({_first_damage(damaged)}) and its token stream "
-            f"{TOKENS_FILE}, so they cannot be harvested again as they were; harvest into a "
-            "new store_dir"
+            f"harvest in {root} lost chunks ({first}) and its token stream {TOKENS_FILE}, so "
+            "they cannot be harvested again as they were; harvest into a new store_dir"
         )
     for hook, bad in damaged.items():
-        path = store_path(cfg, hook)
         if bad:
+            path = store_path(cfg, hook)
             log.warning(
                 "harvest store %s has %d damaged chunk(s) (%s); harvesting them again",
                 path,
                 len(bad),
                 next(iter(bad.values())),
             )
-            (path / MANIFEST).replace(path / REPAIRING)
-            for i in bad:
-                for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
-                    part.unlink(missing_ok=True)
+            _remove_chunks(path, bad)
     return True
 
 
-def _first_damage(damaged: dict[str, dict[int, str]]) -> str:
-    return next(problem for bad in damaged.values() for problem in bad.values())
-
-
-def _settle_repairs(cfg: HarvestConfig) -> None:
-    """Each store repaired (its manifest from before the repair kept aside, and a manifest
-    written since) gets its old manifest back, byte for byte: its identity, whatever this
-    run's shards were. Chunks harvested again on other hardware or settings (device, model
-    dtype, batch) can differ in the last bits: those are removed again (the store is as it
-    was before the repair) and the error names them."""
-    for hook in cfg.hooks:
-        path = store_path(cfg, hook)
-        if not ((path / REPAIRING).is_file() and (path / MANIFEST).is_file()):
-            continue
-        before = json.loads((path / REPAIRING).read_text()).get("chunks", [])
-        now = json.loads((path / MANIFEST).read_text()).get("chunks", [])
-        differ = [i for i, (a, b) in enumerate(zip(before, now, strict=False)) if a != b]
-        (path / REPAIRING).replace(path / MANIFEST)
-        for i in differ:
-            for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
-                part.unlink(missing_ok=True)
-        if differ:
-            raise StoreError(
-                f"chunk(s) {', '.join(map(str, differ[:5]))} of {path} harvested again differ "
-                "from the lost ones (other hardware or settings: device, model_dtype, "
-                "batch_contexts); repair the store where it was made, or harvest into a new "
-                "store_dir"
-            )
+def _remove_chunks(path: Path, indices: Iterable[int]) -> None:
+    for i in indices:
+        for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
+            part.unlink(missing_ok=True)
 
 
 def _damaged(path: Path) -> dict[int, str]:
+    """Chunks of a complete store that are missing, truncated, or whose stats file records
+    other bits than the manifest (harvested again elsewhere): index -> the problem."""
     try:
-        return ChunkStore(path, check_files=False).damaged_chunks()
+        store = ChunkStore(path, check_files=False)
     except StoreError:
         return {}  # a damaged manifest: ChunkStore says so, in one line
+    bad = store.damaged_chunks()
+    for i, sha in _rewritten(path, store.chunks):
+        bad.setdefault(i, f"{chunk_name(i)} holds other bits than the manifest records ({sha})")
+    return bad
+
+
+def _rewritten(path: Path, entries: list[dict]) -> list[tuple[int, str]]:
+    """Chunks whose stats file records another sha256 than their manifest entry (both
+    recorded; stores written before chunk checksums have none)."""
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            sha = json.loads((path / chunk_name(i)).with_suffix(".json").read_text()).get("sha256")
+        except (OSError, ValueError):
+            continue
+        if sha is not None and "sha256" in entry and sha != entry["sha256"]:
+            out.append((i, sha[:12]))
+    return out
 
 
 def _absolute(cfg: HarvestConfig) -> HarvestConfig:
@@ -355,16 +341,7 @@ def _not_temp(path: Path) -> bool:
 
 
 def _complete(cfg: HarvestConfig, params: dict) -> bool:
-    for h in cfg.hooks:
-        manifest = store_path(cfg, h) / MANIFEST
-        if not manifest.is_file():
-            return False
-        try:
-            if json.loads(manifest.read_text()).get("provenance", {}).get("params") != params:
-                return False
-        except (OSError, ValueError):
-            return False  # an unreadable manifest is rewritten by finishing the harvest
-    return True
+    return all(_complete_store(store_path(cfg, h), params) for h in cfg.hooks)
 
 
 def _has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
@@ -541,7 +518,7 @@ def _finalize(
     eval_tokens = np.ascontiguousarray(
         np.load(root / TOKENS_FILE, mmap_mode="r")[plan.n_contexts :]
     )
-    stores = {}
+    differ = {}
     for h in cfg.hooks:
         path = store_path(cfg, h)
         writer = StoreWriter(path, results[0].widths[h], cfg.dtype, cfg.rows_per_chunk)
@@ -550,11 +527,36 @@ def _finalize(
             raise StoreError(
                 f"harvest into {path} is missing {len(missing)} chunk(s); re-run the same command to finish it"
             )
+        if _complete_store(path, params):  # repaired: its manifest (identity) stays
+            writer.wait()
+            differ[h] = [
+                i for i, _ in _rewritten(path, json.loads((path / MANIFEST).read_text())["chunks"])
+            ]
+            _remove_chunks(path, differ[h])  # the store as it was before the repair
+            continue
         atomic_write(path / EVAL_TOKENS_FILE, lambda f: write_npy(f, eval_tokens))
         writer.finalize(plan.n_chunks, provenance(cfg, plan, params, h, results))
-        stores[h] = ChunkStore(path)
-        log.info("harvested %s: %d rows of width %d into %s", h, cfg.rows, stores[h].width, path)
-    return stores
+        log.info("harvested %s: %d rows of width %d into %s", h, cfg.rows, writer.width, path)
+    bad = {h: ids for h, ids in differ.items() if ids}
+    if bad:
+        where = "; ".join(
+            f"{store_path(cfg, h)}: {', '.join(map(str, ids[:5]))}" for h, ids in bad.items()
+        )
+        raise StoreError(
+            f"chunks harvested again differ from the lost ones ({where}); they were removed "
+            "again (other hardware or settings: device, model_dtype, batch_contexts?): repair "
+            "the store where it was made, or harvest into a new store_dir"
+        )
+    return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}
+
+
+def _complete_store(path: Path, params: dict) -> bool:
+    """``path`` holds a manifest of this harvest (a complete store, here being repaired)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("provenance", {}).get("params") == params
 
 
 def provenance(
