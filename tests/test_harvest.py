@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sweep.activations import harvest, lm, text
+from sweep.activations import harvest, harvest_dir, lm, text
 from sweep.activations.harvest import HarvestPlan, run_harvest
 from sweep.activations.store import ChunkStore, chunk_name
 from sweep.cli import main
@@ -473,7 +473,7 @@ def test_a_complete_harvest_needs_no_write_access(tiny_model_dir, text_file, tmp
     def read_only(folder, what):
         raise SweepError(f"{what} {folder} is not writable (Read-only file system)")
 
-    monkeypatch.setattr(harvest, "ensure_writable", read_only)
+    monkeypatch.setattr(harvest_dir, "ensure_writable", read_only)
     assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
 
 
@@ -558,7 +558,7 @@ def test_chunks_lost_from_a_complete_harvest_are_harvested_again(
     kept = (a / chunk_name(0)).stat().st_mtime_ns
     with pytest.raises(StoreError, match="missing; re-run the 'sweep harvest' command"):
         ChunkStore(a)  # what a data=chunks sweep on it says
-    with caplog.at_level("WARNING", logger="sweep.activations.harvest"):
+    with caplog.at_level("WARNING", logger="sweep.activations.harvest_dir"):
         stores = run_harvest(cfg)
     assert "1 damaged chunk(s)" in caplog.text and "harvesting them again" in caplog.text
     assert _snapshot(tmp_path / "h") == clean

@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -36,16 +36,28 @@ import torch
 
 from sweep import launcher
 from sweep.activations import lm, text
-from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, chunk_name, write_npy
+from sweep.activations.harvest_dir import (
+    PARAMS_FILE,
+    TOKENS_FILE,
+    check_dir,
+    complete,
+    complete_store,
+    damaged,
+    has_tokens,
+    prepare_dir,
+    remove_chunks,
+    reopen_damaged,
+    rewritten,
+    store_path,
+)
+from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, write_npy
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
 from sweep.devices import release_device_memory, torch_dtype
 from sweep.errors import StoreError, SweepError
-from sweep.io import atomic_write, atomic_write_json, ensure_writable, remove_stale_temps
+from sweep.io import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-PARAMS_FILE = "harvest-params.json"
-TOKENS_FILE = "harvest-tokens.npy"
 EVAL_TOKENS_FILE = "lm_eval_tokens.npy"
 # Settings that change what is written (batch size, device and shard count do not).
 _DEFINING = (
@@ -155,11 +167,6 @@ def harvest_params(cfg: HarvestConfig) -> dict:
     return params
 
 
-def store_path(cfg: HarvestConfig, hook: str) -> Path:
-    root = Path(cfg.store_dir).expanduser()
-    return root if len(cfg.hooks) == 1 else root / hook.replace("/", "_")
-
-
 def run_harvest(
     cfg: HarvestConfig, model: Any = None, in_process: bool = True
 ) -> dict[str, ChunkStore]:
@@ -179,15 +186,15 @@ def harvest_with_stats(
     """:func:`run_harvest`, also returning what each shard did (timings; [] if already complete)."""
     cfg = _absolute(cfg)
     params = harvest_params(cfg)
-    root = _check_dir(cfg, params)
+    root = check_dir(cfg, params)
     plan = HarvestPlan.of(cfg)
-    if _complete(cfg, params) and not _reopen_damaged(cfg, plan, root):  # read-only is fine
+    if complete(cfg, params) and not reopen_damaged(cfg, plan, root):  # read-only is fine
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
-    _prepare_dir(cfg, root)
+    prepare_dir(cfg, root)
     docs = (
         None
-        if _has_tokens(cfg, plan, root)
+        if has_tokens(cfg, plan, root)
         else text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
     )
     if model is not None or (cfg.shards == 1 and in_process):
@@ -215,69 +222,6 @@ def harvest_with_stats(
     return _finalize(cfg, plan, params, results), results
 
 
-def _reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
-    """Whether a complete harvest lost chunks (missing, truncated, or rewritten with other
-    bits: hours of work on a real model that need not be redone). Once the repair can run
-    (store_dir writable, the model folder and the token stream there; else nothing is
-    touched), those chunks are removed, so the harvest resumes and writes just them again;
-    the manifests stay, and :func:`_finalize` holds the new chunks to them."""
-    damaged = {h: _damaged(store_path(cfg, h)) for h in cfg.hooks}
-    if not any(damaged.values()):
-        return False
-    ensure_writable(root, "store_dir")
-    lm.check_model_folder(cfg.model)
-    if not _has_tokens(cfg, plan, root):
-        first = next(p for bad in damaged.values() for p in bad.values())
-        raise StoreError(
-            f"harvest in {root} lost chunks ({first}) and its token stream {TOKENS_FILE}, so "
-            "they cannot be harvested again as they were; harvest into a new store_dir"
-        )
-    for hook, bad in damaged.items():
-        if bad:
-            path = store_path(cfg, hook)
-            log.warning(
-                "harvest store %s has %d damaged chunk(s) (%s); harvesting them again",
-                path,
-                len(bad),
-                next(iter(bad.values())),
-            )
-            _remove_chunks(path, bad)
-    return True
-
-
-def _remove_chunks(path: Path, indices: Iterable[int]) -> None:
-    for i in indices:
-        for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
-            part.unlink(missing_ok=True)
-
-
-def _damaged(path: Path) -> dict[int, str]:
-    """Chunks of a complete store that are missing, truncated, or whose stats file records
-    other bits than the manifest (harvested again elsewhere): index -> the problem."""
-    try:
-        store = ChunkStore(path, check_files=False)
-    except StoreError:
-        return {}  # a damaged manifest: ChunkStore says so, in one line
-    bad = store.damaged_chunks()
-    for i, sha in _rewritten(path, store.chunks):
-        bad.setdefault(i, f"{chunk_name(i)} holds other bits than the manifest records ({sha})")
-    return bad
-
-
-def _rewritten(path: Path, entries: list[dict]) -> list[tuple[int, str]]:
-    """Chunks whose stats file records another sha256 than their manifest entry (both
-    recorded; stores written before chunk checksums have none)."""
-    out = []
-    for i, entry in enumerate(entries):
-        try:
-            sha = json.loads((path / chunk_name(i)).with_suffix(".json").read_text()).get("sha256")
-        except (OSError, ValueError):
-            continue
-        if sha is not None and "sha256" in entry and sha != entry["sha256"]:
-            out.append((i, sha[:12]))
-    return out
-
-
 def _absolute(cfg: HarvestConfig) -> HarvestConfig:
     """``cfg`` with its store_dir and a local model as absolute paths (shard tasks may run in
     another working directory, on another node of a shared filesystem)."""
@@ -286,77 +230,6 @@ def _absolute(cfg: HarvestConfig) -> HarvestConfig:
         store_dir=str(Path(cfg.store_dir).expanduser().absolute()),
         model=lm.model_ref(cfg.model),
     )
-
-
-def _prepare_dir(cfg: HarvestConfig, root: Path) -> None:
-    """Make sure store_dir (checked by :func:`_check_dir`) can be written; drop the temp files
-    of writes killed midway (no shard runs yet)."""
-    ensure_writable(root, "store_dir")
-    for folder in [root, *(store_path(cfg, h) for h in cfg.hooks)]:
-        if folder.is_dir():
-            remove_stale_temps(folder)
-            _drop_torn_chunks(folder)
-
-
-def _drop_torn_chunks(folder: Path) -> None:
-    """Chunks of an unfinished harvest whose file no longer reads as a whole array (damaged
-    since it was written): removed, so resuming writes them again."""
-    for f in sorted(folder.glob("chunk_*.npy")):
-        try:
-            np.load(f, mmap_mode="r", allow_pickle=False)
-        except (ValueError, EOFError) as err:
-            log.warning("chunk %s is truncated or corrupt (%s); harvesting it again", f, err)
-            f.unlink()
-            f.with_suffix(".json").unlink(missing_ok=True)
-
-
-def _check_dir(cfg: HarvestConfig, params: dict) -> Path:
-    """Refuse a store_dir holding something else (reads only)."""
-    root = Path(cfg.store_dir).expanduser()
-    marker = root / PARAMS_FILE
-    if marker.is_file():
-        try:
-            old = json.loads(marker.read_text())
-        except (OSError, ValueError) as err:
-            raise StoreError(
-                f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"
-            ) from err
-        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
-        if diff:
-            raise StoreError(
-                f"store_dir {root} holds a harvest made with different settings ({', '.join(diff)}); "
-                "use the same values to resume it, or another store_dir"
-            )
-    elif root.exists() and (not root.is_dir() or any(map(_not_temp, root.iterdir()))):
-        raise StoreError(
-            f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
-        )
-    return root
-
-
-def _not_temp(path: Path) -> bool:
-    """Not the leftover of a write (or a write probe) killed midway."""
-    leftover = path.name.endswith(".tmp") or path.name.startswith(".write-probe.")
-    return not (path.name.startswith(".") and leftover)
-
-
-def _complete(cfg: HarvestConfig, params: dict) -> bool:
-    return all(_complete_store(store_path(cfg, h), params) for h in cfg.hooks)
-
-
-def _has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
-    """Whether a resumed harvest's token stream is already on disk (and intact)."""
-    path = root / TOKENS_FILE
-    if not (path.is_file() and (root / PARAMS_FILE).is_file()):
-        return False
-    try:
-        return np.load(path, mmap_mode="r").shape == (
-            plan.n_contexts + plan.eval_contexts,
-            cfg.context,
-        )
-    except (ValueError, OSError):
-        log.warning("token stream %s is damaged; rebuilding it", path)
-        return False
 
 
 def _token_stream(
@@ -527,12 +400,12 @@ def _finalize(
             raise StoreError(
                 f"harvest into {path} is missing {len(missing)} chunk(s); re-run the same command to finish it"
             )
-        if _complete_store(path, params):  # repaired: its manifest (identity) stays
+        if complete_store(path, params):  # repaired: its manifest (identity) stays
             writer.wait()
             differ[h] = [
-                i for i, _ in _rewritten(path, json.loads((path / MANIFEST).read_text())["chunks"])
+                i for i, _ in rewritten(path, json.loads((path / MANIFEST).read_text())["chunks"])
             ]
-            _remove_chunks(path, differ[h])  # the store as it was before the repair
+            remove_chunks(path, differ[h])  # the store as it was before the repair
             continue
         atomic_write(path / EVAL_TOKENS_FILE, lambda f: write_npy(f, eval_tokens))
         writer.finalize(plan.n_chunks, provenance(cfg, plan, params, h, results))
@@ -548,15 +421,6 @@ def _finalize(
             "the store where it was made, or harvest into a new store_dir"
         )
     return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}
-
-
-def _complete_store(path: Path, params: dict) -> bool:
-    """``path`` holds a manifest of this harvest (a complete store, here being repaired)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return manifest.get("provenance", {}).get("params") == params
 
 
 def provenance(
@@ -687,8 +551,8 @@ def harvested_store(data: Any, path: str | Path, launch: LaunchConfig) -> ChunkS
     yet; refused as :func:`ensure_harvest_store` refuses (reads only)."""
     cfg = _sweep_harvest(data, path, launch, progress=False)
     params = harvest_params(cfg)
-    _check_dir(cfg, params)
-    if not _complete(cfg, params) or _damaged(store_path(cfg, data.hook)):
+    check_dir(cfg, params)
+    if not complete(cfg, params) or damaged(store_path(cfg, data.hook)):
         return None  # (a run harvests it, or its damaged chunks, first)
     return ChunkStore(store_path(cfg, data.hook))
 

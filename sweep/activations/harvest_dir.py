@@ -1,0 +1,175 @@
+"""What a harvest's ``store_dir`` holds, read and repaired: its settings file and token
+stream, whether its stores are complete, chunks torn or lost since they were written, and
+the leftovers of writes killed midway. (The harvesting itself is :mod:`.harvest`.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sweep.activations import lm
+from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
+from sweep.config import HarvestConfig
+from sweep.errors import StoreError
+from sweep.io import ensure_writable, remove_stale_temps
+
+if TYPE_CHECKING:
+    from sweep.activations.harvest import HarvestPlan
+
+log = logging.getLogger(__name__)
+
+PARAMS_FILE = "harvest-params.json"
+TOKENS_FILE = "harvest-tokens.npy"
+
+
+def store_path(cfg: HarvestConfig, hook: str) -> Path:
+    root = Path(cfg.store_dir).expanduser()
+    return root if len(cfg.hooks) == 1 else root / hook.replace("/", "_")
+
+
+def reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
+    """Whether a complete harvest lost chunks (missing, truncated, or rewritten with other
+    bits: hours of work on a real model that need not be redone). Once the repair can run
+    (store_dir writable, the model folder and the token stream there; else nothing is
+    touched), those chunks are removed, so the harvest resumes and writes just them again;
+    the manifests stay, and the harvest's finalize holds the new chunks to them."""
+    lost = {h: damaged(store_path(cfg, h)) for h in cfg.hooks}
+    if not any(lost.values()):
+        return False
+    ensure_writable(root, "store_dir")
+    lm.check_model_folder(cfg.model)
+    if not has_tokens(cfg, plan, root):
+        first = next(p for bad in lost.values() for p in bad.values())
+        raise StoreError(
+            f"harvest in {root} lost chunks ({first}) and its token stream {TOKENS_FILE}, so "
+            "they cannot be harvested again as they were; harvest into a new store_dir"
+        )
+    for hook, bad in lost.items():
+        if bad:
+            path = store_path(cfg, hook)
+            log.warning(
+                "harvest store %s has %d damaged chunk(s) (%s); harvesting them again",
+                path,
+                len(bad),
+                next(iter(bad.values())),
+            )
+            remove_chunks(path, bad)
+    return True
+
+
+def remove_chunks(path: Path, indices: Iterable[int]) -> None:
+    for i in indices:
+        for part in (path / chunk_name(i), (path / chunk_name(i)).with_suffix(".json")):
+            part.unlink(missing_ok=True)
+
+
+def damaged(path: Path) -> dict[int, str]:
+    """Chunks of a complete store that are missing, truncated, or whose stats file records
+    other bits than the manifest (harvested again elsewhere): index -> the problem."""
+    try:
+        store = ChunkStore(path, check_files=False)
+    except StoreError:
+        return {}  # a damaged manifest: ChunkStore says so, in one line
+    bad = store.damaged_chunks()
+    for i, sha in rewritten(path, store.chunks):
+        bad.setdefault(i, f"{chunk_name(i)} holds other bits than the manifest records ({sha})")
+    return bad
+
+
+def rewritten(path: Path, entries: list[dict]) -> list[tuple[int, str]]:
+    """Chunks whose stats file records another sha256 than their manifest entry (both
+    recorded; stores written before chunk checksums have none)."""
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            sha = json.loads((path / chunk_name(i)).with_suffix(".json").read_text()).get("sha256")
+        except (OSError, ValueError):
+            continue
+        if sha is not None and "sha256" in entry and sha != entry["sha256"]:
+            out.append((i, sha[:12]))
+    return out
+
+
+def prepare_dir(cfg: HarvestConfig, root: Path) -> None:
+    """Make sure store_dir (checked by :func:`check_dir`) can be written; drop the temp files
+    of writes killed midway (no shard runs yet)."""
+    ensure_writable(root, "store_dir")
+    for folder in [root, *(store_path(cfg, h) for h in cfg.hooks)]:
+        if folder.is_dir():
+            remove_stale_temps(folder)
+            _drop_torn_chunks(folder)
+
+
+def _drop_torn_chunks(folder: Path) -> None:
+    """Chunks of an unfinished harvest whose file no longer reads as a whole array (damaged
+    since it was written): removed, so resuming writes them again."""
+    for f in sorted(folder.glob("chunk_*.npy")):
+        try:
+            np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError) as err:
+            log.warning("chunk %s is truncated or corrupt (%s); harvesting it again", f, err)
+            f.unlink()
+            f.with_suffix(".json").unlink(missing_ok=True)
+
+
+def check_dir(cfg: HarvestConfig, params: dict) -> Path:
+    """Refuse a store_dir holding something else (reads only)."""
+    root = Path(cfg.store_dir).expanduser()
+    marker = root / PARAMS_FILE
+    if marker.is_file():
+        try:
+            old = json.loads(marker.read_text())
+        except (OSError, ValueError) as err:
+            raise StoreError(
+                f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"
+            ) from err
+        diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+        if diff:
+            raise StoreError(
+                f"store_dir {root} holds a harvest made with different settings ({', '.join(diff)}); "
+                "use the same values to resume it, or another store_dir"
+            )
+    elif root.exists() and (not root.is_dir() or any(map(_not_temp, root.iterdir()))):
+        raise StoreError(
+            f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
+        )
+    return root
+
+
+def _not_temp(path: Path) -> bool:
+    """Not the leftover of a write (or a write probe) killed midway."""
+    leftover = path.name.endswith(".tmp") or path.name.startswith(".write-probe.")
+    return not (path.name.startswith(".") and leftover)
+
+
+def complete(cfg: HarvestConfig, params: dict) -> bool:
+    return all(complete_store(store_path(cfg, h), params) for h in cfg.hooks)
+
+
+def has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
+    """Whether a resumed harvest's token stream is already on disk (and intact)."""
+    path = root / TOKENS_FILE
+    if not (path.is_file() and (root / PARAMS_FILE).is_file()):
+        return False
+    try:
+        return np.load(path, mmap_mode="r").shape == (
+            plan.n_contexts + plan.eval_contexts,
+            cfg.context,
+        )
+    except (ValueError, OSError):
+        log.warning("token stream %s is damaged; rebuilding it", path)
+        return False
+
+
+def complete_store(path: Path, params: dict) -> bool:
+    """``path`` holds a manifest of this harvest (a complete store, here being repaired)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return manifest.get("provenance", {}).get("params") == params
