@@ -668,3 +668,29 @@ def test_a_context_longer_than_the_model_takes_is_one_line(
     assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", context=128))) == 2
     assert "context=128 is longer than model" in _one_line_error(capsys)
     assert not any((tmp_path / "h").iterdir())
+
+
+def test_a_repair_killed_before_a_chunks_stats_file_is_finished_by_the_next_run(
+    tiny_model_dir, text_file, tmp_path
+):
+    """(Its .npy written, its .json not: the chunk's bits are unknown until it is redone.)
+    The LM-eval tokens, lost too, come back with it."""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1])
+    store = run_harvest(cfg)[HOOKS[0]]
+    files = {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()}
+    (store.path / chunk_name(2)).with_suffix(".json").unlink()
+    (store.path / harvest.EVAL_TOKENS_FILE).unlink()
+    assert run_harvest(cfg)[HOOKS[0]].identity == store.identity
+    assert {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()} == files
+
+
+def test_a_damaged_stats_file_of_an_unfinished_harvest_is_no_traceback(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
+    run_harvest(clean)
+    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
+    harvest_dying_at_second_group(cfg, monkeypatch)
+    (tmp_path / "cut" / HOOKS[0] / chunk_name(0)).with_suffix(".json").write_text('{"rows": 5')
+    run_harvest(cfg)
+    assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")

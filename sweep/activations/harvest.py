@@ -402,6 +402,8 @@ def _finalize(
             )
         if complete_store(path, params):  # repaired: its manifest (identity) stays
             writer.wait()
+            if not _readable(path / EVAL_TOKENS_FILE):
+                atomic_write(path / EVAL_TOKENS_FILE, lambda f: write_npy(f, eval_tokens))
             differ[h] = [
                 i for i, _ in rewritten(path, json.loads((path / MANIFEST).read_text())["chunks"])
             ]
@@ -421,6 +423,14 @@ def _finalize(
             "the store where it was made, or harvest into a new store_dir"
         )
     return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}
+
+
+def _readable(path: Path) -> bool:
+    try:
+        np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return True
 
 
 def provenance(

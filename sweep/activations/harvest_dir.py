@@ -76,9 +76,22 @@ def damaged(path: Path) -> dict[int, str]:
     except StoreError:
         return {}  # a damaged manifest: ChunkStore says so, in one line
     bad = store.damaged_chunks()
+    for i in range(len(store.chunks)):  # a repair killed before a chunk's stats file
+        if i not in bad and _stats(path, i) is None:
+            bad[i] = f"{chunk_name(i)}'s stats file is missing or damaged"
     for i, sha in rewritten(path, store.chunks):
         bad.setdefault(i, f"{chunk_name(i)} holds other bits than the manifest records ({sha})")
     return bad
+
+
+def _stats(path: Path, index: int) -> dict | None:
+    """Chunk ``index``'s stats file, or None when it is missing or damaged (another error
+    reading it is raised: the chunk may be fine)."""
+    try:
+        stats = json.loads((path / chunk_name(index)).with_suffix(".json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
 
 
 def rewritten(path: Path, entries: list[dict]) -> list[tuple[int, str]]:
@@ -86,10 +99,7 @@ def rewritten(path: Path, entries: list[dict]) -> list[tuple[int, str]]:
     recorded; stores written before chunk checksums have none)."""
     out = []
     for i, entry in enumerate(entries):
-        try:
-            sha = json.loads((path / chunk_name(i)).with_suffix(".json").read_text()).get("sha256")
-        except (OSError, ValueError):
-            continue
+        sha = (_stats(path, i) or {}).get("sha256")
         if sha is not None and "sha256" in entry and sha != entry["sha256"]:
             out.append((i, sha[:12]))
     return out
@@ -111,6 +121,9 @@ def _drop_torn_chunks(folder: Path) -> None:
     for f in sorted(folder.glob("chunk_*.npy")):
         try:
             np.load(f, mmap_mode="r", allow_pickle=False)
+            side = f.with_suffix(".json")
+            if side.exists() and _stats(folder, int(f.stem.split("_")[1])) is None:
+                raise ValueError(f"its stats file {side.name} is damaged")
         except (ValueError, EOFError) as err:
             log.warning("chunk %s is truncated or corrupt (%s); harvesting it again", f, err)
             f.unlink()
