@@ -192,13 +192,19 @@ def harvest_dying_at_second_group(cfg: HarvestConfig, monkeypatch) -> None:
     monkeypatch.setattr(harvest, "_write_group", real_write)
 
 
-def test_interrupted_harvest_resumes_to_the_same_store(
-    tiny_model_dir, text_file, tmp_path, monkeypatch
-):
+@pytest.fixture
+def clean_and_cut(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """A harvest into ``tmp_path/clean``, and the same into ``tmp_path/cut`` dying at its
+    second group: their configs."""
     clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
     run_harvest(clean)
-    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
-    harvest_dying_at_second_group(cfg, monkeypatch)
+    cut = replace(clean, store_dir=str(tmp_path / "cut"))
+    harvest_dying_at_second_group(cut, monkeypatch)
+    return clean, cut
+
+
+def test_interrupted_harvest_resumes_to_the_same_store(clean_and_cut, tmp_path):
+    _, cfg = clean_and_cut
     store = tmp_path / "cut" / HOOKS[0]
     assert not (store / "manifest.json").exists()  # an unfinished harvest is not a store
     with pytest.raises(StoreError, match="manifest.json is missing"):
@@ -600,13 +606,8 @@ def test_a_chunk_that_cannot_be_read_is_not_taken_for_damaged(
     assert (store / chunk_name(1)).is_file() and (store / "manifest.json").is_file()
 
 
-def test_a_torn_chunk_of_an_unfinished_harvest_is_harvested_again(
-    tiny_model_dir, text_file, tmp_path, monkeypatch
-):
-    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
-    run_harvest(clean)
-    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
-    harvest_dying_at_second_group(cfg, monkeypatch)
+def test_a_torn_chunk_of_an_unfinished_harvest_is_harvested_again(clean_and_cut, tmp_path):
+    _, cfg = clean_and_cut
     torn = tmp_path / "cut" / HOOKS[0] / chunk_name(0)
     torn.write_bytes(torn.read_bytes()[:300])  # damaged since it was written (with its stats)
     run_harvest(cfg)
@@ -684,13 +685,8 @@ def test_a_repair_killed_before_a_chunks_stats_file_is_finished_by_the_next_run(
     assert {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()} == files
 
 
-def test_a_damaged_stats_file_of_an_unfinished_harvest_is_no_traceback(
-    tiny_model_dir, text_file, tmp_path, monkeypatch
-):
-    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
-    run_harvest(clean)
-    cfg = replace(clean, store_dir=str(tmp_path / "cut"))
-    harvest_dying_at_second_group(cfg, monkeypatch)
+def test_a_damaged_stats_file_of_an_unfinished_harvest_is_no_traceback(clean_and_cut, tmp_path):
+    _, cfg = clean_and_cut
     (tmp_path / "cut" / HOOKS[0] / chunk_name(0)).with_suffix(".json").write_text('{"rows": 5')
     run_harvest(cfg)
     assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
