@@ -154,7 +154,7 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     if old is not None:
         diffs = _differences(with_legacy(old), new)
     else:  # config.yaml was deleted: what a started run recorded
-        recorded = next(iter(folder.recorded_specs().values()), None)
+        recorded = folder.first_spec()
         diffs = [] if recorded is None else _differences(*_as_config(recorded, new))
         fix = "pass the recorded values (a run's spec.json holds them)"
     if diffs:
@@ -186,8 +186,7 @@ def recorded_dtype(folder: SweepFolder) -> str | None:
     saved = folder.load_config()
     if saved is not None:
         return saved.get("train", {}).get("dtype")
-    recorded = next(iter(folder.recorded_specs().values()), {})
-    return recorded.get("train", {}).get("dtype")
+    return (folder.first_spec() or {}).get("train", {}).get("dtype")
 
 
 def check_device(cfg: SweepConfig) -> None:
@@ -243,14 +242,15 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
 
 
 def resume_groups(
-    folder: SweepFolder, todo: list[RunSpec]
+    folder: SweepFolder, todo: list[RunSpec], previous: dict[str, str] | None = None
 ) -> tuple[list[list[RunSpec]], list[list[RunSpec]], list[RunSpec]]:
     """Pending runs grouped as they were planned: one group per previous ensemble in which any
     run has a checkpoint file (all its pending runs: one lacking a checkpoint makes the worker
     restart them together, loudly, in the composition they had); the previous ensembles that
     never checkpointed (they start from scratch, in the composition an uninterrupted sweep
-    trains them in); and the runs never planned. No step is chosen here."""
-    previous = folder.previous_ensembles()
+    trains them in); and the runs never planned. No step is chosen here. (``previous``:
+    :meth:`SweepFolder.previous_ensembles`, if the caller has it.)"""
+    previous = folder.previous_ensembles() if previous is None else previous
     groups: dict[str, list[RunSpec]] = {}
     for r in todo:  # unrecorded runs alone: merging could move one back
         groups.setdefault(previous.get(r.run_id, f"unrecorded:{r.run_id}"), []).append(r)
@@ -317,12 +317,15 @@ def _fix(knob: str) -> str:
 
 
 def _warn_left_behind(
-    folder: SweepFolder, groups: list[list[RunSpec]], pending: set[str], knob: str
+    folder: SweepFolder,
+    groups: list[list[RunSpec]],
+    pending: set[str],
+    knob: str,
+    previous: dict[str, str],
 ) -> None:
     """A resumed ensemble whose unfinished members are no longer in the grid resumes without
     them, which costs bit-identity (every member shapes the shared step): say so, and how to
-    keep them together."""
-    previous = folder.previous_ensembles()
+    keep them together (``previous``: run -> the ensemble it last trained in)."""
     for group in groups:
         ens = previous.get(group[0].run_id)
         gone = sorted(
@@ -397,8 +400,10 @@ def plan(
     runs = expand_grid(cfg, width)
     final = [r for r in runs if is_final(folder.run(r.run_id), tidy)]
     todo = [r for r in runs if r not in final]
-    groups, kept, fresh = resume_groups(folder, todo)
-    _warn_left_behind(folder, groups, {r.run_id for r in todo}, cfg.sae.knob)
+    pending = {r.run_id for r in todo}
+    previous = folder.previous_ensembles()
+    groups, kept, fresh = resume_groups(folder, todo, previous)
+    _warn_left_behind(folder, groups, pending, cfg.sae.knob, previous)
     learned = learned_limits(cfg, folder, {r.dict_ratio for r in todo})
 
     def budget(ratio: float) -> int:
@@ -419,8 +424,7 @@ def plan(
 
     # ids other recorded runs keep (finished, or out of the grid): never given to another
     # ensemble, or such a run, trained again later, would be grouped with strangers
-    pending = {r.run_id for r in todo}
-    taken = {e for rid, e in folder.previous_ensembles().items() if rid not in pending}
+    taken = {e for rid, e in previous.items() if rid not in pending}
     resumed = [e for g in groups for e in _split_loudly(ensembles_of(g), learned)]
     resumed = grid.renumber(resumed, tag="-resume", taken=taken)
     planned = [e for g in kept for e in ensembles_of(g)]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,10 +237,18 @@ class SweepFolder:
         """run_id -> ``spec.json`` of every run folder that has one: what each started run
         trained with (what a re-run is checked against when config.yaml or the manifest
         is gone)."""
+        return dict(self._specs())
+
+    def first_spec(self) -> dict | None:
+        """One started run's ``spec.json`` (the settings every run of the sweep shares)."""
+        return next((spec for _, spec in self._specs()), None)
+
+    def _specs(self) -> Iterator[tuple[str, dict]]:
         root = self.path / "runs"
-        folders = sorted(root.iterdir()) if root.is_dir() else []
-        specs = {f.name: RunFolder(f).spec() for f in folders if f.is_dir()}
-        return {rid: s for rid, s in specs.items() if s}
+        for f in sorted(root.iterdir()) if root.is_dir() else []:
+            spec = RunFolder(f).spec() if f.is_dir() else {}
+            if spec:
+                yield f.name, spec
 
     def recorded_width(self) -> int | None:
         return self.manifest().get("width")

@@ -208,7 +208,7 @@ def harvest_with_stats(
             release_device_memory()
     else:
         if docs is not None:  # a new harvest: its hooks are checked before settings are fixed
-            _run_tasks(cfg, {0: (cfg,)}, _check_task)
+            _run_tasks(cfg, lambda _gpus: {0: (cfg,)}, _check_task)
         _token_stream(
             cfg,
             plan,
@@ -510,8 +510,8 @@ def _run_shards(cfg: HarvestConfig, plan: HarvestPlan) -> list[ShardResult]:
     return _run_tasks(cfg, jobs, _shard_task)
 
 
-def _run_tasks(cfg: HarvestConfig, jobs: Callable[[float], dict] | dict, task: Callable) -> list:
-    """``task`` on Ray for each job (``jobs``: by key, or made from the cluster's GPU count),
+def _run_tasks(cfg: HarvestConfig, jobs: Callable[[float], dict], task: Callable) -> list:
+    """``task`` on Ray for each job (``jobs``: by key, made from the cluster's GPU count),
     a GPU each when harvesting on CUDA; their values in completion order. A task's bad-input
     error (e.g. a hook the model has no per-token activation for) is raised as it is."""
     import ray
@@ -524,9 +524,8 @@ def _run_tasks(cfg: HarvestConfig, jobs: Callable[[float], dict] | dict, task: C
                 "device=cuda but the Ray cluster has no GPUs; harvest with device=cpu, or on "
                 "a cluster whose nodes have GPUs"
             )
-        todo = jobs(gpus) if callable(jobs) else jobs
         cpus = cfg.launch.cpus_per_ensemble or 1
-        refs = launcher.submit(task, todo, cpus, 1 if on_gpu else 0, cfg.launch.max_retries)
+        refs = launcher.submit(task, jobs(gpus), cpus, 1 if on_gpu else 0, cfg.launch.max_retries)
         done = list(launcher.drain(refs))
     refused = [f.cause for f in done if isinstance(f.cause, SweepError)]
     if refused:

@@ -119,15 +119,14 @@ def _drop_torn_chunks(folder: Path) -> None:
     """Chunks of an unfinished harvest whose file no longer reads as a whole array (damaged
     since it was written): removed, so resuming writes them again."""
     for f in sorted(folder.glob("chunk_*.npy")):
+        index = int(f.stem.split("_")[1])
         try:
             np.load(f, mmap_mode="r", allow_pickle=False)
-            side = f.with_suffix(".json")
-            if side.exists() and _stats(folder, int(f.stem.split("_")[1])) is None:
-                raise ValueError(f"its stats file {side.name} is damaged")
+            if f.with_suffix(".json").exists() and _stats(folder, index) is None:
+                raise ValueError("its stats file is damaged")
         except (ValueError, EOFError) as err:
             log.warning("chunk %s is truncated or corrupt (%s); harvesting it again", f, err)
-            f.unlink()
-            f.with_suffix(".json").unlink(missing_ok=True)
+            remove_chunks(folder, [index])
 
 
 def check_dir(cfg: HarvestConfig, params: dict) -> Path:
