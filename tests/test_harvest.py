@@ -690,3 +690,25 @@ def test_a_damaged_stats_file_of_an_unfinished_harvest_is_no_traceback(clean_and
     (tmp_path / "cut" / HOOKS[0] / chunk_name(0)).with_suffix(".json").write_text('{"rows": 5')
     run_harvest(cfg)
     assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
+
+
+def test_tokens_come_from_the_models_own_tokenizer(text_file, tmp_path, capsys):
+    """A tokenizer without BOS or EOS: the bridge's copy gains an ``<|endoftext|>`` token, so
+    one in-process shard tokenised differently from several Ray shards. Both use the saved one."""
+    from transformers import AutoTokenizer
+
+    model_dir = save_tiny_gpt2(tmp_path / "plain", special=False)
+    capsys.readouterr()  # transformers' saving bar
+    cfg = tiny_cfg(model_dir, text_file, tmp_path / "h", rows=600, lm_eval_tokens=0)
+    assert main(cli_args(cfg)) == 2
+    assert "tokenizer has no BOS or EOS token; set prepend_bos=false" in _one_line_error(capsys)
+    run_harvest(replace(cfg, prepend_bos=False, drop_bos=False))
+    plan = HarvestPlan.of(replace(cfg, prepend_bos=False, drop_bos=False))
+    want = text.token_contexts(
+        text.iter_documents(str(text_file)),
+        AutoTokenizer.from_pretrained(model_dir),
+        plan.n_contexts,
+        cfg.context,
+        prepend_bos=False,
+    )
+    assert np.array_equal(np.load(tmp_path / "h" / harvest.TOKENS_FILE), want)

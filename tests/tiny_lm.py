@@ -21,34 +21,40 @@ EOT = "<|endoftext|>"
 WORDS = "the a fox dog cat sat ran over under quick lazy brown red blue seven apples river stone".split()
 
 
-def char_tokenizer():  # type: ignore[no-untyped-def]
+def char_tokenizer(special: bool = True):  # type: ignore[no-untyped-def]
+    """``special=False``: no BOS, EOS or ``<|endoftext|>`` at all (ids 0.. are the characters)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {EOT: 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOT))
+    unk = EOT if special else "?"
+    vocab = {**({EOT: 0} if special else {}), **{c: i + special for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT
-    )
+    marks = dict(bos_token=EOT, eos_token=EOT) if special else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **marks)
 
 
 def save_tiny_gpt2(
-    folder: Path, n_layer: int = 2, width: int = 32, n_ctx: int = 64, seed: int = 0
+    folder: Path,
+    n_layer: int = 2,
+    width: int = 32,
+    n_ctx: int = 64,
+    seed: int = 0,
+    special: bool = True,
 ) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok = char_tokenizer()
+    tok = char_tokenizer(special)
     cfg = GPT2Config(
         vocab_size=len(tok),
         n_positions=n_ctx,
         n_embd=width,
         n_layer=n_layer,
         n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
+        bos_token_id=0 if special else None,
+        eos_token_id=0 if special else None,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(cfg)

@@ -201,7 +201,9 @@ def harvest_with_stats(
         loaded = model is None
         model = model if not loaded else lm.load_model(cfg.model, cfg.device, cfg.model_dtype)
         check_model(model, cfg)  # before the token stream fixes the harvest's settings
-        _token_stream(cfg, plan, root, params, docs, model.tokenizer)
+        # the model's own tokenizer, as shards use (the bridge's copy may have added tokens)
+        tokenizer = _tokenizer(cfg, docs) if loaded else model.tokenizer
+        _token_stream(cfg, plan, root, params, docs, tokenizer)
         results = [harvest_shard(cfg, plan, range(plan.n_groups), model)]
         if loaded:  # a sweep's driver harvests, then trains: its model must leave the GPU
             del model
@@ -209,17 +211,19 @@ def harvest_with_stats(
     else:
         if docs is not None:  # a new harvest: its hooks are checked before settings are fixed
             _run_tasks(cfg, lambda _gpus: {0: (cfg,)}, _check_task)
-        _token_stream(
-            cfg,
-            plan,
-            root,
-            params,
-            docs,
-            lm.load_tokenizer(cfg.model) if docs is not None else None,
-        )
+        _token_stream(cfg, plan, root, params, docs, _tokenizer(cfg, docs))
         results = _run_shards(cfg, plan)
     _log_timing(results)
     return _finalize(cfg, plan, params, results), results
+
+
+def _tokenizer(cfg: HarvestConfig, docs: Iterator[str] | None) -> Any:
+    """The tokenizer saved with ``cfg.model`` (None when the token stream is already written).
+
+    Not the bridge's copy: transformer_lens gives a tokenizer without BOS or EOS an added
+    ``<|endoftext|>`` token, so tokens would depend on whether one shard or several harvest.
+    """
+    return lm.load_tokenizer(cfg.model) if docs is not None else None
 
 
 def _absolute(cfg: HarvestConfig) -> HarvestConfig:
