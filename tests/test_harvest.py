@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from sweep.activations import harvest, harvest_dir, lm, text
 from sweep.activations.harvest import HarvestPlan, run_harvest
 from sweep.activations.store import ChunkStore, chunk_name
 from sweep.cli import main
-from sweep.config import HarvestConfig, HarvestDataConfig
+from sweep.config import HarvestConfig, HarvestDataConfig, HarvestSource
 from sweep.errors import StoreError, SweepError
 from tests.tiny_lm import char_tokenizer, save_tiny_gpt2, write_text
 
@@ -712,3 +712,19 @@ def test_tokens_come_from_the_models_own_tokenizer(text_file, tmp_path, capsys):
         prepend_bos=False,
     )
     assert np.array_equal(np.load(tmp_path / "h" / harvest.TOKENS_FILE), want)
+
+
+def test_a_removed_relative_model_folder_still_names_the_same_harvest(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """``model=models/gpt2`` (no ``./``) was recorded as its absolute path; once the folder is
+    gone the name alone reads as a hub name, which made the harvest "different settings"."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, "models/gpt2")
+    cfg = tiny_cfg(Path("models/gpt2"), text_file, Path("h"), hooks=HOOKS[:1], rows=620)
+    run_harvest(cfg)
+    shutil.rmtree("models")
+    assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
+    source = {f.name: getattr(cfg, f.name) for f in fields(HarvestSource)}
+    data = HarvestDataConfig(**source, hook=HOOKS[0])
+    assert harvest.harvested_store(data, "h", cfg.launch) is not None

@@ -160,7 +160,7 @@ class ShardResult:
 def harvest_params(cfg: HarvestConfig) -> dict:
     """The values that define a harvest (recorded in harvest-params.json and the manifest)."""
     params = {k: getattr(cfg, k) for k in _DEFINING}
-    params["model"] = lm.model_ref(cfg.model)
+    params["model"] = _model_ref(cfg)
     local = text.is_local(cfg.dataset)  # absolute even once removed (tokens need it no more)
     params["dataset"] = str(Path(cfg.dataset).expanduser().resolve()) if local else cfg.dataset
     params["hooks"] = list(cfg.hooks)
@@ -217,6 +217,20 @@ def harvest_with_stats(
     return _finalize(cfg, plan, params, results), results
 
 
+def _model_ref(cfg: HarvestConfig) -> str:
+    """:func:`lm.model_ref`, also for a relative model folder (no ``./``) since removed: the
+    harvest in store_dir recorded it as an absolute path, which its name alone cannot tell."""
+    ref = lm.model_ref(cfg.model)
+    gone = str(Path(cfg.model).expanduser().resolve())
+    if ref != cfg.model or ref == gone:
+        return ref
+    try:
+        recorded = json.loads((Path(cfg.store_dir).expanduser() / PARAMS_FILE).read_text())
+    except (OSError, ValueError):
+        return ref
+    return gone if isinstance(recorded, dict) and recorded.get("model") == gone else ref
+
+
 def _tokenizer(cfg: HarvestConfig, docs: Iterator[str] | None) -> Any:
     """The tokenizer saved with ``cfg.model`` (None when the token stream is already written).
 
@@ -232,7 +246,7 @@ def _absolute(cfg: HarvestConfig) -> HarvestConfig:
     return replace(
         cfg,
         store_dir=str(Path(cfg.store_dir).expanduser().absolute()),
-        model=lm.model_ref(cfg.model),
+        model=_model_ref(cfg),
     )
 
 
