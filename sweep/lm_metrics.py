@@ -1,37 +1,42 @@
 """Language-model metrics of a dictionary: the model's next-token loss with the SAE spliced in.
 
 On held-out contexts (the tokens right after a harvest's range, saved with the store as
-``lm_eval_tokens.npy``), at the store's hook:
+``lm_eval_tokens.npy``), at the store's hook. The SAE is spliced in at the positions it was
+trained on (a dropped BOS position keeps its own activation). Our own names:
 
 - ``ce_loss_clean``    mean next-token cross-entropy of the unmodified model
 - ``ce_loss_spliced``  with the hook's activations replaced by the SAE's reconstruction
-- ``ce_loss_ablated``  with the hook's activations set to zero
+- ``ce_loss_ablated``  with the activations the SAE replaces set to zero
 - ``loss_recovered``   ``(ablated - spliced) / (ablated - clean)``: 1 = splicing the SAE in
   costs nothing, 0 = as bad as deleting the activations
-- ``kl_div_with_sae``, ``kl_div_with_ablation``  mean over all positions of
-  KL(clean next-token distribution || distribution with the SAE spliced in / with the
-  activations zeroed), in nats
+
+all averaged over every predicted position (all but the last of each context). And as
+SAEBench's core evaluation computes them (``sae_bench/evals/core/main.py``), so they compare
+with its published figures: averaged only over positions whose token is not a special token
+(BOS, EOS, PAD: SAEBench's ``ignore_tokens``), the ablation zeroing the hook at every
+position (its zero-ablation hook):
+
+- ``ce_loss_without_sae``, ``ce_loss_with_sae``, ``ce_loss_with_ablation``, ``ce_loss_score``
+- ``kl_div_with_sae``, ``kl_div_with_ablation``  mean KL(clean next-token distribution ||
+  distribution with the SAE spliced in / with the hook zeroed), in nats
 - ``kl_div_score``     ``(kl_div_with_ablation - kl_div_with_sae) / kl_div_with_ablation``
 
-and, under SAEBench's core-eval names, the same cross-entropy numbers again:
-``ce_loss_score`` (= loss_recovered), ``ce_loss_with_sae`` (= spliced),
-``ce_loss_with_ablation`` (= ablated), ``ce_loss_without_sae`` (= clean).
+(One difference stays: SAEBench's ``exclude_special_tokens_from_reconstruction`` keeps every
+special position's own activation; we splice the SAE wherever it was trained, which includes
+the document separators inside a context.)
 
-Cross-entropies average over the predicted positions (all but the last of each context), the
-KL divergences over every position, as SAEBench does. Both come from float32 log-softmaxes of
-the logits. The clean distribution is never kept for all tokens (contexts x vocabulary can
-be gigabytes): each batch runs the clean model next to the modified one. Clean and ablated
-numbers are computed once per :class:`LMEval`, with its first dictionary.
-
-Interventions touch only the positions the SAE was trained on (a dropped BOS position keeps
-its own activation).
+Both come from float32 log-softmaxes of the logits. The clean distribution is never kept for
+all tokens (contexts x vocabulary can be gigabytes): each batch runs the clean model next to
+the modified ones. Clean and ablated numbers are computed once per :class:`LMEval`, with its
+first dictionaries.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -48,6 +53,8 @@ EVAL_TOKENS_FILE = "lm_eval_tokens.npy"  # written by sweep.activations.harvest
 
 
 class LMLosses(NamedTuple):
+    """One dictionary's LM metrics (see the module's docstring for each)."""
+
     ce_loss_clean: float
     ce_loss_spliced: float
     ce_loss_ablated: float
@@ -55,16 +62,40 @@ class LMLosses(NamedTuple):
     kl_div_with_sae: float
     kl_div_with_ablation: float
     kl_div_score: float
+    ce_loss_score: float
+    ce_loss_with_sae: float
+    ce_loss_with_ablation: float
+    ce_loss_without_sae: float
 
     def as_dict(self) -> dict[str, float]:
-        """The metrics by name, with SAEBench's names for the cross-entropy ones added."""
-        return {
-            **self._asdict(),
-            "ce_loss_score": self.loss_recovered,
-            "ce_loss_with_sae": self.ce_loss_spliced,
-            "ce_loss_with_ablation": self.ce_loss_ablated,
-            "ce_loss_without_sae": self.ce_loss_clean,
-        }
+        return self._asdict()
+
+
+class Means(NamedTuple):
+    """One pass's mean cross-entropy and KL(clean || pass): over every position, and over
+    the positions SAEBench keeps (``kept``: no special token)."""
+
+    ce: float
+    kl: float
+    ce_kept: float
+    kl_kept: float
+
+
+def lm_losses(clean: Means, ablated: Means, zeroed: Means, spliced: Means) -> LMLosses:
+    """The metrics from the passes: ``ablated`` zeroes what the SAE replaces, ``zeroed`` all."""
+    return LMLosses(
+        ce_loss_clean=clean.ce,
+        ce_loss_spliced=spliced.ce,
+        ce_loss_ablated=ablated.ce,
+        loss_recovered=loss_recovered(clean.ce, spliced.ce, ablated.ce),
+        kl_div_with_sae=spliced.kl_kept,
+        kl_div_with_ablation=zeroed.kl_kept,
+        kl_div_score=kl_div_score(spliced.kl_kept, zeroed.kl_kept),
+        ce_loss_score=loss_recovered(clean.ce_kept, spliced.ce_kept, zeroed.ce_kept),
+        ce_loss_with_sae=spliced.ce_kept,
+        ce_loss_with_ablation=zeroed.ce_kept,
+        ce_loss_without_sae=clean.ce_kept,
+    )
 
 
 def loss_recovered(clean: float, spliced: float, ablated: float) -> float:
@@ -108,20 +139,20 @@ def _log_probs(
     return lp
 
 
-def _ce_sum(lp_BPV: torch.Tensor, toks_BP: torch.Tensor) -> float:
-    """Summed next-token cross-entropy over the B * (P - 1) predicted positions."""
-    return -float(lp_BPV[:, :-1].gather(-1, toks_BP[:, 1:, None]).double().sum())
+def _ce_tokens(lp_BPV: torch.Tensor, toks_BP: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at each predicted position: (B, P - 1) float64."""
+    return -lp_BPV[:, :-1].gather(-1, toks_BP[:, 1:, None])[..., 0].double()
 
 
-def _kl_sum(ref_BPV: torch.Tensor, lp_BPV: torch.Tensor) -> float:
-    """Σ over the B * P positions of KL(ref || lp), both log-probabilities; one context at a
-    time so the temporaries stay (P, V)."""
-    total = 0.0
-    for ref, lp in zip(ref_BPV, lp_BPV, strict=True):  # (P, V) each
-        total += float(
-            torch.nn.functional.kl_div(lp, ref, reduction="sum", log_target=True).double()
-        )
-    return total
+def _kl_tokens(ref_BPV: torch.Tensor, lp_BPV: torch.Tensor) -> torch.Tensor:
+    """KL(ref || lp) at each position, both log-probabilities: (B, P) float64; one context at
+    a time so the temporaries stay (P, V)."""
+    return torch.stack(
+        [
+            torch.nn.functional.kl_div(lp, ref, reduction="none", log_target=True).sum(-1)
+            for ref, lp in zip(ref_BPV, lp_BPV, strict=True)  # (P, V) each
+        ]
+    ).double()
 
 
 @torch.inference_mode()
@@ -139,9 +170,42 @@ def ce_loss(
     total, count = 0.0, 0
     for at in range(0, tokens_NP.shape[0], batch):
         toks = tokens_NP[at : at + batch].to(device)  # (b, P)
-        total += _ce_sum(_log_probs(model, toks, hook, replace, first), toks)
+        total += float(_ce_tokens(_log_probs(model, toks, hook, replace, first), toks).sum())
         count += toks.shape[0] * (toks.shape[1] - 1)  # predicted positions
     return total / count
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """``replace`` applied at the hook to positions ``first:`` (earlier ones keep their own)."""
+
+    replace: Replace
+    first: int = 0
+
+
+class _Sums:
+    """Running sums of per-position losses over all positions and over the kept ones."""
+
+    def __init__(self) -> None:
+        self.ce = self.kl = self.ce_kept = self.kl_kept = 0.0
+
+    def add(self, ce_BQ: torch.Tensor, kl_BP: torch.Tensor | None, keep_BP: torch.Tensor) -> None:
+        self.ce += float(ce_BQ.sum())
+        self.ce_kept += float(ce_BQ[keep_BP[:, :-1]].sum())
+        if kl_BP is not None:
+            self.kl += float(kl_BP.sum())
+            self.kl_kept += float(kl_BP[keep_BP].sum())
+
+    def means(self, counts: _Sums) -> Means:
+        """The means, ``counts`` holding the number of positions each sum is over."""
+        return Means(*(_mean(a, n) for a, n in zip(self._vals(), counts._vals(), strict=True)))
+
+    def _vals(self) -> tuple[float, float, float, float]:
+        return self.ce, self.kl, self.ce_kept, self.kl_kept
+
+
+def _mean(total: float, count: float) -> float:
+    return total / count if count else math.nan
 
 
 @torch.inference_mode()
@@ -149,33 +213,40 @@ def ce_and_kl(
     model: Any,
     tokens_NP: torch.Tensor,
     hook: str,
-    replaces: Sequence[Replace],
-    first: int = 0,
+    interventions: Sequence[Intervention],
     batch: int = 16,
-) -> tuple[float, list[tuple[float, float]]]:
-    """The clean mean cross-entropy and, per replacement at ``hook``, (mean cross-entropy,
-    mean over positions of KL(clean || replaced)). One clean forward per batch serves all
-    replacements; no more than one batch's clean log-probabilities is held."""
+    ignore: Collection[int] = (),
+) -> tuple[Means, list[Means]]:
+    """The clean model's :class:`Means` (its KL 0) and each intervention's at ``hook``;
+    ``ignore``: token ids whose positions the ``kept`` means leave out. One clean forward per
+    batch serves all interventions; no more than one batch's clean log-probabilities is held."""
     device = next(model.parameters()).device
-    clean, sums = 0.0, [[0.0, 0.0] for _ in replaces]
-    predicted, positions = 0, 0
+    ignored = torch.tensor(sorted(ignore), dtype=torch.long, device=device)
+    clean, sums, counts = _Sums(), [_Sums() for _ in interventions], _Sums()
     for at in range(0, tokens_NP.shape[0], batch):
         toks = tokens_NP[at : at + batch].to(device)  # (b, P)
-        ref = _log_probs(model, toks, None, None, first)  # (b, P, V)
-        clean += _ce_sum(ref, toks)
-        for acc, replace in zip(sums, replaces, strict=True):
-            lp = _log_probs(model, toks, hook, replace, first)  # (b, P, V)
-            acc[0] += _ce_sum(lp, toks)
-            acc[1] += _kl_sum(ref, lp)
+        keep = ~torch.isin(toks, ignored)  # (b, P)
+        ref = _log_probs(model, toks, None, None, 0)  # (b, P, V)
+        clean.add(_ce_tokens(ref, toks), None, keep)
+        for acc, act in zip(sums, interventions, strict=True):
+            lp = _log_probs(model, toks, hook, act.replace, act.first)  # (b, P, V)
+            acc.add(_ce_tokens(lp, toks), _kl_tokens(ref, lp), keep)
             del lp
         del ref
-        predicted += toks.shape[0] * (toks.shape[1] - 1)
-        positions += toks.numel()
-    return clean / predicted, [(ce / predicted, kl / positions) for ce, kl in sums]
+        ones = torch.ones(toks.shape, dtype=torch.float64, device=device)
+        counts.add(ones[:, 1:], ones, keep)
+    return clean.means(counts), [acc.means(counts) for acc in sums]
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
+
+
+def special_ids(model: Any) -> set[int]:
+    """The tokenizer's BOS, EOS and PAD ids (SAEBench's ``ignore_tokens``)."""
+    tok = getattr(model, "tokenizer", None)
+    ids = (getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad"))
+    return {int(i) for i in ids if isinstance(i, int)}
 
 
 def _splice(sae: SAE) -> Replace:
@@ -203,47 +274,43 @@ class LMEval:
     """LM metrics of many SAEs at one hook: clean and ablated losses are computed once."""
 
     def __init__(
-        self, model: Any, hook: str, tokens_NP: torch.Tensor, first: int = 0, batch: int = 0
+        self,
+        model: Any,
+        hook: str,
+        tokens_NP: torch.Tensor,
+        first: int = 0,
+        batch: int = 0,
+        ignore: Collection[int] | None = None,
     ) -> None:
-        """``batch``: contexts per forward (0: as many as :data:`LOGITS_BYTES` allows)."""
+        """``batch``: contexts per forward (0: as many as :data:`LOGITS_BYTES` allows);
+        ``ignore``: special token ids (default: the tokenizer's BOS, EOS and PAD)."""
         self.model, self.hook, self.tokens, self.first = model, hook, tokens_NP, first
         self.batch = batch or contexts_per_batch(model, tokens_NP.shape[1])
-        self._clean: float | None = None
-        self._ablated: float | None = None
-        self._kl_ablated: float | None = None
+        self.ignore = special_ids(model) if ignore is None else set(ignore)
+        self._baseline: tuple[Means, Means, Means] | None = None  # clean, ablated, zeroed
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def _measure(self, replaces: Sequence[Replace]) -> tuple[float, list[tuple[float, float]]]:
-        return ce_and_kl(self.model, self.tokens, self.hook, replaces, self.first, self.batch)
 
     def losses(self, sae: SAE) -> LMLosses:
         return self.losses_of([sae])[0]
 
     def losses_of(self, saes: Sequence[SAE]) -> list[LMLosses]:
         """Each dictionary's losses, all from the same passes over the tokens: one clean
-        forward per batch serves every dictionary (and, the first time, the ablation)."""
-        splices = [_splice(sae.to(self.device)) for sae in saes]
-        if self._clean is None:  # the first dictionaries: clean and ablated in the same pass
-            clean, [ablated, *spliced] = self._measure([_zero, *splices])
-            self._clean, (self._ablated, self._kl_ablated) = clean, ablated
+        forward per batch serves every dictionary (and, the first time, the ablations)."""
+        splices = [Intervention(_splice(sae.to(self.device)), self.first) for sae in saes]
+        if self._baseline is None:  # the first dictionaries: clean and ablated in the same pass
+            ablations = [Intervention(_zero, self.first)] + [Intervention(_zero)] * (self.first > 0)
+            clean, means = self._measure([*ablations, *splices])
+            ablated, zeroed = means[0], means[len(ablations) - 1]
+            self._baseline, spliced = (clean, ablated, zeroed), means[len(ablations) :]
         else:
             _, spliced = self._measure(splices)
-        assert self._ablated is not None and self._kl_ablated is not None
-        return [
-            LMLosses(
-                self._clean,
-                ce,
-                self._ablated,
-                loss_recovered(self._clean, ce, self._ablated),
-                kl,
-                self._kl_ablated,
-                kl_div_score(kl, self._kl_ablated),
-            )
-            for ce, kl in spliced
-        ]
+        return [lm_losses(*self._baseline, m) for m in spliced]
+
+    def _measure(self, interventions: Sequence[Intervention]) -> tuple[Means, list[Means]]:
+        return ce_and_kl(self.model, self.tokens, self.hook, interventions, self.batch, self.ignore)
 
     @classmethod
     def for_store(

@@ -591,13 +591,14 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
 LM_TITLES = {
     "loss_recovered": "loss recovered (1 = splicing the SAE in costs nothing)",
     "ce_loss_spliced": "next-token CE with the SAE spliced in (nats)",
+    "kl_div_with_sae": "KL(clean || SAE spliced in), nats per token",
+    "kl_div_score": "KL-divergence score (SAEBench; 1 = outputs unchanged)",
 }
 
 
 def _lm_panels(rows: list[dict]) -> list[str]:
-    """The language-model metrics some of ``rows`` have: loss recovered, CE, KL (any kl*)."""
-    keys = [k for k in LM_TITLES if any(finite(r.get(k)) for r in rows)]
-    return keys + sorted({k for r in rows for k in r if k.startswith("kl") and finite(r.get(k))})
+    """The language-model metrics some of ``rows`` have (of :data:`LM_TITLES`)."""
+    return [k for k in LM_TITLES if any(finite(r.get(k)) for r in rows)]
 
 
 def lm_vs_l0(rows: list[dict], path: Path) -> Path:
@@ -632,7 +633,7 @@ def lm_vs_l0(rows: list[dict], path: Path) -> Path:
             _ce_references(ax, pts)
         ax.set_xscale("log")
         ax.set_xlabel("L0 (active features per row)")
-        ax.set_title(LM_TITLES.get(key, key), fontsize=10)
+        ax.set_title(LM_TITLES[key], fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)

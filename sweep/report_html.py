@@ -268,7 +268,7 @@ def _cell(out: Path, page: Page, row: dict, col: str) -> str:
     if col == "loss_recovered" and plots.weak_loss_recovered(row):
         gap = plots.ablation_gap(row)
         tip = (
-            f"not meaningful: zero-ablating the hook raised the loss by only {gap:.3g} nats "
+            f"not meaningful: zero-ablating the hook changed the loss by only {gap:+.3g} nats "
             f"(< {GAP:g}), so this ratio divides by noise"
         )
         return f'<td class="weak" data-v="{key}" title="{_e(tip)}">{text}&nbsp;†</td>'
@@ -291,11 +291,11 @@ def _footnote(rows: list[dict]) -> str:
     if not weak:
         return ""
     gaps = sorted(g for g in (plots.ablation_gap(r) for r in weak) if g is not None)
-    lo, hi = f"{gaps[0]:.3g}", f"{gaps[-1]:.3g}"
+    lo, hi = f"{gaps[0]:+.3g}", f"{gaps[-1]:+.3g}"
     span = lo if lo == hi else f"{lo}–{hi}"
     return (
         f'<p class="note">† {len(weak)} run(s): <code>loss_recovered</code> is not meaningful — '
-        f"zero-ablating the hook raised the model's loss by only {span} nats "
+        f"zero-ablating the hook changed the model's loss by only {span} nats "
         f"(threshold {GAP:g} nats), so the ratio divides by noise and can exceed 1. Judge "
         "these runs by <code>ce_loss_spliced</code> against <code>ce_loss_clean</code>.</p>"
     )

@@ -71,13 +71,53 @@ LM_NAMES = {
 }
 
 
-def manual_kl(model, tokens, hook_fn) -> float:
-    """Mean over all positions of KL(clean || hooked), from whole-array logits (float64)."""
+def manual_kl(model, tokens, hook_fn, keep=None) -> float:
+    """Mean over the ``keep`` positions (default all) of KL(clean || hooked), from
+    whole-array logits (float64)."""
     with torch.inference_mode():
         clean = model(tokens, return_type="logits").double().log_softmax(-1)
         new = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook_fn)], return_type="logits")
         new = new.double().log_softmax(-1)
-    return float((clean.exp() * (clean - new)).sum(-1).mean())
+    kl = (clean.exp() * (clean - new)).sum(-1)  # (N, P)
+    return float(kl.mean() if keep is None else kl[keep].mean())
+
+
+def saebench_reference(model, tokens, sae: SAE, first: int) -> dict[str, float]:
+    """SAEBench core eval's recipe, written out: per-token losses of whole-array logits,
+    positions whose token is special (BOS = EOS = PAD = 0 here) left out of every mean, the
+    ablation zeroing every position, the SAE spliced at positions ``first:``."""
+    keep = tokens != 0  # (N, P)
+
+    def splice(act, hook):
+        out = act.clone()
+        out[:, first:] = sae(act[:, first:])
+        return out
+
+    def zero(act, hook):
+        return torch.zeros_like(act)
+
+    def ce(hook_fn) -> float:
+        with torch.inference_mode():
+            hooks = [] if hook_fn is None else [(HOOK, hook_fn)]
+            lp = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits")
+            lp = lp.double().log_softmax(-1)
+        per_token = -lp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]  # (N, P - 1)
+        return float(per_token[keep[:, :-1]].mean())
+
+    clean, with_sae, ablated = ce(None), ce(splice), ce(zero)
+    kl_sae, kl_ablated = (
+        manual_kl(model, tokens, splice, keep),
+        manual_kl(model, tokens, zero, keep),
+    )
+    return {
+        "ce_loss_without_sae": clean,
+        "ce_loss_with_sae": with_sae,
+        "ce_loss_with_ablation": ablated,
+        "ce_loss_score": (ablated - with_sae) / (ablated - clean),
+        "kl_div_with_sae": kl_sae,
+        "kl_div_with_ablation": kl_ablated,
+        "kl_div_score": (kl_ablated - kl_sae) / kl_ablated,
+    }
 
 
 def test_loss_recovered_formula():
@@ -119,13 +159,23 @@ def test_perfect_sae_recovers_everything_and_zero_sae_nothing(model, tokens):
     assert nothing.kl_div_with_ablation == perfect.kl_div_with_ablation  # cached
 
 
-def test_saebench_names_repeat_ours(model, tokens):
-    m = LMEval(model, HOOK, tokens, batch=4).losses(zero_sae()).as_dict()
-    assert set(m) == LM_NAMES
-    assert m["ce_loss_score"] == m["loss_recovered"]
-    assert m["ce_loss_with_sae"] == m["ce_loss_spliced"]
-    assert m["ce_loss_with_ablation"] == m["ce_loss_ablated"]
-    assert m["ce_loss_without_sae"] == m["ce_loss_clean"]
+def test_saebench_names_follow_saebench(model, tokens):
+    """Under SAEBench's names, SAEBench's recipe (special positions out of the means, every
+    position zeroed); ours keep all positions and zero only what the SAE replaces."""
+    eye = torch.eye(D)
+    params = {"W_enc": torch.cat([eye, -eye], 1), "b_enc": torch.zeros(2 * D)}
+    half = SAE({**params, "W_dec": torch.cat([eye, -eye], 0) / 2, "b_dec": torch.zeros(D)}, {})
+    for first in (0, 1):
+        m = LMEval(model, HOOK, tokens, first=first, batch=4).losses(half).as_dict()
+        assert set(m) == LM_NAMES
+        want = saebench_reference(model, tokens, half, first)
+        assert {k: m[k] for k in want} == pytest.approx(want, rel=1e-4)
+    assert m["ce_loss_with_ablation"] != pytest.approx(m["ce_loss_ablated"], rel=1e-3)
+    assert m["ce_loss_without_sae"] != pytest.approx(m["ce_loss_clean"], rel=1e-3)
+    same = LMEval(model, HOOK, tokens, batch=4, ignore=()).losses(half)
+    assert (same.ce_loss_score, same.ce_loss_with_sae) == pytest.approx(
+        (same.loss_recovered, same.ce_loss_spliced), rel=1e-9
+    )
 
 
 def test_kl_matches_whole_array_computation(model, tokens):
@@ -138,14 +188,18 @@ def test_kl_matches_whole_array_computation(model, tokens):
         return act / 2
 
     m = LMEval(model, HOOK, tokens, batch=4).losses(zero_sae())
-    want = manual_kl(model, tokens, zero)
+    want = manual_kl(model, tokens, zero, keep=tokens != 0)
     assert m.kl_div_with_ablation == pytest.approx(want, rel=1e-4)
     assert m.kl_div_with_sae == pytest.approx(want, rel=1e-4)  # reconstructs 0
-    clean, [(ce, kl)] = lm_metrics.ce_and_kl(model, tokens, HOOK, [lambda x: x / 2], batch=4)
-    assert kl == pytest.approx(manual_kl(model, tokens, halve), rel=1e-4)
-    assert 0 < kl < want
-    assert ce == pytest.approx(ce_loss(model, tokens, HOOK, lambda x: x / 2, batch=6), rel=1e-5)
-    assert clean == pytest.approx(ce_loss(model, tokens, batch=6), rel=1e-5)
+    halved = lm_metrics.Intervention(lambda x: x / 2)
+    clean, [half] = lm_metrics.ce_and_kl(model, tokens, HOOK, [halved], batch=4, ignore={0})
+    assert half.kl == pytest.approx(manual_kl(model, tokens, halve), rel=1e-4)
+    assert half.kl_kept == pytest.approx(manual_kl(model, tokens, halve, tokens != 0), rel=1e-4)
+    assert 0 < half.kl_kept < want and clean.kl == 0
+    assert half.ce == pytest.approx(
+        ce_loss(model, tokens, HOOK, lambda x: x / 2, batch=6), rel=1e-5
+    )
+    assert clean.ce == pytest.approx(ce_loss(model, tokens, batch=6), rel=1e-5)
 
 
 def test_clean_and_ablated_run_once_and_one_batch_at_a_time(model, tokens, monkeypatch):
@@ -194,7 +248,9 @@ def test_dropped_bos_position_is_left_alone(model, tokens):
     all_pos = LMEval(model, HOOK, tokens, first=0).losses(zero_sae())
     assert keep_bos.ce_loss_ablated != pytest.approx(all_pos.ce_loss_ablated, abs=1e-4)
     assert keep_bos.loss_recovered == pytest.approx(0.0, abs=1e-4)
-    assert keep_bos.kl_div_score == pytest.approx(0.0, abs=1e-4)
+    # SAEBench's ablation zeroes the BOS position too: not what a zero dictionary does
+    assert keep_bos.ce_loss_with_ablation == pytest.approx(all_pos.ce_loss_with_ablation)
+    assert abs(keep_bos.kl_div_score) > 0.01
     assert LMEval(model, HOOK, tokens, first=1).losses(
         identity_sae()
     ).kl_div_score == pytest.approx(1.0, abs=1e-4)
