@@ -7,7 +7,8 @@ in a larger dictionary, or under another seed, are more likely real features); t
 gets live here.
 
 A grid point's sparsity setting (its *knob*) is ``k`` for TopK-style runs (``sae=topk``,
-``batchtopk``: their spec and summary row carry ``k``) and the L1 coefficient otherwise;
+``batchtopk``: their spec and summary row carry ``k``), the L0 coefficient for JumpReLU
+(``grid.l1`` there weighs the L0 penalty: named ``l0``) and the L1 coefficient otherwise;
 :func:`knob` reads it, and every reader (report, plots, page, API) goes through it.
 
 Per run (written into ``metrics.json`` of finished runs by :func:`annotate_runs`):
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sweep import metrics, sae
+from sweep import archs, metrics, sae
 from sweep.io import atomic_write_json
 from sweep.rundir import RunFolder
 from sweep.sweepdir import RunRecord
@@ -37,18 +38,30 @@ log = logging.getLogger(__name__)
 
 CACHE = "mmcs_cache.json"
 
-KNOB_NAMES = {"l1": "L1", "k": "k"}
+KNOB_NAMES = {"l1": "L1", "k": "k", "l0": "L0 coeff."}
 """How each knob is written in labels and text."""
+KNOB_AXES = {
+    "l1": "L1 coefficient",
+    "k": "k (active latents per row)",
+    "l0": "L0 coefficient (JumpReLU's grid.l1)",
+}
+"""Each knob as an axis label."""
 
 
 def knob(row: Mapping) -> tuple[str, float | None]:
     """A run's sparsity setting as (name, value): ``("k", k)`` for TopK-style runs (a summary
-    row or spec with ``k`` >= 1), else ``("l1", l1)`` (value None when unknown)."""
+    row or spec with ``k`` >= 1), ``("l0", l1)`` for an L0 penalty (JumpReLU), else
+    ``("l1", l1)`` (value None when unknown)."""
     k = row.get("k")
     if isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and k >= 1:
         return "k", k
     l1 = row.get("l1")
-    return "l1", l1 if isinstance(l1, (int, float)) and not isinstance(l1, bool) else None
+    name = "l0" if _l0_penalty(row.get("sae") or row.get("arch")) else "l1"
+    return name, l1 if isinstance(l1, (int, float)) and not isinstance(l1, bool) else None
+
+
+def _l0_penalty(arch: object) -> bool:
+    return isinstance(arch, str) and arch in archs.REGISTRY and archs.get(arch).l0_penalty
 
 
 def knob_value(row: Mapping) -> float | None:
@@ -56,12 +69,19 @@ def knob_value(row: Mapping) -> float | None:
 
 
 def sweep_knob(rows: Iterable[Mapping]) -> str:
-    """The knob a sweep's grid varies: ``k`` when any run has one, else ``l1``."""
-    return "k" if any(knob(r)[0] == "k" for r in rows) else "l1"
+    """The knob a sweep's grid varies: ``k`` when any run has one, ``l0`` when every run
+    weighs an L0 penalty, else ``l1``."""
+    return common_knob(knob(r)[0] for r in rows)
+
+
+def common_knob(names: Iterable[str]) -> str:
+    """The knob of runs whose knobs are ``names``: ``k`` if any is, a name all share, else ``l1``."""
+    seen = set(names)
+    return "k" if "k" in seen else seen.pop() if len(seen) == 1 else "l1"
 
 
 def knob_text(name: str, value: float) -> str:
-    """A knob value for labels: ``0.01`` (L1), ``16`` (k)."""
+    """A knob value for labels: ``0.01`` (L1, L0 coefficient), ``16`` (k)."""
     if name == "k":
         return str(int(value)) if float(value).is_integer() else f"{value:g}"
     return f"{value:.2g}"
@@ -89,9 +109,9 @@ class RunRef:
 
     run_id: str
     knob: str
-    """``l1`` or ``k`` (:func:`knob`)."""
+    """``l1``, ``l0`` or ``k`` (:func:`knob`)."""
     value: float
-    """The L1 coefficient or k."""
+    """The L1 or L0 coefficient, or k."""
     dict_ratio: float
     seed: int
     folder: RunFolder

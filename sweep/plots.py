@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from sweep import crossdict
-from sweep.crossdict import KNOB_NAMES, CrossDict, knob_text, knob_value, sweep_knob
+from sweep.crossdict import KNOB_AXES, KNOB_NAMES, CrossDict, knob_text, knob_value, sweep_knob
 from sweep.io import atomic_write
 from sweep.rundir import RunFolder
 
@@ -130,7 +130,7 @@ def has_lm_metrics(rows: list[dict]) -> bool:
 # ----------------------------------------------------------------------------- axes
 
 
-def _l1_axis(ax, l1s: list[float]) -> None:
+def _l1_axis(ax, l1s: list[float], label: str = KNOB_AXES["l1"]) -> None:
     """A log L1 axis (symlog when 0 is in the grid) with a labelled tick at every grid L1."""
     ticks = sorted({float(v) for v in l1s})
     positive = [v for v in ticks if v > 0]
@@ -145,7 +145,7 @@ def _l1_axis(ax, l1s: list[float]) -> None:
     if positive:
         lo = 0.0 if len(positive) < len(ticks) else min(positive) / 1.6
         ax.set_xlim(lo - (positive[0] * 0.3 if lo == 0 else 0), max(positive) * 1.6)
-    ax.set_xlabel("L1 coefficient")
+    ax.set_xlabel(label)
 
 
 def _k_axis(ax, ks: list[float]) -> None:
@@ -153,7 +153,7 @@ def _k_axis(ax, ks: list[float]) -> None:
     or more, else linear."""
     ticks = sorted({float(v) for v in ks if v > 0})
     if not ticks:
-        ax.set_xlabel("k (active latents per row)")
+        ax.set_xlabel(KNOB_AXES["k"])
         return
     lo, hi = ticks[0], ticks[-1]
     if hi / lo >= 4:
@@ -166,15 +166,16 @@ def _k_axis(ax, ks: list[float]) -> None:
     labels = [knob_text("k", v) if i % step == 0 else "" for i, v in enumerate(ticks)]
     ax.set_xticks(ticks, labels, rotation=45 if len(ticks) > 8 else 0, fontsize=8)
     ax.set_xticks([], minor=True)
-    ax.set_xlabel("k (active latents per row)")
+    ax.set_xlabel(KNOB_AXES["k"])
 
 
 def _knob_axis(ax, name: str, values: list[float]) -> None:
-    """The x axis of a plot against the sweep's knob: L1 (log) or k (log2 or linear)."""
+    """The x axis of a plot against the sweep's knob: L1 or L0 coefficient (log) or k (log2
+    or linear)."""
     if name == "k":
         _k_axis(ax, values)
     else:
-        _l1_axis(ax, values)
+        _l1_axis(ax, values, KNOB_AXES[name])
 
 
 def _fit_ylim(ax, values: list[float], min_span: float = 0.05) -> None:
@@ -202,7 +203,7 @@ def frontier(rows: list[dict], path: Path) -> Path:
     fig, (ax,) = _figure()
     colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
     values = sorted({knob_value(r) for r in pts})
-    rank = {v: i / max(1, len(values) - 1) for i, v in enumerate(values)}
+    rank = {v: i / (len(values) - 1) if len(values) > 1 else 1.0 for i, v in enumerate(values)}
     for ratio, color in colors.items():
         mine = sorted((r for r in pts if r["dict_ratio"] == ratio), key=knob_value)
         ax.plot(
@@ -360,7 +361,7 @@ def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
     for i, ratio in enumerate(ratios):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         refs, mat = cross.matrices[ratio]
-        label = KNOB_NAMES["k" if any(r.knob == "k" for r in refs) else "l1"]
+        label = KNOB_NAMES[crossdict.common_knob(r.knob for r in refs)]
         im = ax.imshow(mat, vmin=vmin, vmax=vmax, cmap="viridis")
         labels = [_run_label(r, len({r.seed for r in refs}) > 1) for r in refs]
         size = 8 if len(refs) <= 24 else 6
@@ -575,6 +576,8 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
     for ax, (key, title) in zip(axes, CURVE_PANELS, strict=True):
         if key == "loss" and name == "k":
             title = "training loss (MSE, + AuxK when on)"
+        elif key == "loss" and name == "l0":
+            title = "training loss (MSE + L0 penalty)"
         ax.set_yscale("log")
         ax.set_xlabel("training rows")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))

@@ -34,15 +34,27 @@ GAP = plots.MIN_ABLATION_GAP
 def definitions(knob: str = "l1") -> dict[str, str]:
     """The page's definitions for a sweep whose sparsity knob is ``knob`` (``l1`` or ``k``)."""
     out = dict(DEFINITIONS)
-    if knob == "k":
-        out["MMCS"] = out["MMCS"].replace("the same L1 and seed", "the same k and seed")
-        out = {
-            "k": "latents a TopK-style SAE keeps active per row (topk: exactly k per row; "
-            "batchtopk: k per row on average over a training batch, a learned threshold at "
-            "inference): the grid's sparsity setting, in place of an L1 coefficient.",
-            **out,
-        }
+    if knob in KNOB_DEFINITIONS:
+        name, text = KNOB_DEFINITIONS[knob]
+        out["MMCS"] = out["MMCS"].replace("the same L1 and seed", f"the same {name} and seed")
+        out = {name: text, **out}
     return out
+
+
+KNOB_DEFINITIONS = {
+    "k": (
+        "k",
+        "latents a TopK-style SAE keeps active per row (topk: exactly k per row; "
+        "batchtopk: k per row on average over a training batch, a learned threshold at "
+        "inference): the grid's sparsity setting, in place of an L1 coefficient.",
+    ),
+    "l0": (
+        "L0 coefficient",
+        "JumpReLU's grid.l1 (the l1 column): the weight λ of its L0 penalty, loss = MSE + "
+        "λ·L0, in place of an L1 coefficient.",
+    ),
+}
+"""(name, definition) of each knob other than L1."""
 
 
 DEFINITIONS = {
@@ -85,7 +97,8 @@ def captions(knob: str = "l1", sweeps: list[str] | None = None) -> dict[str, str
     on a comparison frontier (``sweep report A B``)."""
     if knob == "l1" and not sweeps:
         return dict(CAPTIONS)
-    out = {k: v.replace("L1", knob) for k, v in CAPTIONS.items()} if knob == "k" else dict(CAPTIONS)
+    name = KNOB_DEFINITIONS[knob][0] if knob in KNOB_DEFINITIONS else "L1"
+    out = {k: v.replace("L1", name) for k, v in CAPTIONS.items()}
     if sweeps:
         out["frontier"] = (
             f"FVU against L0 (log-log) of {len(sweeps)} sweeps: {', '.join(sweeps)}. One colour "
@@ -226,12 +239,13 @@ def _best(out: Path, page: Page) -> str:
 
 
 def _column_help(knob: str) -> dict[str, str]:
-    if knob != "k":
+    if knob not in KNOB_DEFINITIONS:
         return COLUMN_HELP
-    defs = definitions(knob)
+    name, text = KNOB_DEFINITIONS[knob]
+    mmcs = definitions(knob)["MMCS"]
     return {
-        **{c: defs["MMCS"] if "mmcs" in c else v for c, v in COLUMN_HELP.items()},
-        "k": defs["k"],
+        **{c: mmcs if "mmcs" in c else v for c, v in COLUMN_HELP.items()},
+        "k" if knob == "k" else "l1": text,
     }
 
 
@@ -259,8 +273,10 @@ def _cell(out: Path, page: Page, row: dict, col: str) -> str:
         star = "★ " if v in page.best else ""
         return (
             f'<td class="id" data-s="{_e(v)}">{star}{_e(v)} '
-            f"{_links(out, page.run_dirs.get(str(v)))}</td>"
+            f"{_links(out, page.run_dirs.get(str(v)), row.get('state'))}</td>"
         )
+    if col == "state" and row.get("note"):  # why it failed, or what its metrics warn about
+        return f'<td title="{_e(row["note"])}">{_e(v)}&nbsp;ⓘ</td>'
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return f"<td>{_e('' if v is None else v)}</td>"
     key = repr(float(v)) if math.isfinite(v) else ""
@@ -275,13 +291,14 @@ def _cell(out: Path, page: Page, row: dict, col: str) -> str:
     return f'<td data-v="{key}">{text}</td>'
 
 
-def _links(out: Path, run_dir: Path | None) -> str:
+def _links(out: Path, run_dir: Path | None, state: object) -> str:
+    """Links to the run's files; metrics.json only once final (before, it is a stale one)."""
     if run_dir is None:
         return ""
     links = [
         f'<a href="{_e(Path(os.path.relpath(run_dir / f, out)).as_posix())}">{label}</a>'
         for f, label in RUN_FILES
-        if (run_dir / f).is_file()
+        if (run_dir / f).is_file() and (f != METRICS or state in ("done", "diverged"))
     ]
     return f'<span class="files">{" ".join(links)}</span>' if links else ""
 

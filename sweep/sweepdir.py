@@ -70,7 +70,12 @@ SUMMARY_COLUMNS = [
 def summary_columns(rows: list[dict]) -> list[str]:
     """The fixed columns (``k`` only when a run has one), then every other metric, sorted."""
     first = [c for c in SUMMARY_COLUMNS if c != "k" or any(r.get("k") for r in rows)]
-    return first + sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS))
+    return first + sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS) - ROW_ONLY)
+
+
+ROW_ONLY = {"arch"}
+"""Keys of a summary row that are no column (the architecture: one per sweep, in the report's
+settings; its readers use it to name the sparsity knob)."""
 
 
 def write_summary(folder: str | Path, rows: list[dict]) -> Path:
@@ -106,6 +111,9 @@ class RunRecord:
     note: str = ""
     """Why it failed (``failed``), or what its final metrics warn about (a diverged run's
     frozen weights, a dead dictionary)."""
+    point: dict = field(default_factory=dict)
+    """Its grid point as the manifest lists it (what a run not started yet has instead of a
+    spec)."""
 
     @property
     def total_rows(self) -> int | None:
@@ -120,16 +128,20 @@ class RunRecord:
 
     def row(self) -> dict:
         """The summary row: grid point, state and final metrics."""
+        point = self.spec or self.point
         out: dict = {
             "run_id": self.run_id,
-            "l1": self.spec.get("l1"),
-            "dict_ratio": self.spec.get("dict_ratio"),
-            "seed": self.spec.get("seed"),
+            "l1": point.get("l1"),
+            "dict_ratio": point.get("dict_ratio"),
+            "seed": point.get("seed"),
+            "arch": point.get("arch") or point.get("sae"),
         }
-        if self.spec.get("k"):  # TopK-style runs: k is the grid value (their l1 is unused)
-            out.update(k=self.spec["k"], l1=None)
+        if point.get("k"):  # TopK-style runs: k is the grid value (their l1 is unused)
+            out.update(k=point["k"], l1=None)
         out.update(self.metrics)
         out["state"] = self.state.value
+        if self.note:
+            out.setdefault("note", self.note)  # why it failed
         return out
 
 
@@ -361,6 +373,8 @@ class SweepFolder:
         ``running`` while a live driver holds the sweep (``live``: None = look at the lock;
         the driver itself passes False)."""
         live = self.driver_alive() if live is None else live
+        points = self.manifest().get("runs")
+        points = points if isinstance(points, dict) else {}
         records = []
         for rid in self.run_ids() if ids is None else ids:
             folder = self.run(rid)
@@ -372,5 +386,6 @@ class SweepFolder:
                 state = RunState.RUNNING
             metrics = folder.metrics()
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
-            records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note))
+            point = points.get(rid) if isinstance(points.get(rid), dict) else {}
+            records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note, point))
         return records

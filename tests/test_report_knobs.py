@@ -222,3 +222,39 @@ def test_compare_figure_labels():
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["a (topk)", "b (untied) (no finished runs)"]
     assert plots.frontier_compare_figure([("b (untied)", [])]) is None
+
+
+# ----------------------------------------------------------------------------- a JumpReLU sweep
+
+
+def test_jumprelu_report_names_its_l0_coefficient_and_shows_pending_and_failed_runs(
+    tiny_store, tmp_path
+):
+    """JumpReLU's grid.l1 weighs an L0 penalty: the report says so (axes, captions,
+    definitions, curves). A run not started shows its grid point (from the manifest), a
+    failed one why it failed."""
+    runs = grid.expand([1e-3, 1e-2, 1e-1], [1.0], 1, tiny_store.width, "jumprelu")
+    sweep_dir = tmp_path / "jr"
+    sweep_dir.mkdir()
+    write_manifest(sweep_dir, runs, tiny_store)
+    done, pending = runs[:2], runs[2]
+    for e in grid.group(done, {1.0: 16}):
+        job = EnsembleJob(
+            e, str(sweep_dir), str(tiny_store.path), True, 2048, tiny_train(), threads=1
+        )
+        train_ensemble(job)
+    failed = rundir.RunFolder.of(sweep_dir, done[1].run_id)
+    (failed.path / rundir.DONE).unlink()
+    failed.mark_failed("RuntimeError: boom")
+    assert crossdict.knob({"l1": 0.01, "arch": "jumprelu"}) == ("l0", 0.01)
+    assert crossdict.sweep_knob([{"l1": 0.01, "sae": "jumprelu"}, {"l1": 0.1}]) == "l1"
+
+    out, rows = build_report(sweep_dir, device="cpu", log_media=False)
+    by_id = {r["run_id"]: r for r in read_csv(out / "summary.csv")}
+    assert "arch" not in next(iter(by_id.values()))
+    assert (by_id[pending.run_id]["l1"], by_id[pending.run_id]["dict_ratio"]) == ("0.1", "1.0")
+    assert by_id[pending.run_id]["seed"] == "0" and by_id[pending.run_id]["state"] == "pending"
+    page = (out / "index.html").read_text()
+    assert "L0 coefficient" in page and "labels are L1" not in page
+    assert 'title="RuntimeError: boom">failed' in page
+    assert plots.dead_vs_l1_figure(rows).axes[0].get_xlabel().startswith("L0 coefficient")
