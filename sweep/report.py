@@ -253,7 +253,7 @@ def build_report(
     _check_sweeps([folder, *others])
     dev = resolve_device(device, "--device")
     out = ensure_writable(Path(out) if out is not None else sweep_dir / REPORT, "report folder")
-    records = folder.read_runs()
+    records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
     rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)
     crossdict.annotate_runs(records, cross)
@@ -292,7 +292,7 @@ def _compared(
     """This sweep and ``others``, each with its summary rows (the others' are only read)."""
     sweeps = [(folder, records, rows)]
     for f in others:
-        recs = f.read_runs()
+        recs = f.read_runs(deep=True)
         sweeps.append((f, recs, summary_rows(recs)))
     labels = sweep_labels([f for f, _, _ in sweeps], [architecture(f, r) for f, r, _ in sweeps])
     return [

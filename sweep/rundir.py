@@ -150,10 +150,10 @@ class RunFolder:
                 return f"{WEIGHTS} is unreadable ({type(err).__name__})"
         return None
 
-    def state(self) -> RunState:
+    def state(self, deep: bool = False) -> RunState:
         """The state recorded on disk (never ``running``: that needs the sweep's lock). A run
-        whose final files are damaged counts as not finished."""
-        if self.is_done():
+        whose final files are damaged counts as not finished (``deep``: weights hashed too)."""
+        if self.is_done(deep):
             return RunState(self._json(DONE)["state"])
         if (self.path / FAILED).is_file():
             return RunState.FAILED

@@ -1,7 +1,7 @@
 """``sweep status``: each run's state, progress and latest training metrics.
 
-States: ``pending`` (nothing trained), ``running`` (has a checkpoint and a live driver holds the
-sweep's lock), ``interrupted`` (has a checkpoint; the sweep was stopped by a signal),
+States: ``pending`` (nothing trained), ``running`` (a live driver holds the sweep's lock and
+the run has a checkpoint or began training under it), ``interrupted`` (has a checkpoint; the sweep was stopped by a signal),
 ``partial`` (has a checkpoint, no driver), ``done``, ``diverged``, ``failed``.
 Works while a sweep runs (read-only: it never takes the lock) and after it ended.
 """

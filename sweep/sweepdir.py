@@ -145,6 +145,12 @@ class RunRecord:
         return out
 
 
+def _began_under(folder: RunFolder, state: RunState, since: float | None) -> bool:
+    """A pending run (no checkpoint yet) whose latest attempt started under the driver that
+    started at ``since``: it is training."""
+    return state is RunState.PENDING and bool(since) and folder.started_at() >= since  # type: ignore[operator]
+
+
 def _agreed_ensembles(specs: dict[str, dict]) -> dict[str, str]:
     """run_id -> ensemble, from the runs' spec.json, for ensembles every member of which
     recorded the same id and members (a run whose attempt never started keeps an older,
@@ -352,10 +358,17 @@ class SweepFolder:
         self.stop_file.unlink(missing_ok=True)
 
     def driver_alive(self) -> bool:
+        return self.driver_since() is not None
+
+    def driver_since(self) -> float | None:
+        """When the live driver holding the sweep started (0 if it did not say); None: none."""
         from sweep.lock import holder_alive, read_lock
 
         held = read_lock(self.path)
-        return held is not None and holder_alive(held, self.path / LOCK)
+        if held is None or not holder_alive(held, self.path / LOCK):
+            return None
+        started = held.get("started", 0)
+        return float(started) if isinstance(started, (int, float)) else 0.0
 
     def activity(self) -> str:
         """``running`` when a live driver holds the lock, else the state the manifest recorded
@@ -368,23 +381,28 @@ class SweepFolder:
 
     # ------------------------------------------------------------------------- runs
 
-    def read_runs(self, ids: list[str] | None = None, live: bool | None = None) -> list[RunRecord]:
+    def read_runs(
+        self, ids: list[str] | None = None, live: bool | None = None, deep: bool = False
+    ) -> list[RunRecord]:
         """Every run of the manifest (or ``ids``), in grid order. Resumable runs count as
         ``running`` while a live driver holds the sweep (``live``: None = look at the lock;
-        the driver itself passes False)."""
-        live = self.driver_alive() if live is None else live
+        the driver itself passes False), and so do runs whose attempt began under that
+        driver. ``deep``: a finished run's weights must match their checksum too (else only
+        their size)."""
+        since = self.driver_since() if live is None else (0.0 if live else None)
+        live = since is not None
         points = self.manifest().get("runs")
         points = points if isinstance(points, dict) else {}
         records = []
         for rid in self.run_ids() if ids is None else ids:
             folder = self.run(rid)
-            state = folder.state()
+            state = folder.state(deep)
             # with no driver, a pending run's curve is of work it will redo (no checkpoint kept it)
             stale = state is RunState.PENDING and not live
             last = {} if state.final or stale else folder.last_curve()
-            if live and state.resumable:
+            if live and (state.resumable or _began_under(folder, state, since)):
                 state = RunState.RUNNING
-            metrics = folder.metrics()
+            metrics = folder.metrics() if state.final else {}
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
             records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note, point))

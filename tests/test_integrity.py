@@ -458,3 +458,21 @@ def test_damaged_manifest_and_config_are_one_line(copy, capsys):
     one_line_error(capsys.readouterr().err, "config.yaml is damaged")
     assert main(["resume", str(copy)]) == 2
     one_line_error(capsys.readouterr().err, "config.yaml is damaged")
+
+
+def test_a_run_training_before_its_first_checkpoint_is_running(tiny_store, tmp_path):
+    """Until its first checkpoint (10 minutes by default) a training run has none: under a
+    live driver it is running if its attempt began under that driver, else pending."""
+    from sweep.status import status_rows
+
+    sweep_dir = tmp_path / "sw"
+    a, b = [j.ensemble.members[0] for j in jobs(tiny_store, sweep_dir, l1s=(1e-2,), seeds=1)]
+    rundir.RunFolder.of(sweep_dir, b.run_id).start(b.as_dict(), {})  # a killed driver's attempt
+    states = {r["run_id"]: r["state"] for r in status_rows(sweep_dir)}
+    assert states == {a.run_id: "pending", b.run_id: "pending"}
+    time.sleep(0.01)
+    with SweepLock(sweep_dir):
+        time.sleep(0.01)
+        rundir.RunFolder.of(sweep_dir, a.run_id).start(a.as_dict(), {})
+        states = {r["run_id"]: r["state"] for r in status_rows(sweep_dir)}
+    assert states == {a.run_id: "running", b.run_id: "pending"}

@@ -440,3 +440,20 @@ def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
     lm = [dict(r, l0=5.0 + i, ce_loss_clean=3.0, ce_loss_ablated=3.02, ce_loss_spliced=3.01,
                loss_recovered=1.3) for i, r in enumerate(rows)]  # fmt: skip
     assert_png(plots.lm_vs_l0(lm, tmp_path / "lm.png"))  # every value marked as weak
+
+
+def test_report_hashes_weights_status_reads_their_size(sweep_copy):
+    """A flipped byte keeps the weights' size: ``status`` (no weights read) still says done,
+    the report (which reads every dictionary) does not build on it."""
+    from sweep.status import status_rows
+
+    rid = "r2-l1_1e-02-s0"
+    weights = rundir.run_dir(sweep_copy, rid) / rundir.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert {r["run_id"]: r["state"] for r in status_rows(sweep_copy)}[rid] == "done"
+    _, rows = build_report(sweep_copy, device="cpu", log_media=False)
+    row = {r["run_id"]: r for r in rows}[rid]
+    assert row["state"] != "done" and row.get("fvu") is None
+    assert rid not in read_json(sweep_copy / "report" / crossdict.CACHE).get("pairs", {})
