@@ -287,7 +287,7 @@ def test_unknown_hook_lists_near_valid_names(tiny_model_dir, text_file, tmp_path
     assert main(cli_args(cfg)) == 2
     err = _one_line_error(capsys)
     assert "unknown hook 'blocks.1.hook_resid_pst'" in err and "blocks.1.hook_resid_post" in err
-    assert not any((tmp_path / "h").iterdir())
+    assert not (tmp_path / "h").exists()  # the store_dir it made is gone again
 
 
 def test_model_folder_without_weights(tiny_model_dir, text_file, tmp_path, capsys):
@@ -322,6 +322,10 @@ def test_rows_beyond_the_dataset_says_how_many_fit(tiny_model_dir, text_file, tm
     n_docs = len(list(text.iter_documents(str(text_file))))
     fit = ((n_tokens + n_docs) // 31 - 8) * 31
     assert f"at most {fit} rows" in err and f"lower rows to {fit}" in err
+    assert not (tmp_path / "h").exists()
+    (tmp_path / "h").mkdir()  # one the user made stays
+    assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", rows=10**6))) == 2
+    assert (tmp_path / "h").is_dir()
 
 
 def test_unwritable_store_dir_and_non_store_folder(tiny_model_dir, text_file, tmp_path, capsys):
@@ -668,7 +672,7 @@ def test_a_context_longer_than_the_model_takes_is_one_line(
 ):
     assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", context=128))) == 2
     assert "context=128 is longer than model" in _one_line_error(capsys)
-    assert not any((tmp_path / "h").iterdir())
+    assert not (tmp_path / "h").exists()  # the store_dir it made is gone again
 
 
 def test_a_repair_killed_before_a_chunks_stats_file_is_finished_by_the_next_run(

@@ -46,6 +46,7 @@ from sweep.activations.harvest_dir import (
     has_tokens,
     prepare_dir,
     remove_chunks,
+    removed_if_left_empty,
     reopen_damaged,
     rewritten,
     store_path,
@@ -191,7 +192,17 @@ def harvest_with_stats(
     if complete(cfg, params) and not reopen_damaged(cfg, plan, root):  # read-only is fine
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
-    prepare_dir(cfg, root)
+    with removed_if_left_empty(root):
+        prepare_dir(cfg, root)
+        results = _harvest(cfg, plan, params, root, model, in_process)
+    _log_timing(results)
+    return _finalize(cfg, plan, params, results), results
+
+
+def _harvest(
+    cfg: HarvestConfig, plan: HarvestPlan, params: dict, root: Path, model: Any, in_process: bool
+) -> list[ShardResult]:
+    """Check the hooks, write the token stream (once), harvest every group not complete."""
     docs = (
         None
         if has_tokens(cfg, plan, root)
@@ -213,8 +224,7 @@ def harvest_with_stats(
             _run_tasks(cfg, lambda _gpus: {0: (cfg,)}, _check_task)
         _token_stream(cfg, plan, root, params, docs, _tokenizer(cfg, docs))
         results = _run_shards(cfg, plan)
-    _log_timing(results)
-    return _finalize(cfg, plan, params, results), results
+    return results
 
 
 def _model_ref(cfg: HarvestConfig) -> str:

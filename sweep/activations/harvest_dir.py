@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,6 +153,19 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )
     return root
+
+
+@contextmanager
+def removed_if_left_empty(root: Path) -> Iterator[None]:
+    """A store_dir made by a harvest that then fails before writing anything (a refused hook,
+    too little text) is removed again: a refused command leaves nothing behind."""
+    new = not root.exists()
+    try:
+        yield
+    except BaseException:
+        if new and root.is_dir() and not any(map(_not_temp, root.iterdir())):
+            shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 def _not_temp(path: Path) -> bool:
