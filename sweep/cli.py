@@ -45,13 +45,36 @@ def compose(
 
     register_configs()
     GlobalHydra.instance().clear()
+    if config_dir and not Path(config_dir).expanduser().is_dir():
+        raise ConfigError(
+            f"--config-dir {config_dir} is not a folder; pass a folder of config groups "
+            "(e.g. DIR/sae/mine.yaml for sae=mine)"
+        )
     if config_dir:
         overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).absolute()}]"]
     try:
         with initialize_config_module("sweep.configs", version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(_hydra_message(err)) from err
+        raise ConfigError(_unparsable(overrides) or _hydra_message(err)) from err
+
+
+def _unparsable(overrides: list[str]) -> str | None:
+    """The message for the first override Hydra's grammar cannot read, if any."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except OverrideParseException as err:
+            why = str(err).strip().splitlines()[0]
+            return (
+                f"cannot read the override {o!r} ({why}); check its brackets and quotes "
+                "(a list: grid.l1='[0.01,0.02]', quoted for the shell)"
+            )
+    return None
 
 
 def _hydra_message(err: BaseException) -> str:
@@ -81,6 +104,13 @@ def _hydra_message(err: BaseException) -> str:
         detail = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
         if detail:
             head = f"{head}: {detail[0]}"
+    typed = re.match(r"Error merging override ([\w.]+)=(.*?): (.*could not be converted.*)", head)
+    if typed:
+        key, value, why = typed.groups()
+        return (
+            f"cannot set {key} to {value!r} ({why}); pass a value of the field's type "
+            "('sweep run --cfg job' shows each field)"
+        )
     return head
 
 

@@ -566,10 +566,30 @@ class SweepConfig:
         for part in (self.data, self.sae, self.grid, self.train, self.launch, self.logger):
             part.check()
         self.grid.check_for(self.sae)
+        self._check_dead_latent_remedy()
+
+    def _check_dead_latent_remedy(self) -> None:
+        """Resampling is for ReLU-L1 SAEs, AuxK for TopK-style ones (a changed AuxK weight on
+        another architecture would silently do nothing)."""
+        topk_style = self.sae.architecture().knob == "k"
         _require(
             self.train.resample_dead == 0 or self.sae.name in ("untied", "tied"),
             f"train.resample_dead applies to ReLU-L1 SAEs (untied, tied), not sae={self.sae.name}; "
-            "TopK-style SAEs use train.auxk_alpha",
+            + (
+                "TopK-style SAEs use train.auxk_alpha"
+                if topk_style
+                else "set train.resample_dead=0"
+            ),
+        )
+        _require(
+            topk_style or self.train.auxk_alpha == TrainConfig.auxk_alpha,
+            f"train.auxk_alpha applies to TopK-style SAEs (topk, batchtopk), not sae={self.sae.name}; "
+            "leave it out"
+            + (
+                " (dead ReLU-L1 features: train.resample_dead)"
+                if self.sae.name in ("untied", "tied")
+                else ""
+            ),
         )
 
 

@@ -115,6 +115,9 @@ def test_synthetic_fields_have_the_documented_names():
         ("train.resample_dead=-1", "train.resample_dead"),
         ("train.resample_stop=0", "train.resample_stop"),
         ("sae=topk train.resample_dead=100", "train.resample_dead applies to ReLU-L1"),
+        ("sae=jumprelu train.resample_dead=100", "not sae=jumprelu; set train.resample_dead=0"),
+        ("train.auxk_alpha=0.5", "train.auxk_alpha applies to TopK-style SAEs"),
+        ("sae=jumprelu train.auxk_alpha=0", "train.auxk_alpha applies to TopK-style SAEs"),
         ("sae.recipe=nope", "unknown recipe sae.recipe='nope' for sae=untied; choose one of"),
         ("sae=topk sae.recipe=weighted", "it has none: drop sae.recipe"),
         ("sae.init_decoder_norm=0", "sae.init_decoder_norm"),
@@ -148,6 +151,9 @@ def test_invalid_values_name_the_field(override, field):
             "grid.k values must be whole numbers in [1, dict size 32], got 100",
         ),
         (["run", "sae=topk", "grid.l1=[1e-3]"], "grid.l1 does not apply to sae=topk"),
+        (["run", "grid.l1=[1e-2"], "cannot read the override 'grid.l1=[1e-2' (no viable"),
+        (["run", "train.lr=abc"], "cannot set train.lr to 'abc' (Value 'abc' of type 'str'"),
+        (["run", "--config-dir", "/nonexistent/dir"], "--config-dir /nonexistent/dir is not a"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path):
