@@ -45,7 +45,7 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
 
         # generated on this machine's GPU when there is one, unless the sweep trains on CPU
         gpu = cfg.train.device != "cpu" and _driver_may_use_gpus(path)
-        return ensure_synthetic_store(cfg.data, path, "auto" if gpu else "cpu")
+        return ensure_synthetic_store(cfg.data, path, "auto" if gpu else "cpu", cfg.progress)
     if cfg.data.name == "harvest":  # harvest-then-train; skipped when the store is complete
         from sweep.activations.harvest import ensure_harvest_store
 

@@ -403,7 +403,10 @@ def existing_store(cfg: SyntheticDataConfig, path: Path) -> ChunkStore | None:
 
 
 def ensure_synthetic_store(
-    cfg: SyntheticDataConfig, path: str | Path, device: str | torch.device = "cpu"
+    cfg: SyntheticDataConfig,
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> ChunkStore:
     """Open the store at ``path`` if it was generated with these parameters, else generate it
     (on ``device``: "cpu", "cuda", or "auto" for this machine's GPU when it has one — resolved
@@ -427,7 +430,7 @@ def ensure_synthetic_store(
             _say_cleared(path, old, marker)
             shutil.rmtree(path)
     try:
-        store = _generate(cfg, path, marker, device)
+        store = _generate(cfg, path, marker, device, progress)
     except Exception as err:
         kind = out_of_memory(err)
         if kind is None:
@@ -443,7 +446,7 @@ def ensure_synthetic_store(
 
 
 def _generate(
-    cfg: SyntheticDataConfig, path: Path, marker: dict, device: torch.device
+    cfg: SyntheticDataConfig, path: Path, marker: dict, device: torch.device, progress: bool
 ) -> ChunkStore:
     source = SyntheticSource(cfg)
     n_chunks = math.ceil(cfg.rows / cfg.rows_per_chunk)
@@ -452,7 +455,7 @@ def _generate(
     ) as writer:  # creates the folder
         remove_stale_temps(path)  # of a generation killed midway (the sweep's lock is held)
         atomic_write_json(path / PARAMS_FILE, marker)
-        _write_chunks(cfg, source, writer, n_chunks, device)
+        _write_chunks(cfg, source, writer, n_chunks, device, progress)
         atomic_write_bytes(
             path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()})
         )
@@ -470,12 +473,20 @@ def _write_chunks(
     writer: StoreWriter,
     n_chunks: int,
     device: torch.device,
+    progress: bool = True,
 ) -> None:
     """Sample and hand over the chunks not yet on disk; the writer's threads hash and write
     one while the next is sampled (stats are taken on ``device``, before the copy to the CPU)."""
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(n_chunks), desc="generating synthetic store", unit="chunk", leave=False):
+    bar = tqdm(
+        range(n_chunks),
+        desc="generating synthetic store",
+        unit="chunk",
+        leave=False,
+        disable=not progress,
+    )
+    for i in bar:
         if writer.has_chunk(i):
             continue
         rows = min(cfg.rows_per_chunk, cfg.rows - i * cfg.rows_per_chunk)
