@@ -148,6 +148,7 @@ class Execution:
                 self._finished(fin)
             if not self.outcome.failures and not self.outcome.signum:
                 bar.n = n_rows
+            bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (the last has no tick)
 
     def _rows_trained(self) -> dict[str, int]:
         """Rows each planned run continues from: its ensemble's newest step at which every
