@@ -168,7 +168,7 @@ def _finished(sweep_dir: str | Path, states: dict, finished_only: bool) -> list[
     chosen = [r for r, s in states.items() if s == "done"]
     diverged = [r for r, s in states.items() if s == "diverged"]
     waiting = [r for r, s in states.items() if not s.final]
-    if waiting and not finished_only:
+    if waiting and not finished_only and chosen:
         failed = [r for r in waiting if states[r] == "failed"]
         ids = failed or waiting
         shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
@@ -181,10 +181,13 @@ def _finished(sweep_dir: str | Path, states: dict, finished_only: bool) -> list[
             f"{len(ids)} of {len(states)} runs in {sweep_dir} {what} ({shown}); "
             f"{fix}, or pass --finished to export the {len(chosen)} finished runs"
         )
-    if not chosen:
+    if not chosen and waiting:
         raise SweepError(
-            f"{sweep_dir} has no finished runs to export yet; wait for the sweep or check 'sweep status'"
+            f"{sweep_dir} has no finished runs to export yet ({len(waiting)} of {len(states)} "
+            "runs not finished); wait for the sweep, or re-run it, and check 'sweep status'"
         )
+    if not chosen:
+        raise SweepError(f"every run in {sweep_dir} diverged; there is nothing to export")
     for what, ids in (("unfinished", waiting), ("diverged (not exported)", diverged)):
         if ids:
             log.warning("skipped %d %s run(s): %s", len(ids), what, ", ".join(ids))
@@ -214,7 +217,7 @@ def export_sweep(
             raise SweepError(
                 f"no run {', '.join(unknown)} in {sweep_dir}; see 'sweep status {sweep_dir}' for run ids"
             )
-        chosen = list(runs)
+        chosen = list(dict.fromkeys(runs))  # (a run named twice is exported once)
     else:
         chosen = _finished(sweep_dir, states, finished_only)
     for rid in chosen:  # every run and target is checked before anything is written

@@ -91,6 +91,22 @@ def test_cli_export_chosen_runs(small_sweep, tmp_path, capsys):
     )
     assert [p.name for p in out.iterdir()] == ["r2-l1_3e-02-s0"]
     assert f"exported: {out / 'r2-l1_3e-02-s0'}" in capsys.readouterr().out
+    twice = ["--runs", "r2-l1_3e-02-s0", "r2-l1_3e-02-s0"]
+    assert main(["export", str(small_sweep), "--to", "saelens", str(out), *twice]) == 0
+    assert capsys.readouterr().out.count("exported: ") == 1  # once
+
+
+def test_a_sweep_with_nothing_finished_is_told_to_wait(small_sweep, tmp_path, capsys):
+    """Not "pass --finished to export the 0 finished runs", which then fails too."""
+    import shutil
+
+    sw = tmp_path / "sw"
+    shutil.copytree(small_sweep, sw)
+    for run in (sw / "runs").iterdir():
+        (run / rundir.DONE).unlink()
+    for extra in ([], ["--finished"]):
+        assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "o"), *extra]) == 2
+        assert "has no finished runs to export yet (2 of 2 runs not finished)" in one_line(capsys)
 
 
 def test_export_of_unfinished_run_is_one_line_error(small_sweep, tmp_path, capsys):
