@@ -252,7 +252,9 @@ def build_report(
     others = [SweepFolder(Path(p)) for p in compare]
     _check_sweeps([folder, *others])
     dev = resolve_device(device, "--device")
-    out = ensure_writable(Path(out) if out is not None else sweep_dir / REPORT, "report folder")
+    out = ensure_writable(
+        _check_out(Path(out) if out is not None else sweep_dir / REPORT), "report folder"
+    )
     records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
     rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)
@@ -284,6 +286,30 @@ def build_report(
     if log_media:
         _log_media(sweep_dir, rows, images)
     return out, rows
+
+
+REPORT_FILES = {"index.html", SUMMARY, MMCS_FILE, crossdict.CACHE, "logger.json"}
+"""What a report folder holds besides its plots (``<plot>.png``)."""
+
+
+def _check_out(out: Path) -> Path:
+    """The report folder must be new, empty or an earlier report (its files are replaced):
+    a report written among run folders or into a chunk store would mix into them."""
+    if out.is_file():
+        raise SweepError(f"report folder {out} is a file; pass a folder with --out")
+    plots_png = {f"{p}.png" for p in PLOTS}
+    foreign = [
+        p.name
+        for p in (out.iterdir() if out.is_dir() else [])
+        if p.name not in REPORT_FILES | plots_png and not p.name.startswith(".")
+    ]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise SweepError(
+            f"report folder {out} holds files a report did not write ({shown}); "
+            "pass a new or empty folder with --out"
+        )
+    return out
 
 
 def _compared(

@@ -457,3 +457,15 @@ def test_report_hashes_weights_status_reads_their_size(sweep_copy):
     row = {r["run_id"]: r for r in rows}[rid]
     assert row["state"] != "done" and row.get("fvu") is None
     assert rid not in read_json(sweep_copy / "report" / crossdict.CACHE).get("pairs", {})
+
+
+def test_report_out_must_be_new_empty_or_an_earlier_report(sweep_copy, tmp_path, capsys):
+    runs = sweep_copy / "runs"
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    assert main(["report", str(sweep_copy), "--out", str(runs)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds files a report did not write (r1-l1_1e-01-s0, " in err and "\n" not in err
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+    out = tmp_path / "rep"
+    assert main(["report", str(sweep_copy), "--out", str(out)]) == 0
+    assert main(["report", str(sweep_copy), "--out", str(out)]) == 0  # an earlier report: replaced
