@@ -29,6 +29,17 @@ def status_rows(sweep_dir: Path) -> list[dict]:
                 **({"note": r.note} if r.note else {}),
             }
         )
+    return _fill_totals(rows)
+
+
+def _fill_totals(rows: list[dict]) -> list[dict]:
+    """A run not started yet has no spec, so no total: every run of a sweep trains on the
+    same store with the same batches, so it gets the total of the others (their largest)."""
+    known = [r["rows_total"] for r in rows if r.get("rows_total")]
+    for r in rows:
+        if not r.get("rows_total") and known:
+            r["rows_total"] = max(known)
+            r["rows_trained"] = r.get("rows_trained") or 0
     return rows
 
 

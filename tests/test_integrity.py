@@ -467,9 +467,12 @@ def test_a_run_training_before_its_first_checkpoint_is_running(tiny_store, tmp_p
 
     sweep_dir = tmp_path / "sw"
     a, b = [j.ensemble.members[0] for j in jobs(tiny_store, sweep_dir, l1s=(1e-2,), seeds=1)]
-    rundir.RunFolder.of(sweep_dir, b.run_id).start(b.as_dict(), {})  # a killed driver's attempt
-    states = {r["run_id"]: r["state"] for r in status_rows(sweep_dir)}
-    assert states == {a.run_id: "pending", b.run_id: "pending"}
+    spec = {**b.as_dict(), "train": {"batch_size": 256}, "total_steps": 10}
+    rundir.RunFolder.of(sweep_dir, b.run_id).start(spec, {})  # a killed driver's attempt
+    rows = status_rows(sweep_dir)
+    assert {r["run_id"]: r["state"] for r in rows} == {a.run_id: "pending", b.run_id: "pending"}
+    totals = [r["rows_total"] for r in rows]  # the run not started has the others' total
+    assert totals == [2560, 2560] and rows[0]["rows_trained"] == 0
     time.sleep(0.01)
     with SweepLock(sweep_dir):
         time.sleep(0.01)
