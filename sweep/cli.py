@@ -45,18 +45,29 @@ def compose(
 
     register_configs()
     GlobalHydra.instance().clear()
-    if config_dir and not Path(config_dir).expanduser().is_dir():
-        raise ConfigError(
-            f"--config-dir {config_dir} is not a folder; pass a folder of config groups "
-            "(e.g. DIR/sae/mine.yaml for sae=mine)"
-        )
     if config_dir:
-        overrides = [*overrides, f"hydra.searchpath=[file://{Path(config_dir).absolute()}]"]
+        overrides = [*overrides, f"hydra.searchpath=['file://{_config_dir(config_dir)}']"]
     try:
         with initialize_config_module("sweep.configs", version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_unparsable(overrides) or _hydra_message(err)) from err
+
+
+def _config_dir(config_dir: str) -> Path:
+    """``--config-dir`` as an absolute folder Hydra's search path can hold."""
+    path = Path(config_dir).expanduser().absolute()
+    if not path.is_dir():
+        raise ConfigError(
+            f"--config-dir {config_dir} is not a folder; pass a folder of config groups "
+            "(e.g. DIR/sae/mine.yaml for sae=mine)"
+        )
+    if any(c in str(path) for c in "'\\"):
+        raise ConfigError(
+            f"--config-dir {path} has a quote or backslash, which Hydra's search path cannot "
+            "hold; use a folder whose path has none"
+        )
+    return path
 
 
 def _unparsable(overrides: list[str]) -> str | None:
@@ -104,7 +115,9 @@ def _hydra_message(err: BaseException) -> str:
         detail = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
         if detail:
             head = f"{head}: {detail[0]}"
-    typed = re.match(r"Error merging override ([\w.]+)=(.*?): (.*could not be converted.*)", head)
+    typed = re.match(
+        r"Error merging override ([\w.]+)=(.*?): (Value '.*could not be converted.*)", head
+    )
     if typed:
         key, value, why = typed.groups()
         return (

@@ -569,27 +569,25 @@ class SweepConfig:
         self._check_dead_latent_remedy()
 
     def _check_dead_latent_remedy(self) -> None:
-        """Resampling is for ReLU-L1 SAEs, AuxK for TopK-style ones (a changed AuxK weight on
-        another architecture would silently do nothing)."""
+        """Resampling is for ReLU-L1 SAEs (AuxK for TopK-style ones)."""
         topk_style = self.sae.architecture().knob == "k"
+        fix = "TopK-style SAEs use train.auxk_alpha" if topk_style else "set train.resample_dead=0"
         _require(
             self.train.resample_dead == 0 or self.sae.name in ("untied", "tied"),
             f"train.resample_dead applies to ReLU-L1 SAEs (untied, tied), not sae={self.sae.name}; "
-            + (
-                "TopK-style SAEs use train.auxk_alpha"
-                if topk_style
-                else "set train.resample_dead=0"
-            ),
+            + fix,
         )
-        _require(
-            topk_style or self.train.auxk_alpha == TrainConfig.auxk_alpha,
-            f"train.auxk_alpha applies to TopK-style SAEs (topk, batchtopk), not sae={self.sae.name}; "
-            "leave it out"
-            + (
-                " (dead ReLU-L1 features: train.resample_dead)"
-                if self.sae.name in ("untied", "tied")
-                else ""
-            ),
+
+    def inert_note(self) -> str | None:
+        """A warning for a setting that does nothing here: a changed AuxK weight on an SAE that
+        is not TopK-style (a warning, not an error: sweeps recorded with one must resume)."""
+        if self.sae.architecture().knob == "k" or self.train.auxk_alpha == TrainConfig.auxk_alpha:
+            return None
+        relu = self.sae.name in ("untied", "tied")
+        return (
+            f"train.auxk_alpha={self.train.auxk_alpha:g} does nothing for sae={self.sae.name}: "
+            "AuxK is for TopK-style SAEs (topk, batchtopk)"
+            + ("; dead ReLU-L1 features: train.resample_dead" if relu else "")
         )
 
 

@@ -153,8 +153,9 @@ def check_store_fits(
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
-    if short:
-        log.warning(short)
+    for note in (short, cfg.inert_note()):
+        if note:
+            log.warning(note)
 
 
 def _train(

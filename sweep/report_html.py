@@ -103,7 +103,7 @@ def captions(knob: str = "l1", sweeps: list[str] | None = None) -> dict[str, str
         out["frontier"] = (
             f"FVU against L0 (log-log) of {len(sweeps)} sweeps: {', '.join(sweeps)}. One colour "
             "family and marker per sweep, darker = larger dict ratio; lines: each sweep's Pareto "
-            "frontier; labels: each run's L1 (e.g. 0.01) or k (e.g. k32)."
+            "frontier; labels: each run's L1 or L0 coefficient (JumpReLU) (e.g. 0.01) or k (e.g. k32)."
         )
     return out
 
@@ -284,8 +284,8 @@ def _cell(out: Path, page: Page, row: dict, col: str) -> str:
     if col == "loss_recovered" and plots.weak_loss_recovered(row):
         gap = plots.ablation_gap(row)
         tip = (
-            f"not meaningful: zero-ablating the hook changed the loss by only {gap:+.3g} nats "
-            f"(< {GAP:g}), so this ratio divides by noise"
+            f"not meaningful: zero-ablating the hook changed the loss by {gap:+.3g} nats "
+            f"(less than +{GAP:g}), so this ratio does not measure what the SAE recovers"
         )
         return f'<td class="weak" data-v="{key}" title="{_e(tip)}">{text}&nbsp;†</td>'
     return f'<td data-v="{key}">{text}</td>'
@@ -312,8 +312,8 @@ def _footnote(rows: list[dict]) -> str:
     span = lo if lo == hi else f"{lo}–{hi}"
     return (
         f'<p class="note">† {len(weak)} run(s): <code>loss_recovered</code> is not meaningful — '
-        f"zero-ablating the hook changed the model's loss by only {span} nats "
-        f"(threshold {GAP:g} nats), so the ratio divides by noise and can exceed 1. Judge "
+        f"zero-ablating the hook changed the model's loss by {span} nats (less than "
+        f"+{GAP:g} nats), so the ratio does not measure what the SAE recovers and can exceed 1. Judge "
         "these runs by <code>ce_loss_spliced</code> against <code>ce_loss_clean</code>.</p>"
     )
 

@@ -145,10 +145,16 @@ class RunRecord:
         return out
 
 
+CLOCK_SLACK = 60.0
+"""Seconds a worker's clock (which dates an attempt) may lag the driver's (which dates the lock)."""
+
+
 def _began_under(folder: RunFolder, state: RunState, since: float | None) -> bool:
     """A pending run (no checkpoint yet) whose latest attempt started under the driver that
-    started at ``since``: it is training."""
-    return state is RunState.PENDING and bool(since) and folder.started_at() >= since  # type: ignore[operator]
+    started at ``since`` (give or take :data:`CLOCK_SLACK`): it is training."""
+    if state is not RunState.PENDING or not since:
+        return False
+    return folder.started_at() >= since - CLOCK_SLACK
 
 
 def _agreed_ensembles(specs: dict[str, dict]) -> dict[str, str]:

@@ -116,8 +116,6 @@ def test_synthetic_fields_have_the_documented_names():
         ("train.resample_stop=0", "train.resample_stop"),
         ("sae=topk train.resample_dead=100", "train.resample_dead applies to ReLU-L1"),
         ("sae=jumprelu train.resample_dead=100", "not sae=jumprelu; set train.resample_dead=0"),
-        ("train.auxk_alpha=0.5", "train.auxk_alpha applies to TopK-style SAEs"),
-        ("sae=jumprelu train.auxk_alpha=0", "train.auxk_alpha applies to TopK-style SAEs"),
         ("sae.recipe=nope", "unknown recipe sae.recipe='nope' for sae=untied; choose one of"),
         ("sae=topk sae.recipe=weighted", "it has none: drop sae.recipe"),
         ("sae.init_decoder_norm=0", "sae.init_decoder_norm"),
@@ -164,6 +162,13 @@ def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path
     assert err.startswith("error:") and needle in err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_auxk_weight_on_a_relu_sae_is_a_warning_not_an_error():
+    """It does nothing there; sweeps recorded with one must still resume."""
+    assert "does nothing for sae=untied" in cfg_of("train.auxk_alpha=0").inert_note()
+    assert cfg_of("sae=topk", "train.auxk_alpha=0").inert_note() is None
+    assert cfg_of().inert_note() is None
 
 
 def test_recipe_and_defaults_are_recorded_resolved():
@@ -214,3 +219,16 @@ def test_mean_lr_scale_is_the_schedules_mean(warmup, decay):
     total = 2000
     mean = sum(train.lr_scale(s, total) for s in range(total)) / total
     assert train.mean_lr_scale() == pytest.approx(mean, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["cfg", "my cfg,v2 [x]"])
+def test_config_dir_adds_groups_whatever_its_path(tmp_path, monkeypatch, name):
+    """Its own group options are found, also from a path with spaces, commas or brackets
+    (quoted in Hydra's search path) or given with ~."""
+    folder = tmp_path / name / "sae"
+    folder.mkdir(parents=True)
+    (folder / "mine.yaml").write_text("defaults:\n  - untied\n  - _self_\nrecipe: weighted\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for given in (str(tmp_path / name), f"~/{name}"):
+        cfg = to_sweep_config(compose(["sweep_dir=/tmp/x", "sae=mine"], given))
+        assert cfg.sae.name == "untied" and cfg.sae.recipe == "weighted"

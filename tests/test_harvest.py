@@ -323,6 +323,8 @@ def test_rows_beyond_the_dataset_says_how_many_fit(tiny_model_dir, text_file, tm
     fit = ((n_tokens + n_docs) // 31 - 8) * 31
     assert f"at most {fit} rows" in err and f"lower rows to {fit}" in err
     assert not (tmp_path / "h").exists()
+    nested = tiny_cfg(tiny_model_dir, text_file, tmp_path / "deep" / "a" / "h", rows=10**6)
+    assert main(cli_args(nested)) == 2 and not (tmp_path / "deep").exists()
     (tmp_path / "h").mkdir()  # one the user made stays
     assert main(cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", rows=10**6))) == 2
     assert (tmp_path / "h").is_dir()

@@ -30,6 +30,7 @@ from sweep.cli import main
 from sweep.config import TrainConfig
 from sweep.driver import STALE_TEMP_SECONDS
 from sweep.errors import RunDirError, SweepError
+from sweep.io import atomic_write_json, read_json
 from sweep.lock import SweepLock
 from sweep.worker import train_ensemble
 from tests.sweep_builder import jobs
@@ -468,14 +469,15 @@ def test_a_run_training_before_its_first_checkpoint_is_running(tiny_store, tmp_p
     sweep_dir = tmp_path / "sw"
     a, b = [j.ensemble.members[0] for j in jobs(tiny_store, sweep_dir, l1s=(1e-2,), seeds=1)]
     spec = {**b.as_dict(), "train": {"batch_size": 256}, "total_steps": 10}
-    rundir.RunFolder.of(sweep_dir, b.run_id).start(spec, {})  # a killed driver's attempt
+    killed = rundir.RunFolder.of(sweep_dir, b.run_id)
+    killed.start(spec, {})  # a killed driver's attempt, two minutes ago:
+    placement = killed.path / rundir.PLACEMENT
+    atomic_write_json(placement, {**read_json(placement), "time": time.time() - 120})
     rows = status_rows(sweep_dir)
     assert {r["run_id"]: r["state"] for r in rows} == {a.run_id: "pending", b.run_id: "pending"}
     totals = [r["rows_total"] for r in rows]  # the run not started has the others' total
     assert totals == [2560, 2560] and rows[0]["rows_trained"] == 0
-    time.sleep(0.01)
     with SweepLock(sweep_dir):
-        time.sleep(0.01)
         rundir.RunFolder.of(sweep_dir, a.run_id).start(a.as_dict(), {})
         states = {r["run_id"]: r["state"] for r in status_rows(sweep_dir)}
     assert states == {a.run_id: "running", b.run_id: "pending"}

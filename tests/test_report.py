@@ -375,7 +375,7 @@ def test_weak_loss_recovered_is_flagged_not_hidden(sweep_copy):
     table = section(page, "runs")
     flagged = re.findall(r'data-s="([^"]+)">(?:(?!</tr>).)*<td class="weak"', table)
     assert sorted(flagged) == sorted(weak)
-    assert "only +0.018 nats" in table
+    assert "changed the loss by +0.018 nats" in table
     for rid, lm in weak.items():  # the metrics files keep their values
         m = read_json(rundir.run_dir(sweep_copy, rid) / rundir.METRICS)
         assert m["loss_recovered"] == lm["loss_recovered"]

@@ -159,13 +159,23 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
 def removed_if_left_empty(root: Path) -> Iterator[None]:
     """A store_dir made by a harvest that then fails before writing anything (a refused hook,
     too little text) is removed again: a refused command leaves nothing behind."""
-    new = not root.exists()
+    top = None  # the outermost folder it makes (store_dir=a/b/c with no a: a)
+    here = root.absolute()
+    for folder in (here, *here.parents):
+        if folder.exists():
+            break
+        top = folder
     try:
         yield
     except BaseException:
-        if new and root.is_dir() and not any(map(_not_temp, root.iterdir())):
-            shutil.rmtree(root, ignore_errors=True)
+        if top is not None and top.is_dir() and not _holds_files(top):
+            shutil.rmtree(top, ignore_errors=True)
         raise
+
+
+def _holds_files(folder: Path) -> bool:
+    """Whether anything but folders and write leftovers is under ``folder``."""
+    return any(not p.is_dir() and _not_temp(p) for p in folder.rglob("*"))
 
 
 def _not_temp(path: Path) -> bool:
