@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
@@ -339,9 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             _setup_logging(args.verbose)
             return args.func(args)
-    except Interrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
-        return 128 + err.signum
+    except (Interrupted, SystemError) as err:
+        stop = _raised_by(err, Interrupted)
+        if stop is None:
+            raise
+        print(f"interrupted: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except (SweepError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -351,6 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _raised_by(err: BaseException, kind: type[E]) -> E | None:
+    """``err`` if it is a ``kind``, else the ``kind`` it was raised from: a signal handler's
+    exception raised inside Ray's C code (``ray.wait``) reaches us as a SystemError."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def entry() -> None:

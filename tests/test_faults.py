@@ -268,3 +268,26 @@ def test_sweep_start_spares_a_live_temp_file_in_the_sweep_folder(tmp_path):
     os.utime(dead, (old, old))
     assert remove_stale_temps(tmp_path, older_than=STALE_TEMP_SECONDS) == 1
     assert live.exists() and not dead.exists()
+
+
+def test_a_stop_raised_inside_rays_c_code_is_still_a_stop(monkeypatch, capsys):
+    """A second signal's exception raised while the driver sits in ``ray.wait`` comes out of
+    Ray's Cython as "SystemError: ... returned a result with an exception set": the exit is
+    128 + the signal with its one line, not a traceback (seen under load: exit 1)."""
+    from sweep import cli
+    from sweep.stop import Interrupted
+
+    def in_ray_wait(args):
+        try:
+            raise Interrupted("stopped by a second SIGTERM; re-run the same command", 15)
+        except Interrupted as err:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result") from err
+
+    monkeypatch.setattr(cli, "cmd_status", in_ray_wait)
+    assert cli.main(["status", "anywhere"]) == 143
+    assert capsys.readouterr().err.strip() == (
+        "interrupted: stopped by a second SIGTERM; re-run the same command"
+    )
+    monkeypatch.setattr(cli, "cmd_status", lambda args: (_ for _ in ()).throw(SystemError("x")))
+    with pytest.raises(SystemError):
+        cli.main(["status", "anywhere"])
