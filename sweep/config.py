@@ -526,9 +526,11 @@ class LoggerConfig:
     mode: str = "auto"
     """``auto`` (online when an API key is configured, else offline), ``online``, ``offline`` or ``disabled``."""
     timeout: float = 30.0
-    """Seconds any one backend call (init, finish) may take before it is abandoned."""
+    """Seconds any one backend call (init, finish) may take before it is abandoned; a logger's
+    close waits while wandb makes progress, at most 4 x this in all."""
     queue_size: int = 1000
-    """Events buffered for the background sender; when full, new events are dropped (never block)."""
+    """Curve events buffered for the background sender; when that many wait, new ones are
+    dropped (training never blocks); a run's final metrics are always queued."""
 
     def check(self) -> None:
         _require(

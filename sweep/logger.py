@@ -5,10 +5,14 @@ the sweep's name; job type ``train``), so wandb's grouping and parallel-coordina
 work across the grid. The worker hands over one batch of curve records per logging step
 (already on the host: one device sync for all members) and the final metrics per member.
 
-All wandb calls happen on one background thread fed by a bounded queue. The training thread
-only does ``put_nowait``: when the queue is full (wandb slow or hung) events are dropped and
-counted; errors in wandb are logged once per kind and ignored; :meth:`WandbLogger.close`
-waits at most ``logger.timeout`` seconds. wandb writes under ``SWEEP_DIR/wandb``; without an
+All wandb calls happen on one background thread fed by a queue. The training thread never
+waits on it: when ``logger.queue_size`` curve events are waiting (wandb slow or hung), new
+curve events are dropped and counted (a run's declaration, final metrics and finish are
+always queued); errors in wandb are logged once per kind and ignored. Once a run's
+``wandb.init`` fails (no network in online mode: it gives up after ``logger.timeout``), the
+logger stops calling wandb, so an ensemble pays that wait once, not once per member.
+:meth:`WandbLogger.close` waits while wandb keeps handling events, at most
+``CLOSE_TIMEOUTS`` x ``logger.timeout`` in all. wandb writes under ``SWEEP_DIR/wandb``; without an
 API key it runs offline (``wandb sync SWEEP_DIR/wandb/offline-run-*`` uploads later). Each
 run's wandb id is kept in its run folder (``logger.json``), so a resumed sweep continues the
 same wandb runs.
@@ -73,11 +77,18 @@ def resolve_mode(mode: str) -> str:
 def _has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "api.wandb.ai")).split("/")[0]
+    base = os.environ.get("WANDB_BASE_URL")
+    hosts = [base] if base else list(DEFAULT_HOSTS)
     try:
-        return netrc.netrc().authenticators(host) is not None
+        known = netrc.netrc()
     except (OSError, netrc.NetrcParseError):
         return False
+    return any(known.authenticators(re.sub(r"^https?://", "", h).split("/")[0]) for h in hosts)
+
+
+DEFAULT_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
+"""Where ``wandb login`` stores a key (in ~/.netrc) without WANDB_BASE_URL (wandb >= 0.31
+defaults to the second)."""
 
 
 def run_wandb_id(folder: Path, run_id: str) -> str:
@@ -111,6 +122,8 @@ class _Sender:
         self.declared: dict[str, tuple[str, dict, str]] = {}
         self.runs: dict[str, Any] = {}
         self.broken: set[str] = set()
+        self.down = False
+        """An init failed: wandb is unreachable or unusable here; no more calls to it."""
         self.warned: set[str] = set()
         self.progress = time.monotonic()
         """When the last event was handled (close() waits while events keep completing)."""
@@ -124,6 +137,7 @@ class _Sender:
             self._warn(kind, f"wandb {kind} failed ({type(err).__name__}: {err}); ignoring")
             if kind == "init":
                 self.broken.add(run_id)
+                self.down = True
         self.progress = time.monotonic()
 
     def _warn(self, key: str, message: str) -> None:
@@ -135,7 +149,7 @@ class _Sender:
         self.declared[run_id] = (wid, config, job_type)
 
     def _run(self, run_id: str) -> Any:
-        if run_id in self.runs or run_id in self.broken:
+        if run_id in self.runs or run_id in self.broken or self.down:
             return self.runs.get(run_id)
         self.handle(("init", run_id))
         return self.runs.get(run_id)
@@ -222,16 +236,12 @@ def _serve(q: queue.Queue, sender: _Sender) -> None:
 
 
 def _request_stop(q: queue.Queue) -> None:
-    """Enqueue the stop marker without blocking (dropping the oldest event if full)."""
-    for _ in range(2):
-        try:
-            q.put_nowait(_STOP)
-            return
-        except queue.Full:
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
+    """Enqueue the stop marker (the queue is unbounded: this never blocks)."""
+    q.put_nowait(_STOP)
+
+
+CLOSE_TIMEOUTS = 4
+""":meth:`WandbLogger.close` waits at most this many ``logger.timeout`` in all."""
 
 
 class WandbLogger(RunLogger):
@@ -241,7 +251,7 @@ class WandbLogger(RunLogger):
         self.cfg = cfg
         self.sweep_dir = Path(sweep_dir)
         self.dropped = 0
-        self._q: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
+        self._q: queue.Queue = queue.Queue()  # bounded for curve events only (see _put)
         self._sender = sender = _Sender(
             cfg, self.sweep_dir, group or self.sweep_dir.absolute().name
         )
@@ -254,14 +264,15 @@ class WandbLogger(RunLogger):
         self._finalizer = weakref.finalize(self, _request_stop, self._q)
 
     def _put(self, event: tuple) -> None:
+        """Queue ``event``; a curve event is dropped instead when wandb is that far behind."""
         if self._closed:
             return
-        try:
-            self._q.put_nowait(event)
-        except queue.Full:
+        if event[0] == "log" and self._q.qsize() >= self.cfg.queue_size:
             self.dropped += 1
             if self.dropped == 1:
                 log.warning("wandb is falling behind; dropping log events (training continues)")
+            return
+        self._q.put_nowait(event)
 
     def start(self, run_id: str, folder: Path, config: dict, job_type: str = "train") -> None:
         try:
@@ -295,14 +306,17 @@ class WandbLogger(RunLogger):
         self._sender.progress = time.monotonic()
         _request_stop(self._q)
         limit = self.cfg.timeout if timeout is None else timeout
-        while (
-            self._thread.is_alive()
-        ):  # wait while events complete; give up after `limit` without progress
+        deadline = time.monotonic() + CLOSE_TIMEOUTS * limit
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            # wait while events complete; give up after `limit` without progress
             self._thread.join(min(1.0, limit))
             if time.monotonic() - self._sender.progress > limit:
                 break
         if self._thread.is_alive():
-            log.warning("wandb made no progress for %.0fs; continuing without it", limit)
+            log.warning(
+                "wandb did not finish in time; continuing without it (its runs may lack their "
+                "last points or final metrics there; the run folders have everything)"
+            )
             return False
         if self.dropped:
             log.warning("wandb: %d log events were dropped because it fell behind", self.dropped)
@@ -317,6 +331,10 @@ def make_logger(cfg: LoggerConfig | None, sweep_dir: str | Path) -> RunLogger:
         import wandb  # noqa: F401
     except ImportError:
         log.warning("logger=wandb but wandb is not installed; not logging (pip install wandb)")
+        return RunLogger()
+    except Exception as err:  # a broken install (e.g. a protobuf mismatch raises TypeError)
+        log.warning("logger=wandb but wandb cannot be imported (%s: %s); not logging",
+                    type(err).__name__, err)  # fmt: skip
         return RunLogger()
     return WandbLogger(cfg, sweep_dir)
 
