@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError
@@ -333,15 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweep.stop import Interrupted, interruptible
+    from sweep.stop import Interrupted, StopNow, interruptible
 
     try:
         with interruptible():
             args = build_parser().parse_args(argv)
             _setup_logging(args.verbose)
             return args.func(args)
-    except (Interrupted, SystemError) as err:
-        stop = _raised_by(err, Interrupted)
+    except (Interrupted, StopNow, SystemError) as err:
+        stop = _raised_by(err, (Interrupted, StopNow))
         if stop is None:
             raise
         print(f"interrupted: {stop}", file=sys.stderr)
@@ -357,10 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-E = TypeVar("E", bound=BaseException)
-
-
-def _raised_by(err: BaseException, kind: type[E]) -> E | None:
+def _raised_by(err: BaseException, kind: type | tuple[type, ...]) -> Any:
     """``err`` if it is a ``kind``, else the ``kind`` it was raised from: a signal handler's
     exception raised inside Ray's C code (``ray.wait``) reaches us as a SystemError."""
     seen: BaseException | None = err

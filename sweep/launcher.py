@@ -114,7 +114,13 @@ def ray_session(
         yield owns
     finally:
         if owns:
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
             shutdown_ray(stop_wait())
+            # ray.shutdown resets them in C (getsignal still names ours): a later SIGTERM
+            # would kill the driver without a word
+            for sig, handler in handlers.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 class Resources:

@@ -8,9 +8,10 @@ work across the grid. The worker hands over one batch of curve records per loggi
 All wandb calls happen on one background thread fed by a queue. The training thread never
 waits on it: when ``logger.queue_size`` curve events are waiting (wandb slow or hung), new
 curve events are dropped and counted (a run's declaration, final metrics and finish are
-always queued); errors in wandb are logged once per kind and ignored. Once a run's
-``wandb.init`` fails (no network in online mode: it gives up after ``logger.timeout``), the
-logger stops calling wandb, so an ensemble pays that wait once, not once per member.
+always queued); errors in wandb are logged once per kind and ignored. A run whose
+``wandb.init`` fails is not logged; once one fails after its whole ``logger.timeout`` (no
+network in online mode), the logger stops calling wandb, so an ensemble pays that wait
+once, not once per member.
 :meth:`WandbLogger.close` waits while wandb keeps handling events, at most
 ``CLOSE_TIMEOUTS`` x ``logger.timeout`` in all. wandb writes under ``SWEEP_DIR/wandb``; without an
 API key it runs offline (``wandb sync SWEEP_DIR/wandb/offline-run-*`` uploads later). Each
@@ -130,6 +131,7 @@ class _Sender:
 
     def handle(self, event: tuple) -> None:
         kind = event[0]
+        began = time.monotonic()
         try:
             getattr(self, f"on_{kind}")(*event[1:])
         except Exception as err:  # wandb failures are never the training's problem
@@ -137,7 +139,10 @@ class _Sender:
             self._warn(kind, f"wandb {kind} failed ({type(err).__name__}: {err}); ignoring")
             if kind == "init":
                 self.broken.add(run_id)
-                self.down = True
+                # one that took its whole timeout (no network): the others would too
+                self.down = self.down or time.monotonic() - began >= 0.9 * self.cfg.timeout
+                if self.down:
+                    log.warning("wandb is unreachable; not logging this worker's other runs")
         self.progress = time.monotonic()
 
     def _warn(self, key: str, message: str) -> None:
@@ -149,8 +154,11 @@ class _Sender:
         self.declared[run_id] = (wid, config, job_type)
 
     def _run(self, run_id: str) -> Any:
+        """The run's wandb run, made on first use; None for one not declared or not made."""
         if run_id in self.runs or run_id in self.broken or self.down:
             return self.runs.get(run_id)
+        if run_id not in self.declared:  # its start() could not record a wandb id
+            return None
         self.handle(("init", run_id))
         return self.runs.get(run_id)
 

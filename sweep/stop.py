@@ -32,6 +32,16 @@ class Interrupted(SweepError):
         self.signum = signum
 
 
+class StopNow(BaseException):
+    """A second signal: stop waiting for the ensembles. A BaseException, as KeyboardInterrupt
+    is, so that no ``except Exception`` swallows it (logging's ``emit``, when the signal lands
+    in a log call, would print a traceback and carry on); the CLI prints its one line."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def exit_now(signum: int, _frame: object = None) -> None:
     """A signal handler for when nothing is training: one line, then exit 128+signal at once.
 
@@ -116,7 +126,7 @@ class DriverSignals:
             self.signum = signum
             exit_now(signum)
         if self.signum:  # a second signal: stop waiting for the workers
-            raise Interrupted(
+            raise StopNow(
                 f"stopped by a second {signal.Signals(signum).name} without waiting for the "
                 "ensembles; what they checkpointed is kept: re-run the same command to continue",
                 signum,

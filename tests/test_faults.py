@@ -275,12 +275,12 @@ def test_a_stop_raised_inside_rays_c_code_is_still_a_stop(monkeypatch, capsys):
     Ray's Cython as "SystemError: ... returned a result with an exception set": the exit is
     128 + the signal with its one line, not a traceback (seen under load: exit 1)."""
     from sweep import cli
-    from sweep.stop import Interrupted
+    from sweep.stop import StopNow
 
     def in_ray_wait(args):
         try:
-            raise Interrupted("stopped by a second SIGTERM; re-run the same command", 15)
-        except Interrupted as err:
+            raise StopNow("stopped by a second SIGTERM; re-run the same command", 15)
+        except StopNow as err:
             raise SystemError("<cyfunction CoreWorker.wait> returned a result") from err
 
     monkeypatch.setattr(cli, "cmd_status", in_ray_wait)
@@ -291,3 +291,69 @@ def test_a_stop_raised_inside_rays_c_code_is_still_a_stop(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_status", lambda args: (_ for _ in ()).throw(SystemError("x")))
     with pytest.raises(SystemError):
         cli.main(["status", "anywhere"])
+
+
+def test_a_second_signal_inside_a_log_call_is_not_swallowed(monkeypatch, capsys):
+    """A signal landing while the main thread logs: logging's emit catches every Exception
+    (and prints a traceback); the second signal's StopNow is a BaseException and gets out."""
+    import logging
+
+    from sweep import cli
+    from sweep.stop import StopNow
+
+    class Emit(logging.Handler):
+        def emit(self, record):
+            try:
+                raise StopNow("stopped by a second SIGINT; re-run the same command", 2)
+            except Exception:  # what logging.Handler implementations do
+                self.handleError(record)
+
+    def logs(args):
+        lg = logging.getLogger("sweep.test-signal")
+        lg.addHandler(Emit())
+        lg.warning("checkpointing")
+
+    monkeypatch.setattr(cli, "cmd_status", logs)
+    assert cli.main(["status", "anywhere"]) == 130
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("stopped by a second SIGINT; re-run the same command")
+    )
+
+
+RAY_SHUTDOWN_KEEPS_HANDLER = """
+import os, signal, sys, time
+from sweep.config import LaunchConfig
+from sweep.launcher import ray_session
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+with ray_session(LaunchConfig(num_cpus=1, temp_dir=sys.argv[1])):
+    pass
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("handled" if got else "not handled")
+"""
+
+
+def test_the_signal_handlers_survive_ray_shutdown(tmp_path_factory):
+    """ray.shutdown resets SIGTERM in C while getsignal still names the Python handler: a
+    SIGTERM after it killed the driver without its message (exit -15)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RAY_SHUTDOWN_KEEPS_HANDLER,
+            str(tmp_path_factory.getbasetemp() / "rsh"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0 and p.stdout.strip().endswith("handled"), (
+        p.returncode,
+        p.stderr[-2000:],
+    )

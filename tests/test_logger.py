@@ -161,10 +161,43 @@ def test_raising_backend_never_fails_training(tiny_store, tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING, logger="sweep.logger"):
         res = train_ensemble(one_job(tiny_store, tmp_path, wandb_cfg(timeout=5)))
     assert set(res.states.values()) == {"done"}
-    # one try, then wandb is left alone (offline networks: one timeout per ensemble, not
-    # one per member)
-    assert len(calls) == 1
+    assert sorted(calls) == ["r1-l1_1e-02-s0", "r1-l1_1e-03-s0"]  # one quick try per run
     assert "wandb init failed (ConnectionError: wandb is down); ignoring" in caplog.text
+
+
+def test_an_init_that_times_out_is_not_tried_again_for_the_other_runs(tmp_path, monkeypatch):
+    """Online mode without a network: each init would wait out logger.timeout in turn."""
+    import wandb
+
+    calls = []
+
+    def timed_out(**kwargs):
+        calls.append(kwargs["name"])
+        time.sleep(0.3)
+        raise TimeoutError("wandb.init timed out")
+
+    monkeypatch.setattr(wandb, "init", timed_out)
+    lg = tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)
+    declared(lg, tmp_path, "a", "b", "c")
+    lg.log({r: {"step": 1} for r in "abc"})
+    lg.close()
+    lg._thread.join(10)
+    assert not lg._thread.is_alive() and calls == ["a"]
+
+
+def test_a_run_that_could_not_be_declared_is_skipped_alone(tmp_path, monkeypatch):
+    """Its folder could not hold logger.json: its events are ignored, the others logged."""
+    import wandb
+
+    record: list = []
+    monkeypatch.setattr(wandb, "init", lambda **k: SlowRun(record, 0.0))
+    lg = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path)
+    declared(lg, tmp_path, "a")
+    lg.log({"a": {"step": 1}, "undeclared": {"step": 1}})
+    lg.summary("undeclared", {"fvu": 0.3})
+    lg.summary("a", {"fvu": 0.1})
+    assert lg.close() is True
+    assert ("summary", {"fvu": 0.1}) in record and ("summary", {"fvu": 0.3}) not in record
 
 
 def test_log_call_that_raises_is_ignored(tmp_path, monkeypatch):
