@@ -85,15 +85,26 @@ def _start_ray(lc: LaunchConfig) -> None:
 
 
 def shutdown_ray(wait: float | None = None) -> None:
-    """ray.shutdown(); after a signal (Ray's processes may be dead) give up after ``wait`` s."""
+    """ray.shutdown() in a helper thread; after a signal (Ray's processes may be dead) give
+    up after ``wait`` s. Meanwhile this (main) thread keeps re-registering its SIGTERM/SIGINT
+    handlers: Ray's core worker resets them in C as it shuts down (``signal.getsignal`` still
+    names ours), and a signal then would kill the driver without a word."""
     import ray
 
-    if wait is None:
-        ray.shutdown()
-        return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     t = threading.Thread(target=lambda: quietly(ray.shutdown), daemon=True, name="ray-shutdown")
     t.start()
-    t.join(wait)
+    deadline = math.inf if wait is None else time.monotonic() + wait
+    while t.is_alive() and time.monotonic() < deadline:
+        _keep_handlers(handlers)
+        t.join(0.005)
+    _keep_handlers(handlers)
+
+
+def _keep_handlers(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        with contextlib.suppress(ValueError, TypeError):  # (not the main thread: nothing to do)
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -114,13 +125,7 @@ def ray_session(
         yield owns
     finally:
         if owns:
-            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
             shutdown_ray(stop_wait())
-            # ray.shutdown resets them in C (getsignal still names ours): a later SIGTERM
-            # would kill the driver without a word
-            for sig, handler in handlers.items():
-                with contextlib.suppress(ValueError, TypeError):
-                    signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
 class Resources:

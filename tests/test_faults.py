@@ -323,37 +323,38 @@ def test_a_second_signal_inside_a_log_call_is_not_swallowed(monkeypatch, capsys)
 
 
 RAY_SHUTDOWN_KEEPS_HANDLER = """
-import os, signal, sys, time
+import os, signal, sys, threading, time
 from sweep.config import LaunchConfig
 from sweep.launcher import ray_session
 got = []
 signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
 with ray_session(LaunchConfig(num_cpus=1, temp_dir=sys.argv[1])):
-    pass
-os.kill(os.getpid(), signal.SIGTERM)
+    timer = threading.Timer(float(sys.argv[2]), os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()  # lands while ray.shutdown runs (it takes ~1 s)
+timer.join()
+os.kill(os.getpid(), signal.SIGTERM)  # and one after it
 time.sleep(0.5)
-print("handled" if got else "not handled")
+print(f"handled {len(got)}")
 """
 
 
-def test_the_signal_handlers_survive_ray_shutdown(tmp_path_factory):
-    """ray.shutdown resets SIGTERM in C while getsignal still names the Python handler: a
-    SIGTERM after it killed the driver without its message (exit -15)."""
+@pytest.mark.parametrize("delay", [0.1, 0.4])
+def test_the_signal_handlers_survive_ray_shutdown(tmp_path_factory, delay):
+    """Ray's core worker resets SIGTERM in C as it shuts down, while getsignal still names
+    the Python handler: a SIGTERM during or after it killed the driver without its message
+    (exit -15)."""
     import subprocess
     import sys
 
+    temp = str(tmp_path_factory.getbasetemp() / f"rsh{delay}")
     p = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            RAY_SHUTDOWN_KEEPS_HANDLER,
-            str(tmp_path_factory.getbasetemp() / "rsh"),
-        ],
+        [sys.executable, "-c", RAY_SHUTDOWN_KEEPS_HANDLER, temp, str(delay)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert p.returncode == 0 and p.stdout.strip().endswith("handled"), (
+    assert p.returncode == 0 and p.stdout.strip().endswith("handled 2"), (
         p.returncode,
+        p.stdout[-300:],
         p.stderr[-2000:],
     )
