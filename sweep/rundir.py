@@ -170,7 +170,11 @@ class RunFolder:
 
     def metrics(self) -> dict:
         """Final metrics (``metrics.json``); {} before the run is final."""
-        return self._json(METRICS) if self.is_done() else {}
+        return self.recorded_metrics() if self.is_done() else {}
+
+    def recorded_metrics(self) -> dict:
+        """``metrics.json`` as it is (for a caller that has just found the run final)."""
+        return self._json(METRICS)
 
     def finished_stamp(self) -> str:
         """Changes whenever the run is re-finished (invalidates values cached from it)."""

@@ -408,7 +408,7 @@ class SweepFolder:
             last = {} if state.final or stale else folder.last_curve()
             if live and (state.resumable or _began_under(folder, state, since)):
                 state = RunState.RUNNING
-            metrics = folder.metrics() if state.final else {}
+            metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
             records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note, point))
