@@ -46,6 +46,8 @@ KNOB_AXES = {
     "l0": "L0 coefficient (JumpReLU's grid.l1)",
 }
 """Each knob as an axis label."""
+KNOB_FIELDS = {"l1": "l1", "k": "k", "l0": "l1"}
+"""The grid field (and summary column) holding each knob's values (JumpReLU's is grid.l1)."""
 
 
 def knob(row: Mapping) -> tuple[str, float | None]:

@@ -133,7 +133,7 @@ def _grid_of(records: list[RunRecord], spec: dict) -> dict:
     knob = crossdict.sweep_knob(r.spec for r in records)
     points = sorted({v for v in (crossdict.knob_value(r.spec) for r in records) if v is not None})
     grid = {
-        "k" if knob == "k" else "l1": points,
+        crossdict.KNOB_FIELDS[knob]: points,
         "dict_ratio": values("dict_ratio"),
         "seeds": len(values("seed")),
     }

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep import plots
+from sweep import crossdict, plots
 from sweep.io import atomic_write_bytes
 from sweep.metrics import DENSE_THRESHOLD, RECOVERED_THRESHOLD
 from sweep.rundir import CFG, CURVE, METRICS, SPEC
@@ -245,7 +245,7 @@ def _column_help(knob: str) -> dict[str, str]:
     mmcs = definitions(knob)["MMCS"]
     return {
         **{c: mmcs if "mmcs" in c else v for c, v in COLUMN_HELP.items()},
-        "k" if knob == "k" else "l1": text,
+        crossdict.KNOB_FIELDS[knob]: text,
     }
 
 
