@@ -124,7 +124,7 @@ class _Sender:
         self.runs: dict[str, Any] = {}
         self.broken: set[str] = set()
         self.down = False
-        """An init failed: wandb is unreachable or unusable here; no more calls to it."""
+        """An init failed after its whole timeout: wandb is unreachable; no more calls to it."""
         self.warned: set[str] = set()
         self.progress = time.monotonic()
         """When the last event was handled (close() waits while events keep completing)."""
@@ -140,9 +140,9 @@ class _Sender:
             if kind == "init":
                 self.broken.add(run_id)
                 # one that took its whole timeout (no network): the others would too
-                self.down = self.down or time.monotonic() - began >= 0.9 * self.cfg.timeout
-                if self.down:
-                    log.warning("wandb is unreachable; not logging this worker's other runs")
+                if time.monotonic() - began >= 0.9 * self.cfg.timeout:
+                    self.down = True
+                    self._warn("down", "wandb is unreachable; not trying this logger's other runs")
         self.progress = time.monotonic()
 
     def _warn(self, key: str, message: str) -> None:

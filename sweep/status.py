@@ -1,8 +1,9 @@
 """``sweep status``: each run's state, progress and latest training metrics.
 
 States: ``pending`` (nothing trained), ``running`` (a live driver holds the sweep's lock and
-the run has a checkpoint or began training under it), ``interrupted`` (has a checkpoint; the sweep was stopped by a signal),
-``partial`` (has a checkpoint, no driver), ``done``, ``diverged``, ``failed``.
+the run has a checkpoint or began training under it), ``interrupted`` (has a checkpoint; the
+sweep was stopped by a signal), ``partial`` (has a checkpoint, no driver), ``done``,
+``diverged``, ``failed``.
 Works while a sweep runs (read-only: it never takes the lock) and after it ended.
 """
 
