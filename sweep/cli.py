@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError
+from omegaconf.errors import OmegaConfBaseException
 
 from sweep.config import ConfigError, SweepConfig, register_configs, to_sweep_config
 from sweep.errors import SweepError, os_error_message
@@ -42,7 +42,6 @@ def compose(
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -52,7 +51,10 @@ def compose(
         with initialize_config_module("sweep.configs", version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(_unparsable(overrides) or _hydra_message(err)) from err
+        message = _unparsable(overrides) or _hydra_message(err)
+        if config_name == "harvest":  # its fields are listed by its own command
+            message = message.replace("'sweep run --cfg job'", "'sweep harvest --cfg job'")
+        raise ConfigError(message) from err
 
 
 def _config_dir(config_dir: str) -> Path:
@@ -106,6 +108,13 @@ def _hydra_message(err: BaseException) -> str:
     if listed and "is not a ListConfig" in f"{text} {err.__cause__}":
         key, value = listed.groups()
         return f"{key} takes a list: write {key}='[{value}]' (brackets, quoted for the shell)"
+    comma = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", text)
+    if comma:
+        key, value = comma.groups()
+        return (
+            f"{key}={value} has a comma outside brackets; a list is written {key}='[{value}]', "
+            f"a value holding a comma is quoted: {key}='\"{value}\"'"
+        )
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
         return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"
@@ -176,34 +185,48 @@ config, which a saved sweep no longer is."""
 
 def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides."""
-    from sweep.sweepdir import SweepFolder
+    from sweep.planning import with_legacy
+    from sweep.sweepdir import CONFIG, SweepFolder
 
     plain = SweepFolder(sweep_dir).load_config()  # a damaged one is a one-line error
     if plain is None:
         raise SweepError(
             f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')"
         )
-    from sweep.planning import with_legacy
-
+    _check_resume_overrides(overrides)
     data = OmegaConf.create(with_legacy(plain))  # a field added since: as the sweep ran
-    choice = [f"data={data.data.name}", f"sae={data.sae.name}"]
-    base = compose(choice + [f"sweep_dir={sweep_dir}"])
-    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in CONFIG_GROUPS]
-    if groups:
-        raise ConfigError(
-            f"sweep resume takes field overrides (like train.log_every=10), not '{groups[0]}'; "
-            "pass the sweep's settings with that choice to 'sweep run' instead"
-        )
-    try:
-        merged = OmegaConf.merge(base, data, OmegaConf.from_dotlist(overrides))
-    except ConfigKeyError as err:
-        raise ConfigError(
-            f"unknown config field '{err.full_key}'; run 'sweep run --cfg job' to list the fields"
+    choice = [f"data={data.data.name}", f"sae={data.sae.name}", f"sweep_dir={sweep_dir}"]
+    try:  # the file alone first, so that its own faults are named as its
+        base = compose(choice)
+        to_sweep_config(OmegaConf.merge(base, data, {"sweep_dir": sweep_dir}))  # type: ignore[arg-type]
+    except (ConfigError, OmegaConfBaseException) as err:
+        why = str(err).strip().splitlines()[0]
+        key = getattr(err, "full_key", None)
+        why = f"{key}: {why}" if key else why
+        raise SweepError(
+            f"{Path(sweep_dir) / CONFIG} is damaged or was edited ({why}); restore it (every "
+            "run's spec.json holds the recorded values)"
         ) from err
-    except Exception as err:
-        raise ConfigError(_hydra_message(err)) from err
+    compose(choice + overrides)  # each override checked by Hydra: its one-line messages
+    merged = OmegaConf.merge(base, data, OmegaConf.from_dotlist(overrides))
     merged.sweep_dir = sweep_dir
     return to_sweep_config(merged)  # type: ignore[arg-type]
+
+
+def _check_resume_overrides(overrides: list[str]) -> None:
+    """``sweep resume`` sets recorded fields (``train.log_every=10``), nothing else."""
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key.lstrip("+~") in CONFIG_GROUPS:
+            raise ConfigError(
+                f"sweep resume takes field overrides (like train.log_every=10), not '{o}'; "
+                "pass the sweep's settings with that choice to 'sweep run' instead"
+            )
+        if "=" not in o or key.startswith(("+", "~")):
+            raise ConfigError(
+                f"sweep resume takes field=value overrides of recorded fields (like "
+                f"train.log_every=10), not '{o}'"
+            )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -332,12 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; overrides may also follow options (``run a=1 --plan b=2``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's one-line usage error (exit 2)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from sweep.stop import Interrupted, StopNow, interruptible
 
     try:
         with interruptible():
-            args = build_parser().parse_args(argv)
+            args = parse(argv)
             _setup_logging(args.verbose)
             return args.func(args)
     except (Interrupted, StopNow, SystemError) as err:

@@ -8,6 +8,7 @@ plain frozen specs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -493,6 +494,14 @@ class LaunchConfig:
 
     def check(self) -> None:
         _require(
+            self.num_cpus is None or self.num_cpus >= 1,
+            f"launch.num_cpus must be >= 1 (or null: all), got {self.num_cpus}",
+        )
+        _require(
+            self.num_gpus is None or self.num_gpus >= 0,
+            f"launch.num_gpus must be >= 0 (or null: detect), got {self.num_gpus}",
+        )
+        _require(
             self.cpus_per_ensemble >= 0,
             f"launch.cpus_per_ensemble must be >= 0, got {self.cpus_per_ensemble}",
         )
@@ -625,14 +634,30 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
         raise ConfigError(_one_line(str(err))) from err
     if not isinstance(obj, schema):
         raise ConfigError(f"config is not a {what} config: compose it from sweep's '{name}'")
+    _check_finite(obj)
     obj.check()
     return obj
+
+
+def _check_finite(obj: object, prefix: str = "") -> None:
+    """Refuse nan or inf in any number field (each field's own check says what range)."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        many = isinstance(value, (list, tuple))
+        what = f"{prefix}{f.name} values" if many else f"{prefix}{f.name}"
+        for v in value if many else [value]:
+            _require(
+                not isinstance(v, float) or math.isfinite(v), f"{what} must be finite, got {v}"
+            )
 
 
 def _one_line(message: str) -> str:
     missing = re.search(r"missing mandatory value: ([\w.]+)", message)
     if missing:
-        key = missing.group(1)
+        full = re.search(r"full_key: ([\w.]+)", message)  # data.model, not model
+        key = full.group(1) if full else missing.group(1)
         example = "outputs/my-sweep" if key == "sweep_dir" else "..."
         return f"{key} is required: pass {key}={example}"
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]

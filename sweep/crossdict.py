@@ -128,14 +128,18 @@ def finished_runs(records: Iterable[RunRecord]) -> list[RunRef]:
     for r in records:
         if r.state != "done" or not r.folder.has_weights():
             continue
-        name, value = knob(r.spec)
+        point = r.grid_point
+        if not isinstance(point.get("dict_ratio"), (int, float)) or point.get("seed") is None:
+            log.warning("%s: its grid point is unknown (spec.json damaged); left out", r.run_id)
+            continue
+        name, value = knob(point)
         out.append(
             RunRef(
                 r.run_id,
                 name,
                 float(value if value is not None else math.nan),
-                float(r.spec["dict_ratio"]),
-                int(r.spec["seed"]),
+                float(point["dict_ratio"]),
+                int(point["seed"]),
                 r.folder,
                 r.folder.finished_stamp(),
             )

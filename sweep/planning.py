@@ -41,7 +41,7 @@ from sweep.config import SweepConfig
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
 from sweep.rundir import RunFolder
-from sweep.sweepdir import SweepFolder
+from sweep.sweepdir import CONFIG, SweepFolder
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     old = folder.load_config()
     fix = f"`sweep resume {folder.path}` with no overrides to continue with the recorded ones"
     if old is not None:
+        _check_saved(folder, with_legacy(old))
         diffs = _differences(with_legacy(old), new)
     else:  # config.yaml was deleted: what a started run recorded
         recorded = folder.first_spec()
@@ -161,6 +162,19 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
         raise RunDirError(
             f"sweep_dir {folder.path} holds a sweep with different settings ({'; '.join(diffs)}); "
             f"use a new sweep_dir, restore those values, or {fix}"
+        )
+
+
+def _check_saved(folder: SweepFolder, saved: dict) -> None:
+    """Refuse a config.yaml that disagrees with what the sweep's started runs recorded: it was
+    edited or damaged (a file cut short reads as an old sweep's, its lost fields as LEGACY)."""
+    recorded = folder.first_spec()
+    diffs = [] if recorded is None else _differences(*_as_config(recorded, saved))
+    if diffs:
+        raise RunDirError(
+            f"{folder.path / CONFIG} disagrees with what the sweep's runs recorded (recorded -> "
+            f"config.yaml: {'; '.join(diffs)}): it was edited or damaged; restore it (every run's spec.json "
+            "holds the recorded values)"
         )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -128,12 +129,12 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
 
 def _grid_of(records: list[RunRecord], spec: dict) -> dict:
     def values(key: str) -> list:
-        return sorted({r.spec[key] for r in records if r.spec.get(key) is not None})
+        return sorted({r.grid_point[key] for r in records if r.grid_point.get(key) is not None})
 
-    knob = crossdict.sweep_knob(r.spec for r in records)
-    points = sorted({v for v in (crossdict.knob_value(r.spec) for r in records) if v is not None})
+    knob = crossdict.sweep_knob(r.grid_point for r in records)
+    points = {crossdict.knob_value(r.grid_point) for r in records} - {None}
     grid = {
-        crossdict.KNOB_FIELDS[knob]: points,
+        crossdict.KNOB_FIELDS[knob]: sorted(points),
         "dict_ratio": values("dict_ratio"),
         "seeds": len(values("seed")),
     }
@@ -258,11 +259,12 @@ def build_report(
     records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
     rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)
-    crossdict.annotate_runs(records, cross)
     for r in rows:
         r.update(cross.per_run.get(r["run_id"], {}))
     write_summary(out, rows)
-    write_summary(sweep_dir, rows)
+    if _writes_back(sweep_dir, out):
+        crossdict.annotate_runs(records, cross)
+        write_summary(sweep_dir, rows)
     write_mmcs(out / MMCS_FILE, cross)
     compared = _compared(folder, records, rows, others) if others else []
     images = draw_plots(
@@ -286,6 +288,20 @@ def build_report(
     if log_media:
         _log_media(sweep_dir, rows, images)
     return out, rows
+
+
+def _writes_back(sweep_dir: Path, out: Path) -> bool:
+    """Whether the report may update the sweep folder (its summary.csv, the runs' MMCS in
+    their metrics.json): not a read-only one (reported to another ``--out``)."""
+    if os.access(sweep_dir, os.W_OK):
+        return True
+    log.warning(
+        "%s is read-only: its summary.csv and the runs' metrics.json keep their values (the "
+        "report in %s has the new ones)",
+        sweep_dir,
+        out,
+    )
+    return False
 
 
 REPORT_FILES = {"index.html", SUMMARY, MMCS_FILE, crossdict.CACHE, "logger.json"}

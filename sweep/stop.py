@@ -54,7 +54,7 @@ def exit_now(signum: int, _frame: object = None) -> None:
     name = signal.Signals(signum).name
     try:
         sys.stderr.write(
-            f"interrupted: stopped by {name} before training started; nothing was lost: "
+            f"interrupted: stopped by {name}; nothing was lost (every write is atomic): "
             "re-run the same command to continue\n"
         )
         sys.stderr.flush()

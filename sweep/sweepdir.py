@@ -30,7 +30,7 @@ from sweep.activations.store import MAKING as STORE_MAKING
 from sweep.activations.store import ChunkStore
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
-from sweep.rundir import RunFolder, RunState
+from sweep.rundir import RUNS, RunFolder, RunState
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
@@ -116,6 +116,11 @@ class RunRecord:
     spec)."""
 
     @property
+    def grid_point(self) -> dict:
+        """Its spec, else (not started, or its spec.json unreadable) the manifest's entry."""
+        return self.spec or self.point
+
+    @property
     def total_rows(self) -> int | None:
         batch = self.spec.get("train", {}).get("batch_size", 0)
         return self.spec.get("total_steps", 0) * batch or self.metrics.get("rows_trained")
@@ -128,7 +133,7 @@ class RunRecord:
 
     def row(self) -> dict:
         """The summary row: grid point, state and final metrics."""
-        point = self.spec or self.point
+        point = self.grid_point
         out: dict = {
             "run_id": self.run_id,
             "l1": point.get("l1"),
@@ -182,6 +187,23 @@ def _agreed_ensembles(specs: dict[str, dict]) -> dict[str, str]:
     }
 
 
+def is_sweep(path: Path) -> bool:
+    """A sweep folder: it holds its config.yaml and runs/."""
+    return (path / CONFIG).is_file() and (path / RUNS).is_dir()
+
+
+def enclosing_sweep(path: Path) -> Path | None:
+    """The sweep folder ``path`` lies inside, if any."""
+    return next((p for p in Path(path).absolute().parents if is_sweep(p)), None)
+
+
+def _damaged(manifest: Path, err: Exception) -> RunDirError:
+    return RunDirError(
+        f"{manifest} is damaged ({type(err).__name__}); restore it from a backup, or delete it "
+        "and re-run the same 'sweep run' command (finished runs are verified and kept)"
+    )
+
+
 class SweepFolder:
     """A sweep folder on disk (see the module docstring)."""
 
@@ -205,21 +227,22 @@ class SweepFolder:
         try:
             manifest = read_json(path)
         except (OSError, ValueError) as err:
-            raise RunDirError(
-                f"{path} is damaged ({type(err).__name__}); restore it from a backup, or delete it "
-                "and re-run the same 'sweep run' command (finished runs are verified and kept)"
-            ) from err
+            raise _damaged(path, err) from err
         self._refuse_store(manifest)
         return manifest if isinstance(manifest, dict) else {}
 
     def refuse_store(self) -> None:
         """A chunk store's folder, complete or being made, is no sweep folder (a sweep there
-        would overwrite its manifest): one line, before anything is written."""
+        would overwrite its manifest), nor is a folder inside another sweep (its runs/, a run
+        folder): one line, before anything is written."""
         making = [n for n in STORE_MAKING if (self.path / n).is_file()]
         if making or any(self.path.glob("chunk_*.npy")):
             self._refuse_store({"format": STORE_FORMAT})
         if (self.path / MANIFEST).is_file():
             self.manifest()
+        outer = enclosing_sweep(self.path)
+        if outer is not None:
+            raise SweepError(f"{self.path} is inside the sweep {outer}; pass a sweep_dir outside it")
 
     def _refuse_store(self, manifest: object) -> None:
         """A chunk store's folder is no sweep folder (and must never get a sweep's manifest)."""
@@ -236,6 +259,15 @@ class SweepFolder:
                 f"{self.path} does not exist or is not a folder; pass the sweep_dir of a sweep run"
             )
         manifest = self.path / MANIFEST
+        if not manifest.is_file() and self.driver_alive():
+            raise SweepError(
+                f"{self.path}: its sweep is starting (no {MANIFEST} yet); try again soon"
+            )
+        if not manifest.is_file() and is_sweep(self.path):
+            raise SweepError(
+                f"{self.path} has no {MANIFEST} (deleted?); re-run the same 'sweep run' command "
+                f"(or 'sweep resume {self.path}') to write it"
+            )
         if not manifest.is_file():
             raise SweepError(
                 f"{self.path} is not a sweep folder (no {MANIFEST}); pass the sweep_dir of a sweep run"
@@ -245,9 +277,7 @@ class SweepFolder:
             self._refuse_store(content)
             return list(content["runs"])
         except (ValueError, KeyError, TypeError) as err:
-            raise SweepError(
-                f"{manifest} is damaged ({type(err).__name__}); re-run 'sweep run' with the same sweep_dir to rewrite it"
-            ) from err
+            raise _damaged(manifest, err) from err
 
     def previous_ensembles(self) -> dict[str, str]:
         """run_id -> the ensemble it last trained in (runs never planned are absent); from the

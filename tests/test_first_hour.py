@@ -4,6 +4,7 @@ sweep's output, not third-party chatter. CLI checks run the real ``sweep`` comma
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -92,12 +93,28 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
     [
         ([], "sweep_dir is required: pass sweep_dir=outputs/my-sweep"),
         (["sweep_dir=x", "grid.l1=0.01"], "grid.l1 takes a list: write grid.l1='[0.01]'"),
+        (["sweep_dir=x", "grid.l1=1e-2,2e-2"], "grid.l1=1e-2,2e-2 has a comma outside brackets"),
+        (["sweep_dir=x", "--plan", "grid.l1=0.01"], "grid.l1 takes a list"),  # after an option
+        (["sweep_dir=x", "launch.device_memory_gb=inf"], "launch.device_memory_gb must be finite"),
+        (["sweep_dir=x", "train.eps=inf"], "train.eps must be finite"),
+        (["sweep_dir=x", "launch.num_cpus=0"], "launch.num_cpus must be >= 1"),
+        (["sweep_dir=x", "data=harvest"], "data.model is required: pass data.model=..."),
     ],
 )
 def test_config_mistakes_are_one_line_with_the_fix(args, needle, capsys):
     assert main(["run", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {needle}") and "\n" not in err
+
+
+def test_harvest_mistakes_name_harvests_own_command(tmp_path, capsys):
+    base = ["harvest", "model=m", "dataset=d", "rows=10", "hooks=[h]"]
+    assert main([*base, f"store_dir={tmp_path / 's'}", "contxt=5"]) == 2
+    assert "run 'sweep harvest --cfg job' to list the fields" in capsys.readouterr().err
+    (tmp_path / "f").write_text("mine")
+    assert main([*base, f"store_dir={tmp_path / 'f'}"]) == 2
+    assert f"store_dir {tmp_path / 'f'} is a file" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "mine"
 
 
 def test_subcommand_help_and_usage_are_their_own():
@@ -225,6 +242,10 @@ def test_dtype_auto_is_resolved_and_recorded(finished, tmp_path, capsys):
     assert main(["run", f"sweep_dir={sw}", *TINY, *GRID, "train.dtype=float32"]) == 0  # same
     saved.train.dtype = "bfloat16"  # as if it had been run on a GPU
     OmegaConf.save(saved, sw / "config.yaml")
+    for spec in (sw / "runs").glob(f"*/{rundir.SPEC}"):  # which its runs recorded too
+        recorded = json.loads(spec.read_text())
+        recorded["train"]["dtype"] = "bfloat16"
+        spec.write_text(json.dumps(recorded))
     before = snapshot(sw)
     assert main(["run", f"sweep_dir={sw}", *TINY, *GRID, "train.dtype=float32"]) == 2
     err = capsys.readouterr().err
@@ -232,3 +253,74 @@ def test_dtype_auto_is_resolved_and_recorded(finished, tmp_path, capsys):
     assert snapshot(sw) == before
     assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 0  # auto keeps the sweep's own
     assert OmegaConf.load(sw / "config.yaml").train.dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------ damaged or misplaced folders
+
+
+def test_resume_refuses_a_config_that_disagrees_with_its_runs(finished, tmp_path, capsys):
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    text = (sw / "config.yaml").read_text()
+    cut = "".join(ln for ln in text.splitlines(True) if "grad_clip" not in ln)
+    (sw / "config.yaml").write_text(cut)  # a lost line reads as a sweep from before grad_clip
+    (rundir.run_dir(sw, "r1-l1_1e-01-s0") / rundir.DONE).unlink()
+    before = snapshot(sw)
+    assert main(["resume", str(sw)]) == 2
+    err = capsys.readouterr().err
+    assert "disagrees with what the sweep's runs recorded" in err and "grad_clip 1.0 -> None" in err
+    (sw / "config.yaml").write_text(text.replace("device: auto", "device: a", 1))
+    assert main(["resume", str(sw)]) == 2
+    assert "config.yaml is damaged or was edited (train.device" in capsys.readouterr().err
+    (sw / "config.yaml").write_text(text)
+    for override, needle in [
+        ("train.lr=abc", "cannot set train.lr to 'abc'"),
+        ("train.lr", "takes field=value overrides"),
+        ("grid.l1=0.5", "grid.l1 takes a list"),
+        ("tran.lr=1", "unknown config field 'tran.lr'"),
+    ]:
+        assert main(["resume", str(sw), override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
+    assert snapshot(sw) == {**before, sw / "config.yaml": text.encode()}  # nothing else written
+
+
+def test_nothing_is_written_inside_another_sweep(finished, tmp_path, capsys):
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    before = snapshot(sw)
+    inner = rundir.run_dir(sw, "r1-l1_1e-01-s0")
+    assert main(["run", f"sweep_dir={inner}", *TINY, *GRID]) == 2
+    assert f"is inside the sweep {sw}" in capsys.readouterr().err
+    for out in (sw, sw / "store"):
+        assert main(["export", str(sw), "--to", "saelens", str(out)]) == 2
+        assert "is a sweep folder or a chunk store" in capsys.readouterr().err
+    assert main(["run", f"sweep_dir={tmp_path / 'x'}", "data=chunks", f"data.path={sw}"]) == 2
+    assert f"{sw} is a sweep folder, not a chunk store" in capsys.readouterr().err
+    assert snapshot(sw) == before
+
+
+def test_report_reads_a_run_whose_spec_is_damaged(finished, tmp_path, monkeypatch, capsys):
+    from sweep import report
+
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    (rundir.run_dir(sw, "r2-l1_1e-03-s0") / rundir.SPEC).write_text('{"x": [1,')
+    summary = (sw / "summary.csv").read_bytes()
+    monkeypatch.setattr(report.os, "access", lambda path, mode: False)  # a read-only sweep
+    _, rows = report.build_report(sw, log_media=False, out=tmp_path / "rep")
+    row = next(r for r in rows if r["run_id"] == "r2-l1_1e-03-s0")
+    assert (row["dict_ratio"], row["state"]) == (2, "done")  # its grid point from the manifest
+    assert (sw / "summary.csv").read_bytes() == summary  # the read-only sweep is left as it is
+    assert (tmp_path / "rep" / "summary.csv").is_file()
+
+
+def test_a_missing_or_damaged_sweep_manifest_says_how_to_recover(finished, tmp_path, capsys):
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    (sw / "manifest.json").unlink()
+    assert main(["status", str(sw)]) == 2
+    assert "has no manifest.json (deleted?); re-run the same 'sweep run'" in capsys.readouterr().err
+    (sw / "manifest.json").write_text("{")
+    assert main(["report", str(sw)]) == 2
+    assert "delete it and re-run the same 'sweep run'" in capsys.readouterr().err

@@ -148,7 +148,9 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
                 f"store_dir {root} holds a harvest made with different settings ({', '.join(diff)}); "
                 "use the same values to resume it, or another store_dir"
             )
-    elif root.exists() and (not root.is_dir() or any(map(_not_temp, root.iterdir()))):
+    elif root.exists() and not root.is_dir():
+        raise StoreError(f"store_dir {root} is a file; choose a new folder (or an empty one)")
+    elif root.exists() and any(map(_not_temp, root.iterdir())):
         raise StoreError(
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )

@@ -283,8 +283,9 @@ class ChunkStore:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not self.path.is_dir():
+            what = "it is a file" if self.path.exists() else "folder does not exist"
             raise StoreError(
-                f"no chunk store at {self.path}: folder does not exist; "
+                f"no chunk store at {self.path}: {what}; "
                 "check data.path or generate one with data=synthetic / sweep harvest"
             )
         if not manifest_path.is_file():
@@ -299,7 +300,14 @@ class ChunkStore:
                 f"chunk store manifest {manifest_path} is corrupt ({err}); regenerate the store"
             ) from err
         if self.manifest.get("format") != FORMAT:
-            raise StoreError(f"{manifest_path} is not a sweep chunk store manifest")
+            sweep = "runs" in self.manifest  # a sweep folder's manifest
+            raise StoreError(
+                f"{self.path} is a sweep folder, not a chunk store; point data.path at its "
+                "store (its store/ folder, or the data.path its config.yaml names)"
+                if sweep
+                else f"{manifest_path} is not a sweep chunk store manifest; point data.path at "
+                "a chunk store (made by data=synthetic or sweep harvest)"
+            )
         self.width: int = int(self.manifest["width"])
         self.dtype: str = self.manifest["dtype"]
         self.chunks: list[dict] = self.manifest["chunks"]

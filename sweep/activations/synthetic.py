@@ -387,11 +387,17 @@ def existing_store(cfg: SyntheticDataConfig, path: Path) -> ChunkStore | None:
     if (path / MANIFEST).exists():
         store = ChunkStore(path)
         old = store.provenance.get("params", {})
-        if store.provenance.get("source") != "synthetic" or old != params:
+        source = store.provenance.get("source")
+        if source != "synthetic":
+            raise StoreError(
+                f"store {path} is not a synthetic store (its source: {source or 'unknown'}); "
+                "train on it with data=chunks data.path=..., or pass another data.path"
+            )
+        if old != params:
             diff = sorted(k for k in params if old.get(k) != params[k])
             raise StoreError(
                 f"store {path} exists but was made with different data parameters "
-                f"({', '.join(diff) or 'not synthetic'}); use another data.path or delete it"
+                f"({', '.join(diff)}); use another data.path, or delete that store to make it anew"
             )
         return store
     if path.exists() and any(path.iterdir()) and not (path / PARAMS_FILE).exists():
