@@ -25,7 +25,7 @@ from sweep import archs
 from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
 from sweep.rundir import DONE, RunFolder, RunState
-from sweep.sae import SAE, load_run
+from sweep.sae import SAE, read_run
 from sweep.sweepdir import MANIFEST, SweepFolder, is_sweep
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def export_run(run_folder: str | Path, out: str | Path) -> Path:
     export there is replaced, anything else there is refused)."""
     _check_run(Path(run_folder))
     _check_target(Path(out))
-    return _write(load_run(str(run_folder)), out)
+    return _write(read_run(Path(run_folder)), out)
 
 
 def _check_run(folder: Path) -> None:
@@ -228,6 +228,6 @@ def export_sweep(
     for rid in chosen:  # every run and target is checked before anything is written
         _check_run(folder.run(rid).path)
         _check_target(Path(out_dir) / rid)
-    paths = [_write(load_run(str(folder.run(rid).path)), Path(out_dir) / rid) for rid in chosen]
+    paths = [_write(read_run(folder.run(rid).path), Path(out_dir) / rid) for rid in chosen]
     log.info("exported %d run(s) to %s", len(paths), out_dir)
     return paths

@@ -213,8 +213,6 @@ def run_cfg(
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild the SAE of one run folder (needs only its ``cfg.json`` and ``sae.safetensors``)."""
-    from safetensors.torch import load_file
-
     folder = Path(path)
     for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():
@@ -228,6 +226,13 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
             f"run {folder} is not finished (no {rundir.DONE}); let its sweep finish, "
             f"or see 'sweep status {folder.parent.parent}'"
         )
+    return read_run(folder, device)
+
+
+def read_run(folder: Path, device: str | torch.device = "cpu") -> SAE:
+    """:func:`load_run` without its checks, for a caller that verified the folder already."""
+    from safetensors.torch import load_file
+
     try:
         cfg = json.loads((folder / rundir.CFG).read_text())
     except (UnicodeDecodeError, ValueError) as err:

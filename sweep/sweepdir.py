@@ -242,7 +242,9 @@ class SweepFolder:
             self.manifest()
         outer = enclosing_sweep(self.path)
         if outer is not None:
-            raise SweepError(f"{self.path} is inside the sweep {outer}; pass a sweep_dir outside it")
+            raise SweepError(
+                f"{self.path} is inside the sweep {outer}; pass a sweep_dir outside it"
+            )
 
     def _refuse_store(self, manifest: object) -> None:
         """A chunk store's folder is no sweep folder (and must never get a sweep's manifest)."""
