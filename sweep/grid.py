@@ -105,17 +105,19 @@ def expand(
 
 
 def bytes_per_member(
-    width: int, dict_size: int, batch_size: int, dtype: str, buffers: int = 3
+    width: int, dict_size: int, batch_size: int, dtype: str, buffers: int = 3, on_gpu: bool = True
 ) -> int:
     """Memory of one member while it trains. Per parameter: the weights, their gradients and
     two Adam moments in fp32, plus the gradient clip's squares (fp32) and, under a 16-bit
-    compute dtype, the weights' copies and their gradients in it. Per batch, in the compute
+    compute dtype, the weights' copies and their gradients in it; on the CPU also the
+    checkpoint snapshot (weights and moments, fp32: :mod:`sweep.ckpt_writer` keeps it in host
+    memory, which there is the device's). Per batch, in the compute
     dtype: the error (B, D) and ``buffers`` (B, F) buffers (:func:`sweep.planning.batch_buffers`):
     codes, their gradient and the top-k's scatter (three), JumpReLU's pre-activations (one
     more), AuxK's pre-activations, masked copy, auxiliary codes and their gradient (four)."""
     n_params = 2 * width * dict_size + width + dict_size
     low = BYTES[dtype] if BYTES[dtype] < 4 else 0
-    state = (5 * 4 + 2 * low) * n_params
+    state = (5 * 4 + 2 * low + (0 if on_gpu else 3 * 4)) * n_params
     acts = (buffers * batch_size * dict_size + batch_size * width) * BYTES[dtype]
     return state + acts
 
@@ -134,7 +136,7 @@ def member_budget(
     :func:`bytes_per_member`): what fits, at most ``max_members`` when that is set (which
     also lifts the CPU's default cap)."""
     dtype = resolve_compute_dtype(dtype, on_gpu)
-    per = bytes_per_member(width, dict_size, batch_size, dtype, buffers)
+    per = bytes_per_member(width, dict_size, batch_size, dtype, buffers, on_gpu)
     fit = int(MEMORY_USE * device_bytes // per)
     if fit < 1:
         need = per / 2**30

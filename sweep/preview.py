@@ -103,7 +103,9 @@ def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreS
     t, buffers = cfg.train, planning.batch_buffers(cfg)
     rows = []
     for e in p.ensembles:
-        per = grid.bytes_per_member(shape.width, e.dict_size, t.batch_size, t.dtype, buffers)
+        per = grid.bytes_per_member(
+            shape.width, e.dict_size, t.batch_size, t.dtype, buffers, res.on_gpu
+        )
         memory = len(e.members) * per + (shape.staged if res.on_gpu else 0)
         size = f"{memory / 2**30:.2f} GiB" if memory >= 2**30 else f"{memory / 2**20:.1f} MiB"
         ask = f"{shares[e]:g} GPU" if res.on_gpu else f"{res.num_cpus:g} CPU"

@@ -120,3 +120,20 @@ def test_bfloat16_compute_trains(fast):
         last = ens.step(x).mse
     assert ens.params["W_enc"].dtype == torch.float32
     assert bool((last < first).all())
+
+
+def test_cpu_memory_model_counts_the_checkpoint_snapshot():
+    """On the CPU the checkpoint writer's host snapshot is device memory: the model counts
+    what the snapshot really holds (weights and Adam moments, fp32; step counts aside)."""
+    from sweep import ckpt_writer, grid
+
+    init = members("untied")
+    ens = Ensemble(stack(init), l1_hyper(), Adam(LR, BETAS, EPS))
+    writer = ckpt_writer.CheckpointWriter([None] * len(init))  # type: ignore[list-item]
+    held = [
+        sum(v.numel() * v.element_size() for k, v in m.items() if ".step." not in k)
+        for m in writer._host_buffers(ens)
+    ]
+    writer.close()
+    cpu, gpu = (grid.bytes_per_member(D, F, B, "float32", on_gpu=g) for g in (False, True))
+    assert held == [cpu - gpu] * len(init)
