@@ -13,18 +13,20 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from typing import TYPE_CHECKING
 
 from sweep.io import atomic_write_bytes
+
+if TYPE_CHECKING:  # torch and safetensors are imported where tensors are: file names need none
+    import torch
 
 PREFIX = "checkpoint-"
 FORMAT = "2"
 
 
 def _digest(tensors: dict[str, torch.Tensor], header: str = "") -> str:
+    import torch
+
     h = hashlib.sha256(header.encode())
     for k in sorted(tensors):
         h.update(k.encode())
@@ -47,6 +49,8 @@ def path_of(folder: Path, step: int) -> Path:
 
 def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 2) -> None:
     """Write ``checkpoint-<step>.safetensors`` atomically, then prune all but the newest ``keep``."""
+    from safetensors.torch import save
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()}
     meta = {"meta": json.dumps(ckpt.meta, sort_keys=True), "step": str(ckpt.step), "format": FORMAT}
     meta["sha256"] = _digest(tensors, _header(meta))
@@ -69,6 +73,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
     The file is read once: the tensors and the metadata come from the same bytes, so what is
     verified is what is loaded (and a resume reads each checkpoint from disk only once)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
         data = Path(path).read_bytes()
         tensors = load(data)  # checks the header and every tensor's extent

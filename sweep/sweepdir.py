@@ -24,13 +24,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sweep.activations.store import FORMAT as STORE_FORMAT
-from sweep.activations.store import MAKING as STORE_MAKING
-from sweep.activations.store import ChunkStore
+from sweep.activations.layout import FORMAT as STORE_FORMAT
+from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
 from sweep.rundir import RUNS, RunFolder, RunState
+
+if TYPE_CHECKING:
+    from sweep.activations.store import ChunkStore
 
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"

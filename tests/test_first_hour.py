@@ -324,3 +324,19 @@ def test_a_missing_or_damaged_sweep_manifest_says_how_to_recover(finished, tmp_p
     (sw / "manifest.json").write_text("{")
     assert main(["report", str(sw)]) == 2
     assert "delete it and re-run the same 'sweep run'" in capsys.readouterr().err
+
+
+def test_status_needs_no_torch(finished, tmp_path):
+    """``sweep status`` reads JSON and file names only (torch's import alone took 2.5 s)."""
+    sw = tmp_path / "sw"
+    shutil.copytree(finished, sw)
+    run = SweepFolder(sw).run("r1-l1_1e-01-s0")
+    (run.path / rundir.DONE).unlink()
+    (run.path / "checkpoint-000000010.safetensors").write_bytes(b"")
+    code = (
+        "import sys; from sweep.cli import main; code = main(['status', sys.argv[1]]); "
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(code)"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(sw)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "r1-l1_1e-01-s0" in done.stdout

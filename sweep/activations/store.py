@@ -30,21 +30,20 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from sweep.activations.layout import (  # noqa: F401  (MAKING: the store's names, here too)
+    FORMAT,
+    FORMAT_VERSION,
+    GROUND_TRUTH,
+    MAKING,
+    MANIFEST,
+    VERIFIED,
+)
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError
 from sweep.hostmem import HostBlock
 from sweep.io import atomic_write, atomic_write_json, cpu_count, read_exact
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-MAKING = ("harvest-params.json", "synthetic-params.json")
-"""What a store being made holds before its manifest (the harvester's and generator's
-settings files): such a folder is a store, never a sweep folder."""
-FORMAT = "sweep-chunk-store"
-FORMAT_VERSION = 1
-GROUND_TRUTH = "ground_truth.safetensors"
-VERIFIED = "verified.json"
 
 
 def chunk_name(index: int) -> str:
