@@ -195,7 +195,7 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
         )
     _check_resume_overrides(overrides)
     data = OmegaConf.create(with_legacy(plain))  # a field added since: as the sweep ran
-    choice = [f"data={data.data.name}", f"sae={data.sae.name}", f"sweep_dir={sweep_dir}"]
+    choice = [f"data={data.data.name}", f"sae={data.sae.name}"]  # (sweep_dir: merged, not parsed)
     try:  # the file alone first, so that its own faults are named as its
         base = compose(choice)
         to_sweep_config(OmegaConf.merge(base, data, {"sweep_dir": sweep_dir}))  # type: ignore[arg-type]

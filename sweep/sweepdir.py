@@ -191,13 +191,19 @@ def _agreed_ensembles(specs: dict[str, dict]) -> dict[str, str]:
 
 
 def is_sweep(path: Path) -> bool:
-    """A sweep folder: it holds its config.yaml and runs/."""
-    return (path / CONFIG).is_file() and (path / RUNS).is_dir()
+    """A sweep folder: its config.yaml, runs/ and a manifest listing runs."""
+    if not ((path / CONFIG).is_file() and (path / RUNS).is_dir()):
+        return False
+    try:
+        return "runs" in read_json(path / MANIFEST)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def enclosing_sweep(path: Path) -> Path | None:
-    """The sweep folder ``path`` lies inside, if any."""
-    return next((p for p in Path(path).absolute().parents if is_sweep(p)), None)
+    """The sweep whose runs/ folder ``path`` lies in (or is), if any."""
+    inside = [Path(path).resolve(), *Path(path).resolve().parents]
+    return next((p.parent for p in inside if p.name == RUNS and is_sweep(p.parent)), None)
 
 
 def _damaged(manifest: Path, err: Exception) -> RunDirError:
@@ -236,8 +242,8 @@ class SweepFolder:
 
     def refuse_store(self) -> None:
         """A chunk store's folder, complete or being made, is no sweep folder (a sweep there
-        would overwrite its manifest), nor is a folder inside another sweep (its runs/, a run
-        folder): one line, before anything is written."""
+        would overwrite its manifest), nor is a folder among another sweep's runs (its runs/, a
+        run folder): one line, before anything is written."""
         making = [n for n in STORE_MAKING if (self.path / n).is_file()]
         if making or any(self.path.glob("chunk_*.npy")):
             self._refuse_store({"format": STORE_FORMAT})
@@ -246,7 +252,7 @@ class SweepFolder:
         outer = enclosing_sweep(self.path)
         if outer is not None:
             raise SweepError(
-                f"{self.path} is inside the sweep {outer}; pass a sweep_dir outside it"
+                f"{self.path} is inside the runs of the sweep {outer}; pass a sweep_dir outside them"
             )
 
     def _refuse_store(self, manifest: object) -> None:

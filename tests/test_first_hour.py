@@ -291,7 +291,15 @@ def test_nothing_is_written_inside_another_sweep(finished, tmp_path, capsys):
     before = snapshot(sw)
     inner = rundir.run_dir(sw, "r1-l1_1e-01-s0")
     assert main(["run", f"sweep_dir={inner}", *TINY, *GRID]) == 2
-    assert f"is inside the sweep {sw}" in capsys.readouterr().err
+    assert f"is inside the runs of the sweep {sw}" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(sw / "runs")
+    assert main(["run", "--plan", f"sweep_dir={tmp_path / 'link' / 'new'}", *TINY, *GRID]) == 2
+    assert f"is inside the runs of the sweep {sw}" in capsys.readouterr().err
+    project = tmp_path / "project"  # a config.yaml and a runs/ folder do not make a sweep
+    (project / "runs").mkdir(parents=True)
+    (project / "config.yaml").write_text("lr: 0.1\n")
+    for free in (project / "runs" / "x", sw / "ablation", sw / "runs" / ".." / "beside"):
+        assert main(["run", "--plan", f"sweep_dir={free}", *TINY, *GRID]) == 0
     for out in (sw, sw / "store"):
         assert main(["export", str(sw), "--to", "saelens", str(out)]) == 2
         assert "is a sweep folder or a chunk store" in capsys.readouterr().err
