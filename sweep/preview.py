@@ -47,8 +47,9 @@ class Preview:
 def preview(cfg: SweepConfig) -> Preview:
     """The plan ``sweep run`` would make now (refusing what it would refuse)."""
     folder = SweepFolder(cfg.sweep_dir)
-    if folder.path.exists() and not folder.path.is_dir():
-        raise SweepError(f"sweep_dir {folder.path} is a file, not a folder; use another sweep_dir")
+    blocked = next((p for p in (folder.path, *folder.path.parents) if p.is_file()), None)
+    if blocked is not None:  # (the run itself is refused when it cannot create the folder)
+        raise SweepError(f"sweep_dir {folder.path}: {blocked} is a file; use another sweep_dir")
     driver.check_config(cfg, folder)
     shape = store_shape(cfg, folder)
     with launcher.ray_session(cfg.launch):

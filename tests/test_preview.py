@@ -44,6 +44,9 @@ def test_a_plan_refuses_what_the_run_would_refuse(ray_cluster, tmp_path, capsys)
     code = main(["run", "--plan", *chunks])
     err = capsys.readouterr().err
     assert code == 2 and "no chunk store at" in err and "\n" not in err.strip(), err
+    (tmp_path / "afile").write_text("")
+    code = main(["run", "--plan", f"sweep_dir={tmp_path / 'afile' / 'sub'}"])
+    assert code == 2 and f"{tmp_path / 'afile'} is a file" in capsys.readouterr().err
     assert sweep(tmp_path, *GRID) == 0
     code, _, err = plan(tmp_path, capsys, "train.lr=1")
     assert code == 2 and "holds a sweep with different settings" in err, err
