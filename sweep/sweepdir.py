@@ -190,9 +190,14 @@ def _agreed_ensembles(specs: dict[str, dict]) -> dict[str, str]:
     }
 
 
+def _sweep_files(path: Path) -> bool:
+    """Its config.yaml and runs/: a sweep folder, or one whose manifest was deleted."""
+    return (path / CONFIG).is_file() and (path / RUNS).is_dir()
+
+
 def is_sweep(path: Path) -> bool:
     """A sweep folder: its config.yaml, runs/ and a manifest listing runs."""
-    if not ((path / CONFIG).is_file() and (path / RUNS).is_dir()):
+    if not _sweep_files(path):
         return False
     try:
         return "runs" in read_json(path / MANIFEST)
@@ -274,7 +279,7 @@ class SweepFolder:
             raise SweepError(
                 f"{self.path}: its sweep is starting (no {MANIFEST} yet); try again soon"
             )
-        if not manifest.is_file() and is_sweep(self.path):
+        if not manifest.is_file() and _sweep_files(self.path):
             raise SweepError(
                 f"{self.path} has no {MANIFEST} (deleted?); re-run the same 'sweep run' command "
                 f"(or 'sweep resume {self.path}') to write it"
