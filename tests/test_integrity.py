@@ -434,9 +434,9 @@ def test_a_chunk_store_is_no_sweep_folder(copy, capsys):
 
 
 def test_every_store_maker_leaves_a_marker_sweep_folders_know():
-    from sweep.activations import harvest, store, synthetic
+    from sweep.activations import harvest, layout, synthetic
 
-    assert {harvest.PARAMS_FILE, synthetic.PARAMS_FILE} == set(store.MAKING)
+    assert {harvest.PARAMS_FILE, synthetic.PARAMS_FILE} == set(layout.MAKING)
 
 
 def test_status_says_when_the_last_driver_ended_without_an_outcome(copy, capsys):

@@ -30,14 +30,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from sweep.activations.layout import (  # noqa: F401  (MAKING: the store's names, here too)
-    FORMAT,
-    FORMAT_VERSION,
-    GROUND_TRUTH,
-    MAKING,
-    MANIFEST,
-    VERIFIED,
-)
+from sweep.activations.layout import FORMAT, FORMAT_VERSION, GROUND_TRUTH, MANIFEST, VERIFIED
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError
 from sweep.hostmem import HostBlock
