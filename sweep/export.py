@@ -26,7 +26,7 @@ from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
 from sweep.rundir import DONE, RunFolder, RunState
 from sweep.sae import SAE, read_run
-from sweep.sweepdir import MANIFEST, SweepFolder, is_sweep
+from sweep.sweepdir import MANIFEST, SweepFolder
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def export_sweep(
         chosen = list(dict.fromkeys(runs))  # (a run named twice is exported once)
     else:
         chosen = _finished(sweep_dir, states, finished_only)
-    if (Path(out_dir) / MANIFEST).is_file() or is_sweep(Path(out_dir)):
+    if (Path(out_dir) / MANIFEST).is_file():  # a sweep's or a chunk store's
         raise SweepError(
             f"export folder {out_dir} is a sweep folder or a chunk store; choose another "
             "OUT_DIR (a new folder)"
