@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sweep.config import ConfigError, SweepConfig, register_configs, to_sweep_config
+from sweep.config import ConfigError, SweepConfig, one_line, register_configs, to_sweep_config
 from sweep.errors import SweepError, os_error_message
 
 log = logging.getLogger("sweep")
@@ -200,14 +200,12 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
         base = compose(choice)
         to_sweep_config(OmegaConf.merge(base, data, {"sweep_dir": sweep_dir}))  # type: ignore[arg-type]
     except (ConfigError, OmegaConfBaseException) as err:
-        why = str(err).strip().splitlines()[0]
-        key = getattr(err, "full_key", None)
-        why = f"{key}: {why}" if key else why
         raise SweepError(
-            f"{Path(sweep_dir) / CONFIG} is damaged or was edited ({why}); restore it (every "
-            "run's spec.json holds the recorded values)"
+            f"{Path(sweep_dir) / CONFIG} is damaged or was edited ({one_line(str(err))}); "
+            "restore it (every run's spec.json holds the recorded values)"
         ) from err
-    compose(choice + overrides)  # each override checked by Hydra: its one-line messages
+    if overrides:
+        compose(choice + overrides)  # each override checked by Hydra: its one-line messages
     merged = OmegaConf.merge(base, data, OmegaConf.from_dotlist(overrides))
     merged.sweep_dir = sweep_dir
     return to_sweep_config(merged)  # type: ignore[arg-type]

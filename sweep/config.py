@@ -631,7 +631,7 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     try:
         obj = OmegaConf.to_object(cfg)
     except Exception as err:  # omegaconf raises several types; all mean a bad value
-        raise ConfigError(_one_line(str(err))) from err
+        raise ConfigError(one_line(str(err))) from err
     if not isinstance(obj, schema):
         raise ConfigError(f"config is not a {what} config: compose it from sweep's '{name}'")
     _check_finite(obj)
@@ -653,7 +653,8 @@ def _check_finite(obj: object, prefix: str = "") -> None:
             )
 
 
-def _one_line(message: str) -> str:
+def one_line(message: str) -> str:
+    """An OmegaConf error's message as one line, led by the field it names."""
     missing = re.search(r"missing mandatory value: ([\w.]+)", message)
     if missing:
         full = re.search(r"full_key: ([\w.]+)", message)  # data.model, not model
