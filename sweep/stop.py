@@ -24,22 +24,22 @@ from sweep.errors import SweepError
 log = logging.getLogger(__name__)
 
 
-class Interrupted(SweepError):
-    """The sweep was stopped by a signal; every running ensemble checkpointed."""
+class _BySignal:
+    """An exception raised because of signal ``signum``."""
 
     def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
+        super().__init__(message)  # type: ignore[call-arg]
         self.signum = signum
 
 
-class StopNow(BaseException):
+class Interrupted(_BySignal, SweepError):
+    """The sweep was stopped by a signal; every running ensemble checkpointed."""
+
+
+class StopNow(_BySignal, BaseException):
     """A second signal: stop waiting for the ensembles. A BaseException, as KeyboardInterrupt
     is, so that no ``except Exception`` swallows it (logging's ``emit``, when the signal lands
     in a log call, would print a traceback and carry on); the CLI prints its one line."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
 
 
 def exit_now(signum: int, _frame: object = None) -> None:
