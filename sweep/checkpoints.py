@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweep.io import atomic_write_bytes
+from sweep import tensorfile
+from sweep.io import atomic_write
 
 if TYPE_CHECKING:  # torch and safetensors are imported where tensors are: file names need none
     import torch
@@ -49,12 +50,10 @@ def path_of(folder: Path, step: int) -> Path:
 
 def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 2) -> None:
     """Write ``checkpoint-<step>.safetensors`` atomically, then prune all but the newest ``keep``."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()}
     meta = {"meta": json.dumps(ckpt.meta, sort_keys=True), "step": str(ckpt.step), "format": FORMAT}
     meta["sha256"] = _digest(tensors, _header(meta))
-    atomic_write_bytes(path_of(folder, ckpt.step), save(tensors, metadata=meta))
+    atomic_write(path_of(folder, ckpt.step), lambda f: tensorfile.write(f, tensors, meta))
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
 
@@ -71,15 +70,15 @@ def list_checkpoints(folder: Path) -> list[Path]:
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load and verify one checkpoint; raises ``ValueError`` if it is truncated or corrupt.
 
-    The file is read once: the tensors and the metadata come from the same bytes, so what is
-    verified is what is loaded (and a resume reads each checkpoint from disk only once)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    The tensors and the metadata come from one opening of the file (safetensors checks the
+    header and every tensor's extent), so what is verified is what is loaded; the file is
+    mapped, not read into a buffer first (a resume holds each member's state once)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        data = Path(path).read_bytes()
-        tensors = load(data)  # checks the header and every tensor's extent
-        meta = _metadata(data)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
     try:
@@ -90,12 +89,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not ok or ckpt.step != int(path.stem[len(PREFIX) :]):
         raise ValueError(f"checkpoint {path.name} fails its checksum")
     return ckpt
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of safetensors bytes (header: 8-byte little-endian length, JSON)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
 
 
 def checkpoint_steps(folder: Path) -> set[int]:

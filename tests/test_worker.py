@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-from sweep import checkpoints, grid, load_run, metrics, planning, rundir
+from sweep import checkpoints, grid, load_run, metrics, planning, rundir, tensorfile
 from sweep.activations.store import ChunkStore
 from sweep.cli import compose
 from sweep.config import SAEConfig, to_sweep_config
@@ -372,22 +374,53 @@ def spec_job(store, sweep_dir, ens: grid.EnsembleSpec) -> EnsembleJob:
     return EnsembleJob(ens, str(sweep_dir), str(store.path), True, 2048, tiny_train(), threads=1)
 
 
-def test_load_checkpoint_reads_the_file_once(tmp_path, monkeypatch):
-    """Verified and loaded from one read: the file is gone after its first read."""
+def test_load_checkpoint_opens_the_file_once(tmp_path, monkeypatch):
+    """Verified and loaded from one opening: the file is gone once it is open."""
+    import safetensors
+
     saved = checkpoints.Checkpoint(7, {"param.W": torch.randn(3, 4)}, {"cursor": {"epoch": 1}})
     checkpoints.save_checkpoint(tmp_path, saved)
-    path, read_bytes, reads = checkpoints.path_of(tmp_path, 7), Path.read_bytes, []
+    path, real, opened = checkpoints.path_of(tmp_path, 7), safetensors.safe_open, []
 
-    def read_once(self: Path) -> bytes:
-        reads.append(self)
-        data = read_bytes(self)
-        self.unlink()  # a second read of any kind would fail
-        return data
+    def open_once(name: str, *args, **kwargs):  # noqa: ANN202
+        handle = real(name, *args, **kwargs)
+        opened.append(Path(name))
+        Path(name).unlink()  # a second opening of any kind would fail
+        return handle
 
-    monkeypatch.setattr(Path, "read_bytes", read_once)
+    monkeypatch.setattr(safetensors, "safe_open", open_once)
     got = checkpoints.load_checkpoint(path)
-    assert reads == [path] and (got.step, got.meta) == (7, saved.meta)
+    assert opened == [path] and (got.step, got.meta) == (7, saved.meta)
     assert torch.equal(got.tensors["param.W"], saved.tensors["param.W"])
+
+
+def test_checkpoint_files_are_the_bytes_safetensors_writes():
+    """Streamed from the tensors' memory, a file is byte for byte what safetensors' own
+    ``save`` makes of the same tensors (every dtype a state can hold, scalars, empty and
+    non-contiguous tensors), and safetensors reads every metadata entry back. (safetensors
+    orders several metadata entries as its hash map does, so bytes are compared with one.)"""
+    tensors = {
+        "param.W_enc": torch.randn(6, 5).T,  # non-contiguous
+        "adam.step.W_enc": torch.tensor(3.0),
+        "buffer.since_fired": torch.zeros(0, 4),
+        "h": torch.randn(3, dtype=torch.bfloat16),
+        "i": torch.arange(5),
+        "b": torch.tensor([True, False, True]),
+    }
+    dense = {k: v.contiguous() for k, v in tensors.items()}
+    ours = io.BytesIO()
+    tensorfile.write(ours, tensors, {"step": "9"})
+    assert ours.getvalue() == safetensors.torch.save(dense, metadata={"step": "9"})
+    meta = {"meta": json.dumps({"cursor": {"epoch": 1}}), "step": "9", "sha256": "ab" * 32}
+    ours = io.BytesIO()
+    tensorfile.write(ours, tensors, meta)
+    data = ours.getvalue()
+    back = safetensors.torch.load(data)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in dense.items())
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert header["__metadata__"] == meta
+    with pytest.raises(ValueError, match="cannot write torch.complex64"):
+        tensorfile.write(io.BytesIO(), {"z": torch.zeros(2, dtype=torch.complex64)}, {})
 
 
 def test_background_checkpoints_hold_the_state_of_their_step(tiny_store, tmp_path):
