@@ -8,7 +8,8 @@ checkpoint; the measured policy is therefore ``checkpoint_every=N``, with N chos
 length to give ``Settings.ckpt_periodic`` periodic checkpoints (far denser than the default:
 an upper bound on its cost). "Off" is ``checkpoint_minutes=1e9, checkpoint_every=None``: only
 the final checkpoint remains. The checkpoint counts and seconds are the worker's own
-``EnsembleResult.timings``.
+``EnsembleResult.timings``. Then :mod:`.stall`: one researcher-size member's file, written as
+sweep writes it and as ``safetensors.torch.save`` would.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from sweep.config import TrainConfig
 from sweep.worker import EnsembleResult
 
+from . import stall
 from .common import SMALL, Context
 from .ensembles import ensemble_spec, l1_grid, seconds_per_step
 from .runs import epochs_for, steps_per_epoch, train_run
@@ -73,7 +75,8 @@ def run(ctx: Context) -> dict:
             runs[name].append((wall, summary(result)))
     torch.set_num_threads(ctx.threads)  # train_ensemble sets it too; keep ours for later sections
     figures = report(runs, every, base.checkpoint_minutes)
-    return {**figures, "steps": steps, "checkpoint_every": every}
+    writers = stall.run(ctx.tmp, st.stall_latents, st.ckpt_repeats)
+    return {**figures, "steps": steps, "checkpoint_every": every, "writers": writers}
 
 
 def describe(epochs: int, steps: int, every: int, sps: float, default_minutes: float) -> None:

@@ -54,6 +54,8 @@ class Settings:
     ray_seconds: float
     """Target length of one section-5 ensemble (alone, one thread)."""
     ray_ensembles: int
+    stall_latents: int = 24_576
+    """Latents of section 4's one-member write (width 768): 453 MB of state at 24,576."""
     feed_chunk: int = 65_536
     """Rows per chunk of the feed stores (section 3's stream-alone rates, fp16)."""
     feed_chunks: int = 3
@@ -70,6 +72,7 @@ QUICK = Settings(
     store_rows=40_000, store_chunk=8_192, eval_rows=4_096,
     ckpt_chunk=16_384, ckpt_seconds=1.0, ckpt_repeats=1,
     ckpt_periodic=2, ray_seconds=1.5, ray_ensembles=4, feed_chunk=8_192, feed_chunks=2,
+    stall_latents=2_048,
 )  # fmt: skip
 FEED_WIDTHS = (512, 2304)
 """Issue 9's widths for the stream-alone rate (targets 5M and 1M rows/s on a GPU)."""
