@@ -2,12 +2,12 @@
 
 ``safetensors.torch.save`` builds the whole file in memory, twice (its own buffer, then a
 Python ``bytes``), holding the GIL while it does. For one member of a 768 x 24576 ensemble
-(453 MB of weights and Adam state) that was 1.5 s, of which up to 1.8 s no other thread ran
-(``scripts/bench.py --sections 4``): a checkpoint written "in the background" stopped the
-training thread (on a GPU: every kernel launch) for about that long per member, and took
-0.9 GB of transient host memory. :func:`write` streams the header and then each tensor's bytes
-to the open file instead (each ``write`` releases the GIL; nothing is copied): 0.43 s, the
-longest stall of another thread 0.04 s.
+(453 MB of weights and Adam state) a checkpoint written that way "in the background" took
+1.06 s and stopped every other thread for up to 0.34 s at a time (1.8 s on a loaded machine;
+``scripts/bench.py --sections 4``): per member, the training thread (on a GPU: every kernel
+launch) waited, and the file cost 0.9 GB of transient host memory. :func:`write` streams the
+header and then each tensor's bytes to the open file instead (each ``write`` releases the
+GIL; nothing is copied): 0.49 s, the longest stall of another thread 6 ms.
 
 The layout is the format's (an 8-byte little-endian header length, the JSON header padded with
 spaces to 8 bytes, then the tensors' bytes back to back, each named by its ``data_offsets``),
