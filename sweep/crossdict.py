@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,12 +176,19 @@ class PairCache:
             atomic_write_json(self.path, self.values)
 
 
+SAVE_EVERY = 30.0
+"""Seconds between saves of the pair cache while pairs are computed: an interrupted report
+(hours of pairs for a large grid on a CPU) keeps what it computed."""
+
+
 class PairMMCS:
-    """MMCS between finished runs, with atoms loaded once and results cached on disk."""
+    """MMCS between finished runs, with atoms loaded once and results cached on disk (saved
+    every :data:`SAVE_EVERY` seconds of computing and at the end)."""
 
     def __init__(self, device: torch.device, cache: PairCache) -> None:
         self.device, self.cache = device, cache
         self._atoms: dict[str, torch.Tensor] = {}
+        self._saved = time.monotonic()
 
     def _unit(self, r: RunRef) -> torch.Tensor:
         if r.run_id not in self._atoms:
@@ -195,6 +203,9 @@ class PairMMCS:
         ab, ba = metrics.max_cos_both(self._unit(a), self._unit(b))
         self.cache.put(a, b, float(ab.mean()))
         self.cache.put(b, a, float(ba.mean()))
+        if time.monotonic() - self._saved >= SAVE_EVERY:
+            self.cache.save()
+            self._saved = time.monotonic()
         return self.cache.get(a, b)  # type: ignore[return-value]
 
     def release(self, keep: set[str]) -> None:

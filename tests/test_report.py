@@ -423,6 +423,34 @@ def test_mmcs_heatmap_scales_to_the_data(finished):
     assert plots._cell_fontsize(40) is None  # large matrices: no numbers
 
 
+def test_an_interrupted_report_keeps_the_pairs_it_computed(finished, tmp_path, monkeypatch):
+    """The pair cache is saved while pairs are computed: a report stopped after two pairs
+    computes only the others when run again, and gets the same values."""
+    real, calls = metrics.max_cos_both, []
+
+    def counted(a, b):  # noqa: ANN001, ANN202
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        calls.append((a.shape, b.shape))
+        return real(a, b)
+
+    records, cpu = SweepFolder(finished).read_runs(), torch.device("cpu")
+    monkeypatch.setattr(metrics, "max_cos_both", counted)
+    monkeypatch.setattr(crossdict, "SAVE_EVERY", 0.0)
+    stop_at = -1
+    whole = crossdict.compute(records, cpu)
+    pairs, stop_at = len(calls), 2
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        crossdict.compute(records, cpu, tmp_path / crossdict.CACHE)
+    assert len(read_json(tmp_path / crossdict.CACHE)) == 2 * 2  # both directions of each
+    calls.clear()
+    stop_at = -1
+    again = crossdict.compute(records, cpu, tmp_path / crossdict.CACHE)
+    assert len(calls) == pairs - 2 and again.per_run == whole.per_run
+    assert [m for _, m in again.matrices.values()] == [m for _, m in whole.matrices.values()]
+
+
 def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
     runs = [
         (
@@ -456,7 +484,8 @@ def test_report_hashes_weights_status_reads_their_size(sweep_copy):
     _, rows = build_report(sweep_copy, device="cpu", log_media=False)
     row = {r["run_id"]: r for r in rows}[rid]
     assert row["state"] != "done" and row.get("fvu") is None
-    assert rid not in read_json(sweep_copy / "report" / crossdict.CACHE).get("pairs", {})
+    cached = read_json(sweep_copy / "report" / crossdict.CACHE)  # "a|b" -> value
+    assert cached and not any(rid in pair.split("|") for pair in cached)
 
 
 def test_report_out_must_be_new_empty_or_an_earlier_report(sweep_copy, tmp_path, capsys):
