@@ -8,9 +8,9 @@
     sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...]  finished runs in SAELens format
     sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
 
-``run`` composes ``sweep/configs`` (groups data, sae, grid, train, launch) with Hydra's compose
-API, so every field is overridable and ``--cfg job`` prints the composed config. Errors a
-user can fix print one line (``error: ...``) and exit with status 2.
+``run`` composes ``sweep/configs`` (groups data, sae, grid, train, launch, logger) with
+Hydra's compose API, so every field is overridable and ``--cfg job`` prints the composed
+config. Errors a user can fix print one line (``error: ...``) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sweep import configs
 from sweep.config import ConfigError, SweepConfig, one_line, register_configs, to_sweep_config
 from sweep.errors import SweepError, os_error_message
 
@@ -178,9 +179,13 @@ def _run(cfg: SweepConfig) -> int:
     return 0
 
 
-CONFIG_GROUPS = ("data", "sae", "grid", "train", "launch", "logger")
-"""The config groups (``sweep/configs/<group>/``): a choice among their options composes a
-config, which a saved sweep no longer is."""
+CONFIG_GROUPS = tuple(
+    sorted(
+        p.name for p in Path(configs.__file__).parent.iterdir() if p.is_dir() and "_" not in p.name
+    )
+)
+"""The config groups (the folders of ``sweep/configs``): a choice among their options composes
+a config, which a saved sweep no longer is."""
 
 
 def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
