@@ -166,8 +166,9 @@ def test_a_folder_it_did_not_write_is_never_exported_into(small_sweep, tmp_path,
 def test_an_export_killed_between_its_files_is_replaced_by_the_next(small_sweep, tmp_path):
     out = tmp_path / "out"
     export_sweep(small_sweep, out)
-    (out / "r2-l1_3e-02-s0" / "sae_weights.safetensors").unlink()  # killed before the weights
-    assert len(export_sweep(small_sweep, out)) == 2
+    weights = out / "r2-l1_3e-02-s0" / "sae_weights.safetensors"
+    weights.unlink()  # killed before the weights
+    assert len(export_sweep(small_sweep, out)) == 2 and weights.is_file()
 
 
 def test_a_diverged_run_is_never_exported(small_sweep, tmp_path, capsys):

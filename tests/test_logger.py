@@ -200,11 +200,14 @@ def test_a_run_that_could_not_be_declared_is_skipped_alone(tmp_path, monkeypatch
     assert ("summary", {"fvu": 0.1}) in record and ("summary", {"fvu": 0.3}) not in record
 
 
-def test_log_call_that_raises_is_ignored(tmp_path, monkeypatch):
+def test_log_call_that_raises_is_ignored(tmp_path, monkeypatch, caplog):
+    """A failing ``run.log`` is logged once and skipped: the sender goes on (the summary and
+    the finish after it still reach wandb)."""
     lg = tracking.WandbLogger(wandb_cfg(timeout=10), tmp_path)
     folder = tmp_path / "runs" / "a"
     folder.mkdir(parents=True)
     lg.start("a", folder, {"l1": 1.0})
+    finished = []
 
     class Broken:
         def __init__(self):
@@ -217,7 +220,7 @@ def test_log_call_that_raises_is_ignored(tmp_path, monkeypatch):
             raise ValueError("bad value")
 
         def finish(self):
-            pass
+            finished.append(dict(self.summary))
 
     import wandb
 
@@ -226,6 +229,9 @@ def test_log_call_that_raises_is_ignored(tmp_path, monkeypatch):
     lg.log({"a": {"step": 2, "fvu": 0.4}})
     lg.summary("a", {"fvu": 0.4})
     assert lg.close() is True
+    assert finished == [{"fvu": 0.4}]
+    failed = [r for r in caplog.records if "bad value" in r.getMessage()]
+    assert len(failed) == 1 and "ignoring" in failed[0].getMessage()
 
 
 def test_none_logger_is_a_no_op(tmp_path):
