@@ -11,9 +11,10 @@ GIL; nothing is copied): 0.49 s, the longest stall of another thread 6 ms.
 
 The layout is the format's (an 8-byte little-endian header length, the JSON header padded with
 spaces to 8 bytes, then the tensors' bytes back to back, each named by its ``data_offsets``),
-tensors ordered by element size (largest first, so each stays aligned) and then by name: the
-bytes are those ``safetensors.torch.save`` makes of the same tensors (a test holds them to
-it), and files are read back with safetensors itself.
+tensors in safetensors' order (by dtype, the widest first so each stays aligned, then by
+name): the bytes are those ``safetensors.torch.save`` makes of the same tensors (a test holds
+them to it; several metadata entries it orders as its hash map does), and files are read
+back with safetensors itself.
 """
 
 from __future__ import annotations
@@ -25,23 +26,24 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = {
+    "torch.int64": "I64",
     "torch.float64": "F64",
     "torch.float32": "F32",
-    "torch.float16": "F16",
-    "torch.bfloat16": "BF16",
-    "torch.int64": "I64",
     "torch.int32": "I32",
+    "torch.bfloat16": "BF16",
+    "torch.float16": "F16",
     "torch.int16": "I16",
     "torch.int8": "I8",
     "torch.uint8": "U8",
     "torch.bool": "BOOL",
 }
-"""torch dtype -> the format's name for it."""
+"""torch dtype -> the format's name for it, in the order safetensors lays tensors out."""
+RANK = {name: rank for rank, name in enumerate(DTYPES)}
 
 
 def write(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write ``tensors`` (CPU) and ``metadata`` to ``f`` as one safetensors file."""
-    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    names = sorted(tensors, key=lambda k: (RANK.get(str(tensors[k].dtype), -1), k))
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     at = 0
     for k in names:
