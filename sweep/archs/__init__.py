@@ -1,4 +1,5 @@
-"""SAE architectures, one module each, registered under their config name (``sae=<name>``).
+"""SAE architectures, one class each (a module holds a family: relu, topk, jumprelu),
+registered under their config name (``sae=<name>``).
 
 Adding one: write a module with an :class:`Architecture` subclass decorated with
 :func:`register`, import it below, and give it equivalence tests; the ensemble, loader,
