@@ -71,14 +71,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     """Load and verify one checkpoint; raises ``ValueError`` if it is truncated or corrupt.
 
     The tensors and the metadata come from one opening of the file (safetensors checks the
-    header and every tensor's extent), so what is verified is what is loaded; the file is
-    mapped, not read into a buffer first (a resume holds each member's state once)."""
+    header and every tensor's extent) and the tensors are copied out of its mapping before
+    they are verified, so what is verified is what is loaded, whatever later happens to the
+    file; nothing is read into an intermediate buffer (a resume holds each member's state
+    once)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
     try:

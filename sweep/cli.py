@@ -181,7 +181,9 @@ def _run(cfg: SweepConfig) -> int:
 
 CONFIG_GROUPS = tuple(
     sorted(
-        p.name for p in Path(configs.__file__).parent.iterdir() if p.is_dir() and "_" not in p.name
+        p.name
+        for p in Path(configs.__file__).parent.iterdir()
+        if p.is_dir() and not p.name.startswith(("_", "."))
     )
 )
 """The config groups (the folders of ``sweep/configs``): a choice among their options composes

@@ -42,7 +42,8 @@ RANK = {name: rank for rank, name in enumerate(DTYPES)}
 
 
 def write(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (CPU) and ``metadata`` to ``f`` as one safetensors file."""
+    """Write ``tensors`` (CPU) and ``metadata`` to ``f`` as one safetensors file (``f``: a
+    buffered binary file, as ``open(..., "wb")`` gives: its ``write`` takes all it is given)."""
     names = sorted(tensors, key=lambda k: (RANK.get(str(tensors[k].dtype), -1), k))
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     at = 0
@@ -57,7 +58,7 @@ def write(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str
             "data_offsets": [at, at + size],
         }
         at += size
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     f.write(len(text).to_bytes(8, "little"))
     f.write(text)

@@ -412,8 +412,9 @@ def test_checkpoint_files_are_the_bytes_safetensors_writes():
     }
     dense = {k: v.contiguous() for k, v in tensors.items()}
     ours = io.BytesIO()
-    tensorfile.write(ours, tensors, {"step": "9"})
-    assert ours.getvalue() == safetensors.torch.save(dense, metadata={"step": "9"})
+    one = {"note": "9 \u00fc\t\x01"}  # escaped as safetensors escapes it (non-ASCII kept)
+    tensorfile.write(ours, tensors, one)
+    assert ours.getvalue() == safetensors.torch.save(dense, metadata=one)
     meta = {"meta": json.dumps({"cursor": {"epoch": 1}}), "step": "9", "sha256": "ab" * 32}
     ours = io.BytesIO()
     tensorfile.write(ours, tensors, meta)

@@ -53,10 +53,12 @@ def stalled(write: Callable[[], None]) -> tuple[float, float]:
     thread.start()
     time.sleep(0.05)
     t0 = time.perf_counter()
-    write()
-    took = time.perf_counter() - t0
-    stop.set()
-    thread.join()
+    try:
+        write()
+        took = time.perf_counter() - t0
+    finally:
+        stop.set()
+        thread.join()
     return took, gaps[0]
 
 
