@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,9 +132,12 @@ def finish_members(
     ev: EvalSetting,
     tracker: RunLogger,
     timings: dict[str, float] | None = None,
+    before_final: Callable[[], None] | None = None,
 ) -> dict[str, str]:
     """Evaluate and finalise every member; returns run_id -> done | diverged. ``timings``
-    gets ``write``: the seconds spent writing the final files."""
+    gets ``write``: the seconds spent writing the final files. ``before_final`` is called
+    after the evaluation, before the first final file (the worker waits there for the end
+    checkpoint it writes meanwhile)."""
     x_eval = ev.store.tail_rows(ev.eval_rows).to(ev.device).float() * ev.scale
     gt = ev.store.ground_truth()
     lm_eval, lm_skipped = lm_metrics.LMEval.prepare(ev.store, ev.device, ev.lm_eval_tokens)
@@ -144,6 +148,8 @@ def finish_members(
     cfgs = [sae.run_cfg(r, ev.scale, str(ev.store.path), provenance, ens.arch) for r in runs]
     judged = _metrics_of_members(ens, cfgs, x_eval, gt)
     lm, lm_skipped = _lm_metrics(lm_eval, lm_skipped, ens, cfgs, x_eval.device)
+    if before_final is not None:
+        before_final()
     for e, (run, folder, cfg) in enumerate(zip(runs, folders, cfgs, strict=True)):
         params = _saved_tensors(ens, e)
         m, freq = judged[e]

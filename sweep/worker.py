@@ -72,7 +72,8 @@ class EnsembleResult:
     """The step this attempt continued from (0: from scratch)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
-    how many; ``checkpoint_last``: the last one's, which waits for its write), ``checkpoint_write``
+    how many; ``checkpoint_last``: the last one's: a stop's waits for its write, the end's is
+    written while the members are evaluated), ``checkpoint_write``
     (the background writes) and ``finalize`` (evaluation and final writes) by this attempt."""
 
 
@@ -148,9 +149,9 @@ class _Attempt:
             self.arch,
         )
 
-    def checkpoint(self, r: Restored, wait: bool = False) -> None:
-        """Snapshot every member and write in the background (``wait``: until on disk, the
-        last checkpoint of this attempt: its seconds are also ``checkpoint_last``)."""
+    def checkpoint(self, r: Restored, wait: bool = False, last: bool = False) -> None:
+        """Snapshot every member and write in the background (``wait``: until on disk).
+        ``last``: this attempt's last checkpoint, its seconds also ``checkpoint_last``."""
         t0 = time.perf_counter()
         self.writer.save(r.ens, r.cursor, r.step, r.diverged_at)
         if wait:
@@ -158,7 +159,7 @@ class _Attempt:
         held = time.perf_counter() - t0  # time training was held
         self.timings["checkpoint"] += held
         self.timings["checkpoints"] += 1
-        if wait:
+        if last:
             self.timings["checkpoint_last"] = held
 
     def resample(self, r: Restored, x: torch.Tensor) -> None:
@@ -232,7 +233,7 @@ def _train(
                 progress(r.step * bs)
         stop = should_stop is not None and should_stop()
         if stop or clock.due(r.step):
-            at.checkpoint(r, wait=stop)  # a stop returns only once the state is on disk
+            at.checkpoint(r, wait=stop, last=stop)  # a stop returns once the state is on disk
             clock.reset()
         if stop:
             return True
@@ -257,15 +258,19 @@ def _train_and_finish(
             folder.mark_interrupted(r.step)
         at.tracker().close()
         return {m.run_id: "interrupted" for m in at.runs}
-    at.checkpoint(r, wait=True)  # a failure while evaluating resumes here, not earlier
+    # the end state, written while the members are evaluated: on disk before the first final
+    # file (a failure while evaluating waits for it too, in train_ensemble's writer.close),
+    # so a retry resumes here, not earlier
+    at.checkpoint(r, last=True)
     t1 = time.perf_counter()
     r.ens.release_training_state()  # the device memory goes to the evaluation
     at.stream.release()
     release_device_memory()
     diverged = r.diverged_at.tolist()
     states = finish_members(
-        r.ens, at.runs, at.folders, r.step, diverged, at.eval_setting(), at.tracker(), at.timings
-    )
+        r.ens, at.runs, at.folders, r.step, diverged, at.eval_setting(), at.tracker(),
+        at.timings, before_final=at.writer.wait,
+    )  # fmt: skip
     at.timings["finalize"] = time.perf_counter() - t1
     return states
 

@@ -446,6 +446,54 @@ def test_background_checkpoints_hold_the_state_of_their_step(tiny_store, tmp_pat
             assert torch.equal(a.tensors[k], b.tensors[k]), k
 
 
+def test_the_end_checkpoint_is_written_while_the_members_are_evaluated(
+    tiny_store, tmp_path, monkeypatch
+):
+    """The end state's write overlaps the evaluation (it waits here until the evaluation has
+    begun) and is on disk before the first final file; a failing evaluation still leaves it,
+    so the retry resumes from the last step."""
+    import threading
+
+    from sweep.ckpt_writer import CheckpointWriter
+
+    order, evaluating = [], threading.Event()
+    write, evaluate, finish = (
+        CheckpointWriter._write, metrics.evaluate_members, rundir.RunFolder.finish
+    )  # fmt: skip
+
+    def held_write(self, *args):  # noqa: ANN001, ANN202
+        evaluating.wait(timeout=10)  # sequential (write, then evaluate): 10 s, then last
+        write(self, *args)
+        order.append("checkpoint written")
+
+    def evaluated(*args, **kwargs):  # noqa: ANN202
+        order.append("evaluation")
+        evaluating.set()
+        return evaluate(*args, **kwargs)
+
+    def finished(self, result):  # noqa: ANN001, ANN202
+        order.append("final files")
+        finish(self, result)
+
+    monkeypatch.setattr(CheckpointWriter, "_write", held_write)
+    monkeypatch.setattr(metrics, "evaluate_members", evaluated)
+    monkeypatch.setattr(rundir.RunFolder, "finish", finished)
+    train_ensemble(job_for(tiny_store, tmp_path / "a", checkpoint_every=1000))
+    assert order == ["evaluation", "checkpoint written", "final files", "final files"]
+
+    def fails(*args, **kwargs):  # noqa: ANN202
+        evaluating.set()
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(metrics, "evaluate_members", fails)
+    job = job_for(tiny_store, tmp_path / "b", checkpoint_every=1000)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train_ensemble(job)
+    monkeypatch.setattr(metrics, "evaluate_members", evaluate)
+    res = train_ensemble(job)
+    assert res.resumed_from == res.steps > 0
+
+
 def test_planned_ensembles_that_never_checkpointed_keep_their_composition(tiny_store, tmp_path):
     """A sweep killed before any checkpoint restarts its ensembles as they were planned (an
     uninterrupted sweep trains them so), not split again to fill devices; runs added since
