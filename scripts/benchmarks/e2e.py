@@ -201,7 +201,7 @@ def analyse(
     for ens_id, e in sorted(timings.items()):
         t = e["timings"]
         compile_s = t.get("compile", 0.0)  # once per worker: start-up, not training
-        last = t.get("checkpoint_last", 0.0)  # the final one waits for its write: not training
+        last = t.get("checkpoint_last", 0.0)  # the end one (its snapshot): not training
         train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0) - compile_s - last
         achieved = t["steps"] * p.batch * e["members"] / train_s
         print(f"  {ens_id}: {e['members']} members, {t['steps']} steps in {train_s:.1f} s of "
