@@ -47,9 +47,8 @@ def max_cos_both(
     best_b = torch.full((b_GD.shape[0],), -1.0, device=a_FD.device)
     for at in range(0, a_FD.shape[0], chunk):
         sim = a_FD[at : at + chunk] @ b_GD.T  # (f, D) @ (D, G) -> (f, G)
-        best_a[at : at + chunk] = sim.amax(
-            dim=1
-        )  # (max over dim 0, with indices: ~10x slower on CPU)
+        # amax, not max(dim=...): the latter also finds indices, ~10x slower on CPU
+        best_a[at : at + chunk] = sim.amax(dim=1)
         best_b = torch.maximum(best_b, sim.amax(dim=0))
     return best_a, best_b
 

@@ -207,7 +207,8 @@ def is_sweep(path: Path) -> bool:
 
 def enclosing_sweep(path: Path) -> Path | None:
     """The sweep whose runs/ folder ``path`` lies in (or is), if any."""
-    inside = [Path(path).resolve(), *Path(path).resolve().parents]
+    here = Path(path).resolve()
+    inside = [here, *here.parents]
     return next((p.parent for p in inside if p.name == RUNS and is_sweep(p.parent)), None)
 
 
