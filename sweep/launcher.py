@@ -54,6 +54,26 @@ def _quiet_ray() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
+@contextlib.contextmanager
+def _our_sigterm_handler() -> Iterator[None]:
+    """Keep this process's SIGTERM handler through ``ray.init``, which installs its own
+    (``sys.exit(signum)``) through ``ray._private.utils.set_sigterm_handler``. A SIGTERM that
+    reached Ray's while the interpreter ran a finalizer raised a SystemExit Python can only
+    print and ignore: the sweep went on as if never signalled (seen once in CI)."""
+    import ray
+
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    setter = getattr(utils, "set_sigterm_handler", None)
+    if setter is None:  # another Ray: its handler stays (see _start_ray's SystemExit)
+        yield
+        return
+    utils.set_sigterm_handler = lambda _handler: None  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = setter  # type: ignore[union-attr]
+
+
 def _start_ray(lc: LaunchConfig) -> None:
     import ray
 
@@ -61,14 +81,15 @@ def _start_ray(lc: LaunchConfig) -> None:
     _worker_env()
     common = {"include_dashboard": False, "configure_logging": False, "log_to_driver": True}
     try:
-        if lc.address:
-            ray.init(address=lc.address, **common)
-            return
-        kwargs: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
-        if lc.temp_dir:
-            kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
-        ray.init(**kwargs, **common)
-    except SystemExit as err:  # ray.init's own SIGTERM handler: sys.exit(SIGTERM), no message
+        with _our_sigterm_handler():
+            if lc.address:
+                ray.init(address=lc.address, **common)
+                return
+            kwargs: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
+            if lc.temp_dir:
+                kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
+            ray.init(**kwargs, **common)
+    except SystemExit as err:  # a Ray whose own SIGTERM handler was set: sys.exit(SIGTERM)
         if err.code == signal.SIGTERM:
             exit_now(signal.SIGTERM)
         raise

@@ -322,6 +322,40 @@ def test_a_second_signal_inside_a_log_call_is_not_swallowed(monkeypatch, capsys)
     )
 
 
+RAY_INIT_KEEPS_HANDLER = """
+import os, signal, sys, threading
+import ray
+from sweep.config import LaunchConfig
+from sweep.launcher import ray_session
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+timer = threading.Timer(float(sys.argv[2]), os.kill, (os.getpid(), signal.SIGTERM))
+timer.start()  # lands while ray.init runs (a few seconds)
+with ray_session(LaunchConfig(num_cpus=1, temp_dir=sys.argv[1])):
+    timer.join()
+print(f"handled {len(got)}")
+"""
+
+
+@pytest.mark.parametrize("delay", [0.1, 1.0])
+def test_a_sigterm_during_ray_init_reaches_our_handler(tmp_path_factory, delay):
+    """ray.init installs a SIGTERM handler of its own (sys.exit); one that reached it while
+    the interpreter ran a finalizer was printed and ignored, and the sweep went on. Our
+    handler stays in place through ray.init."""
+    temp = str(tmp_path_factory.getbasetemp() / f"rih{delay}")
+    p = subprocess.run(
+        [sys.executable, "-c", RAY_INIT_KEEPS_HANDLER, temp, str(delay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0 and p.stdout.strip().endswith("handled 1"), (
+        p.returncode,
+        p.stdout[-300:],
+        p.stderr[-2000:],
+    )
+
+
 RAY_SHUTDOWN_KEEPS_HANDLER = """
 import os, signal, sys, threading, time
 from sweep.config import LaunchConfig
