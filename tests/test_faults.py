@@ -342,14 +342,18 @@ def test_a_sigterm_during_ray_init_reaches_our_handler(tmp_path_factory, delay):
     """ray.init installs a SIGTERM handler of its own (sys.exit); one that reached it while
     the interpreter ran a finalizer was printed and ignored, and the sweep went on. Our
     handler stays in place through ray.init."""
-    temp = str(tmp_path_factory.getbasetemp() / f"rih{delay}")
+    assert_handled(RAY_INIT_KEEPS_HANDLER, tmp_path_factory.getbasetemp() / f"rih{delay}", delay, 1)
+
+
+def assert_handled(script: str, temp: Path, delay: float, signals: int) -> None:
+    """``script`` (a temp folder, a delay) ends normally, its handler having had ``signals``."""
     p = subprocess.run(
-        [sys.executable, "-c", RAY_INIT_KEEPS_HANDLER, temp, str(delay)],
+        [sys.executable, "-c", script, str(temp), str(delay)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert p.returncode == 0 and p.stdout.strip().endswith("handled 1"), (
+    assert p.returncode == 0 and p.stdout.strip().endswith(f"handled {signals}"), (
         p.returncode,
         p.stdout[-300:],
         p.stderr[-2000:],
@@ -377,18 +381,6 @@ def test_the_signal_handlers_survive_ray_shutdown(tmp_path_factory, delay):
     """Ray's core worker resets SIGTERM in C as it shuts down, while getsignal still names
     the Python handler: a SIGTERM during or after it killed the driver without its message
     (exit -15)."""
-    import subprocess
-    import sys
-
-    temp = str(tmp_path_factory.getbasetemp() / f"rsh{delay}")
-    p = subprocess.run(
-        [sys.executable, "-c", RAY_SHUTDOWN_KEEPS_HANDLER, temp, str(delay)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode == 0 and p.stdout.strip().endswith("handled 2"), (
-        p.returncode,
-        p.stdout[-300:],
-        p.stderr[-2000:],
+    assert_handled(
+        RAY_SHUTDOWN_KEEPS_HANDLER, tmp_path_factory.getbasetemp() / f"rsh{delay}", delay, 2
     )
