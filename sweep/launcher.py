@@ -10,6 +10,7 @@ loop). A task that still fails after Ray's retries of crashed workers comes back
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import math
 import os
@@ -55,23 +56,43 @@ def _quiet_ray() -> None:
 
 
 @contextlib.contextmanager
-def _our_sigterm_handler() -> Iterator[None]:
-    """Keep this process's SIGTERM handler through ``ray.init``, which installs its own
-    (``sys.exit(signum)``) through ``ray._private.utils.set_sigterm_handler``. A SIGTERM that
-    reached Ray's while the interpreter ran a finalizer raised a SystemExit Python can only
-    print and ignore: the sweep went on as if never signalled (seen once in CI)."""
+def _signals_stay_ours() -> Iterator[None]:
+    """Keep this process's SIGTERM handling through ``ray.init``, which takes it twice:
+
+    - in Python, ``sys.exit(signum)`` through ``ray._private.utils.set_sigterm_handler``: a
+      SIGTERM that reached it while the interpreter ran a finalizer raised a SystemExit
+      Python can only print and ignore, and the sweep went on (seen once in CI);
+    - in C, the core worker's failure-signal handler (absl's): it prints a stack dump, and
+      the alarm it sets aborts the process (SIGABRT) 3 s later unless it has died by then.
+
+    The driver's core worker gets no failure-signal handler (Ray's own switch,
+    ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER``, for this process only: workers keep theirs);
+    Python's faulthandler reports a crash of the driver instead. Another Ray without these
+    hooks keeps its handlers (see :func:`_start_ray`'s SystemExit)."""
     import ray
 
-    utils = getattr(getattr(ray, "_private", None), "utils", None)
-    setter = getattr(utils, "set_sigterm_handler", None)
-    if setter is None:  # another Ray: its handler stays (see _start_ray's SystemExit)
+    private = getattr(ray, "_private", None)
+    utils, constants = getattr(private, "utils", None), getattr(private, "ray_constants", None)
+    if not faulthandler.is_enabled():
+        with contextlib.suppress(ValueError, OSError, RuntimeError):  # (stderr has no file)
+            faulthandler.enable()
+    with _replaced(utils, "set_sigterm_handler", lambda _handler: None):
+        with _replaced(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", True):
+            yield
+
+
+@contextlib.contextmanager
+def _replaced(module: object, name: str, value: object) -> Iterator[None]:
+    """``module.name`` is ``value`` inside (nothing changes where it has no such name)."""
+    if not hasattr(module, name):
         yield
         return
-    utils.set_sigterm_handler = lambda _handler: None  # type: ignore[union-attr]
+    old = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        utils.set_sigterm_handler = setter  # type: ignore[union-attr]
+        setattr(module, name, old)
 
 
 def _start_ray(lc: LaunchConfig) -> None:
@@ -81,7 +102,7 @@ def _start_ray(lc: LaunchConfig) -> None:
     _worker_env()
     common = {"include_dashboard": False, "configure_logging": False, "log_to_driver": True}
     try:
-        with _our_sigterm_handler():
+        with _signals_stay_ours():
             if lc.address:
                 ray.init(address=lc.address, **common)
                 return

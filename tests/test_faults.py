@@ -345,6 +345,26 @@ def test_a_sigterm_during_ray_init_reaches_our_handler(tmp_path_factory, delay):
     assert_handled(RAY_INIT_KEEPS_HANDLER, tmp_path_factory.getbasetemp() / f"rih{delay}", delay, 1)
 
 
+RAY_INIT_LEAVES_SIGTERM_TO_PYTHON = """
+import os, signal, sys, time
+from sweep import launcher
+from sweep.config import LaunchConfig
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+launcher._start_ray(LaunchConfig(num_cpus=1, temp_dir=sys.argv[1]))  # (no re-registering)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(float(sys.argv[2]))
+print(f"handled {len(got)}")
+"""
+
+
+def test_ray_init_leaves_no_c_handler_to_abort_the_driver(tmp_path_factory):
+    """The core worker's failure-signal handler (absl's, in C) took SIGTERM from Python: a
+    SIGTERM while ray.init ran printed a stack dump and its alarm aborted the driver 3 s
+    later (SIGABRT, seen in CI). After ray.init a SIGTERM is Python's alone."""
+    assert_handled(RAY_INIT_LEAVES_SIGTERM_TO_PYTHON, tmp_path_factory.getbasetemp() / "rnc", 4, 1)
+
+
 def assert_handled(script: str, temp: Path, delay: float, signals: int) -> None:
     """``script`` (a temp folder, a delay) ends normally, its handler having had ``signals``."""
     p = subprocess.run(
