@@ -23,7 +23,7 @@ from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
-from sweep.io import ensure_writable, remove_stale_temps
+from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
 from sweep.stop import DriverSignals
@@ -32,9 +32,6 @@ from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, writ
 log = logging.getLogger(__name__)
 details = logging.getLogger("sweep.details")  # to sweep.log only, never the terminal
 details.propagate = False
-
-STALE_TEMP_SECONDS = 600.0
-"""A temp file in the sweep folder younger than this may be a live ``sweep report`` write."""
 
 
 def prepare_store(cfg: SweepConfig) -> ChunkStore:
@@ -169,7 +166,7 @@ def _train(
     with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
         import ray
 
-        signals.reinstall()  # ray.init's core worker installs handlers of its own
+        signals.reinstall()  # (a Ray whose hooks launcher could not hold off took them)
         res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
         cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
         _write_sweep_files(folder, cfg, p, store)

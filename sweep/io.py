@@ -128,11 +128,16 @@ def _pread_full(fd: int, buf: memoryview, offset: int) -> int:
     return done
 
 
+STALE_TEMP_SECONDS = 600.0
+"""A temp file younger than this in a folder written without the lock (the sweep folder, a
+report folder) may be a live write of ``sweep report``."""
+
+
 def remove_stale_temps(folder: str | Path, older_than: float = 0.0) -> int:
     """Delete the temp files of writes that were killed midway (only where no other process
     writes under the caller's lock: a run folder, a store); returns how many. ``older_than``
-    (seconds) spares younger ones: in the sweep folder ``sweep report`` may be writing
-    ``summary.csv`` without the lock."""
+    (seconds) spares younger ones: in the sweep folder and a report folder ``sweep report`` may
+    be writing without the lock (:data:`STALE_TEMP_SECONDS`)."""
     n, now = 0, time.time()
     for tmp in Path(folder).glob(".*.tmp"):
         with contextlib.suppress(FileNotFoundError):

@@ -161,7 +161,7 @@ def ray_session(
     if owns:
         handler = signal.getsignal(signal.SIGTERM)
         _start_ray(lc)
-        with contextlib.suppress(ValueError, TypeError):  # ray.init installs its own
+        with contextlib.suppress(ValueError, TypeError):  # (see _signals_stay_ours)
             signal.signal(signal.SIGTERM, handler)
     try:
         yield owns

@@ -34,7 +34,7 @@ import yaml
 from sweep import crossdict, plots
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
-from sweep.io import atomic_write_bytes, ensure_writable
+from sweep.io import STALE_TEMP_SECONDS, atomic_write_bytes, ensure_writable, remove_stale_temps
 from sweep.report_html import Compared, Page, write_html
 from sweep.sweepdir import (
     REPORT,
@@ -256,6 +256,7 @@ def build_report(
     out = ensure_writable(
         _check_out(Path(out) if out is not None else sweep_dir / REPORT), "report folder"
     )
+    remove_stale_temps(out, older_than=STALE_TEMP_SECONDS)  # of a report killed midway
     records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
     rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)

@@ -114,7 +114,7 @@ class DriverSignals:
         return self
 
     def reinstall(self) -> None:
-        """Take SIGTERM/SIGINT back (``ray.init``'s core worker installs handlers of its own)."""
+        """Take SIGTERM/SIGINT back (after ``ray.init``, for a Ray that installed its own)."""
         _install(self._handle)
 
     def training(self) -> None:

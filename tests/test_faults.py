@@ -258,8 +258,7 @@ def test_stop_grace_grows_with_what_the_ensembles_must_write():
 def test_sweep_start_spares_a_live_temp_file_in_the_sweep_folder(tmp_path):
     """``sweep report`` writes summary.csv without the lock: a starting driver removes only
     temp files old enough to be the leftovers of a killed write."""
-    from sweep.driver import STALE_TEMP_SECONDS
-    from sweep.io import remove_stale_temps
+    from sweep.io import STALE_TEMP_SECONDS, remove_stale_temps
 
     live, dead = tmp_path / ".summary.csv.live.tmp", tmp_path / ".summary.csv.dead.tmp"
     live.write_text("being written")

@@ -28,9 +28,8 @@ import sweep
 from sweep import checkpoints, planning, rundir
 from sweep.cli import main
 from sweep.config import TrainConfig
-from sweep.driver import STALE_TEMP_SECONDS
 from sweep.errors import RunDirError, SweepError
-from sweep.io import atomic_write_json, read_json
+from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
 from sweep.lock import SweepLock
 from sweep.worker import train_ensemble
 from tests.sweep_builder import jobs

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
+import time
 from html.parser import HTMLParser
 
 import pytest
@@ -16,7 +18,7 @@ import sweep
 from sweep import crossdict, metrics, plots, rundir
 from sweep.cli import main
 from sweep.errors import SweepError
-from sweep.io import atomic_write_json, read_json
+from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
 from sweep.report import build_report
 from sweep.sweepdir import SweepFolder
 from tests.sweep_builder import L1S, build_sweep
@@ -160,6 +162,19 @@ def test_second_report_reuses_cached_mmcs(sweep_copy, monkeypatch):
     monkeypatch.setattr(metrics, "max_cos_both", boom)
     build_report(sweep_copy, log_media=False)
     assert (sweep_copy / "report" / "mmcs.csv").read_text() == first
+
+
+def test_a_report_removes_what_a_killed_report_left(sweep_copy):
+    """Temp files of a killed report's writes go; a young one may be another report's."""
+    folder = sweep_copy / "report"
+    folder.mkdir()
+    dead, live = folder / f".{crossdict.CACHE}.dead.tmp", folder / ".index.html.live.tmp"
+    for f in (dead, live):
+        f.write_text("a write that did not finish")
+    old = time.time() - 2 * STALE_TEMP_SECONDS
+    os.utime(dead, (old, old))
+    build_report(sweep_copy, log_media=False)
+    assert not dead.exists() and live.exists()
 
 
 def test_report_on_running_sweep(sweep_copy):
