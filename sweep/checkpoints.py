@@ -1,10 +1,11 @@
 """Checkpoint files of one run folder: ``checkpoint-<step>.safetensors``.
 
 Each holds one member's tensors (``param.*`` and ``adam.*``) and its metadata (data cursor,
-thread count, active / diverged flags) with one sha256 over the step, the metadata and the
-tensors, so a changed cursor is caught like a changed weight. Writes are atomic and the
-previous checkpoint is kept until a newer one is complete. (Checkpoints of format 1, whose
-sha256 covered the tensors only, still load.)
+thread count, active / diverged flags) with one sha256 over the step, the metadata and each
+tensor's name, dtype, shape and bytes, so a changed cursor or a header that reads the same
+bytes as another dtype is caught like a changed weight. Writes are atomic and the previous
+checkpoint is kept until a newer one is complete. (Checkpoints of the earlier formats still
+load: 1, whose sha256 covered names and bytes only, and 2, which added step and metadata.)
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ if TYPE_CHECKING:  # torch and safetensors are imported where tensors are: file 
     import torch
 
 PREFIX = "checkpoint-"
-FORMAT = "2"
+FORMAT = "3"
 
 
-def _digest(tensors: dict[str, torch.Tensor], header: str = "") -> str:
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """The checksum of a checkpoint of ``meta["format"]`` (see the module docstring)."""
     import torch
 
-    h = hashlib.sha256(header.encode())
+    form = meta.get("format", "1")
+    h = hashlib.sha256(f"{meta['step']}\n{meta['meta']}".encode() if form != "1" else b"")
     for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
+        t = tensors[k]
+        h.update((f"{k}:{t.dtype}:{list(t.shape)}" if form not in ("1", "2") else k).encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
     return h.hexdigest()
 
 
@@ -52,15 +56,10 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 2) -> None:
     """Write ``checkpoint-<step>.safetensors`` atomically, then prune all but the newest ``keep``."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()}
     meta = {"meta": json.dumps(ckpt.meta, sort_keys=True), "step": str(ckpt.step), "format": FORMAT}
-    meta["sha256"] = _digest(tensors, _header(meta))
+    meta["sha256"] = _digest(tensors, meta)
     atomic_write(path_of(folder, ckpt.step), lambda f: tensorfile.write(f, tensors, meta))
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
-
-
-def _header(meta: dict[str, str]) -> str:
-    """What the checksum covers besides the tensors (format 2: step and metadata)."""
-    return f"{meta['step']}\n{meta['meta']}" if meta.get("format") == FORMAT else ""
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
@@ -84,7 +83,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
     try:
-        ok = meta.get("sha256") == _digest(tensors, _header(meta))
+        ok = meta.get("sha256") == _digest(tensors, meta)
         ckpt = Checkpoint(step=int(meta["step"]), tensors=tensors, meta=json.loads(meta["meta"]))
     except (KeyError, ValueError) as err:
         raise ValueError(f"checkpoint {path.name} has damaged metadata ({err})") from err

@@ -427,6 +427,38 @@ def test_checkpoint_files_are_the_bytes_safetensors_writes():
         tensorfile.write(io.BytesIO(), {"z": torch.zeros(2, dtype=torch.complex64)}, {})
 
 
+def _old_checkpoint(folder: Path, step: int, tensors: dict, form: str) -> Path:
+    """A checkpoint as formats 1 and 2 wrote it (their checksums computed here, by hand)."""
+    meta = {"meta": json.dumps({"cursor": {"epoch": 0}}), "step": str(step), "format": form}
+    h = hashlib.sha256(f"{step}\n{meta['meta']}".encode() if form == "2" else b"")
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].numpy().tobytes())
+    meta["sha256"] = h.hexdigest()
+    path = checkpoints.path_of(folder, step)
+    path.write_bytes(safetensors.torch.save(tensors, metadata=meta))
+    return path
+
+
+def test_checkpoints_of_every_format_load_and_a_relabelled_dtype_is_caught(tmp_path):
+    """Format 3's checksum covers each tensor's dtype and shape: a header edited to read the
+    same bytes as another dtype (F32 -> I32) or shape no longer loads. Checkpoints written by
+    earlier versions (formats 1 and 2) still load: a paused sweep resumes after an upgrade."""
+    tensors = {"param.W": torch.randn(4, 6), "adam.step": torch.tensor(7.0)}
+    for step, form in ((1, "1"), (2, "2")):
+        old = checkpoints.load_checkpoint(_old_checkpoint(tmp_path, step, tensors, form))
+        assert old.step == step and all(torch.equal(old.tensors[k], v) for k, v in tensors.items())
+    checkpoints.save_checkpoint(tmp_path, checkpoints.Checkpoint(3, tensors, {"c": 1}), keep=9)
+    path = checkpoints.path_of(tmp_path, 3)
+    assert checkpoints.load_checkpoint(path).meta == {"c": 1}
+    data = path.read_bytes()
+    for edit in ((b'"F32","shape":[4,6]', b'"I32","shape":[4,6]'), (b"[4,6]", b"[6,4]")):
+        assert data.count(edit[0]) == 1
+        path.write_bytes(data.replace(*edit))
+        with pytest.raises(ValueError, match="fails its checksum"):
+            checkpoints.load_checkpoint(path)
+
+
 def test_background_checkpoints_hold_the_state_of_their_step(tiny_store, tmp_path):
     """A checkpoint written while training went on equals one written with training held."""
     late = job_for(tiny_store, tmp_path / "late", checkpoint_every=10)
