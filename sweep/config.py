@@ -628,6 +628,12 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
 
 
 def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
+    unknown = _unknown_field(cfg)
+    if unknown:  # added with '+', which even a structured config takes (and would drop)
+        command = "run" if what == "sweep" else what
+        raise ConfigError(
+            f"unknown config field '{unknown}'; run 'sweep {command} --cfg job' to list the fields"
+        )
     try:
         obj = OmegaConf.to_object(cfg)
     except Exception as err:  # omegaconf raises several types; all mean a bad value
@@ -637,6 +643,23 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     _check_finite(obj)
     obj.check()
     return obj
+
+
+def _unknown_field(cfg: DictConfig, prefix: str = "") -> str | None:
+    """The first key of ``cfg`` that its dataclass does not have (dotted), if any."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return None
+    names = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg:
+        if key not in names:
+            return f"{prefix}{key}"
+        node = cfg._get_node(key)  # (not the value: an interpolation stays unresolved)
+        if isinstance(node, DictConfig):
+            inner = _unknown_field(node, f"{prefix}{key}.")
+            if inner:
+                return inner
+    return None
 
 
 def _check_finite(obj: object, prefix: str = "") -> None:

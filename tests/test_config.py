@@ -137,6 +137,7 @@ def test_invalid_values_name_the_field(override, field):
             "unknown option 'nosuch' for config group 'data'",
         ),
         (["run", "nosuch.field=1", "sweep_dir=/tmp/x"], "unknown config field 'nosuch.field'"),
+        (["run", "+grid.foo=1"], "unknown config field 'grid.foo'; run 'sweep run --cfg job'"),
         (["run", "train.batch_size=abc", "sweep_dir=/tmp/x"], "train.batch_size"),
         (["run", "grid.l1=[-1]", "sweep_dir=/tmp/x"], "grid.l1"),
         (["run", "grid.dict_ratio=[4]"], "sweep_dir"),
@@ -162,6 +163,16 @@ def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path
     assert err.startswith("error:") and needle in err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_field_added_with_plus_is_unknown_too(capsys):
+    """'+' adds a key even to a structured config, which would then drop it unread."""
+    assert main(["harvest", "+launch.nosuch=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: unknown config field 'launch.nosuch'; run 'sweep harvest --cfg job' to list the "
+        "fields"
+    )
 
 
 def test_an_auxk_weight_on_a_relu_sae_is_a_warning_not_an_error():
