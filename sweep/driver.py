@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import replace
@@ -26,7 +27,7 @@ from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
-from sweep.stop import DriverSignals
+from sweep.stop import DriverSignals, at_exit_now
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,10 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome = Outcome()
     try:
-        with DriverSignals(folder.request_stop) as signals, SweepLock(folder.path) as lock:
-            outcome.signals, outcome.locked = signals, True
-            store = _checked_store(cfg, folder)
-            with _sweep_log(folder):
+        with DriverSignals(folder.request_stop) as signals, _sweep_log(folder):
+            with SweepLock(folder.path) as lock, at_exit_now(lambda _line: lock.release()):
+                outcome.signals, outcome.locked = signals, True
+                store = _checked_store(cfg, folder)
                 records = _train(cfg, folder, store, lock, outcome)
     except SweepError:
         if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
@@ -223,16 +224,22 @@ class _QuietFileHandler(logging.FileHandler):
         pass
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 @contextlib.contextmanager
 def _sweep_log(folder: SweepFolder) -> Iterator[None]:
-    """While the sweep trains, log to ``SWEEP_DIR/sweep.log`` too, with the traceback of any
-    unexpected error (the terminal gets one line; a SweepError's line says it all)."""
+    """While the driver runs, log to ``SWEEP_DIR/sweep.log`` too (from before it takes the
+    lock: a stale lock's takeover, the config's warnings, a stop during start-up), with the
+    traceback of any unexpected error (the terminal gets one line; a SweepError's line says
+    it all). The file is made by the first line logged."""
     handler = _QuietFileHandler(folder.path / LOG, delay=True)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     logging.getLogger("sweep").addHandler(handler)
     details.addHandler(handler)
     try:
-        yield
+        with at_exit_now(lambda line: _append_line(folder.path / LOG, line)):
+            yield
     except Exception as err:
         if not isinstance(err, SweepError):
             details.exception("the sweep stopped with this error")
@@ -241,6 +248,17 @@ def _sweep_log(folder: SweepFolder) -> Iterator[None]:
         logging.getLogger("sweep").removeHandler(handler)
         details.removeHandler(handler)
         handler.close()
+
+
+def _append_line(path: Path, message: str) -> None:
+    """A warning in ``sweep.log``'s format, with plain ``os`` calls (from a signal handler)."""
+    record = logging.LogRecord(__name__, logging.WARNING, "", 0, message, (), None)
+    line = logging.Formatter(LOG_FORMAT).format(record) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def _write_sweep_files(

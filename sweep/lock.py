@@ -134,6 +134,10 @@ class SweepLock:
             self._last_beat = now
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Stop the heartbeat; remove the lock if it is still ours."""
         self._stop.set()
         held = read_lock(self.path.parent)
         if held and held.get("pid") == self.info["pid"] and held.get("host") == self.info["host"]:

@@ -131,13 +131,26 @@ def with_legacy(saved: dict) -> dict:
     return out
 
 
+def _inert(config: dict) -> set[str]:
+    """Defining fields that do nothing in ``config``: a change to one changes no run (it is
+    warned about, :meth:`sweep.config.SweepConfig.inert_note`, and must not lock the sweep)."""
+    inert = set()
+    arch = archs.REGISTRY.get(config.get("sae", {}).get("name"))
+    if arch is not None and arch.knob != "k":
+        inert.add("train.auxk_alpha")  # AuxK is for TopK-style SAEs
+    if not config.get("train", {}).get("resample_dead"):
+        inert.add("train.resample_stop")  # resampling is off
+    return inert
+
+
 def _differences(old: dict, new: dict) -> list[str]:
-    diffs = []
+    diffs, inert = [], _inert(old) & _inert(new)
     for group, fields in DEFINING.items():
         a, b = _flat(old.get(group, {}), f"{group}."), _flat(new.get(group, {}), f"{group}.")
         for key in sorted(set(a) | set(b)):
             name = key.split(".", 1)[1]
             defining = (fields is None or name in fields) and name not in FREE.get(group, ())
+            defining = defining and key not in inert
             unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
             before = a.get(key, LEGACY.get(key))
             if defining and not unresolved and before != b.get(key):

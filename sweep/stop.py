@@ -42,22 +42,41 @@ class StopNow(_BySignal, BaseException):
     in a log call, would print a traceback and carry on); the CLI prints its one line."""
 
 
+_AT_EXIT_NOW: list[Callable[[str], None]] = []
+
+
+@contextlib.contextmanager
+def at_exit_now(call: Callable[[str], None]) -> Iterator[None]:
+    """Inside, :func:`exit_now` calls ``call(its line)`` before the process ends (last
+    registered first). It runs in a signal handler: quick, and no lock that the interrupted
+    code may hold (plain ``os`` calls, not logging)."""
+    _AT_EXIT_NOW.append(call)
+    try:
+        yield
+    finally:
+        _AT_EXIT_NOW.remove(call)
+
+
 def exit_now(signum: int, _frame: object = None) -> None:
     """A signal handler for when nothing is training: one line, then exit 128+signal at once.
 
     It exits rather than raising: the signal may land inside C++ code (torch's imports,
     ``ray.init``), through which a Python exception ends in ``std::terminate`` (SIGABRT).
     Nothing is lost: every write is atomic (a temp file of a killed write is removed by the
-    next run), Ray's processes fate-share with this one, and the lock of a dead process is
-    taken over.
+    next run) and Ray's processes fate-share with this one; what registered with
+    :func:`at_exit_now` (the sweep's lock, its log) is tidied first.
     """
     name = signal.Signals(signum).name
+    line = (
+        f"interrupted: stopped by {name}; nothing was lost (every write is atomic): "
+        "re-run the same command to continue"
+    )
     try:
-        sys.stderr.write(
-            f"interrupted: stopped by {name}; nothing was lost (every write is atomic): "
-            "re-run the same command to continue\n"
-        )
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
+        for call in reversed(_AT_EXIT_NOW):
+            with contextlib.suppress(Exception):
+                call(line)
     finally:
         os._exit(128 + signum)
 

@@ -225,6 +225,14 @@ def test_signals_while_starting_up_exit_cleanly(reference, tmp_path, tmp_path_fa
     """A stop during imports, store generation, Ray start-up or planning: one line, exit
     128+signal, within seconds, and the re-run ends identical."""
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"ru{int(sig)}"
+    p = start(sw, rt)
+    wait_for(lambda: (sw / ".lock").exists())  # store, Ray and planning take seconds more
+    os.kill(p.pid, sig)
+    code, out = finish(p, timeout=90)
+    assert code == 128 + sig, out
+    assert not (sw / ".lock").exists()  # the next run need not take over a stale lock
+    log = (sw / "sweep.log").read_text()
+    assert f"WARNING sweep.driver: interrupted: stopped by {sig.name}" in log, log
     for delay in (0.7, 1.2, 1.8, 2.5, 3.5):  # after the interpreter itself has started
         p = start(sw, rt)
         time.sleep(delay)
