@@ -168,6 +168,8 @@ def read_json(path: str | Path) -> dict:
 def ensure_writable(folder: str | Path, what: str) -> Path:
     """Create ``folder`` if needed and prove we can write into it."""
     folder = Path(folder)
+    if folder.is_file():
+        raise RunDirError(f"{what} {folder} is a file, not a folder; choose another path")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe.")

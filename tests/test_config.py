@@ -165,6 +165,15 @@ def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_a_sweep_dir_that_is_a_file_is_named_so(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    assert main(["run", f"sweep_dir={path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: sweep_dir {path} is a file, not a folder; choose another path"
+    assert path.read_text() == "mine"
+
+
 def test_a_field_added_with_plus_is_unknown_too(capsys):
     """'+' adds a key even to a structured config, which would then drop it unread."""
     assert main(["harvest", "+launch.nosuch=1"]) == 2
