@@ -29,6 +29,7 @@ from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import host_memory_bytes, release_device_memory
 from sweep.errors import SweepError, first_line, task_error_reason
 from sweep.gpuinfo import GpuInfo
+from sweep.io import cpu_count
 from sweep.stop import StopWatch, exit_now, quietly
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,20 @@ def ray_session(
             shutdown_ray(stop_wait())
 
 
+def _oversubscribed(threads: int) -> None:
+    """Warn when each CPU ensemble of a local sweep would run more threads than this machine
+    has CPUs (Ray counts what it is told, not the cores: launch.num_cpus=64 on 2 cores)."""
+    cores = cpu_count()
+    if threads > cores:
+        log.warning(
+            "each ensemble would run %d torch threads on this machine's %d CPUs (from "
+            "launch.num_cpus, launch.cpus_per_ensemble or train.threads): oversubscribed, it "
+            "trains several times slower; leave them unset to use every CPU once",
+            threads,
+            cores,
+        )
+
+
 class Resources:
     """What each ensemble task asks Ray for, and the device memory model's budget."""
 
@@ -206,6 +221,8 @@ class Resources:
             self._cpu_request(lc, lc.cpus_per_ensemble or most, cpus)
         _fits_a_node(self.num_gpus, self.num_cpus, nodes)
         self.threads = cfg.train.threads or max(1, int(self.num_cpus))
+        if not self.on_gpu and not lc.address:
+            _oversubscribed(self.threads)
         self.gpus = gpus
         per, have = (self.num_gpus, gpus) if self.on_gpu else (self.num_cpus, cpus)
         packed = self.on_gpu and not self.auto_share and per < 1  # asked for: Ray packs them

@@ -117,6 +117,23 @@ def test_ensembles_are_split_to_fill_whole_devices_only():
     assert Resources(cfg_of("train.device=cpu"), {"CPU": 16.0}).slots == 1  # one takes all
 
 
+def test_more_cpu_threads_than_cores_is_warned_about(monkeypatch, caplog):
+    """Ray counts the CPUs it is told: launch.num_cpus=64 on 2 cores would give an ensemble
+    64 threads (several times slower); a cluster's nodes are not this machine."""
+    from sweep import launcher
+    from tests.test_config import cfg_of
+
+    monkeypatch.setattr(launcher, "cpu_count", lambda: 2)
+    cpu = cfg_of("train.device=cpu")
+    with caplog.at_level("WARNING", logger="sweep.launcher"):
+        assert launcher.Resources(cpu, {"CPU": 2.0}).threads == 2
+        on_a_cluster = cfg_of("train.device=cpu", "launch=cluster", "launch.cpus_per_ensemble=64")
+        assert launcher.Resources(on_a_cluster, {"CPU": 64.0}).threads == 64
+        assert not caplog.records
+        assert launcher.Resources(cpu, {"CPU": 64.0}).threads == 64
+    assert "each ensemble would run 64 torch threads on this machine's 2 CPUs" in caplog.text
+
+
 def test_a_request_no_node_can_grant_is_refused_not_waited_for():
     """Ray waits forever for a node with more GPUs (or CPUs) than any has; a multi-node CPU
     cluster's ensembles ask for one node's CPUs, not the whole cluster's."""
