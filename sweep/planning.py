@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
@@ -217,9 +218,18 @@ def recorded_dtype(folder: SweepFolder) -> str | None:
 
 
 def check_device(cfg: SweepConfig) -> None:
-    """``train.device=cuda`` on a local Ray instance needs a GPU here (checked before any
-    work; a cluster's GPUs are checked once Ray is up)."""
-    if cfg.train.device == "cuda" and not cfg.launch.address:
+    """``train.device=cuda`` on a local Ray instance needs a GPU here, and its ensembles no
+    more CPUs than it has (checked before any work; a cluster's nodes are checked once Ray
+    is up, :class:`sweep.launcher.Resources`)."""
+    if cfg.launch.address:
+        return
+    have = cfg.launch.num_cpus or os.cpu_count() or 1  # (Ray counts no more than the OS)
+    if cfg.launch.cpus_per_ensemble > have:
+        raise SweepError(
+            f"launch.cpus_per_ensemble={cfg.launch.cpus_per_ensemble:g} but this machine's Ray "
+            f"instance has {have:g} CPUs: ask for less (Ray would wait for such a node forever)"
+        )
+    if cfg.train.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():

@@ -142,6 +142,10 @@ def test_invalid_values_name_the_field(override, field):
         (["run", "grid.l1=[-1]", "sweep_dir=/tmp/x"], "grid.l1"),
         (["run", "grid.dict_ratio=[4]"], "sweep_dir"),
         (
+            ["run", "launch.cpus_per_ensemble=999"],
+            "launch.cpus_per_ensemble=999 but this machine's Ray instance has",
+        ),
+        (
             ["run", "sae=nosuch", "sweep_dir=/tmp/x"],
             "unknown option 'nosuch' for config group 'sae'",
         ),
