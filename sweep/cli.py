@@ -160,7 +160,7 @@ def _stderr_console():  # type: ignore[no-untyped-def]
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides, args.config_dir)
     if args.cfg:
-        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        print(OmegaConf.to_yaml(_grid_filled(cfg), resolve=True), end="")
         return 0
     if args.plan:
         from sweep import preview
@@ -168,6 +168,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         preview.print_preview(preview.preview(to_sweep_config(cfg)))
         return 0
     return _run(to_sweep_config(cfg))
+
+
+def _grid_filled(cfg: DictConfig) -> DictConfig:
+    """The composed config with the grid's default sparsity values for its architecture
+    (``grid.l1`` or ``grid.k``) as a run records them, not as null."""
+    from sweep.archs import REGISTRY
+    from sweep.config import GridConfig
+
+    arch = REGISTRY.get(cfg.sae.name)
+    if arch is not None and cfg.grid.get(arch.knob) is None:
+        cfg.grid[arch.knob] = GridConfig().values(arch.knob)
+    return cfg
 
 
 def _run(cfg: SweepConfig) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
 from sweep.cli import compose, main
 from sweep.config import (
+    DEFAULT_K,
+    DEFAULT_L1,
     ChunksDataConfig,
     ConfigError,
     SyntheticDataConfig,
@@ -206,13 +209,16 @@ def test_cfg_job_prints_composed_config(capsys):
     assert main(["run", "--cfg", "job", "sweep_dir=/tmp/x", "grid.l1=[0.5]"]) == 0
     out = capsys.readouterr().out
     assert "l1:" in out and "0.5" in out and "dict_ratio" in out and "sweep_dir: /tmp/x" in out
+    for args, knob, values in (([], "l1", DEFAULT_L1), (["sae=topk"], "k", DEFAULT_K)):
+        assert main(["run", "--cfg", "job", *args]) == 0  # the defaults a run records
+        grid = yaml.safe_load(capsys.readouterr().out)["grid"]
+        assert grid[knob] == values and grid["k" if knob == "l1" else "l1"] is None
 
 
 def test_an_old_jumprelu_sweep_is_resumed_only_with_its_log_recipe(tmp_path):
     """JumpReLU's default recipe became ``linear``; a sweep recorded before (recipe null: the
     log-threshold math) is refused under the new default, naming the recipe it trained with,
     and resumes with it. A config names its recipe."""
-    import yaml
     from omegaconf import OmegaConf
 
     from sweep import planning
