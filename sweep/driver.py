@@ -132,7 +132,7 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
 def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     """What refuses a run before its store is made (``sweep run --plan`` refuses it too)."""
     folder.refuse_store()
-    planning.check_device(cfg)
+    planning.check_local_hardware(cfg)
     planning.check_compatible(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating

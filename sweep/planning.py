@@ -217,7 +217,7 @@ def recorded_dtype(folder: SweepFolder) -> str | None:
     return (folder.first_spec() or {}).get("train", {}).get("dtype")
 
 
-def check_device(cfg: SweepConfig) -> None:
+def check_local_hardware(cfg: SweepConfig) -> None:
     """``train.device=cuda`` on a local Ray instance needs a GPU here, and its ensembles no
     more CPUs than it has (checked before any work; a cluster's nodes are checked once Ray
     is up, :class:`sweep.launcher.Resources`)."""
