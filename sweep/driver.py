@@ -130,12 +130,16 @@ def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
 
 
 def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
-    """What refuses a run before its store is made (``sweep run --plan`` refuses it too)."""
+    """What refuses a run before its store is made (``sweep run --plan`` refuses it too),
+    and a warning for a setting that does nothing."""
     folder.refuse_store()
     planning.check_local_hardware(cfg)
     planning.check_compatible(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
+    inert = cfg.inert_note()
+    if inert:
+        log.warning(inert)
 
 
 def check_store_fits(
@@ -151,9 +155,8 @@ def check_store_fits(
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
-    for note in (short, cfg.inert_note()):
-        if note:
-            log.warning(note)
+    if short:
+        log.warning(short)
 
 
 def _train(
