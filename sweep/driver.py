@@ -170,7 +170,6 @@ def _train(
     with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
         import ray
 
-        signals.reinstall()  # (a Ray whose hooks launcher could not hold off took them)
         res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
         cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
         _write_sweep_files(folder, cfg, p, store)

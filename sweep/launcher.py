@@ -134,7 +134,7 @@ def shutdown_ray(wait: float | None = None) -> None:
     names ours), and a signal then would kill the driver without a word."""
     import ray
 
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = _current_handlers()
     t = threading.Thread(target=lambda: quietly(ray.shutdown), daemon=True, name="ray-shutdown")
     t.start()
     deadline = math.inf if wait is None else time.monotonic() + wait
@@ -142,6 +142,10 @@ def shutdown_ray(wait: float | None = None) -> None:
         _keep_handlers(handlers)
         t.join(0.005)
     _keep_handlers(handlers)
+
+
+def _current_handlers() -> dict:
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def _keep_handlers(handlers: dict) -> None:
@@ -160,10 +164,9 @@ def ray_session(
 
     owns = not ray.is_initialized()
     if owns:
-        handler = signal.getsignal(signal.SIGTERM)
+        handlers = _current_handlers()
         _start_ray(lc)
-        with contextlib.suppress(ValueError, TypeError):  # (see _signals_stay_ours)
-            signal.signal(signal.SIGTERM, handler)
+        _keep_handlers(handlers)  # (a Ray whose hooks _signals_stay_ours cannot hold off)
     try:
         yield owns
     finally:

@@ -132,10 +132,6 @@ class DriverSignals:
         self._old = _install(self._handle)
         return self
 
-    def reinstall(self) -> None:
-        """Take SIGTERM/SIGINT back (after ``ray.init``, for a Ray that installed its own)."""
-        _install(self._handle)
-
     def training(self) -> None:
         """From now on a signal asks the running ensembles to checkpoint and stop."""
         self.immediate = False
