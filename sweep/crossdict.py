@@ -33,7 +33,7 @@ import torch
 from sweep import archs, metrics, sae
 from sweep.io import atomic_write_json
 from sweep.rundir import RunFolder
-from sweep.sweepdir import RunRecord
+from sweep.sweepdir import MMCS_KEYS, MMCS_OVER, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +274,14 @@ def _next_ratio_values(
             per_run[a.run_id]["mmcs_next_ratio_run"] = b.run_id
 
 
-MMCS_KEYS = ("mmcs_next_ratio", "mmcs_next_ratio_run", "mmcs_seeds")
-
-
-def annotate_runs(records: list[RunRecord], cross: CrossDict) -> None:
-    """Write each finished run's cross-dictionary values into its ``metrics.json``."""
+def annotate_runs(records: list[RunRecord], cross: CrossDict, digest: str) -> None:
+    """Write each finished run's cross-dictionary values into its ``metrics.json``, stamped
+    with the sweep's :meth:`~sweep.sweepdir.SweepFolder.finished_digest` they were computed
+    at (readers drop them once it changes)."""
     for r in records:
         if r.run_id in cross.per_run:
-            r.folder.update_metrics(cross.per_run[r.run_id], replace_keys=MMCS_KEYS)
+            values = {**cross.per_run[r.run_id], MMCS_OVER: digest}
+            r.folder.update_metrics(values, replace_keys=(*MMCS_KEYS, MMCS_OVER))
 
 
 def matrix_rows(cross: CrossDict) -> tuple[list[str], list[list[float | None]]]:

@@ -257,6 +257,7 @@ def build_report(
         _check_out(Path(out) if out is not None else sweep_dir / REPORT), "report folder"
     )
     remove_stale_temps(out, older_than=STALE_TEMP_SECONDS)  # of a report killed midway
+    digest = folder.finished_digest()  # (before reading: a run finishing meanwhile outdates it)
     records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
     rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)
@@ -264,7 +265,7 @@ def build_report(
         r.update(cross.per_run.get(r["run_id"], {}))
     write_summary(out, rows)
     if _writes_back(sweep_dir, out):
-        crossdict.annotate_runs(records, cross)
+        crossdict.annotate_runs(records, cross, digest)
         write_summary(sweep_dir, rows)
     write_mmcs(out / MMCS_FILE, cross)
     compared = _compared(folder, records, rows, others) if others else []

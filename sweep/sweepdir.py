@@ -19,9 +19,10 @@ Report, status, the Python API, export and cross-dictionary metrics all read run
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,6 +76,13 @@ def summary_columns(rows: list[dict]) -> list[str]:
     first = [c for c in SUMMARY_COLUMNS if c != "k" or any(r.get("k") for r in rows)]
     return first + sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS) - ROW_ONLY)
 
+
+MMCS_KEYS = ("mmcs_next_ratio", "mmcs_next_ratio_run", "mmcs_seeds")
+"""The cross-dictionary values ``sweep report`` writes into finished runs' ``metrics.json``."""
+MMCS_OVER = "mmcs_over"
+"""Their stamp: :meth:`SweepFolder.finished_digest` when they were computed. Once another run
+finishes they may be wrong (a new next ratio, a new seed), so readers drop them until the
+next report."""
 
 ROW_ONLY = {"arch"}
 """Keys of a summary row that are no column (the architecture: one per sweep, in the report's
@@ -151,6 +159,16 @@ class RunRecord:
         if self.note:
             out.setdefault("note", self.note)  # why it failed
         return out
+
+
+def _current_mmcs(metrics: dict, digest: Callable[[], str]) -> dict:
+    """``metrics`` without MMCS values computed before the latest run finished, and without
+    their stamp."""
+    if not any(k in metrics for k in (*MMCS_KEYS, MMCS_OVER)):
+        return metrics
+    current = metrics.get(MMCS_OVER) == digest()
+    drop = {MMCS_OVER} if current else {MMCS_OVER, *MMCS_KEYS}
+    return {k: v for k, v in metrics.items() if k not in drop}
 
 
 CLOCK_SLACK = 60.0
@@ -268,6 +286,12 @@ class SweepFolder:
                 f"{self.path} is a chunk store, not a sweep folder; pass a sweep's sweep_dir "
                 "(a store goes in data.path)"
             )
+
+    def finished_digest(self) -> str:
+        """A stamp of which runs have finished, and when: it changes whenever a run finishes
+        (again), so values computed across runs can tell they are out of date."""
+        stamps = sorted(f"{rid}|{self.run(rid).finished_stamp()}" for rid in self.run_ids())
+        return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
 
     def run_ids(self) -> list[str]:
         """Runs listed in the manifest (grid order); a one-line error if this is no sweep."""
@@ -447,6 +471,7 @@ class SweepFolder:
         points = self.manifest().get("runs")
         points = points if isinstance(points, dict) else {}
         records = []
+        digest: dict[str, str] = {}  # (computed once, when a run has MMCS values)
         for rid in self.run_ids() if ids is None else ids:
             folder = self.run(rid)
             state = folder.state(deep)
@@ -456,6 +481,7 @@ class SweepFolder:
             if live and (state.resumable or _began_under(folder, state, since)):
                 state = RunState.RUNNING
             metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
+            metrics = _current_mmcs(metrics, lambda: digest.setdefault("", self.finished_digest()))
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
             records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note, point))

@@ -194,6 +194,31 @@ def test_report_on_running_sweep(sweep_copy):
         assert_png(out / name)
 
 
+def test_mmcs_values_leave_the_tables_once_another_run_finishes(sweep_copy):
+    """What a report wrote back holds for the runs finished then: when one more finishes, a
+    run's next-ratio partner or its seeds may change, so tables drop the values until the
+    next report (metrics.json keeps them and says over which runs they were computed)."""
+    late = rundir.run_dir(sweep_copy, "r2-l1_1e-01-s0") / rundir.DONE
+    done = late.read_bytes()
+    late.unlink()
+    build_report(sweep_copy, log_media=False)
+
+    def mmcs_columns() -> dict:
+        rows = SweepFolder(sweep_copy).read_runs()
+        return {r.run_id: r.row().get("mmcs_seeds") for r in rows if r.state == "done"}
+
+    before = mmcs_columns()
+    assert len(before) == 11 and sum(v is not None for v in before.values()) == 10
+    assert "mmcs_over" not in SweepFolder(sweep_copy).read_runs()[0].row()
+    late.write_bytes(done)  # the run finishes
+    assert set(mmcs_columns().values()) == {None}
+    some = read_json(rundir.run_dir(sweep_copy, "r1-l1_1e-02-s0") / rundir.METRICS)
+    assert "mmcs_seeds" in some and "mmcs_over" in some  # kept on disk, only not shown
+    build_report(sweep_copy, log_media=False)
+    assert all(v is not None for v in mmcs_columns().values())
+    assert len(mmcs_columns()) == len(before) + 1
+
+
 def test_report_with_nothing_finished_draws_placeholders(sweep_copy):
     for d in (sweep_copy / "runs").iterdir():
         (d / rundir.DONE).unlink()
