@@ -5,7 +5,7 @@
     sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
     sweep status SWEEP_DIR                                     state and progress of every run
     sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
-    sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...]  finished runs in SAELens format
+    sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...] [--finished]  runs in SAELens format
     sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
 
 ``run`` composes ``sweep/configs`` (groups data, sae, grid, train, launch, logger) with

@@ -56,9 +56,10 @@ def _provenance(cfg: dict) -> dict:
     }
 
 
-def saelens_cfg(cfg: dict, extra: dict | None = None) -> dict:
+def saelens_cfg(cfg: dict, extra: dict | None = None, origin: dict | None = None) -> dict:
     """SAELens 6 ``cfg.json`` for one of our runs (its sweep ``cfg.json`` in; ``extra``: the
-    architecture's own fields, e.g. TopK's ``k``)."""
+    architecture's own fields, e.g. TopK's ``k``; ``origin``: which sweep trained it,
+    :func:`_origin`)."""
     arch = archs.get(cfg.get("architecture", "untied"))
     return {
         "architecture": arch.saelens,
@@ -82,6 +83,7 @@ def saelens_cfg(cfg: dict, extra: dict | None = None) -> dict:
             "seed": cfg.get("seed"),
             "training_architecture": cfg.get("architecture"),
             "act_scale_folded": cfg.get("act_scale", 1.0),
+            **(origin or {}),
         },
     }
 
@@ -97,12 +99,27 @@ def _sparsity(arch: archs.Architecture, cfg: dict) -> dict:
     return {name: None if l1 is None else l1 * int(cfg["d_in"]), "sweep_l1": l1}
 
 
+def _origin(run_folder: Path) -> dict:
+    """Where a run comes from, for the export's metadata: its sweep folder, the store it was
+    trained on and the training seed (runs of two sweeps may share a run id)."""
+    spec = RunFolder(run_folder).spec()
+    train = spec.get("train") if isinstance(spec.get("train"), dict) else {}
+    sweep_dir = spec.get("sweep_dir") or str(run_folder.resolve().parent.parent)
+    return {
+        "sweep_dir": sweep_dir,
+        "store_id": spec.get("store_id"),
+        "train_seed": train.get("seed"),
+    }
+
+
 def export_run(run_folder: str | Path, out: str | Path) -> Path:
     """Write one finished run folder in SAELens format into ``out`` (created; a previous
-    export there is replaced, anything else there is refused)."""
-    _check_run(Path(run_folder))
-    _check_target(Path(out))
-    return _write(read_run(Path(run_folder)), out)
+    export of the same sweep there is replaced, anything else there is refused)."""
+    run_folder = Path(run_folder)
+    _check_run(run_folder)
+    origin = _origin(run_folder)
+    _check_target(Path(out), origin)
+    return _write(read_run(run_folder), out, origin)
 
 
 def _check_run(folder: Path) -> None:
@@ -122,8 +139,9 @@ def _check_run(folder: Path) -> None:
         )
 
 
-def _check_target(out: Path) -> None:
-    """``out`` may be written: absent, empty, or a previous export (nothing else is replaced)."""
+def _check_target(out: Path, origin: dict) -> None:
+    """``out`` may be written: absent, empty, or a previous export of the same sweep (nothing
+    else is replaced)."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -134,6 +152,20 @@ def _check_target(out: Path) -> None:
             f"export target {out} exists and holds files not written by 'sweep export' "
             f"({', '.join(sorted(names)[:3])}); choose another OUT_DIR or empty it"
         )
+    earlier = _exported_sweep(out) if names else None
+    if earlier not in (None, origin["sweep_dir"]):
+        raise SweepError(
+            f"export target {out} holds run {out.name} of another sweep ({earlier}); "
+            "choose another OUT_DIR (one per sweep) or empty it"
+        )
+
+
+def _exported_sweep(out: Path) -> str | None:
+    """The sweep folder an earlier export in ``out`` came from (None when it does not say)."""
+    try:
+        return (read_json(out / SAELENS_CFG).get("metadata") or {}).get("sweep_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _our_export(out: Path) -> bool:
@@ -144,7 +176,7 @@ def _our_export(out: Path) -> bool:
     return isinstance(meta, dict) and meta.get("exported_from") == EXPORTED_FROM
 
 
-def _write(model: SAE, out: str | Path) -> Path:
+def _write(model: SAE, out: str | Path, origin: dict) -> Path:
     out = ensure_writable(out, "export folder")
     weights = {
         "W_enc": model.W_enc.detach().float().contiguous(),  # (d_in, d_sae)
@@ -158,25 +190,32 @@ def _write(model: SAE, out: str | Path) -> Path:
     # an earlier export's weights go first, then cfg.json, which marks the folder as an
     # export: one killed midway holds no other run's weights and is replaced by the next
     (out / SAELENS_WEIGHTS).unlink(missing_ok=True)
-    atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg, fields))
+    atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg, fields, origin))
     atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
     return out
 
 
-def _finished(sweep_dir: str | Path, states: dict, finished_only: bool) -> list[str]:
-    """Every done run; unfinished ones are an error unless ``finished_only`` (then a warning)."""
+def _finished(
+    sweep_dir: str | Path, states: dict, finished_only: bool, notes: dict[str, str]
+) -> list[str]:
+    """Every done run; unfinished ones are an error unless ``finished_only`` (then a warning,
+    with what is wrong with a damaged one: its ``notes`` entry)."""
     chosen = [r for r, s in states.items() if s == "done"]
     diverged = [r for r, s in states.items() if s == "diverged"]
     waiting = [r for r, s in states.items() if not s.final]
     if waiting and not finished_only and chosen:
         failed = [r for r in waiting if states[r] == "failed"]
-        ids = failed or waiting
+        damaged = [r for r in waiting if r in notes and r not in failed]
+        ids = failed or damaged or waiting
         shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
         what, fix = (
             ("failed", "re-run the sweep to train them again")
             if failed
+            else ("are damaged", "re-run the sweep")
+            if damaged
             else ("are not finished", "wait for the sweep")
         )
+        shown += f": {notes[ids[0]]}" if damaged and not failed else ""
         raise SweepError(
             f"{len(ids)} of {len(states)} runs in {sweep_dir} {what} ({shown}); "
             f"{fix}, or pass --finished to export the {len(chosen)} finished runs"
@@ -190,8 +229,23 @@ def _finished(sweep_dir: str | Path, states: dict, finished_only: bool) -> list[
         raise SweepError(f"every run in {sweep_dir} diverged; there is nothing to export")
     for what, ids in (("unfinished", waiting), ("diverged (not exported)", diverged)):
         if ids:
-            log.warning("skipped %d %s run(s): %s", len(ids), what, ", ".join(ids))
+            named = (f"{r} ({notes[r]})" if r in notes else r for r in ids)
+            log.warning("skipped %d %s run(s): %s", len(ids), what, ", ".join(named))
     return chosen
+
+
+def _check_out_dir(name: str | Path) -> None:
+    """OUT_DIR is a folder of exports: named (not ""), not a file, not a sweep or a store."""
+    if not str(name).strip():  # (Path("") would be the current folder)
+        raise SweepError("OUT_DIR is empty; name the folder to export into (e.g. exported/)")
+    out_dir = Path(name)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SweepError(f"export folder {out_dir} is a file, not a folder; choose another OUT_DIR")
+    if (out_dir / MANIFEST).is_file():  # a sweep's or a chunk store's
+        raise SweepError(
+            f"export folder {out_dir} is a sweep folder or a chunk store; choose another "
+            "OUT_DIR (a new folder)"
+        )
 
 
 def export_sweep(
@@ -208,8 +262,11 @@ def export_sweep(
     """
     if to not in FORMATS:
         raise SweepError(f"unknown export format {to!r}; use one of: {', '.join(FORMATS)}")
+    _check_out_dir(out_dir)
     folder = SweepFolder(sweep_dir)
-    states = {r.run_id: r.state for r in folder.read_runs()}
+    records = folder.read_runs(deep=True)  # (a run whose weights fail their hash: unfinished)
+    states = {r.run_id: r.state for r in records}
+    notes = {r.run_id: r.note for r in records if r.note}
     known = list(states)
     if runs:
         unknown = [r for r in runs if r not in known]
@@ -219,15 +276,14 @@ def export_sweep(
             )
         chosen = list(dict.fromkeys(runs))  # (a run named twice is exported once)
     else:
-        chosen = _finished(sweep_dir, states, finished_only)
-    if (Path(out_dir) / MANIFEST).is_file():  # a sweep's or a chunk store's
-        raise SweepError(
-            f"export folder {out_dir} is a sweep folder or a chunk store; choose another "
-            "OUT_DIR (a new folder)"
-        )
+        chosen = _finished(sweep_dir, states, finished_only, notes)
+    origins = {}
     for rid in chosen:  # every run and target is checked before anything is written
         _check_run(folder.run(rid).path)
-        _check_target(Path(out_dir) / rid)
-    paths = [_write(read_run(folder.run(rid).path), Path(out_dir) / rid) for rid in chosen]
+        origins[rid] = _origin(folder.run(rid).path)
+        _check_target(Path(out_dir) / rid, origins[rid])
+    paths = [
+        _write(read_run(folder.run(rid).path), Path(out_dir) / rid, origins[rid]) for rid in chosen
+    ]
     log.info("exported %d run(s) to %s", len(paths), out_dir)
     return paths

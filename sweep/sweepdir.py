@@ -31,7 +31,7 @@ from sweep.activations.layout import FORMAT as STORE_FORMAT
 from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
-from sweep.rundir import RUNS, RunFolder, RunState
+from sweep.rundir import DONE, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
     from sweep.activations.store import ChunkStore
@@ -159,6 +159,14 @@ class RunRecord:
         if self.note:
             out.setdefault("note", self.note)  # why it failed
         return out
+
+
+def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
+    """Why a run with a ``DONE`` does not count as finished ("" for every other run)."""
+    problem = (
+        None if state.final or not (folder.path / DONE).is_file() else folder.final_problem(deep)
+    )
+    return "" if problem is None else f"{problem}: the next sweep run trains it again"
 
 
 def _current_mmcs(metrics: dict, digest: Callable[[], str]) -> dict:
@@ -483,6 +491,7 @@ class SweepFolder:
             metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
             metrics = _current_mmcs(metrics, lambda: digest.setdefault("", self.finished_digest()))
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
+            note = note or _why_unfinished(folder, state, deep)
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
             records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note, point))
         return records

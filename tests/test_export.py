@@ -147,8 +147,62 @@ def test_every_run_is_checked_before_any_is_written(small_sweep, tmp_path, capsy
     data = victim.read_bytes()  # same size, one bit changed: only the checksum catches it
     victim.write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
     assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "out")]) == 2
+    assert "are damaged (r2-l1_3e-02-s0: sae.safetensors fails its checksum" in one_line(capsys)
+    assert not (tmp_path / "out").exists()
+    named = ["--runs", "r2-l1_3e-02-s0", "r2-l1_1e-03-s0"]
+    assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "out"), *named]) == 2
     assert "r2-l1_3e-02-s0: sae.safetensors fails its checksum" in one_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_finished_exports_the_intact_runs_and_says_why_one_is_left(small_sweep, tmp_path, capsys):
+    sw = shutil.copytree(small_sweep, tmp_path / "sw")
+    victim = rundir.run_dir(sw, "r2-l1_3e-02-s0") / rundir.WEIGHTS
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
+    assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "out"), "--finished"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["r2-l1_1e-03-s0"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "r2-l1_3e-02-s0 (sae.safetensors fails its checksum" in err
+    from sweep.status import status_rows
+
+    note = {r["run_id"]: r.get("note") for r in status_rows(sw)}["r2-l1_3e-02-s0"]
+    assert note is None  # status reads no weights; a size or DONE problem it does name
+    victim.write_bytes(data[:-1])
+    note = {r["run_id"]: r.get("note") for r in status_rows(sw)}["r2-l1_3e-02-s0"]
+    assert note.startswith("sae.safetensors has ") and "the next sweep run trains it again" in note
+
+
+def test_an_export_of_another_sweep_is_never_replaced(small_sweep, tmp_path, capsys):
+    """Two sweeps share run ids: one export folder per sweep, and each export says whence."""
+    other = shutil.copytree(small_sweep, tmp_path / "other")
+    spec = rundir.run_dir(other, "r2-l1_3e-02-s0") / rundir.SPEC
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "sweep_dir": str(other)}))
+    out = tmp_path / "out"
+    assert main(["export", str(small_sweep), "--to", "saelens", str(out)]) == 0
+    meta = json.loads((out / "r2-l1_3e-02-s0" / "cfg.json").read_text())["metadata"]
+    recorded = json.loads((rundir.run_dir(small_sweep, "r2-l1_3e-02-s0") / rundir.SPEC).read_text())
+    assert meta["sweep_dir"] == recorded["sweep_dir"] and meta["store_id"] == recorded["store_id"]
+    assert meta["train_seed"] == recorded["train"]["seed"]
+    before, _ = files(out), capsys.readouterr()
+    assert main(["export", str(other), "--to", "saelens", str(out)]) == 2
+    assert f"holds run r2-l1_3e-02-s0 of another sweep ({recorded['sweep_dir']})" in one_line(
+        capsys
+    )
+    assert files(out) == before
+
+
+@pytest.mark.parametrize("target", ["", "a_file"])
+def test_an_export_folder_that_is_no_folder_is_refused(
+    small_sweep, tmp_path, capsys, monkeypatch, target
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    before = files(tmp_path)
+    assert main(["export", str(small_sweep), "--to", "saelens", target]) == 2
+    want = "a_file is a file, not a folder" if target else "OUT_DIR is empty"
+    assert want in one_line(capsys)
+    assert files(tmp_path) == before
 
 
 def test_a_folder_it_did_not_write_is_never_exported_into(small_sweep, tmp_path, capsys):
