@@ -35,7 +35,7 @@ from sweep import crossdict, plots
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_bytes, ensure_writable, remove_stale_temps
-from sweep.report_html import Compared, Page, write_html
+from sweep.report_html import Compared, Page, stores_differ, write_html
 from sweep.sweepdir import (
     REPORT,
     SUMMARY,
@@ -339,10 +339,19 @@ def _compared(
         recs = f.read_runs(deep=True)
         sweeps.append((f, recs, summary_rows(recs)))
     labels = sweep_labels([f for f, _, _ in sweeps], [architecture(f, r) for f, r, _ in sweeps])
-    return [
-        (Compared(label, f.path, len(rs), sum(r.get("state") == "done" for r in rs)), rs)
+    compared = [
+        (Compared(label, f.path, len(rs), sum(r.get("state") == "done" for r in rs), _store(f)), rs)
         for label, (f, _, rs) in zip(labels, sweeps, strict=True)
     ]
+    warning = stores_differ([c for c, _ in compared])
+    if warning:
+        log.warning("%s", warning)
+    return compared
+
+
+def _store(folder: SweepFolder) -> dict:
+    store = folder.manifest().get("store")
+    return store if isinstance(store, dict) else {}
 
 
 def _log_media(sweep_dir: Path, rows: list[dict], images: dict[str, Path]) -> None:

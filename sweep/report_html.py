@@ -128,6 +128,8 @@ class Compared:
     path: Path
     runs: int
     done: int
+    store: dict = field(default_factory=dict)
+    """The store it trained on, as its manifest records it (``path``, ``id``, ``width``)."""
 
 
 @dataclass
@@ -199,7 +201,19 @@ def _compared(page: Page) -> str:
         f"{c.runs} runs, done: {c.done})"
         for i, c in enumerate(page.compared)
     )
-    return f'\n<p class="meta compared">frontier plot compares: {items}</p>'
+    out = f'\n<p class="meta compared">frontier plot compares: {items}</p>'
+    warning = stores_differ(page.compared)
+    return out + (f'\n<p class="meta warn">{_e(warning)}</p>' if warning else "")
+
+
+def stores_differ(compared: list[Compared]) -> str:
+    """A warning when the sweeps compared trained on different stores ("" when they share
+    one): their FVU and L0 are then measured on different data."""
+    ids = {c.store.get("id") for c in compared} - {None}
+    if len(ids) < 2:
+        return ""
+    where = "; ".join(f"{c.label}: {c.store.get('path', '?')}" for c in compared)
+    return f"these sweeps trained on different stores ({where}): their FVU and L0 are not measured on the same data"
 
 
 def _value(v: object) -> str:
@@ -337,6 +351,7 @@ CSS = """
 body { font-family: system-ui, sans-serif; margin: 1em 1.5em; color: #222; }
 h1 { font-size: 1.35em; margin: 0 0 0.2em; } h2 { font-size: 1.1em; margin: 1em 0 0.35em; }
 h2 small, p.meta { font-weight: normal; color: #666; font-size: 0.8em; } p.meta { margin: 0; }
+p.warn { color: #a40; }
 .cards { display: flex; gap: 0.6em; flex-wrap: wrap; }
 .card { flex: 1 1 22em; border: 1px solid #ddd; border-radius: 4px; padding: 0.3em 0.5em;
   font-size: 0.8em; line-height: 1.6; background: #fafafa; }

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -199,6 +201,20 @@ def test_two_sweeps_default_to_the_first_report_folder(sweeps):
     page = (out / "index.html").read_text()
     assert "rep_l1 (untied)</b> (this sweep" in page and "rep_topk (topk)" in page
     assert "<dt>k</dt>" not in page  # the page is the (L1) first sweep's
+    assert "different stores" not in page  # both trained on one store
+
+
+def test_sweeps_on_different_stores_are_compared_with_a_warning(sweeps, caplog):
+    manifest = sweeps["topk"] / "manifest.json"
+    content = json.loads(manifest.read_text())
+    content["store"] = {**content["store"], "id": "another", "path": "/data/other-layer"}
+    manifest.write_text(json.dumps(content))
+    with caplog.at_level(logging.WARNING):
+        out, _ = build_report(sweeps["l1"], log_media=False, compare=[sweeps["topk"]])
+    page = " ".join((out / "index.html").read_text().split())
+    want = "these sweeps trained on different stores (rep_l1 (untied): "
+    assert want in page and "rep_topk (topk): /data/other-layer)" in page
+    assert "not measured on the same data" in page and want in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["missing", "foreign", "twice"])
