@@ -4,7 +4,7 @@ call it directly.
 The worker restores itself at the top (:mod:`sweep.restore`: the members' checkpoints, or a
 fresh init), so a first run, a retry and a resume are the same code path. It streams batches
 from the chunk store, steps the ensemble, appends the training curve every ``log_every``
-steps (one host transfer for all members), checkpoints by time (``train.checkpoint_minutes``;
+steps and at the last (one host transfer for all members), checkpoints by time (``train.checkpoint_minutes``;
 also every ``train.checkpoint_every`` steps when set), on every stop and before finishing —
 written in the background (:mod:`sweep.ckpt_writer`) — and finally writes every member's
 results (:mod:`sweep.finalize`).
@@ -219,7 +219,7 @@ def _train(
     total = at.stream.total_steps
     clock = CheckpointClock(t)
     for cursor, x in at.stream.batches(r.cursor):
-        logging_step = (r.step + 1) % t.log_every == 0
+        logging_step = (r.step + 1) % t.log_every == 0 or r.step + 1 == total  # (+ the last)
         was_active = r.ens.active.clone()
         lr_scale, l1_scale = t.lr_scale(r.step, total), t.l1_scale(r.step, total)
         parts = r.ens.step(x, full=logging_step, lr_scale=lr_scale, l1_scale=l1_scale)
