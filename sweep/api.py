@@ -22,7 +22,7 @@ import torch
 
 from sweep import crossdict, rundir
 from sweep.errors import SweepError
-from sweep.sae import SAE, load_run
+from sweep.sae import SAE, as_device, load_run
 from sweep.sweepdir import SweepFolder, summary_columns
 
 
@@ -74,7 +74,7 @@ def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:
     """Open a sweep folder (finished or running) as a table plus lazily loaded SAEs. The table
     has the sweep's sparsity column: ``l1``, or ``k`` for TopK-style sweeps (whose ``l1`` is
     unused and left out)."""
-    path = Path(path)
+    path, device = Path(path), as_device(device)
     rows = [r.row() for r in SweepFolder(path).read_runs()]
     cols = [c for c in summary_columns(rows) if c not in _unused_knobs(rows)]
     table = pd.DataFrame(rows, columns=cols).set_index("run_id")

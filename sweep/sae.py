@@ -150,6 +150,10 @@ class SAE(torch.nn.Module):
             self.register_buffer(name, params[name].clone())
         self.requires_grad_(False)
 
+    def extra_repr(self) -> str:
+        knob = f"k={self.k}" if self.k else f"l1={self.cfg.get('l1')}"
+        return f"{self.cfg.get('run_id')}: {self.arch.name}, d_in={self.d_in}, d_sae={self.d_sae}, {knob}"
+
     def _tensor(self, x: object, width: int, what: str) -> torch.Tensor:
         """``x`` as a float tensor on this SAE's device, or a one-line TypeError/ValueError."""
         if not isinstance(x, torch.Tensor):
@@ -213,7 +217,7 @@ def run_cfg(
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild the SAE of one run folder (needs only its ``cfg.json`` and ``sae.safetensors``)."""
-    folder = Path(path)
+    folder, device = Path(path), as_device(device)
     for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} has no {name}: not a finished sweep run folder")
@@ -229,10 +233,22 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     return read_run(folder, device)
 
 
+def as_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device that is there (a one-line error for one that is not)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise SweepError(f"unknown device {device!r}; pass device='cpu' or 'cuda'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SweepError(f"device={device!r} but no CUDA device is visible; pass device='cpu'")
+    return dev
+
+
 def read_run(folder: Path, device: str | torch.device = "cpu") -> SAE:
     """:func:`load_run` without its checks, for a caller that verified the folder already."""
     from safetensors.torch import load_file
 
+    device = as_device(device)
     try:
         cfg = json.loads((folder / rundir.CFG).read_text())
     except (UnicodeDecodeError, ValueError) as err:

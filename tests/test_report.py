@@ -266,6 +266,22 @@ def test_load_sweep_table_and_lazy_saes(sweep_copy):
     assert sum(1 for _ in sw.saes()) == 11
 
 
+def test_loading_onto_a_device_that_is_not_there_is_a_one_line_error(finished):
+    run = rundir.run_dir(finished, "r1-l1_1e-02-s0")
+    with pytest.raises(SweepError, match="unknown device 'gpu'; pass device='cpu' or 'cuda'"):
+        sweep.load_run(run, device="gpu")
+    sae = sweep.load_run(run)
+    assert repr(sae) == f"SAE(r1-l1_1e-02-s0: untied, d_in={sae.d_in}, d_sae={sae.d_sae}, l1=0.01)"
+    if torch.cuda.is_available():
+        return
+    for load in (
+        lambda: sweep.load_run(run, device="cuda"),
+        lambda: sweep.load_sweep(finished, "cuda"),
+    ):
+        with pytest.raises(SweepError, match="no CUDA device is visible; pass device='cpu'"):
+            load()
+
+
 def test_metrics_json_keeps_its_other_values(sweep_copy):
     folder = rundir.run_dir(sweep_copy, "r1-l1_1e-02-s0")
     before = read_json(folder / rundir.METRICS)
