@@ -122,14 +122,14 @@ def export_run(run_folder: str | Path, out: str | Path) -> Path:
     return _write(read_run(run_folder), out, origin)
 
 
-def _check_run(folder: Path) -> None:
-    """A run may be exported: finished, intact (weights hashed), not diverged."""
+def _check_run(folder: Path, deep: bool = True) -> None:
+    """A run may be exported: finished, intact (``deep``: weights hashed), not diverged."""
     run = RunFolder(folder)
     if not (folder / DONE).is_file():
         raise SweepError(
             f"run {folder.name} is not finished (no DONE in {folder}); let the sweep finish or pick a finished run"
         )
-    problem = run.final_problem(deep=True)
+    problem = run.final_problem(deep)
     if problem is not None:
         raise SweepError(f"run {folder.name}: {problem}; re-run the sweep to train it again")
     if run.state() is RunState.DIVERGED:
@@ -264,7 +264,9 @@ def export_sweep(
         raise SweepError(f"unknown export format {to!r}; use one of: {', '.join(FORMATS)}")
     _check_out_dir(out_dir)
     folder = SweepFolder(sweep_dir)
-    records = folder.read_runs(deep=True)  # (a run whose weights fail their hash: unfinished)
+    # every run's weights hashed once: here when all are exported (one failing its hash is
+    # unfinished), else only the named ones, by _check_run
+    records = folder.read_runs(deep=not runs)
     states = {r.run_id: r.state for r in records}
     notes = {r.run_id: r.note for r in records if r.note}
     known = list(states)
@@ -279,7 +281,7 @@ def export_sweep(
         chosen = _finished(sweep_dir, states, finished_only, notes)
     origins = {}
     for rid in chosen:  # every run and target is checked before anything is written
-        _check_run(folder.run(rid).path)
+        _check_run(folder.run(rid).path, deep=bool(runs))
         origins[rid] = _origin(folder.run(rid).path)
         _check_target(Path(out_dir) / rid, origins[rid])
     paths = [

@@ -37,6 +37,11 @@ def test_a_plan_of_a_finished_sweep_trains_nothing_and_touches_nothing(
     assert code == 0 and "4 runs: 4 already done, 0 to train in 0 ensemble(s)" in out, out
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.is_file()}
     assert after == before
+    store = [f"sweep_dir={tmp_path / 'e'}", f"data.path={tmp_path / 'sw' / 'store'}"]
+    code, _, err = plan(tmp_path, capsys, "data.eval_rows=4096", *store)
+    err = " ".join(err.split())
+    assert code == 0 and "data.eval_rows=4096 holds out 34% of the store's 12000 rows" in err, err
+    assert "data.eval_rows=2048" not in err and "holds out" not in plan(tmp_path, capsys, *store)[2]
 
 
 def test_a_plan_refuses_what_the_run_would_refuse(ray_cluster, tmp_path, capsys):
