@@ -28,10 +28,11 @@ import sweep
 from sweep import checkpoints, planning, rundir
 from sweep.cli import main
 from sweep.config import TrainConfig
-from sweep.errors import RunDirError, SweepError
+from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
 from sweep.lock import SweepLock
 from sweep.worker import train_ensemble
+from tests.lock_racer import take_lock
 from tests.sweep_builder import jobs
 from tests.test_sweep_e2e import TINY
 
@@ -263,16 +264,6 @@ def test_every_train_field_is_classified():
 # ------------------------------------------------------------------ 5. the lock, raced
 
 
-def _take_lock(folder: str, barrier, results) -> None:
-    barrier.wait()
-    try:
-        with SweepLock(folder):
-            results.put("held")
-            time.sleep(1.0)
-    except RunDirError:
-        results.put("refused")
-
-
 @pytest.mark.parametrize("stale", [False, True])
 def test_drivers_started_together_never_both_hold_the_lock(tmp_path, stale):
     ctx = mp.get_context("spawn")
@@ -284,7 +275,7 @@ def test_drivers_started_together_never_both_hold_the_lock(tmp_path, stale):
             (folder / ".lock").write_text(json.dumps(info))
         barrier, results = ctx.Barrier(6), ctx.Queue()
         procs = [
-            ctx.Process(target=_take_lock, args=(str(folder), barrier, results)) for _ in range(6)
+            ctx.Process(target=take_lock, args=(str(folder), barrier, results)) for _ in range(6)
         ]
         for p in procs:
             p.start()
