@@ -207,8 +207,10 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     from sweep.planning import with_legacy
     from sweep.sweepdir import CONFIG, SweepFolder
 
-    plain = SweepFolder(sweep_dir).load_config()  # a damaged one is a one-line error
+    folder = SweepFolder(sweep_dir)
+    plain = folder.load_config()  # a damaged one is a one-line error
     if plain is None:
+        folder.run_ids()  # what this folder is instead, in one line (missing, a store, ...)
         raise SweepError(
             f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')"
         )
@@ -234,6 +236,11 @@ def _check_resume_overrides(overrides: list[str]) -> None:
     """``sweep resume`` sets recorded fields (``train.log_every=10``), nothing else."""
     for o in overrides:
         key = o.split("=", 1)[0]
+        if key.lstrip("+~") == "sweep_dir":
+            raise ConfigError(
+                f"sweep resume continues the sweep folder it is given, so '{o}' has no place "
+                "here; drop it, or run 'sweep resume OTHER_DIR' to continue another sweep"
+            )
         if key.lstrip("+~") in CONFIG_GROUPS:
             raise ConfigError(
                 f"sweep resume takes field overrides (like train.log_every=10), not '{o}'; "
@@ -252,8 +259,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from sweep import status
+    from sweep.sweepdir import Preparing
 
-    status.print_status(Path(args.sweep_dir))
+    try:
+        status.print_status(Path(args.sweep_dir))
+    except Preparing as err:  # (a live sweep making its data: nothing wrong)
+        print(err)
     return 0
 
 

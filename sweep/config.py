@@ -578,6 +578,21 @@ class SweepConfig:
             part.check()
         self.grid.check_for(self.sae)
         self._check_dead_latent_remedy()
+        self._check_training_rows()
+
+    def _check_training_rows(self) -> None:
+        """A store this sweep makes (``data.rows``) leaves a batch after the held-out rows."""
+        rows, held, batch = (
+            getattr(self.data, "rows", None),
+            self.data.eval_rows,
+            self.train.batch_size,
+        )
+        _require(
+            rows is None or rows - held >= batch,
+            f"data.rows ({rows}) leaves {rows - held if rows else 0} rows after data.eval_rows={held}, "
+            f"fewer than one batch (train.batch_size={batch}); raise data.rows or lower "
+            "data.eval_rows",
+        )
 
     def _check_dead_latent_remedy(self) -> None:
         """Resampling is for ReLU-L1 SAEs (AuxK for TopK-style ones)."""

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
-from sweep.stop import DriverSignals, at_exit_now
+from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,11 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
                 outcome.signals, outcome.locked = signals, True
                 store = _checked_store(cfg, folder)
                 records = _train(cfg, folder, store, lock, outcome)
+                _logged(outcome.raise_if_unfinished)  # (in sweep.log too)
     except SweepError:
         if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
             _remove_refused(folder)
         raise
-    outcome.raise_if_unfinished()
     return records
 
 
@@ -193,8 +193,9 @@ def _train(
             log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
         signals.training()
         Execution(cfg, folder, p, store, res, lock, outcome).run()
-    records = folder.read_runs([r.run_id for r in p.runs], live=False)
-    outcome.all_final = all(r.state.final for r in records)
+    records = folder.read_runs(live=False)  # every run of the sweep, not only this grid's
+    ours = {r.run_id for r in p.runs}
+    outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
     write_summary(folder.path, [r.row() for r in records])
     folder.record_state(outcome.state)
     return records
@@ -258,6 +259,9 @@ def _sweep_log(folder: SweepFolder) -> Iterator[None]:
     try:
         with at_exit_now(lambda line: _append_line(folder.path / LOG, line)):
             yield
+    except StopNow as err:  # (a second signal: only while training)
+        details.warning("interrupted: %s", err)
+        raise
     except Exception as err:
         if not isinstance(err, SweepError):
             details.exception("the sweep stopped with this error")
@@ -266,6 +270,20 @@ def _sweep_log(folder: SweepFolder) -> Iterator[None]:
         logging.getLogger("sweep").removeHandler(handler)
         details.removeHandler(handler)
         handler.close()
+
+
+def _logged(check: Callable[[], None]) -> None:
+    """Run ``check``, putting the one line it may raise (the sweep's outcome: stopped, or
+    ensembles failed) into ``sweep.log`` too. Refusals before training are not logged: they
+    leave an existing sweep folder as it was."""
+    try:
+        check()
+    except Interrupted as err:
+        details.warning("interrupted: %s", err)
+        raise
+    except SweepError as err:
+        details.error("error: %s", err)
+        raise
 
 
 def _append_line(path: Path, message: str) -> None:

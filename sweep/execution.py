@@ -134,6 +134,7 @@ class Execution:
         self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained)
         self.refs: dict = {}
         self.shares: dict[EnsembleSpec, float] = {}
+        self.stopped_alone: dict[EnsembleSpec, int] = {}
         self._submit(self._gpus())
         with tqdm(
             total=n_rows,
@@ -204,8 +205,7 @@ class Execution:
             result: EnsembleResult = fin.value
             self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
             if "interrupted" in result.states.values() and not self.outcome.signum:
-                reason = "its worker was stopped by a signal this driver did not send"
-                self.outcome.failures.append(f"{ens.ensemble_id}: {reason}")
+                self._stopped_alone(ens)
             states = "/".join(sorted(set(result.states.values())))
             log.info(
                 "ensemble %s: %s after %d steps (%.1fs)",
@@ -222,6 +222,27 @@ class Execution:
             for m in ens.members:
                 quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
+
+    def _stopped_alone(self, ens: EnsembleSpec) -> None:
+        """Its worker stopped at a signal this driver did not send (someone's ``kill``, a node
+        agent): the ensemble continues from the checkpoint it wrote, as a crashed one would,
+        up to ``launch.max_retries`` times. The sweep's stop file, which only the driver writes
+        (on a signal), stops it for good."""
+        n = self.stopped_alone[ens] = self.stopped_alone.get(ens, 0) + 1
+        limit = self.cfg.launch.max_retries
+        if self.folder.stop_file.exists():
+            reason = "its worker found the sweep's stop file, which this driver did not write"
+        elif n > limit:
+            reason = f"its worker was stopped by a signal this driver did not send, {n} times (launch.max_retries={limit})"
+        else:
+            log.warning(
+                "ensemble %s: its worker was stopped by a signal this driver did not send; it "
+                "continues from its checkpoints (%d of launch.max_retries=%d)",
+                ens.ensemble_id, n, limit,
+            )  # fmt: skip
+            self._submit({ens: self.shares[ens]})
+            return
+        self.outcome.failures.append(f"{ens.ensemble_id}: {reason}")
 
     def _continue_smaller(self, ens: EnsembleSpec, cause: BaseException | None) -> bool:
         """An ensemble that ran out of GPU memory continues from its checkpoints in this sweep:

@@ -216,6 +216,10 @@ def _agreed_ensembles(specs: dict[str, dict]) -> dict[str, str]:
     }
 
 
+class Preparing(SweepError):
+    """A live sweep that has not planned its runs yet (it is making or checking its data)."""
+
+
 def _sweep_files(path: Path) -> bool:
     """Its config.yaml and runs/: a sweep folder, or one whose manifest was deleted."""
     return (path / CONFIG).is_file() and (path / RUNS).is_dir()
@@ -309,13 +313,26 @@ class SweepFolder:
             )
         manifest = self.path / MANIFEST
         if not manifest.is_file() and self.driver_alive():
+            raise Preparing(
+                f"{self.path}: its sweep is starting: preparing its data{self._store_progress()}; "
+                "its runs are listed once it has planned them"
+            )
+        if not manifest.is_file() and self.stopped_preparing():
             raise SweepError(
-                f"{self.path}: its sweep is starting (no {MANIFEST} yet); try again soon"
+                f"{self.path}: its sweep stopped while preparing its data{self._store_progress()}, "
+                "before it planned any run; re-run its 'sweep run' command (corrected, if it was "
+                "refused) to continue: a store is continued where it stopped"
             )
         if not manifest.is_file() and _sweep_files(self.path):
             raise SweepError(
                 f"{self.path} has no {MANIFEST} (deleted?); re-run the same 'sweep run' command "
                 f"(or 'sweep resume {self.path}') to write it"
+            )
+        outer = None if manifest.is_file() else enclosing_sweep(self.path)
+        if outer is not None:
+            raise SweepError(
+                f"{self.path} is not a sweep folder but inside the runs of the sweep {outer}; "
+                "pass that sweep folder"
             )
         if not manifest.is_file():
             raise SweepError(
@@ -441,6 +458,22 @@ class SweepFolder:
 
     def clear_stop(self) -> None:
         self.stop_file.unlink(missing_ok=True)
+
+    def stopped_preparing(self) -> bool:
+        """A sweep that never planned: its ``sweep.log`` or store exist, but no config."""
+        started = (self.path / LOG).is_file() or self._store_chunks() > 0
+        return (
+            started and not (self.path / CONFIG).is_file() and not (self.path / MANIFEST).is_file()
+        )
+
+    def _store_chunks(self) -> int:
+        """Chunks written so far into a store in its default place (``SWEEP_DIR/store``)."""
+        store = default_store_path(self.path)
+        return sum(1 for _ in store.rglob("chunk_*.npy")) if store.is_dir() else 0
+
+    def _store_progress(self) -> str:
+        n = self._store_chunks()
+        return f" (store: {n} chunks so far)" if n else ""
 
     def driver_alive(self) -> bool:
         return self.driver_since() is not None

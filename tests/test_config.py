@@ -99,6 +99,7 @@ def test_synthetic_fields_have_the_documented_names():
         ("data.decay=0", "data.decay"),
         ("data.noise=-1", "data.noise"),
         ("data.rows=100", "data.rows"),
+        ("data.rows=17000", "data.rows (17000) leaves 616 rows after data.eval_rows=16384, fewer"),
         ("data=chunks", "data.path"),
         ("train.lr_decay=2", "train.lr_decay"),
         ("train.checkpoint_minutes=0", "train.checkpoint_minutes"),

@@ -164,6 +164,8 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     got, out = finish(p)
     assert got == code, out
     assert "re-run the same command" in out
+    said = (sw / "sweep.log").read_text()
+    assert f"sweep.details: interrupted: stopped by {sig.name}: running ensembles" in said, said
     manifest = json.loads((sw / "manifest.json").read_text())
     assert manifest["state"] == "interrupted"
     runs = list((sw / "runs").iterdir())
@@ -194,6 +196,25 @@ def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_
     _resume_and_compare(sw, rt, reference)
 
 
+def test_a_worker_stopped_alone_continues_from_its_checkpoint(
+    reference, tmp_path, tmp_path_factory
+):
+    """A SIGTERM to one worker (someone's kill, a node agent), not to the job: its ensemble
+    checkpoints, and the driver continues it from there, as it would a crashed one."""
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "ralone"
+    p = start(sw, rt)
+    wait_for(lambda: curve_len(sw) >= 10)
+    victim = sw / "runs" / "r8-l1_1e-02-s0"
+    os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGTERM)
+    code, out = finish(p)
+    assert code == 0, out
+    said = " ".join((sw / "sweep.log").read_text().split())
+    assert (
+        "r8-e0: its worker was stopped by a signal this driver did not send; it continues" in said
+    )
+    assert hashes(sw) == reference
+
+
 def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
     p = start(sw, rt, "launch.max_retries=0")
@@ -203,6 +224,7 @@ def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp
     code, out = finish(p)
     assert code == 2, out
     assert "1 ensemble(s) failed" in out and "finished runs are kept" in out
+    assert "ERROR sweep.details: error: 1 ensemble(s) failed (" in (sw / "sweep.log").read_text()
     for rid in ("r8-l1_1e-02-s0", "r8-l1_4e-02-s0"):  # the killed ensemble's members
         reason = json.loads((sw / "runs" / rid / "FAILED").read_text())["reason"]
         assert reason and not (sw / "runs" / rid / "DONE").exists()

@@ -348,3 +348,37 @@ def test_status_needs_no_torch(finished, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(sw)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "r1-l1_1e-01-s0" in done.stdout
+
+
+def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
+    """A harvest can take hours before a sweep plans its runs: status says what it is doing
+    (exit 0), and once stopped there, status and resume say how to continue."""
+    from sweep.lock import SweepLock
+
+    sw = tmp_path / "sw"
+    (sw / "store").mkdir(parents=True)
+    for i in range(3):
+        (sw / "store" / f"chunk_{i:05d}.npy").write_bytes(b"")
+    with SweepLock(sw):  # a live driver, making its store
+        assert main(["status", str(sw)]) == 0
+        said = capsys.readouterr().out
+        assert "its sweep is starting: preparing its data (store: 3 chunks so far)" in said
+    (sw / "sweep.log").write_text("INFO sweep.driver: harvesting\n")
+    for argv in (["status", str(sw)], ["resume", str(sw)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "its sweep stopped while preparing its data (store: 3 chunks so far)" in err, err
+        assert "re-run its 'sweep run' command" in err and "\n" not in err.strip()
+
+
+def test_resume_names_what_its_folder_is_and_takes_no_other_sweep_dir(finished, tmp_path, capsys):
+    assert main(["resume", str(tmp_path / "nope")]) == 2
+    assert "does not exist or is not a folder" in capsys.readouterr().err
+    assert main(["resume", str(finished / "runs" / "r1-l1_1e-01-s0")]) == 2
+    assert (
+        f"inside the runs of the sweep {finished.resolve()}; pass that" in capsys.readouterr().err
+    )
+    assert main(["resume", str(finished), f"sweep_dir={tmp_path / 'other'}"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep resume continues the sweep folder it is given" in err and "\n" not in err.strip()
+    assert not (tmp_path / "other").exists()

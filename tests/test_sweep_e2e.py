@@ -89,6 +89,8 @@ def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path):
     rows = read_summary(tmp_path / "sw" / "summary.csv")
     assert [r["run_id"] for r in rows] == ["r2-l1_1e-02-s0", "r2-l1_3e-02-s0"]
     assert {r["state"] for r in rows} == {"done"}
+    assert sweep(tmp_path, "grid.l1=[3e-2]", "grid.dict_ratio=[2]") == 0  # a narrower grid
+    assert read_summary(tmp_path / "sw" / "summary.csv") == rows  # the sweep's other run stays
 
 
 def test_changed_settings_are_refused(ray_cluster, tmp_path, capsys):

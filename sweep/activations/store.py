@@ -548,7 +548,8 @@ def batches_per_chunk(store: ChunkStore, batch_size: int, eval_rows: int) -> lis
     if store.total_rows - eval_rows < batch_size:
         raise StoreError(
             f"chunk store {store.path} has {store.total_rows} rows; after holding out "
-            f"data.eval_rows={eval_rows} fewer than one batch (train.batch_size={batch_size}) is left"
+            f"data.eval_rows={eval_rows} fewer than one batch (train.batch_size={batch_size}) is "
+            "left; lower data.eval_rows or train.batch_size, or use a store with more rows"
         )
     per_chunk = [r // batch_size for r in train_rows(store, eval_rows)]
     if sum(per_chunk) == 0:
