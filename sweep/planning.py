@@ -148,6 +148,9 @@ def _differences(old: dict, new: dict) -> list[str]:
     diffs, inert = [], _inert(old) & _inert(new)
     for group, fields in DEFINING.items():
         a, b = _flat(old.get(group, {}), f"{group}."), _flat(new.get(group, {}), f"{group}.")
+        if a.get(f"{group}.name") != b.get(f"{group}.name") and f"{group}.name" in a:
+            diffs.append(f"{group} {a[f'{group}.name']!r} -> {b.get(f'{group}.name')!r}")
+            continue  # another choice of the group: its fields differ as a matter of course
         for key in sorted(set(a) | set(b)):
             name = key.split(".", 1)[1]
             defining = (fields is None or name in fields) and name not in FREE.get(group, ())
@@ -164,7 +167,7 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     (its config.yaml; when that was deleted, what its started runs recorded)."""
     new: dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
     old = folder.load_config()
-    fix = f"`sweep resume {folder.path}` with no overrides to continue with the recorded ones"
+    fix = f"`sweep resume {folder.path}` to continue with the recorded ones"
     if old is not None:
         _check_saved(folder, with_legacy(old))
         diffs = _differences(with_legacy(old), new)

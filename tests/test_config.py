@@ -263,3 +263,19 @@ def test_config_dir_adds_groups_whatever_its_path(tmp_path, monkeypatch, name):
     for given in (str(tmp_path / name), f"~/{name}"):
         cfg = to_sweep_config(compose(["sweep_dir=/tmp/x", "sae=mine"], given))
         assert cfg.sae.name == "untied" and cfg.sae.recipe == "weighted"
+
+
+def test_another_choice_of_a_group_is_named_as_one_difference():
+    """data=harvest -> data=chunks: one entry, not every field the two choices do not share."""
+    from sweep import planning
+
+    train = {"lr": 1e-3, "batch_size": 256}
+    old = {"data": {"name": "harvest", "hook": "blocks.0.hook_resid_post", "context": 128},
+           "sae": {"name": "untied"}, "train": train}  # fmt: skip
+    new = {"data": {"name": "chunks", "path": "/s"}, "sae": {"name": "topk"}, "train": train}
+    assert planning._differences(old, new) == [
+        "data 'harvest' -> 'chunks'",
+        "sae 'untied' -> 'topk'",
+    ]
+    new["data"] = {"name": "harvest", "hook": "blocks.0.hook_resid_post", "context": 64}
+    assert planning._differences(old, new)[0] == "data.context 128 -> 64"

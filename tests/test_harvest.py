@@ -239,7 +239,9 @@ def test_changed_settings_refused_and_nothing_touched(tiny_model_dir, text_file,
     cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
     run_harvest(cfg)
     before = _snapshot(tmp_path / "h")
-    with pytest.raises(StoreError, match=r"different settings \(context, rows\)"):
+    with pytest.raises(
+        StoreError, match=r"different settings \(context 32 -> 16; rows 620 -> 700\)"
+    ):
         run_harvest(replace(cfg, rows=700, context=16))
     assert _snapshot(tmp_path / "h") == before
 

@@ -144,8 +144,9 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             ) from err
         diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
         if diff:
+            shown = "; ".join(f"{k} {_short(old.get(k))} -> {_short(params.get(k))}" for k in diff)
             raise StoreError(
-                f"store_dir {root} holds a harvest made with different settings ({', '.join(diff)}); "
+                f"store_dir {root} holds a harvest made with different settings ({shown}); "
                 "use the same values to resume it, or another store_dir"
             )
     elif root.exists() and not root.is_dir():
@@ -155,6 +156,11 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )
     return root
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextmanager
