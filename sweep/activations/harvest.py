@@ -194,6 +194,10 @@ def harvest_with_stats(
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
     with removed_if_left_empty(root):
         prepare_dir(cfg, root)
+        there = sum(len(list(store_path(cfg, h).glob("chunk_*.npy"))) for h in cfg.hooks)
+        if there:
+            total = plan.n_chunks * len(cfg.hooks)
+            log.info("continuing the harvest in %s: %d of %d chunks are there", root, there, total)
         results = _harvest(cfg, plan, params, root, model, in_process)
     _log_timing(results)
     return _finalize(cfg, plan, params, results), results
