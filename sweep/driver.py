@@ -155,7 +155,8 @@ def check_store_fits(
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
-    for note in (short, held_out_note(cfg.data.eval_rows, store.total_rows)):
+    held_out = held_out_note(cfg.data.eval_rows, store.total_rows, folder.saved_config() is None)
+    for note in (short, held_out):
         if note:
             log.warning(note)
 
@@ -164,14 +165,16 @@ HELD_OUT_SHARE = 0.25
 """Above this share of the store held out for evaluation, a sweep says so."""
 
 
-def held_out_note(eval_rows: int, total_rows: int) -> str | None:
-    """A warning when ``data.eval_rows`` keeps much of a small store from training."""
+def held_out_note(eval_rows: int, total_rows: int, new: bool) -> str | None:
+    """A warning when ``data.eval_rows`` keeps much of a small store from training (``new``:
+    no sweep has recorded it yet; in one that has, it defines the runs)."""
     if eval_rows <= HELD_OUT_SHARE * total_rows:
         return None
+    where = "" if new else " in a new sweep_dir"
     return (
         f"data.eval_rows={eval_rows} holds out {eval_rows / total_rows:.0%} of the store's "
-        f"{total_rows} rows from training; lower it (e.g. data.eval_rows={max(total_rows // 10, 1)}) "
-        "or use a larger store"
+        f"{total_rows} rows from training; lower it{where} (e.g. data.eval_rows="
+        f"{max(total_rows // 10, 1)}) or use a larger store"
     )
 
 

@@ -17,6 +17,7 @@ on pre-activations, which folding leaves unchanged), so ``normalize_activations`
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from safetensors.torch import save
@@ -153,7 +154,7 @@ def _check_target(out: Path, origin: dict) -> None:
             f"({', '.join(sorted(names)[:3])}); choose another OUT_DIR or empty it"
         )
     earlier = _exported_sweep(out) if names else None
-    if earlier not in (None, origin["sweep_dir"]):
+    if earlier is not None and os.path.realpath(earlier) != os.path.realpath(origin["sweep_dir"]):
         raise SweepError(
             f"export target {out} holds run {out.name} of another sweep ({earlier}); "
             "choose another OUT_DIR (one per sweep) or empty it"
@@ -207,7 +208,8 @@ def _finished(
         failed = [r for r in waiting if states[r] == "failed"]
         damaged = [r for r in waiting if r in notes and r not in failed]
         ids = failed or damaged or waiting
-        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        named = [f"{r}: {notes[r]}" if damaged and not failed else r for r in ids[:3]]
+        shown = ", ".join(named) + (", ..." if len(ids) > 3 else "")
         what, fix = (
             ("failed", "re-run the sweep to train them again")
             if failed
@@ -215,7 +217,6 @@ def _finished(
             if damaged
             else ("are not finished", "wait for the sweep")
         )
-        shown += f": {notes[ids[0]]}" if damaged and not failed else ""
         raise SweepError(
             f"{len(ids)} of {len(states)} runs in {sweep_dir} {what} ({shown}); "
             f"{fix}, or pass --finished to export the {len(chosen)} finished runs"

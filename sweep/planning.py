@@ -167,7 +167,7 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     (its config.yaml; when that was deleted, what its started runs recorded)."""
     new: dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
     old = folder.load_config()
-    fix = f"`sweep resume {folder.path}` to continue with the recorded ones"
+    fix = f"`sweep resume {folder.path}` without overriding those fields"
     if old is not None:
         _check_saved(folder, with_legacy(old))
         diffs = _differences(with_legacy(old), new)

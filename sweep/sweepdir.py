@@ -19,6 +19,7 @@ Report, status, the Python API, export and cross-dictionary metrics all read run
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import time
@@ -166,7 +167,7 @@ def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
     problem = (
         None if state.final or not (folder.path / DONE).is_file() else folder.final_problem(deep)
     )
-    return "" if problem is None else f"{problem}: the next sweep run trains it again"
+    return "" if problem is None else f"{problem}: a sweep run whose grid has it trains it again"
 
 
 def _current_mmcs(metrics: dict, digest: Callable[[], str]) -> dict:
@@ -302,8 +303,38 @@ class SweepFolder:
     def finished_digest(self) -> str:
         """A stamp of which runs have finished, and when: it changes whenever a run finishes
         (again), so values computed across runs can tell they are out of date."""
-        stamps = sorted(f"{rid}|{self.run(rid).finished_stamp()}" for rid in self.run_ids())
-        return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
+        stamps = ((rid, self.run(rid).finished_stamp()) for rid in self.run_ids())
+        done = sorted(f"{rid}|{stamp}" for rid, stamp in stamps if stamp)
+        return hashlib.sha256("\n".join(done).encode()).hexdigest()[:16]
+
+    def _no_manifest(self) -> SweepError:
+        """What a folder without a manifest is, as the one-line error a reader raises."""
+        where = self._store_progress()
+        if self.driver_alive():
+            return Preparing(
+                f"{self.path}: its sweep is starting: preparing its data{where}; its runs are "
+                "listed once it has planned them"
+            )
+        if self.stopped_preparing():
+            return SweepError(
+                f"{self.path}: its sweep stopped while preparing its data{where}, before it "
+                "planned any run; re-run its 'sweep run' command (corrected, if it was refused) "
+                "to continue: a store is continued where it stopped"
+            )
+        if _sweep_files(self.path) or (self.path / RUNS).is_dir():
+            return SweepError(
+                f"{self.path} has no {MANIFEST} (deleted?); re-run the same 'sweep run' command "
+                f"(or 'sweep resume {self.path}') to write it"
+            )
+        outer = enclosing_sweep(self.path)
+        if outer is not None:
+            return SweepError(
+                f"{self.path} is not a sweep folder but inside the runs of the sweep {outer}; "
+                "pass that sweep folder"
+            )
+        return SweepError(
+            f"{self.path} is not a sweep folder (no {MANIFEST}); pass the sweep_dir of a sweep run"
+        )
 
     def run_ids(self) -> list[str]:
         """Runs listed in the manifest (grid order); a one-line error if this is no sweep."""
@@ -312,32 +343,8 @@ class SweepFolder:
                 f"{self.path} does not exist or is not a folder; pass the sweep_dir of a sweep run"
             )
         manifest = self.path / MANIFEST
-        if not manifest.is_file() and self.driver_alive():
-            raise Preparing(
-                f"{self.path}: its sweep is starting: preparing its data{self._store_progress()}; "
-                "its runs are listed once it has planned them"
-            )
-        if not manifest.is_file() and self.stopped_preparing():
-            raise SweepError(
-                f"{self.path}: its sweep stopped while preparing its data{self._store_progress()}, "
-                "before it planned any run; re-run its 'sweep run' command (corrected, if it was "
-                "refused) to continue: a store is continued where it stopped"
-            )
-        if not manifest.is_file() and _sweep_files(self.path):
-            raise SweepError(
-                f"{self.path} has no {MANIFEST} (deleted?); re-run the same 'sweep run' command "
-                f"(or 'sweep resume {self.path}') to write it"
-            )
-        outer = None if manifest.is_file() else enclosing_sweep(self.path)
-        if outer is not None:
-            raise SweepError(
-                f"{self.path} is not a sweep folder but inside the runs of the sweep {outer}; "
-                "pass that sweep folder"
-            )
         if not manifest.is_file():
-            raise SweepError(
-                f"{self.path} is not a sweep folder (no {MANIFEST}); pass the sweep_dir of a sweep run"
-            )
+            raise self._no_manifest()
         try:
             content = read_json(manifest)
             self._refuse_store(content)
@@ -462,9 +469,8 @@ class SweepFolder:
     def stopped_preparing(self) -> bool:
         """A sweep that never planned: its ``sweep.log`` or store exist, but no config."""
         started = (self.path / LOG).is_file() or self._store_chunks() > 0
-        return (
-            started and not (self.path / CONFIG).is_file() and not (self.path / MANIFEST).is_file()
-        )
+        planned = (self.path / CONFIG, self.path / MANIFEST, self.path / RUNS)
+        return started and not any(p.exists() for p in planned)
 
     def _store_chunks(self) -> int:
         """Chunks written so far into a store in its default place (``SWEEP_DIR/store``)."""
@@ -512,7 +518,7 @@ class SweepFolder:
         points = self.manifest().get("runs")
         points = points if isinstance(points, dict) else {}
         records = []
-        digest: dict[str, str] = {}  # (computed once, when a run has MMCS values)
+        digest = functools.cache(self.finished_digest)  # (once, if a run has MMCS values)
         for rid in self.run_ids() if ids is None else ids:
             folder = self.run(rid)
             state = folder.state(deep)
@@ -522,7 +528,7 @@ class SweepFolder:
             if live and (state.resumable or _began_under(folder, state, since)):
                 state = RunState.RUNNING
             metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
-            metrics = _current_mmcs(metrics, lambda: digest.setdefault("", self.finished_digest()))
+            metrics = _current_mmcs(metrics, digest)
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
             note = note or _why_unfinished(folder, state, deep)
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}

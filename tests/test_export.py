@@ -170,7 +170,10 @@ def test_finished_exports_the_intact_runs_and_says_why_one_is_left(small_sweep, 
     assert note is None  # status reads no weights; a size or DONE problem it does name
     victim.write_bytes(data[:-1])
     note = {r["run_id"]: r.get("note") for r in status_rows(sw)}["r2-l1_3e-02-s0"]
-    assert note.startswith("sae.safetensors has ") and "the next sweep run trains it again" in note
+    assert (
+        note.startswith("sae.safetensors has ")
+        and "a sweep run whose grid has it trains it again" in note
+    )
 
 
 def test_an_export_of_another_sweep_is_never_replaced(small_sweep, tmp_path, capsys):

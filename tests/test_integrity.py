@@ -243,7 +243,7 @@ def test_a_setting_that_does_nothing_does_not_lock_the_sweep(copy):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("train.lr=0.5", ("different settings", "to continue with the recorded ones")),
+        ("train.lr=0.5", ("different settings", "without overriding those fields")),
         ("train.lrr=1", ("unknown config field 'train.lrr'", "--cfg job")),
         ("sae=topk", ("takes field overrides", "not 'sae=topk'", "'sweep run'")),
     ],
