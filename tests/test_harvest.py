@@ -736,3 +736,15 @@ def test_a_removed_relative_model_folder_still_names_the_same_harvest(
     source = {f.name: getattr(cfg, f.name) for f in fields(HarvestSource)}
     data = HarvestDataConfig(**source, hook=HOOKS[0])
     assert harvest.harvested_store(data, "h", cfg.launch) is not None
+
+
+def test_a_sweeps_harvest_names_data_path_in_its_errors(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, capsys
+):
+    """``sweep harvest`` calls the folder store_dir; a data=harvest sweep's user set data.path."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = sweep_args(tiny_model_dir, text_file, tmp_path / "sw")
+    assert main([*args, f"data.path={afile}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: data.path {afile} is a file") and "store_dir" not in err, err

@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -584,7 +585,8 @@ def ensure_harvest_store(
     with the same settings (``in_process=False``: one shard harvests in a Ray task, as
     :func:`run_harvest` says)."""
     cfg = _sweep_harvest(data, path, launch, progress)
-    return run_harvest(cfg, in_process=in_process)[data.hook]
+    with _named_as_data_path():
+        return run_harvest(cfg, in_process=in_process)[data.hook]
 
 
 def harvested_store(data: Any, path: str | Path, launch: LaunchConfig) -> ChunkStore | None:
@@ -592,10 +594,23 @@ def harvested_store(data: Any, path: str | Path, launch: LaunchConfig) -> ChunkS
     yet; refused as :func:`ensure_harvest_store` refuses (reads only)."""
     cfg = _sweep_harvest(data, path, launch, progress=False)
     params = harvest_params(cfg)
-    check_dir(cfg, params)
+    with _named_as_data_path():
+        check_dir(cfg, params)
     if not complete(cfg, params) or damaged(store_path(cfg, data.hook)):
         return None  # (a run harvests it, or its damaged chunks, first)
     return ChunkStore(store_path(cfg, data.hook))
+
+
+@contextmanager
+def _named_as_data_path() -> Iterator[None]:
+    """A sweep's own harvest (``data=harvest``) names the folder by the field its user set,
+    ``data.path``, where ``sweep harvest`` says ``store_dir``."""
+    try:
+        yield
+    except SweepError as err:
+        if "store_dir" not in str(err) or type(err).__init__ is not SweepError.__init__:
+            raise
+        raise type(err)(str(err).replace("store_dir", "data.path")) from err
 
 
 def _sweep_harvest(
