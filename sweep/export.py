@@ -148,12 +148,15 @@ def _check_target(out: Path, origin: dict) -> None:
     if not out.is_dir():
         raise SweepError(f"export target {out} is a file; choose another OUT_DIR")
     names = {p.name for p in out.iterdir() if not p.name.endswith(".tmp")}
-    if names and not (names <= {SAELENS_WEIGHTS, SAELENS_CFG} and _our_export(out)):
+    if not names:
+        return
+    meta = _export_metadata(out)
+    if not (names <= {SAELENS_WEIGHTS, SAELENS_CFG} and meta.get("exported_from") == EXPORTED_FROM):
         raise SweepError(
             f"export target {out} exists and holds files not written by 'sweep export' "
             f"({', '.join(sorted(names)[:3])}); choose another OUT_DIR or empty it"
         )
-    earlier = _exported_sweep(out) if names else None
+    earlier = meta.get("sweep_dir")  # (None: an export from before it was recorded)
     if earlier is not None and os.path.realpath(earlier) != os.path.realpath(origin["sweep_dir"]):
         raise SweepError(
             f"export target {out} holds run {out.name} of another sweep ({earlier}); "
@@ -161,20 +164,13 @@ def _check_target(out: Path, origin: dict) -> None:
         )
 
 
-def _exported_sweep(out: Path) -> str | None:
-    """The sweep folder an earlier export in ``out`` came from (None when it does not say)."""
+def _export_metadata(out: Path) -> dict:
+    """The ``metadata`` of an earlier export's ``cfg.json`` in ``out`` ({} if none is readable)."""
     try:
-        return (read_json(out / SAELENS_CFG).get("metadata") or {}).get("sweep_dir")
+        meta = read_json(out / SAELENS_CFG).get("metadata")
     except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _our_export(out: Path) -> bool:
-    try:
-        meta = read_json(out / SAELENS_CFG).get("metadata") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(meta, dict) and meta.get("exported_from") == EXPORTED_FROM
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _write(model: SAE, out: str | Path, origin: dict) -> Path:

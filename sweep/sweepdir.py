@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sweep.activations.layout import CHUNKS as STORE_CHUNKS
 from sweep.activations.layout import FORMAT as STORE_FORMAT
 from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.errors import RunDirError, SweepError
@@ -282,7 +283,7 @@ class SweepFolder:
         would overwrite its manifest), nor is a folder among another sweep's runs (its runs/, a
         run folder): one line, before anything is written."""
         making = [n for n in STORE_MAKING if (self.path / n).is_file()]
-        if making or any(self.path.glob("chunk_*.npy")):
+        if making or any(self.path.glob(STORE_CHUNKS)):
             self._refuse_store({"format": STORE_FORMAT})
         if (self.path / MANIFEST).is_file():
             self.manifest()
@@ -475,7 +476,7 @@ class SweepFolder:
     def _store_chunks(self) -> int:
         """Chunks written so far into a store in its default place (``SWEEP_DIR/store``)."""
         store = default_store_path(self.path)
-        return sum(1 for _ in store.rglob("chunk_*.npy")) if store.is_dir() else 0
+        return sum(1 for _ in store.rglob(STORE_CHUNKS)) if store.is_dir() else 0
 
     def _store_progress(self) -> str:
         n = self._store_chunks()

@@ -52,6 +52,7 @@ from sweep.activations.harvest_dir import (
     rewritten,
     store_path,
 )
+from sweep.activations.layout import CHUNKS
 from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, write_npy
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
 from sweep.devices import release_device_memory, torch_dtype
@@ -195,7 +196,7 @@ def harvest_with_stats(
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
     with removed_if_left_empty(root):
         prepare_dir(cfg, root)
-        there = sum(len(list(store_path(cfg, h).glob("chunk_*.npy"))) for h in cfg.hooks)
+        there = sum(len(list(store_path(cfg, h).glob(CHUNKS))) for h in cfg.hooks)
         if there:
             total = plan.n_chunks * len(cfg.hooks)
             log.info("continuing the harvest in %s: %d of %d chunks are there", root, there, total)
