@@ -81,12 +81,29 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     from rich.table import Table
 
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    weak = "loss_recovered" in cols and any(plots.weak_loss_recovered(r) for r in rows)
     table = Table(title=title)
     for c in cols:
         table.add_column(c, justify="left" if c in ("run_id", "state") else "right")
     for r in rows:
-        table.add_row(*(_fmt(r.get(c)) for c in cols))
-    Console(width=200).print(table)
+        table.add_row(*(_cell(r, c) for c in cols))
+    console = Console(width=200)
+    console.print(table)
+    if weak:
+        console.print(WEAK_CAPTION, highlight=False)
+
+
+WEAK_CAPTION = (
+    f"† loss_recovered not meaningful: zero-ablating the hook changed the loss by less than "
+    f"{plots.MIN_ABLATION_GAP:g} nats; judge those runs by ce_loss_spliced vs ce_loss_clean"
+)
+
+
+def _cell(row: dict, col: str) -> str:
+    """A table cell; a ``loss_recovered`` that divides by noise is marked † (as on the page)."""
+    text = _fmt(row.get(col))
+    weak = col == "loss_recovered" and plots.weak_loss_recovered(row)
+    return f"{text} †" if weak else text
 
 
 def write_mmcs(path: Path, cross: crossdict.CrossDict) -> Path:

@@ -15,7 +15,7 @@ import torch
 from matplotlib import image as mpimg
 
 import sweep
-from sweep import crossdict, metrics, plots, rundir
+from sweep import crossdict, metrics, plots, report, rundir
 from sweep.cli import main
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
@@ -554,3 +554,17 @@ def test_report_out_must_be_new_empty_or_an_earlier_report(sweep_copy, tmp_path,
     out = tmp_path / "rep"
     assert main(["report", str(sweep_copy), "--out", str(out)]) == 0
     assert main(["report", str(sweep_copy), "--out", str(out)]) == 0  # an earlier report: replaced
+
+
+def test_terminal_table_marks_weak_loss_recovered(capsys):
+    lm = {"state": "done", "fvu": 0.1, "l0": 3.0, "ce_loss_clean": 3.0}
+    rows = [
+        {"run_id": "weak", **lm, "ce_loss_ablated": 3.01, "loss_recovered": 1.4},
+        {"run_id": "fine", **lm, "ce_loss_ablated": 5.0, "loss_recovered": 0.9},
+    ]
+    report.print_table(rows)
+    out = capsys.readouterr().out
+    assert "1.4 †" in out and "0.9 †" not in out
+    assert "loss_recovered not meaningful" in " ".join(out.split())  # the caption says why
+    report.print_table(rows[1:])
+    assert "†" not in capsys.readouterr().out
