@@ -19,6 +19,7 @@ from sweep.errors import DISK_FULL_FIX, OutOfMemory, SweepError, is_disk_full
 from sweep.grid import EnsembleSpec
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
+from sweep.progress import progress_bar
 from sweep.stop import DriverSignals, Interrupted, quietly
 from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, EnsembleResult
@@ -122,7 +123,6 @@ class Execution:
 
     def run(self) -> None:
         import ray
-        from tqdm.auto import tqdm
 
         if not self.plan.ensembles:
             return
@@ -136,7 +136,7 @@ class Execution:
         self.shares: dict[EnsembleSpec, float] = {}
         self.stopped_alone: dict[EnsembleSpec, int] = {}
         self._submit(self._gpus())
-        with tqdm(
+        with progress_bar(
             total=n_rows,
             initial=min(n_rows, sum(trained.values())),
             unit="row",
@@ -149,7 +149,9 @@ class Execution:
                 self._finished(fin)
             if not self.outcome.failures and not self.outcome.signum:
                 bar.n = n_rows
-            bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (the last has no tick)
+            bar.set_postfix_str(
+                f"runs {self.done_runs}/{self.n_runs}", refresh=False
+            )  # (shown on close)
 
     def _rows_trained(self) -> dict[str, int]:
         """Rows each planned run continues from: its ensemble's newest step at which every
@@ -184,9 +186,9 @@ class Execution:
     def _tick(self, pending: list[EnsembleSpec]) -> bool:
         """Between waits: heartbeat, progress, and on a signal the stop (False: stop waiting)."""
         self.lock.heartbeat()
-        self.bar.n = min(self.bar.total, _progress(self.counter, self.bar.n))
-        self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")
-        self.bar.refresh()
+        rows = min(self.bar.total, _progress(self.counter, self.bar.n))
+        self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}", refresh=False)
+        self.bar.update(rows - self.bar.n)  # (redrawn at the bar's own interval)
         signals = self.outcome.signals
         if not signals or not signals.signum:
             return True

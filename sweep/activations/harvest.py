@@ -58,6 +58,7 @@ from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
 from sweep.devices import release_device_memory, torch_dtype
 from sweep.errors import StoreError, SweepError
 from sweep.io import atomic_write, atomic_write_json
+from sweep.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -334,9 +335,7 @@ def harvest_shard(
         h: StoreWriter(store_path(cfg, h), res.widths[h], cfg.dtype, cfg.rows_per_chunk)
         for h in cfg.hooks
     }
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
+    bar = progress_bar(
         total=len(groups), desc="harvest", unit="group", disable=not cfg.progress, leave=False
     )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harvest-write") as pool:

@@ -65,6 +65,7 @@ from sweep.config import SyntheticDataConfig
 from sweep.devices import release_device_memory, resolve_device
 from sweep.errors import StoreError, out_of_memory
 from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
+from sweep.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -483,9 +484,7 @@ def _write_chunks(
 ) -> None:
     """Sample and hand over the chunks not yet on disk; the writer's threads hash and write
     one while the next is sampled (stats are taken on ``device``, before the copy to the CPU)."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
+    bar = progress_bar(
         range(n_chunks),
         desc="generating synthetic store",
         unit="chunk",
