@@ -1,6 +1,7 @@
 """``sweep status``: each run's state, progress and latest training metrics.
 
-States: ``pending`` (nothing trained), ``running`` (a live driver holds the sweep's lock and
+Progress is the latest training-curve record; ``saved`` the newest checkpoint, where a run
+stopped now would continue from. States: ``pending`` (nothing trained), ``running`` (a live driver holds the sweep's lock and
 the run has a checkpoint or began training under it), ``interrupted`` (has a checkpoint; the
 sweep was stopped by a signal), ``partial`` (has a checkpoint, no driver), ``done``,
 ``diverged``, ``failed``.
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sweep.sweepdir import SweepFolder
+from sweep.checkpoints import checkpoint_steps
+from sweep.sweepdir import RunRecord, SweepFolder
 
 
 def status_rows(sweep_dir: Path) -> list[dict]:
@@ -25,12 +27,24 @@ def status_rows(sweep_dir: Path) -> list[dict]:
                 "state": r.state.value,
                 "rows_total": r.total_rows,
                 "rows_trained": r.rows_trained,
+                "rows_saved": _rows_saved(r),
                 "l0": source.get("l0"),
                 "fvu": source.get("fvu"),
                 **({"note": r.note} if r.note else {}),
             }
         )
     return _fill_totals(rows)
+
+
+def _rows_saved(r: RunRecord) -> int | None:
+    """Rows at the run's newest checkpoint file (None once final or before it has a spec)."""
+    if r.state.final or not r.spec:
+        return None
+    try:
+        steps = checkpoint_steps(r.folder.path)
+    except OSError:
+        return None
+    return max(steps, default=0) * r.spec.get("train", {}).get("batch_size", 0)
 
 
 def _fill_totals(rows: list[dict]) -> list[dict]:
@@ -50,18 +64,22 @@ def _cell(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _percent(part: int | None, total: int | None) -> str:
+    return f"{100 * part / total:.0f}%" if part is not None and total else ""
+
+
 def print_status(sweep_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
     rows = status_rows(sweep_dir)
     table = Table(title=f"sweep status: {sweep_dir} ({SweepFolder(sweep_dir).activity()})")
-    cols = ["run_id", "state", "progress", "rows_trained", "l0", "fvu", "note"]
+    cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu", "note"]
     for c in cols:
         table.add_column(c)
     for r in rows:
-        done, total = r.get("rows_trained"), r.get("rows_total")
-        r["progress"] = f"{100 * done / total:.0f}%" if done is not None and total else ""
+        r["progress"] = _percent(r.get("rows_trained"), r.get("rows_total"))
+        r["saved"] = _percent(r.get("rows_saved"), r.get("rows_total"))
         table.add_row(*(_cell(r.get(c)) for c in cols))
     console = Console(width=200)
     console.print(table)

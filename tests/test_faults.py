@@ -172,8 +172,12 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     assert any(not (r / "DONE").exists() for r in runs)
     from sweep.status import status_rows
 
-    states = {r["state"] for r in status_rows(sw)}
+    rows = status_rows(sw)
+    states = {r["state"] for r in rows}
     assert "interrupted" in states and states <= {"interrupted", "done", "pending"}
+    for r in rows:  # each stopped run names the checkpoint it continues from
+        if r["state"] == "interrupted":
+            assert 0 < r["rows_saved"] < r["rows_total"], r
     _resume_and_compare(sw, rt, reference)
 
 
