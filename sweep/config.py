@@ -309,7 +309,10 @@ class GridConfig:
             len(values) > 0,
             f"grid.{knob} is empty: give at least one value, e.g. grid.{knob}='[{'1e-3' if knob == 'l1' else '32'}]'",
         )
-        _require(len(set(values)) == len(values), f"grid.{knob} has duplicate values: {values}")
+        _require(
+            len(set(values)) == len(values),
+            f"grid.{knob} has duplicate values: {values}; list each value once",
+        )
         for v in values:
             if knob == "l1":
                 _require(
@@ -329,7 +332,7 @@ class GridConfig:
             _require(math.isfinite(v) and v > 0, f"grid.dict_ratio values must be > 0, got {v}")
         _require(
             len(set(self.dict_ratio)) == len(self.dict_ratio),
-            f"grid.dict_ratio has duplicate values: {self.dict_ratio}",
+            f"grid.dict_ratio has duplicate values: {self.dict_ratio}; list each value once",
         )
         _require(self.seeds >= 1, f"grid.seeds must be >= 1, got {self.seeds}")
         _require(self.max_members >= 0, f"grid.max_members must be >= 0, got {self.max_members}")

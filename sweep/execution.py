@@ -194,10 +194,11 @@ class Execution:
             return True
         if not self.deadline:  # the stop file is written: running tasks checkpoint and return
             self.deadline = time.time() + stop_grace(pending)
-        if time.time() > self.deadline or self._all_checkpointed(pending, signals.when):
+        saved = self._all_checkpointed(pending, signals.when)
+        if saved or time.time() > self.deadline:
             # SLURM signals Ray's own processes too: results may never arrive, but every
             # started ensemble has checkpointed (or is past saving); its run folders hold all.
-            self._mark_interrupted(pending)
+            self._mark_interrupted(pending, late=not saved)
             return False
         return True
 
@@ -218,7 +219,7 @@ class Execution:
             )
         elif self.outcome.signum:  # lost while the job was being stopped: its checkpoints stay
             log.warning("ensemble %s stopped: %s", ens.ensemble_id, fin.error)
-            self._mark_interrupted([ens])
+            self._mark_interrupted([ens], late=True)
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
             for m in ens.members:
@@ -303,8 +304,10 @@ class Execution:
                     return False
         return True
 
-    def _mark_interrupted(self, ensembles: list[EnsembleSpec]) -> None:
-        """Runs left with a checkpoint but no stop mark (their worker was killed) are interrupted."""
+    def _mark_interrupted(self, ensembles: list[EnsembleSpec], late: bool) -> None:
+        """Runs left with a checkpoint but no stop mark (their worker was killed) are
+        interrupted. ``late``: the stop's grace ran out, or the ensemble's task was lost
+        (warned); else every one of them checkpointed for the stop and nothing was cut short."""
         kept = 0
         for ens in ensembles:
             runs = [self.folder.run(m.run_id) for m in ens.members]
@@ -312,8 +315,10 @@ class Execution:
                 if run.state() == "partial":
                     run.mark_interrupted(None)
             kept += any(run.state().resumable for run in runs)
-        if kept:
+        if kept and late:
             log.warning("stopped waiting for %d ensemble(s); their checkpoints are kept", kept)
+        elif kept:
+            log.info("%d ensemble(s) checkpointed for the stop", kept)
 
 
 def _progress(actor: object, last: float) -> float:

@@ -326,7 +326,9 @@ def is_final(run: RunFolder, tidy: bool = True) -> bool:
 
 def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
     """Every grid point of ``cfg`` at this width; a sparsity value that does not fit a
-    dictionary size (k larger than the dictionary) is refused."""
+    dictionary size (k larger than the dictionary) is refused, as are dict ratios that give
+    no latent or the same dictionary size as another ratio (duplicate runs)."""
+    _check_sizes(cfg.grid.dict_ratio, width)
     knob = cfg.sae.knob
     runs = grid.expand(
         cfg.grid.values(knob), cfg.grid.dict_ratio, cfg.grid.seeds, width, cfg.sae.name, knob
@@ -339,6 +341,24 @@ def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
                 f"{problem} (dict ratio {r.dict_ratio:g} x width {width}); {_fix(knob)}"
             )
     return runs
+
+
+def _check_sizes(ratios: list[float], width: int) -> None:
+    """Each dict ratio gives its own dictionary size of at least one latent."""
+    seen: dict[int, float] = {}
+    for r in ratios:
+        size = round(r * width)
+        if size < 1:
+            raise SweepError(
+                f"grid.dict_ratio {r:g} x width {width} rounds to 0 latents; "
+                f"use dict ratios >= {1 / width:.3g}"
+            )
+        if size in seen:
+            raise SweepError(
+                f"grid.dict_ratio {seen[size]:g} and {r:g} both give dict size {size} at width "
+                f"{width}: they would train the same runs twice; drop one"
+            )
+        seen[size] = r
 
 
 AUXK_BUFFERS = 4

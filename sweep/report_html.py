@@ -44,8 +44,8 @@ def definitions(knob: str = "l1") -> dict[str, str]:
 KNOB_DEFINITIONS = {
     "k": (
         "k",
-        "latents a TopK-style SAE keeps active per row (topk: exactly k per row; "
-        "batchtopk: k per row on average over a training batch, a learned threshold at "
+        "latents a TopK-style SAE keeps active per row (topk: at most k per row, fewer where "
+        "a kept pre-activation is ≤ 0; batchtopk: k per row on average over a training batch, a learned threshold at "
         "inference): the grid's sparsity setting, in place of an L1 coefficient.",
     ),
     "l0": (

@@ -158,6 +158,15 @@ def test_invalid_values_name_the_field(override, field):
             "grid.k values must be whole numbers in [1, dict size 32], got 100",
         ),
         (["run", "sae=topk", "grid.l1=[1e-3]"], "grid.l1 does not apply to sae=topk"),
+        (
+            ["run", "data.width=64", "grid.dict_ratio=[0.001]"],
+            "grid.dict_ratio 0.001 x width 64 rounds to 0 latents; use dict ratios >= 0.0156",
+        ),
+        (
+            ["run", "data.width=64", "grid.dict_ratio=[4.004,4]"],
+            "grid.dict_ratio 4.004 and 4 both give dict size 256 at width 64",
+        ),
+        (["run", "grid.l1=[1e-3,1e-3]"], "grid.l1 has duplicate values: [0.001, 0.001]; list each"),
         (["run", "grid.l1=[1e-2"], "cannot read the override 'grid.l1=[1e-2' (no viable"),
         (["run", "train.lr=abc"], "cannot set train.lr to 'abc' (Value 'abc' of type 'str'"),
         (["run", "--config-dir", "/nonexistent/dir"], "--config-dir /nonexistent/dir is not a"),

@@ -164,6 +164,7 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     got, out = finish(p)
     assert got == code, out
     assert "re-run the same command" in out
+    assert "stopped waiting" not in out  # every ensemble checkpointed: nothing was cut short
     said = (sw / "sweep.log").read_text()
     assert f"sweep.details: interrupted: stopped by {sig.name}: running ensembles" in said, said
     manifest = json.loads((sw / "manifest.json").read_text())
