@@ -194,11 +194,10 @@ class Execution:
             return True
         if not self.deadline:  # the stop file is written: running tasks checkpoint and return
             self.deadline = time.time() + stop_grace(pending)
-        saved = self._all_checkpointed(pending, signals.when)
-        if saved or time.time() > self.deadline:
+        if self._all_checkpointed(pending) or time.time() > self.deadline:
             # SLURM signals Ray's own processes too: results may never arrive, but every
             # started ensemble has checkpointed (or is past saving); its run folders hold all.
-            self._mark_interrupted(pending, late=not saved)
+            self._mark_interrupted(pending)
             return False
         return True
 
@@ -218,8 +217,11 @@ class Execution:
                 result.seconds,
             )
         elif self.outcome.signum:  # lost while the job was being stopped: its checkpoints stay
-            log.warning("ensemble %s stopped: %s", ens.ensemble_id, fin.error)
-            self._mark_interrupted([ens], late=True)
+            saved = self._all_checkpointed([ens])
+            (log.info if saved else log.warning)(
+                "ensemble %s stopped: %s", ens.ensemble_id, fin.error
+            )
+            self._mark_interrupted([ens])
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
             for m in ens.members:
@@ -295,8 +297,10 @@ class Execution:
             recorded = set()
         return recorded | {e.ensemble_id for e in self.shares}
 
-    def _all_checkpointed(self, pending: list[EnsembleSpec], stopped: float) -> bool:
+    def _all_checkpointed(self, pending: list[EnsembleSpec]) -> bool:
         """Whether every pending ensemble that started in this sweep checkpointed for the stop."""
+        signals = self.outcome.signals
+        stopped = signals.when if signals and signals.signum else time.time()
         for ens in pending:
             for m in ens.members:
                 run = self.folder.run(m.run_id)
@@ -304,21 +308,25 @@ class Execution:
                     return False
         return True
 
-    def _mark_interrupted(self, ensembles: list[EnsembleSpec], late: bool) -> None:
+    def _mark_interrupted(self, ensembles: list[EnsembleSpec]) -> None:
         """Runs left with a checkpoint but no stop mark (their worker was killed) are
-        interrupted. ``late``: the stop's grace ran out, or the ensemble's task was lost
-        (warned); else every one of them checkpointed for the stop and nothing was cut short."""
+        interrupted. Warned about: ensembles that had not checkpointed for the stop (the
+        grace ran out, or their worker was lost first), whose work since their last
+        checkpoint is lost."""
+        late = [e for e in ensembles if not self._all_checkpointed([e])]  # before marking
         kept = 0
         for ens in ensembles:
             runs = [self.folder.run(m.run_id) for m in ens.members]
             for run in runs:
                 if run.state() == "partial":
                     run.mark_interrupted(None)
-            kept += any(run.state().resumable for run in runs)
-        if kept and late:
-            log.warning("stopped waiting for %d ensemble(s); their checkpoints are kept", kept)
-        elif kept:
-            log.info("%d ensemble(s) checkpointed for the stop", kept)
+            kept += ens in late and any(run.state().resumable for run in runs)
+        if kept:
+            log.warning(
+                "stopped waiting for %d ensemble(s) before they checkpointed for the stop; "
+                "their earlier checkpoints are kept",
+                kept,
+            )
 
 
 def _progress(actor: object, last: float) -> float:
