@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import gpuinfo, grid, launcher, planning
+from sweep import cluster, gpuinfo, grid, launcher, planning
 from sweep.activations.store import MANIFEST, ChunkStore, total_steps
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
@@ -134,6 +134,8 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     and a warning for a setting that does nothing."""
     folder.refuse_store()
     planning.check_local_hardware(cfg)
+    if cfg.launch.address:  # a head that is not there: refused before the store is made
+        cluster.check_reachable(cluster.resolve(cfg.launch.address))
     planning.check_compatible(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating

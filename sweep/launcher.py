@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from sweep import gpuinfo
+from sweep import cluster, gpuinfo
 from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import host_memory_bytes, release_device_memory
 from sweep.errors import SweepError, first_line, task_error_reason
@@ -105,26 +105,50 @@ def _start_ray(lc: LaunchConfig) -> None:
     try:
         with _signals_stay_ours():
             if lc.address:
-                ray.init(address=lc.address, **common)
+                _join(lc, common)
                 return
             kwargs: dict[str, Any] = {"num_cpus": lc.num_cpus, "num_gpus": lc.num_gpus}
             if lc.temp_dir:
                 kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
-            ray.init(**kwargs, **common)
+            # "local": a new instance even where RAY_ADDRESS is set or `ray start` ran
+            ray.init(address="local", resources={cluster.PRIVATE: 1}, **kwargs, **common)
     except SystemExit as err:  # a Ray whose own SIGTERM handler was set: sys.exit(SIGTERM)
         if err.code == signal.SIGTERM:
             exit_now(signal.SIGTERM)
         raise
-    except (ConnectionError, OSError, ValueError, RuntimeError) as err:
-        where = f"the Ray cluster at {lc.address}" if lc.address else "a local Ray instance"
-        hint = (
-            "is it running (ray start / launch/slurm.sbatch)?"
-            if lc.address
-            else "check launch.* settings"
-        )
+    except (ConnectionError, OSError, ValueError, RuntimeError) as err:  # (launch=local)
+        hint = "check launch.* settings"
         if "path length" in str(err):
             hint = "launch.temp_dir is too long for Ray's socket paths (107 bytes); use a shorter folder"
-        raise SweepError(f"could not start or join {where} ({first_line(err)}); {hint}") from err
+        raise SweepError(
+            f"could not start a local Ray instance ({first_line(err)}); {hint}"
+        ) from err
+
+
+def _join(lc: LaunchConfig, common: dict) -> None:
+    """Join the running cluster ``launch.address`` names (:mod:`sweep.cluster`)."""
+    import ray
+
+    assert lc.address
+    ignored = [f for f in ("num_cpus", "num_gpus", "temp_dir") if getattr(lc, f) is not None]
+    if ignored:
+        names = ", ".join(f"launch.{f}" for f in ignored)
+        log.warning("%s apply to launch=local only; a cluster has its own (ignored)", names)
+    address = cluster.resolve(lc.address)
+    cluster.check_reachable(address)
+    try:
+        ray.init(address=address, **common)
+    except (ConnectionError, OSError, ValueError, RuntimeError) as err:
+        raise SweepError(
+            f"could not join the Ray cluster at {address} ({first_line(err)}); "
+            + cluster.join_failed_hint(address)
+        ) from err
+    named = lc.address if lc.address == address else f"{lc.address} ({address})"
+    try:
+        cluster.refuse_private(ray.cluster_resources(), named)
+    except SweepError:
+        quietly(ray.shutdown)
+        raise
 
 
 def shutdown_ray(wait: float | None = None) -> None:

@@ -3,9 +3,11 @@ with a fake GPU), and `sweep run launch=cluster` pointed at it. Ensembles must r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -132,3 +134,122 @@ def test_sweep_runs_on_both_nodes(two_node_cluster, tmp_path):
     assert all(
         p["gpu_ids"] and p["cuda_visible_devices"] for p in placements
     )  # one fake GPU per task
+
+
+SHIMS = {  # what the batch script asks of SLURM, answered for "nodes" that are this machine
+    "srun": "while [ $# -gt 0 ]; do case $1 in -w) shift 2;; -*) shift;; *) break;; esac; done\n"
+    'exec "$@"\n',
+    "scontrol": "echo localhost; echo localhost\n",  # scontrol show hostnames: two nodes
+}
+
+
+def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str) -> tuple[int, str]:
+    """launch/slurm.sbatch, unchanged, with srun/scontrol shims (two nodes: this machine)."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name, body in SHIMS.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    e = env()
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # the script's default: a token of its own
+        e.pop(k, None)
+    e.update(
+        PATH=f"{bin_dir}:{e['PATH']}",
+        SWEEP_VENV=str(Path(sys.executable).parent.parent),
+        SLURM_JOB_ID=str(20000 + os.getpid() % 9000),
+        SLURM_JOB_NODELIST="node[1-2]",
+        SLURM_CPUS_PER_TASK="1",
+        RAY_TMPDIR=str(ray_tmp),
+    )
+    script = Path(__file__).resolve().parent.parent / "launch" / "slurm.sbatch"
+    p = subprocess.Popen(
+        ["bash", str(script), *args],
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = p.communicate(timeout=300)
+    finally:  # (whatever it left running)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+    return p.returncode, out
+
+
+def test_the_slurm_script_runs_a_sweep_on_two_nodes(tmp_path, tmp_path_factory):
+    """A token-authenticated Ray head, a second node joining it, the sweep trained."""
+    sw = tmp_path / "sw"
+    args = ["data.width=16", "data.n_features=32", "data.rows=12000", "data.eval_rows=2048"]
+    args += ["grid.l1=[1e-2]", "grid.dict_ratio=[1,2]", "train.batch_size=256", "progress=false"]
+    ray_tmp = tmp_path_factory.getbasetemp() / "sl"  # (short: Ray's socket paths)
+    code, out = run_slurm_script(tmp_path, ray_tmp, f"sweep_dir={sw}", *args)
+    assert code == 0, out
+    assert "not every Ray node joined" not in out, out
+    with open(sw / "summary.csv") as f:
+        assert {r["state"] for r in csv.DictReader(f)} == {"done"}
+
+
+def test_the_slurm_script_stops_at_once_when_the_head_cannot_start(tmp_path):
+    """(here: a temp dir too long for Ray's socket paths) not after waiting 5 minutes."""
+    long_tmp = tmp_path / ("x" * 90)
+    start = time.monotonic()
+    code, out = run_slurm_script(tmp_path, long_tmp, f"sweep_dir={tmp_path / 'sw'}")
+    assert code == 1 and "error: the Ray head did not start on localhost" in out, out
+    assert time.monotonic() - start < 120 and not (tmp_path / "sw").exists()
+
+
+def sweep_cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sweep", *args],
+        env={**env(), **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_an_address_where_no_head_answers_is_refused_before_any_work(tmp_path):
+    sw, port = tmp_path / "sw", free_port()  # (nothing listens there)
+    out = sweep_cli("run", "launch=cluster", f"launch.address=127.0.0.1:{port}", f"sweep_dir={sw}")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: no Ray head answers at launch.address=127.0.0.1:{port} ([Errno 111] Connection "
+        "refused); start it first (ray start --head, or launch/slurm.sbatch) or fix launch.address"
+    )
+    assert not sw.exists()
+
+
+PRIVATE_RAY = """
+import sys, time, ray
+from sweep.config import LaunchConfig
+from sweep.launcher import ray_session
+with ray_session(LaunchConfig(temp_dir=sys.argv[1])):
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_launch_local_is_private_and_never_joined_as_a_cluster(tmp_path_factory, tmp_path):
+    """A launch=local sweep's Ray ignores RAY_ADDRESS, and a launch=cluster sweep refuses to
+    join it (address=auto would find it: it is the Ray on this machine)."""
+    rt = tmp_path_factory.getbasetemp() / "pv"
+    p = subprocess.Popen(
+        [sys.executable, "-c", PRIVATE_RAY, str(rt)],
+        env={**env(), "RAY_ADDRESS": f"127.0.0.1:{free_port()}"},  # (nothing there: ignored)
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        address = p.stdout.readline().strip()
+        assert address, "the launch=local Ray did not start"
+        plan = ("run", "--plan", "launch=cluster", f"launch.address={address}")
+        out = sweep_cli(*plan, f"sweep_dir={tmp_path / 'x'}")
+        assert out.returncode == 2
+        said = f"launch.address={address} is the private Ray instance of a launch=local sweep"
+        assert said in out.stderr
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=60)
