@@ -236,9 +236,10 @@ def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> fl
             "" if res.auto_share or res.num_gpus >= 1 else " or a larger launch.gpus_per_ensemble"
         )
         raise SweepError(
-            f"store {store}: two of its chunks staged on the GPU need "
-            f"{staged / 2**20:,.1f} MiB, over half of the {plannable / 2**20:,.1f} MiB an "
-            f"ensemble may plan for; regenerate the store with a smaller data.rows_per_chunk{more}"
+            f"store {store}: two of its chunks staged on the GPU need {grid.memory_text(staged)}, "
+            f"over half of the {grid.memory_text(plannable)} an ensemble may plan for (of "
+            "launch.device_memory_gb, or the GPU's free memory); use a store with a smaller "
+            f"data.rows_per_chunk{more}"
         )
     return res.device_bytes - staged
 

@@ -122,6 +122,11 @@ def bytes_per_member(
     return state + acts
 
 
+def memory_text(n_bytes: float) -> str:
+    """``1.25 GiB``, or ``40.0 MiB`` below one GiB."""
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def member_budget(
     width: int,
     dict_size: int,
@@ -139,10 +144,10 @@ def member_budget(
     per = bytes_per_member(width, dict_size, batch_size, dtype, buffers, on_gpu)
     fit = int(MEMORY_USE * device_bytes // per)
     if fit < 1:
-        need = per / 2**30
         raise SweepError(
-            f"one member of dict size {dict_size} needs {need:.1f} GiB, more than the device budget "
-            f"({device_bytes / 2**30:.1f} GiB); lower train.batch_size or the dict ratio"
+            f"one member of dict size {dict_size} needs {memory_text(per)}, more than the device "
+            f"budget ({memory_text(MEMORY_USE * device_bytes)} of launch.device_memory_gb, or of "
+            "the memory found); lower train.batch_size or the dict ratio"
         )
     if max_members > 0:
         return min(fit, max_members)

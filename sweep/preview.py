@@ -108,7 +108,7 @@ def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreS
             shape.width, e.dict_size, t.batch_size, t.dtype, buffers, res.on_gpu
         )
         memory = len(e.members) * per + (shape.staged if res.on_gpu else 0)
-        size = f"{memory / 2**30:.2f} GiB" if memory >= 2**30 else f"{memory / 2**20:.1f} MiB"
+        size = grid.memory_text(memory)
         ask = f"{shares[e]:g} GPU" if res.on_gpu else f"{res.num_cpus:g} CPU"
         rows.append(
             {
@@ -130,9 +130,9 @@ def print_preview(v: Preview) -> None:
 
     p, res = v.plan, v.res
     where = (
-        f"GPUs ({res.gpus:g} in the Ray cluster, {res.gpu_bytes / 2**30:.1f} GiB each planned)"
+        f"GPUs ({res.gpus:g} in the Ray cluster, {grid.memory_text(res.gpu_bytes)} each planned)"
         if res.on_gpu
-        else f"CPUs ({res.device_bytes / 2**30:.1f} GiB per ensemble planned)"
+        else f"CPUs ({grid.memory_text(res.device_bytes)} per ensemble planned)"
     )
     console = Console(width=200)
     table = Table(title=f"sweep plan: {v.cfg.sweep_dir} (nothing trained or written)")

@@ -21,13 +21,15 @@ def status_rows(sweep_dir: Path) -> list[dict]:
     rows = []
     for r in SweepFolder(sweep_dir).read_runs():
         source = r.metrics if r.state.final else r.last
+        saved = _rows_saved(r)
+        trained = r.rows_trained  # the latest curve record; a stop checkpoints past it
         rows.append(
             {
                 "run_id": r.run_id,
                 "state": r.state.value,
                 "rows_total": r.total_rows,
-                "rows_trained": r.rows_trained,
-                "rows_saved": _rows_saved(r),
+                "rows_trained": max(trained, saved) if trained is not None and saved else trained,
+                "rows_saved": saved,
                 "l0": source.get("l0"),
                 "fvu": source.get("fvu"),
                 **({"note": r.note} if r.note else {}),

@@ -235,8 +235,11 @@ def test_grid_ids_and_splitting():
         grid.member_budget(512, 4096, 4096, "float32", 10 * per / 0.8, on_gpu=True, max_members=0)
         == 10
     )
-    with pytest.raises(SweepError, match="device budget"):
+    with pytest.raises(SweepError, match="device budget") as err:
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
+    assert f"needs {grid.memory_text(per)}, more than the device budget (" in str(err.value)
+    assert "of launch.device_memory_gb, or of the memory found" in str(err.value)
+    assert grid.memory_text(1.5 * 2**30) == "1.50 GiB" and grid.memory_text(2**21) == "2.0 MiB"
     budget = 10 * per / 0.8  # grid.max_members caps what fits; it never exceeds it
     assert grid.member_budget(512, 4096, 4096, "float32", budget, True, max_members=64) == 10
     assert grid.member_budget(512, 4096, 4096, "float32", budget, True, max_members=4) == 4
