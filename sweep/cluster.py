@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import socket
 
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 
 PRIVATE = "sweep_private_instance"
 """A custom resource on the Ray instance a ``launch=local`` sweep starts: nothing asks for it;
@@ -23,6 +23,12 @@ START_FIX = "start it first (ray start --head, or launch/slurm.sbatch) or fix la
 def resolve(address: str) -> str:
     """``host:port`` of the head ``launch.address`` names (``auto``: ``RAY_ADDRESS``, else
     the Ray started latest on this machine, as Ray itself looks)."""
+    address = address.strip()
+    if "://" in address:
+        raise SweepError(
+            f"launch.address={address} is a Ray Client address; give the head's HOST:PORT "
+            "(the GCS port, 6379 by default), or auto"
+        )
     if address != "auto":
         return address
     try:
@@ -31,20 +37,24 @@ def resolve(address: str) -> str:
         return address
     try:
         found = canonicalize_bootstrap_address("auto")
-    except ConnectionError as err:
+    except (ConnectionError, ValueError) as err:
+        found, why = None, f" ({first_line(err)})"
+    else:
+        why = " (RAY_ADDRESS=local)" if found is None else ""
+    if found is None:
         raise SweepError(
-            "launch.address=auto found no running Ray cluster on this machine; "
-            "start one (ray start --head, or launch/slurm.sbatch) or give launch.address=HOST:PORT"
-        ) from err
-    return found or address
+            f"launch.address=auto found no running Ray cluster{why}; start one (ray start "
+            "--head, or launch/slurm.sbatch) or give launch.address=HOST:PORT"
+        )
+    return found
 
 
 def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
     """Refuse an address at which no head accepts a connection within ``seconds``."""
+    if address == "auto":  # (a Ray that cannot resolve it: ray.init will)
+        return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        if address == "auto":
-            return
         raise SweepError(
             f"launch.address={address} is not HOST:PORT; give a running head's HOST:PORT, or auto"
         )

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import cluster, gpuinfo, grid, launcher, planning
+from sweep import gpuinfo, grid, launcher, planning
 from sweep.activations.store import MANIFEST, ChunkStore, total_steps
+from sweep.cluster import check_reachable, resolve
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
@@ -27,7 +28,7 @@ from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
-from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now
+from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     folder.refuse_store()
     planning.check_local_hardware(cfg)
     if cfg.launch.address:  # a head that is not there: refused before the store is made
-        cluster.check_reachable(cluster.resolve(cfg.launch.address))
+        check_reachable(resolve(cfg.launch.address))
     planning.check_compatible(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
@@ -197,7 +198,11 @@ def _train(
         if p.skipped:
             log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
         signals.training()
-        Execution(cfg, folder, p, store, res, lock, outcome).run()
+        try:
+            Execution(cfg, folder, p, store, res, lock, outcome).run()
+        except StopNow:  # a second signal: what `sweep status` then says of the sweep
+            quietly(lambda: folder.record_state("interrupted"))
+            raise
     records = folder.read_runs(live=False)  # every run of the sweep, not only this grid's
     ours = {r.run_id for r in p.runs}
     outcome.all_final = all(r.state.final for r in records if r.run_id in ours)

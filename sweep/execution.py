@@ -135,6 +135,8 @@ class Execution:
         self.refs: dict = {}
         self.shares: dict[EnsembleSpec, float] = {}
         self.stopped_alone: dict[EnsembleSpec, int] = {}
+        self.submitted: dict[EnsembleSpec, float] = {}
+        """When each ensemble's latest task was submitted (it may be a re-queued one)."""
         self._submit(self._gpus())
         with progress_bar(
             total=n_rows,
@@ -170,6 +172,7 @@ class Execution:
         """Start a Ray task for each ensemble, asking for its GPU share."""
         stop_file = str(self.folder.stop_file.absolute())
         jobs = {e: (self._job(e), self.counter, stop_file) for e in shares}
+        self.submitted.update(dict.fromkeys(shares, time.time()))
         c = self.cfg.launch
         self.refs.update(
             launcher.submit(launcher.train_task, jobs, self.res.num_cpus, shares, c.max_retries)
@@ -206,6 +209,7 @@ class Execution:
         if fin.error is None:
             result: EnsembleResult = fin.value
             self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
+            self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (shown now)
             if "interrupted" in result.states.values() and not self.outcome.signum:
                 self._stopped_alone(ens)
             states = "/".join(sorted(set(result.states.values())))
@@ -221,7 +225,7 @@ class Execution:
             (log.info if saved else log.warning)(
                 "ensemble %s stopped: %s", ens.ensemble_id, fin.error
             )
-            self._mark_interrupted([ens])
+            self._mark_interrupted([ens], warn=False)  # (said just now)
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
             for m in ens.members:
@@ -298,21 +302,27 @@ class Execution:
         return recorded | {e.ensemble_id for e in self.shares}
 
     def _all_checkpointed(self, pending: list[EnsembleSpec]) -> bool:
-        """Whether every pending ensemble that started in this sweep checkpointed for the stop."""
+        """Whether every pending ensemble whose latest task was training when the stop came
+        has checkpointed for it (one that started after the stop, e.g. on CPUs the stopped
+        ones freed, finds the stop file before its first step: it has nothing to save).
+        (Attempts are dated by the worker's clock, the stop by the driver's: nodes' clocks
+        are assumed to agree to well under the time a task takes to start.)"""
         signals = self.outcome.signals
         stopped = signals.when if signals and signals.signum else time.time()
         for ens in pending:
+            since = self.submitted.get(ens, self.started)
             for m in ens.members:
                 run = self.folder.run(m.run_id)
-                if run.started_at() >= self.started and run.interrupted_at() < stopped:
+                training = since <= run.started_at() < stopped
+                if training and run.interrupted_at() < stopped:
                     return False
         return True
 
-    def _mark_interrupted(self, ensembles: list[EnsembleSpec]) -> None:
+    def _mark_interrupted(self, ensembles: list[EnsembleSpec], warn: bool = True) -> None:
         """Runs left with a checkpoint but no stop mark (their worker was killed) are
-        interrupted. Warned about: ensembles that had not checkpointed for the stop (the
-        grace ran out, or their worker was lost first), whose work since their last
-        checkpoint is lost."""
+        interrupted. Warned about (unless ``warn`` is False: the caller said it): ensembles
+        that had not checkpointed for the stop (the grace ran out, or their worker was lost
+        first), whose work since their last checkpoint is lost."""
         late = [e for e in ensembles if not self._all_checkpointed([e])]  # before marking
         kept = 0
         for ens in ensembles:
@@ -321,7 +331,7 @@ class Execution:
                 if run.state() == "partial":
                     run.mark_interrupted(None)
             kept += ens in late and any(run.state().resumable for run in runs)
-        if kept:
+        if kept and warn:
             log.warning(
                 "stopped waiting for %d ensemble(s) before they checkpointed for the stop; "
                 "their earlier checkpoints are kept",

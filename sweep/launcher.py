@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from sweep import cluster, gpuinfo
+from sweep import gpuinfo
+from sweep.cluster import PRIVATE, check_reachable, join_failed_hint, refuse_private, resolve
 from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import host_memory_bytes, release_device_memory
 from sweep.errors import SweepError, first_line, task_error_reason
@@ -111,7 +112,7 @@ def _start_ray(lc: LaunchConfig) -> None:
             if lc.temp_dir:
                 kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
             # "local": a new instance even where RAY_ADDRESS is set or `ray start` ran
-            ray.init(address="local", resources={cluster.PRIVATE: 1}, **kwargs, **common)
+            ray.init(address="local", resources={PRIVATE: 1}, **kwargs, **common)
     except SystemExit as err:  # a Ray whose own SIGTERM handler was set: sys.exit(SIGTERM)
         if err.code == signal.SIGTERM:
             exit_now(signal.SIGTERM)
@@ -134,18 +135,18 @@ def _join(lc: LaunchConfig, common: dict) -> None:
     if ignored:
         names = ", ".join(f"launch.{f}" for f in ignored)
         log.warning("%s apply to launch=local only; a cluster has its own (ignored)", names)
-    address = cluster.resolve(lc.address)
-    cluster.check_reachable(address)
-    try:
-        ray.init(address=address, **common)
-    except (ConnectionError, OSError, ValueError, RuntimeError) as err:
+    address = resolve(lc.address)
+    check_reachable(address)
+    try:  # ("auto" as given: only then does Ray pick up a saved token for a local head)
+        ray.init(address=lc.address.strip(), **common)
+    except (ConnectionError, OSError, ValueError, RuntimeError, ray.exceptions.RayError) as err:
         raise SweepError(
             f"could not join the Ray cluster at {address} ({first_line(err)}); "
-            + cluster.join_failed_hint(address)
+            + join_failed_hint(address)
         ) from err
     named = lc.address if lc.address == address else f"{lc.address} ({address})"
     try:
-        cluster.refuse_private(ray.cluster_resources(), named)
+        refuse_private(ray.cluster_resources(), named)
     except SweepError:
         quietly(ray.shutdown)
         raise

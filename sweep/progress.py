@@ -33,6 +33,7 @@ def progress_bar(iterable: Any = None, **kw: Any):
     out = sys.stderr
     if not (hasattr(out, "isatty") and out.isatty()):
         kw.setdefault("mininterval", LOG_INTERVAL)
+        kw.setdefault("maxinterval", LOG_INTERVAL)  # (else tqdm's monitor redraws every 10 s)
         kw.setdefault("file", _Lines(out))
         kw.setdefault("ascii", True)
     return tqdm(iterable, **kw)

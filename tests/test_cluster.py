@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -232,8 +233,8 @@ with ray_session(LaunchConfig(temp_dir=sys.argv[1])):
 
 
 def test_launch_local_is_private_and_never_joined_as_a_cluster(tmp_path_factory, tmp_path):
-    """A launch=local sweep's Ray ignores RAY_ADDRESS, and a launch=cluster sweep refuses to
-    join it (address=auto would find it: it is the Ray on this machine)."""
+    """A launch=local sweep's Ray ignores RAY_ADDRESS, and a launch=cluster sweep given its
+    address refuses to join it (as it would one that address=auto found on the machine)."""
     rt = tmp_path_factory.getbasetemp() / "pv"
     p = subprocess.Popen(
         [sys.executable, "-c", PRIVATE_RAY, str(rt)],
@@ -243,7 +244,8 @@ def test_launch_local_is_private_and_never_joined_as_a_cluster(tmp_path_factory,
         start_new_session=True,
     )
     try:
-        address = p.stdout.readline().strip()
+        ready, _, _ = select.select([p.stdout], [], [], 90)
+        address = p.stdout.readline().strip() if ready else ""
         assert address, "the launch=local Ray did not start"
         plan = ("run", "--plan", "launch=cluster", f"launch.address={address}")
         out = sweep_cli(*plan, f"sweep_dir={tmp_path / 'x'}")
@@ -253,3 +255,17 @@ def test_launch_local_is_private_and_never_joined_as_a_cluster(tmp_path_factory,
     finally:
         os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=60)
+
+
+def test_launch_addresses_that_cannot_name_a_head_are_one_line(monkeypatch):
+    from sweep.cluster import check_reachable, resolve
+    from sweep.errors import SweepError
+
+    assert resolve(" 10.0.0.1:6379 ") == "10.0.0.1:6379"
+    with pytest.raises(SweepError, match=r"is a Ray Client address; give the head's HOST:PORT"):
+        resolve("ray://head:10001")
+    with pytest.raises(SweepError, match=r"launch.address=head is not HOST:PORT"):
+        check_reachable("head")
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    with pytest.raises(SweepError, match=r"found no running Ray cluster \(RAY_ADDRESS=local\)"):
+        resolve("auto")
