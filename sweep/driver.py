@@ -75,7 +75,8 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     outcome = Outcome()
     try:
         with DriverSignals(folder.request_stop) as signals, _sweep_log(folder):
-            with SweepLock(folder.path) as lock, at_exit_now(lambda _line: lock.release()):
+            lock = SweepLock(folder.path)  # (released at a signal from before it is taken:
+            with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
                 outcome.signals, outcome.locked = signals, True
                 store = _checked_store(cfg, folder)
                 records = _train(cfg, folder, store, lock, outcome)

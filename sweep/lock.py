@@ -83,6 +83,7 @@ class SweepLock:
         self.path = Path(sweep_dir) / LOCK
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
         self._last_beat = 0.0
+        self._stop = threading.Event()
 
     def __enter__(self) -> SweepLock:
         with _guard(self.path.parent / LOCK_GUARD):
@@ -100,7 +101,6 @@ class SweepLock:
                 )
                 self.path.unlink(missing_ok=True)
             self._create()
-        self._stop = threading.Event()
         beat = threading.Thread(target=self._beat, daemon=True, name="sweep-lock-heartbeat")
         beat.start()
         return self
