@@ -123,6 +123,36 @@ def _report_program_change(
         folder.append_event({"event": "step_program_change", "before": before, "now": now})
 
 
+def software() -> dict[str, str]:
+    """The versions whose kernels and training code a checkpoint was computed with."""
+    import sweep
+
+    return {"sweep": sweep.__version__, "torch": torch.__version__}
+
+
+def _versions(v: dict) -> str:
+    return ", ".join(f"{name} {v.get(name, '?')}" for name in sorted(software()))
+
+
+def _report_software_change(
+    folders: list[RunFolder], before: dict | None, ensemble_id: str
+) -> None:
+    """Warn and record ``software_change`` when the ensemble resumes under another torch or
+    sweep than its checkpoints were written with: kernels and defaults may round or order
+    differently, so exactness against an uninterrupted run is no longer promised. (Unknown
+    before: silent.)"""
+    now = software()
+    if before is None or before == now:
+        return
+    log.warning(
+        "ensemble %s resumes under %s; its checkpoints were written under %s: its runs may "
+        "not be bit-identical to an uninterrupted sweep",
+        ensemble_id, _versions(now), _versions(before),
+    )  # fmt: skip
+    for folder in folders:
+        folder.append_event({"event": "software_change", "before": before, "now": now})
+
+
 def dead_latents(train: TrainConfig, run: RunSpec) -> DeadLatents | None:
     """Dead-latent tracking for these runs: AuxK (TopK family, ``train.auxk_alpha`` > 0) or
     resampling (ReLU-L1, ``train.resample_dead`` > 0); None when neither applies."""
@@ -203,6 +233,7 @@ def restore_ensemble(
         return Restored(ens, Cursor(), 0, diverged_at)
     meta = found[0].meta
     _report_program_change(folders, meta.get("program"), ens.program, ensemble_id)
+    _report_software_change(folders, meta.get("software"), ensemble_id)
     if meta.get("threads") and meta["threads"] != torch.get_num_threads():
         torch.set_num_threads(int(meta["threads"]))  # bit-exact resume needs the same count
     return Restored(ens, Cursor(**meta["cursor"]), step, diverged_at)
@@ -217,13 +248,15 @@ def member_tensors(ens: Ensemble, e: int) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_meta(ens: Ensemble, cursor: Cursor, diverged_at: torch.Tensor) -> list[dict]:
-    """Each member's checkpoint metadata: the data cursor, the thread count, its flags."""
-    active, diverged = ens.active.tolist(), diverged_at.tolist()
+    """Each member's checkpoint metadata: the data cursor, the thread count, the step
+    program and software versions, its flags."""
+    active, diverged, versions = ens.active.tolist(), diverged_at.tolist(), software()
     return [
         {
             "cursor": cursor.as_dict(),
             "threads": torch.get_num_threads(),
             "program": ens.program,
+            "software": versions,
             "active": active[e],
             "diverged_step": diverged[e],
         }

@@ -676,6 +676,28 @@ def test_a_run_resumed_by_another_step_program_says_so(tiny_store, tmp_path, cap
         }
 
 
+def test_a_run_resumed_under_another_sweep_or_torch_says_so(
+    tiny_store, tmp_path, caplog, monkeypatch
+):
+    """Checkpointed under another sweep version (an upgrade between a crash and the re-run):
+    it continues, warned about and recorded, since exactness is no longer promised."""
+    import sweep
+
+    with monkeypatch.context() as m:
+        m.setattr(sweep, "__version__", "0.0.9")
+        train_ensemble(job_for(tiny_store, tmp_path), should_stop=stop_after(5))
+    with caplog.at_level(logging.WARNING):
+        job = job_for(tiny_store, tmp_path)
+        train_ensemble(job)
+    assert f"resumes under sweep {sweep.__version__}, torch {torch.__version__}" in caplog.text
+    assert "written under sweep 0.0.9" in caplog.text
+    for m in job.ensemble.members:
+        events = rundir.run_dir(tmp_path, m.run_id) / rundir.EVENTS
+        (event,) = [json.loads(ln) for ln in events.read_text().splitlines()]
+        assert event["event"] == "software_change"
+        assert event["before"]["sweep"] == "0.0.9" and event["now"]["sweep"] == sweep.__version__
+
+
 def test_memory_that_runs_out_is_one_line_naming_the_fix_and_keeps_checkpoints(
     tiny_store, tmp_path, monkeypatch
 ):
