@@ -389,11 +389,25 @@ def drain(
             try:
                 yield Finished(refs[ref], value=ray.get(ref))
             except ray.exceptions.RayError as err:
-                cause = getattr(err, "cause", None)
-                yield Finished(refs[ref], error=task_error_reason(err), cause=cause)
+                cause, reason = getattr(err, "cause", None), task_error_reason(err)
+                if isinstance(err, ray.exceptions.WorkerCrashedError):
+                    reason += _where_ray_logs()
+                yield Finished(refs[ref], error=reason, cause=cause)
         added = [r for r in refs if r not in seen]
         seen.update(added)
         pending += added
+
+
+def _where_ray_logs() -> str:
+    """Where the ``python-core-worker-*.log`` files a crashed worker's error points to are:
+    the Ray session's log folder (on the worker's node; its placement.json names the host)."""
+    import ray
+
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(node, "_global_node", None)
+    with contextlib.suppress(Exception):  # (a private API: without it, the message as Ray's)
+        return f" (Ray's logs: {node.get_logs_dir_path()}, on the node that ran it)"
+    return ""
 
 
 def placement() -> dict:

@@ -230,6 +230,7 @@ def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp
     code, out = finish(p)
     assert code == 2, out
     assert "1 ensemble(s) failed" in out and "finished runs are kept" in out
+    assert f"(Ray's logs: {rt}" in out  # where Ray's "python-core-worker-*.log files" are
     assert "ERROR sweep.details: error: 1 ensemble(s) failed (" in (sw / "sweep.log").read_text()
     for rid in ("r8-l1_1e-02-s0", "r8-l1_4e-02-s0"):  # the killed ensemble's members
         reason = json.loads((sw / "runs" / rid / "FAILED").read_text())["reason"]
