@@ -115,6 +115,16 @@ def _scalars(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _logged_step(run: Any) -> int:
+    """The newest ``train/step`` a (resumed) wandb run already holds: its summary keeps the
+    last value logged (online; -1 when unknown, e.g. offline)."""
+    try:
+        step = run.summary.get("train/step")
+    except Exception:  # a summary wandb could not fetch: log everything
+        return -1
+    return int(step) if isinstance(step, (int, float)) else -1
+
+
 class _Sender:
     """The background side: owns the wandb run objects; only this thread calls wandb."""
 
@@ -126,6 +136,9 @@ class _Sender:
         self.down = False
         """An init failed after its whole timeout: wandb is unreachable; no more calls to it."""
         self.warned: set[str] = set()
+        self.logged: dict[str, int] = {}
+        """run_id -> the newest ``train/step`` its wandb run holds (steps redone after a
+        resume from an older checkpoint are not logged twice)."""
         self.progress = time.monotonic()
         """When the last event was handled (close() waits while events keep completing)."""
 
@@ -194,6 +207,7 @@ class _Sender:
         run.define_metric("train/step")
         run.define_metric("train/*", step_metric="train/step")
         self.runs[run_id] = run
+        self.logged.setdefault(run_id, _logged_step(run))
 
     def on_log(self, records: dict[str, dict]) -> None:
         for run_id, rec in records.items():  # one member's failure does not skip the others
@@ -201,8 +215,10 @@ class _Sender:
 
     def on_log_one(self, run_id: str, rec: dict) -> None:
         run = self._run(run_id)
-        if run is not None:
+        step = rec.get("step", 0)
+        if run is not None and step > self.logged.get(run_id, -1):
             run.log({f"train/{k}": v for k, v in rec.items()})
+            self.logged[run_id] = step
 
     def on_summary(self, run_id: str, metrics: dict) -> None:
         run = self._run(run_id)

@@ -292,6 +292,29 @@ def declared(lg, tmp_path, *run_ids):
         lg.start(rid, folder, {"l1": 1.0})
 
 
+def test_steps_redone_after_a_resume_are_not_logged_twice(tmp_path, monkeypatch):
+    """A worker retried from an older checkpoint redoes steps it logged: wandb gets each step
+    once, the first time (an exact resume redoes them bit for bit). A re-run sweep whose wandb
+    run already holds steps (its summary's ``train/step``, online) skips those too."""
+    import wandb
+
+    record: list = []
+
+    def init(**kw):
+        run = SlowRun(record, 0.0)
+        run.get = lambda key, default=None: 3 if kw["name"] == "b" else default
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    lg = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path)
+    declared(lg, tmp_path, "a", "b")
+    for step in (1, 2, 3, 2, 3, 4):
+        lg.log({"a": {"step": step}, "b": {"step": step}})
+    assert lg.close() is True
+    logged = [entry[1]["train/step"] for entry in record if entry[0] == "log"]
+    assert logged == [1, 2, 3, 4, 4]  # a: each once; b: only past its resumed 3
+
+
 def test_final_metrics_are_never_dropped_for_curve_points(tmp_path, monkeypatch):
     import wandb
 
