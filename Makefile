@@ -21,7 +21,7 @@ demo: setup  ## synthetic store with known features -> L1 x dict-ratio sweep -> 
 	$(BIN)/sweep report $(DEMO_DIR)
 
 test: setup  ## the test suite (CPU, real Ray / Hydra / transformer_lens, tiny sizes)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: setup  ## quality-bar and long end-to-end checks
 	$(BIN)/python -m pytest -q -m slow

@@ -1,7 +1,8 @@
 """``sweep status``: each run's state, progress and latest training metrics.
 
-Progress is the latest training-curve record; ``saved`` the newest checkpoint, where a run
-stopped now would continue from. States: ``pending`` (nothing trained), ``running`` (a live driver holds the sweep's lock and
+Progress is the latest training-curve record; ``saved`` where a run stopped now would
+continue from: the newest step at which every unfinished member of its ensemble has a
+checkpoint (members share one data cursor, so they resume together). States: ``pending`` (nothing trained), ``running`` (a live driver holds the sweep's lock and
 the run has a checkpoint or began training under it), ``interrupted`` (has a checkpoint; the
 sweep was stopped by a signal), ``partial`` (has a checkpoint, no driver), ``done``,
 ``diverged``, ``failed``.
@@ -18,10 +19,12 @@ from sweep.sweepdir import RunRecord, SweepFolder
 
 def status_rows(sweep_dir: Path) -> list[dict]:
     """One row per run (grid order): state, rows trained of the total, latest L0 / FVU."""
-    rows = []
-    for r in SweepFolder(sweep_dir).read_runs():
+    rows, records = [], SweepFolder(sweep_dir).read_runs()
+    saved_steps = _saved_steps(records)
+    for r in records:
         source = r.metrics if r.state.final else r.last
-        saved = _rows_saved(r)
+        batch = r.spec.get("train", {}).get("batch_size", 0)
+        saved = saved_steps[r.run_id] * batch if r.run_id in saved_steps else None
         trained = r.rows_trained  # the latest curve record; a stop checkpoints past it
         rows.append(
             {
@@ -38,15 +41,27 @@ def status_rows(sweep_dir: Path) -> list[dict]:
     return _fill_totals(rows)
 
 
-def _rows_saved(r: RunRecord) -> int | None:
-    """Rows at the run's newest checkpoint file (None once final or before it has a spec)."""
-    if r.state.final or not r.spec:
-        return None
-    try:
-        steps = checkpoint_steps(r.folder.path)
-    except OSError:
-        return None
-    return max(steps, default=0) * r.spec.get("train", {}).get("batch_size", 0)
+def _saved_steps(records: list[RunRecord]) -> dict[str, int]:
+    """run_id -> the step it would resume from (by checkpoint file names): the newest one
+    every unfinished member of its ensemble has (0: none); absent once final or before it
+    has a spec."""
+    steps: dict[str, set[int]] = {}
+    for r in records:
+        if not r.state.final and r.spec:
+            try:
+                steps[r.run_id] = checkpoint_steps(r.folder.path)
+            except OSError:
+                continue
+    together: dict[str, set[int]] = {}
+    for r in records:
+        if r.run_id in steps:
+            key = r.spec.get("ensemble") or r.run_id
+            together[key] = together.get(key, steps[r.run_id]) & steps[r.run_id]
+    return {
+        r.run_id: max(together[r.spec.get("ensemble") or r.run_id], default=0)
+        for r in records
+        if r.run_id in steps
+    }
 
 
 def _fill_totals(rows: list[dict]) -> list[dict]:

@@ -698,6 +698,22 @@ def test_a_run_resumed_under_another_sweep_or_torch_says_so(
         assert event["before"]["sweep"] == "0.0.9" and event["now"]["sweep"] == sweep.__version__
 
 
+def test_status_saved_is_where_the_ensemble_would_resume(tiny_store, tmp_path):
+    """One member's newest checkpoint is gone (a kill between the members' saves): status
+    says both continue from the older step they share, as the resume does."""
+    from sweep.status import status_rows
+    from tests.sweep_builder import write_manifest
+
+    job = job_for(tiny_store, tmp_path)
+    write_manifest(tmp_path, list(job.ensemble.members), tiny_store)
+    train_ensemble(job, should_stop=stop_after(16))  # checkpoints at 14 and 16 (the stop)
+    first, second = (rundir.run_dir(tmp_path, m.run_id) for m in job.ensemble.members)
+    assert checkpoints.checkpoint_steps(first) == checkpoints.checkpoint_steps(second) == {14, 16}
+    checkpoints.path_of(second, 16).unlink()
+    saved = {r["run_id"]: r["rows_saved"] for r in status_rows(tmp_path)}
+    assert saved == {first.name: 14 * 256, second.name: 14 * 256}
+
+
 def test_memory_that_runs_out_is_one_line_naming_the_fix_and_keeps_checkpoints(
     tiny_store, tmp_path, monkeypatch
 ):
