@@ -212,6 +212,12 @@ class Execution:
             self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (shown now)
             if "interrupted" in result.states.values() and not self.outcome.signum:
                 self._stopped_alone(ens)
+            if result.attempt > 1:
+                log.warning(
+                    "ensemble %s: its worker died %d time(s) and Ray ran it again; it "
+                    "continued from its checkpoints (worker_retried in its runs' events.jsonl)",
+                    ens.ensemble_id, result.attempt - 1,
+                )  # fmt: skip
             states = "/".join(sorted(set(result.states.values())))
             log.info(
                 "ensemble %s: %s after %d steps (%.1fs)",

@@ -422,6 +422,7 @@ def placement() -> dict:
         "gpu_share": float(ctx.get_assigned_resources().get("GPU", 0.0)),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "pid": os.getpid(),
+        "task_id": ctx.get_task_id(),  # (the same when Ray runs a task again)
     }
 
 

@@ -234,6 +234,10 @@ class RunFolder:
     def tracker_id(self) -> str | None:
         return self._json(TRACKER).get("wandb_id")
 
+    def placement(self) -> dict:
+        """Where the latest attempt ran (``placement.json``; {} when missing)."""
+        return self._json(PLACEMENT)
+
     # ------------------------------------------------------------------------- writes
 
     def start(self, spec: dict, placement: dict) -> None:
@@ -255,7 +259,7 @@ class RunFolder:
     def record_timings(self, timings: dict[str, float]) -> None:
         """Where the latest attempt's time went (restore, training, checkpoints, finalize),
         added to ``placement.json``."""
-        placement = self._json(PLACEMENT)
+        placement = self.placement()
         placement["timings"] = timings
         atomic_write_json(self.path / PLACEMENT, placement)
 

@@ -70,6 +70,8 @@ class EnsembleResult:
     seconds: float
     resumed_from: int = 0
     """The step this attempt continued from (0: from scratch)."""
+    attempt: int = 1
+    """Ray's attempt at the task (> 1: earlier workers died; ``launch.max_retries``)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
     how many; ``checkpoint_last``: the last one's: a stop's waits for its write, the end's is
@@ -116,11 +118,13 @@ class _Attempt:
         self._tracker: RunLogger | None = None
         self.writer = CheckpointWriter(self.folders)
         self.timings: dict[str, float] = {"checkpoint": 0.0, "checkpoints": 0}
+        self.attempt = 1
 
     def start(self) -> None:
         """Record every member's spec and this attempt's placement."""
         placement = {**self.job.placement, "device": str(self.device)}
         placement["threads"] = torch.get_num_threads()
+        placement["attempt"] = self.attempt = _attempt_number(self.folders, placement)
         for run, folder in zip(self.runs, self.folders, strict=True):
             spec = {**run.as_dict(), "train": asdict(self.job.train), "sae": run.arch}
             spec["recipe"] = self.arch.recipe or None
@@ -308,6 +312,21 @@ def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[Non
         ) from err
 
 
+def _attempt_number(folders: list[RunFolder], placement: dict) -> int:
+    """1, or more when Ray runs this task again because its worker died (the same Ray task
+    id as the attempt that left ``placement.json``): recorded as ``worker_retried`` in each
+    member's ``events.jsonl``; the driver says so when the ensemble ends."""
+    before = folders[0].placement()
+    task = placement.get("task_id")
+    if not task or before.get("task_id") != task:
+        return 1
+    attempt = int(before.get("attempt", 1)) + 1
+    died = {k: before.get(k) for k in ("host", "pid", "time")}
+    for folder in folders:
+        folder.append_event({"event": "worker_retried", "attempt": attempt, "died": died})
+    return attempt
+
+
 def train_ensemble(
     job: EnsembleJob,
     progress: Callable[[int], None] | None = None,
@@ -350,5 +369,5 @@ def train_ensemble(
     for folder in at.folders:
         folder.record_timings(at.timings)
     result = EnsembleResult(job.ensemble.ensemble_id, states, r.step, seconds, resumed_from)
-    result.timings = at.timings
+    result.timings, result.attempt = at.timings, at.attempt
     return result

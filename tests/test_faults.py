@@ -148,6 +148,11 @@ def test_sigkill_worker_is_retried_from_checkpoint(reference, tmp_path, tmp_path
     code, out = finish(p)
     assert code == 0, out  # Ray retried the ensemble; it continued from its checkpoint
     assert hashes(sw) == reference
+    said = "its worker died 1 time(s) and Ray ran it again; it continued from its checkpoints"
+    assert said in (sw / "sweep.log").read_text() and "its worker died 1" in out  # (wrapped)
+    events = [json.loads(ln) for ln in (victim / "events.jsonl").read_text().splitlines()]
+    (retried,) = [e for e in events if e["event"] == "worker_retried"]
+    assert retried["attempt"] == 2 and retried["died"]["pid"] == pid
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

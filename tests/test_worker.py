@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -712,6 +713,25 @@ def test_status_saved_is_where_the_ensemble_would_resume(tiny_store, tmp_path):
     checkpoints.path_of(second, 16).unlink()
     saved = {r["run_id"]: r["rows_saved"] for r in status_rows(tmp_path)}
     assert saved == {first.name: 14 * 256, second.name: 14 * 256}
+
+
+def test_a_task_ray_runs_again_counts_its_attempts(tiny_store, tmp_path):
+    """The same Ray task id as the attempt that left placement.json: its worker died and Ray
+    ran the task again. Each such attempt is counted and recorded in every member."""
+    job = job_for(tiny_store, tmp_path)
+    for attempt in (1, 2, 3):
+        train_ensemble(
+            replace(job, placement={"task_id": "t1", "pid": attempt}), should_stop=stop_after(3)
+        )
+    res = train_ensemble(replace(job, placement={"task_id": "t2"}), should_stop=stop_after(3))
+    assert res.attempt == 1
+    for m in job.ensemble.members:
+        events = rundir.run_dir(tmp_path, m.run_id) / rundir.EVENTS
+        retried = [json.loads(ln) for ln in events.read_text().splitlines()]
+        assert [(e["event"], e["attempt"], e["died"]["pid"]) for e in retried] == [
+            ("worker_retried", 2, 1),
+            ("worker_retried", 3, 2),
+        ]
 
 
 def test_memory_that_runs_out_is_one_line_naming_the_fix_and_keeps_checkpoints(
