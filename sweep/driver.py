@@ -190,25 +190,25 @@ def _train(
     assert signals is not None
     folder.clear_stop()  # left by an earlier, stopped driver
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
-    with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
-        import ray
+    try:
+        with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
+            import ray
 
-        res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
-        cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
-        _write_sweep_files(folder, cfg, p, store)
-        if p.skipped:
-            log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
-        signals.training()
-        try:
+            res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
+            cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
+            _write_sweep_files(folder, cfg, p, store)
+            if p.skipped:
+                log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
+            signals.training()
             Execution(cfg, folder, p, store, res, lock, outcome).run()
-        except StopNow:  # a second signal: what `sweep status` then says of the sweep
-            quietly(lambda: folder.record_state("interrupted"))
-            raise
-    records = folder.read_runs(live=False)  # every run of the sweep, not only this grid's
-    ours = {r.run_id for r in p.runs}
-    outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
-    write_summary(folder.path, [r.row() for r in records])
-    folder.record_state(outcome.state)
+        records = folder.read_runs(live=False)  # every run of the sweep, not only this grid's
+        ours = {r.run_id for r in p.runs}
+        outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
+        write_summary(folder.path, [r.row() for r in records])
+        folder.record_state(outcome.state)
+    except StopNow:  # a second signal (while Ray shuts down, too): what `sweep status` says
+        quietly(lambda: folder.record_state("interrupted"))
+        raise
     return records
 
 
