@@ -179,14 +179,14 @@ def test_a_run_being_trained_again_does_not_load_its_old_weights(copy):
 
 
 def test_another_store_of_the_same_width_is_refused(ray_cluster, tmp_path, capsys):
+    from sweep.activations.synthetic import ensure_synthetic_store
+    from sweep.cli import compose
+    from sweep.config import to_sweep_config
+
     a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["run", f"sweep_dir={tmp_path / 'mk'}", *TINY, "data.path=" + str(a), *GRID]) == 0
-    assert (
-        main(
-            ["run", f"sweep_dir={tmp_path / 'mk2'}", *TINY, "data.seed=1", f"data.path={b}", *GRID]
-        )
-        == 0
-    )
+    for path, seed in ((a, 0), (b, 1)):  # the stores `sweep run` would make, made directly
+        cfg = to_sweep_config(compose([f"sweep_dir={tmp_path}", *TINY, f"data.seed={seed}"]))
+        ensure_synthetic_store(cfg.data, path, "cpu", progress=False)
     sw = tmp_path / "sw"
     train = [x for x in TINY if not x.startswith("data.")] + ["data.eval_rows=2048"]
     assert main(["run", f"sweep_dir={sw}", *train, "data=chunks", f"data.path={a}", *GRID]) == 0
