@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 
 from sweep import launcher, packing, planning
@@ -119,6 +120,7 @@ class Execution:
         return EnsembleJob(
             ens, sweep_dir, store, c.data.normalize, c.data.eval_rows, train,
             threads=self.res.threads, data=c.data, sae=c.sae, logger=c.logger,
+            placement={"submission": uuid.uuid4().hex},  # (Ray's task ids repeat across sessions)
         )  # fmt: skip
 
     def run(self) -> None:

@@ -441,7 +441,7 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
             return EnsembleResult(
                 job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0
             )
-        job = replace(job, placement=placement())
+        job = replace(job, placement={**job.placement, **placement()})
         try:
             return train_ensemble(job, progress=report, should_stop=stop.is_set)
         finally:  # Ray hands the GPU share on before this process exits: free what it cached

@@ -313,12 +313,12 @@ def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[Non
 
 
 def _attempt_number(folders: list[RunFolder], placement: dict) -> int:
-    """1, or more when Ray runs this task again because its worker died (the same Ray task
-    id as the attempt that left ``placement.json``): recorded as ``worker_retried`` in each
+    """1, or more when Ray runs this task again because its worker died (the same driver
+    submission and Ray task id as the attempt that left ``placement.json``): recorded as ``worker_retried`` in each
     member's ``events.jsonl``; the driver says so when the ensemble ends."""
     before = folders[0].placement()
-    task = placement.get("task_id")
-    if not task or before.get("task_id") != task:
+    task = (placement.get("submission"), placement.get("task_id"))  # (ids repeat per session)
+    if None in task or (before.get("submission"), before.get("task_id")) != task:
         return 1
     attempt = int(before.get("attempt", 1)) + 1
     died = {k: before.get(k) for k in ("host", "pid", "time")}

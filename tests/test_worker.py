@@ -721,9 +721,13 @@ def test_a_task_ray_runs_again_counts_its_attempts(tiny_store, tmp_path):
     job = job_for(tiny_store, tmp_path)
     for attempt in (1, 2, 3):
         train_ensemble(
-            replace(job, placement={"task_id": "t1", "pid": attempt}), should_stop=stop_after(3)
+            replace(job, placement={"submission": "s", "task_id": "t1", "pid": attempt}),
+            should_stop=stop_after(3),
         )
-    res = train_ensemble(replace(job, placement={"task_id": "t2"}), should_stop=stop_after(3))
+    # a new submission (a re-run sweep: Ray's task ids repeat across sessions)
+    res = train_ensemble(
+        replace(job, placement={"submission": "s2", "task_id": "t1"}), should_stop=stop_after(3)
+    )
     assert res.attempt == 1
     for m in job.ensemble.members:
         events = rundir.run_dir(tmp_path, m.run_id) / rundir.EVENTS
