@@ -21,7 +21,6 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -395,7 +394,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sweep.stop import Interrupted, StopNow, interruptible
+    from sweep.stop import Interrupted, StopNow, interruptible, raised_by
 
     try:
         with interruptible():
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             _setup_logging(args.verbose)
             return args.func(args)
     except (Interrupted, StopNow, SystemError) as err:
-        stop = _raised_by(err, (Interrupted, StopNow))
+        stop = raised_by(err, (Interrupted, StopNow))
         if stop is None:
             raise
         print(f"interrupted: {stop}", file=sys.stderr)
@@ -417,17 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
-
-
-def _raised_by(err: BaseException, kind: type | tuple[type, ...]) -> Any:
-    """``err`` if it is a ``kind``, else the ``kind`` it was raised from: a signal handler's
-    exception raised inside Ray's C code (``ray.wait``) reaches us as a SystemError."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, kind):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def entry() -> None:

@@ -28,7 +28,7 @@ from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
-from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly
+from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly, raised_by
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,9 @@ def _train(
         outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
         write_summary(folder.path, [r.row() for r in records])
         folder.record_state(outcome.state)
-    except StopNow:  # a second signal (while Ray shuts down, too): what `sweep status` says
-        quietly(lambda: folder.record_state("interrupted"))
+    except (StopNow, SystemError) as err:  # a second signal (inside Ray's C code: wrapped)
+        if raised_by(err, StopNow) is not None:  # what `sweep status` then says of the sweep
+            quietly(lambda: folder.record_state("interrupted"))
         raise
     return records
 
@@ -275,7 +276,10 @@ def _sweep_log(folder: SweepFolder) -> Iterator[None]:
         details.warning("interrupted: %s", err)
         raise
     except Exception as err:
-        if not isinstance(err, SweepError):
+        stop = raised_by(err, StopNow)  # (raised inside Ray's C code: a SystemError)
+        if stop is not None:
+            details.warning("interrupted: %s", stop)
+        elif not isinstance(err, SweepError):
             details.exception("the sweep stopped with this error")
         raise
     finally:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from sweep.errors import SweepError
 
@@ -114,6 +115,17 @@ def _install(handler: Callable[[int, object], None]) -> dict[int, object]:
 def _restore(old: dict[int, object]) -> None:
     for sig, handler in old.items():
         signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def raised_by(err: BaseException, kind: type | tuple[type, ...]) -> Any:
+    """``err`` if it is a ``kind``, else the ``kind`` it was raised from: a signal handler's
+    exception raised inside Ray's C code (``ray.wait``) reaches us as a SystemError."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, kind):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class DriverSignals:
