@@ -25,9 +25,9 @@ from safetensors.torch import save
 from sweep import archs
 from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
-from sweep.rundir import DONE, RunFolder, RunState
+from sweep.rundir import DONE, RUNS, RunFolder, RunState
 from sweep.sae import SAE, read_run
-from sweep.sweepdir import MANIFEST, SweepFolder
+from sweep.sweepdir import MANIFEST, REPORT, SweepFolder, within_sweep
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,13 @@ def _check_out_dir(name: str | Path) -> None:
         raise SweepError(
             f"export folder {out_dir} is a sweep folder or a chunk store; choose another "
             "OUT_DIR (a new folder)"
+        )
+    within = within_sweep(out_dir)
+    if within is not None and within[1] in (RUNS, REPORT):
+        owner, part = within
+        raise SweepError(
+            f"export folder {out_dir} is inside the {part}/ folder of the sweep {owner}, which "
+            f"sweep writes; choose an OUT_DIR outside it (e.g. {owner / 'exported'})"
         )
 
 

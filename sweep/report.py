@@ -36,12 +36,14 @@ from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_bytes, ensure_writable, remove_stale_temps
 from sweep.report_html import Compared, Page, stores_differ, write_html
+from sweep.rundir import RUNS
 from sweep.sweepdir import (
     REPORT,
     SUMMARY,
     SUMMARY_COLUMNS,
     RunRecord,
     SweepFolder,
+    within_sweep,
     write_summary,
 )
 
@@ -271,7 +273,8 @@ def build_report(
     _check_sweeps([folder, *others])
     dev = resolve_device(device, "--device")
     out = ensure_writable(
-        _check_out(Path(out) if out is not None else sweep_dir / REPORT), "report folder"
+        _check_out(Path(out) if out is not None else sweep_dir / REPORT, sweep_dir),
+        "report folder",
     )
     remove_stale_temps(out, older_than=STALE_TEMP_SECONDS)  # of a report killed midway
     digest = folder.finished_digest()  # (before reading: a run finishing meanwhile outdates it)
@@ -327,11 +330,14 @@ REPORT_FILES = {"index.html", SUMMARY, MMCS_FILE, crossdict.CACHE, "logger.json"
 """What a report folder holds besides its plots (``<plot>.png``)."""
 
 
-def _check_out(out: Path) -> Path:
+def _check_out(out: Path, sweep_dir: Path) -> Path:
     """The report folder must be new, empty or an earlier report (its files are replaced):
-    a report written among run folders or into a chunk store would mix into them."""
+    a report written among run folders or into a chunk store would mix into them. It may
+    not lie in another sweep's folder (it would replace that sweep's report), nor among
+    runs."""
     if out.is_file():
         raise SweepError(f"report folder {out} is a file; pass a folder with --out")
+    _check_owner(out, sweep_dir)
     plots_png = {f"{p}.png" for p in PLOTS}
     foreign = [
         p.name
@@ -345,6 +351,25 @@ def _check_out(out: Path) -> Path:
             "pass a new or empty folder with --out"
         )
     return out
+
+
+def _check_owner(out: Path, sweep_dir: Path) -> None:
+    """``out`` is outside every sweep folder, or in ``sweep_dir``, not among its runs."""
+    within = within_sweep(out)
+    if within is None:
+        return
+    owner, part = within
+    if owner != sweep_dir.resolve():
+        raise SweepError(
+            f"report folder {out} is inside another sweep folder ({owner}); pass a folder "
+            f"outside it with --out ('sweep report {owner}' writes that sweep's own report)"
+        )
+    if part in ("", RUNS):
+        where = "is the sweep folder" if part == "" else f"is inside its {RUNS}/ folder"
+        raise SweepError(
+            f"report folder {out} {where}; pass a new folder with --out (default: "
+            f"{sweep_dir / REPORT})"
+        )
 
 
 def _compared(

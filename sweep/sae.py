@@ -218,9 +218,7 @@ def run_cfg(
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild the SAE of one run folder (needs only its ``cfg.json`` and ``sae.safetensors``)."""
     folder, device = Path(path), as_device(device)
-    for name in (rundir.CFG, rundir.WEIGHTS):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} has no {name}: not a finished sweep run folder")
+    _check_run_folder(folder)
     if (folder / rundir.DONE).is_file():  # a sweep's run: its weights must verify
         problem = rundir.RunFolder(folder).final_problem(deep=True)
         if problem:
@@ -231,6 +229,25 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
             f"or see 'sweep status {folder.parent.parent}'"
         )
     return read_run(folder, device)
+
+
+def _check_run_folder(folder: Path) -> None:
+    """``folder`` holds a run's cfg.json and weights (else a one-line error naming the fix)."""
+    from sweep.sweepdir import is_sweep
+
+    if not folder.is_dir():
+        raise SweepError(f"no folder {folder}; pass a run folder (SWEEP_DIR/runs/<run_id>)")
+    if is_sweep(folder):
+        raise SweepError(
+            f"{folder} is a sweep folder, not a run folder; load one run from "
+            f"{folder / rundir.RUNS}/<run_id>, or all of them with sweep.load_sweep({str(folder)!r})"
+        )
+    for name in (rundir.CFG, rundir.WEIGHTS):
+        if not (folder / name).is_file():
+            raise SweepError(
+                f"{folder} has no {name}: not a finished sweep run folder; pass "
+                "SWEEP_DIR/runs/<run_id> of a finished run (see 'sweep status SWEEP_DIR')"
+            )
 
 
 def as_device(device: str | torch.device) -> torch.device:

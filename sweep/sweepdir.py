@@ -228,8 +228,9 @@ def _sweep_files(path: Path) -> bool:
 
 
 def is_sweep(path: Path) -> bool:
-    """A sweep folder: its config.yaml, runs/ and a manifest listing runs."""
-    if not _sweep_files(path):
+    """A sweep folder: its runs/ and a manifest listing runs (and, made by the CLI, its
+    config.yaml)."""
+    if not (path / RUNS).is_dir():
         return False
     try:
         return "runs" in read_json(path / MANIFEST)
@@ -242,6 +243,17 @@ def enclosing_sweep(path: Path) -> Path | None:
     here = Path(path).resolve()
     inside = [here, *here.parents]
     return next((p.parent for p in inside if p.name == RUNS and is_sweep(p.parent)), None)
+
+
+def within_sweep(path: Path) -> tuple[Path, str] | None:
+    """The sweep folder ``path`` is in (or is) and the first name of ``path`` under it
+    (``""`` for the sweep folder itself; ``"runs"``, ``"report"`` ...), if any."""
+    here = Path(path).resolve()
+    for p in [here, *here.parents]:
+        if is_sweep(p):
+            rel = here.relative_to(p).parts
+            return p, rel[0] if rel else ""
+    return None
 
 
 def _damaged(manifest: Path, err: Exception) -> RunDirError:

@@ -212,9 +212,17 @@ def test_a_folder_it_did_not_write_is_never_exported_into(small_sweep, tmp_path,
     """Exporting into the sweep's own runs folder would replace each run's cfg.json."""
     sw = shutil.copytree(small_sweep, tmp_path / "sw")
     before = files(sw)
-    assert main(["export", str(sw), "--to", "saelens", str(sw / "runs")]) == 2
-    assert "holds files not written by 'sweep export'" in one_line(capsys)
+    for inside in (sw / "runs", sw / "runs" / "new", sw / "report"):
+        assert main(["export", str(sw), "--to", "saelens", str(inside)]) == 2
+        want = f"is inside the {inside.relative_to(sw).parts[0]}/ folder of the sweep"
+        assert want in one_line(capsys)
     assert files(sw) == before
+    theirs = tmp_path / "theirs"
+    shutil.copytree(sw / "runs", theirs)
+    assert main(["export", str(sw), "--to", "saelens", str(theirs)]) == 2
+    assert "holds files not written by 'sweep export'" in one_line(capsys)
+    assert main(["export", str(sw), "--to", "saelens", str(sw / "exported")]) == 0
+    assert main(["report", str(sw)]) == 0  # an export beside the runs leaves the sweep intact
     out = tmp_path / "out"  # its own export is replaced by a later one
     assert main(["export", str(sw), "--to", "saelens", str(out)]) == 0
     assert main(["export", str(sw), "--to", "saelens", str(out)]) == 0

@@ -144,6 +144,19 @@ def test_python_api_is_discoverable_and_takes_arrays(finished):
         sae.encode("activations")
 
 
+def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
+    from sweep.errors import SweepError
+
+    with pytest.raises(
+        SweepError, match=r"no folder .*; pass a run folder \(SWEEP_DIR/runs/<run_id>\)"
+    ):
+        sweep.load_run(tmp_path / "missing")
+    with pytest.raises(SweepError, match=r"is a sweep folder, not a run folder; .*load_sweep\("):
+        sweep.load_run(finished)
+    with pytest.raises(SweepError, match="has no cfg.json: not a finished sweep run folder; pass"):
+        sweep.load_run(tmp_path)
+
+
 def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(finished, tmp_path):
     import shutil
 

@@ -549,11 +549,31 @@ def test_report_out_must_be_new_empty_or_an_earlier_report(sweep_copy, tmp_path,
     before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
     assert main(["report", str(sweep_copy), "--out", str(runs)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "holds files a report did not write (r1-l1_1e-01-s0, " in err and "\n" not in err
+    assert "is inside its runs/ folder; pass a new folder with --out" in err and "\n" not in err
     assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(runs / "r1-l1_1e-01-s0", elsewhere)
+    assert main(["report", str(sweep_copy), "--out", str(elsewhere)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds files a report did not write (" in err and "\n" not in err
     out = tmp_path / "rep"
     assert main(["report", str(sweep_copy), "--out", str(out)]) == 0
     assert main(["report", str(sweep_copy), "--out", str(out)]) == 0  # an earlier report: replaced
+
+
+def test_a_report_never_goes_into_another_sweeps_folder(finished, sweep_copy, capsys):
+    """Its report/ folder is that sweep's own: replacing it would show this sweep's runs
+    under that sweep's name."""
+    theirs = finished / "report"
+    build_report(finished, device="cpu", log_media=False)
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    for out in (theirs, finished / "other", finished):
+        assert main(["report", str(sweep_copy), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"is inside another sweep folder ({finished.resolve()})" in err, err
+        assert "\n" not in err
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
+    assert main(["report", str(sweep_copy), "--out", str(sweep_copy / "vs-other")]) == 0
 
 
 def test_terminal_table_marks_weak_loss_recovered(capsys):
