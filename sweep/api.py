@@ -13,6 +13,7 @@ dictionary is first asked for.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from sweep import crossdict, rundir
 from sweep.errors import SweepError
 from sweep.sae import SAE, as_device, load_run
 from sweep.sweepdir import SweepFolder, summary_columns
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,9 +62,16 @@ class Sweep:
         return self._cache[run_id]
 
     def saes(self, state: str = "done") -> Iterator[tuple[str, SAE]]:
-        """(run_id, SAE) for every run in ``state`` (one at a time; each cached once loaded)."""
+        """(run_id, SAE) for every run in ``state`` (one at a time; each cached once loaded).
+        A run that cannot be loaded (its weights fail their checksum, ...) is skipped with a
+        warning naming why; ``sae(run_id)`` raises for it."""
         for rid in self.table.index[self.table["state"] == state]:
-            yield rid, self.sae(rid)
+            try:
+                sae = self.sae(rid)
+            except SweepError as err:
+                log.warning("skipped run %s: %s", rid, err)
+                continue
+            yield rid, sae
 
     def __getitem__(self, run_id: str) -> SAE:
         return self.sae(run_id)

@@ -93,6 +93,18 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     console.print(table)
     if weak:
         console.print(WEAK_CAPTION, highlight=False)
+    for line in _notes(rows):
+        console.print(line, highlight=False)
+
+
+def _notes(rows: list[dict], shown: int = 10) -> list[str]:
+    """Why each run that is not done is where it is (failed, damaged, diverged), as lines
+    under the table: the first ``shown``, then how many more ``summary.csv`` explains."""
+    noted = [r for r in rows if r.get("note") and r.get("state") != "done"]
+    lines = [f"{r['run_id']} ({r.get('state')}): {r['note']}" for r in noted[:shown]]
+    if len(noted) > shown:
+        lines.append(f"... and {len(noted) - shown} more (the note column of {SUMMARY})")
+    return lines
 
 
 WEAK_CAPTION = (
@@ -160,13 +172,6 @@ def _grid_of(records: list[RunRecord], spec: dict) -> dict:
     if spec.get("sae"):
         grid["sae"] = spec["sae"]
     return grid
-
-
-def _grid_order(row: dict) -> tuple:
-    """Dict ratio, L1 (or k), seed (runs without a spec last), then run id."""
-    point = [row.get("dict_ratio"), crossdict.knob_value(row), row.get("seed")]
-    known = all(isinstance(v, (int, float)) for v in point)
-    return (0, *point, row["run_id"]) if known else (1, 0, 0, 0, row["run_id"])
 
 
 def architecture(folder: SweepFolder, records: list[RunRecord]) -> str:
@@ -295,7 +300,7 @@ def build_report(
     source, settings = sweep_settings(folder, records)
     page = Page(
         sweep_dir=sweep_dir,
-        rows=sorted(rows, key=_grid_order),
+        rows=rows,  # (in grid order, as read)
         columns=[c for c in COLUMNS if any(r.get(c) is not None for r in rows)],
         images=images,
         settings=settings,

@@ -163,6 +163,21 @@ class RunRecord:
         return out
 
 
+def grid_order(run_id: str, point: object) -> tuple:
+    """A run's place in grid order: dict ratio, sparsity setting (k, else l1), seed, as
+    numbers; then run id (runs whose grid point is unknown come last)."""
+    point = point if isinstance(point, dict) else {}
+    k = point.get("k")
+    knob = k if _number(k) and k >= 1 else point.get("l1")  # (k is 0 in an L1 run's spec)
+    values = (point.get("dict_ratio"), knob, point.get("seed"))
+    known = all(_number(v) for v in values)
+    return (0, *values, run_id) if known else (1, 0, 0, 0, run_id)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
     """Why a run with a ``DONE`` does not count as finished ("" for every other run)."""
     problem = (
@@ -361,7 +376,8 @@ class SweepFolder:
         try:
             content = read_json(manifest)
             self._refuse_store(content)
-            return list(content["runs"])
+            runs = content["runs"]
+            return sorted(runs, key=lambda rid: grid_order(rid, runs[rid]))
         except (ValueError, KeyError, TypeError) as err:
             raise _damaged(manifest, err) from err
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -247,7 +248,7 @@ def test_report_without_runs_is_an_error(tmp_path, capsys):
     assert "lists no runs" in capsys.readouterr().err
 
 
-def test_load_sweep_table_and_lazy_saes(sweep_copy):
+def test_load_sweep_table_and_lazy_saes(sweep_copy, caplog):
     (rundir.run_dir(sweep_copy, "r1-l1_1e-01-s1") / rundir.DONE).unlink()
     sw = sweep.load_sweep(sweep_copy)
     assert len(sw) == 12 and sw.table.loc["r2-l1_1e-02-s1", "dict_ratio"] == 2.0
@@ -264,6 +265,36 @@ def test_load_sweep_table_and_lazy_saes(sweep_copy):
     with pytest.raises(SweepError, match="no run"):
         sw.sae("nope")
     assert sum(1 for _ in sw.saes()) == 11
+    weights = rundir.run_dir(sweep_copy, rid) / rundir.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damaged after the table was read
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="sweep.api"):
+        loaded = [r for r, _ in sweep.load_sweep(sweep_copy).saes()]
+    assert len(loaded) == 10 and rid not in loaded
+    assert f"skipped run {rid}: run " in caplog.text and "fails its checksum" in caplog.text
+
+
+def test_runs_are_listed_in_grid_order_not_by_name(sweep_copy, capsys):
+    """Run ids sort 1e-01 before 1e-03; the grid goes 1e-3, 1e-2, 1e-1 (then by seed)."""
+    from sweep.status import status_rows
+
+    want = [
+        f"r{r}-l1_{v}-s{s}" for r in (1, 2) for v in ("1e-03", "1e-02", "1e-01") for s in (0, 1)
+    ]
+    assert [r["run_id"] for r in status_rows(sweep_copy)] == want
+    assert list(sweep.load_sweep(sweep_copy).table.index) == want
+    _, rows = build_report(sweep_copy, device="cpu", log_media=False)
+    assert [r["run_id"] for r in rows] == want
+    assert [r["run_id"] for r in read_csv(sweep_copy / "report" / "summary.csv")] == want
+
+
+def test_terminal_table_says_why_a_run_is_not_done(sweep_copy, capsys):
+    weights = rundir.run_dir(sweep_copy, "r2-l1_1e-02-s1") / rundir.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8])
+    assert main(["report", str(sweep_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "r2-l1_1e-02-s1 (pending): " in out and "a sweep run whose grid has it trains it" in out
 
 
 def test_loading_onto_a_device_that_is_not_there_is_a_one_line_error(finished):
