@@ -26,6 +26,7 @@ import csv
 import io
 import logging
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from sweep import crossdict, plots
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_bytes, ensure_writable, remove_stale_temps
-from sweep.report_html import Compared, Page, stores_differ, write_html
+from sweep.report_html import Compared, Page, comparison_warnings, write_html
 from sweep.rundir import RUNS
 from sweep.sweepdir import (
     REPORT,
@@ -387,13 +388,29 @@ def _compared(
         sweeps.append((f, recs, summary_rows(recs)))
     labels = sweep_labels([f for f, _, _ in sweeps], [architecture(f, r) for f, r, _ in sweeps])
     compared = [
-        (Compared(label, f.path, len(rs), sum(r.get("state") == "done" for r in rs), _store(f)), rs)
+        (_compared_sweep(label, f, rs), rs)
         for label, (f, _, rs) in zip(labels, sweeps, strict=True)
     ]
-    warning = stores_differ([c for c, _ in compared])
-    if warning:
+    for warning in comparison_warnings([c for c, _ in compared]):
         log.warning("%s", warning)
     return compared
+
+
+def _compared_sweep(label: str, folder: SweepFolder, rows: list[dict]) -> Compared:
+    """One sweep of a comparison: its runs, the store and held-out rows its finished runs
+    were measured on, how long they trained."""
+    done = [r for r in rows if r.get("state") == "done"]
+    held = sorted({r["eval_rows"] for r in done if isinstance(r.get("eval_rows"), int)})
+    trained = [r["rows_trained"] for r in done if isinstance(r.get("rows_trained"), int)]
+    return Compared(
+        label,
+        folder.path,
+        len(rows),
+        len(done),
+        _store(folder),
+        tuple(held),
+        statistics.median(trained) if trained else None,
+    )
 
 
 def _store(folder: SweepFolder) -> dict:

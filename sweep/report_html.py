@@ -130,6 +130,10 @@ class Compared:
     done: int
     store: dict = field(default_factory=dict)
     """The store it trained on, as its manifest records it (``path``, ``id``, ``width``)."""
+    eval_rows: tuple[int, ...] = ()
+    """The held-out rows its finished runs were evaluated on (``data.eval_rows``)."""
+    rows_trained: float | None = None
+    """The median number of rows its finished runs trained on."""
 
 
 @dataclass
@@ -202,18 +206,43 @@ def _compared(page: Page) -> str:
         for i, c in enumerate(page.compared)
     )
     out = f'\n<p class="meta compared">frontier plot compares: {items}</p>'
-    warning = stores_differ(page.compared)
-    return out + (f'\n<p class="meta warn">{_e(warning)}</p>' if warning else "")
+    warnings = comparison_warnings(page.compared)
+    return out + "".join(f'\n<p class="meta warn">{_e(w)}</p>' for w in warnings)
 
 
-def stores_differ(compared: list[Compared]) -> str:
-    """A warning when the sweeps compared trained on different stores ("" when they share
-    one): their FVU and L0 are then measured on different data."""
-    ids = {c.store.get("id") for c in compared} - {None}
-    if len(ids) < 2:
-        return ""
-    where = "; ".join(f"{c.label}: {c.store.get('path', '?')}" for c in compared)
-    return f"these sweeps trained on different stores ({where}): their FVU and L0 are not measured on the same data"
+LENGTH_RATIO = 2.0
+"""Sweeps whose runs trained this many times longer than another's get a warning."""
+
+
+def comparison_warnings(compared: list[Compared]) -> list[str]:
+    """What makes the compared sweeps' frontiers unlike for unlike: different stores (their
+    FVU and L0 measured on different data), different held-out rows on the same store,
+    training lengths ``LENGTH_RATIO`` or more apart."""
+    out = []
+    if len({c.store.get("id") for c in compared} - {None}) > 1:
+        where = "; ".join(f"{c.label}: {c.store.get('path', '?')}" for c in compared)
+        out.append(
+            f"these sweeps trained on different stores ({where}): their FVU and L0 are not "
+            "measured on the same data"
+        )
+    elif len({c.eval_rows for c in compared if c.eval_rows}) > 1:
+        where = "; ".join(f"{c.label}: {_rows(c.eval_rows)}" for c in compared if c.eval_rows)
+        out.append(
+            f"these sweeps held out different rows for evaluation (data.eval_rows: {where}): "
+            "their FVU and L0 are measured on different rows"
+        )
+    lengths = [c.rows_trained for c in compared if c.rows_trained]
+    if lengths and max(lengths) >= LENGTH_RATIO * min(lengths):
+        where = "; ".join(f"{c.label}: {c.rows_trained:,.0f}" for c in compared if c.rows_trained)
+        out.append(
+            f"these sweeps trained for very different lengths (rows per run: {where}): a "
+            "longer-trained sweep's frontier is lower for that reason too"
+        )
+    return out
+
+
+def _rows(values: tuple[int, ...]) -> str:
+    return " or ".join(f"{v:,}" for v in values)
 
 
 def _value(v: object) -> str:

@@ -183,6 +183,7 @@ def test_report_of_two_sweeps(sweeps, tmp_path, capsys):
     page = (out / "index.html").read_text()
     assert "rep_topk (topk)" in page and "rep_l1 (untied)" in page
     assert "frontier plot compares" in page and "r2-k4-s0" in page
+    assert 'class="meta warn"' not in page  # same store, held-out rows and training length
     links = re.findall(r'(?:href|src)="([^"#][^"]*)"', page)
     assert links and all((out / u).is_file() for u in links)  # run files of the first sweep
     labels = sweep_labels([SweepFolder(topk), SweepFolder(l1)], ["topk", "untied"])
@@ -215,6 +216,21 @@ def test_sweeps_on_different_stores_are_compared_with_a_warning(sweeps, caplog):
     want = "these sweeps trained on different stores (rep_l1 (untied): "
     assert want in page and "rep_topk (topk): /data/other-layer)" in page
     assert "not measured on the same data" in page and want in caplog.text
+
+
+def test_sweeps_held_out_or_trained_differently_are_compared_with_a_warning(sweeps, caplog):
+    for path in (sweeps["topk"] / "runs").glob("*/metrics.json"):
+        values = json.loads(path.read_text())
+        values.update(eval_rows=values["eval_rows"] * 2, rows_trained=values["rows_trained"] * 3)
+        path.write_text(json.dumps(values))
+    with caplog.at_level(logging.WARNING):
+        out, _ = build_report(sweeps["l1"], log_media=False, compare=[sweeps["topk"]])
+    page = " ".join((out / "index.html").read_text().split())
+    held = "these sweeps held out different rows for evaluation (data.eval_rows: rep_l1 (untied): "
+    longer = "these sweeps trained for very different lengths (rows per run: rep_l1 (untied): "
+    for want in (held, longer, "measured on different rows", "lower for that reason too"):
+        assert want in page and want in caplog.text
+    assert "different stores" not in page
 
 
 @pytest.mark.parametrize("kind", ["missing", "foreign", "twice"])
