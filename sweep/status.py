@@ -37,6 +37,7 @@ def status_rows(sweep_dir: Path) -> list[dict]:
                 "rows_saved": saved,
                 "l0": source.get("l0"),
                 "fvu": source.get("fvu"),
+                "held_out": r.state.final,  # (else l0 and fvu are of its latest training batch)
                 **({"note": r.note} if r.note else {}),
             }
         )
@@ -83,6 +84,22 @@ def _cell(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+TRAINING_CAPTION = (
+    "* l0 and fvu of a run not finished are of its latest training batch; a finished run's "
+    "are measured on the held-out rows (data.eval_rows)"
+)
+
+
+def _from_training(row: dict) -> bool:
+    return not row.get("held_out") and any(row.get(c) is not None for c in ("l0", "fvu"))
+
+
+def _metric_cell(row: dict, col: str) -> str:
+    """A cell; l0 and fvu measured on a training batch, not held-out rows, are marked *."""
+    text = _cell(row.get(col))
+    return f"{text} *" if text and col in ("l0", "fvu") and _from_training(row) else text
+
+
 def _percent(part: int | None, total: int | None) -> str:
     return f"{100 * part / total:.0f}%" if part is not None and total else ""
 
@@ -99,9 +116,11 @@ def print_status(sweep_dir: Path) -> None:
     for r in rows:
         r["progress"] = _percent(r.get("rows_trained"), r.get("rows_total"))
         r["saved"] = _percent(r.get("rows_saved"), r.get("rows_total"))
-        table.add_row(*(_cell(r.get(c)) for c in cols))
+        table.add_row(*(_metric_cell(r, c) for c in cols))
     console = Console(width=200)
     console.print(table)
+    if any(_from_training(r) for r in rows):
+        console.print(TRAINING_CAPTION, highlight=False)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

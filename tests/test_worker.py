@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -713,6 +714,19 @@ def test_status_saved_is_where_the_ensemble_would_resume(tiny_store, tmp_path):
     checkpoints.path_of(second, 16).unlink()
     saved = {r["run_id"]: r["rows_saved"] for r in status_rows(tmp_path)}
     assert saved == {first.name: 14 * 256, second.name: 14 * 256}
+
+
+def test_status_marks_metrics_of_training_batches(tiny_store, tmp_path, capsys):
+    """A stopped run's l0/fvu come from its latest training batch: marked * and explained."""
+    from sweep.status import print_status
+    from tests.sweep_builder import write_manifest
+
+    job = job_for(tiny_store, tmp_path)
+    write_manifest(tmp_path, list(job.ensemble.members), tiny_store)
+    train_ensemble(job, should_stop=stop_after(16))
+    print_status(tmp_path)
+    out = capsys.readouterr().out
+    assert re.search(r"\d \*", out) and "of its latest training batch; a finished run's" in out
 
 
 def test_a_task_ray_runs_again_counts_its_attempts(tiny_store, tmp_path):
