@@ -23,7 +23,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, LogFormatter
 
 from sweep import crossdict
 from sweep.crossdict import KNOB_AXES, KNOB_NAMES, CrossDict, knob_text, knob_value, sweep_knob
@@ -241,9 +241,19 @@ def frontier(rows: list[dict], path: Path) -> Path:
 def _frontier_axes(ax) -> None:
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # plain numbers ("6", "0.2"), not 6x10^0: they fit
+        axis.set_major_formatter(_PlainLog(labelOnlyBase=False))
+        axis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     ax.set_xlabel("L0 (active features per row)")
     ax.set_ylabel("FVU (fraction of variance unexplained)")
     ax.grid(True, which="both", alpha=0.3)
+
+
+class _PlainLog(LogFormatter):
+    """Matplotlib's choice of which log ticks to label, each written as a plain number."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:.3g}" if super().__call__(x, pos) else ""
 
 
 FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "PuRd")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import re
@@ -254,6 +255,27 @@ def test_compare_figure_labels():
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["a (topk)", "b (untied) (no finished runs)"]
     assert plots.frontier_compare_figure([("b (untied)", [])]) is None
+
+
+@pytest.mark.parametrize(
+    "l0s, fvus", [((2, 3, 5, 9, 14), (0.5, 0.4, 0.3, 0.2, 0.12)), ((3, 4, 5), (0.3, 0.28, 0.25))]
+)
+def test_frontier_ticks_are_plain_distinct_and_apart(l0s, fvus):
+    done = [
+        {"run_id": f"r{i}", "state": "done", "l1": 1e-3, "dict_ratio": 2.0, "l0": a, "fvu": b}
+        for i, (a, b) in enumerate(zip(l0s, fvus, strict=True))
+    ]
+    fig = plots.frontier_compare_figure([("a (untied)", done), ("b (topk)", done[1:])])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    for axis in (ax.xaxis, ax.yaxis):
+        shown = [t for t in axis.get_ticklabels(which="both") if t.get_text() and t.get_visible()]
+        texts = [t.get_text() for t in shown]
+        assert len(texts) >= 2 and len(set(texts)) == len(texts), texts
+        assert all(re.fullmatch(r"[0-9.]+", t) for t in texts), texts  # no 6x10^0, no 3e-01
+        boxes = sorted((t.get_window_extent(renderer) for t in shown), key=lambda b: b.x0 + b.y0)
+        assert not any(a.overlaps(b) for a, b in itertools.pairwise(boxes)), texts
 
 
 # ----------------------------------------------------------------------------- a JumpReLU sweep
