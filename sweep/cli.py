@@ -258,11 +258,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from sweep import status
-    from sweep.sweepdir import Preparing
+    from sweep.sweepdir import Preparing, StoppedPreparing
 
     try:
         status.print_status(Path(args.sweep_dir))
-    except Preparing as err:  # (a live sweep making its data: nothing wrong)
+    except (Preparing, StoppedPreparing) as err:  # (a state, not a wrong folder)
         print(err)
     return 0
 

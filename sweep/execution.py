@@ -26,6 +26,7 @@ from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, EnsembleResult
 
 log = logging.getLogger(__name__)
+details = logging.getLogger("sweep.details")  # to sweep.log only (see driver._sweep_log)
 
 STOP_GRACE = 30.0  # seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT
 STOP_WRITE_RATE = 100e6
@@ -214,6 +215,9 @@ class Execution:
             self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (shown now)
             if "interrupted" in result.states.values() and not self.outcome.signum:
                 self._stopped_alone(ens)
+            for line in result.warnings:  # (the terminal had them from Ray's worker output)
+                named = ens.ensemble_id in line
+                details.warning("%s", line if named else f"ensemble {ens.ensemble_id}: {line}")
             if result.attempt > 1:
                 log.warning(
                     "ensemble %s: its worker died %d time(s) and Ray ran it again; it "
@@ -247,6 +251,12 @@ class Execution:
         (on a signal), stops it for good."""
         n = self.stopped_alone[ens] = self.stopped_alone.get(ens, 0) + 1
         limit = self.cfg.launch.max_retries
+        for m in ens.members:  # (the worker cannot tell whose signal it got)
+            quietly(
+                lambda m=m: self.folder.run(m.run_id).append_event(
+                    {"event": "stopped_from_outside", "times": n, "max_retries": limit}
+                )
+            )
         if self.folder.stop_file.exists():
             reason = "its worker found the sweep's stop file, which this driver did not write"
         elif n > limit:

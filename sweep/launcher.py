@@ -426,6 +426,26 @@ def placement() -> dict:
     }
 
 
+class _KeepWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _warnings_kept() -> Iterator[list[str]]:
+    """The warnings sweep's code logs inside, as lines (a task sends them to the driver)."""
+    keep = _KeepWarnings()
+    logging.getLogger("sweep").addHandler(keep)
+    try:
+        yield keep.lines
+    finally:
+        logging.getLogger("sweep").removeHandler(keep)
+
+
 def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
     """The Ray task body: train one ensemble; stop cleanly (checkpoint) on SIGTERM/SIGINT or
     when the driver's stop file appears."""
@@ -443,7 +463,10 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
             )
         job = replace(job, placement={**job.placement, **placement()})
         try:
-            return train_ensemble(job, progress=report, should_stop=stop.is_set)
+            with _warnings_kept() as warnings:
+                result = train_ensemble(job, progress=report, should_stop=stop.is_set)
+            result.warnings = warnings
+            return result
         finally:  # Ray hands the GPU share on before this process exits: free what it cached
             try:
                 release_device_memory()

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from sweep.activations.layout import CHUNKS as STORE_CHUNKS
 from sweep.activations.layout import FORMAT as STORE_FORMAT
 from sweep.activations.layout import MAKING as STORE_MAKING
+from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
 from sweep.rundir import DONE, RUNS, RunFolder, RunState
@@ -237,6 +238,11 @@ class Preparing(SweepError):
     """A live sweep that has not planned its runs yet (it is making or checking its data)."""
 
 
+class StoppedPreparing(SweepError):
+    """A sweep whose driver stopped before it planned any run (a state ``status`` shows; an
+    error for what needs runs)."""
+
+
 def _sweep_files(path: Path) -> bool:
     """Its config.yaml and runs/: a sweep folder, or one whose manifest was deleted."""
     return (path / CONFIG).is_file() and (path / RUNS).is_dir()
@@ -344,10 +350,13 @@ class SweepFolder:
                 "listed once it has planned them"
             )
         if self.stopped_preparing():
-            return SweepError(
-                f"{self.path}: its sweep stopped while preparing its data{where}, before it "
-                "planned any run; re-run its 'sweep run' command (corrected, if it was refused) "
-                "to continue: a store is continued where it stopped"
+            doing = (
+                "after making its data" if self._store_complete() else "while preparing its data"
+            )
+            return StoppedPreparing(
+                f"{self.path}: its sweep stopped {doing}{where}, before it planned any run; "
+                "re-run its 'sweep run' command (corrected, if it was refused) to continue: a "
+                "store is continued where it stopped"
             )
         if _sweep_files(self.path) or (self.path / RUNS).is_dir():
             return SweepError(
@@ -506,9 +515,22 @@ class SweepFolder:
         store = default_store_path(self.path)
         return sum(1 for _ in store.rglob(STORE_CHUNKS)) if store.is_dir() else 0
 
+    def _store_complete(self) -> bool:
+        """Every folder of the default store that holds chunks has its manifest (written
+        last): the data is made (a harvest's store has a folder per hook)."""
+        store = default_store_path(self.path)
+        holding = {p.parent for p in store.rglob(STORE_CHUNKS)} if store.is_dir() else set()
+        return bool(holding) and all((p / STORE_MANIFEST).is_file() for p in holding)
+
     def _store_progress(self) -> str:
         n = self._store_chunks()
-        return f" (store: {n} chunks so far)" if n else ""
+        if not n:
+            return ""
+        return (
+            f" (store: complete, {n} chunks)"
+            if self._store_complete()
+            else f" (store: {n} chunks so far)"
+        )
 
     def driver_alive(self) -> bool:
         return self.driver_since() is not None

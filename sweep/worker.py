@@ -72,6 +72,9 @@ class EnsembleResult:
     """The step this attempt continued from (0: from scratch)."""
     attempt: int = 1
     """Ray's attempt at the task (> 1: earlier workers died; ``launch.max_retries``)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the worker warned about (a checkpoint that failed to verify, a resume from an
+    older step, ...), for the driver's ``sweep.log``."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
     how many; ``checkpoint_last``: the last one's: a stop's waits for its write, the end's is

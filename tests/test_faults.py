@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sweep import checkpoints
 from sweep.sweepdir import STOP
 
 ARGS = [
@@ -190,7 +191,17 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     for r in rows:  # each stopped run names the checkpoint it continues from
         if r["state"] == "interrupted":
             assert 0 < r["rows_saved"] < r["rows_total"], r
+    # its newest checkpoint damaged: the ensemble continues from an older one (or the start),
+    # still exact, and the worker's warning reaches sweep.log
+    stopped = next(r["run_id"] for r in rows if r["state"] == "interrupted")
+    newest = checkpoints.list_checkpoints(sw / "runs" / stopped)[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
     _resume_and_compare(sw, rt, reference)
+    said = (sw / "sweep.log").read_text()
+    ens = stopped.split("-")[0] + "-e0-resume"
+    assert f"sweep.details: run {stopped} (ensemble {ens}): checkpoint checkpoint-" in said
 
 
 def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_factory):
@@ -229,6 +240,8 @@ def test_a_worker_stopped_alone_continues_from_its_checkpoint(
     assert (
         "r8-e0: its worker was stopped by a signal this driver did not send; it continues" in said
     )
+    events = [json.loads(ln) for ln in (victim / "events.jsonl").read_text().splitlines()]
+    assert [e["times"] for e in events if e["event"] == "stopped_from_outside"] == [1], events
     assert hashes(sw) == reference
 
 

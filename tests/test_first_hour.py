@@ -371,7 +371,7 @@ def test_status_needs_no_torch(finished, tmp_path):
 
 def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
     """A harvest can take hours before a sweep plans its runs: status says what it is doing
-    (exit 0), and once stopped there, status and resume say how to continue."""
+    (exit 0), and once stopped there, status (exit 0) and resume (exit 2) say how to continue."""
     from sweep.lock import SweepLock
 
     sw = tmp_path / "sw"
@@ -383,11 +383,16 @@ def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
         said = capsys.readouterr().out
         assert "its sweep is starting: preparing its data (store: 3 chunks so far)" in said
     (sw / "sweep.log").write_text("INFO sweep.driver: harvesting\n")
-    for argv in (["status", str(sw)], ["resume", str(sw)]):
-        assert main(argv) == 2
-        err = capsys.readouterr().err
-        assert "its sweep stopped while preparing its data (store: 3 chunks so far)" in err, err
-        assert "re-run its 'sweep run' command" in err and "\n" not in err.strip()
+    for argv, code in ((["status", str(sw)], 0), (["resume", str(sw)], 2)):
+        assert main(argv) == code
+        said = capsys.readouterr()
+        said = said.out if code == 0 else said.err
+        assert "its sweep stopped while preparing its data (store: 3 chunks so far)" in said
+        assert "re-run its 'sweep run' command" in said and "\n" not in said.strip()
+    (sw / "store" / "manifest.json").write_text("{}")  # the store finished, Ray's start-up not
+    assert main(["status", str(sw)]) == 0
+    said = capsys.readouterr().out
+    assert "its sweep stopped after making its data (store: complete, 3 chunks), before it" in said
 
 
 def test_resume_names_what_its_folder_is_and_takes_no_other_sweep_dir(finished, tmp_path, capsys):
