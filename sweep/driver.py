@@ -272,11 +272,8 @@ def _sweep_log(folder: SweepFolder) -> Iterator[None]:
     try:
         with at_exit_now(lambda line: _append_line(folder.path / LOG, line)):
             yield
-    except StopNow as err:  # (a second signal: only while training)
-        details.warning("interrupted: %s", err)
-        raise
-    except Exception as err:
-        stop = raised_by(err, StopNow)  # (raised inside Ray's C code: a SystemError)
+    except (StopNow, Exception) as err:
+        stop = raised_by(err, StopNow)  # a second signal (inside Ray's C code: a SystemError)
         if stop is not None:
             details.warning("interrupted: %s", stop)
         elif not isinstance(err, SweepError):

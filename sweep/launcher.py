@@ -403,10 +403,9 @@ def _where_ray_logs() -> str:
     the Ray session's log folder (on the worker's node; its placement.json names the host)."""
     import ray
 
-    node = getattr(getattr(ray, "_private", None), "worker", None)
-    node = getattr(node, "_global_node", None)
     with contextlib.suppress(Exception):  # (a private API: without it, the message as Ray's)
-        return f" (Ray's logs: {node.get_logs_dir_path()}, on the node that ran it)"
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        return f" (Ray's logs: {logs}, on the node that ran it)"
     return ""
 
 

@@ -55,16 +55,11 @@ def _saved_steps(records: list[RunRecord]) -> dict[str, int]:
                 steps[r.run_id] = checkpoint_steps(r.folder.path)
             except OSError:
                 continue
+    group = {r.run_id: r.spec.get("ensemble") or r.run_id for r in records if r.run_id in steps}
     together: dict[str, set[int]] = {}
-    for r in records:
-        if r.run_id in steps:
-            key = r.spec.get("ensemble") or r.run_id
-            together[key] = together.get(key, steps[r.run_id]) & steps[r.run_id]
-    return {
-        r.run_id: max(together[r.spec.get("ensemble") or r.run_id], default=0)
-        for r in records
-        if r.run_id in steps
-    }
+    for rid, key in group.items():
+        together[key] = together.get(key, steps[rid]) & steps[rid]
+    return {rid: max(together[key], default=0) for rid, key in group.items()}
 
 
 def _fill_totals(rows: list[dict]) -> list[dict]:
