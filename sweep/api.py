@@ -28,6 +28,9 @@ from sweep.sweepdir import SweepFolder, summary_columns
 
 log = logging.getLogger(__name__)
 
+FINAL = ("done", "diverged")
+"""The states whose runs have a dictionary (a diverged run's: frozen at its last finite step)."""
+
 
 @dataclass
 class Sweep:
@@ -62,9 +65,14 @@ class Sweep:
         return self._cache[run_id]
 
     def saes(self, state: str = "done") -> Iterator[tuple[str, SAE]]:
-        """(run_id, SAE) for every run in ``state`` (one at a time; each cached once loaded).
-        A run that cannot be loaded (its weights fail their checksum, ...) is skipped with a
-        warning naming why; ``sae(run_id)`` raises for it."""
+        """(run_id, SAE) for every run in ``state`` (``done``, or ``diverged``: frozen weights;
+        one at a time, each cached once loaded). A run that cannot be loaded (its weights fail
+        their checksum, ...) is skipped with a warning naming why; ``sae(run_id)`` raises."""
+        if state not in FINAL:
+            raise SweepError(
+                f"runs in state {state!r} have no dictionary to load yet; pass one of: "
+                f"{', '.join(FINAL)}"
+            )
         for rid in self.table.index[self.table["state"] == state]:
             try:
                 sae = self.sae(rid)

@@ -9,6 +9,11 @@ class SweepError(Exception):
     """A problem with the user's input or environment; the message names it and the fix."""
 
 
+class NotARunFolder(SweepError, FileNotFoundError):
+    """``sweep.load_run`` was given a folder that holds no run (a FileNotFoundError too, as
+    it was before it named the fix)."""
+
+
 class StoreError(SweepError):
     """A chunk store is missing, incomplete, damaged or does not fit the config."""
 

@@ -213,11 +213,11 @@ class Execution:
             result: EnsembleResult = fin.value
             self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
             self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (shown now)
-            if "interrupted" in result.states.values() and not self.outcome.signum:
-                self._stopped_alone(ens)
+            stopped = [r for r, state in result.states.items() if state == "interrupted"]
+            if stopped and not self.outcome.signum:
+                self._stopped_alone(ens, stopped)
             for line in result.warnings:  # (the terminal had them from Ray's worker output)
-                named = ens.ensemble_id in line
-                details.warning("%s", line if named else f"ensemble {ens.ensemble_id}: {line}")
+                details.warning("worker of ensemble %s: %s", ens.ensemble_id, line)
             if result.attempt > 1:
                 log.warning(
                     "ensemble %s: its worker died %d time(s) and Ray ran it again; it "
@@ -244,20 +244,18 @@ class Execution:
                 quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
 
-    def _stopped_alone(self, ens: EnsembleSpec) -> None:
-        """Its worker stopped at a signal this driver did not send (someone's ``kill``, a node
-        agent): the ensemble continues from the checkpoint it wrote, as a crashed one would,
-        up to ``launch.max_retries`` times. The sweep's stop file, which only the driver writes
-        (on a signal), stops it for good."""
+    def _stopped_alone(self, ens: EnsembleSpec, stopped: list[str]) -> None:
+        """Its worker stopped (``stopped``: the members it left interrupted) at a signal this
+        driver did not send (someone's ``kill``, a node agent): the ensemble continues from the
+        checkpoint it wrote, as a crashed one would, up to ``launch.max_retries`` times. The
+        sweep's stop file, which only the driver writes (on a signal), stops it for good."""
         n = self.stopped_alone[ens] = self.stopped_alone.get(ens, 0) + 1
         limit = self.cfg.launch.max_retries
-        for m in ens.members:  # (the worker cannot tell whose signal it got)
-            quietly(
-                lambda m=m: self.folder.run(m.run_id).append_event(
-                    {"event": "stopped_from_outside", "times": n, "max_retries": limit}
-                )
-            )
-        if self.folder.stop_file.exists():
+        by = "stop_file" if self.folder.stop_file.exists() else "signal"
+        event = {"event": "stopped_from_outside", "by": by, "times": n, "max_retries": limit}
+        for rid in stopped:  # (the worker cannot tell whose signal it got)
+            quietly(lambda rid=rid: self.folder.run(rid).append_event(event))
+        if by == "stop_file":
             reason = "its worker found the sweep's stop file, which this driver did not write"
         elif n > limit:
             reason = f"its worker was stopped by a signal this driver did not send, {n} times (launch.max_retries={limit})"

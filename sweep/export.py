@@ -27,7 +27,7 @@ from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
 from sweep.rundir import DONE, RUNS, RunFolder, RunState
 from sweep.sae import SAE, read_run
-from sweep.sweepdir import MANIFEST, REPORT, SweepFolder, within_sweep
+from sweep.sweepdir import MANIFEST, REPORT, STORE, SweepFolder, within_sweep
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def _check_out_dir(name: str | Path) -> None:
             "OUT_DIR (a new folder)"
         )
     within = within_sweep(out_dir)
-    if within is not None and within[1] in (RUNS, REPORT):
+    if within is not None and within[1] in (RUNS, REPORT, STORE):
         owner, part = within
         raise SweepError(
             f"export folder {out_dir} is inside the {part}/ folder of the sweep {owner}, which "

@@ -426,18 +426,27 @@ def placement() -> dict:
 
 
 class _KeepWarnings(logging.Handler):
-    def __init__(self) -> None:
+    """Keeps each warning's line; ``echo``: also writes it to stderr, as logging's fallback
+    would without this handler (a Ray worker sets up no logging: Ray forwards stderr)."""
+
+    def __init__(self, echo: bool) -> None:
         super().__init__(logging.WARNING)
         self.lines: list[str] = []
+        self.echo = echo
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        try:
+            self.lines.append(record.getMessage())
+        except Exception:  # noqa: BLE001 (a bad log call never stops training)
+            self.handleError(record)
+        if self.echo and logging.lastResort is not None:
+            logging.lastResort.handle(record)
 
 
 @contextlib.contextmanager
 def _warnings_kept() -> Iterator[list[str]]:
     """The warnings sweep's code logs inside, as lines (a task sends them to the driver)."""
-    keep = _KeepWarnings()
+    keep = _KeepWarnings(echo=not logging.getLogger("sweep").hasHandlers())
     logging.getLogger("sweep").addHandler(keep)
     try:
         yield keep.lines

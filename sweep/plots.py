@@ -243,7 +243,7 @@ def _frontier_axes(ax) -> None:
     ax.set_yscale("log")
     for axis in (ax.xaxis, ax.yaxis):  # plain numbers ("6", "0.2"), not 6x10^0: they fit
         axis.set_major_formatter(_PlainLog(labelOnlyBase=False))
-        axis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        axis.set_minor_formatter(_PlainLog(labelOnlyBase=False))
     ax.set_xlabel("L0 (active features per row)")
     ax.set_ylabel("FVU (fraction of variance unexplained)")
     ax.grid(True, which="both", alpha=0.3)
@@ -253,7 +253,7 @@ class _PlainLog(LogFormatter):
     """Matplotlib's choice of which log ticks to label, each written as a plain number."""
 
     def __call__(self, x: float, pos: int | None = None) -> str:
-        return f"{x:.3g}" if super().__call__(x, pos) else ""
+        return f"{x:g}" if super().__call__(x, pos) else ""
 
 
 FAMILIES = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys", "YlOrBr", "PuRd")

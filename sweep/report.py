@@ -40,6 +40,7 @@ from sweep.report_html import Compared, Page, comparison_warnings, write_html
 from sweep.rundir import RUNS
 from sweep.sweepdir import (
     REPORT,
+    STORE,
     SUMMARY,
     SUMMARY_COLUMNS,
     RunRecord,
@@ -360,7 +361,8 @@ def _check_out(out: Path, sweep_dir: Path) -> Path:
 
 
 def _check_owner(out: Path, sweep_dir: Path) -> None:
-    """``out`` is outside every sweep folder, or in ``sweep_dir``, not among its runs."""
+    """``out`` is outside every sweep folder, or in ``sweep_dir``, not among its runs or in
+    its store."""
     within = within_sweep(out)
     if within is None:
         return
@@ -370,8 +372,8 @@ def _check_owner(out: Path, sweep_dir: Path) -> None:
             f"report folder {out} is inside another sweep folder ({owner}); pass a folder "
             f"outside it with --out ('sweep report {owner}' writes that sweep's own report)"
         )
-    if part in ("", RUNS):
-        where = "is the sweep folder" if part == "" else f"is inside its {RUNS}/ folder"
+    if part in ("", RUNS, STORE):
+        where = "is the sweep folder" if part == "" else f"is inside its {part}/ folder"
         raise SweepError(
             f"report folder {out} {where}; pass a new folder with --out (default: "
             f"{sweep_dir / REPORT})"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from sweep import archs, rundir
 from sweep.archs import Architecture, Hyper, Params
-from sweep.errors import SweepError
+from sweep.errors import NotARunFolder, SweepError
 
 if TYPE_CHECKING:
     from sweep.grid import RunSpec
@@ -236,15 +236,15 @@ def _check_run_folder(folder: Path) -> None:
     from sweep.sweepdir import is_sweep
 
     if not folder.is_dir():
-        raise SweepError(f"no folder {folder}; pass a run folder (SWEEP_DIR/runs/<run_id>)")
+        raise NotARunFolder(f"no folder {folder}; pass a run folder (SWEEP_DIR/runs/<run_id>)")
     if is_sweep(folder):
-        raise SweepError(
+        raise NotARunFolder(
             f"{folder} is a sweep folder, not a run folder; load one run from "
             f"{folder / rundir.RUNS}/<run_id>, or all of them with sweep.load_sweep({str(folder)!r})"
         )
     for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():
-            raise SweepError(
+            raise NotARunFolder(
                 f"{folder} has no {name}: not a finished sweep run folder; pass "
                 "SWEEP_DIR/runs/<run_id> of a finished run (see 'sweep status SWEEP_DIR')"
             )

@@ -266,12 +266,20 @@ def enclosing_sweep(path: Path) -> Path | None:
     return next((p.parent for p in inside if p.name == RUNS and is_sweep(p.parent)), None)
 
 
+def _sweep_like(path: Path) -> bool:
+    """A sweep folder, or one that is still one though damaged or young: two of its runs/,
+    config.yaml and manifest (a chunk store has only a manifest)."""
+    found = ((path / RUNS).is_dir(), (path / CONFIG).is_file(), (path / MANIFEST).is_file())
+    return sum(found) >= 2
+
+
 def within_sweep(path: Path) -> tuple[Path, str] | None:
     """The sweep folder ``path`` is in (or is) and the first name of ``path`` under it
-    (``""`` for the sweep folder itself; ``"runs"``, ``"report"`` ...), if any."""
+    (``""`` for the sweep folder itself; ``"runs"``, ``"report"`` ...), if any; a sweep
+    whose manifest is damaged, or that has not started a run yet, counts too."""
     here = Path(path).resolve()
     for p in [here, *here.parents]:
-        if is_sweep(p):
+        if is_sweep(p) or _sweep_like(p):
             rel = here.relative_to(p).parts
             return p, rel[0] if rel else ""
     return None
@@ -343,18 +351,17 @@ class SweepFolder:
 
     def _no_manifest(self) -> SweepError:
         """What a folder without a manifest is, as the one-line error a reader raises."""
-        where = self._store_progress()
+        chunks = self._store_chunks()
+        where = self._store_progress(chunks)
         if self.driver_alive():
             return Preparing(
                 f"{self.path}: its sweep is starting: preparing its data{where}; its runs are "
                 "listed once it has planned them"
             )
-        if self.stopped_preparing():
-            doing = (
-                "after making its data" if self._store_complete() else "while preparing its data"
-            )
+        if self._stopped_preparing(chunks):
+            doing = "after making" if "complete" in where else "while preparing"
             return StoppedPreparing(
-                f"{self.path}: its sweep stopped {doing}{where}, before it planned any run; "
+                f"{self.path}: its sweep stopped {doing} its data{where}, before it planned any run; "
                 "re-run its 'sweep run' command (corrected, if it was refused) to continue: a "
                 "store is continued where it stopped"
             )
@@ -504,33 +511,26 @@ class SweepFolder:
     def clear_stop(self) -> None:
         self.stop_file.unlink(missing_ok=True)
 
-    def stopped_preparing(self) -> bool:
-        """A sweep that never planned: its ``sweep.log`` or store exist, but no config."""
-        started = (self.path / LOG).is_file() or self._store_chunks() > 0
+    def _stopped_preparing(self, chunks: list[Path]) -> bool:
+        """A sweep that never planned: its ``sweep.log`` or store (``chunks``) exist, but no
+        config."""
+        started = (self.path / LOG).is_file() or bool(chunks)
         planned = (self.path / CONFIG, self.path / MANIFEST, self.path / RUNS)
         return started and not any(p.exists() for p in planned)
 
-    def _store_chunks(self) -> int:
-        """Chunks written so far into a store in its default place (``SWEEP_DIR/store``)."""
+    def _store_chunks(self) -> list[Path]:
+        """Chunk files written so far into a store in its default place (``SWEEP_DIR/store``)."""
         store = default_store_path(self.path)
-        return sum(1 for _ in store.rglob(STORE_CHUNKS)) if store.is_dir() else 0
+        return list(store.rglob(STORE_CHUNKS)) if store.is_dir() else []
 
-    def _store_complete(self) -> bool:
-        """Every folder of the default store that holds chunks has its manifest (written
-        last): the data is made (a harvest's store has a folder per hook)."""
-        store = default_store_path(self.path)
-        holding = {p.parent for p in store.rglob(STORE_CHUNKS)} if store.is_dir() else set()
-        return bool(holding) and all((p / STORE_MANIFEST).is_file() for p in holding)
-
-    def _store_progress(self) -> str:
-        n = self._store_chunks()
-        if not n:
+    def _store_progress(self, chunks: list[Path]) -> str:
+        """The store's progress, for a message: complete when every folder that holds chunks
+        has its manifest (written last; a harvest's store has a folder per hook)."""
+        if not chunks:
             return ""
-        return (
-            f" (store: complete, {n} chunks)"
-            if self._store_complete()
-            else f" (store: {n} chunks so far)"
-        )
+        if all((p / STORE_MANIFEST).is_file() for p in {c.parent for c in chunks}):
+            return f" (store: complete, {len(chunks)} chunks)"
+        return f" (store: {len(chunks)} chunks so far)"
 
     def driver_alive(self) -> bool:
         return self.driver_since() is not None

@@ -212,7 +212,7 @@ def test_a_folder_it_did_not_write_is_never_exported_into(small_sweep, tmp_path,
     """Exporting into the sweep's own runs folder would replace each run's cfg.json."""
     sw = shutil.copytree(small_sweep, tmp_path / "sw")
     before = files(sw)
-    for inside in (sw / "runs", sw / "runs" / "new", sw / "report"):
+    for inside in (sw / "runs", sw / "runs" / "new", sw / "report", sw / "store" / "x"):
         assert main(["export", str(sw), "--to", "saelens", str(inside)]) == 2
         want = f"is inside the {inside.relative_to(sw).parts[0]}/ folder of the sweep"
         assert want in one_line(capsys)

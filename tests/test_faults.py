@@ -241,7 +241,8 @@ def test_a_worker_stopped_alone_continues_from_its_checkpoint(
         "r8-e0: its worker was stopped by a signal this driver did not send; it continues" in said
     )
     events = [json.loads(ln) for ln in (victim / "events.jsonl").read_text().splitlines()]
-    assert [e["times"] for e in events if e["event"] == "stopped_from_outside"] == [1], events
+    outside = [e for e in events if e["event"] == "stopped_from_outside"]
+    assert [(e["by"], e["times"]) for e in outside] == [("signal", 1)], events
     assert hashes(sw) == reference
 
 
@@ -351,6 +352,29 @@ def test_a_stop_raised_inside_rays_c_code_is_still_a_stop(monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_status", lambda args: (_ for _ in ()).throw(SystemError("x")))
     with pytest.raises(SystemError):
         cli.main(["status", "anywhere"])
+
+
+WORKER_WARNS = """
+import logging
+from sweep.launcher import _warnings_kept
+with _warnings_kept() as lines:
+    logging.getLogger("sweep.restore").warning("checkpoint %s fails its checksum", 7)
+    logging.getLogger("sweep.restore").warning("a bad call %s %s", 1)  # never stops training
+    logging.getLogger("sweep.restore").info("not a warning")
+print(lines)
+"""
+
+
+def test_a_workers_warnings_are_kept_and_still_reach_its_stderr():
+    """A Ray worker sets up no logging: its warnings reach the terminal as stderr (logging's
+    fallback, which Ray forwards), and keeping them for sweep.log must not silence that."""
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER_WARNS], capture_output=True, text=True, env=env()
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['checkpoint 7 fails its checksum']"
+    assert "checkpoint 7 fails its checksum" in done.stderr
+    assert "not a warning" not in done.stderr
 
 
 def test_a_second_signal_inside_a_log_call_is_not_swallowed(monkeypatch, capsys):

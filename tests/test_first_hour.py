@@ -155,6 +155,8 @@ def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
         sweep.load_run(finished)
     with pytest.raises(SweepError, match="has no cfg.json: not a finished sweep run folder; pass"):
         sweep.load_run(tmp_path)
+    with pytest.raises(FileNotFoundError):  # (what it raised before it named the fix)
+        sweep.load_run(tmp_path)
 
 
 def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(finished, tmp_path):

@@ -272,6 +272,8 @@ def test_load_sweep_table_and_lazy_saes(sweep_copy, caplog):
     with caplog.at_level(logging.WARNING, logger="sweep.api"):
         loaded = [r for r, _ in sweep.load_sweep(sweep_copy).saes()]
     assert len(loaded) == 10 and rid not in loaded
+    with pytest.raises(SweepError, match="runs in state 'pending' have no dictionary to load"):
+        next(sw.saes("pending"))
     assert f"skipped run {rid}: run " in caplog.text and "fails its checksum" in caplog.text
 
 
@@ -604,7 +606,14 @@ def test_a_report_never_goes_into_another_sweeps_folder(finished, sweep_copy, ca
         assert f"is inside another sweep folder ({finished.resolve()})" in err, err
         assert "\n" not in err
     assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
+    assert main(["report", str(sweep_copy), "--out", str(sweep_copy / "store" / "r")]) == 2
+    assert "is inside its store/ folder; pass a new folder" in capsys.readouterr().err
     assert main(["report", str(sweep_copy), "--out", str(sweep_copy / "vs-other")]) == 0
+    (young := sweep_copy.parent / "theirs").mkdir()  # a sweep not yet at its runs
+    (young / "config.yaml").write_text("{}")
+    (young / "manifest.json").write_text("{damaged")
+    assert main(["report", str(sweep_copy), "--out", str(young / "report")]) == 2
+    assert "is inside another sweep folder" in capsys.readouterr().err
 
 
 def test_terminal_table_marks_weak_loss_recovered(capsys):
