@@ -165,8 +165,10 @@ class RunRecord:
 
 
 def grid_order(run_id: str, point: object) -> tuple:
-    """A run's place in grid order: dict ratio, sparsity setting (k, else l1), seed, as
-    numbers; then run id (runs whose grid point is unknown come last)."""
+    """A run's place in the order runs are listed (status, report, summary.csv, load_sweep):
+    dict ratio, sparsity setting (k, else l1: :func:`sweep.crossdict.knob`'s choice, which
+    this module cannot import), seed, ascending as numbers; then run id (runs whose grid point
+    is unknown come last). Planning starts the largest dict ratio first instead."""
     point = point if isinstance(point, dict) else {}
     k = point.get("k")
     knob = k if _number(k) and k >= 1 else point.get("l1")  # (k is 0 in an L1 run's spec)
