@@ -39,6 +39,7 @@ from sweep.io import STALE_TEMP_SECONDS, atomic_write_bytes, ensure_writable, re
 from sweep.report_html import Compared, Page, comparison_warnings, write_html
 from sweep.rundir import RUNS
 from sweep.sweepdir import (
+    MMCS_KEYS,
     REPORT,
     STORE,
     SUMMARY,
@@ -288,7 +289,9 @@ def build_report(
     records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
     rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)
-    for r in rows:
+    for r in rows:  # this report's MMCS values only (a recorded one may pair a damaged run)
+        for key in MMCS_KEYS:
+            r.pop(key, None)
         r.update(cross.per_run.get(r["run_id"], {}))
     write_summary(out, rows)
     if _writes_back(sweep_dir, out):

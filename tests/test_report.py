@@ -220,6 +220,19 @@ def test_mmcs_values_leave_the_tables_once_another_run_finishes(sweep_copy):
     assert len(mmcs_columns()) == len(before) + 1
 
 
+def test_a_report_never_pairs_a_run_that_is_no_longer_finished(sweep_copy):
+    """A report's MMCS values are its own: one recorded by an earlier report, against a run
+    whose weights have since gone, is not shown (its DONE still stamps it finished)."""
+    build_report(sweep_copy, log_media=False)
+    partner = "r2-l1_1e-01-s0"
+    (rundir.run_dir(sweep_copy, partner) / rundir.WEIGHTS).unlink()
+    _, rows = build_report(sweep_copy, log_media=False)
+    assert not [r["run_id"] for r in rows if r.get("mmcs_next_ratio_run") == partner]
+    assert {r["run_id"]: r.get("mmcs_next_ratio") for r in rows}["r1-l1_1e-01-s0"] is None
+    on_disk = read_csv(sweep_copy / "report" / "summary.csv")
+    assert not [r for r in on_disk if r.get("mmcs_next_ratio_run") == partner]
+
+
 def test_report_with_nothing_finished_draws_placeholders(sweep_copy):
     for d in (sweep_copy / "runs").iterdir():
         (d / rundir.DONE).unlink()
