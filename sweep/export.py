@@ -151,10 +151,12 @@ def _check_target(out: Path, origin: dict) -> None:
     if not names:
         return
     meta = _export_metadata(out)
-    if not (names <= {SAELENS_WEIGHTS, SAELENS_CFG} and meta.get("exported_from") == EXPORTED_FROM):
+    exported = meta.get("exported_from") == EXPORTED_FROM
+    foreign = names - {SAELENS_WEIGHTS, SAELENS_CFG} if exported else names
+    if foreign:
         raise SweepError(
             f"export target {out} exists and holds files not written by 'sweep export' "
-            f"({', '.join(sorted(names)[:3])}); choose another OUT_DIR or empty it"
+            f"({', '.join(sorted(foreign)[:3])}); choose another OUT_DIR or empty it"
         )
     earlier = meta.get("sweep_dir")  # (None: an export from before it was recorded)
     if earlier is not None and os.path.realpath(earlier) != os.path.realpath(origin["sweep_dir"]):

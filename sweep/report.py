@@ -364,8 +364,8 @@ def _check_out(out: Path, sweep_dir: Path) -> Path:
 
 
 def _check_owner(out: Path, sweep_dir: Path) -> None:
-    """``out`` is outside every sweep folder, or in ``sweep_dir``, not among its runs or in
-    its store."""
+    """``out`` is outside every sweep folder, or in ``sweep_dir``: its report/ itself, or a
+    folder beside its runs/, store/ and report/ (not in them)."""
     within = within_sweep(out)
     if within is None:
         return
@@ -375,7 +375,8 @@ def _check_owner(out: Path, sweep_dir: Path) -> None:
             f"report folder {out} is inside another sweep folder ({owner}); pass a folder "
             f"outside it with --out ('sweep report {owner}' writes that sweep's own report)"
         )
-    if part in ("", RUNS, STORE):
+    own_report = out.resolve() == (sweep_dir / REPORT).resolve()
+    if part in ("", RUNS, STORE) or part == REPORT and not own_report:
         where = "is the sweep folder" if part == "" else f"is inside its {part}/ folder"
         raise SweepError(
             f"report folder {out} {where}; pass a new folder with --out (default: "

@@ -107,15 +107,17 @@ class RunFolder:
 
     # ------------------------------------------------------------------------- reads
 
-    def _json(self, name: str) -> dict:
-        """``name`` as a dict; {} when missing, and (with a warning) when unreadable."""
+    def _json(self, name: str, quiet: bool = False) -> dict:
+        """``name`` as a dict; {} when missing, and (with a warning, unless ``quiet``: the
+        caller says what is wrong) when unreadable."""
         path = self.path / name
         if not path.is_file():
             return {}
         try:
             value = read_json(path)
         except (OSError, ValueError) as err:
-            log.warning("%s is unreadable (%s); ignoring it", path, err)
+            if not quiet:
+                log.warning("%s is unreadable (%s); ignoring it", path, err)
             return {}
         return value if isinstance(value, dict) else {}
 
@@ -126,7 +128,7 @@ class RunFolder:
     def final_problem(self, deep: bool = False) -> str | None:
         """Why this final run can't be trusted, or None. Cheap checks: ``DONE`` and
         ``metrics.json`` parse, the weights have the recorded size; ``deep`` also hashes them."""
-        done = self._json(DONE)
+        done = self._json(DONE, quiet=True)  # (what is wrong is the answer)
         if done.get("state") not in ("done", "diverged"):
             return f"{DONE} is damaged"
         weights = self.path / WEIGHTS
@@ -134,9 +136,9 @@ class RunFolder:
             return f"{WEIGHTS} is missing"
         if "weights_bytes" in done and weights.stat().st_size != done["weights_bytes"]:
             return f"{WEIGHTS} has {weights.stat().st_size} bytes, {DONE} recorded {done['weights_bytes']}"
-        if not self._json(METRICS):
+        if not self._json(METRICS, quiet=True):
             return f"{METRICS} is missing or damaged"
-        cfg = self._json(CFG)
+        cfg = self._json(CFG, quiet=True)
         if not LOADER_KEYS <= cfg.keys():
             return f"{CFG} is missing or damaged"
         if "cfg_sha256" in done and done["cfg_sha256"] != file_sha256(self.path / CFG):

@@ -235,6 +235,10 @@ def _check_run_folder(folder: Path) -> None:
     """``folder`` holds a run's cfg.json and weights (else a one-line error naming the fix)."""
     from sweep.sweepdir import is_sweep
 
+    if folder.is_file():
+        raise NotARunFolder(
+            f"{folder} is a file; pass the run folder that holds it ({folder.parent})"
+        )
     if not folder.is_dir():
         raise NotARunFolder(f"no folder {folder}; pass a run folder (SWEEP_DIR/runs/<run_id>)")
     if is_sweep(folder):

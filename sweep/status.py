@@ -80,8 +80,8 @@ def _cell(v: object) -> str:
 
 
 TRAINING_CAPTION = (
-    "* l0 and fvu of a run not finished are of its latest training batch; a finished run's "
-    "are measured on the held-out rows (data.eval_rows)"
+    "* l0 and fvu of a run not finished are of the training batch it last logged "
+    "(train.log_every); a finished run's are measured on the held-out rows (data.eval_rows)"
 )
 
 
@@ -95,6 +95,19 @@ def _metric_cell(row: dict, col: str) -> str:
     return f"{text} *" if text and col in ("l0", "fvu") and _from_training(row) else text
 
 
+def _activity(sweep_dir: Path, rows: list[dict]) -> str:
+    """What the sweep is doing, as its manifest recorded it, unless runs it recorded as done
+    are no longer finished (damaged or removed since)."""
+    activity = SweepFolder(sweep_dir).activity()
+    undone = sum(r["state"] not in ("done", "diverged", "failed") for r in rows)
+    if activity != "done" or not undone:
+        return activity
+    return (
+        f"done when its last driver ended, but {undone} run(s) are no longer finished: re-run "
+        "its command to train them again"
+    )
+
+
 def _percent(part: int | None, total: int | None) -> str:
     return f"{100 * part / total:.0f}%" if part is not None and total else ""
 
@@ -104,7 +117,7 @@ def print_status(sweep_dir: Path) -> None:
     from rich.table import Table
 
     rows = status_rows(sweep_dir)
-    table = Table(title=f"sweep status: {sweep_dir} ({SweepFolder(sweep_dir).activity()})")
+    table = Table(title=f"sweep status: {sweep_dir} ({_activity(sweep_dir, rows)})")
     cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu", "note"]
     for c in cols:
         table.add_column(c)

@@ -269,10 +269,10 @@ def enclosing_sweep(path: Path) -> Path | None:
 
 
 def _sweep_like(path: Path) -> bool:
-    """A sweep folder, or one that is still one though damaged or young: two of its runs/,
-    config.yaml and manifest (a chunk store has only a manifest)."""
-    found = ((path / RUNS).is_dir(), (path / CONFIG).is_file(), (path / MANIFEST).is_file())
-    return sum(found) >= 2
+    """A sweep folder, or one that is still one though damaged or young: its manifest, and
+    its runs/ or config.yaml (a chunk store has only a manifest; a project folder with a
+    config.yaml and a runs/ folder is no sweep)."""
+    return (path / MANIFEST).is_file() and ((path / RUNS).is_dir() or (path / CONFIG).is_file())
 
 
 def within_sweep(path: Path) -> tuple[Path, str] | None:
@@ -334,6 +334,12 @@ class SweepFolder:
         if outer is not None:
             raise SweepError(
                 f"{self.path} is inside the runs of the sweep {outer}; pass a sweep_dir outside them"
+            )
+        within = within_sweep(self.path)
+        if within is not None and within[1] in (REPORT, STORE):
+            raise SweepError(
+                f"{self.path} is inside the {within[1]}/ folder of the sweep {within[0]}; pass a "
+                "sweep_dir outside it"
             )
 
     def _refuse_store(self, manifest: object) -> None:

@@ -222,6 +222,10 @@ def test_a_folder_it_did_not_write_is_never_exported_into(small_sweep, tmp_path,
     assert main(["export", str(sw), "--to", "saelens", str(theirs)]) == 2
     assert "holds files not written by 'sweep export'" in one_line(capsys)
     assert main(["export", str(sw), "--to", "saelens", str(sw / "exported")]) == 0
+    capsys.readouterr()
+    (next((sw / "exported").iterdir()) / "notes").mkdir()  # the user's, beside an export
+    assert main(["export", str(sw), "--to", "saelens", str(sw / "exported")]) == 2
+    assert "holds files not written by 'sweep export' (notes);" in one_line(capsys)
     assert main(["report", str(sw)]) == 0  # an export beside the runs leaves the sweep intact
     out = tmp_path / "out"  # its own export is replaced by a later one
     assert main(["export", str(sw), "--to", "saelens", str(out)]) == 0

@@ -155,6 +155,9 @@ def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
         sweep.load_run(finished)
     with pytest.raises(SweepError, match="has no cfg.json: not a finished sweep run folder; pass"):
         sweep.load_run(tmp_path)
+    weights = rundir.run_dir(finished, "r1-l1_1e-01-s0") / rundir.WEIGHTS
+    with pytest.raises(SweepError, match=r"is a file; pass the run folder that holds it \("):
+        sweep.load_run(weights)
     with pytest.raises(FileNotFoundError):  # (what it raised before it named the fix)
         sweep.load_run(tmp_path)
 
@@ -307,6 +310,9 @@ def test_nothing_is_written_inside_another_sweep(finished, tmp_path, capsys):
     inner = rundir.run_dir(sw, "r1-l1_1e-01-s0")
     assert main(["run", f"sweep_dir={inner}", *TINY, *GRID]) == 2
     assert f"is inside the runs of the sweep {sw}" in capsys.readouterr().err
+    for folder in ("report", "store"):
+        assert main(["run", f"sweep_dir={sw / folder / 'new'}", *TINY, *GRID]) == 2
+        assert f"is inside the {folder}/ folder of the sweep {sw}" in capsys.readouterr().err
     (tmp_path / "link").symlink_to(sw / "runs")
     assert main(["run", "--plan", f"sweep_dir={tmp_path / 'link' / 'new'}", *TINY, *GRID]) == 2
     assert f"is inside the runs of the sweep {sw}" in capsys.readouterr().err

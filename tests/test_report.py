@@ -304,12 +304,26 @@ def test_runs_are_listed_in_grid_order_not_by_name(sweep_copy, capsys):
     assert [r["run_id"] for r in read_csv(sweep_copy / "report" / "summary.csv")] == want
 
 
-def test_terminal_table_says_why_a_run_is_not_done(sweep_copy, capsys):
+def test_terminal_table_says_why_a_run_is_not_done(sweep_copy, capsys, caplog):
     weights = rundir.run_dir(sweep_copy, "r2-l1_1e-02-s1") / rundir.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-8])
     assert main(["report", str(sweep_copy)]) == 0
     out = capsys.readouterr().out
     assert "r2-l1_1e-02-s1 (pending): " in out and "a sweep run whose grid has it trains it" in out
+    atomic_write_json(
+        sweep_copy / "manifest.json", {**read_json(sweep_copy / "manifest.json"), "state": "done"}
+    )
+    assert main(["status", str(sweep_copy)]) == 0
+    title = " ".join(capsys.readouterr().out.split())
+    assert "(done when its last driver ended, but 1 run(s) are no longer finished: re-run" in title
+    metrics = rundir.run_dir(sweep_copy, "r1-l1_1e-02-s0") / rundir.METRICS
+    metrics.write_text(metrics.read_text()[:20])
+    with caplog.at_level(logging.WARNING):
+        assert main(["status", str(sweep_copy)]) == 0
+    assert "metrics.json is missing or damaged: a sweep run" in " ".join(
+        capsys.readouterr().out.split()
+    )
+    assert not caplog.records  # (the note says it: no warning besides, once per read)
 
 
 def test_loading_onto_a_device_that_is_not_there_is_a_one_line_error(finished):
@@ -619,8 +633,9 @@ def test_a_report_never_goes_into_another_sweeps_folder(finished, sweep_copy, ca
         assert f"is inside another sweep folder ({finished.resolve()})" in err, err
         assert "\n" not in err
     assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
-    assert main(["report", str(sweep_copy), "--out", str(sweep_copy / "store" / "r")]) == 2
-    assert "is inside its store/ folder; pass a new folder" in capsys.readouterr().err
+    for inside in ("store", "report"):  # (the default report would refuse its sub-folder)
+        assert main(["report", str(sweep_copy), "--out", str(sweep_copy / inside / "r")]) == 2
+        assert f"is inside its {inside}/ folder; pass a new folder" in capsys.readouterr().err
     assert main(["report", str(sweep_copy), "--out", str(sweep_copy / "vs-other")]) == 0
     (young := sweep_copy.parent / "theirs").mkdir()  # a sweep not yet at its runs
     (young / "config.yaml").write_text("{}")

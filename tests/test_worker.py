@@ -726,7 +726,10 @@ def test_status_marks_metrics_of_training_batches(tiny_store, tmp_path, capsys):
     train_ensemble(job, should_stop=stop_after(16))
     print_status(tmp_path)
     out = capsys.readouterr().out
-    assert re.search(r"\d \*", out) and "of its latest training batch; a finished run's" in out
+    assert (
+        re.search(r"\d \*", out)
+        and "of the training batch it last logged (train.log_every); a finished" in out
+    )
 
 
 def test_a_task_ray_runs_again_counts_its_attempts(tiny_store, tmp_path):
