@@ -31,7 +31,7 @@ class OutOfMemory(SweepError):
         self.where = where
 
     def __reduce__(self) -> tuple:  # (raised in a Ray task, read in the driver)
-        return type(self), (str(self), self.where)
+        return type(self), (str(self), self.where), self.__dict__
 
 
 DISK_FULL_FIX = (

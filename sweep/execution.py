@@ -210,29 +210,10 @@ class Execution:
     def _finished(self, fin: launcher.Finished[EnsembleSpec]) -> None:
         ens = fin.key
         if fin.error is None:
-            result: EnsembleResult = fin.value
-            self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
-            self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (shown now)
-            stopped = [r for r, state in result.states.items() if state == "interrupted"]
-            if stopped and not self.outcome.signum:
-                self._stopped_alone(ens, stopped)
-            for line in result.warnings:  # (the terminal had them from Ray's worker output)
-                details.warning("worker of ensemble %s: %s", ens.ensemble_id, line)
-            if result.attempt > 1:
-                log.warning(
-                    "ensemble %s: its worker died %d time(s) and Ray ran it again; it "
-                    "continued from its checkpoints (worker_retried in its runs' events.jsonl)",
-                    ens.ensemble_id, result.attempt - 1,
-                )  # fmt: skip
-            states = "/".join(sorted(set(result.states.values())))
-            log.info(
-                "ensemble %s: %s after %d steps (%.1fs)",
-                ens.ensemble_id,
-                states,
-                result.steps,
-                result.seconds,
-            )
-        elif self.outcome.signum:  # lost while the job was being stopped: its checkpoints stay
+            self._returned(ens, fin.value)
+            return
+        self._worker_warnings(ens, getattr(fin.cause, "worker_warnings", None) or [])
+        if self.outcome.signum:  # lost while the job was being stopped: its checkpoints stay
             saved = self._all_checkpointed([ens])
             (log.info if saved else log.warning)(
                 "ensemble %s stopped: %s", ens.ensemble_id, fin.error
@@ -243,6 +224,35 @@ class Execution:
             for m in ens.members:
                 quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
+
+    def _returned(self, ens: EnsembleSpec, result: EnsembleResult) -> None:
+        """Its task returned: finished, or stopped (by this driver, or by someone else)."""
+        self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
+        self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (shown now)
+        stopped = [r for r, state in result.states.items() if state == "interrupted"]
+        if stopped and not self.outcome.signum:
+            self._stopped_alone(ens, stopped)
+        self._worker_warnings(ens, result.warnings)
+        if result.attempt > 1:
+            log.warning(
+                "ensemble %s: its worker died %d time(s) and Ray ran it again; it "
+                "continued from its checkpoints (worker_retried in its runs' events.jsonl)",
+                ens.ensemble_id, result.attempt - 1,
+            )  # fmt: skip
+        states = "/".join(sorted(set(result.states.values())))
+        log.info(
+            "ensemble %s: %s after %d steps (%.1fs)",
+            ens.ensemble_id,
+            states,
+            result.steps,
+            result.seconds,
+        )
+
+    def _worker_warnings(self, ens: EnsembleSpec, lines: list[str]) -> None:
+        """What the ensemble's worker warned about, into sweep.log (the terminal had it as
+        Ray's forwarded worker output)."""
+        for line in lines:
+            details.warning("worker of ensemble %s: %s", ens.ensemble_id, line)
 
     def _stopped_alone(self, ens: EnsembleSpec, stopped: list[str]) -> None:
         """Its worker stopped (``stopped``: the members it left interrupted) at a signal this

@@ -454,6 +454,17 @@ def _warnings_kept() -> Iterator[list[str]]:
         logging.getLogger("sweep").removeHandler(keep)
 
 
+def _warnings_with_error(train: Callable[[], Any], warnings: list[str]) -> Any:
+    """``train()``; what it raises carries the ``warnings`` logged before (as
+    ``worker_warnings``: Ray pickles them with it, for the driver's sweep.log)."""
+    try:
+        return train()
+    except Exception as err:
+        with contextlib.suppress(AttributeError, TypeError):
+            err.worker_warnings = list(warnings)  # type: ignore[attr-defined]
+        raise
+
+
 def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
     """The Ray task body: train one ensemble; stop cleanly (checkpoint) on SIGTERM/SIGINT or
     when the driver's stop file appears."""
@@ -472,7 +483,9 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
         job = replace(job, placement={**job.placement, **placement()})
         try:
             with _warnings_kept() as warnings:
-                result = train_ensemble(job, progress=report, should_stop=stop.is_set)
+                result = _warnings_with_error(
+                    lambda: train_ensemble(job, progress=report, should_stop=stop.is_set), warnings
+                )
             result.warnings = warnings
             return result
         finally:  # Ray hands the GPU share on before this process exits: free what it cached

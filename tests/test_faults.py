@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from sweep import checkpoints
+from sweep.errors import OutOfMemory, SweepError
 from sweep.sweepdir import STOP
 
 ARGS = [
@@ -375,6 +376,26 @@ def test_a_workers_warnings_are_kept_and_still_reach_its_stderr():
     assert done.stdout.strip() == "['checkpoint 7 fails its checksum']"
     assert "checkpoint 7 fails its checksum" in done.stderr
     assert "not a warning" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("boom"), OutOfMemory("ran out", "device"), SweepError("disk full")]
+)
+def test_a_failing_worker_sends_its_warnings_with_its_error(error):
+    """Ray pickles a task's error back to the driver: the warnings logged before it ride
+    along (for sweep.log), whatever the error's kind."""
+    import pickle
+
+    from sweep.launcher import _warnings_with_error
+
+    def train():
+        raise error
+
+    with pytest.raises(type(error)) as raised:
+        _warnings_with_error(train, ["checkpoint 7 fails its checksum"])
+    back = pickle.loads(pickle.dumps(raised.value))
+    assert back.worker_warnings == ["checkpoint 7 fails its checksum"]
+    assert str(back) == str(error) and getattr(back, "where", None) == getattr(error, "where", None)
 
 
 def test_a_second_signal_inside_a_log_call_is_not_swallowed(monkeypatch, capsys):
