@@ -281,7 +281,7 @@ def within_sweep(path: Path) -> tuple[Path, str] | None:
     whose manifest is damaged, or that has not started a run yet, counts too."""
     here = Path(path).resolve()
     for p in [here, *here.parents]:
-        if is_sweep(p) or _sweep_like(p):
+        if _sweep_like(p):  # (every sweep folder is)
             rel = here.relative_to(p).parts
             return p, rel[0] if rel else ""
     return None
@@ -367,7 +367,7 @@ class SweepFolder:
                 "listed once it has planned them"
             )
         if self._stopped_preparing(chunks):
-            doing = "after making" if "complete" in where else "while preparing"
+            doing = "after making" if self._store_complete(chunks) else "while preparing"
             return StoppedPreparing(
                 f"{self.path}: its sweep stopped {doing} its data{where}, before it planned any run; "
                 "re-run its 'sweep run' command (corrected, if it was refused) to continue: a "
@@ -531,12 +531,17 @@ class SweepFolder:
         store = default_store_path(self.path)
         return list(store.rglob(STORE_CHUNKS)) if store.is_dir() else []
 
+    @staticmethod
+    def _store_complete(chunks: list[Path]) -> bool:
+        """Every folder that holds ``chunks`` has its manifest (written last; a harvest's
+        store has a folder per hook)."""
+        return bool(chunks) and all((c.parent / STORE_MANIFEST).is_file() for c in chunks)
+
     def _store_progress(self, chunks: list[Path]) -> str:
-        """The store's progress, for a message: complete when every folder that holds chunks
-        has its manifest (written last; a harvest's store has a folder per hook)."""
+        """The store's progress, for a message."""
         if not chunks:
             return ""
-        if all((p / STORE_MANIFEST).is_file() for p in {c.parent for c in chunks}):
+        if self._store_complete(chunks):
             return f" (store: complete, {len(chunks)} chunks)"
         return f" (store: {len(chunks)} chunks so far)"
 
