@@ -202,7 +202,7 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     _resume_and_compare(sw, rt, reference)
     said = (sw / "sweep.log").read_text()
     ens = stopped.split("-")[0] + "-e0-resume"
-    assert f"sweep.details: run {stopped} (ensemble {ens}): checkpoint checkpoint-" in said
+    assert f"details: worker of ensemble {ens}: run {stopped} (ensemble {ens}): checkpoint " in said
 
 
 def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_factory):
