@@ -352,9 +352,10 @@ class SweepFolder:
 
     def finished_digest(self) -> str:
         """A stamp of which runs have finished, and when: it changes whenever a run finishes
-        (again), so values computed across runs can tell they are out of date."""
-        stamps = ((rid, self.run(rid).finished_stamp()) for rid in self.run_ids())
-        done = sorted(f"{rid}|{stamp}" for rid, stamp in stamps if stamp)
+        (again), or a finished one is damaged (cheap checks: its files parse and its weights
+        have their size), so values computed across runs can tell they are out of date."""
+        stamps = ((rid, self.run(rid)) for rid in self.run_ids())
+        done = sorted(f"{rid}|{run.finished_stamp()}" for rid, run in stamps if run.is_done())
         return hashlib.sha256("\n".join(done).encode()).hexdigest()[:16]
 
     def _no_manifest(self) -> SweepError:

@@ -231,6 +231,10 @@ def test_a_report_never_pairs_a_run_that_is_no_longer_finished(sweep_copy):
     assert {r["run_id"]: r.get("mmcs_next_ratio") for r in rows}["r1-l1_1e-01-s0"] is None
     on_disk = read_csv(sweep_copy / "report" / "summary.csv")
     assert not [r for r in on_disk if r.get("mmcs_next_ratio_run") == partner]
+    build_report(sweep_copy, log_media=False)
+    (rundir.run_dir(sweep_copy, "r2-l1_1e-02-s0") / rundir.WEIGHTS).unlink()  # after a report
+    table = sweep.load_sweep(sweep_copy).table  # values recorded over it are out of date
+    assert table["mmcs_next_ratio"].isna().all() and table["mmcs_seeds"].isna().all()
 
 
 def test_report_with_nothing_finished_draws_placeholders(sweep_copy):
