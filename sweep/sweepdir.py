@@ -330,16 +330,12 @@ class SweepFolder:
             self._refuse_store({"format": STORE_FORMAT})
         if (self.path / MANIFEST).is_file():
             self.manifest()
-        outer = enclosing_sweep(self.path)
-        if outer is not None:
-            raise SweepError(
-                f"{self.path} is inside the runs of the sweep {outer}; pass a sweep_dir outside them"
-            )
         within = within_sweep(self.path)
-        if within is not None and within[1] in (REPORT, STORE):
+        if within is not None and within[1] in (RUNS, REPORT, STORE):
+            sweep, part = within
+            where = "the runs" if part == RUNS else f"the {part}/ folder"
             raise SweepError(
-                f"{self.path} is inside the {within[1]}/ folder of the sweep {within[0]}; pass a "
-                "sweep_dir outside it"
+                f"{self.path} is inside {where} of the sweep {sweep}; pass a sweep_dir outside it"
             )
 
     def _refuse_store(self, manifest: object) -> None:
