@@ -152,7 +152,7 @@ def _block_sums(m: Judged, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     """(7,) float64 sums of one block of rows, and each latent's firing count (F,)."""
     codes = sae.encode(m.params, x, m.arch, m.k)  # (b, F)
     x_hat = sae.decode(m.params, codes, m.arch)  # (b, D)
-    on_F = (codes != 0).sum(dim=0)  # (F,)
+    on_F = _fire_counts(codes)  # (F,)
     norm_in = x.norm(dim=1)  # (b,)
     norm_out = x_hat.norm(dim=1)  # (b,)
     dot = (x * x_hat).sum(dim=1)  # (b,)
@@ -160,7 +160,7 @@ def _block_sums(m: Judged, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     ratio = norm_out / torch.where(norm_in < L2_RATIO_MIN_NORM, 1.0, norm_in)  # (b,)
     parts = [
         (x_hat - x).pow(2).sum(),
-        codes.abs().sum(),
+        codes.sum(),  # = ‖f‖₁: every architecture's codes are >= 0 (a test holds them to it)
         on_F.sum(),
         cos.sum(),
         ratio.sum(),
@@ -168,6 +168,20 @@ def _block_sums(m: Judged, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         dot.sum(),
     ]
     return torch.stack([p.double() for p in parts]), on_F
+
+
+FIRE_ROWS = 128
+"""On the CPU, firing counts are summed this many rows at a time: a column sum over a whole
+block of rows leaves the cache for every row (4x slower at 4096 x 8192, 2 cores)."""
+
+
+def _fire_counts(codes_bF: torch.Tensor) -> torch.Tensor:
+    """How many rows each latent fires on: (F,) int64."""
+    if codes_bF.device.type != "cpu":
+        return (codes_bF != 0).sum(dim=0)
+    rows = range(0, codes_bF.shape[0], FIRE_ROWS)
+    parts = [(codes_bF[i : i + FIRE_ROWS] != 0).sum(dim=0, dtype=torch.int32) for i in rows]
+    return torch.stack(parts).sum(dim=0, dtype=torch.int64)
 
 
 def _summary(sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_var: float) -> dict:

@@ -175,3 +175,12 @@ def test_batched_pass_matches_whole_array_formulas(arch, k):
             assert m[name] == pytest.approx(want, rel=1e-4, abs=1e-6), (batch, name)
     if arch == "topk":
         assert 0 < m["l0"] <= k
+
+
+def test_fire_counts_match_a_plain_count_for_any_number_of_rows():
+    torch.manual_seed(0)
+    for rows in (1, 127, 128, 300):
+        codes = F.relu(torch.randn(rows, 17))
+        want = (codes != 0).sum(dim=0)
+        got = metrics._fire_counts(codes)
+        assert got.dtype == torch.int64 and torch.equal(got, want), rows
