@@ -60,7 +60,7 @@ def track(
     arch.update_buffers(buffers, codes_EBF, active_E)
     if SINCE_FIRED in buffers:
         since = buffers[SINCE_FIRED]  # (E, F)
-        fired = (codes_EBF != 0).any(dim=1)  # (E, F)
+        fired = codes_EBF.amax(dim=1) > 0  # (E, F); codes are >= 0 (4x faster than any() on CPU)
         cap = float(dead_tokens or 0)
         new = torch.where(fired, 0.0, (since + codes_EBF.shape[1]).clamp(max=cap))
         since.copy_(torch.where(active_E[:, None], new, since))
