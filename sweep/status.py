@@ -27,6 +27,8 @@ def status_rows(sweep_dir: Path) -> list[dict]:
         source = r.metrics if r.state.final else r.last
         batch = r.spec.get("train", {}).get("batch_size", 0)
         saved = saved_steps[r.run_id] * batch if r.run_id in saved_steps else None
+        if saved is None and not r.state.final:
+            saved = 0  # (not started yet: from the start, as a run whose checkpoints are gone)
         trained = r.rows_trained  # the latest curve record; a stop checkpoints past it
         rows.append(
             {

@@ -716,6 +716,16 @@ def test_status_saved_is_where_the_ensemble_would_resume(tiny_store, tmp_path):
     assert saved == {first.name: 14 * 256, second.name: 14 * 256}
 
 
+def test_status_saved_is_zero_for_every_run_that_would_start_over(tiny_store, tmp_path):
+    from sweep.status import status_rows
+    from tests.sweep_builder import write_manifest
+
+    job = job_for(tiny_store, tmp_path)
+    write_manifest(tmp_path, list(job.ensemble.members), tiny_store)
+    rows = status_rows(tmp_path)
+    assert [(r["state"], r["rows_saved"]) for r in rows] == [("pending", 0)] * len(rows)
+
+
 def test_status_marks_metrics_of_training_batches(tiny_store, tmp_path, capsys):
     """A stopped run's l0/fvu come from its latest training batch: marked * and explained."""
     from sweep.status import print_status
