@@ -87,9 +87,19 @@ def grads(
     (the compiled step keeps the weights' copies, see :mod:`sweep.compiled`).
     """
     dt = compute_dtype or params["W_enc"].dtype
-    names = ("W_enc", "b_enc", "W_dec", "b_dec")
-    W_enc, b_enc, W_dec, b_dec = ((cast or {}).get(k, params[k]).to(dt) for k in names)
-    x_in, x_BD = x_BD, x_BD.to(dt)
+    W_enc, b_enc, W_dec = (
+        (cast or {}).get(k, params[k]).to(dt) for k in ("W_enc", "b_enc", "W_dec")
+    )
+    x_in, b_dec = x_BD, params["b_dec"]
+    if dt.itemsize < 4:
+        # x and b_dec shifted by the batch's mean (in float32, before the cast): the loss and
+        # its gradients are the same, but the shared GEMMs see centred rows, so a large data
+        # mean is not rounded into x @ W_enc and x^T g before b_dec takes it off again (bf16,
+        # mean 10x the spread: dW_enc off by 32% relative, 1.4% centred). From the data only:
+        # one member's b_dec cannot reach the others'. (float32 rounds 2**16 times finer.)
+        centre_D = x_in.mean(dim=0)  # (D,)
+        x_BD, b_dec = x_in - centre_D, b_dec - centre_D
+    x_BD, b_dec = x_BD.to(dt), b_dec.to(dt)
     E, D, F_ = W_enc.shape
     B = x_BD.shape[0]
     buf = _Buffers({} if ws is None else ws, x_BD.device, dt)
