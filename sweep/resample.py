@@ -5,7 +5,9 @@ member's dead latents (silent for ``train.dead_tokens`` rows) are re-initialised
 the batch just trained on, drawn with probability proportional to the square of their
 reconstruction loss:
 
-- decoder row  = the drawn row, centred by ``b_dec`` and scaled to unit norm;
+- decoder row  = the drawn row, centred by ``b_dec`` and scaled to unit norm (with
+  ``sae.recipe=weighted``, whose decoder rows are free and weight the L1, to the mean norm of
+  the alive rows: a unit row among rows near 0.1 would pay ~10x their L1);
 - encoder column = that direction times 0.2 x the mean norm of the alive encoder columns;
 - encoder bias = 0, and the Adam moments of every re-initialised entry = 0.
 
@@ -55,13 +57,20 @@ def resample_member(
     params["W_enc"][:, ids] = dirs.T * (ENCODER_SCALE * norm)
     params["b_enc"][ids] = 0.0
     if "W_dec" in params:
-        params["W_dec"][ids] = dirs
+        params["W_dec"][ids] = dirs * _decoder_norm(arch, params["W_dec"], alive)
     for m in moments:
         m["W_enc"][:, ids] = 0.0
         m["b_enc"][ids] = 0.0
         if "W_dec" in m:
             m["W_dec"][ids] = 0.0
     return int(ids.numel())
+
+
+def _decoder_norm(arch: Architecture, W_dec: torch.Tensor, alive_F: torch.Tensor) -> float:
+    """The norm of a resampled decoder row: 1, or the alive rows' mean (weighted L1)."""
+    if not arch.weighted_l1 or not bool(alive_F.any()):
+        return 1.0
+    return float(W_dec[alive_F].norm(dim=1).mean())
 
 
 def resample(

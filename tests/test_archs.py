@@ -135,14 +135,15 @@ def test_auxk_changes_training_only_once_latents_are_dead():
     assert not torch.equal(plain.params["W_enc"], early.params["W_enc"])
 
 
-@pytest.mark.parametrize("name", ["untied", "tied"])
+@pytest.mark.parametrize("name", ["untied", "untied:weighted", "tied"])
 def test_resampling_equals_independent_resampling(name):
     dead, xs = DeadLatents(dead_tokens=2 * B), batches(24)
     l1s = [0.0, 1e-3, 3e-2]
     init = members(name, 3)
     for p in init:
         p["b_enc"][:10] = -50.0  # latents that never fire: dead, to be resampled
-    ens = Ensemble(stack(init), hyper_of(l1s, [0] * 3), Adam(LR, BETAS, EPS), arch=name, dead=dead)
+    a = arch_of(name)
+    ens = Ensemble(stack(init), hyper_of(l1s, [0] * 3), Adam(LR, BETAS, EPS), arch=a, dead=dead)
     events = 0
     for step, x in enumerate(xs, 1):
         ens.step(x)
@@ -150,8 +151,22 @@ def test_resampling_equals_independent_resampling(name):
             events += sum(resample(ens, x, step, 0, [0, 1, 2]))
     assert events > 0, "no latent died: the test does not exercise resampling"
     for e, l1 in enumerate(l1s):
-        p, opt = reference.train_single(name, init[e], l1, xs, dead, resample_every=6, run_seed=e)
+        p, opt = reference.train_single(a, init[e], l1, xs, dead, resample_every=6, run_seed=e)
         assert_member_equal(ens, e, p, opt, len(xs))
+
+
+def test_a_resampled_weighted_decoder_row_has_the_alive_rows_norm():
+    """The weighted recipe's decoder rows are free (near 0.1 at init) and weight the L1: a
+    resampled row at unit norm would pay ~10x their penalty."""
+    from sweep.resample import resample_member
+
+    a = arch_of("untied:weighted")
+    p, x = members("untied:weighted", 1)[0], batches(1)[0]
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[:5] = True
+    want = float(p["W_dec"][~dead].norm(dim=1).mean())
+    assert resample_member(a, p, [], x, dead, torch.Generator().manual_seed(0)) == 5
+    torch.testing.assert_close(p["W_dec"][:5].norm(dim=1), torch.full((5,), want))
 
 
 def selection_cases() -> list[tuple[str, torch.Tensor, list[int]]]:
