@@ -382,7 +382,9 @@ class TrainConfig:
     resampling; 10M as in Gao et al. 2024)."""
     auxk_alpha: float = 0.03125
     """Weight of the AuxK loss for topk / batchtopk (Gao et al.'s 1/32; 0 = off). It uses the
-    top width/2 dead latents and only starts once ``dead_tokens`` rows have been trained."""
+    top width/2 dead latents and only starts once ``dead_tokens`` rows have been trained.
+    A plain MSE like the main loss (sparsify's weighting; Gao et al. normalise both terms by
+    their targets' variance, which weighs AuxK 1/FVU times more)."""
     resample_dead: int = 0
     """untied / tied (ReLU-L1): every this many steps, re-initialise dead latents from badly
     reconstructed rows of the current batch and reset their Adam state (0 = off)."""

@@ -18,6 +18,9 @@ reconstruct the main residual ``e = x - x_hat`` (held fixed) through the decoder
 
     auxk = min(n_dead / k_aux, 1) * mean((codes_aux @ W_dec - e)**2)
 
+A plain MSE, as the main term (sparsify's and the BatchTopK paper's weighting); Gao et al.
+divide each term by its target's variance, so their AuxK weighs ``1 / FVU`` times more.
+
 Training sees activations scaled so the store's mean row norm is sqrt(D) (``data.normalize``),
 so per-element variance is about 1 and one grid means similar sparsity on any model/layer.
 """

@@ -17,7 +17,9 @@ top-``kmax`` (the largest k in the ensemble) and keeps the first ``k`` of its so
 (TopK) or the codes at least its ``k * B``-th value (BatchTopK): one launch, no host sync.
 On CPU, where a top-k's cost grows with k, each member selects at its own k (TopK: an
 unsorted top-k per row; BatchTopK: its exact threshold from :func:`nth_largest`, no sort).
-All select the same codes.
+All select the same codes, up to ties: equal values at the k-th place may be broken
+differently, so in bfloat16, where half of the rows of a 16384-latent dictionary have such a
+tie, a member's latents depend on which others share its ensemble (its codes' values do not).
 """
 
 from __future__ import annotations
