@@ -22,7 +22,16 @@ import torch
 
 from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.optim import Adam
-from tests.test_ensemble import BETAS, EPS, L1, LR, batches, members, train_single
+from tests.test_ensemble import (
+    BETAS,
+    EPS,
+    L1,
+    LR,
+    batches,
+    bf16_grad_errors,
+    members,
+    train_single,
+)
 
 NEEDS_CUDA = [
     pytest.mark.gpu,
@@ -139,6 +148,14 @@ def test_bf16_compute_stays_near_the_fp32_reference(compiled, dev):
         rel = float((bf16.params[k] - v).norm() / v.norm().clamp_min(1e-12))
         assert rel < 5e-2, (k, rel)
         assert bf16.params[k].dtype == torch.float32  # fp32 master weights
+
+
+@ON
+def test_bf16_gradients_with_a_large_data_mean(dev):
+    """Data whose mean is 10x its spread: the bf16 step on the device centres its rows, so its
+    gradients stay within 2% of float64's, as for centred data (see tests/test_ensemble.py)."""
+    errors = bf16_grad_errors(10.0, dev)
+    assert max(errors) < 0.02, errors
 
 
 @pytest.mark.parametrize("compiled", [False, True])
