@@ -26,9 +26,8 @@ def status_rows(sweep_dir: Path) -> list[dict]:
     for r in records:
         source = r.metrics if r.state.final else r.last
         batch = r.spec.get("train", {}).get("batch_size", 0)
-        saved = saved_steps[r.run_id] * batch if r.run_id in saved_steps else None
-        if saved is None and not r.state.final:
-            saved = 0  # (not started yet: from the start, as a run whose checkpoints are gone)
+        # (a run not started yet has no saved step: it starts over, as one without checkpoints)
+        saved = None if r.state.final else saved_steps.get(r.run_id, 0) * batch
         trained = r.rows_trained  # the latest curve record; a stop checkpoints past it
         rows.append(
             {
