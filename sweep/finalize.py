@@ -4,6 +4,7 @@ run folder's final files (weights, ``cfg.json``, metrics, feature density, ``DON
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,11 +59,17 @@ def health_note(m: dict) -> str:
     dead, fvu = m.get("dead_fraction", 0.0), m.get("fvu", 0.0)
     if dead >= DEAD_DICTIONARY or fvu >= DEAD_DICTIONARY:
         return (
-            f"dead dictionary: it explains {100 * max(0.0, 1 - fvu):.1f}% of the variance "
-            f"(FVU {fvu:.3g}, L0 {m.get('l0', 0):.3g}, {100 * dead:.0f}% of features dead); "
-            "lower l1 (or raise the learning rate)"
+            f"dead dictionary: {_explained(fvu)}L0 {m.get('l0', 0):.3g}, "
+            f"{100 * dead:.0f}% of features dead); lower l1 (or raise the learning rate)"
         )
     return ""
+
+
+def _explained(fvu: float) -> str:
+    """The health note's words on the variance explained (FVU is NaN when the rows don't vary)."""
+    if math.isnan(fvu):
+        return "(no FVU: the held-out rows do not vary; "
+    return f"it explains {100 * max(0.0, 1 - fvu):.1f}% of the variance (FVU {fvu:.3g}, "
 
 
 def _metrics_of_members(

@@ -96,7 +96,7 @@ def evaluate_with_frequency(
     firing frequency; names after SAEBench's core eval where it has one):
 
     - ``mse``: mean over rows and dims of (x̂ - x)²; ``fvu``: Σ‖x̂ - x‖² / Σ‖x - mean(x)‖²;
-      ``explained_variance``: 1 - fvu
+      ``explained_variance``: 1 - fvu (both NaN when the rows do not vary)
     - ``cossim``: mean over rows of cos(x, x̂) (0 for a zero row)
     - ``l2_ratio``: mean over rows of ‖x̂‖ / ‖x‖ (‖x‖ < 1e-4 counted as 1, as SAEBench)
     - ``relative_reconstruction_bias``: Σ‖x̂‖² / Σ⟨x, x̂⟩ (Gated SAE paper eq. 10: 1 = no
@@ -128,8 +128,7 @@ def evaluate_members(
     ONE pass over the rows (blocks of ``batch``, each block judged by every member in turn),
     the sums kept on the rows' device (float64) and read back once for all members."""
     n, _ = x_ND.shape
-    mean = x_ND.mean(dim=0)
-    total_var = float((x_ND - mean).pow(2).sum(dtype=torch.float64))
+    total_var = _total_variance(x_ND)
     sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 7)
     fires: list[torch.Tensor | int] = [0] * len(members)
     for at in range(0, n, batch):
@@ -142,6 +141,18 @@ def evaluate_members(
     return [
         (_summary(h.tolist(), f, x_ND, total_var), f) for h, f in zip(host, freq_EF, strict=True)
     ]
+
+
+VARIANCE_FLOOR = 1e-12
+"""Held-out rows whose variance around their mean is below this fraction of their second
+moment do not vary (what is left is the mean's rounding): their FVU is NaN, not err / ~0."""
+
+
+def _total_variance(x_ND: torch.Tensor) -> float:
+    """Σ‖x - mean‖² over the rows (float64), or 0.0 when the rows do not vary."""
+    x = x_ND.double()
+    total_var = float((x - x.mean(dim=0)).pow(2).sum())
+    return total_var if total_var > VARIANCE_FLOOR * float(x.pow(2).sum()) else 0.0
 
 
 N_SUMS = 7
@@ -188,7 +199,7 @@ def _summary(sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_va
     """The metrics of one member from its row sums and firing frequencies."""
     sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum = sums
     n = x_ND.shape[0]
-    fvu = sq_err / max(total_var, 1e-12)
+    fvu = sq_err / total_var if total_var > 0 else math.nan
     return {
         "mse": sq_err / x_ND.numel(),
         "fvu": fvu,

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sweep import metrics, sae
+from sweep.finalize import health_note
 
 D = 8
 OLD = {"mse", "fvu", "l1_norm", "l0", "dead_fraction", "dense_fraction", "eval_rows"}
@@ -106,6 +107,22 @@ def test_l2_ratio_divides_tiny_inputs_by_one():
     m = metrics.evaluate(const, x)
     assert m["l2_ratio"] == pytest.approx((5 / 1 + 5 / 10) / 2)
     assert m["cossim"] == pytest.approx((0.0 + 0.8) / 2)  # a zero row has cosine 0
+
+
+def test_rows_that_do_not_vary_have_no_fvu():
+    """FVU divides by the rows' variance: held-out rows that are all one vector have none (a
+    float32 mean's rounding is left), so FVU is NaN instead of err / ~0."""
+    row = torch.tensor([0.1, 3.7, -2.3, 1e3, 0.3, 7.1, -0.9, 5.5])
+    x = row.expand(1000, D).contiguous()
+    near = {**split_identity(), "W_enc": torch.zeros(D, 2 * D), "b_dec": row + 1e-2}  # x̂ = b_dec
+    m = metrics.evaluate(near, x, batch=128)
+    assert math.isnan(m["fvu"]) and math.isnan(m["explained_variance"])
+    assert m["mse"] == pytest.approx(1e-4, rel=0.05)
+    assert "no FVU: the held-out rows do not vary" in health_note(m)  # its features are dead
+    # a real spread, however small against the mean, still has an FVU
+    varied = x.clone()
+    varied[::2, 0] += 1e-2
+    assert metrics.evaluate(near, varied)["fvu"] > 0
 
 
 def test_density_fractions_of_known_frequencies():
