@@ -96,7 +96,10 @@ def evaluate_with_frequency(
     firing frequency; names after SAEBench's core eval where it has one):
 
     - ``mse``: mean over rows and dims of (x̂ - x)²; ``fvu``: Σ‖x̂ - x‖² / Σ‖x - mean(x)‖²;
-      ``explained_variance``: 1 - fvu (both NaN when the rows do not vary)
+      ``explained_variance``: 1 - fvu (both NaN when the rows do not vary);
+      ``explained_variance_legacy``: mean over rows of 1 - ‖x̂ - x‖² / ‖x - mean(x)‖²
+      (SAEBench's per-row formula, its paper's figures; reads lower, a row near the mean
+      weighs a lot)
     - ``cossim``: mean over rows of cos(x, x̂) (0 for a zero row)
     - ``l2_ratio``: mean over rows of ‖x̂‖ / ‖x‖ (‖x‖ < 1e-4 counted as 1, as SAEBench)
     - ``relative_reconstruction_bias``: Σ‖x̂‖² / Σ⟨x, x̂⟩ (Gated SAE paper eq. 10: 1 = no
@@ -128,13 +131,14 @@ def evaluate_members(
     ONE pass over the rows (blocks of ``batch``, each block judged by every member in turn),
     the sums kept on the rows' device (float64) and read back once for all members."""
     n, _ = x_ND.shape
-    total_var = _total_variance(x_ND)
-    sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 7)
+    mean_D, total_var = _centre(x_ND)
+    sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 8)
     fires: list[torch.Tensor | int] = [0] * len(members)
     for at in range(0, n, batch):
         x = x_ND[at : at + batch]  # (b, D)
+        var_b = (x - mean_D).pow(2).sum(dim=1)  # (b,) each row's squared distance to the mean
         for e, m in enumerate(members):
-            block, on_F = _block_sums(m, x)
+            block, on_F = _block_sums(m, x, var_b)
             sums[e] += block
             fires[e] = fires[e] + on_F
     host, freq_EF = sums.cpu(), torch.stack(fires).double().cpu() / n  # type: ignore[arg-type]
@@ -148,35 +152,43 @@ VARIANCE_FLOOR = 1e-12
 moment do not vary (what is left is the mean's rounding): their FVU is NaN, not err / ~0."""
 
 
-def _total_variance(x_ND: torch.Tensor) -> float:
-    """Σ‖x - mean‖² over the rows (float64), or 0.0 when the rows do not vary."""
+def _centre(x_ND: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The rows' mean (D,) in their dtype, and Σ‖x - mean‖² over the rows (float64), 0.0 when
+    the rows do not vary."""
     x = x_ND.double()
-    total_var = float((x - x.mean(dim=0)).pow(2).sum())
-    return total_var if total_var > VARIANCE_FLOOR * float(x.pow(2).sum()) else 0.0
+    mean = x.mean(dim=0)
+    total_var = float((x - mean).pow(2).sum())
+    varies = total_var > VARIANCE_FLOOR * float(x.pow(2).sum())
+    return mean.to(x_ND.dtype), total_var if varies else 0.0
 
 
-N_SUMS = 7
-"""sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat> (summed over rows)."""
+N_SUMS = 8
+"""sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat>, err / var (summed over rows)."""
 
 
-def _block_sums(m: Judged, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(7,) float64 sums of one block of rows, and each latent's firing count (F,)."""
+def _block_sums(
+    m: Judged, x: torch.Tensor, var_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(8,) float64 sums of one block of rows (``var_b``: each row's ‖x - mean‖²), and each
+    latent's firing count (F,)."""
     codes = sae.encode(m.params, x, m.arch, m.k)  # (b, F)
     x_hat = sae.decode(m.params, codes, m.arch)  # (b, D)
     on_F = _fire_counts(codes)  # (F,)
+    err = (x_hat - x).pow(2).sum(dim=1)  # (b,)
     norm_in = x.norm(dim=1)  # (b,)
     norm_out = x_hat.norm(dim=1)  # (b,)
     dot = (x * x_hat).sum(dim=1)  # (b,)
     cos = dot / (norm_in.clamp_min(COS_EPS) * norm_out.clamp_min(COS_EPS))  # (b,)
     ratio = norm_out / torch.where(norm_in < L2_RATIO_MIN_NORM, 1.0, norm_in)  # (b,)
     parts = [
-        (x_hat - x).pow(2).sum(),
+        err.sum(),
         codes.sum(),  # = ‖f‖₁: every architecture's codes are >= 0 (a test holds them to it)
         on_F.sum(),
         cos.sum(),
         ratio.sum(),
         norm_out.pow(2).sum(),
         dot.sum(),
+        (err / var_b).sum(),  # SAEBench's per-row explained variance (legacy), summed
     ]
     return torch.stack([p.double() for p in parts]), on_F
 
@@ -197,9 +209,10 @@ def _fire_counts(codes_bF: torch.Tensor) -> torch.Tensor:
 
 def _summary(sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_var: float) -> dict:
     """The metrics of one member from its row sums and firing frequencies."""
-    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum = sums
+    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum, err_over_var = sums
     n = x_ND.shape[0]
-    fvu = sq_err / total_var if total_var > 0 else math.nan
+    varies = total_var > 0
+    fvu = sq_err / total_var if varies else math.nan
     return {
         "mse": sq_err / x_ND.numel(),
         "fvu": fvu,
@@ -209,6 +222,7 @@ def _summary(sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_va
         "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()),
         "eval_rows": n,
         "explained_variance": 1.0 - fvu,
+        "explained_variance_legacy": 1.0 - err_over_var / n if varies else math.nan,
         "cossim": cos_sum / n,
         "l2_ratio": ratio_sum / n,
         "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,

@@ -16,6 +16,7 @@ D = 8
 OLD = {"mse", "fvu", "l1_norm", "l0", "dead_fraction", "dense_fraction", "eval_rows"}
 CORE = {
     "explained_variance",
+    "explained_variance_legacy",
     "cossim",
     "l2_ratio",
     "relative_reconstruction_bias",
@@ -72,6 +73,7 @@ def test_half_reconstruction_shrinks(x):
     assert m["cossim"] == pytest.approx(1.0, abs=1e-6)  # direction is right
     assert m["fvu"] == pytest.approx(0.25, rel=1e-5)  # ||x/2||^2 over ||x||^2 (x centred)
     assert m["explained_variance"] == pytest.approx(0.75, rel=1e-5)
+    assert m["explained_variance_legacy"] == pytest.approx(0.75, rel=1e-5)  # every row: 1 - 1/4
     assert m["mse"] == pytest.approx(0.25 * float(x.pow(2).mean()), rel=1e-5)
 
 
@@ -117,6 +119,7 @@ def test_rows_that_do_not_vary_have_no_fvu():
     near = {**split_identity(), "W_enc": torch.zeros(D, 2 * D), "b_dec": row + 1e-2}  # x̂ = b_dec
     m = metrics.evaluate(near, x, batch=128)
     assert math.isnan(m["fvu"]) and math.isnan(m["explained_variance"])
+    assert math.isnan(m["explained_variance_legacy"])
     assert m["mse"] == pytest.approx(1e-4, rel=0.05)
     assert "no FVU: the held-out rows do not vary" in health_note(m)  # its features are dead
     # a real spread, however small against the mean, still has an FVU
@@ -164,6 +167,9 @@ def reference(params: sae.Params, x: torch.Tensor, arch: str, k: int) -> dict[st
         "mse": float((x_hat - x).pow(2).mean()),
         "fvu": fvu,
         "explained_variance": 1 - fvu,
+        "explained_variance_legacy": float(
+            (1 - (x_hat - x).pow(2).sum(1) / (x - x.mean(0)).pow(2).sum(1)).mean()
+        ),
         "cossim": float(F.cosine_similarity(x, x_hat, dim=1).mean()),
         "l2_ratio": float((x_hat.norm(dim=1) / torch.where(norm_in < 1e-4, 1.0, norm_in)).mean()),
         "relative_reconstruction_bias": float(
