@@ -23,7 +23,9 @@ checkpoint keep their composition too (they start from scratch as they were plan
 only runs never planned are grouped afresh, by shape.
 
 Ensemble ids are stable for a given sweep state and claim no step: fresh ones are
-``r<ratio>-e<k>``, resumed ones ``r<ratio>-e<k>-resume`` (numbered in grid order).
+``r<ratio>-e<k>`` (numbered in grid order); a previous ensemble's pending runs keep its id
+(``<id>.<i>`` if now split); runs with checkpoints but no recorded ensemble resume under
+``r<ratio>-e<k>-resume``.
 """
 
 from __future__ import annotations
@@ -485,13 +487,41 @@ def plan(
     # ids other recorded runs keep (finished, or out of the grid): never given to another
     # ensemble, or such a run, trained again later, would be grouped with strangers
     taken = {e for rid, e in previous.items() if rid not in pending}
-    resumed = [e for g in groups for e in _split_loudly(ensembles_of(g), learned)]
-    resumed = grid.renumber(resumed, tag="-resume", taken=taken)
-    planned = [e for g in kept for e in ensembles_of(g)]
+    reserved = taken | set(previous.values())
+    split = [_split_loudly(ensembles_of(g), learned) for g in groups]
+    resumed = _as_before(split, previous, taken, reserved)
+    planned = _as_before([ensembles_of(g) for g in kept], previous, taken, reserved)
     new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))
-    ensembles = resumed + grid.renumber(planned + new, tag="", taken=taken)
+    ensembles = resumed + planned + grid.renumber(new, tag="", taken=reserved)
     ensembles.sort(key=lambda e: -e.dict_ratio)  # stable: resumed before fresh of a ratio
     return SweepPlan(runs, [r.run_id for r in final], ensembles)
+
+
+def _as_before(
+    groups: list[list[EnsembleSpec]], previous: dict[str, str], taken: set[str], reserved: set[str]
+) -> list[EnsembleSpec]:
+    """Each previous ensemble's pending runs (one group: its parts) under the id they trained
+    under, ``<id>.<i>`` when the budget now splits them, so one id names one group of runs in
+    the logs and spec.json across re-runs. A group whose id is not one plain recorded id, or
+    is one other runs keep (``taken``), is numbered afresh with ``-resume``. ``reserved``
+    (every recorded id) gains the ids handed out."""
+    out, afresh = [], []
+    for parts in groups:
+        key = previous.get(parts[0].members[0].run_id, "")
+        if not key or "#" in key or key in taken:
+            afresh += parts
+            continue
+        ids = [key] if len(parts) == 1 else _free_ids(key, len(parts), reserved)
+        out += [replace(p, ensemble_id=i) for p, i in zip(parts, ids, strict=True)]
+    out += grid.renumber(afresh, tag="-resume", taken=reserved)
+    reserved |= {e.ensemble_id for e in out}
+    return out
+
+
+def _free_ids(base: str, n: int, taken: Collection[str]) -> list[str]:
+    """The first ``n`` ids ``<base>.<i>`` not in ``taken``."""
+    ids = (f"{base}.{i}" for i in itertools.count())
+    return list(itertools.islice((i for i in ids if i not in taken), n))
 
 
 def halves(ens: EnsembleSpec, taken: Collection[str] = ()) -> list[EnsembleSpec]:
@@ -500,6 +530,5 @@ def halves(ens: EnsembleSpec, taken: Collection[str] = ()) -> list[EnsembleSpec]
     first two numbers not in ``taken`` (ids other runs keep or train under)."""
     size = -(-len(ens.members) // 2)
     parts = grid.group(list(ens.members), {ens.dict_ratio: size})
-    ids = (f"{ens.ensemble_id}.{i}" for i in itertools.count())
-    free = (i for i in ids if i not in taken)
-    return [replace(p, ensemble_id=next(free)) for p in parts]
+    ids = _free_ids(ens.ensemble_id, len(parts), taken)
+    return [replace(p, ensemble_id=i) for p, i in zip(parts, ids, strict=True)]

@@ -195,13 +195,13 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     # its newest checkpoint damaged: the ensemble continues from an older one (or the start),
     # still exact, and the worker's warning reaches sweep.log
     stopped = next(r["run_id"] for r in rows if r["state"] == "interrupted")
+    ens = json.loads((sw / "runs" / stopped / "spec.json").read_text())["ensemble"]  # kept
     newest = checkpoints.list_checkpoints(sw / "runs" / stopped)[-1]
     data = bytearray(newest.read_bytes())
     data[len(data) // 2] ^= 0xFF
     newest.write_bytes(bytes(data))
     _resume_and_compare(sw, rt, reference)
     said = (sw / "sweep.log").read_text()
-    ens = stopped.split("-")[0] + "-e0-resume"
     assert f"details: worker of ensemble {ens}: run {stopped} (ensemble {ens}): checkpoint " in said
 
 

@@ -353,13 +353,16 @@ def test_plan_keeps_previous_ensembles_apart_and_each_resumes_its_own_step(tiny_
                  "grid.dict_ratio=[2]", "grid.seeds=1", "train.batch_size=256"])
     )  # fmt: skip
     p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
-    assert [(e.ensemble_id, e.members) for e in p.ensembles] == [
-        ("r2-e0-resume", tuple(runs[0:2])),
-        ("r2-e1-resume", (runs[2],)),
-        ("r2-e2-resume", (runs[3],)),
-        ("r2-e3-resume", tuple(runs[4:6])),
-        ("r2-e0", (runs[6],)),
-    ]
+    assert (
+        [(e.ensemble_id, e.members) for e in p.ensembles]
+        == [
+            ("r2-e0", tuple(runs[0:2])),  # each under the id it trained under
+            ("r2-e1", (runs[2],)),
+            ("r2-e2", (runs[3],)),
+            ("r2-e3", tuple(runs[4:6])),
+            ("r2-e4", (runs[6],)),  # planned, never started: its id too
+        ]
+    )
     assert planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False) == p  # stable ids
     resumed = [train_ensemble(spec_job(tiny_store, tmp_path / "cut", e)) for e in p.ensembles]
     assert [r.resumed_from for r in resumed] == [20, 14, 10, 0, 0]
@@ -601,7 +604,10 @@ def test_a_resumed_ensemble_split_by_a_smaller_budget_is_reported(tiny_store, tm
     )  # fmt: skip
     with caplog.at_level(logging.WARNING):
         p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
-    assert [len(e.members) for e in p.ensembles] == [2, 2]
+    assert [(e.ensemble_id, len(e.members)) for e in p.ensembles] == [
+        ("r2-e0.0", 2),
+        ("r2-e0.1", 2),
+    ]
     assert "resume in 2 ensembles and will not be bit-identical" in caplog.text
 
 
@@ -934,7 +940,7 @@ def test_a_deleted_manifest_loses_neither_the_ensembles_nor_the_store_check(tiny
     runs, cut = cut_pair(tiny_store, tmp_path)
     (cut / "manifest.json").unlink()
     p = planning.plan(pair_cfg(cut), tiny_store.width, 1e12, on_gpu=False)
-    assert [(e.ensemble_id, e.members) for e in p.ensembles] == [("r2-e0-resume", tuple(runs))]
+    assert [(e.ensemble_id, e.members) for e in p.ensembles] == [("r2-e0", tuple(runs))]
     other = tmp_path / "other"
     shutil.copytree(tiny_store.path, other)
     manifest = json.loads((other / "manifest.json").read_text())
@@ -993,7 +999,7 @@ def test_only_ensembles_all_members_recorded_alike_are_trusted_from_spec_json():
         return {"ensemble": ens, "ensemble_members": list(members)}
 
     specs = {
-        "a": spec("r2-e0", "a", "b"), "b": spec("r2-e0", "a", "b"),  # resumed later as -resume
+        "a": spec("r2-e0", "a", "b"), "b": spec("r2-e0", "a", "b"),  # an earlier plan's r2-e0
         "c": spec("r2-e0", "c", "d"), "d": spec("r2-e0", "c", "d"),  # a later plan's r2-e0
         "e": spec("r2-e1", "e", "f"), "f": spec("r2-e2", "f"),  # f moved on: e's record is stale
         "g": {"ensemble": "r2-e3"},  # recorded before members were
@@ -1001,3 +1007,4 @@ def test_only_ensembles_all_members_recorded_alike_are_trusted_from_spec_json():
     got = _agreed_ensembles(specs)
     assert got["a"] == got["b"] != got["c"] == got["d"]
     assert got["f"] == "r2-e2" and "e" not in got and "g" not in got
+
