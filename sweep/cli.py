@@ -307,6 +307,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     for path in paths:
         print(f"exported: {path}")
+    print(f"exported {len(paths)} run(s) to {args.out_dir}")  # last: it stays in view
     return 0
 
 

@@ -293,5 +293,5 @@ def export_sweep(
     paths = [
         _write(read_run(folder.run(rid).path), Path(out_dir) / rid, origins[rid]) for rid in chosen
     ]
-    log.info("exported %d run(s) to %s", len(paths), out_dir)
+    log.debug("exported %d run(s) to %s", len(paths), out_dir)
     return paths

@@ -125,23 +125,26 @@ def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreS
 
 
 def print_preview(v: Preview) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from sweep.console import table_console
 
     p, res = v.plan, v.res
     where = (
-        f"GPUs ({res.gpus:g} in the Ray cluster, {grid.memory_text(res.gpu_bytes)} each planned)"
+        f"GPUs ({res.gpus:g} in the Ray cluster, memory budget "
+        f"{grid.memory_text(res.gpu_bytes)} each)"
         if res.on_gpu
-        else f"CPUs ({grid.memory_text(res.device_bytes)} per ensemble planned)"
+        else f"CPUs (memory budget {grid.memory_text(res.device_bytes)} per ensemble)"
     )
-    console = Console(width=200)
+    console = table_console()
     table = Table(title=f"sweep plan: {v.cfg.sweep_dir} (nothing trained or written)")
     cols = ["ensemble", "dict_ratio", "dict_size", "members", "asks", "memory", "runs"]
     for c in cols:
-        table.add_column(c, overflow="fold")
+        table.add_column(c, overflow="fold", no_wrap=c == "ensemble")
     for row in v.rows:
         table.add_row(*(str(row[c]) for c in cols))
-    console.print(table)
+    if v.rows:  # (every run done: no table, the line below says so)
+        console.print(table)
     todo = sum(len(e.members) for e in p.ensembles)
     console.print(
         f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train in "

@@ -82,17 +82,19 @@ def _fmt(v: object) -> str:
 
 def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     """A readable table on stdout (rich)."""
-    from rich.console import Console
     from rich.table import Table
+
+    from sweep.console import table_console
 
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     weak = "loss_recovered" in cols and any(plots.weak_loss_recovered(r) for r in rows)
     table = Table(title=title)
     for c in cols:
-        table.add_column(c, justify="left" if c in ("run_id", "state") else "right")
+        left = c in ("run_id", "state")  # on a narrow terminal cells fold, ids never do
+        table.add_column(c, justify="left" if left else "right", overflow="fold", no_wrap=left)
     for r in rows:
         table.add_row(*(_cell(r, c) for c in cols))
-    console = Console(width=200)
+    console = table_console()
     console.print(table)
     if weak:
         console.print(WEAK_CAPTION, highlight=False)

@@ -110,23 +110,26 @@ def _activity(sweep_dir: Path, rows: list[dict]) -> str:
 
 
 def _percent(part: int | None, total: int | None) -> str:
-    return f"{100 * part / total:.0f}%" if part is not None and total else ""
+    """``part`` of ``total`` in whole percent, rounded down: 100% only when all of it is."""
+    return f"{int(100 * part // total)}%" if part is not None and total else ""
 
 
 def print_status(sweep_dir: Path) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from sweep.console import table_console
 
     rows = status_rows(sweep_dir)
     table = Table(title=f"sweep status: {sweep_dir} ({_activity(sweep_dir, rows)})")
-    cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu", "note"]
-    for c in cols:
-        table.add_column(c)
+    cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu"]
+    cols += ["note"] if any(r.get("note") for r in rows) else []
+    for c in cols:  # on a narrow terminal, cells fold (nothing is cut off); ids never do
+        table.add_column(c, overflow="fold", no_wrap=c in ("run_id", "state"))
     for r in rows:
         r["progress"] = _percent(r.get("rows_trained"), r.get("rows_total"))
         r["saved"] = _percent(r.get("rows_saved"), r.get("rows_total"))
         table.add_row(*(_metric_cell(r, c) for c in cols))
-    console = Console(width=200)
+    console = table_console()
     console.print(table)
     if any(_from_training(r) for r in rows):
         console.print(TRAINING_CAPTION, highlight=False)

@@ -660,3 +660,22 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
     assert "loss_recovered not meaningful" in " ".join(out.split())  # the caption says why
     report.print_table(rows[1:])
     assert "†" not in capsys.readouterr().out
+
+
+def test_terminal_table_fits_a_narrow_terminal_and_keeps_run_ids_whole(capsys, monkeypatch):
+    """On a terminal, tables are as wide as it is (cells fold, run ids never do); in a file or
+    a pipe, as wide as they need."""
+    rows = [
+        {"run_id": f"r32-l1_1.5e-0{i}-s0", "state": "done", "fvu": 0.123456, "l0": 12.5,
+         "dead_fraction": 0.25, "rows_trained": 123456789, "gt_mmcs": 0.95}
+        for i in range(3)
+    ]  # fmt: skip
+    report.print_table(rows)
+    wide = capsys.readouterr().out.splitlines()
+    assert max(map(len, wide)) > 60
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich: a terminal
+    monkeypatch.setenv("COLUMNS", "60")
+    report.print_table(rows)
+    narrow = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out).splitlines()  # styles
+    assert max(map(len, narrow)) <= 60 and len(narrow) > len(wide)
+    assert all(any(r["run_id"] in line for line in narrow) for r in rows)

@@ -1008,3 +1008,9 @@ def test_only_ensembles_all_members_recorded_alike_are_trusted_from_spec_json():
     assert got["a"] == got["b"] != got["c"] == got["d"]
     assert got["f"] == "r2-e2" and "e" not in got and "g" not in got
 
+
+def test_status_percentages_round_down_until_a_run_is_whole():
+    from sweep.status import _percent
+
+    assert [_percent(p, 288) for p in (0, 1, 287, 288)] == ["0%", "0%", "99%", "100%"]
+    assert _percent(None, 288) == _percent(5, 0) == ""
