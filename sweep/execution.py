@@ -240,10 +240,12 @@ class Execution:
                 ens.ensemble_id, result.attempt - 1,
             )  # fmt: skip
         states = "/".join(sorted(set(result.states.values())))
+        start = f"{result.resumed_from} -> " if result.resumed_from else ""
         log.info(
-            "ensemble %s: %s after %d steps (%.1fs)",
+            "ensemble %s: %s at step %s%d (%.1fs)",
             ens.ensemble_id,
             states,
+            start,
             result.steps,
             result.seconds,
         )

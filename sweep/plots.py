@@ -344,8 +344,8 @@ def _mmcs_range(cross: CrossDict, ratios: list[float]) -> tuple[float, float]:
 
 
 def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
-    """MMCS between all finished runs of each dict ratio, ordered by L1 or k (one panel per
-    ratio)."""
+    """MMCS between all finished runs of each dict ratio, ordered by seed, then L1 or k (one
+    panel per ratio; lines between the seeds' blocks)."""
     fig = mmcs_heatmap_figure(cross, max_ratios)
     if fig is None:
         return placeholder(
@@ -370,10 +370,14 @@ def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
     FigureCanvasAgg(fig)
     for i, ratio in enumerate(ratios):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        refs, mat = cross.matrices[ratio]
+        refs, mat = _by_seed(*cross.matrices[ratio])
         label = KNOB_NAMES[crossdict.common_knob(r.knob for r in refs)]
         im = ax.imshow(mat, vmin=vmin, vmax=vmax, cmap="viridis")
-        labels = [_run_label(r, len({r.seed for r in refs}) > 1) for r in refs]
+        seeds = len({r.seed for r in refs}) > 1
+        labels = [_run_label(r, seeds) for r in refs]
+        for at in (j for j in range(1, len(refs)) if seeds and refs[j].seed != refs[j - 1].seed):
+            ax.axhline(at - 0.5, color="w", linewidth=1.2)
+            ax.axvline(at - 0.5, color="w", linewidth=1.2)
         size = 8 if len(refs) <= 24 else 6
         ax.set_xticks(range(len(refs)), labels, rotation=90, fontsize=size)
         ax.set_yticks(range(len(refs)), labels, fontsize=size)
@@ -383,6 +387,15 @@ def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
         ax.set_title(f"MMCS, dict ratio {ratio:g}")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="MMCS (range of the data)")
     return fig
+
+
+def _by_seed(
+    refs: list[crossdict.RunRef], mat: list[list[float]]
+) -> tuple[list[crossdict.RunRef], list[list[float]]]:
+    """Runs (and the matrix) ordered by seed, then L1 or k: one block per seed (runs of one
+    seed share their initialisation, so their MMCS is high for that reason too)."""
+    order = sorted(range(len(refs)), key=lambda i: (refs[i].seed, refs[i].knob, refs[i].value))
+    return [refs[i] for i in order], [[mat[i][j] for j in order] for i in order]
 
 
 def _number_cells(ax, mat: list[list[float]], vmin: float, vmax: float) -> None:

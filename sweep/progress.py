@@ -1,5 +1,6 @@
 """Progress bars: tqdm on a terminal; into a file (a SLURM job's log, ``> run.log``) one plain
-line a minute instead of a carriage-return redraw several times a second."""
+line a minute (and one when its caller refreshes, e.g. as an ensemble ends) instead of a
+carriage-return redraw several times a second."""
 
 from __future__ import annotations
 
