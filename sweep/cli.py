@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -125,16 +126,33 @@ def _hydra_message(err: BaseException) -> str:
         detail = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
         if detail:
             head = f"{head}: {detail[0]}"
-    typed = re.match(
-        r"Error merging override ([\w.]+)=(.*?): (Value '.*could not be converted.*)", head
-    )
-    if typed:
-        key, value, why = typed.groups()
+    return _override_message(head) or head
+
+
+def _override_message(head: str) -> str | None:
+    """An override OmegaConf refused (a null, a deletion, a value of another type), as one line
+    naming the field and the fix; None for other errors."""
+    group = re.match(r"Config group override must be a string.*Got NoneType", head)
+    if group:
         return (
-            f"cannot set {key} to {value!r} ({why}); pass a value of the field's type "
-            "('sweep run --cfg job' shows each field)"
+            f"a config group ({', '.join(CONFIG_GROUPS)}) cannot be null: choose one of its "
+            "options, e.g. data=synthetic (the README's config groups table lists them)"
         )
-    return head
+    merging = re.match(r"Error merging override (~?)([\w.]+)=?(.*?): (.*)", head)
+    if not merging:
+        return None
+    deleted, key, value, why = merging.groups()
+    if deleted:
+        return f"cannot delete {key} (~{key}): every field has a value; set it instead ({key}=...)"
+    if "is not Optional" in why:
+        return (
+            f"{key} cannot be null; give it a value ('sweep run --cfg job' shows each field "
+            "and its default)"
+        )
+    return (
+        f"cannot set {key} to {value!r} ({why}); pass a value of the field's type "
+        "('sweep run --cfg job' shows each field)"
+    )
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -317,8 +335,15 @@ def _compose_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config-dir", help="extra folder of config groups searched before sweep's own")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes in the one-line form of every other error (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="sweep",
         description=f"Train grids of sparse autoencoders.\n\n{USAGE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,

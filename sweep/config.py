@@ -51,6 +51,12 @@ class DataConfig:
     """Rows held out at the end of the store for final metrics (never trained on)."""
 
     def check(self) -> None:
+        own = type(self).name  # (the option of the data group this class is)
+        _require(
+            self.name == own,
+            f"data.name={self.name!r} does not name this source ({own}); choose the source "
+            "with data=synthetic, data=chunks or data=harvest, not data.name",
+        )
         _require(self.eval_rows > 0, f"data.eval_rows must be > 0, got {self.eval_rows}")
 
 
@@ -418,6 +424,7 @@ class TrainConfig:
 
     def check(self) -> None:
         _require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
+        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -502,6 +509,11 @@ class LaunchConfig:
     """Ray's temp/session folder for a local instance (None = Ray's default)."""
 
     def check(self) -> None:
+        _require(
+            self.name in ("local", "cluster"),
+            f"launch.name={self.name!r} is not a launch option; choose with launch=local or "
+            "launch=cluster, not launch.name",
+        )
         _require(
             self.num_cpus is None or self.num_cpus >= 1,
             f"launch.num_cpus must be >= 1 (or null: all), got {self.num_cpus}",

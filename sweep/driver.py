@@ -138,9 +138,16 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     planning.check_local_hardware(cfg)
     if cfg.launch.address:  # a head that is not there: refused before the store is made
         check_reachable(resolve(cfg.launch.address))
+    else:
+        planning.check_temp_dir(cfg.launch.temp_dir)
     planning.check_compatible(folder, cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
+        if cfg.data.path and Path(cfg.data.path).is_file():
+            raise SweepError(
+                f"data.path {cfg.data.path} is a file; give a folder for the synthetic store "
+                "(or leave data.path unset: <sweep_dir>/store)"
+            )
     inert = cfg.inert_note()
     if inert:
         log.warning(inert)

@@ -35,6 +35,7 @@ import logging
 import os
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -43,6 +44,7 @@ from sweep.activations.store import ChunkStore
 from sweep.config import SweepConfig
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
+from sweep.io import cpu_count
 from sweep.rundir import RunFolder
 from sweep.sweepdir import CONFIG, SweepFolder
 
@@ -222,6 +224,31 @@ def recorded_dtype(folder: SweepFolder) -> str | None:
     return (folder.first_spec() or {}).get("train", {}).get("dtype")
 
 
+MAX_THREADS_PER_CPU = 8
+"""Torch threads per CPU core beyond which a local sweep is refused (more is a typo, e.g.
+launch.num_cpus=100000: its threads crash the worker); above 1 it is warned about."""
+
+
+def check_temp_dir(temp_dir: str | None) -> None:
+    """``launch.temp_dir`` can hold Ray's session folder (made now if absent, as Ray would)."""
+    if not temp_dir:
+        return
+    path = Path(temp_dir).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        usable = os.access(path, os.W_OK | os.X_OK)
+    except OSError as err:
+        raise SweepError(
+            f"launch.temp_dir {temp_dir} cannot be used for Ray's session "
+            f"({err.strerror or err}); choose a short folder you can write, e.g. /tmp/ray-$USER"
+        ) from err
+    if not usable:
+        raise SweepError(
+            f"launch.temp_dir {temp_dir} is not writable; choose a short folder you can write, "
+            "e.g. /tmp/ray-$USER"
+        )
+
+
 def check_local_hardware(cfg: SweepConfig) -> None:
     """``train.device=cuda`` on a local Ray instance needs a GPU here, and its ensembles no
     more CPUs than it has (checked before any work; a cluster's nodes are checked once Ray
@@ -233,6 +260,15 @@ def check_local_hardware(cfg: SweepConfig) -> None:
         raise SweepError(
             f"launch.cpus_per_ensemble={cfg.launch.cpus_per_ensemble:g} but this machine's Ray "
             f"instance has {have:g} CPUs: ask for less (Ray would wait for such a node forever)"
+        )
+    threads = cfg.train.threads or int(cfg.launch.cpus_per_ensemble or have)
+    cores = cpu_count()
+    if threads > MAX_THREADS_PER_CPU * cores:
+        raise SweepError(
+            f"each ensemble would run {threads} torch threads on this machine's {cores} CPUs "
+            "(from launch.num_cpus, launch.cpus_per_ensemble or train.threads): more than "
+            f"{MAX_THREADS_PER_CPU} per CPU trains no faster and can exhaust the system's "
+            "threads; leave them unset to use every CPU once"
         )
     if cfg.train.device == "cuda":
         import torch

@@ -99,12 +99,37 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
         (["sweep_dir=x", "train.eps=inf"], "train.eps must be finite"),
         (["sweep_dir=x", "launch.num_cpus=0"], "launch.num_cpus must be >= 1"),
         (["sweep_dir=x", "data=harvest"], "data.model is required: pass data.model=..."),
+        (["sweep_dir=x", "train.lr=null"], "train.lr cannot be null; give it a value"),
+        (["sweep_dir=x", "~train.lr"], "cannot delete train.lr (~train.lr): every field has"),
+        (["sweep_dir=x", "train=null"], "a config group (data, grid, launch, logger, sae, train)"),
+        (["sweep_dir=x", "data.normalize=abc"], "cannot set data.normalize to 'abc' (Value"),
+        (["sweep_dir=x", "data.name=chunks"], "data.name='chunks' does not name this source"),
+        (["sweep_dir=x", "launch.name=foo"], "launch.name='foo' is not a launch option"),
+        (["sweep_dir=x", "train.seed=-1"], "train.seed must be >= 0, got -1"),
+        (["sweep_dir=x", "launch.num_cpus=100000"], "each ensemble would run 100000 torch threads"),
+        (["sweep_dir=x", "train.threads=100000"], "each ensemble would run 100000 torch threads"),
+        (
+            ["sweep_dir=x", "data.n_features=1000000000"],
+            "data.n_features=1,000,000,000 at data.width=64 needs about",
+        ),  # fmt: skip
     ],
 )
 def test_config_mistakes_are_one_line_with_the_fix(args, needle, capsys):
     assert main(["run", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {needle}") and "\n" not in err
+    assert not Path("x").exists()  # refused before anything is written
+
+
+def test_paths_that_are_files_are_refused_before_any_work(tmp_path, capsys):
+    (afile := tmp_path / "f").write_text("mine")
+    for key, needle in [
+        ("data.path", f"data.path {afile} is a file; give a folder for the synthetic store"),
+        ("launch.temp_dir", f"launch.temp_dir {afile} cannot be used for Ray's session"),
+    ]:
+        assert main(["run", f"sweep_dir={tmp_path / 'sw'}", f"{key}={afile}"]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {needle}")
+        assert not (tmp_path / "sw").exists() and afile.read_text() == "mine"
 
 
 def test_harvest_mistakes_name_harvests_own_command(tmp_path, capsys):
@@ -123,9 +148,9 @@ def test_subcommand_help_and_usage_are_their_own():
     assert "sweep harvest model=" not in helped.stdout
     bad = cli("export", "x", "--to", "hf", "out")
     assert bad.returncode == 2
-    lines = bad.stderr.strip().splitlines()
-    assert lines[0].startswith("usage: sweep export") and len(lines) <= 3
-    assert "invalid choice: 'hf'" in lines[-1]
+    (line,) = bad.stderr.strip().splitlines()  # one line, as every other mistake
+    assert line.startswith("error: argument --to: invalid choice: 'hf'")
+    assert line.endswith("see 'sweep export --help'")
 
 
 # ------------------------------------------------------------------ the Python API

@@ -62,7 +62,7 @@ from sweep.activations.store import (
     writer_threads,
 )
 from sweep.config import SyntheticDataConfig
-from sweep.devices import release_device_memory, resolve_device
+from sweep.devices import host_memory_bytes, release_device_memory, resolve_device
 from sweep.errors import StoreError, out_of_memory
 from sweep.io import atomic_write_bytes, atomic_write_json, remove_stale_temps
 from sweep.progress import progress_bar
@@ -93,6 +93,27 @@ _DEFINING = (
     "rows_per_chunk",
     "dtype",
 )
+
+
+SOURCE_BYTES_PER_FEATURE = (24, 320)
+"""Host bytes per ground-truth feature while a generator is built: ``24 * width + 320``
+(float64 directions and their normalised copy, float32 ones, per-feature probabilities,
+thresholds, factor loadings and a device's tables)."""
+
+
+def check_memory(cfg: SyntheticDataConfig, available: int | None = None) -> None:
+    """Refuse (before any work) ground-truth features whose tables alone would not fit in half
+    of the host memory this process may use (``available``: that memory, default detected)."""
+    per_dim, fixed = SOURCE_BYTES_PER_FEATURE
+    need = cfg.n_features * (per_dim * cfg.width + fixed)
+    have = 0.5 * (available or host_memory_bytes())
+    if need > have:
+        raise StoreError(
+            f"data.n_features={cfg.n_features:,} at data.width={cfg.width} needs about "
+            f"{need / 2**30:.1f} GiB of host memory for the generator's feature tables alone, "
+            f"over half of the {2 * have / 2**30:.1f} GiB this process may use; lower "
+            "data.n_features (or data.width)"
+        )
 
 
 def generator_params(cfg: SyntheticDataConfig) -> dict:
@@ -429,6 +450,7 @@ def ensure_synthetic_store(
     if store is not None:
         log.info("reusing synthetic store %s", path)
         return store
+    check_memory(cfg)
     device = resolve_device(device) if isinstance(device, str) else device
     marker = {**generator_params(cfg), "generator": generator_info(device)}
     if path.exists() and any(path.iterdir()):
