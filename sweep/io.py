@@ -133,6 +133,12 @@ STALE_TEMP_SECONDS = 600.0
 report folder) may be a live write of ``sweep report``."""
 
 
+def not_leftover(path: Path) -> bool:
+    """Not the leftover of a write (or a write probe) killed midway."""
+    leftover = path.name.endswith(".tmp") or path.name.startswith(".write-probe.")
+    return not (path.name.startswith(".") and leftover)
+
+
 def remove_stale_temps(folder: str | Path, older_than: float = 0.0) -> int:
     """Delete the temp files of writes that were killed midway (only where no other process
     writes under the caller's lock: a run folder, a store); returns how many. ``older_than``

@@ -168,6 +168,16 @@ def test_interrupted_generation_resumes_with_the_same_bits(tmp_path):
         assert torch.equal(resumed.read_rows(i), full.read_rows(i))
 
 
+def test_a_stop_while_the_parameters_were_written_is_not_a_foreign_folder(tmp_path):
+    """Killed inside the first atomic write, a store folder holds only that write's temp
+    file: the re-run generates the store (it used to refuse it as not a sweep store)."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / ".synthetic-params.json.k3j2.tmp").write_text("{")
+    store = ensure_synthetic_store(tiny_data(rows=5000), tmp_path / "s")
+    assert store.total_rows == 5000
+    assert not list((tmp_path / "s").glob(".*.tmp"))
+
+
 @pytest.mark.parametrize(
     "generator",
     [

@@ -19,7 +19,7 @@ from sweep.activations.layout import CHUNKS
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError
-from sweep.io import ensure_writable, remove_stale_temps
+from sweep.io import ensure_writable, not_leftover, remove_stale_temps
 
 if TYPE_CHECKING:
     from sweep.activations.harvest import HarvestPlan
@@ -152,7 +152,7 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             )
     elif root.exists() and not root.is_dir():
         raise StoreError(f"store_dir {root} is a file; choose a new folder (or an empty one)")
-    elif root.exists() and any(map(_not_temp, root.iterdir())):
+    elif root.exists() and any(map(not_leftover, root.iterdir())):
         raise StoreError(
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )
@@ -184,13 +184,7 @@ def removed_if_left_empty(root: Path) -> Iterator[None]:
 
 def _holds_files(folder: Path) -> bool:
     """Whether anything but folders and write leftovers is under ``folder``."""
-    return any(not p.is_dir() and _not_temp(p) for p in folder.rglob("*"))
-
-
-def _not_temp(path: Path) -> bool:
-    """Not the leftover of a write (or a write probe) killed midway."""
-    leftover = path.name.endswith(".tmp") or path.name.startswith(".write-probe.")
-    return not (path.name.startswith(".") and leftover)
+    return any(not p.is_dir() and not_leftover(p) for p in folder.rglob("*"))
 
 
 def complete(cfg: HarvestConfig, params: dict) -> bool:
