@@ -510,11 +510,6 @@ class LaunchConfig:
 
     def check(self) -> None:
         _require(
-            self.name in ("local", "cluster"),
-            f"launch.name={self.name!r} is not a launch option; choose with launch=local or "
-            "launch=cluster, not launch.name",
-        )
-        _require(
             self.num_cpus is None or self.num_cpus >= 1,
             f"launch.num_cpus must be >= 1 (or null: all), got {self.num_cpus}",
         )

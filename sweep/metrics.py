@@ -131,17 +131,21 @@ def evaluate_members(
     ONE pass over the rows (blocks of ``batch``, each block judged by every member in turn),
     the sums kept on the rows' device (float64) and read back once for all members."""
     n, _ = x_ND.shape
-    mean_D, total_var = _centre(x_ND)
+    blocks = range(0, n, batch)
+    mean_D = _mean(x_ND, blocks, batch)
     sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 8)
+    spread = torch.zeros(2, dtype=torch.float64, device=x_ND.device)  # Σ‖x - mean‖², Σ‖x‖²
     fires: list[torch.Tensor | int] = [0] * len(members)
-    for at in range(0, n, batch):
+    for at in blocks:
         x = x_ND[at : at + batch]  # (b, D)
         var_b = (x - mean_D).pow(2).sum(dim=1)  # (b,) each row's squared distance to the mean
+        spread += torch.stack([var_b.sum(dtype=torch.float64), x.pow(2).sum(dtype=torch.float64)])
         for e, m in enumerate(members):
             block, on_F = _block_sums(m, x, var_b)
             sums[e] += block
             fires[e] = fires[e] + on_F
     host, freq_EF = sums.cpu(), torch.stack(fires).double().cpu() / n  # type: ignore[arg-type]
+    total_var = _varies(*spread.tolist())
     return [
         (_summary(h.tolist(), f, x_ND, total_var), f) for h, f in zip(host, freq_EF, strict=True)
     ]
@@ -152,14 +156,16 @@ VARIANCE_FLOOR = 1e-12
 moment do not vary (what is left is the mean's rounding): their FVU is NaN, not err / ~0."""
 
 
-def _centre(x_ND: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The rows' mean (D,) in their dtype, and Σ‖x - mean‖² over the rows (float64), 0.0 when
-    the rows do not vary."""
-    x = x_ND.double()
-    mean = x.mean(dim=0)
-    total_var = float((x - mean).pow(2).sum())
-    varies = total_var > VARIANCE_FLOOR * float(x.pow(2).sum())
-    return mean.to(x_ND.dtype), total_var if varies else 0.0
+def _mean(x_ND: torch.Tensor, blocks: range, batch: int) -> torch.Tensor:
+    """The rows' mean (D,), summed in float64 a block at a time (no float64 copy of them all),
+    in their dtype."""
+    total = sum(x_ND[at : at + batch].sum(dim=0, dtype=torch.float64) for at in blocks)
+    return (total / x_ND.shape[0]).to(x_ND.dtype)  # type: ignore[union-attr]
+
+
+def _varies(total_var: float, second_moment: float) -> float:
+    """Σ‖x - mean‖² over the rows, or 0.0 when the rows do not vary (:data:`VARIANCE_FLOOR`)."""
+    return total_var if total_var > VARIANCE_FLOOR * second_moment else 0.0
 
 
 N_SUMS = 8

@@ -24,7 +24,8 @@ only runs never planned are grouped afresh, by shape.
 
 Ensemble ids are stable for a given sweep state and claim no step: fresh ones are
 ``r<ratio>-e<k>`` (numbered in grid order); a previous ensemble's pending runs keep its id
-(``<id>.<i>`` if now split); runs with checkpoints but no recorded ensemble resume under
+(``<id>.<i>`` if now split); a group whose id cannot be kept (runs with checkpoints but no
+recorded ensemble, an id finished runs keep, an ambiguous record) is numbered
 ``r<ratio>-e<k>-resume``.
 """
 
@@ -249,6 +250,18 @@ def check_temp_dir(temp_dir: str | None) -> None:
         )
 
 
+def _threads_asked(cfg: SweepConfig) -> int:
+    """Torch threads per ensemble that settings given (not defaults) ask for, as the launcher
+    will set them (on a GPU: train.threads or launch.cpus_per_ensemble or 1); 0 when none
+    is given (the default uses the CPUs this process may run on: warned about, if more)."""
+    t, lc = cfg.train, cfg.launch
+    if not (t.threads or lc.cpus_per_ensemble or lc.num_cpus):
+        return 0
+    if t.device == "cuda":
+        return t.threads or int(lc.cpus_per_ensemble or 1)
+    return t.threads or int(lc.cpus_per_ensemble or lc.num_cpus or 1)
+
+
 def check_local_hardware(cfg: SweepConfig) -> None:
     """``train.device=cuda`` on a local Ray instance needs a GPU here, and its ensembles no
     more CPUs than it has (checked before any work; a cluster's nodes are checked once Ray
@@ -261,7 +274,7 @@ def check_local_hardware(cfg: SweepConfig) -> None:
             f"launch.cpus_per_ensemble={cfg.launch.cpus_per_ensemble:g} but this machine's Ray "
             f"instance has {have:g} CPUs: ask for less (Ray would wait for such a node forever)"
         )
-    threads = cfg.train.threads or int(cfg.launch.cpus_per_ensemble or have)
+    threads = _threads_asked(cfg)
     cores = cpu_count()
     if threads > MAX_THREADS_PER_CPU * cores:
         raise SweepError(

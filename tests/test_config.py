@@ -288,3 +288,23 @@ def test_another_choice_of_a_group_is_named_as_one_difference():
     ]
     new["data"] = {"name": "harvest", "hook": "blocks.0.hook_resid_post", "context": 64}
     assert planning._differences(old, new)[0] == "data.context 128 -> 64"
+
+
+def test_only_thread_counts_asked_for_are_refused(monkeypatch):
+    """A job given 8 of a node's 128 CPUs (a cpuset): the defaults are not refused (the
+    launcher warns of oversubscription); a count given that exceeds 8 per CPU is."""
+    from sweep import planning
+    from sweep.errors import SweepError
+
+    monkeypatch.setattr(planning.os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(planning, "cpu_count", lambda: 8)
+
+    def check(*overrides: str) -> None:
+        planning.check_local_hardware(to_sweep_config(compose(["sweep_dir=x", *overrides])))
+
+    check()
+    check("launch.num_cpus=64")
+    with pytest.raises(SweepError, match="would run 65 torch threads on this machine's 8 CPUs"):
+        check("launch.num_cpus=65")
+    with pytest.raises(SweepError, match="would run 100 torch threads"):
+        check("train.threads=100")
