@@ -274,12 +274,26 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _run(load_saved(args.sweep_dir, args.overrides))
 
 
+def _states(text: str) -> tuple[str, ...]:
+    """``--state``'s comma-separated run states, each one a run can be in."""
+    from sweep.rundir import RunState
+
+    names = [RunState.__members__[k].value for k in RunState.__members__]
+    states = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [s for s in states if s not in names]
+    if unknown or not states:
+        raise argparse.ArgumentTypeError(
+            f"unknown run state {', '.join(unknown) or repr(text)}; choose from {','.join(names)}"
+        )
+    return states
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sweep import status
     from sweep.sweepdir import Preparing, StoppedPreparing
 
     try:
-        status.print_status(Path(args.sweep_dir))
+        status.print_status(Path(args.sweep_dir), args.state)
     except (Preparing, StoppedPreparing) as err:  # (a state, not a wrong folder)
         print(err)
     return 0
@@ -365,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     res.set_defaults(func=cmd_resume)
     st = sub.add_parser("status", help="state and progress of every run")
     st.add_argument("sweep_dir")
+    st.add_argument(
+        "--state",
+        type=_states,
+        default=(),
+        help="show only the runs in these states, comma-separated (e.g. failed,interrupted); "
+        "the totals line still counts every run",
+    )
     st.set_defaults(func=cmd_status)
     rep = sub.add_parser(
         "report",

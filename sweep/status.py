@@ -13,6 +13,7 @@ Works while a sweep runs (read-only: it never takes the lock) and after it ended
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from sweep.checkpoints import checkpoint_steps
@@ -114,24 +115,27 @@ def _percent(part: int | None, total: int | None) -> str:
     return f"{int(100 * part // total)}%" if part is not None and total else ""
 
 
-def print_status(sweep_dir: Path) -> None:
+def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
+    """Every run's row (only those in ``states``, if given), then totals over all runs."""
     from rich.table import Table
 
     from sweep.console import table_console
 
     rows = status_rows(sweep_dir)
-    table = Table(title=f"sweep status: {sweep_dir} ({_activity(sweep_dir, rows)})")
+    shown = [r for r in rows if not states or r["state"] in states]
+    only = f"; runs {', '.join(states)}: {len(shown)} of {len(rows)}" if states else ""
+    table = Table(title=f"sweep status: {sweep_dir} ({_activity(sweep_dir, rows)}{only})")
     cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu"]
-    cols += ["note"] if any(r.get("note") for r in rows) else []
+    cols += ["note"] if any(r.get("note") for r in shown) else []
     for c in cols:  # on a narrow terminal, cells fold (nothing is cut off); ids never do
         table.add_column(c, overflow="fold", no_wrap=c in ("run_id", "state"))
-    for r in rows:
+    for r in shown:
         r["progress"] = _percent(r.get("rows_trained"), r.get("rows_total"))
         r["saved"] = _percent(r.get("rows_saved"), r.get("rows_total"))
         table.add_row(*(_metric_cell(r, c) for c in cols))
     console = table_console()
     console.print(table)
-    if any(_from_training(r) for r in rows):
+    if any(_from_training(r) for r in shown):
         console.print(TRAINING_CAPTION, highlight=False)
     counts: dict[str, int] = {}
     for r in rows:

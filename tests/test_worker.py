@@ -1014,3 +1014,24 @@ def test_status_percentages_round_down_until_a_run_is_whole():
 
     assert [_percent(p, 288) for p in (0, 1, 287, 288)] == ["0%", "0%", "99%", "100%"]
     assert _percent(None, 288) == _percent(5, 0) == ""
+
+
+def test_status_shows_only_the_states_asked_for(tiny_store, tmp_path, capsys):
+    from sweep.cli import main
+    from sweep.status import print_status
+    from tests.sweep_builder import write_manifest
+
+    job = job_for(tiny_store, tmp_path)
+    write_manifest(tmp_path, list(job.ensemble.members), tiny_store)
+    ids = [m.run_id for m in job.ensemble.members]
+    print_status(tmp_path, ("done", "failed"))
+    out = capsys.readouterr().out
+    assert "runs done, failed: 0 of 2" in out and not any(i in out for i in ids)
+    assert "pending: 2  total: 2" in out  # the totals count every run
+    assert main(["status", str(tmp_path), "--state", "pending"]) == 0
+    shown = capsys.readouterr().out
+    assert all(i in shown for i in ids), shown
+    with pytest.raises(SystemExit) as refused:  # (argparse's exit)
+        main(["status", str(tmp_path), "--state", "pending,donee"])
+    assert refused.value.code == 2
+    assert "error: argument --state: unknown run state donee" in capsys.readouterr().err
