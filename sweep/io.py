@@ -139,6 +139,11 @@ def not_leftover(path: Path) -> bool:
     return not (path.name.startswith(".") and leftover)
 
 
+def begun(folder: Path) -> bool:
+    """``folder`` is a folder holding more than the leftovers of writes killed midway."""
+    return folder.is_dir() and any(map(not_leftover, folder.iterdir()))
+
+
 def remove_stale_temps(folder: str | Path, older_than: float = 0.0) -> int:
     """Delete the temp files of writes that were killed midway (only where no other process
     writes under the caller's lock: a run folder, a store); returns how many. ``older_than``

@@ -19,7 +19,7 @@ from sweep.activations.layout import CHUNKS
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError
-from sweep.io import ensure_writable, not_leftover, remove_stale_temps
+from sweep.io import begun, ensure_writable, not_leftover, remove_stale_temps
 
 if TYPE_CHECKING:
     from sweep.activations.harvest import HarvestPlan
@@ -152,7 +152,7 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             )
     elif root.exists() and not root.is_dir():
         raise StoreError(f"store_dir {root} is a file; choose a new folder (or an empty one)")
-    elif root.exists() and any(map(not_leftover, root.iterdir())):
+    elif begun(root):
         raise StoreError(
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )

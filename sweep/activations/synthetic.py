@@ -64,7 +64,7 @@ from sweep.activations.store import (
 from sweep.config import SyntheticDataConfig
 from sweep.devices import host_memory_bytes, release_device_memory, resolve_device
 from sweep.errors import StoreError, out_of_memory
-from sweep.io import atomic_write_bytes, atomic_write_json, not_leftover, remove_stale_temps
+from sweep.io import atomic_write_bytes, atomic_write_json, begun, remove_stale_temps
 from sweep.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -422,18 +422,12 @@ def existing_store(cfg: SyntheticDataConfig, path: Path) -> ChunkStore | None:
                 f"({', '.join(diff)}); use another data.path, or delete that store to make it anew"
             )
         return store
-    if _begun(path) and not (path / PARAMS_FILE).exists():
+    if begun(path) and not (path / PARAMS_FILE).exists():  # (a stop inside its first write: no)
         raise StoreError(
             f"data.path {path} is a non-empty folder that is not a sweep store; "
             "choose an empty or new folder"
         )
     return None
-
-
-def _begun(path: Path) -> bool:
-    """A store folder holds more than the temp files of writes killed midway (a stop while
-    its parameters were written leaves one)."""
-    return path.is_dir() and any(map(not_leftover, path.iterdir()))
 
 
 def ensure_synthetic_store(
@@ -459,7 +453,7 @@ def ensure_synthetic_store(
     check_memory(cfg)
     device = resolve_device(device) if isinstance(device, str) else device
     marker = {**generator_params(cfg), "generator": generator_info(device)}
-    if _begun(path):
+    if begun(path):
         old = json.loads((path / PARAMS_FILE).read_text())
         if old != marker:
             _say_cleared(path, old, marker)
