@@ -278,7 +278,7 @@ def _states(text: str) -> tuple[str, ...]:
     """``--state``'s comma-separated run states, each one a run can be in."""
     from sweep.rundir import RunState
 
-    names = [RunState.__members__[k].value for k in RunState.__members__]
+    names = [s.value for s in RunState]
     states = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
     unknown = [s for s in states if s not in names]
     if unknown or not states:

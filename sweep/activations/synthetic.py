@@ -101,17 +101,17 @@ SOURCE_BYTES_PER_FEATURE = (24, 320)
 thresholds, factor loadings and a device's tables)."""
 
 
-def check_memory(cfg: SyntheticDataConfig, available: int | None = None) -> None:
+def check_memory(cfg: SyntheticDataConfig) -> None:
     """Refuse (before any work) ground-truth features whose tables alone would not fit in half
-    of the host memory this process may use (``available``: that memory, default detected)."""
+    of the host memory this process may use."""
     per_dim, fixed = SOURCE_BYTES_PER_FEATURE
     need = cfg.n_features * (per_dim * cfg.width + fixed)
-    have = 0.5 * (available or host_memory_bytes())
-    if need > have:
+    have = host_memory_bytes()
+    if need > have / 2:
         raise StoreError(
             f"data.n_features={cfg.n_features:,} at data.width={cfg.width} needs about "
             f"{need / 2**30:.1f} GiB of host memory for the generator's feature tables alone, "
-            f"over half of the {2 * have / 2**30:.1f} GiB this process may use; lower "
+            f"over half of the {have / 2**30:.1f} GiB this process may use; lower "
             "data.n_features (or data.width)"
         )
 
