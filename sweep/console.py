@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from rich.console import Console
+from rich.table import Table
 
 FILE_WIDTH = 200
 """Lines printed to a file or a pipe (no terminal to fit) are up to this wide: rich's 80
@@ -10,7 +14,72 @@ would fold a run table's columns for no reader."""
 
 
 def table_console() -> Console:
-    """A console for tables: the terminal's width on a terminal (rich shrinks the wrappable
-    columns to fit), :data:`FILE_WIDTH` elsewhere."""
+    """A console for tables: the terminal's width on a terminal, :data:`FILE_WIDTH` elsewhere."""
     console = Console()
     return console if console.is_terminal else Console(width=FILE_WIDTH)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    table: Table
+    left_out: list[str]
+    """Columns not shown: the terminal is too narrow for them."""
+
+
+def fit_table(
+    console: Console,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    drop: Sequence[str] = (),
+    text: Sequence[str] = (),
+) -> Fitted:
+    """``rows`` as a table no wider than ``console``, no cell broken (a number, a run id):
+    boxed if it fits; else compact (no rules, headers wrapping at ``_``); else also without
+    the columns of ``drop``, first ones first, until it fits. Only the ``text`` columns (a
+    note) wrap, at spaces."""
+    shown = list(columns)
+    for compact in (False, True):
+        table = _table(title, shown, rows, columns, compact, text)
+        if _min_width(console, table) <= console.width:
+            return Fitted(table, [])
+    for name in (d for d in drop if d in shown):
+        shown.remove(name)
+        table = _table(title, shown, rows, columns, True, text)
+        if _min_width(console, table) <= console.width:
+            break
+    return Fitted(table, [c for c in columns if c not in shown])
+
+
+LEFT = ("run_id", "state", "ensemble")
+"""Columns of names: left-aligned (numbers align right)."""
+
+
+def _table(title, shown, rows, columns, compact: bool, text) -> Table:
+    """The table of the ``shown`` columns. Compact: each column fixed at its widest cell or
+    its header's longest word (rich would otherwise narrow the widest first, mid-number)."""
+    from rich import box
+
+    if compact:
+        table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    else:
+        table = Table(title=title)
+    at = [list(columns).index(c) for c in shown]
+    for c, i in zip(shown, at, strict=True):
+        justify = "left" if c in LEFT or c in text else "right"
+        if not compact or c in text:
+            table.add_column(c, justify=justify, overflow="fold")
+            continue
+        header = c.replace("_", " ")
+        width = max([len(r[i]) for r in rows] + [len(w) for w in header.split()])
+        table.add_column(header, justify=justify, width=width)
+    for r in rows:
+        table.add_row(*(r[i] for i in at))
+    return table
+
+
+def _min_width(console: Console, table: Table) -> int:
+    """The narrowest ``table`` renders without breaking a word (rich's own measure)."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(10**5), table).minimum

@@ -124,10 +124,12 @@ def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreS
     return rows
 
 
-def print_preview(v: Preview) -> None:
-    from rich.table import Table
+SHED = ("dict_size", "memory", "asks", "dict_ratio")
+"""Columns a narrow terminal leaves out, first ones first."""
 
-    from sweep.console import table_console
+
+def print_preview(v: Preview) -> None:
+    from sweep.console import fit_table, table_console
 
     p, res = v.plan, v.res
     where = (
@@ -137,14 +139,14 @@ def print_preview(v: Preview) -> None:
         else f"CPUs (memory budget {grid.memory_text(res.device_bytes)} per ensemble)"
     )
     console = table_console()
-    table = Table(title=f"sweep plan: {v.cfg.sweep_dir} (nothing trained or written)")
+    title = f"sweep plan: {v.cfg.sweep_dir} (nothing trained or written)"
     cols = ["ensemble", "dict_ratio", "dict_size", "members", "asks", "memory", "runs"]
-    for c in cols:
-        table.add_column(c, overflow="fold", no_wrap=c == "ensemble")
-    for row in v.rows:
-        table.add_row(*(str(row[c]) for c in cols))
+    cells = [[str(row[c]) for c in cols] for row in v.rows]
+    fitted = fit_table(console, title, cols, cells, drop=SHED, text=("runs",))
     if v.rows:  # (every run done: no table, the line below says so)
-        console.print(table)
+        console.print(fitted.table)
+    if v.rows and fitted.left_out:
+        console.print(f"(too narrow for {', '.join(fitted.left_out)})")
     todo = sum(len(e.members) for e in p.ensembles)
     console.print(
         f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train in "

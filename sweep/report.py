@@ -80,23 +80,24 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def print_table(rows: list[dict], title: str = "sweep summary") -> None:
-    """A readable table on stdout (rich)."""
-    from rich.table import Table
+SHED = ("seed", "dict_ratio", "l1", "k", "mse", "dense_fraction", "mmcs_seeds", "mmcs_next_ratio")
+SHED += ("gt_mmcs", "dead_fraction", "loss_recovered", "gt_recovered", "fvu", "l0")
+"""Columns a narrow terminal leaves out, first ones first (the grid point's are in its run id)."""
 
-    from sweep.console import table_console
+
+def print_table(rows: list[dict], title: str = "sweep summary") -> None:
+    """A readable table on stdout (rich), as wide as the terminal."""
+    from sweep.console import fit_table, table_console
 
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     weak = "loss_recovered" in cols and any(plots.weak_loss_recovered(r) for r in rows)
-    table = Table(title=title)
-    for c in cols:
-        left = c in ("run_id", "state")  # on a narrow terminal cells fold, ids never do
-        table.add_column(c, justify="left" if left else "right", overflow="fold", no_wrap=left)
-    for r in rows:
-        table.add_row(*(_cell(r, c) for c in cols))
     console = table_console()
-    console.print(table)
-    if weak:
+    cells = [[_cell(r, c) for c in cols] for r in rows]
+    fitted = fit_table(console, title, cols, cells, drop=SHED)
+    console.print(fitted.table)
+    if fitted.left_out:
+        console.print(f"(too narrow for {', '.join(fitted.left_out)}: see {SUMMARY})")
+    if weak and "loss_recovered" not in fitted.left_out:
         console.print(WEAK_CAPTION, highlight=False)
     for line in _notes(rows):
         console.print(line, highlight=False)

@@ -115,26 +115,29 @@ def _percent(part: int | None, total: int | None) -> str:
     return f"{int(100 * part // total)}%" if part is not None and total else ""
 
 
+SHED = ("rows_trained", "saved", "fvu", "l0", "progress")
+"""Columns a narrow terminal leaves out, first ones first."""
+
+
 def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     """Every run's row (only those in ``states``, if given), then totals over all runs."""
-    from rich.table import Table
-
-    from sweep.console import table_console
+    from sweep.console import fit_table, table_console
 
     rows = status_rows(sweep_dir)
     shown = [r for r in rows if not states or r["state"] in states]
     only = f"; runs {', '.join(states)}: {len(shown)} of {len(rows)}" if states else ""
-    table = Table(title=f"sweep status: {sweep_dir} ({_activity(sweep_dir, rows)}{only})")
+    title = f"sweep status: {sweep_dir} ({_activity(sweep_dir, rows)}{only})"
     cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu"]
     cols += ["note"] if any(r.get("note") for r in shown) else []
-    for c in cols:  # on a narrow terminal, cells fold (nothing is cut off); ids never do
-        table.add_column(c, overflow="fold", no_wrap=c in ("run_id", "state"))
     for r in shown:
         r["progress"] = _percent(r.get("rows_trained"), r.get("rows_total"))
         r["saved"] = _percent(r.get("rows_saved"), r.get("rows_total"))
-        table.add_row(*(_metric_cell(r, c) for c in cols))
     console = table_console()
-    console.print(table)
+    cells = [[_metric_cell(r, c) for c in cols] for r in shown]
+    fitted = fit_table(console, title, cols, cells, drop=SHED, text=("note",))
+    console.print(fitted.table)
+    if fitted.left_out:
+        console.print(f"(too narrow for {', '.join(fitted.left_out)})")
     if any(_from_training(r) for r in shown):
         console.print(TRAINING_CAPTION, highlight=False)
     counts: dict[str, int] = {}

@@ -662,9 +662,10 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
     assert "†" not in capsys.readouterr().out
 
 
-def test_terminal_table_fits_a_narrow_terminal_and_keeps_run_ids_whole(capsys, monkeypatch):
-    """On a terminal, tables are as wide as it is (cells fold, run ids never do); in a file or
-    a pipe, as wide as they need."""
+def test_terminal_table_fits_a_narrow_terminal_and_keeps_cells_whole(capsys, monkeypatch):
+    """On a terminal, tables are as wide as it is: compact, then without the columns that
+    matter least (said under it); no run id or number is ever broken. In a file or a pipe,
+    as wide as they need."""
     rows = [
         {"run_id": f"r32-l1_1.5e-0{i}-s0", "state": "done", "fvu": 0.123456, "l0": 12.5,
          "dead_fraction": 0.25, "rows_trained": 123456789, "gt_mmcs": 0.95}
@@ -679,3 +680,8 @@ def test_terminal_table_fits_a_narrow_terminal_and_keeps_run_ids_whole(capsys, m
     narrow = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out).splitlines()  # styles
     assert max(map(len, narrow)) <= 60 and len(narrow) > len(wide)
     assert all(any(r["run_id"] in line for line in narrow) for r in rows)
+    assert sum("0.1235" in line for line in narrow) == 3  # every fvu whole
+    monkeypatch.setenv("COLUMNS", "40")
+    report.print_table(rows)
+    narrower = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "0.1235" in narrower and "(too narrow for dead_fraction, gt_mmcs" in narrower
