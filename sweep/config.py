@@ -279,6 +279,10 @@ DEFAULT_L1 = [1e-2, 2e-2, 4e-2, 8e-2]
 DEFAULT_K = [16, 32, 64, 128]
 
 
+MAX_RUNS = 100_000
+"""Most runs one sweep plans (a typo such as ``grid.seeds=100000`` would plan for minutes)."""
+
+
 @dataclass
 class GridConfig:
     """The grid: every combination of (l1 or k) x dict_ratio x seed is one run."""
@@ -328,6 +332,13 @@ class GridConfig:
                 _require(
                     v == int(v) and v >= 1, f"grid.k values must be whole numbers >= 1, got {v}"
                 )
+        runs = len(values) * len(self.dict_ratio) * self.seeds
+        _require(
+            runs <= MAX_RUNS,
+            f"the grid has {runs:,} runs ({len(values)} {knob} x {len(self.dict_ratio)} dict_ratio "
+            f"x {self.seeds:,} seeds), more than {MAX_RUNS:,}; grid.seeds counts the seeds of each "
+            f"point: lower it, or split the grid into several sweeps",
+        )
 
     def check(self) -> None:
         _require(

@@ -87,6 +87,7 @@ def test_synthetic_fields_have_the_documented_names():
         ("grid.dict_ratio=[0]", "grid.dict_ratio"),
         ("grid.dict_ratio=[]", "grid.dict_ratio"),
         ("grid.seeds=0", "grid.seeds"),
+        ("grid.seeds=100000", "the grid has 800,000 runs (4 l1 x 2 dict_ratio x 100,000 seeds)"),
         ("train.batch_size=0", "train.batch_size"),
         ("train.lr=-1", "train.lr"),
         ("train.betas=[0.9]", "train.betas"),
