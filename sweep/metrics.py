@@ -99,7 +99,7 @@ def evaluate_with_frequency(
       ``explained_variance``: 1 - fvu (both NaN when the rows do not vary);
       ``explained_variance_legacy``: mean over rows of 1 - ‖x̂ - x‖² / ‖x - mean(x)‖²
       (SAEBench's per-row formula, its paper's figures; reads lower, a row near the mean
-      weighs a lot)
+      weighs a lot; a row exactly at the mean, where it is undefined, is left out)
     - ``cossim``: mean over rows of cos(x, x̂) (0 for a zero row)
     - ``l2_ratio``: mean over rows of ‖x̂‖ / ‖x‖ (‖x‖ < 1e-4 counted as 1, as SAEBench)
     - ``relative_reconstruction_bias``: Σ‖x̂‖² / Σ⟨x, x̂⟩ (Gated SAE paper eq. 10: 1 = no
@@ -134,21 +134,30 @@ def evaluate_members(
     blocks = range(0, n, batch)
     mean_D = _mean(x_ND, blocks, batch)
     sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 8)
-    spread = torch.zeros(2, dtype=torch.float64, device=x_ND.device)  # Σ‖x - mean‖², Σ‖x‖²
+    spread = torch.zeros(3, dtype=torch.float64, device=x_ND.device)  # Σ‖x - mean‖², Σ‖x‖², rows
     fires: list[torch.Tensor | int] = [0] * len(members)
     for at in blocks:
         x = x_ND[at : at + batch]  # (b, D)
         var_b = (x - mean_D).pow(2).sum(dim=1)  # (b,) each row's squared distance to the mean
-        spread += torch.stack([var_b.sum(dtype=torch.float64), x.pow(2).sum(dtype=torch.float64)])
+        spread += torch.stack(
+            [var_b.sum(dtype=torch.float64), x.pow(2).sum(dtype=torch.float64), _off(var_b)]
+        )
         for e, m in enumerate(members):
             block, on_F = _block_sums(m, x, var_b)
             sums[e] += block
             fires[e] = fires[e] + on_F
     host, freq_EF = sums.cpu(), torch.stack(fires).double().cpu() / n  # type: ignore[arg-type]
-    total_var = _varies(*spread.tolist())
+    total_var, second_moment, off_mean = spread.tolist()
+    total_var = _varies(total_var, second_moment)
     return [
-        (_summary(h.tolist(), f, x_ND, total_var), f) for h, f in zip(host, freq_EF, strict=True)
+        (_summary(h.tolist(), f, x_ND, total_var, off_mean), f)
+        for h, f in zip(host, freq_EF, strict=True)
     ]
+
+
+def _off(var_b: torch.Tensor) -> torch.Tensor:
+    """How many rows are not at the mean (the legacy explained variance's rows)."""
+    return (var_b > 0).sum(dtype=torch.float64)
 
 
 VARIANCE_FLOOR = 1e-12
@@ -194,7 +203,8 @@ def _block_sums(
         ratio.sum(),
         norm_out.pow(2).sum(),
         dot.sum(),
-        (err / var_b).sum(),  # SAEBench's per-row explained variance (legacy), summed
+        # SAEBench's per-row explained variance (legacy), summed over rows not at the mean
+        torch.where(var_b > 0, err / var_b, 0.0).sum(),
     ]
     return torch.stack([p.double() for p in parts]), on_F
 
@@ -213,8 +223,11 @@ def _fire_counts(codes_bF: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).sum(dim=0, dtype=torch.int64)
 
 
-def _summary(sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_var: float) -> dict:
-    """The metrics of one member from its row sums and firing frequencies."""
+def _summary(
+    sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_var: float, off_mean: float
+) -> dict:
+    """The metrics of one member from its row sums and firing frequencies (``off_mean``: how
+    many rows are not at the rows' mean)."""
     sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum, err_over_var = sums
     n = x_ND.shape[0]
     varies = total_var > 0
@@ -228,7 +241,7 @@ def _summary(sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_va
         "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()),
         "eval_rows": n,
         "explained_variance": 1.0 - fvu,
-        "explained_variance_legacy": 1.0 - err_over_var / n if varies else math.nan,
+        "explained_variance_legacy": 1.0 - err_over_var / off_mean if varies else math.nan,
         "cossim": cos_sum / n,
         "l2_ratio": ratio_sum / n,
         "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,

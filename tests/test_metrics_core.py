@@ -97,6 +97,16 @@ def test_zero_reconstruction(x):
     assert m["normalized_freq_over_1_percent"] == m["normalized_freq_over_10_percent"] == 0.0
 
 
+def test_legacy_explained_variance_leaves_out_a_row_at_the_mean():
+    """SAEBench's per-row formula divides by the row's distance to the mean: a row exactly
+    there has none (was inf); the metric is the mean over the other rows."""
+    x = torch.zeros(3, D)
+    x[0, 0], x[1, 0] = 1.0, -1.0  # mean 0: the last row is at it
+    m = metrics.evaluate(split_identity(gain=0.5), x)
+    assert m["explained_variance_legacy"] == pytest.approx(0.75)  # rows 1, 2: 1 - 1/4 each
+    assert m["explained_variance"] == pytest.approx(0.75)  # 0.5 / 2 unexplained
+
+
 def test_l2_ratio_divides_tiny_inputs_by_one():
     c = torch.tensor([3.0, 4.0])  # every row reconstructs to c (||c|| = 5)
     const = {
