@@ -119,29 +119,27 @@ def _hydra_message(err: BaseException) -> str:
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
         return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"
-    cause = err.__cause__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     head = lines[0] if lines else type(err).__name__
-    if cause is not None:
-        detail = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-        if detail:
-            head = f"{head}: {detail[0]}"
-    return _override_message(head) or head
+    cause = [ln.strip() for ln in str(err.__cause__ or "").splitlines() if ln.strip()]
+    why = cause[0] if cause else ""
+    return _override_message(head, why) or (f"{head}: {why}" if why else head)
 
 
-def _override_message(head: str) -> str | None:
+def _override_message(head: str, why: str) -> str | None:
     """An override OmegaConf refused (a null, a deletion, a value of another type), as one line
-    naming the field and the fix; None for other errors."""
+    naming the field and the fix; None for other errors (``why``: the first line of its
+    cause)."""
     group = re.match(r"Config group override must be a string.*Got NoneType", head)
     if group:
         return (
             f"a config group ({', '.join(CONFIG_GROUPS)}) cannot be null: choose one of its "
             "options, e.g. data=synthetic (the README's config groups table lists them)"
         )
-    merging = re.match(r"Error merging override (~?)([\w.]+)=?(.*?): (.*)", head)
+    merging = re.match(r"Error merging override (~?)([\w.]+)=?(.*)", head)
     if not merging:
         return None
-    deleted, key, value, why = merging.groups()
+    deleted, key, value = merging.groups()
     if deleted:
         return f"cannot delete {key} (~{key}): every field has a value; set it instead ({key}=...)"
     if "is not Optional" in why:

@@ -170,6 +170,7 @@ def test_invalid_values_name_the_field(override, field):
         (["run", "grid.l1=[1e-3,1e-3]"], "grid.l1 has duplicate values: [0.001, 0.001]; list each"),
         (["run", "grid.l1=[1e-2"], "cannot read the override 'grid.l1=[1e-2' (no viable"),
         (["run", "train.lr=abc"], "cannot set train.lr to 'abc' (Value 'abc' of type 'str'"),
+        (["run", "train.lr=a: b"], "cannot set train.lr to 'a: b' (Value 'a: b' of type 'str'"),
         (["run", "--config-dir", "/nonexistent/dir"], "--config-dir /nonexistent/dir is not a"),
     ],
 )
