@@ -239,6 +239,9 @@ class Execution:
                 "continued from its checkpoints (worker_retried in its runs' events.jsonl)",
                 ens.ensemble_id, result.attempt - 1,
             )  # fmt: skip
+        if not result.started:
+            log.info("ensemble %s: not started (the sweep was stopping)", ens.ensemble_id)
+            return
         states = "/".join(sorted(set(result.states.values())))
         start = f"{result.resumed_from} -> " if result.resumed_from else ""
         log.info(

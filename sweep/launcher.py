@@ -477,9 +477,8 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
 
     with StopWatch(Path(stop_file)) as stop:
         if stop.requested():  # the sweep was stopped before this task started
-            return EnsembleResult(
-                job.ensemble.ensemble_id, dict.fromkeys(ids, "interrupted"), 0, 0.0
-            )
+            interrupted = dict.fromkeys(ids, "interrupted")
+            return EnsembleResult(job.ensemble.ensemble_id, interrupted, 0, 0.0, started=False)
         job = replace(job, placement={**job.placement, **placement()})
         try:
             with _warnings_kept() as warnings:

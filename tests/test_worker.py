@@ -1035,3 +1035,16 @@ def test_status_shows_only_the_states_asked_for(tiny_store, tmp_path, capsys):
         main(["status", str(tmp_path), "--state", "pending,donee"])
     assert refused.value.code == 2
     assert "error: argument --state: unknown run state donee" in capsys.readouterr().err
+
+
+def test_a_task_that_begins_after_the_stop_trains_nothing(tiny_store, tmp_path):
+    """The stop file was written before Ray started the task: it returns at once, every member
+    interrupted, marked not started (the log says so, not 'interrupted at step 0')."""
+    from sweep.launcher import train_task
+
+    job = job_for(tiny_store, tmp_path)
+    (stop := tmp_path / "STOP").write_text("")
+    result = train_task(job, None, str(stop))
+    assert not result.started and result.steps == 0
+    assert set(result.states.values()) == {"interrupted"}
+    assert not any((tmp_path / "runs").glob("*/checkpoint-*"))
