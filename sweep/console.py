@@ -38,17 +38,30 @@ def fit_table(
     boxed if it fits; else compact (no rules, headers wrapping at ``_``); else also without
     the columns of ``drop``, first ones first, until it fits. Only the ``text`` columns (a
     note) wrap, at spaces."""
-    shown = list(columns)
-    for compact in (False, True):
-        table = _table(title, shown, rows, columns, compact, text)
-        if _min_width(console, table) <= console.width:
-            return Fitted(table, [])
+    shown, probe = list(columns), _probe(rows, len(columns))
+
+    def fits(compact: bool) -> bool:
+        table = _table(title, shown, probe, columns, compact, text)
+        return _min_width(console, table) <= console.width
+
+    compact = not fits(False)
     for name in (d for d in drop if d in shown):
-        shown.remove(name)
-        table = _table(title, shown, rows, columns, True, text)
-        if _min_width(console, table) <= console.width:
+        if not compact or fits(True):
             break
+        shown.remove(name)
+    table = _table(title, shown, rows, columns, compact, text)
     return Fitted(table, [c for c in columns if c not in shown])
+
+
+def _probe(rows: Sequence[Sequence[str]], n: int) -> list[list[str]]:
+    """Two rows that measure as the whole table does (rich measures thousands of rows
+    slowly): each column's cell with the longest word, and its longest cell."""
+
+    def word(cell: str) -> int:
+        return max(map(len, cell.split()), default=0)
+
+    cols = [[r[i] for r in rows] or [""] for i in range(n)]
+    return [[max(c, key=word) for c in cols], [max(c, key=len) for c in cols]]
 
 
 LEFT = ("run_id", "state", "ensemble")
