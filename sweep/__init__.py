@@ -1,6 +1,15 @@
 """sweep: train grids of sparse autoencoders as vmapped ensembles, scheduled with Ray."""
 
+import os
 from typing import Any
+
+# MKL's strict reproducibility mode, set before torch first calls MKL (a value the user set
+# stays): a GEMM rounds the same on any number of threads. Without it one member's GEMMs split
+# their reduction between threads while an ensemble's run one thread per member, so a run
+# trained alone (a repaired run, a grid point with no ensemble-mates, a split ensemble) or
+# with another thread count was not bit-identical to the same run trained in an ensemble.
+# No measurable cost on CPU steps (BENCHMARKS.md).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 __all__ = ["SAE", "Sweep", "load_run", "load_sweep"]
 __version__ = "0.1.0"

@@ -104,7 +104,8 @@ def grads(
     B = x_BD.shape[0]
     buf = _Buffers({} if ws is None else ws, x_BD.device, dt)
     # (x - b_dec) @ W_enc + b_enc  ==  x @ W_enc + (b_enc - b_dec @ W_enc)
-    shift_EF = b_enc - torch.bmm(b_dec[:, None, :], W_enc).squeeze(1)  # (E, D) @ (E, D, F)
+    spare = buf("dW_enc", E, D, F_)  # free until dW_enc is written there
+    shift_EF = b_enc - _per_member_mv(W_enc, b_dec[:, :, None], 1, spare)  # (E, D) @ (E, D, F)
     codes = torch.bmm(x_BD.expand(E, B, D), W_enc, out=buf("codes", E, B, F_))  # (E, B, F)
     codes.add_(shift_EF[:, None, :])
     k_aux = _aux_k(aux, x_BD.device)
@@ -133,14 +134,24 @@ def grads(
         loss_aux = _add_aux(pre, err, W_dec, aux, k_aux, g, dW_dec, buf)  # type: ignore[arg-type]
         parts = LossParts(parts.loss + aux.alpha * loss_aux, *parts[1:])  # type: ignore[union-attr]
     db_enc = g.sum(dim=1)  # (E, F)
-    dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g, out=buf("dW_enc", E, D, F_))  # (E, D, F)
+    db_dec = g_err.sum(dim=1) - _per_member_mv(W_enc, db_enc[:, None, :], 2, spare)  # (E, D)
+    dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g, out=spare)  # (E, D, F)
     dW_enc -= b_dec[:, :, None] * db_enc[:, None, :]  # centring term: -b_dec (x) sum_B g_pre
-    db_dec = g_err.sum(dim=1) - torch.bmm(W_enc, db_enc[:, :, None]).squeeze(2)  # (E, D)
     out = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec, **extra}
     if dt != torch.float32:
         out = {k: v.float() for k, v in out.items()}
         parts = LossParts(*(None if v is None else v.float() for v in parts))
     return out, parts, codes
+
+
+def _per_member_mv(
+    W_EDF: torch.Tensor, v: torch.Tensor, dim: int, scratch: torch.Tensor
+) -> torch.Tensor:
+    """``(W_EDF * v).sum(dim)``: each member's matrix-vector product, as a product and a
+    sum. A ``bmm`` of one member runs MKL's gemv, of several its batched gemm, which round
+    differently: a run trained alone (a repaired one, a grid point of its own) would not
+    equal the same run trained in an ensemble."""
+    return torch.mul(W_EDF, v, out=scratch).sum(dim=dim)
 
 
 def _parts(

@@ -15,8 +15,9 @@ checkpoint may be damaged) would drag the newer one back, and a fresh member wou
 restart. No packing is lost: a previous ensemble already fit the member budget. Nor is a
 group split when a member lacks a checkpoint (killed before its first save): the worker
 restarts them all, loudly, so every run trains in the composition it started in and a
-resumed sweep stays bit-identical to an uninterrupted one (members are equal only up to
-float order across compositions). Only a member budget that shrank since splits a group; a
+resumed sweep stays bit-identical to an uninterrupted one (on a GPU, in bfloat16 or
+compiled, members are equal only up to float order across compositions; in float32 on the
+CPU their bits do not depend on it: :func:`composition_is_exact`). Only a member budget that shrank since splits a group; a
 part never resumes from an older step than the whole would. A run with checkpoints but no
 recorded ensemble (a lost manifest) resumes alone; previous ensembles without any
 checkpoint keep their composition too (they start from scratch as they were planned), and
@@ -431,12 +432,13 @@ def _warn_left_behind(
     folder: SweepFolder,
     groups: list[list[RunSpec]],
     pending: set[str],
-    knob: str,
+    cfg: SweepConfig,
     previous: dict[str, str],
+    exact: bool,
 ) -> None:
     """A resumed ensemble whose unfinished members are no longer in the grid resumes without
-    them, which costs bit-identity (every member shapes the shared step): say so, and how to
-    keep them together (``previous``: run -> the ensemble it last trained in)."""
+    them: say so, and how to keep them together (``previous``: run -> the ensemble it last
+    trained in). Unless ``exact`` (:func:`composition_is_exact`) that costs bit-identity."""
     for group in groups:
         ens = previous.get(group[0].run_id)
         gone = sorted(
@@ -444,35 +446,74 @@ def _warn_left_behind(
             for rid, e in previous.items()
             if e == ens and rid not in pending and not folder.run(rid).is_done()
         )
-        if ens is not None and gone:
-            log.warning(
-                "runs %s trained as one ensemble with %s, which the grid no longer holds: "
-                "they resume without it and will not be bit-identical to an uninterrupted "
-                "sweep (put its grid.%s value back to resume them together)",
-                ", ".join(r.run_id for r in group),
-                ", ".join(gone),
-                knob,
-            )
-
-
-def _split_loudly(parts: list[EnsembleSpec], learned: dict[float, int]) -> list[EnsembleSpec]:
-    """A resumed ensemble's parts: more than one only when the memory budget shrank (a smaller
-    device share, a newer memory model, or a limit learned from an out-of-memory ensemble),
-    which costs bit-identity: say so, and what keeps them together."""
-    if len(parts) > 1:
-        keep = (
-            "the limit was learned when an ensemble of this ratio ran out of GPU memory; "
-            "grid.max_members overrides it"
-            if parts[0].dict_ratio in learned
-            else "a larger launch.gpus_per_ensemble keeps them together"
+        if ens is None or not gone:
+            continue
+        (log.info if exact else log.warning)(
+            "runs %s trained as one ensemble with %s, which the grid no longer holds: they "
+            "resume without it%s; %s to resume them together",
+            ", ".join(r.run_id for r in group),
+            ", ".join(gone),
+            _cost(exact),
+            _put_back(folder, gone[0], cfg),
         )
-        log.warning(
+
+
+def _put_back(folder: SweepFolder, run_id: str, cfg: SweepConfig) -> str:
+    """What puts ``run_id``'s grid point back into the grid (the setting that dropped it)."""
+    spec = folder.manifest().get("runs", {}).get(run_id) or folder.run(run_id).spec()
+    knob = cfg.sae.knob
+    seed, value = spec.get("seed"), spec.get(knob)
+    if isinstance(seed, int) and seed >= cfg.grid.seeds:
+        return f"set grid.seeds={seed + 1} or more"
+    if value is not None and value not in cfg.grid.values(knob):
+        return f"put grid.{knob} value {value:g} back"
+    if spec.get("dict_ratio") not in (None, *cfg.grid.dict_ratio):
+        return f"put grid.dict_ratio value {spec['dict_ratio']:g} back"
+    return "put its grid point back"
+
+
+def _cost(exact: bool) -> str:
+    """What resuming in another composition costs, as the end of a clause."""
+    if exact:
+        return ", bit-identical all the same (float32 on the CPU)"
+    return " and will not be bit-identical to an uninterrupted sweep"
+
+
+def composition_is_exact(cfg: SweepConfig, on_gpu: bool) -> bool:
+    """Whether a run trains to the same bits whatever ensemble it is in: float32 on the CPU
+    (MKL's strict mode and per-member sums: tests/test_archs.py), not on a GPU, in bfloat16
+    or compiled (their kernels depend on the member count)."""
+    t = cfg.train
+    return not on_gpu and t.dtype in ("auto", "float32") and str(t.compile).lower() != "true"
+
+
+def _split_loudly(
+    parts: list[EnsembleSpec], learned: dict[float, int], cfg: SweepConfig, on_gpu: bool
+) -> list[EnsembleSpec]:
+    """A resumed ensemble's parts: more than one only when the member budget shrank (a smaller
+    device share, a newer memory model, ``grid.max_members``, or a limit learned from an
+    out-of-memory ensemble): say so, what it costs and what keeps them together."""
+    if len(parts) > 1:
+        most = max(len(e.members) for e in parts)
+        if parts[0].dict_ratio in learned:
+            keep = (
+                "the limit was learned when an ensemble of this ratio ran out of GPU memory; "
+                "grid.max_members overrides it"
+            )
+        elif cfg.grid.max_members == most:
+            keep = "a larger grid.max_members keeps them together"
+        elif on_gpu:
+            keep = "a larger launch.gpus_per_ensemble keeps them together"
+        else:
+            keep = "a larger launch.device_memory_gb keeps them together"
+        exact = composition_is_exact(cfg, on_gpu)
+        (log.info if exact else log.warning)(
             "runs %s trained as one ensemble, but the memory budget now holds at most %d "
-            "members: they resume in %d ensembles and will not be bit-identical to an "
-            "uninterrupted sweep (%s)",
+            "members: they resume in %d ensembles%s; %s",
             ", ".join(m.run_id for e in parts for m in e.members),
-            max(len(e.members) for e in parts),
+            most,
             len(parts),
+            _cost(exact),
             keep,
         )
     return parts
@@ -514,7 +555,8 @@ def plan(
     pending = {r.run_id for r in todo}
     previous = folder.previous_ensembles()
     groups, kept, fresh = resume_groups(folder, todo, previous)
-    _warn_left_behind(folder, groups, pending, cfg.sae.knob, previous)
+    exact = composition_is_exact(cfg, on_gpu)
+    _warn_left_behind(folder, groups, pending, cfg, previous, exact)
     learned = learned_limits(cfg, folder, {r.dict_ratio for r in todo})
 
     def budget(ratio: float) -> int:
@@ -537,7 +579,7 @@ def plan(
     # ensemble, or such a run, trained again later, would be grouped with strangers
     taken = {e for rid, e in previous.items() if rid not in pending}
     reserved = taken | set(previous.values())
-    split = [_split_loudly(ensembles_of(g), learned) for g in groups]
+    split = [_split_loudly(ensembles_of(g), learned, cfg, on_gpu) for g in groups]
     resumed = _as_before(split, previous, taken, reserved)
     planned = _as_before([ensembles_of(g) for g in kept], previous, taken, reserved)
     new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))

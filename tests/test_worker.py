@@ -602,12 +602,19 @@ def test_a_resumed_ensemble_split_by_a_smaller_budget_is_reported(tiny_store, tm
         compose([f"sweep_dir={folder.path}", "grid.l1=[1e-3,3e-3,1e-2,3e-2]",
                  "grid.dict_ratio=[2]", "grid.seeds=1", "grid.max_members=2"])
     )  # fmt: skip
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         p = planning.plan(cfg, tiny_store.width, 1e12, on_gpu=False)
     assert [(e.ensemble_id, len(e.members)) for e in p.ensembles] == [
         ("r2-e0.0", 2),
         ("r2-e0.1", 2),
-    ]
+    ]  # float32 on the CPU: a run's bits do not depend on its ensemble-mates
+    assert (
+        "resume in 2 ensembles, bit-identical all the same (float32 on the CPU); a larger "
+        "grid.max_members keeps them together"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        planning.plan(cfg, tiny_store.width, 1e12, on_gpu=True)
     assert "resume in 2 ensembles and will not be bit-identical" in caplog.text
 
 
@@ -980,15 +987,21 @@ def test_a_deleted_config_still_refuses_other_settings(tiny_store, tmp_path):
 def test_a_partial_ensembles_member_dropped_from_the_grid_is_warned_about(
     tiny_store, tmp_path, caplog
 ):
+    """Said on the CPU (bit-identical all the same in float32), warned about on a GPU; the
+    fix names the setting that dropped the run."""
     runs, cut = cut_pair(tiny_store, tmp_path)
-    with caplog.at_level(logging.WARNING, logger="sweep.planning"):
+    with caplog.at_level(logging.INFO, logger="sweep.planning"):
         p = planning.plan(pair_cfg(cut, "1e-3"), tiny_store.width, 1e12, on_gpu=False)
     assert [e.members for e in p.ensembles] == [(runs[0],)]
     assert (
         f"runs {runs[0].run_id} trained as one ensemble with {runs[1].run_id}, which the grid "
-        "no longer holds" in caplog.text
-    )
-    assert "put its grid.l1 value back" in caplog.text
+        "no longer holds: they resume without it, bit-identical all the same (float32 on the "
+        f"CPU); put grid.l1 value {runs[1].l1:g} back to resume them together"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sweep.planning"):
+        planning.plan(pair_cfg(cut, "1e-3"), tiny_store.width, 1e12, on_gpu=True)
+    assert "resume without it and will not be bit-identical" in caplog.text
 
 
 def test_only_ensembles_all_members_recorded_alike_are_trusted_from_spec_json():
