@@ -227,7 +227,9 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     if plain is None:
         folder.run_ids()  # what this folder is instead, in one line (missing, a store, ...)
         raise SweepError(
-            f"{sweep_dir} has no config.yaml: not a sweep folder (start one with 'sweep run')"
+            f"{sweep_dir} has no config.yaml (deleted?), so 'sweep resume' cannot know its "
+            f"settings: re-run the 'sweep run ... sweep_dir={sweep_dir}' command that started "
+            "it (its runs' recorded settings are checked against it)"
         )
     _check_resume_overrides(overrides)
     data = OmegaConf.create(with_legacy(plain))  # a field added since: as the sweep ran

@@ -240,7 +240,10 @@ class Execution:
                 ens.ensemble_id, result.attempt - 1,
             )  # fmt: skip
         if not result.started:
-            log.info("ensemble %s: not started (the sweep was stopping)", ens.ensemble_id)
+            log.info(
+                "ensemble %s: left for the next run (the sweep was stopping when its task began)",
+                ens.ensemble_id,
+            )
             return
         states = "/".join(sorted(set(result.states.values())))
         start = f"{result.resumed_from} -> " if result.resumed_from else ""

@@ -76,7 +76,8 @@ class EnsembleResult:
     """What the worker warned about (a checkpoint that failed to verify, a resume from an
     older step, ...), for the driver's ``sweep.log``."""
     started: bool = True
-    """False: the sweep was stopping before this task began (nothing was loaded or trained)."""
+    """False: the sweep was stopping when this task began (it loaded and trained nothing; an
+    earlier attempt, retried by Ray, may have)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
     how many; ``checkpoint_last``: the last one's: a stop's waits for its write, the end's is

@@ -438,3 +438,9 @@ def test_resume_names_what_its_folder_is_and_takes_no_other_sweep_dir(finished, 
     err = capsys.readouterr().err
     assert "sweep resume continues the sweep folder it is given" in err and "\n" not in err.strip()
     assert not (tmp_path / "other").exists()
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    (copy / "config.yaml").unlink()
+    assert main(["resume", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"re-run the 'sweep run ... sweep_dir={copy}' command that started it" in err
