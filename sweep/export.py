@@ -97,7 +97,8 @@ def _sparsity(arch: archs.Architecture, cfg: dict) -> dict:
         return {"k": cfg.get("k")}
     l1 = cfg.get("l1")
     name = "l0_coefficient" if arch.l0_penalty else "l1_coefficient"
-    return {name: None if l1 is None else l1 * int(cfg["d_in"]), "sweep_l1": l1}
+    theirs = None if l1 is None else float(f"{l1 * int(cfg['d_in']):.12g}")  # (not 0.576...01)
+    return {name: theirs, "sweep_l1": l1}
 
 
 def _origin(run_folder: Path) -> dict:

@@ -658,6 +658,8 @@ def lm_vs_l0(rows: list[dict], path: Path) -> Path:
         if key == "ce_loss_spliced":
             _ce_references(ax, pts)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(_PlainLog(labelOnlyBase=False))  # "20", not 2x10^1:
+        ax.xaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False))  # they do not overlap
         ax.set_xlabel("L0 (active features per row)")
         ax.set_title(LM_TITLES[key], fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
