@@ -57,11 +57,13 @@ def _probe(rows: Sequence[Sequence[str]], n: int) -> list[list[str]]:
     """Two rows that measure as the whole table does (rich measures thousands of rows
     slowly): each column's cell with the longest word, and its longest cell."""
 
+    from rich.cells import cell_len
+
     def word(cell: str) -> int:
-        return max(map(len, cell.split()), default=0)
+        return max(map(cell_len, cell.split()), default=0)
 
     cols = [[r[i] for r in rows] or [""] for i in range(n)]
-    return [[max(c, key=word) for c in cols], [max(c, key=len) for c in cols]]
+    return [[max(c, key=word) for c in cols], [max(c, key=cell_len) for c in cols]]
 
 
 LEFT = ("run_id", "state", "ensemble")
@@ -72,6 +74,7 @@ def _table(title, shown, rows, columns, compact: bool, text) -> Table:
     """The table of the ``shown`` columns. Compact: each column fixed at its widest cell or
     its header's longest word (rich would otherwise narrow the widest first, mid-number)."""
     from rich import box
+    from rich.cells import cell_len
 
     if compact:
         table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
@@ -80,11 +83,11 @@ def _table(title, shown, rows, columns, compact: bool, text) -> Table:
     at = [list(columns).index(c) for c in shown]
     for c, i in zip(shown, at, strict=True):
         justify = "left" if c in LEFT or c in text else "right"
-        if not compact or c in text:
-            table.add_column(c, justify=justify, overflow="fold")
+        if not compact or c in text:  # (rich narrows the widest wrappable column first)
+            table.add_column(c, justify=justify, overflow="fold", no_wrap=c not in text)
             continue
         header = c.replace("_", " ")
-        width = max([len(r[i]) for r in rows] + [len(w) for w in header.split()])
+        width = max([cell_len(r[i]) for r in rows] + [cell_len(w) for w in header.split()])
         table.add_column(header, justify=justify, width=width)
     for r in rows:
         table.add_row(*(r[i] for i in at))

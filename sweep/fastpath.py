@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from sweep.archs import Architecture, Hyper, Params
 from sweep.sae import LossParts
+from sweep.sums import member_sums
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,10 @@ def _per_member_mv(
     sum. A ``bmm`` of one member runs MKL's gemv, of several its batched gemm, which round
     differently: a run trained alone (a repaired one, a grid point of its own) would not
     equal the same run trained in an ensemble."""
+    if W_EDF.device.type != "cpu":  # (on a GPU a one-member bmm is no worse: one pass)
+        if dim == 2:  # v (E, 1, F): (E, D, F) @ (E, F, 1)
+            return torch.bmm(W_EDF, v.transpose(1, 2)).squeeze(2)
+        return torch.bmm(v.transpose(1, 2), W_EDF).squeeze(1)  # v (E, D, 1): (E, 1, D) @ W
     return torch.mul(W_EDF, v, out=scratch).sum(dim=dim)
 
 
@@ -170,8 +175,8 @@ def _parts(
         kept_EF = torch.ne(codes, 0, out=scratch).sum(dim=1, dtype=torch.float32)  # exact: <= B
         l0_E = (kept_EF.sum(dim=1, dtype=torch.float64) / B).float()  # exact past 2**24 too
     # sums in float32 whatever the compute dtype: a bf16 result would round them to 2**-9
-    sq_E = torch.linalg.vector_norm(err, dim=(1, 2), dtype=torch.float32).pow(2)  # (E,)
-    sparsity_E = codes.sum(dim=(1, 2), dtype=torch.float32) / B
+    sq_E = member_sums(err.float().pow(2))  # (E,): as a lone member's (sweep.sums)
+    sparsity_E = member_sums(codes, torch.float32) / B
     mse_E = sq_E / (B * D)
     var = (x_BD - x_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
     loss = mse_E

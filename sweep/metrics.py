@@ -197,7 +197,9 @@ def _block_sums(
     ratio = norm_out / torch.where(norm_in < L2_RATIO_MIN_NORM, 1.0, norm_in)  # (b,)
     parts = [
         err.sum(),
-        codes.sum(),  # = ‖f‖₁: every architecture's codes are >= 0 (a test holds them to it)
+        # = ‖f‖₁ (every architecture's codes are >= 0, a test holds them to it); by row, then
+        # over the rows: one sum of b x F values would split between threads (sweep.sums)
+        codes.sum(dim=1).sum(),
         on_F.sum(),
         cos.sum(),
         ratio.sum(),

@@ -480,11 +480,16 @@ def _cost(exact: bool) -> str:
 
 
 def composition_is_exact(cfg: SweepConfig, on_gpu: bool) -> bool:
-    """Whether a run trains to the same bits whatever ensemble it is in: float32 on the CPU
-    (MKL's strict mode and per-member sums: tests/test_archs.py), not on a GPU, in bfloat16
-    or compiled (their kernels depend on the member count)."""
+    """Whether a run trains to the same weights whatever ensemble it is in: float32 on the
+    CPU with MKL in strict mode (``sweep/__init__.py``; per-member sums, :mod:`sweep.sums`;
+    tests/test_archs.py); not on a GPU, in bfloat16 or compiled (their kernels depend on the
+    member count), nor with another BLAS or an ``MKL_CBWR`` of the user's without STRICT."""
+    import torch
+
     t = cfg.train
-    return not on_gpu and t.dtype in ("auto", "float32") and str(t.compile).lower() != "true"
+    strict = torch.backends.mkl.is_available() and "STRICT" in os.environ.get("MKL_CBWR", "")
+    cpu_fp32 = t.dtype in ("auto", "float32", "tf32") and str(t.compile).lower() != "true"
+    return not on_gpu and cpu_fp32 and strict
 
 
 def _split_loudly(
@@ -500,7 +505,7 @@ def _split_loudly(
                 "the limit was learned when an ensemble of this ratio ran out of GPU memory; "
                 "grid.max_members overrides it"
             )
-        elif cfg.grid.max_members == most:
+        elif cfg.grid.max_members == most or (not on_gpu and most == grid.CPU_MAX_MEMBERS):
             keep = "a larger grid.max_members keeps them together"
         elif on_gpu:
             keep = "a larger launch.gpus_per_ensemble keeps them together"

@@ -138,7 +138,7 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     console.print(fitted.table)
     if fitted.left_out:
         console.print(f"(too narrow for {', '.join(fitted.left_out)})")
-    if any(_from_training(r) for r in shown):
+    if {"l0", "fvu"} - set(fitted.left_out) and any(_from_training(r) for r in shown):
         console.print(TRAINING_CAPTION, highlight=False)
     counts: dict[str, int] = {}
     for r in rows:

@@ -8,6 +8,7 @@ import torch
 
 from sweep.archs import Architecture, Params
 from sweep.optim import Adam
+from sweep.sums import member_sums
 
 SINCE_FIRED = "since_fired"
 
@@ -16,7 +17,7 @@ def clip_members(grads: Params, max_norm: float) -> None:
     """Scale each member's gradients in place so their global norm is at most ``max_norm``
     (``torch.nn.utils.clip_grad_norm_``'s rule, per member: factor max_norm / (norm + 1e-6))."""
     # by name: a restored ensemble's dict order differs, and the sum must not
-    sq = sum(grads[k].pow(2).flatten(1).sum(dim=1) for k in sorted(grads))  # (E,)
+    sq = sum(member_sums(grads[k].pow(2)) for k in sorted(grads))  # (E,), as if alone
     factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
     for g in grads.values():
         g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))

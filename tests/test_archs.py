@@ -265,33 +265,38 @@ def test_a_linear_jumprelu_threshold_is_kept_non_negative():
     assert "log_threshold" in members("jumprelu:log", 1)[0]
 
 
-@pytest.mark.parametrize("name, fast", [("untied", True), ("topk", True), ("tied", False)])
+@pytest.mark.parametrize(
+    "name, fast", [("untied", True), ("topk", True), ("batchtopk", True), ("tied", False)]
+)
 def test_a_member_trains_alone_as_it_does_in_an_ensemble(name, fast):
-    """Bit for bit, on two threads, at a size where MKL splits one GEMM's reduction between
-    threads: a run trained alone (repaired, split off, a grid point of its own) equals the
-    same run trained with ensemble-mates (sweep sets MKL_CBWR; the fast path's per-member
+    """Bit for bit, on two threads, with gradient clipping, at a size where MKL splits one
+    GEMM's reduction and torch one sum between threads: a run trained alone (repaired, split
+    off, a grid point of its own) equals the same run trained with ensemble-mates — weights,
+    and on the fast path the logged loss (sweep sets MKL_CBWR; per-member sums, sweep.sums; the fast path's
     matrix-vector products are sums, not a one-member gemv)."""
     import os
 
     assert os.environ.get("MKL_CBWR") == "AUTO,STRICT"
     a, threads = arch_of(name), torch.get_num_threads()
-    init = [a.init_params(64, 256, torch.Generator().manual_seed(s)) for s in range(3)]
+    init = [a.init_params(128, 1024, torch.Generator().manual_seed(s)) for s in range(3)]
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(1024, 64, generator=g) * 2 + 0.5 for _ in range(8)]
+    xs = [torch.randn(512, 128, generator=g) * 2 + 0.5 for _ in range(4)]
     vals = VALUES[a.knob]
 
-    def trained(idx: list[int]) -> sae.Params:
+    def trained(idx: list[int]) -> tuple[sae.Params, torch.Tensor]:
         v = [vals[i] for i in idx]
         hy = hyper_of([0.0] * len(v), v) if a.knob == "k" else hyper_of(v, [0] * len(v))
-        ens = Ensemble(stack([init[i] for i in idx]), hy, Adam(LR, BETAS, EPS), arch=a, fast=fast)
-        for x in xs:
-            ens.step(x)
-        return ens.params
+        opt = Adam(LR, BETAS, EPS)
+        ens = Ensemble(stack([init[i] for i in idx]), hy, opt, arch=a, fast=fast, grad_clip=1e-2)
+        losses = torch.stack([ens.step(x).loss for x in xs])
+        return ens.params, losses
 
     torch.set_num_threads(2)
     try:
-        together, alone = trained([0, 1, 2]), trained([1])
+        (together, loss3), (alone, loss1) = trained([0, 1, 2]), trained([1])
     finally:
         torch.set_num_threads(threads)
     for k, v in together.items():
         assert torch.equal(v[1], alone[k][0]), k
+    if fast:  # (the vmapped reference's loss is the single-member math's: not summed so)
+        assert torch.equal(loss3[:, 1], loss1[:, 0])
