@@ -17,8 +17,8 @@ group split when a member lacks a checkpoint (killed before its first save): the
 restarts them all, loudly, so every run trains in the composition it started in and a
 resumed sweep stays bit-identical to an uninterrupted one (on a GPU, in bfloat16 or
 compiled, members are equal only up to float order across compositions; in float32 on the
-CPU their bits do not depend on it: :func:`composition_is_exact`). Only a member budget that shrank since splits a group; a
-part never resumes from an older step than the whole would. A run with checkpoints but no
+CPU their bits do not depend on it: :func:`composition_is_exact`). Only a member budget
+that shrank since splits a group; a part never resumes from an older step than the whole would. A run with checkpoints but no
 recorded ensemble (a lost manifest) resumes alone; previous ensembles without any
 checkpoint keep their composition too (they start from scratch as they were planned), and
 only runs never planned are grouped afresh, by shape.

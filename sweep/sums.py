@@ -3,15 +3,16 @@
 On the CPU torch reduces a tensor to ONE number by splitting it between threads (and rounds
 as they split), while it reduces each of several outputs on one thread. A lone member's
 ``x.sum()`` would then differ from the same member's slice of an ensemble's
-``x.flatten(1).sum(dim=1)``; here every member's values are summed in rows of :data:`ROW`
-(many outputs, each on one thread), then its row sums (fewer than a split's threshold).
+``x.flatten(1).sum(dim=1)``; here every member's values are summed in rows (many outputs,
+each on one thread), then its row sums (fewer than a split's threshold).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-ROW = 1024
 MAX_ROWS = 16384
 """Row sums per member at most: torch splits a reduction of 32768 values or more."""
 
@@ -20,7 +21,16 @@ def member_sums(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     """(E,) sums of ``x`` (E, ...) over all but its first dimension, in ``dtype`` if given."""
     flat = x.reshape(x.shape[0], -1)
     n = flat.shape[1]
-    row = max(ROW, -(-n // MAX_ROWS))
+    rows = _rows(n)
+    if rows > 1 or n < 2 * MAX_ROWS:  # (a view: no copy)
+        return flat.reshape(x.shape[0], rows, n // rows).sum(dim=2, dtype=dtype).sum(dim=1)
+    row = -(-n // MAX_ROWS)  # n has no divisor to make rows of: whole rows, then the rest
     full = n - n % row
-    rows = flat[:, :full].reshape(x.shape[0], -1, row).sum(dim=2, dtype=dtype).sum(dim=1)
-    return rows + flat[:, full:].sum(dim=1, dtype=dtype) if full < n else rows
+    whole = flat[:, :full].reshape(x.shape[0], -1, row).sum(dim=2, dtype=dtype).sum(dim=1)
+    return whole + flat[:, full:].sum(dim=1, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _rows(n: int) -> int:
+    """The most rows, at most :data:`MAX_ROWS`, that ``n`` values divide into evenly."""
+    return next(r for r in range(min(n, MAX_ROWS), 0, -1) if n % r == 0)
