@@ -9,11 +9,11 @@ each on one thread), then its row sums (fewer than a split's threshold).
 
 from __future__ import annotations
 
-import functools
+import math
 
 import torch
 
-MAX_ROWS = 16384
+MAX_ROWS = 2**14
 """Row sums per member at most: torch splits a reduction of 32768 values or more."""
 
 
@@ -21,16 +21,10 @@ def member_sums(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     """(E,) sums of ``x`` (E, ...) over all but its first dimension, in ``dtype`` if given."""
     flat = x.reshape(x.shape[0], -1)
     n = flat.shape[1]
-    rows = _rows(n)
+    rows = math.gcd(n, MAX_ROWS)  # the most rows (a power of two) n values divide into
     if rows > 1 or n < 2 * MAX_ROWS:  # (a view: no copy)
         return flat.reshape(x.shape[0], rows, n // rows).sum(dim=2, dtype=dtype).sum(dim=1)
-    row = -(-n // MAX_ROWS)  # n has no divisor to make rows of: whole rows, then the rest
+    row = -(-n // MAX_ROWS)  # an odd n: whole rows, then the rest
     full = n - n % row
     whole = flat[:, :full].reshape(x.shape[0], -1, row).sum(dim=2, dtype=dtype).sum(dim=1)
     return whole + flat[:, full:].sum(dim=1, dtype=dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _rows(n: int) -> int:
-    """The most rows, at most :data:`MAX_ROWS`, that ``n`` values divide into evenly."""
-    return next(r for r in range(min(n, MAX_ROWS), 0, -1) if n % r == 0)
