@@ -176,3 +176,22 @@ def test_cpu_memory_model_counts_the_checkpoint_snapshot():
     writer.close()
     cpu, gpu = (grid.bytes_per_member(D, F, B, "float32", on_gpu=g) for g in (False, True))
     assert held == [cpu - gpu] * len(init)
+
+
+@pytest.mark.parametrize("n", [7, 480, 2**20, 65537, 2 * 65521])
+def test_member_sums_do_not_depend_on_members_or_threads(n):
+    """A member's sum, alone or in a stack, on one thread or two, has the same bits (torch
+    splits ONE big sum between threads; sweep.sums never asks for one), and is the sum."""
+    from sweep.sums import member_sums
+
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        stacked, alone = member_sums(x), member_sums(x[1:2])
+        torch.set_num_threads(1)
+        one_thread = member_sums(x[1:2])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(stacked[1], alone[0]) and torch.equal(alone, one_thread)
+    torch.testing.assert_close(stacked, x.double().sum(dim=1).float(), rtol=1e-5, atol=1e-3)
