@@ -25,6 +25,13 @@ class Fitted:
     left_out: list[str]
     """Columns not shown: the terminal is too narrow for them."""
 
+    def print(self, console: Console, see: str = "") -> None:
+        """The table, then which columns it left out (and ``see``: where they are)."""
+        console.print(self.table)
+        if self.left_out:
+            where = f": see {see}" if see else ""
+            console.print(f"(too narrow for {', '.join(self.left_out)}{where})")
+
 
 def fit_table(
     console: Console,

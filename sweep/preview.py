@@ -144,9 +144,7 @@ def print_preview(v: Preview) -> None:
     cells = [[str(row[c]) for c in cols] for row in v.rows]
     fitted = fit_table(console, title, cols, cells, drop=SHED, text=("runs",))
     if v.rows:  # (every run done: no table, the line below says so)
-        console.print(fitted.table)
-    if v.rows and fitted.left_out:
-        console.print(f"(too narrow for {', '.join(fitted.left_out)})")
+        fitted.print(console)
     todo = sum(len(e.members) for e in p.ensembles)
     console.print(
         f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train in "

@@ -94,9 +94,7 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     console = table_console()
     cells = [[_cell(r, c) for c in cols] for r in rows]
     fitted = fit_table(console, title, cols, cells, drop=SHED)
-    console.print(fitted.table)
-    if fitted.left_out:
-        console.print(f"(too narrow for {', '.join(fitted.left_out)}: see {SUMMARY})")
+    fitted.print(console, see=SUMMARY)
     if weak and "loss_recovered" not in fitted.left_out:
         console.print(WEAK_CAPTION, highlight=False)
     for line in _notes(rows):

@@ -135,9 +135,7 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     console = table_console()
     cells = [[_metric_cell(r, c) for c in cols] for r in shown]
     fitted = fit_table(console, title, cols, cells, drop=SHED, text=("note",))
-    console.print(fitted.table)
-    if fitted.left_out:
-        console.print(f"(too narrow for {', '.join(fitted.left_out)})")
+    fitted.print(console)
     if {"l0", "fvu"} - set(fitted.left_out) and any(_from_training(r) for r in shown):
         console.print(TRAINING_CAPTION, highlight=False)
     counts: dict[str, int] = {}
