@@ -175,7 +175,8 @@ def _parts(
         kept_EF = torch.ne(codes, 0, out=scratch).sum(dim=1, dtype=torch.float32)  # exact: <= B
         l0_E = (kept_EF.sum(dim=1, dtype=torch.float64) / B).float()  # exact past 2**24 too
     # sums in float32 whatever the compute dtype: a bf16 result would round them to 2**-9
-    sq_E = member_sums(err.float().pow(2))  # (E,): as a lone member's (sweep.sums)
+    # (E,): each row's norm (no float32 copy of err), then summed as a lone member's would be
+    sq_E = member_sums(torch.linalg.vector_norm(err, dim=2, dtype=torch.float32).pow(2))
     sparsity_E = member_sums(codes, torch.float32) / B
     mse_E = sq_E / (B * D)
     var = (x_BD - x_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
