@@ -44,7 +44,8 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
 
         # generated on this machine's GPU when there is one, unless the sweep trains on CPU
         gpu = cfg.train.device != "cpu" and _driver_may_use_gpus(path)
-        return ensure_synthetic_store(cfg.data, path, "auto" if gpu else "cpu", cfg.progress)
+        device, owned = "auto" if gpu else "cpu", not cfg.data.path  # (its own: under its lock)
+        return ensure_synthetic_store(cfg.data, path, device, cfg.progress, owned)
     if cfg.data.name == "harvest":  # harvest-then-train; skipped when the store is complete
         from sweep.activations.harvest import ensure_harvest_store
 

@@ -20,6 +20,7 @@ from sweep.activations.synthetic import (
     bernoulli_successes,
     ensure_synthetic_store,
 )
+from sweep.errors import StoreError
 from tests.conftest import tiny_data
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -201,6 +202,33 @@ def test_incomplete_store_of_another_generator_is_regenerated(tmp_path, generato
     for i in range(len(full.chunks)):
         assert torch.equal(again.read_rows(i), full.read_rows(i))
     assert again.provenance["generator"] == synthetic.generator_info("cpu")
+
+
+def _begun_with_other_rows(tmp_path):
+    """An incomplete store begun with data.rows=9000: what another sweep may be writing."""
+    path = tmp_path / "other"
+    ensure_synthetic_store(tiny_data(rows=9000), path)
+    _interrupt(path, drop=1)
+    return path, {f.name: f.read_bytes() for f in path.iterdir()}
+
+
+def test_an_incomplete_store_with_other_parameters_is_refused_untouched(tmp_path):
+    """Another folder's incomplete store may be another sweep's, still generating: a sweep
+    pointed at it with other data parameters is refused, and nothing there is touched."""
+    path, before = _begun_with_other_rows(tmp_path)
+    with pytest.raises(StoreError, match=r"incomplete synthetic store made with other data "
+                       r"parameters \(rows\); pass the same values to finish it"):  # fmt: skip
+        ensure_synthetic_store(tiny_data(rows=5000), path)
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before
+    (path / PARAMS_FILE).write_text("{")
+    with pytest.raises(StoreError, match="whose synthetic-params.json is damaged; use another"):
+        ensure_synthetic_store(tiny_data(rows=5000), path)
+
+
+def test_the_sweeps_own_incomplete_store_with_other_parameters_is_made_anew(tmp_path):
+    path, _ = _begun_with_other_rows(tmp_path)
+    store = ensure_synthetic_store(tiny_data(rows=5000), path, owned=True)
+    assert store.total_rows == 5000 and store.provenance["params"]["rows"] == 5000
 
 
 def test_complete_store_of_the_old_generator_is_reused_untouched(tmp_path):

@@ -386,20 +386,40 @@ def _blocks(rows: int, device: torch.device) -> list[tuple[int, int]]:
     return [(at, min(size, rows - at)) for at in range(0, rows, size)]
 
 
-def _say_cleared(path: Path, old: dict, new: dict) -> None:
-    """Why an incomplete store is cleared: its parameters, or (said aloud: its chunks so far
-    are lost) another generator, e.g. the GPU's where this one runs on the CPU."""
+def _begun_params(path: Path) -> dict:
+    """What an incomplete store was begun with (``{}`` when its marker is damaged)."""
+    try:
+        old = json.loads((path / PARAMS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+def _clear_begun(path: Path, old: dict, new: dict, owned: bool) -> None:
+    """Clear an incomplete store begun otherwise: by another generator (e.g. the GPU's where
+    this one runs on the CPU; its chunks so far are lost, said aloud), or with other parameters
+    when the sweep owns the folder. Another folder's store begun with other parameters may be
+    another sweep's: refused, never cleared."""
     was, now = old.get("generator", {}), new["generator"]
-    if {k: v for k, v in old.items() if k != "generator"} != {
-        k: v for k, v in new.items() if k != "generator"
-    }:
+    diff = sorted(k for k in set(old) | set(new) if k != "generator" and old.get(k) != new.get(k))
+    if diff and not owned:
+        what, fix = f"whose {PARAMS_FILE} is damaged", ""
+        if old:
+            what = f"made with other data parameters ({', '.join(diff)})"
+            fix = "pass the same values to finish it, "
+        raise StoreError(
+            f"data.path {path} holds an incomplete synthetic store {what}; {fix}use another "
+            "data.path, or delete that folder to generate it anew"
+        )
+    if diff:
         log.info("clearing incomplete synthetic store %s (other parameters)", path)
-        return
-    log.warning(
-        "clearing incomplete synthetic store %s: it was being generated on %s (generator "
-        "version %s) and is now generated on %s (version %s), whose data differ bit-wise",
-        path, was.get("device"), was.get("version"), now.get("device"), now.get("version"),
-    )  # fmt: skip
+    else:
+        log.warning(
+            "clearing incomplete synthetic store %s: it was being generated on %s (generator "
+            "version %s) and is now generated on %s (version %s), whose data differ bit-wise",
+            path, was.get("device"), was.get("version"), now.get("device"), now.get("version"),
+        )  # fmt: skip
+    shutil.rmtree(path)
 
 
 def existing_store(cfg: SyntheticDataConfig, path: Path) -> ChunkStore | None:
@@ -435,15 +455,17 @@ def ensure_synthetic_store(
     path: str | Path,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    owned: bool = False,
 ) -> ChunkStore:
     """Open the store at ``path`` if it was generated with these parameters, else generate it
     (on ``device``: "cpu", "cuda", or "auto" for this machine's GPU when it has one — resolved
     only when generating, so reusing a store never starts a CUDA context).
 
     A complete store made with other parameters is never overwritten (error); a complete one
-    with these parameters is reused whichever generator made it. An incomplete one made with
-    other parameters, or by another generator version or device type, is cleared; else it
-    is resumed at its first missing chunk.
+    with these parameters is reused whichever generator made it. An incomplete one made by
+    another generator version or device type is cleared; one made with other parameters is
+    cleared when ``owned`` (the sweep's own folder, under its lock), else refused; else it is
+    resumed at its first missing chunk.
     """
     path = Path(path)
     store = existing_store(cfg, path)
@@ -454,10 +476,9 @@ def ensure_synthetic_store(
     device = resolve_device(device) if isinstance(device, str) else device
     marker = {**generator_params(cfg), "generator": generator_info(device)}
     if begun(path):
-        old = json.loads((path / PARAMS_FILE).read_text())
+        old = _begun_params(path)
         if old != marker:
-            _say_cleared(path, old, marker)
-            shutil.rmtree(path)
+            _clear_begun(path, old, marker, owned)
     try:
         store = _generate(cfg, path, marker, device, progress)
     except Exception as err:
