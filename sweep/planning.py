@@ -363,13 +363,16 @@ def resume_groups(
 def is_final(run: RunFolder, tidy: bool = True) -> bool:
     """Whether a run is finished and its results verify; a damaged one (warned about, and
     recorded in its events) is trained again. ``tidy=False`` writes nothing (a preview)."""
-    if not (run.path / rundir.DONE).is_file():
-        return False
-    problem = run.final_problem(deep=True)
-    if problem is None:
-        if tidy:
-            run.clear_checkpoints()  # left when its ensemble stopped while finishing
-        return True
+    if (run.path / rundir.DONE).is_file():
+        problem = run.final_problem(deep=True)
+        if problem is None:
+            if tidy:
+                run.clear_checkpoints()  # left when its ensemble stopped while finishing
+            return True
+    else:
+        problem = run.unvouched()  # (None: never finished)
+        if problem is None:
+            return False
     log.warning("run %s: %s; training it again", run.run_id, problem)
     if tidy:
         run.append_event({"event": "damaged_result", "detail": problem, "action": "retrain"})

@@ -152,6 +152,15 @@ class RunFolder:
                 return f"{WEIGHTS} is unreadable ({type(err).__name__})"
         return None
 
+    def unvouched(self) -> str | None:
+        """Why final files with no ``DONE`` are not trusted (``DONE`` was deleted: the weights
+        are there and no checkpoint continues the run), or None."""
+        if (self.path / DONE).is_file() or not self.has_weights():
+            return None
+        if checkpoints.list_checkpoints(self.path):
+            return None  # stopped while finishing: it finishes again from its end checkpoint
+        return f"{DONE}, which vouches for {WEIGHTS}, is missing"
+
     def state(self, deep: bool = False) -> RunState:
         """The state recorded on disk (never ``running``: that needs the sweep's lock). A run
         whose final files are damaged counts as not finished (``deep``: weights hashed too)."""

@@ -182,10 +182,14 @@ def _number(v: object) -> bool:
 
 
 def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
-    """Why a run with a ``DONE`` does not count as finished ("" for every other run)."""
-    problem = (
-        None if state.final or not (folder.path / DONE).is_file() else folder.final_problem(deep)
-    )
+    """Why a run with a ``DONE``, or a pending one with final weights, does not count as
+    finished ("" for every other run)."""
+    if state.final:
+        return ""
+    if (folder.path / DONE).is_file():
+        problem = folder.final_problem(deep)
+    else:  # (a run being trained again has no DONE yet)
+        problem = folder.unvouched() if state == RunState.PENDING else None
     return "" if problem is None else f"{problem}: a sweep run whose grid has it trains it again"
 
 

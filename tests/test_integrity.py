@@ -152,6 +152,20 @@ def test_garbage_in_final_files_is_no_traceback(copy, name, capsys):
     assert m["state"] == "done"
 
 
+def test_final_weights_whose_done_was_deleted_are_said_to_be_retrained(copy, capsys):
+    folder = copy / "runs" / "r1-l1_1e-03-s0"
+    (folder / rundir.DONE).unlink()
+    assert main(["status", str(copy)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "DONE, which vouches for sae.safetensors, is missing: a sweep run whose grid" in out
+    assert run(copy) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        "run r1-l1_1e-03-s0: DONE, which vouches for sae.safetensors, is missing; training" in err
+    )
+    assert rundir.RunFolder(folder).is_done(deep=True)
+
+
 def test_an_edited_cfg_is_not_final_and_never_loads(copy, capsys):
     """cfg.json is what a loader trusts (act_scale, architecture): DONE vouches for its bytes."""
     folder = copy / "runs" / "r1-l1_1e-03-s0"
