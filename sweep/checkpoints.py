@@ -92,9 +92,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return ckpt
 
 
-def checkpoint_steps(folder: Path) -> set[int]:
-    """Steps of the checkpoint files in ``folder`` (by name; not verified)."""
-    return {int(p.stem[len(PREFIX) :]) for p in list_checkpoints(folder)}
+def checkpoint_steps(folder: Path, whole: bool = False) -> set[int]:
+    """Steps of the checkpoint files in ``folder`` (by name; not verified; ``whole``: only
+    files as long as their header says, see :func:`sweep.tensorfile.whole`)."""
+    found = [p for p in list_checkpoints(folder) if not whole or tensorfile.whole(p)]
+    return {int(p.stem[len(PREFIX) :]) for p in found}
 
 
 @dataclass

@@ -47,14 +47,14 @@ def status_rows(sweep_dir: Path) -> list[dict]:
 
 
 def _saved_steps(records: list[RunRecord]) -> dict[str, int]:
-    """run_id -> the step it would resume from (by checkpoint file names): the newest one
-    every unfinished member of its ensemble has (0: none); absent once final or before it
-    has a spec."""
+    """run_id -> the step it would resume from (by checkpoint file names, leaving out files cut
+    short; their bytes are verified only when a run resumes): the newest one every unfinished
+    member of its ensemble has (0: none); absent once final or before it has a spec."""
     steps: dict[str, set[int]] = {}
     for r in records:
         if not r.state.final and r.spec:
             try:
-                steps[r.run_id] = checkpoint_steps(r.folder.path)
+                steps[r.run_id] = checkpoint_steps(r.folder.path, whole=True)
             except OSError:
                 continue
     group = {r.run_id: r.spec.get("ensemble") or r.run_id for r in records if r.run_id in steps}

@@ -20,6 +20,8 @@ back with safetensors itself.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
@@ -71,3 +73,20 @@ def _bytes_of(v: torch.Tensor) -> memoryview:
     import torch
 
     return memoryview(v.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def whole(path: str | Path) -> bool:
+    """Whether the file at ``path`` is as long as its header says (reads the header only: a
+    cheap test for a file cut short, not for damaged bytes)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 27 else None
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):
+        return False
+    try:
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        return size == 8 + n + max(ends, default=0)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError):
+        return False  # (not a dict of tensor entries)

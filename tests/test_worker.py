@@ -727,6 +727,11 @@ def test_status_saved_is_where_the_ensemble_would_resume(tiny_store, tmp_path):
     checkpoints.path_of(second, 16).unlink()
     saved = {r["run_id"]: r["rows_saved"] for r in status_rows(tmp_path)}
     assert saved == {first.name: 14 * 256, second.name: 14 * 256}
+    cut = checkpoints.path_of(first, 14)  # a file cut short (a copy that stopped) counts not
+    assert tensorfile.whole(cut)
+    cut.write_bytes(cut.read_bytes()[:-1])
+    assert not tensorfile.whole(cut)
+    assert {r["rows_saved"] for r in status_rows(tmp_path)} == {0}
 
 
 def test_status_saved_is_zero_for_every_run_that_would_start_over(tiny_store, tmp_path):
