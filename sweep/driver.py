@@ -199,16 +199,24 @@ def _train(
     folder.clear_stop()  # left by an earlier, stopped driver
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
     try:
-        with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
-            import ray
-
-            res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
-            cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
+        finished = _finished_plan(cfg, folder, store.width)
+        if finished is not None:  # nothing to train: no Ray (seconds to start)
+            cfg, p = finished
             _write_sweep_files(folder, cfg, p, store)
-            if p.skipped:
-                log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
-            signals.training()
-            Execution(cfg, folder, p, store, res, lock, outcome).run()
+            log.info("every run of the grid (%d) is already done; nothing to train", len(p.runs))
+        else:
+            with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
+                import ray
+
+                res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
+                cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
+                _write_sweep_files(folder, cfg, p, store)
+                if p.skipped:
+                    log.info(
+                        "%d of %d runs already done; skipping them", len(p.skipped), len(p.runs)
+                    )
+                signals.training()
+                Execution(cfg, folder, p, store, res, lock, outcome).run()
         records = folder.read_runs(live=False)  # every run of the sweep, not only this grid's
         ours = {r.run_id for r in p.runs}
         outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
@@ -219,6 +227,26 @@ def _train(
             quietly(lambda: folder.record_state("interrupted"))
         raise
     return records
+
+
+def _finished_plan(
+    cfg: SweepConfig, folder: SweepFolder, width: int
+) -> tuple[SweepConfig, SweepPlan] | None:
+    """The config to record and the (empty) plan when every run of the grid is final and
+    verifies, and ``train.dtype`` needs no look at the hardware; else None (planned with Ray,
+    which warns of a damaged run)."""
+    dtype = cfg.train.dtype if cfg.train.dtype != "auto" else planning.recorded_dtype(folder)
+    if dtype in (None, "auto"):
+        return None
+    cfg = replace(cfg, train=replace(cfg.train, dtype=dtype))
+    runs = planning.expand_grid(cfg, width)
+    folders = [folder.run(r.run_id) for r in runs]
+    if not all(f.is_done() for f in folders) or not all(f.is_done(deep=True) for f in folders):
+        return None  # (cheap checks first: a sweep with runs to train hashes nothing here)
+    planning.check_compatible(folder, cfg)
+    for f in folders:
+        f.clear_checkpoints()  # left when its ensemble stopped while finishing
+    return cfg, SweepPlan(runs, [r.run_id for r in runs], [])
 
 
 def plan_for(

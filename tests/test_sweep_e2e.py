@@ -80,7 +80,7 @@ def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
         assert fvu == sorted(fvu) and l0 == sorted(l0, reverse=True)
 
 
-def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path):
+def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path, monkeypatch, capsys):
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[2]") == 0
     first = tmp_path / "sw" / "runs" / "r2-l1_1e-02-s0" / "sae.safetensors"
     stamp = first.stat().st_mtime_ns
@@ -89,8 +89,17 @@ def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path):
     rows = read_summary(tmp_path / "sw" / "summary.csv")
     assert [r["run_id"] for r in rows] == ["r2-l1_1e-02-s0", "r2-l1_3e-02-s0"]
     assert {r["state"] for r in rows} == {"done"}
+    from sweep import launcher
+
+    def no_ray(*_: object) -> None:
+        raise AssertionError("Ray started for a grid with nothing to train")
+
+    monkeypatch.setattr(launcher, "ray_session", no_ray)  # (it takes seconds to start)
+    capsys.readouterr()
     assert sweep(tmp_path, "grid.l1=[3e-2]", "grid.dict_ratio=[2]") == 0  # a narrower grid
+    assert "every run of the grid (1) is already done; nothing to train" in capsys.readouterr().err
     assert read_summary(tmp_path / "sw" / "summary.csv") == rows  # the sweep's other run stays
+    assert json.loads((tmp_path / "sw" / "manifest.json").read_text())["state"] == "done"
 
 
 def test_changed_settings_are_refused(ray_cluster, tmp_path, capsys):
