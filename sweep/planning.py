@@ -496,11 +496,16 @@ def composition_is_exact(cfg: SweepConfig, on_gpu: bool) -> bool:
 
 
 def _split_loudly(
-    parts: list[EnsembleSpec], learned: dict[float, int], cfg: SweepConfig, on_gpu: bool
+    parts: list[EnsembleSpec],
+    learned: dict[float, int],
+    cfg: SweepConfig,
+    on_gpu: bool,
+    exact: bool,
 ) -> list[EnsembleSpec]:
     """A resumed ensemble's parts: more than one only when the member budget shrank (a smaller
     device share, a newer memory model, ``grid.max_members``, or a limit learned from an
-    out-of-memory ensemble): say so, what it costs and what keeps them together."""
+    out-of-memory ensemble): say so, what it costs (nothing when ``exact``: see
+    :func:`composition_is_exact`) and what keeps them together."""
     if len(parts) > 1:
         most = max(len(e.members) for e in parts)
         if parts[0].dict_ratio in learned:
@@ -514,7 +519,6 @@ def _split_loudly(
             keep = "a larger launch.gpus_per_ensemble keeps them together"
         else:
             keep = "a larger launch.device_memory_gb keeps them together"
-        exact = composition_is_exact(cfg, on_gpu)
         (log.info if exact else log.warning)(
             "runs %s trained as one ensemble, but the memory budget now holds at most %d "
             "members: they resume in %d ensembles%s; %s",
@@ -587,7 +591,7 @@ def plan(
     # ensemble, or such a run, trained again later, would be grouped with strangers
     taken = {e for rid, e in previous.items() if rid not in pending}
     reserved = taken | set(previous.values())
-    split = [_split_loudly(ensembles_of(g), learned, cfg, on_gpu) for g in groups]
+    split = [_split_loudly(ensembles_of(g), learned, cfg, on_gpu, exact) for g in groups]
     resumed = _as_before(split, previous, taken, reserved)
     planned = _as_before([ensembles_of(g) for g in kept], previous, taken, reserved)
     new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))
