@@ -104,13 +104,26 @@ def curve_len(sweep_dir: Path) -> int:
     return min(lens) if len(lens) == 4 else 0
 
 
-def wait_for(cond, timeout: float = 120) -> None:
+def wait_for(cond, p: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Until ``cond()``. Fails when the sweep ``p`` ends first, or after ``timeout`` s (then
+    killed), with what it printed."""
     end = time.time() + timeout
     while time.time() < end:
         if cond():
             return
+        if p is not None and p.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {p.returncode}) first:\n{_said(p)}")
         time.sleep(0.05)
-    raise AssertionError("timed out waiting for the sweep to make progress")
+    if p is not None:
+        kill_group(p)
+    raise AssertionError(f"timed out waiting for the sweep to make progress\n{_said(p)}")
+
+
+def _said(p: subprocess.Popen | None) -> str:
+    """The last lines a finished sweep printed."""
+    if p is None or p.stdout is None:
+        return ""
+    return p.stdout.read().decode(errors="replace")[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +145,7 @@ def _resume_and_compare(sweep_dir: Path, ray_tmp: Path, reference: dict[str, str
 def test_sigkill_driver_then_rerun(reference, tmp_path, tmp_path_factory, records):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"rk{records}"
     p = start(sw, rt)
-    wait_for(lambda: curve_len(sw) >= records)
+    wait_for(lambda: curve_len(sw) >= records, p)
     os.kill(p.pid, signal.SIGKILL)  # the driver only: Ray's processes fate-share with it
     p.wait(timeout=60)
     assert not all((r / "DONE").exists() for r in (sw / "runs").iterdir())
@@ -143,7 +156,7 @@ def test_sigkill_driver_then_rerun(reference, tmp_path, tmp_path_factory, record
 def test_sigkill_worker_is_retried_from_checkpoint(reference, tmp_path, tmp_path_factory):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rw"
     p = start(sw, rt)
-    wait_for(lambda: curve_len(sw) >= 10)
+    wait_for(lambda: curve_len(sw) >= 10, p)
     victim = next(iter((sw / "runs").iterdir()))
     pid = json.loads((victim / "placement.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -169,7 +182,7 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
 ):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"rs{int(sig)}"
     p = start(sw, rt)
-    wait_for(lambda: curve_len(sw) >= 8)
+    wait_for(lambda: curve_len(sw) >= 8, p)
     job = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
     for pid in job:  # every process of the job (Ray's too), as SLURM does before pre-emption
         with contextlib.suppress(ProcessLookupError):
@@ -210,7 +223,7 @@ def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_
     the sweep still resumes to the uninterrupted result."""
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "r2nd"
     p = start(sw, rt)
-    wait_for(lambda: curve_len(sw) >= 8)
+    wait_for(lambda: curve_len(sw) >= 8, p)
     p.send_signal(signal.SIGTERM)
     # once the first is handled (its stop file is written): two signals that arrive while the
     # driver waits inside Ray are one call of the handler (Python keeps a flag, not a count)
@@ -232,7 +245,7 @@ def test_a_worker_stopped_alone_continues_from_its_checkpoint(
     checkpoints, and the driver continues it from there, as it would a crashed one."""
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "ralone"
     p = start(sw, rt)
-    wait_for(lambda: curve_len(sw) >= 10)
+    wait_for(lambda: curve_len(sw) >= 10, p)
     victim = sw / "runs" / "r8-l1_1e-02-s0"
     os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGTERM)
     code, out = finish(p)
@@ -250,7 +263,7 @@ def test_a_worker_stopped_alone_continues_from_its_checkpoint(
 def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
     p = start(sw, rt, "launch.max_retries=0")
-    wait_for(lambda: curve_len(sw) >= 10)
+    wait_for(lambda: curve_len(sw) >= 10, p)
     victim = sw / "runs" / "r8-l1_1e-02-s0"
     os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGKILL)
     code, out = finish(p)
@@ -281,7 +294,7 @@ def test_signals_while_starting_up_exit_cleanly(reference, tmp_path, tmp_path_fa
     128+signal, within seconds, and the re-run ends identical."""
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / f"ru{int(sig)}"
     p = start(sw, rt)
-    wait_for(lambda: (sw / ".lock").exists())  # store, Ray and planning take seconds more
+    wait_for(lambda: (sw / ".lock").exists(), p)  # store, Ray and planning take seconds more
     os.kill(p.pid, sig)
     code, out = finish(p, timeout=90)
     assert code == 128 + sig, out

@@ -243,7 +243,7 @@ def test_killed_worker_on_cuda_resumes_bit_identical(tmp_path, tmp_path_factory)
     sw = tmp_path / "sw"
     p = start(sw, base / "gk", *_cuda_args())
     try:
-        wait_for(lambda: curve_len(sw) >= 10)
+        wait_for(lambda: curve_len(sw) >= 10, p)
     except BaseException:
         kill_group(p)
         raise
