@@ -199,7 +199,7 @@ def _train(
     folder.clear_stop()  # left by an earlier, stopped driver
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
     try:
-        finished = _finished_plan(cfg, folder, store.width)
+        finished = finished_plan(cfg, folder, store.width)
         if finished is not None:  # nothing to train: no Ray (seconds to start)
             cfg, p = finished
             _write_sweep_files(folder, cfg, p, store)
@@ -229,12 +229,12 @@ def _train(
     return records
 
 
-def _finished_plan(
-    cfg: SweepConfig, folder: SweepFolder, width: int
+def finished_plan(
+    cfg: SweepConfig, folder: SweepFolder, width: int, tidy: bool = True
 ) -> tuple[SweepConfig, SweepPlan] | None:
     """The config to record and the (empty) plan when every run of the grid is final and
     verifies, and ``train.dtype`` needs no look at the hardware; else None (planned with Ray,
-    which warns of a damaged run)."""
+    which warns of a damaged run). ``tidy=False`` writes nothing (a preview)."""
     dtype = cfg.train.dtype if cfg.train.dtype != "auto" else planning.recorded_dtype(folder)
     if dtype in (None, "auto"):
         return None
@@ -244,7 +244,7 @@ def _finished_plan(
     if not all(f.is_done() for f in folders) or not all(f.is_done(deep=True) for f in folders):
         return None  # (cheap checks first: a sweep with runs to train hashes nothing here)
     planning.check_compatible(folder, cfg)
-    for f in folders:
+    for f in folders if tidy else ():
         f.clear_checkpoints()  # left when its ensemble stopped while finishing
     return cfg, SweepPlan(runs, [r.run_id for r in runs], [])
 

@@ -37,7 +37,8 @@ class Preview:
     cfg: SweepConfig
     """With ``train.dtype`` resolved as the run would record it."""
     plan: SweepPlan
-    res: launcher.Resources
+    res: launcher.Resources | None
+    """None when every run is final (no Ray was asked)."""
     rows: list[dict]
     """One per ensemble: id, dict ratio and size, members, share, memory, runs."""
     notes: list[str]
@@ -52,6 +53,9 @@ def preview(cfg: SweepConfig) -> Preview:
         raise SweepError(f"sweep_dir {folder.path}: {blocked} is a file; use another sweep_dir")
     driver.check_config(cfg, folder)
     shape = store_shape(cfg, folder)
+    finished = driver.finished_plan(cfg, folder, shape.width, tidy=False)
+    if finished is not None:  # nothing to train: no Ray, as in the run
+        return Preview(*finished, None, [], _notes(folder, shape))
     with launcher.ray_session(cfg.launch):
         import ray
 
@@ -131,14 +135,17 @@ SHED = ("dict_size", "memory", "asks", "dict_ratio")
 def print_preview(v: Preview) -> None:
     from sweep.console import fit_table, table_console
 
-    p, res = v.plan, v.res
+    p, console = v.plan, table_console()
+    if v.res is None:
+        console.print(f"{len(p.runs)} runs: all already done, nothing to train")
+        return
+    res = v.res
     where = (
         f"GPUs ({res.gpus:g} in the Ray cluster, memory budget "
         f"{grid.memory_text(res.gpu_bytes)} each)"
         if res.on_gpu
         else f"CPUs (memory budget {grid.memory_text(res.device_bytes)} per ensemble)"
     )
-    console = table_console()
     title = f"sweep plan: {v.cfg.sweep_dir} (nothing trained or written)"
     cols = ["ensemble", "dict_ratio", "dict_size", "members", "asks", "memory", "runs"]
     cells = [[str(row[c]) for c in cols] for row in v.rows]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from sweep import launcher
 from sweep.cli import main
 from tests.test_sweep_e2e import TINY, sweep
 
@@ -29,12 +32,14 @@ def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, ca
 
 
 def test_a_plan_of_a_finished_sweep_trains_nothing_and_touches_nothing(
-    ray_cluster, tmp_path, capsys
+    ray_cluster, tmp_path, capsys, monkeypatch
 ):
     assert sweep(tmp_path, *GRID) == 0
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.is_file()}
-    code, out, _ = plan(tmp_path, capsys)
-    assert code == 0 and "4 runs: 4 already done, 0 to train in 0 ensemble(s)" in out, out
+    with monkeypatch.context() as m:  # nothing to train: Ray is not asked (seconds to start)
+        m.setattr(launcher, "ray_session", lambda *_: pytest.fail("Ray asked for a finished plan"))
+        code, out, _ = plan(tmp_path, capsys)
+    assert code == 0 and "4 runs: all already done, nothing to train" in out, out
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.is_file()}
     assert after == before
     store = [f"sweep_dir={tmp_path / 'e'}", f"data.path={tmp_path / 'sw' / 'store'}"]
