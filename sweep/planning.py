@@ -373,9 +373,11 @@ def is_final(run: RunFolder, tidy: bool = True) -> bool:
         problem = run.unvouched()  # (None: never finished)
         if problem is None:
             return False
-    log.warning("run %s: %s; training it again", run.run_id, problem)
+    again = "evaluate" if run.lost_only_metrics() else "retrain"  # (its weights verify)
+    said = "evaluating it again from its weights" if again == "evaluate" else "training it again"
+    log.warning("run %s: %s; %s", run.run_id, problem, said)
     if tidy:
-        run.append_event({"event": "damaged_result", "detail": problem, "action": "retrain"})
+        run.append_event({"event": "damaged_result", "detail": problem, "action": again})
     return False
 
 

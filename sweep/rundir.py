@@ -58,6 +58,7 @@ PLACEMENT = "placement.json"
 EVENTS = "events.jsonl"
 TRACKER = "logger.json"
 RUNS = "runs"
+METRICS_LOST = f"{METRICS} is missing or damaged"
 LOADER_KEYS = frozenset({"architecture", "d_in", "d_sae", "act_scale"})
 """What a final ``cfg.json`` holds for :func:`sweep.sae.load_run` (a run missing one is not final)."""
 
@@ -136,8 +137,6 @@ class RunFolder:
             return f"{WEIGHTS} is missing"
         if "weights_bytes" in done and weights.stat().st_size != done["weights_bytes"]:
             return f"{WEIGHTS} has {weights.stat().st_size} bytes, {DONE} recorded {done['weights_bytes']}"
-        if not self._json(METRICS, quiet=True):
-            return f"{METRICS} is missing or damaged"
         cfg = self._json(CFG, quiet=True)
         if not LOADER_KEYS <= cfg.keys():
             return f"{CFG} is missing or damaged"
@@ -150,7 +149,15 @@ class RunFolder:
                 self.weights()
             except Exception as err:
                 return f"{WEIGHTS} is unreadable ({type(err).__name__})"
+        if not self._json(METRICS, quiet=True):
+            return METRICS_LOST  # (last: everything else verified)
         return None
+
+    def lost_only_metrics(self) -> bool:
+        """Only ``metrics.json`` is missing or damaged, and ``DONE`` vouches for the rest by
+        checksum (weights hashed): the run is evaluated again from its weights, not trained."""
+        has_sums = {"weights_sha256", "cfg_sha256"} <= self._json(DONE, quiet=True).keys()
+        return has_sums and self.final_problem(deep=True) == METRICS_LOST
 
     def unvouched(self) -> str | None:
         """Why final files with no ``DONE`` are not trusted (``DONE`` was deleted: the weights
@@ -190,6 +197,11 @@ class RunFolder:
     def finished_stamp(self) -> str:
         """Changes whenever the run is re-finished (invalidates values cached from it)."""
         return str(self._json(DONE).get("finished", ""))
+
+    def diverged_step(self) -> int | None:
+        """The step a diverged run froze at (``diverged.json``), or None."""
+        step = self._json(DIVERGED).get("step")
+        return int(step) if isinstance(step, int) else None
 
     def failure(self) -> str:
         return str(self._json(FAILED).get("reason", "")) if (self.path / FAILED).is_file() else ""

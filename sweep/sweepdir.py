@@ -34,7 +34,7 @@ from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
-from sweep.rundir import DONE, RUNS, RunFolder, RunState
+from sweep.rundir import DONE, METRICS_LOST, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
     from sweep.activations.store import ChunkStore
@@ -190,7 +190,11 @@ def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
         problem = folder.final_problem(deep)
     else:  # (a run being trained again has no DONE yet)
         problem = folder.unvouched() if state == RunState.PENDING else None
-    return "" if problem is None else f"{problem}: a sweep run whose grid has it trains it again"
+    if problem is None:
+        return ""
+    lost = problem == METRICS_LOST  # (its weights are hashed when the run reads them)
+    again = "evaluates it again from its weights if they verify" if lost else "trains it again"
+    return f"{problem}: a sweep run whose grid has it {again}"
 
 
 def _current_mmcs(metrics: dict, digest: Callable[[], str]) -> dict:

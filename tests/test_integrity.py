@@ -166,6 +166,32 @@ def test_final_weights_whose_done_was_deleted_are_said_to_be_retrained(copy, cap
     assert rundir.RunFolder(folder).is_done(deep=True)
 
 
+@pytest.mark.parametrize("damage", ["delete", "garbage"])
+def test_lost_metrics_are_evaluated_again_from_the_verified_weights(copy, damage, capsys):
+    """Weights and cfg.json verify against DONE: the run is not trained again (hours at real
+    sizes) but evaluated again, to the same metrics; its weights keep their bytes."""
+    folder = copy / "runs" / "r2-l1_1e-01-s0"
+    before = {n: (folder / n).read_bytes() for n in (rundir.WEIGHTS, rundir.CURVE)}
+    metrics, cfg = (json.loads((folder / n).read_text()) for n in (rundir.METRICS, rundir.CFG))
+    if damage == "delete":
+        (folder / rundir.METRICS).unlink()
+    else:
+        (folder / rundir.METRICS).write_text("{not json")
+    assert main(["status", str(copy)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "damaged: a sweep run whose grid has it evaluates it again from its weights" in out
+    assert run(copy) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "metrics.json is missing or damaged; evaluating it again from its weights" in err
+    assert {n: (folder / n).read_bytes() for n in before} == before  # (no step trained)
+    assert json.loads((folder / rundir.METRICS).read_text()) == metrics
+    again = json.loads((folder / rundir.CFG).read_text())
+    assert {**again, "store": cfg["store"]} == cfg  # (the copy's store: where it was evaluated)
+    assert rundir.RunFolder(folder).is_done(deep=True)
+    events = [json.loads(ln)["event"] for ln in (folder / rundir.EVENTS).read_text().splitlines()]
+    assert events[-2:] == ["damaged_result", "evaluated_again"]
+
+
 def test_an_edited_cfg_is_not_final_and_never_loads(copy, capsys):
     """cfg.json is what a loader trusts (act_scale, architecture): DONE vouches for its bytes."""
     folder = copy / "runs" / "r1-l1_1e-03-s0"
