@@ -98,15 +98,23 @@ def _metric_cell(row: dict, col: str) -> str:
 
 
 def _activity(sweep_dir: Path, rows: list[dict]) -> str:
-    """What the sweep is doing, as its manifest recorded it, unless runs it recorded as done
-    are no longer finished (damaged or removed since)."""
-    activity = SweepFolder(sweep_dir).activity()
-    undone = sum(r["state"] not in ("done", "diverged", "failed") for r in rows)
+    """What the sweep is doing, as its manifest recorded it, unless runs of its last grid it
+    recorded as done are no longer finished (damaged or removed since), or runs outside that
+    grid are unfinished."""
+    folder = SweepFolder(sweep_dir)
+    activity, grid = folder.activity(), folder.last_grid()
+    undone = [r["run_id"] for r in rows if r["state"] not in ("done", "diverged", "failed")]
     if activity != "done" or not undone:
         return activity
+    lost = [rid for rid in undone if grid is None or rid in grid]
+    if lost:
+        return (
+            f"done when its last driver ended, but {len(lost)} run(s) are no longer finished: "
+            "re-run its command to train them again"
+        )
     return (
-        f"done when its last driver ended, but {undone} run(s) are no longer finished: re-run "
-        "its command to train them again"
+        f"its last grid was done when its driver ended; {len(undone)} run(s) outside that grid "
+        "are not finished: a `sweep run` whose grid has them continues them"
     )
 
 

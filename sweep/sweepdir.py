@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from sweep.activations.store import ChunkStore
 
 CONFIG = "config.yaml"
+GRID = "grid"
+"""The manifest's list of the run ids of the last command's grid."""
 MANIFEST = "manifest.json"
 SUMMARY = "summary.csv"
 LOCK = ".lock"
@@ -452,6 +454,7 @@ class SweepFolder:
                 entry["ensemble"] = ensemble_of[spec["run_id"]]
             known[spec["run_id"]] = entry
         manifest = {"runs": known, "store": store.facts(), "width": store.width}
+        manifest[GRID] = [spec["run_id"] for spec in runs]  # (the last command's)
         if LIMITS in old:
             manifest[LIMITS] = old[LIMITS]
         manifest["updated"] = time.time()
@@ -562,6 +565,11 @@ class SweepFolder:
             return None
         started = held.get("started", 0)
         return float(started) if isinstance(started, (int, float)) else 0.0
+
+    def last_grid(self) -> set[str] | None:
+        """The run ids of the last command's grid (None: a manifest from before it was kept)."""
+        ids = self.manifest().get(GRID)
+        return set(ids) if isinstance(ids, list) else None
 
     def activity(self) -> str:
         """``running`` when a live driver holds the lock, else the state the manifest recorded

@@ -100,6 +100,13 @@ def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path, monkeypatch
     assert "every run of the grid (1) is already done; nothing to train" in capsys.readouterr().err
     assert read_summary(tmp_path / "sw" / "summary.csv") == rows  # the sweep's other run stays
     assert json.loads((tmp_path / "sw" / "manifest.json").read_text())["state"] == "done"
+    shutil.rmtree(first.parent)  # a run outside the last grid: status says what continues it
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "sw")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "its last grid was done when its driver ended; 1 run(s) outside that grid are not" in said
+    )
 
 
 def test_changed_settings_are_refused(ray_cluster, tmp_path, capsys):
