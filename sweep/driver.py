@@ -44,8 +44,8 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
 
         # generated on this machine's GPU when there is one, unless the sweep trains on CPU
         gpu = cfg.train.device != "cpu" and _driver_may_use_gpus(path)
-        device, owned = "auto" if gpu else "cpu", not cfg.data.path  # (its own: under its lock)
-        return ensure_synthetic_store(cfg.data, path, device, cfg.progress, owned)
+        device = "auto" if gpu else "cpu"
+        return ensure_synthetic_store(cfg.data, path, device, cfg.progress, owns_store(cfg))
     if cfg.data.name == "harvest":  # harvest-then-train; skipped when the store is complete
         from sweep.activations.harvest import ensure_harvest_store
 
@@ -53,6 +53,13 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
         here = cpu or _driver_may_use_gpus(path)  # else in a Ray task, whose process then exits
         return ensure_harvest_store(cfg.data, path, cfg.launch, cfg.progress, in_process=here)
     return ChunkStore(path)
+
+
+def owns_store(cfg: SweepConfig) -> bool:
+    """Whether the sweep's store is its own ``<sweep_dir>/store`` (under its lock), which it
+    may clear; a store elsewhere may be another sweep's."""
+    own = default_store_path(cfg.sweep_dir)
+    return not cfg.data.path or Path(cfg.data.path).expanduser().resolve() == own.resolve()
 
 
 def _driver_may_use_gpus(store: str | Path) -> bool:
@@ -203,7 +210,9 @@ def _train(
         if finished is not None:  # nothing to train: no Ray (seconds to start)
             cfg, p = finished
             _write_sweep_files(folder, cfg, p, store)
-            log.info("every run of the grid (%d) is already done; nothing to train", len(p.runs))
+            log.info(
+                "every run of the grid (%d) is already finished; nothing to train", len(p.runs)
+            )
         else:
             with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
                 import ray

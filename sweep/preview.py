@@ -71,6 +71,7 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
     if isinstance(cfg.data, SyntheticDataConfig):
         store = synthetic.existing_store(cfg.data, path)
         if store is None:
+            synthetic.refuse_begun(cfg.data, path, driver.owns_store(cfg))
             d = cfg.data
             staged = staged_bytes(min(d.rows_per_chunk, d.rows), d.width, d.dtype)
             return StoreShape(path, d.width, staged)  # (the grid was checked at this width)
@@ -137,7 +138,7 @@ def print_preview(v: Preview) -> None:
 
     p, console = v.plan, table_console()
     if v.res is None:
-        console.print(f"{len(p.runs)} runs: all already done, nothing to train")
+        console.print(f"{len(p.runs)} runs: all already finished, nothing to train")
         return
     res = v.res
     where = (

@@ -39,7 +39,7 @@ def test_a_plan_of_a_finished_sweep_trains_nothing_and_touches_nothing(
     with monkeypatch.context() as m:  # nothing to train: Ray is not asked (seconds to start)
         m.setattr(launcher, "ray_session", lambda *_: pytest.fail("Ray asked for a finished plan"))
         code, out, _ = plan(tmp_path, capsys)
-    assert code == 0 and "4 runs: all already done, nothing to train" in out, out
+    assert code == 0 and "4 runs: all already finished, nothing to train" in out, out
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "sw").rglob("*") if p.is_file()}
     assert after == before
     store = [f"sweep_dir={tmp_path / 'e'}", f"data.path={tmp_path / 'sw' / 'store'}"]
@@ -69,3 +69,36 @@ def test_a_plan_refuses_what_the_run_would_refuse(ray_cluster, tmp_path, capsys)
     assert code == 2 and "fewer than one batch" in err, err
     manifest = json.loads((tmp_path / "sw" / "manifest.json").read_text())
     assert manifest["state"] == "done"
+
+
+def test_a_plan_refuses_another_sweeps_incomplete_store_as_the_run_does(tmp_path, capsys):
+    from sweep.activations.store import MANIFEST
+    from sweep.activations.synthetic import ensure_synthetic_store
+    from tests.conftest import tiny_data
+
+    other = tmp_path / "other"
+    ensure_synthetic_store(tiny_data(rows=9000), other)
+    (other / MANIFEST).unlink()  # as a generation still under way leaves it
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    for cmd in (["--plan"], []):
+        code = main(["run", *cmd, f"sweep_dir={tmp_path / 'sw'}", *TINY, f"data.path={other}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "(rows 9000 -> 12000); pass its values to finish it" in err, err
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert not (tmp_path / "sw").exists()
+
+
+def test_the_sweeps_own_store_is_its_own_however_named(tmp_path, monkeypatch):
+    from sweep.cli import compose
+    from sweep.config import to_sweep_config
+    from sweep.driver import owns_store
+
+    monkeypatch.chdir(tmp_path)
+    own = (
+        ["sweep_dir=sw", "data.path=sw/store"],
+        ["sweep_dir=sw"],
+        ["sweep_dir=sw", "data.path=./sw/../sw/store"],
+    )
+    for over in own:
+        assert owns_store(to_sweep_config(compose(over)))
+    assert not owns_store(to_sweep_config(compose(["sweep_dir=sw", "data.path=elsewhere"])))

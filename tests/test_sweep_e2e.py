@@ -97,7 +97,9 @@ def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path, monkeypatch
     monkeypatch.setattr(launcher, "ray_session", no_ray)  # (it takes seconds to start)
     capsys.readouterr()
     assert sweep(tmp_path, "grid.l1=[3e-2]", "grid.dict_ratio=[2]") == 0  # a narrower grid
-    assert "every run of the grid (1) is already done; nothing to train" in capsys.readouterr().err
+    assert (
+        "every run of the grid (1) is already finished; nothing to train" in capsys.readouterr().err
+    )
     assert read_summary(tmp_path / "sw" / "summary.csv") == rows  # the sweep's other run stays
     assert json.loads((tmp_path / "sw" / "manifest.json").read_text())["state"] == "done"
     shutil.rmtree(first.parent)  # a run outside the last grid: status says what continues it

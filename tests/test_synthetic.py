@@ -217,7 +217,7 @@ def test_an_incomplete_store_with_other_parameters_is_refused_untouched(tmp_path
     pointed at it with other data parameters is refused, and nothing there is touched."""
     path, before = _begun_with_other_rows(tmp_path)
     with pytest.raises(StoreError, match=r"incomplete synthetic store made with other data "
-                       r"parameters \(rows\); pass the same values to finish it"):  # fmt: skip
+                       r"parameters \(rows 9000 -> 5000\); pass its values to finish it"):  # fmt: skip
         ensure_synthetic_store(tiny_data(rows=5000), path)
     assert {f.name: f.read_bytes() for f in path.iterdir()} == before
     (path / PARAMS_FILE).write_text("{")

@@ -395,23 +395,32 @@ def _begun_params(path: Path) -> dict:
     return old if isinstance(old, dict) else {}
 
 
-def _clear_begun(path: Path, old: dict, new: dict, owned: bool) -> None:
-    """Clear an incomplete store begun otherwise: by another generator (e.g. the GPU's where
-    this one runs on the CPU; its chunks so far are lost, said aloud), or with other parameters
-    when the sweep owns the folder. Another folder's store begun with other parameters may be
-    another sweep's: refused, never cleared."""
-    was, now = old.get("generator", {}), new["generator"]
+def refuse_begun(cfg: SyntheticDataConfig, path: Path, owned: bool) -> None:
+    """Refuse an incomplete store at ``path`` begun with other parameters unless the sweep
+    owns the folder (reads only): it may be another sweep's, still generating."""
+    if owned or not begun(path) or (path / MANIFEST).exists():
+        return
+    old, new = _begun_params(path), generator_params(cfg)
     diff = sorted(k for k in set(old) | set(new) if k != "generator" and old.get(k) != new.get(k))
-    if diff and not owned:
-        what, fix = f"whose {PARAMS_FILE} is damaged", ""
-        if old:
-            what = f"made with other data parameters ({', '.join(diff)})"
-            fix = "pass the same values to finish it, "
-        raise StoreError(
-            f"data.path {path} holds an incomplete synthetic store {what}; {fix}use another "
-            "data.path, or delete that folder to generate it anew"
-        )
-    if diff:
+    if not diff:
+        return
+    what, fix = f"whose {PARAMS_FILE} is damaged", ""
+    if old:
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        what = f"made with other data parameters ({shown})"
+        fix = "pass its values to finish it, "
+    raise StoreError(
+        f"data.path {path} holds an incomplete synthetic store {what}; {fix}use another "
+        "data.path, or delete that folder to generate it anew"
+    )
+
+
+def _clear_begun(path: Path, old: dict, new: dict) -> None:
+    """Clear an incomplete store begun otherwise (the caller refused what it may not clear):
+    with other parameters, or by another generator (e.g. the GPU's where this one runs on
+    the CPU; its chunks so far are lost, said aloud)."""
+    was, now = old.get("generator", {}), new["generator"]
+    if any(old.get(k) != new.get(k) for k in set(old) | set(new) if k != "generator"):
         log.info("clearing incomplete synthetic store %s (other parameters)", path)
     else:
         log.warning(
@@ -475,10 +484,11 @@ def ensure_synthetic_store(
     check_memory(cfg)
     device = resolve_device(device) if isinstance(device, str) else device
     marker = {**generator_params(cfg), "generator": generator_info(device)}
+    refuse_begun(cfg, path, owned)
     if begun(path):
         old = _begun_params(path)
         if old != marker:
-            _clear_begun(path, old, marker, owned)
+            _clear_begun(path, old, marker)
     try:
         store = _generate(cfg, path, marker, device, progress)
     except Exception as err:
