@@ -359,4 +359,4 @@ def _write_sweep_files(
     folder: SweepFolder, cfg: SweepConfig, p: SweepPlan, store: ChunkStore
 ) -> None:
     folder.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    folder.write_manifest([r.as_dict() for r in p.runs], p.ensemble_of(), store)
+    folder.write_manifest([r.as_dict() for r in p.runs], p.ensemble_of(), store, grid=True)

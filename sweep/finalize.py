@@ -130,6 +130,18 @@ def _saved_tensors(ens: Ensemble, e: int) -> sae.Params:
     return _member_tensors(ens, e, torch.device("cpu"))
 
 
+def _add_outcome(m: dict, step: int, diverged: int | None, batch_size: int) -> None:
+    """A member's state, steps and rows trained, and its health note, into its metrics."""
+    state = "done" if diverged is None else "diverged"
+    trained = step if diverged is None else diverged
+    m.update({"state": state, "steps": trained, "rows_trained": trained * batch_size})
+    if diverged is not None:
+        m["diverged_step"] = diverged
+    note = health_note(m)
+    if note:
+        m["note"] = note
+
+
 def finish_members(
     ens: Ensemble,
     runs: tuple[RunSpec, ...],
@@ -140,11 +152,13 @@ def finish_members(
     tracker: RunLogger,
     timings: dict[str, float] | None = None,
     before_final: Callable[[], None] | None = None,
+    again: bool = False,
 ) -> dict[str, str]:
     """Evaluate and finalise every member; returns run_id -> done | diverged. ``timings``
     gets ``write``: the seconds spent writing the final files. ``before_final`` is called
     after the evaluation, before the first final file (the worker waits there for the end
-    checkpoint it writes meanwhile)."""
+    checkpoint it writes meanwhile). ``again``: finished runs evaluated again (their weights
+    and ``cfg.json`` are kept as they are: :meth:`RunFolder.finish_again`)."""
     x_eval = ev.store.tail_rows(ev.eval_rows).to(ev.device).float() * ev.scale
     gt = ev.store.ground_truth()
     lm_eval, lm_skipped = lm_metrics.LMEval.prepare(ev.store, ev.device, ev.lm_eval_tokens)
@@ -158,28 +172,23 @@ def finish_members(
     if before_final is not None:
         before_final()
     for e, (run, folder, cfg) in enumerate(zip(runs, folders, cfgs, strict=True)):
-        params = _saved_tensors(ens, e)
         m, freq = judged[e]
         m.update(lm[e])
         if lm_skipped:
             m["lm_metrics_skipped"] = lm_skipped
             folder.append_event({"event": "lm_metrics_skipped", "reason": lm_skipped})
         diverged = diverged_at[e] if diverged_at[e] >= 0 else None
-        state = "done" if diverged is None else "diverged"
-        trained = step if diverged is None else diverged
-        m.update({"state": state, "steps": trained, "rows_trained": trained * ev.batch_size})
-        if diverged is not None:
-            m["diverged_step"] = diverged
-        note = health_note(m)
-        if note:
-            m["note"] = note
+        _add_outcome(m, step, diverged, ev.batch_size)
         t0 = time.perf_counter()
-        folder.finish(
-            FinalResult(save(params), density_bytes(freq, x_eval.shape[0]), cfg, m, diverged)
-        )
+        density = density_bytes(freq, x_eval.shape[0])
+        if again:
+            folder.finish_again(density, m)
+        else:
+            weights = save(_saved_tensors(ens, e))
+            folder.finish(FinalResult(weights, density, cfg, m, diverged))
         if timings is not None:
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
-        states[run.run_id] = state
+        states[run.run_id] = m["state"]
         tracker.summary(run.run_id, m)
     for folder in folders:  # only now: a crash above leaves every member its end checkpoint
         folder.clear_checkpoints()

@@ -360,25 +360,31 @@ def resume_groups(
     return resumed, kept, sorted(fresh, key=lambda r: order[r.run_id])  # grid order
 
 
-def is_final(run: RunFolder, tidy: bool = True) -> bool:
-    """Whether a run is finished and its results verify; a damaged one (warned about, and
-    recorded in its events) is trained again. ``tidy=False`` writes nothing (a preview)."""
+FINAL, EVALUATE, TRAIN = "final", "evaluate", "train"
+
+
+def verdict(run: RunFolder, tidy: bool = True) -> str:
+    """What a run of the grid needs: nothing (:data:`FINAL`: finished, its results verify),
+    evaluating again from its verified weights (:data:`EVALUATE`: it lost only
+    ``metrics.json``), or training (:data:`TRAIN`; a damaged finished one is warned about and
+    recorded in its events). ``tidy=False`` writes nothing (a preview)."""
     if (run.path / rundir.DONE).is_file():
         problem = run.final_problem(deep=True)
         if problem is None:
             if tidy:
                 run.clear_checkpoints()  # left when its ensemble stopped while finishing
-            return True
+            return FINAL
     else:
         problem = run.unvouched()  # (None: never finished)
         if problem is None:
-            return False
-    again = "evaluate" if run.lost_only_metrics() else "retrain"  # (its weights verify)
-    said = "evaluating it again from its weights" if again == "evaluate" else "training it again"
+            return TRAIN
+    again = EVALUATE if problem == rundir.METRICS_LOST and run.lost_only_metrics() else TRAIN
+    said = "evaluating it again from its weights" if again == EVALUATE else "training it again"
     log.warning("run %s: %s; %s", run.run_id, problem, said)
     if tidy:
-        run.append_event({"event": "damaged_result", "detail": problem, "action": again})
-    return False
+        action = "evaluate" if again == EVALUATE else "retrain"
+        run.append_event({"event": "damaged_result", "detail": problem, "action": action})
+    return again
 
 
 def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
@@ -561,11 +567,15 @@ def plan(
     """Which runs still need training, grouped into ensembles: each previous ensemble's
     pending runs together (resumed first), the fresh runs by shape — split further while
     fewer ensembles than ``slots`` (ensembles the cluster runs at once) would leave devices
-    idle. ``tidy=False``: nothing in the sweep folder is touched (:func:`is_final`)."""
+    idle; finished runs that lost only their metrics in ensembles of their own (``-eval``,
+    evaluated, not trained). ``tidy=False``: nothing in the sweep folder is touched
+    (:func:`verdict`)."""
     folder = SweepFolder(cfg.sweep_dir)
     runs = expand_grid(cfg, width)
-    final = [r for r in runs if is_final(folder.run(r.run_id), tidy)]
-    todo = [r for r in runs if r not in final]
+    needs = {r.run_id: verdict(folder.run(r.run_id), tidy) for r in runs}
+    final = [r for r in runs if needs[r.run_id] == FINAL]
+    lost = [r for r in runs if needs[r.run_id] == EVALUATE]  # (ensembles of their own)
+    todo = [r for r in runs if needs[r.run_id] == TRAIN]
     pending = {r.run_id for r in todo}
     previous = folder.previous_ensembles()
     groups, kept, fresh = resume_groups(folder, todo, previous)
@@ -598,6 +608,7 @@ def plan(
     planned = _as_before([ensembles_of(g) for g in kept], previous, taken, reserved)
     new = grid.spread(ensembles_of(fresh), slots - len(resumed) - len(planned))
     ensembles = resumed + planned + grid.renumber(new, tag="", taken=reserved)
+    ensembles += grid.renumber(ensembles_of(lost), tag="-eval", taken=reserved)
     ensembles.sort(key=lambda e: -e.dict_ratio)  # stable: resumed before fresh of a ratio
     return SweepPlan(runs, [r.run_id for r in final], ensembles)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sweep import driver, execution, grid, launcher, planning
 from sweep.activations import harvest, synthetic
@@ -19,6 +20,9 @@ from sweep.errors import SweepError
 from sweep.lock import holder_alive, read_lock
 from sweep.planning import SweepPlan
 from sweep.sweepdir import LOCK, SweepFolder, default_store_path
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ def print_preview(v: Preview) -> None:
     p, console = v.plan, table_console()
     if v.res is None:
         console.print(f"{len(p.runs)} runs: all already finished, nothing to train")
+        _print_notes(console, v.notes)
         return
     res = v.res
     where = (
@@ -158,5 +163,9 @@ def print_preview(v: Preview) -> None:
         f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train in "
         f"{len(p.ensembles)} ensemble(s) on {where}, compute dtype {v.cfg.train.dtype}"
     )
-    for note in v.notes:
+    _print_notes(console, v.notes)
+
+
+def _print_notes(console: Console, notes: list[str]) -> None:
+    for note in notes:
         console.print(f"note: {note}")

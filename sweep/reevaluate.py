@@ -2,10 +2,10 @@
 
 ``DONE`` vouches for a finished run's weights and ``cfg.json`` by checksum; when those verify
 and only the metrics are missing or damaged (deleted by hand, a disk fault), training the run
-again would take as long as the first time and end in the same weights. The worker instead
-loads each member's final weights into an ensemble and finishes it as training would have
-(:func:`sweep.finalize.finish_members`: metrics, feature density, ``DONE`` again; the weights
-are rewritten with the same bytes).
+again would take as long as the first time. The planner gives such runs ensembles of their
+own; their worker loads each member's final weights and evaluates them as training would have
+(:func:`sweep.finalize.finish_members`), writing the metrics, the feature density and ``DONE``
+again — never the weights or ``cfg.json`` (:meth:`sweep.rundir.RunFolder.finish_again`).
 """
 
 from __future__ import annotations
@@ -18,44 +18,51 @@ from sweep.finalize import finish_members
 from sweep.optim import Adam
 
 if TYPE_CHECKING:
-    from sweep.worker import _Attempt
+    from sweep.worker import _Attempt as Attempt
 
 log = logging.getLogger(__name__)
 
 
-def only_metrics_lost(at: _Attempt) -> bool:
-    """Every member of the attempt's ensemble lost only its metrics."""
-    return all(f.lost_only_metrics() for f in at.folders)
+def lost_members(at: Attempt) -> list[int] | None:
+    """The members to evaluate again when every other member is final (a retry after some
+    were): their indices; None when any must be trained (or none lost its metrics)."""
+    lost = []
+    for i, folder in enumerate(at.folders):
+        if folder.lost_only_metrics():
+            lost.append(i)
+        elif not folder.is_done(deep=True):
+            return None
+    return lost or None
 
 
-def evaluate_again(at: _Attempt) -> dict[str, str]:
-    """Evaluate the members from their final weights and write their final files again;
+def evaluate_again(at: Attempt, lost: list[int]) -> dict[str, str]:
+    """Evaluate members ``lost`` from their final weights and write their metrics again;
     returns run_id -> done | diverged."""
+    runs, folders = [at.runs[i] for i in lost], [at.folders[i] for i in lost]
     log.info(
-        "ensemble %s: only metrics.json was lost; evaluating its runs again from their weights",
-        at.job.ensemble.ensemble_id,
-    )
-    ens = _final_ensemble(at)
-    diverged = [f.diverged_step() for f in at.folders]
-    steps = [-1 if d is None else d for d in diverged]
-    for f in at.folders:
+        "ensemble %s: evaluating %s again from their weights (their metrics.json was lost)",
+        at.job.ensemble.ensemble_id, ", ".join(r.run_id for r in runs),
+    )  # fmt: skip
+    ens = _final_ensemble(at, lost)
+    diverged = [f.evaluated_step() for f in folders]
+    for f in folders:
         f.append_event({"event": "evaluated_again", "reason": "metrics.json lost"})
     return finish_members(
-        ens, at.runs, at.folders, at.stream.total_steps, steps, at.eval_setting(), at.tracker(),
-        at.timings,
+        ens, tuple(runs), folders, at.stream.total_steps, [-1 if d is None else d for d in diverged],
+        at.eval_setting(), at.tracker(), at.timings, again=True,
     )  # fmt: skip
 
 
-def _final_ensemble(at: _Attempt) -> Ensemble:
-    """The members' final weights (parameters and the architecture's buffers) as an ensemble
-    on the attempt's device (nothing to train: no optimiser state)."""
-    saved = [f.weights() for f in at.folders]
+def _final_ensemble(at: Attempt, members: list[int]) -> Ensemble:
+    """Those members' final weights (parameters and the architecture's buffers) as an
+    ensemble on the attempt's device (nothing to train: no optimiser state)."""
+    saved = [at.folders[i].weights() for i in members]
     names = set(at.arch.buffers)
     params = stack([{k: v for k, v in w.items() if k not in names} for w in saved])
-    device, t = at.device, at.job.train
+    device, t, runs = at.device, at.job.train, [at.runs[i] for i in members]
     ens = Ensemble(
         {k: v.to(device) for k, v in params.items()},
-        hyper_of([r.l1 for r in at.runs], [r.k for r in at.runs], device),
+        hyper_of([r.l1 for r in runs], [r.k for r in runs], device),
         Adam(t.lr, (t.betas[0], t.betas[1]), t.eps),
         arch=at.arch,
     )

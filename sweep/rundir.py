@@ -153,11 +153,28 @@ class RunFolder:
             return METRICS_LOST  # (last: everything else verified)
         return None
 
+    def vouched(self) -> bool:
+        """``DONE`` holds the checksums of the weights and ``cfg.json`` (a version before them
+        wrote none)."""
+        return {"weights_sha256", "cfg_sha256"} <= self._json(DONE, quiet=True).keys()
+
+    def evaluated_step(self) -> int | None:
+        """Of a run that lost only ``metrics.json`` (see :meth:`lost_only_metrics`): the step
+        its weights froze at when it diverged, else None."""
+        if self._json(DONE, quiet=True).get("state") != RunState.DIVERGED.value:
+            return None
+        return self.diverged_step()
+
     def lost_only_metrics(self) -> bool:
         """Only ``metrics.json`` is missing or damaged, and ``DONE`` vouches for the rest by
-        checksum (weights hashed): the run is evaluated again from its weights, not trained."""
-        has_sums = {"weights_sha256", "cfg_sha256"} <= self._json(DONE, quiet=True).keys()
-        return has_sums and self.final_problem(deep=True) == METRICS_LOST
+        checksum (weights hashed; a diverged run's step readable): the run is evaluated again
+        from its weights, not trained."""
+        state = self._json(DONE, quiet=True).get("state")
+        if not self.vouched() or (
+            state == RunState.DIVERGED.value and self.diverged_step() is None
+        ):
+            return False
+        return self.final_problem(deep=True) == METRICS_LOST
 
     def unvouched(self) -> str | None:
         """Why final files with no ``DONE`` are not trusted (``DONE`` was deleted: the weights
@@ -312,6 +329,15 @@ class RunFolder:
             cfg_sha256=hashlib.sha256(cfg).hexdigest(),
         )
         atomic_write_json(self.path / DONE, done)
+
+    def finish_again(self, density: bytes, metrics: dict) -> None:
+        """A run whose weights and ``cfg.json`` ``DONE`` vouches for, evaluated again: its
+        feature density and metrics, then ``DONE`` with a new time (what it vouches for is
+        left as it is, so a stop midway leaves a run that is evaluated again)."""
+        done = self._json(DONE, quiet=True)
+        atomic_write_bytes(self.path / DENSITY, density)
+        atomic_write_json(self.path / METRICS, metrics)
+        atomic_write_json(self.path / DONE, {**done, "finished": time.time()})
 
     def clear_checkpoints(self) -> None:
         checkpoints.clear_checkpoints(self.path)

@@ -194,7 +194,7 @@ def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
         problem = folder.unvouched() if state == RunState.PENDING else None
     if problem is None:
         return ""
-    lost = problem == METRICS_LOST  # (its weights are hashed when the run reads them)
+    lost = problem == METRICS_LOST and folder.vouched()  # (weights hashed when the run reads them)
     again = "evaluates it again from its weights if they verify" if lost else "trains it again"
     return f"{problem}: a sweep run whose grid has it {again}"
 
@@ -441,10 +441,11 @@ class SweepFolder:
         return self.manifest().get("width")
 
     def write_manifest(
-        self, runs: list[dict], ensemble_of: dict[str, str], store: ChunkStore
+        self, runs: list[dict], ensemble_of: dict[str, str], store: ChunkStore, grid: bool = False
     ) -> None:
         """Record every run (``runs``: their specs), the ensemble each is planned in, and the
-        store they train on (:meth:`ChunkStore.facts`)."""
+        store they train on (:meth:`ChunkStore.facts`); ``grid``: ``runs`` are the command's
+        whole grid (:meth:`last_grid`), not some of its runs planned again."""
         old = self.manifest()
         known = old.get("runs", {})
         for spec in runs:
@@ -454,9 +455,11 @@ class SweepFolder:
                 entry["ensemble"] = ensemble_of[spec["run_id"]]
             known[spec["run_id"]] = entry
         manifest = {"runs": known, "store": store.facts(), "width": store.width}
-        manifest[GRID] = [spec["run_id"] for spec in runs]  # (the last command's)
-        if LIMITS in old:
-            manifest[LIMITS] = old[LIMITS]
+        if grid:
+            manifest[GRID] = [spec["run_id"] for spec in runs]
+        for kept in (GRID, LIMITS):
+            if kept in old and kept not in manifest:
+                manifest[kept] = old[kept]
         manifest["updated"] = time.time()
         atomic_write_json(self.path / MANIFEST, manifest)
 

@@ -30,7 +30,7 @@ from sweep.errors import OutOfMemory, SweepError, out_of_memory
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
-from sweep.reevaluate import evaluate_again, only_metrics_lost
+from sweep.reevaluate import evaluate_again, lost_members
 from sweep.resample import resample
 from sweep.restore import Restored, restore_ensemble, use_compile
 from sweep.rundir import RunFolder
@@ -356,8 +356,11 @@ def train_ensemble(
         states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
         log.info("ensemble %s: every member is already finished", job.ensemble.ensemble_id)
         return EnsembleResult(job.ensemble.ensemble_id, states, 0, time.perf_counter() - t0)
-    if only_metrics_lost(at):  # (before start(): it would take DONE for damaged)
-        states = evaluate_again(at)
+    lost = lost_members(at)
+    if lost is not None:  # (before start(): it would take their DONE for damaged)
+        states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
+        with _out_of_memory_named(job, at.device):
+            states.update(evaluate_again(at, lost))
         seconds = time.perf_counter() - t0
         return EnsembleResult(job.ensemble.ensemble_id, states, at.stream.total_steps, seconds)
     if use_compile(job.train, at.device):

@@ -156,7 +156,7 @@ def test_a_partial_store_made_on_another_device_is_restarted_aloud(tmp_path, cap
     marker = {**synthetic.generator_params(cfg), "generator": {"device": "cuda", "version": 2}}
     (path / synthetic.PARAMS_FILE).write_text(json.dumps(marker))
     with caplog.at_level(logging.INFO):
-        store = synthetic.ensure_synthetic_store(cfg, path, "cpu")
+        store = synthetic.ensure_synthetic_store(cfg, path, "cpu", owned=True)
     assert "it was being generated on cuda (generator version 2) and is now generated on cpu" in (
         caplog.text
     )

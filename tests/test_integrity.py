@@ -169,27 +169,45 @@ def test_final_weights_whose_done_was_deleted_are_said_to_be_retrained(copy, cap
 @pytest.mark.parametrize("damage", ["delete", "garbage"])
 def test_lost_metrics_are_evaluated_again_from_the_verified_weights(copy, damage, capsys):
     """Weights and cfg.json verify against DONE: the run is not trained again (hours at real
-    sizes) but evaluated again, to the same metrics; its weights keep their bytes."""
-    folder = copy / "runs" / "r2-l1_1e-01-s0"
-    before = {n: (folder / n).read_bytes() for n in (rundir.WEIGHTS, rundir.CURVE)}
-    metrics, cfg = (json.loads((folder / n).read_text()) for n in (rundir.METRICS, rundir.CFG))
+    sizes) but evaluated again, to the same metrics, in an ensemble of its own; what DONE
+    vouches for is not rewritten. Its ensemble-mate, whose DONE is gone, is trained again."""
+    folder, mate = (copy / "runs" / rid for rid in ("r2-l1_1e-01-s0", "r2-l1_1e-03-s0"))
+    kept = (rundir.WEIGHTS, rundir.CURVE, rundir.CFG)
+    before = {n: (folder / n).read_bytes() for n in kept}
+    metrics = json.loads((folder / rundir.METRICS).read_text())
     if damage == "delete":
         (folder / rundir.METRICS).unlink()
     else:
         (folder / rundir.METRICS).write_text("{not json")
+    (mate / rundir.DONE).unlink()
     assert main(["status", str(copy)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "damaged: a sweep run whose grid has it evaluates it again from its weights" in out
     assert run(copy) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "metrics.json is missing or damaged; evaluating it again from its weights" in err
-    assert {n: (folder / n).read_bytes() for n in before} == before  # (no step trained)
+    assert {n: (folder / n).read_bytes() for n in kept} == before  # (no step trained)
     assert json.loads((folder / rundir.METRICS).read_text()) == metrics
-    again = json.loads((folder / rundir.CFG).read_text())
-    assert {**again, "store": cfg["store"]} == cfg  # (the copy's store: where it was evaluated)
-    assert rundir.RunFolder(folder).is_done(deep=True)
+    assert rundir.RunFolder(folder).is_done(deep=True) and rundir.RunFolder(mate).is_done()
     events = [json.loads(ln)["event"] for ln in (folder / rundir.EVENTS).read_text().splitlines()]
     assert events[-2:] == ["damaged_result", "evaluated_again"]
+    manifest = json.loads((copy / "manifest.json").read_text())["runs"]
+    assert manifest[folder.name]["ensemble"] == "r2-e0-eval"  # (apart from the trained mate)
+    assert manifest[mate.name]["ensemble"] == "r2-e0-resume"  # (r2-e0 its mate keeps)
+
+
+def test_a_diverged_run_is_evaluated_again_as_diverged(copy):
+    """DONE's state says whether a run diverged (diverged.json, which it does not vouch for,
+    only gives the step): a stale diverged.json beside a done run changes nothing."""
+    run_ = rundir.RunFolder(copy / "runs" / "r1-l1_1e-03-s0")
+    (run_.path / rundir.DIVERGED).write_text(json.dumps({"step": 3}))
+    (run_.path / rundir.METRICS).unlink()
+    assert run_.lost_only_metrics() and run_.evaluated_step() is None
+    done = json.loads((run_.path / rundir.DONE).read_text())
+    (run_.path / rundir.DONE).write_text(json.dumps({**done, "state": "diverged"}))
+    assert run_.evaluated_step() == 3
+    (run_.path / rundir.DIVERGED).unlink()  # a diverged run without its step: trained again
+    assert not run_.lost_only_metrics()
 
 
 def test_an_edited_cfg_is_not_final_and_never_loads(copy, capsys):
@@ -524,3 +542,19 @@ def test_a_run_training_before_its_first_checkpoint_is_running(tiny_store, tmp_p
         rundir.RunFolder.of(sweep_dir, a.run_id).start(a.as_dict(), {})
         states = {r["run_id"]: r["state"] for r in status_rows(sweep_dir)}
     assert states == {a.run_id: "running", b.run_id: "pending"}
+
+
+def test_a_retried_evaluation_evaluates_only_the_runs_still_without_metrics(copy):
+    """A worker that died after re-finishing some members: its retry evaluates the rest (it
+    used to train the whole ensemble again); one member needing training means training."""
+    from types import SimpleNamespace
+
+    from sweep.reevaluate import lost_members
+
+    a, b = (rundir.RunFolder(copy / "runs" / r) for r in ("r2-l1_1e-03-s0", "r2-l1_1e-01-s0"))
+    (b.path / rundir.METRICS).unlink()
+    assert lost_members(SimpleNamespace(folders=[a, b])) == [1]
+    (a.path / rundir.METRICS).unlink()
+    assert lost_members(SimpleNamespace(folders=[a, b])) == [0, 1]
+    (a.path / rundir.DONE).unlink()
+    assert lost_members(SimpleNamespace(folders=[a, b])) is None

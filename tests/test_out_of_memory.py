@@ -66,6 +66,17 @@ def test_an_ensemble_out_of_gpu_memory_gets_a_gpu_then_halves_and_finishes(
     ), status.stdout
 
 
+def test_an_ensemble_split_after_running_out_keeps_the_commands_grid(tiny_store, tmp_path):
+    """The halves of an ensemble re-recorded mid-run are some of the grid, not the grid
+    (``sweep status`` tells runs outside the last grid by it)."""
+    folder = SweepFolder(tmp_path / "sw")
+    folder.path.mkdir()
+    specs = [{"run_id": r} for r in ("a", "b", "c")]
+    folder.write_manifest(specs, {}, tiny_store, grid=True)
+    folder.write_manifest(specs[:1], {"a": "r2-e0.0"}, tiny_store)
+    assert folder.last_grid() == {"a", "b", "c"}
+
+
 def test_a_learned_member_limit_caps_later_plans_unless_max_members_is_set(tiny_store, tmp_path):
     folder = SweepFolder(tmp_path / "sw")
     folder.path.mkdir()

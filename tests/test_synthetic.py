@@ -174,7 +174,7 @@ def test_a_stop_while_the_parameters_were_written_is_not_a_foreign_folder(tmp_pa
     file: the re-run generates the store (it used to refuse it as not a sweep store)."""
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / ".synthetic-params.json.k3j2.tmp").write_text("{")
-    store = ensure_synthetic_store(tiny_data(rows=5000), tmp_path / "s")
+    store = ensure_synthetic_store(tiny_data(rows=5000), tmp_path / "s", owned=True)
     assert store.total_rows == 5000
     assert not list((tmp_path / "s").glob(".*.tmp"))
 
@@ -198,7 +198,10 @@ def test_incomplete_store_of_another_generator_is_regenerated(tmp_path, generato
     (tmp_path / "b" / PARAMS_FILE).write_text(json.dumps(marker))
     foreign = np.full((4096, 16), 7.0, dtype=np.float32)  # its chunks must not be mixed in
     np.save(tmp_path / "b" / chunk_name(0), foreign)
-    again = ensure_synthetic_store(cfg, tmp_path / "b")
+    if generator is not None:  # another sweep's, perhaps, still generating: refused
+        with pytest.raises(StoreError, match="finish it where it was begun"):
+            ensure_synthetic_store(cfg, tmp_path / "b")
+    again = ensure_synthetic_store(cfg, tmp_path / "b", owned=True)  # the sweep's own
     for i in range(len(full.chunks)):
         assert torch.equal(again.read_rows(i), full.read_rows(i))
     assert again.provenance["generator"] == synthetic.generator_info("cpu")

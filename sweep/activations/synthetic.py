@@ -64,7 +64,13 @@ from sweep.activations.store import (
 from sweep.config import SyntheticDataConfig
 from sweep.devices import host_memory_bytes, release_device_memory, resolve_device
 from sweep.errors import StoreError, out_of_memory
-from sweep.io import atomic_write_bytes, atomic_write_json, begun, remove_stale_temps
+from sweep.io import (
+    STALE_TEMP_SECONDS,
+    atomic_write_bytes,
+    atomic_write_json,
+    begun,
+    remove_stale_temps,
+)
 from sweep.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -395,13 +401,24 @@ def _begun_params(path: Path) -> dict:
     return old if isinstance(old, dict) else {}
 
 
-def refuse_begun(cfg: SyntheticDataConfig, path: Path, owned: bool) -> None:
-    """Refuse an incomplete store at ``path`` begun with other parameters unless the sweep
-    owns the folder (reads only): it may be another sweep's, still generating."""
+def refuse_begun(
+    cfg: SyntheticDataConfig, path: Path, owned: bool, generator: dict | None = None
+) -> None:
+    """Refuse an incomplete store at ``path`` begun with other parameters (or, ``generator``
+    given, by another generator) unless the sweep owns the folder (reads only): it may be
+    another sweep's, still generating."""
     if owned or not begun(path) or (path / MANIFEST).exists():
         return
     old, new = _begun_params(path), generator_params(cfg)
     diff = sorted(k for k in set(old) | set(new) if k != "generator" and old.get(k) != new.get(k))
+    was = old.get("generator")
+    if not diff and generator is not None and isinstance(was, dict) and was != generator:
+        raise StoreError(
+            f"data.path {path} holds an incomplete synthetic store begun on {was.get('device')} "
+            f"(generator version {was.get('version')}), whose data differ bit-wise from this "
+            f"machine's ({generator.get('device')}); finish it where it was begun, use another "
+            "data.path, or delete that folder to generate it here"
+        )
     if not diff:
         return
     what, fix = f"whose {PARAMS_FILE} is damaged", ""
@@ -484,13 +501,13 @@ def ensure_synthetic_store(
     check_memory(cfg)
     device = resolve_device(device) if isinstance(device, str) else device
     marker = {**generator_params(cfg), "generator": generator_info(device)}
-    refuse_begun(cfg, path, owned)
+    refuse_begun(cfg, path, owned, marker["generator"])
     if begun(path):
         old = _begun_params(path)
         if old != marker:
             _clear_begun(path, old, marker)
     try:
-        store = _generate(cfg, path, marker, device, progress)
+        store = _generate(cfg, path, marker, device, progress, owned)
     except Exception as err:
         kind = out_of_memory(err)
         if kind is None:
@@ -506,14 +523,21 @@ def ensure_synthetic_store(
 
 
 def _generate(
-    cfg: SyntheticDataConfig, path: Path, marker: dict, device: torch.device, progress: bool
+    cfg: SyntheticDataConfig,
+    path: Path,
+    marker: dict,
+    device: torch.device,
+    progress: bool,
+    owned: bool,
 ) -> ChunkStore:
     source = SyntheticSource(cfg)
     n_chunks = math.ceil(cfg.rows / cfg.rows_per_chunk)
     with StoreWriter(
         path, cfg.width, cfg.dtype, cfg.rows_per_chunk, threads=writer_threads()
     ) as writer:  # creates the folder
-        remove_stale_temps(path)  # of a generation killed midway (the sweep's lock is held)
+        # of a generation killed midway: in the sweep's own folder any (its lock is held),
+        # elsewhere only old ones (another sweep may be writing there)
+        remove_stale_temps(path, older_than=0.0 if owned else STALE_TEMP_SECONDS)
         atomic_write_json(path / PARAMS_FILE, marker)
         _write_chunks(cfg, source, writer, n_chunks, device, progress)
         atomic_write_bytes(
