@@ -86,8 +86,10 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
             lock = SweepLock(folder.path)  # (released at a signal from before it is taken:
             with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
                 outcome.signals, outcome.locked = signals, True
-                store = _checked_store(cfg, folder)
-                records = _train(cfg, folder, store, lock, outcome)
+                check_config(cfg, folder)
+                finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
+                store = None if finished else _checked_store(cfg, folder)
+                records = _train(cfg, folder, store, finished, lock, outcome)
                 _logged(outcome.raise_if_unfinished)  # (in sweep.log too)
     except SweepError:
         if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
@@ -132,8 +134,8 @@ def _remove_refused(folder: SweepFolder) -> None:
 
 
 def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
-    """Everything that can refuse the run before any training, with the store it trains on."""
-    check_config(cfg, folder)
+    """What can refuse the run's store before any training (after :func:`check_config`),
+    with the store it trains on."""
     store = prepare_store(cfg)
     check_store_fits(cfg, folder, store)
     return store
@@ -198,15 +200,23 @@ def held_out_note(eval_rows: int, total_rows: int, new: bool) -> str | None:
 
 
 def _train(
-    cfg: SweepConfig, folder: SweepFolder, store: ChunkStore, lock: SweepLock, outcome: Outcome
+    cfg: SweepConfig,
+    folder: SweepFolder,
+    store: ChunkStore | None,
+    finished: tuple[SweepConfig, SweepPlan] | None,
+    lock: SweepLock,
+    outcome: Outcome,
 ) -> list[RunRecord]:
-    """Start Ray, plan, write the sweep files, train; record every run and the outcome."""
+    """Start Ray, plan, write the sweep files, train; record every run and the outcome. No
+    Ray when every run of the grid is final (``finished``, found without the store, which is
+    then None; else looked for here)."""
     signals = outcome.signals
     assert signals is not None
     folder.clear_stop()  # left by an earlier, stopped driver
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
     try:
-        finished = finished_plan(cfg, folder, store.width)
+        if finished is None and store is not None:
+            finished = finished_plan(cfg, folder, store.width)
         if finished is not None:  # nothing to train: no Ray (seconds to start)
             cfg, p = finished
             _write_sweep_files(folder, cfg, p, store)
@@ -214,6 +224,7 @@ def _train(
                 "every run of the grid (%d) is already finished; nothing to train", len(p.runs)
             )
         else:
+            assert store is not None
             with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
                 import ray
 
@@ -236,6 +247,20 @@ def _train(
             quietly(lambda: folder.record_state("interrupted"))
         raise
     return records
+
+
+def recorded_finished_plan(
+    cfg: SweepConfig, folder: SweepFolder, tidy: bool = True
+) -> tuple[SweepConfig, SweepPlan] | None:
+    """:func:`finished_plan` at the width the sweep recorded, when its store is gone (deleted
+    to free the disk: a synthetic store or a harvest is not made again to train nothing);
+    None without a recorded width, or while the store is there (checked as ever)."""
+    if (Path(cfg.data.path or default_store_path(cfg.sweep_dir)) / MANIFEST).is_file():
+        return None
+    width = folder.manifest().get("width")
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        return None
+    return finished_plan(cfg, folder, width, tidy)
 
 
 def finished_plan(
@@ -356,7 +381,7 @@ def _append_line(path: Path, message: str) -> None:
 
 
 def _write_sweep_files(
-    folder: SweepFolder, cfg: SweepConfig, p: SweepPlan, store: ChunkStore
+    folder: SweepFolder, cfg: SweepConfig, p: SweepPlan, store: ChunkStore | None
 ) -> None:
     folder.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     folder.write_manifest([r.as_dict() for r in p.runs], p.ensemble_of(), store, grid=True)

@@ -56,9 +56,12 @@ def preview(cfg: SweepConfig) -> Preview:
     if blocked is not None:  # (the run itself is refused when it cannot create the folder)
         raise SweepError(f"sweep_dir {folder.path}: {blocked} is a file; use another sweep_dir")
     driver.check_config(cfg, folder)
+    finished = driver.recorded_finished_plan(cfg, folder, tidy=False)  # (its store may be gone)
+    if finished is not None:  # nothing to train: no store, no Ray, as in the run
+        return Preview(*finished, None, [], _lock_notes(folder))
     shape = store_shape(cfg, folder)
     finished = driver.finished_plan(cfg, folder, shape.width, tidy=False)
-    if finished is not None:  # nothing to train: no Ray, as in the run
+    if finished is not None:
         return Preview(*finished, None, [], _notes(folder, shape))
     with launcher.ray_session(cfg.launch):
         import ray
@@ -99,13 +102,17 @@ def _notes(folder: SweepFolder, shape: StoreShape) -> list[str]:
         notes.append(f"the run first generates the synthetic store in {shape.path}")
     elif not shape.store.is_verified():
         notes.append(f"the run first verifies the store {shape.path} (sha256 of every chunk)")
+    return notes + _lock_notes(folder)
+
+
+def _lock_notes(folder: SweepFolder) -> list[str]:
     info = read_lock(folder.path)
-    if info and holder_alive(info, folder.path / LOCK):
-        notes.append(
-            f"a sweep run (pid {info.get('pid')} on {info.get('host')}) holds {folder.path} now: "
-            "another run would be refused until it ends; this is what a run after it would do"
-        )
-    return notes
+    if not info or not holder_alive(info, folder.path / LOCK):
+        return []
+    return [
+        f"a sweep run (pid {info.get('pid')} on {info.get('host')}) holds {folder.path} now: "
+        "another run would be refused until it ends; this is what a run after it would do"
+    ]
 
 
 def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreShape) -> list[dict]:

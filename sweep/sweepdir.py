@@ -441,11 +441,16 @@ class SweepFolder:
         return self.manifest().get("width")
 
     def write_manifest(
-        self, runs: list[dict], ensemble_of: dict[str, str], store: ChunkStore, grid: bool = False
+        self,
+        runs: list[dict],
+        ensemble_of: dict[str, str],
+        store: ChunkStore | None,
+        grid: bool = False,
     ) -> None:
         """Record every run (``runs``: their specs), the ensemble each is planned in, and the
-        store they train on (:meth:`ChunkStore.facts`); ``grid``: ``runs`` are the command's
-        whole grid (:meth:`last_grid`), not some of its runs planned again."""
+        store they train on (:meth:`ChunkStore.facts`; None: as recorded, for a grid with
+        nothing to train); ``grid``: ``runs`` are the command's whole grid
+        (:meth:`last_grid`), not some of its runs planned again."""
         old = self.manifest()
         known = old.get("runs", {})
         for spec in runs:
@@ -454,10 +459,12 @@ class SweepFolder:
             if spec["run_id"] in ensemble_of:
                 entry["ensemble"] = ensemble_of[spec["run_id"]]
             known[spec["run_id"]] = entry
-        manifest = {"runs": known, "store": store.facts(), "width": store.width}
+        manifest: dict = {"runs": known}
+        if store is not None:
+            manifest.update(store=store.facts(), width=store.width)
         if grid:
             manifest[GRID] = [spec["run_id"] for spec in runs]
-        for kept in (GRID, LIMITS):
+        for kept in (GRID, LIMITS, "store", "width"):
             if kept in old and kept not in manifest:
                 manifest[kept] = old[kept]
         manifest["updated"] = time.time()

@@ -102,6 +102,12 @@ def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path, monkeypatch
     )
     assert read_summary(tmp_path / "sw" / "summary.csv") == rows  # the sweep's other run stays
     assert json.loads((tmp_path / "sw" / "manifest.json").read_text())["state"] == "done"
+    shutil.rmtree(tmp_path / "sw" / "store")  # deleted to free the disk: not made again
+    for plan in ([], ["--plan"]):
+        args = [f"sweep_dir={tmp_path / 'sw'}", *TINY, "grid.l1=[3e-2]", "grid.dict_ratio=[2]"]
+        assert main(["run", *plan, *args]) == 0
+    assert not (tmp_path / "sw" / "store").exists()
+    assert read_summary(tmp_path / "sw" / "summary.csv") == rows
     shutil.rmtree(first.parent)  # a run outside the last grid: status says what continues it
     capsys.readouterr()
     assert main(["status", str(tmp_path / "sw")]) == 0
