@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sweep.ensemble import Ensemble, hyper_of, stack
 from sweep.finalize import finish_members
 from sweep.optim import Adam
+from sweep.rundir import DONE, METRICS_LOST
 
 if TYPE_CHECKING:
     from sweep.worker import _Attempt as Attempt
@@ -24,15 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def lost_members(at: Attempt) -> list[int] | None:
-    """The members to evaluate again when every other member is final (a retry after some
-    were): their indices; None when any must be trained (or none lost its metrics)."""
+    """The members that lost only their metrics (their indices) when every other member is
+    final — ``[]`` when all are (a retry after every result was written); None when any
+    must be trained. Each member's weights are hashed once."""
     lost = []
     for i, folder in enumerate(at.folders):
-        if folder.lost_only_metrics():
-            lost.append(i)
-        elif not folder.is_done(deep=True):
+        if not (folder.path / DONE).is_file():
             return None
-    return lost or None
+        problem = folder.final_problem(deep=True)
+        if problem == METRICS_LOST and folder.evaluable():
+            lost.append(i)
+        elif problem is not None:
+            return None
+    return lost
 
 
 def evaluate_again(at: Attempt, lost: list[int]) -> dict[str, str]:

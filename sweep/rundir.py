@@ -165,16 +165,17 @@ class RunFolder:
             return None
         return self.diverged_step()
 
+    def evaluable(self) -> bool:
+        """A run whose :meth:`final_problem` is :data:`METRICS_LOST` can be evaluated again
+        from its weights: ``DONE`` vouches for them by checksum, and a diverged run's step is
+        readable (reads no weights)."""
+        diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value
+        return self.vouched() and not (diverged and self.diverged_step() is None)
+
     def lost_only_metrics(self) -> bool:
-        """Only ``metrics.json`` is missing or damaged, and ``DONE`` vouches for the rest by
-        checksum (weights hashed; a diverged run's step readable): the run is evaluated again
-        from its weights, not trained."""
-        state = self._json(DONE, quiet=True).get("state")
-        if not self.vouched() or (
-            state == RunState.DIVERGED.value and self.diverged_step() is None
-        ):
-            return False
-        return self.final_problem(deep=True) == METRICS_LOST
+        """Only ``metrics.json`` is missing or damaged, and ``DONE`` vouches for the rest
+        (weights hashed): the run is evaluated again from its weights, not trained."""
+        return self.evaluable() and self.final_problem(deep=True) == METRICS_LOST
 
     def unvouched(self) -> str | None:
         """Why final files with no ``DONE`` are not trusted (``DONE`` was deleted: the weights

@@ -194,7 +194,9 @@ def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
         problem = folder.unvouched() if state == RunState.PENDING else None
     if problem is None:
         return ""
-    lost = problem == METRICS_LOST and folder.vouched()  # (weights hashed when the run reads them)
+    lost = (
+        problem == METRICS_LOST and folder.evaluable()
+    )  # (weights hashed when the run reads them)
     again = "evaluates it again from its weights if they verify" if lost else "trains it again"
     return f"{problem}: a sweep run whose grid has it {again}"
 

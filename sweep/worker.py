@@ -350,14 +350,14 @@ def train_ensemble(
     if job.threads > 0:
         torch.set_num_threads(job.threads)
     at = _Attempt(job, resolve_device(job.train.device))
-    if all(f.is_done(deep=True) for f in at.folders):  # a retry after every result was written
+    lost = lost_members(at)  # (before start(): it would take their DONE for damaged)
+    if lost == []:  # a retry after every result was written
         for f in at.folders:  # (killed while clearing them, perhaps)
             f.clear_checkpoints()
         states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
         log.info("ensemble %s: every member is already finished", job.ensemble.ensemble_id)
         return EnsembleResult(job.ensemble.ensemble_id, states, 0, time.perf_counter() - t0)
-    lost = lost_members(at)
-    if lost is not None:  # (before start(): it would take their DONE for damaged)
+    if lost:  # the others are final: evaluated, not trained
         states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
         with _out_of_memory_named(job, at.device):
             states.update(evaluate_again(at, lost))
