@@ -401,6 +401,11 @@ def _begun_params(path: Path) -> dict:
     return old if isinstance(old, dict) else {}
 
 
+def _differing(old: dict, new: dict) -> list[str]:
+    """The data parameters (not the generator) an incomplete store was begun with otherwise."""
+    return sorted(k for k in set(old) | set(new) if k != "generator" and old.get(k) != new.get(k))
+
+
 def refuse_begun(
     cfg: SyntheticDataConfig, path: Path, owned: bool, generator: dict | None = None
 ) -> None:
@@ -410,8 +415,7 @@ def refuse_begun(
     if owned or not begun(path) or (path / MANIFEST).exists():
         return
     old, new = _begun_params(path), generator_params(cfg)
-    diff = sorted(k for k in set(old) | set(new) if k != "generator" and old.get(k) != new.get(k))
-    was = old.get("generator")
+    diff, was = _differing(old, new), old.get("generator")
     if not diff and generator is not None and isinstance(was, dict) and was != generator:
         raise StoreError(
             f"data.path {path} holds an incomplete synthetic store begun on {was.get('device')} "
@@ -437,7 +441,7 @@ def _clear_begun(path: Path, old: dict, new: dict) -> None:
     with other parameters, or by another generator (e.g. the GPU's where this one runs on
     the CPU; its chunks so far are lost, said aloud)."""
     was, now = old.get("generator", {}), new["generator"]
-    if any(old.get(k) != new.get(k) for k in set(old) | set(new) if k != "generator"):
+    if _differing(old, new):
         log.info("clearing incomplete synthetic store %s (other parameters)", path)
     else:
         log.warning(
