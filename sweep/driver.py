@@ -38,7 +38,7 @@ details.propagate = False
 
 def prepare_store(cfg: SweepConfig) -> ChunkStore:
     """Open (and for ``data=synthetic`` / ``data=harvest`` make or reuse) the chunk store."""
-    path = cfg.data.path or default_store_path(cfg.sweep_dir)
+    path = store_path(cfg)
     if isinstance(cfg.data, SyntheticDataConfig):
         from sweep.activations.synthetic import ensure_synthetic_store
 
@@ -55,11 +55,16 @@ def prepare_store(cfg: SweepConfig) -> ChunkStore:
     return ChunkStore(path)
 
 
+def store_path(cfg: SweepConfig) -> Path:
+    """Where the sweep's store is: ``data.path``, else ``<sweep_dir>/store``."""
+    return Path(cfg.data.path or default_store_path(cfg.sweep_dir))
+
+
 def owns_store(cfg: SweepConfig) -> bool:
     """Whether the sweep's store is its own ``<sweep_dir>/store`` (under its lock), which it
     may clear; a store elsewhere may be another sweep's."""
     own = default_store_path(cfg.sweep_dir)
-    return not cfg.data.path or Path(cfg.data.path).expanduser().resolve() == own.resolve()
+    return not cfg.data.path or store_path(cfg).expanduser().resolve() == own.resolve()
 
 
 def _driver_may_use_gpus(store: str | Path) -> bool:
@@ -255,7 +260,7 @@ def recorded_finished_plan(
     """:func:`finished_plan` at the width the sweep recorded, when its store is gone (deleted
     to free the disk: a synthetic store or a harvest is not made again to train nothing);
     None without a recorded width, or while the store is there (checked as ever)."""
-    if (Path(cfg.data.path or default_store_path(cfg.sweep_dir)) / MANIFEST).is_file():
+    if (store_path(cfg) / MANIFEST).is_file():
         return None
     width = folder.manifest().get("width")
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:

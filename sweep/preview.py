@@ -19,7 +19,7 @@ from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.errors import SweepError
 from sweep.lock import holder_alive, read_lock
 from sweep.planning import SweepPlan
-from sweep.sweepdir import LOCK, SweepFolder, default_store_path
+from sweep.sweepdir import LOCK, SweepFolder
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -74,7 +74,7 @@ def preview(cfg: SweepConfig) -> Preview:
 def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
     """The store the run would train on, refused as the run would refuse it (reads only); a
     synthetic store not made yet, from its config."""
-    path = Path(cfg.data.path or default_store_path(cfg.sweep_dir)).expanduser()
+    path = driver.store_path(cfg).expanduser()
     if isinstance(cfg.data, SyntheticDataConfig):
         store = synthetic.existing_store(cfg.data, path)
         if store is None:
