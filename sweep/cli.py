@@ -3,6 +3,7 @@
     sweep run [key=value ...] [--cfg job] [--config-dir DIR]   compose a Hydra config and run it
     sweep run [key=value ...] --plan                           what it would train, where: nothing runs
     sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
+    sweep evaluate SWEEP_DIR [--runs ID ...]                   metrics of finished runs again, from their weights
     sweep status SWEEP_DIR                                     state and progress of every run
     sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
     sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...] [--finished]  runs in SAELens format
@@ -217,8 +218,9 @@ CONFIG_GROUPS = tuple(
 a config, which a saved sweep no longer is."""
 
 
-def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
-    """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides."""
+def load_saved(sweep_dir: str, overrides: list[str], command: str = "resume") -> SweepConfig:
+    """The config a sweep was run with (``SWEEP_DIR/config.yaml``), with dotlist overrides
+    (for ``sweep <command>``)."""
     from sweep.planning import with_legacy
     from sweep.sweepdir import CONFIG, SweepFolder
 
@@ -227,11 +229,11 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     if plain is None:
         folder.run_ids()  # what this folder is instead, in one line (missing, a store, ...)
         raise SweepError(
-            f"{sweep_dir} has no config.yaml (deleted?), so 'sweep resume' cannot know its "
+            f"{sweep_dir} has no config.yaml (deleted?), so 'sweep {command}' cannot know its "
             f"settings: re-run the 'sweep run ... sweep_dir={sweep_dir}' command that started "
             "it (its runs' recorded settings are checked against it)"
         )
-    _check_resume_overrides(overrides)
+    _check_resume_overrides(overrides, command)
     data = OmegaConf.create(with_legacy(plain))  # a field added since: as the sweep ran
     choice = [f"data={data.data.name}", f"sae={data.sae.name}"]  # (sweep_dir: merged, not parsed)
     try:  # the file alone first, so that its own faults are named as its
@@ -249,29 +251,41 @@ def load_saved(sweep_dir: str, overrides: list[str]) -> SweepConfig:
     return to_sweep_config(merged)  # type: ignore[arg-type]
 
 
-def _check_resume_overrides(overrides: list[str]) -> None:
-    """``sweep resume`` sets recorded fields (``train.log_every=10``), nothing else."""
+def _check_resume_overrides(overrides: list[str], command: str = "resume") -> None:
+    """``sweep resume`` (or ``evaluate``) sets recorded fields (``train.log_every=10``),
+    nothing else."""
     for o in overrides:
         key = o.split("=", 1)[0]
         if key.lstrip("+~") == "sweep_dir":
             raise ConfigError(
-                f"sweep resume continues the sweep folder it is given, so '{o}' has no place "
-                "here; drop it, or run 'sweep resume OTHER_DIR' to continue another sweep"
+                f"sweep {command} works on the sweep folder it is given, so '{o}' has no place "
+                f"here; drop it, or run 'sweep {command} OTHER_DIR' for another sweep"
             )
         if key.lstrip("+~") in CONFIG_GROUPS:
             raise ConfigError(
-                f"sweep resume takes field overrides (like train.log_every=10), not '{o}'; "
+                f"sweep {command} takes field overrides (like launch.num_gpus=1), not '{o}'; "
                 "pass the sweep's settings with that choice to 'sweep run' instead"
             )
         if "=" not in o or key.startswith(("+", "~")):
             raise ConfigError(
-                f"sweep resume takes field=value overrides of recorded fields (like "
-                f"train.log_every=10), not '{o}'"
+                f"sweep {command} takes field=value overrides of recorded fields (like "
+                f"launch.num_gpus=1), not '{o}'"
             )
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     return _run(load_saved(args.sweep_dir, args.overrides))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sweep import report, sweepdir
+    from sweep.evaluate import evaluate_sweep
+
+    cfg = load_saved(args.sweep_dir, args.overrides, command="evaluate")
+    records = evaluate_sweep(cfg, only=args.runs or ())
+    report.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
+    print(f"summary: {Path(cfg.sweep_dir) / sweepdir.SUMMARY}")
+    return 0
 
 
 def _states(text: str) -> tuple[str, ...]:
@@ -377,6 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("sweep_dir")
     res.add_argument("overrides", nargs="*", help="dotlist overrides (e.g. launch.num_cpus=4)")
     res.set_defaults(func=cmd_resume)
+    ev = sub.add_parser(
+        "evaluate",
+        help="compute the metrics of a sweep's finished runs again from their weights "
+        "(those of this version of sweep; no training)",
+    )
+    ev.add_argument("sweep_dir")
+    ev.add_argument("overrides", nargs="*", help="dotlist overrides (e.g. launch.num_gpus=1)")
+    ev.add_argument(
+        "--runs", nargs="+", metavar="ID", help="run ids to evaluate (default: every finished run)"
+    )
+    ev.set_defaults(func=cmd_evaluate)
     st = sub.add_parser("status", help="state and progress of every run")
     st.add_argument("sweep_dir")
     st.add_argument(

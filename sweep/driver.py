@@ -87,15 +87,15 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome = Outcome()
     try:
-        with DriverSignals(folder.request_stop) as signals, _sweep_log(folder):
+        with DriverSignals(folder.request_stop) as signals, sweep_log(folder):
             lock = SweepLock(folder.path)  # (released at a signal from before it is taken:
             with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
                 outcome.signals, outcome.locked = signals, True
                 check_config(cfg, folder)
                 finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
-                store = None if finished else _checked_store(cfg, folder)
+                store = None if finished else checked_store(cfg, folder)
                 records = _train(cfg, folder, store, finished, lock, outcome)
-                _logged(outcome.raise_if_unfinished)  # (in sweep.log too)
+                logged(outcome.raise_if_unfinished)  # (in sweep.log too)
     except SweepError:
         if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
             _remove_refused(folder)
@@ -138,7 +138,7 @@ def _remove_refused(folder: SweepFolder) -> None:
         folder.path.rmdir()
 
 
-def _checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
+def checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
     """What can refuse the run's store before any training (after :func:`check_config`),
     with the store it trains on."""
     store = prepare_store(cfg)
@@ -335,7 +335,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @contextlib.contextmanager
-def _sweep_log(folder: SweepFolder) -> Iterator[None]:
+def sweep_log(folder: SweepFolder) -> Iterator[None]:
     """While the driver runs, log to ``SWEEP_DIR/sweep.log`` too (from before it takes the
     lock: a stale lock's takeover, the config's warnings, a stop during start-up), with the
     traceback of any unexpected error (the terminal gets one line; a SweepError's line says
@@ -360,7 +360,7 @@ def _sweep_log(folder: SweepFolder) -> Iterator[None]:
         handler.close()
 
 
-def _logged(check: Callable[[], None]) -> None:
+def logged(check: Callable[[], None]) -> None:
     """Run ``check``, putting the one line it may raise (the sweep's outcome: stopped, or
     ensembles failed) into ``sweep.log`` too. Refusals before training are not logged: they
     leave an existing sweep folder as it was."""

@@ -26,7 +26,7 @@ from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, EnsembleResult
 
 log = logging.getLogger(__name__)
-details = logging.getLogger("sweep.details")  # to sweep.log only (see driver._sweep_log)
+details = logging.getLogger("sweep.details")  # to sweep.log only (see driver.sweep_log)
 
 STOP_GRACE = 30.0  # seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT
 STOP_WRITE_RATE = 100e6
@@ -132,7 +132,8 @@ class Execution:
         t = self.cfg.train
         steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
         self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
-        n_rows = steps * t.batch_size * self.n_runs
+        trains = sum(len(e.members) for e in self.plan.ensembles if not e.evaluate)
+        n_rows = steps * t.batch_size * trains  # (the bar counts rows trained)
         trained = self._rows_trained()  # by earlier sweeps: the bar starts there
         self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained)
         self.refs: dict = {}
@@ -146,7 +147,7 @@ class Execution:
             initial=min(n_rows, sum(trained.values())),
             unit="row",
             unit_scale=True,
-            disable=not self.cfg.progress,
+            disable=not self.cfg.progress or not n_rows,  # (evaluating only: logged per ensemble)
             desc="sweep",
         ) as bar:
             self.bar = bar
@@ -221,7 +222,7 @@ class Execution:
             self._mark_interrupted([ens], warn=False)  # (said just now)
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
-            for m in ens.members:
+            for m in ens.members if not ens.evaluate else ():  # (those stay final)
                 quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
 
@@ -246,6 +247,11 @@ class Execution:
             )
             return
         states = "/".join(sorted(set(result.states.values())))
+        if ens.evaluate:
+            log.info(
+                "ensemble %s: evaluated again, %s (%.1fs)", ens.ensemble_id, states, result.seconds
+            )
+            return
         start = f"{result.resumed_from} -> " if result.resumed_from else ""
         log.info(
             "ensemble %s: %s at step %s%d (%.1fs)",

@@ -69,6 +69,9 @@ class EnsembleSpec:
     dict_ratio: float
     dict_size: int
     members: tuple[RunSpec, ...]
+    evaluate: str = ""
+    """Its members are finished: evaluated from their final weights, not trained. ``lost``:
+    those whose ``metrics.json`` was lost; ``all``: every one (``sweep evaluate``)."""
 
 
 def run_id(dict_ratio: float, l1: float, seed: int, k: int = 0) -> str:

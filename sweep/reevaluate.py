@@ -6,6 +6,8 @@ again would take as long as the first time. The planner gives such runs ensemble
 own; their worker loads each member's final weights and evaluates them as training would have
 (:func:`sweep.finalize.finish_members`), writing the metrics, the feature density and ``DONE``
 again — never the weights or ``cfg.json`` (:meth:`sweep.rundir.RunFolder.finish_again`).
+``sweep evaluate`` does the same to every finished run it is given (metrics of a newer sweep,
+say): their previous metrics go into each run's ``events.jsonl``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def to_evaluate(at: Attempt) -> list[int] | None:
+    """The members to evaluate from their final weights, not train: every verified one in a
+    ``sweep evaluate`` ensemble, else :func:`lost_members`."""
+    return verified_members(at) if at.job.ensemble.evaluate == "all" else lost_members(at)
+
+
 def lost_members(at: Attempt) -> list[int] | None:
     """The members that lost only their metrics (their indices) when every other member is
     final — ``[]`` when all are (a retry after every result was written); None when any
@@ -40,18 +48,37 @@ def lost_members(at: Attempt) -> list[int] | None:
     return lost
 
 
-def evaluate_again(at: Attempt, lost: list[int]) -> dict[str, str]:
-    """Evaluate members ``lost`` from their final weights and write their metrics again;
-    returns run_id -> done | diverged."""
-    runs, folders = [at.runs[i] for i in lost], [at.folders[i] for i in lost]
+def verified_members(at: Attempt) -> list[int]:
+    """The members of a ``sweep evaluate`` ensemble whose final weights verify (one damaged
+    since the plan was made is warned about and left as it is)."""
+    out = []
+    for i, (run, folder) in enumerate(zip(at.runs, at.folders, strict=True)):
+        problem = folder.unevaluable()
+        if problem is None:
+            out.append(i)
+        else:
+            log.warning("run %s: %s; not evaluated", run.run_id, problem)
+    return out
+
+
+def evaluate_again(at: Attempt, members: list[int]) -> dict[str, str]:
+    """Evaluate ``members`` from their final weights and write their metrics again (for the
+    ensemble's ``evaluate`` reason); returns run_id -> done | diverged."""
+    runs, folders = [at.runs[i] for i in members], [at.folders[i] for i in members]
+    asked = at.job.ensemble.evaluate == "all"
+    why = "as asked" if asked else "(their metrics.json was lost)"
     log.info(
-        "ensemble %s: evaluating %s again from their weights (their metrics.json was lost)",
-        at.job.ensemble.ensemble_id, ", ".join(r.run_id for r in runs),
+        "ensemble %s: evaluating %s again from their weights %s",
+        at.job.ensemble.ensemble_id, ", ".join(r.run_id for r in runs), why,
     )  # fmt: skip
-    ens = _final_ensemble(at, lost)
+    ens = _final_ensemble(at, members)
     diverged = [f.evaluated_step() for f in folders]
     for f in folders:
-        f.append_event({"event": "evaluated_again", "reason": "metrics.json lost"})
+        event = {"event": "evaluated_again", "reason": "metrics.json lost"}
+        if asked:  # (what it replaces stays on record)
+            event = {"event": "evaluated_again", "reason": "sweep evaluate"}
+            event["previous_metrics"] = f.recorded_metrics()
+        f.append_event(event)
     return finish_members(
         ens, tuple(runs), folders, at.stream.total_steps, [-1 if d is None else d for d in diverged],
         at.eval_setting(), at.tracker(), at.timings, again=True,

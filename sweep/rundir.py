@@ -172,6 +172,21 @@ class RunFolder:
         diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value
         return self.vouched() and not (diverged and self.diverged_step() is None)
 
+    def unevaluable(self) -> str | None:
+        """Why this run cannot be evaluated again from its final weights (``sweep evaluate``),
+        or None: it is finished, its weights and ``cfg.json`` verify against the checksums in
+        ``DONE`` (hashed), and a diverged run's step is readable; its metrics may be lost."""
+        if not (self.path / DONE).is_file():
+            return self.unvouched() or f"not finished ({self.state().value})"
+        problem = self.final_problem(deep=True)
+        if problem not in (None, METRICS_LOST):
+            return f"damaged ({problem})"
+        if not self.vouched():
+            return f"{DONE} holds no checksums of its weights (finished by an older sweep)"
+        if not self.evaluable():
+            return f"diverged, and {DIVERGED} (the step it froze at) is missing or damaged"
+        return None
+
     def lost_only_metrics(self) -> bool:
         """Only ``metrics.json`` is missing or damaged, and ``DONE`` vouches for the rest
         (weights hashed): the run is evaluated again from its weights, not trained."""

@@ -30,7 +30,7 @@ from sweep.errors import OutOfMemory, SweepError, out_of_memory
 from sweep.finalize import EvalSetting, finish_members
 from sweep.grid import EnsembleSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
-from sweep.reevaluate import evaluate_again, lost_members
+from sweep.reevaluate import evaluate_again, to_evaluate
 from sweep.resample import resample
 from sweep.restore import Restored, restore_ensemble, use_compile
 from sweep.rundir import RunFolder
@@ -350,7 +350,7 @@ def train_ensemble(
     if job.threads > 0:
         torch.set_num_threads(job.threads)
     at = _Attempt(job, resolve_device(job.train.device))
-    lost = lost_members(at)  # (before start(): it would take their DONE for damaged)
+    lost = to_evaluate(at)  # (before start(): it would take their DONE for damaged)
     if lost == []:  # a retry after every result was written
         for f in at.folders:  # (killed while clearing them, perhaps)
             f.clear_checkpoints()

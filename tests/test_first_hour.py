@@ -436,7 +436,7 @@ def test_resume_names_what_its_folder_is_and_takes_no_other_sweep_dir(finished, 
     )
     assert main(["resume", str(finished), f"sweep_dir={tmp_path / 'other'}"]) == 2
     err = capsys.readouterr().err
-    assert "sweep resume continues the sweep folder it is given" in err and "\n" not in err.strip()
+    assert "sweep resume works on the sweep folder it is given" in err and "\n" not in err.strip()
     assert not (tmp_path / "other").exists()
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)

@@ -1,0 +1,160 @@
+"""``sweep evaluate``: finished runs' metrics computed again from their verified weights.
+
+Each test starts from a copy of one real finished sweep (real Ray, real Hydra, real files),
+makes its metrics look like an older version's, and checks that the command gives back exactly
+the metrics training wrote, keeps the old ones in the run's events, never writes weights or
+``cfg.json``, and leaves runs that are not finished or fail their checks as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sweep import rundir
+from sweep.cli import main
+from tests.test_integrity import GRID, one_line_error
+from tests.test_sweep_e2e import TINY
+
+KEPT = (rundir.WEIGHTS, rundir.CFG, rundir.CURVE, rundir.SPEC)
+"""What evaluating never writes."""
+
+
+@pytest.fixture(scope="module")
+def finished(ray_cluster, tmp_path_factory) -> Path:
+    sw = tmp_path_factory.mktemp("evaluate") / "sw"
+    assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 0
+    return sw
+
+
+@pytest.fixture
+def copy(finished, tmp_path) -> Path:
+    shutil.copytree(finished, tmp_path / "sw")
+    return tmp_path / "sw"
+
+
+def runs(sweep_dir: Path) -> list[Path]:
+    return sorted((sweep_dir / "runs").iterdir())
+
+
+def files(folder: Path, names: tuple[str, ...] = KEPT) -> dict[str, bytes]:
+    return {n: (folder / n).read_bytes() for n in names if (folder / n).is_file()}
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / rundir.METRICS).read_text())
+
+
+def as_older_version(folder: Path) -> dict:
+    """Its metrics as a version that lacked explained variance would have written them."""
+    old = {k: v for k, v in metrics(folder).items() if k != "explained_variance"}
+    (folder / rundir.METRICS).write_text(json.dumps(old))
+    return old
+
+
+def events(folder: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (folder / rundir.EVENTS).read_text().splitlines()]
+
+
+def test_every_finished_run_gets_the_metrics_training_wrote(copy, capsys):
+    """The metrics come back bit-equal to what training wrote (the same evaluation, from the
+    same weights); the older ones are kept in the run's events; weights, cfg.json, the
+    training curve and spec.json are not written; summary.csv has the metric again."""
+    trained = {f.name: metrics(f) for f in runs(copy)}
+    kept = {f.name: files(f) for f in runs(copy)}
+    older = {f.name: as_older_version(f) for f in runs(copy)}
+    assert main(["evaluate", str(copy)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "evaluating 4 finished run(s) again from their weights" in err
+    assert "evaluated again, done" in err
+    for f in runs(copy):
+        assert metrics(f) == trained[f.name]
+        assert files(f) == kept[f.name]
+        assert rundir.RunFolder(f).is_done(deep=True)
+        last = events(f)[-1]
+        assert last["event"] == "evaluated_again" and last["reason"] == "sweep evaluate"
+        assert last["previous_metrics"] == older[f.name]
+    with open(copy / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(r["explained_variance"] for r in rows)
+
+
+def test_named_runs_only_and_a_damaged_one_is_left_as_it_is(copy, capsys):
+    """``--runs`` evaluates those runs only; a named run whose weights fail their checksum is
+    named and left (``sweep resume`` trains it again), the others are evaluated."""
+    good, bad, other = (
+        copy / "runs" / r for r in ("r2-l1_1e-03-s0", "r1-l1_1e-01-s0", "r1-l1_1e-03-s0")
+    )
+    weights = bytearray((bad / rundir.WEIGHTS).read_bytes())
+    weights[-1] ^= 1
+    (bad / rundir.WEIGHTS).write_bytes(bytes(weights))
+    before_bad = files(bad, tuple(p.name for p in bad.iterdir()))
+    before_other = files(other, tuple(p.name for p in other.iterdir()))
+    assert main(["evaluate", str(copy), "--runs", good.name, bad.name]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"run {bad.name}: damaged (sae.safetensors fails its checksum); not evaluated" in err
+    assert events(good)[-1]["reason"] == "sweep evaluate"
+    assert files(bad, tuple(p.name for p in bad.iterdir())) == before_bad
+    assert files(other, tuple(p.name for p in other.iterdir())) == before_other
+
+
+def test_a_run_that_lost_its_metrics_is_evaluated_too(copy):
+    folder = copy / "runs" / "r2-l1_1e-01-s0"
+    trained = metrics(folder)
+    (folder / rundir.METRICS).unlink()
+    assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
+    assert metrics(folder) == trained
+    assert events(folder)[-1]["previous_metrics"] == {}
+
+
+def test_runs_an_earlier_grid_left_are_evaluated_too(copy, capsys):
+    """The last command's grid (config.yaml) holds half the runs; the manifest holds all."""
+    assert main(["run", f"sweep_dir={copy}", *TINY, "grid.l1=[1e-3]", "grid.dict_ratio=[1,2]"]) == 0
+    older = {f.name: as_older_version(f) for f in runs(copy)}
+    assert main(["evaluate", str(copy)]) == 0
+    assert "evaluating 4 finished run(s)" in " ".join(capsys.readouterr().err.split())
+    for f in runs(copy):
+        assert events(f)[-1]["previous_metrics"] == older[f.name]
+        assert "explained_variance" in metrics(f)
+
+
+def test_a_sweep_whose_manifest_was_deleted_evaluates_its_grid(copy):
+    (copy / "manifest.json").unlink()
+    folder = copy / "runs" / "r1-l1_1e-01-s0"
+    older = as_older_version(folder)
+    assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
+    assert events(folder)[-1]["previous_metrics"] == older
+    assert main(["status", str(copy)]) == 0  # (the manifest is written again, as a run would)
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--runs", "r3-l1_1e-03-s0"], ("no run r3-l1_1e-03-s0 in the grid", "sweep status")),
+        (["sae=topk"], ("sweep evaluate takes field overrides", "not 'sae=topk'")),
+        (["sweep_dir=/elsewhere"], ("sweep evaluate works on the sweep folder it is given",)),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(copy, args, words, capsys):
+    """Nothing is written but sweep.log's lines."""
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "sweep.log"}
+    assert main(["evaluate", str(copy), *args]) == 2
+    one_line_error(capsys.readouterr().err, *words)
+    after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file() and p.name != "sweep.log"}
+    assert after == before
+
+
+def test_a_sweep_with_no_finished_run_is_refused(copy, capsys):
+    for f in runs(copy):
+        (f / rundir.DONE).unlink()
+    assert main(["evaluate", str(copy)]) == 2
+    one_line_error(capsys.readouterr().err, "no finished run to evaluate", "sweep resume")
+
+
+def test_a_folder_that_is_no_sweep_is_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    one_line_error(capsys.readouterr().err)
