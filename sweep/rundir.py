@@ -159,7 +159,7 @@ class RunFolder:
         return {"weights_sha256", "cfg_sha256"} <= self._json(DONE, quiet=True).keys()
 
     def evaluated_step(self) -> int | None:
-        """Of a run that lost only ``metrics.json`` (see :meth:`lost_only_metrics`): the step
+        """Of a run evaluated again from its weights (see :meth:`unevaluable`): the step
         its weights froze at when it diverged, else None."""
         if self._json(DONE, quiet=True).get("state") != RunState.DIVERGED.value:
             return None
@@ -186,11 +186,6 @@ class RunFolder:
         if not self.evaluable():
             return f"diverged, and {DIVERGED} (the step it froze at) is missing or damaged"
         return None
-
-    def lost_only_metrics(self) -> bool:
-        """Only ``metrics.json`` is missing or damaged, and ``DONE`` vouches for the rest
-        (weights hashed): the run is evaluated again from its weights, not trained."""
-        return self.evaluable() and self.final_problem(deep=True) == METRICS_LOST
 
     def unvouched(self) -> str | None:
         """Why final files with no ``DONE`` are not trusted (``DONE`` was deleted: the weights

@@ -202,12 +202,15 @@ def test_a_diverged_run_is_evaluated_again_as_diverged(copy):
     run_ = rundir.RunFolder(copy / "runs" / "r1-l1_1e-03-s0")
     (run_.path / rundir.DIVERGED).write_text(json.dumps({"step": 3}))
     (run_.path / rundir.METRICS).unlink()
-    assert run_.lost_only_metrics() and run_.evaluated_step() is None
+    assert run_.unevaluable() is None and run_.evaluated_step() is None
     done = json.loads((run_.path / rundir.DONE).read_text())
     (run_.path / rundir.DONE).write_text(json.dumps({**done, "state": "diverged"}))
     assert run_.evaluated_step() == 3
     (run_.path / rundir.DIVERGED).unlink()  # a diverged run without its step: trained again
-    assert not run_.lost_only_metrics()
+    assert (
+        run_.unevaluable()
+        == "diverged, and diverged.json (the step it froze at) is missing or damaged"
+    )
 
 
 def test_an_edited_cfg_is_not_final_and_never_loads(copy, capsys):
