@@ -165,9 +165,11 @@ def print_preview(v: Preview) -> None:
     fitted = fit_table(console, title, cols, cells, drop=SHED, text=("runs",))
     if v.rows:  # (every run done: no table, the line below says so)
         fitted.print(console)
-    todo = sum(len(e.members) for e in p.ensembles)
+    todo = sum(len(e.members) for e in p.ensembles if not e.evaluate)
+    again = sum(len(e.members) for e in p.ensembles if e.evaluate)
+    evaluated = f", {again} to evaluate again from their weights," if again else ""
     console.print(
-        f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train in "
+        f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train{evaluated} in "
         f"{len(p.ensembles)} ensemble(s) on {where}, compute dtype {v.cfg.train.dtype}"
     )
     _print_notes(console, v.notes)

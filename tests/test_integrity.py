@@ -183,6 +183,9 @@ def test_lost_metrics_are_evaluated_again_from_the_verified_weights(copy, damage
     assert main(["status", str(copy)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "damaged: a sweep run whose grid has it evaluates it again from its weights" in out
+    assert run(copy, "--plan") == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 already done, 1 to train, 1 to evaluate again from their weights, in 2 ens" in out
     assert run(copy) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "metrics.json is missing or damaged; evaluating it again from its weights" in err
