@@ -281,8 +281,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from sweep import report, sweepdir
     from sweep.evaluate import evaluate_sweep
 
-    cfg = load_saved(args.sweep_dir, args.overrides, command="evaluate")
-    records = evaluate_sweep(cfg, only=args.runs or ())
+    runs = [r for r in args.runs or () if "=" not in r]  # (overrides after --runs: theirs)
+    overrides = args.overrides + [r for r in args.runs or () if "=" in r]
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+~").startswith("grid."):
+            raise ConfigError(
+                f"sweep evaluate evaluates the finished runs of every grid the sweep ran, so "
+                f"'{o}' has no place here; choose runs with --runs ID ..."
+            )
+    cfg = load_saved(args.sweep_dir, overrides, command="evaluate")
+    records = evaluate_sweep(cfg, only=runs)
     report.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
     print(f"summary: {Path(cfg.sweep_dir) / sweepdir.SUMMARY}")
     return 0

@@ -50,6 +50,11 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
     all_final: bool = False
     """Every run ended (a stop that came after that changed nothing)."""
+    stopped_note: str = (
+        "running ensembles checkpointed; re-run the same command to continue exactly where it "
+        "stopped"
+    )
+    """What a stop left, and what to do (after ``stopped by SIGTERM: ``)."""
 
     @property
     def signum(self) -> int:
@@ -65,9 +70,7 @@ class Outcome:
     def raise_if_unfinished(self) -> None:
         if self.signum:
             raise Interrupted(
-                f"stopped by {signal.Signals(self.signum).name}: running ensembles checkpointed; "
-                "re-run the same command to continue exactly where it stopped",
-                self.signum,
+                f"stopped by {signal.Signals(self.signum).name}: {self.stopped_note}", self.signum
             )
         full = [f for f in self.failures if is_disk_full(f)]
         if full:

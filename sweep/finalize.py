@@ -152,13 +152,13 @@ def finish_members(
     tracker: RunLogger,
     timings: dict[str, float] | None = None,
     before_final: Callable[[], None] | None = None,
-    again: bool = False,
+    again: str = "",
 ) -> dict[str, str]:
     """Evaluate and finalise every member; returns run_id -> done | diverged. ``timings``
     gets ``write``: the seconds spent writing the final files. ``before_final`` is called
     after the evaluation, before the first final file (the worker waits there for the end
-    checkpoint it writes meanwhile). ``again``: finished runs evaluated again (their weights
-    and ``cfg.json`` are kept as they are: :meth:`RunFolder.finish_again`)."""
+    checkpoint it writes meanwhile). ``again``: why finished runs are evaluated again (their
+    weights and ``cfg.json`` are kept as they are: :meth:`RunFolder.finish_again`)."""
     x_eval = ev.store.tail_rows(ev.eval_rows).to(ev.device).float() * ev.scale
     gt = ev.store.ground_truth()
     lm_eval, lm_skipped = lm_metrics.LMEval.prepare(ev.store, ev.device, ev.lm_eval_tokens)
@@ -182,7 +182,7 @@ def finish_members(
         t0 = time.perf_counter()
         density = density_bytes(freq, x_eval.shape[0])
         if again:
-            folder.finish_again(density, m)
+            folder.finish_again(density, m, again)
         else:
             weights = save(_saved_tensors(ens, e))
             folder.finish(FinalResult(weights, density, cfg, m, diverged))

@@ -32,7 +32,6 @@ recorded ensemble, an id finished runs keep, an ambiguous record) is numbered
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -583,7 +582,7 @@ def plan(
     exact = composition_is_exact(cfg, on_gpu)
     _warn_left_behind(folder, groups, pending, cfg, previous, exact)
     learned = learned_limits(cfg, folder, {r.dict_ratio for r in todo})
-    ensembles_of = _grouper(cfg, width, device_bytes, on_gpu, learned)
+    ensembles_of = grouper(cfg, width, device_bytes, on_gpu, learned)
 
     # ids other recorded runs keep (finished, or out of the grid): never given to another
     # ensemble, or such a run, trained again later, would be grouped with strangers
@@ -600,64 +599,7 @@ def plan(
     return SweepPlan(runs, [r.run_id for r in final], ensembles)
 
 
-def evaluable_runs(cfg: SweepConfig, width: int, only: Collection[str] = ()) -> list[RunSpec]:
-    """``sweep evaluate``: the sweep's finished runs (its grid's, and those an earlier grid
-    left, as their ``spec.json`` records them; of ``only``, when given) whose final files verify
-    (weights hashed); a run that is not finished, or fails its checks, is named and left as
-    it is. An unknown run id, or no run to evaluate, is refused."""
-    folder = SweepFolder(cfg.sweep_dir)
-    runs = expand_grid(cfg, width)
-    runs += _recorded_beside(folder, {r.run_id for r in runs})
-    unknown = sorted(set(only) - {r.run_id for r in runs})
-    if unknown:
-        raise SweepError(
-            f"no run {', '.join(unknown)} in the grid of {cfg.sweep_dir}; 'sweep status "
-            f"{cfg.sweep_dir}' lists its runs"
-        )
-    ready = []
-    for r in (r for r in runs if not only or r.run_id in only):
-        problem = folder.run(r.run_id).unevaluable()
-        if problem is None:
-            ready.append(r)
-        else:
-            log.warning("run %s: %s; not evaluated", r.run_id, problem)
-    if not ready:
-        raise SweepError(
-            f"no finished run to evaluate in {cfg.sweep_dir}; 'sweep resume {cfg.sweep_dir}' "
-            "finishes (or trains again) its runs"
-        )
-    return ready
-
-
-def _recorded_beside(folder: SweepFolder, ids: set[str]) -> list[RunSpec]:
-    """The runs whose ``spec.json`` the sweep folder holds that are not in ``ids`` (left by
-    an earlier grid)."""
-    names = {f.name for f in dataclasses.fields(RunSpec)}
-    out = []
-    for rid, spec in folder.recorded_specs().items():
-        if rid in ids:
-            continue
-        try:
-            out.append(RunSpec(**{k: v for k, v in spec.items() if k in names}))
-        except TypeError:  # (an edited spec.json: the run is left)
-            log.warning("run %s: its spec.json is damaged; not evaluated", rid)
-    return out
-
-
-def evaluation_plan(
-    cfg: SweepConfig, runs: list[RunSpec], width: int, device_bytes: float, on_gpu: bool
-) -> SweepPlan:
-    """Finished ``runs`` (:func:`evaluable_runs`) in ensembles that evaluate them again from
-    their final weights (``-eval``, as many members as training would hold)."""
-    folder = SweepFolder(cfg.sweep_dir)
-    learned = learned_limits(cfg, folder, {r.dict_ratio for r in runs})
-    grouped = _grouper(cfg, width, device_bytes, on_gpu, learned)(runs)
-    taken = set(folder.previous_ensembles().values())
-    ensembles = grid.renumber(grouped, tag="-eval", taken=taken)
-    return SweepPlan(runs, [], [replace(e, evaluate="all") for e in ensembles])
-
-
-def _grouper(
+def grouper(
     cfg: SweepConfig, width: int, device_bytes: float, on_gpu: bool, learned: dict[float, int]
 ) -> Callable[[list[RunSpec]], list[EnsembleSpec]]:
     """Runs -> ensembles by dict ratio, each of at most the members the device's budget holds

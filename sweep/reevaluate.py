@@ -7,7 +7,7 @@ own; their worker loads each member's final weights and evaluates them as traini
 (:func:`sweep.finalize.finish_members`), writing the metrics, the feature density and ``DONE``
 again — never the weights or ``cfg.json`` (:meth:`sweep.rundir.RunFolder.finish_again`).
 ``sweep evaluate`` does the same to every finished run it is given (metrics of a newer sweep,
-say): their previous metrics go into each run's ``events.jsonl``.
+say). Each run evaluated again gets an ``evaluated_again`` event with its previous metrics.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ def lost_members(at: Attempt) -> list[int] | None:
 
 
 def verified_members(at: Attempt) -> list[int]:
-    """The members of a ``sweep evaluate`` ensemble whose final weights verify (one damaged
-    since the plan was made is warned about and left as it is)."""
+    """The members of a ``sweep evaluate`` ensemble whose final files still pass the cheap
+    checks (the driver hashed their weights just before; one damaged since is warned about
+    and left as it is)."""
     out = []
     for i, (run, folder) in enumerate(zip(at.runs, at.folders, strict=True)):
-        problem = folder.unevaluable()
+        problem = folder.unevaluable(deep=False)
         if problem is None:
             out.append(i)
         else:
@@ -73,15 +74,10 @@ def evaluate_again(at: Attempt, members: list[int]) -> dict[str, str]:
     )  # fmt: skip
     ens = _final_ensemble(at, members)
     diverged = [f.evaluated_step() for f in folders]
-    for f in folders:
-        event = {"event": "evaluated_again", "reason": "metrics.json lost"}
-        if asked:  # (what it replaces stays on record)
-            event = {"event": "evaluated_again", "reason": "sweep evaluate"}
-            event["previous_metrics"] = f.recorded_metrics()
-        f.append_event(event)
     return finish_members(
         ens, tuple(runs), folders, at.stream.total_steps, [-1 if d is None else d for d in diverged],
-        at.eval_setting(), at.tracker(), at.timings, again=True,
+        at.eval_setting(), at.tracker(), at.timings,
+        again="sweep evaluate" if asked else "metrics.json lost",
     )  # fmt: skip
 
 

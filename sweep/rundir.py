@@ -172,13 +172,14 @@ class RunFolder:
         diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value
         return self.vouched() and not (diverged and self.diverged_step() is None)
 
-    def unevaluable(self) -> str | None:
+    def unevaluable(self, deep: bool = True) -> str | None:
         """Why this run cannot be evaluated again from its final weights (``sweep evaluate``),
-        or None: it is finished, its weights and ``cfg.json`` verify against the checksums in
-        ``DONE`` (hashed), and a diverged run's step is readable; its metrics may be lost."""
+        or None: it is finished, its weights (hashed, if ``deep``) and ``cfg.json`` verify
+        against the checksums in ``DONE``, and a diverged run's step is readable; its metrics
+        may be lost."""
         if not (self.path / DONE).is_file():
             return self.unvouched() or f"not finished ({self.state().value})"
-        problem = self.final_problem(deep=True)
+        problem = self.final_problem(deep)
         if problem not in (None, METRICS_LOST):
             return f"damaged ({problem})"
         if not self.vouched():
@@ -341,14 +342,17 @@ class RunFolder:
         )
         atomic_write_json(self.path / DONE, done)
 
-    def finish_again(self, density: bytes, metrics: dict) -> None:
-        """A run whose weights and ``cfg.json`` ``DONE`` vouches for, evaluated again: its
-        feature density and metrics, then ``DONE`` with a new time (what it vouches for is
-        left as it is, so a stop midway leaves a run that is evaluated again)."""
-        done = self._json(DONE, quiet=True)
+    def finish_again(self, density: bytes, metrics: dict, reason: str) -> None:
+        """A run whose weights and ``cfg.json`` ``DONE`` vouches for, evaluated again (for
+        ``reason``): its feature density and metrics, then ``DONE`` with a new time (what it
+        vouches for is left as it is, so a stop midway leaves a run that is evaluated again),
+        then an ``evaluated_again`` event with the metrics it had before ({} if none)."""
+        done, before = self._json(DONE, quiet=True), self._json(METRICS, quiet=True)
         atomic_write_bytes(self.path / DENSITY, density)
         atomic_write_json(self.path / METRICS, metrics)
         atomic_write_json(self.path / DONE, {**done, "finished": time.time()})
+        event = {"event": "evaluated_again", "reason": reason, "previous_metrics": before}
+        self.append_event(event)
 
     def clear_checkpoints(self) -> None:
         checkpoints.clear_checkpoints(self.path)

@@ -355,7 +355,12 @@ def train_ensemble(
         for f in at.folders:  # (killed while clearing them, perhaps)
             f.clear_checkpoints()
         states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
-        log.info("ensemble %s: every member is already finished", job.ensemble.ensemble_id)
+        left = (
+            "no member left to evaluate"
+            if job.ensemble.evaluate
+            else "every member is already finished"
+        )
+        log.info("ensemble %s: %s", job.ensemble.ensemble_id, left)
         return EnsembleResult(job.ensemble.ensemble_id, states, 0, time.perf_counter() - t0)
     if lost:  # the others are final: evaluated, not trained
         states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}

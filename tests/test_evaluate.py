@@ -57,7 +57,8 @@ def as_older_version(folder: Path) -> dict:
 
 
 def events(folder: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (folder / rundir.EVENTS).read_text().splitlines()]
+    path = folder / rundir.EVENTS
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
 
 
 def test_every_finished_run_gets_the_metrics_training_wrote(copy, capsys):
@@ -131,10 +132,45 @@ def test_a_sweep_whose_manifest_was_deleted_evaluates_its_grid(copy):
     assert main(["status", str(copy)]) == 0  # (the manifest is written again, as a run would)
 
 
+def test_unfinished_runs_are_named_in_one_line_and_left(copy, capsys):
+    """Runs never finished (no DONE, no final weights) are one warning, not one each."""
+    left = [copy / "runs" / r for r in ("r1-l1_1e-03-s0", "r1-l1_1e-01-s0")]
+    for f in left:
+        for name in (rundir.DONE, rundir.WEIGHTS):
+            (f / name).unlink()
+    before = {f.name: files(f, tuple(p.name for p in f.iterdir())) for f in left}
+    assert main(["evaluate", str(copy), "--runs", "r2-l1_1e-01-s0", *(f.name for f in left)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "2 run(s) not finished, not evaluated (r1-l1_1e-03-s0, r1-l1_1e-01-s0);" in err
+    assert f"'sweep resume {copy}' finishes them" in err
+    assert {f.name: files(f, tuple(p.name for p in f.iterdir())) for f in left} == before
+
+
+def test_a_failed_evaluation_records_no_evaluation(copy, capsys):
+    """A run whose new metrics could not be written gets no evaluated_again event, nor do
+    its ensemble-mates not reached; the ensemble fails in one line and other ensembles are
+    evaluated."""
+    first, mate = (copy / "runs" / r for r in ("r1-l1_1e-03-s0", "r1-l1_1e-01-s0"))
+    (first / rundir.DENSITY).unlink()
+    (first / rundir.DENSITY).mkdir()  # (its write fails)
+    said = {f.name: events(f) for f in (first, mate)}
+    assert main(["evaluate", str(copy)]) == 2
+    one_line_error(capsys.readouterr().err, "1 ensemble(s) failed", "r1-e0-eval")
+    assert {f.name: events(f) for f in (first, mate)} == said
+    assert events(copy / "runs" / "r2-l1_1e-01-s0")[-1]["event"] == "evaluated_again"
+
+
+def test_overrides_may_follow_the_run_ids(copy):
+    folder = copy / "runs" / "r2-l1_1e-03-s0"
+    assert main(["evaluate", str(copy), "--runs", folder.name, "launch.num_cpus=1"]) == 0
+    assert events(folder)[-1]["reason"] == "sweep evaluate"
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
         (["--runs", "r3-l1_1e-03-s0"], ("no run r3-l1_1e-03-s0 in the grid", "sweep status")),
+        (["grid.l1=[5e-1]"], ("every grid the sweep ran", "'grid.l1=[5e-1]'", "--runs")),
         (["sae=topk"], ("sweep evaluate takes field overrides", "not 'sae=topk'")),
         (["sweep_dir=/elsewhere"], ("sweep evaluate works on the sweep folder it is given",)),
     ],
