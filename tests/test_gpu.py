@@ -270,6 +270,27 @@ def test_two_ensembles_share_one_gpu(tmp_path, tmp_path_factory):
         spans[r.name.split("-")[0]] = (placed["time"], done)
     (a0, a1), (b0, b1) = spans.values()
     assert a0 < b1 and b0 < a1  # the two ratios' ensembles trained at the same time
+    _evaluated_again_alike(sw, tmp_path_factory.getbasetemp() / "gp-ev")
+
+
+def _evaluated_again_alike(sw, ray_tmp) -> None:
+    """``sweep evaluate`` on the GPU gives back the metrics training wrote there (other
+    ensembles, so equal up to rounding)."""
+    import subprocess
+    import sys
+
+    from tests.test_faults import env
+
+    trained = {
+        r.name: json.loads((r / "metrics.json").read_text()) for r in (sw / "runs").iterdir()
+    }
+    cmd = [sys.executable, "-m", "sweep", "evaluate", str(sw), f"launch.temp_dir={ray_tmp}"]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for r in (sw / "runs").iterdir():
+        again = json.loads((r / "metrics.json").read_text())
+        for key in ("fvu", "l0", "mse", "explained_variance"):
+            assert again[key] == pytest.approx(trained[r.name][key], rel=1e-4, abs=1e-6), key
 
 
 @cuda_only
