@@ -21,6 +21,7 @@ from sweep.grid import EnsembleSpec
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
 from sweep.progress import progress_bar
+from sweep.rate import RateMeter
 from sweep.stop import DriverSignals, Interrupted, quietly
 from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, EnsembleResult
@@ -145,14 +146,19 @@ class Execution:
         self.submitted: dict[EnsembleSpec, float] = {}
         """When each ensemble's latest task was submitted (it may be a re-queued one)."""
         self._submit(self._gpus())
-        with progress_bar(
-            total=n_rows,
-            initial=min(n_rows, sum(trained.values())),
-            unit="row",
-            unit_scale=True,
-            disable=not self.cfg.progress or not n_rows,  # (evaluating only: logged per ensemble)
-            desc="sweep",
-        ) as bar:
+        self.meter = RateMeter(self.folder.path, n_rows)
+        with (
+            self.meter,
+            progress_bar(
+                total=n_rows,
+                initial=min(n_rows, sum(trained.values())),
+                unit="row",
+                unit_scale=True,
+                disable=not self.cfg.progress
+                or not n_rows,  # (evaluating only: logged per ensemble)
+                desc="sweep",
+            ) as bar,
+        ):
             self.bar = bar
             for fin in launcher.drain(self.refs, tick=self._tick):
                 self._finished(fin)
@@ -197,6 +203,7 @@ class Execution:
         """Between waits: heartbeat, progress, and on a signal the stop (False: stop waiting)."""
         self.lock.heartbeat()
         rows = min(self.bar.total, _progress(self.counter, self.bar.n))
+        self.meter.sample(rows)  # (for sweep status)
         self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}", refresh=False)
         self.bar.update(rows - self.bar.n)  # (redrawn at the bar's own interval)
         signals = self.outcome.signals

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
+from sweep import rate
 from sweep.checkpoints import checkpoint_steps
 from sweep.sweepdir import RunRecord, SweepFolder
 
@@ -134,7 +135,8 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     rows = status_rows(sweep_dir)
     shown = [r for r in rows if not states or r["state"] in states]
     only = f"; runs {', '.join(states)}: {len(shown)} of {len(rows)}" if states else ""
-    title = f"sweep status: {sweep_dir} ({_activity(sweep_dir, rows)}{only})"
+    activity = _activity(sweep_dir, rows)
+    title = f"sweep status: {sweep_dir} ({activity}{only})"
     cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu"]
     cols += ["note"] if any(r.get("note") for r in shown) else []
     for r in shown:
@@ -153,6 +155,9 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     total = sum(r.get("rows_total") or 0 for r in rows)
     summary = "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
     console.print(f"{summary}  total: {len(rows)}  rows: {trained:,}/{total:,}")
+    pace = rate.describe(sweep_dir) if activity == "running" else None
+    if pace:
+        console.print(pace, highlight=False)
     limits = SweepFolder(sweep_dir).member_limits()
     if limits:
         said = ", ".join(f"dict ratio {r:g}: {n}" for r, n in sorted(limits.items()))

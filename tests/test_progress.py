@@ -4,6 +4,7 @@ suite may run under TQDM_DISABLE=1, which only changes tqdm's default.)"""
 from __future__ import annotations
 
 import sys
+import time
 
 from sweep import progress
 from sweep.progress import progress_bar
@@ -47,3 +48,44 @@ def test_progress_on_a_terminal_redraws(monkeypatch):
     for _ in progress_bar(range(3), desc="t", mininterval=0, disable=False):
         pass
     assert "\r" in term.text
+
+
+# ------------------------------------------------------------------ the rate sweep status shows
+
+
+def test_the_rate_is_measured_over_the_last_minutes(tmp_path):
+    from sweep.rate import RATE, WINDOW, RateMeter, describe
+
+    with RateMeter(tmp_path, total=1_000_000) as meter:
+        meter.sample(0, now=1000.0)
+        assert describe(tmp_path, now=1000.0) is None  # (written, but no rate yet)
+        for t in range(1, 301):  # 500 rows/s, then 1000 rows/s for the last 150 s
+            meter.sample(500 * min(t, 150) + 1000 * max(0, t - 150), now=1000.0 + t)
+        said = describe(tmp_path, now=1300.0)
+        assert meter.samples[-1][0] - meter.samples[0][0] <= WINDOW + 1
+        assert (
+            said
+            == f"training 1.00k rows/s over the last {WINDOW:.0f} s; about 12:55 left at that rate"
+        )
+        assert describe(tmp_path, now=1300.0 + 61) is None  # stale: its driver is stuck
+        meter.sample(10, now=1301.0)  # counted again (a retried ensemble): measured afresh
+        assert meter.samples[0] == (1301.0, 10)
+    assert not (tmp_path / RATE).exists()  # the driver's training ended
+
+
+def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
+    from sweep.cli import main
+    from sweep.lock import SweepLock
+    from sweep.rate import RateMeter
+
+    (tmp_path / "manifest.json").write_text('{"runs": {}}')
+    with SweepLock(tmp_path), RateMeter(tmp_path, total=2_000_000) as meter:
+        for t in range(0, 31, 10):
+            meter.sample(20_000 * t, now=time.time() - 30 + t)
+        assert main(["status", str(tmp_path)]) == 0
+        said = " ".join(capsys.readouterr().out.split())
+        assert (
+            "(running)" in said and "training 20.0k rows/s over the last 30 s; about 01:10" in said
+        )
+    assert main(["status", str(tmp_path)]) == 0
+    assert "rows/s" not in capsys.readouterr().out  # no driver: no rate

@@ -1,0 +1,100 @@
+"""The sweep's training rate and the time it has left, for ``sweep status``.
+
+The driver's progress bar shows both, but only on the driver's terminal. A researcher asks
+from another one (a login node, while a SLURM job trains): the driver measures the rows its
+ensembles trained over the last minutes (:class:`RateMeter`) and writes them to
+``SWEEP_DIR/rate.json`` every few seconds; ``sweep status`` shows them while that driver is
+alive and the file is fresh (:func:`describe`). The file is the driver's alone and is
+removed when it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import deque
+from pathlib import Path
+
+from sweep.io import atomic_write_json, read_json
+
+RATE = "rate.json"
+WINDOW = 120.0
+"""Seconds of progress the rate is measured over."""
+EVERY = 10.0
+"""Seconds between writes of the file."""
+FRESH = 60.0
+"""A file older than this is not shown (its driver is stuck, or its clock is off)."""
+MIN_SPAN = 5.0
+"""Seconds of samples needed before a rate is said."""
+
+
+class RateMeter:
+    """Samples of (time, rows trained by the whole sweep) -> ``rate.json``."""
+
+    def __init__(self, sweep_dir: Path, total: int) -> None:
+        self.path, self.total = Path(sweep_dir) / RATE, total
+        self.samples: deque[tuple[float, float]] = deque()
+        self.written = 0.0
+
+    def sample(self, rows: float, now: float | None = None) -> None:
+        """Record the rows trained so far; write the file when it is due (never raises: a
+        full disk must not stop training)."""
+        now = time.time() if now is None else now
+        if self.samples and rows < self.samples[-1][1]:
+            self.samples.clear()  # (rows counted again: a retried ensemble)
+        self.samples.append((now, rows))
+        while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
+            self.samples.popleft()
+        if now - self.written >= EVERY:
+            self.written = now
+            with contextlib.suppress(OSError):
+                atomic_write_json(self.path, self.facts(now))
+
+    def rate(self) -> float | None:
+        """Rows per second over the samples kept, None before :data:`MIN_SPAN` of them."""
+        (t0, r0), (t1, r1) = self.samples[0], self.samples[-1]
+        return (r1 - r0) / (t1 - t0) if t1 - t0 >= MIN_SPAN else None
+
+    def facts(self, now: float) -> dict:
+        (t0, _), (t1, rows) = self.samples[0], self.samples[-1]
+        rate = self.rate()
+        return {
+            "time": now,
+            "rows": rows,
+            "total": self.total,
+            "rows_per_s": rate,
+            "over_s": t1 - t0,
+        }
+
+    def __enter__(self) -> RateMeter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """The driver's training ended: the file goes with it."""
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+
+
+def describe(sweep_dir: Path, now: float | None = None) -> str | None:
+    """``training 18.3k rows/s over the last 120 s; about 1:20:00 left at that rate``, from a
+    fresh ``rate.json``; None without one (or without a rate yet)."""
+    now = time.time() if now is None else now
+    try:
+        facts = read_json(Path(sweep_dir) / RATE)
+        age, rate = now - float(facts["time"]), facts["rows_per_s"]
+        left = float(facts["total"]) - float(facts["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not 0 <= age <= FRESH or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+        return None
+    if float(facts["total"]) <= 0:  # (evaluating only: nothing is trained)
+        return None
+    from tqdm import tqdm
+
+    over = facts.get("over_s")
+    span = f" over the last {over:.0f} s" if isinstance(over, (int, float)) else ""
+    said = f"training {tqdm.format_sizeof(rate)} rows/s{span}"
+    if rate > 0 and left > 0:
+        said += f"; about {tqdm.format_interval(left / rate)} left at that rate"
+    return said
