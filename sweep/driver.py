@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import gpuinfo, grid, launcher, planning
+from sweep import gpuinfo, grid, launcher, planning, rate
 from sweep.activations.store import MANIFEST, ChunkStore, total_steps
 from sweep.cluster import check_reachable, resolve
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -218,6 +218,7 @@ def _train(
     signals = outcome.signals
     assert signals is not None
     folder.clear_stop()  # left by an earlier, stopped driver
+    rate.forget(folder.path)  # (a killed one's)
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
     try:
         if finished is None and store is not None:

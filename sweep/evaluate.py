@@ -5,9 +5,9 @@ the runs again for them would take as long as the first time. This checks the sw
 finished runs (weights hashed against ``DONE``: :func:`evaluable_runs`), groups them into
 ensembles of their own (:func:`evaluation_plan`) and runs those through Ray as training is
 (:class:`sweep.execution.Execution`): each worker loads its members' verified weights and
-writes their metrics, feature density and ``DONE`` again, then an event in its
-``events.jsonl`` with its previous metrics (:mod:`sweep.reevaluate`). Weights and ``cfg.json`` are never written; runs
-that are not finished are named and left as they are.
+writes their metrics, feature density and ``DONE`` again, their previous metrics recorded in
+their ``events.jsonl`` first (:mod:`sweep.reevaluate`). Weights and ``cfg.json`` are never
+written; runs that are not finished are named and left as they are.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 from collections.abc import Collection
 from dataclasses import replace
 
-from sweep import driver, grid, launcher, planning, rundir
+from sweep import driver, grid, launcher, planning, rate, rundir
 from sweep.activations.store import ChunkStore
 from sweep.config import SweepConfig
 from sweep.errors import SweepError
@@ -31,9 +31,9 @@ from sweep.sweepdir import RunRecord, SweepFolder, write_summary
 log = logging.getLogger(__name__)
 
 STOPPED = (
-    "the runs evaluated before it have their new metrics (and an evaluated_again event in "
-    "their events.jsonl), the others their old ones; run the same command again to evaluate "
-    "every run"
+    "the runs evaluated before it have their new metrics (an evaluated_again event in their "
+    "events.jsonl says so), the others their old ones; run the same command again to "
+    "evaluate every run"
 )
 
 
@@ -48,7 +48,9 @@ def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunReco
             outcome.signals, outcome.locked = signals, True
             driver.check_config(cfg, folder)
             store = driver.checked_store(cfg, folder)
-            runs = evaluable_runs(cfg, store.width, only)  # (before Ray: seconds)
+            runs = evaluable_runs(
+                cfg, store.width, only
+            )  # (before Ray; hashes every run's weights)
             if not folder.manifest():  # (deleted: written as a sweep run would)
                 specs = [r.as_dict() for r in planning.expand_grid(cfg, store.width)]
                 folder.write_manifest(specs, folder.previous_ensembles(), store, grid=True)
@@ -68,6 +70,7 @@ def _evaluate(
     """Start Ray, group ``runs`` into ensembles, evaluate them; write the summary."""
     assert outcome.signals is not None
     folder.clear_stop()  # left by an earlier, stopped driver
+    rate.forget(folder.path)  # (a killed one's)
     with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
         import ray
 

@@ -232,7 +232,7 @@ class Execution:
             self._mark_interrupted([ens], warn=False)  # (said just now)
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
-            for m in ens.members if not ens.evaluate else ():  # (those stay final)
+            for m in ens.members if ens.evaluate != "all" else ():  # (those stay final)
                 quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
 
@@ -257,7 +257,7 @@ class Execution:
             )
             return
         states = "/".join(sorted(set(result.states.values())))
-        if ens.evaluate:
+        if result.evaluated:
             log.info(
                 "ensemble %s: evaluated again, %s (%.1fs)", ens.ensemble_id, states, result.seconds
             )
@@ -304,44 +304,58 @@ class Execution:
         self.outcome.failures.append(f"{ens.ensemble_id}: {reason}")
 
     def _continue_smaller(self, ens: EnsembleSpec, cause: BaseException | None) -> bool:
-        """An ensemble that ran out of GPU memory continues from its checkpoints in this sweep:
-        on a GPU of its own if it shared one, else split in two, each half on the share the
-        whole had (so the halves never run side by side on it), the limit recorded for later
-        plans of this sweep. False when neither is left (one member on a whole GPU)."""
+        """An ensemble that ran out of GPU memory continues from its checkpoints in this sweep
+        (one evaluating finished runs is evaluated again): on a GPU of its own if it shared
+        one, else split in two (:meth:`_split`). False when neither is left (one member on a
+        whole GPU)."""
         if not isinstance(cause, OutOfMemory) or cause.where != "device":
             return False
         share = self.shares[ens]
+        how = "is evaluated" if ens.evaluate else "continues from its checkpoints"
         if 0 < share < 1:
             log.warning(
                 "ensemble %s ran out of GPU memory beside others on its GPU (share %g): it "
-                "continues from its checkpoints on a GPU of its own",
-                ens.ensemble_id,
-                share,
-            )
+                "%s on a GPU of its own",
+                ens.ensemble_id, share, how,
+            )  # fmt: skip
             self._submit({ens: 1.0})
             return True
         if len(ens.members) < 2:
             return False
+        self._split(ens, share)
+        return True
+
+    def _split(self, ens: EnsembleSpec, share: float) -> None:
+        """``ens`` in two halves, each on the share the whole had (so they never run side by
+        side on it); for training, the limit recorded for later plans of this sweep
+        (evaluation's memory is not training's: nothing to learn from it)."""
         parts = planning.halves(ens, taken=self._ensemble_ids())
         ensemble_of = {m.run_id: p.ensemble_id for p in parts for m in p.members}
         try:
-            self.folder.record_member_limit(ens.dict_ratio, len(parts[0].members))
-            self.folder.write_manifest([m.as_dict() for m in ens.members], ensemble_of, self.store)
+            if not ens.evaluate:
+                self.folder.record_member_limit(ens.dict_ratio, len(parts[0].members))
+                specs = [m.as_dict() for m in ens.members]
+                self.folder.write_manifest(specs, ensemble_of, self.store)
         except (OSError, SweepError) as err:  # the halves still train; a re-run re-learns it
             log.warning("could not record the split of ensemble %s: %s", ens.ensemble_id, err)
         for m in ens.members:
             event = {"event": "out_of_memory", "ensemble": ens.ensemble_id}
             event.update(members=len(ens.members), continues_in=ensemble_of[m.run_id])
             quietly(lambda m=m, e=event: self.folder.run(m.run_id).append_event(e))
-        log.warning(
-            "ensemble %s ran out of GPU memory with %d members: it continues from its "
-            "checkpoints as %s (at most %d member(s) per ensemble of dict ratio %g in this sweep "
-            "from now on; grid.max_members overrides)",
-            ens.ensemble_id, len(ens.members), " and ".join(p.ensemble_id for p in parts),
-            len(parts[0].members), ens.dict_ratio,
-        )  # fmt: skip
+        named, n = " and ".join(p.ensemble_id for p in parts), len(ens.members)
+        if ens.evaluate:
+            log.warning(
+                "ensemble %s ran out of GPU memory with %d members: it is evaluated as %s",
+                ens.ensemble_id, n, named,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "ensemble %s ran out of GPU memory with %d members: it continues from its "
+                "checkpoints as %s (at most %d member(s) per ensemble of dict ratio %g in this "
+                "sweep from now on; grid.max_members overrides)",
+                ens.ensemble_id, n, named, len(parts[0].members), ens.dict_ratio,
+            )  # fmt: skip
         self._submit(dict.fromkeys(parts, share))
-        return True
 
     def _ensemble_ids(self) -> set[str]:
         """Every ensemble id recorded in the sweep or started by this driver."""

@@ -42,11 +42,11 @@ class RateMeter:
         full disk must not stop training)."""
         now = time.time() if now is None else now
         if self.samples and rows < self.samples[-1][1]:
-            self.samples.clear()  # (rows counted again: a retried ensemble)
+            self.samples.clear()  # (never, as the counter keeps each run's most: to be safe)
         self.samples.append((now, rows))
         while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
             self.samples.popleft()
-        if now - self.written >= EVERY:
+        if self.total > 0 and now - self.written >= EVERY:  # (0: evaluating only)
             self.written = now
             with contextlib.suppress(OSError):
                 atomic_write_json(self.path, self.facts(now))
@@ -72,8 +72,14 @@ class RateMeter:
 
     def __exit__(self, *_: object) -> None:
         """The driver's training ended: the file goes with it."""
-        with contextlib.suppress(OSError):
-            self.path.unlink(missing_ok=True)
+        forget(self.path.parent)
+
+
+def forget(sweep_dir: Path) -> None:
+    """A driver that starts removes the file a killed one left (status would show its rate
+    until it went stale)."""
+    with contextlib.suppress(OSError):
+        (Path(sweep_dir) / RATE).unlink(missing_ok=True)
 
 
 def describe(sweep_dir: Path, now: float | None = None) -> str | None:
@@ -86,15 +92,14 @@ def describe(sweep_dir: Path, now: float | None = None) -> str | None:
         left = float(facts["total"]) - float(facts["rows"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not 0 <= age <= FRESH or not isinstance(rate, (int, float)) or not math.isfinite(rate):
-        return None
-    if float(facts["total"]) <= 0:  # (evaluating only: nothing is trained)
-        return None
+    if abs(age) > FRESH or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+        return None  # (either way: the driver may run on another host, its clock off a bit)
     from tqdm import tqdm
 
     over = facts.get("over_s")
     span = f" over the last {over:.0f} s" if isinstance(over, (int, float)) else ""
     said = f"training {tqdm.format_sizeof(rate)} rows/s{span}"
+    left -= max(age, 0.0) * rate  # (trained since the file was written)
     if rate > 0 and left > 0:
         said += f"; about {tqdm.format_interval(left / rate)} left at that rate"
     return said

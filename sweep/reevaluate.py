@@ -7,7 +7,7 @@ own; their worker loads each member's final weights and evaluates them as traini
 (:func:`sweep.finalize.finish_members`), writing the metrics, the feature density and ``DONE``
 again — never the weights or ``cfg.json`` (:meth:`sweep.rundir.RunFolder.finish_again`).
 ``sweep evaluate`` does the same to every finished run it is given (metrics of a newer sweep,
-say). Each run evaluated again gets an ``evaluated_again`` event with its previous metrics.
+say). A run's previous metrics are recorded in its events before anything is written.
 """
 
 from __future__ import annotations

@@ -175,16 +175,20 @@ class RunFolder:
     def unevaluable(self, deep: bool = True) -> str | None:
         """Why this run cannot be evaluated again from its final weights (``sweep evaluate``),
         or None: it is finished, its weights (hashed, if ``deep``) and ``cfg.json`` verify
-        against the checksums in ``DONE``, and a diverged run's step is readable; its metrics
-        may be lost."""
+        against the checksums in ``DONE`` (a run finished before checksums: its weights load),
+        and a diverged run's step is readable; its metrics may be lost, when ``DONE`` vouches
+        for the rest."""
         if not (self.path / DONE).is_file():
             return self.unvouched() or f"not finished ({self.state().value})"
         problem = self.final_problem(deep)
         if problem not in (None, METRICS_LOST):
             return f"damaged ({problem})"
-        if not self.vouched():
-            return f"{DONE} holds no checksums of its weights (finished by an older sweep)"
-        if not self.evaluable():
+        if problem == METRICS_LOST and not self.vouched():  # (else its weights loaded: deep)
+            return (
+                f"{METRICS_LOST}, and {DONE} holds no checksums of its weights (an older sweep's)"
+            )
+        diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value
+        if diverged and self.diverged_step() is None:
             return f"diverged, and {DIVERGED} (the step it froze at) is missing or damaged"
         return None
 
@@ -344,15 +348,17 @@ class RunFolder:
 
     def finish_again(self, density: bytes, metrics: dict, reason: str) -> None:
         """A run whose weights and ``cfg.json`` ``DONE`` vouches for, evaluated again (for
-        ``reason``): its feature density and metrics, then ``DONE`` with a new time (what it
-        vouches for is left as it is, so a stop midway leaves a run that is evaluated again),
-        then an ``evaluated_again`` event with the metrics it had before ({} if none)."""
-        done, before = self._json(DONE, quiet=True), self._json(METRICS, quiet=True)
+        ``reason``): an ``evaluating_again`` event with the metrics it had ({} if none), its
+        feature density and metrics, ``DONE`` with a new time (what it vouches for is left as
+        it is, so a stop midway leaves a run that is evaluated again), then an
+        ``evaluated_again`` event."""
+        before = {"event": "evaluating_again", "reason": reason}
+        self.append_event({**before, "previous_metrics": self._json(METRICS, quiet=True)})
+        done = self._json(DONE, quiet=True)
         atomic_write_bytes(self.path / DENSITY, density)
         atomic_write_json(self.path / METRICS, metrics)
         atomic_write_json(self.path / DONE, {**done, "finished": time.time()})
-        event = {"event": "evaluated_again", "reason": reason, "previous_metrics": before}
-        self.append_event(event)
+        self.append_event({"event": "evaluated_again", "reason": reason})
 
     def clear_checkpoints(self) -> None:
         checkpoints.clear_checkpoints(self.path)

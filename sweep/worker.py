@@ -79,6 +79,8 @@ class EnsembleResult:
     started: bool = True
     """False: the sweep was stopping when this task began (it loaded and trained nothing; an
     earlier attempt, retried by Ray, may have)."""
+    evaluated: bool = False
+    """Its members were evaluated from their final weights, not trained."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
     how many; ``checkpoint_last``: the last one's: a stop's waits for its write, the end's is
@@ -367,7 +369,9 @@ def train_ensemble(
         with _out_of_memory_named(job, at.device):
             states.update(evaluate_again(at, lost))
         seconds = time.perf_counter() - t0
-        return EnsembleResult(job.ensemble.ensemble_id, states, at.stream.total_steps, seconds)
+        result = EnsembleResult(job.ensemble.ensemble_id, states, at.stream.total_steps, seconds)
+        result.evaluated = True
+        return result
     if use_compile(job.train, at.device):
         forget_compiled()
     at.start()

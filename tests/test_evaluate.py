@@ -61,6 +61,15 @@ def events(folder: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
 
 
+def previous(folder: Path) -> dict:
+    """The metrics its latest evaluation replaced, as its events recorded them (before it
+    wrote the new ones, which its last event then says)."""
+    before, after = events(folder)[-2:]
+    assert before["event"] == "evaluating_again" and after["event"] == "evaluated_again"
+    assert before["reason"] == after["reason"]
+    return before["previous_metrics"]
+
+
 def test_every_finished_run_gets_the_metrics_training_wrote(copy, capsys):
     """The metrics come back bit-equal to what training wrote (the same evaluation, from the
     same weights); the older ones are kept in the run's events; weights, cfg.json, the
@@ -76,9 +85,8 @@ def test_every_finished_run_gets_the_metrics_training_wrote(copy, capsys):
         assert metrics(f) == trained[f.name]
         assert files(f) == kept[f.name]
         assert rundir.RunFolder(f).is_done(deep=True)
-        last = events(f)[-1]
-        assert last["event"] == "evaluated_again" and last["reason"] == "sweep evaluate"
-        assert last["previous_metrics"] == older[f.name]
+        assert events(f)[-1]["reason"] == "sweep evaluate"
+        assert previous(f) == older[f.name]
     with open(copy / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and all(r["explained_variance"] for r in rows)
@@ -109,7 +117,7 @@ def test_a_run_that_lost_its_metrics_is_evaluated_too(copy):
     (folder / rundir.METRICS).unlink()
     assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
     assert metrics(folder) == trained
-    assert events(folder)[-1]["previous_metrics"] == {}
+    assert previous(folder) == {}
 
 
 def test_runs_an_earlier_grid_left_are_evaluated_too(copy, capsys):
@@ -119,7 +127,7 @@ def test_runs_an_earlier_grid_left_are_evaluated_too(copy, capsys):
     assert main(["evaluate", str(copy)]) == 0
     assert "evaluating 4 finished run(s)" in " ".join(capsys.readouterr().err.split())
     for f in runs(copy):
-        assert events(f)[-1]["previous_metrics"] == older[f.name]
+        assert previous(f) == older[f.name]
         assert "explained_variance" in metrics(f)
 
 
@@ -128,7 +136,7 @@ def test_a_sweep_whose_manifest_was_deleted_evaluates_its_grid(copy):
     folder = copy / "runs" / "r1-l1_1e-01-s0"
     older = as_older_version(folder)
     assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
-    assert events(folder)[-1]["previous_metrics"] == older
+    assert previous(folder) == older
     assert main(["status", str(copy)]) == 0  # (the manifest is written again, as a run would)
 
 
@@ -147,17 +155,36 @@ def test_unfinished_runs_are_named_in_one_line_and_left(copy, capsys):
 
 
 def test_a_failed_evaluation_records_no_evaluation(copy, capsys):
-    """A run whose new metrics could not be written gets no evaluated_again event, nor do
-    its ensemble-mates not reached; the ensemble fails in one line and other ensembles are
-    evaluated."""
+    """A run whose new files could not be written gets no evaluated_again event (only the
+    evaluating_again that began it), its ensemble-mates not reached none; the ensemble fails
+    in one line (the runs stay final) and other ensembles are evaluated."""
     first, mate = (copy / "runs" / r for r in ("r1-l1_1e-03-s0", "r1-l1_1e-01-s0"))
     (first / rundir.DENSITY).unlink()
     (first / rundir.DENSITY).mkdir()  # (its write fails)
     said = {f.name: events(f) for f in (first, mate)}
     assert main(["evaluate", str(copy)]) == 2
     one_line_error(capsys.readouterr().err, "1 ensemble(s) failed", "r1-e0-eval")
-    assert {f.name: events(f) for f in (first, mate)} == said
+    assert events(first)[:-1] == said[first.name]
+    assert events(first)[-1]["event"] == "evaluating_again" and events(mate) == said[mate.name]
+    assert rundir.RunFolder(first).is_done(deep=True) and not (first / rundir.FAILED).exists()
     assert events(copy / "runs" / "r2-l1_1e-01-s0")[-1]["event"] == "evaluated_again"
+
+
+def test_a_failed_evaluation_of_lost_metrics_marks_the_run_failed(copy, capsys):
+    """In a sweep run, a run that lost its metrics is not final: when its evaluation fails,
+    status says failed (not pending), and the next run evaluates it again."""
+    folder = copy / "runs" / "r2-l1_1e-01-s0"
+    (folder / rundir.METRICS).unlink()
+    (folder / rundir.DENSITY).unlink()
+    (folder / rundir.DENSITY).mkdir()
+    assert main(["run", f"sweep_dir={copy}", *TINY, *GRID]) == 2
+    one_line_error(capsys.readouterr().err, "1 ensemble(s) failed", "r2-e0-eval")
+    assert main(["status", str(copy)]) == 0
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if folder.name in ln)
+    assert "failed" in row
+    (folder / rundir.DENSITY).rmdir()
+    assert main(["run", f"sweep_dir={copy}", *TINY, *GRID]) == 0
+    assert events(folder)[-1]["event"] == "evaluated_again"
 
 
 def test_overrides_may_follow_the_run_ids(copy):

@@ -193,7 +193,7 @@ def test_lost_metrics_are_evaluated_again_from_the_verified_weights(copy, damage
     assert json.loads((folder / rundir.METRICS).read_text()) == metrics
     assert rundir.RunFolder(folder).is_done(deep=True) and rundir.RunFolder(mate).is_done()
     events = [json.loads(ln)["event"] for ln in (folder / rundir.EVENTS).read_text().splitlines()]
-    assert events[-2:] == ["damaged_result", "evaluated_again"]
+    assert events[-3:] == ["damaged_result", "evaluating_again", "evaluated_again"]
     manifest = json.loads((copy / "manifest.json").read_text())["runs"]
     assert manifest[folder.name]["ensemble"] == "r2-e0-eval"  # (apart from the trained mate)
     assert manifest[mate.name]["ensemble"] == "r2-e0-resume"  # (r2-e0 its mate keeps)

@@ -18,7 +18,7 @@ from sweep.config import to_sweep_config
 from sweep.errors import SweepError
 from sweep.io import atomic_write_json, read_json
 from sweep.sweepdir import MANIFEST, SweepFolder
-from tests.test_faults import finish, start
+from tests.test_faults import env, finish, start
 
 HOOK = Path(__file__).parent / "hooks"
 
@@ -64,6 +64,28 @@ def test_an_ensemble_out_of_gpu_memory_gets_a_gpu_then_halves_and_finishes(
     assert "learned when one ran out of GPU memory: dict ratio 4: 1, dict ratio 8: 1" in (
         status.stdout
     ), status.stdout
+
+
+def test_an_evaluation_out_of_gpu_memory_is_evaluated_in_halves(tmp_path, tmp_path_factory):
+    """``sweep evaluate`` whose two-member ensembles run out of GPU memory evaluating: each
+    is evaluated as two one-member ensembles, to the metrics training wrote; the sweep
+    learns no member limit (evaluation's memory is not training's) and its manifest keeps
+    the ensembles the runs trained in."""
+    sw, base = tmp_path / "sw", tmp_path_factory.getbasetemp()
+    gpu = ["launch.num_gpus=1", "launch.gpus_per_ensemble=1", "train.device=auto"]
+    code, out = finish(start(sw, base / "oom-ev", *gpu, "train.epochs=1"), timeout=300)
+    assert code == 0, out
+    trained = {r.name: read_json(r / "metrics.json") for r in (sw / "runs").iterdir()}
+    manifest = read_json(sw / MANIFEST)
+    hook = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_OOM_EVAL_ABOVE": "1"}
+    cmd = [sys.executable, "-m", "sweep", "evaluate", str(sw)]
+    done = subprocess.run(cmd, env=env(**hook), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    said = (sw / "sweep.log").read_text()
+    assert said.count("ran out of GPU memory with 2 members: it is evaluated as") == 2, said
+    assert {r.name: read_json(r / "metrics.json") for r in (sw / "runs").iterdir()} == trained
+    after = read_json(sw / MANIFEST)
+    assert "member_limits" not in after and after["runs"] == manifest["runs"]
 
 
 def test_an_ensemble_split_after_running_out_keeps_the_commands_grid(tiny_store, tmp_path):

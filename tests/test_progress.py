@@ -68,6 +68,9 @@ def test_the_rate_is_measured_over_the_last_minutes(tmp_path):
             == f"training 1.00k rows/s over the last {WINDOW:.0f} s; about 12:55 left at that rate"
         )
         assert describe(tmp_path, now=1300.0 + 61) is None  # stale: its driver is stuck
+        later = describe(tmp_path, now=1300.0 + 5)  # (what it trained since is left out)
+        assert later and later.endswith("about 12:50 left at that rate")
+        assert describe(tmp_path, now=1300.0 - 30) == said  # a reader's clock behind
         meter.sample(10, now=1301.0)  # counted again (a retried ensemble): measured afresh
         assert meter.samples[0] == (1301.0, 10)
     assert not (tmp_path / RATE).exists()  # the driver's training ended

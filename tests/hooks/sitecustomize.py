@@ -4,6 +4,8 @@ variable is set, and a module is patched when it is first imported, not before:
 
 - ``SWEEP_TEST_OOM_ABOVE`` / ``SWEEP_TEST_OOM_AT``: an ensemble of more members fails its
   ``AT``-th step as a CUDA allocation that does not fit does;
+- ``SWEEP_TEST_OOM_EVAL_ABOVE``: evaluating more members at once fails as a CUDA
+  allocation that does not fit does;
 - ``SWEEP_TEST_NODE_CUDA``: torch sees CUDA on the Ray nodes (in their workers only; the
   driver and the training keep the truth), as on a cluster whose head has no GPU.
 """
@@ -31,6 +33,19 @@ def _ensemble(module) -> None:
     module.Ensemble.step = step
 
 
+def _metrics(module) -> None:
+    import torch
+
+    above, real = int(os.environ["SWEEP_TEST_OOM_EVAL_ABOVE"]), module.evaluate_members
+
+    def evaluate_members(members, *args, **kw):
+        if len(members) > above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(members, *args, **kw)
+
+    module.evaluate_members = evaluate_members
+
+
 def _gpuinfo(module) -> None:
     if "default_worker" in " ".join(sys.argv):  # a Ray worker
         module._torch_sees_cuda = lambda: True
@@ -38,6 +53,7 @@ def _gpuinfo(module) -> None:
 
 PATCHES = {
     "sweep.ensemble": ("SWEEP_TEST_OOM_ABOVE", _ensemble),
+    "sweep.metrics": ("SWEEP_TEST_OOM_EVAL_ABOVE", _metrics),
     "sweep.gpuinfo": ("SWEEP_TEST_NODE_CUDA", _gpuinfo),
 }
 
