@@ -187,6 +187,20 @@ def test_a_failed_evaluation_of_lost_metrics_marks_the_run_failed(copy, capsys):
     assert events(folder)[-1]["event"] == "evaluated_again"
 
 
+def test_a_run_of_a_sweep_before_checksums_is_evaluated_when_its_weights_load(copy, capsys):
+    """DONE without checksums (an older sweep's): evaluated when its weights load; when its
+    metrics are lost too, nothing vouches for the rest, so it is named and left."""
+    old, lost = (copy / "runs" / r for r in ("r1-l1_1e-01-s0", "r1-l1_1e-03-s0"))
+    for f in (old, lost):
+        done = json.loads((f / rundir.DONE).read_text())
+        (f / rundir.DONE).write_text(json.dumps({"state": done["state"], "finished": 1.0}))
+    (lost / rundir.METRICS).unlink()
+    assert main(["evaluate", str(copy), "--runs", old.name, lost.name]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"run {lost.name}: metrics.json is missing or damaged, and DONE holds no" in err
+    assert previous(old)["fvu"] == metrics(old)["fvu"] and not events(lost)
+
+
 def test_overrides_may_follow_the_run_ids(copy):
     folder = copy / "runs" / "r2-l1_1e-03-s0"
     assert main(["evaluate", str(copy), "--runs", folder.name, "launch.num_cpus=1"]) == 0
