@@ -4,7 +4,7 @@
     sweep run [key=value ...] --plan                           what it would train, where: nothing runs
     sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
     sweep evaluate SWEEP_DIR [--runs ID ...]                   metrics of finished runs again, from their weights
-    sweep status SWEEP_DIR                                     state and progress of every run
+    sweep status SWEEP_DIR [--state S,...] [--json]            state and progress of every run
     sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
     sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...] [--finished]  runs in SAELens format
     sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
@@ -17,6 +17,7 @@ config. Errors a user can fix print one line (``error: ...``) and exit with stat
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -315,7 +316,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from sweep.sweepdir import Preparing, StoppedPreparing
 
     try:
-        status.print_status(Path(args.sweep_dir), args.state)
+        if args.json:
+            print(json.dumps(status.status_facts(Path(args.sweep_dir), args.state), indent=1))
+        else:
+            status.print_status(Path(args.sweep_dir), args.state)
     except (Preparing, StoppedPreparing) as err:  # (a state, not a wrong folder)
         print(err)
     return 0
@@ -418,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="show only the runs in these states, comma-separated (e.g. failed,interrupted); "
         "the totals line still counts every run",
+    )
+    st.add_argument(
+        "--json",
+        action="store_true",
+        help="print it as JSON (runs, states, rows, pace while training) for scripts",
     )
     st.set_defaults(func=cmd_status)
     rep = sub.add_parser(

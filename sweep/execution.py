@@ -147,6 +147,7 @@ class Execution:
         """When each ensemble's latest task was submitted (it may be a re-queued one)."""
         self._submit(self._gpus())
         self.meter = RateMeter(self.folder.path, n_rows)
+        shown = self.cfg.progress and n_rows > 0  # (evaluating only: logged per ensemble)
         with (
             self.meter,
             progress_bar(
@@ -154,8 +155,7 @@ class Execution:
                 initial=min(n_rows, sum(trained.values())),
                 unit="row",
                 unit_scale=True,
-                disable=not self.cfg.progress
-                or not n_rows,  # (evaluating only: logged per ensemble)
+                disable=not shown,
                 desc="sweep",
             ) as bar,
         ):

@@ -4,7 +4,7 @@ The driver's progress bar shows both, but only on the driver's terminal. A resea
 from another one (a login node, while a SLURM job trains): the driver measures the rows its
 ensembles trained over the last minutes (:class:`RateMeter`) and writes them to
 ``SWEEP_DIR/rate.json`` every few seconds; ``sweep status`` shows them while that driver is
-alive and the file is fresh (:func:`describe`). The file is the driver's alone and is
+alive and the file is fresh (:func:`pace`, :func:`words`). The file is the driver's alone and is
 removed when it ends.
 """
 
@@ -82,24 +82,31 @@ def forget(sweep_dir: Path) -> None:
         (Path(sweep_dir) / RATE).unlink(missing_ok=True)
 
 
-def describe(sweep_dir: Path, now: float | None = None) -> str | None:
-    """``training 18.3k rows/s over the last 120 s; about 1:20:00 left at that rate``, from a
-    fresh ``rate.json``; None without one (or without a rate yet)."""
+def pace(sweep_dir: Path, now: float | None = None) -> dict | None:
+    """From a fresh ``rate.json``: ``rows_per_s``, ``over_s`` (the seconds it was measured
+    over) and ``seconds_left`` at that rate (None when it is 0); None without one, or
+    without a rate yet."""
     now = time.time() if now is None else now
     try:
         facts = read_json(Path(sweep_dir) / RATE)
         age, rate = now - float(facts["time"]), facts["rows_per_s"]
-        left = float(facts["total"]) - float(facts["rows"])
+        left = float(facts["total"]) - float(facts["rows"]) - max(age, 0.0) * rate  # (since)
+        over = float(facts["over_s"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if abs(age) > FRESH or not isinstance(rate, (int, float)) or not math.isfinite(rate):
         return None  # (either way: the driver may run on another host, its clock off a bit)
+    seconds_left = max(left, 0.0) / rate if rate > 0 else None
+    return {"rows_per_s": rate, "over_s": over, "seconds_left": seconds_left}
+
+
+def words(p: dict) -> str:
+    """``training 18.3k rows/s over the last 120 s; about 1:20:00 left at that rate``."""
     from tqdm import tqdm
 
-    over = facts.get("over_s")
-    span = f" over the last {over:.0f} s" if isinstance(over, (int, float)) else ""
-    said = f"training {tqdm.format_sizeof(rate)} rows/s{span}"
-    left -= max(age, 0.0) * rate  # (trained since the file was written)
-    if rate > 0 and left > 0:
-        said += f"; about {tqdm.format_interval(left / rate)} left at that rate"
+    said = (
+        f"training {tqdm.format_sizeof(p['rows_per_s'])} rows/s over the last {p['over_s']:.0f} s"
+    )
+    if p["seconds_left"]:
+        said += f"; about {tqdm.format_interval(p['seconds_left'])} left at that rate"
     return said

@@ -128,15 +128,37 @@ SHED = ("rows_trained", "saved", "fvu", "l0", "progress")
 """Columns a narrow terminal leaves out, first ones first."""
 
 
+def status_facts(sweep_dir: Path, states: Collection[str] = ()) -> dict:
+    """What ``sweep status`` says, as plain values (``--json``): every run's row (only those
+    in ``states``, if given), what the sweep is doing, counts and rows over all runs, the
+    pace of a training sweep (:func:`sweep.rate.pace`) and the member limits it learned."""
+    rows = status_rows(sweep_dir)
+    activity = _activity(sweep_dir, rows)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    limits = SweepFolder(sweep_dir).member_limits()
+    return {
+        "sweep_dir": str(sweep_dir),
+        "activity": activity,
+        "runs": [r for r in rows if not states or r["state"] in states],
+        "states": dict(sorted(counts.items())),
+        "total_runs": len(rows),
+        "rows_trained": sum(r.get("rows_trained") or 0 for r in rows),
+        "rows_total": sum(r.get("rows_total") or 0 for r in rows),
+        "pace": rate.pace(sweep_dir) if activity == "running" else None,
+        "member_limits": {f"{r:g}": n for r, n in sorted(limits.items())},
+    }
+
+
 def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     """Every run's row (only those in ``states``, if given), then totals over all runs."""
     from sweep.console import fit_table, table_console
 
-    rows = status_rows(sweep_dir)
-    shown = [r for r in rows if not states or r["state"] in states]
-    only = f"; runs {', '.join(states)}: {len(shown)} of {len(rows)}" if states else ""
-    activity = _activity(sweep_dir, rows)
-    title = f"sweep status: {sweep_dir} ({activity}{only})"
+    facts = status_facts(sweep_dir, states)
+    shown, n = facts["runs"], facts["total_runs"]
+    only = f"; runs {', '.join(states)}: {len(shown)} of {n}" if states else ""
+    title = f"sweep status: {sweep_dir} ({facts['activity']}{only})"
     cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu"]
     cols += ["note"] if any(r.get("note") for r in shown) else []
     for r in shown:
@@ -148,17 +170,12 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     fitted.print(console)
     if {"l0", "fvu"} - set(fitted.left_out) and any(_from_training(r) for r in shown):
         console.print(TRAINING_CAPTION, highlight=False)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-    trained = sum(r.get("rows_trained") or 0 for r in rows)
-    total = sum(r.get("rows_total") or 0 for r in rows)
-    summary = "  ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    console.print(f"{summary}  total: {len(rows)}  rows: {trained:,}/{total:,}")
-    pace = rate.describe(sweep_dir) if activity == "running" else None
-    if pace:
-        console.print(pace, highlight=False)
-    limits = SweepFolder(sweep_dir).member_limits()
+    summary = "  ".join(f"{k}: {v}" for k, v in facts["states"].items())
+    trained, total = facts["rows_trained"], facts["rows_total"]
+    console.print(f"{summary}  total: {n}  rows: {trained:,}/{total:,}")
+    if facts["pace"]:
+        console.print(rate.words(facts["pace"]), highlight=False)
+    limits = facts["member_limits"]
     if limits:
-        said = ", ".join(f"dict ratio {r:g}: {n}" for r, n in sorted(limits.items()))
+        said = ", ".join(f"dict ratio {r}: {m}" for r, m in limits.items())
         console.print(f"members per ensemble, learned when one ran out of GPU memory: {said}")

@@ -336,6 +336,29 @@ def _attempt_number(folders: list[RunFolder], placement: dict) -> int:
     return attempt
 
 
+def _without_training(at: _Attempt, t0: float) -> EnsembleResult | None:
+    """The result of an ensemble trained no further: its members evaluated from their final
+    weights (:func:`sweep.reevaluate.to_evaluate`), or all final already (a retry after every
+    result was written); None when it trains. (Before ``start()``: it would take their
+    ``DONE`` for damaged.)"""
+    job, members = at.job, to_evaluate(at)
+    if members is None:
+        return None
+    states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
+    if members:  # (the others are final)
+        with _out_of_memory_named(job, at.device):
+            states.update(evaluate_again(at, members))
+    else:
+        for f in at.folders:  # (killed while clearing them, perhaps)
+            f.clear_checkpoints()
+        left = "no member left to evaluate" if job.ensemble.evaluate else "every member is final"
+        log.info("ensemble %s: %s", job.ensemble.ensemble_id, left)
+    steps = at.stream.total_steps if members else 0
+    result = EnsembleResult(job.ensemble.ensemble_id, states, steps, time.perf_counter() - t0)
+    result.evaluated = bool(members or job.ensemble.evaluate)
+    return result
+
+
 def train_ensemble(
     job: EnsembleJob,
     progress: Callable[[int], None] | None = None,
@@ -352,26 +375,9 @@ def train_ensemble(
     if job.threads > 0:
         torch.set_num_threads(job.threads)
     at = _Attempt(job, resolve_device(job.train.device))
-    lost = to_evaluate(at)  # (before start(): it would take their DONE for damaged)
-    if lost == []:  # a retry after every result was written
-        for f in at.folders:  # (killed while clearing them, perhaps)
-            f.clear_checkpoints()
-        states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
-        left = (
-            "no member left to evaluate"
-            if job.ensemble.evaluate
-            else "every member is already finished"
-        )
-        log.info("ensemble %s: %s", job.ensemble.ensemble_id, left)
-        return EnsembleResult(job.ensemble.ensemble_id, states, 0, time.perf_counter() - t0)
-    if lost:  # the others are final: evaluated, not trained
-        states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
-        with _out_of_memory_named(job, at.device):
-            states.update(evaluate_again(at, lost))
-        seconds = time.perf_counter() - t0
-        result = EnsembleResult(job.ensemble.ensemble_id, states, at.stream.total_steps, seconds)
-        result.evaluated = True
-        return result
+    done = _without_training(at, t0)
+    if done is not None:
+        return done
     if use_compile(job.train, at.device):
         forget_compiled()
     at.start()

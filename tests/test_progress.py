@@ -3,6 +3,7 @@ suite may run under TQDM_DISABLE=1, which only changes tqdm's default.)"""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -54,7 +55,11 @@ def test_progress_on_a_terminal_redraws(monkeypatch):
 
 
 def test_the_rate_is_measured_over_the_last_minutes(tmp_path):
-    from sweep.rate import RATE, WINDOW, RateMeter, describe
+    from sweep.rate import RATE, WINDOW, RateMeter, pace, words
+
+    def describe(where, now):
+        p = pace(where, now)
+        return p and words(p)
 
     with RateMeter(tmp_path, total=1_000_000) as meter:
         meter.sample(0, now=1000.0)
@@ -83,10 +88,15 @@ def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
 
     (tmp_path / "manifest.json").write_text('{"runs": {}}')
     with SweepLock(tmp_path), RateMeter(tmp_path, total=2_000_000) as meter:
+        start = time.time() - 30
         for t in range(0, 31, 10):
-            meter.sample(20_000 * t, now=time.time() - 30 + t)
+            meter.sample(20_000 * t, now=start + t)
         assert main(["status", str(tmp_path)]) == 0
         said = " ".join(capsys.readouterr().out.split())
         assert "(running)" in said and "training 20.0k rows/s over the last 30 s; about 01:" in said
+        assert main(["status", str(tmp_path), "--json"]) == 0
+        facts = json.loads(capsys.readouterr().out)
+        assert facts["activity"] == "running" and facts["runs"] == []
+        assert facts["pace"]["rows_per_s"] == 20_000 and 65 < facts["pace"]["seconds_left"] <= 70
     assert main(["status", str(tmp_path)]) == 0
     assert "rows/s" not in capsys.readouterr().out  # no driver: no rate
