@@ -17,7 +17,6 @@ config. Errors a user can fix print one line (``error: ...``) and exit with stat
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -317,7 +316,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         if args.json:
-            print(json.dumps(status.status_facts(Path(args.sweep_dir), args.state), indent=1))
+            print(status.status_json(Path(args.sweep_dir), args.state))
         else:
             status.print_status(Path(args.sweep_dir), args.state)
     except (Preparing, StoppedPreparing) as err:  # (a state, not a wrong folder)

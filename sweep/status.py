@@ -13,6 +13,8 @@ Works while a sweep runs (read-only: it never takes the lock) and after it ended
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Collection
 from pathlib import Path
 
@@ -149,6 +151,16 @@ def status_facts(sweep_dir: Path, states: Collection[str] = ()) -> dict:
         "pace": rate.pace(sweep_dir) if activity == "running" else None,
         "member_limits": {f"{r:g}": n for r, n in sorted(limits.items())},
     }
+
+
+def status_json(sweep_dir: Path, states: Collection[str] = ()) -> str:
+    """:func:`status_facts` as JSON (NaN and infinite values, a diverged run's, as null)."""
+    facts = status_facts(sweep_dir, states)
+    facts["runs"] = [
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+        for r in facts["runs"]
+    ]
+    return json.dumps(facts, indent=1, allow_nan=False)
 
 
 def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:

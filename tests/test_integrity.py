@@ -436,6 +436,13 @@ def test_diverged_and_dead_dictionaries_say_so(ray_cluster, tmp_path):
     assert notes["r1-l1_1e+38-s0"].startswith("diverged at step")
     m = json.loads((sw / "runs" / "r1-l1_1e+38-s0" / rundir.METRICS).read_text())
     assert m["rows_trained"] == m["diverged_step"] * 256
+    from sweep.status import status_json
+
+    def no_nan(word: str) -> None:
+        raise AssertionError(f"{word} in sweep status --json")
+
+    facts = json.loads(status_json(sw), parse_constant=no_nan)  # (strict JSON: jq reads it)
+    assert facts["states"] == {"diverged": 1, "done": 2} and facts["pace"] is None
 
 
 def test_ensembles_that_need_every_cpu_run_one_at_a_time(ray_cluster, tmp_path):
