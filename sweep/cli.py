@@ -17,6 +17,7 @@ config. Errors a user can fix print one line (``error: ...``) and exit with stat
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -320,7 +321,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             status.print_status(Path(args.sweep_dir), args.state)
     except (Preparing, StoppedPreparing) as err:  # (a state, not a wrong folder)
-        print(err)
+        print(json.dumps({"sweep_dir": args.sweep_dir, "activity": str(err)}) if args.json else err)
     return 0
 
 
