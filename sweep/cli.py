@@ -278,23 +278,41 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _run(load_saved(args.sweep_dir, args.overrides))
 
 
+EVALUATE_KEYS = ("launch.", "logger.", "train.device", "progress")
+"""What ``sweep evaluate`` may override: where and how it runs, never what it computes."""
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from sweep import report, sweepdir
     from sweep.evaluate import evaluate_sweep
 
     runs = [r for r in args.runs or () if "=" not in r]  # (overrides after --runs: theirs)
     overrides = args.overrides + [r for r in args.runs or () if "=" in r]
-    for o in overrides:
-        if o.split("=", 1)[0].lstrip("+~").startswith("grid."):
-            raise ConfigError(
-                f"sweep evaluate evaluates the finished runs of every grid the sweep ran, so "
-                f"'{o}' has no place here; choose runs with --runs ID ..."
-            )
+    _check_evaluate_overrides(overrides)
     cfg = load_saved(args.sweep_dir, overrides, command="evaluate")
     records = evaluate_sweep(cfg, only=runs)
     report.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
     print(f"summary: {Path(cfg.sweep_dir) / sweepdir.SUMMARY}")
     return 0
+
+
+def _check_evaluate_overrides(overrides: list[str]) -> None:
+    """``sweep evaluate`` sets where and how it runs (:data:`EVALUATE_KEYS`), never what it
+    computes: the metrics come from the recorded settings."""
+    _check_resume_overrides(overrides, "evaluate")  # (its messages for what is no field)
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if key.startswith("grid."):
+            raise ConfigError(
+                f"sweep evaluate evaluates the finished runs of every grid the sweep ran, so "
+                f"'{o}' has no place here; choose runs with --runs ID ..."
+            )
+        if not key.startswith(EVALUATE_KEYS):
+            keys = ", ".join(k + "*" if k.endswith(".") else k for k in EVALUATE_KEYS)
+            raise ConfigError(
+                f"sweep evaluate computes the metrics with the sweep's recorded settings: it "
+                f"takes {keys} overrides, not '{o}'"
+            )
 
 
 def _states(text: str) -> tuple[str, ...]:

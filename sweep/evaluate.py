@@ -42,7 +42,8 @@ def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunReco
     of the sweep as recorded. Holds the sweep's lock, as training does."""
     folder = SweepFolder(cfg.sweep_dir)  # (a sweep: cli.load_saved read its config.yaml)
     outcome = Outcome(stopped_note=STOPPED)
-    with DriverSignals(folder.request_stop) as signals, driver.sweep_log(folder):
+    asking = "every ensemble to stop (nothing is trained: nothing to checkpoint)"
+    with DriverSignals(folder.request_stop, asking) as signals, driver.sweep_log(folder):
         lock = SweepLock(folder.path)
         with at_exit_now(lambda _line: lock.release()), lock:
             outcome.signals, outcome.locked = signals, True

@@ -134,8 +134,10 @@ class DriverSignals:
     to save). Afterwards the first one calls ``on_stop(signum)`` (which writes the stop file) and
     is remembered instead of killing the driver; a second one stops waiting for the workers."""
 
-    def __init__(self, on_stop: Callable[[int], None]) -> None:
-        self.on_stop = on_stop
+    def __init__(
+        self, on_stop: Callable[[int], None], asking: str = "every ensemble to checkpoint and stop"
+    ) -> None:
+        self.on_stop, self.asking = on_stop, asking
         self.signum, self.when = 0, 0.0
         self.immediate = True
         self._old: dict[int, object] = {}
@@ -160,9 +162,7 @@ class DriverSignals:
             )
         self.signum, self.when = signum, time.time()
         quietly(lambda: self.on_stop(signum))
-        log.warning(
-            "received %s: asking every ensemble to checkpoint and stop", signal.Signals(signum).name
-        )
+        log.warning("received %s: asking %s", signal.Signals(signum).name, self.asking)
 
     def __exit__(self, *exc: object) -> None:
         _restore(self._old)

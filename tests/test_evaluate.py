@@ -212,6 +212,8 @@ def test_overrides_may_follow_the_run_ids(copy):
     [
         (["--runs", "r3-l1_1e-03-s0"], ("no run r3-l1_1e-03-s0 in the grid", "sweep status")),
         (["grid.l1=[5e-1]"], ("every grid the sweep ran", "'grid.l1=[5e-1]'", "--runs")),
+        (["train.lr=0.5"], ("recorded settings", "launch.*, logger.*, train.device", "'train.lr=")),
+        (["data.eval_rows=64"], ("recorded settings", "not 'data.eval_rows=64'")),
         (["sae=topk"], ("sweep evaluate takes field overrides", "not 'sae=topk'")),
         (["sweep_dir=/elsewhere"], ("sweep evaluate works on the sweep folder it is given",)),
     ],
