@@ -87,20 +87,29 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome = Outcome()
     try:
-        with DriverSignals(folder.request_stop) as signals, sweep_log(folder):
-            lock = SweepLock(folder.path)  # (released at a signal from before it is taken:
-            with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
-                outcome.signals, outcome.locked = signals, True
-                check_config(cfg, folder)
-                finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
-                store = None if finished else checked_store(cfg, folder)
-                records = _train(cfg, folder, store, finished, lock, outcome)
-                logged(outcome.raise_if_unfinished)  # (in sweep.log too)
+        with driving(folder, outcome) as lock:
+            check_config(cfg, folder)
+            finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
+            store = None if finished else checked_store(cfg, folder)
+            records = _train(cfg, folder, store, finished, lock, outcome)
+            logged(outcome.raise_if_unfinished)  # (in sweep.log too)
     except SweepError:
         if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
             _remove_refused(folder)
         raise
     return records
+
+
+@contextlib.contextmanager
+def driving(folder: SweepFolder, outcome: Outcome, *asking: str) -> Iterator[SweepLock]:
+    """Be the sweep's driver: signals handled (:class:`DriverSignals`, ``asking`` what its
+    line says a stop asks of the ensembles), ``sweep.log`` written, the sweep's lock held;
+    ``outcome`` records the signals and that the lock is held."""
+    with DriverSignals(folder.request_stop, *asking) as signals, sweep_log(folder):
+        lock = SweepLock(folder.path)  # (released at a signal from before it is taken:
+        with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
+            outcome.signals, outcome.locked = signals, True
+            yield lock
 
 
 def compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:

@@ -25,7 +25,6 @@ from sweep.execution import Execution, Outcome
 from sweep.grid import RunSpec
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
-from sweep.stop import DriverSignals, at_exit_now
 from sweep.sweepdir import RunRecord, SweepFolder, write_summary
 
 log = logging.getLogger(__name__)
@@ -43,20 +42,15 @@ def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunReco
     folder = SweepFolder(cfg.sweep_dir)  # (a sweep: cli.load_saved read its config.yaml)
     outcome = Outcome(stopped_note=STOPPED)
     asking = "every ensemble to stop (nothing is trained: nothing to checkpoint)"
-    with DriverSignals(folder.request_stop, asking) as signals, driver.sweep_log(folder):
-        lock = SweepLock(folder.path)
-        with at_exit_now(lambda _line: lock.release()), lock:
-            outcome.signals, outcome.locked = signals, True
-            driver.check_config(cfg, folder)
-            store = driver.checked_store(cfg, folder)
-            runs = evaluable_runs(
-                cfg, store.width, only
-            )  # (before Ray; hashes every run's weights)
-            if not folder.manifest():  # (deleted: written as a sweep run would)
-                specs = [r.as_dict() for r in planning.expand_grid(cfg, store.width)]
-                folder.write_manifest(specs, folder.previous_ensembles(), store, grid=True)
-            records = _evaluate(cfg, folder, store, runs, lock, outcome)
-            driver.logged(outcome.raise_if_unfinished)
+    with driver.driving(folder, outcome, asking) as lock:
+        driver.check_config(cfg, folder)
+        store = driver.checked_store(cfg, folder)
+        runs = evaluable_runs(cfg, store.width, only)  # (before Ray: hashes their weights)
+        if not folder.manifest():  # (deleted: written as a sweep run would)
+            specs = [r.as_dict() for r in planning.expand_grid(cfg, store.width)]
+            folder.write_manifest(specs, folder.previous_ensembles(), store, grid=True)
+        records = _evaluate(cfg, folder, store, runs, lock, outcome)
+        driver.logged(outcome.raise_if_unfinished)
     return records
 
 

@@ -169,8 +169,12 @@ class RunFolder:
         """A run whose :meth:`final_problem` is :data:`METRICS_LOST` can be evaluated again
         from its weights: ``DONE`` vouches for them by checksum, and a diverged run's step is
         readable (reads no weights)."""
+        return self.vouched() and not self._step_unknown()
+
+    def _step_unknown(self) -> bool:
+        """``DONE`` says the run diverged, but ``diverged.json`` (its step) is unreadable."""
         diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value
-        return self.vouched() and not (diverged and self.diverged_step() is None)
+        return diverged and self.diverged_step() is None
 
     def unevaluable(self, deep: bool = True) -> str | None:
         """Why this run cannot be evaluated again from its final weights (``sweep evaluate``),
@@ -187,8 +191,7 @@ class RunFolder:
             return (
                 f"{METRICS_LOST}, and {DONE} holds no checksums of its weights (an older sweep's)"
             )
-        diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value
-        if diverged and self.diverged_step() is None:
+        if self._step_unknown():
             return f"diverged, and {DIVERGED} (the step it froze at) is missing or damaged"
         return None
 
