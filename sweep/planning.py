@@ -378,7 +378,7 @@ def verdict(run: RunFolder, tidy: bool = True) -> str:
         problem = run.unvouched()  # (None: never finished)
         if problem is None:
             return TRAIN
-    again = EVALUATE if problem == rundir.METRICS_LOST and run.evaluable() else TRAIN
+    again = EVALUATE if run.evaluated_for(problem) else TRAIN
     said = "evaluating it again from its weights" if again == EVALUATE else "training it again"
     log.warning("run %s: %s; %s", run.run_id, problem, said)
     if tidy:

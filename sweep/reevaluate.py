@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from sweep.ensemble import Ensemble, hyper_of, stack
 from sweep.finalize import finish_members
 from sweep.optim import Adam
-from sweep.rundir import DONE, METRICS_LOST
+from sweep.rundir import DONE
 
 if TYPE_CHECKING:
     from sweep.worker import _Attempt as Attempt
@@ -41,7 +41,7 @@ def lost_members(at: Attempt) -> list[int] | None:
         if not (folder.path / DONE).is_file():
             return None
         problem = folder.final_problem(deep=True)
-        if problem == METRICS_LOST and folder.evaluable():
+        if folder.evaluated_for(problem):
             lost.append(i)
         elif problem is not None:
             return None

@@ -171,6 +171,11 @@ class RunFolder:
         readable (reads no weights)."""
         return self.vouched() and not self._step_unknown()
 
+    def evaluated_for(self, problem: str | None) -> bool:
+        """Whether a finished run with this :meth:`final_problem` is evaluated again from its
+        weights, not trained: only ``metrics.json`` is lost, and it is :meth:`evaluable`."""
+        return problem == METRICS_LOST and self.evaluable()
+
     def _step_unknown(self) -> bool:
         """``DONE`` says the run diverged, but ``diverged.json`` (its step) is unreadable."""
         diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value

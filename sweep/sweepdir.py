@@ -34,7 +34,7 @@ from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, read_json
-from sweep.rundir import DONE, METRICS_LOST, RUNS, RunFolder, RunState
+from sweep.rundir import DONE, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
     from sweep.activations.store import ChunkStore
@@ -194,9 +194,7 @@ def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
         problem = folder.unvouched() if state == RunState.PENDING else None
     if problem is None:
         return ""
-    lost = (
-        problem == METRICS_LOST and folder.evaluable()
-    )  # (weights hashed when the run reads them)
+    lost = folder.evaluated_for(problem)  # (weights hashed when the run reads them)
     again = "evaluates it again from its weights if they verify" if lost else "trains it again"
     return f"{problem}: a sweep run whose grid has it {again}"
 
