@@ -26,7 +26,7 @@ from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
-from sweep.lock import SweepLock
+from sweep.lock import TRAINING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly, raised_by
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
@@ -101,12 +101,15 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
 
 
 @contextlib.contextmanager
-def driving(folder: SweepFolder, outcome: Outcome, *asking: str) -> Iterator[SweepLock]:
+def driving(
+    folder: SweepFolder, outcome: Outcome, *asking: str, doing: str = TRAINING
+) -> Iterator[SweepLock]:
     """Be the sweep's driver: signals handled (:class:`DriverSignals`, ``asking`` what its
-    line says a stop asks of the ensembles), ``sweep.log`` written, the sweep's lock held;
-    ``outcome`` records the signals and that the lock is held."""
+    line says a stop asks of the ensembles), ``sweep.log`` written, the sweep's lock held
+    (saying what it is ``doing``, for ``sweep status``); ``outcome`` records the signals and
+    that the lock is held."""
     with DriverSignals(folder.request_stop, *asking) as signals, sweep_log(folder):
-        lock = SweepLock(folder.path)  # (released at a signal from before it is taken:
+        lock = SweepLock(folder.path, doing)  # (released at a signal from before it is taken:
         with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
             outcome.signals, outcome.locked = signals, True
             yield lock
@@ -310,10 +313,18 @@ def plan_for(
     """The sweep's config with ``train.dtype`` resolved for ``res``, and its plan on a store
     of this width (``staged``: its batch stream's bytes on a GPU; ``tidy``: see
     :func:`sweep.planning.plan`)."""
-    cfg = replace(cfg, train=replace(cfg.train, dtype=compute_dtype(cfg, res)))
+    cfg, budget = on_hardware(cfg, res, staged, store)
     planning.check_compatible(folder, cfg)
-    budget = device_budget(staged, store, res)
     return cfg, planning.plan(cfg, width, budget, res.on_gpu, res.slots, tidy)
+
+
+def on_hardware(
+    cfg: SweepConfig, res: launcher.Resources, staged: int, store: str | Path
+) -> tuple[SweepConfig, float]:
+    """The sweep's config with ``train.dtype`` resolved for ``res``, and the device bytes each
+    ensemble's members may plan for (:func:`device_budget`)."""
+    cfg = replace(cfg, train=replace(cfg.train, dtype=compute_dtype(cfg, res)))
+    return cfg, device_budget(staged, store, res)
 
 
 def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> float:

@@ -23,7 +23,7 @@ from sweep.config import SweepConfig
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
 from sweep.grid import RunSpec
-from sweep.lock import SweepLock
+from sweep.lock import EVALUATING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.sweepdir import RunRecord, SweepFolder, write_summary
 
@@ -42,7 +42,7 @@ def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunReco
     folder = SweepFolder(cfg.sweep_dir)  # (a sweep: cli.load_saved read its config.yaml)
     outcome = Outcome(stopped_note=STOPPED)
     asking = "every ensemble to stop (nothing is trained: nothing to checkpoint)"
-    with driver.driving(folder, outcome, asking) as lock:
+    with driver.driving(folder, outcome, asking, doing=EVALUATING) as lock:
         driver.check_config(cfg, folder)
         store = driver.checked_store(cfg, folder)
         runs = evaluable_runs(cfg, store.width, only)  # (before Ray: hashes their weights)
@@ -70,8 +70,7 @@ def _evaluate(
         import ray
 
         res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
-        cfg = replace(cfg, train=replace(cfg.train, dtype=driver.compute_dtype(cfg, res)))
-        budget = driver.device_budget(store.staged_bytes(), store.path, res)
+        cfg, budget = driver.on_hardware(cfg, res, store.staged_bytes(), store.path)
         p = evaluation_plan(cfg, runs, store.width, budget, res.on_gpu)
         log.info("evaluating %d finished run(s) again from their weights", len(runs))
         outcome.signals.training()

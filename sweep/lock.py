@@ -76,12 +76,21 @@ def _guard(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+TRAINING, EVALUATING = "training", "evaluating"
+"""What a lock's driver does (its ``doing``): a ``sweep run``/``resume``, or a ``sweep evaluate``."""
+
+
 class SweepLock:
     """Context manager: acquire on enter (or raise RunDirError), release on exit."""
 
-    def __init__(self, sweep_dir: str | Path) -> None:
+    def __init__(self, sweep_dir: str | Path, doing: str = TRAINING) -> None:
         self.path = Path(sweep_dir) / LOCK
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "doing": doing,
+        }
         self._last_beat = 0.0
         self._stop = threading.Event()
 

@@ -4,8 +4,8 @@ Progress is the latest training-curve record; ``saved`` where a run stopped now 
 continue from: the newest step at which every unfinished member of its ensemble has a
 checkpoint (members share one data cursor, so they resume together).
 
-States: ``pending`` (nothing trained), ``running`` (a live driver holds the sweep's lock and
-the run has a checkpoint or began training under it), ``interrupted`` (has a checkpoint; the
+States: ``pending`` (nothing trained), ``running`` (a live driver training the sweep holds its
+lock and the run has a checkpoint or began training under it), ``interrupted`` (has a checkpoint; the
 sweep was stopped by a signal), ``partial`` (has a checkpoint, no driver), ``done``,
 ``diverged``, ``failed``.
 Works while a sweep runs (read-only: it never takes the lock) and after it ended.

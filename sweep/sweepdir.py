@@ -566,12 +566,20 @@ class SweepFolder:
     def driver_alive(self) -> bool:
         return self.driver_since() is not None
 
-    def driver_since(self) -> float | None:
-        """When the live driver holding the sweep started (0 if it did not say); None: none."""
+    def driver(self) -> dict | None:
+        """The lock of the live driver holding the sweep (None: none)."""
         from sweep.lock import holder_alive, read_lock
 
         held = read_lock(self.path)
-        if held is None or not holder_alive(held, self.path / LOCK):
+        return held if held is not None and holder_alive(held, self.path / LOCK) else None
+
+    def driver_since(self, training: bool = False) -> float | None:
+        """When the live driver holding the sweep started (0 if it did not say); None: none
+        (``training``: none that trains; a ``sweep evaluate`` trains nothing)."""
+        from sweep.lock import EVALUATING
+
+        held = self.driver()
+        if held is None or (training and held.get("doing") == EVALUATING):
             return None
         started = held.get("started", 0)
         return float(started) if isinstance(started, (int, float)) else 0.0
@@ -582,10 +590,14 @@ class SweepFolder:
         return set(ids) if isinstance(ids, list) else None
 
     def activity(self) -> str:
-        """``running`` when a live driver holds the lock, else the state the manifest recorded
-        (each plan drops it: none means the last driver died before recording its outcome)."""
-        if self.driver_alive():
-            return "running"
+        """``running`` when a live driver holds the lock (``evaluating``: a ``sweep evaluate``),
+        else the state the manifest recorded (each plan drops it: none means the last driver
+        died before recording its outcome)."""
+        from sweep.lock import EVALUATING
+
+        held = self.driver()
+        if held is not None:
+            return "evaluating" if held.get("doing") == EVALUATING else "running"
         return self.manifest().get(
             "state", "stopped: its last driver ended without an outcome; re-run it to continue"
         )
@@ -596,11 +608,11 @@ class SweepFolder:
         self, ids: list[str] | None = None, live: bool | None = None, deep: bool = False
     ) -> list[RunRecord]:
         """Every run of the manifest (or ``ids``), in grid order. Resumable runs count as
-        ``running`` while a live driver holds the sweep (``live``: None = look at the lock;
+        ``running`` while a live driver trains the sweep (``live``: None = look at the lock;
         the driver itself passes False), and so do runs whose attempt began under that
         driver. ``deep``: a finished run's weights must match their checksum too (else only
         their size)."""
-        since = self.driver_since() if live is None else (0.0 if live else None)
+        since = self.driver_since(training=True) if live is None else (0.0 if live else None)
         live = since is not None
         points = self.manifest().get("runs")
         points = points if isinstance(points, dict) else {}

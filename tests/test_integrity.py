@@ -30,7 +30,8 @@ from sweep.cli import main
 from sweep.config import TrainConfig
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
-from sweep.lock import SweepLock
+from sweep.lock import EVALUATING, SweepLock
+from sweep.sweepdir import SweepFolder
 from sweep.worker import train_ensemble
 from tests.lock_racer import take_lock
 from tests.sweep_builder import jobs
@@ -554,7 +555,13 @@ def test_a_run_training_before_its_first_checkpoint_is_running(tiny_store, tmp_p
     with SweepLock(sweep_dir):
         rundir.RunFolder.of(sweep_dir, a.run_id).start(a.as_dict(), {})
         states = {r["run_id"]: r["state"] for r in status_rows(sweep_dir)}
+        assert SweepFolder(sweep_dir).activity() == "running"
     assert states == {a.run_id: "running", b.run_id: "pending"}
+    with SweepLock(sweep_dir, EVALUATING):  # a `sweep evaluate` trains nothing
+        rundir.RunFolder.of(sweep_dir, a.run_id).start(a.as_dict(), {})
+        states = {r["run_id"]: r["state"] for r in status_rows(sweep_dir)}
+        assert SweepFolder(sweep_dir).activity() == "evaluating"
+    assert states == {a.run_id: "pending", b.run_id: "pending"}
 
 
 def test_a_retried_evaluation_evaluates_only_the_runs_still_without_metrics(copy):
