@@ -78,6 +78,7 @@ def _guard(path: Path) -> Iterator[None]:
 
 TRAINING, EVALUATING = "training", "evaluating"
 """What a lock's driver does (its ``doing``): a ``sweep run``/``resume``, or a ``sweep evaluate``."""
+_DOING = {TRAINING: "running", EVALUATING: "evaluating"}
 
 
 class SweepLock:
@@ -100,7 +101,8 @@ class SweepLock:
             if held is not None and holder_alive(held, self.path):
                 raise RunDirError(
                     f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
-                    "wait for it to finish (or stop it) before running this sweep again"
+                    f"wait for it to finish (or stop it) before {_DOING[self.info['doing']]} "
+                    "this sweep again"
                 )
             if self.path.exists():
                 log.warning(
