@@ -78,7 +78,12 @@ def _guard(path: Path) -> Iterator[None]:
 
 TRAINING, EVALUATING = "training", "evaluating"
 """What a lock's driver does (its ``doing``): a ``sweep run``/``resume``, or a ``sweep evaluate``."""
-_DOING = {TRAINING: "running", EVALUATING: "evaluating"}
+
+
+def activity(info: dict) -> str:
+    """What the driver of lock ``info`` does, in ``sweep status``'s words: ``evaluating``, or
+    ``running`` (training; also a lock from before it said)."""
+    return "evaluating" if info.get("doing") == EVALUATING else "running"
 
 
 class SweepLock:
@@ -101,7 +106,7 @@ class SweepLock:
             if held is not None and holder_alive(held, self.path):
                 raise RunDirError(
                     f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
-                    f"wait for it to finish (or stop it) before {_DOING[self.info['doing']]} "
+                    f"wait for it to finish (or stop it) before {activity(self.info)} "
                     "this sweep again"
                 )
             if self.path.exists():

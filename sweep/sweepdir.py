@@ -576,10 +576,10 @@ class SweepFolder:
     def driver_since(self, training: bool = False) -> float | None:
         """When the live driver holding the sweep started (0 if it did not say); None: none
         (``training``: none that trains; a ``sweep evaluate`` trains nothing)."""
-        from sweep.lock import EVALUATING
+        from sweep.lock import activity
 
         held = self.driver()
-        if held is None or (training and held.get("doing") == EVALUATING):
+        if held is None or (training and activity(held) != "running"):
             return None
         started = held.get("started", 0)
         return float(started) if isinstance(started, (int, float)) else 0.0
@@ -593,11 +593,11 @@ class SweepFolder:
         """``running`` when a live driver holds the lock (``evaluating``: a ``sweep evaluate``),
         else the state the manifest recorded (each plan drops it: none means the last driver
         died before recording its outcome)."""
-        from sweep.lock import EVALUATING
+        from sweep.lock import activity
 
         held = self.driver()
         if held is not None:
-            return "evaluating" if held.get("doing") == EVALUATING else "running"
+            return activity(held)
         return self.manifest().get(
             "state", "stopped: its last driver ended without an outcome; re-run it to continue"
         )
