@@ -21,6 +21,8 @@ from sweep.devices import COMPUTE_DTYPES, TENSOR_DTYPES
 
 COMPILE_SETTINGS = ("auto", "true", "false")
 """Values of ``train.compile`` (lower case; Hydra turns ``true`` into a bool)."""
+INIT_SEEDINGS = ("per_ratio", "shared")
+"""Values of ``train.init_seeding``."""
 
 T = TypeVar("T")
 
@@ -380,6 +382,12 @@ class TrainConfig:
     """Fraction of training over which every member's l1 ramps linearly from 0."""
     seed: int = 0
     """Seeds the data order and (with the run's seed index) each member's initialisation."""
+    init_seeding: str = "per_ratio"
+    """What seeds a member's initialisation beside ``seed``: per_ratio (its seed index and
+    dictionary size: the runs of one seed index and ratio start alike across l1 / k values,
+    different ratios start independently) | shared (its seed index alone: a smaller dictionary
+    starts as the leading atoms of a larger one, which inflates cross-ratio similarity such as
+    mmcs_next_ratio; what sweeps recorded before this setting trained with)."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
     dtype: str = "auto"
@@ -472,6 +480,10 @@ class TrainConfig:
             f"train.checkpoint_every must be > 0 (or null for time-based only), got {self.checkpoint_every}",
         )
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
+        _require(
+            self.init_seeding in INIT_SEEDINGS,
+            f"train.init_seeding must be one of {', '.join(INIT_SEEDINGS)}, got {self.init_seeding!r}",
+        )
         _require(
             self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
             f"train.grad_clip must be > 0 (or null = off), got {self.grad_clip}",

@@ -61,7 +61,7 @@ DEFINING = {
     "train": (
         "batch_size", "lr", "betas", "eps", "epochs", "lr_warmup", "lr_decay", "l1_warmup",
         "seed", "dtype", "dead_tokens", "auxk_alpha", "resample_dead", "resample_stop",
-        "grad_clip",
+        "grad_clip", "init_seeding",
     ),
 }  # fmt: skip
 FREE = {
@@ -106,6 +106,7 @@ LEGACY = {
     "train.auxk_alpha": 0.03125,  # (no TopK-style sweeps existed: AuxK never applied)
     "train.resample_dead": 0,
     "train.resample_stop": 0.5,
+    "train.init_seeding": "shared",
 }
 """What a defining field meant before it existed, for sweeps recorded by earlier versions."""
 
@@ -164,7 +165,7 @@ def _differences(old: dict, new: dict) -> list[str]:
             unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
             before = a.get(key, LEGACY.get(key))
             if defining and not unresolved and before != b.get(key):
-                diffs.append(f"{key} {a.get(key)!r} -> {b.get(key)!r}")
+                diffs.append(f"{key} {before!r} -> {b.get(key)!r}")
     return diffs
 
 

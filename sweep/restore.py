@@ -13,6 +13,7 @@ checkpoint, or from scratch although it had checkpoints, gets a warning and a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -43,10 +44,19 @@ class Restored:
     """(E,) long: the step at which each member diverged, -1 for healthy members."""
 
 
+def init_seed(run: RunSpec, train: TrainConfig) -> int:
+    """The seed of ``run``'s initial parameters (``train.init_seeding``): runs that differ only
+    in l1 / k start alike; with ``per_ratio`` runs of different dictionary sizes do not."""
+    if train.init_seeding == "shared":  # sweeps recorded before init_seeding
+        return train.seed * 1_000_003 + run.seed
+    key = f"init:{train.seed}:{run.seed}:{run.dict_size}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
 def init_member(
     run: RunSpec, train: TrainConfig, b_dec: torch.Tensor, arch: Architecture | None = None
 ) -> sae.Params:
-    g = torch.Generator().manual_seed(train.seed * 1_000_003 + run.seed)
+    g = torch.Generator().manual_seed(init_seed(run, train))
     arch = arch or archs.get(run.arch)
     return arch.init_params(run.width, run.dict_size, g, b_dec)
 

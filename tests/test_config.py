@@ -310,3 +310,25 @@ def test_only_thread_counts_asked_for_are_refused(monkeypatch):
         check("launch.num_cpus=65")
     with pytest.raises(SweepError, match="would run 100 torch threads"):
         check("train.threads=100")
+
+
+def test_a_sweep_recorded_before_init_seeding_resumes_with_shared_starts(tmp_path):
+    """Its unstarted runs must start as they would have: refused under the new default,
+    naming the value it trained with; accepted with it (what `sweep resume` passes)."""
+    from omegaconf import OmegaConf
+
+    from sweep import planning
+    from sweep.errors import RunDirError
+    from sweep.sweepdir import SweepFolder
+
+    new = cfg_of()
+    assert new.train.init_seeding == "per_ratio"
+    plain = OmegaConf.to_container(OmegaConf.structured(new), resolve=True)
+    del plain["train"]["init_seeding"]  # config.yaml as the previous version wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain))
+    folder = SweepFolder(tmp_path)
+    with pytest.raises(RunDirError, match=r"train.init_seeding 'shared' -> 'per_ratio'"):
+        planning.check_compatible(folder, new)
+    planning.check_compatible(folder, cfg_of("train.init_seeding=shared"))
+    with pytest.raises(ConfigError, match="train.init_seeding must be one of per_ratio, shared"):
+        cfg_of("train.init_seeding=random")

@@ -1066,3 +1066,33 @@ def test_a_task_that_begins_after_the_stop_trains_nothing(tiny_store, tmp_path):
     assert not result.started and result.steps == 0
     assert set(result.states.values()) == {"interrupted"}
     assert not any((tmp_path / "runs").glob("*/checkpoint-*"))
+
+
+def test_runs_of_other_dictionary_sizes_start_independently():
+    """train.init_seeding=per_ratio (the default): a run's initial atoms are not the leading
+    atoms of the same seed's larger dictionary (that would inflate mmcs_next_ratio); runs
+    that differ in l1 alone start alike. ``shared`` is what sweeps recorded before it did."""
+    from sweep.config import TrainConfig
+    from sweep.restore import init_member
+
+    runs = grid.expand([1e-3, 1e-2], [2, 4], 2, 16, "untied")
+    b_dec = torch.zeros(16)
+
+    def start(run, seeding):
+        return init_member(run, TrainConfig(seed=3, init_seeding=seeding), b_dec)["W_dec"]
+
+    by = {(r.dict_ratio, r.l1, r.seed): r for r in runs}
+    small, large, other_l1 = by[(2, 1e-3, 0)], by[(4, 1e-3, 0)], by[(2, 1e-2, 0)]
+    shared_small, shared_large = start(small, "shared"), start(large, "shared")
+    assert torch.equal(shared_small, shared_large[:32])  # the confound per_ratio removes
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 0)  # the recorded derivation, unchanged
+    assert torch.equal(shared_small, init_params_of(small, g)["W_dec"])
+    assert not torch.equal(start(small, "per_ratio"), start(large, "per_ratio")[:32])
+    assert torch.equal(start(small, "per_ratio"), start(other_l1, "per_ratio"))
+    assert not torch.equal(start(small, "per_ratio"), start(by[(2, 1e-3, 1)], "per_ratio"))
+
+
+def init_params_of(run: grid.RunSpec, g: torch.Generator) -> dict:
+    from sweep import archs
+
+    return archs.get(run.arch).init_params(run.width, run.dict_size, g, torch.zeros(run.width))
