@@ -638,9 +638,8 @@ class SweepConfig:
         topk_style = self.sae.architecture().knob == "k"
         fix = "TopK-style SAEs use train.auxk_alpha" if topk_style else "set train.resample_dead=0"
         _require(
-            self.train.resample_dead == 0 or self.sae.name in ("untied", "tied"),
-            f"train.resample_dead applies to ReLU-L1 SAEs (untied, tied), not sae={self.sae.name}; "
-            + fix,
+            self.train.resample_dead == 0 or self.sae.architecture().resamples,
+            f"train.resample_dead applies to {_resampling()}, not sae={self.sae.name}; " + fix,
         )
 
     def inert_note(self) -> str | None:
@@ -648,12 +647,22 @@ class SweepConfig:
         is not TopK-style (a warning, not an error: sweeps recorded with one must resume)."""
         if self.sae.architecture().knob == "k" or self.train.auxk_alpha == TrainConfig.auxk_alpha:
             return None
-        relu = self.sae.name in ("untied", "tied")
+        from sweep.archs import REGISTRY
+
+        topk_style = ", ".join(sorted(n for n, a in REGISTRY.items() if a.knob == "k"))
         return (
             f"train.auxk_alpha={self.train.auxk_alpha:g} does nothing for sae={self.sae.name}: "
-            "AuxK is for TopK-style SAEs (topk, batchtopk)"
-            + ("; dead ReLU-L1 features: train.resample_dead" if relu else "")
+            f"AuxK is for TopK-style SAEs ({topk_style})"
+            + ("; dead features: train.resample_dead" if self.sae.architecture().resamples else "")
         )
+
+
+def _resampling() -> str:
+    """The architectures whose dead latents can be resampled, as error messages name them."""
+    from sweep.archs import REGISTRY
+
+    names = sorted(n for n, a in REGISTRY.items() if a.resamples)
+    return f"ReLU-L1 SAEs ({', '.join(names)})"
 
 
 def register_configs() -> None:

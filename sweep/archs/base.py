@@ -54,6 +54,8 @@ class Architecture:
     keeps_pre: ClassVar[bool] = False
     """The fast path keeps the pre-activations for :meth:`fast_grads` (an extra (B, F)
     buffer per member)."""
+    resamples: ClassVar[bool] = False
+    """Dead latents can be resampled (``train.resample_dead``; :mod:`sweep.resample`)."""
     recipes: ClassVar[tuple[str, ...]] = ()
     """Training recipes this architecture offers (``sae.recipe``; the first is the default)."""
 

@@ -37,6 +37,7 @@ WEIGHTED_INIT_NORM = 0.1
 @register
 class Untied(Architecture):
     name: ClassVar[str] = "untied"
+    resamples: ClassVar[bool] = True
     fast: ClassVar[bool] = True
     recipes: ClassVar[tuple[str, ...]] = ("unit", "weighted")
     recipe = "unit"
