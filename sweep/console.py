@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,9 +15,13 @@ would fold a run table's columns for no reader."""
 
 
 def table_console() -> Console:
-    """A console for tables: the terminal's width on a terminal, :data:`FILE_WIDTH` elsewhere."""
+    """A console for tables: the terminal's width on a terminal, elsewhere ``COLUMNS`` when
+    set (``COLUMNS=100 sweep status DIR | less``), else :data:`FILE_WIDTH`."""
     console = Console()
-    return console if console.is_terminal else Console(width=FILE_WIDTH)
+    if console.is_terminal:
+        return console
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=int(columns) if columns.isdigit() and int(columns) > 0 else FILE_WIDTH)
 
 
 @dataclass(frozen=True)

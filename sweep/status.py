@@ -177,10 +177,15 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
         r["progress"] = _percent(r.get("rows_trained"), r.get("rows_total"))
         r["saved"] = _percent(r.get("rows_saved"), r.get("rows_total"))
     console = table_console()
-    cells = [[_metric_cell(r, c) for c in cols] for r in shown]
-    fitted = fit_table(console, title, cols, cells, drop=SHED, text=("note",))
-    fitted.print(console)
-    if {"l0", "fvu"} - set(fitted.left_out) and any(_from_training(r) for r in shown):
+    left_out: list[str] = []
+    if shown or not states:
+        cells = [[_metric_cell(r, c) for c in cols] for r in shown]
+        fitted = fit_table(console, title, cols, cells, drop=SHED, text=("note",))
+        fitted.print(console)
+        left_out = fitted.left_out
+    else:  # no run in those states: no empty table, the title says so in one line
+        console.print(title, highlight=False, soft_wrap=True)
+    if {"l0", "fvu"} - set(left_out) and any(_from_training(r) for r in shown):
         console.print(TRAINING_CAPTION, highlight=False)
     summary = "  ".join(f"{k}: {v}" for k, v in facts["states"].items())
     trained, total = facts["rows_trained"], facts["rows_total"]

@@ -1034,7 +1034,7 @@ def test_status_percentages_round_down_until_a_run_is_whole():
     assert _percent(None, 288) == _percent(5, 0) == ""
 
 
-def test_status_shows_only_the_states_asked_for(tiny_store, tmp_path, capsys):
+def test_status_shows_only_the_states_asked_for(tiny_store, tmp_path, capsys, monkeypatch):
     from sweep.cli import main
     from sweep.status import print_status
     from tests.sweep_builder import write_manifest
@@ -1044,11 +1044,15 @@ def test_status_shows_only_the_states_asked_for(tiny_store, tmp_path, capsys):
     ids = [m.run_id for m in job.ensemble.members]
     print_status(tmp_path, ("done", "failed"))
     out = capsys.readouterr().out
-    assert "runs done, failed: 0 of 2" in out and not any(i in out for i in ids)
+    assert "runs done, failed: 0 of 2)\n" in out and not any(i in out for i in ids)
+    assert "┏" not in out  # no empty table: the title alone, on one line
     assert "pending: 2  total: 2" in out  # the totals count every run
     assert main(["status", str(tmp_path), "--state", "pending"]) == 0
     shown = capsys.readouterr().out
     assert all(i in shown for i in ids), shown
+    monkeypatch.setenv("COLUMNS", "60")  # piped (pytest's capture): COLUMNS, when set, holds
+    assert main(["status", str(tmp_path), "--state", "pending"]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 60
     with pytest.raises(SystemExit) as refused:  # (argparse's exit)
         main(["status", str(tmp_path), "--state", "pending,donee"])
     assert refused.value.code == 2
