@@ -198,7 +198,10 @@ def test_verify_finds_every_nonfinite_value_in_every_dtype(tmp_path, dtype, bad)
 def test_a_chunk_damaged_after_opening_fails_verify_in_one_line(store_copy):
     store = ChunkStore(store_copy)
     (store_copy / "chunk_00001.npy").write_bytes(b"not a numpy file")
-    with pytest.raises(StoreError, match="chunk_00001.npy could not be read .*; regenerate"):
+    with pytest.raises(
+        StoreError,
+        match="chunk_00001.npy could not be read .*; delete .* and re-run the sweep \\(data=synthetic",
+    ):
         store.verify()
 
 

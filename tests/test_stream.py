@@ -78,5 +78,5 @@ def test_short_chunk_file_is_one_line(store, tmp_path):
     f = copy / s.chunks[0]["file"]
     data = np.load(f, mmap_mode="r")
     need = torch.empty(data.shape[0] + 1, s.width, dtype=s.read_rows(0, 0, 1).dtype)
-    with pytest.raises(StoreError, match="truncated; regenerate the store"):
+    with pytest.raises(StoreError, match="truncated; delete .* and re-run the sweep"):
         s.read_into(0, need)

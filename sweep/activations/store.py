@@ -377,6 +377,8 @@ class ChunkStore:
         """How a lost chunk comes back: a harvest re-run writes just the lost ones again."""
         if self.provenance.get("source") == "harvest":
             return "re-run the 'sweep harvest' command that made it (it harvests lost chunks again)"
+        if self.provenance.get("source") == "synthetic":
+            return f"delete {self.path} and re-run the sweep (data=synthetic makes it again from its seed)"
         return "regenerate the store"
 
     def scale(self, normalize: bool) -> float:
@@ -405,7 +407,7 @@ class ChunkStore:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)[start:stop]
             x = _from_numpy(arr[order] if order is not None else np.array(arr), self.dtype)
         except (ValueError, OSError) as err:
-            raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
+            raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
         if check:
             reject_nonfinite(x, f)
         return x
@@ -428,9 +430,9 @@ class ChunkStore:
             buf = memoryview(view.numpy()).cast("B")
             got = read_exact(f, offset, buf)  # split across threads when large
         except (ValueError, OSError) as err:
-            raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
+            raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
         if got != len(buf):
-            raise StoreError(f"chunk {f} is truncated; regenerate the store")
+            raise StoreError(f"chunk {f} is truncated; {self._repair}")
         return out
 
     def _signature(self) -> list:
@@ -478,7 +480,7 @@ class ChunkStore:
                     if not nonfinite and len(block) % np.dtype(bits).itemsize == 0:
                         nonfinite = int((np.frombuffer(block, bits) & mask).max()) == mask
         except (OSError, ValueError, EOFError) as err:
-            raise StoreError(f"chunk {f} could not be read ({err}); regenerate the store") from err
+            raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
         if nonfinite:
             raise nonfinite_error(f)
         if "sha256" in info and digest.hexdigest() != info["sha256"]:
