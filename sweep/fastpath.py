@@ -179,7 +179,7 @@ def _parts(
     sq_E = member_sums(torch.linalg.vector_norm(err, dim=2, dtype=torch.float32).pow(2))
     sparsity_E = member_sums(codes, torch.float32) / B
     mse_E = sq_E / (B * D)
-    var = (x_BD - x_BD.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    var = member_sums((x_BD - x_BD.mean(dim=0)).pow(2)[None])[0].clamp_min(1e-12)  # any threads
     loss = mse_E
     if norms_EF is not None:
         weighted = (codes.sum(dim=1, dtype=torch.float32) * norms_EF).sum(dim=1) / B  # (E,)
@@ -214,7 +214,8 @@ def _add_aux(
     r = torch.bmm(c_aux, W_dec, out=buf("r_aux", E, B, D)).add_(err)  # e_hat - e, e = -err
     dead_E = aux.dead_EF.sum(dim=1, dtype=torch.float32)  # exact (bf16 would round past 256)
     scale_E = (dead_E / aux.k_aux).clamp(max=1.0)
-    value = scale_E * r.pow(2).sum(dim=(1, 2), dtype=torch.float32) / (B * D)
+    sq_E = member_sums(torch.linalg.vector_norm(r, dim=2, dtype=torch.float32).pow(2))
+    value = scale_E * sq_E / (B * D)  # (each member's sum as a lone member's would be)
     r.mul_((2.0 * aux.alpha / (B * D)) * scale_E[:, None, None])  # d (alpha * aux) / d e_hat
     dW_dec.baddbmm_(c_aux.transpose(1, 2), r)
     g_aux = torch.bmm(r, W_dec.transpose(1, 2), out=buf("g_aux", E, B, F_))

@@ -283,20 +283,25 @@ def test_a_member_trains_alone_as_it_does_in_an_ensemble(name, fast):
     xs = [torch.randn(512, 128, generator=g) * 2 + 0.5 for _ in range(4)]
     vals = VALUES[a.knob]
 
-    def trained(idx: list[int]) -> tuple[sae.Params, torch.Tensor]:
+    # TopK-style: AuxK from the second step on (every latent silent for 512 rows counts dead)
+    dead = DeadLatents(512, 0.5, 64) if a.knob == "k" else None
+
+    def trained(idx: list[int], n_threads: int) -> tuple[sae.Params, torch.Tensor]:
         v = [vals[i] for i in idx]
         hy = hyper_of([0.0] * len(v), v) if a.knob == "k" else hyper_of(v, [0] * len(v))
-        opt = Adam(LR, BETAS, EPS)
-        ens = Ensemble(stack([init[i] for i in idx]), hy, opt, arch=a, fast=fast, grad_clip=1e-2)
-        losses = torch.stack([ens.step(x).loss for x in xs])
-        return ens.params, losses
+        opt, inits = Adam(LR, BETAS, EPS), stack([init[i] for i in idx])
+        ens = Ensemble(inits, hy, opt, arch=a, fast=fast, grad_clip=1e-2, dead=dead)
+        torch.set_num_threads(n_threads)
+        try:
+            parts = [ens.step(x) for x in xs]
+        finally:
+            torch.set_num_threads(threads)
+        return ens.params, torch.stack([torch.stack([p.loss, p.fvu]) for p in parts])
 
-    torch.set_num_threads(2)
-    try:
-        (together, loss3), (alone, loss1) = trained([0, 1, 2]), trained([1])
-    finally:
-        torch.set_num_threads(threads)
+    (together, logged3), (alone, logged1) = trained([0, 1, 2], 2), trained([1], 2)
     for k, v in together.items():
         assert torch.equal(v[1], alone[k][0]), k
     if fast:  # (the vmapped reference's loss is the single-member math's: not summed so)
-        assert torch.equal(loss3[:, 1], loss1[:, 0])
+        assert torch.equal(logged3[..., 1], logged1[..., 0])  # loss and fvu, AuxK's too
+        _, logged_1_thread = trained([1], 1)  # the training curve of a run resumed elsewhere
+        assert torch.equal(logged_1_thread, logged1)
