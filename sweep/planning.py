@@ -35,9 +35,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shlex
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -151,12 +153,32 @@ def _inert(config: dict) -> set[str]:
     return inert
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+class Difference(NamedTuple):
+    """A run-defining field (or a group's choice, e.g. ``sae``) the sweep recorded otherwise."""
+
+    key: str
+    before: object
+    after: object
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.before!r} -> {self.after!r}"
+
+    def override(self) -> str:
+        """The command-line override that restores the recorded value (quoted for a shell)."""
+        v = self.before
+        if isinstance(v, list):
+            text = f"[{','.join(map(str, v))}]"
+        else:
+            text = "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+        return shlex.quote(f"{self.key}={text}")
+
+
+def _differences(old: dict, new: dict) -> list[Difference]:
     diffs, inert = [], _inert(old) & _inert(new)
     for group, fields in DEFINING.items():
         a, b = _flat(old.get(group, {}), f"{group}."), _flat(new.get(group, {}), f"{group}.")
         if a.get(f"{group}.name") != b.get(f"{group}.name") and f"{group}.name" in a:
-            diffs.append(f"{group} {a[f'{group}.name']!r} -> {b.get(f'{group}.name')!r}")
+            diffs.append(Difference(group, a[f"{group}.name"], b.get(f"{group}.name")))
             continue  # another choice of the group: its fields differ as a matter of course
         for key in sorted(set(a) | set(b)):
             name = key.split(".", 1)[1]
@@ -165,7 +187,7 @@ def _differences(old: dict, new: dict) -> list[str]:
             unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
             before = a.get(key, LEGACY.get(key))
             if defining and not unresolved and before != b.get(key):
-                diffs.append(f"{key} {before!r} -> {b.get(key)!r}")
+                diffs.append(Difference(key, before, b.get(key)))
     return diffs
 
 
@@ -183,9 +205,11 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
         diffs = [] if recorded is None else _differences(*_as_config(recorded, new))
         fix = "pass the recorded values (a run's spec.json holds them)"
     if diffs:
+        restore = " ".join(d.override() for d in diffs)
         raise RunDirError(
-            f"sweep_dir {folder.path} holds a sweep with different settings ({'; '.join(diffs)}); "
-            f"use a new sweep_dir, restore those values, or {fix}"
+            f"sweep_dir {folder.path} holds a sweep with different settings "
+            f"({'; '.join(map(str, diffs))}); use a new sweep_dir, restore those values "
+            f"({restore}), or {fix}"
         )
 
 
@@ -197,7 +221,7 @@ def _check_saved(folder: SweepFolder, saved: dict) -> None:
     if diffs:
         raise RunDirError(
             f"{folder.path / CONFIG} disagrees with what the sweep's runs recorded (recorded -> "
-            f"config.yaml: {'; '.join(diffs)}): it was edited or damaged; restore it (every run's spec.json "
+            f"config.yaml: {'; '.join(map(str, diffs))}): it was edited or damaged; restore it (every run's spec.json "
             "holds the recorded values)"
         )
 

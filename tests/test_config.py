@@ -327,7 +327,11 @@ def test_a_sweep_recorded_before_init_seeding_resumes_with_shared_starts(tmp_pat
     del plain["train"]["init_seeding"]  # config.yaml as the previous version wrote it
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain))
     folder = SweepFolder(tmp_path)
-    with pytest.raises(RunDirError, match=r"train.init_seeding 'shared' -> 'per_ratio'"):
+    with pytest.raises(
+        RunDirError,
+        match=r"train.init_seeding 'shared' -> 'per_ratio'\); use a new sweep_dir, restore those "
+        r"values \(train.init_seeding=shared\)",
+    ):
         planning.check_compatible(folder, new)
     planning.check_compatible(folder, cfg_of("train.init_seeding=shared"))
     with pytest.raises(ConfigError, match="train.init_seeding must be one of per_ratio, shared"):

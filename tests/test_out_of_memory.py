@@ -58,8 +58,11 @@ def test_an_ensemble_out_of_gpu_memory_gets_a_gpu_then_halves_and_finishes(
         assert oom["members"] == 2 and oom["continues_in"] == ensemble
         timings = json.loads((run / "placement.json").read_text())["timings"]
         assert timings["steps"] == 74 - 20  # failed at 15 (after 10), at 25 (after 20)
-    status = subprocess.run(
-        [sys.executable, "-m", "sweep", "status", str(sw)], capture_output=True, text=True
+    status = subprocess.run(  # (env: the process's own, not a COLUMNS a library set in it)
+        [sys.executable, "-m", "sweep", "status", str(sw)],
+        env=env(),
+        capture_output=True,
+        text=True,
     )
     assert "learned when one ran out of GPU memory: dict ratio 4: 1, dict ratio 8: 1" in (
         status.stdout
