@@ -284,12 +284,11 @@ def test_another_choice_of_a_group_is_named_as_one_difference():
     old = {"data": {"name": "harvest", "hook": "blocks.0.hook_resid_post", "context": 128},
            "sae": {"name": "untied"}, "train": train}  # fmt: skip
     new = {"data": {"name": "chunks", "path": "/s"}, "sae": {"name": "topk"}, "train": train}
-    assert planning._differences(old, new) == [
-        "data 'harvest' -> 'chunks'",
-        "sae 'untied' -> 'topk'",
-    ]
+    diffs = planning._differences(old, new)
+    assert list(map(str, diffs)) == ["data 'harvest' -> 'chunks'", "sae 'untied' -> 'topk'"]
+    assert [d.override() for d in diffs] == ["data=harvest", "sae=untied"]  # Hydra's choices
     new["data"] = {"name": "harvest", "hook": "blocks.0.hook_resid_post", "context": 64}
-    assert planning._differences(old, new)[0] == "data.context 128 -> 64"
+    assert str(planning._differences(old, new)[0]) == "data.context 128 -> 64"
 
 
 def test_only_thread_counts_asked_for_are_refused(monkeypatch):
