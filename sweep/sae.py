@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from sweep import archs, rundir
 from sweep.archs import Architecture, Hyper, Params
 from sweep.errors import NotARunFolder, SweepError
+from sweep.sums import member_sums
 
 if TYPE_CHECKING:
     from sweep.grid import RunSpec
@@ -85,7 +86,14 @@ def auxk_loss(
     vals, idx = masked.topk(k_aux, dim=-1)  # (B, k_aux)
     codes_aux = torch.zeros_like(pre_BF).scatter(-1, idx, F.relu(vals))
     scale = (dead_F.sum() / k_aux).clamp(max=1.0)
-    return scale * (codes_aux @ W_dec - e_BD).pow(2).mean()
+    return scale * mean_square(codes_aux @ W_dec - e_BD)
+
+
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """``x.pow(2).mean()``, summed as :func:`sweep.sums.member_sums` sums (its bits do not
+    depend on the thread count, nor, under ``vmap``, on the member count); its gradient is
+    ``x.pow(2).mean()``'s, bit for bit."""
+    return member_sums(x.pow(2)[None])[0] / x.numel()
 
 
 def loss_fn(
@@ -108,19 +116,19 @@ def loss_fn(
     pre_BF = arch.pre(params, x_BD)
     codes_BF = arch.activate(pre_BF, hyper, params, kmax)
     err_BD = codes_BF @ arch.decoder(params) + params["b_dec"] - x_BD
-    mse = err_BD.pow(2).mean()
+    mse = mean_square(err_BD)
     loss = mse + arch.penalty(params, codes_BF, pre_BF, hyper)
     if dead_F is not None and auxk_alpha > 0 and k_aux > 0:
         aux = auxk_loss(pre_BF, dead_F, arch.decoder(params), -err_BD.detach(), k_aux)
         loss = loss + auxk_alpha * aux
     with torch.no_grad():
-        var = (x_BD - x_BD.mean(dim=0)).pow(2).sum()
+        var = mean_square(x_BD - x_BD.mean(dim=0)).clamp_min(1e-12 / x_BD.numel())
         parts = LossParts(
             loss=loss.detach(),
             mse=mse.detach(),
             sparsity=codes_BF.abs().sum(dim=1).mean(),
             l0=(codes_BF != 0).sum(dim=1).mean(dtype=torch.float32),
-            fvu=err_BD.pow(2).sum() / var.clamp_min(1e-12),
+            fvu=mse.detach() / var,
         )
     return loss, (parts, codes_BF.detach())
 
