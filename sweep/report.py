@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from sweep import crossdict, plots
+from sweep import crossdict, planning, plots
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_bytes, ensure_writable, remove_stale_temps
@@ -147,6 +147,7 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
             log.warning("%s is unreadable (%s); showing settings from the run specs", path, err)
     spec = next((r.spec for r in records if r.spec), {})
     if isinstance(cfg, dict) and all(isinstance(cfg.get(k), dict) for k in SETTINGS):
+        cfg = planning.with_legacy(cfg)  # (a setting added since: as the sweep trained)
         sections = {k: dict(cfg[k]) for k in SETTINGS}
         if isinstance(cfg.get("sae"), dict) and "name" in cfg["sae"]:
             sections["grid"]["sae"] = cfg["sae"]["name"]
@@ -155,11 +156,27 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
         sections = {"data": dict(spec.get("data", {})), "grid": _grid_of(records, spec)}
         if spec.get("width"):
             sections["data"].setdefault("width", spec["width"])
-        sections["train"] = dict(spec.get("train", {}))
+        sections["train"] = planning.with_legacy({"train": dict(spec.get("train", {}))})["train"]
         source = "the run specs (no readable config.yaml)"
     if spec.get("store"):
         sections["data"]["store"] = spec["store"]
     return source, sections
+
+
+SHARED_STARTS = (
+    "mmcs_next_ratio is biased upward (strongly after short training): this sweep seeded each "
+    "run's initialisation by its seed index alone (train.init_seeding=shared, as sweeps before "
+    "that setting did), so a smaller dictionary started as the leading atoms of the next larger "
+    "one; train.init_seeding=per_ratio (the default) avoids it"
+)
+
+
+def warnings_of(settings: dict[str, dict], rows: list[dict]) -> list[str]:
+    """What the report's reader must know before trusting a figure of it."""
+    shared = settings.get("train", {}).get("init_seeding") == "shared"
+    if shared and any(r.get("mmcs_next_ratio") is not None for r in rows):
+        return [SHARED_STARTS]
+    return []
 
 
 def _grid_of(records: list[RunRecord], spec: dict) -> dict:
@@ -304,6 +321,9 @@ def build_report(
         sweep_dir, out, records, rows, cross, [(c.label, r) for c, r in compared] or None
     )
     source, settings = sweep_settings(folder, records)
+    warnings = warnings_of(settings, rows)
+    for w in warnings:
+        log.warning("%s", w)
     page = Page(
         sweep_dir=sweep_dir,
         rows=rows,  # (in grid order, as read)
@@ -316,6 +336,7 @@ def build_report(
         files={"summary": SUMMARY, "mmcs": MMCS_FILE},
         knob=crossdict.sweep_knob(rows),
         compared=[c for c, _ in compared],
+        warnings=warnings,
     )
     write_html(out, page)
     if log_media:

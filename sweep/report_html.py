@@ -155,6 +155,8 @@ class Page:
     """The sweep's sparsity setting: ``l1`` or ``k`` (TopK-style sweeps)."""
     compared: list[Compared] = field(default_factory=list)
     """Every sweep on the comparison frontier, this one first (empty: a one-sweep report)."""
+    warnings: list[str] = field(default_factory=list)
+    """What a reader must know before trusting a figure (:func:`sweep.report.warnings_of`)."""
 
 
 def write_html(out: Path, page: Page) -> Path:
@@ -264,9 +266,10 @@ def _settings(page: Page) -> str:
             if v is not None
         )
         cards.append(f'<div class="card"><h3>{_e(name)}</h3>{chips}</div>')
+    warned = "".join(f'\n<p class="meta warn">{_e(w)}</p>' for w in page.warnings)
     return (
         f'<section id="settings"><h2>Settings <small>from {_e(page.settings_source)}</small></h2>'
-        f'<div class="cards">{"".join(cards)}</div></section>'
+        f'<div class="cards">{"".join(cards)}</div>{warned}</section>'
     )
 
 

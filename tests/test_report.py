@@ -416,6 +416,23 @@ def test_settings_without_config_come_from_the_run_specs(sweep_copy):
     assert "the run specs" in settings
     assert "l1</b> 0.001, 0.01, 0.1" in settings and "dict_ratio</b> 1, 2" in settings
     assert "batch_size</b> 256" in settings and "width</b> 16" in settings
+    assert "init_seeding</b> per_ratio" in settings and "biased upward" not in settings
+
+
+def test_a_sweep_of_shared_starts_warns_that_mmcs_next_ratio_is_biased(sweep_copy, caplog):
+    """Recorded before train.init_seeding (its specs lack it): its runs' smaller dictionaries
+    started as the leading atoms of the larger ones; the page and the log say so."""
+    for spec_file in sweep_copy.glob("runs/*/spec.json"):
+        spec = json.loads(spec_file.read_text())
+        del spec["train"]["init_seeding"]
+        spec_file.write_text(json.dumps(spec))
+    with caplog.at_level(logging.WARNING, logger="sweep.report"):
+        out, rows = build_report(sweep_copy, device="cpu", log_media=False)
+    assert any(r.get("mmcs_next_ratio") is not None for r in rows)
+    settings = section(page_of(out), "settings")
+    assert "init_seeding</b> shared" in settings  # as it trained, though no file names it
+    assert 'class="meta warn">mmcs_next_ratio is biased upward' in settings
+    assert "train.init_seeding=shared" in caplog.text
 
 
 def test_best_runs_are_the_pareto_frontier(sweep_copy):
