@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 
 from sweep import archs, checkpoints, grid, rundir
 from sweep.activations.store import ChunkStore
-from sweep.config import SweepConfig
+from sweep.config import ConfigError, SweepConfig
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
 from sweep.io import cpu_count
@@ -161,16 +161,20 @@ class Difference(NamedTuple):
     after: object
 
     def __str__(self) -> str:
-        return f"{self.key} {self.before!r} -> {self.after!r}"
+        return f"{self.key} {_as_given(self.before)} -> {_as_given(self.after)}"
 
     def override(self) -> str:
         """The command-line override that restores the recorded value (quoted for a shell)."""
-        v = self.before
-        if isinstance(v, list):
-            text = f"[{','.join(map(str, v))}]"
-        else:
-            text = "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-        return shlex.quote(f"{self.key}={text}")
+        return shlex.quote(f"{self.key}={_as_given(self.before)}")
+
+
+def _as_given(value: object) -> str:
+    """A config value as a command line gives it (``null``, ``true``, ``[0.9,0.999]``)."""
+    if isinstance(value, list):
+        return f"[{','.join(map(_as_given, value))}]"
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return str(value)
 
 
 def _differences(old: dict, new: dict) -> list[Difference]:
@@ -191,25 +195,58 @@ def _differences(old: dict, new: dict) -> list[Difference]:
     return diffs
 
 
+def _restoring(diffs: list[Difference], old: dict) -> list[str]:
+    """The overrides that restore ``diffs``: another choice of a group (``sae=untied``) comes
+    with the recorded fields of that choice that its defaults do not give."""
+    out = []
+    for d in diffs:
+        out.append(d.override())
+        recorded = old.get(d.key)
+        if d.key in DEFINING and isinstance(recorded, dict):
+            out += [o.override() for o in _off_defaults(d.key, recorded)]
+    return out
+
+
+def _off_defaults(group: str, recorded: dict) -> list[Difference]:
+    """The run-defining fields of a recorded group choice that differ from its defaults (all
+    of them when its defaults cannot be composed: a group file of a ``--config-dir``)."""
+    from sweep.cli import compose  # (the CLI's composition, with its config groups)
+
+    try:
+        composed = compose(["sweep_dir=/", f"{group}={recorded.get('name')}"])
+        defaults = _flat(OmegaConf.to_container(composed[group], resolve=True), f"{group}.")  # type: ignore[arg-type]
+    except ConfigError:
+        defaults = {}
+    fields = DEFINING[group]
+    out = []
+    for key, value in sorted(_flat(recorded, f"{group}.").items()):
+        name = key.split(".", 1)[1]
+        defining = (fields is None or name in fields) and name not in FREE.get(group, ())
+        if defining and name != "name" and defaults.get(key, object()) != value:
+            out.append(Difference(key, value, defaults.get(key)))
+    return out
+
+
 def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     """Refuse a config whose run-defining fields differ from the sweep already in ``folder``
-    (its config.yaml; when that was deleted, what its started runs recorded)."""
+    (its config.yaml; when that was deleted, what its started runs recorded), naming the
+    overrides that restore them."""
     new: dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[assignment]
-    old = folder.load_config()
-    fix = f"`sweep resume {folder.path}` without overriding those fields"
-    if old is not None:
-        _check_saved(folder, with_legacy(old))
-        diffs = _differences(with_legacy(old), new)
-    else:  # config.yaml was deleted: what a started run recorded
-        recorded = folder.first_spec()
-        diffs = [] if recorded is None else _differences(*_as_config(recorded, new))
-        fix = "pass the recorded values (a run's spec.json holds them)"
+    saved, old = folder.load_config(), None
+    fix = f", or `sweep resume {folder.path}` without overriding those fields"
+    if saved is not None:
+        old = with_legacy(saved)
+        _check_saved(folder, old)
+    elif (recorded := folder.first_spec()) is not None:  # config.yaml was deleted
+        old, new = _as_config(recorded, new)
+        fix = ""
+    diffs = [] if old is None else _differences(old, new)
     if diffs:
-        restore = " ".join(d.override() for d in diffs)
+        restore = " ".join(_restoring(diffs, old))  # type: ignore[arg-type]
         raise RunDirError(
             f"sweep_dir {folder.path} holds a sweep with different settings "
-            f"({'; '.join(map(str, diffs))}); use a new sweep_dir, restore those values "
-            f"({restore}), or {fix}"
+            f"({'; '.join(map(str, diffs))}); use a new sweep_dir or restore those values "
+            f"({restore}){fix}"
         )
 
 

@@ -250,7 +250,7 @@ def test_an_old_jumprelu_sweep_is_resumed_only_with_its_log_recipe(tmp_path):
     plain["sae"]["recipe"] = None  # config.yaml as the previous version wrote it
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain))
     folder = SweepFolder(tmp_path)
-    with pytest.raises(RunDirError, match=r"sae.recipe 'log' -> 'linear'"):
+    with pytest.raises(RunDirError, match=r"sae.recipe log -> linear"):
         planning.check_compatible(folder, new)
     planning.check_compatible(folder, cfg_of("sae=jumprelu", "sae.recipe=log"))
 
@@ -285,7 +285,7 @@ def test_another_choice_of_a_group_is_named_as_one_difference():
            "sae": {"name": "untied"}, "train": train}  # fmt: skip
     new = {"data": {"name": "chunks", "path": "/s"}, "sae": {"name": "topk"}, "train": train}
     diffs = planning._differences(old, new)
-    assert list(map(str, diffs)) == ["data 'harvest' -> 'chunks'", "sae 'untied' -> 'topk'"]
+    assert list(map(str, diffs)) == ["data harvest -> chunks", "sae untied -> topk"]
     assert [d.override() for d in diffs] == ["data=harvest", "sae=untied"]  # Hydra's choices
     new["data"] = {"name": "harvest", "hook": "blocks.0.hook_resid_post", "context": 64}
     assert str(planning._differences(old, new)[0]) == "data.context 128 -> 64"
@@ -328,10 +328,33 @@ def test_a_sweep_recorded_before_init_seeding_resumes_with_shared_starts(tmp_pat
     folder = SweepFolder(tmp_path)
     with pytest.raises(
         RunDirError,
-        match=r"train.init_seeding 'shared' -> 'per_ratio'\); use a new sweep_dir, restore those "
+        match=r"train.init_seeding shared -> per_ratio\); use a new sweep_dir or restore those "
         r"values \(train.init_seeding=shared\)",
     ):
         planning.check_compatible(folder, new)
     planning.check_compatible(folder, cfg_of("train.init_seeding=shared"))
     with pytest.raises(ConfigError, match="train.init_seeding must be one of per_ratio, shared"):
         cfg_of("train.init_seeding=random")
+
+
+def test_another_group_choice_is_restored_with_its_recorded_fields(tmp_path):
+    """sae=tied on an untied sweep trained with sae.recipe=weighted: the overrides that restore
+    it name the recipe too (the untied defaults would say unit), not only sae=untied."""
+    from omegaconf import OmegaConf
+
+    from sweep import planning
+    from sweep.errors import RunDirError
+    from sweep.sweepdir import SweepFolder
+
+    recorded = cfg_of("sae.recipe=weighted", "data.noise=0.01")
+    plain = OmegaConf.to_container(OmegaConf.structured(recorded), resolve=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain))
+    folder = SweepFolder(tmp_path)
+    restore = r"restore those values \(sae=untied sae.recipe=weighted\)"
+    with pytest.raises(
+        RunDirError, match=rf"different settings \(sae untied -> tied\); .*{restore}"
+    ):
+        planning.check_compatible(folder, cfg_of("sae=tied", "data.noise=0.01"))
+    planning.check_compatible(
+        folder, cfg_of("sae=untied", "sae.recipe=weighted", "data.noise=0.01")
+    )

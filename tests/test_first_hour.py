@@ -291,7 +291,7 @@ def test_dtype_auto_is_resolved_and_recorded(finished, tmp_path, capsys):
     before = snapshot(sw)
     assert main(["run", f"sweep_dir={sw}", *TINY, *GRID, "train.dtype=float32"]) == 2
     err = capsys.readouterr().err
-    assert "train.dtype 'bfloat16' -> 'float32'" in err
+    assert "train.dtype bfloat16 -> float32" in err
     assert snapshot(sw) == before
     assert main(["run", f"sweep_dir={sw}", *TINY, *GRID]) == 0  # auto keeps the sweep's own
     assert OmegaConf.load(sw / "config.yaml").train.dtype == "bfloat16"
@@ -310,7 +310,7 @@ def test_resume_refuses_a_config_that_disagrees_with_its_runs(finished, tmp_path
     before = snapshot(sw)
     assert main(["resume", str(sw)]) == 2
     err = capsys.readouterr().err
-    assert "disagrees with what the sweep's runs recorded" in err and "grad_clip 1.0 -> None" in err
+    assert "disagrees with what the sweep's runs recorded" in err and "grad_clip 1.0 -> null" in err
     (sw / "config.yaml").write_text(text.replace("device: auto", "device: a", 1))
     assert main(["resume", str(sw)]) == 2
     assert "config.yaml is damaged or was edited (train.device" in capsys.readouterr().err

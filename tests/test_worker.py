@@ -973,11 +973,16 @@ def test_a_deleted_config_still_refuses_other_settings(tiny_store, tmp_path):
     folder = SweepFolder(cut)
     assert not (cut / "config.yaml").exists()  # as after deleting a damaged one
     planning.check_compatible(folder, pair_cfg(cut, "1e-3,3e-2", "train.log_every=3"))
-    for change, diff in [
-        ("train.lr=1e-3", "train.lr 0.01 -> 0.001"),
-        ("sae.init_decoder_norm=0.5", "sae.init_decoder_norm None -> 0.5"),
+    for change, diff, restore in [
+        ("train.lr=1e-3", "train.lr 0.01 -> 0.001", "train.lr=0.01"),
+        (
+            "sae.init_decoder_norm=0.5",
+            "sae.init_decoder_norm null -> 0.5",
+            "sae.init_decoder_norm=null",
+        ),
     ]:
-        with pytest.raises(SweepError, match=rf"different settings \({diff}\); .* spec.json"):
+        said = rf"different settings \({diff}\); use a new sweep_dir or restore those values \({restore}\)$"
+        with pytest.raises(SweepError, match=said):
             planning.check_compatible(folder, pair_cfg(cut, "1e-3,3e-2", change))
     for r in runs:  # recorded by an older version: no sae settings, no recipe
         path = rundir.run_dir(cut, r.run_id) / rundir.SPEC
