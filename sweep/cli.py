@@ -178,6 +178,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides, args.config_dir)
     if args.cfg:
         print(OmegaConf.to_yaml(_grid_filled(cfg), resolve=True), end="")
+        checked = cfg.copy()  # (a listing of the fields needs no sweep_dir)
+        if OmegaConf.is_missing(checked, "sweep_dir"):
+            checked.sweep_dir = "unnamed"
+        to_sweep_config(checked)  # a bad value: the config, then the one-line error (exit 2)
         return 0
     if args.plan:
         from sweep import preview
