@@ -704,8 +704,21 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     if not isinstance(obj, schema):
         raise ConfigError(f"config is not a {what} config: compose it from sweep's '{name}'")
     _check_finite(obj)
-    obj.check()
+    try:
+        obj.check()
+    except ConfigError as err:
+        raise ConfigError(_with_fix(str(err))) from None
     return obj
+
+
+def _with_fix(message: str) -> str:
+    """A check's message that names a field's bound but no fix (``train.seed must be >= 0, got
+    -1``), with the fix: give that field such a value, or leave it out for its default."""
+    key = message.split(" ", 1)[0]
+    if ";" in message or "." not in key or not key.replace(".", "").replace("_", "").isalnum():
+        return message
+    such = "such values" if f"{key} values " in message else "such a value"
+    return f"{message}; give {key} {such}, or leave it out for its default"
 
 
 def _unknown_field(cfg: DictConfig, prefix: str = "") -> str | None:

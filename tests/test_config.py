@@ -223,8 +223,9 @@ def test_cfg_job_prints_composed_config(capsys):
     assert main(["run", "--cfg", "job", "train.init_seeding=bogus"]) == 2  # printed, then refused
     said = capsys.readouterr()
     assert "init_seeding: bogus" in said.out
-    assert said.err.strip().endswith(
-        "train.init_seeding must be one of per_ratio, shared, got 'bogus'"
+    assert said.err.strip() == (
+        "error: train.init_seeding must be one of per_ratio, shared, got 'bogus'; give "
+        "train.init_seeding such a value, or leave it out for its default"
     )
     assert "l1:" in out and "0.5" in out and "dict_ratio" in out and "sweep_dir: /tmp/x" in out
     for args, knob, values in (([], "l1", DEFAULT_L1), (["sae=topk"], "k", DEFAULT_K)):

@@ -104,7 +104,14 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
         (["sweep_dir=x", "train=null"], "a config group (data, grid, launch, logger, sae, train)"),
         (["sweep_dir=x", "data.normalize=abc"], "cannot set data.normalize to 'abc' (Value"),
         (["sweep_dir=x", "data.name=chunks"], "data.name='chunks' does not name this source"),
-        (["sweep_dir=x", "train.seed=-1"], "train.seed must be >= 0, got -1"),
+        (
+            ["sweep_dir=x", "train.seed=-1"],
+            "train.seed must be >= 0, got -1; give train.seed such a value, or leave it out",
+        ),
+        (
+            ["sweep_dir=x", "grid.dict_ratio=[0]"],
+            "grid.dict_ratio values must be > 0, got 0.0; give",
+        ),
         (["sweep_dir=x", "launch.num_cpus=100000"], "each ensemble would run 100000 torch threads"),
         (["sweep_dir=x", "train.threads=100000"], "each ensemble would run 100000 torch threads"),
         (
