@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from sweep import driver, grid, launcher, planning, rate, rundir
@@ -23,6 +24,7 @@ from sweep.config import SweepConfig
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
 from sweep.grid import RunSpec
+from sweep.io import cpu_count
 from sweep.lock import EVALUATING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.sweepdir import RunRecord, SweepFolder, write_summary
@@ -107,9 +109,10 @@ def _verified(folder: SweepFolder, runs: list[RunSpec]) -> list[RunSpec]:
     """Those of ``runs`` that can be evaluated again; the others are warned about, those
     never finished in one line."""
     ready, unfinished = [], []
-    for r in runs:
+    with ThreadPoolExecutor(max(1, min(8, cpu_count()))) as pool:  # (hashing frees the GIL)
+        problems = list(pool.map(lambda r: folder.run(r.run_id).unevaluable(), runs))
+    for r, problem in zip(runs, problems, strict=True):
         run = folder.run(r.run_id)
-        problem = run.unevaluable()
         if problem is None:
             ready.append(r)
         elif not (run.path / rundir.DONE).is_file() and run.unvouched() is None:
