@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sweep import rate
 from sweep.checkpoints import checkpoint_steps
+from sweep.rundir import DONE
 from sweep.sweepdir import RunRecord, SweepFolder
 
 
@@ -33,6 +34,9 @@ def status_rows(sweep_dir: Path) -> list[dict]:
         # (a run not started yet has no saved step: it starts over, as one without checkpoints)
         saved = None if r.state.final else saved_steps.get(r.run_id, 0) * batch
         trained = r.rows_trained  # the latest curve record; a stop checkpoints past it
+        kept = _kept_weights_rows(r, batch)
+        if kept is not None:  # its final weights stay: evaluated again, not trained
+            trained = saved = kept
         rows.append(
             {
                 "run_id": r.run_id,
@@ -47,6 +51,16 @@ def status_rows(sweep_dir: Path) -> list[dict]:
             }
         )
     return _fill_totals(rows)
+
+
+def _kept_weights_rows(r: RunRecord, batch: int) -> int | None:
+    """Rows trained into the final weights of an unfinished run whose ``metrics.json`` alone
+    was lost (a re-run evaluates them again: :meth:`RunFolder.evaluated_for`), else None."""
+    f = r.folder
+    if r.state.final or not (f.path / DONE).is_file() or not f.evaluated_for(f.final_problem()):
+        return None
+    step = f.evaluated_step()  # (a diverged run's weights froze at its step)
+    return step * batch if step is not None else r.total_rows
 
 
 def _saved_steps(records: list[RunRecord]) -> dict[str, int]:

@@ -184,6 +184,10 @@ def test_lost_metrics_are_evaluated_again_from_the_verified_weights(copy, damage
     assert main(["status", str(copy)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "damaged: a sweep run whose grid has it evaluates it again from its weights" in out
+    from sweep.status import status_rows
+
+    (row,) = [r for r in status_rows(copy) if r["run_id"] == folder.name]
+    assert row["rows_trained"] == row["rows_saved"] == row["rows_total"]  # nothing to train
     assert run(copy, "--plan") == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "2 already done, 1 to train, 1 to evaluate again from their weights, in 2 ens" in out
