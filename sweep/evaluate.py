@@ -109,10 +109,10 @@ def _verified(folder: SweepFolder, runs: list[RunSpec]) -> list[RunSpec]:
     """Those of ``runs`` that can be evaluated again; the others are warned about, those
     never finished in one line."""
     ready, unfinished = [], []
+    folders = [folder.run(r.run_id) for r in runs]
     with ThreadPoolExecutor(max(1, min(8, cpu_count()))) as pool:  # (hashing frees the GIL)
-        problems = list(pool.map(lambda r: folder.run(r.run_id).unevaluable(), runs))
-    for r, problem in zip(runs, problems, strict=True):
-        run = folder.run(r.run_id)
+        problems = list(pool.map(rundir.RunFolder.unevaluable, folders))
+    for r, run, problem in zip(runs, folders, problems, strict=True):
         if problem is None:
             ready.append(r)
         elif not (run.path / rundir.DONE).is_file() and run.unvouched() is None:

@@ -177,17 +177,23 @@ def _as_given(value: object) -> str:
     return str(value)
 
 
+def _defining(key: str) -> bool:
+    """Whether the field ``key`` (``group.name``) defines the runs (:data:`DEFINING`, less
+    :data:`FREE`)."""
+    group, name = key.split(".", 1)
+    fields = DEFINING[group]
+    return (fields is None or name in fields) and name not in FREE.get(group, ())
+
+
 def _differences(old: dict, new: dict) -> list[Difference]:
     diffs, inert = [], _inert(old) & _inert(new)
-    for group, fields in DEFINING.items():
+    for group in DEFINING:
         a, b = _flat(old.get(group, {}), f"{group}."), _flat(new.get(group, {}), f"{group}.")
         if a.get(f"{group}.name") != b.get(f"{group}.name") and f"{group}.name" in a:
             diffs.append(Difference(group, a[f"{group}.name"], b.get(f"{group}.name")))
             continue  # another choice of the group: its fields differ as a matter of course
         for key in sorted(set(a) | set(b)):
-            name = key.split(".", 1)[1]
-            defining = (fields is None or name in fields) and name not in FREE.get(group, ())
-            defining = defining and key not in inert
+            defining = _defining(key) and key not in inert
             unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
             before = a.get(key, LEGACY.get(key))
             if defining and not unresolved and before != b.get(key):
@@ -217,12 +223,9 @@ def _off_defaults(group: str, recorded: dict) -> list[Difference]:
         defaults = _flat(OmegaConf.to_container(composed[group], resolve=True), f"{group}.")  # type: ignore[arg-type]
     except ConfigError:
         defaults = {}
-    fields = DEFINING[group]
     out = []
     for key, value in sorted(_flat(recorded, f"{group}.").items()):
-        name = key.split(".", 1)[1]
-        defining = (fields is None or name in fields) and name not in FREE.get(group, ())
-        if defining and name != "name" and defaults.get(key, object()) != value:
+        if _defining(key) and key != f"{group}.name" and defaults.get(key, object()) != value:
             out.append(Difference(key, value, defaults.get(key)))
     return out
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from sweep import rate
 from sweep.checkpoints import checkpoint_steps
-from sweep.rundir import DONE
 from sweep.sweepdir import RunRecord, SweepFolder
 
 
@@ -54,12 +53,11 @@ def status_rows(sweep_dir: Path) -> list[dict]:
 
 
 def _kept_weights_rows(r: RunRecord, batch: int) -> int | None:
-    """Rows trained into the final weights of an unfinished run whose ``metrics.json`` alone
-    was lost (a re-run evaluates them again: :meth:`RunFolder.evaluated_for`), else None."""
-    f = r.folder
-    if r.state.final or not (f.path / DONE).is_file() or not f.evaluated_for(f.final_problem()):
+    """Rows trained into the kept final weights of a run whose ``metrics.json`` alone was
+    lost (:attr:`RunRecord.kept_weights`), else None."""
+    if not r.kept_weights:
         return None
-    step = f.evaluated_step()  # (a diverged run's weights froze at its step)
+    step = r.folder.evaluated_step()  # (a diverged run's weights froze at its step)
     return step * batch if step is not None else r.total_rows
 
 

@@ -130,6 +130,9 @@ class RunRecord:
     point: dict = field(default_factory=dict)
     """Its grid point as the manifest lists it (what a run not started yet has instead of a
     spec)."""
+    kept_weights: bool = False
+    """Unfinished only because its ``metrics.json`` was lost: its final weights stay, and a
+    re-run evaluates them again (trains nothing)."""
 
     @property
     def grid_point(self) -> dict:
@@ -183,20 +186,21 @@ def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> str:
+def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> tuple[str, bool]:
     """Why a run with a ``DONE``, or a pending one with final weights, does not count as
-    finished ("" for every other run)."""
+    finished ("" for every other run), and whether a re-run only evaluates its kept final
+    weights again (:attr:`RunRecord.kept_weights`)."""
     if state.final:
-        return ""
+        return "", False
     if (folder.path / DONE).is_file():
         problem = folder.final_problem(deep)
     else:  # (a run being trained again has no DONE yet)
         problem = folder.unvouched() if state == RunState.PENDING else None
     if problem is None:
-        return ""
+        return "", False
     lost = folder.evaluated_for(problem)  # (weights hashed when the run reads them)
     again = "evaluates it again from its weights if they verify" if lost else "trains it again"
-    return f"{problem}: a sweep run whose grid has it {again}"
+    return f"{problem}: a sweep run whose grid has it {again}", lost
 
 
 def _current_mmcs(metrics: dict, digest: Callable[[], str]) -> dict:
@@ -629,7 +633,11 @@ class SweepFolder:
             metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
             metrics = _current_mmcs(metrics, digest)
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
-            note = note or _why_unfinished(folder, state, deep)
+            why, kept = ("", False) if note else _why_unfinished(folder, state, deep)
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
-            records.append(RunRecord(rid, folder, state, folder.spec(), metrics, last, note, point))
+            records.append(
+                RunRecord(
+                    rid, folder, state, folder.spec(), metrics, last, note or why, point, kept
+                )
+            )
         return records
