@@ -8,13 +8,17 @@ buffers' update — is one traced function: the GEMMs stay library calls, induct
 elementwise work around them, and Adam becomes one pass per parameter for all members with
 per-member step counts and skip. The learning-rate and L1 scales enter as tensors, so a
 schedule does not recompile it. Under a compute dtype (bf16) the weights' copies in that
-dtype are inputs the step refreshes as it updates the weights (written in the same pass),
-instead of a cast of every weight at the start of each step.
+dtype are reused buffers the step refills from the float32 weights first thing, so they are
+always exactly the cast of the stored weights whatever inductor fuses: a resumed run, whose
+weights come from a checkpoint, computes what the uninterrupted one did. (Refilling them in
+the pass that updates the weights is cheaper, but then their bits depend on how inductor
+recomputes the update for the copy.)
 
 Numerically this is the eager step up to rounding (fused passes round differently), so it
-is tested against the eager path and the single-member reference within a tolerance;
-resume stays exact because a run uses one path throughout (the compiled kernels are
-deterministic).
+is tested against the eager path and the single-member reference within a tolerance. On the
+CPU a compiled run resumes bit-exactly (tested); on an H200 (torch 2.11) it did not, which is
+why ``train.compile=auto`` leaves it off (:func:`sweep.restore.use_compile`,
+scripts/diagnose_compile.py).
 """
 
 from __future__ import annotations
@@ -61,8 +65,10 @@ def step(
     dead_EF: torch.Tensor | None,
 ) -> LossParts:
     """One step of every active member, in place (``scales``: (2,) learning-rate and L1
-    factors; ``cast``: weights in the compute dtype, read and refreshed); returns the (E,)
-    loss parts."""
+    factors; ``cast``: buffers for the weights in the compute dtype, refilled here); returns
+    the (E,) loss parts."""
+    for k, w in cast.items():
+        w.copy_(params[k])
     hyper = {**hyper, "l1": hyper["l1"] * scales[1]}
     aux = None
     if spec.auxk is not None and dead_EF is not None:
@@ -78,8 +84,6 @@ def step(
         p, m, v = params[k], state.exp_avg[k], state.exp_avg_sq[k]
         adam_stacked(p, grads[k], m, v, state.step[k], active_E, lr, spec.adam)
     spec.arch.constrain(params, active_E)
-    for k, w in cast.items():
-        w.copy_(params[k])
     track(spec.arch, buffers, codes, active_E, spec.dead_tokens)
     return parts
 
@@ -100,7 +104,8 @@ def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
     Inductor's deterministic mode is on for this function only: by default inductor picks
     among kernel configurations by timing them on the first call, and configurations sum
     reductions in different orders, so a run resumed on a fresh machine (an empty kernel
-    cache) could differ in the last bits from the uninterrupted one."""
+    cache) could differ in the last bits from the uninterrupted one. (It did not suffice on
+    an H200 with torch 2.11: see the module's docstring.)"""
     dynamo = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # newer and older torch
         if hasattr(dynamo, name):

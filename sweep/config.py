@@ -395,8 +395,8 @@ class TrainConfig:
     matmuls on CUDA) | bfloat16. Parameters and Adam state are always float32."""
     compile: str = "auto"
     """Run each ensemble's step as one ``torch.compile``d program (fused elementwise passes,
-    one Adam pass per parameter for all members): auto (on a GPU; off on the CPU, where the
-    eager step measured faster) | true | false."""
+    one Adam pass per parameter for all members): auto (off for now: on the CPU the eager step
+    measured faster; on a GPU a compiled run does not yet resume bit-exactly) | true | false."""
     log_every: int = 50
     """Steps between training-curve records (one device sync for all members)."""
     checkpoint_minutes: float = 10.0

@@ -117,12 +117,22 @@ def bytes_per_member(
     memory, which there is the device's). Per batch, in the compute
     dtype: the error (B, D) and ``buffers`` (B, F) buffers (:func:`sweep.planning.batch_buffers`):
     codes, their gradient and the top-k's scatter (three), JumpReLU's pre-activations (one
-    more), AuxK's pre-activations, masked copy, auxiliary codes and their gradient (four)."""
+    more), AuxK's pre-activations, masked copy, auxiliary codes and their gradient (four); and
+    :data:`STEP_TRANSIENTS`. The compiled step (``train.compile=true``) holds less."""
     n_params = 2 * width * dict_size + width + dict_size
     low = BYTES[dtype] if BYTES[dtype] < 4 else 0
     state = (5 * 4 + 2 * low + (0 if on_gpu else 3 * 4)) * n_params
-    acts = (buffers * batch_size * dict_size + batch_size * width) * BYTES[dtype]
-    return state + acts
+    extra_bf, extra_bd = STEP_TRANSIENTS
+    rows = (buffers + extra_bf) * batch_size * dict_size + (1 + extra_bd) * batch_size * width
+    return state + rows * BYTES[dtype]
+
+
+STEP_TRANSIENTS = (1, 2)
+"""(B, F) and (B, D) buffers per member in the compute dtype that the eager step holds at its
+peak besides the named ones: measured on an H200 (torch 2.11, bf16, 256 x 4096, batch 1024,
+two and four members; tests/test_gpu.py), its peak was ~8.1 MiB per member above them, i.e.
+one more (B, F) buffer; the two (B, D) ones are the batch's per-member copies the batched
+GEMMs may make."""
 
 
 def memory_text(n_bytes: float) -> str:

@@ -85,7 +85,8 @@ class EnsembleResult:
     """Seconds spent in ``restore``, ``checkpoint`` (training held for snapshots; ``checkpoints``:
     how many; ``checkpoint_last``: the last one's: a stop's waits for its write, the end's is
     written while the members are evaluated), ``checkpoint_write``
-    (the background writes) and ``finalize`` (evaluation and final writes) by this attempt."""
+    (the background writes) and ``finalize`` (evaluation and final writes) by this attempt;
+    ``started_at``: when it started (``time.time()``), from which the others count."""
 
 
 class CheckpointClock:
@@ -371,7 +372,7 @@ def train_ensemble(
     is polled every step: when it returns True the worker checkpoints and returns with
     every member ``interrupted``.
     """
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     if job.threads > 0:
         torch.set_num_threads(job.threads)
     at = _Attempt(job, resolve_device(job.train.device))
@@ -394,7 +395,7 @@ def train_ensemble(
             at.timings["checkpoint_write"] = at.writer.write_seconds
             at.timings["compile"] = sum(r.ens.compile_seconds.values())
     seconds = time.perf_counter() - t0
-    at.timings.update(total=seconds, steps=r.step - resumed_from)
+    at.timings.update(total=seconds, steps=r.step - resumed_from, started_at=started_at)
     for folder in at.folders:
         folder.record_timings(at.timings)
     result = EnsembleResult(job.ensemble.ensemble_id, states, r.step, seconds, resumed_from)

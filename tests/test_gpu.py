@@ -4,7 +4,7 @@ Marked ``gpu``: skipped without CUDA (CI has none). Run them on a GPU machine wi
 ``pytest -m gpu tests/test_gpu.py``. The step tests also run on the CPU in every suite (their
 ``cpu`` variants): a dry run of the GPU tests' own code. Tolerances: fp32 on CUDA as tight as on CPU (TF32 is off
 unless ``train.dtype=tf32``); bf16 compute within 5% (relative, parameters) of the fp32
-reference after 100 steps. The compiled step (``train.compile``, on by default on CUDA) is
+reference after 100 steps. The compiled step (``train.compile=true``; auto leaves it off) is
 held to the same bars, except BatchTopK's, whose selection is discontinuous (a rounding
 difference can move a code across the batch threshold): it is held to the eager step, step
 by step.
@@ -197,6 +197,43 @@ def test_the_memory_model_covers_a_training_step(name, compiled):
     used = torch.cuda.max_memory_allocated() - before
     modelled = E * grid.bytes_per_member(D, F_, B, "bfloat16", buffers)
     assert used <= modelled, (used / 2**20, modelled / 2**20)
+
+
+@pytest.mark.xfail(
+    reason="on an H200 (torch 2.11) a compiled run resumed inexactly: train.compile=auto is off",
+    strict=False,
+)
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@cuda_only
+def test_a_fresh_compile_continues_a_compiled_ensemble_bit_for_bit(dtype):
+    """What a resumed worker does, without the worker and its checkpoints: two compiled
+    ensembles from one start agree after 6 steps, and the state of one, handed to a new
+    Ensemble (its own torch.compile), continues with the uninterrupted one's bits
+    (tests/test_compiled.py's CPU test, on CUDA). A failure here is the compiled step's own
+    determinism: scripts/diagnose_compile.py narrows it down."""
+    from sweep.optim import AdamState
+
+    init, xs = members("untied"), [x.to(CUDA) for x in batches(12)]
+    hyper = hyper_of(L1, [0] * len(L1), CUDA)
+
+    def new(params: dict, **kw: object) -> Ensemble:
+        adam = Adam(LR, BETAS, EPS)
+        return Ensemble(params, hyper, adam, compiled=True, autocast_dtype=dtype, **kw)
+
+    whole, first = new(on(stack(init), CUDA)), new(on(stack(init), CUDA))
+    for i, x in enumerate(xs):
+        whole.step(x)
+        if i < 6:
+            first.step(x)
+        if i == 5:
+            assert all(torch.equal(whole.params[k], v) for k, v in first.params.items())
+    saved = AdamState(*({k: v.clone() for k, v in d.items()} for d in vars(first.state).values()))
+    params = {k: v.clone() for k, v in first.params.items()}
+    again = new(params, state=saved, active=first.active.clone())
+    for x in xs[6:]:
+        again.step(x)
+    for k, v in whole.params.items():
+        assert torch.equal(again.params[k], v), k
 
 
 @cuda_only

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -470,8 +471,10 @@ def test_checkpoints_of_every_format_load_and_a_relabelled_dtype_is_caught(tmp_p
 def test_background_checkpoints_hold_the_state_of_their_step(tiny_store, tmp_path):
     """A checkpoint written while training went on equals one written with training held."""
     late = job_for(tiny_store, tmp_path / "late", checkpoint_every=10)
+    before = time.time()
     res = train_ensemble(late, should_stop=stop_after(13))  # background write at 10, stop at 13
     assert res.timings["checkpoints"] == 2 and res.timings["checkpoint_write"] > 0
+    assert before <= res.timings["started_at"] <= time.time() - res.timings["total"]
     held = job_for(tiny_store, tmp_path / "held", checkpoint_every=1000)
     train_ensemble(held, should_stop=stop_after(10))  # a stop waits for its write
     for m in late.ensemble.members:

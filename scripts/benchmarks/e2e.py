@@ -211,7 +211,8 @@ def analyse(
         write = t.get("write", 0.0)
         train_total, compile_total = train_total + train_s, compile_total + compile_s
         eval_total, write_total = eval_total + t.get("finalize", 0) - write, write_total + write
-        begin = e["start"] + t.get("restore", 0) + compile_s  # its training, roughly
+        began = t.get("started_at", e["start"])  # the worker's start (older sweeps: placed)
+        begin = began + t.get("restore", 0) + compile_s  # its training, roughly
         util = gpu.mean(begin, begin + train_s)
         figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure,
                            "checkpoint_share": ckpt, "gpu_util_training": util}  # fmt: skip

@@ -3,7 +3,7 @@ and ``batchtopk`` members with different k, and ``jumprelu`` members with differ
 coefficients (hand-batched fast path; JumpReLU also on the vmapped path it used before),
 against a Python loop of K plain SAEs of the same architecture, each an autograd SAE with its
 own k or coefficient, its own ``torch.optim.Adam`` and decoder renormalisation. All in fp32;
-the ensemble's step compiled where ``train.compile=auto`` compiles it (on CUDA)."""
+the ensemble's step as ``train.compile=auto`` runs it (eager, for now, everywhere)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,110 @@
+"""Why does a compiled ensemble not resume bit-exactly on this GPU? (See README, Compiled step.)
+
+    python3 scripts/diagnose_compile.py            # on the GPU machine, ~2 min
+    python3 scripts/diagnose_compile.py --device cpu --dtypes fp32,bf16
+
+Each variant runs in a fresh process (as a resumed worker does): an untied ensemble, 12 steps
+of the compiled step from one start, and the same start stopped after 6 steps whose state a
+new Ensemble (its own compile) continues. It prints whether two compiles in one process agree
+after 6 steps, whether the continuation ends on the uninterrupted bits, and a hash of the end
+state, which must also agree between processes. Variants: the default; inductor's
+deterministic mode set for the whole process (not only the compile options); torch's
+deterministic algorithms (warn only); inductor's caches off; the continuation's compiled step
+called once first with its effects undone (does the first call of a compile differ?); the
+eager step (the control).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {
+    "default": {},
+    "default, again": {},
+    "inductor deterministic (process)": {"TORCHINDUCTOR_DETERMINISTIC": "1"},
+    "deterministic algorithms": {"DIAG_DETERMINISTIC_ALGORITHMS": "1"},
+    "inductor caches off": {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"},
+    "continuation warmed up first": {"DIAG_WARMUP": "1"},
+    "eager (control)": {"DIAG_EAGER": "1"},
+}
+
+
+def one_run(device: str, dtype: str) -> dict:
+    """The scenario, in this process."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from sweep.ensemble import Ensemble, hyper_of, stack
+    from sweep.optim import Adam, AdamState
+    from tests.test_ensemble import BETAS, EPS, L1, LR, batches, members
+
+    if os.environ.get("DIAG_DETERMINISTIC_ALGORITHMS"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    dev, compiled = torch.device(device), not os.environ.get("DIAG_EAGER")
+    low = torch.bfloat16 if dtype == "bf16" else None
+    init, xs = members("untied"), [x.to(dev) for x in batches(12)]
+    hyper = hyper_of(L1, [0] * len(L1), dev)
+
+    def new(params: dict, **kw: object) -> Ensemble:
+        return Ensemble(
+            params, hyper, Adam(LR, BETAS, EPS), compiled=compiled, autocast_dtype=low, **kw
+        )
+
+    start = {k: v.to(dev) for k, v in stack(init).items()}
+    whole, first = new({k: v.clone() for k, v in start.items()}), new(start)
+    agree_at_6 = None
+    for i, x in enumerate(xs):
+        whole.step(x)
+        if i < 6:
+            first.step(x)
+        if i == 5:
+            agree_at_6 = all(torch.equal(whole.params[k], v) for k, v in first.params.items())
+    state = AdamState(*({k: v.clone() for k, v in d.items()} for d in vars(first.state).values()))
+    again = new({k: v.clone() for k, v in first.params.items()}, state=state)
+    if os.environ.get("DIAG_WARMUP"):  # a first call whose effects are undone: only tuning stays
+        kept = [t.clone() for t in again._state_tensors()]
+        again.step(xs[6])
+        for t, k in zip(again._state_tensors(), kept, strict=True):
+            t.copy_(k)
+    for x in xs[6:]:
+        again.step(x)
+    differ = [k for k, v in whole.params.items() if not torch.equal(again.params[k], v)]
+    digest = hashlib.sha256()
+    for k in sorted(whole.params):
+        digest.update(whole.params[k].cpu().numpy().tobytes())
+    return {"agree_at_6": agree_at_6, "resume_differs": differ, "end": digest.hexdigest()[:16]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtypes", default="fp32", help="fp32 and/or bf16, comma-separated")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one_run(args.device, args.child)))
+        return
+    import torch
+
+    det = getattr(torch._inductor.config, "deterministic", "absent")
+    print(f"torch {torch.__version__}; inductor config.deterministic: {det}", flush=True)
+    for dtype in args.dtypes.split(","):
+        for name, env in VARIANTS.items():
+            cmd = [sys.executable, __file__, "--device", args.device, "--child", dtype]
+            done = subprocess.run(
+                cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+            )
+            lines = done.stdout.strip().splitlines()
+            result = lines[-1] if done.returncode == 0 and lines else done.stderr[-400:]
+            print(f"{dtype:5} {name:34} {result}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
