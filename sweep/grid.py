@@ -128,11 +128,12 @@ def bytes_per_member(
 
 
 STEP_TRANSIENTS = (1, 2)
-"""(B, F) and (B, D) buffers per member in the compute dtype that the eager step holds at its
-peak besides the named ones: measured on an H200 (torch 2.11, bf16, 256 x 4096, batch 1024,
-two and four members; tests/test_gpu.py), its peak was ~8.1 MiB per member above them, i.e.
-one more (B, F) buffer; the two (B, D) ones are the batch's per-member copies the batched
-GEMMs may make."""
+"""(B, F) and (B, D) buffers per member in the compute dtype that the eager step may hold at
+its peak besides the named ones. Measured on an H200 (torch 2.11, bf16, 256 x 4096, batch
+1024, two and four members; tests/test_gpu.py), its peak was ~8.1 MiB per member above the
+named ones: the size of one (B, F) buffer there, and also of the two float32 copies of the
+decoder that its constraint then made (now divided in place). Kept until re-measured; the
+two (B, D) ones are the batch's per-member copies the batched GEMMs may make."""
 
 
 def memory_text(n_bytes: float) -> str:

@@ -157,8 +157,9 @@ class Architecture:
     def constrain(self, params: Params, active: torch.Tensor) -> None:
         """After an optimizer step, on stacked (E, ...) params: unit decoder rows for active members."""
         if self.unit_decoder and "W_dec" in params:
-            w = params["W_dec"]  # (E, F, D)
-            w.copy_(torch.where(active[:, None, None], unit_rows(w), w))
+            w = params["W_dec"]  # (E, F, D); divided in place: no copy of it (unit_rows's bits)
+            norms = w.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (E, F, 1)
+            w.div_(torch.where(active[:, None, None], norms, 1.0))  # a frozen member: / 1
 
     def update_buffers(
         self, buffers: Params, codes_EBF: torch.Tensor, active: torch.Tensor
