@@ -5,7 +5,10 @@
 
 Each variant runs in a fresh process (as a resumed worker does): an untied ensemble, 12 steps
 of the compiled step from one start, and the same start stopped after 6 steps whose state a
-new Ensemble (its own compile) continues. It prints whether two compiles in one process agree
+new Ensemble (its own compile) continues, given its tensors in a checkpoint's order (by name,
+where a fresh ensemble has its architecture's order). The first suspect, fixed in session 26:
+an ensemble held its tensors in the order given, so a resumed one traced another graph; the
+variant "held as given" puts that back. It prints whether two compiles in one process agree
 after 6 steps, whether the continuation ends on the uninterrupted bits, and a hash of the end
 state, which must also agree between processes. Variants: the default; inductor's
 deterministic mode set for the whole process (not only the compile options); torch's
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": {},
     "default, again": {},
+    "tensors held as given (before)": {"DIAG_AS_GIVEN": "1"},
     "inductor deterministic (process)": {"TORCHINDUCTOR_DETERMINISTIC": "1"},
     "deterministic algorithms": {"DIAG_DETERMINISTIC_ALGORITHMS": "1"},
     "inductor caches off": {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"},
@@ -45,6 +49,11 @@ def one_run(device: str, dtype: str) -> dict:
     from sweep.optim import Adam, AdamState
     from tests.test_ensemble import BETAS, EPS, L1, LR, batches, members
 
+    if os.environ.get("DIAG_AS_GIVEN"):  # the order before session 26: as given, not by name
+        import sweep.ensemble
+
+        sweep.ensemble.by_name = dict
+        AdamState.by_name = lambda self: self
     if os.environ.get("DIAG_DETERMINISTIC_ALGORITHMS"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     dev, compiled = torch.device(device), not os.environ.get("DIAG_EAGER")
@@ -66,8 +75,12 @@ def one_run(device: str, dtype: str) -> dict:
             first.step(x)
         if i == 5:
             agree_at_6 = all(torch.equal(whole.params[k], v) for k, v in first.params.items())
-    state = AdamState(*({k: v.clone() for k, v in d.items()} for d in vars(first.state).values()))
-    again = new({k: v.clone() for k, v in first.params.items()}, state=state)
+
+    def restored(d: dict) -> dict:  # a clone in a checkpoint's order (by name)
+        return {k: d[k].clone() for k in sorted(d)}
+
+    state = AdamState(*(restored(d) for d in vars(first.state).values()))
+    again = new(restored(first.params), state=state)
     if os.environ.get("DIAG_WARMUP"):  # a first call whose effects are undone: only tuning stays
         kept = [t.clone() for t in again._state_tensors()]
         again.step(xs[6])

@@ -16,9 +16,13 @@ recomputes the update for the copy.)
 
 Numerically this is the eager step up to rounding (fused passes round differently), so it
 is tested against the eager path and the single-member reference within a tolerance. On the
-CPU a compiled run resumes bit-exactly (tested); on an H200 (torch 2.11) it did not, which is
-why ``train.compile=auto`` leaves it off (:func:`sweep.restore.use_compile`,
-scripts/diagnose_compile.py).
+CPU a compiled run resumes bit-exactly (tested); on an H200 (torch 2.11) it did not. The likely
+cause, fixed since: a resumed ensemble held its tensors in its checkpoint's order (by name), a
+fresh one in its architecture's, so the two traced different graphs, which inductor fuses and
+tunes differently on a GPU; now every ensemble holds them by name
+(:func:`sweep.ensemble.by_name`). Until a GPU confirms it (tests/test_gpu.py,
+scripts/diagnose_compile.py), ``train.compile=auto`` leaves the step eager
+(:func:`sweep.restore.use_compile`).
 """
 
 from __future__ import annotations

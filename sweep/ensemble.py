@@ -50,6 +50,14 @@ class DeadLatents:
     """Dead latents used by the AuxK reconstruction."""
 
 
+def by_name(tensors: Params) -> Params:
+    """``tensors`` in name order. An ensemble holds its parameters, Adam state and buffers so:
+    a restored one gets them in a checkpoint's order, a fresh one in its architecture's, and
+    the compiled step traced from either must be the same program (on a GPU inductor fuses
+    and tunes a reordered graph differently: other bits, an inexact resume)."""
+    return {k: tensors[k] for k in sorted(tensors)}
+
+
 def stack(members: list[Params]) -> Params:
     """[{name: (...)}] * E -> {name: (E, ...)}."""
     return {k: torch.stack([m[k] for m in members]) for k in members[0]}
@@ -93,10 +101,10 @@ class Ensemble:
         cuda_graphs: bool = False,
     ) -> None:
         self.arch = archs.get(arch) if isinstance(arch, str) else arch
-        self.params = params  # {name: (E, ...)}
+        self.params = by_name(params)  # {name: (E, ...)}
         self.hyper = hyper  # {"l1": (E,), "k": (E,)}
         self.adam = adam
-        self.state = state if state is not None else AdamState.zeros_like(params)
+        self.state = (state if state is not None else AdamState.zeros_like(self.params)).by_name()
         self.n = hyper["l1"].shape[0]
         dev = hyper["l1"].device
         self.active = (
@@ -138,6 +146,16 @@ class Ensemble:
         if dead is not None:
             out[SINCE_FIRED] = torch.zeros(self.n, f)
         return {k: v.to(dev) for k, v in out.items()}
+
+    @property
+    def buffers(self) -> Params:
+        """Per-member state besides the parameters (thresholds, rows since each latent fired),
+        in name order whoever sets it (:func:`by_name`)."""
+        return self._buffers
+
+    @buffers.setter
+    def buffers(self, tensors: Params) -> None:
+        self._buffers = by_name(tensors)
 
     @property
     def program(self) -> str:

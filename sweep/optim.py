@@ -36,6 +36,10 @@ class AdamState:
             step={k: torch.zeros(n, dtype=torch.float32, device=dev) for k in params},
         )
 
+    def by_name(self) -> AdamState:
+        """The same tensors, each dict in name order (see :func:`sweep.ensemble.by_name`)."""
+        return AdamState(*({k: d[k] for k in sorted(d)} for d in vars(self).values()))
+
     def member(self, e: int) -> dict[str, torch.Tensor]:
         """Member ``e``'s state as flat named tensors (for its checkpoint)."""
         out: dict[str, torch.Tensor] = {}

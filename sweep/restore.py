@@ -76,7 +76,8 @@ def use_compile(train: TrainConfig, device: torch.device) -> bool:
     on every device for now: on the CPU the eager step measured faster, and on a GPU a
     compiled run resumed with other bits than its uninterrupted self (H200, torch 2.11, fp32
     and bf16; the eager step resumed exactly), which exact resume, on by default, cannot
-    allow. (``device``: where the answer would differ again once that is fixed.)"""
+    allow. Its likely cause is fixed (:mod:`sweep.compiled`) but not yet measured on a GPU.
+    (``device``: where the answer would differ again once it is.)"""
     del device
     return str(train.compile).lower() == "true"
 

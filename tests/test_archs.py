@@ -46,7 +46,7 @@ def ensemble_of(
 def assert_member_equal(ens: Ensemble, e: int, p: dict, opt: torch.optim.Adam, n: int) -> None:
     for k, v in ens.params.items():
         torch.testing.assert_close(v[e], p[k], rtol=2e-5, atol=2e-6)
-        st = opt.state[opt.param_groups[0]["params"][list(ens.params).index(k)]]
+        st = opt.state[opt.param_groups[0]["params"][list(p).index(k)]]
         torch.testing.assert_close(ens.state.exp_avg[k][e], st["exp_avg"], rtol=2e-4, atol=1e-7)
         torch.testing.assert_close(
             ens.state.exp_avg_sq[k][e], st["exp_avg_sq"], rtol=2e-4, atol=1e-9

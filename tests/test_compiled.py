@@ -281,3 +281,28 @@ def test_a_compiled_step_resumed_on_a_gpu_is_reported_inexact(tmp_path, caplog):
     assert "not bit for bit; train.compile=false resumes exactly" in caplog.text
     for f in folders:
         assert "inexact_resume" in (f.path / "events.jsonl").read_text()
+
+
+def test_an_ensemble_holds_its_tensors_by_name_whatever_order_it_is_given():
+    """A checkpoint gives an ensemble back its tensors in name order, a fresh one gets its
+    architecture's order: both hold them by name, so the compiled step traced from a resumed
+    ensemble is the uninterrupted one's program (on an H200 a reordered graph was fused and
+    tuned differently: a resume with other bits)."""
+    init = members("batchtopk", 2)
+    dead = DeadLatents(dead_tokens=B, auxk_alpha=0.03, k_aux=8)
+    fresh = ensemble_of("batchtopk", init, True, dead, compiled=True)
+    assert list(init[0]) != sorted(init[0]) and len(fresh.buffers) == 2
+
+    def reversed_(d: dict) -> dict:
+        return {k: d[k] for k in reversed(list(d))}
+
+    state = AdamState(*(reversed_(d) for d in vars(fresh.state).values()))
+    again = Ensemble(
+        reversed_(fresh.params), fresh.hyper, fresh.adam, arch="batchtopk", state=state,
+        dead=dead, compiled=True,
+    )  # fmt: skip
+    again.buffers = reversed_(fresh.buffers)  # as sweep.restore sets a checkpoint's
+    mine = [again.params, again.buffers, *vars(again.state).values()]
+    theirs = [fresh.params, fresh.buffers, *vars(fresh.state).values()]
+    for a, b in zip(mine, theirs, strict=True):
+        assert list(a) == list(b) == sorted(a)

@@ -199,10 +199,15 @@ def test_the_memory_model_covers_a_training_step(name, compiled):
     assert used <= modelled, (used / 2**20, modelled / 2**20)
 
 
-@pytest.mark.xfail(
-    reason="on an H200 (torch 2.11) a compiled run resumed inexactly: train.compile=auto is off",
+COMPILED_RESUME = pytest.mark.xfail(
+    reason="a compiled run resumed inexactly on an H200 (torch 2.11) while an ensemble held its "
+    "tensors in the order given (session 26); expected to pass now: when it does, drop this "
+    "mark and let train.compile=auto compile on GPUs again",
     strict=False,
 )
+
+
+@COMPILED_RESUME
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @cuda_only
 def test_a_fresh_compile_continues_a_compiled_ensemble_bit_for_bit(dtype):
@@ -227,24 +232,30 @@ def test_a_fresh_compile_continues_a_compiled_ensemble_bit_for_bit(dtype):
             first.step(x)
         if i == 5:
             assert all(torch.equal(whole.params[k], v) for k, v in first.params.items())
-    saved = AdamState(*({k: v.clone() for k, v in d.items()} for d in vars(first.state).values()))
-    params = {k: v.clone() for k, v in first.params.items()}
-    again = new(params, state=saved, active=first.active.clone())
+
+    def restored(d: dict) -> dict:  # a clone in a checkpoint's order (by name)
+        return {k: d[k].clone() for k in sorted(d)}
+
+    saved = AdamState(*(restored(d) for d in vars(first.state).values()))
+    again = new(restored(first.params), state=saved, active=first.active.clone())
     for x in xs[6:]:
         again.step(x)
     for k, v in whole.params.items():
         assert torch.equal(again.params[k], v), k
 
 
+@pytest.mark.parametrize(
+    "compile_", ["auto", pytest.param("true", marks=COMPILED_RESUME)], ids=["default", "compiled"]
+)
 @cuda_only
-def test_resume_is_bit_identical_on_cuda(tiny_store, tmp_path):
+def test_resume_is_bit_identical_on_cuda(compile_, tiny_store, tmp_path):
     from sweep import rundir
     from sweep.worker import train_ensemble
     from tests.test_worker import digest, job_for, stop_after
 
-    ref = job_for(tiny_store, tmp_path / "ref", epochs=2, device="cuda")
+    ref = job_for(tiny_store, tmp_path / "ref", epochs=2, device="cuda", compile=compile_)
     train_ensemble(ref)
-    cut = job_for(tiny_store, tmp_path / "cut", epochs=2, device="cuda")
+    cut = job_for(tiny_store, tmp_path / "cut", epochs=2, device="cuda", compile=compile_)
     train_ensemble(cut, should_stop=stop_after(17))
     second = train_ensemble(cut)
     assert second.resumed_from == 17
