@@ -208,6 +208,8 @@ def analyse(
               f"training: {achieved:,.0f} rows*K/s; timings {t}", flush=True)  # fmt: skip
         pure = step_rate(p, e["ratio"], e["members"], ctx)
         ckpt = (t.get("checkpoint", 0.0) - last) / train_s  # periodic snapshots' hold
+        periodic = max(t.get("checkpoints", 0) - (1 if "checkpoint_last" in t else 0), 1)
+        per_ckpt = (t.get("checkpoint", 0.0) - last) / periodic  # seconds one snapshot holds
         write = t.get("write", 0.0)
         train_total, compile_total = train_total + train_s, compile_total + compile_s
         eval_total, write_total = eval_total + t.get("finalize", 0) - write, write_total + write
@@ -215,7 +217,8 @@ def analyse(
         begin = began + t.get("restore", 0) + compile_s  # its training, roughly
         util = gpu.mean(begin, begin + train_s)
         figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure,
-                           "checkpoint_share": ckpt, "gpu_util_training": util}  # fmt: skip
+                           "checkpoint_share": ckpt, "checkpoint_hold_s": per_ckpt,
+                           "gpu_util_training": util}  # fmt: skip
         rows.append([ens_id, f"{achieved:,.0f}", f"{pure:,.0f}", f"{achieved / pure:.2f}",
                      f"{ckpt:.4f}", f"{t.get('finalize', 0) - write:.1f}", f"{write:.1f}",
                      "-" if util is None else f"{util:.0f}%"])  # fmt: skip
@@ -232,6 +235,12 @@ def analyse(
     print(f"  periodic checkpoints (every {CKPT_EVERY} steps) held training for at most "
           f"{worst_ckpt:.4f} of it: {verdict(worst_ckpt, CKPT_TARGET, higher=False)} (< {CKPT_TARGET})")  # fmt: skip
     figures["worst_checkpoint_share"] = worst_ckpt
+    hold = max(v["checkpoint_hold_s"] for v in per_ensemble)
+    at_default = hold / (TrainConfig().checkpoint_minutes * 60)
+    print(f"  one snapshot held training for at most {hold:.3f} s: at the default policy (one per "
+          f"{TrainConfig().checkpoint_minutes:g} min of training) {at_default:.5f} of it: "
+          f"{verdict(at_default, CKPT_TARGET, higher=False)}")  # fmt: skip
+    figures["checkpoint_share_at_default"] = at_default
     print(f"  sweep wall {wall:.1f} s: start-up (Ray, plan) {figures['startup_s']:.1f} s, "
           f"compile {compile_total:.1f} s, training {train_total:.1f} s, evaluation {eval_total:.1f} s, final writes "
           f"{write_total:.1f} s (ensembles may overlap); GPU utilisation over the whole sweep {figures['gpu_util']}")  # fmt: skip
