@@ -13,7 +13,8 @@ nothing here asserts on time):
 2. achieved FLOP/s of the fast ensemble at the large size, as a fraction of this machine's
    dense fp32 matmul rate measured here (nominal 12*B*d*m FLOPs per member-step).
 3. streamed vs in-memory: one ensemble trained from ``BatchStream`` over an on-disk chunk
-   store vs from a pre-shuffled tensor already in memory.
+   store vs from a pre-shuffled tensor already in memory; the stream alone at issue 9's
+   widths, the store's reads and verification, and the synthetic generator alone.
 4. checkpoint cost: ``worker.train_ensemble`` with a periodic checkpoint policy
    (``train.checkpoint_every`` set to give a few checkpoints per run: a bench run never reaches
    the default ``train.checkpoint_minutes``) vs the same run with checkpointing off

@@ -1,6 +1,7 @@
 """Section 3, streamed vs in-memory: one ensemble trained from ``BatchStream`` over an on-disk
 chunk store vs from a pre-shuffled tensor already in memory; and the stream alone (every
-batch delivered to the device, no training) at issue 9's widths, fp16 stores."""
+batch delivered to the device, no training) at issue 9's widths, fp16 stores; and the
+synthetic generator alone (no store written) at width 512 on this device."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 import torch
 
 from sweep.activations.store import BatchStream, ChunkStore, Cursor
+from sweep.activations.synthetic import SyntheticSource
+from sweep.config import SyntheticDataConfig
 from sweep.ensemble import Ensemble
 
 from .common import FEED_WIDTHS, SMALL, Context
@@ -57,7 +60,27 @@ def run(ctx: Context) -> dict:
             secs[name].append(ctx.timer.wall(lambda train=train, ens=ens: train(ens)))
     alone = ctx.timer.wall(lambda: [None for _ in stream.batches(Cursor())])  # reading only
     feed = feed_alone(ctx)
-    return {**report(store, steps, bs, secs, alone), "feed": feed, "disk": disk_side(ctx)}
+    out = {**report(store, steps, bs, secs, alone), "feed": feed, "disk": disk_side(ctx)}
+    return {**out, "generation": generation(ctx)}
+
+
+GENERATION_TARGET = 2e6
+"""Rows/s the synthetic generator must reach at width 512 on a GPU (issue 9)."""
+
+
+def generation(ctx: Context) -> dict:
+    """Rows/s of ``SyntheticSource.sample`` alone (one chunk of the default size, width 512,
+    4 x 512 features, as section 6's store), on this device, the median of the repeats."""
+    cfg = SyntheticDataConfig(width=512, n_features=2048)
+    source, rows = SyntheticSource(cfg), cfg.rows_per_chunk
+    source.sample(rows, 0, ctx.device)  # tables on the device, kernels warm
+    draw = lambda: source.sample(rows, 1, ctx.device)  # noqa: E731
+    secs = [ctx.timer.per_call(draw, ctx.st.min_time) for _ in range(ctx.st.repeats)]
+    rate = rows / med(secs)
+    ok = verdict(rate / GENERATION_TARGET, 1.0) if ctx.device.type == "cuda" else "GPU target"
+    print(f"  synthetic generation alone on {ctx.device.type}, width 512, {rows} rows a chunk: "
+          f"{fmt_rate(rate)} rows/s (>= {fmt_rate(GENERATION_TARGET)}: {ok})")  # fmt: skip
+    return {"rows": rows, "seconds": secs, "rows_per_s": rate}
 
 
 FEED_TARGETS = {512: 5e6, 2304: 1e6}
