@@ -29,7 +29,7 @@ from torch.func import grad, vmap
 
 from sweep import archs, compiled, fastpath, sae
 from sweep.archs import Architecture, Hyper, Params
-from sweep.optim import Adam, AdamState
+from sweep.optim import Adam, AdamState, by_name
 from sweep.sae import LossParts
 from sweep.update import SINCE_FIRED, clip_members, track
 
@@ -48,14 +48,6 @@ class DeadLatents:
     """Weight of the AuxK loss (TopK-style architectures; 0 = off)."""
     k_aux: int = 0
     """Dead latents used by the AuxK reconstruction."""
-
-
-def by_name(tensors: Params) -> Params:
-    """``tensors`` in name order. An ensemble holds its parameters, Adam state and buffers so:
-    a restored one gets them in a checkpoint's order, a fresh one in its architecture's, and
-    the compiled step traced from either must be the same program (on a GPU inductor fuses
-    and tunes a reordered graph differently: other bits, an inexact resume)."""
-    return {k: tensors[k] for k in sorted(tensors)}
 
 
 def stack(members: list[Params]) -> Params:
@@ -150,7 +142,7 @@ class Ensemble:
     @property
     def buffers(self) -> Params:
         """Per-member state besides the parameters (thresholds, rows since each latent fired),
-        in name order whoever sets it (:func:`by_name`)."""
+        in name order whoever sets it (:func:`sweep.optim.by_name`)."""
         return self._buffers
 
     @buffers.setter

@@ -19,6 +19,14 @@ from torch.optim.adam import adam as adam_functional
 Params = dict[str, torch.Tensor]
 
 
+def by_name(tensors: Params) -> Params:
+    """``tensors`` in name order. An ensemble holds its parameters, Adam state and buffers so:
+    a restored one gets them in a checkpoint's order, a fresh one in its architecture's, and
+    the compiled step traced from either must be the same program (on a GPU inductor fuses
+    and tunes a reordered graph differently: other bits, an inexact resume)."""
+    return {k: tensors[k] for k in sorted(tensors)}
+
+
 @dataclass
 class AdamState:
     exp_avg: Params
@@ -37,8 +45,8 @@ class AdamState:
         )
 
     def by_name(self) -> AdamState:
-        """The same tensors, each dict in name order (see :func:`sweep.ensemble.by_name`)."""
-        return AdamState(*({k: d[k] for k in sorted(d)} for d in vars(self).values()))
+        """The same tensors, each dict in name order (:func:`by_name`)."""
+        return AdamState(*(by_name(d) for d in vars(self).values()))
 
     def member(self, e: int) -> dict[str, torch.Tensor]:
         """Member ``e``'s state as flat named tensors (for its checkpoint)."""

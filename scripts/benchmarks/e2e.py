@@ -207,9 +207,9 @@ def analyse(
         print(f"  {ens_id}: {e['members']} members, {t['steps']} steps in {train_s:.1f} s of "
               f"training: {achieved:,.0f} rows*K/s; timings {t}", flush=True)  # fmt: skip
         pure = step_rate(p, e["ratio"], e["members"], ctx)
-        ckpt = (t.get("checkpoint", 0.0) - last) / train_s  # periodic snapshots' hold
+        held = t.get("checkpoint", 0.0) - last  # the periodic snapshots' hold
         periodic = max(t.get("checkpoints", 0) - (1 if "checkpoint_last" in t else 0), 1)
-        per_ckpt = (t.get("checkpoint", 0.0) - last) / periodic  # seconds one snapshot holds
+        ckpt, per_ckpt = held / train_s, held / periodic  # share; seconds one snapshot holds
         write = t.get("write", 0.0)
         train_total, compile_total = train_total + train_s, compile_total + compile_s
         eval_total, write_total = eval_total + t.get("finalize", 0) - write, write_total + write
@@ -236,9 +236,10 @@ def analyse(
           f"{worst_ckpt:.4f} of it: {verdict(worst_ckpt, CKPT_TARGET, higher=False)} (< {CKPT_TARGET})")  # fmt: skip
     figures["worst_checkpoint_share"] = worst_ckpt
     hold = max(v["checkpoint_hold_s"] for v in per_ensemble)
-    at_default = hold / (TrainConfig().checkpoint_minutes * 60)
+    minutes = TrainConfig().checkpoint_minutes
+    at_default = hold / (minutes * 60)
     print(f"  one snapshot held training for at most {hold:.3f} s: at the default policy (one per "
-          f"{TrainConfig().checkpoint_minutes:g} min of training) {at_default:.5f} of it: "
+          f"{minutes:g} min of training) {at_default:.5f} of it: "
           f"{verdict(at_default, CKPT_TARGET, higher=False)}")  # fmt: skip
     figures["checkpoint_share_at_default"] = at_default
     print(f"  sweep wall {wall:.1f} s: start-up (Ray, plan) {figures['startup_s']:.1f} s, "
