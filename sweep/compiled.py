@@ -20,7 +20,9 @@ CPU a compiled run resumes bit-exactly (tested); on an H200 (torch 2.11) it did 
 cause, fixed since: a resumed ensemble held its tensors in its checkpoint's order (by name), a
 fresh one in its architecture's, so the two traced different graphs, which inductor fuses and
 tunes differently on a GPU; now every ensemble holds them by name
-(:func:`sweep.optim.by_name`). Until a GPU confirms it (tests/test_gpu.py,
+(:func:`sweep.optim.by_name`); a resumed CPU worker now hands inductor the very graphs, with
+the same inputs' layout, that the uninterrupted one did (tests/test_compiled.py), where before
+the fix they differed. Until a GPU confirms it (tests/test_gpu.py,
 scripts/diagnose_compile.py), ``train.compile=auto`` leaves the step eager
 (:func:`sweep.restore.use_compile`).
 """

@@ -156,18 +156,59 @@ def test_train_compile_auto_is_off_until_a_compiled_gpu_run_resumes_exactly():
     assert not restore.use_compile(TrainConfig(compile="false"), gpu)
 
 
-def test_a_compiled_worker_resumes_bit_exactly(tiny_store, tmp_path):
+class TracedGraphs:
+    """Every graph inductor is given in this process: its code and, per input, shape, stride,
+    dtype, storage offset and alignment. Equal graphs with equal inputs are equal kernels on
+    any device (inductor's kernel choice is deterministic here: see sweep.compiled), so a
+    resumed compiled run computes what its uninterrupted self did, GPU included."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import torch._inductor.compile_fx as cfx
+
+        self.graphs: list[tuple[str, list]] = []
+        compile_fx = cfx.compile_fx
+
+        def record(gm: torch.fx.GraphModule, inputs: list, *args: object, **kw: object):
+            self.graphs.append((gm.code, [self._meta(t) for t in inputs]))
+            return compile_fx(gm, inputs, *args, **kw)
+
+        monkeypatch.setattr(cfx, "compile_fx", record)
+
+    @staticmethod
+    def _meta(t: object) -> object:
+        if not isinstance(t, torch.Tensor):
+            return repr(t)
+        return t.shape, t.stride(), t.dtype, t.storage_offset(), t.data_ptr() % 16
+
+    def take(self) -> list[tuple[str, list]]:
+        out, self.graphs = self.graphs, []
+        return out
+
+
+@pytest.mark.parametrize(
+    "arch, dtype",
+    [("untied", "float32"), ("batchtopk", "bfloat16")],
+    ids=["untied", "batchtopk-bf16"],
+)
+def test_a_compiled_worker_resumes_bit_exactly(arch, dtype, tiny_store, tmp_path, monkeypatch):
     """Through the worker (train.compile=true on CPU): stopped, checkpointed and continued, the
-    dictionaries equal an uninterrupted compiled run's; compile time is recorded apart."""
+    dictionaries equal an uninterrupted compiled run's, and the resumed worker compiled the
+    very graphs the uninterrupted one did (same code, same inputs' order and layout: a GPU's
+    kernels are the same too); compile time is recorded apart."""
     from sweep import rundir
     from sweep.worker import train_ensemble
     from tests.test_worker import digest, job_for, stop_after
 
-    ref = train_ensemble(job_for(tiny_store, tmp_path / "ref", compile="true"))
+    traced, knob = TracedGraphs(monkeypatch), {"l1s": (2, 4)} if arch == "batchtopk" else {}
+    kw = {"compile": "true", "dtype": dtype, "arch": arch, **knob}
+    ref = train_ensemble(job_for(tiny_store, tmp_path / "ref", **kw))
     assert ref.timings["compile"] > 0
-    cut = job_for(tiny_store, tmp_path / "cut", compile="true")
+    uninterrupted = traced.take()
+    cut = job_for(tiny_store, tmp_path / "cut", **kw)
     train_ensemble(cut, should_stop=stop_after(17))
+    traced.take()
     assert train_ensemble(cut).resumed_from == 17
+    assert traced.take() == uninterrupted and len(uninterrupted) == 2  # (dead latents: 2 variants)
     for m in cut.ensemble.members:
         a, b = (rundir.run_dir(tmp_path / d, m.run_id) for d in ("ref", "cut"))
         assert digest(a) == digest(b)
