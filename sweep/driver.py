@@ -28,6 +28,7 @@ from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
 from sweep.lock import TRAINING, SweepLock
 from sweep.planning import SweepPlan
+from sweep.startup import Laps
 from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly, raised_by
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
 
@@ -85,13 +86,13 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     SweepFolder(cfg.sweep_dir).refuse_store()
     new_folder = _create(Path(cfg.sweep_dir))
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
-    outcome = Outcome()
+    outcome, laps = Outcome(), Laps()
     try:
         with driving(folder, outcome) as lock:
             check_config(cfg, folder)
             finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
-            store = None if finished else checked_store(cfg, folder)
-            records = _train(cfg, folder, store, finished, lock, outcome)
+            store = None if finished else checked_store(cfg, folder, laps)
+            records = _train(cfg, folder, store, finished, lock, outcome, laps)
             logged(outcome.raise_if_unfinished)  # (in sweep.log too)
     except SweepError:
         if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
@@ -150,11 +151,14 @@ def _remove_refused(folder: SweepFolder) -> None:
         folder.path.rmdir()
 
 
-def checked_store(cfg: SweepConfig, folder: SweepFolder) -> ChunkStore:
+def checked_store(cfg: SweepConfig, folder: SweepFolder, laps: Laps | None = None) -> ChunkStore:
     """What can refuse the run's store before any training (after :func:`check_config`),
-    with the store it trains on."""
+    with the store it trains on (``laps``: times making or opening it, then checking it)."""
+    laps = laps or Laps()
     store = prepare_store(cfg)
+    laps.lap("store")
     check_store_fits(cfg, folder, store)
+    laps.lap("store checks")
     return store
 
 
@@ -223,10 +227,12 @@ def _train(
     finished: tuple[SweepConfig, SweepPlan] | None,
     lock: SweepLock,
     outcome: Outcome,
+    laps: Laps,
 ) -> list[RunRecord]:
     """Start Ray, plan, write the sweep files, train; record every run and the outcome. No
     Ray when every run of the grid is final (``finished``, found without the store, which is
-    then None; else looked for here)."""
+    then None; else looked for here). ``laps``: the start-up so far, recorded with the rest
+    of it (:mod:`sweep.startup`)."""
     signals = outcome.signals
     assert signals is not None
     folder.clear_stop()  # left by an earlier, stopped driver
@@ -246,9 +252,14 @@ def _train(
             with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
                 import ray
 
+                laps.lap("Ray")
                 res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
+                laps.lap("hardware")
                 cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
                 _write_sweep_files(folder, cfg, p, store)
+                laps.lap("plan")
+                folder.record_startup(laps.record())
+                details.info(laps.text())
                 if p.skipped:
                     log.info(
                         "%d of %d runs already done; skipping them", len(p.skipped), len(p.runs)

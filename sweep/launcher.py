@@ -468,6 +468,7 @@ def _warnings_with_error(train: Callable[[], Any], warnings: list[str]) -> Any:
 def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
     """The Ray task body: train one ensemble; stop cleanly (checkpoint) on SIGTERM/SIGINT or
     when the driver's stop file appears."""
+    began = time.time()  # (this process is started and this module imported: Ray's part)
     from sweep.worker import EnsembleResult, train_ensemble
 
     ids = [m.run_id for m in job.ensemble.members]
@@ -479,7 +480,7 @@ def train_task(job: Any, progress_actor: object, stop_file: str) -> Any:
         if stop.requested():  # the sweep was stopped before this task started
             interrupted = dict.fromkeys(ids, "interrupted")
             return EnsembleResult(job.ensemble.ensemble_id, interrupted, 0, 0.0, started=False)
-        job = replace(job, placement={**job.placement, **placement()})
+        job = replace(job, placement={**job.placement, **placement(), "task_began": began})
         try:
             with _warnings_kept() as warnings:
                 result = _warnings_with_error(

@@ -50,6 +50,7 @@ STOP = ".stop"
 LOG = "sweep.log"
 STORE = "store"
 LIMITS = "member_limits"
+STARTUP = "startup"
 """The manifest's key for :meth:`SweepFolder.member_limits`."""
 REPORT = "report"
 WANDB = "wandb"
@@ -468,7 +469,7 @@ class SweepFolder:
             manifest.update(store=store.facts(), width=store.width)
         if grid:
             manifest[GRID] = [spec["run_id"] for spec in runs]
-        for kept in (GRID, LIMITS, "store", "width"):
+        for kept in (GRID, LIMITS, STARTUP, "store", "width"):
             if kept in old and kept not in manifest:
                 manifest[kept] = old[kept]
         manifest["updated"] = time.time()
@@ -501,6 +502,12 @@ class SweepFolder:
         key = repr(float(dict_ratio))
         limits[key] = min(members, limits.get(key, members))
         manifest["updated"] = time.time()
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+    def record_startup(self, phases: dict[str, float]) -> None:
+        """The latest driver's start-up (:mod:`sweep.startup`)."""
+        manifest = self.manifest()
+        manifest.update({STARTUP: phases, "updated": time.time()})
         atomic_write_json(self.path / MANIFEST, manifest)
 
     def record_state(self, state: str) -> None:

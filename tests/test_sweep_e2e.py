@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sweep import rundir
+from sweep import rundir, startup
 from sweep.cli import main
 
 TINY = [
@@ -58,6 +58,9 @@ def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
     assert len(manifest["runs"]) == 6 and manifest["state"] == "done" and manifest["width"] == 16
     assert (sw / "config.yaml").exists() and (sw / "store" / "manifest.json").exists()
     assert not (sw / ".lock").exists()
+    began = manifest["startup"]["began"]  # the driver's start-up phases, timed (sweep.startup)
+    assert set(manifest["startup"]) == {"began", *startup.PHASES}
+    assert "start-up took" in (sw / "sweep.log").read_text()
     for r in rows:
         d = sw / "runs" / r["run_id"]
         assert rundir.is_done(d) and (d / "sae.safetensors").exists()
@@ -69,6 +72,7 @@ def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
             and placement["cuda_visible_devices"]
             and placement["device"] == "cpu"
         )
+        assert began <= placement["task_began"] <= placement["time"]  # then the worker's
     capsys.readouterr()
     assert main(["status", str(sw)]) == 0
     status = capsys.readouterr().out

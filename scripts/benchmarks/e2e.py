@@ -27,6 +27,7 @@ from sweep.config import SyntheticDataConfig, TrainConfig
 from sweep.devices import release_device_memory
 from sweep.io import read_json
 from sweep.restore import use_compile
+from sweep.startup import PHASES
 from sweep.sweepdir import SweepFolder
 
 from .common import Context, Size
@@ -136,8 +137,26 @@ def ensemble_timings(sweep_dir: Path) -> dict[str, dict]:
         e["members"] += 1
         placement = read_json(run.path / rundir.PLACEMENT)
         e["timings"], e["gpu_share"] = placement["timings"], placement.get("gpu_share")
-        e["start"] = run.started_at()
+        e["start"], e["task_began"] = run.started_at(), placement.get("task_began")
     return out
+
+
+def startup_split(sweep_dir: Path, timings: dict[str, dict], t_start: float) -> dict:
+    """The start-up's parts (seconds): the driver's phases (the manifest's ``startup``:
+    store, store checks, Ray, hardware, plan), then the first worker's launch (Ray's
+    process start, from the plan's end) and its imports and set-up before it started, its
+    restore and its first compile; printed on one line."""
+    driver = dict(SweepFolder(sweep_dir).manifest().get("startup", {}))
+    began = driver.pop("began", t_start)
+    split = {"before the driver": began - t_start}
+    split.update({k: driver[k] for k in PHASES if k in driver})
+    e = min(timings.values(), key=lambda e: e["start"])
+    if e.get("task_began"):
+        split["worker launch"] = e["task_began"] - began - sum(driver.values())
+        split["worker imports"] = e["start"] - e["task_began"]
+    split.update(restore=e["timings"].get("restore", 0.0), compile=e["timings"].get("compile", 0.0))
+    print("  start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in split.items()), flush=True)
+    return split
 
 
 def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
@@ -223,6 +242,7 @@ def analyse(
                      f"{ckpt:.4f}", f"{t.get('finalize', 0) - write:.1f}", f"{write:.1f}",
                      "-" if util is None else f"{util:.0f}%"])  # fmt: skip
     first = min(e["start"] for e in timings.values())
+    figures["startup"] = startup_split(sweep_dir, timings, t_start)
     figures.update(startup_s=first - t_start, train_s=train_total, eval_s=eval_total)
     figures.update(write_s=write_total, compile_s=compile_total)
     figures["gpu_util"] = gpu.mean()
