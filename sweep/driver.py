@@ -249,11 +249,13 @@ def _train(
             )
         else:
             assert store is not None
+            early = launcher.early_gpu_probe(cfg)
             with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
                 import ray
 
                 laps.lap("Ray")
-                res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
+                nodes = launcher.alive_nodes()
+                res = launcher.Resources(cfg, ray.cluster_resources(), nodes, early=early)
                 laps.lap("hardware")
                 cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
                 _write_sweep_files(folder, cfg, p, store)

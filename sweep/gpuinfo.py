@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,32 @@ def ask(gpu_nodes: int, need_memory: bool = True, command: str = "nvidia-smi") -
         )
         return GpuInfo()
     return _smallest(rows, gpu_nodes)
+
+
+class Early:
+    """:func:`ask`'s answer for a Ray instance started on this machine, read in a thread begun
+    before Ray starts: reading the free memory (a process that imports torch and makes a CUDA
+    context) takes seconds, which Ray's own start then hides."""
+
+    def __init__(self, need_memory: bool) -> None:
+        self._answer: list[GpuInfo] = []
+        self._thread = threading.Thread(
+            target=lambda: self._answer.append(_local(need_memory, "nvidia-smi")),
+            name="sweep-gpu-probe",
+            daemon=True,  # (a stop during start-up does not wait for it)
+        )
+        self._thread.start()
+
+    @classmethod
+    def begin(cls, local_ray: bool, need_memory: bool) -> Early | None:
+        """Start reading when a local Ray instance's GPUs are this machine's and torch sees
+        CUDA here (else :func:`ask` asks Ray's nodes, once Ray is up): None otherwise."""
+        return cls(need_memory) if local_ray and _torch_sees_cuda() else None
+
+    def answer(self) -> GpuInfo | None:
+        """The answer (waiting for it); None if the thread failed (then :func:`ask`)."""
+        self._thread.join()
+        return self._answer[0] if self._answer else None
 
 
 def _smallest(rows: list[Row], gpu_nodes: int) -> GpuInfo:

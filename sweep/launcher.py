@@ -213,6 +213,14 @@ def _oversubscribed(threads: int) -> None:
         )
 
 
+def early_gpu_probe(cfg: SweepConfig) -> gpuinfo.Early | None:
+    """What :class:`Resources` will ask of this machine's GPU, begun now (before Ray starts,
+    to overlap it) where a local Ray instance may train on it."""
+    lc = cfg.launch
+    local_gpus = not lc.address and lc.num_gpus != 0 and cfg.train.device != "cpu"
+    return gpuinfo.Early.begin(local_gpus, need_memory=not lc.device_memory_gb)
+
+
 class Resources:
     """What each ensemble task asks Ray for, and the device memory model's budget."""
 
@@ -222,10 +230,12 @@ class Resources:
         cluster: dict[str, float],
         nodes: list[dict[str, float]] | None = None,
         gpu: GpuInfo | None = None,
+        early: gpuinfo.Early | None = None,
     ) -> None:
         """``cluster``: Ray's total resources; ``nodes``: each alive node's (default: the
         cluster is one node). A task asking for more than one node has would wait forever.
-        ``gpu``: what the GPUs are (default: asked, :func:`sweep.gpuinfo.ask`)."""
+        ``gpu``: what the GPUs are (default: asked, :func:`sweep.gpuinfo.ask`); ``early``: an
+        answer for this machine's GPU begun before Ray started (:func:`early_gpu_probe`)."""
         nodes = nodes or [cluster]
         gpus = cluster.get("GPU", 0)
         if cfg.train.device == "cuda" and gpus == 0:
@@ -242,7 +252,8 @@ class Resources:
         if self.on_gpu:
             gpu_nodes = sum(1 for n in nodes if n.get("GPU", 0) > 0)
             need_memory = not lc.device_memory_gb
-            asked = gpu if gpu is not None else gpuinfo.ask(gpu_nodes, need_memory)
+            asked = gpu or (early.answer() if early and gpu_nodes <= 1 else None)
+            asked = asked or gpuinfo.ask(gpu_nodes, need_memory)
             self._gpu_request(lc, asked)
         else:
             most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cpus

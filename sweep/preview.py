@@ -63,10 +63,12 @@ def preview(cfg: SweepConfig) -> Preview:
     finished = driver.finished_plan(cfg, folder, shape.width, tidy=False)
     if finished is not None:
         return Preview(*finished, None, [], _notes(folder, shape))
+    early = launcher.early_gpu_probe(cfg)
     with launcher.ray_session(cfg.launch):
         import ray
 
-        res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
+        nodes = launcher.alive_nodes()
+        res = launcher.Resources(cfg, ray.cluster_resources(), nodes, early=early)
     cfg, p = driver.plan_for(cfg, folder, res, shape.width, shape.staged, shape.path, tidy=False)
     return Preview(cfg, p, res, _rows(cfg, p, res, shape), _notes(folder, shape))
 

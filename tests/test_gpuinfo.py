@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,33 @@ def test_a_partial_store_made_on_another_device_is_restarted_aloud(tmp_path, cap
         caplog.text
     )
     assert store.total_rows == 4096
+
+
+def test_a_local_gpus_memory_is_read_while_ray_starts(monkeypatch):
+    """The driver begins reading this machine's GPU (a process that makes a CUDA context:
+    seconds) before Ray starts; planning then takes that answer instead of asking again.
+    Not for a cluster's GPUs (asked of its nodes once Ray is up), nor a sweep on the CPU."""
+    from sweep import launcher
+    from tests.test_config import cfg_of
+
+    began = threading.Event()
+
+    def read(need_memory: bool, command: str) -> gpuinfo.GpuInfo:
+        began.set()
+        time.sleep(0.2)  # (still reading when Ray would be up)
+        return gpuinfo.GpuInfo(free=20 * GiB, real=True)
+
+    def ask(*args: object) -> None:
+        raise AssertionError("asked again")
+
+    monkeypatch.setattr(gpuinfo, "_torch_sees_cuda", lambda: True)
+    monkeypatch.setattr(gpuinfo, "_local", read)
+    monkeypatch.setattr(gpuinfo, "ask", ask)
+    for settings in (["launch.address=head:6379"], ["train.device=cpu"], ["launch.num_gpus=0"]):
+        assert launcher.early_gpu_probe(cfg_of(*settings)) is None, settings
+    assert not began.is_set()
+    cfg = cfg_of()
+    early = launcher.early_gpu_probe(cfg)
+    assert early is not None and began.wait(5)
+    res = launcher.Resources(cfg, {"GPU": 1.0, "CPU": 4.0}, early=early)
+    assert res.real_gpus and res.device_bytes == 20 * GiB
