@@ -102,15 +102,27 @@ def _sparsity(arch: archs.Architecture, cfg: dict) -> dict:
 
 
 def _origin(run_folder: Path) -> dict:
-    """Where a run comes from, for the export's metadata: its sweep folder, the store it was
+    """Where a run comes from, for the export's metadata: its sweep folder (where it is now;
+    ``trained_in`` where it was trained, when the sweep was moved since), the store it was
     trained on and the training seed (runs of two sweeps may share a run id)."""
     spec = RunFolder(run_folder).spec()
     train = spec.get("train") if isinstance(spec.get("train"), dict) else {}
-    sweep_dir = spec.get("sweep_dir") or str(run_folder.resolve().parent.parent)
+    here, recorded = str(run_folder.resolve().parent.parent), spec.get("sweep_dir")
+    moved = isinstance(recorded, str) and os.path.realpath(recorded) != here
     return {
-        "sweep_dir": sweep_dir,
+        "sweep_dir": here,
+        **({"trained_in": recorded} if moved else {}),
         "store_id": spec.get("store_id"),
         "train_seed": train.get("seed"),
+    }
+
+
+def _places(origin: dict) -> set[str]:
+    """Where an export's sweep is or was (its metadata's ``sweep_dir`` and ``trained_in``)."""
+    return {
+        os.path.realpath(p)
+        for k in ("sweep_dir", "trained_in")
+        if isinstance(p := origin.get(k), str)
     }
 
 
@@ -159,10 +171,10 @@ def _check_target(out: Path, origin: dict) -> None:
             f"export target {out} exists and holds files not written by 'sweep export' "
             f"({', '.join(sorted(foreign)[:3])}); choose another OUT_DIR or empty it"
         )
-    earlier = meta.get("sweep_dir")  # (None: an export from before it was recorded)
-    if earlier is not None and os.path.realpath(earlier) != os.path.realpath(origin["sweep_dir"]):
+    earlier = _places(meta)  # (none: an export from before they were recorded)
+    if earlier and not earlier & _places(origin):
         raise SweepError(
-            f"export target {out} holds run {out.name} of another sweep ({earlier}); "
+            f"export target {out} holds run {out.name} of another sweep ({meta.get('sweep_dir')}); "
             "choose another OUT_DIR (one per sweep) or empty it"
         )
 

@@ -195,6 +195,17 @@ def test_an_export_of_another_sweep_is_never_replaced(small_sweep, tmp_path, cap
     assert files(out) == before
 
 
+def test_a_moved_sweep_exports_where_it_is_now(small_sweep, tmp_path):
+    """A sweep folder moved (or copied) elsewhere: its exports name where it is now and where
+    it was trained, and replace its exports from before the move."""
+    out, moved = tmp_path / "out", shutil.copytree(small_sweep, tmp_path / "moved")
+    assert main(["export", str(small_sweep), "--to", "saelens", str(out)]) == 0
+    assert main(["export", str(moved), "--to", "saelens", str(out)]) == 0
+    meta = json.loads((out / "r2-l1_3e-02-s0" / "cfg.json").read_text())["metadata"]
+    assert meta["sweep_dir"] == str(moved.resolve())
+    assert meta["trained_in"] == str(small_sweep)
+
+
 @pytest.mark.parametrize("target", ["", "a_file"])
 def test_an_export_folder_that_is_no_folder_is_refused(
     small_sweep, tmp_path, capsys, monkeypatch, target
