@@ -120,6 +120,7 @@ def run_sweep(p: Plan, store: Path, sweep_dir: Path, ctx: Context, share: str = 
         f"train.batch_size={p.batch}", f"train.dtype={p.dtype}",
         f"train.device={ctx.device.type}", f"train.threads={ctx.threads}", "progress=false",
         f"launch.gpus_per_ensemble={share}", f"train.checkpoint_every={CKPT_EVERY}",
+        f"train.compile={COMPILE}",
     ]  # fmt: skip
     cfg = to_sweep_config(compose(overrides))
     t0 = time.perf_counter()
@@ -161,12 +162,13 @@ def startup_split(sweep_dir: Path, timings: dict[str, dict], t_start: float) -> 
 
 def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
     """rows x members / s of the pure fast ``Ensemble.step`` at this shape (no data, no I/O),
-    configured as the worker configures the sweep's (compiled per ``train.compile=auto``,
+    configured as the worker configures the sweep's (compiled per ``train.compile`` as
+    :data:`COMPILE` sets it,
     the gradient clip, the compute dtype): the same step, and on CUDA the same compiled
     kernels, reused from inductor's cache."""
     size = Size("e2e", p.width, round(ratio * p.width), p.batch)
-    train = TrainConfig()
-    compiled = use_compile(train, ctx.device)  # as the sweep's default runs it
+    train = TrainConfig(compile=COMPILE)
+    compiled = use_compile(train, ctx.device)  # as the sweep runs it
     ens = make_ensemble(
         init_members(size, members, ctx.device), l1_grid(members), compiled=compiled
     )
@@ -179,6 +181,10 @@ def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
     sec = ctx.timer.per_call(lambda: ens.step(xs[next(n) % 4], full=False), ctx.st.min_time)
     return p.batch * members / sec
 
+
+COMPILE = os.environ.get("SWEEP_E2E_COMPILE", "auto")
+"""The sweep's ``train.compile`` (``auto``: the default's program; ``true`` to measure the
+compiled step's sweep where the default does not compile it)."""
 
 SHARES = os.environ.get("SWEEP_E2E_SHARES", "auto")
 """``launch.gpus_per_ensemble`` values to run the sweep with (comma-separated; the first is
