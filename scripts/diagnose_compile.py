@@ -14,6 +14,8 @@ state, which must also agree between processes. Variants: the default; inductor'
 deterministic mode set for the whole process (not only the compile options); torch's
 deterministic algorithms (warn only); inductor's caches off; the continuation's compiled step
 called once first with its effects undone (does the first call of a compile differ?); the
+continuation in a new process with an empty kernel cache (a sweep resumed on another machine:
+within one process, or on one machine, dynamo and inductor may reuse the compiled step); the
 eager step (the control).
 """
 
@@ -28,15 +30,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
+VARIANTS = {  # the telling ones first: a step's time limit may cut the tail
     "default": {},
-    "default, again": {},
+    "continued in a new process, empty cache": {"DIAG_NEW_PROCESS": "1"},
     "tensors held as given (before)": {"DIAG_AS_GIVEN": "1"},
+    "eager (control)": {"DIAG_EAGER": "1"},
+    "default, again": {},
     "inductor deterministic (process)": {"TORCHINDUCTOR_DETERMINISTIC": "1"},
     "deterministic algorithms": {"DIAG_DETERMINISTIC_ALGORITHMS": "1"},
     "inductor caches off": {"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"},
     "continuation warmed up first": {"DIAG_WARMUP": "1"},
-    "eager (control)": {"DIAG_EAGER": "1"},
 }
 
 
@@ -79,6 +82,8 @@ def one_run(device: str, dtype: str) -> dict:
     def restored(d: dict) -> dict:  # a clone in a checkpoint's order (by name)
         return {k: d[k].clone() for k in sorted(d)}
 
+    if os.environ.get("DIAG_NEW_PROCESS"):
+        return {"agree_at_6": agree_at_6, **elsewhere(first, xs[6:], whole, dtype, dev.type)}
     state = AdamState(*(restored(d) for d in vars(first.state).values()))
     again = new(restored(first.params), state=state)
     if os.environ.get("DIAG_WARMUP"):  # a first call whose effects are undone: only tuning stays
@@ -89,10 +94,59 @@ def one_run(device: str, dtype: str) -> dict:
     for x in xs[6:]:
         again.step(x)
     differ = [k for k, v in whole.params.items() if not torch.equal(again.params[k], v)]
-    digest = hashlib.sha256()
-    for k in sorted(whole.params):
-        digest.update(whole.params[k].cpu().numpy().tobytes())
-    return {"agree_at_6": agree_at_6, "resume_differs": differ, "end": digest.hexdigest()[:16]}
+    return {"agree_at_6": agree_at_6, "resume_differs": differ, "end": digest(whole.params)}
+
+
+def digest(params: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(params):
+        h.update(params[k].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def elsewhere(first, xs: list, whole, dtype: str, device: str) -> dict:  # noqa: ANN001
+    """``first``'s state continued over ``xs`` by a new process with an empty inductor cache
+    (:func:`continue_saved`), against ``whole``'s end."""
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "state.pt"
+        state = {"params": first.params, "state": vars(first.state), "active": first.active}
+        torch.save({**state, "xs": xs}, saved)
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "cache")}
+        env.pop("DIAG_NEW_PROCESS")
+        cmd = [sys.executable, __file__, "--device", device, "--continue-from", str(saved), dtype]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    if done.returncode != 0:
+        return {"error": done.stderr[-300:]}
+    ends = json.loads(done.stdout.strip().splitlines()[-1])
+    differ = [k for k, v in whole.params.items() if ends[k] != digest({k: v})]
+    return {"resume_differs": differ, "end": digest(whole.params)}
+
+
+def continue_saved(path: str, device: str, dtype: str) -> dict:
+    """In this (new) process: a fresh compiled ensemble from the saved state (its tensors in a
+    checkpoint's order) continued over the saved batches; each parameter's end digest."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from sweep.ensemble import Ensemble, hyper_of
+    from sweep.optim import Adam, AdamState
+    from tests.test_ensemble import BETAS, EPS, L1, LR
+
+    saved = torch.load(path, map_location=device)
+    state = AdamState(*({k: d[k] for k in sorted(d)} for d in saved["state"].values()))
+    low = torch.bfloat16 if dtype == "bf16" else None
+    again = Ensemble(
+        {k: saved["params"][k] for k in sorted(saved["params"])},
+        hyper_of(L1, [0] * len(L1), device), Adam(LR, BETAS, EPS), state=state,
+        active=saved["active"], compiled=True, autocast_dtype=low,
+    )  # fmt: skip
+    for x in saved["xs"]:
+        again.step(x)
+    return {k: digest({k: v}) for k, v in again.params.items()}
 
 
 def main() -> None:
@@ -100,7 +154,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtypes", default="fp32", help="fp32 and/or bf16, comma-separated")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--continue-from", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("dtype", nargs="?", default="fp32", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.continue_from:
+        print(json.dumps(continue_saved(args.continue_from, args.device, args.dtype)))
+        return
     if args.child:
         print(json.dumps(one_run(args.device, args.child)))
         return
