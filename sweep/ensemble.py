@@ -123,13 +123,14 @@ class Ensemble:
         or one): compile + one step."""
         self._scales = torch.ones(2, device=dev)  # the compiled step's lr and L1 factors
         self._cast: Params = {}
+        self._cast_of: tuple = ()
 
     def release_training_state(self) -> None:
         """Drop what only training needs (Adam's moments, the step's workspaces and weight
         copies, the compiled step), leaving the weights and buffers to evaluate: the device
         memory goes to the evaluation (a language model, for LM metrics). No more steps."""
         self.state = AdamState({}, {}, {})
-        self._ws, self._cast = {}, {}
+        self._ws, self._cast, self._cast_of = {}, {}, ()
         self._compiled_fn, self._vmapped = None, {}
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
@@ -200,6 +201,7 @@ class Ensemble:
             self._compiled_fn, self.params, self.state, self.buffers, cast, self.active, x_BD,
             self.hyper, self._scales, dead,
         )  # fmt: skip
+        self._cast_of = self._weights_now()
         variant = dead is None
         if variant not in self.compile_seconds:  # the first call of each variant compiles it
             self.compile_seconds[variant] = time.perf_counter() - t0
@@ -207,14 +209,21 @@ class Ensemble:
         return parts
 
     def _weights_cast(self) -> Params:
-        """Reused buffers for the weights in the compute dtype, which the compiled step fills
-        from the float32 weights before it reads them (none without a compute dtype)."""
+        """The weights in the compute dtype, for the compiled step to read and refill (none
+        without one). Cast again in place when something besides the step changed a weight
+        (a restore, a resample, a test): each tensor's version counter says so."""
         dt = self.autocast_dtype
         if dt is None or dt == self.params["W_enc"].dtype:
             return {}
         if not self._cast:
-            self._cast = {k: torch.empty_like(self.params[k], dtype=dt) for k in CAST}
+            self._cast = {k: self.params[k].to(dt) for k in CAST}
+        elif self._weights_now() != self._cast_of:
+            for k, w in self._cast.items():
+                w.copy_(self.params[k])
         return self._cast
+
+    def _weights_now(self) -> tuple:
+        return tuple((id(self.params[k]), self.params[k]._version) for k in CAST)
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step updates in place."""

@@ -97,11 +97,36 @@ def test_diverged_member_is_frozen_inside_the_compiled_step():
     assert_member_equal(ens, 0, p, opt, len(xs))  # the healthy members are unaffected
 
 
+def copies_are_casts(ens: Ensemble) -> None:
+    """The compiled step's bf16 copies are exactly the cast of the float32 weights: all a
+    resumed ensemble (which casts its checkpoint's weights) needs to compute what the
+    uninterrupted one does."""
+    for k, w in ens._cast.items():
+        assert torch.equal(w, ens.params[k].to(w.dtype)), k
+
+
+@pytest.mark.parametrize("name", ["untied", "topk", "batchtopk", "jumprelu"])
+def test_the_bf16_copies_are_the_weights_cast_after_every_step(name):
+    """The compiled step refills the weights' bf16 copies in the pass that writes the new
+    weights (Adam's, or the decoder constraint's after it), not from a fresh read: after
+    every step, a frozen member's included, they equal the stored weights cast. Run on CUDA
+    in tests/test_gpu.py, where a recomputed update could round otherwise."""
+    init, xs = members(name, 3), batches(8)
+    dead = DeadLatents(dead_tokens=B, auxk_alpha=0.03, k_aux=8) if name == "topk" else None
+    ens = ensemble_of(name, init, True, dead, compiled=True, autocast_dtype=torch.bfloat16)
+    for i, x in enumerate(xs):
+        if i == 3:
+            ens.active[1] = False  # member 1 frozen from here on (as a divergence does)
+        ens.step(x, full=i % 3 == 0)
+        copies_are_casts(ens)
+    assert len(ens._cast) == 2
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_compiled_training_resumes_bit_exactly(dtype):
     """Stopped after 6 steps and rebuilt from its state, a compiled ensemble ends exactly
-    where the uninterrupted one does (under bf16 compute too: every step casts the stored
-    weights afresh, so the copies hold nothing a checkpoint lacks)."""
+    where the uninterrupted one does (under bf16 compute too: the copies the step refills
+    are the stored weights cast, which a rebuilt ensemble casts afresh)."""
     init, xs = members("topk", 3), batches(12)
     whole = ensemble_of("topk", init, True, None, compiled=True, autocast_dtype=dtype)
     first = ensemble_of("topk", init, True, None, compiled=True, autocast_dtype=dtype)
@@ -123,10 +148,10 @@ def test_compiled_training_resumes_bit_exactly(dtype):
 
 
 def test_weights_changed_outside_the_compiled_step_are_cast_again():
-    """Under bf16 compute the compiled step reads bf16 copies of the weights that it fills
-    itself each step; a change from outside (a resample) is seen at the next step: it matches
-    an ensemble built afresh from the changed weights, bit for bit. Both stay near the eager
-    bf16 step."""
+    """Under bf16 compute the compiled step reads bf16 copies of the weights that it refills
+    itself each step; a change from outside (a resample) is seen at the next step (the
+    weight's version counter): it matches an ensemble built afresh from the changed weights,
+    bit for bit. Both stay near the eager bf16 step."""
     init, xs = members("untied", 3), batches(6)
     ens = ensemble_of("untied", init, True, None, compiled=True, autocast_dtype=torch.bfloat16)
     eager = ensemble_of("untied", init, True, None, autocast_dtype=torch.bfloat16)

@@ -46,6 +46,10 @@ ON = pytest.mark.parametrize(
 every suite, on the CPU: a GPU test whose own code is broken is found here, not in a GPU lease."""
 
 
+ARCHS = ("untied", "topk", "batchtopk", "jumprelu")
+"""The architectures the fast (and compiled) step runs."""
+
+
 def cuda_only(test):  # noqa: ANN001, ANN201
     """Marked ``gpu``, skipped without CUDA."""
     for mark in reversed(NEEDS_CUDA):
@@ -197,6 +201,37 @@ def test_the_memory_model_covers_a_training_step(name, compiled):
     used = torch.cuda.max_memory_allocated() - before
     modelled = E * grid.bytes_per_member(D, F_, B, "bfloat16", buffers)
     assert used <= modelled, (used / 2**20, modelled / 2**20)
+
+
+@pytest.mark.parametrize(
+    "name, dev",
+    [
+        *(pytest.param(n, CUDA, id=f"{n}-cuda", marks=NEEDS_CUDA) for n in ARCHS),
+        pytest.param("untied", torch.device("cpu"), id="untied-cpu"),  # (a dry run: see ON)
+    ],
+)
+def test_the_bf16_copies_are_the_weights_cast_after_every_step_on_cuda(name, dev):
+    """tests/test_compiled.py's invariant on CUDA, at a size where inductor may split the
+    update's passes: after every compiled step (a frozen member too) the bf16 copies equal
+    the stored weights cast, which is what exact resume under bf16 rests on."""
+    from sweep import archs
+    from tests.test_compiled import copies_are_casts
+
+    a, g = archs.get(name), torch.Generator().manual_seed(0)
+    d, f = (256, 2048) if dev.type == "cuda" else (16, 64)
+    init = [a.init_params(d, f, g) for _ in range(3)]
+    vals = [4, 8, 16] if a.knob == "k" else [1e-3, 3e-3, 1e-2]
+    k = a.knob == "k"
+    hyper = hyper_of([0.0] * 3 if k else vals, vals if k else [0] * 3, dev)
+    ens = Ensemble(
+        on(stack(init), dev), hyper, Adam(LR, BETAS, EPS), arch=a, compiled=True,
+        autocast_dtype=torch.bfloat16,
+    )  # fmt: skip
+    for i in range(8):
+        if i == 3:
+            ens.active[1] = False  # frozen from here on, as a divergence does
+        ens.step((torch.randn(4 * d, d, generator=g) * 2 + 0.5).to(dev), full=i % 3 == 0)
+        copies_are_casts(ens)
 
 
 COMPILED_RESUME = pytest.mark.xfail(
