@@ -34,9 +34,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 data="stream or cuda_generation"
 steps="compiled or bf16 or fp32 or every_architecture or resume_is_bit_identical"
 bench="python3 scripts/bench.py --device cuda"
-if [ "$part" = main ]; then  # ~530 s of limits (+20 s grace each), plus setup.sh
-  step diagnose 130 python3 scripts/diagnose_compile.py  # why compiled resume is inexact
-  tests step_tests 100 -k "$steps or fresh_compile"  # took 56 s in session 26
+if [ "$part" = main ]; then  # ~550 s of limits (+20 s grace each), plus setup.sh
+  step diagnose 110 python3 scripts/diagnose_compile.py  # the telling variants come first
+  # took 56 s in session 26; since then +4 compiles (bf16 copies) and the compiled resumes
+  tests step_tests 140 -k "$steps or fresh_compile"
   tests memory_tests 50 -k "memory_model"  # 3 compiles of a small step
   # the 20M rows: ~4900 steps per ensemble, checkpoints every 500 (at 8M rows and
   # compiled the sweep took 84 s of wall time in session 26). Compiled when every compiled
