@@ -118,10 +118,14 @@ def elsewhere(first, xs: list, whole, dtype: str, device: str) -> dict:  # noqa:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "cache")}
         env.pop("DIAG_NEW_PROCESS")
         cmd = [sys.executable, __file__, "--device", device, "--continue-from", str(saved), dtype]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    if done.returncode != 0:
+        try:
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+        except subprocess.TimeoutExpired:
+            return {"error": "the continuation took over 90 s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
         return {"error": done.stderr[-300:]}
-    ends = json.loads(done.stdout.strip().splitlines()[-1])
+    ends = json.loads(lines[-1])
     differ = [k for k, v in whole.params.items() if ends[k] != digest({k: v})]
     return {"resume_differs": differ, "end": digest(whole.params)}
 

@@ -44,7 +44,7 @@ if [ "$part" = main ]; then  # ~550 s of limits (+20 s grace each), plus setup.s
   # resume test passed above (the default-to-be: no second lease for it), else the default.
   compile=auto
   xpass=$(grep -c "XPASS" "$out/step_tests.log")
-  if [ "$xpass" -ge 3 ] && ! grep -q "XFAIL\|FAILED" "$out/step_tests.log"; then compile=true; fi
+  if [ "$xpass" -ge 3 ] && ! grep -q "XFAIL\|FAILED\|ERROR" "$out/step_tests.log"; then compile=true; fi
   echo "   e2e with train.compile=$compile ($xpass compiled resume tests passed)"
   SWEEP_E2E_COMPILE=$compile SWEEP_E2E_ROWS=20000000 SWEEP_E2E_SHARES=auto step e2e 250 \
     $bench --sections 6 --json "$out/e2e.json"

@@ -91,6 +91,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
         with driving(folder, outcome) as lock:
             check_config(cfg, folder)
             finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
+            laps.lap("config checks")
             store = None if finished else checked_store(cfg, folder, laps)
             records = _train(cfg, folder, store, finished, lock, outcome, laps)
             logged(outcome.raise_if_unfinished)  # (in sweep.log too)
@@ -249,6 +250,7 @@ def _train(
             )
         else:
             assert store is not None
+            laps.lap("sweep folder")
             early = launcher.early_gpu_probe(cfg)
             with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
                 import ray

@@ -222,6 +222,18 @@ class Ensemble:
                 w.copy_(self.params[k])
         return self._cast
 
+    def copies_drifted(self) -> list[str]:
+        """The weights whose compute-dtype copy (the compiled step's, refilled as it writes
+        the weights) is not exactly their cast, cast again: a run resumed from a checkpoint
+        casts afresh, so it would continue with other bits than this one (tested never to
+        happen; a checkpoint looks, a weight at a time)."""
+        drifted = [
+            k for k, w in self._cast.items() if not torch.equal(w, self.params[k].to(w.dtype))
+        ]
+        for k in drifted:
+            self._cast[k].copy_(self.params[k])
+        return drifted
+
     def _weights_now(self) -> tuple:
         return tuple((id(self.params[k]), self.params[k]._version) for k in CAST)
 

@@ -108,7 +108,7 @@ def _origin(run_folder: Path) -> dict:
     spec = RunFolder(run_folder).spec()
     train = spec.get("train") if isinstance(spec.get("train"), dict) else {}
     here, recorded = str(run_folder.resolve().parent.parent), spec.get("sweep_dir")
-    moved = isinstance(recorded, str) and os.path.realpath(recorded) != here
+    moved = isinstance(recorded, str) and bool(recorded) and os.path.realpath(recorded) != here
     return {
         "sweep_dir": here,
         **({"trained_in": recorded} if moved else {}),
@@ -124,6 +124,14 @@ def _places(origin: dict) -> set[str]:
         for k in ("sweep_dir", "trained_in")
         if isinstance(p := origin.get(k), str)
     }
+
+
+def _same_training(meta: dict, origin: dict) -> bool:
+    """Whether an earlier export's store and training seed are the run's, where both say (a
+    sweep trained later where a moved one was is another sweep)."""
+    return all(
+        meta.get(k) is None or meta.get(k) == origin.get(k) for k in ("store_id", "train_seed")
+    )
 
 
 def export_run(run_folder: str | Path, out: str | Path) -> Path:
@@ -172,7 +180,7 @@ def _check_target(out: Path, origin: dict) -> None:
             f"({', '.join(sorted(foreign)[:3])}); choose another OUT_DIR or empty it"
         )
     earlier = _places(meta)  # (none: an export from before they were recorded)
-    if earlier and not earlier & _places(origin):
+    if earlier and not (earlier & _places(origin) and _same_training(meta, origin)):
         raise SweepError(
             f"export target {out} holds run {out.name} of another sweep ({meta.get('sweep_dir')}); "
             "choose another OUT_DIR (one per sweep) or empty it"

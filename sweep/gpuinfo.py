@@ -126,11 +126,15 @@ class Early:
     def __init__(self, need_memory: bool) -> None:
         self._answer: list[GpuInfo] = []
         self._thread = threading.Thread(
-            target=lambda: self._answer.append(_local(need_memory, "nvidia-smi")),
-            name="sweep-gpu-probe",
-            daemon=True,  # (a stop during start-up does not wait for it)
-        )
+            target=self._read, args=(need_memory,), name="sweep-gpu-probe", daemon=True
+        )  # (daemon: a stop during start-up does not wait for it)
         self._thread.start()
+
+    def _read(self, need_memory: bool) -> None:
+        try:
+            self._answer.append(_local(need_memory, "nvidia-smi"))
+        except Exception as err:  # noqa: BLE001 (ask() asks again, and says what fails)
+            log.debug("the early GPU probe failed: %s", err)
 
     @classmethod
     def begin(cls, local_ray: bool, need_memory: bool) -> Early | None:

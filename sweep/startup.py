@@ -1,5 +1,6 @@
 """Where a sweep's start-up goes: the driver's phases before its first ensemble is submitted
-(store made or opened, store checked, Ray started, the GPUs asked, planned), each timed, logged
+(lock and config checks, store made or opened, store checked, the sweep folder tidied and its
+finished runs looked for, Ray started, the GPUs asked, planned), each timed, logged
 to ``sweep.log`` and recorded in the sweep's manifest (``startup``) for ``scripts/bench.py``.
 What a worker then spends before training (its process and imports, restoring, compiling) is
 in each run's ``placement.json`` (``task_began``, ``time``) and ``timings``."""
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-PHASES = ("store", "store checks", "Ray", "hardware", "plan")
+PHASES = ("config checks", "store", "store checks", "sweep folder", "Ray", "hardware", "plan")
 """The driver's phases in their order (the manifest's JSON keeps them sorted)."""
 
 

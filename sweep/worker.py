@@ -167,6 +167,7 @@ class _Attempt:
         """Snapshot every member and write in the background (``wait``: until on disk).
         ``last``: this attempt's last checkpoint, its seconds also ``checkpoint_last``."""
         t0 = time.perf_counter()
+        self._copies_checked(r)
         self.writer.save(r.ens, r.cursor, r.step, r.diverged_at)
         if wait:
             self.writer.wait()
@@ -175,6 +176,23 @@ class _Attempt:
         self.timings["checkpoints"] += 1
         if last:
             self.timings["checkpoint_last"] = held
+
+    def _copies_checked(self, r: Restored) -> None:
+        """Say so, in the log and each run's events (``inexact_resume``), if the compiled
+        step's bf16 weight copies are not their weights' cast (:meth:`Ensemble.copies_drifted`)."""
+        drifted = r.ens.copies_drifted()
+        if not drifted:
+            return
+        log.warning(
+            "ensemble %s: at step %d the compiled step's %s copies of %s were not the weights' "
+            "cast, so a run resumed from a checkpoint continues with other bits (cast again; "
+            "train.compile=false resumes exactly)",
+            self.job.ensemble.ensemble_id, r.step, str(r.ens.autocast_dtype).removeprefix("torch."),
+            ", ".join(drifted),
+        )  # fmt: skip
+        for folder in self.folders:
+            why = f"compiled step's weight copies drifted ({', '.join(drifted)})"
+            folder.append_event({"event": "inexact_resume", "step": r.step, "why": why})
 
     def resample(self, r: Restored, x: torch.Tensor) -> None:
         """Resample dead latents (ReLU-L1) and record how many in each run's events."""

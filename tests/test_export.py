@@ -195,7 +195,7 @@ def test_an_export_of_another_sweep_is_never_replaced(small_sweep, tmp_path, cap
     assert files(out) == before
 
 
-def test_a_moved_sweep_exports_where_it_is_now(small_sweep, tmp_path):
+def test_a_moved_sweep_exports_where_it_is_now(small_sweep, tmp_path, capsys):
     """A sweep folder moved (or copied) elsewhere: its exports name where it is now and where
     it was trained, and replace its exports from before the move."""
     out, moved = tmp_path / "out", shutil.copytree(small_sweep, tmp_path / "moved")
@@ -204,6 +204,14 @@ def test_a_moved_sweep_exports_where_it_is_now(small_sweep, tmp_path):
     meta = json.loads((out / "r2-l1_3e-02-s0" / "cfg.json").read_text())["metadata"]
     assert meta["sweep_dir"] == str(moved.resolve())
     assert meta["trained_in"] == str(small_sweep)
+    # a sweep trained later where that one was, on another store, is another sweep
+    later = shutil.copytree(small_sweep, tmp_path / "later")
+    spec = rundir.run_dir(later, "r2-l1_3e-02-s0") / rundir.SPEC
+    fields = {"sweep_dir": str(small_sweep), "store_id": "another store"}
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), **fields}))
+    capsys.readouterr()
+    assert main(["export", str(later), "--to", "saelens", str(out)]) == 2
+    assert "holds run r2-l1_3e-02-s0 of another sweep" in one_line(capsys)
 
 
 @pytest.mark.parametrize("target", ["", "a_file"])

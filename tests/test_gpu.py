@@ -232,6 +232,7 @@ def test_the_bf16_copies_are_the_weights_cast_after_every_step_on_cuda(name, dev
             ens.active[1] = False  # frozen from here on, as a divergence does
         ens.step((torch.randn(4 * d, d, generator=g) * 2 + 0.5).to(dev), full=i % 3 == 0)
         copies_are_casts(ens)
+    assert ens.compiled and len(ens._cast) == 2
 
 
 COMPILED_RESUME = pytest.mark.xfail(

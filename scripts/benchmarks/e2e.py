@@ -143,10 +143,10 @@ def ensemble_timings(sweep_dir: Path) -> dict[str, dict]:
 
 
 def startup_split(sweep_dir: Path, timings: dict[str, dict], t_start: float) -> dict:
-    """The start-up's parts (seconds): the driver's phases (the manifest's ``startup``:
-    store, store checks, Ray, hardware, plan), then the first worker's launch (Ray's
-    process start, from the plan's end) and its imports and set-up before it started, its
-    restore and its first compile; printed on one line."""
+    """The start-up's parts (seconds): the driver's phases (the manifest's ``startup``,
+    :data:`sweep.startup.PHASES`), then the first worker's launch (from the plan's end: the
+    driver's execution set-up, its progress actor, Ray's process start), its imports and
+    set-up before it started, its restore and its first compile; printed on one line."""
     driver = dict(SweepFolder(sweep_dir).manifest().get("startup", {}))
     began = driver.pop("began", t_start)
     split = {"before the driver": began - t_start}
