@@ -24,8 +24,10 @@ nothing here asserts on time):
    (fake) GPUs, vs the ideal sum(ensemble seconds) / W.
 6. end to end: the training-phase rows/s of a real ``sweep run`` (from the workers' timings in
    each run's placement.json) over the pure ``Ensemble.step`` rate of the same ensembles, the
-   checkpoint share, GPU utilisation (nvidia-smi) and the wall time split into start-up,
-   store generation, training and evaluation (issue 9's sizes on CUDA; small on CPU).
+   checkpoint share, GPU utilisation (nvidia-smi) and the wall time split into start-up (its
+   own phases too), store generation, training and evaluation (issue 9's sizes on CUDA; small
+   on CPU; ``SWEEP_E2E_ROWS`` / ``_RATIOS`` / ``_SHARES`` / ``_COMPILE`` change the rows, dict
+   ratios, ``launch.gpus_per_ensemble`` values and ``train.compile``).
 7. TopK family: the TopK, BatchTopK and JumpReLU ensemble steps against a loop of K plain
    SAEs of the same architecture (and JumpReLU against its vmapped step).
 8. the step against the chip: rows*members/s of the default step at issue 10's sizes against
