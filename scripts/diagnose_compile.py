@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 VARIANTS = {  # the telling ones first: a step's time limit may cut the tail
     "default": {},
     "continued in a new process, empty cache": {"DIAG_NEW_PROCESS": "1"},
@@ -43,14 +44,35 @@ VARIANTS = {  # the telling ones first: a step's time limit may cut the tail
 }
 
 
-def one_run(device: str, dtype: str) -> dict:
-    """The scenario, in this process."""
+def ensemble(params: dict, device: str, dtype: str, compiled: bool = True, **kw: object):  # noqa: ANN201
+    """The scenario's untied ensemble (tests.test_ensemble's L1 values and Adam) on
+    ``device``, computing in ``dtype`` (fp32 or bf16)."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from sweep.ensemble import Ensemble, hyper_of, stack
-    from sweep.optim import Adam, AdamState
-    from tests.test_ensemble import BETAS, EPS, L1, LR, batches, members
+    from sweep.ensemble import Ensemble, hyper_of
+    from sweep.optim import Adam
+    from tests.test_ensemble import BETAS, EPS, L1, LR
+
+    low = torch.bfloat16 if dtype == "bf16" else None
+    hyper, adam = hyper_of(L1, [0] * len(L1), device), Adam(LR, BETAS, EPS)
+    return Ensemble(params, hyper, adam, compiled=compiled, autocast_dtype=low, **kw)
+
+
+def in_checkpoint_order(tensors: dict) -> dict:
+    """A clone of ``tensors`` in a checkpoint's order (by name), as a restored ensemble gets
+    them (a fresh one gets its architecture's order)."""
+    return {k: tensors[k].clone() for k in sorted(tensors)}
+
+
+def one_run(device: str, dtype: str) -> dict:
+    """The scenario, in this process."""
+    from functools import partial
+
+    import torch
+
+    from sweep.ensemble import stack
+    from sweep.optim import AdamState
+    from tests.test_ensemble import batches, members
 
     if os.environ.get("DIAG_AS_GIVEN"):  # the order before session 26: as given, not by name
         import sweep.ensemble
@@ -60,15 +82,8 @@ def one_run(device: str, dtype: str) -> dict:
     if os.environ.get("DIAG_DETERMINISTIC_ALGORITHMS"):
         torch.use_deterministic_algorithms(True, warn_only=True)
     dev, compiled = torch.device(device), not os.environ.get("DIAG_EAGER")
-    low = torch.bfloat16 if dtype == "bf16" else None
     init, xs = members("untied"), [x.to(dev) for x in batches(12)]
-    hyper = hyper_of(L1, [0] * len(L1), dev)
-
-    def new(params: dict, **kw: object) -> Ensemble:
-        return Ensemble(
-            params, hyper, Adam(LR, BETAS, EPS), compiled=compiled, autocast_dtype=low, **kw
-        )
-
+    new = partial(ensemble, device=dev, dtype=dtype, compiled=compiled)
     start = {k: v.to(dev) for k, v in stack(init).items()}
     whole, first = new({k: v.clone() for k, v in start.items()}), new(start)
     agree_at_6 = None
@@ -78,14 +93,10 @@ def one_run(device: str, dtype: str) -> dict:
             first.step(x)
         if i == 5:
             agree_at_6 = all(torch.equal(whole.params[k], v) for k, v in first.params.items())
-
-    def restored(d: dict) -> dict:  # a clone in a checkpoint's order (by name)
-        return {k: d[k].clone() for k in sorted(d)}
-
     if os.environ.get("DIAG_NEW_PROCESS"):
         return {"agree_at_6": agree_at_6, **elsewhere(first, xs[6:], whole, dtype, dev.type)}
-    state = AdamState(*(restored(d) for d in vars(first.state).values()))
-    again = new(restored(first.params), state=state)
+    state = AdamState(*(in_checkpoint_order(d) for d in vars(first.state).values()))
+    again = new(in_checkpoint_order(first.params), state=state)
     if os.environ.get("DIAG_WARMUP"):  # a first call whose effects are undone: only tuning stays
         kept = [t.clone() for t in again._state_tensors()]
         again.step(xs[6])
@@ -135,19 +146,12 @@ def continue_saved(path: str, device: str, dtype: str) -> dict:
     checkpoint's order) continued over the saved batches; each parameter's end digest."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    from sweep.ensemble import Ensemble, hyper_of
-    from sweep.optim import Adam, AdamState
-    from tests.test_ensemble import BETAS, EPS, L1, LR
+    from sweep.optim import AdamState
 
     saved = torch.load(path, map_location=device)
-    state = AdamState(*({k: d[k] for k in sorted(d)} for d in saved["state"].values()))
-    low = torch.bfloat16 if dtype == "bf16" else None
-    again = Ensemble(
-        {k: saved["params"][k] for k in sorted(saved["params"])},
-        hyper_of(L1, [0] * len(L1), device), Adam(LR, BETAS, EPS), state=state,
-        active=saved["active"], compiled=True, autocast_dtype=low,
-    )  # fmt: skip
+    state = AdamState(*(in_checkpoint_order(d) for d in saved["state"].values()))
+    params = in_checkpoint_order(saved["params"])
+    again = ensemble(params, device, dtype, state=state, active=saved["active"])
     for x in saved["xs"]:
         again.step(x)
     return {k: digest({k: v}) for k, v in again.params.items()}
