@@ -507,14 +507,16 @@ class SweepFolder:
 
     def record_startup(self, phases: dict[str, float]) -> None:
         """The latest driver's start-up (:mod:`sweep.startup`)."""
-        manifest = self.manifest()
-        manifest.update({STARTUP: phases, "updated": time.time()})
-        atomic_write_json(self.path / MANIFEST, manifest)
+        self._record({STARTUP: phases})
 
     def record_state(self, state: str) -> None:
         """The sweep's own outcome: ``done``, ``failed`` or ``interrupted``."""
+        self._record({"state": state})
+
+    def _record(self, fields: dict) -> None:
+        """Set ``fields`` in the manifest (and when it was updated), written atomically."""
         manifest = self.manifest()
-        manifest.update(state=state, updated=time.time())
+        manifest.update(fields, updated=time.time())
         atomic_write_json(self.path / MANIFEST, manifest)
 
     # ------------------------------------------------------------------------- config

@@ -26,9 +26,14 @@ Params = dict[str, torch.Tensor]
 Hyper = dict[str, torch.Tensor]
 
 
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """Each row's norm (last axis, kept), at least 1e-12."""
+    return w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
     """Rows (last axis) scaled to unit norm."""
-    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return w / row_norms(w)
 
 
 class Architecture:
@@ -158,8 +163,7 @@ class Architecture:
         """After an optimizer step, on stacked (E, ...) params: unit decoder rows for active members."""
         if self.unit_decoder and "W_dec" in params:
             w = params["W_dec"]  # (E, F, D); divided in place: no copy of it (unit_rows's bits)
-            norms = w.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (E, F, 1)
-            w.div_(torch.where(active[:, None, None], norms, 1.0))  # a frozen member: / 1
+            w.div_(torch.where(active[:, None, None], row_norms(w), 1.0))  # a frozen member: / 1
 
     def update_buffers(
         self, buffers: Params, codes_EBF: torch.Tensor, active: torch.Tensor
