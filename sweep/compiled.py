@@ -13,6 +13,11 @@ the step at 768 x 24576 on an H200 against a cast at its start), each the exact 
 stored weight (tested after every step): a resumed run, whose copies are cast from its
 checkpoint's weights, computes what the uninterrupted one did.
 
+On a GPU the compiled step is replayed as CUDA graphs (``train.cuda_graphs``): its kernels
+recorded once and launched as one, which is what a small ensemble's step is bound by. The
+tensors it updates are marked static (fixed addresses, checked by inductor at every replay);
+its outputs live in the graphs' memory until the next step.
+
 Numerically this is the eager step up to rounding (fused passes round differently), so it
 is tested against the eager path and the single-member reference within a tolerance. On the
 CPU a compiled run resumes bit-exactly (tested); on an H200 (torch 2.11) it did not. The likely
@@ -103,8 +108,9 @@ def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
     """:func:`step` for ``spec``, compiled as one graph (a graph break fails instead of
     silently splitting it) with static shapes: a variant per dead-latent mask present or not.
     L0 is always computed (fused into a pass over the codes it is nearly free; a variant
-    without it would be one more compile, mid-run). ``cuda_graphs`` (an experiment the
-    benchmark runs): replayed as CUDA graphs, failing rather than running without them.
+    without it would be one more compile, mid-run). ``cuda_graphs``: replayed as CUDA graphs
+    (``train.cuda_graphs``), failing rather than running without them; the tensors the step
+    updates must be marked static (:meth:`sweep.ensemble.Ensemble.step` does).
 
     Inductor's deterministic mode is on for this function only: by default inductor picks
     among kernel configurations by timing them on the first call, and configurations sum
@@ -179,6 +185,15 @@ def _raised_compiling(err: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def forget_graphs() -> None:
+    """Free the CUDA graphs this thread recorded (:func:`compile_step`'s ``cuda_graphs``) and
+    their memory pool, which holds the step's buffers: after training, evaluation needs it.
+    A compiled step called after this records its graphs again."""
+    from torch._inductor import cudagraph_trees
+
+    cudagraph_trees.reset_cudagraph_trees()
 
 
 def forget_compiled() -> None:

@@ -115,13 +115,16 @@ class Ensemble:
         self._vmapped: dict[bool, Callable] = {}
         self.compiled = compiled and self.fast
         """Run the step as one ``torch.compile``d function (:mod:`sweep.compiled`)."""
-        self.cuda_graphs = cuda_graphs and self.compiled
-        """Experimental (the benchmark's): replay the compiled step as CUDA graphs."""
+        self.cuda_graphs = cuda_graphs and self.compiled and dev.type == "cuda"
+        """Replay the compiled step as CUDA graphs (``train.cuda_graphs``; CUDA only): the
+        compiled step's kernels, one launch. The step's outputs then live in the graphs'
+        memory until the next step overwrites them: read them before it."""
         self._compiled_fn: Callable | None = None
         self.compile_seconds: dict[bool, float] = {}
         """Host seconds of the first compiled step of each variant (no dead-latent mask yet,
         or one): compile + one step."""
         self._scales = torch.ones(2, device=dev)  # the compiled step's lr and L1 factors
+        self._scales_now = (1.0, 1.0)  # their values (written only when they change)
         self._cast: Params = {}
         self._cast_of: tuple = ()
 
@@ -132,6 +135,8 @@ class Ensemble:
         self.state = AdamState({}, {}, {})
         self._ws, self._cast, self._cast_of = {}, {}, ()
         self._compiled_fn, self._vmapped = None, {}
+        if self.cuda_graphs:  # the graphs' memory pool (the step's buffers) goes too
+            compiled.forget_graphs()
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
         f = self.params["W_enc"].shape[-1]
@@ -155,6 +160,7 @@ class Ensemble:
         """How the step is computed (path, device, compute dtype), e.g. ``fast-compiled cuda
         bfloat16``: two programs agree up to rounding, not bit for bit."""
         path = ("fast" if self.fast else "vmap") + ("-compiled" if self.compiled else "")
+        path += "-graphed" if self.cuda_graphs else ""
         dtype = str(self.autocast_dtype or self.params["W_enc"].dtype).removeprefix("torch.")
         return f"{path} {self.hyper['l1'].device.type} {dtype}"
 
@@ -191,11 +197,12 @@ class Ensemble:
         t0 = time.perf_counter()
         cast = self._weights_cast()
         if self._compiled_fn is None:
-            if self.cuda_graphs:  # updated in place by the graphs, so at fixed addresses
-                for x in self._state_tensors():
+            if self.cuda_graphs:  # read in place by the graphs, so at fixed addresses (a
+                # moved one is recorded again: inductor checks their addresses every replay)
+                for x in [*self._state_tensors(), *self.hyper.values()]:
                     torch._dynamo.mark_static_address(x, guard=False)
             self._compiled_fn = compiled.compile_step(self._spec(), self.cuda_graphs)
-        self._scales[0], self._scales[1] = lr_scale, l1_scale
+        self._set_scales(lr_scale, l1_scale)
         dead = self.dead_mask() if self.arch.knob == "k" else None
         parts = compiled.call(
             self._compiled_fn, self.params, self.state, self.buffers, cast, self.active, x_BD,
@@ -207,6 +214,14 @@ class Ensemble:
             self.compile_seconds[variant] = time.perf_counter() - t0
         self.rows += x_BD.shape[0]
         return parts
+
+    def _set_scales(self, lr_scale: float, l1_scale: float) -> None:
+        """The compiled step's schedule factors, each written (a launch on a GPU) only when
+        it changes: most steps of a schedule change neither."""
+        for i, (now, new) in enumerate(zip(self._scales_now, (lr_scale, l1_scale), strict=True)):
+            if now != new:
+                self._scales[i] = new
+        self._scales_now = (lr_scale, l1_scale)
 
     def _weights_cast(self) -> Params:
         """The weights in the compute dtype, for the compiled step to read and refill (none

@@ -76,6 +76,7 @@ FREE = {
         "checkpoint_every",
         "threads",
         "compile",
+        "cuda_graphs",
     ),
 }
 

@@ -82,6 +82,20 @@ def use_compile(train: TrainConfig, device: torch.device) -> bool:
     return str(train.compile).lower() == "true"
 
 
+def use_cuda_graphs(train: TrainConfig, device: torch.device) -> bool:
+    """Whether ``train.cuda_graphs`` replays the step as CUDA graphs on ``device``: wherever
+    it is compiled on a GPU, unless ``false``. (``true`` where it is not, an ensemble placed
+    on the CPU by ``train.device=auto``: warned about.)"""
+    wanted = str(train.cuda_graphs).lower()
+    on = device.type == "cuda" and use_compile(train, device)
+    if wanted == "true" and not on:
+        log.warning(
+            "train.cuda_graphs=true but this ensemble's step is not compiled on a GPU "
+            "(device %s): it runs without CUDA graphs", device,
+        )  # fmt: skip
+    return on and wanted != "false"
+
+
 def _found(folders: list[RunFolder], ensemble_id: str) -> list[Checkpoint | None]:
     """Every member's checkpoint at the newest common verified step, or all None.
 
@@ -236,6 +250,7 @@ def _ensemble(
         rows=step * train.batch_size,
         grad_clip=None if train.grad_clip is None else train.grad_clip / runs[0].width,
         compiled=use_compile(train, device),
+        cuda_graphs=use_cuda_graphs(train, device),
     )
     if saved and saved[0]:  # checkpoints written before buffers existed keep fresh ones
         ens.buffers = {k: v.to(device) for k, v in stack(saved).items()}

@@ -207,6 +207,32 @@ def test_train_compile_auto_is_off_until_a_compiled_gpu_run_resumes_exactly():
     assert not restore.use_compile(TrainConfig(compile="false"), gpu)
 
 
+def test_cuda_graphs_go_wherever_the_step_is_compiled_on_a_gpu(caplog):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    compiled = TrainConfig(compile="true")
+    assert restore.use_cuda_graphs(compiled, gpu)
+    assert not restore.use_cuda_graphs(TrainConfig(compile="true", cuda_graphs="false"), gpu)
+    assert not restore.use_cuda_graphs(TrainConfig(), gpu)  # auto: the step is eager there
+    assert not restore.use_cuda_graphs(compiled, cpu) and not caplog.records
+    assert not restore.use_cuda_graphs(TrainConfig(compile="true", cuda_graphs=True), cpu)
+    assert "runs without CUDA graphs" in caplog.text  # asked for, not possible: said so
+
+
+def test_the_compiled_step_follows_a_schedule():
+    """The compiled step's lr and l1 factors are device tensors written only when they change:
+    under a schedule that changes either, both, neither and returns to 1, it computes what the
+    eager step does."""
+    init, xs = members("untied", 3), batches(8)
+    scales = [(0.5, 0.2), (0.5, 0.2), (1.0, 0.2), (1.0, 1.0), (0.3, 1.0), (0.3, 0.7), (1.0, 1.0)]
+    eager = ensemble_of("untied", init, True, None)
+    fused = ensemble_of("untied", init, True, None, compiled=True)
+    for x, (lr, l1) in zip(xs, scales, strict=False):
+        for ens in (eager, fused):
+            ens.step(x, lr_scale=lr, l1_scale=l1)
+    for k, v in eager.params.items():
+        torch.testing.assert_close(fused.params[k], v, rtol=1e-5, atol=1e-6)
+
+
 class TracedGraphs:
     """Every graph inductor is given in this process: its code and, per input, shape, stride,
     dtype, storage offset and alignment. Equal graphs with equal inputs are equal kernels on

@@ -94,6 +94,12 @@ def test_synthetic_fields_have_the_documented_names():
         ("train.device=tpu", "train.device"),
         ("train.dtype=float8", "train.dtype"),
         ("train.compile=sometimes", "train.compile"),
+        ("train.cuda_graphs=maybe", "train.cuda_graphs"),
+        ("train.cuda_graphs=true", "train.cuda_graphs=true replays the compiled step"),
+        (
+            "train.cuda_graphs=true train.compile=true train.device=cpu",
+            "train.cuda_graphs=true needs a GPU but train.device=cpu",
+        ),
         ("train.epochs=0", "train.epochs"),
         ("data.width=0", "data.width"),
         ("data.correlation=1.5", "data.correlation"),

@@ -50,6 +50,12 @@ ARCHS = ("untied", "topk", "batchtopk", "jumprelu")
 """The architectures the fast (and compiled) step runs."""
 
 
+GRAPHED = ("untied", "batchtopk")
+"""The architectures the CUDA-graph test replays: the plain step, and one with a buffer and
+a second (dead-latent) variant; the graphs are the compiled step's, tested for every
+architecture above. (Two of four: each costs four compiles of a GPU lease's minutes.)"""
+
+
 def cuda_only(test):  # noqa: ANN001, ANN201
     """Marked ``gpu``, skipped without CUDA."""
     for mark in reversed(NEEDS_CUDA):
@@ -162,10 +168,10 @@ def test_bf16_gradients_with_a_large_data_mean(dev):
     assert max(errors) < 0.02, errors
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled, graphs", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("name", ["untied", "topk", "jumprelu"])
 @cuda_only
-def test_the_memory_model_covers_a_training_step(name, compiled):
+def test_the_memory_model_covers_a_training_step(name, compiled, graphs):
     """The planner's memory per member (sweep.grid.bytes_per_member) bounds what training
     really allocates on the GPU, bf16 with the gradient clip, a wide step's extra buffers
     (AuxK's, JumpReLU's) included."""
@@ -188,10 +194,12 @@ def test_the_memory_model_covers_a_training_step(name, compiled):
         arch=arch,
         autocast_dtype=torch.bfloat16,
         compiled=compiled,
+        cuda_graphs=graphs,
         grad_clip=1.0,
         dead=DeadLatents(dead_tokens=B, auxk_alpha=0.03, k_aux=256) if aux else None,
     )
-    for _ in range(3):  # every compiled variant (dead latents unknown, then known) is built
+    for _ in range(4):  # every compiled variant (dead latents unknown, then known) is built
+        # (and under graphs recorded: a variant's first call runs it, its second records)
         ens.step(x)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()  # without compiling's transients (kernel tuning)
@@ -233,6 +241,60 @@ def test_the_bf16_copies_are_the_weights_cast_after_every_step_on_cuda(name, dev
         ens.step((torch.randn(4 * d, d, generator=g) * 2 + 0.5).to(dev), full=i % 3 == 0)
         copies_are_casts(ens)
     assert ens.compiled and len(ens._cast) == 2
+
+
+@pytest.mark.parametrize(
+    "name, dev",
+    [
+        *(pytest.param(n, CUDA, id=f"{n}-cuda", marks=NEEDS_CUDA) for n in GRAPHED),
+        pytest.param("batchtopk", torch.device("cpu"), id="batchtopk-cpu"),  # (a dry run: see ON)
+    ],
+)
+def test_cuda_graphs_replay_the_compiled_step_bit_for_bit(name, dev):
+    """``train.cuda_graphs``: the compiled step's kernels replayed as graphs give its bits,
+    step by step, through the warm-up and recording steps, a member frozen between steps,
+    dead latents appearing (a second graph, TopK family), a buffer (BatchTopK's threshold)
+    and weights changed in place between steps (as a resample does; their bf16 copies are
+    cast again). (On the CPU both ensembles are compiled without graphs: the test's own code
+    is what runs.)"""
+    from sweep import archs
+
+    a, g = archs.get(name), torch.Generator().manual_seed(0)
+    d, f, b = (256, 2048, 1024) if dev.type == "cuda" else (16, 64, 32)
+    init = [a.init_params(d, f, g) for _ in range(3)]
+    for p in init:
+        p["b_enc"][: f // 4] = -50.0  # a quarter of the latents never fire: dead in 2 steps
+    knob = a.knob == "k"
+    vals = [4, 8, 16] if knob else [1e-3, 3e-3, 1e-2]
+    hyper = hyper_of([0.0] * 3 if knob else vals, vals if knob else [0] * 3, dev)
+    dead = DeadLatents(dead_tokens=2 * b, auxk_alpha=0.03, k_aux=d // 2) if knob else None
+
+    def new(graphs: bool) -> Ensemble:
+        return Ensemble(
+            on(stack(init), dev), {k: v.clone() for k, v in hyper.items()},
+            Adam(LR, BETAS, EPS), arch=a, compiled=True, autocast_dtype=torch.bfloat16,
+            dead=dead, cuda_graphs=graphs, grad_clip=1.0,
+        )  # fmt: skip
+
+    plain, graphed = new(False), new(True)
+    assert graphed.cuda_graphs == (dev.type == "cuda") == ("-graphed" in graphed.program)
+    loss: dict[bool, list[float]] = {}
+    for i in range(10):
+        x = (torch.randn(b, d, generator=g) * 2 + 0.5).to(dev)
+        for ens in (plain, graphed):
+            if i == 4:
+                ens.active[1] = False  # frozen from here on, as a divergence does
+            if i == 6:
+                ens.params["W_enc"][0, :, :8] *= 0.5  # changed outside the step
+            parts = ens.step(x, lr_scale=1.0 if i < 7 else 0.5)
+            loss[ens is graphed] = parts.loss.tolist()  # read before the next step reuses it
+        assert loss[True] == loss[False], i
+        for got, want in ((graphed.params, plain.params), (graphed.buffers, plain.buffers)):
+            for k, v in want.items():
+                assert torch.equal(got[k], v), (i, k)
+        for k, v in plain.state.exp_avg_sq.items():
+            assert torch.equal(graphed.state.exp_avg_sq[k], v), (i, k)
+    assert graphed.active.tolist() == [True, False, True]
 
 
 COMPILED_RESUME = pytest.mark.xfail(
@@ -281,17 +343,27 @@ def test_a_fresh_compile_continues_a_compiled_ensemble_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize(
-    "compile_", ["auto", pytest.param("true", marks=COMPILED_RESUME)], ids=["default", "compiled"]
+    "compile_, graphs",
+    [
+        ("auto", "auto"),
+        pytest.param("true", "auto", marks=COMPILED_RESUME),  # replayed as CUDA graphs
+        pytest.param("true", "false", marks=COMPILED_RESUME),
+    ],
+    ids=["default", "compiled", "compiled-no-graphs"],
 )
 @cuda_only
-def test_resume_is_bit_identical_on_cuda(compile_, tiny_store, tmp_path):
+def test_resume_is_bit_identical_on_cuda(compile_, graphs, tiny_store, tmp_path):
     from sweep import rundir
     from sweep.worker import train_ensemble
     from tests.test_worker import digest, job_for, stop_after
 
-    ref = job_for(tiny_store, tmp_path / "ref", epochs=2, device="cuda", compile=compile_)
+    def job(name: str):  # noqa: ANN202
+        train = {"epochs": 2, "device": "cuda", "compile": compile_, "cuda_graphs": graphs}
+        return job_for(tiny_store, tmp_path / name, **train)
+
+    ref = job("ref")
     train_ensemble(ref)
-    cut = job_for(tiny_store, tmp_path / "cut", epochs=2, device="cuda", compile=compile_)
+    cut = job("cut")
     train_ensemble(cut, should_stop=stop_after(17))
     second = train_ensemble(cut)
     assert second.resumed_from == 17

@@ -26,7 +26,7 @@ from sweep.activations.synthetic import ensure_synthetic_store
 from sweep.config import SyntheticDataConfig, TrainConfig
 from sweep.devices import release_device_memory
 from sweep.io import read_json
-from sweep.restore import use_compile
+from sweep.restore import use_compile, use_cuda_graphs
 from sweep.startup import PHASES
 from sweep.sweepdir import SweepFolder
 
@@ -163,15 +163,15 @@ def startup_split(sweep_dir: Path, timings: dict[str, dict], t_start: float) -> 
 def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
     """rows x members / s of the pure fast ``Ensemble.step`` at this shape (no data, no I/O),
     configured as the worker configures the sweep's (compiled per ``train.compile`` as
-    :data:`COMPILE` sets it,
-    the gradient clip, the compute dtype): the same step, and on CUDA the same compiled
+    :data:`COMPILE` sets it, and then replayed as CUDA graphs as ``train.cuda_graphs=auto``
+    does; the gradient clip, the compute dtype): the same step, and on CUDA the same compiled
     kernels, reused from inductor's cache."""
     size = Size("e2e", p.width, round(ratio * p.width), p.batch)
     train = TrainConfig(compile=COMPILE)
     compiled = use_compile(train, ctx.device)  # as the sweep runs it
-    ens = make_ensemble(
-        init_members(size, members, ctx.device), l1_grid(members), compiled=compiled
-    )
+    graphs = use_cuda_graphs(train, ctx.device)
+    members_ = init_members(size, members, ctx.device)
+    ens = make_ensemble(members_, l1_grid(members), compiled=compiled, cuda_graphs=graphs)
     ens.autocast_dtype = torch.bfloat16 if p.dtype == "bfloat16" else None
     ens.grad_clip = None if train.grad_clip is None else train.grad_clip / p.width  # (worker's)
     xs = make_batches(size, 4, ctx.device)
@@ -179,6 +179,7 @@ def step_rate(p: Plan, ratio: float, members: int, ctx: Context) -> float:
         ens.step(x, full=False)
     n = iter(range(10**9))
     sec = ctx.timer.per_call(lambda: ens.step(xs[next(n) % 4], full=False), ctx.st.min_time)
+    ens.release_training_state()  # (its CUDA graphs' memory too)
     return p.batch * members / sec
 
 
