@@ -199,11 +199,16 @@ def test_weights_changed_outside_the_compiled_step_are_cast_again():
         assert torch.equal(ens.params[k], v)
 
 
-def test_train_compile_auto_is_off_until_a_compiled_gpu_run_resumes_exactly():
+def test_train_compile_auto_is_off_until_a_compiled_gpu_run_resumes_exactly(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(restore, "GPU_COMPILED_RESUME_CONFIRMED", False)
     assert not restore.use_compile(TrainConfig(), cpu)
     assert not restore.use_compile(TrainConfig(), gpu)
     assert restore.use_compile(TrainConfig(compile="True"), cpu)
+    assert not restore.use_compile(TrainConfig(compile="false"), gpu)
+    monkeypatch.setattr(restore, "GPU_COMPILED_RESUME_CONFIRMED", True)  # measured exact
+    assert restore.use_compile(TrainConfig(), gpu) and restore.use_cuda_graphs(TrainConfig(), gpu)
+    assert not restore.use_compile(TrainConfig(), cpu)  # slower there
     assert not restore.use_compile(TrainConfig(compile="false"), gpu)
 
 
@@ -385,10 +390,11 @@ def test_device_memory_named_only_in_a_message_is_still_out_of_memory():
         assert out_of_memory(err) is None
 
 
-def test_a_compiled_step_resumed_on_a_gpu_is_reported_inexact(tmp_path, caplog):
-    """train.compile=true on a GPU resumes equal only up to rounding (measured on an H200):
-    the resume says so in the log and in each run's events.jsonl; on the CPU it is exact and
-    silent."""
+def test_a_compiled_step_resumed_on_a_gpu_is_reported_inexact(tmp_path, caplog, monkeypatch):
+    """train.compile=true on a GPU resumed equal only up to rounding (measured on an H200):
+    until it is measured exact, the resume says so in the log and in each run's events.jsonl;
+    on the CPU it is exact and silent."""
+    monkeypatch.setattr(restore, "GPU_COMPILED_RESUME_CONFIRMED", False)
     from sweep.rundir import RunFolder
 
     init = members("untied", 2)
@@ -402,6 +408,10 @@ def test_a_compiled_step_resumed_on_a_gpu_is_reported_inexact(tmp_path, caplog):
     assert "not bit for bit; train.compile=false resumes exactly" in caplog.text
     for f in folders:
         assert "inexact_resume" in (f.path / "events.jsonl").read_text()
+    caplog.clear()
+    monkeypatch.setattr(restore, "GPU_COMPILED_RESUME_CONFIRMED", True)
+    restore._report_inexact_resume(folders, ens, torch.device("cuda"), "e1")
+    assert not caplog.records  # measured exact: nothing to report
 
 
 def test_an_ensemble_holds_its_tensors_by_name_whatever_order_it_is_given():
