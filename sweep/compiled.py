@@ -187,18 +187,10 @@ def _raised_compiling(err: BaseException) -> bool:
     return False
 
 
-def forget_graphs() -> None:
-    """Free the CUDA graphs this thread recorded (:func:`compile_step`'s ``cuda_graphs``) and
-    their memory pool, which holds the step's buffers: after training, evaluation needs it.
-    A compiled step called after this records its graphs again."""
-    from torch._inductor import cudagraph_trees
-
-    cudagraph_trees.reset_cudagraph_trees()
-
-
 def forget_compiled() -> None:
     """Drop every compiled variant this process holds. A worker calls it before each
     ensemble: Ray reuses a process for many CPU ensembles (a GPU one gets a fresh process),
     and the old variants would count towards :data:`RECOMPILE_LIMIT` (inductor's on-disk
-    cache keeps recompiling cheap)."""
+    cache keeps recompiling cheap). Their CUDA graphs go too, and with them the graphs' memory
+    pool (held by every compiled variant's cache entry until then)."""
     torch._dynamo.reset()

@@ -136,7 +136,7 @@ class Ensemble:
         self._ws, self._cast, self._cast_of = {}, {}, ()
         self._compiled_fn, self._vmapped = None, {}
         if self.cuda_graphs:  # the graphs' memory pool (the step's buffers) goes too
-            compiled.forget_graphs()
+            compiled.forget_compiled()
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
         f = self.params["W_enc"].shape[-1]
