@@ -147,22 +147,29 @@ def _known(options: dict[str, bool]) -> dict[str, bool]:
     return out
 
 
-def call(fn: Callable, *args: object) -> LossParts:
-    """``fn(*args)`` for a compiled step; a compile failure (or the recompile limit) becomes
-    one line naming the fix. Nothing was updated then: with one graph, compiling precedes
-    running it. Memory that ran out (also while inductor tuned kernels) is not a compile
-    failure: it propagates for the worker to name its own fix."""
+def call(fn: Callable, *args: object, graphs: bool = False) -> LossParts:
+    """``fn(*args)`` for a compiled step; a compile failure (or the recompile limit), or with
+    ``graphs`` a failure of its CUDA graphs, becomes one line naming the fix. Nothing
+    was updated then: with one graph, compiling precedes running it, and a graph being
+    recorded runs nothing. Memory that ran out (also while inductor tuned kernels) is not
+    such a failure: it propagates for the worker to name its own fix."""
     try:
         return fn(*args)
     except Exception as err:
-        compiling = isinstance(err, _compile_errors()) or _raised_compiling(err)
-        if not compiling or out_of_memory(err) is not None:
+        if out_of_memory(err) is not None:
             raise
-        why = first_line(err)[:300]
-        raise SweepError(
-            f"torch.compile of the ensemble step failed ({type(err).__name__}: {why}); "
-            "set train.compile=false to train with the eager step"
-        ) from err
+        why = f"{type(err).__name__}: {first_line(err)[:300]}"
+        if graphs and _raised_under(err, GRAPHING):
+            raise SweepError(
+                f"the compiled ensemble step as CUDA graphs failed ({why}); set "
+                "train.cuda_graphs=false to run it without graphs"
+            ) from err
+        if not (isinstance(err, _compile_errors()) or _raised_under(err, COMPILING)):
+            raise
+        fix = "train.compile=false to train with the eager step"
+        if graphs:
+            fix = f"train.cuda_graphs=false to run it without CUDA graphs, or {fix}"
+        raise SweepError(f"torch.compile of the ensemble step failed ({why}); set {fix}") from err
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -178,10 +185,15 @@ raised under one is a compile failure whatever its type. Dynamo does not wrap al
 own failures (torch 2.11 raises a bare AssertionError for a NamedTuple built in the graph)."""
 
 
-def _raised_compiling(err: BaseException) -> bool:
+GRAPHING = "torch/_inductor/cudagraph_trees.py"
+"""Where inductor records and replays CUDA graphs."""
+
+
+def _raised_under(err: BaseException, path: str) -> bool:
+    """Whether a frame of ``err``'s traceback runs code of the file ``path`` ends with."""
     tb = err.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith(COMPILING):
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith(path):
             return True
         tb = tb.tb_next
     return False

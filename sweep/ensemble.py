@@ -206,7 +206,7 @@ class Ensemble:
         dead = self.dead_mask() if self.arch.knob == "k" else None
         parts = compiled.call(
             self._compiled_fn, self.params, self.state, self.buffers, cast, self.active, x_BD,
-            self.hyper, self._scales, dead,
+            self.hyper, self._scales, dead, graphs=self.cuda_graphs,
         )  # fmt: skip
         self._cast_of = self._weights_now()
         variant = dead is None

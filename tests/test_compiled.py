@@ -342,6 +342,28 @@ def test_a_bare_error_raised_while_compiling_is_one_line_too():
         compiled.call(running)
 
 
+def test_a_failure_of_the_cuda_graphs_is_one_line_naming_their_switch():
+    """Under CUDA graphs a failure while compiling names both fixes, and one raised where
+    inductor records or replays the graphs names train.cuda_graphs=false."""
+    from sweep import compiled
+    from sweep.errors import SweepError
+
+    def raiser(path: str, error: str) -> object:
+        code = compile(f"def fail(): raise {error}", "/site-packages/" + path, "exec")
+        scope: dict = {}
+        exec(code, scope)
+        return scope["fail"]
+
+    fail = raiser(compiled.COMPILING, "AssertionError('no source')")
+    with pytest.raises(SweepError, match=r"set train.cuda_graphs=false to run it without CUDA "):
+        compiled.call(fail, graphs=True)
+    fail = raiser(compiled.GRAPHING, "RuntimeError('capture failed')")
+    with pytest.raises(SweepError, match=r"graphs failed \(RuntimeError: capture failed\); set t"):
+        compiled.call(fail, graphs=True)
+    with pytest.raises(RuntimeError, match="capture failed"):  # (no graphs: not theirs)
+        compiled.call(fail)
+
+
 def test_the_recompile_limit_is_one_line_and_changes_nothing():
     """A variant that would pass the recompile limit fails before it runs (dynamo would
     otherwise run the step uncompiled, with other numerics)."""
