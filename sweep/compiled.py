@@ -149,9 +149,9 @@ def _known(options: dict[str, bool]) -> dict[str, bool]:
 
 def call(fn: Callable, *args: object, graphs: bool = False) -> LossParts:
     """``fn(*args)`` for a compiled step; a compile failure (or the recompile limit), or with
-    ``graphs`` a failure of its CUDA graphs, becomes one line naming the fix. Nothing
-    was updated then: with one graph, compiling precedes running it, and a graph being
-    recorded runs nothing. Memory that ran out (also while inductor tuned kernels) is not
+    ``graphs`` a failure of its CUDA graphs, becomes one line naming the fix. A failed
+    compile updated nothing (with one graph, compiling precedes running it), nor did a graph
+    that failed to record (captured work does not run). Memory that ran out (also while inductor tuned kernels) is not
     such a failure: it propagates for the worker to name its own fix."""
     try:
         return fn(*args)
