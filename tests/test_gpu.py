@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+from sweep.archs import REGISTRY
 from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.optim import Adam
 from sweep.restore import GPU_COMPILED_RESUME_CONFIRMED
@@ -47,8 +48,8 @@ ON = pytest.mark.parametrize(
 every suite, on the CPU: a GPU test whose own code is broken is found here, not in a GPU lease."""
 
 
-ARCHS = ("untied", "topk", "batchtopk", "jumprelu")
-"""The architectures the fast (and compiled) step runs."""
+ARCHS = tuple(sorted(name for name, arch in REGISTRY.items() if arch.fast))
+"""The architectures the fast (and compiled) step runs (every registered one that has it)."""
 
 
 GRAPHED = ("untied", "batchtopk")
