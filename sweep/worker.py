@@ -258,7 +258,7 @@ def _train(
         r.step, r.cursor = r.step + 1, cursor
         if _resample_due(t, r.step, total):
             at.resample(r, x)
-        r.diverged_at = torch.where(was_active & ~r.ens.active, r.step, r.diverged_at)
+        r.diverged_at.masked_fill_(was_active > r.ens.active, r.step)  # (newly frozen)
         if logging_step:
             at.log_curve(parts, r.step, r.ens.active.tolist())
             if progress:
