@@ -162,7 +162,8 @@ def call(fn: Callable, *args: object, graphs: bool = False) -> LossParts:
         if graphs and _raised_under(err, GRAPHING):
             raise SweepError(
                 f"the compiled ensemble step as CUDA graphs failed ({why}); set "
-                "train.cuda_graphs=false to run it without graphs"
+                "train.cuda_graphs=false to run it without graphs, or train.compile=false "
+                "to train with the eager step"
             ) from err
         if not (isinstance(err, _compile_errors()) or _raised_under(err, COMPILING)):
             raise

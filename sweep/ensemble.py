@@ -118,7 +118,8 @@ class Ensemble:
         self.cuda_graphs = cuda_graphs and self.compiled and dev.type == "cuda"
         """Replay the compiled step as CUDA graphs (``train.cuda_graphs``; CUDA only): the
         compiled step's kernels, one launch. The step's outputs then live in the graphs'
-        memory until the next step overwrites them: read them before it."""
+        memory (one pool per process and device) until the next graphed step, of any ensemble
+        in the process, overwrites them: read them before it."""
         self._compiled_fn: Callable | None = None
         self.compile_seconds: dict[bool, float] = {}
         """Host seconds of the first compiled step of each variant (no dead-latent mask yet,
@@ -135,8 +136,8 @@ class Ensemble:
         self.state = AdamState({}, {}, {})
         self._ws, self._cast, self._cast_of = {}, {}, ()
         self._compiled_fn, self._vmapped = None, {}
-        if self.cuda_graphs:  # the graphs' memory pool (the step's buffers) goes too
-            compiled.forget_compiled()
+        if self.cuda_graphs:  # the graphs' memory pool (the step's buffers) goes too, with
+            compiled.forget_compiled()  # every compiled step of the process
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
         f = self.params["W_enc"].shape[-1]
@@ -242,9 +243,7 @@ class Ensemble:
         the weights) is not exactly their cast, cast again: a run resumed from a checkpoint
         casts afresh, so it would continue with other bits than this one (tested never to
         happen; a checkpoint looks, a weight at a time)."""
-        drifted = [
-            k for k, w in self._cast.items() if not torch.equal(w, self.params[k].to(w.dtype))
-        ]
+        drifted = [k for k, w in self._cast.items() if not _casts_of(w, self.params[k])]
         for k in drifted:
             self._cast[k].copy_(self.params[k])
         return drifted
@@ -295,3 +294,10 @@ class Ensemble:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.hyper["l1"].device.type, dtype=self.autocast_dtype)
+
+
+def _casts_of(copy: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``copy`` is exactly ``weight`` cast to its dtype, a member at a time (a cast of
+    the whole (E, ...) weight would be one more weight's worth of device memory, which under
+    CUDA graphs the step's own buffers, held between steps, do not lend)."""
+    return all(torch.equal(c, w.to(c.dtype)) for c, w in zip(copy, weight, strict=True))
