@@ -125,8 +125,12 @@ def compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
     saved = planning.recorded_dtype(SweepFolder(cfg.sweep_dir))
     if cfg.train.dtype == "auto" and saved not in (None, "auto"):
         return saved  # an existing sweep keeps its precision
-    gpus = cfg.train.device == "cuda" or (res.on_gpu and res.real_gpus)
-    return resolve_compute_dtype(cfg.train.dtype, gpus)
+    return resolve_compute_dtype(cfg.train.dtype, on_cuda(cfg, res))
+
+
+def on_cuda(cfg: SweepConfig, res: launcher.Resources) -> bool:
+    """Whether the ensembles train on CUDA GPUs (not only on Ray's count of GPUs)."""
+    return cfg.train.device == "cuda" or (res.on_gpu and res.real_gpus)
 
 
 def _create(path: Path) -> bool:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweep import driver, execution, grid, launcher, planning
+import torch
+
+from sweep import archs, driver, execution, grid, launcher, planning, restore
 from sweep.activations import harvest, synthetic
 from sweep.activations.store import ChunkStore, staged_bytes
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -170,9 +172,12 @@ def print_preview(v: Preview) -> None:
     todo = sum(len(e.members) for e in p.ensembles if not e.evaluate)
     again = sum(len(e.members) for e in p.ensembles if e.evaluate)
     evaluated = f", {again} to evaluate again from their weights," if again else ""
+    device = torch.device("cuda" if driver.on_cuda(v.cfg, res) else "cpu")
+    kind = restore.step_kind(v.cfg.train, archs.get(v.cfg.sae.name), device)
     console.print(
         f"{len(p.runs)} runs: {len(p.skipped)} already done, {todo} to train{evaluated} in "
-        f"{len(p.ensembles)} ensemble(s) on {where}, compute dtype {v.cfg.train.dtype}"
+        f"{len(p.ensembles)} ensemble(s) on {where}, compute dtype {v.cfg.train.dtype}, "
+        f"step {kind}"
     )
     _print_notes(console, v.notes)
 

@@ -104,6 +104,15 @@ def use_cuda_graphs(train: TrainConfig, device: torch.device) -> bool:
     return on and wanted != "false"
 
 
+def step_kind(train: TrainConfig, arch: Architecture, device: torch.device) -> str:
+    """How an ensemble's step runs on ``device``, in words (``sweep run --plan``)."""
+    if not arch.fast:
+        return "vmapped"
+    if not use_compile(train, device):
+        return "eager"
+    return "compiled + CUDA graphs" if use_cuda_graphs(train, device) else "compiled"
+
+
 def _found(folders: list[RunFolder], ensemble_id: str) -> list[Checkpoint | None]:
     """Every member's checkpoint at the newest common verified step, or all None.
 

@@ -20,15 +20,23 @@ def plan(tmp_path, capsys, *extra: str) -> tuple[int, str, str]:
     return code, said.out, said.err
 
 
-def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, capsys):
+def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, capsys, monkeypatch):
     """The shared test cluster's two (fake) GPUs: two ensembles, one on each whole GPU (auto
     fills the GPUs), for a sweep whose store does not exist yet; nothing is created."""
     code, out, _ = plan(tmp_path, capsys)
     assert code == 0 and not (tmp_path / "sw").exists()
     assert "r2-e0" in out and "r1-e0" in out and "1 GPU" in out, out
     assert "4 runs: 0 already done, 4 to train in 2 ensemble(s) on GPUs" in out, out
+    assert "compute dtype float32, step eager" in out, out  # (Ray's GPUs, not CUDA ones)
+    code, out, _ = plan(tmp_path, capsys, "train.compile=true", "train.dtype=bfloat16")
+    assert "compute dtype bfloat16, step compiled" in out, out
+    real = launcher.gpuinfo.GpuInfo(free=2**34, real=True)  # as on a CUDA machine
+    monkeypatch.setattr(launcher.gpuinfo, "ask", lambda *_: real)
+    code, out, _ = plan(tmp_path, capsys, "train.compile=true")
+    assert "compute dtype bfloat16, step compiled + CUDA graphs" in out, out
     code, out, _ = plan(tmp_path, capsys, "train.device=cpu", "launch.cpus_per_ensemble=1")
     assert code == 0 and "1 CPU" in out and "on CPUs" in out, out
+    assert "compute dtype float32, step eager" in out, out
 
 
 def test_a_plan_of_a_finished_sweep_trains_nothing_and_touches_nothing(
