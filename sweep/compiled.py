@@ -151,8 +151,9 @@ def call(fn: Callable, *args: object, graphs: bool = False) -> LossParts:
     """``fn(*args)`` for a compiled step; a compile failure (or the recompile limit), or with
     ``graphs`` a failure of its CUDA graphs, becomes one line naming the fix. A failed
     compile updated nothing (with one graph, compiling precedes running it), nor did a graph
-    that failed to record (captured work does not run). Memory that ran out (also while inductor tuned kernels) is not
-    such a failure: it propagates for the worker to name its own fix."""
+    that failed to record (captured work does not run). Memory that ran out (also while
+    inductor tuned kernels) is not such a failure: it propagates for the worker to name its
+    own fix."""
     try:
         return fn(*args)
     except Exception as err:
