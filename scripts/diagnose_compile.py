@@ -16,7 +16,7 @@ deterministic algorithms (warn only); inductor's caches off; the continuation's 
 called once first with its effects undone (does the first call of a compile differ?); the
 continuation in a new process with an empty kernel cache (a sweep resumed on another machine:
 within one process, or on one machine, dynamo and inductor may reuse the compiled step); the
-eager step (the control).
+compiled step replayed as CUDA graphs (``train.cuda_graphs``); the eager step (the control).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {  # the telling ones first: a step's time limit may cut the tail
     "default": {},
     "continued in a new process, empty cache": {"DIAG_NEW_PROCESS": "1"},
+    "under CUDA graphs (train.cuda_graphs)": {"DIAG_GRAPHS": "1"},
     "tensors held as given (before)": {"DIAG_AS_GIVEN": "1"},
     "eager (control)": {"DIAG_EAGER": "1"},
     "default, again": {},
@@ -55,7 +56,10 @@ def ensemble(params: dict, device: str, dtype: str, compiled: bool = True, **kw:
 
     low = torch.bfloat16 if dtype == "bf16" else None
     hyper, adam = hyper_of(L1, [0] * len(L1), device), Adam(LR, BETAS, EPS)
-    return Ensemble(params, hyper, adam, compiled=compiled, autocast_dtype=low, **kw)
+    graphs = compiled and bool(os.environ.get("DIAG_GRAPHS"))  # (CUDA only: off elsewhere)
+    return Ensemble(
+        params, hyper, adam, compiled=compiled, autocast_dtype=low, cuda_graphs=graphs, **kw
+    )
 
 
 def in_checkpoint_order(tensors: dict) -> dict:
