@@ -320,11 +320,14 @@ class RunFolder:
     def save_checkpoint(self, ckpt: checkpoints.Checkpoint) -> None:
         checkpoints.save_checkpoint(self.path, ckpt)
 
-    def record_timings(self, timings: dict[str, float]) -> None:
+    def record_timings(self, timings: dict[str, float], program: str | None = None) -> None:
         """Where the latest attempt's time went (restore, training, checkpoints, finalize),
+        and how its step ran (``program``, e.g. ``fast-compiled-graphed cuda bfloat16``),
         added to ``placement.json``."""
         placement = self.placement()
         placement["timings"] = timings
+        if program is not None:
+            placement["program"] = program
         atomic_write_json(self.path / PLACEMENT, placement)
 
     def mark_interrupted(self, step: int | None) -> None:

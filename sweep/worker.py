@@ -417,7 +417,7 @@ def train_ensemble(
     seconds = time.perf_counter() - t0
     at.timings.update(total=seconds, steps=r.step - resumed_from, started_at=started_at)
     for folder in at.folders:
-        folder.record_timings(at.timings)
+        folder.record_timings(at.timings, r.ens.program)
     result = EnsembleResult(job.ensemble.ensemble_id, states, r.step, seconds, resumed_from)
     result.timings, result.attempt = at.timings, at.attempt
     return result

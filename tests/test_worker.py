@@ -66,6 +66,8 @@ def test_run_folders_are_complete(tiny_store, tmp_path):
         assert (
             spec["l1"] == m.l1 and spec["dict_ratio"] == 2.0 and spec["train"]["batch_size"] == 256
         )
+        placement = json.loads((d / rundir.PLACEMENT).read_text())
+        assert placement["program"] == "fast cpu float32" and placement["timings"]["steps"] == 38
         final = json.loads((d / "metrics.json").read_text())
         for key in (
             "mse",

@@ -139,6 +139,7 @@ def ensemble_timings(sweep_dir: Path) -> dict[str, dict]:
         placement = read_json(run.path / rundir.PLACEMENT)
         e["timings"], e["gpu_share"] = placement["timings"], placement.get("gpu_share")
         e["start"], e["task_began"] = run.started_at(), placement.get("task_began")
+        e["program"] = placement.get("program")
     return out
 
 
@@ -231,7 +232,7 @@ def analyse(
         train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0) - compile_s - last
         achieved = t["steps"] * p.batch * e["members"] / train_s
         print(f"  {ens_id}: {e['members']} members, {t['steps']} steps in {train_s:.1f} s of "
-              f"training: {achieved:,.0f} rows*K/s; timings {t}", flush=True)  # fmt: skip
+              f"training ({e['program']}): {achieved:,.0f} rows*K/s; timings {t}", flush=True)  # fmt: skip
         pure = step_rate(p, e["ratio"], e["members"], ctx)
         held = t.get("checkpoint", 0.0) - last  # the periodic snapshots' hold
         periodic = max(t.get("checkpoints", 0) - (1 if "checkpoint_last" in t else 0), 1)
@@ -242,7 +243,7 @@ def analyse(
         began = t.get("started_at", e["start"])  # the worker's start (older sweeps: placed)
         begin = began + t.get("restore", 0) + compile_s  # its training, roughly
         util = gpu.mean(begin, begin + train_s)
-        figures[ens_id] = {**t, "achieved": achieved, "pure": pure, "ratio": achieved / pure,
+        figures[ens_id] = {**t, "program": e["program"], "achieved": achieved, "pure": pure, "ratio": achieved / pure,
                            "checkpoint_share": ckpt, "checkpoint_hold_s": per_ckpt,
                            "gpu_util_training": util}  # fmt: skip
         rows.append([ens_id, f"{achieved:,.0f}", f"{pure:,.0f}", f"{achieved / pure:.2f}",
