@@ -232,7 +232,8 @@ def analyse(
         train_s = t["total"] - t.get("restore", 0) - t.get("finalize", 0) - compile_s - last
         achieved = t["steps"] * p.batch * e["members"] / train_s
         print(f"  {ens_id}: {e['members']} members, {t['steps']} steps in {train_s:.1f} s of "
-              f"training ({e['program']}): {achieved:,.0f} rows*K/s; timings {t}", flush=True)  # fmt: skip
+              f"training ({e['program']}): {achieved:,.0f} rows*K/s; timings {t}",
+              flush=True)  # fmt: skip
         pure = step_rate(p, e["ratio"], e["members"], ctx)
         held = t.get("checkpoint", 0.0) - last  # the periodic snapshots' hold
         periodic = max(t.get("checkpoints", 0) - (1 if "checkpoint_last" in t else 0), 1)
@@ -243,9 +244,9 @@ def analyse(
         began = t.get("started_at", e["start"])  # the worker's start (older sweeps: placed)
         begin = began + t.get("restore", 0) + compile_s  # its training, roughly
         util = gpu.mean(begin, begin + train_s)
-        figures[ens_id] = {**t, "program": e["program"], "achieved": achieved, "pure": pure, "ratio": achieved / pure,
-                           "checkpoint_share": ckpt, "checkpoint_hold_s": per_ckpt,
-                           "gpu_util_training": util}  # fmt: skip
+        figures[ens_id] = {**t, "program": e["program"], "achieved": achieved, "pure": pure,
+                           "ratio": achieved / pure, "checkpoint_share": ckpt,
+                           "checkpoint_hold_s": per_ckpt, "gpu_util_training": util}  # fmt: skip
         rows.append([ens_id, f"{achieved:,.0f}", f"{pure:,.0f}", f"{achieved / pure:.2f}",
                      f"{ckpt:.4f}", f"{t.get('finalize', 0) - write:.1f}", f"{write:.1f}",
                      "-" if util is None else f"{util:.0f}%"])  # fmt: skip
