@@ -257,11 +257,8 @@ def _train(
             laps.lap("sweep folder")
             early = launcher.early_gpu_probe(cfg)
             with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
-                import ray
-
                 laps.lap("Ray")
-                nodes = launcher.alive_nodes()
-                res = launcher.Resources(cfg, ray.cluster_resources(), nodes, early=early)
+                res = launcher.Resources.of_cluster(cfg, early)
                 laps.lap("hardware")
                 cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
                 _write_sweep_files(folder, cfg, p, store)

@@ -69,9 +69,7 @@ def _evaluate(
     folder.clear_stop()  # left by an earlier, stopped driver
     rate.forget(folder.path)  # (a killed one's)
     with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
-        import ray
-
-        res = launcher.Resources(cfg, ray.cluster_resources(), launcher.alive_nodes())
+        res = launcher.Resources.of_cluster(cfg)
         cfg, budget = driver.on_hardware(cfg, res, store.staged_bytes(), store.path)
         p = evaluation_plan(cfg, runs, store.width, budget, res.on_gpu)
         log.info("evaluating %d finished run(s) again from their weights", len(runs))

@@ -224,6 +224,13 @@ def early_gpu_probe(cfg: SweepConfig) -> gpuinfo.Early | None:
 class Resources:
     """What each ensemble task asks Ray for, and the device memory model's budget."""
 
+    @classmethod
+    def of_cluster(cls, cfg: SweepConfig, early: gpuinfo.Early | None = None) -> Resources:
+        """For the Ray cluster this process is connected to: its resources and alive nodes."""
+        import ray
+
+        return cls(cfg, ray.cluster_resources(), alive_nodes(), early=early)
+
     def __init__(
         self,
         cfg: SweepConfig,

@@ -67,10 +67,7 @@ def preview(cfg: SweepConfig) -> Preview:
         return Preview(*finished, None, [], _notes(folder, shape))
     early = launcher.early_gpu_probe(cfg)
     with launcher.ray_session(cfg.launch):
-        import ray
-
-        nodes = launcher.alive_nodes()
-        res = launcher.Resources(cfg, ray.cluster_resources(), nodes, early=early)
+        res = launcher.Resources.of_cluster(cfg, early)
     cfg, p = driver.plan_for(cfg, folder, res, shape.width, shape.staged, shape.path, tidy=False)
     return Preview(cfg, p, res, _rows(cfg, p, res, shape), _notes(folder, shape))
 
