@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sweep import archs, sae
+from sweep.archs import Architecture, Hyper
 from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.optim import Adam
 from sweep.resample import resample
@@ -34,12 +35,17 @@ def batches(n: int, seed: int = 123) -> list[torch.Tensor]:
     return [torch.randn(B, D, generator=g) * 2 + 0.5 for _ in range(n)]
 
 
+def knob_hyper(a: Architecture, vals: list, device: torch.device | str = "cpu") -> Hyper:
+    """The hyper-parameters of members whose knob (``a``'s: l1 or k) takes ``vals``."""
+    zeros = [0] * len(vals)
+    return hyper_of(zeros, vals, device) if a.knob == "k" else hyper_of(vals, zeros, device)
+
+
 def ensemble_of(
     name: str, init: list[sae.Params], fast: bool, dead: DeadLatents | None, **kw
 ) -> Ensemble:
     a = arch_of(name)
-    vals, knob_k = VALUES[a.knob], a.knob == "k"
-    hy = hyper_of([0.0] * len(vals) if knob_k else vals, vals if knob_k else [0] * len(vals))
+    hy = knob_hyper(a, VALUES[a.knob])
     return Ensemble(stack(init), hy, Adam(LR, BETAS, EPS), arch=a, fast=fast, dead=dead, **kw)
 
 
@@ -289,7 +295,7 @@ def test_a_member_trains_alone_as_it_does_in_an_ensemble(name, fast):
 
     def trained(idx: list[int], n_threads: int) -> tuple[sae.Params, torch.Tensor]:
         v = [vals[i] for i in idx]
-        hy = hyper_of([0.0] * len(v), v) if a.knob == "k" else hyper_of(v, [0] * len(v))
+        hy = knob_hyper(a, v)
         opt, inits = Adam(LR, BETAS, EPS), stack([init[i] for i in idx])
         ens = Ensemble(inits, hy, opt, arch=a, fast=fast, grad_clip=1e-2, dead=dead)
         torch.set_num_threads(n_threads)

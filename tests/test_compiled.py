@@ -5,6 +5,8 @@ tests/test_gpu.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -321,6 +323,14 @@ def test_a_failed_compile_is_one_line_naming_the_fix_and_changes_nothing(monkeyp
     assert all(torch.equal(ens.params[k], v) for k, v in before.items())
 
 
+def raiser(path: str, error: str) -> Callable[[], None]:
+    """A function that raises ``error`` from a frame in a file named like torch's ``path``."""
+    code = compile(f"def fail(): raise {error}", "/site-packages/" + path, "exec")
+    scope: dict = {}
+    exec(code, scope)
+    return scope["fail"]
+
+
 def test_a_bare_error_raised_while_compiling_is_one_line_too():
     """Dynamo does not wrap all of its failures (torch 2.11 raised a bare AssertionError for a
     NamedTuple built inside the step); one raised on the compile path is still a compile
@@ -328,12 +338,9 @@ def test_a_bare_error_raised_while_compiling_is_one_line_too():
     from sweep import compiled
     from sweep.errors import SweepError
 
-    where = "/site-packages/" + compiled.COMPILING
-    code = compile("def convert(): raise AssertionError('no source for cls')", where, "exec")
-    scope: dict = {}
-    exec(code, scope)
+    convert = raiser(compiled.COMPILING, "AssertionError('no source for cls')")
     with pytest.raises(SweepError, match=r"\(AssertionError: no source for cls\); set train"):
-        compiled.call(lambda: scope["convert"]())
+        compiled.call(convert)
 
     def running() -> None:
         raise RuntimeError("index out of bounds")
@@ -347,12 +354,6 @@ def test_a_failure_of_the_cuda_graphs_is_one_line_naming_their_switch():
     inductor records or replays the graphs names train.cuda_graphs=false."""
     from sweep import compiled
     from sweep.errors import SweepError
-
-    def raiser(path: str, error: str) -> object:
-        code = compile(f"def fail(): raise {error}", "/site-packages/" + path, "exec")
-        scope: dict = {}
-        exec(code, scope)
-        return scope["fail"]
 
     fail = raiser(compiled.COMPILING, "AssertionError('no source')")
     with pytest.raises(SweepError, match=r"set train.cuda_graphs=false to run it without CUDA "):

@@ -25,6 +25,7 @@ from sweep.devices import release_device_memory
 from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.optim import Adam
 from sweep.restore import GPU_COMPILED_RESUME_CONFIRMED
+from tests.test_archs import knob_hyper
 from tests.test_ensemble import (
     BETAS,
     EPS,
@@ -107,7 +108,7 @@ def test_every_architecture_equals_independent_training_on_cuda(name, compiled, 
     for p in init:
         p["b_enc"][:10] = -50.0  # dead latents: AuxK is exercised
     dead = DeadLatents(dead_tokens=128, auxk_alpha=0.5, k_aux=6) if knob_k else None
-    hyper = hyper_of([0.0] * 3 if knob_k else vals, vals if knob_k else [0] * 3, dev)
+    hyper = knob_hyper(archs.get(name), vals, dev)
     ens = Ensemble(
         on(stack(init), dev), hyper, Adam(LR, BETAS, EPS), arch=name, dead=dead,
         compiled=compiled,
@@ -253,9 +254,7 @@ def test_the_bf16_copies_are_the_weights_cast_after_every_step_on_cuda(name, dev
     a, g = archs.get(name), torch.Generator().manual_seed(0)
     d, f = (256, 2048) if dev.type == "cuda" else (16, 64)
     init = [a.init_params(d, f, g) for _ in range(3)]
-    vals = [4, 8, 16] if a.knob == "k" else [1e-3, 3e-3, 1e-2]
-    k = a.knob == "k"
-    hyper = hyper_of([0.0] * 3 if k else vals, vals if k else [0] * 3, dev)
+    hyper = knob_hyper(a, [4, 8, 16] if a.knob == "k" else [1e-3, 3e-3, 1e-2], dev)
     ens = Ensemble(
         on(stack(init), dev), hyper, Adam(LR, BETAS, EPS), arch=a, compiled=True,
         autocast_dtype=torch.bfloat16,
@@ -292,8 +291,7 @@ def test_cuda_graphs_replay_the_compiled_step_bit_for_bit(name, dev):
     for p in init:
         p["b_enc"][: f // 4] = -50.0  # a quarter of the latents never fire: dead in 2 steps
     knob = a.knob == "k"
-    vals = [4, 8, 16] if knob else [1e-3, 3e-3, 1e-2]
-    hyper = hyper_of([0.0] * 3 if knob else vals, vals if knob else [0] * 3, dev)
+    hyper = knob_hyper(a, [4, 8, 16] if knob else [1e-3, 3e-3, 1e-2], dev)
     dead = DeadLatents(dead_tokens=2 * b, auxk_alpha=0.03, k_aux=d // 2) if knob else None
 
     def new(graphs: bool) -> Ensemble:
