@@ -102,6 +102,7 @@ def one_run(device: str, dtype: str) -> dict:
     state = AdamState(*(in_checkpoint_order(d) for d in vars(first.state).values()))
     again = new(in_checkpoint_order(first.params), state=state)
     if os.environ.get("DIAG_WARMUP"):  # a first call whose effects are undone: only tuning stays
+        again._weights_cast()  # (its bf16 copies exist from the first step on)
         kept = [t.clone() for t in again._state_tensors()]
         again.step(xs[6])
         for t, k in zip(again._state_tensors(), kept, strict=True):
