@@ -116,7 +116,9 @@ def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
     among kernel configurations by timing them on the first call, and configurations sum
     reductions in different orders, so a run resumed on a fresh machine (an empty kernel
     cache) could differ in the last bits from the uninterrupted one. (It did not suffice on
-    an H200 with torch 2.11: see the module's docstring.)"""
+    an H200 with torch 2.11: see the module's docstring.) On the CPU the step is compiled for
+    this process's thread count (its C++ kernels split sums by thread), which the worker sets
+    before the first step (from the checkpoint, when resuming)."""
     dynamo = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # newer and older torch
         if hasattr(dynamo, name):
@@ -124,7 +126,9 @@ def compile_step(spec: StepSpec, cuda_graphs: bool = False) -> Callable:
     for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
         if hasattr(dynamo, name):
             setattr(dynamo, name, True)
-    wanted = {"deterministic": True}
+    # The thread count, an option, is in the key of inductor's cache: under torch 2.11 a
+    # CPU step compiled for one count was reused under another (other sums: found session 29)
+    wanted = {"deterministic": True, "cpp.threads": torch.get_num_threads()}
     if cuda_graphs:  # partitioned, a graph's unsafe ops would run outside it, silently
         # (and its post-compile path skips cudagraph_or_error: pytorch issue 176611)
         wanted.update(

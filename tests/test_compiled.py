@@ -5,12 +5,13 @@ tests/test_gpu.py."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from sweep import restore
+from sweep import compiled, restore
 from sweep.config import TrainConfig
 from sweep.ensemble import DeadLatents, Ensemble
 from sweep.optim import Adam, AdamState
@@ -173,6 +174,54 @@ def test_compiled_training_resumes_bit_exactly(dtype):
     for k, v in whole.params.items():
         assert torch.equal(again.params[k], v)
         assert torch.equal(again.state.exp_avg_sq[k], whole.state.exp_avg_sq[k])
+
+
+AFTER_SIX_STEPS = """
+import hashlib, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from tests.test_archs import batches, ensemble_of, members
+ens = ensemble_of("untied", members("untied", 3), True, None, compiled=True)
+for x in batches(6):
+    ens.step(x)
+print(hashlib.sha256(b"".join(v.numpy().tobytes() for v in ens.params.values())).hexdigest())
+"""
+
+
+def test_the_compiled_step_is_compiled_for_the_thread_count_it_runs_with(monkeypatch):
+    """The thread count is among the compile's options, so in the key of inductor's cache
+    (the slow test below shows why, in processes)."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]))
+    spec = ensemble_of("untied", members("untied", 3), True, None, compiled=True)._spec()
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        compiled.compile_step(spec)
+    assert [o["cpp.threads"] for o in seen] == [2, 1]
+
+
+@pytest.mark.slow
+def test_a_step_compiled_for_another_thread_count_is_not_taken_from_the_cache(tmp_path):
+    """A resumed CPU worker runs with its checkpoint's thread count; its compiled step must
+    be compiled for that count even where inductor's cache holds the same graph compiled
+    under another (torch 2.11 reused it: its C++ kernels split sums by thread, so a resume
+    differed in the last bits). Each compile in its own process, as workers do."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def digest(threads: int, cache: Path) -> str:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+        root = Path(__file__).resolve().parents[1]
+        cmd = [sys.executable, "-c", AFTER_SIX_STEPS, str(threads)]
+        done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()[-1]
+
+    one_thread = digest(1, tmp_path / "shared")  # fills the cache
+    fresh = digest(2, tmp_path / "empty")
+    if one_thread == fresh:
+        pytest.skip("on this machine the step's kernels sum alike with one and two threads")
+    assert digest(2, tmp_path / "shared") == fresh
 
 
 def test_weights_changed_outside_the_compiled_step_are_cast_again():
