@@ -193,9 +193,13 @@ def test_the_compiled_step_is_compiled_for_the_thread_count_it_runs_with(monkeyp
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]))
     spec = ensemble_of("untied", members("untied", 3), True, None, compiled=True)._spec()
-    for threads in (2, 1):
-        torch.set_num_threads(threads)
-        compiled.compile_step(spec)
+    kept = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            compiled.compile_step(spec)
+    finally:
+        torch.set_num_threads(kept)
     assert [o["cpp.threads"] for o in seen] == [2, 1]
 
 
