@@ -132,12 +132,14 @@ class Ensemble:
     def release_training_state(self) -> None:
         """Drop what only training needs (Adam's moments, the step's workspaces and weight
         copies, the compiled step), leaving the weights and buffers to evaluate: the device
-        memory goes to the evaluation (a language model, for LM metrics). No more steps."""
+        memory goes to the evaluation (a language model, for LM metrics). No more steps.
+        Calling it again does nothing more."""
+        graphed = self.cuda_graphs and self._compiled_fn is not None
         self.state = AdamState({}, {}, {})
         self._ws, self._cast, self._cast_of = {}, {}, ()
         self._compiled_fn, self._vmapped = None, {}
-        if self.cuda_graphs:  # the graphs' memory pool (the step's buffers) goes too, with
-            compiled.forget_compiled()  # every compiled step of the process
+        if graphed:  # the graphs' memory pool (the step's buffers) goes too, with every
+            compiled.forget_compiled()  # compiled step of the process
 
     def _fresh_buffers(self, dead: DeadLatents | None, dev: torch.device) -> Params:
         f = self.params["W_enc"].shape[-1]

@@ -412,8 +412,8 @@ def train_ensemble(
             at.writer.close(quiet=failed)
             at.timings["checkpoint_write"] = at.writer.write_seconds
             at.timings["compile"] = sum(r.ens.compile_seconds.values())
-            if r.ens.cuda_graphs:  # their memory pool, however training ended (a stop, an
-                forget_compiled()  # error): only this thread's reset frees it
+            # however training ended (a stop, an error); under CUDA graphs this frees their
+            r.ens.release_training_state()  # memory pool, which only this thread's reset can
     seconds = time.perf_counter() - t0
     at.timings.update(total=seconds, steps=r.step - resumed_from, started_at=started_at)
     for folder in at.folders:
