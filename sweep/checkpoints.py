@@ -53,17 +53,41 @@ def path_of(folder: Path, step: int) -> Path:
 
 
 def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 2) -> None:
-    """Write ``checkpoint-<step>.safetensors`` atomically, then prune all but the newest ``keep``."""
+    """Write ``checkpoint-<step>.safetensors`` atomically, then prune (:func:`_prune`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()}
     meta = {"meta": json.dumps(ckpt.meta, sort_keys=True), "step": str(ckpt.step), "format": FORMAT}
     meta["sha256"] = _digest(tensors, meta)
     atomic_write(path_of(folder, ckpt.step), lambda f: tensorfile.write(f, tensors, meta))
-    for old in list_checkpoints(folder)[:-keep]:
+    _prune(folder, ckpt.step, keep)
+
+
+def _prune(folder: Path, step: int, keep: int) -> None:
+    """Keep the checkpoint of ``step`` and the newest ``keep - 1`` before it. Any after it is
+    stale: the members fell back from it (it was missing in another member, or damaged), and
+    training regenerates it. Left in place, it would hold one of the ``keep`` places, so a
+    second kill between two members' saves could leave them no common step at all."""
+    found = list_checkpoints(folder)
+    older = [p for p in found if step_of(p) < step]
+    stale = [p for p in found if step_of(p) > step]
+    for old in stale + older[: max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    return sorted(Path(folder).glob(f"{PREFIX}*.safetensors"))
+    """The checkpoint files in ``folder``, oldest first (a file named like one whose step is
+    not a number, e.g. a copy ``checkpoint-000000020-copy.safetensors``, is not one)."""
+    found = Path(folder).glob(f"{PREFIX}*.safetensors")
+    return sorted((p for p in found if _numbered(p)), key=step_of)
+
+
+def _numbered(path: Path) -> bool:
+    digits = path.stem[len(PREFIX) :]
+    return digits.isascii() and digits.isdigit()
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint file's name says."""
+    return int(path.stem[len(PREFIX) :])
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -87,7 +111,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         ckpt = Checkpoint(step=int(meta["step"]), tensors=tensors, meta=json.loads(meta["meta"]))
     except (KeyError, ValueError) as err:
         raise ValueError(f"checkpoint {path.name} has damaged metadata ({err})") from err
-    if not ok or ckpt.step != int(path.stem[len(PREFIX) :]):
+    if not ok or ckpt.step != step_of(path):
         raise ValueError(f"checkpoint {path.name} fails its checksum")
     return ckpt
 
@@ -96,7 +120,7 @@ def checkpoint_steps(folder: Path, whole: bool = False) -> set[int]:
     """Steps of the checkpoint files in ``folder`` (by name; not verified; ``whole``: only
     files as long as their header says, see :func:`sweep.tensorfile.whole`)."""
     found = [p for p in list_checkpoints(folder) if not whole or tensorfile.whole(p)]
-    return {int(p.stem[len(PREFIX) :]) for p in found}
+    return {step_of(p) for p in found}
 
 
 @dataclass

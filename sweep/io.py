@@ -31,7 +31,9 @@ _FILE_MODE = 0o666 & ~_read_umask()  # what open() would give; mkstemp alone giv
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(file)`` on a temp file in the same folder, fsync, then rename onto ``path``."""
+    """Call ``write(file)`` on a temp file in the same folder, fsync, then rename onto ``path``
+    and fsync the folder, so the rename is on disk before anything written or removed after
+    it (a checkpoint's pruned predecessor, a finished run's checkpoints) after a power loss."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, _FILE_MODE)
@@ -44,6 +46,18 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the folder's entries (renames, new files) durable; a file system that cannot
+    fsync a folder (some network ones) is left to its own ordering."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -582,3 +582,16 @@ def test_a_retried_evaluation_evaluates_only_the_runs_still_without_metrics(copy
     assert lost_members(SimpleNamespace(folders=[a, b])) == [0, 1]
     (a.path / rundir.DONE).unlink()
     assert lost_members(SimpleNamespace(folders=[a, b])) is None
+
+
+def test_an_atomic_write_makes_its_rename_durable_before_returning(tmp_path, monkeypatch):
+    """The file, then its folder, are fsynced: a checkpoint's predecessor is pruned (and a
+    finished run's checkpoints removed) only once the new file's name is on disk."""
+    import stat
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd))
+    )
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert synced == [False, True] and read_json(tmp_path / "a.json") == {"x": 1}

@@ -326,6 +326,34 @@ def test_kill_between_member_saves_resumes_from_common_step(tiny_store, tmp_path
         assert (a / "metrics.jsonl").read_text() == (d / "metrics.jsonl").read_text()
 
 
+def test_a_second_kill_between_member_saves_after_a_fallback_still_finds_a_common_step(
+    tiny_store, tmp_path
+):
+    """After falling back from step 20 to 14, the members' next save (a stop at 17) prunes the
+    unusable step 20 rather than step 14: killed again between two members' saves, they still
+    share step 14 (with 20 kept, member 0 would hold {17, 20}, member 1 {14}: from scratch)."""
+    ref, cut = reference_and_interrupted(tiny_store, tmp_path)
+    dirs = [rundir.run_dir(tmp_path / "cut", m.run_id) for m in cut.ensemble.members]
+    checkpoints.list_checkpoints(dirs[1])[-1].unlink()  # killed between the saves of step 20
+    assert train_ensemble(cut, should_stop=stop_after(3)).resumed_from == 14  # stops at 17
+    assert checkpoints.checkpoint_steps(dirs[0]) == {14, 17}
+    checkpoints.path_of(dirs[1], 17).unlink()  # killed between the saves of step 17
+    assert train_ensemble(cut).resumed_from == 14
+    for m, d in zip(ref.ensemble.members, dirs, strict=True):
+        assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
+
+
+def test_a_file_named_like_a_checkpoint_without_a_step_is_not_one(tmp_path):
+    """A copy such as ``checkpoint-000000020-copy.safetensors`` is neither listed nor pruned."""
+    saved = checkpoints.Checkpoint(20, {"param.W": torch.randn(2, 3)}, {})
+    checkpoints.save_checkpoint(tmp_path, saved)
+    copy = tmp_path / "checkpoint-000000020-copy.safetensors"
+    copy.write_bytes(checkpoints.path_of(tmp_path, 20).read_bytes())
+    for step in (21, 22):
+        checkpoints.save_checkpoint(tmp_path, checkpoints.Checkpoint(step, saved.tensors, {}))
+    assert checkpoints.checkpoint_steps(tmp_path) == {21, 22} and copy.exists()
+
+
 def test_plan_keeps_previous_ensembles_apart_and_each_resumes_its_own_step(tiny_store, tmp_path):
     """Previous ensembles a (2 members) and b stopped at step 20, c at 10, e (2 members) at 10
     with one member's checkpoints lost, d never started; b's newest checkpoint is damaged.
