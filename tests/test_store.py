@@ -205,6 +205,55 @@ def test_a_chunk_damaged_after_opening_fails_verify_in_one_line(store_copy):
         store.verify()
 
 
+EDITS = {
+    "dtype float64": (lambda m: m.update(dtype="float64"), "dtype is 'float64', not one of"),
+    "no stats": (lambda m: m.pop("stats"), "its stats have no mean_row_norm"),
+    "width a word": (lambda m: m.update(width="sixteen"), "width is 'sixteen', not a count"),
+    "chunk without rows": (lambda m: m["chunks"][1].pop("rows"), r"not a list of \{file, rows\}"),
+    "more total_rows": (
+        lambda m: m.update(total_rows=m["total_rows"] + 8000),
+        "total_rows .* is not the sum of its chunks' rows",
+    ),
+    "fewer total_rows": (
+        lambda m: m.update(total_rows=m["total_rows"] - 100),
+        "is not the sum of its chunks' rows",
+    ),
+    "short mean": (lambda m: m["stats"]["mean"].pop(), "its stats' mean is not 16 numbers"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_manifest_damaged_or_edited_is_refused_in_one_line(store_copy, edit):
+    """Fields missing or of the wrong kind, and a total that is not the chunks' rows (which
+    would train on the held-out rows, or drop rows, without a word), name the manifest."""
+    change, says = EDITS[edit]
+    m = json.loads((store_copy / MANIFEST).read_text())
+    change(m)
+    (store_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=f"manifest .* is damaged or was edited \\(.*{says}"):
+        ChunkStore(store_copy)
+
+
+def test_a_manifest_that_is_not_a_mapping_is_not_a_store(store_copy):
+    (store_copy / MANIFEST).write_text("[]")
+    with pytest.raises(StoreError, match="is not a sweep chunk store manifest"):
+        ChunkStore(store_copy)
+
+
+def test_a_verification_is_remembered_for_its_manifest_only(store_copy):
+    """A chunk checksum edited in the manifest after verification is caught, not taken as
+    verified because the chunk files did not change."""
+    ChunkStore(store_copy).verify()
+    assert ChunkStore(store_copy).is_verified()
+    m = json.loads((store_copy / MANIFEST).read_text())
+    m["chunks"][1]["sha256"] = "0" * 64
+    (store_copy / MANIFEST).write_text(json.dumps(m))
+    store = ChunkStore(store_copy)
+    assert not store.is_verified()
+    with pytest.raises(StoreError, match="chunk_00001.npy fails its checksum"):
+        store.verify()
+
+
 def test_empty_store(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / MANIFEST).write_text(

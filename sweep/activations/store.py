@@ -267,6 +267,46 @@ def nonfinite_error(path: Path) -> StoreError:
     return StoreError(f"chunk {path} contains NaN or inf values; regenerate or repair the store")
 
 
+def manifest_problem(m: dict) -> str | None:
+    """What makes a parsed manifest unusable (fields missing or of the wrong kind, rows that
+    do not add up), or None."""
+    least = {"width": 1, "total_rows": 0}
+    bad = [k for k, low in least.items() if not _whole(m.get(k)) or m[k] < low]
+    if bad:
+        return f"{bad[0]} is {m.get(bad[0])!r}, not a count"
+    if m.get("dtype") not in TENSOR_DTYPES:
+        return f"dtype is {m.get('dtype')!r}, not one of {', '.join(TENSOR_DTYPES)}"
+    chunks = m.get("chunks")
+    if not isinstance(chunks, list) or not all(_chunk_entry_ok(c) for c in chunks):
+        return "its chunk list is not a list of {file, rows} entries"
+    if sum(c["rows"] for c in chunks) != m["total_rows"]:
+        return f"total_rows {m['total_rows']} is not the sum of its chunks' rows"
+    stats, provenance = m.get("stats"), m.get("provenance", {})
+    if not isinstance(stats, dict) or not _number(stats.get("mean_row_norm")):
+        return "its stats have no mean_row_norm"
+    mean = stats.get("mean")
+    if not isinstance(mean, list) or len(mean) != m["width"] or not all(map(_number, mean)):
+        return f"its stats' mean is not {m['width']} numbers"
+    return None if isinstance(provenance, dict) else "its provenance is not a mapping"
+
+
+def _whole(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _chunk_entry_ok(c: object) -> bool:
+    return (
+        isinstance(c, dict)
+        and isinstance(c.get("file"), str)
+        and _whole(c.get("rows"))
+        and c["rows"] >= 0
+    )
+
+
 class ChunkStore:
     """A complete chunk store on disk, validated on open (``check_files=False``: its manifest
     only, for :meth:`damaged_chunks`)."""
@@ -291,14 +331,20 @@ class ChunkStore:
             raise StoreError(
                 f"chunk store manifest {manifest_path} is corrupt ({err}); regenerate the store"
             ) from err
-        if self.manifest.get("format") != FORMAT:
-            sweep = "runs" in self.manifest  # a sweep folder's manifest
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            sweep = isinstance(self.manifest, dict) and "runs" in self.manifest  # a sweep's
             raise StoreError(
                 f"{self.path} is a sweep folder, not a chunk store; point data.path at its "
                 "store (its store/ folder, or the data.path its config.yaml names)"
                 if sweep
                 else f"{manifest_path} is not a sweep chunk store manifest; point data.path at "
                 "a chunk store (made by data=synthetic or sweep harvest)"
+            )
+        problem = manifest_problem(self.manifest)
+        if problem:
+            raise StoreError(
+                f"chunk store manifest {manifest_path} is damaged or was edited ({problem}); "
+                "regenerate the store"
             )
         self.width: int = int(self.manifest["width"])
         self.dtype: str = self.manifest["dtype"]
@@ -435,11 +481,16 @@ class ChunkStore:
             raise StoreError(f"chunk {f} is truncated; {self._repair}")
         return out
 
-    def _signature(self) -> list:
-        return [[c["file"], *self._stat(c["file"])] for c in self.chunks]
+    def _signature(self) -> dict:
+        """What a verification is remembered by: the manifest (which records every chunk's
+        sha256) and each chunk file's size and mtime. (A ``verified.json`` of the earlier
+        form, chunk files alone, reads as unverified: such a store is verified once again.)"""
+        chunks = [[c["file"], *self._stat(c["file"])] for c in self.chunks]
+        return {"manifest": self.identity, "chunks": chunks}
 
     def is_verified(self) -> bool:
-        """Whether :meth:`verify` passed on these exact chunk files (size and mtime unchanged)."""
+        """Whether :meth:`verify` passed on this manifest and these exact chunk files (size and
+        mtime unchanged)."""
         try:
             return json.loads((self.path / VERIFIED).read_text()) == self._signature()
         except (OSError, ValueError):
@@ -449,8 +500,8 @@ class ChunkStore:
         """Read every chunk once, check its sha256 and reject non-finite values (before any
         training).
 
-        A successful check is remembered in ``verified.json`` (keyed by each chunk file's size
-        and mtime), so a store is scanned once, not on every run.
+        A successful check is remembered in ``verified.json`` (keyed by the manifest and each
+        chunk file's size and mtime), so a store is scanned once, not on every run.
         """
         if self.is_verified():
             return
@@ -484,9 +535,10 @@ class ChunkStore:
         if nonfinite:
             raise nonfinite_error(f)
         if "sha256" in info and digest.hexdigest() != info["sha256"]:
+            fix = self._repair  # (a harvest writes a lost chunk again: this one, once deleted)
+            fix = f"delete it and {fix}" if self.provenance.get("source") == "harvest" else fix
             raise StoreError(
-                f"chunk {f} fails its checksum (it changed after the store was written); "
-                "regenerate the store"
+                f"chunk {f} fails its checksum (it changed after the store was written); {fix}"
             )
 
     def _stat(self, name: str) -> list[int]:
