@@ -748,3 +748,61 @@ def test_a_sweeps_harvest_names_data_path_in_its_errors(
     assert main([*args, f"data.path={afile}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: data.path {afile} is a file") and "store_dir" not in err, err
+
+
+def test_activations_beyond_float16_are_refused_naming_the_dtype_to_use(
+    tiny_model_dir, text_file, tmp_path, capsys, monkeypatch
+):
+    """A residual stream reaching past 65504 would be stored as inf in float16: refused in
+    one line naming bfloat16, which holds it (not the store's "NaN or inf" refusal)."""
+    real = lm.capture
+    monkeypatch.setattr(lm, "capture", lambda *a: {h: x * 1e6 for h, x in real(*a).items()})
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    assert main(cli_args(cfg)) == 2
+    err = _one_line_error(capsys)
+    assert "beyond float16's largest value 65504" in err and "dtype=bfloat16" in err
+    wide = replace(cfg, store_dir=str(tmp_path / "b"))
+    assert main([*cli_args(wide), "dtype=bfloat16"]) == 0
+    assert ChunkStore(tmp_path / "b").read_rows(0).abs().amax() > 65504
+
+
+def test_a_second_harvest_into_a_store_dir_being_harvested_is_refused(
+    tiny_model_dir, text_file, tmp_path, capsys
+):
+    """Two harvests into one store_dir would each remove the other's writes in progress: the
+    second is refused in one line and touches nothing; once the first ends it just runs."""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    with harvest_dir.writing(tmp_path / "h"):  # another harvest, between two of its writes
+        (tmp_path / "h" / ".chunk_00000.npy.x.tmp").write_bytes(b"half a chunk")
+        assert main(cli_args(cfg)) == 2
+        assert "another harvest is writing store_dir" in _one_line_error(capsys)
+        assert [p.name for p in (tmp_path / "h").iterdir()] == [".chunk_00000.npy.x.tmp"]
+    assert main(cli_args(cfg)) == 0
+
+
+def test_a_harvested_chunk_changed_in_place_names_the_repair_that_works(
+    tiny_model_dir, text_file, tmp_path
+):
+    """A chunk whose bytes changed (same size) fails verification; the message says what
+    mends it: delete it and re-run the harvest, which writes just that chunk again."""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    store = run_harvest(cfg)[HOOKS[0]]
+    clean, f = _snapshot(store.path), store.path / chunk_name(1)
+    data = bytearray(f.read_bytes())
+    data[-2:] = b"\x00\x3c"  # the last value: 1.0 in float16
+    f.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="fails its checksum .*; delete it and re-run the 'sweep"):
+        ChunkStore(store.path).verify()
+    f.unlink()
+    run_harvest(cfg)[HOOKS[0]].verify()
+    assert _snapshot(store.path) == clean
+
+
+def test_a_harvest_settings_file_holding_no_settings_is_one_line(
+    tiny_model_dir, text_file, tmp_path, capsys
+):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / harvest.PARAMS_FILE).write_text("null")
+    assert main(cli_args(cfg)) == 2
+    assert "harvest-params.json is unreadable (it holds a NoneType" in _one_line_error(capsys)

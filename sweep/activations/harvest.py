@@ -51,6 +51,7 @@ from sweep.activations.harvest_dir import (
     reopen_damaged,
     rewritten,
     store_path,
+    writing,
 )
 from sweep.activations.layout import CHUNKS
 from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, write_npy
@@ -192,18 +193,27 @@ def harvest_with_stats(
     params = harvest_params(cfg)
     root = check_dir(cfg, params)
     plan = HarvestPlan.of(cfg)
-    if complete(cfg, params) and not reopen_damaged(cfg, plan, root):  # read-only is fine
+    if _intact(cfg, params):  # read-only is fine
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
-    with removed_if_left_empty(root):
+    with removed_if_left_empty(root), writing(root):
+        check_dir(cfg, params)  # (the settings of a harvest that ended since the first check)
+        if complete(cfg, params) and not reopen_damaged(cfg, plan, root):
+            log.info("harvest in %s was completed by another harvest; reusing it", root)
+            return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
         prepare_dir(cfg, root)
         there = sum(len(list(store_path(cfg, h).glob(CHUNKS))) for h in cfg.hooks)
         if there:
             total = plan.n_chunks * len(cfg.hooks)
             log.info("continuing the harvest in %s: %d of %d chunks are there", root, there, total)
         results = _harvest(cfg, plan, params, root, model, in_process)
-    _log_timing(results)
-    return _finalize(cfg, plan, params, results), results
+        _log_timing(results)
+        return _finalize(cfg, plan, params, results), results
+
+
+def _intact(cfg: HarvestConfig, params: dict) -> bool:
+    """Whether store_dir holds this harvest, complete, no chunk lost or changed (reads only)."""
+    return complete(cfg, params) and not any(damaged(store_path(cfg, h)) for h in cfg.hooks)
 
 
 def _harvest(
@@ -390,13 +400,30 @@ def _fill_group(
         rows = {}
         for h, a in acts.items():
             a = a[:, plan.first :].reshape(-1, a.shape[-1])  # (b, P, d) -> (b*rpc, d)
-            rows[h] = a[lo - cb * rpc : hi - cb * rpc].to(dtype).cpu()  # (hi-lo, d)
+            a = a[lo - cb * rpc : hi - cb * rpc]  # (hi-lo, d)
+            _check_range(a, dtype, h, cfg.store_dir)
+            rows[h] = a.to(dtype).cpu()
         res.forward_s += time.perf_counter() - t
         res.tokens += toks.numel()
         idx = dest[lo - r0 : hi - r0]
         for h, x in rows.items():
             bufs[h][idx] = x
     return bufs
+
+
+def _check_range(a: torch.Tensor, dtype: torch.dtype, hook: str, store_dir: str) -> None:
+    """Refuse activations beyond the store dtype's range (float16's is 65504: a model's
+    residual stream can reach more), which would be stored as inf."""
+    if dtype.itemsize >= 4 or a.dtype == dtype:
+        return
+    top = float(a.abs().amax()) if a.numel() else 0.0  # (NaN: the store refuses it itself)
+    if top > torch.finfo(dtype).max:
+        name = str(dtype).removeprefix("torch.")
+        raise StoreError(
+            f"{hook} reaches {top:.4g}, beyond {name}'s largest value "
+            f"{torch.finfo(dtype).max:g}: harvest with dtype=bfloat16 (or float32) into a "
+            f"new store_dir (the harvest in {store_dir} is recorded as {name})"
+        )
 
 
 def _write_group(

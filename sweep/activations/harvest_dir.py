@@ -4,8 +4,10 @@ the leftovers of writes killed midway. (The harvesting itself is :mod:`.harvest`
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -108,6 +110,34 @@ def rewritten(path: Path, entries: list[dict]) -> list[tuple[int, str]]:
     return out
 
 
+class Busy(StoreError):
+    """Another harvest holds store_dir (whatever is there is its)."""
+
+
+@contextmanager
+def writing(root: Path) -> Iterator[None]:
+    """Hold store_dir (made if needed) for one harvest: another harvest into it (a second
+    ``sweep harvest``, or sweeps sharing a ``data.path``) is refused in one line while this
+    one runs, rather than both harvesting it and each removing the other's writes. An
+    ``fcntl.flock`` of the folder itself, so the kernel releases it when the process dies; a
+    file system without flock (some Lustre mounts) is not locked."""
+    ensure_writable(root, "store_dir")
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(
+                f"another harvest is writing store_dir {root} now; wait until it ends, then run "
+                "this again (it reuses that harvest, or continues it if it was stopped)"
+            ) from None
+        except OSError:
+            log.debug("store_dir %s cannot be locked (no flock here)", root)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
 def prepare_dir(cfg: HarvestConfig, root: Path) -> None:
     """Make sure store_dir (checked by :func:`check_dir`) can be written; drop the temp files
     of writes killed midway (no shard runs yet)."""
@@ -139,6 +169,8 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
     if marker.is_file():
         try:
             old = json.loads(marker.read_text())
+            if not isinstance(old, dict):
+                raise ValueError(f"it holds a {type(old).__name__}, not the settings")
         except (OSError, ValueError) as err:
             raise StoreError(
                 f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"
@@ -176,6 +208,8 @@ def removed_if_left_empty(root: Path) -> Iterator[None]:
         top = folder
     try:
         yield
+    except Busy:
+        raise  # (the folder is the other harvest's, even before it writes a file)
     except BaseException:
         if top is not None and top.is_dir() and not _holds_files(top):
             shutil.rmtree(top, ignore_errors=True)
