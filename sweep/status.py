@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sweep import rate
 from sweep.checkpoints import checkpoint_steps
+from sweep.errors import SweepError
 from sweep.sweepdir import RunRecord, SweepFolder
 
 
@@ -112,22 +113,26 @@ def _metric_cell(row: dict, col: str) -> str:
     return f"{text} *" if text and col in ("l0", "fvu") and _from_training(row) else text
 
 
-def _activity(sweep_dir: Path, rows: list[dict]) -> str:
-    """What the sweep is doing, as its manifest recorded it, unless runs of its last grid it
-    recorded as done are no longer finished (damaged or removed since), or runs outside that
-    grid are unfinished."""
+def _activity(sweep_dir: Path, rows: list[dict]) -> tuple[str, str | None]:
+    """What the sweep is doing as one word (``running``, ``evaluating``, what its manifest
+    recorded: ``done``, ``failed``, ``interrupted``; ``stopped``: its last driver died before
+    recording that; ``incomplete``: done, but runs of that grid are no longer finished) and,
+    where the word is not all of it, the sentence ``sweep status`` shows instead, which says
+    what to do."""
     folder = SweepFolder(sweep_dir)
     activity, grid = folder.activity(), folder.last_grid()
+    if activity.startswith("stopped: "):
+        return "stopped", activity
     undone = [r["run_id"] for r in rows if r["state"] not in ("done", "diverged", "failed")]
     if activity != "done" or not undone:
-        return activity
+        return activity, None
     lost = [rid for rid in undone if grid is None or rid in grid]
     if lost:
-        return (
+        return "incomplete", (
             f"done when its last driver ended, but {len(lost)} run(s) are no longer finished: "
             "re-run its command to train them again"
         )
-    return (
+    return "done", (
         f"its last grid was done when its driver ended; {len(undone)} run(s) outside that grid "
         "are not finished: a `sweep run` whose grid has them continues them"
     )
@@ -147,7 +152,7 @@ def status_facts(sweep_dir: Path, states: Collection[str] = ()) -> dict:
     in ``states``, if given), what the sweep is doing, counts and rows over all runs, the
     pace of a training sweep (:func:`sweep.rate.pace`) and the member limits it learned."""
     rows = status_rows(sweep_dir)
-    activity = _activity(sweep_dir, rows)
+    activity, note = _activity(sweep_dir, rows)
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
@@ -155,6 +160,7 @@ def status_facts(sweep_dir: Path, states: Collection[str] = ()) -> dict:
     return {
         "sweep_dir": str(sweep_dir),
         "activity": activity,
+        "note": note,
         "runs": [r for r in rows if not states or r["state"] in states],
         "states": dict(sorted(counts.items())),
         "total_runs": len(rows),
@@ -163,6 +169,16 @@ def status_facts(sweep_dir: Path, states: Collection[str] = ()) -> dict:
         "pace": rate.pace(sweep_dir) if activity == "running" else None,
         "member_limits": {f"{r:g}": n for r, n in sorted(limits.items())},
     }
+
+
+def no_runs_yet(sweep_dir: str, err: SweepError) -> dict:
+    """``--json`` of a sweep that has not planned its runs: ``starting`` (preparing its data)
+    or ``stopped`` (before it planned), the sentence saying which in ``note``."""
+    from sweep.sweepdir import Preparing
+
+    activity = "starting" if isinstance(err, Preparing) else "stopped"
+    counts = {"states": {}, "total_runs": 0, "rows_trained": 0, "rows_total": 0}
+    return {"sweep_dir": sweep_dir, "activity": activity, "note": str(err), "runs": [], **counts}
 
 
 def status_json(sweep_dir: Path, states: Collection[str] = ()) -> str:
@@ -182,7 +198,7 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     facts = status_facts(sweep_dir, states)
     shown, n = facts["runs"], facts["total_runs"]
     only = f"; runs {', '.join(states)}: {len(shown)} of {n}" if states else ""
-    title = f"sweep status: {sweep_dir} ({facts['activity']}{only})"
+    title = f"sweep status: {sweep_dir} ({facts['note'] or facts['activity']}{only})"
     cols = ["run_id", "state", "progress", "saved", "rows_trained", "l0", "fvu"]
     cols += ["note"] if any(r.get("note") for r in shown) else []
     for r in shown:

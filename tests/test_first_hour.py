@@ -127,6 +127,13 @@ def test_config_mistakes_are_one_line_with_the_fix(args, needle, capsys):
     assert not Path("x").exists()  # refused before anything is written
 
 
+def test_a_required_field_names_one_fix(capsys):
+    """Not also "leave it out for its default": it has none."""
+    assert main(["run", "sweep_dir=x", "data=chunks"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: data.path is required for data=chunks: pass data.path=/path/to/store"
+
+
 def test_paths_that_are_files_are_refused_before_any_work(tmp_path, capsys):
     (afile := tmp_path / "f").write_text("mine")
     for key, needle in [
@@ -422,8 +429,9 @@ def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
         said = capsys.readouterr().out
         assert "its sweep is starting: preparing its data (store: 3 chunks so far)" in said
         assert main(["status", str(sw), "--json"]) == 0
-        said = json.loads(capsys.readouterr().out)["activity"]
-        assert "its sweep is starting: preparing its data (store: 3 chunks so far)" in said
+        said = json.loads(capsys.readouterr().out)
+        assert said["activity"] == "starting" and said["runs"] == []
+        assert "its sweep is starting: preparing its data (store: 3 chunks so far)" in said["note"]
     (sw / "sweep.log").write_text("INFO sweep.driver: harvesting\n")
     for argv, code in ((["status", str(sw)], 0), (["resume", str(sw)], 2)):
         assert main(argv) == code
@@ -431,6 +439,8 @@ def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
         said = said.out if code == 0 else said.err
         assert "its sweep stopped while preparing its data (store: 3 chunks so far)" in said
         assert "re-run its 'sweep run' command" in said and "\n" not in said.strip()
+    assert main(["status", str(sw), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["activity"] == "stopped"
     (sw / "store" / "manifest.json").write_text("{}")  # the store finished, Ray's start-up not
     assert main(["status", str(sw)]) == 0
     said = capsys.readouterr().out

@@ -526,6 +526,9 @@ def test_status_says_when_the_last_driver_ended_without_an_outcome(copy, capsys)
     assert "stopped: its last driver ended without an outcome; re-run it to continue" in " ".join(
         capsys.readouterr().out.split()
     )
+    assert main(["status", str(copy), "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["activity"] == "stopped" and "re-run it to continue" in said["note"]
 
 
 def test_damaged_manifest_and_config_are_one_line(copy, capsys):
