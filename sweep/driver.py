@@ -339,6 +339,11 @@ def on_hardware(
 ) -> tuple[SweepConfig, float]:
     """The sweep's config with ``train.dtype`` resolved for ``res``, and the device bytes each
     ensemble's members may plan for (:func:`device_budget`)."""
+    if str(cfg.train.cuda_graphs).lower() == "true" and not res.on_gpu:
+        raise SweepError(
+            "train.cuda_graphs=true needs a GPU but the ensembles would train on CPUs (the Ray "
+            "cluster has no GPUs); use train.cuda_graphs=auto, or run where there are GPUs"
+        )
     cfg = replace(cfg, train=replace(cfg.train, dtype=compute_dtype(cfg, res)))
     return cfg, device_budget(staged, store, res)
 

@@ -145,11 +145,19 @@ def _join(lc: LaunchConfig, common: dict) -> None:
             + join_failed_hint(address)
         ) from err
     named = lc.address if lc.address == address else f"{lc.address} ({address})"
+    cluster = ray.cluster_resources()
     try:
-        refuse_private(ray.cluster_resources(), named)
+        refuse_private(cluster, named)
     except SweepError:
         quietly(ray.shutdown)
         raise
+    log.info(
+        "joined the Ray cluster at %s: %d node(s), %g CPUs, %g GPUs",
+        named,
+        len(alive_nodes()),
+        cluster.get("CPU", 0),
+        cluster.get("GPU", 0),
+    )
 
 
 def shutdown_ray(wait: float | None = None) -> None:

@@ -245,3 +245,19 @@ def test_host_memory_without_a_limit_is_the_machines(tmp_path):
     proc, root = _cgroup_tree(tmp_path, "0::/user.slice\n", {"user.slice/memory.max": "max\n"})
     assert host_memory_bytes(proc, root) == physical
     assert host_memory_bytes(tmp_path / "absent", root) == physical
+
+
+def test_cuda_graphs_asked_for_where_ensembles_train_on_cpus_is_refused():
+    """``train.cuda_graphs=true`` with ``train.device=auto`` on a cluster without GPUs is
+    refused before any training, as with ``train.device=cpu`` (not a warning per worker)."""
+    from sweep import driver
+    from sweep.errors import SweepError
+    from sweep.gpuinfo import GpuInfo
+    from sweep.launcher import Resources
+    from tests.test_config import cfg_of
+
+    cfg = cfg_of("train.compile=true", "train.cuda_graphs=true", "launch.device_memory_gb=8")
+    with pytest.raises(SweepError, match="cuda_graphs=true needs a GPU but the ensembles would"):
+        driver.on_hardware(cfg, Resources(cfg, {"CPU": 2.0}), 0, "store")
+    gpus = Resources(cfg, {"CPU": 2.0, "GPU": 1.0}, gpu=GpuInfo(real=True))
+    assert str(driver.on_hardware(cfg, gpus, 0, "store")[0].train.cuda_graphs).lower() == "true"
