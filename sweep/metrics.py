@@ -234,7 +234,7 @@ def _summary(
     n = x_ND.shape[0]
     varies = total_var > 0
     fvu = sq_err / total_var if varies else math.nan
-    return {
+    out = {
         "mse": sq_err / x_ND.numel(),
         "fvu": fvu,
         "l1_norm": l1 / n,
@@ -249,6 +249,23 @@ def _summary(
         "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,
         **density_summary(freq),
     }
+    if not math.isfinite(l1):  # NaN or inf codes (a diverged run's) "fire": counts mean nothing
+        out.update(dict.fromkeys(CODE_COUNTS, math.nan))
+    return out
+
+
+CODE_COUNTS = (
+    "l1_norm",
+    "l0",
+    "dead_fraction",
+    "dense_fraction",
+    "frac_alive",
+    "freq_over_1_percent",
+    "freq_over_10_percent",
+    "normalized_freq_over_1_percent",
+    "normalized_freq_over_10_percent",
+)
+"""The metrics counted from the codes, NaN when some code is not finite."""
 
 
 def density_summary(freq_F: torch.Tensor) -> dict[str, float]:

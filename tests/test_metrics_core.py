@@ -97,6 +97,16 @@ def test_zero_reconstruction(x):
     assert m["normalized_freq_over_1_percent"] == m["normalized_freq_over_10_percent"] == 0.0
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_codes_that_are_not_finite_count_nothing(x, bad):
+    """A diverged run's NaN or inf codes "fire" on every row: its code counts are NaN (a value
+    with no meaning), not an L0 of the dictionary size and every latent alive."""
+    diverged = {**split_identity(), "b_enc": torch.full((2 * D,), bad)}
+    m = metrics.evaluate(diverged, x)
+    assert all(math.isnan(m[name]) for name in metrics.CODE_COUNTS), m
+    assert set(metrics.CODE_COUNTS) <= OLD | CORE
+
+
 def test_legacy_explained_variance_leaves_out_a_row_at_the_mean():
     """SAEBench's per-row formula divides by the row's distance to the mean: a row exactly
     there has none (was inf); the metric is the mean over the other rows."""
