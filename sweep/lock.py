@@ -51,13 +51,41 @@ def read_lock(sweep_dir: Path) -> dict | None:
 
 
 def holder_alive(info: dict, path: Path) -> bool:
-    """Whether the driver that wrote lock ``info`` still runs."""
-    if info.get("host") == socket.gethostname():
-        return _alive(int(info.get("pid", -1)))
+    """Whether the driver that wrote lock ``info`` still runs: on this host, its pid is alive
+    and, unless its heartbeat is fresh, that process began before the lock was written (a
+    dead driver's pid taken by another process, or by this one: a job re-queued in a
+    container gets the same small pids again); elsewhere, its heartbeat is fresh."""
     try:
-        return time.time() - path.stat().st_mtime < STALE_AFTER
+        fresh = time.time() - path.stat().st_mtime < STALE_AFTER
     except OSError:
+        fresh = False
+    if info.get("host") != socket.gethostname():
+        return fresh
+    pid = int(info.get("pid", -1))
+    if not _alive(pid):
         return False
+    began = _began_at(pid)
+    return fresh or began is None or began <= float(info.get("started", 0.0)) + CLOCK_SLACK
+
+
+CLOCK_SLACK = 60.0
+"""Seconds a process's start may seem to follow the lock it wrote (its start time is derived
+from the boot time, which moves with the clock)."""
+
+
+def _began_at(pid: int) -> float | None:
+    """When process ``pid`` began (seconds since the epoch; Linux's /proc), None if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # starttime, field 22 of stat (after pid and comm)
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 @contextlib.contextmanager
@@ -99,6 +127,8 @@ class SweepLock:
         }
         self._last_beat = 0.0
         self._stop = threading.Event()
+        self._touching = threading.Lock()
+        self._warned = False
 
     def __enter__(self) -> SweepLock:
         with _guard(self.path.parent / LOCK_GUARD):
@@ -125,10 +155,33 @@ class SweepLock:
         """Keep the lock fresh for as long as it is held (a harvest or a store scan can take
         longer than STALE_AFTER, and a driver on another host must not take it over)."""
         while not self._stop.wait(STALE_AFTER / 12):
+            self._touch()
+
+    def _touch(self) -> None:
+        """Refresh the heartbeat; a lock removed meanwhile (by hand, thought stale) is written
+        again, as another driver could otherwise start on this sweep while this one runs."""
+        with self._touching:
             try:
                 os.utime(self.path)
-            except OSError:
-                return
+            except FileNotFoundError:
+                self._restore()
+            except OSError as err:
+                self._warn_once(f"cannot refresh the sweep's lock {self.path} ({err})")
+
+    def _restore(self) -> None:
+        try:
+            self._create()
+        except (RunDirError, OSError) as err:
+            self._warn_once(f"the sweep's lock {self.path} was removed and is not ours now ({err})")
+            return
+        log.warning(
+            "the sweep's lock %s was removed while this driver runs; wrote it again", self.path
+        )
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("%s; another driver could start on this sweep meanwhile", message)
 
     def _create(self) -> None:
         """Write the lock complete, then link it into place (fails if another appeared)."""
@@ -146,7 +199,7 @@ class SweepLock:
     def heartbeat(self, every: float = 10.0) -> None:
         now = time.time()
         if now - self._last_beat >= every:
-            os.utime(self.path)
+            self._touch()
             self._last_beat = now
 
     def __exit__(self, *exc: object) -> None:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 import sweep
 from sweep import checkpoints, planning, rundir
+from sweep import lock as lock_module
 from sweep.cli import main
 from sweep.config import TrainConfig
 from sweep.errors import SweepError
@@ -352,6 +353,44 @@ def test_drivers_started_together_never_both_hold_the_lock(tmp_path, stale):
             p.join(60)
         got = sorted(results.get(timeout=5) for _ in procs)
         assert got.count("held") == 1, got
+
+
+def _lock_of_this_process(folder: Path, started: float, beat: float) -> None:
+    """A lock naming this host and pid, written at ``started``, its heartbeat at ``beat``."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "started": started}
+    (folder / ".lock").write_text(json.dumps(info))
+    os.utime(folder / ".lock", (beat, beat))
+
+
+def test_a_dead_drivers_lock_whose_pid_came_back_is_stale(tmp_path, caplog):
+    """A driver killed an hour ago, its pid taken since by a process that began after its lock
+    (here this one: a job re-queued in a container gets the same pids): taken over, not
+    "being run by pid N" forever. The same pid, alive since before the lock and silent (a
+    driver held by SIGSTOP), still holds it."""
+    began, hour_ago = lock_module._began_at(os.getpid()), time.time() - 3600
+    if began is None:
+        pytest.skip("no /proc here: a live pid holds its lock")
+    assert began > hour_ago
+    _lock_of_this_process(tmp_path, started=hour_ago, beat=hour_ago)
+    with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
+        assert "taking over a stale lock" in caplog.text
+    _lock_of_this_process(tmp_path, started=time.time(), beat=time.time() - 3600)
+    with pytest.raises(SweepError, match="is being run by pid"):
+        SweepLock(tmp_path).__enter__()
+
+
+def test_a_lock_removed_while_its_driver_runs_is_written_again(tmp_path, caplog):
+    """Removed by hand (thought stale), the lock comes back at the next heartbeat instead of
+    the driver dying on it (a stop without checkpoints) or another driver starting."""
+    with SweepLock(tmp_path) as held:
+        (tmp_path / ".lock").unlink()
+        with caplog.at_level(logging.WARNING):
+            held.heartbeat(every=0.0)
+        assert read_json(tmp_path / ".lock")["pid"] == os.getpid()
+        assert "was removed while this driver runs; wrote it again" in caplog.text
+        with pytest.raises(SweepError, match="is being run by pid"):
+            SweepLock(tmp_path).__enter__()
+    assert not (tmp_path / ".lock").exists()
 
 
 # ------------------------------------------------------------------ 7. torn curve tail
