@@ -375,6 +375,9 @@ def _without_training(at: _Attempt, t0: float) -> EnsembleResult | None:
     steps = at.stream.total_steps if members else 0
     result = EnsembleResult(job.ensemble.ensemble_id, states, steps, time.perf_counter() - t0)
     result.evaluated = bool(members or job.ensemble.evaluate)
+    if not members and not job.ensemble.evaluate:  # a retry of a worker that wrote them all
+        result.attempt = _attempt_number(at.folders, job.placement)
+        result.steps = at.stream.total_steps
     return result
 
 

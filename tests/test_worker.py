@@ -857,14 +857,17 @@ def test_a_lone_member_that_does_not_fit_says_so(tiny_store, tmp_path, monkeypat
 def test_a_retried_ensemble_whose_results_are_written_keeps_them(tiny_store, tmp_path):
     """A worker killed after writing every result (checkpoints already cleared, e.g. while its
     tracker closed) is retried by Ray with the same job: it finishes at once, its results
-    untouched, instead of training again from scratch over them."""
-    job = job_for(tiny_store, tmp_path)
+    untouched, instead of training again from scratch over them; the retry is counted and
+    recorded as any other (the driver says the worker died, not "done at step 0")."""
+    job = replace(job_for(tiny_store, tmp_path), placement={"submission": "s", "task_id": "t"})
     train_ensemble(job)
     folders = [rundir.run_dir(tmp_path, m.run_id) for m in job.ensemble.members]
     before = [(digest(f), (f / "DONE").stat().st_mtime_ns) for f in folders]
     again = train_ensemble(job)
-    assert again.steps == 0 and set(again.states.values()) == {"done"}
+    assert (again.steps, again.attempt, set(again.states.values())) == (38, 2, {"done"})
     assert [(digest(f), (f / "DONE").stat().st_mtime_ns) for f in folders] == before
+    for f in folders:
+        assert json.loads((f / rundir.EVENTS).read_text())["event"] == "worker_retried"
 
 
 def test_lm_metrics_that_cannot_run_are_recorded_and_never_cost_the_results(
