@@ -21,7 +21,7 @@ from pathlib import Path
 from sweep import rate
 from sweep.checkpoints import checkpoint_steps
 from sweep.errors import SweepError
-from sweep.sweepdir import RunRecord, SweepFolder
+from sweep.sweepdir import NO_OUTCOME, RunRecord, SweepFolder
 
 
 def status_rows(sweep_dir: Path) -> list[dict]:
@@ -121,7 +121,7 @@ def _activity(sweep_dir: Path, rows: list[dict]) -> tuple[str, str | None]:
     what to do."""
     folder = SweepFolder(sweep_dir)
     activity, grid = folder.activity(), folder.last_grid()
-    if activity.startswith("stopped: "):
+    if activity == NO_OUTCOME:
         return "stopped", activity
     undone = [r["run_id"] for r in rows if r["state"] not in ("done", "diverged", "failed")]
     if activity != "done" or not undone:

@@ -47,6 +47,8 @@ SUMMARY = "summary.csv"
 LOCK = ".lock"
 LOCK_GUARD = ".lock-guard"
 STOP = ".stop"
+NO_OUTCOME = "stopped: its last driver ended without an outcome; re-run it to continue"
+"""A sweep's activity when its last driver died before recording how it ended."""
 LOG = "sweep.log"
 STORE = "store"
 LIMITS = "member_limits"
@@ -612,9 +614,7 @@ class SweepFolder:
         held = self.driver()
         if held is not None:
             return activity(held)
-        return self.manifest().get(
-            "state", "stopped: its last driver ended without an outcome; re-run it to continue"
-        )
+        return self.manifest().get("state", NO_OUTCOME)
 
     # ------------------------------------------------------------------------- runs
 
