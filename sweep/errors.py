@@ -62,11 +62,17 @@ def first_line(err: BaseException) -> str:
 
 
 def task_error_reason(err: Exception) -> str:
-    """The last line of what a failed Ray task raised (its cause), for a one-line message."""
+    """What a failed Ray task raised, in one line: the first line of its cause (a
+    :class:`SweepError`'s message as it is; another error's after its type, ``KeyError:
+    'x'``), else the last line of Ray's own message (where its error's type and text are)."""
     cause = getattr(err, "cause", None)
-    text = str(cause) if cause is not None else str(err)
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(err).__name__
+    if cause is None:
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else type(err).__name__
+    first = next((ln for ln in str(cause).strip().splitlines() if ln.strip()), "")
+    if isinstance(cause, SweepError):
+        return first or type(cause).__name__
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
 
 
 HOST_OUT_OF_MEMORY = ("can't allocate memory",)

@@ -235,6 +235,8 @@ class Execution:
             for m in ens.members if ens.evaluate != "all" else ():  # (those stay final)
                 quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
+        if fin.detail:
+            details.error("ensemble %s: what its task raised:\n%s", ens.ensemble_id, fin.detail)
 
     def _returned(self, ens: EnsembleSpec, result: EnsembleResult) -> None:
         """Its task returned: finished, or stopped (by this driver, or by someone else)."""

@@ -14,6 +14,7 @@ import faulthandler
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -384,6 +385,11 @@ class Finished(Generic[K]):
     value: Any = None
     error: str | None = None
     cause: BaseException | None = None
+    detail: str = ""
+    """All of Ray's message for a failed task: the worker's traceback (for ``sweep.log``)."""
+
+
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def drain(
@@ -418,7 +424,8 @@ def drain(
                 cause, reason = getattr(err, "cause", None), task_error_reason(err)
                 if isinstance(err, ray.exceptions.WorkerCrashedError):
                     reason += _where_ray_logs()
-                yield Finished(refs[ref], error=reason, cause=cause)
+                detail = ANSI_COLOR.sub("", str(err))  # (Ray colours the task's name)
+                yield Finished(refs[ref], error=reason, cause=cause, detail=detail)
         added = [r for r in refs if r not in seen]
         seen.update(added)
         pending += added

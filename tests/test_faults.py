@@ -24,6 +24,7 @@ from sweep import checkpoints
 from sweep.errors import OutOfMemory, SweepError
 from sweep.sweepdir import STOP
 
+HOOK = Path(__file__).parent / "hooks"
 ARGS = [
     "data.width=32",
     "data.n_features=64",
@@ -259,6 +260,23 @@ def test_a_worker_stopped_alone_continues_from_its_checkpoint(
     outside = [e for e in events if e["event"] == "stopped_from_outside"]
     assert [(e["by"], e["times"]) for e in outside] == [("signal", 1)], events
     assert hashes(sw) == reference
+
+
+def test_a_workers_unexpected_error_is_named_by_type_and_its_traceback_kept(
+    tmp_path, tmp_path_factory
+):
+    """A bug's error in a worker (a KeyError while evaluating): the terminal and FAILED name
+    its type, and sweep.log holds the worker's traceback (the one place to debug it from)."""
+    sw = tmp_path / "sw"
+    hook = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_EVAL_RAISES": "W_dec_missing"}
+    code, out = finish(start(sw, tmp_path_factory.getbasetemp() / "ke", environ=hook))
+    assert code == 2 and "failed: KeyError: 'W_dec_missing'" in out, out
+    reason = json.loads((sw / "runs" / "r8-l1_1e-02-s0" / "FAILED").read_text())["reason"]
+    assert reason == "KeyError: 'W_dec_missing'"
+    log = (sw / "sweep.log").read_text()
+    raised = log[log.index("what its task raised:") :]
+    assert 'sitecustomize.py", line' in raised and "in evaluate_members" in raised
+    assert "\nKeyError: 'W_dec_missing'\n" in raised and "\x1b" not in raised
 
 
 def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):

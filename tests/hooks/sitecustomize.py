@@ -7,7 +7,9 @@ variable is set, and a module is patched when it is first imported, not before:
 - ``SWEEP_TEST_OOM_EVAL_ABOVE``: evaluating more members at once fails as a CUDA
   allocation that does not fit does;
 - ``SWEEP_TEST_NODE_CUDA``: torch sees CUDA on the Ray nodes (in their workers only; the
-  driver and the training keep the truth), as on a cluster whose head has no GPU.
+  driver and the training keep the truth), as on a cluster whose head has no GPU;
+- ``SWEEP_TEST_EVAL_RAISES``: evaluating raises a ``KeyError`` of that key (a bug's
+  unexpected error, not a :class:`sweep.errors.SweepError`).
 """
 
 from __future__ import annotations
@@ -46,16 +48,26 @@ def _metrics(module) -> None:
     module.evaluate_members = evaluate_members
 
 
+def _raising_metrics(module) -> None:
+    key = os.environ["SWEEP_TEST_EVAL_RAISES"]
+
+    def evaluate_members(members, *args, **kw):
+        return {}[key]
+
+    module.evaluate_members = evaluate_members
+
+
 def _gpuinfo(module) -> None:
     if "default_worker" in " ".join(sys.argv):  # a Ray worker
         module._torch_sees_cuda = lambda: True
 
 
-PATCHES = {
-    "sweep.ensemble": ("SWEEP_TEST_OOM_ABOVE", _ensemble),
-    "sweep.metrics": ("SWEEP_TEST_OOM_EVAL_ABOVE", _metrics),
-    "sweep.gpuinfo": ("SWEEP_TEST_NODE_CUDA", _gpuinfo),
-}
+PATCHES = [
+    ("sweep.ensemble", "SWEEP_TEST_OOM_ABOVE", _ensemble),
+    ("sweep.metrics", "SWEEP_TEST_OOM_EVAL_ABOVE", _metrics),
+    ("sweep.metrics", "SWEEP_TEST_EVAL_RAISES", _raising_metrics),
+    ("sweep.gpuinfo", "SWEEP_TEST_NODE_CUDA", _gpuinfo),
+]
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
@@ -77,6 +89,6 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-for _name, (_variable, _patch) in PATCHES.items():
+for _name, _variable, _patch in PATCHES:
     if os.environ.get(_variable):
         sys.meta_path.insert(0, _PatchOnImport(_name, _patch))
