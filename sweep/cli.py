@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -53,11 +54,23 @@ def compose(
     try:
         with initialize_config_module("sweep.configs", version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides)
+    except yaml.YAMLError as err:  # (a file of --config-dir)
+        raise ConfigError(_yaml_message(err)) from err
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         message = _unparsable(overrides) or _hydra_message(err)
         if config_name == "harvest":  # its fields are listed by its own command
             message = message.replace("'sweep run --cfg job'", "'sweep harvest --cfg job'")
         raise ConfigError(message) from err
+
+
+def _yaml_message(err: yaml.YAMLError) -> str:
+    """A config file that is not YAML, in one line: where, and what the parser expected."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or one_line(str(err))
+    where = (
+        f"{mark.name} (line {mark.line + 1}, column {mark.column + 1})" if mark else "a config file"
+    )
+    return f"{where} is not valid YAML: {problem}; fix that file"
 
 
 def _config_dir(config_dir: str) -> Path:
@@ -73,7 +86,30 @@ def _config_dir(config_dir: str) -> Path:
             f"--config-dir {path} has a quote or backslash, which Hydra's search path cannot "
             "hold; use a folder whose path has none"
         )
+    _refuse_shadowed(path)
     return path
+
+
+def _refuse_shadowed(path: Path) -> None:
+    """Hydra searches ``--config-dir`` after sweep's own configs: a file named like one of
+    them would be ignored without a word, so it is refused, naming the way that works."""
+    own = Path(configs.__file__).parent
+    for f in sorted([*path.glob("*.yaml"), *path.glob("*/*.yaml")]):  # (sweep's depth)
+        name = f.relative_to(path)
+        if not (own / name).is_file():
+            continue
+        if len(name.parts) == 1:
+            raise ConfigError(
+                f"--config-dir {path} has {name}, named like sweep's own top-level config, "
+                "which is used instead; put its values in group options (e.g. "
+                "DIR/train/mine.yaml, chosen as train=mine) or in overrides"
+            )
+        group, stem = name.parent.as_posix(), name.stem
+        raise ConfigError(
+            f"--config-dir {path} has {name}, named like sweep's own {group}={stem}, which "
+            f"is used instead; rename yours (e.g. {group}/{stem}_mine.yaml, chosen as "
+            f"{group}={stem}_mine)"
+        )
 
 
 def _unparsable(overrides: list[str]) -> str | None:
@@ -110,6 +146,11 @@ def _hydra_message(err: BaseException) -> str:
     listed = re.match(r"Error merging override ([\w.]+)=(.*)", text)
     if listed and "is not a ListConfig" in f"{text} {err.__cause__}":
         key, value = listed.groups()
+        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # quoted: a text
+            return (
+                f"{key} takes a list, got the text {value} (quotes inside the override: from "
+                f"a program, pass {key}={value[1:-1]}; in a shell, quote the whole override)"
+            )
         return f"{key} takes a list: write {key}='[{value}]' (brackets, quoted for the shell)"
     comma = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", text)
     if comma:
@@ -118,6 +159,18 @@ def _hydra_message(err: BaseException) -> str:
             f"{key}={value} has a comma outside brackets; a list is written {key}='[{value}]', "
             f"a value holding a comma is quoted: {key}='\"{value}\"'"
         )
+    composing = re.match(r"In '([^']+)': \w+ raised while composing config:", text)
+    if composing:  # a field of a config file (--config-dir): named on the lines after
+        field = re.search(r"full_key: (\S+)", text)
+        if field and " not in " in text:
+            return (
+                f"config file {composing[1]}.yaml sets {field[1]}, which is not a config field; "
+                "remove it (run 'sweep run --cfg job' to list the fields)"
+            )
+        lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+        if lines:
+            at = f" ({field[1]})" if field else ""
+            return f"config file {composing[1]}.yaml: {lines[0]}{at}; fix that file"
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
         return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"
@@ -138,6 +191,10 @@ def _override_message(head: str, why: str) -> str | None:
             f"a config group ({', '.join(CONFIG_GROUPS)}) cannot be null: choose one of its "
             "options, e.g. data=synthetic (the README's config groups table lists them)"
         )
+    null = re.match(r"Could not delete from config. '([\w.]+)' does not exist", head)
+    if null:  # (a field that is null: Hydra finds nothing to delete)
+        key = null[1]
+        return f"cannot delete {key} (~{key}): every field has a value; set it instead ({key}=...)"
     merging = re.match(r"Error merging override (~?)([\w.]+)=?(.*)", head)
     if not merging:
         return None
@@ -177,7 +234,11 @@ def _stderr_console():  # type: ignore[no-untyped-def]
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides, args.config_dir)
     if args.cfg:
-        print(OmegaConf.to_yaml(_grid_filled(cfg), resolve=True), end="")
+        try:
+            text = OmegaConf.to_yaml(_grid_filled(cfg), resolve=True)
+        except OmegaConfBaseException:  # an interpolation that does not resolve: as written,
+            text = OmegaConf.to_yaml(_grid_filled(cfg))  # then the check below names it
+        print(text, end="")
         checked = cfg.copy()  # (a listing of the fields needs no sweep_dir)
         if OmegaConf.is_missing(checked, "sweep_dir"):
             checked.sweep_dir = "unnamed"
@@ -249,9 +310,11 @@ def load_saved(sweep_dir: str, overrides: list[str], command: str = "resume") ->
             f"{Path(sweep_dir) / CONFIG} is damaged or was edited ({one_line(str(err))}); "
             "restore it (every run's spec.json holds the recorded values)"
         ) from err
-    if overrides:
-        compose(choice + overrides)  # each override checked by Hydra: its one-line messages
-    merged = OmegaConf.merge(base, data, OmegaConf.from_dotlist(overrides))
+    merged = OmegaConf.merge(base, data)
+    if overrides:  # read by Hydra (its one-line messages), as `sweep run` reads them
+        composed = compose(choice + overrides)
+        for key in (o.split("=", 1)[0] for o in overrides):
+            OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
     merged.sweep_dir = sweep_dir
     return to_sweep_config(merged)  # type: ignore[arg-type]
 
@@ -270,6 +333,11 @@ def _check_resume_overrides(overrides: list[str], command: str = "resume") -> No
             raise ConfigError(
                 f"sweep {command} takes field overrides (like launch.num_gpus=1), not '{o}'; "
                 "pass the sweep's settings with that choice to 'sweep run' instead"
+            )
+        if key.split(".", 1)[0].split("/", 1)[0] == "hydra":
+            raise ConfigError(
+                f"sweep {command} takes overrides of the sweep's recorded fields, not Hydra's "
+                f"own settings ('{o}'); drop it"
             )
         if "=" not in o or key.startswith(("+", "~")):
             raise ConfigError(
@@ -394,7 +462,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _compose_options(p: argparse.ArgumentParser) -> None:
     """The options of commands that compose a Hydra config."""
     p.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
-    p.add_argument("--config-dir", help="extra folder of config groups searched before sweep's own")
+    p.add_argument(
+        "--config-dir",
+        help="a folder of your own config group options beside sweep's own (DIR/sae/mine.yaml: "
+        "sae=mine; named like one of sweep's own, refused)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):

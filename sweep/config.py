@@ -740,11 +740,12 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
 def _with_fix(message: str) -> str:
     """A check's message that names a field's bound but no fix (``train.seed must be >= 0, got
     -1``), with the fix: give that field such a value, or leave it out for its default. (A
-    message naming its fix, after ``;`` or as ``pass field=...``, stays as it is.)"""
+    message naming its fix, after ``;`` or as ``: pass ...`` or ``: give ...``, stays as it is.)"""
     key = message.split(" ", 1)[0]
     if (
         ";" in message
         or ": pass " in message
+        or ": give " in message
         or "." not in key
         or not key.replace(".", "").replace("_", "").isalnum()
     ):

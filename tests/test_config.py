@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -240,6 +241,14 @@ def test_cfg_job_prints_composed_config(capsys):
         assert grid[knob] == values and grid["k" if knob == "l1" else "l1"] is None
 
 
+def test_cfg_job_with_an_interpolation_that_does_not_resolve_is_one_line(capsys):
+    """The config as written, then the interpolation's error (no traceback)."""
+    assert main(["run", "--cfg", "job", "sweep_dir=x", "train.lr=${train.nope}"]) == 2
+    said = capsys.readouterr()
+    assert "lr: ${train.nope}" in said.out
+    assert said.err.strip() == "error: train.lr: Interpolation key 'train.nope' not found"
+
+
 def test_an_old_jumprelu_sweep_is_resumed_only_with_its_log_recipe(tmp_path):
     """JumpReLU's default recipe became ``linear``; a sweep recorded before (recipe null: the
     log-threshold math) is refused under the new default, naming the recipe it trained with,
@@ -287,6 +296,31 @@ def test_config_dir_adds_groups_whatever_its_path(tmp_path, monkeypatch, name):
     for given in (str(tmp_path / name), f"~/{name}"):
         cfg = to_sweep_config(compose(["sweep_dir=/tmp/x", "sae=mine"], given))
         assert cfg.sae.name == "untied" and cfg.sae.recipe == "weighted"
+
+
+@pytest.mark.parametrize(
+    "name, text, says",
+    [
+        (
+            "sae/topk.yaml",
+            "name: batchtopk\n",
+            "has sae/topk.yaml, named like sweep's own sae=topk",
+        ),
+        ("config.yaml", "sweep_dir: x\n", "has config.yaml, named like sweep's own top-level"),
+        ("sae/broken.yaml", "recipe: [1\n", "broken.yaml (line 2, column 1) is not valid YAML"),
+        ("sae/extra.yaml", "name: untied\nfoo: 1\n", "sae/extra.yaml sets sae.foo, which is not"),
+        ("sae/typed.yaml", "name: untied\ninit_decoder_norm: abc\n", "typed.yaml: Value 'abc'"),
+    ],
+)
+def test_a_config_dir_file_that_would_not_work_is_one_line(tmp_path, capsys, name, text, says):
+    """A file named like one of sweep's own (Hydra reads sweep's first: it would be ignored
+    without a word), one that is not YAML, or one setting an unknown or mistyped field."""
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+    choice = f"sae={Path(name).stem}" if "/" in name else "sae=untied"
+    assert main(["run", "--plan", "--config-dir", str(tmp_path), "sweep_dir=x", choice]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and says in err and "\n" not in err, err
 
 
 def test_another_choice_of_a_group_is_named_as_one_difference():

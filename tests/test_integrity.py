@@ -310,12 +310,25 @@ def test_a_setting_that_does_nothing_does_not_lock_the_sweep(copy):
     assert run(copy, "train.resample_dead=100") == 2  # one that does something still locks
 
 
+def test_resume_reads_its_overrides_as_run_does(copy):
+    """Through Hydra's grammar (its functions; ``no`` is text, not YAML 1.1's false), not a
+    second reading of their own that crashed on what `sweep run` takes."""
+    from sweep.cli import load_saved
+
+    cfg = load_saved(
+        str(copy), ["launch.num_cpus=int(2.0)", "logger.project=no", "logger.entity=0x1F"]
+    )
+    assert (cfg.launch.num_cpus, cfg.logger.project, cfg.logger.entity) == (2, "no", "0x1F")
+
+
 @pytest.mark.parametrize(
     "override, words",
     [
         ("train.lr=0.5", ("different settings", "without overriding those fields")),
         ("train.lrr=1", ("unknown config field 'train.lrr'", "--cfg job")),
         ("sae=topk", ("takes field overrides", "not 'sae=topk'", "'sweep run'")),
+        ("hydra.verbose=true", ("not Hydra's own settings", "drop it")),
+        ("hydra/job_logging=disabled", ("not Hydra's own settings",)),
     ],
 )
 def test_resume_with_a_bad_override_is_one_line(copy, override, words, capsys):
