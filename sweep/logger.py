@@ -11,7 +11,8 @@ curve events are dropped and counted (a run's declaration, final metrics and fin
 always queued); errors in wandb are logged once per kind and ignored. A run whose
 ``wandb.init`` fails is not logged; once one fails after its whole ``logger.timeout`` (no
 network in online mode), the logger stops calling wandb, so an ensemble pays that wait
-once, not once per member.
+once, not once per member, and says so in ``SWEEP_DIR/wandb/unreachable``: the sweep's
+other ensembles (and its report) do not try wandb for 15 minutes after.
 :meth:`WandbLogger.close` waits while wandb keeps handling events, at most
 ``CLOSE_TIMEOUTS`` x ``logger.timeout`` in all. wandb writes under ``SWEEP_DIR/wandb``; without an
 API key it runs offline (``wandb sync SWEEP_DIR/wandb/offline-run-*`` uploads later). Each
@@ -39,6 +40,11 @@ from sweep.config import LoggerConfig
 log = logging.getLogger(__name__)
 
 ID_FILE = rundir.TRACKER
+DOWN_FILE = "unreachable"
+"""In ``SWEEP_DIR/wandb``: when a logger last found wandb unreachable (seconds since the epoch)."""
+DOWN_FOR = 900.0
+"""For this long after, the sweep's other loggers do not try wandb (each would wait its
+whole ``logger.timeout`` for nothing)."""
 _STOP = ("stop",)
 
 
@@ -133,9 +139,10 @@ class _Sender:
         self.declared: dict[str, tuple[str, dict, str]] = {}
         self.runs: dict[str, Any] = {}
         self.broken: set[str] = set()
-        self.down = False
-        """An init failed after its whole timeout: wandb is unreachable; no more calls to it."""
         self.warned: set[str] = set()
+        self.down = self._found_down()
+        """An init failed after its whole timeout: wandb is unreachable; no more calls to it
+        (by this logger, nor by the sweep's next ones for :data:`DOWN_FOR` s)."""
         self.logged: dict[str, int] = {}
         """run_id -> the newest ``train/step`` its wandb run holds (steps redone after a
         resume from an older checkpoint are not logged twice)."""
@@ -156,7 +163,35 @@ class _Sender:
                 if time.monotonic() - began >= 0.9 * self.cfg.timeout:
                     self.down = True
                     self._warn("down", "wandb is unreachable; not trying this logger's other runs")
+                    self._mark_down()
         self.progress = time.monotonic()
+
+    @property
+    def _down_file(self) -> Path:
+        return self.sweep_dir / "wandb" / DOWN_FILE
+
+    def _mark_down(self) -> None:
+        """Tell the sweep's next loggers (its other ensembles, in any process) not to wait."""
+        try:
+            self._down_file.parent.mkdir(parents=True, exist_ok=True)
+            self._down_file.write_text(f"{time.time()}\n")
+        except OSError:
+            pass
+
+    def _found_down(self) -> bool:
+        """Whether another logger of this sweep found wandb unreachable lately."""
+        try:
+            since = time.time() - float(self._down_file.read_text())
+        except (OSError, ValueError):
+            return False
+        if not 0 <= since < DOWN_FOR:
+            return False
+        self._warn(
+            "down",
+            f"wandb was unreachable {since:.0f} s ago ({self._down_file}); not logging these "
+            f"runs to it (tried again {DOWN_FOR / 60:.0f} min after)",
+        )
+        return True
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self.warned:

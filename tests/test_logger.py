@@ -185,6 +185,38 @@ def test_an_init_that_times_out_is_not_tried_again_for_the_other_runs(tmp_path, 
     assert not lg._thread.is_alive() and calls == ["a"]
 
 
+def test_the_sweeps_next_loggers_do_not_wait_for_a_wandb_found_unreachable(
+    tmp_path, monkeypatch, caplog
+):
+    """Each ensemble has its own logger: once one waited out logger.timeout, the sweep's
+    others (other processes too) skip wandb for DOWN_FOR s instead of each waiting again."""
+    import wandb
+
+    calls = []
+
+    def timed_out(**kwargs):
+        calls.append(kwargs["name"])
+        time.sleep(0.3)
+        raise TimeoutError("wandb.init timed out")
+
+    monkeypatch.setattr(wandb, "init", timed_out)
+    for run_id in ("a", "b"):  # two ensembles, one after the other
+        lg = tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)
+        declared(lg, tmp_path, run_id)
+        with caplog.at_level(logging.WARNING, logger="sweep.logger"):
+            lg.log({run_id: {"step": 1}})
+            lg.close()
+        lg._thread.join(10)
+    assert calls == ["a"] and "wandb was unreachable" in caplog.text
+    (tmp_path / "wandb" / tracking.DOWN_FILE).write_text(f"{time.time() - tracking.DOWN_FOR}\n")
+    lg = tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)  # long enough ago: tried again
+    declared(lg, tmp_path, "c")
+    lg.log({"c": {"step": 1}})
+    lg.close()
+    lg._thread.join(10)
+    assert calls == ["a", "c"]
+
+
 def test_a_run_that_could_not_be_declared_is_skipped_alone(tmp_path, monkeypatch):
     """Its folder could not hold logger.json: its events are ignored, the others logged."""
     import wandb
