@@ -265,10 +265,12 @@ class Execution:
             )
             return
         start = f"{result.resumed_from} -> " if result.resumed_from else ""
+        at = "at" if states == "done" else "; the ensemble ended at"  # (a run's own: its notes)
         log.info(
-            "ensemble %s: %s at step %s%d (%.1fs)",
+            "ensemble %s: %s %s step %s%d (%.1fs)",
             ens.ensemble_id,
             states,
+            at,
             start,
             result.steps,
             result.seconds,

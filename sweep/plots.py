@@ -594,8 +594,9 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
         style = "-" if row.get("state") == "done" else ":"
         for ax, (key, _) in zip(axes, CURVE_PANELS, strict=True):
             xs, ys = _curve_xy(curve, key)
-            if xs:
-                ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha)
+            if xs:  # (one record, e.g. a run shorter than log_every: a dot, not nothing)
+                marker = "o" if len(xs) == 1 else None
+                ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha, marker=marker, ms=4)
     for ax, (key, title) in zip(axes, CURVE_PANELS, strict=True):
         if key == "loss" and name == "k":
             title = "training loss (MSE, + AuxK when on)"

@@ -609,6 +609,24 @@ def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
     assert_png(plots.lm_vs_l0(lm, tmp_path / "lm.png"))  # every value marked as weak
 
 
+def test_a_run_with_one_curve_record_is_drawn_as_a_dot(tmp_path, monkeypatch):
+    """A run shorter than train.log_every has one record: a line through one point draws
+    nothing, so it is marked."""
+    from matplotlib.axes import Axes
+
+    drawn, real = [], Axes.plot
+
+    def plot(self, *args, **kw):
+        drawn.extend(line for line in real(self, *args, **kw) if len(line.get_xdata()))
+        return drawn[-1:] if drawn else []
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    row = {"run_id": "r", "state": "done", "l1": 0.01, "dict_ratio": 2.0}
+    one = [{"step": 38, "rows": 9728, "loss": 0.5, "fvu": 0.2, "l0": 12.0}]
+    assert_png(plots.training_curves([(row, one)], tmp_path / "one.png"))
+    assert len(drawn) == 3 and all(line.get_marker() == "o" for line in drawn)
+
+
 def test_report_hashes_weights_status_reads_their_size(sweep_copy):
     """A flipped byte keeps the weights' size: ``status`` (no weights read) still says done,
     the report (which reads every dictionary) does not build on it."""
