@@ -14,7 +14,8 @@ network in online mode), the logger stops calling wandb, so an ensemble pays tha
 once, not once per member, and says so in ``SWEEP_DIR/wandb/unreachable``: the sweep's
 other ensembles (and its report) do not try wandb for 15 minutes after.
 :meth:`WandbLogger.close` waits while wandb keeps handling events, at most
-``CLOSE_TIMEOUTS`` x ``logger.timeout`` in all. wandb writes under ``SWEEP_DIR/wandb``; without an
+``CLOSE_TIMEOUTS`` x ``logger.timeout`` in all. wandb writes its runs under ``SWEEP_DIR/wandb``
+(its own debug logs and caches go where wandb keeps them, ``~/.cache/wandb``); without an
 API key it runs offline (``wandb sync SWEEP_DIR/wandb/offline-run-*`` uploads later). Each
 run's wandb id is kept in its run folder (``logger.json``), so a resumed sweep continues the
 same wandb runs.

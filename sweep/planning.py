@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import shlex
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
@@ -165,17 +166,29 @@ class Difference(NamedTuple):
         return f"{self.key} {_as_given(self.before)} -> {_as_given(self.after)}"
 
     def override(self) -> str:
-        """The command-line override that restores the recorded value (quoted for a shell)."""
-        return shlex.quote(f"{self.key}={_as_given(self.before)}")
+        """The command-line override that restores the recorded value (quoted for Hydra where
+        a text needs it, then for a shell)."""
+        return shlex.quote(f"{self.key}={_as_given(self.before, quoted=True)}")
 
 
-def _as_given(value: object) -> str:
-    """A config value as a command line gives it (``null``, ``true``, ``[0.9,0.999]``)."""
+def _as_given(value: object, quoted: bool = False) -> str:
+    """A config value as a command line gives it (``null``, ``true``, ``[0.9,0.999]``);
+    ``quoted``: a text Hydra would not read back as that text (``my data (v2).txt``,
+    ``a,b``, ``true``, ``123``) in Hydra's quotes."""
     if isinstance(value, list):
-        return f"[{','.join(map(_as_given, value))}]"
+        return f"[{','.join(_as_given(v, quoted) for v in value)}]"
     if value is None or isinstance(value, bool):
         return "null" if value is None else str(value).lower()
+    if quoted and isinstance(value, str) and not _plain_text(value):
+        return "'" + value.replace("'", "\\'") + "'"  # (Hydra: a backslash escapes quotes)
     return str(value)
+
+
+def _plain_text(text: str) -> bool:
+    """Whether Hydra reads ``text`` unquoted as this very text."""
+    if not re.fullmatch(r"[A-Za-z_/~][\w./~@+-]*", text):
+        return False
+    return text.lower() not in ("true", "false", "null", "nan", "inf")
 
 
 def _defining(key: str) -> bool:

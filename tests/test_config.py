@@ -405,3 +405,24 @@ def test_another_group_choice_is_restored_with_its_recorded_fields(tmp_path):
     planning.check_compatible(
         folder, cfg_of("sae=untied", "sae.recipe=weighted", "data.noise=0.01")
     )
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/d/my text (v2).txt", "/d/a,b.jsonl", "it's", "true", "123", "EleutherAI/pythia-70m",
+     "C:\\data\\x y", ["blocks.0.hook_resid_post", "a,b"], 0.001, None, [0.9, 0.999]],
+)  # fmt: skip
+def test_the_override_that_restores_a_value_reads_back_as_it(value):
+    """A refusal names the override that restores a recorded value: through the shell and
+    Hydra's grammar it is that value (a text with spaces, commas or quotes; one that reads
+    as a number or a bool)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sweep.planning import Difference
+
+    given = shlex.split(Difference("data.dataset", value, "other").override())
+    assert len(given) == 1
+    (parsed,) = OverridesParser.create().parse_overrides(given)
+    assert parsed.key_or_group == "data.dataset" and parsed.value() == value
