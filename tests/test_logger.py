@@ -167,16 +167,7 @@ def test_raising_backend_never_fails_training(tiny_store, tmp_path, monkeypatch,
 
 def test_an_init_that_times_out_is_not_tried_again_for_the_other_runs(tmp_path, monkeypatch):
     """Online mode without a network: each init would wait out logger.timeout in turn."""
-    import wandb
-
-    calls = []
-
-    def timed_out(**kwargs):
-        calls.append(kwargs["name"])
-        time.sleep(0.3)
-        raise TimeoutError("wandb.init timed out")
-
-    monkeypatch.setattr(wandb, "init", timed_out)
+    calls = unreachable_wandb(monkeypatch)
     lg = tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)
     declared(lg, tmp_path, "a", "b", "c")
     lg.log({r: {"step": 1} for r in "abc"})
@@ -185,14 +176,12 @@ def test_an_init_that_times_out_is_not_tried_again_for_the_other_runs(tmp_path, 
     assert not lg._thread.is_alive() and calls == ["a"]
 
 
-def test_the_sweeps_next_loggers_do_not_wait_for_a_wandb_found_unreachable(
-    tmp_path, monkeypatch, caplog
-):
-    """Each ensemble has its own logger: once one waited out logger.timeout, the sweep's
-    others (other processes too) skip wandb for DOWN_FOR s instead of each waiting again."""
+def unreachable_wandb(monkeypatch) -> list[str]:
+    """wandb.init waits out a 0.3 s timeout and fails, as online without a network; returns
+    the names of the runs it was asked for."""
     import wandb
 
-    calls = []
+    calls: list[str] = []
 
     def timed_out(**kwargs):
         calls.append(kwargs["name"])
@@ -200,6 +189,15 @@ def test_the_sweeps_next_loggers_do_not_wait_for_a_wandb_found_unreachable(
         raise TimeoutError("wandb.init timed out")
 
     monkeypatch.setattr(wandb, "init", timed_out)
+    return calls
+
+
+def test_the_sweeps_next_loggers_do_not_wait_for_a_wandb_found_unreachable(
+    tmp_path, monkeypatch, caplog
+):
+    """Each ensemble has its own logger: once one waited out logger.timeout, the sweep's
+    others (other processes too) skip wandb for DOWN_FOR s instead of each waiting again."""
+    calls = unreachable_wandb(monkeypatch)
     for run_id in ("a", "b"):  # two ensembles, one after the other
         lg = tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)
         declared(lg, tmp_path, run_id)
