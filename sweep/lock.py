@@ -31,6 +31,8 @@ from sweep.sweepdir import LOCK, LOCK_GUARD
 log = logging.getLogger(__name__)
 
 STALE_AFTER = 120.0
+_HELD: set[Path] = set()
+"""The sweep locks this process holds."""
 
 
 def _alive(pid: int) -> bool:
@@ -131,9 +133,10 @@ class SweepLock:
         self._warned = False
 
     def __enter__(self) -> SweepLock:
+        self._wait_for_another_host()
         with _guard(self.path.parent / LOCK_GUARD):
             held = read_lock(self.path.parent)
-            if held is not None and holder_alive(held, self.path):
+            if held is not None and holder_alive(held, self.path) and not self._own_stale(held):
                 raise RunDirError(
                     f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
                     f"wait for it to finish (or stop it) before {activity(self.info)} "
@@ -147,9 +150,37 @@ class SweepLock:
                 )
                 self.path.unlink(missing_ok=True)
             self._create()
+        _HELD.add(self.path)
         beat = threading.Thread(target=self._beat, daemon=True, name="sweep-lock-heartbeat")
         beat.start()
         return self
+
+    def _own_stale(self, held: dict) -> bool:
+        """A lock naming this very process, which holds none of this sweep: a dead driver's
+        whose pid came back to us (a job re-queued in a container gets the same pids)."""
+        mine = held.get("host") == self.info["host"] and held.get("pid") == self.info["pid"]
+        return mine and self.path not in _HELD
+
+    def _wait_for_another_host(self) -> None:
+        """A lock from another host whose heartbeat is fresh may be a driver that just died
+        there (a SLURM job re-queued on another node): wait until it goes stale (at most
+        :data:`STALE_AFTER` s) rather than fail; one still fresh after that is refused."""
+        held = read_lock(self.path.parent)
+        if held is None or held.get("host") == self.info["host"]:
+            return
+        deadline, said = time.monotonic() + STALE_AFTER + 5.0, False
+        while time.monotonic() < deadline and holder_alive(held, self.path):
+            if not said:
+                said = True
+                log.warning(
+                    "sweep %s is locked by a driver on %s whose heartbeat is fresh; waiting up "
+                    "to %.0f s for it to end or go stale (a driver that died leaves it stale)",
+                    self.path.parent, held.get("host"), STALE_AFTER,
+                )  # fmt: skip
+            time.sleep(2.0)
+            held = read_lock(self.path.parent)
+            if held is None:
+                return
 
     def _beat(self) -> None:
         """Keep the lock fresh for as long as it is held (a harvest or a store scan can take
@@ -208,6 +239,7 @@ class SweepLock:
     def release(self) -> None:
         """Stop the heartbeat; remove the lock if it is still ours."""
         self._stop.set()
+        _HELD.discard(self.path)
         held = read_lock(self.path.parent)
         if held and held.get("pid") == self.info["pid"] and held.get("host") == self.info["host"]:
             self.path.unlink(missing_ok=True)

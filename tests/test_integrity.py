@@ -378,8 +378,8 @@ def _lock_of_this_process(folder: Path, started: float, beat: float) -> None:
 def test_a_dead_drivers_lock_whose_pid_came_back_is_stale(tmp_path, caplog):
     """A driver killed an hour ago, its pid taken since by a process that began after its lock
     (here this one: a job re-queued in a container gets the same pids): taken over, not
-    "being run by pid N" forever. The same pid, alive since before the lock and silent (a
-    driver held by SIGSTOP), still holds it."""
+    "being run by pid N" forever. A pid alive since before the lock and silent (a driver
+    held by SIGSTOP; here the parent process) still holds it."""
     began, hour_ago = lock_module._began_at(os.getpid()), time.time() - 3600
     if began is None:
         pytest.skip("no /proc here: a live pid holds its lock")
@@ -388,8 +388,32 @@ def test_a_dead_drivers_lock_whose_pid_came_back_is_stale(tmp_path, caplog):
     with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
         assert "taking over a stale lock" in caplog.text
     _lock_of_this_process(tmp_path, started=time.time(), beat=time.time() - 3600)
+    info = {**read_json(tmp_path / ".lock"), "pid": os.getppid()}  # alive since before it
+    (tmp_path / ".lock").write_text(json.dumps(info))
+    os.utime(tmp_path / ".lock", (time.time() - 3600, time.time() - 3600))
     with pytest.raises(SweepError, match="is being run by pid"):
         SweepLock(tmp_path).__enter__()
+
+
+def test_a_lock_naming_this_process_that_holds_none_is_stale(tmp_path, caplog):
+    """A re-queued job in a container may get the dead driver's pid: a lock naming this very
+    process, fresh or not, is a dead driver's unless this process holds it."""
+    _lock_of_this_process(tmp_path, started=time.time(), beat=time.time())
+    with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
+        assert "taking over a stale lock" in caplog.text
+
+
+def test_a_fresh_lock_of_another_host_is_waited_for_until_stale(tmp_path, monkeypatch, caplog):
+    """A SLURM job re-queued on another node right after its driver died there: the lock's
+    heartbeat is still fresh; the new driver waits for it to go stale instead of failing."""
+    monkeypatch.setattr(lock_module, "STALE_AFTER", 3.0)
+    info = {"host": "another-node", "pid": 4321, "started": time.time() - 600}
+    (tmp_path / ".lock").write_text(json.dumps(info))
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
+        assert 1.0 < time.monotonic() - t0 < 10.0
+        assert "whose heartbeat is fresh; waiting" in caplog.text
+        assert "taking over a stale lock left by pid 4321 on another-node" in caplog.text
 
 
 def test_a_lock_removed_while_its_driver_runs_is_written_again(tmp_path, caplog):
