@@ -172,6 +172,7 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     and a warning for a setting that does nothing."""
     folder.refuse_store()
     planning.check_local_hardware(cfg)
+    launcher.check_address(cfg.launch)
     if cfg.launch.address:  # a head that is not there: refused before the store is made
         check_reachable(resolve(cfg.launch.address))
     else:

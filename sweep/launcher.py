@@ -127,6 +127,24 @@ def _start_ray(lc: LaunchConfig) -> None:
         ) from err
 
 
+def check_address(lc: LaunchConfig) -> None:
+    """``launch=cluster`` without an address would start a private Ray and train on this
+    machine alone, without a word: refused (before any work: :func:`sweep.driver.check_config`).
+    An address with ``launch=local`` is joined, as asked, and said."""
+    if lc.name == "cluster" and not (lc.address or "").strip():
+        raise SweepError(
+            "launch=cluster joins a running Ray cluster but launch.address is empty; set it "
+            "(auto: RAY_ADDRESS, else the Ray started on this machine; or HOST:PORT), or use "
+            "launch=local"
+        )
+    if lc.name == "local" and lc.address:
+        log.warning(
+            "launch=local with launch.address=%s: joining that Ray cluster rather than starting "
+            "one (launch=cluster launch.address=... says so)",
+            lc.address,
+        )
+
+
 def _join(lc: LaunchConfig, common: dict) -> None:
     """Join the running cluster ``launch.address`` names (:mod:`sweep.cluster`)."""
     import ray
@@ -317,6 +335,11 @@ def _fits_a_node(gpus: float, cpus: float, nodes: list[dict[str, float]]) -> Non
     fit = [n for n in nodes if n.get("GPU", 0) + 1e-9 >= gpus] if gpus else nodes
     name, want, have = ("CPU", cpus, fit) if fit else ("GPU", gpus, nodes)
     most = max((n.get(name, 0.0) for n in have), default=0.0)
+    if name == "CPU" and most == 0:  # (asking for less would not help)
+        raise SweepError(
+            "the Ray cluster has no CPUs for ensembles (are its worker nodes up?); start "
+            "them, or give the head CPUs"
+        )
     raise SweepError(
         f"launch.{name.lower()}s_per_ensemble={want:g} but no Ray node has {want:g} {name}s"
         f"{' beside the GPUs asked for' if fit and gpus else ''} (at most {most:g}): ask for "

@@ -102,6 +102,8 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
         (["sweep_dir=x", "train.lr=null"], "train.lr cannot be null; give it a value"),
         (["sweep_dir=x", "~train.lr"], "cannot delete train.lr (~train.lr): every field has"),
         (["sweep_dir=x", "~grid.l1"], "cannot delete grid.l1 (~grid.l1): every field has"),
+        (["sweep_dir=x", "launch=cluster", "launch.address=null"], "launch=cluster joins a run"),
+        (["sweep_dir=x", "launch=cluster", "launch.address="], "launch=cluster joins a running"),
         (["sweep_dir=x", "grid.l1='[1e-2]'"], "grid.l1 takes a list, got the text '[1e-2]' ("),
         (["sweep_dir=x", "grid.l1=[]"], "grid.l1 is empty: give at least one value, e.g. gri"),
         (["sweep_dir=x", "train=null"], "a config group (data, grid, launch, logger, sae, train)"),

@@ -154,6 +154,9 @@ def test_a_request_no_node_can_grant_is_refused_not_waited_for():
     head_only = [{"CPU": 0.0, "GPU": 0.0}]  # a cluster launcher's head before its workers
     with pytest.raises(SweepError, match="no CPUs for ensembles"):  # Ray omits a 0 total
         Resources(cfg_of("train.device=cpu"), {"memory": 1.0}, head_only)
+    cluster = cfg_of("launch=cluster", "train.device=cpu")  # (its cpus_per_ensemble is 1)
+    with pytest.raises(SweepError, match="no CPUs for ensembles .are its worker nodes up"):
+        Resources(cluster, {"memory": 1.0}, head_only)
     assert (
         Resources(cfg_of("train.device=cpu"), {"CPU": 1.0}, head_only + [{"CPU": 4.0}]).num_cpus
         == 4
