@@ -56,6 +56,9 @@ class Outcome:
         "stopped"
     )
     """What a stop left, and what to do (after ``stopped by SIGTERM: ``)."""
+    unsaved: list[str] = field(default_factory=list)
+    """Ensembles that had not checkpointed for the stop (their worker lost first, e.g. Ray's
+    own processes signalled too, or the grace ran out): they continue from an older step."""
 
     @property
     def signum(self) -> int:
@@ -70,9 +73,15 @@ class Outcome:
 
     def raise_if_unfinished(self) -> None:
         if self.signum:
-            raise Interrupted(
-                f"stopped by {signal.Signals(self.signum).name}: {self.stopped_note}", self.signum
-            )
+            note = self.stopped_note
+            if self.unsaved:
+                ids = ", ".join(sorted(set(self.unsaved)))
+                note = (
+                    f"{len(set(self.unsaved))} ensemble(s) ({ids}) did not checkpoint for the "
+                    "stop (their workers were lost first): they continue from their last "
+                    f"periodic checkpoint; the others: {note}"
+                )
+            raise Interrupted(f"stopped by {signal.Signals(self.signum).name}: {note}", self.signum)
         full = [f for f in self.failures if is_disk_full(f)]
         if full:
             raise SweepError(f"no space left on the device ({full[0]}); {DISK_FULL_FIX}")
@@ -229,6 +238,8 @@ class Execution:
             (log.info if saved else log.warning)(
                 "ensemble %s stopped: %s", ens.ensemble_id, fin.error
             )
+            if not saved:
+                self.outcome.unsaved.append(ens.ensemble_id)
             self._mark_interrupted([ens], warn=False)  # (said just now)
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
@@ -257,6 +268,8 @@ class Execution:
                 "ensemble %s: left for the next run (the sweep was stopping when its task began)",
                 ens.ensemble_id,
             )
+            if self.outcome.signum and not self._all_checkpointed([ens]):  # (a Ray retry of a
+                self.outcome.unsaved.append(ens.ensemble_id)  # worker lost before it saved)
             return
         states = "/".join(sorted(set(result.states.values())))
         if result.evaluated:
@@ -265,9 +278,9 @@ class Execution:
             )
             return
         start = f"{result.resumed_from} -> " if result.resumed_from else ""
-        at = "at" if states == "done" else "; the ensemble ended at"  # (a run's own: its notes)
+        at = "; the ensemble ended at" if "diverged" in states else " at"  # (a run's: its note)
         log.info(
-            "ensemble %s: %s %s step %s%d (%.1fs)",
+            "ensemble %s: %s%s step %s%d (%.1fs)",
             ens.ensemble_id,
             states,
             at,
@@ -392,6 +405,7 @@ class Execution:
         that had not checkpointed for the stop (the grace ran out, or their worker was lost
         first), whose work since their last checkpoint is lost."""
         late = [e for e in ensembles if not self._all_checkpointed([e])]  # before marking
+        self.outcome.unsaved += [e.ensemble_id for e in late]
         kept = 0
         for ens in ensembles:
             runs = [self.folder.run(m.run_id) for m in ens.members]

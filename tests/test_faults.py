@@ -193,7 +193,9 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     assert "re-run the same command" in out
     assert "stopped waiting" not in out  # every ensemble checkpointed: nothing was cut short
     said = (sw / "sweep.log").read_text()
-    assert f"sweep.details: interrupted: stopped by {sig.name}: running ensembles" in said, said
+    # (a worker whose raylet died first says it did not checkpoint: "the others: running ...")
+    assert f"sweep.details: interrupted: stopped by {sig.name}: " in said, said
+    assert "running ensembles checkpointed" in said, said
     manifest = json.loads((sw / "manifest.json").read_text())
     assert manifest["state"] == "interrupted"
     runs = list((sw / "runs").iterdir())
@@ -277,6 +279,22 @@ def test_a_workers_unexpected_error_is_named_by_type_and_its_traceback_kept(
     raised = log[log.index("what its task raised:") :]
     assert 'sitecustomize.py", line' in raised and "in evaluate_members" in raised
     assert "\nKeyError: 'W_dec_missing'\n" in raised and "\x1b" not in raised
+
+
+def test_a_stop_says_which_ensembles_did_not_checkpoint_for_it(tmp_path, tmp_path_factory):
+    """Pre-emption signals Ray's processes too: a worker lost before it checkpointed for the
+    stop (here killed just before the driver's SIGTERM) continues from an older step; the
+    driver's last line says so instead of "running ensembles checkpointed"."""
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "lost"
+    p = start(sw, rt)
+    wait_for(lambda: curve_len(sw) >= 8, p)
+    victim = sw / "runs" / "r8-l1_1e-02-s0"
+    os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGKILL)
+    os.kill(p.pid, signal.SIGTERM)
+    code, out = finish(p)
+    assert code == 143, out
+    assert "1 ensemble(s) (r8-e0) did not checkpoint for the stop" in out, out
+    assert "the others: running ensembles checkpointed" in out
 
 
 def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
