@@ -69,7 +69,7 @@ def task_error_reason(err: Exception) -> str:
     if cause is None:
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
         return lines[-1] if lines else type(err).__name__
-    first = next((ln for ln in str(cause).strip().splitlines() if ln.strip()), "")
+    first = first_line(cause)
     if isinstance(cause, SweepError):
         return first or type(cause).__name__
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__

@@ -56,7 +56,7 @@ class Outcome:
         "stopped"
     )
     """What a stop left, and what to do (after ``stopped by SIGTERM: ``)."""
-    unsaved: list[str] = field(default_factory=list)
+    unsaved: set[str] = field(default_factory=set)
     """Ensembles that had not checkpointed for the stop (their worker lost first, e.g. Ray's
     own processes signalled too, or the grace ran out): they continue from an older step."""
 
@@ -75,9 +75,9 @@ class Outcome:
         if self.signum:
             note = self.stopped_note
             if self.unsaved:
-                ids = ", ".join(sorted(set(self.unsaved)))
+                ids = ", ".join(sorted(self.unsaved))
                 note = (
-                    f"{len(set(self.unsaved))} ensemble(s) ({ids}) did not checkpoint for the "
+                    f"{len(self.unsaved)} ensemble(s) ({ids}) did not checkpoint for the "
                     "stop (their workers were lost first): they continue from their last "
                     f"periodic checkpoint; the others: {note}"
                 )
@@ -239,7 +239,7 @@ class Execution:
                 "ensemble %s stopped: %s", ens.ensemble_id, fin.error
             )
             if not saved:
-                self.outcome.unsaved.append(ens.ensemble_id)
+                self.outcome.unsaved.add(ens.ensemble_id)
             self._mark_interrupted([ens], warn=False)  # (said just now)
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
@@ -269,7 +269,7 @@ class Execution:
                 ens.ensemble_id,
             )
             if self.outcome.signum and not self._all_checkpointed([ens]):  # (a Ray retry of a
-                self.outcome.unsaved.append(ens.ensemble_id)  # worker lost before it saved)
+                self.outcome.unsaved.add(ens.ensemble_id)  # worker lost before it saved)
             return
         states = "/".join(sorted(set(result.states.values())))
         if result.evaluated:
@@ -405,7 +405,7 @@ class Execution:
         that had not checkpointed for the stop (the grace ran out, or their worker was lost
         first), whose work since their last checkpoint is lost."""
         late = [e for e in ensembles if not self._all_checkpointed([e])]  # before marking
-        self.outcome.unsaved += [e.ensemble_id for e in late]
+        self.outcome.unsaved.update(e.ensemble_id for e in late)
         kept = 0
         for ens in ensembles:
             runs = [self.folder.run(m.run_id) for m in ens.members]
