@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from sweep import archs, metrics, sae
-from sweep.io import atomic_write_json
+from sweep.io import atomic_write_json, json_number
 from sweep.rundir import RunFolder
 from sweep.sweepdir import MMCS_KEYS, MMCS_OVER, RunRecord
 
@@ -56,11 +56,11 @@ def knob(row: Mapping) -> tuple[str, float | None]:
     row or spec with ``k`` >= 1), ``("l0", l1)`` for an L0 penalty (JumpReLU), else
     ``("l1", l1)`` (value None when unknown)."""
     k = row.get("k")
-    if isinstance(k, (int, float)) and not isinstance(k, bool) and math.isfinite(k) and k >= 1:
+    if json_number(k) and math.isfinite(k) and k >= 1:
         return "k", k
     l1 = row.get("l1")
     name = "l0" if _l0_penalty(row.get("sae") or row.get("arch")) else "l1"
-    return name, l1 if isinstance(l1, (int, float)) and not isinstance(l1, bool) else None
+    return name, l1 if json_number(l1) else None
 
 
 def _l0_penalty(arch: object) -> bool:

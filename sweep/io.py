@@ -177,6 +177,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def json_number(v: object) -> bool:
+    """Whether a value read from JSON is a number (a bool is not, though Python's is an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def json_bytes(obj: object) -> bytes:
     """``obj`` as the JSON every file here is written in."""
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()

@@ -33,7 +33,7 @@ from sweep.activations.layout import FORMAT as STORE_FORMAT
 from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
-from sweep.io import atomic_write_bytes, atomic_write_json, read_json
+from sweep.io import atomic_write_bytes, atomic_write_json, json_number, read_json
 from sweep.rundir import DONE, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
@@ -180,14 +180,10 @@ def grid_order(run_id: str, point: object) -> tuple:
     is unknown come last). Planning starts the largest dict ratio first instead."""
     point = point if isinstance(point, dict) else {}
     k = point.get("k")
-    knob = k if _number(k) and k >= 1 else point.get("l1")  # (k is 0 in an L1 run's spec)
+    knob = k if json_number(k) and k >= 1 else point.get("l1")  # (k is 0 in an L1 run's spec)
     values = (point.get("dict_ratio"), knob, point.get("seed"))
-    known = all(_number(v) for v in values)
+    known = all(json_number(v) for v in values)
     return (0, *values, run_id) if known else (1, 0, 0, 0, run_id)
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> tuple[str, bool]:

@@ -34,7 +34,7 @@ from sweep.activations.layout import FORMAT, FORMAT_VERSION, GROUND_TRUTH, MANIF
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError
 from sweep.hostmem import HostBlock
-from sweep.io import atomic_write, atomic_write_json, cpu_count, read_exact
+from sweep.io import atomic_write, atomic_write_json, cpu_count, json_number, read_exact
 
 log = logging.getLogger(__name__)
 
@@ -282,20 +282,16 @@ def manifest_problem(m: dict) -> str | None:
     if sum(c["rows"] for c in chunks) != m["total_rows"]:
         return f"total_rows {m['total_rows']} is not the sum of its chunks' rows"
     stats, provenance = m.get("stats"), m.get("provenance", {})
-    if not isinstance(stats, dict) or not _number(stats.get("mean_row_norm")):
+    if not isinstance(stats, dict) or not json_number(stats.get("mean_row_norm")):
         return "its stats have no mean_row_norm"
     mean = stats.get("mean")
-    if not isinstance(mean, list) or len(mean) != m["width"] or not all(map(_number, mean)):
+    if not isinstance(mean, list) or len(mean) != m["width"] or not all(map(json_number, mean)):
         return f"its stats' mean is not {m['width']} numbers"
     return None if isinstance(provenance, dict) else "its provenance is not a mapping"
 
 
 def _whole(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def _chunk_entry_ok(c: object) -> bool:
