@@ -3,12 +3,15 @@
 ``ray.init(address=...)`` waits without limit for a head that is not there, and
 ``address=auto`` joins any Ray it finds on the machine, even the private, in-process instance
 of another user's ``launch=local`` sweep (which ends with that sweep). So the address is
-resolved first, a head must answer there within :data:`CONNECT_SECONDS`, and a Ray instance
+resolved first, a head must answer there within :data:`CONNECT_SECONDS` — and answer as a
+gRPC server does (a Ray head's GCS port is one; a port that accepts connections but is not,
+such as the dashboard's 8265, would leave ``ray.init`` waiting for ever) — and a Ray instance
 that a ``launch=local`` sweep started (marked with :data:`PRIVATE`) is refused.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 
 from sweep.errors import SweepError, first_line
@@ -18,6 +21,9 @@ PRIVATE = "sweep_private_instance"
 it tells a ``launch=cluster`` sweep that joined it that this is not a cluster."""
 CONNECT_SECONDS = 10.0
 START_FIX = "start it first (ray start --head, or launch/slurm.sbatch) or fix launch.address"
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+"""An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server's first
+frame in reply is its own SETTINGS frame (type 4)."""
 
 
 def resolve(address: str) -> str:
@@ -59,12 +65,40 @@ def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
             f"launch.address={address} is not HOST:PORT; give a running head's HOST:PORT, or auto"
         )
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=seconds)
     except OSError as err:
         raise SweepError(
             f"no Ray head answers at launch.address={address} ({err or type(err).__name__}); "
             f"{START_FIX}"
         ) from err
+    with conn:
+        reply = _first_frame(conn)
+    if reply != "gRPC" and os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):
+        raise SweepError(
+            f"launch.address={address} accepts connections but is not a Ray head ({reply}); "
+            "give the head's GCS port (6379 by default, as `ray start --head` printed it; "
+            "8265 is the dashboard's)"
+        )
+
+
+def _first_frame(conn: socket.socket) -> str:
+    """ "gRPC" when the server at ``conn`` answers an HTTP/2 hello as gRPC servers do, else
+    what it did instead."""
+    try:
+        conn.sendall(HTTP2_HELLO)
+        head = conn.recv(9)
+        while head and len(head) < 9:
+            more = conn.recv(9 - len(head))
+            if not more:
+                break
+            head += more
+    except TimeoutError:
+        return f"no reply within {conn.gettimeout():g} s"
+    except OSError as err:
+        return f"{err or type(err).__name__}"
+    if len(head) == 9 and head[3] == 4:  # a SETTINGS frame
+        return "gRPC"
+    return "it closed the connection" if not head else f"it replied {head[:8]!r}"
 
 
 def join_failed_hint(address: str) -> str:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -220,6 +221,60 @@ def test_an_address_where_no_head_answers_is_refused_before_any_work(tmp_path):
         "refused); start it first (ray start --head, or launch/slurm.sbatch) or fix launch.address"
     )
     assert not sw.exists()
+
+
+@contextlib.contextmanager
+def listener(reply: bytes | None):
+    """A TCP server on a free port that is not a Ray head: it answers every connection with
+    ``reply`` and closes it, or (None) accepts and says nothing."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                if reply is None:
+                    held.append(conn)
+                    continue
+                with conn:
+                    conn.recv(64)
+                    conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+def test_an_address_that_is_not_a_ray_head_is_refused_not_waited_on(tmp_path):
+    """A port that accepts connections but does not speak gRPC (here an HTTP server, as the
+    dashboard's 8265 is) would leave ray.init waiting for ever: one line, exit 2."""
+    with listener(b"HTTP/1.1 400 Bad Request\r\n\r\n") as address:
+        out = sweep_cli(
+            "run", "launch=cluster", f"launch.address={address}", f"sweep_dir={tmp_path}/sw"
+        )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: launch.address={address} accepts connections but is not a Ray head (it replied "
+        "b'HTTP/1.1'); give the head's GCS port (6379 by default, as `ray start --head` printed "
+        "it; 8265 is the dashboard's)"
+    )
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_silent_listener_is_not_a_ray_head():
+    from sweep.cluster import check_reachable
+    from sweep.errors import SweepError
+
+    with listener(None) as address, pytest.raises(SweepError) as err:
+        check_reachable(address, seconds=0.5)
+    assert f"launch.address={address} accepts connections but is not a Ray head (no reply " in str(
+        err.value
+    )
 
 
 PRIVATE_RAY = """
