@@ -140,12 +140,15 @@ def test_sweep_runs_on_both_nodes(two_node_cluster, tmp_path):
 
 SHIMS = {  # what the batch script asks of SLURM, answered for "nodes" that are this machine
     "srun": "while [ $# -gt 0 ]; do case $1 in -w) shift 2;; -*) shift;; *) break;; esac; done\n"
+    # (SHIM_WORKER_FAILS: the second node's `ray start` fails at once)
+    '[ -n "${SHIM_WORKER_FAILS:-}" ] && [[ " $* " == *" --address="* ]] && '
+    '{ echo "srun: error: node2: task 0: Exited with exit code 1" >&2; exit 1; }\n'
     'exec "$@"\n',
     "scontrol": "echo localhost; echo localhost\n",  # scontrol show hostnames: two nodes
 }
 
 
-def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str) -> tuple[int, str]:
+def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str, **extra_env: str) -> tuple[int, str]:
     """launch/slurm.sbatch, unchanged, with srun/scontrol shims (two nodes: this machine)."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
@@ -162,6 +165,7 @@ def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str) -> tuple[int, str]:
         SLURM_JOB_NODELIST="node[1-2]",
         SLURM_CPUS_PER_TASK="1",
         RAY_TMPDIR=str(ray_tmp),
+        **extra_env,
     )
     script = Path(__file__).resolve().parent.parent / "launch" / "slurm.sbatch"
     p = subprocess.Popen(
@@ -189,6 +193,24 @@ def test_the_slurm_script_runs_a_sweep_on_two_nodes(tmp_path, tmp_path_factory):
     code, out = run_slurm_script(tmp_path, ray_tmp, f"sweep_dir={sw}", *args)
     assert code == 0, out
     assert "not every Ray node joined" not in out, out
+    with open(sw / "summary.csv") as f:
+        assert {r["state"] for r in csv.DictReader(f)} == {"done"}
+
+
+def test_the_slurm_script_goes_on_at_once_without_a_node_whose_ray_start_failed(
+    tmp_path, tmp_path_factory
+):
+    """(not after waiting 5 minutes for it to join): the sweep trains on the nodes that did."""
+    sw = tmp_path / "sw"
+    args = ["data.width=16", "data.n_features=32", "data.rows=6000", "data.eval_rows=1024"]
+    args += ["grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.batch_size=256", "progress=false"]
+    ray_tmp = tmp_path_factory.getbasetemp() / "sf"
+    start = time.monotonic()
+    code, out = run_slurm_script(tmp_path, ray_tmp, f"sweep_dir={sw}", *args, SHIM_WORKER_FAILS="1")
+    assert code == 0, out
+    assert "warning: not every Ray node joined (any failed step's output is above)" in out, out
+    assert "node2: task 0: Exited with exit code 1" in out
+    assert time.monotonic() - start < 150, out
     with open(sw / "summary.csv") as f:
         assert {r["state"] for r in csv.DictReader(f)} == {"done"}
 
