@@ -177,18 +177,26 @@ class PairCache:
 
 
 SAVE_EVERY = 30.0
-"""Seconds between saves of the pair cache while pairs are computed: an interrupted report
-(hours of pairs for a large grid on a CPU) keeps what it computed."""
+"""Seconds between saves of the pair cache (and progress lines) while pairs are computed: an
+interrupted report keeps what it computed."""
+MATRIX_RUNS = 24
+"""At most this many runs of one dict ratio in its MMCS matrix (``mmcs.csv``, the heatmap):
+its pairs grow with the square of the runs (one pair of 8192-atom dictionaries takes ~2 s on
+2 CPU cores; 36 runs a ratio were 630 pairs), and a heatmap of more is unreadable. Above it the
+matrix covers the first seed's runs, thinned evenly over the knob values; the per-run values
+(``mmcs_seeds``, ``mmcs_next_ratio``) are computed for every run whatever this says."""
 
 
 class PairMMCS:
     """MMCS between finished runs, with atoms loaded once and results cached on disk (saved
     every :data:`SAVE_EVERY` seconds of computing and at the end)."""
 
-    def __init__(self, device: torch.device, cache: PairCache) -> None:
+    def __init__(self, device: torch.device, cache: PairCache, todo: int = 0) -> None:
         self.device, self.cache = device, cache
         self._atoms: dict[str, torch.Tensor] = {}
         self._saved = time.monotonic()
+        self.todo, self.done = todo, 0
+        """Pairs not cached when the report began (for progress lines), and computed since."""
 
     def _unit(self, r: RunRef) -> torch.Tensor:
         if r.run_id not in self._atoms:
@@ -203,9 +211,11 @@ class PairMMCS:
         ab, ba = metrics.max_cos_both(self._unit(a), self._unit(b))
         self.cache.put(a, b, float(ab.mean()))
         self.cache.put(b, a, float(ba.mean()))
+        self.done += 1
         if time.monotonic() - self._saved >= SAVE_EVERY:
             self.cache.save()
             self._saved = time.monotonic()
+            log.info("MMCS: %d of %d pairs of dictionaries compared", self.done, self.todo)
         return self.cache.get(a, b)  # type: ignore[return-value]
 
     def release(self, keep: set[str]) -> None:
@@ -218,35 +228,71 @@ class CrossDict:
     """Cross-dictionary results of one sweep."""
 
     matrices: dict[float, tuple[list[RunRef], list[list[float]]]]
-    """dict ratio -> (runs ordered by knob value (L1 or k) then seed, MMCS matrix
-    [i][j] = mmcs(run i -> run j))."""
+    """dict ratio -> (the runs its matrix covers (:func:`matrix_runs`), ordered by knob value
+    (L1 or k) then seed, MMCS matrix [i][j] = mmcs(run i -> run j))."""
     per_run: dict[str, dict[str, float | str]]
     """run_id -> {mmcs_next_ratio, mmcs_next_ratio_run, mmcs_seeds} (keys present when defined)."""
+    finished: dict[float, int] = field(default_factory=dict)
+    """dict ratio -> its finished runs (more than its matrix covers when they exceed
+    :data:`MATRIX_RUNS`)."""
 
 
 def compute(
     records: list[RunRecord], device: torch.device, cache_path: Path | None = None
 ) -> CrossDict:
-    """All cross-dictionary MMCS values over the sweep's finished runs."""
+    """Cross-dictionary MMCS over the sweep's finished runs: every run's per-run values, and
+    a matrix per dict ratio (:func:`matrix_runs`)."""
     runs = finished_runs(records)
-    pair = PairMMCS(device, PairCache.load(cache_path))
     ratios = sorted({r.dict_ratio for r in runs})
+    groups = {ratio: [r for r in runs if r.dict_ratio == ratio] for ratio in ratios}
+    cache = PairCache.load(cache_path)
+    todo = [(a, b) for a, b in _pairs(groups) if cache.get(a, b) is None]
+    if todo:
+        log.info("MMCS: comparing %d pairs of dictionaries", len(todo))
+    pair = PairMMCS(device, cache, len(todo))
     matrices: dict[float, tuple[list[RunRef], list[list[float]]]] = {}
     per_run: dict[str, dict[str, float | str]] = {r.run_id: {} for r in runs}
     for k, ratio in enumerate(ratios):
-        group = [r for r in runs if r.dict_ratio == ratio]
-        mat = [[1.0 if a is b else pair(a, b) for b in group] for a in group]
-        matrices[ratio] = (group, mat)
-        _seed_values(group, mat, per_run)
-        if k + 1 < len(ratios):
-            _next_ratio_values(
-                group, [r for r in runs if r.dict_ratio == ratios[k + 1]], pair, per_run
-            )
-        pair.release(
-            {r.run_id for r in runs if k + 1 < len(ratios) and r.dict_ratio == ratios[k + 1]}
-        )
+        group, larger = groups[ratio], groups[ratios[k + 1]] if k + 1 < len(ratios) else []
+        shown = matrix_runs(group)
+        matrices[ratio] = (shown, [[1.0 if a is b else pair(a, b) for b in shown] for a in shown])
+        _seed_values(group, pair, per_run)
+        _next_ratio_values(group, larger, pair, per_run)
+        pair.release({r.run_id for r in larger})
     pair.cache.save()
-    return CrossDict(matrices, per_run)
+    return CrossDict(matrices, per_run, {ratio: len(g) for ratio, g in groups.items()})
+
+
+def matrix_runs(group: list[RunRef]) -> list[RunRef]:
+    """The runs of one dict ratio (in knob, seed order) that its MMCS matrix covers: all, or
+    above :data:`MATRIX_RUNS` the first seed's, thinned evenly over the knob values."""
+    if len(group) <= MATRIX_RUNS:
+        return group
+    first = min(r.seed for r in group)
+    return spread([r for r in group if r.seed == first], MATRIX_RUNS)
+
+
+def spread(items: list, n: int) -> list:
+    """At most ``n`` items, evenly spread and including the ends."""
+    if len(items) <= n or n < 2:
+        return list(items[: max(n, 1)])
+    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+def _pairs(groups: dict[float, list[RunRef]]) -> list[tuple[RunRef, RunRef]]:
+    """Every pair :func:`compute` compares, once each (either direction)."""
+    out: dict[frozenset[str], tuple[RunRef, RunRef]] = {}
+    ratios = sorted(groups)
+    for k, ratio in enumerate(ratios):
+        group, shown = groups[ratio], matrix_runs(groups[ratio])
+        found = [(a, b) for a in shown for b in shown if a is not b]
+        found += [(a, b) for a in group for b in _seed_mates(a, group)]
+        if k + 1 < len(ratios):
+            found += list(_next_ratio_partners(group, groups[ratios[k + 1]]))
+        for a, b in found:
+            out.setdefault(frozenset((a.run_id, b.run_id)), (a, b))
+    return list(out.values())
 
 
 def _point(r: RunRef) -> tuple[str, float]:
@@ -254,24 +300,32 @@ def _point(r: RunRef) -> tuple[str, float]:
     return r.knob, r.value
 
 
-def _seed_values(group: list[RunRef], mat: list[list[float]], per_run: dict) -> None:
-    for i, a in enumerate(group):
-        others = [
-            mat[i][j] for j, b in enumerate(group) if _point(b) == _point(a) and b.seed != a.seed
-        ]
+def _seed_mates(a: RunRef, group: list[RunRef]) -> list[RunRef]:
+    return [b for b in group if _point(b) == _point(a) and b.seed != a.seed]
+
+
+def _seed_values(group: list[RunRef], pair: PairMMCS, per_run: dict) -> None:
+    for a in group:
+        others = [pair(a, b) for b in _seed_mates(a, group)]
         if others:
             per_run[a.run_id]["mmcs_seeds"] = sum(others) / len(others)
+
+
+def _next_ratio_partners(group: list[RunRef], larger: list[RunRef]):
+    """(run, the run with its knob value and seed at the next larger ratio) where there is one."""
+    by_point = {(*_point(r), r.seed): r for r in larger}
+    for a in group:
+        b = by_point.get((*_point(a), a.seed))
+        if b is not None:
+            yield a, b
 
 
 def _next_ratio_values(
     group: list[RunRef], larger: list[RunRef], pair: PairMMCS, per_run: dict
 ) -> None:
-    by_point = {(*_point(r), r.seed): r for r in larger}
-    for a in group:
-        b = by_point.get((*_point(a), a.seed))
-        if b is not None:
-            per_run[a.run_id]["mmcs_next_ratio"] = pair(a, b)
-            per_run[a.run_id]["mmcs_next_ratio_run"] = b.run_id
+    for a, b in _next_ratio_partners(group, larger):
+        per_run[a.run_id]["mmcs_next_ratio"] = pair(a, b)
+        per_run[a.run_id]["mmcs_next_ratio_run"] = b.run_id
 
 
 def annotate_runs(records: list[RunRecord], cross: CrossDict, digest: str) -> None:

@@ -26,7 +26,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogFormatter
 
 from sweep import crossdict
-from sweep.crossdict import KNOB_AXES, KNOB_NAMES, CrossDict, knob_text, knob_value, sweep_knob
+from sweep.crossdict import (
+    KNOB_AXES,
+    KNOB_NAMES,
+    CrossDict,
+    knob_text,
+    knob_value,
+    spread,
+    sweep_knob,
+)
 from sweep.io import atomic_write
 from sweep.rundir import RunFolder
 
@@ -357,10 +365,10 @@ def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
 def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
     """:func:`mmcs_heatmap`'s figure (None: nothing to draw). The colour range is the data's,
     shared by the panels; cells are numbered while the numbers are legible."""
-    ratios = [r for r in sorted(cross.matrices) if len(cross.matrices[r][0]) > 1]
-    if not ratios:
+    drawable = [r for r in sorted(cross.matrices) if len(cross.matrices[r][0]) > 1]
+    if not drawable:
         return None
-    ratios = _spread(ratios, max_ratios)
+    ratios = spread(drawable, max_ratios)
     vmin, vmax = _mmcs_range(cross, ratios)
     biggest = max(len(cross.matrices[r][0]) for r in ratios)
     side = min(9.0, max(5.2, 0.42 * biggest + 2.0))
@@ -384,9 +392,20 @@ def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
         _number_cells(ax, mat, vmin, vmax)
         ax.set_xlabel(f"to run ({label})")
         ax.set_ylabel(f"from run ({label})")
-        ax.set_title(f"MMCS, dict ratio {ratio:g}")
+        ax.set_title(f"MMCS, dict ratio {ratio:g}{_thinned(cross, ratio, refs)}")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="MMCS (range of the data)")
+    if len(ratios) < len(drawable):
+        shown = ", ".join(f"{r:g}" for r in ratios)
+        fig.suptitle(f"dict ratios {shown} of {len(drawable)} (mmcs.csv has every ratio)")
     return fig
+
+
+def _thinned(cross: CrossDict, ratio: float, refs: list[crossdict.RunRef]) -> str:
+    """A title's note when the matrix covers fewer runs than finished at ``ratio``."""
+    finished = cross.finished.get(ratio, len(refs))
+    if finished <= len(refs):
+        return ""
+    return f"\n(seed {refs[0].seed}: {len(refs)} of the ratio's {finished} runs)"
 
 
 def _by_seed(
@@ -453,14 +472,6 @@ def _grid_values(rows: list[dict]) -> list[float]:
     return [v for v in (knob_value(r) for r in rows) if finite(v)]  # type: ignore[misc]
 
 
-def _spread(items: list, n: int) -> list:
-    """At most ``n`` items, evenly spread and including the ends."""
-    if len(items) <= n:
-        return list(items)
-    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
-    return [items[i] for i in idx]
-
-
 # ----------------------------------------------------------------------------- features
 
 
@@ -524,12 +535,10 @@ def density(
     have = [r for r in have if data.get(r["run_id"]) is not None]
     if not have:
         return placeholder(path, "Feature density", "no finished runs with density data yet")
-    ratios = _spread(sorted({r["dict_ratio"] for r in have}), max_ratios)
+    ratios = spread(sorted({r["dict_ratio"] for r in have}), max_ratios)
     fig, axes = _figure(5.0 * len(ratios), 4.0, ncols=len(ratios))
     for ax, ratio in zip(axes, ratios, strict=True):
-        mine = _spread(
-            sorted((r for r in have if r["dict_ratio"] == ratio), key=knob_value), max_l1
-        )
+        mine = spread(sorted((r for r in have if r["dict_ratio"] == ratio), key=knob_value), max_l1)
         for r in mine:
             d = data[r["run_id"]]
             edges, counts = d["log10_hist_edges"].tolist(), d["log10_hist_counts"].tolist()  # type: ignore[index]

@@ -85,10 +85,16 @@ SHED += ("gt_mmcs", "dead_fraction", "loss_recovered", "gt_recovered", "fvu", "l
 """Columns a narrow terminal leaves out, first ones first (the grid point's are in its run id)."""
 
 
+TABLE_ROWS = 60
+"""Above this many runs the terminal table lists only those on the FVU–L0 frontier (a table of
+hundreds scrolls the log away); ``summary.csv`` and ``sweep status`` list every run."""
+
+
 def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     """A readable table on stdout (rich), as wide as the terminal."""
     from sweep.console import fit_table, table_console
 
+    every, (rows, cut) = rows, _table_rows(rows)
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     weak = "loss_recovered" in cols and any(plots.weak_loss_recovered(r) for r in rows)
     console = table_console()
@@ -97,8 +103,24 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     fitted.print(console, see=SUMMARY)
     if weak and "loss_recovered" not in fitted.left_out:
         console.print(WEAK_CAPTION, highlight=False)
-    for line in _notes(rows):
+    if cut:
+        console.print(cut, highlight=False)
+    for line in _notes(every):
         console.print(line, highlight=False)
+
+
+def _table_rows(rows: list[dict]) -> tuple[list[dict], str | None]:
+    """The rows the terminal table lists, and a line saying which when not all
+    (:data:`TABLE_ROWS`)."""
+    if len(rows) <= TABLE_ROWS:
+        return rows, None
+    best = plots.frontier_ids(rows)
+    shown = [r for r in rows if r["run_id"] in best][:TABLE_ROWS] or rows[:TABLE_ROWS]
+    which = "on the FVU–L0 frontier" if best else "first"
+    return shown, (
+        f"{len(rows)} runs: the {len(shown)} {which} above; every run in {SUMMARY} "
+        "(and sweep status)"
+    )
 
 
 def _notes(rows: list[dict], shown: int = 10) -> list[str]:

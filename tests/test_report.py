@@ -590,6 +590,30 @@ def test_an_interrupted_report_keeps_the_pairs_it_computed(finished, tmp_path, m
     assert [m for _, m in again.matrices.values()] == [m for _, m in whole.matrices.values()]
 
 
+def test_a_large_grids_mmcs_matrix_covers_the_first_seed_thinned(finished, monkeypatch, caplog):
+    """Above crossdict.MATRIX_RUNS runs a ratio, the matrix's pairs (which grow with the
+    square of the runs) are the first seed's, thinned evenly over L1; every run still gets its
+    per-run values, the heatmap says what it shows, and the report says how many pairs."""
+    records, cpu = SweepFolder(finished).read_runs(), torch.device("cpu")
+    whole = crossdict.compute(records, cpu)
+    real, calls = metrics.max_cos_both, []
+    monkeypatch.setattr(metrics, "max_cos_both", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(crossdict, "MATRIX_RUNS", 2)
+    with caplog.at_level(logging.INFO, logger="sweep.crossdict"):
+        thin = crossdict.compute(records, cpu)
+    # per ratio 1 matrix pair + 3 seed pairs (6 runs: 3 L1 x 2 seeds); 6 next-ratio pairs
+    assert len(calls) == 2 * (1 + 3) + 6 and "MMCS: comparing 14 pairs" in caplog.text
+    assert thin.per_run == whole.per_run and thin.finished == {1.0: 6, 2.0: 6}
+    for ratio, (refs, mat) in thin.matrices.items():
+        every, full = whole.matrices[ratio]
+        assert [r.seed for r in every] == [0, 1] * 3  # (by L1, then seed)
+        assert refs == [every[0], every[4]]  # seed 0's smallest and largest L1
+        assert mat == [[full[i][j] for j in (0, 4)] for i in (0, 4)]
+    fig = plots.mmcs_heatmap_figure(thin, max_ratios=1)
+    assert "(seed 0: 2 of the ratio's 6 runs)" in fig.axes[0].get_title()
+    assert fig._suptitle.get_text() == "dict ratios 1 of 2 (mmcs.csv has every ratio)"
+
+
 def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
     runs = [
         (
@@ -667,6 +691,7 @@ def test_a_report_never_goes_into_another_sweeps_folder(finished, sweep_copy, ca
     under that sweep's name."""
     theirs = finished / "report"
     build_report(finished, device="cpu", log_media=False)
+    capsys.readouterr()  # (its log lines)
     before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
     for out in (theirs, finished / "other", finished):
         assert main(["report", str(sweep_copy), "--out", str(out)]) == 2
@@ -697,6 +722,25 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
     assert "loss_recovered not meaningful" in " ".join(out.split())  # the caption says why
     report.print_table(rows[1:])
     assert "†" not in capsys.readouterr().out
+
+
+def test_terminal_table_of_a_large_grid_lists_its_frontier(capsys, monkeypatch):
+    """(hundreds of lines would scroll the run's log away); notes cover every run."""
+    monkeypatch.setattr(report, "TABLE_ROWS", 4)
+    points = [(1, 0.5), (2, 0.3), (4, 0.1), (2.5, 0.4), (5, 0.2), (6, 0.9), (1.5, 0.6)]
+    points += [(3, 0.35), (4.5, 0.15)]  # the first three are the frontier
+    rows = [
+        {"run_id": f"r{i}", "state": "done", "l1": 0.01, "l0": l0, "fvu": fvu}
+        for i, (l0, fvu) in enumerate(points)
+    ] + [{"run_id": "bad", "state": "failed", "note": "out of memory"}]
+    report.print_table(rows)
+    out = capsys.readouterr().out
+    listed = {r["run_id"] for r in rows if re.search(rf"\b{r['run_id']}\b", out)}
+    assert listed == {"r0", "r1", "r2", "bad"} == plots.frontier_ids(rows) | {"bad"}
+    assert "10 runs: the 3 on the FVU–L0 frontier above; every run in summary.csv" in out
+    assert "bad (failed): out of memory" in out
+    report.print_table(rows[:4])
+    assert "frontier above" not in capsys.readouterr().out
 
 
 def test_terminal_table_fits_a_narrow_terminal_and_keeps_cells_whole(capsys, monkeypatch):
