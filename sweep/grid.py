@@ -181,11 +181,12 @@ def group(runs: list[RunSpec], budget_for: dict[float, int], tag: str = "") -> l
     for ratio in ratios:
         members = [r for r in runs if r.dict_ratio == ratio]
         n_ens = math.ceil(len(members) / budget_for[ratio])
-        size = math.ceil(len(members) / n_ens)
+        size, more = divmod(len(members), n_ens)  # (36 in 8s: 8, 7, 7, 7, 7 — not 8, 8, 8, 8, 4)
+        start = 0
         for k in range(n_ens):
-            part = tuple(members[k * size : (k + 1) * size])
-            if part:
-                out.append(EnsembleSpec(ensemble_id(ratio, k, tag), ratio, part[0].dict_size, part))
+            part = tuple(members[start : start + size + (k < more)])
+            start += len(part)
+            out.append(EnsembleSpec(ensemble_id(ratio, k, tag), ratio, part[0].dict_size, part))
     return out
 
 

@@ -117,6 +117,19 @@ def test_ensembles_are_split_to_fill_whole_devices_only():
     assert Resources(cfg_of("train.device=cpu"), {"CPU": 16.0}).slots == 1  # one takes all
 
 
+def test_a_ratios_runs_split_into_ensembles_as_even_as_they_can_be():
+    """(36 in ensembles of at most 8: 8, 7, 7, 7, 7; not 8, 8, 8, 8, 4, whose last ensemble
+    would leave its device idle sooner), every run once, in grid order."""
+    from sweep import grid
+
+    runs = grid.expand([1e-3 * (i + 1) for i in range(12)], [4, 8], 3, 16, "untied")
+    ensembles = grid.group(runs, {4: 8, 8: 36})
+    assert [(e.dict_ratio, len(e.members)) for e in ensembles] == [(8, 36)] + [
+        (4, n) for n in (8, 7, 7, 7, 7)
+    ]
+    assert [m for e in ensembles[1:] for m in e.members] == [r for r in runs if r.dict_ratio == 4]
+
+
 def test_more_cpu_threads_than_cores_is_warned_about(monkeypatch, caplog):
     """Ray counts the CPUs it is told: launch.num_cpus=64 on 2 cores would give an ensemble
     64 threads (several times slower); a cluster's nodes are not this machine."""
