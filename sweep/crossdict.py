@@ -259,7 +259,8 @@ def compute(
         _seed_values(group, pair, per_run)
         _next_ratio_values(group, larger, pair, per_run)
         pair.release({r.run_id for r in larger})
-    pair.cache.save()
+    if pair.done:  # (else the cache on disk holds it all already)
+        pair.cache.save()
     return CrossDict(matrices, per_run, {ratio: len(g) for ratio, g in groups.items()})
 
 
