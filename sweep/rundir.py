@@ -56,6 +56,9 @@ FAILED = "FAILED"
 INTERRUPTED = "interrupted.json"
 PLACEMENT = "placement.json"
 EVENTS = "events.jsonl"
+REDONE_EVENTS = ("resampled",)
+"""Events a training step records (at its ``step``): dropped, with the curve, past the step a
+run resumes from, since redoing the step records them again."""
 TRACKER = "logger.json"
 RUNS = "runs"
 METRICS_LOST = f"{METRICS} is missing or damaged"
@@ -392,11 +395,18 @@ class RunFolder:
                 f.write(json.dumps(r) + "\n")
 
     def truncate_curve(self, after_step: int) -> None:
-        """Drop curve records past ``after_step`` (written after the checkpoint we resume from)."""
-        if not (self.path / CURVE).exists():
+        """Drop curve records past ``after_step`` (written after the checkpoint we resume from),
+        and the events of training steps past it (:data:`REDONE_EVENTS`): the steps are redone
+        and record them again."""
+        if (self.path / CURVE).exists():
+            keep = [json.dumps(r) + "\n" for r in self.curve() if r["step"] <= after_step]
+            atomic_write_bytes(self.path / CURVE, "".join(keep).encode())
+        if not (self.path / EVENTS).exists():
             return
-        keep = [json.dumps(r) + "\n" for r in self.curve() if r["step"] <= after_step]
-        atomic_write_bytes(self.path / CURVE, "".join(keep).encode())
+        lines = (self.path / EVENTS).read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not _redone(line, after_step)]
+        if len(kept) < len(lines):
+            atomic_write_bytes(self.path / EVENTS, "".join(kept).encode())
 
     def append_event(self, event: dict) -> None:
         """Record something a user should know about this run (``events.jsonl``)."""
@@ -427,3 +437,15 @@ def is_done(folder: str | Path) -> bool:
 
 def run_state(folder: str | Path) -> RunState:
     return RunFolder(Path(folder)).state()
+
+
+def _redone(line: str, after_step: int) -> bool:
+    """Whether an ``events.jsonl`` line is a training step's event past ``after_step``."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(event, dict):
+        return False
+    step = event.get("step")
+    return event.get("event") in REDONE_EVENTS and isinstance(step, int) and step > after_step

@@ -143,6 +143,31 @@ def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
         assert '"resampled"' in events.read_text()
 
 
+def test_steps_redone_after_a_fallback_record_their_resampling_once(tiny_store, tmp_path):
+    """A resume from an older checkpoint (here: the newest is damaged) redoes steps, and with
+    them their events: events.jsonl's resamplings are the uninterrupted run's, once each."""
+    kw = dict(ARCH_JOBS["untied"], dead_tokens=256, epochs=2, checkpoint_every=7)
+    ref = job_for(tiny_store, tmp_path / "ref", **kw)
+    train_ensemble(ref)
+    cut = job_for(tiny_store, tmp_path / "cut", **kw)
+    train_ensemble(cut, should_stop=stop_after(20))  # checkpoints 14 and 20 kept
+    for m in cut.ensemble.members:
+        newest = checkpoints.list_checkpoints(rundir.run_dir(tmp_path / "cut", m.run_id))[-1]
+        newest.write_bytes(newest.read_bytes()[:-10])  # damaged: resumes from step 14
+    assert train_ensemble(cut).resumed_from == 14
+
+    def resampled(sweep: str, run_id: str) -> list[tuple]:
+        path = rundir.run_dir(tmp_path / sweep, run_id) / rundir.EVENTS
+        events = (
+            [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        )
+        return [(e["step"], e["latents"]) for e in events if e["event"] == "resampled"]
+
+    for m in ref.ensemble.members:
+        assert resampled("cut", m.run_id) == resampled("ref", m.run_id)
+    assert any(14 < step <= 20 for step, _ in resampled("ref", ref.ensemble.members[1].run_id))
+
+
 def stop_after(n: int):
     """A should_stop() that says yes on its n-th call."""
     calls = iter(range(1, n + 1))
