@@ -329,11 +329,13 @@ class GridConfig:
         for v in values:
             if knob == "l1":
                 _require(
-                    math.isfinite(v) and v >= 0, f"grid.l1 values must be finite and >= 0, got {v}"
+                    math.isfinite(v) and v >= 0,
+                    f"grid.l1 values must be finite and >= 0, got {v}; e.g. grid.l1='[1e-3,1e-2]'",
                 )
             else:
                 _require(
-                    v == int(v) and v >= 1, f"grid.k values must be whole numbers >= 1, got {v}"
+                    v == int(v) and v >= 1,
+                    f"grid.k values must be whole numbers >= 1, got {v}; e.g. grid.k='[16,32,64]'",
                 )
         runs = len(values) * len(self.dict_ratio) * self.seeds
         _require(
@@ -781,7 +783,8 @@ def _check_finite(obj: object, prefix: str = "") -> None:
         what = f"{prefix}{f.name} values" if many else f"{prefix}{f.name}"
         for v in value if many else [value]:
             _require(
-                not isinstance(v, float) or math.isfinite(v), f"{what} must be finite, got {v}"
+                not isinstance(v, float) or math.isfinite(v),
+                f"{what} must be finite, got {v}; give a finite number",
             )
 
 
