@@ -45,6 +45,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _left_by(held: dict | None) -> str:
+    """Who left a stale lock, as the takeover's warning says it."""
+    if not held or "pid" not in held:
+        return "(unreadable: its driver died while writing it)"
+    return f"left by pid {held.get('pid')} on {held.get('host')}"
+
+
 def read_lock(sweep_dir: Path) -> dict | None:
     try:
         return json.loads((sweep_dir / LOCK).read_text())
@@ -143,11 +150,7 @@ class SweepLock:
                     "this sweep again"
                 )
             if self.path.exists():
-                log.warning(
-                    "taking over a stale lock left by pid %s on %s",
-                    (held or {}).get("pid"),
-                    (held or {}).get("host"),
-                )
+                log.warning("taking over a stale lock %s", _left_by(held))
                 self.path.unlink(missing_ok=True)
             self._create()
         _HELD.add(self.path)
@@ -217,8 +220,11 @@ class SweepLock:
     def _create(self) -> None:
         """Write the lock complete, then link it into place (fails if another appeared)."""
         tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.info))
         try:
+            with open(tmp, "w") as f:  # (on disk before it is linked: never an empty lock)
+                f.write(json.dumps(self.info))
+                f.flush()
+                os.fsync(f.fileno())
             os.link(tmp, self.path)
         except FileExistsError:
             raise RunDirError(
