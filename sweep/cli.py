@@ -579,6 +579,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     from sweep.stop import Interrupted, StopNow, interruptible, raised_by
 
+    args = None
     try:
         with interruptible():
             args = parse(argv)
@@ -594,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder that vanished: details in SWEEP_DIR/sweep.log
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
+        trains = getattr(args, "command", "run") in ("run", "resume", "evaluate")
+        print(f"error: {os_error_message(err, trains)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)

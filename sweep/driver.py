@@ -370,7 +370,16 @@ def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> fl
 
 
 class _QuietFileHandler(logging.FileHandler):
-    def handleError(self, record: logging.LogRecord) -> None:  # a full disk: drop the line
+    """``sweep.log``: a line that cannot be written (a full disk, a read-only folder) is
+    dropped, never raised in place of the error being logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:  # (Python 3.11 opens a delayed file outside the try that calls handleError)
+            super().emit(record)
+        except OSError:
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:
         pass
 
 

@@ -48,12 +48,24 @@ def is_disk_full(err: BaseException | str) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
-def os_error_message(err: OSError) -> str:
-    """One line for an OSError a user can act on."""
+WRITTEN_FIX = "free space and re-run the same command; what it wrote before is intact"
+"""A full disk's fix for a command that trains nothing (report, export, harvest)."""
+OS_ERROR_FIXES = {
+    errno.EIO: "the disk or its file system failed (see dmesg); repair it, then re-run the "
+    "same command (what was written before is verified as it is read)",
+    errno.EROFS: "the file system is mounted read-only; use a writable folder, then re-run",
+}
+"""What to do about an OSError, by errno (else: check the path and its permissions)."""
+
+
+def os_error_message(err: OSError, trains: bool = True) -> str:
+    """One line for an OSError a user can act on (``trains``: raised by a command that
+    trains, whose sweep folder holds checkpoints)."""
     where = f" ({err.filename})" if err.filename else ""
     if is_disk_full(err):
-        return f"no space left on the device{where}; {DISK_FULL_FIX}"
-    return f"{err.strerror or err}{where}; check the path and its permissions, then re-run"
+        return f"no space left on the device{where}; {DISK_FULL_FIX if trains else WRITTEN_FIX}"
+    fix = OS_ERROR_FIXES.get(err.errno or 0, "check the path and its permissions, then re-run")
+    return f"{err.strerror or err}{where}; {fix}"
 
 
 def first_line(err: BaseException) -> str:

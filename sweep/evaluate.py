@@ -24,7 +24,7 @@ from sweep.config import SweepConfig
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
 from sweep.grid import RunSpec
-from sweep.io import cpu_count
+from sweep.io import cpu_count, ensure_writable
 from sweep.lock import EVALUATING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.sweepdir import RunRecord, SweepFolder, write_summary
@@ -41,7 +41,8 @@ STOPPED = (
 def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunRecord]:
     """Evaluate the sweep's finished runs (of ``only``, when given) again; returns every run
     of the sweep as recorded. Holds the sweep's lock, as training does."""
-    folder = SweepFolder(cfg.sweep_dir)  # (a sweep: cli.load_saved read its config.yaml)
+    fix = "sweep evaluate writes its runs' metrics there: make it writable"
+    folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir", fix))
     outcome = Outcome(stopped_note=STOPPED)
     asking = "every ensemble to stop (nothing is trained: nothing to checkpoint)"
     with driver.driving(folder, outcome, asking, doing=EVALUATING) as lock:

@@ -195,8 +195,8 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def ensure_writable(folder: str | Path, what: str) -> Path:
-    """Create ``folder`` if needed and prove we can write into it."""
+def ensure_writable(folder: str | Path, what: str, fix: str = "choose another folder") -> Path:
+    """Create ``folder`` if needed and prove we can write into it (else: ``fix``)."""
     folder = Path(folder)
     if folder.is_file():
         raise RunDirError(f"{what} {folder} is a file, not a folder; choose another path")
@@ -206,7 +206,5 @@ def ensure_writable(folder: str | Path, what: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise RunDirError(
-            f"{what} {folder} is not writable ({err.strerror}); choose another folder"
-        ) from err
+        raise RunDirError(f"{what} {folder} is not writable ({err.strerror}); {fix}") from err
     return folder

@@ -323,6 +323,7 @@ def build_report(
     out = ensure_writable(
         _check_out(Path(out) if out is not None else sweep_dir / REPORT, sweep_dir),
         "report folder",
+        "choose another with --out DIR",
     )
     remove_stale_temps(out, older_than=STALE_TEMP_SECONDS)  # of a report killed midway
     digest = folder.finished_digest()  # (before reading: a run finishing meanwhile outdates it)

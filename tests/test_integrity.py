@@ -7,7 +7,9 @@ correct (bit-identical to an undamaged sweep) or refused with one line, never wr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -403,6 +405,27 @@ def test_a_lock_naming_this_process_that_holds_none_is_stale(tmp_path, caplog):
         assert "taking over a stale lock" in caplog.text
 
 
+def test_an_empty_lock_is_taken_over_and_a_full_disk_leaves_no_lock_temp(
+    tmp_path, monkeypatch, caplog
+):
+    """An empty lock (a crash while an older sweep wrote it: the lock is now on disk before it
+    is linked) is stale, said as such; a lock that cannot be written leaves no temp file."""
+    (tmp_path / ".lock").write_text("")
+    with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
+        assert (
+            "taking over a stale lock (unreadable: its driver died while writing it)" in caplog.text
+        )
+        assert read_json(tmp_path / ".lock")["pid"] == os.getpid()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock_module.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        SweepLock(tmp_path).__enter__()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock-guard"]
+
+
 def test_a_fresh_lock_of_another_host_is_waited_for_until_stale(tmp_path, monkeypatch, caplog):
     """A SLURM job re-queued on another node right after its driver died there: the lock's
     heartbeat is still fresh; the new driver waits for it to go stale instead of failing."""
@@ -474,6 +497,64 @@ def test_disk_full_is_one_line_and_a_copy_resumes(ray_cluster, small_disk, tmp_p
     assert main(["run", f"sweep_dir={moved}", *args]) == 0
     assert weights(moved) == weights(ref)
     assert not list(moved.rglob(".*.tmp"))
+    shutil.rmtree(sw)
+    with contextlib.suppress(OSError), open(small_disk / "filler", "wb") as f:
+        while True:  # the disk full of something else: an export (which trains nothing) to it
+            f.write(b"\0" * 4096)
+            f.flush()
+    capsys.readouterr()
+    assert main(["export", str(ref), "--to", "saelens", str(small_disk / "out")]) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "no space left")
+    assert err.strip().endswith(
+        "; free space and re-run the same command; what it wrote before is intact"
+    )
+
+
+def test_a_read_only_sweep_is_refused_by_what_writes_into_it(ray_cluster, tmp_path, capsys):
+    """(root ignores permissions: a read-only mount) status and a report elsewhere work;
+    evaluate and report say what they write and the way out, in one line."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        sw = mnt / "sw"
+        assert run(sw) == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        capsys.readouterr()
+        assert main(["evaluate", str(sw)]) == 2
+        err = capsys.readouterr().err
+        one_line_error(err, f"sweep_dir {sw} is not writable (Read-only file system)")
+        assert err.strip().endswith(
+            "; sweep evaluate writes its runs' metrics there: make it writable"
+        )
+        assert main(["report", str(sw)]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().endswith(
+            "is not writable (Read-only file system); choose another with --out DIR"
+        )
+        assert main(["status", str(sw)]) == 0
+        assert main(["report", str(sw), "--out", str(tmp_path / "rep")]) == 0
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_os_errors_name_their_fix():
+    from sweep.errors import os_error_message
+
+    eio = OSError(errno.EIO, "Input/output error", "/sw/runs/r1/checkpoint-000000010.safetensors")
+    assert os_error_message(eio) == (
+        "Input/output error (/sw/runs/r1/checkpoint-000000010.safetensors); the disk or its file "
+        "system failed (see dmesg); repair it, then re-run the same command (what was written "
+        "before is verified as it is read)"
+    )
+    ro = OSError(errno.EROFS, "Read-only file system", "/sw/.lock-guard")
+    assert os_error_message(ro).endswith(
+        "; the file system is mounted read-only; use a writable folder, then re-run"
+    )
+    denied = OSError(errno.EACCES, "Permission denied", "/sw")
+    assert os_error_message(denied).endswith("; check the path and its permissions, then re-run")
 
 
 # ------------------------------------------------------------------ 10. minor

@@ -76,6 +76,9 @@ def test_a_failed_background_write_is_raised_on_the_caller_thread(tmp_path, monk
     with pytest.raises(StoreError, match="cannot write chunk .*No space left") as err:
         w.close()
     assert "\n" not in str(err.value)
+    assert str(err.value).endswith(
+        "; free space and re-run the same command: the chunks written are kept"
+    )
     assert not w.has_chunk(0) and not list(tmp_path.iterdir())  # no chunk, no temp file
 
 
@@ -84,7 +87,9 @@ def test_a_failed_background_write_stops_the_with_block(tmp_path, monkeypatch):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(store_mod, "atomic_write_json", broken_disk)  # the stats file fails
-    with pytest.raises(StoreError, match="cannot write chunk .*Input/output error"):
+    with pytest.raises(
+        StoreError, match="cannot write chunk .*Input/output error; check the disk, then re-run"
+    ):
         with StoreWriter(tmp_path, 8, "float16", 100, threads=1) as w:
             for i in range(5):
                 w.write_chunk(i, torch.randn(100, 8))  # raises here or on leaving the block

@@ -32,7 +32,7 @@ import torch
 
 from sweep.activations.layout import FORMAT, FORMAT_VERSION, GROUND_TRUTH, MANIFEST, VERIFIED
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
-from sweep.errors import StoreError
+from sweep.errors import StoreError, is_disk_full
 from sweep.hostmem import HostBlock
 from sweep.io import atomic_write, atomic_write_json, cpu_count, json_number, read_exact
 
@@ -201,9 +201,12 @@ class StoreWriter:
             atomic_write(target, lambda f: digest.append(write_npy(f, arr)))
             atomic_write_json(target.with_suffix(".json"), {**stats, "sha256": digest[0]})
         except OSError as err:
-            raise StoreError(
-                f"cannot write chunk {target}: {err.strerror or err}; check the disk"
-            ) from err
+            fix = (
+                "free space and re-run the same command: the chunks written are kept"
+                if is_disk_full(err)
+                else "check the disk, then re-run the same command"
+            )
+            raise StoreError(f"cannot write chunk {target}: {err.strerror or err}; {fix}") from err
 
     def finalize(self, n_chunks: int, provenance: dict) -> dict:
         """Wait for the pending writes, merge the chunks' stats into the manifest and write it
