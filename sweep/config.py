@@ -588,6 +588,11 @@ class LaunchConfig:
         )
 
 
+MIN_LOGGER_TIMEOUT = 2.0
+"""The shortest ``logger.timeout``: wandb's first start in a worker process takes ~1 s, and a
+logger closed before its runs began wrote them empty (measured at 0.05 s)."""
+
+
 @dataclass
 class LoggerConfig:
     """Experiment tracking. ``none`` logs nothing; ``wandb`` logs every grid point as its own
@@ -603,7 +608,8 @@ class LoggerConfig:
     """``auto`` (online when an API key is configured, else offline), ``online``, ``offline`` or ``disabled``."""
     timeout: float = 30.0
     """Seconds any one backend call (init, finish) may take before it is abandoned; a logger's
-    close waits while wandb makes progress, at most 4 x this in all."""
+    close waits while wandb makes progress, at most 4 x this in all (at least
+    :data:`MIN_LOGGER_TIMEOUT`)."""
     queue_size: int = 1000
     """Curve events buffered for the background sender; when that many wait, new ones are
     dropped (training never blocks); a run's final metrics are always queued."""
@@ -617,7 +623,12 @@ class LoggerConfig:
             self.mode in LOGGER_MODES,
             f"logger.mode must be one of {', '.join(LOGGER_MODES)}, got {self.mode!r}",
         )
-        _require(self.timeout > 0, f"logger.timeout must be > 0 seconds, got {self.timeout}")
+        _require(
+            self.timeout >= MIN_LOGGER_TIMEOUT,
+            f"logger.timeout must be at least {MIN_LOGGER_TIMEOUT:g} seconds, got {self.timeout} "
+            "(wandb takes about 1 s to start in each worker: a shorter limit loses its runs); "
+            "leave it out for 30",
+        )
         _require(self.queue_size > 0, f"logger.queue_size must be > 0, got {self.queue_size}")
 
 

@@ -134,6 +134,7 @@ def test_synthetic_fields_have_the_documented_names():
         ("sae.init_decoder_norm=-1", "sae.init_decoder_norm"),
         ("train.grad_clip=0", "train.grad_clip"),
         ("train.grad_clip=-1", "train.grad_clip"),
+        ("logger=wandb logger.timeout=0.05", "logger.timeout must be at least 2 seconds"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
