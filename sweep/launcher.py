@@ -32,6 +32,7 @@ from sweep.devices import host_memory_bytes, release_device_memory
 from sweep.errors import SweepError, first_line, task_error_reason
 from sweep.gpuinfo import GpuInfo
 from sweep.io import cpu_count
+from sweep.logger import WANDB_THREAD
 from sweep.stop import StopWatch, exit_now, quietly
 
 log = logging.getLogger(__name__)
@@ -482,17 +483,20 @@ def placement() -> dict:
 
 
 class _KeepWarnings(logging.Handler):
-    """Keeps each warning's line; ``echo``: also writes it to stderr, as logging's fallback
-    would without this handler (a Ray worker sets up no logging: Ray forwards stderr)."""
+    """Keeps each warning's line, but not those of threads in ``older`` (wandb senders alive
+    before the task began: a previous task's, abandoned, whose late warnings are not this
+    ensemble's); ``echo``: also writes every warning to stderr, as logging's fallback would
+    without this handler (a Ray worker sets up no logging: Ray forwards stderr)."""
 
-    def __init__(self, echo: bool) -> None:
+    def __init__(self, echo: bool, older: frozenset[int | None] = frozenset()) -> None:
         super().__init__(logging.WARNING)
         self.lines: list[str] = []
-        self.echo = echo
+        self.echo, self.older = echo, older
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.lines.append(record.getMessage())
+            if record.thread not in self.older:
+                self.lines.append(record.getMessage())
         except Exception:  # noqa: BLE001 (a bad log call never stops training)
             self.handleError(record)
         if self.echo and logging.lastResort is not None:
@@ -502,7 +506,8 @@ class _KeepWarnings(logging.Handler):
 @contextlib.contextmanager
 def _warnings_kept() -> Iterator[list[str]]:
     """The warnings sweep's code logs inside, as lines (a task sends them to the driver)."""
-    keep = _KeepWarnings(echo=not logging.getLogger("sweep").hasHandlers())
+    older = frozenset(t.ident for t in threading.enumerate() if t.name == WANDB_THREAD)
+    keep = _KeepWarnings(echo=not logging.getLogger("sweep").hasHandlers(), older=older)
     logging.getLogger("sweep").addHandler(keep)
     try:
         yield keep.lines

@@ -302,6 +302,8 @@ def _request_stop(q: queue.Queue) -> None:
 
 CLOSE_TIMEOUTS = 4
 """:meth:`WandbLogger.close` waits at most this many ``logger.timeout`` in all."""
+WANDB_THREAD = "sweep-wandb"
+"""The name of each logger's sender thread."""
 
 
 class WandbLogger(RunLogger):
@@ -316,7 +318,7 @@ class WandbLogger(RunLogger):
             cfg, self.sweep_dir, group or self.sweep_dir.absolute().name
         )
         self._thread = threading.Thread(
-            target=_serve, args=(self._q, sender), name="sweep-wandb", daemon=True
+            target=_serve, args=(self._q, sender), name=WANDB_THREAD, daemon=True
         )
         self._thread.start()
         self._closed = False

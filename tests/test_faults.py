@@ -406,25 +406,37 @@ def test_a_stop_raised_inside_rays_c_code_is_still_a_stop(monkeypatch, capsys):
 
 
 WORKER_WARNS = """
-import logging
+import logging, threading
 from sweep.launcher import _warnings_kept
+late, go = logging.getLogger("sweep.logger"), threading.Event()
+old = threading.Thread(
+    target=lambda: go.wait() and late.warning("wandb init failed (r4)"), name="sweep-wandb"
+)
+old.start()  # (a previous task's abandoned wandb sender, late)
 with _warnings_kept() as lines:
     logging.getLogger("sweep.restore").warning("checkpoint %s fails its checksum", 7)
     logging.getLogger("sweep.restore").warning("a bad call %s %s", 1)  # never stops training
     logging.getLogger("sweep.restore").info("not a warning")
+    mine = threading.Thread(target=lambda: late.warning("wandb: this task's sender"), name="sweep-wandb")
+    mine.start(), mine.join()
+    go.set(), old.join()
 print(lines)
 """
 
 
 def test_a_workers_warnings_are_kept_and_still_reach_its_stderr():
     """A Ray worker sets up no logging: its warnings reach the terminal as stderr (logging's
-    fallback, which Ray forwards), and keeping them for sweep.log must not silence that."""
+    fallback, which Ray forwards), and keeping them for sweep.log must not silence that. A
+    thread older than the task (an earlier task's abandoned wandb sender) is not this
+    ensemble's: its late warnings reach stderr only."""
     done = subprocess.run(
         [sys.executable, "-c", WORKER_WARNS], capture_output=True, text=True, env=env()
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['checkpoint 7 fails its checksum']"
+    kept = ["checkpoint 7 fails its checksum", "wandb: this task's sender"]
+    assert done.stdout.strip() == repr(kept)  # (not an older thread's: another ensemble's)
     assert "checkpoint 7 fails its checksum" in done.stderr
+    assert "wandb init failed (r4)" in done.stderr
     assert "not a warning" not in done.stderr
 
 
