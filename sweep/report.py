@@ -469,11 +469,16 @@ def _store(folder: SweepFolder) -> dict:
     return store if isinstance(store, dict) else {}
 
 
+def _table_value(v: object) -> object:
+    """A summary value for wandb's table: numbers stay numbers (sortable, plottable there)."""
+    return v if v is None or isinstance(v, (int, float, str)) else str(v)
+
+
 def _log_media(sweep_dir: Path, rows: list[dict], images: dict[str, Path]) -> None:
     from sweep.logger import log_report
 
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
-    data = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    data = [[_table_value(r.get(c)) for c in cols] for r in rows]
     try:
         log_report(sweep_dir, {k: str(v) for k, v in images.items()}, cols, data)
     except Exception as err:  # tracking is best-effort

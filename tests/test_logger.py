@@ -3,6 +3,7 @@ hangs or raises never blocks or fails training."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -290,6 +291,10 @@ def test_report_plots_go_to_a_wandb_report_run(tiny_store, tmp_path):
     assert b"report/frontier" in data and b"report/mmcs_heatmap" in data
     (run_dir,) = [d for d in (tmp_path / "wandb").glob("offline-run-*-report-*")]
     assert list(run_dir.glob("files/media/images/report/frontier*.png"))
+    (table,) = run_dir.glob("files/media/table/**/*.table.json")
+    t = json.loads(table.read_text())
+    fvu = [row[t["columns"].index("fvu")] for row in t["data"]]
+    assert fvu and all(isinstance(v, float) for v in fvu)  # numbers: sortable in wandb
 
 
 class SlowRun:
