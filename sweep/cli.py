@@ -265,10 +265,10 @@ def _grid_filled(cfg: DictConfig) -> DictConfig:
 
 
 def _run(cfg: SweepConfig) -> int:
-    from sweep import driver, report, sweepdir
+    from sweep import driver, sweepdir, table
 
     records = driver.run_sweep(cfg)
-    report.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
+    table.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
     print(f"summary: {Path(cfg.sweep_dir) / sweepdir.SUMMARY}")
     return 0
 
@@ -355,7 +355,7 @@ EVALUATE_KEYS = ("launch.", "logger.", "train.device", "progress")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from sweep import report, sweepdir
+    from sweep import sweepdir, table
     from sweep.evaluate import evaluate_sweep
 
     runs = [r for r in args.runs or () if "=" not in r]  # (overrides after --runs: theirs)
@@ -363,7 +363,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_evaluate_overrides(overrides)
     cfg = load_saved(args.sweep_dir, overrides, command="evaluate")
     records = evaluate_sweep(cfg, only=runs)
-    report.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
+    table.print_table([r.row() for r in records], title=f"sweep summary: {cfg.sweep_dir}")
     print(f"summary: {Path(cfg.sweep_dir) / sweepdir.SUMMARY}")
     return 0
 
@@ -416,7 +416,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweep import report
+    from sweep import report, table
 
     sweep_dir, *others = (Path(d) for d in args.sweep_dir)
     out, rows = report.build_report(
@@ -426,7 +426,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         out=args.out,
         compare=others,
     )
-    report.print_table(rows, title=f"sweep summary: {sweep_dir}")
+    table.print_table(rows, title=f"sweep summary: {sweep_dir}")
     print(f"report: {out / 'index.html'}")
     print(f"summary: {out / report.SUMMARY}")
     if others:

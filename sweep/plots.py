@@ -37,14 +37,19 @@ from sweep.crossdict import (
 )
 from sweep.io import atomic_write
 from sweep.rundir import RunFolder
+from sweep.runfacts import (
+    MIN_ABLATION_GAP,
+    finite,
+    pareto,
+    weak_loss_recovered,
+)
+from sweep.runfacts import finished as _finished
+from sweep.runfacts import frontier_candidates as _frontier_candidates
+from sweep.runfacts import with_knob as _with_knob
 
 log = logging.getLogger(__name__)
 
 DPI = 110
-
-MIN_ABLATION_GAP = 0.1
-"""nats. Below this ``ce_loss_ablated - ce_loss_clean``, ``loss_recovered`` (a ratio over
-that gap) is noise: a tiny model can score 1.37 when zero-ablation costs 0.018 nats."""
 
 
 def _figure(w: float = 7.0, h: float = 5.0, ncols: int = 1) -> tuple[Figure, list]:
@@ -70,19 +75,6 @@ def placeholder(path: Path, title: str, text: str) -> Path:
     return _save(fig, path)
 
 
-def finite(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _finished(rows: list[dict], *keys: str) -> list[dict]:
-    return [r for r in rows if r.get("state") == "done" and all(finite(r.get(k)) for k in keys)]
-
-
-def _with_knob(rows: list[dict], *keys: str) -> list[dict]:
-    """Finished runs with a finite knob value (L1 or k) and finite ``keys``."""
-    return [r for r in _finished(rows, *keys) if finite(knob_value(r))]
-
-
 def _ratio_colors(ratios: list[float]) -> dict[float, object]:
     from matplotlib import colormaps
 
@@ -96,38 +88,6 @@ def _mean(values: list) -> float:
 
 
 # ----------------------------------------------------------------------------- shared facts
-
-
-def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points (l0, fvu) not dominated by any other (lower or equal l0 and lower fvu), by l0."""
-    front: list[tuple[float, float]] = []
-    for x, y in sorted(points, key=lambda p: (p[0], p[1])):
-        if not front or y < front[-1][1]:
-            front.append((x, y))
-    return front
-
-
-def _frontier_candidates(rows: list[dict]) -> list[dict]:
-    return [r for r in _with_knob(rows, "l0", "fvu") if r["l0"] > 0 and r["fvu"] > 0]
-
-
-def frontier_ids(rows: list[dict]) -> set[str]:
-    """Run ids of the finished runs on the FVU–L0 Pareto frontier (the frontier plot's line)."""
-    pts = _frontier_candidates(rows)
-    front = set(pareto([(r["l0"], r["fvu"]) for r in pts]))
-    return {r["run_id"] for r in pts if (r["l0"], r["fvu"]) in front}
-
-
-def ablation_gap(row: dict) -> float | None:
-    """``ce_loss_ablated - ce_loss_clean`` in nats, when the run has both."""
-    clean, ablated = row.get("ce_loss_clean"), row.get("ce_loss_ablated")
-    return ablated - clean if finite(clean) and finite(ablated) else None  # type: ignore[operator]
-
-
-def weak_loss_recovered(row: dict) -> bool:
-    """True when the run's ``loss_recovered`` rests on an ablation gap < MIN_ABLATION_GAP."""
-    gap = ablation_gap(row)
-    return gap is not None and gap < MIN_ABLATION_GAP and row.get("loss_recovered") is not None
 
 
 def has_lm_metrics(rows: list[dict]) -> bool:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from sweep import crossdict, planning, plots
+from sweep import crossdict, planning, plots, runfacts
 from sweep.devices import resolve_device
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_bytes, ensure_writable, remove_stale_temps
@@ -43,16 +43,15 @@ from sweep.sweepdir import (
     REPORT,
     STORE,
     SUMMARY,
-    SUMMARY_COLUMNS,
     RunRecord,
     SweepFolder,
     within_sweep,
     write_summary,
 )
+from sweep.table import COLUMNS
 
 log = logging.getLogger(__name__)
 
-COLUMNS = SUMMARY_COLUMNS
 MMCS_FILE = "mmcs.csv"
 PLOTS = (
     "frontier",
@@ -70,80 +69,6 @@ SETTINGS = ("data", "grid", "train")
 def summary_rows(records: list[RunRecord]) -> list[dict]:
     """One dict per run: its grid point, state and (when final) metrics."""
     return [r.row() for r in records]
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-SHED = ("seed", "dict_ratio", "l1", "k", "mse", "dense_fraction", "mmcs_seeds", "mmcs_next_ratio")
-SHED += ("gt_mmcs", "dead_fraction", "loss_recovered", "gt_recovered", "fvu", "l0")
-"""Columns a narrow terminal leaves out, first ones first (the grid point's are in its run id)."""
-
-
-TABLE_ROWS = 60
-"""Above this many runs the terminal table lists only those on the FVU–L0 frontier (a table of
-hundreds scrolls the log away); ``summary.csv`` and ``sweep status`` list every run."""
-
-
-def print_table(rows: list[dict], title: str = "sweep summary") -> None:
-    """A readable table on stdout (rich), as wide as the terminal."""
-    from sweep.console import fit_table, table_console
-
-    every, (rows, cut) = rows, _table_rows(rows)
-    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
-    weak = "loss_recovered" in cols and any(plots.weak_loss_recovered(r) for r in rows)
-    console = table_console()
-    cells = [[_cell(r, c) for c in cols] for r in rows]
-    fitted = fit_table(console, title, cols, cells, drop=SHED)
-    fitted.print(console, see=SUMMARY)
-    if weak and "loss_recovered" not in fitted.left_out:
-        console.print(WEAK_CAPTION, highlight=False)
-    if cut:
-        console.print(cut, highlight=False)
-    for line in _notes(every):
-        console.print(line, highlight=False)
-
-
-def _table_rows(rows: list[dict]) -> tuple[list[dict], str | None]:
-    """The rows the terminal table lists, and a line saying which when not all
-    (:data:`TABLE_ROWS`)."""
-    if len(rows) <= TABLE_ROWS:
-        return rows, None
-    best = plots.frontier_ids(rows)
-    shown = [r for r in rows if r["run_id"] in best][:TABLE_ROWS] or rows[:TABLE_ROWS]
-    which = "on the FVU–L0 frontier" if best else "first"
-    return shown, (
-        f"{len(rows)} runs: the {len(shown)} {which} above; every run in {SUMMARY} "
-        "(and sweep status)"
-    )
-
-
-def _notes(rows: list[dict], shown: int = 10) -> list[str]:
-    """Why each run that is not done is where it is (failed, damaged, diverged), as lines
-    under the table: the first ``shown``, then how many more ``summary.csv`` explains."""
-    noted = [r for r in rows if r.get("note") and r.get("state") != "done"]
-    lines = [f"{r['run_id']} ({r.get('state')}): {r['note']}" for r in noted[:shown]]
-    if len(noted) > shown:
-        lines.append(f"... and {len(noted) - shown} more (the note column of {SUMMARY})")
-    return lines
-
-
-WEAK_CAPTION = (
-    f"† loss_recovered not meaningful: zero-ablating the hook changed the loss by less than "
-    f"{plots.MIN_ABLATION_GAP:g} nats; judge those runs by ce_loss_spliced vs ce_loss_clean"
-)
-
-
-def _cell(row: dict, col: str) -> str:
-    """A table cell; a ``loss_recovered`` that divides by noise is marked † (as on the page)."""
-    text = _fmt(row.get(col))
-    weak = col == "loss_recovered" and plots.weak_loss_recovered(row)
-    return f"{text} †" if weak else text
 
 
 def write_mmcs(path: Path, cross: crossdict.CrossDict) -> Path:
@@ -354,7 +279,7 @@ def build_report(
         images=images,
         settings=settings,
         settings_source=source,
-        best=plots.frontier_ids(rows),
+        best=runfacts.frontier_ids(rows),
         run_dirs={rec.run_id: rec.folder.path for rec in records},
         files={"summary": SUMMARY, "mmcs": MMCS_FILE},
         knob=crossdict.sweep_knob(rows),

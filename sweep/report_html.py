@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweep import crossdict, plots
+from sweep import crossdict, runfacts
 from sweep.io import atomic_write_bytes
 from sweep.metrics import DENSE_THRESHOLD, RECOVERED_THRESHOLD
 from sweep.rundir import CFG, CURVE, METRICS, SPEC
@@ -28,7 +28,7 @@ RUN_FILES = ((METRICS, "metrics"), (CFG, "cfg"), (SPEC, "spec"), (CURVE, "curve"
 BEST_COLUMNS = ("run_id", "l1", "k", "dict_ratio", "seed", "l0", "fvu", "dead_fraction")
 BEST_EXTRA = ("gt_mmcs", "gt_recovered", "loss_recovered", "mmcs_next_ratio", "mmcs_seeds")
 
-GAP = plots.MIN_ABLATION_GAP
+GAP = runfacts.MIN_ABLATION_GAP
 
 
 def definitions(knob: str = "l1") -> dict[str, str]:
@@ -327,8 +327,8 @@ def _cell(out: Path, page: Page, row: dict, col: str) -> str:
         return f"<td>{_e('' if v is None else v)}</td>"
     key = repr(float(v)) if math.isfinite(v) else ""
     text = f"{v:.4g}" if isinstance(v, float) else str(v)
-    if col == "loss_recovered" and plots.weak_loss_recovered(row):
-        gap = plots.ablation_gap(row)
+    if col == "loss_recovered" and runfacts.weak_loss_recovered(row):
+        gap = runfacts.ablation_gap(row)
         tip = (
             f"not meaningful: zero-ablating the hook changed the loss by {gap:+.3g} nats "
             f"(less than +{GAP:g}), so this ratio does not measure what the SAE recovers"
@@ -350,10 +350,10 @@ def _links(out: Path, run_dir: Path | None, state: object) -> str:
 
 
 def _footnote(rows: list[dict]) -> str:
-    weak = [r for r in rows if plots.weak_loss_recovered(r)]
+    weak = [r for r in rows if runfacts.weak_loss_recovered(r)]
     if not weak:
         return ""
-    gaps = sorted(g for g in (plots.ablation_gap(r) for r in weak) if g is not None)
+    gaps = sorted(g for g in (runfacts.ablation_gap(r) for r in weak) if g is not None)
     lo, hi = f"{gaps[0]:+.3g}", f"{gaps[-1]:+.3g}"
     span = lo if lo == hi else f"{lo}–{hi}"
     return (

@@ -16,7 +16,7 @@ import torch
 from matplotlib import image as mpimg
 
 import sweep
-from sweep import crossdict, metrics, plots, report, rundir
+from sweep import crossdict, metrics, plots, rundir, runfacts, table
 from sweep.cli import main
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
@@ -88,7 +88,7 @@ def test_max_cos_both_matches_reference():
 
 def test_pareto_frontier():
     pts = [(1, 0.9), (2, 0.5), (3, 0.6), (4, 0.2), (5, 0.2), (0.5, 1.0)]
-    assert plots.pareto(pts) == [(0.5, 1.0), (1, 0.9), (2, 0.5), (4, 0.2)]
+    assert runfacts.pareto(pts) == [(0.5, 1.0), (1, 0.9), (2, 0.5), (4, 0.2)]
 
 
 def test_report_on_finished_sweep(sweep_copy, capsys):
@@ -440,9 +440,9 @@ def test_a_sweep_of_shared_starts_warns_that_mmcs_next_ratio_is_biased(sweep_cop
 def test_best_runs_are_the_pareto_frontier(sweep_copy):
     out, rows = build_report(sweep_copy, device="cpu", log_media=False)
     done = [r for r in rows if r["l0"] > 0 and r["fvu"] > 0]
-    front = set(plots.pareto([(r["l0"], r["fvu"]) for r in done]))
+    front = set(runfacts.pareto([(r["l0"], r["fvu"]) for r in done]))
     expect = {r["run_id"] for r in done if (r["l0"], r["fvu"]) in front}
-    assert expect and plots.frontier_ids(rows) == expect
+    assert expect and runfacts.frontier_ids(rows) == expect
     page = page_of(out)
     best = section(page, "best")
     assert {rid for rid in (r["run_id"] for r in rows) if f"★ {rid}" in best} == expect
@@ -519,16 +519,16 @@ def test_weak_loss_recovered_is_flagged_not_hidden(sweep_copy):
         m = read_json(rundir.run_dir(sweep_copy, rid) / rundir.METRICS)
         assert m["loss_recovered"] == lm["loss_recovered"]
     by_id = {r["run_id"]: r for r in rows}
-    assert plots.weak_loss_recovered(by_id["r1-l1_1e-02-s0"])
-    assert not plots.weak_loss_recovered(by_id["r2-l1_1e-02-s0"])
+    assert runfacts.weak_loss_recovered(by_id["r1-l1_1e-02-s0"])
+    assert not runfacts.weak_loss_recovered(by_id["r2-l1_1e-02-s0"])
 
 
 def test_ablation_gap_threshold():
     row = {"ce_loss_clean": 3.0, "ce_loss_ablated": 3.05, "loss_recovered": 1.2}
-    assert plots.ablation_gap(row) == pytest.approx(0.05) and plots.weak_loss_recovered(row)
-    row["ce_loss_ablated"] = 3.0 + plots.MIN_ABLATION_GAP + 0.01
-    assert not plots.weak_loss_recovered(row)
-    assert not plots.weak_loss_recovered({"loss_recovered": 1.2})  # no CE values: no claim
+    assert runfacts.ablation_gap(row) == pytest.approx(0.05) and runfacts.weak_loss_recovered(row)
+    row["ce_loss_ablated"] = 3.0 + runfacts.MIN_ABLATION_GAP + 0.01
+    assert not runfacts.weak_loss_recovered(row)
+    assert not runfacts.weak_loss_recovered({"loss_recovered": 1.2})  # no CE values: no claim
 
 
 # ----------------------------------------------------------------------------- the plots
@@ -716,30 +716,30 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
         {"run_id": "weak", **lm, "ce_loss_ablated": 3.01, "loss_recovered": 1.4},
         {"run_id": "fine", **lm, "ce_loss_ablated": 5.0, "loss_recovered": 0.9},
     ]
-    report.print_table(rows)
+    table.print_table(rows)
     out = capsys.readouterr().out
     assert "1.4 †" in out and "0.9 †" not in out
     assert "loss_recovered not meaningful" in " ".join(out.split())  # the caption says why
-    report.print_table(rows[1:])
+    table.print_table(rows[1:])
     assert "†" not in capsys.readouterr().out
 
 
 def test_terminal_table_of_a_large_grid_lists_its_frontier(capsys, monkeypatch):
     """(hundreds of lines would scroll the run's log away); notes cover every run."""
-    monkeypatch.setattr(report, "TABLE_ROWS", 4)
+    monkeypatch.setattr(table, "TABLE_ROWS", 4)
     points = [(1, 0.5), (2, 0.3), (4, 0.1), (2.5, 0.4), (5, 0.2), (6, 0.9), (1.5, 0.6)]
     points += [(3, 0.35), (4.5, 0.15)]  # the first three are the frontier
     rows = [
         {"run_id": f"r{i}", "state": "done", "l1": 0.01, "l0": l0, "fvu": fvu}
         for i, (l0, fvu) in enumerate(points)
     ] + [{"run_id": "bad", "state": "failed", "note": "out of memory"}]
-    report.print_table(rows)
+    table.print_table(rows)
     out = capsys.readouterr().out
     listed = {r["run_id"] for r in rows if re.search(rf"\b{r['run_id']}\b", out)}
-    assert listed == {"r0", "r1", "r2", "bad"} == plots.frontier_ids(rows) | {"bad"}
+    assert listed == {"r0", "r1", "r2", "bad"} == runfacts.frontier_ids(rows) | {"bad"}
     assert "10 runs: the 3 on the FVU–L0 frontier above; every run in summary.csv" in out
     assert "bad (failed): out of memory" in out
-    report.print_table(rows[:4])
+    table.print_table(rows[:4])
     assert "frontier above" not in capsys.readouterr().out
 
 
@@ -752,17 +752,17 @@ def test_terminal_table_fits_a_narrow_terminal_and_keeps_cells_whole(capsys, mon
          "dead_fraction": 0.25, "rows_trained": 123456789, "gt_mmcs": 0.95}
         for i in range(3)
     ]  # fmt: skip
-    report.print_table(rows)
+    table.print_table(rows)
     wide = capsys.readouterr().out.splitlines()
     assert max(map(len, wide)) > 60
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich: a terminal
     monkeypatch.setenv("COLUMNS", "60")
-    report.print_table(rows)
+    table.print_table(rows)
     narrow = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out).splitlines()  # styles
     assert max(map(len, narrow)) <= 60 and len(narrow) > len(wide)
     assert all(any(r["run_id"] in line for line in narrow) for r in rows)
     assert sum("0.1235" in line for line in narrow) == 3  # every fvu whole
     monkeypatch.setenv("COLUMNS", "40")
-    report.print_table(rows)
+    table.print_table(rows)
     narrower = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
     assert "0.1235" in narrower and "(too narrow for dead_fraction, gt_mmcs" in narrower

@@ -1,0 +1,84 @@
+"""The summary table on the terminal (``sweep run``, ``resume``, ``evaluate``, ``report``):
+as wide as the terminal, at most :data:`TABLE_ROWS` runs, with the notes of runs not done.
+(No plotting imports: printing it must not pay for matplotlib.)"""
+
+from __future__ import annotations
+
+from sweep import runfacts
+from sweep.sweepdir import SUMMARY, SUMMARY_COLUMNS
+
+COLUMNS = SUMMARY_COLUMNS
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+SHED = ("seed", "dict_ratio", "l1", "k", "mse", "dense_fraction", "mmcs_seeds", "mmcs_next_ratio")
+SHED += ("gt_mmcs", "dead_fraction", "loss_recovered", "gt_recovered", "fvu", "l0")
+"""Columns a narrow terminal leaves out, first ones first (the grid point's are in its run id)."""
+
+
+TABLE_ROWS = 60
+"""Above this many runs the terminal table lists only those on the FVU–L0 frontier (a table of
+hundreds scrolls the log away); ``summary.csv`` and ``sweep status`` list every run."""
+
+
+def print_table(rows: list[dict], title: str = "sweep summary") -> None:
+    """A readable table on stdout (rich), as wide as the terminal."""
+    from sweep.console import fit_table, table_console
+
+    every, (rows, cut) = rows, _table_rows(rows)
+    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    weak = "loss_recovered" in cols and any(runfacts.weak_loss_recovered(r) for r in rows)
+    console = table_console()
+    cells = [[_cell(r, c) for c in cols] for r in rows]
+    fitted = fit_table(console, title, cols, cells, drop=SHED)
+    fitted.print(console, see=SUMMARY)
+    if weak and "loss_recovered" not in fitted.left_out:
+        console.print(WEAK_CAPTION, highlight=False)
+    if cut:
+        console.print(cut, highlight=False)
+    for line in _notes(every):
+        console.print(line, highlight=False)
+
+
+def _table_rows(rows: list[dict]) -> tuple[list[dict], str | None]:
+    """The rows the terminal table lists, and a line saying which when not all
+    (:data:`TABLE_ROWS`)."""
+    if len(rows) <= TABLE_ROWS:
+        return rows, None
+    best = runfacts.frontier_ids(rows)
+    shown = [r for r in rows if r["run_id"] in best][:TABLE_ROWS] or rows[:TABLE_ROWS]
+    which = "on the FVU–L0 frontier" if best else "first"
+    return shown, (
+        f"{len(rows)} runs: the {len(shown)} {which} above; every run in {SUMMARY} "
+        "(and sweep status)"
+    )
+
+
+def _notes(rows: list[dict], shown: int = 10) -> list[str]:
+    """Why each run that is not done is where it is (failed, damaged, diverged), as lines
+    under the table: the first ``shown``, then how many more ``summary.csv`` explains."""
+    noted = [r for r in rows if r.get("note") and r.get("state") != "done"]
+    lines = [f"{r['run_id']} ({r.get('state')}): {r['note']}" for r in noted[:shown]]
+    if len(noted) > shown:
+        lines.append(f"... and {len(noted) - shown} more (the note column of {SUMMARY})")
+    return lines
+
+
+WEAK_CAPTION = (
+    f"† loss_recovered not meaningful: zero-ablating the hook changed the loss by less than "
+    f"{runfacts.MIN_ABLATION_GAP:g} nats; judge those runs by ce_loss_spliced vs ce_loss_clean"
+)
+
+
+def _cell(row: dict, col: str) -> str:
+    """A table cell; a ``loss_recovered`` that divides by noise is marked † (as on the page)."""
+    text = _fmt(row.get(col))
+    weak = col == "loss_recovered" and runfacts.weak_loss_recovered(row)
+    return f"{text} †" if weak else text
