@@ -39,13 +39,13 @@ from sweep.io import atomic_write
 from sweep.rundir import RunFolder
 from sweep.runfacts import (
     MIN_ABLATION_GAP,
+    finished,
     finite,
+    frontier_candidates,
     pareto,
     weak_loss_recovered,
+    with_knob,
 )
-from sweep.runfacts import finished as _finished
-from sweep.runfacts import frontier_candidates as _frontier_candidates
-from sweep.runfacts import with_knob as _with_knob
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,12 @@ def _mean(values: list) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-# ----------------------------------------------------------------------------- shared facts
+# ----------------------------------------------------------------------------- runs
 
 
 def has_lm_metrics(rows: list[dict]) -> bool:
     """Whether any finished run has language-model metrics (runs on a harvested store)."""
-    return any(_lm_panels(_finished(rows)))
+    return any(_lm_panels(finished(rows)))
 
 
 # ----------------------------------------------------------------------------- axes
@@ -164,7 +164,7 @@ def _fit_ylim(ax, values: list[float], min_span: float = 0.05) -> None:
 def frontier(rows: list[dict], path: Path) -> Path:
     """FVU (log) against L0 (log): one colour per dict ratio, marker size/shade by the knob
     (L1 or k), Pareto line."""
-    pts = _frontier_candidates(rows)
+    pts = frontier_candidates(rows)
     if not pts:
         return placeholder(path, "FVU vs L0", "no finished runs with L0 > 0 yet")
     name = sweep_knob(pts)
@@ -244,7 +244,7 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
     a legend entry, ``(no finished runs)`` appended when it has nothing to draw yet."""
     from matplotlib import colormaps
 
-    drawn = [(label, _frontier_candidates(rows)) for label, rows in sweeps]
+    drawn = [(label, frontier_candidates(rows)) for label, rows in sweeps]
     if not any(pts for _, pts in drawn):
         return None
     fig, (ax,) = _figure(8.0, 5.6)
@@ -398,7 +398,7 @@ def _number_cells(ax, mat: list[list[float]], vmin: float, vmax: float) -> None:
 def mmcs_next_vs_l1(rows: list[dict], path: Path) -> Path:
     """MMCS from each run to its partner at the next larger dict ratio, against the knob
     (L1 or k)."""
-    pts = _with_knob(rows, "mmcs_next_ratio", "dict_ratio")
+    pts = with_knob(rows, "mmcs_next_ratio", "dict_ratio")
     if not pts:
         return placeholder(
             path, "MMCS to the next dict ratio", "needs finished runs at two dict ratios"
@@ -448,7 +448,7 @@ def dead_vs_l1(rows: list[dict], path: Path) -> Path:
 def dead_vs_l1_figure(rows: list[dict]) -> Figure | None:
     """:func:`dead_vs_l1`'s figure (None: nothing to draw): a tick at every grid L1 on a log
     axis (every k: log2 or linear), the y range fitted to the values drawn."""
-    pts = _with_knob(rows, "dead_fraction")
+    pts = with_knob(rows, "dead_fraction")
     if not pts:
         return None
     name = sweep_knob(rows)
@@ -490,7 +490,7 @@ def density(
     sweep_dir: Path, rows: list[dict], path: Path, max_ratios: int = 3, max_l1: int = 4
 ) -> Path:
     """Histograms of log10 feature firing frequency for a few runs (one panel per dict ratio)."""
-    have = [r for r in _with_knob(rows) if r.get("seed", 0) == 0]
+    have = [r for r in with_knob(rows) if r.get("seed", 0) == 0]
     data = {r["run_id"]: crossdict.load_density(RunFolder.of(sweep_dir, r["run_id"])) for r in have}
     have = [r for r in have if data.get(r["run_id"]) is not None]
     if not have:
@@ -600,7 +600,7 @@ def _lm_panels(rows: list[dict]) -> list[str]:
 def lm_vs_l0(rows: list[dict], path: Path) -> Path:
     """Loss recovered, spliced CE (and any KL) against L0, one colour per dict ratio; runs whose
     ablation gap is below :data:`MIN_ABLATION_GAP` are grey crosses, left off the lines."""
-    pts = [r for r in _finished(rows, "l0", "dict_ratio") if r["l0"] > 0]
+    pts = [r for r in finished(rows, "l0", "dict_ratio") if r["l0"] > 0]
     keys = _lm_panels(pts)
     if not keys:
         return placeholder(
