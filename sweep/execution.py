@@ -244,10 +244,17 @@ class Execution:
         elif not self._continue_smaller(ens, fin.cause):
             self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
             for m in ens.members if ens.evaluate != "all" else ():  # (those stay final)
-                quietly(lambda m=m: self.folder.run(m.run_id).mark_failed(fin.error))
+                quietly(lambda m=m: self._mark_failed(m.run_id, fin.error))
             log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
         if fin.detail:
             details.error("ensemble %s: what its task raised:\n%s", ens.ensemble_id, fin.detail)
+
+    def _mark_failed(self, run_id: str, reason: str) -> None:
+        """A member of a failed ensemble is failed, unless it finished before the failure
+        (its final files written and vouched for: they stay as they are)."""
+        run = self.folder.run(run_id)
+        if not run.is_done():
+            run.mark_failed(reason)
 
     def _returned(self, ens: EnsembleSpec, result: EnsembleResult) -> None:
         """Its task returned: finished, or stopped (by this driver, or by someone else)."""

@@ -281,6 +281,22 @@ def test_a_workers_unexpected_error_is_named_by_type_and_its_traceback_kept(
     assert "\nKeyError: 'W_dec_missing'\n" in raised and "\x1b" not in raised
 
 
+def test_a_run_that_finished_before_its_ensemble_failed_stays_done(tmp_path, tmp_path_factory):
+    """An ensemble failing while it writes its members' final files (here the second's): the
+    first member's results are final and stay so, with no FAILED beside its DONE."""
+    sw = tmp_path / "sw"
+    hook = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_FINISH_RAISES": "r8-l1_4e-02-s0"}
+    code, out = finish(start(sw, tmp_path_factory.getbasetemp() / "fr", environ=hook))
+    assert code == 2 and "failed: KeyError: 'r8-l1_4e-02-s0'" in out, out
+    first, second = sw / "runs" / "r8-l1_1e-02-s0", sw / "runs" / "r8-l1_4e-02-s0"
+    assert (first / "DONE").is_file() and not (first / "FAILED").exists()
+    assert (second / "FAILED").is_file() and not (second / "DONE").exists()
+    from sweep.status import status_rows
+
+    states = {r["run_id"]: r["state"] for r in status_rows(sw)}
+    assert states["r8-l1_1e-02-s0"] == "done" and states["r8-l1_4e-02-s0"] == "failed"
+
+
 def test_a_stop_says_which_ensembles_did_not_checkpoint_for_it(tmp_path, tmp_path_factory):
     """Pre-emption signals Ray's processes too: a worker lost before it checkpointed for the
     stop (here killed just before the driver's SIGTERM) continues from an older step; the

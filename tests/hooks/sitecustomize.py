@@ -9,7 +9,9 @@ variable is set, and a module is patched when it is first imported, not before:
 - ``SWEEP_TEST_NODE_CUDA``: torch sees CUDA on the Ray nodes (in their workers only; the
   driver and the training keep the truth), as on a cluster whose head has no GPU;
 - ``SWEEP_TEST_EVAL_RAISES``: evaluating raises a ``KeyError`` of that key (a bug's
-  unexpected error, not a :class:`sweep.errors.SweepError`).
+  unexpected error, not a :class:`sweep.errors.SweepError`);
+- ``SWEEP_TEST_FINISH_RAISES``: writing the final files of that run id raises a
+  ``KeyError`` (its ensemble-mates before it have finished).
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def _raising_metrics(module) -> None:
     module.evaluate_members = evaluate_members
 
 
+def _raising_finish(module) -> None:
+    run_id, real = os.environ["SWEEP_TEST_FINISH_RAISES"], module.RunFolder.finish
+
+    def finish(self, result):
+        if self.path.name == run_id:
+            raise KeyError(run_id)
+        return real(self, result)
+
+    module.RunFolder.finish = finish
+
+
 def _gpuinfo(module) -> None:
     if "default_worker" in " ".join(sys.argv):  # a Ray worker
         module._torch_sees_cuda = lambda: True
@@ -67,6 +80,7 @@ PATCHES = [
     ("sweep.metrics", "SWEEP_TEST_OOM_EVAL_ABOVE", _metrics),
     ("sweep.metrics", "SWEEP_TEST_EVAL_RAISES", _raising_metrics),
     ("sweep.gpuinfo", "SWEEP_TEST_NODE_CUDA", _gpuinfo),
+    ("sweep.rundir", "SWEEP_TEST_FINISH_RAISES", _raising_finish),
 ]
 
 
