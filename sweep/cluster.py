@@ -11,10 +11,17 @@ that a ``launch=local`` sweep started (marked with :data:`PRIVATE`) is refused.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from typing import TYPE_CHECKING
 
 from sweep.errors import SweepError, first_line
+
+if TYPE_CHECKING:
+    from sweep.config import LaunchConfig
+
+log = logging.getLogger(__name__)
 
 PRIVATE = "sweep_private_instance"
 """A custom resource on the Ray instance a ``launch=local`` sweep starts: nothing asks for it;
@@ -24,6 +31,24 @@ START_FIX = "start it first (ray start --head, or launch/slurm.sbatch) or fix la
 HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 """An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server's first
 frame in reply is its own SETTINGS frame (type 4)."""
+
+
+def check_address(lc: LaunchConfig) -> None:
+    """``launch=cluster`` without an address would start a private Ray and train on this
+    machine alone, without a word: refused (before any work: :func:`sweep.driver.check_config`).
+    An address with ``launch=local`` is joined, as asked, and said."""
+    if lc.name == "cluster" and not (lc.address or "").strip():
+        raise SweepError(
+            "launch=cluster joins a running Ray cluster but launch.address is empty; set it "
+            "(auto: RAY_ADDRESS, else the Ray started on this machine; or HOST:PORT), or use "
+            "launch=local"
+        )
+    if lc.name == "local" and lc.address:
+        log.warning(
+            "launch=local with launch.address=%s: joining that Ray cluster rather than starting "
+            "one (launch=cluster launch.address=... says so)",
+            lc.address,
+        )
 
 
 def resolve(address: str) -> str:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, planning, rate
 from sweep.activations.store import MANIFEST, ChunkStore, total_steps
-from sweep.cluster import check_reachable, resolve
+from sweep.cluster import check_address, check_reachable, resolve
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
@@ -172,7 +172,7 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     and a warning for a setting that does nothing."""
     folder.refuse_store()
     planning.check_local_hardware(cfg)
-    launcher.check_address(cfg.launch)
+    check_address(cfg.launch)
     if cfg.launch.address:  # a head that is not there: refused before the store is made
         check_reachable(resolve(cfg.launch.address))
     else:

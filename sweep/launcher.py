@@ -128,24 +128,6 @@ def _start_ray(lc: LaunchConfig) -> None:
         ) from err
 
 
-def check_address(lc: LaunchConfig) -> None:
-    """``launch=cluster`` without an address would start a private Ray and train on this
-    machine alone, without a word: refused (before any work: :func:`sweep.driver.check_config`).
-    An address with ``launch=local`` is joined, as asked, and said."""
-    if lc.name == "cluster" and not (lc.address or "").strip():
-        raise SweepError(
-            "launch=cluster joins a running Ray cluster but launch.address is empty; set it "
-            "(auto: RAY_ADDRESS, else the Ray started on this machine; or HOST:PORT), or use "
-            "launch=local"
-        )
-    if lc.name == "local" and lc.address:
-        log.warning(
-            "launch=local with launch.address=%s: joining that Ray cluster rather than starting "
-            "one (launch=cluster launch.address=... says so)",
-            lc.address,
-        )
-
-
 def _join(lc: LaunchConfig, common: dict) -> None:
     """Join the running cluster ``launch.address`` names (:mod:`sweep.cluster`)."""
     import ray
