@@ -285,7 +285,8 @@ def restore_ensemble(
     arch: Architecture | None = None,
 ) -> Restored:
     """The members' newest common checkpoint (all at one cursor), or a fresh init with
-    ``b_dec`` (the scaled data mean). Training curves are cut back to the restored step."""
+    ``b_dec`` (the scaled data mean). Training curves and step events are cut back to the
+    restored step."""
     found = _found(folders, ensemble_id)
     step = 0 if found[0] is None else found[0].step
     arch = arch or archs.get(runs[0].arch)
@@ -293,7 +294,7 @@ def restore_ensemble(
     diverged = [-1 if c is None else int(c.meta.get("diverged_step", -1)) for c in found]
     diverged_at = torch.tensor(diverged, dtype=torch.long, device=device)
     for f in folders:
-        f.truncate_curve(step)  # records written after the restored step are redone
+        f.drop_records_after(step)  # (curve points and step events: the steps are redone)
     if found[0] is None:
         return Restored(ens, Cursor(), 0, diverged_at)
     meta = found[0].meta

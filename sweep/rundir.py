@@ -394,7 +394,7 @@ class RunFolder:
             for r in records:
                 f.write(json.dumps(r) + "\n")
 
-    def truncate_curve(self, after_step: int) -> None:
+    def drop_records_after(self, after_step: int) -> None:
         """Drop curve records past ``after_step`` (written after the checkpoint we resume from),
         and the events of training steps past it (:data:`REDONE_EVENTS`): the steps are redone
         and record them again."""
