@@ -223,6 +223,25 @@ def _oversubscribed(threads: int) -> None:
         )
 
 
+def local_cluster(lc: LaunchConfig) -> dict[str, float] | None:
+    """The resources a local Ray instance started with ``lc`` would have (CPUs, GPUs), found
+    by Ray's own resolver without starting it (``--plan``: seconds saved); None where they
+    cannot be known so (a cluster address, a Ray already running, a Ray without that resolver
+    or refusing ``lc``: the caller starts Ray, which says why)."""
+    import ray
+
+    if lc.address or ray.is_initialized():
+        return None
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        spec = ResourceAndLabelSpec(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, resources={})
+        found = spec.resolve(is_head=True).to_resource_dict()
+        return {k: float(found.get(k, 0)) for k in ("CPU", "GPU")}
+    except Exception:  # (a private API: any change in it means asking Ray itself)
+        return None
+
+
 def early_gpu_probe(cfg: SweepConfig) -> gpuinfo.Early | None:
     """What :class:`Resources` will ask of this machine's GPU, begun now (before Ray starts,
     to overlap it) where a local Ray instance may train on it."""

@@ -65,11 +65,19 @@ def preview(cfg: SweepConfig) -> Preview:
     finished = driver.finished_plan(cfg, folder, shape.width, tidy=False)
     if finished is not None:
         return Preview(*finished, None, [], _notes(folder, shape))
-    early = launcher.early_gpu_probe(cfg)
-    with launcher.ray_session(cfg.launch):
-        res = launcher.Resources.of_cluster(cfg, early)
+    res = _resources(cfg)
     cfg, p = driver.plan_for(cfg, folder, res, shape.width, shape.staged, shape.path, tidy=False)
     return Preview(cfg, p, res, _rows(cfg, p, res, shape), _notes(folder, shape))
+
+
+def _resources(cfg: SweepConfig) -> launcher.Resources:
+    """As ``sweep run`` would find them; for ``launch=local`` without starting Ray."""
+    early = launcher.early_gpu_probe(cfg)
+    local = launcher.local_cluster(cfg.launch)
+    if local is not None:
+        return launcher.Resources(cfg, local, early=early)
+    with launcher.ray_session(cfg.launch):
+        return launcher.Resources.of_cluster(cfg, early)
 
 
 def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:

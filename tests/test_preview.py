@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -37,6 +39,36 @@ def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, ca
     code, out, _ = plan(tmp_path, capsys, "train.device=cpu", "launch.cpus_per_ensemble=1")
     assert code == 0 and "1 CPU" in out and "on CPUs" in out, out
     assert "compute dtype float32, step eager" in out, out
+
+
+def test_a_local_plan_finds_the_resources_ray_would_have_without_starting_it(
+    ray_cluster, tmp_path, capsys, monkeypatch
+):
+    """``launch=local``: the plan reads the CPUs and GPUs a new local instance would get from
+    Ray's own resolver (Ray takes seconds to start); they equal what Ray reports once started
+    (the shared test cluster: 2 CPUs, 2 fake GPUs)."""
+    asked = {k: ray_cluster.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
+    monkeypatch.setattr(ray_cluster, "is_initialized", lambda: False)  # as in a fresh process
+    assert launcher.local_cluster(launcher.LaunchConfig(num_cpus=2, num_gpus=2)) == asked
+    monkeypatch.setattr(launcher, "ray_session", lambda *_: pytest.fail("Ray started"))
+    code, out, _ = plan(tmp_path, capsys, "launch.num_cpus=2", "launch.num_gpus=2")
+    assert code == 0 and "4 to train in 2 ensemble(s) on GPUs" in out, out
+    assert launcher.local_cluster(launcher.LaunchConfig(address="auto")) is None
+
+
+def test_a_local_plans_resources_equal_a_started_rays_by_default(tmp_path_factory):
+    """Ray's own detection (CPUs, GPUs) with nothing set, against a Ray started as a run
+    starts it, in a fresh process."""
+    temp = tmp_path_factory.mktemp("r")  # (short: Ray's socket paths)
+    script = (
+        f"from sweep import launcher; lc = launcher.LaunchConfig(temp_dir={str(temp)!r})\n"
+        "found = launcher.local_cluster(lc)\n"
+        "with launcher.ray_session(lc):\n"
+        "    import ray; res = ray.cluster_resources()\n"
+        "print(found == {k: res.get(k, 0.0) for k in ('CPU', 'GPU')}, found)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.startswith("True {'CPU': "), done.stdout + done.stderr
 
 
 def test_a_plan_of_a_finished_sweep_trains_nothing_and_touches_nothing(
