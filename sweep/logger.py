@@ -46,7 +46,11 @@ DOWN_FILE = "unreachable"
 DOWN_FOR = 900.0
 """For this long after, the sweep's other loggers do not try wandb (each would wait its
 whole ``logger.timeout`` for nothing)."""
-_STOP = ("stop",)
+STOPPED, FAILED = "preempted", "failed"
+"""How :meth:`WandbLogger.close` ends the runs it finds unfinished (no final metrics): a stop
+(``close(stopped=True)``) marks them preempting and exits 1, so wandb shows them
+``preempted``; otherwise (a failed ensemble) they exit 1: ``failed``. Either is the same
+wandb run again when the sweep resumes."""
 
 
 class RunLogger:
@@ -67,8 +71,9 @@ class RunLogger:
     def finish(self, run_id: str) -> None:
         """Finish a run now (:meth:`summary` does this too; :meth:`close` finishes the rest)."""
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Flush and finish; returns False if the backend did not finish in time."""
+    def close(self, timeout: float | None = None, stopped: bool = False) -> bool:
+        """Flush and finish (runs without final metrics as ``stopped`` or failed); returns
+        False if the backend did not finish in time."""
         return True
 
 
@@ -149,6 +154,8 @@ class _Sender:
         resume from an older checkpoint are not logged twice)."""
         self.progress = time.monotonic()
         """When the last event was handled (close() waits while events keep completing)."""
+        self.curves_handled = 0
+        """Curve events taken off the queue (only this thread writes it)."""
 
     def handle(self, event: tuple) -> None:
         kind = event[0]
@@ -246,6 +253,7 @@ class _Sender:
         self.logged.setdefault(run_id, _logged_step(run))
 
     def on_log(self, records: dict[str, dict]) -> None:
+        self.curves_handled += 1
         for run_id, rec in records.items():  # one member's failure does not skip the others
             self.handle(("log_one", run_id, rec))
 
@@ -276,28 +284,35 @@ class _Sender:
         if run is not None:
             run.log({name: wandb.Table(columns=columns, data=data)})
 
-    def on_finish(self, run_id: str) -> None:
+    def on_finish(self, run_id: str, unfinished: str = "") -> None:
+        """``unfinished``: :data:`STOPPED` or :data:`FAILED` for a run without final metrics."""
         run = self.runs.pop(run_id, None)
-        if run is not None:
+        if run is None:
+            return
+        if not unfinished:
             run.finish()
+            return
+        if unfinished == STOPPED:
+            run.mark_preempting()
+        run.finish(exit_code=1)
 
-    def finish_all(self) -> None:
+    def finish_all(self, unfinished: str) -> None:
         for run_id in list(self.runs):
-            self.handle(("finish", run_id))
+            self.handle(("finish", run_id, unfinished))
 
 
 def _serve(q: queue.Queue, sender: _Sender) -> None:
     while True:
         event = q.get()
-        if event == _STOP:
-            sender.finish_all()
+        if event[0] == "stop":
+            sender.finish_all(event[1])
             return
         sender.handle(event)
 
 
-def _request_stop(q: queue.Queue) -> None:
+def _request_stop(q: queue.Queue, unfinished: str = FAILED) -> None:
     """Enqueue the stop marker (the queue is unbounded: this never blocks)."""
-    q.put_nowait(_STOP)
+    q.put_nowait(("stop", unfinished))
 
 
 CLOSE_TIMEOUTS = 4
@@ -313,6 +328,7 @@ class WandbLogger(RunLogger):
         self.cfg = cfg
         self.sweep_dir = Path(sweep_dir)
         self.dropped = 0
+        self._curves_put = 0
         self._q: queue.Queue = queue.Queue()  # bounded for curve events only (see _put)
         self._sender = sender = _Sender(
             cfg, self.sweep_dir, group or self.sweep_dir.absolute().name
@@ -329,11 +345,13 @@ class WandbLogger(RunLogger):
         """Queue ``event``; a curve event is dropped instead when wandb is that far behind."""
         if self._closed:
             return
-        if event[0] == "log" and self._q.qsize() >= self.cfg.queue_size:
-            self.dropped += 1
-            if self.dropped == 1:
-                log.warning("wandb is falling behind; dropping log events (training continues)")
-            return
+        if event[0] == "log":
+            if self._curves_put - self._sender.curves_handled >= self.cfg.queue_size:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("wandb is falling behind; dropping log events (training continues)")
+                return
+            self._curves_put += 1
         self._q.put_nowait(event)
 
     def start(self, run_id: str, folder: Path, config: dict, job_type: str = "train") -> None:
@@ -360,13 +378,13 @@ class WandbLogger(RunLogger):
     def finish(self, run_id: str) -> None:
         self._put(("finish", run_id))
 
-    def close(self, timeout: float | None = None) -> bool:
+    def close(self, timeout: float | None = None, stopped: bool = False) -> bool:
         if self._closed:
             return not self._thread.is_alive()
         self._closed = True
         self._finalizer.detach()
         self._sender.progress = time.monotonic()
-        _request_stop(self._q)
+        _request_stop(self._q, STOPPED if stopped else FAILED)
         limit = self.cfg.timeout if timeout is None else timeout
         deadline = time.monotonic() + CLOSE_TIMEOUTS * limit
         while self._thread.is_alive() and time.monotonic() < deadline:

@@ -288,7 +288,7 @@ def _train_and_finish(
     if _train(at, r, progress, should_stop):
         for folder in at.folders:  # tells a stopping driver this ensemble is safe on disk
             folder.mark_interrupted(r.step)
-        at.tracker().close()
+        at.tracker().close(stopped=True)
         return {m.run_id: "interrupted" for m in at.runs}
     # the end state, written while the members are evaluated: on disk before the first final
     # file (a failure while evaluating waits for it too, in train_ensemble's writer.close),

@@ -314,10 +314,13 @@ class SlowRun:
         time.sleep(self.delay)
         self.record.append(("log", data))
 
-    def finish(self):
+    def mark_preempting(self):
+        self.record.append(("preempting",))
+
+    def finish(self, exit_code=0):
         if self.hang is not None:
             self.hang.wait(60)
-        self.record.append(("finish",))
+        self.record.append(("finish", exit_code))
 
 
 def declared(lg, tmp_path, *run_ids):
@@ -366,6 +369,51 @@ def test_final_metrics_are_never_dropped_for_curve_points(tmp_path, monkeypatch)
         ("summary", {"fvu": 0.1}),
         ("summary", {"fvu": 0.2}),
     ]
+
+
+def test_queue_size_counts_waiting_curve_events_only(tmp_path, monkeypatch):
+    """Run declarations waiting behind a slow wandb do not take the curve's places: with
+    ``logger.queue_size=1`` the first curve point of runs declared meanwhile is kept."""
+    import wandb
+
+    gate, busy, record = threading.Event(), threading.Event(), []
+
+    def init(**kw):
+        if kw["name"] == "x":
+            busy.set()
+            gate.wait(30)  # wandb busy starting another run
+        return SlowRun(record, 0.0)
+
+    monkeypatch.setattr(wandb, "init", init)
+    lg = tracking.WandbLogger(wandb_cfg(timeout=5, queue_size=1), tmp_path)
+    declared(lg, tmp_path, "x")
+    lg.log({"x": {"step": 0}})
+    assert busy.wait(10)  # the sender is inside x's init now
+    declared(lg, tmp_path, "a", "b")
+    lg.log({"a": {"step": 1}, "b": {"step": 1}})
+    gate.set()
+    assert lg.close() is True and lg.dropped == 0
+    assert [e[1]["train/step"] for e in record if e[0] == "log"] == [0, 1, 1]
+
+
+def test_runs_left_unfinished_end_preempted_after_a_stop_else_failed(tmp_path, monkeypatch):
+    """wandb's states: a run with final metrics ``finished`` (exit 0); one a stop left
+    unfinished ``preempted`` (marked preempting, exit 1: the sweep resumes it); one a failure
+    left unfinished ``failed`` (exit 1)."""
+    import wandb
+
+    record: list = []
+    monkeypatch.setattr(wandb, "init", lambda **k: SlowRun(record, 0.0))
+    for stopped, ends in ((True, [("preempting",), ("finish", 1)]), (False, [("finish", 1)])):
+        record.clear()
+        lg = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path / str(stopped))
+        declared(lg, tmp_path / str(stopped), "a", "b")
+        lg.log({"a": {"step": 1}, "b": {"step": 1}})
+        lg.summary("a", {"fvu": 0.1})
+        assert lg.close(stopped=stopped) is True
+        assert [e for e in record if e[0] != "log"] == [
+            ("summary", {"fvu": 0.1}), ("finish", 0), *ends
+        ]  # fmt: skip
 
 
 def test_close_waits_a_bounded_time_for_a_slow_wandb(tmp_path, monkeypatch):
