@@ -1,9 +1,10 @@
 """Experiment tracking (wandb), best-effort: it never blocks or fails training.
 
 Each grid point is its own wandb run (config: l1, dict_ratio, seed, ensemble id, ...; group:
-the sweep's name; job type ``train``), so wandb's grouping and parallel-coordinates plots
-work across the grid. The worker hands over one batch of curve records per logging step
-(already on the host: one device sync for all members) and the final metrics per member.
+``logger.group``, by default the sweep folder's name; job type ``train``), so wandb's grouping
+and parallel-coordinates plots work across the grid. The worker hands over one batch of curve
+records per logging step (already on the host: one device sync for all members) and the final
+metrics per member.
 
 All wandb calls happen on one background thread fed by a queue. The training thread never
 waits on it: when ``logger.queue_size`` curve events are waiting (wandb slow or hung), new
@@ -331,7 +332,7 @@ class WandbLogger(RunLogger):
         self._curves_put = 0
         self._q: queue.Queue = queue.Queue()  # bounded for curve events only (see _put)
         self._sender = sender = _Sender(
-            cfg, self.sweep_dir, group or self.sweep_dir.absolute().name
+            cfg, self.sweep_dir, group or cfg.group or self.sweep_dir.absolute().name
         )
         self._thread = threading.Thread(
             target=_serve, args=(self._q, sender), name=WANDB_THREAD, daemon=True

@@ -67,6 +67,21 @@ def test_logger_config_group():
         to_sweep_config(compose(["sweep_dir=/tmp/x", "logger=wandb", "logger.mode=sometimes"]))
 
 
+def test_the_runs_group_is_the_sweep_folders_name_unless_logger_group_is_set(tmp_path, monkeypatch):
+    import wandb
+
+    groups: list = []
+    monkeypatch.setattr(wandb, "init", lambda **k: groups.append(k["group"]) or SlowRun([], 0))
+    for cfg in (wandb_cfg(), wandb_cfg(group="layer3-lr")):
+        lg = tracking.WandbLogger(cfg, tmp_path / "layer3")
+        declared(lg, tmp_path / "layer3", str(cfg.group))
+        lg.log({str(cfg.group): {"step": 1}})
+        assert lg.close() is True
+    assert groups == ["layer3", "layer3-lr"]
+    cfg = to_sweep_config(compose(["sweep_dir=/tmp/x", "logger=wandb", "logger.group=g"]))
+    assert cfg.logger.group == "g"
+
+
 def test_mode_is_offline_without_api_key(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
