@@ -47,7 +47,10 @@ SUMMARY = "summary.csv"
 LOCK = ".lock"
 LOCK_GUARD = ".lock-guard"
 STOP = ".stop"
-NO_OUTCOME = "stopped: its last driver ended without an outcome; re-run it to continue"
+NO_OUTCOME = (
+    "stopped: its last driver ended without recording how (killed, or its disk full); re-run "
+    "it to continue"
+)
 """A sweep's activity when its last driver died before recording how it ended."""
 LOG = "sweep.log"
 STORE = "store"

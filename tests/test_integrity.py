@@ -680,8 +680,9 @@ def test_status_says_when_the_last_driver_ended_without_an_outcome(copy, capsys)
     assert manifest.pop("state") == "done"  # each plan drops it; a SIGKILLed driver never wrote it
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main(["status", str(copy)]) == 0
-    assert "stopped: its last driver ended without an outcome; re-run it to continue" in " ".join(
-        capsys.readouterr().out.split()
+    assert (
+        "stopped: its last driver ended without recording how (killed, or its disk full); "
+        "re-run it to continue" in " ".join(capsys.readouterr().out.split())
     )
     assert main(["status", str(copy), "--json"]) == 0
     said = json.loads(capsys.readouterr().out)
