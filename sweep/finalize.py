@@ -83,7 +83,7 @@ def _metrics_of_members(
         )
         for e, c in enumerate(cfgs)
     ]
-    out = metrics.evaluate_members(judged, x_eval)
+    out = metrics.evaluate_members(judged, x_eval, scale=float(cfgs[0]["act_scale"]))
     if gt is not None:
         gt_dev = gt.to(x_eval.device)
         for (m, _), j in zip(out, judged, strict=True):

@@ -21,7 +21,8 @@ RECOVERED_THRESHOLD = 0.9
 COS_EPS = 1e-8
 """Norms below this count as this in ``cossim`` (a zero reconstruction has cosine 0)."""
 L2_RATIO_MIN_NORM = 1e-4
-"""Input rows with a smaller norm are divided by 1 in ``l2_ratio`` (SAEBench's guard)."""
+"""Input rows with a smaller norm, in the activations' own units, are divided by 1 in
+``l2_ratio`` (SAEBench's guard, which sees raw activations)."""
 
 
 HIST_EDGES = torch.linspace(-8.0, 0.0, 41, dtype=torch.float64)
@@ -77,15 +78,26 @@ def density_tensors(freq_F: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def evaluate(
-    params: Params, x_ND: torch.Tensor, batch: int = 4096, arch: str = "untied", k: int = 0
+    params: Params,
+    x_ND: torch.Tensor,
+    batch: int = 4096,
+    arch: str = "untied",
+    k: int = 0,
+    scale: float = 1.0,
 ) -> dict[str, float]:
-    """Final metrics of one SAE on evaluation rows ``x_ND`` (already scaled)."""
-    return evaluate_with_frequency(params, x_ND, batch, arch, k)[0]
+    """Final metrics of one SAE on evaluation rows ``x_ND`` (already multiplied by the
+    store's ``scale``)."""
+    return evaluate_with_frequency(params, x_ND, batch, arch, k, scale)[0]
 
 
 @torch.no_grad()
 def evaluate_with_frequency(
-    params: Params, x_ND: torch.Tensor, batch: int = 4096, arch: str = "untied", k: int = 0
+    params: Params,
+    x_ND: torch.Tensor,
+    batch: int = 4096,
+    arch: str = "untied",
+    k: int = 0,
+    scale: float = 1.0,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """:func:`evaluate`'s metrics and each feature's firing frequency on ``x_ND``: (F,) float64.
 
@@ -101,7 +113,8 @@ def evaluate_with_frequency(
       (SAEBench's per-row formula, its paper's figures; reads lower, a row near the mean
       weighs a lot; a row exactly at the mean, where it is undefined, is left out)
     - ``cossim``: mean over rows of cos(x, x̂) (0 for a zero row)
-    - ``l2_ratio``: mean over rows of ‖x̂‖ / ‖x‖ (‖x‖ < 1e-4 counted as 1, as SAEBench)
+    - ``l2_ratio``: mean over rows of ‖x̂‖ / ‖x‖ (‖x‖ < 1e-4 counted as 1, as SAEBench; in
+      raw units, ‖x‖ / ``scale``)
     - ``relative_reconstruction_bias``: Σ‖x̂‖² / Σ⟨x, x̂⟩ (Gated SAE paper eq. 10: 1 = no
       shrinkage, < 1 = reconstructions shrunk); NaN when Σ⟨x, x̂⟩ = 0
     - ``l0``: mean number of non-zero codes per row; ``l1_norm``: mean ‖f‖₁ per row
@@ -112,7 +125,7 @@ def evaluate_with_frequency(
     - ``normalized_freq_over_1_percent`` / ``normalized_freq_over_10_percent``: Σ p over the
       latents with p above 1% / 10%, divided by Σ p (0 when nothing fires)
     """
-    return evaluate_members([Judged(params, arch, k)], x_ND, batch)[0]
+    return evaluate_members([Judged(params, arch, k)], x_ND, batch, scale)[0]
 
 
 class Judged(NamedTuple):
@@ -125,7 +138,7 @@ class Judged(NamedTuple):
 
 @torch.no_grad()
 def evaluate_members(
-    members: list[Judged], x_ND: torch.Tensor, batch: int = 4096
+    members: list[Judged], x_ND: torch.Tensor, batch: int = 4096, scale: float = 1.0
 ) -> list[tuple[dict[str, float], torch.Tensor]]:
     """:func:`evaluate_with_frequency` of every member of an ensemble (one dictionary size) in
     ONE pass over the rows (blocks of ``batch``, each block judged by every member in turn),
@@ -143,7 +156,7 @@ def evaluate_members(
             [var_b.sum(dtype=torch.float64), x.pow(2).sum(dtype=torch.float64), _off(var_b)]
         )
         for e, m in enumerate(members):
-            block, on_F = _block_sums(m, x, var_b)
+            block, on_F = _block_sums(m, x, var_b, scale)
             sums[e] += block
             fires[e] = fires[e] + on_F
     host, freq_EF = sums.cpu(), torch.stack(fires).double().cpu() / n  # type: ignore[arg-type]
@@ -182,10 +195,10 @@ N_SUMS = 8
 
 
 def _block_sums(
-    m: Judged, x: torch.Tensor, var_b: torch.Tensor
+    m: Judged, x: torch.Tensor, var_b: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(8,) float64 sums of one block of rows (``var_b``: each row's ‖x - mean‖²), and each
-    latent's firing count (F,)."""
+    latent's firing count (F,). ``scale``: the rows' units per raw unit."""
     codes = sae.encode(m.params, x, m.arch, m.k)  # (b, F)
     x_hat = sae.decode(m.params, codes, m.arch)  # (b, D)
     on_F = _fire_counts(codes)  # (F,)
@@ -194,7 +207,8 @@ def _block_sums(
     norm_out = x_hat.norm(dim=1)  # (b,)
     dot = (x * x_hat).sum(dim=1)  # (b,)
     cos = dot / (norm_in.clamp_min(COS_EPS) * norm_out.clamp_min(COS_EPS))  # (b,)
-    ratio = norm_out / torch.where(norm_in < L2_RATIO_MIN_NORM, 1.0, norm_in)  # (b,)
+    tiny = norm_in < L2_RATIO_MIN_NORM * scale  # (b,) as SAEBench's guard, in raw units
+    ratio = norm_out / torch.where(tiny, scale, norm_in)  # (b,)
     parts = [
         err.sum(),
         # = ‖f‖₁ (every architecture's codes are >= 0, a test holds them to it); by row, then

@@ -129,6 +129,12 @@ def test_l2_ratio_divides_tiny_inputs_by_one():
     m = metrics.evaluate(const, x)
     assert m["l2_ratio"] == pytest.approx((5 / 1 + 5 / 10) / 2)
     assert m["cossim"] == pytest.approx((0.0 + 0.8) / 2)  # a zero row has cosine 0
+    # the same rows and reconstructions in training units (x 1000): the guard is in raw units,
+    # so l2_ratio is what SAEBench gets from the exported (raw-space) SAE
+    scaled = {**const, "b_dec": c * 1000}
+    assert metrics.evaluate(scaled, x * 1000, scale=1000)["l2_ratio"] == pytest.approx(
+        m["l2_ratio"]
+    )
 
 
 def test_rows_that_do_not_vary_have_no_fvu():
