@@ -4,8 +4,8 @@
     sae = sweep.load_run("outputs/x/runs/r4-l1_1e-02-s0")     # one dictionary (raw activations in)
     sw = sweep.load_sweep("outputs/x")
     sw.table                                                   # pandas DataFrame, one row per run
-    best = sw.table.query("state == 'done'").sort_values("fvu").index[0]
-    sw.sae(best)                                               # loaded on first use, then cached
+    front = sw.table[sw.table.frontier].sort_values("l0")      # the FVU-L0 frontier's runs
+    sw.sae(front.index[0])                                     # loaded on first use, then cached
 
 Loading a sweep reads only JSON (specs, metrics, DONE markers); weights are read when a
 dictionary is first asked for.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sweep import crossdict, rundir
+from sweep import crossdict, rundir, runfacts
 from sweep.errors import SweepError
 from sweep.sae import SAE, as_device, load_run
 from sweep.sweepdir import SweepFolder, summary_columns
@@ -39,7 +39,8 @@ class Sweep:
     path: Path
     table: pd.DataFrame
     """One row per run (index: run_id): l1 (or k, for TopK-style sweeps), dict_ratio, seed,
-    state and final metrics."""
+    state, final metrics, ``frontier`` (on the FVU–L0 Pareto frontier of the finished runs, as
+    the report draws it) and ``arch``."""
     device: str | torch.device = "cpu"
     _cache: dict[str, SAE] = field(default_factory=dict, repr=False)
 
@@ -53,21 +54,23 @@ class Sweep:
     def sae(self, run_id: str) -> SAE:
         """The dictionary of one finished run (loaded on first call, then cached)."""
         if run_id not in self._cache:
-            if run_id not in self.table.index:
-                raise SweepError(
-                    f"no run {run_id!r} in {self.path}; see sweep.table.index for run ids"
-                )
-            if not rundir.is_done(self.run_dir(run_id)):
-                raise SweepError(
-                    f"run {run_id} is not finished yet (no DONE); pick a run whose state is done"
-                )
-            self._cache[run_id] = load_run(str(self.run_dir(run_id)), device=self.device)
+            self._cache[run_id] = self._load(run_id)
         return self._cache[run_id]
 
+    def _load(self, run_id: str) -> SAE:
+        if run_id not in self.table.index:
+            raise SweepError(f"no run {run_id!r} in {self.path}; see sweep.table.index for run ids")
+        if not rundir.is_done(self.run_dir(run_id)):
+            raise SweepError(
+                f"run {run_id} is not finished yet (no DONE); pick a run whose state is done"
+            )
+        return load_run(str(self.run_dir(run_id)), device=self.device)
+
     def saes(self, state: str = "done") -> Iterator[tuple[str, SAE]]:
-        """(run_id, SAE) for every run in ``state`` (``done``, or ``diverged``: frozen weights;
-        one at a time, each cached once loaded). A run that cannot be loaded (its weights fail
-        their checksum, ...) is skipped with a warning naming why; ``sae(run_id)`` raises."""
+        """(run_id, SAE) for every run in ``state`` (``done``, or ``diverged``: frozen weights),
+        loaded one at a time and not kept (memory holds the one in hand; ``sae(run_id)``
+        keeps what it loads). A run that cannot be loaded (its weights fail their checksum,
+        ...) is skipped with a warning naming why; ``sae(run_id)`` raises."""
         if state not in FINAL:
             raise SweepError(
                 f"runs in state {state!r} have no dictionary to load yet; pass one of: "
@@ -75,7 +78,7 @@ class Sweep:
             )
         for rid in self.table.index[self.table["state"] == state]:
             try:
-                sae = self.sae(rid)
+                sae = self._cache.get(rid) or self._load(rid)
             except SweepError as err:
                 log.warning("skipped run %s: %s", rid, err)
                 continue
@@ -95,7 +98,11 @@ def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:
     path, device = Path(path), as_device(device)
     rows = [r.row() for r in SweepFolder(path).read_runs()]
     cols = [c for c in summary_columns(rows) if c not in _unused_knobs(rows)]
-    table = pd.DataFrame(rows, columns=cols).set_index("run_id")
+    cols.insert(cols.index("state") + 1, "frontier")
+    front = runfacts.frontier_ids(rows)
+    for r in rows:
+        r["frontier"] = r["run_id"] in front
+    table = pd.DataFrame(rows, columns=[*cols, "arch"]).set_index("run_id")
     return Sweep(path, table, device)
 
 

@@ -281,7 +281,14 @@ def test_load_sweep_table_and_lazy_saes(sweep_copy, caplog):
         sw.sae("r1-l1_1e-01-s1")
     with pytest.raises(SweepError, match="no run"):
         sw.sae("nope")
-    assert sum(1 for _ in sw.saes()) == 11
+    assert sum(1 for _ in sw.saes()) == 11 and list(sw._cache) == [rid]  # saes() keeps none
+    assert dict(sw.saes())[rid] is model  # (but reuses what sae() keeps)
+    done = sw.table[sw.table.state == "done"]
+    rows = [r.row() for r in SweepFolder(sweep_copy).read_runs()]
+    assert set(sw.table.index[sw.table.frontier]) == runfacts.frontier_ids(rows)
+    front = done[done.frontier].sort_values("l0")
+    assert len(front) >= 1 and list(front.fvu) == sorted(front.fvu, reverse=True)
+    assert (sw.table.arch == "untied").all()
     weights = rundir.run_dir(sweep_copy, rid) / rundir.WEIGHTS
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF  # damaged after the table was read
