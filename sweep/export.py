@@ -223,28 +223,8 @@ def _finished(
     chosen = [r for r, s in states.items() if s == "done"]
     diverged = [r for r, s in states.items() if s == "diverged"]
     waiting = [r for r, s in states.items() if not s.final]
-    if waiting and not finished_only and chosen:
-        failed = [r for r in waiting if states[r] == "failed"]
-        damaged = [r for r in waiting if r in notes and r not in failed]
-        ids = failed or damaged or waiting
-        named = [f"{r}: {notes[r]}" if damaged and not failed else r for r in ids[:3]]
-        shown = ", ".join(named) + (", ..." if len(ids) > 3 else "")
-        what, fix = (
-            ("failed", "re-run the sweep to train them again")
-            if failed
-            else ("are damaged", "re-run the sweep")
-            if damaged
-            else ("are not finished", "wait for the sweep")
-        )
-        raise SweepError(
-            f"{len(ids)} of {len(states)} runs in {sweep_dir} {what} ({shown}); "
-            f"{fix}, or pass --finished to export the {len(chosen)} finished runs"
-        )
-    if not chosen and waiting:
-        raise SweepError(
-            f"{sweep_dir} has no finished runs to export yet ({len(waiting)} of {len(states)} "
-            "runs not finished); wait for the sweep, or re-run it, and check 'sweep status'"
-        )
+    if waiting and (not chosen or not finished_only):
+        raise SweepError(_waiting_problem(sweep_dir, states, waiting, notes, len(chosen)))
     if not chosen:
         raise SweepError(f"every run in {sweep_dir} diverged; there is nothing to export")
     for what, ids in (("unfinished", waiting), ("diverged (not exported)", diverged)):
@@ -252,6 +232,32 @@ def _finished(
             named = (f"{r} ({notes[r]})" if r in notes else r for r in ids)
             log.warning("skipped %d %s run(s): %s", len(ids), what, ", ".join(named))
     return chosen
+
+
+def _waiting_problem(
+    sweep_dir: str | Path, states: dict, waiting: list[str], notes: dict[str, str], done: int
+) -> str:
+    """Why runs stop the export: failed ones, else damaged ones (their ``notes``), else
+    unfinished ones; and what to do (``--finished`` only where ``done`` runs are finished)."""
+    failed = [r for r in waiting if states[r] == "failed"]
+    damaged = [r for r in waiting if r in notes and r not in failed]
+    ids = failed or damaged or waiting
+    if not failed and not damaged and not done:
+        return (
+            f"{sweep_dir} has no finished runs to export yet ({len(waiting)} of {len(states)} "
+            "runs not finished); wait for the sweep, or re-run it, and check 'sweep status'"
+        )
+    named = [f"{r}: {notes[r]}" if damaged and not failed else r for r in ids[:3]]
+    shown = ", ".join(named) + (", ..." if len(ids) > 3 else "")
+    what, fix = (
+        ("failed", "re-run the sweep to train them again")
+        if failed
+        else ("are damaged", "re-run the sweep")
+        if damaged
+        else ("are not finished", "wait for the sweep")
+    )
+    rest = f", or pass --finished to export the {done} finished runs" if done else ""
+    return f"{len(ids)} of {len(states)} runs in {sweep_dir} {what} ({shown}); {fix}{rest}"
 
 
 def _check_out_dir(name: str | Path) -> None:

@@ -102,11 +102,21 @@ def test_a_sweep_with_nothing_finished_is_told_to_wait(small_sweep, tmp_path, ca
 
     sw = tmp_path / "sw"
     shutil.copytree(small_sweep, sw)
-    for run in (sw / "runs").iterdir():
-        (run / rundir.DONE).unlink()
+    for run in (sw / "runs").iterdir():  # as while they train
+        for name in (rundir.DONE, rundir.WEIGHTS):
+            (run / name).unlink()
     for extra in ([], ["--finished"]):
         assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "o"), *extra]) == 2
         assert "has no finished runs to export yet (2 of 2 runs not finished)" in one_line(capsys)
+    run = rundir.run_dir(sw, "r2-l1_3e-02-s0")  # finished, but its weights damaged since
+    for name in (rundir.DONE, rundir.WEIGHTS):
+        shutil.copy(rundir.run_dir(small_sweep, "r2-l1_3e-02-s0") / name, run / name)
+    (run / rundir.WEIGHTS).write_bytes((run / rundir.WEIGHTS).read_bytes()[:-1] + b"x")
+    for extra in ([], ["--finished"]):  # named, not "wait for the sweep"
+        assert main(["export", str(sw), "--to", "saelens", str(tmp_path / "o"), *extra]) == 2
+        err = one_line(capsys)
+        assert "1 of 2 runs in" in err and "are damaged (r2-l1_3e-02-s0: sae.safetensors" in err
+        assert err.endswith("; re-run the sweep"), err
 
 
 def test_export_of_unfinished_run_is_one_line_error(small_sweep, tmp_path, capsys):
