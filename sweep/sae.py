@@ -234,11 +234,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         problem = rundir.RunFolder(folder).final_problem(deep=True)
         if problem:
             raise SweepError(f"run {folder}: {problem}; re-run its sweep to train it again")
-    elif (folder / rundir.SPEC).is_file():  # a sweep's run without DONE: (re)training
-        raise SweepError(
-            f"run {folder} is not finished (no {rundir.DONE}); let its sweep finish, "
-            f"or see 'sweep status {folder.parent.parent}'"
-        )
     return read_run(folder, device)
 
 
@@ -256,6 +251,11 @@ def _check_run_folder(folder: Path) -> None:
         raise NotARunFolder(
             f"{folder} is a sweep folder, not a run folder; load one run from "
             f"{folder / rundir.RUNS}/<run_id>, or all of them with sweep.load_sweep({str(folder)!r})"
+        )
+    if (folder / rundir.SPEC).is_file() and not (folder / rundir.DONE).is_file():
+        raise SweepError(  # a sweep's run, training (or stopped) with or without final files
+            f"run {folder} is not finished (no {rundir.DONE}); let its sweep finish, "
+            f"or see 'sweep status {folder.parent.parent}'"
         )
     for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():

@@ -203,6 +203,11 @@ def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
         sweep.load_run(weights)
     with pytest.raises(FileNotFoundError):  # (what it raised before it named the fix)
         sweep.load_run(tmp_path)
+    training = tmp_path / "training"  # a run as it trains (or stopped): no final files yet
+    training.mkdir()
+    shutil.copy(rundir.run_dir(finished, "r1-l1_1e-01-s0") / rundir.SPEC, training)
+    with pytest.raises(SweepError, match=r"is not finished \(no DONE\); let its sweep finish"):
+        sweep.load_run(training)
 
 
 def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(finished, tmp_path):
