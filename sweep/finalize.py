@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save
 
-from sweep import lm_metrics, metrics, sae
+from sweep import archs, lm_metrics, metrics, sae
 from sweep.activations.store import ChunkStore
 from sweep.devices import release_device_memory
 from sweep.ensemble import Ensemble
@@ -46,23 +46,43 @@ def density_bytes(freq_F: torch.Tensor, eval_rows: int) -> bytes:
 DEAD_DICTIONARY = 0.99
 """A dictionary is reported as dead when at least this fraction of its features never fire,
 or when it leaves at least this fraction of the variance unexplained (FVU)."""
+WORSE_THAN_MEAN = 1.1
+"""A dictionary whose FVU is above this reconstructs the held-out rows worse than their mean
+does (a dead one, which keeps only ``b_dec`` near the mean, stays near 1): training went wrong,
+as a too-high learning rate makes it do without a loss that is ever infinite."""
 
 
-def health_note(m: dict) -> str:
+def health_note(m: dict, arch: str = "untied") -> str:
     """What a reader of the metrics must know: frozen weights of a diverged run, a dictionary
-    whose features (nearly) all died ("" when there is nothing to say)."""
+    that reconstructs worse than the mean, one whose features (nearly) all died ("" when there
+    is nothing to say); with the fix that fits architecture ``arch``."""
     if "diverged_step" in m:
         return (
             f"diverged at step {m['diverged_step']} (loss not finite); the weights and metrics "
             "are those frozen at that step"
         )
     dead, fvu = m.get("dead_fraction", 0.0), m.get("fvu", 0.0)
+    if fvu > WORSE_THAN_MEAN:
+        return (
+            f"reconstructs worse than the held-out rows' mean (FVU {fvu:.3g}, L0 "
+            f"{m.get('l0', 0):.3g}): training went wrong; lower train.lr"
+        )
     if dead >= DEAD_DICTIONARY or fvu >= DEAD_DICTIONARY:
         return (
             f"dead dictionary: {_explained(fvu)}L0 {m.get('l0', 0):.3g}, "
-            f"{100 * dead:.0f}% of features dead); lower l1 (or raise the learning rate)"
+            f"{100 * dead:.0f}% of features dead); {_revive(arch)}"
         )
     return ""
+
+
+def _revive(arch: str) -> str:
+    """What brings a dead dictionary of architecture ``arch`` back."""
+    a = archs.get(arch)
+    if a.knob == "k":  # (k latents fire per row whatever: the step size killed the rest)
+        return "lower train.lr, or revive dead latents with train.auxk_alpha"
+    if a.l0_penalty:
+        return "lower l1 (its L0 coefficient), or raise the learning rate"
+    return "lower l1 (or raise the learning rate)"
 
 
 def _explained(fvu: float) -> str:
@@ -130,14 +150,16 @@ def _saved_tensors(ens: Ensemble, e: int) -> sae.Params:
     return _member_tensors(ens, e, torch.device("cpu"))
 
 
-def _add_outcome(m: dict, step: int, diverged: int | None, batch_size: int) -> None:
+def _add_outcome(
+    m: dict, step: int, diverged: int | None, batch_size: int, arch: str = "untied"
+) -> None:
     """A member's state, steps and rows trained, and its health note, into its metrics."""
     state = "done" if diverged is None else "diverged"
     trained = step if diverged is None else diverged
     m.update({"state": state, "steps": trained, "rows_trained": trained * batch_size})
     if diverged is not None:
         m["diverged_step"] = diverged
-    note = health_note(m)
+    note = health_note(m, arch)
     if note:
         m["note"] = note
 
@@ -178,7 +200,7 @@ def finish_members(
             m["lm_metrics_skipped"] = lm_skipped
             folder.append_event({"event": "lm_metrics_skipped", "reason": lm_skipped})
         diverged = diverged_at[e] if diverged_at[e] >= 0 else None
-        _add_outcome(m, step, diverged, ev.batch_size)
+        _add_outcome(m, step, diverged, ev.batch_size, cfg["architecture"])
         t0 = time.perf_counter()
         density = density_bytes(freq, x_eval.shape[0])
         if again:

@@ -62,9 +62,10 @@ def _table_rows(rows: list[dict]) -> tuple[list[dict], str | None]:
 
 
 def _notes(rows: list[dict], shown: int = 10) -> list[str]:
-    """Why each run that is not done is where it is (failed, damaged, diverged), as lines
-    under the table: the first ``shown``, then how many more ``summary.csv`` explains."""
-    noted = [r for r in rows if r.get("note") and r.get("state") != "done"]
+    """Why each run that is not done is where it is (failed, damaged, diverged) and what is
+    wrong with a done one (a dead dictionary, ...), as lines under the table: the first
+    ``shown``, then how many more ``summary.csv`` explains."""
+    noted = [r for r in rows if r.get("note")]
     lines = [f"{r['run_id']} ({r.get('state')}): {r['note']}" for r in noted[:shown]]
     if len(noted) > shown:
         lines.append(f"... and {len(noted) - shown} more (the note column of {SUMMARY})")

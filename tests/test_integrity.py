@@ -574,7 +574,7 @@ def test_stale_temp_files_are_removed(copy):
     assert not any(j.exists() for j in junk)
 
 
-def test_diverged_and_dead_dictionaries_say_so(ray_cluster, tmp_path):
+def test_diverged_and_dead_dictionaries_say_so(ray_cluster, tmp_path, capsys):
     sw = tmp_path / "sw"
     assert (
         main(
@@ -596,6 +596,8 @@ def test_diverged_and_dead_dictionaries_say_so(ray_cluster, tmp_path):
     assert notes["r1-l1_1e-03-s0"] == ""
     assert notes["r1-l1_1e+06-s0"].startswith("dead dictionary")
     assert notes["r1-l1_1e+38-s0"].startswith("diverged at step")
+    said = " ".join(capsys.readouterr().out.split())  # under the table, the done run's too
+    assert "r1-l1_1e+06-s0 (done): dead dictionary" in said, said
     m = json.loads((sw / "runs" / "r1-l1_1e+38-s0" / rundir.METRICS).read_text())
     assert m["rows_trained"] == m["diverged_step"] * 256
     from sweep.status import status_json

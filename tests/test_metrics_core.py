@@ -154,6 +154,22 @@ def test_rows_that_do_not_vary_have_no_fvu():
     assert metrics.evaluate(near, varied)["fvu"] > 0
 
 
+def test_health_notes_name_the_fix_of_the_architecture():
+    dead = {"dead_fraction": 1.0, "fvu": 1.0, "l0": 0.0}
+    assert health_note(dead).endswith("lower l1 (or raise the learning rate)")
+    assert health_note(dead, "jumprelu").endswith(
+        "lower l1 (its L0 coefficient), or raise the learning rate"
+    )
+    assert health_note(dead, "topk").endswith(
+        "lower train.lr, or revive dead latents with train.auxk_alpha"
+    )
+    for arch in ("untied", "topk"):  # a step size too large, the loss still finite
+        wild = health_note({"dead_fraction": 0.2, "fvu": 2.3e5, "l0": 40.0}, arch)
+        assert wild.startswith("reconstructs worse than the held-out rows' mean (FVU 2.3e+05")
+        assert wild.endswith("training went wrong; lower train.lr")
+    assert health_note({"dead_fraction": 0.2, "fvu": 0.3, "l0": 40.0}) == ""
+
+
 def test_density_fractions_of_known_frequencies():
     """Latent 0 fires on 50% of rows, 1 on 5%, 2 on 0.5%, 3 never."""
     n = 1000
