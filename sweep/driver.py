@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, planning, rate
+from sweep.activations.shape_notes import store_notes
 from sweep.activations.store import MANIFEST, ChunkStore, total_steps
 from sweep.cluster import check_address, check_reachable, resolve
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -204,7 +205,8 @@ def check_store_fits(
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
     held_out = held_out_note(cfg.data.eval_rows, store.total_rows, folder.saved_config() is None)
-    for note in (short, held_out):
+    knob = cfg.sae.architecture().knob
+    for note in (short, held_out, *store_notes(store.manifest["stats"], cfg.data.normalize, knob)):
         if note:
             log.warning(note)
 

@@ -294,3 +294,43 @@ def test_low_precision_stores_round_trip(tmp_path, dtype):
     got = store.read_rows(0)
     assert got.dtype == getattr(torch, dtype)
     torch.testing.assert_close(got.float(), x.to(getattr(torch, dtype)).float())
+
+
+def write_rows(path, x: torch.Tensor) -> ChunkStore:
+    with StoreWriter(path, x.shape[1], "float32", 4000) as w:
+        for i, at in enumerate(range(0, len(x), 4000)):
+            w.write_chunk(i, x[at : at + 4000])
+        w.finalize(i + 1, {"source": "test"})
+    return ChunkStore(path)
+
+
+def test_a_sweep_warns_of_an_offset_or_a_heavy_tailed_store(tmp_path, capsys):
+    """Statistics that make dictionaries worse or their FVU misleading without any error
+    (:mod:`sweep.activations.shape_notes`): said by ``--plan`` and the run."""
+    from sweep.cli import main
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12000, 16, generator=g)
+    offset, heavy = x.clone(), x.clone()
+    offset[:, :2] += 30 * 4.0  # a constant 30x the rows' norm in two dimensions
+    heavy[::128] *= 300  # a BOS-like row every 128
+    said = {}
+    for name, rows in (("clean", x), ("offset", offset), ("heavy", heavy)):
+        store = write_rows(tmp_path / name, rows)
+        for sae in ("untied", "topk"):
+            args = [f"sweep_dir={tmp_path / 'sw'}", "data=chunks", f"data.path={store.path}"]
+            knob = "grid.k=[4]" if sae == "topk" else "grid.l1=[1e-2]"
+            opts = [f"sae={sae}", knob, "train.batch_size=512", "data.eval_rows=2000"]
+            assert main(["run", "--plan", *args, *opts]) == 0
+            said[name, sae] = " ".join(capsys.readouterr().err.split())
+    far, heavy_tail = "rows sit far from the origin", "rows have norms far above the rest"
+    assert not any(w in said["clean", a] for w in (far, heavy_tail) for a in ("untied", "topk"))
+    note = said["offset", "untied"]
+    assert "the store's rows sit far from the origin: their spread around the mean is" in note
+    assert "sweep grid.l1 about" in note and heavy_tail not in note
+    assert "TopK-style dictionaries train worse there" in said["offset", "topk"]
+    assert main(["run", "--plan", *args[:2], f"data.path={tmp_path / 'offset'}",
+                 "data.normalize=false", "data.eval_rows=2000"]) == 0  # fmt: skip
+    assert far not in capsys.readouterr().err  # (b_dec starts at the mean: no harm)
+    assert "a few of the store's rows have norms far above the rest" in said["heavy", "untied"]
+    assert far not in said["heavy", "untied"]
