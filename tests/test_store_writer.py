@@ -103,6 +103,10 @@ def test_nan_rows_are_refused_before_anything_is_written(tmp_path, threads):
         x[3, 2] = float("inf")
         with pytest.raises(StoreError, match="chunk 0 contains NaN or inf"):
             w.write_chunk(0, x)
+        x[3, 2] = 1e5  # finite, beyond float16's range: named, not "NaN or inf"
+        with pytest.raises(StoreError, match=r"holds values beyond float16's largest value 65504 "
+                           r"\(up to 1e\+05\); write a float32 or bfloat16 store"):  # fmt: skip
+            w.write_chunk(0, x)
     assert not list(tmp_path.iterdir())
 
 

@@ -160,7 +160,7 @@ class StoreWriter:
         stored = rows.to(torch_dtype(self.dtype)).contiguous()  # (n, d) on rows' device
         stats = chunk_stats(stored)
         if stats is None:
-            raise StoreError(f"chunk {index} contains NaN or inf values; refusing to write it")
+            raise StoreError(_not_finite(index, rows, self.dtype))
         arr = _to_numpy(stored, self.dtype)
         if self._pool is None:
             self._save(index, arr, stats)
@@ -585,6 +585,18 @@ class Cursor:
 
     def as_dict(self) -> dict:
         return {"epoch": self.epoch, "chunk": self.chunk, "batch": self.batch}
+
+
+def _not_finite(index: int, rows: torch.Tensor, dtype: str) -> str:
+    """Why chunk ``index`` cannot be stored: NaN or inf in ``rows``, or finite values beyond
+    the store dtype's range (they would be stored as inf)."""
+    if not bool(torch.isfinite(rows).all()):
+        return f"chunk {index} contains NaN or inf values; refusing to write it"
+    top = torch.finfo(torch_dtype(dtype)).max
+    return (
+        f"chunk {index} holds values beyond {dtype}'s largest value {top:g} (up to "
+        f"{float(rows.abs().amax()):.4g}); write a float32 or bfloat16 store instead"
+    )
 
 
 def train_rows(store: ChunkStore, eval_rows: int) -> list[int]:
