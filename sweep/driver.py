@@ -19,8 +19,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, planning, rate
-from sweep.activations.shape_notes import store_notes
-from sweep.activations.store import MANIFEST, ChunkStore, total_steps
+from sweep.activations.shape_notes import refuse_constant, store_notes
+from sweep.activations.store import (
+    MANIFEST,
+    ChunkStore,
+    batches_per_chunk,
+    total_steps,
+    train_rows,
+)
 from sweep.cluster import check_address, check_reachable, resolve
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
@@ -199,16 +205,38 @@ def check_store_fits(
     too short to train."""
     planning.expand_grid(cfg, store.width)
     planning.check_store(folder, store)
+    refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
     if verify:
         store.verify()
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
     held_out = held_out_note(cfg.data.eval_rows, store.total_rows, folder.saved_config() is None)
+    skipped = skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows)
     knob = cfg.sae.architecture().knob
-    for note in (short, held_out, *store_notes(store.manifest["stats"], cfg.data.normalize, knob)):
+    stats = store_notes(store.manifest["stats"], cfg.data.normalize, knob)
+    for note in (short, held_out, skipped, *stats):
         if note:
             log.warning(note)
+
+
+SKIPPED_SHARE = 0.05
+"""Above this share of the training rows left out by whole batches, a sweep says so."""
+
+
+def skipped_rows_note(store: ChunkStore, batch_size: int, eval_rows: int) -> str | None:
+    """A warning when batches, which never cross a chunk boundary, leave much of each chunk's
+    training rows out (a remainder below one batch per chunk)."""
+    rows = sum(train_rows(store, eval_rows))
+    used = sum(batches_per_chunk(store, batch_size, eval_rows)) * batch_size
+    if rows - used <= SKIPPED_SHARE * rows:
+        return None
+    return (
+        f"{rows - used} of the store's {rows} training rows ({(rows - used) / rows:.0%}) are "
+        f"never trained on: batches do not cross chunks, and what is left of a chunk after "
+        f"its whole batches of train.batch_size={batch_size} is skipped; choose a batch size "
+        "that divides the chunks' rows, or a store with larger chunks"
+    )
 
 
 HELD_OUT_SHARE = 0.25

@@ -334,3 +334,30 @@ def test_a_sweep_warns_of_an_offset_or_a_heavy_tailed_store(tmp_path, capsys):
     assert far not in capsys.readouterr().err  # (b_dec starts at the mean: no harm)
     assert "a few of the store's rows have norms far above the rest" in said["heavy", "untied"]
     assert far not in said["heavy", "untied"]
+
+
+def test_a_store_whose_rows_do_not_vary_is_refused_before_any_work(tmp_path, capsys):
+    from sweep.cli import main
+
+    for name, value in (("zero", 0.0), ("constant", 3.0)):
+        store = write_rows(tmp_path / name, torch.full((6000, 8), value))
+        args = [f"sweep_dir={tmp_path / name}-sw", "data=chunks", f"data.path={store.path}"]
+        for plan in (["--plan"], []):
+            assert main(["run", *plan, *args, "data.eval_rows=1000"]) == 2
+            err = " ".join(capsys.readouterr().err.split())
+            what = "zero" if value == 0 else "one vector"
+            assert f"every row of chunk store {store.path} is {what}: there is nothing" in err
+        assert not (tmp_path / f"{name}-sw" / "runs").exists()
+
+
+def test_a_sweep_warns_when_whole_batches_leave_much_of_each_chunk_out(tmp_path, capsys):
+    from sweep.cli import main
+
+    store = write_rows(tmp_path / "s", torch.randn(12000, 8))  # chunks of 4000 rows
+    args = [f"sweep_dir={tmp_path / 'sw'}", "data=chunks", f"data.path={store.path}"]
+    for batch, warned in ((1000, False), (1500, True)):  # 1500: 1000 of each 4000 left out
+        opts = [f"train.batch_size={batch}", "data.eval_rows=4000"]
+        assert main(["run", "--plan", *args, *opts]) == 0
+        err = " ".join(capsys.readouterr().err.split())
+        said = "2000 of the store's 8000 training rows (25%) are never trained on"
+        assert (said in err) is warned, err

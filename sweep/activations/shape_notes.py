@@ -1,5 +1,6 @@
-"""Warnings about a store's statistics that make dictionaries worse, or their numbers
-misleading, without any error: read from the manifest's ``stats`` (no pass over the rows).
+"""What a store's statistics say before any training, read from its manifest's ``stats`` (no
+pass over the rows): rows that do not vary are refused (nothing to learn); these make
+dictionaries worse, or their numbers misleading, without any error, and are warned of:
 
 - **Offset.** ``data.normalize`` scales rows to a mean norm of sqrt(width) (SAELens's and
   Anthropic's convention): where a large constant offset makes up most of that norm, the
@@ -13,6 +14,9 @@ misleading, without any error: read from the manifest's ``stats`` (no pass over 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+
+from sweep.errors import StoreError
 
 OFFSET_SHARE = 0.1
 """Below this share of the rows' mean squared norm in their spread around the mean, a
@@ -20,6 +24,22 @@ normalised store is said to be offset (a centred Gaussian store: ~1)."""
 HEAVY_TAIL = 4.0
 """Above this ratio E‖x‖² / (E‖x‖)², a store is said to be heavy-tailed (rows of one norm:
 1; a BOS row 100x the norm in every 1024: ~9)."""
+
+
+CONSTANT = 1e-12
+"""Rows whose spread around their mean is below this share of their mean squared norm do not
+vary (what is left is rounding), as :data:`sweep.metrics.VARIANCE_FLOOR` judges held-out rows."""
+
+
+def refuse_constant(stats: dict, path: Path) -> None:
+    """Refuse a store whose rows are all one vector (all zero, or constant)."""
+    moment = float(stats.get("mean_sq_row_norm") or 0.0)
+    if sum(s * s for s in stats.get("std") or []) <= CONSTANT * moment:
+        what = "zero" if moment == 0 else "one vector"
+        raise StoreError(
+            f"every row of chunk store {path} is {what}: there is nothing for a dictionary to "
+            "learn; check how the store was made (the model, hook or data it read)"
+        )
 
 
 def store_notes(stats: dict, normalize: bool, knob: str = "l1") -> list[str]:
