@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, planning, rate
-from sweep.activations.shape_notes import refuse_constant, store_notes
+from sweep.activations.shape_notes import held_out_unlike, refuse_constant, store_notes
 from sweep.activations.store import (
     MANIFEST,
     ChunkStore,
@@ -206,8 +206,11 @@ def check_store_fits(
     planning.expand_grid(cfg, store.width)
     planning.check_store(folder, store)
     refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
-    if verify:
+    unlike = None
+    if verify:  # (the run reads its held-out rows too)
         store.verify()
+        tail = store.tail_rows(cfg.data.eval_rows)
+        unlike = held_out_unlike(tail, store.manifest["stats"], cfg.data.eval_rows)
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
@@ -215,7 +218,7 @@ def check_store_fits(
     skipped = skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows)
     knob = cfg.sae.architecture().knob
     stats = store_notes(store.manifest["stats"], cfg.data.normalize, knob)
-    for note in (short, held_out, skipped, *stats):
+    for note in (short, held_out, skipped, unlike, *stats):
         if note:
             log.warning(note)
 

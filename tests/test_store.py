@@ -361,3 +361,26 @@ def test_a_sweep_warns_when_whole_batches_leave_much_of_each_chunk_out(tmp_path,
         err = " ".join(capsys.readouterr().err.split())
         said = "2000 of the store's 8000 training rows (25%) are never trained on"
         assert (said in err) is warned, err
+
+
+def test_a_run_warns_when_the_held_out_rows_are_unlike_the_store(tmp_path, caplog):
+    """Padding at the store's end: every metric would measure it (the run reads those rows)."""
+    from sweep import driver
+    from sweep.cli import compose
+    from sweep.config import to_sweep_config
+    from sweep.sweepdir import SweepFolder
+
+    x = torch.randn(12000, 8, generator=torch.Generator().manual_seed(0))
+    padded = x.clone()
+    padded[-1500:] = 0  # the last 1500 of the 2000 held-out rows
+    for name, rows in (("plain", x), ("padded", padded)):
+        store = write_rows(tmp_path / name, rows)
+        over = [f"sweep_dir={tmp_path / 'sw'}", "data=chunks", f"data.path={store.path}"]
+        cfg = to_sweep_config(compose([*over, "data.eval_rows=2000", "train.batch_size=500"]))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sweep.driver"):
+            driver.check_store_fits(cfg, SweepFolder(cfg.sweep_dir), store)
+        unlike = [r.getMessage() for r in caplog.records if "unlike the rest" in r.getMessage()]
+        assert len(unlike) == (name == "padded"), unlike
+    assert unlike[0].startswith("the held-out rows (the store's last data.eval_rows=2000, on")
+    assert "75% of them are zero and their mean norm is 0.2" in unlike[0], unlike

@@ -9,12 +9,17 @@ dictionaries worse, or their numbers misleading, without any error, and are warn
 - **Heavy tail.** A few rows with norms far above the rest (a BOS or delimiter token's
   massive activations) carry most of the variance: FVU, the scale and ``b_dec``'s start
   follow them, so FVU can read near 0 while typical rows are reconstructed badly.
+- **Held-out rows unlike the rest** (:func:`held_out_unlike`, which reads them): the store's
+  last ``data.eval_rows`` judge every run; padding there, or the end of an unshuffled store
+  unlike its start, makes every metric misleading.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+import torch
 
 from sweep.errors import StoreError
 
@@ -72,3 +77,25 @@ def store_notes(stats: dict, normalize: bool, knob: str = "l1") -> list[str]:
             "unless data.drop_bos=false)"
         )
     return notes
+
+
+UNLIKE = 2.0
+"""Held-out rows whose mean norm is over this factor off the store's are said to be unlike it."""
+ZERO_SHARE = 0.1
+"""Held-out rows more often zero than this are said to be unlike the store (padding)."""
+
+
+def held_out_unlike(tail: torch.Tensor, stats: dict, eval_rows: int) -> str | None:
+    """A warning when the held-out rows ``tail`` (the store's last ``eval_rows``) are unlike
+    the store as a whole (``stats``: its manifest's)."""
+    norms = tail.float().norm(dim=1)
+    zero = float((norms == 0).float().mean()) if len(norms) else 0.0
+    ratio = float(norms.mean()) / float(stats.get("mean_row_norm") or 1.0) if len(norms) else 1
+    if zero <= ZERO_SHARE and 1 / UNLIKE <= ratio <= UNLIKE:
+        return None
+    return (
+        f"the held-out rows (the store's last data.eval_rows={eval_rows}, on which every run is "
+        f"judged) are unlike the rest: {zero:.0%} of them are zero and their mean norm is "
+        f"{ratio:.3g}x the store's, so every metric measures them, not the store; write the "
+        "store's rows shuffled, or without padding"
+    )
