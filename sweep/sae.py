@@ -161,6 +161,14 @@ class SAE(torch.nn.Module):
             self.register_buffer(name, params[name].clone())
         self.requires_grad_(False)
 
+    def __getattr__(self, name: str):  # (nn.Module's, for what normal lookup did not find)
+        """``threshold`` of a JumpReLU SAE trained with ``sae.recipe=log``: exp(log_threshold),
+        the per-feature threshold in the form every other run has (and the export writes)."""
+        buffers = self.__dict__.get("_buffers", {})
+        if name == "threshold" and "log_threshold" in buffers:
+            return buffers["log_threshold"].exp()
+        return super().__getattr__(name)
+
     def extra_repr(self) -> str:
         knob = f"k={self.k}" if self.k else f"l1={self.cfg.get('l1')}"
         return f"{self.cfg.get('run_id')}: {self.arch.name}, d_in={self.d_in}, d_sae={self.d_sae}, {knob}"

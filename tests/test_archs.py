@@ -271,6 +271,16 @@ def test_a_linear_jumprelu_threshold_is_kept_non_negative():
     assert "log_threshold" in members("jumprelu:log", 1)[0]
 
 
+def test_a_log_recipe_jumprelu_sae_has_a_threshold_as_the_linear_one():
+    """``SAE.threshold`` reads exp(log_threshold): the form the export writes for SAELens."""
+    p = members("jumprelu:log", 1)[0]
+    model = sae.SAE(p, {"architecture": "jumprelu", "recipe": "log"})
+    torch.testing.assert_close(model.threshold, p["log_threshold"].exp())
+    assert "threshold" not in dict(model.named_buffers())  # (derived, not saved twice)
+    with pytest.raises(AttributeError):
+        getattr(sae.SAE(members("untied", 1)[0], {"architecture": "untied"}), "threshold")
+
+
 @pytest.mark.parametrize(
     "name, fast", [("untied", True), ("topk", True), ("batchtopk", True), ("tied", False)]
 )
