@@ -49,6 +49,9 @@ class Sweep:
         return list(self.table.index)
 
     def run_dir(self, run_id: str) -> Path:
+        """The run folder of ``run_id`` (one of :attr:`run_ids`)."""
+        if run_id not in self.table.index:
+            raise SweepError(f"no run {run_id!r} in {self.path}; see sweep.table.index for run ids")
         return rundir.run_dir(self.path, run_id)
 
     def sae(self, run_id: str) -> SAE:
@@ -58,8 +61,6 @@ class Sweep:
         return self._cache[run_id]
 
     def _load(self, run_id: str) -> SAE:
-        if run_id not in self.table.index:
-            raise SweepError(f"no run {run_id!r} in {self.path}; see sweep.table.index for run ids")
         if not rundir.is_done(self.run_dir(run_id)):
             raise SweepError(
                 f"run {run_id} is not finished yet (no DONE); pick a run whose state is done"

@@ -279,8 +279,9 @@ def test_load_sweep_table_and_lazy_saes(sweep_copy, caplog):
     torch.testing.assert_close(model(x), ref(x))
     with pytest.raises(SweepError, match="not finished"):
         sw.sae("r1-l1_1e-01-s1")
-    with pytest.raises(SweepError, match="no run"):
-        sw.sae("nope")
+    for ask in (sw.sae, sw.run_dir):
+        with pytest.raises(SweepError, match="no run 'nope' in"):
+            ask("nope")
     assert sum(1 for _ in sw.saes()) == 11 and list(sw._cache) == [rid]  # saes() keeps none
     assert dict(sw.saes())[rid] is model  # (but reuses what sae() keeps)
     done = sw.table[sw.table.state == "done"]
