@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, planning, rate
-from sweep.activations.shape_notes import held_out_unlike, refuse_constant, store_notes
+from sweep.activations.shape_notes import refuse_constant, store_notes
 from sweep.activations.store import (
     MANIFEST,
     ChunkStore,
@@ -202,23 +202,26 @@ def check_store_fits(
 ) -> None:
     """Refuse a store other than the sweep's, one k does not fit, a damaged one (``verify``:
     its checksums, hashed once and cached), or one too small for a batch; warn of a schedule
-    too short to train."""
+    too short to train. A new sweep also refuses rows that do not vary and warns of what the
+    store's rows say (:mod:`sweep.activations.shape_notes`: once, where it can still be acted
+    on)."""
+    new = folder.saved_config() is None
     planning.expand_grid(cfg, store.width)
     planning.check_store(folder, store)
-    refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
-    unlike = None
-    if verify:  # (the run reads its held-out rows too)
+    if new:
+        refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
+    if verify:
         store.verify()
-        tail = store.tail_rows(cfg.data.eval_rows)
-        unlike = held_out_unlike(tail, store.manifest["stats"], cfg.data.eval_rows)
     steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     short = cfg.sae.architecture().check_schedule(steps, mean_lr)
-    held_out = held_out_note(cfg.data.eval_rows, store.total_rows, folder.saved_config() is None)
-    skipped = skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows)
-    knob = cfg.sae.architecture().knob
-    stats = store_notes(store.manifest["stats"], cfg.data.normalize, knob)
-    for note in (short, held_out, skipped, unlike, *stats):
+    notes = [short, held_out_note(cfg.data.eval_rows, store.total_rows, new)]
+    if new:
+        notes.append(skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows))
+        tail = store.tail_rows(cfg.data.eval_rows)
+        stats, arch = store.manifest["stats"], cfg.sae.architecture()
+        notes += store_notes(stats, tail, cfg.data.eval_rows, cfg.data.normalize, arch)
+    for note in notes:
         if note:
             log.warning(note)
 

@@ -135,6 +135,10 @@ def test_l2_ratio_divides_tiny_inputs_by_one():
     assert metrics.evaluate(scaled, x * 1000, scale=1000)["l2_ratio"] == pytest.approx(
         m["l2_ratio"]
     )
+    tiny = torch.tensor([[5e-5, 0.0], [0.0, 10.0]])  # raw norm 5e-5 (guarded), 0.05 scaled
+    want = metrics.evaluate(const, tiny)["l2_ratio"]
+    assert want == pytest.approx((5 / 1 + 5 / 10) / 2)
+    assert metrics.evaluate(scaled, tiny * 1000, scale=1000)["l2_ratio"] == pytest.approx(want)
 
 
 def test_rows_that_do_not_vary_have_no_fvu():

@@ -47,6 +47,7 @@ def test_a_local_plan_finds_the_resources_ray_would_have_without_starting_it(
     """``launch=local``: the plan reads the CPUs and GPUs a new local instance would get from
     Ray's own resolver (Ray takes seconds to start); they equal what Ray reports once started
     (the shared test cluster: 2 CPUs, 2 fake GPUs)."""
+    pytest.importorskip("ray._private.resource_and_label_spec")  # (without it --plan starts Ray)
     asked = {k: ray_cluster.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
     monkeypatch.setattr(ray_cluster, "is_initialized", lambda: False)  # as in a fresh process
     assert launcher.local_cluster(launcher.LaunchConfig(num_cpus=2, num_gpus=2)) == asked
@@ -59,6 +60,7 @@ def test_a_local_plan_finds_the_resources_ray_would_have_without_starting_it(
 def test_a_local_plans_resources_equal_a_started_rays_by_default(tmp_path_factory):
     """Ray's own detection (CPUs, GPUs) with nothing set, against a Ray started as a run
     starts it, in a fresh process."""
+    pytest.importorskip("ray._private.resource_and_label_spec")
     temp = tmp_path_factory.mktemp("r")  # (short: Ray's socket paths)
     script = (
         f"from sweep import launcher; lc = launcher.LaunchConfig(temp_dir={str(temp)!r})\n"

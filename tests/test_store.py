@@ -383,4 +383,29 @@ def test_a_run_warns_when_the_held_out_rows_are_unlike_the_store(tmp_path, caplo
         unlike = [r.getMessage() for r in caplog.records if "unlike the rest" in r.getMessage()]
         assert len(unlike) == (name == "padded"), unlike
     assert unlike[0].startswith("the held-out rows (the store's last data.eval_rows=2000, on")
-    assert "75% of them are zero and their mean norm is 0.2" in unlike[0], unlike
+    assert "their mean norm is 0.2" in unlike[0] and "(75% of them zero)" in unlike[0], unlike
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / "config.yaml").write_text("{}")  # a sweep that began on it: said once
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sweep.driver"):
+        driver.check_store_fits(cfg, SweepFolder(cfg.sweep_dir), store)
+    assert "unlike the rest" not in caplog.text
+
+
+def test_store_notes_scale_their_advice_and_ignore_a_sparse_stores_zero_rows():
+    from sweep import archs
+    from sweep.activations.shape_notes import store_notes
+
+    x = torch.randn(4000, 16, generator=torch.Generator().manual_seed(1))
+    x[torch.rand(4000, generator=torch.Generator().manual_seed(2)) < 0.7] = 0  # sparse rows
+    norms = x.norm(dim=1)
+    stats = {"mean_row_norm": float(norms.mean()), "mean_sq_row_norm": float(norms.pow(2).mean()),
+             "std": x.std(dim=0).tolist()}  # fmt: skip
+    for name in ("untied", "topk", "jumprelu"):
+        assert store_notes(stats, x, 4000, True, archs.get(name)) == [], name
+    offset = {**stats, "mean_sq_row_norm": stats["mean_sq_row_norm"] * 100}  # spread 1%: r = 10
+    (l1,) = store_notes(offset, x, 4000, True, archs.get("untied"))
+    (l0,) = store_notes(offset, x, 4000, True, archs.get("jumprelu"))
+    assert l1.endswith("sweep grid.l1 about 10x lower") and "an l1 coefficient acts 10x" in l1
+    assert l0.endswith("sweep grid.l1 about 100x lower"), l0  # (an L0 penalty does not scale)
+    assert store_notes({"mean_row_norm": 1.0, "mean": [0.0]}, x, 4000, True, None) == []

@@ -593,9 +593,10 @@ def _not_finite(index: int, rows: torch.Tensor, dtype: str) -> str:
     if not bool(torch.isfinite(rows).all()):
         return f"chunk {index} contains NaN or inf values; refusing to write it"
     top = torch.finfo(torch_dtype(dtype)).max
+    fix = "write a float32 or bfloat16 store instead" if dtype == "float16" else "scale them down"
     return (
         f"chunk {index} holds values beyond {dtype}'s largest value {top:g} (up to "
-        f"{float(rows.abs().amax()):.4g}); write a float32 or bfloat16 store instead"
+        f"{float(rows.abs().amax()):.4g}); {fix}"
     )
 
 
