@@ -9,7 +9,7 @@ that space's units; the ratios (``fvu``, ``explained_variance``, ``cossim``, ``l
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -77,17 +77,10 @@ def density_tensors(freq_F: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def evaluate(
-    params: Params,
-    x_ND: torch.Tensor,
-    batch: int = 4096,
-    arch: str = "untied",
-    k: int = 0,
-    scale: float = 1.0,
-) -> dict[str, float]:
+def evaluate(params: Params, x_ND: torch.Tensor, **kw: Any) -> dict[str, float]:
     """Final metrics of one SAE on evaluation rows ``x_ND`` (already multiplied by the
-    store's ``scale``)."""
-    return evaluate_with_frequency(params, x_ND, batch, arch, k, scale)[0]
+    store's ``scale``); ``kw``: :func:`evaluate_with_frequency`'s settings."""
+    return evaluate_with_frequency(params, x_ND, **kw)[0]
 
 
 @torch.no_grad()
