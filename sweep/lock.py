@@ -1,8 +1,9 @@
 """A lock file in SWEEP_DIR so only one driver runs a sweep at a time.
 
-``SWEEP_DIR/.lock`` holds the holder's host, pid and start time and is touched every few
-seconds while the driver runs (a heartbeat). A lock is stale, and taken over, when its pid
-is dead on this host, or when its heartbeat is older than ``STALE_AFTER`` seconds on
+``SWEEP_DIR/.lock`` holds the holder's host, pid, start time and folder (device and inode)
+and is touched every few seconds while the driver runs (a heartbeat). A lock is stale, and
+taken over, when its pid is dead on this host or it names another folder there (a running
+sweep copied with ``cp -r``), or when its heartbeat is older than ``STALE_AFTER`` seconds on
 another host (whose processes we cannot see).
 
 Taking the lock is atomic: drivers that start together serialise on an ``fcntl.flock`` of
@@ -71,10 +72,27 @@ def holder_alive(info: dict, path: Path) -> bool:
     if info.get("host") != socket.gethostname():
         return fresh
     pid = int(info.get("pid", -1))
-    if not _alive(pid):
+    if not _alive(pid) or _copied(info, path):
         return False
     began = _began_at(pid)
     return fresh or began is None or began <= float(info.get("started", 0.0)) + CLOCK_SLACK
+
+
+def folder_id(folder: Path) -> list[int] | None:
+    """The sweep folder's identity on this host: [device, inode] (a copy has another)."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
+def _copied(info: dict, path: Path) -> bool:
+    """Whether lock ``info`` (from this host) was written in another folder: copied along with
+    a running sweep, its driver runs that one, not this (a lock from before it said: no)."""
+    held = info.get("folder")
+    here = folder_id(path.parent)
+    return isinstance(held, list) and here is not None and held != here
 
 
 CLOCK_SLACK = 60.0
@@ -140,6 +158,7 @@ class SweepLock:
         self._warned = False
 
     def __enter__(self) -> SweepLock:
+        self.info["folder"] = folder_id(self.path.parent)
         self._wait_for_another_host()
         with _guard(self.path.parent / LOCK_GUARD):
             held = read_lock(self.path.parent)

@@ -405,6 +405,28 @@ def test_a_lock_naming_this_process_that_holds_none_is_stale(tmp_path, caplog):
         assert "taking over a stale lock" in caplog.text
 
 
+def test_a_lock_copied_with_a_running_sweep_does_not_hold_the_copy(tmp_path, caplog):
+    """``cp -r`` of a sweep while its driver runs copies the lock too: the copy is a sweep of
+    its own (the lock names the original folder), the original stays held."""
+    import shutil
+
+    original, copy = tmp_path / "a", tmp_path / "b"
+    original.mkdir()
+    with SweepLock(original):
+        info = {**read_json(original / ".lock"), "pid": os.getppid(), "started": 0.0}
+    assert info["folder"] == lock_module.folder_id(original)
+    (original / ".lock").write_text(json.dumps(info))  # a live driver's (the parent process)
+    shutil.copytree(original, copy)
+    with caplog.at_level(logging.WARNING), SweepLock(copy):
+        assert "taking over a stale lock" in caplog.text
+    with pytest.raises(SweepError, match="is being run by pid"):
+        SweepLock(original).__enter__()
+    del info["folder"]  # a lock written before locks named their folder: held, as before
+    (copy / ".lock").write_text(json.dumps(info))
+    with pytest.raises(SweepError, match="is being run by pid"):
+        SweepLock(copy).__enter__()
+
+
 def test_an_empty_lock_is_taken_over_and_a_full_disk_leaves_no_lock_temp(
     tmp_path, monkeypatch, caplog
 ):
