@@ -350,8 +350,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _run(load_saved(args.sweep_dir, args.overrides))
 
 
-EVALUATE_KEYS = ("launch.", "logger.", "train.device", "progress")
-"""What ``sweep evaluate`` may override: where and how it runs, never what it computes."""
+EVALUATE_KEYS = ("launch.", "logger.", "train.device", "progress", "data.path")
+"""What ``sweep evaluate`` may override: where and how it runs (and where its store is now,
+checked to be the same store), never what it computes."""
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

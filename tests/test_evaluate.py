@@ -207,6 +207,23 @@ def test_overrides_may_follow_the_run_ids(copy):
     assert events(folder)[-1]["reason"] == "sweep evaluate"
 
 
+def test_a_store_moved_elsewhere_is_named_by_data_path(copy, tmp_path, capsys):
+    """The store moved (to another disk, say): evaluated there; the sweep's own place for it
+    stays empty (not generated again), and another store is refused as the run refuses it."""
+    moved = tmp_path / "elsewhere"
+    shutil.move(copy / "store", moved)
+    folder = copy / "runs" / "r2-l1_1e-03-s0"
+    before = metrics(folder)
+    assert main(["evaluate", str(copy), "--runs", folder.name, f"data.path={moved}"]) == 0
+    assert not (copy / "store").exists() and metrics(folder)["fvu"] == before["fvu"]
+    other = tmp_path / "other"
+    assert main(["run", f"sweep_dir={tmp_path / 'o'}", *TINY, "data.seed=7", *GRID,
+                 f"data.path={other}", "grid.l1=[1e-3]", "grid.dict_ratio=[1]"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", str(copy), f"data.path={other}"]) == 2
+    assert "different" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
