@@ -476,5 +476,8 @@ def _append_line(path: Path, message: str) -> None:
 def _write_sweep_files(
     folder: SweepFolder, cfg: SweepConfig, p: SweepPlan, store: ChunkStore | None
 ) -> None:
+    if cfg.data.path:  # (a resume from another folder finds a store given relative to this one)
+        where = str(Path(cfg.data.path).expanduser().absolute())
+        cfg = replace(cfg, data=replace(cfg.data, path=where))
     folder.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     folder.write_manifest([r.as_dict() for r in p.runs], p.ensemble_of(), store, grid=True)

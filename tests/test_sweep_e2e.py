@@ -139,6 +139,22 @@ def test_resume_command_uses_saved_config(ray_cluster, tmp_path, capsys):
     assert len(rows) == 2 and {r["state"] for r in rows} == {"done"}
 
 
+def test_a_relative_data_path_is_saved_absolute(ray_cluster, tmp_path, monkeypatch, capsys):
+    """A resume from another folder finds the store given relative to the first one (else
+    data=synthetic made a second store there, data=chunks found none)."""
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    grid = ["grid.l1=[1e-2]", "grid.dict_ratio=[1]", "data.path=stores/s"]
+    assert main(["run", f"sweep_dir={tmp_path / 'sw'}", *TINY, *grid]) == 0
+    assert (
+        f"path: {tmp_path / 'a' / 'stores' / 's'}" in (tmp_path / "sw" / "config.yaml").read_text()
+    )
+    monkeypatch.chdir(tmp_path)
+    shutil.rmtree(tmp_path / "sw" / "runs" / "r1-l1_1e-02-s0")
+    assert main(["resume", str(tmp_path / "sw")]) == 0
+    assert not (tmp_path / "stores").exists()
+
+
 @pytest.fixture
 def nan_store(tmp_path):
     src = tmp_path / "made"
