@@ -167,11 +167,27 @@ def checked_store(cfg: SweepConfig, folder: SweepFolder, laps: Laps | None = Non
     """What can refuse the run's store before any training (after :func:`check_config`),
     with the store it trains on (``laps``: times making or opening it, then checking it)."""
     laps = laps or Laps()
+    _warn_store_gone(cfg, folder)
     store = prepare_store(cfg)
     laps.lap("store")
     check_store_fits(cfg, folder, store)
     laps.lap("store checks")
     return store
+
+
+def _warn_store_gone(cfg: SweepConfig, folder: SweepFolder) -> None:
+    """A sweep that began on a store of its ``data.path`` that is gone makes it again (the same
+    rows: a synthetic store from its seed, a harvest from its model and text), at a cost of
+    time and disk a moved store did not need: said before it begins."""
+    path = store_path(cfg)
+    if cfg.data.name == "chunks" or folder.saved_config() is None or owns_store(cfg):
+        return
+    if not (path.expanduser() / MANIFEST).is_file():
+        log.warning(
+            "the store this sweep trained on is not at %s: making it again there (the same "
+            "rows); if it was moved, stop (Ctrl-C) and pass data.path=<where it is now>",
+            path,
+        )
 
 
 def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:

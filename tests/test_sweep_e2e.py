@@ -155,6 +155,20 @@ def test_a_relative_data_path_is_saved_absolute(ray_cluster, tmp_path, monkeypat
     assert not (tmp_path / "stores").exists()
 
 
+def test_a_store_gone_from_its_data_path_is_said_before_it_is_made_again(
+    ray_cluster, tmp_path, capsys
+):
+    grid = ["grid.l1=[1e-2]", "grid.dict_ratio=[1]", f"data.path={tmp_path / 'ext'}"]
+    assert main(["run", f"sweep_dir={tmp_path / 'sw'}", *TINY, *grid]) == 0
+    shutil.move(tmp_path / "ext", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "sw" / "runs" / "r1-l1_1e-02-s0")
+    capsys.readouterr()
+    assert main(["resume", str(tmp_path / "sw")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"the store this sweep trained on is not at {tmp_path / 'ext'}: making it again" in err
+    assert "if it was moved, stop (Ctrl-C) and pass data.path=<where it is now>" in err
+
+
 @pytest.fixture
 def nan_store(tmp_path):
     src = tmp_path / "made"
