@@ -106,8 +106,8 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
             sections["data"].setdefault("width", spec["width"])
         sections["train"] = planning.with_legacy({"train": dict(spec.get("train", {}))})["train"]
         source = "the run specs (no readable config.yaml)"
-    if spec.get("store"):
-        sections["data"]["store"] = spec["store"]
+    if spec.get("store"):  # (where the runs trained: a moved store is elsewhere now)
+        sections["data"]["trained on"] = spec["store"]
     return source, sections
 
 

@@ -417,7 +417,7 @@ def test_page_starts_with_settings_best_runs_and_table(sweep_copy):
     assert "from config.yaml" in settings
     for text in ("n_features</b> 32", "l1</b> 0.001, 0.01, 0.1", "seeds</b> 2", "lr</b> 0.01"):
         assert text in settings
-    assert "sweep_dir" not in settings and "store</b>" in settings  # only data/grid/train
+    assert "sweep_dir" not in settings and "trained on</b>" in settings  # only data/grid/train
 
 
 def test_settings_without_config_come_from_the_run_specs(sweep_copy):
