@@ -305,3 +305,43 @@ def test_a_chunk_too_large_for_memory_is_one_line_naming_rows_per_chunk(tmp_path
     cfg = SyntheticDataConfig(rows=4096, eval_rows=1024, rows_per_chunk=4096)
     with pytest.raises(StoreError, match="ran out of host memory .* lower data.rows_per_chunk"):
         synthetic.ensure_synthetic_store(cfg, tmp_path / "store", "cpu")
+
+
+GENERATE = """
+import logging, sys
+from sweep.activations.synthetic import ensure_synthetic_store
+from tests.conftest import tiny_data
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+try:
+    store = ensure_synthetic_store(tiny_data(rows=9000, seed=int(sys.argv[2])), sys.argv[1])
+    print("made with seed", store.provenance["params"]["seed"], flush=True)
+except Exception as err:
+    print("refused:", err, flush=True)
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_second_process_waits_for_the_generation_then_reuses_or_refuses(tmp_path, seed):
+    """Two sweeps on one new ``data.path`` at once: the second waits for the first's store,
+    then reuses it (same parameters) or refuses it in one line — never both writing one
+    folder (seen: chunks of two seeds in one store that verified)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "store"
+    repo = Path(__file__).resolve().parents[1]
+    with synthetic._generating(path):  # this process generates meanwhile
+        other = subprocess.Popen(
+            [sys.executable, "-c", GENERATE, str(path), str(seed)], cwd=repo, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        first = other.stdout.readline()
+        assert f"another process is generating the synthetic store {path}" in first, first
+        synthetic._make(tiny_data(rows=9000, seed=0), path, "cpu", False, False)
+    said = other.communicate(timeout=120)[0]
+    if seed == 0:
+        assert "reusing synthetic store" in said and "made with seed 0" in said, said
+    else:
+        assert "refused: store" in said and "different data parameters (seed)" in said, said
+    synthetic.ChunkStore(path).verify()

@@ -40,10 +40,14 @@ generator (version, device, GPU model, algorithm).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -498,6 +502,52 @@ def ensure_synthetic_store(
     resumed at its first missing chunk.
     """
     path = Path(path)
+    store = existing_store(cfg, path)
+    if store is not None:
+        log.info("reusing synthetic store %s", path)
+        return store
+    with _generating(path):
+        return _make(cfg, path, device, progress, owned)
+
+
+@contextmanager
+def _generating(path: Path) -> Iterator[None]:
+    """Hold the store's folder (made if needed) while one process generates it: a second sweep
+    on the same ``data.path`` waits, then reuses (or refuses, one line) what the first made,
+    instead of both writing one folder (mixing chunks of two seeds, or clearing each other's
+    writes). An ``fcntl.flock`` of the folder, released by the kernel when the process dies;
+    a file system without flock is not locked, and a folder that cannot be made is left to
+    the writer's own error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(
+                "another process is generating the synthetic store %s; waiting for it", path
+            )
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            log.debug("%s cannot be locked (no flock here)", path)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def _make(
+    cfg: SyntheticDataConfig,
+    path: Path,
+    device: str | torch.device,
+    progress: bool,
+    owned: bool,
+) -> ChunkStore:
+    """:func:`ensure_synthetic_store` under :func:`_generating`: reuse what the process waited
+    for made, else generate (clearing or refusing an incomplete store as it says)."""
     store = existing_store(cfg, path)
     if store is not None:
         log.info("reusing synthetic store %s", path)
