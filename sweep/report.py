@@ -263,7 +263,9 @@ def build_report(
     write_summary(out, rows)
     if _writes_back(sweep_dir, out):
         crossdict.annotate_runs(records, cross, digest)
-        write_summary(sweep_dir, rows)
+        # read again: runs may have finished since (a report during training takes minutes of
+        # MMCS), and the sweep's summary must not go back to what they were
+        write_summary(sweep_dir, summary_rows(folder.read_runs()))
     write_mmcs(out / MMCS_FILE, cross)
     compared = _compared(folder, records, rows, others) if others else []
     images = draw_plots(

@@ -118,7 +118,8 @@ def test_report_on_finished_sweep(sweep_copy, capsys):
     assert by_id["r1-l1_1e-03-s1"]["mmcs_next_ratio_run"] == "r2-l1_1e-03-s1"
     assert by_id["r2-l1_1e-03-s1"]["mmcs_next_ratio"] == ""  # no larger ratio in the sweep
     assert all(0 < float(r["mmcs_seeds"]) <= 1 for r in rows)
-    assert (sweep_copy / "summary.csv").is_file()  # the sweep-level summary is refreshed too
+    sweep_rows = {r["run_id"]: r for r in read_csv(sweep_copy / "summary.csv")}  # refreshed too
+    assert all(sweep_rows[i]["mmcs_seeds"] == r["mmcs_seeds"] for i, r in by_id.items())
     html = (report / "index.html").read_text()
     assert all(name in html for name in PNGS) and "r1-l1_1e-02-s0" in html and "summary.csv" in html
 
@@ -257,6 +258,29 @@ def test_report_bad_folder_is_one_line_error(tmp_path, capsys, kind):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and str(target) in err
     assert not (target / "report").exists()
+
+
+def test_a_report_during_training_leaves_the_sweeps_summary_as_the_runs_are_now(
+    sweep_copy, monkeypatch
+):
+    """A run whose state changed while the report compared dictionaries (minutes of MMCS
+    during training): the report's own table is of what it read, the sweep's summary.csv of
+    what the runs are when it is written (it went back to the earlier states)."""
+    real = crossdict.compute
+    changed = "r2-l1_1e-01-s1"
+
+    def compute(*args, **kw):
+        out = real(*args, **kw)
+        (rundir.run_dir(sweep_copy, changed) / rundir.DONE).unlink()  # no longer finished
+        return out
+
+    monkeypatch.setattr(crossdict, "compute", compute)
+    build_report(sweep_copy, device="cpu", log_media=False)
+    report = {r["run_id"]: r for r in read_csv(sweep_copy / "report" / "summary.csv")}
+    now = {r["run_id"]: r for r in read_csv(sweep_copy / "summary.csv")}
+    assert report[changed]["state"] == "done" and now[changed]["state"] != "done"
+    other = "r1-l1_1e-03-s1"  # MMCS over another set of finished runs: out of date, left out
+    assert report[other]["mmcs_seeds"] != "" and now[other]["mmcs_seeds"] == ""
 
 
 def test_report_without_runs_is_an_error(tmp_path, capsys):
