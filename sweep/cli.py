@@ -5,6 +5,7 @@
     sweep resume SWEEP_DIR [key=value ...]                     continue a sweep from its saved config
     sweep evaluate SWEEP_DIR [--runs ID ...]                   metrics of finished runs again, from their weights
     sweep status SWEEP_DIR [--state S,...] [--json]            state and progress of every run
+    sweep stop SWEEP_DIR [--no-wait]                           ask its running driver to checkpoint and stop
     sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
     sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...] [--finished]  runs in SAELens format
     sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
@@ -416,6 +417,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from sweep.stop_request import ask_to_stop
+
+    return ask_to_stop(Path(args.sweep_dir), wait=not args.no_wait)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from sweep import report, table
 
@@ -524,6 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="print it as JSON (runs, states, rows, pace while training) for scripts",
     )
     st.set_defaults(func=cmd_status)
+    stop = sub.add_parser(
+        "stop",
+        help="ask a running sweep's driver (on any host that sees the folder) to stop; every "
+        "running ensemble checkpoints first, as at Ctrl-C",
+    )
+    stop.add_argument("sweep_dir")
+    stop.add_argument(
+        "--no-wait", action="store_true", help="return at once instead of when the driver ended"
+    )
+    stop.set_defaults(func=cmd_stop)
     rep = sub.add_parser(
         "report",
         help="summary table, MMCS, plots and index.html in SWEEP_DIR/report "

@@ -37,6 +37,7 @@ from sweep.lock import TRAINING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.startup import Laps
 from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly, raised_by
+from sweep.stop_request import StopRequestWatch
 from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ def driving(
         lock = SweepLock(folder.path, doing)  # (released at a signal from before it is taken:
         with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
             outcome.signals, outcome.locked = signals, True
-            yield lock
+            with StopRequestWatch(folder.path, lock.info, signals):  # ('sweep stop')
+                yield lock
 
 
 def compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:

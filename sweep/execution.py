@@ -6,7 +6,6 @@ that ran out of GPU memory continued on a GPU of its own or in halves.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -81,7 +80,8 @@ class Outcome:
                     "stop (their workers were lost first): they continue from their last "
                     f"periodic checkpoint; the others: {note}"
                 )
-            raise Interrupted(f"stopped by {signal.Signals(self.signum).name}: {note}", self.signum)
+            by = self.signals.stopped_by  # type: ignore[union-attr]  (signum: signals)
+            raise Interrupted(f"stopped by {by}: {note}", self.signum)
         full = [f for f in self.failures if is_disk_full(f)]
         if full:
             raise SweepError(f"no space left on the device ({full[0]}); {DISK_FULL_FIX}")

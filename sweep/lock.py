@@ -165,8 +165,8 @@ class SweepLock:
             if held is not None and holder_alive(held, self.path) and not self._own_stale(held):
                 raise RunDirError(
                     f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
-                    f"wait for it to finish (or stop it: kill -INT {held.get('pid')} there, "
-                    f"which checkpoints every run) before {activity(self.info)} this sweep again"
+                    f"wait for it to finish (or stop it: 'sweep stop {self.path.parent}', which "
+                    f"checkpoints every run) before {activity(self.info)} this sweep again"
                 )
             if self.path.exists():
                 log.warning("taking over a stale lock %s", _left_by(held))

@@ -58,7 +58,7 @@ def at_exit_now(call: Callable[[str], None]) -> Iterator[None]:
         _AT_EXIT_NOW.remove(call)
 
 
-def exit_now(signum: int, _frame: object = None) -> None:
+def exit_now(signum: int, _frame: object = None, by: str | None = None) -> None:
     """A signal handler for when nothing is training: one line, then exit 128+signal at once.
 
     It exits rather than raising: the signal may land inside C++ code (torch's imports,
@@ -67,7 +67,7 @@ def exit_now(signum: int, _frame: object = None) -> None:
     next run) and Ray's processes fate-share with this one; what registered with
     :func:`at_exit_now` (the sweep's lock, its log) is tidied first.
     """
-    name = signal.Signals(signum).name
+    name = by or signal.Signals(signum).name
     line = (
         f"interrupted: stopped by {name}; nothing was lost (every write is atomic): "
         "re-run the same command to continue"
@@ -139,6 +139,8 @@ class DriverSignals:
     ) -> None:
         self.on_stop, self.asking = on_stop, asking
         self.signum, self.when = 0, 0.0
+        self.by: str | None = None
+        """Who asked for the stop, when not a signal sent by hand (:mod:`sweep.stop_request`)."""
         self.immediate = True
         self._old: dict[int, object] = {}
 
@@ -153,7 +155,7 @@ class DriverSignals:
     def _handle(self, signum: int, _frame: object) -> None:
         if self.immediate:
             self.signum = signum
-            exit_now(signum)
+            exit_now(signum, by=self.by)
         if self.signum:  # a second signal: stop waiting for the workers
             raise StopNow(
                 f"stopped by a second {signal.Signals(signum).name} without waiting for the "
@@ -162,7 +164,12 @@ class DriverSignals:
             )
         self.signum, self.when = signum, time.time()
         quietly(lambda: self.on_stop(signum))
-        log.warning("received %s: asking %s", signal.Signals(signum).name, self.asking)
+        log.warning("received %s: asking %s", self.stopped_by, self.asking)
+
+    @property
+    def stopped_by(self) -> str:
+        """What stopped the sweep, as its lines say it."""
+        return self.by or signal.Signals(self.signum).name
 
     def __exit__(self, *exc: object) -> None:
         _restore(self._old)

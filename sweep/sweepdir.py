@@ -7,6 +7,7 @@
                     and the member limits learned from ensembles that ran out of GPU memory
     summary.csv     one row per run        .lock   while a driver runs (.lock-guard: taking it)
     .stop           a stopping driver's request to every worker
+    .stop-request   ``sweep stop``'s request to the driver (:mod:`sweep.stop_request`)
     sweep.log       what every driver logged, with the full details of any error
     store/          the default chunk store (data=synthetic / data=harvest without data.path)
     report/         ``sweep report``       wandb/  offline wandb runs
@@ -605,15 +606,22 @@ class SweepFolder:
         return set(ids) if isinstance(ids, list) else None
 
     def activity(self) -> str:
-        """``running`` when a live driver holds the lock (``evaluating``: a ``sweep evaluate``),
-        else the state the manifest recorded (each plan drops it: none means the last driver
+        """``running`` when a live driver holds the lock (``evaluating``: a ``sweep evaluate``;
+        ``stopping``: it was asked to stop), else the state the manifest recorded (each plan drops it: none means the last driver
         died before recording its outcome)."""
         from sweep.lock import activity
 
         held = self.driver()
         if held is not None:
-            return activity(held)
+            return "stopping" if self._stop_asked(held) else activity(held)
         return self.manifest().get("state", NO_OUTCOME)
+
+    def _stop_asked(self, held: dict) -> bool:
+        """Whether the driver of lock ``held`` has been asked to stop (it wrote the stop file)."""
+        try:
+            return self.stop_file.stat().st_mtime >= float(held.get("started", 0.0))
+        except (OSError, TypeError, ValueError):
+            return False
 
     # ------------------------------------------------------------------------- runs
 

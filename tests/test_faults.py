@@ -222,6 +222,33 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     assert f"details: worker of ensemble {ens}: run {stopped} (ensemble {ens}): " in said, workers
 
 
+def test_sweep_stop_from_another_terminal_checkpoints_and_resumes_exactly(
+    reference, tmp_path, tmp_path_factory
+):
+    """`sweep stop` (another process) stops the driver as SIGINT does; it returns once the
+    driver ended, and the re-run ends identical to the uninterrupted sweep."""
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rstop"
+    slow = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_STEP_SLEEP": "0.02"}  # (~12 s of training)
+    p = start(sw, rt, environ=slow)
+    wait_for(lambda: curve_len(sw) >= 8, p)
+    asked = subprocess.run(
+        [sys.executable, "-m", "sweep", "stop", str(sw)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert asked.returncode == 0, asked.stdout + asked.stderr
+    assert "it stopped; re-run its command" in asked.stdout
+    got, out = finish(p)
+    assert got == 130, out
+    said = (sw / "sweep.log").read_text()
+    assert "interrupted: stopped by 'sweep stop' (pid " in said, said
+    assert json.loads((sw / "manifest.json").read_text())["state"] == "interrupted"
+    assert not (sw / ".stop-request").exists()
+    _resume_and_compare(sw, rt, reference)
+
+
 def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_factory):
     """The second signal stops the wait for the ensembles: 128 + that signal, one line, and
     the sweep still resumes to the uninterrupted result."""

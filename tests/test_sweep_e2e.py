@@ -244,7 +244,8 @@ def test_second_driver_is_refused_while_lock_is_live(ray_cluster, tmp_path, caps
         json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "started": 0})
     )
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 2
-    assert "is being run by pid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is being run by pid" in err and f"stop it: 'sweep stop {sw}'" in err
     (sw / ".lock").write_text(
         json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345, "started": 0})
     )

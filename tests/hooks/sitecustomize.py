@@ -11,7 +11,9 @@ variable is set, and a module is patched when it is first imported, not before:
 - ``SWEEP_TEST_EVAL_RAISES``: evaluating raises a ``KeyError`` of that key (a bug's
   unexpected error, not a :class:`sweep.errors.SweepError`);
 - ``SWEEP_TEST_FINISH_RAISES``: writing the final files of that run id raises a
-  ``KeyError`` (its ensemble-mates before it have finished).
+  ``KeyError`` (its ensemble-mates before it have finished);
+- ``SWEEP_TEST_STEP_SLEEP``: every ensemble step takes that many seconds more (a sweep long
+  enough for a stop asked from another process to land in training).
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ def _ensemble(module) -> None:
         self._test_steps = getattr(self, "_test_steps", 0) + 1
         if self.n > above and self._test_steps == at:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, *args, **kw)
+
+    module.Ensemble.step = step
+
+
+def _slow_steps(module) -> None:
+    import time
+
+    pause, real = float(os.environ["SWEEP_TEST_STEP_SLEEP"]), module.Ensemble.step
+
+    def step(self, *args, **kw):
+        time.sleep(pause)
         return real(self, *args, **kw)
 
     module.Ensemble.step = step
@@ -77,6 +91,7 @@ def _gpuinfo(module) -> None:
 
 PATCHES = [
     ("sweep.ensemble", "SWEEP_TEST_OOM_ABOVE", _ensemble),
+    ("sweep.ensemble", "SWEEP_TEST_STEP_SLEEP", _slow_steps),
     ("sweep.metrics", "SWEEP_TEST_OOM_EVAL_ABOVE", _metrics),
     ("sweep.metrics", "SWEEP_TEST_EVAL_RAISES", _raising_metrics),
     ("sweep.gpuinfo", "SWEEP_TEST_NODE_CUDA", _gpuinfo),

@@ -1,0 +1,145 @@
+"""``sweep stop SWEEP_DIR``: ask a sweep's running driver, from any terminal or host that
+sees the folder, to stop as a SIGINT would stop it (every running ensemble checkpoints).
+
+The command writes ``SWEEP_DIR/.stop-request`` naming the driver's lock (host, pid, start);
+the driver's :class:`StopRequestWatch` polls for it and sends itself SIGINT, so a stop asked
+this way takes the very path of a signal in every phase (harvesting, planning, training,
+evaluating). A request naming another lock (a driver that ended before it saw it) is
+removed, never obeyed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from sweep.errors import SweepError
+from sweep.io import atomic_write_json
+from sweep.stop import DriverSignals
+
+log = logging.getLogger(__name__)
+
+STOP_REQUEST = ".stop-request"
+PICKUP = 30.0
+"""Seconds a driver has to take a request before ``sweep stop`` says it did not."""
+POLL = 1.0
+"""How often a driver looks for a request (seconds)."""
+LOCK_KEYS = ("host", "pid", "started")
+
+
+def _names(request: dict, lock: dict) -> bool:
+    """Whether ``request`` asks the driver holding ``lock`` to stop."""
+    held = request.get("lock")
+    return isinstance(held, dict) and all(held.get(k) == lock.get(k) for k in LOCK_KEYS)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        got = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return got if isinstance(got, dict) else {}
+
+
+def _asker(request: dict) -> str:
+    by = request.get("by")
+    by = by if isinstance(by, dict) else {}
+    return f"'sweep stop' (pid {by.get('pid')} on {by.get('host')})"
+
+
+class StopRequestWatch:
+    """In the driver, while it holds the lock ``lock_info``: a thread that turns a request
+    naming that lock into SIGINT to this process (its :class:`DriverSignals` handle it in the
+    main thread). One request stops the sweep; later ones are removed (already stopping)."""
+
+    def __init__(self, sweep_dir: Path, lock_info: dict, signals: DriverSignals) -> None:
+        self.path = Path(sweep_dir) / STOP_REQUEST
+        self.lock_info, self.signals = lock_info, signals
+        self._closed = threading.Event()
+        self._asked = False
+
+    def __enter__(self) -> StopRequestWatch:
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="sweep-stop-request")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+
+    def _watch(self) -> None:
+        while not self._closed.is_set():
+            self.check()
+            self._closed.wait(POLL)
+
+    def check(self) -> None:
+        """Act on the request in the sweep folder, if any (and remove it)."""
+        request = _read(self.path)
+        if request is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        if not _names(request, self.lock_info):
+            log.debug("removed a stop request for another driver: %s", request)
+            return
+        if self._asked:
+            log.info("%s asked again: the sweep is already stopping", _asker(request))
+            return
+        self._asked = True
+        self.signals.by = _asker(request)
+        log.warning("asked to stop by %s", self.signals.by)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
+    """``sweep stop``: ask the live driver of ``sweep_dir`` to stop; with ``wait``, return when
+    it has ended. 0 also when no driver runs (nothing to stop)."""
+    from sweep.sweepdir import StoppedPreparing, SweepFolder
+
+    folder = SweepFolder(sweep_dir)
+    held = folder.driver()
+    if held is None:
+        with contextlib.suppress(StoppedPreparing):
+            folder.run_ids()  # (not a sweep folder: its one-line error)
+        print(f"sweep {sweep_dir}: no driver is running it; nothing to stop")
+        return 0
+    lock = {k: held.get(k) for k in LOCK_KEYS}
+    by = {"host": socket.gethostname(), "pid": os.getpid()}
+    atomic_write_json(folder.path / STOP_REQUEST, {"lock": lock, "by": by, "time": time.time()})
+    who = f"pid {held.get('pid')} on {held.get('host')}"
+    print(
+        f"asked the driver of sweep {sweep_dir} ({who}) to stop: each running ensemble checkpoints first"
+    )
+    if not wait:
+        return 0
+    try:
+        _wait_for_end(folder, lock, who)
+    except KeyboardInterrupt:
+        print("left waiting; the driver still stops (see 'sweep status')")
+        return 130
+    print(f"it stopped; re-run its command (or 'sweep resume {sweep_dir}') to continue")
+    return 0
+
+
+def _wait_for_end(folder, lock: dict, who: str) -> None:  # type: ignore[no-untyped-def]
+    """Until the driver holding ``lock`` has ended; one line if it never takes the request."""
+    asked = time.monotonic()
+    request = folder.path / STOP_REQUEST
+    while True:
+        held = folder.driver()
+        if held is None or any(held.get(k) != lock[k] for k in LOCK_KEYS):
+            return
+        if request.exists() and time.monotonic() - asked > PICKUP:
+            with contextlib.suppress(OSError):
+                request.unlink()
+            raise SweepError(
+                f"the driver ({who}) did not take the stop request in {PICKUP:.0f} s (a sweep "
+                f"older than 'sweep stop', or stuck); stop it there with kill -INT {lock['pid']}"
+            )
+        time.sleep(0.5)
