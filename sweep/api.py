@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sweep import crossdict, rundir, runfacts
+from sweep import crossdict, rundir
 from sweep.errors import SweepError
 from sweep.sae import SAE, as_device, load_run
-from sweep.sweepdir import SweepFolder, summary_columns
+from sweep.sweepdir import SweepFolder, summary_columns, with_frontier
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,8 @@ def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:
     has the sweep's sparsity column: ``l1``, or ``k`` for TopK-style sweeps (whose ``l1`` is
     unused and left out)."""
     path, device = Path(path), as_device(device)
-    rows = [r.row() for r in SweepFolder(path).read_runs()]
+    rows = with_frontier([r.row() for r in SweepFolder(path).read_runs()])
     cols = [c for c in summary_columns(rows) if c not in _unused_knobs(rows)]
-    cols.insert(cols.index("state") + 1, "frontier")
-    front = runfacts.frontier_ids(rows)
-    for r in rows:
-        r["frontier"] = r["run_id"] in front
     table = pd.DataFrame(rows, columns=[*cols, "arch"]).set_index("run_id")
     return Sweep(path, table, device)
 

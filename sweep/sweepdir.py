@@ -84,10 +84,24 @@ SUMMARY_COLUMNS = [
 """The first columns of ``summary.csv`` (every other metric follows, sorted)."""
 
 
+FRONTIER = "frontier"
+"""The column saying whether a run is on the FVU–L0 Pareto frontier (the report's line)."""
+
+
 def summary_columns(rows: list[dict]) -> list[str]:
-    """The fixed columns (``k`` only when a run has one), then every other metric, sorted."""
+    """The fixed columns (``k`` only when a run has one; ``frontier`` after ``state``), then
+    every other metric, sorted."""
     first = [c for c in SUMMARY_COLUMNS if c != "k" or any(r.get("k") for r in rows)]
-    return first + sorted({k for r in rows for k in r} - set(SUMMARY_COLUMNS) - ROW_ONLY)
+    first.insert(first.index("state") + 1, FRONTIER)
+    return first + sorted({k for r in rows for k in r} - set(first) - ROW_ONLY)
+
+
+def with_frontier(rows: list[dict]) -> list[dict]:
+    """The rows with ``frontier`` set: True for the runs on the FVU–L0 Pareto frontier."""
+    from sweep.runfacts import frontier_ids  # (it imports torch, through crossdict)
+
+    front = frontier_ids(rows)
+    return [{**r, FRONTIER: r["run_id"] in front} for r in rows]
 
 
 MMCS_KEYS = ("mmcs_next_ratio", "mmcs_next_ratio_run", "mmcs_seeds")
@@ -108,7 +122,7 @@ def write_summary(folder: str | Path, rows: list[dict]) -> Path:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
-    for r in rows:
+    for r in with_frontier(rows):
         w.writerow({k: r.get(k, "") for k in cols})
     path = Path(folder) / SUMMARY
     atomic_write_bytes(path, buf.getvalue().encode())

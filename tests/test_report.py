@@ -115,6 +115,11 @@ def test_report_on_finished_sweep(sweep_copy, capsys):
         "mmcs_seeds",
     } <= cols
     by_id = {r["run_id"]: r for r in rows}
+    assert list(rows[0])[:7] == ["run_id", "l1", "dict_ratio", "seed", "state", "frontier", "l0"]
+    numeric = [{**r, **{k: float(r[k]) for k in ("l1", "l0", "fvu")}} for r in rows]
+    front = runfacts.frontier_ids(numeric)
+    assert {r["run_id"] for r in rows if r["frontier"] == "True"} == front and front
+    assert {r["frontier"] for r in rows} == {"True", "False"}
     assert by_id["r1-l1_1e-03-s1"]["mmcs_next_ratio_run"] == "r2-l1_1e-03-s1"
     assert by_id["r2-l1_1e-03-s1"]["mmcs_next_ratio"] == ""  # no larger ratio in the sweep
     assert all(0 < float(r["mmcs_seeds"]) <= 1 for r in rows)
