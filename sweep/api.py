@@ -22,6 +22,8 @@ import pandas as pd
 import torch
 
 from sweep import crossdict, rundir
+from sweep.activations.layout import MANIFEST as STORE_MANIFEST
+from sweep.activations.store import ChunkStore
 from sweep.errors import SweepError
 from sweep.sae import SAE, as_device, load_run
 from sweep.sweepdir import SweepFolder, summary_columns, with_frontier
@@ -87,6 +89,34 @@ class Sweep:
 
     def __getitem__(self, run_id: str) -> SAE:
         return self.sae(run_id)
+
+    def __iter__(self) -> Iterator[str]:
+        """The run ids, in grid order (``for rid in sweep``; ``sweep[rid]`` its dictionary)."""
+        return iter(self.run_ids)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self.table.index
+
+    def heldout(self, store: str | Path | None = None) -> torch.Tensor:
+        """The held-out rows every run's metrics measured, raw, float32, on this sweep's
+        device: the last ``data.eval_rows`` rows of the store the runs trained on (``store``:
+        where that store lies now, if it moved). Another store is refused."""
+        folder = SweepFolder(self.path)
+        recorded = folder.manifest().get("store") or {}
+        where = Path(store or recorded.get("path") or self.path / "(no store recorded)")
+        if not (where / STORE_MANIFEST).is_file():
+            raise SweepError(
+                f"no chunk store at {where} (the store sweep {self.path} trained on); pass where "
+                "it lies now: heldout(store=...)"
+            )
+        chunks = ChunkStore(where)
+        if chunks.identity != recorded.get("id"):
+            raise SweepError(
+                f"{where} is not the store sweep {self.path} trained on (another content); "
+                "pass the path of that store"
+            )
+        eval_rows = int(((folder.load_config() or {}).get("data") or {}).get("eval_rows", 0))
+        return chunks.tail_rows(eval_rows).float().to(self.device)
 
     def __len__(self) -> int:
         return len(self.table)

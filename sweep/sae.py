@@ -141,7 +141,11 @@ class SAE(torch.nn.Module):
     exactly the training codes and ``decode`` returns raw-space reconstructions.
 
     The weights are parameters without gradients (``sae.requires_grad_(True)`` to fine-tune);
-    ``encode``/``decode`` also take numpy arrays and nested lists.
+    ``encode``/``decode`` also take numpy arrays and nested lists. The math runs in the SAE's
+    dtype on its device (float32 unless moved); results come back on the input's device, in
+    its dtype when that is a float dtype, so ``lambda act, hook: sae(act)`` splices into a
+    bfloat16 model as it is. Per-head activations (..., heads, d_head) of an SAE trained on a
+    harvested ``hook_z`` (which the harvest flattens) are taken as they come.
     """
 
     def __init__(self, params: Params, cfg: dict) -> None:
@@ -173,8 +177,10 @@ class SAE(torch.nn.Module):
         knob = f"k={self.k}" if self.k else f"l1={self.cfg.get('l1')}"
         return f"{self.cfg.get('run_id')}: {self.arch.name}, d_in={self.d_in}, d_sae={self.d_sae}, {knob}"
 
-    def _tensor(self, x: object, width: int, what: str) -> torch.Tensor:
-        """``x`` as a float tensor on this SAE's device, or a one-line TypeError/ValueError."""
+    def _input(self, x: object, width: int, what: str) -> torch.Tensor:
+        """``x`` as a tensor of shape (..., width), as given (device, dtype); per-head
+        activations (..., heads, d_head) with heads * d_head = width (a ``hook_z``, which a
+        harvest flattens) come flattened. Else a one-line TypeError/ValueError."""
         if not isinstance(x, torch.Tensor):
             try:
                 x = torch.as_tensor(x)
@@ -182,9 +188,22 @@ class SAE(torch.nn.Module):
                 raise TypeError(
                     f"{what} must be a tensor or array of shape (..., {width}), got {type(x).__name__}"
                 ) from err
+        if x.ndim >= 2 and x.shape[-1] != width and x.shape[-2] * x.shape[-1] == width:
+            x = x.flatten(-2)
         if x.shape[-1:] != (width,):
             raise ValueError(f"{what} must have shape (..., {width}), got {tuple(x.shape)}")
+        return x
+
+    def _inside(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on this SAE's device, in its dtype (where the math runs)."""
         return x.to(self.W_enc.device, self.W_enc.dtype)
+
+    @staticmethod
+    def _like(out: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        """A result back on the input's device, in its dtype when that is a float dtype (a
+        bfloat16 model's hook gets bfloat16 back)."""
+        dtype = given.dtype if given.is_floating_point() else out.dtype
+        return out.to(given.device, dtype)
 
     @property
     def d_in(self) -> int:
@@ -194,19 +213,26 @@ class SAE(torch.nn.Module):
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) raw activations -> (..., F) codes."""
-        x = self._tensor(x, self.d_in, "activations")
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
         return self.arch.infer(pre, self.k, {n: getattr(self, n) for n in self._extra})
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) raw activations -> (..., F) codes (per-head (..., H, D/H) too)."""
+        x = self._input(x, self.d_in, "activations")
+        return self._like(self._encode(self._inside(x)), x)
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(..., F) codes -> (..., D) raw-space reconstruction."""
-        codes = self._tensor(codes, self.d_sae, "codes")
-        return codes @ self.W_dec + self.b_dec
+        codes = self._input(codes, self.d_sae, "codes")
+        return self._like(self._inside(codes) @ self.W_dec + self.b_dec, codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        """The reconstruction of ``x``, in ``x``'s shape, dtype and device (computed in the
+        SAE's: the codes are not rounded to a low-precision input's dtype)."""
+        flat = self._input(x, self.d_in, "activations")
+        out = self._encode(self._inside(flat)) @ self.W_dec + self.b_dec
+        return self._like(out, flat).reshape(getattr(x, "shape", flat.shape))
 
 
 def run_cfg(
@@ -254,6 +280,11 @@ def _check_run_folder(folder: Path) -> None:
             f"{folder} is a file; pass the run folder that holds it ({folder.parent})"
         )
     if not folder.is_dir():
+        if folder.parent.name == rundir.RUNS and is_sweep(folder.parent.parent):
+            raise SweepError(
+                f"run {folder.name} of sweep {folder.parent.parent} has not started (no folder "
+                f"yet); its sweep trains it: see 'sweep status {folder.parent.parent}'"
+            )
         raise NotARunFolder(f"no folder {folder}; pass a run folder (SWEEP_DIR/runs/<run_id>)")
     if is_sweep(folder):
         raise NotARunFolder(
@@ -262,8 +293,9 @@ def _check_run_folder(folder: Path) -> None:
         )
     if (folder / rundir.SPEC).is_file() and not (folder / rundir.DONE).is_file():
         raise SweepError(  # a sweep's run, training (or stopped) with or without final files
-            f"run {folder} is not finished (no {rundir.DONE}); let its sweep finish, "
-            f"or see 'sweep status {folder.parent.parent}'"
+            f"run {folder} is not finished (no {rundir.DONE}); its sweep finishes it (re-run "
+            f"its command, or 'sweep resume {folder.parent.parent}', if it stopped): see "
+            f"'sweep status {folder.parent.parent}'"
         )
     for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():

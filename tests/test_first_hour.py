@@ -187,6 +187,50 @@ def test_python_api_is_discoverable_and_takes_arrays(finished):
         sae.encode("activations")
 
 
+def test_an_sae_splices_into_a_model_of_any_float_dtype_and_device(finished):
+    """Results come back in the input's dtype (a bfloat16 model's hook needs bfloat16) and
+    shape, per-head (..., heads, d_head) inputs too; the math runs in float32 either way."""
+    sae = sweep.load_run(rundir.run_dir(finished, "r2-l1_1e-03-s0"))
+    x = torch.randn(3, 5, 16)
+    want = sae(x)
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        got = sae(x.to(dtype))
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got, sae(x.to(dtype).float()).to(dtype), atol=0, rtol=0)
+        assert sae.encode(x.to(dtype)).dtype == sae.decode(sae.encode(x).to(dtype)).dtype == dtype
+    torch.testing.assert_close(sae(x.double()).float(), want)
+    heads = x.reshape(3, 5, 4, 4)  # (batch, pos, heads, d_head): a hook_z as the model gives it
+    torch.testing.assert_close(sae(heads), want.reshape(heads.shape), atol=0, rtol=0)
+    torch.testing.assert_close(sae.encode(heads), sae.encode(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 16\)"):
+        sae(torch.zeros(5, 3, 4))
+
+
+def test_a_sweep_iterates_its_run_ids_and_gives_its_heldout_rows(finished, tmp_path):
+    from sweep.activations.store import ChunkStore
+    from sweep.errors import SweepError
+
+    s = sweep.load_sweep(finished)
+    assert list(s) == s.run_ids and "r2-l1_1e-03-s0" in s and "nope" not in s
+    rows = s.heldout()
+    cfg = SweepFolder(finished).load_config()
+    assert rows.dtype == torch.float32 and rows.shape == (cfg["data"]["eval_rows"], 16)
+    sae = s["r2-l1_1e-03-s0"]
+    fvu = ((sae(rows) - rows) ** 2).sum() / ((rows - rows.mean(0)) ** 2).sum()
+    assert abs(fvu.item() - s.table.loc["r2-l1_1e-03-s0", "fvu"]) < 1e-4
+    store = Path(SweepFolder(finished).manifest()["store"]["path"])
+    moved = tmp_path / "moved"
+    shutil.copytree(store, moved)
+    torch.testing.assert_close(s.heldout(store=moved), rows)
+    with pytest.raises(SweepError, match="no chunk store at .*pass where it lies now"):
+        s.heldout(store=tmp_path / "nowhere")
+    other = ChunkStore(moved)
+    other.manifest["created"] = "another"  # (another content: another identity)
+    (moved / "manifest.json").write_text(json.dumps(other.manifest))
+    with pytest.raises(SweepError, match="is not the store sweep .* trained on"):
+        s.heldout(store=moved)
+
+
 def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
     from sweep.errors import SweepError
 
@@ -206,8 +250,10 @@ def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
     training = tmp_path / "training"  # a run as it trains (or stopped): no final files yet
     training.mkdir()
     shutil.copy(rundir.run_dir(finished, "r1-l1_1e-01-s0") / rundir.SPEC, training)
-    with pytest.raises(SweepError, match=r"is not finished \(no DONE\); let its sweep finish"):
+    with pytest.raises(SweepError, match=r"is not finished \(no DONE\); its sweep finishes it"):
         sweep.load_run(training)
+    with pytest.raises(SweepError, match=r"run r9-x of sweep .* has not started \(no folder yet\)"):
+        sweep.load_run(finished / rundir.RUNS / "r9-x")  # (a pending run's, before it starts)
 
 
 def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(finished, tmp_path):

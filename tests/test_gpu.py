@@ -572,3 +572,16 @@ def test_stream_to_a_lagging_gpu_never_overwrites_a_chunk_in_use(tmp_path):
         got.append(x)
     torch.cuda.synchronize()
     assert same_batches(got, [x for _, x in want])
+
+
+@ON
+def test_an_sae_on_one_device_answers_on_the_inputs(dev):
+    """``sweep.SAE`` computes where its weights are and answers on the input's device."""
+    from sweep.sae import SAE
+
+    params = REGISTRY["untied"].init_params(16, 32, torch.Generator().manual_seed(0))
+    sae = SAE(params, {"architecture": "untied", "l1": 0.01}).to(dev)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)  # on the host, as a CPU-offloaded model's
+    got = sae(x)
+    assert got.device == x.device and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, sae(x.to(dev)).cpu(), atol=0, rtol=0)
