@@ -18,10 +18,12 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sweep.errors import SweepError
 from sweep.io import atomic_write_json
+from sweep.lock import activity
 from sweep.stop import DriverSignals
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ POLL = 1.0
 LOCK_KEYS = ("host", "pid", "started")
 
 
-def _names(request: dict, lock: dict) -> bool:
+def names(request: dict, lock: dict) -> bool:
     """Whether ``request`` asks the driver holding ``lock`` to stop."""
     held = request.get("lock")
     return isinstance(held, dict) and all(held.get(k) == lock.get(k) for k in LOCK_KEYS)
@@ -85,11 +87,11 @@ class StopRequestWatch:
             return
         with contextlib.suppress(OSError):
             self.path.unlink()
-        if not _names(request, self.lock_info):
+        if not names(request, self.lock_info):
             log.debug("removed a stop request for another driver: %s", request)
             return
-        if self._asked:
-            log.info("%s asked again: the sweep is already stopping", _asker(request))
+        if self._asked or self.signals.signum:  # (a signal stops it already: no second one)
+            log.info("%s asked: the sweep is already stopping", _asker(request))
             return
         self._asked = True
         self.signals.by = _asker(request)
@@ -99,7 +101,7 @@ class StopRequestWatch:
 
 def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
     """``sweep stop``: ask the live driver of ``sweep_dir`` to stop; with ``wait``, return when
-    it has ended. 0 also when no driver runs (nothing to stop)."""
+    it has ended, saying what it left. 0 also when no driver runs (nothing to stop)."""
     from sweep.sweepdir import StoppedPreparing, SweepFolder
 
     folder = SweepFolder(sweep_dir)
@@ -113,18 +115,47 @@ def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
     by = {"host": socket.gethostname(), "pid": os.getpid()}
     atomic_write_json(folder.path / STOP_REQUEST, {"lock": lock, "by": by, "time": time.time()})
     who = f"pid {held.get('pid')} on {held.get('host')}"
-    print(
-        f"asked the driver of sweep {sweep_dir} ({who}) to stop: each running ensemble checkpoints first"
-    )
+    print(f"asked the driver of sweep {sweep_dir} ({who}) to stop, as at Ctrl-C")
     if not wait:
         return 0
     try:
-        _wait_for_end(folder, lock, who)
+        with _interrupts_raise():
+            _wait_for_end(folder, lock, who)
     except KeyboardInterrupt:
-        print("left waiting; the driver still stops (see 'sweep status')")
+        print(f"left waiting; the driver still stops ('sweep status {sweep_dir}' shows it)")
         return 130
-    print(f"it stopped; re-run its command (or 'sweep resume {sweep_dir}') to continue")
+    print(_ended(folder, held))
     return 0
+
+
+@contextlib.contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """SIGINT/SIGTERM raise KeyboardInterrupt inside (the CLI's own handler would end the
+    process with the line a driver prints)."""
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, signal.default_int_handler) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _ended(folder, held: dict) -> str:  # type: ignore[no-untyped-def]
+    """What the driver of lock ``held`` left once it ended, and what to do next."""
+    path = folder.path
+    try:
+        state = folder.activity()
+    except SweepError as err:  # (it stopped before planning: the line says what to do)
+        return str(err)
+    if state != "interrupted":
+        return f"it ended before it stopped: the sweep is {state} (see 'sweep status {path}')"
+    if activity(held) == "evaluating":
+        return f"it stopped; 'sweep evaluate {path}' evaluates the runs it did not reach"
+    return (
+        f"it stopped, its running ensembles checkpointed; re-run its command (or "
+        f"'sweep resume {path}') to continue"
+    )
 
 
 def _wait_for_end(folder, lock: dict, who: str) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ import csv
 import functools
 import hashlib
 import io
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -631,7 +632,16 @@ class SweepFolder:
         return self.manifest().get("state", NO_OUTCOME)
 
     def _stop_asked(self, held: dict) -> bool:
-        """Whether the driver of lock ``held`` has been asked to stop (it wrote the stop file)."""
+        """Whether the driver of lock ``held`` has been asked to stop: it wrote the stop file,
+        or a ``sweep stop`` request naming it waits for it (polled every second)."""
+        from sweep.stop_request import STOP_REQUEST, names
+
+        try:
+            request = json.loads((self.path / STOP_REQUEST).read_text())
+            if isinstance(request, dict) and names(request, held):
+                return True
+        except (OSError, ValueError):
+            pass
         try:
             return self.stop_file.stat().st_mtime >= float(held.get("started", 0.0))
         except (OSError, TypeError, ValueError):

@@ -239,7 +239,7 @@ def test_sweep_stop_from_another_terminal_checkpoints_and_resumes_exactly(
         timeout=120,
     )
     assert asked.returncode == 0, asked.stdout + asked.stderr
-    assert "it stopped; re-run its command" in asked.stdout
+    assert "it stopped, its running ensembles checkpointed; re-run its command" in asked.stdout
     got, out = finish(p)
     assert got == 130, out
     said = (sw / "sweep.log").read_text()

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -84,19 +86,87 @@ def test_a_request_for_another_driver_is_removed_not_obeyed(tmp_path):
     assert asked == [signal.SIGINT] and not (sw / STOP_REQUEST).exists()
 
 
-def test_sweep_stop_returns_when_the_driver_ended(tmp_path, capsys):
+DRIVER = """
+import json, os, socket, sys, time
+from pathlib import Path
+from sweep.lock import folder_id
+from sweep.stop import DriverSignals
+from sweep.stop_request import StopRequestWatch
+sw, doing, left = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+lock = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time() - 1,
+        "doing": doing, "folder": folder_id(sw)}
+def stops(_signum):  # as a driver ends: its outcome recorded, then its lock released
+    (sw / "manifest.json").write_text(json.dumps({"state": left, "runs": {}}))
+    (sw / ".lock").unlink()
+with DriverSignals(stops) as signals, StopRequestWatch(sw, lock, signals):
+    signals.training()
+    (sw / ".lock").write_text(json.dumps(lock))
+    while (sw / ".lock").exists():
+        time.sleep(0.05)
+"""
+"""A stand-in driver: it holds the lock and stops on a request as the real one does (the
+whole journey with a real sweep: test_faults.py)."""
+
+
+@pytest.mark.parametrize(
+    "doing, left, said",
+    [
+        ("training", "interrupted", "it stopped, its running ensembles checkpointed; re-run its"),
+        ("evaluating", "interrupted", "it stopped; 'sweep evaluate "),
+        ("training", "done", "it ended before it stopped: the sweep is done"),
+    ],
+)
+def test_sweep_stop_returns_when_the_driver_ended_saying_what_it_left(
+    tmp_path, capsys, doing, left, said
+):
     sw = _sweep(tmp_path)
-    lock = _lock(sw)
-
-    def driver_stops(_signum: int) -> None:  # (as a driver ends: its lock goes)
-        (sw / ".lock").unlink()
-
-    with DriverSignals(driver_stops) as signals, StopRequestWatch(sw, lock, signals):
-        signals.training()
-        assert ask_to_stop(sw) == 0  # (main() would put its own SIGINT handler in place)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(sw), doing, left])
+    try:
+        _until(lambda: (sw / ".lock").exists(), timeout=60)
+        assert ask_to_stop(sw) == 0
+        assert driver.wait(timeout=30) == 0
+    finally:
+        driver.kill()
     out = capsys.readouterr().out
-    assert f"asked the driver of sweep {sw} (pid {os.getpid()} on " in out
-    assert "it stopped; re-run its command" in out and not (sw / STOP_REQUEST).exists()
+    assert f"asked the driver of sweep {sw} (pid {driver.pid} on " in out
+    assert said in out and not (sw / STOP_REQUEST).exists()
+
+
+def test_a_request_to_a_driver_a_signal_stops_already_sends_no_second_one(tmp_path):
+    """(A second signal would stop the driver's wait for the checkpoints.)"""
+    sw = _sweep(tmp_path)
+    lock, asked = _lock(sw), []
+    with DriverSignals(asked.append) as signals:
+        signals.training()
+        os.kill(os.getpid(), signal.SIGTERM)  # SLURM's, or a Ctrl-C
+        _until(lambda: signals.signum != 0)
+        _request(sw, lock)
+        StopRequestWatch(sw, lock, signals).check()
+        time.sleep(0.2)
+    assert asked == [signal.SIGTERM] and signals.stopped_by == "SIGTERM"
+    assert not (sw / STOP_REQUEST).exists()
+
+
+def test_ctrl_c_of_a_waiting_sweep_stop_leaves_the_request_standing(tmp_path):
+    sw = _sweep(tmp_path)
+    driver = subprocess.Popen(["sleep", "60"])  # a live driver that is slow to stop
+    try:
+        info = {**_lock(sw), "pid": driver.pid}
+        (sw / ".lock").write_text(json.dumps(info))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "sweep", "stop", str(sw)]
+        stop = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        _until(lambda: (sw / STOP_REQUEST).exists(), timeout=60)
+        time.sleep(1.0)  # (waiting)
+        stop.send_signal(signal.SIGINT)
+        out, err = stop.communicate(timeout=30)
+    finally:
+        driver.kill()
+    assert stop.returncode == 130, out + err
+    assert "left waiting; the driver still stops" in out and not err
+    assert (sw / STOP_REQUEST).exists()
 
 
 def test_sweep_stop_with_no_driver_has_nothing_to_stop(tmp_path, capsys):
@@ -119,11 +189,16 @@ def test_a_request_never_taken_is_withdrawn_naming_the_kill(tmp_path, monkeypatc
     assert (sw / STOP_REQUEST).exists()
 
 
-def test_status_says_stopping_once_the_driver_wrote_its_stop_file(tmp_path):
+def test_status_says_stopping_once_asked(tmp_path):
     sw = _sweep(tmp_path)
-    _lock(sw)
+    lock = _lock(sw)
     folder = SweepFolder(sw)
     assert folder.activity() == "running"
+    _request(sw, {**lock, "pid": 1})  # another driver's: not this one's stop
+    assert folder.activity() == "running"
+    _request(sw, lock)  # before the driver takes it (its poll: 1 s)
+    assert folder.activity() == "stopping"
+    (sw / STOP_REQUEST).unlink()
     folder.request_stop(signal.SIGINT)
     assert folder.activity() == "stopping"
     (sw / ".lock").unlink()
