@@ -416,6 +416,10 @@ class Execution:
         kept = 0
         for ens in ensembles:
             runs = [self.folder.run(m.run_id) for m in ens.members]
+            step = runs[0].interrupted_step()
+            now = runs[0].interrupted_at() >= self.submitted.get(ens, self.started)
+            if ens not in late and now and step is not None:  # (its result is not waited for)
+                log.info("ensemble %s: interrupted at step %d", ens.ensemble_id, step)
             for run in runs:
                 if run.state() == "partial":
                     run.mark_interrupted(None)

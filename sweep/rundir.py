@@ -258,6 +258,11 @@ class RunFolder:
         """When the run last checkpointed for a stop (0 if never)."""
         return float(self._json(INTERRUPTED).get("time", 0))
 
+    def interrupted_step(self) -> int | None:
+        """The step the run last checkpointed at for a stop (None: never, or unknown)."""
+        step = self._json(INTERRUPTED).get("step")
+        return step if isinstance(step, int) else None
+
     def last_curve(self) -> dict:
         records = self.curve()
         return records[-1] if records else {}

@@ -244,6 +244,8 @@ def test_sweep_stop_from_another_terminal_checkpoints_and_resumes_exactly(
     assert got == 130, out
     said = (sw / "sweep.log").read_text()
     assert "interrupted: stopped by 'sweep stop' (pid " in said, said
+    for ens in ("r4-e0", "r8-e0"):  # (each said, whether or not its result was waited for)
+        assert f"ensemble {ens}: interrupted at step " in said, said
     assert json.loads((sw / "manifest.json").read_text())["state"] == "interrupted"
     assert not (sw / ".stop-request").exists()
     _resume_and_compare(sw, rt, reference)
