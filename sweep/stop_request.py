@@ -29,8 +29,9 @@ from sweep.stop import DriverSignals
 log = logging.getLogger(__name__)
 
 STOP_REQUEST = ".stop-request"
-PICKUP = 30.0
-"""Seconds a driver has to take a request before ``sweep stop`` says it did not."""
+PICKUP = 90.0
+"""Seconds a driver has to take a request before ``sweep stop`` says it did not (a driver on
+another node sees a new file once its NFS client's directory cache expires: up to 60 s)."""
 POLL = 1.0
 """How often a driver looks for a request (seconds)."""
 LOCK_KEYS = ("host", "pid", "started")
