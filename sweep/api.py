@@ -6,6 +6,7 @@
     sw.table                                                   # pandas DataFrame, one row per run
     front = sw.table[sw.table.frontier].sort_values("l0")      # the FVU-L0 frontier's runs
     sw.sae(front.index[0])                                     # loaded on first use, then cached
+    x = sw.heldout()                                           # the rows the metrics measured
 
 Loading a sweep reads only JSON (specs, metrics, DONE markers); weights are read when a
 dictionary is first asked for.
