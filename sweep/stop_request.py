@@ -25,10 +25,10 @@ from sweep.errors import SweepError
 from sweep.io import atomic_write_json
 from sweep.lock import activity
 from sweep.stop import DriverSignals
+from sweep.sweepdir import STOP_REQUEST
 
 log = logging.getLogger(__name__)
 
-STOP_REQUEST = ".stop-request"
 PICKUP = 90.0
 """Seconds a driver has to take a request before ``sweep stop`` says it did not (a driver on
 another node sees a new file once its NFS client's directory cache expires: up to 60 s)."""

@@ -49,6 +49,8 @@ SUMMARY = "summary.csv"
 LOCK = ".lock"
 LOCK_GUARD = ".lock-guard"
 STOP = ".stop"
+STOP_REQUEST = ".stop-request"
+"""``sweep stop``'s request to the live driver (:mod:`sweep.stop_request`)."""
 NO_OUTCOME = (
     "stopped: its last driver ended without recording how (killed, or its disk full); re-run "
     "it to continue"
@@ -634,7 +636,7 @@ class SweepFolder:
     def _stop_asked(self, held: dict) -> bool:
         """Whether the driver of lock ``held`` has been asked to stop: it wrote the stop file,
         or a ``sweep stop`` request naming it waits for it (polled every second)."""
-        from sweep.stop_request import STOP_REQUEST, names
+        from sweep.stop_request import names
 
         try:
             request = json.loads((self.path / STOP_REQUEST).read_text())
