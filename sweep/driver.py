@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import gpuinfo, grid, launcher, planning, rate
+from sweep import gpuinfo, grid, launcher, neighbours, planning, rate
 from sweep.activations.shape_notes import refuse_constant, store_notes
 from sweep.activations.store import (
     MANIFEST,
@@ -124,6 +124,19 @@ def driving(
             outcome.signals, outcome.locked = signals, True
             with StopRequestWatch(folder.path, lock.info, signals):  # ('sweep stop')
                 yield lock
+
+
+def _gpu_neighbours(
+    cfg: SweepConfig, res: launcher.Resources, folder: SweepFolder
+) -> contextlib.AbstractContextManager:
+    """A local sweep training on this machine's GPUs says so to the others (and hears of
+    theirs: :mod:`sweep.neighbours`)."""
+    if cfg.launch.address or not res.on_gpu:
+        return contextlib.nullcontext()
+    import ray
+
+    gpus = neighbours.visible_gpus(int(ray.cluster_resources().get("GPU", 0)))
+    return neighbours.training_on(gpus, folder.path.absolute())
 
 
 def compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
@@ -311,9 +324,11 @@ def _train(
             assert store is not None
             laps.lap("sweep folder")
             early = launcher.early_gpu_probe(cfg)
-            with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
+            session = launcher.ray_session(cfg.launch, outcome.shutdown_wait)
+            with session, contextlib.ExitStack() as held:
                 laps.lap("Ray")
                 res = launcher.Resources.of_cluster(cfg, early)
+                held.enter_context(_gpu_neighbours(cfg, res, folder))
                 laps.lap("hardware")
                 cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
                 _write_sweep_files(folder, cfg, p, store)

@@ -74,8 +74,16 @@ def holder_alive(info: dict, path: Path) -> bool:
     pid = int(info.get("pid", -1))
     if not _alive(pid) or _copied(info, path):
         return False
+    return fresh or same_process(pid, float(info.get("started", 0.0)))
+
+
+def same_process(pid: int, started: float) -> bool:
+    """Whether process ``pid`` of this host is alive and had begun by ``started`` (when it
+    wrote a record; a pid reused since belongs to a process that began later)."""
+    if not _alive(pid):
+        return False
     began = _began_at(pid)
-    return fresh or began is None or began <= float(info.get("started", 0.0)) + CLOCK_SLACK
+    return began is None or began <= started + CLOCK_SLACK
 
 
 def folder_id(folder: Path) -> list[int] | None:

@@ -36,6 +36,13 @@ def tiny_train(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_runtime_dir(tmp_path_factory):
+    """Machine-wide records (the local GPU sweeps: sweep.neighbours) kept to this test run,
+    its subprocesses' too."""
+    os.environ["XDG_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("stores") / "tiny"
