@@ -196,6 +196,10 @@ def _check_sweeps(folders: list[SweepFolder]) -> None:
         seen[key] = f.path
 
 
+CURVE_POINTS = 2000
+"""Training-curve records per run the curves plot draws (a day's curve has millions)."""
+
+
 def draw_plots(
     sweep_dir: Path,
     out: Path,
@@ -206,7 +210,7 @@ def draw_plots(
 ) -> dict[str, Path]:
     """Every plot of the report, in page order (see :data:`PLOTS`); with ``compared`` (legend
     label and summary rows of each sweep, this one first) the frontier shows every sweep."""
-    curves = [(row, rec.folder.curve()) for row, rec in zip(rows, records, strict=True)]
+    curves = [(row, rec.folder.curve(CURVE_POINTS)) for row, rec in zip(rows, records, strict=True)]
     front = (
         plots.frontier_compare(compared, out / "frontier.png")
         if compared

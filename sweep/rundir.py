@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweep import checkpoints
+from sweep import checkpoints, jsonl
 from sweep.errors import SweepError
 from sweep.io import (
     atomic_write_bytes,
@@ -264,22 +264,14 @@ class RunFolder:
         return step if isinstance(step, int) else None
 
     def last_curve(self) -> dict:
-        records = self.curve()
-        return records[-1] if records else {}
+        """The latest training-curve record, read from the file's end ({} before any)."""
+        return jsonl.last(self.path / CURVE)
 
-    def curve(self) -> list[dict]:
-        """Training-curve records; a torn last line (power loss, full disk) is skipped."""
+    def curve(self, most: int | None = None) -> list[dict]:
+        """Training-curve records (``most``: about that many, evenly spaced, first and last
+        kept); a torn or damaged line (power loss, full disk) is skipped."""
         path = self.path / CURVE
-        if not path.is_file():
-            return []
-        out = []
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    log.warning("%s: skipping a damaged line", path)
-        return out
+        return jsonl.records(path) if most is None else jsonl.thinned(path, most)
 
     def has_weights(self) -> bool:
         return (self.path / WEIGHTS).is_file()
@@ -403,9 +395,7 @@ class RunFolder:
         """Drop curve records past ``after_step`` (written after the checkpoint we resume from),
         and the events of training steps past it (:data:`REDONE_EVENTS`): the steps are redone
         and record them again."""
-        if (self.path / CURVE).exists():
-            keep = [json.dumps(r) + "\n" for r in self.curve() if r["step"] <= after_step]
-            atomic_write_bytes(self.path / CURVE, "".join(keep).encode())
+        jsonl.keep_through(self.path / CURVE, after_step)
         if not (self.path / EVENTS).exists():
             return
         lines = (self.path / EVENTS).read_text().splitlines(keepends=True)
