@@ -100,3 +100,24 @@ def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
         assert facts["pace"]["rows_per_s"] == 20_000 and 65 < facts["pace"]["seconds_left"] <= 70
     assert main(["status", str(tmp_path)]) == 0
     assert "rows/s" not in capsys.readouterr().out  # no driver: no rate
+
+
+def test_a_worker_reports_its_rows_at_most_once_a_second_and_at_the_end(ray_cluster):
+    """(Each report is a Ray task: at every logging step a fast ensemble sent dozens a second,
+    and Ray's head kept ~3 KB of records for each.)"""
+    import ray
+
+    from sweep.actors import ProgressCounter
+    from sweep.launcher import ProgressReport
+
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote({})
+    report = ProgressReport(counter, ["a", "b"], every=0.5)
+    for rows in range(0, 1000, 10):
+        report(rows)  # (a hundred logging steps within a few ms: one report)
+    assert ray.get(counter.total.remote()) == 0
+    time.sleep(0.6)
+    report(1000)
+    assert ray.get(counter.total.remote()) == 2 * 1000
+    report(1100)
+    report.flush()  # the end: what came since the last report
+    assert ray.get(counter.total.remote()) == 2 * 1100
