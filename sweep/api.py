@@ -27,7 +27,7 @@ from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.activations.store import ChunkStore
 from sweep.errors import SweepError
 from sweep.sae import SAE, as_device, load_run
-from sweep.sweepdir import SweepFolder, summary_columns, with_frontier
+from sweep.sweepdir import SweepFolder, default_store_path, summary_columns, with_frontier
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +104,32 @@ class Sweep:
         where that store lies now, if it moved). Another store is refused."""
         folder = SweepFolder(self.path)
         recorded = folder.manifest().get("store") or {}
-        where = Path(store or recorded.get("path") or self.path / "(no store recorded)")
-        if not (where / STORE_MANIFEST).is_file():
+        chunks = ChunkStore(self._store_path(store, recorded))
+        if recorded.get("id") not in (None, chunks.identity) or (
+            recorded.get("width") not in (None, chunks.width)
+        ):
             raise SweepError(
-                f"no chunk store at {where} (the store sweep {self.path} trained on); pass where "
-                "it lies now: heldout(store=...)"
-            )
-        chunks = ChunkStore(where)
-        if chunks.identity != recorded.get("id"):
-            raise SweepError(
-                f"{where} is not the store sweep {self.path} trained on (another content); "
-                "pass the path of that store"
+                f"{chunks.path} is not the store sweep {self.path} trained on (another "
+                "content); pass the path of that store"
             )
         eval_rows = int(((folder.load_config() or {}).get("data") or {}).get("eval_rows", 0))
         return chunks.tail_rows(eval_rows).float().to(self.device)
 
-    def __len__(self) -> int:
-        return len(self.table)
+    def _store_path(self, store: str | Path | None, recorded: dict) -> Path:
+        """Where the sweep's store is: ``store``, else where it was recorded, else the sweep's
+        own ``store/`` (a sweep folder moved with its store inside)."""
+        if store is not None:
+            found = [Path(store)]
+        else:
+            found = [Path(p) for p in (recorded.get("path"),) if p]
+            found.append(default_store_path(self.path))
+        for path in found:
+            if (path / STORE_MANIFEST).is_file():
+                return path
+        raise SweepError(
+            f"no chunk store at {found[0]} (the store sweep {self.path} trained on); pass "
+            "where it lies now: heldout(store=...)"
+        )
 
 
 def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:

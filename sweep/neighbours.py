@@ -3,8 +3,10 @@ would share GPUs with another: each sweep's private Ray hands out every GPU it s
 sweeps started side by side put their ensembles on the same chips (each slower, and device
 memory may run out), and neither Ray knows.
 
-Each such driver records itself (pid, start, sweep folder, the GPUs its Ray sees) in a
+Each such driver records itself (host, pid, start, sweep folder, the GPUs its Ray sees) in a
 per-user folder while it trains; records of processes that ended are ignored and removed.
+GPUs are compared as ``CUDA_VISIBLE_DEVICES`` names them (one sweep naming UUIDs and the other
+indices is not caught).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -39,15 +42,16 @@ def visible_gpus(count: int) -> list[str]:
     return [g.strip() for g in seen.split(",") if g.strip()][:count]
 
 
-def _others(folder: Path) -> Iterator[dict]:
-    """The records of other live drivers (removing those of drivers that ended)."""
-    for path in folder.glob("*.json"):
+def _others(folder: Path, host: str) -> Iterator[dict]:
+    """The records of other live drivers of ``host`` (removing those of drivers that ended;
+    a temp folder shared by several nodes holds other hosts' too: let be)."""
+    for path in folder.glob(f"{host}-*.json"):
         try:
             record = json.loads(path.read_text())
             pid, started = int(record["pid"]), float(record["started"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if pid == os.getpid():
+        if record.get("host") != host or pid == os.getpid():
             continue
         if same_process(pid, started):
             yield record
@@ -60,13 +64,15 @@ def _others(folder: Path) -> Iterator[dict]:
 def training_on(gpus: list[str], sweep_dir: Path) -> Iterator[None]:
     """While inside, this driver's sweep trains on ``gpus`` of this machine: warns of other
     local sweeps training on any of them (once, at entry)."""
-    folder = registry()
-    mine = folder / f"{os.getpid()}.json"
-    record = {"pid": os.getpid(), "started": time.time(), "sweep_dir": str(sweep_dir), "gpus": gpus}
-    try:
+    folder, host = registry(), socket.gethostname()
+    mine = folder / f"{host}-{os.getpid()}.json"
+    record = {"host": host, "pid": os.getpid(), "started": time.time()}
+    record.update(sweep_dir=str(sweep_dir), gpus=gpus)
+    try:  # (written before looking: two sweeps starting together see each other)
         folder.mkdir(parents=True, exist_ok=True)
-        shared = [(r, sorted(set(gpus) & set(r.get("gpus") or []))) for r in _others(folder)]
         atomic_write_json(mine, record)
+        others = list(_others(folder, host))
+        shared = [(r, sorted(set(gpus) & set(r.get("gpus") or []))) for r in others]
     except OSError as err:  # (a warning's bookkeeping never stops a sweep)
         log.debug("cannot record this sweep's GPUs in %s: %s", folder, err)
         shared = []

@@ -133,6 +133,10 @@ def loss_fn(
     return loss, (parts, codes_BF.detach())
 
 
+PER_HEAD_HOOKS = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_result", "hook_rot_q", "hook_rot_k")
+"""transformer_lens hooks whose activations are (..., heads, d_head)."""
+
+
 class SAE(torch.nn.Module):
     """A trained dictionary that takes RAW activations (the training scale is folded in).
 
@@ -144,8 +148,8 @@ class SAE(torch.nn.Module):
     ``encode``/``decode`` also take numpy arrays and nested lists. The math runs in the SAE's
     dtype on its device (float32 unless moved); results come back on the input's device, in
     its dtype when that is a float dtype, so ``lambda act, hook: sae(act)`` splices into a
-    bfloat16 model as it is. Per-head activations (..., heads, d_head) of an SAE trained on a
-    harvested ``hook_z`` (which the harvest flattens) are taken as they come.
+    bfloat16 model as it is. An SAE trained on a harvested per-head hook (``hook_z``, ...,
+    :data:`PER_HEAD_HOOKS`; the harvest flattens its heads) takes (..., heads, d_head) too.
     """
 
     def __init__(self, params: Params, cfg: dict) -> None:
@@ -153,6 +157,9 @@ class SAE(torch.nn.Module):
         self.cfg = cfg
         self.arch = archs.get(cfg.get("architecture", "untied"))
         self.k = int(cfg.get("k") or 0)
+        hook = str((cfg.get("provenance") or {}).get("hook", ""))
+        self.per_head = hook.rsplit(".", 1)[-1] in PER_HEAD_HOOKS
+        """Trained on a per-head hook (a harvest flattened its heads): takes them unflattened."""
         s = float(cfg.get("act_scale", 1.0))
         dec = self.arch.decoder(params)  # (F, D) training space
         self.W_enc = torch.nn.Parameter(params["W_enc"] * s)  # (D, F)
@@ -177,10 +184,10 @@ class SAE(torch.nn.Module):
         knob = f"k={self.k}" if self.k else f"l1={self.cfg.get('l1')}"
         return f"{self.cfg.get('run_id')}: {self.arch.name}, d_in={self.d_in}, d_sae={self.d_sae}, {knob}"
 
-    def _input(self, x: object, width: int, what: str) -> torch.Tensor:
-        """``x`` as a tensor of shape (..., width), as given (device, dtype); per-head
-        activations (..., heads, d_head) with heads * d_head = width (a ``hook_z``, which a
-        harvest flattens) come flattened. Else a one-line TypeError/ValueError."""
+    def _input(self, x: object, width: int, what: str, heads: bool = False) -> torch.Tensor:
+        """``x`` as a tensor of shape (..., width), as given (device, dtype); with ``heads``,
+        per-head activations (..., heads, d_head) with heads * d_head = width (a ``hook_z``,
+        which a harvest flattens) come flattened. Else a one-line TypeError/ValueError."""
         if not isinstance(x, torch.Tensor):
             try:
                 x = torch.as_tensor(x)
@@ -188,7 +195,7 @@ class SAE(torch.nn.Module):
                 raise TypeError(
                     f"{what} must be a tensor or array of shape (..., {width}), got {type(x).__name__}"
                 ) from err
-        if x.ndim >= 2 and x.shape[-1] != width and x.shape[-2] * x.shape[-1] == width:
+        if heads and x.ndim >= 2 and x.shape[-1] != width and x.shape[-2] * x.shape[-1] == width:
             x = x.flatten(-2)
         if x.shape[-1:] != (width,):
             raise ValueError(f"{what} must have shape (..., {width}), got {tuple(x.shape)}")
@@ -218,8 +225,8 @@ class SAE(torch.nn.Module):
         return self.arch.infer(pre, self.k, {n: getattr(self, n) for n in self._extra})
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) raw activations -> (..., F) codes (per-head (..., H, D/H) too)."""
-        x = self._input(x, self.d_in, "activations")
+        """(..., D) raw activations -> (..., F) codes (a per-head hook's (..., H, D/H) too)."""
+        x = self._input(x, self.d_in, "activations", self.per_head)
         return self._like(self._encode(self._inside(x)), x)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -230,7 +237,7 @@ class SAE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reconstruction of ``x``, in ``x``'s shape, dtype and device (computed in the
         SAE's: the codes are not rounded to a low-precision input's dtype)."""
-        flat = self._input(x, self.d_in, "activations")
+        flat = self._input(x, self.d_in, "activations", self.per_head)
         out = self._encode(self._inside(flat)) @ self.W_dec + self.b_dec
         return self._like(out, flat).reshape(getattr(x, "shape", flat.shape))
 
@@ -280,11 +287,7 @@ def _check_run_folder(folder: Path) -> None:
             f"{folder} is a file; pass the run folder that holds it ({folder.parent})"
         )
     if not folder.is_dir():
-        if folder.parent.name == rundir.RUNS and is_sweep(folder.parent.parent):
-            raise SweepError(
-                f"run {folder.name} of sweep {folder.parent.parent} has not started (no folder "
-                f"yet); its sweep trains it: see 'sweep status {folder.parent.parent}'"
-            )
+        _not_started(folder)
         raise NotARunFolder(f"no folder {folder}; pass a run folder (SWEEP_DIR/runs/<run_id>)")
     if is_sweep(folder):
         raise NotARunFolder(
@@ -303,6 +306,24 @@ def _check_run_folder(folder: Path) -> None:
                 f"{folder} has no {name}: not a finished sweep run folder; pass "
                 "SWEEP_DIR/runs/<run_id> of a finished run (see 'sweep status SWEEP_DIR')"
             )
+
+
+def _not_started(folder: Path) -> None:
+    """A run id of a sweep without its folder yet: one line saying so (or that the sweep
+    has no such run)."""
+    from sweep.sweepdir import SweepFolder, is_sweep
+
+    sweep_dir = folder.parent.parent
+    if folder.parent.name != rundir.RUNS or not is_sweep(sweep_dir):
+        return
+    if folder.name not in SweepFolder(sweep_dir).run_ids():
+        raise SweepError(
+            f"sweep {sweep_dir} has no run {folder.name}; 'sweep status {sweep_dir}' lists its runs"
+        )
+    raise SweepError(
+        f"run {folder.name} of sweep {sweep_dir} has not started (no folder yet); its sweep "
+        f"trains it: see 'sweep status {sweep_dir}'"
+    )
 
 
 def as_device(device: str | torch.device) -> torch.device:

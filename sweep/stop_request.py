@@ -25,7 +25,7 @@ from sweep.errors import SweepError
 from sweep.io import atomic_write_json
 from sweep.lock import activity
 from sweep.stop import DriverSignals
-from sweep.sweepdir import STOP_REQUEST
+from sweep.sweepdir import STOP_REQUEST, StoppedPreparing, SweepFolder
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def _asker(request: dict) -> str:
 class StopRequestWatch:
     """In the driver, while it holds the lock ``lock_info``: a thread that turns a request
     naming that lock into SIGINT to this process (its :class:`DriverSignals` handle it in the
-    main thread). One request stops the sweep; later ones are removed (already stopping)."""
+    main thread), and marks the request taken (saying whether training had begun: what
+    ``sweep stop`` then reports). Later requests are marked taken too (already stopping)."""
 
     def __init__(self, sweep_dir: Path, lock_info: dict, signals: DriverSignals) -> None:
         self.path = Path(sweep_dir) / STOP_REQUEST
@@ -74,7 +75,8 @@ class StopRequestWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._closed.set()
+        self._closed.set()  # (no signal once the driver's handlers are gone)
+        self._thread.join(timeout=POLL + 5.0)
 
     def _watch(self) -> None:
         while not self._closed.is_set():
@@ -82,29 +84,33 @@ class StopRequestWatch:
             self._closed.wait(POLL)
 
     def check(self) -> None:
-        """Act on the request in the sweep folder, if any (and remove it)."""
+        """Act on the request in the sweep folder, if any and not taken yet."""
         request = _read(self.path)
         if request is None:
             return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        if not names(request, self.lock_info):
-            log.debug("removed a stop request for another driver: %s", request)
+        if not names(request, self.lock_info):  # (for a driver that ended before this one)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
             return
-        if self._asked or self.signals.signum:  # (a signal stops it already: no second one)
+        if request.get("taken"):
+            return
+        training = not self.signals.immediate
+        quiet = self._asked or self.signals.signum  # (stopping already: no second signal)
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.path, {**request, "taken": {"training": training}})
+        if quiet:
             log.info("%s asked: the sweep is already stopping", _asker(request))
             return
         self._asked = True
         self.signals.by = _asker(request)
         log.warning("asked to stop by %s", self.signals.by)
-        os.kill(os.getpid(), signal.SIGINT)
+        if not self._closed.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
     """``sweep stop``: ask the live driver of ``sweep_dir`` to stop; with ``wait``, return when
     it has ended, saying what it left. 0 also when no driver runs (nothing to stop)."""
-    from sweep.sweepdir import StoppedPreparing, SweepFolder
-
     folder = SweepFolder(sweep_dir)
     held = folder.driver()
     if held is None:
@@ -125,7 +131,7 @@ def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
     except KeyboardInterrupt:
         print(f"left waiting; the driver still stops ('sweep status {sweep_dir}' shows it)")
         return 130
-    print(_ended(folder, held))
+    print(_ended(folder, held, _taken(folder, lock)))
     return 0
 
 
@@ -142,24 +148,47 @@ def _interrupts_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _ended(folder, held: dict) -> str:  # type: ignore[no-untyped-def]
-    """What the driver of lock ``held`` left once it ended, and what to do next."""
+def _taken(folder: SweepFolder, lock: dict) -> dict | None:
+    """How the driver of ``lock`` took the request (None: it ended first); the request goes."""
+    path = folder.path / STOP_REQUEST
+    request = _read(path) or {}
+    if names(request, lock):
+        with contextlib.suppress(OSError):
+            path.unlink()
+        taken = request.get("taken")
+        return taken if isinstance(taken, dict) else None
+    return None
+
+
+def _ended(folder: SweepFolder, held: dict, taken: dict | None) -> str:
+    """What the driver of lock ``held`` left once it ended (``taken``: how it took the
+    request), and what to do next."""
     path = folder.path
-    try:
-        state = folder.activity()
-    except SweepError as err:  # (it stopped before planning: the line says what to do)
-        return str(err)
-    if state != "interrupted":
-        return f"it ended before it stopped: the sweep is {state} (see 'sweep status {path}')"
+    state, clause = _recorded(folder)
+    if taken is None:
+        return f"it ended before it took the request; {clause}"
     if activity(held) == "evaluating":
         return f"it stopped; 'sweep evaluate {path}' evaluates the runs it did not reach"
+    if not taken.get("training"):
+        return f"it stopped before training began; re-run its command (or 'sweep resume {path}')"
+    if state == "done":
+        return "every run had finished before it stopped: the sweep is done"
     return (
         f"it stopped, its running ensembles checkpointed; re-run its command (or "
         f"'sweep resume {path}') to continue"
     )
 
 
-def _wait_for_end(folder, lock: dict, who: str) -> None:  # type: ignore[no-untyped-def]
+def _recorded(folder: SweepFolder) -> tuple[str | None, str]:
+    """The sweep's recorded state, and as a clause (None: it has none yet)."""
+    try:
+        state = folder.activity()
+    except SweepError as err:  # (stopped before it planned: the line says what to do)
+        return None, str(err)
+    return state, f"the sweep is {state}"
+
+
+def _wait_for_end(folder: SweepFolder, lock: dict, who: str) -> None:
     """Until the driver holding ``lock`` has ended; one line if it never takes the request."""
     asked = time.monotonic()
     request = folder.path / STOP_REQUEST
@@ -167,11 +196,17 @@ def _wait_for_end(folder, lock: dict, who: str) -> None:  # type: ignore[no-unty
         held = folder.driver()
         if held is None or any(held.get(k) != lock[k] for k in LOCK_KEYS):
             return
-        if request.exists() and time.monotonic() - asked > PICKUP:
+        if time.monotonic() - asked > PICKUP and _untaken(request, lock):
             with contextlib.suppress(OSError):
                 request.unlink()
             raise SweepError(
                 f"the driver ({who}) did not take the stop request in {PICKUP:.0f} s (a sweep "
-                f"older than 'sweep stop', or stuck); stop it there with kill -INT {lock['pid']}"
+                f"older than 'sweep stop', or stuck); unless 'sweep status {folder.path}' says "
+                f"stopping, stop it there with kill -INT {lock['pid']}"
             )
         time.sleep(0.5)
+
+
+def _untaken(path: Path, lock: dict) -> bool:
+    request = _read(path)
+    return request is not None and names(request, lock) and not request.get("taken")

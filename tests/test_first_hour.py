@@ -200,8 +200,15 @@ def test_an_sae_splices_into_a_model_of_any_float_dtype_and_device(finished):
         assert sae.encode(x.to(dtype)).dtype == sae.decode(sae.encode(x).to(dtype)).dtype == dtype
     torch.testing.assert_close(sae(x.double()).float(), want)
     heads = x.reshape(3, 5, 4, 4)  # (batch, pos, heads, d_head): a hook_z as the model gives it
-    torch.testing.assert_close(sae(heads), want.reshape(heads.shape), atol=0, rtol=0)
-    torch.testing.assert_close(sae.encode(heads), sae.encode(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 16\)"):
+        sae(heads)  # (this SAE's store is no per-head hook's: (..., 4, 4) is a mistake)
+    run = rundir.RunFolder(rundir.run_dir(finished, "r2-l1_1e-03-s0"))
+    z_cfg = {**run.cfg(), "provenance": {"hook": "blocks.0.attn.hook_z"}}
+    z_sae = sweep.SAE(run.weights(), z_cfg)
+    torch.testing.assert_close(z_sae(heads), want.reshape(heads.shape), atol=0, rtol=0)
+    torch.testing.assert_close(z_sae.encode(heads), sae.encode(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"codes must have shape \(\.\.\., 32\)"):
+        z_sae.decode(torch.zeros(2, 4, 8))  # (codes are never per-head)
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 16\)"):
         sae(torch.zeros(5, 3, 4))
 
@@ -229,6 +236,14 @@ def test_a_sweep_iterates_its_run_ids_and_gives_its_heldout_rows(finished, tmp_p
     (moved / "manifest.json").write_text(json.dumps(other.manifest))
     with pytest.raises(SweepError, match="is not the store sweep .* trained on"):
         s.heldout(store=moved)
+    elsewhere = tmp_path / "sweep-moved"  # a sweep whose store sits inside it, moved
+    shutil.copytree(finished, elsewhere)
+    assert store == finished / "store"  # (the default: inside the sweep folder)
+    folder = SweepFolder(elsewhere)
+    manifest = folder.manifest()
+    manifest["store"]["path"] = str(tmp_path / "gone")
+    (elsewhere / "manifest.json").write_text(json.dumps(manifest))
+    torch.testing.assert_close(sweep.load_sweep(elsewhere).heldout(), rows)
 
 
 def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
@@ -252,8 +267,16 @@ def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
     shutil.copy(rundir.run_dir(finished, "r1-l1_1e-01-s0") / rundir.SPEC, training)
     with pytest.raises(SweepError, match=r"is not finished \(no DONE\); its sweep finishes it"):
         sweep.load_run(training)
-    with pytest.raises(SweepError, match=r"run r9-x of sweep .* has not started \(no folder yet\)"):
-        sweep.load_run(finished / rundir.RUNS / "r9-x")  # (a pending run's, before it starts)
+    with pytest.raises(SweepError, match=r"sweep .* has no run r9-x; 'sweep status .*' lists"):
+        sweep.load_run(finished / rundir.RUNS / "r9-x")  # (a mistyped id)
+    pending = rundir.run_dir(finished, "r2-l1_1e-01-s0")
+    moved = tmp_path / "moved"
+    shutil.move(pending, moved)  # (as before the run started)
+    try:
+        with pytest.raises(SweepError, match=r"run r2-l1_1e-01-s0 of sweep .* has not started"):
+            sweep.load_run(pending)
+    finally:
+        shutil.move(moved, pending)
 
 
 def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(finished, tmp_path):

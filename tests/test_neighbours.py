@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 
@@ -13,6 +14,8 @@ import pytest
 from sweep import neighbours
 from tests.test_sweep_e2e import sweep
 
+HOST = socket.gethostname()
+
 
 @pytest.fixture()
 def other_driver(tmp_path):
@@ -20,12 +23,12 @@ def other_driver(tmp_path):
     proc = subprocess.Popen(["sleep", "60"])
     time.sleep(0.1)  # (its start time is before the record's)
 
-    def record(gpus: list[str], pid: int | None = None) -> dict:
-        info = {"pid": pid or proc.pid, "started": time.time(), "gpus": gpus}
+    def record(gpus: list[str], pid: int | None = None, host: str = HOST) -> dict:
+        info = {"host": host, "pid": pid or proc.pid, "started": time.time(), "gpus": gpus}
         info["sweep_dir"] = str(tmp_path / f"other-{info['pid']}")
         folder = neighbours.registry()
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{info['pid']}.json").write_text(json.dumps(info))
+        (folder / f"{host}-{info['pid']}.json").write_text(json.dumps(info))
         return info
 
     yield record
@@ -42,14 +45,16 @@ def test_the_registry_is_the_tests_own(tmp_path_factory):
 def test_a_sweep_on_shared_gpus_warns_naming_them_and_the_other(other_driver, tmp_path, caplog):
     other = other_driver(["1", "2"])
     dead = other_driver(["0"], pid=2**22 + 4321)  # a driver that ended: removed, no warning
+    node = other_driver(["0"], pid=1, host="node7")  # another node's (a shared temp folder)
     with caplog.at_level(logging.WARNING), neighbours.training_on(["0", "1"], tmp_path / "me"):
-        mine = neighbours.registry() / f"{os.getpid()}.json"
+        mine = neighbours.registry() / f"{HOST}-{os.getpid()}.json"
         assert json.loads(mine.read_text())["gpus"] == ["0", "1"]
     said = [r.getMessage() for r in caplog.records if r.name == "sweep.neighbours"]
     assert len(said) == 1 and said[0].startswith("another sweep trains on GPU(s) 1 of this machine")
     assert f"(pid {other['pid']}, {other['sweep_dir']})" in said[0]
     assert "CUDA_VISIBLE_DEVICES=0 sweep run" in said[0]
-    assert not mine.exists() and not (neighbours.registry() / f"{dead['pid']}.json").exists()
+    assert not mine.exists() and not (neighbours.registry() / f"{HOST}-{dead['pid']}.json").exists()
+    assert (neighbours.registry() / f"node7-{node['pid']}.json").exists()  # (let be)
 
 
 def test_sweeps_on_other_gpus_say_nothing(other_driver, tmp_path, caplog):
@@ -71,4 +76,4 @@ def test_a_real_sweep_hears_of_another_on_its_gpus(ray_cluster, other_driver, tm
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0
     said = (tmp_path / "sw" / "sweep.log").read_text()
     assert f"another sweep trains on GPU(s) 0 of this machine (pid {other['pid']}" in said
-    assert not list(neighbours.registry().glob(f"{os.getpid()}.json"))  # (gone at its end)
+    assert not list(neighbours.registry().glob(f"*-{os.getpid()}.json"))  # (gone at its end)

@@ -65,7 +65,7 @@ def test_a_request_naming_the_driver_stops_it_as_sigint_does(tmp_path):
         _until(lambda: signals.signum != 0)
     assert asked == [signal.SIGINT] and signals.signum == signal.SIGINT
     assert signals.stopped_by == "'sweep stop' (pid 4242 on login1)"
-    assert not (sw / STOP_REQUEST).exists()
+    assert json.loads((sw / STOP_REQUEST).read_text())["taken"] == {"training": True}
 
 
 def test_a_request_for_another_driver_is_removed_not_obeyed(tmp_path):
@@ -83,14 +83,15 @@ def test_a_request_for_another_driver_is_removed_not_obeyed(tmp_path):
         _request(sw, lock)  # asked again while stopping: removed, no second signal
         watch.check()
         time.sleep(0.2)
-    assert asked == [signal.SIGINT] and not (sw / STOP_REQUEST).exists()
+    assert asked == [signal.SIGINT]  # (the third: taken, no signal)
+    assert json.loads((sw / STOP_REQUEST).read_text())["taken"] == {"training": True}
 
 
 DRIVER = """
 import json, os, socket, sys, time
 from pathlib import Path
 from sweep.lock import folder_id
-from sweep.stop import DriverSignals
+from sweep.stop import DriverSignals, at_exit_now
 from sweep.stop_request import StopRequestWatch
 sw, doing, left = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 lock = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time() - 1,
@@ -98,8 +99,10 @@ lock = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()
 def stops(_signum):  # as a driver ends: its outcome recorded, then its lock released
     (sw / "manifest.json").write_text(json.dumps({"state": left, "runs": {}}))
     (sw / ".lock").unlink()
-with DriverSignals(stops) as signals, StopRequestWatch(sw, lock, signals):
-    signals.training()
+released = at_exit_now(lambda _line: (sw / ".lock").unlink())
+with released, DriverSignals(stops) as signals, StopRequestWatch(sw, lock, signals):
+    if left != "starting":  # (else a signal ends it at once, its lock released as it exits)
+        signals.training()
     (sw / ".lock").write_text(json.dumps(lock))
     while (sw / ".lock").exists():
         time.sleep(0.05)
@@ -113,7 +116,8 @@ whole journey with a real sweep: test_faults.py)."""
     [
         ("training", "interrupted", "it stopped, its running ensembles checkpointed; re-run its"),
         ("evaluating", "interrupted", "it stopped; 'sweep evaluate "),
-        ("training", "done", "it ended before it stopped: the sweep is done"),
+        ("training", "done", "every run had finished before it stopped: the sweep is done"),
+        ("training", "starting", "it stopped before training began; re-run its command"),
     ],
 )
 def test_sweep_stop_returns_when_the_driver_ended_saying_what_it_left(
@@ -124,12 +128,19 @@ def test_sweep_stop_returns_when_the_driver_ended_saying_what_it_left(
     try:
         _until(lambda: (sw / ".lock").exists(), timeout=60)
         assert ask_to_stop(sw) == 0
-        assert driver.wait(timeout=30) == 0
+        assert driver.wait(timeout=30) == (130 if left == "starting" else 0)
     finally:
         driver.kill()
     out = capsys.readouterr().out
     assert f"asked the driver of sweep {sw} (pid {driver.pid} on " in out
     assert said in out and not (sw / STOP_REQUEST).exists()
+
+
+def test_a_driver_that_ended_before_it_took_the_request_is_said_so(tmp_path):
+    sw = _sweep(tmp_path, state="done")
+    held = {"host": "h", "pid": 1, "started": 1.0, "doing": "training"}
+    said = stop_request._ended(SweepFolder(sw), held, None)
+    assert said == "it ended before it took the request; the sweep is done"
 
 
 def test_a_request_to_a_driver_a_signal_stops_already_sends_no_second_one(tmp_path):
@@ -144,7 +155,7 @@ def test_a_request_to_a_driver_a_signal_stops_already_sends_no_second_one(tmp_pa
         StopRequestWatch(sw, lock, signals).check()
         time.sleep(0.2)
     assert asked == [signal.SIGTERM] and signals.stopped_by == "SIGTERM"
-    assert not (sw / STOP_REQUEST).exists()
+    assert json.loads((sw / STOP_REQUEST).read_text())["taken"] == {"training": True}
 
 
 def test_ctrl_c_of_a_waiting_sweep_stop_leaves_the_request_standing(tmp_path):
