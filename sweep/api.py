@@ -98,6 +98,9 @@ class Sweep:
     def __contains__(self, run_id: object) -> bool:
         return run_id in self.table.index
 
+    def __len__(self) -> int:
+        return len(self.table)
+
     def heldout(self, store: str | Path | None = None) -> torch.Tensor:
         """The held-out rows every run's metrics measured, raw, float32, on this sweep's
         device: the last ``data.eval_rows`` rows of the store the runs trained on (``store``:

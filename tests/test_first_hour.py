@@ -219,6 +219,7 @@ def test_a_sweep_iterates_its_run_ids_and_gives_its_heldout_rows(finished, tmp_p
 
     s = sweep.load_sweep(finished)
     assert list(s) == s.run_ids and "r2-l1_1e-03-s0" in s and "nope" not in s
+    assert len(s) == len(s.run_ids)
     rows = s.heldout()
     cfg = SweepFolder(finished).load_config()
     assert rows.dtype == torch.float32 and rows.shape == (cfg["data"]["eval_rows"], 16)
