@@ -614,8 +614,9 @@ class LoggerConfig:
     """Curve events buffered for the background sender; when that many wait, new ones are
     dropped (training never blocks); a run's final metrics are always queued."""
     group: str | None = None
-    """The wandb group of the sweep's runs; None = the sweep folder's name (two sweeps in
-    folders of the same name, logging to one project, share it unless this tells them apart)."""
+    """The wandb group of the sweep's runs; None = the sweep folder's name when the sweep
+    began, then kept in config.yaml (a renamed sweep stays in one group; two sweeps in folders
+    of the same name, logging to one project, share it unless this tells them apart)."""
 
     def check(self) -> None:
         _require(

@@ -308,6 +308,7 @@ def _train(
     of it (:mod:`sweep.startup`)."""
     signals = outcome.signals
     assert signals is not None
+    cfg = kept_group(cfg, folder)
     folder.clear_stop()  # left by an earlier, stopped driver
     rate.forget(folder.path)  # (a killed one's)
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
@@ -506,9 +507,20 @@ def _append_line(path: Path, message: str) -> None:
         os.close(fd)
 
 
+def kept_group(cfg: SweepConfig, folder: SweepFolder) -> SweepConfig:
+    """``logger.group`` resolved, and kept across runs: unless given, the group config.yaml
+    recorded, else the sweep folder's name (a renamed sweep's runs stay in their wandb group)."""
+    if cfg.logger.group:
+        return cfg
+    saved = ((folder.load_config() or {}).get("logger") or {}).get("group")
+    group = saved or folder.path.absolute().name
+    return replace(cfg, logger=replace(cfg.logger, group=group))
+
+
 def _write_sweep_files(
     folder: SweepFolder, cfg: SweepConfig, p: SweepPlan, store: ChunkStore | None
 ) -> None:
+    cfg = kept_group(cfg, folder)
     if cfg.data.path:  # (a resume from another folder finds a store given relative to this one)
         where = str(Path(cfg.data.path).expanduser().absolute())
         cfg = replace(cfg, data=replace(cfg.data, path=where))

@@ -261,3 +261,27 @@ def test_a_jumprelu_sweep_too_short_to_sparsify_is_warned_about(ray_cluster, tmp
     assert sweep(tmp_path, *args) == 0
     err = capsys.readouterr().err
     assert "jumprelu thresholds (sae.recipe=log) start at 0.001" in err, err
+
+
+def test_a_renamed_sweep_keeps_its_wandb_group(ray_cluster, tmp_path):
+    """logger.group defaults to the sweep folder's name when the sweep begins, and is kept
+    (config.yaml): the runs of a sweep renamed since stay in one wandb group."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    def group(name: str) -> str:
+        return OmegaConf.load(tmp_path / name / "config.yaml").logger.group
+
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", name="first") == 0
+    assert group("first") == "first"
+    shutil.move(tmp_path / "first", tmp_path / "renamed")
+    assert sweep(tmp_path, "grid.l1=[1e-2,2e-2]", "grid.dict_ratio=[1]", name="renamed") == 0
+    assert group("renamed") == "first"
+    assert (
+        sweep(
+            tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "logger.group=mine", name="renamed"
+        )
+        == 0
+    )
+    assert group("renamed") == "mine"
