@@ -98,6 +98,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     try:
         with driving(folder, outcome) as lock:
             check_config(cfg, folder)
+            cfg = kept_group(cfg, folder)  # (before config.yaml is written again)
             finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
             laps.lap("config checks")
             store = None if finished else checked_store(cfg, folder, laps)
@@ -308,7 +309,6 @@ def _train(
     of it (:mod:`sweep.startup`)."""
     signals = outcome.signals
     assert signals is not None
-    cfg = kept_group(cfg, folder)
     folder.clear_stop()  # left by an earlier, stopped driver
     rate.forget(folder.path)  # (a killed one's)
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
@@ -520,7 +520,6 @@ def kept_group(cfg: SweepConfig, folder: SweepFolder) -> SweepConfig:
 def _write_sweep_files(
     folder: SweepFolder, cfg: SweepConfig, p: SweepPlan, store: ChunkStore | None
 ) -> None:
-    cfg = kept_group(cfg, folder)
     if cfg.data.path:  # (a resume from another folder finds a store given relative to this one)
         where = str(Path(cfg.data.path).expanduser().absolute())
         cfg = replace(cfg, data=replace(cfg.data, path=where))
