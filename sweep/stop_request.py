@@ -43,6 +43,12 @@ def names(request: dict, lock: dict) -> bool:
     return isinstance(held, dict) and all(held.get(k) == lock.get(k) for k in LOCK_KEYS)
 
 
+def request_for(sweep_dir: Path, lock: dict) -> dict | None:
+    """The stop request in ``sweep_dir`` that names the driver of ``lock`` (None: none)."""
+    request = _read(Path(sweep_dir) / STOP_REQUEST)
+    return request if request is not None and names(request, lock) else None
+
+
 def _read(path: Path) -> dict | None:
     try:
         got = json.loads(path.read_text())
@@ -150,14 +156,13 @@ def _interrupts_raise() -> Iterator[None]:
 
 def _taken(folder: SweepFolder, lock: dict) -> dict | None:
     """How the driver of ``lock`` took the request (None: it ended first); the request goes."""
-    path = folder.path / STOP_REQUEST
-    request = _read(path) or {}
-    if names(request, lock):
-        with contextlib.suppress(OSError):
-            path.unlink()
-        taken = request.get("taken")
-        return taken if isinstance(taken, dict) else None
-    return None
+    request = request_for(folder.path, lock)
+    if request is None:
+        return None
+    with contextlib.suppress(OSError):
+        (folder.path / STOP_REQUEST).unlink()
+    taken = request.get("taken")
+    return taken if isinstance(taken, dict) else None
 
 
 def _ended(folder: SweepFolder, held: dict, taken: dict | None) -> str:
@@ -196,7 +201,7 @@ def _wait_for_end(folder: SweepFolder, lock: dict, who: str) -> None:
         held = folder.driver()
         if held is None or any(held.get(k) != lock[k] for k in LOCK_KEYS):
             return
-        if time.monotonic() - asked > PICKUP and _untaken(request, lock):
+        if time.monotonic() - asked > PICKUP and _untaken(folder.path, lock):
             with contextlib.suppress(OSError):
                 request.unlink()
             raise SweepError(
@@ -207,6 +212,6 @@ def _wait_for_end(folder: SweepFolder, lock: dict, who: str) -> None:
         time.sleep(0.5)
 
 
-def _untaken(path: Path, lock: dict) -> bool:
-    request = _read(path)
-    return request is not None and names(request, lock) and not request.get("taken")
+def _untaken(sweep_dir: Path, lock: dict) -> bool:
+    request = request_for(sweep_dir, lock)
+    return request is not None and not request.get("taken")

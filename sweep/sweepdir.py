@@ -23,7 +23,6 @@ import csv
 import functools
 import hashlib
 import io
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -624,8 +623,8 @@ class SweepFolder:
 
     def activity(self) -> str:
         """``running`` when a live driver holds the lock (``evaluating``: a ``sweep evaluate``;
-        ``stopping``: it was asked to stop), else the state the manifest recorded (each plan drops it: none means the last driver
-        died before recording its outcome)."""
+        ``stopping``: it was asked to stop), else the state the manifest recorded (each plan
+        drops it: none means the last driver died before recording its outcome)."""
         from sweep.lock import activity
 
         held = self.driver()
@@ -636,14 +635,10 @@ class SweepFolder:
     def _stop_asked(self, held: dict) -> bool:
         """Whether the driver of lock ``held`` has been asked to stop: it wrote the stop file,
         or a ``sweep stop`` request naming it waits for it (polled every second)."""
-        from sweep.stop_request import names
+        from sweep.stop_request import request_for
 
-        try:
-            request = json.loads((self.path / STOP_REQUEST).read_text())
-            if isinstance(request, dict) and names(request, held):
-                return True
-        except (OSError, ValueError):
-            pass
+        if request_for(self.path, held) is not None:
+            return True
         try:
             return self.stop_file.stat().st_mtime >= float(held.get("started", 0.0))
         except (OSError, TypeError, ValueError):
