@@ -145,17 +145,19 @@ class Execution:
         t = self.cfg.train
         steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
         self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
-        trains = sum(len(e.members) for e in self.plan.ensembles if not e.evaluate)
-        n_rows = steps * t.batch_size * trains  # (the bar counts rows trained)
+        trains = _trained_runs(self.plan)
+        n_rows = steps * t.batch_size * len(trains)  # (the bar counts rows trained)
         trained = self._rows_trained()  # by earlier sweeps: the bar starts there
-        self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained)
+        weights = {m.run_id: e.dict_size for e in self.plan.ensembles for m in e.members}
+        work = sum(steps * t.batch_size * weights[r] for r in trains)
+        self.counter = ray.remote(num_cpus=0)(ProgressCounter).remote(trained, weights)
         self.refs: dict = {}
         self.shares: dict[EnsembleSpec, float] = {}
         self.stopped_alone: dict[EnsembleSpec, int] = {}
         self.submitted: dict[EnsembleSpec, float] = {}
         """When each ensemble's latest task was submitted (it may be a re-queued one)."""
         self._submit(self._gpus())
-        self.meter = RateMeter(self.folder.path, n_rows)
+        self.meter = RateMeter(self.folder.path, n_rows, work)
         shown = self.cfg.progress and n_rows > 0  # (evaluating only: logged per ensemble)
         with (
             self.meter,
@@ -211,10 +213,12 @@ class Execution:
     def _tick(self, pending: list[EnsembleSpec]) -> bool:
         """Between waits: heartbeat, progress, and on a signal the stop (False: stop waiting)."""
         self.lock.heartbeat()
-        rows = min(self.bar.total, _progress(self.counter, self.bar.n))
-        self.meter.sample(rows)  # (for sweep status)
+        progress = _progress(self.counter)
+        if progress:
+            rows, work = progress
+            self.meter.sample(min(self.bar.total, rows), work=work)  # (for sweep status)
+            self.bar.update(min(self.bar.total, rows) - self.bar.n)  # (drawn at its interval)
         self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}", refresh=False)
-        self.bar.update(rows - self.bar.n)  # (redrawn at the bar's own interval)
         signals = self.outcome.signals
         if not signals or not signals.signum:
             return True
@@ -432,11 +436,16 @@ class Execution:
             )
 
 
-def _progress(actor: object, last: float) -> float:
-    """Rows trained so far (``last`` if the counter cannot be reached, e.g. during shutdown)."""
+def _trained_runs(plan) -> list[str]:
+    return [m.run_id for e in plan.ensembles if not e.evaluate for m in e.members]
+
+
+def _progress(actor: object) -> tuple[int, float] | None:
+    """Rows trained so far and their work (None if the counter cannot be reached, e.g.
+    during shutdown)."""
     import ray
 
     try:
-        return ray.get(actor.total.remote(), timeout=5)  # type: ignore[attr-defined]
+        return ray.get(actor.work.remote(), timeout=5)  # type: ignore[attr-defined]
     except (ray.exceptions.RayError, TimeoutError):
-        return last
+        return None

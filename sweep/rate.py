@@ -30,20 +30,25 @@ MIN_SPAN = 5.0
 
 
 class RateMeter:
-    """Samples of (time, rows trained by the whole sweep) -> ``rate.json``."""
+    """Samples of (time, rows trained by the whole sweep, their work) -> ``rate.json``.
 
-    def __init__(self, sweep_dir: Path, total: int) -> None:
+    The work is the rows weighted by what a row of their run costs (its dictionary's size):
+    ensembles of one size after another train at different row rates (the largest first), so
+    the time left is paced by work, ``work_total`` in all; the rate said stays in rows."""
+
+    def __init__(self, sweep_dir: Path, total: int, work_total: float | None = None) -> None:
         self.path, self.total = Path(sweep_dir) / RATE, total
-        self.samples: deque[tuple[float, float]] = deque()
+        self.work_total = float(total if work_total is None else work_total)
+        self.samples: deque[tuple[float, float, float]] = deque()
         self.written = 0.0
 
-    def sample(self, rows: float, now: float | None = None) -> None:
-        """Record the rows trained so far; write the file when it is due (never raises: a
-        full disk must not stop training)."""
+    def sample(self, rows: float, now: float | None = None, work: float | None = None) -> None:
+        """Record the rows trained so far (and their work: the rows where not given); write the
+        file when it is due (never raises: a full disk must not stop training)."""
         now = time.time() if now is None else now
         if self.samples and rows < self.samples[-1][1]:
             self.samples.clear()  # (never, as the counter keeps each run's most: to be safe)
-        self.samples.append((now, rows))
+        self.samples.append((now, rows, rows if work is None else work))
         while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
             self.samples.popleft()
         if self.total > 0 and now - self.written >= EVERY:  # (0: evaluating only)
@@ -51,20 +56,24 @@ class RateMeter:
             with contextlib.suppress(OSError):
                 atomic_write_json(self.path, self.facts(now))
 
-    def rate(self) -> float | None:
-        """Rows per second over the samples kept, None before :data:`MIN_SPAN` of them."""
-        (t0, r0), (t1, r1) = self.samples[0], self.samples[-1]
-        return (r1 - r0) / (t1 - t0) if t1 - t0 >= MIN_SPAN else None
+    def rate(self, of: int = 1) -> float | None:
+        """Rows (``of=2``: work) per second over the samples kept, None before
+        :data:`MIN_SPAN` of them."""
+        first, last = self.samples[0], self.samples[-1]
+        span = last[0] - first[0]
+        return (last[of] - first[of]) / span if span >= MIN_SPAN else None
 
     def facts(self, now: float) -> dict:
-        (t0, _), (t1, rows) = self.samples[0], self.samples[-1]
-        rate = self.rate()
+        (t0, _, _), (t1, rows, work) = self.samples[0], self.samples[-1]
         return {
             "time": now,
             "rows": rows,
             "total": self.total,
-            "rows_per_s": rate,
+            "rows_per_s": self.rate(),
             "over_s": t1 - t0,
+            "work": work,
+            "work_total": self.work_total,
+            "work_per_s": self.rate(of=2),
         }
 
     def __enter__(self) -> RateMeter:
@@ -84,19 +93,20 @@ def forget(sweep_dir: Path) -> None:
 
 def pace(sweep_dir: Path, now: float | None = None) -> dict | None:
     """From a fresh ``rate.json``: ``rows_per_s``, ``over_s`` (the seconds it was measured
-    over) and ``seconds_left`` at that rate (None when it is 0); None without one, or
-    without a rate yet."""
+    over) and ``seconds_left`` at the pace of its work (None when it is 0); None without
+    one, or without a rate yet."""
     now = time.time() if now is None else now
     try:
         facts = read_json(Path(sweep_dir) / RATE)
-        age, rate = now - float(facts["time"]), facts["rows_per_s"]
-        left = float(facts["total"]) - float(facts["rows"]) - max(age, 0.0) * rate  # (since)
-        over = float(facts["over_s"])
-    except (OSError, ValueError, KeyError, TypeError):
+        age, rate, over = now - float(facts["time"]), facts["rows_per_s"], float(facts["over_s"])
+        work_rate = float(facts["work_per_s"] or 0.0)
+        left = float(facts["work_total"]) - float(facts["work"]) - max(age, 0.0) * work_rate
+    except (OSError, ValueError, KeyError, TypeError):  # (since written: left out above)
         return None
     if abs(age) > FRESH or not isinstance(rate, (int, float)) or not math.isfinite(rate):
         return None  # (either way: the driver may run on another host, its clock off a bit)
-    seconds_left = max(left, 0.0) / rate if rate > 0 else None
+    fits = work_rate > 0 and math.isfinite(work_rate)
+    seconds_left = max(left, 0.0) / work_rate if fits else None
     return {"rows_per_s": rate, "over_s": over, "seconds_left": seconds_left}
 
 

@@ -77,8 +77,26 @@ def test_the_rate_is_measured_over_the_last_minutes(tmp_path):
         assert later and later.endswith("about 12:50 left at that rate")
         assert describe(tmp_path, now=1300.0 - 30) == said  # a reader's clock behind
         meter.sample(10, now=1301.0)  # counted again (a retried ensemble): measured afresh
-        assert meter.samples[0] == (1301.0, 10)
+        assert meter.samples[0] == (1301.0, 10, 10)
     assert not (tmp_path / RATE).exists()  # the driver's training ended
+
+
+def test_the_time_left_is_paced_by_work_when_ensembles_differ(tmp_path):
+    """The largest dictionaries train first, at a slower row rate: paced by rows, the time
+    left said early on was far too long. Here a row costs its dictionary's size: a 4096-wide
+    run at 1k rows/s, then a 512-wide one at 8k rows/s, 100k rows each."""
+    from sweep.actors import ProgressCounter
+    from sweep.rate import RateMeter, pace
+
+    counter = ProgressCounter({}, {"big": 4096, "small": 512})
+    with RateMeter(tmp_path, total=200_000, work_total=100_000 * (4096 + 512)) as meter:
+        for t in range(0, 51):  # half of the big run trained
+            counter.reach(["big"], 1000 * t)
+            rows, work = counter.work()
+            meter.sample(rows, now=1000.0 + t, work=work)
+        p = pace(tmp_path, now=1050.0)
+        assert p["rows_per_s"] == 1000 and p["seconds_left"] == 50 + 100_000 / 8000
+    assert counter.work() == (50_000, 50_000 * 4096)
 
 
 def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
