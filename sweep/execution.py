@@ -20,7 +20,7 @@ from sweep.grid import EnsembleSpec
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
 from sweep.progress import progress_bar
-from sweep.rate import RateMeter
+from sweep.rate import RateMeter, interval
 from sweep.stop import DriverSignals, Interrupted, quietly
 from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, EnsembleResult
@@ -28,6 +28,8 @@ from sweep.worker import EnsembleJob, EnsembleResult
 log = logging.getLogger(__name__)
 details = logging.getLogger("sweep.details")  # to sweep.log only (see driver.sweep_log)
 
+BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+"""tqdm's own, less its time left (paced by rows): the postfix says one paced by work."""
 STOP_GRACE = 30.0  # seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT
 STOP_WRITE_RATE = 100e6
 """Bytes/s a stop checkpoint is assumed to reach on a slow shared filesystem: the wait grows
@@ -168,6 +170,7 @@ class Execution:
                 unit_scale=True,
                 disable=not shown,
                 desc="sweep",
+                bar_format=BAR_FORMAT,
             ) as bar,
         ):
             self.bar = bar
@@ -175,9 +178,14 @@ class Execution:
                 self._finished(fin)
             if not self.outcome.failures and not self.outcome.signum:
                 bar.n = n_rows
-            bar.set_postfix_str(
-                f"runs {self.done_runs}/{self.n_runs}", refresh=False
-            )  # (shown on close)
+            bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}", refresh=False)  # (on close)
+
+    def _postfix(self) -> str:
+        """``runs 3/12, about 01:20:00 left``: the time left paced as ``sweep status`` paces it
+        (by rows weighted by dictionary size: :class:`RateMeter`), not by the bar's rows."""
+        said = f"runs {self.done_runs}/{self.n_runs}"
+        left = self.meter.seconds_left()
+        return f"{said}, about {interval(left)} left" if left else said
 
     def _rows_trained(self) -> dict[str, int]:
         """Rows each planned run continues from: its ensemble's newest step at which every
@@ -218,7 +226,7 @@ class Execution:
             rows, work = progress
             self.meter.sample(min(self.bar.total, rows), work=work)  # (for sweep status)
             self.bar.update(min(self.bar.total, rows) - self.bar.n)  # (drawn at its interval)
-        self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}", refresh=False)
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
         signals = self.outcome.signals
         if not signals or not signals.signum:
             return True
@@ -263,7 +271,7 @@ class Execution:
     def _returned(self, ens: EnsembleSpec, result: EnsembleResult) -> None:
         """Its task returned: finished, or stopped (by this driver, or by someone else)."""
         self.done_runs += sum(1 for s in result.states.values() if s != "interrupted")
-        self.bar.set_postfix_str(f"runs {self.done_runs}/{self.n_runs}")  # (shown now)
+        self.bar.set_postfix_str(self._postfix())  # (shown now)
         stopped = [r for r, state in result.states.items() if state == "interrupted"]
         if stopped and not self.outcome.signum:
             self._stopped_alone(ens, stopped)

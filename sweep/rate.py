@@ -63,6 +63,11 @@ class RateMeter:
         span = last[0] - first[0]
         return (last[of] - first[of]) / span if span >= MIN_SPAN else None
 
+    def seconds_left(self) -> float | None:
+        """At the work's rate over the samples kept (None before it has one, or at 0)."""
+        rate = self.rate(of=2) if self.samples else None
+        return max(self.work_total - self.samples[-1][2], 0.0) / rate if rate else None
+
     def facts(self, now: float) -> dict:
         (t0, _, _), (t1, rows, work) = self.samples[0], self.samples[-1]
         return {
@@ -118,5 +123,12 @@ def words(p: dict) -> str:
         f"training {tqdm.format_sizeof(p['rows_per_s'])} rows/s over the last {p['over_s']:.0f} s"
     )
     if p["seconds_left"]:
-        said += f"; about {tqdm.format_interval(p['seconds_left'])} left at that rate"
+        said += f"; about {interval(p['seconds_left'])} left at that rate"
     return said
+
+
+def interval(seconds: float) -> str:
+    """``01:20:00``, as tqdm writes times."""
+    from tqdm import tqdm
+
+    return tqdm.format_interval(seconds)

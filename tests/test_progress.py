@@ -96,6 +96,7 @@ def test_the_time_left_is_paced_by_work_when_ensembles_differ(tmp_path):
             meter.sample(rows, now=1000.0 + t, work=work)
         p = pace(tmp_path, now=1050.0)
         assert p["rows_per_s"] == 1000 and p["seconds_left"] == 50 + 100_000 / 8000
+        assert meter.seconds_left() == p["seconds_left"]  # (the driver's bar says it too)
     assert counter.work() == (50_000, 50_000 * 4096)
 
 
