@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,20 +102,36 @@ def quietly(call: Callable[[], object]) -> None:
         log.debug("ignored: %s", err)
 
 
-def _install(handler: Callable[[int, object], None]) -> dict[int, object]:
-    """Install ``handler`` for SIGTERM and SIGINT (main thread only); returns the old ones."""
-    old: dict[int, object] = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+@dataclass
+class _Installed:
+    """What :func:`_install` replaced: the handlers, and the main thread's blocked signals."""
+
+    handlers: dict[int, object] = field(default_factory=dict)
+    blocked: set[int] | None = None
+
+
+def _install(handler: Callable[[int, object], None]) -> _Installed:
+    """Install ``handler`` for SIGTERM and SIGINT (main thread only), and unblock them there:
+    a process started with SIGTERM blocked (Ray's, under launch/slurm.sbatch, so that SLURM's
+    SIGTERM to every process of the job leaves them alone) would never run it."""
+    old = _Installed()
+    for sig in STOPS:
         try:
-            old[sig] = signal.signal(sig, handler)
+            old.handlers[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread: rely on the flag and the stop file
-            pass
+            return old
+    old.blocked = set(signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS))
     return old
 
 
-def _restore(old: dict[int, object]) -> None:
-    for sig, handler in old.items():
+def _restore(old: _Installed) -> None:
+    for sig, handler in old.handlers.items():
         signal.signal(sig, handler)  # type: ignore[arg-type]
+    if old.blocked is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old.blocked)
 
 
 def raised_by(err: BaseException, kind: type | tuple[type, ...]) -> Any:
@@ -128,11 +145,17 @@ def raised_by(err: BaseException, kind: type | tuple[type, ...]) -> Any:
     return None
 
 
+SAME_STOP = 1.0
+"""Seconds after a stop in which another signal is the same stop (a plain ``scancel`` signals
+the driver and the batch script, which forwards its own), not a second one."""
+
+
 class DriverSignals:
     """In the driver, installed before anything slow starts. Until :meth:`training` is called
     a SIGTERM/SIGINT ends the process at once (:func:`exit_now`: nothing is training, nothing
     to save). Afterwards the first one calls ``on_stop(signum)`` (which writes the stop file) and
-    is remembered instead of killing the driver; a second one stops waiting for the workers."""
+    is remembered instead of killing the driver; a second one (a second or more later:
+    :data:`SAME_STOP`) stops waiting for the workers."""
 
     def __init__(
         self, on_stop: Callable[[int], None], asking: str = "every ensemble to checkpoint and stop"
@@ -142,7 +165,7 @@ class DriverSignals:
         self.by: str | None = None
         """Who asked for the stop, when not a signal sent by hand (:mod:`sweep.stop_request`)."""
         self.immediate = True
-        self._old: dict[int, object] = {}
+        self._old = _Installed()
 
     def __enter__(self) -> DriverSignals:
         self._old = _install(self._handle)
@@ -156,6 +179,8 @@ class DriverSignals:
         if self.immediate:
             self.signum = signum
             exit_now(signum, by=self.by)
+        if self.signum and time.time() - self.when < SAME_STOP:
+            return  # the same stop again: SLURM's scancel signals every process of the job
         if self.signum:  # a second signal: stop waiting for the workers
             raise StopNow(
                 f"stopped by a second {signal.Signals(signum).name} without waiting for the "
@@ -183,7 +208,7 @@ class StopWatch:
         self.stop_file, self.poll = stop_file, poll
         self.event = threading.Event()
         self._closed = threading.Event()
-        self._old: dict[int, object] = {}
+        self._old = _Installed()
 
     def is_set(self) -> bool:
         return self.event.is_set()

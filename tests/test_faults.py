@@ -22,6 +22,7 @@ import pytest
 
 from sweep import checkpoints
 from sweep.errors import OutOfMemory, SweepError
+from sweep.stop import SAME_STOP
 from sweep.sweepdir import STOP
 
 HOOK = Path(__file__).parent / "hooks"
@@ -255,12 +256,15 @@ def test_second_sigterm_exits_143_without_waiting(reference, tmp_path, tmp_path_
     """The second signal stops the wait for the ensembles: 128 + that signal, one line, and
     the sweep still resumes to the uninterrupted result."""
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "r2nd"
-    p = start(sw, rt)
-    wait_for(lambda: curve_len(sw) >= 8, p)
+    slow = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_STEP_SLEEP": "2.5"}  # (a stop takes a step)
+    p = start(sw, rt, environ=slow)
+    wait_for(lambda: curve_len(sw) >= 1, p)
     p.send_signal(signal.SIGTERM)
     # once the first is handled (its stop file is written): two signals that arrive while the
-    # driver waits inside Ray are one call of the handler (Python keeps a flag, not a count)
+    # driver waits inside Ray are one call of the handler (Python keeps a flag, not a count);
+    # one within SAME_STOP of the first is the same stop (a plain scancel's, forwarded)
     wait_for(lambda: (sw / STOP).exists() or p.poll() is not None)
+    time.sleep(SAME_STOP + 0.1)
     p.send_signal(signal.SIGTERM)
     got, out = finish(p)
     assert got == 143, out
@@ -425,6 +429,47 @@ def test_sweep_start_spares_a_live_temp_file_in_the_sweep_folder(tmp_path):
     os.utime(dead, (old, old))
     assert remove_stale_temps(tmp_path, older_than=STALE_TEMP_SECONDS) == 1
     assert live.exists() and not dead.exists()
+
+
+def test_a_signal_within_a_second_of_the_stop_is_the_same_stop():
+    """A plain ``scancel`` signals every process of the job: the driver, and the batch script,
+    which forwards its own. Those two are one stop; one later stops the wait."""
+    from sweep.stop import DriverSignals, StopNow
+
+    stops: list[int] = []
+    with DriverSignals(stops.append) as signals:
+        signals.training()
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # (each handled on its own: Python keeps a flag, not a count)
+        assert stops == [signal.SIGTERM]
+        signals.when -= SAME_STOP
+        with pytest.raises(StopNow, match="second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+
+
+BLOCKED = """
+import os, signal, sys
+from pathlib import Path
+from sweep.stop import StopWatch
+assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (started so)
+with StopWatch(Path(sys.argv[1])) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    stop.event.wait(5)
+    print("stopped" if stop.is_set() else "never stopped")
+assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (as it was)
+"""
+
+
+def test_a_worker_started_with_sigterm_blocked_still_stops_on_it(tmp_path):
+    """launch/slurm.sbatch starts Ray with SIGTERM blocked (SLURM's scancel signals every
+    process, and Ray's raylet would kill its workers at once); a worker's own stop still
+    takes it: a signal sent to that worker alone makes it checkpoint."""
+    shielded = [sys.executable, "-m", "sweep.shield"]  # (as the script starts Ray)
+    cmd = [*shielded, sys.executable, "-c", BLOCKED, str(tmp_path / "stop")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env())
+    assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stderr
 
 
 def test_a_stop_raised_inside_rays_c_code_is_still_a_stop(monkeypatch, capsys):
