@@ -143,7 +143,11 @@ SHIMS = {  # what the batch script asks of SLURM, answered for "nodes" that are 
     # (SHIM_WORKER_FAILS: the second node's `ray start` fails at once)
     '[ -n "${SHIM_WORKER_FAILS:-}" ] && [[ " $* " == *" --address="* ]] && '
     '{ echo "srun: error: node2: task 0: Exited with exit code 1" >&2; exit 1; }\n'
-    'exec "$@"\n',
+    # the step: its own process group, which signals sent to srun reach, as SLURM signals
+    # every process of a step (SIGUSR1 ends Ray's, which keep SIGTERM blocked)
+    'set -m; "$@" & step=$!\n'
+    'for s in USR1 TERM INT; do trap "kill -$s -- -$step" $s; done\n'
+    "while kill -0 $step 2>/dev/null; do wait $step; done; wait $step\n",
     "scontrol": "echo localhost; echo localhost\n",  # scontrol show hostnames: two nodes
 }
 
