@@ -50,25 +50,42 @@ class GpuInfo:
 def read_nvidia_smi(command: str = "nvidia-smi") -> list[Row]:
     """The usable GPUs of this machine that this process may use (``CUDA_VISIBLE_DEVICES``,
     by index or UUID, when it names any); [] when ``nvidia-smi`` is absent or fails."""
-    if shutil.which(command) is None:
-        return []
-    try:
-        out = subprocess.run([command, *QUERY], capture_output=True, text=True, timeout=SMI_SECONDS)
-    except (OSError, subprocess.SubprocessError):
-        return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
     allowed = {v.strip() for v in visible.split(",")} if visible else None  # ("": a Ray task
     # that asked for no GPU, in Ray versions that hide them from it: the node's GPUs count)
     rows = []
-    for line in out.stdout.splitlines() if out.returncode == 0 else []:
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 6 or (allowed is not None and not allowed & {parts[0], parts[1]}):
+    for parts in _smi_gpus(command):
+        if allowed is not None and not allowed & {parts[0], parts[1]}:
             continue
         if parts[5] == "Enabled" or parts[4] == "Prohibited":
             continue  # whole-GPU memory of MIG slices; no CUDA context allowed
         with contextlib.suppress(ValueError):
             rows.append((float(parts[2]) * 2**20, float(parts[3]) * 2**20, parts[4]))
     return rows
+
+
+def _smi_gpus(command: str) -> list[list[str]]:
+    """Every GPU of this machine as ``nvidia-smi`` lists it (:data:`FIELDS`); [] when it is
+    absent or fails."""
+    if shutil.which(command) is None:
+        return []
+    try:
+        out = subprocess.run([command, *QUERY], capture_output=True, text=True, timeout=SMI_SECONDS)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    listed = [[p.strip() for p in line.split(",")] for line in out.stdout.splitlines()]
+    return [parts for parts in listed if len(parts) == 6] if out.returncode == 0 else []
+
+
+def uuids(names: list[str], command: str = "nvidia-smi") -> list[str]:
+    """``names`` of this machine's GPUs as ``CUDA_VISIBLE_DEVICES`` gives them (indices, UUIDs
+    or UUID prefixes, as CUDA takes them) as their UUIDs, where ``nvidia-smi`` lists them."""
+    listed = {index: uuid for index, uuid, *_ in _smi_gpus(command)}
+    found = []
+    for name in names:
+        match = [u for u in listed.values() if name.startswith("GPU-") and u.startswith(name)]
+        found.append(listed.get(name) or (match[0] if len(match) == 1 else name))
+    return found
 
 
 def node_facts(command: str = "nvidia-smi") -> tuple[list[Row], bool]:

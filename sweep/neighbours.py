@@ -5,8 +5,8 @@ memory may run out), and neither Ray knows.
 
 Each such driver records itself (host, pid, start, sweep folder, the GPUs its Ray sees) in a
 per-user folder while it trains; records of processes that ended are ignored and removed.
-GPUs are compared as ``CUDA_VISIBLE_DEVICES`` names them (one sweep naming UUIDs and the other
-indices is not caught).
+GPUs are compared by their UUIDs where ``nvidia-smi`` lists them (one sweep may name them by
+index in ``CUDA_VISIBLE_DEVICES``, another by UUID), else as named.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ def registry() -> Path:
 
 def visible_gpus(count: int) -> list[str]:
     """The GPUs a local Ray started here hands out: CUDA_VISIBLE_DEVICES's (it keeps to
-    them), else the first ``count``."""
+    them), else the first ``count``; by UUID where ``nvidia-smi`` says it."""
+    from sweep.gpuinfo import uuids
+
     seen = os.environ.get("CUDA_VISIBLE_DEVICES")
     if seen is None:
-        return [str(i) for i in range(count)]
-    return [g.strip() for g in seen.split(",") if g.strip()][:count]
+        return uuids([str(i) for i in range(count)])
+    return uuids([g.strip() for g in seen.split(",") if g.strip()][:count])
 
 
 def _others(folder: Path, host: str) -> Iterator[dict]:

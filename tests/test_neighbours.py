@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from sweep import neighbours
+from sweep import gpuinfo, neighbours
+from tests.test_gpuinfo import fake_nvidia_smi
 from tests.test_sweep_e2e import sweep
 
 HOST = socket.gethostname()
@@ -64,16 +65,35 @@ def test_sweeps_on_other_gpus_say_nothing(other_driver, tmp_path, caplog):
     assert not [r for r in caplog.records if r.name == "sweep.neighbours"]
 
 
-def test_the_gpus_a_local_ray_hands_out(monkeypatch):
+def test_the_gpus_a_local_ray_hands_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # (no nvidia-smi: as named)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert neighbours.visible_gpus(2) == ["0", "1"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert neighbours.visible_gpus(2) == ["2", "3"]
 
 
+def test_a_gpu_named_by_index_or_by_uuid_is_one_gpu(monkeypatch, tmp_path):
+    """One sweep started with CUDA_VISIBLE_DEVICES=1, another with that GPU's UUID (or a
+    prefix of it, as CUDA takes it): both record its UUID, as nvidia-smi lists it."""
+    two = "0, GPU-8932f937-d72c, 81000, 81559, Default, [N/A]\n"
+    two += "1, GPU-77c0ffee-4106, 81000, 81559, Default, [N/A]"
+    fake_nvidia_smi(tmp_path, two)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    by_index = neighbours.visible_gpus(1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-77c0ffee")
+    assert neighbours.visible_gpus(1) == by_index == ["GPU-77c0ffee-4106"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert neighbours.visible_gpus(2) == ["GPU-8932f937-d72c", "GPU-77c0ffee-4106"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-,7")  # (ambiguous, unknown: as named)
+    assert neighbours.visible_gpus(2) == ["GPU-", "7"]
+
+
 def test_a_real_sweep_hears_of_another_on_its_gpus(ray_cluster, other_driver, tmp_path, capsys):
-    other = other_driver(["0"])  # (the test Ray has 2 fake GPUs: 0 and 1)
+    gpu = gpuinfo.uuids(["0"])  # (the test Ray has 2 fake GPUs, 0 and 1; on a GPU machine
+    other = other_driver(gpu)  # its GPU 0 is recorded by UUID)
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]") == 0
     said = (tmp_path / "sw" / "sweep.log").read_text()
-    assert f"another sweep trains on GPU(s) 0 of this machine (pid {other['pid']}" in said
+    assert f"another sweep trains on GPU(s) {gpu[0]} of this machine (pid {other['pid']}" in said
     assert not list(neighbours.registry().glob(f"*-{os.getpid()}.json"))  # (gone at its end)
