@@ -325,7 +325,8 @@ def _train(
             assert store is not None
             laps.lap("sweep folder")
             early = launcher.early_gpu_probe(cfg)
-            session = launcher.ray_session(cfg.launch, outcome.shutdown_wait)
+            went_well = lambda: not outcome.failures  # noqa: E731 (Ray's logs kept for them)
+            session = launcher.ray_session(cfg.launch, outcome.shutdown_wait, went_well)
             with session, contextlib.ExitStack() as held:
                 laps.lap("Ray")
                 res = launcher.Resources.of_cluster(cfg, early)

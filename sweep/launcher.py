@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -191,22 +192,44 @@ def _keep_handlers(handlers: dict) -> None:
 
 @contextlib.contextmanager
 def ray_session(
-    lc: LaunchConfig, stop_wait: Callable[[], float | None] = lambda: None
+    lc: LaunchConfig,
+    stop_wait: Callable[[], float | None] = lambda: None,
+    went_well: Callable[[], bool] = lambda: True,
 ) -> Iterator[bool]:
     """Start or join Ray unless already initialised (yields whether we own it); a Ray we
-    started is shut down on exit, giving up after ``stop_wait()`` seconds when that is set."""
+    started is shut down on exit, giving up after ``stop_wait()`` seconds when that is set,
+    and its session folder removed if no error left it and ``went_well()``."""
     import ray
 
     owns = not ray.is_initialized()
+    session = None
     if owns:
         handlers = _current_handlers()
         _start_ray(lc)
         _keep_handlers(handlers)  # (a Ray whose hooks _signals_stay_ours cannot hold off)
+        session = None if lc.address else _session_dir()
     try:
         yield owns
+    except BaseException:
+        session = None  # (its logs may say why)
+        raise
     finally:
         if owns:
             shutdown_ray(stop_wait())
+        if session is not None and went_well():
+            shutil.rmtree(session, ignore_errors=True)
+
+
+def _session_dir() -> Path | None:
+    """The folder of the local Ray just started (``/tmp/ray/session_...``: its logs, a few MB
+    an hour), removed when its session ends well: Ray never removes one, and each sweep left
+    its own."""
+    import ray
+
+    try:
+        return Path(ray._private.worker._global_node.get_session_dir_path())
+    except (AttributeError, TypeError):  # (a Ray without it: the folder stays)
+        return None
 
 
 def _oversubscribed(threads: int) -> None:

@@ -130,9 +130,10 @@ def _said(p: subprocess.Popen | None) -> str:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, str]:
-    base = tmp_path_factory.mktemp("ref")
-    code, out = finish(start(base / "sw", tmp_path_factory.getbasetemp() / "rr"))
+    base, ray_tmp = tmp_path_factory.mktemp("ref"), tmp_path_factory.getbasetemp() / "rr"
+    code, out = finish(start(base / "sw", ray_tmp))
     assert code == 0, out
+    assert not list(ray_tmp.glob("session_2*"))  # a session that went well: its folder removed
     return hashes(base / "sw")
 
 
@@ -312,6 +313,7 @@ def test_a_workers_unexpected_error_is_named_by_type_and_its_traceback_kept(
     raised = log[log.index("what its task raised:") :]
     assert 'sitecustomize.py", line' in raised and "in evaluate_members" in raised
     assert "\nKeyError: 'W_dec_missing'\n" in raised and "\x1b" not in raised
+    assert list((tmp_path_factory.getbasetemp() / "ke").glob("session_2*"))  # (Ray's logs kept)
 
 
 def test_a_run_that_finished_before_its_ensemble_failed_stays_done(tmp_path, tmp_path_factory):
