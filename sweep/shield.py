@@ -1,10 +1,12 @@
 """``python -m sweep.shield CMD [ARGS...]``: run CMD with SIGTERM blocked, a mask its children
-inherit. launch/slurm.sbatch starts Ray's processes so: a plain ``scancel`` or a pre-emption
-sends SIGTERM to every process of the job, and Ray's raylet, on its SIGTERM, kills its workers
-at once, before they can save; blocked, Ray trains on while the driver (which the signal does
-reach) stops every ensemble with a checkpoint. SLURM's SIGKILL still ends them after KillWait,
-or the pre-emption's GraceTime. sweep's own stop handlers unblock it where they are installed
-(:func:`sweep.stop._install`), so a worker sent SIGTERM alone still checkpoints and stops.
+inherit, and :data:`SHIELDED` set. launch/slurm.sbatch starts Ray's processes so: a plain
+``scancel`` sends SIGTERM to every process of the job, and Ray's raylet, on its SIGTERM, kills
+its workers at once, before they can save; blocked, Ray trains on while the driver (which the
+signal reaches too) stops every ensemble with a checkpoint, before SLURM's SIGKILL (KillWait
+later). A pre-emption signals the job's steps (Ray) at once but the batch script (the driver)
+only when its GraceTime ends: Ray's workers keep SIGTERM blocked (:func:`sweep.stop._install`
+leaves it so where :data:`SHIELDED` is set), so the sweep trains through the grace time and
+stops, checkpointed, at its end.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import os
 import signal
 import sys
 
+SHIELDED = "SWEEP_SHIELDED"
+"""Set in the environment of a shielded command (and so of Ray's workers it starts)."""
+
 
 def main(argv: list[str]) -> None:
     if not argv:
         sys.exit("usage: python -m sweep.shield CMD [ARGS...]")
+    os.environ[SHIELDED] = "1"
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     os.execvp(argv[0], argv)
 

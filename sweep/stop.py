@@ -114,16 +114,21 @@ class _Installed:
 
 
 def _install(handler: Callable[[int, object], None]) -> _Installed:
-    """Install ``handler`` for SIGTERM and SIGINT (main thread only), and unblock them there:
-    a process started with SIGTERM blocked (Ray's, under launch/slurm.sbatch, so that SLURM's
-    SIGTERM to every process of the job leaves them alone) would never run it."""
+    """Install ``handler`` for SIGTERM and SIGINT (main thread only), and unblock them there (a
+    process started with them blocked would never run it), except in the workers of a Ray
+    started by :mod:`sweep.shield`, where SIGTERM stays blocked: SLURM's stops the sweep
+    through its driver, and a pre-emption's first one, which reaches Ray but not the driver,
+    would only stop each ensemble for a retry."""
+    from sweep.shield import SHIELDED
+
     old = _Installed()
     for sig in STOPS:
         try:
             old.handlers[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread: rely on the flag and the stop file
             return old
-    old.blocked = set(signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS))
+    if not os.environ.get(SHIELDED):
+        old.blocked = set(signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS))
     return old
 
 

@@ -452,26 +452,37 @@ def test_a_signal_within_a_second_of_the_stop_is_the_same_stop():
 
 
 BLOCKED = """
-import os, signal, sys
+import os, signal, sys, time
 from pathlib import Path
 from sweep.stop import StopWatch
 assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (started so)
 with StopWatch(Path(sys.argv[1])) as stop:
     os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.3)
+    print("stopped by the signal" if stop.is_set() else "not by the signal")
+    Path(sys.argv[1]).touch()  # the driver's stop file
     stop.event.wait(5)
-    print("stopped" if stop.is_set() else "never stopped")
+    print("stopped by the driver" if stop.is_set() else "never stopped")
 assert signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # (as it was)
 """
 
 
-def test_a_worker_started_with_sigterm_blocked_still_stops_on_it(tmp_path):
-    """launch/slurm.sbatch starts Ray with SIGTERM blocked (SLURM's scancel signals every
-    process, and Ray's raylet would kill its workers at once); a worker's own stop still
-    takes it: a signal sent to that worker alone makes it checkpoint."""
-    shielded = [sys.executable, "-m", "sweep.shield"]  # (as the script starts Ray)
-    cmd = [*shielded, sys.executable, "-c", BLOCKED, str(tmp_path / "stop")]
+@pytest.mark.parametrize("shielded", [True, False])
+def test_a_worker_started_with_sigterm_blocked(tmp_path, shielded):
+    """launch/slurm.sbatch starts Ray with SIGTERM blocked (``python -m sweep.shield``): a
+    scancel signals every process, and Ray's raylet would kill its workers at once. Its
+    workers keep it blocked and stop when the driver says so (a pre-emption signals Ray a
+    grace time before the driver). Any other process started with it blocked takes its stop."""
+    cmd = [sys.executable, "-c", BLOCKED, str(tmp_path / "stop")]
+    if shielded:
+        cmd = [sys.executable, "-m", "sweep.shield", *cmd]
+    else:
+        block = "import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {15}); "
+        cmd = [sys.executable, "-c", block + "os.execvp(sys.argv[1], sys.argv[1:])", *cmd]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env())
-    assert done.returncode == 0 and done.stdout.strip() == "stopped", done.stderr
+    said = done.stdout.split("\n")[0]
+    assert done.returncode == 0, done.stderr
+    assert said == ("not by the signal" if shielded else "stopped by the signal")
 
 
 def test_a_stop_raised_inside_rays_c_code_is_still_a_stop(monkeypatch, capsys):
