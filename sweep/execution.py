@@ -444,7 +444,8 @@ class Execution:
             )
 
 
-def _trained_runs(plan) -> list[str]:
+def _trained_runs(plan: SweepPlan) -> list[str]:
+    """The runs the plan trains (not those it only evaluates)."""
     return [m.run_id for e in plan.ensembles if not e.evaluate for m in e.members]
 
 
