@@ -25,7 +25,7 @@ class ProgressCounter:
     def total(self) -> int:
         return sum(self.reached.values())
 
-    def work(self) -> tuple[int, float]:
-        """Rows trained, and those rows weighted by their runs' cost."""
+    def work(self) -> tuple[int, float, dict[str, int]]:
+        """Rows trained, those rows weighted by their runs' cost, and each run's rows."""
         weighted = sum(rows * self.weights.get(r, 1.0) for r, rows in self.reached.items())
-        return self.total(), weighted
+        return self.total(), weighted, dict(self.reached)

@@ -159,7 +159,8 @@ class Execution:
         self.submitted: dict[EnsembleSpec, float] = {}
         """When each ensemble's latest task was submitted (it may be a re-queued one)."""
         self._submit(self._gpus())
-        self.meter = RateMeter(self.folder.path, n_rows, work)
+        totals = dict.fromkeys(trains, steps * t.batch_size)
+        self.meter = RateMeter(self.folder.path, n_rows, work, totals)
         shown = self.cfg.progress and n_rows > 0  # (evaluating only: logged per ensemble)
         with (
             self.meter,
@@ -223,8 +224,8 @@ class Execution:
         self.lock.heartbeat()
         progress = _progress(self.counter)
         if progress:
-            rows, work = progress
-            self.meter.sample(min(self.bar.total, rows), work=work)  # (for sweep status)
+            rows, work, runs = progress
+            self.meter.sample(min(self.bar.total, rows), work=work, runs=runs)  # (sweep status)
             self.bar.update(min(self.bar.total, rows) - self.bar.n)  # (drawn at its interval)
         self.bar.set_postfix_str(self._postfix(), refresh=False)
         signals = self.outcome.signals
@@ -449,9 +450,9 @@ def _trained_runs(plan: SweepPlan) -> list[str]:
     return [m.run_id for e in plan.ensembles if not e.evaluate for m in e.members]
 
 
-def _progress(actor: object) -> tuple[int, float] | None:
-    """Rows trained so far and their work (None if the counter cannot be reached, e.g.
-    during shutdown)."""
+def _progress(actor: object) -> tuple[int, float, dict[str, int]] | None:
+    """Rows trained so far, their work and each run's (None if the counter cannot be
+    reached, e.g. during shutdown)."""
     import ray
 
     try:

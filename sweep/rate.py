@@ -30,25 +30,43 @@ MIN_SPAN = 5.0
 
 
 class RateMeter:
-    """Samples of (time, rows trained by the whole sweep, their work) -> ``rate.json``.
+    """Samples of (time, rows trained by the whole sweep, their work, each run's rows) ->
+    ``rate.json``.
 
     The work is the rows weighted by what a row of their run costs (its dictionary's size):
     ensembles of one size after another train at different row rates (the largest first), so
-    the time left is paced by work, ``work_total`` in all; the rate said stays in rows."""
+    the time left is paced by work, ``work_total`` in all; the rate said stays in rows. Where
+    ensembles train side by side (one on each GPU) the sweep lasts as long as its slowest: the
+    time left is never less than the longest any running run needs at its own rate
+    (``run_totals``: the rows each run trains in all)."""
 
-    def __init__(self, sweep_dir: Path, total: int, work_total: float | None = None) -> None:
+    def __init__(
+        self,
+        sweep_dir: Path,
+        total: int,
+        work_total: float | None = None,
+        run_totals: dict[str, float] | None = None,
+    ) -> None:
         self.path, self.total = Path(sweep_dir) / RATE, total
         self.work_total = float(total if work_total is None else work_total)
-        self.samples: deque[tuple[float, float, float]] = deque()
+        self.run_totals = dict(run_totals or {})
+        self.samples: deque[tuple[float, float, float, dict]] = deque()
         self.written = 0.0
 
-    def sample(self, rows: float, now: float | None = None, work: float | None = None) -> None:
-        """Record the rows trained so far (and their work: the rows where not given); write the
-        file when it is due (never raises: a full disk must not stop training)."""
+    def sample(
+        self,
+        rows: float,
+        now: float | None = None,
+        work: float | None = None,
+        runs: dict[str, float] | None = None,
+    ) -> None:
+        """Record the rows trained so far (their work: the rows where not given; ``runs``: each
+        run's); write the file when it is due (never raises: a full disk must not stop
+        training)."""
         now = time.time() if now is None else now
         if self.samples and rows < self.samples[-1][1]:
             self.samples.clear()  # (never, as the counter keeps each run's most: to be safe)
-        self.samples.append((now, rows, rows if work is None else work))
+        self.samples.append((now, rows, rows if work is None else work, dict(runs or {})))
         while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
             self.samples.popleft()
         if self.total > 0 and now - self.written >= EVERY:  # (0: evaluating only)
@@ -56,29 +74,44 @@ class RateMeter:
             with contextlib.suppress(OSError):
                 atomic_write_json(self.path, self.facts(now))
 
+    def span(self) -> float:
+        return self.samples[-1][0] - self.samples[0][0] if self.samples else 0.0
+
     def rate(self, of: int = 1) -> float | None:
         """Rows (``of=2``: work) per second over the samples kept, None before
         :data:`MIN_SPAN` of them."""
         first, last = self.samples[0], self.samples[-1]
-        span = last[0] - first[0]
-        return (last[of] - first[of]) / span if span >= MIN_SPAN else None
+        return (last[of] - first[of]) / self.span() if self.span() >= MIN_SPAN else None
 
     def seconds_left(self) -> float | None:
-        """At the work's rate over the samples kept (None before it has one, or at 0)."""
+        """At the work's rate over the samples kept, and no less than the longest a running
+        run needs at its own rate (None before it has a rate, or at 0)."""
         rate = self.rate(of=2) if self.samples else None
-        return max(self.work_total - self.samples[-1][2], 0.0) / rate if rate else None
+        if not rate:
+            return None
+        return max(max(self.work_total - self.samples[-1][2], 0.0) / rate, self._slowest_run())
+
+    def _slowest_run(self) -> float:
+        """Seconds the run needing the longest at its own rate over the samples needs."""
+        first, last, longest = self.samples[0][3], self.samples[-1][3], 0.0
+        for run, rows in last.items():
+            moved = rows - first.get(run, rows)
+            if moved > 0 and run in self.run_totals:
+                left = max(self.run_totals[run] - rows, 0.0)
+                longest = max(longest, left * self.span() / moved)
+        return longest
 
     def facts(self, now: float) -> dict:
-        (t0, _, _), (t1, rows, work) = self.samples[0], self.samples[-1]
+        _, rows, work, _ = self.samples[-1]
         return {
             "time": now,
             "rows": rows,
             "total": self.total,
             "rows_per_s": self.rate(),
-            "over_s": t1 - t0,
+            "over_s": self.span(),
             "work": work,
             "work_total": self.work_total,
-            "work_per_s": self.rate(of=2),
+            "seconds_left": self.seconds_left(),
         }
 
     def __enter__(self) -> RateMeter:
@@ -98,21 +131,19 @@ def forget(sweep_dir: Path) -> None:
 
 def pace(sweep_dir: Path, now: float | None = None) -> dict | None:
     """From a fresh ``rate.json``: ``rows_per_s``, ``over_s`` (the seconds it was measured
-    over) and ``seconds_left`` at the pace of its work (None when it is 0); None without
-    one, or without a rate yet."""
+    over) and ``seconds_left`` as the driver judged it when it wrote the file, less the time
+    since (None when it had none); None without one, or without a rate yet."""
     now = time.time() if now is None else now
     try:
         facts = read_json(Path(sweep_dir) / RATE)
         age, rate, over = now - float(facts["time"]), facts["rows_per_s"], float(facts["over_s"])
-        work_rate = float(facts["work_per_s"] or 0.0)
-        left = float(facts["work_total"]) - float(facts["work"]) - max(age, 0.0) * work_rate
-    except (OSError, ValueError, KeyError, TypeError):  # (since written: left out above)
+        left = facts["seconds_left"]
+        left = None if left is None else max(float(left) - max(age, 0.0), 0.0)
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if abs(age) > FRESH or not isinstance(rate, (int, float)) or not math.isfinite(rate):
         return None  # (either way: the driver may run on another host, its clock off a bit)
-    fits = work_rate > 0 and math.isfinite(work_rate)
-    seconds_left = max(left, 0.0) / work_rate if fits else None
-    return {"rows_per_s": rate, "over_s": over, "seconds_left": seconds_left}
+    return {"rows_per_s": rate, "over_s": over, "seconds_left": left}
 
 
 def words(p: dict) -> str:

@@ -77,7 +77,7 @@ def test_the_rate_is_measured_over_the_last_minutes(tmp_path):
         assert later and later.endswith("about 12:50 left at that rate")
         assert describe(tmp_path, now=1300.0 - 30) == said  # a reader's clock behind
         meter.sample(10, now=1301.0)  # counted again (a retried ensemble): measured afresh
-        assert meter.samples[0] == (1301.0, 10, 10)
+        assert meter.samples[0] == (1301.0, 10, 10, {})
     assert not (tmp_path / RATE).exists()  # the driver's training ended
 
 
@@ -88,16 +88,31 @@ def test_the_time_left_is_paced_by_work_when_ensembles_differ(tmp_path):
     from sweep.actors import ProgressCounter
     from sweep.rate import RateMeter, pace
 
-    counter = ProgressCounter({}, {"big": 4096, "small": 512})
-    with RateMeter(tmp_path, total=200_000, work_total=100_000 * (4096 + 512)) as meter:
+    counter = ProgressCounter({"big": 0, "small": 0}, {"big": 4096, "small": 512})
+    totals = {"big": 100_000, "small": 100_000}
+    with RateMeter(tmp_path, 200_000, 100_000 * (4096 + 512), totals) as meter:
         for t in range(0, 51):  # half of the big run trained
             counter.reach(["big"], 1000 * t)
-            rows, work = counter.work()
-            meter.sample(rows, now=1000.0 + t, work=work)
+            rows, work, runs = counter.work()
+            meter.sample(rows, now=1000.0 + t, work=work, runs=runs)
         p = pace(tmp_path, now=1050.0)
         assert p["rows_per_s"] == 1000 and p["seconds_left"] == 50 + 100_000 / 8000
         assert meter.seconds_left() == p["seconds_left"]  # (the driver's bar says it too)
-    assert counter.work() == (50_000, 50_000 * 4096)
+    assert counter.work() == (50_000, 50_000 * 4096, {"big": 50_000, "small": 0})
+
+
+def test_the_time_left_of_ensembles_side_by_side_is_their_slowest(tmp_path):
+    """On two GPUs at once, the 4096-wide run at 1k rows/s and the 512-wide one at 8k rows/s:
+    the work's rate says the sweep ends in 46 s; the wide run alone needs 90 s more."""
+    from sweep.rate import RateMeter
+
+    totals = {"big": 100_000, "small": 100_000}
+    with RateMeter(tmp_path, 200_000, 100_000 * (4096 + 512), totals) as meter:
+        for t in range(0, 11):
+            runs = {"big": 1000 * t, "small": 8000 * t}
+            work = runs["big"] * 4096 + runs["small"] * 512
+            meter.sample(sum(runs.values()), now=1000.0 + t, work=work, runs=runs)
+        assert meter.seconds_left() == 90
 
 
 def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
