@@ -152,6 +152,23 @@ SHIMS = {  # what the batch script asks of SLURM, answered for "nodes" that are 
 }
 
 
+def _job_id() -> int:
+    return 20000 + os.getpid() % 9000
+
+
+def test_a_jobs_ray_ports_are_free_ones_from_its_own():
+    """Two jobs on one node whose ids differ by a multiple of 3000 shared ports (the second's
+    `ray start` failed): the search goes on to the next free three."""
+    from sweep.ports import first_free
+
+    own = first_free(12)
+    assert own == 20036 or own > 20036  # (free here, or taken by something else)
+    with socket.socket() as taken:
+        taken.bind(("", own + 1))  # (one of the three is enough)
+        taken.listen()
+        assert first_free(12) >= own + 3 and first_free(3012) == first_free(12)
+
+
 def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str, **extra_env: str) -> tuple[int, str]:
     """launch/slurm.sbatch, unchanged, with srun/scontrol shims (two nodes: this machine)."""
     bin_dir = tmp / "bin"
@@ -165,7 +182,7 @@ def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str, **extra_env: str) -> 
     e.update(
         PATH=f"{bin_dir}:{e['PATH']}",
         SWEEP_VENV=str(Path(sys.executable).parent.parent),
-        SLURM_JOB_ID=str(20000 + os.getpid() % 9000),
+        SLURM_JOB_ID=str(_job_id()),
         SLURM_JOB_NODELIST="node[1-2]",
         SLURM_CPUS_PER_TASK="1",
         RAY_TMPDIR=str(ray_tmp),
@@ -194,8 +211,13 @@ def test_the_slurm_script_runs_a_sweep_on_two_nodes(tmp_path, tmp_path_factory):
     args = ["data.width=16", "data.n_features=32", "data.rows=12000", "data.eval_rows=2048"]
     args += ["grid.l1=[1e-2]", "grid.dict_ratio=[1,2]", "train.batch_size=256", "progress=false"]
     ray_tmp = tmp_path_factory.getbasetemp() / "sl"  # (short: Ray's socket paths)
-    code, out = run_slurm_script(tmp_path, ray_tmp, f"sweep_dir={sw}", *args)
+    job_port = 20000 + (_job_id() % 3000) * 3
+    with socket.socket() as taken:  # another job's Ray listens on this job's own port
+        taken.bind(("", job_port))
+        taken.listen()
+        code, out = run_slurm_script(tmp_path, ray_tmp, f"sweep_dir={sw}", *args)
     assert code == 0, out
+    assert f":{job_port + 3}); workers: " in out, out  # the next free ones
     assert "not every Ray node joined" not in out, out
     with open(sw / "summary.csv") as f:
         assert {r["state"] for r in csv.DictReader(f)} == {"done"}
