@@ -1,14 +1,21 @@
-"""``python -m sweep.ports JOB_ID``: the first of three consecutive free TCP ports on this node
-for a SLURM job's Ray (its GCS, client server and dashboard agent), run on the head node by
-launch/slurm.sbatch. Two jobs may share a node, so Ray's fixed defaults (6379, 10001, 52365)
-would collide: the search starts at a port derived from the job id, 20000 + 3 (id mod 3000), and
-steps by 3 through 20000-28999, so two jobs whose ids differ by a multiple of 3000 no longer
-take the same ports (the second's `ray start` failed). A port another job takes between this
-look and its own `ray start` still collides (rare: the start is seconds later).
+"""``python -m sweep.ports JOB_ID``: where a SLURM job's Ray head listens, run on the head node
+by launch/slurm.sbatch, printed as ``ADDRESS PORT``.
+
+The address is the one the host name resolves to, unless that is a loopback address (Debian's
+and Ubuntu's ``/etc/hosts`` map the host name to 127.0.1.1): then that of the interface the
+node reaches the network by, as Ray finds its own (else the other nodes' Ray could not join and
+the sweep trained on the head alone). The port is the first of three consecutive free TCP ports
+(the GCS, the client server, the dashboard agent). Two jobs may share a node, so Ray's fixed
+defaults (6379, 10001, 52365) would collide: the search starts at a port derived from the job
+id, 20000 + 3 (id mod 3000), and steps by 3 through 20000-28999, so two jobs whose ids differ by
+a multiple of 3000 no longer take the same ports (the second's `ray start` failed). A port
+another job takes between this look and its own `ray start` still collides (rare: the start is
+seconds later).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 
@@ -35,7 +42,19 @@ def first_free(job_id: int) -> int:
     return LOW + start  # (every one taken: Ray's own error will say so)
 
 
+def node_address() -> str:
+    """This node's address for the other nodes (see the module's note)."""
+    with contextlib.suppress(OSError):
+        named = socket.gethostbyname(socket.gethostname())
+        if not named.startswith("127."):
+            return named
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 1))  # (a datagram socket sends nothing to connect)
+        return s.getsockname()[0]
+    return "127.0.0.1"  # (no network: this node alone)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
         sys.exit("usage: python -m sweep.ports JOB_ID")
-    print(first_free(int(sys.argv[1])))
+    print(node_address(), first_free(int(sys.argv[1])))

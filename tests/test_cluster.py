@@ -169,6 +169,17 @@ def test_a_jobs_ray_ports_are_free_ones_from_its_own():
         assert first_free(12) >= own + 3 and first_free(3012) == first_free(12)
 
 
+def test_the_heads_address_is_not_the_loopback_its_name_may_resolve_to(monkeypatch):
+    """Debian's /etc/hosts maps the host name to 127.0.1.1: a head at that address was
+    unreachable from the other nodes, and the sweep trained on the head alone."""
+    from sweep.ports import node_address
+
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.1.2.3")
+    assert node_address() == "10.1.2.3"
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    assert node_address() != "127.0.1.1"  # (the interface's; 127.0.0.1 with no network)
+
+
 def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str, **extra_env: str) -> tuple[int, str]:
     """launch/slurm.sbatch, unchanged, with srun/scontrol shims (two nodes: this machine)."""
     bin_dir = tmp / "bin"
