@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 BLOCK = 1 << 16
 
 
-def _record(line: bytes) -> dict | None:
+def record(line: bytes | str) -> dict | None:
     """The line's record; None for an empty, damaged or non-object line."""
     if not line.strip():
         return None
@@ -43,7 +43,7 @@ def _lines(path: Path, keep: set[int] | None = None) -> Iterator[dict]:
         for i, line in enumerate(f):
             if keep is not None and i not in keep:
                 continue
-            rec = _record(line)
+            rec = record(line)
             if rec is None:
                 if line.strip():
                     log.warning("%s: skipping a damaged line", path)
@@ -66,7 +66,7 @@ def last(path: Path) -> dict:
             tail = f.read(end - start) + tail
             lines = tail.split(b"\n")
             for line in reversed(lines[1:] if start > 0 else lines):  # (lines[0] may be cut)
-                rec = _record(line)
+                rec = record(line)
                 if rec is not None:
                     return rec
             tail, end = lines[0] if start > 0 else b"", start

@@ -39,9 +39,8 @@ def visible_gpus(count: int) -> list[str]:
     from sweep.gpuinfo import uuids
 
     seen = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if seen is None:
-        return uuids([str(i) for i in range(count)])
-    return uuids([g.strip() for g in seen.split(",") if g.strip()][:count])
+    named = [str(i) for i in range(count)] if seen is None else [g.strip() for g in seen.split(",")]
+    return uuids([g for g in named if g][:count])
 
 
 def _others(folder: Path, host: str) -> Iterator[dict]:

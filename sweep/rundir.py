@@ -436,11 +436,8 @@ def run_state(folder: str | Path) -> RunState:
 
 def _redone(line: str, after_step: int) -> bool:
     """Whether an ``events.jsonl`` line is a training step's event past ``after_step``."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return False
-    if not isinstance(event, dict):
+    event = jsonl.record(line)
+    if event is None:
         return False
     step = event.get("step")
     return event.get("event") in REDONE_EVENTS and isinstance(step, int) and step > after_step
