@@ -24,7 +24,11 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: python -m sweep.shield CMD [ARGS...]")
     os.environ[SHIELDED] = "1"
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    os.execvp(argv[0], argv)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as err:  # (as a shell says it, and its exit status)
+        print(f"sweep.shield: cannot run {argv[0]}: {err.strerror}", file=sys.stderr)
+        sys.exit(127)
 
 
 if __name__ == "__main__":

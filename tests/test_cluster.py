@@ -180,6 +180,25 @@ def test_the_heads_address_is_not_the_loopback_its_name_may_resolve_to(monkeypat
     assert node_address() != "127.0.1.1"  # (the interface's; 127.0.0.1 with no network)
 
 
+@pytest.mark.parametrize(
+    "args, said, code",
+    [
+        (["sweep.ports"], "usage: python -m sweep.ports JOB_ID", 1),
+        (["sweep.ports", "12a"], "usage: python -m sweep.ports JOB_ID", 1),
+        (["sweep.shield"], "usage: python -m sweep.shield CMD [ARGS...]", 1),
+        (
+            ["sweep.shield", "no-such-cmd"],
+            "sweep.shield: cannot run no-such-cmd: No such file",
+            127,
+        ),
+    ],
+)
+def test_the_batch_scripts_helpers_refuse_bad_input_in_one_line(args, said, code):
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    assert done.returncode == code and not done.stdout
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith(said), done.stderr
+
+
 def run_slurm_script(tmp: Path, ray_tmp: Path, *args: str, **extra_env: str) -> tuple[int, str]:
     """launch/slurm.sbatch, unchanged, with srun/scontrol shims (two nodes: this machine)."""
     bin_dir = tmp / "bin"
