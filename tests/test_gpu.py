@@ -340,11 +340,16 @@ COMPILED_RESUME = pytest.mark.xfail(
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @cuda_only
 def test_a_fresh_compile_continues_a_compiled_ensemble_bit_for_bit(dtype):
-    """What a resumed worker does, without the worker and its checkpoints: two compiled
-    ensembles from one start agree after 6 steps, and the state of one, handed to a new
-    Ensemble (its own torch.compile), continues with the uninterrupted one's bits
-    (tests/test_compiled.py's CPU test, on CUDA). A failure here is the compiled step's own
-    determinism: scripts/diagnose_compile.py narrows it down."""
+    """What a worker resumed on a fresh machine does, without the worker and its checkpoints:
+    two compiled ensembles from one start agree after 6 steps, and the state of one, handed
+    to a new Ensemble compiled from nothing (dynamo reset, inductor's cache off: a kernel
+    cache would hand it the first compile's kernels), continues with the uninterrupted one's
+    bits (tests/test_compiled.py's CPU test, on CUDA). A failure here is the compiled step's
+    own determinism: scripts/diagnose_compile.py narrows it down. (The worker's resume tests
+    below compile again from inductor's cache, as a resume on the same machine does.)"""
+    from torch._dynamo.utils import counters
+
+    from sweep.compiled import forget_compiled
     from sweep.optim import AdamState
 
     init, xs = members("untied"), [x.to(CUDA) for x in batches(12)]
@@ -366,9 +371,13 @@ def test_a_fresh_compile_continues_a_compiled_ensemble_bit_for_bit(dtype):
         return {k: d[k].clone() for k in sorted(d)}
 
     saved = AdamState(*(restored(d) for d in vars(first.state).values()))
+    forget_compiled()
+    graphs = counters["stats"]["unique_graphs"]
     again = new(restored(first.params), state=saved, active=first.active.clone())
-    for x in xs[6:]:
-        again.step(x)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for x in xs[6:]:
+            again.step(x)
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not taken from dynamo
     for k, v in whole.params.items():
         assert torch.equal(again.params[k], v), k
 
