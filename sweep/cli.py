@@ -214,22 +214,28 @@ def _override_message(head: str, why: str) -> str | None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(show_path=False, show_time=False, console=_stderr_console())],
+        handlers=[_stderr_handler()],
         force=True,
     )
     for noisy in ("ray", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _stderr_console():  # type: ignore[no-untyped-def]
+def _stderr_handler() -> logging.Handler:
+    """Rich's on a terminal; elsewhere (a pipe, a file: a SLURM job's output) each record on
+    one line as written, neither wrapped at 80 columns (a path cut mid-word) nor padded."""
     from rich.console import Console
+    from rich.logging import RichHandler
 
-    return Console(stderr=True)
+    console = Console(stderr=True)
+    if console.is_terminal:
+        return RichHandler(show_path=False, show_time=False, console=console)
+    plain = logging.StreamHandler(sys.stderr)
+    plain.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    return plain
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ sweep's output, not third-party chatter. CLI checks run the real ``sweep`` comma
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -351,6 +352,18 @@ def test_terminal_shows_sweeps_output_only(tmp_path, tmp_path_factory):
         ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith(("INFO", " "))
     ]
     assert not noise, done.stderr
+
+
+def test_log_lines_into_a_file_are_neither_wrapped_nor_padded(capfd):
+    """A SLURM job's output file (stderr not a terminal) gets each message on one line as
+    written: rich wrapped them at 80 columns (a long path cut mid-word) and padded each."""
+    from sweep.cli import _setup_logging
+
+    path = "/scratch/" + "a-long-folder-name/" * 8 + "store"
+    _setup_logging(verbose=False)
+    logging.getLogger("sweep.driver").warning("the store is not at %s", path)
+    lines = capfd.readouterr().err.splitlines()
+    assert lines == [f"WARNING  the store is not at {path}"]
 
 
 def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys):
