@@ -124,11 +124,23 @@ def _unparsable(overrides: list[str]) -> str | None:
             parser.parse_overrides([o])
         except OverrideParseException as err:
             why = str(err).strip().splitlines()[0]
-            return (
-                f"cannot read the override {o!r} ({why}); check its brackets and quotes "
-                "(a list: grid.l1='[0.01,0.02]', quoted for the shell)"
-            )
+            return f"cannot read the override {o!r} ({why}); {_override_fix(o)}"
     return None
+
+
+def _override_fix(override: str) -> str:
+    """What is most likely wrong with an override Hydra's grammar cannot read."""
+    key, eq, value = override.partition("=")
+    if not eq or key != key.strip() or value != value.lstrip():
+        return "write each override as key=value, with no spaces around '='"
+    if value.startswith("~"):  # (Hydra's grammar has its own '~'; bash expands it, zsh not)
+        return f"quote a path that starts with '~' inside the override: \"{key}='{value}'\""
+    if any(c.isspace() for c in value) and value[:1] not in "'\"[":
+        return (
+            "quote a value with spaces inside the override, and the whole for the shell: "
+            f"\"{key}='{value}'\""
+        )
+    return "check its brackets and quotes (a list: grid.l1='[0.01,0.02]', quoted for the shell)"
 
 
 def _hydra_message(err: BaseException) -> str:
@@ -508,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compose_options(run)
     run.set_defaults(func=cmd_run)
     res = sub.add_parser("resume", help="continue a sweep from its saved config")
-    res.add_argument("sweep_dir")
+    res.add_argument("sweep_dir", type=_user_path)
     res.add_argument("overrides", nargs="*", help="dotlist overrides (e.g. launch.num_cpus=4)")
     res.set_defaults(func=cmd_resume)
     ev = sub.add_parser(
@@ -516,14 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute the metrics of a sweep's finished runs again from their weights "
         "(those of this version of sweep; no training)",
     )
-    ev.add_argument("sweep_dir")
+    ev.add_argument("sweep_dir", type=_user_path)
     ev.add_argument("overrides", nargs="*", help="dotlist overrides (e.g. launch.num_gpus=1)")
     ev.add_argument(
         "--runs", nargs="+", metavar="ID", help="run ids to evaluate (default: every finished run)"
     )
     ev.set_defaults(func=cmd_evaluate)
     st = sub.add_parser("status", help="state and progress of every run")
-    st.add_argument("sweep_dir")
+    st.add_argument("sweep_dir", type=_user_path)
     st.add_argument(
         "--state",
         type=_states,
@@ -542,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask a running sweep's driver (on any host that sees the folder) to stop; every "
         "running ensemble checkpoints first, as at Ctrl-C",
     )
-    stop.add_argument("sweep_dir")
+    stop.add_argument("sweep_dir", type=_user_path)
     stop.add_argument(
         "--no-wait", action="store_true", help="return at once instead of when the driver ended"
     )
@@ -555,10 +567,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "sweep_dir",
         nargs="+",
+        type=_user_path,
         help="sweep folder(s); with several, the frontier plot compares them all",
     )
     rep.add_argument(
-        "--out", metavar="DIR", help="write the report here instead of <first SWEEP_DIR>/report"
+        "--out",
+        metavar="DIR",
+        type=_user_path,
+        help="write the report here instead of <first SWEEP_DIR>/report",
     )
     rep.add_argument(
         "--device", default="auto", help="device for MMCS between dictionaries (auto, cpu, cuda)"
@@ -574,9 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     _compose_options(hv)
     hv.set_defaults(func=cmd_harvest)
     exp = sub.add_parser("export", help="write finished runs in another library's format")
-    exp.add_argument("sweep_dir")
+    exp.add_argument("sweep_dir", type=_user_path)
     exp.add_argument("--to", required=True, choices=["saelens"], help="target format")
-    exp.add_argument("out_dir", help="folder to write (one sub-folder per run)")
+    exp.add_argument("out_dir", type=_user_path, help="folder to write (one sub-folder per run)")
     exp.add_argument(
         "--runs", nargs="+", metavar="ID", help="run ids to export (default: every run)"
     )
@@ -587,6 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.set_defaults(func=cmd_export)
     return p
+
+
+def _user_path(text: str) -> str:
+    """A folder named on the command line, ``~`` expanded (quoted, the shell left it)."""
+    return os.path.expanduser(text)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

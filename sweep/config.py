@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import TypeVar, Union
@@ -746,12 +747,28 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
         raise ConfigError(one_line(str(err))) from err
     if not isinstance(obj, schema):
         raise ConfigError(f"config is not a {what} config: compose it from sweep's '{name}'")
+    _expand_home(obj)
     _check_finite(obj)
     try:
         obj.check()
     except ConfigError as err:
         raise ConfigError(_with_fix(str(err))) from None
     return obj
+
+
+PATH_FIELDS = {"sweep_dir", "path", "temp_dir", "store_dir", "model", "dataset"}
+"""Fields that name a file or folder: a leading ``~`` is the home folder, as in a shell (an
+override quoted for the shell keeps it: ``sweep_dir='~/x'`` made a folder named ``~``)."""
+
+
+def _expand_home(obj: object) -> None:
+    """Expand ``~`` in every path field of ``obj`` and of the configs it holds."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _expand_home(value)
+        elif f.name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
+            setattr(obj, f.name, os.path.expanduser(value))
 
 
 def _with_fix(message: str) -> str:

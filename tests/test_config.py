@@ -177,6 +177,9 @@ def test_invalid_values_name_the_field(override, field):
         ),
         (["run", "grid.l1=[1e-3,1e-3]"], "grid.l1 has duplicate values: [0.001, 0.001]; list each"),
         (["run", "grid.l1=[1e-2"], "cannot read the override 'grid.l1=[1e-2' (no viable"),
+        (["run", "grid.l1 = [1e-2]"], "with no spaces around '='"),
+        (["run", "grid.l1", "[1e-2]"], "write each override as key=value"),
+        (["run", "sweep_dir=~/my sweep"], "\"sweep_dir='~/my sweep'\""),
         (["run", "train.lr=abc"], "cannot set train.lr to 'abc' (Value 'abc' of type 'str'"),
         (["run", "train.lr=a: b"], "cannot set train.lr to 'a: b' (Value 'a: b' of type 'str'"),
         (["run", "--config-dir", "/nonexistent/dir"], "--config-dir /nonexistent/dir is not a"),
@@ -190,6 +193,18 @@ def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path
     assert err.startswith("error:") and needle in err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_quoted_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch, capsys):
+    """``sweep_dir='~/x'`` (quoted for the shell, so the shell left the ``~``) is the home
+    folder's x, not a folder named ``~`` beside the current one; so are the paths a command
+    takes."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = cfg_of("sweep_dir='~/sw'", "launch.temp_dir='~/ray'", "data=chunks", "data.path='~/a'")
+    assert (cfg.sweep_dir, cfg.data.path) == (f"{tmp_path}/sw", f"{tmp_path}/a")
+    assert cfg.launch.temp_dir == f"{tmp_path}/ray"
+    assert main(["status", "~/none"]) == 2
+    assert f"{tmp_path}/none" in capsys.readouterr().err
 
 
 def test_a_sweep_dir_that_is_a_file_is_named_so(tmp_path, capsys):
