@@ -194,16 +194,34 @@ def checked_store(cfg: SweepConfig, folder: SweepFolder, laps: Laps | None = Non
 def _warn_store_gone(cfg: SweepConfig, folder: SweepFolder) -> None:
     """A sweep that began on a store of its ``data.path`` that is gone makes it again (the same
     rows: a synthetic store from its seed, a harvest from its model and text), at a cost of
-    time and disk a moved store did not need: said before it begins."""
+    time and disk a moved store did not need: said before it begins. Refused where the store
+    it trained on is still where it was recorded (a mistyped ``data.path``)."""
     path = store_path(cfg)
     if cfg.data.name == "chunks" or folder.saved_config() is None or owns_store(cfg):
         return
-    if not (path.expanduser() / MANIFEST).is_file():
-        log.warning(
-            "the store this sweep trained on is not at %s: making it again there (the same "
-            "rows); if it was moved, stop (Ctrl-C) and pass data.path=<where it is now>",
-            path,
+    if (path.expanduser() / MANIFEST).is_file():
+        return
+    recorded = _recorded_store(folder)
+    if recorded is not None and recorded != path and (recorded / MANIFEST).is_file():
+        raise SweepError(
+            f"data.path {path} holds no store, and this sweep's store is still at {recorded}; "
+            f"leave data.path out (or pass data.path={recorded})"
         )
+    log.warning(
+        "the store this sweep trained on is not at %s: making it again there (the same "
+        "rows); if it was moved, stop (Ctrl-C) and pass data.path=<where it is now>",
+        path,
+    )
+
+
+def _recorded_store(folder: SweepFolder) -> Path | None:
+    """Where the sweep's saved config puts its store (None if that config cannot say)."""
+    try:
+        saved = folder.load_config() or {}
+    except SweepError:
+        return None
+    data = saved.get("data") or {}
+    return Path(data.get("path") or default_store_path(folder.path)).expanduser()
 
 
 def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:

@@ -169,6 +169,26 @@ def test_a_store_gone_from_its_data_path_is_said_before_it_is_made_again(
     assert "if it was moved, stop (Ctrl-C) and pass data.path=<where it is now>" in err
 
 
+def test_a_mistyped_data_path_is_refused_while_the_sweeps_store_is_where_it_was(
+    ray_cluster, tmp_path, capsys
+):
+    """Not a new store made at the typo (minutes of generation; a harvest: hours)."""
+    sw, typo = tmp_path / "sw", tmp_path / "typo"
+    grid = ["grid.l1=[1e-2]", "grid.dict_ratio=[1]"]
+    assert main(["run", f"sweep_dir={sw}", *TINY, *grid]) == 0
+    for argv in (["evaluate", str(sw)], ["run", f"sweep_dir={sw}", *TINY, *grid]):
+        if argv[0] == "run":  # (a finished sweep's run needs no store)
+            shutil.rmtree(sw / "runs" / "r1-l1_1e-02-s0")
+        capsys.readouterr()
+        assert main([*argv, f"data.path={typo}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"error: data.path {typo} holds no store, and this sweep's store is still at "
+            f"{sw / 'store'}; leave data.path out (or pass data.path={sw / 'store'})"
+        )
+        assert not typo.exists()
+
+
 @pytest.fixture
 def nan_store(tmp_path):
     src = tmp_path / "made"

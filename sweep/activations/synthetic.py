@@ -473,7 +473,8 @@ def existing_store(cfg: SyntheticDataConfig, path: Path) -> ChunkStore | None:
             diff = sorted(k for k in params if old.get(k) != params[k])
             raise StoreError(
                 f"store {path} exists but was made with different data parameters "
-                f"({', '.join(diff)}); use another data.path, or delete that store to make it anew"
+                f"({', '.join(diff)}); give data.path a new folder or the store these "
+                f"parameters made (delete {path} only if no other sweep trains on it)"
             )
         return store
     if begun(path) and not (path / PARAMS_FILE).exists():  # (a stop inside its first write: no)
