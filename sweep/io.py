@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO
 
-from sweep.errors import RunDirError
+from sweep.errors import RunDirError, StoreError
 
 
 def _read_umask() -> int:
@@ -208,3 +209,32 @@ def ensure_writable(folder: str | Path, what: str, fix: str = "choose another fo
     except OSError as err:
         raise RunDirError(f"{what} {folder} is not writable ({err.strerror}); {fix}") from err
     return folder
+
+
+def check_disk_space(writes: dict[Path, int], fix: str) -> None:
+    """Refuse (one line naming ``fix``) writing ``writes[folder]`` bytes into each folder
+    (what a folder's files hold already counts as written: a store continued) where their
+    disk (the first folder's) has less free."""
+    need = sum(nbytes - _held(Path(folder)) for folder, nbytes in writes.items())
+    first = Path(next(iter(writes)))
+    existing = next(p for p in (first, *first.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise StoreError(
+            f"{first if len(writes) == 1 else first.parent} needs about {size_text(need)} "
+            f"more disk space, but its disk has {size_text(free)} free; {fix}"
+        )
+
+
+def size_text(nbytes: float) -> str:
+    """``nbytes`` in the largest binary unit that leaves at least 1 (``1.5 GiB``)."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
+    power = 0
+    while power + 1 < len(units) and abs(nbytes) >= 1024 ** (power + 1):
+        power += 1
+    return f"{nbytes / 1024**power:.1f} {units[power]}" if power else f"{nbytes:.0f} bytes"
+
+
+def _held(folder: Path) -> int:
+    """Bytes in the files directly in ``folder`` (0 if there is none)."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0

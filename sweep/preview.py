@@ -88,6 +88,7 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
         store = synthetic.existing_store(cfg.data, path)
         if store is None:
             synthetic.refuse_begun(cfg.data, path, driver.owns_store(cfg))
+            synthetic.check_resources(cfg.data, path)
             d = cfg.data
             staged = staged_bytes(min(d.rows_per_chunk, d.rows), d.width, d.dtype)
             return StoreShape(path, d.width, staged)  # (the grid was checked at this width)

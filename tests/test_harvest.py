@@ -545,8 +545,14 @@ def test_a_removed_relative_dataset_still_names_the_same_harvest(
     assert run_harvest(cfg)[HOOKS[0]].total_rows == 620
 
 
-def test_a_full_disk_while_writing_tokens_says_so(tiny_model_dir, text_file, tmp_path, capsys):
+def test_a_full_disk_while_writing_tokens_says_so(
+    tiny_model_dir, text_file, tmp_path, capsys, monkeypatch
+):
+    """A disk that fills while the harvest writes (another writer took the space its check
+    saw free: the check is off here to reach the writes)."""
     import subprocess
+
+    monkeypatch.setattr(harvest, "check_disk_space", lambda *a: None)
 
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -748,6 +754,21 @@ def test_a_sweeps_harvest_names_data_path_in_its_errors(
     assert main([*args, f"data.path={afile}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: data.path {afile} is a file") and "store_dir" not in err, err
+
+
+def test_a_harvest_larger_than_its_disk_is_refused_before_anything_is_written(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, capsys
+):
+    """Rows x the hooks' widths (known from the dummy context's probe) x the stored dtype,
+    against the disk's free space: not a disk filled to the last chunk hours later."""
+    huge = replace(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h"), rows=10**13)
+    assert main(cli_args(huge)) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith(f"error: {tmp_path / 'h'} needs about ") and "GiB free; lower rows" in err
+    assert not (tmp_path / "h" / harvest.PARAMS_FILE).exists()
+    args = sweep_args(tiny_model_dir, text_file, tmp_path / "sw")
+    assert main([*args, "data.rows=10000000000000"]) == 2
+    assert "or pass data.path=<a folder on a larger disk>" in _one_line_error(capsys)
 
 
 def test_activations_beyond_float16_are_refused_naming_the_dtype_to_use(

@@ -58,7 +58,7 @@ from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, write_npy
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
 from sweep.devices import release_device_memory, torch_dtype
 from sweep.errors import StoreError, SweepError
-from sweep.io import atomic_write, atomic_write_json
+from sweep.io import atomic_write, atomic_write_json, check_disk_space
 from sweep.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,14 @@ def check_model(model: Any, cfg: HarvestConfig) -> None:
             f"set context to at most {n_ctx}"
         )
     device = next(model.parameters()).device
-    lm.capture(model, torch.zeros((1, cfg.context), dtype=torch.long, device=device), cfg.hooks)
+    acts = lm.capture(
+        model, torch.zeros((1, cfg.context), dtype=torch.long, device=device), cfg.hooks
+    )
+    size = getattr(torch, cfg.dtype).itemsize
+    writes = {store_path(cfg, h): cfg.rows * int(a.shape[-1]) * size for h, a in acts.items()}
+    check_disk_space(
+        writes, "lower rows, free space, or pass store_dir=<a folder on a larger disk>"
+    )
 
 
 def _check_task(cfg: HarvestConfig) -> None:

@@ -73,6 +73,7 @@ from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
     begun,
+    check_disk_space,
     remove_stale_temps,
 )
 from sweep.progress import progress_bar
@@ -124,6 +125,16 @@ def check_memory(cfg: SyntheticDataConfig) -> None:
             f"over half of the {have / 2**30:.1f} GiB this process may use; lower "
             "data.n_features (or data.width)"
         )
+
+
+def check_resources(cfg: SyntheticDataConfig, path: Path) -> None:
+    """Refuse (before any work) a store whose generator would not fit in memory or whose
+    chunks would not fit on the disk that holds ``path``."""
+    check_memory(cfg)
+    nbytes = cfg.rows * cfg.width * getattr(torch, cfg.dtype).itemsize
+    check_disk_space(
+        {path: nbytes}, "lower data.rows, free space, or pass data.path=<a folder on a larger disk>"
+    )
 
 
 def generator_params(cfg: SyntheticDataConfig) -> dict:
@@ -553,7 +564,7 @@ def _make(
     if store is not None:
         log.info("reusing synthetic store %s", path)
         return store
-    check_memory(cfg)
+    check_resources(cfg, path)
     device = resolve_device(device) if isinstance(device, str) else device
     marker = {**generator_params(cfg), "generator": generator_info(device)}
     refuse_begun(cfg, path, owned, marker["generator"])
