@@ -150,6 +150,8 @@ class _Sender:
         self.down = self._found_down()
         """An init failed after its whole timeout: wandb is unreachable; no more calls to it
         (by this logger, nor by the sweep's next ones for :data:`DOWN_FOR` s)."""
+        self.mode = resolve_mode(cfg.mode)
+        """wandb's mode; ``online`` becomes ``offline`` once wandb finds no API key."""
         self.logged: dict[str, int] = {}
         """run_id -> the newest ``train/step`` its wandb run holds (steps redone after a
         resume from an older checkpoint are not logged twice)."""
@@ -222,7 +224,6 @@ class _Sender:
     def on_init(self, run_id: str) -> None:
         import wandb
 
-        wid, config, job_type = self.declared[run_id]
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(
             init_timeout=self.cfg.timeout,
@@ -234,7 +235,29 @@ class _Sender:
             disable_git=True,
             save_code=False,
         )
-        run = wandb.init(
+        try:
+            run = self._init(run_id, settings)
+        except wandb.errors.UsageError as err:
+            if self.mode != "online" or "api key" not in str(err).lower():
+                raise
+            self.mode = "offline"  # (nothing is lost: `wandb sync` uploads it later)
+            self._warn(
+                "offline",
+                f"wandb has no API key: logging offline; `wandb sync "
+                f"{self.sweep_dir / 'wandb'}/offline-run-*` uploads these runs (`wandb login` "
+                "or WANDB_API_KEY for the next sweep)",
+            )
+            run = self._init(run_id, settings)
+        run.define_metric("train/step")
+        run.define_metric("train/*", step_metric="train/step")
+        self.runs[run_id] = run
+        self.logged.setdefault(run_id, _logged_step(run))
+
+    def _init(self, run_id: str, settings: Any) -> Any:
+        import wandb
+
+        wid, config, job_type = self.declared[run_id]
+        return wandb.init(
             project=self.cfg.project,
             entity=self.cfg.entity,
             dir=str(self.sweep_dir),
@@ -245,13 +268,9 @@ class _Sender:
             config=config,
             resume="allow",
             reinit="create_new",
-            mode=resolve_mode(self.cfg.mode),
-            settings=settings,  # type: ignore[arg-type]
+            mode=self.mode,
+            settings=settings,
         )
-        run.define_metric("train/step")
-        run.define_metric("train/*", step_metric="train/step")
-        self.runs[run_id] = run
-        self.logged.setdefault(run_id, _logged_step(run))
 
     def on_log(self, records: dict[str, dict]) -> None:
         self.curves_handled += 1
