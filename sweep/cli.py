@@ -30,7 +30,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sweep import configs
+from sweep import __version__, configs
 from sweep.config import ConfigError, SweepConfig, one_line, register_configs, to_sweep_config
 from sweep.errors import SweepError, os_error_message
 
@@ -509,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"sweep {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a sweep (Hydra overrides: key=value ...)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.l1='[1e-3,1e-2]'")

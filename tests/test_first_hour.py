@@ -171,6 +171,8 @@ def test_subcommand_help_and_usage_are_their_own():
     (line,) = bad.stderr.strip().splitlines()  # one line, as every other mistake
     assert line.startswith("error: argument --to: invalid choice: 'hf'")
     assert line.endswith("see 'sweep export --help'")
+    version = cli("--version")
+    assert (version.returncode, version.stdout) == (0, f"sweep {sweep.__version__}\n")
 
 
 # ------------------------------------------------------------------ the Python API
