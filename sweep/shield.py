@@ -20,7 +20,7 @@ SHIELDED = "SWEEP_SHIELDED"
 
 
 def main(argv: list[str]) -> None:
-    if not argv:
+    if not argv or not argv[0]:
         sys.exit("usage: python -m sweep.shield CMD [ARGS...]")
     os.environ[SHIELDED] = "1"
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
