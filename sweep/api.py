@@ -64,7 +64,8 @@ class Sweep:
         return self._cache[run_id]
 
     def _load(self, run_id: str) -> SAE:
-        if not rundir.is_done(self.run_dir(run_id)):
+        """(A finished run whose files fail their checks: :func:`load_run` names what failed.)"""
+        if not (self.run_dir(run_id) / rundir.DONE).is_file():
             raise SweepError(
                 f"run {run_id} is not finished yet (no DONE); pick a run whose state is done"
             )

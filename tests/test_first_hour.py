@@ -301,6 +301,12 @@ def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(fini
     weights.write_bytes(b"\0" * len(data))  # the header itself destroyed
     with pytest.raises(SweepError, match="unreadable .*re-run its sweep"):
         crossdict.unit_atoms(run, torch.device("cpu"))
+    copy = tmp_path / "sweep"
+    shutil.copytree(finished, copy)
+    weights = rundir.run_dir(copy, "r2-l1_1e-03-s0") / rundir.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: its DONE is there
+    with pytest.raises(SweepError, match=f"has 100 bytes, {rundir.DONE} recorded"):
+        sweep.load_sweep(copy).sae("r2-l1_1e-03-s0")
 
 
 # ------------------------------------------------------------------ interrupts say what happened
