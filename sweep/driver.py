@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from sweep import gpuinfo, grid, launcher, neighbours, planning, rate
+from sweep import gpuinfo, grid, launcher, neighbours, planning, rate, reaper
 from sweep.activations.shape_notes import refuse_constant, store_notes
 from sweep.activations.store import (
     MANIFEST,
@@ -125,6 +125,15 @@ def driving(
             outcome.signals, outcome.locked = signals, True
             with StopRequestWatch(folder.path, lock.info, signals):  # ('sweep stop')
                 yield lock
+
+
+def clear_leftovers(cfg: SweepConfig, folder: SweepFolder, lock: SweepLock) -> None:
+    """What an earlier driver left: its stop request (stopped), its rate file and, killed
+    outright on this host, the Ray processes it could not shut down (:mod:`sweep.reaper`)."""
+    folder.clear_stop()
+    rate.forget(folder.path)
+    if not cfg.launch.address:
+        reaper.reap(cfg.launch.temp_dir, lock.stale)
 
 
 def _gpu_neighbours(
@@ -327,8 +336,7 @@ def _train(
     of it (:mod:`sweep.startup`)."""
     signals = outcome.signals
     assert signals is not None
-    folder.clear_stop()  # left by an earlier, stopped driver
-    rate.forget(folder.path)  # (a killed one's)
+    clear_leftovers(cfg, folder, lock)
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
     try:
         if finished is None and store is not None:

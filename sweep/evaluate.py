@@ -18,7 +18,7 @@ from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from sweep import driver, grid, launcher, planning, rate, rundir
+from sweep import driver, grid, launcher, planning, rundir
 from sweep.activations.store import ChunkStore
 from sweep.config import SweepConfig
 from sweep.errors import SweepError
@@ -67,8 +67,7 @@ def _evaluate(
 ) -> list[RunRecord]:
     """Start Ray, group ``runs`` into ensembles, evaluate them; write the summary."""
     assert outcome.signals is not None
-    folder.clear_stop()  # left by an earlier, stopped driver
-    rate.forget(folder.path)  # (a killed one's)
+    driver.clear_leftovers(cfg, folder, lock)
     with launcher.ray_session(cfg.launch, outcome.shutdown_wait):
         res = launcher.Resources.of_cluster(cfg)
         cfg, budget = driver.on_hardware(cfg, res, store.staged_bytes(), store.path)

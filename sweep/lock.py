@@ -160,6 +160,8 @@ class SweepLock:
             "started": time.time(),
             "doing": doing,
         }
+        self.stale: dict | None = None
+        """The lock this one took over: a driver that died without releasing it."""
         self._last_beat = 0.0
         self._stop = threading.Event()
         self._touching = threading.Lock()
@@ -179,6 +181,7 @@ class SweepLock:
             if self.path.exists():
                 log.warning("taking over a stale lock %s", _left_by(held))
                 self.path.unlink(missing_ok=True)
+                self.stale = held
             self._create()
         _HELD.add(self.path)
         beat = threading.Thread(target=self._beat, daemon=True, name="sweep-lock-heartbeat")

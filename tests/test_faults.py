@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from sweep import checkpoints
+from sweep import checkpoints, reaper
 from sweep.errors import OutOfMemory, SweepError
 from sweep.stop import SAME_STOP
 from sweep.sweepdir import STOP
@@ -153,7 +153,12 @@ def test_sigkill_driver_then_rerun(reference, tmp_path, tmp_path_factory, record
     p.wait(timeout=60)
     assert not all((r / "DONE").exists() for r in (sw / "runs").iterdir())
     time.sleep(1.0)
-    _resume_and_compare(sw, rt, reference)  # a stale lock from the dead driver is taken over
+    (session,) = rt.glob(f"session_*_{p.pid}")
+    left = reaper.holding(session)  # Ray's agents outlive it (not its raylet nor workers)
+    code, out = finish(start(sw, rt))  # a stale lock from the dead driver is taken over
+    assert code == 0 and hashes(sw) == reference, out
+    assert reaper.holding(session) == []  # and the agents the dead driver left are ended
+    assert ("Ray process(es) that the killed driver" in out) == bool(left), out
 
 
 def test_sigkill_worker_is_retried_from_checkpoint(reference, tmp_path, tmp_path_factory):
