@@ -444,6 +444,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from sweep import report, table
 
+    override = next((d for d in args.sweep_dir if "=" in d and not Path(d).exists()), None)
+    if override is not None:
+        raise SweepError(
+            f"sweep report takes sweep folders and options, not overrides ({override}); see "
+            "'sweep report --help'"
+        )
     sweep_dir, *others = (Path(d) for d in args.sweep_dir)
     out, rows = report.build_report(
         sweep_dir,

@@ -265,6 +265,16 @@ def test_report_bad_folder_is_one_line_error(tmp_path, capsys, kind):
     assert not (target / "report").exists()
 
 
+def test_an_override_given_to_report_is_named_as_one(sweep_copy, capsys):
+    assert main(["report", str(sweep_copy), "launch.temp_dir=/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: sweep report takes sweep folders and options, not overrides "
+        "(launch.temp_dir=/x); see 'sweep report --help'"
+    )
+    assert not (sweep_copy / "report").exists()
+
+
 def test_a_report_during_training_leaves_the_sweeps_summary_as_the_runs_are_now(
     sweep_copy, monkeypatch
 ):
