@@ -184,6 +184,15 @@ def _hydra_message(err: BaseException) -> str:
         if lines:
             at = f" ({field[1]})" if field else ""
             return f"config file {composing[1]}.yaml: {lines[0]}{at}; fix that file"
+    missing = re.match(r"In '([^']+)': Could not load '([^']+)'", text)
+    if missing:  # a defaults list entry of a config file (--config-dir)
+        group, _, name = missing[2].rpartition("/")
+        own = sorted(f.stem for f in (Path(configs.__file__).parent / group).glob("*.yaml"))
+        hint = f" (sweep's own {group} options: {', '.join(own)})" if group and own else ""
+        return (
+            f"config file {missing[1]}.yaml lists '{name}' in its defaults, but neither sweep "
+            f"nor --config-dir has {missing[2]}.yaml; fix that list{hint}"
+        )
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
         return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"

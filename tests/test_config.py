@@ -326,6 +326,12 @@ def test_config_dir_adds_groups_whatever_its_path(tmp_path, monkeypatch, name):
         ("sae/broken.yaml", "recipe: [1\n", "broken.yaml (line 2, column 1) is not valid YAML"),
         ("sae/extra.yaml", "name: untied\nfoo: 1\n", "sae/extra.yaml sets sae.foo, which is not"),
         ("sae/typed.yaml", "name: untied\ninit_decoder_norm: abc\n", "typed.yaml: Value 'abc'"),
+        (
+            "sae/based.yaml",
+            "defaults:\n  - untid\n",
+            "sae/based.yaml lists 'untid' in its defaults, but neither sweep nor --config-dir "
+            "has sae/untid.yaml; fix that list (sweep's own sae options: batchtopk, jumprelu,",
+        ),
     ],
 )
 def test_a_config_dir_file_that_would_not_work_is_one_line(tmp_path, capsys, name, text, says):
