@@ -398,11 +398,12 @@ class SweepFolder:
                 "listed once it has planned them"
             )
         if self._stopped_preparing(chunks):
-            doing = "after making" if self._store_complete(chunks) else "while preparing"
+            complete = self._store_complete(chunks)
+            doing = "after making" if complete else "while preparing"
+            then = "its store is kept" if complete else "a store is continued where it stopped"
             return StoppedPreparing(
                 f"{self.path}: its sweep stopped {doing} its data{where}, before it planned any run; "
-                "re-run its 'sweep run' command (corrected, if it was refused) to continue: a "
-                "store is continued where it stopped"
+                f"re-run its 'sweep run' command (corrected, if it was refused) to continue: {then}"
             )
         if _sweep_files(self.path) or (self.path / RUNS).is_dir():
             return SweepError(

@@ -547,6 +547,7 @@ def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
     assert main(["status", str(sw)]) == 0
     said = capsys.readouterr().out
     assert "its sweep stopped after making its data (store: complete, 3 chunks), before it" in said
+    assert said.strip().endswith("to continue: its store is kept")
 
 
 def test_resume_names_what_its_folder_is_and_takes_no_other_sweep_dir(finished, tmp_path, capsys):
