@@ -32,7 +32,7 @@ from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
-from sweep.io import STALE_TEMP_SECONDS, ensure_writable, remove_stale_temps
+from sweep.io import STALE_TEMP_SECONDS, ensure_writable, memory_text, remove_stale_temps
 from sweep.lock import TRAINING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.startup import Laps
@@ -458,8 +458,8 @@ def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> fl
             "" if res.auto_share or res.num_gpus >= 1 else " or a larger launch.gpus_per_ensemble"
         )
         raise SweepError(
-            f"store {store}: two of its chunks staged on the GPU need {grid.memory_text(staged)}, "
-            f"over half of the {grid.memory_text(plannable)} an ensemble may plan for (of "
+            f"store {store}: two of its chunks staged on the GPU need {memory_text(staged)}, "
+            f"over half of the {memory_text(plannable)} an ensemble may plan for (of "
             "launch.device_memory_gb, or the GPU's free memory); use a store with a smaller "
             f"data.rows_per_chunk{more}"
         )

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 
 from sweep.devices import BYTES, resolve_compute_dtype
 from sweep.errors import SweepError
+from sweep.io import memory_text
 
 MEMORY_USE = 0.8
 """Share of a device's memory the memory model may plan for."""
@@ -134,11 +135,6 @@ its peak besides the named ones. Measured on an H200 (torch 2.11, bf16, 256 x 40
 named ones: the size of one (B, F) buffer there, and also of the two float32 copies of the
 decoder that its constraint then made (now divided in place). Kept until re-measured; the
 two (B, D) ones are the batch's per-member copies the batched GEMMs may make."""
-
-
-def memory_text(n_bytes: float) -> str:
-    """``1.25 GiB``, or ``40.0 MiB`` below one GiB."""
-    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def member_budget(

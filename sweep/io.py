@@ -221,18 +221,19 @@ def check_disk_space(writes: dict[Path, int], fix: str) -> None:
     free = shutil.disk_usage(existing).free
     if need > free:
         raise StoreError(
-            f"{first if len(writes) == 1 else first.parent} needs about {size_text(need)} "
-            f"more disk space, but its disk has {size_text(free)} free; {fix}"
+            f"{first if len(writes) == 1 else first.parent} needs about {memory_text(need)} "
+            f"more disk space, but its disk has {memory_text(free)} free; {fix}"
         )
 
 
-def size_text(nbytes: float) -> str:
-    """``nbytes`` in the largest binary unit that leaves at least 1 (``1.5 GiB``)."""
+def memory_text(n_bytes: float) -> str:
+    """``1.25 GiB`` (or TiB, PiB above), ``40.0 MiB`` below one GiB, down to bytes."""
     units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB")
     power = 0
-    while power + 1 < len(units) and abs(nbytes) >= 1024 ** (power + 1):
+    while power + 1 < len(units) and abs(n_bytes) >= 1024 ** (power + 1):
         power += 1
-    return f"{nbytes / 1024**power:.1f} {units[power]}" if power else f"{nbytes:.0f} bytes"
+    digits = 2 if power >= 3 else 1
+    return f"{n_bytes / 1024**power:.{digits}f} {units[power]}" if power else f"{n_bytes:.0f} bytes"
 
 
 def _held(folder: Path) -> int:

@@ -19,6 +19,7 @@ from sweep.activations import harvest, synthetic
 from sweep.activations.store import ChunkStore, staged_bytes
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.errors import SweepError
+from sweep.io import memory_text
 from sweep.lock import holder_alive, read_lock
 from sweep.planning import SweepPlan
 from sweep.sweepdir import LOCK, SweepFolder
@@ -134,7 +135,7 @@ def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreS
             shape.width, e.dict_size, t.batch_size, t.dtype, buffers, res.on_gpu
         )
         memory = len(e.members) * per + (shape.staged if res.on_gpu else 0)
-        size = grid.memory_text(memory)
+        size = memory_text(memory)
         ask = f"{shares[e]:g} GPU" if res.on_gpu else f"{res.num_cpus:g} CPU"
         rows.append(
             {
@@ -164,10 +165,9 @@ def print_preview(v: Preview) -> None:
         return
     res = v.res
     where = (
-        f"GPUs ({res.gpus:g} in the Ray cluster, memory budget "
-        f"{grid.memory_text(res.gpu_bytes)} each)"
+        f"GPUs ({res.gpus:g} in the Ray cluster, memory budget {memory_text(res.gpu_bytes)} each)"
         if res.on_gpu
-        else f"CPUs (memory budget {grid.memory_text(res.device_bytes)} per ensemble)"
+        else f"CPUs (memory budget {memory_text(res.device_bytes)} per ensemble)"
     )
     title = f"sweep plan: {v.cfg.sweep_dir} (nothing trained or written)"
     cols = ["ensemble", "dict_ratio", "dict_size", "members", "asks", "memory", "runs"]

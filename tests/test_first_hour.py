@@ -120,7 +120,7 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
         ),
         (["sweep_dir=x", "launch.num_cpus=100000"], "each ensemble would run 100000 torch threads"),
         (["sweep_dir=x", "train.threads=100000"], "each ensemble would run 100000 torch threads"),
-        (["sweep_dir=x", "data.rows=1000000000000"], "x/store needs about 232.8 TiB more"),
+        (["sweep_dir=x", "data.rows=1000000000000"], "x/store needs about 232.83 TiB more"),
         (
             ["sweep_dir=x", "data.n_features=1000000000"],
             "data.n_features=1,000,000,000 at data.width=64 needs about",

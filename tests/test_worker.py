@@ -22,6 +22,7 @@ from sweep.activations.store import ChunkStore
 from sweep.cli import compose
 from sweep.config import SAEConfig, to_sweep_config
 from sweep.errors import SweepError
+from sweep.io import memory_text
 from sweep.planning import resume_groups
 from sweep.rundir import run_state
 from sweep.sweepdir import SweepFolder
@@ -267,9 +268,10 @@ def test_grid_ids_and_splitting():
     )
     with pytest.raises(SweepError, match="device budget") as err:
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
-    assert f"needs {grid.memory_text(per)}, more than the device budget (" in str(err.value)
+    assert f"needs {memory_text(per)}, more than the device budget (" in str(err.value)
     assert "of launch.device_memory_gb, or of the memory found" in str(err.value)
-    assert grid.memory_text(1.5 * 2**30) == "1.50 GiB" and grid.memory_text(2**21) == "2.0 MiB"
+    assert memory_text(1.5 * 2**30) == "1.50 GiB" and memory_text(2**21) == "2.0 MiB"
+    assert memory_text(3 * 2**40) == "3.00 TiB" and memory_text(512) == "512 bytes"
     budget = 10 * per / 0.8  # grid.max_members caps what fits; it never exceeds it
     assert grid.member_budget(512, 4096, 4096, "float32", budget, True, max_members=64) == 10
     assert grid.member_budget(512, 4096, 4096, "float32", budget, True, max_members=4) == 4
