@@ -123,7 +123,7 @@ class Sweep:
         """Where the sweep's store is: ``store``, else where it was recorded, else the sweep's
         own ``store/`` (a sweep folder moved with its store inside)."""
         if store is not None:
-            found = [Path(store)]
+            found = [Path(store).expanduser()]
         else:
             found = [Path(p) for p in (recorded.get("path"),) if p]
             found.append(default_store_path(self.path))
@@ -140,7 +140,7 @@ def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:
     """Open a sweep folder (finished or running) as a table plus lazily loaded SAEs. The table
     has the sweep's sparsity column: ``l1``, or ``k`` for TopK-style sweeps (whose ``l1`` is
     unused and left out)."""
-    path, device = Path(path), as_device(device)
+    path, device = Path(path).expanduser().absolute(), as_device(device)  # (a later chdir)
     rows = with_frontier([r.row() for r in SweepFolder(path).read_runs()])
     cols = [c for c in summary_columns(rows) if c not in _unused_knobs(rows)]
     table = pd.DataFrame(rows, columns=[*cols, "arch"]).set_index("run_id")

@@ -269,7 +269,7 @@ def run_cfg(
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Rebuild the SAE of one run folder (needs only its ``cfg.json`` and ``sae.safetensors``)."""
-    folder, device = Path(path), as_device(device)
+    folder, device = Path(path).expanduser(), as_device(device)
     _check_run_folder(folder)
     if (folder / rundir.DONE).is_file():  # a sweep's run: its weights must verify
         problem = rundir.RunFolder(folder).final_problem(deep=True)
@@ -332,8 +332,18 @@ def as_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise SweepError(f"unknown device {device!r}; pass device='cpu' or 'cuda'") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cpu":
+        return torch.device("cpu")  # (cpu:0 is the CPU; safetensors refuses the index)
+    if dev.type != "cuda":
+        raise SweepError(f"device={device!r} is not supported; pass device='cpu' or 'cuda'")
+    if not torch.cuda.is_available():
         raise SweepError(f"device={device!r} but no CUDA device is visible; pass device='cpu'")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise SweepError(
+            f"device={device!r} but {count} CUDA device(s) are visible; pass 'cuda' or "
+            f"'cuda:0'{f' to cuda:{count - 1}' if count > 1 else ''}"
+        )
     return dev
 
 

@@ -251,6 +251,27 @@ def test_a_sweep_iterates_its_run_ids_and_gives_its_heldout_rows(finished, tmp_p
     torch.testing.assert_close(sweep.load_sweep(elsewhere).heldout(), rows)
 
 
+def test_the_python_api_takes_paths_and_devices_as_a_notebook_gives_them(
+    finished, tmp_path, monkeypatch
+):
+    """A sweep opened by a relative path survives a later chdir (Jupyter's %cd: its runs
+    were 'not finished'); '~' is the home folder; cpu:0 is the CPU; other devices are one
+    line at load time (safetensors' or torch's own errors at the first load before)."""
+    from sweep.errors import SweepError
+
+    rid = "r2-l1_1e-03-s0"
+    monkeypatch.chdir(finished.parent)
+    s = sweep.load_sweep(finished.name)
+    monkeypatch.chdir(tmp_path)
+    assert s.sae(rid).d_sae == 32 and s.heldout().shape[1] == 16
+    monkeypatch.setenv("HOME", str(finished.parent))
+    assert sweep.load_run(f"~/{finished.name}/runs/{rid}", device="cpu:0").d_sae == 32
+    assert sweep.load_sweep(f"~/{finished.name}").path == finished
+    for device in ("meta", "mps"):
+        with pytest.raises(SweepError, match=f"device='{device}' is not supported; pass"):
+            sweep.load_sweep(finished, device=device)
+
+
 def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
     from sweep.errors import SweepError
 
