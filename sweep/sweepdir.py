@@ -85,6 +85,27 @@ SUMMARY_COLUMNS = [
 ]
 """The first columns of ``summary.csv`` (every other metric follows, sorted)."""
 
+RUN_METRICS = (
+    "cossim",
+    "eval_rows",
+    "explained_variance",
+    "explained_variance_legacy",
+    "frac_alive",
+    "freq_over_10_percent",
+    "freq_over_1_percent",
+    "l1_norm",
+    "l2_ratio",
+    "normalized_freq_over_10_percent",
+    "normalized_freq_over_1_percent",
+    "relative_reconstruction_bias",
+    "rows_trained",
+    "steps",
+)
+"""Metrics every finished run has beyond :data:`SUMMARY_COLUMNS`: columns from the start,
+empty until a run finishes (a table read mid-sweep has the columns of the finished one).
+A store's own (``gt_*`` of synthetic ground truth, a harvest's LM scores) come with its
+first finished run."""
+
 
 FRONTIER = "frontier"
 """The column saying whether a run is on the FVU–L0 Pareto frontier (the report's line)."""
@@ -92,10 +113,11 @@ FRONTIER = "frontier"
 
 def summary_columns(rows: list[dict]) -> list[str]:
     """The fixed columns (``k`` only when a run has one; ``frontier`` after ``state``), then
-    every other metric, sorted."""
+    every other metric (:data:`RUN_METRICS` always), sorted."""
     first = [c for c in SUMMARY_COLUMNS if c != "k" or any(r.get("k") for r in rows)]
     first.insert(first.index("state") + 1, FRONTIER)
-    return first + sorted({k for r in rows for k in r} - set(first) - ROW_ONLY)
+    present = {k for r in rows for k in r} | set(RUN_METRICS)
+    return first + sorted(present - set(first) - ROW_ONLY)
 
 
 def with_frontier(rows: list[dict]) -> list[dict]:

@@ -272,6 +272,22 @@ def test_the_python_api_takes_paths_and_devices_as_a_notebook_gives_them(
             sweep.load_sweep(finished, device=device)
 
 
+def test_a_sweeps_table_has_its_columns_before_any_run_finishes(finished, tmp_path):
+    """``s.table.explained_variance`` mid-sweep: a column of empty values, not a KeyError
+    (those columns came only with the first finished run)."""
+    from sweep.sweepdir import RUN_METRICS
+
+    metrics = json.loads((rundir.run_dir(finished, "r2-l1_1e-03-s0") / rundir.METRICS).read_text())
+    assert set(RUN_METRICS) <= set(metrics)  # every finished run has them
+    copy = tmp_path / "sw"
+    shutil.copytree(finished, copy)
+    for run in (copy / "runs").iterdir():
+        (run / rundir.DONE).unlink()
+    done, running = (set(sweep.load_sweep(d).table.columns) for d in (finished, copy))
+    assert done <= running, done - running
+    assert sweep.load_sweep(copy).table["explained_variance"].isna().all()
+
+
 def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
     from sweep.errors import SweepError
 
