@@ -103,8 +103,7 @@ RUN_METRICS = (
 )
 """Metrics every finished run has beyond :data:`SUMMARY_COLUMNS`: columns from the start,
 empty until a run finishes (a table read mid-sweep has the columns of the finished one).
-A store's own (``gt_*`` of synthetic ground truth, a harvest's LM scores) come with its
-first finished run."""
+A harvest's LM scores beyond ``loss_recovered`` come with its first finished run."""
 
 
 FRONTIER = "frontier"
