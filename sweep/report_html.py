@@ -193,10 +193,14 @@ def _head(page: Page) -> str:
 <title>sweep report: {_e(page.sweep_dir.name)}</title>
 <style>{CSS}</style></head><body>
 <h1>sweep report: {_e(page.sweep_dir.name)}</h1>
-<p class="meta">{_e(page.sweep_dir)} &middot; {len(page.rows)} runs ({_e(counts)}) &middot;
+<p class="meta">{_e(page.sweep_dir)} &middot; {_runs(len(page.rows))} ({_e(counts)}) &middot;
 generated {time.strftime("%Y-%m-%d %H:%M:%S")} &middot; data: {data} &middot;
 <a href="#runs">runs</a> &middot; <a href="#definitions">definitions</a> &middot;
 <a href="#plots">plots</a></p>{_compared(page)}"""
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
 
 
 def _compared(page: Page) -> str:
@@ -204,7 +208,7 @@ def _compared(page: Page) -> str:
         return ""
     items = ", ".join(
         f"<b>{_e(c.label)}</b> ({'this sweep' if i == 0 else _e(c.path)}: "
-        f"{c.runs} runs, done: {c.done})"
+        f"{_runs(c.runs)}, done: {c.done})"
         for i, c in enumerate(page.compared)
     )
     out = f'\n<p class="meta compared">frontier plot compares: {items}</p>'

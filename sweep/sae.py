@@ -300,6 +300,11 @@ def _check_run_folder(folder: Path) -> None:
             f"its command, or 'sweep resume {folder.parent.parent}', if it stopped): see "
             f"'sweep status {folder.parent.parent}'"
         )
+    if (folder / "sae_weights.safetensors").is_file() and not (folder / rundir.WEIGHTS).is_file():
+        raise NotARunFolder(
+            f"{folder} is a run exported for SAELens ('sweep export'): load it with "
+            "sae_lens.SAE.load_from_disk, or load_run its sweep's run folder"
+        )
     for name in (rundir.CFG, rundir.WEIGHTS):
         if not (folder / name).is_file():
             raise NotARunFolder(

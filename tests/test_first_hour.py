@@ -304,6 +304,10 @@ def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
         sweep.load_run(weights)
     with pytest.raises(FileNotFoundError):  # (what it raised before it named the fix)
         sweep.load_run(tmp_path)
+    exported = tmp_path / "exported"
+    assert main(["export", str(finished), "--to", "saelens", str(exported)]) == 0
+    with pytest.raises(SweepError, match="is a run exported for SAELens .*load_from_disk"):
+        sweep.load_run(exported / "r1-l1_1e-01-s0")
     training = tmp_path / "training"  # a run as it trains (or stopped): no final files yet
     training.mkdir()
     shutil.copy(rundir.run_dir(finished, "r1-l1_1e-01-s0") / rundir.SPEC, training)
