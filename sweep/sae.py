@@ -316,10 +316,10 @@ def _check_run_folder(folder: Path) -> None:
 def _not_started(folder: Path) -> None:
     """A run id of a sweep without its folder yet: one line saying so (or that the sweep
     has no such run)."""
-    from sweep.sweepdir import SweepFolder, is_sweep
+    from sweep.sweepdir import MANIFEST, SweepFolder
 
-    sweep_dir = folder.parent.parent
-    if folder.parent.name != rundir.RUNS or not is_sweep(sweep_dir):
+    sweep_dir = folder.parent.parent  # (its runs/ may not be made yet: its manifest says)
+    if folder.parent.name != rundir.RUNS or not (sweep_dir / MANIFEST).is_file():
         return
     if folder.name not in SweepFolder(sweep_dir).run_ids():
         raise SweepError(

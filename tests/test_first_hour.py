@@ -323,6 +323,11 @@ def test_load_run_on_the_wrong_folder_names_the_right_one(finished, tmp_path):
             sweep.load_run(pending)
     finally:
         shutil.move(moved, pending)
+    planned = tmp_path / "planned"  # planned, its runs/ not made yet (a few seconds)
+    planned.mkdir()
+    shutil.copy(finished / "manifest.json", planned)
+    with pytest.raises(SweepError, match=r"run r2-l1_1e-01-s0 of sweep .* has not started"):
+        sweep.load_run(planned / rundir.RUNS / "r2-l1_1e-01-s0")
 
 
 def test_damaged_weights_are_one_line_for_the_api_and_cross_dictionary_code(finished, tmp_path):
