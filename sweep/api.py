@@ -90,6 +90,11 @@ class Sweep:
             yield rid, sae
 
     def __getitem__(self, run_id: str) -> SAE:
+        if not isinstance(run_id, str):
+            raise SweepError(
+                f"a sweep is indexed by run id (a str), not {type(run_id).__name__}; "
+                "s.run_ids lists them (s.saes() iterates the dictionaries)"
+            )
         return self.sae(run_id)
 
     def __iter__(self) -> Iterator[str]:
@@ -97,7 +102,7 @@ class Sweep:
         return iter(self.run_ids)
 
     def __contains__(self, run_id: object) -> bool:
-        return run_id in self.table.index
+        return isinstance(run_id, str) and run_id in self.table.index
 
     def __len__(self) -> int:
         return len(self.table)

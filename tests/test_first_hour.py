@@ -223,6 +223,9 @@ def test_a_sweep_iterates_its_run_ids_and_gives_its_heldout_rows(finished, tmp_p
 
     s = sweep.load_sweep(finished)
     assert list(s) == s.run_ids and "r2-l1_1e-03-s0" in s and "nope" not in s
+    assert ["r2-l1_1e-03-s0"] not in s
+    with pytest.raises(SweepError, match="a sweep is indexed by run id .*not slice"):
+        s[0:2]
     assert len(s) == len(s.run_ids)
     rows = s.heldout()
     cfg = SweepFolder(finished).load_config()
