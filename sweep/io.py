@@ -215,7 +215,7 @@ def check_disk_space(writes: dict[Path, int], fix: str) -> None:
     """Refuse (one line naming ``fix``) writing ``writes[folder]`` bytes into each folder
     (what a folder's files hold already counts as written: a store continued) where their
     disk (the first folder's) has less free."""
-    need = sum(nbytes - _held(Path(folder)) for folder, nbytes in writes.items())
+    need = sum(max(0, nbytes - _held(Path(folder))) for folder, nbytes in writes.items())
     first = Path(next(iter(writes)))
     existing = next(p for p in (first, *first.parents) if p.exists())
     free = shutil.disk_usage(existing).free
@@ -237,5 +237,10 @@ def memory_text(n_bytes: float) -> str:
 
 
 def _held(folder: Path) -> int:
-    """Bytes in the files directly in ``folder`` (0 if there is none)."""
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
+    """Bytes in the files directly in ``folder`` (0 if there is none; a file renamed or
+    removed meanwhile, by a writer there, counts 0)."""
+    total = 0
+    for f in folder.iterdir() if folder.is_dir() else ():
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total

@@ -36,7 +36,7 @@ _HELD: set[Path] = set()
 """The sweep locks this process holds."""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,7 +72,7 @@ def holder_alive(info: dict, path: Path) -> bool:
     if info.get("host") != socket.gethostname():
         return fresh
     pid = int(info.get("pid", -1))
-    if not _alive(pid) or _copied(info, path):
+    if not pid_alive(pid) or _copied(info, path):
         return False
     return fresh or same_process(pid, float(info.get("started", 0.0)))
 
@@ -80,7 +80,7 @@ def holder_alive(info: dict, path: Path) -> bool:
 def same_process(pid: int, started: float) -> bool:
     """Whether process ``pid`` of this host is alive and had begun by ``started`` (when it
     wrote a record; a pid reused since belongs to a process that began later)."""
-    if not _alive(pid):
+    if not pid_alive(pid):
         return False
     began = _began_at(pid)
     return began is None or began <= started + CLOCK_SLACK

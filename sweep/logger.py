@@ -238,7 +238,7 @@ class _Sender:
         try:
             run = self._init(run_id, settings)
         except wandb.errors.UsageError as err:
-            if self.mode != "online" or "api key" not in str(err).lower():
+            if self.mode != "online" or "no api key" not in str(err).lower():
                 raise
             self.mode = "offline"  # (nothing is lost: `wandb sync` uploads it later)
             self._warn(

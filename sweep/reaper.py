@@ -15,9 +15,10 @@ import logging
 import os
 import signal
 import socket
-import tempfile
 import time
 from pathlib import Path
+
+from sweep.lock import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,12 @@ GRACE = 3.0
 
 
 def ray_temp_root(temp_dir: str | None) -> Path:
-    """Where a local Ray puts its session folders: ``launch.temp_dir``, else Ray's default."""
+    """Where a local Ray puts its session folders: ``launch.temp_dir``, else Ray's default
+    (``$RAY_TMPDIR``, ``$TMPDIR`` or /tmp, then ``ray``); real, as ``/proc`` names files."""
     if temp_dir:
-        return Path(temp_dir).absolute()
-    return Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray"
+        return Path(temp_dir).resolve()
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return (Path(base) / "ray").resolve()
 
 
 def reap(temp_dir: str | None, stale: dict | None) -> int:
@@ -38,9 +41,11 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     if not stale or stale.get("host") != socket.gethostname() or not Path("/proc").is_dir():
         return 0
     pid = stale.get("pid")
-    found = sorted(ray_temp_root(temp_dir).glob(f"session_*_{pid}")) if pid else []
+    if not isinstance(pid, int) or pid <= 0 or pid_alive(pid):  # (a copied sweep's, or reused)
+        return 0
+    found = sorted(ray_temp_root(temp_dir).glob(f"session_*_{pid}"))
     held = {s: holding(s) for s in found}
-    sessions = [s for s, pids in held.items() if pids and not any(map(_live_ray, pids))]
+    sessions = [s for s, pids in held.items() if pids and not _running_ray(s)]
     left = sorted({p for s in sessions for p in held[s]})
     if not left:
         return 0
@@ -55,31 +60,51 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
 
 
 def holding(folder: Path) -> list[int]:
-    """This user's processes (but this one) with a file under ``folder`` open."""
-    inside, me, uid = f"{folder.absolute()}/", os.getpid(), os.getuid()
+    """This user's Ray processes (named ``ray::...``, as Ray's agents and workers name
+    themselves; not a ``tail -f`` of its logs) with a file under ``folder`` open."""
+    inside, me, uid = f"{folder.resolve()}/", os.getpid(), os.getuid()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == me:
             continue
         try:
-            if proc.stat().st_uid != uid:
+            if proc.stat().st_uid != uid or not (proc / "cmdline").read_bytes().startswith(RAY):
                 continue
-            if any(os.readlink(fd).startswith(inside) for fd in (proc / "fd").iterdir()):
+            if any(_target(fd).startswith(inside) for fd in (proc / "fd").iterdir()):
                 found.append(int(proc.name))
         except OSError:  # (gone meanwhile, or not ours to read)
             continue
     return found
 
 
-LIVE = {"raylet", "gcs_server"}
-"""A session one of these still holds is a running Ray (its pid in the name reused): left."""
+RAY = b"ray::"
+"""How a Ray process's command line begins (its title)."""
 
 
-def _live_ray(pid: int) -> bool:
+def _target(fd: Path) -> str:
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() in LIVE
-    except OSError:
-        return False
+        return os.readlink(fd)
+    except OSError:  # (closed meanwhile)
+        return ""
+
+
+LIVE = ("raylet", "gcs_server")
+"""Whose log files in a session folder say its Ray still runs: such a session is left."""
+
+
+def _running_ray(session: Path) -> bool:
+    """Whether the session's raylet or GCS still writes its log (a Ray shutting down)."""
+    logs = [session / "logs" / f"{name}.out" for name in LIVE]
+    for proc in Path("/proc").iterdir():
+        try:
+            comm = (proc / "comm").read_text().strip() if proc.name.isdigit() else ""
+            if comm in LIVE and any(
+                _target(fd) in map(str, logs) for fd in (proc / "fd").iterdir()
+            ):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _end(pids: list[int]) -> None:

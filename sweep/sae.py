@@ -339,8 +339,10 @@ def as_device(device: str | torch.device) -> torch.device:
         raise SweepError(f"unknown device {device!r}; pass device='cpu' or 'cuda'") from err
     if dev.type == "cpu":
         return torch.device("cpu")  # (cpu:0 is the CPU; safetensors refuses the index)
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev  # (Apple silicon: an SAE loaded there computes there)
     if dev.type != "cuda":
-        raise SweepError(f"device={device!r} is not supported; pass device='cpu' or 'cuda'")
+        raise SweepError(f"device={device!r} is not supported here; pass device='cpu' or 'cuda'")
     if not torch.cuda.is_available():
         raise SweepError(f"device={device!r} but no CUDA device is visible; pass device='cpu'")
     count = torch.cuda.device_count()

@@ -271,7 +271,7 @@ def test_the_python_api_takes_paths_and_devices_as_a_notebook_gives_them(
     assert sweep.load_run(f"~/{finished.name}/runs/{rid}", device="cpu:0").d_sae == 32
     assert sweep.load_sweep(f"~/{finished.name}").path == finished
     for device in ("meta", "mps"):
-        with pytest.raises(SweepError, match=f"device='{device}' is not supported; pass"):
+        with pytest.raises(SweepError, match=f"device='{device}' is not supported here; pass"):
             sweep.load_sweep(finished, device=device)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -16,11 +17,14 @@ from sweep import reaper
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="Linux only (/proc)")
 
 
-def holder(log: Path, name: str = "") -> subprocess.Popen:
-    """A process with ``log`` open (named ``name``, as Ray's raylet is), until killed."""
+def holder(log: Path, title: str = "ray::DashboardAgent", name: str = "") -> subprocess.Popen:
+    """A process with ``log`` open until killed, its command line beginning with ``title``
+    (as Ray's processes title themselves), named ``name`` (as Ray's raylet is)."""
     rename = f"open('/proc/self/comm', 'w').write({name!r})\n" if name else ""
     code = f"{rename}f = open({str(log)!r}, 'a')\nprint('ready', flush=True)\nimport time\ntime.sleep(60)"
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [title, "-c", code], executable=sys.executable, stdout=subprocess.PIPE, text=True
+    )
     assert p.stdout is not None and p.stdout.readline() == "ready\n"
     return p
 
@@ -31,26 +35,39 @@ def session(root: Path, pid: int) -> Path:
     return logs
 
 
-def test_the_processes_holding_a_dead_drivers_session_are_ended(tmp_path):
-    agent = holder(session(tmp_path, 4242) / "dashboard_agent.log")
-    other = holder(session(tmp_path, 4243) / "dashboard_agent.log")  # another driver's
+def dead_pid() -> int:
+    """A pid no process has now (a driver's that was killed)."""
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def test_the_ray_processes_holding_a_dead_drivers_session_are_ended(tmp_path):
+    pid = dead_pid()
+    logs = session(tmp_path, pid)
+    agent = holder(logs / "dashboard_agent.log")
+    reader = holder(logs / "dashboard_agent.log", title=sys.executable)  # a `tail -f` of it
+    other = holder(session(tmp_path, pid + 100000) / "dashboard_agent.log")  # another's
     try:
-        stale = {"host": socket.gethostname(), "pid": 4242}
-        assert reaper.reap(str(tmp_path), stale) == 1
-        assert agent.wait(timeout=10) is not None and other.poll() is None
+        assert reaper.reap(str(tmp_path), {"host": socket.gethostname(), "pid": pid}) == 1
+        assert agent.wait(timeout=10) is not None
+        assert reader.poll() is None and other.poll() is None
     finally:
-        for p in (agent, other):
+        for p in (agent, reader, other):
             p.kill()
             p.wait()
 
 
-@pytest.mark.parametrize("case", ["another host", "a live raylet", "no stale lock"])
+@pytest.mark.parametrize(
+    "case", ["another host", "a live raylet", "no stale lock", "its driver alive"]
+)
 def test_a_session_that_may_not_be_a_dead_drivers_is_left(tmp_path, case):
-    logs = session(tmp_path, 4242)
+    pid = os.getpid() if case == "its driver alive" else dead_pid()  # (alive: a copied sweep's)
+    logs = session(tmp_path, pid)
     procs = [holder(logs / "dashboard_agent.log")]
-    if case == "a live raylet":  # (the pid in its name reused by a running Ray)
-        procs.append(holder(logs / "raylet.out", name="raylet"))
-    stale = {"host": "elsewhere" if case == "another host" else socket.gethostname(), "pid": 4242}
+    if case == "a live raylet":  # (a Ray still shutting down)
+        procs.append(holder(logs / "raylet.out", title=sys.executable, name="raylet"))
+    stale = {"host": "elsewhere" if case == "another host" else socket.gethostname(), "pid": pid}
     try:
         assert reaper.reap(str(tmp_path), None if case == "no stale lock" else stale) == 0
         time.sleep(0.2)
