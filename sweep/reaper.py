@@ -44,9 +44,9 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     if not isinstance(pid, int) or pid <= 0 or pid_alive(pid):  # (a copied sweep's, or reused)
         return 0
     found = sorted(ray_temp_root(temp_dir).glob(f"session_*_{pid}"))
-    held = {s: holding(s) for s in found}
-    sessions = [s for s, pids in held.items() if pids and not _running_ray(s)]
-    left = sorted({p for s in sessions for p in held[s]})
+    held = {s: _holders(s) for s in found}  # (a session its raylet or GCS holds: Ray runs)
+    sessions = [s for s, procs in held.items() if not any(c in LIVE for _, _, c in procs)]
+    left = sorted({p for s in sessions for p, title, _ in held[s] if title.startswith(RAY)})
     if not left:
         return 0
     log.warning(
@@ -59,26 +59,35 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     return len(left)
 
 
+RAY = b"ray::"
+"""How a Ray process's command line begins (its title): only those are ended (not a
+``tail -f`` of the session's logs)."""
+LIVE = ("raylet", "gcs_server")
+"""Process names that, holding a session's files, say its Ray still runs: it is left."""
+
+
 def holding(folder: Path) -> list[int]:
-    """This user's Ray processes (named ``ray::...``, as Ray's agents and workers name
-    themselves; not a ``tail -f`` of its logs) with a file under ``folder`` open."""
+    """This user's Ray processes (titled ``ray::...``) with a file under ``folder`` open."""
+    return [pid for pid, title, _ in _holders(folder) if title.startswith(RAY)]
+
+
+def _holders(folder: Path) -> list[tuple[int, bytes, str]]:
+    """(pid, command line, name) of this user's processes (but this one) with a file under
+    ``folder`` open."""
     inside, me, uid = f"{folder.resolve()}/", os.getpid(), os.getuid()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == me:
             continue
         try:
-            if proc.stat().st_uid != uid or not (proc / "cmdline").read_bytes().startswith(RAY):
+            if proc.stat().st_uid != uid:
                 continue
             if any(_target(fd).startswith(inside) for fd in (proc / "fd").iterdir()):
-                found.append(int(proc.name))
+                title, name = (proc / "cmdline").read_bytes(), (proc / "comm").read_text()
+                found.append((int(proc.name), title, name.strip()))
         except OSError:  # (gone meanwhile, or not ours to read)
             continue
     return found
-
-
-RAY = b"ray::"
-"""How a Ray process's command line begins (its title)."""
 
 
 def _target(fd: Path) -> str:
@@ -86,25 +95,6 @@ def _target(fd: Path) -> str:
         return os.readlink(fd)
     except OSError:  # (closed meanwhile)
         return ""
-
-
-LIVE = ("raylet", "gcs_server")
-"""Whose log files in a session folder say its Ray still runs: such a session is left."""
-
-
-def _running_ray(session: Path) -> bool:
-    """Whether the session's raylet or GCS still writes its log (a Ray shutting down)."""
-    logs = [session / "logs" / f"{name}.out" for name in LIVE]
-    for proc in Path("/proc").iterdir():
-        try:
-            comm = (proc / "comm").read_text().strip() if proc.name.isdigit() else ""
-            if comm in LIVE and any(
-                _target(fd) in map(str, logs) for fd in (proc / "fd").iterdir()
-            ):
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _end(pids: list[int]) -> None:
