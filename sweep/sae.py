@@ -187,7 +187,8 @@ class SAE(torch.nn.Module):
     def _input(self, x: object, width: int, what: str, heads: bool = False) -> torch.Tensor:
         """``x`` as a tensor of shape (..., width), as given (device, dtype); with ``heads``,
         per-head activations (..., heads, d_head) with heads * d_head = width (a ``hook_z``,
-        which a harvest flattens) come flattened. Else a one-line TypeError/ValueError."""
+        which a harvest flattens) come flattened. Else a one-line TypeError/ValueError (a complex
+        tensor too: casting it would drop its imaginary part with only torch's warning)."""
         if not isinstance(x, torch.Tensor):
             try:
                 x = torch.as_tensor(x)
@@ -195,6 +196,10 @@ class SAE(torch.nn.Module):
                 raise TypeError(
                     f"{what} must be a tensor or array of shape (..., {width}), got {type(x).__name__}"
                 ) from err
+        if x.is_complex():
+            raise TypeError(
+                f"{what} must be real, got {x.dtype}; pass x.real (or x.abs()) if that is meant"
+            )
         if heads and x.ndim >= 2 and x.shape[-1] != width and x.shape[-2] * x.shape[-1] == width:
             x = x.flatten(-2)
         if x.shape[-1:] != (width,):

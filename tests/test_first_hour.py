@@ -189,6 +189,8 @@ def test_python_api_is_discoverable_and_takes_arrays(finished):
         sae.encode(np.zeros((5, 7), dtype=np.float32))
     with pytest.raises(TypeError, match="tensor or array"):
         sae.encode("activations")
+    with pytest.raises(TypeError, match="activations must be real, got torch.complex64"):
+        sae(torch.zeros(5, 16, dtype=torch.complex64))
 
 
 def test_an_sae_splices_into_a_model_of_any_float_dtype_and_device(finished):
