@@ -24,6 +24,8 @@ same wandb runs.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import netrc
 import os
@@ -38,6 +40,7 @@ from typing import Any
 
 from sweep import rundir, sweepdir
 from sweep.config import LoggerConfig
+from sweep.lock import read_lock
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,10 @@ DOWN_FILE = "unreachable"
 DOWN_FOR = 900.0
 """For this long after, the sweep's other loggers do not try wandb (each would wait its
 whole ``logger.timeout`` for nothing)."""
+NO_KEY_FILE = "no-api-key"
+"""In ``SWEEP_DIR/wandb``: the sweep lock of the driver whose first logger fell back to offline
+for want of an API key; its other ensembles' loggers then say so in a debug line, not a
+warning each."""
 STOPPED, FAILED = "preempted", "failed"
 """How :meth:`WandbLogger.close` ends the runs it finds unfinished (no final metrics): a stop
 (``close(stopped=True)``) marks them preempting and exits 1, so wandb shows them
@@ -241,17 +248,31 @@ class _Sender:
             if self.mode != "online" or "no api key" not in str(err).lower():
                 raise
             self.mode = "offline"  # (nothing is lost: `wandb sync` uploads it later)
-            self._warn(
-                "offline",
-                f"wandb has no API key: logging offline; `wandb sync "
-                f"{self.sweep_dir / 'wandb'}/offline-run-*` uploads these runs (`wandb login` "
-                "or WANDB_API_KEY for the next sweep)",
-            )
+            self._say_offline()
             run = self._init(run_id, settings)
         run.define_metric("train/step")
         run.define_metric("train/*", step_metric="train/step")
         self.runs[run_id] = run
         self.logged.setdefault(run_id, _logged_step(run))
+
+    def _say_offline(self) -> None:
+        """Warn once per driver (not once per ensemble) that wandb logs offline."""
+        message = (
+            f"wandb has no API key: logging offline; `wandb sync {self.sweep_dir / 'wandb'}"
+            "/offline-run-*` uploads these runs (`wandb login` or WANDB_API_KEY for the next sweep)"
+        )
+        held, marker = read_lock(self.sweep_dir), self.sweep_dir / "wandb" / NO_KEY_FILE
+        if held is not None:
+            mark = json.dumps([held.get("host"), held.get("pid"), held.get("started")])
+            with contextlib.suppress(OSError):
+                if marker.read_text() == mark:
+                    self.warned.add("offline")
+                    log.debug(message)
+                    return
+            with contextlib.suppress(OSError):
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(mark)
+        self._warn("offline", message)
 
     def _init(self, run_id: str, settings: Any) -> Any:
         import wandb

@@ -347,21 +347,33 @@ def declared(lg, tmp_path, *run_ids):
 
 def test_online_without_an_api_key_logs_offline_and_says_so(tmp_path, monkeypatch, caplog):
     """``logger.mode=online`` where wandb finds no API key: every run was dropped (an init
-    failure per run, exit 0, nothing logged); now they are logged offline, said once."""
+    failure per run, exit 0, nothing logged); now they are logged offline, said once per
+    driver (its other ensembles' loggers stay quiet; the sweep's next run says it again)."""
+    from sweep.lock import SweepLock
+
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
-    lg = tracking.WandbLogger(wandb_cfg(mode="online", timeout=20), tmp_path)
-    declared(lg, tmp_path, "a", "b")
-    with caplog.at_level(logging.WARNING, logger="sweep.logger"):
-        for rid in ("a", "b"):
-            lg.log({rid: {"step": 1, "loss": 0.5}})
-            lg.summary(rid, {"fvu": 0.1})
-        assert lg.close() is True
-    said = [r.getMessage() for r in caplog.records if r.name == "sweep.logger"]
-    assert len(said) == 1 and said[0].startswith("wandb has no API key: logging offline"), said
-    assert len(flushed_runs(tmp_path, lambda runs: len(runs) == 2)) == 2
+
+    def ensemble(*run_ids: str) -> list[str]:
+        caplog.clear()
+        lg = tracking.WandbLogger(wandb_cfg(mode="online", timeout=20), tmp_path)
+        declared(lg, tmp_path, *run_ids)
+        with caplog.at_level(logging.WARNING, logger="sweep.logger"):
+            for rid in run_ids:
+                lg.log({rid: {"step": 1, "loss": 0.5}})
+                lg.summary(rid, {"fvu": 0.1})
+            assert lg.close() is True
+        return [r.getMessage() for r in caplog.records if r.name == "sweep.logger"]
+
+    with SweepLock(tmp_path):
+        said = ensemble("a", "b")
+        assert len(said) == 1 and said[0].startswith("wandb has no API key: logging offline")
+        assert ensemble("c") == []  # the same driver's next ensemble
+    assert len(flushed_runs(tmp_path, lambda runs: len(runs) == 3)) == 3
+    with SweepLock(tmp_path):  # the sweep run again
+        assert len(ensemble("d")) == 1
 
 
 def test_steps_redone_after_a_resume_are_not_logged_twice(tmp_path, monkeypatch):
