@@ -56,5 +56,6 @@ def node_address() -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        sys.exit("usage: python -m sweep.ports JOB_ID")
+        print("usage: python -m sweep.ports JOB_ID", file=sys.stderr)
+        sys.exit(2)
     print(node_address(), first_free(int(sys.argv[1])))

@@ -21,7 +21,8 @@ SHIELDED = "SWEEP_SHIELDED"
 
 def main(argv: list[str]) -> None:
     if not argv or not argv[0]:
-        sys.exit("usage: python -m sweep.shield CMD [ARGS...]")
+        print("usage: python -m sweep.shield CMD [ARGS...]", file=sys.stderr)
+        sys.exit(2)  # (a usage error, as argparse's)
     os.environ[SHIELDED] = "1"
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:

@@ -183,10 +183,10 @@ def test_the_heads_address_is_not_the_loopback_its_name_may_resolve_to(monkeypat
 @pytest.mark.parametrize(
     "args, said, code",
     [
-        (["sweep.ports"], "usage: python -m sweep.ports JOB_ID", 1),
-        (["sweep.ports", "12a"], "usage: python -m sweep.ports JOB_ID", 1),
-        (["sweep.shield"], "usage: python -m sweep.shield CMD [ARGS...]", 1),
-        (["sweep.shield", ""], "usage: python -m sweep.shield CMD [ARGS...]", 1),
+        (["sweep.ports"], "usage: python -m sweep.ports JOB_ID", 2),
+        (["sweep.ports", "12a"], "usage: python -m sweep.ports JOB_ID", 2),
+        (["sweep.shield"], "usage: python -m sweep.shield CMD [ARGS...]", 2),
+        (["sweep.shield", ""], "usage: python -m sweep.shield CMD [ARGS...]", 2),
         (
             ["sweep.shield", "no-such-cmd"],
             "sweep.shield: cannot run no-such-cmd: No such file",
