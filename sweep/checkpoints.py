@@ -63,14 +63,23 @@ def save_checkpoint(folder: Path, ckpt: Checkpoint, keep: int = 2) -> None:
 
 def _prune(folder: Path, step: int, keep: int) -> None:
     """Keep the checkpoint of ``step`` and the newest ``keep - 1`` before it. Any after it is
-    stale: the members fell back from it (it was missing in another member, or damaged), and
-    training regenerates it. Left in place, it would hold one of the ``keep`` places, so a
-    second kill between two members' saves could leave them no common step at all."""
+    stale (as :func:`drop_after` says: a resume drops them as it starts; this is the same
+    rule where a save finds one all the same)."""
     found = list_checkpoints(folder)
     older = [p for p in found if step_of(p) < step]
     stale = [p for p in found if step_of(p) > step]
     for old in stale + older[: max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
+
+
+def drop_after(folder: Path, step: int) -> None:
+    """Remove the checkpoints newer than ``step``, the one a resume continues from (an
+    ensemble's members fell back from them: missing in another member, or damaged). Kept,
+    the first save past one of them would prune ``step`` in its favour, and a kill between
+    two members' saves would then leave them no common step at all."""
+    for stale in list_checkpoints(folder):
+        if step_of(stale) > step:
+            stale.unlink(missing_ok=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -22,7 +22,7 @@ import torch
 from sweep import archs, sae
 from sweep.activations.store import Cursor
 from sweep.archs import Architecture
-from sweep.checkpoints import Checkpoint, Found, common_checkpoint
+from sweep.checkpoints import Checkpoint, Found, common_checkpoint, drop_after
 from sweep.config import TrainConfig
 from sweep.devices import resolve_compute_dtype
 from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
@@ -125,6 +125,8 @@ def _found(folders: list[RunFolder], ensemble_id: str) -> list[Checkpoint | None
         log.warning("run %s (ensemble %s): %s; %s", path.name, ensemble_id, note, action)
         RunFolder(path).append_event({"event": "bad_checkpoint", "detail": note, "action": action})
     _report_fallback(folders, found, ensemble_id)
+    for f in folders:  # (recorded above; training makes them again, bit for bit)
+        drop_after(f.path, found.step)
     return out
 
 

@@ -370,6 +370,32 @@ def test_a_second_kill_between_member_saves_after_a_fallback_still_finds_a_commo
         assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
 
 
+def test_a_kill_between_member_saves_past_the_step_fallen_back_from_keeps_a_common_step(
+    tiny_store, tmp_path
+):
+    """Fallen back from step 20 to 14, the members' next save lands past 20 (a stop at 21; a
+    time-based or the end checkpoint does as often): the unusable 20 is dropped as the resume
+    starts, so the save keeps 14 rather than 20 as the one before. Killed between the two
+    members' saves of 21, they still share 14 (member 0 held {20, 21}, member 1 {14}: all the
+    training was redone from scratch)."""
+    ref, cut = reference_and_interrupted(tiny_store, tmp_path)
+    dirs = [rundir.run_dir(tmp_path / "cut", m.run_id) for m in cut.ensemble.members]
+    checkpoints.list_checkpoints(dirs[1])[-1].unlink()  # killed between the saves of step 20
+    assert train_ensemble(cut, should_stop=stop_after(7)).resumed_from == 14  # stops at 21
+    assert (
+        checkpoints.checkpoint_steps(dirs[0]) == checkpoints.checkpoint_steps(dirs[1]) == {14, 21}
+    )
+    checkpoints.path_of(dirs[1], 21).unlink()  # killed between the saves of step 21
+    assert train_ensemble(cut).resumed_from == 14
+    events = [json.loads(ln) for ln in (dirs[0] / rundir.EVENTS).read_text().splitlines()]
+    assert [(e["event"], e["newest"], e["resumed_from"]) for e in events] == [
+        ("resume_fallback", 20, 14),
+        ("resume_fallback", 21, 14),
+    ]
+    for m, d in zip(ref.ensemble.members, dirs, strict=True):
+        assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
+
+
 def test_a_file_named_like_a_checkpoint_without_a_step_is_not_one(tmp_path):
     """A copy such as ``checkpoint-000000020-copy.safetensors`` is neither listed nor pruned."""
     saved = checkpoints.Checkpoint(20, {"param.W": torch.randn(2, 3)}, {})
