@@ -95,6 +95,12 @@ class CheckpointWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
+    def raise_failed(self) -> None:
+        """Re-raise the error of a write that has already failed (a full disk), without
+        waiting for one still in flight: training stops at once, not a checkpoint later."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
+
     def close(self, quiet: bool = False) -> None:
         """Wait for the write in flight and free the buffers. ``quiet`` (closing after another
         error): a failed write is logged, not raised, so the first error stays the one

@@ -260,6 +260,7 @@ def _train(
             at.resample(r, x)
         r.diverged_at.masked_fill_(was_active > r.ens.active, r.step)  # (newly frozen)
         if logging_step:
+            at.writer.raise_failed()
             at.log_curve(parts, r.step, r.ens.active.tolist())
             if progress:
                 progress(r.step * bs)

@@ -396,6 +396,35 @@ def test_a_kill_between_member_saves_past_the_step_fallen_back_from_keeps_a_comm
         assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
 
 
+def test_a_failed_background_checkpoint_write_stops_training_at_once(
+    tiny_store, tmp_path, monkeypatch
+):
+    """A checkpoint written in the background that fails (a full disk) stops the ensemble at
+    the next logging step with that error, not at the next checkpoint (minutes later), and
+    the checkpoint before it stays."""
+    real = rundir.RunFolder.save_checkpoint
+
+    def save(self, ckpt):
+        if ckpt.step == 14:
+            raise OSError(28, "No space left on device")
+        real(self, ckpt)
+
+    monkeypatch.setattr(rundir.RunFolder, "save_checkpoint", save)
+    steps = []
+
+    def should_stop() -> bool:
+        steps.append(None)
+        time.sleep(0.02)  # (time for the writer thread to fail)
+        return False
+
+    job = job_for(tiny_store, tmp_path, log_every=1)
+    with pytest.raises(OSError, match="No space left on device"):
+        train_ensemble(job, should_stop=should_stop)
+    assert 14 <= len(steps) < 20  # (before, it raised at the next checkpoint: step 21)
+    for m in job.ensemble.members:
+        assert checkpoints.checkpoint_steps(rundir.run_dir(tmp_path, m.run_id)) == {7}
+
+
 def test_a_file_named_like_a_checkpoint_without_a_step_is_not_one(tmp_path):
     """A copy such as ``checkpoint-000000020-copy.safetensors`` is neither listed nor pruned."""
     saved = checkpoints.Checkpoint(20, {"param.W": torch.randn(2, 3)}, {})
