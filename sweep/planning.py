@@ -373,6 +373,23 @@ def check_local_hardware(cfg: SweepConfig) -> None:
             )
 
 
+def _same_settings(source: dict) -> str:
+    """Why a store of the same settings may hold other bits."""
+    if "noise" in source or "correlation" in source:  # (a synthetic store's parameters)
+        return (
+            "same settings, different contents: synthetic data made again on another kind of "
+            "CPU or GPU can differ bit-wise"
+        )
+    return "same settings, different contents"
+
+
+def _the_other_store(recorded: object, here: Path) -> str:
+    """Where the store the runs were trained on is to be found."""
+    if isinstance(recorded, str) and Path(recorded).resolve() != here.resolve():
+        return f"point data.path at {recorded}"
+    return f"put the store they were trained on back at {here}"
+
+
 def check_store(folder: SweepFolder, store: ChunkStore) -> None:
     """Refuse a store other than the one the sweep's runs were trained on (by identity, a
     content hash; sweeps recorded before store identities are compared by width only)."""
@@ -392,8 +409,8 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
         ]
         raise SweepError(
             f"store {store.path} is not the store the runs in {folder.path} were trained on "
-            f"({'; '.join(diffs) or 'same settings, different contents'}); use a new sweep_dir "
-            f"for this store, or point data.path at {recorded.get('path')}"
+            f"({'; '.join(diffs) or _same_settings(new_src)}); use a new sweep_dir "
+            f"for this store, or {_the_other_store(recorded.get('path'), store.path)}"
         )
     if recorded is None:  # the manifest was deleted: what the started runs recorded
         ids = {s.get("store_id") for s in folder.recorded_specs().values()} - {None}

@@ -146,7 +146,8 @@ def test_manifest_and_marker_record_the_generator(tmp_path):
     gen = store.provenance["generator"]
     assert gen["version"] == synthetic.GENERATOR_VERSION and gen["device"] == "cpu"
     assert gen["algorithm"] == synthetic.ALGORITHM
-    assert json.loads((tmp_path / "s" / PARAMS_FILE).read_text())["generator"] == gen
+    marker = json.loads((tmp_path / "s" / PARAMS_FILE).read_text())["generator"]
+    assert marker == {**gen, "cpu": torch.backends.cpu.get_cpu_capability()}  # (marker only)
     assert "generator" not in store.provenance["params"]
 
 
@@ -185,6 +186,7 @@ def test_a_stop_while_the_parameters_were_written_is_not_a_foreign_folder(tmp_pa
         None,
         {"version": 1, "device": "cpu"},
         {"version": synthetic.GENERATOR_VERSION, "device": "cuda"},
+        {"cpu": "ANOTHER-CPU"},  # randn's bits depend on the instruction set
     ],
 )
 def test_incomplete_store_of_another_generator_is_regenerated(tmp_path, generator):
@@ -345,3 +347,40 @@ def test_a_second_process_waits_for_the_generation_then_reuses_or_refuses(tmp_pa
     else:
         assert "refused: store" in said and "different data parameters (seed)" in said, said
     synthetic.ChunkStore(path).verify()
+
+
+def test_a_generation_begun_before_the_cpu_was_recorded_is_finished_not_cleared(tmp_path):
+    """A marker of an earlier version (no CPU capability) is this CPU's: its chunks stay."""
+    cfg = tiny_data()
+    ensure_synthetic_store(cfg, tmp_path / "a")
+    _interrupt(tmp_path / "a", drop=1)
+    marker = {**synthetic.generator_params(cfg), "generator": synthetic.generator_info("cpu")}
+    (tmp_path / "a" / PARAMS_FILE).write_text(json.dumps(marker))
+    kept = (tmp_path / "a" / chunk_name(0)).stat().st_mtime_ns
+    store = ensure_synthetic_store(cfg, tmp_path / "a")
+    assert (tmp_path / "a" / chunk_name(0)).stat().st_mtime_ns == kept
+    assert store.provenance["generator"] == synthetic.generator_info("cpu")  # (no CPU in it)
+    assert json.loads((tmp_path / "a" / PARAMS_FILE).read_text())["generator"]["cpu"]
+
+
+def test_a_synthetic_store_made_again_with_other_bits_says_why(tmp_path):
+    """Made again on another kind of CPU or GPU, a synthetic store of the same parameters
+    can hold other bits: the refusal says so rather than only 'different contents'."""
+    from sweep import planning
+    from sweep.activations.store import ChunkStore
+    from sweep.errors import SweepError
+    from sweep.sweepdir import SweepFolder
+
+    store = ensure_synthetic_store(tiny_data(noise=0.1), tmp_path / "s")
+    (tmp_path / "sw").mkdir()
+    SweepFolder(tmp_path / "sw").write_manifest([], {}, store)
+    manifest = json.loads((tmp_path / "s" / MANIFEST).read_text())
+    manifest["chunks"][0]["sha256"] = "0" * 64  # (its rows made with other bits)
+    (tmp_path / "s" / MANIFEST).write_text(json.dumps(manifest))
+    said = (
+        r"same settings, different contents: synthetic data made again on another kind of CPU "
+        r"or GPU can differ bit-wise\); use a new sweep_dir for this store, or put the store "
+        r"they were trained on back at "
+    )
+    with pytest.raises(SweepError, match=said):
+        planning.check_store(SweepFolder(tmp_path / "sw"), ChunkStore(tmp_path / "s"))

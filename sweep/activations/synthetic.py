@@ -32,8 +32,9 @@ to the rows times the *active* features (about ``mean_active``), not times ``n_f
 
 The same code runs on the CPU and on a CUDA device (``device``). Every chunk is generated
 from generators seeded by ``(seed, chunk)``: the same (seed, chunk, device type — and on CUDA
-GPU model) gives the same bits whatever was generated before, and an interrupted generation
-resumes at its first missing chunk (on another GPU model it starts over). CPU and CUDA stores
+GPU model, on the CPU its instruction set: torch's ``randn`` gives other bits without AVX2
+or on ARM) gives the same bits whatever was generated before, and an interrupted generation
+resumes at its first missing chunk (on another GPU model or kind of CPU it starts over). CPU and CUDA stores
 hold the same distribution but different bits; the manifest's provenance records the
 generator (version, device, GPU model, algorithm).
 """
@@ -151,6 +152,35 @@ def generator_info(device: str | torch.device) -> dict:
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
+
+
+def marker_generator(device: torch.device) -> dict:
+    """:func:`generator_info` and, on the CPU, torch's CPU capability (its instruction set:
+    ``randn`` gives other bits without AVX2, or on ARM), for the incomplete-store marker
+    only: a generation resumed on another kind of CPU would mix chunks of two bit streams.
+    (Not in the manifest, whose hash is the store's identity: the same bits made on another
+    node are the same store.)"""
+    info = generator_info(device)
+    if device.type == "cpu":
+        info["cpu"] = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    return info
+
+
+def _same_generator(was: object, now: dict) -> bool:
+    """Whether an incomplete store's recorded generator is this one (a marker written before
+    the CPU capability was recorded is taken as this CPU's)."""
+    return isinstance(was, dict) and {**was, "cpu": was.get("cpu", now.get("cpu"))} == {
+        **now,
+        "cpu": now.get("cpu"),
+    }
+
+
+def _generator_text(info: dict) -> str:
+    """E.g. ``cpu (AVX2, generator version 2)``, ``cuda (NVIDIA H200, generator version 2)``."""
+    if not info.get("device"):
+        return "an earlier generator"
+    kind = info.get("gpu") or info.get("cpu")
+    return f"{info.get('device')} ({kind + ', ' if kind else ''}generator version {info.get('version')})"
 
 
 def firing_probabilities(n_features: int, mean_active: float, decay: float) -> torch.Tensor:
@@ -431,13 +461,14 @@ def refuse_begun(
         return
     old, new = _begun_params(path), generator_params(cfg)
     diff, was = _differing(old, new), old.get("generator")
-    if not diff and generator is not None and isinstance(was, dict) and was != generator:
-        raise StoreError(
-            f"data.path {path} holds an incomplete synthetic store begun on {was.get('device')} "
-            f"(generator version {was.get('version')}), whose data differ bit-wise from this "
-            f"machine's ({generator.get('device')}); finish it where it was begun, use another "
-            "data.path, or delete that folder to generate it here"
-        )
+    if not diff and generator is not None and isinstance(was, dict):
+        if not _same_generator(was, generator):
+            raise StoreError(
+                f"data.path {path} holds an incomplete synthetic store begun on "
+                f"{_generator_text(was)}, whose data differ bit-wise from this machine's "
+                f"({_generator_text(generator)}); finish it where it was begun, use another "
+                "data.path, or delete that folder to generate it here"
+            )
     if not diff:
         return
     what, fix = f"whose {PARAMS_FILE} is damaged", ""
@@ -460,9 +491,9 @@ def _clear_begun(path: Path, old: dict, new: dict) -> None:
         log.info("clearing incomplete synthetic store %s (other parameters)", path)
     else:
         log.warning(
-            "clearing incomplete synthetic store %s: it was being generated on %s (generator "
-            "version %s) and is now generated on %s (version %s), whose data differ bit-wise",
-            path, was.get("device"), was.get("version"), now.get("device"), now.get("version"),
+            "clearing incomplete synthetic store %s: it was being generated on %s and is now "
+            "generated on %s, whose data differ bit-wise",
+            path, _generator_text(was), _generator_text(now),
         )  # fmt: skip
     shutil.rmtree(path)
 
@@ -566,11 +597,13 @@ def _make(
         return store
     check_resources(cfg, path)
     device = resolve_device(device) if isinstance(device, str) else device
-    marker = {**generator_params(cfg), "generator": generator_info(device)}
+    marker = {**generator_params(cfg), "generator": marker_generator(device)}
     refuse_begun(cfg, path, owned, marker["generator"])
     if begun(path):
         old = _begun_params(path)
-        if old != marker:
+        if _differing(old, marker) or not _same_generator(
+            old.get("generator"), marker["generator"]
+        ):
             _clear_begun(path, old, marker)
     try:
         store = _generate(cfg, path, marker, device, progress, owned)
@@ -611,7 +644,7 @@ def _generate(
         )
         params = {k: v for k, v in marker.items() if k != "generator"}
         stats = {"feature_probability_sum": float(source.p.sum())}
-        provenance = {"source": "synthetic", "params": params, "generator": marker["generator"]}
+        provenance = {"source": "synthetic", "params": params, "generator": generator_info(device)}
         writer.finalize(n_chunks, {**provenance, **stats})
     log.info("generated synthetic store %s (%d rows) on %s", path, cfg.rows, device.type)
     return ChunkStore(path)
