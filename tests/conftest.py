@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +31,15 @@ def tiny_data(**kw) -> SyntheticDataConfig:
     )
     base.update(kw)
     return SyntheticDataConfig(**base)
+
+
+def rehash_chunk(store: Path, name: str) -> None:
+    """Record chunk ``name``'s present bytes in the store's manifest, as if it had been
+    written so (e.g. NaN from another tool's writer: ours refuses them), not changed since."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    (entry,) = [c for c in manifest["chunks"] if c["file"] == name]
+    entry["sha256"] = hashlib.sha256((store / name).read_bytes()).hexdigest()
+    (store / "manifest.json").write_text(json.dumps(manifest))
 
 
 def tiny_train(**kw) -> TrainConfig:

@@ -801,16 +801,18 @@ def test_a_second_harvest_into_a_store_dir_being_harvested_is_refused(
     assert main(cli_args(cfg)) == 0
 
 
+@pytest.mark.parametrize("value", [b"\x00\x3c", b"\x00\x7e"], ids=["one", "nan"])
 def test_a_harvested_chunk_changed_in_place_names_the_repair_that_works(
-    tiny_model_dir, text_file, tmp_path
+    tiny_model_dir, text_file, tmp_path, value
 ):
     """A chunk whose bytes changed (same size) fails verification; the message says what
-    mends it: delete it and re-run the harvest, which writes just that chunk again."""
+    mends it: delete it and re-run the harvest, which writes just that chunk again. (A NaN
+    written into it too: it was said as a store holding NaN, with a repair that did nothing.)"""
     cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
     store = run_harvest(cfg)[HOOKS[0]]
     clean, f = _snapshot(store.path), store.path / chunk_name(1)
     data = bytearray(f.read_bytes())
-    data[-2:] = b"\x00\x3c"  # the last value: 1.0 in float16
+    data[-2:] = value  # the last value: 1.0 or NaN in float16
     f.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="fails its checksum .*; delete it and re-run the 'sweep"):
         ChunkStore(store.path).verify()

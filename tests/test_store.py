@@ -13,7 +13,7 @@ from sweep.activations.store import MANIFEST, BatchStream, ChunkStore, Cursor, S
 from sweep.activations.synthetic import SyntheticSource, ensure_synthetic_store
 from sweep.devices import torch_dtype
 from sweep.errors import StoreError
-from tests.conftest import tiny_data
+from tests.conftest import rehash_chunk, tiny_data
 
 
 def test_store_layout_and_manifest(tiny_store):
@@ -162,6 +162,9 @@ def test_nan_chunk_is_found_by_verify(store_copy):
     arr = np.load(store_copy / "chunk_00001.npy")
     arr[10, 3] = np.nan
     np.save(store_copy / "chunk_00001.npy", arr)
+    with pytest.raises(StoreError, match="chunk_00001.npy fails its checksum"):
+        ChunkStore(store_copy).verify()  # (changed since: what changed is said first)
+    rehash_chunk(store_copy, "chunk_00001.npy")  # written so
     store = ChunkStore(store_copy)
     with pytest.raises(StoreError, match="chunk_00001.npy contains NaN"):
         store.verify()
@@ -191,6 +194,7 @@ def test_verify_finds_every_nonfinite_value_in_every_dtype(tmp_path, dtype, bad)
         bits = torch.tensor([bad], dtype=torch_dtype(dtype)).view(torch.uint16).item()
         arr.view(np.uint16)[7, 1] = bits
     np.save(f, arr)
+    rehash_chunk(tmp_path / "s", f.name)  # (written so)
     with pytest.raises(StoreError, match="chunk_00002.npy contains NaN or inf"):
         ChunkStore(tmp_path / "s").verify()
 

@@ -12,6 +12,7 @@ import pytest
 
 from sweep import rundir, startup
 from sweep.cli import main
+from tests.conftest import rehash_chunk
 
 TINY = [
     "data.width=16",
@@ -200,6 +201,7 @@ def nan_store(tmp_path):
     arr = np.load(store / "chunk_00001.npy")
     arr[5, 2] = np.inf
     np.save(store / "chunk_00001.npy", arr)
+    rehash_chunk(store, "chunk_00001.npy")  # (written so: not a changed chunk)
     return store
 
 

@@ -515,7 +515,7 @@ class ChunkStore:
             log.debug("store %s is read-only; verification not cached", self.path)
 
     def _verify_chunk(self, index: int) -> None:
-        """One read of chunk ``index``'s file: NaN/inf rejected, then its sha256 checked. The
+        """One read of chunk ``index``'s file: its sha256 checked, then NaN/inf rejected. The
         scan tests exponent bits (all ones: inf or NaN), 5 GB/s on raw fp16 where
         ``isfinite`` ran at 0.7; hashing and numpy release the GIL, so chunks go in parallel."""
         info = self.chunks[index]
@@ -531,14 +531,14 @@ class ChunkStore:
                         nonfinite = int((np.frombuffer(block, bits) & mask).max()) == mask
         except (OSError, ValueError, EOFError) as err:
             raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
-        if nonfinite:
-            raise nonfinite_error(f)
-        if "sha256" in info and digest.hexdigest() != info["sha256"]:
-            fix = self._repair  # (a harvest writes a lost chunk again: this one, once deleted)
+        if "sha256" in info and digest.hexdigest() != info["sha256"]:  # (first: a changed
+            fix = self._repair  # chunk's NaN is the change) (a harvest writes a lost chunk
             fix = f"delete it and {fix}" if self.provenance.get("source") == "harvest" else fix
-            raise StoreError(
+            raise StoreError(  # again: this one, once deleted)
                 f"chunk {f} fails its checksum (it changed after the store was written); {fix}"
             )
+        if nonfinite:
+            raise nonfinite_error(f)
 
     def _stat(self, name: str) -> list[int]:
         st = (self.path / name).stat()
