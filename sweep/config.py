@@ -101,6 +101,10 @@ class SyntheticDataConfig(DataConfig):
         _require(0 < self.decay <= 1, f"data.decay must be in (0, 1], got {self.decay}")
         _require(self.noise >= 0, f"data.noise must be >= 0, got {self.noise}")
         _require(
+            -(2**63) <= self.seed < 2**63,
+            f"data.seed must fit in 64 bits (-2**63 to 2**63 - 1), got {self.seed}",
+        )
+        _require(
             0 <= self.correlation < 1,
             f"data.correlation must be in [0, 1), got {self.correlation}",
         )
@@ -202,6 +206,7 @@ class HarvestSource:
             f"{prefix}model_dtype must be one of {', '.join(TENSOR_DTYPES)}, got {self.model_dtype!r}",
         )
         _require(self.shards >= 0, f"{prefix}shards must be >= 0, got {self.shards}")
+        _require(self.seed >= 0, f"{prefix}seed must be >= 0, got {self.seed}")
         _require(
             self.lm_eval_tokens >= 0,
             f"{prefix}lm_eval_tokens must be >= 0, got {self.lm_eval_tokens}",
@@ -752,7 +757,7 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     try:
         obj.check()
     except ConfigError as err:
-        raise ConfigError(_with_fix(str(err))) from None
+        raise ConfigError(_with_fix(str(err), obj)) from None
     return obj
 
 
@@ -771,21 +776,29 @@ def _expand_home(obj: object) -> None:
             setattr(obj, f.name, os.path.expanduser(value))
 
 
-def _with_fix(message: str) -> str:
+def _with_fix(message: str, cfg: object) -> str:
     """A check's message that names a field's bound but no fix (``train.seed must be >= 0, got
-    -1``), with the fix: give that field such a value, or leave it out for its default. (A
-    message naming its fix, after ``;`` or as ``: pass ...`` or ``: give ...``, stays as it is.)"""
+    -1``), with the fix: give that field such a value, or leave it out for its default (a
+    field of ``cfg``'s that has one). (A message naming its fix, after ``;`` or as ``: pass
+    ...`` or ``: give ...``, or not starting with a field's name, stays as it is.)"""
     key = message.split(" ", 1)[0]
-    if (
-        ";" in message
-        or ": pass " in message
-        or ": give " in message
-        or "." not in key
-        or not key.replace(".", "").replace("_", "").isalnum()
-    ):
+    field = _field_named(cfg, key)
+    if ";" in message or ": pass " in message or ": give " in message or field is None:
         return message
     such = "such values" if f"{key} values " in message else "such a value"
-    return f"{message}; give {key} {such}, or leave it out for its default"
+    required = field.default is MISSING and field.default_factory is dataclasses.MISSING
+    default = "" if required else ", or leave it out for its default"
+    return f"{message}; give {key} {such}{default}"
+
+
+def _field_named(cfg: object, key: str) -> dataclasses.Field | None:
+    """The dataclass field a dotted ``key`` names in ``cfg`` (``train.seed``), if any."""
+    *groups, name = key.split(".")
+    for group in groups:
+        cfg = getattr(cfg, group, None)
+    if not dataclasses.is_dataclass(cfg):
+        return None
+    return next((f for f in dataclasses.fields(cfg) if f.name == name), None)
 
 
 def _unknown_field(cfg: DictConfig, prefix: str = "") -> str | None:

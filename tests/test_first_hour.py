@@ -114,6 +114,19 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
             ["sweep_dir=x", "train.seed=-1"],
             "train.seed must be >= 0, got -1; give train.seed such a value, or leave it out",
         ),
+        (["sweep_dir=x", "data.seed=18446744073709551616"], "data.seed must fit in 64 bits"),
+        (
+            [
+                "sweep_dir=x",
+                "data=harvest",
+                "data.model=m",
+                "data.dataset=d",
+                "data.rows=9",
+                "data.hook=a",
+                "data.seed=-1",
+            ],
+            "data.seed must be >= 0, got -1; give data.seed such a value, or leave it out",
+        ),
         (
             ["sweep_dir=x", "grid.dict_ratio=[0]"],
             "grid.dict_ratio values must be > 0, got 0.0; give",
@@ -132,6 +145,20 @@ def test_config_mistakes_are_one_line_with_the_fix(args, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {needle}") and "\n" not in err
     assert not Path("x").exists()  # refused before anything is written
+
+
+def test_a_bound_of_a_required_or_top_level_field_names_its_fix(capsys):
+    """A required field has no default to leave it out for; ``sweep harvest``'s own fields
+    (not in a group) get their fix too."""
+    harvest = ["harvest", "model=m", "dataset=d", "hooks=[a]", "store_dir=h"]
+    for args, said in [
+        ([*harvest, "rows=0"], "rows must be > 0, got 0; give rows such a value"),
+        ([*harvest, "rows=9", "seed=-1"], "seed must be >= 0, got -1; give seed such a value, "
+                                          "or leave it out for its default"),
+    ]:  # fmt: skip
+        assert main(args) == 2
+        assert capsys.readouterr().err.strip() == f"error: {said}"
+        assert not Path("h").exists()
 
 
 def test_a_required_field_names_one_fix(capsys):
