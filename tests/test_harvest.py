@@ -368,6 +368,25 @@ def test_jsonl_dataset_field(tiny_model_dir, tmp_path):
         run_harvest(tiny_cfg(tiny_model_dir, data, tmp_path / "h2", hooks=HOOKS[:1], rows=400))
 
 
+def test_null_text_is_no_document_and_other_values_are_refused(tmp_path):
+    """A null text (a JSONL null, a parquet or dataset null) is no document, in every format;
+    a list or number is refused, naming where (it was harvested as its printed form, e.g.
+    the document "None")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"text": "hello world"}, {"text": None}, {"text": "again"}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "d.parquet")
+    for f in (data, tmp_path / "d.parquet"):
+        assert list(text.iter_documents(str(f))) == ["hello world", "again"]
+    for bad, kind in ([["a", "b"], "list"], [12, "int"]):
+        data.write_text("\n".join(json.dumps(r) for r in [*rows, {"text": bad}]))
+        with pytest.raises(SweepError, match=rf"line 4 of .*d.jsonl: 'text' holds a {kind} "):
+            list(text.iter_documents(str(data)))
+
+
 def test_shards_on_ray_match_one_process(ray_cluster, tiny_model_dir, text_file, tmp_path):
     one = run_harvest(tiny_cfg(tiny_model_dir, text_file, tmp_path / "one"))
     cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "two", shards=2)

@@ -83,7 +83,20 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                 raise SweepError(
                     f"line {n} of {path} has no field '{field}'; set text_field to the text's key"
                 )
-            yield str(obj[field])
+            if (doc := _document(obj[field], f"line {n} of {path}", field)) is not None:
+                yield doc
+
+
+def _document(value: object, where: str, field: str) -> str | None:
+    """A record's text: a string as it is, None (a null: no document) skipped, anything else
+    refused (a list or number made into text would be harvested as its printed form)."""
+    if value is None or isinstance(value, str):
+        return value
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise SweepError(
+        f"{where}: '{field}' holds a {type(value).__name__} ({shown}), not text; set "
+        "text_field to the field holding the text"
+    )
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[str]:
@@ -97,17 +110,22 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
         raise SweepError(
             f"{path} has no column '{field}' (columns: {', '.join(pf.schema_arrow.names)}); set text_field"
         )
+    row = 0
     for batch in pf.iter_batches(columns=[field]):
-        yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if (doc := _document(value, f"row {row} of {path}", field)) is not None:
+                yield doc
 
 
 def _iter_rows(rows: Iterable[dict], field: str, name: str) -> Iterator[str]:
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         if field not in row:
             raise SweepError(
                 f"dataset {name} has no field '{field}' (fields: {', '.join(row)}); set text_field"
             )
-        yield str(row[field])
+        if (doc := _document(row[field], f"row {n} of dataset {name}", field)) is not None:
+            yield doc
 
 
 def _iter_saved(path: Path, split: str, field: str) -> Iterator[str]:
