@@ -26,7 +26,7 @@ from sweep import archs
 from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
 from sweep.rundir import DONE, RUNS, RunFolder, RunState
-from sweep.sae import SAE, read_run
+from sweep.sae import PER_HEAD_HOOKS, SAE, read_run
 from sweep.sweepdir import MANIFEST, REPORT, STORE, SweepFolder, within_sweep
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def saelens_cfg(cfg: dict, extra: dict | None = None, origin: dict | None = None
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
-        "reshape_activations": "none",
+        "reshape_activations": _reshape(cfg),
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION,
             "sae_lens_training_version": None,
@@ -87,6 +87,14 @@ def saelens_cfg(cfg: dict, extra: dict | None = None, origin: dict | None = None
             **(origin or {}),
         },
     }
+
+
+def _reshape(cfg: dict) -> str:
+    """``hook_z`` for an SAE of a per-head hook (trained on its (heads x d_head) rows
+    flattened): SAELens then flattens the hook's (..., heads, d_head) activations as the
+    harvest did, and gives its output back in that shape."""
+    hook = _provenance(cfg)["hook_name"]
+    return "hook_z" if hook.rsplit(".", 1)[-1] in PER_HEAD_HOOKS else "none"
 
 
 def _sparsity(arch: archs.Architecture, cfg: dict) -> dict:

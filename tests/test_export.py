@@ -330,6 +330,12 @@ def test_harvest_provenance_becomes_saelens_metadata():
         and meta["context_size"] == 128
         and meta["sweep_run_id"] == "r8-l1_1e-03-s0"
     )
+    z = {"d_in": 512, "d_sae": 4096, "provenance": {**prov, "hook": "blocks.3.attn.hook_z"}}
+    assert saelens_cfg(z)["reshape_activations"] == "hook_z"  # (SAELens flattens the heads)
+    assert (
+        saelens_cfg({"d_in": 512, "d_sae": 4096, "provenance": prov})["reshape_activations"]
+        == "none"
+    )
 
 
 ARCH_VALUES = {
