@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections import Counter
 from dataclasses import fields, replace
@@ -220,6 +221,31 @@ def test_interrupted_harvest_resumes_to_the_same_store(clean_and_cut, tmp_path):
         ChunkStore(store).manifest["stats"]
         == ChunkStore(tmp_path / "clean" / HOOKS[0]).manifest["stats"]
     )
+
+
+def test_a_harvest_resumed_under_a_torch_that_shuffles_otherwise_rewrites_the_partial_group(
+    tiny_model_dir, text_file, tmp_path, monkeypatch, caplog
+):
+    """Begun under a torch whose randperm differs (an upgrade between two runs of a long
+    harvest), a group found partly written is harvested again whole: its missing chunks
+    alone, shuffled otherwise, would repeat some of its rows and lose others. The store ends
+    as an uninterrupted harvest under this torch."""
+    clean = tiny_cfg(tiny_model_dir, text_file, tmp_path / "clean")
+    run_harvest(clean)
+    cut = replace(clean, store_dir=str(tmp_path / "cut"))
+    real = harvest._group_perm
+    monkeypatch.setattr(harvest, "_group_perm", lambda *a: real(*a).flip(0))  # "old torch"
+    harvest_dying_at_second_group(cut, monkeypatch)
+    monkeypatch.setattr(harvest, "_group_perm", real)
+    store = tmp_path / "cut" / HOOKS[0]
+    harvest_dir.remove_chunks(store, [1])  # group 0 (chunks 0, 1): killed between its two chunks
+    with caplog.at_level(logging.WARNING, logger="sweep.activations.harvest"):
+        run_harvest(cut)
+    assert "shuffles a harvest group's rows otherwise" in caplog.text
+    assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
+    assert json.loads((tmp_path / "cut" / harvest.SHUFFLE_FILE).read_text())["randperm"] != (
+        harvest.shuffle_fingerprint(harvest.HarvestPlan.of(cut))
+    )  # (the record stays the beginning torch's)
 
 
 def test_complete_harvest_is_reused_without_the_model(

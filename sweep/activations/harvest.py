@@ -21,6 +21,8 @@ every store of one harvest.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -64,6 +66,9 @@ from sweep.progress import progress_bar
 log = logging.getLogger(__name__)
 
 EVAL_TOKENS_FILE = "lm_eval_tokens.npy"
+SHUFFLE_FILE = "harvest-shuffle.json"
+"""In store_dir: how the torch that began the harvest shuffles a group (a fingerprint of
+``randperm``), so that one resumed under another torch never mixes two shuffles in a group."""
 # Settings that change what is written (batch size, device and shard count do not).
 _DEFINING = (
     "model",
@@ -295,6 +300,7 @@ def _token_stream(
     except text.NotEnoughText as err:
         raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
     atomic_write_json(root / PARAMS_FILE, params)
+    _recorded_shuffle(root, plan)
     atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
 
 
@@ -355,6 +361,9 @@ def harvest_shard(
     bar = progress_bar(
         total=len(groups), desc="harvest", unit="group", disable=not cfg.progress, leave=False
     )
+    unfinished = {h for h in cfg.hooks if not (store_path(cfg, h) / MANIFEST).exists()}
+    otherwise = bool(unfinished) and _shuffles_otherwise(cfg, plan)  # (a finished store's
+    # lost chunks are held to its manifest instead: its other chunks are never rewritten)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="harvest-write") as pool:
         pending: Future | None = None
         for g in groups:
@@ -362,6 +371,9 @@ def harvest_shard(
                 h: [c for c in plan.group_chunks(g) if not w.has_chunk(c)]
                 for h, w in writers.items()
             }
+            if any(missing.values()) and otherwise:
+                whole = list(plan.group_chunks(g))
+                missing = {h: whole if h in unfinished else m for h, m in missing.items()}
             if any(missing.values()):
                 bufs = _fill_group(cfg, plan, g, model, tokens, res, device)
                 if pending is not None:
@@ -378,6 +390,44 @@ def _group_seed(seed: int, group: int) -> int:
     return int(np.random.SeedSequence([seed, group]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _group_perm(n: int, seed: int, group: int) -> torch.Tensor:
+    """The shuffle of group ``group``'s ``n`` rows: shuffled row j is source row perm[j]."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(_group_seed(seed, group)))
+
+
+def shuffle_fingerprint(plan: HarvestPlan) -> str:
+    """How this torch shuffles a group (``randperm``'s algorithm may change between
+    versions): a hash of the first group's permutation under a fixed seed."""
+    r0, r1 = plan.group_rows(0)
+    return hashlib.sha256(_group_perm(r1 - r0, 0, 0).numpy().tobytes()).hexdigest()[:16]
+
+
+def _recorded_shuffle(root: Path, plan: HarvestPlan) -> str:
+    """The fingerprint of the torch that began this harvest (:data:`SHUFFLE_FILE`); one that
+    began before it was recorded is taken as this torch's (and recorded now)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return str(json.loads((root / SHUFFLE_FILE).read_text())["randperm"])
+    mine = shuffle_fingerprint(plan)
+    atomic_write_json(root / SHUFFLE_FILE, {"randperm": mine, "torch": torch.__version__})
+    return mine
+
+
+def _shuffles_otherwise(cfg: HarvestConfig, plan: HarvestPlan) -> bool:
+    """Whether this shard's torch shuffles a group otherwise than the one that began the
+    harvest: a group it finds partly written is then written whole again in an unfinished
+    store (its missing chunks alone, shuffled otherwise, would repeat some rows and lose
+    others)."""
+    root = Path(cfg.store_dir).expanduser()
+    if _recorded_shuffle(root, plan) == shuffle_fingerprint(plan):
+        return False
+    log.warning(
+        "torch %s shuffles a harvest group's rows otherwise than the torch that began the "
+        "harvest in %s: a group found partly written is harvested again whole",
+        torch.__version__, root,
+    )  # fmt: skip
+    return True
+
+
 def _fill_group(
     cfg: HarvestConfig,
     plan: HarvestPlan,
@@ -390,9 +440,7 @@ def _fill_group(
     """Group ``g``'s rows of every hook, already in shuffled order: each (n, d) in the store dtype."""
     r0, r1 = plan.group_rows(g)
     n, rpc = r1 - r0, plan.rows_per_context
-    perm = torch.randperm(
-        n, generator=torch.Generator().manual_seed(_group_seed(cfg.seed, g))
-    )  # (n,)
+    perm = _group_perm(n, cfg.seed, g)  # (n,)
     dest = torch.empty_like(perm)
     dest[perm] = torch.arange(n)  # source row i lands at shuffled position dest[i]
     dtype = torch_dtype(cfg.dtype)
