@@ -243,9 +243,39 @@ def test_a_harvest_resumed_under_a_torch_that_shuffles_otherwise_rewrites_the_pa
         run_harvest(cut)
     assert "shuffles a harvest group's rows otherwise" in caplog.text
     assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
-    assert json.loads((tmp_path / "cut" / harvest.SHUFFLE_FILE).read_text())["randperm"] != (
+    assert harvest_dir.stream_record(tmp_path / "cut")["randperm"] != (
         harvest.shuffle_fingerprint(harvest.HarvestPlan.of(cut))
     )  # (the record stays the beginning torch's)
+
+
+def test_a_damaged_token_stream_is_found_and_one_of_a_changed_dataset_refused(
+    tiny_model_dir, text_file, tmp_path, monkeypatch, caplog
+):
+    """The token stream's sha256 is recorded: one damaged in place (its shape intact) is
+    made again, not harvested from; made again from a dataset changed since, it is refused
+    (mixed with the chunks already written, the store would hold two token streams)."""
+    data = tmp_path / "text.txt"
+    shutil.copy(text_file, data)
+    clean = tiny_cfg(tiny_model_dir, data, tmp_path / "clean")
+    run_harvest(clean)
+    cut = replace(clean, store_dir=str(tmp_path / "cut"))
+    harvest_dying_at_second_group(cut, monkeypatch)
+    tokens = tmp_path / "cut" / harvest.TOKENS_FILE
+    kept = tokens.read_bytes()
+    bad = bytearray(kept)
+    bad[-1] ^= 1  # (shape intact)
+    tokens.write_bytes(bytes(bad))
+    with caplog.at_level(logging.WARNING, logger="sweep.activations.harvest_dir"):
+        run_harvest(cut)
+    assert "is damaged; rebuilding it" in caplog.text
+    assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
+    assert tokens.read_bytes() == kept
+    again = replace(clean, store_dir=str(tmp_path / "again"))
+    harvest_dying_at_second_group(again, monkeypatch)
+    (tmp_path / "again" / harvest.TOKENS_FILE).write_bytes(bytes(bad))
+    data.write_text("other words entirely.\n\n" + data.read_text())
+    with pytest.raises(StoreError, match="token stream made again from .* differs from the one"):
+        run_harvest(again)
 
 
 def test_complete_harvest_is_reused_without_the_model(

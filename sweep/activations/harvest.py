@@ -21,7 +21,6 @@ every store of one harvest.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -48,11 +47,13 @@ from sweep.activations.harvest_dir import (
     damaged,
     has_tokens,
     prepare_dir,
+    record_stream,
     remove_chunks,
     removed_if_left_empty,
     reopen_damaged,
     rewritten,
     store_path,
+    stream_record,
     writing,
 )
 from sweep.activations.layout import CHUNKS
@@ -66,9 +67,7 @@ from sweep.progress import progress_bar
 log = logging.getLogger(__name__)
 
 EVAL_TOKENS_FILE = "lm_eval_tokens.npy"
-SHUFFLE_FILE = "harvest-shuffle.json"
-"""In store_dir: how the torch that began the harvest shuffles a group (a fingerprint of
-``randperm``), so that one resumed under another torch never mixes two shuffles in a group."""
+
 # Settings that change what is written (batch size, device and shard count do not).
 _DEFINING = (
     "model",
@@ -301,7 +300,29 @@ def _token_stream(
         raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
     atomic_write_json(root / PARAMS_FILE, params)
     _recorded_shuffle(root, plan)
+    digest = write_npy(_Discard(), tokens)  # (the file's sha256, before it is written)
+    _check_same_stream(cfg, root, digest)
     atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
+    record_stream(root, tokens_sha256=digest)
+
+
+class _Discard:
+    def write(self, data: object) -> None:
+        pass
+
+
+def _check_same_stream(cfg: HarvestConfig, root: Path, digest: str) -> None:
+    """A token stream made again (the old one damaged) must be the one the chunks already
+    written were harvested from: refused if the dataset (or tokenizer) changed since."""
+    want = stream_record(root).get("tokens_sha256")
+    if want is None or not any(any(store_path(cfg, h).glob(CHUNKS)) for h in cfg.hooks):
+        return
+    if digest != want:
+        raise StoreError(
+            f"the token stream made again from {cfg.dataset} differs from the one the harvest "
+            f"in {root} began with (its dataset or tokenizer changed since); restore them, or "
+            "harvest into a new store_dir"
+        )
 
 
 def _too_short(cfg: HarvestConfig, plan: HarvestPlan, available: int) -> str:
@@ -403,12 +424,13 @@ def shuffle_fingerprint(plan: HarvestPlan) -> str:
 
 
 def _recorded_shuffle(root: Path, plan: HarvestPlan) -> str:
-    """The fingerprint of the torch that began this harvest (:data:`SHUFFLE_FILE`); one that
-    began before it was recorded is taken as this torch's (and recorded now)."""
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return str(json.loads((root / SHUFFLE_FILE).read_text())["randperm"])
+    """The fingerprint of the torch that began this harvest (its ``harvest-stream.json``);
+    one that began before it was recorded is taken as this torch's (and recorded now)."""
+    recorded = stream_record(root).get("randperm")
+    if isinstance(recorded, str):
+        return recorded
     mine = shuffle_fingerprint(plan)
-    atomic_write_json(root / SHUFFLE_FILE, {"randperm": mine, "torch": torch.__version__})
+    record_stream(root, randperm=mine, torch=torch.__version__)
     return mine
 
 

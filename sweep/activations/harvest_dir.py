@@ -5,6 +5,7 @@ the leftovers of writes killed midway. (The harvesting itself is :mod:`.harvest`
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from sweep.activations.layout import CHUNKS
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError
-from sweep.io import begun, ensure_writable, not_leftover, remove_stale_temps
+from sweep.io import atomic_write_json, begun, ensure_writable, not_leftover, remove_stale_temps
 
 if TYPE_CHECKING:
     from sweep.activations.harvest import HarvestPlan
@@ -30,6 +31,28 @@ log = logging.getLogger(__name__)
 
 PARAMS_FILE = "harvest-params.json"
 TOKENS_FILE = "harvest-tokens.npy"
+STREAM_FILE = "harvest-stream.json"
+"""What the harvest began with beyond its settings: ``tokens_sha256`` (its token stream, so a
+damaged one is found and one made again from a changed dataset is refused) and ``randperm``
+(how its torch shuffles a group, :func:`sweep.activations.harvest.shuffle_fingerprint`)."""
+
+
+def stream_record(root: Path) -> dict:
+    """:data:`STREAM_FILE`'s contents ({} when missing or unreadable)."""
+    try:
+        record = json.loads((root / STREAM_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def record_stream(root: Path, **facts: str) -> None:
+    atomic_write_json(root / STREAM_FILE, {**stream_record(root), **facts})
+
+
+def tokens_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def store_path(cfg: HarvestConfig, hook: str) -> Path:
@@ -230,14 +253,17 @@ def has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     path = root / TOKENS_FILE
     if not (path.is_file() and (root / PARAMS_FILE).is_file()):
         return False
+    want = stream_record(root).get("tokens_sha256")
     try:
-        return np.load(path, mmap_mode="r").shape == (
-            plan.n_contexts + plan.eval_contexts,
-            cfg.context,
-        )
+        shape = np.load(path, mmap_mode="r").shape
+        intact = want is None or tokens_digest(path) == want
     except (ValueError, OSError):
-        log.warning("token stream %s is damaged; rebuilding it", path)
+        intact = False
+    if intact and shape != (plan.n_contexts + plan.eval_contexts, cfg.context):
         return False
+    if not intact:
+        log.warning("token stream %s is damaged; rebuilding it", path)
+    return intact
 
 
 def complete_store(path: Path, params: dict) -> bool:
