@@ -698,8 +698,12 @@ def test_a_chunk_that_cannot_be_read_is_not_taken_for_damaged(
 def test_a_torn_chunk_of_an_unfinished_harvest_is_harvested_again(clean_and_cut, tmp_path):
     _, cfg = clean_and_cut
     torn = tmp_path / "cut" / HOOKS[0] / chunk_name(0)
+    copy = torn.with_name("chunk_00000.orig.npy")  # a user's copy beside it: not a chunk
+    copy.write_bytes(torn.read_bytes()[:200])
     torn.write_bytes(torn.read_bytes()[:300])  # damaged since it was written (with its stats)
     run_harvest(cfg)
+    assert len(copy.read_bytes()) == 200  # (left as it was)
+    copy.unlink()
     assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
 
 

@@ -56,7 +56,7 @@ from sweep.activations.harvest_dir import (
     stream_record,
     writing,
 )
-from sweep.activations.layout import CHUNKS
+from sweep.activations.layout import chunk_files
 from sweep.activations.store import MANIFEST, ChunkStore, StoreWriter, write_npy
 from sweep.config import HarvestConfig, HarvestSource, LaunchConfig
 from sweep.devices import release_device_memory, torch_dtype
@@ -206,7 +206,7 @@ def harvest_with_stats(
             log.info("harvest in %s was completed by another harvest; reusing it", root)
             return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
         prepare_dir(cfg, root)
-        there = sum(len(list(store_path(cfg, h).glob(CHUNKS))) for h in cfg.hooks)
+        there = sum(len(chunk_files(store_path(cfg, h))) for h in cfg.hooks)
         if there:
             total = plan.n_chunks * len(cfg.hooks)
             log.info("continuing the harvest in %s: %d of %d chunks are there", root, there, total)
@@ -315,7 +315,7 @@ def _check_same_stream(cfg: HarvestConfig, root: Path, digest: str) -> None:
     """A token stream made again (the old one damaged) must be the one the chunks already
     written were harvested from: refused if the dataset (or tokenizer) changed since."""
     want = stream_record(root).get("tokens_sha256")
-    if want is None or not any(any(store_path(cfg, h).glob(CHUNKS)) for h in cfg.hooks):
+    if want is None or not any(chunk_files(store_path(cfg, h)) for h in cfg.hooks):
         return
     if digest != want:
         raise StoreError(

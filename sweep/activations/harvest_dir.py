@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sweep.activations import lm
-from sweep.activations.layout import CHUNKS
+from sweep.activations.layout import chunk_files
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError
@@ -174,8 +174,7 @@ def prepare_dir(cfg: HarvestConfig, root: Path) -> None:
 def _drop_torn_chunks(folder: Path) -> None:
     """Chunks of an unfinished harvest whose file no longer reads as a whole array (damaged
     since it was written): removed, so resuming writes them again."""
-    for f in sorted(folder.glob(CHUNKS)):
-        index = int(f.stem.split("_")[1])
+    for index, f in chunk_files(folder).items():
         try:
             np.load(f, mmap_mode="r", allow_pickle=False)
             if f.with_suffix(".json").exists() and _stats(folder, index) is None:
