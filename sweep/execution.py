@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from sweep import launcher, packing, planning
 from sweep.activations.store import ChunkStore, total_steps
@@ -126,6 +127,8 @@ class Execution:
         self.res, self.lock, self.outcome = res, lock, outcome
         self.deadline = 0.0
         self.started = time.time()
+        t = cfg.train
+        self.final_step = total_steps(store, t.batch_size, t.epochs, cfg.data.eval_rows)
 
     def _job(self, ens: EnsembleSpec) -> EnsembleJob:
         """The task's job. A CPU-planned one trains on the CPU: Ray no longer hides the GPUs
@@ -144,8 +147,7 @@ class Execution:
 
         if not self.plan.ensembles:
             return
-        t = self.cfg.train
-        steps = total_steps(self.store, t.batch_size, t.epochs, self.cfg.data.eval_rows)
+        t, steps = self.cfg.train, self.final_step
         self.n_runs, self.done_runs = sum(len(e.members) for e in self.plan.ensembles), 0
         trains = _trained_runs(self.plan)
         n_rows = steps * t.batch_size * len(trains)  # (the bar counts rows trained)
@@ -247,7 +249,7 @@ class Execution:
             return
         self._worker_warnings(ens, getattr(fin.cause, "worker_warnings", None) or [])
         if self.outcome.signum:  # lost while the job was being stopped: its checkpoints stay
-            saved = self._all_checkpointed([ens])
+            saved = self._all_checkpointed([ens], ended=True)
             (log.info if saved else log.warning)(
                 "ensemble %s stopped: %s", ens.ensemble_id, fin.error
             )
@@ -402,12 +404,15 @@ class Execution:
             recorded = set()
         return recorded | {e.ensemble_id for e in self.shares}
 
-    def _all_checkpointed(self, pending: list[EnsembleSpec]) -> bool:
+    def _all_checkpointed(self, pending: list[EnsembleSpec], ended: bool = False) -> bool:
         """Whether every pending ensemble whose latest task was training when the stop came
         has checkpointed for it (one that started after the stop, e.g. on CPUs the stopped
         ones freed, finds the stop file before its first step: it has nothing to save).
-        (Attempts are dated by the worker's clock, the stop by the driver's: nodes' clocks
-        are assumed to agree to well under the time a task takes to start.)"""
+        ``ended``: one whose training had ended (its end checkpoint on disk: it was being
+        evaluated) counts too; the wait for the stop does not count it, as its evaluation
+        may still end in time. (Attempts are dated by the worker's clock, the stop by the
+        driver's: nodes' clocks are assumed to agree to well under the time a task takes to
+        start.)"""
         signals = self.outcome.signals
         stopped = signals.when if signals and signals.signum else time.time()
         for ens in pending:
@@ -415,19 +420,29 @@ class Execution:
             for m in ens.members:
                 run = self.folder.run(m.run_id)
                 training = since <= run.started_at() < stopped
-                if training and run.interrupted_at() < stopped:
+                saved = run.interrupted_at() >= stopped or (ended and self._ended(run.path))
+                if training and not saved:
                     return False
         return True
+
+    def _ended(self, run: Path) -> bool:
+        """Whether the run's end checkpoint is on disk (whole)."""
+        return self.final_step in checkpoint_steps(run, whole=True)
 
     def _mark_interrupted(self, ensembles: list[EnsembleSpec], warn: bool = True) -> None:
         """Runs left with a checkpoint but no stop mark (their worker was killed) are
         interrupted. Warned about (unless ``warn`` is False: the caller said it): ensembles
         that had not checkpointed for the stop (the grace ran out, or their worker was lost
         first), whose work since their last checkpoint is lost."""
-        late = [e for e in ensembles if not self._all_checkpointed([e])]  # before marking
-        self.outcome.unsaved.update(e.ensemble_id for e in late)
+        late = [e for e in ensembles if not self._all_checkpointed([e], ended=True)]
+        self.outcome.unsaved.update(e.ensemble_id for e in late)  # (before marking)
         kept = 0
         for ens in ensembles:
+            if ens not in late and not self._all_checkpointed([ens]):
+                log.info(
+                    "ensemble %s was being evaluated when the stop came: its training is "
+                    "saved (step %d); the re-run evaluates it", ens.ensemble_id, self.final_step,
+                )  # fmt: skip
             runs = [self.folder.run(m.run_id) for m in ens.members]
             step = runs[0].interrupted_step()
             now = runs[0].interrupted_at() >= self.submitted.get(ens, self.started)

@@ -353,6 +353,25 @@ def test_a_stop_says_which_ensembles_did_not_checkpoint_for_it(tmp_path, tmp_pat
     assert "the others: running ensembles checkpointed" in out
 
 
+def test_a_stop_while_an_ensemble_is_evaluated_says_its_training_is_saved(
+    reference, tmp_path, tmp_path_factory
+):
+    """A stop whose grace runs out while an ensemble is evaluated (its end checkpoint on
+    disk): the driver said it "did not checkpoint for the stop" and would continue "from its
+    last periodic checkpoint"; its training is saved, and the re-run only evaluates it."""
+    sw, rt, mark = tmp_path / "sw", tmp_path_factory.getbasetemp() / "ev", tmp_path / "evaluating"
+    hook = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_EVAL_SLEEP": f"60:{mark}",
+            "SWEEP_TEST_STOP_GRACE": "2"}  # fmt: skip
+    p = start(sw, rt, environ=hook)
+    wait_for(mark.exists, p)
+    os.kill(p.pid, signal.SIGTERM)
+    code, out = finish(p)
+    assert code == 143, out
+    assert "did not checkpoint" not in out and "before they checkpointed" not in out, out
+    assert "was being evaluated when the stop came: its training is saved (step 592)" in out
+    _resume_and_compare(sw, rt, reference)
+
+
 def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
     p = start(sw, rt, "launch.max_retries=0")

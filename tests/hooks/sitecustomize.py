@@ -13,7 +13,10 @@ variable is set, and a module is patched when it is first imported, not before:
 - ``SWEEP_TEST_FINISH_RAISES``: writing the final files of that run id raises a
   ``KeyError`` (its ensemble-mates before it have finished);
 - ``SWEEP_TEST_STEP_SLEEP``: every ensemble step takes that many seconds more (a sweep long
-  enough for a stop asked from another process to land in training).
+  enough for a stop asked from another process to land in training);
+- ``SWEEP_TEST_EVAL_SLEEP`` (``SECONDS:FILE``): evaluating touches FILE, then takes that many
+  seconds more (a stop landing while an ensemble is evaluated);
+- ``SWEEP_TEST_STOP_GRACE``: the driver waits that many seconds for a stop's checkpoints.
 """
 
 from __future__ import annotations
@@ -73,6 +76,25 @@ def _raising_metrics(module) -> None:
     module.evaluate_members = evaluate_members
 
 
+def _slow_metrics(module) -> None:
+    import pathlib
+    import time
+
+    pause, mark = os.environ["SWEEP_TEST_EVAL_SLEEP"].split(":", 1)
+    real = module.evaluate_members
+
+    def evaluate_members(*args, **kw):
+        pathlib.Path(mark).touch()
+        time.sleep(float(pause))
+        return real(*args, **kw)
+
+    module.evaluate_members = evaluate_members
+
+
+def _stop_grace(module) -> None:
+    module.STOP_GRACE = float(os.environ["SWEEP_TEST_STOP_GRACE"])
+
+
 def _raising_finish(module) -> None:
     run_id, real = os.environ["SWEEP_TEST_FINISH_RAISES"], module.RunFolder.finish
 
@@ -94,6 +116,8 @@ PATCHES = [
     ("sweep.ensemble", "SWEEP_TEST_STEP_SLEEP", _slow_steps),
     ("sweep.metrics", "SWEEP_TEST_OOM_EVAL_ABOVE", _metrics),
     ("sweep.metrics", "SWEEP_TEST_EVAL_RAISES", _raising_metrics),
+    ("sweep.metrics", "SWEEP_TEST_EVAL_SLEEP", _slow_metrics),
+    ("sweep.execution", "SWEEP_TEST_STOP_GRACE", _stop_grace),
     ("sweep.gpuinfo", "SWEEP_TEST_NODE_CUDA", _gpuinfo),
     ("sweep.rundir", "SWEEP_TEST_FINISH_RAISES", _raising_finish),
 ]
