@@ -121,24 +121,38 @@ class Sweep:
                 f"{chunks.path} is not the store sweep {self.path} trained on (another "
                 "content); pass the path of that store"
             )
-        eval_rows = int(((folder.load_config() or {}).get("data") or {}).get("eval_rows", 0))
-        return chunks.tail_rows(eval_rows).float().to(self.device)
+        return chunks.tail_rows(_eval_rows(folder)).float().to(self.device)
 
     def _store_path(self, store: str | Path | None, recorded: dict) -> Path:
         """Where the sweep's store is: ``store``, else where it was recorded, else the sweep's
-        own ``store/`` (a sweep folder moved with its store inside)."""
+        own ``store/`` (a sweep folder moved with its store inside): the first of these that
+        holds the recorded store (or, none does, the first that holds a store)."""
         if store is not None:
             found = [Path(store).expanduser()]
         else:
             found = [Path(p) for p in (recorded.get("path"),) if p]
             found.append(default_store_path(self.path))
-        for path in found:
-            if (path / STORE_MANIFEST).is_file():
+        there = [path for path in found if (path / STORE_MANIFEST).is_file()]
+        for path in there:
+            if recorded.get("id") in (None, ChunkStore(path).identity):
                 return path
+        if there:
+            return there[0]
         raise SweepError(
             f"no chunk store at {found[0]} (the store sweep {self.path} trained on); pass "
             "where it lies now: heldout(store=...)"
         )
+
+
+def _eval_rows(folder: SweepFolder) -> int:
+    """``data.eval_rows`` of the sweep: from its config.yaml, else a started run's spec."""
+    data = (folder.load_config() or {}).get("data") or (folder.first_spec() or {}).get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("eval_rows"), int):
+        raise SweepError(
+            f"{folder.path} records no data.eval_rows (no config.yaml, and no run has a "
+            "spec.json yet): nothing says which rows were held out"
+        )
+    return data["eval_rows"]
 
 
 def load_sweep(path: str | Path, device: str | torch.device = "cpu") -> Sweep:

@@ -281,6 +281,11 @@ def test_a_sweep_iterates_its_run_ids_and_gives_its_heldout_rows(finished, tmp_p
     manifest["store"]["path"] = str(tmp_path / "gone")
     (elsewhere / "manifest.json").write_text(json.dumps(manifest))
     torch.testing.assert_close(sweep.load_sweep(elsewhere).heldout(), rows)
+    manifest["store"]["path"] = str(moved)  # another store where it was recorded: its own
+    (elsewhere / "manifest.json").write_text(json.dumps(manifest))
+    torch.testing.assert_close(sweep.load_sweep(elsewhere).heldout(), rows)
+    (elsewhere / "config.yaml").unlink()  # (as a damaged one's message says): the runs' specs
+    torch.testing.assert_close(sweep.load_sweep(elsewhere).heldout(), rows)
 
 
 def test_the_python_api_takes_paths_and_devices_as_a_notebook_gives_them(
