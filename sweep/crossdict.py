@@ -20,6 +20,7 @@ Per run (written into ``metrics.json`` of finished runs by :func:`annotate_runs`
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -245,20 +246,21 @@ def compute(
     runs = finished_runs(records)
     ratios = sorted({r.dict_ratio for r in runs})
     groups = {ratio: [r for r in runs if r.dict_ratio == ratio] for ratio in ratios}
+    larger = _next_ratio_groups(groups, records)
     cache = PairCache.load(cache_path)
-    todo = [(a, b) for a, b in _pairs(groups) if cache.get(a, b) is None]
+    todo = [(a, b) for a, b in _pairs(groups, larger) if cache.get(a, b) is None]
     if todo:
         log.info("MMCS: comparing %d pairs of dictionaries", len(todo))
     pair = PairMMCS(device, cache, len(todo))
     matrices: dict[float, tuple[list[RunRef], list[list[float]]]] = {}
     per_run: dict[str, dict[str, float | str]] = {r.run_id: {} for r in runs}
-    for k, ratio in enumerate(ratios):
-        group, larger = groups[ratio], groups[ratios[k + 1]] if k + 1 < len(ratios) else []
+    for ratio in ratios:
+        group, nxt = groups[ratio], larger[ratio]
         shown = matrix_runs(group)
         matrices[ratio] = (shown, [[1.0 if a is b else pair(a, b) for b in shown] for a in shown])
         _seed_values(group, pair, per_run)
-        _next_ratio_values(group, larger, pair, per_run)
-        pair.release({r.run_id for r in larger})
+        _next_ratio_values(group, nxt, pair, per_run)
+        pair.release({r.run_id for r in nxt})
     if pair.done:  # (else the cache on disk holds it all already)
         pair.cache.save()
     return CrossDict(matrices, per_run, {ratio: len(g) for ratio, g in groups.items()})
@@ -281,16 +283,29 @@ def spread(items: list, n: int) -> list:
     return [items[i] for i in idx]
 
 
-def _pairs(groups: dict[float, list[RunRef]]) -> list[tuple[RunRef, RunRef]]:
+def _next_ratio_groups(
+    groups: dict[float, list[RunRef]], records: Iterable[RunRecord]
+) -> dict[float, list[RunRef]]:
+    """Each ratio's finished runs of the next larger dict ratio of the sweep (of all its
+    runs: [] while none of that ratio has finished, never the ratio after it)."""
+    every = sorted(
+        {float(v) for r in records if isinstance(v := r.grid_point.get("dict_ratio"), (int, float))}
+        | set(groups)
+    )
+    nxt = dict(itertools.pairwise(every))
+    return {ratio: groups.get(nxt.get(ratio, -1.0), []) for ratio in groups}
+
+
+def _pairs(
+    groups: dict[float, list[RunRef]], larger: dict[float, list[RunRef]]
+) -> list[tuple[RunRef, RunRef]]:
     """Every pair :func:`compute` compares, once each (either direction)."""
     out: dict[frozenset[str], tuple[RunRef, RunRef]] = {}
-    ratios = sorted(groups)
-    for k, ratio in enumerate(ratios):
-        group, shown = groups[ratio], matrix_runs(groups[ratio])
+    for ratio, group in groups.items():
+        shown = matrix_runs(group)
         found = [(a, b) for a in shown for b in shown if a is not b]
         found += [(a, b) for a in group for b in _seed_mates(a, group)]
-        if k + 1 < len(ratios):
-            found += list(_next_ratio_partners(group, groups[ratios[k + 1]]))
+        found += list(_next_ratio_partners(group, larger[ratio]))
         for a, b in found:
             out.setdefault(frozenset((a.run_id, b.run_id)), (a, b))
     return list(out.values())

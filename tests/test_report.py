@@ -226,6 +226,26 @@ def test_mmcs_values_leave_the_tables_once_another_run_finishes(sweep_copy):
     assert len(mmcs_columns()) == len(before) + 1
 
 
+def test_mmcs_next_ratio_is_of_the_next_ratio_of_the_sweep_not_of_its_finished_runs(sweep_copy):
+    """A ratio between 1 and 2 none of whose runs has finished (failed, or still training):
+    the ratio-1 runs get no mmcs_next_ratio yet (they were paired with ratio 2, two ratios
+    up, under the name "next larger ratio"); ratio 2's own values are as before."""
+    before = {r.run_id: r for r in SweepFolder(sweep_copy).read_runs()}
+    manifest = read_json(sweep_copy / "manifest.json")
+    point = {**manifest["runs"]["r1-l1_1e-01-s0"], "dict_ratio": 1.5, "dict_size": 24}
+    manifest["runs"]["r1.5-l1_1e-01-s0"] = {**point, "run_id": "r1.5-l1_1e-01-s0"}
+    (sweep_copy / "manifest.json").write_text(json.dumps(manifest))
+    records = SweepFolder(sweep_copy).read_runs()
+    assert {r.run_id: r.state for r in records}["r1.5-l1_1e-01-s0"] == "pending"
+    cross = crossdict.compute(records, torch.device("cpu"))
+    whole = crossdict.compute(list(before.values()), torch.device("cpu"))
+    for rid, values in cross.per_run.items():
+        if rid.startswith("r1-"):
+            assert "mmcs_next_ratio" not in values and "mmcs_seeds" in values
+        else:
+            assert values == whole.per_run[rid]
+
+
 def test_a_report_never_pairs_a_run_that_is_no_longer_finished(sweep_copy):
     """A report's MMCS values are its own: one recorded by an earlier report, against a run
     whose weights have since gone, is not shown (its DONE still stamps it finished)."""
