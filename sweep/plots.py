@@ -164,9 +164,18 @@ def _fit_ylim(ax, values: list[float], min_span: float = 0.05) -> None:
 def frontier(rows: list[dict], path: Path) -> Path:
     """FVU (log) against L0 (log): one colour per dict ratio, marker size/shade by the knob
     (L1 or k), Pareto line."""
+    fig = frontier_figure(rows)
+    if fig is None:
+        return placeholder(path, "FVU vs L0", "no finished runs with L0 > 0 yet")
+    return _save(fig, path)
+
+
+def frontier_figure(rows: list[dict]) -> Figure | None:
+    """:func:`frontier`'s figure (None: no run to draw): each ratio's runs joined in knob
+    order, a line per seed."""
     pts = frontier_candidates(rows)
     if not pts:
-        return placeholder(path, "FVU vs L0", "no finished runs with L0 > 0 yet")
+        return None
     name = sweep_knob(pts)
     fig, (ax,) = _figure()
     colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
@@ -174,9 +183,10 @@ def frontier(rows: list[dict], path: Path) -> Path:
     rank = {v: i / (len(values) - 1) if len(values) > 1 else 1.0 for i, v in enumerate(values)}
     for ratio, color in colors.items():
         mine = sorted((r for r in pts if r["dict_ratio"] == ratio), key=knob_value)
-        ax.plot(
-            [r["l0"] for r in mine], [r["fvu"] for r in mine], "-", color=color, alpha=0.35, lw=1
-        )
+        for seed in sorted({r.get("seed") or 0 for r in mine}):  # (a line per seed: not a
+            line = [r for r in mine if (r.get("seed") or 0) == seed]  # zigzag through them)
+            ax.plot([r["l0"] for r in line], [r["fvu"] for r in line], "-", color=color,
+                    alpha=0.35, lw=1)  # fmt: skip
         for r in mine:
             ax.scatter(
                 r["l0"],
@@ -203,7 +213,7 @@ def frontier(rows: list[dict], path: Path) -> Path:
     label = KNOB_NAMES[name]
     ax.set_title(f"Sparsity vs reconstruction (labels: {label}; larger, darker = larger {label})")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def _frontier_axes(ax) -> None:

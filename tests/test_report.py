@@ -91,6 +91,22 @@ def test_pareto_frontier():
     assert runfacts.pareto(pts) == [(0.5, 1.0), (1, 0.9), (2, 0.5), (4, 0.2)]
 
 
+def test_the_frontier_joins_each_ratios_runs_in_knob_order_a_line_per_seed(finished):
+    """Two seeds of 3 L1 values a ratio: two lines of 3 points each (one line through all
+    six, sorted by L1 alone, zigzagged between the seeds)."""
+    rows = [r.row() for r in SweepFolder(finished).read_runs()]
+    ax = plots.frontier_figure(rows).axes[0]
+    lines = [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    assert len(lines) == 2 * 2 and all(len(ln.get_xdata()) == 3 for ln in lines)
+    for ln in lines:
+        (run,) = [r for r in rows if r["l0"] == ln.get_xdata()[0]]
+        mine = sorted(
+            (r for r in rows if (r["dict_ratio"], r["seed"]) == (run["dict_ratio"], run["seed"])),
+            key=lambda r: r["l1"],
+        )
+        assert list(ln.get_xdata()) == [r["l0"] for r in mine]
+
+
 def test_report_on_finished_sweep(sweep_copy, capsys):
     assert main(["report", str(sweep_copy), "--no-wandb"]) == 0
     out = capsys.readouterr().out
