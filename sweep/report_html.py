@@ -190,9 +190,9 @@ def _head(page: Page) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>sweep report: {_e(page.sweep_dir.name)}</title>
+<title>sweep report: {_e(page.sweep_dir.resolve().name)}</title>
 <style>{CSS}</style></head><body>
-<h1>sweep report: {_e(page.sweep_dir.name)}</h1>
+<h1>sweep report: {_e(page.sweep_dir.resolve().name)}</h1>
 <p class="meta">{_e(page.sweep_dir)} &middot; {_runs(len(page.rows))} ({_e(counts)}) &middot;
 generated {time.strftime("%Y-%m-%d %H:%M:%S")} &middot; data: {data} &middot;
 <a href="#runs">runs</a> &middot; <a href="#definitions">definitions</a> &middot;

@@ -107,6 +107,15 @@ def test_the_frontier_joins_each_ratios_runs_in_knob_order_a_line_per_seed(finis
         assert list(ln.get_xdata()) == [r["l0"] for r in mine]
 
 
+def test_a_report_of_the_current_folder_names_it(sweep_copy, monkeypatch):
+    """``cd SWEEP_DIR && sweep report .``: the page is titled with the folder's name (it
+    was empty: the name of '.')."""
+    monkeypatch.chdir(sweep_copy)
+    assert main(["report", ".", "--no-wandb"]) == 0
+    page = (sweep_copy / "report" / "index.html").read_text()
+    assert "<title>sweep report: sweep</title>" in page and "<h1>sweep report: sweep</h1>" in page
+
+
 def test_report_on_finished_sweep(sweep_copy, capsys):
     assert main(["report", str(sweep_copy), "--no-wandb"]) == 0
     out = capsys.readouterr().out
