@@ -175,13 +175,23 @@ def _ended(folder: SweepFolder, held: dict, taken: dict | None) -> str:
     if activity(held) == "evaluating":
         return f"it stopped; 'sweep evaluate {path}' evaluates the runs it did not reach"
     if not taken.get("training"):
-        return f"it stopped before training began; re-run its command (or 'sweep resume {path}')"
+        resume = f" (or 'sweep resume {path}')" if _config_saved(folder) else ""
+        return f"it stopped before training began; re-run its command{resume}"
     if state == "done":
         return "every run had finished before it stopped: the sweep is done"
     return (
         f"it stopped, its running ensembles checkpointed; re-run its command (or "
         f"'sweep resume {path}') to continue"
     )
+
+
+def _config_saved(folder: SweepFolder) -> bool:
+    """Whether the sweep's config.yaml is there (``sweep resume`` needs it: a sweep stopped
+    while its first store was made has none yet)."""
+    try:
+        return folder.load_config() is not None
+    except SweepError:
+        return False
 
 
 def _recorded(folder: SweepFolder) -> tuple[str | None, str]:

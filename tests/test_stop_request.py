@@ -143,6 +143,18 @@ def test_a_driver_that_ended_before_it_took_the_request_is_said_so(tmp_path):
     assert said == "it ended before it took the request; the sweep is done"
 
 
+def test_a_sweep_stopped_before_its_config_was_saved_is_not_told_to_resume(tmp_path):
+    """Stopped while its first store is made, a sweep has no config.yaml: 'sweep resume'
+    would fail ("before it planned any run"), so only its command is named."""
+    sw = _sweep(tmp_path, state="starting")
+    held = {"host": "h", "pid": 1, "started": 1.0, "doing": "training"}
+    said = stop_request._ended(SweepFolder(sw), held, {"training": False})
+    assert said == "it stopped before training began; re-run its command"
+    (sw / "config.yaml").write_text("sweep_dir: sw\n")  # (a sweep run before)
+    said = stop_request._ended(SweepFolder(sw), held, {"training": False})
+    assert said == f"it stopped before training began; re-run its command (or 'sweep resume {sw}')"
+
+
 def test_a_request_to_a_driver_a_signal_stops_already_sends_no_second_one(tmp_path):
     """(A second signal would stop the driver's wait for the checkpoints.)"""
     sw = _sweep(tmp_path)
