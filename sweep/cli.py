@@ -440,7 +440,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             status.print_status(Path(args.sweep_dir), args.state)
     except (Preparing, StoppedPreparing) as err:  # (a state, not a wrong folder)
-        print(json.dumps(status.no_runs_yet(args.sweep_dir, err)) if args.json else err)
+        print(json.dumps(status.no_runs_yet(args.sweep_dir, err), indent=1) if args.json else err)
     return 0
 
 

@@ -178,7 +178,11 @@ def no_runs_yet(sweep_dir: str, err: SweepError) -> dict:
 
     activity = "starting" if isinstance(err, Preparing) else "stopped"
     counts = {"states": {}, "total_runs": 0, "rows_trained": 0, "rows_total": 0}
-    return {"sweep_dir": sweep_dir, "activity": activity, "note": str(err), "runs": [], **counts}
+    rest = {"pace": None, "member_limits": {}}  # (every key status_facts has)
+    return {
+        "sweep_dir": sweep_dir, "activity": activity, "note": str(err), "runs": [], **counts,
+        **rest,
+    }  # fmt: skip
 
 
 def status_json(sweep_dir: Path, states: Collection[str] = ()) -> str:

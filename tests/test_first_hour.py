@@ -604,6 +604,7 @@ def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
     """A harvest can take hours before a sweep plans its runs: status says what it is doing
     (exit 0), and once stopped there, status (exit 0) and resume (exit 2) say how to continue."""
     from sweep.lock import SweepLock
+    from sweep.status import status_facts
 
     sw = tmp_path / "sw"
     (sw / "store").mkdir(parents=True)
@@ -616,6 +617,10 @@ def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
         assert main(["status", str(sw), "--json"]) == 0
         said = json.loads(capsys.readouterr().out)
         assert said["activity"] == "starting" and said["runs"] == []
+        planned = tmp_path / "planned"  # (a sweep that has planned: the same keys)
+        planned.mkdir()
+        (planned / "manifest.json").write_text(json.dumps({"state": "running", "runs": {}}))
+        assert set(said) == set(status_facts(planned))
         assert "its sweep is starting: preparing its data (store: 3 chunks so far)" in said["note"]
     (sw / "sweep.log").write_text("INFO sweep.driver: harvesting\n")
     for argv, code in ((["status", str(sw)], 0), (["resume", str(sw)], 2)):
