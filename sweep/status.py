@@ -130,7 +130,7 @@ def _activity(sweep_dir: Path, rows: list[dict]) -> tuple[str, str | None]:
     if lost:
         return "incomplete", (
             f"done when its last driver ended, but {len(lost)} run(s) are no longer finished: "
-            "re-run its command to train them again"
+            "re-run its command to finish them (each one's note says how)"
         )
     return "done", (
         f"its last grid was done when its driver ended; {len(undone)} run(s) outside that grid "

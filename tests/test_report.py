@@ -411,7 +411,10 @@ def test_terminal_table_says_why_a_run_is_not_done(sweep_copy, capsys, caplog):
     )
     assert main(["status", str(sweep_copy)]) == 0
     title = " ".join(capsys.readouterr().out.split())
-    assert "(done when its last driver ended, but 1 run(s) are no longer finished: re-run" in title
+    assert (
+        "(done when its last driver ended, but 1 run(s) are no longer finished: re-run its" in title
+    )
+    assert "command to finish them (each one's note says how)" in title
     assert main(["status", str(sweep_copy), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["activity"] == "incomplete"
     metrics = rundir.run_dir(sweep_copy, "r1-l1_1e-02-s0") / rundir.METRICS
