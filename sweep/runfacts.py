@@ -33,9 +33,11 @@ def frontier_candidates(rows: list[dict]) -> list[dict]:
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points (l0, fvu) not dominated by any other (lower or equal l0 and lower fvu), by l0."""
+    """Points (l0, fvu) not dominated by any other (lower or equal l0 and lower fvu), by l0,
+    nor by the empty dictionary that predicts the mean (l0 0, fvu 1): a run reconstructing
+    no better than that is never a best run."""
     front: list[tuple[float, float]] = []
-    for x, y in sorted(points, key=lambda p: (p[0], p[1])):
+    for x, y in sorted((p for p in points if p[1] < 1), key=lambda p: (p[0], p[1])):
         if not front or y < front[-1][1]:
             front.append((x, y))
     return front

@@ -87,8 +87,10 @@ def test_max_cos_both_matches_reference():
 
 
 def test_pareto_frontier():
-    pts = [(1, 0.9), (2, 0.5), (3, 0.6), (4, 0.2), (5, 0.2), (0.5, 1.0)]
-    assert runfacts.pareto(pts) == [(0.5, 1.0), (1, 0.9), (2, 0.5), (4, 0.2)]
+    pts = [(1, 0.9), (2, 0.5), (3, 0.6), (4, 0.2), (5, 0.2), (0.7, 0.95)]
+    assert runfacts.pareto(pts) == [(0.7, 0.95), (1, 0.9), (2, 0.5), (4, 0.2)]
+    # no better than the mean (FVU >= 1): dominated by the empty dictionary, never on it
+    assert runfacts.pareto([*pts, (0.5, 1.0), (0.1, 1.3)]) == runfacts.pareto(pts)
 
 
 def test_the_frontier_joins_each_ratios_runs_in_knob_order_a_line_per_seed(finished):
