@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from sweep import gpuinfo
+from sweep import gpuinfo, reaper
 from sweep.cluster import PRIVATE, check_reachable, join_failed_hint, refuse_private, resolve
 from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import host_memory_bytes, release_device_memory
@@ -34,7 +34,7 @@ from sweep.errors import SweepError, first_line, task_error_reason
 from sweep.gpuinfo import GpuInfo
 from sweep.io import cpu_count
 from sweep.logger import WANDB_THREAD
-from sweep.stop import StopWatch, exit_now, quietly
+from sweep.stop import StopWatch, at_exit_now, exit_now, quietly
 
 log = logging.getLogger(__name__)
 
@@ -203,21 +203,24 @@ def ray_session(
 
     owns = not ray.is_initialized()
     session = None
-    if owns:
-        handlers = _current_handlers()
-        _start_ray(lc)
-        _keep_handlers(handlers)  # (a Ray whose hooks _signals_stay_ours cannot hold off)
-        session = None if lc.address else _session_dir()
-    try:
-        yield owns
-    except BaseException:
-        session = None  # (its logs may say why)
-        raise
-    finally:
+    with contextlib.ExitStack() as stack:
+        if owns and not lc.address:  # a signal before training exits at once: Ray's agents too
+            stack.enter_context(at_exit_now(lambda _line: reaper.end_own_session(lc.temp_dir)))
         if owns:
-            shutdown_ray(stop_wait())
-        if session is not None and went_well():
-            shutil.rmtree(session, ignore_errors=True)
+            handlers = _current_handlers()
+            _start_ray(lc)
+            _keep_handlers(handlers)  # (a Ray whose hooks _signals_stay_ours cannot hold off)
+            session = None if lc.address else _session_dir()
+        try:
+            yield owns
+        except BaseException:
+            session = None  # (its logs may say why)
+            raise
+        finally:
+            if owns:
+                shutdown_ray(stop_wait())
+            if session is not None and went_well():
+                shutil.rmtree(session, ignore_errors=True)
 
 
 def _session_dir() -> Path | None:

@@ -6,7 +6,9 @@ stay, re-parented to init, about 170 MB each pair, until the machine reboots (me
 Ray 2.60). The next driver of the same sweep takes over the dead one's stale lock, which
 names its host and pid; Ray's session folder ends with that pid (``session_<time>_<pid>``),
 and each agent keeps its logs there open. Those processes of this user, and only those, are
-ended before the new driver starts its Ray. Linux only (``/proc``); elsewhere nothing is done.
+ended before the new driver starts its Ray. A driver that exits at once on a signal before
+training (while Ray starts, or plans) ends its own session's agents itself
+(:func:`end_own_session`). Linux only (``/proc``); elsewhere nothing is done.
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     )
     _end(left)
     return len(left)
+
+
+def end_own_session(temp_dir: str | None) -> None:
+    """At an immediate exit (a signal before training: :func:`sweep.stop.exit_now`), SIGKILL
+    the Ray processes (``ray::...``) holding this process's own Ray session open: its agents
+    would outlive it (its raylet and GCS end with it); they ignore SIGTERM. Plain ``os``
+    calls, no logging: it runs in a signal handler."""
+    if not Path("/proc").is_dir():
+        return
+    for session in ray_temp_root(temp_dir).glob(f"session_*_{os.getpid()}"):
+        for pid in holding(session):
+            _signal(pid, signal.SIGKILL)
 
 
 RAY = b"ray::"

@@ -372,6 +372,24 @@ def test_a_stop_while_an_ensemble_is_evaluated_says_its_training_is_saved(
     _resume_and_compare(sw, rt, reference)
 
 
+def test_a_stop_before_training_leaves_none_of_rays_processes(tmp_path, tmp_path_factory):
+    """A signal while the driver's Ray is up but nothing trains yet (planning) exits at once
+    (exit_now): Ray's dashboard and runtime-env agents outlived it, re-parented to init,
+    ~170 MB for good (its raylet and GCS end with it). They are ended as it exits."""
+    from sweep import reaper
+
+    sw, rt, mark = tmp_path / "sw", tmp_path_factory.getbasetemp() / "pl", tmp_path / "planning"
+    hook = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_PLAN_SLEEP": f"60:{mark}"}
+    p = start(sw, rt, environ=hook)
+    wait_for(mark.exists, p)
+    (session,) = rt.glob(f"session_*_{p.pid}")
+    wait_for(lambda: len(reaper.holding(session)) >= 2, p)  # (its agents are up)
+    os.kill(p.pid, signal.SIGTERM)
+    code, out = finish(p)
+    assert code == 143 and "interrupted: stopped by SIGTERM; nothing was lost" in out, out
+    wait_for(lambda: not reaper.holding(session), timeout=15)
+
+
 def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
     p = start(sw, rt, "launch.max_retries=0")

@@ -16,7 +16,9 @@ variable is set, and a module is patched when it is first imported, not before:
   enough for a stop asked from another process to land in training);
 - ``SWEEP_TEST_EVAL_SLEEP`` (``SECONDS:FILE``): evaluating touches FILE, then takes that many
   seconds more (a stop landing while an ensemble is evaluated);
-- ``SWEEP_TEST_STOP_GRACE``: the driver waits that many seconds for a stop's checkpoints.
+- ``SWEEP_TEST_STOP_GRACE``: the driver waits that many seconds for a stop's checkpoints;
+- ``SWEEP_TEST_PLAN_SLEEP`` (``SECONDS:FILE``): the driver, its Ray started, touches FILE as
+  it plans, then takes that many seconds more (a stop landing before training).
 """
 
 from __future__ import annotations
@@ -95,6 +97,21 @@ def _stop_grace(module) -> None:
     module.STOP_GRACE = float(os.environ["SWEEP_TEST_STOP_GRACE"])
 
 
+def _slow_plan(module) -> None:
+    import pathlib
+    import time
+
+    pause, mark = os.environ["SWEEP_TEST_PLAN_SLEEP"].split(":", 1)
+    real = module.plan_for
+
+    def plan_for(*args, **kw):
+        pathlib.Path(mark).touch()
+        time.sleep(float(pause))
+        return real(*args, **kw)
+
+    module.plan_for = plan_for
+
+
 def _raising_finish(module) -> None:
     run_id, real = os.environ["SWEEP_TEST_FINISH_RAISES"], module.RunFolder.finish
 
@@ -118,6 +135,7 @@ PATCHES = [
     ("sweep.metrics", "SWEEP_TEST_EVAL_RAISES", _raising_metrics),
     ("sweep.metrics", "SWEEP_TEST_EVAL_SLEEP", _slow_metrics),
     ("sweep.execution", "SWEEP_TEST_STOP_GRACE", _stop_grace),
+    ("sweep.driver", "SWEEP_TEST_PLAN_SLEEP", _slow_plan),
     ("sweep.gpuinfo", "SWEEP_TEST_NODE_CUDA", _gpuinfo),
     ("sweep.rundir", "SWEEP_TEST_FINISH_RAISES", _raising_finish),
 ]
