@@ -23,12 +23,13 @@ class RunDirError(SweepError):
 
 
 class OutOfMemory(SweepError):
-    """An ensemble's allocation did not fit (``where``: ``"host"`` or ``"device"``); its
-    checkpoints are kept. The driver reads ``where`` to continue it smaller."""
+    """An ensemble's allocation did not fit (``where``: ``"host"`` or ``"device"``;
+    ``evaluating``: while its members were evaluated, not trained); its checkpoints are kept.
+    The driver reads them to continue it smaller."""
 
-    def __init__(self, message: str, where: str) -> None:
+    def __init__(self, message: str, where: str, evaluating: bool = False) -> None:
         super().__init__(message)
-        self.where = where
+        self.where, self.evaluating = where, evaluating
 
     def __reduce__(self) -> tuple:  # (raised in a Ray task, read in the driver)
         return type(self), (str(self), self.where), self.__dict__

@@ -361,18 +361,20 @@ class Execution:
             return True
         if len(ens.members) < 2:
             return False
-        self._split(ens, share)
+        self._split(ens, share, learn=not (ens.evaluate or cause.evaluating))
         return True
 
-    def _split(self, ens: EnsembleSpec, share: float) -> None:
+    def _split(self, ens: EnsembleSpec, share: float, learn: bool) -> None:
         """``ens`` in two halves, each on the share the whole had (so they never run side by
-        side on it); for training, the limit recorded for later plans of this sweep
-        (evaluation's memory is not training's: nothing to learn from it)."""
+        side on it); ``learn``: it ran out while training, and the limit is recorded for
+        later plans of this sweep (evaluation's memory is not training's: nothing to learn
+        from it)."""
         parts = planning.halves(ens, taken=self._ensemble_ids())
         ensemble_of = {m.run_id: p.ensemble_id for p in parts for m in p.members}
         try:
-            if not ens.evaluate:
+            if learn:
                 self.folder.record_member_limit(ens.dict_ratio, len(parts[0].members))
+            if not ens.evaluate:
                 specs = [m.as_dict() for m in ens.members]
                 self.folder.write_manifest(specs, ensemble_of, self.store)
         except (OSError, SweepError) as err:  # the halves still train; a re-run re-learns it
@@ -382,10 +384,10 @@ class Execution:
             event.update(members=len(ens.members), continues_in=ensemble_of[m.run_id])
             quietly(lambda m=m, e=event: self.folder.run(m.run_id).append_event(e))
         named, n = " and ".join(p.ensemble_id for p in parts), len(ens.members)
-        if ens.evaluate:
+        if not learn:
             log.warning(
-                "ensemble %s ran out of GPU memory with %d members: it is evaluated as %s",
-                ens.ensemble_id, n, named,
+                "ensemble %s ran out of GPU memory with %d members while evaluated: it is "
+                "evaluated as %s", ens.ensemble_id, n, named,
             )  # fmt: skip
         else:
             log.warning(

@@ -129,6 +129,8 @@ class _Attempt:
         self.writer = CheckpointWriter(self.folders)
         self.timings: dict[str, float] = {"checkpoint": 0.0, "checkpoints": 0}
         self.attempt = 1
+        self.evaluating = False
+        """Training ended: its members are being evaluated."""
 
     def start(self) -> None:
         """Record every member's spec and this attempt's placement."""
@@ -295,6 +297,7 @@ def _train_and_finish(
     # file (a failure while evaluating waits for it too, in train_ensemble's writer.close),
     # so a retry resumes here, not earlier
     at.checkpoint(r, last=True)
+    at.evaluating = True
     t1 = time.perf_counter()
     r.ens.release_training_state()  # the device memory goes to the evaluation
     at.stream.release()
@@ -309,10 +312,14 @@ def _train_and_finish(
 
 
 @contextmanager
-def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[None]:
+def _out_of_memory_named(
+    job: EnsembleJob, device: torch.device, evaluating: Callable[[], bool] = lambda: True
+) -> Iterator[None]:
     """An allocation that does not fit becomes :class:`OutOfMemory`: one line naming the
     ensemble and the fix, for the driver to act on (a GPU of its own, or halves: see
-    ``sweep.execution.Execution._continue_smaller``) or to report. The checkpoints already written stay."""
+    ``sweep.execution.Execution._continue_smaller``) or to report; ``evaluating()`` says
+    whether the members were being evaluated (training's limit is not learnt from that).
+    The checkpoints already written stay."""
     try:
         yield
     except Exception as err:
@@ -335,9 +342,10 @@ def _out_of_memory_named(job: EnsembleJob, device: torch.device) -> Iterator[Non
         raise OutOfMemory(
             f"ensemble {ens.ensemble_id} ({n} member(s) of {run.width}x{ens.dict_size}, batch "
             f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu')}) ran out of "
-            f"{'host memory' if kind == 'host' else f'memory on {device}'}: {fix}; its "
-            "checkpoints are kept",
+            f"{'host memory' if kind == 'host' else f'memory on {device}'}"
+            f"{' while evaluated' if evaluating() else ''}: {fix}; its checkpoints are kept",
             kind,
+            evaluating(),
         ) from err
 
 
@@ -404,7 +412,7 @@ def train_ensemble(
     if use_compile(job.train, at.device):
         forget_compiled()
     at.start()
-    with _out_of_memory_named(job, at.device):
+    with _out_of_memory_named(job, at.device, lambda: at.evaluating):
         r = at.restore()
         resumed_from = r.step
         at.timings["restore"] = time.perf_counter() - t0

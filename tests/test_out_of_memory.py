@@ -85,10 +85,32 @@ def test_an_evaluation_out_of_gpu_memory_is_evaluated_in_halves(tmp_path, tmp_pa
     done = subprocess.run(cmd, env=env(**hook), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     said = (sw / "sweep.log").read_text()
-    assert said.count("ran out of GPU memory with 2 members: it is evaluated as") == 2, said
+    assert said.count("ran out of GPU memory with 2 members while evaluated: it is") == 2, said
     assert {r.name: read_json(r / "metrics.json") for r in (sw / "runs").iterdir()} == trained
     after = read_json(sw / MANIFEST)
     assert "member_limits" not in after and after["runs"] == manifest["runs"]
+
+
+def test_a_run_out_of_gpu_memory_while_evaluated_teaches_no_training_limit(
+    tmp_path, tmp_path_factory
+):
+    """A training ensemble that runs out of GPU memory only once training ended, evaluating
+    its members, is evaluated on a GPU of its own, then in halves, and finishes; the sweep
+    learns no member limit from it (later ensembles of its ratios were split for nothing,
+    and on a GPU a partly trained one resumed in halves was no longer bit-identical)."""
+    sw = tmp_path / "sw"
+    hook = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_OOM_EVAL_ABOVE": "1"}
+    shared = ["launch.num_gpus=1", "launch.gpus_per_ensemble=0.5", "train.device=auto"]
+    code, out = finish(
+        start(sw, tmp_path_factory.getbasetemp() / "oom-tr-ev", *shared, "train.epochs=1",
+              environ=hook), timeout=400,
+    )  # fmt: skip
+    assert code == 0, out
+    said = (sw / "sweep.log").read_text()
+    assert said.count("ran out of GPU memory with 2 members while evaluated: it is") == 2, said
+    manifest = read_json(sw / MANIFEST)
+    assert "member_limits" not in manifest and manifest["state"] == "done"
+    assert all((run / "DONE").is_file() for run in (sw / "runs").iterdir())
 
 
 def test_an_ensemble_split_after_running_out_keeps_the_commands_grid(tiny_store, tmp_path):
