@@ -77,6 +77,19 @@ def holder_alive(info: dict, path: Path) -> bool:
     return fresh or same_process(pid, float(info.get("started", 0.0)))
 
 
+def _doubtful(held: dict, path: Path, host: str) -> bool:
+    """Whether lock ``held`` may be a dead driver's though its heartbeat is fresh (see
+    :meth:`SweepLock._wait_while_doubtful`)."""
+    if held.get("host") != host:
+        return True
+    pid, started = held.get("pid"), held.get("started")
+    if not isinstance(pid, int) or pid == os.getpid() or not pid_alive(pid) or _copied(held, path):
+        return False  # (taken over, or refused, at once)
+    if not isinstance(started, (int, float)) or started <= 0:
+        return False  # (when it began is unknown: a live driver's, as its heartbeat says)
+    return not same_process(pid, float(started))
+
+
 def same_process(pid: int, started: float) -> bool:
     """Whether process ``pid`` of this host is alive and had begun by ``started`` (when it
     wrote a record; a pid reused since belongs to a process that began later)."""
@@ -169,7 +182,7 @@ class SweepLock:
 
     def __enter__(self) -> SweepLock:
         self.info["folder"] = folder_id(self.path.parent)
-        self._wait_for_another_host()
+        self._wait_while_doubtful()
         with _guard(self.path.parent / LOCK_GUARD):
             held = read_lock(self.path.parent)
             if held is not None and holder_alive(held, self.path) and not self._own_stale(held):
@@ -194,21 +207,24 @@ class SweepLock:
         mine = held.get("host") == self.info["host"] and held.get("pid") == self.info["pid"]
         return mine and self.path not in _HELD
 
-    def _wait_for_another_host(self) -> None:
-        """A lock from another host whose heartbeat is fresh may be a driver that just died
-        there (a SLURM job re-queued on another node): wait until it goes stale (at most
-        :data:`STALE_AFTER` s) rather than fail; one still fresh after that is refused."""
+    def _wait_while_doubtful(self) -> None:
+        """A lock whose heartbeat is fresh may be a driver that just died: from another host
+        (a SLURM job re-queued on another node), or on this one with its pid taken since by
+        a process that began after the lock (a job re-queued in a container gets the same
+        small pids; a clock stepped forward since the driver began looks the same, so the
+        heartbeat decides). Wait until it goes stale (at most :data:`STALE_AFTER` s) rather
+        than fail; one still fresh after that is refused."""
         held = read_lock(self.path.parent)
-        if held is None or held.get("host") == self.info["host"]:
+        if held is None or not _doubtful(held, self.path, self.info["host"]):
             return
         deadline, said = time.monotonic() + STALE_AFTER + 5.0, False
         while time.monotonic() < deadline and holder_alive(held, self.path):
             if not said:
                 said = True
                 log.warning(
-                    "sweep %s is locked by a driver on %s whose heartbeat is fresh; waiting up "
+                    "sweep %s is locked by pid %s on %s, whose heartbeat is fresh; waiting up "
                     "to %.0f s for it to end or go stale (a driver that died leaves it stale)",
-                    self.path.parent, held.get("host"), STALE_AFTER,
+                    self.path.parent, held.get("pid"), held.get("host"), STALE_AFTER,
                 )  # fmt: skip
             time.sleep(2.0)
             held = read_lock(self.path.parent)

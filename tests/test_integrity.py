@@ -461,6 +461,34 @@ def test_a_fresh_lock_of_another_host_is_waited_for_until_stale(tmp_path, monkey
         assert "taking over a stale lock left by pid 4321 on another-node" in caplog.text
 
 
+def test_a_fresh_lock_whose_pid_began_after_it_is_waited_for_until_stale(
+    tmp_path, monkeypatch, caplog
+):
+    """A driver just killed in a container, the job re-queued at once: its pid (small, as
+    every container's) belongs to a process that began after the lock, whose heartbeat is
+    still fresh. The new driver waits for it to go stale, then takes over (it failed with
+    "being run by pid N" for the heartbeat's two minutes)."""
+    import subprocess
+
+    if lock_module._began_at(os.getpid()) is None:
+        pytest.skip("no /proc here: a live pid holds its lock")
+    monkeypatch.setattr(lock_module, "STALE_AFTER", 3.0)
+    other = subprocess.Popen(["sleep", "60"])  # (began now: after the lock below)
+    try:
+        info = {"host": socket.gethostname(), "pid": other.pid, "started": time.time() - 600}
+        (tmp_path / ".lock").write_text(json.dumps(info))
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
+            assert 1.0 < time.monotonic() - t0 < 10.0
+            assert f"locked by pid {other.pid} on {socket.gethostname()}, whose heartbeat" in (
+                caplog.text
+            )
+            assert "taking over a stale lock" in caplog.text
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_lock_removed_while_its_driver_runs_is_written_again(tmp_path, caplog):
     """Removed by hand (thought stale), the lock comes back at the next heartbeat instead of
     the driver dying on it (a stop without checkpoints) or another driver starting."""
