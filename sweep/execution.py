@@ -257,12 +257,16 @@ class Execution:
                 self.outcome.unsaved.add(ens.ensemble_id)
             self._mark_interrupted([ens], warn=False)  # (said just now)
         elif not self._continue_smaller(ens, fin.cause):
-            self.outcome.failures.append(f"{ens.ensemble_id}: {fin.error}")
-            for m in ens.members if ens.evaluate != "all" else ():  # (those stay final)
-                quietly(lambda m=m: self._mark_failed(m.run_id, fin.error))
-            log.error("ensemble %s failed: %s", ens.ensemble_id, fin.error)
+            self._failed(ens, fin.error)
         if fin.detail:
             details.error("ensemble %s: what its task raised:\n%s", ens.ensemble_id, fin.detail)
+
+    def _failed(self, ens: EnsembleSpec, reason: str) -> None:
+        """The ensemble failed for good in this sweep: said, counted, its runs marked."""
+        self.outcome.failures.append(f"{ens.ensemble_id}: {reason}")
+        for m in ens.members if ens.evaluate != "all" else ():  # (those stay final)
+            quietly(lambda m=m: self._mark_failed(m.run_id, reason))
+        log.error("ensemble %s failed: %s", ens.ensemble_id, reason)
 
     def _mark_failed(self, run_id: str, reason: str) -> None:
         """A member of a failed ensemble is failed, unless it finished before the failure
@@ -340,7 +344,7 @@ class Execution:
             )  # fmt: skip
             self._submit({ens: self.shares[ens]})
             return
-        self.outcome.failures.append(f"{ens.ensemble_id}: {reason}")
+        self._failed(ens, reason)
 
     def _continue_smaller(self, ens: EnsembleSpec, cause: BaseException | None) -> bool:
         """An ensemble that ran out of GPU memory continues from its checkpoints in this sweep

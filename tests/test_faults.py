@@ -353,6 +353,25 @@ def test_a_stop_says_which_ensembles_did_not_checkpoint_for_it(tmp_path, tmp_pat
     assert "the others: running ensembles checkpointed" in out
 
 
+def test_a_worker_stopped_alone_past_its_retries_fails_its_runs(
+    reference, tmp_path, tmp_path_factory
+):
+    """With no retry left, a worker stopped by a signal its driver did not send fails its
+    ensemble as a crashed one does: its runs are marked failed with the reason (they were
+    left interrupted, the sweep failed), and a re-run continues them from their checkpoint."""
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "ralone0"
+    p = start(sw, rt, "launch.max_retries=0")
+    wait_for(lambda: curve_len(sw) >= 10, p)
+    victim = sw / "runs" / "r8-l1_1e-02-s0"
+    os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGTERM)
+    code, out = finish(p)
+    assert code == 2 and "1 ensemble(s) failed (r8-e0: its worker was stopped by a" in out, out
+    for run in (victim, sw / "runs" / "r8-l1_4e-02-s0"):
+        reason = json.loads((run / "FAILED").read_text())["reason"]
+        assert reason.startswith("its worker was stopped by a signal this driver did not send")
+    _resume_and_compare(sw, rt, reference)
+
+
 def test_a_stop_while_an_ensemble_is_evaluated_says_its_training_is_saved(
     reference, tmp_path, tmp_path_factory
 ):
