@@ -294,8 +294,8 @@ class Execution:
                 "ensemble %s: left for the next run (the sweep was stopping when its task began)",
                 ens.ensemble_id,
             )
-            if self.outcome.signum and not self._all_checkpointed([ens]):  # (a Ray retry of a
-                self.outcome.unsaved.add(ens.ensemble_id)  # worker lost before it saved)
+            if self.outcome.signum:  # (a Ray retry of a worker lost, perhaps before it saved)
+                self._mark_interrupted([ens], warn=False)
             return
         states = "/".join(sorted(set(result.states.values())))
         if result.evaluated:

@@ -351,6 +351,10 @@ def test_a_stop_says_which_ensembles_did_not_checkpoint_for_it(tmp_path, tmp_pat
     assert code == 143, out
     assert "1 ensemble(s) (r8-e0) did not checkpoint for the stop" in out, out
     assert "the others: running ensembles checkpointed" in out
+    from sweep.status import status_rows
+
+    states = {r["run_id"]: r["state"] for r in status_rows(sw)}
+    assert states["r8-l1_1e-02-s0"] == states["r8-l1_4e-02-s0"] == "interrupted", states
 
 
 def test_a_worker_stopped_alone_past_its_retries_fails_its_runs(
