@@ -177,7 +177,10 @@ class SweepLock:
         """The lock this one took over: a driver that died without releasing it."""
         self._last_beat = 0.0
         self._stop = threading.Event()
-        self._touching = threading.Lock()
+        self._touching = threading.RLock()
+        """Held while the heartbeat touches (or writes back) the lock, and while it is released:
+        a touch in flight never writes a released lock back. (Re-entrant: a signal's
+        immediate exit releases it from the main thread, which may be inside a touch.)"""
         self._warned = False
 
     def __enter__(self) -> SweepLock:
@@ -241,6 +244,8 @@ class SweepLock:
         """Refresh the heartbeat; a lock removed meanwhile (by hand, thought stale) is written
         again, as another driver could otherwise start on this sweep while this one runs."""
         with self._touching:
+            if self._stop.is_set():  # (released meanwhile)
+                return
             try:
                 os.utime(self.path)
             except FileNotFoundError:
@@ -291,7 +296,9 @@ class SweepLock:
     def release(self) -> None:
         """Stop the heartbeat; remove the lock if it is still ours."""
         self._stop.set()
-        _HELD.discard(self.path)
-        held = read_lock(self.path.parent)
-        if held and held.get("pid") == self.info["pid"] and held.get("host") == self.info["host"]:
-            self.path.unlink(missing_ok=True)
+        with self._touching:  # (a heartbeat in flight ends first; then it sees the stop)
+            _HELD.discard(self.path)
+            held = read_lock(self.path.parent)
+            mine = held and held.get("pid") == self.info["pid"]
+            if mine and held.get("host") == self.info["host"]:
+                self.path.unlink(missing_ok=True)

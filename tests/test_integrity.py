@@ -489,6 +489,33 @@ def test_a_fresh_lock_whose_pid_began_after_it_is_waited_for_until_stale(
         other.wait()
 
 
+def test_a_heartbeat_in_flight_as_the_lock_is_released_never_writes_it_back(tmp_path, monkeypatch):
+    """The heartbeat thread touching the lock while the driver releases it: the touch found
+    it gone and wrote it back (as it does a lock removed by hand), leaving a released sweep
+    locked by a process about to end."""
+    import threading
+
+    inside, go, real = threading.Event(), threading.Event(), os.utime
+
+    def slow_utime(path, *args, **kw):
+        inside.set()
+        go.wait(5)
+        return real(path, *args, **kw)
+
+    held = SweepLock(tmp_path).__enter__()
+    monkeypatch.setattr(lock_module.os, "utime", slow_utime)
+    touch = threading.Thread(target=held._touch)
+    touch.start()
+    assert inside.wait(5)
+    release = threading.Thread(target=held.release)
+    release.start()
+    time.sleep(0.2)  # (the release waits for the touch in flight)
+    go.set()
+    touch.join(5)
+    release.join(5)
+    assert not (tmp_path / ".lock").exists()
+
+
 def test_a_lock_removed_while_its_driver_runs_is_written_again(tmp_path, caplog):
     """Removed by hand (thought stale), the lock comes back at the next heartbeat instead of
     the driver dying on it (a stop without checkpoints) or another driver starting."""
