@@ -196,6 +196,15 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def json_dict(path: str | Path) -> dict:
+    """``path``'s JSON object; {} when missing, unreadable or not an object."""
+    try:
+        value = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def ensure_writable(folder: str | Path, what: str, fix: str = "choose another folder") -> Path:
     """Create ``folder`` if needed and prove we can write into it (else: ``fix``)."""
     folder = Path(folder)

@@ -364,11 +364,7 @@ def test_a_worker_stopped_alone_past_its_retries_fails_its_runs(
     ensemble as a crashed one does: its runs are marked failed with the reason (they were
     left interrupted, the sweep failed), and a re-run continues them from their checkpoint."""
     sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "ralone0"
-    p = start(sw, rt, "launch.max_retries=0")
-    wait_for(lambda: curve_len(sw) >= 10, p)
-    victim = sw / "runs" / "r8-l1_1e-02-s0"
-    os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGTERM)
-    code, out = finish(p)
+    victim, code, out = _worker_killed_without_retries(sw, rt, signal.SIGTERM)
     assert code == 2 and "1 ensemble(s) failed (r8-e0: its worker was stopped by a" in out, out
     for run in (victim, sw / "runs" / "r8-l1_4e-02-s0"):
         reason = json.loads((run / "FAILED").read_text())["reason"]
@@ -413,13 +409,21 @@ def test_a_stop_before_training_leaves_none_of_rays_processes(tmp_path, tmp_path
     wait_for(lambda: not reaper.holding(session), timeout=15)
 
 
-def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
-    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
+def _worker_killed_without_retries(
+    sw: Path, rt: Path, sig: signal.Signals
+) -> tuple[Path, int, str]:
+    """A sweep with ``launch.max_retries=0`` whose r8 worker gets ``sig`` at its 10th curve
+    record: (a run folder of that ensemble, the exit code, what the sweep printed)."""
     p = start(sw, rt, "launch.max_retries=0")
     wait_for(lambda: curve_len(sw) >= 10, p)
     victim = sw / "runs" / "r8-l1_1e-02-s0"
-    os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGKILL)
-    code, out = finish(p)
+    os.kill(json.loads((victim / "placement.json").read_text())["pid"], sig)
+    return victim, *finish(p)
+
+
+def test_worker_dead_after_last_retry_marks_runs_failed(reference, tmp_path, tmp_path_factory):
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rf"
+    _, code, out = _worker_killed_without_retries(sw, rt, signal.SIGKILL)
     assert code == 2, out
     assert "1 ensemble(s) failed" in out and "finished runs are kept" in out
     assert f"(Ray's logs: {rt}" in out  # where Ray's "python-core-worker-*.log files" are

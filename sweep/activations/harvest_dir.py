@@ -22,7 +22,14 @@ from sweep.activations.layout import chunk_files
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError
-from sweep.io import atomic_write_json, begun, ensure_writable, not_leftover, remove_stale_temps
+from sweep.io import (
+    atomic_write_json,
+    begun,
+    ensure_writable,
+    json_dict,
+    not_leftover,
+    remove_stale_temps,
+)
 
 if TYPE_CHECKING:
     from sweep.activations.harvest import HarvestPlan
@@ -39,11 +46,7 @@ damaged one is found and one made again from a changed dataset is refused) and `
 
 def stream_record(root: Path) -> dict:
     """:data:`STREAM_FILE`'s contents ({} when missing or unreadable)."""
-    try:
-        record = json.loads((root / STREAM_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return json_dict(root / STREAM_FILE)
 
 
 def record_stream(root: Path, **facts: str) -> None:

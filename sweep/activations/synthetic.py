@@ -42,7 +42,6 @@ generator (version, device, GPU model, algorithm).
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import math
 import os
@@ -75,6 +74,7 @@ from sweep.io import (
     atomic_write_json,
     begun,
     check_disk_space,
+    json_dict,
     remove_stale_temps,
 )
 from sweep.progress import progress_bar
@@ -439,11 +439,7 @@ def _blocks(rows: int, device: torch.device) -> list[tuple[int, int]]:
 
 def _begun_params(path: Path) -> dict:
     """What an incomplete store was begun with (``{}`` when its marker is damaged)."""
-    try:
-        old = json.loads((path / PARAMS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return old if isinstance(old, dict) else {}
+    return json_dict(path / PARAMS_FILE)
 
 
 def _differing(old: dict, new: dict) -> list[str]:

@@ -78,38 +78,29 @@ def _raising_metrics(module) -> None:
     module.evaluate_members = evaluate_members
 
 
-def _slow_metrics(module) -> None:
-    import pathlib
-    import time
+def _slowed(name: str, var: str):
+    """A patch making ``module.name`` touch FILE, then take SECONDS more (``var``:
+    ``SECONDS:FILE``)."""
 
-    pause, mark = os.environ["SWEEP_TEST_EVAL_SLEEP"].split(":", 1)
-    real = module.evaluate_members
+    def patch(module) -> None:
+        import pathlib
+        import time
 
-    def evaluate_members(*args, **kw):
-        pathlib.Path(mark).touch()
-        time.sleep(float(pause))
-        return real(*args, **kw)
+        pause, mark = os.environ[var].split(":", 1)
+        real = getattr(module, name)
 
-    module.evaluate_members = evaluate_members
+        def slowed(*args, **kw):
+            pathlib.Path(mark).touch()
+            time.sleep(float(pause))
+            return real(*args, **kw)
+
+        setattr(module, name, slowed)
+
+    return patch
 
 
 def _stop_grace(module) -> None:
     module.STOP_GRACE = float(os.environ["SWEEP_TEST_STOP_GRACE"])
-
-
-def _slow_plan(module) -> None:
-    import pathlib
-    import time
-
-    pause, mark = os.environ["SWEEP_TEST_PLAN_SLEEP"].split(":", 1)
-    real = module.plan_for
-
-    def plan_for(*args, **kw):
-        pathlib.Path(mark).touch()
-        time.sleep(float(pause))
-        return real(*args, **kw)
-
-    module.plan_for = plan_for
 
 
 def _raising_finish(module) -> None:
@@ -133,9 +124,13 @@ PATCHES = [
     ("sweep.ensemble", "SWEEP_TEST_STEP_SLEEP", _slow_steps),
     ("sweep.metrics", "SWEEP_TEST_OOM_EVAL_ABOVE", _metrics),
     ("sweep.metrics", "SWEEP_TEST_EVAL_RAISES", _raising_metrics),
-    ("sweep.metrics", "SWEEP_TEST_EVAL_SLEEP", _slow_metrics),
+    (
+        "sweep.metrics",
+        "SWEEP_TEST_EVAL_SLEEP",
+        _slowed("evaluate_members", "SWEEP_TEST_EVAL_SLEEP"),
+    ),
     ("sweep.execution", "SWEEP_TEST_STOP_GRACE", _stop_grace),
-    ("sweep.driver", "SWEEP_TEST_PLAN_SLEEP", _slow_plan),
+    ("sweep.driver", "SWEEP_TEST_PLAN_SLEEP", _slowed("plan_for", "SWEEP_TEST_PLAN_SLEEP")),
     ("sweep.gpuinfo", "SWEEP_TEST_NODE_CUDA", _gpuinfo),
     ("sweep.rundir", "SWEEP_TEST_FINISH_RAISES", _raising_finish),
 ]
