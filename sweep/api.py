@@ -113,7 +113,7 @@ class Sweep:
         where that store lies now, if it moved). Another store is refused."""
         folder = SweepFolder(self.path)
         recorded = folder.manifest().get("store") or {}
-        chunks = ChunkStore(self._store_path(store, recorded))
+        chunks = self._store(store, recorded)
         if recorded.get("id") not in (None, chunks.identity) or (
             recorded.get("width") not in (None, chunks.width)
         ):
@@ -123,8 +123,8 @@ class Sweep:
             )
         return chunks.tail_rows(_eval_rows(folder)).float().to(self.device)
 
-    def _store_path(self, store: str | Path | None, recorded: dict) -> Path:
-        """Where the sweep's store is: ``store``, else where it was recorded, else the sweep's
+    def _store(self, store: str | Path | None, recorded: dict) -> ChunkStore:
+        """The sweep's store: at ``store``, else where it was recorded, else in the sweep's
         own ``store/`` (a sweep folder moved with its store inside): the first of these that
         holds the recorded store (or, none does, the first that holds a store)."""
         if store is not None:
@@ -134,10 +134,11 @@ class Sweep:
             found.append(default_store_path(self.path))
         there = [path for path in found if (path / STORE_MANIFEST).is_file()]
         for path in there:
-            if recorded.get("id") in (None, ChunkStore(path).identity):
-                return path
-        if there:
-            return there[0]
+            chunks = ChunkStore(path)
+            if recorded.get("id") in (None, chunks.identity):
+                return chunks
+        if there:  # (refused by the caller, naming it)
+            return ChunkStore(there[0])
         raise SweepError(
             f"no chunk store at {found[0]} (the store sweep {self.path} trained on); pass "
             "where it lies now: heldout(store=...)"

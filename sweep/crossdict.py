@@ -293,7 +293,7 @@ def _next_ratio_groups(
         | set(groups)
     )
     nxt = dict(itertools.pairwise(every))
-    return {ratio: groups.get(nxt.get(ratio, -1.0), []) for ratio in groups}
+    return {ratio: groups.get(nxt.get(ratio), []) for ratio in groups}
 
 
 def _pairs(

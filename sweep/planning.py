@@ -373,9 +373,9 @@ def check_local_hardware(cfg: SweepConfig) -> None:
             )
 
 
-def _same_settings(source: dict) -> str:
+def _same_settings(store: ChunkStore) -> str:
     """Why a store of the same settings may hold other bits."""
-    if "noise" in source or "correlation" in source:  # (a synthetic store's parameters)
+    if store.provenance.get("source") == "synthetic":
         return (
             "same settings, different contents: synthetic data made again on another kind of "
             "CPU or GPU can differ bit-wise"
@@ -409,7 +409,7 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
         ]
         raise SweepError(
             f"store {store.path} is not the store the runs in {folder.path} were trained on "
-            f"({'; '.join(diffs) or _same_settings(new_src)}); use a new sweep_dir "
+            f"({'; '.join(diffs) or _same_settings(store)}); use a new sweep_dir "
             f"for this store, or {_the_other_store(recorded.get('path'), store.path)}"
         )
     if recorded is None:  # the manifest was deleted: what the started runs recorded

@@ -299,7 +299,7 @@ def _token_stream(
     except text.NotEnoughText as err:
         raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
     atomic_write_json(root / PARAMS_FILE, params)
-    _recorded_shuffle(root, plan)
+    _recorded_shuffle(root, shuffle_fingerprint(plan))
     digest = write_npy(_Discard(), tokens)  # (the file's sha256, before it is written)
     _check_same_stream(cfg, root, digest)
     atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
@@ -423,13 +423,13 @@ def shuffle_fingerprint(plan: HarvestPlan) -> str:
     return hashlib.sha256(_group_perm(r1 - r0, 0, 0).numpy().tobytes()).hexdigest()[:16]
 
 
-def _recorded_shuffle(root: Path, plan: HarvestPlan) -> str:
+def _recorded_shuffle(root: Path, mine: str) -> str:
     """The fingerprint of the torch that began this harvest (its ``harvest-stream.json``);
-    one that began before it was recorded is taken as this torch's (and recorded now)."""
+    one that began before it was recorded is taken as this torch's, ``mine`` (and recorded
+    now)."""
     recorded = stream_record(root).get("randperm")
     if isinstance(recorded, str):
         return recorded
-    mine = shuffle_fingerprint(plan)
     record_stream(root, randperm=mine, torch=torch.__version__)
     return mine
 
@@ -439,8 +439,8 @@ def _shuffles_otherwise(cfg: HarvestConfig, plan: HarvestPlan) -> bool:
     harvest: a group it finds partly written is then written whole again in an unfinished
     store (its missing chunks alone, shuffled otherwise, would repeat some rows and lose
     others)."""
-    root = Path(cfg.store_dir).expanduser()
-    if _recorded_shuffle(root, plan) == shuffle_fingerprint(plan):
+    root, mine = Path(cfg.store_dir).expanduser(), shuffle_fingerprint(plan)
+    if _recorded_shuffle(root, mine) == mine:
         return False
     log.warning(
         "torch %s shuffles a harvest group's rows otherwise than the torch that began the "

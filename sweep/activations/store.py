@@ -531,10 +531,11 @@ class ChunkStore:
                         nonfinite = int((np.frombuffer(block, bits) & mask).max()) == mask
         except (OSError, ValueError, EOFError) as err:
             raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
-        if "sha256" in info and digest.hexdigest() != info["sha256"]:  # (first: a changed
-            fix = self._repair  # chunk's NaN is the change) (a harvest writes a lost chunk
+        # the checksum first: a NaN in a chunk changed since it was written is that change
+        if "sha256" in info and digest.hexdigest() != info["sha256"]:
+            fix = self._repair  # (a harvest writes a lost chunk again: this one, once deleted)
             fix = f"delete it and {fix}" if self.provenance.get("source") == "harvest" else fix
-            raise StoreError(  # again: this one, once deleted)
+            raise StoreError(
                 f"chunk {f} fails its checksum (it changed after the store was written); {fix}"
             )
         if nonfinite:
