@@ -137,7 +137,7 @@ def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
     except KeyboardInterrupt:
         print(f"left waiting; the driver still stops ('sweep status {sweep_dir}' shows it)")
         return 130
-    print(_ended(folder, held, _taken(folder, lock)))
+    print(_ended(folder, held, _taken(folder, lock, by)))
     return 0
 
 
@@ -154,13 +154,16 @@ def _interrupts_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _taken(folder: SweepFolder, lock: dict) -> dict | None:
-    """How the driver of ``lock`` took the request (None: it ended first); the request goes."""
+def _taken(folder: SweepFolder, lock: dict, by: dict) -> dict | None:
+    """How the driver of ``lock`` took the request (None: it ended first). The request goes
+    when it is ours (``by``); one a second 'sweep stop' wrote over it stays for that one to
+    read (a next driver removes any left, as naming another lock)."""
     request = request_for(folder.path, lock)
     if request is None:
         return None
-    with contextlib.suppress(OSError):
-        (folder.path / STOP_REQUEST).unlink()
+    if request.get("by") == by:
+        with contextlib.suppress(OSError):
+            (folder.path / STOP_REQUEST).unlink()
     taken = request.get("taken")
     return taken if isinstance(taken, dict) else None
 

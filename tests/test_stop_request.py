@@ -136,6 +136,27 @@ def test_sweep_stop_returns_when_the_driver_ended_saying_what_it_left(
     assert said in out and not (sw / STOP_REQUEST).exists()
 
 
+def test_two_sweep_stops_at_once_both_say_what_the_driver_left(tmp_path):
+    """The request file holds the last asker's request: each 'sweep stop' removes only its
+    own, so the other still reads how the driver took it (it said "it ended before it took
+    the request" when the first one had removed it)."""
+    sw = _sweep(tmp_path)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(sw), "training", "interrupted"])
+    try:
+        _until(lambda: (sw / ".lock").exists(), timeout=60)
+        lock = json.loads((sw / ".lock").read_text())
+        _request(sw, lock)  # another 'sweep stop' (pid 4242 on login1), already waiting
+        assert driver.wait(timeout=30) == 0
+    finally:
+        driver.kill()
+    mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    theirs = stop_request._taken(SweepFolder(sw), lock, mine)
+    assert theirs == {"training": True} and (sw / STOP_REQUEST).exists()  # (left for 4242)
+    request = json.loads((sw / STOP_REQUEST).read_text())
+    assert stop_request._taken(SweepFolder(sw), lock, request["by"]) == {"training": True}
+    assert not (sw / STOP_REQUEST).exists()
+
+
 def test_a_driver_that_ended_before_it_took_the_request_is_said_so(tmp_path):
     sw = _sweep(tmp_path, state="done")
     held = {"host": "h", "pid": 1, "started": 1.0, "doing": "training"}
