@@ -265,7 +265,8 @@ def build_report(
             r.pop(key, None)
         r.update(cross.per_run.get(r["run_id"], {}))
     write_summary(out, rows)
-    if _writes_back(sweep_dir, out):
+    writable = _writes_back(sweep_dir, out)
+    if writable:
         crossdict.annotate_runs(records, cross, digest)
         # read again: runs may have finished since (a report during training takes minutes of
         # MMCS), and the sweep's summary must not go back to what they were
@@ -294,7 +295,7 @@ def build_report(
         warnings=warnings,
     )
     write_html(out, page)
-    if log_media:
+    if log_media and writable:  # (the report's wandb run is kept in the sweep folder)
         _log_media(sweep_dir, rows, images)
     return out, rows
 
@@ -304,10 +305,15 @@ def _writes_back(sweep_dir: Path, out: Path) -> bool:
     their metrics.json): not a read-only one (reported to another ``--out``)."""
     if os.access(sweep_dir, os.W_OK):
         return True
+    from sweep.logger import sweep_logger_config
+
+    cfg = sweep_logger_config(sweep_dir)
+    wandb = " and no report is sent to wandb" if cfg is not None and cfg.name == "wandb" else ""
     log.warning(
-        "%s is read-only: its summary.csv and the runs' metrics.json keep their values (the "
-        "report in %s has the new ones)",
+        "%s is read-only: its summary.csv and the runs' metrics.json keep their values%s "
+        "(the report in %s has the new ones)",
         sweep_dir,
+        wandb,
         out,
     )
     return False

@@ -312,6 +312,23 @@ def test_report_plots_go_to_a_wandb_report_run(tiny_store, tmp_path):
     assert fvu and all(isinstance(v, float) for v in fvu)  # numbers: sortable in wandb
 
 
+def test_a_read_only_sweep_reported_elsewhere_sends_nothing_to_wandb(
+    tiny_store, tmp_path, monkeypatch, caplog
+):
+    """Its report run would be kept in the sweep folder: wandb would write it in /tmp."""
+    from sweep import report
+
+    train_ensemble(one_job(tiny_store, tmp_path, wandb_cfg()))
+    (tmp_path / "config.yaml").write_text("logger:\n  name: wandb\n  mode: offline\n")
+    before = sorted(p.name for p in (tmp_path / "wandb").iterdir())
+    monkeypatch.setattr(report.os, "access", lambda path, mode: False)  # a read-only sweep
+    monkeypatch.setattr("sweep.logger.log_report", lambda *a: pytest.fail("sent to wandb"))
+    report.build_report(tmp_path, out=tmp_path / "elsewhere")
+    assert sorted(p.name for p in (tmp_path / "wandb").iterdir()) == before
+    assert "keep their values and no report is sent to wandb" in caplog.text
+    assert (tmp_path / "elsewhere" / "index.html").is_file()
+
+
 class SlowRun:
     """A wandb run whose log takes ``delay`` seconds and whose finish may hang."""
 
