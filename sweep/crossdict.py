@@ -85,9 +85,15 @@ def common_knob(names: Iterable[str]) -> str:
 
 
 def knob_text(name: str, value: float) -> str:
-    """A knob value for labels: ``0.01`` (L1, L0 coefficient), ``16`` (k)."""
+    """A knob value for labels: ``0.01`` (L1, L0 coefficient), ``16`` (k). A coefficient
+    written with up to 6 significant digits shows as written (grid values 0.001 and 0.0011
+    label apart); one that is not (``0.0031622776...`` from a logspace) shows 2."""
     if name == "k":
         return str(int(value)) if float(value).is_integer() else f"{value:g}"
+    for digits in range(2, 7):
+        text = f"{value:.{digits}g}"
+        if float(text) == value:
+            return text
     return f"{value:.2g}"
 
 

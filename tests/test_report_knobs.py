@@ -89,7 +89,12 @@ def test_knob_of_rows_and_specs():
     assert crossdict.knob({"run_id": "x"}) == ("l1", None)  # no spec yet
     assert crossdict.sweep_knob([{"l1": None, "k": 4}, {"run_id": "pending"}]) == "k"
     assert crossdict.sweep_knob([{"l1": 0.1}]) == "l1"
-    assert crossdict.knob_text("k", 16.0) == "16" and crossdict.knob_text("l1", 0.0123) == "0.012"
+    assert crossdict.knob_text("k", 16.0) == "16" and crossdict.knob_text("l1", 0.0123) == "0.0123"
+    assert crossdict.knob_text("l1", 0.001) != crossdict.knob_text("l1", 0.0010001)  # as written
+    assert (
+        crossdict.knob_text("l1", 3e-4) == "0.0003" and crossdict.knob_text("l1", 1e-8) == "1e-08"
+    )
+    assert crossdict.knob_text("l1", 10**-2.5) == "0.0032"  # (a logspace value: 2 digits)
 
 
 def test_k_axis_is_log2_when_the_grid_spans_a_factor_of_four():
