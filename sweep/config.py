@@ -400,8 +400,9 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
     dtype: str = "auto"
-    """Compute precision: auto (bfloat16 on a GPU, float32 on the CPU) | float32 | tf32 (tf32
-    matmuls on CUDA) | bfloat16. Parameters and Adam state are always float32."""
+    """Compute precision: auto (bfloat16 on a GPU, tf32 there for JumpReLU's log recipe;
+    float32 on the CPU) | float32 | tf32 (tf32 matmuls on CUDA) | bfloat16. Parameters and
+    Adam state are always float32."""
     compile: str = "auto"
     """Run each ensemble's step as one ``torch.compile``d program (fused elementwise passes,
     one Adam pass per parameter for all members): auto (off for now: on the CPU the eager step

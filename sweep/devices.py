@@ -23,12 +23,13 @@ COMPUTE_DTYPES = ("auto", "float32", "tf32", "bfloat16")
 BYTES = {"float32": 4, "tf32": 4, "float16": 2, "bfloat16": 2}
 
 
-def resolve_compute_dtype(name: str, on_gpu: bool) -> str:
-    """``auto`` -> ``bfloat16`` compute on a GPU (fp32 master weights and Adam state stay),
-    ``float32`` on the CPU; any other name is itself."""
+def resolve_compute_dtype(name: str, on_gpu: bool, gpu_auto: str = "bfloat16") -> str:
+    """``auto`` -> ``gpu_auto`` compute on a GPU (the architecture's
+    :attr:`~sweep.archs.base.Architecture.gpu_dtype`, bfloat16 but for one recipe; fp32 master
+    weights and Adam state stay), ``float32`` on the CPU; any other name is itself."""
     if name != "auto":
         return name
-    return "bfloat16" if on_gpu else "float32"
+    return gpu_auto if on_gpu else "float32"
 
 
 def torch_dtype(name: str) -> torch.dtype:

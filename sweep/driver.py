@@ -152,12 +152,13 @@ def _gpu_neighbours(
 def compute_dtype(cfg: SweepConfig, res: launcher.Resources) -> str:
     """What ``train.dtype=auto`` means for this sweep (recorded in config.yaml, so a resume on
     other hardware cannot silently change it): bfloat16 when the ensembles train on CUDA GPUs
-    (this machine's or the cluster's nodes', :mod:`sweep.gpuinfo`; or ``train.device=cuda``),
-    else float32."""
+    (this machine's or the cluster's nodes', :mod:`sweep.gpuinfo`; or ``train.device=cuda``;
+    tf32 for JumpReLU's ``log`` recipe), else float32."""
     saved = planning.recorded_dtype(SweepFolder(cfg.sweep_dir))
     if cfg.train.dtype == "auto" and saved not in (None, "auto"):
         return saved  # an existing sweep keeps its precision
-    return resolve_compute_dtype(cfg.train.dtype, on_cuda(cfg, res))
+    gpu_auto = cfg.sae.architecture().gpu_dtype
+    return resolve_compute_dtype(cfg.train.dtype, on_cuda(cfg, res), gpu_auto)
 
 
 def on_cuda(cfg: SweepConfig, res: launcher.Resources) -> bool:
@@ -443,7 +444,22 @@ def on_hardware(
             "cluster has no GPUs); use train.cuda_graphs=auto, or run where there are GPUs"
         )
     cfg = replace(cfg, train=replace(cfg.train, dtype=compute_dtype(cfg, res)))
+    _warn_too_coarse(cfg)
     return cfg, device_budget(staged, store, res)
+
+
+def _warn_too_coarse(cfg: SweepConfig) -> None:
+    """Warn of bfloat16 compute (asked for, or recorded) with a recipe it is too coarse for."""
+    arch = cfg.sae.architecture()
+    if cfg.train.dtype == "bfloat16" and arch.gpu_dtype != "bfloat16":
+        log.warning(
+            "train.dtype=bfloat16 is too coarse for sae=%s sae.recipe=%s (its straight-through "
+            "window is narrower than bfloat16's spacing of pre-activations: threshold gradients "
+            "come out wrong per feature); use train.dtype=%s",
+            cfg.sae.name,
+            arch.recipe,
+            arch.gpu_dtype,
+        )
 
 
 def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> float:

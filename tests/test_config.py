@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -448,3 +449,25 @@ def test_the_override_that_restores_a_value_reads_back_as_it(value):
     assert len(given) == 1
     (parsed,) = OverridesParser.create().parse_overrides(given)
     assert parsed.key_or_group == "data.dataset" and parsed.value() == value
+
+
+def test_jumprelu_log_recipe_computes_in_tf32_where_auto_means_bfloat16(tmp_path, caplog):
+    """Its 0.001-wide straight-through window is narrower than bfloat16's spacing of
+    pre-activations (measured: per-feature threshold gradients at cosine 0.47 to fp32's)."""
+    from sweep import driver
+
+    on_gpu = ["train.device=cuda", f"sweep_dir={tmp_path / 'sw'}"]
+    assert driver.compute_dtype(cfg_of("sae=jumprelu", *on_gpu), None) == "bfloat16"
+    assert driver.compute_dtype(cfg_of("sae=untied", *on_gpu), None) == "bfloat16"
+    log_recipe = cfg_of("sae=jumprelu", "sae.recipe=log", *on_gpu)
+    assert driver.compute_dtype(log_recipe, None) == "tf32"
+    cpus = SimpleNamespace(on_gpu=False, real_gpus=False)
+    assert driver.compute_dtype(cfg_of("sae=jumprelu", "sae.recipe=log"), cpus) == "float32"
+    asked = cfg_of("sae=jumprelu", "sae.recipe=log", "train.dtype=bfloat16", *on_gpu)
+    assert driver.compute_dtype(asked, None) == "bfloat16"  # asked for: kept, and warned about
+    driver._warn_too_coarse(asked)
+    assert "train.dtype=bfloat16 is too coarse for sae=jumprelu sae.recipe=log" in caplog.text
+    assert "use train.dtype=tf32" in caplog.text
+    caplog.clear()
+    driver._warn_too_coarse(cfg_of("sae=jumprelu", "train.dtype=bfloat16", *on_gpu))
+    assert not caplog.text

@@ -72,6 +72,8 @@ class Architecture:
     """The L1 penalty weights each code by its decoder row's norm."""
     init_decoder_norm: float = 1.0
     """Norm of the initial decoder rows (the encoder starts as their transpose)."""
+    gpu_dtype: str = "bfloat16"
+    """What ``train.dtype=auto`` computes in on a GPU."""
 
     @property
     def batch_buffers(self) -> int:

@@ -42,11 +42,17 @@ class Recipe:
     init: float
     """Initial threshold."""
     bandwidth: float
+    gpu_dtype: str
+    """What ``train.dtype=auto`` computes in on a GPU. Not bfloat16 for a bandwidth below its
+    spacing of pre-activations (2^-8 to 2^-7 between 0.5 and 2): the window would hold a
+    rounded value or none, and each feature's threshold gradient is off by how near its
+    threshold lies to a bfloat16 value (cosine 0.41 to fp32's, averaged over 164k rows:
+    ``scripts/jumprelu_precision.py``)."""
 
 
 RECIPES = {
-    "linear": Recipe("threshold", 0.01, 0.05),
-    "log": Recipe("log_threshold", 1e-3, 1e-3),
+    "linear": Recipe("threshold", 0.01, 0.05, "bfloat16"),
+    "log": Recipe("log_threshold", 1e-3, 1e-3, "tf32"),
 }
 RESPONSIVE_THRESHOLD = 0.1
 """A threshold below this cannot sparsify codes of activations scaled to mean row norm
@@ -119,6 +125,7 @@ class JumpReLU(Architecture):
 
     def apply_recipe(self, recipe: str) -> None:
         self.recipe, self.form = recipe, RECIPES[recipe]
+        self.gpu_dtype = self.form.gpu_dtype
 
     def init_params(
         self, d: int, f: int, g: torch.Generator, b_dec: torch.Tensor | None = None
