@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -54,7 +55,7 @@ def compose(
         overrides = [*overrides, f"hydra.searchpath=['file://{_config_dir(config_dir)}']"]
     try:
         with initialize_config_module("sweep.configs", version_base="1.3"):
-            return hydra_compose(config_name, overrides=overrides)
+            return _composed(hydra_compose, config_name, overrides)
     except yaml.YAMLError as err:  # (a file of --config-dir)
         raise ConfigError(_yaml_message(err)) from err
     except (HydraException, OmegaConfBaseException, ValueError) as err:
@@ -62,6 +63,38 @@ def compose(
         if config_name == "harvest":  # its fields are listed by its own command
             message = message.replace("'sweep run --cfg job'", "'sweep harvest --cfg job'")
         raise ConfigError(message) from err
+
+
+def _composed(hydra_compose: Callable, config_name: str, overrides: list[str]) -> DictConfig:
+    """Hydra's composition, where a whole number written as a float (``data.rows=1e6``, as the
+    README writes defaults) sets an integer field: Hydra reads ``1e6`` as a float, which
+    OmegaConf refuses for an int field; that override is given again as ``1000000``."""
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    while True:
+        try:
+            return hydra_compose(config_name, overrides=overrides)
+        except HydraException as err:
+            i = _whole_float_override(err, overrides)
+            if i is None:
+                raise
+            key, value = overrides[i].split("=", 1)
+            overrides[i] = f"{key}={int(float(value))}"
+
+
+def _whole_float_override(err: Exception, overrides: list[str]) -> int | None:
+    """The index of the override ``err`` refused as a float for an integer field, when its
+    value is a whole number (None: not that error)."""
+    head = re.match(r"Error merging override (\S+)", str(err))
+    refused = "of type 'float' could not be converted to Integer" in str(err.__cause__ or "")
+    if not head or not refused or head[1] not in overrides:
+        return None
+    try:
+        value = float(head[1].split("=", 1)[1])
+    except ValueError:
+        return None
+    return overrides.index(head[1]) if value.is_integer() and abs(value) < 2**63 else None
 
 
 def _yaml_message(err: yaml.YAMLError) -> str:

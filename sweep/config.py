@@ -670,7 +670,8 @@ class SweepConfig:
         self._check_training_rows()
 
     def _check_training_rows(self) -> None:
-        """A store this sweep makes (``data.rows``) leaves a batch after the held-out rows."""
+        """A store this sweep makes (``data.rows``, ``data.rows_per_chunk``) leaves a batch
+        after the held-out rows, and its chunks each hold one."""
         rows, held, batch = (
             getattr(self.data, "rows", None),
             self.data.eval_rows,
@@ -681,6 +682,13 @@ class SweepConfig:
             f"data.rows ({rows}) leaves {rows - held if rows else 0} rows after data.eval_rows={held}, "
             f"fewer than one batch (train.batch_size={batch}); raise data.rows or lower "
             "data.eval_rows",
+        )
+        per_chunk = getattr(self.data, "rows_per_chunk", None)  # (a store made here: its chunks)
+        _require(
+            per_chunk is None or per_chunk >= batch,
+            f"train.batch_size={batch} is more than data.rows_per_chunk={per_chunk}: no chunk "
+            "would hold a full batch (batches never span chunks); lower train.batch_size or "
+            "raise data.rows_per_chunk",
         )
 
     def _check_dead_latent_remedy(self) -> None:

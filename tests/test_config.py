@@ -471,3 +471,44 @@ def test_jumprelu_log_recipe_computes_in_tf32_where_auto_means_bfloat16(tmp_path
     caplog.clear()
     driver._warn_too_coarse(cfg_of("sae=jumprelu", "train.dtype=bfloat16", *on_gpu))
     assert not caplog.text
+
+
+def test_a_whole_number_written_as_a_float_sets_an_integer_field():
+    """As the README writes defaults (``rows`` 1e6): Hydra reads ``1e5`` as a float."""
+    cfg = cfg_of("data.rows=1e5", "train.dead_tokens=1e7", "train.batch_size=1.024e3")
+    assert (cfg.data.rows, cfg.train.dead_tokens, cfg.train.batch_size) == (100000, 10**7, 1024)
+    assert isinstance(cfg.data.rows, int)
+    assert cfg_of("grid.l1=[1e2]").grid.l1 == [100.0]  # (a float field keeps its float)
+    with pytest.raises(ConfigError, match=r"cannot set data.rows to '2.5'"):
+        cfg_of("data.rows=2.5")
+    harvest = compose(["rows=1e4", "model=m", "dataset=d"], config_name="harvest")
+    assert harvest.rows == 10000
+
+
+def test_a_batch_larger_than_a_chunk_is_refused_before_the_store_is_made(tmp_path, capsys):
+    """(It was refused once the store was made, which then stood in the way of the fix.)"""
+    sw = tmp_path / "sw"
+    small = ["data.width=8", "data.rows=20000", "data.rows_per_chunk=4096", "data.eval_rows=2048"]
+    assert main(["run", f"sweep_dir={sw}", *small, "train.batch_size=8192"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "error: train.batch_size=8192 is more than data.rows_per_chunk=4096: no chunk would "
+        "hold a full batch (batches never span chunks); lower train.batch_size or raise "
+        "data.rows_per_chunk"
+    )
+    assert not sw.exists()
+    harvest = ["data=harvest", "data.model=m", "data.dataset=d", "data.hook=h", "data.rows=90000"]
+    assert (
+        main(
+            [
+                "run",
+                f"sweep_dir={sw}",
+                *harvest,
+                "data.rows_per_chunk=1024",
+                "train.batch_size=2048",
+            ]
+        )
+        == 2
+    )
+    assert "more than data.rows_per_chunk=1024" in capsys.readouterr().err
+    assert not sw.exists()
