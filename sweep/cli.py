@@ -570,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     res = sub.add_parser("resume", help="continue a sweep from its saved config")
     res.add_argument("sweep_dir", type=_user_path)
-    res.add_argument("overrides", nargs="*", help="dotlist overrides (e.g. launch.num_cpus=4)")
+    res.add_argument(
+        "overrides", nargs="*", default=[], help="dotlist overrides (e.g. launch.num_cpus=4)"
+    )
     res.set_defaults(func=cmd_resume)
     ev = sub.add_parser(
         "evaluate",
@@ -578,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(those of this version of sweep; no training)",
     )
     ev.add_argument("sweep_dir", type=_user_path)
-    ev.add_argument("overrides", nargs="*", help="dotlist overrides (e.g. launch.num_gpus=1)")
+    ev.add_argument(
+        "overrides", nargs="*", default=[], help="dotlist overrides (e.g. launch.num_gpus=1)"
+    )
     ev.add_argument(
         "--runs", nargs="+", metavar="ID", help="run ids to evaluate (default: every finished run)"
     )

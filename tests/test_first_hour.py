@@ -198,6 +198,12 @@ def test_subcommand_help_and_usage_are_their_own():
     (line,) = bad.stderr.strip().splitlines()  # one line, as every other mistake
     assert line.startswith("error: argument --to: invalid choice: 'hf'")
     assert line.endswith("see 'sweep export --help'")
+    for command in ("resume", "evaluate"):  # (their overrides are optional: not named)
+        bare = cli(command)
+        assert bare.returncode == 2
+        assert bare.stderr.strip() == (
+            f"error: the following arguments are required: sweep_dir; see 'sweep {command} --help'"
+        )
     version = cli("--version")
     assert (version.returncode, version.stdout) == (0, f"sweep {sweep.__version__}\n")
 

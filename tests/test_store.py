@@ -204,7 +204,8 @@ def test_a_chunk_damaged_after_opening_fails_verify_in_one_line(store_copy):
     (store_copy / "chunk_00001.npy").write_bytes(b"not a numpy file")
     with pytest.raises(
         StoreError,
-        match="chunk_00001.npy could not be read .*; delete .* and re-run the sweep \\(data=synthetic",
+        match="chunk_00001.npy could not be read .*; delete .* and re-run the sweep that made "
+        "it \\(data=synthetic with the settings in its synthetic-params.json\\): it is made again",
     ):
         store.verify()
 

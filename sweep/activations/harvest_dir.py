@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sweep.activations import lm
-from sweep.activations.layout import chunk_files
+from sweep.activations.layout import HARVEST_PARAMS, chunk_files
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PARAMS_FILE = "harvest-params.json"
+PARAMS_FILE = HARVEST_PARAMS
 TOKENS_FILE = "harvest-tokens.npy"
 STREAM_FILE = "harvest-stream.json"
 """What the harvest began with beyond its settings: ``tokens_sha256`` (its token stream, so a

@@ -4,7 +4,9 @@ that what only recognises a store (``sweep status`` reading a sweep folder) need
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-MAKING = ("harvest-params.json", "synthetic-params.json")
+HARVEST_PARAMS = "harvest-params.json"
+SYNTHETIC_PARAMS = "synthetic-params.json"
+MAKING = (HARVEST_PARAMS, SYNTHETIC_PARAMS)
 """What a store being made holds before its manifest (the harvester's and generator's
 settings files): such a folder is a store, never a sweep folder."""
 CHUNKS = "chunk_*.npy"

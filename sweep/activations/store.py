@@ -30,7 +30,14 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from sweep.activations.layout import FORMAT, FORMAT_VERSION, GROUND_TRUTH, MANIFEST, VERIFIED
+from sweep.activations.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    GROUND_TRUTH,
+    MANIFEST,
+    SYNTHETIC_PARAMS,
+    VERIFIED,
+)
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError, is_disk_full
 from sweep.hostmem import HostBlock
@@ -423,7 +430,10 @@ class ChunkStore:
         if self.provenance.get("source") == "harvest":
             return "re-run the 'sweep harvest' command that made it (it harvests lost chunks again)"
         if self.provenance.get("source") == "synthetic":
-            return f"delete {self.path} and re-run the sweep (data=synthetic makes it again from its seed)"
+            return (  # (true also of a sweep that reads it with data=chunks: it makes nothing)
+                f"delete {self.path} and re-run the sweep that made it (data=synthetic with the "
+                f"settings in its {SYNTHETIC_PARAMS}): it is made again from its seed"
+            )
         return "regenerate the store"
 
     def scale(self, normalize: bool) -> float:

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch.special import ndtr, ndtri
 
+from sweep.activations.layout import SYNTHETIC_PARAMS
 from sweep.activations.store import (
     GROUND_TRUTH,
     MANIFEST,
@@ -81,7 +82,7 @@ from sweep.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-PARAMS_FILE = "synthetic-params.json"
+PARAMS_FILE = SYNTHETIC_PARAMS
 GENERATOR_VERSION = 2
 ALGORITHM = (
     "geometric-gap Bernoulli processes per feature; copula by a dense likely-set pass plus "
