@@ -13,6 +13,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar, Union
 
 from hydra.core.config_store import ConfigStore
@@ -593,6 +594,27 @@ class LaunchConfig:
             self.device_memory_gb >= 0,
             f"launch.device_memory_gb must be >= 0, got {self.device_memory_gb}",
         )
+        self._check_temp_dir()
+
+    def _check_temp_dir(self) -> None:
+        """A local Ray's sockets lie in ``temp_dir``, under a session folder (refused before
+        any work, not after the store is made, when they would not fit)."""
+        if not self.temp_dir or self.address:
+            return
+        path = str(Path(self.temp_dir).absolute())
+        room = SOCKET_PATH_MAX - len(RAY_SOCKET_TAIL)
+        _require(
+            len(path.encode()) <= room,
+            f"launch.temp_dir {path} is too long for Ray's socket paths ({len(path.encode())} "
+            f"bytes; at most {room}, as its sockets lie {len(RAY_SOCKET_TAIL)} bytes deeper); "
+            "use a shorter folder",
+        )
+
+
+SOCKET_PATH_MAX = 107
+"""The longest path of a Unix socket (Linux; Ray's own check)."""
+RAY_SOCKET_TAIL = "/session_2026-12-05_20-52-43_123456_4194304/sockets/plasma_store"
+"""Where a local Ray puts its longest socket under its temp folder (date, microseconds, pid)."""
 
 
 MIN_LOGGER_TIMEOUT = 2.0

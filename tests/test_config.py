@@ -512,3 +512,12 @@ def test_a_batch_larger_than_a_chunk_is_refused_before_the_store_is_made(tmp_pat
     )
     assert "more than data.rows_per_chunk=1024" in capsys.readouterr().err
     assert not sw.exists()
+
+
+def test_a_temp_dir_too_long_for_rays_sockets_is_refused_with_the_config():
+    """(Ray refused it once the store was made.)"""
+    fits = "/tmp/" + "r" * 38  # 43 bytes: its sockets' paths are 107
+    assert cfg_of(f"launch.temp_dir={fits}").launch.temp_dir == fits
+    with pytest.raises(ConfigError, match=r"launch.temp_dir /tmp/r+ is too long for Ray's socket "):
+        cfg_of(f"launch.temp_dir={fits}r")
+    assert cfg_of(f"launch.temp_dir={fits}r", "launch.address=auto").launch.address == "auto"
