@@ -220,7 +220,17 @@ def ray_session(
             if owns:
                 shutdown_ray(stop_wait())
             if session is not None and went_well():
-                shutil.rmtree(session, ignore_errors=True)
+                _remove_session(session)
+
+
+def _remove_session(session: Path) -> None:
+    """Remove a Ray session folder, and Ray's ``session_latest`` link beside it when it names
+    that folder (it would point at nothing; a later session's link stays)."""
+    shutil.rmtree(session, ignore_errors=True)
+    latest = session.parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() and Path(os.readlink(latest)).name == session.name:
+            latest.unlink()
 
 
 def _session_dir() -> Path | None:

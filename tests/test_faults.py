@@ -134,6 +134,7 @@ def reference(tmp_path_factory) -> dict[str, str]:
     code, out = finish(start(base / "sw", ray_tmp))
     assert code == 0, out
     assert not list(ray_tmp.glob("session_2*"))  # a session that went well: its folder removed
+    assert not (ray_tmp / "session_latest").is_symlink()  # (and Ray's link to it)
     return hashes(base / "sw")
 
 
