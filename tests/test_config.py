@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,12 +202,17 @@ def test_a_quoted_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch, caps
     """``sweep_dir='~/x'`` (quoted for the shell, so the shell left the ``~``) is the home
     folder's x, not a folder named ``~`` beside the current one; so are the paths a command
     takes."""
-    monkeypatch.setenv("HOME", str(tmp_path))
-    cfg = cfg_of("sweep_dir='~/sw'", "launch.temp_dir='~/ray'", "data=chunks", "data.path='~/a'")
-    assert (cfg.sweep_dir, cfg.data.path) == (f"{tmp_path}/sw", f"{tmp_path}/a")
-    assert cfg.launch.temp_dir == f"{tmp_path}/ray"
-    assert main(["status", "~/none"]) == 2
-    assert f"{tmp_path}/none" in capsys.readouterr().err
+    home = Path(tempfile.mkdtemp(prefix="h", dir="/tmp"))  # (short: Ray's sockets lie in temp_dir)
+    try:
+        monkeypatch.setenv("HOME", str(home))
+        over = ("sweep_dir='~/sw'", "launch.temp_dir='~/ray'", "data=chunks", "data.path='~/a'")
+        cfg = cfg_of(*over)
+        assert (cfg.sweep_dir, cfg.data.path) == (f"{home}/sw", f"{home}/a")
+        assert cfg.launch.temp_dir == f"{home}/ray"
+        assert main(["status", "~/none"]) == 2
+        assert f"{home}/none" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(home)
 
 
 def test_a_sweep_dir_that_is_a_file_is_named_so(tmp_path, capsys):
