@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -44,7 +45,7 @@ import torch
 
 from sweep.activations import lm
 from sweep.activations.store import ChunkStore
-from sweep.errors import SweepError
+from sweep.errors import SweepError, first_line
 from sweep.sae import SAE, Params
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,62 @@ def _hook_fn(replace: Replace, first: int) -> Callable[..., torch.Tensor]:
     return hook_fn
 
 
+RESID_MID = re.compile(r"blocks\.(\d+)\.hook_resid_mid")
+
+
+def splice_hooks(hook: str, replace: Replace, first: int) -> list[tuple[str, Callable]]:
+    """The forward hooks that put ``replace`` in at ``hook``. A block's ``hook_resid_mid`` is,
+    in transformer_lens's TransformerBridge, the input of its second LayerNorm (or MLP): read
+    there, it is the residual stream between attention and MLP, but what a hook returns there
+    reaches only the MLP, while the stream goes on unchanged. So the replacement goes in
+    through the attention's output: ``attn_out' = replace(resid_pre + attn_out) - resid_pre``
+    makes the stream ``replace(resid_mid)`` (:func:`check_splice` makes sure, per model)."""
+    mid = RESID_MID.fullmatch(hook)
+    if not mid:
+        return [(hook, _hook_fn(replace, first))]
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_pre(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        seen["pre"] = act
+        return act
+
+    def through_attn(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        pre, out = seen.pop("pre"), act.clone()  # (B, P, d) each
+        out[:, first:] = replace(pre[:, first:] + act[:, first:]) - pre[:, first:]
+        return out
+
+    block = f"blocks.{mid[1]}"
+    return [(f"{block}.hook_resid_pre", keep_pre), (f"{block}.hook_attn_out", through_attn)]
+
+
+@torch.inference_mode()
+def check_splice(model: Any, hook: str, tokens_NP: torch.Tensor, first: int) -> str | None:
+    """Why splicing at ``hook`` would not replace what the SAE was trained on (None: it
+    does): halving the activations must halve them as read at ``hook`` downstream."""
+    if not RESID_MID.fullmatch(hook):
+        return None
+    toks = tokens_NP[:1].to(next(model.parameters()).device)  # (1, P)
+    seen: list[torch.Tensor] = []
+
+    def read(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        seen.append(act.float())
+        return act
+
+    halve = splice_hooks(hook, lambda x: x / 2, first)
+    try:
+        model.run_with_hooks(toks, fwd_hooks=[(hook, read)])
+        model.run_with_hooks(toks, fwd_hooks=[*halve, (hook, read)])
+    except Exception as err:  # noqa: BLE001 (a model without the hooks the splice needs)
+        return f"a dictionary cannot be spliced in at {hook} in this model ({first_line(err)})"
+    clean, got = seen[0][:, first:], seen[1][:, first:]
+    if torch.allclose(got, clean / 2, rtol=0.02, atol=0.02 * float(clean.abs().max())):
+        return None
+    return (
+        f"splicing a dictionary in at {hook} does not replace the residual stream in this "
+        "model (its stream is not resid_pre + attn_out), so its LM metrics are not computed"
+    )
+
+
 def _log_probs(
     model: Any, toks_BP: torch.Tensor, hook: str | None, replace: Replace | None, first: int
 ) -> torch.Tensor:
@@ -130,9 +187,8 @@ def _log_probs(
     if hook is None or replace is None:
         logits = model(toks_BP, return_type="logits")
     else:
-        logits = model.run_with_hooks(
-            toks_BP, fwd_hooks=[(hook, _hook_fn(replace, first))], return_type="logits"
-        )
+        hooks = splice_hooks(hook, replace, first)
+        logits = model.run_with_hooks(toks_BP, fwd_hooks=hooks, return_type="logits")
     lp = logits.float()  # the logits themselves when already float32: normalised in place
     del logits
     lp -= lp.logsumexp(dim=-1, keepdim=True)  # (B, P, V)
@@ -350,7 +406,8 @@ class LMEval:
         except SweepError as err:
             return None, str(err)
         first = int(bool(info.get("prepend_bos")) and bool(info.get("drop_bos")))
-        return cls(model, info["hook"], tokens, first), None
+        why = check_splice(model, info["hook"], tokens, first)
+        return (None, why) if why else (cls(model, info["hook"], tokens, first), None)
 
 
 def member_metrics(ev: LMEval | None, params: Params, cfg: dict) -> dict[str, float]:

@@ -374,3 +374,38 @@ def test_contexts_per_batch_fit_the_logits_budget(model):
     assert lm_metrics.contexts_per_batch(gemma, 128) == 5
     assert lm_metrics.contexts_per_batch(gemma, 1024) == 1
     assert LMEval(model, HOOK, torch.zeros(2, 24, dtype=torch.int64)).batch == 16
+
+
+MID = "blocks.0.hook_resid_mid"
+
+
+def test_a_dictionary_at_resid_mid_replaces_the_residual_stream(model, tokens, monkeypatch):
+    """In the TransformerBridge, hook_resid_mid is the input of ln2: what a hook returns there
+    reached only the MLP, while the stream went on unchanged (an SAE halving every activation
+    measured a KL of ~0). The splice goes in through the attention's output instead."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def read(name):
+        def hook_fn(act, hook):
+            seen[name] = act.detach().clone()
+            return act
+
+        return hook_fn
+
+    reads = [(h, read(h)) for h in (MID, "blocks.0.hook_resid_post", "blocks.0.hook_mlp_out")]
+    with torch.inference_mode():
+        model.run_with_hooks(tokens, fwd_hooks=reads)
+        clean = seen.pop(MID)
+        halve = lm_metrics.splice_hooks(MID, lambda x: x / 2, first=1)
+        model.run_with_hooks(tokens, fwd_hooks=[*halve, *reads])
+    stream = seen["blocks.0.hook_resid_post"] - seen["blocks.0.hook_mlp_out"]  # (N, P, d)
+    assert torch.allclose(stream[:, 1:], clean[:, 1:] / 2, atol=1e-5)
+    assert torch.allclose(stream[:, 0], clean[:, 0], atol=1e-5)  # (position 0 kept its own)
+    assert lm_metrics.check_splice(model, MID, tokens, first=1) is None
+    exact = LMEval(model, MID, tokens, batch=6).losses(identity_sae())
+    assert exact.ce_loss_spliced == pytest.approx(exact.ce_loss_clean, rel=1e-5)
+    assert exact.kl_div_with_sae == pytest.approx(0.0, abs=1e-6)
+    # a model whose stream is not resid_pre + attn_out: the splice would miss it
+    monkeypatch.setattr(lm_metrics, "splice_hooks", lambda hook, replace, first: [])
+    why = lm_metrics.check_splice(model, MID, tokens, first=1)
+    assert why and why.startswith(f"splicing a dictionary in at {MID} does not replace")
