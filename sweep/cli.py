@@ -216,7 +216,13 @@ def _hydra_message(err: BaseException) -> str:
         lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
         if lines:
             at = f" ({field[1]})" if field else ""
-            return f"config file {composing[1]}.yaml: {lines[0]}{at}; fix that file"
+            fix = "fix that file"
+            whole = re.match(
+                r"Value '(-?\d+)\.0' of type 'float' could not be converted to Int", lines[0]
+            )
+            if whole:  # (YAML's 1e5: a float; an override of it is taken, see _composed)
+                fix = f"write it as a whole number there ({whole[1]})"
+            return f"config file {composing[1]}.yaml: {lines[0]}{at}; {fix}"
     missing = re.match(r"In '([^']+)': Could not load '([^']+)'", text)
     if missing:  # a defaults list entry of a config file (--config-dir)
         group, _, name = missing[2].rpartition("/")

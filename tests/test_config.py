@@ -480,7 +480,7 @@ def test_jumprelu_log_recipe_computes_in_tf32_where_auto_means_bfloat16(tmp_path
     assert not caplog.text
 
 
-def test_a_whole_number_written_as_a_float_sets_an_integer_field():
+def test_a_whole_number_written_as_a_float_sets_an_integer_field(tmp_path, capsys):
     """As the README writes defaults (``rows`` 1e6): Hydra reads ``1e5`` as a float."""
     cfg = cfg_of("data.rows=1e5", "train.dead_tokens=1e7", "train.batch_size=1.024e3")
     assert (cfg.data.rows, cfg.train.dead_tokens, cfg.train.batch_size) == (100000, 10**7, 1024)
@@ -490,6 +490,16 @@ def test_a_whole_number_written_as_a_float_sets_an_integer_field():
         cfg_of("data.rows=2.5")
     harvest = compose(["rows=1e4", "model=m", "dataset=d"], config_name="harvest")
     assert harvest.rows == 10000
+    (tmp_path / "data").mkdir()  # in a config file of --config-dir: named, with the fix
+    (tmp_path / "data" / "mine.yaml").write_text(
+        "defaults:\n  - synthetic\n  - _self_\nrows: 1e5\n"
+    )
+    argv = ["run", "--plan", "--config-dir", str(tmp_path), "sweep_dir=x", "data=mine"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: config file data/mine.yaml: Value '100000.0' of type 'float' could not be "
+        "converted to Integer (data.rows); write it as a whole number there (100000)"
+    )
 
 
 def test_a_batch_larger_than_a_chunk_is_refused_before_the_store_is_made(tmp_path, capsys):
