@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,15 @@ def own_runtime_dir(tmp_path_factory):
     """Machine-wide records (the local GPU sweeps: sweep.neighbours) kept to this test run,
     its subprocesses' too."""
     os.environ["XDG_RUNTIME_DIR"] = str(tmp_path_factory.mktemp("runtime"))
+
+
+@pytest.fixture
+def short_tmp():
+    """A fresh folder with a short path (Ray's sockets lie 64 bytes below a launch.temp_dir,
+    and pytest's tmp_path is too deep for that), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

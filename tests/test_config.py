@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -198,21 +196,18 @@ def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path
     assert not (tmp_path / "x").exists()
 
 
-def test_a_quoted_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch, capsys):
+def test_a_quoted_tilde_in_a_path_is_the_home_folder(short_tmp, monkeypatch, capsys):
     """``sweep_dir='~/x'`` (quoted for the shell, so the shell left the ``~``) is the home
     folder's x, not a folder named ``~`` beside the current one; so are the paths a command
     takes."""
-    home = Path(tempfile.mkdtemp(prefix="h", dir="/tmp"))  # (short: Ray's sockets lie in temp_dir)
-    try:
-        monkeypatch.setenv("HOME", str(home))
-        over = ("sweep_dir='~/sw'", "launch.temp_dir='~/ray'", "data=chunks", "data.path='~/a'")
-        cfg = cfg_of(*over)
-        assert (cfg.sweep_dir, cfg.data.path) == (f"{home}/sw", f"{home}/a")
-        assert cfg.launch.temp_dir == f"{home}/ray"
-        assert main(["status", "~/none"]) == 2
-        assert f"{home}/none" in capsys.readouterr().err
-    finally:
-        shutil.rmtree(home)
+    home = short_tmp  # (a launch.temp_dir under it must be short)
+    monkeypatch.setenv("HOME", str(home))
+    over = ("sweep_dir='~/sw'", "launch.temp_dir='~/ray'", "data=chunks", "data.path='~/a'")
+    cfg = cfg_of(*over)
+    assert (cfg.sweep_dir, cfg.data.path) == (f"{home}/sw", f"{home}/a")
+    assert cfg.launch.temp_dir == f"{home}/ray"
+    assert main(["status", "~/none"]) == 2
+    assert f"{home}/none" in capsys.readouterr().err
 
 
 def test_a_sweep_dir_that_is_a_file_is_named_so(tmp_path, capsys):

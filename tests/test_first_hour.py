@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -169,19 +168,15 @@ def test_a_required_field_names_one_fix(capsys):
     assert err == "error: data.path is required for data=chunks: pass data.path=/path/to/store"
 
 
-def test_paths_that_are_files_are_refused_before_any_work(tmp_path, capsys):
-    short = Path(tempfile.mkdtemp(prefix="p", dir="/tmp"))  # (Ray's sockets lie in temp_dir)
-    (afile := short / "f").write_text("mine")
-    try:
-        for key, needle in [
-            ("data.path", f"data.path {afile} is a file; give a folder for the synthetic store"),
-            ("launch.temp_dir", f"launch.temp_dir {afile} cannot be used for Ray's session"),
-        ]:
-            assert main(["run", f"sweep_dir={tmp_path / 'sw'}", f"{key}={afile}"]) == 2
-            assert capsys.readouterr().err.strip().startswith(f"error: {needle}")
-            assert not (tmp_path / "sw").exists() and afile.read_text() == "mine"
-    finally:
-        shutil.rmtree(short)
+def test_paths_that_are_files_are_refused_before_any_work(tmp_path, short_tmp, capsys):
+    (afile := short_tmp / "f").write_text("mine")  # (short: also a launch.temp_dir)
+    for key, needle in [
+        ("data.path", f"data.path {afile} is a file; give a folder for the synthetic store"),
+        ("launch.temp_dir", f"launch.temp_dir {afile} cannot be used for Ray's session"),
+    ]:
+        assert main(["run", f"sweep_dir={tmp_path / 'sw'}", f"{key}={afile}"]) == 2
+        assert capsys.readouterr().err.strip().startswith(f"error: {needle}")
+        assert not (tmp_path / "sw").exists() and afile.read_text() == "mine"
 
 
 def test_harvest_mistakes_name_harvests_own_command(tmp_path, capsys):
