@@ -85,7 +85,7 @@ def step(
         spec.arch, params, x_BD, hyper, spec.kmax, aux, True, None, spec.compute_dtype, cast
     )
     if spec.grad_clip is not None:
-        clip_members(grads, spec.grad_clip)
+        active_E &= clip_members(grads, spec.grad_clip)
     active_E &= torch.isfinite(parts.loss)
     lr = spec.adam.lr * scales[0]
     for k in params:

@@ -164,7 +164,7 @@ def _check_run(folder: Path, deep: bool = True) -> None:
         raise SweepError(f"run {folder.name}: {problem}; re-run the sweep to train it again")
     if run.state() is RunState.DIVERGED:
         raise SweepError(
-            f"run {folder.name} diverged (its weights are frozen at a non-finite loss); "
+            f"run {folder.name} diverged (its weights are frozen at a non-finite loss or gradient); "
             "it is not exported: pick another run"
         )
 

@@ -58,7 +58,7 @@ def health_note(m: dict, arch: str = "untied") -> str:
     is nothing to say); with the fix that fits architecture ``arch``."""
     if "diverged_step" in m:
         return (
-            f"diverged at step {m['diverged_step']} (loss not finite); the weights and metrics "
+            f"diverged at step {m['diverged_step']} (loss or gradient not finite); the weights and metrics "
             "are those frozen at that step"
         )
     dead, fvu = m.get("dead_fraction", 0.0), m.get("fvu", 0.0)

@@ -100,6 +100,17 @@ def test_diverged_member_is_frozen_inside_the_compiled_step():
     assert_member_equal(ens, 0, p, opt, len(xs))  # the healthy members are unaffected
 
 
+def test_member_whose_gradients_overflow_is_frozen_inside_the_compiled_step():
+    init, xs = members("untied", 3), batches(3)
+    ens = ensemble_of("untied", init, True, None, compiled=True, grad_clip=1.0)
+    ens.step(xs[0])
+    ens.hyper["l1"][1] = 1e30  # a finite loss whose gradient's squares overflow float32
+    parts = ens.step(xs[1])
+    assert torch.isfinite(parts.loss).all()
+    assert ens.active.tolist() == [True, False, True]
+    assert ens.state.step["W_enc"].tolist() == [2.0, 1.0, 2.0]
+
+
 def copies_are_casts(ens: Ensemble) -> None:
     """The compiled step's bf16 copies are exactly the cast of the float32 weights: all a
     resumed ensemble (which casts its checkpoint's weights) needs to compute what the

@@ -81,6 +81,20 @@ def test_diverged_member_is_frozen_and_others_train_on():
     torch.testing.assert_close(ens.params["W_enc"][0], p["W_enc"].detach(), rtol=2e-5, atol=2e-6)
 
 
+def test_member_whose_gradients_overflow_is_frozen_though_its_loss_is_finite():
+    """At an absurd L1 the loss stays finite but the gradient's squares overflow float32: the
+    clip would scale them to zero and the member would stop moving unseen, its run "done" at
+    its initial weights. It is frozen as diverged instead."""
+    init, xs = members("untied"), batches(6)
+    ens = Ensemble(stack(init), l1_hyper(), Adam(LR, BETAS, EPS), grad_clip=1.0)
+    ens.step(xs[0])
+    ens.hyper["l1"][2] = 1e30
+    parts = ens.step(xs[1])
+    assert torch.isfinite(parts.loss).all()  # (the loss alone would not tell)
+    assert ens.active.tolist() == [True, True, False, True]
+    assert float(ens.state.step["W_enc"][2]) == 1
+
+
 def test_decoder_rows_stay_unit_norm():
     ens = Ensemble(stack(members("untied")), l1_hyper(), Adam(1e-1, BETAS, EPS))
     for x in batches(5):
