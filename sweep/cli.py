@@ -33,7 +33,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sweep import __version__, configs
 from sweep.config import ConfigError, SweepConfig, one_line, register_configs, to_sweep_config
-from sweep.errors import SweepError, os_error_message
+from sweep.errors import SweepError, os_error_message, stdout_gone
 
 log = logging.getLogger("sweep")
 
@@ -699,12 +699,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a folder that vanished: details in SWEEP_DIR/sweep.log
+        if isinstance(err, BrokenPipeError) and stdout_gone():
+            return _reader_gone()
         trains = getattr(args, "command", "run") in ("run", "resume", "evaluate")
         print(f"error: {os_error_message(err, trains)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
+
+
+def _reader_gone() -> int:
+    """stdout's reader stopped reading (``| head``): nothing to say; exit 1, as rich does
+    there. stdout now goes nowhere, so the interpreter's last flush cannot fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 def entry() -> None:

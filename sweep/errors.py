@@ -69,6 +69,20 @@ def os_error_message(err: OSError, trains: bool = True) -> str:
     return f"{err.strerror or err}{where}; {fix}"
 
 
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader went away (``sweep status DIR | head``): a
+    BrokenPipeError then is no problem of the user's paths or permissions."""
+    import select
+    import sys
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLERR)  # a pipe with no reader: POLLERR
+        return bool(poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file behind stdout (captured, closed)
+        return False
+
+
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message ("" when it has none), for one-line messages."""
     return (str(err).strip().splitlines() or [""])[0]

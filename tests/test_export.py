@@ -449,3 +449,24 @@ def test_every_architecture_loads_in_real_sae_lens(arch_runs, tiny_store, tmp_pa
     res = subprocess.run([str(SAELENS_PY), "-c", CHECK, *folders], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "TopKSAE" in res.stdout and "JumpReLUSAE" in res.stdout and "StandardSAE" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status", "--json"], ["status"], ["export", "--to", "saelens", "OUT"]],
+    ids=["status-json", "status-table", "export"],
+)
+def test_a_reader_that_stops_reading_is_no_error(small_sweep, tmp_path, command):
+    """``sweep status DIR | head``: the pipe closes before the output is written. No
+    "Broken pipe; check the path and its permissions" (the work is done), exit 1 as rich
+    does on a closed pipe; an export still writes every run."""
+    import sys
+
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    argv = [sys.executable, "-m", "sweep", args[0], str(small_sweep), *args[1:]]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the command writes (it is still importing)
+    err = p.stderr.read()
+    assert (p.wait(), err) == (1, "")
+    if args[0] == "export":
+        assert len(list((tmp_path / "out").iterdir())) == 2
