@@ -58,8 +58,8 @@ def health_note(m: dict, arch: str = "untied") -> str:
     is nothing to say); with the fix that fits architecture ``arch``."""
     if "diverged_step" in m:
         return (
-            f"diverged at step {m['diverged_step']} (loss or gradient not finite); the weights and metrics "
-            "are those frozen at that step"
+            f"diverged at step {m['diverged_step']} (loss or gradient not finite); the weights "
+            "and metrics are those frozen before it"
         )
     dead, fvu = m.get("dead_fraction", 0.0), m.get("fvu", 0.0)
     if fvu > WORSE_THAN_MEAN:
@@ -155,7 +155,7 @@ def _add_outcome(
 ) -> None:
     """A member's state, steps and rows trained, and its health note, into its metrics."""
     state = "done" if diverged is None else "diverged"
-    trained = step if diverged is None else diverged
+    trained = step if diverged is None else diverged - 1  # (the step that diverged: no update)
     m.update({"state": state, "steps": trained, "rows_trained": trained * batch_size})
     if diverged is not None:
         m["diverged_step"] = diverged

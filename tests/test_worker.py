@@ -300,6 +300,7 @@ def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
     assert json.loads((bad / "diverged.json").read_text())["step"] == 1
     final = json.loads((bad / "metrics.json").read_text())
     assert final["state"] == "diverged" and final["diverged_step"] == 1
+    assert final["steps"] == final["rows_trained"] == 0  # the first step updated nothing
     assert run_state(bad) == "diverged" and rundir.is_done(bad)
     good = json.loads((rundir.run_dir(tmp_path, "r2-l1_1e-03-s0") / "metrics.json").read_text())
     assert good["state"] == "done" and good["fvu"] < 0.5
