@@ -34,6 +34,7 @@ from sweep.reevaluate import evaluate_again, to_evaluate
 from sweep.resample import resample
 from sweep.restore import Restored, restore_ensemble, use_compile
 from sweep.rundir import RunFolder
+from sweep.stop import quietly
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,13 @@ class _Attempt:
                 self._tracker.start(run.run_id, folder.path, config)
         return self._tracker
 
+    def close_tracker(self) -> None:
+        """After a failure: the logger's unfinished runs end ``failed`` now (not when it is
+        collected, which a GPU task's exiting process may never reach); never raises over
+        the failure."""
+        if self._tracker is not None:
+            quietly(self._tracker.close)
+
     def eval_setting(self) -> EvalSetting:
         tokens = getattr(self.job.data, "lm_eval_tokens", None)
         return EvalSetting(
@@ -422,6 +430,8 @@ def train_ensemble(
             failed = False
         finally:
             at.writer.close(quiet=failed)
+            if failed:
+                at.close_tracker()
             at.timings["checkpoint_write"] = at.writer.write_seconds
             at.timings["compile"] = sum(r.ens.compile_seconds.values())
             # however training ended (a stop, an error); under CUDA graphs this frees their

@@ -426,6 +426,33 @@ def test_a_failed_background_checkpoint_write_stops_training_at_once(
         assert checkpoints.checkpoint_steps(rundir.run_dir(tmp_path, m.run_id)) == {7}
 
 
+def test_an_ensemble_that_fails_closes_its_logger_as_failed(tiny_store, tmp_path, monkeypatch):
+    """Its wandb runs are marked failed at once, not whenever (if ever) the logger is
+    collected: a GPU task's process may exit first, leaving them "running" there."""
+    from sweep import logger, worker
+    from sweep.ensemble import Ensemble
+
+    closes = []
+
+    class Recording(logger.RunLogger):
+        def close(self, timeout=None, stopped=False):
+            closes.append(stopped)
+            return True
+
+    monkeypatch.setattr(worker, "make_logger", lambda *a: Recording())
+    real = Ensemble.step
+
+    def step(self, *a, **kw):
+        if self.rows >= 10 * 256:
+            raise RuntimeError("a kernel failed")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Ensemble, "step", step)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        train_ensemble(job_for(tiny_store, tmp_path, log_every=1))
+    assert closes == [False]
+
+
 def test_a_file_named_like_a_checkpoint_without_a_step_is_not_one(tmp_path):
     """A copy such as ``checkpoint-000000020-copy.safetensors`` is neither listed nor pruned."""
     saved = checkpoints.Checkpoint(20, {"param.W": torch.randn(2, 3)}, {})
