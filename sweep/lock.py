@@ -54,10 +54,12 @@ def _left_by(held: dict | None) -> str:
 
 
 def read_lock(sweep_dir: Path) -> dict | None:
+    """The lock's record; None when it is missing, unreadable or not a JSON object."""
     try:
-        return json.loads((sweep_dir / LOCK).read_text())
+        info = json.loads((sweep_dir / LOCK).read_text())
     except (OSError, ValueError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def holder_alive(info: dict, path: Path) -> bool:
@@ -71,7 +73,9 @@ def holder_alive(info: dict, path: Path) -> bool:
         fresh = False
     if info.get("host") != socket.gethostname():
         return fresh
-    pid = int(info.get("pid", -1))
+    pid = info.get("pid")
+    if not isinstance(pid, int) or pid <= 0:  # (damaged: os.kill(-1, 0) would say alive)
+        return fresh
     if not pid_alive(pid) or _copied(info, path):
         return False
     return fresh or same_process(pid, float(info.get("started", 0.0)))

@@ -448,6 +448,16 @@ def test_an_empty_lock_is_taken_over_and_a_full_disk_leaves_no_lock_temp(
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock-guard"]
 
 
+@pytest.mark.parametrize("text", ["[]", "0", '{"host": "HOST"}', '{"host": "HOST", "pid": -1}'])
+def test_a_lock_without_a_pid_is_stale_once_silent(tmp_path, caplog, text):
+    """A damaged lock (not an object, no pid of this host: os.kill(-1, 0) succeeds, so it
+    held forever) is taken over once its heartbeat is old, as an unreadable one."""
+    (tmp_path / ".lock").write_text(text.replace("HOST", socket.gethostname()))
+    os.utime(tmp_path / ".lock", (time.time() - 3600, time.time() - 3600))
+    with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
+        assert "taking over a stale lock" in caplog.text
+
+
 def test_a_fresh_lock_of_another_host_is_waited_for_until_stale(tmp_path, monkeypatch, caplog):
     """A SLURM job re-queued on another node right after its driver died there: the lock's
     heartbeat is still fresh; the new driver waits for it to go stale instead of failing."""
@@ -835,3 +845,19 @@ def test_an_atomic_write_makes_its_rename_durable_before_returning(tmp_path, mon
     )
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert synced == [False, True] and read_json(tmp_path / "a.json") == {"x": 1}
+
+
+def test_an_atomic_write_whose_mode_cannot_be_set_leaves_no_temp(tmp_path, monkeypatch):
+    """A file system that refuses chmod (some FUSE or CIFS mounts): the error, and neither a
+    temp file nor an open descriptor left behind."""
+    open_fds = set(os.listdir("/proc/self/fd")) if Path("/proc/self/fd").exists() else None
+
+    def refuse(fd: int, mode: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "fchmod", refuse)
+    with pytest.raises(PermissionError):
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert list(tmp_path.iterdir()) == []
+    if open_fds is not None:
+        assert set(os.listdir("/proc/self/fd")) == open_fds
