@@ -37,9 +37,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     it (a checkpoint's pruned predecessor, a finished run's checkpoints) after a power loss."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # (it owns fd: closed on any error below)
+            os.fchmod(fd, _FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())
