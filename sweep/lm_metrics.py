@@ -369,17 +369,6 @@ class LMEval:
         return ce_and_kl(self.model, self.tokens, self.hook, interventions, self.batch, self.ignore)
 
     @classmethod
-    def for_store(
-        cls, store: ChunkStore, device: torch.device | str, max_tokens: int | None = None
-    ) -> LMEval | None:
-        """An evaluator for runs trained on ``store``, or None (logged) when it has no model,
-        no held-out tokens, or its model cannot be loaded here."""
-        ev, why = cls.prepare(store, device, max_tokens)
-        if why:
-            log.warning("LM metrics skipped: %s", why)
-        return ev
-
-    @classmethod
     def prepare(
         cls, store: ChunkStore, device: torch.device | str, max_tokens: int | None = None
     ) -> tuple[LMEval | None, str | None]:

@@ -44,7 +44,6 @@ from sweep.lock import read_lock
 
 log = logging.getLogger(__name__)
 
-ID_FILE = rundir.TRACKER
 DOWN_FILE = "unreachable"
 """In ``SWEEP_DIR/wandb``: when a logger last found wandb unreachable (seconds since the epoch)."""
 DOWN_FOR = 900.0
@@ -186,7 +185,7 @@ class _Sender:
 
     @property
     def _down_file(self) -> Path:
-        return self.sweep_dir / "wandb" / DOWN_FILE
+        return self.sweep_dir / sweepdir.WANDB / DOWN_FILE
 
     def _mark_down(self) -> None:
         """Tell the sweep's next loggers (its other ensembles, in any process) not to wait."""
@@ -261,7 +260,7 @@ class _Sender:
             f"wandb has no API key: logging offline; `wandb sync {self.sweep_dir / 'wandb'}"
             "/offline-run-*` uploads these runs (`wandb login` or WANDB_API_KEY for the next sweep)"
         )
-        held, marker = read_lock(self.sweep_dir), self.sweep_dir / "wandb" / NO_KEY_FILE
+        held, marker = read_lock(self.sweep_dir), self.sweep_dir / sweepdir.WANDB / NO_KEY_FILE
         if held is not None:
             mark = json.dumps([held.get("host"), held.get("pid"), held.get("started")])
             with contextlib.suppress(OSError):

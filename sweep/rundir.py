@@ -426,14 +426,6 @@ class FinalResult:
     diverged_step: int | None = None
 
 
-def is_done(folder: str | Path) -> bool:
-    return RunFolder(Path(folder)).is_done()
-
-
-def run_state(folder: str | Path) -> RunState:
-    return RunFolder(Path(folder)).state()
-
-
 def _redone(line: str, after_step: int) -> bool:
     """Whether an ``events.jsonl`` line is a training step's event past ``after_step``."""
     event = jsonl.record(line)

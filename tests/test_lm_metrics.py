@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -276,8 +275,8 @@ def test_member_metrics_skips_diverged_and_missing(model, tokens):
     )
 
 
-def test_for_store_without_a_model_is_none(tiny_store):
-    assert LMEval.for_store(tiny_store, "cpu") is None  # synthetic store: no model in provenance
+def test_a_store_without_a_model_has_no_evaluator_and_no_reason(tiny_store):
+    assert LMEval.prepare(tiny_store, "cpu") == (None, None)  # synthetic: no model to name
 
 
 def store_with_a_model(tiny_store, tmp_path, model: str) -> ChunkStore:  # noqa: ANN001
@@ -296,11 +295,10 @@ def store_with_a_model(tiny_store, tmp_path, model: str) -> ChunkStore:  # noqa:
     return ChunkStore(store_dir)
 
 
-def test_for_store_with_unloadable_model_warns(tiny_store, tmp_path, caplog):
+def test_a_store_whose_model_cannot_be_loaded_says_why(tiny_store, tmp_path):
     store = store_with_a_model(tiny_store, tmp_path, str(tmp_path / "gone"))
-    with caplog.at_level(logging.WARNING, logger="sweep.lm_metrics"):
-        assert LMEval.for_store(store, "cpu") is None
-    assert "LM metrics skipped" in caplog.text and "does not exist" in caplog.text
+    ev, why = LMEval.prepare(store, "cpu")
+    assert ev is None and "does not exist" in why
 
 
 def test_harvest_from_a_native_model_then_evaluate(model, tmp_path):

@@ -105,7 +105,7 @@ def test_each_grid_point_is_its_own_wandb_run(tiny_store, tmp_path):
     )
     assert len(runs) == 2
     for m in job.ensemble.members:
-        wid = read_json(rundir.run_dir(tmp_path, m.run_id) / tracking.ID_FILE)["wandb_id"]
+        wid = read_json(rundir.run_dir(tmp_path, m.run_id) / rundir.TRACKER)["wandb_id"]
         (data,) = [v for k, v in runs.items() if k.endswith(wid)]
         for key in (
             b"train/fvu",
@@ -121,7 +121,7 @@ def test_each_grid_point_is_its_own_wandb_run(tiny_store, tmp_path):
         assert m.run_id.encode() in data
     # a resumed sweep continues the same wandb runs
     d = rundir.run_dir(tmp_path, job.ensemble.members[0].run_id)
-    assert tracking.run_wandb_id(d, "ignored") == read_json(d / tracking.ID_FILE)["wandb_id"]
+    assert tracking.run_wandb_id(d, "ignored") == read_json(d / rundir.TRACKER)["wandb_id"]
 
 
 def test_logger_comes_from_sweep_config_when_job_has_none(tiny_store, tmp_path):
@@ -161,7 +161,7 @@ def test_hanging_backend_never_blocks_training(tiny_store, tmp_path, monkeypatch
     text = caplog.text
     assert "dropping log events" in text and "did not finish in time" in text
     for m in job.ensemble.members:
-        assert rundir.is_done(rundir.run_dir(tmp_path, m.run_id))
+        assert rundir.RunFolder(rundir.run_dir(tmp_path, m.run_id)).is_done()
 
 
 def test_raising_backend_never_fails_training(tiny_store, tmp_path, monkeypatch, caplog):

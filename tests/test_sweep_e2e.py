@@ -64,7 +64,7 @@ def test_sweep_writes_every_run_and_summary(ray_cluster, tmp_path, capsys):
     assert "start-up took" in (sw / "sweep.log").read_text()
     for r in rows:
         d = sw / "runs" / r["run_id"]
-        assert rundir.is_done(d) and (d / "sae.safetensors").exists()
+        assert rundir.RunFolder(d).is_done() and (d / "sae.safetensors").exists()
         placement = json.loads((d / "placement.json").read_text())
         # the shared test cluster has 2 fake GPUs: tasks get one each (CUDA_VISIBLE_DEVICES set) and,
         # with no real CUDA, train on the CPU

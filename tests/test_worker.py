@@ -24,7 +24,7 @@ from sweep.config import SAEConfig, to_sweep_config
 from sweep.errors import SweepError
 from sweep.io import memory_text
 from sweep.planning import resume_groups
-from sweep.rundir import run_state
+from sweep.rundir import RunFolder
 from sweep.sweepdir import SweepFolder
 from sweep.worker import EnsembleJob, train_ensemble
 from tests.conftest import tiny_train
@@ -83,7 +83,7 @@ def test_run_folders_are_complete(tiny_store, tmp_path):
         curve = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
         assert [c["step"] for c in curve] == [*range(5, 39, 5), 38]  # and the last step
         assert {"loss", "mse", "l1", "l0", "fvu"} <= set(curve[0])
-        assert run_state(d) == "done"
+        assert RunFolder(d).state() == "done"
     assert [m.run_id for m in job.ensemble.members] == ["r2-l1_1e-03-s0", "r2-l1_3e-02-s0"]
 
 
@@ -95,7 +95,7 @@ def test_resume_is_bit_exact(tiny_store, tmp_path, stop_at):
     first = train_ensemble(cut, should_stop=stop_after(stop_at))
     assert set(first.states.values()) == {"interrupted"} and first.steps == stop_at
     d0 = rundir.run_dir(tmp_path / "cut", cut.ensemble.members[0].run_id)
-    assert run_state(d0) == "interrupted" and not rundir.is_done(d0)
+    assert RunFolder(d0).state() == "interrupted" and not RunFolder(d0).is_done()
     second = train_ensemble(cut)
     assert second.steps == 76 and second.resumed_from == stop_at  # not a restart from scratch
     for m in ref.ensemble.members:
@@ -301,7 +301,7 @@ def test_diverged_member_is_marked_and_others_finish(tiny_store, tmp_path):
     final = json.loads((bad / "metrics.json").read_text())
     assert final["state"] == "diverged" and final["diverged_step"] == 1
     assert final["steps"] == final["rows_trained"] == 0  # the first step updated nothing
-    assert run_state(bad) == "diverged" and rundir.is_done(bad)
+    assert RunFolder(bad).state() == "diverged" and RunFolder(bad).is_done()
     good = json.loads((rundir.run_dir(tmp_path, "r2-l1_1e-03-s0") / "metrics.json").read_text())
     assert good["state"] == "done" and good["fvu"] < 0.5
 
