@@ -31,7 +31,9 @@ details = logging.getLogger("sweep.details")  # to sweep.log only (see driver.sw
 
 BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
 """tqdm's own, less its time left (paced by rows): the postfix says one paced by work."""
-STOP_GRACE = 30.0  # seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT
+STOP_GRACE = 30.0
+"""Seconds the driver waits for ensembles to checkpoint after SIGTERM/SIGINT, beyond the
+time their checkpoints take to write (:func:`stop_grace`)."""
 STOP_WRITE_RATE = 100e6
 """Bytes/s a stop checkpoint is assumed to reach on a slow shared filesystem: the wait grows
 with what the ensembles must write (parameters and both Adam moments, fp32)."""

@@ -169,7 +169,7 @@ def ensemble_id(ratio: float, k: int, tag: str = "") -> str:
     return f"r{fmt_number(ratio)}-e{k}{tag}"
 
 
-def group(runs: list[RunSpec], budget_for: dict[float, int], tag: str = "") -> list[EnsembleSpec]:
+def group(runs: list[RunSpec], budget_for: dict[float, int]) -> list[EnsembleSpec]:
     """Group runs by dict ratio (largest first) and split each group into near-equal
     ensembles of at most ``budget_for[ratio]`` members."""
     out: list[EnsembleSpec] = []
@@ -182,7 +182,7 @@ def group(runs: list[RunSpec], budget_for: dict[float, int], tag: str = "") -> l
         for k in range(n_ens):
             part = tuple(members[start : start + size + (k < more)])
             start += len(part)
-            out.append(EnsembleSpec(ensemble_id(ratio, k, tag), ratio, part[0].dict_size, part))
+            out.append(EnsembleSpec(ensemble_id(ratio, k), ratio, part[0].dict_size, part))
     return out
 
 
