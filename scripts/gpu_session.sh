@@ -55,12 +55,13 @@ if [ "$part" = main ]; then  # ~570 s of limits (+20 s grace each), plus setup.s
   tests step_tests 130 -k "($steps) and not ($resume)"
   tests memory_tests 80 -k "memory_model"  # 8 compiles of a small step (4 under graphs)
 elif [ "$part" = extra ]; then  # in order of what the issues still lack; the call's limit cuts the tail
-  step feed 40 $bench --sections 3 --json "$out/feed.json"  # issue 9's feed and generator: quick
+  step feed 40 $bench --sections 3  # issue 9's feed and generator: quick (figures in its log)
   # issue 10's targets, held by the graphed step (sizes print as measured: a cut keeps them)
   SWEEP_PEAK_SIZES=128x512,512x4096,768x24576,2304x18432 step peak 300 \
     $bench --quick --sections 8 --json "$out/peak.json"
   tests sweep_tests 180 -k "not ($data or $steps or memory_model or fresh_compile)"
   step topk 70 $bench --quick --sections 7 --json "$out/topk.json"  # the eager default's
+  step jrelu 60 python3 scripts/jumprelu_speed.py --device cuda  # tf32's cost for log
   tests data_tests 40 -k "$data"
 else  # rest: auto packing against fixed shares (issue 9)
   SWEEP_E2E_ROWS=2000000 SWEEP_E2E_RATIOS=4,8,16,32 SWEEP_E2E_SHARES=auto,0.25,0.5,1 \

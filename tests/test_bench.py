@@ -53,3 +53,16 @@ def test_bench_quick_runs_every_section(tmp_path: Path) -> None:
     assert runs["with"][0][1]["calls"] > 0  # checkpoints really were taken
     assert runs["with"][0][1]["periodic"] > 0  # ... by the periodic policy, not only the final one
     assert runs["without"][0][1]["periodic"] == 0  # and "off" really was off
+
+
+def test_jumprelu_speed_script_times_every_precision(tmp_path: Path) -> None:
+    out = tmp_path / "j.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "jumprelu_speed.py"), "--device", "cpu"]
+    cmd += ["--size", "16x64", "--members", "2", "--batch", "64", "--repeats", "1"]
+    cmd += ["--min-time", "0.01", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rate = json.loads(out.read_text())["rate"]
+    assert set(rate) == {"linear bfloat16", "log bfloat16", "log tf32", "log float32"}
+    assert all(r > 0 for r in rate.values())
