@@ -50,6 +50,18 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     fsync_folder(path.parent)
 
 
+def fsync_file(path: Path) -> None:
+    """Make the lines appended to ``path`` durable (nothing to do when it does not exist)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_folder(folder: Path) -> None:
     """Make the folder's entries (renames, new files) durable; a file system that cannot
     fsync a folder (some network ones) is left to its own ordering."""

@@ -37,6 +37,7 @@ from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
+    fsync_file,
     json_bytes,
     read_json,
     remove_stale_temps,
@@ -318,6 +319,11 @@ class RunFolder:
         atomic_write_json(self.path / PLACEMENT, {**placement, "time": time.time()})
 
     def save_checkpoint(self, ckpt: checkpoints.Checkpoint) -> None:
+        """Write checkpoint ``ckpt``, the curve and events up to its step made durable first:
+        a power loss must not keep the checkpoint and tear a record that a resume from it
+        will not write again."""
+        for name in (CURVE, EVENTS):
+            fsync_file(self.path / name)
         checkpoints.save_checkpoint(self.path, ckpt)
 
     def record_timings(self, timings: dict[str, float], program: str | None = None) -> None:

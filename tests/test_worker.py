@@ -453,6 +453,26 @@ def test_an_ensemble_that_fails_closes_its_logger_as_failed(tiny_store, tmp_path
     assert closes == [False]
 
 
+def test_the_curve_is_on_disk_before_each_checkpoint(tiny_store, tmp_path, monkeypatch):
+    """A power loss after checkpoint s must not leave the curve's record of step s torn: the
+    resume from s drops a torn line and never writes that record again."""
+    import os
+
+    synced = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real(fd)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc here")
+    monkeypatch.setattr(os, "fsync", fsync)
+    train_ensemble(job_for(tiny_store, tmp_path, l1s=(1e-3,), log_every=7))
+    first = next(i for i, n in enumerate(synced) if n.startswith(".checkpoint-"))
+    assert rundir.CURVE in synced[:first]
+
+
 def test_a_file_named_like_a_checkpoint_without_a_step_is_not_one(tmp_path):
     """A copy such as ``checkpoint-000000020-copy.safetensors`` is neither listed nor pruned."""
     saved = checkpoints.Checkpoint(20, {"param.W": torch.randn(2, 3)}, {})
