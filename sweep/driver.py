@@ -96,7 +96,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome, laps = Outcome(), Laps()
     try:
-        with driving(folder, outcome) as lock:
+        with driving(folder, outcome, cfg) as lock:
             check_config(cfg, folder)
             cfg = kept_group(cfg, folder)  # (before config.yaml is written again)
             finished = recorded_finished_plan(cfg, folder)  # (its store may be gone)
@@ -113,14 +113,15 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
 
 @contextlib.contextmanager
 def driving(
-    folder: SweepFolder, outcome: Outcome, *asking: str, doing: str = TRAINING
+    folder: SweepFolder, outcome: Outcome, cfg: SweepConfig, *asking: str, doing: str = TRAINING
 ) -> Iterator[SweepLock]:
     """Be the sweep's driver: signals handled (:class:`DriverSignals`, ``asking`` what its
     line says a stop asks of the ensembles), ``sweep.log`` written, the sweep's lock held
-    (saying what it is ``doing``, for ``sweep status``); ``outcome`` records the signals and
-    that the lock is held."""
+    (saying what it is ``doing``, for ``sweep status``, and where its local Ray lives);
+    ``outcome`` records the signals and that the lock is held."""
+    ray = None if cfg.launch.address else str(reaper.ray_temp_root(cfg.launch.temp_dir))
     with DriverSignals(folder.request_stop, *asking) as signals, sweep_log(folder):
-        lock = SweepLock(folder.path, doing)  # (released at a signal from before it is taken:
+        lock = SweepLock(folder.path, doing, ray)  # (released at a signal from before it is taken:
         with at_exit_now(lambda _line: lock.release()), lock:  # release checks it is ours)
             outcome.signals, outcome.locked = signals, True
             with StopRequestWatch(folder.path, lock.info, signals):  # ('sweep stop')

@@ -45,7 +45,7 @@ def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunReco
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir", fix))
     outcome = Outcome(stopped_note=STOPPED)
     asking = "every ensemble to stop (nothing is trained: nothing to checkpoint)"
-    with driver.driving(folder, outcome, asking, doing=EVALUATING) as lock:
+    with driver.driving(folder, outcome, cfg, asking, doing=EVALUATING) as lock:
         driver.check_config(cfg, folder)
         store = driver.checked_store(cfg, folder)
         runs = evaluable_runs(cfg, store.width, only)  # (before Ray: hashes their weights)

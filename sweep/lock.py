@@ -169,7 +169,11 @@ def activity(info: dict) -> str:
 class SweepLock:
     """Context manager: acquire on enter (or raise RunDirError), release on exit."""
 
-    def __init__(self, sweep_dir: str | Path, doing: str = TRAINING) -> None:
+    def __init__(
+        self, sweep_dir: str | Path, doing: str = TRAINING, ray_temp: str | None = None
+    ) -> None:
+        """``ray_temp``: where this driver's local Ray keeps its sessions, for the next driver
+        to end what a SIGKILL of this one leaves there (:mod:`sweep.reaper`)."""
         self.path = Path(sweep_dir) / LOCK
         self.info = {
             "host": socket.gethostname(),
@@ -177,6 +181,8 @@ class SweepLock:
             "started": time.time(),
             "doing": doing,
         }
+        if ray_temp is not None:
+            self.info["ray_temp"] = ray_temp
         self.stale: dict | None = None
         """The lock this one took over: a driver that died without releasing it."""
         self._last_beat = 0.0

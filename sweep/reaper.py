@@ -4,7 +4,7 @@ A local sweep's driver starts its own Ray. Killed outright (SIGKILL, an OOM kill
 shut Ray down; Ray's raylet and workers then end, but its dashboard and runtime-env agents
 stay, re-parented to init, about 170 MB each pair, until the machine reboots (measured with
 Ray 2.60). The next driver of the same sweep takes over the dead one's stale lock, which
-names its host and pid; Ray's session folder ends with that pid (``session_<time>_<pid>``),
+names its host, pid and Ray folder (its ``launch.temp_dir``); Ray's session folder ends with that pid (``session_<time>_<pid>``),
 and each agent keeps its logs there open. Those processes of this user, and only those, are
 ended before the new driver starts its Ray. A driver that exits at once on a signal before
 training (while Ray starts, or plans) ends its own session's agents itself
@@ -45,7 +45,10 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     pid = stale.get("pid")
     if not isinstance(pid, int) or pid <= 0 or pid_alive(pid):  # (a copied sweep's, or reused)
         return 0
-    found = sorted(ray_temp_root(temp_dir).glob(f"session_*_{pid}"))
+    roots = {ray_temp_root(temp_dir)}
+    if isinstance(stale.get("ray_temp"), str):  # (its own launch.temp_dir, maybe another)
+        roots.add(Path(stale["ray_temp"]))
+    found = sorted(s for root in roots for s in root.glob(f"session_*_{pid}"))
     held = {s: _holders(s) for s in found}  # (a session its raylet or GCS holds: Ray runs)
     sessions = [s for s, procs in held.items() if not any(c in LIVE for _, _, c in procs)]
     left = sorted({p for s in sessions for p, title, _ in held[s] if title.startswith(RAY)})

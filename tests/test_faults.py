@@ -156,7 +156,8 @@ def test_sigkill_driver_then_rerun(reference, tmp_path, tmp_path_factory, record
     time.sleep(1.0)
     (session,) = rt.glob(f"session_*_{p.pid}")
     left = reaper.holding(session)  # Ray's agents outlive it (not its raylet nor workers)
-    code, out = finish(start(sw, rt))  # a stale lock from the dead driver is taken over
+    again = rt if records == 2 else rt.with_name(f"{rt.name}b")  # (another launch.temp_dir)
+    code, out = finish(start(sw, again))  # a stale lock from the dead driver is taken over
     assert code == 0 and hashes(sw) == reference, out
     assert reaper.holding(session) == []  # and the agents the dead driver left are ended
     assert ("Ray process(es) that the killed driver" in out) == bool(left), out

@@ -58,6 +58,20 @@ def test_the_ray_processes_holding_a_dead_drivers_session_are_ended(tmp_path):
             p.wait()
 
 
+def test_the_dead_drivers_own_ray_folder_is_searched_too(tmp_path):
+    """Its lock records where its Ray was (``ray_temp``): a re-run with another
+    ``launch.temp_dir`` still ends what it left."""
+    pid = dead_pid()
+    agent = holder(session(tmp_path / "old", pid) / "dashboard_agent.log")
+    stale = {"host": socket.gethostname(), "pid": pid, "ray_temp": str(tmp_path / "old")}
+    try:
+        assert reaper.reap(str(tmp_path / "new"), stale) == 1
+        assert agent.wait(timeout=10) is not None
+    finally:
+        agent.kill()
+        agent.wait()
+
+
 @pytest.mark.parametrize(
     "case", ["another host", "a live raylet", "no stale lock", "its driver alive"]
 )
