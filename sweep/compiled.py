@@ -84,9 +84,7 @@ def step(
     grads, parts, codes = fastpath.grads(
         spec.arch, params, x_BD, hyper, spec.kmax, aux, True, None, spec.compute_dtype, cast
     )
-    if spec.grad_clip is not None:
-        active_E &= clip_members(grads, spec.grad_clip)
-    active_E &= torch.isfinite(parts.loss)
+    active_E &= clip_members(grads, spec.grad_clip) & torch.isfinite(parts.loss)
     lr = spec.adam.lr * scales[0]
     for k in params:
         p, m, v = params[k], state.exp_avg[k], state.exp_avg_sq[k]

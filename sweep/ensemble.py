@@ -7,7 +7,7 @@ updates the stacked tensors. For untied ReLU, TopK and BatchTopK members a hand-
 formulation of the same gradients (:mod:`sweep.fastpath`) is the default (the benchmark shows
 vmap's generic batching is slower than a Python loop on CPU); the vmapped single-member math
 stays the reference and the equivalence tests cover both. A member whose loss turns NaN/inf
-(or, under the gradient clip, whose gradient norm does: its squares overflow at an absurd L1)
+(or whose gradient norm does: its squares overflow at an absurd L1)
 is frozen (no further updates, its step count stops) and the others train on, without a
 host sync in the step loop.
 
@@ -187,9 +187,7 @@ class Ensemble:
             return self._step_compiled(x_BD, lr_scale, l1_scale)
         hyper = self.hyper if l1_scale == 1.0 else {**self.hyper, "l1": self.hyper["l1"] * l1_scale}
         grads, parts, codes = self._grads(x_BD, hyper, full)
-        if self.grad_clip is not None:
-            self.active &= clip_members(grads, self.grad_clip)
-        self.active &= torch.isfinite(parts.loss)
+        self.active &= clip_members(grads, self.grad_clip) & torch.isfinite(parts.loss)
         skip = (~self.active).float()  # (E,) 1.0 = leave this member untouched
         self.adam.update(self.params, grads, self.state, skip, lr_scale)
         self.arch.constrain(self.params, self.active)

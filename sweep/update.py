@@ -13,17 +13,24 @@ from sweep.sums import member_sums
 SINCE_FIRED = "since_fired"
 
 
-def clip_members(grads: Params, max_norm: float) -> torch.Tensor:
-    """Scale each member's gradients in place so their global norm is at most ``max_norm``
-    (``torch.nn.utils.clip_grad_norm_``'s rule, per member: factor max_norm / (norm + 1e-6));
-    returns (E,) bool: whose norm is finite. One whose squares overflow (a finite loss at an
-    absurd L1) would be scaled to zero and stop moving unseen: the step freezes it instead."""
+def _squared_norms(grads: Params) -> torch.Tensor:
+    """(E,) each member's squared global gradient norm, summed as if it trained alone."""
     # by name: a restored ensemble's dict order differs, and the sum must not
-    sq = sum(member_sums(grads[k].pow(2)) for k in sorted(grads))  # (E,), as if alone
-    factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
-    for g in grads.values():
-        g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
-    return torch.isfinite(sq)  # type: ignore[arg-type]
+    return sum(member_sums(grads[k].pow(2)) for k in sorted(grads))  # type: ignore[return-value]
+
+
+def clip_members(grads: Params, max_norm: float | None) -> torch.Tensor:
+    """Scale each member's gradients in place so their global norm is at most ``max_norm``
+    (``torch.nn.utils.clip_grad_norm_``'s rule, per member: factor max_norm / (norm + 1e-6);
+    None: no clip); returns (E,) bool: whose norm is finite. One whose squares overflow (a
+    finite loss at an absurd L1) would be scaled to zero, or make Adam's second moment inf,
+    and stop moving unseen: the step freezes it instead."""
+    sq = _squared_norms(grads)
+    if max_norm is not None:
+        factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for g in grads.values():
+            g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
+    return torch.isfinite(sq)
 
 
 def adam_stacked(

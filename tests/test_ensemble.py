@@ -81,12 +81,14 @@ def test_diverged_member_is_frozen_and_others_train_on():
     torch.testing.assert_close(ens.params["W_enc"][0], p["W_enc"].detach(), rtol=2e-5, atol=2e-6)
 
 
-def test_member_whose_gradients_overflow_is_frozen_though_its_loss_is_finite():
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_member_whose_gradients_overflow_is_frozen_though_its_loss_is_finite(clip):
     """At an absurd L1 the loss stays finite but the gradient's squares overflow float32: the
-    clip would scale them to zero and the member would stop moving unseen, its run "done" at
-    its initial weights. It is frozen as diverged instead."""
+    clip would scale them to zero (without it, Adam's second moment would be inf), and the
+    member would stop moving unseen, its run "done" at its initial weights. It is frozen as
+    diverged instead."""
     init, xs = members("untied"), batches(6)
-    ens = Ensemble(stack(init), l1_hyper(), Adam(LR, BETAS, EPS), grad_clip=1.0)
+    ens = Ensemble(stack(init), l1_hyper(), Adam(LR, BETAS, EPS), grad_clip=clip)
     ens.step(xs[0])
     ens.hyper["l1"][2] = 1e30
     parts = ens.step(xs[1])
