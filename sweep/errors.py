@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import select
+import sys
 
 
 class SweepError(Exception):
@@ -72,9 +74,6 @@ def os_error_message(err: OSError, trains: bool = True) -> str:
 def stdout_gone() -> bool:
     """Whether stdout is a pipe whose reader went away (``sweep status DIR | head``): a
     BrokenPipeError then is no problem of the user's paths or permissions."""
-    import select
-    import sys
-
     try:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLERR)  # a pipe with no reader: POLLERR

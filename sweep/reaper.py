@@ -4,11 +4,12 @@ A local sweep's driver starts its own Ray. Killed outright (SIGKILL, an OOM kill
 shut Ray down; Ray's raylet and workers then end, but its dashboard and runtime-env agents
 stay, re-parented to init, about 170 MB each pair, until the machine reboots (measured with
 Ray 2.60). The next driver of the same sweep takes over the dead one's stale lock, which
-names its host, pid and Ray folder (its ``launch.temp_dir``); Ray's session folder ends with that pid (``session_<time>_<pid>``),
-and each agent keeps its logs there open. Those processes of this user, and only those, are
-ended before the new driver starts its Ray. A driver that exits at once on a signal before
-training (while Ray starts, or plans) ends its own session's agents itself
-(:func:`end_own_session`). Linux only (``/proc``); elsewhere nothing is done.
+names its host, pid and Ray folder (its ``launch.temp_dir``); Ray's session folder there ends
+with that pid (``session_<time>_<pid>``), and each agent keeps its logs there open. Those
+processes of this user, and only those, are ended before the new driver starts its Ray. A
+driver that exits at once on a signal before training (while Ray starts, or plans) ends its
+own session's agents itself (:func:`end_own_session`). Linux only (``/proc``); elsewhere
+nothing is done.
 """
 
 from __future__ import annotations
