@@ -688,7 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         with interruptible():
             args = parse(argv)
             _setup_logging(args.verbose)
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()  # (here, where a reader that left is caught: a pipe buffers)
+            return code
     except (Interrupted, StopNow, SystemError) as err:
         stop = raised_by(err, (Interrupted, StopNow))
         if stop is None:

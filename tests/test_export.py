@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -464,7 +465,8 @@ def test_a_reader_that_stops_reading_is_no_error(small_sweep, tmp_path, command)
 
     args = [a.replace("OUT", str(tmp_path / "out")) for a in command]
     argv = [sys.executable, "-m", "sweep", args[0], str(small_sweep), *args[1:]]
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (a pipe buffers)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     p.stdout.close()  # before the command writes (it is still importing)
     err = p.stderr.read()
     assert (p.wait(), err) == (1, "")
