@@ -13,24 +13,27 @@ from sweep.sums import member_sums
 SINCE_FIRED = "since_fired"
 
 
-def _squared_norms(grads: Params) -> torch.Tensor:
-    """(E,) each member's squared global gradient norm, summed as if it trained alone."""
-    # by name: a restored ensemble's dict order differs, and the sum must not
-    return sum(member_sums(grads[k].pow(2)) for k in sorted(grads))  # type: ignore[return-value]
-
-
 def clip_members(grads: Params, max_norm: float | None) -> torch.Tensor:
     """Scale each member's gradients in place so their global norm is at most ``max_norm``
     (``torch.nn.utils.clip_grad_norm_``'s rule, per member: factor max_norm / (norm + 1e-6);
-    None: no clip); returns (E,) bool: whose norm is finite. One whose squares overflow (a
-    finite loss at an absurd L1) would be scaled to zero, or make Adam's second moment inf,
-    and stop moving unseen: the step freezes it instead."""
-    sq = _squared_norms(grads)
-    if max_norm is not None:
-        factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-        for g in grads.values():
-            g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
-    return torch.isfinite(sq)
+    None: no clip); returns (E,) bool: the members that can step. One whose gradient's
+    squares overflow (a finite loss at an absurd L1) would stop moving unseen, its norm's
+    clip factor zero (or, unclipped, Adam's second moment inf): the step freezes it instead."""
+    if max_norm is None:  # Adam squares each element: that square must be finite
+        return torch.isfinite(_largest_squares(grads))
+    # by name: a restored ensemble's dict order differs, and the sum must not
+    sq = sum(member_sums(grads[k].pow(2)) for k in sorted(grads))  # (E,), as if alone
+    factor = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)  # type: ignore[union-attr]
+    for g in grads.values():
+        g.mul_(factor.view(-1, *[1] * (g.dim() - 1)))
+    return torch.isfinite(sq)  # type: ignore[arg-type]
+
+
+def _largest_squares(grads: Params) -> torch.Tensor:
+    """(E,) each member's largest squared gradient element (NaN where one is NaN)."""
+    inf = float("inf")
+    per_param = [torch.linalg.vector_norm(g.flatten(1), inf, dim=1) for g in grads.values()]
+    return torch.stack(per_param).amax(dim=0).pow(2)
 
 
 def adam_stacked(

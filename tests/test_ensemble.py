@@ -97,6 +97,18 @@ def test_member_whose_gradients_overflow_is_frozen_though_its_loss_is_finite(cli
     assert float(ens.state.step["W_enc"][2]) == 1
 
 
+def test_unclipped_gradients_freeze_a_member_only_where_adam_cannot_step():
+    """Unclipped, Adam squares each element: a gradient whose norm overflows float32 but whose
+    elements' squares do not (1e17 over 4M elements) steps; one that is NaN or whose element
+    squares overflow does not. Clipped, the norm's overflow would zero the step: frozen."""
+    from sweep.update import clip_members
+
+    g = torch.zeros(4, 2048, 2048)
+    g[1], g[2, 0, 0], g[3, 5, 7] = 1e17, 1e20, float("nan")
+    assert clip_members({"W": g.clone()}, None).tolist() == [True, True, False, False]
+    assert clip_members({"W": g.clone()}, 1.0).tolist() == [True, False, False, False]
+
+
 def test_decoder_rows_stay_unit_norm():
     ens = Ensemble(stack(members("untied")), l1_hyper(), Adam(1e-1, BETAS, EPS))
     for x in batches(5):
