@@ -163,8 +163,8 @@ class RunFolder:
         return {"weights_sha256", "cfg_sha256"} <= self._json(DONE, quiet=True).keys()
 
     def evaluated_step(self) -> int | None:
-        """Of a run evaluated again from its weights (see :meth:`unevaluable`): the step
-        its weights froze at when it diverged, else None."""
+        """Of a run evaluated again from its weights (see :meth:`unevaluable`): the step at
+        which it diverged (its weights hold the steps before it), else None."""
         if self._json(DONE, quiet=True).get("state") != RunState.DIVERGED.value:
             return None
         return self.diverged_step()
@@ -244,7 +244,8 @@ class RunFolder:
         return str(self._json(DONE).get("finished", ""))
 
     def diverged_step(self) -> int | None:
-        """The step a diverged run froze at (``diverged.json``), or None."""
+        """The step at which a diverged run froze (``diverged.json``: the first whose loss or
+        gradient was not finite, which updated nothing), or None."""
         step = self._json(DIVERGED).get("step")
         return int(step) if isinstance(step, int) else None
 

@@ -58,8 +58,8 @@ def _kept_weights_rows(r: RunRecord, batch: int) -> int | None:
     lost (:attr:`RunRecord.kept_weights`), else None."""
     if not r.kept_weights:
         return None
-    step = r.folder.evaluated_step()  # (a diverged run's weights froze at its step)
-    return step * batch if step is not None else r.total_rows
+    step = r.folder.evaluated_step()  # (a diverged run's weights hold the steps before it)
+    return (step - 1) * batch if step is not None else r.total_rows
 
 
 def _saved_steps(records: list[RunRecord]) -> dict[str, int]:

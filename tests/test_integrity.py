@@ -217,6 +217,11 @@ def test_a_diverged_run_is_evaluated_again_as_diverged(copy):
     done = json.loads((run_.path / rundir.DONE).read_text())
     (run_.path / rundir.DONE).write_text(json.dumps({**done, "state": "diverged"}))
     assert run_.evaluated_step() == 3
+    from sweep.status import status_rows
+
+    (row,) = [r for r in status_rows(copy) if r["run_id"] == run_.path.name]
+    batch = json.loads((run_.path / "spec.json").read_text())["train"]["batch_size"]
+    assert row["rows_trained"] == 2 * batch  # (step 3 diverged: its weights hold 2 updates)
     (run_.path / rundir.DIVERGED).unlink()  # a diverged run without its step: trained again
     assert (
         run_.unevaluable()
