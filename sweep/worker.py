@@ -39,6 +39,9 @@ from sweep.stop import quietly
 log = logging.getLogger(__name__)
 
 CURVE_KEYS = ("loss", "mse", "l1", "l0", "fvu")
+FAILED_CLOSE_TIMEOUT = 10.0
+"""Seconds without progress a failed ensemble's logger gets to finish (the failure, and a
+continuation after running out of memory, wait for it)."""
 
 
 @dataclass(frozen=True)
@@ -233,10 +236,11 @@ class _Attempt:
 
     def close_tracker(self) -> None:
         """After a failure: the logger's unfinished runs end ``failed`` now (not when it is
-        collected, which a GPU task's exiting process may never reach); never raises over
-        the failure."""
+        collected, which a GPU task's exiting process may never reach), waiting at most
+        :data:`FAILED_CLOSE_TIMEOUT` s without progress; never raises over the failure."""
         if self._tracker is not None:
-            quietly(self._tracker.close)
+            tracker = self._tracker
+            quietly(lambda: tracker.close(timeout=FAILED_CLOSE_TIMEOUT))
 
     def eval_setting(self) -> EvalSetting:
         tokens = getattr(self.job.data, "lm_eval_tokens", None)
@@ -372,6 +376,15 @@ def _attempt_number(folders: list[RunFolder], placement: dict) -> int:
     return attempt
 
 
+@contextmanager
+def _closing_tracker_on_failure(at: _Attempt) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        at.close_tracker()
+        raise
+
+
 def _without_training(at: _Attempt, t0: float) -> EnsembleResult | None:
     """The result of an ensemble trained no further: its members evaluated from their final
     weights (:func:`sweep.reevaluate.to_evaluate`), or all final already (a retry after every
@@ -382,7 +395,7 @@ def _without_training(at: _Attempt, t0: float) -> EnsembleResult | None:
         return None
     states = {r.run_id: f.state().value for r, f in zip(at.runs, at.folders, strict=True)}
     if members:  # (the others are final)
-        with _out_of_memory_named(job, at.device):
+        with _out_of_memory_named(job, at.device), _closing_tracker_on_failure(at):
             states.update(evaluate_again(at, members))
     else:
         for f in at.folders:  # (killed while clearing them, perhaps)
@@ -430,12 +443,12 @@ def train_ensemble(
             failed = False
         finally:
             at.writer.close(quiet=failed)
-            if failed:
-                at.close_tracker()
             at.timings["checkpoint_write"] = at.writer.write_seconds
             at.timings["compile"] = sum(r.ens.compile_seconds.values())
             # however training ended (a stop, an error); under CUDA graphs this frees their
             r.ens.release_training_state()  # memory pool, which only this thread's reset can
+            if failed:  # (after: the device's memory is not held while wandb finishes)
+                at.close_tracker()
     seconds = time.perf_counter() - t0
     at.timings.update(total=seconds, steps=r.step - resumed_from, started_at=started_at)
     for folder in at.folders:

@@ -436,7 +436,7 @@ def test_an_ensemble_that_fails_closes_its_logger_as_failed(tiny_store, tmp_path
 
     class Recording(logger.RunLogger):
         def close(self, timeout=None, stopped=False):
-            closes.append(stopped)
+            closes.append((stopped, timeout))
             return True
 
     monkeypatch.setattr(worker, "make_logger", lambda *a: Recording())
@@ -450,7 +450,20 @@ def test_an_ensemble_that_fails_closes_its_logger_as_failed(tiny_store, tmp_path
     monkeypatch.setattr(Ensemble, "step", step)
     with pytest.raises(RuntimeError, match="a kernel failed"):
         train_ensemble(job_for(tiny_store, tmp_path, log_every=1))
-    assert closes == [False]
+    assert closes == [(False, worker.FAILED_CLOSE_TIMEOUT)]
+    monkeypatch.setattr(Ensemble, "step", real)
+    job = job_for(tiny_store, tmp_path / "again")
+    train_ensemble(job)
+    (rundir.run_dir(tmp_path / "again", job.ensemble.members[0].run_id) / "metrics.json").unlink()
+    closes.clear()
+
+    def fails(*a, **kw):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(metrics, "evaluate_members", fails)
+    with pytest.raises(RuntimeError, match="evaluation failed"):  # (evaluated again: lost)
+        train_ensemble(job)
+    assert closes == [(False, worker.FAILED_CLOSE_TIMEOUT)]
 
 
 def test_the_curve_is_on_disk_before_each_checkpoint(tiny_store, tmp_path, monkeypatch):
