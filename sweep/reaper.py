@@ -46,10 +46,7 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     pid = stale.get("pid")
     if not isinstance(pid, int) or pid <= 0 or pid_alive(pid):  # (a copied sweep's, or reused)
         return 0
-    roots = {ray_temp_root(temp_dir)}
-    if isinstance(stale.get("ray_temp"), str):  # (its own launch.temp_dir, maybe another)
-        roots.add(Path(stale["ray_temp"]))
-    found = sorted(s for root in roots for s in root.glob(f"session_*_{pid}"))
+    found = sorted(s for root in _roots(temp_dir, stale) for s in _sessions(root, pid))
     held = {s: _holders(s) for s in found}  # (a session its raylet or GCS holds: Ray runs)
     sessions = [s for s, procs in held.items() if not any(c in LIVE for _, _, c in procs)]
     left = sorted({p for s in sessions for p, title, _ in held[s] if title.startswith(RAY)})
@@ -63,6 +60,24 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     )
     _end(left)
     return len(left)
+
+
+def _roots(temp_dir: str | None, stale: dict) -> set[Path]:
+    """Where the dead driver's Ray may be: this run's Ray folder, and the one its lock names
+    (its own ``launch.temp_dir``, maybe another; absolute, or it is no record of ours)."""
+    roots = {ray_temp_root(temp_dir)}
+    named = stale.get("ray_temp")
+    if isinstance(named, str) and Path(named).is_absolute():
+        roots.add(Path(named))
+    return roots
+
+
+def _sessions(root: Path, pid: int) -> list[Path]:
+    """Ray's session folders of driver ``pid`` in ``root`` (none where it cannot be read)."""
+    try:
+        return list(root.glob(f"session_*_{pid}"))
+    except OSError:
+        return []
 
 
 def end_own_session(temp_dir: str | None) -> None:

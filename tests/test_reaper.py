@@ -65,6 +65,8 @@ def test_the_dead_drivers_own_ray_folder_is_searched_too(tmp_path):
     agent = holder(session(tmp_path / "old", pid) / "dashboard_agent.log")
     stale = {"host": socket.gethostname(), "pid": pid, "ray_temp": str(tmp_path / "old")}
     try:
+        for damaged in ("/" + "x" * 5000, "relative/folder", 7):  # (nothing to search, no error)
+            assert reaper.reap(str(tmp_path / "new"), {**stale, "ray_temp": damaged}) == 0
         assert reaper.reap(str(tmp_path / "new"), stale) == 1
         assert agent.wait(timeout=10) is not None
     finally:
