@@ -565,6 +565,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"sweep {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_run,
+        _add_resume,
+        _add_evaluate,
+        _add_status,
+        _add_stop,
+        _add_report,
+        _add_harvest,
+        _add_export,
+    ):
+        add(sub)
+    return p
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
     run = sub.add_parser("run", help="run a sweep (Hydra overrides: key=value ...)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. grid.l1='[1e-3,1e-2]'")
     run.add_argument(
@@ -574,12 +589,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _compose_options(run)
     run.set_defaults(func=cmd_run)
+
+
+def _add_resume(sub: argparse._SubParsersAction) -> None:
     res = sub.add_parser("resume", help="continue a sweep from its saved config")
     res.add_argument("sweep_dir", type=_user_path)
     res.add_argument(
         "overrides", nargs="*", default=[], help="dotlist overrides (e.g. launch.num_cpus=4)"
     )
     res.set_defaults(func=cmd_resume)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="compute the metrics of a sweep's finished runs again from their weights "
@@ -593,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", nargs="+", metavar="ID", help="run ids to evaluate (default: every finished run)"
     )
     ev.set_defaults(func=cmd_evaluate)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("status", help="state and progress of every run")
     st.add_argument("sweep_dir", type=_user_path)
     st.add_argument(
@@ -608,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print it as JSON (runs, states, rows, pace while training) for scripts",
     )
     st.set_defaults(func=cmd_status)
+
+
+def _add_stop(sub: argparse._SubParsersAction) -> None:
     stop = sub.add_parser(
         "stop",
         help="ask a running sweep's driver (on any host that sees the folder) to stop; every "
@@ -618,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", help="return at once instead of when the driver ended"
     )
     stop.set_defaults(func=cmd_stop)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     rep = sub.add_parser(
         "report",
         help="summary table, MMCS, plots and index.html in SWEEP_DIR/report "
@@ -640,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--no-wandb", action="store_true", help="do not send the plots to wandb")
     rep.set_defaults(func=cmd_report)
+
+
+def _add_harvest(sub: argparse._SubParsersAction) -> None:
     hv = sub.add_parser("harvest", help="harvest transformer_lens activations into chunk stores")
     hv.add_argument(
         "overrides",
@@ -648,6 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _compose_options(hv)
     hv.set_defaults(func=cmd_harvest)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export", help="write finished runs in another library's format")
     exp.add_argument("sweep_dir", type=_user_path)
     exp.add_argument("--to", required=True, choices=["saelens"], help="target format")
@@ -661,7 +697,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="export the finished runs of a sweep that is still running (others are listed)",
     )
     exp.set_defaults(func=cmd_export)
-    return p
 
 
 def _user_path(text: str) -> str:
