@@ -178,60 +178,11 @@ def _override_fix(override: str) -> str:
 
 def _hydra_message(err: BaseException) -> str:
     """Hydra's multi-line errors, reduced to one line that names the problem and the fix."""
-    from hydra.errors import MissingConfigException
-
     text = str(err).strip()
-    if isinstance(err, MissingConfigException) and "Could not find" in text:
-        group = text.split("Could not find '", 1)[1].split("'", 1)[0]
-        name = group.rsplit("/", 1)
-        options = [
-            o.strip() for o in getattr(err, "options", None) or [] if not o.endswith("_schema")
-        ]
-        hint = f" (choose one of: {', '.join(sorted(options))})" if options else ""
-        return f"unknown option '{name[-1]}' for config group '{name[0]}'{hint}"
-    listed = re.match(r"Error merging override ([\w.]+)=(.*)", text)
-    if listed and "is not a ListConfig" in f"{text} {err.__cause__}":
-        key, value = listed.groups()
-        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # quoted: a text
-            return (
-                f"{key} takes a list, got the text {value} (quotes inside the override: from "
-                f"a program, pass {key}={value[1:-1]}; in a shell, quote the whole override)"
-            )
-        return f"{key} takes a list: write {key}='[{value}]' (brackets, quoted for the shell)"
-    comma = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", text)
-    if comma:
-        key, value = comma.groups()
-        return (
-            f"{key}={value} has a comma outside brackets; a list is written {key}='[{value}]', "
-            f"a value holding a comma is quoted: {key}='\"{value}\"'"
-        )
-    composing = re.match(r"In '([^']+)': \w+ raised while composing config:", text)
-    if composing:  # a field of a config file (--config-dir): named on the lines after
-        field = re.search(r"full_key: (\S+)", text)
-        if field and " not in " in text:
-            return (
-                f"config file {composing[1]}.yaml sets {field[1]}, which is not a config field; "
-                "remove it (run 'sweep run --cfg job' to list the fields)"
-            )
-        lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
-        if lines:
-            at = f" ({field[1]})" if field else ""
-            fix = "fix that file"
-            whole = re.match(
-                r"Value '(-?\d+)\.0' of type 'float' could not be converted to Int", lines[0]
-            )
-            if whole:  # (YAML's 1e5: a float; an override of it is taken, see _composed)
-                fix = f"write it as a whole number there ({whole[1]})"
-            return f"config file {composing[1]}.yaml: {lines[0]}{at}; {fix}"
-    missing = re.match(r"In '([^']+)': Could not load '([^']+)'", text)
-    if missing:  # a defaults list entry of a config file (--config-dir)
-        group, _, name = missing[2].rpartition("/")
-        own = sorted(f.stem for f in (Path(configs.__file__).parent / group).glob("*.yaml"))
-        hint = f" (sweep's own {group} options: {', '.join(own)})" if group and own else ""
-        return (
-            f"config file {missing[1]}.yaml lists '{name}' in its defaults, but neither sweep "
-            f"nor --config-dir has {missing[2]}.yaml; fix that list{hint}"
-        )
+    for reading in (_unknown_option, _not_a_list, _comma, _file_field, _file_default):
+        said = reading(err, text)
+        if said:
+            return said
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
         return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"
@@ -240,6 +191,82 @@ def _hydra_message(err: BaseException) -> str:
     cause = [ln.strip() for ln in str(err.__cause__ or "").splitlines() if ln.strip()]
     why = cause[0] if cause else ""
     return _override_message(head, why) or (f"{head}: {why}" if why else head)
+
+
+def _unknown_option(err: BaseException, text: str) -> str | None:
+    """An option a config group does not have (``sae=nope``), with the ones it has."""
+    from hydra.errors import MissingConfigException
+
+    if not (isinstance(err, MissingConfigException) and "Could not find" in text):
+        return None
+    group = text.split("Could not find '", 1)[1].split("'", 1)[0]
+    name = group.rsplit("/", 1)
+    options = [o.strip() for o in getattr(err, "options", None) or [] if not o.endswith("_schema")]
+    hint = f" (choose one of: {', '.join(sorted(options))})" if options else ""
+    return f"unknown option '{name[-1]}' for config group '{name[0]}'{hint}"
+
+
+def _not_a_list(err: BaseException, text: str) -> str | None:
+    """A list field given one value (``grid.l1=1e-3``), or a quoted text."""
+    listed = re.match(r"Error merging override ([\w.]+)=(.*)", text)
+    if not (listed and "is not a ListConfig" in f"{text} {err.__cause__}"):
+        return None
+    key, value = listed.groups()
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # quoted: a text
+        return (
+            f"{key} takes a list, got the text {value} (quotes inside the override: from "
+            f"a program, pass {key}={value[1:-1]}; in a shell, quote the whole override)"
+        )
+    return f"{key} takes a list: write {key}='[{value}]' (brackets, quoted for the shell)"
+
+
+def _comma(err: BaseException, text: str) -> str | None:
+    """A comma outside brackets (Hydra's multirun syntax, which sweep does not use)."""
+    comma = re.match(r"Ambiguous value for argument '([\w.]+)=(.*)'", text)
+    if not comma:
+        return None
+    key, value = comma.groups()
+    return (
+        f"{key}={value} has a comma outside brackets; a list is written {key}='[{value}]', "
+        f"a value holding a comma is quoted: {key}='\"{value}\"'"
+    )
+
+
+def _file_field(err: BaseException, text: str) -> str | None:
+    """A field of a config file (--config-dir) that is no field, or of the wrong type: named
+    on the lines after Hydra's first."""
+    composing = re.match(r"In '([^']+)': \w+ raised while composing config:", text)
+    if not composing:
+        return None
+    field = re.search(r"full_key: (\S+)", text)
+    if field and " not in " in text:
+        return (
+            f"config file {composing[1]}.yaml sets {field[1]}, which is not a config field; "
+            "remove it (run 'sweep run --cfg job' to list the fields)"
+        )
+    lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+    if not lines:
+        return None
+    at = f" ({field[1]})" if field else ""
+    fix = "fix that file"
+    whole = re.match(r"Value '(-?\d+)\.0' of type 'float' could not be converted to Int", lines[0])
+    if whole:  # (YAML's 1e5: a float; an override of it is taken, see _composed)
+        fix = f"write it as a whole number there ({whole[1]})"
+    return f"config file {composing[1]}.yaml: {lines[0]}{at}; {fix}"
+
+
+def _file_default(err: BaseException, text: str) -> str | None:
+    """A defaults list entry of a config file (--config-dir) that names no config."""
+    missing = re.match(r"In '([^']+)': Could not load '([^']+)'", text)
+    if not missing:
+        return None
+    group, _, name = missing[2].rpartition("/")
+    own = sorted(f.stem for f in (Path(configs.__file__).parent / group).glob("*.yaml"))
+    hint = f" (sweep's own {group} options: {', '.join(own)})" if group and own else ""
+    return (
+        f"config file {missing[1]}.yaml lists '{name}' in its defaults, but neither sweep "
+        f"nor --config-dir has {missing[2]}.yaml; fix that list{hint}"
+    )
 
 
 def _override_message(head: str, why: str) -> str | None:
