@@ -258,12 +258,8 @@ def build_report(
     remove_stale_temps(out, older_than=STALE_TEMP_SECONDS)  # of a report killed midway
     digest = folder.finished_digest()  # (before reading: a run finishing meanwhile outdates it)
     records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
-    rows = summary_rows(records)
     cross = crossdict.compute(records, dev, out / crossdict.CACHE)
-    for r in rows:  # this report's MMCS values only (a recorded one may pair a damaged run)
-        for key in MMCS_KEYS:
-            r.pop(key, None)
-        r.update(cross.per_run.get(r["run_id"], {}))
+    rows = _with_mmcs(summary_rows(records), cross)
     write_summary(out, rows)
     writable = _writes_back(sweep_dir, out)
     if writable:
@@ -276,12 +272,35 @@ def build_report(
     images = draw_plots(
         sweep_dir, out, records, rows, cross, [(c.label, r) for c, r in compared] or None
     )
+    write_html(out, _page(folder, records, rows, images, [c for c, _ in compared]))
+    if log_media and writable:  # (the report's wandb run is kept in the sweep folder)
+        _log_media(sweep_dir, rows, images)
+    return out, rows
+
+
+def _with_mmcs(rows: list[dict], cross: crossdict.CrossDict) -> list[dict]:
+    """``rows`` with this report's MMCS values only (a recorded one may pair a damaged run)."""
+    for r in rows:
+        for key in MMCS_KEYS:
+            r.pop(key, None)
+        r.update(cross.per_run.get(r["run_id"], {}))
+    return rows
+
+
+def _page(
+    folder: SweepFolder,
+    records: list[RunRecord],
+    rows: list[dict],
+    images: dict[str, Path],
+    compared: list[Compared],
+) -> Page:
+    """What index.html shows; the settings' warnings are logged too."""
     source, settings = sweep_settings(folder, records)
     warnings = warnings_of(settings, rows)
     for w in warnings:
         log.warning("%s", w)
-    page = Page(
-        sweep_dir=sweep_dir,
+    return Page(
+        sweep_dir=folder.path,
         rows=rows,  # (in grid order, as read)
         columns=[c for c in COLUMNS if any(r.get(c) is not None for r in rows)],
         images=images,
@@ -291,13 +310,9 @@ def build_report(
         run_dirs={rec.run_id: rec.folder.path for rec in records},
         files={"summary": SUMMARY, "mmcs": MMCS_FILE},
         knob=crossdict.sweep_knob(rows),
-        compared=[c for c, _ in compared],
+        compared=compared,
         warnings=warnings,
     )
-    write_html(out, page)
-    if log_media and writable:  # (the report's wandb run is kept in the sweep folder)
-        _log_media(sweep_dir, rows, images)
-    return out, rows
 
 
 def _writes_back(sweep_dir: Path, out: Path) -> bool:
