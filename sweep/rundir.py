@@ -23,11 +23,15 @@ from the folder alone by :meth:`RunFolder.state`.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,7 +378,8 @@ class RunFolder:
         self.append_event({**before, "previous_metrics": self._json(METRICS, quiet=True)})
         done = self._json(DONE, quiet=True)
         atomic_write_bytes(self.path / DENSITY, density)
-        atomic_write_json(self.path / METRICS, metrics)
+        with self._metrics_held():
+            atomic_write_json(self.path / METRICS, metrics)
         atomic_write_json(self.path / DONE, {**done, "finished": time.time()})
         self.append_event({"event": "evaluated_again", "reason": reason})
 
@@ -386,11 +391,30 @@ class RunFolder:
         path = self.path / METRICS
         if not path.is_file():
             return
-        old = self._json(METRICS)
-        new = {k: v for k, v in old.items() if k not in replace_keys}
-        new.update(values)
-        if new != old:
-            atomic_write_json(path, new)
+        with self._metrics_held():  # (an evaluation writing new metrics: merged into those)
+            old = self._json(METRICS)
+            new = {k: v for k, v in old.items() if k not in replace_keys}
+            new.update(values)
+            if new != old:
+                atomic_write_json(path, new)
+
+    @contextlib.contextmanager
+    def _metrics_held(self) -> Iterator[None]:
+        """``metrics.json`` to this writer alone, across processes: a report's merge of MMCS
+        never writes back the metrics an evaluation replaced meanwhile (an flock of the run
+        folder; where the file system has none, nothing is held)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            fd = None
+        try:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # (and the lock with it)
 
     def append_curve(self, records: list[dict]) -> None:
         """Append training-curve records to ``metrics.jsonl`` (one line each)."""

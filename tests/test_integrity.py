@@ -866,3 +866,26 @@ def test_an_atomic_write_whose_mode_cannot_be_set_leaves_no_temp(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
     if open_fds is not None:
         assert set(os.listdir("/proc/self/fd")) == open_fds
+
+
+def test_merging_into_metrics_waits_for_a_writer_of_the_run(copy):
+    """``sweep report`` merges MMCS into a run's metrics.json (read, merge, rewrite) while a
+    ``sweep evaluate`` may be writing new metrics there: the merge waits for the writer and
+    merges into what it wrote, never writing the old metrics back."""
+    import fcntl
+    import threading
+
+    run_ = rundir.RunFolder(copy / "runs" / "r1-l1_1e-03-s0")
+    fd = os.open(run_.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (as the writer holds it)
+        merge = threading.Thread(target=run_.update_metrics, args=({"mmcs_seeds": 0.5},))
+        merge.start()
+        time.sleep(0.5)
+        assert "mmcs_seeds" not in read_json(run_.path / rundir.METRICS)  # it waits
+        atomic_write_json(run_.path / rundir.METRICS, {"fvu": 0.25})  # the new metrics
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    merge.join(timeout=10)
+    assert read_json(run_.path / rundir.METRICS) == {"fvu": 0.25, "mmcs_seeds": 0.5}
