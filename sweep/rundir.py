@@ -358,7 +358,8 @@ class RunFolder:
         atomic_write_bytes(self.path / DENSITY, result.density)
         cfg = json_bytes(result.cfg)
         atomic_write_bytes(self.path / CFG, cfg)
-        atomic_write_json(self.path / METRICS, result.metrics)
+        with self._metrics_held():  # (a retry finishes a final run again: a report may merge)
+            atomic_write_json(self.path / METRICS, result.metrics)
         state = RunState.DIVERGED if result.diverged_step is not None else RunState.DONE
         done = {"state": state.value, "finished": time.time()}
         done.update(
@@ -400,9 +401,10 @@ class RunFolder:
 
     @contextlib.contextmanager
     def _metrics_held(self) -> Iterator[None]:
-        """``metrics.json`` to this writer alone, across processes: a report's merge of MMCS
-        never writes back the metrics an evaluation replaced meanwhile (an flock of the run
-        folder; where the file system has none, nothing is held)."""
+        """``metrics.json`` to this writer alone, across the processes of a host: a report's
+        merge of MMCS never writes back the metrics an evaluation replaced meanwhile (an flock
+        of the run folder: on NFS each host's own, so not between hosts; where the file
+        system refuses it, nothing is held)."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:

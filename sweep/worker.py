@@ -442,13 +442,15 @@ def train_ensemble(
             states = _train_and_finish(at, r, progress, should_stop)
             failed = False
         finally:
-            at.writer.close(quiet=failed)
-            at.timings["checkpoint_write"] = at.writer.write_seconds
-            at.timings["compile"] = sum(r.ens.compile_seconds.values())
-            # however training ended (a stop, an error); under CUDA graphs this frees their
-            r.ens.release_training_state()  # memory pool, which only this thread's reset can
-            if failed:  # (after: the device's memory is not held while wandb finishes)
-                at.close_tracker()
+            try:
+                at.writer.close(quiet=failed)
+                at.timings["checkpoint_write"] = at.writer.write_seconds
+                at.timings["compile"] = sum(r.ens.compile_seconds.values())
+                # however training ended (a stop, an error); under CUDA graphs this frees
+                r.ens.release_training_state()  # their pool, which only this thread's reset can
+            finally:
+                if failed:  # (after the release: its memory is not held while wandb finishes)
+                    at.close_tracker()
     seconds = time.perf_counter() - t0
     at.timings.update(total=seconds, steps=r.step - resumed_from, started_at=started_at)
     for folder in at.folders:
