@@ -51,7 +51,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    """Make the lines appended to ``path`` durable (nothing to do when it does not exist)."""
+    """Make what was written to ``path`` durable (a file's appended lines, a folder's
+    entries); nothing to do when it does not exist."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -66,11 +67,7 @@ def fsync_folder(folder: Path) -> None:
     """Make the folder's entries (renames, new files) durable; a file system that cannot
     fsync a folder (some network ones) is left to its own ordering."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(folder)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -408,15 +408,14 @@ class RunFolder:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
-            fd = None
+            yield
+            return
         try:
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            if fd is not None:
-                os.close(fd)  # (and the lock with it)
+            os.close(fd)  # (and the lock with it)
 
     def append_curve(self, records: list[dict]) -> None:
         """Append training-curve records to ``metrics.jsonl`` (one line each)."""
