@@ -378,6 +378,8 @@ def _attempt_number(folders: list[RunFolder], placement: dict) -> int:
 
 @contextmanager
 def _closing_tracker_on_failure(at: _Attempt) -> Iterator[None]:
+    """Whatever fails inside (training, evaluating, freeing their state) closes the
+    attempt's logger on its way out (:meth:`_Attempt.close_tracker`)."""
     try:
         yield
     except BaseException:
@@ -433,7 +435,11 @@ def train_ensemble(
     if use_compile(job.train, at.device):
         forget_compiled()
     at.start()
-    with _out_of_memory_named(job, at.device, lambda: at.evaluating):
+    # (the logger closes after the finally's release: its memory is not held meanwhile)
+    with (
+        _out_of_memory_named(job, at.device, lambda: at.evaluating),
+        _closing_tracker_on_failure(at),
+    ):
         r = at.restore()
         resumed_from = r.step
         at.timings["restore"] = time.perf_counter() - t0
@@ -442,15 +448,11 @@ def train_ensemble(
             states = _train_and_finish(at, r, progress, should_stop)
             failed = False
         finally:
-            try:
-                at.writer.close(quiet=failed)
-                at.timings["checkpoint_write"] = at.writer.write_seconds
-                at.timings["compile"] = sum(r.ens.compile_seconds.values())
-                # however training ended (a stop, an error); under CUDA graphs this frees
-                r.ens.release_training_state()  # their pool, which only this thread's reset can
-            finally:
-                if failed:  # (after the release: its memory is not held while wandb finishes)
-                    at.close_tracker()
+            at.writer.close(quiet=failed)
+            at.timings["checkpoint_write"] = at.writer.write_seconds
+            at.timings["compile"] = sum(r.ens.compile_seconds.values())
+            # however training ended (a stop, an error); under CUDA graphs this frees their
+            r.ens.release_training_state()  # memory pool, which only this thread's reset can
     seconds = time.perf_counter() - t0
     at.timings.update(total=seconds, steps=r.step - resumed_from, started_at=started_at)
     for folder in at.folders:
