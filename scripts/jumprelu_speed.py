@@ -20,13 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # scripts/benchmarks
 from benchmarks.common import Size  # noqa: E402
-from benchmarks.ensembles import l1_grid, make_batches  # noqa: E402
+from benchmarks.ensembles import l1_grid, make_batches, make_ensemble  # noqa: E402
 from benchmarks.timing import Timer, fmt_rate, interleaved, med  # noqa: E402
 
 from sweep import archs  # noqa: E402
 from sweep.config import TrainConfig  # noqa: E402
-from sweep.ensemble import Ensemble, hyper_of, stack  # noqa: E402
-from sweep.optim import Adam  # noqa: E402
+from sweep.ensemble import Ensemble  # noqa: E402
 
 VARIANTS = (("linear", "bfloat16"), ("log", "bfloat16"), ("log", "tf32"), ("log", "float32"))
 
@@ -35,13 +34,11 @@ def ensemble(recipe: str, dtype: str, members: int, size: Size, device: torch.de
     """A JumpReLU ensemble of ``recipe`` computing in ``dtype``, as the worker builds it."""
     arch = archs.get("jumprelu").configure(recipe)
     g = torch.Generator().manual_seed(0)
-    params = stack([arch.init_params(size.d, size.m, g) for _ in range(members)])
-    params = {k: v.to(device) for k, v in params.items()}
-    t = TrainConfig()
-    adam = Adam(t.lr, (t.betas[0], t.betas[1]), t.eps)
-    hyper = hyper_of(l1_grid(members), [0] * members, device)
+    init = [arch.init_params(size.d, size.m, g) for _ in range(members)]
+    init = [{k: v.to(device) for k, v in p.items()} for p in init]
     cast = torch.bfloat16 if dtype == "bfloat16" else None
-    return Ensemble(params, hyper, adam, arch=arch, grad_clip=t.grad_clip, autocast_dtype=cast)
+    clip = TrainConfig().grad_clip
+    return make_ensemble(init, l1_grid(members), arch=arch, autocast_dtype=cast, grad_clip=clip)
 
 
 def stepper(ens: Ensemble, dtype: str, batches: list[torch.Tensor]):

@@ -11,6 +11,7 @@ import torch
 
 from sweep import grid, sae
 from sweep.activations.synthetic import SyntheticSource
+from sweep.archs import Architecture
 from sweep.config import SyntheticDataConfig, TrainConfig
 from sweep.ensemble import Ensemble, hyper_of, stack
 from sweep.grid import EnsembleSpec
@@ -50,21 +51,25 @@ def make_ensemble(
     members: list[sae.Params],
     l1s: list[float],
     fast: bool = True,
-    arch: str = "untied",
+    arch: str | Architecture = "untied",
     ks: list[int] | None = None,
     compiled: bool = False,
     cuda_graphs: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
 ) -> Ensemble:
     """An ensemble as the worker builds it (``ks``: TopK-style members' k values; ``compiled``:
-    its step ``torch.compile``d, as ``train.compile`` does)."""
+    its step ``torch.compile``d, as ``train.compile`` does; ``autocast_dtype``: its compute
+    dtype, float32 when None)."""
     t = TrainConfig()
     params = {n: v.clone() for n, v in stack(members).items()}  # {name: (K, ...)}
     device = params["W_enc"].device
     hyper = hyper_of(l1s if ks is None else [0.0] * len(ks), ks or [0] * len(l1s), device)
     adam = Adam(t.lr, (t.betas[0], t.betas[1]), t.eps)
     return Ensemble(
-        params, hyper, adam, arch=arch, fast=fast, compiled=compiled, cuda_graphs=cuda_graphs
-    )
+        params, hyper, adam, arch=arch, fast=fast, compiled=compiled, cuda_graphs=cuda_graphs,
+        autocast_dtype=autocast_dtype, grad_clip=grad_clip,
+    )  # fmt: skip
 
 
 def feeder(
