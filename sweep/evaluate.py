@@ -47,6 +47,7 @@ def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunReco
     asking = "every ensemble to stop (nothing is trained: nothing to checkpoint)"
     with driver.driving(folder, outcome, cfg, asking, doing=EVALUATING) as lock:
         driver.check_config(cfg, folder)
+        _check_known(cfg, folder, only)  # (before the store: it may be made again)
         store = driver.checked_store(cfg, folder)
         runs = evaluable_runs(cfg, store.width, only)  # (before Ray: hashes their weights)
         if not folder.manifest():  # (deleted: written as a sweep run would)
@@ -84,16 +85,10 @@ def evaluable_runs(cfg: SweepConfig, width: int, only: Collection[str] = ()) -> 
     """The sweep's finished runs (its grid's, and those an earlier grid left, as their
     ``spec.json`` records them; of ``only``, when given) whose final files verify (weights
     hashed); a run that is not finished, or fails its checks, is named and left as it is.
-    An unknown run id, or no run to evaluate, is refused."""
+    No run to evaluate is refused (an unknown id was, before the store: :func:`_check_known`)."""
     folder = SweepFolder(cfg.sweep_dir)
     runs = planning.expand_grid(cfg, width)
     runs += _recorded_beside(folder, {r.run_id for r in runs})
-    unknown = sorted(set(only) - {r.run_id for r in runs})
-    if unknown:
-        raise SweepError(
-            f"no run {', '.join(unknown)} in the grid of {cfg.sweep_dir}; 'sweep status "
-            f"{cfg.sweep_dir}' lists its runs"
-        )
     ready = _verified(folder, [r for r in runs if not only or r.run_id in only])
     if not ready:
         raise SweepError(
@@ -101,6 +96,19 @@ def evaluable_runs(cfg: SweepConfig, width: int, only: Collection[str] = ()) -> 
             "finishes (or trains again) its runs"
         )
     return ready
+
+
+def _check_known(cfg: SweepConfig, folder: SweepFolder, only: Collection[str]) -> None:
+    """Each of ``only`` is a run of the sweep's grid or one an earlier grid recorded."""
+    knob = cfg.sae.knob
+    points = grid.points(cfg.grid.values(knob), cfg.grid.dict_ratio, cfg.grid.seeds, knob)
+    known = {grid.run_id(r, l1, s, k) for r, l1, k, s in points}
+    unknown = sorted(set(only) - known - set(folder.recorded_specs()))
+    if unknown:
+        raise SweepError(
+            f"no run {', '.join(unknown)} in the grid of {cfg.sweep_dir}; 'sweep status "
+            f"{cfg.sweep_dir}' lists its runs"
+        )
 
 
 def _verified(folder: SweepFolder, runs: list[RunSpec]) -> list[RunSpec]:

@@ -9,7 +9,7 @@ so the longest work starts first.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 
 from sweep.devices import BYTES, resolve_compute_dtype
@@ -85,21 +85,25 @@ def dict_size(dict_ratio: float, width: int) -> int:
     return max(1, round(dict_ratio * width))
 
 
+def points(
+    values: list[float], ratios: list[float], seeds: int, knob: str = "l1"
+) -> Iterator[tuple[float, float, int, int]]:
+    """``(dict_ratio, l1, k, seed)`` of every grid point, in :func:`expand`'s order."""
+    for r in sorted(ratios, reverse=True):
+        for v in sorted(values):
+            l1, k = (float(v), 0) if knob == "l1" else (0.0, int(v))
+            yield from ((r, l1, k, s) for s in range(seeds))
+
+
 def expand(
     values: list[float], ratios: list[float], seeds: int, width: int, arch: str, knob: str = "l1"
 ) -> list[RunSpec]:
     """Every grid point, ordered by dict ratio (descending), then l1 or k, then seed.
     ``values`` are l1 coefficients (``knob='l1'``) or k values (``knob='k'``)."""
-    runs = []
-    for r in sorted(ratios, reverse=True):
-        for v in sorted(values):
-            l1, k = (float(v), 0) if knob == "l1" else (0.0, int(v))
-            for s in range(seeds):
-                runs.append(
-                    RunSpec(
-                        run_id(r, l1, s, k), l1, float(r), s, width, dict_size(r, width), arch, k
-                    )
-                )
+    runs = [
+        RunSpec(run_id(r, l1, s, k), l1, float(r), s, width, dict_size(r, width), arch, k)
+        for r, l1, k, s in points(values, ratios, seeds, knob)
+    ]
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # e.g. two ratios that round to the same text
         raise SweepError(

@@ -129,6 +129,7 @@ def test_runs_an_earlier_grid_left_are_evaluated_too(copy, capsys):
     for f in runs(copy):
         assert previous(f) == older[f.name]
         assert "explained_variance" in metrics(f)
+    assert main(["evaluate", str(copy), "--runs", "r1-l1_1e-01-s0"]) == 0  # (the earlier grid's)
 
 
 def test_a_sweep_whose_manifest_was_deleted_evaluates_its_grid(copy):
@@ -254,3 +255,12 @@ def test_a_sweep_with_no_finished_run_is_refused(copy, capsys):
 def test_a_folder_that_is_no_sweep_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     one_line_error(capsys.readouterr().err)
+
+
+def test_an_unknown_run_id_is_refused_before_the_store_is_made_again(copy, capsys):
+    """A mistyped run id costs nothing: refused before a deleted store is generated again
+    (minutes at real sizes) and before the store is read."""
+    shutil.rmtree(copy / "store")
+    assert main(["evaluate", str(copy), "--runs", "r3-l1_1e-03-s0"]) == 2
+    one_line_error(capsys.readouterr().err, "no run r3-l1_1e-03-s0 in the grid")
+    assert not (copy / "store").exists()
