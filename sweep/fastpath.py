@@ -91,16 +91,8 @@ def grads(
     W_enc, b_enc, W_dec = (
         (cast or {}).get(k, params[k]).to(dt) for k in ("W_enc", "b_enc", "W_dec")
     )
-    x_in, b_dec = x_BD, params["b_dec"]
-    if dt.itemsize < 4:
-        # x and b_dec shifted by the batch's mean (in float32, before the cast): the loss and
-        # its gradients are the same, but the shared GEMMs see centred rows, so a large data
-        # mean is not rounded into x @ W_enc and x^T g before b_dec takes it off again (bf16,
-        # mean 10x the spread: dW_enc off by 32% relative, 1.4% centred). From the data only:
-        # one member's b_dec cannot reach the others'. (float32 rounds 2**16 times finer.)
-        centre_D = x_in.mean(dim=0)  # (D,)
-        x_BD, b_dec = x_in - centre_D, b_dec - centre_D
-    x_BD, b_dec = x_BD.to(dt), b_dec.to(dt)
+    x_in = x_BD
+    x_BD, b_dec = _shifted(x_in, params["b_dec"], dt)
     E, D, F_ = W_enc.shape
     B = x_BD.shape[0]
     buf = _Buffers({} if ws is None else ws, x_BD.device, dt)
@@ -123,12 +115,7 @@ def grads(
     g_err.mul_(2.0 / (B * D))  # d loss / d x_hat
     dW_dec = torch.bmm(codes.transpose(1, 2), g_err, out=buf("dW_dec", E, F_, D))
     g = torch.bmm(g_err, W_dec.transpose(1, 2), out=buf("g", E, B, F_))  # (E, B, F)
-    if norms_EF is not None:  # + d (l1 * sum(codes * ||W_dec_f||)) / d codes and / d W_dec
-        g += (hyper["l1"][:, None] / B * norms_EF)[:, None, :].to(dt)
-        per_row = (hyper["l1"][:, None] / B) * codes.sum(dim=1, dtype=torch.float32)  # (E, F)
-        dW_dec += (per_row / norms_EF.clamp_min(1e-12))[:, :, None].to(dt) * W_dec
-    elif arch.l1_codes:
-        g += (hyper["l1"] / B)[:, None, None].to(dt)  # + d (l1 * sparsity) / d codes
+    _add_l1_grads(arch, hyper, codes, norms_EF, W_dec, g, dW_dec)
     extra = arch.fast_grads(g, pre, params, hyper)  # e.g. thresholds (g: d loss / d codes)
     torch.ops.aten.threshold_backward.grad_input(g, codes, 0.0, grad_input=g)  # kept codes only
     if use_aux:
@@ -143,6 +130,40 @@ def grads(
         out = {k: v.float() for k, v in out.items()}
         parts = LossParts(*(None if v is None else v.float() for v in parts))
     return out, parts, codes
+
+
+def _shifted(
+    x_BD: torch.Tensor, b_dec_ED: torch.Tensor, dt: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``b_dec`` in the compute dtype. Below float32 both are first shifted by the
+    batch's mean (in float32, before the cast): the loss and its gradients are the same, but
+    the shared GEMMs see centred rows, so a large data mean is not rounded into x @ W_enc and
+    x^T g before b_dec takes it off again (bf16, mean 10x the spread: dW_enc off by 32%
+    relative, 1.4% centred). From the data only: one member's b_dec cannot reach the
+    others'. (float32 rounds 2**16 times finer.)"""
+    if dt.itemsize < 4:
+        centre_D = x_BD.mean(dim=0)  # (D,)
+        x_BD, b_dec_ED = x_BD - centre_D, b_dec_ED - centre_D
+    return x_BD.to(dt), b_dec_ED.to(dt)
+
+
+def _add_l1_grads(
+    arch: Architecture,
+    hyper: Hyper,
+    codes: torch.Tensor,
+    norms_EF: torch.Tensor | None,
+    W_dec: torch.Tensor,
+    g: torch.Tensor,
+    dW_dec: torch.Tensor,
+) -> None:
+    """Add the L1 penalty's gradients to ``g`` (d loss / d codes) and ``dW_dec``, in place."""
+    B, dt = codes.shape[1], g.dtype
+    if norms_EF is not None:  # + d (l1 * sum(codes * ||W_dec_f||)) / d codes and / d W_dec
+        g += (hyper["l1"][:, None] / B * norms_EF)[:, None, :].to(dt)
+        per_row = (hyper["l1"][:, None] / B) * codes.sum(dim=1, dtype=torch.float32)  # (E, F)
+        dW_dec += (per_row / norms_EF.clamp_min(1e-12))[:, :, None].to(dt) * W_dec
+    elif arch.l1_codes:
+        g += (hyper["l1"] / B)[:, None, None].to(dt)  # + d (l1 * sparsity) / d codes
 
 
 def _per_member_mv(
