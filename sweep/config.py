@@ -477,6 +477,12 @@ class TrainConfig:
         )
 
     def check(self) -> None:
+        self._check_optimizer()
+        self._check_compute()
+        self._check_saving()
+        self._check_dead_latents()
+
+    def _check_optimizer(self) -> None:
         _require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
         _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -494,6 +500,12 @@ class TrainConfig:
             f"train.lr_warmup + train.lr_decay must be <= 1, got {self.lr_warmup + self.lr_decay}",
         )
         _require(
+            self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
+            f"train.grad_clip must be > 0 (or null = off), got {self.grad_clip}",
+        )
+
+    def _check_compute(self) -> None:
+        _require(
             self.device in ("auto", "cpu", "cuda"),
             f"train.device must be auto, cpu or cuda, got {self.device!r}",
         )
@@ -506,6 +518,8 @@ class TrainConfig:
             f"train.compile must be auto, true or false, got {self.compile!r}",
         )
         self._check_cuda_graphs()
+
+    def _check_saving(self) -> None:
         _require(self.log_every > 0, f"train.log_every must be > 0, got {self.log_every}")
         _require(
             math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes > 0,
@@ -520,10 +534,8 @@ class TrainConfig:
             self.init_seeding in INIT_SEEDINGS,
             f"train.init_seeding must be one of {', '.join(INIT_SEEDINGS)}, got {self.init_seeding!r}",
         )
-        _require(
-            self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
-            f"train.grad_clip must be > 0 (or null = off), got {self.grad_clip}",
-        )
+
+    def _check_dead_latents(self) -> None:
         _require(self.dead_tokens > 0, f"train.dead_tokens must be > 0, got {self.dead_tokens}")
         _require(
             math.isfinite(self.auxk_alpha) and 0 <= self.auxk_alpha <= 1,
