@@ -336,8 +336,6 @@ def _train(
     Ray when every run of the grid is final (``finished``, found without the store, which is
     then None; else looked for here). ``laps``: the start-up so far, recorded with the rest
     of it (:mod:`sweep.startup`)."""
-    signals = outcome.signals
-    assert signals is not None
     clear_leftovers(cfg, folder, lock)
     remove_stale_temps(folder.path, older_than=STALE_TEMP_SECONDS)
     try:
@@ -351,26 +349,7 @@ def _train(
             )
         else:
             assert store is not None
-            laps.lap("sweep folder")
-            early = launcher.early_gpu_probe(cfg)
-            went_well = lambda: not outcome.failures  # noqa: E731 (Ray's logs kept for them)
-            session = launcher.ray_session(cfg.launch, outcome.shutdown_wait, went_well)
-            with session, contextlib.ExitStack() as held:
-                laps.lap("Ray")
-                res = launcher.Resources.of_cluster(cfg, early)
-                held.enter_context(_gpu_neighbours(cfg, res, folder))
-                laps.lap("hardware")
-                cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
-                _write_sweep_files(folder, cfg, p, store)
-                laps.lap("plan")
-                folder.record_startup(laps.record())
-                details.info(laps.text())
-                if p.skipped:
-                    log.info(
-                        "%d of %d runs already done; skipping them", len(p.skipped), len(p.runs)
-                    )
-                signals.training()
-                Execution(cfg, folder, p, store, res, lock, outcome).run()
+            p = _train_on_ray(cfg, folder, store, lock, outcome, laps)
         records = folder.read_runs(live=False)  # every run of the sweep, not only this grid's
         ours = {r.run_id for r in p.runs}
         outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
@@ -381,6 +360,38 @@ def _train(
             quietly(lambda: folder.record_state("interrupted"))
         raise
     return records
+
+
+def _train_on_ray(
+    cfg: SweepConfig,
+    folder: SweepFolder,
+    store: ChunkStore,
+    lock: SweepLock,
+    outcome: Outcome,
+    laps: Laps,
+) -> SweepPlan:
+    """Start Ray, plan on the hardware it finds, write the sweep files and train the plan
+    (which is returned)."""
+    assert outcome.signals is not None
+    laps.lap("sweep folder")
+    early = launcher.early_gpu_probe(cfg)
+    went_well = lambda: not outcome.failures  # noqa: E731 (Ray's logs kept for them)
+    session = launcher.ray_session(cfg.launch, outcome.shutdown_wait, went_well)
+    with session, contextlib.ExitStack() as held:
+        laps.lap("Ray")
+        res = launcher.Resources.of_cluster(cfg, early)
+        held.enter_context(_gpu_neighbours(cfg, res, folder))
+        laps.lap("hardware")
+        cfg, p = plan_for(cfg, folder, res, store.width, store.staged_bytes(), store.path)
+        _write_sweep_files(folder, cfg, p, store)
+        laps.lap("plan")
+        folder.record_startup(laps.record())
+        details.info(laps.text())
+        if p.skipped:
+            log.info("%d of %d runs already done; skipping them", len(p.skipped), len(p.runs))
+        outcome.signals.training()
+        Execution(cfg, folder, p, store, res, lock, outcome).run()
+    return p
 
 
 def recorded_finished_plan(

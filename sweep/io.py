@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import BinaryIO
@@ -68,6 +68,36 @@ def fsync_folder(folder: Path) -> None:
     fsync a folder (some network ones) is left to its own ordering."""
     with contextlib.suppress(OSError):
         fsync_file(folder)
+
+
+@contextlib.contextmanager
+def flock_held(
+    path: Path, busy: Callable[[], None] | None = None, create: bool = False
+) -> Iterator[None]:
+    """An exclusive ``fcntl.flock`` of ``path`` (a folder; a file, made if needed, with
+    ``create``) for the block, released by the kernel if the process dies. Where another
+    process holds it, ``busy()`` is called first (it may raise, to refuse; or say that this
+    waits), then this waits. A path that cannot be opened, or a file system without flock
+    (some Lustre mounts), holds nothing. On NFS a folder's flock is each host's own."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy is not None:
+                busy()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # (no flock here)
+        yield
+    finally:
+        os.close(fd)  # (and the lock with it)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -16,17 +16,16 @@ same stale lock at the same moment could then race.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from sweep.errors import RunDirError
+from sweep.io import flock_held
 from sweep.sweepdir import LOCK, LOCK_GUARD
 
 log = logging.getLogger(__name__)
@@ -140,22 +139,6 @@ def _began_at(pid: int) -> float | None:
         return None
 
 
-@contextlib.contextmanager
-def _guard(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``path`` (best-effort where the filesystem has none)."""
-    import fcntl
-
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:
-            log.debug("no flock on %s (%s); relying on the lock file's atomic create", path, err)
-        yield
-    finally:
-        os.close(fd)
-
-
 TRAINING, EVALUATING = "training", "evaluating"
 """What a lock's driver does (its ``doing``): a ``sweep run``/``resume``, or a ``sweep evaluate``."""
 
@@ -196,7 +179,7 @@ class SweepLock:
     def __enter__(self) -> SweepLock:
         self.info["folder"] = folder_id(self.path.parent)
         self._wait_while_doubtful()
-        with _guard(self.path.parent / LOCK_GUARD):
+        with flock_held(self.path.parent / LOCK_GUARD, create=True):
             held = read_lock(self.path.parent)
             if held is not None and holder_alive(held, self.path) and not self._own_stale(held):
                 raise RunDirError(

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
+    flock_held,
     fsync_file,
     json_bytes,
     read_json,
@@ -405,17 +404,8 @@ class RunFolder:
         merge of MMCS never writes back the metrics an evaluation replaced meanwhile (an flock
         of the run folder: on NFS each host's own, so not between hosts; where the file
         system refuses it, nothing is held)."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
+        with flock_held(self.path):
             yield
-            return
-        try:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # (and the lock with it)
 
     def append_curve(self, records: list[dict]) -> None:
         """Append training-curve records to ``metrics.jsonl`` (one line each)."""

@@ -4,11 +4,9 @@ the leftovers of writes killed midway. (The harvesting itself is :mod:`.harvest`
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from sweep.io import (
     atomic_write_json,
     begun,
     ensure_writable,
+    flock_held,
     json_dict,
     not_leftover,
     remove_stale_temps,
@@ -151,20 +150,15 @@ def writing(root: Path) -> Iterator[None]:
     ``fcntl.flock`` of the folder itself, so the kernel releases it when the process dies; a
     file system without flock (some Lustre mounts) is not locked."""
     ensure_writable(root, "store_dir")
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Busy(
-                f"another harvest is writing store_dir {root} now; wait until it ends, then run "
-                "this again (it reuses that harvest, or continues it if it was stopped)"
-            ) from None
-        except OSError:
-            log.debug("store_dir %s cannot be locked (no flock here)", root)
+
+    def refuse() -> None:
+        raise Busy(
+            f"another harvest is writing store_dir {root} now; wait until it ends, then run "
+            "this again (it reuses that harvest, or continues it if it was stopped)"
+        )
+
+    with flock_held(root, busy=refuse):
         yield
-    finally:
-        os.close(fd)  # (releases the lock)
 
 
 def prepare_dir(cfg: HarvestConfig, root: Path) -> None:

@@ -41,13 +41,11 @@ generator (version, device, GPU model, algorithm).
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
-import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -75,6 +73,7 @@ from sweep.io import (
     atomic_write_json,
     begun,
     check_disk_space,
+    flock_held,
     json_dict,
     remove_stale_temps,
 )
@@ -558,25 +557,11 @@ def _generating(path: Path) -> Iterator[None]:
     writes). An ``fcntl.flock`` of the folder, released by the kernel when the process dies;
     a file system without flock is not locked, and a folder that cannot be made is left to
     the writer's own error."""
-    try:
+    with suppress(OSError):
         path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    waits = "another process is generating the synthetic store %s; waiting for it"
+    with flock_held(path, busy=lambda: log.warning(waits, path)):
         yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning(
-                "another process is generating the synthetic store %s; waiting for it", path
-            )
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            log.debug("%s cannot be locked (no flock here)", path)
-        yield
-    finally:
-        os.close(fd)  # (releases the lock)
 
 
 def _make(
