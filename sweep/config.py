@@ -796,6 +796,7 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     if not isinstance(obj, schema):
         raise ConfigError(f"config is not a {what} config: compose it from sweep's '{name}'")
     _expand_home(obj)
+    _absolute_sources(obj)
     _check_finite(obj)
     try:
         obj.check()
@@ -817,6 +818,28 @@ def _expand_home(obj: object) -> None:
             _expand_home(value)
         elif f.name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
             setattr(obj, f.name, os.path.expanduser(value))
+
+
+def local_ref(name: str, value: str) -> str:
+    """A harvest source's ``model`` or ``dataset`` (``name``) as recorded: a local model
+    folder or dataset as an absolute path, as the harvest records it, so config.yaml and
+    spec.json name it from any working directory (a resume from elsewhere finds it); a hub
+    name as it is."""
+    from sweep.activations import lm, text
+
+    if name == "model":
+        return lm.model_ref(value)
+    return str(Path(value).resolve()) if text.is_local(value) else value
+
+
+def _absolute_sources(obj: object) -> None:
+    """:func:`local_ref` of the model and dataset of ``obj`` and the configs it holds."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _absolute_sources(value)
+        elif isinstance(obj, HarvestSource) and f.name in ("model", "dataset"):
+            setattr(obj, f.name, local_ref(f.name, value))
 
 
 def _with_fix(message: str, cfg: object) -> str:

@@ -46,7 +46,7 @@ from omegaconf import OmegaConf
 
 from sweep import archs, checkpoints, grid, rundir
 from sweep.activations.store import ChunkStore
-from sweep.config import ConfigError, SweepConfig
+from sweep.config import ConfigError, SweepConfig, local_ref
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
 from sweep.io import cpu_count
@@ -209,10 +209,18 @@ def _differences(old: dict, new: dict) -> list[Difference]:
         for key in sorted(set(a) | set(b)):
             defining = _defining(key) and key not in inert
             unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
-            before = a.get(key, LEGACY.get(key))
-            if defining and not unresolved and before != b.get(key):
-                diffs.append(Difference(key, before, b.get(key)))
+            before, after = _where(key, a.get(key, LEGACY.get(key))), _where(key, b.get(key))
+            if defining and not unresolved and before != after:
+                diffs.append(Difference(key, before, after))
     return diffs
+
+
+def _where(key: str, value: object) -> object:
+    """A recorded value as compared: a local model or dataset as an absolute path (a sweep
+    whose config.yaml recorded it relative, as older versions did, is still the same)."""
+    if key in ("data.model", "data.dataset") and isinstance(value, str):
+        return local_ref(key.split(".")[1], value)
+    return value
 
 
 def _restoring(diffs: list[Difference], old: dict) -> list[str]:

@@ -533,3 +533,20 @@ def test_a_temp_dir_too_long_for_rays_sockets_is_refused_with_the_config():
     with pytest.raises(ConfigError, match=r"launch.temp_dir /tmp/r+ is too long for Ray's socket "):
         cfg_of(f"launch.temp_dir={fits}r")
     assert cfg_of(f"launch.temp_dir={fits}r", "launch.address=auto").launch.address == "auto"
+
+
+def test_a_relative_model_and_dataset_recorded_by_an_older_version_are_the_same_place(
+    tmp_path, monkeypatch
+):
+    """Older versions recorded data.model and data.dataset as given: a re-run from where the
+    sweep began (now recording absolute paths) is the same sweep; another place is not."""
+    from sweep import planning
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tm").mkdir()
+    old = {"data": {"name": "harvest", "model": "tm", "dataset": "docs.txt"}}
+    new = {"data": {"name": "harvest", "model": str(tmp_path / "tm"),
+                    "dataset": str(tmp_path / "docs.txt")}}  # fmt: skip
+    assert planning._differences(old, new) == []
+    new["data"]["dataset"] = "/elsewhere/docs.txt"
+    assert [d.key for d in planning._differences(old, new)] == ["data.dataset"]

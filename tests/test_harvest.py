@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from sweep.activations import harvest, harvest_dir, lm, text
 from sweep.activations.harvest import HarvestPlan, run_harvest
@@ -487,6 +488,30 @@ def test_run_data_harvest_trains_with_lm_metrics(
     mtime = (sw / "store" / "manifest.json").stat().st_mtime_ns
     assert main(args) == 0  # second time: store complete, harvest skipped
     assert (sw / "store" / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_a_sweep_given_a_relative_model_and_dataset_resumes_from_anywhere(
+    ray_cluster, tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """config.yaml records the local model folder and dataset as absolute paths (as the
+    harvest does): a resume from another working directory finds the same harvest; the same
+    command run again where it began is the same sweep."""
+    here, elsewhere, sw = tmp_path / "here", tmp_path / "elsewhere", tmp_path / "sw"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_model_dir, here / "tm")
+    shutil.copy(text_file, here / "docs.txt")
+    monkeypatch.chdir(here)
+    args = ["run", "data=harvest", "data.model=tm", "data.dataset=docs.txt",
+            f"data.hook={HOOKS[0]}", "data.rows=1500", "data.context=32",
+            "data.rows_per_chunk=512", "data.eval_rows=256", "data.lm_eval_tokens=64",
+            "data.device=cpu", "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "train.batch_size=128",
+            "train.device=cpu", f"sweep_dir={sw}", "progress=false"]  # fmt: skip
+    assert main(args) == 0
+    saved = yaml.safe_load((sw / "config.yaml").read_text())["data"]
+    assert (saved["model"], saved["dataset"]) == (str(here / "tm"), str(here / "docs.txt"))
+    assert main(args) == 0
+    monkeypatch.chdir(elsewhere)
+    assert main(["resume", str(sw)]) == 0
 
 
 def test_on_exclusive_gpus_the_driver_harvests_in_a_ray_task(
