@@ -290,8 +290,10 @@ def _train(
 
 
 def _resample_due(t: TrainConfig, step: int, total: int) -> bool:
+    """Every ``resample_dead`` steps until ``resample_stop`` of training; never after the last
+    step (its latents would be saved untrained)."""
     every = t.resample_dead
-    return every > 0 and step % every == 0 and step <= t.resample_stop * total
+    return every > 0 and step % every == 0 and step <= t.resample_stop * total and step < total
 
 
 def _train_and_finish(

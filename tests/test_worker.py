@@ -169,6 +169,17 @@ def test_steps_redone_after_a_fallback_record_their_resampling_once(tiny_store, 
     assert any(14 < step <= 20 for step, _ in resampled("ref", ref.ensemble.members[1].run_id))
 
 
+def test_no_resampling_on_the_last_step(tiny_store, tmp_path):
+    """Latents resampled at the last step would be saved untrained as the dictionary's: with
+    train.resample_stop=1 the last resampling is the one before it."""
+    kw = dict(ARCH_JOBS["untied"], resample_dead=19, resample_stop=1.0, dead_tokens=256)
+    job = job_for(tiny_store, tmp_path, **kw)
+    assert train_ensemble(job).steps == 38
+    events = rundir.run_dir(tmp_path, job.ensemble.members[1].run_id) / rundir.EVENTS
+    steps = [json.loads(ln)["step"] for ln in events.read_text().splitlines()]
+    assert steps == [19]
+
+
 def stop_after(n: int):
     """A should_stop() that says yes on its n-th call."""
     calls = iter(range(1, n + 1))
