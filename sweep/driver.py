@@ -29,6 +29,7 @@ from sweep.activations.store import (
 )
 from sweep.cluster import check_address, check_reachable, resolve
 from sweep.config import SweepConfig, SyntheticDataConfig
+from sweep.dead_schedule import never_acts_note
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
@@ -190,14 +191,17 @@ def _remove_refused(folder: SweepFolder) -> None:
         folder.path.rmdir()
 
 
-def checked_store(cfg: SweepConfig, folder: SweepFolder, laps: Laps | None = None) -> ChunkStore:
+def checked_store(
+    cfg: SweepConfig, folder: SweepFolder, laps: Laps | None = None, training: bool = True
+) -> ChunkStore:
     """What can refuse the run's store before any training (after :func:`check_config`),
-    with the store it trains on (``laps``: times making or opening it, then checking it)."""
+    with the store it trains on (``laps``: times making or opening it, then checking it;
+    ``training``: :func:`check_store_fits`'s)."""
     laps = laps or Laps()
     _warn_store_gone(cfg, folder)
     store = prepare_store(cfg)
     laps.lap("store")
-    check_store_fits(cfg, folder, store)
+    check_store_fits(cfg, folder, store, training=training)
     laps.lap("store checks")
     return store
 
@@ -259,11 +263,16 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
 
 
 def check_store_fits(
-    cfg: SweepConfig, folder: SweepFolder, store: ChunkStore, verify: bool = True
+    cfg: SweepConfig,
+    folder: SweepFolder,
+    store: ChunkStore,
+    verify: bool = True,
+    training: bool = True,
 ) -> None:
     """Refuse a store other than the sweep's, one k does not fit, a damaged one (``verify``:
     its checksums, hashed once and cached), or one too small for a batch; warn of a schedule
-    too short to train. A new sweep also refuses rows that do not vary and warns of what the
+    too short to train or to find dead latents (``training``: not for an evaluation, which
+    trains nothing). A new sweep also refuses rows that do not vary and warns of what the
     store's rows say (:mod:`sweep.activations.shape_notes`: once, where it can still be acted
     on)."""
     new = folder.saved_config() is None
@@ -273,10 +282,9 @@ def check_store_fits(
         refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
     if verify:
         store.verify()
-    steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
-    mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
-    short = cfg.sae.architecture().check_schedule(steps, mean_lr)
-    notes = [short, held_out_note(cfg.data.eval_rows, store.total_rows, new)]
+    notes = [held_out_note(cfg.data.eval_rows, store.total_rows, new)]
+    if training:
+        notes += schedule_notes(cfg, store)
     if new:
         notes.append(skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows))
         tail = store.tail_rows(cfg.data.eval_rows)
@@ -285,6 +293,15 @@ def check_store_fits(
     for note in notes:
         if note:
             log.warning(note)
+
+
+def schedule_notes(cfg: SweepConfig, store: ChunkStore) -> list[str | None]:
+    """Warnings of a training schedule too short for the architecture to respond to its
+    sparsity knob, or for a dead-latent remedy to act."""
+    steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
+    mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
+    arch = cfg.sae.architecture()
+    return [arch.check_schedule(steps, mean_lr), never_acts_note(cfg.train, arch, steps)]
 
 
 SKIPPED_SHARE = 0.05

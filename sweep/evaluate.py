@@ -48,7 +48,7 @@ def evaluate_sweep(cfg: SweepConfig, only: Collection[str] = ()) -> list[RunReco
     with driver.driving(folder, outcome, cfg, asking, doing=EVALUATING) as lock:
         driver.check_config(cfg, folder)
         _check_known(cfg, folder, only)  # (before the store: it may be made again)
-        store = driver.checked_store(cfg, folder)
+        store = driver.checked_store(cfg, folder, training=False)
         runs = evaluable_runs(cfg, store.width, only)  # (before Ray: hashes their weights)
         if not folder.manifest():  # (deleted: written as a sweep run would)
             specs = [r.as_dict() for r in planning.expand_grid(cfg, store.width)]
