@@ -735,18 +735,37 @@ class SweepConfig:
         )
 
     def inert_note(self) -> str | None:
-        """A warning for a setting that does nothing here: a changed AuxK weight on an SAE that
-        is not TopK-style (a warning, not an error: sweeps recorded with one must resume)."""
-        if self.sae.architecture().knob == "k" or self.train.auxk_alpha == TrainConfig.auxk_alpha:
-            return None
-        from sweep.archs import REGISTRY
+        """A warning for settings that do nothing here (a warning, not an error: sweeps
+        recorded with them must resume): a changed AuxK weight on an SAE that is not
+        TopK-style, an L1 warm-up on one that is, a changed ``dead_tokens`` with no
+        dead-latent remedy on."""
+        arch, t = self.sae.architecture(), self.train
+        topk_style, notes = arch.knob == "k", []
+        if not topk_style and t.auxk_alpha != TrainConfig.auxk_alpha:
+            notes.append(
+                f"train.auxk_alpha={t.auxk_alpha:g} does nothing for sae={self.sae.name}: AuxK "
+                f"is for TopK-style SAEs ({_topk_style()})"
+                + ("; dead features: train.resample_dead" if arch.resamples else "")
+            )
+        if topk_style and t.l1_warmup != TrainConfig.l1_warmup:
+            notes.append(
+                f"train.l1_warmup={t.l1_warmup:g} does nothing for sae={self.sae.name}: it has "
+                "no L1 coefficient (grid.k sets its sparsity)"
+            )
+        remedy = (topk_style and t.auxk_alpha > 0) or t.resample_dead > 0
+        if not remedy and t.dead_tokens != TrainConfig.dead_tokens:
+            notes.append(
+                f"train.dead_tokens={t.dead_tokens:,} does nothing here: no dead-latent remedy "
+                "is on (AuxK: train.auxk_alpha on TopK-style SAEs; resampling: "
+                "train.resample_dead)"
+            )
+        return "; ".join(notes) or None
 
-        topk_style = ", ".join(sorted(n for n, a in REGISTRY.items() if a.knob == "k"))
-        return (
-            f"train.auxk_alpha={self.train.auxk_alpha:g} does nothing for sae={self.sae.name}: "
-            f"AuxK is for TopK-style SAEs ({topk_style})"
-            + ("; dead features: train.resample_dead" if self.sae.architecture().resamples else "")
-        )
+
+def _topk_style() -> str:
+    from sweep.archs import REGISTRY
+
+    return ", ".join(sorted(n for n, a in REGISTRY.items() if a.knob == "k"))
 
 
 def _resampling() -> str:

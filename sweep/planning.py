@@ -146,12 +146,18 @@ def with_legacy(saved: dict) -> dict:
 def _inert(config: dict) -> set[str]:
     """Defining fields that do nothing in ``config``: a change to one changes no run (it is
     warned about, :meth:`sweep.config.SweepConfig.inert_note`, and must not lock the sweep)."""
-    inert = set()
+    inert, train = set(), config.get("train", {})
     arch = archs.REGISTRY.get(config.get("sae", {}).get("name"))
-    if arch is not None and arch.knob != "k":
+    topk_style = arch is not None and arch.knob == "k"
+    if arch is not None and not topk_style:
         inert.add("train.auxk_alpha")  # AuxK is for TopK-style SAEs
-    if not config.get("train", {}).get("resample_dead"):
+    if topk_style:
+        inert.add("train.l1_warmup")  # no L1 coefficient to warm up
+    if not train.get("resample_dead"):
         inert.add("train.resample_stop")  # resampling is off
+    auxk = topk_style and train.get("auxk_alpha", LEGACY["train.auxk_alpha"]) != 0
+    if arch is not None and not auxk and not train.get("resample_dead"):
+        inert.add("train.dead_tokens")  # no dead-latent remedy reads it
     return inert
 
 

@@ -70,7 +70,8 @@ def track(
     dead_tokens: int | None,
 ) -> None:
     """Fold a batch's codes into the members' buffers (thresholds; rows since each latent
-    fired, capped at ``dead_tokens``: bounded, so exact in fp32)."""
+    fired, capped at ``dead_tokens``: bounded; exact in fp32 below 2**24 rows, rounded but
+    deterministic above)."""
     arch.update_buffers(buffers, codes_EBF, active_E)
     if SINCE_FIRED in buffers:
         since = buffers[SINCE_FIRED]  # (E, F)

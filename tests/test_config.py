@@ -236,6 +236,29 @@ def test_an_auxk_weight_on_a_relu_sae_is_a_warning_not_an_error():
     assert cfg_of().inert_note() is None
 
 
+def test_settings_that_do_nothing_for_the_architecture_are_named():
+    """An L1 warm-up on a TopK-style SAE; a dead-latent window with no remedy on. Neither
+    locks the sweep (planning._inert): a JumpReLU sweep given another dead_tokens, or a
+    TopK one another l1_warmup, is the same sweep."""
+    from sweep import planning
+
+    note = cfg_of("sae=topk", "train.l1_warmup=0.1").inert_note()
+    assert note == "train.l1_warmup=0.1 does nothing for sae=topk: it has no L1 coefficient " \
+        "(grid.k sets its sparsity)"  # fmt: skip
+    assert (
+        "train.dead_tokens=5,000 does nothing here"
+        in cfg_of("sae=jumprelu", "train.dead_tokens=5000").inert_note()
+    )
+    assert cfg_of("sae=topk", "train.dead_tokens=5000").inert_note() is None  # AuxK reads it
+    assert cfg_of("train.resample_dead=50", "train.dead_tokens=5000").inert_note() is None
+    for arch, field in (("jumprelu", "dead_tokens"), ("topk", "l1_warmup")):
+        old = {"sae": {"name": arch}, "train": {field: 1000}}
+        new = {"sae": {"name": arch}, "train": {field: 2000}}
+        assert planning._differences(old, new) == [], arch
+    old, new = ({"sae": {"name": "topk"}, "train": {"dead_tokens": v}} for v in (1000, 2000))
+    assert [d.key for d in planning._differences(old, new)] == ["train.dead_tokens"]
+
+
 def test_recipe_and_defaults_are_recorded_resolved():
     cfg = cfg_of()
     assert cfg.sae.recipe == "unit" and cfg.train.grad_clip == 1.0 and cfg.train.lr == 3e-3

@@ -305,12 +305,15 @@ def test_schedule_changes_are_refused_on_resume(copy, field, capsys):
 
 
 def test_a_setting_that_does_nothing_does_not_lock_the_sweep(copy):
-    """An AuxK weight on a ReLU SAE, a resampling schedule with resampling off: warned about
-    (the first, in sweep.log too), never a different sweep (they change no run)."""
+    """An AuxK weight on a ReLU SAE, a resampling schedule with resampling off, a dead-latent
+    window with no remedy on: warned about (in sweep.log too), never a different sweep (they
+    change no run)."""
     before = weights(copy)
-    assert run(copy, "train.auxk_alpha=0.5", "train.resample_stop=0.9") == 0
+    changed = ["train.auxk_alpha=0.5", "train.resample_stop=0.9", "train.dead_tokens=5000"]
+    assert run(copy, *changed) == 0
     log = (copy / "sweep.log").read_text()
     assert "WARNING sweep.driver: train.auxk_alpha=0.5 does nothing for sae=untied" in log
+    assert "train.dead_tokens=5,000 does nothing here: no dead-latent remedy is on" in log
     assert run(copy) == 0
     assert main(["resume", str(copy), "train.auxk_alpha=0.25"]) == 0
     assert weights(copy) == before
