@@ -891,6 +891,33 @@ def test_activations_beyond_float16_are_refused_naming_the_dtype_to_use(
     assert ChunkStore(tmp_path / "b").read_rows(0).abs().amax() > 65504
 
 
+def test_a_model_whose_float16_forward_overflows_is_refused_naming_the_hook_and_fix(
+    tiny_model_dir, text_file, tmp_path, capsys
+):
+    """Embeddings 1e6 times larger: the float16 model's own activations reach inf. Refused at
+    the first batch naming the hook and the model_dtype to use, not as a chunk of "NaN or
+    inf values" once a group had gone through the model."""
+    from transformers import GPT2LMHeadModel
+
+    big = tmp_path / "big"
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e6)
+    model.save_pretrained(big)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, big / name)
+    cfg = tiny_cfg(big, text_file, tmp_path / "h", hooks=["blocks.0.hook_resid_pre"], rows=620)
+    assert main([*cli_args(cfg), "model_dtype=float16"]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("error: blocks.0.hook_resid_pre gives inf values with model_dtype=")
+    assert "harvest with model_dtype=bfloat16 (or float32), into a new store_dir" in err
+    sweep = [*sweep_args(big, text_file, tmp_path / "sw"), "data.model_dtype=float16"]
+    assert main(sweep) == 2  # a data=harvest sweep names its own fields
+    assert "harvest with data.model_dtype=bfloat16 (or float32), into a new data.path (the " \
+        "harvest in" in _one_line_error(capsys)  # fmt: skip
+
+
 def test_a_second_harvest_into_a_store_dir_being_harvested_is_refused(
     tiny_model_dir, text_file, tmp_path, capsys
 ):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -478,7 +479,7 @@ def _fill_group(
         for h, a in acts.items():
             a = a[:, plan.first :].reshape(-1, a.shape[-1])  # (b, P, d) -> (b*rpc, d)
             a = a[lo - cb * rpc : hi - cb * rpc]  # (hi-lo, d)
-            _check_range(a, dtype, h, cfg.store_dir)
+            _check_range(a, dtype, h, cfg)
             rows[h] = a.to(dtype).cpu()
         res.forward_s += time.perf_counter() - t
         res.tokens += toks.numel()
@@ -488,20 +489,29 @@ def _fill_group(
     return bufs
 
 
-def _check_range(a: torch.Tensor, dtype: torch.dtype, hook: str, store_dir: str) -> None:
-    """Refuse activations beyond the store dtype's range (float16's is 65504: a model's
-    residual stream can reach more), which would be stored as inf. Only float16's range is
-    short of the models' dtypes that matter (bfloat16 spans float32's), so only a float16
-    store from a wider model pays this one more pass over each batch."""
-    if dtype != torch.float16 or a.dtype == torch.float16:
-        return
-    top = float(a.abs().amax()) if a.numel() else 0.0  # (NaN: the store refuses it itself)
-    if top > torch.finfo(dtype).max:
-        name = str(dtype).removeprefix("torch.")
+def _check_range(a: torch.Tensor, dtype: torch.dtype, hook: str, cfg: HarvestConfig) -> None:
+    """Refuse activations that are not finite (the model's own overflow: float16 weights
+    reach inf where a wider dtype does not) or beyond the store dtype's range (float16's is
+    65504: a model's residual stream can reach more), which would be stored as inf. One
+    reduction over each batch: the chunk would be refused anyway, but only once its group
+    (a million rows) had gone through the model, and naming neither hook nor fix."""
+    top = float(a.abs().amax()) if a.numel() else 0.0  # (NaN where any is)
+    recorded = f"the harvest in {cfg.store_dir} is recorded with"
+    if not math.isfinite(top):
+        fix = (
+            "harvest with model_dtype=bfloat16 (or float32)"
+            if cfg.model_dtype == "float16"
+            else "check the model's weights"
+        )
         raise StoreError(
-            f"{hook} reaches {top:.4g}, beyond {name}'s largest value "
+            f"{hook} gives {'NaN' if math.isnan(top) else 'inf'} values with model_dtype="
+            f"{cfg.model_dtype}: {fix}, into a new store_dir ({recorded} this model_dtype)"
+        )
+    if dtype == torch.float16 and a.dtype != torch.float16 and top > torch.finfo(dtype).max:
+        raise StoreError(
+            f"{hook} reaches {top:.4g}, beyond float16's largest value "
             f"{torch.finfo(dtype).max:g}: harvest with dtype=bfloat16 (or float32) into a "
-            f"new store_dir (the harvest in {store_dir} is recorded as {name})"
+            f"new store_dir ({recorded} float16)"
         )
 
 
@@ -709,14 +719,18 @@ def harvested_store(data: Any, path: str | Path, launch: LaunchConfig) -> ChunkS
 
 @contextmanager
 def _named_as_data_path() -> Iterator[None]:
-    """A sweep's own harvest (``data=harvest``) names the folder by the field its user set,
-    ``data.path``, where ``sweep harvest`` says ``store_dir``."""
+    """A sweep's own harvest (``data=harvest``) names the fields its user sets: the folder
+    ``data.path`` where ``sweep harvest`` says ``store_dir``, and ``data.model_dtype=...``
+    where it says ``model_dtype=...`` (every harvest field given a value)."""
     try:
         yield
     except SweepError as err:
-        if "store_dir" not in str(err) or type(err).__init__ is not SweepError.__init__:
+        names = "|".join(f.name for f in fields(HarvestSource))
+        said = re.sub(rf"(?<![\w.])({names})=", r"data.\1=", str(err))
+        said = said.replace("store_dir", "data.path")
+        if said == str(err) or type(err).__init__ is not SweepError.__init__:
             raise
-        raise type(err)(str(err).replace("store_dir", "data.path")) from err
+        raise type(err)(said) from err
 
 
 def _sweep_harvest(
