@@ -143,7 +143,7 @@ class HarvestSource:
     model: str = MISSING
     """Model name (loaded with transformer_lens' TransformerBridge.boot_transformers) or a local HF model folder."""
     dataset: str = MISSING
-    """Hub dataset name, a save_to_disk folder, or a local .txt (blank-line separated) / .jsonl / .parquet file."""
+    """Hub dataset name, a save_to_disk folder, or a local .txt (blank-line separated) / .jsonl / .parquet file (or .json: JSON Lines or one array of records)."""
     split: str = "train"
     """Dataset split (hub datasets and save_to_disk folders)."""
     text_field: str = "text"

@@ -425,6 +425,22 @@ def test_jsonl_dataset_field(tiny_model_dir, tmp_path):
         run_harvest(tiny_cfg(tiny_model_dir, data, tmp_path / "h2", hooks=HOOKS[:1], rows=400))
 
 
+def test_a_json_file_holding_an_array_of_records_is_read_as_its_records(tmp_path):
+    """A ``.json`` file may be JSON Lines or one array (pretty-printed or not); a record
+    without the field is named by its index."""
+    rows = [{"text": "hello world"}, {"text": None}, {"text": "again"}]
+    data = tmp_path / "d.json"
+    for written in (json.dumps(rows), "\n  " + json.dumps(rows, indent=2)):
+        data.write_text(written)
+        assert list(text.iter_documents(str(data))) == ["hello world", "again"]
+    data.write_text(json.dumps([*rows, {"body": "x"}]))
+    with pytest.raises(SweepError, match=r"record 3 of .*d.json has no field 'text'; set text_"):
+        list(text.iter_documents(str(data)))
+    data.write_text(json.dumps(rows)[:-1])
+    with pytest.raises(SweepError, match=r"d.json is not valid JSON \(.* at line 1\); fix the"):
+        list(text.iter_documents(str(data)))
+
+
 def test_null_text_is_no_document_and_other_values_are_refused(tmp_path):
     """A null text (a JSONL null, a parquet or dataset null) is no document, in every format;
     a list or number is refused, naming where (it was harvested as its printed form, e.g.

@@ -46,6 +46,8 @@ def iter_documents(dataset: str, split: str = "train", text_field: str = "text")
     if path.is_file():
         if path.suffix == ".txt":
             return _iter_txt(path)
+        if path.suffix == ".json" and _first_char(path) == "[":
+            return _iter_json_array(path, text_field)
         if path.suffix in (".jsonl", ".json"):
             return _iter_jsonl(path, text_field)
         if path.suffix == ".parquet":
@@ -85,6 +87,33 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                 )
             if (doc := _document(obj[field], f"line {n} of {path}", field)) is not None:
                 yield doc
+
+
+def _first_char(path: Path) -> str:
+    """The first character of the file that is not white space ('' for none)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
+
+
+def _iter_json_array(path: Path, field: str) -> Iterator[str]:
+    """Documents of a ``.json`` file holding one array of records (read whole: a large
+    corpus belongs in JSON Lines, one record per line, which is streamed)."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SweepError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file"
+        ) from err
+    for n, obj in enumerate(records):
+        if not isinstance(obj, dict) or field not in obj:
+            raise SweepError(
+                f"record {n} of {path} has no field '{field}'; set text_field to the text's key"
+            )
+        if (doc := _document(obj[field], f"record {n} of {path}", field)) is not None:
+            yield doc
 
 
 def _document(value: object, where: str, field: str) -> str | None:
