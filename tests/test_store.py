@@ -259,6 +259,25 @@ def test_a_verification_is_remembered_for_its_manifest_only(store_copy):
         store.verify()
 
 
+def test_a_chunk_rewritten_with_its_old_mtime_is_verified_again(store_copy):
+    """``touch -r``, ``cp -p`` or ``rsync -a`` from another copy can restore a chunk's size
+    and mtime over different bytes; its ctime (which no tool sets) and inode tell."""
+    import os
+
+    ChunkStore(store_copy).verify()
+    chunk = store_copy / "chunk_00001.npy"
+    st = chunk.stat()
+    raw = bytearray(chunk.read_bytes())
+    raw[-3] ^= 0x01
+    chunk.unlink()
+    chunk.write_bytes(bytes(raw))
+    os.utime(chunk, ns=(st.st_atime_ns, st.st_mtime_ns))
+    store = ChunkStore(store_copy)
+    assert not store.is_verified()
+    with pytest.raises(StoreError, match="chunk_00001.npy fails its checksum"):
+        store.verify()
+
+
 def test_empty_store(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / MANIFEST).write_text(

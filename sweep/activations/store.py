@@ -492,14 +492,14 @@ class ChunkStore:
 
     def _signature(self) -> dict:
         """What a verification is remembered by: the manifest (which records every chunk's
-        sha256) and each chunk file's size and mtime. (A ``verified.json`` of the earlier
-        form, chunk files alone, reads as unverified: such a store is verified once again.)"""
+        sha256) and each chunk file's :meth:`_stat`. (A ``verified.json`` of an earlier form
+        reads as unverified: such a store is verified once again.)"""
         chunks = [[c["file"], *self._stat(c["file"])] for c in self.chunks]
         return {"manifest": self.identity, "chunks": chunks}
 
     def is_verified(self) -> bool:
-        """Whether :meth:`verify` passed on this manifest and these exact chunk files (size and
-        mtime unchanged)."""
+        """Whether :meth:`verify` passed on this manifest and these exact chunk files
+        (:meth:`_stat` unchanged)."""
         try:
             return json.loads((self.path / VERIFIED).read_text()) == self._signature()
         except (OSError, ValueError):
@@ -510,7 +510,8 @@ class ChunkStore:
         training).
 
         A successful check is remembered in ``verified.json`` (keyed by the manifest and each
-        chunk file's size and mtime), so a store is scanned once, not on every run.
+        chunk file's size, mtime, ctime and inode), so a store is scanned once, not on every
+        run (a copy of it, once more).
         """
         if self.is_verified():
             return
@@ -552,8 +553,10 @@ class ChunkStore:
             raise nonfinite_error(f)
 
     def _stat(self, name: str) -> list[int]:
+        """What tells a chunk file's bytes may have changed: size, mtime, and the ctime and
+        inode no copying tool sets (``touch -r``, ``cp -p`` and ``rsync -a`` restore an mtime)."""
         st = (self.path / name).stat()
-        return [st.st_size, st.st_mtime_ns]
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
     def chunk_offsets(self) -> list[int]:
         offsets, at = [], 0
