@@ -39,7 +39,14 @@ from sweep.planning import SweepPlan
 from sweep.startup import Laps
 from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly, raised_by
 from sweep.stop_request import StopRequestWatch
-from sweep.sweepdir import LOG, RunRecord, SweepFolder, default_store_path, write_summary
+from sweep.sweepdir import (
+    LOG,
+    STORE_VERIFIED,
+    RunRecord,
+    SweepFolder,
+    default_store_path,
+    write_summary,
+)
 
 log = logging.getLogger(__name__)
 details = logging.getLogger("sweep.details")  # to sweep.log only, never the terminal
@@ -281,7 +288,7 @@ def check_store_fits(
     if new:
         refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
     if verify:
-        store.verify()
+        store.verify(elsewhere=folder.path / STORE_VERIFIED)
     notes = [held_out_note(cfg.data.eval_rows, store.total_rows, new)]
     if training:
         notes += schedule_notes(cfg, store)

@@ -57,6 +57,9 @@ NO_OUTCOME = (
 """A sweep's activity when its last driver died before recording how it ended."""
 LOG = "sweep.log"
 STORE = "store"
+STORE_VERIFIED = ".store-verified.json"
+"""A read-only store's passed verification, remembered by the sweep (where the store cannot
+remember it: :meth:`sweep.activations.store.ChunkStore.verify`)."""
 LIMITS = "member_limits"
 """The manifest's key for :meth:`SweepFolder.member_limits`."""
 STARTUP = "startup"

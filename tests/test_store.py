@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +277,49 @@ def test_a_chunk_rewritten_with_its_old_mtime_is_verified_again(store_copy):
     assert not store.is_verified()
     with pytest.raises(StoreError, match="chunk_00001.npy fails its checksum"):
         store.verify()
+
+
+def read_only(store_path, monkeypatch):
+    """The store's folder refuses writes, as a read-only mount does (root, which runs these
+    tests, writes through file modes)."""
+    from sweep.activations import store as store_module
+
+    real = store_module.atomic_write_json
+
+    def refused(path, obj):
+        if Path(path).parent == store_path:
+            raise OSError(30, "Read-only file system")
+        real(path, obj)
+
+    monkeypatch.setattr(store_module, "atomic_write_json", refused)
+
+
+def test_a_read_only_store_is_verified_once_remembered_elsewhere(store_copy, tmp_path, monkeypatch):
+    read_only(store_copy, monkeypatch)
+    remembered = tmp_path / "sweep" / ".store-verified.json"
+    remembered.parent.mkdir()
+    ChunkStore(store_copy).verify()
+    assert not ChunkStore(store_copy).is_verified()  # nowhere to remember it
+    ChunkStore(store_copy).verify(elsewhere=remembered)
+    assert not (store_copy / "verified.json").exists() and remembered.is_file()
+    store = ChunkStore(store_copy)
+    assert store.is_verified(elsewhere=remembered) and not store.is_verified()
+    monkeypatch.setattr(ChunkStore, "_verify_chunk", lambda *a: pytest.fail("hashed again"))
+    store.verify(elsewhere=remembered)
+
+
+def test_a_sweep_on_a_read_only_store_verifies_it_once(
+    ray_cluster, store_copy, tmp_path, monkeypatch
+):
+    from sweep.cli import main
+
+    read_only(store_copy, monkeypatch)
+    args = ["run", f"sweep_dir={tmp_path / 'sw'}", "data=chunks", f"data.path={store_copy}",
+            "data.eval_rows=512", "grid.l1=[1e-3]", "grid.dict_ratio=[1]",
+            "train.batch_size=256", "progress=false"]  # fmt: skip
+    assert main(args) == 0
+    monkeypatch.setattr(ChunkStore, "_verify_chunk", lambda *a: pytest.fail("hashed again"))
+    assert main(args) == 0
 
 
 def test_empty_store(tmp_path):

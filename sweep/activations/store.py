@@ -497,33 +497,32 @@ class ChunkStore:
         chunks = [[c["file"], *self._stat(c["file"])] for c in self.chunks]
         return {"manifest": self.identity, "chunks": chunks}
 
-    def is_verified(self) -> bool:
+    def is_verified(self, elsewhere: Path | None = None) -> bool:
         """Whether :meth:`verify` passed on this manifest and these exact chunk files
-        (:meth:`_stat` unchanged)."""
-        try:
-            return json.loads((self.path / VERIFIED).read_text()) == self._signature()
-        except (OSError, ValueError):
-            return False
+        (:meth:`_stat` unchanged), as remembered in the store or in ``elsewhere``."""
+        markers = (self.path / VERIFIED, elsewhere)
+        recorded = [_read_marker(m) for m in markers if m is not None]
+        return any(r is not None for r in recorded) and self._signature() in recorded
 
-    def verify(self) -> None:
+    def verify(self, elsewhere: Path | None = None) -> None:
         """Read every chunk once, check its sha256 and reject non-finite values (before any
         training).
 
         A successful check is remembered in ``verified.json`` (keyed by the manifest and each
         chunk file's size, mtime, ctime and inode), so a store is scanned once, not on every
-        run (a copy of it, once more).
+        run (a copy of it, once more); in the file ``elsewhere`` (a sweep's own) where the
+        store cannot be written (a read-only shared store).
         """
-        if self.is_verified():
+        if self.is_verified(elsewhere):
             return
         signature = self._signature()
-        marker = self.path / VERIFIED
         with ThreadPoolExecutor(verify_threads(), thread_name_prefix="verify") as pool:
             for _ in pool.map(self._verify_chunk, range(len(self.chunks))):
                 pass  # the first failing chunk (in store order) raises here
-        try:
-            atomic_write_json(marker, signature)
-        except OSError:
-            log.debug("store %s is read-only; verification not cached", self.path)
+        for marker in (self.path / VERIFIED, elsewhere):
+            if marker is not None and _remembered(marker, signature):
+                return
+        log.debug("store %s is read-only; verification not remembered", self.path)
 
     def _verify_chunk(self, index: int) -> None:
         """One read of chunk ``index``'s file: its sha256 checked, then NaN/inf rejected. The
@@ -653,6 +652,23 @@ def total_steps(store: ChunkStore, batch_size: int, epochs: int, eval_rows: int)
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _read_marker(marker: Path) -> object:
+    """A remembered verification's signature (None: none can be read)."""
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remembered(marker: Path, signature: dict) -> bool:
+    """Write a passed verification's signature to ``marker``; False where it cannot be."""
+    try:
+        atomic_write_json(marker, signature)
+    except OSError:
+        return False
+    return True
 
 
 class BatchStream:
