@@ -617,6 +617,9 @@ def test_a_hook_without_per_token_rows_is_refused_before_anything_is_written(
     bad = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=["blocks.0.attn.hook_pattern"])
     assert main([*cli_args(bad), f"shards={shards}"]) == 2
     assert "choose a per-token hook" in _one_line_error(capsys)
+    as_many_heads = replace(bad, context=2)  # (batch, head, query, key): 2 heads as 2 tokens
+    assert main([*cli_args(as_many_heads), f"shards={shards}"]) == 2
+    assert "choose a per-token hook" in _one_line_error(capsys)
     assert not (tmp_path / "h" / harvest.PARAMS_FILE).exists()
     assert (
         main([*cli_args(tiny_cfg(tiny_model_dir, text_file, tmp_path / "h")), f"shards={shards}"])

@@ -348,15 +348,34 @@ def check_model(model: Any, cfg: HarvestConfig) -> None:
             f"context={cfg.context} is longer than model {cfg.model} takes ({n_ctx} tokens); "
             f"set context to at most {n_ctx}"
         )
-    device = next(model.parameters()).device
-    acts = lm.capture(
-        model, torch.zeros((1, cfg.context), dtype=torch.long, device=device), cfg.hooks
-    )
+    acts = _probe(model, cfg.context, cfg.hooks)
+    _check_per_token(model, cfg, acts)
     size = getattr(torch, cfg.dtype).itemsize
     writes = {store_path(cfg, h): cfg.rows * int(a.shape[-1]) * size for h, a in acts.items()}
     check_disk_space(
         writes, "lower rows, free space, or pass store_dir=<a folder on a larger disk>"
     )
+
+
+def _probe(model: Any, context: int, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """The hooks' activations on one dummy context of ``context`` tokens."""
+    device = next(model.parameters()).device
+    return lm.capture(model, torch.zeros((1, context), dtype=torch.long, device=device), hooks)
+
+
+def _check_per_token(model: Any, cfg: HarvestConfig, acts: dict[str, torch.Tensor]) -> None:
+    """A hook's rows follow the context length, their width does not: the probe at another
+    length refuses a hook whose second dimension only matched the context
+    (``hook_pattern``, (batch, head, query, key), with as many heads as positions)."""
+    other = cfg.context - 1 if cfg.context > 1 else 2
+    if other > (getattr(model.cfg, "n_ctx", None) or other):
+        return  # (context 1 of a model taking one token: nothing else to compare)
+    for h, a in _probe(model, other, cfg.hooks).items():  # (lm.capture checks the rows)
+        if a.shape[-1] != acts[h].shape[-1]:
+            raise SweepError(
+                f"hook '{h}' does not give one row per token (its shape follows the context "
+                "otherwise); choose a per-token hook such as blocks.N.hook_resid_post"
+            )
 
 
 def _check_task(cfg: HarvestConfig) -> None:
