@@ -79,7 +79,10 @@ def _revive(arch: str) -> str:
     """What brings a dead dictionary of architecture ``arch`` back."""
     a = archs.get(arch)
     if a.knob == "k":  # (k latents fire per row whatever: the step size killed the rest)
-        return "lower train.lr, or revive dead latents with train.auxk_alpha"
+        return (
+            "lower train.lr; AuxK (train.auxk_alpha > 0) revives latents once silent for "
+            "train.dead_tokens rows: lower train.dead_tokens for it to act sooner"
+        )
     if a.l0_penalty:
         return "lower l1 (its L0 coefficient), or raise the learning rate"
     return "lower l1 (or raise the learning rate)"

@@ -164,8 +164,9 @@ def test_health_notes_name_the_fix_of_the_architecture():
     assert health_note(dead, "jumprelu").endswith(
         "lower l1 (its L0 coefficient), or raise the learning rate"
     )
-    assert health_note(dead, "topk").endswith(
-        "lower train.lr, or revive dead latents with train.auxk_alpha"
+    assert health_note(dead, "topk").endswith(  # (AuxK is on by default: its window matters)
+        "lower train.lr; AuxK (train.auxk_alpha > 0) revives latents once silent for "
+        "train.dead_tokens rows: lower train.dead_tokens for it to act sooner"
     )
     for arch in ("untied", "topk"):  # a step size too large, the loss still finite
         wild = health_note({"dead_fraction": 0.2, "fvu": 2.3e5, "l0": 40.0}, arch)
