@@ -34,6 +34,10 @@ PICKUP = 90.0
 another node sees a new file once its NFS client's directory cache expires: up to 60 s)."""
 POLL = 1.0
 """How often a driver looks for a request (seconds)."""
+WAIT_POLL = 0.5
+"""How often a waiting ``sweep stop`` looks whether the driver ended (seconds)."""
+LEFT_FOR_OTHERS = 2 * WAIT_POLL
+"""Seconds a ``sweep stop`` leaves its request after the driver ended, for others waiting."""
 LOCK_KEYS = ("host", "pid", "started")
 
 
@@ -126,18 +130,20 @@ def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
         return 0
     lock = {k: held.get(k) for k in LOCK_KEYS}
     by = {"host": socket.gethostname(), "pid": os.getpid()}
-    atomic_write_json(folder.path / STOP_REQUEST, {"lock": lock, "by": by, "time": time.time()})
+    if not _untaken(folder.path, lock):  # (else another 'sweep stop' asked: its request stands)
+        request = {"lock": lock, "by": by, "time": time.time()}
+        atomic_write_json(folder.path / STOP_REQUEST, request)
     who = f"pid {held.get('pid')} on {held.get('host')}"
     print(f"asked the driver of sweep {sweep_dir} ({who}) to stop, as at Ctrl-C")
     if not wait:
         return 0
     try:
         with _interrupts_raise():
-            _wait_for_end(folder, lock, who)
+            seen = _wait_for_end(folder, lock, who)
     except KeyboardInterrupt:
         print(f"left waiting; the driver still stops ('sweep status {sweep_dir}' shows it)")
         return 130
-    print(_ended(folder, held, _taken(folder, lock, by)))
+    print(_ended(folder, held, _taken(folder, lock, by) or seen))
     return 0
 
 
@@ -156,15 +162,21 @@ def _interrupts_raise() -> Iterator[None]:
 
 def _taken(folder: SweepFolder, lock: dict, by: dict) -> dict | None:
     """How the driver of ``lock`` took the request (None: it ended first). The request goes
-    when it is ours (``by``); one a second 'sweep stop' wrote over it stays for that one to
-    read (a next driver removes any left, as naming another lock)."""
+    when it is ours (``by``), after :data:`LEFT_FOR_OTHERS` (another 'sweep stop' waiting on
+    it reads it once it sees the driver end); one a later 'sweep stop' wrote over it stays
+    for that one (a next driver removes any left, as naming another lock)."""
     request = request_for(folder.path, lock)
     if request is None:
         return None
     if request.get("by") == by:
+        time.sleep(LEFT_FOR_OTHERS)
         with contextlib.suppress(OSError):
             (folder.path / STOP_REQUEST).unlink()
-    taken = request.get("taken")
+    return _how_taken(request)
+
+
+def _how_taken(request: dict | None) -> dict | None:
+    taken = None if request is None else request.get("taken")
     return taken if isinstance(taken, dict) else None
 
 
@@ -206,14 +218,16 @@ def _recorded(folder: SweepFolder) -> tuple[str | None, str]:
     return state, f"the sweep is {state}"
 
 
-def _wait_for_end(folder: SweepFolder, lock: dict, who: str) -> None:
-    """Until the driver holding ``lock`` has ended; one line if it never takes the request."""
-    asked = time.monotonic()
+def _wait_for_end(folder: SweepFolder, lock: dict, who: str) -> dict | None:
+    """Until the driver holding ``lock`` has ended; one line if it never takes the request.
+    Returns how it took the request, as last seen (another 'sweep stop' may remove it)."""
+    asked, seen = time.monotonic(), None
     request = folder.path / STOP_REQUEST
     while True:
+        seen = _how_taken(request_for(folder.path, lock)) or seen
         held = folder.driver()
         if held is None or any(held.get(k) != lock[k] for k in LOCK_KEYS):
-            return
+            return seen
         if time.monotonic() - asked > PICKUP and _untaken(folder.path, lock):
             with contextlib.suppress(OSError):
                 request.unlink()
@@ -222,7 +236,7 @@ def _wait_for_end(folder: SweepFolder, lock: dict, who: str) -> None:
                 f"older than 'sweep stop', or stuck); unless 'sweep status {folder.path}' says "
                 f"stopping, stop it there with kill -INT {lock['pid']}"
             )
-        time.sleep(0.5)
+        time.sleep(WAIT_POLL)
 
 
 def _untaken(sweep_dir: Path, lock: dict) -> bool:

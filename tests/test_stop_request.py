@@ -157,6 +157,57 @@ def test_two_sweep_stops_at_once_both_say_what_the_driver_left(tmp_path):
     assert not (sw / STOP_REQUEST).exists()
 
 
+def test_two_sweep_stop_commands_a_moment_apart_both_say_it_stopped(tmp_path):
+    """The second does not write over the first's request; each remembers how the driver took
+    it, and the first leaves it a moment for the second (which said "it ended before it took
+    the request" when the first had removed it)."""
+    sw = _sweep(tmp_path)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(sw), "training", "interrupted"])
+    stop = [sys.executable, "-m", "sweep", "stop", str(sw)]
+    try:
+        _until(lambda: (sw / ".lock").exists(), timeout=60)
+        first = subprocess.Popen(stop, stdout=subprocess.PIPE, text=True)
+        _until(lambda: (sw / STOP_REQUEST).exists())
+        second = subprocess.Popen(stop, stdout=subprocess.PIPE, text=True)
+        said = [p.communicate(timeout=60)[0] for p in (first, second)]
+        assert driver.wait(timeout=30) == 0
+    finally:
+        driver.kill()
+    for out in said:
+        assert "it stopped, its running ensembles checkpointed" in out, out
+    assert not (sw / STOP_REQUEST).exists()
+
+
+def test_a_second_sweep_stop_leaves_a_request_not_yet_taken_as_it_is(tmp_path):
+    """Written over, the first command's request was gone when the second removed its own."""
+    sw = _sweep(tmp_path)
+    _request(sw, _lock(sw))  # another 'sweep stop' asked; the driver has not looked yet
+    assert ask_to_stop(sw, wait=False) == 0
+    assert json.loads((sw / STOP_REQUEST).read_text())["by"] == {"host": "login1", "pid": 4242}
+
+
+def test_how_the_driver_took_the_request_is_remembered_while_waiting(tmp_path):
+    """Another 'sweep stop' may remove the request before this one reads it at the end."""
+    import threading
+
+    sw = _sweep(tmp_path)
+    lock = _lock(sw)
+    _request(sw, lock)
+    request = json.loads((sw / STOP_REQUEST).read_text())
+    (sw / STOP_REQUEST).write_text(json.dumps({**request, "taken": {"training": True}}))
+
+    def others_end() -> None:
+        time.sleep(0.7)
+        (sw / STOP_REQUEST).unlink()  # (the other command, done)
+        time.sleep(0.7)
+        (sw / ".lock").unlink()  # (the driver, ended)
+
+    threading.Thread(target=others_end).start()
+    held = {k: lock[k] for k in ("host", "pid", "started")}
+    seen = stop_request._wait_for_end(SweepFolder(sw), held, "pid 1 on h")
+    assert seen == {"training": True}
+
+
 def test_a_driver_that_ended_before_it_took_the_request_is_said_so(tmp_path):
     sw = _sweep(tmp_path, state="done")
     held = {"host": "h", "pid": 1, "started": 1.0, "doing": "training"}
