@@ -7,7 +7,7 @@ DEMO_DIR ?= outputs/demo
 
 .PHONY: setup demo test test-slow test-gpu test-all bench lint format clean
 
-setup: $(STAMP)  ## create .venv and install sweep with its dev tools (torch==2.13.0 CPU wheel)
+setup: $(STAMP)  ## create .venv and install sweep with its dev tools (torch==2.13.0: pip's build for this machine, with CUDA on Linux unless pip is set to a CPU index)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,5 +44,6 @@ format: setup
 	$(BIN)/ruff check --fix sweep tests scripts
 	$(BIN)/ruff format sweep tests scripts
 
-clean:
-	rm -rf outputs .pytest_cache .ruff_cache build dist *.egg-info
+clean:  ## the demo's sweep and build caches (never your own sweeps under outputs/)
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build dist *.egg-info
+	rmdir outputs 2>/dev/null || true

@@ -17,11 +17,13 @@ import argparse
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # (tests.tiny_lm's tokenizer)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
