@@ -93,13 +93,27 @@ class RateMeter:
 
     def _slowest_run(self) -> float:
         """Seconds the run needing the longest at its own rate over the samples needs."""
-        first, last, longest = self.samples[0][3], self.samples[-1][3], 0.0
+        now, last, longest = self.samples[-1][0], self.samples[-1][3], 0.0
         for run, rows in last.items():
-            moved = rows - first.get(run, rows)
-            if moved > 0 and run in self.run_totals:
+            began = self._began(run)
+            if began is None or run not in self.run_totals:
+                continue
+            moved, span = rows - began[1], now - began[0]
+            if moved > 0 and span > 0:
                 left = max(self.run_totals[run] - rows, 0.0)
-                longest = max(longest, left * self.span() / moved)
+                longest = max(longest, left * span / moved)
         return longest
+
+    def _began(self, run: str) -> tuple[float, float] | None:
+        """(time, rows) of ``run`` at the last sample kept before its rows first changed: its
+        rate counts from there, not over the part of the window it waited for its turn
+        (None: it has no rows there)."""
+        base, began = self.samples[0][3].get(run), None
+        for t, _, _, runs in self.samples:
+            if runs.get(run) != base:
+                break
+            began = (t, base)
+        return None if base is None else began
 
     def facts(self, now: float) -> dict:
         _, rows, work, _ = self.samples[-1]

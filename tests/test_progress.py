@@ -115,6 +115,20 @@ def test_the_time_left_of_ensembles_side_by_side_is_their_slowest(tmp_path):
         assert meter.seconds_left() == 90
 
 
+def test_a_run_that_began_inside_the_window_is_paced_from_when_it_began(tmp_path):
+    """The small run waited 100 s for its slot, then trained 8k rows/s for 10 s: spread over
+    the whole window, its rate read 11x too slow, and the time left ~10x too long."""
+    from sweep.rate import RateMeter
+
+    totals = {"big": 100_000, "small": 200_000}
+    with RateMeter(tmp_path, 300_000, 100_000 * 4096 + 200_000 * 512, totals) as meter:
+        for t in range(0, 111):
+            runs = {"big": min(1000 * t, 100_000), "small": 8000 * max(t - 100, 0)}
+            work = runs["big"] * 4096 + runs["small"] * 512
+            meter.sample(sum(runs.values()), now=1000.0 + t, work=work, runs=runs)
+        assert meter._slowest_run() == (200_000 - 80_000) / 8000
+
+
 def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
     from sweep.cli import main
     from sweep.lock import SweepLock
