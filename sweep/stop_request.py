@@ -112,8 +112,7 @@ class StopRequestWatch:
             log.info("%s asked: the sweep is already stopping", _asker(request))
             return
         self._asked = True
-        self.signals.by = _asker(request)
-        log.warning("asked to stop by %s", self.signals.by)
+        self.signals.by = _asker(request)  # (the signal's handler says who asked)
         if not self._closed.is_set():
             os.kill(os.getpid(), signal.SIGINT)
 
