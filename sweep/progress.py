@@ -4,6 +4,7 @@ carriage-return redraw several times a second."""
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import IO, Any
 
@@ -13,15 +14,27 @@ LOG_INTERVAL = 60.0
 
 class _Lines:
     """A file for tqdm that ends every redraw with a newline and drops carriage returns, so
-    a log file holds one readable line per update (and no blank clears)."""
+    a log file holds one readable line per update (no blank clears, no line twice in a row:
+    a refresh and the close that follows it draw the same)."""
 
     def __init__(self, out: IO[str]):
         self.out = out
+        self.last = ""
 
     def write(self, s: str) -> None:
         text = s.replace("\r", "").strip()
-        if text:
+        if text and _gist(text) != self.last:
             self.out.write(text + "\n")
+            self.last = _gist(text)
+
+
+_CLOCK = re.compile(r"\d+:\d{2}(:\d{2})?|[\d.?]+\s?[a-zA-Z]+/[a-zA-Z]+")
+"""Times (``01:02``) and rates (``4.2krow/s``, ``?it/s``, ``3.1s/it``) in a bar's line."""
+
+
+def _gist(line: str) -> str:
+    """A bar's line without its times and rates: two lines alike but for them say the same."""
+    return _CLOCK.sub("", line)
 
     def flush(self) -> None:
         self.out.flush()
@@ -37,4 +50,5 @@ def progress_bar(iterable: Any = None, **kw: Any):
         kw.setdefault("maxinterval", LOG_INTERVAL)  # (else tqdm's monitor redraws every 10 s)
         kw.setdefault("file", _Lines(out))
         kw.setdefault("ascii", True)
+        kw["leave"] = True  # (a file cannot be cleared: its last line says how the bar ended)
     return tqdm(iterable, **kw)

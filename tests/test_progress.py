@@ -29,6 +29,17 @@ def test_progress_lines_come_at_the_log_interval(capsys, monkeypatch):
     assert [line.split("|")[0] for line in lines] == [f"n: {p:3d}%" for p in range(0, 101, 20)]
 
 
+def test_a_bar_that_would_clear_itself_leaves_its_last_line_in_a_file_once(capsys):
+    """leave=False clears a terminal's bar; in a file only its first line (0%) was left. A
+    refresh and the close after it draw the same line: written once."""
+    with progress_bar(total=3, desc="gen", leave=False, disable=False) as bar:
+        bar.update(3)
+        bar.refresh()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("gen:   0%") and lines[-1].startswith("gen: 100%")
+    assert len(lines) == len(set(lines)) == 2
+
+
 class _Terminal:
     def __init__(self):
         self.text = ""
