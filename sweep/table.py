@@ -41,6 +41,8 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     fitted.print(console, see=SUMMARY)
     if weak and "loss_recovered" not in fitted.left_out:
         console.print(WEAK_CAPTION, highlight=False)
+    if "l1" in cols and "l1" not in fitted.left_out and any(_l0_penalised(r) for r in rows):
+        console.print(L0_CAPTION, highlight=False)
     if cut:
         console.print(cut, highlight=False)
     for line in _notes(every):
@@ -71,6 +73,16 @@ def _notes(rows: list[dict], shown: int = 10) -> list[str]:
         lines.append(f"... and {len(noted) - shown} more (the note column of {SUMMARY})")
     return lines
 
+
+def _l0_penalised(row: dict) -> bool:
+    """Whether the row's run penalises L0 (JumpReLU): its ``l1`` is its L0 coefficient."""
+    from sweep import archs
+
+    arch = archs.REGISTRY.get(str(row.get("arch")))
+    return arch is not None and arch.l0_penalty
+
+
+L0_CAPTION = "l1 of jumprelu runs: their L0 coefficient (the penalty counts firing codes)"
 
 WEAK_CAPTION = (
     f"† loss_recovered not meaningful: zero-ablating the hook changed the loss by less than "

@@ -863,3 +863,14 @@ def test_terminal_table_fits_a_narrow_terminal_and_keeps_cells_whole(capsys, mon
     table.print_table(rows)
     narrower = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
     assert "0.1235" in narrower and "(too narrow for dead_fraction, gt_mmcs" in narrower
+
+
+def test_the_terminal_table_says_what_l1_is_for_jumprelu_runs(capsys):
+    """The run ids and the column say l1; for JumpReLU it is the L0 coefficient."""
+    from sweep.table import L0_CAPTION, print_table
+
+    row = {"run_id": "r2-l1_1e-02-s0", "l1": 0.01, "dict_ratio": 2, "state": "done", "l0": 5.0}
+    print_table([{**row, "arch": "jumprelu"}])
+    assert L0_CAPTION in " ".join(capsys.readouterr().out.split())
+    print_table([{**row, "arch": "untied"}])
+    assert "L0 coefficient" not in capsys.readouterr().out
