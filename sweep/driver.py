@@ -291,7 +291,8 @@ def check_store_fits(
         store.verify(elsewhere=folder.path / STORE_VERIFIED)
     notes = [held_out_note(cfg.data.eval_rows, store.total_rows, new)]
     if training:
-        notes += schedule_notes(cfg, store)
+        t = cfg.train
+        notes += schedule_notes(cfg, total_steps(store, t.batch_size, t.epochs, cfg.data.eval_rows))
     if new:
         notes.append(skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows))
         tail = store.tail_rows(cfg.data.eval_rows)
@@ -302,10 +303,9 @@ def check_store_fits(
             log.warning(note)
 
 
-def schedule_notes(cfg: SweepConfig, store: ChunkStore) -> list[str | None]:
-    """Warnings of a training schedule too short for the architecture to respond to its
-    sparsity knob, or for a dead-latent remedy to act."""
-    steps = total_steps(store, cfg.train.batch_size, cfg.train.epochs, cfg.data.eval_rows)
+def schedule_notes(cfg: SweepConfig, steps: int) -> list[str | None]:
+    """Warnings of a training schedule of ``steps`` too short for the architecture to
+    respond to its sparsity knob, or for a dead-latent remedy to act."""
     mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
     arch = cfg.sae.architecture()
     return [arch.check_schedule(steps, mean_lr), never_acts_note(cfg.train, arch, steps)]

@@ -8,6 +8,7 @@ store that must be harvested or copied first is refused: its width is not known 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,13 +17,15 @@ import torch
 
 from sweep import archs, driver, execution, grid, launcher, planning, restore
 from sweep.activations import harvest, synthetic
-from sweep.activations.store import ChunkStore, staged_bytes
+from sweep.activations.store import ChunkStore, planned_steps, staged_bytes
 from sweep.config import SweepConfig, SyntheticDataConfig
 from sweep.errors import SweepError
 from sweep.io import memory_text
 from sweep.lock import holder_alive, read_lock
 from sweep.planning import SweepPlan
 from sweep.sweepdir import LOCK, STORE_VERIFIED, SweepFolder
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -90,6 +93,7 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
         if store is None:
             synthetic.refuse_begun(cfg.data, path, driver.owns_store(cfg))
             synthetic.check_resources(cfg.data, path)
+            _warn_of_schedule(cfg)
             d = cfg.data
             staged = staged_bytes(min(d.rows_per_chunk, d.rows), d.width, d.dtype)
             return StoreShape(path, d.width, staged)  # (the grid was checked at this width)
@@ -105,6 +109,18 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
         store = ChunkStore(path)  # (the run's own error when there is none)
     driver.check_store_fits(cfg, folder, store, verify=False)  # (noted: the run verifies)
     return StoreShape(path, store.width, store.staged_bytes(), store)
+
+
+def _warn_of_schedule(cfg: SweepConfig) -> None:
+    """The run's schedule warnings (:func:`sweep.driver.schedule_notes`) for a synthetic
+    store not made yet: its chunks' sizes follow from its config."""
+    d, t = cfg.data, cfg.train
+    full, last = divmod(d.rows, d.rows_per_chunk)
+    chunks = [d.rows_per_chunk] * full + ([last] if last else [])
+    steps = planned_steps(chunks, t.batch_size, t.epochs, d.eval_rows)
+    for note in driver.schedule_notes(cfg, steps) if steps else []:
+        if note:
+            log.warning(note)
 
 
 def _notes(folder: SweepFolder, shape: StoreShape) -> list[str]:

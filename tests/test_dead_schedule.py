@@ -47,3 +47,12 @@ def test_a_sweep_that_cannot_resample_says_so(ray_cluster, tmp_path, capsys):
     assert "train.dead_tokens=10,000,000 rows" in said
     assert main(["evaluate", str(sw)]) == 0
     assert "never resamples" not in capsys.readouterr().err
+
+
+def test_a_plan_says_it_before_the_synthetic_store_is_made(tmp_path, capsys):
+    """``--plan`` on a new synthetic sweep counts the steps from the store's config."""
+    args = ["grid.l1=[0.3]", "grid.dict_ratio=[1]", "train.resample_dead=10"]
+    assert main(["run", "--plan", f"sweep_dir={tmp_path / 'sw'}", *TINY, *args]) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "train.resample_dead=10 never resamples here" in said
+    assert "(step 10 of 38, train.resample_stop=0.5)" in said and not (tmp_path / "sw").exists()

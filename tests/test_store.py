@@ -322,6 +322,17 @@ def test_a_sweep_on_a_read_only_store_verifies_it_once(
     assert main(args) == 0
 
 
+def test_the_steps_planned_from_chunk_sizes_are_those_of_the_store(tiny_store):
+    """A synthetic store not made yet is planned from its config's chunk sizes (``--plan``)."""
+    from sweep.activations.store import planned_steps, total_steps
+
+    sizes = [int(c["rows"]) for c in tiny_store.chunks]
+    for batch, epochs, held in ((256, 1, 2048), (100, 3, 5000), (1000, 2, 0)):
+        assert planned_steps(sizes, batch, epochs, held) == total_steps(
+            tiny_store, batch, epochs, held
+        )
+
+
 def test_empty_store(tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / MANIFEST).write_text(

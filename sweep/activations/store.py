@@ -615,11 +615,16 @@ def _not_finite(index: int, rows: torch.Tensor, dtype: str) -> str:
 
 def train_rows(store: ChunkStore, eval_rows: int) -> list[int]:
     """Rows of each chunk that may be trained on (the last ``eval_rows`` of the store are not)."""
-    limit = store.total_rows - eval_rows
-    return [
-        max(0, min(int(c["rows"]), limit - off))
-        for c, off in zip(store.chunks, store.chunk_offsets(), strict=True)
-    ]
+    return rows_to_train([int(c["rows"]) for c in store.chunks], eval_rows)
+
+
+def rows_to_train(chunk_rows: list[int], eval_rows: int) -> list[int]:
+    """:func:`train_rows` of chunks of ``chunk_rows`` rows (a store not made yet, too)."""
+    limit, out, off = sum(chunk_rows) - eval_rows, [], 0
+    for rows in chunk_rows:
+        out.append(max(0, min(rows, limit - off)))
+        off += rows
+    return out
 
 
 def batches_per_chunk(store: ChunkStore, batch_size: int, eval_rows: int) -> list[int]:
@@ -648,6 +653,12 @@ def staged_bytes(chunk_rows: int, width: int, dtype: str) -> int:
 def total_steps(store: ChunkStore, batch_size: int, epochs: int, eval_rows: int) -> int:
     """Steps of a whole training run on ``store`` (what :class:`BatchStream` will yield)."""
     return sum(batches_per_chunk(store, batch_size, eval_rows)) * epochs
+
+
+def planned_steps(chunk_rows: list[int], batch_size: int, epochs: int, eval_rows: int) -> int:
+    """:func:`total_steps` of a store of chunks of ``chunk_rows`` rows, not made yet (0 where
+    no batch is left: the run refuses it)."""
+    return sum(r // batch_size for r in rows_to_train(chunk_rows, eval_rows)) * epochs
 
 
 def _seed(*parts: int) -> int:
