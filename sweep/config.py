@@ -846,6 +846,8 @@ def local_ref(name: str, value: str) -> str:
     name as it is."""
     from sweep.activations import lm, text
 
+    if not value:  # (missing: the check names it)
+        return value
     if name == "model":
         return lm.model_ref(value)
     return str(Path(value).resolve()) if text.is_local(value) else value

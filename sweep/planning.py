@@ -215,18 +215,33 @@ def _differences(old: dict, new: dict) -> list[Difference]:
         for key in sorted(set(a) | set(b)):
             defining = _defining(key) and key not in inert
             unresolved = key == "train.dtype" and b.get(key) == "auto"  # checked once resolved
-            before, after = _where(key, a.get(key, LEGACY.get(key))), _where(key, b.get(key))
-            if defining and not unresolved and before != after:
+            before, after = a.get(key, LEGACY.get(key)), b.get(key)
+            if defining and not unresolved and not _same(key, before, after):
                 diffs.append(Difference(key, before, after))
     return diffs
 
 
-def _where(key: str, value: object) -> object:
-    """A recorded value as compared: a local model or dataset as an absolute path (a sweep
-    whose config.yaml recorded it relative, as older versions did, is still the same)."""
-    if key in ("data.model", "data.dataset") and isinstance(value, str):
-        return local_ref(key.split(".")[1], value)
-    return value
+def _same(key: str, before: object, after: object) -> bool:
+    """Whether a recorded value and another are the same setting: for a local model or
+    dataset, the same place (older versions recorded them as given: relative, resolved
+    against the working folder; a relative one and the absolute path it was resolved to,
+    wherever that was, are the same)."""
+    if before == after:
+        return True
+    if key not in ("data.model", "data.dataset"):
+        return False
+    if not isinstance(before, str) or not isinstance(after, str) or not before or not after:
+        return False
+    name = key.split(".")[1]
+    if local_ref(name, before) == local_ref(name, after):
+        return True
+    return _resolved_to(before, after) or _resolved_to(after, before)
+
+
+def _resolved_to(relative: str, absolute: str) -> bool:
+    """Whether ``absolute`` ends with the parts of the relative path ``relative``."""
+    rel, full = Path(os.path.normpath(relative)).parts, Path(absolute).parts
+    return not os.path.isabs(relative) and os.path.isabs(absolute) and full[-len(rel) :] == rel
 
 
 def _restoring(diffs: list[Difference], old: dict) -> list[str]:

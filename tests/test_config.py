@@ -562,7 +562,8 @@ def test_a_relative_model_and_dataset_recorded_by_an_older_version_are_the_same_
     tmp_path, monkeypatch
 ):
     """Older versions recorded data.model and data.dataset as given: a re-run from where the
-    sweep began (now recording absolute paths) is the same sweep; another place is not."""
+    sweep began (now recording absolute paths) is the same sweep, and so is its spec.json
+    read from another folder against the config.yaml that re-run wrote; another file is not."""
     from sweep import planning
 
     monkeypatch.chdir(tmp_path)
@@ -571,5 +572,15 @@ def test_a_relative_model_and_dataset_recorded_by_an_older_version_are_the_same_
     new = {"data": {"name": "harvest", "model": str(tmp_path / "tm"),
                     "dataset": str(tmp_path / "docs.txt")}}  # fmt: skip
     assert planning._differences(old, new) == []
-    new["data"]["dataset"] = "/elsewhere/docs.txt"
-    assert [d.key for d in planning._differences(old, new)] == ["data.dataset"]
+    monkeypatch.chdir(tmp_path / "tm")  # (its spec.json against a config.yaml rewritten since)
+    assert planning._differences(old, new) == []
+    new["data"]["dataset"] = "/elsewhere/other.txt"  # (a docs.txt elsewhere: the harvest's
+    assert [d.key for d in planning._differences(old, new)] == ["data.dataset"]  # own check)
+
+
+@pytest.mark.parametrize("field", ["data.model", "data.dataset"])
+def test_an_empty_model_or_dataset_is_refused_not_taken_as_the_working_folder(field):
+    given = {"data.model": "m", "data.dataset": "d.txt", field: ""}
+    harvest = ["data=harvest", "data.hook=h", "data.rows=90000"]
+    with pytest.raises(ConfigError, match=f"{field} is required"):
+        cfg_of(*harvest, *(f"{k}={v}" for k, v in given.items()))
