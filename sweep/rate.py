@@ -93,27 +93,26 @@ class RateMeter:
 
     def _slowest_run(self) -> float:
         """Seconds the run needing the longest at its own rate over the samples needs."""
-        now, last, longest = self.samples[-1][0], self.samples[-1][3], 0.0
-        for run, rows in last.items():
-            began = self._began(run)
-            if began is None or run not in self.run_totals:
-                continue
-            moved, span = rows - began[1], now - began[0]
-            if moved > 0 and span > 0:
-                left = max(self.run_totals[run] - rows, 0.0)
-                longest = max(longest, left * span / moved)
+        longest = 0.0
+        for run, total in self.run_totals.items():
+            moves = self._moves(run)
+            if len(moves) < 2:
+                continue  # (not moving, or only begun: no rate of its own yet)
+            (t0, r0), (t1, r1) = moves[0], moves[-1]
+            longest = max(longest, max(total - r1, 0.0) * (t1 - t0) / (r1 - r0))
         return longest
 
-    def _began(self, run: str) -> tuple[float, float] | None:
-        """(time, rows) of ``run`` at the last sample kept before its rows first changed: its
-        rate counts from there, not over the part of the window it waited for its turn
-        (None: it has no rows there)."""
-        base, began = self.samples[0][3].get(run), None
+    def _moves(self, run: str) -> list[tuple[float, float]]:
+        """(time, rows) of ``run`` at each sample kept where its rows changed. Its rate runs
+        from the first to the last: not over the part of the window it waited for its turn,
+        nor the time since its last report (a run reports every few steps, not every sample)."""
+        moves, before = [], self.samples[0][3].get(run)
         for t, _, _, runs in self.samples:
-            if runs.get(run) != base:
-                break
-            began = (t, base)
-        return None if base is None else began
+            rows = runs.get(run)
+            if rows is not None and before is not None and rows > before:
+                moves.append((t, rows))
+            before = rows
+        return moves
 
     def facts(self, now: float) -> dict:
         _, rows, work, _ = self.samples[-1]

@@ -140,6 +140,19 @@ def test_a_run_that_began_inside_the_window_is_paced_from_when_it_began(tmp_path
         assert meter._slowest_run() == (200_000 - 80_000) / 8000
 
 
+def test_a_run_that_reports_every_half_minute_is_paced_at_its_rate(tmp_path):
+    """Rows move at each report (every 50 steps), not at each sample: 100 rows/s reported
+    every 30 s is 100 rows/s, wherever the window's edges fall between reports."""
+    from sweep.rate import RateMeter
+
+    for start in (0, 7, 29):
+        with RateMeter(tmp_path, 100_000, None, {"run": 100_000}) as meter:
+            for t in range(start, start + 200):
+                rows = 3000 * (t // 30)
+                meter.sample(rows, now=1000.0 + t, runs={"run": rows})
+            assert meter._slowest_run() == (100_000 - rows) / 100
+
+
 def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
     from sweep.cli import main
     from sweep.lock import SweepLock
