@@ -4,28 +4,34 @@ carriage-return redraw several times a second."""
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+import time
 from typing import IO, Any
 
 LOG_INTERVAL = 60.0
 """Seconds between progress lines when stderr is not a terminal."""
+REPEAT_AFTER = LOG_INTERVAL / 2
+"""Seconds after which a line alike the last but for its times and rates is written anyway."""
 
 
 class _Lines:
     """A file for tqdm that ends every redraw with a newline and drops carriage returns, so
-    a log file holds one readable line per update (no blank clears, no line twice in a row:
-    a refresh and the close that follows it draw the same)."""
+    a log file holds one readable line per update (no blank clears, and not a line alike
+    but for its times and rates right after another: a refresh and the close that follows
+    it draw the same; a minute's line is written even when its count has not moved)."""
 
     def __init__(self, out: IO[str]):
         self.out = out
-        self.last = ""
+        self.last, self.when = "", -math.inf
 
     def write(self, s: str) -> None:
         text = s.replace("\r", "").strip()
-        if text and _gist(text) != self.last:
+        now = time.monotonic()
+        if text and (_gist(text) != self.last or now - self.when >= REPEAT_AFTER):
             self.out.write(text + "\n")
-            self.last = _gist(text)
+            self.last, self.when = _gist(text), now
 
 
 _CLOCK = re.compile(r"\d+:\d{2}(:\d{2})?|[\d.?]+\s?[a-zA-Z]+/[a-zA-Z]+")

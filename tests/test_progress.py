@@ -40,6 +40,16 @@ def test_a_bar_that_would_clear_itself_leaves_its_last_line_in_a_file_once(capsy
     assert len(lines) == len(set(lines)) == 2
 
 
+def test_a_minutes_line_is_written_though_its_count_has_not_moved(capsys, monkeypatch):
+    """The count shows 3 digits: on a large sweep it stays for minutes, its rate and time
+    left do not (only a line right after its twin is dropped)."""
+    monkeypatch.setattr(progress, "REPEAT_AFTER", 0.0)
+    with progress_bar(total=3, desc="gen", disable=False) as bar:
+        bar.refresh()
+        bar.refresh()
+    assert len(capsys.readouterr().err.splitlines()) == 4  # (first, two refreshes, close)
+
+
 class _Terminal:
     def __init__(self):
         self.text = ""
