@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sweep.errors import RunDirError, StoreError
+
+log = logging.getLogger(__name__)
 
 
 def _read_umask() -> int:
@@ -77,13 +80,16 @@ def flock_held(
     """An exclusive ``fcntl.flock`` of ``path`` (a folder; a file, made if needed, with
     ``create``) for the block, released by the kernel if the process dies. Where another
     process holds it, ``busy()`` is called first (it may raise, to refuse; or say that this
-    waits), then this waits. A path that cannot be opened, or a file system without flock
-    (some Lustre mounts), holds nothing. On NFS a folder's flock is each host's own."""
+    waits), then this waits. Opened read-only (flock needs no more: a file another user
+    made in a shared folder still locks). A path that cannot be opened, or a file system
+    without flock (some Lustre mounts), holds nothing. On NFS a folder's flock is each
+    host's own."""
     import fcntl
 
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o644)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | (os.O_CREAT if create else 0), 0o644)
+    except OSError as err:
+        log.debug("%s cannot be opened to lock (%s); not locked", path, err)
         yield
         return
     try:

@@ -892,3 +892,30 @@ def test_merging_into_metrics_waits_for_a_writer_of_the_run(copy):
         os.close(fd)
     merge.join(timeout=10)
     assert read_json(run_.path / rundir.METRICS) == {"fvu": 0.25, "mmcs_seeds": 0.5}
+
+
+def test_the_lock_guard_holds_though_another_user_made_its_file(tmp_path, monkeypatch):
+    """In a group-shared sweep folder, .lock-guard (0644) may be another user's: it cannot be
+    opened for writing, but flock needs no more than reading. (Root writes through file
+    modes, so the refusal is simulated.)"""
+    import fcntl
+
+    from sweep import io
+
+    real_open = os.open
+
+    def as_another_users_file(path, flags, *mode):
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *mode)
+
+    guard = tmp_path / ".lock-guard"
+    guard.write_text("")
+    monkeypatch.setattr(io.os, "open", as_another_users_file)
+    with io.flock_held(guard, create=True):
+        fd = real_open(guard, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
