@@ -25,8 +25,8 @@ def never_acts_note(train: TrainConfig, arch: Architecture, steps: int) -> str |
     if arch.knob == "k" and custom and trained_before_last < train.dead_tokens:
         return (
             f"train.auxk_alpha={train.auxk_alpha:g} never acts here: a latent counts as dead "
-            f"after train.dead_tokens={train.dead_tokens:,} rows and training has "
-            f"{steps * train.batch_size:,}; lower train.dead_tokens"
+            f"after train.dead_tokens={train.dead_tokens:,} rows and the last step comes after "
+            f"{trained_before_last:,}; lower train.dead_tokens"
         )
     return None
 

@@ -31,7 +31,7 @@ def test_an_auxk_weight_set_by_hand_that_cannot_act_is_named():
     topk, short = archs.get("topk"), tiny_train(auxk_alpha=0.5, dead_tokens=10_000)
     note = never_acts_note(short, topk, 20)
     assert note is not None and "train.auxk_alpha=0.5 never acts here" in note
-    assert "training has 5,120" in note and "lower train.dead_tokens" in note
+    assert "the last step comes after 4,864" in note and "lower train.dead_tokens" in note
     assert never_acts_note(short, topk, 100) is None  # long enough
     assert never_acts_note(tiny_train(dead_tokens=10_000), topk, 20) is None  # the default weight
     assert never_acts_note(short, archs.get("untied"), 20) is None  # no AuxK there

@@ -436,6 +436,10 @@ def test_a_json_file_holding_an_array_of_records_is_read_as_its_records(tmp_path
     data.write_text(json.dumps([*rows, {"body": "x"}]))
     with pytest.raises(SweepError, match=r"record 3 of .*d.json has no field 'text'; set text_"):
         list(text.iter_documents(str(data)))
+    for bom in (data, tmp_path / "d.jsonl"):  # (a BOM, as some Windows editors write)
+        text_ = json.dumps(rows) if bom.suffix == ".json" else "\n".join(map(json.dumps, rows))
+        bom.write_bytes(b"\xef\xbb\xbf" + text_.encode())
+        assert list(text.iter_documents(str(bom))) == ["hello world", "again"]
     data.write_text(json.dumps(rows)[:-1])
     with pytest.raises(SweepError, match=r"d.json is not valid JSON \(.* at line 1\); fix the"):
         list(text.iter_documents(str(data)))

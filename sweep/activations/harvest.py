@@ -745,7 +745,7 @@ def _named_as_data_path() -> Iterator[None]:
         yield
     except SweepError as err:
         names = "|".join(f.name for f in fields(HarvestSource))
-        said = re.sub(rf"(?<![\w.])({names})=", r"data.\1=", str(err))
+        said = re.sub(rf"(?<![\w./-])({names})=", r"data.\1=", str(err))  # (not in paths)
         said = said.replace("store_dir", "data.path")
         if said == str(err) or type(err).__init__ is not SweepError.__init__:
             raise

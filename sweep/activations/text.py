@@ -59,7 +59,7 @@ def iter_documents(dataset: str, split: str = "train", text_field: str = "text")
 def _iter_txt(path: Path) -> Iterator[str]:
     """Documents of a text file: runs of lines separated by blank lines."""
     doc: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if line.strip():
                 doc.append(line)
@@ -71,7 +71,7 @@ def _iter_txt(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -91,7 +91,7 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
 
 def _first_char(path: Path) -> str:
     """The first character of the file that is not white space ('' for none)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # (a BOM is no text)
         while chunk := f.read(4096):
             if chunk.strip():
                 return chunk.lstrip()[0]
@@ -102,7 +102,7 @@ def _iter_json_array(path: Path, field: str) -> Iterator[str]:
     """Documents of a ``.json`` file holding one array of records (read whole: a large
     corpus belongs in JSON Lines, one record per line, which is streamed)."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise SweepError(
             f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file"
