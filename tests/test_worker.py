@@ -180,6 +180,27 @@ def test_no_resampling_on_the_last_step(tiny_store, tmp_path):
     assert steps == [19]
 
 
+def test_a_read_only_store_the_sweep_verified_is_not_scanned_again_by_its_workers(
+    tiny_store, tmp_path, monkeypatch
+):
+    """The sweep folder remembers its verification (the store cannot): the worker reads it
+    there, as the driver does, and skips the per-chunk NaN/inf scan."""
+    from sweep.activations import store as store_module
+    from sweep.sweepdir import STORE_VERIFIED
+    from tests.test_store import read_only
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store.path, store)
+    read_only(store, monkeypatch)
+    (tmp_path / "sw").mkdir()
+    ChunkStore(store).verify(elsewhere=tmp_path / "sw" / STORE_VERIFIED)
+    scans = []
+    real = store_module.reject_nonfinite
+    monkeypatch.setattr(store_module, "reject_nonfinite", lambda *a: scans.append(real(*a)))
+    assert train_ensemble(job_for(ChunkStore(store), tmp_path / "sw")).steps == 38
+    assert len(scans) == 1  # (the held-out rows the evaluation reads; no training chunk)
+
+
 def stop_after(n: int):
     """A should_stop() that says yes on its n-th call."""
     calls = iter(range(1, n + 1))

@@ -720,7 +720,8 @@ class BatchStream:
         """Stage whole chunks on the device and gather batches there (default: off the CPU)."""
         self._staging = _Staging(store, self.device) if self.on_device else None
         self._orders: dict[int, list[int]] = {}
-        self._check = not store.is_verified()  # a verified store was already scanned for NaN/inf
+        self.check_finite = not store.is_verified()
+        """Scan each chunk read for NaN/inf (a verified store was scanned already)."""
         self.batches_per_chunk = batches_per_chunk(store, batch_size, eval_rows)
         self.train_rows = train_rows(store, eval_rows)
 
@@ -762,8 +763,8 @@ class BatchStream:
         a CUDA event after which the buffer it is copied into is free)."""
         order = self._row_order(epoch, index)
         if self._staging is not None:
-            return self._staging.load(index, order, self._check, released)
-        x = self.store.read_rows(index, 0, len(order), order=order, check=self._check)
+            return self._staging.load(index, order, self.check_finite, released)
+        x = self.store.read_rows(index, 0, len(order), order=order, check=self.check_finite)
         if self.device.type == "cuda":
             x = x.pin_memory()
         return x, None  # (rows, d) shuffled
