@@ -484,7 +484,7 @@ class TrainConfig:
 
     def _check_optimizer(self) -> None:
         _require(self.batch_size > 0, f"train.batch_size must be > 0, got {self.batch_size}")
-        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

@@ -27,7 +27,10 @@ ENCODER_SCALE = 0.2
 
 
 def generator(train_seed: int, run_seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((train_seed * 1_000_003 + run_seed) * 1_000_033 + step)
+    """Seeded from the train seed, the run's seed and the step; modulo 2**64, which torch
+    takes (a date as train.seed overflowed it; smaller seeds keep their draws)."""
+    seed = (train_seed * 1_000_003 + run_seed) * 1_000_033 + step
+    return torch.Generator().manual_seed(seed % 2**64)
 
 
 @torch.no_grad()

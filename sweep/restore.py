@@ -48,7 +48,7 @@ def init_seed(run: RunSpec, train: TrainConfig) -> int:
     """The seed of ``run``'s initial parameters (``train.init_seeding``): runs that differ only
     in l1 / k start alike; with ``per_ratio`` runs of different dictionary sizes do not."""
     if train.init_seeding == "shared":  # sweeps recorded before init_seeding
-        return train.seed * 1_000_003 + run.seed
+        return (train.seed * 1_000_003 + run.seed) % 2**64  # (torch's range; smaller kept)
     key = f"init:{train.seed}:{run.seed}:{run.dict_size}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
 

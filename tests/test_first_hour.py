@@ -112,7 +112,7 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
         (["sweep_dir=x", "data.name=chunks"], "data.name='chunks' does not name this source"),
         (
             ["sweep_dir=x", "train.seed=-1"],
-            "train.seed must be >= 0, got -1; give train.seed such a value, or leave it out",
+            "train.seed must be in [0, 2**63), got -1; give train.seed such a value, or leave it out",
         ),
         (["sweep_dir=x", "data.seed=18446744073709551616"], "data.seed must fit in 64 bits"),
         (

@@ -201,6 +201,21 @@ def test_a_read_only_store_the_sweep_verified_is_not_scanned_again_by_its_worker
     assert len(scans) == 1  # (the held-out rows the evaluation reads; no training chunk)
 
 
+def test_a_date_as_train_seed_resamples_and_initialises(tiny_store, tmp_path):
+    """(seed x 1_000_003 + run) x 1_000_033 + step passed torch's 64 bits for seeds above
+    ~1.8e7: the ensemble failed at its first resampling. Smaller seeds keep their draws."""
+    from sweep.resample import generator
+    from sweep.restore import init_seed
+
+    kw = dict(ARCH_JOBS["untied"], resample_dead=19, dead_tokens=256, seed=20240101)
+    for seeding in ("per_ratio", "shared"):
+        job = job_for(tiny_store, tmp_path / seeding, init_seeding=seeding, **kw)
+        assert set(train_ensemble(job).states.values()) == {"done"}
+    big = tiny_train(seed=2**63 - 1, init_seeding="shared")
+    assert 0 <= init_seed(job.ensemble.members[0], big) < 2**64
+    assert generator(7, 1, 19).initial_seed() == (7 * 1_000_003 + 1) * 1_000_033 + 19
+
+
 def stop_after(n: int):
     """A should_stop() that says yes on its n-th call."""
     calls = iter(range(1, n + 1))
