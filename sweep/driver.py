@@ -213,27 +213,40 @@ def checked_store(
     return store
 
 
-def _warn_store_gone(cfg: SweepConfig, folder: SweepFolder) -> None:
-    """A sweep that began on a store of its ``data.path`` that is gone makes it again (the same
-    rows: a synthetic store from its seed, a harvest from its model and text), at a cost of
-    time and disk a moved store did not need: said before it begins. Refused where the store
-    it trained on is still where it was recorded (a mistyped ``data.path``)."""
+def _store_gone(cfg: SweepConfig, folder: SweepFolder) -> Path | None:
+    """The ``data.path`` of a synthetic or harvested store a sweep began on, where it holds
+    no store now (None: it does, or the sweep is new, or its store is its own folder's)."""
     path = store_path(cfg)
     if cfg.data.name == "chunks" or folder.saved_config() is None or owns_store(cfg):
-        return
-    if (path.expanduser() / MANIFEST).is_file():
-        return
-    recorded = _recorded_store(folder)
+        return None
+    return None if (path.expanduser() / MANIFEST).is_file() else path
+
+
+def _refuse_mistyped_store(cfg: SweepConfig, folder: SweepFolder) -> None:
+    """Refused where ``data.path`` holds no store while the store the sweep trained on is
+    still where it was recorded (a mistyped ``data.path``): before anything, a finished
+    grid's run too (its config.yaml would record the typo, and a later grid make a new
+    store there)."""
+    path = _store_gone(cfg, folder)
+    recorded = None if path is None else _recorded_store(folder)
     if recorded is not None and recorded != path and (recorded / MANIFEST).is_file():
         raise SweepError(
             f"data.path {path} holds no store, and this sweep's store is still at {recorded}; "
             f"leave data.path out (or pass data.path={recorded})"
         )
-    log.warning(
-        "the store this sweep trained on is not at %s: making it again there (the same "
-        "rows); if it was moved, stop (Ctrl-C) and pass data.path=<where it is now>",
-        path,
-    )
+
+
+def _warn_store_gone(cfg: SweepConfig, folder: SweepFolder) -> None:
+    """A sweep that began on a store of its ``data.path`` that is gone makes it again (the same
+    rows: a synthetic store from its seed, a harvest from its model and text), at a cost of
+    time and disk a moved store did not need: said before it begins."""
+    path = _store_gone(cfg, folder)
+    if path is not None:
+        log.warning(
+            "the store this sweep trained on is not at %s: making it again there (the same "
+            "rows); if it was moved, stop (Ctrl-C) and pass data.path=<where it is now>",
+            path,
+        )
 
 
 def _recorded_store(folder: SweepFolder) -> Path | None:
@@ -257,6 +270,7 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     else:
         planning.check_temp_dir(cfg.launch.temp_dir)
     planning.check_compatible(folder, cfg)
+    _refuse_mistyped_store(cfg, folder)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
         if cfg.data.path and Path(cfg.data.path).is_file():

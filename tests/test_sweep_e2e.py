@@ -173,12 +173,16 @@ def test_a_store_gone_from_its_data_path_is_said_before_it_is_made_again(
 def test_a_mistyped_data_path_is_refused_while_the_sweeps_store_is_where_it_was(
     ray_cluster, tmp_path, capsys
 ):
-    """Not a new store made at the typo (minutes of generation; a harvest: hours)."""
+    """Not a new store made at the typo (minutes of generation; a harvest: hours); nor the
+    typo recorded by a run of the finished grid (which needs no store), for the next grid
+    to make a new store there."""
     sw, typo = tmp_path / "sw", tmp_path / "typo"
     grid = ["grid.l1=[1e-2]", "grid.dict_ratio=[1]"]
     assert main(["run", f"sweep_dir={sw}", *TINY, *grid]) == 0
-    for argv in (["evaluate", str(sw)], ["run", f"sweep_dir={sw}", *TINY, *grid]):
-        if argv[0] == "run":  # (a finished sweep's run needs no store)
+    config = (sw / "config.yaml").read_bytes()
+    finished = ["resume", str(sw)]
+    for argv in (finished, ["evaluate", str(sw)], ["run", f"sweep_dir={sw}", *TINY, *grid]):
+        if argv[0] == "run":  # (its run no longer finished)
             shutil.rmtree(sw / "runs" / "r1-l1_1e-02-s0")
         capsys.readouterr()
         assert main([*argv, f"data.path={typo}"]) == 2
@@ -187,7 +191,7 @@ def test_a_mistyped_data_path_is_refused_while_the_sweeps_store_is_where_it_was(
             f"error: data.path {typo} holds no store, and this sweep's store is still at "
             f"{sw / 'store'}; leave data.path out (or pass data.path={sw / 'store'})"
         )
-        assert not typo.exists()
+        assert not typo.exists() and (sw / "config.yaml").read_bytes() == config
 
 
 @pytest.fixture
