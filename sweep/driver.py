@@ -100,6 +100,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     A run refused before training (bad store, changed settings, a stop) writes nothing into
     an existing sweep folder, and leaves no new one behind."""
     SweepFolder(cfg.sweep_dir).refuse_store()
+    SweepFolder(cfg.sweep_dir).load_config()  # (another tool's, or damaged: before the lock)
     new_folder = _create(Path(cfg.sweep_dir))
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome, laps = Outcome(), Laps()

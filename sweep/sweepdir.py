@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from sweep.activations.store import ChunkStore
 
 CONFIG = "config.yaml"
+_RESTORE = (
+    "restore it (every run's spec.json holds the recorded values), or pass the sweep's "
+    "settings again with 'sweep run' after deleting it"
+)
 GRID = "grid"
 """The manifest's list of the run ids of the last command's grid."""
 MANIFEST = "manifest.json"
@@ -576,12 +580,20 @@ class SweepFolder:
         if path is None:
             return None
         try:
-            return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         except Exception as err:  # yaml and omegaconf errors alike
+            raise RunDirError(f"{path} is damaged ({type(err).__name__}); {_RESTORE}") from err
+        groups = isinstance(loaded, dict) and all(
+            isinstance(loaded.get(g), dict) and loaded[g].get("name") for g in ("data", "sae")
+        )
+        if groups:
+            return loaded  # type: ignore[return-value]
+        if not (self.path / MANIFEST).is_file():  # (no sweep ever planned here)
             raise RunDirError(
-                f"{path} is damaged ({type(err).__name__}); restore it, or pass the sweep's "
-                "settings again with 'sweep run' after deleting it"
-            ) from err
+                f"{path} is not a sweep's config (no data and sae groups): {self.path} holds "
+                "another tool's files; choose another sweep_dir"
+            )
+        raise RunDirError(f"{path} is damaged (its data or sae group is gone); {_RESTORE}")
 
     def write_config(self, yaml_text: str) -> None:
         atomic_write_bytes(self.path / CONFIG, yaml_text.encode())

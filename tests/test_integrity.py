@@ -798,6 +798,27 @@ def test_damaged_manifest_and_config_are_one_line(copy, capsys):
     one_line_error(capsys.readouterr().err, "config.yaml is damaged")
 
 
+@pytest.mark.parametrize("text", ["", "- 1", "data: 3", "sae:\n  name: untied\n", "7"])
+def test_a_config_yaml_that_is_no_mapping_of_groups_is_damaged_in_one_line(copy, capsys, text):
+    """Valid YAML without the data and sae groups: a traceback (AttributeError, missing key)
+    from resume, evaluate and run alike."""
+    (copy / "config.yaml").write_text(text)
+    for argv in (["resume", str(copy)], ["evaluate", str(copy)], ["run", f"sweep_dir={copy}"]):
+        assert main([*argv, *(TINY + GRID if argv[0] == "run" else [])]) == 2
+        one_line_error(capsys.readouterr().err, "config.yaml is damaged", "restore it")
+
+
+def test_a_folder_with_another_tools_config_yaml_is_no_sweep(tmp_path, capsys):
+    """A Hydra project's folder: refused as such, not as "a sweep with different settings"
+    with overrides (data.name=null ...) that then failed."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.yaml").write_text("my: precious\n")
+    assert main(["run", f"sweep_dir={tmp_path / 'proj'}", *TINY, *GRID]) == 2
+    one_line_error(capsys.readouterr().err, "is not a sweep's config", "choose another sweep_dir")
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["config.yaml"]
+    assert (tmp_path / "proj" / "config.yaml").read_text() == "my: precious\n"
+
+
 def test_a_run_training_before_its_first_checkpoint_is_running(tiny_store, tmp_path):
     """Until its first checkpoint (10 minutes by default) a training run has none: under a
     live driver it is running if its attempt began under that driver, else pending."""
