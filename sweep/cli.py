@@ -179,7 +179,8 @@ def _override_fix(override: str) -> str:
 def _hydra_message(err: BaseException) -> str:
     """Hydra's multi-line errors, reduced to one line that names the problem and the fix."""
     text = str(err).strip()
-    for reading in (_unknown_option, _not_a_list, _comma, _file_field, _file_default):
+    readings = (_unknown_option, _not_a_list, _comma, _file_field, _file_default, _sweep_syntax)
+    for reading in readings:
         said = reading(err, text)
         if said:
             return said
@@ -191,6 +192,20 @@ def _hydra_message(err: BaseException) -> str:
     cause = [ln.strip() for ln in str(err.__cause__ or "").splitlines() if ln.strip()]
     why = cause[0] if cause else ""
     return _override_message(head, why) or (f"{head}: {why}" if why else head)
+
+
+def _sweep_syntax(err: BaseException, text: str) -> str | None:
+    """Hydra's sweep syntax (``grid.l1=range(1,3)``, ``choice(...)``), which asks for its
+    ``--multirun``: sweep's grid is a list (one command trains it all)."""
+    if not text.startswith("Sweep parameters '") or "--multirun" not in text:
+        return None
+    given = text.split("'", 2)[1]
+    key = given.split("=", 1)[0]
+    example = "[16,32]" if key.endswith(".k") else "[1e-3,3e-3]"
+    return (
+        f"{key} takes a list, not Hydra's sweep syntax ('{given}'): one command trains the "
+        f"whole grid; give the values, e.g. {key}='{example}'"
+    )
 
 
 def _unknown_option(err: BaseException, text: str) -> str | None:

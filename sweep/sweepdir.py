@@ -341,7 +341,10 @@ def within_sweep(path: Path) -> tuple[Path, str] | None:
     """The sweep folder ``path`` is in (or is) and the first name of ``path`` under it
     (``""`` for the sweep folder itself; ``"runs"``, ``"report"`` ...), if any; a sweep
     whose manifest is damaged, or that has not started a run yet, counts too."""
-    here = Path(path).resolve()
+    try:
+        here = Path(path).resolve()
+    except (RuntimeError, OSError) as err:  # (a symlink loop: RuntimeError before 3.13)
+        raise RunDirError(f"{path} cannot be resolved ({err}); fix the link or the path") from err
     for p in [here, *here.parents]:
         if _sweep_like(p):  # (every sweep folder is)
             rel = here.relative_to(p).parts

@@ -107,6 +107,8 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
         (["sweep_dir=x", "launch=cluster", "launch.address="], "launch=cluster joins a running"),
         (["sweep_dir=x", "grid.l1='[1e-2]'"], "grid.l1 takes a list, got the text '[1e-2]' ("),
         (["sweep_dir=x", "grid.l1=[]"], "grid.l1 is empty: give at least one value, e.g. gri"),
+        (["sweep_dir=x", "grid.l1=range(1,3)"], "grid.l1 takes a list, not Hydra's sweep synt"),
+        (["sweep_dir=x", "grid.k=choice(8,16)"], "grid.k takes a list, not Hydra's sweep syntax"),
         (["sweep_dir=x", "train=null"], "a config group (data, grid, launch, logger, sae, train)"),
         (["sweep_dir=x", "data.normalize=abc"], "cannot set data.normalize to 'abc' (Value"),
         (["sweep_dir=x", "data.name=chunks"], "data.name='chunks' does not name this source"),
@@ -145,6 +147,14 @@ def test_config_mistakes_are_one_line_with_the_fix(args, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {needle}") and "\n" not in err
     assert not Path("x").exists()  # refused before anything is written
+
+
+def test_a_symlink_loop_as_sweep_dir_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert main(["run", "--plan", f"sweep_dir={tmp_path / 'a'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'a'} cannot be resolved (") and "\n" not in err
 
 
 def test_a_bound_of_a_required_or_top_level_field_names_its_fix(capsys):
