@@ -343,11 +343,7 @@ def _stderr_handler() -> logging.Handler:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = compose(args.overrides, args.config_dir)
     if args.cfg:
-        try:
-            text = OmegaConf.to_yaml(_grid_filled(cfg), resolve=True)
-        except OmegaConfBaseException:  # an interpolation that does not resolve: as written,
-            text = OmegaConf.to_yaml(_grid_filled(cfg))  # then the check below names it
-        print(text, end="")
+        _print_config(_grid_filled(cfg))
         checked = cfg.copy()  # (a listing of the fields needs no sweep_dir)
         if OmegaConf.is_missing(checked, "sweep_dir"):
             checked.sweep_dir = "unnamed"
@@ -361,15 +357,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run(to_sweep_config(cfg))
 
 
+def _print_config(cfg: DictConfig) -> None:
+    """``--cfg job``'s listing: resolved; an interpolation that does not resolve as written
+    (the check that follows names it)."""
+    try:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except OmegaConfBaseException:
+        text = OmegaConf.to_yaml(cfg)
+    print(text, end="")
+
+
+def _missing(cfg: DictConfig) -> bool:
+    """Whether a required field has no value (an interpolation that does not resolve: no)."""
+    try:
+        return bool(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException:
+        return False
+
+
 def _grid_filled(cfg: DictConfig) -> DictConfig:
     """The composed config with the grid's default sparsity values for its architecture
     (``grid.l1`` or ``grid.k``) as a run records them, not as null."""
     from sweep.archs import REGISTRY
     from sweep.config import GridConfig
 
-    arch = REGISTRY.get(cfg.sae.name)
-    if arch is not None and cfg.grid.get(arch.knob) is None:
-        cfg.grid[arch.knob] = GridConfig().values(arch.knob)
+    cfg = cfg.copy()
+    try:  # (a group deleted, or an interpolation that does not resolve: left as it is)
+        arch = REGISTRY.get(OmegaConf.select(cfg, "sae.name", throw_on_resolution_failure=False))
+        if arch is not None and OmegaConf.select(cfg, f"grid.{arch.knob}") is None:
+            cfg.grid[arch.knob] = GridConfig().values(arch.knob)
+    except Exception:  # noqa: BLE001 (omegaconf raises AttributeError on ~sae's leftover)
+        pass
     return cfg
 
 
@@ -562,7 +580,9 @@ def cmd_harvest(args: argparse.Namespace) -> int:
 
     cfg = compose(args.overrides, args.config_dir, config_name="harvest")
     if args.cfg:
-        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        _print_config(cfg)
+        if not _missing(cfg):  # (a listing of the fields needs none of them)
+            to_harvest_config(cfg)  # a bad value: the config, then the one-line error (exit 2)
         return 0
     for hook, store in run_harvest(to_harvest_config(cfg)).items():
         print(f"{hook}: {store.path} ({store.total_rows} rows x {store.width}, {store.dtype})")

@@ -291,6 +291,46 @@ def test_cfg_job_with_an_interpolation_that_does_not_resolve_is_one_line(capsys)
     assert said.err.strip() == "error: train.lr: Interpolation key 'train.nope' not found"
 
 
+@pytest.mark.parametrize(
+    "args, said",
+    [
+        (["run", "sweep_dir=x", "~sae"], "error: sae is required: pass sae=..."),
+        (["run", "sweep_dir=x", "sae.name=${oops}"], "error: sae.name: Interpolation key 'oops'"),
+        (["run", "sweep_dir=x", "grid.l1=${oops}"], "error: grid.l1: Interpolation key 'oops'"),
+        (
+            [
+                "harvest",
+                "model=m",
+                "dataset=d.txt",
+                "hooks=[a]",
+                "rows=1000",
+                "store_dir=h",
+                "context=${oops}",
+            ],
+            "error: context: Interpolation key 'oops' not found",
+        ),  # fmt: skip
+        (
+            [
+                "harvest",
+                "model=m",
+                "dataset=d.txt",
+                "hooks=[a]",
+                "rows=1000",
+                "store_dir=h",
+                "context=0",
+            ],
+            "error: context must be >= 2, got 0",
+        ),  # fmt: skip
+    ],
+)
+def test_cfg_job_of_a_deleted_group_or_unresolved_value_is_one_line(args, said, capsys):
+    """(Tracebacks: the grid's default values were filled in from sae.name, and sweep harvest
+    resolved its listing unguarded and checked nothing.)"""
+    assert main([args[0], "--cfg", "job", *args[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(said) and "\n" not in err, err
+
+
 def test_an_old_jumprelu_sweep_is_resumed_only_with_its_log_recipe(tmp_path):
     """JumpReLU's default recipe became ``linear``; a sweep recorded before (recipe null: the
     log-threshold math) is refused under the new default, naming the recipe it trained with,
