@@ -440,10 +440,19 @@ def load_saved(sweep_dir: str, overrides: list[str], command: str = "resume") ->
     merged = OmegaConf.merge(base, data)
     if overrides:  # read by Hydra (its one-line messages), as `sweep run` reads them
         composed = compose(choice + overrides)
+        given = OmegaConf.to_container(composed, resolve=False)  # (resolved in merged below)
         for key in (o.split("=", 1)[0] for o in overrides):
-            OmegaConf.update(merged, key, OmegaConf.select(composed, key), merge=False)
+            OmegaConf.update(merged, key, _at(given, key), merge=False)
     merged.sweep_dir = sweep_dir
     return to_sweep_config(merged)  # type: ignore[arg-type]
+
+
+def _at(tree: object, key: str) -> object:
+    """The value at dotted ``key`` of nested dicts, as written (``${...}`` unresolved: an
+    override's interpolation resolves against the recorded config, not the defaults)."""
+    for part in key.split("."):
+        tree = tree[part]  # type: ignore[index]
+    return tree
 
 
 def _check_resume_overrides(overrides: list[str], command: str = "resume") -> None:

@@ -30,7 +30,7 @@ import sweep
 from sweep import checkpoints, planning, rundir
 from sweep import lock as lock_module
 from sweep.cli import main
-from sweep.config import TrainConfig
+from sweep.config import ConfigError, TrainConfig
 from sweep.errors import SweepError
 from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
 from sweep.lock import EVALUATING, SweepLock
@@ -329,6 +329,10 @@ def test_resume_reads_its_overrides_as_run_does(copy):
         str(copy), ["launch.num_cpus=int(2.0)", "logger.project=no", "logger.entity=0x1F"]
     )
     assert (cfg.launch.num_cpus, cfg.logger.project, cfg.logger.entity) == (2, "no", "0x1F")
+    cfg = load_saved(str(copy), ["train.checkpoint_every=${train.log_every}"])
+    assert cfg.train.checkpoint_every == cfg.train.log_every == 5  # (recorded; default 50)
+    with pytest.raises(ConfigError, match=r"^train.log_every: Interpolation key 'oops' not f"):
+        load_saved(str(copy), ["train.log_every=${oops}"])  # (a traceback)
 
 
 @pytest.mark.parametrize(
