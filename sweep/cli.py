@@ -51,6 +51,7 @@ def compose(
 
     register_configs()
     GlobalHydra.instance().clear()
+    overrides = _numbers_as_text(overrides, config_name)
     if config_dir:
         overrides = [*overrides, f"hydra.searchpath=['file://{_config_dir(config_dir)}']"]
     try:
@@ -63,6 +64,25 @@ def compose(
         if config_name == "harvest":  # its fields are listed by its own command
             message = message.replace("'sweep run --cfg job'", "'sweep harvest --cfg job'")
         raise ConfigError(message) from err
+
+
+_NUMBER = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?")
+"""What Hydra reads as a number: for a text field, written back otherwise (``1e-3`` as
+``0.001``, ``2024.10`` as ``2024.1``, ``007`` as ``7``)."""
+
+
+def _numbers_as_text(overrides: list[str], config_name: str) -> list[str]:
+    """Overrides giving a text field (``sweep_dir``, ``logger.group`` ...) a number, quoted:
+    the text as typed."""
+    from sweep.config import HarvestConfig, SweepConfig, text_fields
+
+    texts = text_fields(HarvestConfig if config_name == "harvest" else SweepConfig)
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        quoted = eq and key in texts and _NUMBER.fullmatch(value)
+        out.append(f"{key}='{value}'" if quoted else o)
+    return out
 
 
 def _composed(hydra_compose: Callable, config_name: str, overrides: list[str]) -> DictConfig:

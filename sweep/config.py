@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, Union
@@ -827,6 +828,23 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
 PATH_FIELDS = {"sweep_dir", "path", "temp_dir", "store_dir", "model", "dataset"}
 """Fields that name a file or folder: a leading ``~`` is the home folder, as in a shell (an
 override quoted for the shell keeps it: ``sweep_dir='~/x'`` made a folder named ``~``)."""
+
+
+def text_fields(schema: type, prefix: str = "") -> set[str]:
+    """Dotted names of the fields of ``schema`` (and of every option of its groups) that
+    hold text only: an override's ``1e-3`` or ``true`` there is meant as written."""
+    out: set[str] = set()
+    for name, hint in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(hint):
+            for cls in (hint, *_subclasses(hint)):
+                out |= text_fields(cls, f"{prefix}{name}.")
+        elif hint is str or set(typing.get_args(hint)) == {str, type(None)}:
+            out.add(f"{prefix}{name}")
+    return out
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
 def _expand_home(obj: object) -> None:

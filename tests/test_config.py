@@ -624,3 +624,17 @@ def test_an_empty_model_or_dataset_is_refused_not_taken_as_the_working_folder(fi
     harvest = ["data=harvest", "data.hook=h", "data.rows=90000"]
     with pytest.raises(ConfigError, match=f"{field} is required"):
         cfg_of(*harvest, *(f"{k}={v}" for k, v in given.items()))
+
+
+def test_a_number_given_to_a_text_field_is_kept_as_typed():
+    """Hydra reads 1e-3 as a number and OmegaConf writes it back as 0.001: sweep_dir=1e-3
+    made the folder 0.001, logger.group=2024.10 the group 2024.1. Numeric fields still take
+    numbers."""
+    from sweep.cli import compose
+    from sweep.config import to_harvest_config
+
+    cfg = cfg_of("sweep_dir=1e-3", "logger.group=2024.10", "train.lr=1e-3", "data.seed=007")
+    assert (cfg.sweep_dir, cfg.logger.group) == ("1e-3", "2024.10")
+    assert (cfg.train.lr, cfg.data.seed) == (0.001, 7)
+    harvest = ["model=m", "dataset=d.txt", "hooks=[a]", "rows=1000", "store_dir=.5"]
+    assert to_harvest_config(compose(harvest, config_name="harvest")).store_dir == ".5"
