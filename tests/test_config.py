@@ -291,36 +291,17 @@ def test_cfg_job_with_an_interpolation_that_does_not_resolve_is_one_line(capsys)
     assert said.err.strip() == "error: train.lr: Interpolation key 'train.nope' not found"
 
 
+HARVEST = ["harvest", "model=m", "dataset=d.txt", "hooks=[a]", "rows=1000", "store_dir=h"]
+
+
 @pytest.mark.parametrize(
     "args, said",
     [
         (["run", "sweep_dir=x", "~sae"], "error: sae is required: pass sae=..."),
         (["run", "sweep_dir=x", "sae.name=${oops}"], "error: sae.name: Interpolation key 'oops'"),
         (["run", "sweep_dir=x", "grid.l1=${oops}"], "error: grid.l1: Interpolation key 'oops'"),
-        (
-            [
-                "harvest",
-                "model=m",
-                "dataset=d.txt",
-                "hooks=[a]",
-                "rows=1000",
-                "store_dir=h",
-                "context=${oops}",
-            ],
-            "error: context: Interpolation key 'oops' not found",
-        ),  # fmt: skip
-        (
-            [
-                "harvest",
-                "model=m",
-                "dataset=d.txt",
-                "hooks=[a]",
-                "rows=1000",
-                "store_dir=h",
-                "context=0",
-            ],
-            "error: context must be >= 2, got 0",
-        ),  # fmt: skip
+        ([*HARVEST, "context=${oops}"], "error: context: Interpolation key 'oops' not found"),
+        ([*HARVEST, "context=0"], "error: context must be >= 2, got 0"),
     ],
 )
 def test_cfg_job_of_a_deleted_group_or_unresolved_value_is_one_line(args, said, capsys):
