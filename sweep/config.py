@@ -832,7 +832,7 @@ override quoted for the shell keeps it: ``sweep_dir='~/x'`` made a folder named 
 
 def text_fields(schema: type, prefix: str = "") -> set[str]:
     """Dotted names of the fields of ``schema`` (and of every option of its groups) that
-    hold text only: an override's ``1e-3`` or ``true`` there is meant as written."""
+    hold text only: an override's ``1e-3`` there is meant as written."""
     out: set[str] = set()
     for name, hint in typing.get_type_hints(schema).items():
         if dataclasses.is_dataclass(hint):
