@@ -252,7 +252,8 @@ def _not_a_list(err: BaseException, text: str) -> str | None:
             f"{key} takes a list, got the text {value} (quotes inside the override: from "
             f"a program, pass {key}={value[1:-1]}; in a shell, quote the whole override)"
         )
-    return f"{key} takes a list: write {key}='[{value}]' (brackets, quoted for the shell)"
+    shown = value or ("16,32" if key.endswith(".k") else "1e-3,3e-3")  # (empty: an example)
+    return f"{key} takes a list: write {key}='[{shown}]' (brackets, quoted for the shell)"
 
 
 def _comma(err: BaseException, text: str) -> str | None:
