@@ -582,6 +582,11 @@ class LaunchConfig:
 
     def check(self) -> None:
         _require(
+            self.name in ("local", "cluster"),
+            f"launch.name must be local or cluster, got {self.name!r}; choose it with "
+            "launch=local or launch=cluster",
+        )
+        _require(
             self.num_cpus is None or self.num_cpus >= 1,
             f"launch.num_cpus must be >= 1 (or null: all), got {self.num_cpus}",
         )

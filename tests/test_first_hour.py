@@ -108,6 +108,7 @@ def test_export_of_a_sweep_with_unfinished_runs_is_refused(finished, tmp_path, c
         (["sweep_dir=x", "grid.l1='[1e-2]'"], "grid.l1 takes a list, got the text '[1e-2]' ("),
         (["sweep_dir=x", "grid.l1=[]"], "grid.l1 is empty: give at least one value, e.g. gri"),
         (["sweep_dir=x", "grid.l1="], "grid.l1 takes a list: write grid.l1='[1e-3,3e-3]' ("),
+        (["sweep_dir=x", "launch.name=foo"], "launch.name must be local or cluster, got 'foo'"),
         (["sweep_dir=x", "grid.l1=range(1,3)"], "grid.l1 takes a list, not Hydra's sweep synt"),
         (["sweep_dir=x", "grid.k=choice(8,16)"], "grid.k takes a list, not Hydra's sweep syntax"),
         (["sweep_dir=x", "train=null"], "a config group (data, grid, launch, logger, sae, train)"),
