@@ -222,7 +222,8 @@ def test_a_sweep_stopped_before_its_config_was_saved_is_not_told_to_resume(tmp_p
     held = {"host": "h", "pid": 1, "started": 1.0, "doing": "training"}
     said = stop_request._ended(SweepFolder(sw), held, {"training": False})
     assert said == "it stopped before training began; re-run its command"
-    (sw / "config.yaml").write_text("sweep_dir: sw\n")  # (a sweep run before)
+    saved = "data:\n  name: synthetic\nsae:\n  name: untied\nsweep_dir: sw\n"
+    (sw / "config.yaml").write_text(saved)  # (a sweep run before)
     said = stop_request._ended(SweepFolder(sw), held, {"training": False})
     assert said == f"it stopped before training began; re-run its command (or 'sweep resume {sw}')"
 
