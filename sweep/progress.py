@@ -28,10 +28,13 @@ class _Lines:
 
     def write(self, s: str) -> None:
         text = s.replace("\r", "").strip()
-        now = time.monotonic()
-        if text and (_gist(text) != self.last or now - self.when >= REPEAT_AFTER):
+        gist, now = _gist(text), time.monotonic()
+        if text and (gist != self.last or now - self.when >= REPEAT_AFTER):
             self.out.write(text + "\n")
-            self.last, self.when = _gist(text), now
+            self.last, self.when = gist, now
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 _CLOCK = re.compile(r"\d+:\d{2}(:\d{2})?|[\d.?]+\s?[a-zA-Z]+/[a-zA-Z]+")
@@ -41,9 +44,6 @@ _CLOCK = re.compile(r"\d+:\d{2}(:\d{2})?|[\d.?]+\s?[a-zA-Z]+/[a-zA-Z]+")
 def _gist(line: str) -> str:
     """A bar's line without its times and rates: two lines alike but for them say the same."""
     return _CLOCK.sub("", line)
-
-    def flush(self) -> None:
-        self.out.flush()
 
 
 def progress_bar(iterable: Any = None, **kw: Any):

@@ -40,6 +40,23 @@ def test_a_bar_that_would_clear_itself_leaves_its_last_line_in_a_file_once(capsy
     assert len(lines) == len(set(lines)) == 2
 
 
+def test_progress_lines_into_a_file_are_flushed(monkeypatch):
+    """(The de-duplication's helpers were inserted between the line file's write and flush:
+    flush became dead code inside _gist, and tqdm's flushes reached nothing.)"""
+    import io
+
+    flushes = []
+
+    class Log(io.StringIO):
+        def flush(self):
+            flushes.append(1)
+
+    monkeypatch.setattr(sys, "stderr", Log())
+    with progress_bar(total=2, desc="f", disable=False) as bar:
+        bar.update(2)
+    assert flushes and "f: 100%" in sys.stderr.getvalue()
+
+
 def test_a_minutes_line_is_written_though_its_count_has_not_moved(capsys, monkeypatch):
     """The count shows 3 digits: on a large sweep it stays for minutes, its rate and time
     left do not (only a line right after its twin is dropped)."""
