@@ -41,7 +41,6 @@ from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly
 from sweep.stop_request import StopRequestWatch
 from sweep.sweepdir import (
     LOG,
-    STORE_VERIFIED,
     RunRecord,
     SweepFolder,
     default_store_path,
@@ -303,7 +302,7 @@ def check_store_fits(
     if new:
         refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
     if verify:
-        store.verify(elsewhere=folder.path / STORE_VERIFIED)
+        store.verify(elsewhere=folder.store_verified)
     notes = [held_out_note(cfg.data.eval_rows, store.total_rows, new)]
     if training:
         t = cfg.train

@@ -23,7 +23,7 @@ from sweep.errors import SweepError
 from sweep.io import memory_text
 from sweep.lock import holder_alive, read_lock
 from sweep.planning import SweepPlan
-from sweep.sweepdir import LOCK, STORE_VERIFIED, SweepFolder
+from sweep.sweepdir import LOCK, SweepFolder
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _notes(folder: SweepFolder, shape: StoreShape) -> list[str]:
     notes = []
     if shape.store is None:
         notes.append(f"the run first generates the synthetic store in {shape.path}")
-    elif not shape.store.is_verified(elsewhere=folder.path / STORE_VERIFIED):
+    elif not shape.store.is_verified(elsewhere=folder.store_verified):
         notes.append(f"the run first verifies the store {shape.path} (sha256 of every chunk)")
     return notes + _lock_notes(folder)
 

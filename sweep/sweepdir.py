@@ -372,6 +372,11 @@ class SweepFolder:
     def stop_file(self) -> Path:
         return self.path / STOP
 
+    @property
+    def store_verified(self) -> Path:
+        """Where the sweep remembers a read-only store's passed verification."""
+        return self.path / STORE_VERIFIED
+
     # ------------------------------------------------------------------------- manifest
 
     def manifest(self) -> dict:

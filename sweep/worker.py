@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -36,7 +35,7 @@ from sweep.resample import resample
 from sweep.restore import Restored, restore_ensemble, use_compile
 from sweep.rundir import RunFolder
 from sweep.stop import quietly
-from sweep.sweepdir import STORE_VERIFIED
+from sweep.sweepdir import SweepFolder
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +126,9 @@ class _Attempt:
         self.scale = self.store.scale(job.normalize)
         t = job.train
         self.stream = BatchStream(
-            self.store, t.batch_size, t.seed, t.epochs, job.eval_rows, self.scale, device
-        )
-        self.stream.check_finite = not self.store.is_verified(
-            Path(job.sweep_dir) / STORE_VERIFIED  # (a read-only store's, the sweep remembers)
-        )
+            self.store, t.batch_size, t.seed, t.epochs, job.eval_rows, self.scale, device,
+            verified_at=SweepFolder(job.sweep_dir).store_verified,
+        )  # fmt: skip
         self.sae_cfg = job.sae or SAEConfig(name=self.runs[0].arch)
         self.arch = self.sae_cfg.architecture()
         self._tracker: RunLogger | None = None

@@ -713,6 +713,7 @@ class BatchStream:
         scale: float = 1.0,
         device: torch.device | str = "cpu",
         on_device: bool | None = None,
+        verified_at: Path | None = None,
     ) -> None:
         self.store, self.batch_size, self.seed, self.epochs = store, batch_size, seed, epochs
         self.scale, self.device = scale, torch.device(device)
@@ -720,8 +721,9 @@ class BatchStream:
         """Stage whole chunks on the device and gather batches there (default: off the CPU)."""
         self._staging = _Staging(store, self.device) if self.on_device else None
         self._orders: dict[int, list[int]] = {}
-        self.check_finite = not store.is_verified()
-        """Scan each chunk read for NaN/inf (a verified store was scanned already)."""
+        self.check_finite = not store.is_verified(verified_at)
+        """Scan each chunk read for NaN/inf (a verified store was scanned already; a read-only
+        one's verification is remembered at ``verified_at``, the sweep's)."""
         self.batches_per_chunk = batches_per_chunk(store, batch_size, eval_rows)
         self.train_rows = train_rows(store, eval_rows)
 
