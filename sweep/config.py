@@ -13,6 +13,7 @@ import math
 import os
 import re
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar, Union
@@ -852,14 +853,23 @@ def _subclasses(cls: type) -> list[type]:
     return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
-def _expand_home(obj: object) -> None:
-    """Expand ``~`` in every path field of ``obj`` and of the configs it holds."""
+def _leaves(obj: object, prefix: str = "") -> Iterator[tuple[object, str, str]]:
+    """``(config, field name, dotted name)`` of every field of ``obj``, and of the configs
+    it holds, that is not a config itself."""
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _expand_home(value)
-        elif f.name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
-            setattr(obj, f.name, os.path.expanduser(value))
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield obj, f.name, f"{prefix}{f.name}"
+
+
+def _expand_home(obj: object) -> None:
+    """Expand ``~`` in every path field of ``obj`` and of the configs it holds."""
+    for owner, name, _ in _leaves(obj):
+        value = getattr(owner, name)
+        if name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
+            setattr(owner, name, os.path.expanduser(value))
 
 
 def local_ref(name: str, value: str) -> str:
@@ -878,12 +888,9 @@ def local_ref(name: str, value: str) -> str:
 
 def _absolute_sources(obj: object) -> None:
     """:func:`local_ref` of the model and dataset of ``obj`` and the configs it holds."""
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _absolute_sources(value)
-        elif isinstance(obj, HarvestSource) and f.name in ("model", "dataset"):
-            setattr(obj, f.name, local_ref(f.name, value))
+    for owner, name, _ in _leaves(obj):
+        if isinstance(owner, HarvestSource) and name in ("model", "dataset"):
+            setattr(owner, name, local_ref(name, getattr(owner, name)))
 
 
 def _with_fix(message: str, cfg: object) -> str:
@@ -928,14 +935,12 @@ def _unknown_field(cfg: DictConfig, prefix: str = "") -> str | None:
     return None
 
 
-def _check_finite(obj: object, prefix: str = "") -> None:
+def _check_finite(obj: object) -> None:
     """Refuse nan or inf in any number field (each field's own check says what range)."""
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            _check_finite(value, f"{prefix}{f.name}.")
+    for owner, name, dotted in _leaves(obj):
+        value = getattr(owner, name)
         many = isinstance(value, (list, tuple))
-        what = f"{prefix}{f.name} values" if many else f"{prefix}{f.name}"
+        what = f"{dotted} values" if many else dotted
         for v in value if many else [value]:
             _require(
                 not isinstance(v, float) or math.isfinite(v),
