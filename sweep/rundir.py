@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,14 +397,12 @@ class RunFolder:
             if new != old:
                 atomic_write_json(path, new)
 
-    @contextlib.contextmanager
-    def _metrics_held(self) -> Iterator[None]:
+    def _metrics_held(self) -> contextlib.AbstractContextManager[None]:
         """``metrics.json`` to this writer alone, across the processes of a host: a report's
         merge of MMCS never writes back the metrics an evaluation replaced meanwhile (an flock
         of the run folder: on NFS each host's own, so not between hosts; where the file
         system refuses it, nothing is held)."""
-        with flock_held(self.path):
-            yield
+        return flock_held(self.path)
 
     def append_curve(self, records: list[dict]) -> None:
         """Append training-curve records to ``metrics.jsonl`` (one line each)."""
