@@ -367,9 +367,7 @@ def _check_per_token(model: Any, cfg: HarvestConfig, acts: dict[str, torch.Tenso
     """A hook's rows follow the context length, their width does not: the probe at another
     length refuses a hook whose second dimension only matched the context
     (``hook_pattern``, (batch, head, query, key), with as many heads as positions)."""
-    other = cfg.context - 1 if cfg.context > 1 else 2
-    if other > (getattr(model.cfg, "n_ctx", None) or other):
-        return  # (context 1 of a model taking one token: nothing else to compare)
+    other = cfg.context - 1  # (>= 1: the config refuses a context below 2)
     for h, a in _probe(model, other, cfg.hooks).items():  # (lm.capture checks the rows)
         if a.shape[-1] != acts[h].shape[-1]:
             raise SweepError(
