@@ -114,10 +114,9 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
 def _warn_of_schedule(cfg: SweepConfig) -> None:
     """The run's schedule warnings (:func:`sweep.driver.schedule_notes`) for a synthetic
     store not made yet: its chunks' sizes follow from its config."""
-    d, t = cfg.data, cfg.train
-    full, last = divmod(d.rows, d.rows_per_chunk)
-    chunks = [d.rows_per_chunk] * full + ([last] if last else [])
-    steps = planned_steps(chunks, t.batch_size, t.epochs, d.eval_rows)
+    t = cfg.train
+    chunks = synthetic.chunk_rows(cfg.data)  # type: ignore[arg-type]
+    steps = planned_steps(chunks, t.batch_size, t.epochs, cfg.data.eval_rows)
     for note in driver.schedule_notes(cfg, steps) if steps else []:
         if note:
             log.warning(note)

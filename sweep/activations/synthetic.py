@@ -612,7 +612,7 @@ def _generate(
     owned: bool,
 ) -> ChunkStore:
     source = SyntheticSource(cfg)
-    n_chunks = math.ceil(cfg.rows / cfg.rows_per_chunk)
+    sizes = chunk_rows(cfg)
     with StoreWriter(
         path, cfg.width, cfg.dtype, cfg.rows_per_chunk, threads=writer_threads()
     ) as writer:  # creates the folder
@@ -620,30 +620,35 @@ def _generate(
         # elsewhere only old ones (another sweep may be writing there)
         remove_stale_temps(path, older_than=0.0 if owned else STALE_TEMP_SECONDS)
         atomic_write_json(path / PARAMS_FILE, marker)
-        _write_chunks(cfg, source, writer, n_chunks, device, progress)
+        _write_chunks(source, writer, sizes, device, progress)
         atomic_write_bytes(
             path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()})
         )
         params = {k: v for k, v in marker.items() if k != "generator"}
         stats = {"feature_probability_sum": float(source.p.sum())}
         provenance = {"source": "synthetic", "params": params, "generator": generator_info(device)}
-        writer.finalize(n_chunks, {**provenance, **stats})
+        writer.finalize(len(sizes), {**provenance, **stats})
     log.info("generated synthetic store %s (%d rows) on %s", path, cfg.rows, device.type)
     return ChunkStore(path)
 
 
+def chunk_rows(cfg: SyntheticDataConfig) -> list[int]:
+    """The rows of each chunk of the store ``cfg`` makes (the last one may be short)."""
+    return [min(cfg.rows_per_chunk, cfg.rows - at) for at in range(0, cfg.rows, cfg.rows_per_chunk)]
+
+
 def _write_chunks(
-    cfg: SyntheticDataConfig,
     source: SyntheticSource,
     writer: StoreWriter,
-    n_chunks: int,
+    sizes: list[int],
     device: torch.device,
     progress: bool = True,
 ) -> None:
-    """Sample and hand over the chunks not yet on disk; the writer's threads hash and write
-    one while the next is sampled (stats are taken on ``device``, before the copy to the CPU)."""
+    """Sample and hand over the chunks (of ``sizes`` rows) not yet on disk; the writer's
+    threads hash and write one while the next is sampled (stats are taken on ``device``,
+    before the copy to the CPU)."""
     bar = progress_bar(
-        range(n_chunks),
+        range(len(sizes)),
         desc="generating synthetic store",
         unit="chunk",
         leave=False,
@@ -652,5 +657,4 @@ def _write_chunks(
     for i in bar:
         if writer.has_chunk(i):
             continue
-        rows = min(cfg.rows_per_chunk, cfg.rows - i * cfg.rows_per_chunk)
-        writer.write_chunk(i, source.sample(rows, i, device))  # (rows, d) on device
+        writer.write_chunk(i, source.sample(sizes[i], i, device))  # (rows, d) on device
