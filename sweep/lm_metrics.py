@@ -44,13 +44,12 @@ import numpy as np
 import torch
 
 from sweep.activations import lm
+from sweep.activations.harvest_dir import EVAL_TOKENS_FILE, tokens_digest
 from sweep.activations.store import ChunkStore
 from sweep.errors import SweepError, first_line
 from sweep.sae import SAE, Params
 
 log = logging.getLogger(__name__)
-
-EVAL_TOKENS_FILE = "lm_eval_tokens.npy"  # written by sweep.activations.harvest
 
 
 class LMLosses(NamedTuple):
@@ -377,9 +376,15 @@ class LMEval:
         info = store.provenance.get("source_info", {})
         if not info.get("model") or not info.get("hook") or max_tokens == 0:
             return None, None
-        f = store.path / store.provenance.get("lm_eval", {}).get("file", EVAL_TOKENS_FILE)
+        held_out = store.provenance.get("lm_eval", {})
+        f = store.path / held_out.get("file", EVAL_TOKENS_FILE)
         if not f.is_file():
             return None, f"store {store.path} has no held-out tokens ({f.name})"
+        if held_out.get("sha256") and tokens_digest(f) != held_out["sha256"]:
+            return None, (
+                f"held-out tokens {f} hold other bits than the harvest wrote: re-run the "
+                "'sweep harvest' command that made the store to write them again"
+            )
         try:
             tokens = torch.from_numpy(np.load(f, allow_pickle=False).astype(np.int64))  # (N, P)
             if tokens.ndim != 2 or tokens.shape[1] == 0:

@@ -826,6 +826,25 @@ def test_a_repair_killed_before_a_chunks_stats_file_is_finished_by_the_next_run(
     assert {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()} == files
 
 
+def test_lm_eval_tokens_changed_since_the_harvest_are_written_again(
+    tiny_model_dir, text_file, tmp_path, caplog
+):
+    """(They decide the LM metrics of every sweep on the store: changed by hand, those would
+    change silently.)"""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1])
+    store = run_harvest(cfg)[HOOKS[0]]
+    files = {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()}
+    held_out = store.path / harvest.EVAL_TOKENS_FILE
+    np.save(held_out, np.load(held_out)[::-1])
+    with caplog.at_level("WARNING", logger="sweep.activations.harvest_dir"):
+        assert run_harvest(cfg)[HOOKS[0]].identity == store.identity
+    assert (
+        "LM-eval tokens lm_eval_tokens.npy holds other bits than the manifest records"
+        in caplog.text
+    )
+    assert {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()} == files
+
+
 def test_a_damaged_stats_file_of_an_unfinished_harvest_is_no_traceback(clean_and_cut, tmp_path):
     _, cfg = clean_and_cut
     (tmp_path / "cut" / HOOKS[0] / chunk_name(0)).with_suffix(".json").write_text('{"rows": 5')

@@ -327,6 +327,12 @@ def test_harvest_from_a_native_model_then_evaluate(model, tmp_path):
     perfect = LMEval(model, HOOK, held_out, first=1).losses(identity_sae())
     assert perfect.loss_recovered == pytest.approx(1.0, abs=1e-3)
     assert perfect.kl_div_score == pytest.approx(1.0, abs=1e-4)
+    np.save(store.path / EVAL_TOKENS_FILE, held_out.flip(0).numpy())  # replaced by hand
+    assert LMEval.prepare(store, "cpu") == (
+        None,
+        f"held-out tokens {store.path / EVAL_TOKENS_FILE} hold other bits than the harvest "
+        "wrote: re-run the 'sweep harvest' command that made the store to write them again",
+    )
 
 
 def test_many_dictionaries_share_their_passes_in_groups(model, tokens, monkeypatch):

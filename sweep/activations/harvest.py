@@ -40,12 +40,14 @@ import torch
 from sweep import launcher
 from sweep.activations import lm, text
 from sweep.activations.harvest_dir import (
+    EVAL_TOKENS_FILE,
     PARAMS_FILE,
     TOKENS_FILE,
     check_dir,
     complete,
     complete_store,
     damaged,
+    eval_tokens_problem,
     has_tokens,
     prepare_dir,
     record_stream,
@@ -67,7 +69,6 @@ from sweep.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
-EVAL_TOKENS_FILE = "lm_eval_tokens.npy"
 
 # Settings that change what is written (batch size, device and shard count do not).
 _DEFINING = (
@@ -218,7 +219,8 @@ def harvest_with_stats(
 
 def _intact(cfg: HarvestConfig, params: dict) -> bool:
     """Whether store_dir holds this harvest, complete, no chunk lost or changed (reads only)."""
-    return complete(cfg, params) and not any(damaged(store_path(cfg, h)) for h in cfg.hooks)
+    paths = [store_path(cfg, h) for h in cfg.hooks]
+    return complete(cfg, params) and not any(damaged(p) or eval_tokens_problem(p) for p in paths)
 
 
 def _harvest(
@@ -557,6 +559,7 @@ def _finalize(
     eval_tokens = np.ascontiguousarray(
         np.load(root / TOKENS_FILE, mmap_mode="r")[plan.n_contexts :]
     )
+    held_out = write_npy(_Discard(), eval_tokens)  # (the file's sha256)
     differ = {}
     for h in cfg.hooks:
         path = store_path(cfg, h)
@@ -568,7 +571,7 @@ def _finalize(
             )
         if complete_store(path, params):  # repaired: its manifest (identity) stays
             writer.wait()
-            if not _readable(path / EVAL_TOKENS_FILE):
+            if eval_tokens_problem(path):
                 atomic_write(path / EVAL_TOKENS_FILE, lambda f: write_npy(f, eval_tokens))
             differ[h] = [
                 i for i, _ in rewritten(path, json.loads((path / MANIFEST).read_text())["chunks"])
@@ -576,7 +579,7 @@ def _finalize(
             remove_chunks(path, differ[h])  # the store as it was before the repair
             continue
         atomic_write(path / EVAL_TOKENS_FILE, lambda f: write_npy(f, eval_tokens))
-        writer.finalize(plan.n_chunks, provenance(cfg, plan, params, h, results))
+        writer.finalize(plan.n_chunks, provenance(cfg, plan, params, h, results, held_out))
         log.info("harvested %s: %d rows of width %d into %s", h, cfg.rows, writer.width, path)
     bad = {h: ids for h, ids in differ.items() if ids}
     if bad:
@@ -591,18 +594,16 @@ def _finalize(
     return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}
 
 
-def _readable(path: Path) -> bool:
-    try:
-        np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return False
-    return True
-
-
 def provenance(
-    cfg: HarvestConfig, plan: HarvestPlan, params: dict, hook: str, results: list[ShardResult]
+    cfg: HarvestConfig,
+    plan: HarvestPlan,
+    params: dict,
+    hook: str,
+    results: list[ShardResult],
+    held_out_sha256: str,
 ) -> dict:
-    """What the manifest records: source, token ranges, shards, and ``source_info`` for run folders."""
+    """What the manifest records: source, token ranges, shards, the LM-eval tokens (their
+    file's sha256 ``held_out_sha256``), and ``source_info`` for run folders."""
     info = {
         "source": "harvest",
         "model": params["model"],
@@ -638,6 +639,7 @@ def provenance(
         "shards": shards,
         "lm_eval": {
             "file": EVAL_TOKENS_FILE,
+            "sha256": held_out_sha256,
             "contexts": plan.eval_contexts,
             "token_range": [end, end + plan.eval_contexts * plan.body],
         },

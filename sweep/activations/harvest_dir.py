@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 PARAMS_FILE = HARVEST_PARAMS
 TOKENS_FILE = "harvest-tokens.npy"
+EVAL_TOKENS_FILE = "lm_eval_tokens.npy"
+"""Each store's held-out token contexts for its LM metrics (its manifest's
+``provenance.lm_eval`` records the file and, since it is recorded, its sha256)."""
 STREAM_FILE = "harvest-stream.json"
 """What the harvest began with beyond its settings: ``tokens_sha256`` (its token stream, so a
 damaged one is found and one made again from a changed dataset is refused) and ``randperm``
@@ -67,21 +70,31 @@ def store_path(cfg: HarvestConfig, hook: str) -> Path:
 
 def reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     """Whether a complete harvest lost chunks (missing, truncated, or rewritten with other
-    bits: hours of work on a real model that need not be redone). Once the repair can run
-    (store_dir writable, the model folder and the token stream there; else nothing is
-    touched), those chunks are removed, so the harvest resumes and writes just them again;
-    the manifests stay, and the harvest's finalize holds the new chunks to them."""
+    bits: hours of work on a real model that need not be redone) or its LM-eval tokens.
+    Once the repair can run (store_dir writable, the model folder and the token stream
+    there; else nothing is touched), those chunks are removed, so the harvest resumes and
+    writes just them again (the tokens too); the manifests stay, and the harvest's finalize
+    holds the new chunks to them."""
     lost = {h: damaged(store_path(cfg, h)) for h in cfg.hooks}
-    if not any(lost.values()):
+    held_out = {h: eval_tokens_problem(store_path(cfg, h)) for h in cfg.hooks}
+    if not any(lost.values()) and not any(held_out.values()):
         return False
     ensure_writable(root, "store_dir")
     lm.check_model_folder(cfg.model)
     if not has_tokens(cfg, plan, root):
-        first = next(p for bad in lost.values() for p in bad.values())
+        what = [f"chunks ({p})" for bad in lost.values() for p in bad.values()]
+        what += [f"LM-eval tokens ({p})" for p in held_out.values() if p]
         raise StoreError(
-            f"harvest in {root} lost chunks ({first}) and its token stream {TOKENS_FILE}, so "
+            f"harvest in {root} lost {what[0]} and its token stream {TOKENS_FILE}, so "
             "they cannot be harvested again as they were; harvest into a new store_dir"
         )
+    for hook, problem in held_out.items():
+        if problem:
+            log.warning(
+                "harvest store %s: its LM-eval tokens %s; writing them again",
+                store_path(cfg, hook),
+                problem,
+            )
     for hook, bad in lost.items():
         if bad:
             path = store_path(cfg, hook)
@@ -92,6 +105,31 @@ def reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
                 next(iter(bad.values())),
             )
             remove_chunks(path, bad)
+    return True
+
+
+def eval_tokens_problem(path: Path) -> str | None:
+    """What is wrong with a complete store's LM-eval tokens — missing, unreadable, or other
+    bits than its manifest records (a store harvested before that record: readable is
+    enough) — or None (also for a store not harvested, or one whose manifest is damaged:
+    :class:`ChunkStore` says so)."""
+    try:
+        lm_eval = json.loads((path / MANIFEST).read_text())["provenance"]["lm_eval"]
+        f = path / lm_eval["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not npy_readable(f):
+        return f"{f.name} is missing or unreadable"
+    if lm_eval.get("sha256") and tokens_digest(f) != lm_eval["sha256"]:
+        return f"{f.name} holds other bits than the manifest records"
+    return None
+
+
+def npy_readable(path: Path) -> bool:
+    try:
+        np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
     return True
 
 
