@@ -488,3 +488,22 @@ def test_store_notes_scale_their_advice_and_ignore_a_sparse_stores_zero_rows():
     assert l1.endswith("sweep grid.l1 about 10x lower") and "an l1 coefficient acts 10x" in l1
     assert l0.endswith("sweep grid.l1 about 100x lower"), l0  # (an L0 penalty does not scale)
     assert store_notes({"mean_row_norm": 1.0, "mean": [0.0]}, x, 4000, True, None) == []
+
+
+def test_jumprelu_on_rows_of_another_scale_without_normalize_is_warned_of():
+    """(Its thresholds' start and bandwidth are set for rows of norm sqrt(width).)"""
+    from sweep import archs
+    from sweep.activations.shape_notes import store_notes
+
+    x = 100 * torch.randn(4000, 16, generator=torch.Generator().manual_seed(1))  # norm ~100x
+    norms = x.norm(dim=1)
+    stats = {"mean_row_norm": float(norms.mean()), "mean_sq_row_norm": float(norms.pow(2).mean()),
+             "std": x.std(dim=0).tolist()}  # fmt: skip
+    (note,) = store_notes(stats, x, 4000, False, archs.get("jumprelu"))
+    assert note.startswith("data.normalize=false: the store's rows have a mean norm 98.8x sqrt")
+    assert note.endswith("keep data.normalize=true (the scale is folded into the saved weights)")
+    assert store_notes(stats, x, 4000, True, archs.get("jumprelu")) == []
+    for name in ("untied", "topk"):
+        assert store_notes(stats, x, 4000, False, archs.get(name)) == [], name
+    unit = {**stats, "mean_row_norm": stats["mean_row_norm"] / 100}
+    assert store_notes(unit, x / 100, 4000, False, archs.get("jumprelu")) == []

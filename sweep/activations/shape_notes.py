@@ -13,6 +13,9 @@ misleading, without any error, and are warned of:
   massive activations) carry most of the variance: FVU, the scale and ``b_dec``'s start
   follow them, so FVU can read near 0 while typical rows are reconstructed badly. Judged on
   the held-out rows' non-zero ones (a sparse store's many zero rows are no tail).
+- **Raw scale.** With ``data.normalize=false``, JumpReLU's thresholds (their start and the
+  bandwidth of their gradient) are in the rows' own units, set for rows of norm sqrt(width):
+  on rows of another scale its L0 penalty acts otherwise, and the schedule check is off.
 - **Held-out rows unlike the rest**: padding at the store's end, or the end of an
   unshuffled store unlike its start, makes every metric measure them, not the store.
 """
@@ -33,6 +36,10 @@ HEAVY_TAIL = 4.0
 """Above this ratio E‖x‖² / (E‖x‖)² over the non-zero held-out rows, a store is said to be
 heavy-tailed (rows of one norm: 1; SmolLM2's residual stream: 1.03-2.1, BOS kept or not; a
 row 100x the norm in every 1024: ~9)."""
+RAW_SCALE = 4.0
+"""With ``data.normalize=false``, JumpReLU's rows are said to be off the scale its thresholds
+are set for beyond this factor off sqrt(width) (a threshold's start and bandwidth then sit
+that factor off the codes' scale)."""
 UNLIKE = 2.0
 """Held-out rows whose mean norm is over this factor off the store's are said to be unlike it."""
 CONSTANT = 1e-12
@@ -63,7 +70,7 @@ def store_notes(
     held-out rows, ``arch`` the sweep's architecture (:class:`sweep.archs.Architecture`)."""
     if "std" not in stats or "mean_sq_row_norm" not in stats:
         return []  # (a manifest not written by sweep)
-    notes = [_offset(stats, arch)] if normalize else []
+    notes = [_offset(stats, arch)] if normalize else [_raw_scale(stats, arch)]
     norms = torch.cat(
         [tail[at : at + BLOCK].float().norm(dim=1) for at in range(0, len(tail), BLOCK)]
     )
@@ -91,6 +98,22 @@ def _offset(stats: dict, arch: object) -> str | None:
         f"{spread / moment:.2%} of their mean squared norm, and data.normalize scales by "
         f"the norm, so the spread the SAE sees is r = {r:.3g}x smaller than on a centred store: "
         f"{effect}"
+    )
+
+
+def _raw_scale(stats: dict, arch: object) -> str | None:
+    form, norm = getattr(arch, "form", None), float(stats.get("mean_row_norm") or 0.0)
+    if not getattr(arch, "l0_penalty", False) or form is None or norm == 0:
+        return None
+    ratio = norm / math.sqrt(len(stats["std"]))
+    if 1 / RAW_SCALE <= ratio <= RAW_SCALE:
+        return None
+    return (
+        f"data.normalize=false: the store's rows have a mean norm {ratio:.3g}x sqrt(width), "
+        f"while JumpReLU's thresholds (start {form.init:g}, bandwidth {form.bandwidth:g}) are "
+        "set for rows of norm sqrt(width): its L0 penalty acts otherwise than on a normalised "
+        "store, and may leave L0 where it starts; keep data.normalize=true (the scale is "
+        "folded into the saved weights)"
     )
 
 
