@@ -28,7 +28,7 @@ from sweep.activations.store import (
     train_rows,
 )
 from sweep.cluster import check_address, check_reachable, resolve
-from sweep.config import SweepConfig, SyntheticDataConfig
+from sweep.config import ChunksDataConfig, SweepConfig, SyntheticDataConfig
 from sweep.dead_schedule import never_acts_note
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError
@@ -100,7 +100,7 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     an existing sweep folder, and leaves no new one behind."""
     SweepFolder(cfg.sweep_dir).refuse_store()
     SweepFolder(cfg.sweep_dir).load_config()  # (another tool's, or damaged: before the lock)
-    new_folder = _create(Path(cfg.sweep_dir))
+    made = _create(Path(cfg.sweep_dir))
     folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
     outcome, laps = Outcome(), Laps()
     try:
@@ -113,8 +113,8 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
             records = _train(cfg, folder, store, finished, lock, outcome, laps)
             logged(outcome.raise_if_unfinished)  # (in sweep.log too)
     except SweepError:
-        if new_folder and outcome.locked and outcome.signals and outcome.signals.immediate:
-            _remove_refused(folder)
+        if made and outcome.locked and outcome.signals and outcome.signals.immediate:
+            _remove_refused(folder, made)
         raise
     return records
 
@@ -175,27 +175,34 @@ def on_cuda(cfg: SweepConfig, res: launcher.Resources) -> bool:
     return cfg.train.device == "cuda" or (res.on_gpu and res.real_gpus)
 
 
-def _create(path: Path) -> bool:
-    """Whether this process created ``path`` (it may then remove it if the run is refused)."""
+def _create(path: Path) -> Path | None:
+    """The outermost folder this process created to make ``path`` (None where ``path`` was
+    there, or could not be made): a refused run removes what it created, up to it."""
+    top = path.absolute()
+    while top.parent != top and not top.parent.exists():
+        top = top.parent
     try:
         path.mkdir(parents=True)
-    except FileExistsError:
-        return False
     except OSError:
-        return False  # ensure_writable reports it
-    return True
+        return None  # there (FileExistsError), or ensure_writable reports it
+    return top
 
 
-def _remove_refused(folder: SweepFolder) -> None:
-    """Undo a refused run's new sweep folder, but keep a store it made or began (a harvest
-    can take hours; the corrected command reuses it, or resumes it where it stopped)."""
+def _remove_refused(folder: SweepFolder, top: Path) -> None:
+    """Undo a refused run's new sweep folder (and the folders made for it, up to ``top``),
+    but keep a store it made or began (a harvest can take hours; the corrected command
+    reuses it, or resumes it where it stopped)."""
     store = default_store_path(folder.path)
     for child in folder.path.iterdir():
         if child == store and store.is_dir() and any(store.iterdir()):
             continue
         shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(True)
-    if not any(folder.path.iterdir()):
-        folder.path.rmdir()
+    made = folder.path.absolute()
+    while not any(made.iterdir()):
+        made.rmdir()
+        if made == top:
+            break
+        made = made.parent
 
 
 def checked_store(
@@ -220,6 +227,20 @@ def _store_gone(cfg: SweepConfig, folder: SweepFolder) -> Path | None:
     if cfg.data.name == "chunks" or folder.saved_config() is None or owns_store(cfg):
         return None
     return None if (path.expanduser() / MANIFEST).is_file() else path
+
+
+def _refuse_store_around(cfg: SweepConfig, folder: SweepFolder) -> None:
+    """Refused: a store to be made (synthetic, harvested) in the sweep folder itself, or in
+    a folder it lies in (the store's folder would hold the sweep's files: never a store)."""
+    if not cfg.data.path or isinstance(cfg.data, ChunksDataConfig):
+        return  # (data=chunks: data.path must hold a store, as is checked)
+    store, sweep = Path(cfg.data.path).expanduser().resolve(), folder.path.resolve()
+    if store == sweep or (store in sweep.parents and not (store / MANIFEST).is_file()):
+        where = "is sweep_dir itself" if store == sweep else f"holds sweep_dir {folder.path}"
+        raise SweepError(
+            f"data.path {cfg.data.path} {where}; leave data.path out (the store then goes in "
+            f"{default_store_path(folder.path)}) or name a folder outside the sweep's"
+        )
 
 
 def _refuse_mistyped_store(cfg: SweepConfig, folder: SweepFolder) -> None:
@@ -270,6 +291,7 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     else:
         planning.check_temp_dir(cfg.launch.temp_dir)
     planning.check_compatible(folder, cfg)
+    _refuse_store_around(cfg, folder)
     _refuse_mistyped_store(cfg, folder)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating

@@ -194,6 +194,21 @@ def test_a_mistyped_data_path_is_refused_while_the_sweeps_store_is_where_it_was(
         assert not typo.exists() and (sw / "config.yaml").read_bytes() == config
 
 
+@pytest.mark.parametrize("plan", [["--plan"], []])
+def test_a_store_to_be_made_in_the_sweep_folder_or_around_it_is_refused(tmp_path, capsys, plan):
+    """(The store's folder would hold the sweep's files; the generator then refused it as
+    "a non-empty folder", though the user named a new one, and --plan took it.)"""
+    for store, sw in ((tmp_path / "a", tmp_path / "a"), (tmp_path / "b", tmp_path / "b" / "sw")):
+        capsys.readouterr()
+        assert main(["run", *plan, f"sweep_dir={sw}", *TINY, f"data.path={store}"]) == 2
+        where = "is sweep_dir itself" if store == sw else f"holds sweep_dir {sw}"
+        assert capsys.readouterr().err.strip() == (
+            f"error: data.path {store} {where}; leave data.path out (the store then goes in "
+            f"{sw / 'store'}) or name a folder outside the sweep's"
+        )
+        assert not store.exists()
+
+
 @pytest.fixture
 def nan_store(tmp_path):
     src = tmp_path / "made"
