@@ -51,6 +51,7 @@ def compose(
 
     register_configs()
     GlobalHydra.instance().clear()
+    _refuse_hydra_settings(overrides)
     overrides = _numbers_as_text(overrides, config_name)
     if config_dir:
         overrides = [*overrides, f"hydra.searchpath=['file://{_config_dir(config_dir)}']"]
@@ -64,6 +65,17 @@ def compose(
         if config_name == "harvest":  # its fields are listed by its own command
             message = message.replace("'sweep run --cfg job'", "'sweep harvest --cfg job'")
         raise ConfigError(message) from err
+
+
+def _refuse_hydra_settings(overrides: list[str]) -> None:
+    """Hydra's own settings (``hydra.run.dir``, ``hydra/job_logging``) do nothing here: sweep
+    composes its config with Hydra, it does not run a Hydra app."""
+    for o in overrides:
+        if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("/", 1)[0] == "hydra":
+            raise ConfigError(
+                f"'{o}' sets Hydra's own settings, which sweep does not use (it runs no Hydra app); "
+                "drop it (config files of your own: --config-dir DIR)"
+            )
 
 
 _NUMBER = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?")

@@ -184,6 +184,9 @@ def test_invalid_values_name_the_field(override, field):
         (["run", "train.lr=abc"], "cannot set train.lr to 'abc' (Value 'abc' of type 'str'"),
         (["run", "train.lr=a: b"], "cannot set train.lr to 'a: b' (Value 'a: b' of type 'str'"),
         (["run", "--config-dir", "/nonexistent/dir"], "--config-dir /nonexistent/dir is not a"),
+        (["run", "hydra.run.dir=/tmp/y"], "'hydra.run.dir=/tmp/y' sets Hydra's own settings"),
+        (["run", "--plan", "hydra/job_logging=disabled"], "which sweep does not use"),
+        (["harvest", "hydra.job.chdir=true"], "'hydra.job.chdir=true' sets Hydra's own"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path):
