@@ -99,8 +99,9 @@ def _numbers_as_text(overrides: list[str], config_name: str) -> list[str]:
 
 def _composed(hydra_compose: Callable, config_name: str, overrides: list[str]) -> DictConfig:
     """Hydra's composition, where a whole number written as a float (``data.rows=1e6``, as the
-    README writes defaults) sets an integer field: Hydra reads ``1e6`` as a float, which
-    OmegaConf refuses for an int field; that override is given again as ``1000000``."""
+    README writes defaults; ``grid.k='[16,1e2]'``) sets an integer field: Hydra reads ``1e6``
+    as a float, which OmegaConf refuses for an int field; that override is given again as
+    ``1000000``."""
     from hydra.errors import HydraException
 
     overrides = list(overrides)
@@ -112,21 +113,33 @@ def _composed(hydra_compose: Callable, config_name: str, overrides: list[str]) -
             if i is None:
                 raise
             key, value = overrides[i].split("=", 1)
-            overrides[i] = f"{key}={int(float(value))}"
+            if _as_whole(value) == value:
+                raise  # (whole already: the field takes no such value, a list for a number)
+            overrides[i] = f"{key}={_as_whole(value)}"
 
 
 def _whole_float_override(err: Exception, overrides: list[str]) -> int | None:
     """The index of the override ``err`` refused as a float for an integer field, when its
-    value is a whole number (None: not that error)."""
+    value is a whole number, or a list of them (None: not that error)."""
     head = re.match(r"Error merging override (\S+)", str(err))
     refused = "of type 'float' could not be converted to Integer" in str(err.__cause__ or "")
     if not head or not refused or head[1] not in overrides:
         return None
+    return overrides.index(head[1]) if _as_whole(head[1].split("=", 1)[1]) else None
+
+
+def _as_whole(value: str) -> str | None:
+    """``value`` (a number, or a list of them) with its whole floats written as integers;
+    None when it holds something else."""
+    items = value[1:-1].split(",") if value.startswith("[") and value.endswith("]") else [value]
     try:
-        value = float(head[1].split("=", 1)[1])
+        numbers = [float(v) for v in items]
     except ValueError:
         return None
-    return overrides.index(head[1]) if value.is_integer() and abs(value) < 2**63 else None
+    if not all(n.is_integer() and abs(n) < 2**63 for n in numbers):
+        return None
+    whole = ",".join(str(int(n)) for n in numbers)
+    return f"[{whole}]" if len(items) > 1 or value.startswith("[") else whole
 
 
 def _yaml_message(err: yaml.YAMLError) -> str:
