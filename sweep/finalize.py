@@ -52,36 +52,46 @@ does (a dead one, which keeps only ``b_dec`` near the mean, stays near 1): train
 as a too-high learning rate makes it do without a loss that is ever infinite."""
 
 
-def health_note(m: dict, arch: str = "untied") -> str:
+def health_note(m: dict, arch: str = "untied", l1: float | None = None) -> str:
     """What a reader of the metrics must know: frozen weights of a diverged run, a dictionary
     that reconstructs worse than the mean, one whose features (nearly) all died ("" when there
-    is nothing to say); with the fix that fits architecture ``arch``."""
+    is nothing to say); with the fix that fits architecture ``arch`` and the run's ``l1``."""
     if "diverged_step" in m:
         return (
             f"diverged at step {m['diverged_step']} (loss or gradient not finite); the weights "
             "and metrics are those frozen before it"
         )
-    dead, fvu = m.get("dead_fraction", 0.0), m.get("fvu", 0.0)
+    dead, fvu, l0 = m.get("dead_fraction", 0.0), m.get("fvu", 0.0), m.get("l0", 0)
+    penalised = archs.get(arch).knob == "l1" and bool(l1)
     if fvu > WORSE_THAN_MEAN:
+        fix = (  # (its output is about b_dec, off the mean: a lower lr leaves it further off)
+            "almost no latent fires: l1 is too strong here; lower l1"
+            if penalised and l0 < 1
+            else "training went wrong; lower train.lr"
+        )
         return (
-            f"reconstructs worse than the held-out rows' mean (FVU {fvu:.3g}, L0 "
-            f"{m.get('l0', 0):.3g}): training went wrong; lower train.lr"
+            f"reconstructs worse than the held-out rows' mean (FVU {fvu:.3g}, L0 {l0:.3g}): {fix}"
         )
     if dead >= DEAD_DICTIONARY or fvu >= DEAD_DICTIONARY:
         return (
-            f"dead dictionary: {_explained(fvu)}L0 {m.get('l0', 0):.3g}, "
-            f"{100 * dead:.0f}% of features dead); {_revive(arch)}"
+            f"dead dictionary: {_explained(fvu)}L0 {l0:.3g}, "
+            f"{100 * dead:.0f}% of features dead); {_revive(arch, l1)}"
         )
     return ""
 
 
-def _revive(arch: str) -> str:
-    """What brings a dead dictionary of architecture ``arch`` back."""
+def _revive(arch: str, l1: float | None) -> str:
+    """What brings a dead dictionary of architecture ``arch`` (trained at ``l1``) back."""
     a = archs.get(arch)
     if a.knob == "k":  # (k latents fire per row whatever: the step size killed the rest)
         return (
             "lower train.lr; AuxK (train.auxk_alpha > 0) revives latents once silent for "
             "train.dead_tokens rows: lower train.dead_tokens for it to act sooner"
+        )
+    if l1 == 0:
+        return (
+            "l1 is 0, so no penalty killed them: train with data.normalize=true if it was off "
+            "(the defaults are set for rows of norm sqrt(width)), or lower train.lr"
         )
     if a.l0_penalty:
         return "lower l1 (its L0 coefficient), or raise the learning rate"
@@ -153,16 +163,14 @@ def _saved_tensors(ens: Ensemble, e: int) -> sae.Params:
     return _member_tensors(ens, e, torch.device("cpu"))
 
 
-def _add_outcome(
-    m: dict, step: int, diverged: int | None, batch_size: int, arch: str = "untied"
-) -> None:
+def _add_outcome(m: dict, step: int, diverged: int | None, batch_size: int, cfg: dict) -> None:
     """A member's state, steps and rows trained, and its health note, into its metrics."""
     state = "done" if diverged is None else "diverged"
     trained = step if diverged is None else diverged - 1  # (the step that diverged: no update)
     m.update({"state": state, "steps": trained, "rows_trained": trained * batch_size})
     if diverged is not None:
         m["diverged_step"] = diverged
-    note = health_note(m, arch)
+    note = health_note(m, cfg["architecture"], cfg.get("l1"))
     if note:
         m["note"] = note
 
@@ -203,7 +211,7 @@ def finish_members(
             m["lm_metrics_skipped"] = lm_skipped
             folder.append_event({"event": "lm_metrics_skipped", "reason": lm_skipped})
         diverged = diverged_at[e] if diverged_at[e] >= 0 else None
-        _add_outcome(m, step, diverged, ev.batch_size, cfg["architecture"])
+        _add_outcome(m, step, diverged, ev.batch_size, cfg)
         t0 = time.perf_counter()
         density = density_bytes(freq, x_eval.shape[0])
         if again:

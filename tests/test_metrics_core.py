@@ -175,6 +175,27 @@ def test_health_notes_name_the_fix_of_the_architecture():
     assert health_note({"dead_fraction": 0.2, "fvu": 0.3, "l0": 40.0}) == ""
 
 
+def test_health_notes_fit_the_runs_l1():
+    """Not "lower l1" at l1=0; not "lower train.lr" for an l1 so strong that no latent fires
+    (its output is about b_dec, off the mean: a lower lr leaves it further off)."""
+    dead = {"dead_fraction": 1.0, "fvu": 1.0, "l0": 0.0}
+    for arch in ("untied", "jumprelu"):
+        assert health_note(dead, arch, 0.0).endswith(
+            "l1 is 0, so no penalty killed them: train with data.normalize=true if it was off "
+            "(the defaults are set for rows of norm sqrt(width)), or lower train.lr"
+        )
+        assert health_note(dead, arch, 1e-2).startswith("dead dictionary") and "lower l1" in (
+            health_note(dead, arch, 1e-2)
+        )
+    silent = {"dead_fraction": 0.9, "fvu": 1.17, "l0": 0.09}
+    assert health_note(silent, "untied", 30.0) == (
+        "reconstructs worse than the held-out rows' mean (FVU 1.17, L0 0.09): almost no latent "
+        "fires: l1 is too strong here; lower l1"
+    )
+    assert health_note(silent, "untied", 0.0).endswith("training went wrong; lower train.lr")
+    assert health_note(silent, "topk").endswith("training went wrong; lower train.lr")
+
+
 def test_density_fractions_of_known_frequencies():
     """Latent 0 fires on 50% of rows, 1 on 5%, 2 on 0.5%, 3 never."""
     n = 1000
