@@ -333,7 +333,8 @@ def check_store_fits(
         notes.append(skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows))
         tail = store.tail_rows(cfg.data.eval_rows)
         stats, arch = store.manifest["stats"], cfg.sae.architecture()
-        notes += store_notes(stats, tail, cfg.data.eval_rows, cfg.data.normalize, arch)
+        d = cfg.data
+        notes += store_notes(stats, tail, d.eval_rows, d.normalize, arch, cfg.train.lr)
     for note in notes:
         if note:
             log.warning(note)
