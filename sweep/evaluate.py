@@ -76,7 +76,7 @@ def _evaluate(
         log.info("evaluating %d finished run(s) again from their weights", len(runs))
         outcome.signals.training()
         Execution(cfg, folder, p, store, res, lock, outcome).run()
-    records = folder.read_runs(live=False)
+    records = folder.read_runs(live=False, deep=True)  # (a run left as damaged: not "done")
     write_summary(folder.path, [r.row() for r in records])
     return records
 

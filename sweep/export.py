@@ -161,7 +161,7 @@ def _check_run(folder: Path, deep: bool = True) -> None:
         )
     problem = run.final_problem(deep)
     if problem is not None:
-        raise SweepError(f"run {folder.name}: {problem}; re-run the sweep to train it again")
+        raise SweepError(f"run {folder.name}: {problem}; {run.fix_for(problem)}")
     if run.state() is RunState.DIVERGED:
         raise SweepError(
             f"run {folder.name} diverged (its weights are frozen at a non-finite loss or gradient); "

@@ -266,7 +266,7 @@ def build_report(
         crossdict.annotate_runs(records, cross, digest)
         # read again: runs may have finished since (a report during training takes minutes of
         # MMCS), and the sweep's summary must not go back to what they were
-        write_summary(sweep_dir, summary_rows(folder.read_runs()))
+        write_summary(sweep_dir, summary_rows(folder.read_runs(deep=True)))  # (as out's)
     write_mmcs(out / MMCS_FILE, cross)
     compared = _compared(folder, records, rows, others) if others else []
     images = draw_plots(

@@ -182,6 +182,12 @@ class RunFolder:
         weights, not trained: only ``metrics.json`` is lost, and it is :meth:`evaluable`."""
         return problem == METRICS_LOST and self.evaluable()
 
+    def fix_for(self, problem: str) -> str:
+        """What mends a finished run with this :meth:`final_problem`."""
+        if self.evaluated_for(problem):
+            return "'sweep evaluate' of its sweep (or re-running it) evaluates it again from its weights"
+        return "re-run its sweep to train it again"
+
     def _step_unknown(self) -> bool:
         """``DONE`` says the run diverged, but ``diverged.json`` (its step) is unreadable."""
         diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value

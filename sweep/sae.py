@@ -277,9 +277,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     folder, device = Path(path).expanduser(), as_device(device)
     _check_run_folder(folder)
     if (folder / rundir.DONE).is_file():  # a sweep's run: its weights must verify
-        problem = rundir.RunFolder(folder).final_problem(deep=True)
+        run = rundir.RunFolder(folder)
+        problem = run.final_problem(deep=True)
         if problem:
-            raise SweepError(f"run {folder}: {problem}; re-run its sweep to train it again")
+            raise SweepError(f"run {folder}: {problem}; {run.fix_for(problem)}")
     return read_run(folder, device)
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+import sweep
 from sweep import rundir
 from sweep.cli import main
+from sweep.errors import SweepError
 from tests.test_integrity import GRID, one_line_error
 from tests.test_sweep_e2e import TINY
 
@@ -107,6 +109,9 @@ def test_named_runs_only_and_a_damaged_one_is_left_as_it_is(copy, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert f"run {bad.name}: damaged (sae.safetensors fails its checksum); not evaluated" in err
     assert events(good)[-1]["reason"] == "sweep evaluate"
+    with open(copy / "summary.csv") as fh:  # (it said "done", with its old metrics)
+        row = {r["run_id"]: r for r in csv.DictReader(fh)}[bad.name]
+    assert row["state"] != "done" and "sae.safetensors fails its checksum" in row["note"]
     assert files(bad, tuple(p.name for p in bad.iterdir())) == before_bad
     assert files(other, tuple(p.name for p in other.iterdir())) == before_other
 
@@ -115,6 +120,8 @@ def test_a_run_that_lost_its_metrics_is_evaluated_too(copy):
     folder = copy / "runs" / "r2-l1_1e-01-s0"
     trained = metrics(folder)
     (folder / rundir.METRICS).unlink()
+    with pytest.raises(SweepError, match="evaluates it again from its weights$"):
+        sweep.load_run(folder)  # (not "train it again": it is not)
     assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
     assert metrics(folder) == trained
     assert previous(folder) == {}

@@ -345,6 +345,19 @@ def test_a_report_during_training_leaves_the_sweeps_summary_as_the_runs_are_now(
     assert report[other]["mmcs_seeds"] != "" and now[other]["mmcs_seeds"] == ""
 
 
+def test_a_run_whose_weights_fail_their_checksum_is_not_done_in_either_summary(sweep_copy):
+    """(The sweep's summary.csv said "done" while the report's own said otherwise.)"""
+    rid = "r1-l1_1e-03-s0"
+    weights = rundir.run_dir(sweep_copy, rid) / rundir.WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    build_report(sweep_copy, device="cpu", log_media=False)
+    for table in (sweep_copy / "report" / "summary.csv", sweep_copy / "summary.csv"):
+        row = {r["run_id"]: r for r in read_csv(table)}[rid]
+        assert row["state"] != "done" and "fails its checksum" in row["note"], table
+
+
 def test_report_without_runs_is_an_error(tmp_path, capsys):
     atomic_write_json(tmp_path / "manifest.json", {"runs": {}})
     assert main(["report", str(tmp_path)]) == 2
