@@ -66,6 +66,8 @@ TRACKER = "logger.json"
 RUNS = "runs"
 METRICS_LOST = f"{METRICS} is missing or damaged"
 LOADER_KEYS = frozenset({"architecture", "d_in", "d_sae", "act_scale"})
+MEASURES = ("fvu", "l0", "mse", "dead_fraction", "explained_variance", "l1_norm", "cossim")
+"""Metrics that are numbers wherever recorded (NaN included: FVU of rows that do not vary)."""
 """What a final ``cfg.json`` holds for :func:`sweep.sae.load_run` (a run missing one is not final)."""
 
 
@@ -155,7 +157,7 @@ class RunFolder:
                 self.weights()
             except Exception as err:
                 return f"{WEIGHTS} is unreadable ({type(err).__name__})"
-        if not self._json(METRICS, quiet=True):
+        if not _sound_metrics(self._json(METRICS, quiet=True)):
             return METRICS_LOST  # (last: everything else verified)
         return None
 
@@ -458,3 +460,11 @@ def _redone(line: str, after_step: int) -> bool:
         return False
     step = event.get("step")
     return event.get("event") in REDONE_EVENTS and isinstance(step, int) and step > after_step
+
+
+def _sound_metrics(m: dict) -> bool:
+    """``metrics.json`` holds metrics, its measures as numbers (not a file edited by hand)."""
+    numbers = (int, float)
+    return bool(m) and all(
+        isinstance(m[k], numbers) and not isinstance(m[k], bool) for k in MEASURES if k in m
+    )

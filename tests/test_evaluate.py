@@ -127,6 +127,19 @@ def test_a_run_that_lost_its_metrics_is_evaluated_too(copy):
     assert previous(folder) == {}
 
 
+def test_metrics_edited_into_other_types_are_damaged_and_evaluated_again(copy):
+    """(Taken as a finished run's: "abc" and [1] in the tables, off the frontier.)"""
+    folder = copy / "runs" / "r2-l1_1e-01-s0"
+    trained = metrics(folder)
+    rundir.atomic_write_json(folder / rundir.METRICS, {**trained, "fvu": "abc", "l0": [1]})
+    assert rundir.RunFolder(folder).final_problem() == rundir.METRICS_LOST
+    assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
+    assert metrics(folder) == trained
+    nan = {**trained, "fvu": float("nan")}  # (a number: rows that do not vary have no FVU)
+    rundir.atomic_write_json(folder / rundir.METRICS, nan)
+    assert rundir.RunFolder(folder).final_problem() is None
+
+
 def test_runs_an_earlier_grid_left_are_evaluated_too(copy, capsys):
     """The last command's grid (config.yaml) holds half the runs; the manifest holds all."""
     assert main(["run", f"sweep_dir={copy}", *TINY, "grid.l1=[1e-3]", "grid.dict_ratio=[1,2]"]) == 0

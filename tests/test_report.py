@@ -353,9 +353,9 @@ def test_a_run_whose_weights_fail_their_checksum_is_not_done_in_either_summary(s
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     build_report(sweep_copy, device="cpu", log_media=False)
-    for table in (sweep_copy / "report" / "summary.csv", sweep_copy / "summary.csv"):
-        row = {r["run_id"]: r for r in read_csv(table)}[rid]
-        assert row["state"] != "done" and "fails its checksum" in row["note"], table
+    for csv_file in (sweep_copy / "report" / "summary.csv", sweep_copy / "summary.csv"):
+        row = {r["run_id"]: r for r in read_csv(csv_file)}[rid]
+        assert row["state"] != "done" and "fails its checksum" in row["note"], csv_file
 
 
 def test_report_without_runs_is_an_error(tmp_path, capsys):
