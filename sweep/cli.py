@@ -121,7 +121,7 @@ def _composed(hydra_compose: Callable, config_name: str, overrides: list[str]) -
 def _whole_float_override(err: Exception, overrides: list[str]) -> int | None:
     """The index of the override ``err`` refused as a float for an integer field, when its
     value is a whole number, or a list of them (None: not that error)."""
-    head = re.match(r"Error merging override (\S+)", str(err))
+    head = re.match(r"Error merging override (.+)", str(err))
     refused = "of type 'float' could not be converted to Integer" in str(err.__cause__ or "")
     if not head or not refused or head[1] not in overrides:
         return None

@@ -530,7 +530,8 @@ def test_a_whole_number_written_as_a_float_sets_an_integer_field(tmp_path, capsy
     assert cfg_of("grid.l1=[1e2]").grid.l1 == [100.0]  # (a float field keeps its float)
     with pytest.raises(ConfigError, match=r"cannot set data.rows to '2.5'"):
         cfg_of("data.rows=2.5")
-    assert cfg_of("sae=topk", "grid.k=[16,1e2]", "grid.dict_ratio=[8]").grid.k == [16, 100]
+    for k in ("[16,1e2]", "[16, 1e2]"):
+        assert cfg_of("sae=topk", f"grid.k={k}", "grid.dict_ratio=[8]").grid.k == [16, 100]
     with pytest.raises(ConfigError, match=r"cannot set grid.k to '\[16,1e2,2.5\]'"):
         cfg_of("sae=topk", "grid.k=[16,1e2,2.5]")
     with pytest.raises(ConfigError, match=r"cannot set grid.seeds to '\[0,1e0\]'"):
