@@ -836,13 +836,29 @@ def test_lm_eval_tokens_changed_since_the_harvest_are_written_again(
     files = {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()}
     held_out = store.path / harvest.EVAL_TOKENS_FILE
     np.save(held_out, np.load(held_out)[::-1])
-    with caplog.at_level("WARNING", logger="sweep.activations.harvest_dir"):
+    with caplog.at_level("WARNING", logger="sweep.activations.harvest"):
         assert run_harvest(cfg)[HOOKS[0]].identity == store.identity
     assert (
         "LM-eval tokens lm_eval_tokens.npy holds other bits than the manifest records"
         in caplog.text
     )
     assert {p.name: p.read_bytes() for p in store.path.iterdir() if p.is_file()} == files
+
+
+def test_lm_eval_tokens_that_cannot_be_written_again_leave_the_store_usable(
+    tiny_model_dir, text_file, tmp_path, caplog
+):
+    """(Its token stream gone too: the chunks, hours of a real model's work, are fine; sweeps
+    on it skip their LM metrics, with the reason.)"""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1])
+    store = run_harvest(cfg)[HOOKS[0]]
+    (tmp_path / "h" / harvest.TOKENS_FILE).unlink()
+    (store.path / harvest.EVAL_TOKENS_FILE).unlink()
+    with caplog.at_level("WARNING", logger="sweep.activations.harvest"):
+        assert run_harvest(cfg)[HOOKS[0]].identity == store.identity
+    assert "lm_eval_tokens.npy is missing or unreadable, and" in caplog.text
+    assert "sweeps on it skip their LM metrics" in caplog.text
+    assert not (store.path / harvest.EVAL_TOKENS_FILE).exists()
 
 
 def test_a_damaged_stats_file_of_an_unfinished_harvest_is_no_traceback(clean_and_cut, tmp_path):

@@ -25,11 +25,12 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from sweep.activations.harvest_dir import (
     reopen_damaged,
     rewritten,
     store_path,
+    stream_intact,
     stream_record,
     writing,
 )
@@ -200,11 +202,13 @@ def harvest_with_stats(
     root = check_dir(cfg, params)
     plan = HarvestPlan.of(cfg)
     if _intact(cfg, params):  # read-only is fine
+        _mend_eval_tokens(cfg, plan, root)
         log.info("harvest in %s is complete; reusing it", root)
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
     with removed_if_left_empty(root), writing(root):
         check_dir(cfg, params)  # (the settings of a harvest that ended since the first check)
         if complete(cfg, params) and not reopen_damaged(cfg, plan, root):
+            _mend_eval_tokens(cfg, plan, root, locked=True)
             log.info("harvest in %s was completed by another harvest; reusing it", root)
             return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
         prepare_dir(cfg, root)
@@ -219,8 +223,44 @@ def harvest_with_stats(
 
 def _intact(cfg: HarvestConfig, params: dict) -> bool:
     """Whether store_dir holds this harvest, complete, no chunk lost or changed (reads only)."""
-    paths = [store_path(cfg, h) for h in cfg.hooks]
-    return complete(cfg, params) and not any(damaged(p) or eval_tokens_problem(p) for p in paths)
+    return complete(cfg, params) and not any(damaged(store_path(cfg, h)) for h in cfg.hooks)
+
+
+def _mend_eval_tokens(
+    cfg: HarvestConfig, plan: HarvestPlan, root: Path, locked: bool = False
+) -> None:
+    """A complete harvest's LM-eval tokens changed or lost since are written again from its
+    token stream (store_dir writable, the stream intact; ``locked``: the caller holds
+    store_dir), else warned of: its chunks are fine, and sweeps on it skip the LM metrics,
+    with the reason."""
+    bad = {h: p for h in cfg.hooks if (p := eval_tokens_problem(store_path(cfg, h)))}
+    if not bad:
+        return
+    hook, problem = next(iter(bad.items()))
+    if stream_intact(cfg, plan, root) is not True or not os.access(root, os.W_OK):
+        log.warning(
+            "harvest store %s: its LM-eval tokens %s, and %s holds no intact token stream %s to "
+            "write them again from: sweeps on it skip their LM metrics",
+            store_path(cfg, hook),
+            problem,
+            root,
+            TOKENS_FILE,
+        )
+        return
+    with nullcontext() if locked else writing(root):
+        tokens = _eval_tokens(root, plan)
+        for hook, problem in bad.items():
+            log.warning(
+                "harvest store %s: its LM-eval tokens %s; writing them again",
+                store_path(cfg, hook),
+                problem,
+            )
+            atomic_write(store_path(cfg, hook) / EVAL_TOKENS_FILE, lambda f: write_npy(f, tokens))
+
+
+def _eval_tokens(root: Path, plan: HarvestPlan) -> np.ndarray:
+    """The LM-eval tokens: the token stream's contexts after the harvested ones."""
+    return np.ascontiguousarray(np.load(root / TOKENS_FILE, mmap_mode="r")[plan.n_contexts :])
 
 
 def _harvest(
@@ -556,9 +596,7 @@ def _finalize(
 ) -> dict[str, ChunkStore]:
     """Check every chunk is there, save the LM-eval tokens, write each store's manifest."""
     root = Path(cfg.store_dir).expanduser()
-    eval_tokens = np.ascontiguousarray(
-        np.load(root / TOKENS_FILE, mmap_mode="r")[plan.n_contexts :]
-    )
+    eval_tokens = _eval_tokens(root, plan)
     held_out = write_npy(_Discard(), eval_tokens)  # (the file's sha256)
     differ = {}
     for h in cfg.hooks:

@@ -70,31 +70,21 @@ def store_path(cfg: HarvestConfig, hook: str) -> Path:
 
 def reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     """Whether a complete harvest lost chunks (missing, truncated, or rewritten with other
-    bits: hours of work on a real model that need not be redone) or its LM-eval tokens.
-    Once the repair can run (store_dir writable, the model folder and the token stream
-    there; else nothing is touched), those chunks are removed, so the harvest resumes and
-    writes just them again (the tokens too); the manifests stay, and the harvest's finalize
-    holds the new chunks to them."""
+    bits: hours of work on a real model that need not be redone). Once the repair can run
+    (store_dir writable, the model folder and the token stream there; else nothing is
+    touched), those chunks are removed, so the harvest resumes and writes just them again;
+    the manifests stay, and the harvest's finalize holds the new chunks to them."""
     lost = {h: damaged(store_path(cfg, h)) for h in cfg.hooks}
-    held_out = {h: eval_tokens_problem(store_path(cfg, h)) for h in cfg.hooks}
-    if not any(lost.values()) and not any(held_out.values()):
+    if not any(lost.values()):
         return False
     ensure_writable(root, "store_dir")
     lm.check_model_folder(cfg.model)
     if not has_tokens(cfg, plan, root):
-        what = [f"chunks ({p})" for bad in lost.values() for p in bad.values()]
-        what += [f"LM-eval tokens ({p})" for p in held_out.values() if p]
+        first = next(p for bad in lost.values() for p in bad.values())
         raise StoreError(
-            f"harvest in {root} lost {what[0]} and its token stream {TOKENS_FILE}, so "
+            f"harvest in {root} lost chunks ({first}) and its token stream {TOKENS_FILE}, so "
             "they cannot be harvested again as they were; harvest into a new store_dir"
         )
-    for hook, problem in held_out.items():
-        if problem:
-            log.warning(
-                "harvest store %s: its LM-eval tokens %s; writing them again",
-                store_path(cfg, hook),
-                problem,
-            )
     for hook, bad in lost.items():
         if bad:
             path = store_path(cfg, hook)
@@ -287,19 +277,26 @@ def complete(cfg: HarvestConfig, params: dict) -> bool:
 
 def has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     """Whether a resumed harvest's token stream is already on disk (and intact)."""
+    intact = stream_intact(cfg, plan, root)
+    if intact is False:
+        log.warning("token stream %s is damaged; rebuilding it", root / TOKENS_FILE)
+    return bool(intact)
+
+
+def stream_intact(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool | None:
+    """Whether the token stream on disk is this harvest's, intact: None where there is none
+    (or one of another shape), False where it is damaged."""
     path = root / TOKENS_FILE
     if not (path.is_file() and (root / PARAMS_FILE).is_file()):
-        return False
+        return None
     want = stream_record(root).get("tokens_sha256")
     try:
         shape = np.load(path, mmap_mode="r").shape
         intact = want is None or tokens_digest(path) == want
     except (ValueError, OSError):
-        intact = False
-    if intact and shape != (plan.n_contexts + plan.eval_contexts, cfg.context):
         return False
-    if not intact:
-        log.warning("token stream %s is damaged; rebuilding it", path)
+    if intact and shape != (plan.n_contexts + plan.eval_contexts, cfg.context):
+        return None
     return intact
 
 
