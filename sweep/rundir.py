@@ -65,9 +65,14 @@ run resumes from, since redoing the step records them again."""
 TRACKER = "logger.json"
 RUNS = "runs"
 METRICS_LOST = f"{METRICS} is missing or damaged"
+MEASURES = ("fvu", "l0")
+"""Metrics every finished run records."""
+TEXT_METRICS = frozenset(
+    {"state", "note", "lm_metrics_skipped", "mmcs_next_ratio_run", "mmcs_over"}
+)
+"""The entries of ``metrics.json`` that are text; every other is a number (NaN included:
+the FVU of rows that do not vary), or null where there is none (an MMCS of one seed)."""
 LOADER_KEYS = frozenset({"architecture", "d_in", "d_sae", "act_scale"})
-MEASURES = ("fvu", "l0", "mse", "dead_fraction", "explained_variance", "l1_norm", "cossim")
-"""Metrics that are numbers wherever recorded (NaN included: FVU of rows that do not vary)."""
 """What a final ``cfg.json`` holds for :func:`sweep.sae.load_run` (a run missing one is not final)."""
 
 
@@ -463,8 +468,11 @@ def _redone(line: str, after_step: int) -> bool:
 
 
 def _sound_metrics(m: dict) -> bool:
-    """``metrics.json`` holds metrics, its measures as numbers (not a file edited by hand)."""
-    numbers = (int, float)
-    return bool(m) and all(
-        isinstance(m[k], numbers) and not isinstance(m[k], bool) for k in MEASURES if k in m
-    )
+    """``metrics.json`` holds a run's metrics, as numbers (not a file edited by hand)."""
+    if not all(k in m for k in MEASURES):
+        return False
+    for k, v in m.items():
+        if k not in TEXT_METRICS and not (v is None and k not in MEASURES):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return False
+    return True

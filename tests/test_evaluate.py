@@ -133,6 +133,9 @@ def test_metrics_edited_into_other_types_are_damaged_and_evaluated_again(copy):
     trained = metrics(folder)
     rundir.atomic_write_json(folder / rundir.METRICS, {**trained, "fvu": "abc", "l0": [1]})
     assert rundir.RunFolder(folder).final_problem() == rundir.METRICS_LOST
+    for edited in ({**trained, "gt_mmcs": "abc"}, {"state": "done"}, {**trained, "l0": True}):
+        rundir.atomic_write_json(folder / rundir.METRICS, edited)
+        assert rundir.RunFolder(folder).final_problem() == rundir.METRICS_LOST, edited
     assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
     assert metrics(folder) == trained
     nan = {**trained, "fvu": float("nan")}  # (a number: rows that do not vary have no FVU)
