@@ -501,7 +501,7 @@ def test_jumprelu_on_rows_of_another_scale_without_normalize_is_warned_of():
              "std": x.std(dim=0).tolist()}  # fmt: skip
     (note,) = store_notes(stats, x, 4000, False, archs.get("jumprelu"))
     assert note.startswith("data.normalize=false: the store's rows have a mean norm 98.8x sqrt")
-    assert note.endswith("keep data.normalize=true (the scale is folded into the saved weights)")
+    assert note.endswith("set data.normalize=true (the scale is folded into the saved weights)")
     assert store_notes(stats, x, 4000, True, archs.get("jumprelu")) == []
     for name in ("untied", "topk"):
         assert store_notes(stats, x, 4000, False, archs.get(name)) == [], name

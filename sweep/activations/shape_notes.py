@@ -128,13 +128,13 @@ def _raw_scale(stats: dict, arch: object, lr: float | None) -> str | None:
     elif lr and ratio < SMALL_FOR_LR * lr:
         what = (
             f"Adam moves each weight ~train.lr={lr:g} a step, much against codes of rows this "
-            "small: latents die (whatever l1)"
+            "small: latents die, whatever the grid's sparsity"
         )
     else:
         return None
     return (
         f"data.normalize=false: the store's rows have a mean norm {ratio:.3g}x sqrt(width), "
-        f"while {what}; keep data.normalize=true (the scale is folded into the saved weights)"
+        f"while {what}; set data.normalize=true (the scale is folded into the saved weights)"
     )
 
 
