@@ -36,11 +36,13 @@ from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, memory_text, remove_stale_temps
 from sweep.lock import TRAINING, SweepLock
 from sweep.planning import SweepPlan
+from sweep.rundir import RUNS
 from sweep.startup import Laps
 from sweep.stop import DriverSignals, Interrupted, StopNow, at_exit_now, quietly, raised_by
 from sweep.stop_request import StopRequestWatch
 from sweep.sweepdir import (
     LOG,
+    REPORT,
     RunRecord,
     SweepFolder,
     default_store_path,
@@ -175,34 +177,29 @@ def on_cuda(cfg: SweepConfig, res: launcher.Resources) -> bool:
     return cfg.train.device == "cuda" or (res.on_gpu and res.real_gpus)
 
 
-def _create(path: Path) -> Path | None:
-    """The outermost folder this process created to make ``path`` (None where ``path`` was
-    there, or could not be made): a refused run removes what it created, up to it."""
-    top = path.absolute()
-    while top.parent != top and not top.parent.exists():
-        top = top.parent
+def _create(path: Path) -> list[Path]:
+    """The folders this process created to make ``path``, ``path`` first ([] where it was
+    there, or could not be made): a refused run removes them again."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True)
     except OSError:
-        return None  # there (FileExistsError), or ensure_writable reports it
-    return top
+        return []  # there (FileExistsError), or ensure_writable reports it
+    return missing
 
 
-def _remove_refused(folder: SweepFolder, top: Path) -> None:
-    """Undo a refused run's new sweep folder (and the folders made for it, up to ``top``),
-    but keep a store it made or began (a harvest can take hours; the corrected command
-    reuses it, or resumes it where it stopped)."""
+def _remove_refused(folder: SweepFolder, made: list[Path]) -> None:
+    """Undo a refused run's new sweep folder (and the folders ``made`` for it), but keep a
+    store it made or began (a harvest can take hours; the corrected command reuses it, or
+    resumes it where it stopped)."""
     store = default_store_path(folder.path)
     for child in folder.path.iterdir():
         if child == store and store.is_dir() and any(store.iterdir()):
             continue
         shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(True)
-    made = folder.path.absolute()
-    while not any(made.iterdir()):
-        made.rmdir()
-        if made == top:
-            break
-        made = made.parent
+    for path in made:  # (deepest first; one not empty, or named with "..", stays)
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def checked_store(
@@ -230,17 +227,27 @@ def _store_gone(cfg: SweepConfig, folder: SweepFolder) -> Path | None:
 
 
 def _refuse_store_around(cfg: SweepConfig, folder: SweepFolder) -> None:
-    """Refused: a store to be made (synthetic, harvested) in the sweep folder itself, or in
-    a folder it lies in (the store's folder would hold the sweep's files: never a store)."""
-    if not cfg.data.path or isinstance(cfg.data, ChunksDataConfig):
-        return  # (data=chunks: data.path must hold a store, as is checked)
+    """Refused: a store in a folder the sweep writes (``runs/``, ``report/``), and a store
+    to be made (synthetic, harvested) in the sweep folder itself or in a folder it lies in
+    (the store's folder would hold the sweep's files: never a store)."""
+    if not cfg.data.path:
+        return
     store, sweep = Path(cfg.data.path).expanduser().resolve(), folder.path.resolve()
-    if store == sweep or (store in sweep.parents and not (store / MANIFEST).is_file()):
-        where = "is sweep_dir itself" if store == sweep else f"holds sweep_dir {folder.path}"
-        raise SweepError(
-            f"data.path {cfg.data.path} {where}; leave data.path out (the store then goes in "
-            f"{default_store_path(folder.path)}) or name a folder outside the sweep's"
-        )
+    written = next((d for d in (RUNS, REPORT) if sweep / d in (store, *store.parents)), None)
+    if written:
+        where = f"lies in the sweep's {written}/ folder, which sweep writes"
+    elif isinstance(cfg.data, ChunksDataConfig):
+        return  # (data=chunks: data.path must hold a store, as is checked)
+    elif store == sweep:
+        where = "is sweep_dir itself"
+    elif store in sweep.parents and not (store / MANIFEST).is_file():
+        where = f"holds sweep_dir {folder.path}"
+    else:
+        return
+    raise SweepError(
+        f"data.path {cfg.data.path} {where}; leave data.path out (the store then goes in "
+        f"{default_store_path(folder.path)}) or name a folder outside the sweep's"
+    )
 
 
 def _refuse_mistyped_store(cfg: SweepConfig, folder: SweepFolder) -> None:
@@ -411,8 +418,9 @@ def _train(
         else:
             assert store is not None
             p = _train_on_ray(cfg, folder, store, lock, outcome, laps)
-        records = folder.read_runs(live=False)  # every run of the sweep, not only this grid's
-        ours = {r.run_id for r in p.runs}
+        ours = {r.run_id for r in p.runs}  # (hashed when planned; an earlier grid's not yet)
+        others = set(folder.run_ids()) - ours
+        records = folder.read_runs(live=False, deep=others)  # every run of the sweep
         outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
         write_summary(folder.path, [r.row() for r in records])
         folder.record_state(outcome.state)

@@ -24,7 +24,7 @@ import functools
 import hashlib
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -692,13 +692,16 @@ class SweepFolder:
     # ------------------------------------------------------------------------- runs
 
     def read_runs(
-        self, ids: list[str] | None = None, live: bool | None = None, deep: bool = False
+        self,
+        ids: list[str] | None = None,
+        live: bool | None = None,
+        deep: bool | Collection[str] = False,
     ) -> list[RunRecord]:
         """Every run of the manifest (or ``ids``), in grid order. Resumable runs count as
         ``running`` while a live driver trains the sweep (``live``: None = look at the lock;
         the driver itself passes False), and so do runs whose attempt began under that
-        driver. ``deep``: a finished run's weights must match their checksum too (else only
-        their size)."""
+        driver. ``deep`` (True, or the ids of the runs it is true of): a finished run's
+        weights must match their checksum too (else only their size)."""
         since = self.driver_since(training=True) if live is None else (0.0 if live else None)
         live = since is not None
         points = self.manifest().get("runs")
@@ -707,7 +710,8 @@ class SweepFolder:
         digest = functools.cache(self.finished_digest)  # (once, if a run has MMCS values)
         for rid in self.run_ids() if ids is None else ids:
             folder = self.run(rid)
-            state = folder.state(deep)
+            hashed = deep if isinstance(deep, bool) else rid in deep
+            state = folder.state(hashed)
             # with no driver, a pending run's curve is of work it will redo (no checkpoint kept it)
             stale = state is RunState.PENDING and not live
             last = {} if state.final or stale else folder.last_curve()
@@ -716,7 +720,7 @@ class SweepFolder:
             metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
             metrics = _current_mmcs(metrics, digest)
             note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
-            why, kept = ("", False) if note else _why_unfinished(folder, state, deep)
+            why, kept = ("", False) if note else _why_unfinished(folder, state, hashed)
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
             records.append(
                 RunRecord(

@@ -113,6 +113,14 @@ def test_rerun_skips_done_and_adds_new_points(ray_cluster, tmp_path, monkeypatch
         assert main(["run", *plan, *args]) == 0
     assert not (tmp_path / "sw" / "store").exists()
     assert read_summary(tmp_path / "sw" / "summary.csv") == rows
+    data = bytearray(first.read_bytes())  # a run outside the grid, damaged: hashed, not "done"
+    data[-1] ^= 1
+    first.write_bytes(bytes(data))
+    assert main(["run", *args]) == 0
+    (row,) = [
+        r for r in read_summary(tmp_path / "sw" / "summary.csv") if r["run_id"] == first.parent.name
+    ]
+    assert row["state"] != "done" and "fails its checksum" in row["note"]
     shutil.rmtree(first.parent)  # a run outside the last grid: status says what continues it
     capsys.readouterr()
     assert main(["status", str(tmp_path / "sw")]) == 0
@@ -198,7 +206,9 @@ def test_a_mistyped_data_path_is_refused_while_the_sweeps_store_is_where_it_was(
 def test_a_store_to_be_made_in_the_sweep_folder_or_around_it_is_refused(tmp_path, capsys, plan):
     """(The store's folder would hold the sweep's files; the generator then refused it as
     "a non-empty folder", though the user named a new one, and --plan took it.)"""
-    for store, sw in ((tmp_path / "a", tmp_path / "a"), (tmp_path / "b", tmp_path / "b" / "sw")):
+    dotted = tmp_path / "c" / "x" / ".." / "sw"  # (its refused run left c/x behind)
+    pairs = ((tmp_path / "a", tmp_path / "a"), (tmp_path / "b", tmp_path / "b" / "sw"))
+    for store, sw in (*pairs, (tmp_path / "c", dotted)):
         capsys.readouterr()
         assert main(["run", *plan, f"sweep_dir={sw}", *TINY, f"data.path={store}"]) == 2
         where = "is sweep_dir itself" if store == sw else f"holds sweep_dir {sw}"
@@ -207,6 +217,19 @@ def test_a_store_to_be_made_in_the_sweep_folder_or_around_it_is_refused(tmp_path
             f"{sw / 'store'}) or name a folder outside the sweep's"
         )
         assert not store.exists()
+    sw = tmp_path / "d"  # a store in a folder the sweep writes: refused, data=chunks too
+    for data in (TINY, ["data=chunks"]):
+        argv = ["run", *plan, f"sweep_dir={sw}", *data, f"data.path={sw / 'report'}"]
+        assert main(argv) == 2
+        assert (
+            capsys.readouterr()
+            .err.strip()
+            .startswith(
+                f"error: data.path {sw / 'report'} lies in the sweep's report/ folder, which sweep "
+                "writes;"
+            )
+        )
+    assert not sw.exists()
 
 
 @pytest.fixture
