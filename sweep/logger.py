@@ -25,6 +25,7 @@ same wandb runs.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import netrc
@@ -32,6 +33,7 @@ import os
 import queue
 import re
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -104,6 +106,22 @@ def _has_api_key() -> bool:
     except (OSError, netrc.NetrcParseError):
         return False
     return any(known.authenticators(re.sub(r"^https?://", "", h).split("/")[0]) for h in hosts)
+
+
+def _no_credentials() -> bool:
+    """Whether wandb has no credentials, asked without its login prompt: at a terminal
+    (``sweep report``'s driver) ``wandb.init`` would wait for a key on stdin. Where wandb
+    cannot be asked so (before 0.31), only a terminal's prompt is avoided."""
+    if _has_api_key():
+        return False
+    import wandb
+
+    if "prompt" in inspect.signature(wandb.login).parameters:
+        try:
+            return not wandb.login(prompt=False)
+        except Exception:  # noqa: BLE001 (credentials it could not check: wandb.init says)
+            return False
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 DEFAULT_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
@@ -241,6 +259,9 @@ class _Sender:
             disable_git=True,
             save_code=False,
         )
+        if self.mode == "online" and _no_credentials():  # (never wandb's login prompt)
+            self.mode = "offline"
+            self._say_offline()
         try:
             run = self._init(run_id, settings)
         except wandb.errors.UsageError as err:

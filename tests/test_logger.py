@@ -396,6 +396,29 @@ def test_online_without_an_api_key_logs_offline_and_says_so(tmp_path, monkeypatc
         assert len(ensemble("d")) == 1
 
 
+def test_online_without_credentials_never_asks_wandb_to_log_in(tmp_path, monkeypatch):
+    """(At a terminal, wandb.init(mode="online") prompts for a key on stdin: `sweep report`
+    waited 30 s on it, then aborted at exit, 134.)"""
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    modes, real = [], wandb.init
+
+    def init(**kw):
+        modes.append(kw["mode"])
+        return real(**kw)
+
+    monkeypatch.setattr(wandb, "init", init)
+    lg = tracking.WandbLogger(wandb_cfg(mode="online", timeout=20), tmp_path)
+    declared(lg, tmp_path, "a")
+    lg.summary("a", {"fvu": 0.1})
+    assert lg.close() is True
+    assert modes == ["offline"]
+
+
 def test_steps_redone_after_a_resume_are_not_logged_twice(tmp_path, monkeypatch):
     """A worker retried from an older checkpoint redoes steps it logged: wandb gets each step
     once, the first time (an exact resume redoes them bit for bit). A re-run sweep whose wandb
