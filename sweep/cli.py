@@ -18,11 +18,15 @@ config. Errors a user can fix print one line (``error: ...``) and exit with stat
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -878,7 +882,29 @@ def entry() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit(code)
+    _exit_done(code)
+
+
+def _exit_done(code: int) -> None:
+    """Exit a finished command with ``code``, as ``sys.exit`` would (its other threads
+    joined, the exit hooks run: Ray's shutdown, wandb's, logging's), but a stop meanwhile
+    exits at once with that code, and none comes after: the interpreter's own finalization,
+    which would give the signals their default action (a SLURM SIGTERM there made a
+    finished sweep's job exit 143, without a word), is skipped."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: _flushed_exit(code))
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    _flushed_exit(code)
+
+
+def _flushed_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -745,3 +745,29 @@ def test_the_signal_handlers_survive_ray_shutdown(tmp_path_factory, delay):
     assert_handled(
         RAY_SHUTDOWN_KEEPS_HANDLER, tmp_path_factory.getbasetemp() / f"rsh{delay}", delay, 2
     )
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_a_stop_while_a_finished_command_exits_leaves_its_exit_code(tmp_path, stop):
+    """(The interpreter's finalization gave SIGTERM its default action: a SLURM job whose sweep
+    had finished exited 143, without a word.) Its threads are joined and its exit hooks run,
+    as ``sys.exit`` does; a stop in a hook exits at once."""
+    code = f"""
+import atexit, os, signal, threading, time
+from pathlib import Path
+from sweep.cli import _exit_done
+
+def late():
+    time.sleep(0.3)
+    Path({str(tmp_path / "thread")!r}).touch()
+
+threading.Thread(target=late).start()
+atexit.register(lambda: Path({str(tmp_path / "hook")!r}).touch())
+if {stop}:
+    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(1)))
+_exit_done(3)
+"""
+    done = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert done.returncode == 3
+    assert (tmp_path / "thread").exists()
+    assert (tmp_path / "hook").exists() is not stop  # (hooks run last first)
