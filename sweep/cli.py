@@ -893,11 +893,21 @@ def _exit_done(code: int) -> None:
     finished sweep's job exit 143, without a word), is skipped."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: _flushed_exit(code))
+    _join_threads()
+    atexit._run_exitfuncs()
+    _flushed_exit(code)
+
+
+def _join_threads() -> None:
+    """What ``sys.exit`` does first: CPython's ``threading._shutdown`` (which wakes idle pool
+    threads, then joins the non-daemon ones); elsewhere, the joins."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
-    atexit._run_exitfuncs()
-    _flushed_exit(code)
 
 
 def _flushed_exit(code: int) -> None:

@@ -754,8 +754,11 @@ def test_a_stop_while_a_finished_command_exits_leaves_its_exit_code(tmp_path, st
     as ``sys.exit`` does; a stop in a hook exits at once."""
     code = f"""
 import atexit, os, signal, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from sweep.cli import _exit_done
+
+ThreadPoolExecutor(1).submit(int).result()  # (its idle thread is woken to end, as at exit)
 
 def late():
     time.sleep(0.3)
