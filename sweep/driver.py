@@ -180,7 +180,8 @@ def on_cuda(cfg: SweepConfig, res: launcher.Resources) -> bool:
 def _create(path: Path) -> list[Path]:
     """The folders this process created to make ``path``, ``path`` first ([] where it was
     there, or could not be made): a refused run removes them again."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
+    # (a ``..`` after a folder yet to be made is judged as the kernel will read it then)
+    missing = [p for p in (path, *path.parents) if not os.path.exists(os.path.realpath(p))]
     try:
         path.mkdir(parents=True)
     except OSError:

@@ -208,7 +208,9 @@ def test_a_store_to_be_made_in_the_sweep_folder_or_around_it_is_refused(tmp_path
     "a non-empty folder", though the user named a new one, and --plan took it.)"""
     dotted = tmp_path / "c" / "x" / ".." / "sw"  # (its refused run left c/x behind)
     pairs = ((tmp_path / "a", tmp_path / "a"), (tmp_path / "b", tmp_path / "b" / "sw"))
-    for store, sw in (*pairs, (tmp_path / "c", dotted)):
+    (tmp_path / "e" / "mine").mkdir(parents=True)  # a folder of the user's, empty: kept
+    mine = (tmp_path / "e", tmp_path / "e" / "x" / ".." / "mine" / "sw")
+    for store, sw in (*pairs, (tmp_path / "c", dotted), mine):
         capsys.readouterr()
         assert main(["run", *plan, f"sweep_dir={sw}", *TINY, f"data.path={store}"]) == 2
         where = "is sweep_dir itself" if store == sw else f"holds sweep_dir {sw}"
@@ -216,7 +218,9 @@ def test_a_store_to_be_made_in_the_sweep_folder_or_around_it_is_refused(tmp_path
             f"error: data.path {store} {where}; leave data.path out (the store then goes in "
             f"{sw / 'store'}) or name a folder outside the sweep's"
         )
-        assert not store.exists()
+        assert not store.exists() or store == tmp_path / "e"
+    assert [p.name for p in (tmp_path / "e").iterdir()] == ["mine"]
+    assert not any((tmp_path / "e" / "mine").iterdir())
     sw = tmp_path / "d"  # a store in a folder the sweep writes: refused, data=chunks too
     for data in (TINY, ["data=chunks"]):
         argv = ["run", *plan, f"sweep_dir={sw}", *data, f"data.path={sw / 'report'}"]
