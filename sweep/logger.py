@@ -25,7 +25,6 @@ same wandb runs.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import netrc
@@ -97,31 +96,24 @@ def resolve_mode(mode: str) -> str:
 
 
 def _has_api_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Credentials wandb would find: a key or identity token in the environment, or a key
+    for its host in the netrc file (``NETRC``'s, else ~/.netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     base = os.environ.get("WANDB_BASE_URL")
     hosts = [base] if base else list(DEFAULT_HOSTS)
     try:
-        known = netrc.netrc()
+        known = netrc.netrc(os.environ.get("NETRC") or None)
     except (OSError, netrc.NetrcParseError):
         return False
     return any(known.authenticators(re.sub(r"^https?://", "", h).split("/")[0]) for h in hosts)
 
 
 def _no_credentials() -> bool:
-    """Whether wandb has no credentials, asked without its login prompt: at a terminal
-    (``sweep report``'s driver) ``wandb.init`` would wait for a key on stdin. Where wandb
-    cannot be asked so (before 0.31), only a terminal's prompt is avoided."""
-    if _has_api_key():
-        return False
-    import wandb
-
-    if "prompt" in inspect.signature(wandb.login).parameters:
-        try:
-            return not wandb.login(prompt=False)
-        except Exception:  # noqa: BLE001 (credentials it could not check: wandb.init says)
-            return False
-    return sys.stdin is not None and sys.stdin.isatty()
+    """Whether ``wandb.init`` would prompt for a key: it does at a terminal (``sweep
+    report``'s driver, waiting on stdin) when no credentials are found; elsewhere it raises,
+    and :meth:`_Sender.on_init` goes offline. (Asking wandb instead can reach its server.)"""
+    return not _has_api_key() and sys.stdin is not None and sys.stdin.isatty()
 
 
 DEFAULT_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")

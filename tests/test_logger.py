@@ -3,8 +3,10 @@ hangs or raises never blocks or fails training."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 import threading
 import time
 
@@ -88,6 +90,12 @@ def test_mode_is_offline_without_api_key(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     assert tracking.resolve_mode("auto") == "offline"
+    netrc = tmp_path / "mine"  # (wandb reads NETRC's file: so does sweep)
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'k' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert tracking.resolve_mode("auto") == "online"
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert tracking.resolve_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -396,6 +404,11 @@ def test_online_without_an_api_key_logs_offline_and_says_so(tmp_path, monkeypatc
         assert len(ensemble("d")) == 1
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_online_without_credentials_never_asks_wandb_to_log_in(tmp_path, monkeypatch):
     """(At a terminal, wandb.init(mode="online") prompts for a key on stdin: `sweep report`
     waited 30 s on it, then aborted at exit, 134.)"""
@@ -405,6 +418,7 @@ def test_online_without_credentials_never_asks_wandb_to_log_in(tmp_path, monkeyp
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setattr(sys, "stdin", Terminal())  # (pytest's stdin is none)
     modes, real = [], wandb.init
 
     def init(**kw):
