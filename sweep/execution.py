@@ -76,6 +76,11 @@ class Outcome:
         return 10.0 if self.signum else None  # after a signal Ray's processes may be dead
 
     def raise_if_unfinished(self) -> None:
+        if self.signals and self.signals.signum and self.all_final:
+            log.warning(
+                "every run had finished before the stop (%s) took effect: the sweep is done",
+                self.signals.stopped_by,
+            )
         if self.signum:
             note = self.stopped_note
             if self.unsaved:

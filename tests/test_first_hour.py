@@ -429,7 +429,8 @@ def test_status_and_report_agree_on_state_and_order(finished, tmp_path):
     assert report == status and ("r1-l1_1e-01-s0", "interrupted") in status
 
 
-def test_a_stop_after_every_run_ended_is_not_an_interrupt():
+def test_a_stop_after_every_run_ended_is_not_an_interrupt(caplog):
+    """(It said "asking every ensemble to checkpoint and stop", then ended done in silence.)"""
     from sweep.execution import Outcome
     from sweep.stop import DriverSignals
 
@@ -437,7 +438,11 @@ def test_a_stop_after_every_run_ended_is_not_an_interrupt():
     signals.signum = 2
     outcome = Outcome(signals=signals, all_final=True)
     assert outcome.state == "done"
-    outcome.raise_if_unfinished()  # no Interrupted: nothing was left to stop
+    with caplog.at_level("WARNING", logger="sweep.execution"):
+        outcome.raise_if_unfinished()  # no Interrupted: nothing was left to stop
+    assert "every run had finished before the stop (SIGINT) took effect: the sweep is done" in (
+        caplog.text
+    )
     outcome.all_final = False
     assert outcome.state == "interrupted"
 
