@@ -861,6 +861,25 @@ def test_lm_eval_tokens_that_cannot_be_written_again_leave_the_store_usable(
     assert not (store.path / harvest.EVAL_TOKENS_FILE).exists()
 
 
+def test_lm_eval_tokens_of_a_read_only_store_are_left_with_a_warning(
+    tiny_model_dir, text_file, tmp_path, caplog, monkeypatch
+):
+    """(A shared store, read-only: reused as it is. Root writes through file modes, so the
+    refusal is simulated.)"""
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h")
+    stores = run_harvest(cfg)
+    held_out = stores[HOOKS[1]].path / harvest.EVAL_TOKENS_FILE
+    held_out.unlink()
+    hook_folder = str(stores[HOOKS[1]].path)
+    monkeypatch.setattr(harvest.os, "access", lambda p, mode: str(p) != hook_folder)
+    with caplog.at_level("WARNING", logger="sweep.activations.harvest"):
+        assert {h: s.identity for h, s in run_harvest(cfg).items()} == {
+            h: s.identity for h, s in stores.items()
+        }
+    assert "or is read-only: sweeps on it skip their LM metrics" in caplog.text
+    assert not held_out.exists()
+
+
 def test_a_damaged_stats_file_of_an_unfinished_harvest_is_no_traceback(clean_and_cut, tmp_path):
     _, cfg = clean_and_cut
     (tmp_path / "cut" / HOOKS[0] / chunk_name(0)).with_suffix(".json").write_text('{"rows": 5')

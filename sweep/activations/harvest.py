@@ -237,10 +237,13 @@ def _mend_eval_tokens(
     if not bad:
         return
     hook, problem = next(iter(bad.items()))
-    if stream_intact(cfg, plan, root) is not True or not os.access(root, os.W_OK):
+    folders = [root, *(store_path(cfg, h) for h in bad)]
+    if stream_intact(cfg, plan, root) is not True or not all(
+        os.access(f, os.W_OK) for f in folders
+    ):
         log.warning(
             "harvest store %s: its LM-eval tokens %s, and %s holds no intact token stream %s to "
-            "write them again from: sweeps on it skip their LM metrics",
+            "write them again from, or is read-only: sweeps on it skip their LM metrics",
             store_path(cfg, hook),
             problem,
             root,
