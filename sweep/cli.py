@@ -56,6 +56,7 @@ def compose(
     register_configs()
     GlobalHydra.instance().clear()
     _refuse_hydra_settings(overrides)
+    _refuse_numbers_as_bools(overrides, config_name)
     overrides = _numbers_as_text(overrides, config_name)
     if config_dir:
         overrides = [*overrides, f"hydra.searchpath=['file://{_config_dir(config_dir)}']"]
@@ -99,6 +100,19 @@ def _numbers_as_text(overrides: list[str], config_name: str) -> list[str]:
         quoted = eq and key in texts and _NUMBER.fullmatch(value)
         out.append(f"{key}='{value}'" if quoted else o)
     return out
+
+
+def _refuse_numbers_as_bools(overrides: list[str], config_name: str) -> None:
+    """A bool field given a number other than 0 or 1 (OmegaConf reads any other as true:
+    ``data.normalize=2``), refused."""
+    from sweep.config import HarvestConfig, SweepConfig, bool_fields
+
+    bools = bool_fields(HarvestConfig if config_name == "harvest" else SweepConfig)
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        name = key.lstrip("+")
+        if eq and name in bools and _NUMBER.fullmatch(value) and value not in ("0", "1"):
+            raise ConfigError(f"{name} is true or false, not {value}; pass {name}=true or false")
 
 
 def _composed(hydra_compose: Callable, config_name: str, overrides: list[str]) -> DictConfig:

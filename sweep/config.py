@@ -836,15 +836,24 @@ PATH_FIELDS = {"sweep_dir", "path", "temp_dir", "store_dir", "model", "dataset"}
 override quoted for the shell keeps it: ``sweep_dir='~/x'`` made a folder named ``~``)."""
 
 
-def text_fields(schema: type, prefix: str = "") -> set[str]:
+def text_fields(schema: type) -> set[str]:
     """Dotted names of the fields of ``schema`` (and of every option of its groups) that
     hold text only: an override's ``1e-3`` there is meant as written."""
+    return _fields_of(schema, lambda h: h is str or set(typing.get_args(h)) == {str, type(None)})
+
+
+def bool_fields(schema: type) -> set[str]:
+    """Dotted names of the fields of ``schema`` (and of its groups' options) that are bools."""
+    return _fields_of(schema, lambda h: h is bool)
+
+
+def _fields_of(schema: type, wanted: typing.Callable[[object], bool], prefix: str = "") -> set[str]:
     out: set[str] = set()
     for name, hint in typing.get_type_hints(schema).items():
         if dataclasses.is_dataclass(hint):
             for cls in (hint, *_subclasses(hint)):
-                out |= text_fields(cls, f"{prefix}{name}.")
-        elif hint is str or set(typing.get_args(hint)) == {str, type(None)}:
+                out |= _fields_of(cls, wanted, f"{prefix}{name}.")
+        elif wanted(hint):
             out.add(f"{prefix}{name}")
     return out
 

@@ -187,6 +187,8 @@ def test_invalid_values_name_the_field(override, field):
         (["run", "hydra.run.dir=/tmp/y"], "'hydra.run.dir=/tmp/y' sets Hydra's own settings"),
         (["run", "--plan", "hydra/job_logging=disabled"], "which sweep does not use"),
         (["harvest", "hydra.job.chdir=true"], "'hydra.job.chdir=true' sets Hydra's own"),
+        (["run", "data.normalize=2"], "data.normalize is true or false, not 2; pass data."),
+        (["harvest", "prepend_bos=1.0"], "prepend_bos is true or false, not 1.0"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_nonzero(argv, needle, capsys, tmp_path):
