@@ -131,7 +131,7 @@ class RunFolder:
             value = read_json(path)
         except (OSError, ValueError) as err:
             if not quiet:
-                log.warning("%s is unreadable (%s); ignoring it", path, err)
+                _warn_unreadable(path, err)
             return {}
         return value if isinstance(value, dict) else {}
 
@@ -476,3 +476,17 @@ def _sound_metrics(m: dict) -> bool:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 return False
     return True
+
+
+_UNREADABLE: set[tuple[Path, int]] = set()
+"""Damaged files warned of, with their mtimes: one warning per file, not one per read."""
+
+
+def _warn_unreadable(path: Path, err: Exception) -> None:
+    try:
+        seen = (path, path.stat().st_mtime_ns)
+    except OSError:
+        seen = (path, 0)
+    if seen not in _UNREADABLE:
+        _UNREADABLE.add(seen)
+        log.warning("%s is unreadable (%s); ignoring it", path, err)

@@ -127,6 +127,16 @@ def test_a_run_that_lost_its_metrics_is_evaluated_too(copy):
     assert previous(folder) == {}
 
 
+def test_a_damaged_spec_is_warned_of_once(copy, capsys):
+    """(Once per read: four times in one evaluation.) The run is evaluated still."""
+    folder = copy / "runs" / "r2-l1_1e-01-s0"
+    (folder / rundir.SPEC).write_text("{bad")
+    assert main(["evaluate", str(copy), "--runs", folder.name]) == 0
+    err = capsys.readouterr().err
+    assert err.count("spec.json is unreadable") == 1, err
+    assert events(folder)[-1]["reason"] == "sweep evaluate"
+
+
 def test_metrics_edited_into_other_types_are_damaged_and_evaluated_again(copy):
     """(Taken as a finished run's: "abc" and [1] in the tables, off the frontier.)"""
     folder = copy / "runs" / "r2-l1_1e-01-s0"
