@@ -531,10 +531,20 @@ def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
     return runs
 
 
+MAX_DICT = 2**31 - 1
+"""The most latents a dictionary may have (the largest SAEs trained: ~16M; a tensor dimension
+beyond this is out of reach of many kernels)."""
+
+
 def _check_sizes(ratios: list[float], width: int) -> None:
     """Each dict ratio gives its own dictionary size of at least one latent."""
     seen: dict[int, float] = {}
     for r in ratios:
+        if not r * width <= MAX_DICT:  # (inf too)
+            raise SweepError(
+                f"grid.dict_ratio {r:g} x width {width} gives {r * width:.3g} latents, more "
+                f"than {MAX_DICT:,}; use dict ratios <= {MAX_DICT / width:.3g}"
+            )
         size = round(r * width)
         if size < 1:
             raise SweepError(
