@@ -160,10 +160,8 @@ def test_rows_that_do_not_vary_have_no_fvu():
 
 def test_health_notes_name_the_fix_of_the_architecture():
     dead = {"dead_fraction": 1.0, "fvu": 1.0, "l0": 0.0}
-    assert health_note(dead).endswith("lower l1 (or raise the learning rate)")
-    assert health_note(dead, "jumprelu").endswith(
-        "lower l1 (its L0 coefficient), or raise the learning rate"
-    )
+    assert health_note(dead).endswith("% of features dead); lower l1")
+    assert health_note(dead, "jumprelu").endswith("dead); lower l1 (its L0 coefficient)")
     assert health_note(dead, "topk").endswith(  # (AuxK is on by default: its window matters)
         "lower train.lr; AuxK (train.auxk_alpha > 0) revives latents once silent for "
         "train.dead_tokens rows: lower train.dead_tokens for it to act sooner"
