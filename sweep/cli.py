@@ -76,11 +76,17 @@ def _refuse_hydra_settings(overrides: list[str]) -> None:
     """Hydra's own settings (``hydra.run.dir``, ``hydra/job_logging``) do nothing here: sweep
     composes its config with Hydra, it does not run a Hydra app."""
     for o in overrides:
-        if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("/", 1)[0] == "hydra":
+        if _sets_hydra(o.split("=", 1)[0]):
             raise ConfigError(
                 f"'{o}' sets Hydra's own settings, which sweep does not use (it runs no Hydra app); "
                 "drop it (config files of your own: --config-dir DIR)"
             )
+
+
+def _sets_hydra(key: str) -> bool:
+    """Whether an override's ``key`` is one of Hydra's own settings (``hydra.run.dir``,
+    ``+hydra/job_logging``)."""
+    return key.lstrip("+~").split(".", 1)[0].split("/", 1)[0] == "hydra"
 
 
 _NUMBER = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?")
@@ -91,9 +97,9 @@ _NUMBER = re.compile(r"[+-]?(\d[\d_]*(\.[\d_]*)?|\.\d[\d_]*)([eE][+-]?\d+)?")
 def _numbers_as_text(overrides: list[str], config_name: str) -> list[str]:
     """Overrides giving a text field (``sweep_dir``, ``logger.group`` ...) a number, quoted:
     the text as typed."""
-    from sweep.config import HarvestConfig, SweepConfig, text_fields
+    from sweep.config import text_fields
 
-    texts = text_fields(HarvestConfig if config_name == "harvest" else SweepConfig)
+    texts = text_fields(_schema(config_name))
     out = []
     for o in overrides:
         key, eq, value = o.partition("=")
@@ -102,12 +108,19 @@ def _numbers_as_text(overrides: list[str], config_name: str) -> list[str]:
     return out
 
 
+def _schema(config_name: str) -> type:
+    """The dataclass a composed ``config_name`` (``config`` or ``harvest``) is read into."""
+    from sweep.config import HarvestConfig, SweepConfig
+
+    return HarvestConfig if config_name == "harvest" else SweepConfig
+
+
 def _refuse_numbers_as_bools(overrides: list[str], config_name: str) -> None:
     """A bool field given a number other than 0 or 1 (OmegaConf reads any other as true:
     ``data.normalize=2``), refused."""
-    from sweep.config import HarvestConfig, SweepConfig, bool_fields
+    from sweep.config import bool_fields
 
-    bools = bool_fields(HarvestConfig if config_name == "harvest" else SweepConfig)
+    bools = bool_fields(_schema(config_name))
     for o in overrides:
         key, eq, value = o.partition("=")
         name = key.lstrip("+")
@@ -131,9 +144,10 @@ def _composed(hydra_compose: Callable, config_name: str, overrides: list[str]) -
             if i is None:
                 raise
             key, value = overrides[i].split("=", 1)
-            if _as_whole(value) == value:
+            whole = _as_whole(value)
+            if whole == value:
                 raise  # (whole already: the field takes no such value, a list for a number)
-            overrides[i] = f"{key}={_as_whole(value)}"
+            overrides[i] = f"{key}={whole}"
 
 
 def _whole_float_override(err: Exception, overrides: list[str]) -> int | None:
@@ -534,7 +548,7 @@ def _check_resume_overrides(overrides: list[str], command: str = "resume") -> No
                 f"sweep {command} takes field overrides (like launch.num_gpus=1), not '{o}'; "
                 "pass the sweep's settings with that choice to 'sweep run' instead"
             )
-        if key.split(".", 1)[0].split("/", 1)[0] == "hydra":
+        if _sets_hydra(key):
             raise ConfigError(
                 f"sweep {command} takes overrides of the sweep's recorded fields, not Hydra's "
                 f"own settings ('{o}'); drop it"
