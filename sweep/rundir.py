@@ -65,11 +65,16 @@ run resumes from, since redoing the step records them again."""
 TRACKER = "logger.json"
 RUNS = "runs"
 METRICS_LOST = f"{METRICS} is missing or damaged"
+MMCS_RUN = "mmcs_next_ratio_run"
+MMCS_KEYS = ("mmcs_next_ratio", MMCS_RUN, "mmcs_seeds")
+"""The cross-dictionary values ``sweep report`` writes into finished runs' ``metrics.json``."""
+MMCS_OVER = "mmcs_over"
+"""Their stamp: :meth:`sweep.sweepdir.SweepFolder.finished_digest` when they were computed.
+Once another run finishes they may be wrong (a new next ratio, a new seed), so readers drop
+them until the next report."""
 MEASURES = ("fvu", "l0")
 """Metrics every finished run records."""
-TEXT_METRICS = frozenset(
-    {"state", "note", "lm_metrics_skipped", "mmcs_next_ratio_run", "mmcs_over"}
-)
+TEXT_METRICS = frozenset({"state", "note", "lm_metrics_skipped", MMCS_RUN, MMCS_OVER})
 """The entries of ``metrics.json`` that are text; every other is a number (NaN included:
 the FVU of rows that do not vary), or null where there is none (an MMCS of one seed)."""
 LOADER_KEYS = frozenset({"architecture", "d_in", "d_sae", "act_scale"})

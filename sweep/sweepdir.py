@@ -35,7 +35,7 @@ from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, json_number, read_json
-from sweep.rundir import DONE, RUNS, RunFolder, RunState
+from sweep.rundir import DONE, MMCS_KEYS, MMCS_OVER, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
     from sweep.activations.store import ChunkStore
@@ -133,13 +133,6 @@ def with_frontier(rows: list[dict]) -> list[dict]:
     front = frontier_ids(rows)
     return [{**r, FRONTIER: r["run_id"] in front} for r in rows]
 
-
-MMCS_KEYS = ("mmcs_next_ratio", "mmcs_next_ratio_run", "mmcs_seeds")
-"""The cross-dictionary values ``sweep report`` writes into finished runs' ``metrics.json``."""
-MMCS_OVER = "mmcs_over"
-"""Their stamp: :meth:`SweepFolder.finished_digest` when they were computed. Once another run
-finishes they may be wrong (a new next ratio, a new seed), so readers drop them until the
-next report."""
 
 ROW_ONLY = {"arch"}
 """Keys of a summary row that are no column (the architecture: one per sweep, in the report's
