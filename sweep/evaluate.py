@@ -76,7 +76,9 @@ def _evaluate(
         log.info("evaluating %d finished run(s) again from their weights", len(runs))
         outcome.signals.training()
         Execution(cfg, folder, p, store, res, lock, outcome).run()
-    records = folder.read_runs(live=False, deep=True)  # (a run left as damaged: not "done")
+    ours = {r.run_id for r in runs}  # (their weights were hashed when picked: not again)
+    ids = folder.run_ids()  # (a run left as damaged, or not picked: hashed, not "done")
+    records = folder.read_runs(ids, live=False, deep=set(ids) - ours)
     write_summary(folder.path, [r.row() for r in records])
     return records
 

@@ -20,6 +20,7 @@ from sweep import rundir
 from sweep.cli import main
 from sweep.errors import SweepError
 from tests.test_integrity import GRID, one_line_error
+from tests.test_report import weights_hashed
 from tests.test_sweep_e2e import TINY
 
 KEPT = (rundir.WEIGHTS, rundir.CFG, rundir.CURVE, rundir.SPEC)
@@ -92,6 +93,13 @@ def test_every_finished_run_gets_the_metrics_training_wrote(copy, capsys):
     with open(copy / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and all(r["explained_variance"] for r in rows)
+
+
+def test_each_runs_weights_are_hashed_once(copy, monkeypatch):
+    """Picking the runs and the summary.csv after are of one check of each run's weights."""
+    hashed = weights_hashed(monkeypatch)
+    assert main(["evaluate", str(copy)]) == 0
+    assert hashed == {f.name: 1 for f in runs(copy)}
 
 
 def test_named_runs_only_and_a_damaged_one_is_left_as_it_is(copy, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import logging
@@ -777,6 +778,29 @@ def test_report_hashes_weights_status_reads_their_size(sweep_copy):
     assert row["state"] != "done" and row.get("fvu") is None
     cached = read_json(sweep_copy / "report" / crossdict.CACHE)  # "a|b" -> value
     assert cached and not any(rid in pair.split("|") for pair in cached)
+
+
+def weights_hashed(monkeypatch) -> collections.Counter:
+    """Counts, per run, how often this process hashes a run's weights from now on."""
+    hashed: collections.Counter = collections.Counter()
+    real = rundir.file_sha256
+
+    def counting(path, *args, **kwargs):
+        if path.name == rundir.WEIGHTS:
+            hashed[path.parent.name] += 1
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir, "file_sha256", counting)
+    return hashed
+
+
+def test_a_report_hashes_each_runs_weights_once(sweep_copy, monkeypatch):
+    """Its table and the sweep's summary.csv are of one check of each run's weights (at
+    researcher sizes, a second hash of every dictionary took seconds a run)."""
+    hashed = weights_hashed(monkeypatch)
+    build_report(sweep_copy, device="cpu", log_media=False)
+    ids = SweepFolder(sweep_copy).run_ids()
+    assert hashed == dict.fromkeys(ids, 1)
 
 
 def test_report_out_must_be_new_empty_or_an_earlier_report(sweep_copy, tmp_path, capsys):
