@@ -35,6 +35,7 @@ from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, json_number, read_json
+from sweep.rate import RATE
 from sweep.rundir import DONE, MMCS_KEYS, MMCS_OVER, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
@@ -323,6 +324,17 @@ def enclosing_sweep(path: Path) -> Path | None:
     return next((p.parent for p in inside if p.name == RUNS and is_sweep(p.parent)), None)
 
 
+SWEEP_NAMES = frozenset({CONFIG, MANIFEST, SUMMARY, LOG, STORE, RUNS, REPORT, WANDB, RATE})
+"""What a sweep writes in its folder (its hidden files aside: the lock, stop marks)."""
+
+
+def _is_store(entry: Path) -> bool:
+    """A chunk store's folder, complete or being made."""
+    if not entry.is_dir():
+        return False
+    return any((entry / n).is_file() for n in STORE_MAKING) or any(entry.glob(STORE_CHUNKS))
+
+
 def _sweep_like(path: Path) -> bool:
     """A sweep folder, or one that is still one though damaged or young: its manifest, and
     its runs/ or config.yaml (a chunk store has only a manifest; a project folder with a
@@ -387,18 +399,41 @@ class SweepFolder:
     def refuse_store(self) -> None:
         """A chunk store's folder, complete or being made, is no sweep folder (a sweep there
         would overwrite its manifest), nor is a folder among another sweep's runs (its runs/, a
-        run folder): one line, before anything is written."""
-        making = [n for n in STORE_MAKING if (self.path / n).is_file()]
-        if making or any(self.path.glob(STORE_CHUNKS)):
+        run folder), nor one holding other files than a sweep's: one line, before anything is
+        written."""
+        if _is_store(self.path):
             self._refuse_store({"format": STORE_FORMAT})
         if (self.path / MANIFEST).is_file():
             self.manifest()
+        else:
+            self._refuse_foreign()
         within = within_sweep(self.path)
         if within is not None and within[1] in (RUNS, REPORT, STORE):
             sweep, part = within
             where = "the runs" if part == RUNS else f"the {part}/ folder"
             raise SweepError(
                 f"{self.path} is inside {where} of the sweep {sweep}; pass a sweep_dir outside it"
+            )
+
+    def _refuse_foreign(self) -> None:
+        """A folder that is no sweep's yet (no manifest, no runs/) holding what a sweep never
+        writes there (``sweep_dir=outputs`` for ``outputs/new``, ``sweep_dir=~``) is refused;
+        hidden entries and chunk stores (one harvested beside the sweep's files) are let be."""
+        if (self.path / RUNS).is_dir() or not self.path.is_dir():
+            return
+        try:
+            names = sorted(
+                e.name
+                for e in self.path.iterdir()
+                if not e.name.startswith(".") and e.name not in SWEEP_NAMES and not _is_store(e)
+            )
+        except OSError:  # (unreadable: the writes that follow say so)
+            return
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            raise SweepError(
+                f"sweep_dir {self.path} is no sweep's folder and holds other files ({shown}); "
+                "pass a new or empty folder for a new sweep (or an existing sweep's folder)"
             )
 
     def _refuse_store(self, manifest: object) -> None:
