@@ -303,6 +303,7 @@ def check_config(cfg: SweepConfig, folder: SweepFolder) -> None:
     _refuse_mistyped_store(cfg, folder)
     if isinstance(cfg.data, SyntheticDataConfig):
         planning.expand_grid(cfg, cfg.data.width)  # k too large: refused before generating
+        planning.check_recorded_sizes(folder, cfg.grid.dict_ratio, cfg.data.width)
         if cfg.data.path and Path(cfg.data.path).is_file():
             raise SweepError(
                 f"data.path {cfg.data.path} is a file; give a folder for the synthetic store "
@@ -328,6 +329,7 @@ def check_store_fits(
     on)."""
     new = folder.saved_config() is None
     planning.expand_grid(cfg, store.width)
+    planning.check_recorded_sizes(folder, cfg.grid.dict_ratio, store.width)
     planning.check_store(folder, store)
     if new:
         refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)

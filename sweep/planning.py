@@ -49,7 +49,7 @@ from sweep.activations.store import ChunkStore
 from sweep.config import ConfigError, SweepConfig, local_ref
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
-from sweep.io import cpu_count
+from sweep.io import cpu_count, json_number
 from sweep.rundir import RunFolder
 from sweep.sweepdir import CONFIG, SweepFolder
 
@@ -417,6 +417,28 @@ def _the_other_store(recorded: object, here: Path) -> str:
     if isinstance(recorded, str) and Path(recorded).resolve() != here.resolve():
         return f"point data.path at {recorded}"
     return f"put the store they were trained on back at {here}"
+
+
+def check_recorded_sizes(folder: SweepFolder, ratios: list[float], width: int) -> None:
+    """Refuse a dict ratio that gives the dictionary size of another ratio this sweep has
+    runs of (planned or started): it would train the same dictionaries again under other
+    names, and the report pair them as each other's next ratio."""
+    points = folder.manifest().get("runs")
+    recorded = [*(points.values() if isinstance(points, dict) else ()),
+                *folder.recorded_specs().values()]  # fmt: skip
+    sizes: dict[int, float] = {}
+    for p in recorded:
+        ratio, size = (p.get("dict_ratio"), p.get("dict_size")) if isinstance(p, dict) else (0, 0)
+        if json_number(ratio) and type(size) is int:
+            sizes.setdefault(size, float(ratio))
+    for r in ratios:
+        size = grid.dict_size(r, width)
+        if sizes.get(size, r) != r:
+            raise SweepError(
+                f"grid.dict_ratio {r:g} gives dict size {size} at width {width}, as ratio "
+                f"{sizes[size]:g} of this sweep's runs does: it would train them again under "
+                f"other names; use {sizes[size]:g}"
+            )
 
 
 def check_store(folder: SweepFolder, store: ChunkStore) -> None:

@@ -791,6 +791,21 @@ def test_a_folder_of_other_files_is_no_new_sweeps(copy, tmp_path, capsys):
     assert main(["run", "--plan", f"sweep_dir={beside}", *TINY, *GRID]) == 0
 
 
+def test_a_ratio_giving_the_size_of_an_earlier_grids_ratio_is_refused(copy, capsys):
+    """The sweep has runs of ratio 2 (size 32 at width 16): a later grid's 2.01 would train
+    the same dictionaries under other names (the report pairing them as next ratios); refused
+    by the run and --plan, also once the store is gone (made again at data.width)."""
+    before = sorted(p.name for p in (copy / "runs").iterdir())
+    grid = ["grid.l1=[1e-3]", "grid.dict_ratio=[2.01,4]"]
+    assert main(["run", f"sweep_dir={copy}", *TINY, *grid]) == 2
+    shutil.rmtree(copy / "store")
+    assert main(["run", "--plan", f"sweep_dir={copy}", *TINY, *grid]) == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "grid.dict_ratio 2.01 gives dict size 32 at width 16, as ratio 2 of")
+    assert err.count("it would train them again under other names; use 2") == 2
+    assert sorted(p.name for p in (copy / "runs").iterdir()) == before
+
+
 def test_every_store_maker_leaves_a_marker_sweep_folders_know():
     from sweep.activations import harvest, layout, synthetic
 
