@@ -649,6 +649,8 @@ def _write_sweep_files(
 ) -> None:
     if cfg.data.path:  # (a resume from another folder finds a store given relative to this one)
         where = str(Path(cfg.data.path).expanduser().absolute())
+        if owns_store(cfg) and not isinstance(cfg.data, ChunksDataConfig):
+            where = None  # its <sweep_dir>/store: it moves with the sweep folder
         cfg = replace(cfg, data=replace(cfg.data, path=where))
     folder.write_config(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     folder.write_manifest([r.as_dict() for r in p.runs], p.ensemble_of(), store, grid=True)

@@ -403,10 +403,9 @@ class SweepFolder:
         written."""
         if _is_store(self.path):
             self._refuse_store({"format": STORE_FORMAT})
-        if (self.path / MANIFEST).is_file():
+        manifest = (self.path / MANIFEST).is_file()
+        if manifest:
             self.manifest()
-        else:
-            self._refuse_foreign()
         within = within_sweep(self.path)
         if within is not None and within[1] in (RUNS, REPORT, STORE):
             sweep, part = within
@@ -414,6 +413,8 @@ class SweepFolder:
             raise SweepError(
                 f"{self.path} is inside {where} of the sweep {sweep}; pass a sweep_dir outside it"
             )
+        if not manifest:
+            self._refuse_foreign()
 
     def _refuse_foreign(self) -> None:
         """A folder that is no sweep's yet (no manifest, no runs/) holding what a sweep never

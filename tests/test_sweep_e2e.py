@@ -164,6 +164,19 @@ def test_a_relative_data_path_is_saved_absolute(ray_cluster, tmp_path, monkeypat
     assert not (tmp_path / "stores").exists()
 
 
+def test_a_data_path_naming_the_sweeps_own_store_moves_with_it(ray_cluster, tmp_path, capsys):
+    """``data.path=<sweep_dir>/store`` is the sweep's own store: recorded as such, so a moved
+    sweep resumes on it (it was recorded absolute: a resume made a whole store again at the
+    old place)."""
+    grid = ["grid.l1=[1e-2]", "grid.dict_ratio=[1]", f"data.path={tmp_path / 'sw' / 'store'}"]
+    assert main(["run", f"sweep_dir={tmp_path / 'sw'}", *TINY, *grid]) == 0
+    assert "path: null" in (tmp_path / "sw" / "config.yaml").read_text()
+    shutil.move(tmp_path / "sw", tmp_path / "moved")
+    assert main(["resume", str(tmp_path / "moved"), "grid.l1=[1e-2,2e-2]"]) == 0
+    assert not (tmp_path / "sw").exists()
+    assert f"reusing synthetic store {tmp_path / 'moved' / 'store'}" in capsys.readouterr().err
+
+
 def test_a_store_gone_from_its_data_path_is_said_before_it_is_made_again(
     ray_cluster, tmp_path, capsys
 ):
