@@ -114,7 +114,7 @@ class Sweep:
         folder = SweepFolder(self.path)
         recorded = folder.manifest().get("store") or {}
         chunks = self._store(store, recorded)
-        if recorded.get("id") not in (None, chunks.identity) or (
+        if recorded.get("id") not in (None, *chunks.identities) or (
             recorded.get("width") not in (None, chunks.width)
         ):
             raise SweepError(
@@ -135,7 +135,7 @@ class Sweep:
         there = [path for path in found if (path / STORE_MANIFEST).is_file()]
         for path in there:
             chunks = ChunkStore(path)
-            if recorded.get("id") in (None, chunks.identity):
+            if recorded.get("id") in (None, *chunks.identities):
                 return chunks
         if there:  # (refused by the caller, naming it)
             return ChunkStore(there[0])

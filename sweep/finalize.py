@@ -16,7 +16,7 @@ from sweep import archs, lm_metrics, metrics, sae
 from sweep.activations.store import ChunkStore
 from sweep.devices import release_device_memory
 from sweep.ensemble import Ensemble
-from sweep.errors import first_line
+from sweep.errors import StoreError, first_line
 from sweep.grid import RunSpec
 from sweep.logger import RunLogger
 from sweep.rundir import FinalResult, RunFolder
@@ -175,6 +175,16 @@ def _add_outcome(m: dict, step: int, diverged: int | None, batch_size: int, cfg:
         m["note"] = note
 
 
+def _ground_truth(store: ChunkStore) -> torch.Tensor | None:
+    """The store's ground truth; one lost or changed since the store was verified costs the
+    ground-truth metrics only (warned about), never the finished results."""
+    try:
+        return store.ground_truth()
+    except StoreError as err:
+        log.warning("ground-truth metrics skipped: %s", err)
+        return None
+
+
 def finish_members(
     ens: Ensemble,
     runs: tuple[RunSpec, ...],
@@ -193,7 +203,7 @@ def finish_members(
     checkpoint it writes meanwhile). ``again``: why finished runs are evaluated again (their
     weights and ``cfg.json`` are kept as they are: :meth:`RunFolder.finish_again`)."""
     x_eval = ev.store.tail_rows(ev.eval_rows).to(ev.device).float() * ev.scale
-    gt = ev.store.ground_truth()
+    gt = _ground_truth(ev.store)
     lm_eval, lm_skipped = lm_metrics.LMEval.prepare(ev.store, ev.device, ev.lm_eval_tokens)
     if lm_skipped:
         log.warning("LM metrics skipped: %s", lm_skipped)

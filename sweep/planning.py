@@ -445,7 +445,7 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
     """Refuse a store other than the one the sweep's runs were trained on (by identity, a
     content hash; sweeps recorded before store identities are compared by width only)."""
     recorded = folder.manifest().get("store")
-    if isinstance(recorded, dict) and recorded.get("id") not in (None, store.identity):
+    if isinstance(recorded, dict) and recorded.get("id") not in (None, *store.identities):
         new = store.facts()
         diffs = [
             f"{k} {recorded.get(k)!r} -> {new[k]!r}"
@@ -465,7 +465,7 @@ def check_store(folder: SweepFolder, store: ChunkStore) -> None:
         )
     if recorded is None:  # the manifest was deleted: what the started runs recorded
         ids = {s.get("store_id") for s in folder.recorded_specs().values()} - {None}
-        if ids - {store.identity}:
+        if ids - store.identities:
             raise SweepError(
                 f"store {store.path} is not the store the runs in {folder.path} were trained on "
                 f"(their spec.json record store {', '.join(sorted(ids))}, this one is "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from sweep.activations import store as store_module
 from sweep.activations.store import MANIFEST, BatchStream, ChunkStore, Cursor, StoreWriter
 from sweep.activations.synthetic import SyntheticSource, ensure_synthetic_store
 from sweep.devices import torch_dtype
@@ -30,6 +32,32 @@ def test_store_layout_and_manifest(tiny_store):
     gt = tiny_store.ground_truth()
     assert gt.shape == (32, 16)
     torch.testing.assert_close(gt.norm(dim=1), torch.ones(32))
+
+
+def test_a_synthetic_stores_ground_truth_is_checked_and_not_its_identity(tiny_store, tmp_path):
+    """Its sha256 is in the manifest: a changed or lost ground truth is refused by the
+    verification (the gt_* metrics changed or vanished silently), in one line naming the
+    repair; the checksum is not part of the store's identity (a store made again by this
+    version is the one a sweep recorded before it), whose older form is still known."""
+    store = ChunkStore(shutil.copytree(tiny_store.path, tmp_path / "s"))
+    truth = store.path / "ground_truth.safetensors"
+    prov = store.manifest["provenance"]
+    assert prov["ground_truth_sha256"] == hashlib.sha256(truth.read_bytes()).hexdigest()
+    old = json.loads(json.dumps(store.manifest))
+    del old["provenance"]["ground_truth_sha256"]
+    assert store.identity == store_module.manifest_hash(old)  # (as recorded before)
+    assert store.identities == {store.identity, store_module.manifest_hash(store.manifest)}
+    store.verify()
+    data = bytearray(truth.read_bytes())
+    data[-1] ^= 1
+    truth.write_bytes(bytes(data))
+    for problem in ("fails its checksum (it changed after the store was written)", "is missing"):
+        with pytest.raises(StoreError, match="delete .* and re-run the sweep that made it") as err:
+            store.verify()
+        assert f"{truth} {problem}" in str(err.value)
+        with pytest.raises(StoreError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+            store.ground_truth()
+        truth.unlink(missing_ok=True)
 
 
 def test_stats_match_data(tiny_store):

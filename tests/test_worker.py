@@ -87,6 +87,20 @@ def test_run_folders_are_complete(tiny_store, tmp_path):
     assert [m.run_id for m in job.ensemble.members] == ["r2-l1_1e-03-s0", "r2-l1_3e-02-s0"]
 
 
+def test_a_ground_truth_lost_while_training_costs_only_its_metrics(tiny_store, tmp_path, caplog):
+    """Deleted after the store was verified (the run checks it before): the runs finish,
+    without gt_* metrics, and the evaluation says why."""
+    store = ChunkStore(shutil.copytree(tiny_store.path, tmp_path / "store"))
+    (store.path / "ground_truth.safetensors").unlink()
+    job = job_for(store, tmp_path / "sw")
+    with caplog.at_level(logging.WARNING, logger="sweep"):
+        assert set(train_ensemble(job).states.values()) == {"done"}
+    assert "ground-truth metrics skipped: " in caplog.text and "is missing; delete" in caplog.text
+    for m in job.ensemble.members:
+        final = RunFolder(rundir.run_dir(tmp_path / "sw", m.run_id)).metrics()
+        assert "fvu" in final and "gt_mmcs" not in final
+
+
 @pytest.mark.parametrize("stop_at", [3, 7, 16, 30])
 def test_resume_is_bit_exact(tiny_store, tmp_path, stop_at):
     ref = job_for(tiny_store, tmp_path / "ref", epochs=2)

@@ -41,7 +41,14 @@ from sweep.activations.layout import (
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError, is_disk_full
 from sweep.hostmem import HostBlock
-from sweep.io import atomic_write, atomic_write_json, cpu_count, json_number, read_exact
+from sweep.io import (
+    atomic_write,
+    atomic_write_json,
+    cpu_count,
+    file_sha256,
+    json_number,
+    read_exact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -388,10 +395,16 @@ class ChunkStore:
 
     @property
     def identity(self) -> str:
-        """A content hash of the manifest (which lists every chunk's sha256): the same store,
-        wherever it lies, has the same identity; another store (another layer, seed, size) not."""
-        text = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
+        """A content hash of the manifest (which lists every chunk's sha256) but the checksums
+        of its side files (:data:`SIDE_CHECKSUMS`): the same store, wherever it lies, has the
+        same identity; another store (another layer, seed, size) not."""
+        return manifest_hash(_without_side_checksums(self.manifest))
+
+    @property
+    def identities(self) -> set[str]:
+        """:attr:`identity`, and what a version that hashed the side files' checksums too
+        recorded of this store."""
+        return {self.identity, manifest_hash(self.manifest)}
 
     def facts(self) -> dict:
         """What a sweep records about the store it trains on (and names when it differs)."""
@@ -511,13 +524,15 @@ class ChunkStore:
 
     def verify(self, elsewhere: Path | None = None) -> None:
         """Read every chunk once, check its sha256 and reject non-finite values (before any
-        training).
+        training); a synthetic store's ground truth must be there and unchanged too.
 
         A successful check is remembered in ``verified.json`` (keyed by the manifest and each
         chunk file's size, mtime, ctime and inode), so a store is scanned once, not on every
         run (a copy of it, once more); in the file ``elsewhere`` (a sweep's own) where the
         store cannot be written (a read-only shared store).
         """
+        truth = self.path / GROUND_TRUTH  # (small: checked on every run, never remembered)
+        self._check_ground_truth(file_sha256(truth) if truth.is_file() else None)
         if self.is_verified(elsewhere):
             return
         signature = self._signature()
@@ -583,13 +598,56 @@ class ChunkStore:
         return torch.cat(parts[::-1])
 
     def ground_truth(self) -> torch.Tensor | None:
-        """(n_features, width) true feature directions of a synthetic store, else None."""
+        """(n_features, width) true feature directions of a synthetic store, else None; a
+        synthetic store's that is missing or fails its checksum is a :class:`StoreError`."""
         f = self.path / GROUND_TRUTH
-        if not f.is_file():
+        if self.provenance.get("source") != "synthetic" and not f.is_file():
             return None
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        return load_file(str(f))["features"]
+        if not f.is_file():
+            self._check_ground_truth(None)  # (a synthetic store's: refused, naming the repair)
+        try:
+            data = f.read_bytes()
+        except OSError as err:
+            raise StoreError(f"{f} could not be read ({err}); {self._repair}") from err
+        self._check_ground_truth(hashlib.sha256(data).hexdigest())
+        return load(data)["features"]
+
+    def _check_ground_truth(self, digest: str | None) -> None:
+        """A synthetic store's ground truth is there (``digest``: its sha256, None when it
+        is missing) and, where the manifest records its sha256, unchanged."""
+        f, want = self.path / GROUND_TRUTH, self.provenance.get("ground_truth_sha256")
+        if self.provenance.get("source") != "synthetic":
+            return
+        if digest is None:
+            raise StoreError(f"{f} is missing; {self._repair}")
+        if want is not None and digest != want:
+            raise StoreError(
+                f"{f} fails its checksum (it changed after the store was written); {self._repair}"
+            )
+
+
+SIDE_CHECKSUMS = (("provenance", "ground_truth_sha256"), ("provenance", "lm_eval", "sha256"))
+"""Where a manifest records the sha256 of a side file (the ground truth, the LM-eval tokens):
+left out of the store's identity, so that a store made again by a version that records them
+is the store a sweep recorded before they were."""
+
+
+def _without_side_checksums(manifest: dict) -> dict:
+    out = json.loads(json.dumps(manifest))  # (a deep copy)
+    for *parents, key in SIDE_CHECKSUMS:
+        holder = out
+        for name in parents:
+            holder = holder.get(name) if isinstance(holder, dict) else None
+        if isinstance(holder, dict):
+            holder.pop(key, None)
+    return out
+
+
+def manifest_hash(manifest: dict) -> str:
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

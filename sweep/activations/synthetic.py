@@ -41,6 +41,7 @@ generator (version, device, GPU model, algorithm).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
@@ -621,11 +622,13 @@ def _generate(
         remove_stale_temps(path, older_than=0.0 if owned else STALE_TEMP_SECONDS)
         atomic_write_json(path / PARAMS_FILE, marker)
         _write_chunks(source, writer, sizes, device, progress)
-        atomic_write_bytes(
-            path / GROUND_TRUTH, save({"features": source.features, "p": source.p.float()})
-        )
+        truth = save({"features": source.features, "p": source.p.float()})
+        atomic_write_bytes(path / GROUND_TRUTH, truth)
         params = {k: v for k, v in marker.items() if k != "generator"}
-        stats = {"feature_probability_sum": float(source.p.sum())}
+        stats = {
+            "feature_probability_sum": float(source.p.sum()),
+            "ground_truth_sha256": hashlib.sha256(truth).hexdigest(),
+        }
         provenance = {"source": "synthetic", "params": params, "generator": generator_info(device)}
         writer.finalize(len(sizes), {**provenance, **stats})
     log.info("generated synthetic store %s (%d rows) on %s", path, cfg.rows, device.type)
