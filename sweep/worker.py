@@ -123,11 +123,13 @@ class _Attempt:
                 f"store {self.store.path} has width {self.store.width} but the runs expect "
                 f"{self.runs[0].width}; use a fresh sweep_dir for a different store"
             )
+        verified_at = SweepFolder(job.sweep_dir).store_verified
+        self.store.hold(verified_at)  # (the driver's verification: changed since, refused)
         self.scale = self.store.scale(job.normalize)
         t = job.train
         self.stream = BatchStream(
             self.store, t.batch_size, t.seed, t.epochs, job.eval_rows, self.scale, device,
-            verified_at=SweepFolder(job.sweep_dir).store_verified,
+            verified_at=verified_at,
         )  # fmt: skip
         self.sae_cfg = job.sae or SAEConfig(name=self.runs[0].arch)
         self.arch = self.sae_cfg.architecture()

@@ -69,7 +69,9 @@ def short_tmp():
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("stores") / "tiny"
-    return ensure_synthetic_store(tiny_data(), path)
+    store = ensure_synthetic_store(tiny_data(), path)
+    store.verify()  # (as every sweep does before training; a worker would, at its first job)
+    return store
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -21,7 +22,7 @@ from sweep import checkpoints, grid, load_run, metrics, planning, rundir, tensor
 from sweep.activations.store import ChunkStore
 from sweep.cli import compose
 from sweep.config import SAEConfig, to_sweep_config
-from sweep.errors import SweepError
+from sweep.errors import StoreError, SweepError
 from sweep.io import memory_text
 from sweep.planning import resume_groups
 from sweep.rundir import RunFolder
@@ -91,14 +92,38 @@ def test_a_ground_truth_lost_while_training_costs_only_its_metrics(tiny_store, t
     """Deleted after the store was verified (the run checks it before): the runs finish,
     without gt_* metrics, and the evaluation says why."""
     store = ChunkStore(shutil.copytree(tiny_store.path, tmp_path / "store"))
-    (store.path / "ground_truth.safetensors").unlink()
     job = job_for(store, tmp_path / "sw")
+    truth = store.path / "ground_truth.safetensors"
     with caplog.at_level(logging.WARNING, logger="sweep"):
-        assert set(train_ensemble(job).states.values()) == {"done"}
+        done = train_ensemble(job, should_stop=lambda: truth.unlink(missing_ok=True) or False)
+        assert set(done.states.values()) == {"done"}
     assert "ground-truth metrics skipped: " in caplog.text and "is missing; delete" in caplog.text
     for m in job.ensemble.members:
         final = RunFolder(rundir.run_dir(tmp_path / "sw", m.run_id)).metrics()
         assert "fvu" in final and "gt_mmcs" not in final
+
+
+def test_a_chunk_replaced_while_training_fails_the_ensemble(tiny_store, tmp_path):
+    """A chunk file rewritten under a training ensemble (another store copied over it) was
+    read unchecked and its runs finished on it: the next read of it fails the ensemble in one
+    line, no run is final, and a retry (Ray's) is refused by the store's checksum."""
+    store = ChunkStore(shutil.copytree(tiny_store.path, tmp_path / "store"))
+    job = job_for(store, tmp_path / "sw")
+    steps = iter(range(10**6))
+
+    def replace_at_step_3() -> bool:
+        if next(steps) == 3:
+            chunk = store.path / "chunk_00002.npy"
+            arr = np.load(chunk)
+            np.save(chunk, arr[::-1].copy())  # (the same shape, other rows)
+        return False
+
+    with pytest.raises(StoreError, match="chunk_00002.npy changed while this sweep trained on"):
+        train_ensemble(job, should_stop=replace_at_step_3)
+    assert not any((rundir.run_dir(tmp_path / "sw", m.run_id) / "DONE").exists()
+                   for m in job.ensemble.members)  # fmt: skip
+    with pytest.raises(StoreError, match="chunk_00002.npy fails its checksum"):
+        train_ensemble(job)
 
 
 @pytest.mark.parametrize("stop_at", [3, 7, 16, 30])

@@ -359,6 +359,8 @@ class ChunkStore:
                 f"chunk store manifest {manifest_path} is damaged or was edited ({problem}); "
                 "regenerate the store"
             )
+        self._held: dict[str, list[int]] | None = None
+        """Each chunk file's :meth:`_stat` once :meth:`hold` verified them."""
         self.width: int = int(self.manifest["width"])
         self.dtype: str = self.manifest["dtype"]
         self.chunks: list[dict] = self.manifest["chunks"]
@@ -449,6 +451,13 @@ class ChunkStore:
             )
         return "regenerate the store"
 
+    @property
+    def _changed_repair(self) -> str:
+        """How a chunk changed since it was written comes back (a harvest writes a lost chunk
+        again: this one, once deleted)."""
+        harvested = self.provenance.get("source") == "harvest"
+        return f"delete it and {self._repair}" if harvested else self._repair
+
     def scale(self, normalize: bool) -> float:
         """The constant that makes the mean row norm sqrt(width) (1.0 when not normalising)."""
         if not normalize:
@@ -476,6 +485,7 @@ class ChunkStore:
             x = _from_numpy(arr[order] if order is not None else np.array(arr), self.dtype)
         except (ValueError, OSError) as err:
             raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
+        self._still_held(index)
         if check:
             reject_nonfinite(x, f)
         return x
@@ -501,7 +511,31 @@ class ChunkStore:
             raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
         if got != len(buf):
             raise StoreError(f"chunk {f} is truncated; {self._repair}")
+        self._still_held(index)
         return out
+
+    def hold(self, elsewhere: Path | None = None) -> None:
+        """:meth:`verify` (remembered: nothing read again; one changed since is hashed and
+        refused), then refuse every read of a chunk whose file changes from now on (size,
+        times or inode: a store rewritten or replaced while a sweep trains on it)."""
+        self.verify(elsewhere)
+        self._held = {c["file"]: self._stat(c["file"]) for c in self.chunks}
+
+    def _still_held(self, index: int) -> None:
+        """After a read of chunk ``index``: its file is as :meth:`hold` found it."""
+        name = self.chunks[index]["file"]
+        if self._held is None:
+            return
+        try:
+            same = self._stat(name) == self._held[name]
+        except OSError:
+            same = False
+        if not same:
+            raise StoreError(
+                f"chunk {self.path / name} changed while this sweep trained on it (its size, "
+                f"times or inode are not those verified); {self._changed_repair} (its runs "
+                "continue from the checkpoints they made before)"
+            )
 
     def _signature(self) -> dict:
         """What a verification is remembered by: the manifest (which records every chunk's
@@ -563,10 +597,9 @@ class ChunkStore:
             raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
         # the checksum first: a NaN in a chunk changed since it was written is that change
         if "sha256" in info and digest.hexdigest() != info["sha256"]:
-            fix = self._repair  # (a harvest writes a lost chunk again: this one, once deleted)
-            fix = f"delete it and {fix}" if self.provenance.get("source") == "harvest" else fix
             raise StoreError(
-                f"chunk {f} fails its checksum (it changed after the store was written); {fix}"
+                f"chunk {f} fails its checksum (it changed after the store was written); "
+                f"{self._changed_repair}"
             )
         if nonfinite:
             raise nonfinite_error(f)
