@@ -690,11 +690,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _compose_options(p: argparse.ArgumentParser) -> None:
     """The options of commands that compose a Hydra config."""
-    p.add_argument("--cfg", choices=["job", "all"], help="print the composed config and exit")
+    p.add_argument(
+        "--cfg", choices=["job", "all"], help="print the composed config and exit (all: the same)"
+    )
     p.add_argument(
         "--config-dir",
-        help="a folder of your own config group options beside sweep's own (DIR/sae/mine.yaml: "
-        "sae=mine; named like one of sweep's own, refused)",
+        help="a folder of your own config group options beside sweep's own (DIR/GROUP/mine.yaml: "
+        "GROUP=mine, e.g. sae=mine for run, launch=mine for harvest; named like one of "
+        "sweep's own, refused)",
     )
 
 

@@ -39,7 +39,7 @@ def iter_documents(dataset: str, split: str = "train", text_field: str = "text")
     path = Path(dataset).expanduser()
     if is_local(dataset) and not path.exists():
         raise SweepError(
-            f"dataset {dataset} does not exist; pass an existing .txt/.jsonl/.parquet file or a hub name"
+            f"dataset {dataset} does not exist; pass an existing .txt/.jsonl/.json/.parquet file, a saved dataset folder or a hub name"
         )
     if path.is_dir():
         return _iter_saved(path, split, text_field)
@@ -52,7 +52,9 @@ def iter_documents(dataset: str, split: str = "train", text_field: str = "text")
             return _iter_jsonl(path, text_field)
         if path.suffix == ".parquet":
             return _iter_parquet(path, text_field)
-        raise SweepError(f"dataset file {path} has an unknown type; use .txt, .jsonl or .parquet")
+        raise SweepError(
+            f"dataset file {path} has an unknown type; use .txt, .jsonl, .json (lines, or one array) or .parquet"
+        )
     return _iter_hub(dataset, split, text_field)
 
 
