@@ -328,6 +328,12 @@ SWEEP_NAMES = frozenset({CONFIG, MANIFEST, SUMMARY, LOG, STORE, RUNS, REPORT, WA
 """What a sweep writes in its folder (its hidden files aside: the lock, stop marks)."""
 
 
+def _foreign_folder(entry: Path) -> bool:
+    """A folder, not hidden, that is neither a sweep's own nor a chunk store."""
+    named = entry.name.startswith(".") or entry.name in SWEEP_NAMES
+    return not named and entry.is_dir() and not _is_store(entry)
+
+
 def _is_store(entry: Path) -> bool:
     """A chunk store's folder, complete or being made."""
     if not entry.is_dir():
@@ -417,23 +423,20 @@ class SweepFolder:
             self._refuse_foreign()
 
     def _refuse_foreign(self) -> None:
-        """A folder that is no sweep's yet (no manifest, no runs/) holding what a sweep never
-        writes there (``sweep_dir=outputs`` for ``outputs/new``, ``sweep_dir=~``) is refused;
-        hidden entries and chunk stores (one harvested beside the sweep's files) are let be."""
+        """A folder that is no sweep's yet (no manifest, no runs/) holding folders a sweep
+        never makes there (``sweep_dir=outputs`` for ``outputs/new``, ``sweep_dir=~``) is
+        refused; files (a job's log, notes), hidden entries and chunk stores (one harvested
+        beside the sweep's files) are let be."""
         if (self.path / RUNS).is_dir() or not self.path.is_dir():
             return
         try:
-            names = sorted(
-                e.name
-                for e in self.path.iterdir()
-                if not e.name.startswith(".") and e.name not in SWEEP_NAMES and not _is_store(e)
-            )
+            names = sorted(e.name for e in self.path.iterdir() if _foreign_folder(e))
         except OSError:  # (unreadable: the writes that follow say so)
             return
         if names:
             shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
             raise SweepError(
-                f"sweep_dir {self.path} is no sweep's folder and holds other files ({shown}); "
+                f"sweep_dir {self.path} is no sweep's folder and holds other folders ({shown}); "
                 "pass a new or empty folder for a new sweep (or an existing sweep's folder)"
             )
 

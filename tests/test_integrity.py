@@ -770,24 +770,25 @@ def test_a_chunk_store_is_no_sweep_folder(copy, capsys):
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
-def test_a_folder_of_other_files_is_no_new_sweeps(copy, tmp_path, capsys):
-    """A folder that is no sweep's and holds other files (the user's; a folder of sweeps,
+def test_a_folder_of_other_folders_is_no_new_sweeps(copy, tmp_path, capsys):
+    """A folder that is no sweep's and holds other folders (the user's; a folder of sweeps,
     ``sweep_dir=outputs`` for ``outputs/new``) is refused before anything is written there;
-    hidden files and a chunk store harvested beside are a new sweep's to take."""
+    files (a SLURM job's log), hidden entries and a chunk store harvested beside are a new
+    sweep's to take."""
     mine = tmp_path / "mine"
     (mine / "docs").mkdir(parents=True)
-    (mine / "thesis.tex").write_text("mine")
     for folder in (mine, copy.parent):  # (the second holds the sweep ``copy``)
         before = sorted(p.name for p in folder.iterdir())
         assert run(folder) == 2
         assert main(["run", "--plan", f"sweep_dir={folder}", *TINY, *GRID]) == 2
         err = capsys.readouterr().err
-        one_line_error(err, f"sweep_dir {folder} is no sweep's folder and holds other files")
+        one_line_error(err, f"sweep_dir {folder} is no sweep's folder and holds other folders")
         assert err.count("pass a new or empty folder for a new sweep") == 2
         assert sorted(p.name for p in folder.iterdir()) == before
     beside = tmp_path / "beside"
     shutil.copytree(copy / "store", beside / "acts")
-    (beside / ".notes").write_text("hidden")
+    (beside / ".ipynb_checkpoints").mkdir()
+    (beside / "sweep-123.out").write_text("a job's log")
     assert main(["run", "--plan", f"sweep_dir={beside}", *TINY, *GRID]) == 0
 
 
