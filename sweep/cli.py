@@ -859,12 +859,32 @@ def _user_path(text: str) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line; overrides may also follow options (``run a=1 --plan b=2``)."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_sweep_dir_first(sys.argv[1:] if argv is None else argv))
     if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.parse_args(argv)  # argparse's one-line usage error (exit 2)
     return args
+
+
+def _sweep_dir_first(argv: list[str]) -> list[str]:
+    """``evaluate``/``export`` with a sweep folder among the words after ``--runs`` (which
+    takes them all: ``evaluate --runs ID SWEEP_DIR``): that folder goes first, as the
+    command's own argument."""
+    if not argv or argv[0] not in ("evaluate", "export") or "--runs" not in argv:
+        return argv
+    at = argv.index("--runs") + 1
+    end = next((i for i in range(at, len(argv)) if argv[i].startswith("-")), len(argv))
+    found = [w for w in argv[at:end] if "=" not in w and _is_sweep(Path(w).expanduser())]
+    if len(found) != 1 or any(_is_sweep(Path(w).expanduser()) for w in argv[1 : at - 1]):
+        return argv
+    return [argv[0], found[0], *(w for w in argv[1:] if w is not found[0])]
+
+
+def _is_sweep(path: Path) -> bool:
+    from sweep.sweepdir import MANIFEST, RUNS
+
+    return (path / MANIFEST).is_file() or (path / RUNS).is_dir()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -243,10 +243,13 @@ def test_a_run_of_a_sweep_before_checksums_is_evaluated_when_its_weights_load(co
     assert previous(old)["fvu"] == metrics(old)["fvu"] and not events(lost)
 
 
-def test_overrides_may_follow_the_run_ids(copy):
+def test_overrides_and_the_sweep_folder_may_follow_the_run_ids(copy):
+    """(``--runs`` takes every word after it: the sweep folder among them was "required")"""
     folder = copy / "runs" / "r2-l1_1e-03-s0"
     assert main(["evaluate", str(copy), "--runs", folder.name, "launch.num_cpus=1"]) == 0
     assert events(folder)[-1]["reason"] == "sweep evaluate"
+    assert main(["evaluate", "--runs", folder.name, str(copy)]) == 0
+    assert len([e for e in events(folder) if e["event"] == "evaluated_again"]) == 2
 
 
 def test_a_store_moved_elsewhere_is_named_by_data_path(copy, tmp_path, capsys):
