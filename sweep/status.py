@@ -221,7 +221,8 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
         console.print(TRAINING_CAPTION, highlight=False)
     summary = "  ".join(f"{k}: {v}" for k, v in facts["states"].items())
     trained, total = facts["rows_trained"], facts["rows_total"]
-    console.print(f"{summary}  total: {n}  rows: {trained:,}/{total:,}")
+    rows = f"{trained:,}/{total:,}" if total else "not known before a run starts"
+    console.print(f"{summary}  total: {n}  rows: {rows}")
     if facts["pace"]:
         console.print(rate.words(facts["pace"]), highlight=False)
     limits = facts["member_limits"]

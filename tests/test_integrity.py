@@ -813,6 +813,14 @@ def test_every_store_maker_leaves_a_marker_sweep_folders_know():
     assert {harvest.PARAMS_FILE, synthetic.PARAMS_FILE} == set(layout.MAKING)
 
 
+def test_status_of_a_sweep_no_run_of_which_started_names_no_row_count(copy, capsys):
+    """(its totals come from the runs' specs: it said "rows: 0/0")"""
+    shutil.rmtree(copy / "runs")
+    assert main(["status", str(copy)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pending: 4 total: 4 rows: not known before a run starts" in out, out
+
+
 def test_status_says_when_the_last_driver_ended_without_an_outcome(copy, capsys):
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest.pop("state") == "done"  # each plan drops it; a SIGKILLed driver never wrote it
