@@ -9,6 +9,7 @@ store that must be harvested or copied first is refused: its width is not known 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,6 +62,12 @@ def preview(cfg: SweepConfig) -> Preview:
     blocked = next((p for p in (folder.path, *folder.path.parents) if p.is_file()), None)
     if blocked is not None:  # (the run itself is refused when it cannot create the folder)
         raise SweepError(f"sweep_dir {folder.path}: {blocked} is a file; use another sweep_dir")
+    existing = next(p for p in (folder.path, *folder.path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # (as the run's write probe would find)
+        raise SweepError(
+            f"sweep_dir {folder.path} is not writable ({existing} is not: read-only or no "
+            "permission); choose another folder"
+        )
     driver.check_config(cfg, folder)
     finished = driver.recorded_finished_plan(cfg, folder, tidy=False)  # (its store may be gone)
     if finished is not None:  # nothing to train: no store, no Ray, as in the run

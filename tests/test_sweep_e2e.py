@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,6 +308,20 @@ def test_unwritable_sweep_dir(tmp_path, capsys):
     ro.mkdir(mode=0o500)
     assert sweep(ro, "grid.l1=[1e-2]") == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_a_plan_refuses_a_sweep_dir_the_run_could_not_write(tmp_path, capsys, monkeypatch):
+    """(a read-only mount: --plan planned what the run refused; os.access as it answers
+    there, since root, which runs these tests, writes through file modes)"""
+    from sweep import preview
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(preview.os, "access", lambda p, m: Path(p) != ro and real(p, m))
+    assert main(["run", "--plan", f"sweep_dir={ro / 'sw'}", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"error: sweep_dir {ro / 'sw'} is not writable ({ro} is not: read-only" in err
 
 
 def test_unwritable_sweep_dir_under_a_file(tmp_path, capsys):
