@@ -505,7 +505,7 @@ def load_saved(sweep_dir: str, overrides: list[str], command: str = "resume") ->
             "it (its runs' recorded settings are checked against it)"
         )
     _check_resume_overrides(overrides, command)
-    data = OmegaConf.create(with_legacy(plain))  # a field added since: as the sweep ran
+    data = OmegaConf.create(_own_store_as_own(with_legacy(plain)))  # (fields added since)
     choice = [f"data={data.data.name}", f"sae={data.sae.name}"]  # (sweep_dir: merged, not parsed)
     try:  # the file alone first, so that its own faults are named as its
         base = compose(choice)
@@ -523,6 +523,23 @@ def load_saved(sweep_dir: str, overrides: list[str], command: str = "resume") ->
             OmegaConf.update(merged, key, _at(given, key), merge=False)
     merged.sweep_dir = sweep_dir
     return to_sweep_config(merged)  # type: ignore[arg-type]
+
+
+def _own_store_as_own(saved: dict) -> dict:
+    """A saved config whose ``data.path`` is the sweep's own ``<sweep_dir>/store``, where it
+    was (recorded so, absolute, before it was recorded as null), made or harvested there:
+    the sweep's own store, wherever the folder is now."""
+    from sweep.sweepdir import STORE
+
+    data, where = saved.get("data"), saved.get("sweep_dir")
+    if not isinstance(data, dict) or data.get("name") == "chunks" or not isinstance(where, str):
+        return saved
+    path, folder = data.get("path"), Path(where).expanduser().parts  # (relative: as given)
+    if not isinstance(path, str) or not folder:  # ("." names no folder to compare)
+        return saved
+    if Path(path).expanduser().parts[-len(folder) - 1 :] == (*folder, STORE):
+        return {**saved, "data": {**data, "path": None}}
+    return saved
 
 
 def _at(tree: object, key: str) -> object:

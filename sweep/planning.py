@@ -426,18 +426,19 @@ def check_recorded_sizes(folder: SweepFolder, ratios: list[float], width: int) -
     points = folder.manifest().get("runs")
     recorded = [*(points.values() if isinstance(points, dict) else ()),
                 *folder.recorded_specs().values()]  # fmt: skip
-    sizes: dict[int, float] = {}
+    sizes: dict[int, set[float]] = {}  # (a sweep before this check may have two ratios)
     for p in recorded:
         ratio, size = (p.get("dict_ratio"), p.get("dict_size")) if isinstance(p, dict) else (0, 0)
         if json_number(ratio) and type(size) is int:
-            sizes.setdefault(size, float(ratio))
+            sizes.setdefault(size, set()).add(float(ratio))
     for r in ratios:
         size = grid.dict_size(r, width)
-        if sizes.get(size, r) != r:
+        if r not in sizes.get(size, {r}):
+            use = min(sizes[size])
             raise SweepError(
                 f"grid.dict_ratio {r:g} gives dict size {size} at width {width}, as ratio "
-                f"{sizes[size]:g} of this sweep's runs does: it would train them again under "
-                f"other names; use {sizes[size]:g}"
+                f"{use:g} of this sweep's runs does: it would train them again under other "
+                f"names; use {use:g}"
             )
 
 

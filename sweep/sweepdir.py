@@ -35,7 +35,6 @@ from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, json_number, read_json
-from sweep.rate import RATE
 from sweep.rundir import DONE, MMCS_KEYS, MMCS_OVER, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
@@ -324,16 +323,6 @@ def enclosing_sweep(path: Path) -> Path | None:
     return next((p.parent for p in inside if p.name == RUNS and is_sweep(p.parent)), None)
 
 
-SWEEP_NAMES = frozenset({CONFIG, MANIFEST, SUMMARY, LOG, STORE, RUNS, REPORT, WANDB, RATE})
-"""What a sweep writes in its folder (its hidden files aside: the lock, stop marks)."""
-
-
-def _foreign_folder(entry: Path) -> bool:
-    """A folder, not hidden, that is neither a sweep's own nor a chunk store."""
-    named = entry.name.startswith(".") or entry.name in SWEEP_NAMES
-    return not named and entry.is_dir() and not _is_store(entry)
-
-
 def _is_store(entry: Path) -> bool:
     """A chunk store's folder, complete or being made."""
     if not entry.is_dir():
@@ -423,22 +412,27 @@ class SweepFolder:
             self._refuse_foreign()
 
     def _refuse_foreign(self) -> None:
-        """A folder that is no sweep's yet (no manifest, no runs/) holding folders a sweep
-        never makes there (``sweep_dir=outputs`` for ``outputs/new``, ``sweep_dir=~``) is
-        refused; files (a job's log, notes), hidden entries and chunk stores (one harvested
-        beside the sweep's files) are let be."""
+        """A folder that is no sweep's yet (no manifest, no runs/) but holds sweep folders
+        (``sweep_dir=outputs`` meant for ``outputs/new``), or a home or root folder, is
+        refused; any other folder a sweep may take (files, notes, a job's log beside)."""
         if (self.path / RUNS).is_dir() or not self.path.is_dir():
             return
         try:
-            names = sorted(e.name for e in self.path.iterdir() if _foreign_folder(e))
+            sweeps = sorted(e.name for e in self.path.iterdir() if e.is_dir() and _sweep_like(e))
+            here = self.path.resolve()
         except OSError:  # (unreadable: the writes that follow say so)
             return
-        if names:
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            raise SweepError(
-                f"sweep_dir {self.path} is no sweep's folder and holds other folders ({shown}); "
-                "pass a new or empty folder for a new sweep (or an existing sweep's folder)"
-            )
+        if sweeps:
+            shown = ", ".join(sweeps[:3]) + (", ..." if len(sweeps) > 3 else "")
+            what = f"holds the sweeps {shown}"
+        elif here in (Path.home().resolve(), Path(here.anchor)):
+            what = "is a home or root folder"
+        else:
+            return
+        raise SweepError(
+            f"sweep_dir {self.path} {what}; pass a new or empty folder for a new sweep (or an "
+            "existing sweep's folder)"
+        )
 
     def _refuse_store(self, manifest: object) -> None:
         """A chunk store's folder is no sweep folder (and must never get a sweep's manifest)."""

@@ -770,25 +770,25 @@ def test_a_chunk_store_is_no_sweep_folder(copy, capsys):
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
-def test_a_folder_of_other_folders_is_no_new_sweeps(copy, tmp_path, capsys):
-    """A folder that is no sweep's and holds other folders (the user's; a folder of sweeps,
-    ``sweep_dir=outputs`` for ``outputs/new``) is refused before anything is written there;
-    files (a SLURM job's log), hidden entries and a chunk store harvested beside are a new
-    sweep's to take."""
-    mine = tmp_path / "mine"
-    (mine / "docs").mkdir(parents=True)
-    for folder in (mine, copy.parent):  # (the second holds the sweep ``copy``)
+def test_a_folder_of_sweeps_is_no_new_sweeps(copy, tmp_path, capsys, monkeypatch):
+    """A folder that is no sweep's and holds sweeps (``sweep_dir=outputs`` meant for
+    ``outputs/new``), or a home folder, is refused before anything is written there; other
+    folders (a job's log, notes, a chunk store harvested beside) are a new sweep's to take."""
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    for folder, what in ((copy.parent, "holds the sweeps sw"), (home, "is a home or root")):
         before = sorted(p.name for p in folder.iterdir())
         assert run(folder) == 2
         assert main(["run", "--plan", f"sweep_dir={folder}", *TINY, *GRID]) == 2
         err = capsys.readouterr().err
-        one_line_error(err, f"sweep_dir {folder} is no sweep's folder and holds other folders")
+        one_line_error(err, f"sweep_dir {folder} {what}")
         assert err.count("pass a new or empty folder for a new sweep") == 2
         assert sorted(p.name for p in folder.iterdir()) == before
     beside = tmp_path / "beside"
     shutil.copytree(copy / "store", beside / "acts")
-    (beside / ".ipynb_checkpoints").mkdir()
-    (beside / "sweep-123.out").write_text("a job's log")
+    (beside / "notes").mkdir()
+    (beside / "train.log").write_text("a job's log")
     assert main(["run", "--plan", f"sweep_dir={beside}", *TINY, *GRID]) == 0
 
 
@@ -805,6 +805,13 @@ def test_a_ratio_giving_the_size_of_an_earlier_grids_ratio_is_refused(copy, caps
     one_line_error(err, "grid.dict_ratio 2.01 gives dict size 32 at width 16, as ratio 2 of")
     assert err.count("it would train them again under other names; use 2") == 2
     assert sorted(p.name for p in (copy / "runs").iterdir()) == before
+    # a sweep that has runs of both (begun before this check) goes on with them
+    old = json.loads((copy / "manifest.json").read_text())
+    for rid, point in list(old["runs"].items()):
+        if point["dict_ratio"] == 2.0:
+            old["runs"][rid.replace("r2-", "r2.01-")] = {**point, "dict_ratio": 2.01}
+    (copy / "manifest.json").write_text(json.dumps(old))
+    assert main(["run", "--plan", f"sweep_dir={copy}", *TINY, *grid]) == 0
 
 
 def test_every_store_maker_leaves_a_marker_sweep_folders_know():

@@ -38,7 +38,8 @@ def test_a_synthetic_stores_ground_truth_is_checked_and_not_its_identity(tiny_st
     """Its sha256 is in the manifest: a changed or lost ground truth is refused by the
     verification (the gt_* metrics changed or vanished silently), in one line naming the
     repair; the checksum is not part of the store's identity (a store made again by this
-    version is the one a sweep recorded before it), whose older form is still known."""
+    version is the one a sweep recorded before it); a harvest's identity without its LM-eval
+    tokens' checksum (what sweeps recorded before it) is known too."""
     store = ChunkStore(shutil.copytree(tiny_store.path, tmp_path / "s"))
     truth = store.path / "ground_truth.safetensors"
     prov = store.manifest["provenance"]
@@ -46,7 +47,12 @@ def test_a_synthetic_stores_ground_truth_is_checked_and_not_its_identity(tiny_st
     old = json.loads(json.dumps(store.manifest))
     del old["provenance"]["ground_truth_sha256"]
     assert store.identity == store_module.manifest_hash(old)  # (as recorded before)
-    assert store.identities == {store.identity, store_module.manifest_hash(store.manifest)}
+    harvested = ChunkStore(store.path)  # (a harvest's LM-eval tokens' checksum, since 40)
+    harvested.manifest = json.loads(json.dumps(old))
+    harvested.manifest["provenance"]["lm_eval"] = {"file": "t.npy", "sha256": "ab"}
+    assert harvested.identity == store_module.manifest_hash(harvested.manifest)
+    old["provenance"]["lm_eval"] = {"file": "t.npy"}  # (as before it)
+    assert harvested.identities == {harvested.identity, store_module.manifest_hash(old)}
     store.verify()
     data = bytearray(truth.read_bytes())
     data[-1] ^= 1

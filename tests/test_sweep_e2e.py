@@ -176,6 +176,12 @@ def test_a_data_path_naming_the_sweeps_own_store_moves_with_it(ray_cluster, tmp_
     assert main(["resume", str(tmp_path / "moved"), "grid.l1=[1e-2,2e-2]"]) == 0
     assert not (tmp_path / "sw").exists()
     assert f"reusing synthetic store {tmp_path / 'moved' / 'store'}" in capsys.readouterr().err
+    # as a version before recorded it (the path itself): read as the sweep's own too
+    config = tmp_path / "moved" / "config.yaml"
+    config.write_text(config.read_text().replace("path: null", f"path: {tmp_path}/moved/store"))
+    shutil.move(tmp_path / "moved", tmp_path / "again")
+    assert main(["resume", str(tmp_path / "again"), "grid.l1=[1e-2,3e-2]"]) == 0
+    assert not (tmp_path / "moved").exists()
 
 
 def test_a_store_gone_from_its_data_path_is_said_before_it_is_made_again(

@@ -118,12 +118,36 @@ def test_a_chunk_replaced_while_training_fails_the_ensemble(tiny_store, tmp_path
             np.save(chunk, arr[::-1].copy())  # (the same shape, other rows)
         return False
 
-    with pytest.raises(StoreError, match="chunk_00002.npy changed while this sweep trained on"):
+    with pytest.raises(StoreError, match="chunk_00002.npy fails its checksum") as err:
         train_ensemble(job, should_stop=replace_at_step_3)
+    assert str(err.value).endswith("(it changed while this sweep trained on it)")
     assert not any((rundir.run_dir(tmp_path / "sw", m.run_id) / "DONE").exists()
                    for m in job.ensemble.members)  # fmt: skip
     with pytest.raises(StoreError, match="chunk_00002.npy fails its checksum"):
         train_ensemble(job)
+
+
+def test_a_chunk_touched_while_training_is_read_on(tiny_store, tmp_path):
+    """A chunk file whose times or modes change but not its bytes (``touch`` against a
+    scratch purge, ``chmod a-w``) is hashed again and read on: the runs are bit-identical
+    to an undisturbed ensemble's."""
+    store = ChunkStore(shutil.copytree(tiny_store.path, tmp_path / "store"))
+    train_ensemble(job_for(store, tmp_path / "ref"))
+    steps = iter(range(10**6))
+
+    def touch_at_step_3() -> bool:
+        if next(steps) == 3:
+            for chunk in store.path.glob("chunk_*.npy"):
+                chunk.touch()
+                chunk.chmod(0o444)
+        return False
+
+    job = job_for(store, tmp_path / "sw")
+    assert set(train_ensemble(job, should_stop=touch_at_step_3).states.values()) == {"done"}
+    for m in job.ensemble.members:
+        assert digest(rundir.run_dir(tmp_path / "sw", m.run_id)) == digest(
+            rundir.run_dir(tmp_path / "ref", m.run_id)
+        )
 
 
 @pytest.mark.parametrize("stop_at", [3, 7, 16, 30])

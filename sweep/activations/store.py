@@ -14,6 +14,7 @@ plain ``.npy`` so they can be memory-mapped by anything (numpy, torch, other too
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -397,16 +398,16 @@ class ChunkStore:
 
     @property
     def identity(self) -> str:
-        """A content hash of the manifest (which lists every chunk's sha256) but the checksums
-        of its side files (:data:`SIDE_CHECKSUMS`): the same store, wherever it lies, has the
-        same identity; another store (another layer, seed, size) not."""
-        return manifest_hash(_without_side_checksums(self.manifest))
+        """A content hash of the manifest (which lists every chunk's sha256) but the ground
+        truth's checksum: the same store, wherever it lies, has the same identity; another
+        store (another layer, seed, size) not."""
+        return manifest_hash(_without(self.manifest, SIDE_CHECKSUMS[:1]))
 
     @property
     def identities(self) -> set[str]:
-        """:attr:`identity`, and what a version that hashed the side files' checksums too
-        recorded of this store."""
-        return {self.identity, manifest_hash(self.manifest)}
+        """:attr:`identity`, and what a version before the LM-eval tokens' checksum recorded
+        of this store (a harvest made again since has it)."""
+        return {self.identity, manifest_hash(_without(self.manifest, SIDE_CHECKSUMS))}
 
     def facts(self) -> dict:
         """What a sweep records about the store it trains on (and names when it differs)."""
@@ -516,26 +517,32 @@ class ChunkStore:
 
     def hold(self, elsewhere: Path | None = None) -> None:
         """:meth:`verify` (remembered: nothing read again; one changed since is hashed and
-        refused), then refuse every read of a chunk whose file changes from now on (size,
-        times or inode: a store rewritten or replaced while a sweep trains on it)."""
+        refused), then check every read of a chunk whose file changed from before it (size,
+        times or inode): hashed again, it is refused unless its bytes are the same (a store
+        rewritten or replaced while a sweep trains on it; a ``touch`` or ``chmod`` is not)."""
+        held = {c["file"]: self._stat(c["file"]) for c in self.chunks}  # (before: no gap)
         self.verify(elsewhere)
-        self._held = {c["file"]: self._stat(c["file"]) for c in self.chunks}
+        self._held = held
 
     def _still_held(self, index: int) -> None:
-        """After a read of chunk ``index``: its file is as :meth:`hold` found it."""
+        """After a read of chunk ``index``: its file is as :meth:`hold` found it, or its
+        bytes are still those the manifest hashed."""
         name = self.chunks[index]["file"]
         if self._held is None:
             return
+        with contextlib.suppress(OSError):  # (gone: the hash below says so)
+            if self._stat(name) == self._held[name]:
+                return
         try:
-            same = self._stat(name) == self._held[name]
-        except OSError:
-            same = False
-        if not same:
-            raise StoreError(
-                f"chunk {self.path / name} changed while this sweep trained on it (its size, "
-                f"times or inode are not those verified); {self._changed_repair} (its runs "
-                "continue from the checkpoints they made before)"
-            )
+            stat = self._stat(name)
+            self._verify_chunk(index)
+        except StoreError as err:  # (its runs go on from the checkpoints made before)
+            raise StoreError(f"{err} (it changed while this sweep trained on it)") from err
+        except OSError as err:
+            raise StoreError(f"chunk {self.path / name} could not be read ({err}); "
+                             f"{self._repair}") from err  # fmt: skip
+        log.info("chunk %s: its file changed, its bytes did not; reading on", self.path / name)
+        self._held[name] = stat
 
     def _signature(self) -> dict:
         """What a verification is remembered by: the manifest (which records every chunk's
@@ -662,14 +669,16 @@ class ChunkStore:
 
 
 SIDE_CHECKSUMS = (("provenance", "ground_truth_sha256"), ("provenance", "lm_eval", "sha256"))
-"""Where a manifest records the sha256 of a side file (the ground truth, the LM-eval tokens):
-left out of the store's identity, so that a store made again by a version that records them
-is the store a sweep recorded before they were."""
+"""Where a manifest records the sha256 of a side file (the ground truth, the LM-eval tokens),
+which versions before them did not: a store made again by one that does is the store a sweep
+recorded before (the ground truth's is never part of the identity; the LM-eval tokens' is,
+as it was since it was recorded, and an identity without it is accepted too)."""
 
 
-def _without_side_checksums(manifest: dict) -> dict:
+def _without(manifest: dict, keys: tuple[tuple[str, ...], ...]) -> dict:
+    """``manifest`` without the nested ``keys``."""
     out = json.loads(json.dumps(manifest))  # (a deep copy)
-    for *parents, key in SIDE_CHECKSUMS:
+    for *parents, key in keys:
         holder = out
         for name in parents:
             holder = holder.get(name) if isinstance(holder, dict) else None
