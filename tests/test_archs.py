@@ -242,6 +242,21 @@ def test_inference_codes_follow_the_architecture():
             assert torch.equal(codes != 0, pre > 0.5)
 
 
+def test_evaluation_codes_are_the_inference_codes_bit_for_bit():
+    """Without autograd (an evaluation) the codes are made in place, in one buffer: the same
+    bits as the plain pre-activations and inference, for every architecture."""
+    x = batches(1)[0] * 3.0
+    for name in archs.REGISTRY:
+        p = members(name, 1)[0]
+        p["b_enc"] = torch.randn(F)
+        if name == "batchtopk":
+            p["threshold"] = torch.tensor(0.5)
+        a = archs.get(name)
+        plain = a.infer(a.pre(p, x), 3, p)
+        with torch.no_grad():
+            assert torch.equal(sae.encode(p, x, name, k=3), plain), name
+
+
 def test_unknown_architecture_is_one_line():
     with pytest.raises(Exception, match="unknown architecture sae='nope'; choose one of"):
         archs.get("nope")
