@@ -23,6 +23,7 @@ import csv
 import functools
 import hashlib
 import io
+import os
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -394,8 +395,8 @@ class SweepFolder:
     def refuse_store(self) -> None:
         """A chunk store's folder, complete or being made, is no sweep folder (a sweep there
         would overwrite its manifest), nor is a folder among another sweep's runs (its runs/, a
-        run folder), nor one holding other files than a sweep's: one line, before anything is
-        written."""
+        run folder), nor a folder of sweeps, nor a home or root folder: one line, before
+        anything is written."""
         if _is_store(self.path):
             self._refuse_store({"format": STORE_FORMAT})
         manifest = (self.path / MANIFEST).is_file()
@@ -419,13 +420,13 @@ class SweepFolder:
             return
         try:
             sweeps = sorted(e.name for e in self.path.iterdir() if e.is_dir() and _sweep_like(e))
-            here = self.path.resolve()
-        except OSError:  # (unreadable: the writes that follow say so)
+            here, home = self.path.resolve(), Path(os.path.expanduser("~")).resolve()
+        except (OSError, RuntimeError):  # (unreadable: the writes that follow say so)
             return
         if sweeps:
             shown = ", ".join(sweeps[:3]) + (", ..." if len(sweeps) > 3 else "")
             what = f"holds the sweeps {shown}"
-        elif here in (Path.home().resolve(), Path(here.anchor)):
+        elif here in (home, Path(here.anchor)):
             what = "is a home or root folder"
         else:
             return
