@@ -33,6 +33,7 @@ import torch
 
 from sweep import archs, metrics, sae
 from sweep.io import atomic_write_json, json_number
+from sweep.rate import interval
 from sweep.rundir import RunFolder
 from sweep.sweepdir import MMCS_KEYS, MMCS_OVER, RunRecord
 
@@ -194,16 +195,26 @@ matrix covers the first seed's runs, thinned evenly over the knob values; the pe
 (``mmcs_seeds``, ``mmcs_next_ratio``) are computed for every run whatever this says."""
 
 
+def pair_work(a: RunRef, b: RunRef) -> float:
+    """What comparing two dictionaries costs, up to a constant: the product of their sizes
+    (one sweep's runs share a width)."""
+    return a.dict_ratio * b.dict_ratio
+
+
 class PairMMCS:
     """MMCS between finished runs, with atoms loaded once and results cached on disk (saved
     every :data:`SAVE_EVERY` seconds of computing and at the end)."""
 
-    def __init__(self, device: torch.device, cache: PairCache, todo: int = 0) -> None:
+    def __init__(
+        self, device: torch.device, cache: PairCache, todo: int = 0, work: float = 0.0
+    ) -> None:
         self.device, self.cache = device, cache
         self._atoms: dict[str, torch.Tensor] = {}
-        self._saved = time.monotonic()
+        self._saved = self._began = time.monotonic()
         self.todo, self.done = todo, 0
         """Pairs not cached when the report began (for progress lines), and computed since."""
+        self.work, self.worked = work, 0.0
+        """Their cost (:func:`pair_work`) in all, and of those computed since."""
 
     def _unit(self, r: RunRef) -> torch.Tensor:
         if r.run_id not in self._atoms:
@@ -218,12 +229,21 @@ class PairMMCS:
         ab, ba = metrics.max_cos_both(self._unit(a), self._unit(b))
         self.cache.put(a, b, float(ab.mean()))
         self.cache.put(b, a, float(ba.mean()))
-        self.done += 1
+        self.done, self.worked = self.done + 1, self.worked + pair_work(a, b)
         if time.monotonic() - self._saved >= SAVE_EVERY:
             self.cache.save()
             self._saved = time.monotonic()
-            log.info("MMCS: %d of %d pairs of dictionaries compared", self.done, self.todo)
+            log.info("MMCS: %d of %d pairs of dictionaries compared%s", self.done, self.todo,
+                     self._left())  # fmt: skip
         return self.cache.get(a, b)  # type: ignore[return-value]
+
+    def _left(self) -> str:
+        """``; about 00:12:30 left`` at the cost rate so far (pairs of larger dictionaries
+        cost more: :func:`pair_work`)."""
+        spent = time.monotonic() - self._began
+        if not self.worked or self.work <= self.worked:
+            return ""
+        return f"; about {interval((self.work - self.worked) * spent / self.worked)} left"
 
     def release(self, keep: set[str]) -> None:
         """Drop loaded atoms not in ``keep`` (bounded memory across ratios)."""
@@ -257,7 +277,7 @@ def compute(
     todo = [(a, b) for a, b in _pairs(groups, larger) if cache.get(a, b) is None]
     if todo:
         log.info("MMCS: comparing %d pairs of dictionaries", len(todo))
-    pair = PairMMCS(device, cache, len(todo))
+    pair = PairMMCS(device, cache, len(todo), sum(pair_work(a, b) for a, b in todo))
     matrices: dict[float, tuple[list[RunRef], list[list[float]]]] = {}
     per_run: dict[str, dict[str, float | str]] = {r.run_id: {} for r in runs}
     for ratio in ratios:

@@ -701,6 +701,19 @@ def test_an_interrupted_report_keeps_the_pairs_it_computed(finished, tmp_path, m
     assert [m for _, m in again.matrices.values()] == [m for _, m in whole.matrices.values()]
 
 
+def test_mmcs_progress_lines_say_about_how_long_is_left(finished, monkeypatch, caplog):
+    """(a first report of a large grid computes for many minutes: each line says how long is
+    left, paced by the pairs' sizes; the last one, nothing left, says no time)"""
+    monkeypatch.setattr(crossdict, "SAVE_EVERY", 0.0)
+    with caplog.at_level(logging.INFO, logger="sweep"):
+        crossdict.compute(SweepFolder(finished).read_runs(), torch.device("cpu"))
+    lines = [
+        r.getMessage() for r in caplog.records if "pairs of dictionaries compared" in r.message
+    ]
+    assert len(lines) > 2 and re.search(r"; about \d\d:\d\d left$", lines[0]), lines
+    assert lines[-1].endswith("compared"), lines
+
+
 def test_a_large_grids_mmcs_matrix_covers_the_first_seed_thinned(finished, monkeypatch, caplog):
     """Above crossdict.MATRIX_RUNS runs a ratio, the matrix's pairs (which grow with the
     square of the runs) are the first seed's, thinned evenly over L1; every run still gets its
