@@ -42,14 +42,7 @@ from sweep.activations.layout import (
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError, is_disk_full
 from sweep.hostmem import HostBlock
-from sweep.io import (
-    atomic_write,
-    atomic_write_json,
-    cpu_count,
-    file_sha256,
-    json_number,
-    read_exact,
-)
+from sweep.io import atomic_write, atomic_write_json, cpu_count, json_number, read_exact
 
 log = logging.getLogger(__name__)
 
@@ -572,8 +565,7 @@ class ChunkStore:
         run (a copy of it, once more); in the file ``elsewhere`` (a sweep's own) where the
         store cannot be written (a read-only shared store).
         """
-        truth = self.path / GROUND_TRUTH  # (small: checked on every run, never remembered)
-        self._check_ground_truth(file_sha256(truth) if truth.is_file() else None)
+        self._ground_truth_bytes()  # (small: checked on every run, never remembered)
         if self.is_verified(elsewhere):
             return
         signature = self._signature()
@@ -640,32 +632,30 @@ class ChunkStore:
     def ground_truth(self) -> torch.Tensor | None:
         """(n_features, width) true feature directions of a synthetic store, else None; a
         synthetic store's that is missing or fails its checksum is a :class:`StoreError`."""
-        f = self.path / GROUND_TRUTH
-        if self.provenance.get("source") != "synthetic" and not f.is_file():
-            return None
         from safetensors.torch import load
 
+        data = self._ground_truth_bytes()
+        return None if data is None else load(data)["features"]
+
+    def _ground_truth_bytes(self) -> bytes | None:
+        """The ground truth file's bytes (None: there is none, and this is no synthetic
+        store); a synthetic store's missing, or changed from the sha256 its manifest records,
+        is a :class:`StoreError` naming the repair."""
+        f, synthetic = self.path / GROUND_TRUTH, self.provenance.get("source") == "synthetic"
         if not f.is_file():
-            self._check_ground_truth(None)  # (a synthetic store's: refused, naming the repair)
+            if synthetic:
+                raise StoreError(f"{f} is missing; {self._repair}")
+            return None
         try:
             data = f.read_bytes()
         except OSError as err:
             raise StoreError(f"{f} could not be read ({err}); {self._repair}") from err
-        self._check_ground_truth(hashlib.sha256(data).hexdigest())
-        return load(data)["features"]
-
-    def _check_ground_truth(self, digest: str | None) -> None:
-        """A synthetic store's ground truth is there (``digest``: its sha256, None when it
-        is missing) and, where the manifest records its sha256, unchanged."""
-        f, want = self.path / GROUND_TRUTH, self.provenance.get("ground_truth_sha256")
-        if self.provenance.get("source") != "synthetic":
-            return
-        if digest is None:
-            raise StoreError(f"{f} is missing; {self._repair}")
-        if want is not None and digest != want:
+        want = self.provenance.get("ground_truth_sha256")
+        if synthetic and want is not None and hashlib.sha256(data).hexdigest() != want:
             raise StoreError(
                 f"{f} fails its checksum (it changed after the store was written); {self._repair}"
             )
+        return data
 
 
 SIDE_CHECKSUMS = (("provenance", "ground_truth_sha256"), ("provenance", "lm_eval", "sha256"))
