@@ -422,8 +422,7 @@ def _train(
             assert store is not None
             p = _train_on_ray(cfg, folder, store, lock, outcome, laps)
         ours = {r.run_id for r in p.runs}  # (hashed when planned; an earlier grid's not yet)
-        ids = folder.run_ids()  # every run of the sweep
-        records = folder.read_runs(ids, live=False, deep=set(ids) - ours)
+        records = folder.read_runs(live=False, deep=True, trusted=ours)  # every run of the sweep
         outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
         write_summary(folder.path, [r.row() for r in records])
         folder.record_state(outcome.state)

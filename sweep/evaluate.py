@@ -77,8 +77,7 @@ def _evaluate(
         outcome.signals.training()
         Execution(cfg, folder, p, store, res, lock, outcome).run()
     ours = {r.run_id for r in runs}  # (their weights were hashed when picked: not again)
-    ids = folder.run_ids()  # (a run left as damaged, or not picked: hashed, not "done")
-    records = folder.read_runs(ids, live=False, deep=set(ids) - ours)
+    records = folder.read_runs(live=False, deep=True, trusted=ours)  # (a damaged one: not done)
     write_summary(folder.path, [r.row() for r in records])
     return records
 

@@ -267,8 +267,8 @@ def build_report(
         # read again: runs may have finished since (a report during training takes minutes of
         # MMCS), and the sweep's summary must not go back to what they were; those final at
         # the first read were hashed then (a final run's weights are never written again)
-        ids, hashed = folder.run_ids(), {r.run_id for r in records if r.state.final}
-        write_summary(sweep_dir, summary_rows(folder.read_runs(ids, deep=set(ids) - hashed)))
+        hashed = {r.run_id for r in records if r.state.final}
+        write_summary(sweep_dir, summary_rows(folder.read_runs(deep=True, trusted=hashed)))
     write_mmcs(out / MMCS_FILE, cross)
     compared = _compared(folder, records, rows, others) if others else []
     images = draw_plots(

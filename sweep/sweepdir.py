@@ -733,13 +733,14 @@ class SweepFolder:
         self,
         ids: list[str] | None = None,
         live: bool | None = None,
-        deep: bool | Collection[str] = False,
+        deep: bool = False,
+        trusted: Collection[str] = (),
     ) -> list[RunRecord]:
         """Every run of the manifest (or ``ids``), in grid order. Resumable runs count as
         ``running`` while a live driver trains the sweep (``live``: None = look at the lock;
         the driver itself passes False), and so do runs whose attempt began under that
-        driver. ``deep`` (True, or the ids of the runs it is true of): a finished run's
-        weights must match their checksum too (else only their size)."""
+        driver. ``deep``: a finished run's weights must match their checksum too (else only
+        their size), but those of ``trusted`` (the caller has just verified or written them)."""
         since = self.driver_since(training=True) if live is None else (0.0 if live else None)
         live = since is not None
         points = self.manifest().get("runs")
@@ -747,10 +748,11 @@ class SweepFolder:
         records = []
         digest = functools.cache(self.finished_digest)  # (once, if a run has MMCS values)
         ids = self.run_ids() if ids is None else ids
-        sound = self._sound_weights([r for r in ids if deep is True or (deep and r in deep)])
+        hash_ids = [r for r in ids if r not in trusted] if deep else []
+        sound = self._sound_weights(hash_ids)
         for rid in ids:
             folder = self.run(rid)
-            hashed = (deep if isinstance(deep, bool) else rid in deep) and rid not in sound
+            hashed = deep and rid not in trusted and rid not in sound
             state = folder.state(hashed)
             # with no driver, a pending run's curve is of work it will redo (no checkpoint kept it)
             stale = state is RunState.PENDING and not live
