@@ -17,12 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sweep import tensorfile
+from sweep.errors import SweepError
 from sweep.io import atomic_write
 
 if TYPE_CHECKING:  # torch and safetensors are imported where tensors are: file names need none
     import torch
 
 PREFIX = "checkpoint-"
+
+
+class CheckpointUnreadable(SweepError):
+    """A checkpoint could not be read (not found damaged): the resume stops, keeping it."""
+
+
 FORMAT = "3"
 
 
@@ -100,7 +107,10 @@ def step_of(path: Path) -> int:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load and verify one checkpoint; raises ``ValueError`` if it is truncated or corrupt.
+    """Load and verify one checkpoint; raises ``ValueError`` if it is truncated or corrupt
+    (or gone since it was listed), :class:`CheckpointUnreadable` if it could not be read
+    (an I/O error: proof of nothing about the file, which a resume must not give up on),
+    and an allocation's error as it is (the worker names out-of-memory and its fix).
 
     The tensors and the metadata come from one opening of the file (safetensors checks the
     header and every tensor's extent) and the tensors are copied out of its mapping before
@@ -113,8 +123,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+    except (SafetensorError, FileNotFoundError) as err:  # (its header or extents are wrong)
         raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
+    except OSError as err:
+        raise CheckpointUnreadable(
+            f"could not read checkpoint {path} ({type(err).__name__}: {err}); it is kept: "
+            "mend the cause and re-run the command (or delete that file to resume from an "
+            "older checkpoint)"
+        ) from err
     try:
         ok = meta.get("sha256") == _digest(tensors, meta)
         ckpt = Checkpoint(step=int(meta["step"]), tensors=tensors, meta=json.loads(meta["meta"]))

@@ -283,7 +283,7 @@ def _train(
             if progress:
                 progress(r.step * bs)
         stop = should_stop is not None and should_stop()
-        if stop or clock.due(r.step):
+        if stop or (clock.due(r.step) and r.step < total):  # (the end's: _train_and_finish)
             at.checkpoint(r, wait=stop, last=stop)  # a stop returns once the state is on disk
             clock.reset()
         if stop:

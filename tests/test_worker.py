@@ -310,6 +310,60 @@ def test_corrupt_checkpoint_falls_back_to_previous(tiny_store, tmp_path):
         )
 
 
+@pytest.mark.parametrize(
+    "fault, raised",
+    [
+        (OSError(5, "Input/output error"), "could not read checkpoint .* it is kept"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "ran out of host memory"),
+    ],
+)
+def test_a_checkpoint_that_could_not_be_read_is_kept_not_taken_for_damaged(
+    tiny_store, tmp_path, monkeypatch, fault, raised
+):
+    """An I/O error or an allocation that fails while a resume reads the checkpoints proves
+    nothing about them: the resume stops in one line, every checkpoint kept (taken for
+    damage, the newer ones were deleted and their training lost), and goes on once it passes."""
+    ref, cut = reference_and_interrupted(tiny_store, tmp_path)
+    folders = [rundir.run_dir(tmp_path / "cut", m.run_id) for m in cut.ensemble.members]
+    before = [sorted(checkpoints.checkpoint_steps(d)) for d in folders]
+    assert before == [[14, 20]] * 2
+
+    def failing(*args, **kwargs):  # noqa: ANN202
+        raise fault
+
+    monkeypatch.setattr(safetensors, "safe_open", failing)
+    with pytest.raises(SweepError, match=raised):
+        train_ensemble(cut)
+    assert [sorted(checkpoints.checkpoint_steps(d)) for d in folders] == before
+    monkeypatch.undo()
+    assert train_ensemble(cut).resumed_from == 20
+    for m, d in zip(ref.ensemble.members, folders, strict=True):
+        assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
+        events = d / "events.jsonl"
+        assert not events.exists() or "bad_checkpoint" not in events.read_text()
+
+
+def test_the_end_state_is_written_once_when_a_periodic_checkpoint_falls_on_the_last_step(
+    tiny_store, tmp_path, monkeypatch
+):
+    """The last step's periodic checkpoint is left to the end's (written while the members
+    are evaluated): the same bytes twice cost a whole write of every member's state."""
+    saved = []
+    save = rundir.RunFolder.save_checkpoint
+
+    def counted(self, ckpt):  # noqa: ANN001, ANN202
+        saved.append(ckpt.step)
+        return save(self, ckpt)
+
+    monkeypatch.setattr(rundir.RunFolder, "save_checkpoint", counted)
+    job = job_for(tiny_store, tmp_path / "a", checkpoint_every=1000)
+    total = train_ensemble(job).steps
+    saved.clear()
+    assert total % 2 == 0
+    train_ensemble(job_for(tiny_store, tmp_path / "b", checkpoint_every=total // 2))
+    assert saved == [total // 2] * 2 + [total] * 2
+
+
 def test_loader_takes_raw_activations(tiny_store, tmp_path):
     job = job_for(tiny_store, tmp_path, l1s=(1e-3,))
     train_ensemble(job)
