@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep import checkpoints, jsonl
-from sweep.errors import SweepError
+from sweep.errors import RunDirError, SweepError
 from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -126,15 +126,18 @@ class RunFolder:
 
     # ------------------------------------------------------------------------- reads
 
-    def _json(self, name: str, quiet: bool = False) -> dict:
+    def _json(self, name: str, quiet: bool = False, strict: bool = False) -> dict:
         """``name`` as a dict; {} when missing, and (with a warning, unless ``quiet``: the
-        caller says what is wrong) when unreadable."""
+        caller says what is wrong) when unreadable (``strict``: only when damaged; an error
+        reading it is raised)."""
         path = self.path / name
         if not path.is_file():
             return {}
         try:
             value = read_json(path)
         except (OSError, ValueError) as err:
+            if strict and isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+                raise
             if not quiet:
                 _warn_unreadable(path, err)
             return {}
@@ -147,7 +150,7 @@ class RunFolder:
     def final_problem(self, deep: bool = False) -> str | None:
         """Why this final run can't be trusted, or None. Cheap checks: ``DONE`` and
         ``metrics.json`` parse, the weights have the recorded size; ``deep`` also hashes them."""
-        done = self._json(DONE, quiet=True)  # (what is wrong is the answer)
+        done = self._final_json(DONE)  # (what is wrong is the answer)
         if done.get("state") not in ("done", "diverged"):
             return f"{DONE} is damaged"
         weights = self.path / WEIGHTS
@@ -155,12 +158,16 @@ class RunFolder:
             return f"{WEIGHTS} is missing"
         if "weights_bytes" in done and weights.stat().st_size != done["weights_bytes"]:
             return f"{WEIGHTS} has {weights.stat().st_size} bytes, {DONE} recorded {done['weights_bytes']}"
-        cfg = self._json(CFG, quiet=True)
+        cfg = self._final_json(CFG)
         if not LOADER_KEYS <= cfg.keys():
             return f"{CFG} is missing or damaged"
-        if "cfg_sha256" in done and done["cfg_sha256"] != file_sha256(self.path / CFG):
+        if "cfg_sha256" in done and done["cfg_sha256"] != self._final_sha256(CFG):
             return f"{CFG} fails its checksum"
-        if deep and "weights_sha256" in done and done["weights_sha256"] != file_sha256(weights):
+        if (
+            deep
+            and "weights_sha256" in done
+            and done["weights_sha256"] != self._final_sha256(WEIGHTS)
+        ):
             return f"{WEIGHTS} fails its checksum"
         if deep and "weights_sha256" not in done:  # finished by a version without checksums
             try:
@@ -170,6 +177,27 @@ class RunFolder:
         if not _sound_metrics(self._json(METRICS, quiet=True)):
             return METRICS_LOST  # (last: everything else verified)
         return None
+
+    def _final_json(self, name: str) -> dict:
+        """A final file as a dict ({} when missing or damaged: what is wrong is the caller's
+        answer); one that could not be read is one line, never taken for damaged (a damaged
+        finished run is trained again, over its results)."""
+        try:
+            return self._json(name, quiet=True, strict=True)
+        except OSError as err:
+            raise self._unreadable(name, err) from err
+
+    def _final_sha256(self, name: str) -> str:
+        try:
+            return file_sha256(self.path / name)
+        except OSError as err:
+            raise self._unreadable(name, err) from err
+
+    def _unreadable(self, name: str, err: OSError) -> RunDirError:
+        return RunDirError(
+            f"run {self.run_id}: could not read {name} ({type(err).__name__}: {err}); its "
+            "results are kept as they are: mend the cause (permissions, the disk) and re-run"
+        )
 
     def vouched(self) -> bool:
         """``DONE`` holds the checksums of the weights and ``cfg.json`` (a version before them

@@ -156,6 +156,35 @@ def test_garbage_in_final_files_is_no_traceback(copy, name, capsys):
     assert m["state"] == "done"
 
 
+@pytest.mark.parametrize("name", [rundir.DONE, rundir.CFG, rundir.WEIGHTS])
+def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
+    copy, name, monkeypatch, capsys
+):
+    """An error reading a finished run's file (permissions, the disk) proves nothing about
+    it: the re-run stops in one line naming it, the results as they were (taken for damaged,
+    the run was trained again over them)."""
+    before = weights(copy)
+    victim = copy / "runs" / "r2-l1_1e-01-s0" / name
+    read_json, sha256 = rundir.read_json, rundir.file_sha256
+
+    def refused(read):  # noqa: ANN001, ANN202
+        def reads(path):  # noqa: ANN001, ANN202
+            if Path(path) == victim:
+                raise PermissionError(13, "Permission denied", str(path))
+            return read(path)
+
+        return reads
+
+    monkeypatch.setattr(rundir, "read_json", refused(read_json))
+    monkeypatch.setattr(rundir, "file_sha256", refused(sha256))
+    assert run(copy) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"run r2-l1_1e-01-s0: could not read {name} (PermissionError" in err
+    assert "training it again" not in err and weights(copy) == before
+    monkeypatch.undo()
+    assert run(copy) == 0 and weights(copy) == before
+
+
 def test_final_weights_whose_done_was_deleted_are_said_to_be_retrained(copy, capsys):
     folder = copy / "runs" / "r1-l1_1e-03-s0"
     (folder / rundir.DONE).unlink()
