@@ -355,6 +355,11 @@ def within_sweep(path: Path) -> tuple[Path, str] | None:
 
 
 def _damaged(manifest: Path, err: Exception) -> RunDirError:
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):  # (proves nothing)
+        return RunDirError(
+            f"{manifest} could not be read ({type(err).__name__}: {err}); mend the cause "
+            "(permissions, the disk) and re-run"
+        )
     return RunDirError(
         f"{manifest} is damaged ({type(err).__name__}); restore it from a backup, or delete it "
         "and re-run the same 'sweep run' command (finished runs are verified and kept)"

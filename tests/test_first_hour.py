@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sweep
-from sweep import rundir
+from sweep import rundir, sweepdir
 from sweep.cli import main
 from sweep.sweepdir import SweepFolder
 from tests.test_sweep_e2e import TINY
@@ -590,9 +590,12 @@ def test_report_reads_a_run_whose_spec_is_damaged(finished, tmp_path, monkeypatc
     assert (tmp_path / "rep" / "summary.csv").is_file()
 
 
-def test_a_missing_or_damaged_sweep_manifest_says_how_to_recover(finished, tmp_path, capsys):
+def test_a_missing_or_damaged_sweep_manifest_says_how_to_recover(
+    finished, tmp_path, capsys, monkeypatch
+):
     sw = tmp_path / "sw"
     shutil.copytree(finished, sw)
+    manifest = (sw / "manifest.json").read_bytes()
     (sw / "manifest.json").unlink()
     assert main(["status", str(sw)]) == 2
     assert "has no manifest.json (deleted?); re-run the same 'sweep run'" in capsys.readouterr().err
@@ -605,6 +608,18 @@ def test_a_missing_or_damaged_sweep_manifest_says_how_to_recover(finished, tmp_p
     (sw / "manifest.json").write_text("{")
     assert main(["report", str(sw)]) == 2
     assert "delete it and re-run the same 'sweep run'" in capsys.readouterr().err
+    (sw / "manifest.json").write_bytes(manifest)
+    read_json = sweepdir.read_json
+
+    def refused(path):  # noqa: ANN001, ANN202  (an I/O error proves nothing: no "delete it")
+        if Path(path).name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_json(path)
+
+    monkeypatch.setattr(sweepdir, "read_json", refused)
+    assert main(["status", str(sw)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json could not be read (PermissionError" in err and "delete" not in err
 
 
 def test_status_needs_no_torch(finished, tmp_path):

@@ -239,10 +239,29 @@ def test_a_chunk_damaged_after_opening_fails_verify_in_one_line(store_copy):
     (store_copy / "chunk_00001.npy").write_bytes(b"not a numpy file")
     with pytest.raises(
         StoreError,
-        match="chunk_00001.npy could not be read .*; delete .* and re-run the sweep that made "
-        "it \\(data=synthetic with the settings in its synthetic-params.json\\): it is made again",
+        match="chunk_00001.npy is truncated or corrupt .*; delete .* and re-run the sweep that "
+        "made it \\(data=synthetic with the settings in its synthetic-params.json\\): it is made",
     ):
         store.verify()
+
+
+def test_a_chunk_that_could_not_be_read_is_not_called_damaged(store_copy, monkeypatch):
+    """An I/O error reading a chunk (permissions, the disk) proves nothing about it: the error
+    says to mend the cause before any repair that deletes or makes the store again."""
+    import sweep.activations.store as store_module
+
+    def refused(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        if Path(path).name == "chunk_00001.npy":
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "open", refused, raising=False)
+    with pytest.raises(
+        StoreError,
+        match="chunk_00001.npy could not be read \\(PermissionError: .*\\); mend the cause "
+        "\\(permissions, the disk\\) and re-run \\(were it lost: delete ",
+    ):
+        ChunkStore(store_copy).verify()
 
 
 EDITS = {

@@ -221,7 +221,12 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             old = json.loads(marker.read_text())
             if not isinstance(old, dict):
                 raise ValueError(f"it holds a {type(old).__name__}, not the settings")
-        except (OSError, ValueError) as err:
+        except OSError as err:  # (proves nothing about the file, nor the chunks beside it)
+            raise StoreError(
+                f"{marker} could not be read ({type(err).__name__}: {err}); mend the cause "
+                "(permissions, the disk) and re-run"
+            ) from err
+        except ValueError as err:
             raise StoreError(
                 f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"
             ) from err

@@ -421,7 +421,7 @@ class ChunkStore:
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
-            raise StoreError(f"chunk {f} is truncated or corrupt ({err}); {self._repair}") from err
+            raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         if arr.shape != (info["rows"], self.width) or arr.dtype != numpy_dtype(self.dtype):
             raise StoreError(
                 f"chunk {f} has shape {arr.shape} {arr.dtype}, manifest says "
@@ -444,6 +444,16 @@ class ChunkStore:
                 f"settings in its {SYNTHETIC_PARAMS}): it is made again from its seed"
             )
         return "regenerate the store"
+
+    def _unread(self, f: Path, err: Exception, damaged: str) -> StoreError:
+        """A store file that failed to load: ``damaged`` (its words, ``{f}`` the file) and the
+        repair, unless an I/O error kept it from being read, which proves nothing about it."""
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            return StoreError(
+                f"{f} could not be read ({type(err).__name__}: {err}); mend the cause "
+                f"(permissions, the disk) and re-run (were it lost: {self._repair})"
+            )
+        return StoreError(f"{damaged.format(f=f)} ({err}); {self._repair}")
 
     @property
     def _changed_repair(self) -> str:
@@ -593,7 +603,7 @@ class ChunkStore:
                     if not nonfinite and len(block) % np.dtype(bits).itemsize == 0:
                         nonfinite = int((np.frombuffer(block, bits) & mask).max()) == mask
         except (OSError, ValueError, EOFError) as err:
-            raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
+            raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         # the checksum first: a NaN in a chunk changed since it was written is that change
         if "sha256" in info and digest.hexdigest() != info["sha256"]:
             raise StoreError(
@@ -649,7 +659,7 @@ class ChunkStore:
         try:
             data = f.read_bytes()
         except OSError as err:
-            raise StoreError(f"{f} could not be read ({err}); {self._repair}") from err
+            raise self._unread(f, err, "{f} is lost") from err
         want = self.provenance.get("ground_truth_sha256")
         if synthetic and want is not None and hashlib.sha256(data).hexdigest() != want:
             raise StoreError(
