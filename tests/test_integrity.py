@@ -446,6 +446,27 @@ def test_a_lock_naming_this_process_that_holds_none_is_stale(tmp_path, caplog):
         assert "taking over a stale lock" in caplog.text
 
 
+def test_a_lock_that_cannot_be_removed_leaves_the_real_error(tmp_path, caplog, monkeypatch):
+    """A sweep folder made read-only (or a full disk's) lock that cannot be removed is
+    warned about: the error the sweep ended with (a stop, a failure) is still what it says
+    (the next driver takes the dead one's lock over)."""
+    unlink = Path.unlink
+
+    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.name == ".lock":
+            raise PermissionError(13, "Permission denied", str(self))
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        with SweepLock(tmp_path):
+            raise KeyboardInterrupt
+    assert "could not remove the lock" in caplog.text and (tmp_path / ".lock").exists()
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
+        assert "taking over a stale lock" in caplog.text
+
+
 def test_a_lock_copied_with_a_running_sweep_does_not_hold_the_copy(tmp_path, caplog):
     """``cp -r`` of a sweep while its driver runs copies the lock too: the copy is a sweep of
     its own (the lock names the original folder), the original stays held."""
