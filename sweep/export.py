@@ -215,9 +215,9 @@ def _write(model: SAE, out: str | Path, origin: dict) -> Path:
     saved = {**dict(model.named_buffers()), "b_enc": model.b_enc.detach()}
     tensors, fields = model.arch.saelens_form(saved, model.k)
     weights.update({k: v.contiguous() for k, v in tensors.items()})
-    # an earlier export's weights go first, then cfg.json, which marks the folder as an
-    # export: one killed midway holds no other run's weights and is replaced by the next
-    (out / SAELENS_WEIGHTS).unlink(missing_ok=True)
+    # cfg.json first, which marks the folder as an export (one killed midway is replaced by
+    # the next); an earlier export's weights there are this run's (_check_target), replaced
+    # only once the new ones are whole: a write that fails leaves them as they were
     atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg, fields, origin))
     atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
     return out
@@ -325,6 +325,8 @@ def export_sweep(
         _check_run(folder.run(rid).path, deep=bool(runs))
         origins[rid] = _origin(folder.run(rid).path)
         _check_target(Path(out_dir) / rid, origins[rid])
+    for rid in chosen:  # (made, if absent: an empty folder is a target as good)
+        ensure_writable(Path(out_dir) / rid, "export folder")
     paths = [
         _write(read_run(folder.run(rid).path), Path(out_dir) / rid, origins[rid]) for rid in chosen
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import sweep
-from sweep import rundir
+from sweep import export, rundir
 from sweep.activations.store import ChunkStore
 from sweep.cli import main
 from sweep.errors import SweepError
@@ -268,6 +269,41 @@ def test_an_export_killed_between_its_files_is_replaced_by_the_next(small_sweep,
     weights = out / "r2-l1_3e-02-s0" / "sae_weights.safetensors"
     weights.unlink()  # killed before the weights
     assert len(export_sweep(small_sweep, out)) == 2 and weights.is_file()
+
+
+def test_a_re_export_that_fails_leaves_the_earlier_export_whole(small_sweep, tmp_path, monkeypatch):
+    """A full disk (or any failure) writing a re-export's weights leaves the earlier
+    export's, of the same run, as they were (they were deleted first: SAELens could not load
+    the folder, which the error said was intact)."""
+    out = tmp_path / "out"
+    export_sweep(small_sweep, out)
+    weights = out / "r2-l1_1e-03-s0" / "sae_weights.safetensors"  # (the first written)
+    before = weights.read_bytes()
+
+    def full(path, data):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export, "atomic_write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        export_sweep(small_sweep, out)
+    assert weights.read_bytes() == before
+
+
+def test_every_export_folder_is_checked_writable_before_any_is_written(
+    small_sweep, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    ensure = export.ensure_writable
+
+    def refused(folder, what, *args):  # noqa: ANN001, ANN202
+        if Path(folder).name == "r2-l1_3e-02-s0":  # (the second: the first would be written)
+            raise SweepError(f"{what} {folder} is not writable")
+        return ensure(folder, what, *args)
+
+    monkeypatch.setattr(export, "ensure_writable", refused)
+    with pytest.raises(SweepError, match="is not writable"):
+        export_sweep(small_sweep, out)
+    assert not list(out.rglob("*.json")) and not list(out.rglob("*.safetensors"))
 
 
 def test_a_diverged_run_is_never_exported(small_sweep, tmp_path, capsys):
