@@ -20,6 +20,7 @@ Per run (written into ``metrics.json`` of finished runs by :func:`annotate_runs`
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -373,11 +374,23 @@ def _next_ratio_values(
 def annotate_runs(records: list[RunRecord], cross: CrossDict, digest: str) -> None:
     """Write each finished run's cross-dictionary values into its ``metrics.json``, stamped
     with the sweep's :meth:`~sweep.sweepdir.SweepFolder.finished_digest` they were computed
-    at (readers drop them once it changes)."""
+    at (readers drop them once it changes). A run folder made read-only keeps its values,
+    with a warning (the report has the new ones)."""
+    kept = []
     for r in records:
         if r.run_id in cross.per_run:
             values = {**cross.per_run[r.run_id], MMCS_OVER: digest}
-            r.folder.update_metrics(values, replace_keys=(*MMCS_KEYS, MMCS_OVER))
+            try:
+                r.folder.update_metrics(values, replace_keys=(*MMCS_KEYS, MMCS_OVER))
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise  # (a full disk: one line, as every write of the report)
+                kept.append(r.run_id)
+    if kept:
+        log.warning(
+            "not writable: the metrics.json of %s keep their MMCS values (the report has "
+            "the new ones)", ", ".join(kept),
+        )  # fmt: skip
 
 
 def matrix_rows(cross: CrossDict) -> tuple[list[str], list[list[float | None]]]:

@@ -467,6 +467,27 @@ def test_metrics_json_keeps_its_other_values(sweep_copy):
     assert {k: after[k] for k in before} == before and "mmcs_next_ratio" in after
 
 
+def test_a_run_folder_made_read_only_keeps_its_mmcs_and_the_report_is_made(
+    sweep_copy, monkeypatch, caplog
+):
+    """One run's metrics.json that cannot be written (its folder made read-only) keeps its
+    values with a warning; the report is made (it stopped at that write, index.html unmade)."""
+    update = rundir.RunFolder.update_metrics
+
+    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.run_id == "r1-l1_1e-02-s0":
+            raise PermissionError(13, "Permission denied", str(self.path / "x.tmp"))
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.RunFolder, "update_metrics", refused)
+    with caplog.at_level(logging.WARNING):
+        out, _ = build_report(sweep_copy, log_media=False)
+    assert (out / "index.html").is_file()
+    assert "not writable: the metrics.json of r1-l1_1e-02-s0 keep their MMCS" in caplog.text
+    other = read_json(rundir.run_dir(sweep_copy, "r1-l1_1e-03-s0") / rundir.METRICS)
+    assert "mmcs_next_ratio" in other  # (the others are written)
+
+
 # ----------------------------------------------------------------------------- the page
 
 CONFIG_YAML = """\
