@@ -46,6 +46,7 @@ from sweep.sweepdir import (
     RunRecord,
     SweepFolder,
     default_store_path,
+    unwritable_fix,
     write_summary,
 )
 
@@ -103,7 +104,8 @@ def run_sweep(cfg: SweepConfig) -> list[RunRecord]:
     SweepFolder(cfg.sweep_dir).refuse_store()
     SweepFolder(cfg.sweep_dir).load_config()  # (another tool's, or damaged: before the lock)
     made = _create(Path(cfg.sweep_dir))
-    folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir"))
+    fix = unwritable_fix(Path(cfg.sweep_dir))
+    folder = SweepFolder(ensure_writable(cfg.sweep_dir, "sweep_dir", fix))
     outcome, laps = Outcome(), Laps()
     try:
         with driving(folder, outcome, cfg) as lock:

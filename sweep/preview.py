@@ -24,7 +24,7 @@ from sweep.errors import SweepError
 from sweep.io import memory_text
 from sweep.lock import holder_alive, read_lock
 from sweep.planning import SweepPlan
-from sweep.sweepdir import LOCK, SweepFolder
+from sweep.sweepdir import LOCK, SweepFolder, unwritable_fix
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def preview(cfg: SweepConfig) -> Preview:
     if not os.access(existing, os.W_OK | os.X_OK):  # (as the run's write probe would find)
         raise SweepError(
             f"sweep_dir {folder.path} is not writable ({existing} is not: read-only or no "
-            "permission); choose another folder"
+            f"permission); {unwritable_fix(folder.path)}"
         )
     driver.check_config(cfg, folder)
     finished = driver.recorded_finished_plan(cfg, folder, tidy=False)  # (its store may be gone)

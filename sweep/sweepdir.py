@@ -339,6 +339,15 @@ def _sweep_like(path: Path) -> bool:
     return (path / MANIFEST).is_file() and ((path / RUNS).is_dir() or (path / CONFIG).is_file())
 
 
+def unwritable_fix(sweep_dir: Path) -> str:
+    """What to do about a ``sweep_dir`` that cannot be written: another folder for a new
+    sweep; for one holding a sweep (another folder would train it again from nothing),
+    making it writable, or a copy where it can be."""
+    if _sweep_like(sweep_dir):
+        return "make it writable, or copy the sweep folder to a writable disk and run the copy"
+    return "choose another folder"
+
+
 def within_sweep(path: Path) -> tuple[Path, str] | None:
     """The sweep folder ``path`` is in (or is) and the first name of ``path`` under it
     (``""`` for the sweep folder itself; ``"runs"``, ``"report"`` ...), if any; a sweep

@@ -685,6 +685,12 @@ def test_a_read_only_sweep_is_refused_by_what_writes_into_it(ray_cluster, tmp_pa
         )
         assert main(["status", str(sw)]) == 0
         assert main(["report", str(sw), "--out", str(tmp_path / "rep")]) == 0
+        fix = "make it writable, or copy the sweep folder to a writable disk and run the copy"
+        for plan in ([], ["--plan"]):  # (another folder would train the sweep from nothing)
+            assert run(sw, *plan) == 2
+            assert capsys.readouterr().err.strip().endswith(fix)
+        assert run(mnt / "new") == 2
+        assert capsys.readouterr().err.strip().endswith("; choose another folder")
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
 
