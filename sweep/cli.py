@@ -38,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sweep import __version__, configs
 from sweep.config import ConfigError, SweepConfig, one_line, register_configs, to_sweep_config
 from sweep.errors import SweepError, os_error_message, stdout_gone
+from sweep.io import lift_file_size_limit
 
 log = logging.getLogger("sweep")
 
@@ -912,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
         with interruptible():
             args = parse(argv)
             _setup_logging(args.verbose)
+            lift_file_size_limit()  # (a store, a checkpoint, Ray's object store: GBs)
             code = args.func(args)
             sys.stdout.flush()  # (here, where a reader that left is caught: a pipe buffers)
             return code

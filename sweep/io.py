@@ -115,6 +115,19 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def lift_file_size_limit() -> int | None:
+    """Raise this process's file-size limit (``ulimit -f``; its children's too) to its hard
+    limit: Ray's object store maps a file as large as its memory, a store's chunk or a
+    checkpoint can be GBs (past the limit the raylet is killed by SIGXFSZ, Python's writes
+    fail). Returns the limit left (a hard one), else None."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
 def cpu_count() -> int:
     """CPU cores this process may run on (its affinity: a Ray or SLURM task may get fewer
     than the machine has)."""

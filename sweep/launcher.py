@@ -32,7 +32,7 @@ from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import host_memory_bytes, release_device_memory
 from sweep.errors import SweepError, first_line, task_error_reason
 from sweep.gpuinfo import GpuInfo
-from sweep.io import cpu_count
+from sweep.io import cpu_count, lift_file_size_limit
 from sweep.logger import WANDB_THREAD
 from sweep.stop import StopWatch, at_exit_now, exit_now, quietly
 
@@ -106,6 +106,7 @@ def _start_ray(lc: LaunchConfig) -> None:
     _quiet_ray()
     _worker_env()
     common = {"include_dashboard": False, "configure_logging": False, "log_to_driver": True}
+    limit = None if lc.address else _file_size_limit()
     try:
         with _signals_stay_ours():
             if lc.address:
@@ -120,13 +121,29 @@ def _start_ray(lc: LaunchConfig) -> None:
         if err.code == signal.SIGTERM:
             exit_now(signal.SIGTERM)
         raise
-    except (ConnectionError, OSError, ValueError, RuntimeError) as err:  # (launch=local)
+    except SweepError:
+        raise
+    except Exception as err:  # (launch=local; Ray's node start-up raises bare Exceptions)
         hint = "check launch.* settings"
         if "path length" in str(err):
             hint = "launch.temp_dir is too long for Ray's socket paths (107 bytes); use a shorter folder"
+        elif limit is not None:
+            hint = f"the file-size limit (ulimit -f) of {limit} bytes may be why: lift it"
         raise SweepError(
             f"could not start a local Ray instance ({first_line(err)}); {hint}"
         ) from err
+
+
+def _file_size_limit() -> int | None:
+    """The file-size limit left (``ulimit -f``: a hard one, which :func:`sweep.io.
+    lift_file_size_limit` cannot raise), warned about; None: there is none."""
+    hard = lift_file_size_limit()
+    if hard is not None:
+        log.warning(
+            "files are limited to %d bytes (ulimit -f): Ray's object store and the "
+            "checkpoints may need larger ones; lift the limit if the sweep fails", hard,
+        )  # fmt: skip
+    return hard
 
 
 def _join(lc: LaunchConfig, common: dict) -> None:

@@ -291,6 +291,30 @@ def sweep_cli(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_a_file_size_limit_is_lifted_to_its_hard_limit_for_ray_and_the_sweep(short_tmp):
+    """``ulimit -f`` (soft) of 1 MiB: the raylet, killed by SIGXFSZ mapping its object store,
+    took the sweep down with a traceback; the soft limit is raised to the hard one."""
+    import resource
+
+    from tests.test_sweep_e2e import TINY
+
+    def limited() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+
+    sw = short_tmp / "sw"
+    args = ["run", f"sweep_dir={sw}", *TINY, "grid.l1=[1e-3]", "grid.dict_ratio=[2]"]
+    out = subprocess.run(
+        [sys.executable, "-m", "sweep", *args, f"launch.temp_dir={short_tmp / 'ray'}"],
+        env=env(), capture_output=True, text=True, timeout=300, preexec_fn=limited,
+    )  # fmt: skip
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 1 << 34:
+        pytest.skip(f"this machine's hard file-size limit ({hard} bytes) is too low for Ray")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (sw / "runs" / "r2-l1_1e-03-s0" / "DONE").is_file()
+
+
 def test_an_address_where_no_head_answers_is_refused_before_any_work(tmp_path):
     sw, port = tmp_path / "sw", free_port()  # (nothing listens there)
     out = sweep_cli("run", "launch=cluster", f"launch.address=127.0.0.1:{port}", f"sweep_dir={sw}")
