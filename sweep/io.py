@@ -47,8 +47,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            # (a full disk's write or fsync names no file: which disk is full, then?)
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     fsync_folder(path.parent)
 

@@ -712,6 +712,23 @@ def test_os_errors_name_their_fix():
     assert os_error_message(denied).endswith("; check the path and its permissions, then re-run")
 
 
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path):
+    """A write or fsync that fails for want of space names no file: which disk is full
+    (the sweep's, --out's, the store's)?"""
+    from sweep.errors import os_error_message
+    from sweep.io import atomic_write
+
+    def full(f):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "metrics.json", full)
+    assert caught.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
+    assert os_error_message(caught.value).startswith(
+        f"no space left on the device ({tmp_path / 'metrics.json'}); "
+    )
+
+
 # ------------------------------------------------------------------ 10. minor
 
 
