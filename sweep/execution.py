@@ -242,12 +242,29 @@ class Execution:
             return True
         if not self.deadline:  # the stop file is written: running tasks checkpoint and return
             self.deadline = time.time() + stop_grace(pending)
+            if not self.folder.stop_file.exists():
+                self._ask_through_ray(pending)
         if self._all_checkpointed(pending) or time.time() > self.deadline:
             # SLURM signals Ray's own processes too: results may never arrive, but every
             # started ensemble has checkpointed (or is past saving); its run folders hold all.
             self._mark_interrupted(pending)
             return False
         return True
+
+    def _ask_through_ray(self, pending: list[EnsembleSpec]) -> None:
+        """The stop file could not be written (a full disk, a sweep folder made read-only):
+        each task is asked through Ray instead. Ray's cancel raises SIGINT in a running
+        task's worker, whose :class:`~sweep.stop.StopWatch` takes it as the stop file (the
+        worker checkpoints and returns); a task not yet started never starts."""
+        import ray
+
+        log.warning(
+            "could not write the stop file %s: asking the ensembles through Ray instead",
+            self.folder.stop_file,
+        )
+        for ref, ens in list(self.refs.items()):
+            if ens in pending:
+                quietly(lambda ref=ref: ray.cancel(ref, force=False, recursive=False))
 
     def _finished(self, fin: launcher.Finished[EnsembleSpec]) -> None:
         ens = fin.key

@@ -231,6 +231,26 @@ def test_sigterm_sigint_checkpoint_and_exit_cleanly(
     assert f"details: worker of ensemble {ens}: run {stopped} (ensemble {ens}): " in said, workers
 
 
+def test_a_stop_whose_stop_file_cannot_be_written_reaches_the_workers_through_ray(
+    reference, tmp_path, tmp_path_factory
+):
+    """A full disk (or a sweep folder made read-only) refuses the stop file, the workers'
+    only stop signal: they trained on until killed at the grace's end, losing every step
+    since their last checkpoint. Ray's cancel asks them instead: they checkpoint and stop."""
+    sw, rt = tmp_path / "sw", tmp_path_factory.getbasetemp() / "rsf"
+    environ = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_STOP_FILE_FAILS": "1"}
+    p = start(sw, rt, "train.checkpoint_every=100000", environ=environ)
+    wait_for(lambda: curve_len(sw) >= 8, p)
+    os.kill(p.pid, signal.SIGTERM)  # (the driver alone: its workers hear of it only from it)
+    got, out = finish(p)
+    assert got == 143, out
+    assert "could not write the stop file" in out and "asking the ensembles through Ray" in out
+    assert "running ensembles checkpointed" in (sw / "sweep.log").read_text()
+    interrupted = [r for r in (sw / "runs").iterdir() if checkpoints.list_checkpoints(r)]
+    assert interrupted and all((r / "interrupted.json").is_file() for r in interrupted)
+    _resume_and_compare(sw, rt, reference)
+
+
 def test_sweep_stop_from_another_terminal_checkpoints_and_resumes_exactly(
     reference, tmp_path, tmp_path_factory
 ):

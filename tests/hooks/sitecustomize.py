@@ -18,7 +18,9 @@ variable is set, and a module is patched when it is first imported, not before:
   seconds more (a stop landing while an ensemble is evaluated);
 - ``SWEEP_TEST_STOP_GRACE``: the driver waits that many seconds for a stop's checkpoints;
 - ``SWEEP_TEST_PLAN_SLEEP`` (``SECONDS:FILE``): the driver, its Ray started, touches FILE as
-  it plans, then takes that many seconds more (a stop landing before training).
+  it plans, then takes that many seconds more (a stop landing before training);
+- ``SWEEP_TEST_STOP_FILE_FAILS``: the driver cannot write the sweep's stop file (a full
+  disk: ENOSPC).
 """
 
 from __future__ import annotations
@@ -114,6 +116,15 @@ def _raising_finish(module) -> None:
     module.RunFolder.finish = finish
 
 
+def _stop_file_fails(module) -> None:
+    import errno
+
+    def request_stop(self, signum):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.stop_file))
+
+    module.SweepFolder.request_stop = request_stop
+
+
 def _gpuinfo(module) -> None:
     if "default_worker" in " ".join(sys.argv):  # a Ray worker
         module._torch_sees_cuda = lambda: True
@@ -133,6 +144,7 @@ PATCHES = [
     ("sweep.driver", "SWEEP_TEST_PLAN_SLEEP", _slowed("plan_for", "SWEEP_TEST_PLAN_SLEEP")),
     ("sweep.gpuinfo", "SWEEP_TEST_NODE_CUDA", _gpuinfo),
     ("sweep.rundir", "SWEEP_TEST_FINISH_RAISES", _raising_finish),
+    ("sweep.sweepdir", "SWEEP_TEST_STOP_FILE_FAILS", _stop_file_fails),
 ]
 
 
