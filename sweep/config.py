@@ -247,7 +247,9 @@ class SAEConfig:
     ``weighted``; jumprelu: ``linear`` or ``log``); None = the architecture's default, named
     in the composed config (so config.yaml records it)."""
     init_decoder_norm: float | None = None
-    """Norm of the initial decoder rows; None = the recipe's (0.1 for ``weighted``, else 1)."""
+    """Norm of the initial decoder rows; None = the recipe's (0.1 for ``weighted``, else 1).
+    Where decoder rows are kept at unit norm (every recipe but ``weighted``) it sets only the
+    encoder's starting scale (its transpose): the rows are renormalised after the first step."""
 
     def check(self) -> None:
         from sweep.archs import REGISTRY
