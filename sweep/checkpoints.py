@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sweep import tensorfile
 from sweep.errors import SweepError
-from sweep.io import atomic_write
+from sweep.io import atomic_write, read_error
 
 if TYPE_CHECKING:  # torch and safetensors are imported where tensors are: file names need none
     import torch
@@ -123,11 +123,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, FileNotFoundError) as err:  # (its header or extents are wrong)
+    except SafetensorError as err:  # (its header or extents are wrong)
         raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
     except OSError as err:
+        real = read_error(path, err)
+        if real is None:
+            raise ValueError(f"checkpoint {path.name} is gone (since it was listed)") from err
         raise CheckpointUnreadable(
-            f"could not read checkpoint {path} ({type(err).__name__}: {err}); it is kept: "
+            f"could not read checkpoint {path} ({type(real).__name__}: {real}); it is kept: "
             "mend the cause and re-run the command (or delete that file to resume from an "
             "older checkpoint)"
         ) from err

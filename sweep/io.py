@@ -118,6 +118,21 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def read_error(path: Path, err: OSError) -> OSError | None:
+    """What keeps ``path`` from being read, when reading it raised ``err`` (safetensors
+    reports any failure to open a file, a permission's or too many open files', as
+    ``FileNotFoundError``): None when the file is gone, else the error opening it gives
+    (``err`` when it opens now)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return None
+    except OSError as real:
+        return real
+    return err
+
+
 def lift_file_size_limit() -> int | None:
     """Raise this process's file-size limit (``ulimit -f``; its children's too) to its hard
     limit: Ray's object store maps a file as large as its memory, a store's chunk or a
@@ -257,11 +272,18 @@ def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def json_dict(path: str | Path) -> dict:
-    """``path``'s JSON object; {} when missing, unreadable or not an object."""
+def json_dict(path: str | Path, strict: bool = False) -> dict:
+    """``path``'s JSON object; {} when missing, damaged or not an object, or unreadable unless
+    ``strict`` (then the error reading it is raised: one a caller must not take for damage)."""
     try:
         value = read_json(path)
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        if strict:
+            raise
+        return {}
+    except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -41,6 +41,7 @@ from sweep.io import (
     flock_held,
     fsync_file,
     json_bytes,
+    read_error,
     read_json,
     remove_stale_temps,
 )
@@ -172,9 +173,11 @@ class RunFolder:
         if deep and "weights_sha256" not in done:  # finished by a version without checksums
             try:
                 self.weights()
+            except RunDirError:  # (could not be read: proves nothing)
+                raise
             except Exception as err:
                 return f"{WEIGHTS} is unreadable ({type(err).__name__})"
-        if not _sound_metrics(self._json(METRICS, quiet=True)):
+        if not _sound_metrics(self._final_json(METRICS)):
             return METRICS_LOST  # (last: everything else verified)
         return None
 
@@ -294,7 +297,7 @@ class RunFolder:
     def diverged_step(self) -> int | None:
         """The step at which a diverged run froze (``diverged.json``: the first whose loss or
         gradient was not finite, which updated nothing), or None."""
-        step = self._json(DIVERGED).get("step")
+        step = self._final_json(DIVERGED).get("step")
         return int(step) if isinstance(step, int) else None
 
     def failure(self) -> str:
@@ -334,6 +337,9 @@ class RunFolder:
         try:
             return load_file(str(self.path / WEIGHTS))
         except (SafetensorError, OSError) as err:
+            real = read_error(self.path / WEIGHTS, err) if isinstance(err, OSError) else None
+            if real is not None:  # (safetensors says FileNotFoundError for any failed open)
+                raise self._unreadable(WEIGHTS, real) from err
             raise SweepError(
                 f"run {self.run_id}: {WEIGHTS} is unreadable ({err}); re-run its sweep to retrain it"
             ) from err

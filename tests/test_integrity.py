@@ -156,7 +156,7 @@ def test_garbage_in_final_files_is_no_traceback(copy, name, capsys):
     assert m["state"] == "done"
 
 
-@pytest.mark.parametrize("name", [rundir.DONE, rundir.CFG, rundir.WEIGHTS])
+@pytest.mark.parametrize("name", [rundir.DONE, rundir.CFG, rundir.WEIGHTS, rundir.METRICS])
 def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     copy, name, monkeypatch, capsys
 ):
@@ -444,6 +444,27 @@ def test_a_lock_naming_this_process_that_holds_none_is_stale(tmp_path, caplog):
     _lock_of_this_process(tmp_path, started=time.time(), beat=time.time())
     with caplog.at_level(logging.WARNING), SweepLock(tmp_path):
         assert "taking over a stale lock" in caplog.text
+
+
+def test_a_lock_that_cannot_be_read_is_not_taken_over(tmp_path, monkeypatch, capsys):
+    """A live driver's lock another user's umask keeps from us (or a network file system's
+    error) is no dead driver's: taking it over, two drivers trained the sweep at once."""
+    with SweepLock(tmp_path):
+        held = (tmp_path / ".lock").read_bytes()
+    (tmp_path / ".lock").write_bytes(held)  # (as a live driver holds it)
+    read_text = Path.read_text
+
+    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.name == ".lock":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(SweepError, match="could not read the sweep's lock .* a driver may be"):
+        SweepLock(tmp_path).__enter__()
+    assert (tmp_path / ".lock").read_bytes() == held
+    with pytest.raises(SweepError, match="could not read the sweep's lock"):
+        SweepFolder(tmp_path).driver()  # (status, stop: none runs, they said)
 
 
 def test_a_lock_that_cannot_be_removed_leaves_the_real_error(tmp_path, caplog, monkeypatch):

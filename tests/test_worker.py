@@ -6,8 +6,12 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -314,6 +318,8 @@ def test_corrupt_checkpoint_falls_back_to_previous(tiny_store, tmp_path):
     "fault, raised",
     [
         (OSError(5, "Input/output error"), "could not read checkpoint .* it is kept"),
+        # (what safetensors raises for any file it fails to open: here, it is there)
+        (FileNotFoundError(2, "No such file or directory"), "could not read checkpoint .* kept"),
         (RuntimeError("DefaultCPUAllocator: can't allocate memory"), "ran out of host memory"),
     ],
 )
@@ -341,6 +347,38 @@ def test_a_checkpoint_that_could_not_be_read_is_kept_not_taken_for_damaged(
         assert digest(rundir.run_dir(tmp_path / "ref", m.run_id)) == digest(d)
         events = d / "events.jsonl"
         assert not events.exists() or "bad_checkpoint" not in events.read_text()
+
+
+def without_root(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c code args`` with file permissions in force (root's overrides dropped)."""
+    cmd = [sys.executable, "-c", code, *args]
+    if os.geteuid() == 0:
+        if shutil.which("capsh") is None:
+            pytest.skip("root without capsh: permissions cannot be put in force")
+        drop = "--drop=cap_dac_override,cap_dac_read_search"
+        cmd = ["capsh", drop, "--", "-c", " ".join(shlex.quote(c) for c in cmd)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_a_checkpoint_safetensors_cannot_open_is_not_taken_for_gone(tmp_path):
+    """A checkpoint its reader may not open: safetensors says the file does not exist (so
+    it was taken for gone and fallen back from); the OS is asked, so it is kept."""
+    tensors = {"param.W": torch.arange(6.0).reshape(2, 3)}
+    checkpoints.save_checkpoint(tmp_path, checkpoints.Checkpoint(3, tensors, {"c": 1}), keep=2)
+    path = checkpoints.path_of(tmp_path, 3)
+    path.chmod(0)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from sweep import checkpoints\n"
+        "try:\n"
+        "    checkpoints.load_checkpoint(Path(sys.argv[1]))\n"
+        "except Exception as err:\n"
+        "    print(type(err).__name__, err)\n"
+    )
+    out = without_root(code, str(path))
+    assert out.stdout.startswith("CheckpointUnreadable could not read checkpoint"), out
+    assert "PermissionError" in out.stdout, out
 
 
 def test_the_end_state_is_written_once_when_a_periodic_checkpoint_falls_on_the_last_step(
