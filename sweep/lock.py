@@ -52,11 +52,24 @@ def _left_by(held: dict | None) -> str:
     return f"left by pid {held.get('pid')} on {held.get('host')}"
 
 
-def read_lock(sweep_dir: Path) -> dict | None:
-    """The lock's record; None when it is missing, unreadable or not a JSON object."""
+def read_lock(sweep_dir: Path, strict: bool = False) -> dict | None:
+    """The lock's record; None when it is missing, damaged or not a JSON object (a driver
+    that died while writing it), or could not be read, unless ``strict``: then that is a
+    one-line error (a live driver's lock another user's umask keeps from us, a network
+    file system's error: taken for a dead driver's, two drivers would train the sweep)."""
+    path = sweep_dir / LOCK
     try:
-        info = json.loads((sweep_dir / LOCK).read_text())
-    except (OSError, ValueError):
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if strict:
+            raise RunDirError(
+                f"could not read the sweep's lock {path} ({type(err).__name__}: {err}); a "
+                "driver may be running it: mend the cause (permissions, the disk) and re-run"
+            ) from err
+        return None
+    except ValueError:
         return None
     return info if isinstance(info, dict) else None
 
@@ -180,7 +193,7 @@ class SweepLock:
         self.info["folder"] = folder_id(self.path.parent)
         self._wait_while_doubtful()
         with flock_held(self.path.parent / LOCK_GUARD, create=True):
-            held = read_lock(self.path.parent)
+            held = read_lock(self.path.parent, strict=True)
             if held is not None and holder_alive(held, self.path) and not self._own_stale(held):
                 raise RunDirError(
                     f"sweep {self.path.parent} is being run by pid {held.get('pid')} on {held.get('host')}; "
@@ -210,7 +223,7 @@ class SweepLock:
         small pids; a clock stepped forward since the driver began looks the same, so the
         heartbeat decides). Wait until it goes stale (at most :data:`STALE_AFTER` s) rather
         than fail; one still fresh after that is refused."""
-        held = read_lock(self.path.parent)
+        held = read_lock(self.path.parent, strict=True)
         if held is None or not _doubtful(held, self.path, self.info["host"]):
             return
         deadline, said = time.monotonic() + STALE_AFTER + 5.0, False
@@ -223,7 +236,7 @@ class SweepLock:
                     self.path.parent, held.get("pid"), held.get("host"), STALE_AFTER,
                 )  # fmt: skip
             time.sleep(2.0)
-            held = read_lock(self.path.parent)
+            held = read_lock(self.path.parent, strict=True)
             if held is None:
                 return
 

@@ -139,7 +139,7 @@ def _notes(folder: SweepFolder, shape: StoreShape) -> list[str]:
 
 
 def _lock_notes(folder: SweepFolder) -> list[str]:
-    info = read_lock(folder.path)
+    info = read_lock(folder.path, strict=True)  # (as the run reads it)
     if not info or not holder_alive(info, folder.path / LOCK):
         return []
     return [

@@ -689,7 +689,7 @@ class SweepFolder:
         """The lock of the live driver holding the sweep (None: none)."""
         from sweep.lock import holder_alive, read_lock
 
-        held = read_lock(self.path)
+        held = read_lock(self.path, strict=True)
         return held if held is not None and holder_alive(held, self.path / LOCK) else None
 
     def driver_since(self, training: bool = False) -> float | None:
