@@ -279,6 +279,54 @@ def test_a_damaged_token_stream_is_found_and_one_of_a_changed_dataset_refused(
         run_harvest(again)
 
 
+def refuse_reading(monkeypatch, victim: Path) -> None:
+    """Reading ``victim`` fails as a permission refused does (the rest reads as it is)."""
+    read_text, load = Path.read_text, np.load
+
+    def refuse(path) -> None:  # noqa: ANN001
+        if Path(path) == victim:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(
+        Path, "read_text", lambda self, *a, **k: (refuse(self), read_text(self, *a, **k))[1]
+    )
+    monkeypatch.setattr(np, "load", lambda path, *a, **k: (refuse(path), load(path, *a, **k))[1])
+
+
+@pytest.mark.parametrize("name", [harvest_dir.STREAM_FILE, harvest.TOKENS_FILE])
+def test_an_unfinished_harvests_token_stream_that_could_not_be_read_is_kept(
+    clean_and_cut, tmp_path, monkeypatch, caplog, name
+):
+    """Its record (the stream's checksum) or the stream itself, unreadable, proves nothing:
+    the stream was called damaged and made again, the record written again without its
+    checksum (a damaged stream, or one of a changed dataset, then went unseen)."""
+    _, cut = clean_and_cut
+    victim = tmp_path / "cut" / name
+    before = victim.read_bytes()
+    refuse_reading(monkeypatch, victim)
+    with caplog.at_level(logging.WARNING), pytest.raises(PermissionError):
+        run_harvest(cut)
+    assert victim.read_bytes() == before and "damaged" not in caplog.text
+
+
+def test_a_complete_harvest_whose_manifest_could_not_be_read_is_not_harvested_again(
+    tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    cfg = tiny_cfg(tiny_model_dir, text_file, tmp_path / "h", hooks=HOOKS[:1], rows=620)
+    run_harvest(cfg)
+    manifest = tmp_path / "h" / "manifest.json"
+    before = manifest.read_bytes()
+    refuse_reading(monkeypatch, manifest)
+
+    def no_model(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("model loaded: the complete harvest taken for an unfinished one")
+
+    monkeypatch.setattr(lm, "load_model", no_model)
+    with pytest.raises((PermissionError, StoreError)):
+        run_harvest(cfg)
+    assert manifest.read_bytes() == before  # (a harvest redone: a store of another identity)
+
+
 def test_complete_harvest_is_reused_without_the_model(
     tiny_model_dir, text_file, tmp_path, monkeypatch
 ):

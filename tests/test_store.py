@@ -262,6 +262,17 @@ def test_a_chunk_that_could_not_be_read_is_not_called_damaged(store_copy, monkey
         "\\(permissions, the disk\\) and re-run \\(were it lost: delete ",
     ):
         ChunkStore(store_copy).verify()
+    load, store = np.load, ChunkStore(store_copy)
+
+    def refused_load(path, *args, **kwargs):  # noqa: ANN001, ANN202  (as training reads it)
+        if Path(path).name == "chunk_00001.npy":
+            raise PermissionError(13, "Permission denied", str(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", refused_load)
+    for read in (lambda: store.read_rows(1), lambda: store.read_into(1, torch.empty(4, 16))):
+        with pytest.raises(StoreError, match="chunk_00001.npy could not be read .*mend the cause"):
+            read()
 
 
 EDITS = {

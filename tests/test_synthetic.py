@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,6 +235,26 @@ def test_the_sweeps_own_incomplete_store_with_other_parameters_is_made_anew(tmp_
     path, _ = _begun_with_other_rows(tmp_path)
     store = ensure_synthetic_store(tiny_data(rows=5000), path, owned=True)
     assert store.total_rows == 5000 and store.provenance["params"]["rows"] == 5000
+
+
+def test_an_incomplete_store_whose_parameters_could_not_be_read_is_kept(tmp_path, monkeypatch):
+    """Its parameters file unreadable (a permission, a disk error) was taken for other
+    parameters: the sweep's own incomplete store was cleared and generated again."""
+    cfg = tiny_data()
+    ensure_synthetic_store(cfg, tmp_path / "s")
+    _interrupt(tmp_path / "s", drop=1)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "s").iterdir()}
+    victim, read_text = tmp_path / "s" / PARAMS_FILE, Path.read_text
+
+    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self == victim:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    with pytest.raises(PermissionError):
+        ensure_synthetic_store(cfg, tmp_path / "s", owned=True)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "s").iterdir()} == before
 
 
 def test_complete_store_of_the_old_generator_is_reused_untouched(tmp_path):

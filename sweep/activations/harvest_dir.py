@@ -47,8 +47,9 @@ damaged one is found and one made again from a changed dataset is refused) and `
 
 
 def stream_record(root: Path) -> dict:
-    """:data:`STREAM_FILE`'s contents ({} when missing or unreadable)."""
-    return json_dict(root / STREAM_FILE)
+    """:data:`STREAM_FILE`'s contents ({} when missing or damaged; an error reading it is
+    raised: rewritten from {}, it would lose the stream's checksum for good)."""
+    return json_dict(root / STREAM_FILE, strict=True)
 
 
 def record_stream(root: Path, **facts: str) -> None:
@@ -298,7 +299,7 @@ def stream_intact(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool | N
     try:
         shape = np.load(path, mmap_mode="r").shape
         intact = want is None or tokens_digest(path) == want
-    except (ValueError, OSError):
+    except (ValueError, EOFError, FileNotFoundError):  # (an error reading it is raised)
         return False
     if intact and shape != (plan.n_contexts + plan.eval_contexts, cfg.context):
         return None
@@ -309,6 +310,6 @@ def complete_store(path: Path, params: dict) -> bool:
     """``path`` holds a manifest of this harvest (a complete store, here being repaired)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):  # (an error reading it is raised: no redo)
         return False
     return manifest.get("provenance", {}).get("params") == params

@@ -488,7 +488,7 @@ class ChunkStore:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)[start:stop]
             x = _from_numpy(arr[order] if order is not None else np.array(arr), self.dtype)
         except (ValueError, OSError) as err:
-            raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
+            raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         self._still_held(index)
         if check:
             reject_nonfinite(x, f)
@@ -512,7 +512,7 @@ class ChunkStore:
             buf = memoryview(view.numpy()).cast("B")
             got = read_exact(f, offset, buf)  # split across threads when large
         except (ValueError, OSError) as err:
-            raise StoreError(f"chunk {f} could not be read ({err}); {self._repair}") from err
+            raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         if got != len(buf):
             raise StoreError(f"chunk {f} is truncated; {self._repair}")
         self._still_held(index)
@@ -542,8 +542,7 @@ class ChunkStore:
         except StoreError as err:  # (its runs go on from the checkpoints made before)
             raise StoreError(f"{err} (it changed while this sweep trained on it)") from err
         except OSError as err:
-            raise StoreError(f"chunk {self.path / name} could not be read ({err}); "
-                             f"{self._repair}") from err  # fmt: skip
+            raise self._unread(self.path / name, err, "chunk {f} is lost") from err
         log.info("chunk %s: its file changed, its bytes did not; reading on", self.path / name)
         self._held[name] = stat
 

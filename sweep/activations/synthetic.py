@@ -439,8 +439,9 @@ def _blocks(rows: int, device: torch.device) -> list[tuple[int, int]]:
 
 
 def _begun_params(path: Path) -> dict:
-    """What an incomplete store was begun with (``{}`` when its marker is damaged)."""
-    return json_dict(path / PARAMS_FILE)
+    """What an incomplete store was begun with (``{}`` when its marker is damaged; an error
+    reading it is raised, not taken for other settings: the store would be cleared)."""
+    return json_dict(path / PARAMS_FILE, strict=True)
 
 
 def _differing(old: dict, new: dict) -> list[str]:
