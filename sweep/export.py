@@ -216,8 +216,11 @@ def _write(model: SAE, out: str | Path, origin: dict) -> Path:
     tensors, fields = model.arch.saelens_form(saved, model.k)
     weights.update({k: v.contiguous() for k, v in tensors.items()})
     # cfg.json first, which marks the folder as an export (one killed midway is replaced by
-    # the next); an earlier export's weights there are this run's (_check_target), replaced
-    # only once the new ones are whole: a write that fails leaves them as they were
+    # the next). An earlier export of this run keeps its weights until the new ones are
+    # whole (a write that fails leaves them as they were); another run's go first, so the
+    # folder never pairs this run's cfg.json with them
+    if _export_metadata(out).get("sweep_run_id") != model.cfg.get("run_id"):
+        (out / SAELENS_WEIGHTS).unlink(missing_ok=True)
     atomic_write_json(out / SAELENS_CFG, saelens_cfg(model.cfg, fields, origin))
     atomic_write_bytes(out / SAELENS_WEIGHTS, save(weights))
     return out

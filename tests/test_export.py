@@ -283,10 +283,15 @@ def test_a_re_export_that_fails_leaves_the_earlier_export_whole(small_sweep, tmp
     def full(path, data):  # noqa: ANN001, ANN202
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    other = tmp_path / "other"  # another run's export there: its weights go first
+    export_run(small_sweep / "runs" / "r2-l1_1e-03-s0", other)
     monkeypatch.setattr(export, "atomic_write_bytes", full)
     with pytest.raises(OSError, match="No space left"):
         export_sweep(small_sweep, out)
     assert weights.read_bytes() == before
+    with pytest.raises(OSError, match="No space left"):
+        export_run(small_sweep / "runs" / "r2-l1_3e-02-s0", other)
+    assert not (other / "sae_weights.safetensors").exists()  # (never beside its cfg.json)
 
 
 def test_every_export_folder_is_checked_writable_before_any_is_written(
