@@ -123,7 +123,12 @@ def _start_ray(lc: LaunchConfig) -> None:
         raise
     except SweepError:
         raise
-    except Exception as err:  # (launch=local; Ray's node start-up raises bare Exceptions)
+    except Exception as err:  # (Ray's node start-up raises bare Exceptions)
+        if lc.address:  # (joined: what failed after its ray.init)
+            raise SweepError(
+                f"Ray cluster at launch.address={lc.address} failed as it was joined "
+                f"({first_line(err)}); check that its head runs, then re-run"
+            ) from err
         hint = "check launch.* settings"
         if "path length" in str(err):
             hint = "launch.temp_dir is too long for Ray's socket paths (107 bytes); use a shorter folder"
