@@ -117,23 +117,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
     they are verified, so what is verified is what is loaded, whatever later happens to the
     file; nothing is read into an intermediate buffer (a resume holds each member's state
     once)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+        meta, tensors = _read(path)
     except SafetensorError as err:  # (its header or extents are wrong)
         raise ValueError(f"unreadable checkpoint {path.name}: {err}") from err
-    except OSError as err:
-        real = read_error(path, err)
-        if real is None:
-            raise ValueError(f"checkpoint {path.name} is gone (since it was listed)") from err
-        raise CheckpointUnreadable(
-            f"could not read checkpoint {path} ({type(real).__name__}: {real}); it is kept: "
-            "mend the cause and re-run the command (or delete that file to resume from an "
-            "older checkpoint)"
-        ) from err
     try:
         ok = meta.get("sha256") == _digest(tensors, meta)
         ckpt = Checkpoint(step=int(meta["step"]), tensors=tensors, meta=json.loads(meta["meta"]))
@@ -142,6 +131,41 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not ok or ckpt.step != step_of(path):
         raise ValueError(f"checkpoint {path.name} fails its checksum")
     return ckpt
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A checkpoint's metadata and tensors. An error opening it is asked of the OS
+    (safetensors calls any failure to open a file not found): gone, a ``ValueError``;
+    another, :class:`CheckpointUnreadable`; none now (a passing one), it is read again."""
+    try:
+        return _opened(path)
+    except OSError as err:
+        real = read_error(path, err)
+        if real is None:
+            raise ValueError(f"checkpoint {path.name} is gone (since it was listed)") from err
+        if real is not err:
+            raise _unreadable(path, f"{type(real).__name__}: {real}") from err
+    try:
+        return _opened(path)
+    except OSError as err:
+        raise _unreadable(
+            path, f"safetensors could not open it, though it is there: {err}"
+        ) from err
+
+
+def _opened(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The file's metadata, and its tensors copied out of its mapping."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}, {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+
+
+def _unreadable(path: Path, why: str) -> CheckpointUnreadable:
+    return CheckpointUnreadable(
+        f"could not read checkpoint {path} ({why}); it is kept: mend the cause and re-run the "
+        "command (or delete that file to resume from an older checkpoint)"
+    )
 
 
 def checkpoint_steps(folder: Path, whole: bool = False) -> set[int]:

@@ -381,6 +381,23 @@ def test_a_checkpoint_safetensors_cannot_open_is_not_taken_for_gone(tmp_path):
     assert "PermissionError" in out.stdout, out
 
 
+def test_a_checkpoint_safetensors_failed_to_open_once_is_read_again(tmp_path, monkeypatch):
+    """A failure opening it that has passed (the OS opens it now): read again, not given up."""
+    tensors = {"param.W": torch.arange(6.0).reshape(2, 3)}
+    checkpoints.save_checkpoint(tmp_path, checkpoints.Checkpoint(3, tensors, {"c": 1}), keep=2)
+    real, calls = safetensors.safe_open, []
+
+    def once(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileNotFoundError(2, "No such file or directory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", once)
+    got = checkpoints.load_checkpoint(checkpoints.path_of(tmp_path, 3))
+    assert got.step == 3 and torch.equal(got.tensors["param.W"], tensors["param.W"])
+
+
 def test_the_end_state_is_written_once_when_a_periodic_checkpoint_falls_on_the_last_step(
     tiny_store, tmp_path, monkeypatch
 ):
