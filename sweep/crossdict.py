@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from sweep import archs, metrics, sae
+from sweep.errors import RunDirError
 from sweep.io import atomic_write_json, json_number
 from sweep.rate import interval
 from sweep.rundir import RunFolder
@@ -382,14 +383,16 @@ def annotate_runs(records: list[RunRecord], cross: CrossDict, digest: str) -> No
             values = {**cross.per_run[r.run_id], MMCS_OVER: digest}
             try:
                 r.folder.update_metrics(values, replace_keys=(*MMCS_KEYS, MMCS_OVER))
+            except RunDirError:  # (it could not be read: left as it is)
+                kept.append(r.run_id)
             except OSError as err:
                 if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise  # (a full disk: one line, as every write of the report)
                 kept.append(r.run_id)
     if kept:
         log.warning(
-            "not writable: the metrics.json of %s keep their MMCS values (the report has "
-            "the new ones)", ", ".join(kept),
+            "could not update the metrics.json of %s (read-only or unreadable): they keep "
+            "their MMCS values (the report has the new ones)", ", ".join(kept),
         )  # fmt: skip
 
 

@@ -483,7 +483,7 @@ def test_a_run_folder_made_read_only_keeps_its_mmcs_and_the_report_is_made(
     with caplog.at_level(logging.WARNING):
         out, _ = build_report(sweep_copy, log_media=False)
     assert (out / "index.html").is_file()
-    assert "not writable: the metrics.json of r1-l1_1e-02-s0 keep their MMCS" in caplog.text
+    assert "could not update the metrics.json of r1-l1_1e-02-s0 (read-only" in caplog.text
     other = read_json(rundir.run_dir(sweep_copy, "r1-l1_1e-03-s0") / rundir.METRICS)
     assert "mmcs_next_ratio" in other  # (the others are written)
 
