@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
+from tokenize import TokenError
 from typing import BinaryIO
 
 from sweep.errors import RunDirError, StoreError
@@ -118,6 +119,15 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+GONE = (FileNotFoundError, NotADirectoryError)
+"""What reading a file that is not there raises (NotADirectoryError: a folder on its path is
+a file); any other OSError says nothing of the file, which may be whole."""
+
+NPY_DAMAGED: tuple[type[Exception], ...] = (ValueError, EOFError, SyntaxError, TokenError)
+"""What ``np.load`` raises for a damaged ``.npy`` file (its header is parsed as a Python
+literal: a damaged one can fail to tokenize)."""
+
+
 def read_error(path: Path, err: OSError) -> OSError | None:
     """What keeps ``path`` from being read, when reading it raised ``err`` (safetensors
     reports any failure to open a file, a permission's or too many open files', as
@@ -126,7 +136,7 @@ def read_error(path: Path, err: OSError) -> OSError | None:
     try:
         with open(path, "rb"):
             pass
-    except FileNotFoundError:
+    except GONE:
         return None
     except OSError as real:
         return real
@@ -277,7 +287,7 @@ def json_dict(path: str | Path, strict: bool = False) -> dict:
     ``strict`` (then the error reading it is raised: one a caller must not take for damage)."""
     try:
         value = read_json(path)
-    except FileNotFoundError:
+    except GONE:
         return {}
     except OSError:
         if strict:

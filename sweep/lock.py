@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from sweep.errors import RunDirError
-from sweep.io import flock_held
+from sweep.io import GONE, flock_held
 from sweep.sweepdir import LOCK, LOCK_GUARD
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def read_lock(sweep_dir: Path, strict: bool = False) -> dict | None:
     path = sweep_dir / LOCK
     try:
         info = json.loads(path.read_text())
-    except FileNotFoundError:
+    except GONE:
         return None
     except OSError as err:
         if strict:
@@ -304,7 +304,11 @@ class SweepLock:
         self._stop.set()
         with self._touching:  # (a heartbeat in flight ends first; then it sees the stop)
             _HELD.discard(self.path)
-            held = read_lock(self.path.parent)
+            try:
+                held = read_lock(self.path.parent, strict=True)
+            except RunDirError as err:  # (left: the next driver reads it, or says why not)
+                log.warning("the lock is left: %s", err)
+                return
             mine = held and held.get("pid") == self.info["pid"]
             if mine and held.get("host") == self.info["host"]:
                 try:

@@ -35,6 +35,7 @@ from pathlib import Path
 from sweep import checkpoints, jsonl
 from sweep.errors import RunDirError, SweepError
 from sweep.io import (
+    GONE,
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
@@ -137,7 +138,7 @@ class RunFolder:
         try:
             value = read_json(path)
         except (OSError, ValueError) as err:
-            if strict and isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            if strict and isinstance(err, OSError) and not isinstance(err, GONE):
                 raise
             if not quiet:
                 _warn_unreadable(path, err)
@@ -205,12 +206,12 @@ class RunFolder:
     def vouched(self) -> bool:
         """``DONE`` holds the checksums of the weights and ``cfg.json`` (a version before them
         wrote none)."""
-        return {"weights_sha256", "cfg_sha256"} <= self._json(DONE, quiet=True).keys()
+        return {"weights_sha256", "cfg_sha256"} <= self._final_json(DONE).keys()
 
     def evaluated_step(self) -> int | None:
         """Of a run evaluated again from its weights (see :meth:`unevaluable`): the step at
         which it diverged (its weights hold the steps before it), else None."""
-        if self._json(DONE, quiet=True).get("state") != RunState.DIVERGED.value:
+        if self._final_json(DONE).get("state") != RunState.DIVERGED.value:
             return None
         return self.diverged_step()
 
@@ -427,7 +428,7 @@ class RunFolder:
         ``evaluated_again`` event."""
         before = {"event": "evaluating_again", "reason": reason}
         self.append_event({**before, "previous_metrics": self._json(METRICS, quiet=True)})
-        done = self._json(DONE, quiet=True)
+        done = self._final_json(DONE)  # (rewritten: what it vouches for must be read)
         atomic_write_bytes(self.path / DENSITY, density)
         with self._metrics_held():
             atomic_write_json(self.path / METRICS, metrics)
@@ -443,7 +444,7 @@ class RunFolder:
         if not path.is_file():
             return
         with self._metrics_held():  # (an evaluation writing new metrics: merged into those)
-            old = self._json(METRICS)
+            old = self._final_json(METRICS)  # (read strictly: merged into, then rewritten)
             new = {k: v for k, v in old.items() if k not in replace_keys}
             new.update(values)
             if new != old:

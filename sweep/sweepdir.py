@@ -36,7 +36,14 @@ from sweep.activations.layout import FORMAT as STORE_FORMAT
 from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
-from sweep.io import atomic_write_bytes, atomic_write_json, cpu_count, json_number, read_json
+from sweep.io import (
+    GONE,
+    atomic_write_bytes,
+    atomic_write_json,
+    cpu_count,
+    json_number,
+    read_json,
+)
 from sweep.rundir import DONE, MMCS_KEYS, MMCS_OVER, RUNS, RunFolder, RunState
 
 if TYPE_CHECKING:
@@ -229,6 +236,15 @@ def grid_order(run_id: str, point: object) -> tuple:
     return (0, *values, run_id) if known else (1, 0, 0, 0, run_id)
 
 
+def _done(run: RunFolder, deep: bool = False) -> bool:
+    """:meth:`RunFolder.is_done`, False where a file of it could not be read (a reader lists
+    it with the reason: :meth:`SweepFolder.read_runs`)."""
+    try:
+        return run.is_done(deep)
+    except RunDirError:
+        return False
+
+
 def _why_unfinished(folder: RunFolder, state: RunState, deep: bool) -> tuple[str, bool]:
     """Why a run with a ``DONE``, or a pending one with final weights, does not count as
     finished ("" for every other run), and whether a re-run only evaluates its kept final
@@ -341,9 +357,10 @@ def _sweep_like(path: Path) -> bool:
 
 def unwritable_fix(sweep_dir: Path) -> str:
     """What to do about a ``sweep_dir`` that cannot be written: another folder for a new
-    sweep; for one holding a sweep (another folder would train it again from nothing),
-    making it writable, or a copy where it can be."""
-    if _sweep_like(sweep_dir):
+    sweep; for one holding a sweep, or one stopped while it made its store (another folder
+    would begin again from nothing), making it writable, or a copy where it can be."""
+    folder = SweepFolder(sweep_dir)
+    if _sweep_like(sweep_dir) or folder._stopped_preparing(folder._store_chunks()):
         return "make it writable, or copy the sweep folder to a writable disk and run the copy"
     return "choose another folder"
 
@@ -364,7 +381,7 @@ def within_sweep(path: Path) -> tuple[Path, str] | None:
 
 
 def _damaged(manifest: Path, err: Exception) -> RunDirError:
-    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):  # (proves nothing)
+    if isinstance(err, OSError) and not isinstance(err, GONE):  # (proves nothing)
         return RunDirError(
             f"{manifest} could not be read ({type(err).__name__}: {err}); mend the cause "
             "(permissions, the disk) and re-run"
@@ -463,7 +480,7 @@ class SweepFolder:
         (again), or a finished one is damaged (cheap checks: its files parse and its weights
         have their size), so values computed across runs can tell they are out of date."""
         stamps = ((rid, self.run(rid)) for rid in self.run_ids())
-        done = sorted(f"{rid}|{run.finished_stamp()}" for rid, run in stamps if run.is_done())
+        done = sorted(f"{rid}|{run.finished_stamp()}" for rid, run in stamps if _done(run))
         return hashlib.sha256("\n".join(done).encode()).hexdigest()[:16]
 
     def _no_manifest(self) -> SweepError:
@@ -632,6 +649,8 @@ class SweepFolder:
         try:
             loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         except Exception as err:  # yaml and omegaconf errors alike
+            if isinstance(err, OSError) and not isinstance(err, GONE):
+                raise _damaged(path, err) from err  # (it could not be read: proves nothing)
             raise RunDirError(f"{path} is damaged ({type(err).__name__}); {_RESTORE}") from err
         groups = isinstance(loaded, dict) and all(
             isinstance(loaded.get(g), dict) and loaded[g].get("name") for g in ("data", "sae")
@@ -740,7 +759,7 @@ class SweepFolder:
             return set()
         folders = [self.run(rid) for rid in ids]
         with ThreadPoolExecutor(max(1, min(8, cpu_count()))) as pool:
-            done = list(pool.map(lambda f: f.is_done(deep=True), folders))
+            done = list(pool.map(lambda f: _done(f, deep=True), folders))
         return {rid for rid, ok in zip(ids, done, strict=True) if ok}
 
     def read_runs(
@@ -767,17 +786,24 @@ class SweepFolder:
         for rid in ids:
             folder = self.run(rid)
             hashed = deep and rid not in trusted and rid not in sound
-            state = folder.state(hashed)
-            # with no driver, a pending run's curve is of work it will redo (no checkpoint kept it)
-            stale = state is RunState.PENDING and not live
-            last = {} if state.final or stale else folder.last_curve()
-            if live and (state.resumable or _began_under(folder, state, since)):
-                state = RunState.RUNNING
-            metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
-            metrics = _current_mmcs(metrics, digest)
-            note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
-            why, kept = ("", False) if note else _why_unfinished(folder, state, hashed)
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
+            try:
+                state = folder.state(hashed)
+                # with no driver, a pending run's curve is of work it will redo (no checkpoint
+                # kept it)
+                stale = state is RunState.PENDING and not live
+                last = {} if state.final or stale else folder.last_curve()
+                if live and (state.resumable or _began_under(folder, state, since)):
+                    state = RunState.RUNNING
+                metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
+                metrics = _current_mmcs(metrics, digest)
+                note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
+                why, kept = ("", False) if note else _why_unfinished(folder, state, hashed)
+            except RunDirError as err:  # a file of it could not be read: said, not judged
+                records.append(
+                    RunRecord(rid, folder, RunState.PENDING, {}, {}, {}, str(err), point)
+                )
+                continue
             records.append(
                 RunRecord(
                     rid, folder, state, folder.spec(), metrics, last, note or why, point, kept

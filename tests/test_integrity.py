@@ -181,6 +181,9 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     err = " ".join(capsys.readouterr().err.split())
     assert f"run r2-l1_1e-01-s0: could not read {name} (PermissionError" in err
     assert "training it again" not in err and weights(copy) == before
+    assert main(["status", str(copy)]) == 0  # (the other runs listed; it, with the reason)
+    said = " ".join(capsys.readouterr().out.split())
+    assert (f"could not read {name}" in said) is (name != rundir.WEIGHTS)  # (status hashes none)
     monkeypatch.undo()
     assert run(copy) == 0 and weights(copy) == before
 
@@ -714,6 +717,41 @@ def test_a_read_only_sweep_is_refused_by_what_writes_into_it(ray_cluster, tmp_pa
         assert capsys.readouterr().err.strip().endswith("; choose another folder")
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_sweep_stopped_while_making_its_store_is_not_told_to_go_elsewhere(tmp_path):
+    """Read-only, a sweep that stopped while it made its store (a harvest: hours) is to be
+    made writable or copied, not left for another folder that would begin from nothing."""
+    from sweep.sweepdir import unwritable_fix
+
+    (tmp_path / "sw").mkdir()
+    assert unwritable_fix(tmp_path / "sw") == "choose another folder"
+    (tmp_path / "sw" / "sweep.log").write_text("INFO sweep.driver: making the store\n")
+    assert unwritable_fix(tmp_path / "sw").startswith("make it writable, or copy the sweep")
+
+
+def test_a_config_that_could_not_be_read_is_not_called_damaged(copy, monkeypatch):
+    read = Path.read_text
+
+    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if self.name == "config.yaml":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    monkeypatch.setattr("io.open", _refusing_open(open, "config.yaml"))  # (OmegaConf's)
+    with pytest.raises(SweepError, match="config.yaml could not be read .*mend the cause") as e:
+        SweepFolder(copy).load_config()
+    assert "delet" not in str(e.value)
+
+
+def _refusing_open(real, name: str):  # noqa: ANN001, ANN202
+    def opened(file, *args, **kwargs):  # noqa: ANN001, ANN202
+        if Path(str(file)).name == name:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *args, **kwargs)
+
+    return opened
 
 
 def test_os_errors_name_their_fix():

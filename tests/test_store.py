@@ -245,6 +245,16 @@ def test_a_chunk_damaged_after_opening_fails_verify_in_one_line(store_copy):
         store.verify()
 
 
+def test_a_chunk_whose_header_fails_to_parse_is_one_line(store_copy):
+    """A damaged .npy header can fail to tokenize (np.load parses it as a Python literal):
+    a TokenError, no ValueError, was a traceback."""
+    f = store_copy / "chunk_00001.npy"
+    data = f.read_bytes()
+    f.write_bytes(data.replace(b"}", b"(", 1))
+    with pytest.raises(StoreError, match="chunk_00001.npy is truncated or corrupt"):
+        ChunkStore(store_copy)
+
+
 def test_a_chunk_that_could_not_be_read_is_not_called_damaged(store_copy, monkeypatch):
     """An I/O error reading a chunk (permissions, the disk) proves nothing about it: the error
     says to mend the cause before any repair that deletes or makes the store again."""

@@ -21,6 +21,8 @@ from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError
 from sweep.io import (
+    GONE,
+    NPY_DAMAGED,
     atomic_write_json,
     begun,
     ensure_writable,
@@ -119,7 +121,7 @@ def eval_tokens_problem(path: Path) -> str | None:
 def npy_readable(path: Path) -> bool:
     try:
         np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+    except (*NPY_DAMAGED, OSError):
         return False
     return True
 
@@ -208,7 +210,7 @@ def _drop_torn_chunks(folder: Path) -> None:
             np.load(f, mmap_mode="r", allow_pickle=False)
             if f.with_suffix(".json").exists() and _stats(folder, index) is None:
                 raise ValueError("its stats file is damaged")
-        except (ValueError, EOFError) as err:
+        except NPY_DAMAGED as err:
             log.warning("chunk %s is truncated or corrupt (%s); harvesting it again", f, err)
             remove_chunks(folder, [index])
 
@@ -299,7 +301,7 @@ def stream_intact(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool | N
     try:
         shape = np.load(path, mmap_mode="r").shape
         intact = want is None or tokens_digest(path) == want
-    except (ValueError, EOFError, FileNotFoundError):  # (an error reading it is raised)
+    except (*NPY_DAMAGED, *GONE):  # (an error reading it is raised)
         return False
     if intact and shape != (plan.n_contexts + plan.eval_contexts, cfg.context):
         return None
@@ -310,6 +312,6 @@ def complete_store(path: Path, params: dict) -> bool:
     """``path`` holds a manifest of this harvest (a complete store, here being repaired)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except (FileNotFoundError, ValueError):  # (an error reading it is raised: no redo)
+    except (*GONE, ValueError):  # (an error reading it is raised: no redo)
         return False
     return manifest.get("provenance", {}).get("params") == params

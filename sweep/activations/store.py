@@ -42,7 +42,15 @@ from sweep.activations.layout import (
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError, is_disk_full
 from sweep.hostmem import HostBlock
-from sweep.io import atomic_write, atomic_write_json, cpu_count, json_number, read_exact
+from sweep.io import (
+    GONE,
+    NPY_DAMAGED,
+    atomic_write,
+    atomic_write_json,
+    cpu_count,
+    json_number,
+    read_exact,
+)
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +428,7 @@ class ChunkStore:
             raise StoreError(f"chunk store {self.path}: {info['file']} is missing; {self._repair}")
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
+        except (*NPY_DAMAGED, OSError) as err:
             raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         if arr.shape != (info["rows"], self.width) or arr.dtype != numpy_dtype(self.dtype):
             raise StoreError(
@@ -448,7 +456,7 @@ class ChunkStore:
     def _unread(self, f: Path, err: Exception, damaged: str) -> StoreError:
         """A store file that failed to load: ``damaged`` (its words, ``{f}`` the file) and the
         repair, unless an I/O error kept it from being read, which proves nothing about it."""
-        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        if isinstance(err, OSError) and not isinstance(err, GONE):
             return StoreError(
                 f"{f} could not be read ({type(err).__name__}: {err}); mend the cause "
                 f"(permissions, the disk) and re-run (were it lost: {self._repair})"
@@ -487,7 +495,7 @@ class ChunkStore:
         try:
             arr = np.load(f, mmap_mode="r", allow_pickle=False)[start:stop]
             x = _from_numpy(arr[order] if order is not None else np.array(arr), self.dtype)
-        except (ValueError, OSError) as err:
+        except (*NPY_DAMAGED, OSError) as err:
             raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         self._still_held(index)
         if check:
@@ -511,7 +519,7 @@ class ChunkStore:
             view = out.view(torch.uint16) if self.dtype == "bfloat16" else out
             buf = memoryview(view.numpy()).cast("B")
             got = read_exact(f, offset, buf)  # split across threads when large
-        except (ValueError, OSError) as err:
+        except (*NPY_DAMAGED, OSError) as err:
             raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         if got != len(buf):
             raise StoreError(f"chunk {f} is truncated; {self._repair}")
@@ -601,7 +609,7 @@ class ChunkStore:
                     digest.update(block)
                     if not nonfinite and len(block) % np.dtype(bits).itemsize == 0:
                         nonfinite = int((np.frombuffer(block, bits) & mask).max()) == mask
-        except (OSError, ValueError, EOFError) as err:
+        except (*NPY_DAMAGED, OSError) as err:
             raise self._unread(f, err, "chunk {f} is truncated or corrupt") from err
         # the checksum first: a NaN in a chunk changed since it was written is that change
         if "sha256" in info and digest.hexdigest() != info["sha256"]:
