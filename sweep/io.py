@@ -57,6 +57,18 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     fsync_folder(path.parent)
 
 
+def append_text(path: Path, text: str) -> None:
+    """Append ``text`` to ``path``; a write that fails without a file name (a full disk's)
+    names it, as :func:`atomic_write` does."""
+    try:
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
+
+
 def fsync_file(path: Path) -> None:
     """Make what was written to ``path`` durable (a file's appended lines, a folder's
     entries); nothing to do when it does not exist."""
@@ -122,6 +134,14 @@ def file_sha256(path: str | Path) -> str:
 GONE = (FileNotFoundError, NotADirectoryError)
 """What reading a file that is not there raises (NotADirectoryError: a folder on its path is
 a file); any other OSError says nothing of the file, which may be whole."""
+
+
+def unreadable(err: BaseException) -> bool:
+    """Whether ``err`` is the OS failing to read a file that is there (a permission, an I/O
+    error): proof of nothing about its bytes. (OmegaConf raises errno-less OSErrors for
+    content it rejects: those are damage.)"""
+    return isinstance(err, OSError) and err.errno is not None and not isinstance(err, GONE)
+
 
 NPY_DAMAGED: tuple[type[Exception], ...] = (ValueError, EOFError, SyntaxError, TokenError)
 """What ``np.load`` raises for a damaged ``.npy`` file (its header is parsed as a Python

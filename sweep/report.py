@@ -268,7 +268,7 @@ def build_report(
         # MMCS), and the sweep's summary must not go back to what they were; those final at
         # the first read were hashed then (a final run's weights are never written again)
         hashed = {r.run_id for r in records if r.state.final}
-        write_summary(sweep_dir, summary_rows(folder.read_runs(deep=True, trusted=hashed)))
+        _write_back_summary(folder, hashed)
     write_mmcs(out / MMCS_FILE, cross)
     compared = _compared(folder, records, rows, others) if others else []
     images = draw_plots(
@@ -278,6 +278,20 @@ def build_report(
     if log_media and writable:  # (the report's wandb run is kept in the sweep folder)
         _log_media(sweep_dir, rows, images)
     return out, rows
+
+
+def _write_back_summary(folder: SweepFolder, hashed: set[str]) -> None:
+    """The sweep's ``summary.csv`` as its runs are now; left as it is while a run's files
+    could not be read (its recorded row would go blank)."""
+    records = folder.read_runs(deep=True, trusted=hashed)
+    unread = [r.run_id for r in records if r.unread]
+    if unread:
+        log.warning(
+            "%s/summary.csv is left as it was: a file of %s could not be read",
+            folder.path, ", ".join(unread),
+        )  # fmt: skip
+        return
+    write_summary(folder.path, summary_rows(records))
 
 
 def _with_mmcs(rows: list[dict], cross: crossdict.CrossDict) -> list[dict]:

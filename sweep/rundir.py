@@ -35,7 +35,7 @@ from pathlib import Path
 from sweep import checkpoints, jsonl
 from sweep.errors import RunDirError, SweepError
 from sweep.io import (
-    GONE,
+    append_text,
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
@@ -45,6 +45,7 @@ from sweep.io import (
     read_error,
     read_json,
     remove_stale_temps,
+    unreadable,
 )
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ class RunFolder:
         try:
             value = read_json(path)
         except (OSError, ValueError) as err:
-            if strict and isinstance(err, OSError) and not isinstance(err, GONE):
+            if strict and unreadable(err):
                 raise
             if not quiet:
                 _warn_unreadable(path, err)
@@ -459,9 +460,7 @@ class RunFolder:
 
     def append_curve(self, records: list[dict]) -> None:
         """Append training-curve records to ``metrics.jsonl`` (one line each)."""
-        with open(self.path / CURVE, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        append_text(self.path / CURVE, "".join(json.dumps(r) + "\n" for r in records))
 
     def drop_records_after(self, after_step: int) -> None:
         """Drop curve records past ``after_step`` (written after the checkpoint we resume from),
@@ -477,8 +476,7 @@ class RunFolder:
 
     def append_event(self, event: dict) -> None:
         """Record something a user should know about this run (``events.jsonl``)."""
-        with open(self.path / EVENTS, "a") as f:
-            f.write(json.dumps({"time": time.time(), **event}) + "\n")
+        append_text(self.path / EVENTS, json.dumps({"time": time.time(), **event}) + "\n")
 
     def save_tracker_id(self, wandb_id: str) -> None:
         atomic_write_json(self.path / TRACKER, {"wandb_id": wandb_id})

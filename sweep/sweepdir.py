@@ -37,12 +37,12 @@ from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
 from sweep.errors import RunDirError, SweepError
 from sweep.io import (
-    GONE,
     atomic_write_bytes,
     atomic_write_json,
     cpu_count,
     json_number,
     read_json,
+    unreadable,
 )
 from sweep.rundir import DONE, MMCS_KEYS, MMCS_OVER, RUNS, RunFolder, RunState
 
@@ -187,6 +187,8 @@ class RunRecord:
     kept_weights: bool = False
     """Unfinished only because its ``metrics.json`` was lost: its final weights stay, and a
     re-run evaluates them again (trains nothing)."""
+    unread: bool = False
+    """A file of it could not be read (its note says which): listed, nothing judged of it."""
 
     @property
     def grid_point(self) -> dict:
@@ -381,7 +383,7 @@ def within_sweep(path: Path) -> tuple[Path, str] | None:
 
 
 def _damaged(manifest: Path, err: Exception) -> RunDirError:
-    if isinstance(err, OSError) and not isinstance(err, GONE):  # (proves nothing)
+    if unreadable(err):  # (proves nothing)
         return RunDirError(
             f"{manifest} could not be read ({type(err).__name__}: {err}); mend the cause "
             "(permissions, the disk) and re-run"
@@ -649,7 +651,7 @@ class SweepFolder:
         try:
             loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         except Exception as err:  # yaml and omegaconf errors alike
-            if isinstance(err, OSError) and not isinstance(err, GONE):
+            if unreadable(err):
                 raise _damaged(path, err) from err  # (it could not be read: proves nothing)
             raise RunDirError(f"{path} is damaged ({type(err).__name__}); {_RESTORE}") from err
         groups = isinstance(loaded, dict) and all(
@@ -801,7 +803,16 @@ class SweepFolder:
                 why, kept = ("", False) if note else _why_unfinished(folder, state, hashed)
             except RunDirError as err:  # a file of it could not be read: said, not judged
                 records.append(
-                    RunRecord(rid, folder, RunState.PENDING, {}, {}, {}, str(err), point)
+                    RunRecord(
+                        rid,
+                        folder,
+                        RunState.PENDING,
+                        {},
+                        {},
+                        note=str(err),
+                        point=point,
+                        unread=True,
+                    )  # fmt: skip
                 )
                 continue
             records.append(

@@ -44,6 +44,19 @@ def rehash_chunk(store: Path, name: str) -> None:
     (store / "manifest.json").write_text(json.dumps(manifest))
 
 
+def refused(real, victim: str | Path):  # noqa: ANN001, ANN201
+    """``real`` (a function, or a method of Path, taking the path first) failing as a
+    permission refused does for ``victim``: a file name, or a whole path."""
+
+    def call(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        p = Path(str(path))
+        if p == victim if isinstance(victim, Path) else p.name == victim:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    return call
+
+
 def tiny_train(**kw) -> TrainConfig:
     base = dict(batch_size=256, lr=1e-2, log_every=5, checkpoint_every=7, threads=1)
     base.update(kw)

@@ -20,6 +20,7 @@ import sweep
 from sweep import rundir, sweepdir
 from sweep.cli import main
 from sweep.sweepdir import SweepFolder
+from tests.conftest import refused
 from tests.test_sweep_e2e import TINY
 
 GRID = ["grid.l1=[1e-3,1e-1]", "grid.dict_ratio=[1,2]"]
@@ -608,15 +609,8 @@ def test_a_missing_or_damaged_sweep_manifest_says_how_to_recover(
     (sw / "manifest.json").write_text("{")
     assert main(["report", str(sw)]) == 2
     assert "delete it and re-run the same 'sweep run'" in capsys.readouterr().err
-    (sw / "manifest.json").write_bytes(manifest)
-    read_json = sweepdir.read_json
-
-    def refused(path):  # noqa: ANN001, ANN202  (an I/O error proves nothing: no "delete it")
-        if Path(path).name == "manifest.json":
-            raise PermissionError(13, "Permission denied", str(path))
-        return read_json(path)
-
-    monkeypatch.setattr(sweepdir, "read_json", refused)
+    (sw / "manifest.json").write_bytes(manifest)  # (unreadable proves nothing: no "delete it")
+    monkeypatch.setattr(sweepdir, "read_json", refused(sweepdir.read_json, "manifest.json"))
     assert main(["status", str(sw)]) == 2
     err = capsys.readouterr().err
     assert "manifest.json could not be read (PermissionError" in err and "delete" not in err

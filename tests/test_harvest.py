@@ -20,6 +20,7 @@ from sweep.activations.store import ChunkStore, chunk_name
 from sweep.cli import main
 from sweep.config import HarvestConfig, HarvestDataConfig, HarvestSource
 from sweep.errors import StoreError, SweepError
+from tests.conftest import refused
 from tests.tiny_lm import char_tokenizer, save_tiny_gpt2, write_text
 
 HOOKS = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]
@@ -281,16 +282,8 @@ def test_a_damaged_token_stream_is_found_and_one_of_a_changed_dataset_refused(
 
 def refuse_reading(monkeypatch, victim: Path) -> None:
     """Reading ``victim`` fails as a permission refused does (the rest reads as it is)."""
-    read_text, load = Path.read_text, np.load
-
-    def refuse(path) -> None:  # noqa: ANN001
-        if Path(path) == victim:
-            raise PermissionError(13, "Permission denied", str(path))
-
-    monkeypatch.setattr(
-        Path, "read_text", lambda self, *a, **k: (refuse(self), read_text(self, *a, **k))[1]
-    )
-    monkeypatch.setattr(np, "load", lambda path, *a, **k: (refuse(path), load(path, *a, **k))[1])
+    monkeypatch.setattr(Path, "read_text", refused(Path.read_text, victim))
+    monkeypatch.setattr(np, "load", refused(np.load, victim))
 
 
 @pytest.mark.parametrize("name", [harvest_dir.STREAM_FILE, harvest.TOKENS_FILE])

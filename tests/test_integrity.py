@@ -36,6 +36,7 @@ from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
 from sweep.lock import EVALUATING, SweepLock
 from sweep.sweepdir import SweepFolder
 from sweep.worker import train_ensemble
+from tests.conftest import refused
 from tests.lock_racer import take_lock
 from tests.sweep_builder import jobs
 from tests.test_sweep_e2e import TINY
@@ -165,18 +166,8 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     the run was trained again over them)."""
     before = weights(copy)
     victim = copy / "runs" / "r2-l1_1e-01-s0" / name
-    read_json, sha256 = rundir.read_json, rundir.file_sha256
-
-    def refused(read):  # noqa: ANN001, ANN202
-        def reads(path):  # noqa: ANN001, ANN202
-            if Path(path) == victim:
-                raise PermissionError(13, "Permission denied", str(path))
-            return read(path)
-
-        return reads
-
-    monkeypatch.setattr(rundir, "read_json", refused(read_json))
-    monkeypatch.setattr(rundir, "file_sha256", refused(sha256))
+    monkeypatch.setattr(rundir, "read_json", refused(rundir.read_json, victim))
+    monkeypatch.setattr(rundir, "file_sha256", refused(rundir.file_sha256, victim))
     assert run(copy) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"run r2-l1_1e-01-s0: could not read {name} (PermissionError" in err
@@ -184,6 +175,9 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     assert main(["status", str(copy)]) == 0  # (the other runs listed; it, with the reason)
     said = " ".join(capsys.readouterr().out.split())
     assert (f"could not read {name}" in said) is (name != rundir.WEIGHTS)  # (status hashes none)
+    summary = (copy / "summary.csv").read_bytes()
+    assert main(["report", str(copy), "--no-wandb"]) == 0
+    assert (copy / "summary.csv").read_bytes() == summary  # (its row would go blank)
     monkeypatch.undo()
     assert run(copy) == 0 and weights(copy) == before
 
@@ -455,14 +449,7 @@ def test_a_lock_that_cannot_be_read_is_not_taken_over(tmp_path, monkeypatch, cap
     with SweepLock(tmp_path):
         held = (tmp_path / ".lock").read_bytes()
     (tmp_path / ".lock").write_bytes(held)  # (as a live driver holds it)
-    read_text = Path.read_text
-
-    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        if self.name == ".lock":
-            raise PermissionError(13, "Permission denied", str(self))
-        return read_text(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", refused)
+    monkeypatch.setattr(Path, "read_text", refused(Path.read_text, ".lock"))
     with pytest.raises(SweepError, match="could not read the sweep's lock .* a driver may be"):
         SweepLock(tmp_path).__enter__()
     assert (tmp_path / ".lock").read_bytes() == held
@@ -474,14 +461,7 @@ def test_a_lock_that_cannot_be_removed_leaves_the_real_error(tmp_path, caplog, m
     """A sweep folder made read-only (or a full disk's) lock that cannot be removed is
     warned about: the error the sweep ended with (a stop, a failure) is still what it says
     (the next driver takes the dead one's lock over)."""
-    unlink = Path.unlink
-
-    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        if self.name == ".lock":
-            raise PermissionError(13, "Permission denied", str(self))
-        return unlink(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "unlink", refused)
+    monkeypatch.setattr(Path, "unlink", refused(Path.unlink, ".lock"))
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         with SweepLock(tmp_path):
             raise KeyboardInterrupt
@@ -731,27 +711,10 @@ def test_a_sweep_stopped_while_making_its_store_is_not_told_to_go_elsewhere(tmp_
 
 
 def test_a_config_that_could_not_be_read_is_not_called_damaged(copy, monkeypatch):
-    read = Path.read_text
-
-    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        if self.name == "config.yaml":
-            raise PermissionError(13, "Permission denied", str(self))
-        return read(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", refused)
-    monkeypatch.setattr("io.open", _refusing_open(open, "config.yaml"))  # (OmegaConf's)
+    monkeypatch.setattr("io.open", refused(open, "config.yaml"))  # (as OmegaConf opens it)
     with pytest.raises(SweepError, match="config.yaml could not be read .*mend the cause") as e:
         SweepFolder(copy).load_config()
     assert "delet" not in str(e.value)
-
-
-def _refusing_open(real, name: str):  # noqa: ANN001, ANN202
-    def opened(file, *args, **kwargs):  # noqa: ANN001, ANN202
-        if Path(str(file)).name == name:
-            raise PermissionError(13, "Permission denied", str(file))
-        return real(file, *args, **kwargs)
-
-    return opened
 
 
 def test_os_errors_name_their_fix():
@@ -775,7 +738,7 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path):
     """A write or fsync that fails for want of space names no file: which disk is full
     (the sweep's, --out's, the store's)?"""
     from sweep.errors import os_error_message
-    from sweep.io import atomic_write
+    from sweep.io import append_text, atomic_write
 
     def full(f):  # noqa: ANN001, ANN202
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -786,6 +749,10 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path):
     assert os_error_message(caught.value).startswith(
         f"no space left on the device ({tmp_path / 'metrics.json'}); "
     )
+    if Path("/dev/full").exists():  # (an append: a run's events and curve)
+        with pytest.raises(OSError) as caught:
+            append_text(Path("/dev/full"), "x" * 100)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
 
 
 # ------------------------------------------------------------------ 10. minor

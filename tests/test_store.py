@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sweep.activations.store import MANIFEST, BatchStream, ChunkStore, Cursor, S
 from sweep.activations.synthetic import SyntheticSource, ensure_synthetic_store
 from sweep.devices import torch_dtype
 from sweep.errors import StoreError
-from tests.conftest import rehash_chunk, tiny_data
+from tests.conftest import refused, rehash_chunk, tiny_data
 
 
 def test_store_layout_and_manifest(tiny_store):
@@ -260,29 +261,26 @@ def test_a_chunk_that_could_not_be_read_is_not_called_damaged(store_copy, monkey
     says to mend the cause before any repair that deletes or makes the store again."""
     import sweep.activations.store as store_module
 
-    def refused(path, *args, **kwargs):  # noqa: ANN001, ANN202
-        if Path(path).name == "chunk_00001.npy":
-            raise PermissionError(13, "Permission denied", str(path))
-        return open(path, *args, **kwargs)
-
-    monkeypatch.setattr(store_module, "open", refused, raising=False)
+    monkeypatch.setattr(store_module, "open", refused(open, "chunk_00001.npy"), raising=False)
     with pytest.raises(
         StoreError,
         match="chunk_00001.npy could not be read \\(PermissionError: .*\\); mend the cause "
         "\\(permissions, the disk\\) and re-run \\(were it lost: delete ",
     ):
         ChunkStore(store_copy).verify()
-    load, store = np.load, ChunkStore(store_copy)
-
-    def refused_load(path, *args, **kwargs):  # noqa: ANN001, ANN202  (as training reads it)
-        if Path(path).name == "chunk_00001.npy":
-            raise PermissionError(13, "Permission denied", str(path))
-        return load(path, *args, **kwargs)
-
-    monkeypatch.setattr(np, "load", refused_load)
+    store = ChunkStore(store_copy)
+    monkeypatch.setattr(np, "load", refused(np.load, "chunk_00001.npy"))  # (as training reads)
     for read in (lambda: store.read_rows(1), lambda: store.read_into(1, torch.empty(4, 16))):
         with pytest.raises(StoreError, match="chunk_00001.npy could not be read .*mend the cause"):
             read()
+    monkeypatch.undo()
+    held = ChunkStore(store_copy)
+    held.hold()
+    os.utime(store_copy / "chunk_00001.npy", ns=(1, 1))  # (changed since: hashed again)
+    monkeypatch.setattr(store_module, "open", refused(open, "chunk_00001.npy"), raising=False)
+    with pytest.raises(StoreError, match="could not be read") as caught:
+        held.read_rows(1)
+    assert "changed while this sweep trained" not in str(caught.value)  # (nothing is known)
 
 
 EDITS = {

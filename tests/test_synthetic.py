@@ -22,7 +22,7 @@ from sweep.activations.synthetic import (
     ensure_synthetic_store,
 )
 from sweep.errors import StoreError
-from tests.conftest import tiny_data
+from tests.conftest import refused, tiny_data
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -244,14 +244,7 @@ def test_an_incomplete_store_whose_parameters_could_not_be_read_is_kept(tmp_path
     ensure_synthetic_store(cfg, tmp_path / "s")
     _interrupt(tmp_path / "s", drop=1)
     before = {f.name: f.read_bytes() for f in (tmp_path / "s").iterdir()}
-    victim, read_text = tmp_path / "s" / PARAMS_FILE, Path.read_text
-
-    def refused(self, *args, **kwargs):  # noqa: ANN001, ANN202
-        if self == victim:
-            raise PermissionError(13, "Permission denied", str(self))
-        return read_text(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", refused)
+    monkeypatch.setattr(Path, "read_text", refused(Path.read_text, tmp_path / "s" / PARAMS_FILE))
     with pytest.raises(PermissionError):
         ensure_synthetic_store(cfg, tmp_path / "s", owned=True)
     assert {f.name: f.read_bytes() for f in (tmp_path / "s").iterdir()} == before

@@ -43,13 +43,13 @@ from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError, is_disk_full
 from sweep.hostmem import HostBlock
 from sweep.io import (
-    GONE,
     NPY_DAMAGED,
     atomic_write,
     atomic_write_json,
     cpu_count,
     json_number,
     read_exact,
+    unreadable,
 )
 
 log = logging.getLogger(__name__)
@@ -456,7 +456,7 @@ class ChunkStore:
     def _unread(self, f: Path, err: Exception, damaged: str) -> StoreError:
         """A store file that failed to load: ``damaged`` (its words, ``{f}`` the file) and the
         repair, unless an I/O error kept it from being read, which proves nothing about it."""
-        if isinstance(err, OSError) and not isinstance(err, GONE):
+        if unreadable(err):
             return StoreError(
                 f"{f} could not be read ({type(err).__name__}: {err}); mend the cause "
                 f"(permissions, the disk) and re-run (were it lost: {self._repair})"
@@ -548,6 +548,8 @@ class ChunkStore:
             stat = self._stat(name)
             self._verify_chunk(index)
         except StoreError as err:  # (its runs go on from the checkpoints made before)
+            if unreadable(err.__cause__):  # (not read: nothing is known to have changed)
+                raise
             raise StoreError(f"{err} (it changed while this sweep trained on it)") from err
         except OSError as err:
             raise self._unread(self.path / name, err, "chunk {f} is lost") from err
