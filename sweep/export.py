@@ -27,7 +27,7 @@ from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
 from sweep.rundir import DONE, RUNS, RunFolder, RunState
 from sweep.sae import PER_HEAD_HOOKS, SAE, read_run
-from sweep.sweepdir import MANIFEST, REPORT, STORE, SweepFolder, within_sweep
+from sweep.sweepdir import MANIFEST, REPORT, STORE, RunRecord, SweepFolder, within_sweep
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +245,16 @@ def _finished(
     return chosen
 
 
+def _refuse_unread(records: list[RunRecord], finished_only: bool) -> None:
+    """A run a file of which could not be read is neither finished nor damaged: its note
+    (what, and to mend the cause) is the error, unless ``finished_only`` (skipped, warned)."""
+    unread = [r for r in records if r.unread]
+    if unread and not finished_only:
+        done = sum(r.state == "done" for r in records)
+        rest = f" (or pass --finished to export the {done} finished runs)" if done else ""
+        raise SweepError(f"{unread[0].note}{rest}")
+
+
 def _waiting_problem(
     sweep_dir: str | Path, states: dict, waiting: list[str], notes: dict[str, str], done: int
 ) -> str:
@@ -322,6 +332,7 @@ def export_sweep(
             )
         chosen = list(dict.fromkeys(runs))  # (a run named twice is exported once)
     else:
+        _refuse_unread(records, finished_only)
         chosen = _finished(sweep_dir, states, finished_only, notes)
     origins = {}
     for rid in chosen:  # every run and target is checked before anything is written
