@@ -181,6 +181,7 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     assert main(["export", str(copy), "--to", "saelens", str(copy.parent / "ex")]) == 2
     err = " ".join(capsys.readouterr().err.split())  # (not "damaged: re-run the sweep")
     assert f"could not read {name}" in err and "or pass --finished to export the 3" in err
+    assert "are damaged" not in err
     monkeypatch.undo()
     assert run(copy) == 0 and weights(copy) == before
 
