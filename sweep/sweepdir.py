@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -777,7 +777,6 @@ class SweepFolder:
         driver. ``deep``: a finished run's weights must match their checksum too (else only
         their size), but those of ``trusted`` (the caller has just verified or written them)."""
         since = self.driver_since(training=True) if live is None else (0.0 if live else None)
-        live = since is not None
         points = self.manifest().get("runs")
         points = points if isinstance(points, dict) else {}
         records = []
@@ -786,38 +785,29 @@ class SweepFolder:
         hash_ids = [r for r in ids if r not in trusted] if deep else []
         sound = self._sound_weights(hash_ids)
         for rid in ids:
-            folder = self.run(rid)
-            hashed = deep and rid not in trusted and rid not in sound
             point = points.get(rid) if isinstance(points.get(rid), dict) else {}
+            hashed = deep and rid not in trusted and rid not in sound
             try:
-                state = folder.state(hashed)
-                # with no driver, a pending run's curve is of work it will redo (no checkpoint
-                # kept it)
-                stale = state is RunState.PENDING and not live
-                last = {} if state.final or stale else folder.last_curve()
-                if live and (state.resumable or _began_under(folder, state, since)):
-                    state = RunState.RUNNING
-                metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
-                metrics = _current_mmcs(metrics, digest)
-                note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
-                why, kept = ("", False) if note else _why_unfinished(folder, state, hashed)
+                records.append(self._run_record(rid, point, hashed, since, digest))
             except RunDirError as err:  # a file of it could not be read: said, not judged
-                records.append(
-                    RunRecord(
-                        rid,
-                        folder,
-                        RunState.PENDING,
-                        {},
-                        {},
-                        note=str(err),
-                        point=point,
-                        unread=True,
-                    )  # fmt: skip
-                )
-                continue
-            records.append(
-                RunRecord(
-                    rid, folder, state, folder.spec(), metrics, last, note or why, point, kept
-                )
-            )
+                said = RunRecord(rid, self.run(rid), RunState.PENDING, {}, {}, note=str(err))
+                records.append(replace(said, point=point, unread=True))
         return records
+
+    def _run_record(
+        self, rid: str, point: dict, hashed: bool, since: float | None, digest: Callable[[], str]
+    ) -> RunRecord:
+        """Run ``rid`` as :meth:`read_runs` reads it (``since``: when the live driver that
+        trains the sweep started, None: there is none)."""
+        folder, live = self.run(rid), since is not None
+        state = folder.state(hashed)
+        # with no driver, a pending run's curve is of work it will redo (no checkpoint kept it)
+        stale = state is RunState.PENDING and not live
+        last = {} if state.final or stale else folder.last_curve()
+        if live and (state.resumable or _began_under(folder, state, since)):
+            state = RunState.RUNNING
+        metrics = folder.recorded_metrics() if state.final else {}  # (checked by state)
+        metrics = _current_mmcs(metrics, digest)
+        note = folder.failure() if state is RunState.FAILED else metrics.get("note", "")
+        why, kept = ("", False) if note else _why_unfinished(folder, state, hashed)
+        return RunRecord(rid, folder, state, folder.spec(), metrics, last, note or why, point, kept)
