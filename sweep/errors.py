@@ -61,6 +61,16 @@ OS_ERROR_FIXES = {
 """What to do about an OSError, by errno (else: check the path and its permissions)."""
 
 
+MEND = "mend the cause (permissions, the disk) and re-run"
+"""The fix for a file the OS failed to read: proof of nothing about it, so never repaired."""
+
+
+def could_not_read(path: object, err: OSError) -> str:
+    """One line for a file the OS failed to read (``PATH could not be read (Error: ...)``) and
+    :data:`MEND`."""
+    return f"{path} could not be read ({type(err).__name__}: {err}); {MEND}"
+
+
 def os_error_message(err: OSError, trains: bool = True) -> str:
     """One line for an OSError a user can act on (``trains``: raised by a command that
     trains, whose sweep folder holds checkpoints)."""

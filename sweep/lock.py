@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from sweep.errors import RunDirError
+from sweep.errors import MEND, RunDirError
 from sweep.io import GONE, flock_held
 from sweep.sweepdir import LOCK, LOCK_GUARD
 
@@ -66,7 +66,7 @@ def read_lock(sweep_dir: Path, strict: bool = False) -> dict | None:
         if strict:
             raise RunDirError(
                 f"could not read the sweep's lock {path} ({type(err).__name__}: {err}); a "
-                "driver may be running it: mend the cause (permissions, the disk) and re-run"
+                f"driver may be running it: {MEND}"
             ) from err
         return None
     except ValueError:

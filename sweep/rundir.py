@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sweep import checkpoints, jsonl
-from sweep.errors import RunDirError, SweepError
+from sweep.errors import MEND, RunDirError, SweepError
 from sweep.io import (
     append_text,
     atomic_write_bytes,
@@ -201,7 +201,7 @@ class RunFolder:
     def _unreadable(self, name: str, err: OSError) -> RunDirError:
         return RunDirError(
             f"run {self.run_id}: could not read {name} ({type(err).__name__}: {err}); its "
-            "results are kept as they are: mend the cause (permissions, the disk) and re-run"
+            f"results are kept as they are: {MEND}"
         )
 
     def vouched(self) -> bool:

@@ -35,7 +35,7 @@ from sweep.activations.layout import CHUNKS as STORE_CHUNKS
 from sweep.activations.layout import FORMAT as STORE_FORMAT
 from sweep.activations.layout import MAKING as STORE_MAKING
 from sweep.activations.layout import MANIFEST as STORE_MANIFEST
-from sweep.errors import RunDirError, SweepError
+from sweep.errors import RunDirError, SweepError, could_not_read
 from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -384,10 +384,7 @@ def within_sweep(path: Path) -> tuple[Path, str] | None:
 
 def _damaged(manifest: Path, err: Exception) -> RunDirError:
     if unreadable(err):  # (proves nothing)
-        return RunDirError(
-            f"{manifest} could not be read ({type(err).__name__}: {err}); mend the cause "
-            "(permissions, the disk) and re-run"
-        )
+        return RunDirError(could_not_read(manifest, err))
     return RunDirError(
         f"{manifest} is damaged ({type(err).__name__}); restore it from a backup, or delete it "
         "and re-run the same 'sweep run' command (finished runs are verified and kept)"

@@ -19,7 +19,7 @@ from sweep.activations import lm
 from sweep.activations.layout import HARVEST_PARAMS, chunk_files
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
-from sweep.errors import StoreError
+from sweep.errors import StoreError, could_not_read
 from sweep.io import (
     GONE,
     NPY_DAMAGED,
@@ -225,10 +225,7 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             if not isinstance(old, dict):
                 raise ValueError(f"it holds a {type(old).__name__}, not the settings")
         except OSError as err:  # (proves nothing about the file, nor the chunks beside it)
-            raise StoreError(
-                f"{marker} could not be read ({type(err).__name__}: {err}); mend the cause "
-                "(permissions, the disk) and re-run"
-            ) from err
+            raise StoreError(could_not_read(marker, err)) from err
         except ValueError as err:
             raise StoreError(
                 f"{marker} is unreadable ({err}); delete store_dir {root} and harvest again"

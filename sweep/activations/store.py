@@ -40,7 +40,7 @@ from sweep.activations.layout import (
     VERIFIED,
 )
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
-from sweep.errors import StoreError, is_disk_full
+from sweep.errors import StoreError, could_not_read, is_disk_full
 from sweep.hostmem import HostBlock
 from sweep.io import (
     NPY_DAMAGED,
@@ -457,10 +457,7 @@ class ChunkStore:
         """A store file that failed to load: ``damaged`` (its words, ``{f}`` the file) and the
         repair, unless an I/O error kept it from being read, which proves nothing about it."""
         if unreadable(err):
-            return StoreError(
-                f"{f} could not be read ({type(err).__name__}: {err}); mend the cause "
-                f"(permissions, the disk) and re-run (were it lost: {self._repair})"
-            )
+            return StoreError(f"{could_not_read(f, err)} (were it lost: {self._repair})")
         return StoreError(f"{damaged.format(f=f)} ({err}); {self._repair}")
 
     @property
