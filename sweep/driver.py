@@ -31,7 +31,7 @@ from sweep.cluster import check_address, check_reachable, resolve
 from sweep.config import ChunksDataConfig, SweepConfig, SyntheticDataConfig
 from sweep.dead_schedule import never_acts_note
 from sweep.devices import resolve_compute_dtype
-from sweep.errors import SweepError
+from sweep.errors import SweepError, os_error_message
 from sweep.execution import Execution, Outcome
 from sweep.io import STALE_TEMP_SECONDS, ensure_writable, memory_text, remove_stale_temps
 from sweep.lock import TRAINING, SweepLock
@@ -426,13 +426,26 @@ def _train(
         ours = {r.run_id for r in p.runs}  # (hashed when planned; an earlier grid's not yet)
         records = folder.read_runs(live=False, deep=True, trusted=ours)  # every run of the sweep
         outcome.all_final = all(r.state.final for r in records if r.run_id in ours)
-        write_summary(folder.path, [r.row() for r in records])
-        folder.record_state(outcome.state)
+        record_end(folder, records, outcome)
     except (StopNow, SystemError) as err:  # a second signal (inside Ray's C code: wrapped)
         if raised_by(err, StopNow) is not None:  # what `sweep status` then says of the sweep
             quietly(lambda: folder.record_state("interrupted"))
         raise
     return records
+
+
+def record_end(folder: SweepFolder, records: list[RunRecord], outcome: Outcome) -> None:
+    """Write summary.csv and the sweep's state. Where that fails after ensembles failed or a
+    stop (a full disk often did both), the write's error is said and the sweep's own ending
+    (the failures, the stop: what to act on, with its exit code) stays the last line."""
+    try:
+        write_summary(folder.path, [r.row() for r in records])
+        folder.record_state(outcome.state)
+    except (OSError, SweepError) as err:
+        if not (outcome.failures or outcome.signum):
+            raise
+        said = os_error_message(err, True) if isinstance(err, OSError) else str(err)
+        log.error("could not record the sweep's end: %s", said)
 
 
 def _train_on_ray(

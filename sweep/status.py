@@ -48,6 +48,7 @@ def status_rows(sweep_dir: Path) -> list[dict]:
                 "fvu": source.get("fvu"),
                 "held_out": r.state.final,  # (else l0 and fvu are of its latest training batch)
                 **({"note": r.note} if r.note else {}),
+                **({"unread": True} if r.unread else {}),
             }
         )
     return _fill_totals(rows)
@@ -127,6 +128,12 @@ def _activity(sweep_dir: Path, rows: list[dict]) -> tuple[str, str | None]:
     if activity != "done" or not undone:
         return activity, None
     lost = [rid for rid in undone if grid is None or rid in grid]
+    unread = [r["run_id"] for r in rows if r.get("unread") and r["run_id"] in lost]
+    if unread:  # (perhaps finished: nothing is judged of them)
+        return "incomplete", (
+            f"{len(unread)} run(s) could not be read: mend the cause (each one's note says "
+            "which file), then look again; a re-run stops at them, keeping their results"
+        )
     if lost:
         return "incomplete", (
             f"done when its last driver ended, but {len(lost)} run(s) are no longer finished: "

@@ -175,6 +175,8 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     assert main(["status", str(copy)]) == 0  # (the other runs listed; it, with the reason)
     said = " ".join(capsys.readouterr().out.split())
     assert (f"could not read {name}" in said) is (name != rundir.WEIGHTS)  # (status hashes none)
+    assert ("1 run(s) could not be read: mend the cause" in said) is (name != rundir.WEIGHTS)
+    assert "re-run its command to finish them" not in said
     summary = (copy / "summary.csv").read_bytes()
     assert main(["report", str(copy), "--no-wandb"]) == 0
     assert (copy / "summary.csv").read_bytes() == summary  # (its row would go blank)
@@ -757,6 +759,27 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path):
         with pytest.raises(OSError) as caught:
             append_text(Path("/dev/full"), "x" * 100)
         assert caught.value.errno == errno.ENOSPC and caught.value.filename == "/dev/full"
+
+
+def test_a_full_disk_at_the_end_keeps_the_failures_as_the_last_line(tmp_path, monkeypatch, caplog):
+    """Ensembles failed (a full disk often is why) and summary.csv cannot be written either:
+    the write's error is said, and the failures' line (with its exit code) stays the last;
+    with no failure the write's error is the sweep's ending."""
+    from sweep import driver
+    from sweep.execution import Outcome
+
+    def full(*_a):  # noqa: ANN202
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "summary.csv"))
+
+    monkeypatch.setattr(driver, "write_summary", full)
+    folder = SweepFolder(tmp_path)
+    with caplog.at_level(logging.ERROR):
+        driver.record_end(folder, [], Outcome(failures=["r8-e0: disk full"]))
+    assert f"could not record the sweep's end: no space left on the device ({tmp_path}" in (
+        caplog.text
+    )
+    with pytest.raises(OSError, match="No space left"):
+        driver.record_end(folder, [], Outcome())
 
 
 # ------------------------------------------------------------------ 10. minor
