@@ -19,7 +19,9 @@ from sweep.sae import Params
 DENSE_THRESHOLD = 0.1
 RECOVERED_THRESHOLD = 0.9
 COS_EPS = 1e-8
-"""Norms below this count as this in ``cossim`` (a zero reconstruction has cosine 0)."""
+"""Norms below this count as this in ``cossim``: a zero reconstruction of a row has cosine 0
+with it. A zero input row has no direction: it is left out of ``cossim``'s mean (SAEBench's
+code gets NaN for it, and so for the mean)."""
 L2_RATIO_MIN_NORM = 1e-4
 """Input rows with a smaller norm, in the activations' own units, are divided by 1 in
 ``l2_ratio`` (SAEBench's guard, which sees raw activations)."""
@@ -139,7 +141,7 @@ def evaluate_members(
     n, _ = x_ND.shape
     blocks = range(0, n, batch)
     mean_D = _mean(x_ND, blocks, batch)
-    sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, 8)
+    sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, N_SUMS)
     spread = torch.zeros(3, dtype=torch.float64, device=x_ND.device)  # Σ‖x - mean‖², Σ‖x‖², rows
     fires: list[torch.Tensor | int] = [0] * len(members)
     for at in blocks:
@@ -183,8 +185,9 @@ def _varies(total_var: float, second_moment: float) -> float:
     return total_var if total_var > VARIANCE_FLOOR * second_moment else 0.0
 
 
-N_SUMS = 8
-"""sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat>, err / var (summed over rows)."""
+N_SUMS = 9
+"""sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat>, err / var (summed over rows),
+and the rows that are not zero."""
 
 
 def _block_sums(
@@ -208,12 +211,13 @@ def _block_sums(
         # over the rows: one sum of b x F values would split between threads (sweep.sums)
         codes.sum(dim=1).sum(),
         on_F.sum(),
-        cos.sum(),
+        cos.sum(),  # (0 on a zero row: left out of the mean by the count at the end)
         ratio.sum(),
         norm_out.pow(2).sum(),
         dot.sum(),
         # SAEBench's per-row explained variance (legacy), summed over rows not at the mean
         torch.where(var_b > 0, err / var_b, 0.0).sum(),
+        (norm_in > 0).sum(),  # the rows with a direction (cossim's)
     ]
     return torch.stack([p.double() for p in parts]), on_F
 
@@ -237,7 +241,7 @@ def _summary(
 ) -> dict:
     """The metrics of one member from its row sums and firing frequencies (``off_mean``: how
     many rows are not at the rows' mean)."""
-    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum, err_over_var = sums
+    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum, err_over_var, nonzero = sums
     n = x_ND.shape[0]
     varies = total_var > 0
     fvu = sq_err / total_var if varies else math.nan
@@ -251,7 +255,7 @@ def _summary(
         "eval_rows": n,
         "explained_variance": 1.0 - fvu,
         "explained_variance_legacy": 1.0 - err_over_var / off_mean if varies else math.nan,
-        "cossim": cos_sum / n,
+        "cossim": cos_sum / nonzero if nonzero else math.nan,
         "l2_ratio": ratio_sum / n,
         "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,
         **density_summary(freq),

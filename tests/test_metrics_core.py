@@ -128,7 +128,8 @@ def test_l2_ratio_divides_tiny_inputs_by_one():
     x = torch.tensor([[0.0, 0.0], [0.0, 10.0]])  # norms 0 (guarded) and 10
     m = metrics.evaluate(const, x)
     assert m["l2_ratio"] == pytest.approx((5 / 1 + 5 / 10) / 2)
-    assert m["cossim"] == pytest.approx((0.0 + 0.8) / 2)  # a zero row has cosine 0
+    assert m["cossim"] == pytest.approx(0.8)  # a zero row has no direction: left out
+    assert math.isnan(metrics.evaluate(const, torch.zeros(2, 2))["cossim"])  # (no row has one)
     # the same rows and reconstructions in training units (x 1000): the guard is in raw units,
     # so l2_ratio is what SAEBench gets from the exported (raw-space) SAE
     scaled = {**const, "b_dec": c * 1000}
@@ -236,7 +237,7 @@ def reference(params: sae.Params, x: torch.Tensor, arch: str, k: int) -> dict[st
         "explained_variance_legacy": float(
             (1 - (x_hat - x).pow(2).sum(1) / (x - x.mean(0)).pow(2).sum(1)).mean()
         ),
-        "cossim": float(F.cosine_similarity(x, x_hat, dim=1).mean()),
+        "cossim": float(F.cosine_similarity(x, x_hat, dim=1)[norm_in > 0].mean()),
         "l2_ratio": float((x_hat.norm(dim=1) / torch.where(norm_in < 1e-4, 1.0, norm_in)).mean()),
         "relative_reconstruction_bias": float(
             x_hat.pow(2).sum(1).mean() / (x * x_hat).sum(1).mean()
