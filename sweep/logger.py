@@ -19,7 +19,11 @@ other ensembles (and its report) do not try wandb for 15 minutes after.
 (its own debug logs and caches go where wandb keeps them, ``~/.cache/wandb``); without an
 API key it runs offline (``wandb sync SWEEP_DIR/wandb/offline-run-*`` uploads later). Each
 run's wandb id is kept in its run folder (``logger.json``), so a resumed sweep continues the
-same wandb runs.
+same wandb runs, with every curve step once: steps a resumed run redoes are skipped up to the
+newest one its wandb run holds (online, its summary; offline, where wandb can tell nothing, the
+step ``logger.json`` records as logged by a segment that finished), and steps past that which
+the run's ``metrics.jsonl`` holds from before the resume (logged by a segment that was killed
+before wandb wrote them) are logged again first.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import netrc
 import os
 import queue
@@ -154,12 +159,18 @@ def _logged_step(run: Any) -> int:
     return int(step) if isinstance(step, (int, float)) else -1
 
 
+def _as_step(step: int | None) -> int:
+    """A recorded step, -1 for none."""
+    return -1 if step is None else step
+
+
 class _Sender:
     """The background side: owns the wandb run objects; only this thread calls wandb."""
 
     def __init__(self, cfg: LoggerConfig, sweep_dir: Path, group: str) -> None:
         self.cfg, self.sweep_dir, self.group = cfg, sweep_dir, group
         self.declared: dict[str, tuple[str, dict, str]] = {}
+        self.folders: dict[str, rundir.RunFolder] = {}
         self.runs: dict[str, Any] = {}
         self.broken: set[str] = set()
         self.warned: set[str] = set()
@@ -171,14 +182,18 @@ class _Sender:
         self.logged: dict[str, int] = {}
         """run_id -> the newest ``train/step`` its wandb run holds (steps redone after a
         resume from an older checkpoint are not logged twice)."""
+        self.caught_up: set[str] = set()
+        """Runs whose curve from before this logger was logged (:meth:`_catch_up`)."""
         self.progress = time.monotonic()
         """When the last event was handled (close() waits while events keep completing)."""
         self.curves_handled = 0
         """Curve events taken off the queue (only this thread writes it)."""
+        self.handling = ""
+        """The kind of event being handled now ("" between events)."""
 
     def handle(self, event: tuple) -> None:
         kind = event[0]
-        began = time.monotonic()
+        began, outer, self.handling = time.monotonic(), self.handling, kind
         try:
             getattr(self, f"on_{kind}")(*event[1:])
         except Exception as err:  # wandb failures are never the training's problem
@@ -190,14 +205,16 @@ class _Sender:
                 if time.monotonic() - began >= 0.9 * self.cfg.timeout:
                     self.down = True
                     self._warn("down", "wandb is unreachable; not trying this logger's other runs")
-                    self._mark_down()
+                    self.mark_down()
+        finally:
+            self.handling = outer
         self.progress = time.monotonic()
 
     @property
     def _down_file(self) -> Path:
         return self.sweep_dir / sweepdir.WANDB / DOWN_FILE
 
-    def _mark_down(self) -> None:
+    def mark_down(self) -> None:
         """Tell the sweep's next loggers (its other ensembles, in any process) not to wait."""
         try:
             self._down_file.parent.mkdir(parents=True, exist_ok=True)
@@ -225,8 +242,12 @@ class _Sender:
             self.warned.add(key)
             log.warning(message)
 
-    def on_declare(self, run_id: str, wid: str, config: dict, job_type: str) -> None:
+    def on_declare(
+        self, run_id: str, wid: str, config: dict, job_type: str, folder: Path | None = None
+    ) -> None:
         self.declared[run_id] = (wid, config, job_type)
+        if folder is not None:
+            self.folders[run_id] = rundir.RunFolder(folder)
 
     def _run(self, run_id: str) -> Any:
         """The run's wandb run, made on first use; None for one not declared or not made."""
@@ -265,7 +286,10 @@ class _Sender:
         run.define_metric("train/step")
         run.define_metric("train/*", step_metric="train/step")
         self.runs[run_id] = run
-        self.logged.setdefault(run_id, _logged_step(run))
+        recorded = self._recorded_step(run_id)
+        if recorded is None:  # (what was logged is not known: nothing is logged again)
+            self.caught_up.add(run_id)
+        self.logged.setdefault(run_id, max(_logged_step(run), _as_step(recorded)))
 
     def _say_offline(self) -> None:
         """Warn once per driver (not once per ensemble) that wandb logs offline."""
@@ -313,13 +337,31 @@ class _Sender:
     def on_log_one(self, run_id: str, rec: dict) -> None:
         run = self._run(run_id)
         step = rec.get("step", 0)
+        if run is not None:
+            self._catch_up(run_id, run, before=step)
         if run is not None and step > self.logged.get(run_id, -1):
-            run.log({f"train/{k}": v for k, v in rec.items()})
-            self.logged[run_id] = step
+            self._log_step(run_id, run, rec)
+
+    def _log_step(self, run_id: str, run: Any, rec: dict) -> None:
+        run.log({f"train/{k}": v for k, v in rec.items()})
+        self.logged[run_id] = rec.get("step", 0)
+
+    def _catch_up(self, run_id: str, run: Any, before: float) -> None:
+        """Once per run and logger: log the curve records of the run folder past the newest
+        step its wandb run holds and ``before`` this logger's first (those a killed worker's
+        wandb never wrote; an exact resume redid none of them)."""
+        folder = self.folders.get(run_id)
+        if run_id in self.caught_up or folder is None:
+            return
+        self.caught_up.add(run_id)
+        for rec in folder.curve():
+            if self.logged.get(run_id, -1) < rec.get("step", 0) < before:
+                self._log_step(run_id, run, rec)
 
     def on_summary(self, run_id: str, metrics: dict) -> None:
         run = self._run(run_id)
         if run is not None:
+            self._catch_up(run_id, run, before=math.inf)
             run.summary.update(_scalars(metrics))
             self.handle(("finish", run_id))
 
@@ -342,12 +384,27 @@ class _Sender:
         run = self.runs.pop(run_id, None)
         if run is None:
             return
-        if not unfinished:
-            run.finish()
-            return
         if unfinished == STOPPED:
             run.mark_preempting()
-        run.finish(exit_code=1)
+        if unfinished:
+            run.finish(exit_code=1)
+        else:
+            run.finish()
+        self._record_logged(run_id)
+
+    def _record_logged(self, run_id: str) -> None:
+        """After a segment finished (its steps written): the newest step it holds, for the next
+        segment, offline, where wandb cannot say (:meth:`rundir.RunFolder.tracker_step`)."""
+        folder, step = self.folders.get(run_id), self.logged.get(run_id, -1)
+        if folder is not None and step > _as_step(self._recorded_step(run_id)):
+            with contextlib.suppress(OSError):  # (then a resume logs some steps again)
+                folder.save_tracker_step(step)
+
+    def _recorded_step(self, run_id: str) -> int | None:
+        """What the run folder records as logged by its finished wandb segments (-1: none;
+        None: not recorded, as by an earlier version, or no run folder)."""
+        folder = self.folders.get(run_id)
+        return None if folder is None else folder.tracker_step()
 
     def finish_all(self, unfinished: str) -> None:
         for run_id in list(self.runs):
@@ -413,7 +470,7 @@ class WandbLogger(RunLogger):
         except OSError as err:
             log.warning("cannot record the wandb id of %s (%s); not logging it", run_id, err)
             return
-        self._put(("declare", run_id, wid, config, job_type))
+        self._put(("declare", run_id, wid, config, job_type, Path(folder)))
 
     def log(self, records: dict[str, dict]) -> None:
         if records:
@@ -450,6 +507,8 @@ class WandbLogger(RunLogger):
                 "wandb did not finish in time; continuing without it (its runs may lack their "
                 "last points or final metrics there; the run folders have everything)"
             )
+            if self._sender.handling == "init":  # (hung, not failed: the next would too)
+                self._sender.mark_down()
             return False
         if self.dropped:
             log.warning("wandb: %d log events were dropped because it fell behind", self.dropped)

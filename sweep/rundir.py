@@ -479,7 +479,17 @@ class RunFolder:
         append_text(self.path / EVENTS, json.dumps({"time": time.time(), **event}) + "\n")
 
     def save_tracker_id(self, wandb_id: str) -> None:
-        atomic_write_json(self.path / TRACKER, {"wandb_id": wandb_id})
+        atomic_write_json(self.path / TRACKER, {"wandb_id": wandb_id, "logged_step": -1})
+
+    def tracker_step(self) -> int | None:
+        """The newest curve step a wandb segment of this run logged and finished (-1: none;
+        None: not recorded, as by a sweep of an earlier version)."""
+        step = self._json(TRACKER).get("logged_step")
+        return step if isinstance(step, int) else None
+
+    def save_tracker_step(self, step: int) -> None:
+        """Record that a finished wandb segment holds the curve through ``step``."""
+        atomic_write_json(self.path / TRACKER, {**self._json(TRACKER), "logged_step": step})
 
 
 @dataclass(frozen=True)

@@ -242,6 +242,22 @@ def test_the_sweeps_next_loggers_do_not_wait_for_a_wandb_found_unreachable(
     assert calls == ["a", "c"]
 
 
+def test_an_init_that_hangs_past_close_is_taken_for_an_unreachable_wandb(tmp_path, monkeypatch):
+    """A ``wandb.init`` that hangs instead of timing out: the ensemble's close gives up on it,
+    and the sweep's next loggers skip wandb instead of each waiting out its close."""
+    import wandb
+
+    hang = threading.Event()
+    monkeypatch.setattr(wandb, "init", lambda **k: hang.wait(60))
+    lg = tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)
+    declared(lg, tmp_path, "a")
+    lg.log({"a": {"step": 1}})
+    assert lg.close() is False
+    hang.set()
+    assert (tmp_path / "wandb" / tracking.DOWN_FILE).is_file()
+    assert tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)._sender.down
+
+
 def test_a_run_that_could_not_be_declared_is_skipped_alone(tmp_path, monkeypatch):
     """Its folder could not hold logger.json: its events are ignored, the others logged."""
     import wandb
@@ -454,6 +470,69 @@ def test_steps_redone_after_a_resume_are_not_logged_twice(tmp_path, monkeypatch)
     assert lg.close() is True
     logged = [entry[1]["train/step"] for entry in record if entry[0] == "log"]
     assert logged == [1, 2, 3, 4, 4]  # a: each once; b: only past its resumed 3
+
+
+def curve_of(folder, steps) -> None:
+    rundir.RunFolder(folder).append_curve([{"step": s, "loss": float(s)} for s in steps])
+
+
+def logged_steps(record: list) -> list[int]:
+    return [entry[1]["train/step"] for entry in record if entry[0] == "log"]
+
+
+def test_a_segment_that_finished_says_what_it_logged_to_the_next_one(tmp_path, monkeypatch):
+    """Offline, wandb cannot say what a run holds: an ensemble that failed (or ran out of
+    memory and goes on as halves, in new workers) records its last step logged, and the next
+    segment skips the steps it redoes up to there."""
+    import wandb
+
+    record: list = []
+    monkeypatch.setattr(wandb, "init", lambda **k: SlowRun(record, 0.0))
+    first = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path)
+    declared(first, tmp_path, "a")
+    for step in (1, 2, 3, 4):
+        first.log({"a": {"step": step}})
+    assert first.close() is True  # (failed: exit 1)
+    folder = rundir.RunFolder(tmp_path / "runs" / "a")
+    assert folder.tracker_step() == 4
+    record.clear()
+    second = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path)
+    second.start("a", folder.path, {"l1": 1.0})
+    for step in (3, 4, 5):  # resumed from the checkpoint at 2
+        second.log({"a": {"step": step}})
+    assert second.close() is True
+    assert logged_steps(record) == [5]
+
+
+def test_steps_a_killed_segment_never_wrote_are_logged_from_the_curve(tmp_path, monkeypatch):
+    """A worker killed before its wandb wrote its steps (offline wandb writes every 15 s): the
+    next segment logs the run folder's curve from before the resume past the last step a
+    finished segment recorded, then its own; with no record (a sweep of an earlier version)
+    it logs only its own, as before."""
+    import wandb
+
+    record: list = []
+    monkeypatch.setattr(wandb, "init", lambda **k: SlowRun(record, 0.0))
+    made = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path)
+    declared(made, tmp_path, "a", "old")
+    assert made.close() is True  # (logged nothing: records nothing)
+    for rid in ("a", "old"):
+        curve_of(tmp_path / "runs" / rid, (1, 2, 3, 4, 5))  # kept through the checkpoint at 5
+    rundir.RunFolder(tmp_path / "runs" / "a").save_tracker_step(2)
+    rundir.atomic_write_json(tmp_path / "runs" / "old" / rundir.TRACKER, {"wandb_id": "old-1"})
+    lg = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path)
+    for rid in ("a", "old"):
+        lg.start(rid, tmp_path / "runs" / rid, {"l1": 1.0})
+        lg.log({rid: {"step": 6}})
+    assert lg.close() is True
+    assert logged_steps(record) == [3, 4, 5, 6, 6]
+    record.clear()  # killed after its last step, before its final metrics: they catch up too
+    rundir.RunFolder(tmp_path / "runs" / "a").save_tracker_step(4)
+    lg = tracking.WandbLogger(wandb_cfg(timeout=5), tmp_path)
+    lg.start("a", tmp_path / "runs" / "a", {"l1": 1.0})
+    lg.summary("a", {"fvu": 0.1})
+    assert lg.close() is True
+    assert logged_steps(record) == [5] and ("summary", {"fvu": 0.1}) in record
 
 
 def test_final_metrics_are_never_dropped_for_curve_points(tmp_path, monkeypatch):
