@@ -158,7 +158,7 @@ def evaluate_members(
     total_var, second_moment, off_mean = spread.tolist()
     total_var = _varies(total_var, second_moment)
     return [
-        (_summary(h.tolist(), f, x_ND, total_var, off_mean), f)
+        (_summary(h.tolist(), f, x_ND, total_var, off_mean, scale), f)
         for h, f in zip(host, freq_EF, strict=True)
     ]
 
@@ -185,9 +185,9 @@ def _varies(total_var: float, second_moment: float) -> float:
     return total_var if total_var > VARIANCE_FLOOR * second_moment else 0.0
 
 
-N_SUMS = 9
-"""sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat>, err / var (summed over rows),
-and the rows that are not zero."""
+N_SUMS = 11
+"""sq_err, l1, active, cos, l2_ratio, ||x_hat||^2, <x, x_hat>, err / var, the rows that are
+not zero, ||x||, ||x_hat|| (summed over rows)."""
 
 
 def _block_sums(
@@ -218,6 +218,8 @@ def _block_sums(
         # SAEBench's per-row explained variance (legacy), summed over rows not at the mean
         torch.where(var_b > 0, err / var_b, 0.0).sum(),
         (norm_in > 0).sum(),  # the rows with a direction (cossim's)
+        norm_in.sum(),
+        norm_out.sum(),
     ]
     return torch.stack([p.double() for p in parts]), on_F
 
@@ -237,11 +239,17 @@ def _fire_counts(codes_bF: torch.Tensor) -> torch.Tensor:
 
 
 def _summary(
-    sums: list[float], freq: torch.Tensor, x_ND: torch.Tensor, total_var: float, off_mean: float
+    sums: list[float],
+    freq: torch.Tensor,
+    x_ND: torch.Tensor,
+    total_var: float,
+    off_mean: float,
+    scale: float,
 ) -> dict:
     """The metrics of one member from its row sums and firing frequencies (``off_mean``: how
-    many rows are not at the rows' mean)."""
-    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum, err_over_var, nonzero = sums
+    many rows are not at the rows' mean; ``scale``: the rows' units per raw unit)."""
+    sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum, err_over_var, nonzero = sums[:9]
+    norm_in, norm_out = sums[9:]
     n = x_ND.shape[0]
     varies = total_var > 0
     fvu = sq_err / total_var if varies else math.nan
@@ -257,6 +265,8 @@ def _summary(
         "explained_variance_legacy": 1.0 - err_over_var / off_mean if varies else math.nan,
         "cossim": cos_sum / nonzero if nonzero else math.nan,
         "l2_ratio": ratio_sum / n,
+        "l2_norm_in": norm_in / n / scale,  # (raw units, as SAEBench's)
+        "l2_norm_out": norm_out / n / scale,
         "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,
         **density_summary(freq),
     }

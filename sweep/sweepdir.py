@@ -110,6 +110,8 @@ RUN_METRICS = (
     "freq_over_10_percent",
     "freq_over_1_percent",
     "l1_norm",
+    "l2_norm_in",
+    "l2_norm_out",
     "l2_ratio",
     "normalized_freq_over_10_percent",
     "normalized_freq_over_1_percent",

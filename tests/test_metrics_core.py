@@ -19,6 +19,8 @@ CORE = {
     "explained_variance_legacy",
     "cossim",
     "l2_ratio",
+    "l2_norm_in",
+    "l2_norm_out",
     "relative_reconstruction_bias",
     "frac_alive",
     "freq_over_1_percent",
@@ -133,9 +135,10 @@ def test_l2_ratio_divides_tiny_inputs_by_one():
     # the same rows and reconstructions in training units (x 1000): the guard is in raw units,
     # so l2_ratio is what SAEBench gets from the exported (raw-space) SAE
     scaled = {**const, "b_dec": c * 1000}
-    assert metrics.evaluate(scaled, x * 1000, scale=1000)["l2_ratio"] == pytest.approx(
-        m["l2_ratio"]
-    )
+    raw_units = metrics.evaluate(scaled, x * 1000, scale=1000)
+    assert raw_units["l2_ratio"] == pytest.approx(m["l2_ratio"])
+    assert m["l2_norm_in"] == raw_units["l2_norm_in"] == pytest.approx(5.0)  # (0 + 10) / 2
+    assert m["l2_norm_out"] == raw_units["l2_norm_out"] == pytest.approx(5.0)
     tiny = torch.tensor([[5e-5, 0.0], [0.0, 10.0]])  # raw norm 5e-5 (guarded), 0.05 scaled
     want = metrics.evaluate(const, tiny)["l2_ratio"]
     assert want == pytest.approx((5 / 1 + 5 / 10) / 2)
@@ -239,6 +242,8 @@ def reference(params: sae.Params, x: torch.Tensor, arch: str, k: int) -> dict[st
         ),
         "cossim": float(F.cosine_similarity(x, x_hat, dim=1)[norm_in > 0].mean()),
         "l2_ratio": float((x_hat.norm(dim=1) / torch.where(norm_in < 1e-4, 1.0, norm_in)).mean()),
+        "l2_norm_in": float(norm_in.mean()),
+        "l2_norm_out": float(x_hat.norm(dim=1).mean()),
         "relative_reconstruction_bias": float(
             x_hat.pow(2).sum(1).mean() / (x * x_hat).sum(1).mean()
         ),
