@@ -200,8 +200,9 @@ def frontier_figure(rows: list[dict]) -> Figure | None:
         ax.scatter([], [], color=color, label=f"ratio {ratio:g}")
     front = pareto([(r["l0"], r["fvu"]) for r in pts])
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1.2, label="Pareto frontier")
+    _said_of_the_rest(ax, rows, pts)
     if len(pts) <= 40:
-        for r in pts:
+        for r in labelled(pts):
             ax.annotate(
                 knob_text(name, knob_value(r)),  # type: ignore[arg-type]
                 (r["l0"], r["fvu"]),
@@ -214,6 +215,41 @@ def frontier_figure(rows: list[dict]) -> Figure | None:
     ax.set_title(f"Sparsity vs reconstruction (labels: {label}; larger, darker = larger {label})")
     ax.legend(fontsize=8)
     return fig
+
+
+def _compared(label: str, rows: list[dict]) -> str:
+    """A compared sweep's legend entry, saying how many of its finished runs are not drawn."""
+    left = not_drawn(rows, frontier_candidates(rows))
+    return f"{label} ({left} finished not drawn: diverged, L0 or FVU 0)" if left else label
+
+
+def labelled(pts: list[dict]) -> list[dict]:
+    """The points that get a label: one per dict ratio and knob value (its lowest seed's; the
+    other seeds' sit close by, and their labels printed over each other)."""
+    first: dict[tuple, dict] = {}
+    for r in sorted(pts, key=lambda r: r.get("seed") or 0):
+        first.setdefault((r["dict_ratio"], knob_value(r)), r)
+    return list(first.values())
+
+
+def _said_of_the_rest(ax, rows: list[dict], pts: list[dict]) -> None:
+    """The line FVU = 1 where a run reaches it (no better than predicting the mean), and a
+    legend entry for the finished runs log axes cannot show (diverged, L0 or FVU of 0)."""
+    _mean_line(ax, pts)
+    left = not_drawn(rows, pts)
+    if left:
+        ax.plot([], [], " ", label=f"{left} finished run(s) not drawn (diverged, L0 or FVU 0)")
+
+
+def _mean_line(ax, pts: list[dict]) -> None:
+    if any(r["fvu"] >= 1 for r in pts):
+        ax.axhline(1.0, color="grey", ls=":", lw=1, label="FVU 1: no better than the mean")
+
+
+def not_drawn(rows: list[dict], pts: list[dict]) -> int:
+    """How many finished runs of ``rows`` are not among the drawn ``pts``."""
+    drawn, ended = {r["run_id"] for r in pts}, ("done", "diverged")
+    return sum(r.get("state") in ended and r.get("run_id") not in drawn for r in rows)
 
 
 def _frontier_axes(ax) -> None:
@@ -254,11 +290,13 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
     a legend entry, ``(no finished runs)`` appended when it has nothing to draw yet."""
     from matplotlib import colormaps
 
-    drawn = [(label, frontier_candidates(rows)) for label, rows in sweeps]
+    drawn = [(_compared(label, rows), frontier_candidates(rows)) for label, rows in sweeps]
     if not any(pts for _, pts in drawn):
         return None
     fig, (ax,) = _figure(8.0, 5.6)
     annotate = sum(len(pts) for _, pts in drawn) <= 40
+    every = sorted({r["dict_ratio"] for _, pts in drawn for r in pts})  # (one shade per ratio
+    shade = {v: 0.45 + 0.45 * j / max(1, len(every) - 1) for j, v in enumerate(every)}  # in all)
     for i, (label, pts) in enumerate(drawn):
         cmap, marker = colormaps[FAMILIES[i % len(FAMILIES)]], MARKERS[i % len(MARKERS)]
         dark = cmap(0.85)
@@ -266,7 +304,6 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
             ax.scatter([], [], color=dark, marker=marker, label=f"{label} (no finished runs)")
             continue
         ratios = sorted({r["dict_ratio"] for r in pts})
-        shade = {v: 0.45 + 0.45 * j / max(1, len(ratios) - 1) for j, v in enumerate(ratios)}
         name = sweep_knob(pts)
         for ratio in ratios:
             mine = [r for r in pts if r["dict_ratio"] == ratio]
@@ -284,19 +321,21 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
         ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=dark, lw=1.4, zorder=1)
         ax.plot([], [], "-", marker=marker, color=dark, lw=1.4, label=label)
         if annotate:
-            for r in pts:
+            for r in labelled(pts):
+                knob = f"{'k' if name == 'k' else ''}{knob_text(name, knob_value(r))}"  # type: ignore[arg-type]
                 ax.annotate(
-                    f"{'k' if name == 'k' else ''}{knob_text(name, knob_value(r))}",  # type: ignore[arg-type]
+                    f"r{r['dict_ratio']:g} {knob}",
                     (r["l0"], r["fvu"]),
                     fontsize=6,
                     color=dark,
                     xytext=(3, 3),
                     textcoords="offset points",
                 )
+    _mean_line(ax, [r for _, pts in drawn for r in pts])
     _frontier_axes(ax)
     ax.set_title(
         "Sparsity vs reconstruction, by sweep (lines: each sweep's Pareto frontier; "
-        "darker = larger dict ratio)",
+        f"darker = larger dict ratio, of {', '.join(f'{v:g}' for v in every)})",
         fontsize=9,
     )
     ax.legend(fontsize=8, title="sweep (architecture)", title_fontsize=8)
@@ -522,7 +561,8 @@ def density(
             ax.set_xlim(max(-8.0, -math.log10(max(rows_eval)) - 0.3), 0.1)
         ax.set_xlabel("log10 firing frequency (eval rows)")
         ax.set_ylabel("features")
-        ax.set_title(f"dict ratio {ratio:g}")
+        of = sum(r["dict_ratio"] == ratio for r in have)
+        ax.set_title(f"dict ratio {ratio:g} (seed 0: {len(mine)} of {of} runs)")
         ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -75,8 +75,8 @@ DEFINITIONS = {
     f"is below {GAP:g} nats: the ratio then divides by noise and can exceed 1.",
     "dead / dense": f"fraction of features that never fire on the held-out rows / fire on more "
     f"than {DENSE_THRESHOLD:.0%} of them.",
-    "frontier ★": "finished runs on the FVU–L0 Pareto frontier: no other finished run has "
-    "lower-or-equal L0 and lower FVU.",
+    "frontier ★": "finished runs on the FVU–L0 Pareto frontier: FVU below 1 (better than "
+    "predicting the mean), and no other finished run has lower-or-equal L0 and lower FVU.",
 }
 COLUMN_HELP = {
     "fvu": DEFINITIONS["FVU"],
@@ -102,20 +102,22 @@ def captions(knob: str = "l1", sweeps: list[str] | None = None) -> dict[str, str
     if sweeps:
         out["frontier"] = (
             f"FVU against L0 (log-log) of {len(sweeps)} sweeps: {', '.join(sweeps)}. One colour "
-            "family and marker per sweep, darker = larger dict ratio; lines: each sweep's Pareto "
-            "frontier; labels: each run's L1 or L0 coefficient (JumpReLU) (e.g. 0.01) or k (e.g. k32)."
+            "family and marker per sweep, darker = larger dict ratio (the same shade for one "
+            "ratio in every sweep); lines: each sweep's Pareto frontier; labels: dict ratio and "
+            "L1 or L0 coefficient (JumpReLU) (e.g. r8 0.01) or k (e.g. r8 k32), once per grid "
+            "point (its seeds lie close by)."
         )
     return out
 
 
 CAPTIONS = {
-    "frontier": "FVU against L0 (log-log). One colour per dict ratio; labels are L1; dashed: Pareto frontier.",
+    "frontier": "FVU against L0 (log-log). One colour per dict ratio; labels are L1 (once per grid point: its seeds lie close by); dashed: Pareto frontier.",
     "curves": "Training curves against rows seen: loss, FVU and L0 on training batches. One line per run, colour = dict ratio, lighter = smaller L1, dotted = not finished.",
     "lm_vs_l0": f"Language-model metrics against L0 (harvested stores). Grey crosses: loss recovered with an ablation gap below {GAP:g} nats (not meaningful).",
     "mmcs_vs_l1": "MMCS from each run to the same L1/seed at the next larger dict ratio, against L1.",
-    "mmcs_heatmap": "MMCS between dictionaries of one dict ratio, ordered by seed, then L1 or k (row: from, column: to; white lines between seeds); colour range fitted to the data.",
+    "mmcs_heatmap": "MMCS between dictionaries of one dict ratio, ordered by seed, then L1 (row: from, column: to; white lines between seeds); colour range fitted to the data.",
     "dead_vs_l1": "Dead and dense feature fractions against L1.",
-    "density": "Histograms of log10 feature firing frequency on the evaluation rows.",
+    "density": "Histograms of log10 feature firing frequency on the evaluation rows: seed 0's runs, at most 4 L1 values per dict ratio (spread over the grid), at most 3 dict ratios; each panel's title says how many of how many.",
 }
 
 

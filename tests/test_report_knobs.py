@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -261,6 +262,29 @@ def test_compare_figure_labels():
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert legend == ["a (topk)", "b (untied) (no finished runs)"]
     assert plots.frontier_compare_figure([("b (untied)", [])]) is None
+
+
+def test_the_frontier_says_what_it_leaves_out_and_labels_each_grid_point_once():
+    """Two seeds of a grid point: one label (they printed over each other); a dead dictionary
+    (FVU >= 1) beside the line of no better than the mean; a diverged run counted, not
+    silently absent. The comparison's labels carry the dict ratio, shaded alike in every
+    sweep."""
+
+    def run(i, seed, l1, l0, fvu, state="done", ratio=2.0):  # noqa: ANN001, ANN202
+        return {"run_id": f"r{i}", "state": state, "l1": l1, "seed": seed, "dict_ratio": ratio,
+                "l0": l0, "fvu": fvu}  # fmt: skip
+
+    rows = [run(0, 0, 1e-2, 9.0, 0.2), run(1, 1, 1e-2, 9.2, 0.21), run(2, 0, 3.0, 0.05, 1.07),
+            run(3, 0, 1e38, math.nan, math.nan, "diverged")]  # fmt: skip
+    ax = plots.frontier_figure(rows).axes[0]
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == ["0.01", "3"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "FVU 1: no better than the mean" in legend
+    assert "1 finished run(s) not drawn (diverged, L0 or FVU 0)" in legend
+    other = [{**r, "dict_ratio": 8.0} for r in rows[:2]]
+    fig = plots.frontier_compare_figure([("a (untied)", rows[:2]), ("b (untied)", other)])
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["r2 0.01", "r8 0.01"]
 
 
 @pytest.mark.parametrize(
