@@ -502,9 +502,10 @@ class SweepFolder:
                 f"re-run its 'sweep run' command (corrected, if it was refused) to continue: {then}"
             )
         if _sweep_files(self.path) or (self.path / RUNS).is_dir():
+            resume = f" (or 'sweep resume {self.path}')" if (self.path / CONFIG).is_file() else ""
             return SweepError(
-                f"{self.path} has no {MANIFEST} (deleted?); re-run the same 'sweep run' command "
-                f"(or 'sweep resume {self.path}') to write it"
+                f"{self.path} has no {MANIFEST} (deleted?); re-run the same 'sweep run' command"
+                f"{resume} to write it"
             )
         outer = enclosing_sweep(self.path)
         if outer is not None:

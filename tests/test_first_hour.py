@@ -599,12 +599,15 @@ def test_a_missing_or_damaged_sweep_manifest_says_how_to_recover(
     manifest = (sw / "manifest.json").read_bytes()
     (sw / "manifest.json").unlink()
     assert main(["status", str(sw)]) == 2
-    assert "has no manifest.json (deleted?); re-run the same 'sweep run'" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "has no manifest.json (deleted?); re-run the same 'sweep run'" in said
+    assert f"(or 'sweep resume {sw}') to write it" in said
     config = (sw / "config.yaml").read_bytes()
     (sw / "config.yaml").unlink()  # its runs say it planned: not "stopped preparing its data"
     (sw / "sweep.log").write_text("INFO sweep.driver: planned\n")
     assert main(["status", str(sw)]) == 2
-    assert "has no manifest.json (deleted?)" in capsys.readouterr().err
+    said = capsys.readouterr().err  # (resume reads config.yaml: only the run command can help)
+    assert "has no manifest.json (deleted?); re-run the same 'sweep run' command to" in said
     (sw / "config.yaml").write_bytes(config)
     (sw / "manifest.json").write_text("{")
     assert main(["report", str(sw)]) == 2
