@@ -73,10 +73,10 @@ def health_note(m: dict, arch: str = "untied", l1: float | None = None) -> str:
             f"reconstructs worse than the held-out rows' mean (FVU {fvu:.3g}, L0 {l0:.3g}): {fix}"
         )
     if dead >= DEAD_DICTIONARY or fvu >= DEAD_DICTIONARY:
-        return (
-            f"dead dictionary: {_explained(fvu)}L0 {l0:.3g}, "
-            f"{100 * dead:.0f}% of features dead); {_revive(arch, l1)}"
-        )
+        died = f"{100 * dead:.0f}% of features dead"
+        if dead < DEAD_DICTIONARY and l0 < 1:  # (most fire, but on almost no row)
+            died = f"almost no latent fires: {died}, the others rarely"
+        return f"dead dictionary: {_explained(fvu)}L0 {l0:.3g}, {died}); {_revive(arch, l1)}"
     return ""
 
 

@@ -165,6 +165,8 @@ def test_rows_that_do_not_vary_have_no_fvu():
 def test_health_notes_name_the_fix_of_the_architecture():
     dead = {"dead_fraction": 1.0, "fvu": 1.0, "l0": 0.0}
     assert health_note(dead).endswith("% of features dead); lower l1")
+    rare = health_note({"dead_fraction": 0.05, "fvu": 1.07, "l0": 0.047})  # (not "5% dead" alone)
+    assert "L0 0.047, almost no latent fires: 5% of features dead, the others rarely)" in rare
     assert health_note(dead, "jumprelu").endswith("dead); lower l1 (its L0 coefficient)")
     assert health_note(dead, "topk").endswith(  # (AuxK is on by default: its window matters)
         "lower train.lr; AuxK (train.auxk_alpha > 0) revives latents once silent for "
