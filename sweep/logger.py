@@ -19,11 +19,10 @@ other ensembles (and its report) do not try wandb for 15 minutes after.
 (its own debug logs and caches go where wandb keeps them, ``~/.cache/wandb``); without an
 API key it runs offline (``wandb sync SWEEP_DIR/wandb/offline-run-*`` uploads later). Each
 run's wandb id is kept in its run folder (``logger.json``), so a resumed sweep continues the
-same wandb runs, with every curve step once: steps a resumed run redoes are skipped up to the
-newest one its wandb run holds (online, its summary; offline, where wandb can tell nothing, the
-step ``logger.json`` records as logged by a segment that finished), and steps past that which
-the run's ``metrics.jsonl`` holds from before the resume (logged by a segment that was killed
-before wandb wrote them) are logged again first.
+same wandb runs: steps a resumed run redoes are skipped up to the newest one its wandb run
+holds (online, its summary; offline, where wandb can tell nothing, the step ``logger.json``
+records as held by a segment that finished). Offline, wandb writes its file every second (not
+its default 15 s), so a killed worker's wandb run lacks at most its last second of points.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import netrc
 import os
 import queue
@@ -159,9 +157,29 @@ def _logged_step(run: Any) -> int:
     return int(step) if isinstance(step, (int, float)) else -1
 
 
-def _as_step(step: int | None) -> int:
-    """A recorded step, -1 for none."""
-    return -1 if step is None else step
+FLUSH_SECONDS = 1.0
+"""How often wandb writes an offline run's file (its default, 15 s, left a killed worker's
+wandb run without its last 15 s of points; or all of them, in a first segment that short)."""
+
+
+def _settings(timeout: float) -> Any:
+    """wandb's settings for a run: bounded waits, nothing but the run's own data recorded."""
+    import wandb
+
+    kw = dict(
+        init_timeout=timeout,
+        finish_timeout=timeout,
+        console="off",
+        silent=True,
+        x_disable_stats=True,
+        x_save_requirements=False,
+        disable_git=True,
+        save_code=False,
+    )
+    try:
+        return wandb.Settings(**kw, x_transaction_log_flush_interval=FLUSH_SECONDS)
+    except Exception:  # a wandb before that setting
+        return wandb.Settings(**kw)
 
 
 class _Sender:
@@ -182,18 +200,16 @@ class _Sender:
         self.logged: dict[str, int] = {}
         """run_id -> the newest ``train/step`` its wandb run holds (steps redone after a
         resume from an older checkpoint are not logged twice)."""
-        self.caught_up: set[str] = set()
-        """Runs whose curve from before this logger was logged (:meth:`_catch_up`)."""
         self.progress = time.monotonic()
         """When the last event was handled (close() waits while events keep completing)."""
         self.curves_handled = 0
         """Curve events taken off the queue (only this thread writes it)."""
-        self.handling = ""
-        """The kind of event being handled now ("" between events)."""
+        self.init_began: float | None = None
+        """When the ``wandb.init`` under way began (None: none is)."""
 
     def handle(self, event: tuple) -> None:
         kind = event[0]
-        began, outer, self.handling = time.monotonic(), self.handling, kind
+        began = time.monotonic()
         try:
             getattr(self, f"on_{kind}")(*event[1:])
         except Exception as err:  # wandb failures are never the training's problem
@@ -206,8 +222,6 @@ class _Sender:
                     self.down = True
                     self._warn("down", "wandb is unreachable; not trying this logger's other runs")
                     self.mark_down()
-        finally:
-            self.handling = outer
         self.progress = time.monotonic()
 
     @property
@@ -262,16 +276,7 @@ class _Sender:
         import wandb
 
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        settings = wandb.Settings(
-            init_timeout=self.cfg.timeout,
-            finish_timeout=self.cfg.timeout,
-            console="off",
-            silent=True,
-            x_disable_stats=True,
-            x_save_requirements=False,
-            disable_git=True,
-            save_code=False,
-        )
+        settings = _settings(self.cfg.timeout)
         if self.mode == "online" and _no_credentials():  # (never wandb's login prompt)
             self.mode = "offline"
             self._say_offline()
@@ -286,10 +291,7 @@ class _Sender:
         run.define_metric("train/step")
         run.define_metric("train/*", step_metric="train/step")
         self.runs[run_id] = run
-        recorded = self._recorded_step(run_id)
-        if recorded is None:  # (what was logged is not known: nothing is logged again)
-            self.caught_up.add(run_id)
-        self.logged.setdefault(run_id, max(_logged_step(run), _as_step(recorded)))
+        self.logged.setdefault(run_id, max(_logged_step(run), self._recorded_step(run_id)))
 
     def _say_offline(self) -> None:
         """Warn once per driver (not once per ensemble) that wandb logs offline."""
@@ -311,6 +313,13 @@ class _Sender:
         self._warn("offline", message)
 
     def _init(self, run_id: str, settings: Any) -> Any:
+        self.init_began = time.monotonic()
+        try:
+            return self._wandb_init(run_id, settings)
+        finally:
+            self.init_began = None
+
+    def _wandb_init(self, run_id: str, settings: Any) -> Any:
         import wandb
 
         wid, config, job_type = self.declared[run_id]
@@ -337,31 +346,13 @@ class _Sender:
     def on_log_one(self, run_id: str, rec: dict) -> None:
         run = self._run(run_id)
         step = rec.get("step", 0)
-        if run is not None:
-            self._catch_up(run_id, run, before=step)
         if run is not None and step > self.logged.get(run_id, -1):
-            self._log_step(run_id, run, rec)
-
-    def _log_step(self, run_id: str, run: Any, rec: dict) -> None:
-        run.log({f"train/{k}": v for k, v in rec.items()})
-        self.logged[run_id] = rec.get("step", 0)
-
-    def _catch_up(self, run_id: str, run: Any, before: float) -> None:
-        """Once per run and logger: log the curve records of the run folder past the newest
-        step its wandb run holds and ``before`` this logger's first (those a killed worker's
-        wandb never wrote; an exact resume redid none of them)."""
-        folder = self.folders.get(run_id)
-        if run_id in self.caught_up or folder is None:
-            return
-        self.caught_up.add(run_id)
-        for rec in folder.curve():
-            if self.logged.get(run_id, -1) < rec.get("step", 0) < before:
-                self._log_step(run_id, run, rec)
+            run.log({f"train/{k}": v for k, v in rec.items()})
+            self.logged[run_id] = step
 
     def on_summary(self, run_id: str, metrics: dict) -> None:
         run = self._run(run_id)
         if run is not None:
-            self._catch_up(run_id, run, before=math.inf)
             run.summary.update(_scalars(metrics))
             self.handle(("finish", run_id))
 
@@ -396,15 +387,15 @@ class _Sender:
         """After a segment finished (its steps written): the newest step it holds, for the next
         segment, offline, where wandb cannot say (:meth:`rundir.RunFolder.tracker_step`)."""
         folder, step = self.folders.get(run_id), self.logged.get(run_id, -1)
-        if folder is not None and step > _as_step(self._recorded_step(run_id)):
+        if folder is not None and step > self._recorded_step(run_id):
             with contextlib.suppress(OSError):  # (then a resume logs some steps again)
-                folder.save_tracker_step(step)
+                folder.save_tracker_id(self.declared[run_id][0], step)
 
-    def _recorded_step(self, run_id: str) -> int | None:
-        """What the run folder records as logged by its finished wandb segments (-1: none;
-        None: not recorded, as by an earlier version, or no run folder)."""
+    def _recorded_step(self, run_id: str) -> int:
+        """The newest step the run folder records as held by its finished wandb segments (-1:
+        none, or no run folder)."""
         folder = self.folders.get(run_id)
-        return None if folder is None else folder.tracker_step()
+        return -1 if folder is None else folder.tracker_step()
 
     def finish_all(self, unfinished: str) -> None:
         for run_id in list(self.runs):
@@ -507,8 +498,9 @@ class WandbLogger(RunLogger):
                 "wandb did not finish in time; continuing without it (its runs may lack their "
                 "last points or final metrics there; the run folders have everything)"
             )
-            if self._sender.handling == "init":  # (hung, not failed: the next would too)
-                self._sender.mark_down()
+            began = self._sender.init_began  # (one hung past wandb's own timeout: the
+            if began is not None and time.monotonic() - began >= 0.9 * self.cfg.timeout:
+                self._sender.mark_down()  # next ensembles' would hang too)
             return False
         if self.dropped:
             log.warning("wandb: %d log events were dropped because it fell behind", self.dropped)

@@ -107,9 +107,11 @@ def evaluate_with_frequency(
       ``explained_variance_legacy``: mean over rows of 1 - ‖x̂ - x‖² / ‖x - mean(x)‖²
       (SAEBench's per-row formula, its paper's figures; reads lower, a row near the mean
       weighs a lot; a row exactly at the mean, where it is undefined, is left out)
-    - ``cossim``: mean over rows of cos(x, x̂) (0 for a zero row)
+    - ``cossim``: mean over the rows that are not zero of cos(x, x̂) (0 where x̂ is zero;
+      NaN when every row is zero)
     - ``l2_ratio``: mean over rows of ‖x̂‖ / ‖x‖ (‖x‖ < 1e-4 counted as 1, as SAEBench; in
-      raw units, ‖x‖ / ``scale``)
+      raw units, ‖x‖ / ``scale``); ``l2_norm_in`` / ``l2_norm_out``: mean ‖x‖ / ‖x̂‖ over
+      rows, in raw units
     - ``relative_reconstruction_bias``: Σ‖x̂‖² / Σ⟨x, x̂⟩ (Gated SAE paper eq. 10: 1 = no
       shrinkage, < 1 = reconstructions shrunk); NaN when Σ⟨x, x̂⟩ = 0
     - ``l0``: mean number of non-zero codes per row; ``l1_norm``: mean ‖f‖₁ per row
@@ -193,7 +195,7 @@ not zero, ||x||, ||x_hat|| (summed over rows)."""
 def _block_sums(
     m: Judged, x: torch.Tensor, var_b: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(8,) float64 sums of one block of rows (``var_b``: each row's ‖x - mean‖²), and each
+    """(N_SUMS,) float64 sums of one block of rows (``var_b``: each row's ‖x - mean‖²), and each
     latent's firing count (F,). ``scale``: the rows' units per raw unit."""
     codes = sae.encode(m.params, x, m.arch, m.k)  # (b, F)
     x_hat = sae.decode(m.params, codes, m.arch)  # (b, D)

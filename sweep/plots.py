@@ -218,9 +218,14 @@ def frontier_figure(rows: list[dict]) -> Figure | None:
 
 
 def _compared(label: str, rows: list[dict]) -> str:
-    """A compared sweep's legend entry, saying how many of its finished runs are not drawn."""
-    left = not_drawn(rows, frontier_candidates(rows))
-    return f"{label} ({left} finished not drawn: diverged, L0 or FVU 0)" if left else label
+    """A compared sweep's legend entry: how many of its finished runs are not drawn, or that
+    it has none yet."""
+    pts = frontier_candidates(rows)
+    left = not_drawn(rows, pts)
+    if not left:
+        return label if pts else f"{label} (no finished runs)"
+    none = ", none drawable" if not pts else " not drawn"
+    return f"{label} ({left} finished{none}: diverged, L0 or FVU 0)"
 
 
 def labelled(pts: list[dict]) -> list[dict]:
@@ -301,7 +306,7 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
         cmap, marker = colormaps[FAMILIES[i % len(FAMILIES)]], MARKERS[i % len(MARKERS)]
         dark = cmap(0.85)
         if not pts:
-            ax.scatter([], [], color=dark, marker=marker, label=f"{label} (no finished runs)")
+            ax.scatter([], [], color=dark, marker=marker, label=label)
             continue
         ratios = sorted({r["dict_ratio"] for r in pts})
         name = sweep_knob(pts)

@@ -478,18 +478,16 @@ class RunFolder:
         """Record something a user should know about this run (``events.jsonl``)."""
         append_text(self.path / EVENTS, json.dumps({"time": time.time(), **event}) + "\n")
 
-    def save_tracker_id(self, wandb_id: str) -> None:
-        atomic_write_json(self.path / TRACKER, {"wandb_id": wandb_id, "logged_step": -1})
+    def save_tracker_id(self, wandb_id: str, logged_step: int | None = None) -> None:
+        """The run's wandb id and (``logged_step``) the newest curve step a finished wandb
+        segment of it holds."""
+        step = {} if logged_step is None else {"logged_step": logged_step}
+        atomic_write_json(self.path / TRACKER, {"wandb_id": wandb_id, **step})
 
-    def tracker_step(self) -> int | None:
-        """The newest curve step a wandb segment of this run logged and finished (-1: none;
-        None: not recorded, as by a sweep of an earlier version)."""
+    def tracker_step(self) -> int:
+        """The newest curve step a finished wandb segment of this run holds (-1: none known)."""
         step = self._json(TRACKER).get("logged_step")
-        return step if isinstance(step, int) else None
-
-    def save_tracker_step(self, step: int) -> None:
-        """Record that a finished wandb segment holds the curve through ``step``."""
-        atomic_write_json(self.path / TRACKER, {**self._json(TRACKER), "logged_step": step})
+        return step if isinstance(step, int) else -1
 
 
 @dataclass(frozen=True)

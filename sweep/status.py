@@ -130,9 +130,11 @@ def _activity(sweep_dir: Path, rows: list[dict]) -> tuple[str, str | None]:
     lost = [rid for rid in undone if grid is None or rid in grid]
     unread = [r["run_id"] for r in rows if r.get("unread") and r["run_id"] in lost]
     if unread:  # (perhaps finished: nothing is judged of them)
+        rest = len(lost) - len(unread)
+        also = f"; {rest} other run(s) are no longer finished: then re-run its command" * bool(rest)
         return "incomplete", (
             f"{len(unread)} run(s) could not be read: mend the cause (each one's note says "
-            "which file), then look again; a re-run stops at them, keeping their results"
+            f"which file), then look again; a re-run stops at them, keeping their results{also}"
         )
     if lost:
         return "incomplete", (

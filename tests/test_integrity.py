@@ -188,6 +188,20 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     assert run(copy) == 0 and weights(copy) == before
 
 
+def test_status_names_the_runs_it_could_not_read_and_the_others_to_re_run(tmp_path, monkeypatch):
+    from sweep import status
+
+    monkeypatch.setattr(status.SweepFolder, "activity", lambda self: "done")
+    monkeypatch.setattr(status.SweepFolder, "last_grid", lambda self: None)
+    rows = [{"run_id": "a", "state": "pending", "unread": True}, {"run_id": "b", "state": "pending"},
+            {"run_id": "c", "state": "done"}]  # fmt: skip
+    word, said = status._activity(tmp_path, rows)
+    assert word == "incomplete" and said.startswith("1 run(s) could not be read: mend the cause")
+    assert said.endswith("; 1 other run(s) are no longer finished: then re-run its command")
+    word, said = status._activity(tmp_path, rows[:1])
+    assert said.endswith("a re-run stops at them, keeping their results")
+
+
 def test_final_weights_whose_done_was_deleted_are_said_to_be_retrained(copy, capsys):
     folder = copy / "runs" / "r1-l1_1e-03-s0"
     (folder / rundir.DONE).unlink()

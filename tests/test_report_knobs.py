@@ -282,6 +282,9 @@ def test_the_frontier_says_what_it_leaves_out_and_labels_each_grid_point_once():
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "FVU 1: no better than the mean" in legend
     assert "1 finished run(s) not drawn (diverged, L0 or FVU 0)" in legend
+    fig = plots.frontier_compare_figure([("a (untied)", rows[:2]), ("b (untied)", rows[3:])])
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[1] == "b (untied) (1 finished, none drawable: diverged, L0 or FVU 0)"
     other = [{**r, "dict_ratio": 8.0} for r in rows[:2]]
     fig = plots.frontier_compare_figure([("a (untied)", rows[:2]), ("b (untied)", other)])
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["r2 0.01", "r8 0.01"]
