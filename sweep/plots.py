@@ -360,7 +360,11 @@ def _cell_fontsize(n: int) -> float | None:
 
 
 def _mmcs_range(cross: CrossDict, ratios: list[float]) -> tuple[float, float]:
-    vals = [v for r in ratios for row in cross.matrices[r][1] for v in row if finite(v)]
+    """The colour range: the values between different runs (a run against itself, 1, would
+    stretch it over what no pair reaches; it shows as the top colour)."""
+    mats = [cross.matrices[r][1] for r in ratios]
+    vals = [v for m in mats for i, row in enumerate(m) for j, v in enumerate(row) if i != j]
+    vals = [v for v in vals if finite(v)] or [1.0]
     lo, hi = min(vals), max(vals)
     return (lo, hi) if hi - lo > 1e-3 else (hi - 0.05, hi)
 
@@ -407,7 +411,9 @@ def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:
         ax.set_xlabel(f"to run ({label})")
         ax.set_ylabel(f"from run ({label})")
         ax.set_title(f"MMCS, dict ratio {ratio:g}{_thinned(cross, ratio, refs)}")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="MMCS (range of the data)")
+        fig.colorbar(
+            im, ax=ax, fraction=0.046, pad=0.04, label="MMCS (range between different runs)"
+        )
     if len(ratios) < len(drawable):
         shown = ", ".join(f"{r:g}" for r in ratios)
         fig.suptitle(f"dict ratios {shown} of {len(drawable)} (mmcs.csv has every ratio)")

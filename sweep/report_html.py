@@ -115,7 +115,7 @@ CAPTIONS = {
     "curves": "Training curves against rows seen: loss, FVU and L0 on training batches. One line per run, colour = dict ratio, lighter = smaller L1, dotted = not finished.",
     "lm_vs_l0": f"Language-model metrics against L0 (harvested stores). Grey crosses: loss recovered with an ablation gap below {GAP:g} nats (not meaningful).",
     "mmcs_vs_l1": "MMCS from each run to the same L1/seed at the next larger dict ratio, against L1.",
-    "mmcs_heatmap": "MMCS between dictionaries of one dict ratio, ordered by seed, then L1 (row: from, column: to; white lines between seeds); colour range fitted to the data.",
+    "mmcs_heatmap": "MMCS between dictionaries of one dict ratio, ordered by seed, then L1 (row: from, column: to; white lines between seeds); colour range fitted to the values between different runs (a run against itself shows as the top colour).",
     "dead_vs_l1": "Dead and dense feature fractions against L1.",
     "density": "Histograms of log10 feature firing frequency on the evaluation rows: seed 0's runs, at most 4 L1 values per dict ratio (spread over the grid), at most 3 dict ratios; each panel's title says how many of how many.",
 }

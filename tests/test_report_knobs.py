@@ -264,6 +264,14 @@ def test_compare_figure_labels():
     assert plots.frontier_compare_figure([("b (untied)", [])]) is None
 
 
+def test_the_mmcs_colours_span_the_values_between_different_runs():
+    """A run against itself (1) stretched the range over what no pair reaches."""
+    from types import SimpleNamespace
+
+    cross = SimpleNamespace(matrices={4.0: ([], [[1.0, 0.6], [0.7, 1.0]])})
+    assert plots._mmcs_range(cross, [4.0]) == (0.6, 0.7)
+
+
 def test_the_frontier_says_what_it_leaves_out_and_labels_each_grid_point_once():
     """Two seeds of a grid point: one label (they printed over each other); a dead dictionary
     (FVU >= 1) beside the line of no better than the mean; a diverged run counted, not
