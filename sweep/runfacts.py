@@ -5,6 +5,8 @@ which values count (finite, of finished runs), the FVU–L0 Pareto frontier, and
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 
 from sweep.crossdict import knob_value
@@ -32,15 +34,27 @@ def frontier_candidates(rows: list[dict]) -> list[dict]:
     return [r for r in with_knob(rows, "l0", "fvu") if r["l0"] > 0 and r["fvu"] > 0]
 
 
+L0_TOLERANCE = 0.01
+"""L0s this close (relative) count as equal on the frontier: TopK runs of one k at several dict
+ratios all have L0 about k, and the one of them 0.5% lower was a "best run" beside one of far
+lower FVU."""
+
+
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points (l0, fvu) not dominated by any other (lower or equal l0 and lower fvu), by l0,
-    nor by the empty dictionary that predicts the mean (l0 0, fvu 1): a run reconstructing
-    no better than that is never a best run."""
-    front: list[tuple[float, float]] = []
-    for x, y in sorted((p for p in points if p[1] < 1), key=lambda p: (p[0], p[1])):
-        if not front or y < front[-1][1]:
-            front.append((x, y))
-    return front
+    """Points (l0, fvu) not dominated by any other — one of lower l0 and lower or equal fvu,
+    or of an l0 at most :data:`L0_TOLERANCE` higher and lower fvu — by l0, nor by the empty
+    dictionary that predicts the mean (l0 0, fvu 1): a run reconstructing no better than
+    that is never a best run."""
+    kept = sorted({p for p in points if p[1] < 1})
+    l0s = [x for x, _ in kept]
+    lowest = list(itertools.accumulate((y for _, y in kept), min))  # fvu, up to each l0
+    return [(x, y) for x, y in kept if not _dominated(x, y, l0s, lowest)]
+
+
+def _dominated(x: float, y: float, l0s: list[float], lowest: list[float]) -> bool:
+    below = bisect.bisect_left(l0s, x)  # (the points of lower l0)
+    near = bisect.bisect_right(l0s, x * (1 + L0_TOLERANCE))
+    return (below > 0 and lowest[below - 1] <= y) or lowest[near - 1] < y
 
 
 def frontier_ids(rows: list[dict]) -> set[str]:

@@ -92,6 +92,12 @@ def test_pareto_frontier():
     assert runfacts.pareto(pts) == [(0.7, 0.95), (1, 0.9), (2, 0.5), (4, 0.2)]
     # no better than the mean (FVU >= 1): dominated by the empty dictionary, never on it
     assert runfacts.pareto([*pts, (0.5, 1.0), (0.1, 1.3)]) == runfacts.pareto(pts)
+    # L0s within 1% are one L0 (TopK runs of one k at two ratios): the lower FVU wins
+    assert runfacts.pareto([(3.893, 0.19), (3.916, 0.123), (8.0, 0.1)]) == [
+        (3.916, 0.123),
+        (8.0, 0.1),
+    ]
+    assert runfacts.pareto([(3.8, 0.19), (3.916, 0.123)]) == [(3.8, 0.19), (3.916, 0.123)]
 
 
 def test_the_frontier_joins_each_ratios_runs_in_knob_order_a_line_per_seed(finished):
