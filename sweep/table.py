@@ -36,9 +36,12 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     weak = "loss_recovered" in cols and any(runfacts.weak_loss_recovered(r) for r in rows)
     console = table_console()
-    cells = [[_cell(r, c) for c in cols] for r in rows]
+    best = runfacts.frontier_ids(every)
+    cells = [[_cell(r, c, r["run_id"] in best) for c in cols] for r in rows]
     fitted = fit_table(console, title, cols, cells, drop=SHED)
     fitted.print(console, see=SUMMARY)
+    if best and any(r["run_id"] in best for r in rows):
+        console.print(BEST_CAPTION, highlight=False)
     if weak and "loss_recovered" not in fitted.left_out:
         console.print(WEAK_CAPTION, highlight=False)
     if "l1" in cols and "l1" not in fitted.left_out and any(_l0_penalised(r) for r in rows):
@@ -90,8 +93,14 @@ WEAK_CAPTION = (
 )
 
 
-def _cell(row: dict, col: str) -> str:
-    """A table cell; a ``loss_recovered`` that divides by noise is marked † (as on the page)."""
+BEST_CAPTION = "★ on the FVU–L0 frontier (the report's best runs)"
+
+
+def _cell(row: dict, col: str, best: bool = False) -> str:
+    """A table cell; a ``loss_recovered`` that divides by noise is marked † (as on the page),
+    the run id of a run on the frontier ★."""
     text = _fmt(row.get(col))
+    if col == "run_id" and best:
+        return f"{text} ★"
     weak = col == "loss_recovered" and runfacts.weak_loss_recovered(row)
     return f"{text} †" if weak else text

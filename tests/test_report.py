@@ -912,6 +912,7 @@ def test_terminal_table_of_a_large_grid_lists_its_frontier(capsys, monkeypatch):
     listed = {r["run_id"] for r in rows if re.search(rf"\b{r['run_id']}\b", out)}
     assert listed == {"r0", "r1", "r2", "bad"} == runfacts.frontier_ids(rows) | {"bad"}
     assert "10 runs: the 3 on the FVU–L0 frontier above; every run in summary.csv" in out
+    assert all(f"r{i} ★" in out for i in range(3)) and table.BEST_CAPTION in out
     assert "bad (failed): out of memory" in out
     table.print_table(rows[:4])
     assert "frontier above" not in capsys.readouterr().out
