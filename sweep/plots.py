@@ -633,6 +633,8 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
         elif key == "loss" and name == "l0":
             title = "training loss (MSE + L0 penalty)"
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False))  # "0.6", as the frontier's
+        ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False))  # (not 6x10^-1)
         ax.set_xlabel("training rows")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.set_title(title, fontsize=10)
