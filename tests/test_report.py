@@ -690,9 +690,13 @@ def test_dead_vs_l1_ticks_every_l1_and_fits_the_data():
 
 
 def test_mmcs_heatmap_scales_to_the_data(finished):
+    """To the values between different runs (a run against itself, 1, compressed them)."""
     cross = crossdict.compute(SweepFolder(finished).read_runs(), torch.device("cpu"))
     fig = plots.mmcs_heatmap_figure(cross)
-    values = [v for _, mat in cross.matrices.values() for row in mat for v in row]
+    values = [
+        v for _, mat in cross.matrices.values() for i, row in enumerate(mat)
+        for j, v in enumerate(row) if i != j
+    ]  # fmt: skip
     for ax in fig.axes[::2]:  # each panel is followed by its colour bar
         lo, hi = ax.images[0].get_clim()
         assert lo == pytest.approx(min(values)) and hi == pytest.approx(max(values))
@@ -896,6 +900,21 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
     assert "loss_recovered not meaningful" in " ".join(out.split())  # the caption says why
     table.print_table(rows[1:])
     assert "†" not in capsys.readouterr().out
+
+
+def test_terminal_table_says_when_runs_were_measured_by_earlier_metrics(capsys):
+    """A sweep begun by an earlier version of sweep, its grid extended by this one: its old
+    runs' cossim counted zero rows, and they lack l2_norm_in/out; the table says so, once."""
+    from sweep.sweepdir import METRICS_VERSION
+
+    new = {"state": "done", "l0": 3.0, "fvu": 0.2, "metrics_version": METRICS_VERSION}
+    rows = [{"run_id": "old", "state": "done", "l0": 2.0, "fvu": 0.3}, {"run_id": "new", **new}]
+    table.print_table(rows)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "1 finished run(s) were measured by an earlier version of sweep's metrics" in out
+    assert "`sweep evaluate` on this sweep measures them again from their weights" in out
+    table.print_table(rows[1:])
+    assert "earlier version" not in capsys.readouterr().out
 
 
 def test_terminal_table_of_a_large_grid_lists_its_frontier(capsys, monkeypatch):
