@@ -15,6 +15,7 @@ import torch
 
 from sweep import sae
 from sweep.sae import Params
+from sweep.sweepdir import METRICS_VERSION
 
 DENSE_THRESHOLD = 0.1
 RECOVERED_THRESHOLD = 0.9
@@ -263,6 +264,7 @@ def _summary(
         "dead_fraction": float((freq == 0).double().mean()),
         "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()),
         "eval_rows": n,
+        "metrics_version": METRICS_VERSION,
         "explained_variance": 1.0 - fvu,
         "explained_variance_legacy": 1.0 - err_over_var / off_mean if varies else math.nan,
         "cossim": cos_sum / nonzero if nonzero else math.nan,

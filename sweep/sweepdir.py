@@ -101,6 +101,12 @@ SUMMARY_COLUMNS = [
 ]
 """The first columns of ``summary.csv`` (every other metric follows, sorted)."""
 
+METRICS_VERSION = 2
+"""Which definitions measured a run's metrics (``metrics_version`` in its metrics.json; none
+recorded: 1). 2: ``cossim`` leaves zero input rows out of its mean, ``l2_norm_in`` and
+``l2_norm_out`` are written. A sweep's table says when finished runs were measured by an
+earlier one (``sweep evaluate`` measures them again)."""
+
 RUN_METRICS = (
     "cossim",
     "eval_rows",
@@ -113,6 +119,7 @@ RUN_METRICS = (
     "l2_norm_in",
     "l2_norm_out",
     "l2_ratio",
+    "metrics_version",
     "normalized_freq_over_10_percent",
     "normalized_freq_over_1_percent",
     "relative_reconstruction_bias",

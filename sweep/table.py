@@ -5,7 +5,7 @@ as wide as the terminal, at most :data:`TABLE_ROWS` runs, with the notes of runs
 from __future__ import annotations
 
 from sweep import runfacts
-from sweep.sweepdir import SUMMARY, SUMMARY_COLUMNS
+from sweep.sweepdir import METRICS_VERSION, SUMMARY, SUMMARY_COLUMNS
 
 COLUMNS = SUMMARY_COLUMNS
 
@@ -74,7 +74,21 @@ def _notes(rows: list[dict], shown: int = 10) -> list[str]:
     lines = [f"{r['run_id']} ({r.get('state')}): {r['note']}" for r in noted[:shown]]
     if len(noted) > shown:
         lines.append(f"... and {len(noted) - shown} more (the note column of {SUMMARY})")
-    return lines
+    return lines + _measured_before(rows)
+
+
+def _measured_before(rows: list[dict]) -> list[str]:
+    """A line when finished runs were measured by earlier metric definitions than the others
+    (a sweep begun by an earlier version of sweep): their columns do not compare."""
+    done = [r for r in rows if r.get("state") in ("done", "diverged")]
+    older = [r for r in done if (r.get("metrics_version") or 1) < METRICS_VERSION]
+    if not older:
+        return []
+    return [
+        f"{len(older)} finished run(s) were measured by an earlier version of sweep's metrics "
+        f"(cossim, l2_norm_in/out differ or are missing): `sweep evaluate` on this sweep "
+        "measures them again from their weights"
+    ]
 
 
 def _l0_penalised(row: dict) -> bool:

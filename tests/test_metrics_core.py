@@ -14,6 +14,7 @@ from sweep.finalize import health_note
 
 D = 8
 OLD = {"mse", "fvu", "l1_norm", "l0", "dead_fraction", "dense_fraction", "eval_rows"}
+OLD |= {"metrics_version"}
 CORE = {
     "explained_variance",
     "explained_variance_legacy",
