@@ -76,8 +76,9 @@ DEFINITIONS = {
     "dead / dense": f"fraction of features that never fire on the held-out rows / fire on more "
     f"than {DENSE_THRESHOLD:.0%} of them.",
     "frontier ★": "finished runs on the FVU–L0 Pareto frontier: FVU below 1 (better than "
-    "predicting the mean), and no other finished run has a lower FVU at a lower L0, or at "
-    "one at most 1% higher (closer L0s are one L0: TopK runs of one k).",
+    "predicting the mean), and no run on the frontier has a lower FVU at a lower L0, or at "
+    "one at most 1% higher (closer L0s are one L0: TopK runs of one k); taken from the "
+    "lowest FVU up.",
 }
 COLUMN_HELP = {
     "fvu": DEFINITIONS["FVU"],

@@ -5,8 +5,6 @@ which values count (finite, of finished runs), the FVU–L0 Pareto frontier, and
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 
 from sweep.crossdict import knob_value
@@ -41,20 +39,21 @@ lower FVU."""
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points (l0, fvu) not dominated by any other — one of lower l0 and lower or equal fvu,
-    or of an l0 at most :data:`L0_TOLERANCE` higher and lower fvu — by l0, nor by the empty
-    dictionary that predicts the mean (l0 0, fvu 1): a run reconstructing no better than
-    that is never a best run."""
-    kept = sorted({p for p in points if p[1] < 1})
-    l0s = [x for x, _ in kept]
-    lowest = list(itertools.accumulate((y for _, y in kept), min))  # fvu, up to each l0
-    return [(x, y) for x, y in kept if not _dominated(x, y, l0s, lowest)]
+    """The points (l0, fvu) on the frontier, by l0: taken from the lowest fvu up, each one no
+    frontier point beats — one of lower l0 and lower or equal fvu, or of an l0 at most
+    :data:`L0_TOLERANCE` higher and lower fvu (only frontier points beat: near L0s do not
+    chain) — nor the empty dictionary that predicts the mean (l0 0, fvu 1): a run
+    reconstructing no better than that is never a best run."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted({p for p in points if p[1] < 1}, key=lambda p: (p[1], p[0])):
+        if not any(_beats(a, b, x, y) for a, b in front):
+            front.append((x, y))
+    return sorted(front)
 
 
-def _dominated(x: float, y: float, l0s: list[float], lowest: list[float]) -> bool:
-    below = bisect.bisect_left(l0s, x)  # (the points of lower l0)
-    near = bisect.bisect_right(l0s, x * (1 + L0_TOLERANCE))
-    return (below > 0 and lowest[below - 1] <= y) or lowest[near - 1] < y
+def _beats(a: float, b: float, x: float, y: float) -> bool:
+    """Whether the run at (l0 a, fvu b) beats the one at (x, y)."""
+    return (a < x and b <= y) or (a <= x * (1 + L0_TOLERANCE) and b < y)
 
 
 def frontier_ids(rows: list[dict]) -> set[str]:

@@ -98,6 +98,10 @@ def test_pareto_frontier():
         (8.0, 0.1),
     ]
     assert runfacts.pareto([(3.8, 0.19), (3.916, 0.123)]) == [(3.8, 0.19), (3.916, 0.123)]
+    # only frontier points beat: L0s each within 1% of the next do not chain
+    assert runfacts.pareto([(100, 0.3), (100.9, 0.2), (101.8, 0.1)]) == [(100, 0.3), (101.8, 0.1)]
+    chain = runfacts.pareto([(100 + 0.9 * i, 0.5 - 0.02 * i) for i in range(12)])
+    assert len(chain) == 6 and chain[-1] == (109.9, 0.28)
 
 
 def test_the_frontier_joins_each_ratios_runs_in_knob_order_a_line_per_seed(finished):
