@@ -260,8 +260,10 @@ def test_an_init_that_hangs_past_close_is_taken_for_an_unreachable_wandb(tmp_pat
     declared(lg, tmp_path, "a")
     lg.log({"a": {"step": 1}})
     assert lg.close() is False
-    hang.set()
     assert (tmp_path / "wandb" / tracking.DOWN_FILE).is_file()
+    hang.set()
+    for done in (slow, lg):  # (their threads end here, not after this test: they log)
+        done._thread.join(10)
     assert tracking.WandbLogger(wandb_cfg(timeout=0.3), tmp_path)._sender.down
 
 
