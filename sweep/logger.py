@@ -297,7 +297,8 @@ class _Sender:
         """Warn once per driver (not once per ensemble) that wandb logs offline."""
         message = (
             f"wandb has no API key: logging offline; `wandb sync {self.sweep_dir / 'wandb'}"
-            "/offline-run-*` uploads these runs (`wandb login` or WANDB_API_KEY for the next sweep)"
+            "/offline-run-*` uploads these runs (wandb >= 0.28.1: a resumed run's segments as one "
+            "history); `wandb login` or WANDB_API_KEY for the next sweep"
         )
         held, marker = read_lock(self.sweep_dir), self.sweep_dir / sweepdir.WANDB / NO_KEY_FILE
         if held is not None:
