@@ -42,17 +42,15 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:  # (it owns fd: closed on any error below)
-            os.fchmod(fd, _FILE_MODE)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
+        with _naming(path):
+            with os.fdopen(fd, "wb") as f:  # (it owns fd: closed on any error below)
+                os.fchmod(fd, _FILE_MODE)
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
-            # (a full disk's write or fsync names no file: which disk is full, then?)
-            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
     fsync_folder(path.parent)
 
@@ -60,9 +58,16 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
 def append_text(path: Path, text: str) -> None:
     """Append ``text`` to ``path``; a write that fails without a file name (a full disk's)
     names it, as :func:`atomic_write` does."""
+    with _naming(path), open(path, "a") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError without a file name raised inside names ``path`` (a full disk's write or
+    fsync names no file: which disk is full, then?)."""
     try:
-        with open(path, "a") as f:
-            f.write(text)
+        yield
     except OSError as err:
         if err.filename is None and err.errno is not None:
             raise OSError(err.errno, err.strerror, str(path)) from err
