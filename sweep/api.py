@@ -31,7 +31,6 @@ from sweep.sweepdir import SweepFolder, default_store_path, summary_columns, wit
 
 log = logging.getLogger(__name__)
 
-FINAL = ("done", "diverged")
 """The states whose runs have a dictionary (a diverged run's: frozen at its last finite step)."""
 
 
@@ -76,10 +75,10 @@ class Sweep:
         loaded one at a time and not kept (memory holds the one in hand; ``sae(run_id)``
         keeps what it loads). A run that cannot be loaded (its weights fail their checksum,
         ...) is skipped with a warning naming why; ``sae(run_id)`` raises."""
-        if state not in FINAL:
+        if state not in rundir.FINAL_STATES:
             raise SweepError(
                 f"runs in state {state!r} have no dictionary to load yet; pass one of: "
-                f"{', '.join(FINAL)}"
+                f"{', '.join(rundir.FINAL_STATES)}"
             )
         for rid in self.table.index[self.table["state"] == state]:
             try:

@@ -36,7 +36,7 @@ from sweep.crossdict import (
     sweep_knob,
 )
 from sweep.io import atomic_write
-from sweep.rundir import RunFolder
+from sweep.rundir import FINAL_STATES, RunFolder
 from sweep.runfacts import (
     MIN_ABLATION_GAP,
     finished,
@@ -253,8 +253,8 @@ def _mean_line(ax, pts: list[dict]) -> None:
 
 def not_drawn(rows: list[dict], pts: list[dict]) -> int:
     """How many finished runs of ``rows`` are not among the drawn ``pts``."""
-    drawn, ended = {r["run_id"] for r in pts}, ("done", "diverged")
-    return sum(r.get("state") in ended and r.get("run_id") not in drawn for r in rows)
+    drawn = {r["run_id"] for r in pts}
+    return sum(r.get("state") in FINAL_STATES and r.get("run_id") not in drawn for r in rows)
 
 
 def _frontier_axes(ax) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from sweep import crossdict, runfacts
 from sweep.io import atomic_write_bytes
 from sweep.metrics import DENSE_THRESHOLD, RECOVERED_THRESHOLD
-from sweep.rundir import CFG, CURVE, METRICS, SPEC
+from sweep.rundir import CFG, CURVE, FINAL_STATES, METRICS, SPEC
 
 RUN_FILES = ((METRICS, "metrics"), (CFG, "cfg"), (SPEC, "spec"), (CURVE, "curve"))
 """Run-folder files the table links to (when they exist), with their link text."""
@@ -352,7 +352,7 @@ def _links(out: Path, run_dir: Path | None, state: object) -> str:
     links = [
         f'<a href="{_e(Path(os.path.relpath(run_dir / f, out)).as_posix())}">{label}</a>'
         for f, label in RUN_FILES
-        if (run_dir / f).is_file() and (f != METRICS or state in ("done", "diverged"))
+        if (run_dir / f).is_file() and (f != METRICS or state in FINAL_STATES)
     ]
     return f'<span class="files">{" ".join(links)}</span>' if links else ""
 

@@ -113,6 +113,10 @@ def run_dir(sweep_dir: str | Path, run_id: str) -> Path:
     return Path(sweep_dir) / RUNS / run_id
 
 
+FINAL_STATES = tuple(s.value for s in RunState if s.final)
+"""The states of a run trained to the end (``done``, ``diverged``), as text (summary rows')."""
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """A run folder: reads tolerate missing files; writes are atomic and intent-level."""
@@ -154,7 +158,7 @@ class RunFolder:
         """Why this final run can't be trusted, or None. Cheap checks: ``DONE`` and
         ``metrics.json`` parse, the weights have the recorded size; ``deep`` also hashes them."""
         done = self._final_json(DONE)  # (what is wrong is the answer)
-        if done.get("state") not in ("done", "diverged"):
+        if done.get("state") not in FINAL_STATES:
             return f"{DONE} is damaged"
         weights = self.path / WEIGHTS
         if not weights.is_file():

@@ -5,6 +5,7 @@ as wide as the terminal, at most :data:`TABLE_ROWS` runs, with the notes of runs
 from __future__ import annotations
 
 from sweep import runfacts
+from sweep.rundir import FINAL_STATES
 from sweep.sweepdir import METRICS_VERSION, SUMMARY, SUMMARY_COLUMNS
 
 COLUMNS = SUMMARY_COLUMNS
@@ -80,7 +81,7 @@ def _notes(rows: list[dict], shown: int = 10) -> list[str]:
 def _measured_before(rows: list[dict]) -> list[str]:
     """A line when finished runs were measured by earlier metric definitions than the others
     (a sweep begun by an earlier version of sweep): their columns do not compare."""
-    done = [r for r in rows if r.get("state") in ("done", "diverged")]
+    done = [r for r in rows if r.get("state") in FINAL_STATES]
     older = [r for r in done if (r.get("metrics_version") or 1) < METRICS_VERSION]
     if not older:
         return []
