@@ -217,10 +217,9 @@ def frontier_figure(rows: list[dict]) -> Figure | None:
     return fig
 
 
-def _compared(label: str, rows: list[dict]) -> str:
-    """A compared sweep's legend entry: how many of its finished runs are not drawn, or that
-    it has none yet."""
-    pts = frontier_candidates(rows)
+def _compared(label: str, rows: list[dict], pts: list[dict]) -> str:
+    """A compared sweep's legend entry: how many of its finished ``rows`` are not among the
+    drawn ``pts``, or that it has none yet."""
     left = not_drawn(rows, pts)
     if not left:
         return label if pts else f"{label} (no finished runs)"
@@ -295,7 +294,8 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
     a legend entry, ``(no finished runs)`` appended when it has nothing to draw yet."""
     from matplotlib import colormaps
 
-    drawn = [(_compared(label, rows), frontier_candidates(rows)) for label, rows in sweeps]
+    candidates = [(label, rows, frontier_candidates(rows)) for label, rows in sweeps]
+    drawn = [(_compared(label, rows, pts), pts) for label, rows, pts in candidates]
     if not any(pts for _, pts in drawn):
         return None
     fig, (ax,) = _figure(8.0, 5.6)

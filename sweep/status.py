@@ -131,7 +131,9 @@ def _activity(sweep_dir: Path, rows: list[dict]) -> tuple[str, str | None]:
     unread = [r["run_id"] for r in rows if r.get("unread") and r["run_id"] in lost]
     if unread:  # (perhaps finished: nothing is judged of them)
         rest = len(lost) - len(unread)
-        also = f"; {rest} other run(s) are no longer finished: then re-run its command" * bool(rest)
+        also = (
+            f"; {rest} other run(s) are no longer finished: then re-run its command" if rest else ""
+        )
         return "incomplete", (
             f"{len(unread)} run(s) could not be read: mend the cause (each one's note says "
             f"which file), then look again; a re-run stops at them, keeping their results{also}"

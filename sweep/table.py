@@ -33,11 +33,11 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     """A readable table on stdout (rich), as wide as the terminal."""
     from sweep.console import fit_table, table_console
 
-    every, (rows, cut) = rows, _table_rows(rows)
+    best = runfacts.frontier_ids(rows)
+    every, (rows, cut) = rows, _table_rows(rows, best)
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     weak = "loss_recovered" in cols and any(runfacts.weak_loss_recovered(r) for r in rows)
     console = table_console()
-    best = runfacts.frontier_ids(every)
     cells = [[_cell(r, c, r["run_id"] in best) for c in cols] for r in rows]
     fitted = fit_table(console, title, cols, cells, drop=SHED)
     fitted.print(console, see=SUMMARY)
@@ -53,12 +53,11 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
         console.print(line, highlight=False)
 
 
-def _table_rows(rows: list[dict]) -> tuple[list[dict], str | None]:
+def _table_rows(rows: list[dict], best: set[str]) -> tuple[list[dict], str | None]:
     """The rows the terminal table lists, and a line saying which when not all
-    (:data:`TABLE_ROWS`)."""
+    (:data:`TABLE_ROWS`; ``best``: the run ids on the frontier)."""
     if len(rows) <= TABLE_ROWS:
         return rows, None
-    best = runfacts.frontier_ids(rows)
     shown = [r for r in rows if r["run_id"] in best][:TABLE_ROWS] or rows[:TABLE_ROWS]
     which = "on the FVU–L0 frontier" if best else "first"
     return shown, (
