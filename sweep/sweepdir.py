@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -797,8 +797,12 @@ class SweepFolder:
             try:
                 records.append(self._run_record(rid, point, hashed, since, digest))
             except RunDirError as err:  # a file of it could not be read: said, not judged
-                said = RunRecord(rid, self.run(rid), RunState.PENDING, {}, {}, note=str(err))
-                records.append(replace(said, point=point, unread=True))
+                folder, note = self.run(rid), str(err)
+                records.append(
+                    RunRecord(
+                        rid, folder, RunState.PENDING, {}, {}, note=note, point=point, unread=True
+                    )
+                )
         return records
 
     def _run_record(
