@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweep import crossdict, runfacts
+from sweep.cells import column_texts
 from sweep.io import atomic_write_bytes
 from sweep.metrics import DENSE_THRESHOLD, RECOVERED_THRESHOLD
 from sweep.rundir import CFG, CURVE, FINAL_STATES, METRICS, SPEC
@@ -311,9 +312,9 @@ def _table(out: Path, page: Page, rows: list[dict], cols: list[str], name: str) 
     )
     body = "\n".join(
         f'<tr class="{_e(r.get("state"))}{" best" if r["run_id"] in page.best else ""}">'
-        + "".join(_cell(out, page, r, c) for c in cols)
+        + "".join(_cell(out, page, r, c, t[c]) for c in cols)
         + "</tr>"
-        for r in rows
+        for r, t in zip(rows, column_texts(rows, cols), strict=True)
     )
     return (
         f'<table id="{name}-table" class="sortable">'
@@ -321,7 +322,8 @@ def _table(out: Path, page: Page, rows: list[dict], cols: list[str], name: str) 
     )
 
 
-def _cell(out: Path, page: Page, row: dict, col: str) -> str:
+def _cell(out: Path, page: Page, row: dict, col: str, text: str) -> str:
+    """A cell of the run table (``text``: its value written, :mod:`sweep.cells`)."""
     v = row.get(col)
     if col == "run_id":
         star = "★ " if v in page.best else ""
@@ -334,7 +336,6 @@ def _cell(out: Path, page: Page, row: dict, col: str) -> str:
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         return f"<td>{_e('' if v is None else v)}</td>"
     key = repr(float(v)) if math.isfinite(v) else ""
-    text = f"{v:.4g}" if isinstance(v, float) else str(v)
     if col == "loss_recovered" and runfacts.weak_loss_recovered(row):
         gap = runfacts.ablation_gap(row)
         tip = (

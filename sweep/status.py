@@ -19,6 +19,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from sweep import rate
+from sweep.cells import column_texts
 from sweep.checkpoints import checkpoint_steps
 from sweep.errors import SweepError
 from sweep.sweepdir import NO_OUTCOME, RunRecord, SweepFolder
@@ -92,12 +93,6 @@ def _fill_totals(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _cell(v: object) -> str:
-    if v is None:
-        return ""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 TRAINING_CAPTION = (
     "* l0 and fvu of a run not finished are of the training batch it last logged "
     "(train.log_every); a finished run's are measured on the held-out rows (data.eval_rows)"
@@ -108,9 +103,9 @@ def _from_training(row: dict) -> bool:
     return not row.get("held_out") and any(row.get(c) is not None for c in ("l0", "fvu"))
 
 
-def _metric_cell(row: dict, col: str) -> str:
-    """A cell; l0 and fvu measured on a training batch, not held-out rows, are marked *."""
-    text = _cell(row.get(col))
+def _metric_cell(row: dict, col: str, text: str) -> str:
+    """A cell (``text``: its value written); l0 and fvu measured on a training batch, not
+    held-out rows, are marked *."""
     return f"{text} *" if text and col in ("l0", "fvu") and _from_training(row) else text
 
 
@@ -222,7 +217,10 @@ def print_status(sweep_dir: Path, states: Collection[str] = ()) -> None:
     console = table_console()
     left_out: list[str] = []
     if shown or not states:
-        cells = [[_metric_cell(r, c) for c in cols] for r in shown]
+        texts = column_texts(shown, cols)
+        cells = [
+            [_metric_cell(r, c, t[c]) for c in cols] for r, t in zip(shown, texts, strict=True)
+        ]
         fitted = fit_table(console, title, cols, cells, drop=SHED, text=("note",))
         fitted.print(console)
         left_out = fitted.left_out

@@ -5,18 +5,11 @@ as wide as the terminal, at most :data:`TABLE_ROWS` runs, with the notes of runs
 from __future__ import annotations
 
 from sweep import runfacts
+from sweep.cells import column_texts
 from sweep.rundir import FINAL_STATES
 from sweep.sweepdir import METRICS_VERSION, SUMMARY, SUMMARY_COLUMNS
 
 COLUMNS = SUMMARY_COLUMNS
-
-
-def _fmt(v: object) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 SHED = ("seed", "dict_ratio", "l1", "k", "mse", "dense_fraction", "mmcs_seeds", "mmcs_next_ratio")
@@ -38,7 +31,11 @@ def print_table(rows: list[dict], title: str = "sweep summary") -> None:
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
     weak = "loss_recovered" in cols and any(runfacts.weak_loss_recovered(r) for r in rows)
     console = table_console()
-    cells = [[_cell(r, c, r["run_id"] in best) for c in cols] for r in rows]
+    texts = column_texts(rows, cols)
+    cells = [
+        [_cell(r, c, t[c], r["run_id"] in best) for c in cols]
+        for r, t in zip(rows, texts, strict=True)
+    ]
     fitted = fit_table(console, title, cols, cells, drop=SHED)
     fitted.print(console, see=SUMMARY)
     if best and any(r["run_id"] in best for r in rows):
@@ -110,10 +107,9 @@ WEAK_CAPTION = (
 BEST_CAPTION = "★ on the FVU–L0 frontier (the report's best runs)"
 
 
-def _cell(row: dict, col: str, best: bool = False) -> str:
-    """A table cell; a ``loss_recovered`` that divides by noise is marked † (as on the page),
-    the run id of a run on the frontier ★."""
-    text = _fmt(row.get(col))
+def _cell(row: dict, col: str, text: str, best: bool = False) -> str:
+    """A table cell (``text``: its value written); a ``loss_recovered`` that divides by
+    noise is marked † (as on the page), the run id of a run on the frontier ★."""
     if col == "run_id" and best:
         return f"{text} ★"
     weak = col == "loss_recovered" and runfacts.weak_loss_recovered(row)

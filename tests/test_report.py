@@ -906,6 +906,27 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
     assert "†" not in capsys.readouterr().out
 
 
+def test_a_tables_column_writes_its_numbers_with_one_number_of_decimals(capsys):
+    """(58 beside 57.75 read as a rounded value); a column that would need scientific
+    notation or more than MAX_DECIMALS keeps 4 significant digits each; summary.csv every
+    digit."""
+    from sweep.cells import column_texts
+
+    rows = [
+        {"run_id": "a", "state": "done", "l0": 57.75, "fvu": 0.5, "l1": 3e-5, "k": 32},
+        {"run_id": "b", "state": "done", "l0": 58.0, "fvu": 0.000123, "l1": 1e-3, "k": None},
+        {"run_id": "c", "state": "diverged", "l0": 3.91649, "fvu": float("nan"), "l1": 0.1},
+    ]
+    texts = column_texts(rows, ["l0", "fvu", "l1", "k"])
+    assert [t["l0"] for t in texts] == ["57.750", "58.000", "3.916"]
+    assert [t["fvu"] for t in texts] == ["0.5", "0.000123", "nan"]
+    assert [t["l1"] for t in texts] == ["3e-05", "0.001", "0.1"]
+    assert [t["k"] for t in texts] == ["32", "", ""]
+    table.print_table(rows)
+    out = capsys.readouterr().out
+    assert all(f" {t['l0']} " in out for t in texts)
+
+
 def test_terminal_table_says_when_runs_were_measured_by_earlier_metrics(capsys):
     """A sweep begun by an earlier version of sweep, its grid extended by this one: its old
     runs' cossim counted zero rows, and they lack l2_norm_in/out; the table says so, once."""
