@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= outputs/demo
+# `make test`'s pytest-xdist processes, each taking a test module at a time (0: one process)
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-slow test-gpu test-all bench lint format clean
 
@@ -21,7 +23,7 @@ demo: setup  ## synthetic store with known features -> L1 x dict-ratio sweep -> 
 	$(BIN)/sweep report $(DEMO_DIR)
 
 test: setup  ## the test suite (CPU, real Ray / Hydra / transformer_lens, tiny sizes)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-slow: setup  ## quality-bar and long end-to-end checks
 	$(BIN)/python -m pytest -q -m slow

@@ -21,6 +21,39 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(1)
 
 
+KEEP_BASETEMPS = 3
+"""Temp folders of this many test runs are kept (as pytest keeps its own)."""
+
+
+@pytest.hookimpl(tryfirst=True)  # (before pytest's tmp_path factory reads basetemp)
+def pytest_configure(config: pytest.Config) -> None:
+    """Run by pytest-xdist (``make test``), each worker's temp folder is
+    ``<basetemp>/popen-gwN``: under pytest's default basetemp,
+    ``/tmp/pytest-of-USER/pytest-N``, the tests' Ray temp folders would be too long for
+    Ray's socket paths, so the controller takes a shorter one. xdist's workers are given
+    ``COLUMNS=80``; the tests read tables as a pipe gets them (no COLUMNS)."""
+    if hasattr(config, "workerinput"):  # an xdist worker
+        os.environ.pop("COLUMNS", None)
+    elif config.getoption("numprocesses", None) and not config.option.basetemp:
+        config.option.basetemp = str(_short_basetemp())
+
+
+def _short_basetemp() -> Path:
+    """A new ``<tmp>/sw-tests-UID/N``; only the newest :data:`KEEP_BASETEMPS` are kept."""
+    root = Path(tempfile.gettempdir()) / f"sw-tests-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    numbered = sorted((int(d.name) for d in root.iterdir() if d.name.isdigit()), reverse=True)
+    for old in numbered[KEEP_BASETEMPS - 1 :]:
+        shutil.rmtree(root / str(old), ignore_errors=True)
+    n = numbered[0] + 1 if numbered else 0
+    while True:  # (a run started at the same moment may take a number first)
+        try:
+            (root / str(n)).mkdir()
+            return root / str(n)
+        except FileExistsError:
+            n += 1
+
+
 def tiny_data(**kw) -> SyntheticDataConfig:
     base = dict(
         width=16,
