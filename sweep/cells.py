@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 
 DIGITS = 4
-"""Significant digits of the float that needs most decimals in its column."""
+"""Significant digits of the float that needs most decimals in its column (up to
+:data:`MAX_DECIMALS`)."""
 
 MAX_DECIMALS = 4
-"""A column whose floats would need more decimals (or scientific notation) writes each
-with :data:`DIGITS` significant digits instead: ``0.000123`` beside ``0.5`` is not lined up
-at six decimals."""
+"""At most this many decimals: ``0.000123`` beside ``0.5`` reads ``0.0001``. A value that
+would read 0 (or needs no decimals to be written at all, NaN) keeps :data:`DIGITS`
+significant digits of its own (``3e-05``): a small value never reads as zero."""
 
 
 def column_texts(rows: list[dict], cols: list[str]) -> list[dict[str, str]]:
@@ -22,24 +23,25 @@ def column_texts(rows: list[dict], cols: list[str]) -> list[dict[str, str]]:
 
 
 def _texts(values: list[object]) -> list[str]:
-    decimals = _decimals([v for v in values if isinstance(v, float) and math.isfinite(v)])
+    floats = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+    decimals = min(MAX_DECIMALS, max(map(_decimals, floats), default=0))
     return [_text(v, decimals) for v in values]
 
 
-def _decimals(floats: list[float]) -> int | None:
-    """The decimals the column's floats share, or None where they cannot share them."""
-    texts = [f"{v:.{DIGITS}g}" for v in floats]
-    if any("e" in t for t in texts):
-        return None
-    need = max((len(t.partition(".")[2]) for t in texts), default=0)
-    return need if need <= MAX_DECIMALS else None
+def _decimals(v: float) -> int:
+    """The decimals ``v`` needs for :data:`DIGITS` significant digits (trailing zeros
+    dropped: 0.5 needs 1)."""
+    text = f"{v:.{DIGITS}g}"
+    if "e" in text:  # far from 1: none for a large value, too many for a small one
+        return 0 if abs(v) >= 1 else MAX_DECIMALS
+    return len(text.partition(".")[2])
 
 
-def _text(v: object, decimals: int | None) -> str:
+def _text(v: object, decimals: int) -> str:
     if v is None:
         return ""
     if not isinstance(v, float):
         return str(v)
-    if decimals is None or not math.isfinite(v):
+    if not math.isfinite(v) or (v != 0 and abs(v) < 0.5 * 10.0**-decimals):
         return f"{v:.{DIGITS}g}"
     return f"{v:.{decimals}f}"

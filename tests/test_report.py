@@ -907,21 +907,21 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
 
 
 def test_a_tables_column_writes_its_numbers_with_one_number_of_decimals(capsys):
-    """(58 beside 57.75 read as a rounded value); a column that would need scientific
-    notation or more than MAX_DECIMALS keeps 4 significant digits each; summary.csv every
-    digit."""
+    """(58 beside 57.75 read as a rounded value), at most MAX_DECIMALS of them; a value
+    that would read 0 keeps 4 significant digits of its own; summary.csv every digit."""
     from sweep.cells import column_texts
 
     rows = [
         {"run_id": "a", "state": "done", "l0": 57.75, "fvu": 0.5, "l1": 3e-5, "k": 32},
         {"run_id": "b", "state": "done", "l0": 58.0, "fvu": 0.000123, "l1": 1e-3, "k": None},
         {"run_id": "c", "state": "diverged", "l0": 3.91649, "fvu": float("nan"), "l1": 0.1},
+        {"run_id": "d", "state": "done", "l0": 12345.6, "fvu": 0.0, "l1": 0.01},
     ]
     texts = column_texts(rows, ["l0", "fvu", "l1", "k"])
-    assert [t["l0"] for t in texts] == ["57.750", "58.000", "3.916"]
-    assert [t["fvu"] for t in texts] == ["0.5", "0.000123", "nan"]
-    assert [t["l1"] for t in texts] == ["3e-05", "0.001", "0.1"]
-    assert [t["k"] for t in texts] == ["32", "", ""]
+    assert [t["l0"] for t in texts] == ["57.750", "58.000", "3.916", "12345.600"]
+    assert [t["fvu"] for t in texts] == ["0.5000", "0.0001", "nan", "0.0000"]
+    assert [t["l1"] for t in texts] == ["3e-05", "0.0010", "0.1000", "0.0100"]
+    assert [t["k"] for t in texts] == ["32", "", "", ""]
     table.print_table(rows)
     out = capsys.readouterr().out
     assert all(f" {t['l0']} " in out for t in texts)
