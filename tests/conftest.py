@@ -39,19 +39,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _short_basetemp() -> Path:
-    """A new ``<tmp>/sw-tests-UID/N``; only the newest :data:`KEEP_BASETEMPS` are kept."""
+    """A new ``<tmp>/sw-tests-UID/N``; only the newest :data:`KEEP_BASETEMPS` are kept, and
+    never one whose test run is still going (``N.pid`` names its controller)."""
     root = Path(tempfile.gettempdir()) / f"sw-tests-{os.getuid()}"
     root.mkdir(mode=0o700, exist_ok=True)
     numbered = sorted((int(d.name) for d in root.iterdir() if d.name.isdigit()), reverse=True)
     for old in numbered[KEEP_BASETEMPS - 1 :]:
-        shutil.rmtree(root / str(old), ignore_errors=True)
+        if not _running(root / f"{old}.pid"):
+            shutil.rmtree(root / str(old), ignore_errors=True)
+            (root / f"{old}.pid").unlink(missing_ok=True)
     n = numbered[0] + 1 if numbered else 0
     while True:  # (a run started at the same moment may take a number first)
         try:
             (root / str(n)).mkdir()
-            return root / str(n)
         except FileExistsError:
             n += 1
+            continue
+        (root / f"{n}.pid").write_text(str(os.getpid()))
+        return root / str(n)
+
+
+def _running(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (OSError, ValueError):  # gone, unreadable, or no such process
+        return False
+    return True
 
 
 def tiny_data(**kw) -> SyntheticDataConfig:
