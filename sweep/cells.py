@@ -11,9 +11,12 @@ DIGITS = 4
 :data:`MAX_DECIMALS`)."""
 
 MAX_DECIMALS = 4
-"""At most this many decimals: ``0.000123`` beside ``0.5`` reads ``0.0001``. A value that
-would read 0 (or needs no decimals to be written at all, NaN) keeps :data:`DIGITS`
-significant digits of its own (``3e-05``): a small value never reads as zero."""
+"""At most this many decimals (0.09766 reads ``0.0977`` beside ``0.4961``)."""
+
+KEPT_DIGITS = 3
+"""A value that the shared decimals would leave fewer of its significant digits than this (a
+small one: ``0.000123``, ``0.00015`` beside ``0.0001``, one that would read 0) is written
+with :data:`DIGITS` of its own."""
 
 
 def column_texts(rows: list[dict], cols: list[str]) -> list[dict[str, str]]:
@@ -23,18 +26,22 @@ def column_texts(rows: list[dict], cols: list[str]) -> list[dict[str, str]]:
 
 
 def _texts(values: list[object]) -> list[str]:
+    if any(isinstance(v, float) for v in values):  # (an int among floats is one of them)
+        values = [float(v) if _is_int(v) else v for v in values]
     floats = [v for v in values if isinstance(v, float) and math.isfinite(v)]
     decimals = min(MAX_DECIMALS, max(map(_decimals, floats), default=0))
     return [_text(v, decimals) for v in values]
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _decimals(v: float) -> int:
     """The decimals ``v`` needs for :data:`DIGITS` significant digits (trailing zeros
     dropped: 0.5 needs 1)."""
-    text = f"{v:.{DIGITS}g}"
-    if "e" in text:  # far from 1: none for a large value, too many for a small one
-        return 0 if abs(v) >= 1 else MAX_DECIMALS
-    return len(text.partition(".")[2])
+    mantissa, _, exponent = f"{v:.{DIGITS}g}".partition("e")  # (1.5e-05: 6)
+    return max(0, len(mantissa.partition(".")[2]) - int(exponent or 0))
 
 
 def _text(v: object, decimals: int) -> str:
@@ -42,6 +49,12 @@ def _text(v: object, decimals: int) -> str:
         return ""
     if not isinstance(v, float):
         return str(v)
-    if not math.isfinite(v) or (v != 0 and abs(v) < 0.5 * 10.0**-decimals):
+    if not math.isfinite(v) or _cut_short(v, decimals):
         return f"{v:.{DIGITS}g}"
-    return f"{v:.{decimals}f}"
+    return f"{v + 0.0:.{decimals}f}"  # (+ 0.0: -0.0 reads 0)
+
+
+def _cut_short(v: float, decimals: int) -> bool:
+    """Whether ``decimals`` would leave ``v`` fewer than :data:`KEPT_DIGITS` significant
+    digits of those it has (0.5 at 2 decimals keeps all it has)."""
+    return _decimals(v) > decimals and abs(v) < 10.0 ** (KEPT_DIGITS - 1 - decimals)

@@ -907,24 +907,28 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
 
 
 def test_a_tables_column_writes_its_numbers_with_one_number_of_decimals(capsys):
-    """(58 beside 57.75 read as a rounded value), at most MAX_DECIMALS of them; a value
-    that would read 0 keeps 4 significant digits of its own; summary.csv every digit."""
+    """(58 beside 57.75 read as a rounded value), at most MAX_DECIMALS of them; a value they
+    would leave fewer than 3 of its significant digits (one that would read 0, grid values
+    1e-4 and 1.5e-4) keeps 4 of its own; summary.csv every digit."""
     from sweep.cells import column_texts
 
+    def texts(*values: object) -> list[str]:
+        return [t["c"] for t in column_texts([{"c": v} for v in values], ["c"])]
+
+    assert texts(57.75, 58.0, 3.91649, 12345.6) == ["57.750", "58.000", "3.916", "12345.600"]
+    assert texts(0.5, 0.000123, float("nan"), 0.0) == ["0.5000", "0.000123", "nan", "0.0000"]
+    assert texts(0.001953125, 0.09766, 0.4961) == ["0.001953", "0.0977", "0.4961"]
+    assert texts(5e-5, 1e-4, 1.5e-4, 0.01) == ["5e-05", "0.0001", "0.00015", "0.0100"]
+    assert texts(0.01, 0.5, 0.25) == ["0.01", "0.50", "0.25"]  # (0.5 keeps all it has)
+    assert texts(-0.0, -0.3, 58, None) == ["0.0", "-0.3", "58.0", ""]  # (-0.0; an int)
+    assert texts(32, None, True) == ["32", "", "True"]
     rows = [
-        {"run_id": "a", "state": "done", "l0": 57.75, "fvu": 0.5, "l1": 3e-5, "k": 32},
-        {"run_id": "b", "state": "done", "l0": 58.0, "fvu": 0.000123, "l1": 1e-3, "k": None},
-        {"run_id": "c", "state": "diverged", "l0": 3.91649, "fvu": float("nan"), "l1": 0.1},
-        {"run_id": "d", "state": "done", "l0": 12345.6, "fvu": 0.0, "l1": 0.01},
+        {"run_id": "a", "state": "done", "l0": 57.75, "fvu": 0.5},
+        {"run_id": "b", "state": "done", "l0": 58.0, "fvu": 0.000123},
     ]
-    texts = column_texts(rows, ["l0", "fvu", "l1", "k"])
-    assert [t["l0"] for t in texts] == ["57.750", "58.000", "3.916", "12345.600"]
-    assert [t["fvu"] for t in texts] == ["0.5000", "0.0001", "nan", "0.0000"]
-    assert [t["l1"] for t in texts] == ["3e-05", "0.0010", "0.1000", "0.0100"]
-    assert [t["k"] for t in texts] == ["32", "", "", ""]
     table.print_table(rows)
     out = capsys.readouterr().out
-    assert all(f" {t['l0']} " in out for t in texts)
+    assert all(f" {t} " in out for t in ("57.75", "58.00", "0.5000", "0.000123"))
 
 
 def test_terminal_table_says_when_runs_were_measured_by_earlier_metrics(capsys):
