@@ -103,7 +103,8 @@ released = at_exit_now(lambda _line: (sw / ".lock").unlink())
 with released, DriverSignals(stops) as signals, StopRequestWatch(sw, lock, signals):
     if left != "starting":  # (else a signal ends it at once, its lock released as it exits)
         signals.training()
-    (sw / ".lock").write_text(json.dumps(lock))
+    (sw / "lock.tmp").write_text(json.dumps(lock))  # complete, then in place (as sweep.lock:
+    os.replace(sw / "lock.tmp", sw / ".lock")  # a 'sweep stop' never reads an empty lock)
     while (sw / ".lock").exists():
         time.sleep(0.05)
 """
