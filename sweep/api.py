@@ -31,8 +31,6 @@ from sweep.sweepdir import SweepFolder, default_store_path, summary_columns, wit
 
 log = logging.getLogger(__name__)
 
-"""The states whose runs have a dictionary (a diverged run's: frozen at its last finite step)."""
-
 
 @dataclass
 class Sweep:

@@ -114,7 +114,8 @@ def run_dir(sweep_dir: str | Path, run_id: str) -> Path:
 
 
 FINAL_STATES = tuple(s.value for s in RunState if s.final)
-"""The states of a run trained to the end (``done``, ``diverged``), as text (summary rows')."""
+"""The states of a run trained to the end (``done``, ``diverged``), as text (summary rows'):
+each has a dictionary (a diverged run's: frozen at its last finite step)."""
 
 
 @dataclass(frozen=True)
