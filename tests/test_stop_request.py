@@ -94,9 +94,12 @@ from sweep.lock import folder_id
 from sweep.stop import DriverSignals, at_exit_now
 from sweep.stop_request import StopRequestWatch
 sw, doing, left = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+release = Path(sys.argv[4]) if len(sys.argv) > 4 else None  # (it ends once that file is there)
 lock = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time() - 1,
         "doing": doing, "folder": folder_id(sw)}
 def stops(_signum):  # as a driver ends: its outcome recorded, then its lock released
+    while release is not None and not release.exists():
+        time.sleep(0.05)
     (sw / "manifest.json").write_text(json.dumps({"state": left, "runs": {}}))
     (sw / ".lock").unlink()
 released = at_exit_now(lambda _line: (sw / ".lock").unlink())
@@ -162,15 +165,20 @@ def test_two_sweep_stop_commands_a_moment_apart_both_say_it_stopped(tmp_path):
     """The second does not write over the first's request; each remembers how the driver took
     it, and the first leaves it a moment for the second (which said "it ended before it took
     the request" when the first had removed it)."""
-    sw = _sweep(tmp_path)
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(sw), "training", "interrupted"])
+    sw, release = _sweep(tmp_path), tmp_path / "release"
+    argv = [sys.executable, "-c", DRIVER, str(sw), "training", "interrupted", str(release)]
+    driver = subprocess.Popen(argv)
     stop = [sys.executable, "-m", "sweep", "stop", str(sw)]
     try:
         _until(lambda: (sw / ".lock").exists(), timeout=60)
         first = subprocess.Popen(stop, stdout=subprocess.PIPE, text=True)
         _until(lambda: (sw / STOP_REQUEST).exists())
         second = subprocess.Popen(stop, stdout=subprocess.PIPE, text=True)
+        asked = second.stdout.readline()  # (it found the driver: a slow start under load
+        _until(lambda: "taken" in json.loads((sw / STOP_REQUEST).read_text()))  # had let the
+        release.touch()  # driver end first: "nothing to stop" or "it ended before it took")
         said = [p.communicate(timeout=60)[0] for p in (first, second)]
+        said[1] = asked + said[1]
         assert driver.wait(timeout=30) == 0
     finally:
         driver.kill()
