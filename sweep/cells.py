@@ -18,6 +18,10 @@ KEPT_DIGITS = 3
 small one: ``0.000123``, ``0.00015`` beside ``0.0001``, one that would read 0) is written
 with :data:`DIGITS` of its own."""
 
+MAX_WHOLE_DECIMALS = 9
+"""A value just short of a whole number takes up to this many decimals, so that it does not
+read as that number (``0.99997``, not ``1.0000``)."""
+
 
 def column_texts(rows: list[dict], cols: list[str]) -> list[dict[str, str]]:
     """Each row's cells as text, by column (``""`` for a missing value)."""
@@ -51,7 +55,15 @@ def _text(v: object, decimals: int) -> str:
         return str(v)
     if not math.isfinite(v) or _cut_short(v, decimals):
         return f"{v:.{DIGITS}g}"
+    while decimals < MAX_WHOLE_DECIMALS and _reads_whole(v, decimals):
+        decimals += 1
     return f"{v + 0.0:.{decimals}f}"  # (+ 0.0: -0.0 reads 0)
+
+
+def _reads_whole(v: float, decimals: int) -> bool:
+    """Whether ``v``, not a whole number, would read as one (0.99997 as ``1.0000``: all of
+    the latents dead, when one of 32768 lives)."""
+    return v != round(v) and round(v, decimals) == round(v)
 
 
 def _cut_short(v: float, decimals: int) -> bool:

@@ -909,7 +909,8 @@ def test_terminal_table_marks_weak_loss_recovered(capsys):
 def test_a_tables_column_writes_its_numbers_with_one_number_of_decimals(capsys):
     """(58 beside 57.75 read as a rounded value), at most MAX_DECIMALS of them; a value they
     would leave fewer than 3 of its significant digits (one that would read 0, grid values
-    1e-4 and 1.5e-4) keeps 4 of its own; summary.csv every digit."""
+    1e-4 and 1.5e-4) keeps 4 of its own; one just short of a whole number does not read as
+    it; summary.csv every digit."""
     from sweep.cells import column_texts
 
     def texts(*values: object) -> list[str]:
@@ -922,6 +923,8 @@ def test_a_tables_column_writes_its_numbers_with_one_number_of_decimals(capsys):
     assert texts(0.01, 0.5, 0.25) == ["0.01", "0.50", "0.25"]  # (0.5 keeps all it has)
     assert texts(-0.0, -0.3, 58, None) == ["0.0", "-0.3", "58.0", ""]  # (-0.0; an int)
     assert texts(32, None, True) == ["32", "", "True"]
+    assert texts(1 - 1 / 32768, 0.5, 1.0) == ["0.99997", "0.5", "1.0"]  # (not all dead)
+    assert texts(57.99999, 57.75) == ["57.99999", "57.75"]
     rows = [
         {"run_id": "a", "state": "done", "l0": 57.75, "fvu": 0.5},
         {"run_id": "b", "state": "done", "l0": 58.0, "fvu": 0.000123},
