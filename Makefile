@@ -22,8 +22,8 @@ demo: setup  ## synthetic store with known features -> L1 x dict-ratio sweep -> 
 		grid.l1='[1e-2,2e-2,4e-2,8e-2]' grid.dict_ratio='[4,8]'
 	$(BIN)/sweep report $(DEMO_DIR)
 
-test: setup  ## the test suite (CPU, real Ray / Hydra / transformer_lens, tiny sizes)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+test: setup  ## the test suite (CPU, real Ray / Hydra / transformer_lens, tiny sizes; a test that hangs fails after 10 min)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 --timeout=600
 
 test-slow: setup  ## quality-bar and long end-to-end checks
 	$(BIN)/python -m pytest -q -m slow

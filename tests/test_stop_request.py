@@ -50,6 +50,14 @@ def _until(cond, timeout: float = 10.0) -> None:
     assert cond()
 
 
+def _line(proc: subprocess.Popen, timeout: float) -> str:
+    """The next line ``proc`` writes (an unbuffered one), or "" after ``timeout`` s."""
+    import select
+
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
 def _request(sw: Path, lock: dict) -> None:
     held = {k: lock[k] for k in ("host", "pid", "started")}
     by = {"host": "login1", "pid": 4242}
@@ -169,12 +177,13 @@ def test_two_sweep_stop_commands_a_moment_apart_both_say_it_stopped(tmp_path):
     argv = [sys.executable, "-c", DRIVER, str(sw), "training", "interrupted", str(release)]
     driver = subprocess.Popen(argv)
     stop = [sys.executable, "-m", "sweep", "stop", str(sw)]
+    unbuffered = [sys.executable, "-u", *stop[1:]]
     try:
         _until(lambda: (sw / ".lock").exists(), timeout=60)
         first = subprocess.Popen(stop, stdout=subprocess.PIPE, text=True)
         _until(lambda: (sw / STOP_REQUEST).exists())
-        second = subprocess.Popen(stop, stdout=subprocess.PIPE, text=True)
-        asked = second.stdout.readline()  # (it found the driver: a slow start under load
+        second = subprocess.Popen(unbuffered, stdout=subprocess.PIPE, text=True)
+        asked = _line(second, timeout=60)  # (it found the driver: a slow start under load
         _until(lambda: "taken" in json.loads((sw / STOP_REQUEST).read_text()))  # had let the
         release.touch()  # driver end first: "nothing to stop" or "it ended before it took")
         said = [p.communicate(timeout=60)[0] for p in (first, second)]
