@@ -90,10 +90,24 @@ def step(
         p, m, v = params[k], state.exp_avg[k], state.exp_avg_sq[k]
         adam_stacked(p, grads[k], m, v, state.step[k], active_E, lr, spec.adam)
     spec.arch.constrain(params, active_E)
-    for k, w in cast.items():
-        w.copy_(params[k])
+    refill(cast, params)
     track(spec.arch, buffers, codes, active_E, spec.dead_tokens)
     return parts
+
+
+def refill(cast: Params, params: Params) -> None:
+    """Each weight's copy in the compute dtype, cast again from the weight just written: on
+    the GPU in the pass that writes it (6-8% faster at 768 x 24576 on an H200 than a cast at
+    the step's start); on the CPU as one foreach copy (inductor's C++ code fails to compile
+    a copy_ there, ``KeyError: 'bufN'``: its outer-loop fusion asks where a node that only
+    orders after the cast reads it; torch 2.11 with every architecture, 2.13 on a smaller
+    step; the same values either way)."""
+    copies = list(cast.values())
+    if copies and copies[0].device.type == "cpu":
+        torch._foreach_copy_(copies, [params[k] for k in cast])
+        return
+    for k, w in cast.items():
+        w.copy_(params[k])
 
 
 RECOMPILE_LIMIT = 64

@@ -137,6 +137,25 @@ def test_the_bf16_copies_are_the_weights_cast_after_every_step(name):
     assert len(ens._cast) == 2
 
 
+def test_the_copies_refill_compiles_on_the_cpu_where_a_copy_into_them_did_not():
+    """Inductor's C++ code failed on ``cast.copy_(weight)`` after the weight's masked in-place
+    update and row norm (``KeyError: 'buf5'`` under torch 2.11 and 2.13; under 2.11 every
+    compiled bf16 step on the CPU failed so): :func:`compiled.refill` compiles there."""
+
+    def update(p, g, active, cast):
+        a = active[:, None, None]
+        new = torch.where(a, p - g, p)
+        norm = new.pow(2).sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
+        p.copy_(new / torch.where(a, norm, 1.0))
+        compiled.refill({"w": cast}, {"w": p})
+
+    gen = torch.Generator().manual_seed(0)
+    p, g = torch.randn(3, 40, 12, generator=gen), torch.randn(3, 40, 12, generator=gen)
+    cast, active = p.to(torch.bfloat16), torch.tensor([True, False, True])
+    torch.compile(update, fullgraph=True, dynamic=False)(p, g / 100, active, cast)
+    assert torch.equal(cast, p.to(torch.bfloat16))
+
+
 def test_a_drifted_copy_is_found_at_a_checkpoint_cast_again_and_recorded(
     tiny_store, tmp_path, monkeypatch, caplog
 ):
