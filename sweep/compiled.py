@@ -8,8 +8,8 @@ buffers' update — is one traced function: the GEMMs stay library calls, induct
 elementwise work around them, and Adam becomes one pass per parameter for all members with
 per-member step counts and skip. The learning-rate and L1 scales enter as tensors, so a
 schedule does not recompile it. Under a compute dtype (bf16) the weights' copies in that
-dtype are buffers the step refills as it writes the new weights (in the same pass: 6-8% of
-the step at 768 x 24576 on an H200 against a cast at its start), each the exact cast of the
+dtype are buffers the step refills as it writes the new weights (in the same pass on a GPU:
+6-8% of the step at 768 x 24576 on an H200 against a cast at its start; :func:`refill`), each the exact cast of the
 stored weight (tested after every step): a resumed run, whose copies are cast from its
 checkpoint's weights, computes what the uninterrupted one did.
 
