@@ -8,10 +8,10 @@ buffers' update — is one traced function: the GEMMs stay library calls, induct
 elementwise work around them, and Adam becomes one pass per parameter for all members with
 per-member step counts and skip. The learning-rate and L1 scales enter as tensors, so a
 schedule does not recompile it. Under a compute dtype (bf16) the weights' copies in that
-dtype are buffers the step refills as it writes the new weights (in the same pass on a GPU:
-6-8% of the step at 768 x 24576 on an H200 against a cast at its start; :func:`refill`), each the exact cast of the
-stored weight (tested after every step): a resumed run, whose copies are cast from its
-checkpoint's weights, computes what the uninterrupted one did.
+dtype are buffers the step refills as it writes the new weights (:func:`refill`; on a GPU in
+the same pass: 6-8% of the step at 768 x 24576 on an H200 against a cast at its start), each
+the exact cast of the stored weight (tested after every step): a resumed run, whose copies
+are cast from its checkpoint's weights, computes what the uninterrupted one did.
 
 On a GPU the compiled step is replayed as CUDA graphs (``train.cuda_graphs``): its kernels
 recorded once and launched as one, which is what a small ensemble's step is bound by. The
@@ -100,8 +100,8 @@ def refill(cast: Params, params: Params) -> None:
     the GPU in the pass that writes it (6-8% faster at 768 x 24576 on an H200 than a cast at
     the step's start); on the CPU as one foreach copy (inductor's C++ code fails to compile
     a copy_ there, ``KeyError: 'bufN'``: its outer-loop fusion asks where a node that only
-    orders after the cast reads it; torch 2.11 with every architecture, 2.13 on a smaller
-    step; the same values either way)."""
+    orders after the cast reads it; under torch 2.11 every bf16 step, under 2.13 a smaller
+    function: tests/test_compiled.py; the same values either way)."""
     copies = list(cast.values())
     if copies and copies[0].device.type == "cpu":
         torch._foreach_copy_(copies, [params[k] for k in cast])
