@@ -14,6 +14,7 @@ import torch
 
 from sweep.activations.synthetic import ensure_synthetic_store
 from sweep.config import SyntheticDataConfig, TrainConfig
+from sweep.lock import pid_alive
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -61,10 +62,10 @@ def _short_basetemp() -> Path:
 
 def _running(pid_file: Path) -> bool:
     try:
-        os.kill(int(pid_file.read_text()), 0)
-    except (OSError, ValueError):  # gone, unreadable, or no such process
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):  # gone or unreadable
         return False
-    return True
+    return pid > 0 and pid_alive(pid)
 
 
 def tiny_data(**kw) -> SyntheticDataConfig:

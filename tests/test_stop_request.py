@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -52,8 +53,6 @@ def _until(cond, timeout: float = 10.0) -> None:
 
 def _line(proc: subprocess.Popen, timeout: float) -> str:
     """The next line ``proc`` writes (an unbuffered one), or "" after ``timeout`` s."""
-    import select
-
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
     return proc.stdout.readline() if ready else ""
 
