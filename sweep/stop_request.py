@@ -184,6 +184,11 @@ def _ended(folder: SweepFolder, held: dict, taken: dict | None) -> str:
     request), and what to do next."""
     path = folder.path
     state, clause = _recorded(folder)
+    if taken is None and state == "interrupted":  # (another 'sweep stop' or a signal: this
+        return (  # one stalled past the request's removal, or the driver had a signal first)
+            f"it stopped (asked by another 'sweep stop' or a signal); re-run its command (or "
+            f"'sweep resume {path}') to continue"
+        )
     if taken is None:
         return f"it ended before it took the request; {clause}"
     if activity(held) == "evaluating":

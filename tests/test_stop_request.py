@@ -232,6 +232,18 @@ def test_a_driver_that_ended_before_it_took_the_request_is_said_so(tmp_path):
     assert said == "it ended before it took the request; the sweep is done"
 
 
+def test_a_driver_stopped_by_another_asker_is_not_said_to_have_ended_before_it_took_it(tmp_path):
+    """A 'sweep stop' that stalled past the first one's removal of the request (or a driver
+    that a signal stopped first) saw no request taken: the sweep is interrupted all the same."""
+    sw = _sweep(tmp_path, state="interrupted")
+    held = {"host": "h", "pid": 1, "started": 1.0, "doing": "training"}
+    said = stop_request._ended(SweepFolder(sw), held, None)
+    assert said == (
+        "it stopped (asked by another 'sweep stop' or a signal); re-run its command (or "
+        f"'sweep resume {sw}') to continue"
+    )
+
+
 def test_a_sweep_stopped_before_its_config_was_saved_is_not_told_to_resume(tmp_path):
     """Stopped while its first store is made, a sweep has no config.yaml: 'sweep resume'
     would fail ("before it planned any run"), so only its command is named."""
