@@ -45,6 +45,7 @@ def sources(stream: BatchStream, x_mem: torch.Tensor) -> dict[str, Callable[[Ens
 
 
 def run(ctx: Context) -> dict:
+    made = generation(ctx)  # (first: it needs no store, and a cut run keeps its figure)
     store, size, device = ctx.stores.get("stream"), SMALL, ctx.device
     stream = BatchStream(store, size.batch, 0, 1, ctx.st.eval_rows, store.scale(True), device)
     steps, bs = stream.total_steps, size.batch
@@ -61,7 +62,7 @@ def run(ctx: Context) -> dict:
     alone = ctx.timer.wall(lambda: [None for _ in stream.batches(Cursor())])  # reading only
     feed = feed_alone(ctx)
     out = {**report(store, steps, bs, secs, alone), "feed": feed, "disk": disk_side(ctx)}
-    return {**out, "generation": generation(ctx)}
+    return {**out, "generation": made}
 
 
 GENERATION_TARGET = 2e6
