@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections import Counter
 from dataclasses import fields, replace
@@ -342,6 +343,33 @@ def test_changed_settings_refused_and_nothing_touched(tiny_model_dir, text_file,
     ):
         run_harvest(replace(cfg, rows=700, context=16))
     assert _snapshot(tmp_path / "h") == before
+
+
+def _hook_store(root: Path, hook: str) -> Path:
+    return root / hook.replace("/", "_")
+
+
+def test_a_harvest_of_several_hooks_names_its_stores_where_one_was_wanted(
+    tiny_model_dir, text_file, tmp_path
+):
+    """Its folder is no store, one hook's store is no harvest, a harvest of one of its hooks
+    into it is refused: each time the one line says which store to train on, and how."""
+    root = tmp_path / "h"
+    cfg = tiny_cfg(tiny_model_dir, text_file, root, rows=620)
+    run_harvest(cfg)
+    before = _snapshot(root)
+    stores = f"point data.path at one of them ({_hook_store(root, HOOKS[0])}, "
+    with pytest.raises(
+        StoreError, match=re.escape(f"harvest of 2 hooks, one store each; {stores}")
+    ):
+        ChunkStore(root)
+    one = _hook_store(root, HOOKS[1])
+    with pytest.raises(StoreError, match=re.escape(f"data=chunks data.path={one}, or choose an")):
+        run_harvest(replace(cfg, hooks=[HOOKS[1]], store_dir=str(one)))
+    with pytest.raises(StoreError, match=rf"its store of {HOOKS[1]} trains as data=chunks "):
+        run_harvest(replace(cfg, hooks=[HOOKS[1]]))
+    assert _snapshot(root) == before
+    assert ChunkStore(one).total_rows == 620  # (and data=chunks trains on it: below)
 
 
 def test_cli_harvest_then_train_on_chunks(tiny_model_dir, text_file, tmp_path, capsys):

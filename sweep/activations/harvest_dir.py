@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sweep.activations import lm
-from sweep.activations.layout import HARVEST_PARAMS, chunk_files
+from sweep.activations.layout import (
+    HARVEST_PARAMS,
+    chunk_files,
+    hook_folder,
+    hook_stores,
+    store_manifest,
+)
 from sweep.activations.store import MANIFEST, ChunkStore, chunk_name
 from sweep.config import HarvestConfig
 from sweep.errors import StoreError, could_not_read
@@ -68,7 +74,7 @@ def tokens_digest(path: Path) -> str:
 
 def store_path(cfg: HarvestConfig, hook: str) -> Path:
     root = Path(cfg.store_dir).expanduser()
-    return root if len(cfg.hooks) == 1 else root / hook.replace("/", "_")
+    return root if len(cfg.hooks) == 1 else hook_folder(root, hook)
 
 
 def reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
@@ -235,15 +241,31 @@ def check_dir(cfg: HarvestConfig, params: dict) -> Path:
             shown = "; ".join(f"{k} {_short(old.get(k))} -> {_short(params.get(k))}" for k in diff)
             raise StoreError(
                 f"store_dir {root} holds a harvest made with different settings ({shown}); "
-                "use the same values to resume it, or another store_dir"
+                f"{_one_of_its_hooks(root, diff, params)}use the same values to resume it, or "
+                "another store_dir"
             )
     elif root.exists() and not root.is_dir():
         raise StoreError(f"store_dir {root} is a file; choose a new folder (or an empty one)")
+    elif store_manifest(root):  # (one hook's store of a harvest of several, say)
+        raise StoreError(
+            f"store_dir {root} is a chunk store, not a harvest's folder; train on it with "
+            f"data=chunks data.path={root}, or choose an empty or new folder"
+        )
     elif begun(root):
         raise StoreError(
             f"store_dir {root} is a non-empty folder that is not a harvest; choose an empty or new folder"
         )
     return root
+
+
+def _one_of_its_hooks(root: Path, diff: list[str], params: dict) -> str:
+    """Where a harvest of several hooks differs from the one asked for only in its hooks, all
+    of them among its own: the store to train on instead (else nothing)."""
+    stores, hooks = hook_stores(root), params.get("hooks")
+    if diff != ["hooks"] or not isinstance(hooks, list) or not set(hooks) <= set(stores):
+        return ""
+    path = stores[hooks[0]]
+    return f"its store of {hooks[0]} trains as data=chunks data.path={path}; "
 
 
 def _short(value: object, limit: int = 60) -> str:

@@ -38,6 +38,7 @@ from sweep.activations.layout import (
     MANIFEST,
     SYNTHETIC_PARAMS,
     VERIFIED,
+    hook_stores,
 )
 from sweep.devices import BYTES, TENSOR_DTYPES, numpy_dtype, torch_dtype
 from sweep.errors import StoreError, could_not_read, is_disk_full
@@ -322,6 +323,21 @@ def _chunk_entry_ok(c: object) -> bool:
     )
 
 
+def _no_manifest(path: Path) -> str:
+    """Why a folder without a manifest is no store, and what to point at instead."""
+    stores = list(hook_stores(path).values())
+    if stores:  # (the folder of a harvest of several hooks: one store per hook inside)
+        some = ", ".join(str(p) for p in stores[:3]) + (", ..." if len(stores) > 3 else "")
+        return (
+            f"no chunk store at {path}: it holds a harvest of {len(stores)} hooks, one store "
+            f"each; point data.path at one of them ({some})"
+        )
+    return (
+        f"no chunk store at {path}: {MANIFEST} is missing (incomplete or not a store); "
+        "regenerate it or point data.path at a complete store"
+    )
+
+
 class ChunkStore:
     """A complete chunk store on disk, validated on open (``check_files=False``: its manifest
     only, for :meth:`damaged_chunks`)."""
@@ -336,10 +352,7 @@ class ChunkStore:
                 "check data.path or generate one with data=synthetic / sweep harvest"
             )
         if not manifest_path.is_file():
-            raise StoreError(
-                f"no chunk store at {self.path}: {MANIFEST} is missing (incomplete or not a store); "
-                "regenerate it or point data.path at a complete store"
-            )
+            raise StoreError(_no_manifest(self.path))
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
