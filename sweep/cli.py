@@ -36,7 +36,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sweep import __version__, configs
-from sweep.config import ConfigError, SweepConfig, one_line, register_configs, to_sweep_config
+from sweep.config import (
+    ConfigError,
+    SweepConfig,
+    near_field,
+    one_line,
+    register_configs,
+    to_sweep_config,
+)
 from sweep.errors import SweepError, os_error_message, stdout_gone
 from sweep.io import lift_file_size_limit
 
@@ -67,7 +74,7 @@ def compose(
     except yaml.YAMLError as err:  # (a file of --config-dir)
         raise ConfigError(_yaml_message(err)) from err
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        message = _unparsable(overrides) or _hydra_message(err)
+        message = _unparsable(overrides) or _hydra_message(err, config_name)
         if config_name == "harvest":  # its fields are listed by its own command
             message = message.replace("'sweep run --cfg job'", "'sweep harvest --cfg job'")
         raise ConfigError(message) from err
@@ -254,7 +261,7 @@ def _override_fix(override: str) -> str:
     return "check its brackets and quotes (a list: grid.l1='[0.01,0.02]', quoted for the shell)"
 
 
-def _hydra_message(err: BaseException) -> str:
+def _hydra_message(err: BaseException, config_name: str = "config") -> str:
     """Hydra's multi-line errors, reduced to one line that names the problem and the fix."""
     text = str(err).strip()
     readings = (_unknown_option, _not_a_list, _comma, _file_field, _file_default, _sweep_syntax)
@@ -264,7 +271,8 @@ def _hydra_message(err: BaseException) -> str:
             return said
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
-        return f"unknown config field '{key}'; run 'sweep run --cfg job' to list the fields"
+        near = near_field(key, config_name)
+        return f"unknown config field '{key}'{near}; run 'sweep run --cfg job' to list the fields"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     head = lines[0] if lines else type(err).__name__
     cause = [ln.strip() for ln in str(err.__cause__ or "").splitlines() if ln.strip()]

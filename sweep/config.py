@@ -235,6 +235,10 @@ class HarvestDataConfig(DataConfig, HarvestSource):
         )
 
 
+DATA_OPTIONS = (SyntheticDataConfig, ChunksDataConfig, HarvestDataConfig)
+"""The ``data`` group's options' schemas."""
+
+
 @dataclass
 class SAEConfig:
     """Architecture of every dictionary in the sweep (one per sweep)."""
@@ -815,7 +819,8 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     if unknown:  # added with '+', which even a structured config takes (and would drop)
         command = "run" if what == "sweep" else what
         raise ConfigError(
-            f"unknown config field '{unknown}'; run 'sweep {command} --cfg job' to list the fields"
+            f"unknown config field '{unknown}'{near_field(unknown, name)}; run "
+            f"'sweep {command} --cfg job' to list the fields"
         )
     try:
         obj = OmegaConf.to_object(cfg)
@@ -927,6 +932,36 @@ def _field_named(cfg: object, key: str) -> dataclasses.Field | None:
     if not dataclasses.is_dataclass(cfg):
         return None
     return next((f for f in dataclasses.fields(cfg) if f.name == name), None)
+
+
+def near_field(key: str, config_name: str = "config") -> str:
+    """`` (did you mean 'x'?)`` for a mistyped field of ``sweep run`` (``harvest``: of
+    ``sweep harvest``) close to one it has, else nothing."""
+    import difflib
+
+    known = _dotted(HarvestConfig if config_name == "harvest" else SweepConfig)
+    group, _, name = key.rpartition(".")
+    groups = {k.rpartition(".")[0] for k in known}
+    if group not in groups:  # a mistyped group too: its nearest
+        near = difflib.get_close_matches(group, sorted(groups), n=1, cutoff=0.6)
+        group = near[0] if near else group
+    names = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == group}
+    cutoff = 0.5 if len(name) <= 3 else 0.6  # (l2 for l1: one letter of two)
+    near = difflib.get_close_matches(name, sorted(names), n=1, cutoff=cutoff)
+    return f" (did you mean '{names[near[0]]}'?)" if near else ""
+
+
+def _dotted(schema: type, prefix: str = "") -> list[str]:
+    """Every field of ``schema`` as a dotted key, its groups' (each ``data`` option's) too."""
+    hints, out = typing.get_type_hints(schema), []
+    for f in dataclasses.fields(schema):
+        kind = hints[f.name]
+        kinds = DATA_OPTIONS if kind is DataConfig else (kind,)
+        out.append(prefix + f.name)
+        for k in kinds:
+            if dataclasses.is_dataclass(k):
+                out += _dotted(k, f"{prefix}{f.name}.")
+    return sorted(set(out))
 
 
 def _unknown_field(cfg: DictConfig, prefix: str = "") -> str | None:

@@ -238,6 +238,22 @@ def test_a_field_added_with_plus_is_unknown_too(capsys):
     )
 
 
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["run", "sea=topk"], "unknown config field 'sea' (did you mean 'sae'?); run 'sweep run"),
+        (["run", "train.bach_size=4"], "'train.bach_size' (did you mean 'train.batch_size'?)"),
+        (["run", "+grid.l2=[1]"], "'grid.l2' (did you mean 'grid.l1'?); run 'sweep run --cfg"),
+        (["run", "data.hok=h"], "'data.hok' (did you mean 'data.hook'?)"),  # (data=harvest's)
+        (["harvest", "modle=m"], "'modle' (did you mean 'model'?); run 'sweep harvest --cfg job'"),
+        (["run", "nosuch=1"], "unknown config field 'nosuch'; run"),
+    ],
+)
+def test_a_mistyped_field_is_answered_with_the_nearest_one(argv, said, capsys):
+    assert main([*argv, "sweep_dir=/nonexistent/x"]) == 2
+    assert said in capsys.readouterr().err
+
+
 def test_an_auxk_weight_on_a_relu_sae_is_a_warning_not_an_error():
     """It does nothing there; sweeps recorded with one must still resume."""
     assert "does nothing for sae=untied" in cfg_of("train.auxk_alpha=0").inert_note()
