@@ -85,7 +85,8 @@ def write_mmcs(path: Path, cross: crossdict.CrossDict) -> Path:
 
 def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, dict[str, dict]]:
     """The sweep's data, grid and train settings, and where they came from: ``config.yaml``
-    (the resolved config) or, for a sweep folder without one, the runs' specs."""
+    (the resolved config) or, for a sweep folder without one, the runs' specs. The grid's
+    values are the runs' in both: a sweep resumed with other values has trained them all."""
     path = folder.saved_config()
     cfg: dict = {}
     if path is not None:
@@ -97,6 +98,8 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
     if isinstance(cfg, dict) and all(isinstance(cfg.get(k), dict) for k in SETTINGS):
         cfg = planning.with_legacy(cfg)  # (a setting added since: as the sweep trained)
         sections = {k: dict(cfg[k]) for k in SETTINGS}
+        if records:  # (config.yaml holds the last command's grid; the report, every run's)
+            sections["grid"].update(_grid_of(records, {}))
         if isinstance(cfg.get("sae"), dict) and "name" in cfg["sae"]:
             sections["grid"]["sae"] = cfg["sae"]["name"]
         source = path.name  # type: ignore[union-attr]

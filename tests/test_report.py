@@ -554,6 +554,19 @@ def test_page_starts_with_settings_best_runs_and_table(sweep_copy):
     assert "sweep_dir" not in settings and "trained on</b>" in settings  # only data/grid/train
 
 
+def test_settings_show_every_run_s_grid_values_after_a_resume_with_other_ones(sweep_copy):
+    """config.yaml holds the last command's grid (a 'sweep resume DIR grid.l1=[0.1]' that
+    trained one value more, say); the page's table has every run, and so do its settings."""
+    last = CONFIG_YAML.replace("l1: [0.001, 0.01, 0.1]", "l1: [0.1]").replace(
+        "seeds: 2", "seeds: 1"
+    )
+    (sweep_copy / "config.yaml").write_text(last)
+    out, _ = build_report(sweep_copy, device="cpu", log_media=False)
+    settings = section(page_of(out), "settings")
+    assert "from config.yaml" in settings and "lr</b> 0.01" in settings
+    assert "l1</b> 0.001, 0.01, 0.1" in settings and "seeds</b> 2" in settings
+
+
 def test_settings_without_config_come_from_the_run_specs(sweep_copy):
     out, _ = build_report(sweep_copy, device="cpu", log_media=False)
     settings = section(page_of(out), "settings")
