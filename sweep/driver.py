@@ -658,11 +658,22 @@ def kept_group(cfg: SweepConfig, folder: SweepFolder) -> SweepConfig:
     return replace(cfg, logger=replace(cfg.logger, group=group))
 
 
+def absolute_path(path: str) -> str:
+    """``path`` made absolute, its ``..`` folded away where that names the same folder (not
+    where a symbolic link comes before it)."""
+    full = Path(path).expanduser().absolute()
+    tidy = Path(os.path.normpath(full))
+    try:
+        return str(tidy if tidy == full or os.path.samefile(tidy, full) else full)
+    except OSError:  # (one of them not there: as given)
+        return str(full)
+
+
 def _write_sweep_files(
     folder: SweepFolder, cfg: SweepConfig, p: SweepPlan, store: ChunkStore | None
 ) -> None:
     if cfg.data.path:  # (a resume from another folder finds a store given relative to this one)
-        where = str(Path(cfg.data.path).expanduser().absolute())
+        where = absolute_path(cfg.data.path)
         if owns_store(cfg) and not isinstance(cfg.data, ChunksDataConfig):
             where = None  # its <sweep_dir>/store: it moves with the sweep folder
         cfg = replace(cfg, data=replace(cfg.data, path=where))
