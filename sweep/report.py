@@ -99,7 +99,7 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
         cfg = planning.with_legacy(cfg)  # (a setting added since: as the sweep trained)
         sections = {k: dict(cfg[k]) for k in SETTINGS}
         if records:  # (config.yaml holds the last command's grid; the report, every run's)
-            sections["grid"].update(_grid_of(records, {}))
+            sections["grid"].update((k, v) for k, v in _grid_of(records, {}).items() if v)
         if isinstance(cfg.get("sae"), dict) and "name" in cfg["sae"]:
             sections["grid"]["sae"] = cfg["sae"]["name"]
         source = path.name  # type: ignore[union-attr]
