@@ -559,6 +559,17 @@ def _at(tree: object, key: str) -> object:
     return tree
 
 
+def _group_fix(override: str) -> str:
+    """What to pass instead of a config group's choice to ``sweep resume`` or ``evaluate``:
+    where to train is a field (``launch.name``), the rest is the sweep's own settings."""
+    key, _, value = override.partition("=")
+    if key == "launch" and value == "local":
+        return "pass launch.name=local launch.address=null to run it on this machine"
+    if key == "launch" and value == "cluster":
+        return "pass launch.name=cluster launch.address=HOST:PORT (or auto)"
+    return "pass the sweep's settings with that choice to 'sweep run' instead"
+
+
 def _check_resume_overrides(overrides: list[str], command: str = "resume") -> None:
     """``sweep resume`` (or ``evaluate``) sets recorded fields (``train.log_every=10``),
     nothing else."""
@@ -572,7 +583,7 @@ def _check_resume_overrides(overrides: list[str], command: str = "resume") -> No
         if key.lstrip("+~") in CONFIG_GROUPS:
             raise ConfigError(
                 f"sweep {command} takes field overrides (like launch.num_gpus=1), not '{o}'; "
-                "pass the sweep's settings with that choice to 'sweep run' instead"
+                f"{_group_fix(o)}"
             )
         if _sets_hydra(key):
             raise ConfigError(

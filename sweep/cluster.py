@@ -56,9 +56,10 @@ def resolve(address: str) -> str:
     the Ray started latest on this machine, as Ray itself looks)."""
     address = address.strip()
     if "://" in address:
+        what = "a Ray Client address" if address.startswith("ray://") else "a URL"
         raise SweepError(
-            f"launch.address={address} is a Ray Client address; give the head's HOST:PORT "
-            "(the GCS port, 6379 by default), or auto"
+            f"launch.address={address} is {what}; give the head's HOST:PORT (the GCS port, "
+            "6379 by default, not the dashboard's or a client's), or auto"
         )
     if address != "auto":
         return address

@@ -186,10 +186,11 @@ def print_preview(v: Preview) -> None:
         _print_notes(console, v.notes)
         return
     res = v.res
+    budget = res.gpu_bytes if res.on_gpu else res.device_bytes
+    planned = f"memory budget {memory_text(budget)} {'each' if res.on_gpu else 'per ensemble'}"
+    planned += f", planned to {grid.MEMORY_USE:.0%}: {memory_text(grid.MEMORY_USE * budget)}"
     where = (
-        f"GPUs ({res.gpus:g} in the Ray cluster, memory budget {memory_text(res.gpu_bytes)} each)"
-        if res.on_gpu
-        else f"CPUs (memory budget {memory_text(res.device_bytes)} per ensemble)"
+        f"GPUs ({res.gpus:g} in the Ray cluster, {planned})" if res.on_gpu else f"CPUs ({planned})"
     )
     title = f"sweep plan: {v.cfg.sweep_dir} (nothing trained or written)"
     cols = ["ensemble", "dict_ratio", "dict_size", "members", "asks", "memory", "runs"]

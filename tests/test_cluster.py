@@ -422,6 +422,8 @@ def test_launch_addresses_that_cannot_name_a_head_are_one_line(monkeypatch):
     assert resolve(" 10.0.0.1:6379 ") == "10.0.0.1:6379"
     with pytest.raises(SweepError, match=r"is a Ray Client address; give the head's HOST:PORT"):
         resolve("ray://head:10001")
+    with pytest.raises(SweepError, match=r"is a URL; give the head's HOST:PORT \(the GCS port"):
+        resolve("http://head:8265")  # (the dashboard's)
     with pytest.raises(SweepError, match=r"launch.address=head is not HOST:PORT"):
         check_reachable("head")
     monkeypatch.setenv("RAY_ADDRESS", "local")

@@ -277,6 +277,7 @@ def test_a_store_moved_elsewhere_is_named_by_data_path(copy, tmp_path, capsys):
         (["train.lr=0.5"], ("recorded settings", "launch.*, logger.*, train.device", "'train.lr=")),
         (["data.eval_rows=64"], ("recorded settings", "not 'data.eval_rows=64'")),
         (["sae=topk"], ("sweep evaluate takes field overrides", "not 'sae=topk'")),
+        (["launch=local"], ("not 'launch=local'; pass launch.name=local launch.address=null",)),
         (["sweep_dir=/elsewhere"], ("sweep evaluate works on the sweep folder it is given",)),
     ],
 )

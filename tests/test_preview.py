@@ -38,6 +38,7 @@ def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, ca
     assert "compute dtype bfloat16, step compiled + CUDA graphs" in out, out
     code, out, _ = plan(tmp_path, capsys, "train.device=cpu", "launch.cpus_per_ensemble=1")
     assert code == 0 and "1 CPU" in out and "on CPUs" in out, out
+    assert "per ensemble, planned to 80%: " in out, out  # (the budget the grouping uses)
     assert "compute dtype float32, step eager" in out, out
 
 
