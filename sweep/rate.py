@@ -66,6 +66,8 @@ class RateMeter:
         now = time.time() if now is None else now
         if self.samples and rows < self.samples[-1][1]:
             self.samples.clear()  # (never, as the counter keeps each run's most: to be safe)
+        if self.samples and rows == self.samples[0][1] == self.samples[-1][1]:
+            self.samples.clear()  # not trained yet (Ray, workers, compiles start): not counted
         self.samples.append((now, rows, rows if work is None else work, dict(runs or {})))
         while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
             self.samples.popleft()

@@ -119,6 +119,20 @@ def test_the_rate_is_measured_over_the_last_minutes(tmp_path):
     assert not (tmp_path / RATE).exists()  # the driver's training ended
 
 
+def test_the_start_up_before_the_first_rows_is_not_part_of_the_rate(tmp_path):
+    """A (re)started sweep trains nothing while Ray, its workers and their compiles start:
+    counted in, the rate read 4x too slow and the time left 4x too long for a minute."""
+    from sweep.rate import RateMeter
+
+    with RateMeter(tmp_path, total=100_000) as meter:
+        for t in range(0, 31):  # 30 s of start-up at the 40k rows a checkpoint kept
+            meter.sample(40_000, now=1000.0 + t)
+        assert meter.rate() is None and meter.seconds_left() is None
+        for t in range(1, 11):  # then 1000 rows/s
+            meter.sample(40_000 + 1000 * t, now=1030.0 + t)
+        assert meter.span() == 10 and meter.rate() == 1000 and meter.seconds_left() == 50
+
+
 def test_the_time_left_is_paced_by_work_when_ensembles_differ(tmp_path):
     """The largest dictionaries train first, at a slower row rate: paced by rows, the time
     left said early on was far too long. Here a row costs its dictionary's size: a 4096-wide
