@@ -67,7 +67,8 @@ class RateMeter:
         if self.samples and rows < self.samples[-1][1]:
             self.samples.clear()  # (never, as the counter keeps each run's most: to be safe)
         if self.samples and rows == self.samples[0][1] == self.samples[-1][1]:
-            self.samples.clear()  # not trained yet (Ray, workers, compiles start): not counted
+            self.samples.clear()  # nothing trained since the window began (start-up: Ray,
+            # workers, compiles; or a pause as long): the rate starts again at the next rows
         self.samples.append((now, rows, rows if work is None else work, dict(runs or {})))
         while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
             self.samples.popleft()
