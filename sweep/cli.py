@@ -271,7 +271,8 @@ def _hydra_message(err: BaseException, config_name: str = "config") -> str:
             return said
     if text.startswith("Could not override"):
         key = text.split("'", 2)[1]
-        near = near_field(key, config_name)
+        within = getattr(err.__cause__, "object_type", None)  # (the group's schema)
+        near = near_field(key, config_name, within)
         return f"unknown config field '{key}'{near}; run 'sweep run --cfg job' to list the fields"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     head = lines[0] if lines else type(err).__name__

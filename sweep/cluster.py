@@ -132,9 +132,10 @@ def join_failed_hint(address: str) -> str:
     import ray
 
     return (
-        f"a head answers at {address}, but Ray could not join it: check that RAY_AUTH_MODE "
-        "and RAY_AUTH_TOKEN here match the cluster's (launch/slurm.sbatch uses a token) and "
-        f"that it runs Ray {ray.__version__}"
+        f"a head answers at {address}, but Ray could not join it: check that the port is the "
+        "head's GCS port (as `ray start --head` printed it; a raylet's or worker's port answers "
+        "too), that RAY_AUTH_MODE and RAY_AUTH_TOKEN here match the cluster's "
+        f"(launch/slurm.sbatch uses a token) and that it runs Ray {ray.__version__}"
     )
 
 

@@ -818,8 +818,9 @@ def _to_checked(cfg: DictConfig, schema: type[T], what: str, name: str) -> T:
     unknown = _unknown_field(cfg)
     if unknown:  # added with '+', which even a structured config takes (and would drop)
         command = "run" if what == "sweep" else what
+        near = near_field(unknown, name, _group_schema(cfg, unknown))
         raise ConfigError(
-            f"unknown config field '{unknown}'{near_field(unknown, name)}; run "
+            f"unknown config field '{unknown}'{near}; run "
             f"'sweep {command} --cfg job' to list the fields"
         )
     try:
@@ -934,21 +935,44 @@ def _field_named(cfg: object, key: str) -> dataclasses.Field | None:
     return next((f for f in dataclasses.fields(cfg) if f.name == name), None)
 
 
-def near_field(key: str, config_name: str = "config") -> str:
+def near_field(key: str, config_name: str = "config", within: type | None = None) -> str:
     """`` (did you mean 'x'?)`` for a mistyped field of ``sweep run`` (``harvest``: of
-    ``sweep harvest``) close to one it has, else nothing."""
-    import difflib
-
-    known = _dotted(HarvestConfig if config_name == "harvest" else SweepConfig)
+    ``sweep harvest``) close to one it has, else nothing. ``within``: the schema of the
+    group it was given in; a ``data`` option's fields come first, another option's are
+    named as that option's (``data.hok`` under data=synthetic: data=harvest's ``data.hook``)."""
     group, _, name = key.rpartition(".")
+    if within in DATA_OPTIONS and group == "data":
+        for option in sorted(DATA_OPTIONS, key=lambda o: o is not within):
+            near = _closest(name, [f.name for f in dataclasses.fields(option)])
+            if near and option is within:
+                return f" (did you mean 'data.{near}'?)"
+            if near:
+                return f" (did you mean 'data.{near}' of data={_option_name(option)}?)"
+        return ""
+    known = _dotted(HarvestConfig if config_name == "harvest" else SweepConfig)
     groups = {k.rpartition(".")[0] for k in known}
     if group not in groups:  # a mistyped group too: its nearest
-        near = difflib.get_close_matches(group, sorted(groups), n=1, cutoff=0.6)
-        group = near[0] if near else group
+        near_group = _closest(group, sorted(groups), cutoff=0.6)
+        group = near_group or group
     names = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == group}
-    cutoff = 0.5 if len(name) <= 3 else 0.6  # (l2 for l1: one letter of two)
-    near = difflib.get_close_matches(name, sorted(names), n=1, cutoff=cutoff)
-    return f" (did you mean '{names[near[0]]}'?)" if near else ""
+    near = _closest(name, sorted(names))
+    return f" (did you mean '{names[near]}'?)" if near else ""
+
+
+def _closest(name: str, names: list[str], cutoff: float | None = None) -> str | None:
+    """The one of ``names`` nearest ``name``, if near enough (a short name: one letter of
+    two may differ, ``l2`` for ``l1``)."""
+    import difflib
+
+    if cutoff is None:
+        cutoff = 0.5 if len(name) <= 3 else 0.6
+    near = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
+    return near[0] if near else None
+
+
+def _option_name(schema: type) -> str:
+    """A ``data`` option's name (``chunks`` for :class:`ChunksDataConfig`)."""
+    return schema.__name__.removesuffix("DataConfig").lower()
 
 
 def _dotted(schema: type, prefix: str = "") -> list[str]:
@@ -962,6 +986,16 @@ def _dotted(schema: type, prefix: str = "") -> list[str]:
             if dataclasses.is_dataclass(k):
                 out += _dotted(k, f"{prefix}{f.name}.")
     return sorted(set(out))
+
+
+def _group_schema(cfg: DictConfig, key: str) -> type | None:
+    """The dataclass of the group that holds dotted ``key`` in ``cfg`` (None: not one)."""
+    node = cfg
+    for part in key.split(".")[:-1]:
+        node = node._get_node(part)
+        if not isinstance(node, DictConfig):
+            return None
+    return OmegaConf.get_type(node)
 
 
 def _unknown_field(cfg: DictConfig, prefix: str = "") -> str | None:

@@ -505,13 +505,25 @@ def drain(
                 yield Finished(refs[ref], value=ray.get(ref))
             except ray.exceptions.RayError as err:
                 cause, reason = getattr(err, "cause", None), task_error_reason(err)
-                if isinstance(err, ray.exceptions.WorkerCrashedError):
+                if _points_at_logs(err):
                     reason += _where_ray_logs()
                 detail = ANSI_COLOR.sub("", str(err))  # (Ray colours the task's name)
                 yield Finished(refs[ref], error=reason, cause=cause, detail=detail)
         added = [r for r in refs if r not in seen]
         seen.update(added)
         pending += added
+
+
+def _points_at_logs(err: Exception) -> bool:
+    """Whether Ray's error sends the reader to its log files without saying where they are
+    (a crashed worker's ``python-core-worker-*.log``; an actor or task that died with its node
+    or its head's GCS: "Check raylet.out")."""
+    import ray
+
+    text = str(err)
+    return isinstance(err, ray.exceptions.WorkerCrashedError) or any(
+        name in text for name in ("raylet.out", "python-core-worker", "raylet.err")
+    )
 
 
 def _where_ray_logs() -> str:

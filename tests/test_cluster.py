@@ -380,6 +380,20 @@ def test_a_silent_listener_is_not_a_ray_head():
     )
 
 
+def test_a_ray_error_that_points_at_its_logs_gets_where_they_are():
+    """Ray's "Check raylet.out" (an actor lost with its node or the head's GCS) and a crashed
+    worker's "python-core-worker-*.log" name files without their folder: a FAILED line
+    says where Ray's logs are."""
+    import ray
+
+    from sweep.launcher import _points_at_logs
+
+    lost = "System error: the actor died. Check raylet.out on the node for more"
+    assert _points_at_logs(ray.exceptions.RaySystemError(lost))
+    assert _points_at_logs(ray.exceptions.WorkerCrashedError())
+    assert not _points_at_logs(ray.exceptions.RaySystemError("ValueError: bad value"))
+
+
 PRIVATE_RAY = """
 import sys, time, ray
 from sweep.config import LaunchConfig

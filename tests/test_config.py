@@ -244,7 +244,10 @@ def test_a_field_added_with_plus_is_unknown_too(capsys):
         (["run", "sea=topk"], "unknown config field 'sea' (did you mean 'sae'?); run 'sweep run"),
         (["run", "train.bach_size=4"], "'train.bach_size' (did you mean 'train.batch_size'?)"),
         (["run", "+grid.l2=[1]"], "'grid.l2' (did you mean 'grid.l1'?); run 'sweep run --cfg"),
-        (["run", "data.hok=h"], "'data.hok' (did you mean 'data.hook'?)"),  # (data=harvest's)
+        (["run", "data.hok=h"], "'data.hok' (did you mean 'data.hook' of data=harvest?)"),
+        (["run", "data=harvest", "data.hok=h"], "'data.hok' (did you mean 'data.hook'?)"),
+        (["run", "data=chunks", "data.pth=p"], "'data.pth' (did you mean 'data.path'?)"),
+        (["run", "data=chunks", "+data.widht=8"], "(did you mean 'data.width' of data=synthetic?)"),
         (["harvest", "modle=m"], "'modle' (did you mean 'model'?); run 'sweep harvest --cfg job'"),
         (["run", "nosuch=1"], "unknown config field 'nosuch'; run"),
     ],
