@@ -9,6 +9,7 @@ plain frozen specs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -245,7 +246,7 @@ class SAEConfig:
 
     name: str = MISSING
     """A registered architecture (:mod:`sweep.archs`): ``untied``, ``tied``, ``topk``,
-    ``batchtopk`` or ``jumprelu``."""
+    ``batchtopk``, ``matryoshka`` or ``jumprelu``."""
     recipe: str | None = None
     """The training recipe, for architectures that offer several (untied: ``unit`` or
     ``weighted``; jumprelu: ``linear`` or ``log``); None = the architecture's default, named
@@ -254,6 +255,11 @@ class SAEConfig:
     """Norm of the initial decoder rows; None = the recipe's (0.1 for ``weighted``, else 1).
     Where decoder rows are kept at unit norm (every recipe but ``weighted``) it sets only the
     encoder's starting scale (its transpose): the rows are renormalised after the first step."""
+    levels: list[float] | None = None
+    """``sae=matryoshka``'s inner levels: ascending fractions of the dictionary in (0, 1), each
+    the size of a nested dictionary that must reconstruct the input alone (the whole one is
+    always the last); None = its default (1/32, 3/32, 7/32, 15/32), named in the composed
+    config. Other architectures have none."""
 
     def check(self) -> None:
         from sweep.archs import REGISTRY
@@ -278,12 +284,28 @@ class SAEConfig:
             or (math.isfinite(self.init_decoder_norm) and self.init_decoder_norm > 0),
             f"sae.init_decoder_norm must be > 0 (or null for the recipe's), got {self.init_decoder_norm}",
         )
+        self._check_levels(REGISTRY[self.name].levels)
+
+    def _check_levels(self, default: tuple[float, ...]) -> None:
+        if self.levels is None:
+            return
+        _require(
+            bool(default) or not self.levels,
+            f"sae.levels is sae=matryoshka's (nested dictionaries); sae={self.name} has none: "
+            "drop sae.levels, or use sae=matryoshka",
+        )
+        given = list(self.levels)
+        _require(
+            all(0 < v < 1 for v in given) and all(a < b for a, b in itertools.pairwise(given)),
+            f"sae.levels must be ascending fractions of the dictionary in (0, 1) (the whole "
+            f"dictionary is always the last level), got {given}; e.g. sae.levels='[0.0625,0.25]'",
+        )
 
     def architecture(self):  # -> sweep.archs.Architecture
-        """The registered architecture configured with this recipe."""
+        """The registered architecture configured with this recipe (and levels)."""
         from sweep.archs import get
 
-        return get(self.name).configure(self.recipe, self.init_decoder_norm)
+        return get(self.name).configure(self.recipe, self.init_decoder_norm, self.levels)
 
     @property
     def knob(self) -> str:
@@ -309,7 +331,7 @@ class GridConfig:
     """Sparsity coefficients (>= 0) of L1-style architectures (untied, tied; JumpReLU's L0
     coefficient); None = ``DEFAULT_L1``."""
     k: list[int] | None = None
-    """Active latents per row of TopK-style architectures (topk, batchtopk); None = ``DEFAULT_K``."""
+    """Active latents per row of TopK-style architectures (topk, batchtopk, matryoshka); None = ``DEFAULT_K``."""
     dict_ratio: list[float] = field(default_factory=lambda: [4.0, 8.0])
     """Dictionary size / activation width (> 0); dict size = round(ratio * width)."""
     seeds: int = 1
@@ -434,7 +456,7 @@ class TrainConfig:
     """Training rows without firing after which a latent counts as dead (for AuxK and
     resampling; 10M as in Gao et al. 2024)."""
     auxk_alpha: float = 0.03125
-    """Weight of the AuxK loss for topk / batchtopk (Gao et al.'s 1/32; 0 = off). It uses the
+    """Weight of the AuxK loss for topk / batchtopk / matryoshka (Gao et al.'s 1/32; 0 = off). It uses the
     top width/2 dead latents and only starts once ``dead_tokens`` rows have been trained.
     A plain MSE like the main loss (sparsify's weighting; Gao et al. normalise both terms by
     their targets' variance, which weighs AuxK 1/FVU times more)."""
@@ -810,7 +832,10 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
     out = _to_checked(cfg, SweepConfig, "sweep", "config")
     knob = out.sae.knob
     setattr(out.grid, knob, out.grid.values(knob))
-    out.sae.recipe = out.sae.architecture().recipe or None  # the default, named
+    arch = out.sae.architecture()
+    out.sae.recipe = arch.recipe or None  # the defaults, named
+    nested = bool(type(arch).levels)  # (matryoshka: its levels, [] too; others: none)
+    out.sae.levels = list(arch.levels) if nested else None
     return out
 
 

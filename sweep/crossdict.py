@@ -7,7 +7,7 @@ in a larger dictionary, or under another seed, are more likely real features); t
 gets live here.
 
 A grid point's sparsity setting (its *knob*) is ``k`` for TopK-style runs (``sae=topk``,
-``batchtopk``: their spec and summary row carry ``k``), the L0 coefficient for JumpReLU
+``batchtopk``, ``matryoshka``: their spec and summary row carry ``k``), the L0 coefficient for JumpReLU
 (``grid.l1`` there weighs the L0 penalty: named ``l0``) and the L1 coefficient otherwise;
 :func:`knob` reads it, and every reader (report, plots, page, API) goes through it.
 

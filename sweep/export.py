@@ -5,8 +5,8 @@ d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, plus `
 (d_sae,)`` for JumpReLU forms) and ``cfg.json`` for a SAELens 6 SAE, so
 ``sae_lens.SAE.load_from_disk(path)`` opens it. Architectures map to SAELens's as
 ``Architecture.saelens`` says: untied/tied -> ``standard``, topk -> ``topk`` (with ``k``),
-jumprelu -> ``jumprelu``, batchtopk -> ``jumprelu`` with its learned threshold on every
-feature (as SAELens itself saves a trained BatchTopK SAE for inference).
+jumprelu -> ``jumprelu``, batchtopk and matryoshka -> ``jumprelu`` with the learned threshold
+on every feature (as SAELens itself saves a trained (Matryoshka) BatchTopK SAE for inference).
 
 SAELens computes ``act((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec`` on raw activations,
 which is our SAE with the training scale folded in (:class:`sweep.sae.SAE`; thresholds act
@@ -83,6 +83,7 @@ def saelens_cfg(cfg: dict, extra: dict | None = None, origin: dict | None = None
             "dict_ratio": cfg.get("dict_ratio"),
             "seed": cfg.get("seed"),
             "training_architecture": cfg.get("architecture"),
+            **{k: cfg[k] for k in ("matryoshka_widths",) if k in cfg},  # (a matryoshka's)
             "act_scale_folded": cfg.get("act_scale", 1.0),
             **(origin or {}),
         },

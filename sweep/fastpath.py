@@ -18,6 +18,7 @@ through rank-one corrections.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -107,14 +108,27 @@ def grads(
     pre = buf("pre", E, B, F_).copy_(codes) if use_aux or arch.keeps_pre else None
     scratch = buf("g", E, B, F_)  # free until the codes' gradient is written there
     arch.keep_batched(codes, hyper, kmax, params, scratch)  # pre-activations -> codes
-    err = torch.bmm(codes, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D)
-    err.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
+    widths = arch.inner_widths(F_)  # Matryoshka's nested dictionaries (none: one level)
+    levels = buf("levels", len(widths), E, B, D) if widths else None
+    if levels is None:
+        err = torch.bmm(codes, W_dec, out=buf("err", E, B, D))  # (E, B, F) @ (E, F, D)
+        err.add_(b_dec[:, None, :]).sub_(x_BD)  # x_hat - x
+    else:
+        err = _level_errors(codes, W_dec, b_dec, x_BD, widths, levels, buf("err", E, B, D))
     norms_EF = params["W_dec"].norm(dim=-1) if arch.weighted_l1 else None  # (E, F) fp32
-    parts = _parts(arch, codes, err, x_in, hyper, with_l0, norms_EF, scratch)
+    nested_E = None if levels is None else _nested_mse(levels, err)
+    parts = _parts(arch, codes, err, x_in, hyper, with_l0, norms_EF, scratch, nested_E)
     g_err = buf("g_err", E, B, D).copy_(err) if use_aux else err  # AuxK reads err later
-    g_err.mul_(2.0 / (B * D))  # d loss / d x_hat
-    dW_dec = torch.bmm(codes.transpose(1, 2), g_err, out=buf("dW_dec", E, F_, D))
-    g = torch.bmm(g_err, W_dec.transpose(1, 2), out=buf("g", E, B, F_))  # (E, B, F)
+    g_err.mul_(2.0 / (B * D * (len(widths) + 1)))  # d loss / d x_hat (each level's share)
+    if levels is None:
+        dW_dec = torch.bmm(codes.transpose(1, 2), g_err, out=buf("dW_dec", E, F_, D))
+        g = torch.bmm(g_err, W_dec.transpose(1, 2), out=buf("g", E, B, F_))  # (E, B, F)
+    else:
+        ups = _level_upstreams(levels, g_err, 2.0 / (B * D * (len(widths) + 1)))
+        dW_dec, g = buf("dW_dec", E, F_, D), buf("g", E, B, F_)
+        for (a, b), up in zip(_groups(widths, F_), ups, strict=True):  # (beta=0: into a
+            dW_dec[:, a:b].baddbmm_(codes[:, :, a:b].transpose(1, 2), up, beta=0)  # strided
+            g[:, :, a:b].baddbmm_(up, W_dec[:, a:b].transpose(1, 2), beta=0)  # view, compiled too)
     _add_l1_grads(arch, hyper, codes, norms_EF, W_dec, g, dW_dec)
     extra = arch.fast_grads(g, pre, params, hyper)  # e.g. thresholds (g: d loss / d codes)
     torch.ops.aten.threshold_backward.grad_input(g, codes, 0.0, grad_input=g)  # kept codes only
@@ -122,7 +136,8 @@ def grads(
         loss_aux = _add_aux(pre, err, W_dec, aux, k_aux, g, dW_dec, buf)  # type: ignore[arg-type]
         parts = LossParts(parts.loss + aux.alpha * loss_aux, *parts[1:])  # type: ignore[union-attr]
     db_enc = g.sum(dim=1)  # (E, F)
-    db_dec = g_err.sum(dim=1) - _per_member_mv(W_enc, db_enc[:, None, :], 2, spare)  # (E, D)
+    every_level = g_err if levels is None else levels[0]  # (b_dec is in every reconstruction)
+    db_dec = every_level.sum(dim=1) - _per_member_mv(W_enc, db_enc[:, None, :], 2, spare)
     dW_enc = torch.bmm(x_BD.T.expand(E, D, B), g, out=spare)  # (E, D, F)
     dW_enc -= b_dec[:, :, None] * db_enc[:, None, :]  # centring term: -b_dec (x) sum_B g_pre
     out = {"W_enc": dW_enc, "b_enc": db_enc, "W_dec": dW_dec, "b_dec": db_dec, **extra}
@@ -130,6 +145,54 @@ def grads(
         out = {k: v.float() for k, v in out.items()}
         parts = LossParts(*(None if v is None else v.float() for v in parts))
     return out, parts, codes
+
+
+def _groups(widths: list[int], f: int) -> list[tuple[int, int]]:
+    """Matryoshka's latent groups: ``[0, m_1), [m_1, m_2), ..., [m_n, f)``."""
+    return list(itertools.pairwise([0, *widths, f]))
+
+
+def _level_errors(
+    codes: torch.Tensor,
+    W_dec: torch.Tensor,
+    b_dec: torch.Tensor,
+    x_BD: torch.Tensor,
+    widths: list[int],
+    levels: torch.Tensor,
+    err: torch.Tensor,
+) -> torch.Tensor:
+    """Each inner level's ``x_hat - x`` into ``levels`` (n, E, B, D), the whole dictionary's
+    into ``err`` (returned): a group's decode added to the level before, so the GEMMs cost
+    one decode together (the reference decodes each level whole: the same sums, rounded in
+    another order)."""
+    prev = None
+    for (a, b), out in zip(_groups(widths, codes.shape[-1]), [*levels, err], strict=True):
+        if prev is None:
+            out.copy_(b_dec[:, None, :].expand_as(out)).sub_(x_BD)
+        else:
+            out.copy_(prev)
+        prev = out.baddbmm_(codes[:, :, a:b], W_dec[:, a:b])
+    return err
+
+
+def _nested_mse(levels: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """(E,) Matryoshka's reconstruction term: the mean of every level's MSE (float32 sums,
+    each member's as a lone member's would be)."""
+    _, E, B, D = levels.shape
+    total = torch.zeros(E, device=err.device, dtype=torch.float32)
+    for level in [*levels, err]:
+        total += member_sums(torch.linalg.vector_norm(level, dim=2, dtype=torch.float32).pow(2))
+    return total / (B * D * (levels.shape[0] + 1))
+
+
+def _level_upstreams(levels: torch.Tensor, g_err: torch.Tensor, scale: float) -> list[torch.Tensor]:
+    """d loss / d (each group's decode): a group's latents are in its level and every later
+    one, so its upstream is ``scale`` times the sum of those levels' errors (``g_err``: the
+    whole dictionary's, already scaled). Summed in place, last level first, into ``levels``."""
+    after = g_err
+    for i in range(levels.shape[0] - 1, -1, -1):  # (reversed() of a tensor would flip a copy)
+        after = levels[i].mul_(scale).add_(after)
+    return [*levels, g_err]
 
 
 def _shifted(
@@ -189,7 +252,10 @@ def _parts(
     with_l0: bool,
     norms_EF: torch.Tensor | None,
     scratch: torch.Tensor,
+    nested_E: torch.Tensor | None = None,
 ) -> LossParts:
+    """(E,) loss parts; ``nested_E``: Matryoshka's reconstruction term, in the loss in place
+    of the MSE (which stays the whole dictionary's)."""
     B, D = x_BD.shape  # x_BD: the input as given (float32), not its compute-dtype copy
     l0_E = None
     if with_l0 or arch.l0_penalty:  # counted in floats (a bool tensor's sum converts it),
@@ -201,14 +267,14 @@ def _parts(
     sparsity_E = member_sums(codes, torch.float32) / B
     mse_E = sq_E / (B * D)
     var = member_sums((x_BD - x_BD.mean(dim=0)).pow(2)[None])[0].clamp_min(1e-12)  # any threads
-    loss = mse_E
+    loss = mse_E if nested_E is None else nested_E
     if norms_EF is not None:
         weighted = (codes.sum(dim=1, dtype=torch.float32) * norms_EF).sum(dim=1) / B  # (E,)
-        loss = mse_E + hyper["l1"] * weighted
+        loss = loss + hyper["l1"] * weighted
     elif arch.l1_codes:
-        loss = mse_E + hyper["l1"] * sparsity_E
+        loss = loss + hyper["l1"] * sparsity_E
     elif arch.l0_penalty:
-        loss = mse_E + hyper["l1"] * l0_E
+        loss = loss + hyper["l1"] * l0_E
     return LossParts(
         loss=loss,
         mse=mse_E,

@@ -105,6 +105,7 @@ def _flat(d: dict, prefix: str = "") -> dict[str, object]:
 
 LEGACY = {
     "sae.init_decoder_norm": None,
+    "sae.levels": None,
     "train.grad_clip": None,
     "train.dead_tokens": 10_000_000,
     "train.auxk_alpha": 0.03125,  # (no TopK-style sweeps existed: AuxK never applied)
@@ -544,13 +545,16 @@ def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
     runs = grid.expand(
         cfg.grid.values(knob), cfg.grid.dict_ratio, cfg.grid.seeds, width, cfg.sae.name, knob
     )
-    arch = archs.get(cfg.sae.name)
+    arch = cfg.sae.architecture()
     for r in runs:
         problem = arch.check_hyper(r.k if knob == "k" else r.l1, r.dict_size)
         if problem:
             raise SweepError(
                 f"{problem} (dict ratio {r.dict_ratio:g} x width {width}); {_fix(knob)}"
             )
+        problem = arch.check_levels(r.dict_size)
+        if problem:
+            raise SweepError(f"{problem} (dict ratio {r.dict_ratio:g} x width {width})")
     return runs
 
 

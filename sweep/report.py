@@ -13,7 +13,7 @@
                     openable from disk (:mod:`sweep.report_html`)
 
 It only reads runs that are DONE, so it works while a sweep is still running. The sweep's
-sparsity setting is ``l1`` or, for TopK-style sweeps (``sae=topk``, ``batchtopk``), ``k``
+sparsity setting is ``l1`` or, for TopK-style sweeps (``sae=topk``, ``batchtopk``, ``matryoshka``), ``k``
 (:func:`sweep.crossdict.knob`): plots, grid summary and MMCS pairing follow it.
 
 Several sweeps (``sweep report A B ...``, ``compare=[B, ...]``): the report of A, whose

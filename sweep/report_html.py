@@ -46,7 +46,7 @@ KNOB_DEFINITIONS = {
     "k": (
         "k",
         "latents a TopK-style SAE keeps active per row (topk: at most k per row, fewer where "
-        "a kept pre-activation is ≤ 0; batchtopk: k per row on average over a training batch, a learned threshold at "
+        "a kept pre-activation is ≤ 0; batchtopk, matryoshka: k per row on average over a training batch, a learned threshold at "
         "inference): the grid's sparsity setting, in place of an L1 coefficient.",
     ),
     "l0": (

@@ -12,6 +12,12 @@ Loss (the one convention used everywhere)::
     loss = mse + penalty (the architecture's: l1 * mean L1 norm for ReLU SAEs, l1 * mean L0
            for JumpReLU, none for TopK / BatchTopK) [+ auxk_alpha * AuxK, TopK family]
 
+Matryoshka (``sae=matryoshka``, Bussmann et al. 2025): with inner sizes m_1 < ... < m_n
+(:meth:`~sweep.archs.Architecture.inner_widths`), ``mse`` in the loss is replaced by the mean
+of n + 1 MSEs: each m_i's reconstruction from the codes of the first m_i latents alone
+(``codes[:, :m_i] @ W_dec[:m_i] + b_dec``; the codes as the whole dictionary chose them), and
+the whole dictionary's. The reported ``mse`` and ``fvu`` stay the whole dictionary's.
+
 AuxK (Gao et al. 2024), when ``auxk_alpha > 0`` and some latents are dead (have not fired for
 ``train.dead_tokens`` rows): the dead latents' top-``k_aux`` pre-activations (ReLU'd) must
 reconstruct the main residual ``e = x - x_hat`` (held fixed) through the decoder::
@@ -98,6 +104,23 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
     return member_sums(x.pow(2)[None])[0] / x.numel()
 
 
+def nested_mse(
+    arch: Architecture,
+    params: Params,
+    codes_BF: torch.Tensor,
+    x_BD: torch.Tensor,
+    mse: torch.Tensor,
+) -> torch.Tensor:
+    """Matryoshka's reconstruction term: the mean of the whole dictionary's ``mse`` and the
+    MSE of each inner level's reconstruction, from the codes of its first m latents alone."""
+    total = mse
+    for m in arch.inner_widths(codes_BF.shape[-1]):
+        total = total + mean_square(
+            codes_BF[:, :m] @ arch.decoder(params)[:m] + params["b_dec"] - x_BD
+        )
+    return total / (len(arch.levels) + 1)
+
+
 def loss_fn(
     params: Params,
     x_BD: torch.Tensor,
@@ -119,7 +142,8 @@ def loss_fn(
     codes_BF = arch.activate(pre_BF, hyper, params, kmax)
     err_BD = codes_BF @ arch.decoder(params) + params["b_dec"] - x_BD
     mse = mean_square(err_BD)
-    loss = mse + arch.penalty(params, codes_BF, pre_BF, hyper)
+    loss = nested_mse(arch, params, codes_BF, x_BD, mse) if arch.levels else mse
+    loss = loss + arch.penalty(params, codes_BF, pre_BF, hyper)
     if dead_F is not None and auxk_alpha > 0 and k_aux > 0:
         aux = auxk_loss(pre_BF, dead_F, arch.decoder(params), -err_BD.detach(), k_aux)
         loss = loss + auxk_alpha * aux
@@ -268,9 +292,21 @@ def run_cfg(
         "run_id": run.run_id,
         "recipe": arch.recipe or None,
         "loss": arch.loss_text,
+        **_nesting(arch, run.dict_size),
         "store": store,
         "provenance": provenance,
         "dtype": "float32",
+    }
+
+
+def _nesting(arch: Architecture, dict_size: int) -> dict:
+    """A Matryoshka run's levels and its nested dictionaries' sizes (SAELens's name for them:
+    ``matryoshka_widths``, the whole dictionary last); nothing for another architecture."""
+    if not type(arch).levels:
+        return {}
+    return {
+        "levels": list(arch.levels),
+        "matryoshka_widths": [*arch.inner_widths(dict_size), dict_size],
     }
 
 

@@ -72,6 +72,8 @@ CASES = [
     ("topk", False),
     ("batchtopk", True),
     ("batchtopk", False),
+    ("matryoshka", True),
+    ("matryoshka", False),
     ("jumprelu", True),
     ("jumprelu", False),
     ("jumprelu:log", True),
@@ -88,7 +90,9 @@ def test_ensemble_equals_independent_training(name, fast, auxk):
     dead = DeadLatents(dead_tokens=2 * B, auxk_alpha=0.5, k_aux=16) if auxk else None
     n, xs = len(VALUES[a.knob]), batches(25)
     init = members(name, n)
-    if auxk:
+    for p in init:  # (at the tied start a row's lone code has a zero gradient, up to rounding
+        p["b_enc"] += 0.01 * torch.randn(F, generator=torch.Generator().manual_seed(7))
+    if auxk:  # that Adam's first step would make a step of lr: rounding's order would show)
         for p in init:
             p["b_enc"][:10] = -50.0  # latents that never win a top-k: dead, for AuxK to revive
     ens = ensemble_of(name, init, fast, dead)
@@ -231,13 +235,13 @@ def test_inference_codes_follow_the_architecture():
     x = batches(1)[0]
     for name in archs.REGISTRY:
         p = members(name, 1)[0]
-        if name == "batchtopk":
+        if "threshold" in archs.get(name).buffers:  # batchtopk, matryoshka
             p["threshold"] = torch.tensor(0.5)
         codes = sae.encode(p, x, name, k=3)
         assert codes.shape == (B, F) and bool((codes >= 0).all()), name
         if name == "topk":
             assert int((codes != 0).sum(dim=1).max()) <= 3
-        if name == "batchtopk":
+        if "threshold" in archs.get(name).buffers:
             pre = archs.get(name).pre(p, x)
             assert torch.equal(codes != 0, pre > 0.5)
 
@@ -249,7 +253,7 @@ def test_evaluation_codes_are_the_inference_codes_bit_for_bit():
     for name in archs.REGISTRY:
         p = members(name, 1)[0]
         p["b_enc"] = torch.randn(F)
-        if name == "batchtopk":
+        if "threshold" in archs.get(name).buffers:
             p["threshold"] = torch.tensor(0.5)
         a = archs.get(name)
         plain = a.infer(a.pre(p, x), 3, p)
@@ -296,7 +300,8 @@ def test_a_log_recipe_jumprelu_sae_has_a_threshold_as_the_linear_one():
 
 
 @pytest.mark.parametrize(
-    "name, fast", [("untied", True), ("topk", True), ("batchtopk", True), ("tied", False)]
+    "name, fast",
+    [("untied", True), ("topk", True), ("batchtopk", True), ("matryoshka", True), ("tied", False)],
 )
 def test_a_member_trains_alone_as_it_does_in_an_ensemble(name, fast):
     """Bit for bit, on two threads, with gradient clipping, at a size where MKL splits one
@@ -335,3 +340,35 @@ def test_a_member_trains_alone_as_it_does_in_an_ensemble(name, fast):
     assert torch.equal(logged3[..., 1], logged1[..., 0])  # loss and fvu, AuxK's too
     _, logged_1_thread = trained([1], 1)  # the training curve of a run resumed elsewhere
     assert torch.equal(logged_1_thread, logged1)
+
+
+def test_matryoshka_loss_is_the_mean_of_its_levels_mse():
+    """Written out independently: the codes BatchTopK chose over the whole dictionary, each
+    level reconstructing from its first m latents alone, the MSEs averaged; AuxK's residual is
+    the whole dictionary's. No levels: BatchTopK, bit for bit (its loss and gradients)."""
+    a, x = archs.get("matryoshka"), batches(1)[0]
+    p = {k: v.requires_grad_(True) for k, v in members("matryoshka", 1)[0].items()}
+    hy = reference.hyper(a, 5)
+    loss, (parts, codes) = sae.loss_fn(p, x, hy, arch=a, kmax=5)
+    assert a.inner_widths(F) == [1, 4, 9, 19]
+    by_hand = torch.stack(
+        [((codes[:, :m] @ p["W_dec"][:m] + p["b_dec"] - x) ** 2).mean() for m in (1, 4, 9, 19, F)]
+    ).mean()
+    torch.testing.assert_close(loss, by_hand, rtol=1e-6, atol=0)
+    torch.testing.assert_close(parts.mse, ((codes @ p["W_dec"] + p["b_dec"] - x) ** 2).mean())
+    flat, plain = a.configure(levels=[]), archs.get("batchtopk")
+    grads = []
+    for arch in (flat, plain):
+        q = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+        out, _ = sae.loss_fn(q, x, hy, arch=arch, kmax=5)
+        out.backward()
+        grads.append([out.detach(), *(v.grad for v in q.values())])
+    assert all(torch.equal(u, v) for u, v in zip(*grads, strict=True))
+
+
+def test_matryoshka_levels_are_checked_against_each_dictionary_size():
+    a = archs.get("matryoshka").configure(levels=[0.25, 0.5])
+    assert a.inner_widths(64) == [16, 32] and a.check_levels(64) is None
+    assert "are [0, 1] latents" in a.check_levels(2)
+    assert "are [1, 1] latents" in a.configure(levels=[0.2, 0.3]).check_levels(4)
+    assert "are [2, 4] latents" in a.configure(levels=[0.6, 0.9]).check_levels(4)  # (4 = F)

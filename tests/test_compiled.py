@@ -68,12 +68,14 @@ def test_compiled_ensemble_equals_independent_training(name, auxk):
         assert_member_equal(ens, e, p, opt, len(xs))
 
 
-def test_compiled_batchtopk_step_equals_the_eager_step():
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka"])
+def test_compiled_batchtopk_step_equals_the_eager_step(name):
     """BatchTopK's selection is discontinuous (a rounding difference can move one code across
-    the batch threshold), so its compiled step is held to the eager one step by step."""
-    init, xs = members("batchtopk", 3), batches(4)
-    eager = ensemble_of("batchtopk", init, True, None)
-    fused = ensemble_of("batchtopk", init, True, None, compiled=True)
+    the batch threshold), so its compiled step is held to the eager one step by step
+    (Matryoshka's too: BatchTopK's selection, its levels' gradients)."""
+    init, xs = members(name, 3), batches(4)
+    eager = ensemble_of(name, init, True, None)
+    fused = ensemble_of(name, init, True, None, compiled=True)
     for x in xs:
         eager.step(x)
         fused.step(x)

@@ -25,6 +25,16 @@ def cfg_of(*overrides: str):
     return to_sweep_config(compose(["sweep_dir=/tmp/x", *overrides]))
 
 
+def test_matryoshka_records_its_levels_and_only_it_has_them():
+    """config.yaml names the default levels (as a recipe is named), so a later default cannot
+    change a sweep's runs; other architectures record none (old sweeps: null, the same)."""
+    assert cfg_of("sae=matryoshka").sae.levels == [0.03125, 0.09375, 0.21875, 0.46875]
+    assert cfg_of("sae=matryoshka", "sae.levels=[0.25]").sae.architecture().inner_widths(64) == [16]
+    assert cfg_of("sae=matryoshka", "sae.levels=[]").sae.levels == []
+    assert cfg_of("sae=batchtopk").sae.levels is None
+    assert cfg_of("sae=batchtopk", "sae.levels=[]").sae.levels is None
+
+
 def test_defaults_compose_to_dataclasses():
     cfg = cfg_of()
     assert isinstance(cfg.data, SyntheticDataConfig)
@@ -131,6 +141,9 @@ def test_synthetic_fields_have_the_documented_names():
         ("sae=jumprelu train.resample_dead=100", "not sae=jumprelu; set train.resample_dead=0"),
         ("sae.recipe=nope", "unknown recipe sae.recipe='nope' for sae=untied; choose one of"),
         ("sae=topk sae.recipe=weighted", "it has none: drop sae.recipe"),
+        ("sae=topk sae.levels=[0.5]", "sae.levels is sae=matryoshka's (nested dictionaries)"),
+        ("sae=matryoshka sae.levels=[0.5,0.25]", "sae.levels must be ascending fractions"),
+        ("sae=matryoshka sae.levels=[0.25,1]", "in (0, 1) (the whole dictionary is always the"),
         ("sae.init_decoder_norm=0", "sae.init_decoder_norm"),
         ("sae.init_decoder_norm=-1", "sae.init_decoder_norm"),
         ("train.grad_clip=0", "train.grad_clip"),
@@ -168,6 +181,10 @@ def test_invalid_values_name_the_field(override, field):
             "grid.k values must be whole numbers in [1, dict size 32], got 100",
         ),
         (["run", "sae=topk", "grid.l1=[1e-3]"], "grid.l1 does not apply to sae=topk"),
+        (
+            ["run", "sae=matryoshka", "grid.k=[2]", "data.width=16", "grid.dict_ratio=[1,4]"],
+            "of a 16-latent dictionary are [0, 2, 4, 8] latents: each level needs at least one",
+        ),
         (
             ["run", "data.width=64", "grid.dict_ratio=[0.001]"],
             "grid.dict_ratio 0.001 x width 64 rounds to 0 latents; use dict ratios >= 0.0156",

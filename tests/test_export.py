@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import sweep
-from sweep import export, rundir
+from sweep import archs, export, rundir
 from sweep.activations.store import ChunkStore
 from sweep.cli import main
 from sweep.errors import SweepError
@@ -381,7 +381,8 @@ def test_harvest_provenance_becomes_saelens_metadata():
 
 
 ARCH_VALUES = {
-    "topk": [3], "batchtopk": [3], "jumprelu": [1e-3], "untied": [1e-2], "untied-weighted": [1e-2],
+    "topk": [3], "batchtopk": [3], "matryoshka": [3], "jumprelu": [1e-3], "untied": [1e-2],
+    "untied-weighted": [1e-2],
 }  # fmt: skip
 
 
@@ -396,7 +397,7 @@ def arch_runs(tiny_store, tmp_path_factory):
     out = {}
     for key, values in ARCH_VALUES.items():
         arch, _, recipe = key.partition("-")
-        knob = "k" if arch in ("topk", "batchtopk") else "l1"
+        knob = archs.get(arch).knob
         sweep_dir = tmp_path_factory.mktemp(f"exp-{key}")
         runs = grid.expand(values, [2.0], 1, tiny_store.width, arch, knob)
         (ens,) = grid.group(runs, {2.0: 4})
@@ -429,6 +430,7 @@ def saelens_encode(folder, x: torch.Tensor) -> torch.Tensor:
     [
         ("topk", "topk"),
         ("batchtopk", "jumprelu"),
+        ("matryoshka", "jumprelu"),  # (BatchTopK's inference form; its levels in metadata)
         ("jumprelu", "jumprelu"),
         ("untied-weighted", "standard"),  # free decoder norms export as they are
     ],
@@ -440,6 +442,12 @@ def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_p
     assert cfg["metadata"]["training_architecture"] == arch.split("-")[0]
     if arch == "topk":
         assert cfg["k"] == 3
+    if arch == "matryoshka":  # (round(d_sae * level) for the default levels, then d_sae)
+        assert (
+            cfg["metadata"]["matryoshka_widths"]
+            == [1, 3, 7, 15, 32]
+            == [*archs.get("matryoshka").inner_widths(32), 32]
+        )
     names = ("k", "l1_coefficient", "l0_coefficient", "sweep_l1")
     sparsity = {k: v for k, v in cfg["metadata"].items() if k in names}
     d = tiny_store.width  # SAELens's MSE sums over dimensions, ours averages
@@ -448,6 +456,7 @@ def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_p
         == {
             "topk": {"k": 3},
             "batchtopk": {"k": 3},
+            "matryoshka": {"k": 3},
             "jumprelu": {"l0_coefficient": pytest.approx(1e-3 * d), "sweep_l1": 1e-3},
             "untied-weighted": {"l1_coefficient": pytest.approx(1e-2 * d), "sweep_l1": 1e-2},
         }[arch]

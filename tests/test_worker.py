@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-from sweep import checkpoints, grid, load_run, metrics, planning, rundir, tensorfile
+from sweep import archs, checkpoints, grid, load_run, metrics, planning, rundir, tensorfile
 from sweep.activations.store import ChunkStore
 from sweep.cli import compose
 from sweep.config import SAEConfig, to_sweep_config
@@ -39,7 +39,7 @@ from tests.test_lm_metrics import store_with_a_model
 def job_for(
     store, sweep_dir, l1s=(1e-3, 3e-2), ratio=2.0, seeds=1, arch="untied", recipe=None, **train
 ):
-    knob = "k" if arch in ("topk", "batchtopk") else "l1"
+    knob = archs.get(arch).knob
     runs = grid.expand(list(l1s), [ratio], seeds, store.width, arch, knob)
     (ens,) = grid.group(runs, {ratio: 16})
     sae = SAEConfig(name=arch, recipe=recipe)
@@ -177,6 +177,7 @@ def test_resume_is_bit_exact(tiny_store, tmp_path, stop_at):
 ARCH_JOBS = {
     "topk": dict(l1s=(2, 5)),
     "batchtopk": dict(l1s=(2, 5)),
+    "matryoshka": dict(l1s=(2, 5)),
     "jumprelu": dict(l1s=(1e-3, 3e-2)),
     "untied": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # latents die, are resampled
     "untied-weighted": dict(l1s=(1e-3, 3e-2), recipe="weighted"),
@@ -203,6 +204,8 @@ def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
         assert cfg["architecture"] == kw["arch"] and cfg["loss"]
         if kw.get("recipe"):
             assert cfg["recipe"] == "weighted" and "||W_dec_f||" in cfg["loss"]
+        if arch == "matryoshka":  # (its levels' sizes at d_sae 32)
+            assert cfg["matryoshka_widths"] == [1, 3, 7, 15, 32] and "levels" in cfg["loss"]
         model = load_run(str(a))
         raw = tiny_store.tail_rows(64).float()
         assert model(raw).shape == raw.shape

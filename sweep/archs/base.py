@@ -15,6 +15,7 @@ coefficient of L1-style architectures) and ``k`` (active latents of TopK-style o
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import ClassVar
 
 import torch
@@ -74,6 +75,9 @@ class Architecture:
     """Norm of the initial decoder rows (the encoder starts as their transpose)."""
     gpu_dtype: str = "bfloat16"
     """What ``train.dtype=auto`` computes in on a GPU."""
+    levels: tuple[float, ...] = ()
+    """Matryoshka levels (``sae.levels``): the fractions of the dictionary whose first
+    latents must also reconstruct the input alone (:meth:`inner_widths`); none: one level."""
 
     @property
     def batch_buffers(self) -> int:
@@ -83,16 +87,40 @@ class Architecture:
         return 3 + int(self.keeps_pre)
 
     def configure(
-        self, recipe: str | None = None, init_decoder_norm: float | None = None
+        self,
+        recipe: str | None = None,
+        init_decoder_norm: float | None = None,
+        levels: list[float] | tuple[float, ...] | None = None,
     ) -> Architecture:
-        """This architecture with a sweep's ``sae.recipe`` / ``sae.init_decoder_norm``
-        (None = defaults); a copy, the registered instance stays as it is."""
+        """This architecture with a sweep's ``sae.recipe`` / ``sae.init_decoder_norm`` /
+        ``sae.levels`` (None = defaults); a copy, the registered instance stays as it is."""
         out = copy.copy(self)
         if self.recipes:
             out.apply_recipe(recipe or self.recipes[0])
         if init_decoder_norm is not None:
             out.init_decoder_norm = init_decoder_norm
+        if levels is not None:
+            out.levels = tuple(float(v) for v in levels)
         return out
+
+    def inner_widths(self, f: int) -> list[int]:
+        """The nested dictionaries' sizes (ascending, each < ``f``) of a dictionary of ``f``
+        latents: ``round(level * f)`` for each of :attr:`levels`. The loss averages the MSE
+        of each one's reconstruction with the whole dictionary's (:func:`sweep.sae.loss_fn`)."""
+        return [round(v * f) for v in self.levels]
+
+    def check_levels(self, dict_size: int) -> str | None:
+        """A problem with :attr:`levels` at this dictionary size (a level of no latent, two
+        of one size), or None."""
+        widths = self.inner_widths(dict_size)
+        sizes = [*widths, dict_size]
+        if any(w < 1 for w in widths) or any(a >= b for a, b in itertools.pairwise(sizes)):
+            return (
+                f"sae.levels {list(self.levels)} of a {dict_size}-latent dictionary are "
+                f"{widths} latents: each level needs at least one latent more than the one "
+                "before; give fewer or larger levels (or larger dictionaries)"
+            )
+        return None
 
     def apply_recipe(self, recipe: str) -> None:
         self.recipe = recipe
