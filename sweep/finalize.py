@@ -112,7 +112,10 @@ def _metrics_of_members(
     (:func:`sweep.metrics.evaluate_members`), plus ground-truth recovery there."""
     judged = [
         metrics.Judged(
-            _member_tensors(ens, e, x_eval.device), c["architecture"], int(c.get("k") or 0)
+            _member_tensors(ens, e, x_eval.device),
+            c["architecture"],
+            int(c.get("k") or 0),
+            tuple(c.get("matryoshka_widths", [])[:-1]),  # (its inner levels)
         )
         for e, c in enumerate(cfgs)
     ]

@@ -94,6 +94,7 @@ def evaluate_with_frequency(
     arch: str = "untied",
     k: int = 0,
     scale: float = 1.0,
+    widths: tuple[int, ...] = (),
 ) -> tuple[dict[str, float], torch.Tensor]:
     """:func:`evaluate`'s metrics and each feature's firing frequency on ``x_ND``: (F,) float64.
 
@@ -122,16 +123,21 @@ def evaluate_with_frequency(
       ``freq_over_1_percent``: share with p > 0.01
     - ``normalized_freq_over_1_percent`` / ``normalized_freq_over_10_percent``: Σ p over the
       latents with p above 1% / 10%, divided by Σ p (0 when nothing fires)
+    - ``fvu_level_1`` ... ``fvu_level_n`` (a Matryoshka's, ``widths`` its inner levels' sizes):
+      the FVU of each inner level's reconstruction from its first m latents' codes alone (the
+      whole dictionary's is ``fvu``)
     """
-    return evaluate_members([Judged(params, arch, k)], x_ND, batch, scale)[0]
+    return evaluate_members([Judged(params, arch, k, widths)], x_ND, batch, scale)[0]
 
 
 class Judged(NamedTuple):
-    """One dictionary to evaluate: its parameters (on the rows' device), architecture, k."""
+    """One dictionary to evaluate: its parameters (on the rows' device), architecture, k, and
+    a Matryoshka's inner levels' sizes (each level's FVU is reported: ``fvu_level_<i>``)."""
 
     params: Params
     arch: str = "untied"
     k: int = 0
+    widths: tuple[int, ...] = ()
 
 
 @torch.no_grad()
@@ -144,7 +150,8 @@ def evaluate_members(
     n, _ = x_ND.shape
     blocks = range(0, n, batch)
     mean_D = _mean(x_ND, blocks, batch)
-    sums = torch.zeros(len(members), N_SUMS, dtype=torch.float64, device=x_ND.device)  # (E, N_SUMS)
+    n_sums = N_SUMS + max(len(m.widths) for m in members)  # (+ each level's squared error)
+    sums = torch.zeros(len(members), n_sums, dtype=torch.float64, device=x_ND.device)
     spread = torch.zeros(3, dtype=torch.float64, device=x_ND.device)  # Σ‖x - mean‖², Σ‖x‖², rows
     fires: list[torch.Tensor | int] = [0] * len(members)
     for at in blocks:
@@ -200,6 +207,10 @@ def _block_sums(
     latent's firing count (F,). ``scale``: the rows' units per raw unit."""
     codes = sae.encode(m.params, x, m.arch, m.k)  # (b, F)
     x_hat = sae.decode(m.params, codes, m.arch)  # (b, D)
+    dec = sae.decoder(m.params, m.arch)
+    levels = [  # a Matryoshka's inner levels: the first w latents' reconstruction alone
+        (codes[:, :w] @ dec[:w] + m.params["b_dec"] - x).pow(2).sum(dim=1).sum() for w in m.widths
+    ]
     on_F = _fire_counts(codes)  # (F,)
     err = (x_hat - x).pow(2).sum(dim=1)  # (b,)
     norm_in = x.norm(dim=1)  # (b,)
@@ -223,6 +234,7 @@ def _block_sums(
         (norm_in > 0).sum(),  # the rows with a direction (cossim's)
         norm_in.sum(),
         norm_out.sum(),
+        *levels,
     ]
     return torch.stack([p.double() for p in parts]), on_F
 
@@ -252,7 +264,7 @@ def _summary(
     """The metrics of one member from its row sums and firing frequencies (``off_mean``: how
     many rows are not at the rows' mean; ``scale``: the rows' units per raw unit)."""
     sq_err, l1, active, cos_sum, ratio_sum, out_sq, dot_sum, err_over_var, nonzero = sums[:9]
-    norm_in, norm_out = sums[9:]
+    norm_in, norm_out = sums[9:N_SUMS]
     n = x_ND.shape[0]
     varies = total_var > 0
     fvu = sq_err / total_var if varies else math.nan
@@ -273,6 +285,10 @@ def _summary(
         "l2_norm_out": norm_out / n / scale,
         "relative_reconstruction_bias": out_sq / dot_sum if abs(dot_sum) > 1e-12 else math.nan,
         **density_summary(freq),
+        **{  # (a Matryoshka's: each inner level's FVU, the first 1-based; the whole's is fvu)
+            f"fvu_level_{i}": err / total_var if varies else math.nan
+            for i, err in enumerate(sums[N_SUMS:], 1)
+        },
     }
     if not math.isfinite(l1):  # NaN or inf codes (a diverged run's) "fire": counts mean nothing
         out.update(dict.fromkeys(CODE_COUNTS, math.nan))

@@ -275,6 +275,27 @@ def test_batched_pass_matches_whole_array_formulas(arch, k):
         assert 0 < m["l0"] <= k
 
 
+def test_a_matryoshkas_levels_have_their_own_fvu():
+    """Each inner level's FVU from its first m latents' inference codes alone, written out;
+    the whole dictionary's stays ``fvu``; no levels, no such metric."""
+    g = torch.Generator().manual_seed(2)
+    f = 4 * D
+    params = sae.init_params("matryoshka", D, f, g)
+    params["b_enc"] = torch.randn(f, generator=g) * 0.3
+    params["threshold"] = torch.tensor(0.2)
+    x = torch.randn(1000, D, generator=g) + 0.5
+    codes = sae.encode(params, x, "matryoshka")
+    var = (x - x.mean(0)).pow(2).sum()
+    m = metrics.evaluate(params, x, batch=97, arch="matryoshka", widths=(2, 5))
+    for i, w in enumerate((2, 5), 1):
+        err = (codes[:, :w] @ params["W_dec"][:w] + params["b_dec"] - x).pow(2).sum()
+        assert m[f"fvu_level_{i}"] == pytest.approx(float(err / var), rel=1e-5)
+    assert "fvu_level_3" not in m and m["fvu"] != m["fvu_level_2"]
+    assert not any(
+        k.startswith("fvu_level") for k in metrics.evaluate(params, x, arch="matryoshka")
+    )
+
+
 def test_fire_counts_match_a_plain_count_for_any_number_of_rows():
     torch.manual_seed(0)
     for rows in (1, 127, 128, 300):

@@ -206,6 +206,9 @@ def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
             assert cfg["recipe"] == "weighted" and "||W_dec_f||" in cfg["loss"]
         if arch == "matryoshka":  # (its levels' sizes at d_sae 32)
             assert cfg["matryoshka_widths"] == [1, 3, 7, 15, 32] and "levels" in cfg["loss"]
+            assert {f"fvu_level_{i}" for i in range(1, 5)} <= set(
+                json.loads((a / "metrics.json").read_text())
+            )
         model = load_run(str(a))
         raw = tiny_store.tail_rows(64).float()
         assert model(raw).shape == raw.shape
