@@ -109,9 +109,16 @@ def gpu_shares(
     (``staged``: the batch stream's bytes on the device)."""
     if not res.auto_share:
         return dict.fromkeys(ensembles, res.num_gpus)
-    t, buffers = cfg.train, planning.batch_buffers(cfg)
+    t = cfg.train
     shares = {
-        e: packing.gpu_share(e, t.batch_size, t.dtype, res.gpu_bytes, staged, buffers)
+        e: packing.gpu_share(
+            e,
+            t.batch_size,
+            t.dtype,
+            res.gpu_bytes,
+            staged,
+            planning.batch_buffers(cfg, e.members[0].width, e.dict_size),
+        )  # fmt: skip
         for e in ensembles
     }
     return packing.fill(shares, res.gpus)

@@ -113,7 +113,7 @@ def expand(
 
 
 def bytes_per_member(
-    width: int, dict_size: int, batch_size: int, dtype: str, buffers: int = 3, on_gpu: bool = True
+    width: int, dict_size: int, batch_size: int, dtype: str, buffers: float = 3, on_gpu: bool = True
 ) -> int:
     """Memory of one member while it trains. Per parameter: the weights, their gradients and
     two Adam moments in fp32, plus the gradient clip's squares (fp32) and, under a 16-bit
@@ -129,7 +129,7 @@ def bytes_per_member(
     state = (5 * 4 + 2 * low + (0 if on_gpu else 3 * 4)) * n_params
     extra_bf, extra_bd = STEP_TRANSIENTS
     rows = (buffers + extra_bf) * batch_size * dict_size + (1 + extra_bd) * batch_size * width
-    return state + rows * BYTES[dtype]
+    return state + int(rows * BYTES[dtype])
 
 
 STEP_TRANSIENTS = (1, 2)
@@ -149,7 +149,7 @@ def member_budget(
     device_bytes: float,
     on_gpu: bool,
     max_members: int,
-    buffers: int = 3,
+    buffers: float = 3,
 ) -> int:
     """How many members one ensemble may hold on one device (``buffers``: see
     :func:`bytes_per_member`): what fits, at most ``max_members`` when that is set (which

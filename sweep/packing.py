@@ -44,7 +44,7 @@ def gpu_share(
     dtype: str,
     gpu_bytes: float,
     stream_bytes: float = 0.0,
-    buffers: int = 3,
+    buffers: float = 3,
 ) -> float:
     """The GPU share ``ens`` asks for: the smallest of :data:`SHARES` covering its memory
     (``stream_bytes``: the batch stream's chunks staged on the device; ``buffers``: see

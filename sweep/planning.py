@@ -590,11 +590,11 @@ AUXK_BUFFERS = 4
 """(B, F) buffers AuxK adds: pre-activations, masked copy, auxiliary codes, their gradient."""
 
 
-def batch_buffers(cfg: SweepConfig) -> int:
-    """(B, F) buffers per member the runs' step holds: the architecture's, plus AuxK's (TopK
-    family, ``train.auxk_alpha`` > 0)."""
+def batch_buffers(cfg: SweepConfig, width: int, dict_size: int) -> float:
+    """(B, F) buffers per member the runs' step holds at this size: the architecture's, plus
+    AuxK's (TopK family, ``train.auxk_alpha`` > 0)."""
     auxk = cfg.sae.knob == "k" and cfg.train.auxk_alpha > 0
-    return cfg.sae.architecture().batch_buffers + (AUXK_BUFFERS if auxk else 0)
+    return cfg.sae.architecture().batch_buffers_at(width, dict_size) + (AUXK_BUFFERS if auxk else 0)
 
 
 def _fix(knob: str) -> str:
@@ -768,15 +768,16 @@ def grouper(
     (and at most the ``learned`` limit of its ratio)."""
 
     def budget(ratio: float) -> int:
+        size = grid.dict_size(ratio, width)
         fit = grid.member_budget(
             width,
-            grid.dict_size(ratio, width),
+            size,
             cfg.train.batch_size,
             cfg.train.dtype,
             device_bytes,
             on_gpu,
             cfg.grid.max_members,
-            batch_buffers(cfg),
+            batch_buffers(cfg, width, size),
         )
         return min(fit, learned.get(ratio, fit))
 

@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogFormatter
 
-from sweep import crossdict
+from sweep import archs, crossdict
 from sweep.crossdict import (
     KNOB_AXES,
     KNOB_NAMES,
@@ -627,9 +627,11 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
             if xs:  # (one record, e.g. a run shorter than log_every: a dot, not nothing)
                 marker = "o" if len(xs) == 1 else None
                 ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha, marker=marker, ms=4)
+    nested = any(_nested(row) for row, _ in runs)
     for ax, (key, title) in zip(axes, CURVE_PANELS, strict=True):
         if key == "loss" and name == "k":
-            title = "training loss (MSE, + AuxK when on)"
+            mse = "mean of the levels' MSEs" if nested else "MSE"
+            title = f"training loss ({mse}, + AuxK when on)"
         elif key == "loss" and name == "l0":
             title = "training loss (MSE + L0 penalty)"
         ax.set_yscale("log")
@@ -720,3 +722,10 @@ def _ce_references(ax, pts: list[dict]) -> None:
         ax.axhline(clean, color="k", ls="--", lw=1, label=f"clean model {clean:.3g}")
     if finite(ablated):
         ax.plot([], [], " ", label=f"hook zero-ablated {ablated:.3g}")
+
+
+def _nested(row: dict) -> bool:
+    """Whether the run's architecture trains nested levels (Matryoshka: its loss is their
+    MSEs' mean, not the MSE)."""
+    arch = archs.REGISTRY.get(str(row.get("arch")))
+    return arch is not None and bool(type(arch).levels)

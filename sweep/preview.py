@@ -150,9 +150,9 @@ def _lock_notes(folder: SweepFolder) -> list[str]:
 
 def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreShape) -> list[dict]:
     shares = execution.gpu_shares(cfg, p.ensembles, res, shape.staged) if res.on_gpu else {}
-    t, buffers = cfg.train, planning.batch_buffers(cfg)
-    rows = []
+    t, rows = cfg.train, []
     for e in p.ensembles:
+        buffers = planning.batch_buffers(cfg, shape.width, e.dict_size)
         per = grid.bytes_per_member(
             shape.width, e.dict_size, t.batch_size, t.dtype, buffers, res.on_gpu
         )

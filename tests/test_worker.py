@@ -1067,11 +1067,13 @@ def test_a_host_block_too_large_to_lock_stays_pageable(monkeypatch):
         (["sae=topk", "grid.k=[4]", "train.auxk_alpha=0"], 3),
         (["sae=batchtopk", "grid.k=[4]"], 7),
         (["sae=jumprelu"], 4),
+        (["sae=matryoshka", "grid.k=[4]"], 7 + 4 * 64 / 128),  # + its levels' (B, D) errors
+        (["sae=matryoshka", "grid.k=[4]", "sae.levels=[]"], 7),
     ],
 )
 def test_the_memory_model_counts_each_steps_batch_buffers(overrides, buffers, tmp_path):
     cfg = to_sweep_config(compose([f"sweep_dir={tmp_path}", *overrides]))
-    assert planning.batch_buffers(cfg) == buffers
+    assert planning.batch_buffers(cfg, 64, 128) == buffers
 
 
 def test_a_run_resumed_by_another_step_program_says_so(tiny_store, tmp_path, caplog):

@@ -86,6 +86,11 @@ class Architecture:
         (:func:`sweep.grid.bytes_per_member`)."""
         return 3 + int(self.keeps_pre)
 
+    def batch_buffers_at(self, d: int, f: int) -> float:
+        """:attr:`batch_buffers` at width ``d`` and dictionary size ``f`` (what the memory
+        model counts; a Matryoshka's levels add (B, D) buffers, ``d / f`` of a (B, F) one)."""
+        return self.batch_buffers
+
     def configure(
         self,
         recipe: str | None = None,
@@ -104,8 +109,9 @@ class Architecture:
         return out
 
     def inner_widths(self, f: int) -> list[int]:
-        """The nested dictionaries' sizes (ascending, each < ``f``) of a dictionary of ``f``
-        latents: ``round(level * f)`` for each of :attr:`levels`. The loss averages the MSE
+        """The nested dictionaries' sizes of a dictionary of ``f`` latents: ``round(level *
+        f)`` for each of :attr:`levels` (ascending and each < ``f`` where :meth:`check_levels`
+        passes, as every sweep's plan checks). The loss averages the MSE
         of each one's reconstruction with the whole dictionary's (:func:`sweep.sae.loss_fn`)."""
         return [round(v * f) for v in self.levels]
 

@@ -20,7 +20,8 @@ from sweep.archs.topk import BatchTopK
 DEFAULT_LEVELS = (0.03125, 0.09375, 0.21875, 0.46875)
 """Dictionary fractions of the inner levels (1/32, 3/32, 7/32, 15/32; the whole dictionary is
 always the last): groups of 1/32, 1/16, 1/8, 1/4 and 17/32 of the latents, dictionary_learning's
-and SAEBench's Matryoshka BatchTopK settings."""
+and SAEBench's Matryoshka BatchTopK settings (they floor each group's size, the remainder to the
+last; here each prefix is rounded: the same sizes when the dictionary is a multiple of 32)."""
 
 
 @register
@@ -29,8 +30,8 @@ class Matryoshka(BatchTopK):
     loss_text = "mean over levels of mean((x_hat_level - x)**2) [+ auxk_alpha * AuxK]"
     levels = DEFAULT_LEVELS
 
-    @property
-    def batch_buffers(self) -> int:
-        """BatchTopK's, and one more for the fast step's n inner levels' errors, (B, D) each:
-        at most one (B, F) buffer while n <= F / D (4 levels, dict ratios of 4 and more)."""
-        return super().batch_buffers + 1
+    def batch_buffers_at(self, d: int, f: int) -> float:
+        """BatchTopK's, and the fast step's n inner levels' errors: n (B, D) buffers, n d / f
+        of a (B, F) one (measured on the CPU: 0.5 more than BatchTopK at ratio 8 with the 4
+        default levels, 2 at ratio 2, 8 with 8 levels at ratio 1)."""
+        return self.batch_buffers + len(self.levels) * d / f
