@@ -101,7 +101,11 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
         if records:  # (config.yaml holds the last command's grid; the report, every run's)
             sections["grid"].update((k, v) for k, v in _grid_of(records, {}).items() if v)
         if isinstance(cfg.get("sae"), dict) and "name" in cfg["sae"]:
-            sections["grid"]["sae"] = cfg["sae"]["name"]
+            sae = cfg["sae"]
+            sections["grid"]["sae"] = sae["name"]
+            for field in ("recipe", "levels"):  # (set, or named: what its runs trained with)
+                if sae.get(field) is not None:
+                    sections["grid"][f"sae.{field}"] = sae[field]
         source = path.name  # type: ignore[union-attr]
     else:
         sections = {"data": dict(spec.get("data", {})), "grid": _grid_of(records, spec)}

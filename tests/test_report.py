@@ -509,6 +509,7 @@ data:
   path: null
 sae:
   name: untied
+  recipe: unit
 grid:
   l1: [0.001, 0.01, 0.1]
   dict_ratio: [1.0, 2.0]
@@ -551,6 +552,7 @@ def test_page_starts_with_settings_best_runs_and_table(sweep_copy):
     assert "from config.yaml" in settings
     for text in ("n_features</b> 32", "l1</b> 0.001, 0.01, 0.1", "seeds</b> 2", "lr</b> 0.01"):
         assert text in settings
+    assert "sae.recipe</b> unit" in settings  # (a recipe or levels, as trained: named)
     assert "sweep_dir" not in settings and "trained on</b>" in settings  # only data/grid/train
 
 
