@@ -724,6 +724,55 @@ def _ce_references(ax, pts: list[dict]) -> None:
         ax.plot([], [], " ", label=f"hook zero-ablated {ablated:.3g}")
 
 
+def has_levels(rows: list[dict]) -> bool:
+    """Whether some run reports nested levels' FVU (a Matryoshka's ``fvu_level_<i>``)."""
+    return any(finite(r.get("fvu_level_1")) for r in rows)
+
+
+def nested_levels(rows: list[dict], path: Path) -> Path:
+    """A Matryoshka sweep's FVU at each nested level, the whole dictionary last: one line per
+    finished run, coloured by dict ratio, lighter for smaller k."""
+    fig = nested_levels_figure(rows)
+    if fig is None:
+        return placeholder(path, "FVU of the nested levels", "no finished runs yet")
+    return _save(fig, path)
+
+
+def nested_levels_figure(rows: list[dict]) -> Figure | None:
+    """:func:`nested_levels`'s figure (None: nothing to draw)."""
+    pts = [r for r in with_knob(rows, "fvu", "fvu_level_1") if r["fvu"] > 0]
+    if not pts:
+        return None
+    name, fig, (ax,) = sweep_knob(pts), *_figure()
+    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
+    light = _l1_lightness([knob_value(r) for r in pts])
+    n = 0
+    for r in pts:
+        fvus = [r[f"fvu_level_{i}"] for i in range(1, _levels_of(r) + 1)] + [r["fvu"]]
+        n = max(n, len(fvus))
+        color = _lighten(colors[r["dict_ratio"]], light.get(knob_value(r), 0.0))
+        label = f"r{r['dict_ratio']:g} {KNOB_NAMES[name]} {knob_text(name, knob_value(r))}"
+        ax.plot(range(1, len(fvus) + 1), fvus, "o-", color=color, ms=3, lw=1.2, label=label)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False))
+    ax.set_xticks(range(1, n + 1), [*(str(i) for i in range(1, n)), "whole"])
+    ax.set_xlabel("nested level (its first latents alone; cfg.json: matryoshka_widths)")
+    ax.set_ylabel("FVU (held-out rows)")
+    ax.set_title("Matryoshka: FVU of each nested dictionary")
+    ax.legend(fontsize=7, ncol=2 if len(pts) > 8 else 1)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def _levels_of(row: dict) -> int:
+    """How many inner levels' FVU the row has (``fvu_level_1`` ... ``fvu_level_<n>``)."""
+    n = 0
+    while finite(row.get(f"fvu_level_{n + 1}")):
+        n += 1
+    return n
+
+
 def _nested(row: dict) -> bool:
     """Whether the run's architecture trains nested levels (Matryoshka: its loss is their
     MSEs' mean, not the MSE)."""

@@ -8,7 +8,7 @@
                     atoms; blank between runs of different dict ratios
 - ``frontier.png``, ``curves.png``, ``mmcs_vs_l1.png``, ``mmcs_heatmap.png``,
   ``dead_vs_l1.png``, ``density.png``; ``lm_vs_l0.png`` when runs have language-model
-  metrics (harvested stores)
+  metrics (harvested stores); ``levels.png`` when they have nested levels (Matryoshka)
 - ``index.html``    settings, best runs, the sortable run table, definitions, then the plots;
                     openable from disk (:mod:`sweep.report_html`)
 
@@ -58,12 +58,14 @@ PLOTS = (
     "frontier",
     "curves",
     "lm_vs_l0",
+    "levels",
     "mmcs_vs_l1",
     "mmcs_heatmap",
     "dead_vs_l1",
     "density",
 )
-"""Every plot, in page order (``lm_vs_l0`` only for runs with language-model metrics)."""
+"""Every plot, in page order (``lm_vs_l0`` only for runs with language-model metrics,
+``levels`` only for runs with nested levels: Matryoshka's)."""
 SETTINGS = ("data", "grid", "train")
 
 
@@ -229,6 +231,8 @@ def draw_plots(
     }
     if plots.has_lm_metrics(rows):
         images["lm_vs_l0"] = plots.lm_vs_l0(rows, out / "lm_vs_l0.png")
+    if plots.has_levels(rows):
+        images["levels"] = plots.nested_levels(rows, out / "levels.png")
     images.update(
         mmcs_vs_l1=plots.mmcs_next_vs_l1(rows, out / "mmcs_vs_l1.png"),
         mmcs_heatmap=plots.mmcs_heatmap(cross, out / "mmcs_heatmap.png"),

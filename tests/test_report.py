@@ -807,6 +807,22 @@ def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
     assert_png(plots.lm_vs_l0(lm, tmp_path / "lm.png"))  # every value marked as weak
 
 
+def test_a_matryoshka_sweep_gets_its_levels_plot(tmp_path):
+    """Runs with nested levels' FVU (sae=matryoshka's fvu_level_<i>) get levels.png, one line
+    per finished run through each level to the whole dictionary; other sweeps get none."""
+    rows = [
+        {"run_id": f"r{r:g}-k{k}-s0", "k": k, "l1": None, "dict_ratio": float(r), "seed": 0,
+         "arch": "matryoshka", "state": "done", "l0": float(k), "fvu": 0.1 / k,
+         **{f"fvu_level_{i}": (0.1 / k) * (5 - i) for i in range(1, 5)}}
+        for r in (2, 4) for k in (4, 8, 16)
+    ]  # fmt: skip
+    assert plots.has_levels(rows) and not plots.has_levels([{"fvu": 0.1}])
+    assert plots._levels_of(rows[0]) == 4
+    assert_png(plots.nested_levels(rows, tmp_path / "levels.png"))
+    unfinished = [dict(r, state="running") for r in rows]
+    assert_png(plots.nested_levels(unfinished, tmp_path / "none.png"))  # labelled placeholder
+
+
 def test_a_run_with_one_curve_record_is_drawn_as_a_dot(tmp_path, monkeypatch):
     """A run shorter than train.log_every has one record: a line through one point draws
     nothing, so it is marked."""
