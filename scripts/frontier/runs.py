@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = Path(sys.executable).with_name("sweep")
 SAELENS_TRAIN = Path(__file__).with_name("saelens_train.py")
-TOPK_FAMILY = ("topk", "batchtopk")
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 ARCHS = ("relu", "jumprelu", *TOPK_FAMILY)
 """``--arch``: the same architecture in both methods (relu: SAELens's standard SAE)."""
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
@@ -116,5 +116,16 @@ def saelens_run(
         f"--epochs={args.epochs}",
         f"--dict-ratio={args.dict_ratio:g}",
         f"--arch={'standard' if args.arch == 'relu' else args.arch}",
+        *_levels(args),
     ]
     return run_logged(cmd, out.with_suffix(".log"))
+
+
+def _levels(args) -> list[str]:
+    """``--levels`` for SAELens's Matryoshka: sweep's default levels (fractions of the
+    dictionary), so both methods nest the same sizes."""
+    if args.arch != "matryoshka":
+        return []
+    from sweep.archs.matryoshka import DEFAULT_LEVELS
+
+    return ["--levels", *(f"{v!r}" for v in DEFAULT_LEVELS)]

@@ -68,13 +68,22 @@ def batches(
                 yield torch.from_numpy(rows[order[at : at + batch]]) * scale  # (B, D)
 
 
-def make_sae(arch: str, width: int, d_sae: int, value: float, steps: int):
+def make_sae(
+    arch: str, width: int, d_sae: int, value: float, steps: int, levels: tuple[float, ...] = ()
+):
     """SAELens's training SAE: ``standard`` (ReLU-L1, ``value`` = its L1 coefficient),
-    ``jumprelu`` (``value`` = its L0 coefficient) or ``topk`` / ``batchtopk`` (``value`` = k;
-    its defaults otherwise: AuxK coefficient 1, threshold learning rate 0.01, activations
-    rescaled by decoder norm)."""
+    ``jumprelu`` (``value`` = its L0 coefficient) or ``topk`` / ``batchtopk`` / ``matryoshka``
+    (``value`` = k; its defaults otherwise: AuxK coefficient 1, threshold learning rate 0.01,
+    activations rescaled by decoder norm; Matryoshka's widths ``round(level * d_sae)`` for
+    ``levels``, then ``d_sae``)."""
     import sae_lens
 
+    if arch == "matryoshka":
+        cfg = sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=width, d_sae=d_sae, k=int(value), normalize_activations="none", device="cpu",
+            matryoshka_widths=[*(round(v * d_sae) for v in levels), d_sae],
+        )  # fmt: skip
+        return sae_lens.MatryoshkaBatchTopKTrainingSAE(cfg)
     if arch in ("topk", "batchtopk"):
         kind = "BatchTopK" if arch == "batchtopk" else "TopK"
         cfg = getattr(sae_lens, f"{kind}TrainingSAEConfig")(
@@ -117,7 +126,7 @@ def train_one(chunks, width: int, d_sae: int, lr: float, l1: float, args) -> tup
 
     steps = steps_per_epoch(chunks, args.batch_size) * args.epochs
     torch.manual_seed(args.seed)
-    sae = make_sae(args.arch, width, d_sae, l1, steps)
+    sae = make_sae(args.arch, width, d_sae, l1, steps, tuple(args.levels))
     cfg = SAETrainerConfig(
         total_training_samples=steps * args.batch_size,
         train_batch_size_samples=args.batch_size,
@@ -153,7 +162,11 @@ def main() -> None:
         "--l1", type=float, nargs="+", required=True, help="(jumprelu: L0 coefficient; topk: k)"
     )
     ap.add_argument(
-        "--arch", choices=("standard", "jumprelu", "topk", "batchtopk"), default="standard"
+        "--arch", choices=("standard", "jumprelu", "topk", "batchtopk", "matryoshka"),
+        default="standard",
+    )  # fmt: skip
+    ap.add_argument(
+        "--levels", type=float, nargs="*", default=[], help="matryoshka: dictionary fractions"
     )
     ap.add_argument("--eval-rows", type=int, default=16384)
     ap.add_argument("--batch-size", type=int, default=1024)
