@@ -284,13 +284,13 @@ class SAEConfig:
             or (math.isfinite(self.init_decoder_norm) and self.init_decoder_norm > 0),
             f"sae.init_decoder_norm must be > 0 (or null for the recipe's), got {self.init_decoder_norm}",
         )
-        self._check_levels(REGISTRY[self.name].levels)
+        self._check_levels(REGISTRY[self.name].nested)
 
-    def _check_levels(self, default: tuple[float, ...]) -> None:
+    def _check_levels(self, nested: bool) -> None:
         if self.levels is None:
             return
         _require(
-            bool(default) or not self.levels,
+            nested or not self.levels,
             f"sae.levels is sae=matryoshka's (nested dictionaries); sae={self.name} has none: "
             "drop sae.levels, or use sae=matryoshka",
         )
@@ -834,8 +834,7 @@ def to_sweep_config(cfg: DictConfig) -> SweepConfig:
     setattr(out.grid, knob, out.grid.values(knob))
     arch = out.sae.architecture()
     out.sae.recipe = arch.recipe or None  # the defaults, named
-    nested = bool(type(arch).levels)  # (matryoshka: its levels, [] too; others: none)
-    out.sae.levels = list(arch.levels) if nested else None
+    out.sae.levels = list(arch.levels) if arch.nested else None  # (matryoshka's, [] too)
     return out
 
 

@@ -119,12 +119,13 @@ def grads(
     nested_E = None if levels is None else _nested_mse(levels, err)
     parts = _parts(arch, codes, err, x_in, hyper, with_l0, norms_EF, scratch, nested_E)
     g_err = buf("g_err", E, B, D).copy_(err) if use_aux else err  # AuxK reads err later
-    g_err.mul_(2.0 / (B * D * (len(widths) + 1)))  # d loss / d x_hat (each level's share)
+    share = 2.0 / (B * D * (len(widths) + 1))  # d loss / d x_hat, each level's share of it
+    g_err.mul_(share)
     if levels is None:
         dW_dec = torch.bmm(codes.transpose(1, 2), g_err, out=buf("dW_dec", E, F_, D))
         g = torch.bmm(g_err, W_dec.transpose(1, 2), out=buf("g", E, B, F_))  # (E, B, F)
     else:
-        ups = _level_upstreams(levels, g_err, 2.0 / (B * D * (len(widths) + 1)))
+        ups = _level_upstreams(levels, g_err, share)
         dW_dec, g = buf("dW_dec", E, F_, D), buf("g", E, B, F_)
         for (a, b), up in zip(_groups(widths, F_), ups, strict=True):  # (beta=0: into a
             dW_dec[:, a:b].baddbmm_(codes[:, :, a:b].transpose(1, 2), up, beta=0)  # strided

@@ -207,7 +207,7 @@ def _block_sums(
     latent's firing count (F,). ``scale``: the rows' units per raw unit."""
     codes = sae.encode(m.params, x, m.arch, m.k)  # (b, F)
     x_hat = sae.decode(m.params, codes, m.arch)  # (b, D)
-    dec = sae.decoder(m.params, m.arch)
+    dec = sae.decoder(m.params, m.arch) if m.widths else None  # (tied: computed, so only then)
     levels = [  # a Matryoshka's inner levels: the first w latents' reconstruction alone
         (codes[:, :w] @ dec[:w] + m.params["b_dec"] - x).pow(2).sum(dim=1).sum() for w in m.widths
     ]

@@ -777,4 +777,4 @@ def _nested(row: dict) -> bool:
     """Whether the run's architecture trains nested levels (Matryoshka: its loss is their
     MSEs' mean, not the MSE)."""
     arch = archs.REGISTRY.get(str(row.get("arch")))
-    return arch is not None and bool(type(arch).levels)
+    return arch is not None and arch.nested

@@ -302,7 +302,7 @@ def run_cfg(
 def _nesting(arch: Architecture, dict_size: int) -> dict:
     """A Matryoshka run's levels and its nested dictionaries' sizes (SAELens's name for them:
     ``matryoshka_widths``, the whole dictionary last); nothing for another architecture."""
-    if not type(arch).levels:
+    if not arch.nested:
         return {}
     return {
         "levels": list(arch.levels),

@@ -86,6 +86,12 @@ class Architecture:
         (:func:`sweep.grid.bytes_per_member`)."""
         return 3 + int(self.keeps_pre)
 
+    @property
+    def nested(self) -> bool:
+        """Whether the architecture trains nested levels (its class has default
+        :attr:`levels`: Matryoshka's, even where a sweep set none)."""
+        return bool(type(self).levels)
+
     def batch_buffers_at(self, d: int, f: int) -> float:
         """:attr:`batch_buffers` at width ``d`` and dictionary size ``f`` (what the memory
         model counts; a Matryoshka's levels add (B, D) buffers, ``d / f`` of a (B, F) one)."""
