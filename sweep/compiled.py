@@ -85,7 +85,7 @@ def step(
         spec.arch, params, x_BD, hyper, spec.kmax, aux, True, None, spec.compute_dtype, cast
     )
     active_E &= clip_members(grads, spec.grad_clip) & torch.isfinite(parts.loss)
-    lr = spec.adam.lr * scales[0]
+    lr = (hyper["lr"] if "lr" in hyper else spec.adam.lr) * scales[0]  # (E,) or ()
     for k in params:
         p, m, v = params[k], state.exp_avg[k], state.exp_avg_sq[k]
         adam_stacked(p, grads[k], m, v, state.step[k], active_E, lr, spec.adam)

@@ -334,8 +334,11 @@ class GridConfig:
     """Active latents per row of TopK-style architectures (topk, batchtopk, matryoshka); None = ``DEFAULT_K``."""
     dict_ratio: list[float] = field(default_factory=lambda: [4.0, 8.0])
     """Dictionary size / activation width (> 0); dict size = round(ratio * width)."""
+    lr: list[float] | None = None
+    """Learning rates (> 0) as a grid axis: every (l1 or k, dict_ratio) point trains at each,
+    and run ids name it (``r8-k64-lr1e-03-s0``); None = every run at ``train.lr``."""
     seeds: int = 1
-    """Number of initialisation seeds per (l1 or k, dict_ratio) point."""
+    """Number of initialisation seeds per (l1 or k, lr, dict_ratio) point."""
     max_members: int = 0
     """Largest ensemble (members trained as one program): a cap on what the memory model
     fits (it also lifts the CPU's default cap of 8); 0 = the memory model alone."""
@@ -374,11 +377,13 @@ class GridConfig:
                     v == int(v) and v >= 1,
                     f"grid.k values must be whole numbers >= 1, got {v}; e.g. grid.k='[16,32,64]'",
                 )
-        runs = len(values) * len(self.dict_ratio) * self.seeds
+        lrs = len(self.lr or [None])
+        runs = len(values) * lrs * len(self.dict_ratio) * self.seeds
         _require(
             runs <= MAX_RUNS,
             f"the grid has {runs:,} runs ({len(values)} {knob} x {len(self.dict_ratio)} dict_ratio "
-            f"x {self.seeds:,} seeds), more than {MAX_RUNS:,}; grid.seeds counts the seeds of each "
+            + (f"x {lrs} lr " if self.lr else "")
+            + f"x {self.seeds:,} seeds), more than {MAX_RUNS:,}; grid.seeds counts the seeds of each "
             f"point: lower it, or split the grid into several sweeps",
         )
 
@@ -393,13 +398,32 @@ class GridConfig:
             len(set(self.dict_ratio)) == len(self.dict_ratio),
             f"grid.dict_ratio has duplicate values: {self.dict_ratio}; list each value once",
         )
+        self._check_lr()
         _require(self.seeds >= 1, f"grid.seeds must be >= 1, got {self.seeds}")
         _require(self.max_members >= 0, f"grid.max_members must be >= 0, got {self.max_members}")
+
+    def _check_lr(self) -> None:
+        if self.lr is None:
+            return
+        _require(
+            len(self.lr) > 0,
+            "grid.lr is empty: give at least one learning rate, e.g. grid.lr='[1e-3,3e-3]', "
+            "or grid.lr=null for train.lr",
+        )
+        for v in self.lr:
+            _require(
+                math.isfinite(v) and v > 0,
+                f"grid.lr values must be finite and > 0, got {v}; e.g. grid.lr='[1e-3,3e-3]'",
+            )
+        _require(
+            len(set(self.lr)) == len(self.lr),
+            f"grid.lr has duplicate values: {self.lr}; list each value once",
+        )
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by every run of the sweep."""
+    """Optimisation settings shared by every run of the sweep (``lr`` unless ``grid.lr``)."""
 
     batch_size: int = 1024
     lr: float = 3e-3
@@ -769,11 +793,15 @@ class SweepConfig:
             f"train.resample_dead applies to {_resampling()}, not sae={self.sae.name}; " + fix,
         )
 
+    def learning_rates(self) -> list[float]:
+        """The learning rates the sweep's runs train at: ``grid.lr``, else ``train.lr``."""
+        return list(self.grid.lr) if self.grid.lr is not None else [self.train.lr]
+
     def inert_note(self) -> str | None:
         """A warning for settings that do nothing here (a warning, not an error: sweeps
         recorded with them must resume): a changed AuxK weight on an SAE that is not
-        TopK-style, an L1 warm-up on one that is, a changed ``dead_tokens`` with no
-        dead-latent remedy on."""
+        TopK-style, an L1 warm-up on one that is, a changed ``train.lr`` beside ``grid.lr``,
+        a changed ``dead_tokens`` with no dead-latent remedy on."""
         arch, t = self.sae.architecture(), self.train
         topk_style, notes = arch.knob == "k", []
         if not topk_style and t.auxk_alpha != TrainConfig.auxk_alpha:
@@ -786,6 +814,10 @@ class SweepConfig:
             notes.append(
                 f"train.l1_warmup={t.l1_warmup:g} does nothing for sae={self.sae.name}: it has "
                 "no L1 coefficient (grid.k sets its sparsity)"
+            )
+        if self.grid.lr is not None and t.lr != TrainConfig.lr:
+            notes.append(
+                f"train.lr={t.lr:g} does nothing here: grid.lr sets each run's learning rate"
             )
         remedy = (topk_style and t.auxk_alpha > 0) or t.resample_dead > 0
         if not remedy and t.dead_tokens != TrainConfig.dead_tokens:
@@ -979,19 +1011,30 @@ def near_field(key: str, config_name: str = "config", within: type | None = None
         near_group = _closest(group, sorted(groups), cutoff=0.6)
         group = near_group or group
     names = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == group}
-    near = _closest(name, sorted(names))
-    return f" (did you mean '{names[near]}'?)" if near else ""
+    near = " or ".join(f"'{names[n]}'" for n in _nearest(name, sorted(names)))
+    return f" (did you mean {near}?)" if near else ""
 
 
 def _closest(name: str, names: list[str], cutoff: float | None = None) -> str | None:
     """The one of ``names`` nearest ``name``, if near enough (a short name: one letter of
     two may differ, ``l2`` for ``l1``)."""
+    near = _nearest(name, names, cutoff)
+    return near[0] if near else None
+
+
+def _nearest(name: str, names: list[str], cutoff: float | None = None) -> list[str]:
+    """Those of ``names`` nearest ``name`` (several only when equally near: ``l2`` is as near
+    ``l1`` as ``lr``), if near enough, in ``names``' order."""
     import difflib
 
     if cutoff is None:
         cutoff = 0.5 if len(name) <= 3 else 0.6
-    near = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
-    return near[0] if near else None
+
+    def score(n: str) -> float:
+        return difflib.SequenceMatcher(None, name, n).ratio()
+
+    best = max((score(n) for n in names), default=0.0)
+    return [n for n in names if best >= cutoff and score(n) == best]
 
 
 def _option_name(schema: type) -> str:

@@ -130,6 +130,8 @@ class RunRef:
     folder: RunFolder
     stamp: str
     """Changes whenever the run is re-finished (its DONE time): invalidates cached values."""
+    lr: float | None = None
+    """Its learning rate where the grid has an lr axis (``grid.lr``)."""
 
 
 def finished_runs(records: Iterable[RunRecord]) -> list[RunRef]:
@@ -153,9 +155,10 @@ def finished_runs(records: Iterable[RunRecord]) -> list[RunRef]:
                 int(point["seed"]),
                 r.folder,
                 r.folder.finished_stamp(),
+                point.get("lr") if isinstance(point.get("lr"), (int, float)) else None,
             )
         )
-    return sorted(out, key=lambda x: (x.dict_ratio, x.knob, x.value, x.seed))
+    return sorted(out, key=lambda x: (x.dict_ratio, x.knob, x.value, x.lr or 0, x.seed))
 
 
 @dataclass
@@ -339,9 +342,9 @@ def _pairs(
     return list(out.values())
 
 
-def _point(r: RunRef) -> tuple[str, float]:
-    """The run's grid point within its dict ratio, seeds aside: (knob, value)."""
-    return r.knob, r.value
+def _point(r: RunRef) -> tuple[str, float, float | None]:
+    """The run's grid point within its dict ratio, seeds aside: (knob, value, lr)."""
+    return r.knob, r.value, r.lr
 
 
 def _seed_mates(a: RunRef, group: list[RunRef]) -> list[RunRef]:

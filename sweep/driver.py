@@ -346,7 +346,7 @@ def check_store_fits(
         tail = store.tail_rows(cfg.data.eval_rows)
         stats, arch = store.manifest["stats"], cfg.sae.architecture()
         d = cfg.data
-        notes += store_notes(stats, tail, d.eval_rows, d.normalize, arch, cfg.train.lr)
+        notes += store_notes(stats, tail, d.eval_rows, d.normalize, arch, max(cfg.learning_rates()))
     for note in notes:
         if note:
             log.warning(note)
@@ -355,7 +355,7 @@ def check_store_fits(
 def schedule_notes(cfg: SweepConfig, steps: int) -> list[str | None]:
     """Warnings of a training schedule of ``steps`` too short for the architecture to
     respond to its sparsity knob, or for a dead-latent remedy to act."""
-    mean_lr = cfg.train.lr * cfg.train.mean_lr_scale()  # warm-up and decay included
+    mean_lr = min(cfg.learning_rates()) * cfg.train.mean_lr_scale()  # warm-up, decay included
     arch = cfg.sae.architecture()
     return [arch.check_schedule(steps, mean_lr), never_acts_note(cfg.train, arch, steps)]
 

@@ -95,8 +95,11 @@ class Ensemble:
     ) -> None:
         self.arch = archs.get(arch) if isinstance(arch, str) else arch
         self.params = by_name(params)  # {name: (E, ...)}
-        self.hyper = hyper  # {"l1": (E,), "k": (E,)}
+        self.hyper = hyper  # {"l1": (E,), "k": (E,)} (+ "lr": (E,) when members' differ)
         self.adam = adam
+        if (lr := adam.lr_tensor(hyper["l1"].device)) is not None:
+            assert lr.shape == hyper["l1"].shape, "one learning rate per member"
+            self.hyper = {**hyper, "lr": lr}  # (read by the compiled step)
         self.state = (state if state is not None else AdamState.zeros_like(self.params)).by_name()
         self.n = hyper["l1"].shape[0]
         dev = hyper["l1"].device

@@ -102,8 +102,8 @@ def evaluable_runs(cfg: SweepConfig, width: int, only: Collection[str] = ()) -> 
 def _check_known(cfg: SweepConfig, folder: SweepFolder, only: Collection[str]) -> None:
     """Each of ``only`` is a run of the sweep's grid or one an earlier grid recorded."""
     knob = cfg.sae.knob
-    points = grid.points(cfg.grid.values(knob), cfg.grid.dict_ratio, cfg.grid.seeds, knob)
-    known = {grid.run_id(r, l1, s, k) for r, l1, k, s in points}
+    g = cfg.grid
+    known = {p.run_id for p in grid.points(g.values(knob), g.dict_ratio, g.seeds, knob, g.lr)}
     unknown = sorted(set(only) - known - set(folder.recorded_specs()))
     if unknown:
         raise SweepError(

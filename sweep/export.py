@@ -83,7 +83,7 @@ def saelens_cfg(cfg: dict, extra: dict | None = None, origin: dict | None = None
             "dict_ratio": cfg.get("dict_ratio"),
             "seed": cfg.get("seed"),
             "training_architecture": cfg.get("architecture"),
-            **{k: cfg[k] for k in ("matryoshka_widths",) if k in cfg},  # (a matryoshka's)
+            **{k: cfg[k] for k in ("matryoshka_widths", "lr") if k in cfg},  # (matryoshka; grid.lr)
             "act_scale_folded": cfg.get("act_scale", 1.0),
             **(origin or {}),
         },

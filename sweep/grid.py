@@ -1,9 +1,9 @@
 """Expand the grid into runs with stable ids, and group them into ensembles.
 
-A :class:`RunSpec` is one grid point (l1 or k x dict_ratio x seed). Runs that share a dict ratio
-share tensor shapes and are trained together as one :class:`EnsembleSpec`; a group larger
-than the member budget is split into near-equal ensembles. Larger dict ratios come first,
-so the longest work starts first.
+A :class:`RunSpec` is one grid point (l1 or k x dict_ratio (x lr) x seed). Runs that share a
+dict ratio share tensor shapes and are trained together as one :class:`EnsembleSpec` (at
+their own learning rates, with an lr axis); a group larger than the member budget is split
+into near-equal ensembles. Larger dict ratios come first, so the longest work starts first.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 from sweep.devices import BYTES, resolve_compute_dtype
 from sweep.errors import SweepError
@@ -52,6 +53,12 @@ class RunSpec:
     arch: str
     k: int = 0
     """Active latents of TopK-style architectures (0 for L1-style ones)."""
+    lr: float | None = None
+    """Its learning rate where the grid has an lr axis (``grid.lr``); None: ``train.lr``."""
+
+    def learning_rate(self, train_lr: float) -> float:
+        """The learning rate it trains at, given the sweep's ``train.lr``."""
+        return train_lr if self.lr is None else self.lr
 
     @property
     def knob(self) -> str:
@@ -75,34 +82,72 @@ class EnsembleSpec:
     those whose ``metrics.json`` was lost; ``all``: every one (``sweep evaluate``)."""
 
 
-def run_id(dict_ratio: float, l1: float, seed: int, k: int = 0) -> str:
-    """``r8-l1_1e-03-s0`` for L1-style runs, ``r8-k64-s0`` for TopK-style ones."""
+def run_id(dict_ratio: float, l1: float, seed: int, k: int = 0, lr: float | None = None) -> str:
+    """``r8-l1_1e-03-s0`` for L1-style runs, ``r8-k64-s0`` for TopK-style ones; with an lr
+    axis, ``r8-k64-lr3e-04-s0``."""
     knob = f"k{k}" if k else f"l1_{fmt_l1(l1)}"
-    return f"r{fmt_number(dict_ratio)}-{knob}-s{seed}"
+    rate = "" if lr is None else f"-lr{fmt_l1(lr)}"
+    return f"r{fmt_number(dict_ratio)}-{knob}{rate}-s{seed}"
 
 
 def dict_size(dict_ratio: float, width: int) -> int:
     return max(1, round(dict_ratio * width))
 
 
+class Point(NamedTuple):
+    """One grid point's values."""
+
+    dict_ratio: float
+    l1: float
+    k: int
+    lr: float | None
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self.dict_ratio, self.l1, self.seed, self.k, self.lr)
+
+
 def points(
-    values: list[float], ratios: list[float], seeds: int, knob: str = "l1"
-) -> Iterator[tuple[float, float, int, int]]:
-    """``(dict_ratio, l1, k, seed)`` of every grid point, in :func:`expand`'s order."""
+    values: list[float],
+    ratios: list[float],
+    seeds: int,
+    knob: str = "l1",
+    lrs: list[float] | None = None,
+) -> Iterator[Point]:
+    """Every grid point, in :func:`expand`'s order (``lrs``: the lr axis, None: none)."""
     for r in sorted(ratios, reverse=True):
         for v in sorted(values):
             l1, k = (float(v), 0) if knob == "l1" else (0.0, int(v))
-            yield from ((r, l1, k, s) for s in range(seeds))
+            for lr in sorted(lrs) if lrs is not None else [None]:
+                rate = None if lr is None else float(lr)
+                yield from (Point(r, l1, k, rate, s) for s in range(seeds))
 
 
 def expand(
-    values: list[float], ratios: list[float], seeds: int, width: int, arch: str, knob: str = "l1"
+    values: list[float],
+    ratios: list[float],
+    seeds: int,
+    width: int,
+    arch: str,
+    knob: str = "l1",
+    lrs: list[float] | None = None,
 ) -> list[RunSpec]:
-    """Every grid point, ordered by dict ratio (descending), then l1 or k, then seed.
-    ``values`` are l1 coefficients (``knob='l1'``) or k values (``knob='k'``)."""
+    """Every grid point, ordered by dict ratio (descending), then l1 or k, then lr, then
+    seed. ``values`` are l1 coefficients (``knob='l1'``) or k values (``knob='k'``)."""
     runs = [
-        RunSpec(run_id(r, l1, s, k), l1, float(r), s, width, dict_size(r, width), arch, k)
-        for r, l1, k, s in points(values, ratios, seeds, knob)
+        RunSpec(
+            p.run_id,
+            p.l1,
+            float(p.dict_ratio),
+            p.seed,
+            width,
+            dict_size(p.dict_ratio, width),
+            arch,
+            p.k,
+            p.lr,
+        )
+        for p in points(values, ratios, seeds, knob, lrs)
     ]
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):  # e.g. two ratios that round to the same text

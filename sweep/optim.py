@@ -75,9 +75,20 @@ class AdamState:
 
 @dataclass(frozen=True)
 class Adam:
-    lr: float
+    lr: float | tuple[float, ...]
+    """The learning rate, or each member's (an lr grid axis)."""
     betas: tuple[float, float]
     eps: float
+
+    def member_lr(self, e: int) -> float:
+        """Member ``e``'s learning rate."""
+        return self.lr[e] if isinstance(self.lr, tuple) else self.lr
+
+    def lr_tensor(self, device: torch.device) -> torch.Tensor | None:
+        """Each member's learning rate as an (E,) float32 tensor, None when they share one."""
+        if not isinstance(self.lr, tuple):
+            return None
+        return torch.tensor(self.lr, dtype=torch.float32, device=device)
 
     def update(
         self,
@@ -87,8 +98,8 @@ class Adam:
         skip: torch.Tensor,
         lr_scale: float = 1.0,
     ) -> None:
-        """In-place Adam step (learning rate ``lr * lr_scale``) of every member whose ``skip``
-        (E,) entry is 0.
+        """In-place Adam step (learning rate ``lr * lr_scale``, each member's own) of every
+        member whose ``skip`` (E,) entry is 0.
 
         ``skip`` stays on the device: the fused kernel's ``found_inf`` leaves a skipped
         member's parameters, moments and step count as they were, with no host sync.
@@ -108,7 +119,7 @@ class Adam:
                 amsgrad=False,
                 beta1=self.betas[0],
                 beta2=self.betas[1],
-                lr=self.lr * lr_scale,
+                lr=self.member_lr(e) * lr_scale,
                 weight_decay=0.0,
                 eps=self.eps,
                 maximize=False,

@@ -148,6 +148,8 @@ def _inert(config: dict) -> set[str]:
     """Defining fields that do nothing in ``config``: a change to one changes no run (it is
     warned about, :meth:`sweep.config.SweepConfig.inert_note`, and must not lock the sweep)."""
     inert, train = set(), config.get("train", {})
+    if (config.get("grid") or {}).get("lr") is not None:
+        inert.add("train.lr")  # each run's learning rate is its grid.lr value
     arch = archs.REGISTRY.get(config.get("sae", {}).get("name"))
     topk_style = arch is not None and arch.knob == "k"
     if arch is not None and not topk_style:
@@ -287,6 +289,7 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
     elif (recorded := folder.first_spec()) is not None:  # config.yaml was deleted
         old, new = _as_config(recorded, new)
         fix = ""
+    _check_lr_axis(folder, old, new)
     diffs = [] if old is None else _differences(old, new)
     if diffs:
         restore = " ".join(_restoring(diffs, old))  # type: ignore[arg-type]
@@ -294,6 +297,21 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
             f"sweep_dir {folder.path} holds a sweep with different settings "
             f"({'; '.join(map(str, diffs))}); use a new sweep_dir or restore those values "
             f"({restore}){fix}"
+        )
+
+
+def _check_lr_axis(folder: SweepFolder, old: dict | None, new: dict) -> None:
+    """A sweep keeps the lr axis it was made with (or without): its run ids name their
+    learning rate, or do not."""
+    if old is None:
+        return
+    had, has = (c.get("grid", {}).get("lr") is not None for c in (old, new))
+    if had != has:
+        fix = "give grid.lr" if had else "drop grid.lr (every run trains at train.lr)"
+        raise RunDirError(
+            f"sweep_dir {folder.path} holds a sweep {'with' if had else 'without'} a learning "
+            f"rate axis (grid.lr), so its run ids {'name' if had else 'do not name'} one; "
+            f"use a new sweep_dir, or {fix}"
         )
 
 
@@ -316,6 +334,7 @@ def _as_config(spec: dict, new: dict) -> tuple[dict, dict]:
     recorded it, else its name and recipe)."""
     sae = spec.get("sae_settings") or {"name": spec.get("sae"), "recipe": spec.get("recipe")}
     old = with_legacy({"data": spec.get("data", {}), "train": spec.get("train", {}), "sae": sae})
+    old["grid"] = {"lr": None if spec.get("lr") is None else [spec["lr"]]}  # (axis or not)
     if "sae_settings" not in spec:  # recorded before it: only what the run names is known
         old["sae"] = {k: old["sae"][k] for k in ("name", "recipe")}
     data, new_sae = new.get("data", {}), new.get("sae", {})
@@ -542,9 +561,8 @@ def expand_grid(cfg: SweepConfig, width: int) -> list[RunSpec]:
     no latent or the same dictionary size as another ratio (duplicate runs)."""
     _check_sizes(cfg.grid.dict_ratio, width)
     knob = cfg.sae.knob
-    runs = grid.expand(
-        cfg.grid.values(knob), cfg.grid.dict_ratio, cfg.grid.seeds, width, cfg.sae.name, knob
-    )
+    g = cfg.grid
+    runs = grid.expand(g.values(knob), g.dict_ratio, g.seeds, width, cfg.sae.name, knob, g.lr)
     arch = cfg.sae.architecture()
     for r in runs:
         problem = arch.check_hyper(r.k if knob == "k" else r.l1, r.dict_size)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, LogFormatter
+from matplotlib.ticker import EngFormatter, LogFormatter, NullFormatter
 
 from sweep import archs, crossdict
 from sweep.crossdict import (
@@ -80,6 +81,50 @@ def _ratio_colors(ratios: list[float]) -> dict[float, object]:
 
     cmap = colormaps["tab10"]
     return {r: cmap(i % 10) for i, r in enumerate(sorted(ratios))}
+
+
+LR_STYLES = ("-", "--", ":", "-.")
+"""A line style per learning rate of a grid with an lr axis (``grid.lr``), in order."""
+
+
+def lr_axis(rows: list[dict]) -> list[float]:
+    """The learning rates of a grid with an lr axis (``grid.lr``), ascending; [] without."""
+    return sorted({r["lr"] for r in rows if finite(r.get("lr"))})
+
+
+class Series(NamedTuple):
+    """The runs of one dict ratio (and learning rate: ``grid.lr``) drawn as one line."""
+
+    label: str
+    color: object
+    """The dict ratio's colour."""
+    style: str
+    """The line style: one per learning rate (``-`` without an lr axis)."""
+    tint: object
+    """The colour lighter for a smaller learning rate (where the style is taken)."""
+    runs: list[dict]
+
+
+def _series(pts: list[dict]) -> list[Series]:
+    """The runs of each dict ratio as one series; with an lr axis one per dict ratio and
+    learning rate."""
+    colors, lrs = _ratio_colors(list({r["dict_ratio"] for r in pts})), lr_axis(pts)
+    out = []
+    for ratio, color in colors.items():
+        for i, lr in enumerate(lrs or [None]):
+            mine = [r for r in pts if r["dict_ratio"] == ratio and r.get("lr") == lr]
+            if mine and lr is None:
+                out.append(Series(f"ratio {ratio:g}", color, "-", color, mine))
+            elif mine:
+                tint = _lighten(color, 0.55 * (1 - i / max(1, len(lrs) - 1)))
+                label = f"ratio {ratio:g}, lr {lr:g}"
+                out.append(Series(label, color, LR_STYLES[i % 4], tint, mine))
+    return out
+
+
+def _lr_text(row: dict) -> str:
+    """`` lr 0.001`` for a run of a grid with an lr axis, else nothing (for labels)."""
+    return f" lr {row['lr']:g}" if finite(row.get("lr")) else ""
 
 
 def _mean(values: list) -> float:
@@ -178,14 +223,14 @@ def frontier_figure(rows: list[dict]) -> Figure | None:
         return None
     name = sweep_knob(pts)
     fig, (ax,) = _figure()
-    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
     values = sorted({knob_value(r) for r in pts})
     rank = {v: i / (len(values) - 1) if len(values) > 1 else 1.0 for i, v in enumerate(values)}
-    for ratio, color in colors.items():
-        mine = sorted((r for r in pts if r["dict_ratio"] == ratio), key=knob_value)
+    by_lr = bool(lr_axis(pts))
+    for label, color, style, _, mine in _series(pts):
+        mine.sort(key=knob_value)
         for seed in sorted({r.get("seed") or 0 for r in mine}):  # (a line per seed: not a
             line = [r for r in mine if (r.get("seed") or 0) == seed]  # zigzag through them)
-            ax.plot([r["l0"] for r in line], [r["fvu"] for r in line], "-", color=color,
+            ax.plot([r["l0"] for r in line], [r["fvu"] for r in line], style, color=color,
                     alpha=0.35, lw=1)  # fmt: skip
         for r in mine:
             ax.scatter(
@@ -197,14 +242,17 @@ def frontier_figure(rows: list[dict]) -> Figure | None:
                 edgecolor="k",
                 lw=0.4,
             )
-        ax.scatter([], [], color=color, label=f"ratio {ratio:g}")
+        if by_lr:  # (the rates' line styles)
+            ax.plot([], [], style, marker="o", color=color, label=label)
+        else:
+            ax.scatter([], [], color=color, label=label)
     front = pareto([(r["l0"], r["fvu"]) for r in pts])
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1.2, label="Pareto frontier")
     _said_of_the_rest(ax, rows, pts)
     if len(pts) <= 40:
         for r in labelled(pts):
             ax.annotate(
-                knob_text(name, knob_value(r)),  # type: ignore[arg-type]
+                knob_text(name, knob_value(r)) + _lr_text(r),  # type: ignore[arg-type]
                 (r["l0"], r["fvu"]),
                 fontsize=6,
                 xytext=(3, 3),
@@ -228,11 +276,11 @@ def _compared(label: str, rows: list[dict], pts: list[dict]) -> str:
 
 
 def labelled(pts: list[dict]) -> list[dict]:
-    """The points that get a label: one per dict ratio and knob value (its lowest seed's; the
-    other seeds' sit close by, and their labels printed over each other)."""
+    """The points that get a label: one per dict ratio, knob value (and learning rate) (its
+    lowest seed's; the other seeds' sit close by, and their labels printed over each other)."""
     first: dict[tuple, dict] = {}
     for r in sorted(pts, key=lambda r: r.get("seed") or 0):
-        first.setdefault((r["dict_ratio"], knob_value(r)), r)
+        first.setdefault((r["dict_ratio"], knob_value(r), r.get("lr")), r)
     return list(first.values())
 
 
@@ -351,7 +399,8 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
 
 
 def _run_label(ref: crossdict.RunRef, seeds: bool) -> str:
-    return knob_text(ref.knob, ref.value) + (f" s{ref.seed}" if seeds else "")
+    rate = "" if ref.lr is None else f" lr{ref.lr:g}"
+    return knob_text(ref.knob, ref.value) + rate + (f" s{ref.seed}" if seeds else "")
 
 
 def _cell_fontsize(n: int) -> float | None:
@@ -433,7 +482,11 @@ def _by_seed(
 ) -> tuple[list[crossdict.RunRef], list[list[float]]]:
     """Runs (and the matrix) ordered by seed, then L1 or k: one block per seed (runs of one
     seed share their initialisation, so their MMCS is high for that reason too)."""
-    order = sorted(range(len(refs)), key=lambda i: (refs[i].seed, refs[i].knob, refs[i].value))
+
+    def key(i: int) -> tuple:
+        return refs[i].seed, refs[i].knob, refs[i].value, refs[i].lr or 0
+
+    order = sorted(range(len(refs)), key=key)
     return [refs[i] for i in order], [[mat[i][j] for j in order] for i in order]
 
 
@@ -465,12 +518,10 @@ def mmcs_next_vs_l1(rows: list[dict], path: Path) -> Path:
         )
     name = sweep_knob(rows)
     fig, (ax,) = _figure()
-    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
-    for ratio, color in colors.items():
-        mine = [r for r in pts if r["dict_ratio"] == ratio]
+    for label, color, style, _, mine in _series(pts):
         values = sorted({knob_value(r) for r in mine})
         mean = [_mean([r["mmcs_next_ratio"] for r in mine if knob_value(r) == v]) for v in values]
-        ax.plot(values, mean, "o-", color=color, label=f"ratio {ratio:g} → next")
+        ax.plot(values, mean, style, marker="o", color=color, label=f"{label} → next")
         ax.scatter(
             [knob_value(r) for r in mine],
             [r["mmcs_next_ratio"] for r in mine],
@@ -513,10 +564,8 @@ def dead_vs_l1_figure(rows: list[dict]) -> Figure | None:
         return None
     name = sweep_knob(rows)
     fig, (ax,) = _figure()
-    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
     shown: list[float] = []
-    for ratio, color in colors.items():
-        mine = [r for r in pts if r["dict_ratio"] == ratio]
+    for label, _, _, color, mine in _series(pts):  # (tinted by learning rate)
         values = sorted({knob_value(r) for r in mine})
         for key, style in (("dead_fraction", "o-"), ("dense_fraction", "s--")):
             mean = [_mean([r.get(key) for r in mine if knob_value(r) == v]) for v in values]
@@ -530,7 +579,7 @@ def dead_vs_l1_figure(rows: list[dict]) -> Figure | None:
                 color=color,
                 ms=4 if kind == "dead" else 3,
                 alpha=1.0 if kind == "dead" else 0.6,
-                label=f"ratio {ratio:g} {kind}",
+                label=f"{label} {kind}",
             )
             each = [r for r in mine if finite(r.get(key))]
             ax.scatter(
@@ -543,6 +592,55 @@ def dead_vs_l1_figure(rows: list[dict]) -> Figure | None:
     ax.set_title("Dead (never fire on eval rows) and dense (fire > 10%) features")
     ax.legend(fontsize=7)
     ax.grid(True, alpha=0.3)
+    return fig
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+LR_PANELS = (("fvu", "FVU (held-out rows)"), ("dead_fraction", "fraction of latents dead"))
+
+
+def lr_sweep(rows: list[dict], path: Path) -> Path:
+    """FVU and dead fraction against the learning rate, for a grid with an lr axis
+    (``grid.lr``): a line per dict ratio and knob value (mean over seeds; dots: each run),
+    colour = dict ratio, lighter = smaller L1 (or k)."""
+    fig = lr_sweep_figure(rows)
+    if fig is None:
+        return placeholder(path, "FVU vs learning rate", "no finished runs yet")
+    return _save(fig, path)
+
+
+def lr_sweep_figure(rows: list[dict]) -> Figure | None:
+    """:func:`lr_sweep`'s figure (None: nothing to draw)."""
+    pts = [r for r in with_knob(rows, "fvu") if r["fvu"] > 0 and finite(r.get("lr"))]
+    if not pts:
+        return None
+    name, (fig, axes) = sweep_knob(pts), _figure(12.0, 4.6, ncols=2)
+    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
+    light = _l1_lightness([knob_value(r) for r in pts])
+    for ratio, value in sorted({(r["dict_ratio"], knob_value(r)) for r in pts}):
+        mine = [r for r in pts if r["dict_ratio"] == ratio and knob_value(r) == value]
+        color = _lighten(colors[ratio], light.get(value, 0.0))  # type: ignore[arg-type]
+        label = f"r{ratio:g} {KNOB_NAMES[name]} {knob_text(name, value)}"  # type: ignore[arg-type]
+        lrs = lr_axis(mine)
+        for ax, (key, _) in zip(axes, LR_PANELS, strict=True):
+            ys = [_mean([r.get(key) for r in mine if r["lr"] == lr]) for lr in lrs]
+            ax.plot(lrs, ys, "o-", color=color, ms=4, lw=1.2, label=label)
+            each = [r for r in mine if finite(r.get(key))]
+            ax.scatter([r["lr"] for r in each], [r[key] for r in each], color=color, s=8, alpha=0.4)
+    ticks = lr_axis(pts)
+    for ax, (_, title) in zip(axes, LR_PANELS, strict=True):
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks], fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # (the grid's rates only)
+        ax.set_xlabel("learning rate (grid.lr)")
+        ax.set_ylabel(title)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False))
+    axes[0].yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False))
+    axes[0].legend(fontsize=7, ncol=2 if len(axes[0].lines) > 8 else 1)
+    fig.suptitle("Learning rate: reconstruction and dead latents (one line per grid point)")
     return fig
 
 
@@ -565,7 +663,9 @@ def density(
             dead = int(d["dead_count"][0])  # type: ignore[index]
             name, value = crossdict.knob(r)
             ax.stairs(
-                counts, edges, label=f"{KNOB_NAMES[name]} {knob_text(name, value)} ({dead} dead)"
+                counts,
+                edges,
+                label=f"{KNOB_NAMES[name]} {knob_text(name, value)}{_lr_text(r)} ({dead} dead)",
             )  # type: ignore[arg-type]
         rows_eval = [r["eval_rows"] for r in mine if finite(r.get("eval_rows"))]
         if rows_eval:  # nothing can fire less often than once in the eval rows
@@ -672,10 +772,9 @@ def lm_vs_l0(rows: list[dict], path: Path) -> Path:
             path, "Language-model metrics vs L0", "no runs with language-model metrics"
         )
     fig, axes = _figure(5.6 * len(keys), 4.4, ncols=len(keys))
-    colors = _ratio_colors(list({r["dict_ratio"] for r in pts}))
     for ax, key in zip(axes, keys, strict=True):
-        for ratio, color in colors.items():
-            mine = [r for r in pts if r["dict_ratio"] == ratio and finite(r.get(key))]
+        for label, color, style, _, series in _series(pts):
+            mine = [r for r in series if finite(r.get(key))]
             if key == "loss_recovered":
                 mine = [r for r in mine if not weak_loss_recovered(r)]
             mine.sort(key=lambda r: r["l0"])
@@ -683,10 +782,11 @@ def lm_vs_l0(rows: list[dict], path: Path) -> Path:
                 ax.plot(
                     [r["l0"] for r in mine],
                     [r[key] for r in mine],
-                    "o-",
+                    style,
+                    marker="o",
                     color=color,
                     ms=4,
-                    label=f"ratio {ratio:g}",
+                    label=label,
                 )
         if key == "loss_recovered":
             _mark_weak(ax, pts)
@@ -752,6 +852,7 @@ def nested_levels_figure(rows: list[dict]) -> Figure | None:
         n = max(n, len(fvus))
         color = _lighten(colors[r["dict_ratio"]], light.get(knob_value(r), 0.0))
         label = f"r{r['dict_ratio']:g} {KNOB_NAMES[name]} {knob_text(name, knob_value(r))}"
+        label += _lr_text(r)
         ax.plot(range(1, len(fvus) + 1), fvus, "o-", color=color, ms=3, lw=1.2, label=label)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_PlainLog(labelOnlyBase=False))

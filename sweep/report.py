@@ -7,8 +7,9 @@
                     dict ratio); cell (A, B) = mean over A's atoms of the max cosine to B's
                     atoms; blank between runs of different dict ratios
 - ``frontier.png``, ``curves.png``, ``mmcs_vs_l1.png``, ``mmcs_heatmap.png``,
-  ``dead_vs_l1.png``, ``density.png``; ``lm_vs_l0.png`` when runs have language-model
-  metrics (harvested stores); ``levels.png`` when they have nested levels (Matryoshka)
+  ``dead_vs_l1.png``, ``density.png``; ``lr.png`` when the grid has an lr axis
+  (``grid.lr``); ``lm_vs_l0.png`` when runs have language-model metrics (harvested stores);
+  ``levels.png`` when they have nested levels (Matryoshka)
 - ``index.html``    settings, best runs, the sortable run table, definitions, then the plots;
                     openable from disk (:mod:`sweep.report_html`)
 
@@ -57,6 +58,7 @@ MMCS_FILE = "mmcs.csv"
 PLOTS = (
     "frontier",
     "curves",
+    "lr",
     "lm_vs_l0",
     "levels",
     "mmcs_vs_l1",
@@ -64,8 +66,8 @@ PLOTS = (
     "dead_vs_l1",
     "density",
 )
-"""Every plot, in page order (``lm_vs_l0`` only for runs with language-model metrics,
-``levels`` only for runs with nested levels: Matryoshka's)."""
+"""Every plot, in page order (``lr`` only for a grid with an lr axis, ``lm_vs_l0`` only for
+runs with language-model metrics, ``levels`` only for runs with nested levels: Matryoshka's)."""
 SETTINGS = ("data", "grid", "train")
 
 
@@ -147,6 +149,8 @@ def _grid_of(records: list[RunRecord], spec: dict) -> dict:
         "dict_ratio": values("dict_ratio"),
         "seeds": len(values("seed")),
     }
+    if values("lr"):
+        grid["lr"] = values("lr")
     if spec.get("sae"):
         grid["sae"] = spec["sae"]
     return grid
@@ -229,6 +233,8 @@ def draw_plots(
         "frontier": front,
         "curves": plots.training_curves(curves, out / "curves.png"),
     }
+    if plots.lr_axis(rows):
+        images["lr"] = plots.lr_sweep(rows, out / "lr.png")
     if plots.has_lm_metrics(rows):
         images["lm_vs_l0"] = plots.lm_vs_l0(rows, out / "lm_vs_l0.png")
     if plots.has_levels(rows):

@@ -92,6 +92,7 @@ COLUMN_HELP = {
     "dead_fraction": DEFINITIONS["dead / dense"],
     "dense_fraction": DEFINITIONS["dead / dense"],
     "mse": "mean squared reconstruction error per activation dimension (training space).",
+    "lr": "the run's learning rate (grid.lr: the grid's learning-rate axis).",
 }
 
 
@@ -117,6 +118,7 @@ CAPTIONS = {
     "frontier": "FVU against L0 (log-log). One colour per dict ratio; labels are L1 (once per grid point: its seeds lie close by); dashed: Pareto frontier.",
     "curves": "Training curves against rows seen: loss, FVU and L0 on training batches. One line per run, colour = dict ratio, lighter = smaller L1, dotted = not finished.",
     "lm_vs_l0": f"Language-model metrics against L0 (harvested stores). Grey crosses: loss recovered with an ablation gap below {GAP:g} nats (not meaningful).",
+    "lr": "FVU (log) and the fraction of dead latents against the learning rate (grid.lr): one line per dict ratio and L1 value, the mean over seeds (dots: each run); colour = dict ratio, lighter = smaller L1.",
     "levels": "Matryoshka: FVU of each nested dictionary (its first latents' codes alone, held-out rows), the whole dictionary last; one line per run, colour = dict ratio, lighter = smaller k.",
     "mmcs_vs_l1": "MMCS from each run to the same L1/seed at the next larger dict ratio, against L1.",
     "mmcs_heatmap": "MMCS between dictionaries of one dict ratio, ordered by seed, then L1 (row: from, column: to; white lines between seeds); colour range fitted to the values between different runs (a run against itself shows as the top colour).",

@@ -231,6 +231,13 @@ def dead_latents(train: TrainConfig, run: RunSpec) -> DeadLatents | None:
     return None
 
 
+def learning_rates(runs: tuple[RunSpec, ...], train: TrainConfig) -> float | tuple[float, ...]:
+    """``train.lr``, or each run's own where the grid has an lr axis."""
+    if all(r.lr is None for r in runs):
+        return train.lr
+    return tuple(r.learning_rate(train.lr) for r in runs)
+
+
 def _prefixed(c: Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in c.tensors.items() if k.startswith(prefix)}
 
@@ -261,7 +268,7 @@ def _ensemble(
     ens = Ensemble(
         params,
         hyper_of([r.l1 for r in runs], [r.k for r in runs], device),
-        Adam(train.lr, (train.betas[0], train.betas[1]), train.eps),
+        Adam(learning_rates(runs, train), (train.betas[0], train.betas[1]), train.eps),
         arch=arch,
         state=None if fresh else AdamState.stack(states, list(params), device),
         active=torch.tensor(active, device=device),

@@ -289,6 +289,7 @@ def run_cfg(
         "k": run.k,
         "dict_ratio": run.dict_ratio,
         "seed": run.seed,
+        **({} if run.lr is None else {"lr": run.lr}),  # (a grid with an lr axis)
         "run_id": run.run_id,
         "recipe": arch.recipe or None,
         "loss": arch.loss_text,

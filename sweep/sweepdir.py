@@ -85,6 +85,7 @@ SUMMARY_COLUMNS = [
     "run_id",
     "l1",
     "k",
+    "lr",
     "dict_ratio",
     "seed",
     "state",
@@ -136,9 +137,9 @@ FRONTIER = "frontier"
 
 
 def summary_columns(rows: list[dict]) -> list[str]:
-    """The fixed columns (``k`` only when a run has one; ``frontier`` after ``state``), then
-    every other metric (:data:`RUN_METRICS` always), sorted."""
-    first = [c for c in SUMMARY_COLUMNS if c != "k" or any(r.get("k") for r in rows)]
+    """The fixed columns (``k`` and ``lr`` only when a run has one; ``frontier`` after
+    ``state``), then every other metric (:data:`RUN_METRICS` always), sorted."""
+    first = [c for c in SUMMARY_COLUMNS if c not in ("k", "lr") or any(r.get(c) for r in rows)]
     first.insert(first.index("state") + 1, FRONTIER)
     present = {k for r in rows for k in r} | set(RUN_METRICS)
     return first + sorted(present - set(first) - ROW_ONLY)
@@ -227,6 +228,8 @@ class RunRecord:
         }
         if point.get("k"):  # TopK-style runs: k is the grid value (their l1 is unused)
             out.update(k=point["k"], l1=None)
+        if point.get("lr") is not None:  # a grid with an lr axis (grid.lr)
+            out["lr"] = point["lr"]
         out.update(self.metrics)
         out["state"] = self.state.value
         if self.note:
@@ -237,14 +240,16 @@ class RunRecord:
 def grid_order(run_id: str, point: object) -> tuple:
     """A run's place in the order runs are listed (status, report, summary.csv, load_sweep):
     dict ratio, sparsity setting (k, else l1: :func:`sweep.crossdict.knob`'s choice, which
-    this module cannot import), seed, ascending as numbers; then run id (runs whose grid point
-    is unknown come last). Planning starts the largest dict ratio first instead."""
+    this module cannot import), learning rate (grid.lr; 0 without), seed, ascending as numbers;
+    then run id (runs whose grid point is unknown come last). Planning starts the largest dict
+    ratio first instead."""
     point = point if isinstance(point, dict) else {}
     k = point.get("k")
     knob = k if json_number(k) and k >= 1 else point.get("l1")  # (k is 0 in an L1 run's spec)
-    values = (point.get("dict_ratio"), knob, point.get("seed"))
+    lr = point.get("lr") if json_number(point.get("lr")) else 0
+    values = (point.get("dict_ratio"), knob, lr, point.get("seed"))
     known = all(json_number(v) for v in values)
-    return (0, *values, run_id) if known else (1, 0, 0, 0, run_id)
+    return (0, *values, run_id) if known else (1, 0, 0, 0, 0, run_id)
 
 
 def _done(run: RunFolder, deep: bool = False) -> bool:

@@ -12,7 +12,17 @@ from sweep.sweepdir import METRICS_VERSION, SUMMARY, SUMMARY_COLUMNS
 COLUMNS = SUMMARY_COLUMNS
 
 
-SHED = ("seed", "dict_ratio", "l1", "k", "mse", "dense_fraction", "mmcs_seeds", "mmcs_next_ratio")
+SHED = (
+    "seed",
+    "dict_ratio",
+    "l1",
+    "k",
+    "lr",
+    "mse",
+    "dense_fraction",
+    "mmcs_seeds",
+    "mmcs_next_ratio",
+)
 SHED += ("gt_mmcs", "dead_fraction", "loss_recovered", "gt_recovered", "fvu", "l0")
 """Columns a narrow terminal leaves out, first ones first (the grid point's are in its run id)."""
 

@@ -47,8 +47,10 @@ def adam_stacked(
     adam: Adam,
 ) -> None:
     """``torch.optim.Adam``'s update of every active member's slice of the stacked (E, ...)
-    parameter ``p``, in place; an inactive member's parameter, moments and step stay."""
+    parameter ``p``, in place; an inactive member's parameter, moments and step stay. ``lr``:
+    one learning rate (0-d) or each member's (E,)."""
     shape = (-1,) + (1,) * (p.dim() - 1)  # (E, 1, ...): per-member values against p
+    lr = lr.view(shape) if lr.dim() == 1 else lr
     b1, b2 = adam.betas
     a = active_E.view(shape)  # (E, 1, ...) bool
     step_E.add_(active_E.to(step_E.dtype))  # (E,): an inactive member's count stays

@@ -28,11 +28,12 @@ def train_single(
     resample_every: int = 0,
     run_seed: int = 0,
     grad_clip: float | None = None,
+    lr: float = LR,
 ) -> tuple[dict, torch.optim.Adam]:
     """Train one member; returns its params (+ buffers under their names) and optimizer."""
     a = archs.get(name) if isinstance(name, str) else name
     p = {k: v.clone().requires_grad_(True) for k, v in p0.items()}
-    opt = torch.optim.Adam(list(p.values()), lr=LR, betas=BETAS, eps=EPS)
+    opt = torch.optim.Adam(list(p.values()), lr=lr, betas=BETAS, eps=EPS)
     hy, kmax = hyper(a, value), int(value) if a.knob == "k" else 0
     dev, f = p0["W_enc"].device, p0["W_enc"].shape[1]
     yes = torch.tensor([True], device=dev)

@@ -122,6 +122,25 @@ def test_gradient_clipping_is_per_member(fast):
     assert not torch.allclose(free["W_enc"], ens.params["W_enc"][0])  # clipping did act
 
 
+LRS = (1e-3, 3e-3, 1e-2)
+
+
+@pytest.mark.parametrize("name, fast", [("untied", True), ("untied", False), ("topk", True)])
+def test_members_with_their_own_learning_rates_train_as_each_would_alone(name, fast):
+    """``grid.lr``: each member steps at its own learning rate, as a single SAE with that
+    ``torch.optim.Adam`` lr; one knob value for all, so only the rates tell members apart."""
+    a = arch_of(name)
+    value, xs, init = VALUES[a.knob][1], batches(15), members(name, len(LRS))
+    ens = Ensemble(
+        stack(init), knob_hyper(a, [value] * len(LRS)), Adam(LRS, BETAS, EPS), arch=a, fast=fast
+    )
+    for x in xs:
+        ens.step(x, lr_scale=0.5)
+    for e, lr in enumerate(LRS):
+        p, opt = reference.train_single(a, init[e], value, xs, lr=lr * 0.5)
+        assert_member_equal(ens, e, p, opt, len(xs))
+
+
 def test_weighted_recipe_keeps_a_free_decoder_started_small():
     ens = ensemble_of("untied:weighted", members("untied:weighted", 3), True, None)
     norms = ens.params["W_dec"].norm(dim=-1)

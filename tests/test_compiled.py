@@ -13,12 +13,21 @@ import torch
 
 from sweep import compiled, restore
 from sweep.config import TrainConfig
-from sweep.ensemble import DeadLatents, Ensemble
+from sweep.ensemble import DeadLatents, Ensemble, stack
 from sweep.optim import Adam, AdamState
 from sweep.update import adam_stacked
 from tests import reference
 from tests.reference import BETAS, EPS, LR
-from tests.test_archs import VALUES, B, arch_of, assert_member_equal, batches, ensemble_of, members
+from tests.test_archs import (
+    VALUES,
+    B,
+    arch_of,
+    assert_member_equal,
+    batches,
+    ensemble_of,
+    knob_hyper,
+    members,
+)
 
 
 def test_stacked_adam_equals_torch_adam_member_by_member():
@@ -66,6 +75,22 @@ def test_compiled_ensemble_equals_independent_training(name, auxk):
     for e, value in enumerate(VALUES[a.knob]):
         p, opt = reference.train_single(a, init[e], value, xs, dead, grad_clip=0.05)
         assert_member_equal(ens, e, p, opt, len(xs))
+
+
+def test_the_compiled_step_gives_each_member_its_own_learning_rate():
+    """``grid.lr``: the compiled step's Adam takes the members' rates as an (E,) tensor."""
+    init, xs, lrs = members("untied", 3), batches(8), (1e-3, 3e-3, 1e-2)
+    hyper = knob_hyper(arch_of("untied"), [VALUES["l1"][1]] * 3)
+    eager = Ensemble(stack(init), hyper, Adam(lrs, BETAS, EPS))
+    fused = Ensemble(stack(init), hyper, Adam(lrs, BETAS, EPS), compiled=True)
+    assert fused.compiled and fused.hyper["lr"].tolist() == pytest.approx(list(lrs))
+    for i, x in enumerate(xs):
+        eager.step(x, lr_scale=1 - i / 10)
+        fused.step(x, lr_scale=1 - i / 10)
+    for k, v in eager.params.items():
+        torch.testing.assert_close(fused.params[k], v, rtol=1e-5, atol=1e-6)
+    moved = [float((eager.params["W_enc"][e] - init[e]["W_enc"]).abs().mean()) for e in range(3)]
+    assert moved[0] < moved[1] < moved[2]  # the rates did differ
 
 
 @pytest.mark.parametrize("name", ["batchtopk", "matryoshka"])

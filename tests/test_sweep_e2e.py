@@ -142,6 +142,30 @@ def test_changed_settings_are_refused(ray_cluster, tmp_path, capsys):
     assert "train.lr" in err and "data.seed" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_learning_rate_axis_trains_names_and_reports_each_rate(ray_cluster, tmp_path, capsys):
+    """``grid.lr``: each (l1, ratio) point at each rate, one ensemble per ratio; the rate in
+    run ids, summary.csv, cfg.json and the report's lr.png; the sweep keeps its axis."""
+    grid = ["grid.l1=[1e-2,3e-2]", "grid.dict_ratio=[2]", "grid.lr=[1e-3,1e-2]"]
+    assert sweep(tmp_path, *grid) == 0
+    sw = tmp_path / "sw"
+    rows = read_summary(sw / "summary.csv")
+    assert [(r["run_id"], float(r["lr"])) for r in rows] == [
+        ("r2-l1_1e-02-lr1e-03-s0", 1e-3), ("r2-l1_1e-02-lr1e-02-s0", 1e-2),
+        ("r2-l1_3e-02-lr1e-03-s0", 1e-3), ("r2-l1_3e-02-lr1e-02-s0", 1e-2),
+    ]  # fmt: skip
+    assert {r["state"] for r in rows} == {"done"}
+    spec = json.loads((sw / "runs" / rows[1]["run_id"] / "spec.json").read_text())
+    assert spec["lr"] == 1e-2 and rows[0]["run_id"] in spec["ensemble_members"]  # one program
+    capsys.readouterr()
+    assert sweep(tmp_path, *grid, "train.lr=0.5") == 0  # inert beside grid.lr: said, not refused
+    assert "train.lr=0.5 does nothing here: grid.lr sets each run's" in capsys.readouterr().err
+    assert sweep(tmp_path, *grid[:2]) == 2  # without the axis its run ids would be others
+    assert "holds a sweep with a learning rate axis (grid.lr)" in capsys.readouterr().err
+    assert main(["report", str(sw)]) == 0
+    assert (sw / "report" / "lr.png").stat().st_size > 10_000
+    assert "lr.png" in (sw / "report" / "index.html").read_text()
+
+
 def test_resume_command_uses_saved_config(ray_cluster, tmp_path, capsys):
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1]", "grid.seeds=2") == 0
     shutil.rmtree(tmp_path / "sw" / "runs" / "r1-l1_1e-02-s1")

@@ -37,10 +37,18 @@ from tests.test_lm_metrics import store_with_a_model
 
 
 def job_for(
-    store, sweep_dir, l1s=(1e-3, 3e-2), ratio=2.0, seeds=1, arch="untied", recipe=None, **train
+    store,
+    sweep_dir,
+    l1s=(1e-3, 3e-2),
+    ratio=2.0,
+    seeds=1,
+    arch="untied",
+    recipe=None,
+    lrs=None,
+    **train,
 ):
     knob = archs.get(arch).knob
-    runs = grid.expand(list(l1s), [ratio], seeds, store.width, arch, knob)
+    runs = grid.expand(list(l1s), [ratio], seeds, store.width, arch, knob, lrs)
     (ens,) = grid.group(runs, {ratio: 16})
     sae = SAEConfig(name=arch, recipe=recipe)
     return EnsembleJob(
@@ -215,6 +223,30 @@ def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
     if arch == "untied":
         events = rundir.run_dir(tmp_path / "ref", ref.ensemble.members[1].run_id) / "events.jsonl"
         assert '"resampled"' in events.read_text()
+
+
+def test_a_run_of_an_lr_axis_is_the_run_at_that_train_lr_and_resumes_bit_exact(
+    tiny_store, tmp_path
+):
+    """``grid.lr``: members of one ensemble at their own learning rates; each is, bit for bit,
+    the run a sweep without the axis trains at ``train.lr`` = its rate; resumed ==
+    uninterrupted."""
+    kw, lrs = dict(l1s=(3e-2,), epochs=2), (1e-3, 1e-2)
+    ref = job_for(tiny_store, tmp_path / "ref", lrs=lrs, **kw)
+    ids = [m.run_id for m in ref.ensemble.members]
+    assert ids == ["r2-l1_3e-02-lr1e-03-s0", "r2-l1_3e-02-lr1e-02-s0"]
+    train_ensemble(ref)
+    cut = job_for(tiny_store, tmp_path / "cut", lrs=lrs, **kw)
+    train_ensemble(cut, should_stop=stop_after(17))
+    assert train_ensemble(cut).resumed_from == 17
+    for run_id, lr in zip(ids, lrs, strict=True):
+        a = rundir.run_dir(tmp_path / "ref", run_id)
+        assert digest(a) == digest(rundir.run_dir(tmp_path / "cut", run_id)), run_id
+        assert json.loads((a / "cfg.json").read_text())["lr"] == lr
+        alone = job_for(tiny_store, tmp_path / f"lr{lr}", lr=lr, **kw)
+        train_ensemble(alone)
+        (only,) = alone.ensemble.members
+        assert digest(a) == digest(rundir.run_dir(tmp_path / f"lr{lr}", only.run_id)), run_id
 
 
 def test_steps_redone_after_a_fallback_record_their_resampling_once(tiny_store, tmp_path):
@@ -471,6 +503,13 @@ def test_grid_ids_and_splitting():
     assert grid.run_id(4, 1e-3, 0) == "r4-l1_1e-03-s0"
     assert grid.run_id(0.5, 1.5e-4, 2) == "r0.5-l1_1.5e-04-s2"
     assert grid.run_id(8, 0.0, 0) == "r8-l1_0-s0"
+    assert grid.run_id(8, 0.0, 1, k=64, lr=3e-4) == "r8-k64-lr3e-04-s1"
+    by_lr = grid.expand([32, 64], [4], 2, 16, "topk", "k", lrs=[1e-2, 1e-3])
+    assert [r.run_id for r in by_lr[:4]] == [
+        "r4-k32-lr1e-03-s0", "r4-k32-lr1e-03-s1", "r4-k32-lr1e-02-s0", "r4-k32-lr1e-02-s1",
+    ]  # fmt: skip
+    assert len(by_lr) == 8 and by_lr[0].learning_rate(3e-3) == 1e-3
+    assert grid.expand([32], [4], 1, 16, "topk", "k")[0].learning_rate(3e-3) == 3e-3
     runs = grid.expand([1e-3, 1e-2, 0.0], [2, 8], 2, 16, "untied")
     assert len(runs) == 12 and runs[0].dict_ratio == 8 and runs[0].dict_size == 128
     ens = grid.group(runs, {8.0: 4, 2.0: 16})
