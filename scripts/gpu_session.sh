@@ -60,11 +60,12 @@ elif [ "$part" = extra ]; then  # in order of what the issues still lack; the ca
   # issue 10's targets, held by the graphed step (sizes print as measured: a cut keeps them)
   SWEEP_PEAK_SIZES=128x512,512x4096,768x24576,2304x18432 step peak 300 \
     $bench --quick --sections 8 --json "$out/peak.json"
-  tests sweep_tests 180 -k "not ($data or $steps or memory_model or fresh_compile)"
+  tests sweep_tests 180 -k "not ($data or $steps or memory_model or fresh_compile or own_learning)"
   step topk 70 $bench --quick --sections 7 --json "$out/topk.json"  # the eager default's
   step jrelu 60 python3 scripts/jumprelu_speed.py --device cuda  # tf32's cost for log
   tests data_tests 40 -k "$data"
   tests matryoshka_tests 120 -k "matryoshka"  # eager == singles, compiled == eager, memory
+  tests lr_axis_tests 60 -k "own_learning"  # grid.lr: each member's rate, eager and compiled
 else  # rest: auto packing against fixed shares (issue 9)
   SWEEP_E2E_ROWS=2000000 SWEEP_E2E_RATIOS=4,8,16,32 SWEEP_E2E_SHARES=auto,0.25,0.5,1 \
     step packing 330 $bench --sections 6 --json "$out/packing.json"

@@ -88,6 +88,24 @@ def test_fp32_ensemble_equals_independent_training_on_cuda(fast, compiled, dev):
             assert float(ens.state.step[k][e]) == float(st["step"]) == len(xs)
 
 
+@pytest.mark.parametrize("fast, compiled", [(True, False), (False, False), (True, True)])
+@ON
+def test_members_at_their_own_learning_rates_train_as_singles_on_cuda(fast, compiled, dev):
+    """``grid.lr``: one L1 value, a rate per member (the compiled step's as an (E,) tensor)."""
+    from tests import reference
+
+    lrs, l1 = (1e-3, 3e-3, 1e-2), L1[1]
+    init, xs = members("untied")[: len(lrs)], [x.to(dev) for x in batches(25)]
+    hyper = hyper_of([l1] * len(lrs), [0] * len(lrs), dev)
+    ens = Ensemble(on(stack(init), dev), hyper, Adam(lrs, BETAS, EPS), fast=fast, compiled=compiled)
+    for x in xs:
+        ens.step(x, lr_scale=0.5)
+    for e, lr in enumerate(lrs):
+        p, _ = reference.train_single("untied", on(init[e], dev), l1, xs, lr=lr * 0.5)
+        for k in ens.params:
+            torch.testing.assert_close(ens.params[k][e], p[k], rtol=5e-5, atol=5e-6)
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "jumprelu"])
 @ON
