@@ -28,7 +28,7 @@ from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
 from sweep.devices import release_device_memory, resolve_compute_dtype, resolve_device
 from sweep.errors import OutOfMemory, SweepError, out_of_memory
 from sweep.finalize import EvalSetting, finish_members
-from sweep.grid import EnsembleSpec
+from sweep.grid import EnsembleSpec, RunSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
 from sweep.reevaluate import evaluate_again, to_evaluate
 from sweep.resample import resample
@@ -146,7 +146,7 @@ class _Attempt:
         placement["threads"] = torch.get_num_threads()
         placement["attempt"] = self.attempt = _attempt_number(self.folders, placement)
         for run, folder in zip(self.runs, self.folders, strict=True):
-            spec = {**run.as_dict(), "train": asdict(self.job.train), "sae": run.arch}
+            spec = {**run.as_dict(), "train": self.train_of(run), "sae": run.arch}
             spec["recipe"] = self.arch.recipe or None
             if self.job.data is not None:
                 spec["data"] = asdict(self.job.data)
@@ -160,6 +160,11 @@ class _Attempt:
                 total_steps=self.stream.total_steps,
             )
             folder.start(spec, placement)
+
+    def train_of(self, run: RunSpec) -> dict:
+        """The training settings ``run`` trains with, as its spec and logger record them: its
+        own learning rate where the grid has an lr axis."""
+        return {**asdict(self.job.train), "lr": run.learning_rate(self.job.train.lr)}
 
     def restore(self) -> Restored:
         mean = torch.tensor(self.store.manifest["stats"]["mean"], dtype=torch.float32)
@@ -233,7 +238,7 @@ class _Attempt:
                 config = {
                     **run.as_dict(),
                     "ensemble_id": self.job.ensemble.ensemble_id,
-                    "train": asdict(self.job.train),
+                    "train": self.train_of(run),
                 }
                 self._tracker.start(run.run_id, folder.path, config)
         return self._tracker

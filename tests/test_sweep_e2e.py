@@ -155,7 +155,8 @@ def test_a_learning_rate_axis_trains_names_and_reports_each_rate(ray_cluster, tm
     ]  # fmt: skip
     assert {r["state"] for r in rows} == {"done"}
     spec = json.loads((sw / "runs" / rows[1]["run_id"] / "spec.json").read_text())
-    assert spec["lr"] == 1e-2 and rows[0]["run_id"] in spec["ensemble_members"]  # one program
+    assert spec["lr"] == spec["train"]["lr"] == 1e-2  # (its spec's train: what it trained with)
+    assert rows[0]["run_id"] in spec["ensemble_members"]  # one program
     capsys.readouterr()
     assert sweep(tmp_path, *grid, "train.lr=0.5") == 0  # inert beside grid.lr: said, not refused
     assert "train.lr=0.5 does nothing here: grid.lr sets each run's" in capsys.readouterr().err
