@@ -117,6 +117,8 @@ def sweep_settings(folder: SweepFolder, records: list[RunRecord]) -> tuple[str, 
             sections["data"].setdefault("width", spec["width"])
         sections["train"] = planning.with_legacy({"train": dict(spec.get("train", {}))})["train"]
         source = "the run specs (no readable config.yaml)"
+    if sections["grid"].get("lr"):  # (each run's rate is the grid's: train.lr did nothing)
+        sections["train"].pop("lr", None)
     if spec.get("store"):  # (where the runs trained: a moved store is elsewhere now)
         sections["data"]["trained on"] = spec["store"]
     return source, sections

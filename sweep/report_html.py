@@ -26,7 +26,7 @@ from sweep.rundir import CFG, CURVE, FINAL_STATES, METRICS, SPEC
 RUN_FILES = ((METRICS, "metrics"), (CFG, "cfg"), (SPEC, "spec"), (CURVE, "curve"))
 """Run-folder files the table links to (when they exist), with their link text."""
 
-BEST_COLUMNS = ("run_id", "l1", "k", "dict_ratio", "seed", "l0", "fvu", "dead_fraction")
+BEST_COLUMNS = ("run_id", "l1", "k", "lr", "dict_ratio", "seed", "l0", "fvu", "dead_fraction")
 BEST_EXTRA = ("gt_mmcs", "gt_recovered", "loss_recovered", "mmcs_next_ratio", "mmcs_seeds")
 
 GAP = runfacts.MIN_ABLATION_GAP
