@@ -86,6 +86,16 @@ class Sweep:
                 continue
             yield rid, sae
 
+    def snapshots(self, run_id: str) -> Iterator[tuple[int, SAE]]:
+        """(step, SAE) of each snapshot of one run (``train.snapshots``: its weights as they
+        were after that step), in step order, loaded one at a time; a snapshot still being
+        written (no ``cfg.json`` yet) is passed over."""
+        folders = sorted((self.run_dir(run_id) / rundir.SNAPSHOTS).glob("step-*"))
+        for folder in folders:
+            if (folder / rundir.CFG).is_file():
+                snap = load_run(str(folder), device=self.device)
+                yield int(snap.cfg["snapshot_step"]), snap
+
     def __getitem__(self, run_id: str) -> SAE:
         if not isinstance(run_id, str):
             raise SweepError(

@@ -474,6 +474,9 @@ class TrainConfig:
     (SIGTERM/SIGINT) and before a run's final files."""
     checkpoint_every: int | None = None
     """Also checkpoint every this many steps (None = by time only)."""
+    snapshots: list[float] = field(default_factory=list)
+    """Fractions of training (in (0, 1)) at which each run's weights are kept as they are then,
+    in ``runs/<run_id>/snapshots/step-<N>/`` (loadable with ``sweep.load_run``); [] = none."""
     threads: int = 0
     """Torch CPU threads per ensemble; 0 = the CPUs Ray assigned to the task."""
     dead_tokens: int = 10_000_000
@@ -493,6 +496,10 @@ class TrainConfig:
     """Clip each member's gradient norm (None = off), as ``torch.nn.utils.clip_grad_norm_``
     would for that member alone, in SAELens's units: the gradient of width x loss (the
     squared error summed over dimensions), so 1.0 is what SAELens's trainer does."""
+
+    def snapshot_steps(self, total: int) -> set[int]:
+        """The steps (1-based, of ``total``) after which :attr:`snapshots` are kept."""
+        return {max(1, round(f * total)) for f in self.snapshots} - {total}
 
     def lr_scale(self, step: int, total: int) -> float:
         """Multiplier of ``lr`` for 0-based ``step`` of ``total`` (warmup, flat, linear decay)."""
@@ -584,6 +591,12 @@ class TrainConfig:
             f"train.checkpoint_every must be > 0 (or null for time-based only), got {self.checkpoint_every}",
         )
         _require(self.threads >= 0, f"train.threads must be >= 0, got {self.threads}")
+        for f in self.snapshots:
+            _require(
+                math.isfinite(f) and 0 < f < 1,
+                f"train.snapshots are fractions of training in (0, 1), got {f}; e.g. "
+                "train.snapshots='[0.1,0.5]' (the end's weights are the run's own)",
+            )
         _require(
             self.init_seeding in INIT_SEEDINGS,
             f"train.init_seeding must be one of {', '.join(INIT_SEEDINGS)}, got {self.init_seeding!r}",

@@ -161,7 +161,7 @@ def _member_tensors(ens: Ensemble, e: int, device: torch.device) -> sae.Params:
     return {k: v[e].detach().float().to(device) for k, v in kept.items()}
 
 
-def _saved_tensors(ens: Ensemble, e: int) -> sae.Params:
+def saved_tensors(ens: Ensemble, e: int) -> sae.Params:
     """Member ``e``'s weights as saved: its parameters and its architecture's buffers."""
     return _member_tensors(ens, e, torch.device("cpu"))
 
@@ -230,7 +230,7 @@ def finish_members(
         if again:
             folder.finish_again(density, m, again)
         else:
-            weights = save(_saved_tensors(ens, e))
+            weights = save(saved_tensors(ens, e))
             folder.finish(FinalResult(weights, density, cfg, m, diverged))
         if timings is not None:
             timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0

@@ -75,6 +75,7 @@ FREE = {
         "log_every",
         "checkpoint_minutes",
         "checkpoint_every",
+        "snapshots",
         "threads",
         "compile",
         "cuda_graphs",

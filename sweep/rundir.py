@@ -11,6 +11,8 @@
 - ``sae.safetensors``, ``cfg.json``, ``metrics.json``, ``feature_density.safetensors``,
   ``diverged.json``    final results
 - ``DONE``             written last: the folder is final only when it exists
+- ``snapshots/step-<N>/``  ``sae.safetensors`` and ``cfg.json`` as they were after step N
+  (``train.snapshots``; ``cfg.json`` written last, with ``snapshot_step``)
 
 A run moves through :class:`RunState`::
 
@@ -58,6 +60,7 @@ METRICS = "metrics.json"
 CURVE = "metrics.jsonl"
 DENSITY = "feature_density.safetensors"
 DIVERGED = "diverged.json"
+SNAPSHOTS = "snapshots"
 FAILED = "FAILED"
 INTERRUPTED = "interrupted.json"
 PLACEMENT = "placement.json"
@@ -405,6 +408,17 @@ class RunFolder:
     def mark_failed(self, reason: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / FAILED, {"reason": reason, "time": time.time()})
+
+    def write_snapshot(self, step: int, weights: bytes, cfg: dict) -> Path:
+        """The run's weights after ``step`` (``train.snapshots``), in a folder ``load_run``
+        opens; its ``cfg.json`` last, so a folder that has one is whole. Written again
+        (the same bits) when a resumed run passes the step again."""
+        folder = self.path / SNAPSHOTS / f"step-{step:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CFG).unlink(missing_ok=True)
+        atomic_write_bytes(folder / WEIGHTS, weights)
+        atomic_write_json(folder / CFG, cfg)
+        return folder
 
     def finish(self, result: FinalResult) -> None:
         """Write the final files, then ``DONE`` (the ensemble drops the checkpoints once every

@@ -27,7 +27,7 @@ from sweep.compiled import forget_compiled
 from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
 from sweep.devices import release_device_memory, resolve_compute_dtype, resolve_device
 from sweep.errors import OutOfMemory, SweepError, out_of_memory
-from sweep.finalize import EvalSetting, finish_members
+from sweep.finalize import EvalSetting, finish_members, saved_tensors
 from sweep.grid import EnsembleSpec, RunSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
 from sweep.reevaluate import evaluate_again, to_evaluate
@@ -209,6 +209,23 @@ class _Attempt:
             why = f"compiled step's weight copies drifted ({', '.join(drifted)})"
             folder.append_event({"event": "inexact_resume", "step": r.step, "why": why})
 
+    def snapshot(self, r: Restored) -> None:
+        """Each training member's weights after this step (``train.snapshots``), with the
+        ``cfg.json`` its final weights will have plus the step; a frozen (diverged) member's
+        are not its weights at this step, so it gets none."""
+        from safetensors.torch import save
+
+        provenance = self.store.provenance.get("source_info", {})
+        total, active = self.stream.total_steps, r.ens.active.tolist()
+        for e, (run, folder) in enumerate(zip(self.runs, self.folders, strict=True)):
+            if not active[e]:
+                continue
+            cfg = sae.run_cfg(run, self.scale, str(self.store.path), provenance, r.ens.arch)
+            cfg.update(snapshot_step=r.step, snapshot_rows=r.step * self.job.train.batch_size)
+            cfg["total_steps"] = total
+            folder.write_snapshot(r.step, save(saved_tensors(r.ens, e)), cfg)
+            folder.append_event({"event": "snapshot", "step": r.step})
+
     def resample(self, r: Restored, x: torch.Tensor) -> None:
         """Resample dead latents (ReLU-L1) and record how many in each run's events."""
         seeds = [run.seed for run in self.runs]
@@ -272,7 +289,7 @@ def _train(
     """Step ``r`` to the end of the stream (or to a stop: returns True), checkpointing."""
     t, bs = at.job.train, at.job.train.batch_size
     total = at.stream.total_steps
-    clock = CheckpointClock(t)
+    clock, snapshots = CheckpointClock(t), t.snapshot_steps(total)
     for cursor, x in at.stream.batches(r.cursor):
         logging_step = (r.step + 1) % t.log_every == 0 or r.step + 1 == total  # (+ the last)
         was_active = r.ens.active.clone()
@@ -282,6 +299,8 @@ def _train(
         if _resample_due(t, r.step, total):
             at.resample(r, x)
         r.diverged_at.masked_fill_(was_active > r.ens.active, r.step)  # (newly frozen)
+        if r.step in snapshots:
+            at.snapshot(r)
         if logging_step:
             at.writer.raise_failed()
             at.log_curve(parts, r.step, r.ens.active.tolist())

@@ -194,6 +194,10 @@ def test_invalid_values_name_the_field(override, field):
             "grid.dict_ratio 4.004 and 4 both give dict size 256 at width 64",
         ),
         (["run", "grid.l1=[1e-3,1e-3]"], "grid.l1 has duplicate values: [0.001, 0.001]; list each"),
+        (
+            ["run", "train.snapshots=[0.5,1]"],
+            "train.snapshots are fractions of training in (0, 1), got 1.0",
+        ),
         (["run", "grid.lr=[1e-3,0]"], "grid.lr values must be finite and > 0, got 0.0; e.g."),
         (["run", "grid.lr=[]"], "grid.lr is empty: give at least one learning rate, e.g."),
         (["run", "grid.lr=[3e-3,3e-3]"], "grid.lr has duplicate values: [0.003, 0.003]; list"),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
+import sweep as sweep_api
 from sweep import rundir, startup
 from sweep.cli import main
 from tests.conftest import rehash_chunk
@@ -146,7 +147,7 @@ def test_a_learning_rate_axis_trains_names_and_reports_each_rate(ray_cluster, tm
     """``grid.lr``: each (l1, ratio) point at each rate, one ensemble per ratio; the rate in
     run ids, summary.csv, cfg.json and the report's lr.png; the sweep keeps its axis."""
     grid = ["grid.l1=[1e-2,3e-2]", "grid.dict_ratio=[2]", "grid.lr=[1e-3,1e-2]"]
-    assert sweep(tmp_path, *grid) == 0
+    assert sweep(tmp_path, *grid, "train.snapshots=[0.5]") == 0
     sw = tmp_path / "sw"
     rows = read_summary(sw / "summary.csv")
     assert [(r["run_id"], float(r["lr"])) for r in rows] == [
@@ -157,6 +158,9 @@ def test_a_learning_rate_axis_trains_names_and_reports_each_rate(ray_cluster, tm
     spec = json.loads((sw / "runs" / rows[1]["run_id"] / "spec.json").read_text())
     assert spec["lr"] == spec["train"]["lr"] == 1e-2  # (its spec's train: what it trained with)
     assert rows[0]["run_id"] in spec["ensemble_members"]  # one program
+    half = round(0.5 * spec["total_steps"])  # (train.snapshots: the weights halfway, loadable)
+    (snap,) = sweep_api.load_sweep(sw).snapshots(rows[1]["run_id"])
+    assert snap[0] == half and snap[1].cfg["lr"] == 1e-2
     capsys.readouterr()
     assert sweep(tmp_path, *grid, "train.lr=0.5") == 0  # inert beside grid.lr: said, not refused
     assert "train.lr=0.5 does nothing here: grid.lr sets each run's" in capsys.readouterr().err

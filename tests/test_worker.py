@@ -249,6 +249,35 @@ def test_a_run_of_an_lr_axis_is_the_run_at_that_train_lr_and_resumes_bit_exact(
         assert digest(a) == digest(rundir.run_dir(tmp_path / f"lr{lr}", only.run_id)), run_id
 
 
+def test_snapshots_hold_the_weights_of_their_step_load_and_resume_bit_exact(tiny_store, tmp_path):
+    """``train.snapshots``: after 25% and 50% of 76 steps each run's weights as they were
+    (== the checkpoint of a run stopped there), loadable; a resumed run writes the same ones."""
+    kw = dict(epochs=2, checkpoint_every=None)
+    whole = job_for(tiny_store, tmp_path / "whole", snapshots=[0.5, 0.25], **kw)
+    train_ensemble(whole)
+    cut = job_for(tiny_store, tmp_path / "cut", snapshots=[0.25, 0.5], **kw)
+    train_ensemble(cut, should_stop=stop_after(30))
+    assert train_ensemble(cut).resumed_from == 30
+    stopped = job_for(tiny_store, tmp_path / "stopped", **kw)
+    train_ensemble(stopped, should_stop=stop_after(19))
+    for m in whole.ensemble.members:
+        snaps = rundir.run_dir(tmp_path / "whole", m.run_id) / rundir.SNAPSHOTS
+        assert sorted(p.name for p in snaps.iterdir()) == ["step-00000019", "step-00000038"]
+        for step in ("step-00000019", "step-00000038"):
+            again = rundir.run_dir(tmp_path / "cut", m.run_id) / rundir.SNAPSHOTS / step
+            assert digest(snaps / step) == digest(again)
+        at19 = load_file(snaps / "step-00000019" / rundir.WEIGHTS)
+        (ckpt,) = checkpoints.list_checkpoints(rundir.run_dir(tmp_path / "stopped", m.run_id))
+        held = checkpoints.load_checkpoint(ckpt)
+        assert held.step == 19
+        for k, v in at19.items():
+            assert torch.equal(v, held.tensors[f"param.{k}"]), k
+        model = load_run(str(snaps / "step-00000019"))
+        assert model.cfg["snapshot_step"] == 19 and model.cfg["total_steps"] == 76
+        raw = tiny_store.tail_rows(64).float()
+        assert model(raw).shape == raw.shape
+
+
 def test_steps_redone_after_a_fallback_record_their_resampling_once(tiny_store, tmp_path):
     """A resume from an older checkpoint (here: the newest is damaged) redoes steps, and with
     them their events: events.jsonl's resamplings are the uninterrupted run's, once each."""
