@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -268,7 +268,8 @@ class Ensemble:
         aux = dead is not None and dead.auxk_alpha > 0 and self.arch.knob == "k"
         return compiled.StepSpec(
             arch=self.arch,
-            adam=self.adam,
+            adam=self.adam if "lr" not in self.hyper else replace(self.adam, lr=0.0),  # (its
+            # members' rates are hyper["lr"], a tensor: ensembles of other rates share a graph)
             kmax=self.kmax,
             grad_clip=self.grad_clip,
             auxk=(dead.auxk_alpha, dead.k_aux) if aux else None,  # type: ignore[union-attr]

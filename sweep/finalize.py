@@ -52,10 +52,18 @@ does (a dead one, which keeps only ``b_dec`` near the mean, stays near 1): train
 as a too-high learning rate makes it do without a loss that is ever infinite."""
 
 
-def health_note(m: dict, arch: str = "untied", l1: float | None = None) -> str:
+def health_note(
+    m: dict, arch: str = "untied", l1: float | None = None, lr_axis: bool = False
+) -> str:
     """What a reader of the metrics must know: frozen weights of a diverged run, a dictionary
     that reconstructs worse than the mean, one whose features (nearly) all died ("" when there
-    is nothing to say); with the fix that fits architecture ``arch`` and the run's ``l1``."""
+    is nothing to say); with the fix that fits architecture ``arch`` and the run's ``l1``
+    (``lr_axis``: its learning rate is a ``grid.lr`` value, which a lower one is)."""
+    note = _health(m, arch, l1)
+    return note.replace("lower train.lr", "lower its grid.lr value") if lr_axis else note
+
+
+def _health(m: dict, arch: str, l1: float | None) -> str:
     if "diverged_step" in m:
         return (
             f"diverged at step {m['diverged_step']} (loss or gradient not finite); the weights "
@@ -173,7 +181,7 @@ def _add_outcome(m: dict, step: int, diverged: int | None, batch_size: int, cfg:
     m.update({"state": state, "steps": trained, "rows_trained": trained * batch_size})
     if diverged is not None:
         m["diverged_step"] = diverged
-    note = health_note(m, cfg["architecture"], cfg.get("l1"))
+    note = health_note(m, cfg["architecture"], cfg.get("l1"), cfg.get("lr") is not None)
     if note:
         m["note"] = note
 

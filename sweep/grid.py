@@ -66,7 +66,11 @@ class RunSpec:
         return f"k{self.k}" if self.k else f"l1_{fmt_l1(self.l1)}"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Its fields (``lr`` only with an lr axis: a plain sweep's records are as before)."""
+        out = asdict(self)
+        if out["lr"] is None:
+            del out["lr"]
+        return out
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ def _inert(config: dict) -> set[str]:
     """Defining fields that do nothing in ``config``: a change to one changes no run (it is
     warned about, :meth:`sweep.config.SweepConfig.inert_note`, and must not lock the sweep)."""
     inert, train = set(), config.get("train", {})
-    if (config.get("grid") or {}).get("lr") is not None:
+    if _lr_of(config) is not None:
         inert.add("train.lr")  # each run's learning rate is its grid.lr value
     arch = archs.REGISTRY.get(config.get("sae", {}).get("name"))
     topk_style = arch is not None and arch.knob == "k"
@@ -301,12 +301,17 @@ def check_compatible(folder: SweepFolder, cfg: SweepConfig) -> None:
         )
 
 
+def _lr_of(config: dict) -> object:
+    """A config's ``grid.lr`` (None: no lr axis)."""
+    return (config.get("grid") or {}).get("lr")
+
+
 def _check_lr_axis(folder: SweepFolder, old: dict | None, new: dict) -> None:
     """A sweep keeps the lr axis it was made with (or without): its run ids name their
     learning rate, or do not."""
     if old is None:
         return
-    had, has = (c.get("grid", {}).get("lr") is not None for c in (old, new))
+    had, has = (_lr_of(c) is not None for c in (old, new))
     if had != has:
         fix = "give grid.lr" if had else "drop grid.lr (every run trains at train.lr)"
         raise RunDirError(
@@ -321,6 +326,11 @@ def _check_saved(folder: SweepFolder, saved: dict) -> None:
     edited or damaged (a file cut short reads as an old sweep's, its lost fields as LEGACY)."""
     recorded = folder.first_spec()
     diffs = [] if recorded is None else _differences(*_as_config(recorded, saved))
+    had, has = recorded is not None and recorded.get("lr") is not None, _lr_of(saved) is not None
+    if recorded is not None and had != has:  # (grid is no defining group: asked apart)
+        specs = folder.recorded_specs().values() if had else []
+        rates = sorted({sp["lr"] for sp in specs if sp.get("lr") is not None})
+        diffs.append(Difference("grid.lr", rates or None, _lr_of(saved)))
     if diffs:
         raise RunDirError(
             f"{folder.path / CONFIG} disagrees with what the sweep's runs recorded (recorded -> "
@@ -661,6 +671,8 @@ def _put_back(folder: SweepFolder, run_id: str, cfg: SweepConfig) -> str:
         return f"put grid.{knob} value {value:g} back"
     if spec.get("dict_ratio") not in (None, *cfg.grid.dict_ratio):
         return f"put grid.dict_ratio value {spec['dict_ratio']:g} back"
+    if spec.get("lr") is not None and spec["lr"] not in (cfg.grid.lr or []):
+        return f"put grid.lr value {spec['lr']:g} back"
     return "put its grid point back"
 
 

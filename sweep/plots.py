@@ -376,6 +376,7 @@ def frontier_compare_figure(sweeps: list[tuple[str, list[dict]]]) -> Figure | No
         if annotate:
             for r in labelled(pts):
                 knob = f"{'k' if name == 'k' else ''}{knob_text(name, knob_value(r))}"  # type: ignore[arg-type]
+                knob += _lr_text(r)
                 ax.annotate(
                     f"r{r['dict_ratio']:g} {knob}",
                     (r["l0"], r["fvu"]),
@@ -709,7 +710,8 @@ def _curve_xy(curve: list[dict], key: str) -> tuple[list[float], list[float]]:
 def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
     """Loss, FVU and L0 against training rows: one line per run (``runs``: summary row and its
     ``metrics.jsonl`` records), coloured by dict ratio, lighter for smaller L1 (or k), dotted
-    while the run is not finished. Thinner, fainter lines when there are many runs."""
+    while the run is not finished (with an lr axis: a line style per learning rate, and fainter
+    while not finished). Thinner, fainter lines when there are many runs."""
     runs = [(r, c) for r, c in runs if c and finite(r.get("dict_ratio"))]
     if not runs:
         return placeholder(path, "Training curves", "no training-curve records yet")
@@ -719,14 +721,21 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
     light = _l1_lightness([knob_value(r) for r, _ in runs])
     many = len(runs) > 12
     width, alpha = (0.8, max(0.3, 3 / math.sqrt(len(runs)))) if many else (1.4, 0.95)
+    lrs = lr_axis([r for r, _ in runs])
     for row, curve in runs:
         color = _lighten(colors[row["dict_ratio"]], light.get(knob_value(row), 0.0))  # type: ignore[arg-type]
-        style = "-" if row.get("state") == "done" else ":"
+        done = row.get("state") == "done"
+        style = "-" if done else ":"
+        fade = 1.0 if done or not lrs else 0.5
+        if lrs:
+            style = LR_STYLES[lrs.index(row["lr"]) % len(LR_STYLES)]
         for ax, (key, _) in zip(axes, CURVE_PANELS, strict=True):
             xs, ys = _curve_xy(curve, key)
             if xs:  # (one record, e.g. a run shorter than log_every: a dot, not nothing)
                 marker = "o" if len(xs) == 1 else None
-                ax.plot(xs, ys, style, color=color, lw=width, alpha=alpha, marker=marker, ms=4)
+                ax.plot(
+                    xs, ys, style, color=color, lw=width, alpha=alpha * fade, marker=marker, ms=4
+                )
     nested = any(_nested(row) for row, _ in runs)
     for ax, (key, title) in zip(axes, CURVE_PANELS, strict=True):
         if key == "loss" and name == "k":
@@ -743,6 +752,8 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     for ratio, color in colors.items():
         axes[0].plot([], [], color=color, label=f"ratio {ratio:g}")
+    for i, lr in enumerate(lrs):
+        axes[0].plot([], [], LR_STYLES[i % len(LR_STYLES)], color="0.3", label=f"lr {lr:g}")
     axes[0].legend(fontsize=8, title=f"lighter = smaller {KNOB_NAMES[name]}", title_fontsize=7)
     return _save(fig, path)
 

@@ -199,6 +199,8 @@ def test_health_notes_fit_the_runs_l1():
     )
     assert health_note(silent, "untied", 0.0).endswith("training went wrong; lower train.lr")
     assert health_note(silent, "topk").endswith("training went wrong; lower train.lr")
+    on_axis = health_note(silent, "topk", lr_axis=True)  # (grid.lr: its rate is the grid's)
+    assert on_axis.endswith("training went wrong; lower its grid.lr value")
 
 
 def test_density_fractions_of_known_frequencies():

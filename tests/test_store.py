@@ -583,6 +583,6 @@ def test_jumprelu_on_rows_of_another_scale_without_normalize_is_warned_of():
     tiny = {**stats, "mean_row_norm": stats["mean_row_norm"] * 1e-5}  # ~1e-3 x sqrt(width)
     for name in ("untied", "topk"):
         (note,) = store_notes(tiny, x * 1e-5, 4000, False, archs.get(name), lr=3e-3)
-        assert "while Adam moves each weight ~train.lr=0.003 a step" in note, note
+        assert "while Adam moves each weight ~its learning rate (0.003) a step" in note, note
         assert store_notes(tiny, x * 1e-5, 4000, False, archs.get(name), lr=1e-4) == []
         assert store_notes(tiny, x * 1e-5, 4000, True, archs.get(name), lr=3e-3) == []

@@ -166,6 +166,11 @@ def test_a_learning_rate_axis_trains_names_and_reports_each_rate(ray_cluster, tm
     assert "train.lr=0.5 does nothing here: grid.lr sets each run's" in capsys.readouterr().err
     assert sweep(tmp_path, *grid[:2]) == 2  # without the axis its run ids would be others
     assert "holds a sweep with a learning rate axis (grid.lr)" in capsys.readouterr().err
+    saved = (sw / "config.yaml").read_text()  # an edited config.yaml cannot drop it either
+    (sw / "config.yaml").write_text(saved.replace("  lr:\n  - 0.001\n  - 0.01\n", "  lr: null\n"))
+    assert main(["resume", str(sw)]) == 2
+    assert "grid.lr [0.001,0.01] -> null): it was edited" in capsys.readouterr().err
+    (sw / "config.yaml").write_text(saved)
     assert main(["report", str(sw)]) == 0
     assert (sw / "report" / "lr.png").stat().st_size > 10_000
     assert "lr.png" in (sw / "report" / "index.html").read_text()

@@ -1442,6 +1442,14 @@ def test_a_deleted_manifest_loses_neither_the_ensembles_nor_the_store_check(tiny
         )
 
 
+def test_a_run_dropped_with_its_learning_rate_is_put_back_by_naming_it(tiny_store, tmp_path):
+    runs = grid.expand([1e-3], [2.0], 1, tiny_store.width, "untied", lrs=[1e-3, 1e-2])
+    folder = SweepFolder(tmp_path)
+    folder.write_manifest([r.as_dict() for r in runs], {}, tiny_store)
+    cfg = pair_cfg(tmp_path, "1e-3", "grid.lr=[1e-3]")
+    assert planning._put_back(folder, runs[1].run_id, cfg) == "put grid.lr value 0.01 back"
+
+
 def test_a_deleted_config_still_refuses_other_settings(tiny_store, tmp_path):
     runs, cut = cut_pair(tiny_store, tmp_path)
     folder = SweepFolder(cut)

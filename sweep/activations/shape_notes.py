@@ -79,7 +79,7 @@ def store_notes(
 ) -> list[str]:
     """The warnings a store calls for, one line each: ``stats`` its manifest's, ``tail`` its
     held-out rows, ``arch`` the sweep's architecture (:class:`sweep.archs.Architecture`),
-    ``lr`` its peak learning rate."""
+    ``lr`` its peak learning rate (the largest of ``grid.lr``'s)."""
     if "std" not in stats or "mean_sq_row_norm" not in stats:
         return []  # (a manifest not written by sweep)
     notes = [_offset(stats, arch)] if normalize else [_raw_scale(stats, arch, lr)]
@@ -127,7 +127,7 @@ def _raw_scale(stats: dict, arch: object, lr: float | None) -> str | None:
         )
     elif lr and ratio < SMALL_FOR_LR * lr:
         what = (
-            f"Adam moves each weight ~train.lr={lr:g} a step, much against codes of rows this "
+            f"Adam moves each weight ~its learning rate ({lr:g}) a step, much against codes of rows this "
             "small: latents die, whatever the grid's sparsity"
         )
     else:
