@@ -65,7 +65,7 @@ FAILED = "FAILED"
 INTERRUPTED = "interrupted.json"
 PLACEMENT = "placement.json"
 EVENTS = "events.jsonl"
-REDONE_EVENTS = ("resampled",)
+REDONE_EVENTS = ("resampled", "snapshot")
 """Events a training step records (at its ``step``): dropped, with the curve, past the step a
 run resumes from, since redoing the step records them again."""
 TRACKER = "logger.json"

@@ -266,6 +266,9 @@ def test_snapshots_hold_the_weights_of_their_step_load_and_resume_bit_exact(tiny
         for step in ("step-00000019", "step-00000038"):
             again = rundir.run_dir(tmp_path / "cut", m.run_id) / rundir.SNAPSHOTS / step
             assert digest(snaps / step) == digest(again)
+        events = rundir.run_dir(tmp_path / "cut", m.run_id) / "events.jsonl"
+        told = [json.loads(line) for line in events.read_text().splitlines()]
+        assert [e["step"] for e in told if e["event"] == "snapshot"] == [19, 38]  # (once each)
         at19 = load_file(snaps / "step-00000019" / rundir.WEIGHTS)
         (ckpt,) = checkpoints.list_checkpoints(rundir.run_dir(tmp_path / "stopped", m.run_id))
         held = checkpoints.load_checkpoint(ckpt)
