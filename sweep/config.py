@@ -362,10 +362,7 @@ class GridConfig:
             len(values) > 0,
             f"grid.{knob} is empty: give at least one value, e.g. grid.{knob}='[{'1e-3' if knob == 'l1' else '32'}]'",
         )
-        _require(
-            len(set(values)) == len(values),
-            f"grid.{knob} has duplicate values: {values}; list each value once",
-        )
+        _distinct(knob, values)
         for v in values:
             if knob == "l1":
                 _require(
@@ -394,10 +391,7 @@ class GridConfig:
         )
         for v in self.dict_ratio:
             _require(math.isfinite(v) and v > 0, f"grid.dict_ratio values must be > 0, got {v}")
-        _require(
-            len(set(self.dict_ratio)) == len(self.dict_ratio),
-            f"grid.dict_ratio has duplicate values: {self.dict_ratio}; list each value once",
-        )
+        _distinct("dict_ratio", self.dict_ratio)
         self._check_lr()
         _require(self.seeds >= 1, f"grid.seeds must be >= 1, got {self.seeds}")
         _require(self.max_members >= 0, f"grid.max_members must be >= 0, got {self.max_members}")
@@ -415,10 +409,15 @@ class GridConfig:
                 math.isfinite(v) and v > 0,
                 f"grid.lr values must be finite and > 0, got {v}; e.g. grid.lr='[1e-3,3e-3]'",
             )
-        _require(
-            len(set(self.lr)) == len(self.lr),
-            f"grid.lr has duplicate values: {self.lr}; list each value once",
-        )
+        _distinct("lr", self.lr)
+
+
+def _distinct(name: str, values: list) -> None:
+    """``grid.<name>`` lists each value once."""
+    _require(
+        len(set(values)) == len(values),
+        f"grid.{name} has duplicate values: {values}; list each value once",
+    )
 
 
 @dataclass
@@ -1043,11 +1042,9 @@ def _nearest(name: str, names: list[str], cutoff: float | None = None) -> list[s
     if cutoff is None:
         cutoff = 0.5 if len(name) <= 3 else 0.6
 
-    def score(n: str) -> float:
-        return difflib.SequenceMatcher(None, name, n).ratio()
-
-    best = max((score(n) for n in names), default=0.0)
-    return [n for n in names if best >= cutoff and score(n) == best]
+    scores = {n: difflib.SequenceMatcher(None, name, n).ratio() for n in names}
+    best = max(scores.values(), default=0.0)
+    return [n for n, score in scores.items() if best >= cutoff and score == best]
 
 
 def _option_name(schema: type) -> str:

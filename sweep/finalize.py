@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +169,14 @@ def _member_tensors(ens: Ensemble, e: int, device: torch.device) -> sae.Params:
     return {k: v[e].detach().float().to(device) for k, v in kept.items()}
 
 
+def run_cfgs(
+    runs: Sequence[RunSpec], store: ChunkStore, scale: float, arch: archs.Architecture
+) -> list[dict]:
+    """Each run's ``cfg.json`` (:func:`sweep.sae.run_cfg`), trained on ``store`` at ``scale``."""
+    provenance = store.provenance.get("source_info", {})
+    return [sae.run_cfg(r, scale, str(store.path), provenance, arch) for r in runs]
+
+
 def saved_tensors(ens: Ensemble, e: int) -> sae.Params:
     """Member ``e``'s weights as saved: its parameters and its architecture's buffers."""
     return _member_tensors(ens, e, torch.device("cpu"))
@@ -218,9 +226,7 @@ def finish_members(
     lm_eval, lm_skipped = lm_metrics.LMEval.prepare(ev.store, ev.device, ev.lm_eval_tokens)
     if lm_skipped:
         log.warning("LM metrics skipped: %s", lm_skipped)
-    provenance = ev.store.provenance.get("source_info", {})
-    states = {}
-    cfgs = [sae.run_cfg(r, ev.scale, str(ev.store.path), provenance, ens.arch) for r in runs]
+    states, cfgs = {}, run_cfgs(runs, ev.store, ev.scale, ens.arch)
     judged = _metrics_of_members(ens, cfgs, x_eval, gt)
     lm, lm_skipped = _lm_metrics(lm_eval, lm_skipped, ens, cfgs, x_eval.device)
     if before_final is not None:

@@ -725,10 +725,10 @@ def training_curves(runs: list[tuple[dict, list[dict]]], path: Path) -> Path:
     for row, curve in runs:
         color = _lighten(colors[row["dict_ratio"]], light.get(knob_value(row), 0.0))  # type: ignore[arg-type]
         done = row.get("state") == "done"
-        style = "-" if done else ":"
-        fade = 1.0 if done or not lrs else 0.5
-        if lrs:
-            style = LR_STYLES[lrs.index(row["lr"]) % len(LR_STYLES)]
+        if lrs:  # (a style per rate; an unfinished run fainter instead of dotted)
+            style, fade = LR_STYLES[lrs.index(row["lr"]) % len(LR_STYLES)], 1.0 if done else 0.5
+        else:
+            style, fade = "-" if done else ":", 1.0
         for ax, (key, _) in zip(axes, CURVE_PANELS, strict=True):
             xs, ys = _curve_xy(curve, key)
             if xs:  # (one record, e.g. a run shorter than log_every: a dot, not nothing)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+from safetensors.torch import save
 
 from sweep import sae
 from sweep.activations.store import BatchStream, ChunkStore
@@ -27,7 +28,7 @@ from sweep.compiled import forget_compiled
 from sweep.config import DataConfig, LoggerConfig, SAEConfig, TrainConfig
 from sweep.devices import release_device_memory, resolve_compute_dtype, resolve_device
 from sweep.errors import OutOfMemory, SweepError, out_of_memory
-from sweep.finalize import EvalSetting, finish_members, saved_tensors
+from sweep.finalize import EvalSetting, finish_members, run_cfgs, saved_tensors
 from sweep.grid import EnsembleSpec, RunSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
 from sweep.reevaluate import evaluate_again, to_evaluate
@@ -213,16 +214,13 @@ class _Attempt:
         """Each training member's weights after this step (``train.snapshots``), with the
         ``cfg.json`` its final weights will have plus the step; a frozen (diverged) member's
         are not its weights at this step, so it gets none."""
-        from safetensors.torch import save
-
-        provenance = self.store.provenance.get("source_info", {})
-        total, active = self.stream.total_steps, r.ens.active.tolist()
-        for e, (run, folder) in enumerate(zip(self.runs, self.folders, strict=True)):
+        cfgs = run_cfgs(self.runs, self.store, self.scale, r.ens.arch)
+        rows, total = r.step * self.job.train.batch_size, self.stream.total_steps
+        active = r.ens.active.tolist()  # (one host transfer)
+        for e, (cfg, folder) in enumerate(zip(cfgs, self.folders, strict=True)):
             if not active[e]:
                 continue
-            cfg = sae.run_cfg(run, self.scale, str(self.store.path), provenance, r.ens.arch)
-            cfg.update(snapshot_step=r.step, snapshot_rows=r.step * self.job.train.batch_size)
-            cfg["total_steps"] = total
+            cfg.update(snapshot_step=r.step, snapshot_rows=rows, total_steps=total)
             folder.write_snapshot(r.step, save(saved_tensors(r.ens, e)), cfg)
             folder.append_event({"event": "snapshot", "step": r.step})
 
