@@ -8,6 +8,7 @@
     .venv/bin/python scripts/bench_frontier.py --layers 3 6 9 --sweep-args 'train.l1_warmup=0.05'
     .venv/bin/python scripts/bench_frontier.py --arch batchtopk --lrs 1e-3 3e-3  # (or topk, matryoshka)
     .venv/bin/python scripts/bench_frontier.py --arch jumprelu --lrs 1e-3 3e-3 --epochs 10
+    .venv/bin/python scripts/bench_frontier.py --arch gated --lrs 3e-3   # SAELens's gated SAE
 
 Steps (each resumable; everything lives under ``--work``, default /tmp/frontier):
 
@@ -69,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--arch", choices=runs.ARCHS, default="relu",
         help="relu: L1 grids (sweep's sae per --sweep-args, SAELens's standard SAE); "
         "jumprelu: both methods' JumpReLU over the L0 coefficients --l1; "
+        "gated: both methods' gated SAE over the L1 coefficients --l1; "
         "topk / batchtopk / matryoshka: both methods' over --k",
     )  # fmt: skip
     ap.add_argument("--k", type=int, nargs="+", default=[16, 32, 64, 128], help="topk family")

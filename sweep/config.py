@@ -246,7 +246,7 @@ class SAEConfig:
 
     name: str = MISSING
     """A registered architecture (:mod:`sweep.archs`): ``untied``, ``tied``, ``topk``,
-    ``batchtopk``, ``matryoshka`` or ``jumprelu``."""
+    ``batchtopk``, ``matryoshka``, ``jumprelu`` or ``gated``."""
     recipe: str | None = None
     """The training recipe, for architectures that offer several (untied: ``unit`` or
     ``weighted``; jumprelu: ``linear`` or ``log``); None = the architecture's default, named
@@ -328,8 +328,8 @@ class GridConfig:
     """The grid: every combination of (l1 or k) x dict_ratio x seed is one run."""
 
     l1: list[float] | None = None
-    """Sparsity coefficients (>= 0) of L1-style architectures (untied, tied; JumpReLU's L0
-    coefficient); None = ``DEFAULT_L1``."""
+    """Sparsity coefficients (>= 0) of L1-style architectures (untied, tied, gated: the gate's;
+    JumpReLU's L0 coefficient); None = ``DEFAULT_L1``."""
     k: list[int] | None = None
     """Active latents per row of TopK-style architectures (topk, batchtopk, matryoshka); None = ``DEFAULT_K``."""
     dict_ratio: list[float] = field(default_factory=lambda: [4.0, 8.0])
@@ -487,7 +487,7 @@ class TrainConfig:
     A plain MSE like the main loss (sparsify's weighting; Gao et al. normalise both terms by
     their targets' variance, which weighs AuxK 1/FVU times more)."""
     resample_dead: int = 0
-    """untied / tied (ReLU-L1): every this many steps, re-initialise dead latents from badly
+    """untied / tied / gated (L1-penalised): every this many steps, re-initialise dead latents from badly
     reconstructed rows of the current batch and reset their Adam state (0 = off)."""
     resample_stop: float = 0.5
     """Fraction of training after which no more resampling happens."""
@@ -797,7 +797,7 @@ class SweepConfig:
         )
 
     def _check_dead_latent_remedy(self) -> None:
-        """Resampling is for ReLU-L1 SAEs (AuxK for TopK-style ones)."""
+        """Resampling is for L1-penalised SAEs (AuxK for TopK-style ones)."""
         topk_style = self.sae.architecture().knob == "k"
         fix = "TopK-style SAEs use train.auxk_alpha" if topk_style else "set train.resample_dead=0"
         _require(
@@ -852,7 +852,7 @@ def _resampling() -> str:
     from sweep.archs import REGISTRY
 
     names = sorted(n for n, a in REGISTRY.items() if a.resamples)
-    return f"ReLU-L1 SAEs ({', '.join(names)})"
+    return f"L1-penalised SAEs ({', '.join(names)})"
 
 
 def register_configs() -> None:

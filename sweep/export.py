@@ -6,7 +6,8 @@ d_sae)``, ``b_enc (d_sae,)``, ``W_dec (d_sae, d_in)``, ``b_dec (d_in,)``, plus `
 ``sae_lens.SAE.load_from_disk(path)`` opens it. Architectures map to SAELens's as
 ``Architecture.saelens`` says: untied/tied -> ``standard``, topk -> ``topk`` (with ``k``),
 jumprelu -> ``jumprelu``, batchtopk and matryoshka -> ``jumprelu`` with the learned threshold
-on every feature (as SAELens itself saves a trained (Matryoshka) BatchTopK SAE for inference).
+on every feature (as SAELens itself saves a trained (Matryoshka) BatchTopK SAE for inference),
+gated -> ``gated`` (``b_enc`` written as SAELens's ``b_gate``, with ``r_mag`` and ``b_mag``).
 
 SAELens computes ``act((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec`` on raw activations,
 which is our SAE with the training scale folded in (:class:`sweep.sae.SAE`; thresholds act
@@ -216,6 +217,8 @@ def _write(model: SAE, out: str | Path, origin: dict) -> Path:
     saved = {**dict(model.named_buffers()), "b_enc": model.b_enc.detach()}
     tensors, fields = model.arch.saelens_form(saved, model.k)
     weights.update({k: v.contiguous() for k, v in tensors.items()})
+    for ours, theirs in model.arch.saelens_renamed.items():  # (Gated's b_enc is its b_gate)
+        weights[theirs] = weights.pop(ours)
     # cfg.json first, which marks the folder as an export (one killed midway is replaced by
     # the next). An earlier export of this run keeps its weights until the new ones are
     # whole (a write that fails leaves them as they were); another run's go first, so the

@@ -88,6 +88,9 @@ def grads(
     gradients and loss parts stay float32. ``cast`` holds parameters already in that dtype
     (the compiled step keeps the weights' copies, see :mod:`sweep.compiled`).
     """
+    own = arch.batched_grads()
+    if own is not None:  # (Gated's: sweep.fastgated)
+        return own(arch, params, x_BD, hyper, kmax, aux, with_l0, ws, compute_dtype, cast)
     dt = compute_dtype or params["W_enc"].dtype
     W_enc, b_enc, W_dec = (
         (cast or {}).get(k, params[k]).to(dt) for k in ("W_enc", "b_enc", "W_dec")

@@ -1,4 +1,4 @@
-"""Dead-latent resampling for ReLU-L1 SAEs (Bricken et al. 2023, "Towards Monosemanticity").
+"""Dead-latent resampling for ReLU-L1 and gated SAEs (Bricken et al. 2023, "Towards Monosemanticity").
 
 Every ``train.resample_dead`` steps (until ``train.resample_stop`` of training), each
 member's dead latents (silent for ``train.dead_tokens`` rows) are re-initialised from rows of
@@ -9,7 +9,8 @@ reconstruction loss:
   ``sae.recipe=weighted``, whose decoder rows are free and weight the L1, to the mean norm of
   the alive rows: a unit row among rows near 0.1 would pay ~10x their L1);
 - encoder column = that direction times 0.2 x the mean norm of the alive encoder columns;
-- encoder bias = 0, and the Adam moments of every re-initialised entry = 0.
+- encoder bias = 0 (a gated SAE's magnitude parameters too: its two paths start equal), and
+  the Adam moments of every re-initialised entry = 0.
 
 The draw uses a generator seeded from the train seed, the run's seed and the step, so a
 resumed sweep resamples exactly as an uninterrupted one (the batch is fixed by the cursor).
@@ -58,12 +59,14 @@ def resample_member(
     alive = ~dead_F
     norm = params["W_enc"][:, alive].norm(dim=0).mean() if bool(alive.any()) else 1.0
     params["W_enc"][:, ids] = dirs.T * (ENCODER_SCALE * norm)
-    params["b_enc"][ids] = 0.0
+    for name in ("b_enc", *arch.feature_params):  # (a gate's magnitude path: as at the start)
+        params[name][ids] = 0.0
     if "W_dec" in params:
         params["W_dec"][ids] = dirs * _decoder_norm(arch, params["W_dec"], alive)
     for m in moments:
         m["W_enc"][:, ids] = 0.0
-        m["b_enc"][ids] = 0.0
+        for name in ("b_enc", *arch.feature_params):
+            m[name][ids] = 0.0
         if "W_dec" in m:
             m["W_dec"][ids] = 0.0
     return int(ids.numel())

@@ -221,7 +221,7 @@ def _report_software_change(
 
 def dead_latents(train: TrainConfig, run: RunSpec) -> DeadLatents | None:
     """Dead-latent tracking for these runs: AuxK (TopK family, ``train.auxk_alpha`` > 0) or
-    resampling (ReLU-L1, ``train.resample_dead`` > 0); None when neither applies."""
+    resampling (L1-penalised, ``train.resample_dead`` > 0); None when neither applies."""
     topk_family = archs.get(run.arch).knob == "k"
     if topk_family and train.auxk_alpha > 0:
         k_aux = max(1, min(run.width // 2, run.dict_size))

@@ -11,6 +11,7 @@ Loss (the one convention used everywhere)::
     mse  = mean over batch and dimensions of (x_hat - x)**2
     loss = mse + penalty (the architecture's: l1 * mean L1 norm for ReLU SAEs, l1 * mean L0
            for JumpReLU, none for TopK / BatchTopK) [+ auxk_alpha * AuxK, TopK family]
+           [+ the gate's reconstruction through a frozen decoder, Gated]
 
 Matryoshka (``sae=matryoshka``, Bussmann et al. 2025): with inner sizes m_1 < ... < m_n
 (:meth:`~sweep.archs.Architecture.inner_widths`), ``mse`` in the loss is replaced by the mean
@@ -144,6 +145,10 @@ def loss_fn(
     mse = mean_square(err_BD)
     loss = nested_mse(arch, params, codes_BF, x_BD, mse) if arch.levels else mse
     loss = loss + arch.penalty(params, codes_BF, pre_BF, hyper)
+    gate_BF = arch.gate_codes(params, pre_BF)
+    if gate_BF is not None:  # (Gated's: the gate's codes through the frozen decoder)
+        dec = arch.decoder(params).detach()
+        loss = loss + mean_square(gate_BF @ dec + params["b_dec"].detach() - x_BD)
     if dead_F is not None and auxk_alpha > 0 and k_aux > 0:
         aux = auxk_loss(pre_BF, dead_F, arch.decoder(params), -err_BD.detach(), k_aux)
         loss = loss + auxk_alpha * aux
@@ -158,6 +163,10 @@ def loss_fn(
         )
     return loss, (parts, codes_BF.detach())
 
+
+CORE_WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec")
+"""The weights every architecture has (a tied one derives its W_dec); the rest of a run's
+tensors (thresholds, a gate's magnitudes) are the SAE's buffers."""
 
 PER_HEAD_HOOKS = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_result", "hook_rot_q", "hook_rot_k")
 """transformer_lens hooks whose activations are (..., heads, d_head)."""
@@ -192,8 +201,9 @@ class SAE(torch.nn.Module):
         self.b_enc = torch.nn.Parameter(params["b_enc"].clone())  # (F,)
         self.W_dec = torch.nn.Parameter(dec / s)  # (F, D)
         self.b_dec = torch.nn.Parameter(params["b_dec"] / s)  # (D,)
-        # thresholds act on pre-activations, which folding leaves unchanged
-        self._extra = [n for n in ("threshold", "log_threshold") if n in params]
+        # thresholds, a gate's magnitudes: they act on pre-activations, which folding
+        # leaves unchanged
+        self._extra = [n for n in params if n not in CORE_WEIGHTS]
         for name in self._extra:
             self.register_buffer(name, params[name].clone())
         self.requires_grad_(False)
@@ -252,8 +262,8 @@ class SAE(torch.nn.Module):
         return self.W_enc.shape[1]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        pre = (x - self.b_dec) @ self.W_enc + self.b_enc
-        return self.arch.infer(pre, self.k, {n: getattr(self, n) for n in self._extra})
+        p = {n: getattr(self, n) for n in ("W_enc", "b_enc", "b_dec", *self._extra)}
+        return self.arch.infer(self.arch.pre(p, x), self.k, p)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) raw activations -> (..., F) codes (a per-head hook's (..., H, D/H) too)."""

@@ -225,7 +225,7 @@ class _Attempt:
             folder.append_event({"event": "snapshot", "step": r.step})
 
     def resample(self, r: Restored, x: torch.Tensor) -> None:
-        """Resample dead latents (ReLU-L1) and record how many in each run's events."""
+        """Resample dead latents (L1-penalised SAEs) and record how many in each run's events."""
         seeds = [run.seed for run in self.runs]
         counts = resample(r.ens, x, r.step, self.job.train.seed, seeds)
         for folder, n in zip(self.folders, counts, strict=True):

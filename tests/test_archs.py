@@ -78,6 +78,8 @@ CASES = [
     ("jumprelu", False),
     ("jumprelu:log", True),
     ("jumprelu:log", False),
+    ("gated", True),
+    ("gated", False),
 ]
 
 
@@ -164,7 +166,7 @@ def test_auxk_changes_training_only_once_latents_are_dead():
     assert not torch.equal(plain.params["W_enc"], early.params["W_enc"])
 
 
-@pytest.mark.parametrize("name", ["untied", "untied:weighted", "tied"])
+@pytest.mark.parametrize("name", ["untied", "untied:weighted", "tied", "gated"])
 def test_resampling_equals_independent_resampling(name):
     dead, xs = DeadLatents(dead_tokens=2 * B), batches(24)
     l1s = [0.0, 1e-3, 3e-2]
@@ -320,7 +322,14 @@ def test_a_log_recipe_jumprelu_sae_has_a_threshold_as_the_linear_one():
 
 @pytest.mark.parametrize(
     "name, fast",
-    [("untied", True), ("topk", True), ("batchtopk", True), ("matryoshka", True), ("tied", False)],
+    [
+        ("untied", True),
+        ("topk", True),
+        ("batchtopk", True),
+        ("matryoshka", True),
+        ("tied", False),
+        ("gated", True),
+    ],
 )
 def test_a_member_trains_alone_as_it_does_in_an_ensemble(name, fast):
     """Bit for bit, on two threads, with gradient clipping, at a size where MKL splits one
@@ -391,3 +400,61 @@ def test_matryoshka_levels_are_checked_against_each_dictionary_size():
     assert "are [0, 1] latents" in a.check_levels(2)
     assert "are [1, 1] latents" in a.configure(levels=[0.2, 0.3]).check_levels(4)
     assert "are [2, 4] latents" in a.configure(levels=[0.6, 0.9]).check_levels(4)  # (4 = F)
+
+
+def test_gated_loss_is_the_papers_with_a_frozen_decoder_in_its_auxiliary_term():
+    """Written out independently (Rajamanoharan et al. 2024, weight sharing): the gate picks
+    the features, the magnitude path sets them; the step has no gradient, so the gate's bias
+    learns only from the L1 and the auxiliary reconstruction, whose decoder is a frozen copy."""
+    a = arch_of("gated")
+    p = members("gated", 1)[0]
+    g = torch.Generator().manual_seed(3)
+    for name in ("b_enc", "r_mag", "b_mag"):
+        p[name] = 0.3 * torch.randn(F, generator=g)
+    x, l1 = batches(1)[0], 0.02
+    mine = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    loss, (parts, codes) = sae.loss_fn(mine, x, {"l1": torch.tensor(l1)}, arch=a)
+    loss.backward()
+
+    ref = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    centred = x - ref["b_dec"]
+    gate = centred @ ref["W_enc"] + ref["b_enc"]
+    mag = centred @ (ref["W_enc"] * ref["r_mag"].exp()) + ref["b_mag"]
+    f = (gate > 0).float() * torch.relu(mag)
+    mse = ((f @ ref["W_dec"] + ref["b_dec"] - x) ** 2).mean()
+    frozen = (torch.relu(gate) @ ref["W_dec"].detach() + ref["b_dec"].detach() - x) ** 2
+    want = mse + l1 * torch.relu(gate).sum(dim=1).mean() + frozen.mean()
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(codes, f.detach(), rtol=1e-5, atol=1e-6)
+    for k in p:
+        torch.testing.assert_close(mine[k].grad, ref[k].grad, rtol=1e-4, atol=1e-6, msg=k)
+    assert float(parts.l0) == float((f != 0).sum(dim=1).float().mean())
+
+
+def test_a_gated_sae_encodes_raw_activations_as_it_trained():
+    """The training scale folded in (sweep.sae.SAE): the gate and magnitudes act on the
+    pre-activations, which folding leaves unchanged; its codes are the training codes."""
+    p = members("gated", 1)[0]
+    p["r_mag"], p["b_mag"] = torch.full((F,), 0.5), torch.full((F,), -0.1)
+    s, x = 4.0, batches(1)[0]
+    model = sae.SAE(p, {"architecture": "gated", "act_scale": s})
+    assert {n for n, _ in model.named_buffers()} == {"r_mag", "b_mag"}
+    torch.testing.assert_close(model.encode(x / s), sae.encode(p, x, "gated"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_resampled_gated_latent_starts_its_magnitude_path_again():
+    """Its r_mag and b_mag (and their Adam moments) go back to 0, as at initialisation: the
+    gate and the magnitudes start equal; the living latents keep theirs."""
+    from sweep.resample import resample_member
+
+    a, p = arch_of("gated"), members("gated", 1)[0]
+    for name in ("r_mag", "b_mag"):
+        p[name] = torch.full((F,), 0.7)
+    moments = [{k: torch.ones_like(v) for k, v in p.items()} for _ in range(2)]
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[:5] = True
+    n = resample_member(a, p, moments, batches(1)[0], dead, torch.Generator().manual_seed(0))
+    assert n == 5
+    for t in (p["r_mag"], p["b_mag"], *(m[k] for m in moments for k in ("r_mag", "b_mag"))):
+        assert bool((t[:5] == 0).all()) and bool((t[5:] != 0).all())

@@ -33,7 +33,7 @@ def test_bench_quick_runs_every_section(tmp_path: Path) -> None:
         "== 2. Achieved FLOP/s ==",
         "== 3. Streamed vs in-memory ==",
         "== 4. Checkpoint cost ==",
-        "== 7. TopK family vs loop ==",
+        "== 7. Architectures vs loop ==",
         "== 8. The step against the chip (issue 10) ==",
     ):
         assert title in proc.stdout

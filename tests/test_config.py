@@ -137,7 +137,10 @@ def test_synthetic_fields_have_the_documented_names():
         ("train.dead_tokens=0", "train.dead_tokens"),
         ("train.resample_dead=-1", "train.resample_dead"),
         ("train.resample_stop=0", "train.resample_stop"),
-        ("sae=topk train.resample_dead=100", "train.resample_dead applies to ReLU-L1"),
+        (
+            "sae=topk train.resample_dead=100",
+            "train.resample_dead applies to L1-penalised SAEs (gated, tied, untied)",
+        ),
         ("sae=jumprelu train.resample_dead=100", "not sae=jumprelu; set train.resample_dead=0"),
         ("sae.recipe=nope", "unknown recipe sae.recipe='nope' for sae=untied; choose one of"),
         ("sae=topk sae.recipe=weighted", "it has none: drop sae.recipe"),

@@ -382,7 +382,7 @@ def test_harvest_provenance_becomes_saelens_metadata():
 
 ARCH_VALUES = {
     "topk": [3], "batchtopk": [3], "matryoshka": [3], "jumprelu": [1e-3], "untied": [1e-2],
-    "untied-weighted": [1e-2],
+    "untied-weighted": [1e-2], "gated": [1e-2],
 }  # fmt: skip
 
 
@@ -416,6 +416,11 @@ def saelens_encode(folder, x: torch.Tensor) -> torch.Tensor:
         load_file(str(folder / "sae_weights.safetensors")),
         json.loads((folder / "cfg.json").read_text()),
     )
+    if cfg["architecture"] == "gated":  # (SAELens's weight sharing: W_enc * exp(r_mag))
+        centred = x - w["b_dec"]
+        gate = centred @ w["W_enc"] + w["b_gate"]
+        mag = centred @ (w["W_enc"] * w["r_mag"].exp()) + w["b_mag"]
+        return (gate > 0).float() * torch.relu(mag)
     pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
     if cfg["architecture"] == "topk":
         vals, idx = pre.topk(cfg["k"], dim=-1)
@@ -433,6 +438,7 @@ def saelens_encode(folder, x: torch.Tensor) -> torch.Tensor:
         ("matryoshka", "jumprelu"),  # (BatchTopK's inference form; its levels in metadata)
         ("jumprelu", "jumprelu"),
         ("untied-weighted", "standard"),  # free decoder norms export as they are
+        ("gated", "gated"),  # (its b_enc as b_gate)
     ],
 )
 def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_path, arch, saelens):
@@ -459,6 +465,7 @@ def test_every_architecture_exports_in_saelens_form(arch_runs, tiny_store, tmp_p
             "matryoshka": {"k": 3},
             "jumprelu": {"l0_coefficient": pytest.approx(1e-3 * d), "sweep_l1": 1e-3},
             "untied-weighted": {"l1_coefficient": pytest.approx(1e-2 * d), "sweep_l1": 1e-2},
+            "gated": {"l1_coefficient": pytest.approx(1e-2 * d), "sweep_l1": 1e-2},
         }[arch]
     )
     ours, x = sweep.load_run(str(arch_runs[arch])), raw_rows(str(tiny_store.path))
@@ -500,6 +507,7 @@ def test_every_architecture_loads_in_real_sae_lens(arch_runs, tiny_store, tmp_pa
     res = subprocess.run([str(SAELENS_PY), "-c", CHECK, *folders], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "TopKSAE" in res.stdout and "JumpReLUSAE" in res.stdout and "StandardSAE" in res.stdout
+    assert "GatedSAE" in res.stdout
 
 
 @pytest.mark.parametrize(

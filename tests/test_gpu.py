@@ -107,7 +107,7 @@ def test_members_at_their_own_learning_rates_train_as_singles_on_cuda(fast, comp
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "jumprelu"])
+@pytest.mark.parametrize("name", ["topk", "batchtopk", "matryoshka", "jumprelu", "gated"])
 @ON
 def test_every_architecture_equals_independent_training_on_cuda(name, compiled, dev):
     from sweep import archs
@@ -116,12 +116,15 @@ def test_every_architecture_equals_independent_training_on_cuda(name, compiled, 
     from tests.test_archs import batches as arch_batches
     from tests.test_archs import members as arch_members
 
-    if compiled and name in ("batchtopk", "matryoshka"):
+    if compiled and name in ("batchtopk", "matryoshka", "gated"):
         pytest.skip("held to the eager step, step by step (below)")
     if compiled and not archs.get(name).fast:
         pytest.skip("no fast path: train.compile does not apply")
     knob_k = archs.get(name).knob == "k"
-    vals, xs = VALUES["k" if knob_k else "l1"], [x.to(dev) for x in arch_batches(25)]
+    # (a gate opening moves its code from 0 to its magnitude: over many steps rounding could
+    # flip one, and the runs part; eight steps hold the gradients' math)
+    n_steps = 8 if name == "gated" else 25
+    vals, xs = VALUES["k" if knob_k else "l1"], [x.to(dev) for x in arch_batches(n_steps)]
     init = arch_members(name, len(vals))
     for p in init:  # (no zero gradient at the tied start: see tests/test_archs.py)
         p["b_enc"] += 0.01 * torch.randn(
@@ -142,16 +145,19 @@ def test_every_architecture_equals_independent_training_on_cuda(name, compiled, 
             torch.testing.assert_close(ens.params[k][e], p[k], rtol=5e-5, atol=5e-6)
 
 
-@pytest.mark.parametrize("name", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("name", ["batchtopk", "matryoshka", "gated"])
 @ON
-def test_compiled_batchtopk_step_equals_the_eager_step_on_cuda(dev, name):
+def test_compiled_discontinuous_step_equals_the_eager_step_on_cuda(dev, name):
+    from sweep import archs
+    from tests.test_archs import VALUES
     from tests.test_archs import batches as arch_batches
     from tests.test_archs import members as arch_members
 
-    if name == "matryoshka" and dev.type == "cpu":
+    if name in ("matryoshka", "gated") and dev.type == "cpu":
         pytest.skip("on the CPU: tests/test_compiled.py (a compile the dry run need not repeat)")
     init = [on(p, dev) for p in arch_members(name, 3)]
-    hyper = hyper_of([0.0] * 3, [2, 5, 9], dev)
+    arch = archs.get(name)
+    hyper = knob_hyper(arch, VALUES[arch.knob], dev)
     eager, fused = (
         Ensemble(on(stack(init), dev), hyper, Adam(LR, BETAS, EPS), arch=name, compiled=c)
         for c in (False, True)
@@ -197,7 +203,7 @@ def test_bf16_gradients_with_a_large_data_mean(dev):
 
 
 @pytest.mark.parametrize("compiled, graphs", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("name", ["untied", "topk", "jumprelu", "matryoshka"])
+@pytest.mark.parametrize("name", ["untied", "topk", "jumprelu", "matryoshka", "gated"])
 @cuda_only
 def test_the_memory_model_covers_a_training_step(name, compiled, graphs):
     """The planner's memory per member (sweep.grid.bytes_per_member) bounds what training

@@ -189,6 +189,7 @@ ARCH_JOBS = {
     "jumprelu": dict(l1s=(1e-3, 3e-2)),
     "untied": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # latents die, are resampled
     "untied-weighted": dict(l1s=(1e-3, 3e-2), recipe="weighted"),
+    "gated": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # its magnitudes: checkpointed
 }
 
 
@@ -220,7 +221,7 @@ def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
         model = load_run(str(a))
         raw = tiny_store.tail_rows(64).float()
         assert model(raw).shape == raw.shape
-    if arch == "untied":
+    if arch in ("untied", "gated"):
         events = rundir.run_dir(tmp_path / "ref", ref.ensemble.members[1].run_id) / "events.jsonl"
         assert '"resampled"' in events.read_text()
 
@@ -1138,6 +1139,7 @@ def test_a_host_block_too_large_to_lock_stays_pageable(monkeypatch):
         (["sae=topk", "grid.k=[4]", "train.auxk_alpha=0"], 3),
         (["sae=batchtopk", "grid.k=[4]"], 7),
         (["sae=jumprelu"], 4),
+        (["sae=gated"], 4 + 64 / 128),  # + its gate's (B, D) error
         (["sae=matryoshka", "grid.k=[4]"], 7 + 4 * 64 / 128),  # + its levels' (B, D) errors
         (["sae=matryoshka", "grid.k=[4]", "sae.levels=[]"], 7),
     ],

@@ -29,6 +29,6 @@ SECTIONS: dict[int, Section] = {
     4: Section("4. Checkpoint cost", checkpoints.run),
     5: Section("5. Scheduling makespan (Ray)", scheduling.run, ray=True),
     6: Section("6. End-to-end sweep vs pure step", e2e.run, ray=True),
-    7: Section("7. TopK family vs loop", topk.run),
+    7: Section("7. Architectures vs loop", topk.run),
     8: Section("8. The step against the chip (issue 10)", peak.run),
 }

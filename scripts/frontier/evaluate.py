@@ -6,7 +6,8 @@ space (activations times the store's scale, the space both methods trained in)::
     codes = relu((x - b_dec) @ W_enc + b_enc)        x_hat = codes @ W_dec + b_dec
 
 (BatchTopK, JumpReLU: ``codes = relu(pre) * (pre > threshold)``, BatchTopK's inference form;
-TopK: each row's k largest ``relu(pre)``.)
+TopK: each row's k largest ``relu(pre)``; Gated: ``b_enc`` is the gate's bias, ``codes =
+[pre > 0] * relu((x - b_dec) @ W_enc * exp(r_mag) + b_mag)``.)
 
 Metrics on the held-out rows ``x_ND`` (the store's last ``eval_rows``, scaled):
 FVU = residual sum of squares / total sum of squares around the rows' mean; L0 = mean number
@@ -29,6 +30,8 @@ class Dictionary(NamedTuple):
     b_dec: torch.Tensor  # (D,)
     threshold: torch.Tensor | None = None  # (F,) or (): codes need pre > threshold
     k: int = 0  # > 0: each row keeps its k largest codes (TopK)
+    r_mag: torch.Tensor | None = None  # (F,): a gated SAE's magnitude path (with b_mag)
+    b_mag: torch.Tensor | None = None
 
 
 def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
@@ -44,11 +47,13 @@ def from_sweep_run(folder: str | Path, scale: float) -> Dictionary:
     # raw: relu((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec, with x = x_s / s and the
     # reconstruction times s: W_enc_s = W_enc / s, W_dec_s = W_dec * s, b_dec_s = b_dec * s.
     buffers = dict(sae.named_buffers())  # a threshold, in either recipe's form, or none
+    gated = {k: buffers.pop(k) for k in ("r_mag", "b_mag") if k in buffers}  # (or those)
     threshold = threshold_of(buffers) if buffers else None  # on pre-activations: both spaces
     k = sae.k if sae.arch.name == "topk" else 0
     return Dictionary(
-        sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale, threshold, k
-    )
+        sae.W_enc / scale, sae.b_enc.clone(), sae.W_dec * scale, sae.b_dec * scale, threshold, k,
+        **gated,
+    )  # fmt: skip
 
 
 def from_saelens_file(path: str | Path) -> Dictionary:
@@ -57,7 +62,11 @@ def from_saelens_file(path: str | Path) -> Dictionary:
 
     w = load_file(str(path))
     k = int(w["k"]) if "k" in w else 0
-    return Dictionary(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w.get("threshold"), k)
+    b_enc = w["b_gate"] if "b_gate" in w else w["b_enc"]  # (a gated SAE's gate bias)
+    return Dictionary(
+        w["W_enc"], b_enc, w["W_dec"], w["b_dec"], w.get("threshold"), k,
+        w.get("r_mag"), w.get("b_mag"),
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -69,8 +78,11 @@ def evaluate(d: Dictionary, x_ND: torch.Tensor, batch: int = 4096) -> dict[str, 
     fired = torch.zeros(d.W_enc.shape[1], dtype=torch.bool)  # (F,)
     for at in range(0, n, batch):
         x = x_ND[at : at + batch]  # (b, D)
-        pre = (x - d.b_dec) @ d.W_enc + d.b_enc  # (b, D) -> (b, F)
+        z = (x - d.b_dec) @ d.W_enc  # (b, D) -> (b, F)
+        pre = z + d.b_enc
         codes = torch.relu(pre) if d.threshold is None else torch.relu(pre) * (pre > d.threshold)
+        if d.r_mag is not None:  # gated: the gate opens, the magnitude path sets the code
+            codes = (pre > 0) * torch.relu(z * d.r_mag.exp() + d.b_mag)
         if d.k > 0:
             vals, idx = codes.topk(d.k, dim=-1)
             codes = torch.zeros_like(codes).scatter_(-1, idx, vals)

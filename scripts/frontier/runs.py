@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SWEEP = Path(sys.executable).with_name("sweep")
 SAELENS_TRAIN = Path(__file__).with_name("saelens_train.py")
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
-ARCHS = ("relu", "jumprelu", *TOPK_FAMILY)
+ARCHS = ("relu", "jumprelu", "gated", *TOPK_FAMILY)
 """``--arch``: the same architecture in both methods (relu: SAELens's standard SAE)."""
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
 

@@ -71,8 +71,8 @@ def batches(
 def make_sae(
     arch: str, width: int, d_sae: int, value: float, steps: int, levels: tuple[float, ...] = ()
 ):
-    """SAELens's training SAE: ``standard`` (ReLU-L1, ``value`` = its L1 coefficient),
-    ``jumprelu`` (``value`` = its L0 coefficient) or ``topk`` / ``batchtopk`` / ``matryoshka``
+    """SAELens's training SAE: ``standard`` (ReLU-L1, ``value`` = its L1 coefficient; ``gated``
+    too), ``jumprelu`` (``value`` = its L0 coefficient) or ``topk`` / ``batchtopk`` / ``matryoshka``
     (``value`` = k; its defaults otherwise: AuxK coefficient 1, threshold learning rate 0.01,
     activations rescaled by decoder norm; Matryoshka's widths ``round(level * d_sae)`` for
     ``levels``, then ``d_sae``)."""
@@ -90,6 +90,13 @@ def make_sae(
             d_in=width, d_sae=d_sae, k=int(value), normalize_activations="none", device="cpu"
         )
         return getattr(sae_lens, f"{kind}TrainingSAE")(cfg)
+    if arch == "gated":  # L1 on the gate, weighted by decoder norms; its auxiliary term
+        cfg = sae_lens.GatedTrainingSAEConfig(
+            d_in=width, d_sae=d_sae, l1_coefficient=value,
+            l1_warm_up_steps=int(steps * SCHEDULE["l1_warm_up"]), normalize_activations="none",
+            device="cpu",
+        )  # fmt: skip
+        return sae_lens.GatedTrainingSAE(cfg)
     if arch == "jumprelu":  # step L0 penalty, threshold from 0.01, bandwidth 0.05 (defaults)
         cfg = sae_lens.JumpReLUTrainingSAEConfig(
             d_in=width, d_sae=d_sae, l0_coefficient=value, normalize_activations="none",
@@ -162,7 +169,7 @@ def main() -> None:
         "--l1", type=float, nargs="+", required=True, help="(jumprelu: L0 coefficient; topk: k)"
     )
     ap.add_argument(
-        "--arch", choices=("standard", "jumprelu", "topk", "batchtopk", "matryoshka"),
+        "--arch", choices=("standard", "jumprelu", "gated", "topk", "batchtopk", "matryoshka"),
         default="standard",
     )  # fmt: skip
     ap.add_argument(

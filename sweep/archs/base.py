@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -47,6 +48,8 @@ class Architecture:
     """The exact training loss, as written in cfg.json and the README."""
     saelens: ClassVar[str] = "standard"
     """SAELens's ``architecture`` name for the exported form."""
+    saelens_renamed: ClassVar[dict[str, str]] = {}
+    """Weights SAELens names otherwise in the exported form (ours -> theirs)."""
     buffers: ClassVar[tuple[str, ...]] = ()
     """Per-member state that is not trained by Adam but is saved with the weights."""
     fast: ClassVar[bool] = False
@@ -62,6 +65,9 @@ class Architecture:
     buffer per member)."""
     resamples: ClassVar[bool] = False
     """Dead latents can be resampled (``train.resample_dead``; :mod:`sweep.resample`)."""
+    feature_params: ClassVar[tuple[str, ...]] = ()
+    """Per-feature parameters besides ``b_enc`` that a resampled latent starts again at 0
+    (Adam's moments too)."""
     recipes: ClassVar[tuple[str, ...]] = ()
     """Training recipes this architecture offers (``sae.recipe``; the first is the default)."""
 
@@ -211,6 +217,18 @@ class Architecture:
     ) -> torch.Tensor:
         """The sparsity term added to the MSE (its coefficient included)."""
         return torch.zeros((), device=codes_BF.device)
+
+    def batched_grads(self) -> Callable | None:
+        """Hand-batched gradients of its own, with :func:`sweep.fastpath.grads`'s signature,
+        for an architecture whose codes' gradient is not the shared formulation's (Gated's
+        two paths), or None (:attr:`fast` architectures use the shared one)."""
+        return None
+
+    def gate_codes(self, params: Params, pre_BF: torch.Tensor) -> torch.Tensor | None:
+        """Codes that must also reconstruct the input alone through a frozen copy of the
+        decoder (Gated's auxiliary term, :func:`sweep.sae.loss_fn`), or None (no such term:
+        the shared fast path has none)."""
+        return None
 
     def constrain(self, params: Params, active: torch.Tensor) -> None:
         """After an optimizer step, on stacked (E, ...) params: unit decoder rows for active members."""
