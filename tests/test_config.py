@@ -434,7 +434,7 @@ def test_config_dir_adds_groups_whatever_its_path(tmp_path, monkeypatch, name):
             "sae/based.yaml",
             "defaults:\n  - untid\n",
             "sae/based.yaml lists 'untid' in its defaults, but neither sweep nor --config-dir "
-            "has sae/untid.yaml; fix that list (sweep's own sae options: batchtopk, jumprelu,",
+            "has sae/untid.yaml; fix that list (sweep's own sae options: batchtopk, gated, jumprelu,",
         ),
     ],
 )

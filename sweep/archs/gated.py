@@ -44,11 +44,10 @@ class Gated(Architecture):
     loss_text = GATED_LOSS
     saelens: ClassVar[str] = "gated"
     saelens_renamed: ClassVar[dict[str, str]] = {"b_enc": "b_gate"}
+    fast: ClassVar[bool] = True  # (its own: sweep.fastgated, see batched_grads)
     l1_codes: ClassVar[bool] = False
     resamples: ClassVar[bool] = True
     feature_params: ClassVar[tuple[str, ...]] = MAGNITUDE
-
-    fast: ClassVar[bool] = True
 
     def batch_buffers_at(self, d: int, f: int) -> float:
         """The fast step's (B, F) buffers per member (:mod:`sweep.fastgated`: z, the gate's
