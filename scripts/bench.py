@@ -28,8 +28,9 @@ nothing here asserts on time):
    own phases too), store generation, training and evaluation (issue 9's sizes on CUDA; small
    on CPU; ``SWEEP_E2E_ROWS`` / ``_RATIOS`` / ``_SHARES`` / ``_COMPILE`` change the rows, dict
    ratios, ``launch.gpus_per_ensemble`` values and ``train.compile``).
-7. TopK family: the TopK, BatchTopK and JumpReLU ensemble steps against a loop of K plain
-   SAEs of the same architecture (and JumpReLU against its vmapped step).
+7. architectures vs loop: the TopK, BatchTopK, Matryoshka, JumpReLU and Gated ensemble steps
+   against a loop of K plain SAEs of the same architecture (JumpReLU also against its vmapped
+   step; the verdict is the TopK family's, issue 11's target).
 8. the step against the chip: rows*members/s of the default step at issue 10's sizes against
    a researcher's bf16-autocast loop, its ``torch.compile``d variant and the naive
    ``vmap(grad)``, and as a fraction of the bf16 matmul peak measured in the same run

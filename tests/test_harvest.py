@@ -1053,6 +1053,7 @@ def test_a_model_whose_float16_forward_overflows_is_refused_naming_the_hook_and_
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tiny_model_dir / name).is_file():
             shutil.copy(tiny_model_dir / name, big / name)
+    capsys.readouterr()  # (save_pretrained's progress bar, where tqdm was on at import)
     cfg = tiny_cfg(big, text_file, tmp_path / "h", hooks=["blocks.0.hook_resid_pre"], rows=620)
     assert main([*cli_args(cfg), "model_dtype=float16"]) == 2
     err = _one_line_error(capsys)
