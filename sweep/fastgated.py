@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from sweep.archs import Architecture, Hyper, Params
-from sweep.fastpath import AuxSpec, _Buffers, _parts, _per_member_mv, _shifted
+from sweep.fastpath import _Buffers, _parts, _per_member_mv, _shifted
 from sweep.sae import LossParts
 from sweep.sums import member_sums
 
@@ -36,14 +36,13 @@ def grads(
     params: Params,
     x_BD: torch.Tensor,
     hyper: Hyper,
-    kmax: int = 0,
-    aux: AuxSpec | None = None,
-    with_l0: bool = True,
-    ws: dict[str, torch.Tensor] | None = None,
-    compute_dtype: torch.dtype | None = None,
-    cast: Params | None = None,
+    *,
+    with_l0: bool,
+    ws: dict[str, torch.Tensor] | None,
+    compute_dtype: torch.dtype | None,
+    cast: Params | None,
 ) -> tuple[Params, LossParts, torch.Tensor]:
-    """:func:`sweep.fastpath.grads` for gated members (``kmax`` and ``aux`` unused: no TopK)."""
+    """:func:`sweep.fastpath.grads` for gated members (no top-k: no ``kmax``, no AuxK)."""
     dt = compute_dtype or params["W_enc"].dtype
     W_enc, b_gate, W_dec = (
         (cast or {}).get(k, params[k]).to(dt) for k in ("W_enc", "b_enc", "W_dec")

@@ -90,7 +90,16 @@ def grads(
     """
     own = arch.batched_grads()
     if own is not None:  # (Gated's: sweep.fastgated)
-        return own(arch, params, x_BD, hyper, kmax, aux, with_l0, ws, compute_dtype, cast)
+        return own(
+            arch,
+            params,
+            x_BD,
+            hyper,
+            with_l0=with_l0,
+            ws=ws,
+            compute_dtype=compute_dtype,
+            cast=cast,
+        )
     dt = compute_dtype or params["W_enc"].dtype
     W_enc, b_enc, W_dec = (
         (cast or {}).get(k, params[k]).to(dt) for k in ("W_enc", "b_enc", "W_dec")

@@ -219,9 +219,10 @@ class Architecture:
         return torch.zeros((), device=codes_BF.device)
 
     def batched_grads(self) -> Callable | None:
-        """Hand-batched gradients of its own, with :func:`sweep.fastpath.grads`'s signature,
-        for an architecture whose codes' gradient is not the shared formulation's (Gated's
-        two paths), or None (:attr:`fast` architectures use the shared one)."""
+        """Hand-batched gradients of its own, :func:`sweep.fastpath.grads`'s for an
+        architecture whose codes' gradient is not the shared formulation's (Gated's two
+        paths): ``(arch, params, x, hyper, *, with_l0, ws, compute_dtype, cast)``, no top-k;
+        or None (:attr:`fast` architectures use the shared one)."""
         return None
 
     def gate_codes(self, params: Params, pre_BF: torch.Tensor) -> torch.Tensor | None:
