@@ -90,11 +90,8 @@ class Sweep:
         """(step, SAE) of each snapshot of one run (``train.snapshots``: its weights as they
         were after that step), in step order, loaded one at a time; a snapshot still being
         written (no ``cfg.json`` yet) is passed over."""
-        folders = sorted((self.run_dir(run_id) / rundir.SNAPSHOTS).glob("step-*"))
-        for folder in folders:
-            if (folder / rundir.CFG).is_file():
-                snap = load_run(str(folder), device=self.device)
-                yield int(snap.cfg["snapshot_step"]), snap
+        for step, folder in rundir.RunFolder(self.run_dir(run_id)).snapshots():
+            yield step, load_run(str(folder), device=self.device)
 
     def __getitem__(self, run_id: str) -> SAE:
         if not isinstance(run_id, str):

@@ -7,7 +7,7 @@
     sweep status SWEEP_DIR [--state S,...] [--json]            state and progress of every run
     sweep stop SWEEP_DIR [--no-wait]                           ask its running driver to checkpoint and stop
     sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
-    sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...] [--finished]  runs in SAELens format
+    sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...] [--finished] [--snapshots]  runs in SAELens format
     sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
 
 ``run`` composes ``sweep/configs`` (groups data, sae, grid, train, launch, logger) with
@@ -718,11 +718,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sweep import export
 
     paths = export.export_sweep(
-        args.sweep_dir, args.out_dir, runs=args.runs, to=args.to, finished_only=args.finished
-    )
+        args.sweep_dir, args.out_dir, runs=args.runs, to=args.to, finished_only=args.finished,
+        snapshots=args.snapshots,
+    )  # fmt: skip
     for path in paths:
         print(f"exported: {path}")
-    print(f"exported {len(paths)} run(s) to {args.out_dir}")  # last: it stays in view
+    snaps = sum(export.is_snapshot(p) for p in paths)
+    also = f" (+ {snaps} snapshot(s))" if snaps else ""
+    print(f"exported {len(paths) - snaps} run(s){also} to {args.out_dir}")  # last: in view
     return 0
 
 
@@ -885,6 +888,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "--finished",
         action="store_true",
         help="export the finished runs of a sweep that is still running (others are listed)",
+    )
+    exp.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also each exported run's snapshots (train.snapshots), as OUT_DIR/<run_id>-step<N>/",
     )
     exp.set_defaults(func=cmd_export)
 

@@ -206,6 +206,11 @@ def _export_metadata(out: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def is_snapshot(out: Path) -> bool:
+    """Whether an export folder holds a run's snapshot (``--snapshots``), not its final SAE."""
+    return _export_metadata(out).get("snapshot_step") is not None
+
+
 def _write(model: SAE, out: str | Path, origin: dict) -> Path:
     out = ensure_writable(out, "export folder")
     weights = {
@@ -312,9 +317,12 @@ def export_sweep(
     runs: list[str] | None = None,
     to: str = "saelens",
     finished_only: bool = False,
+    snapshots: bool = False,
 ) -> list[Path]:
     """Export chosen runs (default: every run, which must all be finished unless
     ``finished_only``) into ``out_dir/<run_id>/``; diverged runs are skipped, with a warning.
+    With ``snapshots``, each exported run's snapshots (``train.snapshots``) too, into
+    ``out_dir/<run_id>-step<N>/`` (their metadata's ``snapshot_step`` is N).
 
     A named run that is unknown or not finished is an error (nothing is written then).
     """
@@ -338,15 +346,20 @@ def export_sweep(
     else:
         _refuse_unread(records, finished_only)
         chosen = _finished(sweep_dir, states, finished_only, notes)
-    origins = {}
-    for rid in chosen:  # every run and target is checked before anything is written
-        _check_run(folder.run(rid).path, deep=bool(runs))
-        origins[rid] = _origin(folder.run(rid).path)
-        _check_target(Path(out_dir) / rid, origins[rid])
-    for rid in chosen:  # (made, if absent: an empty folder is a target as good)
-        ensure_writable(Path(out_dir) / rid, "export folder")
-    paths = [
-        _write(read_run(folder.run(rid).path), Path(out_dir) / rid, origins[rid]) for rid in chosen
-    ]
+    todo = []  # (source folder, target, origin): every run and target checked first
+    for rid in chosen:
+        run = folder.run(rid)
+        _check_run(run.path, deep=bool(runs))
+        origin = _origin(run.path)
+        todo.append((run.path, Path(out_dir) / rid, origin))
+        for step, snap in run.snapshots() if snapshots else []:
+            todo.append(
+                (snap, Path(out_dir) / f"{rid}-step{step}", {**origin, "snapshot_step": step})
+            )
+    for _, out, origin in todo:
+        _check_target(out, origin)
+    for _, out, _ in todo:  # (made, if absent: an empty folder is a target as good)
+        ensure_writable(out, "export folder")
+    paths = [_write(read_run(source), out, origin) for source, out, origin in todo]
     log.debug("exported %d run(s) to %s", len(paths), out_dir)
     return paths

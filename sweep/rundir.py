@@ -409,6 +409,16 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / FAILED, {"reason": reason, "time": time.time()})
 
+    def snapshots(self) -> list[tuple[int, Path]]:
+        """(step, folder) of each whole snapshot (one with its ``cfg.json``; a snapshot still
+        being written has none), in step order."""
+        found = sorted((self.path / SNAPSHOTS).glob("step-*"))
+        return [
+            (int(f.name.removeprefix("step-")), f)
+            for f in found
+            if f.name.removeprefix("step-").isdigit() and (f / CFG).is_file()
+        ]
+
     def write_snapshot(self, step: int, weights: bytes, cfg: dict) -> Path:
         """The run's weights after ``step`` (``train.snapshots``), in a folder ``load_run``
         opens; its ``cfg.json`` last, so a folder that has one is whole. Written again

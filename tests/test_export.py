@@ -530,3 +530,32 @@ def test_a_reader_that_stops_reading_is_no_error(small_sweep, tmp_path, command)
     assert (p.wait(), err) == (1, "")
     if args[0] == "export":
         assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+def test_snapshots_export_beside_their_runs_when_asked(tiny_store, tmp_path, capsys):
+    """``--snapshots``: each run's snapshots as ``OUT_DIR/<run_id>-step<N>/``, each a SAELens
+    folder whose weights are the snapshot's (its step in the metadata); without the flag
+    only the final SAEs. A second export into the same folder replaces them."""
+    sw = build_sweep(
+        tiny_store, tmp_path / "sw", l1s=(1e-3,), ratios=(2.0,), seeds=1, snapshots=[0.5]
+    )
+    assert [p.name for p in export_sweep(sw, tmp_path / "plain")] == ["r2-l1_1e-03-s0"]
+    out = tmp_path / "out"
+    for _ in range(2):
+        assert main(["export", str(sw), "--to", "saelens", str(out), "--snapshots"]) == 0
+    said = capsys.readouterr().out
+    assert "exported 1 run(s) (+ 1 snapshot(s)) to" in said.splitlines()[-1], said
+    ((step, folder),) = rundir.RunFolder(sw / "runs" / "r2-l1_1e-03-s0").snapshots()
+    snap_out = out / f"r2-l1_1e-03-s0-step{step}"
+    assert sorted(p.name for p in out.iterdir()) == ["r2-l1_1e-03-s0", snap_out.name]
+    meta = json.loads((snap_out / "cfg.json").read_text())["metadata"]
+    assert meta["snapshot_step"] == step and meta["sweep_run_id"] == "r2-l1_1e-03-s0"
+    assert export.is_snapshot(snap_out) and not export.is_snapshot(out / "r2-l1_1e-03-s0")
+    x, snap = raw_rows(str(tiny_store.path)), sweep.load_run(str(folder))
+    codes, recon = saelens_forward(snap_out, x)
+    torch.testing.assert_close(codes, snap.encode(x))
+    torch.testing.assert_close(recon, snap(x))
+    final = load_file(str(out / "r2-l1_1e-03-s0" / "sae_weights.safetensors"))
+    assert not torch.equal(
+        final["W_enc"], load_file(str(snap_out / "sae_weights.safetensors"))["W_enc"]
+    )
