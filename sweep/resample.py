@@ -59,14 +59,13 @@ def resample_member(
     alive = ~dead_F
     norm = params["W_enc"][:, alive].norm(dim=0).mean() if bool(alive.any()) else 1.0
     params["W_enc"][:, ids] = dirs.T * (ENCODER_SCALE * norm)
-    for name in ("b_enc", *arch.feature_params):  # (a gate's magnitude path: as at the start)
-        params[name][ids] = 0.0
     if "W_dec" in params:
         params["W_dec"][ids] = dirs * _decoder_norm(arch, params["W_dec"], alive)
+    for name in ("b_enc", *arch.feature_params):  # (a gate's magnitude path: as at the start)
+        for t in (params, *moments):
+            t[name][ids] = 0.0
     for m in moments:
         m["W_enc"][:, ids] = 0.0
-        for name in ("b_enc", *arch.feature_params):
-            m[name][ids] = 0.0
         if "W_dec" in m:
             m["W_dec"][ids] = 0.0
     return int(ids.numel())
