@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from sweep import gpuinfo, reaper
+from sweep import gpuinfo, reaper, shield
 from sweep.cluster import PRIVATE, check_reachable, join_failed_hint, refuse_private, resolve
 from sweep.config import LaunchConfig, SweepConfig
 from sweep.devices import host_memory_bytes, release_device_memory
@@ -116,7 +116,8 @@ def _start_ray(lc: LaunchConfig) -> None:
             if lc.temp_dir:
                 kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
             # "local": a new instance even where RAY_ADDRESS is set or `ray start` ran
-            ray.init(address="local", resources={PRIVATE: 1}, **kwargs, **common)
+            with shield.inherited():
+                ray.init(address="local", resources={PRIVATE: 1}, **kwargs, **common)
     except SystemExit as err:  # a Ray whose own SIGTERM handler was set: sys.exit(SIGTERM)
         if err.code == signal.SIGTERM:
             exit_now(signal.SIGTERM)
@@ -185,21 +186,42 @@ def _join(lc: LaunchConfig, common: dict) -> None:
     )
 
 
-def shutdown_ray(wait: float | None = None) -> None:
+def shutdown_ray(wait: float | None = None, local: Path | None = None) -> None:
     """ray.shutdown() in a helper thread; after a signal (Ray's processes may be dead) give
     up after ``wait`` s. Meanwhile this (main) thread keeps re-registering its SIGTERM/SIGINT
     handlers: Ray's core worker resets them in C as it shuts down (``signal.getsignal`` still
-    names ours), and a signal then would kill the driver without a word."""
+    names ours), and a signal then would kill the driver without a word. ``local``: the
+    session folder of the Ray this process started (:func:`_shutdown_local`)."""
     import ray
 
     handlers = _current_handlers()
-    t = threading.Thread(target=lambda: quietly(ray.shutdown), daemon=True, name="ray-shutdown")
+    stop = ray.shutdown if local is None else lambda: _shutdown_local(local)
+    t = threading.Thread(target=lambda: quietly(stop), daemon=True, name="ray-shutdown")
     t.start()
     deadline = math.inf if wait is None else time.monotonic() + wait
     while t.is_alive() and time.monotonic() < deadline:
         _keep_handlers(handlers)
         t.join(0.005)
     _keep_handlers(handlers)
+
+
+def _shutdown_local(session: Path) -> None:
+    """Shut down the local Ray that :func:`_start_ray` started with SIGTERM blocked
+    (:func:`sweep.shield.inherited`). Ray's shutdown would send each of its processes SIGTERM
+    and wait 1 s for it before SIGKILL, ~4 s more in all (measured): they get SIGKILL at once
+    (every task has ended by then). The raylet's agents, which end themselves with a SIGTERM
+    once it is gone, are ended after it (their ``session`` folder names them)."""
+    import ray
+
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    kill = getattr(node, "kill_all_processes", None)
+    if kill is None:  # (another Ray: its own shutdown, slower)
+        ray.shutdown()
+    else:
+        at_once = lambda **kw: kill(**{**kw, "allow_graceful": False})  # noqa: E731
+        with _replaced(node, "kill_all_processes", at_once):
+            ray.shutdown()
+    reaper.end_session(session)
 
 
 def _current_handlers() -> dict:
@@ -224,7 +246,7 @@ def ray_session(
     import ray
 
     owns = not ray.is_initialized()
-    session = None
+    session = own = None
     with contextlib.ExitStack() as stack:
         if owns and not lc.address:  # a signal before training exits at once: Ray's agents too
             stack.enter_context(at_exit_now(lambda _line: reaper.end_own_session(lc.temp_dir)))
@@ -232,7 +254,7 @@ def ray_session(
             handlers = _current_handlers()
             _start_ray(lc)
             _keep_handlers(handlers)  # (a Ray whose hooks _signals_stay_ours cannot hold off)
-            session = None if lc.address else _session_dir()
+            session = own = None if lc.address else _session_dir()
         try:
             yield owns
         except BaseException:
@@ -240,7 +262,7 @@ def ray_session(
             raise
         finally:
             if owns:
-                shutdown_ray(stop_wait())
+                shutdown_ray(stop_wait(), own)
             if session is not None and went_well():
                 _remove_session(session)
 

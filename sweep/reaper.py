@@ -88,8 +88,13 @@ def end_own_session(temp_dir: str | None) -> None:
     if not Path("/proc").is_dir():
         return
     for session in ray_temp_root(temp_dir).glob(f"session_*_{os.getpid()}"):
-        for pid in holding(session):
-            _signal(pid, signal.SIGKILL)
+        end_session(session)
+
+
+def end_session(session: Path) -> None:
+    """SIGKILL the Ray processes (``ray::...``) holding ``session`` open."""
+    for pid in holding(session):
+        _signal(pid, signal.SIGKILL)
 
 
 RAY = b"ray::"

@@ -11,12 +11,31 @@ stops, checkpointed, at its end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 SHIELDED = "SWEEP_SHIELDED"
 """Set in the environment of a shielded command (and so of Ray's workers it starts)."""
+
+
+@contextlib.contextmanager
+def inherited() -> Iterator[None]:
+    """SIGTERM blocked in this thread inside, so that the processes it starts inherit the
+    mask, as ``ray start`` does from ``python -m sweep.shield``: a local Ray started inside
+    (:func:`sweep.launcher.ray_session`) trains on through a SIGTERM sent to every process
+    (a ``scancel`` of a SLURM job running ``launch=local``), as it already does through a
+    Ctrl-C's SIGINT (Ray blocks SIGINT in its processes), while the driver stops the sweep
+    with a checkpoint of every ensemble. (Without it the raylet, on its SIGTERM, killed the
+    workers before they saved.) Ray's workers unblock SIGTERM where they train
+    (:data:`SHIELDED` is not set): a worker signalled alone checkpoints and stops."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def main(argv: list[str]) -> None:
