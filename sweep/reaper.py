@@ -136,15 +136,27 @@ def _target(fd: Path) -> str:
 
 
 def _end(pids: list[int]) -> None:
-    """SIGTERM, then SIGKILL what is left after :data:`GRACE` seconds."""
+    """SIGTERM, then SIGKILL what is left after :data:`GRACE` seconds; at once where SIGTERM
+    is blocked (a local Ray's processes: :func:`sweep.shield.inherited`)."""
     for pid in pids:
-        _signal(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGKILL if _blocks_sigterm(pid) else signal.SIGTERM)
     deadline = time.monotonic() + GRACE
     while time.monotonic() < deadline and any(_running(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         if _running(pid):
             _signal(pid, signal.SIGKILL)
+
+
+def _blocks_sigterm(pid: int) -> bool:
+    """Process ``pid`` has SIGTERM blocked (its main thread: ``SigBlk`` in its status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigBlk:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

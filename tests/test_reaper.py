@@ -17,10 +17,15 @@ from sweep import reaper
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="Linux only (/proc)")
 
 
-def holder(log: Path, title: str = "ray::DashboardAgent", name: str = "") -> subprocess.Popen:
+def holder(
+    log: Path, title: str = "ray::DashboardAgent", name: str = "", blocks: bool = False
+) -> subprocess.Popen:
     """A process with ``log`` open until killed, its command line beginning with ``title``
-    (as Ray's processes title themselves), named ``name`` (as Ray's raylet is)."""
+    (as Ray's processes title themselves), named ``name`` (as Ray's raylet is); ``blocks``:
+    with SIGTERM blocked."""
     rename = f"open('/proc/self/comm', 'w').write({name!r})\n" if name else ""
+    if blocks:
+        rename += "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
     code = f"{rename}f = open({str(log)!r}, 'a')\nprint('ready', flush=True)\nimport time\ntime.sleep(60)"
     p = subprocess.Popen(
         [title, "-c", code], executable=sys.executable, stdout=subprocess.PIPE, text=True
@@ -56,6 +61,21 @@ def test_the_ray_processes_holding_a_dead_drivers_session_are_ended(tmp_path):
         for p in (agent, reader, other):
             p.kill()
             p.wait()
+
+
+def test_a_process_that_blocks_sigterm_gets_sigkill_at_once(tmp_path, monkeypatch):
+    """A local Ray's agents start with SIGTERM blocked (sweep.shield.inherited): waiting for
+    them to take it would only spend the grace."""
+    monkeypatch.setattr(reaper, "GRACE", 600.0)
+    pid = dead_pid()
+    agent = holder(session(tmp_path, pid) / "dashboard_agent.log", blocks=True)
+    try:
+        start = time.monotonic()
+        assert reaper.reap(str(tmp_path), {"host": socket.gethostname(), "pid": pid}) == 1
+        assert agent.wait(timeout=10) == -9 and time.monotonic() - start < 300
+    finally:
+        agent.kill()
+        agent.wait()
 
 
 def test_the_dead_drivers_own_ray_folder_is_searched_too(tmp_path):
