@@ -89,7 +89,8 @@ class Sweep:
     def snapshots(self, run_id: str) -> Iterator[tuple[int, SAE]]:
         """(step, SAE) of each snapshot of one run (``train.snapshots``: its weights as they
         were after that step), in step order, loaded one at a time; a snapshot still being
-        written (no ``cfg.json`` yet) is passed over."""
+        written (no ``cfg.json`` yet) is passed over, one whose weights fail their checksum
+        raises (:func:`load_run`)."""
         for step, folder in rundir.RunFolder(self.run_dir(run_id)).snapshots():
             yield step, load_run(str(folder), device=self.device)
 

@@ -26,7 +26,7 @@ from safetensors.torch import save
 from sweep import archs
 from sweep.errors import SweepError
 from sweep.io import atomic_write_bytes, atomic_write_json, ensure_writable, read_json
-from sweep.rundir import DONE, RUNS, RunFolder, RunState
+from sweep.rundir import DONE, RUNS, RunFolder, RunState, snapshot_problem
 from sweep.sae import PER_HEAD_HOOKS, SAE, read_run
 from sweep.sweepdir import MANIFEST, REPORT, STORE, RunRecord, SweepFolder, within_sweep
 
@@ -353,6 +353,8 @@ def export_sweep(
         origin = _origin(run.path)
         todo.append((run.path, Path(out_dir) / rid, origin))
         for step, snap in run.snapshots() if snapshots else []:
+            if problem := snapshot_problem(snap):
+                raise SweepError(f"run {rid}'s snapshot of step {step}: {problem}")
             todo.append(
                 (snap, Path(out_dir) / f"{rid}-step{step}", {**origin, "snapshot_step": step})
             )

@@ -12,7 +12,8 @@
   ``diverged.json``    final results
 - ``DONE``             written last: the folder is final only when it exists
 - ``snapshots/step-<N>/``  ``sae.safetensors`` and ``cfg.json`` as they were after step N
-  (``train.snapshots``; ``cfg.json`` written last, with ``snapshot_step``)
+  (``train.snapshots``; ``cfg.json`` written last, with ``snapshot_step`` and the weights'
+  ``weights_sha256``)
 
 A run moves through :class:`RunState`::
 
@@ -61,6 +62,8 @@ CURVE = "metrics.jsonl"
 DENSITY = "feature_density.safetensors"
 DIVERGED = "diverged.json"
 SNAPSHOTS = "snapshots"
+SNAPSHOT_SHA256 = "weights_sha256"
+"""The key of a snapshot's ``cfg.json`` holding its weights' checksum (:func:`snapshot_problem`)."""
 FAILED = "FAILED"
 INTERRUPTED = "interrupted.json"
 PLACEMENT = "placement.json"
@@ -114,6 +117,30 @@ class RunState(str, enum.Enum):
 
 def run_dir(sweep_dir: str | Path, run_id: str) -> Path:
     return Path(sweep_dir) / RUNS / run_id
+
+
+def snapshot_problem(folder: Path) -> str | None:
+    """Why a snapshot folder's weights cannot be trusted (they fail the checksum its
+    ``cfg.json`` holds), or None (as well where the folder is no snapshot, or one written
+    before snapshots had checksums)."""
+    try:
+        cfg = json.loads((folder / CFG).read_text())
+    except (OSError, ValueError):
+        return None  # (not ours to judge here: the loader says what is wrong with it)
+    if not isinstance(cfg, dict) or cfg.get("snapshot_step") is None:
+        return None
+    want = cfg.get(SNAPSHOT_SHA256)
+    if not isinstance(want, str):
+        return None
+    try:
+        if file_sha256(folder / WEIGHTS) == want:
+            return None
+    except OSError:
+        return f"its {WEIGHTS} cannot be read"
+    return (
+        f"its {WEIGHTS} fails its checksum (damaged since it was written); remove the folder "
+        f"{folder}: the run's final weights and its other snapshots do not depend on it"
+    )
 
 
 FINAL_STATES = tuple(s.value for s in RunState if s.final)
@@ -427,7 +454,9 @@ class RunFolder:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CFG).unlink(missing_ok=True)
         atomic_write_bytes(folder / WEIGHTS, weights)
-        atomic_write_json(folder / CFG, cfg)
+        atomic_write_json(
+            folder / CFG, {**cfg, SNAPSHOT_SHA256: hashlib.sha256(weights).hexdigest()}
+        )
         return folder
 
     def finish(self, result: FinalResult) -> None:

@@ -330,6 +330,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> SAE:
         problem = run.final_problem(deep=True)
         if problem:
             raise SweepError(f"run {folder}: {problem}; {run.fix_for(problem)}")
+    elif problem := rundir.snapshot_problem(folder):
+        raise SweepError(f"snapshot {folder}: {problem}")
     return read_run(folder, device)
 
 

@@ -559,3 +559,9 @@ def test_snapshots_export_beside_their_runs_when_asked(tiny_store, tmp_path, cap
     assert not torch.equal(
         final["W_enc"], load_file(str(snap_out / "sae_weights.safetensors"))["W_enc"]
     )
+    damaged = folder / "sae.safetensors"  # a damaged snapshot: one line, nothing written
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(SweepError, match=f"snapshot of step {step}: its sae.safetensors fails"):
+        export_sweep(sw, tmp_path / "again", snapshots=True)
+    assert not (tmp_path / "again").exists()

@@ -280,6 +280,12 @@ def test_snapshots_hold_the_weights_of_their_step_load_and_resume_bit_exact(tiny
         assert model.cfg["snapshot_step"] == 19 and model.cfg["total_steps"] == 76
         raw = tiny_store.tail_rows(64).float()
         assert model(raw).shape == raw.shape
+    damaged = snaps / "step-00000038" / rundir.WEIGHTS  # (the last member's)
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(SweepError, match="sae.safetensors fails its checksum .* remove the folder"):
+        load_run(str(damaged.parent))
 
 
 def test_steps_redone_after_a_fallback_record_their_resampling_once(tiny_store, tmp_path):
