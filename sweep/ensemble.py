@@ -35,8 +35,8 @@ from sweep.sae import LossParts
 from sweep.update import SINCE_FIRED, clip_members, track
 
 CAST = ("W_enc", "W_dec")
-"""The weights the compiled step keeps a compute-dtype copy of (the biases are cast per step:
-they are small)."""
+"""The weights the compiled step keeps a compute-dtype copy of, those the architecture has (a
+tied SAE has no ``W_dec``); the biases are cast per step: they are small."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ class Ensemble:
         if dt is None or dt == self.params["W_enc"].dtype:
             return {}
         if not self._cast:
-            self._cast = {k: self.params[k].to(dt) for k in CAST}
+            self._cast = {k: self.params[k].to(dt) for k in CAST if k in self.params}
         elif self._weights_now() != self._cast_of:
             for k, w in self._cast.items():
                 w.copy_(self.params[k])
@@ -253,7 +253,9 @@ class Ensemble:
         return drifted
 
     def _weights_now(self) -> tuple:
-        return tuple((id(self.params[k]), self.params[k]._version) for k in CAST)
+        return tuple(
+            (id(w), w._version) for w in (self.params.get(k) for k in CAST) if w is not None
+        )
 
     def _state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step updates in place."""

@@ -1,6 +1,7 @@
-"""Hand-batched gradients of :func:`sweep.sae.loss_fn` for untied ReLU, TopK, BatchTopK and
-JumpReLU members (the ensemble's fast path; the vmapped single-member math stays the
-reference and equality with it is tested).
+"""Hand-batched gradients of :func:`sweep.sae.loss_fn` for untied ReLU, TopK, BatchTopK,
+Matryoshka and JumpReLU members, and for tied ones on their decoder (:mod:`sweep.fasttied`)
+(the ensemble's fast path; the vmapped single-member math stays the reference and equality
+with it is tested).
 
 One formulation serves the four: pre-activations, an activation that keeps some of them
 (ReLU, per-row top-k, per-member batch top-k, per-feature threshold), a dense decode.
@@ -89,7 +90,7 @@ def grads(
     (the compiled step keeps the weights' copies, see :mod:`sweep.compiled`).
     """
     own = arch.batched_grads()
-    if own is not None:  # (Gated's: sweep.fastgated)
+    if own is not None:  # (Gated's: sweep.fastgated; Tied's: sweep.fasttied)
         return own(
             arch,
             params,
@@ -100,6 +101,24 @@ def grads(
             compute_dtype=compute_dtype,
             cast=cast,
         )
+    return shared_grads(arch, params, x_BD, hyper, kmax, aux, with_l0, ws, compute_dtype, cast)
+
+
+def shared_grads(
+    arch: Architecture,
+    params: Params,
+    x_BD: torch.Tensor,
+    hyper: Hyper,
+    kmax: int = 0,
+    aux: AuxSpec | None = None,
+    with_l0: bool = True,
+    ws: dict[str, torch.Tensor] | None = None,
+    compute_dtype: torch.dtype | None = None,
+    cast: Params | None = None,
+) -> tuple[Params, LossParts, torch.Tensor]:
+    """:func:`grads` in the shared formulation (this module's docstring), whatever
+    :meth:`~sweep.archs.Architecture.batched_grads` says (a tied SAE's step runs it on its
+    decoder, :mod:`sweep.fasttied`)."""
     dt = compute_dtype or params["W_enc"].dtype
     W_enc, b_enc, W_dec = (
         (cast or {}).get(k, params[k]).to(dt) for k in ("W_enc", "b_enc", "W_dec")

@@ -48,6 +48,9 @@ def test_bench_quick_runs_every_section(tmp_path: Path) -> None:
     assert [f["width"] for f in figures["section3"]["feed"]] == [512, 2304]
     assert all(r["batchtopk_over_loop"] > 0 for r in figures["section7"]["results"])
     assert all(r["matryoshka_over_loop"] > 0 for r in figures["section7"]["results"])
+    assert all(
+        r["tied_over_loop"] > 0 < r["tied_over_vmap"] for r in figures["section7"]["results"]
+    )
     assert figures["section8"]["results"][0]["rows_x_members_per_s"]["loop_compiled"] > 0
     # section 4, per variant and repeat: [wall seconds, the worker's checkpoint figures]
     runs = figures["section4"]["runs"]

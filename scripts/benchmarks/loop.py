@@ -51,9 +51,10 @@ class LoopTrainer:
             loss, _ = sae.loss_fn(p, x_BD, hy, arch=self.arch, kmax=k)
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                w = p["W_dec"]  # (F, D)
-                w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            if "W_dec" in p:  # (a tied SAE's decoder is its encoder's unit columns)
+                with torch.no_grad():
+                    w = p["W_dec"]  # (F, D)
+                    w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def member_budget(size: Size, device: torch.device) -> int:

@@ -1,7 +1,8 @@
 """Section 7, architectures vs loop: rows*members/s of sweep's ``Ensemble.step`` for ``topk``,
 ``batchtopk`` and ``matryoshka`` (its default levels) members with different k, ``jumprelu``
-members with different L0 coefficients and ``gated`` ones with different L1 coefficients
-(hand-batched fast paths; JumpReLU also on the vmapped path it used before),
+members with different L0 coefficients, ``gated`` and ``tied`` ones with different L1
+coefficients (hand-batched fast paths; JumpReLU and tied also on the vmapped path they used
+before),
 against a Python loop of K plain SAEs of the same architecture, each an autograd SAE with its
 own k or coefficient, its own ``torch.optim.Adam`` and decoder renormalisation. All in fp32;
 the ensemble's step as ``train.compile=auto`` runs it (eager, for now, everywhere)."""
@@ -45,6 +46,10 @@ def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
     gmembers = init_members(size, k, ctx.device, "gated")
     gated = make_ensemble(gmembers, l1s, arch="gated", compiled=compiled)
     gloop = LoopTrainer(gmembers, l1s, arch="gated")
+    tmembers = init_members(size, k, ctx.device, "tied")
+    tied = make_ensemble(tmembers, l1s, arch="tied", compiled=compiled)
+    tvmap = make_ensemble(tmembers, l1s, fast=False, arch="tied")
+    tloop = LoopTrainer(tmembers, l1s, arch="tied")
     variants = {
         "topk": feeder(batches, lambda x: topk.step(x, full=False)),
         "loop": feeder(batches, loop.step),
@@ -57,6 +62,9 @@ def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
         "jumprelu_loop": feeder(batches, jloop.step),
         "gated": feeder(batches, lambda x: gated.step(x, full=False)),
         "gated_loop": feeder(batches, gloop.step),
+        "tied": feeder(batches, lambda x: tied.step(x, full=False)),
+        "tied_vmap": feeder(batches, lambda x: tvmap.step(x, full=False)),
+        "tied_loop": feeder(batches, tloop.step),
     }
     secs = interleaved(variants, ctx.timer, ctx.st.repeats, ctx.st.min_time)
     rate = {name: size.batch * k / med(s) for name, s in secs.items()}
@@ -71,6 +79,8 @@ def topk_vs_loop(size: Size, k: int, ctx: Context) -> dict:
         "jumprelu_over_loop": speedup(secs, "jumprelu", "jumprelu_loop")[0],
         "jumprelu_over_vmap": speedup(secs, "jumprelu", "jumprelu_vmap")[0],
         "gated_over_loop": speedup(secs, "gated", "gated_loop")[0],
+        "tied_over_loop": speedup(secs, "tied", "tied_loop")[0],
+        "tied_over_vmap": speedup(secs, "tied", "tied_vmap")[0],
         "target": target,
     }  # fmt: skip
 
@@ -87,19 +97,22 @@ def row(r: dict) -> list[str]:
         fmt_rate(rate["jumprelu"]), fmt_rate(rate["jumprelu_loop"]),
         f"{r['jumprelu_over_loop']:.2f}x", f"{r['jumprelu_over_vmap']:.2f}x",
         fmt_rate(rate["gated"]), fmt_rate(rate["gated_loop"]), f"{r['gated_over_loop']:.2f}x",
+        fmt_rate(rate["tied"]), fmt_rate(rate["tied_loop"]), f"{r['tied_over_loop']:.2f}x",
+        f"{r['tied_over_vmap']:.2f}x",
         f">= {target:g}x: {verdict(min(r[f'{a}_over_loop'] for a in TOPK_FAMILY), target)}",
     ]  # fmt: skip
 
 
 def run(ctx: Context) -> dict:
     print("  members' k cycle through 16, 32, 64, 128 (jumprelu: L0 coefficients 0.01-0.08,")
-    print("  gated: L1 coefficients 0.01-0.08);")
+    print("  gated and tied: L1 coefficients 0.01-0.08);")
     print("  loops: K autograd SAEs of the same")
     print("  architecture (sae.loss_fn), torch.optim.Adam each, decoder renorm; the ensembles")
     print("  step with full=False\n")
     headers = ["size", "d x m", "B", "K", "topk", "loop", "btopk", "loop", "topk/loop"]
     headers += ["btopk/loop", "mtryo", "mtryo/loop", "mtryo/btopk"]
     headers += ["jrelu", "loop", "jrelu/loop", "jrelu/vmap", "gated", "loop", "gated/loop"]
+    headers += ["tied", "loop", "tied/loop", "tied/vmap"]
     cases = [(SMALL, k) for k in sorted({*ctx.st.small_k})] + [(LARGE, k) for k in ctx.st.large_k]
     results = []
     for size, k in cases:  # each printed as it is measured: a cut-off run keeps its figures

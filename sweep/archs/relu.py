@@ -23,6 +23,7 @@ The MSE is a mean over batch AND dimensions; the L1 is NOT scaled by dictionary 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -61,9 +62,14 @@ class Untied(Architecture):
 @register
 class Tied(Untied):
     name: ClassVar[str] = "tied"
-    fast: ClassVar[bool] = False
+    fast: ClassVar[bool] = True  # (its own: sweep.fasttied, see batched_grads)
     recipes: ClassVar[tuple[str, ...]] = ()
     recipe = ""
+
+    def batched_grads(self) -> Callable:
+        from sweep import fasttied  # (it imports the archs)
+
+        return fasttied.grads
 
     def init_params(
         self, d: int, f: int, g: torch.Generator, b_dec: torch.Tensor | None = None
