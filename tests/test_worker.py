@@ -190,6 +190,7 @@ ARCH_JOBS = {
     "untied": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # latents die, are resampled
     "untied-weighted": dict(l1s=(1e-3, 3e-2), recipe="weighted"),
     "gated": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # its magnitudes: checkpointed
+    "tied": dict(l1s=(1e-3, 0.3), resample_dead=6, lr=0.1),  # its own fast step, resampled
 }
 
 
@@ -221,7 +222,7 @@ def test_every_architecture_resumes_bit_exact(tiny_store, tmp_path, arch):
         model = load_run(str(a))
         raw = tiny_store.tail_rows(64).float()
         assert model(raw).shape == raw.shape
-    if arch in ("untied", "gated"):
+    if arch in ("untied", "gated", "tied"):
         events = rundir.run_dir(tmp_path / "ref", ref.ensemble.members[1].run_id) / "events.jsonl"
         assert '"resampled"' in events.read_text()
 
