@@ -186,16 +186,16 @@ def _join(lc: LaunchConfig, common: dict) -> None:
     )
 
 
-def shutdown_ray(wait: float | None = None, local: Path | None = None) -> None:
+def shutdown_ray(wait: float | None = None, own_session: Path | None = None) -> None:
     """ray.shutdown() in a helper thread; after a signal (Ray's processes may be dead) give
     up after ``wait`` s. Meanwhile this (main) thread keeps re-registering its SIGTERM/SIGINT
     handlers: Ray's core worker resets them in C as it shuts down (``signal.getsignal`` still
-    names ours), and a signal then would kill the driver without a word. ``local``: the
-    session folder of the Ray this process started (:func:`_shutdown_local`)."""
+    names ours), and a signal then would kill the driver without a word. ``own_session``: the
+    session folder of the local Ray this process started (:func:`_shutdown_local`)."""
     import ray
 
     handlers = _current_handlers()
-    stop = ray.shutdown if local is None else lambda: _shutdown_local(local)
+    stop = ray.shutdown if own_session is None else lambda: _shutdown_local(own_session)
     t = threading.Thread(target=lambda: quietly(stop), daemon=True, name="ray-shutdown")
     t.start()
     deadline = math.inf if wait is None else time.monotonic() + wait

@@ -85,14 +85,15 @@ def end_own_session(temp_dir: str | None) -> None:
     the Ray processes (``ray::...``) holding this process's own Ray session open: its agents
     would outlive it (its raylet and GCS end with it); they ignore SIGTERM. Plain ``os``
     calls, no logging: it runs in a signal handler."""
-    if not Path("/proc").is_dir():
-        return
     for session in ray_temp_root(temp_dir).glob(f"session_*_{os.getpid()}"):
         end_session(session)
 
 
 def end_session(session: Path) -> None:
-    """SIGKILL the Ray processes (``ray::...``) holding ``session`` open."""
+    """SIGKILL the Ray processes (``ray::...``) holding ``session`` open (Linux: ``/proc``;
+    elsewhere nothing is done)."""
+    if not Path("/proc").is_dir():
+        return
     for pid in holding(session):
         _signal(pid, signal.SIGKILL)
 
