@@ -354,7 +354,7 @@ def export_sweep(
         todo.append((run.path, Path(out_dir) / rid, origin))
         for step, snap in run.snapshots() if snapshots else []:
             if problem := snapshot_problem(snap):
-                raise SweepError(f"run {rid}'s snapshot of step {step}: {problem}")
+                raise SweepError(f"run {rid}'s snapshot of step {step} ({snap}): {problem}")
             todo.append(
                 (snap, Path(out_dir) / f"{rid}-step{step}", {**origin, "snapshot_step": step})
             )

@@ -7,7 +7,8 @@ A tied SAE's decoder is its encoder's columns made unit, ``W_dec[f] = w_f / n_f`
 of ``W_enc^T``). The step is the shared one of :mod:`sweep.fastpath` (an untied ReLU SAE's)
 on that decoder; its gradient ``G_f`` w.r.t. ``W_dec[f]`` reaches ``w_f`` through the
 normalisation as ``(G_f - (G_f . u_f) u_f) / n_f`` (``u_f = W_dec[f]``), added to the
-encoder's own gradient: parameter-sized work, in place but for the decoder itself.
+encoder's own gradient: parameter-sized work, in place but for the decoder itself (formed
+contiguous, so neither its GEMMs nor the dot products copy it).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def grads(
 ) -> tuple[Params, LossParts, torch.Tensor]:
     """:func:`sweep.fastpath.grads` for tied members (its signature; no top-k, no AuxK)."""
     W_enc = params["W_enc"]  # (E, D, F)
+    E, D, F_ = W_enc.shape
     norms = W_enc.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (E, 1, F)
-    W_dec = (W_enc / norms).transpose(1, 2)  # (E, F, D): unit rows, as arch.decoder makes them
+    W_dec = W_enc.new_empty(E, F_, D)  # unit rows, as arch.decoder makes them; contiguous
+    torch.div(W_enc.transpose(1, 2), norms.transpose(1, 2), out=W_dec)
     decoded = {**params, "W_dec": W_dec}
     out, parts, codes = shared_grads(
         arch, decoded, x_BD, hyper, with_l0=with_l0, ws=ws, compute_dtype=compute_dtype, cast=cast

@@ -116,7 +116,8 @@ def _start_ray(lc: LaunchConfig) -> None:
             if lc.temp_dir:
                 kwargs["_temp_dir"] = str(Path(lc.temp_dir).absolute())
             # "local": a new instance even where RAY_ADDRESS is set or `ray start` ran
-            with shield.inherited():
+            # (shielded where what it starts can be ended at shutdown: sweep.reaper)
+            with shield.inherited() if reaper.can_end() else contextlib.nullcontext():
                 ray.init(address="local", resources={PRIVATE: 1}, **kwargs, **common)
     except SystemExit as err:  # a Ray whose own SIGTERM handler was set: sys.exit(SIGTERM)
         if err.code == signal.SIGTERM:
@@ -186,16 +187,16 @@ def _join(lc: LaunchConfig, common: dict) -> None:
     )
 
 
-def shutdown_ray(wait: float | None = None, own_session: Path | None = None) -> None:
+def shutdown_ray(wait: float | None = None, local: bool = False) -> None:
     """ray.shutdown() in a helper thread; after a signal (Ray's processes may be dead) give
     up after ``wait`` s. Meanwhile this (main) thread keeps re-registering its SIGTERM/SIGINT
     handlers: Ray's core worker resets them in C as it shuts down (``signal.getsignal`` still
-    names ours), and a signal then would kill the driver without a word. ``own_session``: the
-    session folder of the local Ray this process started (:func:`_shutdown_local`)."""
+    names ours), and a signal then would kill the driver without a word. ``local``: the Ray
+    this process started (:func:`_shutdown_local`)."""
     import ray
 
     handlers = _current_handlers()
-    stop = ray.shutdown if own_session is None else lambda: _shutdown_local(own_session)
+    stop = _shutdown_local if local else ray.shutdown
     t = threading.Thread(target=lambda: quietly(stop), daemon=True, name="ray-shutdown")
     t.start()
     deadline = math.inf if wait is None else time.monotonic() + wait
@@ -205,12 +206,12 @@ def shutdown_ray(wait: float | None = None, own_session: Path | None = None) -> 
     _keep_handlers(handlers)
 
 
-def _shutdown_local(session: Path) -> None:
+def _shutdown_local() -> None:
     """Shut down the local Ray that :func:`_start_ray` started with SIGTERM blocked
     (:func:`sweep.shield.inherited`). Ray's shutdown would send each of its processes SIGTERM
     and wait 1 s for it before SIGKILL, ~4 s more in all (measured): they get SIGKILL at once
     (every task has ended by then). The raylet's agents, which end themselves with a SIGTERM
-    once it is gone, are ended after it (their ``session`` folder names them)."""
+    once it is gone, are ended by :func:`ray_session` (:func:`_end_agents`)."""
     import ray
 
     node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
@@ -221,7 +222,6 @@ def _shutdown_local(session: Path) -> None:
         at_once = lambda **kw: kill(**{**kw, "allow_graceful": False})  # noqa: E731
         with _replaced(node, "kill_all_processes", at_once):
             ray.shutdown()
-    reaper.end_session(session)
 
 
 def _current_handlers() -> dict:
@@ -246,13 +246,19 @@ def ray_session(
     import ray
 
     owns = not ray.is_initialized()
+    local = owns and not lc.address
     session = own = None
     with contextlib.ExitStack() as stack:
-        if owns and not lc.address:  # a signal before training exits at once: Ray's agents too
+        if local:  # a signal before training exits at once: Ray's agents too
             stack.enter_context(at_exit_now(lambda _line: reaper.end_own_session(lc.temp_dir)))
         if owns:
             handlers = _current_handlers()
-            _start_ray(lc)
+            try:
+                _start_ray(lc)
+            except BaseException:  # (its processes may have started)
+                if local:
+                    _end_agents(lc, None)
+                raise
             _keep_handlers(handlers)  # (a Ray whose hooks _signals_stay_ours cannot hold off)
             session = own = None if lc.address else _session_dir()
         try:
@@ -261,10 +267,25 @@ def ray_session(
             session = None  # (its logs may say why)
             raise
         finally:
-            if owns:
-                shutdown_ray(stop_wait(), own)
+            try:
+                if owns:
+                    shutdown_ray(stop_wait(), local)
+            finally:  # (also where the shutdown was given up on, or a second signal cut it)
+                if local:
+                    _end_agents(lc, own)
             if session is not None and went_well():
                 _remove_session(session)
+
+
+def _end_agents(lc: LaunchConfig, session: Path | None) -> None:
+    """End what is left of the local Ray this process started: its agents (and anything a
+    shutdown cut short left) hold its session folder open and, started with SIGTERM blocked,
+    would not end themselves. ``session``: its folder, where known (else found by this pid)."""
+    with contextlib.suppress(OSError):  # (in a finally: never in the way of what raised)
+        if session is not None:
+            reaper.end_session(session)
+        else:
+            reaper.end_own_session(lc.temp_dir)
 
 
 def _remove_session(session: Path) -> None:

@@ -89,10 +89,15 @@ def end_own_session(temp_dir: str | None) -> None:
         end_session(session)
 
 
+def can_end() -> bool:
+    """Whether this machine lets :func:`end_session` find a session's processes (``/proc``)."""
+    return Path("/proc").is_dir()
+
+
 def end_session(session: Path) -> None:
-    """SIGKILL the Ray processes (``ray::...``) holding ``session`` open (Linux: ``/proc``;
+    """SIGKILL the Ray processes (``ray::...``) holding ``session`` open (where :func:`can_end`;
     elsewhere nothing is done)."""
-    if not Path("/proc").is_dir():
+    if not can_end():
         return
     for pid in holding(session):
         _signal(pid, signal.SIGKILL)

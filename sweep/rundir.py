@@ -135,11 +135,11 @@ def snapshot_problem(folder: Path) -> str | None:
     try:
         if file_sha256(folder / WEIGHTS) == want:
             return None
-    except OSError:
-        return f"its {WEIGHTS} cannot be read"
+    except OSError as err:
+        return f"its {WEIGHTS} cannot be read ({err.strerror or err}); check the folder's files"
     return (
-        f"its {WEIGHTS} fails its checksum (damaged since it was written); remove the folder "
-        f"{folder}: the run's final weights and its other snapshots do not depend on it"
+        f"its {WEIGHTS} fails its checksum (damaged since it was written); remove the "
+        "snapshot's folder: the run's final weights and its other snapshots do not depend on it"
     )
 
 

@@ -285,7 +285,9 @@ def test_snapshots_hold_the_weights_of_their_step_load_and_resume_bit_exact(tiny
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    with pytest.raises(SweepError, match="sae.safetensors fails its checksum .* remove the folder"):
+    with pytest.raises(
+        SweepError, match="sae.safetensors fails its checksum .* remove the snapshot.s folder"
+    ):
         load_run(str(damaged.parent))
 
 
