@@ -500,6 +500,26 @@ class TrainConfig:
         """The steps (1-based, of ``total``) after which :attr:`snapshots` are kept."""
         return {max(1, round(f * total)) for f in self.snapshots} - {total}
 
+    def snapshots_note(self, total: int) -> str | None:
+        """A warning for :attr:`snapshots` that fall on one step of ``total``, or on the last
+        (whose weights are the run's own), so fewer snapshots are kept than named."""
+        at: dict[int, list[float]] = {}
+        for f in self.snapshots:
+            at.setdefault(max(1, round(f * total)), []).append(f)
+        said = [
+            f"{', '.join(f'{f:g}' for f in fs)} fall on step {step} of {total}: one snapshot there"
+            for step, fs in sorted(at.items())
+            if len(fs) > 1 and step != total
+        ]
+        if total in at:
+            fs = at[total]
+            verb = "fall" if len(fs) > 1 else "falls"
+            said.append(
+                f"{', '.join(f'{f:g}' for f in fs)} {verb} on the last step ({total}): no "
+                "snapshot, the run's own weights are that step's"
+            )
+        return f"train.snapshots {'; '.join(said)}" if said else None
+
     def lr_scale(self, step: int, total: int) -> float:
         """Multiplier of ``lr`` for 0-based ``step`` of ``total`` (warmup, flat, linear decay)."""
         warm, decay = self.lr_warmup * total, self.lr_decay * total

@@ -354,10 +354,12 @@ def check_store_fits(
 
 def schedule_notes(cfg: SweepConfig, steps: int) -> list[str | None]:
     """Warnings of a training schedule of ``steps`` too short for the architecture to
-    respond to its sparsity knob, or for a dead-latent remedy to act."""
+    respond to its sparsity knob, or for a dead-latent remedy to act, and of snapshots it
+    cannot keep apart."""
     mean_lr = min(cfg.learning_rates()) * cfg.train.mean_lr_scale()  # warm-up, decay included
     arch = cfg.sae.architecture()
-    return [arch.check_schedule(steps, mean_lr), never_acts_note(cfg.train, arch, steps)]
+    checks = [arch.check_schedule(steps, mean_lr), never_acts_note(cfg.train, arch, steps)]
+    return [*checks, cfg.train.snapshots_note(steps)]
 
 
 SKIPPED_SHARE = 0.05

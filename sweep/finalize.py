@@ -81,10 +81,12 @@ def _health(m: dict, arch: str, l1: float | None) -> str:
             f"reconstructs worse than the held-out rows' mean (FVU {fvu:.3g}, L0 {l0:.3g}): {fix}"
         )
     if dead >= DEAD_DICTIONARY or fvu >= DEAD_DICTIONARY:
-        died = f"{100 * dead:.0f}% of features dead"
+        died, what = f"{100 * dead:.0f}% of features dead", "dead dictionary"
         if dead < DEAD_DICTIONARY and l0 < 1:  # (most fire, but on almost no row)
             died = f"almost no latent fires: {died}, the others rarely"
-        return f"dead dictionary: {_explained(fvu)}L0 {l0:.3g}, {died}); {_revive(arch, l1)}"
+        elif dead < DEAD_DICTIONARY:  # (its latents fire, to no use)
+            what = "useless dictionary"
+        return f"{what}: {_explained(fvu)}L0 {l0:.3g}, {died}); {_revive(arch, l1)}"
     return ""
 
 

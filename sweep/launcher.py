@@ -427,6 +427,12 @@ class Resources:
                 "start them, or give the head CPUs"
             )
         self.num_gpus, self.num_cpus = 0, per
+        if str(lc.gpus_per_ensemble) != "auto":
+            log.warning(
+                "launch.gpus_per_ensemble=%s does nothing here: the ensembles train on CPUs "
+                "(launch.cpus_per_ensemble sets their share)",
+                lc.gpus_per_ensemble,
+            )
         concurrent = max(1, math.floor(cpus / per))
         self.device_bytes = lc.device_memory_gb * 2**30 or host_memory_bytes() * 0.5 / concurrent
 

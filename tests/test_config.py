@@ -682,3 +682,20 @@ def test_a_number_given_to_a_text_field_is_kept_as_typed():
     assert (cfg.train.lr, cfg.data.seed) == (0.001, 7)
     harvest = ["model=m", "dataset=d.txt", "hooks=[a]", "rows=1000", "store_dir=.5"]
     assert to_harvest_config(compose(harvest, config_name="harvest")).store_dir == ".5"
+
+
+def test_snapshots_that_share_a_step_or_fall_on_the_last_are_said():
+    """Fractions kept apart by no step (a duplicate, two that round alike) and one that
+    rounds to the last step keep fewer snapshots than named: a warning, not an error (a sweep
+    recorded with them must resume), from the check before training (schedule_notes)."""
+    from sweep.driver import schedule_notes
+
+    t = TrainConfig(snapshots=[0.5, 0.501, 0.25, 0.999])
+    assert t.snapshots_note(126) == (
+        "train.snapshots 0.5, 0.501 fall on step 63 of 126: one snapshot there; 0.999 falls "
+        "on the last step (126): no snapshot, the run's own weights are that step's"
+    )
+    assert t.snapshots_note(100_000) is None
+    assert TrainConfig().snapshots_note(10) is None
+    notes = schedule_notes(cfg_of("train.snapshots=[0.5,0.5]"), 100)
+    assert "train.snapshots 0.5, 0.5 fall on step 50 of 100: one snapshot there" in notes

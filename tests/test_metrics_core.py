@@ -192,6 +192,11 @@ def test_health_notes_fit_the_runs_l1():
         assert health_note(dead, arch, 1e-2).startswith("dead dictionary") and "lower l1" in (
             health_note(dead, arch, 1e-2)
         )
+    firing = {"dead_fraction": 0.0, "fvu": 1.03, "l0": 1.24}  # (not "dead" beside "0% dead")
+    assert health_note(firing, "untied", 1e-1) == (
+        "useless dictionary: it explains 0.0% of the variance (FVU 1.03, L0 1.24, 0% of "
+        "features dead); lower l1"
+    )
     silent = {"dead_fraction": 0.9, "fvu": 1.17, "l0": 0.09}
     assert health_note(silent, "untied", 30.0) == (
         "reconstructs worse than the held-out rows' mean (FVU 1.17, L0 0.09): almost no latent "

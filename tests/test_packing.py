@@ -4,6 +4,7 @@ get it whole; what each ensemble asked Ray for is in its runs' placement.json.""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -115,6 +116,20 @@ def test_ensembles_are_split_to_fill_whole_devices_only():
     cpu = cfg_of("launch.cpus_per_ensemble=4", "train.device=cpu")
     assert Resources(cpu, {"CPU": 16.0}).slots == 4
     assert Resources(cfg_of("train.device=cpu"), {"CPU": 16.0}).slots == 1  # one takes all
+
+
+def test_a_gpu_share_on_the_cpu_is_said_to_do_nothing(caplog):
+    from sweep.launcher import Resources
+    from tests.test_config import cfg_of
+
+    with caplog.at_level(logging.WARNING, logger="sweep.launcher"):
+        Resources(cfg_of("train.device=cpu"), {"CPU": 2.0})
+        Resources(cfg_of("launch.gpus_per_ensemble=2", "train.device=cpu"), {"CPU": 2.0})
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "gpus_per_ensemble" in m] == [
+        "launch.gpus_per_ensemble=2 does nothing here: the ensembles train on CPUs "
+        "(launch.cpus_per_ensemble sets their share)"
+    ]
 
 
 def test_a_ratios_runs_split_into_ensembles_as_even_as_they_can_be():
