@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 GRACE = 3.0
 """Seconds the agents get to exit after SIGTERM before SIGKILL."""
+WIND_DOWN = 15.0
+"""Seconds a dead driver's Ray (its raylet, GCS: they end a few seconds after it, and its
+workers with them) is waited for before a new one starts beside its last writes."""
 
 
 def ray_temp_root(temp_dir: str | None) -> Path:
@@ -47,8 +50,8 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     if not isinstance(pid, int) or pid <= 0 or pid_alive(pid):  # (a copied sweep's, or reused)
         return 0
     found = sorted(s for root in _roots(temp_dir, stale) for s in _sessions(root, pid))
-    held = {s: _holders(s) for s in found}  # (a session its raylet or GCS holds: Ray runs)
-    sessions = [s for s, procs in held.items() if not any(c in LIVE for _, _, c in procs)]
+    held = _wound_down({s: _holders(s) for s in found})
+    sessions = [s for s, procs in held.items() if not _live(procs)]
     left = sorted({p for s in sessions for p, title, _ in held[s] if title.startswith(RAY)})
     if not left:
         return 0
@@ -60,6 +63,25 @@ def reap(temp_dir: str | None, stale: dict | None) -> int:
     )
     _end(left)
     return len(left)
+
+
+def _wound_down(held: dict[Path, list]) -> dict[Path, list]:
+    """``held`` (each session's holders) once the sessions' raylets and GCS servers have
+    ended, waiting up to :data:`WIND_DOWN` seconds: a killed driver's Ray ends seconds after
+    it, and until then its workers may still train and write (a session still held by one
+    after that is left: its name's pid may be a reused one's, a ``ray start`` that exited)."""
+    deadline = time.monotonic() + WIND_DOWN
+    if any(_live(procs) for procs in held.values()):
+        log.info("waiting up to %g s for the killed driver's Ray to end", WIND_DOWN)
+    while any(_live(procs) for procs in held.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        held = {s: _holders(s) if _live(procs) else procs for s, procs in held.items()}
+    return held
+
+
+def _live(procs: list[tuple[int, bytes, str]]) -> bool:
+    """Whether a session's Ray still runs: its raylet or GCS holds it."""
+    return any(name in LIVE for _, _, name in procs)
 
 
 def _roots(temp_dir: str | None, stale: dict) -> set[Path]:

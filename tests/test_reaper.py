@@ -18,15 +18,19 @@ pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="Linux only (
 
 
 def holder(
-    log: Path, title: str = "ray::DashboardAgent", name: str = "", blocks: bool = False
+    log: Path,
+    title: str = "ray::DashboardAgent",
+    name: str = "",
+    blocks: bool = False,
+    lives: float = 60.0,
 ) -> subprocess.Popen:
-    """A process with ``log`` open until killed, its command line beginning with ``title``
-    (as Ray's processes title themselves), named ``name`` (as Ray's raylet is); ``blocks``:
-    with SIGTERM blocked."""
+    """A process with ``log`` open until killed (or ``lives`` seconds), its command line
+    beginning with ``title`` (as Ray's processes title themselves), named ``name`` (as Ray's
+    raylet is); ``blocks``: with SIGTERM blocked."""
     rename = f"open('/proc/self/comm', 'w').write({name!r})\n" if name else ""
     if blocks:
         rename += "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
-    code = f"{rename}f = open({str(log)!r}, 'a')\nprint('ready', flush=True)\nimport time\ntime.sleep(60)"
+    code = f"{rename}f = open({str(log)!r}, 'a')\nprint('ready', flush=True)\nimport time\ntime.sleep({lives})"
     p = subprocess.Popen(
         [title, "-c", code], executable=sys.executable, stdout=subprocess.PIPE, text=True
     )
@@ -97,7 +101,8 @@ def test_the_dead_drivers_own_ray_folder_is_searched_too(tmp_path):
 @pytest.mark.parametrize(
     "case", ["another host", "a live raylet", "no stale lock", "its driver alive"]
 )
-def test_a_session_that_may_not_be_a_dead_drivers_is_left(tmp_path, case):
+def test_a_session_that_may_not_be_a_dead_drivers_is_left(tmp_path, case, monkeypatch):
+    monkeypatch.setattr(reaper, "WIND_DOWN", 1.0)  # (a raylet that outlives it: left)
     pid = os.getpid() if case == "its driver alive" else dead_pid()  # (alive: a copied sweep's)
     logs = session(tmp_path, pid)
     procs = [holder(logs / "dashboard_agent.log")]
@@ -110,5 +115,23 @@ def test_a_session_that_may_not_be_a_dead_drivers_is_left(tmp_path, case):
         assert all(p.poll() is None for p in procs)
     finally:
         for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_dead_drivers_ray_still_winding_down_is_waited_for_then_its_agents_ended(tmp_path):
+    """A killed driver's raylet ends seconds after it (its workers may train and write until
+    then): the new driver waits for it (up to WIND_DOWN), then ends the agents left."""
+    pid = dead_pid()
+    logs = session(tmp_path, pid)
+    agent = holder(logs / "dashboard_agent.log")
+    raylet = holder(logs / "raylet.out", title=sys.executable, name="raylet", lives=1.5)
+    try:
+        start = time.monotonic()
+        assert reaper.reap(str(tmp_path), {"host": socket.gethostname(), "pid": pid}) == 1
+        assert 1.0 < time.monotonic() - start < reaper.WIND_DOWN
+        assert raylet.poll() == 0 and agent.wait(timeout=10) is not None
+    finally:
+        for p in (agent, raylet):
             p.kill()
             p.wait()
