@@ -132,4 +132,6 @@ def _loss_parts(
     parts = _parts(arch, codes, err, x_BD, hyper, with_l0, None, scratch)
     gate_l1 = member_sums(h, torch.float32) / B
     aux = member_sums(torch.linalg.vector_norm(err2, dim=2, dtype=torch.float32).pow(2)) / (B * D)
-    return parts._replace(loss=parts.loss + hyper["l1"] * gate_l1 + aux)
+    loss = parts.loss + hyper["l1"] * gate_l1 + aux  # (not parts._replace: torch 2.11's
+    # compiler fails on it, AssertionError in dynamo's side_effects; 2.13's does not)
+    return LossParts(loss, parts.mse, parts.sparsity, parts.l0, parts.fvu)
