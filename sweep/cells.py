@@ -18,6 +18,10 @@ KEPT_DIGITS = 3
 small one: ``0.000123``, ``0.00015`` beside ``0.0001``, one that would read 0) is written
 with :data:`DIGITS` of its own."""
 
+HUGE = 1e9
+"""A value this large or larger is written with :data:`DIGITS` significant digits and an
+exponent (``1e+38``, a grid's l1 meant to break a run: not 39 digits)."""
+
 MAX_WHOLE_DECIMALS = 9
 """A value just short of a whole number takes up to this many decimals, so that it does not
 read as that number (``0.99997``, not ``1.0000``)."""
@@ -53,7 +57,7 @@ def _text(v: object, decimals: int) -> str:
         return ""
     if not isinstance(v, float):
         return str(v)
-    if not math.isfinite(v) or _cut_short(v, decimals):
+    if not math.isfinite(v) or abs(v) >= HUGE or _cut_short(v, decimals):
         return f"{v:.{DIGITS}g}"
     while decimals < MAX_WHOLE_DECIMALS and _reads_whole(v, decimals):
         decimals += 1

@@ -89,8 +89,9 @@ COLUMN_HELP = {
     "mmcs_seeds": DEFINITIONS["MMCS"],
     "gt_recovered": DEFINITIONS["gt_recovered"],
     "loss_recovered": DEFINITIONS["loss recovered"],
-    "dead_fraction": DEFINITIONS["dead / dense"],
-    "dense_fraction": DEFINITIONS["dead / dense"],
+    "dead_fraction": "fraction of features that never fire on the held-out rows.",
+    "dense_fraction": f"fraction of features that fire on more than {DENSE_THRESHOLD:.0%} of "
+    "the held-out rows.",
     "mse": "mean squared reconstruction error per activation dimension (training space).",
     "lr": "the run's learning rate (grid.lr: the grid's learning-rate axis).",
 }

@@ -270,7 +270,7 @@ def test_a_damaged_token_stream_is_found_and_one_of_a_changed_dataset_refused(
     tokens.write_bytes(bytes(bad))
     with caplog.at_level(logging.WARNING, logger="sweep.activations.harvest_dir"):
         run_harvest(cut)
-    assert "is damaged; rebuilding it" in caplog.text
+    assert "is damaged; making it again" in caplog.text
     assert _snapshot(tmp_path / "cut") == _snapshot(tmp_path / "clean")
     assert tokens.read_bytes() == kept
     again = replace(clean, store_dir=str(tmp_path / "again"))
@@ -776,6 +776,35 @@ def test_chunks_lost_from_a_complete_harvest_are_harvested_again(
     assert _snapshot(tmp_path / "h") == clean
     assert (a / chunk_name(0)).stat().st_mtime_ns == kept  # only the lost ones were written
     assert [stores[h].identity for h in HOOKS] == identity
+
+
+@pytest.mark.parametrize("stream", ["damaged", "lost"])
+def test_a_complete_harvest_that_lost_chunks_and_its_token_stream_makes_both_again(
+    tiny_model_dir, text_file, tmp_path, stream, caplog
+):
+    """The token stream is made again from the text (the one recorded, by its sha256), then
+    the lost chunks from it; with the text changed since, nothing is touched."""
+    docs = tmp_path / "docs.txt"
+    docs.write_bytes(text_file.read_bytes())
+    cfg = tiny_cfg(tiny_model_dir, docs, tmp_path / "h")
+    run_harvest(cfg)
+    tokens_file = tmp_path / "h" / harvest.TOKENS_FILE
+    clean, tokens = _snapshot(tmp_path / "h"), tokens_file.read_bytes()
+    (tmp_path / "h" / HOOKS[0] / chunk_name(2)).unlink()
+    if stream == "lost":
+        tokens_file.unlink()
+    else:
+        tokens_file.write_bytes(tokens[:-8] + b"XXXXXXXX")
+    docs.write_text("A changed start. " + docs.read_text())  # (the stream is its head)
+    before = {p: p.read_bytes() for p in (tmp_path / "h").rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match=r"cannot be made again as it was \(.* changed since\)"):
+        run_harvest(cfg)
+    assert {p: p.read_bytes() for p in (tmp_path / "h").rglob("*") if p.is_file()} == before
+    docs.write_bytes(text_file.read_bytes())
+    with caplog.at_level("WARNING", logger="sweep.activations.harvest"):
+        run_harvest(cfg)
+    assert "made again from" in caplog.text
+    assert _snapshot(tmp_path / "h") == clean and tokens_file.read_bytes() == tokens
 
 
 def test_a_repair_that_cannot_run_touches_nothing(tiny_model_dir, text_file, tmp_path):

@@ -956,6 +956,7 @@ def test_a_tables_column_writes_its_numbers_with_one_number_of_decimals(capsys):
     assert texts(32, None, True) == ["32", "", "True"]
     assert texts(1 - 1 / 32768, 0.5, 1.0) == ["0.99997", "0.5", "1.0"]  # (not all dead)
     assert texts(57.99999, 57.75) == ["57.99999", "57.75"]
+    assert texts(3e-3, 1e38, 2.5e9) == ["0.003", "1e+38", "2.5e+09"]  # (not 39 digits)
     rows = [
         {"run_id": "a", "state": "done", "l0": 57.75, "fvu": 0.5},
         {"run_id": "b", "state": "done", "l0": 58.0, "fvu": 0.000123},

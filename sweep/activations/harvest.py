@@ -207,7 +207,8 @@ def harvest_with_stats(
         return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
     with removed_if_left_empty(root), writing(root):
         check_dir(cfg, params)  # (the settings of a harvest that ended since the first check)
-        if complete(cfg, params) and not reopen_damaged(cfg, plan, root):
+        remake = lambda: _remade_stream(cfg, plan, root)  # noqa: E731
+        if complete(cfg, params) and not reopen_damaged(cfg, plan, root, remake):
             _mend_eval_tokens(cfg, plan, root, locked=True)
             log.info("harvest in %s was completed by another harvest; reusing it", root)
             return {h: ChunkStore(store_path(cfg, h)) for h in cfg.hooks}, []
@@ -350,6 +351,26 @@ def _token_stream(
     _check_same_stream(cfg, root, digest)
     atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
     record_stream(root, tokens_sha256=digest)
+
+
+def _remade_stream(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> str | None:
+    """A complete harvest's token stream, damaged or lost, made again from its text where
+    that gives the very stream the harvest began with (its sha256 recorded): what harvesting
+    its lost chunks again needs. None once written; else why it cannot be."""
+    want = stream_record(root).get("tokens_sha256")
+    if want is None:
+        return "no record of it: harvested by an older sweep"
+    try:
+        docs = text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
+        n = plan.n_contexts + plan.eval_contexts
+        tokens = text.token_contexts(docs, _tokenizer(cfg, docs), n, cfg.context, cfg.prepend_bos)
+    except SweepError as err:
+        return str(err).split(";")[0]
+    if write_npy(_Discard(), tokens) != want:
+        return f"{cfg.dataset} or the tokenizer changed since"
+    atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
+    log.warning("token stream %s made again from %s, as it was", root / TOKENS_FILE, cfg.dataset)
+    return None
 
 
 class _Discard:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,10 +77,13 @@ def store_path(cfg: HarvestConfig, hook: str) -> Path:
     return root if len(cfg.hooks) == 1 else hook_folder(root, hook)
 
 
-def reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
+def reopen_damaged(
+    cfg: HarvestConfig, plan: HarvestPlan, root: Path, remake: Callable[[], str | None]
+) -> bool:
     """Whether a complete harvest lost chunks (missing, truncated, or rewritten with other
     bits: hours of work on a real model that need not be redone). Once the repair can run
-    (store_dir writable, the model folder and the token stream there; else nothing is
+    (store_dir writable, the model folder there, and the token stream — on disk, or made again
+    by ``remake`` from the text, the very stream recorded; it says why not — else nothing is
     touched), those chunks are removed, so the harvest resumes and writes just them again;
     the manifests stay, and the harvest's finalize holds the new chunks to them."""
     lost = {h: damaged(store_path(cfg, h)) for h in cfg.hooks}
@@ -88,11 +91,12 @@ def reopen_damaged(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
         return False
     ensure_writable(root, "store_dir")
     lm.check_model_folder(cfg.model)
-    if not has_tokens(cfg, plan, root):
+    if not has_tokens(cfg, plan, root) and (why := remake()):
         first = next(p for bad in lost.values() for p in bad.values())
         raise StoreError(
-            f"harvest in {root} lost chunks ({first}) and its token stream {TOKENS_FILE}, so "
-            "they cannot be harvested again as they were; harvest into a new store_dir"
+            f"harvest in {root} lost chunks ({first}) and its token stream {TOKENS_FILE}, "
+            f"which cannot be made again as it was ({why}), so neither can they; restore "
+            "them, or harvest into a new store_dir"
         )
     for hook, bad in lost.items():
         if bad:
@@ -306,7 +310,7 @@ def has_tokens(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> bool:
     """Whether a resumed harvest's token stream is already on disk (and intact)."""
     intact = stream_intact(cfg, plan, root)
     if intact is False:
-        log.warning("token stream %s is damaged; rebuilding it", root / TOKENS_FILE)
+        log.warning("token stream %s is damaged; making it again", root / TOKENS_FILE)
     return bool(intact)
 
 
