@@ -438,13 +438,19 @@ class RunFolder:
 
     def snapshots(self) -> list[tuple[int, Path]]:
         """(step, folder) of each whole snapshot (one with its ``cfg.json``; a snapshot still
-        being written has none), in step order."""
-        found = sorted((self.path / SNAPSHOTS).glob("step-*"))
-        return [
-            (int(f.name.removeprefix("step-")), f)
-            for f in found
-            if f.name.removeprefix("step-").isdigit() and (f / CFG).is_file()
-        ]
+        being written has none), in step order. A finished run writes none: one without its
+        ``cfg.json`` there is damaged, left out with a warning."""
+        found = [f for f in sorted((self.path / SNAPSHOTS).glob("step-*")) if f.name[5:].isdigit()]
+        torn = [f.name for f in found if not (f / CFG).is_file()]
+        if torn and (self.path / DONE).is_file():
+            log.warning(
+                "run %s: snapshot %s has no %s (damaged: the run has finished); left out "
+                "(remove its folder)",
+                self.path.name,
+                ", ".join(torn),
+                CFG,
+            )
+        return [(int(f.name[5:]), f) for f in found if f.name not in torn]
 
     def write_snapshot(self, step: int, weights: bytes, cfg: dict) -> Path:
         """The run's weights after ``step`` (``train.snapshots``), in a folder ``load_run``

@@ -567,3 +567,21 @@ def test_snapshots_export_beside_their_runs_when_asked(tiny_store, tmp_path, cap
     ):
         export_sweep(sw, tmp_path / "again", snapshots=True)
     assert not (tmp_path / "again").exists()
+
+
+def test_a_finished_runs_snapshot_without_its_cfg_is_left_out_with_a_warning(tmp_path, caplog):
+    """A snapshot without cfg.json is one still being written while its run trains (passed
+    over in silence); once the run has finished, it is damaged: said, and left out."""
+    run = rundir.RunFolder(tmp_path / "r2-l1_1e-03-s0")
+    whole, torn = (run.path / rundir.SNAPSHOTS / f"step-{n:08d}" for n in (3, 5))
+    for folder in (whole, torn):
+        folder.mkdir(parents=True)
+    (whole / rundir.CFG).write_text("{}")
+    with caplog.at_level("WARNING", logger="sweep.rundir"):
+        assert run.snapshots() == [(3, whole)] and not caplog.records  # (training)
+        (run.path / rundir.DONE).write_text("{}")
+        assert run.snapshots() == [(3, whole)]
+    assert caplog.records[0].getMessage() == (
+        "run r2-l1_1e-03-s0: snapshot step-00000005 has no cfg.json (damaged: the run has "
+        "finished); left out (remove its folder)"
+    )
