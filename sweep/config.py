@@ -498,14 +498,19 @@ class TrainConfig:
 
     def snapshot_steps(self, total: int) -> set[int]:
         """The steps (1-based, of ``total``) after which :attr:`snapshots` are kept."""
-        return {max(1, round(f * total)) for f in self.snapshots} - {total}
+        return set(self._snapshots_at(total)) - {total}
+
+    def _snapshots_at(self, total: int) -> dict[int, list[float]]:
+        """The :attr:`snapshots` fractions by the step (1-based, of ``total``) each falls on."""
+        at: dict[int, list[float]] = {}
+        for f in self.snapshots:
+            at.setdefault(max(1, round(f * total)), []).append(f)
+        return at
 
     def snapshots_note(self, total: int) -> str | None:
         """A warning for :attr:`snapshots` that fall on one step of ``total``, or on the last
         (whose weights are the run's own), so fewer snapshots are kept than named."""
-        at: dict[int, list[float]] = {}
-        for f in self.snapshots:
-            at.setdefault(max(1, round(f * total)), []).append(f)
+        at = self._snapshots_at(total)
         said = [
             f"{', '.join(f'{f:g}' for f in fs)} fall on step {step} of {total}: one snapshot there"
             for step, fs in sorted(at.items())

@@ -440,7 +440,8 @@ class RunFolder:
         """(step, folder) of each whole snapshot (one with its ``cfg.json``; a snapshot still
         being written has none), in step order. A finished run writes none: one without its
         ``cfg.json`` there is damaged, left out with a warning."""
-        found = [f for f in sorted((self.path / SNAPSHOTS).glob("step-*")) if f.name[5:].isdigit()]
+        steps = {f: f.name.removeprefix("step-") for f in (self.path / SNAPSHOTS).glob("step-*")}
+        found = sorted(f for f, step in steps.items() if step.isdigit())
         torn = [f.name for f in found if not (f / CFG).is_file()]
         if torn and (self.path / DONE).is_file():
             log.warning(
@@ -450,7 +451,7 @@ class RunFolder:
                 ", ".join(torn),
                 CFG,
             )
-        return [(int(f.name[5:]), f) for f in found if f.name not in torn]
+        return [(int(steps[f]), f) for f in found if f.name not in torn]
 
     def write_snapshot(self, step: int, weights: bytes, cfg: dict) -> Path:
         """The run's weights after ``step`` (``train.snapshots``), in a folder ``load_run``

@@ -339,18 +339,25 @@ def _token_stream(
     """Write the token stream (harvest + eval contexts); ``docs`` None: it is already there."""
     if docs is None:
         return
-    try:
-        tokens = text.token_contexts(
-            docs, tokenizer, plan.n_contexts + plan.eval_contexts, cfg.context, cfg.prepend_bos
-        )
-    except text.NotEnoughText as err:
-        raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
+    tokens = _contexts(cfg, plan, docs, tokenizer)
     atomic_write_json(root / PARAMS_FILE, params)
     _recorded_shuffle(root, shuffle_fingerprint(plan))
     digest = write_npy(_Discard(), tokens)  # (the file's sha256, before it is written)
     _check_same_stream(cfg, root, digest)
     atomic_write(root / TOKENS_FILE, lambda f: write_npy(f, tokens))
     record_stream(root, tokens_sha256=digest)
+
+
+def _contexts(
+    cfg: HarvestConfig, plan: HarvestPlan, docs: Iterator[str], tokenizer: Any
+) -> np.ndarray:
+    """The token stream's contexts (harvest + eval) from ``docs``; too little text refused."""
+    try:
+        return text.token_contexts(
+            docs, tokenizer, plan.n_contexts + plan.eval_contexts, cfg.context, cfg.prepend_bos
+        )
+    except text.NotEnoughText as err:
+        raise StoreError(_too_short(cfg, plan, err.available_tokens)) from err
 
 
 def _remade_stream(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> str | None:
@@ -362,8 +369,7 @@ def _remade_stream(cfg: HarvestConfig, plan: HarvestPlan, root: Path) -> str | N
         return "no record of it: harvested by an older sweep"
     try:
         docs = text.iter_documents(cfg.dataset, cfg.split, cfg.text_field)
-        n = plan.n_contexts + plan.eval_contexts
-        tokens = text.token_contexts(docs, _tokenizer(cfg, docs), n, cfg.context, cfg.prepend_bos)
+        tokens = _contexts(cfg, plan, docs, _tokenizer(cfg, docs))
     except SweepError as err:
         return str(err).split(";")[0]
     if write_npy(_Discard(), tokens) != want:
