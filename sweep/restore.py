@@ -61,14 +61,24 @@ def init_member(
     return arch.init_params(run.width, run.dict_size, g, b_dec)
 
 
-def compute_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.dtype`` (None = plain fp32). On CUDA, TF32 matmuls are
-    switched on for tf32 and off otherwise (the flag is process-wide: a later fp32 ensemble in
-    the same process must not inherit it)."""
-    name = resolve_compute_dtype(train.dtype, device.type == "cuda")
+def compute_dtype(
+    train: TrainConfig, device: torch.device, arch: Architecture
+) -> torch.dtype | None:
+    """The autocast dtype of ``train.dtype`` (None = plain fp32; ``auto``: the architecture's
+    GPU dtype on CUDA). On CUDA, TF32 matmuls are switched on for tf32 and off otherwise (the
+    flag is process-wide: a later fp32 ensemble in the same process must not inherit it)."""
+    name = resolve_compute_dtype(train.dtype, device.type == "cuda", arch.gpu_dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
     return torch.bfloat16 if name == "bfloat16" else None
+
+
+def training_ended(device: torch.device) -> None:
+    """TF32 matmuls off again once training ends: members are evaluated in fp32 whatever
+    they trained in, as ``sweep evaluate`` (a fresh process) evaluates them, so their
+    metrics agree."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 GPU_COMPILED_RESUME_CONFIRMED = False
@@ -272,7 +282,7 @@ def _ensemble(
         arch=arch,
         state=None if fresh else AdamState.stack(states, list(params), device),
         active=torch.tensor(active, device=device),
-        autocast_dtype=compute_dtype(train, device),
+        autocast_dtype=compute_dtype(train, device, arch),
         dead=dead_latents(train, runs[0]),
         rows=step * train.batch_size,
         grad_clip=None if train.grad_clip is None else train.grad_clip / runs[0].width,

@@ -33,7 +33,7 @@ from sweep.grid import EnsembleSpec, RunSpec
 from sweep.logger import RunLogger, make_logger, sweep_logger_config
 from sweep.reevaluate import evaluate_again, to_evaluate
 from sweep.resample import resample
-from sweep.restore import Restored, restore_ensemble, use_compile
+from sweep.restore import Restored, restore_ensemble, training_ended, use_compile
 from sweep.rundir import RunFolder
 from sweep.stop import quietly
 from sweep.sweepdir import SweepFolder
@@ -340,6 +340,7 @@ def _train_and_finish(
     at.evaluating = True
     t1 = time.perf_counter()
     r.ens.release_training_state()  # the device memory goes to the evaluation
+    training_ended(at.device)
     at.stream.release()
     release_device_memory()
     diverged = r.diverged_at.tolist()
@@ -368,6 +369,7 @@ def _out_of_memory_named(
             raise
         ens, t = job.ensemble, job.train
         n, run = len(ens.members), ens.members[0]
+        gpu_auto = (job.sae or SAEConfig(name=run.arch)).architecture().gpu_dtype
         fixes = []
         if 0 < float(job.placement.get("gpu_share", 1.0)) < 1:
             fixes.append("launch.gpus_per_ensemble=1 (it shared its GPU)")
@@ -381,7 +383,7 @@ def _out_of_memory_named(
         )
         raise OutOfMemory(
             f"ensemble {ens.ensemble_id} ({n} member(s) of {run.width}x{ens.dict_size}, batch "
-            f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu')}) ran out of "
+            f"{t.batch_size}, {resolve_compute_dtype(t.dtype, device.type != 'cpu', gpu_auto)}) ran out of "
             f"{'host memory' if kind == 'host' else f'memory on {device}'}"
             f"{' while evaluated' if evaluating() else ''}: {fix}; its checkpoints are kept",
             kind,

@@ -554,6 +554,33 @@ def test_the_override_that_restores_a_value_reads_back_as_it(value):
     assert parsed.key_or_group == "data.dataset" and parsed.value() == value
 
 
+def test_a_worker_computes_in_its_architectures_dtype_and_evaluates_without_tf32():
+    """``train.dtype=auto`` reaching a worker (tests, scripts) means the architecture's GPU
+    dtype there too; TF32, switched on for training, is off again for the evaluation (as in
+    ``sweep evaluate``'s fresh process). The flags are process-wide, and settable without a
+    GPU: the device need only be named."""
+    import torch
+
+    from sweep.config import SAEConfig, TrainConfig
+    from sweep.restore import compute_dtype, training_ended
+
+    cuda, auto = torch.device("cuda"), TrainConfig(dtype="auto")
+    log_recipe = SAEConfig(name="jumprelu", recipe="log").architecture()
+    was = torch.backends.cuda.matmul.allow_tf32
+    try:
+        assert (
+            compute_dtype(auto, cuda, SAEConfig(name="jumprelu").architecture()) is torch.bfloat16
+        )
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert compute_dtype(auto, cuda, log_recipe) is None
+        assert torch.backends.cuda.matmul.allow_tf32
+        training_ended(cuda)
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert compute_dtype(auto, torch.device("cpu"), log_recipe) is None
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
+
+
 def test_jumprelu_log_recipe_computes_in_tf32_where_auto_means_bfloat16(tmp_path, caplog):
     """Its 0.001-wide straight-through window is narrower than bfloat16's spacing of
     pre-activations (measured: per-feature threshold gradients at cosine 0.47 to fp32's)."""

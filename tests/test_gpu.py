@@ -450,7 +450,7 @@ def _cuda_args() -> list[str]:
     return ["train.device=cuda", "launch.num_gpus=1", "launch.cpus_per_ensemble=1"]
 
 
-def start(sweep_dir, ray_tmp, *extra: str):
+def start(sweep_dir, ray_tmp, *extra: str, environ: dict | None = None):
     """tests.test_faults.start with its CPU settings replaced by ``extra``."""
     from tests import test_faults
 
@@ -458,26 +458,43 @@ def start(sweep_dir, ray_tmp, *extra: str):
     args = [a for a in test_faults.ARGS if a.split("=", 1)[0] not in keys]
     old, test_faults.ARGS = test_faults.ARGS, args
     try:
-        return test_faults.start(sweep_dir, ray_tmp, *extra)
+        return test_faults.start(sweep_dir, ray_tmp, *extra, environ=environ)
     finally:
         test_faults.ARGS = old
 
 
+def _training(sw) -> list:
+    """The runs 10 curve records into training and not yet done."""
+    runs = sw / "runs"
+    found = runs.iterdir() if runs.is_dir() else ()
+    return [
+        r
+        for r in found
+        if (r / "metrics.jsonl").is_file()
+        and len((r / "metrics.jsonl").read_text().splitlines()) >= 10
+        and not (r / "DONE").exists()
+        and (r / "placement.json").is_file()
+    ]
+
+
 @cuda_only
 def test_killed_worker_on_cuda_resumes_bit_identical(tmp_path, tmp_path_factory):
-    from tests.test_faults import curve_len, finish, hashes, kill_group, wait_for
+    from tests.test_faults import HOOK, finish, hashes, kill_group, wait_for
 
     base = tmp_path_factory.getbasetemp()
     code, out = finish(start(tmp_path / "ref", base / "gk-ref", *_cuda_args()))
     assert code == 0, out
     sw = tmp_path / "sw"
-    p = start(sw, base / "gk", *_cuda_args())
+    # (~10 ms a step more, the GPU's step being ~2 ms: the ensembles may train one after the
+    # other, so the victim is one still training, seconds from its end)
+    slow = {"PYTHONPATH": str(HOOK), "SWEEP_TEST_STEP_SLEEP": "0.01"}
+    p = start(sw, base / "gk", *_cuda_args(), environ=slow)
     try:
-        wait_for(lambda: curve_len(sw) >= 10, p)
+        wait_for(lambda: _training(sw), p)
     except BaseException:
         kill_group(p)
         raise
-    victim = next(iter((sw / "runs").iterdir()))
+    victim = _training(sw)[0]
     os.kill(json.loads((victim / "placement.json").read_text())["pid"], signal.SIGKILL)
     code, out = finish(p)
     assert code == 0, out  # Ray retried the ensemble from its checkpoint

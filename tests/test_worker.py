@@ -100,6 +100,19 @@ def test_run_folders_are_complete(tiny_store, tmp_path):
     assert [m.run_id for m in job.ensemble.members] == ["r2-l1_1e-03-s0", "r2-l1_3e-02-s0"]
 
 
+def test_members_are_evaluated_once_training_ended(tiny_store, tmp_path, monkeypatch):
+    """Training's TF32 (on CUDA) is switched off before the members are evaluated."""
+    from sweep import worker
+
+    calls, finish = [], worker.finish_members
+    monkeypatch.setattr(worker, "training_ended", lambda device: calls.append(device.type))
+    monkeypatch.setattr(
+        worker, "finish_members", lambda *a, **k: calls.append("finish") or finish(*a, **k)
+    )
+    assert set(train_ensemble(job_for(tiny_store, tmp_path)).states.values()) == {"done"}
+    assert calls == ["cpu", "finish"]
+
+
 def test_a_ground_truth_lost_while_training_costs_only_its_metrics(tiny_store, tmp_path, caplog):
     """Deleted after the store was verified (the run checks it before): the runs finish,
     without gt_* metrics, and the evaluation says why."""

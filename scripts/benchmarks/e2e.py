@@ -197,6 +197,7 @@ fixed share."""
 def run(ctx: Context) -> dict:
     p = plan_for(ctx)
     store, gen_s, verify_s = make_store(p, ctx.tmp / "store-e2e", ctx.device)
+    print(f"  store: generated in {gen_s:.1f} s, first verification {verify_s:.1f} s", flush=True)
     shares = [v.strip() for v in SHARES.split(",") if v.strip()] or ["auto"]
     walls, figures = {}, {"plan": p.__dict__, "generation_s": gen_s, "verify_s": verify_s}
     for share in shares:
@@ -205,12 +206,12 @@ def run(ctx: Context) -> dict:
         with GpuSampler(ctx.device) as gpu:
             t_start = time.time()
             walls[share] = run_sweep(p, store, sweep_dir, ctx, share)
+        print(f"  gpus_per_ensemble={share}: sweep wall {walls[share]:.1f} s", flush=True)
         if share == shares[0]:
             figures.update(analyse(p, sweep_dir, t_start, walls[share], gpu, ctx))
             figures["chosen"] = {k: e["gpu_share"] for k, e in ensemble_timings(sweep_dir).items()}
             release_device_memory()  # the pure steps' cache: the next sweep plans free memory
     figures["wall_by_share"] = walls
-    print(f"  store: generated in {gen_s:.1f} s, first verification {verify_s:.1f} s")
     if len(walls) > 1 or ctx.device.type == "cuda":
         print(f"  gpus_per_ensemble={shares[0]} chose {figures['chosen']}; wall by share: "
               + ", ".join(f"{k} {v:.1f} s" for k, v in walls.items()))  # fmt: skip
