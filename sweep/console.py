@@ -96,7 +96,12 @@ def _table(title, shown, rows, columns, compact: bool, text) -> Table:
     for c, i in zip(shown, at, strict=True):
         justify = "left" if c in LEFT or c in text else "right"
         if not compact or c in text:  # (rich narrows the widest wrappable column first)
-            table.add_column(c, justify=justify, overflow="fold", no_wrap=c not in text)
+            # (rich measures an unwrapped cell by its longest word: "52.31 GiB" as 5, which
+            # let a table pass as fitting that then broke the run ids of its text column)
+            least = None if c in text else max((cell_len(r[i]) for r in rows), default=None)
+            table.add_column(
+                c, justify=justify, overflow="fold", no_wrap=c not in text, min_width=least
+            )
             continue
         header = c.replace("_", " ")
         width = max([cell_len(r[i]) for r in rows] + [cell_len(w) for w in header.split()])

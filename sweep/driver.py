@@ -20,13 +20,7 @@ from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, neighbours, planning, rate, reaper
 from sweep.activations.shape_notes import refuse_constant, store_notes
-from sweep.activations.store import (
-    MANIFEST,
-    ChunkStore,
-    batches_per_chunk,
-    total_steps,
-    train_rows,
-)
+from sweep.activations.store import MANIFEST, ChunkStore, rows_to_train, total_steps
 from sweep.cluster import check_address, check_reachable, resolve
 from sweep.config import ChunksDataConfig, SweepConfig, SyntheticDataConfig
 from sweep.dead_schedule import never_acts_note
@@ -342,7 +336,8 @@ def check_store_fits(
         t = cfg.train
         notes += schedule_notes(cfg, total_steps(store, t.batch_size, t.epochs, cfg.data.eval_rows))
     if new:
-        notes.append(skipped_rows_note(store, cfg.train.batch_size, cfg.data.eval_rows))
+        chunks = [int(c["rows"]) for c in store.chunks]
+        notes.append(skipped_rows_note(chunks, cfg.train.batch_size, cfg.data.eval_rows))
         tail = store.tail_rows(cfg.data.eval_rows)
         stats, arch = store.manifest["stats"], cfg.sae.architecture()
         d = cfg.data
@@ -366,11 +361,12 @@ SKIPPED_SHARE = 0.05
 """Above this share of the training rows left out by whole batches, a sweep says so."""
 
 
-def skipped_rows_note(store: ChunkStore, batch_size: int, eval_rows: int) -> str | None:
+def skipped_rows_note(chunk_rows: list[int], batch_size: int, eval_rows: int) -> str | None:
     """A warning when batches, which never cross a chunk boundary, leave much of each chunk's
-    training rows out (a remainder below one batch per chunk)."""
-    rows = sum(train_rows(store, eval_rows))
-    used = sum(batches_per_chunk(store, batch_size, eval_rows)) * batch_size
+    training rows out (a remainder below one batch per chunk); ``chunk_rows``: the store's
+    chunks' rows (of one not made yet, too)."""
+    trained = rows_to_train(chunk_rows, eval_rows)
+    rows, used = sum(trained), sum(r // batch_size for r in trained) * batch_size
     if rows - used <= SKIPPED_SHARE * rows:
         return None
     return (
@@ -563,9 +559,10 @@ def _warn_too_coarse(cfg: SweepConfig) -> None:
 
 
 def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> float:
-    """Device bytes left to each ensemble's members once its batch stream has staged two of
-    the store's chunks on the GPU (``staged`` bytes); refused when those alone take half of
-    what may be planned."""
+    """The device bytes each ensemble's members plan with (:data:`grid.MEMORY_USE` of them)
+    once its batch stream has staged two of the store's chunks on the GPU (``staged`` bytes,
+    counted against that same share, as ``launch.gpus_per_ensemble=auto`` counts them);
+    refused when those alone take half of what may be planned."""
     if not res.on_gpu:
         return res.device_bytes
     plannable = grid.MEMORY_USE * res.device_bytes
@@ -579,7 +576,7 @@ def device_budget(staged: int, store: str | Path, res: launcher.Resources) -> fl
             "launch.device_memory_gb, or the GPU's free memory); use a store with a smaller "
             f"data.rows_per_chunk{more}"
         )
-    return res.device_bytes - staged
+    return res.device_bytes - staged / grid.MEMORY_USE  # (members + staged <= 80%)
 
 
 class _QuietFileHandler(logging.FileHandler):

@@ -199,18 +199,25 @@ def member_budget(
     on_gpu: bool,
     max_members: int,
     buffers: float = 3,
+    share: float = 1.0,
 ) -> int:
     """How many members one ensemble may hold on one device (``buffers``: see
-    :func:`bytes_per_member`): what fits, at most ``max_members`` when that is set (which
-    also lifts the CPU's default cap)."""
+    :func:`bytes_per_member`; ``share``: the fixed fraction of a GPU an ensemble is given,
+    named by the error when one member does not fit): what fits, at most ``max_members``
+    when that is set (which also lifts the CPU's default cap)."""
     dtype = resolve_compute_dtype(dtype, on_gpu)
     per = bytes_per_member(width, dict_size, batch_size, dtype, buffers, on_gpu)
     fit = int(MEMORY_USE * device_bytes // per)
     if fit < 1:
+        state = bytes_per_member(width, dict_size, 0, dtype, buffers, on_gpu)
+        fixes = [f"launch.gpus_per_ensemble=1 (it gives each {share:g} of a GPU)"] * (share < 1)
+        fixes += ["a smaller train.batch_size"] * (state < MEMORY_USE * device_bytes)
         raise SweepError(
-            f"one member of dict size {dict_size} needs {memory_text(per)}, more than the device "
-            f"budget ({memory_text(MEMORY_USE * device_bytes)} of launch.device_memory_gb, or of "
-            "the memory found); lower train.batch_size or the dict ratio"
+            f"one member of dict size {dict_size} needs {memory_text(per)} (weights and Adam "
+            f"state {memory_text(state)}), more than the device budget "
+            f"({memory_text(MEMORY_USE * device_bytes)}: {MEMORY_USE:.0%} of "
+            "launch.device_memory_gb or the memory found, per ensemble, less its staged chunks "
+            f"on a GPU); use {' or '.join([*fixes, 'a smaller dict ratio'])}"
         )
     if max_members > 0:
         return min(fit, max_members)

@@ -809,6 +809,7 @@ def grouper(
             on_gpu,
             cfg.grid.max_members,
             batch_buffers(cfg, width, size),
+            _fixed_share(cfg, on_gpu),
         )
         return min(fit, learned.get(ratio, fit))
 
@@ -816,6 +817,12 @@ def grouper(
         return grid.group(group, {ratio: budget(ratio) for ratio in {r.dict_ratio for r in group}})
 
     return ensembles_of
+
+
+def _fixed_share(cfg: SweepConfig, on_gpu: bool) -> float:
+    """The fraction of a GPU ``launch.gpus_per_ensemble`` fixes (1 for auto, whole GPUs, CPUs)."""
+    share = cfg.launch.gpus_per_ensemble
+    return min(1.0, float(share)) if on_gpu and share != "auto" else 1.0
 
 
 def _as_before(

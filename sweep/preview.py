@@ -119,12 +119,20 @@ def store_shape(cfg: SweepConfig, folder: SweepFolder) -> StoreShape:
 
 
 def _warn_of_schedule(cfg: SweepConfig) -> None:
-    """The run's schedule warnings (:func:`sweep.driver.schedule_notes`) for a synthetic
-    store not made yet: its chunks' sizes follow from its config."""
-    t = cfg.train
-    chunks = synthetic.chunk_rows(cfg.data)  # type: ignore[arg-type]
-    steps = planned_steps(chunks, t.batch_size, t.epochs, cfg.data.eval_rows)
-    for note in driver.schedule_notes(cfg, steps) if steps else []:
+    """The run's warnings of its schedule (:func:`sweep.driver.schedule_notes`) and of the
+    rows it leaves out for a synthetic store not made yet (the run gives them once it is
+    made): its chunks' sizes follow from its config."""
+    t, d = cfg.train, cfg.data
+    chunks = synthetic.chunk_rows(d)  # type: ignore[arg-type]
+    steps = planned_steps(chunks, t.batch_size, t.epochs, d.eval_rows)
+    if not steps:
+        return
+    notes = [driver.held_out_note(d.eval_rows, sum(chunks), new=True)]
+    notes += [
+        *driver.schedule_notes(cfg, steps),
+        driver.skipped_rows_note(chunks, t.batch_size, d.eval_rows),
+    ]
+    for note in notes:
         if note:
             log.warning(note)
 
@@ -186,8 +194,8 @@ def print_preview(v: Preview) -> None:
         _print_notes(console, v.notes)
         return
     res = v.res
-    budget = res.gpu_bytes if res.on_gpu else res.device_bytes
-    planned = f"memory budget {memory_text(budget)} {'each' if res.on_gpu else 'per ensemble'}"
+    budget = res.device_bytes  # (on GPUs: one's, times a fixed launch.gpus_per_ensemble)
+    planned = f"memory budget {memory_text(budget)} per ensemble"
     planned += f", planned to {grid.MEMORY_USE:.0%}: {memory_text(grid.MEMORY_USE * budget)}"
     where = (
         f"GPUs ({res.gpus:g} in the Ray cluster, {planned})" if res.on_gpu else f"CPUs ({planned})"

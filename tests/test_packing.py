@@ -40,6 +40,25 @@ def test_memory_sets_the_share_when_the_load_is_small():
     assert packing.gpu_share(e, 1024, "bfloat16", gpu, stream_bytes=0.7 * need) == 1.0
 
 
+def test_an_ensemble_planned_to_the_budget_fits_its_staged_chunks_within_80_percent():
+    """The members and the batch stream's staged chunks together hold to 80% of the GPU, as
+    ``auto`` sizes a share (the chunks were 80%-counted: a plan could print 64.76 GiB of a
+    64 GiB limit)."""
+    from types import SimpleNamespace
+
+    from sweep.driver import device_budget
+
+    gpu, staged = 80 * GiB, 4 * GiB
+    res = SimpleNamespace(on_gpu=True, device_bytes=gpu, auto_share=True, num_gpus=1)
+    per = grid.bytes_per_member(4096, 65536, 4096, "float32", buffers=4)
+    budget = device_budget(staged, "store", res)
+    members = grid.member_budget(4096, 65536, 4096, "float32", budget, True, 0, buffers=4)
+    assert (members, 0.8 * gpu // per) == (3, 4)  # (4 would fit were the chunks not there)
+    assert members * per + staged <= 0.8 * gpu < (members + 1) * per + staged
+    e = ensemble(4096, 16, members)
+    assert packing.gpu_share(e, 4096, "float32", gpu, staged, buffers=4) == 1.0
+
+
 def test_gpus_per_ensemble_is_auto_by_default_and_checked():
     assert LaunchConfig().gpus_per_ensemble == "auto"
     LaunchConfig(gpus_per_ensemble=0.5).check()

@@ -40,6 +40,10 @@ def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, ca
     assert code == 0 and "1 CPU" in out and "on CPUs" in out, out
     assert "per ensemble, planned to 80%: " in out, out  # (the budget the grouping uses)
     assert "compute dtype float32, step eager" in out, out
+    code, out, _ = plan(
+        tmp_path, capsys, "launch.gpus_per_ensemble=0.5", "launch.device_memory_gb=8"
+    )
+    assert "memory budget 4.00 GiB per ensemble, planned to 80%: 3.20 GiB" in out, out
 
 
 def test_a_local_plan_finds_the_resources_ray_would_have_without_starting_it(
@@ -112,6 +116,20 @@ def test_a_plan_refuses_what_the_run_would_refuse(ray_cluster, tmp_path, capsys)
     assert code == 2 and "fewer than one batch" in err, err
     manifest = json.loads((tmp_path / "sw" / "manifest.json").read_text())
     assert manifest["state"] == "done"
+
+
+def test_a_plan_of_a_store_not_made_yet_warns_of_the_rows_the_run_leaves_out(
+    ray_cluster, tmp_path, capsys
+):
+    """As the run warns once it has made the store: whole batches leaving much of each chunk
+    out, and a held-out share too large (the chunks' rows follow from the config)."""
+    code, _, err = plan(tmp_path, capsys, "train.batch_size=3000")  # 4096-row chunks
+    err = " ".join(err.split())
+    assert code == 0 and "3952 of the store's 9952 training rows (40%) are never trained on" in err
+    code, _, err = plan(tmp_path, capsys, "data.eval_rows=4096")
+    err = " ".join(err.split())
+    assert code == 0 and "data.eval_rows=4096 holds out 34% of the store's 12000 rows" in err
+    assert "holds out" not in plan(tmp_path, capsys)[2] and not (tmp_path / "sw").exists()
 
 
 def test_a_plan_refuses_another_sweeps_incomplete_store_as_the_run_does(tmp_path, capsys):

@@ -1026,6 +1026,31 @@ def test_terminal_table_fits_a_narrow_terminal_and_keeps_cells_whole(capsys, mon
     assert "0.1235" in narrower and "(too narrow for dead_fraction, gt_mmcs" in narrower
 
 
+def test_a_table_with_a_text_column_breaks_no_run_id_at_any_width():
+    """``--plan``'s table (its runs wrap at spaces): cells with spaces ("52.31 GiB") were
+    measured by their longest word, so at 79-80 columns a boxed table passed as fitting and
+    then broke its run ids."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from sweep.console import fit_table
+
+    cols = ["ensemble", "dict_ratio", "dict_size", "members", "asks", "memory", "runs"]
+    rows = [
+        [f"r{r}-e0", str(r), str(r * 2304), "25", "1 GPU", "52.31 GiB",
+         ", ".join(f"r{r}-k{k}-s{s}" for k in (16, 256) for s in range(5))]
+        for r in (4, 128)
+    ]  # fmt: skip
+    for width in range(60, 121):
+        console = Console(file=StringIO(), width=width)
+        fit_table(console, "sweep plan", cols, rows, ("dict_size", "asks"), ("runs",)).print(
+            console
+        )
+        words = console.file.getvalue().replace(",", " ").split()
+        assert all(i in words for row in rows for i in row[-1].replace(",", "").split()), width
+
+
 def test_the_terminal_table_says_what_l1_is_for_jumprelu_runs(capsys):
     """The run ids and the column say l1; for JumpReLU it is the L0 coefficient."""
     from sweep.table import L0_CAPTION, print_table

@@ -587,8 +587,16 @@ def test_grid_ids_and_splitting():
     )
     with pytest.raises(SweepError, match="device budget") as err:
         grid.member_budget(512, 4096, 4096, "float32", per / 2, on_gpu=True, max_members=0)
-    assert f"needs {memory_text(per)}, more than the device budget (" in str(err.value)
-    assert "of launch.device_memory_gb, or of the memory found" in str(err.value)
+    assert f"needs {memory_text(per)} (weights and Adam state " in str(err.value)
+    assert "more than the device budget (" in str(err.value)
+    assert "of launch.device_memory_gb or the memory found, per ensemble" in str(err.value)
+    assert str(err.value).endswith("; use a smaller train.batch_size or a smaller dict ratio")
+    state = grid.bytes_per_member(512, 4096, 0, "float32")  # (a smaller batch cannot help)
+    with pytest.raises(SweepError) as err:
+        grid.member_budget(512, 4096, 4096, "float32", state, True, 0, share=0.25)
+    assert str(err.value).endswith(
+        "; use launch.gpus_per_ensemble=1 (it gives each 0.25 of a GPU) or a smaller dict ratio"
+    )
     assert memory_text(1.5 * 2**30) == "1.50 GiB" and memory_text(2**21) == "2.0 MiB"
     assert memory_text(3 * 2**40) == "3.00 TiB" and memory_text(512) == "512 bytes"
     budget = 10 * per / 0.8  # grid.max_members caps what fits; it never exceeds it
