@@ -113,10 +113,13 @@ def usable_gpu_bytes(free: float, total: float) -> float:
     return free
 
 
-def ask(gpu_nodes: int, need_memory: bool = True, command: str = "nvidia-smi") -> GpuInfo:
+def ask(
+    gpu_nodes: int, need_memory: bool = True, command: str = "nvidia-smi", need_dtype: bool = True
+) -> GpuInfo:
     """The GPUs' facts, from this machine when its GPU is the only GPU node's, else from
     every GPU node of the Ray cluster (``gpu_nodes``: how many Ray counts GPUs on).
-    ``need_memory``: False when ``launch.device_memory_gb`` says it."""
+    ``need_memory``: False when ``launch.device_memory_gb`` says it; ``need_dtype``: False
+    when ``train.dtype`` is set (not auto)."""
     local = _torch_sees_cuda()
     if local and gpu_nodes <= 1:
         return _local(need_memory, command)
@@ -124,15 +127,24 @@ def ask(gpu_nodes: int, need_memory: bool = True, command: str = "nvidia-smi") -
     if not rows:
         if local:  # the driver's own GPU, at least
             return _local(need_memory, command)
-        log.warning(
-            "Ray counts GPUs on %d node(s), but none said what they are (no nvidia-smi, MIG, "
-            "or a torch without CUDA there): train.dtype=auto means float32%s; if they are "
-            "CUDA GPUs, set train.dtype=bfloat16 and launch.device_memory_gb",
-            gpu_nodes,
-            " and the memory model plans 16 GiB GPUs" if need_memory else "",
-        )
+        _unknown_gpus(gpu_nodes, need_memory, need_dtype)
         return GpuInfo()
     return _smallest(rows, gpu_nodes)
+
+
+def _unknown_gpus(gpu_nodes: int, need_memory: bool, need_dtype: bool) -> None:
+    """Say what GPUs no node described mean for the settings left to them."""
+    means = ["train.dtype=auto means float32"] * need_dtype
+    means += ["the memory model plans 16 GiB GPUs"] * need_memory
+    sets = ["train.dtype=bfloat16"] * need_dtype + ["launch.device_memory_gb"] * need_memory
+    said = f"Ray counts GPUs on {gpu_nodes} node(s), but none said what they are (no nvidia-smi, "
+    said += "MIG, or a torch without CUDA there)"
+    if not means:  # (both set: nothing rests on it)
+        log.info(said)
+        return
+    log.warning(
+        "%s: %s; if they are CUDA GPUs, set %s", said, " and ".join(means), " and ".join(sets)
+    )
 
 
 class Early:

@@ -390,7 +390,9 @@ class Resources:
             gpu_nodes = sum(1 for n in nodes if n.get("GPU", 0) > 0)
             need_memory = not lc.device_memory_gb
             asked = gpu or (early.answer() if early and gpu_nodes <= 1 else None)
-            asked = asked or gpuinfo.ask(gpu_nodes, need_memory)
+            asked = asked or gpuinfo.ask(
+                gpu_nodes, need_memory, need_dtype=cfg.train.dtype == "auto"
+            )
             self._gpu_request(lc, asked)
         else:
             most = max((n.get("CPU", 0.0) for n in nodes), default=0.0) or cpus

@@ -85,7 +85,18 @@ def test_the_smallest_gpu_plans_and_one_exclusive_makes_all_whole(monkeypatch, c
     assert "the cluster's GPUs differ (40.0 to 79.0 GiB free)" in caplog.text
     monkeypatch.setattr(gpuinfo, "cluster_answers", lambda command: answers[2:])
     assert gpuinfo.ask(gpu_nodes=3) == gpuinfo.GpuInfo()  # torch sees no CUDA there
-    assert "none said what they are" in caplog.text
+    said = " ".join(caplog.text.split())
+    assert "none said what they are (no nvidia-smi, MIG, or a torch without CUDA there): " in said
+    assert "if they are CUDA GPUs, set train.dtype=bfloat16 and launch.device_memory_gb" in said
+    caplog.clear()
+    gpuinfo.ask(gpu_nodes=3, need_memory=False)  # launch.device_memory_gb set: only the dtype
+    said = " ".join(caplog.text.split())
+    assert "train.dtype=auto means float32; if they are CUDA GPUs, set train.dtype=bfloat16" in said
+    assert "16 GiB" not in said and "launch.device_memory_gb" not in said
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # both set: said, but no warning
+        gpuinfo.ask(gpu_nodes=3, need_memory=False, need_dtype=False)
+    assert "WARNING" not in caplog.text and "none said what they are" in caplog.text
 
 
 def sweep_on_fake_gpus(tmp_path, tmp_path_factory, node_cuda: bool) -> tuple[dict, str]:
