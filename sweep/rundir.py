@@ -45,6 +45,7 @@ from sweep.io import (
     flock_held,
     fsync_file,
     json_bytes,
+    json_dict,
     read_error,
     read_json,
     remove_stale_temps,
@@ -455,15 +456,19 @@ class RunFolder:
 
     def write_snapshot(self, step: int, weights: bytes, cfg: dict) -> Path:
         """The run's weights after ``step`` (``train.snapshots``), in a folder ``load_run``
-        opens; its ``cfg.json`` last, so a folder that has one is whole. Written again
-        (the same bits) when a resumed run passes the step again."""
+        opens; its ``cfg.json`` last, so a folder that has one is whole. A resumed run that
+        passes the step again leaves a whole snapshot of the same bits as it is (rewriting it
+        took it away from a reader for a moment), and writes one that differs again."""
         folder = self.path / SNAPSHOTS / f"step-{step:08d}"
+        cfg = {**cfg, SNAPSHOT_SHA256: hashlib.sha256(weights).hexdigest()}
+        if json_dict(folder / CFG) == json.loads(json_bytes(cfg)) and _holds(
+            folder / WEIGHTS, cfg[SNAPSHOT_SHA256]
+        ):
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         (folder / CFG).unlink(missing_ok=True)
         atomic_write_bytes(folder / WEIGHTS, weights)
-        atomic_write_json(
-            folder / CFG, {**cfg, SNAPSHOT_SHA256: hashlib.sha256(weights).hexdigest()}
-        )
+        atomic_write_json(folder / CFG, cfg)
         return folder
 
     def finish(self, result: FinalResult) -> None:
@@ -567,6 +572,14 @@ class FinalResult:
     """``cfg.json``: what :func:`sweep.sae.load_run` needs."""
     metrics: dict
     diverged_step: int | None = None
+
+
+def _holds(path: Path, sha256: str) -> bool:
+    """Whether the file at ``path`` has these bytes (False where it cannot be read)."""
+    try:
+        return file_sha256(path) == sha256
+    except OSError:
+        return False
 
 
 def _redone(line: str, after_step: int) -> bool:

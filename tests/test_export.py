@@ -569,6 +569,25 @@ def test_snapshots_export_beside_their_runs_when_asked(tiny_store, tmp_path, cap
     assert not (tmp_path / "again").exists()
 
 
+def test_a_snapshot_written_again_with_the_same_bits_is_left_as_it_is(tmp_path):
+    """A retried worker passing a snapshot's step again: the same weights leave the whole
+    snapshot untouched (rewriting took its cfg.json from a reader for a moment: a loop of
+    ``Sweep.snapshots`` failed 'has no cfg.json'); other weights are written again."""
+    run = rundir.RunFolder(tmp_path / "r2-l1_1e-03-s0")
+    folder = run.write_snapshot(3, b"weights", {"snapshot_step": 3})
+    stamps = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+    inodes = {f.name: f.stat().st_ino for f in folder.iterdir()}
+    assert run.write_snapshot(3, b"weights", {"snapshot_step": 3}) == folder
+    assert {f.name: f.stat().st_ino for f in folder.iterdir()} == inodes
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == stamps
+    run.write_snapshot(3, b"other", {"snapshot_step": 3})
+    assert (folder / rundir.WEIGHTS).read_bytes() == b"other"
+    assert rundir.snapshot_problem(folder) is None and run.snapshots() == [(3, folder)]
+    (folder / rundir.WEIGHTS).write_bytes(b"flipped")  # damaged: written again, whole
+    run.write_snapshot(3, b"other", {"snapshot_step": 3})
+    assert (folder / rundir.WEIGHTS).read_bytes() == b"other"
+
+
 def test_a_finished_runs_snapshot_without_its_cfg_is_left_out_with_a_warning(tmp_path, caplog):
     """A snapshot without cfg.json is one still being written while its run trains (passed
     over in silence); once the run has finished, it is damaged: said, and left out."""

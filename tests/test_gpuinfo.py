@@ -190,7 +190,7 @@ def test_a_local_gpus_memory_is_read_while_ray_starts(monkeypatch):
         time.sleep(0.2)  # (still reading when Ray would be up)
         return gpuinfo.GpuInfo(free=20 * GiB, real=True)
 
-    def ask(*args: object) -> None:
+    def ask(*args: object, **kw: object) -> None:
         raise AssertionError("asked again")
 
     monkeypatch.setattr(gpuinfo, "_torch_sees_cuda", lambda: True)

@@ -33,7 +33,7 @@ def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, ca
     code, out, _ = plan(tmp_path, capsys, "train.compile=true", "train.dtype=bfloat16")
     assert "compute dtype bfloat16, step compiled" in out, out
     real = launcher.gpuinfo.GpuInfo(free=2**34, real=True)  # as on a CUDA machine
-    monkeypatch.setattr(launcher.gpuinfo, "ask", lambda *_: real)
+    monkeypatch.setattr(launcher.gpuinfo, "ask", lambda *_, **__: real)
     code, out, _ = plan(tmp_path, capsys, "train.compile=true")
     assert "compute dtype bfloat16, step compiled + CUDA graphs" in out, out
     code, out, _ = plan(tmp_path, capsys, "train.device=cpu", "launch.cpus_per_ensemble=1")
