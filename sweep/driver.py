@@ -20,7 +20,13 @@ from omegaconf import OmegaConf
 
 from sweep import gpuinfo, grid, launcher, neighbours, planning, rate, reaper
 from sweep.activations.shape_notes import refuse_constant, store_notes
-from sweep.activations.store import MANIFEST, ChunkStore, rows_to_train, total_steps
+from sweep.activations.store import (
+    MANIFEST,
+    ChunkStore,
+    planned_steps,
+    rows_to_train,
+    total_steps,
+)
 from sweep.cluster import check_address, check_reachable, resolve
 from sweep.config import ChunksDataConfig, SweepConfig, SyntheticDataConfig
 from sweep.dead_schedule import never_acts_note
@@ -365,8 +371,8 @@ def skipped_rows_note(chunk_rows: list[int], batch_size: int, eval_rows: int) ->
     """A warning when batches, which never cross a chunk boundary, leave much of each chunk's
     training rows out (a remainder below one batch per chunk); ``chunk_rows``: the store's
     chunks' rows (of one not made yet, too)."""
-    trained = rows_to_train(chunk_rows, eval_rows)
-    rows, used = sum(trained), sum(r // batch_size for r in trained) * batch_size
+    rows = sum(rows_to_train(chunk_rows, eval_rows))
+    used = planned_steps(chunk_rows, batch_size, 1, eval_rows) * batch_size
     if rows - used <= SKIPPED_SHARE * rows:
         return None
     return (

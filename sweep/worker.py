@@ -67,6 +67,10 @@ class EnsembleJob:
     logger: LoggerConfig | None = None
     """Experiment tracking; None = the ``logger`` section of SWEEP_DIR/config.yaml, if any."""
 
+    def sae_config(self) -> SAEConfig:
+        """:attr:`sae`, or its architecture's defaults."""
+        return self.sae or SAEConfig(name=self.ensemble.members[0].arch)
+
 
 @dataclass
 class EnsembleResult:
@@ -132,7 +136,7 @@ class _Attempt:
             self.store, t.batch_size, t.seed, t.epochs, job.eval_rows, self.scale, device,
             verified_at=verified_at,
         )  # fmt: skip
-        self.sae_cfg = job.sae or SAEConfig(name=self.runs[0].arch)
+        self.sae_cfg = job.sae_config()
         self.arch = self.sae_cfg.architecture()
         self._tracker: RunLogger | None = None
         self.writer = CheckpointWriter(self.folders)
@@ -369,7 +373,7 @@ def _out_of_memory_named(
             raise
         ens, t = job.ensemble, job.train
         n, run = len(ens.members), ens.members[0]
-        gpu_auto = (job.sae or SAEConfig(name=run.arch)).architecture().gpu_dtype
+        gpu_auto = job.sae_config().architecture().gpu_dtype
         fixes = []
         if 0 < float(job.placement.get("gpu_share", 1.0)) < 1:
             fixes.append("launch.gpus_per_ensemble=1 (it shared its GPU)")
