@@ -510,9 +510,11 @@ def finished_plan(
     cfg = replace(cfg, train=replace(cfg.train, dtype=dtype))
     runs = planning.expand_grid(cfg, width)
     folders = [folder.run(r.run_id) for r in runs]
-    if not all(f.is_done() for f in folders) or not all(f.is_done(deep=True) for f in folders):
+    if not all(f.is_done() for f in folders):
         return None  # (cheap checks first: a sweep with runs to train hashes nothing here)
-    planning.check_compatible(folder, cfg)
+    planning.check_compatible(folder, cfg)  # (before a run's verification is remembered)
+    if not all(f.is_done(deep=True, remember=tidy) for f in folders):
+        return None
     for f in folders if tidy else ():
         f.clear_checkpoints()  # left when its ensemble stopped while finishing
     return cfg, SweepPlan(runs, [r.run_id for r in runs], [])

@@ -136,6 +136,14 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def file_stamp(path: str | Path) -> list[int]:
+    """What tells a file's bytes may have changed since a check read them: size, mtime, and
+    the ctime and inode no copying tool sets (``touch -r``, ``cp -p`` and ``rsync -a`` restore
+    an mtime; a file written again, in place or by a rename, has a new ctime)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 GONE = (FileNotFoundError, NotADirectoryError)
 """What reading a file that is not there raises (NotADirectoryError: a folder on its path is
 a file); any other OSError says nothing of the file, which may be whole."""

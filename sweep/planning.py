@@ -548,7 +548,7 @@ def verdict(run: RunFolder, tidy: bool = True) -> str:
     ``metrics.json``), or training (:data:`TRAIN`; a damaged finished one is warned about and
     recorded in its events). ``tidy=False`` writes nothing (a preview)."""
     if (run.path / rundir.DONE).is_file():
-        problem = run.final_problem(deep=True)
+        problem = run.final_problem(deep=True, remember=tidy)
         if problem is None:
             if tidy:
                 run.clear_checkpoints()  # left when its ensemble stopped while finishing

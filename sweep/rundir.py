@@ -11,6 +11,9 @@
 - ``sae.safetensors``, ``cfg.json``, ``metrics.json``, ``feature_density.safetensors``,
   ``diverged.json``    final results
 - ``DONE``             written last: the folder is final only when it exists
+- ``verified.json``    the final weights' file as it was when they last matched ``DONE``'s
+  checksum (written by the worker that finished the run or a driver that hashed them): while
+  that file is unchanged, they are not hashed again
 - ``snapshots/step-<N>/``  ``sae.safetensors`` and ``cfg.json`` as they were after step N
   (``train.snapshots``; ``cfg.json`` written last, with ``snapshot_step`` and the weights'
   ``weights_sha256``)
@@ -42,6 +45,7 @@ from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
     file_sha256,
+    file_stamp,
     flock_held,
     fsync_file,
     json_bytes,
@@ -72,6 +76,7 @@ EVENTS = "events.jsonl"
 REDONE_EVENTS = ("resampled", "snapshot")
 """Events a training step records (at its ``step``): dropped, with the curve, past the step a
 run resumes from, since redoing the step records them again."""
+VERIFIED = "verified.json"
 TRACKER = "logger.json"
 RUNS = "runs"
 METRICS_LOST = f"{METRICS} is missing or damaged"
@@ -182,13 +187,14 @@ class RunFolder:
             return {}
         return value if isinstance(value, dict) else {}
 
-    def is_done(self, deep: bool = False) -> bool:
+    def is_done(self, deep: bool = False, remember: bool = False) -> bool:
         """``DONE`` is there and what it vouches for is intact (see :meth:`final_problem`)."""
-        return (self.path / DONE).is_file() and self.final_problem(deep) is None
+        return (self.path / DONE).is_file() and self.final_problem(deep, remember) is None
 
-    def final_problem(self, deep: bool = False) -> str | None:
+    def final_problem(self, deep: bool = False, remember: bool = False) -> str | None:
         """Why this final run can't be trusted, or None. Cheap checks: ``DONE`` and
-        ``metrics.json`` parse, the weights have the recorded size; ``deep`` also hashes them."""
+        ``metrics.json`` parse, the weights have the recorded size; ``deep``: the weights match
+        their checksum too (:meth:`_weights_match`; ``remember`` a match found by hashing)."""
         done = self._final_json(DONE)  # (what is wrong is the answer)
         if done.get("state") not in FINAL_STATES:
             return f"{DONE} is damaged"
@@ -202,12 +208,9 @@ class RunFolder:
             return f"{CFG} is missing or damaged"
         if "cfg_sha256" in done and done["cfg_sha256"] != self._final_sha256(CFG):
             return f"{CFG} fails its checksum"
-        if (
-            deep
-            and "weights_sha256" in done
-            and done["weights_sha256"] != self._final_sha256(WEIGHTS)
-        ):
-            return f"{WEIGHTS} fails its checksum"
+        if deep and "weights_sha256" in done:
+            if not self._weights_match(done["weights_sha256"], remember):
+                return f"{WEIGHTS} fails its checksum"
         if deep and "weights_sha256" not in done:  # finished by a version without checksums
             try:
                 self.weights()
@@ -227,6 +230,22 @@ class RunFolder:
             return self._json(name, quiet=True, strict=True)
         except OSError as err:
             raise self._unreadable(name, err) from err
+
+    def _weights_match(self, sha256: str, remember: bool) -> bool:
+        """Whether the final weights hash to ``sha256``: hashed, unless their file is as it was
+        when they last did (:data:`VERIFIED`); ``remember``: a match found by hashing is
+        recorded there (only a writer of the folder: a driver or a worker)."""
+        try:
+            stamp = file_stamp(self.path / WEIGHTS)  # (before hashing: a change after is seen)
+        except OSError as err:
+            raise self._unreadable(WEIGHTS, err) from err
+        if self._json(VERIFIED, quiet=True) == _verified(sha256, stamp):
+            return True
+        if self._final_sha256(WEIGHTS) != sha256:
+            return False
+        if remember:
+            atomic_write_json(self.path / VERIFIED, _verified(sha256, stamp))
+        return True
 
     def _final_sha256(self, name: str) -> str:
         try:
@@ -473,10 +492,12 @@ class RunFolder:
 
     def finish(self, result: FinalResult) -> None:
         """Write the final files, then ``DONE`` (the ensemble drops the checkpoints once every
-        member is final, so a retry after a crash mid-way re-finishes all from the last one)."""
+        member is final, so a retry after a crash mid-way re-finishes all from the last one),
+        then :data:`VERIFIED` (the weights just written are those ``DONE`` vouches for)."""
         if result.diverged_step is not None:
             atomic_write_json(self.path / DIVERGED, {"step": result.diverged_step})
         atomic_write_bytes(self.path / WEIGHTS, result.weights)
+        stamp = file_stamp(self.path / WEIGHTS)
         atomic_write_bytes(self.path / DENSITY, result.density)
         cfg = json_bytes(result.cfg)
         atomic_write_bytes(self.path / CFG, cfg)
@@ -490,6 +511,7 @@ class RunFolder:
             cfg_sha256=hashlib.sha256(cfg).hexdigest(),
         )
         atomic_write_json(self.path / DONE, done)
+        atomic_write_json(self.path / VERIFIED, _verified(done["weights_sha256"], stamp))
 
     def finish_again(self, density: bytes, metrics: dict, reason: str) -> None:
         """A run whose weights and ``cfg.json`` ``DONE`` vouches for, evaluated again (for
@@ -572,6 +594,11 @@ class FinalResult:
     """``cfg.json``: what :func:`sweep.sae.load_run` needs."""
     metrics: dict
     diverged_step: int | None = None
+
+
+def _verified(sha256: str, stamp: list[int]) -> dict:
+    """:data:`VERIFIED`'s record: weights of this checksum, in a file of this stamp."""
+    return {"weights_sha256": sha256, "file": stamp}
 
 
 def _holds(path: Path, sha256: str) -> bool:

@@ -39,6 +39,7 @@ from sweep.worker import train_ensemble
 from tests.conftest import refused
 from tests.lock_racer import take_lock
 from tests.sweep_builder import jobs
+from tests.test_report import weights_hashed
 from tests.test_sweep_e2e import TINY
 
 GRID = ["grid.l1=[1e-3,1e-1]", "grid.dict_ratio=[1,2]"]
@@ -46,6 +47,10 @@ GRID = ["grid.l1=[1e-3,1e-1]", "grid.dict_ratio=[1,2]"]
 
 def run(sweep_dir: Path, *extra: str) -> int:
     return main(["run", f"sweep_dir={sweep_dir}", *TINY, *GRID, *extra])
+
+
+def preview(sweep_dir: Path) -> int:
+    return main(["run", "--plan", f"sweep_dir={sweep_dir}", *TINY, *GRID])
 
 
 def weights(sweep_dir: Path) -> dict[str, str]:
@@ -146,6 +151,40 @@ def test_damaged_final_weights_are_retrained(copy, damage, capsys):
         torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-5)
 
 
+def test_finished_weights_are_hashed_once_and_remembered(
+    ray_cluster, tmp_path, monkeypatch, capsys
+):
+    """A re-run hashes no weights their worker wrote (``verified.json``: their file as it was
+    then); a copy (new files) hashes each run's once and remembers it, ``--plan`` remembering
+    nothing; a bit flipped in place, its mtime put back, is still caught (its ctime moved)."""
+    sw, copy = tmp_path / "sw", tmp_path / "copy"
+    assert run(sw) == 0
+    hashed = weights_hashed(monkeypatch)
+    assert run(sw) == 0 and preview(sw) == 0 and not hashed
+    shutil.copytree(sw, copy)
+    stamps = {r.name: (r / rundir.VERIFIED).read_bytes() for r in (copy / "runs").iterdir()}
+    assert preview(copy) == 0 and hashed == dict.fromkeys(stamps, 1)
+    assert {r: (copy / "runs" / r / rundir.VERIFIED).read_bytes() for r in stamps} == stamps
+    hashed.clear()
+    assert run(copy) == 0 and hashed == dict.fromkeys(stamps, 1)
+    hashed.clear()
+    assert run(copy) == 0 and preview(copy) == 0 and not hashed
+    victim = copy / "runs" / "r2-l1_1e-01-s0" / rundir.WEIGHTS
+    was = victim.stat()
+    with open(victim, "r+b") as fh:
+        fh.seek(was.st_size - 9)
+        byte = fh.read(1)
+        fh.seek(was.st_size - 9)
+        fh.write(bytes([byte[0] ^ 1]))
+    os.utime(victim, ns=(was.st_atime_ns, was.st_mtime_ns))
+    capsys.readouterr()
+    assert run(copy) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        f"run {victim.parent.name}: {rundir.WEIGHTS} fails its checksum; training it again" in err
+    )
+
+
 @pytest.mark.parametrize("name", [rundir.METRICS, rundir.DONE, rundir.CFG])
 def test_garbage_in_final_files_is_no_traceback(copy, name, capsys):
     (copy / "runs" / "r1-l1_1e-03-s0" / name).write_text("{not json")
@@ -237,7 +276,7 @@ def test_lost_metrics_are_evaluated_again_from_the_verified_weights(copy, damage
 
     (row,) = [r for r in status_rows(copy) if r["run_id"] == folder.name]
     assert row["rows_trained"] == row["rows_saved"] == row["rows_total"]  # nothing to train
-    assert run(copy, "--plan") == 0
+    assert preview(copy) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "2 already done, 1 to train, 1 to evaluate again from their weights, in 2 ens" in out
     assert run(copy) == 0

@@ -48,6 +48,7 @@ from sweep.io import (
     atomic_write,
     atomic_write_json,
     cpu_count,
+    file_stamp,
     json_number,
     read_exact,
     unreadable,
@@ -633,10 +634,8 @@ class ChunkStore:
             raise nonfinite_error(f)
 
     def _stat(self, name: str) -> list[int]:
-        """What tells a chunk file's bytes may have changed: size, mtime, and the ctime and
-        inode no copying tool sets (``touch -r``, ``cp -p`` and ``rsync -a`` restore an mtime)."""
-        st = (self.path / name).stat()
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        """What tells a chunk file's bytes may have changed (:func:`sweep.io.file_stamp`)."""
+        return file_stamp(self.path / name)
 
     def chunk_offsets(self) -> list[int]:
         offsets, at = [], 0
