@@ -33,7 +33,13 @@ from sweep.dead_schedule import never_acts_note
 from sweep.devices import resolve_compute_dtype
 from sweep.errors import SweepError, os_error_message
 from sweep.execution import Execution, Outcome
-from sweep.io import STALE_TEMP_SECONDS, ensure_writable, memory_text, remove_stale_temps
+from sweep.io import (
+    STALE_TEMP_SECONDS,
+    ensure_writable,
+    hashing_map,
+    memory_text,
+    remove_stale_temps,
+)
 from sweep.lock import TRAINING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.rundir import RUNS
@@ -513,7 +519,7 @@ def finished_plan(
     if not all(f.is_done() for f in folders):
         return None  # (cheap checks first: a sweep with runs to train hashes nothing here)
     planning.check_compatible(folder, cfg)  # (before a run's verification is remembered)
-    if not all(f.is_done(deep=True, remember=tidy) for f in folders):
+    if not all(hashing_map(lambda f: f.is_done(deep=True, remember=tidy), folders)):
         return None
     for f in folders if tidy else ():
         f.clear_checkpoints()  # left when its ensemble stopped while finishing

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from sweep import driver, grid, launcher, planning, rundir
@@ -24,7 +23,7 @@ from sweep.config import SweepConfig
 from sweep.errors import SweepError
 from sweep.execution import Execution, Outcome
 from sweep.grid import RunSpec
-from sweep.io import cpu_count, ensure_writable
+from sweep.io import ensure_writable, hashing_map
 from sweep.lock import EVALUATING, SweepLock
 from sweep.planning import SweepPlan
 from sweep.sweepdir import RunRecord, SweepFolder, write_summary
@@ -117,8 +116,7 @@ def _verified(folder: SweepFolder, runs: list[RunSpec]) -> list[RunSpec]:
     never finished in one line."""
     ready, unfinished = [], []
     folders = [folder.run(r.run_id) for r in runs]
-    with ThreadPoolExecutor(max(1, min(8, cpu_count()))) as pool:  # (hashing frees the GIL)
-        problems = list(pool.map(rundir.RunFolder.unevaluable, folders))
+    problems = hashing_map(rundir.RunFolder.unevaluable, folders)
     for r, run, problem in zip(runs, folders, problems, strict=True):
         if problem is None:
             ready.append(r)

@@ -15,15 +15,18 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from tokenize import TokenError
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from sweep.errors import RunDirError, StoreError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _read_umask() -> int:
@@ -195,6 +198,13 @@ def cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def hashing_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``fn`` of each of ``items``, in order, on up to 8 threads: for work that hashes files
+    (hashlib frees the GIL); the first error, in order, is raised."""
+    with ThreadPoolExecutor(max(1, min(8, cpu_count())), thread_name_prefix="hash") as pool:
+        return list(pool.map(fn, items))
 
 
 READ_THREADS = max(2, min(4, cpu_count() // 4))

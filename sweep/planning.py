@@ -49,7 +49,7 @@ from sweep.activations.store import ChunkStore
 from sweep.config import ConfigError, SweepConfig, local_ref
 from sweep.errors import RunDirError, SweepError
 from sweep.grid import EnsembleSpec, RunSpec
-from sweep.io import cpu_count, json_number
+from sweep.io import cpu_count, hashing_map, json_number
 from sweep.rundir import RunFolder
 from sweep.sweepdir import CONFIG, SweepFolder
 
@@ -765,7 +765,8 @@ def plan(
     (:func:`verdict`)."""
     folder = SweepFolder(cfg.sweep_dir)
     runs = expand_grid(cfg, width)
-    needs = {r.run_id: verdict(folder.run(r.run_id), tidy) for r in runs}
+    found = hashing_map(lambda r: verdict(folder.run(r.run_id), tidy), runs)  # (hashes: threads)
+    needs = {r.run_id: need for r, need in zip(runs, found, strict=True)}
     final = [r for r in runs if needs[r.run_id] == FINAL]
     lost = [r for r in runs if needs[r.run_id] == EVALUATE]  # (ensembles of their own)
     todo = [r for r in runs if needs[r.run_id] == TRAIN]

@@ -26,7 +26,6 @@ import io
 import os
 import time
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +38,7 @@ from sweep.errors import RunDirError, SweepError, could_not_read
 from sweep.io import (
     atomic_write_bytes,
     atomic_write_json,
-    cpu_count,
+    hashing_map,
     json_number,
     read_json,
     unreadable,
@@ -771,9 +770,7 @@ class SweepFolder:
         in parallel (hashing frees the GIL: a finished 64k x 2304 fp32 dictionary takes ~1 s)."""
         if not ids:
             return set()
-        folders = [self.run(rid) for rid in ids]
-        with ThreadPoolExecutor(max(1, min(8, cpu_count()))) as pool:
-            done = list(pool.map(lambda f: _done(f, deep=True), folders))
+        done = hashing_map(lambda rid: _done(self.run(rid), deep=True), ids)
         return {rid for rid, ok in zip(ids, done, strict=True) if ok}
 
     def read_runs(
