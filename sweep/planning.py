@@ -542,21 +542,35 @@ def resume_groups(
 FINAL, EVALUATE, TRAIN = "final", "evaluate", "train"
 
 
-def verdict(run: RunFolder, tidy: bool = True) -> str:
-    """What a run of the grid needs: nothing (:data:`FINAL`: finished, its results verify),
-    evaluating again from its verified weights (:data:`EVALUATE`: it lost only
-    ``metrics.json``), or training (:data:`TRAIN`; a damaged finished one is warned about and
-    recorded in its events). ``tidy=False`` writes nothing (a preview)."""
+def verdicts(folder: SweepFolder, runs: list[RunSpec], tidy: bool = True) -> dict[str, str]:
+    """Each run's :func:`verdict`, their final files checked on threads first (weights hashed
+    unless remembered): a file that could not be read raises before anything is said or
+    written of any run."""
+    folders = [folder.run(r.run_id) for r in runs]
+    problems = hashing_map(lambda run: final_check(run, tidy), folders)
+    return {f.run_id: verdict(f, p, tidy) for f, p in zip(folders, problems, strict=True)}
+
+
+def final_check(run: RunFolder, tidy: bool = True) -> str | None:
+    """Why a run's final files cannot be trusted, or None (they verify, or it never finished);
+    ``tidy``: a verification found by hashing is remembered (:meth:`RunFolder.final_problem`)."""
     if (run.path / rundir.DONE).is_file():
-        problem = run.final_problem(deep=True, remember=tidy)
-        if problem is None:
-            if tidy:
-                run.clear_checkpoints()  # left when its ensemble stopped while finishing
-            return FINAL
-    else:
-        problem = run.unvouched()  # (None: never finished)
-        if problem is None:
-            return TRAIN
+        return run.final_problem(deep=True, remember=tidy)
+    return run.unvouched()
+
+
+def verdict(run: RunFolder, problem: str | None, tidy: bool = True) -> str:
+    """What a run of the grid needs, given its :func:`final_check`: nothing (:data:`FINAL`:
+    finished, its results verify), evaluating again from its verified weights
+    (:data:`EVALUATE`: it lost only ``metrics.json``), or training (:data:`TRAIN`; a damaged
+    finished one is warned about and recorded in its events). ``tidy=False`` writes nothing
+    (a preview)."""
+    if problem is None:
+        if not (run.path / rundir.DONE).is_file():
+            return TRAIN  # (never finished)
+        if tidy:
+            run.clear_checkpoints()  # left when its ensemble stopped while finishing
+        return FINAL
     again = EVALUATE if run.evaluated_for(problem) else TRAIN
     said = "evaluating it again from its weights" if again == EVALUATE else "training it again"
     log.warning("run %s: %s; %s", run.run_id, problem, said)
@@ -762,11 +776,10 @@ def plan(
     fewer ensembles than ``slots`` (ensembles the cluster runs at once) would leave devices
     idle; finished runs that lost only their metrics in ensembles of their own (``-eval``,
     evaluated, not trained). ``tidy=False``: nothing in the sweep folder is touched
-    (:func:`verdict`)."""
+    (:func:`verdicts`)."""
     folder = SweepFolder(cfg.sweep_dir)
     runs = expand_grid(cfg, width)
-    found = hashing_map(lambda r: verdict(folder.run(r.run_id), tidy), runs)  # (hashes: threads)
-    needs = {r.run_id: need for r, need in zip(runs, found, strict=True)}
+    needs = verdicts(folder, runs, tidy)
     final = [r for r in runs if needs[r.run_id] == FINAL]
     lost = [r for r in runs if needs[r.run_id] == EVALUATE]  # (ensembles of their own)
     todo = [r for r in runs if needs[r.run_id] == TRAIN]

@@ -227,6 +227,26 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     assert run(copy) == 0 and weights(copy) == before
 
 
+def test_a_run_that_could_not_be_read_stops_the_plan_before_another_is_judged(
+    copy, monkeypatch, capsys
+):
+    """A re-run that also trains (a new grid value) checks every finished run before it
+    judges any: one that could not be read stops it in one line, and a damaged one before it
+    in the grid is neither warned of nor recorded (it would be again at the next re-run)."""
+    damaged = copy / "runs" / "r2-l1_1e-03-s0"
+    (damaged / rundir.METRICS).write_text("{not json")
+    events = (damaged / rundir.EVENTS).read_bytes() if (damaged / rundir.EVENTS).exists() else b""
+    victim = copy / "runs" / "r1-l1_1e-01-s0" / rundir.DONE
+    monkeypatch.setattr(rundir, "read_json", refused(rundir.read_json, victim))
+    grid = ["grid.l1=[1e-3,1e-2,1e-1]", "grid.dict_ratio=[1,2]"]
+    assert main(["run", f"sweep_dir={copy}", *TINY, *grid]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "run r1-l1_1e-01-s0: could not read DONE (PermissionError" in err
+    assert "evaluating it again" not in err and "r2-l1_1e-03-s0" not in err
+    now = (damaged / rundir.EVENTS).read_bytes() if (damaged / rundir.EVENTS).exists() else b""
+    assert now == events
+
+
 def test_status_names_the_runs_it_could_not_read_and_the_others_to_re_run(tmp_path, monkeypatch):
     from sweep import status
 
