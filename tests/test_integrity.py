@@ -32,7 +32,7 @@ from sweep import lock as lock_module
 from sweep.cli import main
 from sweep.config import ConfigError, TrainConfig
 from sweep.errors import SweepError
-from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, read_json
+from sweep.io import STALE_TEMP_SECONDS, atomic_write_json, file_stamp, read_json
 from sweep.lock import EVALUATING, SweepLock
 from sweep.sweepdir import SweepFolder
 from sweep.worker import train_ensemble
@@ -151,17 +151,19 @@ def test_damaged_final_weights_are_retrained(copy, damage, capsys):
         torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-5)
 
 
-def test_finished_weights_are_hashed_once_and_remembered(
-    ray_cluster, tmp_path, monkeypatch, capsys
-):
-    """A re-run hashes no weights their worker wrote (``verified.json``: their file as it was
-    then); a copy (new files) hashes each run's once and remembers it, ``--plan`` remembering
-    nothing; a bit flipped in place, its mtime put back, is still caught (its ctime moved)."""
-    sw, copy = tmp_path / "sw", tmp_path / "copy"
-    assert run(sw) == 0
+def test_finished_weights_are_hashed_once_and_remembered(finished, copy, monkeypatch, capsys):
+    """The worker that wrote a run's weights remembers them (``verified.json``: their file as
+    it was then); a copy (new files) hashes each run's once at a re-run, which remembers it
+    (``--plan`` hashes, remembering nothing), and no more after; a bit flipped in place, its
+    mtime put back, is still caught (its ctime moved)."""
+    for r in (finished / "runs").iterdir():
+        recorded = json.loads((r / rundir.VERIFIED).read_text())
+        assert recorded["file"] == file_stamp(r / rundir.WEIGHTS)
+        assert (
+            recorded["weights_sha256"]
+            == json.loads((r / rundir.DONE).read_text())["weights_sha256"]
+        )
     hashed = weights_hashed(monkeypatch)
-    assert run(sw) == 0 and preview(sw) == 0 and not hashed
-    shutil.copytree(sw, copy)
     stamps = {r.name: (r / rundir.VERIFIED).read_bytes() for r in (copy / "runs").iterdir()}
     assert preview(copy) == 0 and hashed == dict.fromkeys(stamps, 1)
     assert {r: (copy / "runs" / r / rundir.VERIFIED).read_bytes() for r in stamps} == stamps
