@@ -60,8 +60,10 @@ def gpu_share(
 def fill(shares: dict[EnsembleSpec, float], gpus: float) -> dict[EnsembleSpec, float]:
     """``shares`` raised while the GPUs could hold them all at once: Ray packs fractional
     tasks onto one GPU before it uses the next, so four quarter-GPU ensembles on a four-GPU
-    node would share GPU 0 while three idle. The costliest ensemble (members x dict size) is
-    raised first, a share at a time, as long as the total stays within ``gpus``."""
+    node would share GPU 0 while three idle. In rounds, each ensemble is raised a share,
+    the costliest (members x dict size) first, as long as the total stays within ``gpus``:
+    four alike on two GPUs get half of one each, not shares of 1, 0.5, 0.25 and 0.25 (three
+    on one GPU)."""
     out = dict(shares)
     order = sorted(out, key=lambda e: -len(e.members) * e.dict_size)  # stable: plan order
     raised = True
@@ -71,7 +73,6 @@ def fill(shares: dict[EnsembleSpec, float], gpus: float) -> dict[EnsembleSpec, f
             up = next((s for s in SHARES if s > out[e]), None)
             if up is not None and sum(out.values()) - out[e] + up <= gpus + 1e-9:
                 out[e], raised = up, True
-                break
     return out
 
 

@@ -69,22 +69,26 @@ def test_gpus_per_ensemble_is_auto_by_default_and_checked():
 
 def test_shares_are_raised_while_the_gpus_could_hold_them():
     """Ray puts fractional tasks on one GPU before the next: quarter shares on a 4-GPU node
-    would leave three GPUs idle, so the costliest ensembles' shares are raised first."""
+    would leave three GPUs idle, so shares are raised in rounds, the costliest first (never
+    three ensembles on one GPU while another has one)."""
     tiny = [ensemble(128, r, 2) for r in (6, 5, 4, 3, 2, 1)]  # costliest first
     quarter = dict.fromkeys(tiny, 0.25)
     assert packing.fill(quarter, 1) == quarter  # one GPU: they share it
     assert list(packing.fill(dict.fromkeys(tiny[:4], 0.25), 4).values()) == [1.0] * 4
-    assert list(packing.fill(quarter, 4).values()) == [1.0, 1.0, 1.0, 0.5, 0.25, 0.25]
+    assert list(packing.fill(dict.fromkeys(tiny[:4], 0.25), 2).values()) == [0.5] * 4
+    assert list(packing.fill(quarter, 4).values()) == [1.0, 1.0, 0.5, 0.5, 0.5, 0.5]
+    assert list(packing.fill(dict.fromkeys(tiny[:3], 0.25), 2).values()) == [1.0, 0.5, 0.5]
     big = ensemble(768, 32, 8)
     assert packing.fill({big: 1.0, tiny[0]: 0.25}, 1) == {big: 1.0, tiny[0]: 0.25}
 
 
 def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path):
-    """The shared test cluster's two fake GPUs: four tiny ensembles (a quarter GPU each by the
-    model) fill both GPUs, costliest first; a fixed fraction is asked for as given."""
-    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1,2,3,4]", name="auto") == 0
+    """The shared test cluster's two fake GPUs: three tiny ensembles (a quarter GPU each by
+    the model) fill both GPUs, the costliest alone on one; a fixed fraction is asked for as
+    given."""
+    assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1,2,3]", name="auto") == 0
     assert sweep(tmp_path, "grid.l1=[1e-2]", "launch.gpus_per_ensemble=0.5", name="half") == 0
-    want = {"r4": 1.0, "r3": 0.5, "r2": 0.25, "r1": 0.25}
+    want = {"r3": 1.0, "r2": 0.5, "r1": 0.5}
     for name in ("auto", "half"):
         for run in (tmp_path / name / "runs").iterdir():
             share = json.loads((run / "placement.json").read_text())["gpu_share"]
