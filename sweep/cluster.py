@@ -5,8 +5,10 @@
 of another user's ``launch=local`` sweep (which ends with that sweep). So the address is
 resolved first, a head must answer there within :data:`CONNECT_SECONDS` — and answer as a
 gRPC server does (a Ray head's GCS port is one; a port that accepts connections but is not,
-such as the dashboard's 8265, would leave ``ray.init`` waiting for ever) — and a Ray instance
-that a ``launch=local`` sweep started (marked with :data:`PRIVATE`) is refused.
+such as the dashboard's 8265, would leave ``ray.init`` waiting for ever) and as the GCS does
+(Ray's other gRPC ports — a raylet's, Ray Client's — would fail ``ray.init`` only after the
+store was made) — and a Ray instance that a ``launch=local`` sweep started (marked with
+:data:`PRIVATE`) is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ PRIVATE = "sweep_private_instance"
 it tells a ``launch=cluster`` sweep that joined it that this is not a cluster."""
 CONNECT_SECONDS = 10.0
 START_FIX = "start it first (ray start --head, or launch/slurm.sbatch) or fix launch.address"
+GRPC_UNIMPLEMENTED = 12
+"""gRPC's status for a call the server has no method for."""
 HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 """An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server's first
 frame in reply is its own SETTINGS frame (type 4)."""
@@ -105,6 +109,31 @@ def check_reachable(address: str, seconds: float = CONNECT_SECONDS) -> None:
             "give the head's GCS port (6379 by default, as `ray start --head` printed it; "
             "8265 is the dashboard's)"
         )
+    if reply == "gRPC" and _no_gcs_methods(address, seconds):
+        raise SweepError(
+            f"launch.address={address} is a gRPC server but not a Ray head's GCS (a raylet's, "
+            "a worker's or Ray Client's port answers so too); give the head's GCS port (6379 "
+            "by default, as `ray start --head` printed it)"
+        )
+
+
+def _no_gcs_methods(address: str, seconds: float) -> bool:
+    """Whether the gRPC server at ``address``, asked for the session's name as the GCS is,
+    has no such method (``ray.init`` would fail only after the store was made). False where
+    unsure: a Ray without this client, a token it lacks, no reply (``ray.init`` says)."""
+    try:
+        from ray._raylet import GcsClient
+        from ray.exceptions import RpcError
+    except ImportError:
+        return False
+    try:
+        client = GcsClient(address=address)
+        client.internal_kv_get(b"session_name", namespace=b"session", timeout=seconds)
+    except RpcError as err:
+        return getattr(err, "rpc_code", None) == GRPC_UNIMPLEMENTED
+    except Exception:  # (another Ray's client: ray.init judges)
+        return False
+    return False
 
 
 def _first_frame(conn: socket.socket) -> str:

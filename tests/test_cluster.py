@@ -369,6 +369,27 @@ def test_an_address_that_is_not_a_ray_head_is_refused_not_waited_on(tmp_path):
     assert not (tmp_path / "sw").exists()
 
 
+def test_a_ray_port_other_than_the_heads_gcs_is_refused_before_any_work(ray_cluster, tmp_path):
+    """A raylet's port (like a worker's, or Ray Client's 10001) answers as a gRPC server, as
+    the GCS's does, but has none of its methods: one line, exit 2, before the store is made
+    (ray.init failed only after it)."""
+    from sweep.cluster import check_reachable
+
+    node = ray_cluster.nodes()[0]
+    address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
+    out = sweep_cli(
+        "run", "launch=cluster", f"launch.address={address}", f"sweep_dir={tmp_path}/sw"
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: launch.address={address} is a gRPC server but not a Ray head's GCS (a "
+        "raylet's, a worker's or Ray Client's port answers so too); give the head's GCS port "
+        "(6379 by default, as `ray start --head` printed it)"
+    )
+    assert not (tmp_path / "sw").exists()
+    check_reachable(ray_cluster.get_runtime_context().gcs_address)  # (the GCS's passes)
+
+
 def test_a_silent_listener_is_not_a_ray_head():
     from sweep.cluster import check_reachable
     from sweep.errors import SweepError
