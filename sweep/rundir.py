@@ -244,8 +244,16 @@ class RunFolder:
         if self._final_sha256(WEIGHTS) != sha256:
             return False
         if remember:
-            atomic_write_json(self.path / VERIFIED, _verified(sha256, stamp))
+            self._remember_verified(sha256, stamp)
         return True
+
+    def _remember_verified(self, sha256: str, stamp: list[int]) -> None:
+        """Write :data:`VERIFIED` (not written, a full disk say: the weights are hashed again
+        next time, and nothing else is lost)."""
+        try:
+            atomic_write_json(self.path / VERIFIED, _verified(sha256, stamp))
+        except OSError as err:
+            log.debug("run %s: %s not written (%s)", self.run_id, VERIFIED, err)
 
     def _final_sha256(self, name: str) -> str:
         try:
@@ -511,7 +519,7 @@ class RunFolder:
             cfg_sha256=hashlib.sha256(cfg).hexdigest(),
         )
         atomic_write_json(self.path / DONE, done)
-        atomic_write_json(self.path / VERIFIED, _verified(done["weights_sha256"], stamp))
+        self._remember_verified(done["weights_sha256"], stamp)
 
     def finish_again(self, density: bytes, metrics: dict, reason: str) -> None:
         """A run whose weights and ``cfg.json`` ``DONE`` vouches for, evaluated again (for

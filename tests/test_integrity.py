@@ -229,6 +229,16 @@ def test_a_final_file_that_could_not_be_read_is_no_reason_to_retrain(
     assert run(copy) == 0 and weights(copy) == before
 
 
+def test_a_verification_that_cannot_be_remembered_is_no_error(copy, monkeypatch):
+    """``verified.json`` not written (a full disk, a permission) costs a hash next time."""
+    run = rundir.RunFolder(copy / "runs" / "r1-l1_1e-03-s0")
+    stale = (run.path / rundir.VERIFIED).read_bytes()  # (the copy's files are new)
+    write = refused(rundir.atomic_write_json, rundir.VERIFIED)
+    monkeypatch.setattr(rundir, "atomic_write_json", write)
+    assert run.final_problem(deep=True, remember=True) is None
+    assert (run.path / rundir.VERIFIED).read_bytes() == stale
+
+
 def test_a_run_that_could_not_be_read_stops_the_plan_before_another_is_judged(
     copy, monkeypatch, capsys
 ):
