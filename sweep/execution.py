@@ -233,6 +233,10 @@ class Execution:
         if self.res.auto_share:
             named = {e.ensemble_id: s for e, s in shares.items()}
             log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
+        elif self.res.on_gpu:
+            note = packing.packed_note(self.res.num_gpus, len(shares), self.res.gpus)
+            if note:
+                log.warning(note)
         return shares
 
     def _tick(self, pending: list[EnsembleSpec]) -> bool:

@@ -20,6 +20,8 @@ against fixed shares on a GPU, which is what tunes them.
 
 from __future__ import annotations
 
+import math
+
 from sweep.grid import MEMORY_USE, EnsembleSpec, bytes_per_member
 
 SHARES = (0.25, 0.5, 1.0)
@@ -74,6 +76,23 @@ def fill(shares: dict[EnsembleSpec, float], gpus: float) -> dict[EnsembleSpec, f
             if up is not None and sum(out.values()) - out[e] + up <= gpus + 1e-9:
                 out[e], raised = up, True
     return out
+
+
+def packed_note(share: float, ensembles: int, gpus: float) -> str | None:
+    """What a fixed fraction of a GPU per ensemble leaves idle, or None: Ray fills one GPU
+    with fractional tasks before it uses the next, so ``ensembles`` asking for ``share`` each
+    run on ceil(ensembles x share) of the ``gpus``."""
+    if share >= 1 or ensembles < 2:
+        return None
+    used = math.ceil(ensembles * share - 1e-9)
+    if used >= min(ensembles, math.floor(gpus + 1e-9)):
+        return None
+    return (
+        f"launch.gpus_per_ensemble={share:g}: Ray fills one GPU with fractional tasks before "
+        f"it uses the next, so these {ensembles} ensembles share {used} of the {gpus:g} GPUs "
+        f"and {math.floor(gpus + 1e-9) - used} idle; launch.gpus_per_ensemble=auto raises "
+        "shares while GPUs are free"
+    )
 
 
 def describe(shares: dict[str, float]) -> str:

@@ -67,6 +67,14 @@ def test_gpus_per_ensemble_is_auto_by_default_and_checked():
             LaunchConfig(gpus_per_ensemble=bad).check()
 
 
+def test_a_fixed_fraction_that_leaves_gpus_idle_is_said():
+    assert packing.packed_note(0.25, 6, 8).startswith("launch.gpus_per_ensemble=0.25: Ray fills")
+    assert "these 6 ensembles share 2 of the 8 GPUs and 6 idle" in packing.packed_note(0.25, 6, 8)
+    assert packing.packed_note(0.25, 8, 2) is None  # (every GPU busy)
+    assert packing.packed_note(0.5, 1, 4) is None  # (one ensemble: nothing to spread)
+    assert packing.packed_note(1.0, 4, 8) is None and packing.packed_note(0.5, 2, 1) is None
+
+
 def test_shares_are_raised_while_the_gpus_could_hold_them():
     """Ray puts fractional tasks on one GPU before the next: quarter shares on a 4-GPU node
     would leave three GPUs idle, so shares are raised in rounds, the costliest first (never
@@ -82,12 +90,15 @@ def test_shares_are_raised_while_the_gpus_could_hold_them():
     assert packing.fill({big: 1.0, tiny[0]: 0.25}, 1) == {big: 1.0, tiny[0]: 0.25}
 
 
-def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path):
+def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path, capsys):
     """The shared test cluster's two fake GPUs: three tiny ensembles (a quarter GPU each by
     the model) fill both GPUs, the costliest alone on one; a fixed fraction is asked for as
     given."""
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1,2,3]", name="auto") == 0
+    capsys.readouterr()
     assert sweep(tmp_path, "grid.l1=[1e-2]", "launch.gpus_per_ensemble=0.5", name="half") == 0
+    said = " ".join(capsys.readouterr().err.split())  # (packed onto one of the two GPUs)
+    assert "these 2 ensembles share 1 of the 2 GPUs and 1 idle" in said
     want = {"r3": 1.0, "r2": 0.5, "r1": 0.5}
     for name in ("auto", "half"):
         for run in (tmp_path / name / "runs").iterdir():

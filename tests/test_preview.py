@@ -44,6 +44,11 @@ def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, ca
         tmp_path, capsys, "launch.gpus_per_ensemble=0.5", "launch.device_memory_gb=8"
     )
     assert "memory budget 4.00 GiB per ensemble, planned to 80%: 3.20 GiB" in out, out
+    said = " ".join(out.split())  # (Ray would pack both ensembles onto one of the two GPUs)
+    assert "note: launch.gpus_per_ensemble=0.5: Ray fills one GPU with fractional tasks" in said
+    assert (
+        "these 2 ensembles share 1 of the 2 GPUs and 1 idle; launch.gpus_per_ensemble=auto" in said
+    )
 
 
 def test_a_local_plan_finds_the_resources_ray_would_have_without_starting_it(
