@@ -315,15 +315,22 @@ def test_a_file_size_limit_is_lifted_to_its_hard_limit_for_ray_and_the_sweep(sho
     assert (sw / "runs" / "r2-l1_1e-03-s0" / "DONE").is_file()
 
 
-def test_an_address_where_no_head_answers_is_refused_before_any_work(tmp_path):
-    sw, port = tmp_path / "sw", free_port()  # (nothing listens there)
-    out = sweep_cli("run", "launch=cluster", f"launch.address=127.0.0.1:{port}", f"sweep_dir={sw}")
+def refused_at(address: str, tmp_path) -> str:  # noqa: ANN001
+    """The one line a ``launch=cluster`` run at ``address`` is refused with (exit 2, before
+    its sweep folder is made)."""
+    sw = tmp_path / "sw"
+    out = sweep_cli("run", "launch=cluster", f"launch.address={address}", f"sweep_dir={sw}")
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (
+    assert not sw.exists()
+    return out.stderr.strip().splitlines()[-1]
+
+
+def test_an_address_where_no_head_answers_is_refused_before_any_work(tmp_path):
+    port = free_port()  # (nothing listens there)
+    assert refused_at(f"127.0.0.1:{port}", tmp_path) == (
         f"error: no Ray head answers at launch.address=127.0.0.1:{port} ([Errno 111] Connection "
         "refused); start it first (ray start --head, or launch/slurm.sbatch) or fix launch.address"
     )
-    assert not sw.exists()
 
 
 @contextlib.contextmanager
@@ -357,16 +364,12 @@ def test_an_address_that_is_not_a_ray_head_is_refused_not_waited_on(tmp_path):
     """A port that accepts connections but does not speak gRPC (here an HTTP server, as the
     dashboard's 8265 is) would leave ray.init waiting for ever: one line, exit 2."""
     with listener(b"HTTP/1.1 400 Bad Request\r\n\r\n") as address:
-        out = sweep_cli(
-            "run", "launch=cluster", f"launch.address={address}", f"sweep_dir={tmp_path}/sw"
-        )
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (
+        said = refused_at(address, tmp_path)
+    assert said == (
         f"error: launch.address={address} accepts connections but is not a Ray head (it replied "
         "b'HTTP/1.1'); give the head's GCS port (6379 by default, as `ray start --head` printed "
         "it; 8265 is the dashboard's)"
     )
-    assert not (tmp_path / "sw").exists()
 
 
 def test_a_ray_port_other_than_the_heads_gcs_is_refused_before_any_work(ray_cluster, tmp_path):
@@ -377,16 +380,11 @@ def test_a_ray_port_other_than_the_heads_gcs_is_refused_before_any_work(ray_clus
 
     node = ray_cluster.nodes()[0]
     address = f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}"
-    out = sweep_cli(
-        "run", "launch=cluster", f"launch.address={address}", f"sweep_dir={tmp_path}/sw"
-    )
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (
+    assert refused_at(address, tmp_path) == (
         f"error: launch.address={address} is a gRPC server but not a Ray head's GCS (a "
         "raylet's, a worker's or Ray Client's port answers so too); give the head's GCS port "
         "(6379 by default, as `ray start --head` printed it)"
     )
-    assert not (tmp_path / "sw").exists()
     check_reachable(ray_cluster.get_runtime_context().gcs_address)  # (the GCS's passes)
 
 
