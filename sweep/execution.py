@@ -124,6 +124,13 @@ def gpu_shares(
     return packing.fill(shares, res.gpus)
 
 
+def packed_note(res: launcher.Resources, ensembles: int) -> str | None:
+    """:func:`sweep.packing.packed_note` where a fixed fraction of a GPU is asked for."""
+    if not res.on_gpu or res.auto_share:
+        return None
+    return packing.packed_note(res.num_gpus, ensembles, res.gpus)
+
+
 class Execution:
     """Train a plan's ensembles as Ray tasks: progress, heartbeat, stop handling, failures."""
 
@@ -233,10 +240,8 @@ class Execution:
         if self.res.auto_share:
             named = {e.ensemble_id: s for e, s in shares.items()}
             log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
-        elif self.res.on_gpu:
-            note = packing.packed_note(self.res.num_gpus, len(shares), self.res.gpus)
-            if note:
-                log.warning(note)
+        elif note := packed_note(self.res, len(shares)):
+            log.warning(note)
         return shares
 
     def _tick(self, pending: list[EnsembleSpec]) -> bool:

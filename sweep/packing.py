@@ -84,14 +84,14 @@ def packed_note(share: float, ensembles: int, gpus: float) -> str | None:
     run on ceil(ensembles x share) of the ``gpus``."""
     if share >= 1 or ensembles < 2:
         return None
-    used = math.ceil(ensembles * share - 1e-9)
-    if used >= min(ensembles, math.floor(gpus + 1e-9)):
+    used, whole = math.ceil(ensembles * share - 1e-9), math.floor(gpus + 1e-9)
+    if used >= min(ensembles, whole):
         return None
     return (
         f"launch.gpus_per_ensemble={share:g}: Ray fills one GPU with fractional tasks before "
         f"it uses the next, so these {ensembles} ensembles share {used} of the {gpus:g} GPUs "
-        f"and {math.floor(gpus + 1e-9) - used} idle; launch.gpus_per_ensemble=auto raises "
-        "shares while GPUs are free"
+        f"and {whole - used} idle; launch.gpus_per_ensemble=auto raises shares while GPUs "
+        "are free"
     )
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sweep import archs, driver, execution, grid, launcher, packing, planning, restore
+from sweep import archs, driver, execution, grid, launcher, planning, restore
 from sweep.activations import harvest, synthetic
 from sweep.activations.store import ChunkStore, planned_steps, staged_bytes
 from sweep.config import SweepConfig, SyntheticDataConfig
@@ -78,8 +78,7 @@ def preview(cfg: SweepConfig) -> Preview:
         return Preview(*finished, None, [], _notes(folder, shape))
     res = _resources(cfg)
     cfg, p = driver.plan_for(cfg, folder, res, shape.width, shape.staged, shape.path, tidy=False)
-    packed = res.on_gpu and not res.auto_share
-    note = packing.packed_note(res.num_gpus, len(p.ensembles), res.gpus) if packed else None
+    note = execution.packed_note(res, len(p.ensembles))
     notes = _notes(folder, shape) + [note] * bool(note)
     return Preview(cfg, p, res, _rows(cfg, p, res, shape), notes)
 
