@@ -116,7 +116,7 @@ def _verified(folder: SweepFolder, runs: list[RunSpec]) -> list[RunSpec]:
     never finished in one line."""
     ready, unfinished = [], []
     folders = [folder.run(r.run_id) for r in runs]
-    problems = hashing_map(rundir.RunFolder.unevaluable, folders)
+    problems = hashing_map(lambda run: run.unevaluable(remember=True), folders)  # (locked)
     for r, run, problem in zip(runs, folders, problems, strict=True):
         if problem is None:
             ready.append(r)

@@ -233,16 +233,20 @@ class RunFolder:
 
     def _weights_match(self, sha256: str, remember: bool) -> bool:
         """Whether the final weights hash to ``sha256``: hashed, unless their file is as it was
-        when they last did (:data:`VERIFIED`); ``remember``: a match found by hashing is
-        recorded there (only a writer of the folder: a driver or a worker)."""
+        when they last did (:data:`VERIFIED`, or earlier in this process); ``remember``: a
+        match found by hashing is recorded there (only a writer of the folder: a driver or a
+        worker)."""
         try:
             stamp = file_stamp(self.path / WEIGHTS)  # (before hashing: a change after is seen)
         except OSError as err:
             raise self._unreadable(WEIGHTS, err) from err
         if self._json(VERIFIED, quiet=True) == _verified(sha256, stamp):
             return True
-        if self._final_sha256(WEIGHTS) != sha256:
-            return False
+        seen = (str((self.path / WEIGHTS).absolute()), sha256, *stamp)
+        if seen not in _MATCHED:
+            if self._final_sha256(WEIGHTS) != sha256:
+                return False
+            _MATCHED.add(seen)
         if remember:
             self._remember_verified(sha256, stamp)
         return True
@@ -301,15 +305,15 @@ class RunFolder:
         diverged = self._json(DONE, quiet=True).get("state") == RunState.DIVERGED.value
         return diverged and self.diverged_step() is None
 
-    def unevaluable(self, deep: bool = True) -> str | None:
+    def unevaluable(self, deep: bool = True, remember: bool = False) -> str | None:
         """Why this run cannot be evaluated again from its final weights (``sweep evaluate``),
         or None: it is finished, its weights (hashed, if ``deep``) and ``cfg.json`` verify
         against the checksums in ``DONE`` (a run finished before checksums: its weights load),
         and a diverged run's step is readable; its metrics may be lost, when ``DONE`` vouches
-        for the rest."""
+        for the rest. ``remember``: as :meth:`final_problem`."""
         if not (self.path / DONE).is_file():
             return self.unvouched() or f"not finished ({self.state().value})"
-        problem = self.final_problem(deep)
+        problem = self.final_problem(deep, remember)
         if problem not in (None, METRICS_LOST):
             return f"damaged ({problem})"
         if problem == METRICS_LOST and not self.vouched():  # (else its weights loaded: deep)
@@ -636,6 +640,10 @@ def _sound_metrics(m: dict) -> bool:
                 return False
     return True
 
+
+_MATCHED: set[tuple] = set()
+"""Final weights this process hashed and found matching ``DONE``, with their file stamps: a
+preview (``--plan``) or ``sweep report`` that checks a run twice hashes it once."""
 
 _UNREADABLE: set[tuple[Path, int]] = set()
 """Damaged files warned of, with their mtimes: one warning per file, not one per read."""

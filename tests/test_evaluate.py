@@ -96,10 +96,13 @@ def test_every_finished_run_gets_the_metrics_training_wrote(copy, capsys):
 
 
 def test_each_runs_weights_are_hashed_once(copy, monkeypatch):
-    """Picking the runs and the summary.csv after are of one check of each run's weights."""
+    """Picking the runs and the summary.csv after are of one check of each run's weights,
+    remembered (``verified.json``): the next evaluation hashes none."""
     hashed = weights_hashed(monkeypatch)
     assert main(["evaluate", str(copy)]) == 0
     assert hashed == {f.name: 1 for f in runs(copy)}
+    hashed = weights_hashed(monkeypatch)
+    assert main(["evaluate", str(copy)]) == 0 and not hashed
 
 
 def test_named_runs_only_and_a_damaged_one_is_left_as_it_is(copy, capsys):

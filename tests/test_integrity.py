@@ -155,7 +155,7 @@ def test_finished_weights_are_hashed_once_and_remembered(finished, copy, monkeyp
     """The worker that wrote a run's weights remembers them (``verified.json``: their file as
     it was then); a copy (new files) hashes each run's once at a re-run, which remembers it
     (``--plan`` hashes, remembering nothing), and no more after; a bit flipped in place, its
-    mtime put back, is still caught (its ctime moved)."""
+    mtime put back, is still caught (its ctime moved). One process hashes a file once."""
     for r in (finished / "runs").iterdir():
         recorded = json.loads((r / rundir.VERIFIED).read_text())
         assert recorded["file"] == file_stamp(r / rundir.WEIGHTS)
@@ -167,9 +167,10 @@ def test_finished_weights_are_hashed_once_and_remembered(finished, copy, monkeyp
     stamps = {r.name: (r / rundir.VERIFIED).read_bytes() for r in (copy / "runs").iterdir()}
     assert preview(copy) == 0 and hashed == dict.fromkeys(stamps, 1)
     assert {r: (copy / "runs" / r / rundir.VERIFIED).read_bytes() for r in stamps} == stamps
-    hashed.clear()
+    assert preview(copy) == 0 and hashed == dict.fromkeys(stamps, 1)  # (this process knows)
+    hashed = weights_hashed(monkeypatch)  # (the next ones as new processes)
     assert run(copy) == 0 and hashed == dict.fromkeys(stamps, 1)
-    hashed.clear()
+    hashed = weights_hashed(monkeypatch)
     assert run(copy) == 0 and preview(copy) == 0 and not hashed
     victim = copy / "runs" / "r2-l1_1e-01-s0" / rundir.WEIGHTS
     was = victim.stat()
