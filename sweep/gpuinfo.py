@@ -2,9 +2,9 @@
 process each, and whether they are CUDA GPUs torch can use (``train.dtype=auto`` means
 bfloat16 then).
 
-Asked where the GPUs are. On one machine whose GPU the driver sees, a short-lived process
-reads the first GPU's free memory (torch, so a MIG slice reports its own) and ``nvidia-smi``
-its compute mode. Otherwise — a Ray cluster whose head has no GPU (the cluster launcher's),
+Asked where the GPUs are. On one machine whose GPUs the driver sees, a short-lived process
+reads the least free memory of its visible GPUs (torch, so a MIG slice reports its own) and
+``nvidia-smi`` their compute modes. Otherwise — a Ray cluster whose head has no GPU (the cluster launcher's),
 or several GPU nodes, which may differ — a task on every GPU node (asking Ray for no GPU,
 making no CUDA context) says whether torch sees CUDA there and what ``nvidia-smi`` says of
 the GPUs Ray gives that node's tasks, and the sweep plans for the GPU with the least free
@@ -121,7 +121,7 @@ def ask(
     ``need_memory``: False when ``launch.device_memory_gb`` says it; ``need_dtype``: False
     when ``train.dtype`` is set (not auto)."""
     local = _torch_sees_cuda()
-    if local and gpu_nodes <= 1:
+    if local and gpu_nodes <= 1 and _gpu_node_is_here():
         return _local(need_memory, command)
     rows = [row for found, cuda in cluster_answers(command) if cuda for row in found]
     if not rows:
@@ -130,6 +130,18 @@ def ask(
         _unknown_gpus(gpu_nodes, need_memory, need_dtype)
         return GpuInfo()
     return _smallest(rows, gpu_nodes)
+
+
+def _gpu_node_is_here() -> bool:
+    """Whether the Ray instance's GPU node is this machine (no Ray started yet: this machine's
+    own is meant), not a cluster's other node while this one has a GPU Ray was not given."""
+    import ray
+
+    if not ray.is_initialized():
+        return True
+    here = ray.util.get_node_ip_address()
+    gpus = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU")]
+    return all(n.get("NodeManagerAddress") == here for n in gpus)
 
 
 def _unknown_gpus(gpu_nodes: int, need_memory: bool, need_dtype: bool) -> None:
@@ -244,15 +256,23 @@ def exclusive_here(command: str = "nvidia-smi") -> bool:
     return any(exclusive_mode(mode) for _, _, mode in read_nvidia_smi(command))
 
 
+LEAST_FREE = "import torch; print(*min(torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())))"
+"""Prints the free and total bytes of the visible GPU with the least free memory (a MIG
+slice: its own): any of them may get an ensemble."""
+
+
 def _local_free() -> float:
-    """Free memory of this machine's first visible GPU (a MIG slice: its own), read in a
-    short-lived process so that the driver, which trains nothing, never holds a CUDA context
-    (and its memory) for the whole sweep; 0 when that fails. Free, not total: another
-    process on the GPU (a second sweep, a notebook) keeps what it holds."""
-    query = "import torch; print(*torch.cuda.mem_get_info(0))"
+    """:data:`LEAST_FREE` of this machine's visible GPUs, read in a short-lived process so
+    that the driver, which trains nothing, never holds a CUDA context (and its memory) for
+    the whole sweep; 0 when that fails. Free, not total: another process on a GPU (a second
+    sweep, a notebook) keeps what it holds."""
     try:
         out = subprocess.run(
-            [sys.executable, "-c", query], capture_output=True, text=True, timeout=120, check=True
+            [sys.executable, "-c", LEAST_FREE],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
         )
         free, total = (float(v) for v in out.stdout.split()[-2:])
     except (OSError, ValueError, subprocess.SubprocessError) as err:

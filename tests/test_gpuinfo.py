@@ -204,3 +204,38 @@ def test_a_local_gpus_memory_is_read_while_ray_starts(monkeypatch):
     assert early is not None and began.wait(5)
     res = launcher.Resources(cfg, {"GPU": 1.0, "CPU": 4.0}, early=early)
     assert res.real_gpus and res.device_bytes == 20 * GiB
+
+
+def test_the_local_probe_plans_the_visible_gpu_with_least_free_memory(
+    tmp_path, monkeypatch, caplog
+):
+    """On one machine of several GPUs any may get an ensemble: the query the probe's process
+    runs reads every visible GPU (a torch that reports three, one mostly held by another job)."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "class cuda:\n"
+        "    device_count = staticmethod(lambda: 3)\n"
+        "    mem_get_info = staticmethod(lambda i: [(70, 80), (20, 80), (79, 80)][i])\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        assert gpuinfo._local_free() == 20.0
+    assert "a GPU has 0.0 of 0.0 GiB free" in caplog.text  # (bytes: the fake's tiny GPUs)
+
+
+def test_a_gpu_node_that_is_another_machine_is_asked_there(ray_cluster, monkeypatch):
+    """A cluster's one GPU node is asked through Ray even where this machine's torch sees a
+    GPU Ray was not given (a head started with --num-gpus=0): not planned with this one's."""
+    asked = []
+    monkeypatch.setattr(gpuinfo, "_torch_sees_cuda", lambda: True)
+    monkeypatch.setattr(gpuinfo, "_local", lambda *a: asked.append("here") or gpuinfo.GpuInfo())
+    monkeypatch.setattr(gpuinfo, "cluster_answers", lambda c: asked.append("ray") or [])
+    assert gpuinfo._gpu_node_is_here()  # (the test Ray's node is this machine)
+    gpuinfo.ask(gpu_nodes=1)
+    nodes = ray_cluster.nodes()
+    monkeypatch.setattr(
+        ray_cluster, "nodes", lambda: [{**n, "NodeManagerAddress": "192.0.2.99"} for n in nodes]
+    )
+    gpuinfo.ask(gpu_nodes=1)
+    assert asked == ["here", "ray", "here"]  # (no answer from the nodes: this one's, at least)
