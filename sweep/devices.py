@@ -6,7 +6,10 @@ without importing torch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,6 +60,29 @@ def resolve_device(name: str, field: str = "train.device") -> torch.device:
         return torch.device("cpu" if name == "auto" else name)
     except RuntimeError as err:
         raise SweepError(f"unknown device {name!r} for {field}; use auto, cpu or cuda") from err
+
+
+def processor(device: torch.device) -> str:
+    """The chip ``device`` computes on, by model: another model may pick other kernels
+    (cuBLAS's GEMM algorithms, MKL's code paths for its vector units), so a step resumed
+    there continues equal only up to rounding."""
+    import torch
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return _cpu_model()
+
+
+@functools.cache
+def _cpu_model() -> str:
+    """``model name`` of /proc/cpuinfo, else the platform's names for it."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def release_device_memory() -> None:

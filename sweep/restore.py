@@ -24,7 +24,7 @@ from sweep.activations.store import Cursor
 from sweep.archs import Architecture
 from sweep.checkpoints import Checkpoint, Found, common_checkpoint, drop_after
 from sweep.config import TrainConfig
-from sweep.devices import resolve_compute_dtype
+from sweep.devices import processor, resolve_compute_dtype
 from sweep.ensemble import DeadLatents, Ensemble, hyper_of, stack
 from sweep.grid import RunSpec
 from sweep.optim import Adam, AdamState
@@ -199,6 +199,23 @@ def _report_inexact_resume(
         folder.append_event({"event": "inexact_resume", "why": "compiled step on a GPU"})
 
 
+def _report_processor_change(
+    folders: list[RunFolder], before: str | None, now: str, ensemble_id: str
+) -> None:
+    """Warn and record ``processor_change`` when the ensemble resumes on another chip model
+    than its checkpoints were written on (a retry or re-run landing on another node type):
+    its kernels may round or order differently. (Unknown before: silent.)"""
+    if before is None or before == now:
+        return
+    log.warning(
+        "ensemble %s resumes on %s; its checkpoints were written on %s: its runs may not be "
+        "bit-identical to an uninterrupted sweep",
+        ensemble_id, now, before,
+    )  # fmt: skip
+    for folder in folders:
+        folder.append_event({"event": "processor_change", "before": before, "now": now})
+
+
 def software() -> dict[str, str]:
     """The versions whose kernels and training code a checkpoint was computed with."""
     import sweep
@@ -319,6 +336,7 @@ def restore_ensemble(
     meta = found[0].meta
     _report_program_change(folders, meta.get("program"), ens.program, ensemble_id)
     _report_software_change(folders, meta.get("software"), ensemble_id)
+    _report_processor_change(folders, meta.get("processor"), processor(device), ensemble_id)
     _report_inexact_resume(folders, ens, device, ensemble_id)
     if meta.get("threads") and meta["threads"] != torch.get_num_threads():
         torch.set_num_threads(int(meta["threads"]))  # bit-exact resume needs the same count
@@ -335,14 +353,16 @@ def member_tensors(ens: Ensemble, e: int) -> dict[str, torch.Tensor]:
 
 def checkpoint_meta(ens: Ensemble, cursor: Cursor, diverged_at: torch.Tensor) -> list[dict]:
     """Each member's checkpoint metadata: the data cursor, the thread count, the step
-    program and software versions, its flags."""
+    program, software versions and chip, its flags."""
     active, diverged, versions = ens.active.tolist(), diverged_at.tolist(), software()
+    chip = processor(ens.hyper["l1"].device)
     return [
         {
             "cursor": cursor.as_dict(),
             "threads": torch.get_num_threads(),
             "program": ens.program,
             "software": versions,
+            "processor": chip,
             "active": active[e],
             "diverged_step": diverged[e],
         }

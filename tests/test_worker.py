@@ -1219,6 +1219,27 @@ def test_a_run_resumed_under_another_sweep_or_torch_says_so(
         assert event["before"]["sweep"] == "0.0.9" and event["now"]["sweep"] == sweep.__version__
 
 
+def test_a_run_resumed_on_another_chip_model_says_so(tiny_store, tmp_path, caplog, monkeypatch):
+    """Checkpointed on another processor model (a retry on another node type): it continues,
+    warned about and recorded, since its kernels may round differently."""
+    from sweep import restore
+    from sweep.devices import processor
+
+    here = processor(torch.device("cpu"))
+    with monkeypatch.context() as m:
+        m.setattr(restore, "processor", lambda device: "Other CPU")
+        train_ensemble(job_for(tiny_store, tmp_path), should_stop=stop_after(5))
+    with caplog.at_level(logging.WARNING):
+        job = job_for(tiny_store, tmp_path)
+        train_ensemble(job)
+    assert f"resumes on {here}; its checkpoints were written on Other CPU" in caplog.text
+    for m in job.ensemble.members:
+        events = rundir.run_dir(tmp_path, m.run_id) / rundir.EVENTS
+        (event,) = [json.loads(ln) for ln in events.read_text().splitlines()]
+        assert event.pop("time") > 0
+        assert event == {"event": "processor_change", "before": "Other CPU", "now": here}
+
+
 def test_status_saved_is_where_the_ensemble_would_resume(tiny_store, tmp_path):
     """One member's newest checkpoint is gone (a kill between the members' saves): status
     says both continue from the older step they share, as the resume does."""
