@@ -67,6 +67,10 @@ NO_OUTCOME = (
     "it to continue"
 )
 """A sweep's activity when its last driver died before recording how it ended."""
+JUST_MADE, JUST_MADE_WAIT = 2.0, 0.5
+"""A folder without a manifest changed this recently (seconds) is a sweep that may be taking
+its lock (milliseconds after it made the folder, longer on a loaded machine): readers wait
+this long for it before they say what the folder is."""
 LOG = "sweep.log"
 STORE = "store"
 STORE_VERIFIED = ".store-verified.json"
@@ -496,7 +500,10 @@ class SweepFolder:
         return hashlib.sha256("\n".join(done).encode()).hexdigest()[:16]
 
     def _no_manifest(self) -> SweepError:
-        """What a folder without a manifest is, as the one-line error a reader raises."""
+        """What a folder without a manifest is, as the one-line error a reader raises (one
+        made a moment ago is given :data:`JUST_MADE_WAIT` for its driver's lock)."""
+        if self._just_made() and not self.driver_alive():
+            time.sleep(JUST_MADE_WAIT)
         chunks = self._store_chunks()
         where = self._store_progress(chunks)
         if self.driver_alive():
@@ -527,6 +534,14 @@ class SweepFolder:
         return SweepError(
             f"{self.path} is not a sweep folder (no {MANIFEST}); pass the sweep_dir of a sweep run"
         )
+
+    def _just_made(self) -> bool:
+        """Whether the folder changed in the last :data:`JUST_MADE` seconds (a ``sweep run``
+        started then may not hold its lock yet)."""
+        try:
+            return time.time() - self.path.stat().st_mtime < JUST_MADE
+        except OSError:
+            return False
 
     def run_ids(self) -> list[str]:
         """Runs listed in the manifest (grid order); a one-line error if this is no sweep."""

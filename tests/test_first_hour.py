@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -633,6 +635,29 @@ def test_status_needs_no_torch(finished, tmp_path):
     done = subprocess.run([sys.executable, "-c", code, str(sw)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "r1-l1_1e-01-s0" in done.stdout
+
+
+def test_status_just_after_a_run_made_its_folder_waits_for_its_lock(tmp_path, capsys):
+    """A script that starts ``sweep run`` and asks ``sweep status`` at once may find the
+    folder made an instant before the driver's lock: starting, not "not a sweep folder"."""
+    from sweep.lock import SweepLock
+
+    sw = tmp_path / "sw"
+    sw.mkdir()
+    lock = SweepLock(sw)
+    taken = threading.Timer(0.1, lock.__enter__)
+    taken.start()
+    try:
+        assert main(["status", str(sw), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["activity"] == "starting"
+    finally:
+        taken.join()
+        lock.__exit__(None, None, None)
+    (tmp_path / "old").mkdir()
+    os.utime(tmp_path / "old", (1, 1))  # (an empty folder made long ago: said at once)
+    began = time.monotonic()
+    assert main(["status", str(tmp_path / "old")]) == 2
+    assert time.monotonic() - began < 0.5 and "is not a sweep folder" in capsys.readouterr().err
 
 
 def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
