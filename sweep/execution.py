@@ -16,8 +16,9 @@ from sweep.activations.store import ChunkStore, total_steps
 from sweep.actors import ProgressCounter
 from sweep.checkpoints import checkpoint_steps
 from sweep.config import SweepConfig
+from sweep.devices import host_memory_bytes
 from sweep.errors import DISK_FULL_FIX, OutOfMemory, SweepError, is_disk_full
-from sweep.grid import EnsembleSpec
+from sweep.grid import SNAPSHOT_BYTES, EnsembleSpec, parameters
 from sweep.lock import SweepLock
 from sweep.planning import SweepPlan
 from sweep.progress import progress_bar
@@ -131,6 +132,19 @@ def packed_note(res: launcher.Resources, ensembles: int) -> str | None:
     return packing.packed_note(res.num_gpus, ensembles, res.gpus)
 
 
+def host_note(
+    cfg: SweepConfig, res: launcher.Resources, shares: dict[EnsembleSpec, float], width: int
+) -> str | None:
+    """:func:`sweep.packing.host_note` for a local sweep on GPUs (a cluster's nodes have
+    memory of their own, not checked here; on CPUs the snapshots are in the memory budget)."""
+    if not res.on_gpu or cfg.launch.address:
+        return None
+    snapshots = {
+        e: len(e.members) * SNAPSHOT_BYTES * parameters(width, e.dict_size) for e in shares
+    }
+    return packing.host_note(snapshots, shares, res.gpus, host_memory_bytes())
+
+
 class Execution:
     """Train a plan's ensembles as Ray tasks: progress, heartbeat, stop handling, failures."""
 
@@ -241,6 +255,8 @@ class Execution:
             named = {e.ensemble_id: s for e, s in shares.items()}
             log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
         elif note := packed_note(self.res, len(shares)):
+            log.warning(note)
+        if note := host_note(self.cfg, self.res, shares, self.store.width):
             log.warning(note)
         return shares
 

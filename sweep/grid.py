@@ -173,12 +173,22 @@ def bytes_per_member(
     codes, their gradient and the top-k's scatter (three), JumpReLU's pre-activations (one
     more), AuxK's pre-activations, masked copy, auxiliary codes and their gradient (four); and
     :data:`STEP_TRANSIENTS`. The compiled step (``train.compile=true``) holds less."""
-    n_params = 2 * width * dict_size + width + dict_size
+    n_params = parameters(width, dict_size)
     low = BYTES[dtype] if BYTES[dtype] < 4 else 0
-    state = (5 * 4 + 2 * low + (0 if on_gpu else 3 * 4)) * n_params
+    state = (5 * 4 + 2 * low + (0 if on_gpu else SNAPSHOT_BYTES)) * n_params
     extra_bf, extra_bd = STEP_TRANSIENTS
     rows = (buffers + extra_bf) * batch_size * dict_size + (1 + extra_bd) * batch_size * width
     return state + int(rows * BYTES[dtype])
+
+
+SNAPSHOT_BYTES = 3 * 4
+"""Bytes of a checkpoint snapshot per parameter: the weights and two Adam moments in fp32,
+kept in host memory by :mod:`sweep.ckpt_writer` while a member trains."""
+
+
+def parameters(width: int, dict_size: int) -> int:
+    """Parameters of one member: encoder and decoder, and their biases."""
+    return 2 * width * dict_size + width + dict_size
 
 
 STEP_TRANSIENTS = (1, 2)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 from sweep.grid import MEMORY_USE, EnsembleSpec, bytes_per_member
+from sweep.io import memory_text
 
 SHARES = (0.25, 0.5, 1.0)
 """GPU shares auto chooses from (four ensembles per GPU at most)."""
@@ -92,6 +93,38 @@ def packed_note(share: float, ensembles: int, gpus: float) -> str | None:
         f"it uses the next, so these {ensembles} ensembles share {used} of the {gpus:g} GPUs "
         f"and {whole - used} idle; launch.gpus_per_ensemble=auto raises shares while GPUs "
         "are free"
+    )
+
+
+HOST_SNAPSHOT_SHARE = 0.5
+"""The share of the host's memory the checkpoint snapshots of the ensembles training at once
+on GPUs may take before the plan says so."""
+
+
+def host_note(
+    snapshots: dict[EnsembleSpec, float], shares: dict[EnsembleSpec, float], gpus: float,
+    host_bytes: float,
+) -> str | None:  # fmt: skip
+    """Said when the checkpoint snapshots (``snapshots``, bytes per ensemble) of the ensembles
+    that may train at once — the largest first, as many as the ``gpus`` hold at their
+    ``shares`` — exceed :data:`HOST_SNAPSHOT_SHARE` of ``host_bytes``: on a GPU each keeps
+    its weights and Adam moments in host memory to write checkpoints while it trains, and a
+    job's memory limit would end a worker at its first checkpoint."""
+    held, used, at_once = 0.0, 0.0, 0
+    for e in sorted(snapshots, key=lambda e: -snapshots[e]):
+        if used + shares[e] <= gpus + 1e-9:
+            used, held, at_once = used + shares[e], held + snapshots[e], at_once + 1
+    if held <= HOST_SNAPSHOT_SHARE * host_bytes:
+        return None
+    fixes = ["more host memory (a SLURM job: --mem)"]
+    fixes += ["fewer GPUs at once (launch.num_gpus)"] * (at_once > 1)
+    fixes += ["smaller ensembles (grid.max_members)"] * any(len(e.members) > 1 for e in shares)
+    return (
+        f"the {at_once} ensemble(s) that may train at once keep {memory_text(held)} of "
+        "checkpoint snapshots in host memory (each its weights and Adam moments), over "
+        f"{HOST_SNAPSHOT_SHARE:.0%} of the {memory_text(host_bytes)} this machine lets the "
+        "sweep use (a SLURM or container limit counts): a worker may be killed at its first "
+        f"checkpoint; give it {', or '.join(fixes)}"
     )
 
 

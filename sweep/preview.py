@@ -78,9 +78,11 @@ def preview(cfg: SweepConfig) -> Preview:
         return Preview(*finished, None, [], _notes(folder, shape))
     res = _resources(cfg)
     cfg, p = driver.plan_for(cfg, folder, res, shape.width, shape.staged, shape.path, tidy=False)
-    note = execution.packed_note(res, len(p.ensembles))
-    notes = _notes(folder, shape) + [note] * bool(note)
-    return Preview(cfg, p, res, _rows(cfg, p, res, shape), notes)
+    shares = execution.gpu_shares(cfg, p.ensembles, res, shape.staged) if res.on_gpu else {}
+    said = [execution.packed_note(res, len(p.ensembles))]
+    said += [execution.host_note(cfg, res, shares, shape.width)]
+    notes = _notes(folder, shape) + [n for n in said if n]
+    return Preview(cfg, p, res, _rows(cfg, p, res, shape, shares), notes)
 
 
 def _resources(cfg: SweepConfig) -> launcher.Resources:
@@ -158,8 +160,10 @@ def _lock_notes(folder: SweepFolder) -> list[str]:
     ]
 
 
-def _rows(cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreShape) -> list[dict]:
-    shares = execution.gpu_shares(cfg, p.ensembles, res, shape.staged) if res.on_gpu else {}
+def _rows(
+    cfg: SweepConfig, p: SweepPlan, res: launcher.Resources, shape: StoreShape,
+    shares: dict[grid.EnsembleSpec, float],
+) -> list[dict]:  # fmt: skip
     t, rows = cfg.train, []
     for e in p.ensembles:
         buffers = planning.batch_buffers(cfg, shape.width, e.dict_size)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from sweep import grid, packing
+from sweep import execution, grid, packing
 from sweep.config import ConfigError, LaunchConfig
 from tests.test_sweep_e2e import sweep
 
@@ -75,6 +75,30 @@ def test_a_fixed_fraction_that_leaves_gpus_idle_is_said():
     assert packing.packed_note(1.0, 4, 8) is None and packing.packed_note(0.5, 2, 1) is None
 
 
+def test_snapshots_of_gpu_ensembles_over_half_the_host_memory_are_said():
+    """On GPUs each ensemble keeps its weights and Adam moments in host memory for its
+    checkpoints: those that may train at once (the largest first, as many as the GPUs hold
+    at their shares) are said when they exceed half the host memory the sweep may use."""
+    a, b, c, d = (ensemble(64, r, 2) for r in (16, 8, 4, 2))
+    snapshots = {a: 10 * GiB, b: 8 * GiB, c: 6 * GiB, d: 4 * GiB}
+    shares = {a: 1.0, b: 1.0, c: 0.5, d: 0.5}
+    note = " ".join(packing.host_note(snapshots, shares, 2, 32 * GiB).split())
+    assert note == (
+        "the 2 ensemble(s) that may train at once keep 18.00 GiB of checkpoint snapshots in "
+        "host memory (each its weights and Adam moments), over 50% of the 32.00 GiB this "
+        "machine lets the sweep use (a SLURM or container limit counts): a worker may be "
+        "killed at its first checkpoint; give it more host memory (a SLURM job: --mem), or "
+        "fewer GPUs at once (launch.num_gpus), or smaller ensembles (grid.max_members)"
+    )
+    assert packing.host_note(snapshots, shares, 2, 40 * GiB) is None  # (18 of 40)
+    assert "the 4 ensemble(s) that may train at once keep 28.00 GiB" in packing.host_note(
+        snapshots, shares, 4, 40 * GiB
+    )
+    one = ensemble(64, 16, 1)
+    alone = packing.host_note({one: 10 * GiB}, {one: 1.0}, 1, 16 * GiB)
+    assert alone.endswith("checkpoint; give it more host memory (a SLURM job: --mem)")
+
+
 def test_shares_are_raised_while_the_gpus_could_hold_them():
     """Ray puts fractional tasks on one GPU before the next: quarter shares on a 4-GPU node
     would leave three GPUs idle, so shares are raised in rounds, the costliest first (never
@@ -90,15 +114,19 @@ def test_shares_are_raised_while_the_gpus_could_hold_them():
     assert packing.fill({big: 1.0, tiny[0]: 0.25}, 1) == {big: 1.0, tiny[0]: 0.25}
 
 
-def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path, capsys):
+def test_auto_share_is_what_each_task_asked_ray_for(ray_cluster, tmp_path, capsys, monkeypatch):
     """The shared test cluster's two fake GPUs: three tiny ensembles (a quarter GPU each by
     the model) fill both GPUs, the costliest alone on one; a fixed fraction is asked for as
     given."""
     assert sweep(tmp_path, "grid.l1=[1e-2]", "grid.dict_ratio=[1,2,3]", name="auto") == 0
     capsys.readouterr()
-    assert sweep(tmp_path, "grid.l1=[1e-2]", "launch.gpus_per_ensemble=0.5", name="half") == 0
+    with monkeypatch.context() as m:  # (and a job of little host memory for its snapshots)
+        m.setattr(execution, "host_memory_bytes", lambda: 2**16)
+        assert sweep(tmp_path, "grid.l1=[1e-2]", "launch.gpus_per_ensemble=0.5", name="half") == 0
     said = " ".join(capsys.readouterr().err.split())  # (packed onto one of the two GPUs)
     assert "these 2 ensembles share 1 of the 2 GPUs and 1 idle" in said
+    assert "the 2 ensemble(s) that may train at once keep" in said
+    assert "checkpoint snapshots" not in (tmp_path / "auto" / "sweep.log").read_text()
     want = {"r3": 1.0, "r2": 0.5, "r1": 0.5}
     for name in ("auto", "half"):
         for run in (tmp_path / name / "runs").iterdir():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sweep import launcher
+from sweep import execution, launcher
 from sweep.cli import main
 from tests.test_sweep_e2e import TINY, sweep
 
@@ -49,6 +49,19 @@ def test_a_plan_shows_the_ensembles_and_writes_nothing(ray_cluster, tmp_path, ca
     assert (
         "these 2 ensembles share 1 of the 2 GPUs and 1 idle; launch.gpus_per_ensemble=auto" in said
     )
+
+
+def test_a_plan_says_when_gpu_snapshots_would_crowd_the_host_memory(
+    ray_cluster, tmp_path, capsys, monkeypatch
+):
+    """A job with little host memory for its GPUs (a SLURM --mem): the plan says that the
+    ensembles' checkpoint snapshots may get a worker killed, and what to change."""
+    monkeypatch.setattr(execution, "host_memory_bytes", lambda: 2**16)
+    code, out, _ = plan(tmp_path, capsys)
+    said = " ".join(out.split())
+    assert code == 0 and "note: the 2 ensemble(s) that may train at once keep" in said, said
+    assert "over 50% of the 64.0 KiB this machine lets the sweep use" in said, said
+    assert "host memory" not in " ".join(plan(tmp_path, capsys, "train.device=cpu")[1].split())
 
 
 def test_a_local_plan_finds_the_resources_ray_would_have_without_starting_it(
