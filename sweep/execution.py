@@ -135,14 +135,15 @@ def packed_note(res: launcher.Resources, ensembles: int) -> str | None:
 def host_note(
     cfg: SweepConfig, res: launcher.Resources, shares: dict[EnsembleSpec, float], width: int
 ) -> str | None:
-    """:func:`sweep.packing.host_note` for a local sweep on GPUs (a cluster's nodes have
-    memory of their own, not checked here; on CPUs the snapshots are in the memory budget)."""
-    if not res.on_gpu or cfg.launch.address:
+    """:func:`sweep.packing.host_note` for a sweep on GPUs, of this machine's GPUs and host
+    memory where it is a GPU node (a SLURM job's nodes are alike; a cluster launcher's head
+    has no GPU: not checked); on CPUs the snapshots are in the memory budget."""
+    if not res.on_gpu or not res.gpus_here:
         return None
     snapshots = {
         e: len(e.members) * SNAPSHOT_BYTES * parameters(width, e.dict_size) for e in shares
     }
-    return packing.host_note(snapshots, shares, res.gpus, host_memory_bytes())
+    return packing.host_note(snapshots, shares, res.gpus_here, host_memory_bytes())
 
 
 class Execution:

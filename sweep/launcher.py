@@ -370,10 +370,10 @@ class Resources:
         early: gpuinfo.Early | None = None,
     ) -> None:
         """``cluster``: Ray's total resources; ``nodes``: each alive node's (default: the
-        cluster is one node). A task asking for more than one node has would wait forever.
+        cluster is one node, this machine). A task asking for more than one node has would wait forever.
         ``gpu``: what the GPUs are (default: asked, :func:`sweep.gpuinfo.ask`); ``early``: an
         answer for this machine's GPU begun before Ray started (:func:`early_gpu_probe`)."""
-        nodes = nodes or [cluster]
+        nodes = nodes or [{**cluster, "here": 1.0}]
         gpus = cluster.get("GPU", 0)
         if cfg.train.device == "cuda" and gpus == 0:
             raise SweepError(
@@ -402,6 +402,8 @@ class Resources:
         if not self.on_gpu and not lc.address:
             _oversubscribed(self.threads)
         self.gpus = gpus
+        self.gpus_here = max((n.get("GPU", 0.0) for n in nodes if n.get("here")), default=0.0)
+        """The GPUs of this machine's Ray node (0: none, or it is not one)."""
         per, have = (self.num_gpus, gpus) if self.on_gpu else (self.num_cpus, cpus)
         packed = self.on_gpu and not self.auto_share and per < 1  # asked for: Ray packs them
         self.slots = 1 if packed else max(1, math.floor(have / per + 1e-9))
@@ -459,11 +461,15 @@ def _fits_a_node(gpus: float, cpus: float, nodes: list[dict[str, float]]) -> Non
 
 
 def alive_nodes() -> list[dict[str, float]]:
-    """The CPUs and GPUs of each alive Ray node."""
+    """The CPUs and GPUs of each alive Ray node, and ``here``: 1 for this machine's."""
     import ray
 
+    ip = ray.util.get_node_ip_address()
     return [
-        {k: float(n.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")}
+        {
+            **{k: float(n.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")},
+            "here": float(n.get("NodeManagerAddress") == ip),
+        }
         for n in ray.nodes()
         if n.get("Alive")
     ]
