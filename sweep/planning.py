@@ -613,7 +613,7 @@ def _check_sizes(ratios: list[float], width: int) -> None:
         if not r * width <= MAX_DICT:  # (inf too)
             raise SweepError(
                 f"grid.dict_ratio {r:g} x width {width} gives {r * width:.3g} latents, more "
-                f"than {MAX_DICT:,}; use dict ratios <= {MAX_DICT / width:.3g}"
+                f"than {MAX_DICT:,}; use dict ratios <= {MAX_DICT // width:,}"
             )
         size = round(r * width)
         if size < 1:

@@ -218,7 +218,7 @@ def test_invalid_values_name_the_field(override, field):
         (["run", "data.normalize=2"], "data.normalize is true or false, not 2; pass data."),
         (
             ["run", "data.width=64", "grid.dict_ratio=[1e300]"],
-            "grid.dict_ratio 1e+300 x width 64 gives 6.4e+301 latents, more than 2,147,483,647",
+            "6.4e+301 latents, more than 2,147,483,647; use dict ratios <= 33,554,431",
         ),
         (["harvest", "prepend_bos=1.0"], "prepend_bos is true or false, not 1.0"),
     ],
