@@ -243,10 +243,10 @@ class RunFolder:
         if self._json(VERIFIED, quiet=True) == _verified(sha256, stamp):
             return True
         seen = (str((self.path / WEIGHTS).absolute()), sha256, *stamp)
-        if seen not in _MATCHED:
-            if self._final_sha256(WEIGHTS) != sha256:
-                return False
-            _MATCHED.add(seen)
+        if seen not in _HASHED:
+            _HASHED[seen] = self._final_sha256(WEIGHTS) == sha256
+        if not _HASHED[seen]:
+            return False
         if remember:
             self._remember_verified(sha256, stamp)
         return True
@@ -641,9 +641,9 @@ def _sound_metrics(m: dict) -> bool:
     return True
 
 
-_MATCHED: set[tuple] = set()
-"""Final weights this process hashed and found matching ``DONE``, with their file stamps: a
-preview (``--plan``) or ``sweep report`` that checks a run twice hashes it once."""
+_HASHED: dict[tuple, bool] = {}
+"""Final weights this process hashed, with their file stamps: whether they matched ``DONE``
+(a preview, ``--plan``, or ``sweep report`` that checks a run twice hashes it once)."""
 
 _UNREADABLE: set[tuple[Path, int]] = set()
 """Damaged files warned of, with their mtimes: one warning per file, not one per read."""

@@ -862,7 +862,7 @@ def test_report_hashes_weights_status_reads_their_size(sweep_copy):
 def weights_hashed(monkeypatch) -> collections.Counter:
     """Counts, per run, how often this process hashes a run's weights from now on (as a new
     process: what it hashed before is forgotten)."""
-    monkeypatch.setattr(rundir, "_MATCHED", set())
+    monkeypatch.setattr(rundir, "_HASHED", {})
     hashed: collections.Counter = collections.Counter()
     real = rundir.file_sha256
 
