@@ -114,34 +114,39 @@ def usable_gpu_bytes(free: float, total: float) -> float:
 
 
 def ask(
-    gpu_nodes: int, need_memory: bool = True, command: str = "nvidia-smi", need_dtype: bool = True
+    gpu_nodes: int,
+    need_memory: bool = True,
+    command: str = "nvidia-smi",
+    need_dtype: bool = True,
+    gpus: int = 0,
 ) -> GpuInfo:
-    """The GPUs' facts, from this machine when its GPU is the only GPU node's, else from
-    every GPU node of the Ray cluster (``gpu_nodes``: how many Ray counts GPUs on).
-    ``need_memory``: False when ``launch.device_memory_gb`` says it; ``need_dtype``: False
-    when ``train.dtype`` is set (not auto)."""
+    """The GPUs' facts, from this machine when it is the only GPU node, else from every GPU
+    node of the Ray cluster (``gpu_nodes``: how many Ray counts GPUs on; ``gpus``: how many
+    GPUs, 0 unknown). ``need_memory``: False when ``launch.device_memory_gb`` says it;
+    ``need_dtype``: False when ``train.dtype`` is set (not auto)."""
     local = _torch_sees_cuda()
-    if local and gpu_nodes <= 1 and _gpu_node_is_here():
-        return _local(need_memory, command)
+    every, some = _gpu_nodes_here() if local else (False, False)
+    if every and gpu_nodes <= 1:
+        return _local(need_memory, command, gpus)
     rows = [row for found, cuda in cluster_answers(command) if cuda for row in found]
     if not rows:
-        if local:  # the driver's own GPU, at least
+        if some:  # the driver's own GPUs, at least (never those Ray was not given)
             return _local(need_memory, command)
         _unknown_gpus(gpu_nodes, need_memory, need_dtype)
         return GpuInfo()
     return _smallest(rows, gpu_nodes)
 
 
-def _gpu_node_is_here() -> bool:
-    """Whether the Ray instance's GPU node is this machine (no Ray started yet: this machine's
-    own is meant), not a cluster's other node while this one has a GPU Ray was not given."""
+def _gpu_nodes_here() -> tuple[bool, bool]:
+    """Whether every GPU node of the Ray instance is this machine's Ray node, and whether one
+    is (no Ray started yet: this machine's own GPUs are meant)."""
     import ray
 
     if not ray.is_initialized():
-        return True
-    here = ray.util.get_node_ip_address()
-    gpus = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU")]
-    return all(n.get("NodeManagerAddress") == here for n in gpus)
+        return True, True
+    here = ray.get_runtime_context().get_node_id()
+    ids = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU")]
+    return all(i == here for i in ids), here in ids
 
 
 def _unknown_gpus(gpu_nodes: int, need_memory: bool, need_dtype: bool) -> None:
@@ -164,24 +169,24 @@ class Early:
     before Ray starts: reading the free memory (a process that imports torch and makes a CUDA
     context) takes seconds, which Ray's own start then hides."""
 
-    def __init__(self, need_memory: bool) -> None:
+    def __init__(self, need_memory: bool, gpus: int = 0) -> None:
         self._answer: list[GpuInfo] = []
         self._thread = threading.Thread(
-            target=self._read, args=(need_memory,), name="sweep-gpu-probe", daemon=True
+            target=self._read, args=(need_memory, gpus), name="sweep-gpu-probe", daemon=True
         )  # (daemon: a stop during start-up does not wait for it)
         self._thread.start()
 
-    def _read(self, need_memory: bool) -> None:
+    def _read(self, need_memory: bool, gpus: int) -> None:
         try:
-            self._answer.append(_local(need_memory, "nvidia-smi"))
+            self._answer.append(_local(need_memory, "nvidia-smi", gpus))
         except Exception as err:  # noqa: BLE001 (ask() asks again, and says what fails)
             log.debug("the early GPU probe failed: %s", err)
 
     @classmethod
-    def begin(cls, local_ray: bool, need_memory: bool) -> Early | None:
+    def begin(cls, local_ray: bool, need_memory: bool, gpus: int = 0) -> Early | None:
         """Start reading when a local Ray instance's GPUs are this machine's and torch sees
         CUDA here (else :func:`ask` asks Ray's nodes, once Ray is up): None otherwise."""
-        return cls(need_memory) if local_ray and _torch_sees_cuda() else None
+        return cls(need_memory, gpus) if local_ray and _torch_sees_cuda() else None
 
     def answer(self) -> GpuInfo | None:
         """The answer (waiting for it); None if the thread failed (then :func:`ask`)."""
@@ -242,8 +247,8 @@ def cluster_answers(command: str = "nvidia-smi") -> list[tuple[list[Row], bool]]
     return answers
 
 
-def _local(need_memory: bool, command: str) -> GpuInfo:
-    free = _local_free() if need_memory else 0.0
+def _local(need_memory: bool, command: str, gpus: int = 0) -> GpuInfo:
+    free = _local_free(gpus) if need_memory else 0.0
     return GpuInfo(free, exclusive_here(command), real=True)
 
 
@@ -256,19 +261,29 @@ def exclusive_here(command: str = "nvidia-smi") -> bool:
     return any(exclusive_mode(mode) for _, _, mode in read_nvidia_smi(command))
 
 
-LEAST_FREE = "import torch; print(*min(torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count())))"
-"""Prints the free and total bytes of the visible GPU with the least free memory (a MIG
-slice: its own): any of them may get an ensemble."""
+LEAST_FREE = """
+import sys, torch
+free = []
+for i in range(torch.cuda.device_count())[: int(sys.argv[1]) or None]:
+    try:
+        free.append(torch.cuda.mem_get_info(i))
+    except Exception:  # (an exclusive-mode GPU another process holds: not one Ray gives)
+        pass
+print(*min(free))
+"""
+"""Prints the free and total bytes of the GPU with the least free memory (a MIG slice: its
+own) of the first ``argv[1]`` visible ones (0: all): any that Ray gives may get an ensemble."""
 
 
-def _local_free() -> float:
-    """:data:`LEAST_FREE` of this machine's visible GPUs, read in a short-lived process so
+def _local_free(gpus: int = 0) -> float:
+    """:data:`LEAST_FREE` of the ``gpus`` (0: all) visible GPUs Ray uses here (its local
+    instance takes the first ``launch.num_gpus``), read in a short-lived process so
     that the driver, which trains nothing, never holds a CUDA context (and its memory) for
     the whole sweep; 0 when that fails. Free, not total: another process on a GPU (a second
     sweep, a notebook) keeps what it holds."""
     try:
         out = subprocess.run(
-            [sys.executable, "-c", LEAST_FREE],
+            [sys.executable, "-c", LEAST_FREE, str(gpus)],
             capture_output=True,
             text=True,
             timeout=120,

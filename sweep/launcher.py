@@ -348,7 +348,7 @@ def early_gpu_probe(cfg: SweepConfig) -> gpuinfo.Early | None:
     to overlap it) where a local Ray instance may train on it."""
     lc = cfg.launch
     local_gpus = not lc.address and lc.num_gpus != 0 and cfg.train.device != "cpu"
-    return gpuinfo.Early.begin(local_gpus, need_memory=not lc.device_memory_gb)
+    return gpuinfo.Early.begin(local_gpus, not lc.device_memory_gb, lc.num_gpus or 0)
 
 
 class Resources:
@@ -391,7 +391,7 @@ class Resources:
             need_memory = not lc.device_memory_gb
             asked = gpu or (early.answer() if early and gpu_nodes <= 1 else None)
             asked = asked or gpuinfo.ask(
-                gpu_nodes, need_memory, need_dtype=cfg.train.dtype == "auto"
+                gpu_nodes, need_memory, need_dtype=cfg.train.dtype == "auto", gpus=int(gpus)
             )
             self._gpu_request(lc, asked)
         else:
@@ -464,11 +464,11 @@ def alive_nodes() -> list[dict[str, float]]:
     """The CPUs and GPUs of each alive Ray node, and ``here``: 1 for this machine's."""
     import ray
 
-    ip = ray.util.get_node_ip_address()
+    here = ray.get_runtime_context().get_node_id()
     return [
         {
             **{k: float(n.get("Resources", {}).get(k, 0.0)) for k in ("CPU", "GPU")},
-            "here": float(n.get("NodeManagerAddress") == ip),
+            "here": float(n.get("NodeID") == here),
         }
         for n in ray.nodes()
         if n.get("Alive")

@@ -185,7 +185,8 @@ def test_a_local_gpus_memory_is_read_while_ray_starts(monkeypatch):
 
     began = threading.Event()
 
-    def read(need_memory: bool, command: str) -> gpuinfo.GpuInfo:
+    def read(need_memory: bool, command: str, gpus: int) -> gpuinfo.GpuInfo:
+        assert gpus == 1  # (launch.num_gpus: the GPUs its Ray will give)
         began.set()
         time.sleep(0.2)  # (still reading when Ray would be up)
         return gpuinfo.GpuInfo(free=20 * GiB, real=True)
@@ -199,7 +200,7 @@ def test_a_local_gpus_memory_is_read_while_ray_starts(monkeypatch):
     for settings in (["launch.address=head:6379"], ["train.device=cpu"], ["launch.num_gpus=0"]):
         assert launcher.early_gpu_probe(cfg_of(*settings)) is None, settings
     assert not began.is_set()
-    cfg = cfg_of()
+    cfg = cfg_of("launch.num_gpus=1")
     early = launcher.early_gpu_probe(cfg)
     assert early is not None and began.wait(5)
     res = launcher.Resources(cfg, {"GPU": 1.0, "CPU": 4.0}, early=early)
@@ -209,33 +210,38 @@ def test_a_local_gpus_memory_is_read_while_ray_starts(monkeypatch):
 def test_the_local_probe_plans_the_visible_gpu_with_least_free_memory(
     tmp_path, monkeypatch, caplog
 ):
-    """On one machine of several GPUs any may get an ensemble: the query the probe's process
-    runs reads every visible GPU (a torch that reports three, one mostly held by another job)."""
+    """On one machine of several GPUs any that Ray gives may get an ensemble: the query the
+    probe's process runs reads each of the first ``launch.num_gpus`` (a torch that reports
+    three: one held by another job's exclusive process, one mostly full)."""
     fake = tmp_path / "torch"
     fake.mkdir()
     (fake / "__init__.py").write_text(
         "class cuda:\n"
         "    device_count = staticmethod(lambda: 3)\n"
-        "    mem_get_info = staticmethod(lambda i: [(70, 80), (20, 80), (79, 80)][i])\n"
+        "    @staticmethod\n"
+        "    def mem_get_info(i):\n"
+        "        if i == 1:\n"
+        "            raise RuntimeError('CUDA-capable device(s) is/are busy or unavailable')\n"
+        "        return [(70, 80), None, (10, 80)][i]\n"
     )
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     with caplog.at_level(logging.WARNING):
-        assert gpuinfo._local_free() == 20.0
+        assert gpuinfo._local_free() == 10.0  # (all of them)
+        assert gpuinfo._local_free(2) == 70.0  # (launch.num_gpus=2: Ray gives GPUs 0 and 1)
     assert "a GPU has 0.0 of 0.0 GiB free" in caplog.text  # (bytes: the fake's tiny GPUs)
 
 
-def test_a_gpu_node_that_is_another_machine_is_asked_there(ray_cluster, monkeypatch):
+def test_a_gpu_node_that_is_another_machine_is_asked_there(ray_cluster, monkeypatch, caplog):
     """A cluster's one GPU node is asked through Ray even where this machine's torch sees a
-    GPU Ray was not given (a head started with --num-gpus=0): not planned with this one's."""
+    GPU Ray was not given (a head started with --num-gpus=0), and never planned with it."""
     asked = []
     monkeypatch.setattr(gpuinfo, "_torch_sees_cuda", lambda: True)
     monkeypatch.setattr(gpuinfo, "_local", lambda *a: asked.append("here") or gpuinfo.GpuInfo())
     monkeypatch.setattr(gpuinfo, "cluster_answers", lambda c: asked.append("ray") or [])
-    assert gpuinfo._gpu_node_is_here()  # (the test Ray's node is this machine)
+    assert gpuinfo._gpu_nodes_here() == (True, True)  # (the test Ray's node is this machine)
     gpuinfo.ask(gpu_nodes=1)
     nodes = ray_cluster.nodes()
-    monkeypatch.setattr(
-        ray_cluster, "nodes", lambda: [{**n, "NodeManagerAddress": "192.0.2.99"} for n in nodes]
-    )
-    gpuinfo.ask(gpu_nodes=1)
-    assert asked == ["here", "ray", "here"]  # (no answer from the nodes: this one's, at least)
+    monkeypatch.setattr(ray_cluster, "nodes", lambda: [{**n, "NodeID": "ab" * 28} for n in nodes])
+    with caplog.at_level(logging.WARNING):
+        assert gpuinfo.ask(gpu_nodes=1) == gpuinfo.GpuInfo()  # (no answer from the node)
+    assert asked == ["here", "ray"] and "none said what they are" in caplog.text
