@@ -140,10 +140,12 @@ def host_note(
     has no GPU: not checked); on CPUs the snapshots are in the memory budget."""
     if not res.on_gpu or not res.gpus_here:
         return None
+    training = {e: s for e, s in shares.items() if not e.evaluate}  # (evaluated: no snapshot)
     snapshots = {
-        e: len(e.members) * SNAPSHOT_BYTES * parameters(width, e.dict_size) for e in shares
+        e: len(e.members) * SNAPSHOT_BYTES * parameters(width, e.dict_size) for e in training
     }
-    return packing.host_note(snapshots, shares, res.gpus_here, host_memory_bytes())
+    fewer = "launch.num_gpus" if not cfg.launch.address else "ray start --num-gpus on its nodes"
+    return packing.host_note(snapshots, training, res.gpus_here, host_memory_bytes(), fewer)
 
 
 class Execution:

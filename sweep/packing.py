@@ -103,13 +103,14 @@ on GPUs may take before the plan says so."""
 
 def host_note(
     snapshots: dict[EnsembleSpec, float], shares: dict[EnsembleSpec, float], gpus: float,
-    host_bytes: float,
+    host_bytes: float, fewer: str = "launch.num_gpus",
 ) -> str | None:  # fmt: skip
     """Said when the checkpoint snapshots (``snapshots``, bytes per ensemble) of the ensembles
     that may train at once — the largest first, as many as the ``gpus`` hold at their
     ``shares`` — exceed :data:`HOST_SNAPSHOT_SHARE` of ``host_bytes``: on a GPU each keeps
     its weights and Adam moments in host memory to write checkpoints while it trains, and a
-    job's memory limit would end a worker at its first checkpoint."""
+    job's memory limit would end a worker at its first checkpoint. ``fewer``: what sets the
+    GPUs used."""
     held, used, at_once = 0.0, 0.0, 0
     for e in sorted(snapshots, key=lambda e: -snapshots[e]):
         if used + shares[e] <= gpus + 1e-9:
@@ -117,7 +118,7 @@ def host_note(
     if held <= HOST_SNAPSHOT_SHARE * host_bytes:
         return None
     fixes = ["more host memory (a SLURM job: --mem)"]
-    fixes += ["fewer GPUs at once (launch.num_gpus)"] * (at_once > 1)
+    fixes += [f"fewer GPUs at once ({fewer})"] * (at_once > 1)
     fixes += ["smaller ensembles (grid.max_members)"] * any(len(e.members) > 1 for e in shares)
     return (
         f"the {at_once} ensemble(s) that may train at once keep {memory_text(held)} of "

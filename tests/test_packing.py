@@ -3,6 +3,7 @@ get it whole; what each ensemble asked Ray for is in its runs' placement.json.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -99,20 +100,26 @@ def test_snapshots_of_gpu_ensembles_over_half_the_host_memory_are_said():
     assert alone.endswith("checkpoint; give it more host memory (a SLURM job: --mem)")
 
 
-def test_the_host_memory_checked_is_of_this_machines_gpus():
+def test_the_host_memory_checked_is_of_this_machines_gpus(monkeypatch):
     """Checked where this machine is a GPU node (one box; a SLURM job's head), with its own
     GPUs; not from a cluster launcher's head, which has none."""
     from sweep.launcher import Resources
     from tests.test_config import cfg_of
 
     cfg, both = cfg_of("launch.device_memory_gb=80"), {"CPU": 64.0, "GPU": 8.0}
+    monkeypatch.setattr(execution, "host_memory_bytes", lambda: 64 * GiB)
     assert Resources(cfg, both).gpus_here == 8  # (one machine)
     slurm = [{"CPU": 32.0, "GPU": 4.0, "here": 1.0}, {"CPU": 32.0, "GPU": 4.0, "here": 0.0}]
     assert Resources(cfg, both, slurm).gpus_here == 4
     launcher_head = [{"CPU": 8.0, "GPU": 0.0, "here": 1.0}, {"CPU": 56.0, "GPU": 8.0}]
     res = Resources(cfg, both, launcher_head)
-    e = ensemble(4096, 32, 8)
+    e, f = ensemble(4096, 32, 8), ensemble(4096, 16, 8)  # (~100 GiB of snapshots each)
     assert res.gpus_here == 0 and execution.host_note(cfg, res, {e: 1.0}, 4096) is None
+    joined = cfg_of("launch=cluster", "launch.address=head:6379", "launch.device_memory_gb=80")
+    note = execution.host_note(joined, Resources(joined, both, slurm), {e: 1.0, f: 1.0}, 4096)
+    assert "fewer GPUs at once (ray start --num-gpus on its nodes)" in note  # (not num_gpus)
+    evaluated = dataclasses.replace(e, evaluate="all")  # (evaluated only: no snapshot)
+    assert execution.host_note(cfg, Resources(cfg, both), {evaluated: 1.0}, 4096) is None
 
 
 def test_shares_are_raised_while_the_gpus_could_hold_them():
