@@ -25,7 +25,7 @@ from sweep.errors import SweepError
 from sweep.io import atomic_write_json
 from sweep.lock import activity
 from sweep.stop import DriverSignals
-from sweep.sweepdir import STOP_REQUEST, StoppedPreparing, SweepFolder
+from sweep.sweepdir import STOP_REQUEST, Preparing, StoppedPreparing, SweepFolder
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,10 @@ def ask_to_stop(sweep_dir: Path, wait: bool = True) -> int:
     folder = SweepFolder(sweep_dir)
     held = folder.driver()
     if held is None:
-        with contextlib.suppress(StoppedPreparing):
+        with contextlib.suppress(StoppedPreparing, Preparing):  # (Preparing: it just began)
             folder.run_ids()  # (not a sweep folder: its one-line error)
+        held = folder.driver()
+    if held is None:
         print(f"sweep {sweep_dir}: no driver is running it; nothing to stop")
         return 0
     lock = {k: held.get(k) for k in LOCK_KEYS}

@@ -539,7 +539,7 @@ class SweepFolder:
         """Whether the folder changed in the last :data:`JUST_MADE` seconds (a ``sweep run``
         started then may not hold its lock yet)."""
         try:
-            return time.time() - self.path.stat().st_mtime < JUST_MADE
+            return abs(time.time() - self.path.stat().st_mtime) < JUST_MADE  # (NFS: skewed)
         except OSError:
             return False
 

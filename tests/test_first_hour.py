@@ -660,6 +660,26 @@ def test_status_just_after_a_run_made_its_folder_waits_for_its_lock(tmp_path, ca
     assert time.monotonic() - began < 0.5 and "is not a sweep folder" in capsys.readouterr().err
 
 
+def test_a_stop_just_after_a_run_made_its_folder_reaches_its_driver(tmp_path, capsys):
+    """``sweep stop`` at once after ``sweep run``: the driver taking its lock an instant
+    later is asked to stop (it said there was no driver, or "its sweep is starting")."""
+    from sweep.lock import SweepLock
+    from sweep.sweepdir import STOP_REQUEST
+
+    sw = tmp_path / "sw"
+    sw.mkdir()
+    lock = SweepLock(sw)
+    taken = threading.Timer(0.1, lock.__enter__)
+    taken.start()
+    try:
+        assert main(["stop", str(sw), "--no-wait"]) == 0
+        assert "asked the driver of sweep" in capsys.readouterr().out
+        assert json.loads((sw / STOP_REQUEST).read_text())["lock"]["pid"] == os.getpid()
+    finally:
+        taken.join()
+        lock.__exit__(None, None, None)
+
+
 def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
     """A harvest can take hours before a sweep plans its runs: status says what it is doing
     (exit 0), and once stopped there, status (exit 0) and resume (exit 2) say how to continue."""
