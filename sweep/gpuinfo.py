@@ -3,12 +3,12 @@ process each, and whether they are CUDA GPUs torch can use (``train.dtype=auto``
 bfloat16 then).
 
 Asked where the GPUs are. On one machine whose GPUs the driver sees, a short-lived process
-reads the least free memory of its visible GPUs (torch, so a MIG slice reports its own) and
-``nvidia-smi`` their compute modes. Otherwise — a Ray cluster whose head has no GPU (the cluster launcher's),
-or several GPU nodes, which may differ — a task on every GPU node (asking Ray for no GPU,
-making no CUDA context) says whether torch sees CUDA there and what ``nvidia-smi`` says of
-the GPUs Ray gives that node's tasks, and the sweep plans for the GPU with the least free
-memory. MIG-enabled GPUs (``nvidia-smi`` may report the whole GPU's memory) and GPUs in the
+reads the least free memory of the visible GPUs its Ray uses (torch, so a MIG slice reports
+its own) and ``nvidia-smi`` their compute modes. Otherwise — a Ray cluster whose GPU nodes
+are other machines (the cluster launcher's head has none), or several GPU nodes, which may
+differ — a task on every GPU node (asking Ray for no GPU, making no CUDA context) says
+whether torch sees CUDA there and what ``nvidia-smi`` says of the GPUs Ray gives that node's
+tasks, and the sweep plans for the GPU with the least free memory. MIG-enabled GPUs (``nvidia-smi`` may report the whole GPU's memory) and GPUs in the
 Prohibited compute mode are left out. When nothing can say, the caller falls back to
 ``launch.device_memory_gb`` or a default, and says so.
 """

@@ -370,7 +370,8 @@ class Resources:
         early: gpuinfo.Early | None = None,
     ) -> None:
         """``cluster``: Ray's total resources; ``nodes``: each alive node's (default: the
-        cluster is one node, this machine). A task asking for more than one node has would wait forever.
+        cluster is one node, this machine). A task asking for more than one node has would
+        wait forever.
         ``gpu``: what the GPUs are (default: asked, :func:`sweep.gpuinfo.ask`); ``early``: an
         answer for this machine's GPU begun before Ray started (:func:`early_gpu_probe`)."""
         nodes = nodes or [{**cluster, "here": 1.0}]
