@@ -164,21 +164,29 @@ def _report_fallback(folders: list[RunFolder], found: Found, ensemble_id: str) -
         )
 
 
+def _report_change(
+    folders: list[RunFolder], event: str, before: object, now: object, said: str
+) -> None:
+    """Warn ``said`` and record ``event`` (``before``, ``now``) in each run's events when a
+    resume computes otherwise than its checkpoints were (unknown before: silent)."""
+    if before is None or before == now:
+        return
+    log.warning(said)
+    for folder in folders:
+        folder.append_event({"event": event, "before": before, "now": now})
+
+
 def _report_program_change(
     folders: list[RunFolder], before: str | None, now: str, ensemble_id: str
 ) -> None:
-    """Warn and record ``step_program_change`` when the step continues in another program
-    than the checkpoint's (another device, ``train.compile``, or a newer sweep's path): equal
-    up to rounding, so not bit-identical to an uninterrupted run. (Unknown before: silent.)"""
-    if before is None or before == now:
-        return
-    log.warning(
-        "ensemble %s resumes with step program '%s', its checkpoints were written by '%s': "
-        "its runs will not be bit-identical to an uninterrupted sweep",
-        ensemble_id, now, before,
-    )  # fmt: skip
-    for folder in folders:
-        folder.append_event({"event": "step_program_change", "before": before, "now": now})
+    """``step_program_change`` when the step continues in another program than the
+    checkpoint's (another device, ``train.compile``, or a newer sweep's path): equal up to
+    rounding, so not bit-identical to an uninterrupted run."""
+    said = (
+        f"ensemble {ensemble_id} resumes with step program '{now}', its checkpoints were "
+        f"written by '{before}': its runs will not be bit-identical to an uninterrupted sweep"
+    )
+    _report_change(folders, "step_program_change", before, now, said)
 
 
 def _report_inexact_resume(
@@ -202,18 +210,14 @@ def _report_inexact_resume(
 def _report_processor_change(
     folders: list[RunFolder], before: str | None, now: str, ensemble_id: str
 ) -> None:
-    """Warn and record ``processor_change`` when the ensemble resumes on another chip model
-    than its checkpoints were written on (a retry or re-run landing on another node type):
-    its kernels may round or order differently. (Unknown before: silent.)"""
-    if before is None or before == now:
-        return
-    log.warning(
-        "ensemble %s resumes on %s; its checkpoints were written on %s: its runs may not be "
-        "bit-identical to an uninterrupted sweep",
-        ensemble_id, now, before,
-    )  # fmt: skip
-    for folder in folders:
-        folder.append_event({"event": "processor_change", "before": before, "now": now})
+    """``processor_change`` when the ensemble resumes on another chip model than its
+    checkpoints were written on (a retry or re-run landing on another node type): its
+    kernels may round or order differently."""
+    said = (
+        f"ensemble {ensemble_id} resumes on {now}; its checkpoints were written on {before}: "
+        "its runs may not be bit-identical to an uninterrupted sweep"
+    )
+    _report_change(folders, "processor_change", before, now, said)
 
 
 def software() -> dict[str, str]:
@@ -230,20 +234,16 @@ def _versions(v: dict) -> str:
 def _report_software_change(
     folders: list[RunFolder], before: dict | None, ensemble_id: str
 ) -> None:
-    """Warn and record ``software_change`` when the ensemble resumes under another torch or
-    sweep than its checkpoints were written with: kernels and defaults may round or order
-    differently, so exactness against an uninterrupted run is no longer promised. (Unknown
-    before: silent.)"""
+    """``software_change`` when the ensemble resumes under another torch or sweep than its
+    checkpoints were written with: kernels and defaults may round or order differently, so
+    exactness against an uninterrupted run is no longer promised."""
     now = software()
-    if before is None or before == now:
-        return
-    log.warning(
-        "ensemble %s resumes under %s; its checkpoints were written under %s: its runs may "
-        "not be bit-identical to an uninterrupted sweep",
-        ensemble_id, _versions(now), _versions(before),
-    )  # fmt: skip
-    for folder in folders:
-        folder.append_event({"event": "software_change", "before": before, "now": now})
+    said = (
+        f"ensemble {ensemble_id} resumes under {_versions(now)}; its checkpoints were written "
+        f"under {_versions(before or {})}: its runs may not be bit-identical to an "
+        "uninterrupted sweep"
+    )
+    _report_change(folders, "software_change", before, now, said)
 
 
 def dead_latents(train: TrainConfig, run: RunSpec) -> DeadLatents | None:

@@ -4,6 +4,7 @@ sweep's output, not third-party chatter. CLI checks run the real ``sweep`` comma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -637,22 +639,30 @@ def test_status_needs_no_torch(finished, tmp_path):
     assert "r1-l1_1e-01-s0" in done.stdout
 
 
-def test_status_just_after_a_run_made_its_folder_waits_for_its_lock(tmp_path, capsys):
-    """A script that starts ``sweep run`` and asks ``sweep status`` at once may find the
-    folder made an instant before the driver's lock: starting, not "not a sweep folder"."""
+@contextlib.contextmanager
+def a_driver_locking_soon(sw: Path) -> Iterator[None]:
+    """A new sweep folder whose driver takes its lock 0.1 s from now (a ``sweep run`` just
+    started), released after."""
     from sweep.lock import SweepLock
 
-    sw = tmp_path / "sw"
     sw.mkdir()
     lock = SweepLock(sw)
     taken = threading.Timer(0.1, lock.__enter__)
     taken.start()
     try:
-        assert main(["status", str(sw), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["activity"] == "starting"
+        yield
     finally:
         taken.join()
         lock.__exit__(None, None, None)
+
+
+def test_status_just_after_a_run_made_its_folder_waits_for_its_lock(tmp_path, capsys):
+    """A script that starts ``sweep run`` and asks ``sweep status`` at once may find the
+    folder made an instant before the driver's lock: starting, not "not a sweep folder"."""
+    sw = tmp_path / "sw"
+    with a_driver_locking_soon(sw):
+        assert main(["status", str(sw), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["activity"] == "starting"
     (tmp_path / "old").mkdir()
     os.utime(tmp_path / "old", (1, 1))  # (an empty folder made long ago: said at once)
     began = time.monotonic()
@@ -663,21 +673,13 @@ def test_status_just_after_a_run_made_its_folder_waits_for_its_lock(tmp_path, ca
 def test_a_stop_just_after_a_run_made_its_folder_reaches_its_driver(tmp_path, capsys):
     """``sweep stop`` at once after ``sweep run``: the driver taking its lock an instant
     later is asked to stop (it said there was no driver, or "its sweep is starting")."""
-    from sweep.lock import SweepLock
     from sweep.sweepdir import STOP_REQUEST
 
     sw = tmp_path / "sw"
-    sw.mkdir()
-    lock = SweepLock(sw)
-    taken = threading.Timer(0.1, lock.__enter__)
-    taken.start()
-    try:
+    with a_driver_locking_soon(sw):
         assert main(["stop", str(sw), "--no-wait"]) == 0
         assert "asked the driver of sweep" in capsys.readouterr().out
         assert json.loads((sw / STOP_REQUEST).read_text())["lock"]["pid"] == os.getpid()
-    finally:
-        taken.join()
-        lock.__exit__(None, None, None)
 
 
 def test_a_sweep_preparing_its_data_is_reported_as_such(tmp_path, capsys):
