@@ -122,9 +122,9 @@ def host_note(
     fixes += ["smaller ensembles (grid.max_members)"] * any(len(e.members) > 1 for e in shares)
     return (
         f"the {at_once} ensemble(s) that may train at once keep {memory_text(held)} of "
-        "checkpoint snapshots in host memory (each its weights and Adam moments), over "
-        f"{HOST_SNAPSHOT_SHARE:.0%} of the {memory_text(host_bytes)} this machine lets the "
-        "sweep use (a SLURM or container limit counts): a worker may be killed at its first "
+        f"checkpoint snapshots in host memory (each its weights and Adam moments): "
+        f"{held / host_bytes:.0%} of the {memory_text(host_bytes)} this machine lets the "
+        "sweep use (a SLURM or container limit counts), a worker may be killed at its first "
         f"checkpoint; give it {', or '.join(fixes)}"
     )
 

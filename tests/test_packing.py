@@ -86,8 +86,8 @@ def test_snapshots_of_gpu_ensembles_over_half_the_host_memory_are_said():
     note = " ".join(packing.host_note(snapshots, shares, 2, 32 * GiB).split())
     assert note == (
         "the 2 ensemble(s) that may train at once keep 18.00 GiB of checkpoint snapshots in "
-        "host memory (each its weights and Adam moments), over 50% of the 32.00 GiB this "
-        "machine lets the sweep use (a SLURM or container limit counts): a worker may be "
+        "host memory (each its weights and Adam moments): 56% of the 32.00 GiB this "
+        "machine lets the sweep use (a SLURM or container limit counts), a worker may be "
         "killed at its first checkpoint; give it more host memory (a SLURM job: --mem), or "
         "fewer GPUs at once (launch.num_gpus), or smaller ensembles (grid.max_members)"
     )
