@@ -148,6 +148,15 @@ def host_note(
     return packing.host_note(snapshots, training, res.gpus_here, host_memory_bytes(), fewer)
 
 
+def gpu_notes(
+    cfg: SweepConfig, res: launcher.Resources, shares: dict[EnsembleSpec, float], width: int
+) -> list[str]:
+    """What the run warns of and ``--plan`` notes about its ensembles' GPU ``shares``:
+    :func:`packed_note` and :func:`host_note`, where they apply."""
+    notes = [packed_note(res, len(shares)), host_note(cfg, res, shares, width)]
+    return [n for n in notes if n]
+
+
 class Execution:
     """Train a plan's ensembles as Ray tasks: progress, heartbeat, stop handling, failures."""
 
@@ -257,9 +266,7 @@ class Execution:
         if self.res.auto_share:
             named = {e.ensemble_id: s for e, s in shares.items()}
             log.info("launch.gpus_per_ensemble=auto: %s", packing.describe(named))
-        elif note := packed_note(self.res, len(shares)):
-            log.warning(note)
-        if note := host_note(self.cfg, self.res, shares, self.store.width):
+        for note in gpu_notes(self.cfg, self.res, shares, self.store.width):
             log.warning(note)
         return shares
 

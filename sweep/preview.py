@@ -79,9 +79,7 @@ def preview(cfg: SweepConfig) -> Preview:
     res = _resources(cfg)
     cfg, p = driver.plan_for(cfg, folder, res, shape.width, shape.staged, shape.path, tidy=False)
     shares = execution.gpu_shares(cfg, p.ensembles, res, shape.staged) if res.on_gpu else {}
-    said = [execution.packed_note(res, len(p.ensembles))]
-    said += [execution.host_note(cfg, res, shares, shape.width)]
-    notes = _notes(folder, shape) + [n for n in said if n]
+    notes = _notes(folder, shape) + execution.gpu_notes(cfg, res, shares, shape.width)
     return Preview(cfg, p, res, _rows(cfg, p, res, shape, shares), notes)
 
 
