@@ -114,39 +114,27 @@ def usable_gpu_bytes(free: float, total: float) -> float:
 
 
 def ask(
-    gpu_nodes: int,
+    gpu_nodes: list[bool],
     need_memory: bool = True,
     command: str = "nvidia-smi",
     need_dtype: bool = True,
     gpus: int = 0,
 ) -> GpuInfo:
     """The GPUs' facts, from this machine when it is the only GPU node, else from every GPU
-    node of the Ray cluster (``gpu_nodes``: how many Ray counts GPUs on; ``gpus``: how many
-    GPUs, 0 unknown). ``need_memory``: False when ``launch.device_memory_gb`` says it;
-    ``need_dtype``: False when ``train.dtype`` is set (not auto)."""
+    node of the Ray cluster (``gpu_nodes``: whether each node Ray counts GPUs on is this
+    machine's; ``gpus``: how many GPUs, 0 unknown). ``need_memory``: False when
+    ``launch.device_memory_gb`` says it; ``need_dtype``: False when ``train.dtype`` is set
+    (not auto)."""
     local = _torch_sees_cuda()
-    every, some = _gpu_nodes_here() if local else (False, False)
-    if every and gpu_nodes <= 1:
+    if local and all(gpu_nodes) and len(gpu_nodes) <= 1:
         return _local(need_memory, command, gpus)
     rows = [row for found, cuda in cluster_answers(command) if cuda for row in found]
     if not rows:
-        if some:  # the driver's own GPUs, at least (never those Ray was not given)
-            return _local(need_memory, command)
-        _unknown_gpus(gpu_nodes, need_memory, need_dtype)
+        if local and any(gpu_nodes):  # the driver's own GPUs, at least (never those Ray
+            return _local(need_memory, command)  # was not given)
+        _unknown_gpus(len(gpu_nodes), need_memory, need_dtype)
         return GpuInfo()
-    return _smallest(rows, gpu_nodes)
-
-
-def _gpu_nodes_here() -> tuple[bool, bool]:
-    """Whether every GPU node of the Ray instance is this machine's Ray node, and whether one
-    is (no Ray started yet: this machine's own GPUs are meant)."""
-    import ray
-
-    if not ray.is_initialized():
-        return True, True
-    here = ray.get_runtime_context().get_node_id()
-    ids = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU")]
-    return all(i == here for i in ids), here in ids
+    return _smallest(rows, len(gpu_nodes))
 
 
 def _unknown_gpus(gpu_nodes: int, need_memory: bool, need_dtype: bool) -> None:

@@ -388,9 +388,9 @@ class Resources:
         self.real_gpus = False
         """The ensembles' GPUs are CUDA GPUs (not only Ray's count of them)."""
         if self.on_gpu:
-            gpu_nodes = sum(1 for n in nodes if n.get("GPU", 0) > 0)
+            gpu_nodes = [bool(n.get("here")) for n in nodes if n.get("GPU", 0) > 0]
             need_memory = not lc.device_memory_gb
-            asked = gpu or (early.answer() if early and gpu_nodes <= 1 else None)
+            asked = gpu or (early.answer() if early and len(gpu_nodes) <= 1 else None)
             asked = asked or gpuinfo.ask(
                 gpu_nodes, need_memory, need_dtype=cfg.train.dtype == "auto", gpus=int(gpus)
             )

@@ -80,22 +80,24 @@ def test_the_smallest_gpu_plans_and_one_exclusive_makes_all_whole(monkeypatch, c
     answers = [(rows[:1], True), (rows[1:], True), ([(1.0 * GiB, 80 * GiB, "Default")], False)]
     monkeypatch.setattr(gpuinfo, "cluster_answers", lambda command: answers)
     with caplog.at_level(logging.INFO):
-        info = gpuinfo.ask(gpu_nodes=3)
+        info = gpuinfo.ask(gpu_nodes=[False] * 3)
     assert info == gpuinfo.GpuInfo(free=40 * GiB, exclusive=True, real=True)
     assert "the cluster's GPUs differ (40.0 to 79.0 GiB free)" in caplog.text
     monkeypatch.setattr(gpuinfo, "cluster_answers", lambda command: answers[2:])
-    assert gpuinfo.ask(gpu_nodes=3) == gpuinfo.GpuInfo()  # torch sees no CUDA there
+    assert gpuinfo.ask(gpu_nodes=[False] * 3) == gpuinfo.GpuInfo()  # torch sees no CUDA there
     said = " ".join(caplog.text.split())
     assert "none said what they are (no nvidia-smi, MIG, or a torch without CUDA there): " in said
     assert "if they are CUDA GPUs, set train.dtype=bfloat16 and launch.device_memory_gb" in said
     caplog.clear()
-    gpuinfo.ask(gpu_nodes=3, need_memory=False)  # launch.device_memory_gb set: only the dtype
+    gpuinfo.ask(
+        gpu_nodes=[False] * 3, need_memory=False
+    )  # launch.device_memory_gb set: only the dtype
     said = " ".join(caplog.text.split())
     assert "train.dtype=auto means float32; if they are CUDA GPUs, set train.dtype=bfloat16" in said
     assert "16 GiB" not in said and "launch.device_memory_gb" not in said
     caplog.clear()
     with caplog.at_level(logging.INFO):  # both set: said, but no warning
-        gpuinfo.ask(gpu_nodes=3, need_memory=False, need_dtype=False)
+        gpuinfo.ask(gpu_nodes=[False] * 3, need_memory=False, need_dtype=False)
     assert "WARNING" not in caplog.text and "none said what they are" in caplog.text
 
 
@@ -238,10 +240,16 @@ def test_a_gpu_node_that_is_another_machine_is_asked_there(ray_cluster, monkeypa
     monkeypatch.setattr(gpuinfo, "_torch_sees_cuda", lambda: True)
     monkeypatch.setattr(gpuinfo, "_local", lambda *a: asked.append("here") or gpuinfo.GpuInfo())
     monkeypatch.setattr(gpuinfo, "cluster_answers", lambda c: asked.append("ray") or [])
-    assert gpuinfo._gpu_nodes_here() == (True, True)  # (the test Ray's node is this machine)
-    gpuinfo.ask(gpu_nodes=1)
+    from sweep.launcher import alive_nodes
+
+    def gpu_nodes() -> list[bool]:  # (as Resources asks)
+        return [bool(n["here"]) for n in alive_nodes() if n["GPU"]]
+
+    assert gpu_nodes() == [True]  # (the test Ray's node is this machine)
+    gpuinfo.ask(gpu_nodes())
     nodes = ray_cluster.nodes()
     monkeypatch.setattr(ray_cluster, "nodes", lambda: [{**n, "NodeID": "ab" * 28} for n in nodes])
+    assert gpu_nodes() == [False]
     with caplog.at_level(logging.WARNING):
-        assert gpuinfo.ask(gpu_nodes=1) == gpuinfo.GpuInfo()  # (no answer from the node)
+        assert gpuinfo.ask(gpu_nodes()) == gpuinfo.GpuInfo()  # (no answer from the node)
     assert asked == ["here", "ray"] and "none said what they are" in caplog.text
