@@ -50,7 +50,11 @@ class RateMeter:
         self.path, self.total = Path(sweep_dir) / RATE, total
         self.work_total = float(total if work_total is None else work_total)
         self.run_totals = dict(run_totals or {})
-        self.samples: deque[tuple[float, float, float, dict]] = deque()
+        self.samples: deque[tuple[float, float, float]] = deque()
+        self.moves: dict[str, deque[tuple[float, float]]] = {}
+        """Each run's (time, rows) at every sample kept where its rows grew: kept as samples
+        come, so the time left costs the runs moving, not every run times every sample."""
+        self.last: dict[str, float] = {}
         self.written = 0.0
 
     def sample(
@@ -65,17 +69,42 @@ class RateMeter:
         training)."""
         now = time.time() if now is None else now
         if self.samples and rows < self.samples[-1][1]:
-            self.samples.clear()  # (never, as the counter keeps each run's most: to be safe)
+            self._restart()  # (never, as the counter keeps each run's most: to be safe)
         if self.samples and rows == self.samples[0][1] == self.samples[-1][1]:
-            self.samples.clear()  # nothing trained since the window began (start-up: Ray,
+            self._restart()  # nothing trained since the window began (start-up: Ray,
             # workers, compiles; or a pause as long): the rate starts again at the next rows
-        self.samples.append((now, rows, rows if work is None else work, dict(runs or {})))
+        self._note_moves(now, runs or {})
+        self.samples.append((now, rows, rows if work is None else work))
         while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
             self.samples.popleft()
+        self._forget_moves_before(self.samples[0][0])
         if self.total > 0 and now - self.written >= EVERY:  # (0: evaluating only)
             self.written = now
             with contextlib.suppress(OSError):
                 atomic_write_json(self.path, self.facts(now))
+
+    def _restart(self) -> None:
+        self.samples.clear()
+        self.moves.clear()
+        self.last = {}
+
+    def _note_moves(self, now: float, runs: dict[str, float]) -> None:
+        """A run moved where its rows grew since the sample before (the window's first
+        sample is no move: nothing before it is compared)."""
+        for run, rows in runs.items():
+            before = self.last.get(run)
+            if before is not None and rows > before:
+                self.moves.setdefault(run, deque()).append((now, rows))
+        self.last = dict(runs)
+
+    def _forget_moves_before(self, first: float) -> None:
+        """Moves at or before the window's first sample are out of it."""
+        for run in list(self.moves):
+            moves = self.moves[run]
+            while moves and moves[0][0] <= first:
+                moves.popleft()
+            if not moves:
+                del self.moves[run]
 
     def span(self) -> float:
         return self.samples[-1][0] - self.samples[0][0] if self.samples else 0.0
@@ -95,30 +124,21 @@ class RateMeter:
         return max(max(self.work_total - self.samples[-1][2], 0.0) / rate, self._slowest_run())
 
     def _slowest_run(self) -> float:
-        """Seconds the run needing the longest at its own rate over the samples needs."""
+        """Seconds the run needing the longest at its own rate needs. Its rate runs from its
+        first move in the window to its last: not over the part of the window it waited for
+        its turn, nor the time since its last report (a run reports every few steps, not every
+        sample)."""
         longest = 0.0
-        for run, total in self.run_totals.items():
-            moves = self._moves(run)
-            if len(moves) < 2:
-                continue  # (not moving, or only begun: no rate of its own yet)
+        for run, moves in self.moves.items():
+            total = self.run_totals.get(run)
+            if total is None or len(moves) < 2:
+                continue  # (only begun: no rate of its own yet)
             (t0, r0), (t1, r1) = moves[0], moves[-1]
             longest = max(longest, max(total - r1, 0.0) * (t1 - t0) / (r1 - r0))
         return longest
 
-    def _moves(self, run: str) -> list[tuple[float, float]]:
-        """(time, rows) of ``run`` at each sample kept where its rows changed. Its rate runs
-        from the first to the last: not over the part of the window it waited for its turn,
-        nor the time since its last report (a run reports every few steps, not every sample)."""
-        moves, before = [], self.samples[0][3].get(run)
-        for t, _, _, runs in self.samples:
-            rows = runs.get(run)
-            if rows is not None and before is not None and rows > before:
-                moves.append((t, rows))
-            before = rows
-        return moves
-
     def facts(self, now: float) -> dict:
-        _, rows, work, _ = self.samples[-1]
+        _, rows, work = self.samples[-1]
         return {
             "time": now,
             "rows": rows,
