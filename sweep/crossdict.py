@@ -129,7 +129,8 @@ class RunRef:
     seed: int
     folder: RunFolder
     stamp: str
-    """Changes whenever the run is re-finished (its DONE time): invalidates cached values."""
+    """Changes whenever the run's final weights do (:meth:`RunFolder.weights_stamp`):
+    invalidates the pair values cached from them."""
     lr: float | None = None
     """Its learning rate where the grid has an lr axis (``grid.lr``)."""
 
@@ -154,7 +155,7 @@ def finished_runs(records: Iterable[RunRecord]) -> list[RunRef]:
                 float(point["dict_ratio"]),
                 int(point["seed"]),
                 r.folder,
-                r.folder.finished_stamp(),
+                r.folder.weights_stamp(),
                 point.get("lr") if isinstance(point.get("lr"), (int, float)) else None,
             )
         )

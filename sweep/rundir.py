@@ -363,6 +363,12 @@ class RunFolder:
         """Changes whenever the run is re-finished (invalidates values cached from it)."""
         return str(self._json(DONE).get("finished", ""))
 
+    def weights_stamp(self) -> str:
+        """Changes whenever the final weights do: their checksum in ``DONE`` (an older run's
+        without one: its finish time). ``sweep evaluate`` re-finishes a run, not its weights."""
+        done = self._json(DONE)
+        return str(done.get("weights_sha256") or done.get("finished", ""))
+
     def diverged_step(self) -> int | None:
         """The step at which a diverged run froze (``diverged.json``: the first whose loss or
         gradient was not finite, which updated nothing), or None."""

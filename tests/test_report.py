@@ -198,8 +198,13 @@ def test_mmcs_values_are_consistent(sweep_copy):
 
 
 def test_second_report_reuses_cached_mmcs(sweep_copy, monkeypatch):
+    """Also after `sweep evaluate`, which re-finishes every run (DONE's time) and keeps its
+    weights: keyed by that time, the cache was recomputed whole (hours of a large sweep)."""
     build_report(sweep_copy, log_media=False)
     first = (sweep_copy / "report" / "mmcs.csv").read_text()
+    for run in (sweep_copy / "runs").iterdir():
+        done = read_json(run / rundir.DONE)
+        (run / rundir.DONE).write_text(json.dumps({**done, "finished": done["finished"] + 60}))
 
     def boom(*a, **k):
         raise AssertionError("MMCS recomputed although cached")
