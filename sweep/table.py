@@ -65,12 +65,12 @@ def _table_rows(rows: list[dict], best: set[str]) -> tuple[list[dict], str | Non
     (:data:`TABLE_ROWS`; ``best``: the run ids on the frontier)."""
     if len(rows) <= TABLE_ROWS:
         return rows, None
-    shown = [r for r in rows if r["run_id"] in best][:TABLE_ROWS] or rows[:TABLE_ROWS]
-    which = "on the FVU–L0 frontier" if best else "first"
-    return shown, (
-        f"{len(rows)} runs: the {len(shown)} {which} above; every run in {SUMMARY} "
-        "(and sweep status)"
-    )
+    front = [r for r in rows if r["run_id"] in best]
+    shown = front[:TABLE_ROWS] or rows[:TABLE_ROWS]
+    which = f"{len(shown)} on the FVU–L0 frontier" if front else f"{len(shown)} first"
+    if len(front) > TABLE_ROWS:
+        which = f"first {len(shown)} of the {len(front)} on the FVU–L0 frontier"
+    return shown, f"{len(rows)} runs: the {which} above; every run in {SUMMARY} (and sweep status)"
 
 
 def _notes(rows: list[dict], shown: int = 10) -> list[str]:

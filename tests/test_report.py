@@ -1006,6 +1006,10 @@ def test_terminal_table_of_a_large_grid_lists_its_frontier(capsys, monkeypatch):
     assert "bad (failed): out of memory" in out
     table.print_table(rows[:4])
     assert "frontier above" not in capsys.readouterr().out
+    monkeypatch.setattr(table, "TABLE_ROWS", 2)  # a frontier longer than the table
+    table.print_table(rows)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "10 runs: the first 2 of the 3 on the FVU–L0 frontier above" in out
 
 
 def test_terminal_table_fits_a_narrow_terminal_and_keeps_cells_whole(capsys, monkeypatch):
