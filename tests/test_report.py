@@ -118,6 +118,9 @@ def test_the_frontier_joins_each_ratios_runs_in_knob_order_a_line_per_seed(finis
             key=lambda r: r["l1"],
         )
         assert list(ln.get_xdata()) == [r["l0"] for r in mine]
+    dots = [c for c in ax.collections if len(c.get_offsets())]  # (a scatter per ratio, not
+    assert len(dots) == 2 and sum(len(c.get_offsets()) for c in dots) == len(rows)  # per run)
+    assert all(sorted(c.get_sizes()) == [25, 25, 65, 65, 105, 105] for c in dots)
 
 
 def test_a_report_of_the_current_folder_names_it(sweep_copy, monkeypatch):
@@ -790,7 +793,7 @@ def test_a_large_grids_mmcs_matrix_covers_the_first_seed_thinned(finished, monke
         assert mat == [[full[i][j] for j in (0, 4)] for i in (0, 4)]
     fig = plots.mmcs_heatmap_figure(thin, max_ratios=1)
     assert "(seed 0: 2 of the ratio's 6 runs)" in fig.axes[0].get_title()
-    assert fig._suptitle.get_text() == "dict ratios 1 of 2 (mmcs.csv has every ratio)"
+    assert fig._suptitle.get_text() == "1 of the 2 dict ratios (1; mmcs.csv has every ratio)"
 
 
 def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
