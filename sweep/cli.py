@@ -714,6 +714,10 @@ def cmd_harvest(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORTS_LISTED = 20
+"""Exported folders named one per line: a sweep of hundreds says the rest in one line."""
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from sweep import export
 
@@ -721,8 +725,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.sweep_dir, args.out_dir, runs=args.runs, to=args.to, finished_only=args.finished,
         snapshots=args.snapshots,
     )  # fmt: skip
-    for path in paths:
+    for path in paths[:EXPORTS_LISTED]:
         print(f"exported: {path}")
+    if len(paths) > EXPORTS_LISTED:
+        print(f"... and {len(paths) - EXPORTS_LISTED} more in {args.out_dir}")
     snaps = sum(export.is_snapshot(p) for p in paths)
     also = f" (+ {snaps} snapshot(s))" if snaps else ""
     print(f"exported {len(paths) - snaps} run(s){also} to {args.out_dir}")  # last: in view

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import sweep
-from sweep import archs, export, rundir
+from sweep import archs, cli, export, rundir
 from sweep.activations.store import ChunkStore
 from sweep.cli import main
 from sweep.errors import SweepError
@@ -85,7 +85,7 @@ def test_export_tied_run(tiny_store, tmp_path):
     )
 
 
-def test_cli_export_chosen_runs(small_sweep, tmp_path, capsys):
+def test_cli_export_chosen_runs(small_sweep, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert (
         main(["export", str(small_sweep), "--to", "saelens", str(out), "--runs", "r2-l1_3e-02-s0"])
@@ -96,6 +96,12 @@ def test_cli_export_chosen_runs(small_sweep, tmp_path, capsys):
     twice = ["--runs", "r2-l1_3e-02-s0", "r2-l1_3e-02-s0"]
     assert main(["export", str(small_sweep), "--to", "saelens", str(out), *twice]) == 0
     assert capsys.readouterr().out.count("exported: ") == 1  # once
+    monkeypatch.setattr(cli, "EXPORTS_LISTED", 1)  # (a sweep of hundreds: the rest in a line)
+    assert main(["export", str(small_sweep), "--to", "saelens", str(tmp_path / "all")]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said == [f"exported: {tmp_path / 'all' / 'r2-l1_1e-03-s0'}",
+                    f"... and 1 more in {tmp_path / 'all'}",
+                    f"exported 2 run(s) to {tmp_path / 'all'}"]  # fmt: skip
 
 
 def test_a_sweep_with_nothing_finished_is_told_to_wait(small_sweep, tmp_path, capsys):
