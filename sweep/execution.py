@@ -201,8 +201,8 @@ class Execution:
         trained = self._rows_trained()  # by earlier sweeps: the bar starts there
         weights = {m.run_id: e.dict_size for e in self.plan.ensembles for m in e.members}
         work = sum(steps * t.batch_size * weights[r] for r in trains)
-        # (task events off: Ray's head kept ~3.7 KB of each call's record, up to 100k of
-        # them, ~370 MB over a long sweep's progress calls; 0.06 KB without)
+        # (task events off: Ray's head kept ~3.6 KB of each call's record, up to 100k of
+        # them, ~370 MB over a long sweep's progress calls; 0.07 KB without)
         counter = ray.remote(num_cpus=0, enable_task_events=False)(ProgressCounter)
         self.counter = counter.remote(trained, weights)
         self.refs: dict = {}

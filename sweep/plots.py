@@ -259,7 +259,7 @@ def frontier_figure(rows: list[dict]) -> Figure | None:
 
 def _knob_points(ax, rows: list[dict], color, ranks: list[float]) -> None:
     """One series' runs as one scatter (one artist per run made a sweep of a thousand runs'
-    plot the report's slowest, 9 s): larger and darker by the knob's rank in [0, 1]."""
+    plot the report's slowest: 3.6 s at 1200 runs): larger, darker by the knob's rank in [0, 1]."""
     alphas = [0.45 + 0.55 * q for q in ranks]
     ax.scatter(
         [r["l0"] for r in rows],
