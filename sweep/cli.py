@@ -6,7 +6,7 @@
     sweep evaluate SWEEP_DIR [--runs ID ...]                   metrics of finished runs again, from their weights
     sweep status SWEEP_DIR [--state S,...] [--json]            state and progress of every run
     sweep stop SWEEP_DIR [--no-wait]                           ask its running driver to checkpoint and stop
-    sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]         table, MMCS, plots and index.html in SWEEP_DIR/report
+    sweep report SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--matrix-runs N]  table, MMCS, plots, index.html in SWEEP_DIR/report
     sweep export SWEEP_DIR --to saelens OUT_DIR [--runs ID ...] [--finished] [--snapshots]  runs in SAELens format
     sweep harvest model=... hooks='[...]' dataset=... rows=N store_dir=DIR   activations into chunk stores
 
@@ -46,6 +46,7 @@ from sweep.config import (
 )
 from sweep.errors import SweepError, os_error_message, stdout_gone
 from sweep.io import lift_file_size_limit
+from sweep.rundir import MATRIX_RUNS
 
 log = logging.getLogger("sweep")
 
@@ -690,6 +691,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         log_media=not args.no_wandb,
         out=args.out,
         compare=others,
+        matrix_runs=args.matrix_runs,
     )
     table.print_table(rows, title=f"sweep summary: {sweep_dir}")
     print(f"report: {out / 'index.html'}")
@@ -868,6 +870,14 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "--device", default="auto", help="device for MMCS between dictionaries (auto, cpu, cuda)"
     )
     rep.add_argument("--no-wandb", action="store_true", help="do not send the plots to wandb")
+    rep.add_argument(
+        "--matrix-runs",
+        metavar="N",
+        type=_count,
+        default=MATRIX_RUNS,
+        help=f"at most N runs of a dict ratio in its MMCS matrix and heatmap (default "
+        f"{MATRIX_RUNS}; its pairs grow with N squared; 0: no matrices, only each run's values)",
+    )
     rep.set_defaults(func=cmd_report)
 
 
@@ -901,6 +911,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="also each exported run's snapshots (train.snapshots), as OUT_DIR/<run_id>-step<N>/",
     )
     exp.set_defaults(func=cmd_export)
+
+
+def _count(text: str) -> int:
+    """A whole number of at least 0 (``--matrix-runs``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0; e.g. 12, or 0")
+    return value
 
 
 def _user_path(text: str) -> str:

@@ -36,7 +36,7 @@ from sweep import archs, metrics, sae
 from sweep.errors import RunDirError
 from sweep.io import atomic_write_json, json_number
 from sweep.rate import interval
-from sweep.rundir import RunFolder
+from sweep.rundir import MATRIX_RUNS, RunFolder
 from sweep.sweepdir import MMCS_KEYS, MMCS_OVER, RunRecord
 
 log = logging.getLogger(__name__)
@@ -193,12 +193,6 @@ class PairCache:
 SAVE_EVERY = 30.0
 """Seconds between saves of the pair cache (and progress lines) while pairs are computed: an
 interrupted report keeps what it computed."""
-MATRIX_RUNS = 24
-"""At most this many runs of one dict ratio in its MMCS matrix (``mmcs.csv``, the heatmap):
-its pairs grow with the square of the runs (one pair of 8192-atom dictionaries takes ~2 s on
-2 CPU cores; 36 runs a ratio were 630 pairs), and a heatmap of more is unreadable. Above it the
-matrix covers the first seed's runs, thinned evenly over the knob values; the per-run values
-(``mmcs_seeds``, ``mmcs_next_ratio``) are computed for every run whatever this says."""
 
 
 def pair_work(a: RunRef, b: RunRef) -> float:
@@ -268,19 +262,25 @@ class CrossDict:
     finished: dict[float, int] = field(default_factory=dict)
     """dict ratio -> its finished runs (more than its matrix covers when they exceed
     :data:`MATRIX_RUNS`)."""
+    matrix_runs: int = MATRIX_RUNS
+    """At most this many runs of a ratio in its matrix (0: no matrices)."""
 
 
 def compute(
-    records: list[RunRecord], device: torch.device, cache_path: Path | None = None
+    records: list[RunRecord],
+    device: torch.device,
+    cache_path: Path | None = None,
+    most: int = MATRIX_RUNS,
 ) -> CrossDict:
     """Cross-dictionary MMCS over the sweep's finished runs: every run's per-run values, and
-    a matrix per dict ratio (:func:`matrix_runs`)."""
+    a matrix per dict ratio over at most ``most`` of its runs (:func:`matrix_runs`; 0: none,
+    and none of the pairs only a matrix needs)."""
     runs = finished_runs(records)
     ratios = sorted({r.dict_ratio for r in runs})
     groups = {ratio: [r for r in runs if r.dict_ratio == ratio] for ratio in ratios}
     larger = _next_ratio_groups(groups, records)
     cache = PairCache.load(cache_path)
-    todo = [(a, b) for a, b in _pairs(groups, larger) if cache.get(a, b) is None]
+    todo = [(a, b) for a, b in _pairs(groups, larger, most) if cache.get(a, b) is None]
     if todo:
         log.info("MMCS: comparing %d pairs of dictionaries", len(todo))
     pair = PairMMCS(device, cache, len(todo), sum(pair_work(a, b) for a, b in todo))
@@ -288,23 +288,25 @@ def compute(
     per_run: dict[str, dict[str, float | str]] = {r.run_id: {} for r in runs}
     for ratio in ratios:
         group, nxt = groups[ratio], larger[ratio]
-        shown = matrix_runs(group)
+        shown = matrix_runs(group, most)
         matrices[ratio] = (shown, [[1.0 if a is b else pair(a, b) for b in shown] for a in shown])
         _seed_values(group, pair, per_run)
         _next_ratio_values(group, nxt, pair, per_run)
         pair.release({r.run_id for r in nxt})
     if pair.done:  # (else the cache on disk holds it all already)
         pair.cache.save()
-    return CrossDict(matrices, per_run, {ratio: len(g) for ratio, g in groups.items()})
+    return CrossDict(matrices, per_run, {ratio: len(g) for ratio, g in groups.items()}, most)
 
 
-def matrix_runs(group: list[RunRef]) -> list[RunRef]:
+def matrix_runs(group: list[RunRef], most: int = MATRIX_RUNS) -> list[RunRef]:
     """The runs of one dict ratio (in knob, seed order) that its MMCS matrix covers: all, or
-    above :data:`MATRIX_RUNS` the first seed's, thinned evenly over the knob values."""
-    if len(group) <= MATRIX_RUNS:
+    above ``most`` the first seed's, thinned evenly over the knob values (0: none)."""
+    if most <= 0:
+        return []
+    if len(group) <= most:
         return group
     first = min(r.seed for r in group)
-    return spread([r for r in group if r.seed == first], MATRIX_RUNS)
+    return spread([r for r in group if r.seed == first], most)
 
 
 def spread(items: list, n: int) -> list:
@@ -329,12 +331,12 @@ def _next_ratio_groups(
 
 
 def _pairs(
-    groups: dict[float, list[RunRef]], larger: dict[float, list[RunRef]]
+    groups: dict[float, list[RunRef]], larger: dict[float, list[RunRef]], most: int
 ) -> list[tuple[RunRef, RunRef]]:
     """Every pair :func:`compute` compares, once each (either direction)."""
     out: dict[frozenset[str], tuple[RunRef, RunRef]] = {}
     for ratio, group in groups.items():
-        shown = matrix_runs(group)
+        shown = matrix_runs(group, most)
         found = [(a, b) for a in shown for b in shown if a is not b]
         found += [(a, b) for a in group for b in _seed_mates(a, group)]
         found += list(_next_ratio_partners(group, larger[ratio]))

@@ -430,9 +430,10 @@ def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
     panel per ratio; lines between the seeds' blocks)."""
     fig = mmcs_heatmap_figure(cross, max_ratios)
     if fig is None:
-        return placeholder(
-            path, "MMCS between dictionaries", "needs two finished runs of one dict ratio"
-        )
+        why = "needs two finished runs of one dict ratio"
+        if cross.matrix_runs < 2 and any(n > 1 for n in cross.finished.values()):
+            why = f"left out: sweep report --matrix-runs {cross.matrix_runs}"
+        return placeholder(path, "MMCS between dictionaries", why)
     return _save(fig, path)
 
 

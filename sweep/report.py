@@ -4,7 +4,7 @@
 
 - ``summary.csv``   one row per run (spec, state, final metrics, MMCS values)
 - ``mmcs.csv``      MMCS matrix over finished runs (at most ``crossdict.MATRIX_RUNS`` of each
-                    dict ratio); cell (A, B) = mean over A's atoms of the max cosine to B's
+                    dict ratio, or ``matrix_runs``; none at 0); cell (A, B) = mean over A's atoms of the max cosine to B's
                     atoms; blank between runs of different dict ratios
 - ``frontier.png``, ``curves.png``, ``mmcs_vs_l1.png``, ``mmcs_heatmap.png``,
   ``dead_vs_l1.png``, ``density.png``; ``lr.png`` when the grid has an lr axis
@@ -256,9 +256,11 @@ def build_report(
     log_media: bool = True,
     out: str | Path | None = None,
     compare: Sequence[str | Path] = (),
+    matrix_runs: int = crossdict.MATRIX_RUNS,
 ) -> tuple[Path, list[dict]]:
     """Write ``SWEEP_DIR/report/`` (or ``out``; see the module docstring); returns it and the
-    summary rows. ``compare``: more sweep folders, whose runs join the frontier plot.
+    summary rows. ``compare``: more sweep folders, whose runs join the frontier plot;
+    ``matrix_runs``: at most this many runs of a dict ratio in its MMCS matrix (0: none).
 
     Also writes each finished run's cross-dictionary MMCS into its ``metrics.json``, refreshes
     ``SWEEP_DIR/summary.csv``, and, for sweeps run with ``logger=wandb``, sends the plots to a
@@ -277,7 +279,7 @@ def build_report(
     remove_stale_temps(out, older_than=STALE_TEMP_SECONDS)  # of a report killed midway
     digest = folder.finished_digest()  # (before reading: a run finishing meanwhile outdates it)
     records = folder.read_runs(deep=True)  # (their weights are all read for MMCS anyway)
-    cross = crossdict.compute(records, dev, out / crossdict.CACHE)
+    cross = crossdict.compute(records, dev, out / crossdict.CACHE, matrix_runs)
     rows = _with_mmcs(summary_rows(records), cross)
     write_summary(out, rows)
     writable = _writes_back(sweep_dir, out)

@@ -87,6 +87,12 @@ MMCS_OVER = "mmcs_over"
 """Their stamp: :meth:`sweep.sweepdir.SweepFolder.finished_digest` when they were computed.
 Once another run finishes they may be wrong (a new next ratio, a new seed), so readers drop
 them until the next report."""
+MATRIX_RUNS = 24
+"""At most this many runs of one dict ratio in its MMCS matrix (``mmcs.csv``, the heatmap):
+its pairs grow with the square of the runs (one pair of 8192-atom dictionaries takes ~2 s on
+2 CPU cores; 36 runs a ratio were 630 pairs), and a heatmap of more is unreadable. Above it the
+matrix covers the first seed's runs, thinned evenly over the knob values; the per-run values
+(``mmcs_seeds``, ``mmcs_next_ratio``) are computed for every run whatever this says."""
 MEASURES = ("fvu", "l0")
 """Metrics every finished run records."""
 TEXT_METRICS = frozenset({"state", "note", "lm_metrics_skipped", MMCS_RUN, MMCS_OVER})

@@ -773,16 +773,15 @@ def test_mmcs_progress_lines_say_about_how_long_is_left(finished, monkeypatch, c
 
 
 def test_a_large_grids_mmcs_matrix_covers_the_first_seed_thinned(finished, monkeypatch, caplog):
-    """Above crossdict.MATRIX_RUNS runs a ratio, the matrix's pairs (which grow with the
+    """Above MATRIX_RUNS runs a ratio (`sweep report --matrix-runs`), the matrix's pairs (which grow with the
     square of the runs) are the first seed's, thinned evenly over L1; every run still gets its
     per-run values, the heatmap says what it shows, and the report says how many pairs."""
     records, cpu = SweepFolder(finished).read_runs(), torch.device("cpu")
     whole = crossdict.compute(records, cpu)
     real, calls = metrics.max_cos_both, []
     monkeypatch.setattr(metrics, "max_cos_both", lambda a, b: calls.append(1) or real(a, b))
-    monkeypatch.setattr(crossdict, "MATRIX_RUNS", 2)
     with caplog.at_level(logging.INFO, logger="sweep.crossdict"):
-        thin = crossdict.compute(records, cpu)
+        thin = crossdict.compute(records, cpu, most=2)
     # per ratio 1 matrix pair + 3 seed pairs (6 runs: 3 L1 x 2 seeds); 6 next-ratio pairs
     assert len(calls) == 2 * (1 + 3) + 6 and "MMCS: comparing 14 pairs" in caplog.text
     assert thin.per_run == whole.per_run and thin.finished == {1.0: 6, 2.0: 6}
@@ -794,6 +793,34 @@ def test_a_large_grids_mmcs_matrix_covers_the_first_seed_thinned(finished, monke
     fig = plots.mmcs_heatmap_figure(thin, max_ratios=1)
     assert "(seed 0: 2 of the ratio's 6 runs)" in fig.axes[0].get_title()
     assert fig._suptitle.get_text() == "1 of the 2 dict ratios (1; mmcs.csv has every ratio)"
+    calls.clear()
+    none = crossdict.compute(records, cpu, most=0)  # (the per-run values' pairs only)
+    assert len(calls) == 2 * 3 + 6 and none.per_run == whole.per_run
+    assert none.matrices == {1.0: ([], []), 2.0: ([], [])} and crossdict.matrix_rows(none) == (
+        [],
+        [],
+    )
+    assert plots.mmcs_heatmap_figure(none) is None
+
+
+def test_report_matrix_runs_option(sweep_copy, capsys):
+    """`sweep report --matrix-runs N`: the matrices' runs (0: none, its heatmap says why);
+    anything else than a whole number >= 0 is one line, exit 2."""
+    assert main(["report", str(sweep_copy), "--no-wandb", "--matrix-runs", "0"]) == 0
+    with open(sweep_copy / "report" / "mmcs.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["run_id"]]
+    by_id = {r["run_id"]: r for r in read_csv(sweep_copy / "report" / "summary.csv")}
+    assert all(0 < float(r["mmcs_seeds"]) <= 1 for r in by_id.values())
+    assert main(["report", str(sweep_copy), "--no-wandb", "--matrix-runs", "4"]) == 0
+    with open(sweep_copy / "report" / "mmcs.csv", newline="") as f:
+        assert len(next(csv.reader(f))) == 1 + 2 * 3  # (6 a ratio > 4: seed 0's 3)
+    capsys.readouterr()
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["report", str(sweep_copy), "--matrix-runs", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a whole number >= 0" in err[0], err
 
 
 def test_training_curves_and_mmcs_vs_l1_plots(tmp_path):
