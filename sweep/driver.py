@@ -343,6 +343,8 @@ def check_store_fits(
         refuse_constant(store.manifest["stats"], store.path)  # (before any worker meets it)
     if verify:
         store.verify(elsewhere=folder.store_verified)
+    else:  # (`--plan`: the chunks are the run's to hash; the small ground truth is checked)
+        store.check_ground_truth()
     notes = [held_out_note(cfg.data.eval_rows, store.total_rows, new)]
     if training:
         t = cfg.train

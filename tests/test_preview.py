@@ -134,6 +134,10 @@ def test_a_plan_refuses_what_the_run_would_refuse(ray_cluster, tmp_path, capsys)
     assert code == 2 and "fewer than one batch" in err, err
     manifest = json.loads((tmp_path / "sw" / "manifest.json").read_text())
     assert manifest["state"] == "done"
+    truth = tmp_path / "sw" / "store" / "ground_truth.safetensors"
+    truth.rename(tmp_path / "truth")  # (the run refuses it, naming the repair: so does a plan)
+    code, _, err = plan(tmp_path, capsys)
+    assert code == 2 and f"{truth} is missing; delete" in " ".join(err.split()), err
 
 
 def test_a_plan_of_a_store_not_made_yet_warns_of_the_rows_the_run_leaves_out(

@@ -595,7 +595,7 @@ class ChunkStore:
         run (a copy of it, once more); in the file ``elsewhere`` (a sweep's own) where the
         store cannot be written (a read-only shared store).
         """
-        self._ground_truth_bytes()  # (small: checked on every run, never remembered)
+        self.check_ground_truth()  # (small: checked on every run, never remembered)
         if self.is_verified(elsewhere):
             return
         signature = self._signature()
@@ -656,6 +656,11 @@ class ChunkStore:
             if need == 0:
                 break
         return torch.cat(parts[::-1])
+
+    def check_ground_truth(self) -> None:
+        """A synthetic store's ground truth is there and unchanged (:class:`StoreError`
+        naming the repair if not)."""
+        self._ground_truth_bytes()
 
     def ground_truth(self) -> torch.Tensor | None:
         """(n_features, width) true feature directions of a synthetic store, else None; a
