@@ -430,11 +430,18 @@ def mmcs_heatmap(cross: CrossDict, path: Path, max_ratios: int = 4) -> Path:
     panel per ratio; lines between the seeds' blocks)."""
     fig = mmcs_heatmap_figure(cross, max_ratios)
     if fig is None:
-        why = "needs two finished runs of one dict ratio"
-        if cross.matrix_runs < 2 and any(n > 1 for n in cross.finished.values()):
-            why = f"left out: sweep report --matrix-runs {cross.matrix_runs}"
-        return placeholder(path, "MMCS between dictionaries", why)
+        return placeholder(path, "MMCS between dictionaries", _no_matrix(cross))
     return _save(fig, path)
+
+
+def _no_matrix(cross: CrossDict) -> str:
+    """Why no ratio has a matrix to draw."""
+    n = cross.matrix_runs
+    if not any(runs > 1 for runs in cross.finished.values()):
+        return "needs two finished runs of one dict ratio"
+    if n < 2:
+        return f"left out: sweep report --matrix-runs {n}"
+    return f"above {n} runs a ratio (--matrix-runs) its first seed's: fewer than two finished"
 
 
 def mmcs_heatmap_figure(cross: CrossDict, max_ratios: int = 4) -> Figure | None:

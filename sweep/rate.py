@@ -51,10 +51,13 @@ class RateMeter:
         self.work_total = float(total if work_total is None else work_total)
         self.run_totals = dict(run_totals or {})
         self.samples: deque[tuple[float, float, float]] = deque()
-        self.moves: dict[str, deque[tuple[float, float]]] = {}
-        """Each run's (time, rows) at every sample kept where its rows grew: kept as samples
-        come, so the time left costs the runs moving, not every run times every sample."""
+        self.moves: dict[str, deque[tuple[int, float, float]]] = {}
+        """Each run's (sample number, time, rows) at every sample kept where its rows grew:
+        kept as samples come, so the time left costs the runs moving, not every run times
+        every sample."""
         self.last: dict[str, float] = {}
+        self.count = 0
+        """Samples taken: the kept ones are the last ``len(samples)`` of them."""
         self.written = 0.0
 
     def sample(
@@ -75,9 +78,10 @@ class RateMeter:
             # workers, compiles; or a pause as long): the rate starts again at the next rows
         self._note_moves(now, runs or {})
         self.samples.append((now, rows, rows if work is None else work))
+        self.count += 1
         while len(self.samples) > 2 and now - self.samples[0][0] > WINDOW:
             self.samples.popleft()
-        self._forget_moves_before(self.samples[0][0])
+        self._forget_moves_before(self.count - len(self.samples))
         if self.total > 0 and now - self.written >= EVERY:  # (0: evaluating only)
             self.written = now
             with contextlib.suppress(OSError):
@@ -94,11 +98,12 @@ class RateMeter:
         for run, rows in runs.items():
             before = self.last.get(run)
             if before is not None and rows > before:
-                self.moves.setdefault(run, deque()).append((now, rows))
+                self.moves.setdefault(run, deque()).append((self.count, now, rows))
         self.last = dict(runs)
 
-    def _forget_moves_before(self, first: float) -> None:
-        """Moves at or before the window's first sample are out of it."""
+    def _forget_moves_before(self, first: int) -> None:
+        """Moves at or before the window's first sample (by number: a clock may repeat or go
+        back) are out of it."""
         for run in list(self.moves):
             moves = self.moves[run]
             while moves and moves[0][0] <= first:
@@ -133,7 +138,7 @@ class RateMeter:
             total = self.run_totals.get(run)
             if total is None or len(moves) < 2:
                 continue  # (only begun: no rate of its own yet)
-            (t0, r0), (t1, r1) = moves[0], moves[-1]
+            (_, t0, r0), (_, t1, r1) = moves[0], moves[-1]
             longest = max(longest, max(total - r1, 0.0) * (t1 - t0) / (r1 - r0))
         return longest
 

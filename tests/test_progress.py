@@ -211,6 +211,17 @@ def test_the_time_left_looks_only_at_the_runs_that_moved_in_the_window(tmp_path)
         assert meter._slowest_run() == (1000 - 598) / 2
 
 
+def test_a_run_moving_at_the_windows_first_time_is_still_paced(tmp_path):
+    """Two samples at one time (a coarse or stepped-back clock): the move at the second is in
+    the window (only the first sample's is not), as the old scan of the samples kept it."""
+    from sweep.rate import RateMeter
+
+    with RateMeter(tmp_path, 100, None, {"a": 100}) as meter:
+        for t, rows in ((0.0, 0), (0.0, 10), (5.0, 20)):
+            meter.sample(rows, now=1000.0 + t, runs={"a": rows})
+        assert meter._slowest_run() == (100 - 20) * 5 / 10
+
+
 def test_status_shows_the_rate_of_a_running_sweep(tmp_path, capsys):
     from sweep.cli import main
     from sweep.lock import SweepLock
