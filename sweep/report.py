@@ -3,9 +3,10 @@
 :func:`build_report` writes ``SWEEP_DIR/report/``:
 
 - ``summary.csv``   one row per run (spec, state, final metrics, MMCS values)
-- ``mmcs.csv``      MMCS matrix over finished runs (at most ``crossdict.MATRIX_RUNS`` of each
-                    dict ratio, or ``matrix_runs``; none at 0); cell (A, B) = mean over A's atoms of the max cosine to B's
-                    atoms; blank between runs of different dict ratios
+- ``mmcs.csv``      MMCS matrix over finished runs (at most ``matrix_runs``, default
+                    ``MATRIX_RUNS``, of each dict ratio; none at 0); cell (A, B) = mean over
+                    A's atoms of the max cosine to B's atoms; blank between runs of different
+                    dict ratios
 - ``frontier.png``, ``curves.png``, ``mmcs_vs_l1.png``, ``mmcs_heatmap.png``,
   ``dead_vs_l1.png``, ``density.png``; ``lr.png`` when the grid has an lr axis
   (``grid.lr``); ``lm_vs_l0.png`` when runs have language-model metrics (harvested stores);

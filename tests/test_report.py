@@ -802,7 +802,8 @@ def test_a_large_grids_mmcs_matrix_covers_the_first_seed_thinned(finished, monke
     )
     assert plots.mmcs_heatmap_figure(none) is None
     assert plots._no_matrix(none) == "left out: sweep report --matrix-runs 0"
-    lone = crossdict.CrossDict({1.0: ([every[0]], [[1.0]])}, {}, {1.0: 4}, 2)  # (seed 0: one run)
+    first = whole.matrices[1.0][0][0]
+    lone = crossdict.CrossDict({1.0: ([first], [[1.0]])}, {}, {1.0: 4}, 2)  # (seed 0: one run)
     assert plots._no_matrix(lone).endswith("its first seed's: fewer than two finished")
     assert plots._no_matrix(crossdict.CrossDict({}, {}, {1.0: 1})).startswith("needs two")
 
