@@ -89,9 +89,8 @@ def test_the_smallest_gpu_plans_and_one_exclusive_makes_all_whole(monkeypatch, c
     assert "none said what they are (no nvidia-smi, MIG, or a torch without CUDA there): " in said
     assert "if they are CUDA GPUs, set train.dtype=bfloat16 and launch.device_memory_gb" in said
     caplog.clear()
-    gpuinfo.ask(
-        gpu_nodes=[False] * 3, need_memory=False
-    )  # launch.device_memory_gb set: only the dtype
+    # launch.device_memory_gb set: only the dtype
+    gpuinfo.ask(gpu_nodes=[False] * 3, need_memory=False)
     said = " ".join(caplog.text.split())
     assert "train.dtype=auto means float32; if they are CUDA GPUs, set train.dtype=bfloat16" in said
     assert "16 GiB" not in said and "launch.device_memory_gb" not in said
